@@ -123,8 +123,6 @@ def test_ragged_accumulation_equals_one_batch():
     assert r1.tokens == r2.tokens == 8 * 16
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-7, msg=n)
-    # a wrong (unweighted) accumulation would differ: the split really matters here
-    assert not torch.allclose(one_step([1] * 8)[1]["lm_head.weight"] * 8, g1["lm_head.weight"], rtol=1e-3)
 
 
 def test_fault_injector_fires_once_at_step():
