@@ -1,0 +1,437 @@
+"""The training loop: nanoGPT's schedule, evaluation, metrics, checkpoints and resume, plus the
+two things a launcher needs from it: torch.compile switched on after a warm-up, and recovery from
+an out-of-memory error by redoing the same optimizer step with smaller micro-batches.
+
+The loop takes its plan (micro-batch sizes, when to compile, how to shrink) from RunOptions; it
+knows nothing of how the plan was found.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainer.config import TrainConfig
+from trainer.data import BatchSampler, load_dataset
+from trainer.meter import MemoryMeter, default_meter, is_oom
+from trainer.model import GPT, GPTConfig, clean_state_dict
+from trainer.step import FaultInjector, make_optimizer, split_batch, train_step
+
+DEFAULT_COMPILE_AFTER = 20  # eager steps before torch.compile, when neither config nor plan says
+THRASH_STEPS = 3  # consecutive steps with rising allocator retries that count as an OOM
+
+
+class TrainError(RuntimeError):
+    """A failure the user can act on (one line, no traceback)."""
+
+
+@dataclass
+class RunOptions:
+    micro_batch: int | None = None  # None: the config's batch_size, as nanoGPT
+    compile_after: int | None = None
+    compile_backend: str = "inductor"
+    compiled_fit_sizes: list[int] = field(default_factory=list)  # compiled micro-batches known to fit
+    # shrink(micro_batch_that_failed) -> the next micro-batch to try, or None to give up.
+    shrink: Callable[[int], int | None] | None = None
+    on_event: Callable[[dict], None] | None = None  # OOM recoveries etc., for the launcher's profile
+    plan_info: dict[str, Any] | None = None  # recorded in the metrics file: which plan, from where
+    eval_micro_batch: int | None = None
+    max_steps: int | None = None  # stop after this optimizer step; the LR schedule is unchanged
+    resume: bool = False
+    meter: MemoryMeter | None = None
+    device: torch.device | None = None
+    progress: bool = True
+    fault: FaultInjector | None = None  # default: from AUTOFIT_FAULT_OOM_AT_STEP
+
+
+@dataclass
+class RunResult:
+    steps: int
+    losses: list[float]
+    tokens: int
+    micro_batches: list[int]
+    status: str  # 'finished' | 'interrupted'
+    events: list[dict]
+    checkpoint: Path | None
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """nanoGPT: linear warm-up, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {cfg.device!r} asked for, but torch sees no CUDA GPU")
+    return dev
+
+
+def resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    return cfg.resolved_dtype(device.type, bf16)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Temp file, fsync, rename: a crash mid-write never leaves a half checkpoint at `path`."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM set a flag; the loop finishes the step, saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, opts: RunOptions | None = None):
+        self.cfg = cfg
+        self.opts = opts = opts or RunOptions()
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0
+        self.device = opts.device or pick_device(cfg)
+        self.dtype = resolve_dtype(cfg, self.device)
+        self.meter = opts.meter or default_meter(self.device)
+        self.out_dir = Path(cfg.out_dir)
+        self.data = load_dataset(cfg.dataset)
+        self.data.check_vocab(cfg.vocab_size)
+        self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed + self.rank)
+        # evaluation draws from its own sampler, so how often we evaluate never changes the
+        # training batches
+        self.eval_sampler = BatchSampler(self.data, cfg.block_size, cfg.seed + 7919)
+        if cfg.effective_batch % self.world_size:
+            raise TrainError(f"effective batch {cfg.effective_batch} does not split over {self.world_size} ranks")
+        self.rank_batch = cfg.effective_batch // self.world_size
+        mb = opts.micro_batch or cfg.batch_size
+        self.micro_batches = split_batch(self.rank_batch, mb)
+        self.compile_after = (opts.compile_after if opts.compile_after is not None
+                              else cfg.compile_after if cfg.compile_after is not None
+                              else DEFAULT_COMPILE_AFTER)
+        self.fault = opts.fault or FaultInjector.from_env()
+        self.events: list[dict] = []
+        self.iter_num = 0
+        self.best_val_loss = float("inf")
+        self.last_eval_iter = -1
+        with self.meter.tracking():
+            torch.manual_seed(cfg.seed)
+            self.model = GPT(GPTConfig.from_train_config(cfg)).to(self.device)
+            self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate,
+                                            weight_decay=cfg.weight_decay,
+                                            betas=(cfg.beta1, cfg.beta2), device_type=self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "float16" else None
+        self.forward = self.model  # becomes the compiled module after compile_after steps
+        self.compiled = False
+        self.compile_failed = False  # compile OOMed and we fell back to eager: stay eager
+        self.eval_micro_batch = opts.eval_micro_batch or max(self.micro_batches)
+        if opts.resume:
+            self._load_checkpoint()
+
+    # ----------------------------------------------------------------- bookkeeping
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "ckpt.pt"
+
+    def _log(self, record: dict) -> None:
+        if not self.master:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _event(self, kind: str, **info) -> None:
+        ev = {"type": "event", "event": kind, "step": self.iter_num, **info}
+        self.events.append(ev)
+        self._log(ev)
+        if self.opts.on_event is not None:
+            self.opts.on_event(ev)
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.master:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "iter_num": self.iter_num,
+            "best_val_loss": self.best_val_loss,
+            "last_eval_iter": self.last_eval_iter,
+            "config": self.cfg.model_dump(mode="json"),
+            "sampler": self.sampler.state_dict(),
+            "eval_sampler": self.eval_sampler.state_dict(),
+            "compile_failed": self.compile_failed,
+            "micro_batches": list(self.micro_batches),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+        }
+        atomic_torch_save(state, self.ckpt_path)
+        return self.ckpt_path
+
+    def _load_checkpoint(self) -> None:
+        if not self.ckpt_path.exists():
+            raise TrainError(f"--resume: no checkpoint at {self.ckpt_path}")
+        try:
+            ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        except Exception as e:  # a corrupt or foreign file
+            raise TrainError(f"cannot read checkpoint {self.ckpt_path}: {str(e).splitlines()[0]}") from None
+        saved = TrainConfig(**ck["config"])
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"):
+            if getattr(saved, key) != getattr(self.cfg, key):
+                raise TrainError(f"checkpoint {self.ckpt_path} has {key}={getattr(saved, key)}, "
+                                 f"config has {getattr(self.cfg, key)}")
+        self.model.load_state_dict(clean_state_dict(ck["model"]))
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.scaler is not None and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.iter_num = int(ck["iter_num"])
+        self.best_val_loss = float(ck["best_val_loss"])
+        self.last_eval_iter = int(ck.get("last_eval_iter", -1))
+        self.sampler.load_state_dict(ck["sampler"])
+        self.eval_sampler.load_state_dict(ck["eval_sampler"])
+        self.compile_failed = bool(ck.get("compile_failed", False))
+        torch.set_rng_state(ck["rng_cpu"].cpu())
+        if ck.get("rng_cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["rng_cuda"].cpu())
+        del ck
+
+    # ----------------------------------------------------------------- memory recovery
+    def _cleanup_after_oom(self) -> None:
+        """Runs after the except block has ended, so its traceback no longer pins the failed
+        step's activations."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # a fresh scaler: the failed step may have left inf checks behind
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.scaler.get_scale())
+        gc.collect()
+        self.meter.cleanup()
+
+    def _next_micro_batch(self, failed: int) -> int | None:
+        if self.opts.shrink is not None:
+            return self.opts.shrink(failed)
+        return failed // 2 if failed > 1 else None
+
+    def _shrink(self, reason: str, in_compile_window: bool) -> None:
+        failed = max(self.micro_batches)
+        if self.compiled and in_compile_window:
+            smaller = [s for s in self.opts.compiled_fit_sizes if s < failed]
+            if smaller:
+                new = max(smaller)
+                self.micro_batches = split_batch(self.rank_batch, new)
+                self._event("compile_oom_shrink", reason=reason, old_micro_batch=failed,
+                            new_micro_batch=new, micro_batches=self.micro_batches)
+                return
+            self.forward, self.compiled, self.compile_failed = self.model, False, True
+            self._event("compile_fallback_eager", reason=reason, micro_batch=failed)
+            return
+        new = self._next_micro_batch(failed)
+        if not new or new >= failed:
+            raise TrainError(f"out of memory at step {self.iter_num} with micro-batch {failed}, "
+                             f"and no smaller micro-batch is left to try ({reason})")
+        self.micro_batches = split_batch(self.rank_batch, new)
+        self._event("oom_shrink", reason=reason, old_micro_batch=failed, new_micro_batch=new,
+                    micro_batches=self.micro_batches, effective_batch=sum(self.micro_batches))
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over eval_iters batches of batch_size sequences per split. The batches are
+        fixed by the sampler; eval_micro_batch only decides how they are chunked, and an OOM
+        halves it (the training plan is not touched)."""
+        self.model.eval()
+        out = {}
+        for split in ("train", "val"):
+            total = 0.0
+            for _ in range(self.cfg.eval_iters):
+                x, y = self.eval_sampler.sample(split, self.cfg.batch_size)
+                while True:
+                    try:
+                        total += self._eval_batch(x, y)
+                        break
+                    except Exception as e:
+                        if not is_oom(e) or self.eval_micro_batch <= 1:
+                            raise
+                    gc.collect()
+                    self.meter.cleanup()
+                    self.eval_micro_batch //= 2
+                    self._event("eval_oom_shrink", eval_micro_batch=self.eval_micro_batch)
+            out[split] = total / self.cfg.eval_iters
+        self.model.train()
+        return out
+
+    def _eval_batch(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        from trainer.step import autocast
+        loss = 0.0
+        for s in range(0, x.shape[0], self.eval_micro_batch):
+            xb, yb = x[s:s + self.eval_micro_batch].to(self.device), y[s:s + self.eval_micro_batch].to(self.device)
+            with autocast(self.device.type, self.dtype):
+                loss += float(self.model(xb, yb)) * xb.shape[0]
+        return loss / x.shape[0]
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> RunResult:
+        cfg, opts = self.cfg, self.opts
+        stop_at = min(cfg.max_iters, opts.max_steps) if opts.max_steps is not None else cfg.max_iters
+        self._log({"type": "run", "time": time.time(), "resumed_at": self.iter_num if opts.resume else None,
+                   "device": str(self.device), "dtype": self.dtype, "micro_batches": self.micro_batches,
+                   "effective_batch": cfg.effective_batch, "block_size": cfg.block_size,
+                   "compile": cfg.compile, "compile_after": self.compile_after,
+                   "plan": opts.plan_info, "config": cfg.model_dump(mode="json")})
+        losses: list[float] = []
+        tokens = 0
+        status = "finished"
+        prev_retries, rising = None, 0
+        progress = _Progress(enabled=opts.progress and self.master, total=stop_at, start=self.iter_num)
+        with self.meter.tracking(), _StopFlag() as stop, progress:
+            while True:
+                it = self.iter_num
+                if cfg.eval_interval > 0 and it % cfg.eval_interval == 0 and it != self.last_eval_iter \
+                        and cfg.eval_iters > 0:
+                    ev = self.evaluate()
+                    self.last_eval_iter = it
+                    self._log({"type": "eval", "step": it, "train_loss": ev["train"], "val_loss": ev["val"]})
+                    progress.print(f"step {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
+                    if ev["val"] < self.best_val_loss or cfg.always_save_checkpoint:
+                        self.best_val_loss = min(self.best_val_loss, ev["val"])
+                        if it > 0:
+                            self.save_checkpoint()
+                if it >= stop_at:
+                    break
+                if stop.signal is not None:
+                    status = "interrupted"
+                    break
+                if cfg.compile and not self.compiled and not self.compile_failed and it >= self.compile_after:
+                    self.forward = torch.compile(self.model, backend=opts.compile_backend)
+                    self.compiled = True
+                    self._event("compile_on", backend=opts.compile_backend)
+                # OOMs in the first compiled steps are blamed on compilation (tracing and
+                # autotuning raise the peak), and are answered by the compile fallbacks
+                in_compile_window = self.compiled and it < self.compile_after + 3
+                lr = lr_at(it, cfg)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                x, y = self.sampler.sample("train", self.rank_batch)  # the whole step's batch, once
+                rng = torch.get_rng_state()  # a redone step draws the same dropout masks
+                t0 = time.perf_counter()
+                while True:
+                    self.meter.reset_peak()
+                    failure = None
+                    try:
+                        res = train_step(self.model, self.optimizer, x, y, self.micro_batches,
+                                         dtype=self.dtype, scaler=self.scaler, grad_clip=cfg.grad_clip,
+                                         forward=self.forward, step=it, fault=self.fault)
+                    except Exception as e:
+                        if not is_oom(e):
+                            raise
+                        failure = str(e).splitlines()[0][:200]
+                    if failure is None:
+                        break
+                    self._cleanup_after_oom()
+                    self._shrink(failure, in_compile_window)
+                    torch.set_rng_state(rng)
+                    t0 = time.perf_counter()
+                dt = time.perf_counter() - t0
+                self.iter_num = it + 1
+                losses.append(res.loss)
+                tokens += res.tokens
+                peak = self.meter.peak_bytes()
+                retries = getattr(self.meter, "alloc_retries", None)
+                if retries is not None:  # allocator thrashing: shrink before it becomes an OOM
+                    r = retries()
+                    rising = rising + 1 if prev_retries is not None and r > prev_retries else 0
+                    prev_retries = r
+                    if rising >= THRASH_STEPS and max(self.micro_batches) > 1:
+                        self._shrink(f"allocator retries rose for {rising} steps", False)
+                        rising = 0
+                if it % cfg.log_interval == 0 or self.iter_num == stop_at:
+                    rec = {"type": "train", "step": it, "loss": res.loss, "lr": lr,
+                           "tokens_per_s": res.tokens / dt if dt > 0 else None, "step_s": dt,
+                           "micro_batch": max(self.micro_batches), "grad_accum": len(self.micro_batches),
+                           "micro_batches": self.micro_batches, "effective_batch": sum(self.micro_batches),
+                           "peak_mem_bytes": peak, "compiled": self.compiled, "grad_norm": res.grad_norm}
+                    self._log(rec)
+                    progress.print(f"step {it}: loss {res.loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
+                                   f"{res.tokens / dt:,.0f} tok/s, micro-batch {max(self.micro_batches)}"
+                                   f" x {len(self.micro_batches)}")
+                progress.advance()
+        ckpt = self.save_checkpoint()
+        if status == "interrupted":
+            self._log({"type": "interrupted", "step": self.iter_num, "signal": stop.signal})
+        return RunResult(steps=self.iter_num, losses=losses, tokens=tokens,
+                         micro_batches=list(self.micro_batches), status=status, events=self.events,
+                         checkpoint=ckpt)
+
+
+class _Progress:
+    """A rich progress bar with ETA on rank 0; plain prints when disabled or not a terminal."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def print(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(msg)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+
+def train(cfg: TrainConfig, opts: RunOptions | None = None) -> RunResult:
+    return Trainer(cfg, opts).run()
