@@ -1,0 +1,257 @@
+import gzip
+import importlib.util
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.data import (LLMC_MAGIC, BatchSampler, DataError, decode_bytes, load_dataset,
+                          read_llmc_shard, write_llmc_shard)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _nanogpt(dir: Path, train: np.ndarray, val: np.ndarray) -> Path:
+    dir.mkdir(parents=True, exist_ok=True)
+    train.astype(np.uint16).tofile(dir / "train.bin")
+    val.astype(np.uint16).tofile(dir / "val.bin")
+    return dir
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def test_nanogpt_dir_is_read_as_uint16_memmap(tmp_path):
+    train = np.arange(1000) * 37 % 50257
+    d = load_dataset(str(_nanogpt(tmp_path / "toy", train, np.arange(100))))
+    assert (d.name, d.format, d.vocab_size) == ("toy", "nanogpt", 50257)
+    assert d.num_tokens("train") == 1000 and d.num_tokens("val") == 100
+    part = d.split("train").parts[0]
+    assert isinstance(part, np.memmap) and part.dtype == np.uint16
+    np.testing.assert_array_equal(d.split("train").read(0, 1000), train)
+
+
+def test_bare_name_is_found_under_data_root(tmp_path):
+    _nanogpt(tmp_path / "shakespeare", np.arange(500), np.arange(50))
+    assert load_dataset("shakespeare", data_root=tmp_path).num_tokens("val") == 50
+
+
+def test_nanogpt_meta_pkl_gives_char_vocab_and_code_is_refused(tmp_path):
+    d = _nanogpt(tmp_path / "chars", np.arange(200) % 65, np.arange(50) % 65)
+    (d / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": {0: "a"}, "stoi": {"a": 0}}))
+    assert load_dataset(str(d)).vocab_size == 65
+    (d / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": Path("x")}))  # a class: could run code
+    with pytest.raises(DataError, match="meta.pkl"):
+        load_dataset(str(d))
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset("fineweb", data_root=tmp_path / "data")
+    msg = str(e.value)
+    assert "not found at" in msg and "prepare_fineweb.py --out" in msg and str(tmp_path / "data" / "fineweb") in msg
+    assert "\n" not in msg
+    with pytest.raises(DataError, match="'embedded'"):
+        load_dataset("mystery", data_root=tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(str(tmp_path / "no" / "such"))
+
+
+def test_dir_without_known_files_is_rejected(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="neither train.bin"):
+        load_dataset(str(tmp_path))
+
+
+def test_llmc_shard_roundtrip_and_header(tmp_path):
+    toks = np.array([50256, 1, 2, 65535, 7])
+    write_llmc_shard(tmp_path / "x_val_000000.bin", toks)
+    raw = (tmp_path / "x_val_000000.bin").read_bytes()
+    header = np.frombuffer(raw[:1024], dtype="<i4")
+    assert list(header[:3]) == [LLMC_MAGIC, 1, 5] and not header[3:].any() and len(raw) == 1024 + 10
+    np.testing.assert_array_equal(read_llmc_shard(tmp_path / "x_val_000000.bin"), toks)
+
+
+def test_llmc_bad_magic_version_and_truncation_name_the_file(tmp_path):
+    f = tmp_path / "x_train_000001.bin"
+    write_llmc_shard(f, np.arange(100))
+    good = f.read_bytes()
+    f.write_bytes(b"\x00" * 4 + good[4:])
+    with pytest.raises(DataError, match=r"x_train_000001\.bin is not an llm.c token shard"):
+        read_llmc_shard(f)
+    f.write_bytes(good[:4] + np.int32(2).tobytes() + good[8:])
+    with pytest.raises(DataError, match="version 2"):
+        read_llmc_shard(f)
+    f.write_bytes(good[:-6])
+    with pytest.raises(DataError, match=r"x_train_000001\.bin is truncated: header says 100 tokens"):
+        read_llmc_shard(f)
+    f.write_bytes(good + b"\x00\x00")
+    with pytest.raises(DataError, match="longer than its header"):
+        read_llmc_shard(f)
+    f.write_bytes(good[:100])
+    with pytest.raises(DataError, match="too short for an llm.c header"):
+        read_llmc_shard(f)
+
+
+def test_llmc_dir_needs_both_splits(tmp_path):
+    write_llmc_shard(tmp_path / "fw_train_000001.bin", np.arange(10))
+    with pytest.raises(DataError, match="no val shard"):
+        load_dataset(str(tmp_path))
+
+
+def test_multi_shard_split_is_one_logical_stream(tmp_path):
+    # Three train shards of different lengths; the sampler must see windows across boundaries.
+    stream = np.arange(1, 301)
+    for i, (a, b) in enumerate([(0, 50), (50, 60), (60, 300)]):
+        write_llmc_shard(tmp_path / f"fw_train_{i + 1:06d}.bin", stream[a:b])
+    write_llmc_shard(tmp_path / "fw_val_000000.bin", np.arange(40))
+    d = load_dataset(str(tmp_path))
+    assert (d.format, d.vocab_size, d.num_tokens("train")) == ("llmc", 50257, 300)
+    assert all(isinstance(p, np.memmap) for p in d.split("train").parts)
+    np.testing.assert_array_equal(d.split("train").read(45, 20), stream[45:65])
+    x, y = BatchSampler(d, block_size=16, seed=3).sample("train", 400)
+    # Consecutive integers: every row is a contiguous window of the stream, wherever it started.
+    assert torch.all(x[:, 1:] - x[:, :-1] == 1) and torch.all(y == x + 1)
+    starts = set(x[:, 0].tolist())
+    assert min(starts) == 1 and max(starts) == 300 - 16  # both ends reachable, none beyond
+    assert any(s < 50 < s + 17 for s in starts)  # some window crosses the first shard boundary
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def toy(tmp_path):
+    return load_dataset(str(_nanogpt(tmp_path / "toy", np.arange(5000) % 1000, np.arange(3000, 3500))))
+
+
+def test_batch_shape_dtype_and_shift(toy):
+    x, y = BatchSampler(toy, block_size=8, seed=0).sample("train", 5)
+    assert x.shape == y.shape == (5, 8) and x.dtype == y.dtype == torch.int64 and x.device.type == "cpu"
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    # The toy data counts 0..999 over and over: a real window steps by one, and y is x + 1.
+    assert torch.all((x[:, 1:] - x[:, :-1]) % 1000 == 1) and torch.equal(y, (x + 1) % 1000)
+
+
+def test_same_seed_same_batches_and_counter_moves_on(toy):
+    a, b = BatchSampler(toy, 8, seed=7), BatchSampler(toy, 8, seed=7)
+    x1, _ = a.sample("train", 16)
+    assert torch.equal(x1, b.sample("train", 16)[0])
+    assert not torch.equal(x1, a.sample("train", 16)[0])  # counter 1 differs from counter 0
+    assert not torch.equal(x1, BatchSampler(toy, 8, seed=8).sample("train", 16)[0])
+    # Splits count separately: drawing val leaves the train stream where it was.
+    c = BatchSampler(toy, 8, seed=7)
+    c.sample("val", 4)
+    assert torch.equal(c.sample("train", 16)[0], x1)
+
+
+def test_state_dict_resume_gives_identical_batches(toy):
+    a = BatchSampler(toy, 8, seed=1)
+    for _ in range(3):
+        a.sample("train", 4)
+    a.sample("val", 4)
+    state = a.state_dict()
+    assert state["counters"] == {"train": 3, "val": 1}
+    b = BatchSampler(toy, 8, seed=1)
+    b.load_state_dict(json.loads(json.dumps(state)))  # survives a round trip through JSON
+    for split in ["train", "val", "train"]:
+        assert torch.equal(a.sample(split, 6)[0], b.sample(split, 6)[0])
+    with pytest.raises(DataError, match="seed"):
+        BatchSampler(toy, 8, seed=2).load_state_dict(state)
+
+
+def test_batch_at_redraws_a_step_and_micro_batches_do_not_change_data(toy):
+    s = BatchSampler(toy, 8, seed=4)
+    x, y = s.sample("train", 12)
+    x2, y2 = s.batch_at("train", 12, counter=0)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and s.counters["train"] == 1
+    # The trainer slices one step's batch; how it slices is not the sampler's business.
+    assert torch.equal(torch.cat([x[:5], x[5:10], x[10:]]), x)
+
+
+def test_split_shorter_than_block_is_a_data_error(toy):
+    with pytest.raises(DataError, match="val split .* 500 tokens, fewer than block_size \\+ 1 = 501"):
+        BatchSampler(toy, 500, seed=0).sample("val", 1)
+    BatchSampler(toy, 499, seed=0).sample("val", 3)  # exactly block_size + 1 tokens is enough
+
+
+def test_check_vocab(toy):
+    toy.check_vocab(50304)
+    with pytest.raises(DataError, match="vocab_size 256 is smaller"):
+        toy.check_vocab(256)
+
+
+# --- embedded -------------------------------------------------------------------------------
+
+
+def test_embedded_loads_with_byte_vocab_and_decodes():
+    d = load_dataset("embedded")
+    assert (d.name, d.vocab_size) == ("embedded", 256)
+    assert d.num_tokens("train") > 1_000_000 and d.num_tokens("val") > 50_000
+    d.check_vocab(256)
+    with pytest.raises(DataError):
+        d.check_vocab(100)
+    x, y = BatchSampler(d, block_size=64, seed=0).sample("train", 4)
+    assert x.dtype == torch.int64 and int(x.max()) < 128  # ASCII text
+    text = decode_bytes(x[0])
+    assert len(text) == 64 and all(c.isprintable() or c == "\n" for c in text)
+    assert decode_bytes(np.frombuffer(b"a cat", dtype=np.uint8)) == "a cat"
+    with pytest.raises(DataError):
+        decode_bytes([300])
+
+
+def test_embedded_files_match_their_generator():
+    gen = _script("make_embedded_data")
+    files = gen.build()
+    root = ROOT / "trainer" / "embedded"
+    for name, blob in files.items():
+        assert (root / name).read_bytes() == blob, f"{name} is stale; run scripts/make_embedded_data.py"
+    meta = json.loads(files["meta.json"])
+    assert meta["bits_per_byte"]["bigram_conditional"] < 4.0  # far from random bytes (8 bits)
+    assert len(gzip.decompress(files["val.bin.gz"])) == meta["splits"]["val"]["tokens"]
+
+
+# --- prepare_fineweb's offline path ---------------------------------------------------------
+
+
+def test_tokenize_to_shards_roundtrips_through_load_dataset(tmp_path):
+    prep = _script("prepare_fineweb")
+    texts = ["hello world", "a", "tokens cross shard boundaries", "", "last doc"]
+    encode = lambda t: list(t.encode())  # bytes stand in for GPT-2 BPE
+    paths = prep.tokenize_to_shards(texts, encode, tmp_path, name="tiny", shard_size=16)
+    expected = np.concatenate([[50256, *encode(t)] for t in texts])
+    assert [p.name for p in paths[:2]] == ["tiny_val_000000.bin", "tiny_train_000001.bin"]
+    assert len(paths) == -(-len(expected) // 16)
+    d = load_dataset(str(tmp_path))
+    val, train = d.split("val"), d.split("train")
+    np.testing.assert_array_equal(val.read(0, len(val)), expected[:16])
+    np.testing.assert_array_equal(train.read(0, len(train)), expected[16:])
+
+
+def test_tokenize_to_shards_stops_at_max_tokens(tmp_path):
+    prep = _script("prepare_fineweb")
+    consumed = []
+
+    def texts():
+        for i in range(1000):
+            consumed.append(i)
+            yield "abcdefghi"
+
+    paths = prep.tokenize_to_shards(texts(), lambda t: list(t.encode()), tmp_path, name="fw",
+                                    shard_size=25, max_tokens=60, eot=0)
+    assert sum(len(read_llmc_shard(p)) for p in paths) == 60
+    assert len(consumed) == 6  # 10 tokens per document: the stream is not read past the limit
+    with pytest.raises(DataError, match="max-tokens"):
+        prep.tokenize_to_shards(texts(), lambda t: [1], tmp_path / "b", shard_size=100, max_tokens=50)
+    with pytest.raises(DataError, match="val shard alone"):
+        prep.tokenize_to_shards(["ab"], lambda t: [1, 2], tmp_path / "c", shard_size=100)
