@@ -1,0 +1,451 @@
+"""Saved per-GPU profiles: a GPU's hardware description plus the plans fitted on it.
+
+One TOML file per profile, `<profiles_dir>/<name>.toml`. Plans are keyed by a fingerprint of
+everything that changes memory use (config summary, torch, CUDA and driver versions), so a plan
+found for one config/software stack is never silently reused for another.
+
+Files are written atomically (temp file, fsync, rename) under an exclusive per-profile lock, so
+concurrent probes and trainers recording run-time OOMs never lose each other's updates. A file
+that cannot be read as a profile is never overwritten.
+
+This module depends on no other autofit module except `records`: the hardware description is a
+plain dict (a HardwareSpec dumped with `model_dump(mode="json")`), and built-in profiles are looked
+up through a callable the caller passes in.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autofit.records import PlanRecord, TrialRecord
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+NAME_MAX = 100
+CPU_GPU_LABEL = "CPU (budgeted)"
+# How long the lock-file fallback (no fcntl) waits before telling the user a lock looks stale.
+LOCK_TIMEOUT_S = 30.0
+
+# Short labels for the non-config fingerprint inputs, as people say them ("torch 2.4 -> 2.5").
+_VERSION_LABELS = {"torch_version": "torch", "cuda_version": "cuda", "driver_version": "driver"}
+
+BuiltinLookup = Callable[[str], "dict[str, Any] | None"]
+
+
+class ProfileError(ValueError):
+    """A profile problem the user can fix; the message is one line and names the file."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # Naive datetimes would compare badly with aware ones read back from disk; treat them as UTC.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class FittedPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fingerprint: str
+    fingerprint_inputs: dict[str, Any]
+    config_summary: dict[str, Any]
+    plan: PlanRecord
+    trials: list[TrialRecord] = Field(default_factory=list)
+    created: datetime = Field(default_factory=_now)
+    updated: datetime = Field(default_factory=_now)
+    # Lessons learnt at run time, each prefixed with its UTC time.
+    events: list[str] = Field(default_factory=list)
+    # Lowered by run-time OOMs: the trainer starts at most at this micro-batch next time.
+    safe_micro_batch: int | None = None
+    # torch.compile OOMed at run time: start eager next time.
+    compile_failed: bool = False
+
+    @field_validator("created", "updated")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return _as_utc(value)
+
+    @field_validator("fingerprint_inputs", "config_summary")
+    @classmethod
+    def _no_none(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # TOML drops None; dropping it here too makes a plan equal to itself read back from disk.
+        return _strip_none(value)
+
+
+class SavedProfile(BaseModel):
+    # Forbidding unknown keys makes hand-edit typos and foreign files fail loudly; new fields
+    # come with a schema_version bump.
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    name: str
+    hardware: dict[str, Any] | None = None  # None for CPU budget profiles such as 'cpu-2gb'
+    device_note: str = ""
+    plans: dict[str, FittedPlan] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_slug(cls, value: str) -> str:
+        if not _is_valid_name(value):
+            raise ValueError(f"profile name {value!r} is not a slug ([a-z0-9][a-z0-9._-]*)")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_match_fingerprints(self) -> SavedProfile:
+        for key, plan in self.plans.items():
+            if key != plan.fingerprint:
+                raise ValueError(f"plan key {key!r} differs from its fingerprint {plan.fingerprint!r}")
+        return self
+
+
+class ProfileEntry(BaseModel):
+    name: str
+    gpu: str
+    memory_bytes: int | None
+    n_plans: int
+    location: str  # 'built-in', or the user file path (noting when it overrides a built-in)
+    path: Path | None = None  # the user file; None for a built-in
+    overrides_builtin: bool = False
+    error: str = ""  # set when the user file cannot be read; the listing still shows it
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def fingerprint_inputs(config_summary: dict[str, Any], torch_version: str,
+                       cuda_version: str | None, driver_version: str | None) -> dict[str, Any]:
+    """Everything a plan's memory use depends on, flat, so staleness reads field by field."""
+    clash = set(config_summary) & set(_VERSION_LABELS)
+    if clash:
+        raise ValueError(f"config summary must not contain {sorted(clash)}")
+    return {**config_summary, "torch_version": torch_version, "cuda_version": cuda_version,
+            "driver_version": driver_version}
+
+
+def _strip_none(value: Any) -> Any:
+    # TOML has no null: None values are dropped on write, so they must also be ignored when
+    # hashing, or a plan read back from disk would not match its own fingerprint.
+    if isinstance(value, dict):
+        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_strip_none(v) for v in value]
+    return value
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """First 12 hex digits of sha256 over canonical JSON (sorted keys, None values dropped)."""
+    canonical = json.dumps(_strip_none(inputs), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+def explain_stale(old_inputs: dict[str, Any], new_inputs: dict[str, Any]) -> list[str]:
+    """What changed between two fingerprint inputs, e.g. ['torch 2.4.0 -> 2.5.1', 'n_embd 576 -> 768']."""
+    old, new = _strip_none(old_inputs), _strip_none(new_inputs)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before != after:
+            label = _VERSION_LABELS.get(key, key)
+            changes.append(f"{label} {_show(before)} -> {_show(after)}")
+    return changes
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else str(value)
+
+
+def find_plan(profile: SavedProfile, fingerprint: str) -> FittedPlan | None:
+    return profile.plans.get(fingerprint)
+
+
+def nearest_plan(profile: SavedProfile, inputs: dict[str, Any]) -> tuple[FittedPlan, list[str]] | None:
+    """The stored plan whose inputs differ least from `inputs`, with the differences; for telling
+    the user why a saved plan is not reused ("torch 2.4.0 -> 2.5.1"). None if there are no plans."""
+    best: tuple[FittedPlan, list[str]] | None = None
+    for plan in profile.plans.values():
+        changes = explain_stale(plan.fingerprint_inputs, inputs)
+        if best is None or len(changes) < len(best[1]):
+            best = (plan, changes)
+    return best
+
+
+# ---------------------------------------------------------------- locations
+
+
+def profiles_dir() -> Path:
+    """$AUTOFIT_HOME/profiles, else $XDG_DATA_HOME/autofit/profiles, else ~/.local/share/autofit/profiles."""
+    home = os.environ.get("AUTOFIT_HOME")
+    if home:
+        return Path(home).expanduser() / "profiles"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    # The XDG spec says relative paths in these variables are invalid and must be ignored.
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "autofit" / "profiles"
+    return Path.home() / ".local" / "share" / "autofit" / "profiles"
+
+
+def _is_valid_name(name: str) -> bool:
+    return len(name) <= NAME_MAX and NAME_RE.fullmatch(name) is not None
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _is_valid_name(name):
+        raise ProfileError(f"bad profile name {name!r}: use lowercase letters, digits, '.', '_', '-' "
+                           f"(starting with a letter or digit, at most {NAME_MAX} characters)")
+    return name
+
+
+def profile_path(name: str) -> Path:
+    return profiles_dir() / f"{check_name(name)}.toml"
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_file(path: Path) -> SavedProfile | None:
+    """The profile stored at `path`, None if there is no file; ProfileError if it is not one."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile file {path}: {exc.strerror or exc}") from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"profile file {path} is not valid TOML: {_one_line(str(exc))}") from None
+    # Checked before validation: a newer schema may legitimately fail our model.
+    version = raw.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise ProfileError(f"{path} was written by a newer autofit (schema {version} > {SCHEMA_VERSION}); "
+                           "upgrade autofit or move the file")
+    try:
+        profile = SavedProfile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise ProfileError(f"{path} is not an autofit profile: {where}: {_one_line(first['msg'])}") from None
+    # The file name is how users address a profile; a renamed file takes its new name.
+    if profile.name != path.stem:
+        profile = profile.model_copy(update={"name": path.stem})
+    return profile
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def load_profile(name: str, *, builtin: BuiltinLookup | None = None) -> SavedProfile | None:
+    """The user's profile file if present; else a plan-less profile from the built-in hardware
+    lookup if it knows `name`; else None."""
+    profile = _read_file(profile_path(name))
+    if profile is not None:
+        return profile
+    hardware = builtin(name) if builtin is not None else None
+    if hardware is not None:
+        return SavedProfile(name=name, hardware=dict(hardware))
+    return None
+
+
+# ---------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive lock on `<path>.lock` around a read-modify-write of `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    if fcntl is not None:
+        # The lock file is left in place: unlinking it while another process waits on it would
+        # let a third process lock a fresh file, and two writers would run at once.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+        return
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise ProfileError(f"timed out waiting for lock {lock_path}; if no autofit is "
+                                   "running, delete it") from None
+            time.sleep(0.05)
+    try:
+        os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+
+
+def _write_atomic(path: Path, profile: SavedProfile) -> None:
+    # Serialise first: if that fails, no temp file is ever created.
+    text = tomli_w.dumps(_strip_none(profile.model_dump(mode="json", exclude_none=True)))
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        if isinstance(exc, OSError):
+            raise ProfileError(f"cannot write profile file {path}: {exc.strerror or exc}") from None
+        raise
+    # Make the rename itself durable; not every platform lets a directory be opened or fsynced.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan) -> Path:
+    """Create or update profile `name` with `plan`. A plan with the same fingerprint is replaced
+    (keeping its `created`); other plans are kept. `hardware`, when given, replaces the stored
+    description; None keeps what is stored (CPU budget profiles have none)."""
+    path = profile_path(name)
+    with _locked(path):
+        profile = _read_file(path) or SavedProfile(name=name)
+        if hardware is not None:
+            profile.hardware = dict(hardware)
+        old = profile.plans.get(plan.fingerprint)
+        created = old.created if old is not None else plan.created
+        profile.plans[plan.fingerprint] = plan.model_copy(update={"created": created, "updated": _now()})
+        _write_atomic(path, profile)
+    return path
+
+
+def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: int | None = None,
+                 compile_failed: bool | None = None) -> None:
+    """Append a run-time lesson to a saved plan; `event` is prefixed with the UTC time.
+    `safe_micro_batch` only ever lowers the stored one (two runs reporting at once keep the
+    safer value); `compile_failed`, when given, is stored as is."""
+    path = profile_path(name)
+    with _locked(path):
+        profile = _read_file(path)
+        if profile is None:
+            raise ProfileError(f"no profile file {path} to record the event in")
+        plan = profile.plans.get(fingerprint)
+        if plan is None:
+            raise ProfileError(f"profile file {path} has no plan {fingerprint}")
+        stamp = _now().strftime("%Y-%m-%dT%H:%MZ")
+        plan.events.append(f"{stamp} {_one_line(event)}")
+        if safe_micro_batch is not None:
+            if safe_micro_batch < 1:
+                raise ValueError(f"safe_micro_batch must be >= 1, got {safe_micro_batch}")
+            current = plan.safe_micro_batch
+            plan.safe_micro_batch = safe_micro_batch if current is None else min(current, safe_micro_batch)
+        if compile_failed is not None:
+            plan.compile_failed = compile_failed
+        plan.updated = _now()
+        _write_atomic(path, profile)
+
+
+# ---------------------------------------------------------------- listing and removal
+
+
+def list_profiles(builtin_names: Iterable[str] = (), *,
+                  builtin: BuiltinLookup | None = None) -> list[ProfileEntry]:
+    """Built-in and user profiles, sorted by name; a user file with a built-in's name overrides it.
+    `builtin` (name -> hardware dict) fills in the GPU and memory of built-ins."""
+    builtins = set(builtin_names)
+    entries: dict[str, ProfileEntry] = {}
+    for name in builtins:
+        hardware = builtin(name) if builtin is not None else None
+        # Without a lookup a built-in's GPU is unknown here, not a CPU profile.
+        gpu = _gpu_label(hardware) if hardware is not None else "?"
+        entries[name] = ProfileEntry(name=name, gpu=gpu, memory_bytes=_memory(hardware), n_plans=0,
+                                     location="built-in")
+    directory = profiles_dir()
+    paths = sorted(directory.glob("*.toml")) if directory.is_dir() else []
+    for path in paths:
+        if not _is_valid_name(path.stem):
+            continue  # not a file autofit could have written
+        overrides = path.stem in builtins
+        location = f"{path} (overrides built-in)" if overrides else str(path)
+        try:
+            profile = _read_file(path)
+        except ProfileError as exc:
+            entries[path.stem] = ProfileEntry(name=path.stem, gpu="?", memory_bytes=None, n_plans=0,
+                                              location=location, path=path,
+                                              overrides_builtin=overrides, error=str(exc))
+            continue
+        if profile is None:
+            continue  # removed while listing
+        entries[path.stem] = ProfileEntry(name=path.stem, gpu=_gpu_label(profile.hardware),
+                                          memory_bytes=_memory(profile.hardware),
+                                          n_plans=len(profile.plans), location=location, path=path,
+                                          overrides_builtin=overrides)
+    return [entries[name] for name in sorted(entries)]
+
+
+def _gpu_label(hardware: dict[str, Any] | None) -> str:
+    return CPU_GPU_LABEL if hardware is None else str(hardware.get("gpu", "?"))
+
+
+def _memory(hardware: dict[str, Any] | None) -> int | None:
+    value = hardware.get("memory_bytes") if hardware else None
+    return value if isinstance(value, int) else None
+
+
+def remove_profile(name: str, fingerprint: str | None = None, *,
+                   builtin_names: Iterable[str] = ()) -> str:
+    """Remove the user's profile file, or one plan from it; returns what was done, in a line.
+    Built-in profiles are read-only."""
+    path = profile_path(name)
+    is_builtin = name in set(builtin_names)
+    with _locked(path):
+        if not path.exists():
+            if is_builtin:
+                raise ProfileError(f"{name} is a built-in profile; built-ins are read-only "
+                                   f"(only user profiles in {path.parent} can be removed)")
+            raise ProfileError(f"no profile {name}: {path} does not exist")
+        if fingerprint is None:
+            # Not read first: removing the whole file is also how a user gets rid of a corrupt one.
+            path.unlink()
+            if is_builtin:
+                return f"removed {path}; the built-in {name} applies again"
+            return f"removed {path}"
+        profile = _read_file(path)
+        if profile is None:
+            raise ProfileError(f"no profile {name}: {path} does not exist")
+        if fingerprint not in profile.plans:
+            known = ", ".join(sorted(profile.plans)) or "none"
+            raise ProfileError(f"profile file {path} has no plan {fingerprint} (plans: {known})")
+        del profile.plans[fingerprint]
+        _write_atomic(path, profile)
+    return f"removed plan {fingerprint} from {path}"

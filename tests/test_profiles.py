@@ -1,0 +1,405 @@
+import multiprocessing as mp
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from autofit import profiles
+from autofit.profiles import (FittedPlan, ProfileError, SavedProfile, explain_stale, find_plan,
+                              fingerprint, fingerprint_inputs, list_profiles, load_profile,
+                              nearest_plan, profile_path, profiles_dir, record_event,
+                              remove_profile, save_plan)
+from autofit.records import PlanRecord, TrialRecord
+
+HW_4070 = {
+    "schema_version": 1, "name": "rtx4070-12gb", "gpu": "NVIDIA GeForce RTX 4070",
+    "nvml_names": ["NVIDIA GeForce RTX 4070"], "memory_bytes": 12_878_086_144,
+    "compute_capability": [8, 9], "bf16": True, "peak_bf16_tflops": 58.3, "peak_fp16_tflops": 58.3,
+    "memory_bandwidth_gbs": 504.2, "source": "NVIDIA Ada whitepaper",
+}
+BUILTINS = {"rtx4070-12gb": HW_4070}
+
+SUMMARY = {
+    "n_layer": 12, "n_head": 12, "n_embd": 576, "block_size": 1024, "vocab_size": 50304,
+    "bias": False, "dropout": 0.0, "dtype": "bfloat16", "compile": True, "checkpointing": 0,
+    "loss_impl": "standard", "batch_size": 16, "gradient_accumulation_steps": 32,
+    "effective_batch": 512,
+}
+
+
+@pytest.fixture(autouse=True)
+def autofit_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def make_plan(n_embd: int = 576, micro_batch: int = 12, cuda: str | None = "12.4") -> FittedPlan:
+    summary = {**SUMMARY, "n_embd": n_embd}
+    inputs = fingerprint_inputs(summary, "2.5.1", cuda, None)  # no driver: a None that TOML drops
+    plan = PlanRecord(
+        mode="measured", micro_batch=micro_batch, grad_accum=43, micro_batches=[micro_batch] * 42 + [8],
+        effective_batch=micro_batch * 42 + 8, block_size=1024, dtype="bfloat16", compile=True,
+        compile_after=5, checkpointing=0, loss_impl="chunked", estimated_peak_bytes=10_500_000_000,
+        measured_peak_bytes=10_123_456_789, tokens_per_s=41_234.5, budget_bytes=11_000_000_000,
+        split=f"{micro_batch * 42 + 8} = 42 × {micro_batch} + 8", reason="fastest that fits",
+    )
+    trials = [
+        TrialRecord(micro_batch=micro_batch, dtype="bfloat16", compile=True, checkpointing=0,
+                    loss_impl="chunked", status="fit", estimated_peak_bytes=10_500_000_000,
+                    measured_peak_bytes=10_123_456_789, measured_reserved_bytes=10_700_000_000,
+                    tokens_per_s=41_234.5, steps_run=3, seconds=12.5, compile_seconds=40.2),
+        TrialRecord(micro_batch=16, dtype="bfloat16", compile=False, checkpointing=0,
+                    loss_impl="standard", status="oom", estimated_peak_bytes=15_000_000_000,
+                    steps_run=0, seconds=1.5, note="OOM in first backward (logits)"),
+        TrialRecord(micro_batch=32, dtype="float32", compile=False, checkpointing=2,
+                    loss_impl="standard", status="pruned"),
+    ]
+    return FittedPlan(fingerprint=fingerprint(inputs), fingerprint_inputs=inputs,
+                      config_summary=summary, plan=plan, trials=trials)
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_round_trip_keeps_everything_including_none_fields():
+    plan = make_plan()
+    path = save_plan("rtx4070-12gb", HW_4070, plan)
+    assert path == profiles_dir() / "rtx4070-12gb.toml"
+    assert "null" not in path.read_text() and "None" not in path.read_text()
+
+    loaded = load_profile("rtx4070-12gb")
+    assert loaded.schema_version == 1 and loaded.name == "rtx4070-12gb"
+    assert loaded.hardware == HW_4070
+    got = find_plan(loaded, plan.fingerprint)
+    assert got.model_dump(exclude={"updated"}) == plan.model_dump(exclude={"updated"})
+    assert got.trials[1].measured_peak_bytes is None and got.trials[1].tokens_per_s is None
+    assert got.trials[2].compile_seconds is None
+    assert got.created.tzinfo is not None and got.updated >= plan.created
+    # The None driver/cuda versions vanish on disk, yet the plan still matches its fingerprint.
+    assert "driver_version" not in got.fingerprint_inputs
+    assert fingerprint(got.fingerprint_inputs) == plan.fingerprint
+    assert find_plan(loaded, "000000000000") is None
+
+
+def test_cpu_profile_has_no_hardware():
+    save_plan("cpu-2gb", None, make_plan(cuda=None))
+    loaded = load_profile("cpu-2gb")
+    assert loaded.hardware is None and len(loaded.plans) == 1
+
+
+def test_same_fingerprint_replaces_keeping_created_and_others():
+    first, other = make_plan(micro_batch=12), make_plan(n_embd=768)
+    first = first.model_copy(update={"created": datetime(2025, 1, 1, tzinfo=timezone.utc)})
+    save_plan("rtx4070-12gb", HW_4070, first)
+    save_plan("rtx4070-12gb", None, other)  # None hardware keeps the stored description
+
+    reprobe = make_plan(micro_batch=10)
+    assert reprobe.fingerprint == first.fingerprint
+    save_plan("rtx4070-12gb", HW_4070, reprobe)
+
+    loaded = load_profile("rtx4070-12gb")
+    assert set(loaded.plans) == {first.fingerprint, other.fingerprint}
+    replaced = loaded.plans[first.fingerprint]
+    assert replaced.plan.micro_batch == 10
+    assert replaced.created == datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert replaced.updated > replaced.created
+    assert loaded.plans[other.fingerprint].config_summary["n_embd"] == 768
+    assert loaded.hardware == HW_4070
+
+
+def test_load_profile_builtin_fallback_and_missing():
+    assert load_profile("rtx4070-12gb") is None
+    builtin = load_profile("rtx4070-12gb", builtin=BUILTINS.get)
+    assert builtin.hardware == HW_4070 and builtin.plans == {}
+    assert load_profile("h100-80gb", builtin=BUILTINS.get) is None
+    # A user file wins over the built-in.
+    save_plan("rtx4070-12gb", {**HW_4070, "memory_bytes": 1}, make_plan())
+    assert load_profile("rtx4070-12gb", builtin=BUILTINS.get).hardware["memory_bytes"] == 1
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_stable_across_orderings():
+    inputs = fingerprint_inputs(SUMMARY, "2.5.1", "12.4", "550.54")
+    reordered = dict(reversed(list(inputs.items())))
+    assert list(reordered) != list(inputs)
+    assert fingerprint(reordered) == fingerprint(inputs)
+    assert len(fingerprint(inputs)) == 12 and int(fingerprint(inputs), 16) >= 0
+
+
+def test_fingerprint_changes_when_any_input_changes():
+    inputs = fingerprint_inputs(SUMMARY, "2.5.1", "12.4", "550.54")
+    base = fingerprint(inputs)
+    for key, value in inputs.items():
+        changed = {**inputs, key: (not value) if isinstance(value, bool) else f"{value}x"}
+        assert fingerprint(changed) != base, key
+    # None and absent are the same (TOML cannot store None), but a value is not.
+    no_driver = fingerprint_inputs(SUMMARY, "2.5.1", "12.4", None)
+    without_key = {k: v for k, v in no_driver.items() if k != "driver_version"}
+    assert fingerprint(no_driver) == fingerprint(without_key) != base
+
+
+def test_fingerprint_inputs_rejects_clashing_keys():
+    with pytest.raises(ValueError):
+        fingerprint_inputs({**SUMMARY, "torch_version": "x"}, "2.5.1", None, None)
+
+
+def test_explain_stale_names_each_change():
+    old = fingerprint_inputs(SUMMARY, "2.4.0", "12.1", None)
+    new = fingerprint_inputs({**SUMMARY, "n_embd": 768}, "2.5.1", "12.1", "550.54")
+    assert explain_stale(old, new) == ["driver unset -> 550.54", "n_embd 576 -> 768",
+                                       "torch 2.4.0 -> 2.5.1"]
+    assert explain_stale(old, dict(old)) == []
+
+
+def test_nearest_plan_explains_why_not_reused():
+    profile = SavedProfile(name="x")
+    assert nearest_plan(profile, {}) is None
+    a, b = make_plan(), make_plan(n_embd=768)
+    profile.plans = {a.fingerprint: a, b.fingerprint: b}
+    wanted = {**a.fingerprint_inputs, "torch_version": "2.6.0"}
+    plan, changes = nearest_plan(profile, wanted)
+    assert plan is a and changes == ["torch 2.5.1 -> 2.6.0"]
+
+
+# ---------------------------------------------------------------- bad files
+
+
+BAD_FILES = {
+    "corrupt": (b"schema_version = 1\nname = \"x\n[plans", "is not valid TOML"),
+    "not utf-8": (b"name = \"\xff\xfe\"\n", "is not valid TOML"),
+    "foreign": (b"[project]\nname = \"something-else\"\n", "is not an autofit profile"),
+    "wrong type": (b"schema_version = 1\nname = \"rtx4070-12gb\"\nplans = 3\n",
+                   "is not an autofit profile: plans"),
+    "newer": (b"schema_version = 2\nname = \"rtx4070-12gb\"\n[future]\nx = 1\n",
+              "was written by a newer autofit (schema 2 > 1)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_bad_file_errors_name_the_file_and_nothing_is_overwritten(kind):
+    content, expected = BAD_FILES[kind]
+    path = profile_path("rtx4070-12gb")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+
+    for action in (lambda: load_profile("rtx4070-12gb", builtin=BUILTINS.get),
+                   lambda: save_plan("rtx4070-12gb", HW_4070, make_plan()),
+                   lambda: record_event("rtx4070-12gb", "abc", "oom"),
+                   lambda: remove_profile("rtx4070-12gb", "abc")):
+        with pytest.raises(ProfileError) as info:
+            action()
+        message = str(info.value)
+        assert str(path) in message and expected in message and "\n" not in message
+    assert path.read_bytes() == content
+    assert [p for p in _files(path.parent) if p.endswith(".tmp")] == []
+
+    # The listing still shows the broken file instead of failing.
+    [entry] = list_profiles()
+    assert entry.name == "rtx4070-12gb" and expected in entry.error
+
+
+def test_plan_key_must_match_fingerprint():
+    plan = make_plan()
+    path = save_plan("rtx4070-12gb", HW_4070, plan)
+    path.write_text(path.read_text().replace(f"[plans.{plan.fingerprint}", "[plans.deadbeef0000"))
+    with pytest.raises(ProfileError, match="is not an autofit profile"):
+        load_profile("rtx4070-12gb")
+
+
+def test_renamed_file_takes_its_file_name():
+    path = save_plan("rtx4070-12gb", HW_4070, make_plan())
+    path.rename(path.with_name("my-4070.toml"))
+    assert load_profile("my-4070").name == "my-4070"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_failed_serialisation_leaves_old_file_and_no_temp(monkeypatch):
+    path = save_plan("rtx4070-12gb", HW_4070, make_plan())
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(tomli_w, "dumps", boom)
+    with pytest.raises(RuntimeError):
+        save_plan("rtx4070-12gb", HW_4070, make_plan(n_embd=768))
+    assert path.read_bytes() == before
+    assert _files(path.parent) == ["rtx4070-12gb.toml", "rtx4070-12gb.toml.lock"]
+
+
+def test_failed_rename_leaves_old_file_and_no_temp(monkeypatch):
+    path = save_plan("rtx4070-12gb", HW_4070, make_plan())
+    before = path.read_bytes()
+    written = []
+    real_write = os.fdopen
+
+    def spy_fdopen(fd, *args, **kwargs):
+        written.append(fd)
+        return real_write(fd, *args, **kwargs)
+
+    def no_replace(src, dst):
+        assert Path(src).parent == path.parent and Path(src).read_bytes() != before
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", spy_fdopen)
+    monkeypatch.setattr(os, "replace", no_replace)
+    with pytest.raises(ProfileError, match=f"cannot write profile file {path}: No space left"):
+        save_plan("rtx4070-12gb", HW_4070, make_plan(n_embd=768))
+    assert written, "the new content was written to a temp file first"
+    assert path.read_bytes() == before
+    assert _files(path.parent) == ["rtx4070-12gb.toml", "rtx4070-12gb.toml.lock"]
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def _save_worker(barrier, worker: int, per_worker: int) -> None:
+    barrier.wait()
+    for i in range(per_worker):
+        save_plan("rtx4070-12gb", HW_4070, make_plan(n_embd=64 * (1 + worker * per_worker + i)))
+
+
+def test_concurrent_savers_lose_no_plan():
+    workers, per_worker = 4, 3
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(workers)
+    procs = [ctx.Process(target=_save_worker, args=(barrier, w, per_worker)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    loaded = load_profile("rtx4070-12gb")
+    assert sorted(p.config_summary["n_embd"] for p in loaded.plans.values()) == \
+        [64 * (1 + k) for k in range(workers * per_worker)]
+    assert [n for n in _files(profiles_dir()) if n.endswith(".tmp")] == []
+
+
+def test_lock_file_fallback_without_fcntl(monkeypatch):
+    monkeypatch.setattr(profiles, "fcntl", None)
+    path = save_plan("rtx4070-12gb", HW_4070, make_plan())
+    assert _files(path.parent) == ["rtx4070-12gb.toml"]  # the O_EXCL lock is released by removal
+
+    lock = path.with_name("rtx4070-12gb.toml.lock")
+    lock.touch()  # another process holds it
+    monkeypatch.setattr(profiles, "LOCK_TIMEOUT_S", 0.1)
+    with pytest.raises(ProfileError, match=f"timed out waiting for lock {lock}"):
+        save_plan("rtx4070-12gb", HW_4070, make_plan(n_embd=768))
+    assert len(load_profile("rtx4070-12gb").plans) == 1
+
+
+# ---------------------------------------------------------------- run-time events
+
+
+def test_record_event_lowers_safe_micro_batch_and_appends():
+    plan = make_plan()
+    save_plan("rtx4070-12gb", HW_4070, plan)
+    record_event("rtx4070-12gb", plan.fingerprint, "run OOM at step 40 with micro_batch 12; safe 8",
+                 safe_micro_batch=8)
+    record_event("rtx4070-12gb", plan.fingerprint, "another run OOM; reported 10", safe_micro_batch=10)
+    record_event("rtx4070-12gb", plan.fingerprint, "compile OOM at step 1", compile_failed=True)
+
+    got = load_profile("rtx4070-12gb").plans[plan.fingerprint]
+    assert got.safe_micro_batch == 8  # a later, larger report never raises it
+    assert got.compile_failed is True
+    assert len(got.events) == 3
+    stamp, text = got.events[0].split(" ", 1)
+    assert text == "run OOM at step 40 with micro_batch 12; safe 8"
+    when = datetime.strptime(stamp, "%Y-%m-%dT%H:%MZ").replace(tzinfo=timezone.utc)
+    assert abs(datetime.now(timezone.utc) - when) < timedelta(minutes=5)
+    assert got.plan.micro_batch == 12  # the plan itself is untouched
+
+
+def test_record_event_unknown_profile_or_plan():
+    with pytest.raises(ProfileError, match="no profile file"):
+        record_event("rtx4070-12gb", "abc", "oom")
+    save_plan("rtx4070-12gb", HW_4070, make_plan())
+    with pytest.raises(ProfileError, match="has no plan abc"):
+        record_event("rtx4070-12gb", "abc", "oom")
+
+
+# ---------------------------------------------------------------- list and remove
+
+
+def test_list_profiles_builtins_users_and_overrides():
+    save_plan("cpu-2gb", None, make_plan(cuda=None))
+    save_plan("rtx4070-12gb", HW_4070, make_plan())
+    save_plan("rtx4070-12gb", HW_4070, make_plan(n_embd=768))
+    entries = list_profiles(["rtx4070-12gb", "h100-80gb"], builtin=BUILTINS.get)
+    by_name = {e.name: e for e in entries}
+    assert [e.name for e in entries] == ["cpu-2gb", "h100-80gb", "rtx4070-12gb"]
+    assert by_name["cpu-2gb"].gpu == "CPU (budgeted)" and by_name["cpu-2gb"].memory_bytes is None
+    assert by_name["cpu-2gb"].location == str(profile_path("cpu-2gb"))
+    assert by_name["h100-80gb"].location == "built-in" and by_name["h100-80gb"].n_plans == 0
+    over = by_name["rtx4070-12gb"]
+    assert over.gpu == "NVIDIA GeForce RTX 4070" and over.memory_bytes == 12_878_086_144
+    assert over.n_plans == 2 and over.overrides_builtin
+    assert over.location == f"{profile_path('rtx4070-12gb')} (overrides built-in)"
+
+
+def test_remove_plan_then_profile():
+    a, b = make_plan(), make_plan(n_embd=768)
+    save_plan("cpu-2gb", None, a)
+    save_plan("cpu-2gb", None, b)
+    assert remove_profile("cpu-2gb", a.fingerprint) == f"removed plan {a.fingerprint} from {profile_path('cpu-2gb')}"
+    assert set(load_profile("cpu-2gb").plans) == {b.fingerprint}
+    with pytest.raises(ProfileError, match=f"has no plan {a.fingerprint} \\(plans: {b.fingerprint}\\)"):
+        remove_profile("cpu-2gb", a.fingerprint)
+    remove_profile("cpu-2gb")
+    assert load_profile("cpu-2gb") is None
+    with pytest.raises(ProfileError, match="no profile cpu-2gb"):
+        remove_profile("cpu-2gb")
+
+
+def test_remove_refuses_builtin_but_removes_user_override():
+    with pytest.raises(ProfileError, match="rtx4070-12gb is a built-in profile; built-ins are read-only"):
+        remove_profile("rtx4070-12gb", builtin_names=BUILTINS)
+    save_plan("rtx4070-12gb", HW_4070, make_plan())
+    message = remove_profile("rtx4070-12gb", builtin_names=BUILTINS)
+    assert "built-in rtx4070-12gb applies again" in message
+    assert not profile_path("rtx4070-12gb").exists()
+
+
+def test_remove_whole_corrupt_file_is_allowed():
+    path = profile_path("broken")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not = [toml")
+    remove_profile("broken")
+    assert not path.exists()
+
+
+# ---------------------------------------------------------------- locations and names
+
+
+def test_profiles_dir_resolution(monkeypatch, tmp_path):
+    assert profiles_dir() == tmp_path / "home" / "profiles"
+    monkeypatch.delenv("AUTOFIT_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert profiles_dir() == tmp_path / "xdg" / "autofit" / "profiles"
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/dir")  # invalid per the XDG spec: ignored
+    assert profiles_dir() == tmp_path / "user" / ".local" / "share" / "autofit" / "profiles"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert profiles_dir() == tmp_path / "user" / ".local" / "share" / "autofit" / "profiles"
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "again"))
+    save_plan("cpu-2gb", None, make_plan())
+    assert (tmp_path / "again" / "profiles" / "cpu-2gb.toml").is_file()
+
+
+@pytest.mark.parametrize("name", ["", "RTX4070", "../evil", "a/b", ".hidden", "-x", "x y", "a" * 101])
+def test_bad_profile_name(name):
+    for action in (lambda: load_profile(name), lambda: save_plan(name, None, make_plan()),
+                   lambda: record_event(name, "abc", "x"), lambda: remove_profile(name)):
+        with pytest.raises(ProfileError, match="bad profile name"):
+            action()
+    assert not profiles_dir().exists()
