@@ -1,0 +1,313 @@
+import time
+
+import pytest
+
+from trainer.config import (PRESETS, ConfigError, TrainConfig, config_summary, load_config,
+                            parse_override, parse_py_config)
+
+SEED = """\
+batch_size = 16
+gradient_accumulation_steps = 32
+block_size = 1024
+compile = True
+dtype = 'bfloat16'
+n_layer = 12
+n_head = 12
+n_embd = 576
+"""
+
+
+def write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def one_line_error(**kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(**kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------- defaults and presets
+
+
+def test_defaults_are_nanogpt_train_py():
+    cfg = TrainConfig()
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.block_size) == (12, 40, 1024)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (12, 12, 768, 50304)
+    assert (cfg.learning_rate, cfg.min_lr, cfg.beta2, cfg.seed) == (6e-4, 6e-5, 0.95, 1337)
+    assert cfg.effective_batch == 480
+    assert cfg.tokens_per_step == 480 * 1024
+    assert load_config() == cfg  # no preset: the class defaults
+
+
+def test_seed_file_loads_as_is(tmp_path):
+    cfg = load_config(config_file=write(tmp_path, "seed.py", SEED))
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.block_size) == (16, 32, 1024)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (12, 12, 576, 50304)
+    assert cfg.compile is True and cfg.dtype == "bfloat16"
+    assert cfg.effective_batch == 512
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid(name):
+    cfg = load_config(preset=name)
+    for key, value in PRESETS[name].items():
+        assert getattr(cfg, key) == value
+
+
+def test_tiny_preset_is_small_and_cpu_ready():
+    cfg = load_config(preset="tiny")
+    params = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd + cfg.block_size * cfg.n_embd
+    assert params < 1_000_000
+    assert cfg.vocab_size == 256 and cfg.dtype == "float32" and cfg.compile is False
+    assert cfg.dataset == "embedded"
+
+
+def test_seed_preset_matches_seed_file(tmp_path):
+    from_file = load_config(config_file=write(tmp_path, "seed.py", SEED))
+    assert config_summary(load_config(preset="rtx4070-seed")) == config_summary(from_file)
+
+
+def test_unknown_preset_suggests():
+    msg = one_line_error(preset="gpt2-124")
+    assert "unknown preset 'gpt2-124'" in msg and "did you mean 'gpt2-124m'" in msg
+
+
+# ---------------------------------------------------------------- sources and precedence
+
+
+def test_precedence_preset_then_file_then_overrides(tmp_path):
+    path = write(tmp_path, "c.py", "batch_size = 8\nlearning_rate = 2e-3\n")
+    cfg = load_config(preset="tiny", config_file=path, overrides=["learning_rate=5e-3"])
+    assert cfg.n_layer == 4  # preset, untouched by the others
+    assert cfg.batch_size == 8  # file over preset
+    assert cfg.learning_rate == 5e-3  # override over file
+
+
+def test_toml_top_level_and_train_table(tmp_path):
+    top = write(tmp_path, "a.toml", 'batch_size = 4\ndtype = "float16"\ncompile = false\n')
+    cfg = load_config(preset="tiny", config_file=top)
+    assert (cfg.batch_size, cfg.dtype, cfg.compile) == (4, "float16", False)
+    table = write(tmp_path, "b.toml", '[train]\nn_layer = 2\nlearning_rate = 3e-3\n')
+    cfg = load_config(preset="tiny", config_file=table)
+    assert (cfg.n_layer, cfg.learning_rate) == (2, 3e-3)
+
+
+def test_toml_unknown_key_names_line(tmp_path):
+    path = write(tmp_path, "a.toml", "batch_size = 4\nn_embed = 64\n")
+    msg = one_line_error(config_file=path)
+    assert f"{path}:2: unknown key 'n_embed' (did you mean 'n_embd'?)" in msg
+
+
+def test_bad_toml_is_one_line(tmp_path):
+    msg = one_line_error(config_file=write(tmp_path, "a.toml", "batch_size = = 4\n"))
+    assert "invalid TOML" in msg
+
+
+def test_missing_file_and_bad_extension(tmp_path):
+    missing = tmp_path / "nope.py"
+    assert one_line_error(config_file=missing) == f"config file not found: {missing}"
+    msg = one_line_error(config_file=write(tmp_path, "c.yaml", "batch_size: 4\n"))
+    assert "unsupported config file type '.yaml'" in msg
+
+
+# ---------------------------------------------------------------- .py configs: parsed, never run
+
+
+def test_literal_arithmetic_docstrings_and_comments(tmp_path):
+    text = ('"""a nanoGPT config"""\n'
+            "# comment\n"
+            "gradient_accumulation_steps = 5 * 8\n"
+            "learning_rate = 6e-4 / 10  # trailing comment\n"
+            "max_iters = 2 ** 10 + 1\n"
+            "warmup_iters = -(-100) // 3\n"
+            "lr_decay_iters = 1000 % 7\n"
+            "'a bare string'\n"
+            "min_lr = +1e-5\n"
+            "compile_after = None\n"
+            "batch_size = 4\n"
+            "batch_size = 6\n")  # later assignment wins, as when nanoGPT execs it
+    cfg = load_config(config_file=write(tmp_path, "c.py", text))
+    assert cfg.gradient_accumulation_steps == 40
+    assert cfg.learning_rate == pytest.approx(6e-5)
+    assert cfg.max_iters == 1025
+    assert cfg.warmup_iters == 33
+    assert cfg.lr_decay_iters == 6
+    assert cfg.min_lr == 1e-5
+    assert cfg.compile_after is None
+    assert cfg.batch_size == 6
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("import os", "import"),
+    ("from os import path", "import"),
+    ("n_layer = some_var", "name reference 'some_var'"),
+    ("n_layer = os.cpu_count", "attribute access"),
+    ("wandb_run_name = f'run{1}'", "f-string"),
+    ("n_layer = int('4')", "function call"),
+    ("n_layer += 1", "augmented assignment"),
+    ("if True:\n    n_layer = 2", "if statement"),
+    ("n_layer, n_head = 2, 2", "assignment to tuple"),
+    ("n_layer = n_head = 2", "chained assignment"),
+    ("n_layer = [2]", "list"),
+    ("wandb_run_name = 'x' * 1000", "arithmetic is only allowed on numbers"),
+    ("n_layer = 1 / 0", "division by zero"),
+])
+def test_py_refusals_name_file_and_line(tmp_path, line, reason):
+    path = write(tmp_path, "c.py", f"batch_size = 4\n{line}\n")
+    msg = one_line_error(config_file=path)
+    assert msg.startswith(f"{path}:2: refused: {reason}"), msg
+    assert "only literal assignments are allowed" in msg
+
+
+def test_py_config_is_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "evil.py", 'batch_size = 4\nimport os\nos.system("touch pwned")\n')
+    msg = one_line_error(config_file=path)
+    assert f"{path}:2: refused: import" in msg
+    # The call alone (an exec-based loader would run it) is refused too, on its own line.
+    path = write(tmp_path, "evil2.py", '"""doc"""\n\nos.system("touch pwned")\n')
+    assert f"{path}:3: refused: function call" in one_line_error(config_file=path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_huge_exponent_is_refused_quickly():
+    start = time.perf_counter()
+    for text in ("max_iters = 10 ** 10 ** 10\n", "max_iters = 9 ** 65\n",
+                 "max_iters = (2 ** 64) ** 64\n", "learning_rate = 1e300 * 1e300\n"):
+        with pytest.raises(ConfigError, match=r"c\.py:1: refused: (exponent .* too large|number too large)"):
+            parse_py_config(text, "c.py")
+    assert time.perf_counter() - start < 5  # a missing guard would run for hours, not seconds
+    assert parse_py_config("max_iters = 2 ** 64\n")["max_iters"] == (2 ** 64, 1)
+
+
+def test_py_syntax_error_names_line(tmp_path):
+    path = write(tmp_path, "c.py", "batch_size = 4\nn_layer = = 2\n")
+    assert one_line_error(config_file=path).startswith(f"{path}:2: syntax error")
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def test_override_parsing():
+    assert parse_override("compile=False") == ("compile", False)
+    assert parse_override("compile=false") == ("compile", False)
+    assert parse_override("bias=true") == ("bias", True)
+    assert parse_override("learning_rate=3e-4") == ("learning_rate", 3e-4)
+    assert parse_override("batch_size = 8") == ("batch_size", 8)
+    assert parse_override("dtype=bfloat16") == ("dtype", "bfloat16")
+    assert parse_override("out_dir=out/run1") == ("out_dir", "out/run1")
+    assert parse_override("init_from='resume'") == ("init_from", "resume")
+    assert parse_override("compile_after=None") == ("compile_after", None)
+    assert parse_override("min_lr=6e-4/10") == ("min_lr", pytest.approx(6e-5))
+    # A string field keeps what was typed, even when it reads as a number.
+    assert parse_override("wandb_run_name=123") == ("wandb_run_name", "123")
+
+
+def test_overrides_apply():
+    cfg = load_config(preset="tiny", overrides=["dtype=bfloat16", "compile=True", "learning_rate=3e-4",
+                                                "loss_impl=chunked", "checkpointing=2"])
+    assert (cfg.dtype, cfg.compile, cfg.learning_rate) == ("bfloat16", True, 3e-4)
+    assert (cfg.loss_impl, cfg.checkpointing) == ("chunked", 2)
+
+
+def test_malformed_override():
+    assert "--set expects key=value, got 'compile'" in one_line_error(overrides=["compile"])
+
+
+def test_unknown_override_key_suggests():
+    msg = one_line_error(overrides=["n_embed=64"])
+    assert msg == "--set: unknown key 'n_embed' (did you mean 'n_embd'?)"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_n_embd_not_divisible_by_n_head_names_both(tmp_path):
+    msg = one_line_error(preset="tiny", overrides=["n_head=3"])
+    assert "n_embd (128) must be divisible by n_head (3)" in msg
+    assert "n_head from --set" in msg and "n_embd from preset tiny" in msg
+
+
+def test_negative_batch_names_key_and_source(tmp_path):
+    path = write(tmp_path, "c.py", "n_layer = 2\nbatch_size = -4\n")
+    msg = one_line_error(config_file=path)
+    assert f"batch_size=-4 ({path}:2)" in msg and "greater than 0" in msg
+
+
+def test_dtype_typo_suggests():
+    msg = one_line_error(overrides=["dtype=bfloat61"])
+    assert "dtype='bfloat61' (--set)" in msg and "did you mean 'bfloat16'" in msg
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("dropout=1.0", "dropout=1.0"),
+    ("loss_impl=fused", "loss_impl='fused'"),
+    ("checkpointing=13", "checkpointing (13) must be between 0 and n_layer (12)"),
+    ("checkpointing=-1", "checkpointing=-1"),
+    ("min_lr=1e-2", "min_lr (0.01) must not exceed learning_rate"),
+    ("device=gpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("block_size=0", "block_size=0"),
+    ("batch_size=2.5", "batch_size=2.5"),
+])
+def test_bad_values_are_one_line(override, needle):
+    assert needle in one_line_error(overrides=[override])
+
+
+def test_several_errors_share_one_line():
+    msg = one_line_error(overrides=["batch_size=0", "dropout=-0.1"])
+    assert "batch_size=0" in msg and "dropout=-0.1" in msg
+
+
+def test_min_lr_unchecked_without_decay():
+    # nanoGPT's finetune configs: a small learning_rate, decay off, min_lr left at its default.
+    cfg = load_config(overrides=["learning_rate=3e-5", "decay_lr=False"])
+    assert cfg.min_lr > cfg.learning_rate
+
+
+def test_cuda_devices_accepted():
+    for dev in ("auto", "cpu", "cuda", "cuda:1"):
+        assert load_config(overrides=[f"device={dev}"]).device == dev
+
+
+def test_direct_construction_and_assignment_raise_config_error():
+    with pytest.raises(ConfigError, match="unknown key 'n_embed'"):
+        TrainConfig(n_embed=64)
+    cfg = load_config(preset="tiny")
+    with pytest.raises(ConfigError, match="must be divisible"):
+        cfg.n_head = 3
+    assert cfg.n_head == 4  # a refused assignment leaves the config as it was
+    cfg.out_dir = "elsewhere"
+    assert cfg.out_dir == "elsewhere"
+
+
+def test_json_round_trip():
+    cfg = load_config(preset="rtx4070-seed", overrides=["compile_after=5"])
+    assert TrainConfig(**cfg.model_dump(mode="json")) == cfg
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("dtype, device, bf16, expected", [
+    ("auto", "cuda", True, "bfloat16"),
+    ("auto", "cuda", False, "float16"),
+    ("auto", "cpu", True, "float32"),
+    ("float16", "cuda", True, "float16"),
+    ("bfloat16", "cpu", False, "bfloat16"),
+])
+def test_resolved_dtype(dtype, device, bf16, expected):
+    assert TrainConfig(dtype=dtype).resolved_dtype(device, bf16) == expected
+
+
+def test_config_summary():
+    summary = config_summary(load_config(preset="rtx4070-seed"))
+    assert summary["effective_batch"] == 512
+    assert summary["n_embd"] == 576 and summary["dtype"] == "bfloat16"
+    assert {"n_layer", "n_head", "block_size", "vocab_size", "bias", "dropout", "compile",
+            "checkpointing", "loss_impl", "batch_size", "gradient_accumulation_steps"} <= set(summary)
+    assert "out_dir" not in summary and "learning_rate" not in summary  # not memory-relevant
