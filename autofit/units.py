@@ -1,0 +1,67 @@
+"""Byte sizes: parsing what users type ("2GiB", "1.5G", "512MiB", "4096") and printing bytes.
+
+Suffix rules, case-insensitive, with an optional space before the suffix:
+- KiB, MiB, GiB, TiB are binary (powers of 1024).
+- KB, MB, GB, TB are decimal (powers of 1000), as the SI prefixes say.
+- Bare K, M, G, T are binary, following nvidia-smi and most GPU tooling, where "12G" means 12 GiB.
+- B or no suffix means bytes.
+Fractions are allowed ("1.5G"); the result is rounded to whole bytes.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+TiB = 1024**4
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kib": KiB, "kb": 1000,
+    "m": MiB, "mib": MiB, "mb": 1000**2,
+    "g": GiB, "gib": GiB, "gb": 1000**3,
+    "t": TiB, "tib": TiB, "tb": 1000**4,
+}
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(s: str | int) -> int:
+    """Bytes in `s`, e.g. "2GiB" -> 2147483648. Raises ValueError on junk, zero or negative sizes."""
+    if isinstance(s, bool):  # bool is an int subclass; True bytes is never what anyone meant
+        raise ValueError(f"not a size: {s!r}")
+    if isinstance(s, int):
+        n = s
+    else:
+        m = _SIZE_RE.match(str(s))
+        if m is None:
+            if str(s).strip().startswith("-"):
+                raise ValueError(f"size must be positive, got {s!r}")
+            raise ValueError(f"not a size: {s!r} (examples: 2GiB, 1.5G, 512MiB, 4096)")
+        number, unit = m.group(1), m.group(2).lower()
+        if unit not in _UNITS:
+            raise ValueError(f"unknown size unit {m.group(2)!r} in {s!r} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB, K, M, G, T)")
+        value = float(number) * _UNITS[unit]
+        if not math.isfinite(value):
+            raise ValueError(f"not a size: {s!r}")
+        n = round(value)
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {s!r}")
+    return n
+
+
+def fmt_bytes(n: int | float) -> str:
+    """Human-readable binary size: "1.54 GiB", "512.0 MiB", "3.0 KiB", "12 B"."""
+    sign = "-" if n < 0 else ""
+    a = abs(n)
+    if a >= TiB:
+        return f"{sign}{a / TiB:.2f} TiB"
+    if a >= GiB:
+        return f"{sign}{a / GiB:.2f} GiB"
+    if a >= MiB:
+        return f"{sign}{a / MiB:.1f} MiB"
+    if a >= KiB:
+        return f"{sign}{a / KiB:.1f} KiB"
+    return f"{sign}{int(a)} B"

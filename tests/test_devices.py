@@ -1,0 +1,246 @@
+import os
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import autofit.devices as devices
+from autofit.devices import (CudaDevice, DeviceError, DeviceInfo, NvmlUnavailable, cpu_info,
+                             detect_gpu, query_nvml)
+from autofit.units import GiB, MiB
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_LibraryNotFound(NVMLError):
+    pass
+
+
+class NVMLError_DriverNotLoaded(NVMLError):
+    pass
+
+
+class NVMLError_NoPermission(NVMLError):
+    pass
+
+
+class NVMLError_NotSupported(NVMLError):
+    pass
+
+
+def fake_pynvml(gpus=(), init_error=None, procs=None, mig=False, name_bytes=False):
+    """A stand-in for the pynvml module with the same function names and error classes."""
+    m = types.ModuleType("pynvml")
+    m.NVMLError = NVMLError
+    m.NVMLError_LibraryNotFound = NVMLError_LibraryNotFound
+    m.NVMLError_DriverNotLoaded = NVMLError_DriverNotLoaded
+    m.NVMLError_NoPermission = NVMLError_NoPermission
+    m.NVMLError_NotSupported = NVMLError_NotSupported
+    m.NVML_DEVICE_MIG_ENABLE = 1
+    m.calls = {"init": 0, "shutdown": 0}
+
+    def nvmlInit():
+        m.calls["init"] += 1
+        if init_error:
+            raise init_error()
+
+    def nvmlShutdown():
+        m.calls["shutdown"] += 1
+
+    def get_mig(h):
+        if not mig:
+            raise NVMLError_NotSupported()
+        return [1, 1]
+
+    def get_procs(h):
+        if procs is None:
+            raise NVMLError_NoPermission()
+        return [SimpleNamespace(pid=p, usedGpuMemory=b) for p, b in procs]
+
+    m.nvmlInit = nvmlInit
+    m.nvmlShutdown = nvmlShutdown
+    m.nvmlDeviceGetCount = lambda: len(gpus)
+    m.nvmlDeviceGetHandleByIndex = lambda i: gpus[i]
+    m.nvmlDeviceGetName = lambda h: h["name"].encode() if name_bytes else h["name"]
+    m.nvmlDeviceGetMemoryInfo = lambda h: SimpleNamespace(total=h["total"], free=h["free"],
+                                                          used=h["total"] - h["free"])
+    m.nvmlDeviceGetCudaComputeCapability = lambda h: h["cc"]
+    m.nvmlSystemGetDriverVersion = lambda: b"550.54.15" if name_bytes else "550.54.15"
+    m.nvmlSystemGetCudaDriverVersion = lambda: 12040
+    m.nvmlDeviceGetMigMode = get_mig
+    m.nvmlDeviceGetComputeRunningProcesses = get_procs
+    m.nvmlDeviceGetGraphicsRunningProcesses = lambda h: []
+    return m
+
+
+RTX4070 = {"name": "NVIDIA GeForce RTX 4070", "total": 12282 * MiB, "free": 11 * GiB, "cc": (8, 9)}
+A100 = {"name": "NVIDIA A100-SXM4-80GB", "total": 81920 * MiB, "free": 80 * GiB, "cc": (8, 0)}
+
+
+@pytest.fixture
+def nvml(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def install(**kw):
+        m = fake_pynvml(**kw)
+        monkeypatch.setitem(sys.modules, "pynvml", m)
+        return m
+    return install
+
+
+@pytest.mark.parametrize("name_bytes", [False, True])
+def test_normal_gpu(nvml, name_bytes):
+    m = nvml(gpus=[RTX4070], procs=[(4242, 300 * MiB), (os.getpid(), 100 * MiB), (77, 50 * MiB)],
+             name_bytes=name_bytes)
+    info = query_nvml(0)
+    assert info.kind == "cuda" and info.source == "nvml"
+    assert info.name == "NVIDIA GeForce RTX 4070"
+    assert info.total_bytes == 12282 * MiB and info.free_bytes == 11 * GiB
+    assert info.compute_capability == (8, 9) and info.bf16_supported
+    assert info.driver_version == "550.54.15" and info.cuda_version == "12.4"
+    assert info.used_by_others_bytes == 350 * MiB  # our own process is not "others"
+    assert info.mig is False
+    assert m.calls == {"init": 1, "shutdown": 1}
+
+
+def test_used_by_others_unknown(nvml):
+    nvml(gpus=[RTX4070], procs=None)  # the process list needs permissions we lack
+    assert query_nvml(0).used_by_others_bytes is None
+    nvml(gpus=[RTX4070], procs=[(4242, None)])  # Windows WDDM cannot say
+    assert query_nvml(0).used_by_others_bytes is None
+
+
+def test_library_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
+    with pytest.raises(NvmlUnavailable, match="nvidia-ml-py"):
+        query_nvml(0)
+
+
+@pytest.mark.parametrize("err,text", [
+    (NVMLError_LibraryNotFound, "no NVIDIA driver is installed"),
+    (NVMLError_DriverNotLoaded, "driver is not loaded"),
+    (NVMLError_NoPermission, "no permission"),
+])
+def test_init_errors(nvml, err, text):
+    m = nvml(gpus=[RTX4070], init_error=err)
+    with pytest.raises(NvmlUnavailable, match=text):
+        query_nvml(0)
+    assert m.calls["shutdown"] == 0  # never initialised, nothing to shut down
+
+
+def test_zero_gpus(nvml):
+    m = nvml(gpus=[])
+    with pytest.raises(NvmlUnavailable, match="no GPUs"):
+        query_nvml(0)
+    assert m.calls == {"init": 1, "shutdown": 1}
+
+
+def test_bad_index_lists_count(nvml):
+    m = nvml(gpus=[RTX4070, A100])
+    with pytest.raises(DeviceError, match=r"index 5 is out of range: NVML sees 2 GPU\(s\) \(indices 0..1\)") as e:
+        query_nvml(5)
+    assert not isinstance(e.value, NvmlUnavailable)  # a user error, not a reason to try torch.cuda
+    assert m.calls["shutdown"] == 1
+    assert query_nvml(1).name == "NVIDIA A100-SXM4-80GB"
+
+
+def test_cuda_visible_devices_maps_index(nvml, monkeypatch):
+    nvml(gpus=[RTX4070, A100])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    info = query_nvml(0)  # CUDA's device 0 is NVML's device 1
+    assert info.name == "NVIDIA A100-SXM4-80GB" and info.index == 0
+    with pytest.raises(DeviceError, match="makes 1 GPU"):
+        query_nvml(1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(NvmlUnavailable, match="empty"):
+        query_nvml(0)
+
+
+def test_mig(nvml):
+    nvml(gpus=[A100], procs=[], mig=True)
+    info = query_nvml(0)
+    assert info.mig is True
+    assert "MIG" in info.note and "torch.cuda" in info.note
+
+
+def test_detect_gpu_without_any_gpu(nvml, monkeypatch):
+    nvml(gpus=[RTX4070], init_error=NVMLError_DriverNotLoaded)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError) as e:
+        detect_gpu(0)
+    assert str(e.value) == ("no NVIDIA GPU found (NVML: the NVIDIA driver is not loaded; "
+                            "torch.cuda: not available)")
+
+
+def test_detect_gpu_prefers_nvml(nvml):
+    nvml(gpus=[RTX4070], procs=[])
+    assert detect_gpu(0).source == "nvml"
+
+
+def test_bf16_supported():
+    base = dict(name="x", index=0, total_bytes=1, free_bytes=1, used_by_others_bytes=None,
+                driver_version=None, cuda_version=None, source="t")
+    assert not DeviceInfo(kind="cuda", compute_capability=(7, 5), **base).bf16_supported
+    assert DeviceInfo(kind="simulated", compute_capability=(8, 0), **base).bf16_supported
+    assert DeviceInfo(kind="cpu", compute_capability=None, **base).bf16_supported
+
+
+def test_cpu_info():
+    info = cpu_info(2 * GiB)
+    assert info.kind == "cpu" and info.total_bytes == info.free_bytes == 2 * GiB and info.source == "cpu"
+    default = cpu_info(None)
+    avail = devices.available_ram_bytes()
+    # Half of what is available, give or take what other processes did in between.
+    assert abs(default.total_bytes - avail * devices.DEFAULT_CPU_BUDGET_SHARE) < 0.1 * avail
+    assert "50%" in default.note
+    with pytest.raises(DeviceError):
+        cpu_info(0)
+
+
+def test_available_ram_respects_cgroup_limit(monkeypatch):
+    monkeypatch.setattr(devices, "_cgroup_available_bytes", lambda: 1 * MiB)
+    assert devices.available_ram_bytes() == 1 * MiB
+
+
+def test_measure_context_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.measure_cuda_context_bytes(0) is None
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_real_gpu():
+    info = detect_gpu(0)
+    assert info.kind == "cuda" and info.total_bytes > info.free_bytes > 0
+    dev = CudaDevice(0, info)
+    dev.reset_peak()
+    x = torch.empty(64 * MiB, dtype=torch.uint8, device=dev.torch_device)
+    assert dev.peak_bytes() >= 64 * MiB and dev.current_bytes() >= 64 * MiB
+    assert dev.peak_reserved_bytes() >= dev.peak_bytes()
+    ctx = devices.measure_cuda_context_bytes(0)
+    assert ctx is not None and 50 * MiB < ctx < 4 * GiB
+    del x
+    dev.cleanup()
+    assert dev.alloc_retries() >= 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_memory_cap_emulates_smaller_card():
+    dev = CudaDevice(0)
+    dev.cleanup()
+    dev.set_memory_cap(1 * GiB)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2 * GiB, dtype=torch.uint8, device=dev.torch_device)
+        with pytest.raises(DeviceError):
+            dev.set_memory_cap(0)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        dev.cleanup()

@@ -1,0 +1,47 @@
+import pytest
+
+from autofit.units import GiB, MiB, fmt_bytes, parse_size
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2GiB", 2 * GiB),
+    ("1.5G", 3 * GiB // 2),       # bare G is binary, like nvidia-smi
+    ("512MiB", 512 * MiB),
+    ("512 mib", 512 * MiB),       # case and a space do not matter
+    ("2GB", 2_000_000_000),       # GB is decimal
+    ("10KB", 10_000),
+    ("4K", 4096),
+    ("4096", 4096),
+    ("4096B", 4096),
+    (" 1T ", 1024**4),
+    (".5G", GiB // 2),
+    (123, 123),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "2 GiBs", "1.2.3G", "G", "0", "0GiB", "-2GiB", "-1", "nan", "2 XB", True, -5])
+def test_parse_size_rejects_junk_zero_negative(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_parse_size_messages_are_clear():
+    with pytest.raises(ValueError, match="positive"):
+        parse_size("-2GiB")
+    with pytest.raises(ValueError, match="unknown size unit 'XB'"):
+        parse_size("2XB")
+
+
+@pytest.mark.parametrize("n,text", [
+    (16 * 1024 * 50304 * 2, "1.54 GiB"),   # the logits buffer from the design doc
+    (512 * MiB, "512.0 MiB"),
+    (2 * GiB, "2.00 GiB"),
+    (3 * 1024, "3.0 KiB"),
+    (12, "12 B"),
+    (0, "0 B"),
+    (-512 * MiB, "-512.0 MiB"),
+])
+def test_fmt_bytes(n, text):
+    assert fmt_bytes(n) == text
