@@ -65,24 +65,195 @@ def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Prese
         console.print(f"effective batch: {cfg.effective_batch} sequences = {cfg.tokens_per_step:,} tokens per optimizer step")
 
 
+def _size(value: Optional[str], flag: str) -> Optional[int]:
+    if value is None:
+        return None
+    from autofit.units import parse_size
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss) -> "ProbeOptions":
+    from autofit.probe import ProbeOptions
+    if not 0.0 <= margin < 1.0:
+        raise UsageError(f"--margin must be in [0, 1), got {margin}")
+    ck = None
+    if checkpointing is not None:
+        try:
+            ck = sorted({int(v) for v in checkpointing.split(",")})
+        except ValueError:
+            raise UsageError(f"--checkpointing takes a comma list of block intervals (0=off), got {checkpointing!r}") from None
+    li = None
+    if loss is not None:
+        li = [v.strip() for v in loss.split(",")]
+        bad = [v for v in li if v not in ("standard", "chunked")]
+        if bad:
+            raise UsageError(f"--loss: unknown loss implementation {bad[0]!r} (standard, chunked)")
+    return ProbeOptions(device=device, budget_bytes=_size(budget, "--budget"), gpu=gpu, gpu_index=gpu_index,
+                        margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li)
+
+
+DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: the GPU if there is one, else the budgeted CPU).")
+BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB (default: half of available RAM).")
+GpuIndexOpt = typer.Option(0, "--gpu-index", help="Which GPU (NVML index).")
+MarginOpt = typer.Option(0.10, "--margin", help="Share of usable memory kept free as a safety margin.")
+DtypeOpt = typer.Option(None, "--dtype", help="Narrow or widen dtypes: float32, bfloat16, float16, a comma list, or 'any' (default: the config's).")
+CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: the config's compile, tried both ways).")
+CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing intervals to try, comma list (0=off, 1=every block).")
+LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standard, chunked (comma list).")
+
+
+@app.command("probe")
+def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt, overrides: List[str] = SetOpt,
+              device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt,
+              gpu: Optional[str] = typer.Option(None, "--gpu", help="Simulate a GPU from its built-in profile (estimates only), e.g. rtx4070-12gb."),
+              gpu_index: int = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
+              compile: Optional[bool] = CompileOpt, checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
+              save: bool = typer.Option(False, "--save", help="Store the fitted plan in this device's profile."),
+              as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Measure what fits on this device (or estimate it for --gpu NAME) and print the plan."""
+    from autofit.probe import run_probe
+    from autofit.render import render_probe
+    cfg = load_train_config(config, preset, overrides)
+    opts = _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss)
+    log = (lambda s: None) if as_json else (lambda s: err_console.print(f"[dim]{s}[/]"))
+    res, _, _ = run_probe(cfg, opts, log=log)
+    saved = None
+    if save:
+        from autofit.launch import save_probe
+        name, fp, path = save_probe(res, cfg)
+        saved = {"profile": name, "fingerprint": fp, "path": str(path)}
+    if as_json:
+        out = res.to_json()
+        if saved:
+            out["saved"] = saved
+        print(json.dumps(out, indent=2))
+        return
+    render_probe(res, console)
+    if saved:
+        console.print(f"saved to profile [bold]{saved['profile']}[/] ({saved['path']}), plan {saved['fingerprint']}; "
+                      f"train with: autofit run --profile {saved['profile']}")
+
+
 @app.command("run")
 def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
             overrides: List[str] = SetOpt,
             max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after optimizer step N (the LR schedule still follows max_iters)."),
             out: Optional[Path] = typer.Option(None, "--out", help="Output directory (checkpoints, metrics.jsonl)."),
             resume: bool = typer.Option(False, "--resume", help="Continue from <out>/ckpt.pt."),
+            profile: Optional[str] = typer.Option(None, "--profile", help="Use (or fit and save) the plan in this GPU profile, e.g. rtx4070-12gb."),
+            emulate: bool = typer.Option(False, "--emulate", help="On a larger GPU, cap this process to the profile's memory."),
+            no_probe: bool = typer.Option(False, "--no-probe", help="Train the config as written: no probe, no plan."),
+            device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt, gpu_index: int = GpuIndexOpt,
+            margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt, compile: Optional[bool] = CompileOpt,
+            checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
             ):
-    """Train. With no arguments: the default for this machine (the tiny preset; on the CPU when there is no GPU)."""
+    """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
+    on the budgeted CPU device when there is no GPU), probed first."""
     from trainer.loop import RunOptions, train
     cfg = load_train_config(config, preset, overrides)
     if out is not None:
         cfg.out_dir = str(out)
     if max_steps is not None and max_steps < 0:
         raise UsageError("--max-steps must be >= 0")
-    opts = RunOptions(max_steps=max_steps, resume=resume, progress=not no_progress)
-    result = train(cfg, opts)
-    _report_run(result, cfg)
+    if emulate and profile is None:
+        raise UsageError("--emulate needs --profile NAME (the card to emulate)")
+    if no_probe:
+        if profile is not None:
+            raise UsageError("--no-probe and --profile exclude each other")
+        result = train(cfg, RunOptions(max_steps=max_steps, resume=resume, progress=not no_progress))
+        _report_run(result, cfg)
+        return
+    from autofit.launch import prepare_run
+    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
+    log = lambda s: err_console.print(f"[dim]{s}[/]")
+    launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
+                         resume=resume, progress=not no_progress, log=log)
+    p = launch.plan
+    console.print(f"[bold]plan[/]: {launch.source}")
+    console.print(f"  micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
+                  f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
+                  f"checkpointing {p.checkpointing or 'off'}, loss {p.loss_impl}; "
+                  + (f"measured peak {_fmt(p.measured_peak_bytes)}" if p.measured_peak_bytes else
+                     f"estimated peak {_fmt(p.estimated_peak_bytes)}") + f" of {_fmt(p.budget_bytes)} budget")
+    result = train(launch.cfg, launch.opts)
+    _report_run(result, launch.cfg)
+
+
+def _fmt(n):
+    from autofit.units import fmt_bytes
+    return fmt_bytes(n) if n else "-"
+
+
+profiles_app = typer.Typer(help="Saved per-GPU profiles: list, show, remove.", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
+
+
+@profiles_app.command("list")
+def profiles_list(as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Built-in and saved profiles."""
+    from autofit.hardware import load_builtin
+    from autofit.profiles import list_profiles
+    from autofit.launch import _builtin_hardware
+    entries = list_profiles(sorted(load_builtin()), builtin=_builtin_hardware)
+    if as_json:
+        print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+        return
+    from rich.table import Table
+    t = Table("name", "GPU", "memory", "fitted plans", "where")
+    for e in entries:
+        t.add_row(e.name, e.gpu, _fmt(e.memory_bytes), str(e.n_plans), e.location + (f" [red]({e.error})[/]" if e.error else ""))
+    console.print(t)
+
+
+@profiles_app.command("show")
+def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Hardware and fitted plans of one profile."""
+    from autofit.launch import _builtin_hardware
+    from autofit.profiles import ProfileError, load_profile
+    prof = load_profile(name, builtin=_builtin_hardware)
+    if prof is None:
+        raise ProfileError(f"no profile named {name!r}; see autofit profiles list")
+    if as_json:
+        print(json.dumps(prof.model_dump(mode="json"), indent=2))
+        return
+    hw = prof.hardware or {}
+    console.print(f"[bold]{prof.name}[/]: {hw.get('gpu', '?')}, {_fmt(hw.get('memory_bytes'))}"
+                  + (f", compute capability {'.'.join(map(str, hw['compute_capability']))}" if hw.get('compute_capability') else "")
+                  + (f", peak dense bf16 {hw['peak_bf16_tflops']} TFLOP/s" if hw.get('peak_bf16_tflops') else "")
+                  + (f", {hw['memory_bandwidth_gbs']} GB/s" if hw.get('memory_bandwidth_gbs') else ""))
+    if hw.get("source"):
+        console.print(f"  source: {hw['source']}")
+    if not prof.plans:
+        console.print("  no fitted plans yet (autofit probe --save, or autofit run --profile on this card)")
+        return
+    from rich.table import Table
+    t = Table("fingerprint", "config", "micro x accum", "dtype", "compile", "measured peak", "tokens/s", "date", "notes")
+    for fp, fitted in prof.plans.items():
+        c, p = fitted.config_summary, fitted.plan
+        cfg_txt = (f"{c.get('n_layer')} layers, {c.get('n_head')} heads, n_embd {c.get('n_embd')}, "
+                   f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch}")
+        notes = []
+        if fitted.safe_micro_batch:
+            notes.append(f"safe micro-batch {fitted.safe_micro_batch}")
+        if fitted.compile_failed:
+            notes.append("compile failed at run time")
+        notes += fitted.events[-2:]
+        t.add_row(fp, cfg_txt, f"{p.micro_batch} x {p.grad_accum} ({p.split})", p.dtype, "on" if p.compile else "off",
+                  _fmt(p.measured_peak_bytes), f"{p.tokens_per_s:,.0f}" if p.tokens_per_s else "-",
+                  f"{fitted.updated:%Y-%m-%d %H:%M}", "; ".join(notes))
+    console.print(t)
+
+
+@profiles_app.command("rm")
+def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", help="Remove only this plan (fingerprint).")):
+    """Remove a saved profile, or one plan of it."""
+    from autofit.hardware import load_builtin
+    from autofit.profiles import remove_profile
+    console.print(remove_profile(name, plan, builtin_names=sorted(load_builtin())))
 
 
 def _report_run(result, cfg) -> None:

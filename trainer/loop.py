@@ -321,7 +321,8 @@ class Trainer:
         tokens = 0
         status = "finished"
         prev_retries, rising = None, 0
-        progress = _Progress(enabled=opts.progress and self.master, total=stop_at, start=self.iter_num)
+        progress = _Progress(enabled=opts.progress and self.master, total=stop_at, start=self.iter_num,
+                             master=self.master)
         with self.meter.tracking(), _StopFlag() as stop, progress:
             while True:
                 it = self.iter_num
@@ -405,8 +406,11 @@ class Trainer:
 class _Progress:
     """A rich progress bar with ETA on rank 0; plain prints when disabled or not a terminal."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
+    def __init__(self, enabled: bool, total: int, start: int, master: bool = True):
+        from rich.console import Console
         self.enabled = enabled
+        self.master = master
+        self.console = Console()
         self.bar = None
         if enabled:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -427,6 +431,8 @@ class _Progress:
     def print(self, msg: str) -> None:
         if self.bar is not None:
             self.bar.console.print(msg)
+        elif self.master:
+            self.console.print(msg)
 
     def advance(self) -> None:
         if self.bar is not None:

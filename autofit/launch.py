@@ -1,0 +1,230 @@
+"""`autofit run`: from a config (and maybe a saved profile) to a training run with a fitted plan.
+
+- With --profile: a saved plan whose fingerprint matches starts training at once; a missing or
+  stale one is probed, saved, then used.
+- Without: probe on this device first, then train.
+The plan reaches the trainer as RunOptions; run-time lessons (OOM shrinks, compile fallbacks)
+come back through on_event and are written into the profile so the next run starts right.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from autofit.devices import DeviceError, cpu_info
+from autofit.hardware import cpu_slug, get_hardware, load_builtin, slug_for
+from autofit.planner import ProbeResult, device_info
+from autofit.probe import ProbeOptions, open_device, run_probe
+from autofit.profiles import (FittedPlan, ProfileError, find_plan, fingerprint, fingerprint_inputs,
+                              load_profile, nearest_plan, record_event, save_plan)
+from autofit.records import PlanRecord
+from trainer.config import config_summary
+from trainer.loop import RunOptions
+
+
+def _builtin_hardware(name: str) -> dict | None:
+    hw = load_builtin().get(name)
+    return hw.model_dump(mode="json") if hw is not None else None
+
+
+def plan_fingerprint_inputs(cfg, info) -> dict:
+    cuda = torch.version.cuda if info.kind == "cuda" else None
+    summary = config_summary(cfg)
+    # The plan picks the micro-batch itself: only the effective batch shapes it, so 16 x 32 and
+    # 32 x 16 share one plan.
+    summary.pop("batch_size", None)
+    summary.pop("gradient_accumulation_steps", None)
+    return fingerprint_inputs(summary, torch.__version__.split("+")[0], cuda,
+                              info.driver_version if info.kind == "cuda" else None)
+
+
+def profile_name_for(info) -> str:
+    if info.kind == "cpu":
+        return cpu_slug(info.total_bytes)
+    return slug_for(info.name, info.total_bytes)
+
+
+def hardware_dict_for(info, name: str) -> dict:
+    if info.kind == "cpu":  # a budgeted CPU is named for its budget, so its profile records it
+        return {"name": name, "gpu": "CPU (budgeted)", "kind": "cpu", "memory_bytes": info.total_bytes}
+    known = _builtin_hardware(name)
+    return known or {"name": name, "gpu": info.name, "kind": "cuda", "memory_bytes": info.total_bytes,
+                     "compute_capability": list(info.compute_capability or ())}
+
+
+def save_probe(res: ProbeResult, cfg, name: str | None = None) -> tuple[str, str, object]:
+    """Stores the plan in the profile of the device it was measured on; returns (name, fingerprint, path)."""
+    if res.mode != "measured":
+        raise ProfileError("--save stores measured plans only; a simulated GPU gives estimates")
+    info = res.device
+    name = name or profile_name_for(info)
+    inputs = plan_fingerprint_inputs(cfg, info)
+    fp = fingerprint(inputs)
+    plan = FittedPlan(fingerprint=fp, fingerprint_inputs=inputs, config_summary=config_summary(cfg),
+                      plan=res.plan, trials=res.trials)
+    path = save_plan(name, hardware_dict_for(info, name), plan)
+    return name, fp, path
+
+
+@dataclass
+class Launch:
+    cfg: object
+    opts: RunOptions
+    device: object
+    plan: PlanRecord
+    source: str  # human line: where the plan came from
+    messages: list[str] = field(default_factory=list)
+    probe: ProbeResult | None = None
+
+
+def shrink_policy(fit_sizes: list[int]) -> Callable[[int], int | None]:
+    """After an OOM at micro-batch m: the largest size below m that a trial showed to fit, else
+    half of m (the redone step then confirms it)."""
+    known = sorted(set(fit_sizes))
+
+    def shrink(failed: int) -> int | None:
+        smaller = [s for s in known if s < failed]
+        if smaller:
+            return smaller[-1]
+        return failed // 2 if failed > 1 else None
+    return shrink
+
+
+def _apply_plan(cfg, plan: PlanRecord):
+    cfg = cfg.model_copy(deep=True)
+    cfg.dtype = plan.dtype
+    cfg.compile = plan.compile
+    cfg.checkpointing = plan.checkpointing
+    cfg.loss_impl = plan.loss_impl
+    return cfg
+
+
+def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
+    def on_event(ev: dict) -> None:
+        kind = ev.get("event")
+        if kind in ("oom_shrink", "compile_oom_shrink"):
+            record_event(name, fp, f"step {ev['step']}: {kind} {ev['old_micro_batch']} -> {ev['new_micro_batch']} "
+                                   f"({ev.get('reason', '')})", safe_micro_batch=ev["new_micro_batch"])
+            log(f"profile {name}: safe micro-batch is now {ev['new_micro_batch']}")
+        elif kind == "compile_fallback_eager":
+            record_event(name, fp, f"step {ev['step']}: compile ran out of memory at micro-batch "
+                                   f"{ev['micro_batch']}; eager from now on", compile_failed=True)
+            log(f"profile {name}: compile disabled for this plan after an OOM")
+    return on_event
+
+
+def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOptions, max_steps: int | None,
+                resume: bool, progress: bool, log: Callable[[str], None]) -> Launch:
+    if profile is None:
+        res, device, _ = run_probe(cfg, probe_opts, log=log)
+        return _launch(cfg, device, res.plan, res.fit_sizes, res.compiled_fit_sizes,
+                       source=f"probed just now on {res.device.name}", max_steps=max_steps, resume=resume,
+                       progress=progress, probe=res, plan_info_extra={"source": "probe"})
+
+    saved = load_profile(profile, builtin=_builtin_hardware)
+    if saved is None:
+        names = sorted(load_builtin())
+        raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(names)}; "
+                           f"create one with autofit probe --save)")
+    hw = saved.hardware or {}
+    if hw.get("kind") == "cpu":
+        probe_opts.device, probe_opts.budget_bytes = "cpu", int(hw["memory_bytes"])
+        device = open_device(probe_opts)
+    else:
+        device = _gpu_for_profile(profile, hw, emulate, probe_opts)
+    info = device_info(device)
+    if getattr(device, "memory_cap_bytes", None):
+        info = info.model_copy(update={"total_bytes": device.memory_cap_bytes,
+                                       "free_bytes": min(info.free_bytes, device.memory_cap_bytes)})
+    inputs = plan_fingerprint_inputs(cfg, info)
+    fp = fingerprint(inputs)
+    fitted = find_plan(saved, fp)
+    if fitted is not None:
+        plan = fitted.plan.model_copy(deep=True)
+        notes = []
+        if fitted.safe_micro_batch and fitted.safe_micro_batch < plan.micro_batch:
+            notes.append(f"micro-batch lowered to {fitted.safe_micro_batch} by an earlier run-time OOM")
+            plan = _with_micro(plan, fitted.safe_micro_batch)
+        if fitted.compile_failed and plan.compile:
+            notes.append("compile off: it ran out of memory in an earlier run")
+            plan.compile = False
+        fit_sizes = sorted({t.micro_batch for t in fitted.trials if t.status == "fit" and not t.compile})
+        compiled = sorted({t.micro_batch for t in fitted.trials if t.status == "fit" and t.compile})
+        src = (f"saved plan {fp} from profile {profile} (fitted {fitted.created:%Y-%m-%d %H:%M} UTC); no probe needed"
+               + ("; " + "; ".join(notes) if notes else ""))
+        return _launch(cfg, device, plan, fit_sizes, compiled, source=src, max_steps=max_steps, resume=resume,
+                       progress=progress, on_event=_profile_recorder(profile, fp, log),
+                       plan_info_extra={"source": "profile", "profile": profile, "fingerprint": fp})
+    near = nearest_plan(saved, inputs)
+    why = f"saved plans are stale ({'; '.join(near[1])})" if near else "no fitted plan for this config yet"
+    log(f"profile {profile}: {why}; probing")
+    probe_opts_local = probe_opts
+    res, _, _ = run_probe(cfg, probe_opts_local, log=log) if hw.get("kind") == "cpu" else _probe_on(device, cfg, probe_opts, log)
+    _, fp, path = save_probe(res, cfg, name=profile)
+    return _launch(cfg, device, res.plan, res.fit_sizes, res.compiled_fit_sizes,
+                   source=f"probed just now ({why}); saved to {path} as {fp}", max_steps=max_steps,
+                   resume=resume, progress=progress, probe=res, on_event=_profile_recorder(profile, fp, log),
+                   plan_info_extra={"source": "probe", "profile": profile, "fingerprint": fp})
+
+
+def _probe_on(device, cfg, probe_opts, log):
+    from autofit.budget import compute_budget
+    from autofit.devices import measure_cuda_context_bytes
+    from autofit.planner import candidate_space, probe_measured
+    from autofit.trials import TrialSettings
+    info = device_info(device)
+    cap = getattr(device, "memory_cap_bytes", None)
+    if cap:
+        info = info.model_copy(update={"total_bytes": cap, "free_bytes": min(info.free_bytes, cap)})
+    space = candidate_space(cfg, "cuda", info.bf16_supported, dtype=probe_opts.dtype, compile=probe_opts.compile,
+                            checkpointing=probe_opts.checkpointing, loss_impls=probe_opts.loss_impls)
+    budget = compute_budget(info, probe_opts.margin, context_bytes=measure_cuda_context_bytes(device.index))
+    res = probe_measured(cfg, device, budget, space, settings=TrialSettings(steps=probe_opts.trial_steps,
+                         compile_backend=probe_opts.compile_backend, seed=cfg.seed), log=log)
+    res.device = info
+    return res, device, None
+
+
+def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
+    from autofit.devices import CudaDevice, detect_gpu
+    try:
+        info = detect_gpu(probe_opts.gpu_index)
+    except DeviceError as e:
+        raise DeviceError(f"profile {profile} is for a GPU, and none was found ({e}); "
+                          f"for an estimate without the card, run: autofit probe --gpu {profile}") from None
+    here = slug_for(info.name, info.total_bytes)
+    if here == profile:
+        from autofit.trials import set_allocator_conf
+        set_allocator_conf()
+        return CudaDevice(probe_opts.gpu_index, info)
+    cap = int(hw.get("memory_bytes") or 0)
+    if cap and info.total_bytes > cap:
+        if not emulate:
+            raise DeviceError(f"this GPU is {here}, larger than the profile's {profile}; add --emulate to cap this "
+                              f"process to {profile}'s memory and train as if on that card")
+        from autofit.trials import set_allocator_conf
+        set_allocator_conf()
+        dev = CudaDevice(probe_opts.gpu_index, info)
+        dev.set_memory_cap(cap)
+        return dev
+    raise DeviceError(f"this GPU is {here}, not {profile} (and not larger); probe it with autofit probe --save")
+
+
+def _with_micro(plan: PlanRecord, micro: int) -> PlanRecord:
+    from trainer.step import describe_split, split_batch
+    mbs = split_batch(plan.effective_batch, micro)
+    return plan.model_copy(update={"micro_batch": max(mbs), "micro_batches": mbs, "grad_accum": len(mbs),
+                                   "split": describe_split(mbs)})
+
+
+def _launch(cfg, device, plan: PlanRecord, fit_sizes, compiled_fit_sizes, *, source: str, max_steps, resume,
+            progress, probe=None, on_event=None, plan_info_extra=None) -> Launch:
+    run_cfg = _apply_plan(cfg, plan)
+    plan_info = {**plan.model_dump(mode="json"), **(plan_info_extra or {}), "description": source}
+    opts = RunOptions(micro_batch=plan.micro_batch, compile_after=plan.compile_after,
+                      compiled_fit_sizes=list(compiled_fit_sizes), shrink=shrink_policy(fit_sizes),
+                      on_event=on_event, plan_info=plan_info, max_steps=max_steps, resume=resume,
+                      meter=device, device=device.torch_device, progress=progress)
+    return Launch(cfg=run_cfg, opts=opts, device=device, plan=plan, source=source, probe=probe)

@@ -1,0 +1,125 @@
+"""A trial: the trainer's own train step, run for real on the device for a few optimizer steps
+with one candidate. It records peak memory, tokens/s from the steps after the first, and how
+many optimizer steps actually ran; an out-of-memory error is caught and recorded.
+
+Every trial builds a fresh model and optimizer and drops them afterwards, so trials leave no
+trace in the training run.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from autofit.records import Candidate, TrialRecord
+from trainer.meter import is_oom
+from trainer.model import GPT, GPTConfig
+from trainer.step import make_optimizer, train_step
+
+# Trials and training share this allocator setting: with expandable segments, changing the
+# micro-batch does not leave the cache fragmented into blocks of the old size.
+ALLOC_CONF = "expandable_segments:True"
+
+
+def set_allocator_conf() -> None:
+    """Must run before CUDA initialises; a user's own setting wins."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+
+
+@dataclass
+class TrialSettings:
+    steps: int = 3  # optimizer steps; the first allocates AdamW state, the rest are timed
+    compile_backend: str = "inductor"
+    seed: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, settings: TrialSettings,
+               rec: TrialRecord) -> None:
+    """Runs the steps, keeping every tensor in `state` so the caller can drop them all."""
+    tdev = device.torch_device
+    model_cfg = GPTConfig.from_train_config(cfg)
+    model_cfg.checkpointing = cand.checkpointing
+    model_cfg.loss_impl = cand.loss_impl
+    torch.manual_seed(settings.seed)
+    state["model"] = model = GPT(model_cfg).to(tdev)
+    state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                        betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
+    scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
+    fwd = state["fwd"] = torch.compile(model, backend=settings.compile_backend) if cand.compile else model
+    # Two micro-batches per step when training will accumulate: the second forward then runs
+    # with the first's gradients alive, as in training.
+    micro = [cand.micro_batch] * (2 if rank_batch > cand.micro_batch else 1)
+    g = torch.Generator().manual_seed(settings.seed)
+    n = sum(micro)
+    state["x"] = x = torch.randint(0, cfg.vocab_size, (n, cfg.block_size), generator=g)
+    state["y"] = y = torch.randint(0, cfg.vocab_size, (n, cfg.block_size), generator=g)
+    device.reset_peak()
+    times = []
+    for i in range(settings.steps):
+        t0 = time.perf_counter()
+        res = train_step(model, opt, x, y, micro, dtype=cand.dtype, scaler=scaler, grad_clip=cfg.grad_clip,
+                         forward=fwd)
+        _sync(tdev)
+        times.append(time.perf_counter() - t0)
+        rec.steps_run = i + 1
+        if not torch.isfinite(torch.tensor(res.loss)):
+            rec.note = "loss is not finite"
+    rec.measured_peak_bytes = device.peak_bytes()
+    if hasattr(device, "peak_reserved_bytes"):
+        rec.measured_reserved_bytes = device.peak_reserved_bytes()
+    steady = times[1:] or times
+    step_s = sum(steady) / len(steady)
+    rec.tokens_per_s = n * cfg.block_size / step_s
+    if cand.compile:  # the first step traced and compiled; report that apart from step time
+        rec.compile_seconds = max(0.0, times[0] - step_s)
+
+
+def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: int,
+              capacity_bytes: int | None = None, estimated_peak_bytes: int | None = None,
+              settings: TrialSettings | None = None) -> TrialRecord:
+    settings = settings or TrialSettings()
+    if settings.steps < 2:
+        raise ValueError("a trial runs at least 2 optimizer steps (the first allocates AdamW state)")
+    rec = TrialRecord(**cand.model_dump(), status="error", estimated_peak_bytes=estimated_peak_bytes)
+    state: dict = {}
+    failure: str | None = None
+    kind = "error"
+    t0 = time.perf_counter()
+    with device.tracking():
+        try:
+            _run_steps(state, cfg, cand, device, rank_batch, settings, rec)
+        except Exception as e:  # classify only; clean up below, outside the except block
+            kind = "oom" if is_oom(e) else "error"
+            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+        # The traceback (and with it the failed step's activations) is released once the except
+        # block has ended; now drop our own references and give the memory back.
+        if state.get("opt") is not None:
+            state["opt"].zero_grad(set_to_none=True)
+        state.clear()
+        gc.collect()
+        device.cleanup()
+    rec.seconds = time.perf_counter() - t0
+    if failure is not None:
+        rec.status = kind
+        rec.note = failure
+        return rec
+    if rec.steps_run < settings.steps:  # cannot happen without an exception; never call it a fit
+        rec.status, rec.note = "error", f"only {rec.steps_run} of {settings.steps} optimizer steps ran"
+    elif capacity_bytes is not None and rec.measured_peak_bytes is not None and \
+            max(rec.measured_peak_bytes, rec.measured_reserved_bytes or 0) > capacity_bytes:
+        rec.status = "spill"
+        rec.note = "memory above the card's capacity: the driver spilled to host RAM instead of raising OOM"
+    elif rec.measured_peak_bytes is not None and rec.measured_peak_bytes > budget_bytes:
+        rec.status = "over_budget"
+        rec.note = "ran, but its peak is above the budget"
+    else:
+        rec.status = "fit"
+    return rec
