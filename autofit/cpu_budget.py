@@ -11,6 +11,8 @@ What dispatch does not see, and so is not counted:
   track_optimizer, or better, build the model and optimizer inside tracking();
 - UntypedStorage.resize_ (not an aten op through dispatch);
 - tensors made from numpy (torch.from_numpy) or under torch._C._DisableTorchDispatch.
+torch.compile: Dynamo does not compile frames while a TorchDispatchMode is active (checked on torch
+2.13: the function runs eagerly), so a compile=True run on this device measures eager memory.
 Unlike a real allocator there is no rounding and no fragmentation: this is "allocated", not
 "reserved".
 """

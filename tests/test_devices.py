@@ -244,3 +244,25 @@ def test_memory_cap_emulates_smaller_card():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
         dev.cleanup()
+
+
+def _torch_info(total, free):
+    return DeviceInfo(kind="cuda", name="NVIDIA A100-SXM4-80GB MIG 1g.10gb", index=0, total_bytes=total,
+                      free_bytes=free, used_by_others_bytes=None, compute_capability=(8, 0),
+                      driver_version=None, cuda_version="12.4", source="torch.cuda")
+
+
+def test_detect_gpu_falls_back_to_torch_cuda(nvml, monkeypatch):
+    nvml(gpus=[], init_error=NVMLError_NoPermission)
+    monkeypatch.setattr(devices, "query_torch_cuda", lambda i: _torch_info(10 * GiB, 9 * GiB))
+    assert detect_gpu(0).source == "torch.cuda"
+
+
+def test_detect_gpu_with_mig_takes_torch_memory_figures(nvml, monkeypatch):
+    nvml(gpus=[A100], procs=[], mig=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(devices, "query_torch_cuda", lambda i: _torch_info(10 * GiB, 9 * GiB))
+    info = detect_gpu(0)
+    assert info.mig and info.source == "nvml+torch.cuda"
+    assert (info.total_bytes, info.free_bytes) == (10 * GiB, 9 * GiB)
+    assert info.name == "NVIDIA A100-SXM4-80GB" and info.driver_version == "550.54.15"
