@@ -1,0 +1,279 @@
+"""Closed-form peak memory of one optimizer step of trainer.step.train_step, with a breakdown.
+
+The estimate orders and prunes the probe's trials, and it is the whole answer for a simulated GPU.
+It follows what the code in trainer/model.py and trainer/step.py keeps alive, phase by phase, in
+the steady state (optimizer step >= 2, so AdamW's state exists; second micro-batch, so the first
+one's gradients are alive through the forward and backward). The peak is the largest phase:
+
+- forward (loss):          saved activations + the loss head's forward buffers
+- backward start (loss):   saved activations + the loss head's gradient buffers
+- backward (top block):    activations of the blocks below + the top block's (recomputed when
+                           checkpointed) + the block's backward temporaries + the tied head's
+                           weight gradient, which autograd holds until the embedding is reached
+- backward (embedding):    the two V x C gradients of the tied weight meeting
+- optimizer step:          weights + gradients + AdamW state + the update's temporaries
+
+Coefficients are counted from the code (which op saves which tensor in which dtype) and were
+checked op by op against the budgeted CPU device (autofit.cpu_budget); see docs/estimator.md.
+device='cpu' predicts that device's peak live bytes. device='cuda' predicts the caching
+allocator's peak, adding terms the CPU device does not have (each documented where defined).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "workspace",
+              "allocator_slack")
+
+# --- CUDA-only terms (no GPU was available to calibrate them; sources in docs/estimator.md) ----
+# cuBLAS allocates its workspace through the caching allocator, so it shows in
+# max_memory_allocated: 8 MiB (+128 KiB) per handle/stream before Hopper, 32 MiB on Hopper (torch
+# PR #89027). The estimate does not know the architecture, so it takes the larger figure.
+CUDA_WORKSPACE_BYTES = 32 * 2**20
+# Every CUDA allocation is rounded up to 512 bytes (kMinBlockSize in CUDACachingAllocator.cpp).
+CUDA_ROUND_BYTES = 512
+# Reserved exceeds allocated through block rounding (2 MiB for large requests) and fragmentation;
+# one published report shows ~11 % (pytorch issue #40989); with expandable segments it is smaller.
+# 5 % of the allocated peak is a middle figure; the budget's safety margin covers the rest.
+CUDA_ALLOCATOR_SLACK = 0.05
+
+# Scalars the formula does not itemise: AdamW's per-parameter `step` tensors, the grad-clip norms,
+# loss accumulators. Measured at a few hundred bytes on the CPU device; rounded up.
+SMALL_TENSOR_BYTES = 4096
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    vocab_size: int
+    bias: bool = False
+    dropout: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: object) -> "ModelShape":
+        """From any object with these attributes (TrainConfig, GPTConfig)."""
+        return cls(n_layer=int(cfg.n_layer), n_head=int(cfg.n_head), n_embd=int(cfg.n_embd),
+                   block_size=int(cfg.block_size), vocab_size=int(cfg.vocab_size), bias=bool(cfg.bias),
+                   dropout=float(cfg.dropout))
+
+
+@dataclass
+class Estimate:
+    peak_bytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # COMPONENTS; sums to peak_bytes
+    phase: str = ""  # where the peak occurs
+    basis: str = ""  # one line: how it was estimated
+
+    def to_json(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown), "phase": self.phase,
+                "basis": self.basis}
+
+
+def _param_shapes(shape: ModelShape) -> list[tuple[int, bool]]:
+    """(numel, is_matrix) of every parameter in GPT.parameters() order, the tied lm_head once."""
+    C, b = shape.n_embd, shape.bias
+    out = [(shape.vocab_size * C, True), (shape.block_size * C, True)]
+    for _ in range(shape.n_layer):
+        out.append((C, False))  # ln_1
+        if b:
+            out.append((C, False))
+        for rows, cols in ((3 * C, C), (C, C)):  # attention c_attn, c_proj
+            out.append((rows * cols, True))
+            if b:
+                out.append((rows, False))
+        out.append((C, False))  # ln_2
+        if b:
+            out.append((C, False))
+        for rows, cols in ((4 * C, C), (C, 4 * C)):  # MLP c_fc, c_proj
+            out.append((rows * cols, True))
+            if b:
+                out.append((rows, False))
+    out.append((C, False))  # ln_f
+    if b:
+        out.append((C, False))
+    return out
+
+
+def param_count(shape: ModelShape) -> int:
+    """Parameters of trainer.model.GPT, tied token embedding / LM head counted once."""
+    return sum(n for n, _ in _param_shapes(shape))
+
+
+def _round(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _adamw_cpu_temporaries(shape: ModelShape) -> int:
+    """Peak bytes of the for-loop AdamW's temporaries (the CPU default: no foreach, no fused).
+
+    Per parameter it computes denom = exp_avg_sq.sqrt() / c, a temporary and the result (2 x the
+    parameter), while the previous parameter's denom is still bound to the loop variable.
+    The loop runs per param group: nanoGPT's groups are matrices (decay) then vectors."""
+    shapes = _param_shapes(shape)
+    peak = 0
+    for group in ([n for n, m in shapes if m], [n for n, m in shapes if not m]):
+        prev = 0
+        for n in group:
+            peak = max(peak, 4 * (2 * n + prev))
+            prev = n
+    return peak
+
+
+def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
+                  compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
+                  n_micro: int = 2) -> Estimate:
+    """Peak bytes of a train_step with micro-batches of `micro_batch` full-length sequences.
+
+    n_micro: micro-batches per optimizer step (autofit's trials run 2 when training accumulates,
+    1 otherwise); with 2 or more, gradients are alive through every forward and backward.
+    compile=True is estimated as eager (see docs/estimator.md: inductor usually saves less in the
+    steady state and can need more while compiling; no factor is invented for it)."""
+    if micro_batch < 0:
+        raise ValueError(f"micro_batch must be >= 0, got {micro_batch}")
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    if loss_impl not in ("standard", "chunked"):
+        raise ValueError(f"unknown loss_impl {loss_impl!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if checkpointing < 0 or ce_chunk_size < 1 or n_micro < 1:
+        raise ValueError("checkpointing must be >= 0, ce_chunk_size and n_micro >= 1")
+
+    L, H, C, T, V = shape.n_layer, shape.n_head, shape.n_embd, shape.block_size, shape.vocab_size
+    B = micro_batch
+    N = B * T  # tokens per micro-batch
+    amp = dtype != "float32"
+    cuda = device == "cuda"
+    P = param_count(shape)
+    VC = V * C
+
+    # --- model state ---------------------------------------------------------------------------
+    if cuda:  # each parameter-sized tensor is its own allocation, rounded to 512 bytes
+        state_unit = sum(_round(4 * n, CUDA_ROUND_BYTES) for n, _ in _param_shapes(shape))
+    else:
+        state_unit = 4 * P
+    weights, grads_all, adam = state_unit, state_unit, 2 * state_unit
+    # With accumulation the previous micro-batch's gradients exist from the start of the
+    # forward; with a single micro-batch train_step set them to None after the previous step.
+    grads_in_pass = grads_all if n_micro >= 2 else 0
+
+    # Token ids: on the CPU device train_step slices the whole step's x, y (int64) and keeps
+    # y != -1 (bool); on CUDA the step's batch stays on the host and each micro-batch is copied.
+    ids = 17 * n_micro * N if not cuda else 16 * N
+
+    # --- saved activations per block ----------------------------------------------------------
+    # fp32: block input, ln_1 out, qkv (3), SDPA out, x + attn, ln_2 out, c_fc out (4), GELU out
+    # (4) = 16 elements per token and channel (SDPA's output is already in (B, T, H, hd) order, so
+    # the transpose().contiguous() before c_proj copies nothing). Under autocast, LayerNorm runs
+    # in fp32 and the residual stream stays fp32 (2 x 4 B), the rest is 16-bit (14 x 2 B); the
+    # 16-bit weight copies autocast makes are saved by each Linear for backward.
+    stats = 2 * 2 * N * 4 + 4 * B * H * T  # LayerNorm mean/rstd (fp32) x2, SDPA log-sum-exp
+    linear_params = 12 * C * C + (9 * C if shape.bias else 0)
+    w16 = 2 * linear_params if amp else 0
+    full = (36 * N * C if amp else 64 * N * C) + stats + w16
+    if shape.dropout > 0:  # not calibrated: a mask (1 B) and an output per residual dropout
+        full += 2 * N * C * ((2 if amp else 4) + 1)
+    ckpt = 4 * N * C  # a checkpointed block keeps only its fp32 input
+    per_block = [ckpt if checkpointing and i % checkpointing == 0 else full for i in range(L)]
+    n_ckpt = sum(1 for i in range(L) if checkpointing and i % checkpointing == 0)
+    blocks = sum(per_block)
+    ln_f = 4 * N * C + 2 * N * 4  # ln_f's saved input (the last block's output) and its stats
+    if amp:
+        # Block backward temporaries: fp32 residual grad + its 16-bit cast, c_proj's 16-bit weight
+        # grad and the 16-bit grad of the 4C-wide GELU output.
+        transient = 4 * N * C + 2 * N * C + 2 * 4 * C * C + 2 * 4 * N * C
+    else:
+        transient = 4 * N * C + 4 * 4 * C * C + 4 * 4 * N * C
+    held_w_grad = 4 * VC  # lm_head's fp32 weight grad waits in autograd's buffer for wte's
+
+    phases: list[tuple[str, dict[str, int]]] = []
+
+    def add(name: str, grads: int, acts: int, head: int, work: int = 0) -> None:
+        phases.append((name, {"weights": weights, "gradients": grads, "optimizer_state": adam,
+                              "activations": acts + ids, "logits_and_loss": head, "workspace": work}))
+
+    NV = N * V
+    if loss_impl == "standard":
+        # lm_head keeps its input (fp32, or a 16-bit copy plus the 16-bit weight copy under autocast).
+        head_in = (2 * N * C + 2 * VC) if amp else 4 * N * C
+        # forward: logits (+ their fp32 upcast under autocast) and the saved fp32 log-softmax;
+        # ln_f's fp32 output is still bound in GPT.forward, and autocast's cache still holds the
+        # weight copies of checkpointed blocks.
+        fwd_extra = (4 * N * C + n_ckpt * w16) if amp else 0
+        add("forward (loss)", grads_in_pass, blocks + ln_f + fwd_extra, head_in + (10 if amp else 8) * NV)
+        # backward start: saved log-softmax, grad of it, grad of the logits: 3 fp32 N x V buffers.
+        add("backward start (loss)", grads_in_pass, blocks + ln_f, head_in + 12 * NV)
+    else:
+        # _ChunkedLinearCrossEntropy: grad_x (N x C, fp32) and grad_w (V x C, fp32) for the whole
+        # batch, plus one chunk's logits; the previous chunk's gradient is still bound to `g` when
+        # the next chunk's logits are made.
+        chunks = [min(ce_chunk_size, N - s) for s in range(0, N, ce_chunk_size)] or [0]
+        pairs = max(chunks[0], max((a + b for a, b in zip(chunks, chunks[1:])), default=0))
+        n = chunks[0]
+        keep = 4 * N * C + 4 * VC  # grad_x, grad_w
+        if amp:
+            w = 2 * VC  # the 16-bit copy of the weight
+            prev_g = 2 * (pairs - n) * V
+            work = max(prev_g + 6 * n * V + 2 * n * C,  # 16-bit logits and their fp32 upcast
+                       6 * n * V + 2 * n * C,  # fp32 probs and their 16-bit copy
+                       2 * n * V + 2 * n * C + 6 * VC)  # g.t() @ xc (16-bit) and its fp32 upcast
+            head_fwd = w + keep + work
+        else:
+            work = max(4 * pairs * V, 4 * n * V + 4 * n * C, 4 * n * V + 4 * VC)
+            head_fwd = keep + work
+        add("forward (loss)", grads_in_pass, blocks + ln_f + 4 * N * C, head_fwd)
+        # backward: the saved grads and their scaled copies
+        add("backward start (loss)", grads_in_pass, blocks + ln_f, 2 * keep)
+
+    if L > 0:
+        below = sum(per_block[:-1])
+        add("backward (top block)", grads_in_pass, below + full + transient, held_w_grad)
+    # wte's dense gradient meets the held lm_head gradient; wpe's gradient beside them.
+    grads_before_embedding = grads_all if n_micro >= 2 else max(0, grads_all - 4 * VC - 4 * T * C)
+    add("backward (embedding)", grads_before_embedding, 0, 2 * 4 * VC + 4 * T * C)
+    # optimizer step: the whole batch's ids are still referenced by the caller on CPU; the fused
+    # CUDA AdamW that make_optimizer picks updates in place.
+    add("optimizer step", grads_all, 0, 0, 0 if cuda else _adamw_cpu_temporaries(shape))
+
+    name, parts = max(phases, key=lambda p: sum(p[1].values()))
+    parts["workspace"] += SMALL_TENSOR_BYTES
+    if cuda:
+        parts["workspace"] += CUDA_WORKSPACE_BYTES
+        parts["allocator_slack"] = int(CUDA_ALLOCATOR_SLACK * sum(parts.values()))
+    else:
+        parts["allocator_slack"] = 0
+    breakdown = {k: int(parts.get(k, 0)) for k in COMPONENTS}
+    basis = ("closed form, calibrated on the budgeted CPU device (±2% on the benchmark grid)" if not cuda else
+             "closed form calibrated on the budgeted CPU device, plus assumed CUDA terms "
+             f"(cuBLAS workspace {CUDA_WORKSPACE_BYTES // 2**20} MiB, 512 B rounding, "
+             f"{CUDA_ALLOCATOR_SLACK:.0%} allocator slack)")
+    if compile:
+        basis += "; torch.compile estimated as eager (steady state usually lower, warm-up can be higher)"
+    return Estimate(peak_bytes=sum(breakdown.values()), breakdown=breakdown, phase=name, basis=basis)
+
+
+def max_micro_batch(shape: ModelShape, budget_bytes: int, *, limit: int = 1 << 20, **kwargs) -> int:
+    """Largest micro-batch whose estimated peak fits `budget_bytes` (0 if none), by bisection: the
+    estimate grows with the micro-batch. kwargs are estimate_peak's keyword arguments."""
+    def fits(b: int) -> bool:
+        return estimate_peak(shape, b, **kwargs).peak_bytes <= budget_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2  # fits(lo); find a hi that does not fit by doubling, then bisect
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

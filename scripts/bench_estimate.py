@@ -1,0 +1,150 @@
+"""Benchmark: the closed-form estimate (autofit.estimate, device='cpu') against the peak measured by
+the budgeted CPU device over real train_step runs. Prints a table and the max / median |error|.
+
+    .venv/bin/python scripts/bench_estimate.py [--json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autofit.cpu_budget import BudgetedCpuDevice  # noqa: E402
+from autofit.estimate import ModelShape, estimate_peak  # noqa: E402
+from trainer.model import GPT, GPTConfig  # noqa: E402
+from trainer.step import make_optimizer, train_step  # noqa: E402
+
+UNLIMITED = 1 << 40  # a budget no run here reaches: measure, never raise
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    vocab_size: int
+    micro_batch: int
+    dtype: str = "float32"
+    checkpointing: int = 0
+    loss_impl: str = "standard"
+    ce_chunk_size: int = 4096
+    n_micro: int = 2
+    bias: bool = False
+
+    def shape(self) -> ModelShape:
+        return ModelShape(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size,
+                          bias=self.bias)
+
+    def label(self) -> str:
+        s = (f"L{self.n_layer} H{self.n_head} C{self.n_embd} T{self.block_size} V{self.vocab_size} "
+             f"b{self.micro_batch}x{self.n_micro} {'bf16' if self.dtype == 'bfloat16' else 'fp32'}")
+        if self.checkpointing:
+            s += f" ck{self.checkpointing}"
+        if self.loss_impl == "chunked":
+            s += f" chunked/{self.ce_chunk_size}"
+        if self.bias:
+            s += " bias"
+        return s
+
+
+# Small enough that the whole grid runs in about a minute on 2 cores; each row varies one or two
+# things from its neighbours: micro-batch, depth, width, block size, vocab, checkpointing, CE mode,
+# dtype, accumulation.
+GRID = [
+    Config(2, 2, 64, 64, 512, 4),
+    Config(2, 2, 64, 64, 512, 8),
+    Config(2, 2, 64, 64, 512, 16),
+    Config(4, 2, 64, 64, 512, 4),
+    Config(6, 4, 64, 64, 256, 4),
+    Config(2, 4, 128, 64, 512, 4),
+    Config(2, 2, 64, 128, 512, 4),
+    Config(2, 2, 64, 64, 2048, 4),
+    Config(2, 2, 64, 64, 64, 8),
+    Config(4, 2, 64, 64, 512, 4, checkpointing=1),
+    Config(6, 2, 64, 64, 256, 4, checkpointing=2),
+    Config(2, 2, 64, 64, 2048, 4, loss_impl="chunked"),
+    Config(2, 2, 64, 64, 2048, 8, loss_impl="chunked", ce_chunk_size=192),
+    Config(4, 2, 64, 64, 1024, 4, checkpointing=1, loss_impl="chunked", ce_chunk_size=128),
+    Config(2, 2, 64, 64, 512, 4, n_micro=1),
+    Config(2, 2, 64, 64, 512, 4, bias=True),
+    Config(2, 2, 64, 32, 512, 2, dtype="bfloat16"),
+    Config(2, 2, 64, 32, 2048, 2, dtype="bfloat16", loss_impl="chunked", ce_chunk_size=48),
+    Config(3, 2, 64, 32, 64, 2, dtype="bfloat16", checkpointing=2),
+]
+QUICK = GRID[:1] + GRID[9:12] + GRID[16:17]
+
+
+def measure(cfg: Config, steps: int = 3) -> int:
+    """Peak live bytes over `steps` optimizer steps of train_step, everything built while tracked."""
+    dev = BudgetedCpuDevice(budget_bytes=UNLIMITED)
+    torch.manual_seed(0)
+    with dev.tracking():
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias,
+                              checkpointing=cfg.checkpointing, loss_impl=cfg.loss_impl,
+                              ce_chunk_size=cfg.ce_chunk_size))
+        opt = make_optimizer(model, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+        n = cfg.micro_batch * cfg.n_micro
+        x = torch.randint(0, cfg.vocab_size, (n, cfg.block_size))
+        y = torch.randint(0, cfg.vocab_size, (n, cfg.block_size))
+        dev.reset_peak()
+        for _ in range(steps):
+            train_step(model, opt, x, y, [cfg.micro_batch] * cfg.n_micro, dtype=cfg.dtype, grad_clip=1.0)
+        peak = dev.peak_bytes()
+        del model, opt, x, y
+    dev.cleanup()
+    assert peak is not None
+    return peak
+
+
+def estimate(cfg: Config):
+    return estimate_peak(cfg.shape(), cfg.micro_batch, dtype=cfg.dtype, checkpointing=cfg.checkpointing,
+                         loss_impl=cfg.loss_impl, device="cpu", ce_chunk_size=cfg.ce_chunk_size,
+                         n_micro=cfg.n_micro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print only JSON")
+    ap.add_argument("--quick", action="store_true", help="a 5-row subset")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    rows = []
+    t0 = time.perf_counter()
+    for cfg in (QUICK if args.quick else GRID):
+        est = estimate(cfg)
+        meas = measure(cfg)
+        rows.append({"config": cfg.label(), **asdict(cfg), "estimated_bytes": est.peak_bytes,
+                     "measured_bytes": meas, "rel_error": (est.peak_bytes - meas) / meas, "phase": est.phase})
+    errs = [abs(r["rel_error"]) for r in rows]
+    summary = {"max_abs_rel_error": max(errs), "median_abs_rel_error": statistics.median(errs),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    if args.json:
+        print(json.dumps({"rows": rows, **summary}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="estimate (device='cpu') vs budgeted CPU device, peak of 3 optimizer steps")
+    for col in ("config", "estimated", "measured", "error", "peak phase (estimated)"):
+        table.add_column(col, justify="left" if col in ("config", "peak phase (estimated)") else "right")
+    for r in rows:
+        table.add_row(r["config"], f"{r['estimated_bytes']:,}", f"{r['measured_bytes']:,}",
+                      f"{r['rel_error']:+.2%}", r["phase"])
+    console = Console(width=150)
+    console.print(table)
+    console.print(f"max |error| {summary['max_abs_rel_error']:.2%}, median |error| "
+                  f"{summary['median_abs_rel_error']:.2%}, {len(rows)} configs, {summary['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

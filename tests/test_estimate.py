@@ -1,0 +1,128 @@
+"""The closed-form estimate against the budgeted CPU device's measured peak, and its invariants."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autofit.cpu_budget import BudgetedCpuDevice
+from autofit.estimate import COMPONENTS, ModelShape, estimate_peak, max_micro_batch, param_count
+from trainer.model import GPT, GPTConfig
+from trainer.step import make_optimizer, train_step
+
+GiB = 2**30
+SEED = ModelShape(n_layer=12, n_head=12, n_embd=576, block_size=1024, vocab_size=50304)
+
+
+def measured_peak(shape: ModelShape, micro_batch: int, *, checkpointing: int = 0, loss_impl: str = "standard",
+                  ce_chunk_size: int = 4096, steps: int = 2) -> int:
+    dev = BudgetedCpuDevice(budget_bytes=1 << 40)
+    torch.manual_seed(0)
+    with dev.tracking():
+        model = GPT(GPTConfig(block_size=shape.block_size, vocab_size=shape.vocab_size, n_layer=shape.n_layer,
+                              n_head=shape.n_head, n_embd=shape.n_embd, bias=shape.bias,
+                              checkpointing=checkpointing, loss_impl=loss_impl, ce_chunk_size=ce_chunk_size))
+        opt = make_optimizer(model, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+        x = torch.randint(0, shape.vocab_size, (2 * micro_batch, shape.block_size))
+        y = torch.randint(0, shape.vocab_size, (2 * micro_batch, shape.block_size))
+        dev.reset_peak()
+        for _ in range(steps):
+            train_step(model, opt, x, y, [micro_batch, micro_batch], grad_clip=1.0)
+        peak = dev.peak_bytes()
+    assert peak is not None
+    return peak
+
+
+def test_param_count_matches_the_model():
+    for shape in (ModelShape(2, 2, 32, 16, 96), ModelShape(3, 4, 64, 32, 128, bias=True)):
+        model = GPT(GPTConfig(block_size=shape.block_size, vocab_size=shape.vocab_size, n_layer=shape.n_layer,
+                              n_head=shape.n_head, n_embd=shape.n_embd, bias=shape.bias))
+        assert param_count(shape) == sum(p.numel() for p in model.parameters())  # tied weight once
+
+
+@pytest.mark.parametrize("shape,micro_batch,kw", [
+    (ModelShape(2, 2, 32, 32, 256), 4, {}),  # the loss head's backward dominates
+    (ModelShape(3, 2, 32, 32, 32), 4, {}),  # small vocab: a block's backward dominates
+    (ModelShape(4, 2, 32, 32, 256), 2, {"checkpointing": 2}),
+    (ModelShape(2, 2, 32, 32, 512), 4, {"loss_impl": "chunked", "ce_chunk_size": 48}),
+])
+def test_cpu_estimate_matches_the_budgeted_device(shape, micro_batch, kw):
+    est = estimate_peak(shape, micro_batch, dtype="float32", device="cpu", **{"checkpointing": 0,
+                                                                              "loss_impl": "standard", **kw})
+    meas = measured_peak(shape, micro_batch, **kw)
+    assert abs(est.peak_bytes - meas) <= 0.10 * meas, (est, meas)
+
+
+def test_breakdown_sums_to_peak_and_names_every_component():
+    for device in ("cpu", "cuda"):
+        for loss_impl in ("standard", "chunked"):
+            est = estimate_peak(SEED, 8, dtype="bfloat16", checkpointing=1, loss_impl=loss_impl, device=device)
+            assert tuple(est.breakdown) == COMPONENTS
+            assert sum(est.breakdown.values()) == est.peak_bytes
+            assert all(v >= 0 for v in est.breakdown.values())
+            assert est.phase and est.basis
+    cpu = estimate_peak(SEED, 8, dtype="bfloat16", checkpointing=0, loss_impl="standard", device="cpu")
+    cuda = estimate_peak(SEED, 8, dtype="bfloat16", checkpointing=0, loss_impl="standard", device="cuda")
+    assert cpu.breakdown["allocator_slack"] == 0 and cuda.breakdown["allocator_slack"] > 0
+
+
+def test_monotone_in_micro_batch():
+    for dtype in ("float32", "bfloat16"):
+        for loss_impl in ("standard", "chunked"):
+            peaks = [estimate_peak(SEED, b, dtype=dtype, checkpointing=0, loss_impl=loss_impl).peak_bytes
+                     for b in range(1, 33)]
+            assert all(a < b for a, b in zip(peaks, peaks[1:]))
+
+
+def test_chunked_loss_below_standard_for_a_big_vocabulary():
+    shape = ModelShape(2, 2, 64, 128, 32768)
+    for device in ("cpu", "cuda"):
+        std = estimate_peak(shape, 8, dtype="float32", checkpointing=0, loss_impl="standard", device=device)
+        chk = estimate_peak(shape, 8, dtype="float32", checkpointing=0, loss_impl="chunked", device=device)
+        assert chk.peak_bytes < 0.5 * std.peak_bytes
+
+
+def test_checkpointing_below_none_for_a_deep_model():
+    shape = ModelShape(24, 8, 512, 1024, 512)
+    none = estimate_peak(shape, 8, dtype="bfloat16", checkpointing=0, loss_impl="chunked")
+    every = estimate_peak(shape, 8, dtype="bfloat16", checkpointing=1, loss_impl="chunked")
+    half = estimate_peak(shape, 8, dtype="bfloat16", checkpointing=2, loss_impl="chunked")
+    assert every.peak_bytes < half.peak_bytes < none.peak_bytes
+    assert every.breakdown["activations"] < 0.25 * none.breakdown["activations"]
+
+
+def test_max_micro_batch_agrees_with_estimate_peak():
+    kw = dict(dtype="bfloat16", checkpointing=0, loss_impl="standard", device="cuda")
+    for budget in (3 * GiB, 10 * GiB, int(11.5 * GiB)):
+        m = max_micro_batch(SEED, budget, **kw)
+        assert m >= 1
+        assert estimate_peak(SEED, m, **kw).peak_bytes <= budget
+        assert estimate_peak(SEED, m + 1, **kw).peak_bytes > budget
+    assert max_micro_batch(SEED, 100 * 2**20, **kw) == 0  # not even the weights fit
+
+
+def test_seed_case_against_design_numbers():
+    # DESIGN.md: batch 16, bf16, standard loss on a 12 GB RTX 4070 needs about 15 GiB.
+    std = estimate_peak(SEED, 16, dtype="bfloat16", checkpointing=0, loss_impl="standard", device="cuda")
+    assert std.peak_bytes > 12 * GiB
+    assert std.phase == "backward start (loss)"
+    assert std.breakdown["logits_and_loss"] > 8 * GiB  # the head alone is ~10 GiB there
+    assert 0.9 * GiB < std.breakdown["weights"] + std.breakdown["gradients"] + std.breakdown["optimizer_state"] \
+        < 1.3 * GiB  # ~77M parameters: fp32 weights + grads + AdamW state ~1.15 GiB
+    small = estimate_peak(SEED, 4, dtype="bfloat16", checkpointing=0, loss_impl="chunked", device="cuda")
+    assert small.peak_bytes < 6 * GiB
+
+
+def test_n_micro_one_has_no_gradients_during_the_backward():
+    one = estimate_peak(SEED, 8, dtype="float32", checkpointing=0, loss_impl="standard", n_micro=1)
+    two = estimate_peak(SEED, 8, dtype="float32", checkpointing=0, loss_impl="standard", n_micro=2)
+    assert one.breakdown["gradients"] == 0 < two.breakdown["gradients"]
+    assert one.peak_bytes < two.peak_bytes
+
+
+def test_model_shape_from_config_and_bad_arguments():
+    assert ModelShape.from_config(GPTConfig(n_layer=3, n_embd=48, n_head=3)) == \
+        ModelShape(3, 3, 48, 1024, 50304, bias=False, dropout=0.0)
+    with pytest.raises(ValueError):
+        estimate_peak(SEED, 1, dtype="int8", checkpointing=0, loss_impl="standard")
+    with pytest.raises(ValueError):
+        estimate_peak(SEED, 1, dtype="float32", checkpointing=0, loss_impl="fused")
