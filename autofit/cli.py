@@ -12,8 +12,10 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OOM-aware launcher for nanoGPT-style GPT training: measure what fits, plan, train.")
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, `| less`) gets 120 columns instead of rich's default 80, so the trial
+# table stays readable.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 class UsageError(ValueError):

@@ -55,6 +55,10 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
             if d == "bfloat16" and not bf16_supported:
                 raise PlanError("--dtype bfloat16: this GPU has no bf16 support (compute capability < 8.0); use float16")
     compiles = [compile] if compile is not None else ([False, True] if cfg.compile else [False])
+    if device_kind == "cpu":
+        # Dynamo compiles nothing while the budgeted CPU device's dispatch-mode tracker is
+        # active (torch 2.13), so a compiled trial there would silently measure eager code.
+        compiles = [False]
     return Space(dtypes=dtypes, compile=compiles,
                  checkpointing=checkpointing if checkpointing is not None else sorted({cfg.checkpointing, 0, 1}),
                  loss_impls=loss_impls or ["standard", "chunked"])
@@ -175,6 +179,7 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
 
     def search(dt: str, ck: int, li: str) -> int:
         """Largest micro-batch (<= E) that fits with these levers, or 0. Only sizes that ran."""
+        cur[:] = [dt, ck, li]
         mk = lambda m: Candidate(micro_batch=m, dtype=dt, compile=False, checkpointing=ck, loss_impl=li)
         fits = lambda m: trial(mk(m)).status == "fit"
         start = max_micro_batch(shape, budget.budget_bytes, dtype=dt, checkpointing=ck, loss_impl=li,
@@ -188,8 +193,6 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
                     lo = nxt
                 else:
                     hi = nxt
-            if hi is None:
-                return lo
         else:
             hi, lo = m, 0
             nxt = max(1, int(m * 0.85))
@@ -201,14 +204,39 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
                 else:
                     hi = min(hi, nxt)
                     nxt = max(1, nxt // 2)
-        while hi - lo > 1:  # bisect
+        lo = bisect(lo, hi)
+        # The spill check needs a smaller size to compare time per token with: run half the
+        # size if nothing smaller ran, and back off if the found size turns out to be a spill.
+        while lo > 1:
+            smaller = [t.micro_batch for t in trials if t.status == "fit" and t.micro_batch < lo
+                       and (t.dtype, t.compile, t.checkpointing, t.loss_impl) == (dt, False, ck, li)]
+            if smaller:
+                break
+            ref = lo // 2
+            if not fits(ref):
+                break
+            r = cache[mk(lo)]
+            if r.tokens_per_s and cache[mk(ref)].tokens_per_s / r.tokens_per_s > SPILL_SLOWDOWN:
+                r.status = "spill"
+                r.note = (f"time per token {cache[mk(ref)].tokens_per_s / r.tokens_per_s:.1f}x that of "
+                          f"micro-batch {ref}: treated as spilling to host memory")
+                lo = bisect(ref, lo)
+            break
+        return lo
+
+    def bisect(lo: int, hi: int | None) -> int:
+        if hi is None:
+            return lo
+        while hi - lo > 1:
             mid = (lo + hi) // 2
-            if fits(mid):
+            if trial(Candidate(micro_batch=mid, dtype=cur[0], compile=False, checkpointing=cur[1],
+                               loss_impl=cur[2])).status == "fit":
                 lo = mid
             else:
                 hi = mid
         return lo
 
+    cur: list = [None, None, None]  # the lever combination being searched
     best_by_combo: dict[tuple, int] = {}
     for dt, ck, li in _combos(space):
         if ck > 0:
@@ -329,11 +357,13 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
             best = rec
     if best is None:
         _nothing_fits(cfg, trials, budget, shape, "cuda")
-    micro_batches = split_batch(E, best.micro_batch)
-    est = estimate_peak(shape, best.micro_batch, dtype=best.dtype, checkpointing=best.checkpointing,
+    est_tps = {m: estimated_tokens_per_s(shape, m, best.dtype, best.checkpointing, hw)
+               for m in range(1, best.micro_batch + 1)}
+    micro_batches, why_split = choose_split(E, best.micro_batch, est_tps, cfg.block_size)
+    est = estimate_peak(shape, max(micro_batches), dtype=best.dtype, checkpointing=best.checkpointing,
                         loss_impl=best.loss_impl, device="cuda", ce_chunk_size=cfg.ce_chunk_size)
     compile_on = True in space.compile
-    plan = PlanRecord(mode="estimated", micro_batch=best.micro_batch, grad_accum=len(micro_batches),
+    plan = PlanRecord(mode="estimated", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
                       micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size, dtype=best.dtype,
                       compile=compile_on, compile_after=_compile_after(cfg) if compile_on else 0,
                       checkpointing=best.checkpointing, loss_impl=best.loss_impl,
@@ -343,6 +373,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
                       reason=(f"estimated only (no {hw.name} here): highest estimated tokens/s among "
                               f"{len([t for t in trials if t.status == 'fit'])} lever combinations whose "
                               f"estimated peak fits {fmt_bytes(budget.budget_bytes)}; compile kept as configured "
-                              f"(its memory effect is measured, never guessed: probe on the card to confirm)"))
+                              f"(its memory effect is measured, never guessed: probe on the card to confirm); "
+                              f"split: {why_split} (estimated step times)"))
     return ProbeResult(mode="estimated", device=info, budget=budget, effective_batch=E, block_size=cfg.block_size,
                        trials=trials, plan=plan, breakdown=est.breakdown)

@@ -46,7 +46,8 @@ def render_probe(res, console: Console) -> None:
     p = res.plan
     notes: list[str] = []
     for t in res.trials:
-        chosen = (t.micro_batch == p.micro_batch and t.dtype == p.dtype and t.compile == p.compile
+        chosen = (t.dtype == p.dtype and (t.compile == p.compile or res.mode == "estimated")
+                  and (t.micro_batch == p.micro_batch or res.mode == "estimated")
                   and t.checkpointing == p.checkpointing and t.loss_impl == p.loss_impl and t.status == "fit")
         tps = "-" if not t.tokens_per_s else (f"{t.tokens_per_s:,.0f}" + (" est." if res.mode == "estimated" else ""))
         note = t.note if t.status != "fit" or res.mode == "measured" else ""

@@ -1,0 +1,147 @@
+"""The probe on the budgeted CPU device: search, plan, OOM cleanup, nothing-fits."""
+import pytest
+import torch
+
+from autofit.budget import compute_budget
+from autofit.cpu_budget import BudgetedCpuDevice
+from autofit.planner import PlanError, Space, choose_split, probe_measured
+from autofit.records import Candidate
+from autofit.trials import TrialSettings, run_trial
+from trainer.config import load_config
+
+SMALL = ["n_layer=1", "n_embd=32", "n_head=2", "block_size=32", "vocab_size=256"]
+FP32 = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+
+
+def cfg_for(effective: int):
+    return load_config(preset="tiny", overrides=SMALL + [f"batch_size={effective}", "gradient_accumulation_steps=1"])
+
+
+def probe(cfg, budget_bytes, space=FP32, margin=0.1):
+    dev = BudgetedCpuDevice(budget_bytes=budget_bytes)
+    budget = compute_budget(dev.info(), margin)
+    return probe_measured(cfg, dev, budget, space, settings=TrialSettings(steps=2)), dev
+
+
+def test_finds_largest_fitting_micro_batch_and_a_larger_one_failed():
+    cfg = cfg_for(16)
+    res, _ = probe(cfg, 1_600_000)
+    plan = res.plan
+    fits = {t.micro_batch for t in res.trials if t.status == "fit"}
+    failed = {t.micro_batch for t in res.trials if t.status in ("oom", "over_budget")}
+    assert plan.micro_batch in fits  # never a size that was not run
+    assert plan.micro_batch + 1 in failed  # the next size up was tried and did not fit
+    assert 1 < plan.micro_batch < 16
+    assert plan.measured_peak_bytes <= plan.budget_bytes == res.budget.budget_bytes
+    assert sum(plan.micro_batches) == 16 and plan.effective_batch == 16
+    assert all(t.steps_run >= 2 for t in res.trials if t.status == "fit")
+
+
+@pytest.mark.parametrize("budget", [1_200_000, 2_000_000, 50_000_000])
+def test_search_only_returns_sizes_it_ran(budget):
+    res, _ = probe(cfg_for(16), budget)
+    ran_fit = {t.micro_batch for t in res.trials if t.status == "fit"}
+    assert res.plan.micro_batch in ran_fit
+    assert max(res.plan.micro_batches) in ran_fit
+    if budget == 50_000_000:  # everything fits: the whole batch in one micro-batch
+        assert res.plan.micro_batches == [16]
+
+
+@pytest.mark.parametrize("effective", [7, 480, 500])
+def test_split_keeps_awkward_targets_exact(effective):
+    tps = {m: 1000.0 * m / (m + 4) for m in range(1, 65)}  # bigger micro-batches run faster
+    for micro in (1, 3, 7, 42, 64):
+        mbs, why = choose_split(effective, micro, tps, block_size=8)
+        assert sum(mbs) == effective
+        assert max(mbs) <= micro and all(m == mbs[0] for m in mbs[:-1])
+        assert why
+
+
+def test_split_prefers_divisor_when_it_is_faster():
+    # 42 and 40 measured equally fast per token: 480 = 40 x 12 needs fewer micro-batches than
+    # 42 x 11 + 18 once the short one runs slowly.
+    tps = {42: 1000.0, 40: 1000.0, 18: 300.0}
+    mbs, why = choose_split(480, 42, tps, block_size=8)
+    assert mbs == [40] * 12 and "divisor 40" in why
+    tps = {42: 1000.0, 40: 500.0, 18: 1000.0}
+    mbs, _ = choose_split(480, 42, tps, block_size=8)
+    assert mbs == [42] * 11 + [18]
+
+
+def test_probe_with_odd_effective_batch():
+    res, _ = probe(cfg_for(7), 50_000_000)
+    assert sum(res.plan.micro_batches) == 7 and res.plan.micro_batches == [7]
+
+
+def test_nothing_fits_is_one_clear_error():
+    with pytest.raises(PlanError) as e:
+        probe(cfg_for(16), 200_000)
+    msg = str(e.value)
+    assert "nothing fits" in msg and "budget" in msg and "block_size" in msg and "\n" not in msg
+
+
+def test_oom_trial_cleans_up_back_to_baseline():
+    cfg = cfg_for(16)
+    dev = BudgetedCpuDevice(budget_bytes=900_000)
+    with dev.tracking():
+        keep = torch.zeros(1000)  # something alive before the trial
+    before = dev.current_bytes()
+    rec = run_trial(cfg, Candidate(micro_batch=16, dtype="float32", compile=False, checkpointing=0,
+                                   loss_impl="standard"), dev, rank_batch=16, budget_bytes=900_000)
+    assert rec.status == "oom" and "OutOfMemoryError" in rec.note
+    assert dev.current_bytes() == before
+    ok = run_trial(cfg, Candidate(micro_batch=1, dtype="float32", compile=False, checkpointing=0,
+                                  loss_impl="standard"), dev, rank_batch=16, budget_bytes=900_000)
+    assert ok.status == "fit" and ok.steps_run == 3  # memory really came back: a later trial fits
+    assert dev.current_bytes() == before
+    del keep
+
+
+def test_trial_that_runs_no_steps_is_an_error_not_a_fit(monkeypatch):
+    import autofit.trials as trials
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(trials, "train_step", broken)
+    dev = BudgetedCpuDevice(budget_bytes=50_000_000)
+    rec = run_trial(cfg_for(4), Candidate(micro_batch=2, dtype="float32", compile=False, checkpointing=0,
+                                          loss_impl="standard"), dev, rank_batch=4, budget_bytes=50_000_000)
+    assert rec.status == "error" and rec.steps_run == 0
+
+
+def test_memory_above_capacity_is_a_spill_not_a_fit():
+    dev = BudgetedCpuDevice(budget_bytes=50_000_000)
+    rec = run_trial(cfg_for(4), Candidate(micro_batch=4, dtype="float32", compile=False, checkpointing=0,
+                                          loss_impl="standard"), dev, rank_batch=4, budget_bytes=50_000_000,
+                    capacity_bytes=100_000)
+    assert rec.status == "spill" and "capacity" in rec.note
+
+
+def test_slowdown_past_3x_is_treated_as_spill(monkeypatch):
+    import autofit.planner as planner
+    real = planner.run_trial
+
+    def slow_at_big(cfg, cand, device, **kw):
+        rec = real(cfg, cand, device, **kw)
+        if rec.status == "fit" and cand.micro_batch >= 12:
+            rec.tokens_per_s = 1.0  # as if the driver had paged to host memory
+        return rec
+    monkeypatch.setattr(planner, "run_trial", slow_at_big)
+    res, _ = probe(cfg_for(16), 50_000_000)
+    spills = [t for t in res.trials if t.status == "spill"]
+    assert spills and all(t.micro_batch >= 12 for t in spills)
+    assert res.plan.micro_batch == 11
+
+
+def test_levers_raise_the_micro_batch_when_memory_is_tight():
+    cfg = load_config(preset="tiny", overrides=["n_layer=4", "n_embd=32", "n_head=2", "block_size=64",
+                                                "vocab_size=2048", "batch_size=16", "gradient_accumulation_steps=1"])
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard", "chunked"])
+    res, _ = probe(cfg, 4_000_000, space=space)
+    best = {}
+    for t in res.trials:
+        if t.status == "fit":
+            key = (t.checkpointing, t.loss_impl)
+            best[key] = max(best.get(key, 0), t.micro_batch)
+    assert best.get((0, "chunked"), 0) > best.get((0, "standard"), 0)
+    assert res.plan.measured_peak_bytes <= res.plan.budget_bytes
