@@ -107,9 +107,11 @@ def _combos(space: Space) -> list[tuple[str, int, str]]:
 
 
 def _est(shape: ModelShape, cand: Candidate, device_kind: str, cfg) -> int:
+    # trials run two micro-batches per step only when training will accumulate
+    n_micro = 2 if cfg.effective_batch > cand.micro_batch else 1
     return estimate_peak(shape, cand.micro_batch, dtype=cand.dtype, checkpointing=cand.checkpointing,
                          loss_impl=cand.loss_impl, compile=cand.compile, device=device_kind,
-                         ce_chunk_size=cfg.ce_chunk_size).peak_bytes
+                         ce_chunk_size=cfg.ce_chunk_size, n_micro=n_micro).peak_bytes
 
 
 def _step_seconds(micro_batches: list[int], block_size: int, tps: Callable[[int], float]) -> float:
