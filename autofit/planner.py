@@ -152,6 +152,7 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
     trials: list[TrialRecord] = []
     cache: dict[Candidate, TrialRecord] = {}
     kind = "cpu" if info.kind == "cpu" else "cuda"
+    spill_check = settings.spill_check if settings.spill_check is not None else info.kind == "cuda"
 
     def trial(c: Candidate) -> TrialRecord:
         if c in cache:
@@ -163,7 +164,7 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
                       capacity_bytes=info.total_bytes if info.kind == "cuda" else None,
                       estimated_peak_bytes=est, settings=settings)
         # Time per token far above the next smaller fitting size: a silent spill, not a fit.
-        if r.status == "fit":
+        if r.status == "fit" and spill_check:
             smaller = [t for t in trials if t.status == "fit" and t.micro_batch < c.micro_batch
                        and (t.dtype, t.compile, t.checkpointing, t.loss_impl) == (c.dtype, c.compile, c.checkpointing, c.loss_impl)]
             if smaller and r.tokens_per_s:
@@ -209,7 +210,7 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
         lo = bisect(lo, hi)
         # The spill check needs a smaller size to compare time per token with: run half the
         # size if nothing smaller ran, and back off if the found size turns out to be a spill.
-        while lo > 1:
+        while lo > 1 and spill_check:
             smaller = [t.micro_batch for t in trials if t.status == "fit" and t.micro_batch < lo
                        and (t.dtype, t.compile, t.checkpointing, t.loss_impl) == (dt, False, ck, li)]
             if smaller:

@@ -34,6 +34,10 @@ class TrialSettings:
     steps: int = 3  # optimizer steps; the first allocates AdamW state, the rest are timed
     compile_backend: str = "inductor"
     seed: int = 0
+    # Treat a >3x jump in time per token as a spill to host memory. None: on CUDA only, where
+    # drivers (Windows' sysmem fallback) page instead of raising OOM; on a CPU the budget always
+    # raises, and timing noise on a busy machine would only cause false alarms.
+    spill_check: bool | None = None
 
 
 def _sync(device: torch.device) -> None:

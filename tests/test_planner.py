@@ -17,10 +17,11 @@ def cfg_for(effective: int):
     return load_config(preset="tiny", overrides=SMALL + [f"batch_size={effective}", "gradient_accumulation_steps=1"])
 
 
-def probe(cfg, budget_bytes, space=FP32, margin=0.1):
+def probe(cfg, budget_bytes, space=FP32, margin=0.1, spill_check=None):
     dev = BudgetedCpuDevice(budget_bytes=budget_bytes)
     budget = compute_budget(dev.info(), margin)
-    return probe_measured(cfg, dev, budget, space, settings=TrialSettings(steps=2)), dev
+    settings = TrialSettings(steps=2, spill_check=spill_check)
+    return probe_measured(cfg, dev, budget, space, settings=settings), dev
 
 
 def test_finds_largest_fitting_micro_batch_and_a_larger_one_failed():
@@ -127,7 +128,7 @@ def test_slowdown_past_3x_is_treated_as_spill(monkeypatch):
             rec.tokens_per_s = 1.0  # as if the driver had paged to host memory
         return rec
     monkeypatch.setattr(planner, "run_trial", slow_at_big)
-    res, _ = probe(cfg_for(16), 50_000_000)
+    res, _ = probe(cfg_for(16), 50_000_000, spill_check=True)  # on by default only on CUDA
     spills = [t for t in res.trials if t.status == "spill"]
     assert spills and all(t.micro_batch >= 12 for t in spills)
     assert res.plan.micro_batch == 11
