@@ -92,11 +92,15 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Temp file, fsync, rename: a crash mid-write never leaves a half checkpoint at `path`."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class _StopFlag:
@@ -166,7 +170,8 @@ class Trainer:
         self.compile_failed = False  # compile OOMed and we fell back to eager: stay eager
         self.eval_micro_batch = opts.eval_micro_batch or max(self.micro_batches)
         if opts.resume:
-            self._load_checkpoint()
+            with self.meter.tracking():  # the loaded optimizer state counts against a budget
+                self._load_checkpoint()
 
     # ----------------------------------------------------------------- bookkeeping
     @property
@@ -387,13 +392,13 @@ class Trainer:
                 if it % cfg.log_interval == 0 or self.iter_num == stop_at:
                     rec = {"type": "train", "step": it, "loss": res.loss, "lr": lr,
                            "tokens_per_s": res.tokens / dt if dt > 0 else None, "step_s": dt,
-                           "micro_batch": max(self.micro_batches), "grad_accum": len(self.micro_batches),
-                           "micro_batches": self.micro_batches, "effective_batch": sum(self.micro_batches),
+                           "micro_batch": max(res.micro_batches), "grad_accum": len(res.micro_batches),
+                           "micro_batches": res.micro_batches, "effective_batch": sum(res.micro_batches),
                            "peak_mem_bytes": peak, "compiled": self.compiled, "grad_norm": res.grad_norm}
                     self._log(rec)
                     progress.print(f"step {it}: loss {res.loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
-                                   f"{res.tokens / dt:,.0f} tok/s, micro-batch {max(self.micro_batches)}"
-                                   f" x {len(self.micro_batches)}")
+                                   f"{res.tokens / dt:,.0f} tok/s, micro-batch {max(res.micro_batches)}"
+                                   f" x {len(res.micro_batches)}")
                 progress.advance()
         ckpt = self.save_checkpoint()
         if status == "interrupted":

@@ -104,7 +104,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     """
     if sum(micro_batches) != x.shape[0]:
         raise ValueError(f"micro-batches {micro_batches} do not add up to the batch of {x.shape[0]}")
-    forward = forward or model
+    forward = model if forward is None else forward  # a compiled module has no truth value
     device = next(model.parameters()).device
     n_valid = (y != -1)
     total_tokens = int(n_valid.sum())
