@@ -145,6 +145,21 @@ def choose_split(rank_batch: int, micro: int, measured_tps: dict[int, float], bl
 def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: TrialSettings | None = None,
                    log: Callable[[str], None] = lambda s: None) -> ProbeResult:
     """Trials on a real device (CUDA, or the budgeted CPU device)."""
+    # A trial above the planning budget fails fast: on the budgeted CPU device the limit is lowered
+    # to the budget while probing, so such a trial raises OOM in its first step instead of
+    # running every step to be judged 'over budget' at the end.
+    saved_limit = getattr(device, "budget_bytes", None)
+    if saved_limit is not None:
+        device.budget_bytes = min(saved_limit, budget.budget_bytes)
+    try:
+        return _search_and_plan(cfg, device, budget, space, settings=settings, log=log)
+    finally:
+        if saved_limit is not None:
+            device.budget_bytes = saved_limit
+
+
+def _search_and_plan(cfg, device, budget: Budget, space: Space, *, settings: TrialSettings | None,
+                     log: Callable[[str], None]) -> ProbeResult:
     settings = settings or TrialSettings()
     info = device_info(device)
     shape = ModelShape.from_config(cfg)
@@ -189,9 +204,10 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
                                 compile=False, device=kind, ce_chunk_size=cfg.ce_chunk_size)
         m = min(max(start, 1), E)
         if fits(m):
-            lo, hi = m, None
-            while hi is None and lo < E:  # bracket upward: one step past the estimate, then doubling
-                nxt = min(E, max(lo + 1, int(lo * 1.15) + 1) if lo == m else lo * 2)
+            lo, hi, inc = m, None, 1
+            while hi is None and lo < E:  # bracket upward: one past the estimate, then +2, +4, ...
+                nxt = min(E, lo + inc)
+                inc *= 2
                 if fits(nxt):
                     lo = nxt
                 else:

@@ -25,7 +25,7 @@ class ProbeOptions:
     checkpointing: list[int] | None = None
     loss_impls: list[str] | None = None
     emulate_bytes: int | None = None  # on a bigger GPU: cap the process to this many bytes
-    trial_steps: int = 3
+    trial_steps: int = 2
     compile_backend: str = "inductor"
 
 

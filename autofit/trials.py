@@ -31,7 +31,7 @@ def set_allocator_conf() -> None:
 
 @dataclass
 class TrialSettings:
-    steps: int = 3  # optimizer steps; the first allocates AdamW state, the rest are timed
+    steps: int = 2  # optimizer steps; the first allocates AdamW state, the rest are timed
     compile_backend: str = "inductor"
     seed: int = 0
     # Treat a >3x jump in time per token as a spill to host memory. None: on CUDA only, where
