@@ -39,7 +39,8 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
     terms: list[BudgetTerm] = []
     if info.kind == "cpu":
         free = info.free_bytes
-        terms.append(BudgetTerm("CPU memory budget", free, f"given: {info.source}"))
+        terms.append(BudgetTerm("CPU memory budget", free,
+                                "set: --budget, or half of available RAM without it (budgeted CPU device)"))
         usable = free
     else:
         free = info.free_bytes
