@@ -329,6 +329,8 @@ class Trainer:
         progress = _Progress(enabled=opts.progress and self.master, total=stop_at, start=self.iter_num,
                              master=self.master)
         with self.meter.tracking(), _StopFlag() as stop, progress:
+            progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
+                           f"below are measured on this device")
             while True:
                 it = self.iter_num
                 if cfg.eval_interval > 0 and it % cfg.eval_interval == 0 and it != self.last_eval_iter \
@@ -396,9 +398,10 @@ class Trainer:
                            "micro_batches": res.micro_batches, "effective_batch": sum(res.micro_batches),
                            "peak_mem_bytes": peak, "compiled": self.compiled, "grad_norm": res.grad_norm}
                     self._log(rec)
+                    mem = f", peak {peak / 2**20:,.1f} MiB" if peak else ""
                     progress.print(f"step {it}: loss {res.loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
                                    f"{res.tokens / dt:,.0f} tok/s, micro-batch {max(res.micro_batches)}"
-                                   f" x {len(res.micro_batches)}")
+                                   f" x {len(res.micro_batches)}{mem}")
                 progress.advance()
         ckpt = self.save_checkpoint()
         if status == "interrupted":
