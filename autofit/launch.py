@@ -29,13 +29,15 @@ def _builtin_hardware(name: str) -> dict | None:
     return hw.model_dump(mode="json") if hw is not None else None
 
 
-def plan_fingerprint_inputs(cfg, info) -> dict:
+def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
     cuda = torch.version.cuda if info.kind == "cuda" else None
     summary = config_summary(cfg)
     # The plan picks the micro-batch itself: only the effective batch shapes it, so 16 x 32 and
     # 32 x 16 share one plan.
     summary.pop("batch_size", None)
     summary.pop("gradient_accumulation_steps", None)
+    if emulated_on:  # a plan fitted under emulation is not one fitted on the card itself
+        summary["emulated_on"] = emulated_on
     return fingerprint_inputs(summary, torch.__version__.split("+")[0], cuda,
                               info.driver_version if info.kind == "cuda" else None)
 
@@ -54,13 +56,13 @@ def hardware_dict_for(info, name: str) -> dict:
                      "compute_capability": list(info.compute_capability or ())}
 
 
-def save_probe(res: ProbeResult, cfg, name: str | None = None) -> tuple[str, str, object]:
+def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str | None = None) -> tuple[str, str, object]:
     """Stores the plan in the profile of the device it was measured on; returns (name, fingerprint, path)."""
     if res.mode != "measured":
         raise ProfileError("--save stores measured plans only; a simulated GPU gives estimates")
     info = res.device
     name = name or profile_name_for(info)
-    inputs = plan_fingerprint_inputs(cfg, info)
+    inputs = plan_fingerprint_inputs(cfg, info, emulated_on)
     fp = fingerprint(inputs)
     plan = FittedPlan(fingerprint=fp, fingerprint_inputs=inputs, config_summary=config_summary(cfg),
                       plan=res.plan, trials=res.trials)
@@ -104,6 +106,9 @@ def _apply_plan(cfg, plan: PlanRecord):
 def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
     def on_event(ev: dict) -> None:
         kind = ev.get("event")
+        if ev.get("injected"):  # a demo/test fault says nothing about the card: keep the profile
+            log(f"profile {name}: injected OOM at step {ev['step']} not recorded as a lesson")
+            return
         if kind in ("oom_shrink", "compile_oom_shrink"):
             record_event(name, fp, f"step {ev['step']}: {kind} {ev['old_micro_batch']} -> {ev['new_micro_batch']} "
                                    f"({ev.get('reason', '')})", safe_micro_batch=ev["new_micro_batch"])
@@ -129,17 +134,20 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
         raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(names)}; "
                            f"create one with autofit probe --save)")
     hw = saved.hardware or {}
+    emulated_on = None
     if hw.get("kind") == "cpu":
+        from autofit.budget import compute_budget
         probe_opts.device, probe_opts.budget_bytes = "cpu", int(hw["memory_bytes"])
         device = open_device(probe_opts)
+        info = device_info(device)
+        budget = compute_budget(info, probe_opts.margin)
     else:
-        device = _gpu_for_profile(profile, hw, emulate, probe_opts)
-    info = device_info(device)
-    if getattr(device, "memory_cap_bytes", None):
-        info = info.model_copy(update={"total_bytes": device.memory_cap_bytes,
-                                       "free_bytes": min(info.free_bytes, device.memory_cap_bytes)})
-    inputs = plan_fingerprint_inputs(cfg, info)
+        device, info, budget, emulated_on = _gpu_for_profile(profile, hw, emulate, probe_opts)
+        if emulated_on:
+            log(f"emulating {profile} on {emulated_on}: {info.note}")
+    inputs = plan_fingerprint_inputs(cfg, info, emulated_on)
     fp = fingerprint(inputs)
+    extra = {"profile": profile, "fingerprint": fp, **({"emulated_on": emulated_on} if emulated_on else {})}
     fitted = find_plan(saved, fp)
     if fitted is not None:
         plan = fitted.plan.model_copy(deep=True)
@@ -150,66 +158,55 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
         if fitted.compile_failed and plan.compile:
             notes.append("compile off: it ran out of memory in an earlier run")
             plan.compile = False
-        fit_sizes = sorted({t.micro_batch for t in fitted.trials if t.status == "fit" and not t.compile})
-        compiled = sorted({t.micro_batch for t in fitted.trials if t.status == "fit" and t.compile})
+        # sizes known to fit with the plan's own levers (a size that only fitted with recompute or
+        # the chunked loss is no refuge for this plan)
+        same = [t for t in fitted.trials if t.status == "fit" and
+                (t.dtype, t.checkpointing, t.loss_impl) == (plan.dtype, plan.checkpointing, plan.loss_impl)]
+        fit_sizes = sorted({t.micro_batch for t in same if not t.compile})
+        compiled = sorted({t.micro_batch for t in same if t.compile})
         src = (f"saved plan {fp} from profile {profile} (fitted {fitted.created:%Y-%m-%d %H:%M} UTC); no probe needed"
                + ("; " + "; ".join(notes) if notes else ""))
         return _launch(cfg, device, plan, fit_sizes, compiled, source=src, max_steps=max_steps, resume=resume,
                        progress=progress, on_event=_profile_recorder(profile, fp, log),
-                       plan_info_extra={"source": "profile", "profile": profile, "fingerprint": fp})
+                       plan_info_extra={"source": "profile", **extra})
     near = nearest_plan(saved, inputs)
     why = f"saved plans are stale ({'; '.join(near[1])})" if near else "no fitted plan for this config yet"
     log(f"profile {profile}: {why}; probing")
-    probe_opts_local = probe_opts
-    res, _, _ = run_probe(cfg, probe_opts_local, log=log) if hw.get("kind") == "cpu" else _probe_on(device, cfg, probe_opts, log)
-    _, fp, path = save_probe(res, cfg, name=profile)
+    from autofit.probe import probe_on
+    res = probe_on(cfg, device, info, budget, probe_opts, log)
+    _, fp, path = save_probe(res, cfg, name=profile, emulated_on=emulated_on)
     return _launch(cfg, device, res.plan, res.fit_sizes, res.compiled_fit_sizes,
                    source=f"probed just now ({why}); saved to {path} as {fp}", max_steps=max_steps,
                    resume=resume, progress=progress, probe=res, on_event=_profile_recorder(profile, fp, log),
-                   plan_info_extra={"source": "probe", "profile": profile, "fingerprint": fp})
-
-
-def _probe_on(device, cfg, probe_opts, log):
-    from autofit.budget import compute_budget
-    from autofit.devices import measure_cuda_context_bytes
-    from autofit.planner import candidate_space, probe_measured
-    from autofit.trials import TrialSettings
-    info = device_info(device)
-    cap = getattr(device, "memory_cap_bytes", None)
-    if cap:
-        info = info.model_copy(update={"total_bytes": cap, "free_bytes": min(info.free_bytes, cap)})
-    space = candidate_space(cfg, "cuda", info.bf16_supported, dtype=probe_opts.dtype, compile=probe_opts.compile,
-                            checkpointing=probe_opts.checkpointing, loss_impls=probe_opts.loss_impls)
-    budget = compute_budget(info, probe_opts.margin, context_bytes=measure_cuda_context_bytes(device.index))
-    res = probe_measured(cfg, device, budget, space, settings=TrialSettings(steps=probe_opts.trial_steps,
-                         compile_backend=probe_opts.compile_backend, seed=cfg.seed), log=log)
-    res.device = info
-    return res, device, None
+                   plan_info_extra={"source": "probe", **extra})
 
 
 def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
+    """The CUDA device for a GPU profile: (device, info, budget, emulated_on or None)."""
     from autofit.devices import CudaDevice, detect_gpu
+    from autofit.probe import prepare_cuda
+    from autofit.trials import set_allocator_conf
+    set_allocator_conf()  # before anything can initialise CUDA
     try:
         info = detect_gpu(probe_opts.gpu_index)
     except DeviceError as e:
         raise DeviceError(f"profile {profile} is for a GPU, and none was found ({e}); "
                           f"for an estimate without the card, run: autofit probe --gpu {profile}") from None
     here = slug_for(info.name, info.total_bytes)
-    if here == profile:
-        from autofit.trials import set_allocator_conf
-        set_allocator_conf()
-        return CudaDevice(probe_opts.gpu_index, info)
     cap = int(hw.get("memory_bytes") or 0)
-    if cap and info.total_bytes > cap:
+    if here != profile:
+        if not (cap and info.total_bytes > cap):
+            raise DeviceError(f"this GPU is {here}, not {profile} (and not larger); "
+                              f"probe it with autofit probe --save")
         if not emulate:
             raise DeviceError(f"this GPU is {here}, larger than the profile's {profile}; add --emulate to cap this "
                               f"process to {profile}'s memory and train as if on that card")
-        from autofit.trials import set_allocator_conf
-        set_allocator_conf()
-        dev = CudaDevice(probe_opts.gpu_index, info)
-        dev.set_memory_cap(cap)
-        return dev
-    raise DeviceError(f"this GPU is {here}, not {profile} (and not larger); probe it with autofit probe --save")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"NVML sees {info.name}, but this torch build has no CUDA support; install a CUDA build")
+    device = CudaDevice(probe_opts.gpu_index, info)
+    emulated_on = here if here != profile else None
+    info, budget = prepare_cuda(device, info, probe_opts.margin, cap if emulated_on else None)
+    return device, info, budget, emulated_on
 
 
 def _with_micro(plan: PlanRecord, micro: int) -> PlanRecord:

@@ -58,6 +58,9 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
     if device_kind == "cpu":
         # Dynamo compiles nothing while the budgeted CPU device's dispatch-mode tracker is
         # active (torch 2.13), so a compiled trial there would silently measure eager code.
+        if compile:
+            raise PlanError("--compile: torch.compile cannot be measured on the budgeted CPU device "
+                            "(its memory tracker keeps Dynamo from compiling); probe on a GPU, or use --gpu NAME")
         compiles = [False]
     return Space(dtypes=dtypes, compile=compiles,
                  checkpointing=checkpointing if checkpointing is not None else sorted({cfg.checkpointing, 0, 1}),
@@ -287,8 +290,13 @@ def _search_and_plan(cfg, device, budget: Budget, space: Space, *, settings: Tri
             if smaller:
                 r = trial(c.model_copy(update={"micro_batch": smaller[-1]}))
         compiled_fits = sorted(t.micro_batch for t in trials if t.compile and t.status == "fit")
-        if r.status == "fit" and (r.tokens_per_s or 0) > (best.tokens_per_s or 0):
+        forced = False not in space.compile  # --compile: the plan must be compiled
+        if r.status == "fit" and (forced or (r.tokens_per_s or 0) > (best.tokens_per_s or 0)):
             chosen = r
+        elif forced:
+            raise PlanError(f"--compile: no compiled candidate fits the {fmt_bytes(budget.budget_bytes)} budget "
+                            f"(tried micro-batch {c.micro_batch}" + (f" and {r.micro_batch}" if r.micro_batch !=
+                            c.micro_batch else "") + "); drop --compile to let an eager plan win")
     same = [t for t in fits if levers(t) == levers(chosen)]
     measured_tps = {t.micro_batch: t.tokens_per_s for t in same if t.tokens_per_s}
     micro_batches, why_split = choose_split(E, chosen.micro_batch, measured_tps, cfg.block_size)
@@ -411,6 +419,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
     est_tps = {m: estimated_tokens_per_s(shape, m, best.dtype, best.checkpointing, hw)
                for m in range(1, best.micro_batch + 1)}
     micro_batches, why_split = choose_split(E, best.micro_batch, est_tps, cfg.block_size)
+    best.tokens_per_s = est_tps[max(micro_batches)]  # the rate of the size the plan runs
     est = estimate_peak(shape, max(micro_batches), dtype=best.dtype, checkpointing=best.checkpointing,
                         loss_impl=best.loss_impl, device="cuda", ce_chunk_size=cfg.ce_chunk_size,
                         n_micro=min(2, len(micro_batches)))

@@ -39,6 +39,7 @@ def open_device(opts: ProbeOptions):
         return BudgetedCpuDevice(budget_bytes=opts.budget_bytes)
     if opts.budget_bytes is not None:
         raise DeviceError("--budget applies to the CPU device only; on a GPU the budget is free memory x (1 - margin)")
+    set_allocator_conf()  # before anything can initialise CUDA (detect_gpu's fallback does)
     try:
         info = detect_gpu(opts.gpu_index)  # NVML first: no CUDA context yet
     except DeviceError:
@@ -48,8 +49,38 @@ def open_device(opts: ProbeOptions):
     if not torch.cuda.is_available():
         raise DeviceError(f"NVML sees {info.name}, but this torch build has no CUDA support "
                           f"(torch {torch.__version__}); install a CUDA build of torch")
-    set_allocator_conf()
     return CudaDevice(opts.gpu_index, info)
+
+
+EMULATE_NOTE = ("emulated: this process is capped (set_per_process_memory_fraction) to the profile's "
+                "capacity less the CUDA context; the context and library workspaces differ between cards, "
+                "so this approximates the smaller card")
+
+
+def prepare_cuda(device, info, margin: float, emulate_cap: int | None = None):
+    """Measures the CUDA context, applies an emulation cap, and returns (info, budget)."""
+    from autofit.budget import ASSUMED_CONTEXT_BYTES
+    # NVML's free memory was read before our CUDA context existed; torch.cuda's fallback figure
+    # was read after, and already excludes it.
+    after_init = info.source.startswith("torch.cuda")
+    context = 0 if after_init else measure_cuda_context_bytes(device.index, free_before_bytes=info.free_bytes)
+    if emulate_cap is not None:
+        # On the real card the context comes out of its capacity before the allocator gets any.
+        ctx = context if context else ASSUMED_CONTEXT_BYTES
+        device.set_memory_cap(max(2**20, emulate_cap - ctx))
+        info = info.model_copy(update={"total_bytes": emulate_cap, "free_bytes": min(info.free_bytes, emulate_cap),
+                                       "note": EMULATE_NOTE})
+    return info, compute_budget(info, margin, context_bytes=context)
+
+
+def probe_on(cfg, device, info, budget, opts: ProbeOptions, log: Callable[[str], None]) -> ProbeResult:
+    """The measured probe on an opened device whose budget is known."""
+    space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
+                            compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls)
+    settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
+    result = probe_measured(cfg, device, budget, space, settings=settings, log=log)
+    result.device = info
+    return result
 
 
 def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: None):
@@ -66,20 +97,8 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
         return probe_estimated(cfg, info, hw, budget, space), None, hw
     device = open_device(opts)
     info = device_info(device)
-    context = None
     if info.kind == "cuda":
-        free_before = info.free_bytes
-        if opts.emulate_bytes is not None:
-            device.set_memory_cap(opts.emulate_bytes)
-            info = info.model_copy(update={"total_bytes": opts.emulate_bytes,
-                                           "free_bytes": min(info.free_bytes, opts.emulate_bytes),
-                                           "note": "emulated: process capped with set_per_process_memory_fraction; "
-                                                   "context and workspaces differ between cards, so this approximates"})
-        context = measure_cuda_context_bytes(opts.gpu_index, free_before_bytes=free_before)
-    space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
-                            compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls)
-    budget = compute_budget(info, opts.margin, context_bytes=context)
-    settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
-    result = probe_measured(cfg, device, budget, space, settings=settings, log=log)
-    result.device = info
-    return result, device, None
+        info, budget = prepare_cuda(device, info, opts.margin, opts.emulate_bytes)
+    else:
+        budget = compute_budget(info, opts.margin)
+    return probe_on(cfg, device, info, budget, opts, log), device, None

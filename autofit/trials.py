@@ -25,8 +25,12 @@ ALLOC_CONF = "expandable_segments:True"
 
 
 def set_allocator_conf() -> None:
-    """Must run before CUDA initialises; a user's own setting wins."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+    """Environment for CUDA, set before CUDA initialises (the allocator reads its settings once).
+    A user's own setting wins, under either name (PYTORCH_ALLOC_CONF is the newer one).
+    CUDA_DEVICE_ORDER=PCI_BUS_ID makes torch's device index agree with NVML's numbering."""
+    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 
 
 @dataclass
@@ -57,10 +61,18 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
-    fwd = state["fwd"] = torch.compile(model, backend=settings.compile_backend) if cand.compile else model
+    if cand.compile:
+        # A fresh compile per trial (no graphs cached from the last one) and static shapes, as the
+        # trainer compiles: each micro-batch shape gets its own graph, no dynamic-shape retrace.
+        torch._dynamo.reset()
+    fwd = state["fwd"] = torch.compile(model, backend=settings.compile_backend, dynamic=False) \
+        if cand.compile else model
     # Two micro-batches per step when training will accumulate: the second forward then runs
-    # with the first's gradients alive, as in training.
+    # with the first's gradients alive, as in training. Compiled, the second one has the short
+    # last size of the ragged split, so that shape's compile is measured too.
     micro = [cand.micro_batch] * (2 if rank_batch > cand.micro_batch else 1)
+    if cand.compile and len(micro) == 2 and rank_batch % cand.micro_batch:
+        micro[1] = rank_batch % cand.micro_batch
     g = torch.Generator().manual_seed(settings.seed)
     n = sum(micro)
     state["x"] = x = torch.randint(0, cfg.vocab_size, (n, cfg.block_size), generator=g)
@@ -121,9 +133,12 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
             max(rec.measured_peak_bytes, rec.measured_reserved_bytes or 0) > capacity_bytes:
         rec.status = "spill"
         rec.note = "memory above the card's capacity: the driver spilled to host RAM instead of raising OOM"
-    elif rec.measured_peak_bytes is not None and rec.measured_peak_bytes > budget_bytes:
+    elif rec.measured_peak_bytes is not None and \
+            max(rec.measured_peak_bytes, rec.measured_reserved_bytes or 0) > budget_bytes:
+        # On CUDA what runs out is reserved memory (the caching allocator's segments), which is
+        # never below allocated, so the plan must fit with its reserved peak.
         rec.status = "over_budget"
-        rec.note = "ran, but its peak is above the budget"
+        rec.note = "ran, but its peak (reserved, on CUDA) is above the budget"
     else:
         rec.status = "fit"
     return rec

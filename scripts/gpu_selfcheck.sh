@@ -7,14 +7,24 @@
 #    the plan and trains 60 steps with torch.compile switched on at step 30 and an OOM injected
 #    at step 40;
 # 3. prints estimated vs measured peak per trial, the plan, tokens/s and MFU against this card's
-#    real peak, and whether the run finished all steps; writes the same as JSON under OUT_DIR.
+#    real peak, whether compile switched on at 30, the OOM at 40 was survived and all 60 steps
+#    finished; writes the same as JSON to OUT_DIR/selfcheck.json.
+# Set AUTOFIT_SKIP_SETUP=1 where autofit and a CUDA torch are installed already (offline machines).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-selfcheck-out}
+rm -rf "$OUT/run" "$OUT/home" "$OUT/selfcheck.json"  # a rerun starts clean: no saved plan, no old metrics
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-bash scripts/setup_env.sh || exit 1
-PY=.venv/bin/python
+if [ "${AUTOFIT_SKIP_SETUP:-0}" = 1 ] || python3 -c "import autofit, torch" 2>/dev/null; then
+  PY=$(command -v python3); AUTOFIT="$PY -m autofit.cli"
+else
+  bash scripts/setup_env.sh || exit 1
+  PY=.venv/bin/python; AUTOFIT="$PY -m autofit.cli"
+fi
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
+  echo "gpu_selfcheck: torch $($PY -c 'import torch; print(torch.__version__)') sees no CUDA GPU; nothing to check" >&2
+  exit 1; }
 export AUTOFIT_HOME="$OUT/home" PYTHONUNBUFFERED=1
 
 echo "== 1. cuda-marked tests"
@@ -25,8 +35,8 @@ echo "== 2. probe + train: GPT-2 124M, seed batch shape, emulating rtx4070-12gb"
 CFG=(--preset gpt2-124m --set dataset=embedded --set batch_size=16 --set gradient_accumulation_steps=32
      --set block_size=1024 --set dtype=bfloat16 --set compile=True --set compile_after=30
      --set max_iters=60 --set lr_decay_iters=60 --set warmup_iters=10 --set eval_interval=0
-     --set log_interval=1 --out "$OUT/run")
-AUTOFIT_FAULT_OOM_AT_STEP=40 timeout 420 .venv/bin/autofit run --profile rtx4070-12gb --emulate \
+     --set log_interval=1 --checkpointing 0 --compile --out "$OUT/run")
+AUTOFIT_FAULT_OOM_AT_STEP=40 timeout 480 $AUTOFIT run --profile rtx4070-12gb --emulate \
   --no-progress "${CFG[@]}" 2>&1 | tee "$OUT/run.log"
 run_rc=${PIPESTATUS[0]}
 

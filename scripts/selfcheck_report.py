@@ -14,12 +14,21 @@ from autofit.units import fmt_bytes
 
 
 def main(out: Path, tests_rc: int, run_rc: int) -> int:
-    recs = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = out / "run" / "metrics.jsonl"
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if not any(r["type"] == "run" for r in recs):
+        (out / "selfcheck.json").write_text(json.dumps({"cuda_tests_rc": tests_rc, "run_rc": run_rc,
+                                                        "steps_finished": 0, "error": "the run never trained"}))
+        print(f"cuda tests exit {tests_rc}; run exit {run_rc}; the run never trained (see {out / 'run.log'})")
+        return 1
+    last = max(i for i, r in enumerate(recs) if r["type"] == "run")  # this run only
+    recs = recs[last:]
     run = recs[0]
     trains = [r for r in recs if r["type"] == "train"]
     events = [r for r in recs if r["type"] == "event"]
     prof = load_profile("rtx4070-12gb")
-    fitted = next(iter(prof.plans.values())) if prof and prof.plans else None
+    fp = (run.get("plan") or {}).get("fingerprint")
+    fitted = prof.plans.get(fp) if prof and fp else None
     info = detect_gpu(0)
     here = load_builtin().get(slug_for(info.name, info.total_bytes))
     cfg = run["config"]
@@ -56,8 +65,21 @@ def main(out: Path, tests_rc: int, run_rc: int) -> int:
     print(f"events: {[(e['step'], e['event']) for e in events]}")
     print(f"steady tokens/s (steps 45+, measured): {tps:,.0f}" if tps else "steady tokens/s: n/a")
     print(f"MFU vs this card's dense bf16 peak {peak_tflops} TFLOP/s: {mfu:.1%}" if mfu else "MFU: n/a")
+    compile_on = [e["step"] for e in events if e["event"] == "compile_on"]
+    oom = [e for e in events if e["event"] in ("oom_shrink", "compile_oom_shrink", "compile_fallback_eager")]
+    effective = {r["effective_batch"] for r in trains}
+    checks = {
+        "compile switched on at step 30": compile_on == [30],
+        "OOM injected at step 40 recovered": any(e["step"] == 40 for e in oom),
+        "effective batch unchanged (512)": effective == {512},
+        "all 60 steps finished": len(trains) == 60,
+    }
+    summary["checks"] = checks
+    (out / "selfcheck.json").write_text(json.dumps(summary, indent=2))
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
     print(f"finished {len(trains)} of 60 steps")
-    return 0 if tests_rc == 0 and run_rc == 0 and len(trains) == 60 else 1
+    return 0 if tests_rc == 0 and run_rc == 0 and all(checks.values()) else 1
 
 
 if __name__ == "__main__":

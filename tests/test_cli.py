@@ -157,3 +157,23 @@ def test_larger_gpu_than_profile_needs_emulate(monkeypatch, capsys):
     monkeypatch.setattr(devices, "detect_gpu", lambda index=0: smaller)
     code, _, err = cli(monkeypatch, capsys, "run", "--profile", "rtx4070-12gb")
     assert code == 2 and "rtx3060ti" in err and "not rtx4070-12gb" in err
+
+
+def test_injected_oom_is_not_written_into_the_profile(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--checkpointing", "0", "--loss", "standard", "--save", "--json")
+    assert code == 0, err
+    name = json.loads(out)["saved"]["profile"]
+    monkeypatch.setenv("AUTOFIT_FAULT_OOM_AT_STEP", "1")
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--max-steps", "2",
+                         "--out", "o", "--no-progress")
+    assert code == 0, err
+    assert "not recorded" in err
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "show", name, "--json")
+    plan = next(iter(json.loads(out)["plans"].values()))
+    assert plan.get("safe_micro_batch") is None and not plan.get("events")
+
+
+def test_compile_cannot_be_forced_on_the_cpu_device(monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL, "--compile")
+    assert code == 2 and "--compile" in err and "budgeted CPU" in err

@@ -138,3 +138,17 @@ def test_fault_injector_fires_once_at_step():
         pass
     opt.zero_grad(set_to_none=True)
     train_step(m, opt, x, y, [2, 2], step=3, fault=f)  # fires once only
+
+
+def test_is_oom_sees_through_compiler_wrapping():
+    from trainer.meter import is_oom
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("backend='inductor' raised: see above") from inner
+    except RuntimeError as outer:
+        assert is_oom(outer)
+    assert is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"))
+    assert not is_oom(RuntimeError("shape mismatch"))
+    assert not is_oom(ValueError("out of memory"))  # only runtime errors carry allocator messages

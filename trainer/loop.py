@@ -23,10 +23,13 @@ from trainer.config import TrainConfig
 from trainer.data import BatchSampler, load_dataset
 from trainer.meter import MemoryMeter, default_meter, is_oom
 from trainer.model import GPT, GPTConfig, clean_state_dict
-from trainer.step import FaultInjector, make_optimizer, split_batch, train_step
+from trainer.step import FaultInjector, InjectedOOM, make_optimizer, split_batch, train_step
 
 DEFAULT_COMPILE_AFTER = 20  # eager steps before torch.compile, when neither config nor plan says
 THRASH_STEPS = 3  # consecutive steps with rising allocator retries that count as an OOM
+# OOMs in the first steps after torch.compile switches on (or after a compiled shrink) are blamed
+# on compilation: tracing and autotuning raise the peak above the steady state.
+COMPILE_WINDOW = 3
 
 
 class TrainError(RuntimeError):
@@ -168,6 +171,7 @@ class Trainer:
         self.forward = self.model  # becomes the compiled module after compile_after steps
         self.compiled = False
         self.compile_failed = False  # compile OOMed and we fell back to eager: stay eager
+        self.compile_window_end = -1
         self.eval_micro_batch = opts.eval_micro_batch or max(self.micro_batches)
         if opts.resume:
             with self.meter.tracking():  # the loaded optimizer state counts against a budget
@@ -209,7 +213,7 @@ class Trainer:
             "compile_failed": self.compile_failed,
             "micro_batches": list(self.micro_batches),
             "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
         atomic_torch_save(state, self.ckpt_path)
         return self.ckpt_path
@@ -238,8 +242,17 @@ class Trainer:
         self.compile_failed = bool(ck.get("compile_failed", False))
         torch.set_rng_state(ck["rng_cpu"].cpu())
         if ck.get("rng_cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ck["rng_cuda"].cpu())
+            torch.cuda.set_rng_state(ck["rng_cuda"].cpu(), self.device)
         del ck
+
+    def _rng_state(self) -> tuple:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set_rng_state(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
 
     # ----------------------------------------------------------------- memory recovery
     def _cleanup_after_oom(self) -> None:
@@ -256,26 +269,32 @@ class Trainer:
             return self.opts.shrink(failed)
         return failed // 2 if failed > 1 else None
 
-    def _shrink(self, reason: str, in_compile_window: bool) -> None:
+    def _shrink(self, reason: str, injected: bool = False) -> None:
+        """Smaller micro-batches after an OOM (or allocator thrashing); the caller redoes the step.
+        In the first compiled steps the OOM is blamed on compilation: a smaller size that a
+        compiled trial showed to fit, else eager at the same size (eager trials showed it fits)."""
         failed = max(self.micro_batches)
-        if self.compiled and in_compile_window:
+        extra = {"injected": True} if injected else {}
+        if self.compiled and self.iter_num < self.compile_window_end:
             smaller = [s for s in self.opts.compiled_fit_sizes if s < failed]
             if smaller:
                 new = max(smaller)
                 self.micro_batches = split_batch(self.rank_batch, new)
-                self._event("compile_oom_shrink", reason=reason, old_micro_batch=failed,
-                            new_micro_batch=new, micro_batches=self.micro_batches)
+                self._event("compile_oom_shrink", reason=reason, old_micro_batch=failed, new_micro_batch=new,
+                            micro_batches=self.micro_batches, effective_batch=sum(self.micro_batches), **extra)
                 return
             self.forward, self.compiled, self.compile_failed = self.model, False, True
-            self._event("compile_fallback_eager", reason=reason, micro_batch=failed)
+            self._event("compile_fallback_eager", reason=reason, micro_batch=failed, **extra)
             return
         new = self._next_micro_batch(failed)
         if not new or new >= failed:
             raise TrainError(f"out of memory at step {self.iter_num} with micro-batch {failed}, "
                              f"and no smaller micro-batch is left to try ({reason})")
         self.micro_batches = split_batch(self.rank_batch, new)
+        if self.compiled:  # the new shapes compile now: the compile fallbacks apply again
+            self.compile_window_end = self.iter_num + COMPILE_WINDOW
         self._event("oom_shrink", reason=reason, old_micro_batch=failed, new_micro_batch=new,
-                    micro_batches=self.micro_batches, effective_batch=sum(self.micro_batches))
+                    micro_batches=self.micro_batches, effective_batch=sum(self.micro_batches), **extra)
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -349,21 +368,22 @@ class Trainer:
                     status = "interrupted"
                     break
                 if cfg.compile and not self.compiled and not self.compile_failed and it >= self.compile_after:
-                    self.forward = torch.compile(self.model, backend=opts.compile_backend)
+                    # static shapes: the full and the short last micro-batch each get a graph,
+                    # with no dynamic-shape retrace, as the trials compiled them
+                    torch._dynamo.reset()
+                    self.forward = torch.compile(self.model, backend=opts.compile_backend, dynamic=False)
                     self.compiled = True
+                    self.compile_window_end = it + COMPILE_WINDOW
                     self._event("compile_on", backend=opts.compile_backend)
-                # OOMs in the first compiled steps are blamed on compilation (tracing and
-                # autotuning raise the peak), and are answered by the compile fallbacks
-                in_compile_window = self.compiled and it < self.compile_after + 3
                 lr = lr_at(it, cfg)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 x, y = self.sampler.sample("train", self.rank_batch)  # the whole step's batch, once
-                rng = torch.get_rng_state()  # a redone step draws the same dropout masks
+                rng = self._rng_state()  # a redone step draws the same dropout masks
                 t0 = time.perf_counter()
                 while True:
                     self.meter.reset_peak()
-                    failure = None
+                    failure, injected = None, False
                     try:
                         res = train_step(self.model, self.optimizer, x, y, self.micro_batches,
                                          dtype=self.dtype, scaler=self.scaler, grad_clip=cfg.grad_clip,
@@ -372,11 +392,12 @@ class Trainer:
                         if not is_oom(e):
                             raise
                         failure = str(e).splitlines()[0][:200]
+                        injected = isinstance(e, InjectedOOM)
                     if failure is None:
                         break
                     self._cleanup_after_oom()
-                    self._shrink(failure, in_compile_window)
-                    torch.set_rng_state(rng)
+                    self._shrink(failure, injected)
+                    self._set_rng_state(rng)
                     t0 = time.perf_counter()
                 dt = time.perf_counter() - t0
                 self.iter_num = it + 1
@@ -389,7 +410,7 @@ class Trainer:
                     rising = rising + 1 if prev_retries is not None and r > prev_retries else 0
                     prev_retries = r
                     if rising >= THRASH_STEPS and max(self.micro_batches) > 1:
-                        self._shrink(f"allocator retries rose for {rising} steps", False)
+                        self._shrink(f"allocator retries rose for {rising} steps")
                         rising = 0
                 if it % cfg.log_interval == 0 or self.iter_num == stop_at:
                     rec = {"type": "train", "step": it, "loss": res.loss, "lr": lr,

@@ -26,12 +26,18 @@ OOM_MESSAGES = (
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True when `exc` means the device ran out of memory."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    if isinstance(exc, RuntimeError):
-        msg = str(exc).lower()
-        return any(m in msg for m in OOM_MESSAGES)
+    """True when `exc` means the device ran out of memory. torch.compile wraps an OOM raised while
+    compiling (BackendCompilerFailed, InductorError), so the chain of causes is searched too."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        if isinstance(exc, RuntimeError):
+            msg = str(exc).lower()
+            if any(m in msg for m in OOM_MESSAGES):
+                return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
     return False
 
 

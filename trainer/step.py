@@ -55,6 +55,11 @@ def make_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
 
+class InjectedOOM(torch.OutOfMemoryError):
+    """A real torch.OutOfMemoryError (handled as any other), marked so that a demo or test fault
+    is not written into a saved profile as a lesson about the card."""
+
+
 class FaultInjector:
     """Raises a real torch.OutOfMemoryError at the first micro-batch of optimizer step `at_step`,
     once. Read from AUTOFIT_FAULT_OOM_AT_STEP so tests and demos can exercise OOM recovery."""
@@ -76,7 +81,7 @@ class FaultInjector:
     def check(self, step: int | None, micro_index: int) -> None:
         if self.at_step is not None and not self.fired and step == self.at_step and micro_index == 0:
             self.fired = True
-            raise torch.OutOfMemoryError(
+            raise InjectedOOM(
                 f"injected out-of-memory at optimizer step {step} (AUTOFIT_FAULT_OOM_AT_STEP)")
 
 
