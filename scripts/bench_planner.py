@@ -401,13 +401,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     cases = QUICK_CASES if args.quick else CASES
+    commit = git_commit()  # read before the run: the code measured is the code imported now
     t0 = time.perf_counter()
     done: dict[str, dict] = {}
     for c in cases:
         done[c.name] = run_case(c, log, done)
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "python": platform.python_version()},
-           "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "margin": MARGIN,
+           "date": time.strftime("%Y-%m-%d"), "commit": commit, "margin": MARGIN,
            "cases": list(done.values())}
     groups = {"accurate estimate": [c for c in out["cases"] if c["kind"] == "accurate"],
               "estimate wrong (dropout, simulated mis-estimates)": [c for c in out["cases"] if c["kind"] != "accurate"]}
