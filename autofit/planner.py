@@ -20,6 +20,7 @@ from autofit.units import fmt_bytes
 from trainer.loop import DEFAULT_COMPILE_AFTER
 from trainer.step import describe_split, split_batch
 
+NOISE = 0.05  # relative tokens/s differences below this are treated as measurement noise
 SPILL_SLOWDOWN = 3.0  # time per token more than 3x the next smaller size's: spilled to host RAM
 ASSUMED_MFU = 0.40  # estimated mode only: fraction of the card's peak bf16/fp16 rate reached
 
@@ -206,9 +207,40 @@ def _search_and_plan(cfg, device, budget: Budget, space: Space, *, settings: Tri
         start = max_micro_batch(shape, budget.budget_bytes, dtype=dt, checkpointing=ck, loss_impl=li,
                                 compile=False, device=kind, ce_chunk_size=cfg.ce_chunk_size)
         m = min(max(start, 1), E)
+        def predict(lo: int) -> int | None:
+            """The largest size that lo's measured peak, plus the estimate's bytes per sequence
+            scaled by how far the estimate was off at lo, leaves within the budget."""
+            r = cache[mk(lo)]
+            if not (r.measured_peak_bytes and r.estimated_peak_bytes):
+                return None
+            per_seq = (_est(shape, mk(lo + 1), kind, cfg) - r.estimated_peak_bytes) \
+                * r.measured_peak_bytes / r.estimated_peak_bytes
+            room = budget.budget_bytes - max(r.measured_peak_bytes, r.measured_reserved_bytes or 0)
+            return min(E, lo + int(room // per_seq)) if per_seq > 0 else E
+
+        def refine(lo: int, hi: int | None) -> tuple[int, int | None]:
+            """The estimate may be off on this device: anchor it on a measured fit and try the
+            size it then predicts, and the one just past it."""
+            pred = predict(lo)
+            if pred is None:
+                return lo, hi
+            if hi is not None:
+                pred = min(pred, hi - 1)
+            if pred > lo:
+                if not fits(pred):
+                    return lo, pred
+                lo = pred
+                if lo < E and (hi is None or lo + 1 < hi):
+                    if fits(lo + 1):
+                        lo += 1
+                    else:
+                        hi = lo + 1
+            return lo, hi
+
         if fits(m):
-            lo, hi, inc = m, None, 1
-            while hi is None and lo < E:  # bracket upward: one past the estimate, then +2, +4, ...
+            lo, hi = refine(m, None)
+            inc = 1
+            while hi is None and lo < E:  # bracket upward: one past, then +2, +4, ...
                 nxt = min(E, lo + inc)
                 inc *= 2
                 if fits(nxt):
@@ -226,6 +258,7 @@ def _search_and_plan(cfg, device, budget: Budget, space: Space, *, settings: Tri
                 else:
                     hi = min(hi, nxt)
                     nxt = max(1, nxt // 2)
+            lo, hi = refine(lo, hi)
         lo = bisect(lo, hi)
         # The spill check needs a smaller size to compare time per token with: run half the
         # size if nothing smaller ran, and back off if the found size turns out to be a spill.
@@ -278,7 +311,11 @@ def _search_and_plan(cfg, device, budget: Budget, space: Space, *, settings: Tri
     if not fits:
         _nothing_fits(cfg, trials, budget, shape, kind)
     _retime_contenders(cfg, device, budget, fits, settings, E, log)
-    best = max(fits, key=lambda t: t.tokens_per_s or 0.0)
+    # Rates within NOISE of the fastest are a tie (a trial times few steps): take the largest
+    # micro-batch among them, the one with the fewest accumulation steps.
+    top = max(t.tokens_per_s or 0.0 for t in fits)
+    best = max((t for t in fits if (t.tokens_per_s or 0.0) >= (1 - NOISE) * top),
+               key=lambda t: (t.micro_batch, t.tokens_per_s or 0.0))
     chosen = best
     levers = lambda t: (t.dtype, t.checkpointing, t.loss_impl)
     compiled_fits: list[int] = []
@@ -307,7 +344,8 @@ def _search_and_plan(cfg, device, budget: Budget, space: Space, *, settings: Tri
                         loss_impl=chosen.loss_impl, compile=chosen.compile, device=kind,
                         ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)))
     n_fit = len([t for t in trials if t.status == "fit"])
-    reason = (f"highest measured tokens/s ({chosen.tokens_per_s:,.0f}) of {n_fit} fitting trials; "
+    reason = (f"highest measured tokens/s ({chosen.tokens_per_s:,.0f}; rates within {NOISE:.0%} count as a tie, "
+              f"won by the larger micro-batch) of {n_fit} fitting trials; "
               f"measured peak {fmt_bytes(peak)} within the {fmt_bytes(budget.budget_bytes)} budget; {why_split}")
     plan = PlanRecord(mode="measured", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
                       micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size,
