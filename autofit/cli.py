@@ -163,15 +163,42 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         raise UsageError("--max-steps must be >= 0")
     if emulate and profile is None:
         raise UsageError("--emulate needs --profile NAME (the card to emulate)")
+    if profile is not None and budget is not None:
+        raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
+    log = lambda s: err_console.print(f"[dim]{s}[/]")
+    if not resume:
+        # checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
+        # overwrite a checkpoint; bad data is reported before trials, not after them
+        if (Path(cfg.out_dir) / "ckpt.pt").exists():
+            raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
+                             f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
+        from trainer.data import load_dataset
+        load_dataset(cfg.dataset).check_vocab(cfg.vocab_size)
+    if resume:  # the checkpoint's own config and plan: no probe, the same run continues
+        from autofit.launch import prepare_resume
+        if config is not None or preset is not None or profile is not None:
+            log("--resume: the checkpoint's config and plan are used; --config/--preset/--profile are ignored")
+        launch = prepare_resume(cfg.out_dir, overrides, gpu_index=gpu_index, max_steps=max_steps,
+                                progress=not no_progress, log=log)
+        console.print(f"[bold]plan[/]: {launch.source}")
+        _report_run(train(launch.cfg, launch.opts), launch.cfg)
+        return
     if no_probe:
         if profile is not None:
             raise UsageError("--no-probe and --profile exclude each other")
-        result = train(cfg, RunOptions(max_steps=max_steps, resume=resume, progress=not no_progress))
+        meter = dev = None
+        if device == "cpu" or budget is not None:  # the budgeted CPU device enforces --budget here too
+            from autofit.cpu_budget import BudgetedCpuDevice
+            meter = BudgetedCpuDevice(budget_bytes=_size(budget, "--budget"))
+            dev = meter.torch_device
+        elif device == "cuda":
+            import torch
+            dev = torch.device("cuda", gpu_index)
+        result = train(cfg, RunOptions(max_steps=max_steps, progress=not no_progress, meter=meter, device=dev))
         _report_run(result, cfg)
         return
     from autofit.launch import prepare_run
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
-    log = lambda s: err_console.print(f"[dim]{s}[/]")
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
                          resume=resume, progress=not no_progress, log=log)
     p = launch.plan
@@ -261,7 +288,7 @@ def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", he
 def _report_run(result, cfg) -> None:
     if result.status == "interrupted":
         err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
-                          f"continue with --resume --out {cfg.out_dir}")
+                          f"continue with: autofit run --resume --out {cfg.out_dir}")
         raise typer.Exit(130)
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     msg = f"done: {result.steps} optimizer steps"

@@ -219,9 +219,64 @@ def _with_micro(plan: PlanRecord, micro: int) -> PlanRecord:
 def _launch(cfg, device, plan: PlanRecord, fit_sizes, compiled_fit_sizes, *, source: str, max_steps, resume,
             progress, probe=None, on_event=None, plan_info_extra=None) -> Launch:
     run_cfg = _apply_plan(cfg, plan)
-    plan_info = {**plan.model_dump(mode="json"), **(plan_info_extra or {}), "description": source}
+    plan_info = {**plan.model_dump(mode="json"), **(plan_info_extra or {}), "description": source,
+                 "fit_sizes": sorted(fit_sizes), "compiled_fit_sizes": sorted(compiled_fit_sizes)}
     opts = RunOptions(micro_batch=plan.micro_batch, compile_after=plan.compile_after,
                       compiled_fit_sizes=list(compiled_fit_sizes), shrink=shrink_policy(fit_sizes),
                       on_event=on_event, plan_info=plan_info, max_steps=max_steps, resume=resume,
                       meter=device, device=device.torch_device, progress=progress)
     return Launch(cfg=run_cfg, opts=opts, device=device, plan=plan, source=source, probe=probe)
+
+
+def prepare_resume(out_dir: str, overrides: list[str], *, gpu_index: int, max_steps: int | None, progress: bool,
+                   log: Callable[[str], None]) -> Launch:
+    """`autofit run --resume`: the checkpoint's config and plan, on the device it ran on, with no
+    probe, so the continuation is the same run. --set may change what does not shape the model
+    (e.g. max_iters); the trainer refuses model changes."""
+    import json
+    from pathlib import Path
+
+    from trainer.config import TrainConfig, parse_override
+    from trainer.loop import read_checkpoint
+    ck = read_checkpoint(Path(out_dir) / "ckpt.pt")
+    cfg = TrainConfig(**ck["config"])
+    for item in overrides:
+        key, value = parse_override(item)
+        setattr(cfg, key, value)
+    cfg.out_dir = str(out_dir)
+    plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
+    if ck.get("device_kind") == "cuda":
+        from autofit.devices import CudaDevice, detect_gpu
+        from autofit.trials import set_allocator_conf
+        set_allocator_conf()
+        device = CudaDevice(gpu_index, detect_gpu(gpu_index))
+        if ck.get("cuda_memory_cap_bytes"):
+            device.set_memory_cap(int(ck["cuda_memory_cap_bytes"]))
+        torch_device = device.torch_device
+    elif ck.get("cpu_budget_bytes"):
+        from autofit.cpu_budget import BudgetedCpuDevice
+        device = BudgetedCpuDevice(budget_bytes=int(ck["cpu_budget_bytes"]))
+        torch_device = device.torch_device
+    else:
+        device, torch_device = None, torch.device("cpu")
+    micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
+    plan = PlanRecord(**{k: v for k, v in plan_info.items() if k in PlanRecord.model_fields}) \
+        if plan_info.get("mode") else None
+    log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
+        f"(micro-batch {micro}); no probe")
+    opts = RunOptions(micro_batch=micro, compile_after=plan.compile_after if plan else None,
+                      compiled_fit_sizes=list(plan_info.get("compiled_fit_sizes", [])),
+                      shrink=shrink_policy(plan_info.get("fit_sizes", [])),
+                      plan_info={**plan_info, "resumed": True} if plan_info else None,
+                      max_steps=max_steps, resume=True, meter=device, device=torch_device, progress=progress)
+    if plan is None:  # a run started with --no-probe: no plan to show
+        from trainer.step import describe_split, split_batch
+        mbs = split_batch(cfg.effective_batch, micro)
+        plan = PlanRecord(mode="measured", micro_batch=micro, grad_accum=len(mbs), micro_batches=mbs,
+                          effective_batch=cfg.effective_batch, block_size=cfg.block_size,
+                          dtype=cfg.resolved_dtype(torch_device.type, True), compile=cfg.compile,
+                          compile_after=cfg.compile_after or 0, checkpointing=cfg.checkpointing,
+                          loss_impl=cfg.loss_impl, budget_bytes=int(ck.get("cpu_budget_bytes") or 0),
+                          split=describe_split(mbs), reason="the config as written (--no-probe)")
+    return Launch(cfg=cfg, opts=opts, device=device, plan=plan,
+                  source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")

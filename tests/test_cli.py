@@ -177,3 +177,34 @@ def test_injected_oom_is_not_written_into_the_profile(tmp_path, monkeypatch, cap
 def test_compile_cannot_be_forced_on_the_cpu_device(monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL, "--compile")
     assert code == 2 and "--compile" in err and "budgeted CPU" in err
+
+
+def test_resume_continues_the_same_plan_without_probing(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "1500KB", *SMALL,
+                         "--checkpointing", "0", "--max-steps", "2", "--out", "o", "--no-progress")
+    assert code == 0, err
+    first = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    plan = first[0]["plan"]
+    # a fresh run into the same directory is refused before any probe
+    code, _, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "1500KB", *SMALL,
+                       "--out", "o", "--no-progress")
+    assert code == 2 and "--resume" in err and "trial:" not in err
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--max-steps", "4", "--no-progress")
+    assert code == 0, err
+    assert "trial:" not in err and "no probe" in err
+    recs = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    runs = [r for r in recs if r["type"] == "run"]
+    assert len(runs) == 2 and runs[1]["resumed_at"] == 2 and runs[1]["plan"]["resumed"]
+    assert runs[1]["plan"]["loss_impl"] == plan["loss_impl"] and runs[1]["config"] == runs[0]["config"]
+    steps = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3]
+    assert all(r["peak_mem_bytes"] for r in steps)  # still on the budgeted device
+
+
+def test_no_probe_run_still_enforces_the_cpu_budget(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--budget", "1MB", *SMALL,
+                         "--set", "batch_size=16", "--set", "gradient_accumulation_steps=1",
+                         "--max-steps", "2", "--out", "o", "--no-progress")
+    recs = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "oom_shrink" for r in recs) or code != 0
+    assert all(r["peak_mem_bytes"] <= 1_000_000 for r in recs if r["type"] == "train")

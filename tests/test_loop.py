@@ -243,8 +243,22 @@ def test_resume_without_checkpoint(tmp_path):
 def test_resume_corrupt_checkpoint(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(TrainError, match="cannot read checkpoint"):
+    with pytest.raises(TrainError, match="not a valid autofit checkpoint"):
         train(make_cfg(tmp_path), opts(resume=True))
+
+
+def test_foreign_torch_file_is_not_a_checkpoint(tmp_path):
+    torch.save({"a": 1}, tmp_path / "ckpt.pt")
+    with pytest.raises(TrainError, match="not an autofit checkpoint"):
+        train(make_cfg(tmp_path), opts(resume=True))
+
+
+def test_a_fresh_run_refuses_to_overwrite_a_checkpoint(tmp_path):
+    train(make_cfg(tmp_path), opts(max_steps=1))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(TrainError, match="--resume"):
+        train(make_cfg(tmp_path), opts(max_steps=1))
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
 # ------------------------------------------------------------------------------- OOM recovery
@@ -536,3 +550,11 @@ def test_sigint_checkpoints_and_resume_finishes(tmp_path, baseline):
     res2 = train(make_cfg(tmp_path), opts(resume=True))
     assert res2.status == "finished" and res2.steps == STEPS
     assert_losses_close(train_losses(tmp_path), train_losses(baseline[1]), rtol=1e-6)
+
+
+def test_a_fatal_oom_keeps_the_completed_steps(tmp_path):
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(TrainError, match="no smaller micro-batch"):
+        train(cfg, opts(max_steps=4, fault=FaultInjector(2), shrink=lambda failed: None))
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ck["iter_num"] == 2

@@ -46,9 +46,11 @@ class TrainConfig(BaseModel):
     eval_interval: int = Field(2000, ge=0)  # 0: never evaluate
     log_interval: int = Field(1, gt=0)
     eval_iters: int = Field(200, ge=0)  # 0: never evaluate
-    eval_only: bool = False  # accepted from nanoGPT configs, ignored
+    eval_only: Literal[False] = False  # accepted from nanoGPT configs; only False is supported
     always_save_checkpoint: bool = True
-    init_from: str = "scratch"  # accepted from nanoGPT configs, ignored (resume is a run option)
+    # accepted from nanoGPT configs; only 'scratch' (resuming is `autofit run --resume`; loading
+    # GPT-2 weights is not supported yet), so a fine-tune config cannot silently train from scratch
+    init_from: Literal["scratch"] = "scratch"
     # wandb logging: accepted from nanoGPT configs, ignored
     wandb_log: bool = False
     wandb_project: str = "owt"

@@ -92,6 +92,23 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.resolved_dtype(device.type, bf16)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_sampler", "rng_cpu")
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Loads with weights_only=True (no code in a checkpoint runs) and checks it is ours."""
+    if not path.exists():
+        raise TrainError(f"--resume: no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # corrupt, truncated, or a pickle that wants to run code
+        raise TrainError(f"{path} is not a valid autofit checkpoint (unreadable with weights_only=True)") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise TrainError(f"{path} is not an autofit checkpoint (missing {', '.join(missing)})")
+    return ck
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Temp file, fsync, rename: a crash mid-write never leaves a half checkpoint at `path`."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -156,8 +173,17 @@ class Trainer:
         self.compile_after = (opts.compile_after if opts.compile_after is not None
                               else cfg.compile_after if cfg.compile_after is not None
                               else DEFAULT_COMPILE_AFTER)
-        self.fault = opts.fault or FaultInjector.from_env()
+        try:
+            self.fault = opts.fault or FaultInjector.from_env()
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise TrainError(f"--out {self.out_dir} is a file, not a directory")
+        if self.ckpt_path.exists() and not opts.resume and self.master:
+            # a forgotten --resume must not overwrite a run's checkpoint
+            raise TrainError(f"{self.ckpt_path} exists: continue it with --resume, or choose another --out")
         self.events: list[dict] = []
+        self._progress: _Progress | None = None
         self.iter_num = 0
         self.best_val_loss = float("inf")
         self.last_eval_iter = -1
@@ -193,6 +219,19 @@ class Trainer:
         ev = {"type": "event", "event": kind, "step": self.iter_num, **info}
         self.events.append(ev)
         self._log(ev)
+        text = {
+            "oom_shrink": "out of memory{inj}: micro-batch {old_micro_batch} -> {new_micro_batch}, "
+                          "effective batch {effective_batch} unchanged; redoing step {step} on the same data",
+            "compile_oom_shrink": "out of memory while compiled{inj}: compiled micro-batch {old_micro_batch} -> "
+                                  "{new_micro_batch}; redoing step {step}",
+            "compile_fallback_eager": "out of memory while compiling{inj}: back to eager at micro-batch "
+                                      "{micro_batch}; redoing step {step}",
+            "eval_oom_shrink": "out of memory in evaluation: eval micro-batch now {eval_micro_batch} "
+                               "(training plan unchanged)",
+            "compile_on": "torch.compile switched on at step {step} ({backend})",
+        }.get(kind)
+        if text and self._progress is not None:
+            self._progress.print(text.format(inj=" (injected)" if info.get("injected") else "", **ev))
         if self.opts.on_event is not None:
             self.opts.on_event(ev)
 
@@ -212,6 +251,11 @@ class Trainer:
             "eval_sampler": self.eval_sampler.state_dict(),
             "compile_failed": self.compile_failed,
             "micro_batches": list(self.micro_batches),
+            # what `autofit run --resume` needs to continue the same plan on the same device
+            "plan": json.dumps(self.opts.plan_info) if self.opts.plan_info else None,
+            "device_kind": self.device.type,
+            "cpu_budget_bytes": getattr(self.meter, "budget_bytes", None),
+            "cuda_memory_cap_bytes": getattr(self.meter, "memory_cap_bytes", None),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
@@ -221,10 +265,7 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         if not self.ckpt_path.exists():
             raise TrainError(f"--resume: no checkpoint at {self.ckpt_path}")
-        try:
-            ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
-        except Exception as e:  # a corrupt or foreign file
-            raise TrainError(f"cannot read checkpoint {self.ckpt_path}: {str(e).splitlines()[0]}") from None
+        ck = read_checkpoint(self.ckpt_path, self.device)
         saved = TrainConfig(**ck["config"])
         for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"):
             if getattr(saved, key) != getattr(self.cfg, key):
@@ -345,8 +386,8 @@ class Trainer:
         tokens = 0
         status = "finished"
         prev_retries, rising = None, 0
-        progress = _Progress(enabled=opts.progress and self.master, total=stop_at, start=self.iter_num,
-                             master=self.master)
+        progress = self._progress = _Progress(enabled=opts.progress and self.master, total=stop_at,
+                                              start=self.iter_num, master=self.master)
         with self.meter.tracking(), _StopFlag() as stop, progress:
             progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
                            f"below are measured on this device")
@@ -396,7 +437,11 @@ class Trainer:
                     if failure is None:
                         break
                     self._cleanup_after_oom()
-                    self._shrink(failure, injected)
+                    try:
+                        self._shrink(failure, injected)
+                    except TrainError:
+                        self.save_checkpoint()  # keep the steps that did complete
+                        raise
                     self._set_rng_state(rng)
                     t0 = time.perf_counter()
                 dt = time.perf_counter() - t0
@@ -439,7 +484,8 @@ class _Progress:
         from rich.console import Console
         self.enabled = enabled
         self.master = master
-        self.console = Console()
+        import sys
+        self.console = Console(width=None if sys.stdout.isatty() else 120)  # piped logs: no wrapping at 80
         self.bar = None
         if enabled:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
