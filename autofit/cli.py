@@ -85,6 +85,8 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
     if checkpointing is not None:
         try:
             ck = sorted({int(v) for v in checkpointing.split(",")})
+            if any(v < 0 for v in ck):
+                raise ValueError
         except ValueError:
             raise UsageError(f"--checkpointing takes a comma list of block intervals (0=off), got {checkpointing!r}") from None
     li = None
@@ -134,6 +136,10 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
         print(json.dumps(out, indent=2))
         return
     render_probe(res, console)
+    if res.mode == "estimated":
+        src = f"--config {config} " if config else (f"--preset {preset} " if preset else "")
+        console.print(f"[bold]next[/]: on the {opts.gpu} itself, measure, save and train in one go:")
+        console.print(f"  autofit run --profile {opts.gpu} {src}".rstrip(), soft_wrap=True)
     if saved:
         console.print(f"saved to profile [bold]{saved['profile']}[/] ({saved['path']}), plan {saved['fingerprint']}; "
                       f"train with: autofit run --profile {saved['profile']}")
@@ -250,7 +256,8 @@ def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help=
         print(json.dumps(prof.model_dump(mode="json"), indent=2))
         return
     hw = prof.hardware or {}
-    console.print(f"[bold]{prof.name}[/]: {hw.get('gpu', '?')}, {_fmt(hw.get('memory_bytes'))}"
+    mem = hw.get("memory_bytes")
+    console.print(f"[bold]{prof.name}[/]: {hw.get('gpu', '?')}, {_fmt(mem) if isinstance(mem, int) else '?'}"
                   + (f", compute capability {'.'.join(map(str, hw['compute_capability']))}" if hw.get('compute_capability') else "")
                   + (f", peak dense bf16 {hw['peak_bf16_tflops']} TFLOP/s" if hw.get('peak_bf16_tflops') else "")
                   + (f", {hw['memory_bandwidth_gbs']} GB/s" if hw.get('memory_bandwidth_gbs') else ""))
@@ -300,7 +307,7 @@ def _report_run(result, cfg) -> None:
 def main() -> None:
     errors = _user_errors()
     try:
-        app()
+        code = app(standalone_mode=False)
     except errors as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"autofit: error: {msg}", file=sys.stderr)
@@ -308,6 +315,17 @@ def main() -> None:
     except KeyboardInterrupt:
         print("autofit: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        # click's (or typer's vendored click's) usage errors carry exit code 2 and a message:
+        # one line too, instead of a boxed multi-line panel
+        if getattr(e, "exit_code", None) == 2 and hasattr(e, "format_message"):
+            print(f"autofit: error: {e.format_message().strip().splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+        if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
+            print("autofit: interrupted", file=sys.stderr)
+            sys.exit(130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
