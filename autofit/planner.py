@@ -344,9 +344,12 @@ def _search_and_plan(cfg, device, budget: Budget, space: Space, *, settings: Tri
                         loss_impl=chosen.loss_impl, compile=chosen.compile, device=kind,
                         ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)))
     n_fit = len([t for t in trials if t.status == "fit"])
+    cpu_compile_note = ("; compile=True in the config is not measured on the budgeted CPU device (its tracker "
+                        "keeps Dynamo from compiling), so the plan is eager" if kind == "cpu" and cfg.compile else "")
     reason = (f"highest measured tokens/s ({chosen.tokens_per_s:,.0f}; rates within {NOISE:.0%} count as a tie, "
               f"won by the larger micro-batch) of {n_fit} fitting trials; "
-              f"measured peak {fmt_bytes(peak)} within the {fmt_bytes(budget.budget_bytes)} budget; {why_split}")
+              f"measured peak {fmt_bytes(peak)} within the {fmt_bytes(budget.budget_bytes)} budget; {why_split}"
+              f"{cpu_compile_note}")
     plan = PlanRecord(mode="measured", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
                       micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size,
                       dtype=chosen.dtype, compile=chosen.compile,
@@ -397,17 +400,21 @@ def _compile_after(cfg) -> int:
     return min(DEFAULT_COMPILE_AFTER, max(1, cfg.max_iters // 10))
 
 
-def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, shape: ModelShape, kind: str):
+def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, shape: ModelShape, kind: str,
+                  estimated: bool = False):
     measured = [t.measured_peak_bytes for t in trials if t.measured_peak_bytes]
+    ests = [t.estimated_peak_bytes for t in trials if t.estimated_peak_bytes]
     if measured:
         smallest = f"smallest measured peak {fmt_bytes(min(measured))}"
+    elif estimated:
+        smallest = f"smallest estimated peak {fmt_bytes(min(ests))}" if ests else "no estimate"
     else:
-        ests = [t.estimated_peak_bytes for t in trials if t.estimated_peak_bytes]
         smallest = f"smallest estimated peak {fmt_bytes(min(ests))} (every trial ran out of memory)" if ests \
             else "no trial could run"
+    bigger = "a larger --budget" if kind == "cpu" else "a bigger GPU"
     raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}, even at "
-                    f"micro-batch 1 with every lever tried; try a shorter block_size (now {cfg.block_size}), "
-                    f"a smaller model (n_layer {cfg.n_layer}, n_embd {cfg.n_embd}), or a bigger GPU")
+                    f"micro-batch 1 with every lever tried; a shorter block_size (now {cfg.block_size}), "
+                    f"a smaller model than n_layer {cfg.n_layer} / n_embd {cfg.n_embd}, or {bigger} would help")
 
 
 def estimated_tokens_per_s(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: int, hw) -> float:
@@ -453,7 +460,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
         if best is None or tps > best.tokens_per_s:
             best = rec
     if best is None:
-        _nothing_fits(cfg, trials, budget, shape, "cuda")
+        _nothing_fits(cfg, trials, budget, shape, "cuda", estimated=True)
     est_tps = {m: estimated_tokens_per_s(shape, m, best.dtype, best.checkpointing, hw)
                for m in range(1, best.micro_batch + 1)}
     micro_batches, why_split = choose_split(E, best.micro_batch, est_tps, cfg.block_size)

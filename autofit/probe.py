@@ -73,8 +73,18 @@ def prepare_cuda(device, info, margin: float, emulate_cap: int | None = None):
     return info, compute_budget(info, margin, context_bytes=context)
 
 
+BIG_FOR_CPU = 20_000_000  # parameters: above this, real trials on a CPU take minutes each
+
+
 def probe_on(cfg, device, info, budget, opts: ProbeOptions, log: Callable[[str], None]) -> ProbeResult:
     """The measured probe on an opened device whose budget is known."""
+    from autofit.estimate import ModelShape, param_count
+    from autofit.units import fmt_bytes
+    log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)}")
+    n = param_count(ModelShape.from_config(cfg))
+    if info.kind == "cpu" and n > BIG_FOR_CPU and opts.device is None:
+        log(f"no GPU found: measuring a {n / 1e6:.0f}M-parameter model with real trials on the CPU will be slow; "
+            f"for a GPU you do not have here, estimate with --gpu NAME (e.g. --gpu rtx4070-12gb)")
     space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
                             compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls)
     settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
