@@ -75,8 +75,11 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
         micro[1] = rank_batch % cand.micro_batch
     g = torch.Generator().manual_seed(settings.seed)
     n = sum(micro)
-    state["x"] = x = torch.randint(0, cfg.vocab_size, (n, cfg.block_size), generator=g)
-    state["y"] = y = torch.randint(0, cfg.vocab_size, (n, cfg.block_size), generator=g)
+    # Training samples the whole optimizer step's batch on the host. On a GPU that is host
+    # memory; on the budgeted CPU device it counts, so hold a batch of that size here too.
+    rows = max(n, rank_batch) if tdev.type == "cpu" else n
+    state["x"] = x = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size), generator=g)[:n]
+    state["y"] = y = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size), generator=g)[:n]
     device.reset_peak()
     times = []
     for i in range(settings.steps):

@@ -558,3 +558,4 @@ def test_a_fatal_oom_keeps_the_completed_steps(tmp_path):
         train(cfg, opts(max_steps=4, fault=FaultInjector(2), shrink=lambda failed: None))
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ck["iter_num"] == 2
+
