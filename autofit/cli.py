@@ -77,7 +77,7 @@ def _size(value: Optional[str], flag: str) -> Optional[int]:
         raise UsageError(f"{flag}: {e}") from None
 
 
-def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss) -> "ProbeOptions":
+def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss):
     from autofit.probe import ProbeOptions
     if not 0.0 <= margin < 1.0:
         raise UsageError(f"--margin must be in [0, 1), got {margin}")

@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from autofit.devices import DeviceError, cpu_info
-from autofit.hardware import cpu_slug, get_hardware, load_builtin, slug_for
+from autofit.devices import DeviceError
+from autofit.hardware import cpu_slug, load_builtin, slug_for
 from autofit.planner import ProbeResult, device_info
 from autofit.probe import ProbeOptions, open_device, run_probe
 from autofit.profiles import (FittedPlan, ProfileError, find_plan, fingerprint, fingerprint_inputs,

@@ -167,7 +167,7 @@ def test_metrics_log_interval_and_measured_peak(tmp_path):
 def test_resume_gives_the_same_losses(tmp_path, dropout, eval_interval):
     full = tmp_path / "full"
     split = tmp_path / "split"
-    r_full = train(make_cfg(full, dropout=dropout, eval_interval=eval_interval), opts())
+    train(make_cfg(full, dropout=dropout, eval_interval=eval_interval), opts())
     r1 = train(make_cfg(split, dropout=dropout, eval_interval=eval_interval), opts(max_steps=HALF))
     assert r1.steps == HALF and r1.status == "finished" and len(r1.losses) == HALF
     r2 = train(make_cfg(split, dropout=dropout, eval_interval=eval_interval), opts(resume=True))
