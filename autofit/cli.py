@@ -318,8 +318,11 @@ def main() -> None:
     except Exception as e:
         # click's (or typer's vendored click's) usage errors carry exit code 2 and a message:
         # one line too, instead of a boxed multi-line panel
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `autofit`: the help was shown
+            sys.exit(0)
         if getattr(e, "exit_code", None) == 2 and hasattr(e, "format_message"):
-            print(f"autofit: error: {e.format_message().strip().splitlines()[0]}", file=sys.stderr)
+            msg = e.format_message().strip()
+            print(f"autofit: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
             sys.exit(2)
         if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
             print("autofit: interrupted", file=sys.stderr)
