@@ -66,3 +66,9 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
     budget = int(usable * (1.0 - margin))
     terms.append(BudgetTerm(f"safety margin {margin:.0%}", budget - usable, "chosen: --margin"))
     return Budget(budget_bytes=budget, usable_bytes=usable, margin=margin, terms=terms)
+
+
+def device_budget(device, margin: float = 0.10) -> Budget:
+    """The budget of an opened autofit.device.Device: its DeviceInfo, less the memory it measured
+    outside the allocator (`context_bytes`, CUDA only; None means assumed), times (1 - margin)."""
+    return compute_budget(device.info, margin, context_bytes=device.context_bytes)

@@ -161,7 +161,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
-    from trainer.loop import RunOptions, train
+    from trainer.loop import train
     cfg = load_train_config(config, preset, overrides)
     if out is not None:
         cfg.out_dir = str(out)
@@ -173,13 +173,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     if not resume:
-        # checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
-        # overwrite a checkpoint; bad data is reported before trials, not after them
-        if (Path(cfg.out_dir) / "ckpt.pt").exists():
-            raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
-                             f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
-        from trainer.data import load_dataset
-        load_dataset(cfg.dataset).check_vocab(cfg.vocab_size)
+        _check_fresh_run(cfg)
     if resume:  # the checkpoint's own config and plan: no probe, the same run continues
         from autofit.launch import prepare_resume
         if config is not None or preset is not None or profile is not None:
@@ -192,30 +186,47 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     if no_probe:
         if profile is not None:
             raise UsageError("--no-probe and --profile exclude each other")
-        meter = dev = None
-        if device == "cpu" or budget is not None:  # the budgeted CPU device enforces --budget here too
-            from autofit.cpu_budget import BudgetedCpuDevice
-            meter = BudgetedCpuDevice(budget_bytes=_size(budget, "--budget"))
-            dev = meter.torch_device
-        elif device == "cuda":
-            import torch
-            dev = torch.device("cuda", gpu_index)
-        result = train(cfg, RunOptions(max_steps=max_steps, progress=not no_progress, meter=meter, device=dev))
+        result = train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
         _report_run(result, cfg)
         return
     from autofit.launch import prepare_run
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
                          resume=resume, progress=not no_progress, log=log)
-    p = launch.plan
     console.print(f"[bold]plan[/]: {launch.source}")
-    console.print(f"  micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
-                  f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
-                  f"checkpointing {p.checkpointing or 'off'}, loss {p.loss_impl}; "
-                  + (f"measured peak {_fmt(p.measured_peak_bytes)}" if p.measured_peak_bytes else
-                     f"estimated peak {_fmt(p.estimated_peak_bytes)}") + f" of {_fmt(p.budget_bytes)} budget")
-    result = train(launch.cfg, launch.opts)
-    _report_run(result, launch.cfg)
+    console.print(_plan_line(launch.plan))
+    _report_run(train(launch.cfg, launch.opts), launch.cfg)
+
+
+def _plan_line(p) -> str:
+    return (f"  micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
+            f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
+            f"checkpointing {p.checkpointing or 'off'}, loss {p.loss_impl}; "
+            + (f"measured peak {_fmt(p.measured_peak_bytes)}" if p.measured_peak_bytes else
+               f"estimated peak {_fmt(p.estimated_peak_bytes)}") + f" of {_fmt(p.budget_bytes)} budget")
+
+
+def _check_fresh_run(cfg) -> None:
+    """Checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
+    overwrite a checkpoint; bad data is reported before trials, not after them."""
+    if (Path(cfg.out_dir) / "ckpt.pt").exists():
+        raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
+                         f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
+    from trainer.data import load_dataset
+    load_dataset(cfg.dataset).check_vocab(cfg.vocab_size)
+
+
+def _no_probe_options(cfg, device, budget, gpu_index, max_steps, progress):
+    """The config as written, on the device asked for (--device, else the config's device), opened
+    as every command opens it: --budget gives the budgeted CPU device, a plain CPU measures
+    nothing (and compiles for real)."""
+    from autofit.devices import open_device
+    from trainer.loop import RunOptions
+    if device is None and cfg.device != "auto":
+        device, _, idx = cfg.device.partition(":")
+        gpu_index = int(idx) if idx else gpu_index
+    dev = open_device(device, budget_bytes=_size(budget, "--budget"), gpu_index=gpu_index, cpu="plain")
+    return RunOptions(max_steps=max_steps, progress=progress, meter=dev, device=dev.torch_device)
 
 
 def _fmt(n):

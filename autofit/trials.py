@@ -8,33 +8,21 @@ trace in the training run.
 from __future__ import annotations
 
 import gc
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from autofit.records import Candidate, TrialRecord
-from trainer.meter import is_oom
+from trainer.compiler import compile_model
 from trainer.model import GPT, GPTConfig
 from trainer.step import make_optimizer, train_step
-
-# Trials and training share this allocator setting: with expandable segments, changing the
-# micro-batch does not leave the cache fragmented into blocks of the old size.
-ALLOC_CONF = "expandable_segments:True"
-
-
-def set_allocator_conf() -> None:
-    """Environment for CUDA, set before CUDA initialises (the allocator reads its settings once).
-    A user's own setting wins, under either name (PYTORCH_ALLOC_CONF is the newer one).
-    CUDA_DEVICE_ORDER=PCI_BUS_ID makes torch's device index agree with NVML's numbering."""
-    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 
 
 @dataclass
 class TrialSettings:
+    """How trials run: optimizer steps per trial, the compile backend, the seed of the model and
+    batch, and whether to treat a large slowdown as a spill."""
     steps: int = 2  # optimizer steps; the first allocates AdamW state, the rest are timed
     compile_backend: str = "inductor"
     seed: int = 0
@@ -61,12 +49,9 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
-    if cand.compile:
-        # A fresh compile per trial (no graphs cached from the last one) and static shapes, as the
-        # trainer compiles: each micro-batch shape gets its own graph, no dynamic-shape retrace.
-        torch._dynamo.reset()
-    fwd = state["fwd"] = torch.compile(model, backend=settings.compile_backend, dynamic=False) \
-        if cand.compile else model
+    # A fresh compile per trial (no graphs cached from the last one), compiled as the trainer
+    # compiles it.
+    fwd = state["fwd"] = compile_model(model, settings.compile_backend) if cand.compile else model
     # Two micro-batches per step when training will accumulate: the second forward then runs
     # with the first's gradients alive, as in training. Compiled, the second one has the short
     # last size of the ragged split, so that shape's compile is measured too.
@@ -92,8 +77,7 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
         if not torch.isfinite(torch.tensor(res.loss)):
             rec.note = "loss is not finite"
     rec.measured_peak_bytes = device.peak_bytes()
-    if hasattr(device, "peak_reserved_bytes"):
-        rec.measured_reserved_bytes = device.peak_reserved_bytes()
+    rec.measured_reserved_bytes = device.peak_reserved_bytes()
     steady = times[1:] or times
     step_s = sum(steady) / len(steady)
     rec.tokens_per_s = n * cfg.block_size / step_s
@@ -104,6 +88,12 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
 def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: int,
               capacity_bytes: int | None = None, estimated_peak_bytes: int | None = None,
               settings: TrialSettings | None = None) -> TrialRecord:
+    """One candidate for `settings.steps` optimizer steps of `rank_batch` sequences on `device`
+    (an autofit.device.Device), as the trainer would run them. Returns its TrialRecord: status
+    'fit' (ran every step, peak within `budget_bytes`; on CUDA the reserved peak counts), 'oom',
+    'over_budget', 'spill' (memory above `capacity_bytes`: the driver paged to host RAM) or
+    'error', with measured peak allocated/reserved bytes and tokens/s from the steps after the
+    first. Raises ValueError for fewer than 2 steps."""
     settings = settings or TrialSettings()
     if settings.steps < 2:
         raise ValueError("a trial runs at least 2 optimizer steps (the first allocates AdamW state)")
@@ -116,7 +106,7 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         try:
             _run_steps(state, cfg, cand, device, rank_batch, settings, rec)
         except Exception as e:  # classify only; clean up below, outside the except block
-            kind = "oom" if is_oom(e) else "error"
+            kind = "oom" if device.is_oom(e) else "error"
             failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
         # The traceback (and with it the failed step's activations) is released once the except
         # block has ended; now drop our own references and give the memory back.

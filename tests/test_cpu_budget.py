@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autofit.cpu_budget import BudgetedCpuDevice, LiveBytesTracker
-from autofit.devices import DeviceError
+from autofit.device import DeviceError
 from autofit.units import GiB, MiB
 from trainer.meter import MemoryMeter, is_oom
 from trainer.model import GPT, GPTConfig
@@ -75,7 +75,7 @@ def test_lowering_budget_midway():
 
 def test_budgeted_device_is_a_memory_meter():
     dev: MemoryMeter = BudgetedCpuDevice(64 * MiB)
-    info = dev.info()
+    info = dev.info
     assert info.kind == "cpu" and info.total_bytes == 64 * MiB
 
 

@@ -6,9 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import autofit.devices as devices
-from autofit.devices import (CudaDevice, DeviceError, DeviceInfo, NvmlUnavailable, cpu_info,
-                             detect_gpu, query_nvml)
+import autofit.cpu as cpu
+import autofit.cuda as cuda
+from autofit.cpu import cpu_info
+from autofit.cuda import CudaDevice, detect_gpu
+from autofit.device import DeviceError, DeviceInfo
+from autofit.nvml import NvmlUnavailable, query_nvml
 from autofit.units import GiB, MiB
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -195,22 +198,22 @@ def test_cpu_info():
     info = cpu_info(2 * GiB)
     assert info.kind == "cpu" and info.total_bytes == info.free_bytes == 2 * GiB and info.source == "cpu"
     default = cpu_info(None)
-    avail = devices.available_ram_bytes()
+    avail = cpu.available_ram_bytes()
     # Half of what is available, give or take what other processes did in between.
-    assert abs(default.total_bytes - avail * devices.DEFAULT_CPU_BUDGET_SHARE) < 0.1 * avail
+    assert abs(default.total_bytes - avail * cpu.DEFAULT_CPU_BUDGET_SHARE) < 0.1 * avail
     assert "50%" in default.note
     with pytest.raises(DeviceError):
         cpu_info(0)
 
 
 def test_available_ram_respects_cgroup_limit(monkeypatch):
-    monkeypatch.setattr(devices, "_cgroup_available_bytes", lambda: 1 * MiB)
-    assert devices.available_ram_bytes() == 1 * MiB
+    monkeypatch.setattr(cpu, "_cgroup_available_bytes", lambda: 1 * MiB)
+    assert cpu.available_ram_bytes() == 1 * MiB
 
 
 def test_measure_context_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert devices.measure_cuda_context_bytes(0) is None
+    assert cuda.measure_cuda_context_bytes(0) is None
 
 
 @pytest.mark.cuda
@@ -223,7 +226,7 @@ def test_real_gpu():
     x = torch.empty(64 * MiB, dtype=torch.uint8, device=dev.torch_device)
     assert dev.peak_bytes() >= 64 * MiB and dev.current_bytes() >= 64 * MiB
     assert dev.peak_reserved_bytes() >= dev.peak_bytes()
-    ctx = devices.measure_cuda_context_bytes(0)
+    ctx = cuda.measure_cuda_context_bytes(0)
     assert ctx is not None and 50 * MiB < ctx < 4 * GiB
     del x
     dev.cleanup()
@@ -254,14 +257,14 @@ def _torch_info(total, free):
 
 def test_detect_gpu_falls_back_to_torch_cuda(nvml, monkeypatch):
     nvml(gpus=[], init_error=NVMLError_NoPermission)
-    monkeypatch.setattr(devices, "query_torch_cuda", lambda i: _torch_info(10 * GiB, 9 * GiB))
+    monkeypatch.setattr(cuda, "query_torch_cuda", lambda i: _torch_info(10 * GiB, 9 * GiB))
     assert detect_gpu(0).source == "torch.cuda"
 
 
 def test_detect_gpu_with_mig_takes_torch_memory_figures(nvml, monkeypatch):
     nvml(gpus=[A100], procs=[], mig=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(devices, "query_torch_cuda", lambda i: _torch_info(10 * GiB, 9 * GiB))
+    monkeypatch.setattr(cuda, "query_torch_cuda", lambda i: _torch_info(10 * GiB, 9 * GiB))
     info = detect_gpu(0)
     assert info.mig and info.source == "nvml+torch.cuda"
     assert (info.total_bytes, info.free_bytes) == (10 * GiB, 9 * GiB)

@@ -16,9 +16,12 @@ import torch
 
 from autofit.cpu_budget import BudgetedCpuDevice
 from trainer.config import load_config
-from trainer.loop import RunOptions, Trainer, TrainError, atomic_torch_save, lr_at, train
-from trainer.meter import NullMeter
+from trainer.checkpoint import atomic_torch_save
+from trainer.errors import TrainError
+from trainer.loop import RunOptions, Trainer, train
+from trainer.meter import MeterCapabilities, NullMeter
 from trainer.model import GPT, GPTConfig, clean_state_dict
+from trainer.schedule import lr_at
 from trainer.step import FaultInjector
 
 CPU = torch.device("cpu")
@@ -429,6 +432,7 @@ def test_eval_oom_at_eval_micro_batch_one_propagates(tmp_path, monkeypatch):
 
 class ThrashingMeter(NullMeter):
     """Allocator retries rise over the first four steps, then stay flat."""
+    capabilities = MeterCapabilities(measures=False, reserved=False, alloc_retries=True, compile=True)
 
     def __init__(self):
         self.n = 0
@@ -559,3 +563,20 @@ def test_a_fatal_oom_keeps_the_completed_steps(tmp_path):
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ck["iter_num"] == 2
 
+
+
+class ReservedMeter(NullMeter):
+    """A meter with a caching allocator's two readings (as CUDA's): allocated and reserved."""
+    capabilities = MeterCapabilities(measures=True, reserved=True, alloc_retries=False, compile=True)
+
+    def peak_bytes(self) -> int:
+        return 1000
+
+    def peak_reserved_bytes(self) -> int:
+        return 3000
+
+
+def test_metrics_record_allocated_and_reserved_peaks(tmp_path):
+    train(make_cfg(tmp_path, eval_interval=0), opts(meter=ReservedMeter(), max_steps=2))
+    for r in records(tmp_path, "train"):
+        assert (r["peak_mem_bytes"], r["peak_reserved_bytes"]) == (1000, 3000)

@@ -1,14 +1,18 @@
 """Memory meters and OOM classification, shared by the trainer and the launcher.
 
-A meter is anything with `tracking()` (a context manager that is active while training tensors
-live), `reset_peak()`, `peak_bytes()` and `cleanup()`. The trainer ships two: CUDA (torch's
-caching-allocator statistics) and a null meter for an unbudgeted CPU. autofit adds the budgeted
-CPU device, which implements the same four methods.
+A meter (the MemoryMeter protocol) is what the trainer asks about memory: a context that is active
+while training tensors live (`tracking()`), the peak allocated and reserved bytes since
+`reset_peak()`, the allocator's retry count, `cleanup()` after an out-of-memory error, OOM
+classification, and a `spec()` that says how to reopen the same device on resume. What a meter can
+measure is declared in its `capabilities`, never probed with hasattr. The trainer ships two: CUDA
+(torch's caching-allocator statistics) and a null meter for an unbudgeted CPU. autofit's devices
+(autofit.device.Device) implement the same protocol, the budgeted CPU device among them.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+from dataclasses import dataclass
 from typing import ContextManager, Protocol
 
 import torch
@@ -41,15 +45,42 @@ def is_oom(exc: BaseException) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class MeterCapabilities:
+    """What a meter's readings mean, declared by each implementation.
+
+    measures: peak_bytes() is a measurement of this device's memory (False: plain CPU, simulated).
+    reserved: peak_reserved_bytes() reads a caching allocator's reserved bytes (CUDA only).
+    alloc_retries: alloc_retries() counts the allocator's free-and-retry events (the thrash check).
+    compile: torch.compile really compiles while tracking() is active (False on the budgeted CPU
+        device: Dynamo traces nothing under its TorchDispatchMode, torch 2.13).
+    """
+    measures: bool
+    reserved: bool
+    alloc_retries: bool
+    compile: bool
+
+
+NO_MEASUREMENT = MeterCapabilities(measures=False, reserved=False, alloc_retries=False, compile=True)
+
+
 class MemoryMeter(Protocol):
+    capabilities: MeterCapabilities
+
     def tracking(self) -> ContextManager: ...
     def reset_peak(self) -> None: ...
     def peak_bytes(self) -> int | None: ...
+    def peak_reserved_bytes(self) -> int | None: ...
+    def current_bytes(self) -> int | None: ...
+    def alloc_retries(self) -> int | None: ...
     def cleanup(self) -> None: ...
+    def is_oom(self, exc: BaseException) -> bool: ...
+    def spec(self) -> dict: ...
 
 
 class NullMeter:
     """Plain CPU: nothing is measured (peak_bytes is None, never a made-up number)."""
+    capabilities = NO_MEASUREMENT
 
     def tracking(self) -> ContextManager:
         return contextlib.nullcontext()
@@ -60,12 +91,28 @@ class NullMeter:
     def peak_bytes(self) -> int | None:
         return None
 
+    def peak_reserved_bytes(self) -> int | None:
+        return None
+
+    def current_bytes(self) -> int | None:
+        return None
+
+    def alloc_retries(self) -> int | None:
+        return None
+
     def cleanup(self) -> None:
         gc.collect()
 
+    def is_oom(self, exc: BaseException) -> bool:
+        return is_oom(exc)
+
+    def spec(self) -> dict:
+        return {"kind": "cpu"}
+
 
 class CudaMeter:
-    """Peak allocated bytes from torch's CUDA caching allocator."""
+    """Peak allocated and reserved bytes from torch's CUDA caching allocator."""
+    capabilities = MeterCapabilities(measures=True, reserved=True, alloc_retries=True, compile=True)
 
     def __init__(self, device: torch.device | int | None = None):
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device) \
@@ -80,16 +127,25 @@ class CudaMeter:
     def peak_bytes(self) -> int | None:
         return int(torch.cuda.max_memory_allocated(self.device))
 
-    def peak_reserved_bytes(self) -> int:
+    def peak_reserved_bytes(self) -> int | None:
         return int(torch.cuda.max_memory_reserved(self.device))
 
-    def alloc_retries(self) -> int:
+    def current_bytes(self) -> int | None:
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def alloc_retries(self) -> int | None:
         return int(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0))
 
     def cleanup(self) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+
+    def is_oom(self, exc: BaseException) -> bool:
+        return is_oom(exc)
+
+    def spec(self) -> dict:
+        return {"kind": "cuda"}
 
 
 def default_meter(device: torch.device) -> MemoryMeter:
