@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-from autofit.device import DeviceError, DeviceInfo
+from autofit.device import DeviceError, DeviceInfo, NoCap
 from autofit.units import fmt_bytes
 from trainer.meter import NullMeter
 
@@ -99,12 +99,11 @@ def cpu_info(budget_bytes: int | None = None, used_bytes: int = 0) -> DeviceInfo
                       source="cpu", note=note)
 
 
-class PlainCpuDevice(NullMeter):
+class PlainCpuDevice(NoCap, NullMeter):
     """The CPU with no memory budget and no measurement (e.g. `autofit run --no-probe --device cpu`):
     peak readings are None, never made up, and torch.compile compiles for real."""
     runs_trials = False
     torch_device = torch.device("cpu")
-    context_bytes = None
 
     @property
     def info(self) -> DeviceInfo:

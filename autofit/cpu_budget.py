@@ -228,6 +228,23 @@ class BudgetedCpuDevice:
     def spec(self) -> dict:
         return {"kind": "cpu-budgeted", "budget_bytes": self.budget_bytes}
 
+    def limit_bytes(self) -> int | None:
+        return self.budget_bytes
+
+    @contextlib.contextmanager
+    def limited_to(self, limit_bytes: int) -> Iterator[None]:
+        """While probing, the budget is lowered to the planning budget, so an over-budget trial
+        raises OOM in its first step; it comes back after."""
+        saved = self.budget_bytes
+        self.budget_bytes = min(saved, limit_bytes)
+        try:
+            yield
+        finally:
+            self.budget_bytes = saved
+
+    def refresh_context(self) -> int | None:
+        return None
+
     @property
     def info(self) -> DeviceInfo:
         return cpu_info(self.budget_bytes, used_bytes=self.tracker.live_bytes)

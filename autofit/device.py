@@ -11,7 +11,8 @@ autofit.devices.open_device picks and opens one of them for every caller.
 """
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+import contextlib
+from typing import ContextManager, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel
@@ -40,6 +41,9 @@ class DeviceInfo(BaseModel):
     mig: bool = False
     source: str
     note: str = ""
+    uuid: str | None = None  # NVML's "GPU-..." UUID, when known
+    # Memory the driver and firmware keep for themselves (NVML v2 memory info), part of total.
+    driver_reserved_bytes: int | None = None
 
     @property
     def bf16_supported(self) -> bool:
@@ -65,6 +69,27 @@ class Device(MemoryMeter, Protocol):
     @property
     def info(self) -> DeviceInfo: ...
 
+    def limited_to(self, limit_bytes: int) -> ContextManager:
+        """While active, the device holds at most `limit_bytes` for tensors (the probe's budget),
+        so an over-budget trial fails fast; a no-op where nothing can be capped."""
+        ...
+
+    def refresh_context(self) -> int | None:
+        """Measures context_bytes again (libraries load workspaces at first use); None where
+        there is nothing outside an allocator to measure."""
+        ...
+
+
+class NoCap:
+    """The Device parts of a device with no memory cap and nothing outside an allocator."""
+    context_bytes = None
+
+    def limited_to(self, limit_bytes: int) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def refresh_context(self) -> int | None:
+        return None
+
 
 def simulated_info(hw) -> DeviceInfo:
     """DeviceInfo for a hardware profile (an autofit.hardware.HardwareSpec) standing in for a GPU
@@ -76,13 +101,12 @@ def simulated_info(hw) -> DeviceInfo:
                       note="simulated from a hardware profile: figures are estimates, not measurements")
 
 
-class SimulatedDevice(NullMeter):
+class SimulatedDevice(NoCap, NullMeter):
     """A GPU that is not here, described by its hardware profile. It measures nothing (the null
     meter's readings are all None) and runs no trials; the planner answers from the estimate alone
     and labels every figure estimated."""
     runs_trials = False
     torch_device = torch.device("meta")
-    context_bytes = None
 
     def __init__(self, hw):
         self.hw = hw
@@ -96,4 +120,4 @@ class SimulatedDevice(NullMeter):
         return {"kind": "simulated", "profile": self.hw.name}
 
 
-__all__ = ["Device", "DeviceError", "DeviceInfo", "MeterCapabilities", "SimulatedDevice", "simulated_info"]
+__all__ = ["Device", "DeviceError", "DeviceInfo", "NoCap", "MeterCapabilities", "SimulatedDevice", "simulated_info"]

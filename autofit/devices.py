@@ -16,12 +16,12 @@ CpuFallback = Literal["budgeted", "plain"]
 
 
 def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu_index: int = 0,
-                emulate_cap_bytes: int | None = None, cpu: CpuFallback = "budgeted") -> Device:
+                emulate_usable_bytes: int | None = None, cpu: CpuFallback = "budgeted") -> Device:
     """The device to measure and train on.
 
     kind: 'cuda', 'cpu', or None (a GPU if there is one, else the CPU).
     budget_bytes: a budget for the budgeted CPU device (implies kind 'cpu').
-    emulate_cap_bytes: on CUDA, cap this process's allocator to emulate a smaller card.
+    emulate_usable_bytes: on CUDA, cap this process to a smaller card's usable memory (emulation).
     cpu: what the CPU is without a budget: 'budgeted' (half the available RAM; the probe's
         default, since trials must measure) or 'plain' (nothing measured, compile runs for real).
     Raises DeviceError for a bad kind, a budget on a GPU, or a GPU asked for and absent.
@@ -44,7 +44,7 @@ def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu
         if kind == "cuda":
             raise
         return BudgetedCpuDevice(budget_bytes=None) if cpu == "budgeted" else PlainCpuDevice()
-    return open_cuda_device(gpu_index, info=info, emulate_cap_bytes=emulate_cap_bytes)
+    return open_cuda_device(gpu_index, info=info, emulate_usable_bytes=emulate_usable_bytes)
 
 
 def open_simulated(name: str) -> SimulatedDevice:

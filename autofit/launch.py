@@ -188,7 +188,8 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
             raise DeviceError(f"this GPU is {here}, larger than the profile's {profile}; add --emulate to cap this "
                               f"process to {profile}'s memory and train as if on that card")
     emulated_on = here if here != profile else None
-    device = open_cuda_device(probe_opts.gpu_index, info=info, emulate_cap_bytes=cap if emulated_on else None)
+    usable = cap - int(hw.get("driver_reserved_bytes") or 0)  # what such a card really offers
+    device = open_cuda_device(probe_opts.gpu_index, info=info, emulate_usable_bytes=usable if emulated_on else None)
     return device, emulated_on
 
 

@@ -37,21 +37,16 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
                    log: Callable[[str], None] = lambda s: None) -> ProbeResult:
     """Trials on a real device (CUDA, or the budgeted CPU device); see the module docstring.
     Raises PlanError when nothing fits or --compile cannot be honoured."""
-    # A trial above the planning budget fails fast: on the budgeted CPU device the limit is lowered
-    # to the budget while probing, so such a trial raises OOM in its first step instead of
-    # running every step to be judged 'over budget' at the end.
-    info = device.info  # as opened: the budget lowering below is the probe's, not the device's
-    saved_limit = getattr(device, "budget_bytes", None)
-    if saved_limit is not None:
-        device.budget_bytes = min(saved_limit, budget.budget_bytes)
-    try:
+    # A trial above the planning budget fails fast: the device is limited to the budget while
+    # probing (the budgeted CPU device's budget lowered, CUDA's allocator capped), so such a trial
+    # raises OOM in its first step instead of taking memory others hold, or running every step to
+    # be judged 'over budget' at the end.
+    info = device.info  # as opened: the limit below is the probe's, not the device's
+    with device.limited_to(budget.budget_bytes):
         runner = TrialRunner(cfg, device, budget.budget_bytes, settings or TrialSettings(), log)
         result = _plan_from_trials(cfg, runner, budget, space)
-        result.device = info
-        return result
-    finally:
-        if saved_limit is not None:
-            device.budget_bytes = saved_limit
+    result.device = info
+    return result
 
 
 def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) -> ProbeResult:

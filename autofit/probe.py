@@ -62,5 +62,5 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
         budget = compute_budget(info, opts.margin)
         return probe_estimated(cfg, info, sim.hw, budget, space), None, sim.hw
     device = open_device(opts.device, budget_bytes=opts.budget_bytes, gpu_index=opts.gpu_index,
-                         emulate_cap_bytes=opts.emulate_bytes)
+                         emulate_usable_bytes=opts.emulate_bytes)
     return probe_on(cfg, device, device_budget(device, opts.margin), opts, log), device, None

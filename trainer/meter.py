@@ -76,6 +76,7 @@ class MemoryMeter(Protocol):
     def cleanup(self) -> None: ...
     def is_oom(self, exc: BaseException) -> bool: ...
     def spec(self) -> dict: ...
+    def limit_bytes(self) -> int | None: ...  # what the allocator may hold at most; None: no limit
 
 
 class NullMeter:
@@ -108,6 +109,9 @@ class NullMeter:
 
     def spec(self) -> dict:
         return {"kind": "cpu"}
+
+    def limit_bytes(self) -> int | None:
+        return None
 
 
 class CudaMeter:
@@ -146,6 +150,9 @@ class CudaMeter:
 
     def spec(self) -> dict:
         return {"kind": "cuda"}
+
+    def limit_bytes(self) -> int | None:
+        return int(torch.cuda.get_device_properties(self.device).total_memory)
 
 
 def default_meter(device: torch.device) -> MemoryMeter:
