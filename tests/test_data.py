@@ -346,39 +346,3 @@ def test_embedded_files_match_their_generator():
     meta = json.loads(files["meta.json"])
     assert meta["bits_per_byte"]["bigram_conditional"] < 4.0  # far from random bytes (8 bits)
     assert len(gzip.decompress(files["val.bin.gz"])) == meta["splits"]["val"]["tokens"]
-
-
-# --- prepare_fineweb's offline path ---------------------------------------------------------
-
-
-def test_tokenize_to_shards_roundtrips_through_load_dataset(tmp_path):
-    prep = _script("prepare_fineweb")
-    texts = ["hello world", "a", "tokens cross shard boundaries", "", "last doc"]
-    encode = lambda t: list(t.encode())  # bytes stand in for GPT-2 BPE
-    paths = prep.tokenize_to_shards(texts, encode, tmp_path, name="tiny", shard_size=16)
-    expected = np.concatenate([[50256, *encode(t)] for t in texts])
-    assert [p.name for p in paths[:2]] == ["tiny_val_000000.bin", "tiny_train_000001.bin"]
-    assert len(paths) == -(-len(expected) // 16)
-    d = load_dataset(str(tmp_path))
-    val, train = d.split("val"), d.split("train")
-    np.testing.assert_array_equal(val.read(0, len(val)), expected[:16])
-    np.testing.assert_array_equal(train.read(0, len(train)), expected[16:])
-
-
-def test_tokenize_to_shards_stops_at_max_tokens(tmp_path):
-    prep = _script("prepare_fineweb")
-    consumed = []
-
-    def texts():
-        for i in range(1000):
-            consumed.append(i)
-            yield "abcdefghi"
-
-    paths = prep.tokenize_to_shards(texts(), lambda t: list(t.encode()), tmp_path, name="fw",
-                                    shard_size=25, max_tokens=60, eot=0)
-    assert sum(len(read_llmc_shard(p)) for p in paths) == 60
-    assert len(consumed) == 6  # 10 tokens per document: the stream is not read past the limit
-    with pytest.raises(DataError, match="max-tokens"):
-        prep.tokenize_to_shards(texts(), lambda t: [1], tmp_path / "b", shard_size=100, max_tokens=50)
-    with pytest.raises(DataError, match="val shard alone"):
-        prep.tokenize_to_shards(["ab"], lambda t: [1, 2], tmp_path / "c", shard_size=100)
