@@ -228,7 +228,7 @@ def _load_nanogpt(path: Path) -> TokenDataset:
     if meta.is_file():
         vocab, source = _meta_vocab(meta), str(meta)
     else:  # nanoGPT's BPE sets (shakespeare, openwebtext) have no meta.pkl: GPT-2 tokens
-        vocab, source = GPT2_VOCAB_SIZE, "GPT-2 BPE: no meta.pkl"
+        vocab, source = GPT2_VOCAB_SIZE, "no meta.pkl: GPT-2 BPE"
     return TokenDataset(name=path.name, format="nanogpt", vocab_size=vocab, splits=splits, vocab_source=source)
 
 
