@@ -483,7 +483,7 @@ def test_non_finite_in_files(tmp_path):
     for value in ("inf", "nan", "-inf"):
         path = write(tmp_path, "c.toml", f"batch_size = 4\nlearning_rate = {value}\n")
         msg = one_line_error(config_file=path)
-        assert f"({path}:2): Input should be a finite number" in msg, msg
+        assert f"({path}:2): must be a finite number, not inf or nan" in msg, msg
 
 
 def test_floats_take_integers():

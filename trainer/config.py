@@ -266,6 +266,8 @@ def format_validation_error(e: ValidationError, sources: dict[str, str] | None =
         value = err.get("input")
         if err["type"] in _TYPE_WORDS:
             msg = f"must be {_TYPE_WORDS[err['type']]}, not {_kind_of(value)}"
+        if err["type"] == "finite_number":
+            msg = "must be a finite number, not inf or nan"
         if err["type"] == "literal_error" and isinstance(value, str):
             choices = err.get("ctx", {}).get("expected", "")
             msg += _suggest(value, re.findall(r"'([^']*)'", choices))
