@@ -49,7 +49,7 @@ EMBEDDED = "embedded"
 
 # llm.c names shards <name>_<split>_<index>.bin; its single-file sets (tiny_shakespeare_val.bin)
 # drop the index.
-_SHARD_NAME = re.compile(r"^.+_(train|val)(?:_\d+)?\.bin$")
+SHARD_NAME = re.compile(r"^.+_(train|val)(?:_\d+)?\.bin$")
 
 # Names `autofit data prepare` writes (trainer/prepare.py); a missing one says how to make it.
 PREPARABLE = ("shakespeare_char", "shakespeare", "fineweb-edu")
@@ -201,7 +201,7 @@ def load_dir(path: str | Path) -> TokenDataset:
         return _load_nanogpt(path)
     shards: dict[str, list[Path]] = {s: [] for s in SPLITS}
     for f in sorted(path.iterdir()):
-        m = _SHARD_NAME.match(f.name)
+        m = SHARD_NAME.match(f.name)
         if m and f.is_file():
             shards[m.group(1)].append(f)
     if not any(shards.values()):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data import _SHARD_NAME, PREPARABLE, DataError
+from trainer.data import PREPARABLE, SHARD_NAME, DataError
 from trainer.tokenfiles import atomic_write, sidecar_path, write_llmc_shard, write_tokens
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -79,7 +79,7 @@ def dataset_files(out_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         return []
     named = {"train.bin", "val.bin", "meta.pkl"}
-    files = [f for f in out_dir.iterdir() if f.is_file() and (f.name in named or _SHARD_NAME.match(f.name))]
+    files = [f for f in out_dir.iterdir() if f.is_file() and (f.name in named or SHARD_NAME.match(f.name))]
     return sorted(files + [sidecar_path(f) for f in files if sidecar_path(f).is_file()])
 
 
