@@ -65,6 +65,7 @@ def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Prese
             t.add_row(k, repr(v))
         console.print(t)
         console.print(f"effective batch: {cfg.effective_batch} sequences = {cfg.tokens_per_step:,} tokens per optimizer step")
+        console.print(f"vocab_size {cfg.vocab_size} from {cfg.source_of('vocab_size')}", soft_wrap=True)
 
 
 def _size(value: Optional[str], flag: str) -> Optional[int]:
@@ -313,6 +314,31 @@ def _report_run(result, cfg) -> None:
     if first is not None:
         msg += f", loss {first:.3f} -> {last:.3f}"
     console.print(msg + f"; checkpoint {result.checkpoint}, metrics {Path(cfg.out_dir) / 'metrics.jsonl'}")
+
+
+data_app = typer.Typer(help="Datasets in nanoGPT's layout: prepare them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakespeare or fineweb-edu."),
+                 out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: data/NAME, where dataset = 'NAME' looks)."),
+                 input_file: Optional[Path] = typer.Option(None, "--input", help="A local text instead of the download (fineweb-edu: a .jsonl of {\"text\": ...} rows, or one text)."),
+                 max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="fineweb-edu: stop after this many tokens (default: the whole ~10B-token sample)."),
+                 shard_size: Optional[int] = typer.Option(None, "--shard-size", help="fineweb-edu: tokens per llm.c shard (default 100,000,000)."),
+                 force: bool = typer.Option(False, "--force", help="Replace a dataset already in --out."),
+                 no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
+    """Write a dataset as nanoGPT lays it out: train.bin/val.bin (+ meta.pkl), or llm.c shards."""
+    from trainer.prepare import prepare
+    out_dir = out if out is not None else Path("data") / name
+    log = lambda s: err_console.print(f"[dim]{s}[/]")
+    done = prepare(name, out_dir, input_path=input_file, max_tokens=max_tokens, shard_size=shard_size,
+                   force=force, progress=not no_progress, log=log)
+    counts = ", ".join(f"{split} {n:,} tokens" for split, n in done.tokens.items())
+    vocab = f", vocab_size {done.vocab_size} in meta.pkl" if done.vocab_size else ", GPT-2 BPE tokens"
+    use = name if out_dir == Path("data") / name else str(out_dir)
+    console.print(f"wrote {out_dir} ({counts}{vocab}); train on it with dataset = '{use}' "
+                  f"(--set dataset={use})", soft_wrap=True)
 
 
 def main() -> None:
