@@ -217,6 +217,15 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context to `block_size` positions by keeping the first rows of wpe, as
+        nanoGPT's crop_block_size does (e.g. GPT-2's 1024 positions cut to 256 for fine-tuning).
+        Raises ValueError if block_size is not in 1..config.block_size."""
+        if not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"block_size can only shrink: {block_size} is not in 1..{self.config.block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None) -> torch.Tensor:
