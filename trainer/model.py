@@ -185,6 +185,17 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def empty(cls, config: GPTConfig, device: torch.device | str = "cpu") -> "GPT":
+        """A GPT whose tensors are allocated on `device` but not initialised, for loading weights
+        into: the random init (minutes on a CPU for gpt2-xl) is skipped. Every parameter must
+        be overwritten before use; the tied wte/lm_head stays one tensor."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.transformer.wte.weight = model.lm_head.weight  # to_empty made two tensors of the tied one
+        return model
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n

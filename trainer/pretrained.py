@@ -79,7 +79,7 @@ def load_gpt2(model_type: str | None, *, dropout: float | None = None, block_siz
             raise WeightsError(f"block_size {block_size}: GPT-2 has {args['block_size']} positions and "
                                f"block_size may only shrink (1..{args['block_size']})")
     args["dropout"] = 0.0 if dropout is None else float(dropout)
-    model = _empty_model(args)
+    model = GPT.empty(GPTConfig(**args))  # every tensor is then read from the file
     copy_hf_weights(model, weights_path)
     if block_size is not None and block_size < args["block_size"]:
         model.crop_block_size(block_size)
@@ -164,16 +164,6 @@ def read_gpt2_config(path: Path, model_type: str | None) -> tuple[dict, list[str
     if act != "gelu":
         notes.append(f"config.json asks for {act!r} (tanh GELU); run as exact GELU, as nanoGPT does")
     return args, notes
-
-
-def _empty_model(args: dict) -> GPT:
-    """Our GPT with uninitialised storage: every tensor is overwritten from the file, so the
-    random init (minutes of CPU for gpt2-xl) is skipped."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**args))
-    model.to_empty(device="cpu")
-    model.transformer.wte.weight = model.lm_head.weight  # to_empty makes two tensors of the tied one
-    return model
 
 
 def hf_name(ours: str) -> str:
