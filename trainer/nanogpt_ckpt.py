@@ -199,7 +199,9 @@ def nanogpt_keys(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     resume) reads as is: model (state dict, `_orig_mod.` stripped), optimizer, model_args (exactly
     nanoGPT's seven GPTConfig fields, from a TrainConfig, GPTConfig or mapping), iter_num,
     best_val_loss and config (must hold 'dataset': sample.py looks for data/<dataset>/meta.pkl).
-    Every value loads with torch.load(weights_only=True).
+    Every value loads with torch.load(weights_only=True). Merged into autofit's checkpoint
+    (state.update(nanogpt_keys(...)), config = the TrainConfig dict) the file does not grow:
+    'model' holds the same storages, which torch.save writes once.
 
     Raises CheckpointError if model_args lack a field or config is not a plain dict with 'dataset'.
     """

@@ -79,6 +79,8 @@ def check_options(opts: SampleOptions) -> None:
         raise SampleError(f"--device must be cpu, cuda or cuda:N, got {opts.device!r}")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise SampleError(f"--device {opts.device}: no CUDA GPU is visible here; use --device cpu")
+    if opts.device.startswith("cuda:") and int(opts.device[5:]) >= torch.cuda.device_count():
+        raise SampleError(f"--device {opts.device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
 
 
 def read_start(start: str) -> str:
