@@ -43,7 +43,7 @@ def save_nanogpt(path, model, dataset, compiled=True):
 
 
 def save_autofit(path, model, dataset="embedded"):
-    """autofit's own layout (trainer/loop.py save_checkpoint's keys that matter here)."""
+    """autofit's own layout (trainer/checkpoint.py's CHECKPOINT_KEYS; the values that matter here)."""
     c = model.config
     cfg = load_config(preset="tiny", overrides=[f"{k}={getattr(c, k)}" for k in
                                                 ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")]

@@ -20,13 +20,12 @@ from typing import Any, Mapping
 
 import torch
 
+from trainer.checkpoint import CHECKPOINT_KEYS
 from trainer.model import GPT, GPTConfig, clean_state_dict
 
 NANOGPT_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")
 # nanoGPT's GPTConfig fields: model_args must hold exactly these, or GPTConfig(**model_args) fails
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
-# the keys only autofit's own checkpoint has (trainer/loop.py save_checkpoint)
-_AUTOFIT_MARKERS = ("sampler", "eval_sampler", "rng_cpu")
 
 
 class CheckpointError(ValueError):
@@ -63,8 +62,9 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_layout(ck: Mapping, path: str | Path = "checkpoint") -> str:
-    """'autofit' (trainer/loop.py's keys) or 'nanogpt' (train.py's); CheckpointError otherwise."""
-    if "model" in ck and "config" in ck and all(k in ck for k in _AUTOFIT_MARKERS):
+    """'autofit' (trainer/checkpoint.py's CHECKPOINT_KEYS) or 'nanogpt' (train.py's keys);
+    CheckpointError otherwise."""
+    if all(k in ck for k in CHECKPOINT_KEYS):
         return "autofit"
     if "model" in ck and "model_args" in ck:
         return "nanogpt"
@@ -180,7 +180,7 @@ def read_nanogpt_checkpoint(path: str | Path, map_location: str | torch.device =
 
 
 def _not_restored(layout: str, opt: Any, config: Mapping) -> list[str]:
-    # An autofit checkpoint also holds the sampler and RNG state; trainer/loop.py's own resume
+    # An autofit checkpoint also holds the sampler and RNG state; trainer/loop.py's resume
     # restores them, so only a missing optimizer is worth saying.
     out = [] if layout == "autofit" else [
         "data position (nanoGPT draws random batches and saves no sampler state: batches restart "
