@@ -29,7 +29,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from trainer.loop import TrainError
     errors: list[type[BaseException]] = [UsageError, ConfigError, DataError, TrainError]
     for mod, name in (("autofit.devices", "DeviceError"), ("autofit.hardware", "HardwareError"),
-                      ("autofit.profiles", "ProfileError"), ("autofit.planner", "PlanError")):
+                      ("autofit.profiles", "ProfileError"), ("autofit.planner", "PlanError"),
+                      ("trainer.pretrained", "WeightsError"), ("trainer.nanogpt_ckpt", "CheckpointError"),
+                      ("trainer.sample", "SampleError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -302,6 +304,36 @@ def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", he
     from autofit.hardware import load_builtin
     from autofit.profiles import remove_profile
     console.print(remove_profile(name, plan, builtin_names=sorted(load_builtin())))
+
+
+@app.command("sample")
+def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run directory holding ckpt.pt (autofit's or nanoGPT's), or the file itself."),
+               start: str = typer.Option("\n", "--start", help="Prompt text, or FILE:path to read it from a file."),
+               num_samples: int = typer.Option(10, "--num-samples", help="Samples to draw."),
+               max_new_tokens: int = typer.Option(500, "--max-new-tokens", help="Tokens generated per sample."),
+               temperature: float = typer.Option(0.8, "--temperature", help="> 0; below 1 sharper, above 1 more random."),
+               top_k: int = typer.Option(200, "--top-k", help="Sample from the K most likely tokens (>= 1)."),
+               seed: int = typer.Option(1337, "--seed"),
+               device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there is a GPU)."),
+               init_from: str = typer.Option("resume", "--init-from", help="resume (from --out), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a directory with a GPT-2 model.safetensors + config.json."),
+               as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Sample text from a checkpoint, as nanoGPT's sample.py."""
+    from trainer.sample import SampleOptions, generate_samples
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = SampleOptions(start=start, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, seed=seed, device=device, init_from=init_from)
+    res = generate_samples(out, opts)
+    if as_json:
+        print(json.dumps({"samples": res.texts, "model": res.model_source, "codec": res.codec,
+                          "device": res.device, "dtype": res.dtype, "prompt_tokens": res.prompt_tokens}, indent=2))
+        return
+    err_console.print(f"[dim]model {res.model_source}; vocabulary {res.codec}; {res.device}, {res.dtype}; "
+                      f"prompt {res.prompt_tokens} tokens[/]", soft_wrap=True)
+    for text in res.texts:  # plain print: generated text is not rich markup
+        print(text)
+        print("---------------")
 
 
 def _report_run(result, cfg) -> None:
