@@ -15,9 +15,10 @@ With no matching GPU here, probe_estimated answers from the closed-form estimate
 """
 from __future__ import annotations
 
+import statistics
 from typing import Callable
 
-from autofit.budget import Budget
+from autofit.budget import Budget, compute_budget
 from autofit.candidates import Levers, PlanError, Space, lever_combos
 from autofit.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
@@ -30,7 +31,8 @@ from trainer.step import describe_split, split_batch
 
 NOISE = 0.05  # relative tokens/s differences below this are treated as measurement noise
 RETIME_WITHIN = 0.75  # lever combinations whose best rate is within this share of the top one
-RETIME_STEPS = 3  # timed optimizer steps when re-timing
+RETIME_STEPS = 3  # timed optimizer steps per round when re-timing
+RETIME_ROUNDS = 2  # rounds of re-timing, contenders in alternation (A B A B)
 
 
 def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: TrialSettings | None = None,
@@ -42,11 +44,34 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
     # raises OOM in its first step instead of taking memory others hold, or running every step to
     # be judged 'over budget' at the end.
     info = device.info  # as opened: the limit below is the probe's, not the device's
+    runner = TrialRunner(cfg, device, budget.budget_bytes, settings or TrialSettings(), log)
+    if device.context_bytes is not None:
+        # CUDA: cuBLAS, cuDNN and Triton load their workspaces at first use, outside the
+        # allocator. Run the smallest trial, measure again, and plan with what is left.
+        with device.limited_to(budget.budget_bytes):
+            runner.run(lever_combos(space)[0].candidate(1))
+        budget = _remeasured_budget(device, budget, runner)
     with device.limited_to(budget.budget_bytes):
-        runner = TrialRunner(cfg, device, budget.budget_bytes, settings or TrialSettings(), log)
         result = _plan_from_trials(cfg, runner, budget, space)
     result.device = info
     return result
+
+
+def _remeasured_budget(device, budget: Budget, runner: TrialRunner) -> Budget:
+    """The budget again, from the context measured after the first trial; never larger."""
+    before = device.context_bytes
+    after = device.refresh_context()
+    if after is None or before is None or after <= before:
+        return budget
+    new = compute_budget(device.info, budget.margin, context_bytes=after, workspace_bytes=0,
+                         context_how="measured after the first trial: this process's device memory outside "
+                                     "torch's allocator (context, cuBLAS/cuDNN/Triton workspaces)")
+    if new.budget_bytes >= budget.budget_bytes:
+        return budget
+    runner.log(f"memory outside the allocator grew from {fmt_bytes(before)} to {fmt_bytes(after)} after the "
+               f"first trial: budget {fmt_bytes(budget.budget_bytes)} -> {fmt_bytes(new.budget_bytes)}")
+    runner.budget_bytes = new.budget_bytes
+    return new
 
 
 def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) -> ProbeResult:
@@ -136,6 +161,10 @@ def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialReco
             r = runner.run(c.model_copy(update={"micro_batch": smaller[-1]}))
     compiled_fits = sorted(t.micro_batch for t in runner.trials if t.compile and t.status == "fit")
     forced = False not in space.compile  # --compile: the plan must be compiled
+    if r.status == "fit" and not forced:
+        # the same split, the same timed steps, in alternation: compiled and eager compare
+        twin = next(t for t in fits if t.candidate() == r.candidate().model_copy(update={"compile": False}))
+        retime(runner, list({id(t): t for t in (best, twin, r)}.values()))
     if r.status == "fit" and (forced or (r.tokens_per_s or 0) > (best.tokens_per_s or 0)):
         return r, compiled_fits
     if forced:
@@ -175,8 +204,9 @@ def choose_split(rank_batch: int, micro: int, measured_tps: dict[int, float], bl
 
 def _retime_contenders(runner: TrialRunner, fits: list[TrialRecord]) -> None:
     """A search trial times few steps, which is noisy on a busy machine. When the best sizes of
-    different lever combinations come close, time each of them again over more steps, so the
-    choice between them rests on a steadier measurement."""
+    different lever combinations come close, time each of them again: RETIME_ROUNDS rounds in
+    alternation (A B A B), each over RETIME_STEPS steps after a warm-up, so a machine whose speed
+    drifts slows every contender alike; each one's rate becomes the median of its rounds."""
     per_combo: dict[Levers, TrialRecord] = {}
     for t in fits:
         key = Levers.of(t)
@@ -184,20 +214,35 @@ def _retime_contenders(runner: TrialRunner, fits: list[TrialRecord]) -> None:
             per_combo[key] = t
     top = max((t.tokens_per_s or 0) for t in per_combo.values())
     contenders = [t for t in per_combo.values() if (t.tokens_per_s or 0) >= RETIME_WITHIN * top]
-    if len(contenders) < 2:
-        return
+    if len(contenders) >= 2:
+        retime(runner, contenders)
+
+
+def retime(runner: TrialRunner, contenders: list[TrialRecord]) -> None:
+    """Re-times `contenders` in alternation and replaces each one's tokens/s by the median of its
+    rounds (records that stop fitting keep their first figure)."""
     s = runner.settings
     longer = TrialSettings(steps=RETIME_STEPS + 1, compile_backend=s.compile_backend, seed=s.seed,
                            spill_check=s.spill_check)
+    rates: dict[int, list[float]] = {id(t): [] for t in contenders}
+    for _ in range(RETIME_ROUNDS):
+        for t in contenders:
+            r = run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.cfg.effective_batch,
+                          budget_bytes=runner.budget_bytes, settings=longer)
+            if r.status == "fit" and r.tokens_per_s:
+                rates[id(t)].append(r.tokens_per_s)
+                t.step_seconds = t.step_seconds + r.step_seconds
+                t.steps_run += r.steps_run
     for t in contenders:
-        r = run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.cfg.effective_batch,
-                      budget_bytes=runner.budget_bytes, settings=longer)
-        if r.status == "fit" and r.tokens_per_s:
-            runner.log(f"re-timed micro-batch {t.micro_batch} {t.dtype} ckpt={t.checkpointing} {t.loss_impl}: "
-                       f"{t.tokens_per_s:,.0f} -> {r.tokens_per_s:,.0f} tok/s over {RETIME_STEPS} steps")
-            t.tokens_per_s = r.tokens_per_s
-            t.steps_run += r.steps_run
-            t.note = (t.note + "; " if t.note else "") + f"tokens/s re-timed over {RETIME_STEPS} steps"
+        got = rates[id(t)]
+        if not got:
+            continue
+        runner.log(f"re-timed micro-batch {t.micro_batch} {t.dtype} compile={t.compile} ckpt={t.checkpointing} "
+                   f"{t.loss_impl}: {t.tokens_per_s:,.0f} -> {statistics.median(got):,.0f} tok/s "
+                   f"({len(got)} alternating rounds of {RETIME_STEPS} steps)")
+        t.tokens_per_s = statistics.median(got)
+        t.note = (t.note + "; " if t.note else "") + \
+            f"tokens/s re-timed: median of {len(got)} alternating rounds of {RETIME_STEPS} steps"
 
 
 def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, estimated: bool = False):

@@ -11,7 +11,8 @@ from pydantic import BaseModel
 # oom: raised out-of-memory. over_budget: ran, but its peak exceeds the budget.
 # spill: treated as not fitting because memory beyond capacity or a >3x slowdown shows a
 #        host-RAM fallback. pruned: not run, the estimate says it cannot fit. error: crashed.
-TrialStatus = Literal["fit", "oom", "over_budget", "spill", "pruned", "error"]
+# leak: ran, but its memory did not come back afterwards (a failed trial).
+TrialStatus = Literal["fit", "oom", "over_budget", "spill", "pruned", "error", "leak"]
 LossImpl = Literal["standard", "chunked"]
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -34,7 +35,8 @@ class TrialRecord(BaseModel):
     estimated_peak_bytes: int | None = None
     measured_peak_bytes: int | None = None
     measured_reserved_bytes: int | None = None
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # the median of the timed steps (after the warm-up step)
+    step_seconds: list[float] = []  # each timed step's wall time, measured
     steps_run: int = 0
     seconds: float = 0.0
     compile_seconds: float | None = None

@@ -14,6 +14,7 @@ candidate and keeps every record in the order it ran, for the plan's table.
 """
 from __future__ import annotations
 
+import platform
 from typing import Callable
 
 from autofit.candidates import Levers
@@ -23,6 +24,19 @@ from autofit.trials import TrialSettings, run_trial
 from autofit.units import fmt_bytes
 
 SPILL_SLOWDOWN = 3.0  # time per token more than 3x the next smaller size's: spilled to host RAM
+
+
+def driver_can_spill() -> bool:
+    """Whether the NVIDIA driver here may page GPU memory out to host RAM instead of raising OOM:
+    Windows' "CUDA sysmem fallback" (driver 536.40 and newer), which WSL shares. Linux drivers
+    raise OOM, so there the spill check would only misfire on timing noise."""
+    if platform.system() == "Windows":
+        return True
+    try:
+        with open("/proc/version") as f:
+            return "microsoft" in f.read().lower()
+    except OSError:
+        return False
 
 
 class TrialRunner:
@@ -40,7 +54,8 @@ class TrialRunner:
         info = device.info
         self.kind = "cpu" if info.kind == "cpu" else "cuda"
         self.capacity_bytes = info.total_bytes if info.kind == "cuda" else None
-        self.spill_check = settings.spill_check if settings.spill_check is not None else info.kind == "cuda"
+        self.spill_check = settings.spill_check if settings.spill_check is not None else \
+            info.kind == "cuda" and driver_can_spill()
         self.trials: list[TrialRecord] = []
         self._cache: dict[Candidate, TrialRecord] = {}
 
