@@ -99,6 +99,10 @@ def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
         if ev.get("injected"):  # a demo/test fault says nothing about the card: keep the profile
             log(f"profile {name}: injected OOM at step {ev['step']} not recorded as a lesson")
             return
+        if ev.get("cause") == "thrash" and not ev.get("confirmed"):
+            log(f"profile {name}: allocator retries rose without reserved memory near the limit; "
+                f"not recorded as a lesson")
+            return
         if kind in ("oom_shrink", "compile_oom_shrink"):
             record_event(name, fp, f"step {ev['step']}: {kind} {ev['old_micro_batch']} -> {ev['new_micro_batch']} "
                                    f"({ev.get('reason', '')})", safe_micro_batch=ev["new_micro_batch"])

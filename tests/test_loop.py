@@ -18,6 +18,7 @@ from autofit.cpu_budget import BudgetedCpuDevice
 from trainer.config import load_config
 from trainer.checkpoint import atomic_torch_save
 from trainer.errors import TrainError
+from trainer.evaluate import Evaluator
 from trainer.loop import RunOptions, Trainer, train
 from trainer.meter import MeterCapabilities, NullMeter
 from trainer.model import GPT, GPTConfig, clean_state_dict
@@ -394,16 +395,16 @@ def test_resumed_run_counts_the_optimizer_state(tmp_path):
 
 
 def test_eval_oom_halves_eval_micro_batch_only(tmp_path, monkeypatch, baseline):
-    real = Trainer._eval_batch
+    real = Evaluator.batch_loss
     fired: list[int] = []
 
-    def flaky(self, x, y):
-        if not fired and self.eval_micro_batch > 1:
-            fired.append(self.eval_micro_batch)
+    def flaky(self, model, x, y):
+        if not fired and self.micro_batch > 1:
+            fired.append(self.micro_batch)
             raise torch.OutOfMemoryError("injected eval out of memory")
-        return real(self, x, y)
+        return real(self, model, x, y)
 
-    monkeypatch.setattr(Trainer, "_eval_batch", flaky)
+    monkeypatch.setattr(Evaluator, "batch_loss", flaky)
     res = train(make_cfg(tmp_path), opts())
     assert fired == [4]
     (ev,) = events(tmp_path, "eval_oom_shrink")
@@ -419,10 +420,10 @@ def test_eval_oom_halves_eval_micro_batch_only(tmp_path, monkeypatch, baseline):
 
 
 def test_eval_oom_at_eval_micro_batch_one_propagates(tmp_path, monkeypatch):
-    def always(self, x, y):
+    def always(self, model, x, y):
         raise torch.OutOfMemoryError("injected eval out of memory")
 
-    monkeypatch.setattr(Trainer, "_eval_batch", always)
+    monkeypatch.setattr(Evaluator, "batch_loss", always)
     with pytest.raises(torch.OutOfMemoryError):
         train(make_cfg(tmp_path), opts(eval_micro_batch=1))
 

@@ -6,6 +6,7 @@ the same plan on the same device (the plan, the micro-batches in use, the device
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,30 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def training_state(trainer) -> dict:
+    """Everything a trainer.loop.Trainer needs to continue exactly: weights, optimizer and fp16
+    scaler state, step, best validation loss, config, both samplers' counters, RNG states, the
+    micro-batches in use, the plan (JSON text) and the device spec for `autofit run --resume`."""
+    t = trainer
+    return {
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+        "iter_num": t.iter_num,
+        "best_val_loss": t.best_val_loss,
+        "last_eval_iter": t.last_eval_iter,
+        "config": t.cfg.model_dump(mode="json"),
+        "sampler": t.sampler.state_dict(),
+        "eval_sampler": t.evaluator.sampler.state_dict(),
+        "compile_failed": t.compile_failed,
+        "micro_batches": list(t.micro_batches),
+        "plan": json.dumps(t.opts.plan_info) if t.opts.plan_info else None,
+        "device": t.meter.spec(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None,
+    }
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:

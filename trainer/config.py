@@ -112,6 +112,12 @@ class TrainConfig(BaseModel):
     checkpointing: int = Field(0, ge=0)  # activation checkpointing: 0 off, k: every k-th block
     loss_impl: Literal["standard", "chunked"] = "standard"  # chunked never holds full fp32 logits
     ce_chunk_size: int = Field(4096, gt=0)  # rows of B*T per chunk of the chunked loss
+    # torch.compile each transformer block on its own ('blocks', regional compilation) or the
+    # whole model at once ('model', as nanoGPT does)
+    compile_scope: Literal["blocks", "model"] = "blocks"
+    # TF32 tensor cores for fp32 matmuls (torch.set_float32_matmul_precision("high")), as nanoGPT
+    # enables them; False keeps full fp32 ("highest")
+    tf32: bool = True
 
     # key -> where its value came from ("preset tiny", "c.py:3", "--set", "data/x/meta.pkl")
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -213,8 +219,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The fields a plan's memory use depends on; profiles fingerprint plans by them.
 _SUMMARY_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout",
-                   "dtype", "compile", "checkpointing", "loss_impl", "ce_chunk_size", "batch_size",
-                   "gradient_accumulation_steps")
+                   "dtype", "compile", "compile_scope", "tf32", "checkpointing", "loss_impl", "ce_chunk_size",
+                   "batch_size", "gradient_accumulation_steps")
 
 
 def config_summary(cfg: TrainConfig) -> dict[str, Any]:

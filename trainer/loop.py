@@ -5,13 +5,18 @@ micro-batches (the policy is trainer.recovery's).
 
 The loop takes its plan (micro-batch sizes, when to compile, how to shrink) from RunOptions; it
 knows nothing of how the plan was found. Around it: trainer.checkpoint (I/O), trainer.metrics
-(metrics.jsonl and the progress display), trainer.schedule (the LR schedule).
+(metrics.jsonl and the progress display), trainer.evaluate, trainer.batches (host batches, one
+step ahead), trainer.schedule (the LR schedule).
+
+Host syncs: the step's loss, gradient norm and fp16 skip flag stay on the device; the loop reads
+them (one sync) only on the steps it logs and before a checkpoint, and stops with a TrainError
+naming the first step whose loss was not finite, before anything of it is saved.
 """
 from __future__ import annotations
 
 import gc
-import json
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,27 +24,32 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.checkpoint import atomic_torch_save, check_same_model, read_checkpoint
-from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model
+from trainer.batches import StepBatches
+from trainer.checkpoint import atomic_torch_save, check_same_model, read_checkpoint, training_state
+from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model, uncompile
 from trainer.config import TrainConfig
 from trainer.data import BatchSampler, load_dataset
 from trainer.errors import TrainError
+from trainer.evaluate import Evaluator
 from trainer.interrupt import StopFlag
 from trainer.meter import MemoryMeter, default_meter
 from trainer.metrics import MetricsLog, Progress, describe_event, describe_step
 from trainer.model import GPT, GPTConfig, clean_state_dict
-from trainer.recovery import THRASH_STEPS, Recovery, ThrashDetector
+from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS, Recovery, ThrashDetector
 from trainer.schedule import lr_at
-from trainer.step import FaultInjector, InjectedOOM, StepResult, autocast, make_optimizer, train_step
+from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, make_optimizer,
+                          set_matmul_precision, train_step)
 
-__all__ = ["RunOptions", "RunResult", "TrainError", "Trainer", "atomic_torch_save", "lr_at", "train"]
+__all__ = ["RunOptions", "RunResult", "TrainError", "Trainer", "train"]
+
+SCALER_SKIP_REPORT = 20  # fp16: this many skipped steps in a row is reported (a few are normal)
 
 
 @dataclass
 class RunOptions:
     micro_batch: int | None = None  # None: the config's batch_size, as nanoGPT
     compile_after: int | None = None
-    compile_backend: str = "inductor"
+    compile_backend: Any = "inductor"  # a torch.compile backend name (or callable)
     compiled_fit_sizes: list[int] = field(default_factory=list)  # compiled micro-batches known to fit
     # shrink(micro_batch_that_failed) -> the next micro-batch to try, or None to give up.
     shrink: Callable[[int], int | None] | None = None
@@ -74,31 +84,28 @@ def pick_device(cfg: TrainConfig) -> torch.device:
     return dev
 
 
-def resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
-    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    return cfg.resolved_dtype(device.type, bf16)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, opts: RunOptions | None = None):
         self.cfg = cfg
         self.opts = opts = opts or RunOptions()
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if self.world_size > 1:
+            raise TrainError(f"WORLD_SIZE={self.world_size} (torchrun): training on several GPUs is not "
+                             f"supported yet, and each process would train its own model; run one process")
         self.master = self.rank == 0
         self.device = opts.device or pick_device(cfg)
-        self.dtype = resolve_dtype(cfg, self.device)
+        try:
+            self.dtype = check_dtype(cfg.dtype, self.device)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         self.meter = opts.meter or default_meter(self.device)
         self.out_dir = Path(cfg.out_dir)
         self.metrics = MetricsLog(self.out_dir, self.master)
         self.data = load_dataset(cfg.dataset)
         self.data.check_vocab(cfg.vocab_size)
         self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed + self.rank)
-        # evaluation draws from its own sampler, so how often we evaluate never changes the
-        # training batches
-        self.eval_sampler = BatchSampler(self.data, cfg.block_size, cfg.seed + 7919)
-        if cfg.effective_batch % self.world_size:
-            raise TrainError(f"effective batch {cfg.effective_batch} does not split over {self.world_size} ranks")
+        self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda")
         self.rank_batch = cfg.effective_batch // self.world_size
         self.recovery = Recovery(self.rank_batch, opts.micro_batch or cfg.batch_size, opts.shrink,
                                  opts.compiled_fit_sizes)
@@ -120,6 +127,7 @@ class Trainer:
         self.iter_num = 0
         self.best_val_loss = float("inf")
         self.last_eval_iter = -1
+        set_matmul_precision(cfg.tf32)
         with self.meter.tracking():
             torch.manual_seed(cfg.seed)
             self.model = GPT(GPTConfig.from_train_config(cfg)).to(self.device)
@@ -127,10 +135,17 @@ class Trainer:
                                             weight_decay=cfg.weight_decay,
                                             betas=(cfg.beta1, cfg.beta2), device_type=self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "float16" else None
-        self.forward = self.model  # becomes the compiled module after compile_after steps
+        self.forward = self.model  # compiled after compile_after steps (blocks in place, or a wrapper)
         self.compiled = False
         self.compile_failed = False  # compile OOMed and we fell back to eager: stay eager
-        self.eval_micro_batch = opts.eval_micro_batch or max(self.micro_batches)
+        self.evaluator = Evaluator(BatchSampler(self.data, cfg.block_size, cfg.seed + 7919), iters=cfg.eval_iters,
+                                   batch_size=cfg.batch_size, micro_batch=opts.eval_micro_batch or max(self.micro_batches),
+                                   device=self.device, dtype=self.dtype, meter=self.meter, on_event=self._event)
+        self._unread: list[tuple[int, StepResult]] = []  # steps whose loss is still on the device
+        self.losses: list[float] = []
+        self._eager_step_s: list[float] = []  # the last eager step times, for the compile time
+        self._compile_timed = False
+        self._skips = 0  # fp16 steps skipped in a row
         if opts.resume:
             with self.meter.tracking():  # the loaded optimizer state counts against a budget
                 self._load_checkpoint()
@@ -152,37 +167,42 @@ class Trainer:
                             "effective_batch": cfg.effective_batch, "block_size": cfg.block_size,
                             "compile": cfg.compile, "compile_after": self.compile_after,
                             "plan": opts.plan_info, "config": cfg.model_dump(mode="json")})
-        losses: list[float] = []
+        self.losses: list[float] = []  # every step's loss, read from the device in batches
         tokens = 0
         status = "finished"
         progress = self._progress = Progress(enabled=opts.progress and self.master, total=stop_at,
                                              start=self.iter_num, master=self.master)
-        with self.meter.tracking(), StopFlag() as stop, progress:
-            progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
-                           f"below are measured on this device")
-            while True:
-                it = self.iter_num
-                if self._eval_due(it):
-                    self._evaluate_and_save(it)
-                if it >= stop_at:
-                    break
-                if stop.signal is not None:
-                    status = "interrupted"
-                    break
-                if cfg.compile and not self.compiled and not self.compile_failed and it >= self.compile_after:
-                    self._compile_on(it)
-                res, dt = self.train_one_step(it)
-                self.iter_num = it + 1
-                losses.append(res.loss)
-                tokens += res.tokens
-                self._check_thrash()
-                if it % cfg.log_interval == 0 or self.iter_num == stop_at:
-                    self._log_step(it, res, dt)
-                progress.advance()
-        ckpt = self.save_checkpoint()
+        try:
+            with self.meter.tracking(), StopFlag() as stop, progress:
+                progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
+                               f"below are measured on this device")
+                self._say_if_compile_cannot_run()
+                while True:
+                    it = self.iter_num
+                    if self._eval_due(it):
+                        self._evaluate_and_save(it)
+                    if it >= stop_at:
+                        break
+                    if stop.signal is not None:
+                        status = "interrupted"
+                        break
+                    if self._compile_due(it):
+                        self._compile_on(it)
+                    res, dt = self.train_one_step(it)
+                    self.iter_num = it + 1
+                    tokens += res.tokens
+                    self._unread.append((it, res))
+                    self._check_thrash()
+                    if it % cfg.log_interval == 0 or self.iter_num == stop_at:
+                        self._log_step(it, res, dt)
+                    del res  # its device tensors must not outlive the step (a budget counts them)
+                    progress.advance()
+            ckpt = self.save_checkpoint()
+        finally:
+            self.batches.close()
         if status == "interrupted":
             self.metrics.write({"type": "interrupted", "step": self.iter_num, "signal": stop.signal})
-        return RunResult(steps=self.iter_num, losses=losses, tokens=tokens,
+        return RunResult(steps=self.iter_num, losses=self.losses, tokens=tokens,
                          micro_batches=list(self.micro_batches), status=status, events=self.events,
                          checkpoint=ckpt)
 
@@ -193,7 +213,7 @@ class Trainer:
         lr = lr_at(it, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        x, y = self.sampler.sample("train", self.rank_batch)  # the whole step's batch, once
+        x, y = self.batches.take(self.rank_batch)  # the whole step's batch, once
         rng = self._rng_state()  # a redone step draws the same dropout masks
         while True:
             t0 = time.perf_counter()
@@ -209,7 +229,7 @@ class Trainer:
                 failure = str(e).splitlines()[0][:200]
                 injected = isinstance(e, InjectedOOM)
             if failure is None:
-                return res, time.perf_counter() - t0
+                return res, self._step_seconds(t0)
             # outside the except block: its traceback no longer pins the failed step's tensors
             self._cleanup_after_oom()
             try:
@@ -220,20 +240,68 @@ class Trainer:
             self._set_rng_state(rng)
 
     # ----------------------------------------------------------------- step helpers
+    def _step_seconds(self, t0: float) -> float:
+        """Wall time of the step; the first compiled step's excess over the eager median is the
+        compile time, reported apart (a 'compile_time' event)."""
+        dt = time.perf_counter() - t0
+        if not self.compiled:
+            self._eager_step_s = (self._eager_step_s + [dt])[-5:]
+        elif self._eager_step_s and not self._compile_timed:
+            eager = statistics.median(self._eager_step_s)
+            self._event("compile_time", seconds=round(max(0.0, dt - eager), 3), eager_step_s=round(eager, 4))
+            self._compile_timed = True
+        return dt
+
+    def _compile_due(self, it: int) -> bool:
+        return (self.cfg.compile and not self.compiled and not self.compile_failed and it >= self.compile_after
+                and self.meter.capabilities.compile)
+
+    def _say_if_compile_cannot_run(self) -> None:
+        if self.cfg.compile and not self.meter.capabilities.compile:
+            self._event("compile_unavailable", reason="torch.compile cannot run under the budgeted CPU device's "
+                        "memory tracker (Dynamo traces nothing inside its TorchDispatchMode); training eager")
+
     def _compile_on(self, it: int) -> None:
-        self.forward = compile_model(self.model, self.opts.compile_backend)
+        self.forward = compile_model(self.model, self.opts.compile_backend, self.cfg.compile_scope)
         self.compiled = True
         self.recovery.compiled_at(it)
-        self._event("compile_on", backend=self.opts.compile_backend)
+        self._event("compile_on", backend=str(self.opts.compile_backend), scope=self.cfg.compile_scope)
 
     def _check_thrash(self) -> None:
-        """Allocator thrashing: shrink before it becomes an OOM (where the meter counts retries)."""
+        """Allocator thrashing: shrink before it becomes an OOM (where the meter counts retries).
+        It is a lesson for the profile only when confirmed: reserved memory near the limit."""
         if not self.meter.capabilities.alloc_retries:
             return
         if self.thrash.observe(self.meter.alloc_retries()) and max(self.micro_batches) > 1:
-            self._shrink(f"allocator retries rose for {THRASH_STEPS} steps")
+            reserved, limit = self.meter.peak_reserved_bytes(), self.meter.limit_bytes()
+            confirmed = bool(reserved and limit and reserved >= THRASH_NEAR_LIMIT * limit)
+            self._shrink(f"allocator retries rose for {THRASH_STEPS} steps", cause="thrash", confirmed=confirmed)
+
+    def _read_losses(self) -> None:
+        """One host sync for every step not read yet: stops at the first non-finite loss. fp16
+        steps the scaler skipped are normal; a long run of them is reported."""
+        if not self._unread:
+            return
+        rows = [r.loss_tensor.float() for _, r in self._unread]
+        if self.scaler is not None:
+            rows += [r.skipped_tensor.float() if r.skipped_tensor is not None else torch.zeros_like(rows[0])
+                     for _, r in self._unread]
+        flat = torch.stack(rows).tolist()  # the one sync
+        vals = flat[:len(self._unread)]
+        self.losses.extend(vals)
+        skips = [bool(v) for v in flat[len(self._unread):]] or [False] * len(vals)
+        for (step, _), v, skipped in zip(self._unread, vals, skips):
+            self._skips = self._skips + 1 if skipped else 0
+            if self._skips == SCALER_SKIP_REPORT:
+                self._event("scaler_skips", skipped_steps=self._skips)
+            if not torch.isfinite(torch.tensor(v)) and not skipped:
+                self._unread = []
+                raise TrainError(f"the loss is not finite at step {step} ({v}); stopping, the last good checkpoint "
+                                 f"{self.ckpt_path} is untouched (lower learning_rate or grad_clip, or use bfloat16)")
+        self._unread = []
 
     def _log_step(self, it: int, res: StepResult, dt: float) -> None:
+        self._read_losses()
         rec = {"type": "train", "step": it, "loss": res.loss, "lr": lr_at(it, self.cfg),
                "tokens_per_s": res.tokens / dt if dt > 0 else None, "step_s": dt,
                "micro_batch": max(res.micro_batches), "grad_accum": len(res.micro_batches),
@@ -252,12 +320,12 @@ class Trainer:
         gc.collect()
         self.meter.cleanup()
 
-    def _shrink(self, reason: str, injected: bool = False) -> None:
+    def _shrink(self, reason: str, injected: bool = False, **extra) -> None:
         """Applies the recovery policy after an OOM (or thrashing); the caller redoes the step."""
         kind, info = self.recovery.after_oom(self.iter_num, self.compiled, reason)
-        if kind == "compile_fallback_eager":
-            self.forward, self.compiled, self.compile_failed = self.model, False, True
-        self._event(kind, reason=reason, **info, **({"injected": True} if injected else {}))
+        if kind == "compile_fallback_eager":  # no compiled state outlives the fallback
+            self.forward, self.compiled, self.compile_failed = uncompile(self.model), False, True
+        self._event(kind, reason=reason, **info, **extra, **({"injected": True} if injected else {}))
 
     def _event(self, kind: str, **info) -> None:
         ev = {"type": "event", "event": kind, "step": self.iter_num, **info}
@@ -285,7 +353,7 @@ class Trainer:
             and it != self.last_eval_iter
 
     def _evaluate_and_save(self, it: int) -> None:
-        ev = self.evaluate()
+        ev = self.evaluator.evaluate(self.model)
         self.last_eval_iter = it
         self.metrics.write({"type": "eval", "step": it, "train_loss": ev["train"], "val_loss": ev["val"]})
         self._progress.print(f"step {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
@@ -294,64 +362,15 @@ class Trainer:
             if it > 0:
                 self.save_checkpoint()
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss over eval_iters batches of batch_size sequences per split. The batches are
-        fixed by the sampler; eval_micro_batch only decides how they are chunked, and an OOM
-        halves it (the training plan is not touched)."""
-        self.model.eval()
-        out = {}
-        for split in ("train", "val"):
-            total = 0.0
-            for _ in range(self.cfg.eval_iters):
-                x, y = self.eval_sampler.sample(split, self.cfg.batch_size)
-                while True:
-                    try:
-                        total += self._eval_batch(x, y)
-                        break
-                    except Exception as e:
-                        if not self.meter.is_oom(e) or self.eval_micro_batch <= 1:
-                            raise
-                    gc.collect()
-                    self.meter.cleanup()
-                    self.eval_micro_batch //= 2
-                    self._event("eval_oom_shrink", eval_micro_batch=self.eval_micro_batch)
-            out[split] = total / self.cfg.eval_iters
-        self.model.train()
-        return out
-
-    def _eval_batch(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = 0.0
-        for s in range(0, x.shape[0], self.eval_micro_batch):
-            xb, yb = x[s:s + self.eval_micro_batch].to(self.device), y[s:s + self.eval_micro_batch].to(self.device)
-            with autocast(self.device.type, self.dtype):
-                loss += float(self.model(xb, yb)) * xb.shape[0]
-        return loss / x.shape[0]
-
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
+        """Writes <out>/ckpt.pt atomically on rank 0, after checking every step's loss since the
+        last check was finite (a TrainError otherwise, and the file on disk stays as it was)."""
+        self._read_losses()
         if not self.master:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "iter_num": self.iter_num,
-            "best_val_loss": self.best_val_loss,
-            "last_eval_iter": self.last_eval_iter,
-            "config": self.cfg.model_dump(mode="json"),
-            "sampler": self.sampler.state_dict(),
-            "eval_sampler": self.eval_sampler.state_dict(),
-            "compile_failed": self.compile_failed,
-            "micro_batches": list(self.micro_batches),
-            # what `autofit run --resume` needs to continue the same plan on the same device
-            "plan": json.dumps(self.opts.plan_info) if self.opts.plan_info else None,
-            "device": self.meter.spec(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
-        atomic_torch_save(state, self.ckpt_path)
+        atomic_torch_save(training_state(self), self.ckpt_path)
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:
@@ -365,7 +384,7 @@ class Trainer:
         self.best_val_loss = float(ck["best_val_loss"])
         self.last_eval_iter = int(ck.get("last_eval_iter", -1))
         self.sampler.load_state_dict(ck["sampler"])
-        self.eval_sampler.load_state_dict(ck["eval_sampler"])
+        self.evaluator.sampler.load_state_dict(ck["eval_sampler"])
         self.compile_failed = bool(ck.get("compile_failed", False))
         torch.set_rng_state(ck["rng_cpu"].cpu())
         if ck.get("rng_cuda") is not None and self.device.type == "cuda":

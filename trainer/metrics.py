@@ -21,7 +21,12 @@ EVENT_TEXT = {
                               "{micro_batch}; redoing step {step}",
     "eval_oom_shrink": "out of memory in evaluation: eval micro-batch now {eval_micro_batch} "
                        "(training plan unchanged)",
-    "compile_on": "torch.compile switched on at step {step} ({backend})",
+    "compile_on": "torch.compile switched on at step {step} ({backend}, {scope})",
+    "compile_time": "torch.compile took {seconds:.1f} s (measured: the first compiled step less the eager "
+                    "step time), apart from the step times",
+    "compile_unavailable": "compile: {reason}",
+    "scaler_skips": "fp16: the GradScaler skipped {skipped_steps} steps in a row (gradients overflow); bfloat16 "
+                    "needs no scaler, or lower the learning rate",
 }
 
 

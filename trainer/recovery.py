@@ -18,6 +18,9 @@ from trainer.errors import TrainError
 from trainer.step import split_batch
 
 THRASH_STEPS = 3  # consecutive steps with rising allocator retries that count as an OOM
+# Thrashing is confirmed (a lesson for the profile) only with the reserved peak this near the
+# allocator's limit; rising retries far from it are fragmentation the shrink may not need.
+THRASH_NEAR_LIMIT = 0.90
 
 ShrinkPolicy = Callable[[int], "int | None"]
 
