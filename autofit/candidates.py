@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autofit.records import Candidate
+from trainer.step import bf16_refusal
 
 
 class PlanError(RuntimeError):
@@ -38,14 +39,18 @@ class Levers:
 
 def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str | None = None,
                     compile: bool | None = None, checkpointing: list[int] | None = None,
-                    loss_impls: list[str] | None = None, compile_measurable: bool = True) -> Space:
+                    loss_impls: list[str] | None = None, compile_measurable: bool = True,
+                    compute_capability: tuple[int, int] | None = None) -> Space:
     """The config's choices, widened by the memory levers. `dtype`: None (the config's, 'auto'
     resolved for this device), 'any' (every dtype this device runs), or a comma list.
     `compile_measurable`: False where torch.compile cannot be measured (the budgeted CPU device).
-    Raises PlanError for an unknown dtype, bf16 on a card without it, or --compile where compile
-    cannot be measured."""
+    Raises PlanError for an unknown dtype, bf16 (asked, or the config's) on a card without it, or
+    --compile where compile cannot be measured."""
+    cc_text = ".".join(map(str, compute_capability)) if compute_capability else None
     if dtype is None:
         dtypes = [cfg.resolved_dtype(device_kind, bf16_supported)]
+        if dtypes == ["bfloat16"] and not bf16_supported:  # the config's own dtype: the same answer as --dtype
+            raise PlanError(bf16_refusal(cc_text) + "; or probe with --dtype float16")
     elif dtype == "any":
         dtypes = ["bfloat16", "float16", "float32"] if device_kind != "cpu" else ["float32", "bfloat16"]
         if not bf16_supported:
@@ -56,7 +61,7 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
             if d not in ("float32", "bfloat16", "float16"):
                 raise PlanError(f"--dtype: unknown dtype {d!r} (float32, bfloat16, float16, any)")
             if d == "bfloat16" and not bf16_supported:
-                raise PlanError("--dtype bfloat16: this GPU has no bf16 support (compute capability < 8.0); use float16")
+                raise PlanError("--" + bf16_refusal(cc_text))
     compiles = [compile] if compile is not None else ([False, True] if cfg.compile else [False])
     if not compile_measurable:
         # Dynamo compiles nothing while the budgeted CPU device's dispatch-mode tracker is

@@ -41,6 +41,9 @@ def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
     summary.pop("gradient_accumulation_steps", None)
     if emulated_on:  # a plan fitted under emulation is not one fitted on the card itself
         summary["emulated_on"] = emulated_on
+    if info.kind == "cuda":  # expandable segments and other allocator settings change what fits
+        from autofit.cuda import allocator_settings
+        summary["allocator"] = allocator_settings() or "default"
     return fingerprint_inputs(summary, torch.__version__.split("+")[0], cuda,
                               info.driver_version if info.kind == "cuda" else None)
 

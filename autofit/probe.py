@@ -44,7 +44,8 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
             f"for a GPU you do not have here, estimate with --gpu NAME (e.g. --gpu rtx4070-12gb)")
     space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
                             compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
-                            compile_measurable=device.capabilities.compile)
+                            compile_measurable=device.capabilities.compile,
+                            compute_capability=info.compute_capability)
     settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
     return probe_measured(cfg, device, budget, space, settings=settings, log=log)
 
@@ -58,7 +59,8 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
             raise DeviceError("--gpu simulates a card from its profile; it cannot be combined with --device/--budget")
         info = sim.info
         space = candidate_space(cfg, "cuda", info.bf16_supported, dtype=opts.dtype, compile=opts.compile,
-                                checkpointing=opts.checkpointing, loss_impls=opts.loss_impls)
+                                checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
+                                compute_capability=info.compute_capability)
         budget = compute_budget(info, opts.margin)
         return probe_estimated(cfg, info, sim.hw, budget, space), None, sim.hw
     device = open_device(opts.device, budget_bytes=opts.budget_bytes, gpu_index=opts.gpu_index,

@@ -37,6 +37,9 @@ class TrialRecord(BaseModel):
     measured_reserved_bytes: int | None = None
     tokens_per_s: float | None = None  # the median of the timed steps (after the warm-up step)
     step_seconds: list[float] = []  # each timed step's wall time, measured
+    # allocated bytes after the trial's cleanup less before it (measured; None where the device
+    # measures nothing): how far the trial was from giving its memory back
+    leaked_bytes: int | None = None
     steps_run: int = 0
     seconds: float = 0.0
     compile_seconds: float | None = None

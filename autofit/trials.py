@@ -136,6 +136,7 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         after = device.current_bytes()
     rec.seconds = time.perf_counter() - t0
     leaked = (after - baseline) if (after is not None and baseline is not None) else 0
+    rec.leaked_bytes = (after - baseline) if (after is not None and baseline is not None) else None
     tolerance = LEAK_TOLERANCE_BYTES["cuda" if device.torch_device.type == "cuda" else "cpu"]
     if failure is not None:
         rec.status = kind
