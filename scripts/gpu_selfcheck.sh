@@ -38,7 +38,8 @@ OUT=$(cd "$1" && pwd)
 rm -f "$OUT"/stage[0-9]_*.json "$OUT/report.md" "$OUT/selfcheck.log"  # a rerun starts clean
 PY=${SELFCHECK_PYTHON:-python3}
 STAGES=${SELFCHECK_STAGES:-0 1 2 3}
-LIMITS=("${SELFCHECK_LIMIT_0:-60}" "${SELFCHECK_LIMIT_1:-110}" "${SELFCHECK_LIMIT_2:-200}" "${SELFCHECK_LIMIT_3:-240}")
+# worst case 30 + 110 + 180 + 240 = 560 s, inside the device tool's 600 s a command
+LIMITS=("${SELFCHECK_LIMIT_0:-30}" "${SELFCHECK_LIMIT_1:-110}" "${SELFCHECK_LIMIT_2:-180}" "${SELFCHECK_LIMIT_3:-240}")
 KEEP_WORK=${SELFCHECK_WORK:+1}
 WORK=${SELFCHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/selfcheck.XXXXXX")}
 mkdir -p "$WORK"
@@ -71,7 +72,7 @@ run_stage() {
   local n=$1 name=$2 script=$3; shift 3
   local limit=${LIMITS[$n]}
   echo "== stage $n: $name (limit ${limit} s)"
-  timeout --kill-after=10 "$limit" "$PY" "scripts/selfcheck/$script" "$OUT" "$@" "${DRYFLAG[@]}"
+  timeout --kill-after=10 "$limit" "$PY" "scripts/selfcheck/$script" "$OUT" "$@" --limit "$limit" "${DRYFLAG[@]}"
   local rc=$?
   if [ $rc = 124 ] || [ $rc = 137 ]; then
     echo "stage $n: stopped after its ${limit} s limit"
@@ -80,7 +81,7 @@ run_stage() {
 }
 
 main() {
-  echo "gpu_selfcheck $([ $DRY = 1 ] && echo '(dry run) ')on $(hostname), $(date -u +%Y-%m-%dT%H:%M:%SZ); stages: $STAGES"
+  echo "gpu_selfcheck $([ $DRY = 1 ] && echo '(dry run) ')on ${HOSTNAME:-?}, $(date -u +%Y-%m-%dT%H:%M:%SZ); stages: $STAGES"
   setup || return 1
   for n in $STAGES; do
     case $n in

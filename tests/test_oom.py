@@ -61,7 +61,7 @@ def test_not_supported_raised_while_handling_an_oom_is_not_oom():
         try:
             raise torch.OutOfMemoryError(ALLOCATOR)
         except torch.OutOfMemoryError:
-            raise RuntimeError(CUDNN_NOT_SUPPORTED)
+            raise RuntimeError(CUDNN_NOT_SUPPORTED)  # noqa: B904 - the OOM is only its __context__
     e = raised(make)
     assert isinstance(e.__context__, torch.OutOfMemoryError) and e.__cause__ is None
     assert not is_oom(e)

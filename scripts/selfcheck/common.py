@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -110,10 +111,13 @@ def _pump(stream, sink, keep: list[str]) -> None:
         keep.append(line)
 
 
-def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: bool = True) -> dict:
+def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: bool = True,
+            timeout: float | None = None) -> dict:
     """Runs `python -m autofit.cli ARGS` with this interpreter. Its stderr (and its stdout, unless
     `echo_stdout` is False, as for --json) is copied to ours as it comes, so the self-check log
-    holds what a run printed before a time-out. Returns {cmd, rc, stdout, stderr_tail, seconds}."""
+    holds what a run printed before a time-out. Past `timeout` seconds the command gets SIGTERM
+    (autofit then finishes its step and saves a checkpoint), SIGKILL 20 s later; the caller
+    still reads whatever it wrote. Returns {cmd, rc, stdout, stderr_tail, seconds, timed_out}."""
     cmd = [sys.executable, "-m", "autofit.cli", *args]
     log("$ autofit " + " ".join(args))
     t0 = time.monotonic()
@@ -125,11 +129,28 @@ def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: 
              threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, err_lines))]
     for t in pumps:
         t.start()
-    rc = proc.wait()
+    timed_out = False
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        log(f"(stopping it: past its {timeout:.0f} s share of the stage's time)")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
     for t in pumps:
         t.join()
-    return {"cmd": "autofit " + " ".join(args), "rc": rc, "stdout": "".join(out_lines),
+    return {"cmd": "autofit " + " ".join(args), "rc": rc, "stdout": "".join(out_lines), "timed_out": timed_out,
             "stderr_tail": tail("".join(err_lines)), "seconds": round(time.monotonic() - t0, 1)}
+
+
+def share_of(limit_s: float | None, keep_s: float = 25.0) -> float | None:
+    """The time an inner command may take when its stage has `limit_s`: the rest is kept for
+    reading back and judging what it wrote, so a slow run still leaves its figures."""
+    return None if limit_s is None else max(10.0, limit_s - keep_s)
 
 
 def cli_json(args: list[str], **kw) -> tuple[Any, dict]:

@@ -56,6 +56,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s); unused")
     a = ap.parse_args()
     st = Stage(a.out, 0, "env", a.dry_run)
     st.set(python=platform.python_version(), executable=sys.executable, machine=platform.machine(),

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DRY_MODEL, Stage, cli_json, read_jsonl, run_cli  # noqa: E402
+from common import DRY_MODEL, Stage, cli_json, read_jsonl, run_cli, share_of  # noqa: E402
 from figures import baseline_summary, trial_rows  # noqa: E402
 
 EMULATED = "rtx4070-12gb"
@@ -30,25 +30,26 @@ GPU_CONFIG = ["--preset", "gpt2-124m", "--set", "dataset=embedded", "--set", "bl
 DRY_BUDGET = "32MiB"
 
 
-def fit_on_gpu(st: Stage, work: Path) -> tuple[str | None, str | None]:
+def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None, str | None]:
     """Probe under emulation and save the plan; returns (profile name, plan fingerprint)."""
     out = work / "stage2-run"
     res = run_cli(["run", "--profile", EMULATED, "--emulate", "--max-steps", "0", "--no-progress",
-                   "--no-compile", "--checkpointing", "0", "--out", str(out), *GPU_CONFIG])
+                   "--no-compile", "--checkpointing", "0", "--out", str(out), *GPU_CONFIG], timeout=timeout)
     st.set(fit=res | {"stdout": res["stdout"][-2000:]})
     runs = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("type") == "run"]
     plan = (runs[-1].get("plan") or {}) if runs else {}
     st.set(run_plan_info={k: plan.get(k) for k in ("source", "profile", "fingerprint", "emulated_on", "budget_bytes",
                                                    "fit_sizes", "description")})
     if not st.check("probe under emulation ran and saved a plan", res["rc"] == 0 and bool(plan),
-                    f"rc {res['rc']}" + (f": {res['stderr_tail'][-400:]}" if res["rc"] else "")):
+                    f"rc {res['rc']}" + (" (stopped: past its share of the stage's time)" if res["timed_out"] else "")
+                    + (f": {res['stderr_tail'][-400:]}" if res["rc"] else "")):
         return None, None
     return EMULATED, plan.get("fingerprint")
 
 
-def fit_on_cpu(st: Stage) -> tuple[str | None, str | None]:
+def fit_on_cpu(st: Stage, timeout: float | None) -> tuple[str | None, str | None]:
     data, res = cli_json(["probe", "--device", "cpu", "--budget", DRY_BUDGET, "--save", "--json",
-                           "--checkpointing", "0", *DRY_MODEL])
+                           "--checkpointing", "0", *DRY_MODEL], timeout=timeout)
     st.set(fit=res, probe_device=(data or {}).get("device"), budget=(data or {}).get("budget"))
     saved = (data or {}).get("saved") or {}
     if not st.check("probe on the budgeted CPU ran and saved a plan", bool(saved),
@@ -97,14 +98,15 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("work", type=Path)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s)")
     a = ap.parse_args()
     st = Stage(a.out, 2, "probe", a.dry_run)
     if a.dry_run:
         st.skip(f"probe of GPT-2 124M emulating {EMULATED}", "dry run: needs a CUDA GPU; the tiny preset is "
                 f"probed on the budgeted CPU device ({DRY_BUDGET}) instead")
-        profile, fp = fit_on_cpu(st)
+        profile, fp = fit_on_cpu(st, share_of(a.limit))
     else:
-        profile, fp = fit_on_gpu(st, a.work)
+        profile, fp = fit_on_gpu(st, a.work, share_of(a.limit))
     fitted = read_fitted(st, profile, fp) if profile else None
     if fitted is not None:
         judge(st, fitted)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DRY_MODEL, Stage, read_jsonl, run_cli  # noqa: E402
+from common import DRY_MODEL, Stage, read_jsonl, run_cli, share_of  # noqa: E402
 from figures import find_card_profile, flops_per_token, median, mfu, peak_for  # noqa: E402
 
 COMPILE_AFTER, OOM_AT, STEPS = 3, 7, 10  # the OOM comes after the compile window (3 steps)
@@ -108,6 +108,7 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("work", type=Path)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s)")
     a = ap.parse_args()
     st = Stage(a.out, 3, "train", a.dry_run)
     if a.dry_run:
@@ -118,9 +119,11 @@ def main() -> int:
         c, o, n, base, env = COMPILE_AFTER, OOM_AT, STEPS, GPU_CONFIG, {}
     out = a.work / "stage3-run"
     res = run_cli(["run", "--no-probe", "--no-progress", "--out", str(out), *base, *schedule(c, n)],
-                  env={**env, "AUTOFIT_FAULT_OOM_AT_STEP": str(o)})
+                  env={**env, "AUTOFIT_FAULT_OOM_AT_STEP": str(o)}, timeout=share_of(a.limit))
     st.set(run=res | {"stdout": res["stdout"][-3000:]}, schedule={"compile_after": c, "oom_at": o, "steps": n})
-    st.check("training run exited 0", res["rc"] == 0, f"rc {res['rc']}" + (f": {res['stderr_tail'][-400:]}" if res["rc"] else ""))
+    st.check("training run exited 0", res["rc"] == 0 and not res["timed_out"], f"rc {res['rc']}"
+             + (" (stopped: past its share of the stage's time)" if res["timed_out"] else "")
+             + (f": {res['stderr_tail'][-400:]}" if res["rc"] else ""))
     recs = this_run(read_jsonl(out / "metrics.jsonl"))
     if not recs:
         st.check("metrics written", False, f"no run record in {out / 'metrics.jsonl'}")
