@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import common  # noqa: E402
 import device_wheels  # noqa: E402
+import env_check  # noqa: E402
 import figures  # noqa: E402
 import selfcheck_report  # noqa: E402
 import stage1_device  # noqa: E402
@@ -124,6 +125,14 @@ def test_device_wheels_follow_pyproject_and_refuse_what_is_not_installed_here():
         device_wheels.pinned({"not-installed-anywhere": "not-installed-anywhere"})
 
 
+def test_env_check_reads_each_requirement_against_what_is_installed():
+    assert env_check.check_requirement("pytest>=7.4", None)["ok"] is True
+    assert env_check.check_requirement("pytest>=999", None)["ok"] is False
+    missing = env_check.check_requirement("surely-not-installed-here>=1", None)
+    assert missing["ok"] is False and missing["where"] == "missing"
+    assert env_check.check_requirement("tomli>=2.0; python_version < '3.0'", None)["ok"] is None
+
+
 # ------------------------------------------------------------------ stage 1 with a fake NVML
 
 def fake_pynvml(pids_used: dict[int, int], free: int = 149_000_000_000):
@@ -224,8 +233,14 @@ def test_trial_rows_keep_baseline_fields_and_the_estimate_error():
                                {"micro_batch": 16, "status": "oom", "estimated_peak_bytes": 200}])
     assert rows[0]["estimate_error"] == pytest.approx(0.1) and rows[0]["allocated_after_bytes"] == 5
     assert rows[1]["estimate_error"] is None
+    assert figures.leaked_bytes(rows[0]) == 0 and figures.leaked_bytes(rows[1]) is None
     assert figures.baseline_summary(rows)[0] is True
     assert figures.baseline_summary([{"micro_batch": 8, "note": ""}])[0] is None
+    leak = {"allocated_before_bytes": 100, "allocated_after_bytes": 100 + 64 * 2**20, "note": ""}
+    assert figures.leaked_bytes(leak) == 64 * 2**20
+    ok, detail = figures.baseline_summary([rows[0], leak])
+    assert ok is False and "1 kept more than 2 MiB" in detail
+    assert figures.baseline_summary([{"leaked_bytes": 0, "note": "memory leak: 3 tensors"}])[0] is False
 
 
 # ------------------------------------------------------------------ stage 3's judgement, GPU-shaped records

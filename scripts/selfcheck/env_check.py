@@ -72,7 +72,7 @@ def main() -> int:
     st.set(requirements=rows)
     for r in rows:
         if r["ok"] is not None:
-            st.check(f"{r['requirement']}", r["ok"], f"{r['installed'] or 'missing'} ({r['where']})")
+            st.check(f"{r['requirement']}", r["ok"], f"{r['installed']} ({r['where']})" if r["installed"] else "missing")
     try:  # the CLI imports its modules lazily: import what `autofit run` and `probe` use
         import importlib
         for mod in ("autofit.cli", "autofit.launch", "autofit.probe", "trainer.loop"):

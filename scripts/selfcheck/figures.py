@@ -26,13 +26,31 @@ def trial_rows(trials: list[dict]) -> list[dict]:
     return rows
 
 
-def baseline_summary(rows: list[dict]) -> tuple[bool | None, str]:
-    """Did every trial give its memory back? None when the trial records carry no such figure."""
-    keyed = [r for r in rows if any(any(b in k for b in BASELINE_KEYS) for k in r if r[k] is not None)]
+def leaked_bytes(row: dict) -> int | None:
+    """Bytes a trial left allocated: its `leaked_bytes`, else the first `X_after_bytes` minus
+    `X_before_bytes` pair (`X_baseline_bytes` counts as before); None when it carries neither."""
+    if row.get("leaked_bytes") is not None:
+        return int(row["leaked_bytes"])
+    for k, after in row.items():
+        if k.endswith("_after_bytes") and after is not None:
+            stem = k[: -len("_after_bytes")]
+            before = row.get(f"{stem}_before_bytes", row.get(f"{stem}_baseline_bytes", row.get("baseline_bytes")))
+            if before is not None:
+                return int(after) - int(before)
+    return None
+
+
+def baseline_summary(rows: list[dict], tolerance_bytes: int = 2 * 2**20) -> tuple[bool | None, str]:
+    """Did every trial give its memory back (within `tolerance_bytes`, and no note of a leak)?
+    None when the trial records carry no such figure."""
+    figures = [(r, leaked_bytes(r)) for r in rows]
+    keyed = [(r, b) for r, b in figures if b is not None]
     if not keyed:
         return None, "the trial records carry no baseline/leak figure (this autofit does not record it)"
-    leaked = [r for r in keyed if (r.get("leaked_bytes") or 0) > 0 or "leak" in (r.get("note") or "").lower()]
-    return not leaked, f"{len(keyed)} trials carry baseline figures; {len(leaked)} report a leak"
+    bad = [r for r, b in keyed if b > tolerance_bytes or "leak" in (r.get("note") or "").lower()]
+    worst = max(b for _, b in keyed)
+    return not bad, (f"{len(keyed)} trials carry baseline figures; {len(bad)} kept more than "
+                     f"{tolerance_bytes / 2**20:.0f} MiB or noted a leak; most left allocated {worst / 2**20:.1f} MiB")
 
 
 def flops_per_token(cfg: dict) -> tuple[float, int, str]:
