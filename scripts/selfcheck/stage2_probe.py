@@ -31,7 +31,8 @@ DRY_BUDGET = "32MiB"
 
 
 def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None, str | None]:
-    """Probe under emulation and save the plan; returns (profile name, plan fingerprint)."""
+    """Probe under emulation and save the plan; returns (profile name, plan fingerprint or None).
+    The profile is read back even when the run failed after the probe had saved it."""
     out = work / "stage2-run"
     res = run_cli(["run", "--profile", EMULATED, "--emulate", "--max-steps", "0", "--no-progress",
                    "--no-compile", "--checkpointing", "0", "--out", str(out), *GPU_CONFIG], timeout=timeout)
@@ -40,10 +41,9 @@ def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None
     plan = (runs[-1].get("plan") or {}) if runs else {}
     st.set(run_plan_info={k: plan.get(k) for k in ("source", "profile", "fingerprint", "emulated_on", "budget_bytes",
                                                    "fit_sizes", "description")})
-    if not st.check("probe under emulation ran and saved a plan", res["rc"] == 0 and bool(plan),
-                    f"rc {res['rc']}" + (" (stopped: past its share of the stage's time)" if res["timed_out"] else "")
-                    + (f": {res['stderr_tail'][-400:]}" if res["rc"] else "")):
-        return None, None
+    st.check("probe under emulation ran and saved a plan", res["rc"] == 0 and bool(plan),
+             f"rc {res['rc']}" + (" (stopped: past its share of the stage's time)" if res["timed_out"] else "")
+             + (f": {res['stderr_tail'][-400:]}" if res["rc"] else ""))
     return EMULATED, plan.get("fingerprint")
 
 
