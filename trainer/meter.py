@@ -17,31 +17,54 @@ from typing import ContextManager, Protocol
 
 import torch
 
-# Out-of-memory errors that do not arrive as torch.OutOfMemoryError (older builds, cuBLAS/cuDNN
-# workspaces failing to allocate, raw CUDA errors). Matched case-insensitively.
+# Out-of-memory errors that do not arrive as torch.OutOfMemoryError, matched case-insensitively
+# in a RuntimeError's message. Each is an allocation that failed for want of device memory:
 OOM_MESSAGES = (
-    "out of memory",
-    "cublas_status_alloc_failed",
-    "cudnn_status_not_supported",  # cuDNN falls back to this when its workspace cannot be allocated
-    "cudnn_status_alloc_failed",
-    "cuda error: out of memory",
-    "hip out of memory",
+    "cuda out of memory",  # the caching allocator's own text, seen as a plain RuntimeError from TorchScript
+    "cuda error: out of memory",  # cudaErrorMemoryAllocation through C10_CUDA_CHECK (c10/cuda/CUDAException.h)
+    "cuda driver error: out of memory",  # CUDA_ERROR_OUT_OF_MEMORY through C10_CUDA_DRIVER_CHECK
+    "triton error [cuda]: out of memory",  # Triton's launcher loading a compiled kernel (cuModuleLoadData)
+    "cublas_status_alloc_failed",  # cuBLAS could not allocate its handle or workspace
+    "cudnn_status_alloc_failed",  # cuDNN could not allocate its handle or workspace
+    "hip out of memory",  # the same forms on ROCm builds, where CUDA's names are hipified
+    "hip error: out of memory",
 )
+# Not in the list, on purpose: CUDNN_STATUS_NOT_SUPPORTED (cuDNN declines a shape or layout; cuDNN
+# attention is on by default on Hopper, so it is a real error there, and shrinking would hide it),
+# and Triton's "out of resource: shared memory" (a kernel's block config, not device memory).
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True when `exc` means the device ran out of memory. torch.compile wraps an OOM raised while
-    compiling (BackendCompilerFailed, InductorError), so the chain of causes is searched too."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, torch.OutOfMemoryError):
+    """True when `exc` means the device ran out of memory: a torch.OutOfMemoryError, or a
+    RuntimeError whose message holds one of OOM_MESSAGES, found on `exc` itself or along the
+    exceptions it explicitly wraps (at most 16, cycles tolerated). Never raises.
+
+    Explicit wrapping is `raise ... from e` (__cause__) and torch.compile's wrappers: Dynamo's
+    BackendCompilerFailed and Inductor's InductorError keep the original as `inner_exception`
+    and are raised `from None` (torch/_dynamo/output_graph.py, torch/_inductor/compile_fx.py), so
+    __cause__ alone would miss an OOM raised while compiling. __context__ is not followed: Python
+    sets it on every exception raised while another is being handled, so a cuDNN error raised
+    after an OOM was caught would otherwise count as an OOM."""
+    todo, seen = [exc], set()
+    while todo and len(seen) < 16:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, torch.OutOfMemoryError):
             return True
-        if isinstance(exc, RuntimeError):
-            msg = str(exc).lower()
+        if isinstance(e, RuntimeError):
+            try:
+                msg = str(e).lower()
+            except Exception:  # a broken __str__ must not turn one error into another
+                msg = ""
             if any(m in msg for m in OOM_MESSAGES):
                 return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
+        inner = getattr(e, "inner_exception", None)
+        if isinstance(inner, BaseException):
+            todo.append(inner)
+        if e.__cause__ is not None:
+            todo.append(e.__cause__)
     return False
 
 
