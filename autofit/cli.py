@@ -40,10 +40,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
+    """The TrainConfig of a command: preset (tiny without --config), file, --set; with
+    init_from = 'gpt2*' the published model's shape, as nanoGPT's train.py takes it."""
     from trainer.config import load_config
+    from trainer.pretrained import gpt2_config
     if preset is None and config is None:
         preset = "tiny"  # the built-in default: small enough to train on a laptop CPU in minutes
-    return load_config(preset=preset, config_file=config, overrides=overrides)
+    return gpt2_config(load_config(preset=preset, config_file=config, overrides=overrides))
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or nanoGPT-style .py config (parsed, never executed).")
@@ -161,6 +164,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt, compile: Optional[bool] = CompileOpt,
             checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+            allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept --set values that change what the run trains (said in the log)."),
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
@@ -175,30 +179,43 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     if profile is not None and budget is not None:
         raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
     log = lambda s: err_console.print(f"[dim]{s}[/]")
-    if not resume:
-        _check_fresh_run(cfg)
-    if resume:  # the checkpoint's own config and plan: no probe, the same run continues
-        from autofit.launch import prepare_resume
-        if config is not None or preset is not None or profile is not None:
-            log("--resume: the checkpoint's config and plan are used; --config/--preset/--profile are ignored")
-        launch = prepare_resume(cfg.out_dir, overrides, gpu_index=gpu_index, max_steps=max_steps,
-                                progress=not no_progress, log=log)
+    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
+    if resume or cfg.init_from == "resume":  # nanoGPT's init_from='resume' is --resume
+        from autofit.resume import prepare_resume
+        if profile is not None:
+            log("--resume: the checkpoint's plan is used; --profile is ignored")
+        launch = prepare_resume(cfg.out_dir, _resume_overrides(cfg, overrides, resume), probe_opts=opts,
+                                allow_changes=allow_changes, max_steps=max_steps, progress=not no_progress, log=log)
         console.print(f"[bold]plan[/]: {launch.source}")
         _report_run(train(launch.cfg, launch.opts), launch.cfg)
         return
-    if no_probe:
+    _check_fresh_run(cfg, log)
+    if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
         if profile is not None:
             raise UsageError("--no-probe and --profile exclude each other")
         result = train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
         _report_run(result, cfg)
         return
     from autofit.launch import prepare_run
-    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
-                         resume=resume, progress=not no_progress, log=log)
+                         resume=False, progress=not no_progress, log=log)
     console.print(f"[bold]plan[/]: {launch.source}")
     console.print(_plan_line(launch.plan))
     _report_run(train(launch.cfg, launch.opts), launch.cfg)
+
+
+def _resume_overrides(cfg, overrides: List[str], flag: bool) -> dict:
+    """What a resume is asked to change: the --set values; with init_from='resume' in a config
+    (nanoGPT's way), also the values the config file sets (not the preset's or the defaults)."""
+    from trainer.config import parse_override
+    out = dict(parse_override(item) for item in overrides)
+    if not flag:
+        for key in type(cfg).model_fields:
+            src = cfg.source_of(key)
+            if src not in ("default",) and not src.startswith("preset ") and key != "init_from":
+                out.setdefault(key, getattr(cfg, key))
+    out.pop("init_from", None)
+    return out
 
 
 def _plan_line(p) -> str:
@@ -209,7 +226,7 @@ def _plan_line(p) -> str:
                f"estimated peak {_fmt(p.estimated_peak_bytes)}") + f" of {_fmt(p.budget_bytes)} budget")
 
 
-def _check_fresh_run(cfg) -> None:
+def _check_fresh_run(cfg, log) -> None:
     """Checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
     overwrite a checkpoint; bad data is reported before trials, not after them."""
     if (Path(cfg.out_dir) / "ckpt.pt").exists():
@@ -217,6 +234,9 @@ def _check_fresh_run(cfg) -> None:
                          f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
     from trainer.data import load_dataset
     load_dataset(cfg.dataset).check_vocab(cfg.vocab_size)
+    src = cfg.source_of("vocab_size")
+    if src.endswith("meta.pkl") or src.startswith("dataset"):
+        log(f"vocab_size {cfg.vocab_size}, from {src}")
 
 
 def _no_probe_options(cfg, device, budget, gpu_index, max_steps, progress):
@@ -341,6 +361,11 @@ def _report_run(result, cfg) -> None:
         err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
                           f"continue with: autofit run --resume --out {cfg.out_dir}")
         raise typer.Exit(130)
+    if result.status == "evaluated":
+        ev = result.last_eval or {}
+        console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "
+                      f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained or saved")
+        return
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     msg = f"done: {result.steps} optimizer steps"
     if first is not None:
