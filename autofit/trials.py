@@ -44,7 +44,7 @@ class TrialSettings:
 def trial_split(rank_batch: int, micro_batch: int) -> list[int]:
     """The micro-batches one trial step runs: the first two of the run's split (so the second
     forward runs with the first's gradients alive, as in training) and its short last one when
-    the split is ragged (so that shape is compiled and timed too). Compiled and eager candidates
+    the split has two sizes (so that shape is compiled and timed too). Compiled and eager candidates
     run the same split, so their tokens/s compare."""
     full = split_batch(rank_batch, micro_batch)
     head = full[:2]
