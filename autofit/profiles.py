@@ -21,12 +21,13 @@ import os
 import re
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import filelock
+import platformdirs
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -37,17 +38,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 NAME_MAX = 100
 CPU_GPU_LABEL = "CPU (budgeted)"
-# How long the lock-file fallback (no fcntl) waits before telling the user a lock looks stale.
+# How long a writer waits for another's lock before telling the user it looks stale. With fcntl
+# a lock dies with its process, so only the lock-file fallback (no fcntl) can be stale.
 LOCK_TIMEOUT_S = 30.0
+# filelock.FileLock is the fcntl lock where there is fcntl, a plain lock file (SoftFileLock) elsewhere.
+_LOCK_CLASS: type[filelock.BaseFileLock] = filelock.FileLock
 
 # Short labels for the non-config fingerprint inputs, as people say them ("torch 2.4 -> 2.5").
 _VERSION_LABELS = {"torch_version": "torch", "cuda_version": "cuda", "driver_version": "driver"}
@@ -198,15 +198,40 @@ def nearest_plan(profile: SavedProfile, inputs: dict[str, Any]) -> tuple[FittedP
 
 
 def profiles_dir() -> Path:
-    """$AUTOFIT_HOME/profiles, else $XDG_DATA_HOME/autofit/profiles, else ~/.local/share/autofit/profiles."""
+    """Where user profiles live: $AUTOFIT_HOME/profiles if set, else platformdirs' per-user data
+    directory + /profiles (on Linux $XDG_DATA_HOME/autofit/profiles, by default
+    ~/.local/share/autofit/profiles)."""
     home = os.environ.get("AUTOFIT_HOME")
     if home:
         return Path(home).expanduser() / "profiles"
-    xdg = os.environ.get("XDG_DATA_HOME")
-    # The XDG spec says relative paths in these variables are invalid and must be ignored.
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "autofit" / "profiles"
-    return Path.home() / ".local" / "share" / "autofit" / "profiles"
+    data = platformdirs.user_data_path("autofit", appauthor=False)
+    # The XDG spec says a relative $XDG_DATA_HOME is invalid and must be ignored; platformdirs
+    # takes it as given, which would put profiles under whatever the current directory is.
+    if not data.is_absolute():
+        data = Path.home() / ".local" / "share" / "autofit"
+    return data / "profiles"
+
+
+def check_profiles_writable(name: str | None = None) -> Path:
+    """Raise ProfileError (one line) unless a profile can be saved; call it before expensive work.
+
+    The profiles directory must be a writable directory, or be creatable under a writable one;
+    nothing is created here. `name`, when given, must be a valid profile name. Returns the
+    directory. Permission bits are read with os.access, so for root (who may write anyway) only
+    a read-only file system or a path through a regular file fails."""
+    if name is not None:
+        check_name(name)
+    directory = profiles_dir()
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    fix = "set AUTOFIT_HOME to a writable directory, or fix the permissions"
+    if not probe.is_dir():
+        raise ProfileError(f"cannot save profiles in {directory}: {probe} is a file, not a directory; {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "the profiles directory" if probe == directory else f"{probe} (where it would be created)"
+        raise ProfileError(f"cannot save profiles in {directory}: {what} is not writable; {fix}")
+    return directory
 
 
 def _is_valid_name(name: str) -> bool:
@@ -235,21 +260,24 @@ def _read_file(path: Path) -> SavedProfile | None:
         return None
     except OSError as exc:
         raise ProfileError(f"cannot read profile file {path}: {exc.strerror or exc}") from None
+    clear = f"autofit profiles rm {path.stem}"
     try:
         raw = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"profile file {path} is not valid TOML: {_one_line(str(exc))}") from None
+        raise ProfileError(f"profile file {path} is not valid TOML: {_one_line(str(exc))}; "
+                           f"clear it with: {clear}") from None
     # Checked before validation: a newer schema may legitimately fail our model.
     version = raw.get("schema_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise ProfileError(f"{path} was written by a newer autofit (schema {version} > {SCHEMA_VERSION}); "
-                           "upgrade autofit or move the file")
+                           f"upgrade autofit, or clear it with: {clear}")
     try:
         profile = SavedProfile.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ProfileError(f"{path} is not an autofit profile: {where}: {_one_line(first['msg'])}") from None
+        raise ProfileError(f"{path} is not an autofit profile: {where}: {_one_line(first['msg'])}; "
+                           f"clear it with: {clear}") from None
     # The file name is how users address a profile; a renamed file takes its new name.
     if profile.name != path.stem:
         profile = profile.model_copy(update={"name": path.stem})
@@ -277,35 +305,25 @@ def load_profile(name: str, *, builtin: BuiltinLookup | None = None) -> SavedPro
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Exclusive lock on `<path>.lock` around a read-modify-write of `path`."""
+    """Exclusive lock on `<path>.lock` around a read-modify-write of `path`.
+
+    filelock takes an fcntl lock where the platform has one (the lock file stays in place, so a
+    waiting process never locks a file another has unlinked) and an O_EXCL lock file elsewhere.
+    Raises ProfileError when the lock is not had within LOCK_TIMEOUT_S."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
-    if fcntl is not None:
-        # The lock file is left in place: unlinking it while another process waits on it would
-        # let a third process lock a fresh file, and two writers would run at once.
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
-        return
-    deadline = time.monotonic() + LOCK_TIMEOUT_S
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            if time.monotonic() > deadline:
-                raise ProfileError(f"timed out waiting for lock {lock_path}; if no autofit is "
-                                   "running, delete it") from None
-            time.sleep(0.05)
+    lock = _LOCK_CLASS(str(lock_path), timeout=LOCK_TIMEOUT_S)
     try:
-        os.close(fd)
+        lock.acquire()
+    except filelock.Timeout:
+        raise ProfileError(f"timed out waiting for lock {lock_path}; if no autofit is running, "
+                           "delete it") from None
+    except OSError as exc:
+        raise ProfileError(f"cannot lock profile file {path}: {exc.strerror or exc}") from None
+    try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path)
+        lock.release()
 
 
 def _write_atomic(path: Path, profile: SavedProfile) -> None:
@@ -334,19 +352,51 @@ def _write_atomic(path: Path, profile: SavedProfile) -> None:
 
 
 def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan) -> Path:
-    """Create or update profile `name` with `plan`. A plan with the same fingerprint is replaced
-    (keeping its `created`); other plans are kept. `hardware`, when given, replaces the stored
-    description; None keeps what is stored (CPU budget profiles have none)."""
+    """Create or update profile `name` with `plan`; returns the file's path.
+
+    A plan with the same fingerprint is replaced (keeping its `created`); other plans are kept.
+    `hardware`, when given, updates the stored description key by key (so peak rates written by
+    `autofit profiles add` survive a save from a probe that knows only the card's name and
+    memory); None keeps what is stored. Raises ProfileError for a bad name, an unwritable
+    directory, or a stored file that cannot be read: then the file is left as it is and the plan
+    is kept in a side file `kept/<name>.plan-<fingerprint>.toml` under the profiles directory,
+    which the message names."""
     path = profile_path(name)
+    check_profiles_writable()
     with _locked(path):
-        profile = _read_file(path) or SavedProfile(name=name)
+        try:
+            profile = _read_file(path) or SavedProfile(name=name)
+        except ProfileError as exc:
+            raise ProfileError(_keep_aside(path, hardware, plan, str(exc))) from None
         if hardware is not None:
-            profile.hardware = dict(hardware)
+            profile.hardware = {**(profile.hardware or {}), **hardware}
         old = profile.plans.get(plan.fingerprint)
         created = old.created if old is not None else plan.created
         profile.plans[plan.fingerprint] = plan.model_copy(update={"created": created, "updated": _now()})
         _write_atomic(path, profile)
     return path
+
+
+def side_file_path(path: Path, fingerprint: str) -> Path:
+    """Where save_plan keeps a plan it could not add to the profile file at `path`."""
+    # A subfolder: the listing (and every lookup by name) sees only <profiles_dir>/*.toml.
+    return path.parent / "kept" / f"{path.stem}.plan-{fingerprint}.toml"
+
+
+def _keep_aside(path: Path, hardware: dict[str, Any] | None, plan: FittedPlan, problem: str) -> str:
+    """Write `plan` as a profile of its own next to the unreadable `path`; return the error line."""
+    side = side_file_path(path, plan.fingerprint)
+    kept = SavedProfile(name=path.stem, hardware=dict(hardware) if hardware is not None else None,
+                        plans={plan.fingerprint: plan})
+    try:
+        side.parent.mkdir(exist_ok=True)
+        _write_atomic(side, kept)
+    except (OSError, ProfileError):
+        return problem + "; the plan could not be kept"
+    # The side file is a profile in its own right; renamed to <name>.toml it becomes that profile.
+    repair = problem.split("; clear it with: ")[0].split("; upgrade autofit")[0]
+    return (f"{repair}; the plan was kept in {side}; repair: autofit profiles rm {path.stem} && "
+            f"mv {side} {path}")
 
 
 def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: int | None = None,
@@ -355,6 +405,8 @@ def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: i
     `safe_micro_batch` only ever lowers the stored one (two runs reporting at once keep the
     safer value); `compile_failed`, when given, is stored as is."""
     path = profile_path(name)
+    if not path.exists():  # checked before the lock: finding nothing to do writes nothing
+        raise ProfileError(f"no profile file {path} to record the event in")
     with _locked(path):
         profile = _read_file(path)
         if profile is None:
@@ -428,15 +480,26 @@ def remove_profile(name: str, fingerprint: str | None = None, *,
     Built-in profiles are read-only."""
     path = profile_path(name)
     is_builtin = name in set(builtin_names)
+
+    def missing() -> ProfileError:
+        if is_builtin:
+            return ProfileError(f"{name} is a built-in profile; built-ins are read-only "
+                                f"(only user profiles in {path.parent} can be removed)")
+        return ProfileError(f"no profile {name}: {path} does not exist")
+
+    # Checked before the lock: a command that finds nothing to do writes nothing (no lock file).
+    if not path.exists():
+        raise missing()
+    check_profiles_writable()
     with _locked(path):
-        if not path.exists():
-            if is_builtin:
-                raise ProfileError(f"{name} is a built-in profile; built-ins are read-only "
-                                   f"(only user profiles in {path.parent} can be removed)")
-            raise ProfileError(f"no profile {name}: {path} does not exist")
+        if not path.exists():  # removed by another process while we waited
+            raise missing()
         if fingerprint is None:
             # Not read first: removing the whole file is also how a user gets rid of a corrupt one.
-            path.unlink()
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise ProfileError(f"cannot remove {path}: {exc.strerror or exc}") from None
             if is_builtin:
                 return f"removed {path}; the built-in {name} applies again"
             return f"removed {path}"
