@@ -15,8 +15,6 @@ up through a callable the caller passes in.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import sys
@@ -31,6 +29,8 @@ import platformdirs
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# fingerprint, fingerprint_inputs and explain_stale are re-exported: callers know them from here.
+from autofit.fingerprints import _strip_none, explain_stale, fingerprint, fingerprint_inputs  # noqa: F401
 from autofit.records import PlanRecord, TrialRecord
 
 if sys.version_info >= (3, 11):
@@ -49,8 +49,6 @@ LOCK_TIMEOUT_S = 30.0
 # filelock.FileLock is the fcntl lock where there is fcntl, a plain lock file (SoftFileLock) elsewhere.
 _LOCK_CLASS: type[filelock.BaseFileLock] = filelock.FileLock
 
-# Short labels for the non-config fingerprint inputs, as people say them ("torch 2.4 -> 2.5").
-_VERSION_LABELS = {"torch_version": "torch", "cuda_version": "cuda", "driver_version": "driver"}
 
 BuiltinLookup = Callable[[str], "dict[str, Any] | None"]
 
@@ -134,49 +132,7 @@ class ProfileEntry(BaseModel):
     error: str = ""  # set when the user file cannot be read; the listing still shows it
 
 
-# ---------------------------------------------------------------- fingerprints
-
-
-def fingerprint_inputs(config_summary: dict[str, Any], torch_version: str,
-                       cuda_version: str | None, driver_version: str | None) -> dict[str, Any]:
-    """Everything a plan's memory use depends on, flat, so staleness reads field by field."""
-    clash = set(config_summary) & set(_VERSION_LABELS)
-    if clash:
-        raise ValueError(f"config summary must not contain {sorted(clash)}")
-    return {**config_summary, "torch_version": torch_version, "cuda_version": cuda_version,
-            "driver_version": driver_version}
-
-
-def _strip_none(value: Any) -> Any:
-    # TOML has no null: None values are dropped on write, so they must also be ignored when
-    # hashing, or a plan read back from disk would not match its own fingerprint.
-    if isinstance(value, dict):
-        return {k: _strip_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_strip_none(v) for v in value]
-    return value
-
-
-def fingerprint(inputs: dict[str, Any]) -> str:
-    """First 12 hex digits of sha256 over canonical JSON (sorted keys, None values dropped)."""
-    canonical = json.dumps(_strip_none(inputs), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
-
-
-def explain_stale(old_inputs: dict[str, Any], new_inputs: dict[str, Any]) -> list[str]:
-    """What changed between two fingerprint inputs, e.g. ['torch 2.4.0 -> 2.5.1', 'n_embd 576 -> 768']."""
-    old, new = _strip_none(old_inputs), _strip_none(new_inputs)
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key), new.get(key)
-        if before != after:
-            label = _VERSION_LABELS.get(key, key)
-            changes.append(f"{label} {_show(before)} -> {_show(after)}")
-    return changes
-
-
-def _show(value: Any) -> str:
-    return "unset" if value is None else str(value)
+# ---------------------------------------------------------------- plans in a profile
 
 
 def find_plan(profile: SavedProfile, fingerprint: str) -> FittedPlan | None:
@@ -375,6 +331,20 @@ def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan) -> P
         profile.plans[plan.fingerprint] = plan.model_copy(update={"created": created, "updated": _now()})
         _write_atomic(path, profile)
     return path
+
+
+def save_hardware(name: str, hardware: dict[str, Any]) -> tuple[Path, bool]:
+    """Write `hardware` as profile `name`'s description, keeping any fitted plans (they were
+    measured on the card itself). Returns (path, whether the file was new). Raises ProfileError
+    for a bad name, an unwritable directory or an unreadable existing file (left as it is)."""
+    path = profile_path(name)
+    check_profiles_writable()
+    with _locked(path):
+        old = _read_file(path)
+        profile = old or SavedProfile(name=name)
+        profile.hardware = dict(hardware)
+        _write_atomic(path, profile)
+    return path, old is None
 
 
 def side_file_path(path: Path, fingerprint: str) -> Path:
