@@ -31,7 +31,7 @@ def print_rows(headers: list[str], rows: list[list[str]], title: str | None = No
     console = _console()
     if not console.is_terminal:
         for line in [headers, *rows]:
-            console.out("\t".join(cell.replace("\t", " ") for cell in line), highlight=False, soft_wrap=True)
+            print("\t".join(cell.replace("\t", " ") for cell in line))  # plain: rich would expand tabs
         return
     from rich.table import Table
     table = Table(*headers, title=title)
