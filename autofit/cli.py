@@ -36,20 +36,18 @@ class UsageError(ValueError):
     """Bad combination of command-line options."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the user can fix this': one line, no traceback."""
-    from trainer.config import ConfigError
-    from trainer.data import DataError
-    from trainer.loop import TrainError
-    errors: list[type[BaseException]] = [UsageError, ConfigError, DataError, TrainError]
-    for mod, name in (("autofit.devices", "DeviceError"), ("autofit.hardware", "HardwareError"),
-                      ("autofit.profiles", "ProfileError"), ("autofit.planner", "PlanError"),
-                      ("autofit.plot", "PlotError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+# Exception types that mean 'the user can fix this': one line, no traceback. Matched by name
+# along the exception's MRO, so that catching them imports nothing (trainer.loop would import
+# torch, ~2 s, even for `autofit config`).
+USER_ERRORS = frozenset({
+    "autofit.cli.UsageError", "trainer.config.ConfigError", "trainer.data.DataError", "trainer.loop.TrainError",
+    "autofit.devices.DeviceError", "autofit.hardware.HardwareError", "autofit.profiles.ProfileError",
+    "autofit.planner.PlanError", "autofit.plot.PlotError",
+})
+
+
+def _is_user_error(e: BaseException) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in USER_ERRORS for c in type(e).__mro__)
 
 
 def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
@@ -284,17 +282,16 @@ def _report_run(result, cfg) -> None:
 
 
 def main() -> None:
-    errors = _user_errors()
     try:
         code = app(standalone_mode=False)
-    except errors as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"autofit: error: {msg}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("autofit: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
+        if _is_user_error(e):
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"autofit: error: {msg}", file=sys.stderr)
+            sys.exit(2)
         # click's (or typer's vendored click's) usage errors carry exit code 2 and a message:
         # one line too, instead of a boxed multi-line panel
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `autofit`: the help was shown
@@ -311,4 +308,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m autofit.cli` runs this file as __main__; run the importable autofit.cli instead, so
+    # the modules it imports (autofit.cli_profiles) and this code share one UsageError and console.
+    from autofit.cli import main as _main
+    _main()

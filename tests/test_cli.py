@@ -405,3 +405,12 @@ def test_piped_run_output_is_not_wrapped(monkeypatch, capsys):
 def test_help_shows_no_bool_type_on_flags(monkeypatch, capsys, args):
     code, out, _ = cli(monkeypatch, capsys, *args)
     assert code == 0 and "--help" in out and "<bool>" not in out
+
+
+def test_user_error_names_are_real_exception_classes():
+    import importlib
+
+    from autofit.cli import USER_ERRORS
+    for name in USER_ERRORS:
+        module, _, cls = name.rpartition(".")
+        assert issubclass(getattr(importlib.import_module(module), cls), Exception), name
