@@ -41,7 +41,7 @@ class UsageError(ValueError):
 # torch, ~2 s, even for `autofit config`).
 USER_ERRORS = frozenset({
     "autofit.cli.UsageError", "trainer.config.ConfigError", "trainer.data.DataError", "trainer.loop.TrainError",
-    "autofit.devices.DeviceError", "autofit.hardware.HardwareError", "autofit.profiles.ProfileError",
+    "autofit.devices.DeviceError", "autofit.hardware.HardwareError", "autofit.profile_files.ProfileError",
     "autofit.planner.PlanError", "autofit.plot.PlotError",
 })
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from autofit import profiles
+from autofit import profile_files, profiles
 from autofit.profiles import (FittedPlan, ProfileError, SavedProfile, explain_stale, find_plan,
                               fingerprint, fingerprint_inputs, list_profiles, load_profile,
                               nearest_plan, profile_path, profiles_dir, record_event,
@@ -288,13 +288,13 @@ def test_concurrent_savers_lose_no_plan():
 def test_lock_file_fallback_without_fcntl(monkeypatch):
     # filelock's SoftFileLock is what FileLock is on a platform without fcntl.
     import filelock
-    monkeypatch.setattr(profiles, "_LOCK_CLASS", filelock.SoftFileLock)
+    monkeypatch.setattr(profile_files, "_LOCK_CLASS", filelock.SoftFileLock)
     path = save_plan("rtx4070-12gb", HW_4070, make_plan())
     assert _files(path.parent) == ["rtx4070-12gb.toml"]  # the O_EXCL lock is released by removal
 
     lock = path.with_name("rtx4070-12gb.toml.lock")
     lock.touch()  # another process holds it
-    monkeypatch.setattr(profiles, "LOCK_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(profile_files, "LOCK_TIMEOUT_S", 0.1)
     with pytest.raises(ProfileError, match=f"timed out waiting for lock {lock}"):
         save_plan("rtx4070-12gb", HW_4070, make_plan(n_embd=768))
     assert len(load_profile("rtx4070-12gb").plans) == 1
