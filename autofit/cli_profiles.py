@@ -66,7 +66,7 @@ def _hardware_line(name: str, hw: dict) -> str:
         parts.append(f"peak dense fp16 {hw['peak_fp16_tflops']} TFLOP/s")
     if hw.get("memory_bandwidth_gbs"):
         parts.append(f"{hw['memory_bandwidth_gbs']} GB/s")
-    return ", ".join(parts) + " (vendor figures, not measured)" * bool(hw.get("peak_fp16_tflops"))
+    return ", ".join(parts) + " (figures from the profile, not measured)" * bool(hw.get("peak_fp16_tflops"))
 
 
 def _plan_row(fp: str, fitted) -> list[str]:

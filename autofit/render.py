@@ -93,9 +93,13 @@ def plan_changes(plan, cfg, res) -> list[str]:
     the planner: ['keeps your effective batch of 512', 'runs 27 sequences at a time, ...']."""
     words = [f"keeps your effective batch of {plan.effective_batch} sequences "
              f"({plan.effective_batch * plan.block_size:,} tokens per optimizer step)"]
+    instead = f"instead of {cfg.batch_size} x {cfg.gradient_accumulation_steps}"
     if (plan.micro_batch, plan.grad_accum) != (cfg.batch_size, cfg.gradient_accumulation_steps):
-        words.append(f"runs {plan.micro_batch} sequences at a time, {plan.grad_accum} times per step "
-                     f"({plan.split}), instead of {cfg.batch_size} x {cfg.gradient_accumulation_steps}")
+        if plan.grad_accum == 1:
+            words.append(f"runs all {plan.micro_batch} sequences at once (no gradient accumulation), {instead}")
+        else:
+            words.append(f"runs {plan.micro_batch} sequences at a time, {plan.grad_accum} times per step "
+                         f"({plan.split}), {instead}")
     else:
         words.append(f"runs {plan.micro_batch} x {plan.grad_accum} as written")
     if plan.loss_impl != cfg.loss_impl:
