@@ -578,3 +578,30 @@ def test_corrupt_user_file_named_by_get_hardware():
         get_hardware("gtx1650-4gb")
     with pytest.raises(HardwareError, match="add your own with autofit profiles add"):
         get_hardware("gtx9999-4gb")
+
+
+# ---------------------------------------------------------------- packaging of profiles/
+
+
+def test_builtin_profiles_come_from_the_top_level_folder():
+    from autofit.hardware import builtin_profiles_dir, load_builtin
+    top = Path(__file__).parent.parent / "profiles"
+    # an editable install (this checkout) reads profiles/ itself; a wheel carries a copy
+    assert builtin_profiles_dir() in (top, Path(profiles.__file__).parent / "builtin_profiles")
+    assert set(load_builtin()) == {p.stem for p in top.glob("*.toml")}
+
+
+def test_wheel_carries_every_builtin_profile(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+    pytest.importorskip("setuptools")
+    root = Path(__file__).parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [wheel] = tmp_path.glob("autofit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"autofit/builtin_profiles/{p.name}" for p in (root / "profiles").glob("*.toml")}
+    assert len(shipped) >= 11 and shipped <= names
+    assert "autofit/plot.py" in names and "trainer/embedded/train.bin.gz" in names
