@@ -31,7 +31,7 @@ class Budget:
 
 
 def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
-                   workspace_bytes: int | None = None) -> Budget:
+                   workspace_bytes: int | None = None, context_how: str | None = None) -> Budget:
     """`info` is a DeviceInfo. On CUDA, free memory already excludes our own context when it was
     read after CUDA initialised; pass context_bytes=0 then."""
     if not 0.0 <= margin < 1.0:
@@ -54,15 +54,21 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
             context_bytes = ASSUMED_CONTEXT_BYTES
             how = "assumed: typical CUDA 12 context with torch loaded"
         else:
-            how = "measured: device memory in use after CUDA init, minus torch's reserved bytes"
+            how = context_how or "measured: device memory in use after CUDA init, minus torch's reserved bytes"
         terms.append(BudgetTerm("CUDA context", -context_bytes, how))
         if workspace_bytes is None:
             workspace_bytes = ASSUMED_WORKSPACE_BYTES
             how_ws = "assumed: cuBLAS/cuDNN workspaces"
         else:
-            how_ws = "measured"
+            how_ws = "measured: within the CUDA context figure" if workspace_bytes == 0 else "measured"
         terms.append(BudgetTerm("library workspaces", -workspace_bytes, how_ws))
         usable = max(0, free - context_bytes - workspace_bytes)
     budget = int(usable * (1.0 - margin))
     terms.append(BudgetTerm(f"safety margin {margin:.0%}", budget - usable, "chosen: --margin"))
     return Budget(budget_bytes=budget, usable_bytes=usable, margin=margin, terms=terms)
+
+
+def device_budget(device, margin: float = 0.10) -> Budget:
+    """The budget of an opened autofit.device.Device: its DeviceInfo, less the memory it measured
+    outside the allocator (`context_bytes`, CUDA only; None means assumed), times (1 - margin)."""
+    return compute_budget(device.info, margin, context_bytes=device.context_bytes)

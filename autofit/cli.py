@@ -36,18 +36,19 @@ class UsageError(ValueError):
     """Bad combination of command-line options."""
 
 
-# Exception types that mean 'the user can fix this': one line, no traceback. Matched by name
-# along the exception's MRO, so that catching them imports nothing (trainer.loop would import
-# torch, ~2 s, even for `autofit config`).
+# Exception types that mean 'the user can fix this': one line, no traceback. Matched by class
+# name along the exception's MRO (classes of autofit and trainer only), so that catching them
+# imports nothing (trainer.loop would import torch, ~2 s, even for `autofit config`) and a class
+# moving between modules keeps working.
 USER_ERRORS = frozenset({
-    "autofit.cli.UsageError", "trainer.config.ConfigError", "trainer.data.DataError", "trainer.loop.TrainError",
-    "autofit.devices.DeviceError", "autofit.hardware.HardwareError", "autofit.profile_files.ProfileError",
-    "autofit.planner.PlanError", "autofit.plot.PlotError",
+    "UsageError", "ConfigError", "DataError", "TrainError", "DeviceError", "HardwareError", "ProfileError",
+    "PlanError", "PlotError", "WeightsError", "CheckpointError", "SampleError",
 })
 
 
 def _is_user_error(e: BaseException) -> bool:
-    return any(f"{c.__module__}.{c.__qualname__}" in USER_ERRORS for c in type(e).__mro__)
+    return any(c.__name__ in USER_ERRORS and c.__module__.split(".")[0] in ("autofit", "trainer", "__main__")
+               for c in type(e).__mro__)
 
 
 def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
@@ -78,6 +79,7 @@ def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Prese
             t.add_row(k, repr(v))
         console.print(t)
         console.print(f"effective batch: {cfg.effective_batch} sequences = {cfg.tokens_per_step:,} tokens per optimizer step")
+        console.print(f"vocab_size {cfg.vocab_size} from {cfg.source_of('vocab_size')}", soft_wrap=True)
 
 
 def _size(value: Optional[str], flag: str) -> Optional[int]:
@@ -202,7 +204,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
-    from trainer.loop import RunOptions, train
+    from trainer.loop import train
     cfg = load_train_config(config, preset, overrides)
     if out is not None:
         cfg.out_dir = str(out)
@@ -214,13 +216,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     if not resume:
-        # checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
-        # overwrite a checkpoint; bad data is reported before trials, not after them
-        if (Path(cfg.out_dir) / "ckpt.pt").exists():
-            raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
-                             f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
-        from trainer.data import load_dataset
-        load_dataset(cfg.dataset).check_vocab(cfg.vocab_size)
+        _check_fresh_run(cfg)
     if resume:  # the checkpoint's own config and plan: no probe, the same run continues
         from autofit.launch import prepare_resume
         if config is not None or preset is not None or profile is not None:
@@ -233,30 +229,47 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     if no_probe:
         if profile is not None:
             raise UsageError("--no-probe and --profile exclude each other")
-        meter = dev = None
-        if device == "cpu" or budget is not None:  # the budgeted CPU device enforces --budget here too
-            from autofit.cpu_budget import BudgetedCpuDevice
-            meter = BudgetedCpuDevice(budget_bytes=_size(budget, "--budget"))
-            dev = meter.torch_device
-        elif device == "cuda":
-            import torch
-            dev = torch.device("cuda", gpu_index)
-        result = train(cfg, RunOptions(max_steps=max_steps, progress=not no_progress, meter=meter, device=dev))
+        result = train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
         _report_run(result, cfg)
         return
     from autofit.launch import prepare_run
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
                          resume=resume, progress=not no_progress, log=log)
-    p = launch.plan
     console.print(f"[bold]plan[/]: {launch.source}")
-    console.print(f"  micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
-                  f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
-                  f"checkpointing {p.checkpointing or 'off'}, loss {p.loss_impl}; "
-                  + (f"measured peak {_fmt(p.measured_peak_bytes)}" if p.measured_peak_bytes else
-                     f"estimated peak {_fmt(p.estimated_peak_bytes)}") + f" of {_fmt(p.budget_bytes)} budget")
-    result = train(launch.cfg, launch.opts)
-    _report_run(result, launch.cfg)
+    console.print(_plan_line(launch.plan))
+    _report_run(train(launch.cfg, launch.opts), launch.cfg)
+
+
+def _plan_line(p) -> str:
+    return (f"  micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
+            f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
+            f"checkpointing {p.checkpointing or 'off'}, loss {p.loss_impl}; "
+            + (f"measured peak {_fmt(p.measured_peak_bytes)}" if p.measured_peak_bytes else
+               f"estimated peak {_fmt(p.estimated_peak_bytes)}") + f" of {_fmt(p.budget_bytes)} budget")
+
+
+def _check_fresh_run(cfg) -> None:
+    """Checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
+    overwrite a checkpoint; bad data is reported before trials, not after them."""
+    if (Path(cfg.out_dir) / "ckpt.pt").exists():
+        raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
+                         f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
+    from trainer.data import load_dataset
+    load_dataset(cfg.dataset).check_vocab(cfg.vocab_size)
+
+
+def _no_probe_options(cfg, device, budget, gpu_index, max_steps, progress):
+    """The config as written, on the device asked for (--device, else the config's device), opened
+    as every command opens it: --budget gives the budgeted CPU device, a plain CPU measures
+    nothing (and compiles for real)."""
+    from autofit.devices import open_device
+    from trainer.loop import RunOptions
+    if device is None and cfg.device != "auto":
+        device, _, idx = cfg.device.partition(":")
+        gpu_index = int(idx) if idx else gpu_index
+    dev = open_device(device, budget_bytes=_size(budget, "--budget"), gpu_index=gpu_index, cpu="plain")
+    return RunOptions(max_steps=max_steps, progress=progress, meter=dev, device=dev.torch_device)
 
 
 def _fmt(n):
@@ -269,6 +282,36 @@ from autofit.cli_profiles import profiles_app  # noqa: E402  (the `profiles` sub
 app.add_typer(profiles_app, name="profiles")
 
 
+@app.command("sample")
+def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run directory holding ckpt.pt (autofit's or nanoGPT's), or the file itself."),
+               start: str = typer.Option("\n", "--start", help="Prompt text, or FILE:path to read it from a file."),
+               num_samples: int = typer.Option(10, "--num-samples", help="Samples to draw."),
+               max_new_tokens: int = typer.Option(500, "--max-new-tokens", help="Tokens generated per sample."),
+               temperature: float = typer.Option(0.8, "--temperature", help="> 0; below 1 sharper, above 1 more random."),
+               top_k: int = typer.Option(200, "--top-k", help="Sample from the K most likely tokens (>= 1)."),
+               seed: int = typer.Option(1337, "--seed"),
+               device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there is a GPU)."),
+               init_from: str = typer.Option("resume", "--init-from", help="resume (from --out), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a directory with a GPT-2 model.safetensors + config.json."),
+               as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Sample text from a checkpoint, as nanoGPT's sample.py."""
+    from trainer.sample import SampleOptions, generate_samples
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = SampleOptions(start=start, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, seed=seed, device=device, init_from=init_from)
+    res = generate_samples(out, opts)
+    if as_json:
+        print(json.dumps({"samples": res.texts, "model": res.model_source, "codec": res.codec,
+                          "device": res.device, "dtype": res.dtype, "prompt_tokens": res.prompt_tokens}, indent=2))
+        return
+    err_console.print(f"[dim]model {res.model_source}; vocabulary {res.codec}; {res.device}, {res.dtype}; "
+                      f"prompt {res.prompt_tokens} tokens[/]", soft_wrap=True)
+    for text in res.texts:  # plain print: generated text is not rich markup
+        print(text)
+        print("---------------")
+
+
 def _report_run(result, cfg) -> None:
     if result.status == "interrupted":
         err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
@@ -279,6 +322,31 @@ def _report_run(result, cfg) -> None:
     if first is not None:
         msg += f", loss {first:.3f} -> {last:.3f}"
     console.print(msg + f"; checkpoint {result.checkpoint}, metrics {Path(cfg.out_dir) / 'metrics.jsonl'}")
+
+
+data_app = typer.Typer(help="Datasets in nanoGPT's layout: prepare them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakespeare or fineweb-edu."),
+                 out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: data/NAME, where dataset = 'NAME' looks)."),
+                 input_file: Optional[Path] = typer.Option(None, "--input", help="A local text instead of the download (fineweb-edu: a .jsonl of {\"text\": ...} rows, or one text)."),
+                 max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="fineweb-edu: stop after this many tokens (default: the whole ~10B-token sample)."),
+                 shard_size: Optional[int] = typer.Option(None, "--shard-size", help="fineweb-edu: tokens per llm.c shard (default 100,000,000)."),
+                 force: bool = typer.Option(False, "--force", help="Replace a dataset already in --out."),
+                 no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
+    """Write a dataset as nanoGPT lays it out: train.bin/val.bin (+ meta.pkl), or llm.c shards."""
+    from trainer.prepare import prepare
+    out_dir = out if out is not None else Path("data") / name
+    log = lambda s: err_console.print(f"[dim]{s}[/]")
+    done = prepare(name, out_dir, input_path=input_file, max_tokens=max_tokens, shard_size=shard_size,
+                   force=force, progress=not no_progress, log=log)
+    counts = ", ".join(f"{split} {n:,} tokens" for split, n in done.tokens.items())
+    vocab = f", vocab_size {done.vocab_size} in meta.pkl" if done.vocab_size else ", GPT-2 BPE tokens"
+    use = name if out_dir == Path("data") / name else str(out_dir)
+    console.print(f"wrote {out_dir} ({counts}{vocab}); train on it with dataset = '{use}' "
+                  f"(--set dataset={use})", soft_wrap=True)
 
 
 def main() -> None:

@@ -29,8 +29,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from autofit.devices import DeviceError, DeviceInfo, cpu_info, default_cpu_budget
+from autofit.cpu import cpu_info, default_cpu_budget
+from autofit.device import DeviceError, DeviceInfo
 from autofit.units import fmt_bytes
+from trainer.meter import MeterCapabilities, is_oom
 
 
 @dataclass
@@ -153,12 +155,17 @@ class LiveBytesTracker(TorchDispatchMode):
 
 
 class BudgetedCpuDevice:
-    """CPU device with a memory budget, implementing trainer.meter's MemoryMeter protocol.
+    """CPU device with a memory budget, implementing autofit.device.Device.
 
     The trainer should build the model and optimizer inside tracking() so that every storage is
     counted from birth; anything built outside must be registered through `tracker.track_*`.
     Without an explicit budget it gets DEFAULT_CPU_BUDGET_SHARE (50%) of the RAM available now.
+    It measures allocated bytes only (no caching allocator, so no reserved bytes and no retries),
+    and Dynamo compiles nothing while its tracker is active.
     """
+    capabilities = MeterCapabilities(measures=True, reserved=False, alloc_retries=False, compile=False)
+    runs_trials = True
+    context_bytes = None
 
     def __init__(self, budget_bytes: int | None = None):
         self.tracker = LiveBytesTracker(default_cpu_budget() if budget_bytes is None else budget_bytes)
@@ -200,8 +207,14 @@ class BudgetedCpuDevice:
     def peak_bytes(self) -> int | None:
         return self.tracker.peak_bytes
 
+    def peak_reserved_bytes(self) -> int | None:
+        return None
+
     def current_bytes(self) -> int:
         return self.tracker.live_bytes
+
+    def alloc_retries(self) -> int | None:
+        return None
 
     def cleanup(self) -> None:
         # Collect first: tensors caught in reference cycles (e.g. via an old traceback) are only
@@ -209,5 +222,29 @@ class BudgetedCpuDevice:
         gc.collect()
         self.tracker.reset_peak()
 
+    def is_oom(self, exc: BaseException) -> bool:
+        return is_oom(exc)
+
+    def spec(self) -> dict:
+        return {"kind": "cpu-budgeted", "budget_bytes": self.budget_bytes}
+
+    def limit_bytes(self) -> int | None:
+        return self.budget_bytes
+
+    @contextlib.contextmanager
+    def limited_to(self, limit_bytes: int) -> Iterator[None]:
+        """While probing, the budget is lowered to the planning budget, so an over-budget trial
+        raises OOM in its first step; it comes back after."""
+        saved = self.budget_bytes
+        self.budget_bytes = min(saved, limit_bytes)
+        try:
+            yield
+        finally:
+            self.budget_bytes = saved
+
+    def refresh_context(self) -> int | None:
+        return None
+
+    @property
     def info(self) -> DeviceInfo:
         return cpu_info(self.budget_bytes, used_bytes=self.tracker.live_bytes)

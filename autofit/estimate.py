@@ -124,15 +124,8 @@ def _adamw_cpu_temporaries(shape: ModelShape) -> int:
     return peak
 
 
-def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
-                  compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
-                  n_micro: int = 2) -> Estimate:
-    """Peak bytes of a train_step with micro-batches of `micro_batch` full-length sequences.
-
-    n_micro: micro-batches per optimizer step (autofit's trials run 2 when training accumulates,
-    1 otherwise); with 2 or more, gradients are alive through every forward and backward.
-    compile=True is estimated as eager (see docs/estimator.md: inductor usually saves less in the
-    steady state and can need more while compiling; no factor is invented for it)."""
+def _check_args(micro_batch: int, dtype: str, checkpointing: int, loss_impl: str, device: str,
+                ce_chunk_size: int, n_micro: int) -> None:
     if micro_batch < 0:
         raise ValueError(f"micro_batch must be >= 0, got {micro_batch}")
     if dtype not in _DTYPE_BYTES:
@@ -144,29 +137,21 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     if checkpointing < 0 or ce_chunk_size < 1 or n_micro < 1:
         raise ValueError("checkpointing must be >= 0, ce_chunk_size and n_micro >= 1")
 
-    L, H, C, T, V = shape.n_layer, shape.n_head, shape.n_embd, shape.block_size, shape.vocab_size
-    B = micro_batch
-    N = B * T  # tokens per micro-batch
-    amp = dtype != "float32"
-    cuda = device == "cuda"
-    P = param_count(shape)
-    VC = V * C
 
-    # --- model state ---------------------------------------------------------------------------
-    if cuda:  # each parameter-sized tensor is its own allocation, rounded to 512 bytes
-        state_unit = sum(_round(4 * n, CUDA_ROUND_BYTES) for n, _ in _param_shapes(shape))
-    else:
-        state_unit = 4 * P
-    weights, grads_all, adam = state_unit, state_unit, 2 * state_unit
-    # With accumulation the previous micro-batch's gradients exist from the start of the
-    # forward; with a single micro-batch train_step set them to None after the previous step.
-    grads_in_pass = grads_all if n_micro >= 2 else 0
+@dataclass(frozen=True)
+class _Blocks:
+    """Bytes the transformer blocks keep for backward, for one micro-batch."""
+    per_block: list[int]  # saved by each block (a checkpointed one keeps only its input)
+    full: int  # saved by one block that is not checkpointed
+    n_ckpt: int  # checkpointed blocks
+    w16: int  # autocast's 16-bit copies of one block's Linear weights (0 in fp32)
+    ln_f: int  # ln_f's saved input and stats
+    transient: int  # one block's backward temporaries
 
-    # Token ids: on the CPU device train_step slices the whole step's x, y (int64) and keeps
-    # y != -1 (bool); on CUDA the step's batch stays on the host and each micro-batch is copied.
-    ids = 17 * n_micro * N if not cuda else 16 * N
 
-    # --- saved activations per block ----------------------------------------------------------
+def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int) -> _Blocks:
+    L, H, C, T = shape.n_layer, shape.n_head, shape.n_embd, shape.block_size
+    N = B * T
     # fp32: block input, ln_1 out, qkv (3), SDPA out, x + attn, ln_2 out, c_fc out (4), GELU out
     # (4) = 16 elements per token and channel (SDPA's output is already in (B, T, H, hd) order, so
     # the transpose().contiguous() before c_proj copies nothing). Under autocast, LayerNorm runs
@@ -181,7 +166,6 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     ckpt = 4 * N * C  # a checkpointed block keeps only its fp32 input
     per_block = [ckpt if checkpointing and i % checkpointing == 0 else full for i in range(L)]
     n_ckpt = sum(1 for i in range(L) if checkpointing and i % checkpointing == 0)
-    blocks = sum(per_block)
     ln_f = 4 * N * C + 2 * N * 4  # ln_f's saved input (the last block's output) and its stats
     if amp:
         # Block backward temporaries: fp32 residual grad + its 16-bit cast, c_proj's 16-bit weight
@@ -189,7 +173,77 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
         transient = 4 * N * C + 2 * N * C + 2 * 4 * C * C + 2 * 4 * N * C
     else:
         transient = 4 * N * C + 4 * 4 * C * C + 4 * 4 * N * C
-    held_w_grad = 4 * VC  # lm_head's fp32 weight grad waits in autograd's buffer for wte's
+    return _Blocks(per_block, full, n_ckpt, w16, ln_f, transient)
+
+
+def _standard_head(N: int, C: int, V: int, amp: bool, blk: _Blocks) -> list[tuple[str, int, int]]:
+    """(phase, activations, loss-head bytes) of F.cross_entropy on the full logits."""
+    NV, VC, blocks = N * V, V * C, sum(blk.per_block)
+    # lm_head keeps its input (fp32, or a 16-bit copy plus the 16-bit weight copy under autocast).
+    head_in = (2 * N * C + 2 * VC) if amp else 4 * N * C
+    # forward: logits (+ their fp32 upcast under autocast) and the saved fp32 log-softmax;
+    # ln_f's fp32 output is still bound in GPT.forward, and autocast's cache still holds the
+    # weight copies of checkpointed blocks.
+    fwd_extra = (4 * N * C + blk.n_ckpt * blk.w16) if amp else 0
+    # backward start: saved log-softmax, grad of it, grad of the logits: 3 fp32 N x V buffers.
+    return [("forward (loss)", blocks + blk.ln_f + fwd_extra, head_in + (10 if amp else 8) * NV),
+            ("backward start (loss)", blocks + blk.ln_f, head_in + 12 * NV)]
+
+
+def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size: int) -> list[tuple[str, int, int]]:
+    """(phase, activations, loss-head bytes) of _ChunkedLinearCrossEntropy: grad_x (N x C, fp32)
+    and grad_w (V x C, fp32) for the whole batch, plus one chunk's logits; the previous chunk's
+    gradient is still bound to `g` when the next chunk's logits are made."""
+    VC, blocks = V * C, sum(blk.per_block)
+    chunks = [min(ce_chunk_size, N - s) for s in range(0, N, ce_chunk_size)] or [0]
+    pairs = max(chunks[0], max((a + b for a, b in zip(chunks, chunks[1:])), default=0))
+    n = chunks[0]
+    keep = 4 * N * C + 4 * VC  # grad_x, grad_w
+    if amp:
+        w = 2 * VC  # the 16-bit copy of the weight
+        prev_g = 2 * (pairs - n) * V
+        work = max(prev_g + 6 * n * V + 2 * n * C,  # 16-bit logits and their fp32 upcast
+                   6 * n * V + 2 * n * C,  # fp32 probs and their 16-bit copy
+                   2 * n * V + 2 * n * C + 6 * VC)  # g.t() @ xc (16-bit) and its fp32 upcast
+        head_fwd = w + keep + work
+    else:
+        work = max(4 * pairs * V, 4 * n * V + 4 * n * C, 4 * n * V + 4 * VC)
+        head_fwd = keep + work
+    # backward: the saved grads and their scaled copies
+    return [("forward (loss)", blocks + blk.ln_f + 4 * N * C, head_fwd),
+            ("backward start (loss)", blocks + blk.ln_f, 2 * keep)]
+
+
+def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
+                  compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
+                  n_micro: int = 2) -> Estimate:
+    """Peak bytes of a train_step with micro-batches of `micro_batch` full-length sequences.
+
+    n_micro: micro-batches per optimizer step (autofit's trials run 2 when training accumulates,
+    1 otherwise); with 2 or more, gradients are alive through every forward and backward.
+    compile=True is estimated as eager (see docs/estimator.md: inductor usually saves less in the
+    steady state and can need more while compiling; no factor is invented for it).
+    Raises ValueError for an unknown dtype, loss_impl or device, or a negative size."""
+    _check_args(micro_batch, dtype, checkpointing, loss_impl, device, ce_chunk_size, n_micro)
+    L, C, T, V = shape.n_layer, shape.n_embd, shape.block_size, shape.vocab_size
+    N = micro_batch * T  # tokens per micro-batch
+    amp = dtype != "float32"
+    cuda = device == "cuda"
+    VC = V * C
+
+    # --- model state ---------------------------------------------------------------------------
+    if cuda:  # each parameter-sized tensor is its own allocation, rounded to 512 bytes
+        state_unit = sum(_round(4 * n, CUDA_ROUND_BYTES) for n, _ in _param_shapes(shape))
+    else:
+        state_unit = 4 * param_count(shape)
+    weights, grads_all, adam = state_unit, state_unit, 2 * state_unit
+    # With accumulation the previous micro-batch's gradients exist from the start of the
+    # forward; with a single micro-batch train_step set them to None after the previous step.
+    grads_in_pass = grads_all if n_micro >= 2 else 0
+    # Token ids: on the CPU device train_step slices the whole step's x, y (int64) and keeps
+    # y != -1 (bool); on CUDA the step's batch stays on the host and each micro-batch is copied.
+    ids = 17 * n_micro * N if not cuda else 16 * N
+    blk = _block_bytes(shape, micro_batch, amp, checkpointing)
 
     phases: list[tuple[str, dict[str, int]]] = []
 
@@ -197,49 +251,25 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
         phases.append((name, {"weights": weights, "gradients": grads, "optimizer_state": adam,
                               "activations": acts + ids, "logits_and_loss": head, "workspace": work}))
 
-    NV = N * V
-    if loss_impl == "standard":
-        # lm_head keeps its input (fp32, or a 16-bit copy plus the 16-bit weight copy under autocast).
-        head_in = (2 * N * C + 2 * VC) if amp else 4 * N * C
-        # forward: logits (+ their fp32 upcast under autocast) and the saved fp32 log-softmax;
-        # ln_f's fp32 output is still bound in GPT.forward, and autocast's cache still holds the
-        # weight copies of checkpointed blocks.
-        fwd_extra = (4 * N * C + n_ckpt * w16) if amp else 0
-        add("forward (loss)", grads_in_pass, blocks + ln_f + fwd_extra, head_in + (10 if amp else 8) * NV)
-        # backward start: saved log-softmax, grad of it, grad of the logits: 3 fp32 N x V buffers.
-        add("backward start (loss)", grads_in_pass, blocks + ln_f, head_in + 12 * NV)
-    else:
-        # _ChunkedLinearCrossEntropy: grad_x (N x C, fp32) and grad_w (V x C, fp32) for the whole
-        # batch, plus one chunk's logits; the previous chunk's gradient is still bound to `g` when
-        # the next chunk's logits are made.
-        chunks = [min(ce_chunk_size, N - s) for s in range(0, N, ce_chunk_size)] or [0]
-        pairs = max(chunks[0], max((a + b for a, b in zip(chunks, chunks[1:])), default=0))
-        n = chunks[0]
-        keep = 4 * N * C + 4 * VC  # grad_x, grad_w
-        if amp:
-            w = 2 * VC  # the 16-bit copy of the weight
-            prev_g = 2 * (pairs - n) * V
-            work = max(prev_g + 6 * n * V + 2 * n * C,  # 16-bit logits and their fp32 upcast
-                       6 * n * V + 2 * n * C,  # fp32 probs and their 16-bit copy
-                       2 * n * V + 2 * n * C + 6 * VC)  # g.t() @ xc (16-bit) and its fp32 upcast
-            head_fwd = w + keep + work
-        else:
-            work = max(4 * pairs * V, 4 * n * V + 4 * n * C, 4 * n * V + 4 * VC)
-            head_fwd = keep + work
-        add("forward (loss)", grads_in_pass, blocks + ln_f + 4 * N * C, head_fwd)
-        # backward: the saved grads and their scaled copies
-        add("backward start (loss)", grads_in_pass, blocks + ln_f, 2 * keep)
-
+    head = _standard_head(N, C, V, amp, blk) if loss_impl == "standard" else \
+        _chunked_head(N, C, V, amp, blk, ce_chunk_size)
+    for name, acts, head_bytes in head:
+        add(name, grads_in_pass, acts, head_bytes)
     if L > 0:
-        below = sum(per_block[:-1])
-        add("backward (top block)", grads_in_pass, below + full + transient, held_w_grad)
+        below = sum(blk.per_block[:-1])
+        # lm_head's fp32 weight grad waits in autograd's buffer for wte's
+        add("backward (top block)", grads_in_pass, below + blk.full + blk.transient, 4 * VC)
     # wte's dense gradient meets the held lm_head gradient; wpe's gradient beside them.
     grads_before_embedding = grads_all if n_micro >= 2 else max(0, grads_all - 4 * VC - 4 * T * C)
     add("backward (embedding)", grads_before_embedding, 0, 2 * 4 * VC + 4 * T * C)
     # optimizer step: the whole batch's ids are still referenced by the caller on CPU; the fused
     # CUDA AdamW that make_optimizer picks updates in place.
     add("optimizer step", grads_all, 0, 0, 0 if cuda else _adamw_cpu_temporaries(shape))
+    return _estimate_from_phases(phases, cuda, compile)
 
+
+def _estimate_from_phases(phases: list[tuple[str, dict[str, int]]], cuda: bool, compile: bool) -> Estimate:
+    """The largest phase, plus the small tensors and (CUDA) workspace and allocator slack."""
     name, parts = max(phases, key=lambda p: sum(p[1].values()))
     parts["workspace"] += SMALL_TENSOR_BYTES
     if cuda:

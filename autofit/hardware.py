@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from autofit.devices import DeviceError, DeviceInfo
+from autofit.device import DeviceError, DeviceInfo
 from autofit.units import GiB, MiB
 
 if sys.version_info >= (3, 11):

@@ -13,15 +13,18 @@ from typing import Callable
 
 import torch
 
-from autofit.devices import DeviceError
+from autofit.budget import device_budget
+from autofit.device import DeviceError
+from autofit.devices import open_device, reopen_device
 from autofit.hardware import cpu_slug, load_builtin, slug_for
-from autofit.planner import ProbeResult, device_info
-from autofit.probe import ProbeOptions, open_device, run_probe
+from autofit.probe import ProbeOptions, probe_on, run_probe
 from autofit.profiles import (FittedPlan, ProfileError, find_plan, fingerprint, fingerprint_inputs,
                               load_profile, nearest_plan, record_event, save_plan)
-from autofit.records import PlanRecord
+from autofit.records import PlanRecord, ProbeResult
 from trainer.config import config_summary
 from trainer.loop import RunOptions
+from trainer.recovery import shrink_policy
+from trainer.step import describe_split, split_batch
 
 
 def _builtin_hardware(name: str) -> dict | None:
@@ -38,6 +41,9 @@ def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
     summary.pop("gradient_accumulation_steps", None)
     if emulated_on:  # a plan fitted under emulation is not one fitted on the card itself
         summary["emulated_on"] = emulated_on
+    if info.kind == "cuda":  # expandable segments and other allocator settings change what fits
+        from autofit.cuda import allocator_settings
+        summary["allocator"] = allocator_settings() or "default"
     return fingerprint_inputs(summary, torch.__version__.split("+")[0], cuda,
                               info.driver_version if info.kind == "cuda" else None)
 
@@ -81,19 +87,6 @@ class Launch:
     probe: ProbeResult | None = None
 
 
-def shrink_policy(fit_sizes: list[int]) -> Callable[[int], int | None]:
-    """After an OOM at micro-batch m: the largest size below m that a trial showed to fit, else
-    half of m (the redone step then confirms it)."""
-    known = sorted(set(fit_sizes))
-
-    def shrink(failed: int) -> int | None:
-        smaller = [s for s in known if s < failed]
-        if smaller:
-            return smaller[-1]
-        return failed // 2 if failed > 1 else None
-    return shrink
-
-
 def _apply_plan(cfg, plan: PlanRecord):
     cfg = cfg.model_copy(deep=True)
     cfg.dtype = plan.dtype
@@ -108,6 +101,10 @@ def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
         kind = ev.get("event")
         if ev.get("injected"):  # a demo/test fault says nothing about the card: keep the profile
             log(f"profile {name}: injected OOM at step {ev['step']} not recorded as a lesson")
+            return
+        if ev.get("cause") == "thrash" and not ev.get("confirmed"):
+            log(f"profile {name}: allocator retries rose without reserved memory near the limit; "
+                f"not recorded as a lesson")
             return
         if kind in ("oom_shrink", "compile_oom_shrink"):
             record_event(name, fp, f"step {ev['step']}: {kind} {ev['old_micro_batch']} -> {ev['new_micro_batch']} "
@@ -136,15 +133,13 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     hw = saved.hardware or {}
     emulated_on = None
     if hw.get("kind") == "cpu":
-        from autofit.budget import compute_budget
         probe_opts.device, probe_opts.budget_bytes = "cpu", int(hw["memory_bytes"])
-        device = open_device(probe_opts)
-        info = device_info(device)
-        budget = compute_budget(info, probe_opts.margin)
+        device = open_device("cpu", budget_bytes=probe_opts.budget_bytes)
     else:
-        device, info, budget, emulated_on = _gpu_for_profile(profile, hw, emulate, probe_opts)
+        device, emulated_on = _gpu_for_profile(profile, hw, emulate, probe_opts)
         if emulated_on:
-            log(f"emulating {profile} on {emulated_on}: {info.note}")
+            log(f"emulating {profile} on {emulated_on}: {device.info.note}")
+    info, budget = device.info, device_budget(device, probe_opts.margin)
     inputs = plan_fingerprint_inputs(cfg, info, emulated_on)
     fp = fingerprint(inputs)
     extra = {"profile": profile, "fingerprint": fp, **({"emulated_on": emulated_on} if emulated_on else {})}
@@ -172,8 +167,7 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     near = nearest_plan(saved, inputs)
     why = f"saved plans are stale ({'; '.join(near[1])})" if near else "no fitted plan for this config yet"
     log(f"profile {profile}: {why}; probing")
-    from autofit.probe import probe_on
-    res = probe_on(cfg, device, info, budget, probe_opts, log)
+    res = probe_on(cfg, device, budget, probe_opts, log)
     _, fp, path = save_probe(res, cfg, name=profile, emulated_on=emulated_on)
     return _launch(cfg, device, res.plan, res.fit_sizes, res.compiled_fit_sizes,
                    source=f"probed just now ({why}); saved to {path} as {fp}", max_steps=max_steps,
@@ -182,10 +176,9 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
 
 
 def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
-    """The CUDA device for a GPU profile: (device, info, budget, emulated_on or None)."""
-    from autofit.devices import CudaDevice, detect_gpu
-    from autofit.probe import prepare_cuda
-    from autofit.trials import set_allocator_conf
+    """The CUDA device for a GPU profile: (device, emulated_on or None). This GPU must be the
+    profile's card, or a larger one with --emulate (capped to the profile's memory)."""
+    from autofit.cuda import detect_gpu, open_cuda_device, set_allocator_conf
     set_allocator_conf()  # before anything can initialise CUDA
     try:
         info = detect_gpu(probe_opts.gpu_index)
@@ -201,16 +194,13 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
         if not emulate:
             raise DeviceError(f"this GPU is {here}, larger than the profile's {profile}; add --emulate to cap this "
                               f"process to {profile}'s memory and train as if on that card")
-    if not torch.cuda.is_available():
-        raise DeviceError(f"NVML sees {info.name}, but this torch build has no CUDA support; install a CUDA build")
-    device = CudaDevice(probe_opts.gpu_index, info)
     emulated_on = here if here != profile else None
-    info, budget = prepare_cuda(device, info, probe_opts.margin, cap if emulated_on else None)
-    return device, info, budget, emulated_on
+    usable = cap - int(hw.get("driver_reserved_bytes") or 0)  # what such a card really offers
+    device = open_cuda_device(probe_opts.gpu_index, info=info, emulate_usable_bytes=usable if emulated_on else None)
+    return device, emulated_on
 
 
 def _with_micro(plan: PlanRecord, micro: int) -> PlanRecord:
-    from trainer.step import describe_split, split_batch
     mbs = split_batch(plan.effective_batch, micro)
     return plan.model_copy(update={"micro_batch": max(mbs), "micro_batches": mbs, "grad_accum": len(mbs),
                                    "split": describe_split(mbs)})
@@ -236,8 +226,8 @@ def prepare_resume(out_dir: str, overrides: list[str], *, gpu_index: int, max_st
     import json
     from pathlib import Path
 
+    from trainer.checkpoint import device_spec, read_checkpoint
     from trainer.config import TrainConfig, parse_override
-    from trainer.loop import read_checkpoint
     ck = read_checkpoint(Path(out_dir) / "ckpt.pt")
     cfg = TrainConfig(**ck["config"])
     for item in overrides:
@@ -245,20 +235,8 @@ def prepare_resume(out_dir: str, overrides: list[str], *, gpu_index: int, max_st
         setattr(cfg, key, value)
     cfg.out_dir = str(out_dir)
     plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
-    if ck.get("device_kind") == "cuda":
-        from autofit.devices import CudaDevice, detect_gpu
-        from autofit.trials import set_allocator_conf
-        set_allocator_conf()
-        device = CudaDevice(gpu_index, detect_gpu(gpu_index))
-        if ck.get("cuda_memory_cap_bytes"):
-            device.set_memory_cap(int(ck["cuda_memory_cap_bytes"]))
-        torch_device = device.torch_device
-    elif ck.get("cpu_budget_bytes"):
-        from autofit.cpu_budget import BudgetedCpuDevice
-        device = BudgetedCpuDevice(budget_bytes=int(ck["cpu_budget_bytes"]))
-        torch_device = device.torch_device
-    else:
-        device, torch_device = None, torch.device("cpu")
+    spec = device_spec(ck)
+    device = reopen_device(spec, gpu_index=gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     plan = PlanRecord(**{k: v for k, v in plan_info.items() if k in PlanRecord.model_fields}) \
         if plan_info.get("mode") else None
@@ -268,15 +246,15 @@ def prepare_resume(out_dir: str, overrides: list[str], *, gpu_index: int, max_st
                       compiled_fit_sizes=list(plan_info.get("compiled_fit_sizes", [])),
                       shrink=shrink_policy(plan_info.get("fit_sizes", [])),
                       plan_info={**plan_info, "resumed": True} if plan_info else None,
-                      max_steps=max_steps, resume=True, meter=device, device=torch_device, progress=progress)
+                      max_steps=max_steps, resume=True, meter=device, device=device.torch_device,
+                      progress=progress)
     if plan is None:  # a run started with --no-probe: no plan to show
-        from trainer.step import describe_split, split_batch
         mbs = split_batch(cfg.effective_batch, micro)
         plan = PlanRecord(mode="measured", micro_batch=micro, grad_accum=len(mbs), micro_batches=mbs,
                           effective_batch=cfg.effective_batch, block_size=cfg.block_size,
-                          dtype=cfg.resolved_dtype(torch_device.type, True), compile=cfg.compile,
+                          dtype=cfg.resolved_dtype(device.torch_device.type, True), compile=cfg.compile,
                           compile_after=cfg.compile_after or 0, checkpointing=cfg.checkpointing,
-                          loss_impl=cfg.loss_impl, budget_bytes=int(ck.get("cpu_budget_bytes") or 0),
+                          loss_impl=cfg.loss_impl, budget_bytes=int(spec.get("budget_bytes") or 0),
                           split=describe_split(mbs), reason="the config as written (--no-probe)")
     return Launch(cfg=cfg, opts=opts, device=device, plan=plan,
                   source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")

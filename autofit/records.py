@@ -2,6 +2,7 @@
 saved profiles and the JSON output, so all three agree on names and units (bytes as ints)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel
@@ -10,7 +11,8 @@ from pydantic import BaseModel
 # oom: raised out-of-memory. over_budget: ran, but its peak exceeds the budget.
 # spill: treated as not fitting because memory beyond capacity or a >3x slowdown shows a
 #        host-RAM fallback. pruned: not run, the estimate says it cannot fit. error: crashed.
-TrialStatus = Literal["fit", "oom", "over_budget", "spill", "pruned", "error"]
+# leak: ran, but its memory did not come back afterwards (a failed trial).
+TrialStatus = Literal["fit", "oom", "over_budget", "spill", "pruned", "error", "leak"]
 LossImpl = Literal["standard", "chunked"]
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -33,7 +35,11 @@ class TrialRecord(BaseModel):
     estimated_peak_bytes: int | None = None
     measured_peak_bytes: int | None = None
     measured_reserved_bytes: int | None = None
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # the median of the timed steps (after the warm-up step)
+    step_seconds: list[float] = []  # each timed step's wall time, measured
+    # allocated bytes after the trial's cleanup less before it (measured; None where the device
+    # measures nothing): how far the trial was from giving its memory back
+    leaked_bytes: int | None = None
     steps_run: int = 0
     seconds: float = 0.0
     compile_seconds: float | None = None
@@ -62,3 +68,37 @@ class PlanRecord(BaseModel):
     budget_bytes: int
     split: str  # e.g. "512 = 42 × 12 + 8"
     reason: str = ""
+
+
+@dataclass
+class ProbeResult:
+    """What a probe found: every trial, the plan, and the estimated memory breakdown (bytes by
+    component) of the plan. `mode` says whether the figures were measured on this device or
+    estimated for a simulated one."""
+    mode: Literal["measured", "estimated"]
+    device: object  # autofit.device.DeviceInfo
+    budget: object  # autofit.budget.Budget
+    effective_batch: int
+    block_size: int
+    trials: list[TrialRecord]
+    plan: PlanRecord
+    breakdown: dict[str, int]  # estimated bytes by component for the chosen plan
+    fit_sizes: list[int] = field(default_factory=list)  # eager sizes known to fit (chosen levers)
+    compiled_fit_sizes: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = self.device
+        return {
+            "mode": self.mode,
+            "device": {"name": d.name, "kind": d.kind, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
+                       "source": d.source},
+            "budget_bytes": self.budget.budget_bytes,
+            "budget": self.budget.to_json(),
+            "target": {"effective_batch": self.effective_batch, "block_size": self.block_size,
+                       "tokens_per_step": self.effective_batch * self.block_size},
+            "trials": [t.model_dump(mode="json") for t in self.trials],
+            "plan": self.plan.model_dump(mode="json"),
+            "breakdown_estimated_bytes": self.breakdown,
+            "fit_sizes": self.fit_sizes,
+            "compiled_fit_sizes": self.compiled_fit_sizes,
+        }

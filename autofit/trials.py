@@ -1,47 +1,54 @@
 """A trial: the trainer's own train step, run for real on the device for a few optimizer steps
-with one candidate. It records peak memory, tokens/s from the steps after the first, and how
-many optimizer steps actually ran; an out-of-memory error is caught and recorded.
+with one candidate. It records peak memory, tokens/s (the median of the timed steps after a
+warm-up step), and how many optimizer steps actually ran; an out-of-memory error is caught and
+recorded, and a trial that does not give its memory back is recorded as a leak.
 
-Every trial builds a fresh model and optimizer and drops them afterwards, so trials leave no
-trace in the training run.
+Every trial builds a fresh model and optimizer and drops them afterwards (compiled graphs too),
+so trials leave no trace in each other or in the training run.
 """
 from __future__ import annotations
 
 import gc
-import os
+import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
 from autofit.records import Candidate, TrialRecord
-from trainer.meter import is_oom
+from trainer.compiler import compile_model
 from trainer.model import GPT, GPTConfig
-from trainer.step import make_optimizer, train_step
+from trainer.step import make_optimizer, set_matmul_precision, split_batch, train_step
 
-# Trials and training share this allocator setting: with expandable segments, changing the
-# micro-batch does not leave the cache fragmented into blocks of the old size.
-ALLOC_CONF = "expandable_segments:True"
-
-
-def set_allocator_conf() -> None:
-    """Environment for CUDA, set before CUDA initialises (the allocator reads its settings once).
-    A user's own setting wins, under either name (PYTORCH_ALLOC_CONF is the newer one).
-    CUDA_DEVICE_ORDER=PCI_BUS_ID makes torch's device index agree with NVML's numbering."""
-    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+# After a trial, allocated memory must be back at its baseline within this much. CUDA keeps
+# cuBLAS and cuBLASLt workspaces in the caching allocator once the first matmul made them
+# (32 MiB each on Hopper, less before: torch's CUDABlas workspace sizes), so its tolerance
+# covers them; the budgeted CPU device has no such thing.
+LEAK_TOLERANCE_BYTES = {"cuda": 72 * 2**20, "cpu": 64 * 2**10}
 
 
 @dataclass
 class TrialSettings:
-    steps: int = 2  # optimizer steps; the first allocates AdamW state, the rest are timed
+    """How trials run: optimizer steps per trial (the first is a warm-up: AdamW state, and for a
+    compiled candidate the compile; the rest are timed), the compile backend, the seed of the
+    model and batch, and whether to treat a large slowdown as a spill."""
+    steps: int = 2
     compile_backend: str = "inductor"
     seed: int = 0
-    # Treat a >3x jump in time per token as a spill to host memory. None: on CUDA only, where
-    # drivers (Windows' sysmem fallback) page instead of raising OOM; on a CPU the budget always
-    # raises, and timing noise on a busy machine would only cause false alarms.
+    # Treat a >3x jump in time per token as a spill to host memory. None: where a driver can
+    # spill instead of raising OOM (Windows' and WSL's sysmem fallback); elsewhere it would only
+    # misfire on timing noise.
     spill_check: bool | None = None
+
+
+def trial_split(rank_batch: int, micro_batch: int) -> list[int]:
+    """The micro-batches one trial step runs: the first two of the run's split (so the second
+    forward runs with the first's gradients alive, as in training) and its short last one when
+    the split is ragged (so that shape is compiled and timed too). Compiled and eager candidates
+    run the same split, so their tokens/s compare."""
+    full = split_batch(rank_batch, micro_batch)
+    head = full[:2]
+    return head + [full[-1]] if len(full) > 2 and full[-1] != full[0] else head
 
 
 def _sync(device: torch.device) -> None:
@@ -61,18 +68,10 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
-    if cand.compile:
-        # A fresh compile per trial (no graphs cached from the last one) and static shapes, as the
-        # trainer compiles: each micro-batch shape gets its own graph, no dynamic-shape retrace.
-        torch._dynamo.reset()
-    fwd = state["fwd"] = torch.compile(model, backend=settings.compile_backend, dynamic=False) \
-        if cand.compile else model
-    # Two micro-batches per step when training will accumulate: the second forward then runs
-    # with the first's gradients alive, as in training. Compiled, the second one has the short
-    # last size of the ragged split, so that shape's compile is measured too.
-    micro = [cand.micro_batch] * (2 if rank_batch > cand.micro_batch else 1)
-    if cand.compile and len(micro) == 2 and rank_batch % cand.micro_batch:
-        micro[1] = rank_batch % cand.micro_batch
+    # A fresh compile per trial (no graphs cached from the last one), compiled as the trainer
+    # compiles it.
+    fwd = state["fwd"] = compile_model(model, settings.compile_backend, cfg.compile_scope) if cand.compile else model
+    micro = trial_split(rank_batch, cand.micro_batch)
     g = torch.Generator().manual_seed(settings.seed)
     n = sum(micro)
     # Training samples the whole optimizer step's batch on the host. On a GPU that is host
@@ -89,14 +88,13 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
         _sync(tdev)
         times.append(time.perf_counter() - t0)
         rec.steps_run = i + 1
-        if not torch.isfinite(torch.tensor(res.loss)):
+        if not torch.isfinite(res.loss_tensor):
             rec.note = "loss is not finite"
     rec.measured_peak_bytes = device.peak_bytes()
-    if hasattr(device, "peak_reserved_bytes"):
-        rec.measured_reserved_bytes = device.peak_reserved_bytes()
-    steady = times[1:] or times
-    step_s = sum(steady) / len(steady)
+    rec.measured_reserved_bytes = device.peak_reserved_bytes()
+    step_s = statistics.median(times[1:])
     rec.tokens_per_s = n * cfg.block_size / step_s
+    rec.step_seconds = times[1:]
     if cand.compile:  # the first step traced and compiled; report that apart from step time
         rec.compile_seconds = max(0.0, times[0] - step_s)
 
@@ -104,6 +102,12 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
 def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: int,
               capacity_bytes: int | None = None, estimated_peak_bytes: int | None = None,
               settings: TrialSettings | None = None) -> TrialRecord:
+    """One candidate for `settings.steps` optimizer steps of `rank_batch` sequences on `device`
+    (an autofit.device.Device), as the trainer would run them. Returns its TrialRecord: status
+    'fit' (ran every step, peak within `budget_bytes`; on CUDA the reserved peak counts), 'oom',
+    'over_budget', 'spill' (memory above `capacity_bytes`: the driver paged to host RAM), 'leak'
+    (allocated memory not back at its baseline afterwards) or 'error', with measured peak
+    allocated/reserved bytes and tokens/s. Raises ValueError for fewer than 2 steps."""
     settings = settings or TrialSettings()
     if settings.steps < 2:
         raise ValueError("a trial runs at least 2 optimizer steps (the first allocates AdamW state)")
@@ -111,26 +115,33 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
     state: dict = {}
     failure: str | None = None
     kind = "error"
+    set_matmul_precision(cfg.tf32)
     t0 = time.perf_counter()
     with device.tracking():
+        baseline = device.current_bytes()
         try:
             _run_steps(state, cfg, cand, device, rank_batch, settings, rec)
         except Exception as e:  # classify only; clean up below, outside the except block
-            kind = "oom" if is_oom(e) else "error"
+            kind = "oom" if device.is_oom(e) else "error"
             failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
         # The traceback (and with it the failed step's activations) is released once the except
         # block has ended; now drop our own references and give the memory back.
         if state.get("opt") is not None:
             state["opt"].zero_grad(set_to_none=True)
         state.clear()
+        if cand.compile:  # no compiled graph of this trial outlives it
+            torch._dynamo.reset()
         gc.collect()
         device.cleanup()
+        after = device.current_bytes()
     rec.seconds = time.perf_counter() - t0
+    leaked = (after - baseline) if (after is not None and baseline is not None) else 0
+    rec.leaked_bytes = (after - baseline) if (after is not None and baseline is not None) else None
+    tolerance = LEAK_TOLERANCE_BYTES["cuda" if device.torch_device.type == "cuda" else "cpu"]
     if failure is not None:
         rec.status = kind
         rec.note = failure
-        return rec
-    if rec.steps_run < settings.steps:  # cannot happen without an exception; never call it a fit
+    elif rec.steps_run < settings.steps:  # cannot happen without an exception; never call it a fit
         rec.status, rec.note = "error", f"only {rec.steps_run} of {settings.steps} optimizer steps ran"
     elif capacity_bytes is not None and rec.measured_peak_bytes is not None and \
             max(rec.measured_peak_bytes, rec.measured_reserved_bytes or 0) > capacity_bytes:
@@ -144,4 +155,9 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         rec.note = "ran, but its peak (reserved, on CUDA) is above the budget"
     else:
         rec.status = "fit"
+    if leaked > tolerance:
+        rec.status = "leak"
+        rec.note = (f"{leaked:,} bytes still allocated after the trial (baseline {baseline:,}, tolerance "
+                    f"{tolerance:,}): its memory did not come back, so it cannot count as a fit"
+                    + (f"; it had ended: {rec.note}" if rec.note else ""))
     return rec

@@ -1,8 +1,8 @@
 # A character-level baby GPT on Shakespeare, after nanoGPT's config/train_shakespeare_char.py
 # (6 layers, 6 heads, 384 wide, 256 characters of context: ~10.7M parameters).
 #
-# Data: nanoGPT's data/shakespeare_char/prepare.py writes train.bin, val.bin and meta.pkl
-# (65 characters); put that folder at data/shakespeare_char (or --set dataset=PATH).
+# Data: `autofit data prepare shakespeare_char` (or nanoGPT's data/shakespeare_char/prepare.py)
+# writes train.bin, val.bin and meta.pkl (65 characters) to data/shakespeare_char.
 #
 #   autofit run --config configs/shakespeare_char.py            # probe, then train here
 #   autofit probe --config configs/shakespeare_char.py --gpu t4-16gb

@@ -22,7 +22,7 @@ search strategies of the common autotuners, on the budgeted CPU device.
 Cases. Accurate: the device budget is set from the closed-form estimate, which is within 0.1%
 of the measured peak on CPU, so ours starts at the answer; this flatters ours. Estimate wrong:
 (a) dropout > 0, whose allowance in the estimator is uncalibrated (the measured answer is what
-counts); (b) simulated mis-estimates: `autofit.planner.max_micro_batch` is monkeypatched for
+counts); (b) simulated mis-estimates: `autofit.search.max_micro_batch` is monkeypatched for
 the case to return x2, x4 or x0.5 of the true estimate, standing in for an estimator that is
 wrong on some device (e.g. a GPU whose allocator behaves unlike the model). A mis-estimate
 case has the same config and budget as its base case, and the baselines do not use the
@@ -58,12 +58,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import autofit.planner as planner_mod  # noqa: E402
+import autofit.search as search_mod  # noqa: E402
 from autofit.budget import compute_budget  # noqa: E402
 from autofit.cpu_budget import BudgetedCpuDevice  # noqa: E402
-from autofit.devices import cpu_info  # noqa: E402
+from autofit.cpu import cpu_info  # noqa: E402
 from autofit.estimate import ModelShape, estimate_peak, max_micro_batch  # noqa: E402
-from autofit.planner import Space, probe_measured  # noqa: E402
+from autofit.candidates import Space  # noqa: E402
+from autofit.planner import probe_measured  # noqa: E402
 from autofit.records import Candidate, TrialRecord  # noqa: E402
 from autofit.trials import TrialSettings, run_trial  # noqa: E402
 from autofit.units import fmt_bytes  # noqa: E402
@@ -144,12 +145,12 @@ def misestimate(factor: float):
     if factor == 1.0:
         yield
         return
-    orig = planner_mod.max_micro_batch
-    planner_mod.max_micro_batch = lambda *a, **k: max(1, int(round(orig(*a, **k) * factor)))
+    orig = search_mod.max_micro_batch
+    search_mod.max_micro_batch = lambda *a, **k: max(1, int(round(orig(*a, **k) * factor)))
     try:
         yield
     finally:
-        planner_mod.max_micro_batch = orig
+        search_mod.max_micro_batch = orig
 
 
 @dataclass

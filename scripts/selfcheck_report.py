@@ -1,86 +1,167 @@
-"""Summarises a GPU self-check run (see gpu_selfcheck.sh): estimated vs measured peak per trial,
-the plan, tokens/s and MFU against this card's own peak, and whether all steps finished."""
+"""Turns a GPU self-check's OUT directory (stage0_env.json ... stage3_train.json, written by
+scripts/gpu_selfcheck.sh) into the markdown that docs/gpu-selfcheck.md records: a heading with
+the card, driver, torch, CUDA, date and commit, one table row per check, and the figures (each
+saying it was measured, and how). Writes OUT/report.md and prints it.
+
+    python scripts/selfcheck_report.py OUT [--stages "0 1 2 3"]
+
+Exit status 0 when every requested stage left a record and no check failed (skips are fine, as
+in a dry run), else 1.
+"""
+from __future__ import annotations
+
+import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
-
-from autofit.devices import detect_gpu
-from autofit.estimate import ModelShape, param_count
-from autofit.hardware import load_builtin, slug_for
-from autofit.profiles import load_profile
-from autofit.units import fmt_bytes
+NAMES = {0: "env", 1: "device", 2: "probe", 3: "train"}
 
 
-def main(out: Path, tests_rc: int, run_rc: int) -> int:
-    metrics = out / "run" / "metrics.jsonl"
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    if not any(r["type"] == "run" for r in recs):
-        (out / "selfcheck.json").write_text(json.dumps({"cuda_tests_rc": tests_rc, "run_rc": run_rc,
-                                                        "steps_finished": 0, "error": "the run never trained"}))
-        print(f"cuda tests exit {tests_rc}; run exit {run_rc}; the run never trained (see {out / 'run.log'})")
-        return 1
-    last = max(i for i, r in enumerate(recs) if r["type"] == "run")  # this run only
-    recs = recs[last:]
-    run = recs[0]
-    trains = [r for r in recs if r["type"] == "train"]
-    events = [r for r in recs if r["type"] == "event"]
-    prof = load_profile("rtx4070-12gb")
-    fp = (run.get("plan") or {}).get("fingerprint")
-    fitted = prof.plans.get(fp) if prof and fp else None
-    info = detect_gpu(0)
-    here = load_builtin().get(slug_for(info.name, info.total_bytes))
-    cfg = run["config"]
-    n = param_count(ModelShape.from_config(type("C", (), cfg)))
-    flops_per_token = 6 * n + 12 * cfg["n_layer"] * cfg["n_embd"] * cfg["block_size"]
-    steady = [r["tokens_per_s"] for r in trains if r["step"] >= 45 and r["tokens_per_s"]]
-    tps = sum(steady) / len(steady) if steady else None
-    peak_tflops = here.peak_bf16_tflops if here else None
-    mfu = tps * flops_per_token / (peak_tflops * 1e12) if tps and peak_tflops else None
-    summary = {
-        "gpu": info.name, "driver": info.driver_version, "torch": torch.__version__,
-        "cuda_tests_rc": tests_rc, "run_rc": run_rc,
-        "trials": [t.model_dump(mode="json") for t in (fitted.trials if fitted else [])],
-        "plan": fitted.plan.model_dump(mode="json") if fitted else None,
-        "steps_finished": len(trains), "steps_expected": 60,
-        "events": events, "steady_tokens_per_s": tps, "flops_per_token": flops_per_token,
-        "card_peak_bf16_tflops": peak_tflops, "mfu": mfu,
-        "peak_mem_bytes_max": max((r["peak_mem_bytes"] or 0) for r in trains) if trains else None,
-    }
-    (out / "selfcheck.json").write_text(json.dumps(summary, indent=2))
-    print(f"GPU {info.name}, driver {info.driver_version}, torch {torch.__version__}")
-    print(f"cuda tests exit {tests_rc}; run exit {run_rc}")
-    print(f"{'micro':>5} {'dtype':>8} {'comp':>4} {'ckpt':>4} {'loss':>8} {'estimated':>11} {'measured':>11} {'err':>7} {'tok/s':>9} status")
-    for t in summary["trials"]:
-        e, m = t.get("estimated_peak_bytes"), t.get("measured_peak_bytes")
-        err = f"{(e - m) / m:+.1%}" if e and m else "-"
-        print(f"{t['micro_batch']:>5} {t['dtype']:>8} {str(t['compile'])[0]:>4} {t['checkpointing']:>4} "
-              f"{t['loss_impl']:>8} {fmt_bytes(e) if e else '-':>11} {fmt_bytes(m) if m else '-':>11} {err:>7} "
-              f"{t['tokens_per_s'] or 0:>9,.0f} {t['status']}")
-    if fitted:
-        p = fitted.plan
-        print(f"plan: {p.split}, {p.dtype}, compile {p.compile} after {p.compile_after}, ckpt {p.checkpointing}, "
-              f"loss {p.loss_impl}, measured peak {fmt_bytes(p.measured_peak_bytes or 0)} of {fmt_bytes(p.budget_bytes)}")
-    print(f"events: {[(e['step'], e['event']) for e in events]}")
-    print(f"steady tokens/s (steps 45+, measured): {tps:,.0f}" if tps else "steady tokens/s: n/a")
-    print(f"MFU vs this card's dense bf16 peak {peak_tflops} TFLOP/s: {mfu:.1%}" if mfu else "MFU: n/a")
-    compile_on = [e["step"] for e in events if e["event"] == "compile_on"]
-    oom = [e for e in events if e["event"] in ("oom_shrink", "compile_oom_shrink", "compile_fallback_eager")]
-    effective = {r["effective_batch"] for r in trains}
-    checks = {
-        "compile switched on at step 30": compile_on == [30],
-        "OOM injected at step 40 recovered": any(e["step"] == 40 for e in oom),
-        "effective batch unchanged (512)": effective == {512},
-        "all 60 steps finished": len(trains) == 60,
-    }
-    summary["checks"] = checks
-    (out / "selfcheck.json").write_text(json.dumps(summary, indent=2))
-    for name, ok in checks.items():
-        print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    print(f"finished {len(trains)} of 60 steps")
-    return 0 if tests_rc == 0 and run_rc == 0 and all(checks.values()) else 1
+def gib(n) -> str:
+    return f"{n / 2**30:.2f} GiB" if isinstance(n, (int, float)) else "-"
+
+
+def mib(n) -> str:
+    return f"{n / 2**20:,.0f} MiB" if isinstance(n, (int, float)) else "-"
+
+
+def pct(x) -> str:
+    return f"{x:+.1%}" if isinstance(x, (int, float)) else "-"
+
+
+def num(x, fmt=",.0f") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+
+def cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def load(out: Path, stages: list[int]) -> dict[int, dict | None]:
+    recs = {}
+    for n in stages:
+        path = out / f"stage{n}_{NAMES[n]}.json"
+        try:
+            recs[n] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            recs[n] = None
+    return recs
+
+
+def heading(recs: dict) -> list[str]:
+    env = recs.get(0) or {}
+    card = (recs.get(1) or {}).get("card") or {}
+    started = next((r["started"] for r in recs.values() if r and r.get("started")), "?")
+    dry = any(r and r.get("dry_run") for r in recs.values())
+    if card:
+        what = (f"{card['name']} ({gib(card['total_bytes'])}, cc {'.'.join(map(str, card['compute_capability']))}), "
+                f"driver {card['driver']} (CUDA {card['cuda_driver_api']}), torch {card['torch']} "
+                f"(CUDA {card['cuda_build']}, cuDNN {card['cudnn']})")
+    else:
+        what = f"no GPU (dry run), torch {env.get('torch', '?')}, CUDA build {env.get('cuda_build')}"
+    lines = [f"### {started[:10]}: {what}", "",
+             f"Python {env.get('python', '?')}, commit {env.get('commit', '?')}, started {started}"
+             + ("; **dry run**: CUDA stages skipped" if dry else ""), ""]
+    return lines
+
+
+def check_rows(recs: dict) -> list[str]:
+    lines = ["| stage | check | result | detail |", "| --- | --- | --- | --- |"]
+    for n, rec in recs.items():
+        if rec is None:
+            lines.append(f"| {n} | stage {NAMES[n]} left a record | FAIL | no stage{n}_{NAMES[n]}.json (crashed before writing) |")
+            continue
+        for s in rec.get("skipped", []):
+            lines.append(f"| {n} | {cell(s['what'])} | SKIP | {cell(s['reason'])} |")
+        for c in rec.get("checks", []):
+            lines.append(f"| {n} | {cell(c['check'])} | {c['result']} | {cell(c.get('detail', ''))} |")
+        lines.append(f"| {n} | stage {NAMES[n]} status | {rec.get('status')} | {rec.get('seconds', '?')} s |")
+    return lines + [""]
+
+
+def device_figures(rec: dict | None) -> list[str]:
+    steps = (rec or {}).get("outside_allocator") or {}
+    if not steps:
+        return []
+    lines = ["Memory outside the caching allocator (measured; " + cell(steps["context"]["how"]) + "):", "",
+             "| after | outside allocator | reserved | NVML, this process |", "| --- | --- | --- | --- |"]
+    for name, s in steps.items():
+        lines.append(f"| {name.replace('_', ' ')} | {mib(s['outside_allocator_bytes'])} | {mib(s['reserved_bytes'])} "
+                     f"| {mib(s.get('nvml_process_bytes'))} |")
+    backends = rec.get("sdpa_backends") or {}
+    if backends:
+        lines += ["", "SDPA backends, causal bf16 fwd+bwd, 4 x 12 heads x 1024 x 64: "
+                  + "; ".join(f"{k}: {cell(v)}" for k, v in backends.items())]
+    return lines + [""]
+
+
+def probe_figures(rec: dict | None) -> list[str]:
+    trials = (rec or {}).get("trials") or []
+    if not trials:
+        return []
+    lines = ["Trials (peaks measured on this device; estimates from autofit's closed form):", "",
+             "| micro | dtype | loss | ckpt | status | estimated | measured | error | reserved | tokens/s | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t in trials:
+        lines.append(f"| {t['micro_batch']} | {t['dtype']} | {t['loss_impl']} | {t['checkpointing']} | {t['status']} "
+                     f"| {gib(t['estimated_peak_bytes'])} | {gib(t['measured_peak_bytes'])} | {pct(t['estimate_error'])} "
+                     f"| {gib(t.get('measured_reserved_bytes'))} | {num(t.get('tokens_per_s'))} | {cell(t.get('note') or '')} |")
+    p = rec.get("plan") or {}
+    if p:
+        lines += ["", f"Plan: {p.get('split')}, {p.get('dtype')}, loss {p.get('loss_impl')}, "
+                      f"{'measured' if p.get('measured_peak_bytes') else 'estimated'} peak "
+                      f"{gib(p.get('measured_peak_bytes') or p.get('estimated_peak_bytes'))} of a "
+                      f"{gib(p.get('budget_bytes'))} budget; {cell(p.get('reason', ''))}"]
+    if rec.get("estimate_error_max") is not None:
+        lines.append(f"Estimate vs measured peak over {rec['estimate_error_n']} fitting trials: "
+                     f"max |error| {rec['estimate_error_max']:.1%}, median {rec['estimate_error_median']:.1%}.")
+    return lines + [""]
+
+
+def train_figures(rec: dict | None) -> list[str]:
+    f = (rec or {}).get("figures") or {}
+    if not f:
+        return []
+    mfu = lambda x: f"{x:.1%}" if isinstance(x, (int, float)) else "-"  # noqa: E731
+    peak = f"{f['peak_tflops']} TFLOP/s dense {f['dtype']}" if f.get("peak_tflops") else "no peak"
+    return ["Training (" + cell(f["how"]) + "):", "",
+            "| phase | tokens/s | MFU | steps used |", "| --- | --- | --- | --- |",
+            f"| eager | {num(f['eager_tokens_per_s'])} | {mfu(f['eager_mfu'])} | {f['eager_steps_used']} |",
+            f"| compiled | {num(f['compiled_tokens_per_s'])} | {mfu(f['compiled_mfu'])} | {f['compiled_steps_used']} |",
+            "", f"FLOPs/token {num(f['flops_per_token'], '.3e')} ({cell(f['flops_formula'])}); card peak: {peak} "
+                f"({cell(f['peak_source'])}); first compiled step took {num(f['first_compiled_step_minus_steady_s'], '.1f')} s "
+                f"more than a steady one; peak allocated {gib(f.get('peak_mem_bytes_max'))}.", ""]
+
+
+def report(out: Path, stages: list[int]) -> tuple[str, int]:
+    recs = load(out, stages)
+    lines = heading(recs) + check_rows(recs) + device_figures(recs.get(1)) + probe_figures(recs.get(2)) \
+        + train_figures(recs.get(3))
+    failed = [n for n, r in recs.items() if r is None or r.get("status") != "ok"]
+    lines.append(f"Result: {'all stages ok' if not failed else 'not ok in stage(s) ' + ', '.join(map(str, failed))}.")
+    return "\n".join(lines) + "\n", 1 if failed else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--stages", default="0 1 2 3")
+    a = ap.parse_args()
+    try:
+        stages = [int(s) for s in a.stages.split()]
+        if any(s not in NAMES for s in stages):
+            raise ValueError
+    except ValueError:
+        print(f"selfcheck_report: --stages takes stage numbers 0-3, got {a.stages!r}", file=sys.stderr)
+        return 2
+    text, rc = report(a.out, stages)
+    tmp = a.out / "report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(a.out / "report.md")
+    print(text)
+    return rc
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
+    sys.exit(main())

@@ -145,16 +145,17 @@ def test_profiles_list_shows_builtins(monkeypatch, capsys):
 
 
 def test_larger_gpu_than_profile_needs_emulate(monkeypatch, capsys):
-    import autofit.devices as devices
-    h100 = devices.DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", index=0, total_bytes=81559 * 2**20,
+    import autofit.cuda as cuda
+    from autofit.device import DeviceInfo
+    h100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", index=0, total_bytes=81559 * 2**20,
                               free_bytes=80000 * 2**20, used_by_others_bytes=0, compute_capability=(9, 0),
                               driver_version="550.54", cuda_version="12.4", source="nvml")
-    monkeypatch.setattr(devices, "detect_gpu", lambda index=0: h100)
+    monkeypatch.setattr(cuda, "detect_gpu", lambda index=0: h100)
     code, _, err = cli(monkeypatch, capsys, "run", "--profile", "rtx4070-12gb")
     assert code == 2 and "--emulate" in err and "h100-80gb" in err
     smaller = h100.model_copy(update={"name": "NVIDIA GeForce RTX 3060 Ti", "total_bytes": 8192 * 2**20,
                                       "compute_capability": (8, 6)})
-    monkeypatch.setattr(devices, "detect_gpu", lambda index=0: smaller)
+    monkeypatch.setattr(cuda, "detect_gpu", lambda index=0: smaller)
     code, _, err = cli(monkeypatch, capsys, "run", "--profile", "rtx4070-12gb")
     assert code == 2 and "rtx3060ti" in err and "not rtx4070-12gb" in err
 
@@ -409,8 +410,15 @@ def test_help_shows_no_bool_type_on_flags(monkeypatch, capsys, args):
 
 def test_user_error_names_are_real_exception_classes():
     import importlib
+    import pkgutil
 
+    import autofit
+    import trainer
     from autofit.cli import USER_ERRORS
-    for name in USER_ERRORS:
-        module, _, cls = name.rpartition(".")
-        assert issubclass(getattr(importlib.import_module(module), cls), Exception), name
+    defined = set()
+    for package in (autofit, trainer):
+        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+            module = importlib.import_module(info.name)
+            defined |= {v.__name__ for v in vars(module).values()
+                        if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == info.name}
+    assert USER_ERRORS <= defined, USER_ERRORS - defined

@@ -1,4 +1,5 @@
 import time
+from pathlib import Path
 
 import pytest
 
@@ -311,3 +312,258 @@ def test_config_summary():
     assert {"n_layer", "n_head", "block_size", "vocab_size", "bias", "dropout", "compile",
             "checkpointing", "loss_impl", "batch_size", "gradient_accumulation_steps"} <= set(summary)
     assert "out_dir" not in summary and "learning_rate" not in summary  # not memory-relevant
+
+
+# ---------------------------------------------------------------- nanoGPT's own config files
+
+NANOGPT_CONFIGS = Path(__file__).parent / "data" / "nanogpt_config"  # re-typed from nanoGPT's config/
+
+
+@pytest.mark.parametrize("name, init_from", [("eval_gpt2", "gpt2"), ("eval_gpt2_medium", "gpt2-medium"),
+                                             ("eval_gpt2_large", "gpt2-large"), ("eval_gpt2_xl", "gpt2-xl")])
+def test_nanogpt_eval_configs_load(name, init_from, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(config_file=NANOGPT_CONFIGS / f"{name}.py")
+    assert (cfg.init_from, cfg.eval_only, cfg.batch_size, cfg.eval_iters) == (init_from, True, 8, 500)
+    assert cfg.dataset == "openwebtext"  # nanoGPT's default, not the built-in corpus
+
+
+def test_nanogpt_finetune_config_loads_with_import_time_and_run_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = time.time()
+    cfg = load_config(config_file=NANOGPT_CONFIGS / "finetune_shakespeare.py")
+    after = time.time()
+    assert (cfg.init_from, cfg.dataset, cfg.decay_lr, cfg.always_save_checkpoint) == ("gpt2-xl", "shakespeare", False, False)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate) == (1, 32, 3e-5)
+    assert cfg.wandb_run_name.startswith("ft-") and before <= float(cfg.wandb_run_name[3:]) <= after
+    # str(time.time()) exactly, with the clock injected
+    text = (NANOGPT_CONFIGS / "finetune_shakespeare.py").read_text()
+    assert parse_py_config(text, "f.py", clock=lambda: 1712.5)["wandb_run_name"] == ("ft-1712.5", 8)
+
+
+def test_nanogpt_train_configs_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gpt2 = load_config(config_file=NANOGPT_CONFIGS / "train_gpt2.py")
+    assert (gpt2.wandb_log, gpt2.wandb_run_name, gpt2.gradient_accumulation_steps) == (True, "gpt2-124M", 40)
+    assert (gpt2.dataset, gpt2.vocab_size, gpt2.source_of("vocab_size")) == ("openwebtext", 50304, "default")
+    char = load_config(config_file=NANOGPT_CONFIGS / "train_shakespeare_char.py")
+    assert (char.dataset, char.n_layer, char.n_embd, char.dropout, char.min_lr) == ("shakespeare_char", 6, 384, 0.2, 1e-4)
+    assert char.source_of("n_embd").endswith("train_shakespeare_char.py:22")
+
+
+def test_every_nanogpt_config_file_is_tested():
+    # a new file in tests/data/nanogpt_config must be loaded by a test above
+    assert sorted(p.stem for p in NANOGPT_CONFIGS.glob("*.py")) == sorted(
+        ["eval_gpt2", "eval_gpt2_medium", "eval_gpt2_large", "eval_gpt2_xl", "finetune_shakespeare",
+         "train_gpt2", "train_shakespeare_char"])
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("import time as t", "import time as t: only `import time` is allowed"),
+    ("import os, time", "import os, time"),
+    ("from time import time", "import"),
+    ("x = time.time()", "time.time() before `import time`"),
+    ("import time\nn_layer = time.sleep(1)", "function call"),
+    ("import time\nwandb_run_name = str(time.time(1))", "time.time() takes no arguments"),
+    ("wandb_run_name = str(1, 2)", "str() takes one argument here"),
+    ("wandb_run_name = str(x)", "name reference 'x'"),
+    ("wandb_run_name = 'a' + 1", "arithmetic is only allowed on numbers"),
+    ("wandb_run_name = 'a' - 'b'", "arithmetic is only allowed on numbers"),
+    ("wandb_run_name = str(f'{1}')", "f-string"),
+    ("wandb_run_name = repr(1)", "function call"),
+])
+def test_only_the_pure_forms_are_evaluated(tmp_path, line, reason):
+    path = write(tmp_path, "c.py", f"batch_size = 4\n{line}\n")
+    msg = one_line_error(config_file=path)
+    assert f"{path}:" in msg and f"refused: {reason}" in msg, msg
+
+
+def test_string_forms_evaluate(tmp_path):
+    path = write(tmp_path, "c.py", "wandb_run_name = 'a-' + str(3 * 2) + '-' + str(1.5) + str(True)\n"
+                                   "out_dir = 'out' + '/' + 'x'\n")
+    cfg = load_config(config_file=path)
+    assert (cfg.wandb_run_name, cfg.out_dir) == ("a-6-1.5True", "out/x")
+
+
+# ---------------------------------------------------------------- init_from, eval_only, dataset
+
+
+@pytest.mark.parametrize("value", ["scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_init_from_accepts_nanogpt_values(value):
+    assert load_config(overrides=[f"init_from={value}"]).init_from == value
+    assert load_config(overrides=[f"init_from='{value}'"]).init_from == value
+
+
+def test_init_from_and_eval_only_refuse_other_values():
+    assert "did you mean 'gpt2-xl'" in one_line_error(overrides=["init_from=gpt2-xxl"])
+    assert load_config(overrides=["eval_only=True"]).eval_only is True
+    assert load_config(overrides=["eval_only=false"]).eval_only is False
+    msg = one_line_error(overrides=["eval_only=1"])
+    assert msg == "invalid config: eval_only=1 (--set): must be True or False, not an integer"
+
+
+def test_default_dataset_is_nanogpts_not_the_builtin_corpus(tmp_path):
+    assert TrainConfig().dataset == "openwebtext"
+    cfg = load_config(config_file=write(tmp_path, "c.py", "batch_size = 4\n"))
+    assert cfg.dataset == "openwebtext"
+    assert load_config(preset="tiny").dataset == "embedded"
+
+
+# ---------------------------------------------------------------- vocab_size from the dataset
+
+
+def _meta(root, name: str, vocab: int):
+    import pickle
+    d = root / "data" / name
+    d.mkdir(parents=True)
+    (d / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": vocab, "itos": {}, "stoi": {}}))
+    return d
+
+
+def test_vocab_size_comes_from_meta_pkl_unless_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = _meta(tmp_path, "chars", 65)
+    cfg = load_config(config_file=write(tmp_path, "c.py", "dataset = 'chars'\n"))
+    assert cfg.vocab_size == 65 and cfg.source_of("vocab_size") == str(Path("data") / "chars" / "meta.pkl")
+    # a path to the folder works too
+    assert load_config(overrides=[f"dataset={d}"]).vocab_size == 65
+    # set in the file or by --set: the user's value stands, and says where it came from
+    path = write(tmp_path, "v.py", "dataset = 'chars'\nvocab_size = 128\n")
+    cfg = load_config(config_file=path)
+    assert cfg.vocab_size == 128 and cfg.source_of("vocab_size") == f"{path}:2"
+    cfg = load_config(overrides=["dataset=chars", "vocab_size=96"])
+    assert (cfg.vocab_size, cfg.source_of("vocab_size")) == (96, "--set")
+    # a preset's vocab_size is a default: the dataset's own wins over it
+    cfg = load_config(preset="tiny", overrides=["dataset=chars"])
+    assert cfg.vocab_size == 65 and "meta.pkl" in cfg.source_of("vocab_size")
+
+
+def test_vocab_size_without_meta_pkl(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert (load_config().vocab_size, load_config().source_of("vocab_size")) == (50304, "default")
+    (tmp_path / "data" / "bpe").mkdir(parents=True)  # nanoGPT's BPE sets have no meta.pkl
+    assert load_config(overrides=["dataset=bpe"]).vocab_size == 50304
+    cfg = load_config(overrides=["dataset=embedded"])
+    assert cfg.vocab_size == 256 and "embedded" in cfg.source_of("vocab_size")
+    assert load_config(preset="tiny").source_of("vocab_size") == "the embedded dataset (byte tokens)"
+
+
+def test_unsafe_meta_pkl_is_one_config_error(tmp_path, monkeypatch):
+    import pickle
+    monkeypatch.chdir(tmp_path)
+    d = _meta(tmp_path, "evil", 65)
+    (d / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": Path("x")}))
+    msg = one_line_error(overrides=["dataset=evil"])
+    assert "meta.pkl" in msg and "refusing to load" in msg
+    assert load_config(overrides=["dataset=evil", "vocab_size=65"]).vocab_size == 65  # not read when set
+
+
+# ---------------------------------------------------------------- checks a user wants
+
+
+def test_cross_field_float_check_has_a_relative_tolerance(tmp_path):
+    cfg = load_config(config_file=write(tmp_path, "c.py", "learning_rate = 6e-4 / 10\n"))
+    assert cfg.learning_rate == 6e-4 / 10 < cfg.min_lr == 6e-5  # a rounding artefact, not an error
+    assert "must not exceed" in one_line_error(overrides=["learning_rate=5.9e-5"])
+
+
+FLOAT_FIELDS = [k for k, f in TrainConfig.model_fields.items() if f.annotation is float]
+
+
+@pytest.mark.parametrize("key", FLOAT_FIELDS)
+@pytest.mark.parametrize("text", ["1e999", "inf", "-inf", "nan", "1e308*10"])
+def test_non_finite_floats_are_refused_by_name(key, text):
+    msg = one_line_error(overrides=[f"{key}={text}"])
+    assert msg.startswith(f"invalid config: {key}=") and "(--set)" in msg and "finite" in msg, msg
+
+
+def test_non_finite_in_files(tmp_path):
+    msg = one_line_error(config_file=write(tmp_path, "c.py", "batch_size = 4\nlearning_rate = 1e999\n"))
+    assert f"{tmp_path / 'c.py'}:2: refused: number too large (not a finite float)" in msg
+    for value in ("inf", "nan", "-inf"):
+        path = write(tmp_path, "c.toml", f"batch_size = 4\nlearning_rate = {value}\n")
+        msg = one_line_error(config_file=path)
+        assert f"({path}:2): must be a finite number, not inf or nan" in msg, msg
+
+
+def test_floats_take_integers():
+    cfg = load_config(overrides=["learning_rate=1", "min_lr=0"])
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("batch_size = True", "batch_size=True ({path}:2): must be an integer, not a bool"),
+    ("batch_size = 2.0", "batch_size=2.0 ({path}:2): must be an integer, not a float"),
+    ("compile = 1", "compile=1 ({path}:2): must be True or False, not an integer"),
+    ("dtype = 16", "dtype=16 ({path}:2)"),
+    ("wandb_run_name = 5", "wandb_run_name=5 ({path}:2): must be a string, not an integer"),
+    ("learning_rate = True", "learning_rate=True ({path}:2): must be a number, not a bool"),
+    ("compile_after = 2.0", "compile_after=2.0 ({path}:2): must be an integer"),
+])
+def test_strict_types_in_py_files(tmp_path, line, needle):
+    path = write(tmp_path, "c.py", f"n_layer = 2\n{line}\n")
+    assert needle.format(path=path) in one_line_error(config_file=path)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("batch_size = true", "batch_size=True ({path}:2): must be an integer, not a bool"),
+    ("batch_size = 2.0", "batch_size=2.0 ({path}:2): must be an integer, not a float"),
+    ("compile = \"false\"", "compile='false' ({path}:2): must be True or False, not a string"),
+    ("n_layer = \"4\"", "n_layer='4' ({path}:2): must be an integer, not a string"),
+])
+def test_strict_types_in_toml(tmp_path, line, needle):
+    path = write(tmp_path, "c.toml", f"n_head = 2\n{line}\n")
+    assert needle.format(path=path) in one_line_error(config_file=path)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("batch_size=2.5", "batch_size=2.5 (--set): must be an integer, not a float"),
+    ("batch_size=true", "batch_size=True (--set): must be an integer, not a bool"),
+    ("batch_size=eight", "batch_size='eight' (--set): must be an integer, not a string"),
+    ("compile=1", "compile=1 (--set): must be True or False"),
+    ("compile=yes", "compile='yes' (--set): must be True or False"),
+    ("learning_rate=fast", "learning_rate='fast' (--set): must be a number"),
+])
+def test_strict_types_in_overrides(override, needle):
+    assert needle in one_line_error(overrides=[override])
+
+
+def test_overrides_are_read_as_the_fields_type():
+    cfg = load_config(overrides=["compile=False", "batch_size=8", "bias=TRUE", "compile_after=None",
+                                 "wandb_run_name=123", "out_dir='quoted'", "gradient_accumulation_steps=5*8"])
+    assert (cfg.compile, cfg.batch_size, cfg.bias, cfg.compile_after) == (False, 8, True, None)
+    assert (cfg.wandb_run_name, cfg.out_dir, cfg.gradient_accumulation_steps) == ("123", "quoted", 40)
+    assert parse_override("dtype=None") == ("dtype", "None")  # text field: the text, refused as a dtype
+
+
+def test_strict_types_on_assignment():
+    cfg = load_config(preset="tiny")
+    for key, value in (("batch_size", True), ("batch_size", 2.0), ("compile", 0), ("learning_rate", float("nan"))):
+        with pytest.raises(ConfigError, match=key):
+            setattr(cfg, key, value)
+    assert cfg.batch_size == 16 and cfg.compile is False
+
+
+def test_config_json_is_strict_json_and_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from autofit.cli import main
+
+    def cli(*args):
+        monkeypatch.setattr(sys, "argv", ["autofit", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("config", "--set", "learning_rate=1e999", "--json")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "learning_rate='1e999' (--set): number too large (not a finite float)" in err
+    code, out, err = cli("config", "--set", "batch_size=2.5", "--set", "dropout=nan", "--json")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "batch_size" in err and "dropout" in err
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    code, out, _ = cli("config", "--set", "learning_rate=1", "--json")
+    assert code == 0 and json.loads(out, parse_constant=refuse)["learning_rate"] == 1.0

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import (LLMC_MAGIC, BatchSampler, DataError, decode_bytes, load_dataset,
+from trainer.data import (LLMC_MAGIC, BatchSampler, DataError, dataset_vocab, decode_bytes, load_dataset,
                           read_llmc_shard, write_llmc_shard)
+from trainer.tokenfiles import atomic_write, max_token, sidecar_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +60,8 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("fineweb", data_root=tmp_path / "data")
     msg = str(e.value)
-    assert "not found at" in msg and "prepare_fineweb.py --out" in msg and str(tmp_path / "data" / "fineweb") in msg
+    assert "not found at" in msg and str(tmp_path / "data" / "fineweb") in msg
+    assert f"autofit data prepare fineweb-edu --out {tmp_path / 'data' / 'fineweb'}" in msg
     assert "\n" not in msg
     with pytest.raises(DataError, match="'embedded'"):
         load_dataset("mystery", data_root=tmp_path)
@@ -191,6 +193,131 @@ def test_check_vocab(toy):
         toy.check_vocab(256)
 
 
+def test_missing_dataset_names_the_command_that_prepares_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("shakespeare_char", "shakespeare", "fineweb-edu"):
+        with pytest.raises(DataError) as e:
+            load_dataset(name)
+        msg = str(e.value)
+        assert f"dataset '{name}' not found at data/{name} (under {tmp_path})" in msg
+        assert msg.endswith(f"prepare it with: autofit data prepare {name} --out data/{name}") and "\n" not in msg
+    with pytest.raises(DataError, match="nanoGPT's data/openwebtext/prepare.py .*dataset='embedded'"):
+        load_dataset("openwebtext")
+
+
+def test_dataset_vocab_reads_meta_pkl_only(tmp_path):
+    d = _nanogpt(tmp_path / "data" / "chars", np.arange(10), np.arange(10))
+    assert dataset_vocab("chars", data_root=tmp_path / "data") is None  # no meta.pkl: GPT-2 BPE
+    (d / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65}))
+    assert dataset_vocab("chars", data_root=tmp_path / "data") == (65, str(d / "meta.pkl"))
+    assert dataset_vocab(str(d)) == (65, str(d / "meta.pkl"))
+    assert dataset_vocab("absent", data_root=tmp_path / "data") is None
+    assert dataset_vocab("embedded")[0] == 256
+    for bad in ({"vocab_size": "65"}, {"vocab_size": True}, {"vocab_size": 0}, ["vocab_size"]):
+        (d / "meta.pkl").write_bytes(pickle.dumps(bad))
+        with pytest.raises(DataError, match=r"cannot read vocab_size from .*meta\.pkl"):
+            dataset_vocab(str(d))
+
+
+# --- token ids against vocab_size --------------------------------------------------------------
+
+
+def test_token_id_at_or_above_vocab_is_one_line_naming_file_id_and_vocab(tmp_path):
+    # the case: a 65-token meta.pkl and ids up to 199
+    d = _nanogpt(tmp_path / "chars", np.arange(300) % 65, np.array([1, 2, 199, 3] * 50))
+    (d / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65}))
+    ds = load_dataset(str(d))
+    with pytest.raises(DataError) as e:
+        ds.check_vocab(65)
+    msg = str(e.value)
+    assert msg.startswith(f"{d / 'val.bin'} holds token id 199, but vocab_size is 65 ({d / 'meta.pkl'} declares 65)")
+    assert "at least 200" in msg and "\n" not in msg
+    ds.check_vocab(200)  # large enough: fine
+
+
+def test_llmc_shard_ids_are_checked_too(tmp_path):
+    write_llmc_shard(tmp_path / "fw_val_000000.bin", np.arange(100))
+    write_llmc_shard(tmp_path / "fw_train_000001.bin", np.arange(100))
+    write_llmc_shard(tmp_path / "fw_train_000002.bin", np.array([5, 60000, 7]))
+    ds = load_dataset(str(tmp_path))
+    with pytest.raises(DataError, match=r"fw_train_000002\.bin holds token id 60000, but vocab_size is 50304"):
+        ds.check_vocab(50304)
+    ds.check_vocab(60001)
+
+
+def test_largest_id_is_scanned_once_and_kept_in_a_sidecar(tmp_path):
+    d = _nanogpt(tmp_path / "toy", np.array([3, 9, 4]), np.array([1, 2]))
+    arr = load_dataset(str(d)).split("train").parts[0]
+    assert max_token(d / "train.bin", arr) == 9
+    side = sidecar_path(d / "train.bin")
+    rec = json.loads(side.read_text())
+    assert rec["max_token"] == 9 and rec["size"] == 6
+    # A fresh process trusts a sidecar that matches the file's size and mtime (proved here by a
+    # planted value the scan would never give) ...
+    from trainer import tokenfiles
+    tokenfiles._MEMO.clear()
+    side.write_text(json.dumps({**rec, "max_token": 1234}))
+    assert max_token(d / "train.bin", arr) == 1234
+    # ... and rescans when the file changed or the sidecar is damaged.
+    tokenfiles._MEMO.clear()
+    np.array([3, 9, 4, 11], dtype=np.uint16).tofile(d / "train.bin")
+    arr = load_dataset(str(d)).split("train").parts[0]
+    assert max_token(d / "train.bin", arr) == 11 and json.loads(side.read_text())["max_token"] == 11
+    tokenfiles._MEMO.clear()
+    side.write_text("{not json")
+    assert max_token(d / "train.bin", arr) == 11
+
+
+def test_unwritable_dataset_is_checked_without_a_sidecar(tmp_path, monkeypatch):
+    d = _nanogpt(tmp_path / "ro", np.array([3, 60000]), np.array([1, 2]))
+    from trainer import tokenfiles
+
+    def read_only(path, write):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(tokenfiles, "atomic_write", read_only)  # as in a read-only folder, even for root
+    with pytest.raises(DataError, match=r"holds token id 60000, but vocab_size is 50304: token ids must be below"):
+        load_dataset(str(d)).check_vocab(50304)
+    assert not sidecar_path(d / "train.bin").exists()
+
+
+def test_vocab_beyond_the_token_type_is_not_scanned(tmp_path, monkeypatch):
+    d = _nanogpt(tmp_path / "toy", np.array([65535]), np.array([1]))
+    from trainer import data
+    monkeypatch.setattr(data, "max_token", lambda *a: pytest.fail("scanned"))
+    load_dataset(str(d)).check_vocab(70000)  # no uint16 id can reach 70000
+    load_dataset("embedded").check_vocab(256)  # bytes never reach 256
+
+
+def test_llama3_and_eval_files_are_named(tmp_path):
+    f = tmp_path / "llama_train_000001.bin"
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240801, 7, 3)
+    f.write_bytes(header.tobytes() + np.array([1, 2, 128000], dtype="<u4").tobytes())
+    with pytest.raises(DataError, match=r"llama_train_000001\.bin is an llm.c Llama-3 shard \(uint32 tokens"):
+        read_llmc_shard(f)
+    header[:3] = (20240522, 1, 10)
+    f.write_bytes(header.tobytes())
+    with pytest.raises(DataError, match="llm.c eval file .* not a token shard"):
+        read_llmc_shard(f)
+
+
+def test_writes_are_atomic(tmp_path):
+    f = tmp_path / "x_val_000000.bin"
+    write_llmc_shard(f, np.arange(10))
+    before = f.read_bytes()
+
+    def fail_midway(fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(f, fail_midway)
+    assert f.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "x_val_000000.bin", "x_val_000000.bin.max.json"]  # no temp file left behind
+    with pytest.raises(DataError, match="do not fit in uint16"):
+        write_llmc_shard(f, [70000])
+    assert f.read_bytes() == before
+
+
 # --- embedded -------------------------------------------------------------------------------
 
 
@@ -219,39 +346,3 @@ def test_embedded_files_match_their_generator():
     meta = json.loads(files["meta.json"])
     assert meta["bits_per_byte"]["bigram_conditional"] < 4.0  # far from random bytes (8 bits)
     assert len(gzip.decompress(files["val.bin.gz"])) == meta["splits"]["val"]["tokens"]
-
-
-# --- prepare_fineweb's offline path ---------------------------------------------------------
-
-
-def test_tokenize_to_shards_roundtrips_through_load_dataset(tmp_path):
-    prep = _script("prepare_fineweb")
-    texts = ["hello world", "a", "tokens cross shard boundaries", "", "last doc"]
-    encode = lambda t: list(t.encode())  # bytes stand in for GPT-2 BPE
-    paths = prep.tokenize_to_shards(texts, encode, tmp_path, name="tiny", shard_size=16)
-    expected = np.concatenate([[50256, *encode(t)] for t in texts])
-    assert [p.name for p in paths[:2]] == ["tiny_val_000000.bin", "tiny_train_000001.bin"]
-    assert len(paths) == -(-len(expected) // 16)
-    d = load_dataset(str(tmp_path))
-    val, train = d.split("val"), d.split("train")
-    np.testing.assert_array_equal(val.read(0, len(val)), expected[:16])
-    np.testing.assert_array_equal(train.read(0, len(train)), expected[16:])
-
-
-def test_tokenize_to_shards_stops_at_max_tokens(tmp_path):
-    prep = _script("prepare_fineweb")
-    consumed = []
-
-    def texts():
-        for i in range(1000):
-            consumed.append(i)
-            yield "abcdefghi"
-
-    paths = prep.tokenize_to_shards(texts(), lambda t: list(t.encode()), tmp_path, name="fw",
-                                    shard_size=25, max_tokens=60, eot=0)
-    assert sum(len(read_llmc_shard(p)) for p in paths) == 60
-    assert len(consumed) == 6  # 10 tokens per document: the stream is not read past the limit
-    with pytest.raises(DataError, match="max-tokens"):
-        prep.tokenize_to_shards(texts(), lambda t: [1], tmp_path / "b", shard_size=100, max_tokens=50)
-    with pytest.raises(DataError, match="val shard alone"):
-        prep.tokenize_to_shards(["ab"], lambda t: [1, 2], tmp_path / "c", shard_size=100)

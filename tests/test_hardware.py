@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from autofit.devices import DeviceError, DeviceInfo, simulated_info
+from autofit.device import DeviceError, DeviceInfo, simulated_info
 from autofit.hardware import (HardwareError, HardwareSpec, cpu_slug, get_hardware, load_builtin,
                               load_hardware_file, match_hardware, slug_for)
 from autofit.units import GiB, MiB

@@ -16,9 +16,13 @@ import torch
 
 from autofit.cpu_budget import BudgetedCpuDevice
 from trainer.config import load_config
-from trainer.loop import RunOptions, Trainer, TrainError, atomic_torch_save, lr_at, train
-from trainer.meter import NullMeter
+from trainer.checkpoint import atomic_torch_save
+from trainer.errors import TrainError
+from trainer.evaluate import Evaluator
+from trainer.loop import RunOptions, Trainer, train
+from trainer.meter import MeterCapabilities, NullMeter
 from trainer.model import GPT, GPTConfig, clean_state_dict
+from trainer.schedule import lr_at
 from trainer.step import FaultInjector
 
 CPU = torch.device("cpu")
@@ -391,16 +395,16 @@ def test_resumed_run_counts_the_optimizer_state(tmp_path):
 
 
 def test_eval_oom_halves_eval_micro_batch_only(tmp_path, monkeypatch, baseline):
-    real = Trainer._eval_batch
+    real = Evaluator.batch_loss
     fired: list[int] = []
 
-    def flaky(self, x, y):
-        if not fired and self.eval_micro_batch > 1:
-            fired.append(self.eval_micro_batch)
+    def flaky(self, model, x, y):
+        if not fired and self.micro_batch > 1:
+            fired.append(self.micro_batch)
             raise torch.OutOfMemoryError("injected eval out of memory")
-        return real(self, x, y)
+        return real(self, model, x, y)
 
-    monkeypatch.setattr(Trainer, "_eval_batch", flaky)
+    monkeypatch.setattr(Evaluator, "batch_loss", flaky)
     res = train(make_cfg(tmp_path), opts())
     assert fired == [4]
     (ev,) = events(tmp_path, "eval_oom_shrink")
@@ -416,10 +420,10 @@ def test_eval_oom_halves_eval_micro_batch_only(tmp_path, monkeypatch, baseline):
 
 
 def test_eval_oom_at_eval_micro_batch_one_propagates(tmp_path, monkeypatch):
-    def always(self, x, y):
+    def always(self, model, x, y):
         raise torch.OutOfMemoryError("injected eval out of memory")
 
-    monkeypatch.setattr(Trainer, "_eval_batch", always)
+    monkeypatch.setattr(Evaluator, "batch_loss", always)
     with pytest.raises(torch.OutOfMemoryError):
         train(make_cfg(tmp_path), opts(eval_micro_batch=1))
 
@@ -429,6 +433,7 @@ def test_eval_oom_at_eval_micro_batch_one_propagates(tmp_path, monkeypatch):
 
 class ThrashingMeter(NullMeter):
     """Allocator retries rise over the first four steps, then stay flat."""
+    capabilities = MeterCapabilities(measures=False, reserved=False, alloc_retries=True, compile=True)
 
     def __init__(self):
         self.n = 0
@@ -559,3 +564,20 @@ def test_a_fatal_oom_keeps_the_completed_steps(tmp_path):
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ck["iter_num"] == 2
 
+
+
+class ReservedMeter(NullMeter):
+    """A meter with a caching allocator's two readings (as CUDA's): allocated and reserved."""
+    capabilities = MeterCapabilities(measures=True, reserved=True, alloc_retries=False, compile=True)
+
+    def peak_bytes(self) -> int:
+        return 1000
+
+    def peak_reserved_bytes(self) -> int:
+        return 3000
+
+
+def test_metrics_record_allocated_and_reserved_peaks(tmp_path):
+    train(make_cfg(tmp_path, eval_interval=0), opts(meter=ReservedMeter(), max_steps=2))
+    for r in records(tmp_path, "train"):
+        assert (r["peak_mem_bytes"], r["peak_reserved_bytes"]) == (1000, 3000)

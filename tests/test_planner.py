@@ -19,7 +19,7 @@ def cfg_for(effective: int):
 
 def probe(cfg, budget_bytes, space=FP32, margin=0.1, spill_check=None):
     dev = BudgetedCpuDevice(budget_bytes=budget_bytes)
-    budget = compute_budget(dev.info(), margin)
+    budget = compute_budget(dev.info, margin)
     settings = TrialSettings(steps=2, spill_check=spill_check)
     return probe_measured(cfg, dev, budget, space, settings=settings), dev
 
@@ -119,15 +119,17 @@ def test_memory_above_capacity_is_a_spill_not_a_fit():
 
 
 def test_slowdown_past_3x_is_treated_as_spill(monkeypatch):
-    import autofit.planner as planner
-    real = planner.run_trial
+    import autofit.search as search
+    real = search.run_trial
 
     def slow_at_big(cfg, cand, device, **kw):
         rec = real(cfg, cand, device, **kw)
-        if rec.status == "fit" and cand.micro_batch >= 12:
-            rec.tokens_per_s = 1.0  # as if the driver had paged to host memory
+        if rec.status == "fit":
+            # injected timings, never the machine's: 1000 tokens/s per sequence below 12, and as
+            # if the driver had paged to host memory from 12 on
+            rec.tokens_per_s = 1.0 if cand.micro_batch >= 12 else 1000.0 * cand.micro_batch
         return rec
-    monkeypatch.setattr(planner, "run_trial", slow_at_big)
+    monkeypatch.setattr(search, "run_trial", slow_at_big)
     res, _ = probe(cfg_for(16), 50_000_000, spill_check=True)  # on by default only on CUDA
     spills = [t for t in res.trials if t.status == "spill"]
     assert spills and all(t.micro_batch >= 12 for t in spills)

@@ -543,7 +543,7 @@ GTX1650 = {"schema_version": 1, "name": "gtx1650-4gb", "gpu": "GeForce GTX 1650"
 
 def test_user_hardware_profile_is_found_like_a_builtin():
     from autofit.hardware import get_hardware, known_hardware, match_hardware
-    from autofit.devices import DeviceInfo
+    from autofit.device import DeviceInfo
     save_plan("gtx1650-4gb", GTX1650, make_plan())
     spec = get_hardware("gtx1650-4gb")
     assert spec.memory_bytes == 4 * 2**30 and spec.compute_capability == (7, 5) and spec.bf16 is False

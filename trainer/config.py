@@ -1,62 +1,82 @@
 """The training config: nanoGPT's train.py knobs plus a few the launcher turns.
 
 Sources, later overriding earlier: a preset, a config file (TOML, or a nanoGPT-style .py that is
-parsed with `ast` and never executed), then `key=value` overrides. Every mistake a user can make
-ends in a one-line ConfigError that names the key and where it came from.
+parsed with `ast` and never executed, see trainer/pyconfig.py), then `key=value` overrides. Every
+mistake a user can make ends in a one-line ConfigError that names the key and where it came from.
 
-nanoGPT config files load as they are: the keys `backend`, `wandb_*`, `init_from` and `eval_only`
-are accepted so those files need no editing, but this trainer ignores them except where its code
-says otherwise (it trains from scratch or resumes from its own checkpoint; it logs no wandb).
+Types are strict, as nanoGPT's configurator is for its --key=value overrides: an integer field
+takes an integer, not True or 2.0; a boolean takes True/False; a string takes a string; a float
+takes any finite number (an integer too). --set values are text and are read as the field's type
+(`--set compile=False`, `--set batch_size=8`).
+
+nanoGPT config files load as they are: `backend`, `wandb_*`, `init_from` and `eval_only` are
+accepted with nanoGPT's meanings; the trainer decides what it does with them.
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import math
-import operator
 import re
 import sys
+import types
+import typing
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
+
+from trainer.pyconfig import ConfigError, Refused, literal, parse_py_config
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - 3.10 only
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """A config the user can fix: unknown key, bad value, unreadable or refused file."""
-
+__all__ = ["ConfigError", "TrainConfig", "PRESETS", "FIELDS", "load_config", "parse_override",
+           "parse_py_config", "config_summary", "format_validation_error"]
 
 # Where each key's value came from, while load_config builds a TrainConfig, so that a bad value
 # is reported with its file:line or --set.
 _SOURCES: ContextVar[dict[str, str] | None] = ContextVar("_SOURCES", default=None)
 
+# Relative tolerance of the checks that compare two float fields: `learning_rate = 6e-4 / 10`
+# is 5.9999999999999995e-05 and must not "exceed" a min_lr of 6e-05.
+_REL_TOL = 1e-9
+
+INIT_FROM = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
 
 class TrainConfig(BaseModel):
-    # extra='forbid' catches typos; load_config reports them with a suggestion first.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """nanoGPT's train.py settings (same names, units and defaults) plus the launcher's levers.
+
+    Construction and assignment raise ConfigError (one line) for an unknown key, a value of the
+    wrong type (strict: no bool for an int, no 2.0 for an int), a non-finite float, a value out of
+    range, or fields that disagree. `source_of(key)` says where a value came from when the config
+    was built by load_config.
+    """
+    # extra='forbid' catches typos; load_config reports them with a suggestion first. strict and
+    # allow_inf_nan=False refuse True/2.0 for integers and inf/nan for floats, from every source.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True,
+                              allow_inf_nan=False)
 
     # I/O
     out_dir: str = Field("out", min_length=1)
     eval_interval: int = Field(2000, ge=0)  # 0: never evaluate
     log_interval: int = Field(1, gt=0)
     eval_iters: int = Field(200, ge=0)  # 0: never evaluate
-    eval_only: Literal[False] = False  # accepted from nanoGPT configs; only False is supported
+    eval_only: bool = False  # nanoGPT: evaluate once and exit
     always_save_checkpoint: bool = True
-    # accepted from nanoGPT configs; only 'scratch' (resuming is `autofit run --resume`; loading
-    # GPT-2 weights is not supported yet), so a fine-tune config cannot silently train from scratch
-    init_from: Literal["scratch"] = "scratch"
+    # nanoGPT's: a new model, <out_dir>/ckpt.pt, or OpenAI's GPT-2 weights of that size
+    init_from: Literal["scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "scratch"
     # wandb logging: accepted from nanoGPT configs, ignored
     wandb_log: bool = False
     wandb_project: str = "owt"
     wandb_run_name: str = "gpt2"
-    # data: 'embedded', a directory holding train.bin/val.bin, or a nanoGPT dataset name
-    dataset: str = Field("embedded", min_length=1)
+    # data: a nanoGPT dataset name (data/NAME/, as nanoGPT looks), a directory holding
+    # train.bin/val.bin or llm.c shards, or 'embedded' (the built-in corpus, only when asked for)
+    dataset: str = Field("openwebtext", min_length=1)
     gradient_accumulation_steps: int = Field(5 * 8, gt=0)  # nanoGPT: 5 steps x 8 GPUs
     batch_size: int = Field(12, gt=0)  # micro-batch, sequences
     block_size: int = Field(1024, gt=0)
@@ -66,6 +86,8 @@ class TrainConfig(BaseModel):
     n_embd: int = Field(768, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False
+    # nanoGPT's padded GPT-2 vocab; load_config takes the dataset's (meta.pkl) when no file or
+    # --set gives one, as nanoGPT's train.py does
     vocab_size: int = Field(50304, gt=0)
     # AdamW
     learning_rate: float = Field(6e-4, gt=0.0)
@@ -90,6 +112,15 @@ class TrainConfig(BaseModel):
     checkpointing: int = Field(0, ge=0)  # activation checkpointing: 0 off, k: every k-th block
     loss_impl: Literal["standard", "chunked"] = "standard"  # chunked never holds full fp32 logits
     ce_chunk_size: int = Field(4096, gt=0)  # rows of B*T per chunk of the chunked loss
+    # torch.compile each transformer block on its own ('blocks', regional compilation) or the
+    # whole model at once ('model', as nanoGPT does)
+    compile_scope: Literal["blocks", "model"] = "blocks"
+    # TF32 tensor cores for fp32 matmuls (torch.set_float32_matmul_precision("high")), as nanoGPT
+    # enables them; False keeps full fp32 ("highest")
+    tf32: bool = True
+
+    # key -> where its value came from ("preset tiny", "c.py:3", "--set", "data/x/meta.pkl")
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def __init__(self, **data: Any) -> None:
         # Construction anywhere (checkpoints, tests, the CLI) fails with the same one-line error.
@@ -125,10 +156,22 @@ class TrainConfig(BaseModel):
                              f"({self.n_layer})")
         # Only with decay: nanoGPT's finetune configs set a small learning_rate, decay_lr=False
         # and leave min_lr at its default, which is then unused.
-        if self.decay_lr and self.min_lr > self.learning_rate:
+        if self.decay_lr and self.min_lr > self.learning_rate \
+                and not math.isclose(self.min_lr, self.learning_rate, rel_tol=_REL_TOL):
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed learning_rate "
                              f"({self.learning_rate}) when decay_lr is on")
         return self
+
+    def __eq__(self, other: object) -> bool:
+        # Equal settings make equal configs, wherever each value came from.
+        if not isinstance(other, TrainConfig):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    def source_of(self, key: str) -> str:
+        """Where `key`'s value came from: 'preset NAME', 'FILE:LINE', '--set', the meta.pkl it
+        was read from, or 'default' (the class default, or a config not built by load_config)."""
+        return self._sources.get(key, "default")
 
     @property
     def effective_batch(self) -> int:
@@ -176,8 +219,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The fields a plan's memory use depends on; profiles fingerprint plans by them.
 _SUMMARY_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout",
-                   "dtype", "compile", "checkpointing", "loss_impl", "ce_chunk_size", "batch_size",
-                   "gradient_accumulation_steps")
+                   "dtype", "compile", "compile_scope", "tf32", "checkpointing", "loss_impl", "ce_chunk_size",
+                   "batch_size", "gradient_accumulation_steps")
 
 
 def config_summary(cfg: TrainConfig) -> dict[str, Any]:
@@ -199,6 +242,16 @@ def unknown_key_message(key: str) -> str:
     return f"unknown key {key!r}{_suggest(key, FIELDS)}"
 
 
+# Strict type errors, in words: `batch_size=True (c.py:2): must be an integer, not a bool`.
+_TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "True or False",
+               "string_type": "a string"}
+
+
+def _kind_of(value: Any) -> str:
+    kinds = {bool: "a bool", int: "an integer", float: "a float", str: "a string", type(None): "None"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def format_validation_error(e: ValidationError, sources: dict[str, str] | None = None) -> str:
     """All of pydantic's errors on one line: 'key=value (source): what is wrong; ...'."""
     parts = []
@@ -217,141 +270,15 @@ def format_validation_error(e: ValidationError, sources: dict[str, str] | None =
             parts.append(msg + (f" [{', '.join(named)}]" if named else ""))
             continue
         value = err.get("input")
+        if err["type"] in _TYPE_WORDS:
+            msg = f"must be {_TYPE_WORDS[err['type']]}, not {_kind_of(value)}"
+        if err["type"] == "finite_number":
+            msg = "must be a finite number, not inf or nan"
         if err["type"] == "literal_error" and isinstance(value, str):
             choices = err.get("ctx", {}).get("expected", "")
             msg += _suggest(value, re.findall(r"'([^']*)'", choices))
         parts.append(f"{key}={value!r}{where}: {msg}")
     return "invalid config: " + "; ".join(parts)
-
-
-# ---------------------------------------------------------------- safe literal evaluation
-
-_MAX_EXPONENT = 64
-_MAX_INT_BITS = 1024  # ~10**308, the float range; larger integers are no sane config value
-
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-           ast.Pow: operator.pow}
-
-# Why a node is refused, in words a user recognises.
-_REFUSED = {
-    ast.Call: "function call", ast.Name: "name reference", ast.Attribute: "attribute access",
-    ast.JoinedStr: "f-string", ast.Subscript: "subscript", ast.List: "list", ast.Tuple: "tuple",
-    ast.Dict: "dict", ast.Set: "set", ast.Lambda: "lambda", ast.Compare: "comparison",
-    ast.BoolOp: "and/or", ast.IfExp: "conditional expression", ast.ListComp: "comprehension",
-    ast.SetComp: "comprehension", ast.DictComp: "comprehension", ast.GeneratorExp: "comprehension",
-    ast.Starred: "starred expression", ast.NamedExpr: "walrus assignment", ast.Await: "await",
-    ast.Import: "import", ast.ImportFrom: "import", ast.AugAssign: "augmented assignment",
-    ast.AnnAssign: "annotated assignment", ast.If: "if statement", ast.For: "for loop",
-    ast.While: "while loop", ast.FunctionDef: "function definition",
-    ast.AsyncFunctionDef: "function definition", ast.ClassDef: "class definition",
-    ast.With: "with statement", ast.Try: "try statement", ast.Delete: "del statement",
-    ast.Global: "global statement", ast.Nonlocal: "nonlocal statement", ast.Assert: "assert",
-    ast.Raise: "raise", ast.Return: "return", ast.Pass: "pass", ast.Match: "match statement",
-}
-
-
-class _Refused(Exception):
-    def __init__(self, node: ast.AST, reason: str):
-        super().__init__(reason)
-        self.lineno = getattr(node, "lineno", 0)
-        self.reason = reason
-
-
-def _describe(node: ast.AST) -> str:
-    what = _REFUSED.get(type(node), type(node).__name__)
-    if isinstance(node, ast.Name):
-        what += f" {node.id!r}"
-    return what
-
-
-def _literal(node: ast.AST) -> int | float | str | bool | None:
-    """Value of a literal expression; anything that could run code or grow unbounded is refused."""
-    if isinstance(node, ast.Constant):
-        if node.value is None or isinstance(node.value, (bool, int, float, str)):
-            return node.value
-        raise _Refused(node, f"{type(node.value).__name__} constant")
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        v = _number(node.operand)
-        return _check(node, -v if isinstance(node.op, ast.USub) else +v)
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        a, b = _number(node.left), _number(node.right)
-        if isinstance(node.op, ast.Pow):
-            _check_power(node, a, b)
-        try:
-            v = _BINOPS[type(node.op)](a, b)
-        except ZeroDivisionError:
-            raise _Refused(node, "division by zero") from None
-        except OverflowError:
-            raise _Refused(node, "number too large") from None
-        return _check(node, v)
-    if isinstance(node, ast.BinOp):
-        raise _Refused(node, f"operator {type(node.op).__name__}")
-    raise _Refused(node, _describe(node))
-
-
-def _number(node: ast.AST) -> int | float:
-    v = _literal(node)
-    # Arithmetic on strings ('x' * 10**9) could exhaust memory, and on bools/None means nothing.
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _Refused(node, "arithmetic is only allowed on numbers")
-    return v
-
-
-def _check_power(node: ast.AST, base: int | float, exp: int | float) -> None:
-    # Refuse before computing: 10 ** 10 ** 9 would hang the parser.
-    if abs(exp) > _MAX_EXPONENT:
-        raise _Refused(node, f"exponent {exp} too large (at most {_MAX_EXPONENT})")
-    if isinstance(base, int) and isinstance(exp, int) and exp > 0 \
-            and base.bit_length() * exp > _MAX_INT_BITS:
-        raise _Refused(node, "number too large")
-
-
-def _check(node: ast.AST, v: Any) -> int | float:
-    if isinstance(v, complex):
-        raise _Refused(node, "complex result")
-    if isinstance(v, int) and v.bit_length() > _MAX_INT_BITS:
-        raise _Refused(node, "number too large")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise _Refused(node, "number too large")
-    return v
-
-
-def parse_py_config(text: str, filename: str = "<config>") -> dict[str, tuple[Any, int]]:
-    """nanoGPT-style config -> {key: (value, line)}, by reading its syntax tree, never running it.
-
-    Only top-level `name = <literal>` statements and bare strings (docstrings) are allowed; a
-    literal is a number, string, bool or None, with unary +/- and + - * / // % ** on numbers.
-    """
-    try:
-        tree = ast.parse(text, filename=filename)
-    except SyntaxError as e:
-        raise ConfigError(f"{filename}:{e.lineno}: syntax error: {e.msg}") from None
-    except (ValueError, RecursionError, MemoryError) as e:  # null bytes, absurd nesting
-        raise ConfigError(f"{filename}: cannot parse: {e or type(e).__name__}") from None
-    out: dict[str, tuple[Any, int]] = {}
-    try:
-        for stmt in tree.body:
-            if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) \
-                    and isinstance(stmt.value.value, str):
-                continue  # docstring or a bare string used as a comment
-            if isinstance(stmt, ast.Expr):
-                raise _Refused(stmt, _describe(stmt.value))
-            if not isinstance(stmt, ast.Assign):
-                raise _Refused(stmt, _describe(stmt))
-            if len(stmt.targets) != 1:
-                raise _Refused(stmt, "chained assignment")
-            target = stmt.targets[0]
-            if not isinstance(target, ast.Name):
-                raise _Refused(stmt, f"assignment to {_describe(target).split(' ')[0]}")
-            try:
-                out[target.id] = (_literal(stmt.value), stmt.lineno)
-            except RecursionError:
-                raise _Refused(stmt, "expression nested too deeply") from None
-    except _Refused as r:
-        raise ConfigError(f"{filename}:{r.lineno}: refused: {r.reason} "
-                          "(only literal assignments are allowed)") from None
-    return out
 
 
 # ---------------------------------------------------------------- sources
@@ -396,32 +323,83 @@ def _read_file(path: Path) -> dict[str, tuple[Any, int]]:
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 
+def _field_kind(key: str) -> str | None:
+    """'bool', 'int', 'float' or 'text' (str and Literal fields) for a TrainConfig key, else None."""
+    field = TrainConfig.model_fields.get(key)
+    if field is None:
+        return None
+    ann = field.annotation
+    if ann is bool:
+        return "bool"
+    if ann is int or (typing.get_origin(ann) in (typing.Union, types.UnionType)
+                      and int in typing.get_args(ann)):  # int | None
+        return "int"
+    if ann is float:
+        return "float"
+    return "text"
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """'key=value' -> (key, value). The value is read as a literal (number, bool, None, quoted
-    string, arithmetic) where it is one, else taken as the plain string, so `dtype=bfloat16` and
-    `out_dir=out/run1` need no quotes."""
+    """'key=value' -> (key, value), the text read as the field's type.
+
+    Text fields (str, and choices such as dtype) take what was typed, so `dtype=bfloat16`,
+    `out_dir=out/run1` and `wandb_run_name=123` need no quotes (a quoted string is unquoted).
+    Booleans read true/false in any case; numbers read literals and arithmetic (`6e-4/10`), and
+    a float field reads any float text (`1e999`, `inf`, so that validation can refuse it by
+    name). What does not read as the field's type is passed on as text, and validation refuses
+    it with the key and '--set'. Raises ConfigError for an item without '='.
+    """
     key, sep, raw = item.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep or not key:
         raise ConfigError(f"--set expects key=value, got {item!r}")
+    kind = _field_kind(key)
+    if kind == "text":
+        try:
+            value = literal(raw)
+        except (SyntaxError, ValueError, RecursionError, Refused):
+            return key, raw
+        return key, value if isinstance(value, str) else raw
     if raw.lower() in _WORDS:
         return key, _WORDS[raw.lower()]
     try:
-        value: Any = _literal(ast.parse(raw, mode="eval").body)
-    except (SyntaxError, ValueError, RecursionError, _Refused):
-        return key, raw
-    # A string field keeps what was typed: `wandb_run_name=123` means the name '123'.
-    field = TrainConfig.model_fields.get(key)
-    if field is not None and field.annotation is str and not isinstance(value, str):
-        return key, raw
-    return key, value
+        return key, literal(raw)
+    except Refused as r:
+        if r.about_value and kind in ("int", "float"):  # 1e308*10, 1/0: say why, not "not a number"
+            raise ConfigError(f"invalid config: {key}={raw!r} (--set): {r.reason}") from None
+    except (SyntaxError, ValueError, RecursionError):
+        pass
+    if kind == "float":
+        try:
+            return key, float(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def _dataset_vocab(dataset: Any) -> tuple[int, str] | None:
+    """(vocab_size, where it was read) from the dataset `dataset` names, or None if it names
+    none that declares one. Imported here, not at the top: only this reads the data folder."""
+    if not isinstance(dataset, str) or not dataset:
+        return None
+    from trainer.data import DataError, dataset_vocab
+    try:
+        return dataset_vocab(dataset)
+    except DataError as e:
+        raise ConfigError(f"{e} (read because the config does not set vocab_size)") from None
 
 
 def load_config(preset: str | None = None, config_file: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> TrainConfig:
-    """TrainConfig from a preset (None: the class defaults), then a file, then `key=value`s."""
+    """TrainConfig from a preset (None: the class defaults), then a file, then `key=value`s.
+
+    Where neither the file nor a --set gives vocab_size, it is the dataset's own as nanoGPT's
+    train.py takes it (meta.pkl's vocab_size; 256 for the embedded bytes); else the preset's or
+    the default (50304). `cfg.source_of(key)` says which. Raises ConfigError (one line).
+    """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}  # key -> where its value came from, for error messages
+    explicit: set[str] = set()  # keys a file or --set gave; a preset's values are defaults
 
     def put(key: str, value: Any, source: str) -> None:
         if key not in TrainConfig.model_fields:
@@ -439,11 +417,19 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
         path = Path(config_file)
         for key, (value, line) in _read_file(path).items():
             put(key, value, f"{path}:{line}" if line else str(path))
+            explicit.add(key)
     for item in overrides:
         key, value = parse_override(item)
         put(key, value, "--set")
+        explicit.add(key)
+    if "vocab_size" not in explicit:
+        found = _dataset_vocab(values.get("dataset", TrainConfig.model_fields["dataset"].default))
+        if found is not None:
+            values["vocab_size"], sources["vocab_size"] = found
     token = _SOURCES.set(sources)
     try:
-        return TrainConfig(**values)
+        cfg = TrainConfig(**values)
     finally:
         _SOURCES.reset(token)
+    cfg._sources = dict(sources)
+    return cfg

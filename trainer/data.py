@@ -1,12 +1,19 @@
 """Token datasets and the deterministic batch sampler.
 
-Three on-disk forms are read:
-- nanoGPT: a directory with train.bin and val.bin, raw little-endian uint16 tokens;
-- llm.c shards: files with a 256 x int32 header (magic 20240520, version 1, token count) followed
-  by uint16 tokens, named like fineweb_train_000001.bin / fineweb_val_000000.bin; a split's
-  shards are concatenated logically, each one memory-mapped, never copied into RAM;
+A dataset is named as nanoGPT names it: `dataset = NAME` is the folder data/NAME/ (relative to
+the working directory, as nanoGPT's train.py looks), or a path to a folder, or 'embedded'. What a
+folder may hold (see trainer/tokenfiles.py for the byte layouts):
+- nanoGPT: train.bin and val.bin, raw little-endian uint16 tokens, and for character-level sets a
+  meta.pkl whose vocab_size the model adopts when the config sets none (read with a restricted
+  unpickler that loads plain containers only);
+- llm.c shards: fineweb_train_000001.bin / fineweb_val_000000.bin, ...; a split's shards are
+  concatenated logically, each one memory-mapped, never copied into RAM;
 - the embedded set: byte tokens of generated English-like text shipped inside the package, so a
-  run works with no download at all (see scripts/make_embedded_data.py).
+  run works with no download at all (see scripts/make_embedded_data.py). It is used only when
+  asked for by name.
+
+`check_vocab` refuses a model whose vocab_size cannot hold the dataset's largest token id, found
+once per file and remembered in a sidecar (tokenfiles.max_token), before any training.
 
 The sampler draws a whole optimizer step's batch at once from a counter-based generator, so its
 state is a pair of counters: a resumed run sees exactly the batches it would have seen, and the
@@ -23,25 +30,29 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-LLMC_MAGIC = 20240520
-LLMC_VERSION = 1  # GPT-2 tokens as uint16; llm.c's other versions hold other token types
-LLMC_HEADER_INTS = 256
-LLMC_HEADER_BYTES = LLMC_HEADER_INTS * 4
+from trainer.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
+                                DataError, max_token, read_llmc_shard, read_nanogpt_bin,
+                                write_llmc_shard, write_tokens)
+
+if TYPE_CHECKING:
+    import torch
+
 GPT2_VOCAB_SIZE = 50257  # GPT-2 token ids are 0..50256 (50256 = <|endoftext|>)
 BYTE_VOCAB_SIZE = 256
 SPLITS = ("train", "val")
+DATA_ROOT = "data"  # nanoGPT's data_dir = os.path.join('data', dataset)
+EMBEDDED = "embedded"
 
 # llm.c names shards <name>_<split>_<index>.bin; its single-file sets (tiny_shakespeare_val.bin)
 # drop the index.
-_SHARD_NAME = re.compile(r"^.+_(train|val)(?:_\d+)?\.bin$")
+SHARD_NAME = re.compile(r"^.+_(train|val)(?:_\d+)?\.bin$")
 
-
-class DataError(ValueError):
-    """A dataset the user pointed at is missing, malformed or does not fit the model."""
+# Names `autofit data prepare` writes (trainer/prepare.py); a missing one says how to make it.
+PREPARABLE = ("shakespeare_char", "shakespeare", "fineweb-edu")
 
 
 class TokenSplit:
@@ -70,13 +81,26 @@ class TokenSplit:
             i += 1
         return out
 
+    def check_ids(self, vocab_size: int, note: str = "") -> None:
+        """Refuse the first part holding a token id >= vocab_size (DataError naming the file, the
+        id and the vocab_size). Parts whose dtype cannot reach vocab_size are not scanned; files
+        are scanned once and the result kept (tokenfiles.max_token)."""
+        for part, source in zip(self.parts, self.sources):
+            if vocab_size > np.iinfo(part.dtype).max or not len(part):
+                continue
+            top = max_token(source, part) if Path(source).is_file() else int(part.max())
+            if top >= vocab_size:
+                raise DataError(f"{source} holds token id {top}, but vocab_size is {vocab_size}{note}: token ids "
+                                f"must be below vocab_size; set vocab_size to at least {top + 1} or fix the data")
+
 
 @dataclass
 class TokenDataset:
     name: str
     format: str  # "embedded", "nanogpt" or "llmc"
-    vocab_size: int  # tokens are < vocab_size; known from the format, never scanned for
+    vocab_size: int  # the vocab the format declares (meta.pkl, GPT-2, bytes); ids are checked too
     splits: dict[str, TokenSplit]
+    vocab_source: str = ""  # where vocab_size came from, for messages
 
     def split(self, name: str) -> TokenSplit:
         if name not in self.splits:
@@ -87,15 +111,21 @@ class TokenDataset:
         return len(self.split(split))
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Refuse a model whose embedding table cannot hold every token id of this dataset."""
+        """Refuse a model whose embedding table cannot hold every token id of this dataset: one
+        DataError line when vocab_size is below the format's declared vocab, or below the
+        largest id actually stored (each file scanned once, then remembered)."""
         if vocab_size < self.vocab_size:
+            src = f" ({self.vocab_source})" if self.vocab_source else ""
             raise DataError(f"model vocab_size {vocab_size} is smaller than dataset '{self.name}' needs "
-                            f"({self.vocab_size} token ids); set vocab_size >= {self.vocab_size}")
+                            f"({self.vocab_size} token ids{src}); set vocab_size >= {self.vocab_size}")
+        note = f" ({self.vocab_source} declares {self.vocab_size})" if self.vocab_source.endswith("meta.pkl") else ""
+        for split in self.splits.values():
+            split.check_ids(vocab_size, note)
 
 
 def decode_bytes(tokens) -> str:
     """Text of byte tokens (the embedded dataset); bytes that are not UTF-8 show as U+FFFD."""
-    if isinstance(tokens, torch.Tensor):
+    if hasattr(tokens, "detach"):  # a torch tensor
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
     if arr.size and (arr.min() < 0 or arr.max() >= BYTE_VOCAB_SIZE):
@@ -104,27 +134,64 @@ def decode_bytes(tokens) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Finding and loading
 
 
-def load_dataset(spec: str, *, data_root: str | Path = "data") -> TokenDataset:
-    """'embedded', a directory path, or a nanoGPT-style name looked up as <data_root>/<name>."""
-    if spec == "embedded":
-        return load_embedded()
+def dataset_dir(spec: str, *, data_root: str | Path = DATA_ROOT) -> Path | None:
+    """The folder `spec` names: an existing directory as given, else <data_root>/<spec> for a bare
+    name (nanoGPT's data/NAME). None for 'embedded' or when no such folder exists."""
+    if spec == EMBEDDED:
+        return None
     path = Path(spec).expanduser()
     if path.is_dir():
-        return load_dir(path)
+        return path
+    if len(path.parts) == 1 and (Path(data_root) / spec).is_dir():
+        return Path(data_root) / spec
+    return None
+
+
+def dataset_vocab(spec: str, *, data_root: str | Path = DATA_ROOT) -> tuple[int, str] | None:
+    """(vocab_size, source) a dataset declares, for a config that sets none, as nanoGPT's train.py
+    reads meta.pkl: a folder's meta.pkl, or 256 for the embedded bytes. None where the dataset is
+    not there or declares nothing (GPT-2 BPE data: keep nanoGPT's padded 50304). Raises DataError
+    for an unreadable or unsafe meta.pkl."""
+    if spec == EMBEDDED:
+        return BYTE_VOCAB_SIZE, "the embedded dataset (byte tokens)"
+    where = dataset_dir(spec, data_root=data_root)
+    if where is None or not (where / "meta.pkl").is_file():
+        return None
+    return _meta_vocab(where / "meta.pkl"), str(where / "meta.pkl")
+
+
+def load_dataset(spec: str, *, data_root: str | Path = DATA_ROOT) -> TokenDataset:
+    """'embedded', a directory path, or a nanoGPT-style name looked up as <data_root>/<name>.
+    Raises DataError (one line) naming where it looked and how to prepare a missing dataset."""
+    if spec == EMBEDDED:
+        return load_embedded()
+    where = dataset_dir(spec, data_root=data_root)
+    if where is not None:
+        return load_dir(where)
+    path = Path(spec).expanduser()
     if path.exists():
         raise DataError(f"dataset '{spec}' is a file; give the directory that holds its train and val data")
     if len(path.parts) > 1:  # a path, not a bare name: do not guess under data_root
         raise DataError(f"dataset directory {spec} does not exist")
-    where = Path(data_root) / spec
-    if where.is_dir():
-        return load_dir(where)
-    if "fineweb" in spec.lower():
-        raise DataError(f"dataset '{spec}' not found at {where}; run: python scripts/prepare_fineweb.py --out {where}")
-    raise DataError(f"dataset '{spec}' not found at {where}; put nanoGPT train.bin/val.bin or llm.c shards there "
-                    f"(python scripts/prepare_fineweb.py --out {where} makes FineWeb-Edu shards), or use 'embedded'")
+    raise DataError(missing_dataset_message(spec, Path(data_root) / spec))
+
+
+def missing_dataset_message(name: str, where: Path) -> str:
+    """One line: where a named dataset was looked for, and the command that prepares it."""
+    looked = f"dataset '{name}' not found at {where}" + ("" if where.is_absolute() else f" (under {Path.cwd()})")
+    if name in PREPARABLE or "fineweb" in name.lower():
+        kind = name if name in PREPARABLE else "fineweb-edu"
+        return f"{looked}; prepare it with: autofit data prepare {kind} --out {where}"
+    if name == "openwebtext":
+        return (f"{looked}; nanoGPT's data/openwebtext/prepare.py writes it (a ~54 GB download), or prepare a "
+                f"smaller one: autofit data prepare fineweb-edu --out data/fineweb-edu --max-tokens 100000000 "
+                f"and set dataset='fineweb-edu' (the built-in corpus is dataset='embedded')")
+    return (f"{looked}; put nanoGPT train.bin/val.bin or llm.c shards there, or prepare one of "
+            f"{', '.join(PREPARABLE)} with: autofit data prepare NAME --out {where} "
+            f"(the built-in corpus is dataset='embedded')")
 
 
 def load_dir(path: str | Path) -> TokenDataset:
@@ -134,7 +201,7 @@ def load_dir(path: str | Path) -> TokenDataset:
         return _load_nanogpt(path)
     shards: dict[str, list[Path]] = {s: [] for s in SPLITS}
     for f in sorted(path.iterdir()):
-        m = _SHARD_NAME.match(f.name)
+        m = SHARD_NAME.match(f.name)
         if m and f.is_file():
             shards[m.group(1)].append(f)
     if not any(shards.values()):
@@ -146,7 +213,8 @@ def load_dir(path: str | Path) -> TokenDataset:
     splits = {}
     for split, files in shards.items():
         splits[split] = TokenSplit([read_llmc_shard(f) for f in files], [str(f) for f in files])
-    return TokenDataset(name=path.name, format="llmc", vocab_size=GPT2_VOCAB_SIZE, splits=splits)
+    return TokenDataset(name=path.name, format="llmc", vocab_size=GPT2_VOCAB_SIZE, splits=splits,
+                        vocab_source="llm.c GPT-2 shards")
 
 
 def _load_nanogpt(path: Path) -> TokenDataset:
@@ -155,13 +223,13 @@ def _load_nanogpt(path: Path) -> TokenDataset:
         f = path / f"{split}.bin"
         if not f.is_file():
             raise DataError(f"{path} has no {split}.bin (a nanoGPT dataset needs train.bin and val.bin)")
-        size = f.stat().st_size
-        if size % 2:
-            raise DataError(f"{f} has an odd size ({size} bytes); nanoGPT .bin files hold uint16 tokens")
-        # np.memmap refuses an empty file; an empty split is reported later, when sampled.
-        arr = np.memmap(f, dtype="<u2", mode="r") if size else np.zeros(0, dtype="<u2")
-        splits[split] = TokenSplit([arr], [str(f)])
-    return TokenDataset(name=path.name, format="nanogpt", vocab_size=_nanogpt_vocab(path), splits=splits)
+        splits[split] = TokenSplit([read_nanogpt_bin(f)], [str(f)])
+    meta = path / "meta.pkl"
+    if meta.is_file():
+        vocab, source = _meta_vocab(meta), str(meta)
+    else:  # nanoGPT's BPE sets (shakespeare, openwebtext) have no meta.pkl: GPT-2 tokens
+        vocab, source = GPT2_VOCAB_SIZE, "no meta.pkl: GPT-2 BPE"
+    return TokenDataset(name=path.name, format="nanogpt", vocab_size=vocab, splits=splits, vocab_source=source)
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -171,61 +239,29 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _nanogpt_vocab(path: Path) -> int:
-    # nanoGPT's character-level sets store their vocab_size in meta.pkl; the others are GPT-2.
-    meta = path / "meta.pkl"
-    if not meta.is_file():
-        return GPT2_VOCAB_SIZE
+def read_meta(path: str | Path) -> dict:
+    """A nanoGPT meta.pkl ({'vocab_size', 'itos', 'stoi'}) through the restricted unpickler.
+    Raises DataError naming the file if it is unreadable, holds code, or is not such a dict."""
     try:
-        data = _PlainUnpickler(io.BytesIO(meta.read_bytes())).load()
-        return int(data["vocab_size"])
+        data = _PlainUnpickler(io.BytesIO(Path(path).read_bytes())).load()
     except Exception as e:
-        raise DataError(f"cannot read vocab_size from {meta}: {e}") from None
+        raise DataError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"cannot read vocab_size from {path}: it holds a {type(data).__name__}, not a dict")
+    return data
 
 
-def write_llmc_shard(path: str | Path, tokens) -> None:
-    """Write tokens (ints < 65536) as one llm.c shard; written to a temp file, then renamed, so a
-    half-written shard never looks like a whole one."""
-    path = Path(path)
-    toks = np.asarray(tokens)
-    if toks.size and (toks.min() < 0 or toks.max() > np.iinfo(np.uint16).max):
-        raise DataError(f"tokens for {path} do not fit in uint16 (range {toks.min()}..{toks.max()})")
-    if len(toks) >= 2**31:
-        raise DataError(f"{len(toks)} tokens is too many for one llm.c shard ({path})")
-    header = np.zeros(LLMC_HEADER_INTS, dtype="<i4")
-    header[:3] = (LLMC_MAGIC, LLMC_VERSION, len(toks))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(toks.astype("<u2").tobytes())
-    tmp.replace(path)
-
-
-def read_llmc_shard(path: str | Path) -> np.ndarray:
-    """Memory-map one llm.c shard's tokens after checking its header against the file size."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size < LLMC_HEADER_BYTES:
-        raise DataError(f"{path} is {size} bytes, too short for an llm.c header ({LLMC_HEADER_BYTES} bytes)")
-    header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
-    magic, version, n = (int(v) for v in header[:3])
-    if magic != LLMC_MAGIC:
-        raise DataError(f"{path} is not an llm.c token shard (magic {magic}, expected {LLMC_MAGIC})")
-    if version != LLMC_VERSION:
-        raise DataError(f"{path} has llm.c shard version {version}; only version {LLMC_VERSION} "
-                        f"(GPT-2 uint16 tokens) is supported")
-    expected = LLMC_HEADER_BYTES + 2 * n
-    if n < 0 or size != expected:
-        state = "truncated" if size < expected else "longer than its header says"
-        raise DataError(f"{path} is {state}: header says {n} tokens ({expected} bytes), file has {size} bytes")
-    if n == 0:
-        return np.zeros(0, dtype="<u2")
-    return np.memmap(path, dtype="<u2", mode="r", offset=LLMC_HEADER_BYTES, shape=(n,))
+def _meta_vocab(path: Path) -> int:
+    v = read_meta(path).get("vocab_size")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise DataError(f"cannot read vocab_size from {path}: {v!r} is not a positive integer")
+    return v
 
 
 def load_embedded() -> TokenDataset:
-    return TokenDataset(name="embedded", format="embedded", vocab_size=BYTE_VOCAB_SIZE,
-                        splits={s: TokenSplit([a], [f"trainer/embedded/{s}"]) for s, a in _embedded_arrays().items()})
+    return TokenDataset(name=EMBEDDED, format="embedded", vocab_size=BYTE_VOCAB_SIZE,
+                        splits={s: TokenSplit([a], [f"trainer/embedded/{s}"]) for s, a in _embedded_arrays().items()},
+                        vocab_source="byte tokens")
 
 
 @lru_cache(maxsize=1)
@@ -283,6 +319,7 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, SPLITS.index(split), counter])
         offsets = rng.integers(0, len(tokens) - T, size=n)  # the last window ends at the last token
         rows = np.stack([tokens.read(int(o), T + 1) for o in offsets])
+        import torch  # here, not at the top: reading configs and data folders needs no torch
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
     def state_dict(self) -> dict:

@@ -185,6 +185,17 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def empty(cls, config: GPTConfig, device: torch.device | str = "cpu") -> "GPT":
+        """A GPT whose tensors are allocated on `device` but not initialised, for loading weights
+        into: the random init (minutes on a CPU for gpt2-xl) is skipped. Every parameter must
+        be overwritten before use; the tied wte/lm_head stays one tensor."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.transformer.wte.weight = model.lm_head.weight  # to_empty made two tensors of the tied one
+        return model
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
@@ -216,6 +227,15 @@ class GPT(nn.Module):
                                          targets.reshape(-1), self.config.ce_chunk_size)
         logits = self.lm_head(x)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context to `block_size` positions by keeping the first rows of wpe, as
+        nanoGPT's crop_block_size does (e.g. GPT-2's 1024 positions cut to 256 for fine-tuning).
+        Raises ValueError if block_size is not in 1..config.block_size."""
+        if not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"block_size can only shrink: {block_size} is not in 1..{self.config.block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

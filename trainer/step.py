@@ -43,6 +43,37 @@ def autocast(device_type: str, dtype: str):
     return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
 
 
+def cuda_bf16_supported(device: torch.device) -> bool:
+    """bf16 tensor cores: compute capability 8.0 (Ampere) or newer. torch.cuda.is_bf16_supported()
+    answers True on older cards too, where bf16 is emulated and slow, so it is not asked."""
+    return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
+
+
+def check_dtype(dtype: str, device: torch.device) -> str:
+    """The dtype to train in on `device` ('auto' picks as nanoGPT does: bf16 where the card has
+    it, else fp16; fp32 on a CPU). Raises ValueError for bfloat16 on a GPU without bf16."""
+    cuda = device.type == "cuda"
+    bf16 = not cuda or cuda_bf16_supported(device)
+    if dtype == "auto":
+        return ("bfloat16" if bf16 else "float16") if cuda else "float32"
+    if dtype == "bfloat16" and not bf16:
+        cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(bf16_refusal(cc))
+    return dtype
+
+
+def bf16_refusal(cc: str | None) -> str:
+    """The one line for bfloat16 asked of a GPU without bf16 tensor cores."""
+    return (f"dtype bfloat16: this GPU has no bf16 support (compute capability {cc or '?'} < 8.0); use "
+            f"dtype = 'float16' (the same memory, with a GradScaler) or 'auto'")
+
+
+def set_matmul_precision(tf32: bool) -> None:
+    """fp32 matmuls on TF32 tensor cores ('high', as nanoGPT sets it) or in full fp32 ('highest').
+    torch's switch is process-wide, so trials and training set it the same way before running."""
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
 def make_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay: float,
                    betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
     """nanoGPT's AdamW: weight decay on matrices and embeddings only; fused kernel on CUDA."""
@@ -87,62 +118,86 @@ class FaultInjector:
 
 @dataclass
 class StepResult:
-    loss: float  # mean loss over every target token of the step
+    """What one optimizer step did. The loss, gradient norm and fp16 skip flag stay on the device
+    as tensors until read: reading one waits for the device (a host sync), so the loop reads
+    them only on the steps it logs."""
+    loss_tensor: torch.Tensor  # 0-dim, mean loss over every target token of the step
     tokens: int  # target tokens processed (= effective batch × block size when none are ignored)
     micro_batches: list[int]
-    grad_norm: float | None
-    skipped: bool = False  # fp16: the scaler found inf/NaN gradients and skipped the update
+    grad_norm_tensor: torch.Tensor | None = None  # before clipping; None without clipping
+    skipped_tensor: torch.Tensor | None = None  # fp16: the scaler found inf/NaN and skipped the update
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
+
+    @property
+    def grad_norm(self) -> float | None:
+        return None if self.grad_norm_tensor is None else float(self.grad_norm_tensor)
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.skipped_tensor) if self.skipped_tensor is not None else False
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, micro_batches: list[int], *, dtype: str = "float32",
                scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0,
                forward: torch.nn.Module | None = None, step: int | None = None,
-               fault: FaultInjector | None = None) -> StepResult:
-    """One optimizer step over x, y (B x T, any device; slices are moved to the model's device).
+               fault: FaultInjector | None = None, sync_grads: torch.nn.Module | None = None) -> StepResult:
+    """One optimizer step over x, y (B x T int64 token ids, on the host or the device; slices are
+    copied to the model's device without blocking, from pinned memory when the caller pinned it).
 
     Each micro-batch's mean loss is weighted by its share of the step's target tokens, so the
     accumulated gradient equals that of one batch of B sequences whatever the split.
     `forward` is the module to call (e.g. the torch.compile'd model); the optimizer holds the
-    parameters of `model`. On an exception the gradients may be partly accumulated: the caller
-    cleans up (zero_grad(set_to_none=True)) before redoing the step.
+    parameters of `model`. `sync_grads`: a DDP-wrapped module whose gradient all-reduce runs only
+    on the last micro-batch (no_sync on the others). No host sync happens here: the result's
+    figures are device tensors. On an exception the gradients may be partly accumulated: the
+    caller cleans up (zero_grad(set_to_none=True)) before redoing the step.
+    Raises ValueError when the micro-batches do not add up to the batch.
     """
     if sum(micro_batches) != x.shape[0]:
         raise ValueError(f"micro-batches {micro_batches} do not add up to the batch of {x.shape[0]}")
     forward = model if forward is None else forward  # a compiled module has no truth value
     device = next(model.parameters()).device
     n_valid = (y != -1)
-    total_tokens = int(n_valid.sum())
+    # token counts come from the host copy of the targets: no device sync
+    counts = n_valid.sum(dim=1).tolist() if y.device.type == "cpu" else None
+    total_tokens = sum(counts) if counts is not None else int(n_valid.sum())
     loss_sum = torch.zeros((), device=device)
-    is_ddp = hasattr(model, "require_backward_grad_sync")
     start = 0
     for i, mb in enumerate(micro_batches):
         if fault is not None:
             fault.check(step, i)
-        share = int(n_valid[start:start + mb].sum()) / max(total_tokens, 1)
+        share = (sum(counts[start:start + mb]) if counts is not None else int(n_valid[start:start + mb].sum())) \
+            / max(total_tokens, 1)
         xb = x[start:start + mb].to(device, non_blocking=True)
         yb = y[start:start + mb].to(device, non_blocking=True)
         start += mb
-        if is_ddp:  # only the last micro-batch all-reduces the gradients
-            model.require_backward_grad_sync = i == len(micro_batches) - 1
-        with autocast(device.type, dtype):
-            loss = forward(xb, yb) * share
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if sync_grads is None or last else sync_grads.no_sync()
+        with sync:
+            with autocast(device.type, dtype):
+                loss = forward(xb, yb) * share
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
         del loss, xb, yb
     grad_norm = None
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip > 0.0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-    skipped = False
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    skipped = None
     if scaler is not None:
-        scale_before = scaler.get_scale()
+        # the scale falls when the step is skipped; compared on the device, read only when logged
+        scale_before = scaler._scale.clone() if getattr(scaler, "_scale", None) is not None else None
         scaler.step(optimizer)
         scaler.update()
-        skipped = scaler.get_scale() < scale_before
+        if scale_before is not None:
+            skipped = scaler._scale < scale_before
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=float(loss_sum), tokens=total_tokens, micro_batches=list(micro_batches),
-                      grad_norm=grad_norm, skipped=skipped)
+    return StepResult(loss_tensor=loss_sum, tokens=total_tokens, micro_batches=list(micro_batches),
+                      grad_norm_tensor=grad_norm, skipped_tensor=skipped)

@@ -1,0 +1,117 @@
+"""Stage 2 of the GPU self-check (<= 4 min): the probe of GPT-2 124M at the seed config's batch
+shape (block 1024, 16 x 32 sequences, bf16, as the rtx4070-seed preset) on this card emulating an
+rtx4070-12gb, and each trial's estimated vs measured peak and its return to baseline.
+Writes OUT/stage2_probe.json after each step.
+
+    python scripts/selfcheck/stage2_probe.py OUT WORK [--dry-run]
+
+`autofit probe` has no --profile/--emulate, so the emulated probe goes through
+`autofit run --profile rtx4070-12gb --emulate --max-steps 0` (probe, save the plan, train no
+step), and its trials are read back with `autofit profiles show rtx4070-12gb --json`. Only eager
+candidates are probed (--no-compile): a compiled trial of this model costs a cold compile each,
+which stage 3 measures once. The dry run probes the tiny preset on the budgeted CPU device
+(`autofit probe --device cpu --budget ... --save --json`) and reads its profile the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DRY_MODEL, Stage, cli_json, read_jsonl, run_cli, share_of  # noqa: E402
+from figures import baseline_summary, trial_rows  # noqa: E402
+
+EMULATED = "rtx4070-12gb"
+# GPT-2 124M at the rtx4070-seed preset's batch shape: 16 x 32 sequences of 1024 tokens, bf16
+GPU_CONFIG = ["--preset", "gpt2-124m", "--set", "dataset=embedded", "--set", "block_size=1024",
+              "--set", "batch_size=16", "--set", "gradient_accumulation_steps=32", "--set", "dtype=bfloat16",
+              "--set", "eval_interval=0"]
+DRY_BUDGET = "32MiB"
+
+
+def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None, str | None]:
+    """Probe under emulation and save the plan; returns (profile name, plan fingerprint or None).
+    The profile is read back even when the run failed after the probe had saved it."""
+    out = work / "stage2-run"
+    res = run_cli(["run", "--profile", EMULATED, "--emulate", "--max-steps", "0", "--no-progress",
+                   "--no-compile", "--checkpointing", "0", "--out", str(out), *GPU_CONFIG], timeout=timeout)
+    st.set(fit=res | {"stdout": res["stdout"][-2000:]})
+    runs = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("type") == "run"]
+    plan = (runs[-1].get("plan") or {}) if runs else {}
+    st.set(run_plan_info={k: plan.get(k) for k in ("source", "profile", "fingerprint", "emulated_on", "budget_bytes",
+                                                   "fit_sizes", "description")})
+    st.check("probe under emulation ran and saved a plan", res["rc"] == 0 and bool(plan),
+             f"rc {res['rc']}" + (" (stopped: past its share of the stage's time)" if res["timed_out"] else "")
+             + (f": {res['stderr_tail'][-400:]}" if res["rc"] else ""))
+    return EMULATED, plan.get("fingerprint")
+
+
+def fit_on_cpu(st: Stage, timeout: float | None) -> tuple[str | None, str | None]:
+    data, res = cli_json(["probe", "--device", "cpu", "--budget", DRY_BUDGET, "--save", "--json",
+                           "--checkpointing", "0", *DRY_MODEL], timeout=timeout)
+    st.set(fit=res, probe_device=(data or {}).get("device"), budget=(data or {}).get("budget"))
+    saved = (data or {}).get("saved") or {}
+    if not st.check("probe on the budgeted CPU ran and saved a plan", bool(saved),
+                    f"rc {res['rc']}" + (f": {res['stderr_tail'][-400:]}" if res["rc"] else "")):
+        return None, None
+    return saved["profile"], saved["fingerprint"]
+
+
+def read_fitted(st: Stage, profile: str, fingerprint: str | None) -> dict | None:
+    """The fitted plan (plan + trials) from the saved profile, by fingerprint (or the only one)."""
+    data, res = cli_json(["profiles", "show", profile, "--json"])
+    plans = (data or {}).get("plans") or {}
+    fitted = plans.get(fingerprint) if fingerprint else None
+    if fitted is None and len(plans) == 1:
+        fitted = next(iter(plans.values()))
+    st.check(f"fitted plan read back from profile {profile}", fitted is not None,
+             f"{len(plans)} plan(s) in the profile" + (f"; rc {res['rc']}: {res['stderr_tail'][-300:]}" if res["rc"] else ""))
+    if data:
+        st.set(hardware=data.get("hardware"))
+    return fitted
+
+
+def judge(st: Stage, fitted: dict) -> None:
+    rows = trial_rows(fitted.get("trials") or [])
+    st.set(trials=rows, plan=fitted.get("plan"), config_summary=fitted.get("config_summary"),
+           fingerprint_inputs=fitted.get("fingerprint_inputs"))
+    measured = [r for r in rows if r["measured_peak_bytes"]]
+    st.check("trials measured a peak", bool(measured),
+             f"{len(measured)} of {len(rows)} trials measured ({', '.join(sorted({r['status'] for r in rows}))})")
+    errs = [abs(r["estimate_error"]) for r in rows if r["estimate_error"] is not None and r["status"] == "fit"]
+    if errs:
+        worst = max(errs)
+        # a figure to record, not a gate: the estimator is judged by these numbers in the report
+        st.set(estimate_error_max=worst, estimate_error_median=sorted(errs)[len(errs) // 2],
+               estimate_error_n=len(errs))
+    ok, detail = baseline_summary(rows)
+    st.check("every trial returned to its memory baseline", ok, detail)
+    plan = fitted.get("plan") or {}
+    st.check("plan keeps the effective batch", plan.get("effective_batch") == sum(plan.get("micro_batches") or [0]),
+             f"{plan.get('split')}, {plan.get('mode')} peak {plan.get('measured_peak_bytes')} B "
+             f"of a {plan.get('budget_bytes')} B budget")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s)")
+    a = ap.parse_args()
+    st = Stage(a.out, 2, "probe", a.dry_run)
+    if a.dry_run:
+        st.skip(f"probe of GPT-2 124M emulating {EMULATED}", "dry run: needs a CUDA GPU; the tiny preset is "
+                f"probed on the budgeted CPU device ({DRY_BUDGET}) instead")
+        profile, fp = fit_on_cpu(st, share_of(a.limit))
+    else:
+        profile, fp = fit_on_gpu(st, a.work, share_of(a.limit))
+    fitted = read_fitted(st, profile, fp) if profile else None
+    if fitted is not None:
+        judge(st, fitted)
+    return st.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

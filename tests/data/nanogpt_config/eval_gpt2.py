@@ -1,0 +1,6 @@
+# evaluate the base gpt2 (re-typed from nanoGPT's config/, for tests)
+batch_size = 8
+eval_iters = 500 # use more iterations to get good estimate
+eval_only = True
+wandb_log = False
+init_from = 'gpt2'

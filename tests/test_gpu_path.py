@@ -1,0 +1,264 @@
+"""The GPU path's rules, checked on the CPU: compile where it can run, the dtype a card really has,
+one host sync per logged step, a run that stops at a non-finite loss, trials that leak, the
+thrash lesson, the spill check's platforms, and the same split for compiled and eager trials."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import autofit.search as search
+import autofit.trials as trials
+from autofit.cpu import PlainCpuDevice
+from autofit.cpu_budget import BudgetedCpuDevice
+from autofit.records import Candidate
+from autofit.trials import TrialSettings, run_trial, trial_split
+from trainer.compiler import compile_model, is_compiled, uncompile
+from trainer.config import load_config
+from trainer.errors import TrainError
+from trainer.loop import RunOptions, train
+from trainer.model import GPT, GPTConfig
+from trainer.step import check_dtype, train_step
+
+CPU = torch.device("cpu")
+
+
+def cfg_for(out, **over):
+    base = dict(n_layer=2, n_embd=32, n_head=2, block_size=32, batch_size=4, gradient_accumulation_steps=2,
+                eval_iters=2, eval_interval=0, log_interval=1, dataset="embedded", out_dir=str(out), max_iters=6,
+                warmup_iters=2, lr_decay_iters=6, learning_rate=1e-3, min_lr=1e-4, dtype="float32", compile=False,
+                device="cpu")
+    base.update(over)
+    return load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in base.items()])
+
+
+def records(out, kind):
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def events(out, name):
+    return [r for r in records(out, "event") if r["event"] == name]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------ compile
+
+class ShapeCounter:
+    """A torch.compile backend that runs the graph eagerly and records each graph's input shapes."""
+
+    def __init__(self):
+        self.batch_sizes: list[int] = []
+
+    def __call__(self, gm, example_inputs):
+        tensors = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 3]
+        self.batch_sizes.append(tensors[0].shape[0] if tensors else -1)
+        return gm.forward
+
+
+def test_plain_cpu_compiles_for_real_and_a_ragged_split_compiles_two_shapes(tmp_path, fresh_dynamo):
+    counter = ShapeCounter()
+    # effective batch 6 with micro-batch 4: [4, 2], the full and the short last shape
+    cfg = cfg_for(tmp_path, compile=True, batch_size=6, gradient_accumulation_steps=1, max_iters=5)
+    res = train(cfg, RunOptions(device=CPU, progress=False, meter=PlainCpuDevice(), micro_batch=4,
+                                compile_after=1, compile_backend=counter))
+    assert res.status == "finished"
+    (on,) = events(tmp_path, "compile_on")
+    assert on["step"] == 1 and on["scope"] == "blocks"
+    assert [r["compiled"] for r in records(tmp_path, "train")] == [False, True, True, True, True]
+    # Dynamo really traced (regional: the blocks' graphs), and only the two shapes of the split
+    assert counter.batch_sizes and set(counter.batch_sizes) == {4, 2}
+    assert events(tmp_path, "compile_time")[0]["seconds"] >= 0
+
+
+def test_budgeted_cpu_device_says_compile_cannot_run_there(tmp_path):
+    cfg = cfg_for(tmp_path, compile=True, max_iters=3)
+    res = train(cfg, RunOptions(device=CPU, progress=False, meter=BudgetedCpuDevice(budget_bytes=1 << 30),
+                                compile_after=1))
+    assert res.status == "finished"
+    assert events(tmp_path, "compile_on") == []  # never claims to have switched on
+    (ev,) = events(tmp_path, "compile_unavailable")
+    assert "budgeted CPU device" in ev["reason"]
+    assert not any(r["compiled"] for r in records(tmp_path, "train"))
+
+
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_losses_equal_eager_and_the_fallback_leaves_no_compiled_state(scope, fresh_dynamo):
+    cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, 64, (4, 16))
+    y = torch.randint(0, 64, (4, 16))
+    eager = model(x, y).item()
+    fwd = compile_model(model, "inductor", scope)
+    assert is_compiled(model, fwd)
+    assert fwd(x, y).item() == pytest.approx(eager, rel=1e-5)
+    back = uncompile(model)
+    assert back is model and not is_compiled(model, back)
+    assert all(b._compiled_call_impl is None for b in model.transformer.h)
+
+
+# ------------------------------------------------------------------------ dtype, ranks, losses
+
+def test_bf16_is_the_compute_capability_not_torchs_emulation(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))  # a T4
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation says yes
+    cuda0 = torch.device("cuda", 0)
+    assert check_dtype("auto", cuda0) == "float16"
+    with pytest.raises(ValueError, match=r"no bf16 support \(compute capability 7.5 < 8.0\)"):
+        check_dtype("bfloat16", cuda0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 9))
+    assert check_dtype("auto", cuda0) == "bfloat16" and check_dtype("bfloat16", cuda0) == "bfloat16"
+    assert check_dtype("auto", CPU) == "float32"
+
+
+def test_several_ranks_are_refused_until_they_are_supported(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainError, match="WORLD_SIZE=2"):
+        train(cfg_for(tmp_path), RunOptions(device=CPU, progress=False))
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import trainer.loop as loop
+    real = loop.train_step
+
+    def nan_from_step_4(*a, step=None, **k):
+        res = real(*a, step=step, **k)
+        if step >= 4:
+            res.loss_tensor = res.loss_tensor * float("nan")
+        return res
+    monkeypatch.setattr(loop, "train_step", nan_from_step_4)
+    cfg = cfg_for(tmp_path, eval_interval=3, eval_iters=1, log_interval=2, max_iters=8)
+    with pytest.raises(TrainError, match="not finite at step 4"):
+        train(cfg, RunOptions(device=CPU, progress=False))
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ck["iter_num"] == 3  # the checkpoint of the eval at step 3, untouched
+    assert all(r["step"] < 4 for r in records(tmp_path, "train"))
+
+
+def test_train_step_leaves_its_figures_on_the_device():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+    opt = torch.optim.AdamW(model.parameters())
+    x, y = torch.randint(0, 32, (4, 8)), torch.randint(0, 32, (4, 8))
+    res = train_step(model, opt, x, y, [2, 2], grad_clip=1.0)
+    assert isinstance(res.loss_tensor, torch.Tensor) and isinstance(res.grad_norm_tensor, torch.Tensor)
+    assert res.loss == pytest.approx(float(res.loss_tensor)) and res.tokens == 32
+
+
+# ------------------------------------------------------------------------ trials
+
+def tiny(effective):
+    return load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                 "vocab_size=256", f"batch_size={effective}",
+                                                 "gradient_accumulation_steps=1"])
+
+
+def test_compiled_and_eager_trials_run_the_same_split():
+    assert trial_split(16, 5) == [5, 5, 1]  # two full micro-batches and the short last one
+    assert trial_split(7, 5) == [5, 2]
+    assert trial_split(16, 4) == [4, 4]
+    assert trial_split(4, 4) == [4]
+
+
+def test_a_trial_that_keeps_memory_is_a_leak_not_a_fit(monkeypatch):
+    kept = []
+    real = trials.train_step
+
+    def leaky(*a, **k):
+        kept.append(torch.ones(100_000))  # 400 kB that outlive the trial
+        return real(*a, **k)
+    monkeypatch.setattr(trials, "train_step", leaky)
+    dev = BudgetedCpuDevice(budget_bytes=50_000_000)
+    cand = Candidate(micro_batch=2, dtype="float32", compile=False, checkpointing=0, loss_impl="standard")
+    rec = run_trial(tiny(4), cand, dev, rank_batch=4, budget_bytes=50_000_000)
+    assert rec.status == "leak" and rec.leaked_bytes >= 800_000 and "did not come back" in rec.note
+    kept.clear()
+    monkeypatch.setattr(trials, "train_step", real)
+    ok = run_trial(tiny(4), cand, dev, rank_batch=4, budget_bytes=50_000_000)
+    assert ok.status == "fit" and ok.leaked_bytes == 0
+
+
+def test_spill_check_only_where_a_driver_can_spill(monkeypatch):
+    monkeypatch.setattr(search.platform, "system", lambda: "Windows")
+    assert search.driver_can_spill()
+    monkeypatch.setattr(search.platform, "system", lambda: "Linux")
+    monkeypatch.setattr("builtins.open", lambda *a, **k: __import__("io").StringIO("Linux version 6.1 (gcc)"))
+    assert not search.driver_can_spill()
+    monkeypatch.setattr("builtins.open", lambda *a, **k: __import__("io").StringIO("Linux 5.15-microsoft-standard-WSL2"))
+    assert search.driver_can_spill()
+
+
+def test_retiming_alternates_the_contenders(monkeypatch):
+    import autofit.planner as planner
+    from autofit.budget import compute_budget
+    order = []
+    real_search, real_retime = search.run_trial, planner.run_trial
+
+    def even_rates(cfg, cand, device, **kw):  # injected: every lever combination equally fast
+        rec = real_search(cfg, cand, device, **kw)
+        rec.tokens_per_s = 1000.0 if rec.status == "fit" else None
+        return rec
+
+    def spy(cfg, cand, device, **kw):
+        order.append((cand.loss_impl, cand.micro_batch))
+        return real_retime(cfg, cand, device, **kw)
+    monkeypatch.setattr(search, "run_trial", even_rates)
+    monkeypatch.setattr(planner, "run_trial", spy)
+    dev = BudgetedCpuDevice(budget_bytes=3_000_000)
+    space = planner.Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard", "chunked"])
+    planner.probe_measured(tiny(8), dev, compute_budget(dev.info, 0.1), space, settings=TrialSettings(steps=2))
+    # two contenders, RETIME_ROUNDS rounds, in alternation: A B A B, never A A B B
+    assert len(order) == 2 * planner.RETIME_ROUNDS
+    assert order[:2] == order[2:4] and order[0] != order[1]
+
+
+def test_the_budget_is_recomputed_from_the_context_measured_after_the_first_trial():
+    import autofit.planner as planner
+    from autofit.budget import compute_budget
+    from autofit.device import DeviceInfo
+
+    class GrowingContext(BudgetedCpuDevice):
+        """A CUDA-like device: 1 MiB appears outside the allocator once a trial has run."""
+        context_bytes = 0
+
+        @property
+        def info(self):
+            return DeviceInfo(kind="cuda", name="fake", index=0, total_bytes=8_000_000, free_bytes=8_000_000,
+                              used_by_others_bytes=0, compute_capability=(9, 0), driver_version=None,
+                              cuda_version=None, source="nvml")
+
+        def refresh_context(self):
+            self.context_bytes = 1 << 20
+            return self.context_bytes
+
+    dev = GrowingContext(budget_bytes=8_000_000)
+    before = compute_budget(dev.info, 0.1, context_bytes=0, workspace_bytes=0)
+    logs = []
+    space = planner.Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    res = planner.probe_measured(tiny(8), dev, before, space, settings=TrialSettings(steps=2), log=logs.append)
+    assert res.trials[0].micro_batch == 1  # the smallest trial ran first
+    assert res.budget.budget_bytes == int((8_000_000 - (1 << 20)) * 0.9) < before.budget_bytes
+    assert res.plan.budget_bytes == res.budget.budget_bytes
+    assert any("after the first trial" in t.how for t in res.budget.terms)
+    assert any("grew" in line for line in logs)
+
+
+def test_unconfirmed_thrashing_is_not_a_profile_lesson(monkeypatch):
+    import autofit.launch as launch
+    recorded = []
+    monkeypatch.setattr(launch, "record_event", lambda *a, **k: recorded.append((a, k)))
+    on_event = launch._profile_recorder("rtx4070-12gb", "abc", log=lambda s: None)
+    base = {"event": "oom_shrink", "step": 5, "old_micro_batch": 8, "new_micro_batch": 4, "reason": "retries"}
+    on_event({**base, "cause": "thrash", "confirmed": False})
+    assert recorded == []
+    on_event({**base, "cause": "thrash", "confirmed": True})
+    on_event(base)  # a real OOM
+    assert len(recorded) == 2 and all(k["safe_micro_batch"] == 4 for _, k in recorded)

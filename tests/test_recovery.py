@@ -1,0 +1,44 @@
+"""The OOM policy on its own: which micro-batches come after an OOM, and the thrash detector."""
+import pytest
+
+from trainer.errors import TrainError
+from trainer.recovery import THRASH_STEPS, Recovery, ThrashDetector, shrink_policy
+
+
+def test_shrink_to_known_fits_then_halves():
+    shrink = shrink_policy([3, 5, 8])
+    assert shrink(8) == 5 and shrink(5) == 3 and shrink(3) == 1 and shrink(1) is None
+
+
+def test_ordinary_oom_shrinks_and_keeps_the_batch_exact():
+    r = Recovery(rank_batch=12, micro_batch=12, shrink=shrink_policy([5]))
+    kind, info = r.after_oom(step=4, compiled=False, reason="x")
+    assert kind == "oom_shrink" and info["old_micro_batch"] == 12 and info["new_micro_batch"] == 5
+    assert sum(r.micro_batches) == 12 and max(r.micro_batches) == 5
+
+
+def test_oom_in_the_compile_window_blames_compilation():
+    r = Recovery(rank_batch=8, micro_batch=4, compiled_fit_sizes=[2])
+    r.compiled_at(10)
+    kind, info = r.after_oom(step=11, compiled=True, reason="x")
+    assert kind == "compile_oom_shrink" and info["new_micro_batch"] == 2
+    r = Recovery(rank_batch=8, micro_batch=4, compiled_fit_sizes=[])
+    r.compiled_at(10)
+    kind, info = r.after_oom(step=10, compiled=True, reason="x")
+    assert kind == "compile_fallback_eager" and r.micro_batches == [4, 4]
+    kind, _ = r.after_oom(step=20, compiled=True, reason="x")  # past the window: an ordinary shrink
+    assert kind == "oom_shrink" and r.micro_batches == [2, 2, 2, 2]
+
+
+def test_nothing_smaller_is_a_train_error():
+    r = Recovery(rank_batch=4, micro_batch=1)
+    with pytest.raises(TrainError, match="no smaller micro-batch"):
+        r.after_oom(step=0, compiled=False, reason="boom")
+
+
+def test_thrash_detector_needs_rises_in_a_row():
+    t = ThrashDetector()
+    seen = [t.observe(v) for v in [0, 1, 1, 2, 3, 4, 5, 6, 7]]
+    # rises at values 2, 3, 4 (after a flat step) trip it once; then it counts afresh
+    assert seen.index(True) == 5 and THRASH_STEPS == 3
+    assert seen.count(True) == 2

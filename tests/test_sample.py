@@ -1,0 +1,273 @@
+"""Sampling (trainer/sample.py and `autofit sample`): the three codecs, both checkpoint layouts,
+GPT-2 weights, and the bad inputs a user can cause.
+
+tiktoken downloads its GPT-2 encoding at first use and no network is here, so the BPE path runs
+with an injected encoder (tiktoken's interface: encode(text, allowed_special), decode, n_vocab)."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from autofit.cli import main
+from trainer.config import load_config
+from trainer.model import GPT, GPTConfig
+from trainer.nanogpt_ckpt import CheckpointError
+from trainer.sample import SampleError, SampleOptions, byte_codec, generate_samples, gpt2_codec, pick_codec
+
+ALPHABET = sorted(set("abcdefgh ijklmnop\n.,"))
+
+
+def tiny_gpt(vocab_size, seed=0, **over):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=vocab_size,
+                                   bias=True), **over}))
+
+
+def save_nanogpt(path, model, dataset, compiled=True):
+    """nanoGPT train.py's ckpt.pt layout (see tests/test_nanogpt_ckpt.py)."""
+    c = model.config
+    args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=c.bias,
+                vocab_size=c.vocab_size, dropout=c.dropout)
+    sd = {("_orig_mod." if compiled else "") + k: v for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd, "optimizer": None, "model_args": args, "iter_num": 40,
+                "best_val_loss": torch.tensor(2.0), "config": {"dataset": dataset}}, path)
+    return path
+
+
+def save_autofit(path, model, dataset="embedded"):
+    """autofit's own layout (trainer/checkpoint.py's CHECKPOINT_KEYS; the values that matter here)."""
+    c = model.config
+    cfg = load_config(preset="tiny", overrides=[f"{k}={getattr(c, k)}" for k in
+                                                ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")]
+                      + [f"bias={str(c.bias).lower()}", f"dataset={dataset}"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": None, "iter_num": 7, "config": cfg.model_dump(mode="json"),
+                "sampler": {}, "eval_sampler": {}, "rng_cpu": torch.get_rng_state()}, path)
+    return path
+
+
+def write_meta(dir_, chars=ALPHABET):
+    dir_.mkdir(parents=True, exist_ok=True)
+    meta = {"vocab_size": len(chars), "stoi": {c: i for i, c in enumerate(chars)},
+            "itos": {i: c for i, c in enumerate(chars)}}
+    (dir_ / "meta.pkl").write_bytes(pickle.dumps(meta))
+    return dir_ / "meta.pkl"
+
+
+class FakeBPE:
+    """tiktoken's Encoding interface over code points: enough to test the BPE path offline."""
+    n_vocab = 50257
+
+    def __init__(self):
+        self.special_seen = None
+
+    def encode(self, text, allowed_special=()):
+        self.special_seen = allowed_special
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def greedy(model, ids, n):
+    """The argmax continuation, computed step by step without sampling."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(x[:, -model.config.block_size:])[:, -1, :].argmax(-1, keepdim=True)
+            x = torch.cat([x, nxt], dim=1)
+    return x[0].tolist()
+
+
+def opts(**kw):
+    kw.setdefault("num_samples", 2)
+    kw.setdefault("max_new_tokens", 24)
+    return SampleOptions(**kw)
+
+
+# ------------------------------------------------------------------ the library
+
+
+def test_top_k_1_and_a_cold_temperature_are_the_greedy_continuation(tmp_path):
+    model = tiny_gpt(256)
+    save_autofit(tmp_path / "run" / "ckpt.pt", model)
+    want = byte_codec().decode(greedy(model, list(b"ab"), 24))  # longer than block_size 16: cropped context
+    res = generate_samples(tmp_path / "run", opts(start="ab", top_k=1))
+    assert res.texts == [want, want] and res.texts[0].startswith("ab")
+    res = generate_samples(tmp_path / "run", opts(start="ab", top_k=256, temperature=1e-4))
+    assert res.texts == [want, want]
+    warm = generate_samples(tmp_path / "run", opts(start="ab", top_k=256, temperature=1.0, seed=3))
+    assert warm.texts != [want, want]  # at temperature 1 a random model's draws are not its argmax
+    assert res.codec.startswith("bytes") and "autofit layout, step 7" in res.model_source
+    assert res.device == "cpu" and res.dtype == "float32" and res.prompt_tokens == 2
+
+
+def test_a_seed_gives_the_same_samples(tmp_path):
+    save_autofit(tmp_path / "ckpt.pt", tiny_gpt(256))
+    a = generate_samples(tmp_path, opts(seed=5, temperature=1.5))
+    b = generate_samples(tmp_path, opts(seed=5, temperature=1.5))
+    c = generate_samples(tmp_path, opts(seed=6, temperature=1.5))
+    assert a.texts == b.texts and a.texts != c.texts
+    assert a.texts[0] != a.texts[1]  # each sample is its own draw
+
+
+def test_character_vocabulary_from_meta_pkl_with_a_nanogpt_checkpoint(tmp_path):
+    meta = write_meta(tmp_path / "data" / "tinychars")
+    model = tiny_gpt(len(ALPHABET))
+    save_nanogpt(tmp_path / "out" / "ckpt.pt", model, "tinychars")
+    res = generate_samples(tmp_path / "out", opts(start="abc", top_k=1), data_root=tmp_path / "data")
+    stoi = {c: i for i, c in enumerate(ALPHABET)}
+    want = "".join(ALPHABET[i] for i in greedy(model, [stoi[c] for c in "abc"], 24))
+    assert res.texts[0] == want and set(res.texts[0]) <= set(ALPHABET)
+    assert str(meta) in res.codec and "nanogpt layout, step 40" in res.model_source
+    with pytest.raises(SampleError) as e:
+        generate_samples(tmp_path / "out", opts(start="abZ€"), data_root=tmp_path / "data")
+    assert "2 character(s) not in the vocabulary" in str(e.value) and "'Z'" in str(e.value)
+    assert "\n" not in str(e.value)
+    # a dataset given as a path finds its meta.pkl there, as load_dataset does
+    save_nanogpt(tmp_path / "out2" / "ckpt.pt", model, str(tmp_path / "data" / "tinychars"))
+    assert generate_samples(tmp_path / "out2", opts(start="a"), data_root="nowhere").codec == res.codec
+
+
+def test_a_meta_pkl_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    d = tmp_path / "data" / "evil"
+    d.mkdir(parents=True)
+    (d / "meta.pkl").write_bytes(pickle.dumps({"stoi": Evil(), "itos": {}}))
+    with pytest.raises(SampleError, match="cannot read the character vocabulary .* refusing to load"):
+        pick_codec("evil", 65, data_root=tmp_path / "data")
+
+
+def test_gpt2_bpe_with_an_injected_encoder(tmp_path):
+    model = tiny_gpt(50304)  # nanoGPT's padded GPT-2 vocab; 50257..50303 have no text
+    save_nanogpt(tmp_path / "ckpt.pt", model, "openwebtext")
+    enc = FakeBPE()
+    res = generate_samples(tmp_path, opts(start="Hi", top_k=1, num_samples=1), data_root=tmp_path, gpt2_encoder=enc)
+    ids = greedy(model, [ord("H"), ord("i")], 24)
+    assert res.texts[0] == "".join(chr(i) if i < 50257 else "\ufffd" for i in ids)
+    assert res.codec == "GPT-2 BPE (tiktoken)" and enc.special_seen == {"<|endoftext|>"}
+    assert gpt2_codec(enc).decode([72, 50300, 105]) == "H\ufffdi"
+
+
+def test_a_small_vocab_without_meta_pkl_is_one_line(tmp_path):
+    with pytest.raises(SampleError) as e:
+        pick_codec("shakespeare_char", 65, data_root=tmp_path / "data")
+    msg = str(e.value)
+    assert f"no meta.pkl at {tmp_path / 'data' / 'shakespeare_char' / 'meta.pkl'}" in msg and "65" in msg
+
+
+def test_tiktoken_offline_is_one_line(monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(SampleError, match="could not load the GPT-2 encoding \\(ConnectionError\\).*TIKTOKEN_CACHE_DIR"):
+        pick_codec("openwebtext", 50304)
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    with pytest.raises(SampleError, match=r"GPT-2 BPE needs tiktoken: pip install 'autofit\[hf\]'"):
+        pick_codec("openwebtext", 50304)
+
+
+def test_gpt2_weights_directory(tmp_path):
+    from test_pretrained import hf_config, hf_tensors, write_tiny_gpt2
+    shape = dict(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=32)  # ~0.8M parameters
+    src = write_tiny_gpt2(tmp_path / "gpt2-tiny", tensors=hf_tensors(**shape), config=hf_config(**shape))
+    res = generate_samples(tmp_path / "unused", opts(start="Hey", init_from=str(src), num_samples=1),
+                           gpt2_encoder=FakeBPE())
+    assert res.texts[0].startswith("Hey") and res.model_source == f"GPT-2 weights from {src}"
+    with pytest.raises(SampleError, match="--init-from 'gpt3'"):
+        generate_samples(tmp_path, opts(init_from="gpt3"))
+
+
+# ------------------------------------------------------------------ the command
+
+
+def cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["autofit", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_after_autofit_run(tmp_path, monkeypatch, capsys):
+    """Train the tiny model a few steps on the embedded corpus, then sample from its checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    small = ["n_layer=1", "n_embd=32", "n_head=2", "block_size=32", "batch_size=4", "gradient_accumulation_steps=1",
+             "eval_iters=1", "eval_interval=100", "max_iters=3", "compile=false", "dtype=float32"]
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--out", "run", "--no-progress",
+                       *[a for s in small for a in ("--set", s)])
+    assert code == 0, err
+    (tmp_path / "prompt.txt").write_text("Once upon", encoding="utf-8")
+    code, out, err = cli(monkeypatch, capsys, "sample", "--out", "run", "--start", "FILE:prompt.txt",
+                         "--num-samples", "3", "--max-new-tokens", "20", "--seed", "1", "--device", "cpu")
+    assert code == 0, err
+    samples = out.split("---------------\n")
+    assert len(samples) == 4 and samples[-1] == ""
+    assert all(s.startswith("Once upon") for s in samples[:3])
+    assert "vocabulary bytes" in err and "autofit layout, step 3" in err
+    code, out, _ = cli(monkeypatch, capsys, "sample", "--out", "run", "--num-samples", "1", "--max-new-tokens", "5",
+                       "--device", "cpu", "--json")
+    data = json.loads(out)
+    assert code == 0 and len(data["samples"]) == 1 and data["samples"][0].startswith("\n")
+    assert data["codec"].startswith("bytes") and data["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    (["--temperature", "-1"], "--temperature must be > 0"),
+    (["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["--start", "FILE:missing.txt"], "--start FILE:missing.txt: no such file"),
+    (["--start", "FILE:latin1.txt"], "cannot read it as UTF-8 text"),
+    (["--start", ""], "--start is empty"),
+    (["--out", "nowhere"], "no checkpoint at nowhere/ckpt.pt"),
+    (["--out", "notackpt"], "is neither an autofit checkpoint nor a nanoGPT one"),
+    (["--start", "Zz", "--out", "chars"], "character(s) not in the vocabulary"),
+    (["--init-from", "gpt2-large"], "openai-community/gpt2-large (config.json, model.safetensors) is not in the Hugging Face cache"),
+])
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, match):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    save_autofit(tmp_path / "out" / "ckpt.pt", tiny_gpt(256))
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "notackpt").mkdir()
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "notackpt" / "ckpt.pt")
+    write_meta(tmp_path / "data" / "tinychars")
+    save_nanogpt(tmp_path / "chars" / "ckpt.pt", tiny_gpt(len(ALPHABET)), "tinychars")
+    code, out, err = cli(monkeypatch, capsys, "sample", "--device", "cpu", "--max-new-tokens", "2", *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("autofit: error: ") and match in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    save_autofit(tmp_path / "ckpt.pt", tiny_gpt(256))
+    with pytest.raises(SampleError, match="--device cuda: no CUDA GPU is visible here; use --device cpu"):
+        generate_samples(tmp_path, opts(device="cuda"))
+
+
+def test_checkpoint_errors_are_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        generate_samples(tmp_path, opts())

@@ -1,0 +1,103 @@
+"""The micro-batch search on its own, with synthetic trials: a device whose peak is exactly
+linear in the micro-batch, so every phase's answer is known in advance."""
+import pytest
+
+from autofit.candidates import Levers
+from autofit.estimate import ModelShape, estimate_peak
+from autofit.records import TrialRecord
+from autofit.search import MicroBatchSearch, TrialRunner
+from autofit.trials import TrialSettings
+from trainer.config import load_config
+
+LEVERS = Levers("float32", 0, "standard")
+
+
+class FakeDevice:
+    class info:  # noqa: N801 - a DeviceInfo stand-in
+        kind, total_bytes = "cpu", 1 << 40
+
+
+class LinearRunner(TrialRunner):
+    """Trials that do not run: the peak is `scale` x the estimate, and fits iff within budget."""
+
+    def __init__(self, cfg, budget_bytes, scale=1.0):
+        super().__init__(cfg, FakeDevice(), budget_bytes, TrialSettings(spill_check=False))
+        self.scale = scale
+        self.ran: list[int] = []
+
+    def _trial(self, cand, est):
+        self.ran.append(cand.micro_batch)
+        peak = int(est * self.scale)
+        fits = peak <= self.budget_bytes
+        return TrialRecord(**cand.model_dump(), status="fit" if fits else "oom", estimated_peak_bytes=est,
+                           measured_peak_bytes=peak if fits else None, tokens_per_s=1000.0 * cand.micro_batch)
+
+
+def cfg_for(effective):
+    return load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                 "vocab_size=256", f"batch_size={effective}",
+                                                 "gradient_accumulation_steps=1"])
+
+
+def truth(cfg, budget, scale):
+    """The largest micro-batch whose (scaled) estimated peak fits: the right answer."""
+    shape = ModelShape.from_config(cfg)
+    best = 0
+    for m in range(1, cfg.effective_batch + 1):
+        n_micro = 2 if cfg.effective_batch > m else 1
+        est = estimate_peak(shape, m, dtype="float32", checkpointing=0, loss_impl="standard", device="cpu",
+                            n_micro=n_micro).peak_bytes
+        if int(est * scale) <= budget:
+            best = m
+    return best
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 1.3, 2.0, 4.0])
+def test_search_finds_the_largest_fit_whatever_the_estimate_error(scale):
+    cfg = cfg_for(64)
+    budget = 2_500_000
+    want = truth(cfg, budget, scale)
+    runner = LinearRunner(cfg, budget, scale)
+    got = MicroBatchSearch(runner, LEVERS).run()
+    assert got == want
+    if 0 < want < cfg.effective_batch:  # bracketed on both sides: want fits, want + 1 was tried and failed
+        status = {t.micro_batch: t.status for t in runner.trials}
+        assert status[want] == "fit" and status[want + 1] == "oom"
+    assert len(runner.ran) == len(set(runner.ran))  # every size at most once
+
+
+def test_accurate_estimate_needs_few_trials():
+    cfg = cfg_for(64)
+    runner = LinearRunner(cfg, 2_500_000, 1.0)
+    got = MicroBatchSearch(runner, LEVERS).run()
+    assert got == truth(cfg, 2_500_000, 1.0)
+    assert len(runner.ran) <= 3  # the estimate, then one past it
+
+
+def test_nothing_fits_is_zero():
+    cfg = cfg_for(8)
+    runner = LinearRunner(cfg, 10_000, 1.0)
+    assert MicroBatchSearch(runner, LEVERS).run() == 0
+
+
+def test_everything_fits_is_the_whole_batch():
+    cfg = cfg_for(8)
+    runner = LinearRunner(cfg, 1 << 34, 1.0)
+    assert MicroBatchSearch(runner, LEVERS).run() == 8
+
+
+def test_spill_check_backs_off_a_size_that_is_far_slower():
+    cfg = cfg_for(16)
+
+    class SlowAtTen(LinearRunner):
+        def _trial(self, cand, est):
+            rec = super()._trial(cand, est)
+            if cand.micro_batch >= 10 and rec.status == "fit":
+                rec.tokens_per_s = 10.0  # injected: 100x slower per token than below 10
+            return rec
+
+    runner = SlowAtTen(cfg, 1 << 34, 1.0)
+    runner.spill_check = True
+    got = MicroBatchSearch(runner, LEVERS).run()
+    assert got < 10
+    assert all(t.status == "spill" for t in runner.trials if t.micro_batch >= 10 and t.status != "oom")

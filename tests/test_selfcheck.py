@@ -1,0 +1,333 @@
+"""The GPU self-check (scripts/gpu_selfcheck.sh and scripts/selfcheck/): its dry run end to end
+on this CPU, its time limits, and, with fakes for NVML and constructed records, the CUDA-side
+logic that only a GPU machine runs for real."""
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts" / "selfcheck"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import common  # noqa: E402
+import device_wheels  # noqa: E402
+import env_check  # noqa: E402
+import figures  # noqa: E402
+import selfcheck_report  # noqa: E402
+import stage1_device  # noqa: E402
+import stage3_train  # noqa: E402
+
+H200 = {"name": "NVIDIA H200", "uuid": "GPU-3f9a0c1e-55aa-4b7c-9d21-0e8f7a6b5c4d", "total_bytes": 150754820096,
+        "free_bytes": 150000000000, "compute_capability": [9, 0], "v2_reserved_bytes": 550 * 2**20}
+SYSTEM = {"driver_version": "580.159.04", "cuda_driver_api": 13000, "cuda_driver_api_text": "13.0"}
+TORCH = {"name": "NVIDIA H200", "uuid": "3f9a0c1e-55aa-4b7c-9d21-0e8f7a6b5c4d", "total_bytes": 150198353920,
+         "compute_capability": [9, 0], "cuda_driver_api": 13000}
+DEVICE_TOOL_NAME = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def selfcheck(out: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu_selfcheck.sh"), *flags, str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SELFCHECK_PYTHON": sys.executable, **env})
+
+
+# ------------------------------------------------------------------ the dry run, end to end
+
+def test_dry_run_runs_every_cpu_stage_for_real_and_exits_0(tmp_path):
+    out = tmp_path / "out"
+    res = selfcheck(out, "--dry-run")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    # what the device tool brings back: at most 8 plain files, names of letters, digits, . _ -
+    assert files == ["report.md", "selfcheck.log", "stage0_env.json", "stage1_device.json",
+                     "stage2_probe.json", "stage3_train.json"]
+    assert all(set(f) <= DEVICE_TOOL_NAME for f in files)
+    recs = {n: json.loads((out / f).read_text()) for n, f in enumerate(files[2:])}
+    assert all(r["status"] == "ok" and r["dry_run"] for r in recs.values())
+    assert not [c for r in recs.values() for c in r["checks"] if c["result"] == "FAIL"]
+
+    # stage 1: the CUDA parts are skipped with a reason; the cuda-marked tests were collected
+    assert {s["what"] for s in recs[1]["skipped"]} == {"device identity (NVML vs torch)", "context and workspace bytes"}
+    assert recs[1]["cuda_tests"]["counts"].get("skipped", 0) >= 1
+    # stage 2: a real probe on the budgeted CPU, its trials read back from the saved profile
+    trials = recs[2]["trials"]
+    assert trials and all(t["measured_peak_bytes"] and t["estimated_peak_bytes"] for t in trials if t["status"] == "fit")
+    assert recs[2]["plan"]["effective_batch"] == 32
+    # stage 3: compile switched on, the injected OOM recovered by a shrink, the batch kept
+    checks = {c["check"]: c for c in recs[3]["checks"]}
+    assert checks["injected OOM at step 6 recovered"]["detail"] == "oom_shrink 8 -> 4"
+    assert checks["torch.compile switched on at step 2"]["result"] == "PASS"
+    assert recs[3]["figures"]["eager_tokens_per_s"] > 0 and recs[3]["figures"]["compiled_mfu"] is None
+
+    report = (out / "report.md").read_text()
+    assert "| 3 | injected OOM at step 6 recovered | PASS | oom_shrink 8 -> 4 |" in report
+    assert "Result: all stages ok." in report and "**dry run**" in report
+    assert "Result: all stages ok." in res.stdout  # the report is printed too, for the device tool's output
+
+
+def test_a_stage_past_its_time_limit_is_marked_and_fails_the_check(tmp_path):
+    out = tmp_path / "out"
+    res = selfcheck(out, "--dry-run", SELFCHECK_STAGES="2", SELFCHECK_LIMIT_2="1")
+    assert res.returncode == 1
+    rec = json.loads((out / "stage2_probe.json").read_text())
+    assert rec["status"] == "timed_out"
+    assert rec["checks"][-1] == {"check": "stage finished within its 1 s limit", "result": "FAIL",
+                                 "detail": "stopped by timeout; the figures above are what it had measured"}
+    assert "stopped after its 1 s limit" in res.stdout
+    assert "Result: not ok in stage(s) 2." in (out / "report.md").read_text()
+
+
+def test_a_command_past_its_share_of_the_stage_gets_sigterm_and_keeps_its_output(tmp_path, monkeypatch):
+    # a stand-in for `python -m autofit.cli run`: prints a step, then on SIGTERM "saves" and exits
+    # 130, as the trainer does (it finishes the step and writes a checkpoint)
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\ntrap 'echo checkpoint saved; exit 130' TERM\necho step 0\n"
+                    "for i in $(seq 300); do sleep 0.1; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(common.sys, "executable", str(fake))
+    res = common.run_cli(["run"], timeout=1)
+    assert res["timed_out"] and res["rc"] == 130
+    assert res["stdout"].splitlines() == ["step 0", "checkpoint saved"]
+    assert common.share_of(200) == 175 and common.share_of(5) == 10 and common.share_of(None) is None
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    res = subprocess.run(["bash", str(REPO / "scripts" / "gpu_selfcheck.sh")], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "usage" in res.stderr
+
+
+# ------------------------------------------------------------------ the wheels for the offline machine
+
+def test_device_wheels_carry_what_the_device_lacks_and_what_that_needs():
+    reqs = common.requirements(REPO / "pyproject.toml")
+    carry = device_wheels.needed(reqs, device_wheels.device_packages(), device_wheels.device_env("3.12"))
+    for name in ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "tomli-w"):
+        assert name in carry
+    assert "typing-extensions" in carry  # on the device, but pydantic needs a newer one than it may have
+    for name in ("torch", "numpy", "typer", "rich", "nvidia-ml-py", "pytest", "tomli"):
+        assert name not in carry  # the device's own, or (tomli) not needed on Python 3.12
+    pins = device_wheels.pinned(carry)
+    assert len(pins) == len(carry) and all("==" in p for p in pins)
+
+
+def test_device_wheels_follow_pyproject_and_refuse_what_is_not_installed_here():
+    env = device_wheels.device_env("3.12")
+    fake = {"platformdirs": [], "filelock": [], "mylib": ["torch>=2", "helper>=1; python_version < '3.11'"]}
+    carry = device_wheels.needed(["platformdirs>=3", "filelock>=3.12", "mylib"], device_wheels.device_packages(), env,
+                                 requires=lambda n: fake[n])
+    assert sorted(carry) == ["mylib", "platformdirs"]  # filelock is there; torch never; helper not on 3.12
+    with pytest.raises(device_wheels.WheelListError, match="not-installed-anywhere"):
+        device_wheels.pinned({"not-installed-anywhere": "not-installed-anywhere"})
+
+
+def test_env_check_reads_each_requirement_against_what_is_installed():
+    assert env_check.check_requirement("pytest>=7.4", None)["ok"] is True
+    assert env_check.check_requirement("pytest>=999", None)["ok"] is False
+    missing = env_check.check_requirement("surely-not-installed-here>=1", None)
+    assert missing["ok"] is False and missing["where"] == "missing"
+    assert env_check.check_requirement("tomli>=2.0; python_version < '3.0'", None)["ok"] is None
+
+
+# ------------------------------------------------------------------ stage 1 with a fake NVML
+
+def fake_pynvml(pids_used: dict[int, int], free: int = 149_000_000_000):
+    class NVMLError(Exception):
+        pass
+    mem = types.SimpleNamespace(total=H200["total_bytes"], free=free, used=H200["total_bytes"] - free)
+    m = types.SimpleNamespace(NVMLError=NVMLError, nvmlMemory_v2=0x02000028)
+    m.nvmlDeviceGetCount = lambda: 1
+    m.nvmlDeviceGetHandleByIndex = lambda i: "h0"
+    m.nvmlDeviceGetName = lambda h: b"NVIDIA H200"  # older bindings return bytes
+    m.nvmlDeviceGetUUID = lambda h: H200["uuid"]
+    m.nvmlDeviceGetCudaComputeCapability = lambda h: (9, 0)
+    m.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=b"00000000:18:00.0")
+
+    def memory(h, version=None):
+        if version is None:
+            return mem
+        raise NVMLError("Function Not Found")  # an old driver without nvmlDeviceGetMemoryInfo_v2
+    m.nvmlDeviceGetMemoryInfo = memory
+    m.nvmlDeviceGetComputeRunningProcesses = lambda h: [types.SimpleNamespace(pid=p, usedGpuMemory=u)
+                                                        for p, u in pids_used.items()]
+    m.nvmlSystemGetCudaDriverVersion = lambda: 13000
+    m.nvmlSystemGetDriverVersion = lambda: "580.159.04"
+    return m
+
+
+def fake_torch(reserved: int):
+    cuda = types.SimpleNamespace(synchronize=lambda i=0: None, memory_reserved=lambda i=0: reserved)
+    return types.SimpleNamespace(cuda=cuda)
+
+
+def test_nvml_devices_and_system_from_a_fake_nvml():
+    nv = fake_pynvml({})
+    (d,) = stage1_device.nvml_devices(nv)
+    assert d["name"] == "NVIDIA H200" and d["pci_bus_id"] == "00000000:18:00.0" and d["compute_capability"] == [9, 0]
+    assert "v2_error" in d and "v2_reserved_bytes" not in d
+    assert stage1_device.nvml_system(nv) == SYSTEM
+
+
+def test_outside_allocator_bytes_from_our_nvml_entry_or_else_from_free_memory():
+    own = stage1_device.own_usage(fake_pynvml({os.getpid(): 900 * 2**20, 1: 5 * 2**30}), "h0",
+                                  fake_torch(reserved=400 * 2**20), free_before=0)
+    assert own["outside_allocator_bytes"] == 500 * 2**20 and own["how"].startswith("measured: NVML per-process")
+    hidden = stage1_device.own_usage(fake_pynvml({1: 5 * 2**30}, free=149_000_000_000), "h0",
+                                     fake_torch(reserved=400 * 2**20), free_before=150_000_000_000)
+    assert hidden["outside_allocator_bytes"] == 1_000_000_000 - 400 * 2**20
+    assert "not in NVML's process list" in hidden["how"]
+
+
+def test_identity_checks_agree_and_catch_each_mismatch():
+    rows = {name: ok for name, ok, _ in stage1_device.compare_identity(H200, SYSTEM, TORCH)}
+    assert all(rows.values()), rows
+    bad = stage1_device.compare_identity(H200, SYSTEM, {**TORCH, "uuid": "00000000-0000-0000-0000-000000000000",
+                                                        "total_bytes": H200["total_bytes"] // 2, "cuda_driver_api": 12080})
+    assert [name for name, ok, _ in bad if ok is False] == [
+        "UUID: NVML and torch agree", "total memory: NVML and torch within 3%",
+        "CUDA driver API version: NVML and torch agree"]
+
+
+def test_pytest_summary_is_read_from_the_closing_line():
+    text = "....\n=== short test summary ===\n3 passed, 1 skipped, 200 deselected, 1 error in 4.10s\n"
+    assert stage1_device.parse_pytest_summary(text) == {"passed": 3, "skipped": 1, "deselected": 200, "error": 1}
+
+
+# ------------------------------------------------------------------ figures
+
+def test_flops_per_token_counts_every_matmul_weight_of_the_model():
+    import torch
+
+    from trainer.model import GPT, GPTConfig
+    cfg = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 256}
+    model = GPT(GPTConfig(**cfg))
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n)
+    flops, n, _ = figures.flops_per_token(cfg)
+    assert n == matmul  # 12·L·C² + V·C: the blocks' matrices and the tied head
+    assert flops == 6 * n + 12 * 2 * 32 * 16
+    assert isinstance(model.transformer.wpe, torch.nn.Embedding)
+
+
+def test_mfu_is_achieved_over_peak_flops():
+    assert figures.mfu(10_000, 1e9, 100.0) == pytest.approx(0.1)
+    assert figures.mfu(10_000, 1e9, None) is None and figures.mfu(None, 1e9, 100.0) is None
+    assert figures.peak_for({"peak_bf16_tflops": 989.4, "peak_fp16_tflops": 989.4}, "bfloat16") == 989.4
+    assert figures.peak_for({"peak_bf16_tflops": 989.4}, "float32") is None
+
+
+def test_the_cards_peak_comes_from_its_builtin_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    hw, how = figures.find_card_profile("NVIDIA H200", 150754820096)
+    assert hw["peak_bf16_tflops"] == 989.4 and "h200-141gb" in how
+    hw, how = figures.find_card_profile("NVIDIA H200", 24 * 2**30)  # right name, wrong memory
+    assert hw is None and "no hardware profile" in how
+
+
+def test_trial_rows_keep_baseline_fields_and_the_estimate_error():
+    rows = figures.trial_rows([{"micro_batch": 8, "status": "fit", "estimated_peak_bytes": 110, "measured_peak_bytes": 100,
+                                "allocated_after_bytes": 5, "baseline_bytes": 5},
+                               {"micro_batch": 16, "status": "oom", "estimated_peak_bytes": 200}])
+    assert rows[0]["estimate_error"] == pytest.approx(0.1) and rows[0]["allocated_after_bytes"] == 5
+    assert rows[1]["estimate_error"] is None
+    assert figures.leaked_bytes(rows[0]) == 0 and figures.leaked_bytes(rows[1]) is None
+    assert figures.baseline_summary(rows)[0] is True
+    assert figures.baseline_summary([{"micro_batch": 8, "note": ""}])[0] is None
+    leak = {"allocated_before_bytes": 100, "allocated_after_bytes": 100 + 64 * 2**20, "note": ""}
+    assert figures.leaked_bytes(leak) == 64 * 2**20
+    ok, detail = figures.baseline_summary([rows[0], leak])
+    assert ok is False and "1 kept more than 2 MiB" in detail
+    assert figures.baseline_summary([{"leaked_bytes": 0, "note": "memory leak: 3 tensors"}])[0] is False
+
+
+# ------------------------------------------------------------------ stage 3's judgement, GPU-shaped records
+
+def gpu_run_records():
+    recs = [{"type": "run", "effective_batch": 64, "dtype": "bfloat16", "config": {}}]
+    for step in range(10):
+        if step == 3:
+            recs.append({"type": "event", "event": "compile_on", "step": 3})
+        if step == 7:
+            recs.append({"type": "event", "event": "oom_shrink", "step": 7, "injected": True,
+                         "old_micro_batch": 16, "new_micro_batch": 8})
+        compiled = step >= 3
+        tps = {0: 1e5, 3: 1e3, 7: 2e3}.get(step, 6e5 if compiled else 4e5)
+        recs.append({"type": "train", "step": step, "loss": 10.0 - step * 0.1, "tokens_per_s": tps,
+                     "step_s": 65536 / tps, "effective_batch": 64, "compiled": compiled, "peak_mem_bytes": 2**34})
+    return recs
+
+
+def test_stage3_checks_and_figures_on_a_gpu_shaped_run(tmp_path):
+    st = common.Stage(tmp_path, 3, "train", dry_run=False)
+    recs = gpu_run_records()
+    trains = stage3_train.judge(st, recs, compile_after=3, oom_at=7, steps=10)
+    assert [c["result"] for c in st.rec["checks"]] == ["PASS"] * 6
+    cfg = {"n_layer": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304}
+    hw = {"peak_bf16_tflops": 989.4}
+    stage3_train.throughput(st, trains, [r for r in recs if r["type"] == "event"], cfg, "bfloat16", hw, "profile")
+    f = st.rec["figures"]
+    # steps 0 (warm-up), 3 (compiling) and 7 (the redone step) never count as steady
+    assert f["eager_tokens_per_s"] == 4e5 and f["eager_steps_used"] == 2
+    assert f["compiled_tokens_per_s"] == 6e5 and f["compiled_steps_used"] == 5
+    assert f["compiled_mfu"] == pytest.approx(6e5 * f["flops_per_token"] / 989.4e12)
+    assert f["first_compiled_step_minus_steady_s"] == pytest.approx(65536 / 1e3 - 65536 / 6e5)
+
+
+def test_stage3_fails_a_run_whose_oom_was_not_recovered(tmp_path):
+    st = common.Stage(tmp_path, 3, "train", dry_run=False)
+    recs = [r for r in gpu_run_records() if not (r["type"] == "train" and r["step"] >= 7) and r.get("event") != "oom_shrink"]
+    stage3_train.judge(st, recs, compile_after=3, oom_at=7, steps=10)
+    failed = [c["check"] for c in st.rec["checks"] if c["result"] == "FAIL"]
+    assert failed == ["all 10 optimizer steps finished", "injected OOM at step 7 recovered"]
+    assert st.finish() == 1 and json.loads(st.path.read_text())["status"] == "failed"
+
+
+# ------------------------------------------------------------------ the report, from GPU-shaped records
+
+def write_gpu_records(out: Path):
+    common.write_json(out / "stage0_env.json", {"stage": 0, "status": "ok", "python": "3.12.3", "torch": "2.11.0+cu130",
+                                                 "commit": "abc1234", "checks": [], "skipped": [], "seconds": 2})
+    card = {"name": "NVIDIA H200", "total_bytes": H200["total_bytes"], "compute_capability": [9, 0],
+            "driver": "580.159.04", "cuda_driver_api": "13.0", "torch": "2.11.0+cu130", "cuda_build": "13.0",
+            "cudnn": 91002}
+    ctx = {"reserved_bytes": 2**21, "nvml_process_bytes": 600 * 2**20, "outside_allocator_bytes": 598 * 2**20,
+           "how": "measured: NVML per-process usedGpuMemory minus torch.cuda.memory_reserved"}
+    common.write_json(out / "stage1_device.json", {
+        "stage": 1, "status": "ok", "started": "2026-12-02T10:00:00+0000", "card": card, "skipped": [],
+        "checks": [{"check": "UUID: NVML and torch agree", "result": "PASS", "detail": "x | y"}],
+        "outside_allocator": {"context": ctx}, "sdpa_backends": {"CUDNN_ATTENTION": "RuntimeError: NOT_SUPPORTED"}})
+    trial = {"micro_batch": 24, "dtype": "bfloat16", "loss_impl": "chunked", "checkpointing": 0, "status": "fit",
+             "estimated_peak_bytes": 9 * 2**30, "measured_peak_bytes": 10 * 2**30, "estimate_error": -0.1,
+             "measured_reserved_bytes": 10.5 * 2**30, "tokens_per_s": 250000.0, "note": ""}
+    common.write_json(out / "stage2_probe.json", {"stage": 2, "status": "ok", "checks": [], "skipped": [],
+                                                  "trials": [trial], "estimate_error_max": 0.1, "estimate_error_median": 0.1,
+                                                  "estimate_error_n": 1, "plan": {"split": "512 = 24 × 21 + 8"}})
+    figs = {"eager_tokens_per_s": 4e5, "compiled_tokens_per_s": 6e5, "eager_mfu": 0.35, "compiled_mfu": 0.52,
+            "eager_steps_used": 2, "compiled_steps_used": 5, "flops_per_token": 8.6e8, "flops_formula": "6·N + 12·L·C·T",
+            "peak_tflops": 989.4, "dtype": "bfloat16", "peak_source": "hardware profile h200-141gb",
+            "first_compiled_step_minus_steady_s": 48.0, "peak_mem_bytes_max": 2**34, "how": "measured: ..."}
+    common.write_json(out / "stage3_train.json", {"stage": 3, "status": "failed", "checks": [
+        {"check": "injected OOM at step 7 recovered", "result": "FAIL", "detail": "no recovery event"}],
+        "skipped": [], "figures": figs})
+
+
+def test_report_of_a_gpu_run_names_the_card_and_every_figure(tmp_path):
+    write_gpu_records(tmp_path)
+    text, rc = selfcheck_report.report(tmp_path, [0, 1, 2, 3])
+    assert text.startswith("### 2026-12-02: NVIDIA H200 (140.40 GiB, cc 9.0), driver 580.159.04 (CUDA 13.0), "
+                           "torch 2.11.0+cu130 (CUDA 13.0, cuDNN 91002)")
+    assert "| 1 | UUID: NVML and torch agree | PASS | x \\| y |" in text  # cells escape the pipe
+    assert "| context | 598 MiB | 2 MiB | 600 MiB |" in text
+    assert "| 24 | bfloat16 | chunked | 0 | fit | 9.00 GiB | 10.00 GiB | -10.0% |" in text
+    assert "| compiled | 600,000 | 52.0% | 5 |" in text and "989.4 TFLOP/s dense bfloat16" in text
+    assert rc == 1 and "Result: not ok in stage(s) 3." in text
+
+
+def test_report_says_which_stage_left_no_record(tmp_path):
+    write_gpu_records(tmp_path)
+    (tmp_path / "stage2_probe.json").unlink()
+    text, rc = selfcheck_report.report(tmp_path, [0, 1, 2])
+    assert "| 2 | stage probe left a record | FAIL |" in text and rc == 1

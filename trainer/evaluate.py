@@ -1,0 +1,61 @@
+"""Evaluation during training: the mean loss over fixed batches of each split, as nanoGPT's
+estimate_loss does, on its own sampler so that how often a run evaluates never changes the
+training batches. An out-of-memory error halves the evaluation micro-batch only; the training
+plan is not touched."""
+from __future__ import annotations
+
+import gc
+from typing import Callable
+
+import torch
+
+from trainer.data import BatchSampler
+from trainer.step import autocast
+
+
+class Evaluator:
+    """Mean loss of `model` over `iters` batches of `batch_size` sequences per split, chunked into
+    micro-batches of `micro_batch` (halved after an OOM, with an 'eval_oom_shrink' event)."""
+
+    def __init__(self, sampler: BatchSampler, *, iters: int, batch_size: int, micro_batch: int,
+                 device: torch.device, dtype: str, meter, on_event: Callable[..., None]):
+        self.sampler = sampler
+        self.iters = iters
+        self.batch_size = batch_size
+        self.micro_batch = micro_batch
+        self.device = device
+        self.dtype = dtype
+        self.meter = meter
+        self.on_event = on_event
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """{'train': loss, 'val': loss}; the model is put back in training mode afterwards."""
+        model.eval()
+        out = {}
+        for split in ("train", "val"):
+            total = 0.0
+            for _ in range(self.iters):
+                x, y = self.sampler.sample(split, self.batch_size)
+                while True:
+                    try:
+                        total += self.batch_loss(model, x, y)
+                        break
+                    except Exception as e:
+                        if not self.meter.is_oom(e) or self.micro_batch <= 1:
+                            raise
+                    gc.collect()
+                    self.meter.cleanup()
+                    self.micro_batch //= 2
+                    self.on_event("eval_oom_shrink", eval_micro_batch=self.micro_batch)
+            out[split] = total / self.iters
+        model.train()
+        return out
+
+    def batch_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = 0.0
+        for s in range(0, x.shape[0], self.micro_batch):
+            xb, yb = x[s:s + self.micro_batch].to(self.device), y[s:s + self.micro_batch].to(self.device)
+            with autocast(self.device.type, self.dtype):
+                loss += float(model(xb, yb)) * xb.shape[0]
+        return loss / x.shape[0]

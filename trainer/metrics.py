@@ -1,0 +1,95 @@
+"""What a run reports: one JSON object per line in <out>/metrics.jsonl (rank 0 only), and the
+progress display on the terminal (a rich bar with ETA, or plain lines when piped).
+
+Records: 'run' (the first: plan, config, device), 'train' (a logged step: loss, lr, tokens/s,
+micro-batches, peak allocated and reserved bytes), 'eval', 'event' (OOM recoveries, compile on),
+'interrupted'. Every memory figure in them is measured on the run's device, or None.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# The line printed for each event kind; fields come from the event record.
+EVENT_TEXT = {
+    "oom_shrink": "out of memory{inj}: micro-batch {old_micro_batch} -> {new_micro_batch}, "
+                  "effective batch {effective_batch} unchanged; redoing step {step} on the same data",
+    "compile_oom_shrink": "out of memory while compiled{inj}: compiled micro-batch {old_micro_batch} -> "
+                          "{new_micro_batch}; redoing step {step}",
+    "compile_fallback_eager": "out of memory while compiling{inj}: back to eager at micro-batch "
+                              "{micro_batch}; redoing step {step}",
+    "eval_oom_shrink": "out of memory in evaluation: eval micro-batch now {eval_micro_batch} "
+                       "(training plan unchanged)",
+    "compile_on": "torch.compile switched on at step {step} ({backend}, {scope})",
+    "compile_time": "torch.compile took {seconds:.1f} s (measured: the first compiled step less the eager "
+                    "step time), apart from the step times",
+    "compile_unavailable": "compile: {reason}",
+    "scaler_skips": "fp16: the GradScaler skipped {skipped_steps} steps in a row (gradients overflow); bfloat16 "
+                    "needs no scaler, or lower the learning rate",
+}
+
+
+def describe_event(ev: dict) -> str | None:
+    """The human line for an event record, or None for kinds that print nothing."""
+    text = EVENT_TEXT.get(ev.get("event", ""))
+    return text.format(inj=" (injected)" if ev.get("injected") else "", **ev) if text else None
+
+
+def describe_step(rec: dict) -> str:
+    """The human line for a 'train' record; memory is the measured allocated peak."""
+    mem = f", peak {rec['peak_mem_bytes'] / 2**20:,.1f} MiB" if rec.get("peak_mem_bytes") else ""
+    dt = rec["step_s"]
+    return (f"step {rec['step']}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {dt * 1000:.0f} ms, "
+            f"{rec['tokens_per_s'] or 0:,.0f} tok/s, micro-batch {rec['micro_batch']} x {rec['grad_accum']}{mem}")
+
+
+class MetricsLog:
+    """Appends records to <out_dir>/metrics.jsonl; writes nothing on ranks other than 0."""
+
+    def __init__(self, out_dir: Path, master: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.master = master
+
+    def write(self, record: dict) -> None:
+        if not self.master:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """A rich progress bar with ETA on rank 0; plain prints when disabled or not a terminal."""
+
+    def __init__(self, enabled: bool, total: int, start: int, master: bool = True):
+        from rich.console import Console
+        self.enabled = enabled
+        self.master = master
+        self.console = Console(width=None if sys.stdout.isatty() else 120)  # piped logs: no wrapping at 80
+        self.bar = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def print(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(msg)
+        elif self.master:
+            self.console.print(msg)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)

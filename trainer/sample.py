@@ -1,0 +1,245 @@
+"""Sampling text from a checkpoint, as nanoGPT's sample.py does.
+
+The model comes from <out>/ckpt.pt (autofit's layout or nanoGPT's, see trainer/nanogpt_ckpt.py)
+or from GPT-2's published weights (trainer/pretrained.py). The text codec follows the
+checkpoint's dataset, as nanoGPT's does: byte tokens for the built-in 'embedded' corpus; the
+dataset's meta.pkl (stoi/itos, read with data.py's restricted unpickler) for character-level
+sets; GPT-2 BPE (tiktoken) otherwise. tiktoken downloads its GPT-2 encoding at first use and
+caches it (TIKTOKEN_CACHE_DIR); offline, a cached copy is needed.
+
+Every sample is drawn on its own, batch of one, after torch.manual_seed(seed), as sample.py's
+loop does, so a seed gives the same texts on the same device and weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainer.data import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler
+from trainer.model import GPT, GPTConfig
+from trainer.nanogpt_ckpt import read_nanogpt_checkpoint
+from trainer.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
+
+REPLACEMENT = "\ufffd"  # shown for a generated id the vocabulary has no text for
+
+
+class SampleError(ValueError):
+    """Bad sampling input a user can fix (one line)."""
+
+
+@dataclass
+class SampleOptions:
+    """nanoGPT sample.py's settings and defaults."""
+    start: str = "\n"  # the prompt, or "FILE:path" to read it from a UTF-8 file
+    num_samples: int = 10
+    max_new_tokens: int = 500  # tokens generated after the prompt, per sample
+    temperature: float = 0.8  # > 0; < 1 sharper, > 1 more random
+    top_k: int | None = 200  # keep the k most likely tokens (None: all)
+    seed: int = 1337
+    device: str = "cpu"  # 'cpu', 'cuda' or 'cuda:N'
+    init_from: str = "resume"  # 'resume' (<out>/ckpt.pt), a GPT-2 model type, or a GPT-2 directory
+
+
+@dataclass
+class Codec:
+    """Text <-> token ids for one vocabulary."""
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    vocab_size: int  # ids this codec has text for
+    description: str  # what it is and where it came from, for the status line
+
+
+@dataclass
+class SampleResult:
+    texts: list[str]  # each the prompt followed by its continuation, as sample.py prints it
+    model_source: str  # the checkpoint or weights, and their layout
+    codec: str
+    device: str
+    dtype: str
+    prompt_tokens: int
+
+
+def check_options(opts: SampleOptions) -> None:
+    """Refuse bad settings before any file is read (one line each)."""
+    if not opts.temperature > 0:
+        raise SampleError(f"--temperature must be > 0, got {opts.temperature}")
+    if opts.top_k is not None and opts.top_k < 1:
+        raise SampleError(f"--top-k must be at least 1, got {opts.top_k}")
+    if opts.num_samples < 1:
+        raise SampleError(f"--num-samples must be at least 1, got {opts.num_samples}")
+    if opts.max_new_tokens < 1:
+        raise SampleError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", opts.device):
+        raise SampleError(f"--device must be cpu, cuda or cuda:N, got {opts.device!r}")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SampleError(f"--device {opts.device}: no CUDA GPU is visible here; use --device cpu")
+    if opts.device.startswith("cuda:") and int(opts.device[5:]) >= torch.cuda.device_count():
+        raise SampleError(f"--device {opts.device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+
+
+def read_start(start: str) -> str:
+    """The prompt text: `start` itself, or the contents of the file named by 'FILE:path'."""
+    if start.startswith("FILE:"):
+        path = Path(start[5:]).expanduser()
+        try:
+            start = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SampleError(f"--start FILE:{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"--start FILE:{path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+    if not start:
+        raise SampleError("--start is empty: give at least one character (sample.py's default is a newline)")
+    return start
+
+
+def byte_codec() -> Codec:
+    """UTF-8 bytes, one token each (the embedded corpus)."""
+    bad = REPLACEMENT.encode("utf-8")
+
+    def decode(ids: list[int]) -> str:
+        raw = b"".join(bytes([i]) if 0 <= i < BYTE_VOCAB_SIZE else bad for i in ids)
+        return raw.decode("utf-8", errors="replace")
+
+    return Codec(lambda s: list(s.encode("utf-8")), decode, BYTE_VOCAB_SIZE,
+                 "bytes (the built-in 'embedded' corpus)")
+
+
+def char_codec(meta_path: Path) -> Codec:
+    """nanoGPT's character vocabulary from a meta.pkl (stoi, itos), read without running code."""
+    try:
+        meta = _PlainUnpickler(io.BytesIO(meta_path.read_bytes())).load()
+        stoi, itos = dict(meta["stoi"]), dict(meta["itos"])
+    except Exception as e:
+        raise SampleError(f"cannot read the character vocabulary (stoi, itos) from {meta_path}: "
+                          f"{type(e).__name__}: {str(e)[:120]}") from None
+
+    def encode(text: str) -> list[int]:
+        unknown = sorted({c for c in text if c not in stoi})
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise SampleError(f"--start has {len(unknown)} character(s) not in the vocabulary of {meta_path} "
+                              f"({len(stoi)} characters): {shown}")
+        return [int(stoi[c]) for c in text]
+
+    return Codec(encode, lambda ids: "".join(itos.get(i, REPLACEMENT) for i in ids), len(itos),
+                 f"characters from {meta_path} ({len(itos)})")
+
+
+def gpt2_codec(encoder: Any = None) -> Codec:
+    """GPT-2 BPE. `encoder` is anything with tiktoken's encode(text, allowed_special=...),
+    decode(ids) and n_vocab; by default tiktoken's 'gpt2' encoding."""
+    if encoder is None:
+        encoder = _tiktoken_gpt2()
+    n_vocab = int(getattr(encoder, "n_vocab", GPT2_VOCAB_SIZE))
+
+    def decode(ids: list[int]) -> str:
+        out, run = [], []
+        for i in ids:  # ids the encoding lacks (a padded vocab's 50257..50303) show as U+FFFD
+            if 0 <= i < n_vocab:
+                run.append(i)
+                continue
+            if run:
+                out.append(encoder.decode(run))
+                run = []
+            out.append(REPLACEMENT)
+        if run:
+            out.append(encoder.decode(run))
+        return "".join(out)
+
+    return Codec(lambda s: list(encoder.encode(s, allowed_special={"<|endoftext|>"})), decode, n_vocab,
+                 "GPT-2 BPE (tiktoken)")
+
+
+def _tiktoken_gpt2() -> Any:
+    try:
+        import tiktoken
+    except ImportError:
+        raise SampleError(f"GPT-2 BPE needs tiktoken: {INSTALL_HINT}") from None
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # downloaded at first use: offline with no cached copy
+        raise SampleError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); it is downloaded "
+                          f"at first use and cached: run once with network, or set TIKTOKEN_CACHE_DIR to a "
+                          f"directory holding it") from None
+
+
+def pick_codec(dataset: str | None, vocab_size: int, *, data_root: str | Path = "data",
+               gpt2_encoder: Any = None) -> Codec:
+    """The codec for a model trained on `dataset`, found as nanoGPT's sample.py does: a meta.pkl
+    in the dataset's directory (a path, or <data_root>/<name>) means characters; the embedded
+    corpus means bytes; anything else GPT-2 BPE, which needs vocab_size >= 50257."""
+    if dataset == "embedded":
+        return byte_codec()
+    meta = None
+    if dataset:
+        where = Path(dataset).expanduser()
+        meta = (where if where.is_dir() else Path(data_root) / dataset) / "meta.pkl"
+        if meta.is_file():
+            return char_codec(meta)
+    if vocab_size < GPT2_VOCAB_SIZE:
+        looked = f"no meta.pkl at {meta}" if meta else "the checkpoint names no dataset"
+        raise SampleError(f"the model's vocab_size {vocab_size} is smaller than GPT-2 BPE's {GPT2_VOCAB_SIZE} and "
+                          f"{looked}: run from the directory that holds data/<dataset>/meta.pkl")
+    return gpt2_codec(gpt2_encoder)
+
+
+def load_model(out_dir: str | Path, init_from: str, device: torch.device) -> tuple[GPT, str | None, str]:
+    """(model in eval mode on device, its dataset name or None, a description of where it came from)."""
+    if init_from in GPT2_MODELS or (init_from != "resume" and Path(init_from).is_dir()):
+        src = None if init_from in GPT2_MODELS else init_from
+        loaded = load_gpt2(init_from if src is None else None, dropout=0.0, source=src)
+        return loaded.model.to(device), None, f"GPT-2 weights from {loaded.source}"
+    if init_from != "resume":
+        raise SampleError(f"--init-from {init_from!r}: use resume, {', '.join(GPT2_MODELS)}, or a directory "
+                          f"holding a GPT-2 model.safetensors and config.json")
+    path = Path(out_dir)
+    path = path if path.is_file() else path / "ckpt.pt"
+    ck = read_nanogpt_checkpoint(path, map_location="cpu")
+    model = GPT.empty(GPTConfig(**ck.model_args))
+    model.load_state_dict(ck.model)
+    dataset = ck.config.get("dataset")
+    return model.eval().to(device), dataset if isinstance(dataset, str) else None, \
+        f"{path} ({ck.layout} layout, step {ck.iter_num})"
+
+
+def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str | Path = "data",
+                     gpt2_encoder: Any = None) -> SampleResult:
+    """Texts sampled from the checkpoint in out_dir (or opts.init_from's GPT-2 weights).
+
+    Raises SampleError, CheckpointError or WeightsError (one line) for bad options, a missing or
+    unreadable --start file, a missing checkpoint, a vocabulary that cannot be found, or a
+    prompt the vocabulary cannot encode; all before any generation.
+    """
+    check_options(opts)
+    start = read_start(opts.start)
+    device = torch.device(opts.device)
+    model, dataset, source = load_model(out_dir, opts.init_from, device)
+    vocab = model.config.vocab_size
+    codec = gpt2_codec(gpt2_encoder) if opts.init_from != "resume" else \
+        pick_codec(dataset, vocab, data_root=data_root, gpt2_encoder=gpt2_encoder)
+    ids = codec.encode(start)
+    if max(ids) >= vocab:
+        raise SampleError(f"--start encodes to token {max(ids)}, beyond the model's vocab_size {vocab}")
+    dtype, ctx = _autocast(device)
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
+    torch.manual_seed(opts.seed)
+    texts = []
+    with torch.no_grad(), ctx:
+        for _ in range(opts.num_samples):
+            y = model.generate(x, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k)
+            texts.append(codec.decode(y[0].tolist()))
+    return SampleResult(texts, source, codec.description, str(device), dtype, len(ids))
+
+
+def _autocast(device: torch.device):
+    # sample.py's choice: bf16 where the GPU supports it, else fp16; fp32 on the CPU
+    if device.type != "cuda":
+        return "float32", contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return str(dtype).removeprefix("torch."), torch.autocast(device_type="cuda", dtype=dtype)
