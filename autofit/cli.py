@@ -220,8 +220,13 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
+    if profile is not None:  # a probe may save into it: writable before any trial runs
+        from autofit.profiles import check_profiles_writable
+        check_profiles_writable(profile)
     if resume or cfg.init_from == "resume":  # nanoGPT's init_from='resume' is --resume
         from autofit.resume import prepare_resume
+        from trainer.checkpoint import check_out_dir
+        check_out_dir(cfg.out_dir)
         if profile is not None:
             log("--resume: the checkpoint's plan is used; --profile is ignored")
         launch = prepare_resume(cfg.out_dir, _resume_overrides(cfg, overrides, resume), probe_opts=opts,
@@ -269,11 +274,15 @@ def _plan_line(p) -> str:
 def _check_fresh_run(cfg, log) -> None:
     """Checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
     overwrite a checkpoint; bad data is reported before trials, not after them."""
+    from trainer.checkpoint import check_out_dir
+    from trainer.data import load_dataset
+    check_out_dir(cfg.out_dir)
     if (Path(cfg.out_dir) / "ckpt.pt").exists():
         raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
                          f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
-    from trainer.data import load_dataset
-    load_dataset(cfg.dataset).check_vocab(cfg.vocab_size)
+    data = load_dataset(cfg.dataset)
+    data.check_vocab(cfg.vocab_size)
+    data.check_block_size(cfg.block_size)
     src = cfg.source_of("vocab_size")
     if src.endswith("meta.pkl") or src.startswith("dataset"):
         log(f"vocab_size {cfg.vocab_size}, from {src}")

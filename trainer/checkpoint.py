@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,24 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_out_dir(path: str | Path) -> None:
+    """Raises TrainError (one line) when `path` cannot hold a run's files: a file on the way, or a
+    folder this process cannot write in. Checked before any expensive work; leaves nothing behind
+    (the write test is a temporary file, deleted at once)."""
+    import tempfile
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainError(f"--out {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise TrainError(f"--out {path}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 def training_state(trainer) -> dict:
@@ -75,7 +94,9 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu", any_layout: 
     if not path.exists():
         raise TrainError(f"--resume: no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception:  # corrupt, truncated, or a pickle that wants to run code
         raise TrainError(f"{path} is not a valid autofit checkpoint (unreadable with weights_only=True)") from None
     if any_layout and isinstance(ck, dict) and "model" in ck and "model_args" in ck:

@@ -105,6 +105,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir, self.master)
         self.data = load_dataset(cfg.dataset)
         self.data.check_vocab(cfg.vocab_size)
+        self.data.check_block_size(cfg.block_size)
         self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed + self.rank)
         self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda")
         self.rank_batch = cfg.effective_batch // self.world_size
