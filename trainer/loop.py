@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from trainer.batches import StepBatches
-from trainer.checkpoint import atomic_torch_save, check_same_model, read_checkpoint, training_state
+from trainer.checkpoint import atomic_torch_save, read_checkpoint, restore, training_state
 from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model, uncompile
 from trainer.config import TrainConfig
 from trainer.data import BatchSampler, load_dataset
@@ -34,7 +34,7 @@ from trainer.evaluate import Evaluator
 from trainer.interrupt import StopFlag
 from trainer.meter import MemoryMeter, default_meter
 from trainer.metrics import MetricsLog, Progress, WandbSink, describe_event, describe_step
-from trainer.model import GPT, GPTConfig, clean_state_dict
+from trainer.model import GPT, GPTConfig
 from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS, Recovery, ThrashDetector
 from trainer.schedule import lr_at
 from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, make_optimizer,
@@ -103,11 +103,7 @@ class Trainer:
         self.meter = opts.meter or default_meter(self.device)
         self.out_dir = Path(cfg.out_dir)
         self.metrics = MetricsLog(self.out_dir, self.master)
-        self.data = load_dataset(cfg.dataset)
-        self.data.check_vocab(cfg.vocab_size)
-        self.data.check_block_size(cfg.block_size)
-        self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed + self.rank)
-        self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda")
+        self._open_data()
         self.rank_batch = cfg.effective_batch // self.world_size
         self.recovery = Recovery(self.rank_batch, opts.micro_batch or cfg.batch_size, opts.shrink,
                                  opts.compiled_fit_sizes)
@@ -152,6 +148,15 @@ class Trainer:
         if opts.resume:
             with self.meter.tracking():  # the loaded optimizer state counts against a budget
                 self._load_checkpoint()
+
+    def _open_data(self) -> None:
+        """The dataset, checked against the model before anything runs, and the step batches."""
+        cfg = self.cfg
+        self.data = load_dataset(cfg.dataset)
+        self.data.check_vocab(cfg.vocab_size)
+        self.data.check_block_size(cfg.block_size)
+        self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed + self.rank)
+        self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda")
 
     def _build_model(self) -> GPT:
         """A new GPT, or OpenAI's GPT-2 weights (init_from = 'gpt2*', as nanoGPT's train.py)."""
@@ -407,40 +412,7 @@ class Trainer:
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:
-        """Continues from <out>/ckpt.pt: autofit's own layout exactly; nanoGPT's (model, optimizer,
-        iter_num, best_val_loss) with what it cannot give back said in a 'resume_partial' event."""
-        from trainer.nanogpt_ckpt import CheckpointError, checkpoint_layout, nanogpt_checkpoint_from
-        ck = raw = read_checkpoint(self.ckpt_path, self.device, any_layout=True)
-        if checkpoint_layout(raw, self.ckpt_path) == "nanogpt":
-            try:
-                self._load_nanogpt(nanogpt_checkpoint_from(raw, self.ckpt_path))
-            except CheckpointError as e:
-                raise TrainError(str(e)) from None
-            return
-        check_same_model(TrainConfig(**ck["config"]), self.cfg, self.ckpt_path)
-        self.model.load_state_dict(clean_state_dict(ck["model"]))
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if self.scaler is not None and ck.get("scaler"):
-            self.scaler.load_state_dict(ck["scaler"])
-        self.iter_num = int(ck["iter_num"])
-        self.best_val_loss = float(ck["best_val_loss"])
-        self.last_eval_iter = int(ck.get("last_eval_iter", -1))
-        self.sampler.load_state_dict(ck["sampler"])
-        self.evaluator.sampler.load_state_dict(ck["eval_sampler"])
-        self.compile_failed = bool(ck.get("compile_failed", False))
-        torch.set_rng_state(ck["rng_cpu"].cpu())
-        if ck.get("rng_cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ck["rng_cuda"].cpu(), self.device)
-        del ck, raw
-
-    def _load_nanogpt(self, ck) -> None:
-        check_same_model(TrainConfig(**{**self.cfg.model_dump(), **ck.model_args}), self.cfg, self.ckpt_path)
-        self.model.load_state_dict(ck.model)
-        if ck.optimizer is not None:
-            self.optimizer.load_state_dict(ck.optimizer)
-        self.iter_num, self.best_val_loss = ck.iter_num, ck.best_val_loss
-        self.last_eval_iter = ck.iter_num  # nanoGPT evaluated (and saved) at this step
-        self._event("resume_partial", layout="nanogpt", not_restored=ck.not_restored)
+        restore(self, read_checkpoint(self.ckpt_path, self.device, any_layout=True))
 
 
 def train(cfg: TrainConfig, opts: RunOptions | None = None) -> RunResult:
