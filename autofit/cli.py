@@ -161,6 +161,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt, compile: Optional[bool] = CompileOpt,
             checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+            nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this machine (one GPU each): starts torchrun for you."),
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
@@ -177,6 +178,10 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     if not resume:
         _check_fresh_run(cfg)
+    from autofit.torchrun import check_ranks, relaunch
+    check_ranks(cfg, nproc_per_node, resume)  # several ranks: the effective batch divides, before any probe
+    if nproc_per_node is not None:  # the same command on N ranks, through torchrun
+        raise typer.Exit(relaunch(sys.argv[1:], nproc_per_node))
     if resume:  # the checkpoint's own config and plan: no probe, the same run continues
         from autofit.launch import prepare_resume
         if config is not None or preset is not None or profile is not None:
@@ -202,7 +207,8 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
 
 
 def _plan_line(p) -> str:
-    return (f"  micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
+    ranks = f"{p.world_size} ranks ({p.parallelism}) x " if p.world_size > 1 else ""
+    return (f"  {ranks}micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
             f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
             f"checkpointing {p.checkpointing or 'off'}, loss {p.loss_impl}; "
             + (f"measured peak {_fmt(p.measured_peak_bytes)}" if p.measured_peak_bytes else
@@ -375,11 +381,14 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
 
 def main() -> None:
     errors = _user_errors()
+    from autofit.torchrun import error_prefix, quiet_unless_rank0, session
     try:
-        code = app(standalone_mode=False)
+        with session():  # torchrun: one process group for the command, left at the end
+            quiet_unless_rank0(console, err_console)
+            code = app(standalone_mode=False)
     except errors as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"autofit: error: {msg}", file=sys.stderr)
+        print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("autofit: interrupted", file=sys.stderr)

@@ -24,10 +24,14 @@ def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu
     emulate_usable_bytes: on CUDA, cap this process to a smaller card's usable memory (emulation).
     cpu: what the CPU is without a budget: 'budgeted' (half the available RAM; the probe's
         default, since trials must measure) or 'plain' (nothing measured, compile runs for real).
+    Under torchrun each rank opens its own: the GPU of its LOCAL_RANK, or its entry of
+    AUTOFIT_RANK_BUDGETS on the CPU (autofit.torchrun).
     Raises DeviceError for a bad kind, a budget on a GPU, or a GPU asked for and absent.
     """
     from autofit.cpu import PlainCpuDevice
     from autofit.cpu_budget import BudgetedCpuDevice
+    from autofit.torchrun import gpu_index as rank_gpu, rank_budget
+    budget_bytes, gpu_index = rank_budget(budget_bytes), rank_gpu(gpu_index)
     if kind not in (None, "cpu", "cuda"):
         raise DeviceError(f"--device must be 'cuda' or 'cpu', got {kind!r}")
     if budget_bytes is not None and kind == "cuda":
@@ -56,10 +60,11 @@ def open_simulated(name: str) -> SimulatedDevice:
 def reopen_device(spec: dict, *, gpu_index: int = 0) -> Device:
     """The device a checkpoint was trained on, from the spec its meter wrote (MemoryMeter.spec()),
     so a resumed run continues under the same budget or cap."""
+    from autofit.torchrun import gpu_index as rank_gpu
     kind = spec.get("kind")
     if kind == "cuda":
         from autofit.cuda import open_cuda_device
-        device = open_cuda_device(gpu_index)
+        device = open_cuda_device(rank_gpu(gpu_index))
         if spec.get("memory_cap_bytes"):
             device.set_memory_cap(int(spec["memory_cap_bytes"]))
         return device

@@ -68,6 +68,10 @@ class PlanRecord(BaseModel):
     budget_bytes: int
     split: str  # e.g. "512 = 42 × 12 + 8"
     reason: str = ""
+    # torchrun: the ranks the plan is for, and how they share the model; micro_batches and
+    # effective_batch above are each rank's (the run's effective batch is world_size times it)
+    world_size: int = 1
+    parallelism: Literal["single", "ddp", "fsdp2"] = "single"
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import platform
 from typing import Callable
 
+from autofit import agree
 from autofit.candidates import Levers
 from autofit.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.records import Candidate, TrialRecord
@@ -58,10 +59,15 @@ class TrialRunner:
             info.kind == "cuda" and driver_can_spill()
         self.trials: list[TrialRecord] = []
         self._cache: dict[Candidate, TrialRecord] = {}
+        # with several ranks (torchrun), each rank's share of the effective batch
+        self.rank_batch = agree.rank_batch(cfg)
+        # only rank 0 speaks; every rank runs the same trials (autofit.agree)
+        if not agree.ranks().master:
+            self.log = lambda s: None
 
     def estimate(self, cand: Candidate) -> int:
         """Estimated peak bytes of a trial of `cand` (two micro-batches when training accumulates)."""
-        n_micro = 2 if self.cfg.effective_batch > cand.micro_batch else 1
+        n_micro = 2 if self.rank_batch > cand.micro_batch else 1
         return estimate_peak(self.shape, cand.micro_batch, dtype=cand.dtype, checkpointing=cand.checkpointing,
                              loss_impl=cand.loss_impl, compile=cand.compile, device=self.kind,
                              ce_chunk_size=self.cfg.ce_chunk_size, n_micro=n_micro).peak_bytes
@@ -85,9 +91,10 @@ class TrialRunner:
         return r
 
     def _trial(self, cand: Candidate, estimated_peak_bytes: int) -> TrialRecord:
-        return run_trial(self.cfg, cand, self.device, rank_batch=self.cfg.effective_batch,
-                         budget_bytes=self.budget_bytes, capacity_bytes=self.capacity_bytes,
-                         estimated_peak_bytes=estimated_peak_bytes, settings=self.settings)
+        """One trial on this rank's device, agreed with every other rank's (autofit.agree)."""
+        return agree.trial(run_trial(self.cfg, cand, self.device, rank_batch=self.rank_batch,
+                                     budget_bytes=self.budget_bytes, capacity_bytes=self.capacity_bytes,
+                                     estimated_peak_bytes=estimated_peak_bytes, settings=self.settings))
 
     def fits(self, levers: Levers | None = None, *, compile: bool | None = False,
              below: int | None = None) -> list[TrialRecord]:
@@ -124,7 +131,7 @@ class MicroBatchSearch:
     def __init__(self, runner: TrialRunner, levers: Levers):
         self.runner = runner
         self.levers = levers
-        self.limit = runner.cfg.effective_batch
+        self.limit = runner.rank_batch
         self.lo = 0
         self.hi: int | None = None
 
