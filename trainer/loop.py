@@ -318,7 +318,7 @@ class Trainer:
 
     def _log_step(self, it: int, res: StepResult, dt: float) -> None:
         self._read_losses()
-        rec = {"type": "train", "step": it, "loss": res.loss, "lr": lr_at(it, self.cfg),
+        rec = {"type": "train", "step": it, "loss": self.losses[-1], "lr": lr_at(it, self.cfg),  # mean of the ranks
                "tokens_per_s": res.tokens * self.world_size / dt if dt > 0 else None, "step_s": dt,
                "micro_batch": max(res.micro_batches), "grad_accum": len(res.micro_batches),
                # micro-batches are each rank's; the effective batch and tokens/s the whole run's
