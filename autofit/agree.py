@@ -58,7 +58,7 @@ def space(s):
     from autofit.candidates import PlanError
     every = D.all_gather_objects(s, r)
     out = replace(every[0])
-    for name in ("dtypes", "compile", "checkpointing", "loss_impls"):
+    for name in ("dtypes", "compile", "checkpointing", "loss_impls", "sharded"):
         common = [v for v in getattr(every[0], name) if all(v in getattr(o, name) for o in every)]
         if not common:
             raise PlanError(f"the ranks have no {name} in common ({[getattr(o, name) for o in every]}): "
@@ -96,10 +96,23 @@ def trial(rec: TrialRecord) -> TrialRecord:
     return out
 
 
-def plan_fields(cfg) -> dict:
+def plan_fields(sharded: bool) -> dict:
     """The PlanRecord fields that say which ranks a plan is for (none with one process)."""
     r = ranks()
+    return {"world_size": r.world_size, "parallelism": "fsdp2" if sharded else "ddp"} if r.several else {}
+
+
+def fingerprint_fields(cfg) -> dict:
+    """What a saved plan is keyed by beyond the config, with several ranks: how many, and the
+    parallelism asked for (auto, ddp, fsdp2). Nothing with one process, so one-GPU plans keep
+    their fingerprints."""
+    r = ranks()
     return {"world_size": r.world_size, "parallelism": cfg.parallelism} if r.several else {}
+
+
+def layout(sharded: bool) -> dict:
+    """estimate_peak's world_size and parallelism for a candidate on these ranks."""
+    return {"world_size": ranks().world_size, "parallelism": "fsdp2" if sharded else "ddp"}
 
 
 def from_rank0(obj):

@@ -45,7 +45,7 @@ def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
     if info.kind == "cuda":  # expandable segments and other allocator settings change what fits
         from autofit.cuda import allocator_settings
         summary["allocator"] = allocator_settings() or "default"
-    summary.update(agree.plan_fields(cfg))  # torchrun: a plan is for this many ranks, DDP or FSDP2
+    summary.update(agree.fingerprint_fields(cfg))  # torchrun: a plan is for this many ranks
     return fingerprint_inputs(summary, torch.__version__.split("+")[0], cuda,
                               info.driver_version if info.kind == "cuda" else None)
 
@@ -99,6 +99,8 @@ def _apply_plan(cfg, plan: PlanRecord):
     cfg.compile = plan.compile
     cfg.checkpointing = plan.checkpointing
     cfg.loss_impl = plan.loss_impl
+    if plan.world_size > 1:
+        cfg.parallelism = plan.parallelism
     return cfg
 
 
@@ -270,7 +272,8 @@ def prepare_resume(out_dir: str, overrides: list[str], *, gpu_index: int, max_st
     if plan is None:  # a run started with --no-probe: no plan to show
         mbs = split_batch(agree.rank_batch(cfg), micro)
         plan = PlanRecord(mode="measured", micro_batch=max(mbs), grad_accum=len(mbs), micro_batches=mbs,
-                          effective_batch=sum(mbs), block_size=cfg.block_size, **agree.plan_fields(cfg),
+                          effective_batch=sum(mbs), block_size=cfg.block_size,
+                          **agree.plan_fields(cfg.parallelism == "fsdp2"),
                           dtype=cfg.resolved_dtype(device.torch_device.type, True), compile=cfg.compile,
                           compile_after=cfg.compile_after or 0, checkpointing=cfg.checkpointing,
                           loss_impl=cfg.loss_impl, budget_bytes=int(spec.get("budget_bytes") or 0),

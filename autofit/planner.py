@@ -80,7 +80,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     E = runner.rank_batch  # sequences per step on each rank (the effective batch with one)
     best_by_levers: dict[Levers, int] = {}
     for levers in lever_combos(space):
-        pruned = _prune_recompute(runner, levers, best_by_levers)
+        pruned = _prune_sharding(runner, levers, best_by_levers) or _prune_recompute(runner, levers, best_by_levers)
         if pruned is not None:
             runner.trials.append(pruned)
             continue
@@ -99,7 +99,8 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
         peak = max(peak, chosen.measured_peak_bytes or 0)
     est = estimate_peak(runner.shape, max(micro_batches), dtype=chosen.dtype, checkpointing=chosen.checkpointing,
                         loss_impl=chosen.loss_impl, compile=chosen.compile, device=runner.kind,
-                        ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)))
+                        ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)),
+                        **agree.layout(chosen.sharded))
     n_fit = len([t for t in runner.trials if t.status == "fit"])
     cpu_compile_note = ("; compile=True in the config is not measured on the budgeted CPU device (its tracker "
                         "keeps Dynamo from compiling), so the plan is eager"
@@ -115,7 +116,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                       checkpointing=chosen.checkpointing, loss_impl=chosen.loss_impl,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=peak,
                       tokens_per_s=chosen.tokens_per_s, budget_bytes=budget.budget_bytes,
-                      split=describe_split(micro_batches), reason=reason, **agree.plan_fields(cfg))
+                      split=describe_split(micro_batches), reason=reason, **agree.plan_fields(chosen.sharded))
     return ProbeResult(mode="measured", device=None, budget=budget, effective_batch=cfg.effective_batch,
                        block_size=cfg.block_size, trials=runner.trials, plan=plan, breakdown=est.breakdown,
                        fit_sizes=sorted(measured_tps), compiled_fit_sizes=compiled_fits)
@@ -128,14 +129,35 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
     if levers.checkpointing == 0:
         return None
     E = runner.rank_batch
-    base = max([v for lv, v in best_by_levers.items() if lv.dtype == levers.dtype and lv.checkpointing == 0] or [0])
+    base = max([v for lv, v in best_by_levers.items() if lv.dtype == levers.dtype and lv.checkpointing == 0
+                and lv.sharded == levers.sharded] or [0])
     est_ck = max_micro_batch(runner.shape, runner.budget_bytes, dtype=levers.dtype,
                              checkpointing=levers.checkpointing, loss_impl=levers.loss_impl, compile=False,
-                             device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size)
+                             device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(levers.sharded))
     if base >= E or (base > 0 and est_ck < 2 * base):
         rec = levers.candidate(max(1, min(est_ck, E)))
         return TrialRecord(**rec.model_dump(), status="pruned",
                            note=f"not needed: micro-batch {base} fits without recomputation")
+    return None
+
+
+def _prune_sharding(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
+    """FSDP2 all-gathers every block's weights and reduce-scatters its gradients in every
+    micro-batch: try it only when no unsharded combination holds the whole per-rank batch and
+    the estimate promises a larger micro-batch than the best of them. Returns the 'pruned'
+    record when it is not worth a search."""
+    if not levers.sharded:
+        return None
+    E = runner.rank_batch
+    base = max([v for lv, v in best_by_levers.items() if not lv.sharded] or [0])
+    est = max_micro_batch(runner.shape, runner.budget_bytes, dtype=levers.dtype, checkpointing=levers.checkpointing,
+                          loss_impl=levers.loss_impl, compile=False, device=runner.kind,
+                          ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(True))
+    if base >= E or (base > 0 and est <= base):
+        why = (f"micro-batch {base} fits without sharding" if base >= E else
+               f"estimated {est} sharded, no more than {base} without")
+        return TrialRecord(**levers.candidate(max(1, min(est, E))).model_dump(), status="pruned",
+                           note=f"not needed: {why}")
     return None
 
 

@@ -50,7 +50,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
                             compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
                             compile_measurable=device.capabilities.compile,
-                            compute_capability=info.compute_capability)
+                            compute_capability=info.compute_capability, world_size=ranks.world_size)
     space = agree.space(space)  # several ranks: what every rank's card can run
     settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
     return probe_measured(cfg, device, budget, space, settings=settings, log=log)

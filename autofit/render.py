@@ -48,7 +48,8 @@ def render_probe(res, console: Console) -> None:
     for t in res.trials:
         chosen = (t.dtype == p.dtype and (t.compile == p.compile or res.mode == "estimated")
                   and (t.micro_batch == p.micro_batch or res.mode == "estimated")
-                  and t.checkpointing == p.checkpointing and t.loss_impl == p.loss_impl and t.status == "fit")
+                  and t.checkpointing == p.checkpointing and t.loss_impl == p.loss_impl and t.status == "fit"
+                  and t.sharded == (p.parallelism == "fsdp2"))
         tps = "-" if not t.tokens_per_s else (f"{t.tokens_per_s:,.0f}" + (" est." if res.mode == "estimated" else ""))
         note = t.note if t.status != "fit" or res.mode == "measured" else ""
         if t.compile_seconds is not None:
@@ -59,7 +60,8 @@ def render_probe(res, console: Console) -> None:
         if note:
             status += f" [dim]({notes.index(note) + 1})[/]"
         tt.add_row("[bold]>[/]" if chosen else "", str(t.micro_batch), SHORT_DTYPE[t.dtype], "on" if t.compile else "off",
-                   str(t.checkpointing) if t.checkpointing else "off", t.loss_impl, _b(t.estimated_peak_bytes),
+                   str(t.checkpointing) if t.checkpointing else "off", t.loss_impl + (" +fsdp2" if t.sharded else ""),
+                   _b(t.estimated_peak_bytes),
                    _b(t.measured_peak_bytes), tps, status)
     console.print(tt)
     for i, n in enumerate(notes, 1):
@@ -68,6 +70,9 @@ def render_probe(res, console: Console) -> None:
     render_breakdown(res.breakdown, res.budget.budget_bytes, p.measured_peak_bytes, console)
 
     console.print("[bold]plan[/] (" + ("measured" if res.mode == "measured" else "estimated") + ")")
+    if p.world_size > 1:  # torchrun: one plan for every rank
+        console.print(f"  {p.world_size} ranks, {p.parallelism}: effective batch {p.effective_batch * p.world_size} = "
+                      f"{p.world_size} x {p.effective_batch} sequences per rank; each rank:")
     console.print(f"  micro-batch {p.micro_batch} x {p.grad_accum} accumulation steps: {p.split}")
     console.print(f"  dtype {p.dtype}, compile {'on after ' + str(p.compile_after) + ' eager steps' if p.compile else 'off'}, "
                   f"activation checkpointing {'every ' + str(p.checkpointing) + ' block(s)' if p.checkpointing else 'off'}, "
@@ -86,7 +91,7 @@ def render_breakdown(breakdown: dict[str, int], budget: int, measured: int | Non
     total = sum(breakdown.values())
     scale = max(budget, total, measured or 0)
     console.print("[bold]where the memory goes[/] (estimated by component; bar = budget)")
-    colors = ["cyan", "blue", "magenta", "yellow", "red", "green", "white"]
+    colors = ["cyan", "blue", "magenta", "yellow", "red", "green", "bright_black", "white"]
     bar = ""
     for (name, n), color in zip(breakdown.items(), colors):
         cells = round(width * n / scale)

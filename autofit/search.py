@@ -70,7 +70,8 @@ class TrialRunner:
         n_micro = 2 if self.rank_batch > cand.micro_batch else 1
         return estimate_peak(self.shape, cand.micro_batch, dtype=cand.dtype, checkpointing=cand.checkpointing,
                              loss_impl=cand.loss_impl, compile=cand.compile, device=self.kind,
-                             ce_chunk_size=self.cfg.ce_chunk_size, n_micro=n_micro).peak_bytes
+                             ce_chunk_size=self.cfg.ce_chunk_size, n_micro=n_micro,
+                             **agree.layout(cand.sharded)).peak_bytes
 
     def run(self, cand: Candidate) -> TrialRecord:
         if cand in self._cache:
@@ -158,7 +159,8 @@ class MicroBatchSearch:
         r = self.runner
         start = max_micro_batch(r.shape, r.budget_bytes, dtype=self.levers.dtype,
                                 checkpointing=self.levers.checkpointing, loss_impl=self.levers.loss_impl,
-                                compile=False, device=r.kind, ce_chunk_size=r.cfg.ce_chunk_size)
+                                compile=False, device=r.kind, ce_chunk_size=r.cfg.ce_chunk_size,
+                                **agree.layout(self.levers.sharded))
         return min(max(start, 1), self.limit)
 
     def predict(self) -> int | None:

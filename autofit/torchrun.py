@@ -37,7 +37,12 @@ def under_torchrun() -> bool:
 
 def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
     """Before any probe: the effective batch must divide among the ranks (--nproc-per-node N, or
-    torchrun's WORLD_SIZE). A resume checks the checkpoint's own batch later. Raises TrainError."""
+    torchrun's WORLD_SIZE). A resume checks the checkpoint's own batch later. Raises TrainError,
+    or DeviceError for --nproc-per-node inside a torchrun rank."""
+    if nproc_per_node is not None and under_torchrun():
+        raise DeviceError("--nproc-per-node starts torchrun; this process is already one of torchrun's ranks")
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise DeviceError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     if resume or (nproc_per_node is None and not under_torchrun()):
         return
     from trainer.distributed import check_divisible
@@ -45,10 +50,11 @@ def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
 
 
 def quiet_unless_rank0(console, err_console) -> None:
-    """Under torchrun only rank 0 prints the plan, the progress and the logs; every rank still
-    prints its own error line."""
+    """Under torchrun only rank 0 prints the plan, the progress, the logs and --json's output
+    (the other ranks' stdout goes to os.devnull); every rank still prints its own error line."""
     if under_torchrun() and not ranks().master:
         console.quiet = err_console.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 def error_prefix(msg: str) -> str:
@@ -139,8 +145,6 @@ def relaunch(argv: list[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-    if nproc < 1:
-        raise DeviceError(f"--nproc-per-node must be at least 1, got {nproc}")
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "autofit", *strip_nproc(argv)])
     try:
         run(args)

@@ -69,7 +69,7 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     state["model"] = model = GPT(model_cfg).to(tdev)
     # several ranks: the step runs under the same DDP / FSDP2 wrapper as training, so its buckets
     # and all-gather buffers are measured, and an OOM on one rank is agreed by all
-    state["parallel"] = parallel = agree.trial_wrapper(model, tdev, agreement, cfg.parallelism)
+    state["parallel"] = parallel = agree.trial_wrapper(model, tdev, agreement, "fsdp2" if cand.sharded else "ddp")
     state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None

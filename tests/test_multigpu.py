@@ -148,18 +148,26 @@ def test_an_oom_on_rank_1_only_shrinks_both_ranks_and_redoes_the_step(tmp_path, 
 
 
 def test_ranks_with_different_budgets_probe_to_one_plan_that_fits_the_smaller(tmp_path):
-    out = tmp_path / "out"
-    res = torchrun(["run", "--preset", "tiny", *SETS, "-s", "batch_size=16", "--out", str(out), "--no-progress",
-                    "--max-steps", "3", "--checkpointing", "0"], env(tmp_path, budgets="3MiB,2MiB"))
+    e = env(tmp_path, budgets="3MiB,2MiB")
+    batch = ["-s", "batch_size=16", "--checkpointing", "0", "--loss", "standard"]
+    res = torchrun(["probe", "--preset", "tiny", *SETS, *batch, "--save", "--json"], e)
     ok(res)
-    assert "the smallest of 2 ranks' budgets" in res.stderr
-    plan = records(out, "run")[0]["plan"]
-    smaller = int(2 * 2**20 * 0.9)  # rank 1's budget less the 10% margin
+    probe = json.loads(res.stdout)  # one JSON document: only rank 0 prints
+    plan, smaller = probe["plan"], int(2 * 2**20 * 0.9)  # rank 1's budget less the 10% margin
     assert plan["world_size"] == 2 and plan["parallelism"] == "ddp"
     assert plan["budget_bytes"] == smaller and plan["measured_peak_bytes"] <= smaller
     assert sum(plan["micro_batches"]) == 16 and plan["micro_batch"] < 16  # each rank's 16 of 32
-    # both ranks trained the plan without running out of memory, the smaller one included
-    assert not [e for e in records(out, "event") if "oom" in e["event"]]
+    fits = [t for t in probe["trials"] if t["status"] == "fit"]
+    assert fits and all("agreed over 2 ranks" in t["note"] for t in fits)
+    # every rank reuses the plan rank 0 saved, and trains it without an OOM, the smaller one included
+    out = tmp_path / "out"
+    res = torchrun(["run", "--preset", "tiny", *SETS, *batch, "--profile", probe["saved"]["profile"], "--out", str(out),
+                    "--no-progress", "--max-steps", "3"], e)
+    ok(res)
+    run = records(out, "run")[0]["plan"]
+    assert run["source"] == "profile" and run["fingerprint"] == probe["saved"]["fingerprint"]
+    assert run["micro_batches"] == plan["micro_batches"]
+    assert not [ev for ev in records(out, "event") if "oom" in ev["event"]]
     assert [r["step"] for r in records(out, "train")] == [0, 1, 2]
 
 
@@ -183,6 +191,21 @@ def test_sigterm_stops_both_ranks_at_one_step_and_the_resume_matches(tmp_path, t
     ok(res)
     assert sorted(losses(out)) == list(range(STEPS))
     assert_close(losses(out), losses(two_ranks), rel=1e-6)
+
+
+def test_a_resume_on_another_number_of_ranks_keeps_the_effective_batch(tmp_path, two_ranks):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_ranks, out)
+    cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in
+                                                 {**CONFIG, "out_dir": out, "max_iters": STEPS + 2}.items()])
+    res = train(cfg, RunOptions(device=torch.device("cpu"), progress=False, resume=True, micro_batch=4))
+    assert res.steps == STEPS + 2
+    (change,) = [e for e in records(out, "event") if e["event"] == "world_size_changed"]
+    assert (change["old_world_size"], change["new_world_size"]) == (2, 1)
+    assert (change["old_rank_batch"], change["new_rank_batch"], change["effective_batch"]) == (4, 8, 8)
+    assert change["old_micro_batches"] == [4] and change["micro_batches"] == [4, 4]
+    assert {r["effective_batch"] for r in records(out, "train") if r["step"] >= STEPS} == {8}
 
 
 def _child_with_rank(parent: int, rank: int) -> int:
@@ -307,7 +330,7 @@ def test_plans_are_keyed_by_world_size_and_parallelism(monkeypatch):
     assert "world_size" not in one  # one-GPU plans keep their fingerprints
     monkeypatch.setattr(agree, "ranks", lambda: Ranks(0, 0, 2))
     two = plan_fingerprint_inputs(cfg, cpu_info(2**30))
-    assert two["world_size"] == 2 and two["parallelism"] == "ddp"
+    assert two["world_size"] == 2 and two["parallelism"] == "auto"  # what the config asks for
 
 
 def test_each_rank_gets_its_own_cpu_budget(monkeypatch):

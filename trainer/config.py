@@ -118,9 +118,10 @@ class TrainConfig(BaseModel):
     # TF32 tensor cores for fp32 matmuls (torch.set_float32_matmul_precision("high")), as nanoGPT
     # enables them; False keeps full fp32 ("highest")
     tf32: bool = True
-    # several ranks (torchrun): 'ddp' (each rank holds the whole model) or 'fsdp2' (weights,
-    # gradients and AdamW state sharded across the ranks with fully_shard); unused on one GPU
-    parallelism: Literal["ddp", "fsdp2"] = "ddp"
+    # several ranks (torchrun): 'ddp' (each rank holds the whole model), 'fsdp2' (weights,
+    # gradients and AdamW state sharded across the ranks with fully_shard), or 'auto' (the probe
+    # tries FSDP2 as a memory lever after the others; DDP without a probe); unused on one GPU
+    parallelism: Literal["auto", "ddp", "fsdp2"] = "auto"
 
     # key -> where its value came from ("preset tiny", "c.py:3", "--set", "data/x/meta.pkl")
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)

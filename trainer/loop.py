@@ -105,8 +105,7 @@ class Trainer:
         self.data.check_vocab(cfg.vocab_size)
         # the same seed on every rank: each takes its own rows of the same step batch
         self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed)
-        self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda",
-                                   rows=self.group.rows if self.group.several else None)
+        self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda", rows=self.group.rows)
         self.rank_batch = cfg.effective_batch // self.world_size
         self.recovery = Recovery(self.rank_batch, opts.micro_batch or cfg.batch_size, opts.shrink,
                                  opts.compiled_fit_sizes)

@@ -25,7 +25,8 @@ class RankGroup:
     def __init__(self, ranks: D.Ranks, device: torch.device, effective_batch: int, parallelism: str = "ddp"):
         self.ranks = ranks
         self.device = device
-        self.parallelism = parallelism if ranks.several else "single"
+        # 'auto' without a plan is DDP (the probe decides when FSDP2 is worth it)
+        self.parallelism = ("ddp" if parallelism == "auto" else parallelism) if ranks.several else "single"
         D.check_divisible(effective_batch, ranks.world_size)
         self.owns_group = D.start(device.type, ranks)
         self.agreement = D.Agreement(ranks) if ranks.several else None

@@ -96,17 +96,21 @@ class DataParallel:
 
 
 def _fully_shard():
-    try:  # public from torch 2.6; torch 2.4 and 2.5 had it under _composable
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        from torch.distributed._composable.fsdp import fully_shard
-    return fully_shard
+    """FSDP2's fully_shard: public in torch.distributed.fsdp from torch 2.6, under
+    torch.distributed._composable.fsdp in 2.4 and 2.5 (docs/torch-floor.md)."""
+    import importlib
+    for module in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
+        found = getattr(importlib.import_module(module), "fully_shard", None)
+        if found is not None:
+            return found
+    raise ImportError("this torch has no FSDP2 (fully_shard); use parallelism = 'ddp'")
 
 
 class FullySharded:
     """FSDP2: `fully_shard` on every transformer block, then on the root (embeddings, final
-    norm, the tied head). Gradients are reduce-scattered in the last micro-batch's backward only
-    (set_requires_gradient_sync). Each block's forward starts with an agreement round, so an
+    norm, the tied head). Gradients are reduce-scattered in every micro-batch's backward: FSDP2's
+    no-sync mode would accumulate them unsharded, giving back the memory that sharding is for
+    (more communication is the price of the memory lever). Each block's forward starts with an agreement round, so an
     out-of-memory error in one rank's forward is known to the others before they wait in the
     next block's all-gather; an OOM inside a backward cannot be agreed this way (its
     reduce-scatter is already in flight) and ends at the collective timeout (AUTOFIT_DIST_TIMEOUT)
@@ -128,7 +132,6 @@ class FullySharded:
             m.register_forward_pre_hook(check, prepend=True)  # before FSDP's own all-gather
 
     def micro_batch(self, last: bool):
-        self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def finish(self) -> None:
