@@ -89,8 +89,8 @@ def trial(rec: TrialRecord) -> TrialRecord:
         slow = min(range(len(recs)), key=lambda k: recs[k].tokens_per_s or float("inf"))
         out.tokens_per_s, out.step_seconds = recs[slow].tokens_per_s, list(recs[slow].step_seconds)
     peaks = ", ".join(f"rank {k} {x.measured_peak_bytes:,}" for k, x in enumerate(recs) if x.measured_peak_bytes)
-    agreed = (f"agreed over {r.world_size} ranks: " + (f"rank {worst} {recs[worst].status}; " if out.status != "fit" else "")
-              + "peak is the largest rank's" + (f" ({peaks} bytes)" if peaks else "")
+    failed = f"rank {worst} {recs[worst].status}; " if out.status != "fit" else ""
+    agreed = (f"agreed over {r.world_size} ranks: {failed}peak is the largest rank's" + (f" ({peaks} bytes)" if peaks else "")
               + ", tokens/s the slowest rank's (per rank)")
     out.note = f"{out.note}; {agreed}" if out.note else agreed
     return out

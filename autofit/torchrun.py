@@ -84,6 +84,16 @@ def rank_budget(budget_bytes: int | None) -> int | None:
         raise DeviceError(f"{RANK_BUDGETS_ENV}: rank {r.rank}'s budget {items[r.rank]!r}: {e}") from None
 
 
+def cpu_share(budget_bytes: int | None) -> int | None:
+    """A budgeted CPU device's default budget under torchrun: the usual share of the RAM available
+    now, divided among this machine's ranks (LOCAL_WORLD_SIZE), which all take it at once.
+    `budget_bytes` when one was given; None (the device's own default) without torchrun."""
+    if budget_bytes is not None or not under_torchrun():
+        return budget_bytes
+    from autofit.cpu import default_cpu_budget
+    return default_cpu_budget() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", ranks().world_size)))
+
+
 def gpu_index(default: int) -> int:
     """The GPU a rank opens: LOCAL_RANK under torchrun (one GPU per rank), else `default`."""
     r = ranks()

@@ -244,10 +244,15 @@ def test_a_rank_killed_with_sigkill_makes_the_other_stop_with_one_line(tmp_path)
 def test_fsdp2_matches_ddp_with_a_lower_peak_per_rank(tmp_path, two_ranks):
     out = tmp_path / "out"
     ok(torchrun(["run", "--preset", "tiny", *SETS, "-s", "parallelism=fsdp2", "--out", str(out), "--no-probe",
-                 "--no-progress", "--max-steps", "8"], env(tmp_path)))
+                 "--no-progress", "--max-steps", "8"], env(tmp_path, AUTOFIT_FAULT_OOM_AT_STEP="3@1")))
+    assert sorted(losses(out)) == list(range(8))
     assert_close(losses(out), losses(two_ranks), rel=1e-5)
-    peak = lambda o: max(r["peak_mem_bytes"] for r in records(o, "train") if r["step"] < 8)  # noqa: E731
-    assert peak(out) < peak(two_ranks)  # weights, gradients and AdamW state sharded in two
+    # before the OOM both ran micro-batch 4: FSDP2's peak is lower (state sharded in two)
+    peak = lambda o: max(r["peak_mem_bytes"] for r in records(o, "train") if r["step"] < 3)  # noqa: E731
+    assert peak(out) < peak(two_ranks)
+    # an OOM on rank 1 only, before its forward, is agreed at the first block's check-in
+    (shrink,) = [e for e in records(out, "event") if e["event"] == "oom_shrink"]
+    assert shrink["step"] == 3 and "rank 1" in shrink["reason"] and shrink["new_micro_batch"] == 2
     assert records(out, "run")[0]["parallelism"] == "fsdp2"
     # the checkpoint is the whole model, gathered on rank 0, that a one-GPU GPT loads as is
     from trainer.model import GPT, GPTConfig, clean_state_dict
@@ -344,3 +349,18 @@ def test_each_rank_gets_its_own_cpu_budget(monkeypatch):
     with pytest.raises(DeviceError, match="names 1 budget"):
         rank_budget(None)
     assert strip_nproc(["run", "--nproc-per-node", "2", "-s", "a=1", "--nproc-per-node=3"]) == ["run", "-s", "a=1"]
+
+
+def test_ranks_on_one_machine_share_the_default_cpu_budget(monkeypatch):
+    import autofit.cpu
+    from autofit.device import DeviceError
+    from autofit.torchrun import check_ranks, cpu_share
+    monkeypatch.setattr(autofit.cpu, "default_cpu_budget", lambda: 8 * 2**30)
+    assert cpu_share(None) is None and cpu_share(123) == 123  # one process: the device's own default
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cpu_share(None) == 2 * 2**30  # four ranks take their budgets at once
+    cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in CONFIG.items()])
+    with pytest.raises(DeviceError, match="already one of torchrun's ranks"):
+        check_ranks(cfg, 2, resume=False)

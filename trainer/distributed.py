@@ -120,8 +120,8 @@ def start(device_type: str, ranks: Ranks | None = None) -> bool:
     try:
         dist.init_process_group(backend_for(device_type), **kwargs)
     except (RuntimeError, ValueError) as e:
-        raise TrainError(f"rank {ranks.rank}: cannot join the other {ranks.world_size - 1} rank(s) "
-                         f"({first_line(e)}); start several ranks with torchrun or autofit run --nproc-per-node N") from None
+        raise TrainError(f"rank {ranks.rank}: cannot join the other {ranks.world_size - 1} rank(s) ({first_line(e)}); "
+                         f"start several ranks with torchrun or autofit run --nproc-per-node N") from None
     return True
 
 
@@ -178,8 +178,9 @@ class Agreement:
     """The rounds in which the ranks exchange what happened in an attempt at an optimizer step.
 
     Each round is one all_reduce (MAX) of [real OOM, injected OOM, other error, stop wanted,
-    unfinished]; a failure is entered as the failing rank + 1, so the others can name it. A rank that finished its attempt (ok or failed) calls `outcome`, which repeats
-    rounds until no rank is unfinished; a rank still inside the step can answer a round with
+    unfinished]; a failure is entered as the failing rank + 1, so the others can name it. A rank
+    that finished its attempt (ok or failed) calls `outcome`, which repeats rounds until no rank
+    is unfinished; a rank still inside the step can answer a round with
     `check_in` (FSDP2's per-block checks), which raises OtherRankOOM when a rank has failed.
     Under DDP's deferred sync no rank communicates mid-step, so one round settles a step.
     The flag tensor is made once: no allocation can fail on the way to telling the others.
@@ -259,6 +260,18 @@ def all_gather_objects(obj, ranks: Ranks) -> list:
     except Exception as e:
         raise peer_lost(e, ranks) from None
     return out
+
+
+def any_over_ranks(flag: bool, ranks: Ranks) -> bool:
+    """True when `flag` is True on any rank (an all_reduce MAX on the host, through gloo)."""
+    if not ranks.several:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    except Exception as e:
+        raise peer_lost(e, ranks) from None
+    return bool(t.item())
 
 
 def mean_over_ranks(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:

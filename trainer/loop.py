@@ -286,7 +286,8 @@ class Trainer:
         It is a lesson for the profile only when confirmed: reserved memory near the limit."""
         if not self.meter.capabilities.alloc_retries:
             return
-        if self.thrash.observe(self.meter.alloc_retries()) and max(self.micro_batches) > 1:
+        # several ranks: shrink together when any rank thrashes, so the micro-batches stay alike
+        if self.group.any_rank(self.thrash.observe(self.meter.alloc_retries())) and max(self.micro_batches) > 1:
             reserved, limit = self.meter.peak_reserved_bytes(), self.meter.limit_bytes()
             confirmed = bool(reserved and limit and reserved >= THRASH_NEAR_LIMIT * limit)
             self._shrink(f"allocator retries rose for {THRASH_STEPS} steps", cause="thrash", confirmed=confirmed)

@@ -98,6 +98,10 @@ class RankGroup:
             self.agreement.outcome("error")
         return None
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (collective with several ranks)."""
+        return D.any_over_ranks(flag, self.ranks)
+
     # ------------------------------------------------------------------ figures
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean over the ranks of a device tensor (each rank's losses are its own rows')."""

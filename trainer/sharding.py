@@ -110,11 +110,13 @@ class FullySharded:
     """FSDP2: `fully_shard` on every transformer block, then on the root (embeddings, final
     norm, the tied head). Gradients are reduce-scattered in every micro-batch's backward: FSDP2's
     no-sync mode would accumulate them unsharded, giving back the memory that sharding is for
-    (more communication is the price of the memory lever). Each block's forward starts with an agreement round, so an
-    out-of-memory error in one rank's forward is known to the others before they wait in the
-    next block's all-gather; an OOM inside a backward cannot be agreed this way (its
-    reduce-scatter is already in flight) and ends at the collective timeout (AUTOFIT_DIST_TIMEOUT)
-    with one line, as Composer's FSDP hooks also leave it."""
+    (more communication is the price of the memory lever).
+
+    Each block's forward starts with an agreement round (Agreement.check_in), so an OOM in one
+    rank's forward is known to the others before they wait in the next block's all-gather. An
+    OOM inside a backward cannot be agreed this way (its reduce-scatter is already in flight) and
+    ends at the collective timeout (AUTOFIT_DIST_TIMEOUT) with one line, as Composer's FSDP hooks
+    also leave it."""
     kind = "fsdp2"
     zero_grad_to_none = True
 
