@@ -298,7 +298,8 @@ def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help=
         if fitted.compile_failed:
             notes.append("compile failed at run time")
         notes += fitted.events[-2:]
-        t.add_row(fp, cfg_txt, f"{p.micro_batch} x {p.grad_accum} ({p.split})", p.dtype, "on" if p.compile else "off",
+        ranks = f"; {p.world_size} ranks, {p.parallelism}, each" if p.world_size > 1 else ""
+        t.add_row(fp, cfg_txt, f"{p.micro_batch} x {p.grad_accum} ({p.split}){ranks}", p.dtype, "on" if p.compile else "off",
                   _fmt(p.measured_peak_bytes), f"{p.tokens_per_s:,.0f}" if p.tokens_per_s else "-",
                   f"{fitted.updated:%Y-%m-%d %H:%M}", "; ".join(notes))
     console.print(t)

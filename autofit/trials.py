@@ -152,11 +152,23 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
     leaked = (after - baseline) if (after is not None and baseline is not None) else 0
     rec.leaked_bytes = (after - baseline) if (after is not None and baseline is not None) else None
     tolerance = LEAK_TOLERANCE_BYTES["cuda" if device.torch_device.type == "cuda" else "cpu"]
+    _classify(rec, failure, kind, settings.steps, capacity_bytes, budget_bytes)
+    if leaked > tolerance:
+        rec.status = "leak"
+        rec.note = (f"{leaked:,} bytes still allocated after the trial (baseline {baseline:,}, tolerance "
+                    f"{tolerance:,}): its memory did not come back, so it cannot count as a fit"
+                    + (f"; it had ended: {rec.note}" if rec.note else ""))
+    return rec
+
+
+def _classify(rec: TrialRecord, failure: str | None, kind: str, steps: int, capacity_bytes: int | None,
+              budget_bytes: int) -> None:
+    """Sets the trial's status and note from how it ended and what it measured."""
     if failure is not None:
         rec.status = kind
         rec.note = failure
-    elif rec.steps_run < settings.steps:  # cannot happen without an exception; never call it a fit
-        rec.status, rec.note = "error", f"only {rec.steps_run} of {settings.steps} optimizer steps ran"
+    elif rec.steps_run < steps:  # cannot happen without an exception; never call it a fit
+        rec.status, rec.note = "error", f"only {rec.steps_run} of {steps} optimizer steps ran"
     elif capacity_bytes is not None and rec.measured_peak_bytes is not None and \
             max(rec.measured_peak_bytes, rec.measured_reserved_bytes or 0) > capacity_bytes:
         rec.status = "spill"
@@ -169,9 +181,3 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         rec.note = "ran, but its peak (reserved, on CUDA) is above the budget"
     else:
         rec.status = "fit"
-    if leaked > tolerance:
-        rec.status = "leak"
-        rec.note = (f"{leaked:,} bytes still allocated after the trial (baseline {baseline:,}, tolerance "
-                    f"{tolerance:,}): its memory did not come back, so it cannot count as a fit"
-                    + (f"; it had ended: {rec.note}" if rec.note else ""))
-    return rec
