@@ -51,6 +51,10 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
     Raises PlanError for an unknown dtype, bf16 (asked, or the config's) on a card without it, or
     --compile where compile cannot be measured."""
     cc_text = ".".join(map(str, compute_capability)) if compute_capability else None
+    too_deep = [c for c in (checkpointing or []) if c > cfg.n_layer]
+    if too_deep:  # a lever the model cannot take: refused before any trial, never saved in a plan
+        raise PlanError(f"--checkpointing {too_deep[0]}: the model has {cfg.n_layer} layer(s); activation "
+                        f"checkpointing intervals go from 0 (off) to {cfg.n_layer}")
     if dtype is None:
         dtypes = [cfg.resolved_dtype(device_kind, bf16_supported)]
         if dtypes == ["bfloat16"] and not bf16_supported:  # the config's own dtype: the same answer as --dtype

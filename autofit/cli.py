@@ -12,38 +12,53 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OOM-aware launcher for nanoGPT-style GPT training: measure what fits, plan, train.")
-# Piped output (CI logs, `| less`) gets 120 columns instead of rich's default 80, so the trial
-# table stays readable.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+# Piped output (CI logs, `| less`, a file) is not wrapped: lines are soft-wrapped (left whole for
+# the reader's pager), and tables get 200 columns instead of rich's default 80.
+console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=not sys.stderr.isatty())
+
+
+def _no_bool_metavar() -> None:
+    """typer's rich help prints a type for every option, so flags read `--json <bool>` and
+    `--help <bool>` as if they took a value. Flags take none: show no type for them."""
+    from typer import core
+    plain = core.TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else plain(self, ctx)
+    core.TyperOption.display_type_rich = display_type_rich
+
+
+_no_bool_metavar()
 
 
 class UsageError(ValueError):
     """Bad combination of command-line options."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the user can fix this': one line, no traceback."""
-    from trainer.config import ConfigError
-    from trainer.data import DataError
-    from trainer.loop import TrainError
-    errors: list[type[BaseException]] = [UsageError, ConfigError, DataError, TrainError]
-    for mod, name in (("autofit.devices", "DeviceError"), ("autofit.hardware", "HardwareError"),
-                      ("autofit.profiles", "ProfileError"), ("autofit.planner", "PlanError"),
-                      ("trainer.pretrained", "WeightsError"), ("trainer.nanogpt_ckpt", "CheckpointError"),
-                      ("trainer.sample", "SampleError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+# Exception types that mean 'the user can fix this': one line, no traceback. Matched by class
+# name along the exception's MRO (classes of autofit and trainer only), so that catching them
+# imports nothing (trainer.loop would import torch, ~2 s, even for `autofit config`) and a class
+# moving between modules keeps working.
+USER_ERRORS = frozenset({
+    "UsageError", "ConfigError", "DataError", "TrainError", "DeviceError", "HardwareError", "ProfileError",
+    "PlanError", "PlotError", "WeightsError", "CheckpointError", "SampleError",
+})
+
+
+def _is_user_error(e: BaseException) -> bool:
+    return any(c.__name__ in USER_ERRORS and c.__module__.split(".")[0] in ("autofit", "trainer", "__main__")
+               for c in type(e).__mro__)
 
 
 def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
+    """The TrainConfig of a command: preset (tiny without --config), file, --set; with
+    init_from = 'gpt2*' the published model's shape, as nanoGPT's train.py takes it."""
     from trainer.config import load_config
+    from trainer.pretrained import gpt2_config
     if preset is None and config is None:
         preset = "tiny"  # the built-in default: small enough to train on a laptop CPU in minutes
-    return load_config(preset=preset, config_file=config, overrides=overrides)
+    return gpt2_config(load_config(preset=preset, config_file=config, overrides=overrides))
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or nanoGPT-style .py config (parsed, never executed).")
@@ -115,30 +130,58 @@ LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standa
 @app.command("probe")
 def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt, overrides: List[str] = SetOpt,
               device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt,
-              gpu: Optional[str] = typer.Option(None, "--gpu", help="Simulate a GPU from its built-in profile (estimates only), e.g. rtx4070-12gb."),
+              gpu: Optional[str] = typer.Option(None, "--gpu", help="Simulate a GPU from its hardware profile, built-in or added with `autofit profiles add` (estimates only), e.g. rtx4070-12gb."),
               gpu_index: int = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
               compile: Optional[bool] = CompileOpt, checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
               save: bool = typer.Option(False, "--save", help="Store the fitted plan in this device's profile."),
+              plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install 'autofit[plot]')."),
+              verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the budget, every candidate and why the plan won."),
               as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
     """Measure what fits on this device (or estimate it for --gpu NAME) and print the plan."""
     from autofit.probe import run_probe
-    from autofit.render import render_probe
     cfg = load_train_config(config, preset, overrides)
     opts = _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss)
+    # Everything that would fail after the probe is checked before it runs.
+    if plot is not None:
+        from autofit.plot import check_plot_target
+        check_plot_target(plot)
+    if save and gpu is not None:
+        raise UsageError("--save stores measured plans only; --gpu simulates a card and only estimates")
+    if save:
+        from autofit.profiles import check_profiles_writable
+        check_profiles_writable()
     log = (lambda s: None) if as_json else (lambda s: err_console.print(f"[dim]{s}[/]"))
     res, _, _ = run_probe(cfg, opts, log=log)
-    saved = None
+    saved, save_error = None, None
     if save:
         from autofit.launch import save_probe
-        name, fp, path = save_probe(res, cfg)
-        saved = {"profile": name, "fingerprint": fp, "path": str(path)}
+        from autofit.profiles import ProfileError
+        try:
+            name, fp, path = save_probe(res, cfg)
+            saved = {"profile": name, "fingerprint": fp, "path": str(path)}
+        except ProfileError as e:  # shown after the plan: a failed save must not hide what was measured
+            save_error = e
+    if plot is not None:
+        from autofit.plot import plot_probe
+        plot_probe(res, cfg, plot)
     if as_json:
         out = res.to_json()
         if saved:
             out["saved"] = saved
+        if plot is not None:
+            out["plot"] = str(plot)
         print(json.dumps(out, indent=2))
-        return
-    render_probe(res, console)
+    else:
+        _print_probe(res, cfg, opts, config, preset, saved, plot, verbose)
+    if save_error is not None:
+        raise save_error
+
+
+def _print_probe(res, cfg, opts, config, preset, saved, plot, verbose) -> None:
+    from autofit.render import render_probe
+    render_probe(res, console, cfg=cfg, verbose=verbose)
+    if plot is not None:
+        console.print(f"plot: {plot}")
     if res.mode == "estimated":
         src = f"--config {config} " if config else (f"--preset {preset} " if preset else "")
         console.print(f"[bold]next[/]: on the {opts.gpu} itself, measure, save and train in one go:")
@@ -161,6 +204,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt, compile: Optional[bool] = CompileOpt,
             checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+            allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept --set values that change what the run trains (said in the log)."),
             nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this machine (one GPU each): starts torchrun for you."),
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
@@ -176,34 +220,63 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     if profile is not None and budget is not None:
         raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
     log = lambda s: err_console.print(f"[dim]{s}[/]")
-    if not resume:
-        _check_fresh_run(cfg)
-    from autofit.torchrun import check_ranks, relaunch
-    check_ranks(cfg, nproc_per_node, resume)  # several ranks: the effective batch divides, before any probe
-    if nproc_per_node is not None:  # the same command on N ranks, through torchrun
-        raise typer.Exit(relaunch(sys.argv[1:], nproc_per_node))
-    if resume:  # the checkpoint's own config and plan: no probe, the same run continues
-        from autofit.launch import prepare_resume
-        if config is not None or preset is not None or profile is not None:
-            log("--resume: the checkpoint's config and plan are used; --config/--preset/--profile are ignored")
-        launch = prepare_resume(cfg.out_dir, overrides, gpu_index=gpu_index, max_steps=max_steps,
-                                progress=not no_progress, log=log)
+    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
+    if profile is not None:  # a probe may save into it: writable before any trial runs
+        from autofit.profiles import check_profiles_writable
+        check_profiles_writable(profile)
+    resuming = resume or cfg.init_from == "resume"
+    if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
+        _start_ranks(cfg, nproc_per_node, resuming, log)
+    if resuming:  # nanoGPT's init_from='resume' is --resume
+        from autofit.resume import prepare_resume
+        from trainer.checkpoint import check_out_dir
+        check_out_dir(cfg.out_dir)
+        if profile is not None:
+            log("--resume: the checkpoint's plan is used; --profile is ignored")
+        launch = prepare_resume(cfg.out_dir, _resume_overrides(cfg, overrides, resume), probe_opts=opts,
+                                allow_changes=allow_changes, max_steps=max_steps, progress=not no_progress, log=log)
         console.print(f"[bold]plan[/]: {launch.source}")
         _report_run(train(launch.cfg, launch.opts), launch.cfg)
         return
-    if no_probe:
+    _check_fresh_run(cfg, log)
+    from autofit.torchrun import check_ranks
+    check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
+    if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
         if profile is not None:
             raise UsageError("--no-probe and --profile exclude each other")
         result = train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
         _report_run(result, cfg)
         return
     from autofit.launch import prepare_run
-    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
-                         resume=resume, progress=not no_progress, log=log)
+                         resume=False, progress=not no_progress, log=log)
     console.print(f"[bold]plan[/]: {launch.source}")
     console.print(_plan_line(launch.plan))
     _report_run(train(launch.cfg, launch.opts), launch.cfg)
+
+
+def _resume_overrides(cfg, overrides: List[str], flag: bool) -> dict:
+    """What a resume is asked to change: the --set values; with init_from='resume' in a config
+    (nanoGPT's way), also the values the config file sets (not the preset's or the defaults)."""
+    from trainer.config import parse_override
+    out = dict(parse_override(item) for item in overrides)
+    if not flag:
+        for key in type(cfg).model_fields:
+            src = cfg.source_of(key)
+            if src not in ("default",) and not src.startswith("preset ") and key != "init_from":
+                out.setdefault(key, getattr(cfg, key))
+    out.pop("init_from", None)
+    return out
+
+
+def _start_ranks(cfg, nproc_per_node: int, resuming: bool, log) -> None:
+    """--nproc-per-node N: what a fresh run would refuse is checked here once, then torchrun
+    starts the same command on N ranks; this process exits with their status."""
+    from autofit.torchrun import check_ranks, relaunch
+    if not resuming:
+        _check_fresh_run(cfg, log)
+    check_ranks(cfg, nproc_per_node, resuming)
+    raise typer.Exit(relaunch(sys.argv[1:], nproc_per_node))
 
 
 def _plan_line(p) -> str:
@@ -215,14 +288,21 @@ def _plan_line(p) -> str:
                f"estimated peak {_fmt(p.estimated_peak_bytes)}") + f" of {_fmt(p.budget_bytes)} budget")
 
 
-def _check_fresh_run(cfg) -> None:
+def _check_fresh_run(cfg, log) -> None:
     """Checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
     overwrite a checkpoint; bad data is reported before trials, not after them."""
+    from trainer.checkpoint import check_out_dir
+    from trainer.data import load_dataset
+    check_out_dir(cfg.out_dir)
     if (Path(cfg.out_dir) / "ckpt.pt").exists():
         raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
                          f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
-    from trainer.data import load_dataset
-    load_dataset(cfg.dataset).check_vocab(cfg.vocab_size)
+    data = load_dataset(cfg.dataset)
+    data.check_vocab(cfg.vocab_size)
+    data.check_block_size(cfg.block_size)
+    src = cfg.source_of("vocab_size")
+    if src.endswith("meta.pkl") or src.startswith("dataset"):
+        log(f"vocab_size {cfg.vocab_size}, from {src}")
 
 
 def _no_probe_options(cfg, device, budget, gpu_index, max_steps, progress):
@@ -243,74 +323,9 @@ def _fmt(n):
     return fmt_bytes(n) if n else "-"
 
 
-profiles_app = typer.Typer(help="Saved per-GPU profiles: list, show, remove.", no_args_is_help=True)
+from autofit.cli_profiles import profiles_app  # noqa: E402  (the `profiles` sub-commands)
+
 app.add_typer(profiles_app, name="profiles")
-
-
-@profiles_app.command("list")
-def profiles_list(as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
-    """Built-in and saved profiles."""
-    from autofit.hardware import load_builtin
-    from autofit.profiles import list_profiles
-    from autofit.launch import _builtin_hardware
-    entries = list_profiles(sorted(load_builtin()), builtin=_builtin_hardware)
-    if as_json:
-        print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
-        return
-    from rich.table import Table
-    t = Table("name", "GPU", "memory", "fitted plans", "where")
-    for e in entries:
-        t.add_row(e.name, e.gpu, _fmt(e.memory_bytes), str(e.n_plans), e.location + (f" [red]({e.error})[/]" if e.error else ""))
-    console.print(t)
-
-
-@profiles_app.command("show")
-def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
-    """Hardware and fitted plans of one profile."""
-    from autofit.launch import _builtin_hardware
-    from autofit.profiles import ProfileError, load_profile
-    prof = load_profile(name, builtin=_builtin_hardware)
-    if prof is None:
-        raise ProfileError(f"no profile named {name!r}; see autofit profiles list")
-    if as_json:
-        print(json.dumps(prof.model_dump(mode="json"), indent=2))
-        return
-    hw = prof.hardware or {}
-    mem = hw.get("memory_bytes")
-    console.print(f"[bold]{prof.name}[/]: {hw.get('gpu', '?')}, {_fmt(mem) if isinstance(mem, int) else '?'}"
-                  + (f", compute capability {'.'.join(map(str, hw['compute_capability']))}" if hw.get('compute_capability') else "")
-                  + (f", peak dense bf16 {hw['peak_bf16_tflops']} TFLOP/s" if hw.get('peak_bf16_tflops') else "")
-                  + (f", {hw['memory_bandwidth_gbs']} GB/s" if hw.get('memory_bandwidth_gbs') else ""))
-    if hw.get("source"):
-        console.print(f"  source: {hw['source']}")
-    if not prof.plans:
-        console.print("  no fitted plans yet (autofit probe --save, or autofit run --profile on this card)")
-        return
-    from rich.table import Table
-    t = Table("fingerprint", "config", "micro x accum", "dtype", "compile", "measured peak", "tokens/s", "date", "notes")
-    for fp, fitted in prof.plans.items():
-        c, p = fitted.config_summary, fitted.plan
-        cfg_txt = (f"{c.get('n_layer')} layers, {c.get('n_head')} heads, n_embd {c.get('n_embd')}, "
-                   f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch}")
-        notes = []
-        if fitted.safe_micro_batch:
-            notes.append(f"safe micro-batch {fitted.safe_micro_batch}")
-        if fitted.compile_failed:
-            notes.append("compile failed at run time")
-        notes += fitted.events[-2:]
-        ranks = f"; {p.world_size} ranks, {p.parallelism}, each" if p.world_size > 1 else ""
-        t.add_row(fp, cfg_txt, f"{p.micro_batch} x {p.grad_accum} ({p.split}){ranks}", p.dtype, "on" if p.compile else "off",
-                  _fmt(p.measured_peak_bytes), f"{p.tokens_per_s:,.0f}" if p.tokens_per_s else "-",
-                  f"{fitted.updated:%Y-%m-%d %H:%M}", "; ".join(notes))
-    console.print(t)
-
-
-@profiles_app.command("rm")
-def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", help="Remove only this plan (fingerprint).")):
-    """Remove a saved profile, or one plan of it."""
-    from autofit.hardware import load_builtin
-    from autofit.profiles import remove_profile
-    console.print(remove_profile(name, plan, builtin_names=sorted(load_builtin())))
 
 
 @app.command("sample")
@@ -348,6 +363,11 @@ def _report_run(result, cfg) -> None:
         err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
                           f"continue with: autofit run --resume --out {cfg.out_dir}")
         raise typer.Exit(130)
+    if result.status == "evaluated":
+        ev = result.last_eval or {}
+        console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "
+                      f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained or saved")
+        return
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     msg = f"done: {result.steps} optimizer steps"
     if first is not None:
@@ -381,20 +401,19 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
 
 
 def main() -> None:
-    errors = _user_errors()
     from autofit.torchrun import error_prefix, quiet_unless_rank0, session
     try:
         with session():  # torchrun: one process group for the command, left at the end
             quiet_unless_rank0(console, err_console)
             code = app(standalone_mode=False)
-    except errors as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("autofit: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
+        if _is_user_error(e):
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
+            sys.exit(2)
         # click's (or typer's vendored click's) usage errors carry exit code 2 and a message:
         # one line too, instead of a boxed multi-line panel
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `autofit`: the help was shown
@@ -411,4 +430,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m autofit.cli` runs this file as __main__; run the importable autofit.cli instead, so
+    # the modules it imports (autofit.cli_profiles) and this code share one UsageError and console.
+    from autofit.cli import main as _main
+    _main()

@@ -1,7 +1,8 @@
 """Hardware profiles: what a GPU model can hold and do, from vendor figures.
 
 A profile is named by a slug, model + marketed memory ("rtx4070-12gb"), and lives in a TOML file
-(autofit/builtin_profiles/<slug>.toml for the built-in ones). It gives the capacity, compute
+(the top-level profiles/<slug>.toml for the built-in ones, packaged as autofit/builtin_profiles;
+users add their own with `autofit profiles add`). It gives the capacity, compute
 capability, bf16 support, peak dense tensor throughput (for honest MFU, per card) and memory
 bandwidth. The simulated device uses a profile in place of a GPU that is not present.
 """
@@ -11,7 +12,6 @@ import difflib
 import re
 import sys
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +83,21 @@ def load_hardware_file(path: str | Path) -> HardwareSpec:
     return spec
 
 
+def builtin_profiles_dir() -> Path:
+    """The folder of built-in hardware profiles: the copy inside an installed wheel
+    (autofit/builtin_profiles), else the source checkout's top-level profiles/ (an editable
+    install reads that folder itself). Raises HardwareError if neither exists."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "builtin_profiles", package.parent / "profiles"):
+        if folder.is_dir():
+            return folder
+    raise HardwareError(f"no built-in hardware profiles found (looked in {package / 'builtin_profiles'} "
+                        f"and {package.parent / 'profiles'}); reinstall autofit")
+
+
 @lru_cache(maxsize=1)
 def _builtin() -> tuple[HardwareSpec, ...]:
-    folder = resources.files("autofit") / "builtin_profiles"
-    specs = []
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.endswith(".toml"):
-            with resources.as_file(entry) as p:
-                specs.append(load_hardware_file(p))
-    return tuple(specs)
+    return tuple(load_hardware_file(p) for p in sorted(builtin_profiles_dir().glob("*.toml")))
 
 
 def load_builtin() -> dict[str, HardwareSpec]:
@@ -99,13 +105,76 @@ def load_builtin() -> dict[str, HardwareSpec]:
     return {s.name: s.model_copy(deep=True) for s in _builtin()}
 
 
-def get_hardware(name: str) -> HardwareSpec:
+def spec_from_profile(name: str, hardware: dict[str, Any] | None, where: str) -> HardwareSpec:
+    """The HardwareSpec in a saved profile's hardware table. Keys that are not HardwareSpec
+    fields (such as `kind`, written by a probe) are ignored; the profile's name is the spec's.
+    Raises HardwareError naming `where` when the description is missing or incomplete."""
+    add = (f"autofit profiles add {name} --memory 4GiB --compute-capability 7.5 "
+           "--peak-fp16-tflops 8.9 --bandwidth-gbs 192")
+    if not hardware or hardware.get("kind") == "cpu":
+        raise HardwareError(f"{where}: profile {name} describes no GPU (a budgeted-CPU profile?); "
+                            f"describe one with: {add}")
+    fields = {k: v for k, v in hardware.items() if k in HardwareSpec.model_fields}
+    fields.setdefault("nvml_names", [fields["gpu"]] if isinstance(fields.get("gpu"), str) else [])
+    try:
+        return HardwareSpec.model_validate({**fields, "name": name})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "hardware"
+        raise HardwareError(f"{where}: profile {name} has no complete GPU description ({key}: {err['msg']}); "
+                            f"write one with: {add}") from None
+
+
+def user_hardware(name: str) -> HardwareSpec | None:
+    """The GPU described in the user's profile file `name` ($AUTOFIT_HOME/profiles), or None if
+    there is no such file. Raises ProfileError for an unreadable file, HardwareError for one
+    that describes no complete GPU."""
+    from autofit.profiles import load_profile, profile_path  # profiles imports nothing of ours
+    saved = load_profile(name)
+    if saved is None:
+        return None
+    return spec_from_profile(name, saved.hardware, str(profile_path(name)))
+
+
+def known_hardware() -> dict[str, HardwareSpec]:
+    """Built-in profiles overlaid with every user profile that describes a complete GPU (a user
+    file with a built-in's name wins). Unreadable or incomplete user files are skipped here;
+    get_hardware reports them when one is asked for by name."""
+    from autofit.profiles import ProfileError, list_profiles
     known = load_builtin()
-    if name in known:
-        return known[name]
+    for entry in list_profiles():
+        try:
+            spec = user_hardware(entry.name)
+        except (ProfileError, HardwareError):
+            continue
+        if spec is not None:
+            known[spec.name] = spec
+    return known
+
+
+def get_hardware(name: str) -> HardwareSpec:
+    """The hardware profile `name`: the user's (`autofit profiles add`, or a saved profile with a
+    complete description) if there is one, else the built-in. Raises HardwareError for an unknown
+    name (with near matches) or a user file that names no complete GPU and shadows no built-in;
+    ProfileError for an unreadable user file."""
+    from autofit.profiles import NAME_RE
+    builtin = load_builtin()
+    try:
+        # A name no profile file can have ("RTX4070") is not looked up; near matches follow.
+        spec = user_hardware(name) if NAME_RE.fullmatch(name) else None
+    except HardwareError:
+        if name in builtin:  # e.g. a probe's CPU-less save under a built-in's name: the built-in holds
+            return builtin[name]
+        raise
+    if spec is not None:
+        return spec
+    if name in builtin:
+        return builtin[name]
+    known = known_hardware()
     near = difflib.get_close_matches(name.lower(), list(known), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(near)}? " if near else ""
-    raise HardwareError(f"unknown hardware profile {name!r}; {hint}known: {', '.join(sorted(known))}")
+    raise HardwareError(f"unknown hardware profile {name!r}; {hint}known: {', '.join(sorted(known))} "
+                        f"(add your own with autofit profiles add)")
 
 
 # Memory sizes GPUs are sold with, in GB (which vendors use loosely for GiB-ish amounts). NVML
@@ -149,8 +218,9 @@ def slug_for(nvml_name: str, total_bytes: int) -> str:
 
 
 def match_hardware(info: DeviceInfo) -> HardwareSpec | None:
-    """The built-in profile for this device, or None when there is none (never a near guess)."""
-    known = load_builtin()
+    """The hardware profile (user or built-in) for this device, or None when there is none
+    (never a near guess)."""
+    known = known_hardware()
     if info.source.startswith("profile:"):
         return known.get(info.source.removeprefix("profile:"))
     if info.kind == "cpu":

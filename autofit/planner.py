@@ -10,7 +10,7 @@ The measured probe (probe_measured), step by step:
 3. choose(): the fastest fitting candidate, ties within NOISE going to the larger micro-batch;
 4. confirm_compile(): when compile is in the space, run the chosen size compiled (and the next
    smaller fit if the compiled peak is higher) and keep it if it is faster;
-5. split the effective batch into micro-batches (ragged or a divisor, by measured step time).
+5. split the effective batch into micro-batches (balanced, or a divisor when measured faster).
 With no matching GPU here, probe_estimated answers from the closed-form estimate alone.
 """
 from __future__ import annotations
@@ -94,6 +94,8 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     same = [t for t in fits if Levers.of(t) == Levers.of(chosen)]
     measured_tps = {t.micro_batch: t.tokens_per_s for t in same if t.tokens_per_s}
     micro_batches, why_split = choose_split(E, chosen.micro_batch, measured_tps, cfg.block_size)
+    micro_batches = _run_the_split_size(runner, chosen, micro_batches)
+    same = [t for t in runner.fits(Levers.of(chosen))]
     peak = max(t.measured_peak_bytes or 0 for t in same if t.micro_batch == max(micro_batches))
     if chosen.compile:
         peak = max(peak, chosen.measured_peak_bytes or 0)
@@ -120,6 +122,20 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     return ProbeResult(mode="measured", device=None, budget=budget, effective_batch=cfg.effective_batch,
                        block_size=cfg.block_size, trials=runner.trials, plan=plan, breakdown=est.breakdown,
                        fit_sizes=sorted(measured_tps), compiled_fit_sizes=compiled_fits)
+
+
+def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches: list[int]) -> list[int]:
+    """Every size in a plan was run: a balanced split's largest micro-batch can be below the
+    chosen size (21 at 10 runs 7s); run it if no trial did (smaller sizes fit, as memory grows
+    with the micro-batch, so this measures it rather than tests it)."""
+    largest = max(micro_batches)
+    if any(t.micro_batch == largest for t in runner.fits(Levers.of(chosen))):
+        return micro_batches
+    r = runner.run(Levers.of(chosen).candidate(largest))
+    if r.status == "fit" or largest == 1:
+        return micro_batches
+    # memory that did not grow with the micro-batch (fragmentation): balance below it instead
+    return _run_the_split_size(runner, chosen, split_batch(runner.cfg.effective_batch, largest - 1))
 
 
 def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
@@ -203,27 +219,28 @@ def _step_seconds(micro_batches: list[int], block_size: int, tps: Callable[[int]
 
 
 def choose_split(rank_batch: int, micro: int, measured_tps: dict[int, float], block_size: int) -> tuple[list[int], str]:
-    """Between the ragged split (full micro-batches + a short last one) and the largest measured
-    divisor of the batch, the one with the shorter estimated step time. A size that was not
-    measured is timed at the rate of the nearest measured size (noted in the reason)."""
+    """Between the balanced split (micro-batches of at most `micro`, sizes differing by at most
+    one) and the largest measured divisor of the batch, the one with the shorter step time at the
+    measured rates. A size that was not measured is timed at the rate of the nearest measured
+    size."""
     def tps(m: int) -> float:
         nearest = min(measured_tps, key=lambda s: (abs(s - m), -s))
         return measured_tps[nearest]
-    ragged = split_batch(rank_batch, micro)
-    if len(set(ragged)) == 1:
-        return ragged, f"{micro} divides {rank_batch}"
+    balanced = split_batch(rank_batch, micro)
+    if len(set(balanced)) == 1:
+        return balanced, f"{balanced[0]} divides {rank_batch}"
     divisors = [d for d in measured_tps if d <= micro and rank_batch % d == 0]
-    t_ragged = _step_seconds(ragged, block_size, tps)
+    t_bal = _step_seconds(balanced, block_size, tps)
     if divisors:
         d = max(divisors)
         even = split_batch(rank_batch, d)
         t_even = _step_seconds(even, block_size, tps)
-        if t_even < t_ragged:
-            return even, (f"the divisor {d} ({t_even:.3g} s/step) beats the ragged split "
-                          f"{describe_split(ragged)} ({t_ragged:.3g} s/step)")
-        return ragged, (f"ragged split ({t_ragged:.3g} s/step) beats the divisor {d} ({t_even:.3g} s/step); "
-                        f"the short micro-batch's loss is weighted by its share of tokens")
-    return ragged, "no measured divisor of the batch; the short last micro-batch is weighted by its tokens"
+        if t_even < t_bal:
+            return even, (f"the divisor {d} ({t_even:.3g} s/step) beats the balanced split "
+                          f"{describe_split(balanced)} ({t_bal:.3g} s/step)")
+        return balanced, (f"balanced split ({t_bal:.3g} s/step) beats the divisor {d} ({t_even:.3g} s/step); "
+                          f"each micro-batch's loss is weighted by its share of tokens")
+    return balanced, "balanced split (no measured divisor of the batch); each micro-batch's loss is weighted by its tokens"
 
 
 def _retime_contenders(runner: TrialRunner, fits: list[TrialRecord]) -> None:

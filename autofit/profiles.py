@@ -8,21 +8,15 @@ Files are written atomically (temp file, fsync, rename) under an exclusive per-p
 concurrent probes and trainers recording run-time OOMs never lose each other's updates. A file
 that cannot be read as a profile is never overwritten.
 
-This module depends on no other autofit module except `records`: the hardware description is a
-plain dict (a HardwareSpec dumped with `model_dump(mode="json")`), and built-in profiles are looked
-up through a callable the caller passes in.
+Where files live, the lock and atomic writes are in autofit.profile_files; fingerprints in
+autofit.fingerprints (both re-exported here). No other autofit module but `records` is imported:
+the hardware description is a plain dict (a HardwareSpec dumped with `model_dump(mode="json")`),
+and built-in profiles are looked up through a callable the caller passes in.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-import re
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,33 +24,28 @@ from typing import Any
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# Re-exported: callers know the fingerprint and file-location functions from here.
+from autofit import fingerprints as _fingerprints
+from autofit.fingerprints import _strip_none, explain_stale, fingerprint_inputs  # noqa: F401
+from autofit.profile_files import (NAME_MAX, NAME_RE, ProfileError, _is_valid_name,  # noqa: F401
+                                   check_name, check_profiles_writable, locked as _locked, profile_path,
+                                   profiles_dir, write_text_atomic)
 from autofit.records import PlanRecord, TrialRecord
+
+# An assignment, not an import: several functions here take a `fingerprint` argument.
+fingerprint = _fingerprints.fingerprint
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
-NAME_MAX = 100
 CPU_GPU_LABEL = "CPU (budgeted)"
-# How long the lock-file fallback (no fcntl) waits before telling the user a lock looks stale.
-LOCK_TIMEOUT_S = 30.0
 
-# Short labels for the non-config fingerprint inputs, as people say them ("torch 2.4 -> 2.5").
-_VERSION_LABELS = {"torch_version": "torch", "cuda_version": "cuda", "driver_version": "driver"}
 
 BuiltinLookup = Callable[[str], "dict[str, Any] | None"]
-
-
-class ProfileError(ValueError):
-    """A profile problem the user can fix; the message is one line and names the file."""
 
 
 def _now() -> datetime:
@@ -134,49 +123,7 @@ class ProfileEntry(BaseModel):
     error: str = ""  # set when the user file cannot be read; the listing still shows it
 
 
-# ---------------------------------------------------------------- fingerprints
-
-
-def fingerprint_inputs(config_summary: dict[str, Any], torch_version: str,
-                       cuda_version: str | None, driver_version: str | None) -> dict[str, Any]:
-    """Everything a plan's memory use depends on, flat, so staleness reads field by field."""
-    clash = set(config_summary) & set(_VERSION_LABELS)
-    if clash:
-        raise ValueError(f"config summary must not contain {sorted(clash)}")
-    return {**config_summary, "torch_version": torch_version, "cuda_version": cuda_version,
-            "driver_version": driver_version}
-
-
-def _strip_none(value: Any) -> Any:
-    # TOML has no null: None values are dropped on write, so they must also be ignored when
-    # hashing, or a plan read back from disk would not match its own fingerprint.
-    if isinstance(value, dict):
-        return {k: _strip_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_strip_none(v) for v in value]
-    return value
-
-
-def fingerprint(inputs: dict[str, Any]) -> str:
-    """First 12 hex digits of sha256 over canonical JSON (sorted keys, None values dropped)."""
-    canonical = json.dumps(_strip_none(inputs), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
-
-
-def explain_stale(old_inputs: dict[str, Any], new_inputs: dict[str, Any]) -> list[str]:
-    """What changed between two fingerprint inputs, e.g. ['torch 2.4.0 -> 2.5.1', 'n_embd 576 -> 768']."""
-    old, new = _strip_none(old_inputs), _strip_none(new_inputs)
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key), new.get(key)
-        if before != after:
-            label = _VERSION_LABELS.get(key, key)
-            changes.append(f"{label} {_show(before)} -> {_show(after)}")
-    return changes
-
-
-def _show(value: Any) -> str:
-    return "unset" if value is None else str(value)
+# ---------------------------------------------------------------- plans in a profile
 
 
 def find_plan(profile: SavedProfile, fingerprint: str) -> FittedPlan | None:
@@ -194,36 +141,6 @@ def nearest_plan(profile: SavedProfile, inputs: dict[str, Any]) -> tuple[FittedP
     return best
 
 
-# ---------------------------------------------------------------- locations
-
-
-def profiles_dir() -> Path:
-    """$AUTOFIT_HOME/profiles, else $XDG_DATA_HOME/autofit/profiles, else ~/.local/share/autofit/profiles."""
-    home = os.environ.get("AUTOFIT_HOME")
-    if home:
-        return Path(home).expanduser() / "profiles"
-    xdg = os.environ.get("XDG_DATA_HOME")
-    # The XDG spec says relative paths in these variables are invalid and must be ignored.
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "autofit" / "profiles"
-    return Path.home() / ".local" / "share" / "autofit" / "profiles"
-
-
-def _is_valid_name(name: str) -> bool:
-    return len(name) <= NAME_MAX and NAME_RE.fullmatch(name) is not None
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _is_valid_name(name):
-        raise ProfileError(f"bad profile name {name!r}: use lowercase letters, digits, '.', '_', '-' "
-                           f"(starting with a letter or digit, at most {NAME_MAX} characters)")
-    return name
-
-
-def profile_path(name: str) -> Path:
-    return profiles_dir() / f"{check_name(name)}.toml"
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -235,21 +152,24 @@ def _read_file(path: Path) -> SavedProfile | None:
         return None
     except OSError as exc:
         raise ProfileError(f"cannot read profile file {path}: {exc.strerror or exc}") from None
+    clear = f"autofit profiles rm {path.stem}"
     try:
         raw = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"profile file {path} is not valid TOML: {_one_line(str(exc))}") from None
+        raise ProfileError(f"profile file {path} is not valid TOML: {_one_line(str(exc))}; "
+                           f"clear it with: {clear}") from None
     # Checked before validation: a newer schema may legitimately fail our model.
     version = raw.get("schema_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise ProfileError(f"{path} was written by a newer autofit (schema {version} > {SCHEMA_VERSION}); "
-                           "upgrade autofit or move the file")
+                           f"upgrade autofit, or clear it with: {clear}")
     try:
         profile = SavedProfile.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ProfileError(f"{path} is not an autofit profile: {where}: {_one_line(first['msg'])}") from None
+        raise ProfileError(f"{path} is not an autofit profile: {where}: {_one_line(first['msg'])}; "
+                           f"clear it with: {clear}") from None
     # The file name is how users address a profile; a renamed file takes its new name.
     if profile.name != path.stem:
         profile = profile.model_copy(update={"name": path.stem})
@@ -275,78 +195,72 @@ def load_profile(name: str, *, builtin: BuiltinLookup | None = None) -> SavedPro
 # ---------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive lock on `<path>.lock` around a read-modify-write of `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    if fcntl is not None:
-        # The lock file is left in place: unlinking it while another process waits on it would
-        # let a third process lock a fresh file, and two writers would run at once.
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
-        return
-    deadline = time.monotonic() + LOCK_TIMEOUT_S
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            if time.monotonic() > deadline:
-                raise ProfileError(f"timed out waiting for lock {lock_path}; if no autofit is "
-                                   "running, delete it") from None
-            time.sleep(0.05)
-    try:
-        os.close(fd)
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path)
-
-
 def _write_atomic(path: Path, profile: SavedProfile) -> None:
     # Serialise first: if that fails, no temp file is ever created.
     text = tomli_w.dumps(_strip_none(profile.model_dump(mode="json", exclude_none=True)))
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        if isinstance(exc, OSError):
-            raise ProfileError(f"cannot write profile file {path}: {exc.strerror or exc}") from None
-        raise
-    # Make the rename itself durable; not every platform lets a directory be opened or fsynced.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    write_text_atomic(path, text)
 
 
 def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan) -> Path:
-    """Create or update profile `name` with `plan`. A plan with the same fingerprint is replaced
-    (keeping its `created`); other plans are kept. `hardware`, when given, replaces the stored
-    description; None keeps what is stored (CPU budget profiles have none)."""
+    """Create or update profile `name` with `plan`; returns the file's path.
+
+    A plan with the same fingerprint is replaced (keeping its `created`); other plans are kept.
+    `hardware`, when given, updates the stored description key by key (so peak rates written by
+    `autofit profiles add` survive a save from a probe that knows only the card's name and
+    memory); None keeps what is stored. Raises ProfileError for a bad name, an unwritable
+    directory, or a stored file that cannot be read: then the file is left as it is and the plan
+    is kept in a side file `kept/<name>.plan-<fingerprint>.toml` under the profiles directory,
+    which the message names."""
     path = profile_path(name)
+    check_profiles_writable()
     with _locked(path):
-        profile = _read_file(path) or SavedProfile(name=name)
+        try:
+            profile = _read_file(path) or SavedProfile(name=name)
+        except ProfileError as exc:
+            raise ProfileError(_keep_aside(path, hardware, plan, str(exc))) from None
         if hardware is not None:
-            profile.hardware = dict(hardware)
+            profile.hardware = {**(profile.hardware or {}), **hardware}
         old = profile.plans.get(plan.fingerprint)
         created = old.created if old is not None else plan.created
         profile.plans[plan.fingerprint] = plan.model_copy(update={"created": created, "updated": _now()})
         _write_atomic(path, profile)
     return path
+
+
+def save_hardware(name: str, hardware: dict[str, Any]) -> tuple[Path, bool]:
+    """Write `hardware` as profile `name`'s description, keeping any fitted plans (they were
+    measured on the card itself). Returns (path, whether the file was new). Raises ProfileError
+    for a bad name, an unwritable directory or an unreadable existing file (left as it is)."""
+    path = profile_path(name)
+    check_profiles_writable()
+    with _locked(path):
+        old = _read_file(path)
+        profile = old or SavedProfile(name=name)
+        profile.hardware = dict(hardware)
+        _write_atomic(path, profile)
+    return path, old is None
+
+
+def side_file_path(path: Path, fingerprint: str) -> Path:
+    """Where save_plan keeps a plan it could not add to the profile file at `path`."""
+    # A subfolder: the listing (and every lookup by name) sees only <profiles_dir>/*.toml.
+    return path.parent / "kept" / f"{path.stem}.plan-{fingerprint}.toml"
+
+
+def _keep_aside(path: Path, hardware: dict[str, Any] | None, plan: FittedPlan, problem: str) -> str:
+    """Write `plan` as a profile of its own next to the unreadable `path`; return the error line."""
+    side = side_file_path(path, plan.fingerprint)
+    kept = SavedProfile(name=path.stem, hardware=dict(hardware) if hardware is not None else None,
+                        plans={plan.fingerprint: plan})
+    try:
+        side.parent.mkdir(exist_ok=True)
+        _write_atomic(side, kept)
+    except (OSError, ProfileError):
+        return problem + "; the plan could not be kept"
+    # The side file is a profile in its own right; renamed to <name>.toml it becomes that profile.
+    repair = problem.split("; clear it with: ")[0].split("; upgrade autofit")[0]
+    return (f"{repair}; the plan was kept in {side}; repair: autofit profiles rm {path.stem} && "
+            f"mv {side} {path}")
 
 
 def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: int | None = None,
@@ -355,6 +269,8 @@ def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: i
     `safe_micro_batch` only ever lowers the stored one (two runs reporting at once keep the
     safer value); `compile_failed`, when given, is stored as is."""
     path = profile_path(name)
+    if not path.exists():  # checked before the lock: finding nothing to do writes nothing
+        raise ProfileError(f"no profile file {path} to record the event in")
     with _locked(path):
         profile = _read_file(path)
         if profile is None:
@@ -428,15 +344,26 @@ def remove_profile(name: str, fingerprint: str | None = None, *,
     Built-in profiles are read-only."""
     path = profile_path(name)
     is_builtin = name in set(builtin_names)
+
+    def missing() -> ProfileError:
+        if is_builtin:
+            return ProfileError(f"{name} is a built-in profile; built-ins are read-only "
+                                f"(only user profiles in {path.parent} can be removed)")
+        return ProfileError(f"no profile {name}: {path} does not exist")
+
+    # Checked before the lock: a command that finds nothing to do writes nothing (no lock file).
+    if not path.exists():
+        raise missing()
+    check_profiles_writable()
     with _locked(path):
-        if not path.exists():
-            if is_builtin:
-                raise ProfileError(f"{name} is a built-in profile; built-ins are read-only "
-                                   f"(only user profiles in {path.parent} can be removed)")
-            raise ProfileError(f"no profile {name}: {path} does not exist")
+        if not path.exists():  # removed by another process while we waited
+            raise missing()
         if fingerprint is None:
             # Not read first: removing the whole file is also how a user gets rid of a corrupt one.
-            path.unlink()
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise ProfileError(f"cannot remove {path}: {exc.strerror or exc}") from None
             if is_builtin:
                 return f"removed {path}; the built-in {name} applies again"
             return f"removed {path}"

@@ -43,13 +43,13 @@ class TrialSettings:
 
 
 def trial_split(rank_batch: int, micro_batch: int) -> list[int]:
-    """The micro-batches one trial step runs: the first two of the run's split (so the second
-    forward runs with the first's gradients alive, as in training) and its short last one when
-    the split is ragged (so that shape is compiled and timed too). Compiled and eager candidates
-    run the same split, so their tokens/s compare."""
+    """The micro-batches one trial step runs: the first two of the run's (balanced) split, so the
+    second forward runs with the first's gradients alive, as in training, and its smaller size
+    when those two do not hold it, so that shape is compiled and timed too. Compiled and eager
+    candidates run the same split, so their tokens/s compare."""
     full = split_batch(rank_batch, micro_batch)
     head = full[:2]
-    return head + [full[-1]] if len(full) > 2 and full[-1] != full[0] else head
+    return head + [full[-1]] if full[-1] not in head else head
 
 
 def _sync(device: torch.device) -> None:

@@ -209,3 +209,216 @@ def test_no_probe_run_still_enforces_the_cpu_budget(tmp_path, monkeypatch, capsy
     recs = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "oom_shrink" for r in recs) or code != 0
     assert all(r["peak_mem_bytes"] <= 1_000_000 for r in recs if r["type"] == "train")
+
+
+# ---------------------------------------------------------------- shipped configs
+
+CONFIGS = sorted((__import__("pathlib").Path(__file__).parent.parent / "configs").iterdir())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "config", "--config", path, "--json")
+    assert code == 0, err
+    assert json.loads(out)["n_layer"] >= 1
+
+
+def test_seed_config_is_the_design_case(monkeypatch, capsys):
+    [seed] = [p for p in CONFIGS if p.name == "rtx4070_seed.py"]
+    code, out, _ = cli(monkeypatch, capsys, "config", "--config", seed, "--json")
+    d = json.loads(out)
+    assert (d["batch_size"], d["gradient_accumulation_steps"], d["block_size"], d["n_layer"], d["n_embd"],
+            d["vocab_size"], d["compile"], d["dtype"]) == (16, 32, 1024, 12, 576, 50304, True, "bfloat16")
+
+
+# ---------------------------------------------------------------- probe output for a person
+
+
+def test_probe_tells_about_the_config_as_written_first(monkeypatch, capsys):
+    [seed] = [p for p in CONFIGS if p.name == "rtx4070_seed.py"]
+    code, out, _ = cli(monkeypatch, capsys, "probe", "--config", seed, "--gpu", "rtx4070-12gb")
+    assert code == 0
+    lines = out.splitlines()
+    mine = next(i for i, l in enumerate(lines) if l.startswith("your config as written"))
+    assert mine < next(i for i, l in enumerate(lines) if l.startswith("plan"))
+    assert "(16 x 32, standard loss, bf16, compile)" in lines[mine]
+    assert "it would run out of memory (estimated" in lines[mine] and "against a 10.29 GiB budget" in lines[mine]
+    text = " ".join(lines)
+    assert "keeps your effective batch of 512" in text and "instead of 16 x 32" in text
+    assert "uses the chunked loss" in text and "runs 27 sequences at a time, 19 times per step" in text
+    # short by default: the budget terms, the candidates and the why only with -v
+    assert "candidates" not in out and "why:" not in out and "CUDA context" not in out
+    code, verbose, _ = cli(monkeypatch, capsys, "probe", "--config", seed, "--gpu", "rtx4070-12gb", "-v")
+    assert "candidates" in verbose and "why:" in verbose and "CUDA context" in verbose
+
+
+def test_estimate_mode_shows_compile_one_way(monkeypatch, capsys):
+    [seed] = [p for p in CONFIGS if p.name == "rtx4070_seed.py"]
+    code, out, _ = cli(monkeypatch, capsys, "probe", "--config", seed, "--gpu", "rtx4070-12gb", "-v")
+    rows = [l for l in out.splitlines() if " bf16 " in l and " est." in l]
+    assert rows and all(" on (1) " in r and " off " not in r.split(" bf16 ")[1][:12] for r in rows)
+    assert "(1) compile as the plan will run it" in out and "memory effect is not estimated" in out
+    assert "compile on after 20 eager steps (its memory effect is not estimated" in out
+
+
+def test_config_as_written_is_measured_when_that_candidate_ran(monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--set", "batch_size=16", "--set", "gradient_accumulation_steps=1", "--dtype", "float32",
+                         "--checkpointing", "0", "--loss", "standard")
+    assert code == 0, err
+    line = next(l for l in out.splitlines() if l.startswith("your config as written"))
+    assert "(16 x 1, standard loss, fp32, eager): fits: measured peak" in line and line.endswith("(measured)")
+    assert "runs 16 x 1 as written" in out
+
+
+# ---------------------------------------------------------------- saving: checked first, never lost
+
+
+def test_save_onto_a_corrupt_profile_shows_the_plan_and_keeps_it(tmp_path, monkeypatch, capsys):
+    directory = tmp_path / "home" / "profiles"
+    directory.mkdir(parents=True)
+    (directory / "cpu-64mb.toml").write_text("this is = [not toml")
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--checkpointing", "0", "--loss", "standard", "--save")
+    assert code == 2
+    assert "plan (measured)" in out and "measured peak" in out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("autofit: error:") and str(directory / "cpu-64mb.toml") in last
+    assert "autofit profiles rm cpu-64mb" in last and "kept in" in last
+    kept = list((directory / "kept").glob("cpu-64mb.plan-*.toml"))
+    assert len(kept) == 1 and str(kept[0]) in last
+    assert (directory / "cpu-64mb.toml").read_text() == "this is = [not toml"
+
+
+def test_unwritable_profiles_dir_is_refused_before_the_probe(tmp_path, monkeypatch, capsys):
+    (tmp_path / "home").write_text("a file where the profiles directory would go")
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL, "--save")
+    assert code == 2 and out == "" and "trial:" not in err
+    assert err.count("\n") == 1 and "is a file, not a directory" in err
+
+
+def test_read_only_profiles_dir_is_refused_before_the_probe_and_by_rm(tmp_path, monkeypatch, capsys):
+    import os
+    directory = tmp_path / "home" / "profiles"
+    directory.mkdir(parents=True)
+    (directory / "mine.toml").write_text('schema_version = 1\nname = "mine"\n')
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(directory) and mode & os.W_OK
+                        else real(p, mode, **kw))  # root would write anyway
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL, "--save")
+    assert code == 2 and "trial:" not in err and err.count("\n") == 1 and "not writable" in err
+    code, out, err = cli(monkeypatch, capsys, "profiles", "rm", "mine")
+    assert code == 2 and err.count("\n") == 1 and "not writable" in err
+    assert (directory / "mine.toml").exists()
+
+
+def test_rm_of_nothing_writes_nothing(tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "profiles", "rm", "nope")
+    assert code == 2 and "no profile nope" in err and not (tmp_path / "home").exists()
+
+
+# ---------------------------------------------------------------- user GPU profiles
+
+
+GTX1650 = ["profiles", "add", "gtx1650-4gb", "--memory", "4GiB", "--compute-capability", "7.5",
+           "--peak-fp16-tflops", "8.9", "--bandwidth-gbs", "192", "--gpu", "NVIDIA GeForce GTX 1650"]
+
+
+def test_profiles_add_then_probe_gpu_uses_it(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, *GTX1650)
+    assert code == 0, err
+    assert "wrote" in out and "autofit probe --gpu gtx1650-4gb" in out
+    code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "gtx1650-4gb", "--dtype", "any", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["mode"] == "estimated" and d["device"]["name"] == "NVIDIA GeForce GTX 1650"
+    assert d["device"]["total_bytes"] == 4 * 2**30
+    assert {t["dtype"] for t in d["trials"]} == {"float16", "float32"}  # no bf16 before compute capability 8.0
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "list")
+    assert "gtx1650-4gb\tNVIDIA GeForce GTX 1650\t4.00 GiB\t0\t" in out
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "show", "gtx1650-4gb")
+    assert "compute capability 7.5" in out and "peak dense fp16 8.9 TFLOP/s" in out and "192.0 GB/s" in out
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--compute-capability", "seven"], "--compute-capability takes MAJOR.MINOR"),
+    (["--memory", "lots"], "--memory"),
+    (["--peak-fp16-tflops", "-1"], "--peak-fp16-tflops: Input should be greater than 0"),
+    (["--peak-bf16-tflops", "20"], "bf16 tensor cores need compute capability 8.0"),
+    (["--bandwidth-gbs", "0"], "--bandwidth-gbs"),
+])
+def test_profiles_add_bad_values_are_one_line(tmp_path, monkeypatch, capsys, change, words):
+    args = list(GTX1650)
+    flag = change[0]
+    if flag in args:
+        i = args.index(flag)
+        args[i:i + 2] = change
+    else:
+        args += change
+    code, out, err = cli(monkeypatch, capsys, *args)
+    assert code == 2 and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "home" / "profiles" / "gtx1650-4gb.toml").exists()
+
+
+def test_profiles_add_bad_name_is_one_line(tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "profiles", "add", "my-card", *GTX1650[3:])
+    assert code == 2 and "e.g. gtx1650-4gb" in err and err.count("\n") == 1
+    assert not (tmp_path / "home").exists()
+
+
+def test_probe_gpu_with_a_cpu_profile_is_one_line(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--checkpointing", "0", "--loss", "standard", "--save", "--json")
+    name = json.loads(out)["saved"]["profile"]
+    code, _, err = cli(monkeypatch, capsys, "probe", "--gpu", name)
+    assert code == 2 and "describes no GPU" in err and "autofit profiles add" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- piped output and help
+
+
+def test_piped_listing_keeps_long_paths_whole(tmp_path, monkeypatch, capsys):
+    home = tmp_path / ("a-rather-long-folder-name-" * 6) / "home"
+    monkeypatch.setenv("AUTOFIT_HOME", str(home))
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--checkpointing", "0", "--loss", "standard", "--save", "--json")
+    assert code == 0, err
+    path = json.loads(out)["saved"]["path"]
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "list")
+    assert path in out.splitlines()[[l.split("\t")[0] for l in out.splitlines()].index("cpu-64mb")]
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "show", "cpu-64mb")
+    header, row = out.splitlines()[-2:]
+    cells = dict(zip(header.split("\t"), row.split("\t")))
+    assert cells["loss"] == "standard" and cells["checkpointing"] == "off"
+    assert cells["tokens/s"].endswith("(measured)") and cells["measured peak"] != "-"
+
+
+def test_piped_run_output_is_not_wrapped(monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--checkpointing", "0", "--loss", "standard", "--max-steps", "1", "--out", "o",
+                         "--no-progress")
+    assert code == 0, err
+    plan = [l for l in out.splitlines() if l.startswith("  micro-batch")]
+    assert len(plan) == 1 and len(plan[0]) > 80 and plan[0].rstrip().endswith("budget")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["probe", "--help"], ["profiles", "--help"], ["profiles", "add", "--help"]])
+def test_help_shows_no_bool_type_on_flags(monkeypatch, capsys, args):
+    code, out, _ = cli(monkeypatch, capsys, *args)
+    assert code == 0 and "--help" in out and "<bool>" not in out
+
+
+def test_user_error_names_are_real_exception_classes():
+    import importlib
+    import pkgutil
+
+    import autofit
+    import trainer
+    from autofit.cli import USER_ERRORS
+    defined = set()
+    for package in (autofit, trainer):
+        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+            module = importlib.import_module(info.name)
+            defined |= {v.__name__ for v in vars(module).values()
+                        if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == info.name}
+    assert USER_ERRORS <= defined, USER_ERRORS - defined

@@ -63,10 +63,10 @@ class ShapeCounter:
         return gm.forward
 
 
-def test_plain_cpu_compiles_for_real_and_a_ragged_split_compiles_two_shapes(tmp_path, fresh_dynamo):
+def test_plain_cpu_compiles_for_real_and_a_two_size_split_compiles_two_shapes(tmp_path, fresh_dynamo):
     counter = ShapeCounter()
-    # effective batch 6 with micro-batch 4: [4, 2], the full and the short last shape
-    cfg = cfg_for(tmp_path, compile=True, batch_size=6, gradient_accumulation_steps=1, max_iters=5)
+    # effective batch 7 with micro-batch 4: [4, 3], the two sizes of the balanced split
+    cfg = cfg_for(tmp_path, compile=True, batch_size=7, gradient_accumulation_steps=1, max_iters=5)
     res = train(cfg, RunOptions(device=CPU, progress=False, meter=PlainCpuDevice(), micro_batch=4,
                                 compile_after=1, compile_backend=counter))
     assert res.status == "finished"
@@ -74,7 +74,7 @@ def test_plain_cpu_compiles_for_real_and_a_ragged_split_compiles_two_shapes(tmp_
     assert on["step"] == 1 and on["scope"] == "blocks"
     assert [r["compiled"] for r in records(tmp_path, "train")] == [False, True, True, True, True]
     # Dynamo really traced (regional: the blocks' graphs), and only the two shapes of the split
-    assert counter.batch_sizes and set(counter.batch_sizes) == {4, 2}
+    assert counter.batch_sizes and set(counter.batch_sizes) == {4, 3}
     assert events(tmp_path, "compile_time")[0]["seconds"] >= 0
 
 
@@ -167,9 +167,9 @@ def tiny(effective):
 
 
 def test_compiled_and_eager_trials_run_the_same_split():
-    assert trial_split(16, 5) == [5, 5, 1]  # two full micro-batches and the short last one
-    assert trial_split(7, 5) == [5, 2]
-    assert trial_split(16, 4) == [4, 4]
+    assert trial_split(23, 10) == [8, 8, 7]  # two of the split's micro-batches, and its smaller size
+    assert trial_split(22, 10) == [8, 7]  # both sizes among the first two already
+    assert trial_split(16, 5) == [4, 4]  # balanced: 16 = 4 x 4
     assert trial_split(4, 4) == [4]
 
 

@@ -7,7 +7,7 @@ from autofit.hardware import (HardwareError, HardwareSpec, cpu_slug, get_hardwar
                               load_hardware_file, match_hardware, slug_for)
 from autofit.units import GiB, MiB
 
-PROFILES = sorted((Path(__file__).parent.parent / "autofit" / "builtin_profiles").glob("*.toml"))
+PROFILES = sorted((Path(__file__).parent.parent / "profiles").glob("*.toml"))
 SHIPPED = {"rtx4070-12gb", "rtx3060-12gb", "rtx4060ti-16gb", "rtx3090-24gb", "rtx4090-24gb",
            "l4-24gb", "t4-16gb", "a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb"}
 

@@ -89,15 +89,19 @@ def test_checkpointing_same_gradients():
     torch.testing.assert_close(res[2], res[0])
 
 
-def test_split_batch_exact():
-    assert split_batch(512, 42) == [42] * 12 + [8]
-    assert describe_split(split_batch(512, 42)) == "512 = 42 × 12 + 8"
+def test_split_batch_exact_and_balanced():
+    assert split_batch(512, 42) == [40] * 5 + [39] * 8  # 13 micro-batches either way, none tiny
+    assert describe_split(split_batch(512, 42)) == "512 = 40 × 5 + 39 × 8"
+    assert split_batch(512, 27) == [27] * 18 + [26]
+    assert describe_split(split_batch(512, 27)) == "512 = 27 × 18 + 26"
+    assert split_batch(21, 10) == [7, 7, 7]  # not [10, 10, 1]
     assert split_batch(8, 3) == [3, 3, 2]
     assert split_batch(7, 16) == [7]
     for eff in (480, 500, 7, 1):
         for mb in (1, 3, 7, 16, 64):
             s = split_batch(eff, mb)
-            assert sum(s) == eff and max(s) <= mb and all(v == s[0] for v in s[:-1])
+            assert sum(s) == eff and max(s) <= mb and max(s) - min(s) <= 1
+            assert len(s) == -(-eff // min(mb, eff))  # no more micro-batches than the ragged split
 
 
 def one_step(micro_batches):

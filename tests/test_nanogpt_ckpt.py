@@ -180,7 +180,8 @@ def test_an_autofit_checkpoint_is_readable_by_nanogpts_sample_py(tmp_path):
                                                 "vocab_size=65", "bias=false", "dropout=0.1",
                                                 "dataset=shakespeare_char"])
     autofit_state = {"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "iter_num": 9,
-                     "sampler": {"seed": 1}, "eval_sampler": {"seed": 1}, "rng_cpu": torch.get_rng_state()}
+                     "sampler": {"seed": 1}, "eval_sampler": {"seed": 1}, "rng_cpu": torch.get_rng_state(),
+                     "micro_batches": [4]}
     ck = {**autofit_state, **nanogpt_keys(compiled, opt, cfg, 9, 2.5, cfg.model_dump(mode="json"))}
     path = tmp_path / "ckpt.pt"
     torch.save(ck, path)

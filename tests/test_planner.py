@@ -31,7 +31,11 @@ def test_finds_largest_fitting_micro_batch_and_a_larger_one_failed():
     fits = {t.micro_batch for t in res.trials if t.status == "fit"}
     failed = {t.micro_batch for t in res.trials if t.status in ("oom", "over_budget")}
     assert plan.micro_batch in fits  # never a size that was not run
-    assert plan.micro_batch + 1 in failed  # the next size up was tried and did not fit
+    largest = max(fits)
+    assert largest + 1 in failed  # the next size up was tried and did not fit
+    # the plan runs the balanced split of the largest fit (or a faster divisor): never a tiny last one
+    assert plan.micro_batch <= largest and max(plan.micro_batches) - min(plan.micro_batches) <= 1 \
+        or len(set(plan.micro_batches)) == 1
     assert 1 < plan.micro_batch < 16
     assert plan.measured_peak_bytes <= plan.budget_bytes == res.budget.budget_bytes
     assert sum(plan.micro_batches) == 16 and plan.effective_batch == 16
@@ -54,19 +58,20 @@ def test_split_keeps_awkward_targets_exact(effective):
     for micro in (1, 3, 7, 42, 64):
         mbs, why = choose_split(effective, micro, tps, block_size=8)
         assert sum(mbs) == effective
-        assert max(mbs) <= micro and all(m == mbs[0] for m in mbs[:-1])
+        assert max(mbs) <= micro and max(mbs) - min(mbs) <= 1  # balanced, or a divisor
         assert why
 
 
 def test_split_prefers_divisor_when_it_is_faster():
-    # 42 and 40 measured equally fast per token: 480 = 40 x 12 needs fewer micro-batches than
-    # 42 x 11 + 18 once the short one runs slowly.
-    tps = {42: 1000.0, 40: 1000.0, 18: 300.0}
-    mbs, why = choose_split(480, 42, tps, block_size=8)
-    assert mbs == [40] * 12 and "divisor 40" in why
-    tps = {42: 1000.0, 40: 500.0, 18: 1000.0}
-    mbs, _ = choose_split(480, 42, tps, block_size=8)
-    assert mbs == [42] * 11 + [18]
+    # 22 at micro-batch 10: balanced [8, 7, 7], or the divisor 2 (11 micro-batches of 2)
+    tps = {8: 1000.0, 7: 1000.0, 2: 5000.0}  # the divisor measured much faster per token
+    mbs, why = choose_split(22, 10, tps, block_size=8)
+    assert mbs == [2] * 11 and "divisor 2" in why
+    tps = {8: 1000.0, 7: 1000.0, 2: 100.0}
+    mbs, why = choose_split(22, 10, tps, block_size=8)
+    assert mbs == [8, 7, 7] and "balanced" in why
+    mbs, why = choose_split(480, 42, {42: 1000.0, 40: 1000.0}, block_size=8)
+    assert mbs == [40] * 12 and "divides" in why  # the balanced split of 480 is 40 x 12
 
 
 def test_probe_with_odd_effective_batch():

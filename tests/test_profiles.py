@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from autofit import profiles
+from autofit import profile_files, profiles
 from autofit.profiles import (FittedPlan, ProfileError, SavedProfile, explain_stale, find_plan,
                               fingerprint, fingerprint_inputs, list_profiles, load_profile,
                               nearest_plan, profile_path, profiles_dir, record_event,
@@ -286,13 +286,15 @@ def test_concurrent_savers_lose_no_plan():
 
 
 def test_lock_file_fallback_without_fcntl(monkeypatch):
-    monkeypatch.setattr(profiles, "fcntl", None)
+    # filelock's SoftFileLock is what FileLock is on a platform without fcntl.
+    import filelock
+    monkeypatch.setattr(profile_files, "_LOCK_CLASS", filelock.SoftFileLock)
     path = save_plan("rtx4070-12gb", HW_4070, make_plan())
     assert _files(path.parent) == ["rtx4070-12gb.toml"]  # the O_EXCL lock is released by removal
 
     lock = path.with_name("rtx4070-12gb.toml.lock")
     lock.touch()  # another process holds it
-    monkeypatch.setattr(profiles, "LOCK_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(profile_files, "LOCK_TIMEOUT_S", 0.1)
     with pytest.raises(ProfileError, match=f"timed out waiting for lock {lock}"):
         save_plan("rtx4070-12gb", HW_4070, make_plan(n_embd=768))
     assert len(load_profile("rtx4070-12gb").plans) == 1
@@ -403,3 +405,203 @@ def test_bad_profile_name(name):
         with pytest.raises(ProfileError, match="bad profile name"):
             action()
     assert not profiles_dir().exists()
+
+
+# ---------------------------------------------------------------- nothing to do writes nothing
+
+
+def test_rm_of_a_missing_profile_writes_nothing(autofit_home):
+    with pytest.raises(ProfileError, match="no profile nope"):
+        remove_profile("nope")
+    assert not autofit_home.exists()  # no directory, no nope.toml.lock
+    profiles_dir().mkdir(parents=True)
+    with pytest.raises(ProfileError, match="no profile nope"):
+        remove_profile("nope", "abc")
+    with pytest.raises(ProfileError, match="no profile file"):
+        record_event("nope", "abc", "oom")
+    assert _files(profiles_dir()) == []
+
+
+# ---------------------------------------------------------------- writability
+
+
+def test_profiles_dir_under_a_file_is_one_line_before_anything(autofit_home):
+    autofit_home.parent.mkdir(parents=True, exist_ok=True)
+    autofit_home.write_text("not a directory")
+    with pytest.raises(ProfileError, match="is a file, not a directory; set AUTOFIT_HOME"):
+        profiles.check_profiles_writable()
+    with pytest.raises(ProfileError, match="is a file, not a directory"):
+        save_plan("cpu-2gb", None, make_plan())
+    assert autofit_home.read_text() == "not a directory"
+
+
+def _deny_writes_to(monkeypatch, directory: Path) -> None:
+    # Root may write a 0o555 directory, so the test also pretends at the os.access level.
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == directory and mode & os.W_OK
+                        else real(p, mode, **kw))
+
+
+def test_read_only_profiles_dir_refuses_save_and_rm_in_one_line(monkeypatch):
+    path = save_plan("cpu-2gb", None, make_plan())
+    before = path.read_bytes()
+    directory = profiles_dir()
+    directory.chmod(0o555)
+    try:
+        _deny_writes_to(monkeypatch, directory)
+        with pytest.raises(ProfileError, match=f"cannot save profiles in {directory}: the profiles directory "
+                                               "is not writable"):
+            profiles.check_profiles_writable("cpu-2gb")
+        with pytest.raises(ProfileError, match="not writable"):
+            save_plan("cpu-2gb", None, make_plan(n_embd=768))
+        with pytest.raises(ProfileError, match="not writable"):
+            remove_profile("cpu-2gb")
+    finally:
+        directory.chmod(0o755)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+def test_read_only_profiles_dir_for_real():
+    save_plan("cpu-2gb", None, make_plan())
+    profiles_dir().chmod(0o555)
+    try:
+        with pytest.raises(ProfileError, match="not writable"):
+            remove_profile("cpu-2gb")
+    finally:
+        profiles_dir().chmod(0o755)
+
+
+def test_not_yet_created_dir_is_checked_at_its_existing_parent(autofit_home, monkeypatch):
+    autofit_home.mkdir(parents=True)
+    assert profiles.check_profiles_writable() == autofit_home / "profiles"
+    assert not (autofit_home / "profiles").exists()  # checking creates nothing
+    _deny_writes_to(monkeypatch, autofit_home)
+    with pytest.raises(ProfileError, match="where it would be created"):
+        profiles.check_profiles_writable()
+
+
+# ---------------------------------------------------------------- corrupt files: repair and keep
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "newer"])
+def test_errors_say_how_to_clear_the_file(kind):
+    content, _ = BAD_FILES[kind]
+    path = profile_path("rtx4070-12gb")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(ProfileError, match="autofit profiles rm rtx4070-12gb") as info:
+        load_profile("rtx4070-12gb")
+    assert str(path) in str(info.value)
+
+
+def test_save_onto_a_corrupt_file_keeps_the_plan_aside_and_says_how_to_repair():
+    path = profile_path("rtx4070-12gb")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not = [toml")
+    plan = make_plan()
+    with pytest.raises(ProfileError) as info:
+        save_plan("rtx4070-12gb", HW_4070, plan)
+    side = profiles.side_file_path(path, plan.fingerprint)
+    message = str(info.value)
+    assert str(path) in message and f"kept in {side}" in message and "\n" not in message
+    assert f"autofit profiles rm rtx4070-12gb && mv {side} {path}" in message
+    assert path.read_bytes() == b"not = [toml"
+    assert [e.name for e in list_profiles()] == ["rtx4070-12gb"]  # the side file is not listed
+    # the repair the message gives works: the kept file becomes the profile
+    remove_profile("rtx4070-12gb")
+    side.rename(path)
+    assert find_plan(load_profile("rtx4070-12gb"), plan.fingerprint).plan == plan.plan
+
+
+def test_hardware_is_updated_key_by_key():
+    full = {**HW_4070, "name": "gtx1650-4gb", "gpu": "GeForce GTX 1650", "peak_fp16_tflops": 8.9}
+    save_plan("gtx1650-4gb", full, make_plan())
+    probe_view = {"name": "gtx1650-4gb", "gpu": "NVIDIA GeForce GTX 1650", "kind": "cuda",
+                  "memory_bytes": 4_294_639_616, "compute_capability": [7, 5]}
+    save_plan("gtx1650-4gb", probe_view, make_plan(n_embd=768))
+    hw = load_profile("gtx1650-4gb").hardware
+    assert hw["peak_fp16_tflops"] == 8.9 and hw["source"] == HW_4070["source"]
+    assert hw["gpu"] == "NVIDIA GeForce GTX 1650" and hw["memory_bytes"] == 4_294_639_616
+
+
+def test_default_dir_comes_from_platformdirs(monkeypatch, tmp_path):
+    import platformdirs
+    monkeypatch.delenv("AUTOFIT_HOME")
+    monkeypatch.setattr(platformdirs, "user_data_path", lambda app, appauthor=None: tmp_path / "pd" / app)
+    assert profiles_dir() == tmp_path / "pd" / "autofit" / "profiles"
+
+
+# ---------------------------------------------------------------- user hardware profiles
+
+
+GTX1650 = {"schema_version": 1, "name": "gtx1650-4gb", "gpu": "GeForce GTX 1650",
+           "nvml_names": ["NVIDIA GeForce GTX 1650"], "memory_bytes": 4 * 2**30,
+           "compute_capability": [7, 5], "bf16": False, "peak_fp16_tflops": 8.9,
+           "memory_bandwidth_gbs": 192.0, "source": "user"}
+
+
+def test_user_hardware_profile_is_found_like_a_builtin():
+    from autofit.hardware import get_hardware, known_hardware, match_hardware
+    from autofit.device import DeviceInfo
+    save_plan("gtx1650-4gb", GTX1650, make_plan())
+    spec = get_hardware("gtx1650-4gb")
+    assert spec.memory_bytes == 4 * 2**30 and spec.compute_capability == (7, 5) and spec.bf16 is False
+    assert "gtx1650-4gb" in known_hardware() and "rtx4070-12gb" in known_hardware()
+    info = DeviceInfo(kind="cuda", name="NVIDIA GeForce GTX 1650", index=0, total_bytes=4096 * 2**20,
+                      free_bytes=4000 * 2**20, used_by_others_bytes=0, compute_capability=(7, 5),
+                      driver_version="550", cuda_version="12.4", source="nvml")
+    assert match_hardware(info).name == "gtx1650-4gb"
+
+
+def test_user_profiles_without_a_complete_gpu_are_refused_in_one_line():
+    from autofit.hardware import HardwareError, get_hardware
+    save_plan("cpu-2gb", {"name": "cpu-2gb", "gpu": "CPU (budgeted)", "kind": "cpu", "memory_bytes": 2**31},
+              make_plan(cuda=None))
+    with pytest.raises(HardwareError, match="describes no GPU.*autofit profiles add cpu-2gb"):
+        get_hardware("cpu-2gb")
+    partial = {k: v for k, v in GTX1650.items() if k != "peak_fp16_tflops"}
+    save_plan("gtx1650-4gb", partial, make_plan())
+    with pytest.raises(HardwareError, match="no complete GPU description \\(peak_fp16_tflops"):
+        get_hardware("gtx1650-4gb")
+    # an incomplete user file under a built-in's name leaves the built-in in force
+    save_plan("rtx4070-12gb", {"name": "rtx4070-12gb", "gpu": "x", "kind": "cuda"}, make_plan())
+    assert get_hardware("rtx4070-12gb").peak_bf16_tflops == 58.3
+
+
+def test_corrupt_user_file_named_by_get_hardware():
+    from autofit.hardware import HardwareError, get_hardware
+    path = profile_path("gtx1650-4gb")
+    path.parent.mkdir(parents=True)
+    path.write_text("oops = [")
+    with pytest.raises(ProfileError, match="autofit profiles rm gtx1650-4gb"):
+        get_hardware("gtx1650-4gb")
+    with pytest.raises(HardwareError, match="add your own with autofit profiles add"):
+        get_hardware("gtx9999-4gb")
+
+
+# ---------------------------------------------------------------- packaging of profiles/
+
+
+def test_builtin_profiles_come_from_the_top_level_folder():
+    from autofit.hardware import builtin_profiles_dir, load_builtin
+    top = Path(__file__).parent.parent / "profiles"
+    # an editable install (this checkout) reads profiles/ itself; a wheel carries a copy
+    assert builtin_profiles_dir() in (top, Path(profiles.__file__).parent / "builtin_profiles")
+    assert set(load_builtin()) == {p.stem for p in top.glob("*.toml")}
+
+
+def test_wheel_carries_every_builtin_profile(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+    pytest.importorskip("setuptools")
+    root = Path(__file__).parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [wheel] = tmp_path.glob("autofit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"autofit/builtin_profiles/{p.name}" for p in (root / "profiles").glob("*.toml")}
+    assert len(shipped) >= 11 and shipped <= names
+    assert "autofit/plot.py" in names and "trainer/embedded/train.bin.gz" in names

@@ -13,8 +13,9 @@ def test_shrink_to_known_fits_then_halves():
 def test_ordinary_oom_shrinks_and_keeps_the_batch_exact():
     r = Recovery(rank_batch=12, micro_batch=12, shrink=shrink_policy([5]))
     kind, info = r.after_oom(step=4, compiled=False, reason="x")
-    assert kind == "oom_shrink" and info["old_micro_batch"] == 12 and info["new_micro_batch"] == 5
-    assert sum(r.micro_batches) == 12 and max(r.micro_batches) == 5
+    # at most the known fit 5, balanced: 12 = 4 x 3 (not 5 + 5 + 2)
+    assert kind == "oom_shrink" and info["old_micro_batch"] == 12 and info["new_micro_batch"] == 4
+    assert r.micro_batches == [4, 4, 4] and info["micro_batches"] == [4, 4, 4]
 
 
 def test_oom_in_the_compile_window_blames_compilation():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,11 @@ import torch
 
 from trainer.errors import TrainError
 
-CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_sampler", "rng_cpu")
+# Every key a resume reads: a checkpoint lacking one is refused before any work.
+CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_sampler", "rng_cpu",
+                   "micro_batches", "best_val_loss")
+# What tells autofit's layout from nanoGPT's (autofit's checkpoints carry nanoGPT's keys too).
+AUTOFIT_MARKERS = ("model", "config", "sampler")
 # The fields that shape the model: a checkpoint of another shape cannot be resumed.
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
@@ -35,12 +40,31 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
+def check_out_dir(path: str | Path) -> None:
+    """Raises TrainError (one line) when `path` cannot hold a run's files: a file on the way, or a
+    folder this process cannot write in. Checked before any expensive work; leaves nothing behind
+    (the write test is a temporary file, deleted at once)."""
+    import tempfile
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainError(f"--out {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise TrainError(f"--out {path}: cannot write in {existing} ({e.strerror or e})") from None
+
+
 def training_state(trainer) -> dict:
     """Everything a trainer.loop.Trainer needs to continue exactly: weights, optimizer and fp16
     scaler state, step, best validation loss, config, both samplers' counters, RNG states, the
     micro-batches in use, the plan (JSON text) and the device spec for `autofit run --resume`."""
+    from trainer.nanogpt_ckpt import model_args_of
     t = trainer
-    return {
+    return {  # nanoGPT's sample.py reads model, model_args and config['dataset'] as they are
         "model": t.model.state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
@@ -48,6 +72,7 @@ def training_state(trainer) -> dict:
         "best_val_loss": t.best_val_loss,
         "last_eval_iter": t.last_eval_iter,
         "config": t.cfg.model_dump(mode="json"),
+        "model_args": model_args_of(t.cfg),
         "sampler": t.sampler.state_dict(),
         "eval_sampler": t.evaluator.sampler.state_dict(),
         "compile_failed": t.compile_failed,
@@ -59,18 +84,27 @@ def training_state(trainer) -> dict:
     }
 
 
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """Loads with weights_only=True (no code in a checkpoint runs) and checks it is ours.
-    Raises TrainError when the file is missing, unreadable, or lacks an autofit key."""
+def read_checkpoint(path: Path, device: torch.device | str = "cpu", any_layout: bool = False,
+                    mmap: bool = False) -> dict:
+    """Loads with weights_only=True (no code in a checkpoint runs) and checks it is ours: every key
+    a resume reads (CHECKPOINT_KEYS). any_layout: a nanoGPT checkpoint (model and model_args)
+    passes too, for trainer.nanogpt_ckpt to read. mmap: map the tensors instead of reading them
+    (for looking at a checkpoint before the run loads it). Raises TrainError when the file is
+    missing, unreadable, or of neither layout."""
     if not path.exists():
         raise TrainError(f"--resume: no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception:  # corrupt, truncated, or a pickle that wants to run code
         raise TrainError(f"{path} is not a valid autofit checkpoint (unreadable with weights_only=True)") from None
+    if any_layout and isinstance(ck, dict) and "model" in ck and "model_args" in ck:
+        return ck
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
     if missing:
-        raise TrainError(f"{path} is not an autofit checkpoint (missing {', '.join(missing)})")
+        raise TrainError(f"{path} is not an autofit checkpoint (missing {', '.join(missing)}) nor a nanoGPT one "
+                         f"(model, model_args, ...)")
     return ck
 
 
@@ -92,3 +126,23 @@ def device_spec(ck: dict) -> dict:
     if ck.get("cpu_budget_bytes"):
         return {"kind": "cpu-budgeted", "budget_bytes": int(ck["cpu_budget_bytes"])}
     return {"kind": "cpu"}
+
+
+# What a resume may change without changing what is trained: output, logging, evaluation,
+# how long, and how the steps run (compile, the device). The effective batch may be split
+# differently (batch_size x gradient_accumulation_steps), never changed.
+RESUME_SAFE_FIELDS = frozenset({
+    "max_iters", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
+    "wandb_log", "wandb_project", "wandb_run_name", "out_dir", "device", "backend", "compile",
+    "compile_after", "compile_scope", "init_from", "batch_size", "gradient_accumulation_steps"})
+
+
+def resume_changes(saved, new) -> list[str]:
+    """What `new` (a TrainConfig) changes of the run that `saved` describes, in a resume that
+    promises to continue the same run: ['learning_rate 0.0006 -> 0.001', 'effective batch 8 -> 16'].
+    Fields in RESUME_SAFE_FIELDS may change; the effective batch may not."""
+    out = [f"{k} {getattr(saved, k)!r} -> {getattr(new, k)!r}" for k in type(saved).model_fields
+           if k not in RESUME_SAFE_FIELDS and getattr(saved, k) != getattr(new, k)]
+    if saved.effective_batch != new.effective_batch:
+        out.append(f"effective batch {saved.effective_batch} -> {new.effective_batch} sequences")
+    return out

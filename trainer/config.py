@@ -153,6 +153,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
+        for key, value in self:
+            # no sane setting needs more than 63 bits, and torch and numpy take no more
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+                raise ValueError(f"{key} = {str(value)[:12]}... ({len(str(abs(value)))} digits) is too large "
+                                 f"(at most {2**63 - 1})")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.checkpointing > self.n_layer:

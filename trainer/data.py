@@ -110,6 +110,14 @@ class TokenDataset:
     def num_tokens(self, split: str) -> int:
         return len(self.split(split))
 
+    def check_block_size(self, block_size: int) -> None:
+        """Refuse (one DataError line) a split too short for one sequence of block_size + 1
+        tokens, found when the dataset is opened, not when the first batch of that split is drawn."""
+        for name, split in self.splits.items():
+            if len(split) < block_size + 1:
+                raise DataError(f"the {name} split of '{self.name}' has {len(split)} tokens, fewer than "
+                                f"block_size + 1 = {block_size + 1}; use a smaller block_size or more data")
+
     def check_vocab(self, vocab_size: int) -> None:
         """Refuse a model whose embedding table cannot hold every token id of this dataset: one
         DataError line when vocab_size is below the format's declared vocab, or below the

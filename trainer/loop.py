@@ -32,7 +32,7 @@ from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
 from trainer.interrupt import StopFlag
 from trainer.meter import MemoryMeter, default_meter
-from trainer.metrics import MetricsLog, Progress, describe_event, describe_step
+from trainer.metrics import MetricsLog, Progress, WandbSink, describe_event, describe_step
 from trainer.model import GPT, GPTConfig
 from trainer.multirank import RankGroup
 from trainer.distributed import Ranks
@@ -71,9 +71,10 @@ class RunResult:
     losses: list[float]
     tokens: int
     micro_batches: list[int]
-    status: str  # 'finished' | 'interrupted'
+    status: str  # 'finished' | 'interrupted' | 'evaluated' (eval_only)
     events: list[dict]
     checkpoint: Path | None
+    last_eval: dict | None = None  # {'train': loss, 'val': loss} of the last evaluation
 
 
 def pick_device(cfg: TrainConfig, ranks: Ranks | None = None) -> torch.device:
@@ -103,6 +104,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir, self.master)
         self.data = load_dataset(cfg.dataset)
         self.data.check_vocab(cfg.vocab_size)
+        self.data.check_block_size(cfg.block_size)
         # the same seed on every rank: each takes its own rows of the same step batch
         self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed)
         self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda", rows=self.group.rows)
@@ -127,10 +129,11 @@ class Trainer:
         self.iter_num = 0
         self.best_val_loss = float("inf")
         self.last_eval_iter = -1
+        self.last_eval: dict | None = None
         set_matmul_precision(cfg.tf32)
         with self.meter.tracking():
             torch.manual_seed(cfg.seed)
-            self.model = GPT(GPTConfig.from_train_config(cfg)).to(self.device)
+            self.model = self._build_model()
             self.group.wrap_model(self.model, cfg.seed)  # several ranks: DDP or FSDP2
             self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate,
                                             weight_decay=cfg.weight_decay,
@@ -150,6 +153,24 @@ class Trainer:
         if opts.resume:
             with self.meter.tracking():  # the loaded optimizer state counts against a budget
                 self._load_checkpoint()
+
+    def _build_model(self) -> GPT:
+        """A new GPT, or OpenAI's GPT-2 weights (init_from = 'gpt2*', as nanoGPT's train.py)."""
+        cfg = self.cfg
+        if cfg.init_from.startswith("gpt2") and not self.opts.resume:
+            from trainer.pretrained import WeightsError, load_gpt2
+            try:
+                pre = load_gpt2(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
+            except WeightsError as e:
+                raise TrainError(str(e)) from None
+            got = {k: pre.model_args[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias")}
+            want = {k: getattr(cfg, k) for k in got}
+            if got != want:
+                raise TrainError(f"the {cfg.init_from} weights in {pre.source} have {got}, the config {want}")
+            self._pretrained_notes = [f"weights of {cfg.init_from} from {pre.source}"] + pre.notes
+            return pre.model.to(self.device).train()
+        self._pretrained_notes = []
+        return GPT(GPTConfig.from_train_config(cfg)).to(self.device)
 
     @property
     def micro_batches(self) -> list[int]:
@@ -174,11 +195,19 @@ class Trainer:
         status = "finished"
         progress = self._progress = Progress(enabled=opts.progress and self.master, total=stop_at,
                                              start=self.iter_num, master=self.master)
+        if cfg.wandb_log and self.master:
+            sink = WandbSink.open(cfg.wandb_project, cfg.wandb_run_name, cfg.model_dump(mode="json"), progress.print)
+            self.metrics.sinks += [sink] if sink else []
         try:
             with self.meter.tracking(), StopFlag() as stop, progress:
                 self.group.watch(stop)
                 progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
                                f"below are measured on this device")
+                for note in self._pretrained_notes:
+                    progress.print(f"init_from {cfg.init_from}: {note}")
+                if cfg.eval_only:  # nanoGPT's eval_only: evaluate once, train nothing, save nothing
+                    self._evaluate_and_save(self.iter_num, save=False)
+                    stop_at = self.iter_num
                 self._say_if_compile_cannot_run()
                 for text in filter(None, map(describe_event, self.events)):  # noted while resuming
                     progress.print(text)
@@ -202,15 +231,18 @@ class Trainer:
                         self._log_step(it, res, dt)
                     del res  # its device tensors must not outlive the step (a budget counts them)
                     progress.advance()
-            ckpt = self.save_checkpoint()
+            ckpt = self.save_checkpoint() if not cfg.eval_only else None
         finally:
             self.batches.close()
+            self.metrics.close()
             self.group.close()
         if status == "interrupted":
             self.metrics.write({"type": "interrupted", "step": self.iter_num, "signal": stop.signal})
+        if cfg.eval_only:
+            status = "evaluated"
         return RunResult(steps=self.iter_num, losses=self.losses, tokens=tokens,
                          micro_batches=list(self.micro_batches), status=status, events=self.events,
-                         checkpoint=ckpt)
+                         checkpoint=ckpt, last_eval=self.last_eval)
 
     def train_one_step(self, it: int) -> tuple[StepResult, float]:
         """Optimizer step `it`, redone on the same data with the same RNG after each OOM until it
@@ -372,14 +404,15 @@ class Trainer:
         return cfg.eval_interval > 0 and cfg.eval_iters > 0 and it % cfg.eval_interval == 0 \
             and it != self.last_eval_iter
 
-    def _evaluate_and_save(self, it: int) -> None:
+    def _evaluate_and_save(self, it: int, save: bool = True) -> None:
         ev = self.group.mean_dict(self.evaluator.evaluate(self.model))  # every rank decides alike
         self.last_eval_iter = it
+        self.last_eval = ev
         self.metrics.write({"type": "eval", "step": it, "train_loss": ev["train"], "val_loss": ev["val"]})
         self._progress.print(f"step {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
         if ev["val"] < self.best_val_loss or self.cfg.always_save_checkpoint:
             self.best_val_loss = min(self.best_val_loss, ev["val"])
-            if it > 0:
+            if it > 0 and save:
                 self.save_checkpoint()
 
     # ----------------------------------------------------------------- checkpoints
@@ -395,7 +428,16 @@ class Trainer:
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:
-        ck = read_checkpoint(self.ckpt_path, self.device)
+        """Continues from <out>/ckpt.pt: autofit's own layout exactly; nanoGPT's (model, optimizer,
+        iter_num, best_val_loss) with what it cannot give back said in a 'resume_partial' event."""
+        from trainer.nanogpt_ckpt import CheckpointError, checkpoint_layout, nanogpt_checkpoint_from
+        ck = raw = read_checkpoint(self.ckpt_path, self.device, any_layout=True)
+        if checkpoint_layout(raw, self.ckpt_path) == "nanogpt":
+            try:
+                self._load_nanogpt(nanogpt_checkpoint_from(raw, self.ckpt_path))
+            except CheckpointError as e:
+                raise TrainError(str(e)) from None
+            return
         check_same_model(TrainConfig(**ck["config"]), self.cfg, self.ckpt_path)
         self.group.load(ck, self.model, self.optimizer)
         if self.scaler is not None and ck.get("scaler"):
@@ -413,7 +455,16 @@ class Trainer:
         change = self.group.split_change(ck, self.cfg.effective_batch, self.micro_batches)
         if change:
             self._event("world_size_changed", **change)
-        del ck
+        del ck, raw
+
+    def _load_nanogpt(self, ck) -> None:
+        check_same_model(TrainConfig(**{**self.cfg.model_dump(), **ck.model_args}), self.cfg, self.ckpt_path)
+        self.model.load_state_dict(ck.model)
+        if ck.optimizer is not None:
+            self.optimizer.load_state_dict(ck.optimizer)
+        self.iter_num, self.best_val_loss = ck.iter_num, ck.best_val_loss
+        self.last_eval_iter = ck.iter_num  # nanoGPT evaluated (and saved) at this step
+        self._event("resume_partial", layout="nanogpt", not_restored=ck.not_restored)
 
 
 def train(cfg: TrainConfig, opts: RunOptions | None = None) -> RunResult:

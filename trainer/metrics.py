@@ -48,11 +48,13 @@ def describe_step(rec: dict) -> str:
 
 
 class MetricsLog:
-    """Appends records to <out_dir>/metrics.jsonl; writes nothing on ranks other than 0."""
+    """Appends records to <out_dir>/metrics.jsonl, and to Weights & Biases when a WandbSink is
+    attached; writes nothing on ranks other than 0."""
 
     def __init__(self, out_dir: Path, master: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.master = master
+        self.sinks: list = []
 
     def write(self, record: dict) -> None:
         if not self.master:
@@ -60,6 +62,49 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.finish()
+        self.sinks = []
+
+
+WANDB_HINT = "pip install 'autofit[wandb]'"
+
+
+class WandbSink:
+    """The same records as metrics.jsonl, logged to Weights & Biases (nanoGPT's wandb_log): the
+    numbers of 'train' and 'eval' records under train/ and eval/, keyed by optimizer step; each
+    event as events/<kind>. WANDB_MODE=offline works with no network (wandb's own setting)."""
+
+    def __init__(self, wandb, project: str, name: str, config: dict):
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=name, config=config)
+
+    @classmethod
+    def open(cls, project: str, name: str, config: dict, say) -> "WandbSink | None":
+        """The sink, or None (with one line through `say`) when wandb is not installed."""
+        try:
+            import wandb
+        except ImportError:
+            say(f"wandb_log = True, but wandb is not installed ({WANDB_HINT}); logging to metrics.jsonl only")
+            return None
+        return cls(wandb, project, name, config)
+
+    def log(self, record: dict) -> None:
+        kind = record.get("type")
+        step = record.get("step")
+        if kind in ("train", "eval"):
+            data = {f"{kind}/{k}": v for k, v in record.items()
+                    if k not in ("type", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.wandb.log(data, step=step)
+        elif kind == "event":
+            self.wandb.log({f"events/{record.get('event')}": 1}, step=step)
+
+    def finish(self) -> None:
+        self.wandb.finish()
 
 
 class Progress:
@@ -88,10 +133,11 @@ class Progress:
             self.bar.__exit__(*exc)
 
     def print(self, msg: str) -> None:
+        """One line of plain text (no rich markup: '[wandb]' is text, not a style)."""
         if self.bar is not None:
-            self.bar.console.print(msg)
+            self.bar.console.print(msg, markup=False, highlight=False)
         elif self.master:
-            self.console.print(msg)
+            self.console.print(msg, markup=False, highlight=False)
 
     def advance(self) -> None:
         if self.bar is not None:

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from trainer.checkpoint import CHECKPOINT_KEYS
+from trainer.checkpoint import AUTOFIT_MARKERS
 from trainer.model import GPT, GPTConfig, clean_state_dict
 
 NANOGPT_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")
@@ -62,9 +62,9 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_layout(ck: Mapping, path: str | Path = "checkpoint") -> str:
-    """'autofit' (trainer/checkpoint.py's CHECKPOINT_KEYS) or 'nanogpt' (train.py's keys);
+    """'autofit' (trainer/checkpoint.py's AUTOFIT_MARKERS) or 'nanogpt' (train.py's keys);
     CheckpointError otherwise."""
-    if all(k in ck for k in CHECKPOINT_KEYS):
+    if all(k in ck for k in AUTOFIT_MARKERS):
         return "autofit"
     if "model" in ck and "model_args" in ck:
         return "nanogpt"
@@ -152,7 +152,11 @@ def read_nanogpt_checkpoint(path: str | Path, map_location: str | torch.device =
     Raises CheckpointError (one line) for a missing or unreadable file, a dict of neither
     layout, model args that do not describe a GPT, or model/optimizer state that does not fit.
     """
-    ck = load_torch_file(path, map_location)
+    return nanogpt_checkpoint_from(load_torch_file(path, map_location), path)
+
+
+def nanogpt_checkpoint_from(ck: Mapping, path: str | Path = "checkpoint") -> NanoGPTCheckpoint:
+    """read_nanogpt_checkpoint's checks and result for a checkpoint dict already loaded."""
     layout = checkpoint_layout(ck, path)
     raw_args = ck.get("model_args") if "model_args" in ck else ck.get("config")
     if not isinstance(raw_args, Mapping):
@@ -217,3 +221,16 @@ def nanogpt_keys(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
         "best_val_loss": float(best_val_loss),
         "config": dict(config),
     }
+
+
+def train_config_of(ckpt: NanoGPTCheckpoint):
+    """A TrainConfig for continuing a nanoGPT run: its config's settings that autofit knows (the
+    names are nanoGPT's), its model_args, and init_from='resume'. Returns (config, the keys of
+    nanoGPT's config that were dropped). Raises trainer.config.ConfigError for a value autofit
+    refuses."""
+    from trainer.config import FIELDS, TrainConfig
+    known = {k: v for k, v in ckpt.config.items() if k in FIELDS}
+    dropped = sorted(k for k in ckpt.config if k not in FIELDS)
+    known.update(ckpt.model_args)
+    known["init_from"] = "resume"
+    return TrainConfig(**known), dropped

@@ -31,6 +31,7 @@ GPT2_MODELS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
+GPT2_VOCAB, GPT2_POSITIONS = 50257, 1024  # every published size
 HF_ORG = "openai-community"  # the models' home on the hub; the old bare ids ("gpt2") are aliases
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -218,3 +219,14 @@ def _copy_one(param: torch.nn.Parameter, tensor: torch.Tensor, key: str, path: P
                            f"{tuple(param.shape[::-1]) if transpose else tuple(param.shape)}; "
                            f"config.json and model.safetensors disagree")
     param.copy_(tensor)
+
+
+def gpt2_config(cfg):
+    """The TrainConfig for init_from = 'gpt2*', as nanoGPT's train.py makes it: the published
+    model's n_layer, n_head, n_embd, vocab 50257 and bias; block_size cropped to the config's when
+    smaller than GPT-2's 1024; dropout the config's. Other configs come back unchanged."""
+    if cfg.init_from not in GPT2_MODELS:
+        return cfg
+    shape = {**GPT2_MODELS[cfg.init_from], "vocab_size": GPT2_VOCAB, "bias": True,
+             "block_size": min(cfg.block_size, GPT2_POSITIONS)}
+    return cfg.model_copy(update=shape)

@@ -79,9 +79,10 @@ class Recovery:
         return "oom_shrink", self._resize(failed, new)
 
     def _resize(self, old: int, new: int) -> dict:
+        """Micro-batches of at most `new`, balanced; the event names the size they really have."""
         self.micro_batches = split_batch(self.rank_batch, new)
-        return {"old_micro_batch": old, "new_micro_batch": new, "micro_batches": self.micro_batches,
-                "effective_batch": sum(self.micro_batches)}
+        return {"old_micro_batch": old, "new_micro_batch": max(self.micro_batches),
+                "micro_batches": self.micro_batches, "effective_batch": sum(self.micro_batches)}
 
 
 class ThrashDetector:

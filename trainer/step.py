@@ -17,24 +17,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def split_batch(effective_batch: int, micro_batch: int) -> list[int]:
-    """Sizes of the micro-batches of one optimizer step: as many full ones as fit, then a short
-    last one, so the sum is exactly the effective batch (never rounded to a multiple)."""
+    """Sizes of the micro-batches of one optimizer step, balanced: as few micro-batches of at most
+    `micro_batch` sequences as the effective batch needs, sizes differing by at most one (larger
+    first), so the sum is exactly the effective batch (never rounded to a multiple) and no step
+    ends on a tiny micro-batch (21 at 10 is [7, 7, 7], not [10, 10, 1]).
+    Raises ValueError for sizes below 1."""
     if effective_batch < 1 or micro_batch < 1:
         raise ValueError(f"batch sizes must be positive (effective {effective_batch}, micro {micro_batch})")
-    micro_batch = min(micro_batch, effective_batch)
-    full, rest = divmod(effective_batch, micro_batch)
-    return [micro_batch] * full + ([rest] if rest else [])
+    n = -(-effective_batch // min(micro_batch, effective_batch))  # ceil
+    size, extra = divmod(effective_batch, n)
+    return [size + 1] * extra + [size] * (n - extra)
 
 
 def describe_split(micro_batches: list[int]) -> str:
-    """'512 = 42 × 12 + 8' style text for a list of micro-batch sizes."""
+    """'512 = 27 × 18 + 26' (one short micro-batch) or '512 = 40 × 5 + 39 × 8' text for a list
+    of micro-batch sizes, largest first."""
     total = sum(micro_batches)
-    full = micro_batches[0]
-    n_full = sum(1 for m in micro_batches if m == full)
-    text = f"{total} = {full} × {n_full}"
-    if len(micro_batches) > n_full:
-        text += f" + {micro_batches[-1]}"
-    return text
+    sizes = sorted(set(micro_batches), reverse=True)
+    parts = [f"{sizes[0]} × {micro_batches.count(sizes[0])}"]
+    for s in sizes[1:]:
+        k = micro_batches.count(s)
+        parts.append(f"{s}" if k == 1 else f"{s} × {k}")
+    return f"{total} = " + " + ".join(parts)
 
 
 def autocast(device_type: str, dtype: str):

@@ -1,0 +1,56 @@
+"""Fingerprints of what a fitted plan's memory use depends on, and how two of them differ.
+
+A plan is keyed by the first 12 hex digits of sha256 over canonical JSON of its inputs (the
+config summary, torch, CUDA and driver versions), so a plan found for one config or software
+stack is never silently reused for another, and `explain_stale` says what changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+# Short labels for the non-config fingerprint inputs, as people say them ("torch 2.4 -> 2.5").
+_VERSION_LABELS = {"torch_version": "torch", "cuda_version": "cuda", "driver_version": "driver"}
+
+
+def fingerprint_inputs(config_summary: dict[str, Any], torch_version: str,
+                       cuda_version: str | None, driver_version: str | None) -> dict[str, Any]:
+    """Everything a plan's memory use depends on, flat, so staleness reads field by field."""
+    clash = set(config_summary) & set(_VERSION_LABELS)
+    if clash:
+        raise ValueError(f"config summary must not contain {sorted(clash)}")
+    return {**config_summary, "torch_version": torch_version, "cuda_version": cuda_version,
+            "driver_version": driver_version}
+
+
+def _strip_none(value: Any) -> Any:
+    # TOML has no null: None values are dropped on write, so they must also be ignored when
+    # hashing, or a plan read back from disk would not match its own fingerprint.
+    if isinstance(value, dict):
+        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_strip_none(v) for v in value]
+    return value
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """First 12 hex digits of sha256 over canonical JSON (sorted keys, None values dropped)."""
+    canonical = json.dumps(_strip_none(inputs), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+def explain_stale(old_inputs: dict[str, Any], new_inputs: dict[str, Any]) -> list[str]:
+    """What changed between two fingerprint inputs, e.g. ['torch 2.4.0 -> 2.5.1', 'n_embd 576 -> 768']."""
+    old, new = _strip_none(old_inputs), _strip_none(new_inputs)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before != after:
+            label = _VERSION_LABELS.get(key, key)
+            changes.append(f"{label} {_show(before)} -> {_show(after)}")
+    return changes
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else str(value)

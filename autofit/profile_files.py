@@ -1,0 +1,134 @@
+"""Where profile files live, their names, the per-profile lock and atomic writes.
+
+- profiles_dir(): $AUTOFIT_HOME/profiles if set, else platformdirs' per-user data directory.
+- The lock: filelock.FileLock on `<file>.lock` (fcntl where the platform has it, a lock file that
+  is removed on release elsewhere).
+- Writes: temp file in the same directory, fsync, rename, fsync of the directory.
+Every failure a user can cause is a ProfileError with one line that names the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import filelock
+import platformdirs
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+NAME_MAX = 100
+# How long a writer waits for another's lock before telling the user it looks stale. With fcntl
+# a lock dies with its process, so only the lock-file fallback (no fcntl) can be stale.
+LOCK_TIMEOUT_S = 30.0
+# filelock.FileLock is the fcntl lock where there is fcntl, a plain lock file (SoftFileLock) elsewhere.
+_LOCK_CLASS: type[filelock.BaseFileLock] = filelock.FileLock
+
+
+class ProfileError(ValueError):
+    """A profile problem the user can fix; the message is one line and names the file."""
+
+
+def profiles_dir() -> Path:
+    """Where user profiles live: $AUTOFIT_HOME/profiles if set, else platformdirs' per-user data
+    directory + /profiles (on Linux $XDG_DATA_HOME/autofit/profiles, by default
+    ~/.local/share/autofit/profiles)."""
+    home = os.environ.get("AUTOFIT_HOME")
+    if home:
+        return Path(home).expanduser() / "profiles"
+    data = platformdirs.user_data_path("autofit", appauthor=False)
+    # The XDG spec says a relative $XDG_DATA_HOME is invalid and must be ignored; platformdirs
+    # takes it as given, which would put profiles under whatever the current directory is.
+    if not data.is_absolute():
+        data = Path.home() / ".local" / "share" / "autofit"
+    return data / "profiles"
+
+
+def check_profiles_writable(name: str | None = None) -> Path:
+    """Raise ProfileError (one line) unless a profile can be saved; call it before expensive work.
+
+    The profiles directory must be a writable directory, or be creatable under a writable one;
+    nothing is created here. `name`, when given, must be a valid profile name. Returns the
+    directory. Permission bits are read with os.access, so for root (who may write anyway) only
+    a read-only file system or a path through a regular file fails."""
+    if name is not None:
+        check_name(name)
+    directory = profiles_dir()
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    fix = "set AUTOFIT_HOME to a writable directory, or fix the permissions"
+    if not probe.is_dir():
+        raise ProfileError(f"cannot save profiles in {directory}: {probe} is a file, not a directory; {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "the profiles directory" if probe == directory else f"{probe} (where it would be created)"
+        raise ProfileError(f"cannot save profiles in {directory}: {what} is not writable; {fix}")
+    return directory
+
+
+def _is_valid_name(name: str) -> bool:
+    return len(name) <= NAME_MAX and NAME_RE.fullmatch(name) is not None
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _is_valid_name(name):
+        raise ProfileError(f"bad profile name {name!r}: use lowercase letters, digits, '.', '_', '-' "
+                           f"(starting with a letter or digit, at most {NAME_MAX} characters)")
+    return name
+
+
+def profile_path(name: str) -> Path:
+    return profiles_dir() / f"{check_name(name)}.toml"
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive lock on `<path>.lock` around a read-modify-write of `path`.
+
+    filelock takes an fcntl lock where the platform has one (the lock file stays in place, so a
+    waiting process never locks a file another has unlinked) and an O_EXCL lock file elsewhere.
+    Raises ProfileError when the lock is not had within LOCK_TIMEOUT_S."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    lock = _LOCK_CLASS(str(lock_path), timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise ProfileError(f"timed out waiting for lock {lock_path}; if no autofit is running, "
+                           "delete it") from None
+    except OSError as exc:
+        raise ProfileError(f"cannot lock profile file {path}: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) atomically: temp file beside it, fsync, rename. On any
+    failure the old file is untouched and no temp file is left; OSError becomes ProfileError."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ProfileError(f"cannot write profile file {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        if isinstance(exc, OSError):
+            raise ProfileError(f"cannot write profile file {path}: {exc.strerror or exc}") from None
+        raise
+    # Make the rename itself durable; not every platform lets a directory be opened or fsynced.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,116 @@
+"""`autofit probe --plot`: the picture is written, and holds what it promises (estimated lines,
+measured points, OOM crosses, the budget, the plan circled, each labelled)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from autofit.plot import PlotError, build_figure, check_plot_target, plot_probe  # noqa: E402
+from autofit.probe import ProbeOptions, run_probe  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+
+SEED = Path(__file__).parent.parent / "configs" / "rtx4070_seed.py"
+SMALL = ["n_layer=1", "n_embd=32", "n_head=2", "block_size=32", "batch_size=8", "gradient_accumulation_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def estimated():
+    cfg = load_config(config_file=SEED)
+    res, _, _ = run_probe(cfg, ProbeOptions(gpu="rtx4070-12gb"))
+    return res, cfg
+
+
+@pytest.fixture(scope="module")
+def measured():
+    cfg = load_config(preset="tiny", overrides=SMALL)
+    res, _, _ = run_probe(cfg, ProbeOptions(device="cpu", budget_bytes=4 * 2**20, dtype="float32",
+                                            checkpointing=[0], loss_impls=["standard", "chunked"]))
+    return res, cfg
+
+
+def _labels(fig) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_estimated_probe_draws_a_line_per_lever_combination(estimated):
+    res, cfg = estimated
+    fig = build_figure(res, cfg)
+    ax = fig.axes[0]
+    combos = {(t.dtype, t.checkpointing, t.loss_impl) for t in res.trials if t.status != "pruned"}
+    assert len(combos) == 4
+    assert len(ax.lines) == len(combos) + 1  # one estimate per combination + the budget
+    labels = _labels(fig)
+    assert sum("estimated (closed form)" in l for l in labels) == len(combos)
+    assert not any("measured on" in l for l in labels)  # nothing was run: no measured points
+    assert any(l.startswith("budget 10.29 GiB") for l in labels)
+    assert any(l.startswith("plan: micro-batch 27, chunked loss (estimated peak") for l in labels)
+    budget_line = ax.lines[-1]
+    assert budget_line.get_ydata()[0] == pytest.approx(res.budget.budget_bytes / 2**30)
+
+
+def test_measured_probe_draws_points_ooms_and_circles_the_plan(measured):
+    res, cfg = measured
+    fig = build_figure(res, cfg)
+    labels = _labels(fig)
+    ran = [t for t in res.trials if t.measured_peak_bytes]
+    assert ran and any(t.status == "oom" for t in res.trials)
+    assert sum("measured on" in l for l in labels) == len({(t.dtype, t.checkpointing, t.loss_impl) for t in ran})
+    assert "out of memory (measured; drawn at its estimated peak)" in labels
+    assert any(l.startswith("plan:") and "measured peak" in l for l in labels)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "peak memory (MiB)"  # a 4 MiB budget is drawn in MiB
+    points = sum(len(c.get_offsets()) for c in ax.collections)
+    assert points == len(ran) + sum(t.status == "oom" for t in res.trials) + 1  # + the plan's circle
+    plan_circle = ax.collections[-1]
+    x, y = plan_circle.get_offsets()[0]
+    assert x == res.plan.micro_batch and y == pytest.approx(res.plan.measured_peak_bytes / 2**20)
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml")])
+def test_file_is_written_atomically(tmp_path, estimated, suffix, magic):
+    res, cfg = estimated
+    path = tmp_path / f"seed{suffix}"
+    assert plot_probe(res, cfg, path) == path
+    assert path.read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+
+
+def test_bad_targets_are_refused_before_the_probe(tmp_path, monkeypatch):
+    with pytest.raises(PlotError, match="must end in .png or .svg"):
+        check_plot_target(tmp_path / "x.jpg")
+    with pytest.raises(PlotError, match="does not exist"):
+        check_plot_target(tmp_path / "nope" / "x.png")
+    with pytest.raises(PlotError, match="is a directory"):
+        (tmp_path / "d.png").mkdir()
+        check_plot_target(tmp_path / "d.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(PlotError, match=r"needs matplotlib.*pip install 'autofit\[plot\]'"):
+        check_plot_target(tmp_path / "x.png")
+
+
+def test_cli_plot_without_matplotlib_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    from autofit.cli import main
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(sys, "argv", ["autofit", "probe", "--device", "cpu", "--budget", "4MiB",
+                                      "--plot", str(tmp_path / "p.png")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == "" and "trial:" not in err
+    assert err.count("\n") == 1 and "pip install" in err
+
+
+def test_cli_probe_plot_writes_the_file(tmp_path, monkeypatch, capsys):
+    from autofit.cli import main
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    path = tmp_path / "seed.svg"
+    monkeypatch.setattr(sys, "argv", ["autofit", "probe", "--config", str(SEED), "--gpu", "rtx4070-12gb",
+                                      "--plot", str(path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, _ = capsys.readouterr()
+    assert exit_info.value.code == 0 and f"plot: {path}" in out
+    assert "<svg" in path.read_text()
