@@ -8,64 +8,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
+
+from autofit.cli_common import (ConfigOpt, PresetOpt, SetOpt, UsageError, _fmt, _is_user_error, _size, console,
+                                err_console, load_train_config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OOM-aware launcher for nanoGPT-style GPT training: measure what fits, plan, train.")
-# Piped output (CI logs, `| less`, a file) is not wrapped: lines are soft-wrapped (left whole for
-# the reader's pager), and tables get 200 columns instead of rich's default 80.
-console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=not sys.stdout.isatty())
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=not sys.stderr.isatty())
-
-
-def _no_bool_metavar() -> None:
-    """typer's rich help prints a type for every option, so flags read `--json <bool>` and
-    `--help <bool>` as if they took a value. Flags take none: show no type for them."""
-    from typer import core
-    plain = core.TyperOption.display_type_rich
-
-    def display_type_rich(self, ctx):
-        return None if getattr(self, "is_flag", False) else plain(self, ctx)
-    core.TyperOption.display_type_rich = display_type_rich
-
-
-_no_bool_metavar()
-
-
-class UsageError(ValueError):
-    """Bad combination of command-line options."""
-
-
-# Exception types that mean 'the user can fix this': one line, no traceback. Matched by class
-# name along the exception's MRO (classes of autofit and trainer only), so that catching them
-# imports nothing (trainer.loop would import torch, ~2 s, even for `autofit config`) and a class
-# moving between modules keeps working.
-USER_ERRORS = frozenset({
-    "UsageError", "ConfigError", "DataError", "TrainError", "DeviceError", "HardwareError", "ProfileError",
-    "PlanError", "PlotError", "WeightsError", "CheckpointError", "SampleError",
-})
-
-
-def _is_user_error(e: BaseException) -> bool:
-    return any(c.__name__ in USER_ERRORS and c.__module__.split(".")[0] in ("autofit", "trainer", "__main__")
-               for c in type(e).__mro__)
-
-
-def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
-    """The TrainConfig of a command: preset (tiny without --config), file, --set; with
-    init_from = 'gpt2*' the published model's shape, as nanoGPT's train.py takes it."""
-    from trainer.config import load_config
-    from trainer.pretrained import gpt2_config
-    if preset is None and config is None:
-        preset = "tiny"  # the built-in default: small enough to train on a laptop CPU in minutes
-    return gpt2_config(load_config(preset=preset, config_file=config, overrides=overrides))
-
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or nanoGPT-style .py config (parsed, never executed).")
-PresetOpt = typer.Option(None, "--preset", help="Built-in preset: tiny, gpt2-124m, rtx4070-seed.")
-SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set key=value (repeatable).")
-
-
 @app.command("config")
 def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
                overrides: List[str] = SetOpt,
@@ -83,16 +31,6 @@ def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Prese
         console.print(t)
         console.print(f"effective batch: {cfg.effective_batch} sequences = {cfg.tokens_per_step:,} tokens per optimizer step")
         console.print(f"vocab_size {cfg.vocab_size} from {cfg.source_of('vocab_size')}", soft_wrap=True)
-
-
-def _size(value: Optional[str], flag: str) -> Optional[int]:
-    if value is None:
-        return None
-    from autofit.units import parse_size
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise UsageError(f"{flag}: {e}") from None
 
 
 def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss):
@@ -318,44 +256,12 @@ def _no_probe_options(cfg, device, budget, gpu_index, max_steps, progress):
     return RunOptions(max_steps=max_steps, progress=progress, meter=dev, device=dev.torch_device)
 
 
-def _fmt(n):
-    from autofit.units import fmt_bytes
-    return fmt_bytes(n) if n else "-"
-
-
+from autofit.cli_data import data_app, sample_app  # noqa: E402  (data prepare, sample)
 from autofit.cli_profiles import profiles_app  # noqa: E402  (the `profiles` sub-commands)
 
 app.add_typer(profiles_app, name="profiles")
-
-
-@app.command("sample")
-def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run directory holding ckpt.pt (autofit's or nanoGPT's), or the file itself."),
-               start: str = typer.Option("\n", "--start", help="Prompt text, or FILE:path to read it from a file."),
-               num_samples: int = typer.Option(10, "--num-samples", help="Samples to draw."),
-               max_new_tokens: int = typer.Option(500, "--max-new-tokens", help="Tokens generated per sample."),
-               temperature: float = typer.Option(0.8, "--temperature", help="> 0; below 1 sharper, above 1 more random."),
-               top_k: int = typer.Option(200, "--top-k", help="Sample from the K most likely tokens (>= 1)."),
-               seed: int = typer.Option(1337, "--seed"),
-               device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there is a GPU)."),
-               init_from: str = typer.Option("resume", "--init-from", help="resume (from --out), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a directory with a GPT-2 model.safetensors + config.json."),
-               as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
-    """Sample text from a checkpoint, as nanoGPT's sample.py."""
-    from trainer.sample import SampleOptions, generate_samples
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    opts = SampleOptions(start=start, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_k=top_k, seed=seed, device=device, init_from=init_from)
-    res = generate_samples(out, opts)
-    if as_json:
-        print(json.dumps({"samples": res.texts, "model": res.model_source, "codec": res.codec,
-                          "device": res.device, "dtype": res.dtype, "prompt_tokens": res.prompt_tokens}, indent=2))
-        return
-    err_console.print(f"[dim]model {res.model_source}; vocabulary {res.codec}; {res.device}, {res.dtype}; "
-                      f"prompt {res.prompt_tokens} tokens[/]", soft_wrap=True)
-    for text in res.texts:  # plain print: generated text is not rich markup
-        print(text)
-        print("---------------")
+app.add_typer(data_app, name="data")
+app.registered_commands += sample_app.registered_commands
 
 
 def _report_run(result, cfg) -> None:
@@ -373,31 +279,6 @@ def _report_run(result, cfg) -> None:
     if first is not None:
         msg += f", loss {first:.3f} -> {last:.3f}"
     console.print(msg + f"; checkpoint {result.checkpoint}, metrics {Path(cfg.out_dir) / 'metrics.jsonl'}")
-
-
-data_app = typer.Typer(help="Datasets in nanoGPT's layout: prepare them.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-
-
-@data_app.command("prepare")
-def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakespeare or fineweb-edu."),
-                 out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: data/NAME, where dataset = 'NAME' looks)."),
-                 input_file: Optional[Path] = typer.Option(None, "--input", help="A local text instead of the download (fineweb-edu: a .jsonl of {\"text\": ...} rows, or one text)."),
-                 max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="fineweb-edu: stop after this many tokens (default: the whole ~10B-token sample)."),
-                 shard_size: Optional[int] = typer.Option(None, "--shard-size", help="fineweb-edu: tokens per llm.c shard (default 100,000,000)."),
-                 force: bool = typer.Option(False, "--force", help="Replace a dataset already in --out."),
-                 no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
-    """Write a dataset as nanoGPT lays it out: train.bin/val.bin (+ meta.pkl), or llm.c shards."""
-    from trainer.prepare import prepare
-    out_dir = out if out is not None else Path("data") / name
-    log = lambda s: err_console.print(f"[dim]{s}[/]")
-    done = prepare(name, out_dir, input_path=input_file, max_tokens=max_tokens, shard_size=shard_size,
-                   force=force, progress=not no_progress, log=log)
-    counts = ", ".join(f"{split} {n:,} tokens" for split, n in done.tokens.items())
-    vocab = f", vocab_size {done.vocab_size} in meta.pkl" if done.vocab_size else ", GPT-2 BPE tokens"
-    use = name if out_dir == Path("data") / name else str(out_dir)
-    console.print(f"wrote {out_dir} ({counts}{vocab}); train on it with dataset = '{use}' "
-                  f"(--set dataset={use})", soft_wrap=True)
 
 
 def main() -> None:
@@ -429,8 +310,5 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-if __name__ == "__main__":
-    # `python -m autofit.cli` runs this file as __main__; run the importable autofit.cli instead, so
-    # the modules it imports (autofit.cli_profiles) and this code share one UsageError and console.
-    from autofit.cli import main as _main
-    _main()
+if __name__ == "__main__":  # python -m autofit.cli
+    main()

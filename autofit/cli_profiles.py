@@ -17,7 +17,7 @@ profiles_app = typer.Typer(help="Saved per-GPU profiles: list, show, remove, add
 
 
 def _console():
-    from autofit.cli import console  # created there, once, for every command
+    from autofit.cli_common import console  # created there, once, for every command
     return console
 
 
@@ -121,7 +121,7 @@ def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", he
 
 
 def _compute_capability(text: str) -> list[int]:
-    from autofit.cli import UsageError
+    from autofit.cli_common import UsageError
     major, dot, minor = text.strip().partition(".")
     if not (dot and major.isdigit() and minor.isdigit()):
         raise UsageError(f"--compute-capability takes MAJOR.MINOR, e.g. 7.5, got {text!r}")
@@ -141,7 +141,7 @@ def profiles_add(
 ):
     """Describe a GPU autofit has no built-in profile for; then `probe --gpu NAME` and
     `run --profile NAME` take it like a built-in one."""
-    from autofit.cli import UsageError, _size
+    from autofit.cli_common import UsageError, _size
     from pydantic import ValidationError
 
     from autofit.hardware import HardwareSpec, load_builtin

@@ -16,7 +16,7 @@ import torch
 from autofit import agree
 from autofit.budget import device_budget
 from autofit.device import DeviceError
-from autofit.devices import open_device, reopen_device
+from autofit.devices import open_device
 from autofit.hardware import cpu_slug, load_builtin, slug_for
 from autofit.probe import ProbeOptions, probe_on, run_probe
 from autofit.profiles import (FittedPlan, ProfileError, find_plan, fingerprint, fingerprint_inputs,

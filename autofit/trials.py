@@ -149,35 +149,32 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         device.cleanup()
         after = device.current_bytes()
     rec.seconds = time.perf_counter() - t0
-    leaked = (after - baseline) if (after is not None and baseline is not None) else 0
-    rec.leaked_bytes = (after - baseline) if (after is not None and baseline is not None) else None
-    tolerance = LEAK_TOLERANCE_BYTES["cuda" if device.torch_device.type == "cuda" else "cpu"]
-    _classify(rec, failure, kind, settings.steps, capacity_bytes, budget_bytes)
-    if leaked > tolerance:
-        rec.status = "leak"
-        rec.note = (f"{leaked:,} bytes still allocated after the trial (baseline {baseline:,}, tolerance "
-                    f"{tolerance:,}): its memory did not come back, so it cannot count as a fit"
-                    + (f"; it had ended: {rec.note}" if rec.note else ""))
+    _judge(rec, failure, kind, settings.steps, capacity_bytes, budget_bytes,
+           leaked=(after - baseline) if (after is not None and baseline is not None) else None,
+           tolerance=LEAK_TOLERANCE_BYTES["cuda" if device.torch_device.type == "cuda" else "cpu"])
     return rec
 
 
-def _classify(rec: TrialRecord, failure: str | None, kind: str, steps: int, capacity_bytes: int | None,
-              budget_bytes: int) -> None:
-    """Sets the trial's status and note from how it ended and what it measured."""
+def _judge(rec: TrialRecord, failure: str | None, kind: str, steps: int, capacity_bytes: int | None,
+           budget_bytes: int, leaked: int | None, tolerance: int) -> None:
+    """Sets the trial's status and note from what happened (see run_trial)."""
+    rec.leaked_bytes = leaked
+    peak = max(rec.measured_peak_bytes or 0, rec.measured_reserved_bytes or 0) if rec.measured_peak_bytes else None
     if failure is not None:
-        rec.status = kind
-        rec.note = failure
+        rec.status, rec.note = kind, failure
     elif rec.steps_run < steps:  # cannot happen without an exception; never call it a fit
         rec.status, rec.note = "error", f"only {rec.steps_run} of {steps} optimizer steps ran"
-    elif capacity_bytes is not None and rec.measured_peak_bytes is not None and \
-            max(rec.measured_peak_bytes, rec.measured_reserved_bytes or 0) > capacity_bytes:
+    elif capacity_bytes is not None and peak is not None and peak > capacity_bytes:
         rec.status = "spill"
         rec.note = "memory above the card's capacity: the driver spilled to host RAM instead of raising OOM"
-    elif rec.measured_peak_bytes is not None and \
-            max(rec.measured_peak_bytes, rec.measured_reserved_bytes or 0) > budget_bytes:
+    elif peak is not None and peak > budget_bytes:
         # On CUDA what runs out is reserved memory (the caching allocator's segments), which is
         # never below allocated, so the plan must fit with its reserved peak.
         rec.status = "over_budget"
         rec.note = "ran, but its peak (reserved, on CUDA) is above the budget"
     else:
         rec.status = "fit"
+    if leaked is not None and leaked > tolerance:
+        rec.status = "leak"
+        rec.note = (f"{leaked:,} bytes still allocated after the trial (tolerance {tolerance:,}): its memory did "
+                    f"not come back, so it cannot count as a fit" + (f"; it had ended: {rec.note}" if rec.note else ""))

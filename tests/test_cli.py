@@ -414,7 +414,7 @@ def test_user_error_names_are_real_exception_classes():
 
     import autofit
     import trainer
-    from autofit.cli import USER_ERRORS
+    from autofit.cli_common import USER_ERRORS
     defined = set()
     for package in (autofit, trainer):
         for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):

@@ -6,7 +6,7 @@ import autofit.cuda as cuda
 from autofit.cpu import PlainCpuDevice
 from autofit.cpu_budget import BudgetedCpuDevice
 from autofit.cuda import CudaDevice
-from autofit.device import Device, DeviceError, SimulatedDevice
+from autofit.device import Device, DeviceError
 from autofit.devices import open_device, open_simulated, reopen_device
 from trainer.meter import MeterCapabilities
 

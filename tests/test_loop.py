@@ -19,7 +19,7 @@ from trainer.config import load_config
 from trainer.checkpoint import atomic_torch_save
 from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
-from trainer.loop import RunOptions, Trainer, train
+from trainer.loop import RunOptions, train
 from trainer.meter import MeterCapabilities, NullMeter
 from trainer.model import GPT, GPTConfig, clean_state_dict
 from trainer.schedule import lr_at

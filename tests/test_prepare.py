@@ -7,7 +7,6 @@ import importlib.util
 import json
 import pickle
 import sys
-import urllib.error
 from pathlib import Path
 
 import numpy as np

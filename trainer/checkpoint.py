@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from trainer.errors import TrainError
+from trainer.model import model_args_of
 
 # Every key a resume reads: a checkpoint lacking one is refused before any work.
 CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_sampler", "rng_cpu",
@@ -62,7 +63,6 @@ def training_state(trainer) -> dict:
     """Everything a trainer.loop.Trainer needs to continue exactly: weights, optimizer and fp16
     scaler state, step, best validation loss, config, both samplers' counters, RNG states, the
     micro-batches in use, the plan (JSON text) and the device spec for `autofit run --resume`."""
-    from trainer.nanogpt_ckpt import model_args_of
     t = trainer
     return {  # nanoGPT's sample.py reads model, model_args and config['dataset'] as they are
         "model": t.model.state_dict(),
@@ -146,3 +146,44 @@ def resume_changes(saved, new) -> list[str]:
     if saved.effective_batch != new.effective_batch:
         out.append(f"effective batch {saved.effective_batch} -> {new.effective_batch} sequences")
     return out
+
+
+def restore(trainer, ck: dict) -> None:
+    """Puts a checkpoint's state into a trainer.loop.Trainer: autofit's layout exactly (weights,
+    AdamW and fp16 scaler, step, samplers, RNG); nanoGPT's (weights, AdamW, step, best loss), with
+    what it cannot give back said in a 'resume_partial' event. Raises TrainError for a checkpoint
+    of another model."""
+    from trainer.config import TrainConfig
+    from trainer.model import clean_state_dict
+    from trainer.nanogpt_ckpt import CheckpointError, checkpoint_layout, nanogpt_checkpoint_from
+    t = trainer
+    if checkpoint_layout(ck, t.ckpt_path) == "nanogpt":
+        try:
+            nano = nanogpt_checkpoint_from(ck, t.ckpt_path)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        check_same_model(TrainConfig(**{**t.cfg.model_dump(), **nano.model_args}), t.cfg, t.ckpt_path)
+        t.model.load_state_dict(nano.model)
+        if nano.optimizer is not None:
+            t.optimizer.load_state_dict(nano.optimizer)
+        t.iter_num, t.best_val_loss = nano.iter_num, nano.best_val_loss
+        t.last_eval_iter = nano.iter_num  # nanoGPT evaluated (and saved) at this step
+        t._event("resume_partial", layout="nanogpt", not_restored=nano.not_restored)
+        return
+    check_same_model(TrainConfig(**ck["config"]), t.cfg, t.ckpt_path)
+    t.group.load(ck, t.model, t.optimizer)  # one GPU, DDP or FSDP2's shards (trainer/multirank.py)
+    if t.scaler is not None and ck.get("scaler"):
+        t.scaler.load_state_dict(ck["scaler"])
+    t.iter_num = int(ck["iter_num"])
+    t.best_val_loss = float(ck["best_val_loss"])
+    t.last_eval_iter = int(ck.get("last_eval_iter", -1))
+    t.sampler.load_state_dict(ck["sampler"])
+    t.evaluator.sampler.load_state_dict(ck["eval_sampler"])
+    t.compile_failed = bool(ck.get("compile_failed", False))
+    rng_cpu, rng_cuda = t.group.rng_state(ck)  # with several ranks, this rank's own
+    torch.set_rng_state(rng_cpu.cpu())
+    if rng_cuda is not None and t.device.type == "cuda":
+        torch.cuda.set_rng_state(rng_cuda.cpu(), t.device)
+    change = t.group.split_change(ck, t.cfg.effective_batch, t.micro_batches)
+    if change:  # resumed on another number of ranks
+        t._event("world_size_changed", **change)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from trainer.batches import StepBatches
-from trainer.checkpoint import atomic_torch_save, check_same_model, read_checkpoint, training_state
+from trainer.checkpoint import atomic_torch_save, read_checkpoint, restore, training_state
 from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model, uncompile
 from trainer.config import TrainConfig
 from trainer.data import BatchSampler, load_dataset
@@ -102,12 +102,7 @@ class Trainer:
         self.meter = opts.meter or default_meter(self.device)
         self.out_dir = Path(cfg.out_dir)
         self.metrics = MetricsLog(self.out_dir, self.master)
-        self.data = load_dataset(cfg.dataset)
-        self.data.check_vocab(cfg.vocab_size)
-        self.data.check_block_size(cfg.block_size)
-        # the same seed on every rank: each takes its own rows of the same step batch
-        self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed)
-        self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda", rows=self.group.rows)
+        self._open_data()
         self.rank_batch = cfg.effective_batch // self.world_size
         self.recovery = Recovery(self.rank_batch, opts.micro_batch or cfg.batch_size, opts.shrink,
                                  opts.compiled_fit_sizes)
@@ -153,6 +148,16 @@ class Trainer:
         if opts.resume:
             with self.meter.tracking():  # the loaded optimizer state counts against a budget
                 self._load_checkpoint()
+
+    def _open_data(self) -> None:
+        """The dataset, checked against the model before anything runs, and the step batches."""
+        cfg = self.cfg
+        self.data = load_dataset(cfg.dataset)
+        self.data.check_vocab(cfg.vocab_size)
+        self.data.check_block_size(cfg.block_size)
+        # the same seed on every rank: each takes its own rows of the same step batch
+        self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed)
+        self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda", rows=self.group.rows)
 
     def _build_model(self) -> GPT:
         """A new GPT, or OpenAI's GPT-2 weights (init_from = 'gpt2*', as nanoGPT's train.py)."""
@@ -428,43 +433,7 @@ class Trainer:
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:
-        """Continues from <out>/ckpt.pt: autofit's own layout exactly; nanoGPT's (model, optimizer,
-        iter_num, best_val_loss) with what it cannot give back said in a 'resume_partial' event."""
-        from trainer.nanogpt_ckpt import CheckpointError, checkpoint_layout, nanogpt_checkpoint_from
-        ck = raw = read_checkpoint(self.ckpt_path, self.device, any_layout=True)
-        if checkpoint_layout(raw, self.ckpt_path) == "nanogpt":
-            try:
-                self._load_nanogpt(nanogpt_checkpoint_from(raw, self.ckpt_path))
-            except CheckpointError as e:
-                raise TrainError(str(e)) from None
-            return
-        check_same_model(TrainConfig(**ck["config"]), self.cfg, self.ckpt_path)
-        self.group.load(ck, self.model, self.optimizer)
-        if self.scaler is not None and ck.get("scaler"):
-            self.scaler.load_state_dict(ck["scaler"])
-        self.iter_num = int(ck["iter_num"])
-        self.best_val_loss = float(ck["best_val_loss"])
-        self.last_eval_iter = int(ck.get("last_eval_iter", -1))
-        self.sampler.load_state_dict(ck["sampler"])
-        self.evaluator.sampler.load_state_dict(ck["eval_sampler"])
-        self.compile_failed = bool(ck.get("compile_failed", False))
-        rng_cpu, rng_cuda = self.group.rng_state(ck)
-        torch.set_rng_state(rng_cpu.cpu())
-        if rng_cuda is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
-        change = self.group.split_change(ck, self.cfg.effective_batch, self.micro_batches)
-        if change:
-            self._event("world_size_changed", **change)
-        del ck, raw
-
-    def _load_nanogpt(self, ck) -> None:
-        check_same_model(TrainConfig(**{**self.cfg.model_dump(), **ck.model_args}), self.cfg, self.ckpt_path)
-        self.model.load_state_dict(ck.model)
-        if ck.optimizer is not None:
-            self.optimizer.load_state_dict(ck.optimizer)
-        self.iter_num, self.best_val_loss = ck.iter_num, ck.best_val_loss
-        self.last_eval_iter = ck.iter_num  # nanoGPT evaluated (and saved) at this step
-        self._event("resume_partial", layout="nanogpt", not_restored=ck.not_restored)
+        restore(self, read_checkpoint(self.ckpt_path, self.device, any_layout=True))
 
 
 def train(cfg: TrainConfig, opts: RunOptions | None = None) -> RunResult:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,28 @@ class GPTConfig:
     @classmethod
     def from_train_config(cls, cfg) -> "GPTConfig":
         return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+
+
+# nanoGPT's GPTConfig fields: a checkpoint's model_args hold exactly these (GPTConfig(**model_args))
+MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
+def model_args_of(source: Any) -> dict[str, Any]:
+    """The seven nanoGPT model args of a TrainConfig, a GPTConfig, or a mapping (extra keys,
+    like a TrainConfig dict's, are dropped). Raises ValueError if one is missing."""
+    get = source.get if isinstance(source, Mapping) else (lambda k, d=None: getattr(source, k, d))
+    missing = [k for k in MODEL_ARGS if get(k) is None]
+    if missing:
+        raise ValueError(f"model args lack {', '.join(missing)}")
+    args = {k: get(k) for k in MODEL_ARGS}
+    try:
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            args[k] = int(args[k])
+        args["bias"], args["dropout"] = bool(args["bias"]), float(args["dropout"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model args are not numbers ({e})") from None
+    return args
+
 
 
 class LayerNorm(nn.Module):

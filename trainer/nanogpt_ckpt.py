@@ -21,11 +21,10 @@ from typing import Any, Mapping
 import torch
 
 from trainer.checkpoint import AUTOFIT_MARKERS
-from trainer.model import GPT, GPTConfig, clean_state_dict
+from trainer.model import MODEL_ARGS, GPT, GPTConfig, clean_state_dict
+from trainer.model import model_args_of as _model_args_of
 
 NANOGPT_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")
-# nanoGPT's GPTConfig fields: model_args must hold exactly these, or GPTConfig(**model_args) fails
-MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
 
 class CheckpointError(ValueError):
@@ -73,20 +72,11 @@ def checkpoint_layout(ck: Mapping, path: str | Path = "checkpoint") -> str:
 
 
 def model_args_of(source: Any) -> dict[str, Any]:
-    """The seven nanoGPT model args of a TrainConfig, a GPTConfig, or a mapping (extra keys,
-    like a TrainConfig dict's, are dropped). Raises CheckpointError if one is missing."""
-    get = source.get if isinstance(source, Mapping) else (lambda k, d=None: getattr(source, k, d))
-    missing = [k for k in MODEL_ARGS if get(k) is None]
-    if missing:
-        raise CheckpointError(f"model args lack {', '.join(missing)}")
-    args = {k: get(k) for k in MODEL_ARGS}
+    """trainer.model.model_args_of, raising CheckpointError (one line) for args that lack a field."""
     try:
-        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            args[k] = int(args[k])
-        args["bias"], args["dropout"] = bool(args["bias"]), float(args["dropout"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"model args are not numbers ({e})") from None
-    return args
+        return _model_args_of(source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def expected_shapes(model_args: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
