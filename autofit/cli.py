@@ -143,6 +143,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
             allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept --set values that change what the run trains (said in the log)."),
+            nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this machine (one GPU each): starts torchrun for you."),
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
@@ -161,7 +162,10 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     if profile is not None:  # a probe may save into it: writable before any trial runs
         from autofit.profiles import check_profiles_writable
         check_profiles_writable(profile)
-    if resume or cfg.init_from == "resume":  # nanoGPT's init_from='resume' is --resume
+    resuming = resume or cfg.init_from == "resume"
+    if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
+        _start_ranks(cfg, nproc_per_node, resuming, log)
+    if resuming:  # nanoGPT's init_from='resume' is --resume
         from autofit.resume import prepare_resume
         from trainer.checkpoint import check_out_dir
         check_out_dir(cfg.out_dir)
@@ -173,6 +177,8 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         _report_run(train(launch.cfg, launch.opts), launch.cfg)
         return
     _check_fresh_run(cfg, log)
+    from autofit.torchrun import check_ranks
+    check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
         if profile is not None:
             raise UsageError("--no-probe and --profile exclude each other")
@@ -201,8 +207,19 @@ def _resume_overrides(cfg, overrides: List[str], flag: bool) -> dict:
     return out
 
 
+def _start_ranks(cfg, nproc_per_node: int, resuming: bool, log) -> None:
+    """--nproc-per-node N: what a fresh run would refuse is checked here once, then torchrun
+    starts the same command on N ranks; this process exits with their status."""
+    from autofit.torchrun import check_ranks, relaunch
+    if not resuming:
+        _check_fresh_run(cfg, log)
+    check_ranks(cfg, nproc_per_node, resuming)
+    raise typer.Exit(relaunch(sys.argv[1:], nproc_per_node))
+
+
 def _plan_line(p) -> str:
-    return (f"  micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
+    ranks = f"{p.world_size} ranks ({p.parallelism}) x " if p.world_size > 1 else ""
+    return (f"  {ranks}micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
             f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
             f"checkpointing {p.checkpointing or 'off'}, loss {p.loss_impl}; "
             + (f"measured peak {_fmt(p.measured_peak_bytes)}" if p.measured_peak_bytes else
@@ -265,15 +282,18 @@ def _report_run(result, cfg) -> None:
 
 
 def main() -> None:
+    from autofit.torchrun import error_prefix, quiet_unless_rank0, session
     try:
-        code = app(standalone_mode=False)
+        with session():  # torchrun: one process group for the command, left at the end
+            quiet_unless_rank0(console, err_console)
+            code = app(standalone_mode=False)
     except KeyboardInterrupt:
         print("autofit: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         if _is_user_error(e):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"autofit: error: {msg}", file=sys.stderr)
+            print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
             sys.exit(2)
         # click's (or typer's vendored click's) usage errors carry exit code 2 and a message:
         # one line too, instead of a boxed multi-line panel

@@ -82,7 +82,8 @@ def _plan_row(fp: str, fitted) -> list[str]:
     compile_txt = f"on after {p.compile_after} steps" if p.compile else "off"
     ckpt = f"every {p.checkpointing} block(s)" if p.checkpointing else "off"
     tps = f"{p.tokens_per_s:,.0f} ({p.mode})" if p.tokens_per_s else "-"
-    return [fp, config, f"{p.micro_batch} x {p.grad_accum} ({p.split})", p.dtype, compile_txt, ckpt, p.loss_impl,
+    ranks = f"; {p.world_size} ranks, {p.parallelism}, each" if p.world_size > 1 else ""  # torchrun plans
+    return [fp, config, f"{p.micro_batch} x {p.grad_accum} ({p.split}){ranks}", p.dtype, compile_txt, ckpt, p.loss_impl,
             _fmt(p.measured_peak_bytes), tps, f"{fitted.updated:%Y-%m-%d %H:%M}", "; ".join(notes)]
 
 

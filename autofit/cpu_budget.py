@@ -9,7 +9,9 @@ and autofit's probe -> plan -> train -> recover path run unchanged on a machine 
 What dispatch does not see, and so is not counted:
 - tensors created before the tracker was entered: register them with track_tensors/track_module/
   track_optimizer, or better, build the model and optimizer inside tracking();
-- UntypedStorage.resize_ (not an aten op through dispatch);
+UntypedStorage.resize_ is not an aten op through dispatch either, but FSDP2 frees and re-allocates
+its unsharded parameters with it, so the tracker wraps it while active: growth is checked against
+the budget like any allocation, shrinking gives the bytes back.
 - tensors made from numpy (torch.from_numpy) or under torch._C._DisableTorchDispatch.
 torch.compile: Dynamo does not compile frames while a TorchDispatchMode is active (checked on torch
 2.13: the function runs eagerly), so a compile=True run on this device measures eager memory.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 from autofit.cpu import cpu_info, default_cpu_budget
@@ -73,16 +75,24 @@ class LiveBytesTracker(TorchDispatchMode):
         return e is not None and e.ref() is st
 
     def _new_storages(self, objs: Iterable[Any]) -> list[torch.UntypedStorage]:
-        """Storages among `objs` (flattened tensors) that are not counted yet, each once."""
+        """Storages among `objs` (flattened tensors) that are not counted yet, each once. A
+        wrapper subclass (FSDP2's DTensor) holds no storage of its own: its inner tensors (the
+        local shard) are counted instead, since the ops on them run unseen inside its dispatch."""
         new: dict[int, torch.UntypedStorage] = {}
-        for t in objs:
+        todo = list(objs)
+        while todo:
+            t = todo.pop()
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            if is_traceable_wrapper_subclass(t):
+                todo.extend(getattr(t, name) for name in t.__tensor_flatten__()[0])
                 continue
             try:
                 st = t.untyped_storage()
+                ptr = st.data_ptr()
             except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
                 continue
-            if st.nbytes() == 0 or st.data_ptr() in new or self._is_counted(st):
+            if st.nbytes() == 0 or ptr in new or self._is_counted(st):
                 continue
             new[st.data_ptr()] = st
         return list(new.values())
@@ -113,6 +123,38 @@ class LiveBytesTracker(TorchDispatchMode):
             if e is not None and (e.ref() is None or id(e.ref()) == storage_id):
                 del self._entries[ptr]
                 self.live_bytes -= e.nbytes
+
+    # -- UntypedStorage.resize_ -------------------------------------------------------------
+
+    def __enter__(self):
+        self._orig_resize = torch.UntypedStorage.resize_
+        tracker, orig = self, self._orig_resize
+
+        def resize_(storage, nbytes):
+            return tracker._resize(storage, int(nbytes), orig)
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            torch.UntypedStorage.resize_ = self._orig_resize
+
+    def _resize(self, st: torch.UntypedStorage, nbytes: int, orig):
+        with self._lock:
+            old = next((p for p, e in self._entries.items() if e.ref() is st), None)
+            have = self._entries[old].nbytes if old is not None else 0
+            if st.device.type == "cpu" and nbytes > have:
+                self._check(nbytes - have, "UntypedStorage.resize_")
+            out = orig(st, nbytes)
+            if old is not None:  # the address changes with the size: count it again from scratch
+                e = self._entries.pop(old)
+                e.finalizer.detach()
+                self.live_bytes -= e.nbytes
+            if st.device.type == "cpu" and st.nbytes() > 0:
+                self._register(st)
+            return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

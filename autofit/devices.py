@@ -24,27 +24,42 @@ def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu
     emulate_usable_bytes: on CUDA, cap this process to a smaller card's usable memory (emulation).
     cpu: what the CPU is without a budget: 'budgeted' (half the available RAM; the probe's
         default, since trials must measure) or 'plain' (nothing measured, compile runs for real).
+    Under torchrun each rank opens its own: the GPU of its LOCAL_RANK, or its entry of
+    AUTOFIT_RANK_BUDGETS on the CPU (autofit.torchrun).
     Raises DeviceError for a bad kind, a budget on a GPU, or a GPU asked for and absent.
     """
     from autofit.cpu import PlainCpuDevice
     from autofit.cpu_budget import BudgetedCpuDevice
+    from autofit.torchrun import cpu_share, gpu_index as rank_gpu, rank_budget, under_torchrun
+    budget_bytes, gpu_index = rank_budget(budget_bytes), rank_gpu(gpu_index)
     if kind not in (None, "cpu", "cuda"):
         raise DeviceError(f"--device must be 'cuda' or 'cpu', got {kind!r}")
     if budget_bytes is not None and kind == "cuda":
         raise DeviceError("--budget applies to the CPU device only; on a GPU the budget is free memory x (1 - margin)")
     if budget_bytes is not None or (kind == "cpu" and cpu == "budgeted"):
-        return BudgetedCpuDevice(budget_bytes=budget_bytes)
+        return BudgetedCpuDevice(budget_bytes=cpu_share(budget_bytes))
     if kind == "cpu":
         return PlainCpuDevice()
     from autofit.cuda import detect_gpu, open_cuda_device, set_allocator_conf
     set_allocator_conf()  # before anything can initialise CUDA (detect_gpu's fallback does)
     try:
         info = detect_gpu(gpu_index)  # NVML first: no CUDA context yet
-    except DeviceError:
+    except DeviceError as e:
         if kind == "cuda":
             raise
-        return BudgetedCpuDevice(budget_bytes=None) if cpu == "budgeted" else PlainCpuDevice()
+        if gpu_index > 0 and under_torchrun() and _has_gpu(detect_gpu):  # more ranks than GPUs here
+            raise DeviceError(f"rank with LOCAL_RANK {gpu_index} has no GPU of its own ({e}); start at most one rank "
+                              f"per GPU, or use --device cpu") from None
+        return BudgetedCpuDevice(budget_bytes=cpu_share(None)) if cpu == "budgeted" else PlainCpuDevice()
     return open_cuda_device(gpu_index, info=info, emulate_usable_bytes=emulate_usable_bytes)
+
+
+def _has_gpu(detect_gpu) -> bool:
+    try:
+        detect_gpu(0)
+        return True
+    except DeviceError:
+        return False
 
 
 def open_simulated(name: str) -> SimulatedDevice:
@@ -56,10 +71,11 @@ def open_simulated(name: str) -> SimulatedDevice:
 def reopen_device(spec: dict, *, gpu_index: int = 0) -> Device:
     """The device a checkpoint was trained on, from the spec its meter wrote (MemoryMeter.spec()),
     so a resumed run continues under the same budget or cap."""
+    from autofit.torchrun import gpu_index as rank_gpu
     kind = spec.get("kind")
     if kind == "cuda":
         from autofit.cuda import open_cuda_device
-        device = open_cuda_device(gpu_index)
+        device = open_cuda_device(rank_gpu(gpu_index))
         if spec.get("memory_cap_bytes"):
             device.set_memory_cap(int(spec["memory_cap_bytes"]))
         return device

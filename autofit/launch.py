@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from autofit import agree
 from autofit.budget import device_budget
 from autofit.device import DeviceError
 from autofit.devices import open_device
@@ -44,6 +45,7 @@ def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
     if info.kind == "cuda":  # expandable segments and other allocator settings change what fits
         from autofit.cuda import allocator_settings
         summary["allocator"] = allocator_settings() or "default"
+    summary.update(agree.fingerprint_fields(cfg))  # torchrun: a plan is for this many ranks
     return fingerprint_inputs(summary, torch.__version__.split("+")[0], cuda,
                               info.driver_version if info.kind == "cuda" else None)
 
@@ -63,13 +65,17 @@ def hardware_dict_for(info, name: str) -> dict:
 
 
 def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str | None = None) -> tuple[str, str, object]:
-    """Stores the plan in the profile of the device it was measured on; returns (name, fingerprint, path)."""
+    """Stores the plan in the profile of the device it was measured on; returns (name, fingerprint, path).
+    With several ranks only rank 0 writes (the others return the path it writes to)."""
     if res.mode != "measured":
         raise ProfileError("--save stores measured plans only; a simulated GPU gives estimates")
     info = res.device
     name = name or profile_name_for(info)
     inputs = plan_fingerprint_inputs(cfg, info, emulated_on)
     fp = fingerprint(inputs)
+    if not agree.ranks().master:
+        from autofit.profiles import profile_path
+        return name, fp, profile_path(name)
     plan = FittedPlan(fingerprint=fp, fingerprint_inputs=inputs, config_summary=config_summary(cfg),
                       plan=res.plan, trials=res.trials)
     path = save_plan(name, hardware_dict_for(info, name), plan)
@@ -93,12 +99,18 @@ def _apply_plan(cfg, plan: PlanRecord):
     cfg.compile = plan.compile
     cfg.checkpointing = plan.checkpointing
     cfg.loss_impl = plan.loss_impl
+    if plan.world_size > 1:
+        cfg.parallelism = plan.parallelism
     return cfg
 
 
 def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
+    master = agree.ranks().master  # every rank sees the same events; rank 0 writes the profile
+
     def on_event(ev: dict) -> None:
         kind = ev.get("event")
+        if not master:
+            return
         if ev.get("injected"):  # a demo/test fault says nothing about the card: keep the profile
             log(f"profile {name}: injected OOM at step {ev['step']} not recorded as a lesson")
             return
@@ -143,7 +155,7 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     inputs = plan_fingerprint_inputs(cfg, info, emulated_on)
     fp = fingerprint(inputs)
     extra = {"profile": profile, "fingerprint": fp, **({"emulated_on": emulated_on} if emulated_on else {})}
-    fitted = find_plan(saved, fp)
+    fitted = agree.from_rank0(find_plan(saved, fp))  # several ranks: rank 0's answer for all
     if fitted is not None:
         plan = fitted.plan.model_copy(deep=True)
         notes = []
@@ -180,8 +192,10 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
     profile's card, or a larger one with --emulate (capped to the profile's memory)."""
     from autofit.cuda import detect_gpu, open_cuda_device, set_allocator_conf
     set_allocator_conf()  # before anything can initialise CUDA
+    from autofit.torchrun import gpu_index
+    index = gpu_index(probe_opts.gpu_index)  # torchrun: this rank's GPU
     try:
-        info = detect_gpu(probe_opts.gpu_index)
+        info = detect_gpu(index)
     except DeviceError as e:
         raise DeviceError(f"profile {profile} is for a GPU, and none was found ({e}); "
                           f"for an estimate without the card, run: autofit probe --gpu {profile}") from None
@@ -196,7 +210,7 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
                               f"process to {profile}'s memory and train as if on that card")
     emulated_on = here if here != profile else None
     usable = cap - int(hw.get("driver_reserved_bytes") or 0)  # what such a card really offers
-    device = open_cuda_device(probe_opts.gpu_index, info=info, emulate_usable_bytes=usable if emulated_on else None)
+    device = open_cuda_device(index, info=info, emulate_usable_bytes=usable if emulated_on else None)
     return device, emulated_on
 
 

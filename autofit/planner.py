@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
+from autofit import agree
 from autofit.budget import Budget, compute_budget
 from autofit.candidates import Levers, PlanError, Space, lever_combos
 from autofit.estimate import ModelShape, estimate_peak, max_micro_batch
@@ -50,7 +51,8 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
         # allocator. Run the smallest trial, measure again, and plan with what is left.
         with device.limited_to(budget.budget_bytes):
             runner.run(lever_combos(space)[0].candidate(1))
-        budget = _remeasured_budget(device, budget, runner)
+        budget = agree.budget(_remeasured_budget(device, budget, runner))
+        runner.budget_bytes = budget.budget_bytes
     with device.limited_to(budget.budget_bytes):
         result = _plan_from_trials(cfg, runner, budget, space)
     result.device = info
@@ -75,10 +77,10 @@ def _remeasured_budget(device, budget: Budget, runner: TrialRunner) -> Budget:
 
 
 def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) -> ProbeResult:
-    E = cfg.effective_batch
+    E = runner.rank_batch  # sequences per step on each rank (the effective batch with one)
     best_by_levers: dict[Levers, int] = {}
     for levers in lever_combos(space):
-        pruned = _prune_recompute(runner, levers, best_by_levers)
+        pruned = _prune_sharding(runner, levers, best_by_levers) or _prune_recompute(runner, levers, best_by_levers)
         if pruned is not None:
             runner.trials.append(pruned)
             continue
@@ -99,7 +101,8 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
         peak = max(peak, chosen.measured_peak_bytes or 0)
     est = estimate_peak(runner.shape, max(micro_batches), dtype=chosen.dtype, checkpointing=chosen.checkpointing,
                         loss_impl=chosen.loss_impl, compile=chosen.compile, device=runner.kind,
-                        ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)))
+                        ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)),
+                        **agree.layout(chosen.sharded))
     n_fit = len([t for t in runner.trials if t.status == "fit"])
     cpu_compile_note = ("; compile=True in the config is not measured on the budgeted CPU device (its tracker "
                         "keeps Dynamo from compiling), so the plan is eager"
@@ -115,8 +118,8 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                       checkpointing=chosen.checkpointing, loss_impl=chosen.loss_impl,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=peak,
                       tokens_per_s=chosen.tokens_per_s, budget_bytes=budget.budget_bytes,
-                      split=describe_split(micro_batches), reason=reason)
-    return ProbeResult(mode="measured", device=None, budget=budget, effective_batch=E,
+                      split=describe_split(micro_batches), reason=reason, **agree.plan_fields(chosen.sharded))
+    return ProbeResult(mode="measured", device=None, budget=budget, effective_batch=cfg.effective_batch,
                        block_size=cfg.block_size, trials=runner.trials, plan=plan, breakdown=est.breakdown,
                        fit_sizes=sorted(measured_tps), compiled_fit_sizes=compiled_fits)
 
@@ -141,15 +144,36 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
     'pruned' record when it is not worth a search."""
     if levers.checkpointing == 0:
         return None
-    E = runner.cfg.effective_batch
-    base = max([v for lv, v in best_by_levers.items() if lv.dtype == levers.dtype and lv.checkpointing == 0] or [0])
+    E = runner.rank_batch
+    base = max([v for lv, v in best_by_levers.items() if lv.dtype == levers.dtype and lv.checkpointing == 0
+                and lv.sharded == levers.sharded] or [0])
     est_ck = max_micro_batch(runner.shape, runner.budget_bytes, dtype=levers.dtype,
                              checkpointing=levers.checkpointing, loss_impl=levers.loss_impl, compile=False,
-                             device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size)
+                             device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(levers.sharded))
     if base >= E or (base > 0 and est_ck < 2 * base):
         rec = levers.candidate(max(1, min(est_ck, E)))
         return TrialRecord(**rec.model_dump(), status="pruned",
                            note=f"not needed: micro-batch {base} fits without recomputation")
+    return None
+
+
+def _prune_sharding(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
+    """FSDP2 all-gathers every block's weights and reduce-scatters its gradients in every
+    micro-batch: try it only when no unsharded combination holds the whole per-rank batch and
+    the estimate promises a larger micro-batch than the best of them. Returns the 'pruned'
+    record when it is not worth a search."""
+    if not levers.sharded:
+        return None
+    E = runner.rank_batch
+    base = max([v for lv, v in best_by_levers.items() if not lv.sharded] or [0])
+    est = max_micro_batch(runner.shape, runner.budget_bytes, dtype=levers.dtype, checkpointing=levers.checkpointing,
+                          loss_impl=levers.loss_impl, compile=False, device=runner.kind,
+                          ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(True))
+    if base >= E or (base > 0 and est <= base):
+        why = (f"micro-batch {base} fits without sharding" if base >= E else
+               f"estimated {est} sharded, no more than {base} without")
+        return TrialRecord(**levers.candidate(max(1, min(est, E))).model_dump(), status="pruned",
+                           note=f"not needed: {why}")
     return None
 
 
@@ -244,8 +268,8 @@ def retime(runner: TrialRunner, contenders: list[TrialRecord]) -> None:
     rates: dict[int, list[float]] = {id(t): [] for t in contenders}
     for _ in range(RETIME_ROUNDS):
         for t in contenders:
-            r = run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.cfg.effective_batch,
-                          budget_bytes=runner.budget_bytes, settings=longer)
+            r = agree.trial(run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.rank_batch,
+                                      budget_bytes=runner.budget_bytes, settings=longer))
             if r.status == "fit" and r.tokens_per_s:
                 rates[id(t)].append(r.tokens_per_s)
                 t.step_seconds = t.step_seconds + r.step_seconds

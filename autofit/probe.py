@@ -36,8 +36,13 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     """The measured probe on an opened device (autofit.device.Device) whose budget is known."""
     from autofit.estimate import ModelShape, param_count
     from autofit.units import fmt_bytes
+    from autofit import agree
     info = device.info
-    log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)}")
+    budget = agree.budget(budget)  # several ranks: the smallest rank's
+    ranks = agree.ranks()
+    log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)}"
+        + (f" (the smallest of {ranks.world_size} ranks' budgets; each rank measures on its own device)"
+           if ranks.several else ""))
     n = param_count(ModelShape.from_config(cfg))
     if info.kind == "cpu" and n > BIG_FOR_CPU and opts.device is None:
         log(f"no GPU found: measuring a {n / 1e6:.0f}M-parameter model with real trials on the CPU will be slow; "
@@ -45,7 +50,8 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
                             compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
                             compile_measurable=device.capabilities.compile,
-                            compute_capability=info.compute_capability)
+                            compute_capability=info.compute_capability, world_size=ranks.world_size)
+    space = agree.space(space)  # several ranks: what every rank's card can run
     settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
     return probe_measured(cfg, device, budget, space, settings=settings, log=log)
 

@@ -23,6 +23,7 @@ class Candidate(BaseModel, frozen=True):
     compile: bool
     checkpointing: int  # 0 off, k: every k-th block
     loss_impl: LossImpl
+    sharded: bool = False  # several ranks: FSDP2 (weights, gradients, AdamW state sharded); else DDP
 
 
 class TrialRecord(BaseModel):
@@ -31,6 +32,7 @@ class TrialRecord(BaseModel):
     compile: bool
     checkpointing: int
     loss_impl: LossImpl
+    sharded: bool = False
     status: TrialStatus
     estimated_peak_bytes: int | None = None
     measured_peak_bytes: int | None = None
@@ -47,7 +49,7 @@ class TrialRecord(BaseModel):
 
     def candidate(self) -> Candidate:
         return Candidate(micro_batch=self.micro_batch, dtype=self.dtype, compile=self.compile,
-                         checkpointing=self.checkpointing, loss_impl=self.loss_impl)
+                         checkpointing=self.checkpointing, loss_impl=self.loss_impl, sharded=self.sharded)
 
 
 class PlanRecord(BaseModel):
@@ -68,6 +70,10 @@ class PlanRecord(BaseModel):
     budget_bytes: int
     split: str  # e.g. "512 = 42 × 12 + 8"
     reason: str = ""
+    # torchrun: the ranks the plan is for, and how they share the model; micro_batches and
+    # effective_batch above are each rank's (the run's effective batch is world_size times it)
+    world_size: int = 1
+    parallelism: Literal["single", "ddp", "fsdp2"] = "single"
 
 
 @dataclass

@@ -91,10 +91,11 @@ def as_written_verdict(res, cfg) -> str:
 def plan_changes(plan, cfg, res) -> list[str]:
     """What the plan does differently from the config, in words a person reads without knowing
     the planner: ['keeps your effective batch of 512', 'runs 27 sequences at a time, ...']."""
-    words = [f"keeps your effective batch of {plan.effective_batch} sequences "
-             f"({plan.effective_batch * plan.block_size:,} tokens per optimizer step)"]
-    instead = f"instead of {cfg.batch_size} x {cfg.gradient_accumulation_steps}"
-    if (plan.micro_batch, plan.grad_accum) != (cfg.batch_size, cfg.gradient_accumulation_steps):
+    ranks, total = plan.world_size, plan.effective_batch * plan.world_size  # torchrun: the plan is each rank's
+    words = [f"keeps your effective batch of {total} sequences ({total * plan.block_size:,} tokens per optimizer step)"
+             + (f", {plan.effective_batch} on each of {ranks} ranks ({plan.parallelism})" if ranks > 1 else "")]
+    instead = f"instead of {cfg.batch_size} x {cfg.gradient_accumulation_steps}" + (" in all" if ranks > 1 else "")
+    if (plan.micro_batch, plan.grad_accum * ranks) != (cfg.batch_size, cfg.gradient_accumulation_steps):
         if plan.grad_accum == 1:
             words.append(f"runs all {plan.micro_batch} sequences at once (no gradient accumulation), {instead}")
         else:
@@ -130,7 +131,8 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
     if cfg is not None:
         console.print("  " + "; ".join(plan_changes(p, cfg, res)))
     else:
-        console.print(f"  micro-batch {p.micro_batch} x {p.grad_accum} accumulation steps: {p.split}")
+        console.print(f"  micro-batch {p.micro_batch} x {p.grad_accum} accumulation steps: {p.split}"
+                      + (f" on each of {p.world_size} ranks ({p.parallelism})" if p.world_size > 1 else ""))
     console.print(f"  dtype {p.dtype}, {_compile_words(res, p)}, activation checkpointing "
                   f"{'every ' + str(p.checkpointing) + ' block(s)' if p.checkpointing else 'off'}, loss {p.loss_impl}")
     peak = f"measured peak {fmt_bytes(p.measured_peak_bytes)}" if p.measured_peak_bytes else \
@@ -169,7 +171,8 @@ def _candidates_table(res, console: Console) -> None:
     for t in res.trials:
         chosen = (t.dtype == p.dtype and (t.compile == p.compile or estimated)
                   and (t.micro_batch == p.micro_batch or estimated)
-                  and t.checkpointing == p.checkpointing and t.loss_impl == p.loss_impl and t.status == "fit")
+                  and t.checkpointing == p.checkpointing and t.loss_impl == p.loss_impl and t.status == "fit"
+                  and t.sharded == (p.parallelism == "fsdp2"))
         tps = "-" if not t.tokens_per_s else (f"{t.tokens_per_s:,.0f}" + (" est." if estimated else ""))
         note = t.note if t.status != "fit" or not estimated else ""
         if t.compile_seconds is not None:
@@ -183,7 +186,8 @@ def _candidates_table(res, console: Console) -> None:
         if estimated:
             compile_cell = "on (1)" if p.compile else "off"
         tt.add_row("[bold]>[/]" if chosen else "", str(t.micro_batch), SHORT_DTYPE[t.dtype], compile_cell,
-                   str(t.checkpointing) if t.checkpointing else "off", t.loss_impl, _b(t.estimated_peak_bytes),
+                   str(t.checkpointing) if t.checkpointing else "off", t.loss_impl + (" +fsdp2" if t.sharded else ""),
+                   _b(t.estimated_peak_bytes),
                    _b(t.measured_peak_bytes), tps, status)
     console.print(tt)
     for i, n in enumerate(notes, 1):
@@ -196,7 +200,7 @@ def render_breakdown(breakdown: dict[str, int], budget: int, measured: int | Non
     total = sum(breakdown.values())
     scale = max(budget, total, measured or 0)
     console.print("[bold]where the memory goes[/] (estimated by component; bar = budget)")
-    colors = ["cyan", "blue", "magenta", "yellow", "red", "green", "white"]
+    colors = ["cyan", "blue", "magenta", "yellow", "red", "green", "bright_black", "white"]
     bar = ""
     for (name, n), color in zip(breakdown.items(), colors):
         cells = round(width * n / scale)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from autofit import agree
 from autofit.devices import reopen_device
 from autofit.launch import Launch, prepare_run
 from autofit.records import PlanRecord
@@ -58,6 +59,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
         if plan_info.get("mode") else None
     log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
         f"(micro-batch {micro}); no probe")
+    _say_split_change(cfg, int(ck.get("world_size", 1)), log)
     info = {**plan_info, "resumed": True, **({"changes": changes} if changes else {})}
     opts = RunOptions(micro_batch=micro, compile_after=plan.compile_after if plan else None,
                       compiled_fit_sizes=list(plan_info.get("compiled_fit_sizes", [])),
@@ -66,15 +68,29 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                       max_steps=max_steps, resume=True, meter=device, device=device.torch_device,
                       progress=progress)
     if plan is None:  # a run started with --no-probe: no plan to show
-        mbs = split_batch(cfg.effective_batch, micro)
-        plan = PlanRecord(mode="measured", micro_batch=micro, grad_accum=len(mbs), micro_batches=mbs,
-                          effective_batch=cfg.effective_batch, block_size=cfg.block_size,
+        mbs = split_batch(agree.rank_batch(cfg), micro)  # each rank's share of the effective batch
+        plan = PlanRecord(mode="measured", micro_batch=max(mbs), grad_accum=len(mbs), micro_batches=mbs,
+                          effective_batch=sum(mbs), block_size=cfg.block_size,
+                          **agree.plan_fields(cfg.parallelism == "fsdp2"),
                           dtype=cfg.resolved_dtype(device.torch_device.type, True), compile=cfg.compile,
                           compile_after=cfg.compile_after or 0, checkpointing=cfg.checkpointing,
                           loss_impl=cfg.loss_impl, budget_bytes=int(spec.get("budget_bytes") or 0),
                           split=describe_split(mbs), reason="the config as written (--no-probe)")
     return Launch(cfg=cfg, opts=opts, device=device, plan=plan,
                   source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")
+
+
+def _say_split_change(cfg, before: int, log) -> None:
+    """A resume on another number of ranks (torchrun) keeps the effective batch; each rank's share
+    changes. Raises TrainError when the new number does not divide it."""
+    now = agree.ranks().world_size
+    if before == now:
+        return
+    from trainer.distributed import check_divisible
+    check_divisible(cfg.effective_batch, now)
+    log(f"the checkpoint was written by {before} rank(s), this run has {now}: the effective batch stays "
+        f"{cfg.effective_batch}; each rank's share {cfg.effective_batch // before} -> "
+        f"{cfg.effective_batch // now} sequences")
 
 
 def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_steps, progress, log) -> Launch:

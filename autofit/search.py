@@ -17,6 +17,7 @@ from __future__ import annotations
 import platform
 from typing import Callable
 
+from autofit import agree
 from autofit.candidates import Levers
 from autofit.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.records import Candidate, TrialRecord
@@ -58,13 +59,19 @@ class TrialRunner:
             info.kind == "cuda" and driver_can_spill()
         self.trials: list[TrialRecord] = []
         self._cache: dict[Candidate, TrialRecord] = {}
+        # with several ranks (torchrun), each rank's share of the effective batch
+        self.rank_batch = agree.rank_batch(cfg)
+        # only rank 0 speaks; every rank runs the same trials (autofit.agree)
+        if not agree.ranks().master:
+            self.log = lambda s: None
 
     def estimate(self, cand: Candidate) -> int:
         """Estimated peak bytes of a trial of `cand` (two micro-batches when training accumulates)."""
-        n_micro = 2 if self.cfg.effective_batch > cand.micro_batch else 1
+        n_micro = 2 if self.rank_batch > cand.micro_batch else 1
         return estimate_peak(self.shape, cand.micro_batch, dtype=cand.dtype, checkpointing=cand.checkpointing,
                              loss_impl=cand.loss_impl, compile=cand.compile, device=self.kind,
-                             ce_chunk_size=self.cfg.ce_chunk_size, n_micro=n_micro).peak_bytes
+                             ce_chunk_size=self.cfg.ce_chunk_size, n_micro=n_micro,
+                             **agree.layout(cand.sharded)).peak_bytes
 
     def run(self, cand: Candidate) -> TrialRecord:
         if cand in self._cache:
@@ -85,9 +92,10 @@ class TrialRunner:
         return r
 
     def _trial(self, cand: Candidate, estimated_peak_bytes: int) -> TrialRecord:
-        return run_trial(self.cfg, cand, self.device, rank_batch=self.cfg.effective_batch,
-                         budget_bytes=self.budget_bytes, capacity_bytes=self.capacity_bytes,
-                         estimated_peak_bytes=estimated_peak_bytes, settings=self.settings)
+        """One trial on this rank's device, agreed with every other rank's (autofit.agree)."""
+        return agree.trial(run_trial(self.cfg, cand, self.device, rank_batch=self.rank_batch,
+                                     budget_bytes=self.budget_bytes, capacity_bytes=self.capacity_bytes,
+                                     estimated_peak_bytes=estimated_peak_bytes, settings=self.settings))
 
     def fits(self, levers: Levers | None = None, *, compile: bool | None = False,
              below: int | None = None) -> list[TrialRecord]:
@@ -124,7 +132,7 @@ class MicroBatchSearch:
     def __init__(self, runner: TrialRunner, levers: Levers):
         self.runner = runner
         self.levers = levers
-        self.limit = runner.cfg.effective_batch
+        self.limit = runner.rank_batch
         self.lo = 0
         self.hi: int | None = None
 
@@ -151,7 +159,8 @@ class MicroBatchSearch:
         r = self.runner
         start = max_micro_batch(r.shape, r.budget_bytes, dtype=self.levers.dtype,
                                 checkpointing=self.levers.checkpointing, loss_impl=self.levers.loss_impl,
-                                compile=False, device=r.kind, ce_chunk_size=r.cfg.ce_chunk_size)
+                                compile=False, device=r.kind, ce_chunk_size=r.cfg.ce_chunk_size,
+                                **agree.layout(self.levers.sharded))
         return min(max(start, 1), self.limit)
 
     def predict(self) -> int | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autofit import agree
 from autofit.records import Candidate, TrialRecord
 from trainer.compiler import compile_model
 from trainer.model import GPT, GPTConfig
@@ -64,13 +65,21 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     model_cfg.checkpointing = cand.checkpointing
     model_cfg.loss_impl = cand.loss_impl
     torch.manual_seed(settings.seed)
+    state["agreement"] = agreement = agree.agreement()  # several ranks: how each attempt ended
     state["model"] = model = GPT(model_cfg).to(tdev)
+    # several ranks: the step runs under the same DDP / FSDP2 wrapper as training, so its buckets
+    # and all-gather buffers are measured, and an OOM on one rank is agreed by all
+    state["parallel"] = parallel = agree.trial_wrapper(model, tdev, agreement, "fsdp2" if cand.sharded else "ddp")
     state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
     # A fresh compile per trial (no graphs cached from the last one), compiled as the trainer
     # compiles it.
     fwd = state["fwd"] = compile_model(model, settings.compile_backend, cfg.compile_scope) if cand.compile else model
+    if parallel is not None:
+        if cand.compile:
+            parallel.rewrap(fwd)
+        fwd = parallel.module if parallel.kind == "ddp" else fwd
     micro = trial_split(rank_batch, cand.micro_batch)
     g = torch.Generator().manual_seed(settings.seed)
     n = sum(micro)
@@ -84,7 +93,7 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     for i in range(settings.steps):
         t0 = time.perf_counter()
         res = train_step(model, opt, x, y, micro, dtype=cand.dtype, scaler=scaler, grad_clip=cfg.grad_clip,
-                         forward=fwd)
+                         forward=fwd, sync_grads=parallel)
         _sync(tdev)
         times.append(time.perf_counter() - t0)
         rec.steps_run = i + 1
@@ -119,16 +128,21 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
     t0 = time.perf_counter()
     with device.tracking():
         baseline = device.current_bytes()
+        agreed = True  # several ranks: whether they know how this trial ended
         try:
             _run_steps(state, cfg, cand, device, rank_batch, settings, rec)
         except Exception as e:  # classify only; clean up below, outside the except block
             kind = "oom" if device.is_oom(e) else "error"
             failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            agreed = getattr(e, "agreed", False) or state.get("agreement") is None
         # The traceback (and with it the failed step's activations) is released once the except
         # block has ended; now drop our own references and give the memory back.
         if state.get("opt") is not None:
             state["opt"].zero_grad(set_to_none=True)
+        agreement = state.get("agreement")
         state.clear()
+        if not agreed:  # the other ranks wait in this trial's step: tell them how it ended here
+            agreement.outcome(kind)
         if cand.compile:  # no compiled graph of this trial outlives it
             torch._dynamo.reset()
         gc.collect()

@@ -13,6 +13,8 @@
 #            rtx4070-12gb: each trial's estimated vs measured peak and return to baseline
 #   stage 3  training with compile switched on after 3 eager steps, an injected OOM recovered,
 #            tokens/s and MFU against this card's own peak
+#   stage 4  (<= 150 s) 2 ranks (torchrun, NCCL) where there are several GPUs, skipped with the
+#            reason on one: one agreed plan, an OOM on rank 1 only recovered by both
 #   then     scripts/selfcheck_report.py: OUT/report.md, the rows for docs/gpu-selfcheck.md
 #
 # Offline machines (the device tool's): wheels for what the machine lacks are prepared here by
@@ -21,8 +23,8 @@
 # the machine's own torch. OUT gets at most 7 files; run directories, checkpoints and profiles go
 # to a scratch directory (SELFCHECK_WORK, default a fresh temp dir).
 #
-# Environment: SELFCHECK_PYTHON (default python3), SELFCHECK_STAGES (default "0 1 2 3"),
-# SELFCHECK_LIMIT_0..3 (seconds), SELFCHECK_WORK, SELFCHECK_SITE (default /tmp/autofit-site),
+# Environment: SELFCHECK_PYTHON (default python3), SELFCHECK_STAGES (default "0 1 2 3 4"),
+# SELFCHECK_LIMIT_0..4 (seconds), SELFCHECK_WORK, SELFCHECK_SITE (default /tmp/autofit-site),
 # SELFCHECK_WHEELS=1 (a dry run installs .whl/ too: to rehearse the offline install on a CPU
 # machine, with wheels prepared for its Python by DEVICE_PYTHON=3.x prepare_device_wheels.sh).
 set -uo pipefail
@@ -37,9 +39,11 @@ mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 rm -f "$OUT"/stage[0-9]_*.json "$OUT/report.md" "$OUT/selfcheck.log"  # a rerun starts clean
 PY=${SELFCHECK_PYTHON:-python3}
-STAGES=${SELFCHECK_STAGES:-0 1 2 3}
-# worst case 30 + 110 + 180 + 240 = 560 s, inside the device tool's 600 s a command
-LIMITS=("${SELFCHECK_LIMIT_0:-30}" "${SELFCHECK_LIMIT_1:-110}" "${SELFCHECK_LIMIT_2:-180}" "${SELFCHECK_LIMIT_3:-240}")
+STAGES=${SELFCHECK_STAGES:-0 1 2 3 4}
+# worst case 30 + 110 + 180 + 240 = 560 s, inside the device tool's 600 s a command; stage 4 takes
+# seconds on one GPU (a skip) and up to 150 s more where there are several
+LIMITS=("${SELFCHECK_LIMIT_0:-30}" "${SELFCHECK_LIMIT_1:-110}" "${SELFCHECK_LIMIT_2:-180}" "${SELFCHECK_LIMIT_3:-240}"
+        "${SELFCHECK_LIMIT_4:-150}")
 KEEP_WORK=${SELFCHECK_WORK:+1}
 WORK=${SELFCHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/selfcheck.XXXXXX")}
 mkdir -p "$WORK"
@@ -89,7 +93,8 @@ main() {
       1) run_stage 1 device stage1_device.py ;;
       2) run_stage 2 probe stage2_probe.py "$WORK" ;;
       3) run_stage 3 train stage3_train.py "$WORK" ;;
-      *) echo "gpu_selfcheck: unknown stage $n (0-3)" >&2; return 2 ;;
+      4) run_stage 4 ranks stage4_ranks.py "$WORK" ;;
+      *) echo "gpu_selfcheck: unknown stage $n (0-4)" >&2; return 2 ;;
     esac
   done
   echo "== report"

@@ -3,7 +3,7 @@ scripts/gpu_selfcheck.sh) into the markdown that docs/gpu-selfcheck.md records: 
 the card, driver, torch, CUDA, date and commit, one table row per check, and the figures (each
 saying it was measured, and how). Writes OUT/report.md and prints it.
 
-    python scripts/selfcheck_report.py OUT [--stages "0 1 2 3"]
+    python scripts/selfcheck_report.py OUT [--stages "0 1 2 3 4"]
 
 Exit status 0 when every requested stage left a record and no check failed (skips are fine, as
 in a dry run), else 1.
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-NAMES = {0: "env", 1: "device", 2: "probe", 3: "train"}
+NAMES = {0: "env", 1: "device", 2: "probe", 3: "train", 4: "ranks"}
 
 
 def gib(n) -> str:
@@ -134,10 +134,22 @@ def train_figures(rec: dict | None) -> list[str]:
                 f"more than a steady one; peak allocated {gib(f.get('peak_mem_bytes_max'))}.", ""]
 
 
+def ranks_figures(rec: dict | None) -> list[str]:
+    """Stage 4's plan for 2 ranks and its tokens/s (measured), when it ran."""
+    plan, f = (rec or {}).get("plan") or {}, (rec or {}).get("figures") or {}
+    if not plan:
+        return []
+    return ["Two ranks (measured; one plan agreed by both):", "",
+            f"- plan: {plan.get('world_size')} ranks, {plan.get('parallelism')}, micro-batches {plan.get('micro_batches')} "
+            f"per rank; budget {mib(plan.get('budget_bytes'))} (the smaller rank's), measured peak "
+            f"{mib(plan.get('measured_peak_bytes'))}",
+            f"- tokens/s (both ranks): {num(f.get('tokens_per_s_median'))} ({f.get('how', '')})", ""]
+
+
 def report(out: Path, stages: list[int]) -> tuple[str, int]:
     recs = load(out, stages)
     lines = heading(recs) + check_rows(recs) + device_figures(recs.get(1)) + probe_figures(recs.get(2)) \
-        + train_figures(recs.get(3))
+        + train_figures(recs.get(3)) + ranks_figures(recs.get(4))
     failed = [n for n, r in recs.items() if r is None or r.get("status") != "ok"]
     lines.append(f"Result: {'all stages ok' if not failed else 'not ok in stage(s) ' + ', '.join(map(str, failed))}.")
     return "\n".join(lines) + "\n", 1 if failed else 0
@@ -146,14 +158,14 @@ def report(out: Path, stages: list[int]) -> tuple[str, int]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
-    ap.add_argument("--stages", default="0 1 2 3")
+    ap.add_argument("--stages", default="0 1 2 3 4")
     a = ap.parse_args()
     try:
         stages = [int(s) for s in a.stages.split()]
         if any(s not in NAMES for s in stages):
             raise ValueError
     except ValueError:
-        print(f"selfcheck_report: --stages takes stage numbers 0-3, got {a.stages!r}", file=sys.stderr)
+        print(f"selfcheck_report: --stages takes stage numbers 0-4, got {a.stages!r}", file=sys.stderr)
         return 2
     text, rc = report(a.out, stages)
     tmp = a.out / "report.md.tmp"

@@ -45,7 +45,7 @@ def test_dry_run_runs_every_cpu_stage_for_real_and_exits_0(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     # what the device tool brings back: at most 8 plain files, names of letters, digits, . _ -
     assert files == ["report.md", "selfcheck.log", "stage0_env.json", "stage1_device.json",
-                     "stage2_probe.json", "stage3_train.json"]
+                     "stage2_probe.json", "stage3_train.json", "stage4_ranks.json"]
     assert all(set(f) <= DEVICE_TOOL_NAME for f in files)
     recs = {n: json.loads((out / f).read_text()) for n, f in enumerate(files[2:])}
     assert all(r["status"] == "ok" and r["dry_run"] for r in recs.values())

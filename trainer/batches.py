@@ -18,23 +18,27 @@ from trainer.data import BatchSampler
 class StepBatches:
     """The training batches of a run: `take(n)` returns step k's (x, y), each n x block_size
     int64, and starts preparing step k+1's. `pin`: page-locked host memory (CUDA only), so the
-    train step's non_blocking copies really overlap with compute."""
+    train step's non_blocking copies really overlap with compute. `rows`: with several ranks, the
+    rank's share of each step's n sequences (trainer.distributed.Ranks.rows); take(n) then
+    returns only those rows."""
 
-    def __init__(self, sampler: BatchSampler, split: str = "train", pin: bool = False):
+    def __init__(self, sampler: BatchSampler, split: str = "train", pin: bool = False,
+                 rows=None):
         self.sampler = sampler
+        self.rows = rows  # None, or a callable: step batch size -> this rank's slice of it
         self.split = split
         self.pin = pin
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autofit-batches")
         self._next: tuple[int, int, Future] | None = None  # (counter, n, future)
 
     def _prepare(self, counter: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.sampler.batch_at(self.split, n, counter)
+        x, y = self.sampler.batch_at(self.split, n, counter, self.rows(n) if self.rows else None)
         if self.pin:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's batch of n sequences; the sampler moves on by one."""
+        """This step's batch of n sequences (this rank's rows of it); the sampler moves on by one."""
         counter = self.sampler.counters.get(self.split, 0)
         ahead = self._next
         if ahead is not None and ahead[0] == counter and ahead[1] == n:

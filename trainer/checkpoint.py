@@ -171,8 +171,7 @@ def restore(trainer, ck: dict) -> None:
         t._event("resume_partial", layout="nanogpt", not_restored=nano.not_restored)
         return
     check_same_model(TrainConfig(**ck["config"]), t.cfg, t.ckpt_path)
-    t.model.load_state_dict(clean_state_dict(ck["model"]))
-    t.optimizer.load_state_dict(ck["optimizer"])
+    t.group.load(ck, t.model, t.optimizer)  # one GPU, DDP or FSDP2's shards (trainer/multirank.py)
     if t.scaler is not None and ck.get("scaler"):
         t.scaler.load_state_dict(ck["scaler"])
     t.iter_num = int(ck["iter_num"])
@@ -181,6 +180,10 @@ def restore(trainer, ck: dict) -> None:
     t.sampler.load_state_dict(ck["sampler"])
     t.evaluator.sampler.load_state_dict(ck["eval_sampler"])
     t.compile_failed = bool(ck.get("compile_failed", False))
-    torch.set_rng_state(ck["rng_cpu"].cpu())
-    if ck.get("rng_cuda") is not None and t.device.type == "cuda":
-        torch.cuda.set_rng_state(ck["rng_cuda"].cpu(), t.device)
+    rng_cpu, rng_cuda = t.group.rng_state(ck)  # with several ranks, this rank's own
+    torch.set_rng_state(rng_cpu.cpu())
+    if rng_cuda is not None and t.device.type == "cuda":
+        torch.cuda.set_rng_state(rng_cuda.cpu(), t.device)
+    change = t.group.split_change(ck, t.cfg.effective_batch, t.micro_batches)
+    if change:  # resumed on another number of ranks
+        t._event("world_size_changed", **change)

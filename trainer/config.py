@@ -102,7 +102,7 @@ class TrainConfig(BaseModel):
     lr_decay_iters: int = Field(600000, ge=0)
     min_lr: float = Field(6e-5, ge=0.0)
     # system
-    backend: str = "nccl"  # accepted from nanoGPT configs, ignored (no DDP set-up here)
+    backend: str = "nccl"  # accepted from nanoGPT configs, ignored: NCCL on CUDA, gloo on the CPU (trainer/distributed.py)
     device: str = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = True
@@ -118,6 +118,10 @@ class TrainConfig(BaseModel):
     # TF32 tensor cores for fp32 matmuls (torch.set_float32_matmul_precision("high")), as nanoGPT
     # enables them; False keeps full fp32 ("highest")
     tf32: bool = True
+    # several ranks (torchrun): 'ddp' (each rank holds the whole model), 'fsdp2' (weights,
+    # gradients and AdamW state sharded across the ranks with fully_shard), or 'auto' (the probe
+    # tries FSDP2 as a memory lever after the others; DDP without a probe); unused on one GPU
+    parallelism: Literal["auto", "ddp", "fsdp2"] = "auto"
 
     # key -> where its value came from ("preset tiny", "c.py:3", "--set", "data/x/meta.pkl")
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)

@@ -315,8 +315,11 @@ class BatchSampler:
         self.counters[split] = self.counters.get(split, 0) + 1
         return x, y
 
-    def batch_at(self, split: str, n: int, counter: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch number `counter` of split, without moving the sampler on."""
+    def batch_at(self, split: str, n: int, counter: int, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `counter` of split, without moving the sampler on. `rows`: only these
+        rows of the n drawn (one rank's share of a step's batch): the offsets of all n are drawn,
+        so every rank's rows are those a single process would have in that place, and only the
+        rank's own are read."""
         tokens = self.dataset.split(split)
         T = self.block_size
         if len(tokens) < T + 1:
@@ -326,6 +329,8 @@ class BatchSampler:
             raise DataError(f"batch size must be at least 1, got {n}")
         rng = np.random.default_rng([self.seed, SPLITS.index(split), counter])
         offsets = rng.integers(0, len(tokens) - T, size=n)  # the last window ends at the last token
+        if rows is not None:
+            offsets = offsets[rows]
         rows = np.stack([tokens.read(int(o), T + 1) for o in offsets])
         import torch  # here, not at the top: reading configs and data folders needs no torch
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())

@@ -15,7 +15,6 @@ naming the first step whose loss was not finite, before anything of it is saved.
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ from trainer.interrupt import StopFlag
 from trainer.meter import MemoryMeter, default_meter
 from trainer.metrics import MetricsLog, Progress, WandbSink, describe_event, describe_step
 from trainer.model import GPT, GPTConfig
+from trainer.multirank import RankGroup
+from trainer.distributed import Ranks
 from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS, Recovery, ThrashDetector
 from trainer.schedule import lr_at
 from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, make_optimizer,
@@ -76,12 +77,13 @@ class RunResult:
     last_eval: dict | None = None  # {'train': loss, 'val': loss} of the last evaluation
 
 
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(cfg.device)
+def pick_device(cfg: TrainConfig, ranks: Ranks | None = None) -> torch.device:
+    """The config's device; with several ranks, a bare 'cuda' is this rank's GPU (LOCAL_RANK)."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"device {cfg.device!r} asked for, but torch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is None and ranks is not None and ranks.several:
+        dev = torch.device("cuda", ranks.local_rank)
     return dev
 
 
@@ -89,13 +91,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, opts: RunOptions | None = None):
         self.cfg = cfg
         self.opts = opts = opts or RunOptions()
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if self.world_size > 1:
-            raise TrainError(f"WORLD_SIZE={self.world_size} (torchrun): training on several GPUs is not "
-                             f"supported yet, and each process would train its own model; run one process")
-        self.master = self.rank == 0
-        self.device = opts.device or pick_device(cfg)
+        ranks = Ranks.from_env()  # torchrun's ranks (one process: rank 0 of 1)
+        self.rank, self.world_size, self.master = ranks.rank, ranks.world_size, ranks.master
+        self.device = opts.device or pick_device(cfg, ranks)
+        self.group = RankGroup(ranks, self.device, cfg.effective_batch, cfg.parallelism)
         try:
             self.dtype = check_dtype(cfg.dtype, self.device)
         except ValueError as e:
@@ -112,7 +111,7 @@ class Trainer:
                               else cfg.compile_after if cfg.compile_after is not None
                               else DEFAULT_COMPILE_AFTER)
         try:
-            self.fault = opts.fault or FaultInjector.from_env()
+            self.fault = opts.fault or FaultInjector.from_env(self.rank)
         except ValueError as e:
             raise TrainError(str(e)) from None
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -130,6 +129,7 @@ class Trainer:
         with self.meter.tracking():
             torch.manual_seed(cfg.seed)
             self.model = self._build_model()
+            self.group.wrap_model(self.model, cfg.seed)  # several ranks: DDP or FSDP2
             self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate,
                                             weight_decay=cfg.weight_decay,
                                             betas=(cfg.beta1, cfg.beta2), device_type=self.device.type)
@@ -155,8 +155,9 @@ class Trainer:
         self.data = load_dataset(cfg.dataset)
         self.data.check_vocab(cfg.vocab_size)
         self.data.check_block_size(cfg.block_size)
-        self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed + self.rank)
-        self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda")
+        # the same seed on every rank: each takes its own rows of the same step batch
+        self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed)
+        self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda", rows=self.group.rows)
 
     def _build_model(self) -> GPT:
         """A new GPT, or OpenAI's GPT-2 weights (init_from = 'gpt2*', as nanoGPT's train.py)."""
@@ -190,6 +191,7 @@ class Trainer:
         stop_at = min(cfg.max_iters, opts.max_steps) if opts.max_steps is not None else cfg.max_iters
         self.metrics.write({"type": "run", "time": time.time(), "resumed_at": self.iter_num if opts.resume else None,
                             "device": str(self.device), "dtype": self.dtype, "micro_batches": self.micro_batches,
+                            "world_size": self.world_size, "parallelism": self.group.parallelism,
                             "effective_batch": cfg.effective_batch, "block_size": cfg.block_size,
                             "compile": cfg.compile, "compile_after": self.compile_after,
                             "plan": opts.plan_info, "config": cfg.model_dump(mode="json")})
@@ -203,6 +205,7 @@ class Trainer:
             self.metrics.sinks += [sink] if sink else []
         try:
             with self.meter.tracking(), StopFlag() as stop, progress:
+                self.group.watch(stop)
                 progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
                                f"below are measured on this device")
                 for note in self._pretrained_notes:
@@ -211,20 +214,22 @@ class Trainer:
                     self._evaluate_and_save(self.iter_num, save=False)
                     stop_at = self.iter_num
                 self._say_if_compile_cannot_run()
+                for text in filter(None, map(describe_event, self.events)):  # noted while resuming
+                    progress.print(text)
                 while True:
                     it = self.iter_num
                     if self._eval_due(it):
                         self._evaluate_and_save(it)
                     if it >= stop_at:
                         break
-                    if stop.signal is not None:
+                    if self.group.stop_now(stop):
                         status = "interrupted"
                         break
                     if self._compile_due(it):
                         self._compile_on(it)
                     res, dt = self.train_one_step(it)
                     self.iter_num = it + 1
-                    tokens += res.tokens
+                    tokens += res.tokens * self.world_size
                     self._unread.append((it, res))
                     self._check_thrash()
                     if it % cfg.log_interval == 0 or self.iter_num == stop_at:
@@ -235,6 +240,7 @@ class Trainer:
         finally:
             self.batches.close()
             self.metrics.close()
+            self.group.close()
         if status == "interrupted":
             self.metrics.write({"type": "interrupted", "step": self.iter_num, "signal": stop.signal})
         if cfg.eval_only:
@@ -250,7 +256,7 @@ class Trainer:
         lr = lr_at(it, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        x, y = self.batches.take(self.rank_batch)  # the whole step's batch, once
+        x, y = self.batches.take(self.cfg.effective_batch)  # the step's batch (this rank's rows), once
         rng = self._rng_state()  # a redone step draws the same dropout masks
         while True:
             t0 = time.perf_counter()
@@ -259,21 +265,28 @@ class Trainer:
             try:
                 res = train_step(self.model, self.optimizer, x, y, self.micro_batches,
                                  dtype=self.dtype, scaler=self.scaler, grad_clip=self.cfg.grad_clip,
-                                 forward=self.forward, step=it, fault=self.fault)
+                                 forward=self.group.forward(self.forward), step=it, fault=self.fault,
+                                 sync_grads=self.group.sync)
             except Exception as e:
                 if not self.meter.is_oom(e):
+                    other = self.group.failed(e)  # the other ranks are told; a lost rank is one line
+                    if other is not None:
+                        raise other from None
                     raise
                 failure = str(e).splitlines()[0][:200]
-                injected = isinstance(e, InjectedOOM)
+                attempt = {"injected": isinstance(e, InjectedOOM) or getattr(e, "injected", False),
+                           "agreed": getattr(e, "agreed", False)}
             if failure is None:
                 return res, self._step_seconds(t0)
             # outside the except block: its traceback no longer pins the failed step's tensors
             self._cleanup_after_oom()
+            injected = self.group.after_oom(attempt)  # every rank knows before any moves on
             try:
                 self._shrink(failure, injected)
             except TrainError:
                 self.save_checkpoint()  # keep the steps that did complete
                 raise
+            self.group.rewrap(self.forward)
             self._set_rng_state(rng)
 
     # ----------------------------------------------------------------- step helpers
@@ -300,6 +313,7 @@ class Trainer:
 
     def _compile_on(self, it: int) -> None:
         self.forward = compile_model(self.model, self.opts.compile_backend, self.cfg.compile_scope)
+        self.group.rewrap(self.forward)  # DDP around the compiled module, on every rank at this step
         self.compiled = True
         self.recovery.compiled_at(it)
         self._event("compile_on", backend=str(self.opts.compile_backend), scope=self.cfg.compile_scope)
@@ -309,7 +323,8 @@ class Trainer:
         It is a lesson for the profile only when confirmed: reserved memory near the limit."""
         if not self.meter.capabilities.alloc_retries:
             return
-        if self.thrash.observe(self.meter.alloc_retries()) and max(self.micro_batches) > 1:
+        # several ranks: shrink together when any rank thrashes, so the micro-batches stay alike
+        if self.group.any_rank(self.thrash.observe(self.meter.alloc_retries())) and max(self.micro_batches) > 1:
             reserved, limit = self.meter.peak_reserved_bytes(), self.meter.limit_bytes()
             confirmed = bool(reserved and limit and reserved >= THRASH_NEAR_LIMIT * limit)
             self._shrink(f"allocator retries rose for {THRASH_STEPS} steps", cause="thrash", confirmed=confirmed)
@@ -323,7 +338,8 @@ class Trainer:
         if self.scaler is not None:
             rows += [r.skipped_tensor.float() if r.skipped_tensor is not None else torch.zeros_like(rows[0])
                      for _, r in self._unread]
-        flat = torch.stack(rows).tolist()  # the one sync
+        flat = torch.stack(rows)
+        flat = torch.cat([self.group.mean(flat[:len(self._unread)]), flat[len(self._unread):]]).tolist()  # the one sync
         vals = flat[:len(self._unread)]
         self.losses.extend(vals)
         skips = [bool(v) for v in flat[len(self._unread):]] or [False] * len(vals)
@@ -339,10 +355,12 @@ class Trainer:
 
     def _log_step(self, it: int, res: StepResult, dt: float) -> None:
         self._read_losses()
-        rec = {"type": "train", "step": it, "loss": res.loss, "lr": lr_at(it, self.cfg),
-               "tokens_per_s": res.tokens / dt if dt > 0 else None, "step_s": dt,
+        rec = {"type": "train", "step": it, "loss": self.losses[-1], "lr": lr_at(it, self.cfg),  # mean of the ranks
+               "tokens_per_s": res.tokens * self.world_size / dt if dt > 0 else None, "step_s": dt,
                "micro_batch": max(res.micro_batches), "grad_accum": len(res.micro_batches),
-               "micro_batches": res.micro_batches, "effective_batch": sum(res.micro_batches),
+               # micro-batches are each rank's; the effective batch and tokens/s the whole run's
+               "micro_batches": res.micro_batches, "effective_batch": sum(res.micro_batches) * self.world_size,
+               "world_size": self.world_size,
                # measured on this device, or None: allocated (tensors) and reserved (the allocator's
                # segments, which is what runs out on CUDA)
                "peak_mem_bytes": self.meter.peak_bytes(), "peak_reserved_bytes": self.meter.peak_reserved_bytes(),
@@ -360,6 +378,8 @@ class Trainer:
     def _shrink(self, reason: str, injected: bool = False, **extra) -> None:
         """Applies the recovery policy after an OOM (or thrashing); the caller redoes the step."""
         kind, info = self.recovery.after_oom(self.iter_num, self.compiled, reason)
+        if "effective_batch" in info:  # the recovery policy sees this rank's share
+            info["effective_batch"] *= self.world_size
         if kind == "compile_fallback_eager":  # no compiled state outlives the fallback
             self.forward, self.compiled, self.compile_failed = uncompile(self.model), False, True
         self._event(kind, reason=reason, **info, **extra, **({"injected": True} if injected else {}))
@@ -390,7 +410,7 @@ class Trainer:
             and it != self.last_eval_iter
 
     def _evaluate_and_save(self, it: int, save: bool = True) -> None:
-        ev = self.evaluator.evaluate(self.model)
+        ev = self.group.mean_dict(self.evaluator.evaluate(self.model))  # every rank decides alike
         self.last_eval_iter = it
         self.last_eval = ev
         self.metrics.write({"type": "eval", "step": it, "train_loss": ev["train"], "val_loss": ev["val"]})
@@ -405,10 +425,11 @@ class Trainer:
         """Writes <out>/ckpt.pt atomically on rank 0, after checking every step's loss since the
         last check was finite (a TrainError otherwise, and the file on disk stays as it was)."""
         self._read_losses()
+        extra = self.group.checkpoint_extra(self.model, self.optimizer, self.micro_batches)  # every rank
         if not self.master:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(training_state(self), self.ckpt_path)
+        atomic_torch_save({**training_state(self), **extra}, self.ckpt_path)
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:

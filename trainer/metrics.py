@@ -25,6 +25,9 @@ EVENT_TEXT = {
     "compile_time": "torch.compile took {seconds:.1f} s (measured: the first compiled step less the eager "
                     "step time), apart from the step times",
     "compile_unavailable": "compile: {reason}",
+    "world_size_changed": "resumed on {new_world_size} rank(s) (the checkpoint's run had {old_world_size}): the "
+                          "effective batch stays {effective_batch}; each rank's share {old_rank_batch} -> "
+                          "{new_rank_batch} sequences, micro-batches {old_micro_batches} -> {micro_batches}",
     "scaler_skips": "fp16: the GradScaler skipped {skipped_steps} steps in a row (gradients overflow); bfloat16 "
                     "needs no scaler, or lower the learning rate",
 }

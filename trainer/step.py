@@ -97,21 +97,28 @@ class InjectedOOM(torch.OutOfMemoryError):
 
 class FaultInjector:
     """Raises a real torch.OutOfMemoryError at the first micro-batch of optimizer step `at_step`,
-    once. Read from AUTOFIT_FAULT_OOM_AT_STEP so tests and demos can exercise OOM recovery."""
+    once, on every rank or only on rank `on_rank`. Read from AUTOFIT_FAULT_OOM_AT_STEP so tests
+    and demos can exercise OOM recovery: `3` is step 3 on every rank, `3@1` step 3 on rank 1 only."""
 
-    def __init__(self, at_step: int | None):
-        self.at_step = at_step
+    def __init__(self, at_step: int | None, on_rank: int | None = None, rank: int = 0):
+        self.at_step = at_step if on_rank is None or on_rank == rank else None
         self.fired = False
 
     @classmethod
-    def from_env(cls) -> "FaultInjector":
+    def from_env(cls, rank: int = 0) -> "FaultInjector":
+        """Raises ValueError for a value that is not STEP or STEP@RANK (non-negative integers)."""
         raw = os.environ.get("AUTOFIT_FAULT_OOM_AT_STEP", "").strip()
         if not raw:
             return cls(None)
+        step, _, on = raw.partition("@")
         try:
-            return cls(int(raw))
+            at, on_rank = int(step), (int(on) if on else None)
+            if at < 0 or (on_rank is not None and on_rank < 0):
+                raise ValueError
         except ValueError:
-            raise ValueError(f"AUTOFIT_FAULT_OOM_AT_STEP must be an integer step, got {raw!r}") from None
+            raise ValueError(f"AUTOFIT_FAULT_OOM_AT_STEP must be a step, or STEP@RANK for one rank only "
+                             f"(e.g. 3 or 3@1), got {raw!r}") from None
+        return cls(at, on_rank, rank)
 
     def check(self, step: int | None, micro_index: int) -> None:
         if self.at_step is not None and not self.fired and step == self.at_step and micro_index == 0:
@@ -148,15 +155,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
                y: torch.Tensor, micro_batches: list[int], *, dtype: str = "float32",
                scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0,
                forward: torch.nn.Module | None = None, step: int | None = None,
-               fault: FaultInjector | None = None, sync_grads: torch.nn.Module | None = None) -> StepResult:
+               fault: FaultInjector | None = None, sync_grads=None) -> StepResult:
     """One optimizer step over x, y (B x T int64 token ids, on the host or the device; slices are
     copied to the model's device without blocking, from pinned memory when the caller pinned it).
 
     Each micro-batch's mean loss is weighted by its share of the step's target tokens, so the
     accumulated gradient equals that of one batch of B sequences whatever the split.
     `forward` is the module to call (e.g. the torch.compile'd model); the optimizer holds the
-    parameters of `model`. `sync_grads`: a DDP-wrapped module whose gradient all-reduce runs only
-    on the last micro-batch (no_sync on the others). No host sync happens here: the result's
+    parameters of `model`. `sync_grads`: several ranks' wrapper (trainer.sharding: DDP or FSDP2):
+    each micro-batch runs in its `micro_batch(last)` context (gradients sync on the last only),
+    and its `finish()` agrees with the other ranks and syncs the gradients before the optimizer
+    step; it raises an out-of-memory error when another rank ran out of memory, so every rank
+    redoes the step. No host sync happens here: the result's
     figures are device tensors. On an exception the gradients may be partly accumulated: the
     caller cleans up (zero_grad(set_to_none=True)) before redoing the step.
     Raises ValueError when the micro-batches do not add up to the batch.
@@ -180,13 +190,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         yb = y[start:start + mb].to(device, non_blocking=True)
         start += mb
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if sync_grads is None or last else sync_grads.no_sync()
+        sync = contextlib.nullcontext() if sync_grads is None else sync_grads.micro_batch(last)
         with sync:
             with autocast(device.type, dtype):
                 loss = forward(xb, yb) * share
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
         del loss, xb, yb
+    if sync_grads is not None:
+        sync_grads.finish()
     grad_norm = None
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -202,6 +214,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
             skipped = scaler._scale < scale_before
     else:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=sync_grads is None or sync_grads.zero_grad_to_none)
     return StepResult(loss_tensor=loss_sum, tokens=total_tokens, micro_batches=list(micro_batches),
                       grad_norm_tensor=grad_norm, skipped_tensor=skipped)

@@ -1,0 +1,366 @@
+"""Several ranks on the CPU: torchrun starts 2 ranks on gloo, each with its own budgeted CPU device
+(AUTOFIT_RANK_BUDGETS), training a ~35k-parameter GPT on the embedded corpus in fp32.
+
+Every launch is a subprocess with a timeout, so a hang fails the test instead of blocking CI, and
+AUTOFIT_DIST_TIMEOUT bounds any collective. Runs are shared between assertions: the 1-rank and
+2-rank reference runs are module fixtures that the OOM, SIGTERM and FSDP2 tests compare against.
+The in-process tests at the end pin the pieces (agreements, rows, fault selector) without torchrun.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from autofit import agree
+from autofit.records import TrialRecord
+from trainer.config import load_config
+from trainer.distributed import Ranks, check_divisible
+from trainer.errors import TrainError
+from trainer.loop import RunOptions, train
+from trainer.step import FaultInjector
+
+STEPS = 40
+CONFIG = dict(n_layer=2, n_embd=32, n_head=2, block_size=32, batch_size=4, gradient_accumulation_steps=2,
+              dataset="embedded", max_iters=STEPS, warmup_iters=2, lr_decay_iters=STEPS, learning_rate=1e-3,
+              min_lr=1e-4, eval_interval=10, eval_iters=1, log_interval=1, dropout=0.0, dtype="float32",
+              compile=False, device="cpu")
+SETS = [a for k, v in CONFIG.items() for a in ("-s", f"{k}={v}")]
+LAUNCH_TIMEOUT = 240  # seconds: generous for a loaded 2-core machine; a hang still fails
+
+
+def env(tmp: Path, budgets: str = "64MiB,64MiB", **extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                                  "MASTER_"))}
+    e.update(OMP_NUM_THREADS="1", AUTOFIT_HOME=str(tmp / "home"), AUTOFIT_RANK_BUDGETS=budgets,
+             AUTOFIT_DIST_TIMEOUT="60", COLUMNS="200", **extra)
+    return e
+
+
+def torchrun(args: list[str], e: dict, timeout: int = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "autofit", *args]
+    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def autofit_proc(args: list[str], e: dict) -> subprocess.Popen:
+    """`python -m autofit ...` (its --nproc-per-node starts torchrun itself), in the background."""
+    return subprocess.Popen([sys.executable, "-m", "autofit", *args], env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def records(out: Path, kind: str | None = None) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in recs if kind is None or r["type"] == kind]
+
+
+def losses(out: Path) -> dict[int, float]:
+    got: dict[int, float] = {}
+    for r in records(out, "train"):
+        assert r["step"] not in got, f"step {r['step']} logged twice"
+        got[r["step"]] = r["loss"]
+    return got
+
+
+def assert_close(got: dict[int, float], want: dict[int, float], rel: float) -> None:
+    assert got and set(got) <= set(want)
+    for step in sorted(got):
+        assert got[step] == pytest.approx(want[step], rel=rel), f"step {step}"
+
+
+def wait_for_step(out: Path, proc: subprocess.Popen, step: int, limit: float = LAUNCH_TIMEOUT) -> None:
+    t0 = time.monotonic()
+    while not any(r["step"] >= step for r in records(out, "train")):
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() - t0 < limit, "no training step within the limit"
+        time.sleep(0.02)
+
+
+def ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> dict:
+    """The 1-rank reference, in this process: same effective batch (8), micro-batch 4 x 2."""
+    out = tmp_path_factory.mktemp("one")
+    cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in {**CONFIG, "out_dir": out}.items()])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = train(cfg, RunOptions(device=torch.device("cpu"), progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    return {"out": out, "losses": losses(out), "tokens_per_step": res.tokens // res.steps}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """The 2-rank DDP reference: the config as written (--no-probe), micro-batch 4 per rank."""
+    tmp = tmp_path_factory.mktemp("two")
+    ok(torchrun(["run", "--preset", "tiny", *SETS, "--out", str(tmp / "out"), "--no-probe", "--no-progress"],
+                env(tmp)))
+    return tmp / "out"
+
+
+def test_two_ranks_train_as_one_rank_with_the_same_effective_batch(one_rank, two_ranks):
+    assert sorted(losses(two_ranks)) == list(range(STEPS))
+    assert_close(losses(two_ranks), one_rank["losses"], rel=1e-5)
+    for rec in records(two_ranks, "train"):  # the same tokens per optimizer step, split in two
+        assert rec["world_size"] == 2 and rec["micro_batches"] == [4]
+        assert rec["effective_batch"] * CONFIG["block_size"] == one_rank["tokens_per_step"]
+    run = records(two_ranks, "run")[0]
+    assert run["world_size"] == 2 and run["parallelism"] == "ddp"
+    # rank 0's checkpoint is a one-GPU checkpoint: the same keys as the 1-rank run's
+    ck = torch.load(two_ranks / "ckpt.pt", weights_only=True)
+    ref = torch.load(one_rank["out"] / "ckpt.pt", weights_only=True)
+    assert sorted(ck["model"]) == sorted(ref["model"]) and ck["world_size"] == 2
+    assert ck["rank_micro_batches"] == [[4], [4]] and len(ck["rng_ranks"]) == 2
+
+
+def test_an_oom_on_rank_1_only_shrinks_both_ranks_and_redoes_the_step(tmp_path, one_rank):
+    out = tmp_path / "out"
+    res = torchrun(["run", "--preset", "tiny", *SETS, "-s", "batch_size=8", "-s", "gradient_accumulation_steps=1",
+                    "--out", str(out), "--no-probe", "--no-progress", "--max-steps", "8"],
+                   env(tmp_path, AUTOFIT_FAULT_OOM_AT_STEP="3@1"))
+    ok(res)
+    shrinks = [e for e in records(out, "event") if e["event"] == "oom_shrink"]
+    assert len(shrinks) == 1 and shrinks[0]["step"] == 3 and shrinks[0]["injected"]
+    assert "rank 1 ran out of memory" in shrinks[0]["reason"]  # rank 0 was told by rank 1
+    assert shrinks[0]["old_micro_batch"] == 4 and shrinks[0]["new_micro_batch"] == 2
+    assert shrinks[0]["effective_batch"] == 8  # the whole run's, unchanged
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["iter_num"] == 8 and ck["rank_micro_batches"] == [[2, 2], [2, 2]]  # both ranks shrank
+    # every step ran once, on the same data: the losses of the unfaulted run (whose micro-batch
+    # split differs only in rounding: each micro-batch's loss is weighted by its tokens)
+    assert sorted(losses(out)) == list(range(8))
+    assert_close(losses(out), one_rank["losses"], rel=1e-5)
+
+
+def test_ranks_with_different_budgets_probe_to_one_plan_that_fits_the_smaller(tmp_path):
+    e = env(tmp_path, budgets="3MiB,2MiB")
+    batch = ["-s", "batch_size=16", "--checkpointing", "0", "--loss", "standard"]
+    res = torchrun(["probe", "--preset", "tiny", *SETS, *batch, "--save", "--json"], e)
+    ok(res)
+    probe = json.loads(res.stdout)  # one JSON document: only rank 0 prints
+    plan, smaller = probe["plan"], int(2 * 2**20 * 0.9)  # rank 1's budget less the 10% margin
+    assert plan["world_size"] == 2 and plan["parallelism"] == "ddp"
+    assert plan["budget_bytes"] == smaller and plan["measured_peak_bytes"] <= smaller
+    assert sum(plan["micro_batches"]) == 16 and plan["micro_batch"] < 16  # each rank's 16 of 32
+    fits = [t for t in probe["trials"] if t["status"] == "fit"]
+    assert fits and all("agreed over 2 ranks" in t["note"] for t in fits)
+    # every rank reuses the plan rank 0 saved, and trains it without an OOM, the smaller one included
+    out = tmp_path / "out"
+    res = torchrun(["run", "--preset", "tiny", *SETS, *batch, "--profile", probe["saved"]["profile"], "--out", str(out),
+                    "--no-progress", "--max-steps", "3"], e)
+    ok(res)
+    run = records(out, "run")[0]["plan"]
+    assert run["source"] == "profile" and run["fingerprint"] == probe["saved"]["fingerprint"]
+    assert run["micro_batches"] == plan["micro_batches"]
+    assert not [ev for ev in records(out, "event") if "oom" in ev["event"]]
+    assert [r["step"] for r in records(out, "train")] == [0, 1, 2]
+
+
+def test_sigterm_stops_both_ranks_at_one_step_and_the_resume_matches(tmp_path, two_ranks):
+    out = tmp_path / "out"
+    e = env(tmp_path)
+    proc = autofit_proc(["run", "--preset", "tiny", *SETS, "--out", str(out), "--no-probe", "--no-progress",
+                         "--nproc-per-node", "2"], e)
+    try:
+        wait_for_step(out, proc, 2)
+        proc.send_signal(signal.SIGTERM)  # to torchrun's agent, which passes it on to both ranks
+        _, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    stopped = ck["iter_num"]
+    assert 2 < stopped < STEPS and records(out, "interrupted")[0]["step"] == stopped
+    res = subprocess.run([sys.executable, "-m", "autofit", "run", "--resume", "--out", str(out), "--no-progress",
+                          "--nproc-per-node", "2"], env=e, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    ok(res)
+    assert sorted(losses(out)) == list(range(STEPS))
+    assert_close(losses(out), losses(two_ranks), rel=1e-6)
+
+
+def test_a_resume_on_another_number_of_ranks_keeps_the_effective_batch(tmp_path, two_ranks):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_ranks, out)
+    cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in
+                                                 {**CONFIG, "out_dir": out, "max_iters": STEPS + 2}.items()])
+    res = train(cfg, RunOptions(device=torch.device("cpu"), progress=False, resume=True, micro_batch=4))
+    assert res.steps == STEPS + 2
+    (change,) = [e for e in records(out, "event") if e["event"] == "world_size_changed"]
+    assert (change["old_world_size"], change["new_world_size"]) == (2, 1)
+    assert (change["old_rank_batch"], change["new_rank_batch"], change["effective_batch"]) == (4, 8, 8)
+    assert change["old_micro_batches"] == [4] and change["micro_batches"] == [4, 4]
+    assert {r["effective_batch"] for r in records(out, "train") if r["step"] >= STEPS} == {8}
+
+
+def _child_with_rank(parent: int, rank: int) -> int:
+    """The pid of `parent`'s child process whose environment says RANK=rank (Linux /proc)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(d.name)
+    raise AssertionError(f"no rank {rank} under pid {parent}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid through /proc")
+def test_a_rank_killed_with_sigkill_makes_the_other_stop_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    proc = autofit_proc(["run", "--preset", "tiny", *SETS, "-s", "max_iters=100000", "--out", str(out),
+                         "--no-probe", "--no-progress", "--nproc-per-node", "2"], env(tmp_path))
+    try:
+        wait_for_step(out, proc, 2)
+        os.kill(_child_with_rank(proc.pid, 1), signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=90)  # bounded: it must not wait for the collective timeout
+    finally:
+        proc.kill()
+    assert time.monotonic() - t0 < 60 and proc.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("autofit: error:")]
+    assert len(lines) == 1 and lines[0].startswith("autofit: error: rank 0: lost contact with another rank"), err
+    assert "autofit: rank 1 stopped with signal SIGKILL" in err and "Traceback" not in err
+
+
+def test_fsdp2_matches_ddp_with_a_lower_peak_per_rank(tmp_path, two_ranks):
+    out = tmp_path / "out"
+    ok(torchrun(["run", "--preset", "tiny", *SETS, "-s", "parallelism=fsdp2", "--out", str(out), "--no-probe",
+                 "--no-progress", "--max-steps", "8"], env(tmp_path, AUTOFIT_FAULT_OOM_AT_STEP="3@1")))
+    assert sorted(losses(out)) == list(range(8))
+    assert_close(losses(out), losses(two_ranks), rel=1e-5)
+    # before the OOM both ran micro-batch 4: FSDP2's peak is lower (state sharded in two)
+    peak = lambda o: max(r["peak_mem_bytes"] for r in records(o, "train") if r["step"] < 3)  # noqa: E731
+    assert peak(out) < peak(two_ranks)
+    # an OOM on rank 1 only, before its forward, is agreed at the first block's check-in
+    (shrink,) = [e for e in records(out, "event") if e["event"] == "oom_shrink"]
+    assert shrink["step"] == 3 and "rank 1" in shrink["reason"] and shrink["new_micro_batch"] == 2
+    assert records(out, "run")[0]["parallelism"] == "fsdp2"
+    # the checkpoint is the whole model, gathered on rank 0, that a one-GPU GPT loads as is
+    from trainer.model import GPT, GPTConfig, clean_state_dict
+    cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in CONFIG.items()])
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    GPT(GPTConfig.from_train_config(cfg)).load_state_dict(clean_state_dict(ck["model"]))
+
+
+# ------------------------------------------------------------------ in-process: the pieces
+
+
+def test_an_effective_batch_that_does_not_divide_names_the_nearest_that_do(tmp_path):
+    with pytest.raises(TrainError, match="does not divide among 2 ranks; the nearest that do are 8 or 10"):
+        check_divisible(9, 2)
+    check_divisible(8, 2)
+    # the CLI says so before any probe or torchrun start: one line, exit 2
+    res = subprocess.run([sys.executable, "-m", "autofit", "run", "--preset", "tiny", *SETS, "-s", "batch_size=3",
+                          "-s", "gradient_accumulation_steps=3", "--out", str(tmp_path / "o"), "--nproc-per-node", "2"],
+                         env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
+    assert "the nearest that do are 8 or 10" in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_each_rank_reads_its_own_rows_of_the_same_step_batch():
+    from trainer.data import BatchSampler, load_dataset
+    s = BatchSampler(load_dataset("embedded"), 16, seed=3)
+    x, y = s.batch_at("train", 6, counter=5)
+    parts = [s.batch_at("train", 6, 5, rows=Ranks(r, r, 3).rows(6)) for r in range(3)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+def test_the_fault_selector_names_one_rank(monkeypatch):
+    monkeypatch.setenv("AUTOFIT_FAULT_OOM_AT_STEP", "3@1")
+    assert FaultInjector.from_env(rank=0).at_step is None and FaultInjector.from_env(rank=1).at_step == 3
+    monkeypatch.setenv("AUTOFIT_FAULT_OOM_AT_STEP", "3")
+    assert FaultInjector.from_env(rank=0).at_step == 3 and FaultInjector.from_env(rank=1).at_step == 3
+    monkeypatch.setenv("AUTOFIT_FAULT_OOM_AT_STEP", "3@one")
+    with pytest.raises(ValueError, match=r"STEP@RANK"):
+        FaultInjector.from_env()
+
+
+def _two_ranks_gathering(monkeypatch, rank1_value):
+    """agree's collectives on a pretend rank 0 of 2: rank 1 contributes `rank1_value`."""
+    monkeypatch.setattr(agree, "ranks", lambda: Ranks(0, 0, 2))
+    monkeypatch.setattr(agree.D, "all_gather_objects", lambda obj, r: [obj, rank1_value(obj)])
+
+
+def test_a_trial_fits_only_where_it_fits_on_every_rank(monkeypatch):
+    mine = TrialRecord(micro_batch=8, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                       status="fit", measured_peak_bytes=1000, tokens_per_s=500.0, step_seconds=[0.1])
+    slower = mine.model_copy(update={"measured_peak_bytes": 1200, "tokens_per_s": 300.0, "step_seconds": [0.2]})
+    _two_ranks_gathering(monkeypatch, lambda d: slower.model_dump())
+    got = agree.trial(mine)
+    assert got.status == "fit" and got.measured_peak_bytes == 1200 and got.tokens_per_s == 300.0
+    assert "agreed over 2 ranks" in got.note
+    failed = slower.model_copy(update={"status": "oom", "tokens_per_s": None, "note": "out of memory"})
+    _two_ranks_gathering(monkeypatch, lambda d: failed.model_dump())
+    got = agree.trial(mine)
+    assert got.status == "oom" and "rank 1 oom" in got.note
+
+
+def test_the_search_space_is_what_every_rank_can_run(monkeypatch):
+    from autofit.candidates import PlanError, Space
+    mine = Space(dtypes=["bfloat16", "float32"], compile=[False, True], checkpointing=[0, 1],
+                 loss_impls=["standard", "chunked"])
+    old_card = Space(dtypes=["float16", "float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard"])
+    _two_ranks_gathering(monkeypatch, lambda s: old_card)
+    got = agree.space(mine)
+    assert (got.dtypes, got.compile, got.loss_impls) == (["float32"], [False], ["standard"])
+    _two_ranks_gathering(monkeypatch, lambda s: Space(["float16"], [False], [0], ["standard"]))
+    with pytest.raises(PlanError, match="no dtypes in common"):
+        agree.space(mine)
+
+
+def test_plans_are_keyed_by_world_size_and_parallelism(monkeypatch):
+    from autofit.launch import plan_fingerprint_inputs
+    from autofit.cpu import cpu_info
+    cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in CONFIG.items()])
+    one = plan_fingerprint_inputs(cfg, cpu_info(2**30))
+    assert "world_size" not in one  # one-GPU plans keep their fingerprints
+    monkeypatch.setattr(agree, "ranks", lambda: Ranks(0, 0, 2))
+    two = plan_fingerprint_inputs(cfg, cpu_info(2**30))
+    assert two["world_size"] == 2 and two["parallelism"] == "auto"  # what the config asks for
+
+
+def test_each_rank_gets_its_own_cpu_budget(monkeypatch):
+    from autofit.device import DeviceError
+    from autofit.torchrun import rank_budget, strip_nproc
+    monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", "3MiB,2MiB")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert rank_budget(None) == 2 * 2**20
+    monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", "3MiB")
+    with pytest.raises(DeviceError, match="names 1 budget"):
+        rank_budget(None)
+    assert strip_nproc(["run", "--nproc-per-node", "2", "-s", "a=1", "--nproc-per-node=3"]) == ["run", "-s", "a=1"]
+
+
+def test_ranks_on_one_machine_share_the_default_cpu_budget(monkeypatch):
+    import autofit.cpu
+    from autofit.device import DeviceError
+    from autofit.torchrun import check_ranks, cpu_share
+    monkeypatch.setattr(autofit.cpu, "default_cpu_budget", lambda: 8 * 2**30)
+    assert cpu_share(None) is None and cpu_share(123) == 123  # one process: the device's own default
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cpu_share(None) == 2 * 2**30  # four ranks take their budgets at once
+    cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in CONFIG.items()])
+    with pytest.raises(DeviceError, match="already one of torchrun's ranks"):
+        check_ranks(cfg, 2, resume=False)
