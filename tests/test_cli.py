@@ -1,11 +1,11 @@
 """The `autofit` command end to end, in-process: exit codes, one-line errors, JSON output,
 and the probe -> save -> run --profile flow on the budgeted CPU device."""
 import json
-import sys
 
 import pytest
 
-from autofit.cli import main
+from autofit.cli import main  # noqa: F401
+from cli_run import cli
 
 SEED = """batch_size = 16
 gradient_accumulation_steps = 32
@@ -21,15 +21,6 @@ SMALL = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set
          "--set", "eval_interval=100", "--set", "log_interval=1"]
 
 
-def cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["autofit", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(autouse=True)

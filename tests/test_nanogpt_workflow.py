@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autofit.cli import main
+from autofit.cli import main  # noqa: F401
+from cli_run import cli
 from trainer.nanogpt_ckpt import MODEL_ARGS
 
 TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
@@ -19,15 +20,6 @@ TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set"
 CPU = ["--device", "cpu", "--budget", "64MiB", "--no-progress"]
 
 
-def cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["autofit", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def records(out, kind=None):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import cli as run_cli
 
 from trainer import prepare as prep
 from trainer.config import load_config
@@ -284,17 +285,10 @@ def test_a_failure_midway_leaves_the_old_dataset_as_it_was(tmp_path, text_file):
 
 
 def test_cli_data_prepare(tmp_path, text_file, monkeypatch, capsys):
-    from autofit.cli import main
     monkeypatch.chdir(tmp_path)
 
     def cli(*args):
-        monkeypatch.setattr(sys, "argv", ["autofit", *map(str, args)])
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
+        return run_cli(monkeypatch, capsys, *args)
 
     code, out, err = cli("data", "prepare", "shakespeare_char", "--input", text_file, "--no-progress")
     assert code == 0 and "wrote data/shakespeare_char" in out and "dataset = 'shakespeare_char'" in out

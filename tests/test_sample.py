@@ -15,7 +15,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from autofit.cli import main
+from autofit.cli import main  # noqa: F401
+from cli_run import cli
 from trainer.config import load_config
 from trainer.model import GPT, GPTConfig
 from trainer.nanogpt_ckpt import CheckpointError
@@ -195,15 +196,6 @@ def test_gpt2_weights_directory(tmp_path):
 # ------------------------------------------------------------------ the command
 
 
-def cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["autofit", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_sample_after_autofit_run(tmp_path, monkeypatch, capsys):

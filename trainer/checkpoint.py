@@ -20,8 +20,7 @@ from trainer.model import model_args_of
 # Every key a resume reads: a checkpoint lacking one is refused before any work.
 CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_sampler", "rng_cpu",
                    "micro_batches", "best_val_loss")
-# What tells autofit's layout from nanoGPT's (autofit's checkpoints carry nanoGPT's keys too).
-AUTOFIT_MARKERS = ("model", "config", "sampler")
+
 # The fields that shape the model: a checkpoint of another shape cannot be resumed.
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
@@ -154,7 +153,6 @@ def restore(trainer, ck: dict) -> None:
     what it cannot give back said in a 'resume_partial' event. Raises TrainError for a checkpoint
     of another model."""
     from trainer.config import TrainConfig
-    from trainer.model import clean_state_dict
     from trainer.nanogpt_ckpt import CheckpointError, checkpoint_layout, nanogpt_checkpoint_from
     t = trainer
     if checkpoint_layout(ck, t.ckpt_path) == "nanogpt":

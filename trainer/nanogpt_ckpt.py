@@ -20,10 +20,11 @@ from typing import Any, Mapping
 
 import torch
 
-from trainer.checkpoint import AUTOFIT_MARKERS
 from trainer.model import MODEL_ARGS, GPT, GPTConfig, clean_state_dict
 from trainer.model import model_args_of as _model_args_of
 
+# What tells autofit's layout from nanoGPT's (autofit's checkpoints carry nanoGPT's keys too).
+AUTOFIT_MARKERS = ("model", "config", "sampler")
 NANOGPT_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")
 
 
@@ -61,7 +62,7 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_layout(ck: Mapping, path: str | Path = "checkpoint") -> str:
-    """'autofit' (trainer/checkpoint.py's AUTOFIT_MARKERS) or 'nanogpt' (train.py's keys);
+    """'autofit' (AUTOFIT_MARKERS: trainer/checkpoint.py's training_state) or 'nanogpt' (train.py's keys);
     CheckpointError otherwise."""
     if all(k in ck for k in AUTOFIT_MARKERS):
         return "autofit"

@@ -7,6 +7,8 @@ autofit.cli ...`), never through its Python functions, which move as the code ch
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import signal
@@ -217,3 +219,14 @@ if __name__ == "__main__":  # python common.py timed-out FILE LIMIT (used by gpu
         mark_timed_out(Path(sys.argv[2]), float(sys.argv[3]))
     else:
         sys.exit("usage: python scripts/selfcheck/common.py timed-out STAGE_JSON LIMIT_S")
+
+
+def stage_args(work: bool = True) -> argparse.Namespace:
+    """The command line every stage takes: OUT [WORK] [--dry-run] [--limit SECONDS]."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    if work:
+        ap.add_argument("work", type=Path)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s)")
+    return ap.parse_args()

@@ -6,7 +6,6 @@ the wheels carried in .whl/)?  Writes OUT/stage0_env.json.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as md
 import os
 import platform
@@ -14,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Stage, git_commit, requirements  # noqa: E402
+from common import Stage, git_commit, requirements, stage_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,11 +52,7 @@ def torch_facts() -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s); unused")
-    a = ap.parse_args()
+    a = stage_args(work=False)
     st = Stage(a.out, 0, "env", a.dry_run)
     st.set(python=platform.python_version(), executable=sys.executable, machine=platform.machine(),
            commit=git_commit(REPO), pythonpath=os.environ.get("PYTHONPATH", ""))

@@ -12,7 +12,6 @@ reserved is used instead and labelled so (it also counts any other process's cha
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Stage, log, tail  # noqa: E402
+from common import Stage, log, tail, stage_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 2**20
@@ -232,11 +231,7 @@ def cuda_tests(st: Stage, timeout_s: float, dry_run: bool) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s)")
-    a = ap.parse_args()
+    a = stage_args(work=False)
     tests_timeout = 75.0 if a.limit is None else max(10.0, a.limit - 35.0)  # identity + context take ~15 s
     st = Stage(a.out, 1, "device", a.dry_run)
     if a.dry_run:

@@ -14,12 +14,11 @@ which stage 3 measures once. The dry run probes the tiny preset on the budgeted 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DRY_MODEL, Stage, cli_json, read_jsonl, run_cli, share_of  # noqa: E402
+from common import DRY_MODEL, Stage, cli_json, read_jsonl, run_cli, share_of, stage_args  # noqa: E402
 from figures import baseline_summary, trial_rows  # noqa: E402
 
 EMULATED = "rtx4070-12gb"
@@ -94,12 +93,7 @@ def judge(st: Stage, fitted: dict) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("work", type=Path)
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s)")
-    a = ap.parse_args()
+    a = stage_args(work=True)
     st = Stage(a.out, 2, "probe", a.dry_run)
     if a.dry_run:
         st.skip(f"probe of GPT-2 124M emulating {EMULATED}", "dry run: needs a CUDA GPU; the tiny preset is "

@@ -13,13 +13,12 @@ switch, the injected OOM and its recovery run for real, the compiled kernels do 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DRY_MODEL, Stage, read_jsonl, run_cli, share_of  # noqa: E402
+from common import DRY_MODEL, Stage, read_jsonl, run_cli, share_of, stage_args  # noqa: E402
 from figures import find_card_profile, flops_per_token, median, mfu, peak_for  # noqa: E402
 
 COMPILE_AFTER, OOM_AT, STEPS = 3, 7, 10  # the OOM comes after the compile window (3 steps)
@@ -105,12 +104,7 @@ def throughput(st: Stage, trains: dict, events: list[dict], cfg: dict, dtype: st
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("work", type=Path)
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s)")
-    a = ap.parse_args()
+    a = stage_args(work=True)
     st = Stage(a.out, 3, "train", a.dry_run)
     if a.dry_run:
         c, o, n, base, env = DRY["compile_after"], DRY["oom_at"], DRY["steps"], DRY_CONFIG, {"TORCH_COMPILE_DISABLE": "1"}

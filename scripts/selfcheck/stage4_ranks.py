@@ -10,13 +10,12 @@ different budget (AUTOFIT_RANK_BUDGETS), so the plan must be the smaller rank's.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DRY_MODEL, Stage, read_jsonl, run_cli, share_of  # noqa: E402
+from common import DRY_MODEL, Stage, read_jsonl, run_cli, share_of, stage_args  # noqa: E402
 
 OOM_AT, STEPS = 3, 8
 GPU_CONFIG = ["--device", "cuda", *DRY_MODEL, "--set", "dtype=bfloat16"]
@@ -68,12 +67,7 @@ def judge(st: Stage, recs: list[dict], budgets_mib: tuple[int, ...] | None) -> N
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("work", type=Path)
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--limit", type=float, default=None, help="the stage's time limit (s)")
-    a = ap.parse_args()
+    a = stage_args(work=True)
     st = Stage(a.out, 4, "ranks", a.dry_run)
     env = {"AUTOFIT_FAULT_OOM_AT_STEP": f"{OOM_AT}@1", "AUTOFIT_DIST_TIMEOUT": "120"}
     budgets = None
