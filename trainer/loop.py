@@ -31,6 +31,7 @@ from trainer.data import BatchSampler, load_dataset
 from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
 from trainer.interrupt import StopFlag
+from trainer.losses import SCALER_SKIP_REPORT, read_losses
 from trainer.meter import MemoryMeter, default_meter
 from trainer.metrics import MetricsLog, Progress, WandbSink, describe_event, describe_step
 from trainer.model import GPT, GPTConfig
@@ -43,7 +44,6 @@ from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, m
 
 __all__ = ["RunOptions", "RunResult", "TrainError", "Trainer", "train"]
 
-SCALER_SKIP_REPORT = 20  # fp16: this many skipped steps in a row is reported (a few are normal)
 
 
 @dataclass
@@ -330,28 +330,18 @@ class Trainer:
             self._shrink(f"allocator retries rose for {THRASH_STEPS} steps", cause="thrash", confirmed=confirmed)
 
     def _read_losses(self) -> None:
-        """One host sync for every step not read yet: stops at the first non-finite loss. fp16
-        steps the scaler skipped are normal; a long run of them is reported."""
+        """One host sync for every step not read yet (trainer.losses.read_losses): the losses
+        are kept, and a non-finite one stops the run before anything of it is saved."""
         if not self._unread:
             return
-        rows = [r.loss_tensor.float() for _, r in self._unread]
-        if self.scaler is not None:
-            rows += [r.skipped_tensor.float() if r.skipped_tensor is not None else torch.zeros_like(rows[0])
-                     for _, r in self._unread]
-        flat = torch.stack(rows)
-        flat = torch.cat([self.group.mean(flat[:len(self._unread)]), flat[len(self._unread):]]).tolist()  # the one sync
-        vals = flat[:len(self._unread)]
+        unread, self._unread = self._unread, []
+        vals, self._skips, report, bad = read_losses(unread, self.scaler is not None, self.group.mean, self._skips)
         self.losses.extend(vals)
-        skips = [bool(v) for v in flat[len(self._unread):]] or [False] * len(vals)
-        for (step, _), v, skipped in zip(self._unread, vals, skips):
-            self._skips = self._skips + 1 if skipped else 0
-            if self._skips == SCALER_SKIP_REPORT:
-                self._event("scaler_skips", skipped_steps=self._skips)
-            if not torch.isfinite(torch.tensor(v)) and not skipped:
-                self._unread = []
-                raise TrainError(f"the loss is not finite at step {step} ({v}); stopping, the last good checkpoint "
-                                 f"{self.ckpt_path} is untouched (lower learning_rate or grad_clip, or use bfloat16)")
-        self._unread = []
+        if report:
+            self._event("scaler_skips", skipped_steps=SCALER_SKIP_REPORT)
+        if bad is not None:
+            raise TrainError(f"the loss is not finite at step {bad[0]} ({bad[1]}); stopping, the last good checkpoint "
+                             f"{self.ckpt_path} is untouched (lower learning_rate or grad_clip, or use bfloat16)")
 
     def _log_step(self, it: int, res: StepResult, dt: float) -> None:
         self._read_losses()
