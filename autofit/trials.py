@@ -43,13 +43,12 @@ class TrialSettings:
 
 
 def trial_split(rank_batch: int, micro_batch: int) -> list[int]:
-    """The micro-batches one trial step runs: the first two of the run's (balanced) split, so the
-    second forward runs with the first's gradients alive, as in training, and its smaller size
-    when those two do not hold it, so that shape is compiled and timed too. Compiled and eager
-    candidates run the same split, so their tokens/s compare."""
-    full = split_batch(rank_batch, micro_batch)
-    head = full[:2]
-    return head + [full[-1]] if full[-1] not in head else head
+    """The micro-batches one trial step runs: two of exactly `micro_batch` sequences (one when the
+    whole batch fits in one), so the trial measures memory and speed at that size with the first
+    micro-batch's gradients alive during the second, as in training. Compiled and eager
+    candidates run the same split, so their tokens/s compare. (A run capped at this size uses
+    balanced micro-batches of at most it, never more memory.)"""
+    return [micro_batch] if rank_batch <= micro_batch else [micro_batch, micro_batch]
 
 
 def _sync(device: torch.device) -> None:

@@ -167,10 +167,9 @@ def tiny(effective):
 
 
 def test_compiled_and_eager_trials_run_the_same_split():
-    assert trial_split(23, 10) == [8, 8, 7]  # two of the split's micro-batches, and its smaller size
-    assert trial_split(22, 10) == [8, 7]  # both sizes among the first two already
-    assert trial_split(16, 5) == [4, 4]  # balanced: 16 = 4 x 4
-    assert trial_split(4, 4) == [4]
+    assert trial_split(23, 10) == [10, 10]  # memory and speed at exactly the candidate's size
+    assert trial_split(7, 5) == [5, 5]  # with gradients alive during the second micro-batch
+    assert trial_split(4, 4) == [4]  # the whole batch in one micro-batch
 
 
 def test_a_trial_that_keeps_memory_is_a_leak_not_a_fit(monkeypatch):
