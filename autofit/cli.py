@@ -133,7 +133,7 @@ def _print_probe(res, cfg, opts, config, preset, saved, plot, verbose) -> None:
 def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
             overrides: List[str] = SetOpt,
             max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after optimizer step N (the LR schedule still follows max_iters)."),
-            out: Optional[Path] = typer.Option(None, "--out", help="Output directory (checkpoints, metrics.jsonl)."),
+            out: Optional[str] = typer.Option(None, "--out", help="Output directory (checkpoints, metrics.jsonl)."),
             resume: bool = typer.Option(False, "--resume", help="Continue from <out>/ckpt.pt."),
             profile: Optional[str] = typer.Option(None, "--profile", help="Use (or fit and save) the plan in this GPU profile, e.g. rtx4070-12gb."),
             emulate: bool = typer.Option(False, "--emulate", help="On a larger GPU, cap this process to the profile's memory."),
@@ -148,15 +148,10 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
     from trainer.loop import train
+    _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset)
     cfg = load_train_config(config, preset, overrides)
     if out is not None:
-        cfg.out_dir = str(out)
-    if max_steps is not None and max_steps < 0:
-        raise UsageError("--max-steps must be >= 0")
-    if emulate and profile is None:
-        raise UsageError("--emulate needs --profile NAME (the card to emulate)")
-    if profile is not None and budget is not None:
-        raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
+        cfg.out_dir = out
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
     if profile is not None:  # a probe may save into it: writable before any trial runs
@@ -165,12 +160,11 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     resuming = resume or cfg.init_from == "resume"
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
         _start_ranks(cfg, nproc_per_node, resuming, log)
+    _hold_out_dir(cfg.out_dir)
     if resuming:  # nanoGPT's init_from='resume' is --resume
         from autofit.resume import prepare_resume
         from trainer.checkpoint import check_out_dir
         check_out_dir(cfg.out_dir)
-        if profile is not None:
-            log("--resume: the checkpoint's plan is used; --profile is ignored")
         launch = prepare_resume(cfg.out_dir, _resume_overrides(cfg, overrides, resume), probe_opts=opts,
                                 allow_changes=allow_changes, max_steps=max_steps, progress=not no_progress, log=log)
         console.print(f"[bold]plan[/]: {launch.source}")
@@ -191,6 +185,62 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     console.print(f"[bold]plan[/]: {launch.source}")
     console.print(_plan_line(launch.plan))
     _report_run(train(launch.cfg, launch.opts), launch.cfg)
+
+
+def _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset) -> None:
+    """What the run's flags say wrong, in one line, before anything else is read: an empty --out,
+    flags that exclude each other, and environment settings the run would read late."""
+    if out is not None and not out.strip():
+        raise UsageError("--out is empty: name the output folder (e.g. --out out/run1)")
+    if max_steps is not None and max_steps < 0:
+        raise UsageError("--max-steps must be >= 0")
+    if emulate and profile is None:
+        raise UsageError("--emulate needs --profile NAME (the card to emulate)")
+    if profile is not None and budget is not None:
+        raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
+    if resume and (config is not None or preset is not None or profile is not None):
+        raise UsageError("--resume continues the checkpoint's own config and plan: drop --config/--preset/--profile "
+                         "(use --set for what may change, e.g. --set max_iters=...)")
+    from trainer.distributed import timeout as dist_timeout
+    from trainer.step import FaultInjector
+    try:
+        FaultInjector.from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    dist_timeout()  # AUTOFIT_DIST_TIMEOUT: a TrainError line now, not after the probe
+
+
+_OUT_LOCKS: list = []  # held until the command ends
+
+
+def _run_app():
+    try:
+        return app(standalone_mode=False)
+    finally:
+        while _OUT_LOCKS:
+            _OUT_LOCKS.pop().release()
+
+
+def _hold_out_dir(out_dir: str) -> None:
+    """One run at a time in an output folder: a second `autofit run` into it (started at the same
+    moment, before either wrote a checkpoint) ends in one line instead of mixing metrics and
+    overwriting the other's checkpoint. Rank 0 holds <out>/.autofit.lock (filelock) until the command ends."""
+    import os
+
+    from filelock import FileLock, Timeout
+
+    from trainer.checkpoint import check_out_dir
+    check_out_dir(out_dir)  # a file on the way, or no write permission: one line, before mkdir
+    if os.environ.get("RANK", "0") != "0":
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(out_dir) / ".autofit.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(f"another autofit run is using {out_dir} (its .autofit.lock is held); wait for it, "
+                         f"or choose another --out") from None
+    _OUT_LOCKS.append(lock)
 
 
 def _resume_overrides(cfg, overrides: List[str], flag: bool) -> dict:
@@ -274,6 +324,10 @@ def _report_run(result, cfg) -> None:
         console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "
                       f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained or saved")
         return
+    if not result.losses and result.status == "finished":
+        console.print(f"nothing to train: the run is at step {result.steps}, and max_iters {cfg.max_iters} (or "
+                      f"--max-steps, a step number) is not beyond it; raise it with --set max_iters=N")
+        return
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     msg = f"done: {result.steps} optimizer steps"
     if first is not None:
@@ -286,7 +340,7 @@ def main() -> None:
     try:
         with session():  # torchrun: one process group for the command, left at the end
             quiet_unless_rank0(console, err_console)
-            code = app(standalone_mode=False)
+            code = _run_app()
     except KeyboardInterrupt:
         print("autofit: interrupted", file=sys.stderr)
         sys.exit(130)

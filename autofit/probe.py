@@ -40,7 +40,8 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     info = device.info
     budget = agree.budget(budget)  # several ranks: the smallest rank's
     ranks = agree.ranks()
-    log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)}"
+    log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)} "
+        f"({fmt_bytes(budget.usable_bytes)} usable less the {budget.margin:.0%} safety margin)"
         + (f" (the smallest of {ranks.world_size} ranks' budgets; each rank measures on its own device)"
            if ranks.several else ""))
     n = param_count(ModelShape.from_config(cfg))

@@ -53,6 +53,10 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     cfg.out_dir = str(out_dir)
     plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
     spec = device_spec(ck)
+    if probe_opts.device is not None or probe_opts.budget_bytes is not None:
+        log(f"--resume: the checkpoint's device is used ({spec.get('kind')}"
+            + (f", budget {spec['budget_bytes']:,} bytes" if spec.get("budget_bytes") else "") + "); --device/--budget apply "
+            "only to a nanoGPT checkpoint, which is probed afresh")
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     plan = PlanRecord(**{k: v for k, v in plan_info.items() if k in PlanRecord.model_fields}) \

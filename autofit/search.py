@@ -84,8 +84,8 @@ class TrialRunner:
             smaller = self.fits(Levers.of(cand), compile=cand.compile, below=cand.micro_batch)
             if smaller:
                 self.flag_spill(r, max(smaller, key=lambda t: t.micro_batch))
-        self.log(f"  -> {r.status}" + (f", peak {fmt_bytes(r.measured_peak_bytes)}" if r.measured_peak_bytes else "")
-                 + (f", {r.tokens_per_s:,.0f} tok/s" if r.tokens_per_s and r.status == 'fit' else "")
+        self.log(f"  -> {r.status}" + (f", measured peak {fmt_bytes(r.measured_peak_bytes)}" if r.measured_peak_bytes else "")
+                 + (f", {r.tokens_per_s:,.0f} tok/s measured" if r.tokens_per_s and r.status == 'fit' else "")
                  + (f" ({r.note})" if r.note and r.status != 'fit' else ""))
         self._cache[cand] = r
         self.trials.append(r)

@@ -413,3 +413,43 @@ def test_user_error_names_are_real_exception_classes():
             defined |= {v.__name__ for v in vars(module).values()
                         if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == info.name}
     assert USER_ERRORS <= defined, USER_ERRORS - defined
+
+
+def test_a_second_run_into_the_same_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    from filelock import FileLock
+    (tmp_path / "o").mkdir()
+    held = FileLock(str(tmp_path / "o" / ".autofit.lock"))
+    held.acquire()  # another run, started a moment earlier, holds the folder
+    try:
+        code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--max-steps", "1",
+                           "--out", "o", "--no-progress")
+    finally:
+        held.release()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "another autofit run is using o" in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing of the second run was written
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--max-steps", "1",
+                       "--out", "o", "--no-progress")
+    assert code == 0, err  # released: the folder is free again
+
+
+@pytest.mark.parametrize("args,env,words", [
+    (["--out", ""], {}, "--out is empty"),
+    (["--out", "  "], {}, "--out is empty"),
+    (["--resume", "--out", "o", "--config", "x.py"], {}, "drop --config"),
+    (["--out", "o"], {"AUTOFIT_FAULT_OOM_AT_STEP": "abc"}, "AUTOFIT_FAULT_OOM_AT_STEP"),
+    (["--out", "o"], {"AUTOFIT_DIST_TIMEOUT": "abc"}, "AUTOFIT_DIST_TIMEOUT"),
+])
+def test_run_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys, args, env, words):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, _, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "8MiB", *SMALL, *args, "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err
+    assert "trial:" not in err and not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_a_resume_with_nothing_left_to_train_says_so(tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=2",
+                       "--out", "o", "--no-progress")
+    assert code == 0, err
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress")
+    assert code == 0 and "nothing to train: the run is at step 2" in out and "max_iters" in out

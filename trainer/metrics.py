@@ -112,11 +112,12 @@ class Progress:
 
     def __init__(self, enabled: bool, total: int, start: int, master: bool = True):
         from rich.console import Console
-        self.enabled = enabled
+        # piped or redirected: no bar (its redraws would fill the log) and no wrapping at 80 columns
+        self.enabled = enabled and sys.stdout.isatty()
         self.master = master
-        self.console = Console(width=None if sys.stdout.isatty() else 120)  # piped logs: no wrapping at 80
+        self.console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=not sys.stdout.isatty())
         self.bar = None
-        if enabled:
+        if self.enabled:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),

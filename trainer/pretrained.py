@@ -126,6 +126,8 @@ def _from_hub(model_type: str) -> tuple[Path, Path]:
                            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: download it once with network "
                            f"(hf download {repo} {CONFIG_FILE} {WEIGHTS_FILE}) or pass a local directory")
     try:
+        from huggingface_hub.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()  # its retry warnings would bury the one line we end with
         files = [Path(hf_hub_download(repo, f)) for f in (CONFIG_FILE, WEIGHTS_FILE)]
     except Exception as e:  # no network, repository moved, disk full: say which and what to do
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
