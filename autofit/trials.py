@@ -19,7 +19,7 @@ from autofit import agree
 from autofit.records import Candidate, TrialRecord
 from trainer.compiler import compile_model
 from trainer.model import GPT, GPTConfig
-from trainer.step import make_optimizer, set_matmul_precision, split_batch, train_step
+from trainer.step import make_optimizer, set_matmul_precision, train_step
 
 # After a trial, allocated memory must be back at its baseline within this much. CUDA keeps
 # cuBLAS and cuBLASLt workspaces in the caching allocator once the first matmul made them
