@@ -253,5 +253,5 @@ def open_cuda_device(index: int = 0, *, info: DeviceInfo | None = None,
         device.set_memory_cap(max(2**20, emulate_usable_bytes - ctx))
         device._info = info.model_copy(update={"total_bytes": emulate_usable_bytes,
                                                "free_bytes": min(info.free_bytes, emulate_usable_bytes),
-                                               "note": EMULATE_NOTE})
+                                               "note": EMULATE_NOTE + (f"; {info.note}" if info.note else "")})
     return device

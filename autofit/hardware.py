@@ -26,6 +26,9 @@ else:  # pragma: no cover - pyproject installs tomli on 3.10
     import tomli as tomllib
 
 SCHEMA_VERSION = 1
+# A share of the card's memory assumed reserved by the driver when its profile has no measured
+# figure: NVML v2 reports a few hundred MiB on 12-80 GB cards; 3% errs on the safe side for a budget.
+ASSUMED_DRIVER_RESERVED_SHARE = 0.03
 
 
 class HardwareError(DeviceError):
@@ -48,6 +51,10 @@ class HardwareSpec(BaseModel):
     peak_bf16_tflops: float | None = Field(default=None, gt=0)
     peak_fp16_tflops: float = Field(gt=0)
     memory_bandwidth_gbs: float = Field(gt=0)  # GB/s, decimal, as vendors state it
+    # Memory the driver and firmware keep on an idle card (NVML v2 memory info's `reserved`): what
+    # an emulated card cannot give the process. None until measured on such a card (the GPU
+    # self-check records it); emulation then assumes ASSUMED_DRIVER_RESERVED_SHARE, and says so.
+    driver_reserved_bytes: int | None = Field(default=None, ge=0)
     source: str  # where the figures come from
 
     @model_validator(mode="after")

@@ -209,7 +209,14 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
             raise DeviceError(f"this GPU is {here}, larger than the profile's {profile}; add --emulate to cap this "
                               f"process to {profile}'s memory and train as if on that card")
     emulated_on = here if here != profile else None
-    usable = cap - int(hw.get("driver_reserved_bytes") or 0)  # what such a card really offers
+    from autofit.hardware import ASSUMED_DRIVER_RESERVED_SHARE
+    reserved = hw.get("driver_reserved_bytes")
+    if reserved is None and emulated_on:
+        reserved = int(cap * ASSUMED_DRIVER_RESERVED_SHARE)
+        log_note = (f"{profile}'s driver-reserved memory is not measured yet: assumed {ASSUMED_DRIVER_RESERVED_SHARE:.0%} "
+                    f"of {cap:,} bytes")
+        info = info.model_copy(update={"note": (info.note + "; " if info.note else "") + log_note})
+    usable = cap - int(reserved or 0)  # what such a card really offers the process
     device = open_cuda_device(index, info=info, emulate_usable_bytes=usable if emulated_on else None)
     return device, emulated_on
 

@@ -266,3 +266,24 @@ def test_unconfirmed_thrashing_is_not_a_profile_lesson(monkeypatch):
     on_event({**base, "cause": "thrash", "confirmed": True})
     on_event(base)  # a real OOM
     assert len(recorded) == 2 and all(k["safe_micro_batch"] == 4 for _, k in recorded)
+
+
+def test_emulation_caps_to_the_profiles_usable_memory(monkeypatch):
+    import autofit.cuda as cuda
+    import autofit.launch as launch
+    from autofit.device import DeviceInfo
+    from autofit.hardware import ASSUMED_DRIVER_RESERVED_SHARE, get_hardware
+    h100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", index=0, total_bytes=81559 * 2**20,
+                      free_bytes=80000 * 2**20, used_by_others_bytes=0, compute_capability=(9, 0),
+                      driver_version="550.54", cuda_version="12.4", source="nvml")
+    asked = {}
+    monkeypatch.setattr(cuda, "detect_gpu", lambda index=0: h100)
+    monkeypatch.setattr(cuda, "open_cuda_device", lambda index, info, emulate_usable_bytes: asked.update(
+        usable=emulate_usable_bytes, note=info.note) or "device")
+    hw = get_hardware("rtx4070-12gb").model_dump(mode="json")
+    assert hw["driver_reserved_bytes"] is None  # not measured on a 4070 yet
+    launch._gpu_for_profile("rtx4070-12gb", hw, True, launch.ProbeOptions())
+    assert asked["usable"] == hw["memory_bytes"] - int(hw["memory_bytes"] * ASSUMED_DRIVER_RESERVED_SHARE)
+    assert "assumed" in asked["note"]
+    launch._gpu_for_profile("rtx4070-12gb", {**hw, "driver_reserved_bytes": 300 * 2**20}, True, launch.ProbeOptions())
+    assert asked["usable"] == hw["memory_bytes"] - 300 * 2**20  # a measured figure wins
