@@ -17,6 +17,17 @@ from trainer.errors import TrainError
 from trainer.sharding import wrap
 
 
+def pick_device(config_device: str, ranks: D.Ranks | None = None) -> torch.device:
+    """The config's device ('auto', 'cpu', 'cuda', 'cuda:1'); with several ranks, a bare 'cuda' is
+    this rank's GPU (LOCAL_RANK). Raises TrainError for CUDA when torch sees no GPU."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config_device == "auto" else config_device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {config_device!r} asked for, but torch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is None and ranks is not None and ranks.several:
+        dev = torch.device("cuda", ranks.local_rank)
+    return dev
+
+
 class RankGroup:
     """The ranks of one training run, as the loop sees them. `parallelism`: 'ddp' or 'fsdp2'
     (used with several ranks only). Raises TrainError when the ranks cannot be joined, or the

@@ -199,21 +199,30 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         del loss, xb, yb
     if sync_grads is not None:
         sync_grads.finish()
+    grad_norm, skipped = _optimizer_update(model, optimizer, scaler, grad_clip)
+    optimizer.zero_grad(set_to_none=sync_grads is None or sync_grads.zero_grad_to_none)
+    return StepResult(loss_tensor=loss_sum, tokens=total_tokens, micro_batches=list(micro_batches),
+                      grad_norm_tensor=grad_norm, skipped_tensor=skipped)
+
+
+def _optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None, grad_clip: float):
+    """Unscale (fp16), clip and apply the accumulated gradients.
+
+    Returns (grad_norm, skipped): device tensors or None, so no host sync happens here; `skipped`
+    is True when fp16's scaler found inf/NaN gradients and skipped the step (its scale fell).
+    """
     grad_norm = None
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip > 0.0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    skipped = None
-    if scaler is not None:
-        # the scale falls when the step is skipped; compared on the device, read only when logged
-        scale_before = scaler._scale.clone() if getattr(scaler, "_scale", None) is not None else None
-        scaler.step(optimizer)
-        scaler.update()
-        if scale_before is not None:
-            skipped = scaler._scale < scale_before
-    else:
+    if scaler is None:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=sync_grads is None or sync_grads.zero_grad_to_none)
-    return StepResult(loss_tensor=loss_sum, tokens=total_tokens, micro_batches=list(micro_batches),
-                      grad_norm_tensor=grad_norm, skipped_tensor=skipped)
+        return grad_norm, None
+    # the scale falls when the step is skipped; compared on the device, read only when logged
+    scale_before = scaler._scale.clone() if getattr(scaler, "_scale", None) is not None else None
+    scaler.step(optimizer)
+    scaler.update()
+    skipped = scaler._scale < scale_before if scale_before is not None else None
+    return grad_norm, skipped
