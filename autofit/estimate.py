@@ -89,25 +89,22 @@ class Estimate:
 def _param_shapes(shape: ModelShape) -> list[tuple[int, bool]]:
     """(numel, is_matrix) of every parameter in GPT.parameters() order, the tied lm_head once."""
     C, b = shape.n_embd, shape.bias
-    out = [(shape.vocab_size * C, True), (shape.block_size * C, True)]
+    out = [(shape.vocab_size * C, True), (shape.block_size * C, True)]  # wte (tied lm_head), wpe
+
+    def layer_norm() -> None:
+        out.extend([(C, False)] * (2 if b else 1))  # weight (and bias)
+
+    def linear(rows: int, cols: int) -> None:
+        out.extend([(rows * cols, True)] + ([(rows, False)] if b else []))  # weight (and bias)
+
     for _ in range(shape.n_layer):
-        out.append((C, False))  # ln_1
-        if b:
-            out.append((C, False))
-        for rows, cols in ((3 * C, C), (C, C)):  # attention c_attn, c_proj
-            out.append((rows * cols, True))
-            if b:
-                out.append((rows, False))
-        out.append((C, False))  # ln_2
-        if b:
-            out.append((C, False))
-        for rows, cols in ((4 * C, C), (C, 4 * C)):  # MLP c_fc, c_proj
-            out.append((rows * cols, True))
-            if b:
-                out.append((rows, False))
-    out.append((C, False))  # ln_f
-    if b:
-        out.append((C, False))
+        layer_norm()  # ln_1
+        linear(3 * C, C)  # attention c_attn
+        linear(C, C)  # attention c_proj
+        layer_norm()  # ln_2
+        linear(4 * C, C)  # MLP c_fc
+        linear(C, 4 * C)  # MLP c_proj
+    layer_norm()  # ln_f
     return out
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from autofit.device import DeviceError, DeviceInfo
+from autofit.profile_files import first_problem, newer_schema
 from autofit.units import GiB, MiB
 
 if sys.version_info >= (3, 11):
@@ -75,16 +76,14 @@ def load_hardware_file(path: str | Path) -> HardwareSpec:
         raise HardwareError(f"{path}: cannot read hardware profile ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise HardwareError(f"{path}: not valid TOML ({e})") from None
-    version = data.get("schema_version", SCHEMA_VERSION)
-    if isinstance(version, int) and version > SCHEMA_VERSION:
+    version = newer_schema(data, SCHEMA_VERSION)
+    if version is not None:
         raise HardwareError(f"{path}: schema_version {version} is newer than this autofit reads "
                             f"({SCHEMA_VERSION}); upgrade autofit")
     try:
         spec = HardwareSpec.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "profile"
-        raise HardwareError(f"{path}: invalid hardware profile: {where}: {err['msg']}") from None
+        raise HardwareError(f"{path}: invalid hardware profile: {first_problem(e, 'profile')}") from None
     if path.suffix == ".toml" and path.stem != spec.name:
         raise HardwareError(f"{path}: file name must match the profile name {spec.name!r}")
     return spec

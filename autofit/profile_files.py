@@ -31,6 +31,22 @@ class ProfileError(ValueError):
     """A profile problem the user can fix; the message is one line and names the file."""
 
 
+def newer_schema(raw: dict, supported: int) -> int | None:
+    """A TOML file's `schema_version` when it is newer than `supported` (an int, not a bool), else
+    None. Checked before validation: a newer schema may legitimately fail this autofit's model."""
+    version = raw.get("schema_version")
+    newer = isinstance(version, int) and not isinstance(version, bool) and version > supported
+    return version if newer else None
+
+
+def first_problem(exc, top: str) -> str:
+    """'<field.path>: <message>' of pydantic's first error in `exc` (a ValidationError), on one
+    line; `top` names the place when the error is not about one field."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or top
+    return f"{where}: {' '.join(str(first['msg']).split())}"
+
+
 def profiles_dir() -> Path:
     """Where user profiles live: $AUTOFIT_HOME/profiles if set, else platformdirs' per-user data
     directory + /profiles (on Linux $XDG_DATA_HOME/autofit/profiles, by default

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from autofit import fingerprints as _fingerprints
 from autofit.fingerprints import _strip_none, explain_stale, fingerprint_inputs  # noqa: F401
 from autofit.profile_files import (NAME_MAX, NAME_RE, ProfileError, _is_valid_name,  # noqa: F401
-                                   check_name, check_profiles_writable, locked as _locked, profile_path,
-                                   profiles_dir, write_text_atomic)
+                                   check_name, check_profiles_writable, first_problem, locked as _locked,
+                                   newer_schema, profile_path, profiles_dir, write_text_atomic)
 from autofit.records import PlanRecord, TrialRecord
 
 # An assignment, not an import: several functions here take a `fingerprint` argument.
@@ -158,17 +158,14 @@ def _read_file(path: Path) -> SavedProfile | None:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"profile file {path} is not valid TOML: {_one_line(str(exc))}; "
                            f"clear it with: {clear}") from None
-    # Checked before validation: a newer schema may legitimately fail our model.
-    version = raw.get("schema_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+    version = newer_schema(raw, SCHEMA_VERSION)  # before validation: a newer schema may fail our model
+    if version is not None:
         raise ProfileError(f"{path} was written by a newer autofit (schema {version} > {SCHEMA_VERSION}); "
                            f"upgrade autofit, or clear it with: {clear}")
     try:
         profile = SavedProfile.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ProfileError(f"{path} is not an autofit profile: {where}: {_one_line(first['msg'])}; "
+        raise ProfileError(f"{path} is not an autofit profile: {first_problem(exc, '(top level)')}; "
                            f"clear it with: {clear}") from None
     # The file name is how users address a profile; a renamed file takes its new name.
     if profile.name != path.stem:

@@ -6,16 +6,8 @@ import pytest
 
 from autofit.cli import main  # noqa: F401
 from cli_run import cli
+from seed_case import SEED
 
-SEED = """batch_size = 16
-gradient_accumulation_steps = 32
-block_size = 1024
-compile = True
-dtype = 'bfloat16'
-n_layer = 12
-n_head = 12
-n_embd = 576
-"""
 SMALL = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
          "--set", "batch_size=8", "--set", "gradient_accumulation_steps=2", "--set", "eval_iters=1",
          "--set", "eval_interval=100", "--set", "log_interval=1"]

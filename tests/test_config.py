@@ -6,16 +6,7 @@ import pytest
 from trainer.config import (PRESETS, ConfigError, TrainConfig, config_summary, load_config,
                             parse_override, parse_py_config)
 
-SEED = """\
-batch_size = 16
-gradient_accumulation_steps = 32
-block_size = 1024
-compile = True
-dtype = 'bfloat16'
-n_layer = 12
-n_head = 12
-n_embd = 576
-"""
+from seed_case import SEED
 
 
 def write(tmp_path, name: str, text: str):
@@ -254,6 +245,13 @@ def test_dtype_typo_suggests():
     ("device=gpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("block_size=0", "block_size=0"),
     ("batch_size=2.5", "batch_size=2.5"),
+    # strict types: --set text is read as the field's type, and nothing else
+    ("batch_size=2.5", "batch_size=2.5 (--set): must be an integer, not a float"),
+    ("batch_size=true", "batch_size=True (--set): must be an integer, not a bool"),
+    ("batch_size=eight", "batch_size='eight' (--set): must be an integer, not a string"),
+    ("compile=1", "compile=1 (--set): must be True or False"),
+    ("compile=yes", "compile='yes' (--set): must be True or False"),
+    ("learning_rate=fast", "learning_rate='fast' (--set): must be a number"),
 ])
 def test_bad_values_are_one_line(override, needle):
     assert needle in one_line_error(overrides=[override])
@@ -491,41 +489,23 @@ def test_floats_take_integers():
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
 
 
-@pytest.mark.parametrize("line, needle", [
-    ("batch_size = True", "batch_size=True ({path}:2): must be an integer, not a bool"),
-    ("batch_size = 2.0", "batch_size=2.0 ({path}:2): must be an integer, not a float"),
-    ("compile = 1", "compile=1 ({path}:2): must be True or False, not an integer"),
-    ("dtype = 16", "dtype=16 ({path}:2)"),
-    ("wandb_run_name = 5", "wandb_run_name=5 ({path}:2): must be a string, not an integer"),
-    ("learning_rate = True", "learning_rate=True ({path}:2): must be a number, not a bool"),
-    ("compile_after = 2.0", "compile_after=2.0 ({path}:2): must be an integer"),
+@pytest.mark.parametrize("name, first, line, needle", [
+    ("c.py", "n_layer = 2", "batch_size = True", "batch_size=True ({path}:2): must be an integer, not a bool"),
+    ("c.py", "n_layer = 2", "batch_size = 2.0", "batch_size=2.0 ({path}:2): must be an integer, not a float"),
+    ("c.py", "n_layer = 2", "compile = 1", "compile=1 ({path}:2): must be True or False, not an integer"),
+    ("c.py", "n_layer = 2", "dtype = 16", "dtype=16 ({path}:2)"),
+    ("c.py", "n_layer = 2", "wandb_run_name = 5", "wandb_run_name=5 ({path}:2): must be a string, not an integer"),
+    ("c.py", "n_layer = 2", "learning_rate = True", "learning_rate=True ({path}:2): must be a number, not a bool"),
+    ("c.py", "n_layer = 2", "compile_after = 2.0", "compile_after=2.0 ({path}:2): must be an integer"),
+    ("c.toml", "n_head = 2", "batch_size = true", "batch_size=True ({path}:2): must be an integer, not a bool"),
+    ("c.toml", "n_head = 2", "batch_size = 2.0", "batch_size=2.0 ({path}:2): must be an integer, not a float"),
+    ("c.toml", "n_head = 2", "compile = \"false\"", "compile='false' ({path}:2): must be True or False, not a string"),
+    ("c.toml", "n_head = 2", "n_layer = \"4\"", "n_layer='4' ({path}:2): must be an integer, not a string"),
 ])
-def test_strict_types_in_py_files(tmp_path, line, needle):
-    path = write(tmp_path, "c.py", f"n_layer = 2\n{line}\n")
+def test_strict_types_in_config_files(tmp_path, name, first, line, needle):
+    """.py and TOML files alike: a value of the wrong type is refused, naming file and line."""
+    path = write(tmp_path, name, f"{first}\n{line}\n")
     assert needle.format(path=path) in one_line_error(config_file=path)
-
-
-@pytest.mark.parametrize("line, needle", [
-    ("batch_size = true", "batch_size=True ({path}:2): must be an integer, not a bool"),
-    ("batch_size = 2.0", "batch_size=2.0 ({path}:2): must be an integer, not a float"),
-    ("compile = \"false\"", "compile='false' ({path}:2): must be True or False, not a string"),
-    ("n_layer = \"4\"", "n_layer='4' ({path}:2): must be an integer, not a string"),
-])
-def test_strict_types_in_toml(tmp_path, line, needle):
-    path = write(tmp_path, "c.toml", f"n_head = 2\n{line}\n")
-    assert needle.format(path=path) in one_line_error(config_file=path)
-
-
-@pytest.mark.parametrize("override, needle", [
-    ("batch_size=2.5", "batch_size=2.5 (--set): must be an integer, not a float"),
-    ("batch_size=true", "batch_size=True (--set): must be an integer, not a bool"),
-    ("batch_size=eight", "batch_size='eight' (--set): must be an integer, not a string"),
-    ("compile=1", "compile=1 (--set): must be True or False"),
-    ("compile=yes", "compile='yes' (--set): must be True or False"),
-    ("learning_rate=fast", "learning_rate='fast' (--set): must be a number"),
-])
-def test_strict_types_in_overrides(override, needle):
-    assert needle in one_line_error(overrides=[override])
 
 
 def test_overrides_are_read_as_the_fields_type():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 
 import pytest
 import torch
@@ -20,16 +20,10 @@ from trainer.step import make_optimizer
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=65, dropout=0.0)
 
 
-@dataclass
-class NanoGPTConfig:
-    """nanoGPT's model.py GPTConfig: exactly these fields (GPTConfig(**model_args) fails on others)."""
-    block_size: int = 1024
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
+# nanoGPT's model.py GPTConfig: exactly these fields and defaults (GPTConfig(**model_args) fails on others)
+NanoGPTConfig = make_dataclass("NanoGPTConfig", [
+    ("block_size", int, 1024), ("vocab_size", int, 50304), ("n_layer", int, 12), ("n_head", int, 12),
+    ("n_embd", int, 768), ("dropout", float, 0.0), ("bias", bool, True)])
 
 
 def nanogpt_shapes(c: NanoGPTConfig) -> dict[str, tuple[int, ...]]:

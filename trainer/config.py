@@ -14,7 +14,6 @@ accepted with nanoGPT's meanings; the trainer decides what it does with them.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import sys
@@ -27,6 +26,7 @@ from typing import Any, Literal, Sequence
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
+from trainer.config_messages import did_you_mean, format_validation_error, unknown_key_message
 from trainer.pyconfig import ConfigError, Refused, literal, parse_py_config
 
 if sys.version_info >= (3, 11):
@@ -70,7 +70,7 @@ class TrainConfig(BaseModel):
     always_save_checkpoint: bool = True
     # nanoGPT's: a new model, <out_dir>/ckpt.pt, or OpenAI's GPT-2 weights of that size
     init_from: Literal["scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "scratch"
-    # wandb logging: accepted from nanoGPT configs, ignored
+    # Weights & Biases logging (nanoGPT's keys; the `wandb` extra): the records of metrics.jsonl
     wandb_log: bool = False
     wandb_project: str = "owt"
     wandb_run_name: str = "gpt2"
@@ -131,7 +131,7 @@ class TrainConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, _SOURCES.get())) from None
+            raise ConfigError(format_validation_error(e, FIELDS, _SOURCES.get())) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         previous = self.__dict__.get(name)
@@ -142,7 +142,7 @@ class TrainConfig(BaseModel):
             # old one back so a refused assignment leaves the config as it was.
             if name in self.__dict__:
                 self.__dict__[name] = previous
-            raise ConfigError(format_validation_error(e)) from None
+            raise ConfigError(format_validation_error(e, FIELDS)) from None
 
     @field_validator("device")
     @classmethod
@@ -215,57 +215,6 @@ def config_summary(cfg: TrainConfig) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in _SUMMARY_FIELDS}
     out["effective_batch"] = cfg.effective_batch
     return out
-
-
-# ---------------------------------------------------------------- error messages
-
-
-def _suggest(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def unknown_key_message(key: str) -> str:
-    return f"unknown key {key!r}{_suggest(key, FIELDS)}"
-
-
-# Strict type errors, in words: `batch_size=True (c.py:2): must be an integer, not a bool`.
-_TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "True or False",
-               "string_type": "a string"}
-
-
-def _kind_of(value: Any) -> str:
-    kinds = {bool: "a bool", int: "an integer", float: "a float", str: "a string", type(None): "None"}
-    return kinds.get(type(value), type(value).__name__)
-
-
-def format_validation_error(e: ValidationError, sources: dict[str, str] | None = None) -> str:
-    """All of pydantic's errors on one line: 'key=value (source): what is wrong; ...'."""
-    parts = []
-    for err in e.errors():
-        key = str(err["loc"][0]) if err["loc"] else ""
-        where = f" ({sources[key]})" if sources and key in sources else ""
-        if err["type"] == "extra_forbidden":
-            parts.append(unknown_key_message(key) + where)
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        if not key:
-            # A check across fields: its message names them and their values; add where the
-            # named ones were set, since the culprit may be a preset value the user never typed.
-            named = [f"{k} from {src}" for k, src in (sources or {}).items()
-                     if re.search(rf"\b{k}\b", msg)]
-            parts.append(msg + (f" [{', '.join(named)}]" if named else ""))
-            continue
-        value = err.get("input")
-        if err["type"] in _TYPE_WORDS:
-            msg = f"must be {_TYPE_WORDS[err['type']]}, not {_kind_of(value)}"
-        if err["type"] == "finite_number":
-            msg = "must be a finite number, not inf or nan"
-        if err["type"] == "literal_error" and isinstance(value, str):
-            choices = err.get("ctx", {}).get("expected", "")
-            msg += _suggest(value, re.findall(r"'([^']*)'", choices))
-        parts.append(f"{key}={value!r}{where}: {msg}")
-    return "invalid config: " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------- sources
@@ -390,13 +339,13 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
 
     def put(key: str, value: Any, source: str) -> None:
         if key not in TrainConfig.model_fields:
-            raise ConfigError(f"{source}: {unknown_key_message(key)}")
+            raise ConfigError(f"{source}: {unknown_key_message(key, FIELDS)}")
         values[key] = value
         sources[key] = source
 
     if preset is not None:
         if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}{_suggest(preset, list(PRESETS))}; "
+            raise ConfigError(f"unknown preset {preset!r}{did_you_mean(preset, list(PRESETS))}; "
                               f"choose from {', '.join(PRESETS)}")
         for key, value in PRESETS[preset].items():
             put(key, value, f"preset {preset}")
