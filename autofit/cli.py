@@ -161,6 +161,9 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
         _start_ranks(cfg, nproc_per_node, resuming, log)
     _hold_out_dir(cfg.out_dir)
+    if cfg.tensorboard_dir is not None:  # before any trial, as --out
+        from trainer.checkpoint import check_out_dir
+        check_out_dir(cfg.tensorboard_dir, "tensorboard_dir")
     if resuming:  # nanoGPT's init_from='resume' is --resume
         from autofit.resume import prepare_resume
         from trainer.checkpoint import check_out_dir

@@ -205,3 +205,47 @@ def test_a_nanogpt_users_path_end_to_end(tmp_path, monkeypatch, capsys):
     # nothing else; with it cached, samples. Either way the weights loaded without a traceback.
     assert (code == 0 and json.loads(out)) or (code == 2 and len(err.strip().splitlines()) == 1
                                                and ("tiktoken" in err or "encoding" in err)), err
+
+
+def test_tensorboard_gets_the_metrics_records(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "3", "--out", "t",
+                       "--set", "tensorboard_dir=tb/run1")
+    assert code == 0, err
+    events = EventAccumulator(str(tmp_path / "tb" / "run1"))
+    events.Reload()
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    want = {r["step"]: r["loss"] for r in records(tmp_path / "t", "train")}
+    assert sorted(losses) == sorted(want) == [0, 1, 2]
+    assert all(abs(losses[s] - want[s]) <= 1e-6 * abs(want[s]) for s in want)  # float32 in the event file
+    assert "eval/val_loss" in events.Tags()["scalars"]  # evaluation at step 0
+
+
+def test_without_tensorboard_installed_one_line_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import fails
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "2", "--out", "t",
+                         "--set", "tensorboard_dir=tb")
+    assert code == 0, err
+    assert "tensorboard is not installed" in out + err and "autofit[tensorboard]" in out + err
+    assert len(records(tmp_path / "t", "train")) == 2 and not (tmp_path / "tb").exists()
+
+
+def test_an_unwritable_tensorboard_dir_is_one_line_before_the_probe(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, out, err = cli(monkeypatch, capsys, "run", *CPU, *TINY, "--out", "t", "--set", "tensorboard_dir=afile/tb")
+    assert code != 0
+    assert "tensorboard_dir afile/tb" in err and "is a file" in err and "Traceback" not in err
+    assert "trial" not in out + err  # refused before the probe ran
+
+
+def test_a_resume_may_start_logging_to_tensorboard(tmp_path, monkeypatch, capsys):
+    """Logging is not what is trained: a resume may add tensorboard_dir without --allow-changes."""
+    pytest.importorskip("tensorboard")
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "2", "--out", "r")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--max-steps", "4",
+                       "--set", "tensorboard_dir=tb", "--no-progress")
+    assert code == 0, err
+    assert [r["step"] for r in records(tmp_path / "r", "train")] == [0, 1, 2, 3]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

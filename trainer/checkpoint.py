@@ -40,22 +40,22 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-def check_out_dir(path: str | Path) -> None:
-    """Raises TrainError (one line) when `path` cannot hold a run's files: a file on the way, or a
-    folder this process cannot write in. Checked before any expensive work; leaves nothing behind
-    (the write test is a temporary file, deleted at once)."""
+def check_out_dir(path: str | Path, what: str = "--out") -> None:
+    """Raises TrainError (one line, naming `what`: '--out', 'tensorboard_dir') when `path` cannot
+    hold a run's files: a file on the way, or a folder this process cannot write in. Checked before
+    any expensive work; leaves nothing behind (the write test is a temporary file, deleted at once)."""
     import tempfile
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise TrainError(f"--out {path}: {existing} is a file, not a folder")
+        raise TrainError(f"{what} {path}: {existing} is a file, not a folder")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise TrainError(f"--out {path}: cannot write in {existing} ({e.strerror or e})") from None
+        raise TrainError(f"{what} {path}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 def training_state(trainer) -> dict:
@@ -132,7 +132,7 @@ def device_spec(ck: dict) -> dict:
 # differently (batch_size x gradient_accumulation_steps), never changed.
 RESUME_SAFE_FIELDS = frozenset({
     "max_iters", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
-    "wandb_log", "wandb_project", "wandb_run_name", "out_dir", "device", "backend", "compile",
+    "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_dir", "out_dir", "device", "backend", "compile",
     "compile_after", "compile_scope", "init_from", "batch_size", "gradient_accumulation_steps"})
 
 

@@ -70,10 +70,12 @@ class TrainConfig(BaseModel):
     always_save_checkpoint: bool = True
     # nanoGPT's: a new model, <out_dir>/ckpt.pt, or OpenAI's GPT-2 weights of that size
     init_from: Literal["scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "scratch"
-    # Weights & Biases logging (nanoGPT's keys; the `wandb` extra): the records of metrics.jsonl
+    # logging beside metrics.jsonl: Weights & Biases (nanoGPT's keys; the `wandb` extra) and
+    # TensorBoard event files in this folder (the `tensorboard` extra); both off by default
     wandb_log: bool = False
     wandb_project: str = "owt"
     wandb_run_name: str = "gpt2"
+    tensorboard_dir: str | None = Field(None, min_length=1)
     # data: a nanoGPT dataset name (data/NAME/, as nanoGPT looks), a directory holding
     # train.bin/val.bin or llm.c shards, or 'embedded' (the built-in corpus, only when asked for)
     dataset: str = Field("openwebtext", min_length=1)

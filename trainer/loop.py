@@ -3,8 +3,8 @@ checkpoint. Two things a launcher needs are built in: torch.compile switched on 
 and recovery from an out-of-memory error by redoing the same optimizer step with smaller
 micro-batches (the policy is trainer.recovery's).
 
-The loop takes its plan (micro-batch sizes, when to compile, how to shrink) from RunOptions; it
-knows nothing of how the plan was found. Around it: trainer.checkpoint (I/O), trainer.metrics
+The loop takes its plan (micro-batch sizes, when to compile, how to shrink) from RunOptions
+(trainer.options); it knows nothing of how the plan was found. Around it: trainer.checkpoint (I/O), trainer.metrics
 (metrics.jsonl and the progress display), trainer.evaluate, trainer.batches (host batches, one
 step ahead), trainer.schedule (the LR schedule).
 
@@ -17,9 +17,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
@@ -32,10 +30,11 @@ from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
 from trainer.interrupt import StopFlag
 from trainer.losses import SCALER_SKIP_REPORT, read_losses
-from trainer.meter import MemoryMeter, default_meter
-from trainer.metrics import MetricsLog, Progress, WandbSink, describe_event, describe_step
+from trainer.meter import default_meter
+from trainer.metrics import MetricsLog, Progress, describe_event, describe_step, open_sinks
 from trainer.model import GPT, GPTConfig
-from trainer.multirank import RankGroup
+from trainer.multirank import RankGroup, pick_device
+from trainer.options import RunOptions, RunResult
 from trainer.distributed import Ranks
 from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS, Recovery, ThrashDetector
 from trainer.schedule import lr_at
@@ -45,55 +44,13 @@ from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, m
 __all__ = ["RunOptions", "RunResult", "TrainError", "Trainer", "train"]
 
 
-
-@dataclass
-class RunOptions:
-    micro_batch: int | None = None  # None: the config's batch_size, as nanoGPT
-    compile_after: int | None = None
-    compile_backend: Any = "inductor"  # a torch.compile backend name (or callable)
-    compiled_fit_sizes: list[int] = field(default_factory=list)  # compiled micro-batches known to fit
-    # shrink(micro_batch_that_failed) -> the next micro-batch to try, or None to give up.
-    shrink: Callable[[int], int | None] | None = None
-    on_event: Callable[[dict], None] | None = None  # OOM recoveries etc., for the launcher's profile
-    plan_info: dict[str, Any] | None = None  # recorded in the metrics file: which plan, from where
-    eval_micro_batch: int | None = None
-    max_steps: int | None = None  # stop after this optimizer step; the LR schedule is unchanged
-    resume: bool = False
-    meter: MemoryMeter | None = None
-    device: torch.device | None = None
-    progress: bool = True
-    fault: FaultInjector | None = None  # default: from AUTOFIT_FAULT_OOM_AT_STEP
-
-
-@dataclass
-class RunResult:
-    steps: int
-    losses: list[float]
-    tokens: int
-    micro_batches: list[int]
-    status: str  # 'finished' | 'interrupted' | 'evaluated' (eval_only)
-    events: list[dict]
-    checkpoint: Path | None
-    last_eval: dict | None = None  # {'train': loss, 'val': loss} of the last evaluation
-
-
-def pick_device(cfg: TrainConfig, ranks: Ranks | None = None) -> torch.device:
-    """The config's device; with several ranks, a bare 'cuda' is this rank's GPU (LOCAL_RANK)."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device {cfg.device!r} asked for, but torch sees no CUDA GPU")
-    if dev.type == "cuda" and dev.index is None and ranks is not None and ranks.several:
-        dev = torch.device("cuda", ranks.local_rank)
-    return dev
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, opts: RunOptions | None = None):
         self.cfg = cfg
         self.opts = opts = opts or RunOptions()
         ranks = Ranks.from_env()  # torchrun's ranks (one process: rank 0 of 1)
         self.rank, self.world_size, self.master = ranks.rank, ranks.world_size, ranks.master
-        self.device = opts.device or pick_device(cfg, ranks)
+        self.device = opts.device or pick_device(cfg.device, ranks)
         self.group = RankGroup(ranks, self.device, cfg.effective_batch, cfg.parallelism)
         try:
             self.dtype = check_dtype(cfg.dtype, self.device)
@@ -187,35 +144,25 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> RunResult:
-        cfg, opts = self.cfg, self.opts
-        stop_at = min(cfg.max_iters, opts.max_steps) if opts.max_steps is not None else cfg.max_iters
-        self.metrics.write({"type": "run", "time": time.time(), "resumed_at": self.iter_num if opts.resume else None,
-                            "device": str(self.device), "dtype": self.dtype, "micro_batches": self.micro_batches,
-                            "world_size": self.world_size, "parallelism": self.group.parallelism,
-                            "effective_batch": cfg.effective_batch, "block_size": cfg.block_size,
-                            "compile": cfg.compile, "compile_after": self.compile_after,
-                            "plan": opts.plan_info, "config": cfg.model_dump(mode="json")})
+        """Evaluate now and then, step, log, checkpoint: nanoGPT's loop, until max_iters (or
+        --max-steps) or a stop signal (then a checkpoint of the steps done). Raises TrainError."""
+        cfg = self.cfg
+        stop_at = min(cfg.max_iters, self.opts.max_steps) if self.opts.max_steps is not None else cfg.max_iters
+        self._write_run_record()
         self.losses: list[float] = []  # every step's loss, read from the device in batches
         tokens = 0
         status = "finished"
-        progress = self._progress = Progress(enabled=opts.progress and self.master, total=stop_at,
+        progress = self._progress = Progress(enabled=self.opts.progress and self.master, total=stop_at,
                                              start=self.iter_num, master=self.master)
-        if cfg.wandb_log and self.master:
-            sink = WandbSink.open(cfg.wandb_project, cfg.wandb_run_name, cfg.model_dump(mode="json"), progress.print)
-            self.metrics.sinks += [sink] if sink else []
+        if self.master:
+            self.metrics.sinks += open_sinks(cfg, progress.print)
         try:
             with self.meter.tracking(), StopFlag() as stop, progress:
                 self.group.watch(stop)
-                progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
-                               f"below are measured on this device")
-                for note in self._pretrained_notes:
-                    progress.print(f"init_from {cfg.init_from}: {note}")
+                self._say_opening()
                 if cfg.eval_only:  # nanoGPT's eval_only: evaluate once, train nothing, save nothing
                     self._evaluate_and_save(self.iter_num, save=False)
                     stop_at = self.iter_num
-                self._say_if_compile_cannot_run()
-                for text in filter(None, map(describe_event, self.events)):  # noted while resuming
-                    progress.print(text)
                 while True:
                     it = self.iter_num
                     if self._eval_due(it):
@@ -243,11 +190,30 @@ class Trainer:
             self.group.close()
         if status == "interrupted":
             self.metrics.write({"type": "interrupted", "step": self.iter_num, "signal": stop.signal})
-        if cfg.eval_only:
-            status = "evaluated"
         return RunResult(steps=self.iter_num, losses=self.losses, tokens=tokens,
-                         micro_batches=list(self.micro_batches), status=status, events=self.events,
-                         checkpoint=ckpt, last_eval=self.last_eval)
+                         micro_batches=list(self.micro_batches), status="evaluated" if cfg.eval_only else status,
+                         events=self.events, checkpoint=ckpt, last_eval=self.last_eval)
+
+    def _write_run_record(self) -> None:
+        """The first record of a run in metrics.jsonl: where, how and with which plan it runs."""
+        cfg = self.cfg
+        self.metrics.write({"type": "run", "time": time.time(),
+                            "resumed_at": self.iter_num if self.opts.resume else None,
+                            "device": str(self.device), "dtype": self.dtype, "micro_batches": self.micro_batches,
+                            "world_size": self.world_size, "parallelism": self.group.parallelism,
+                            "effective_batch": cfg.effective_batch, "block_size": cfg.block_size,
+                            "compile": cfg.compile, "compile_after": self.compile_after,
+                            "plan": self.opts.plan_info, "config": cfg.model_dump(mode="json")})
+
+    def _say_opening(self) -> None:
+        """The run's first lines: device and dtype, the weights' origin, compile, resume notes."""
+        self._progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
+                             f"below are measured on this device")
+        for note in self._pretrained_notes:
+            self._progress.print(f"init_from {self.cfg.init_from}: {note}")
+        self._say_if_compile_cannot_run()
+        for text in filter(None, map(describe_event, self.events)):  # noted while resuming
+            self._progress.print(text)
 
     def train_one_step(self, it: int) -> tuple[StepResult, float]:
         """Optimizer step `it`, redone on the same data with the same RNG after each OOM until it

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from trainer.errors import TrainError
+
 # The line printed for each event kind; fields come from the event record.
 EVENT_TEXT = {
     "oom_shrink": "out of memory{inj}: micro-batch {old_micro_batch} -> {new_micro_batch}, "
@@ -48,8 +50,8 @@ def describe_step(rec: dict) -> str:
 
 
 class MetricsLog:
-    """Appends records to <out_dir>/metrics.jsonl, and to Weights & Biases when a WandbSink is
-    attached; writes nothing on ranks other than 0."""
+    """Appends records to <out_dir>/metrics.jsonl, and to each attached sink (WandbSink,
+    TensorBoardSink); writes nothing on ranks other than 0."""
 
     def __init__(self, out_dir: Path, master: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -72,6 +74,13 @@ class MetricsLog:
 
 
 WANDB_HINT = "pip install 'autofit[wandb]'"
+TENSORBOARD_HINT = "pip install 'autofit[tensorboard]'"
+
+
+def _numbers(record: dict) -> dict[str, float]:
+    """The numeric fields of a 'train' or 'eval' record, named <type>/<field> (bools and None left out)."""
+    return {f"{record['type']}/{k}": v for k, v in record.items()
+            if k not in ("type", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class WandbSink:
@@ -97,14 +106,58 @@ class WandbSink:
         kind = record.get("type")
         step = record.get("step")
         if kind in ("train", "eval"):
-            data = {f"{kind}/{k}": v for k, v in record.items()
-                    if k not in ("type", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.wandb.log(data, step=step)
+            self.wandb.log(_numbers(record), step=step)
         elif kind == "event":
             self.wandb.log({f"events/{record.get('event')}": 1}, step=step)
 
     def finish(self) -> None:
         self.wandb.finish()
+
+
+class TensorBoardSink:
+    """The same records as metrics.jsonl, as TensorBoard scalars in `log_dir` (torch's own
+    torch.utils.tensorboard.SummaryWriter, which needs the `tensorboard` package): the numbers of
+    'train' and 'eval' records as train/<field> and eval/<field> at their optimizer step, each
+    event as events/<kind> = 1. View them with `tensorboard --logdir DIR`."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    @classmethod
+    def open(cls, log_dir: str, say) -> "TensorBoardSink | None":
+        """The sink, or None (with one line through `say`) when tensorboard is not installed."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            say(f"tensorboard_dir is set, but tensorboard is not installed ({TENSORBOARD_HINT}); "
+                f"logging to metrics.jsonl only")
+            return None
+        try:
+            return cls(SummaryWriter(log_dir=log_dir))
+        except OSError as e:
+            raise TrainError(f"tensorboard_dir {log_dir}: cannot write there ({e.strerror or e})") from None
+
+    def log(self, record: dict) -> None:
+        kind, step = record.get("type"), record.get("step")
+        if kind in ("train", "eval"):
+            for tag, value in _numbers(record).items():
+                self.writer.add_scalar(tag, value, global_step=step)
+        elif kind == "event":
+            self.writer.add_scalar(f"events/{record.get('event')}", 1, global_step=step)
+
+    def finish(self) -> None:
+        self.writer.close()
+
+
+def open_sinks(cfg, say) -> list:
+    """The logging sinks a config asks for (wandb_log, tensorboard_dir), opened on rank 0; one
+    line through `say` for each that is not installed, and training goes on without it."""
+    sinks = []
+    if cfg.wandb_log:
+        sinks.append(WandbSink.open(cfg.wandb_project, cfg.wandb_run_name, cfg.model_dump(mode="json"), say))
+    if cfg.tensorboard_dir is not None:
+        sinks.append(TensorBoardSink.open(cfg.tensorboard_dir, say))
+    return [s for s in sinks if s is not None]
 
 
 class Progress:
