@@ -428,6 +428,66 @@ def test_eval_oom_at_eval_micro_batch_one_propagates(tmp_path, monkeypatch):
         train(make_cfg(tmp_path), opts(eval_micro_batch=1))
 
 
+def test_an_eval_oom_on_one_rank_halves_every_ranks_eval_micro_batch():
+    """Two ranks as two threads whose `any_rank` is a real agreement (a barrier): rank 1 runs out of
+    memory on its first eval batch only; both halve, redo that batch, and report the losses of an
+    evaluation that never ran out of memory."""
+    import threading
+
+    from trainer.data import BatchSampler, load_dataset
+
+    cfg = load_config(None, overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "dropout=0.0"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_train_config(cfg))
+    data = load_dataset("embedded")
+    flags, barrier = [False, False], threading.Barrier(2)
+
+    def agree(rank: int, flag: bool) -> bool:
+        flags[rank] = flag
+        barrier.wait()
+        seen = any(flags)
+        barrier.wait()
+        return seen
+
+    class OOMOnce(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.left = model, 1
+
+        def forward(self, x, y):
+            if self.left and x.shape[0] > 2:
+                self.left -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return self.model(x, y)
+
+    def evaluator(rank, events):
+        return Evaluator(BatchSampler(data, 16, 7), iters=2, batch_size=8, micro_batch=8, device=torch.device("cpu"),
+                         dtype="float32", meter=NullMeter(),
+                         on_event=lambda kind, **kw: events.append((kind, kw)),
+                         any_rank=lambda flag: agree(rank, flag))
+
+    reference = Evaluator(BatchSampler(data, 16, 7), iters=2, batch_size=8, micro_batch=8, device=torch.device("cpu"),
+                          dtype="float32", meter=NullMeter(),
+                          on_event=lambda *a, **k: None).evaluate(model)
+    events = [[], []]
+    evals = [evaluator(r, events[r]) for r in (0, 1)]
+    results = [None, None]
+    modules = [model, OOMOnce()]
+
+    def run(rank):
+        results[rank] = evals[rank].evaluate(modules[rank])
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [e.micro_batch for e in evals] == [4, 4]
+    assert events == [[("eval_oom_shrink", {"eval_micro_batch": 4})]] * 2
+    for got in results:
+        assert got == pytest.approx(reference, rel=1e-5)
+
+
 # ------------------------------------------------------------------------------- thrashing
 
 

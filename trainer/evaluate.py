@@ -1,7 +1,9 @@
 """Evaluation during training: the mean loss over fixed batches of each split, as nanoGPT's
 estimate_loss does, on its own sampler so that how often a run evaluates never changes the
 training batches. An out-of-memory error halves the evaluation micro-batch only; the training
-plan is not touched."""
+plan is not touched. With several ranks the ranks agree after each batch whether any ran out of
+memory, and all halve and redo it together, so every rank runs the same forward passes (FSDP2's
+all-gathers pair up) and the same eval micro-batch."""
 from __future__ import annotations
 
 import gc
@@ -15,10 +17,13 @@ from trainer.step import autocast
 
 class Evaluator:
     """Mean loss of `model` over `iters` batches of `batch_size` sequences per split, chunked into
-    micro-batches of `micro_batch` (halved after an OOM, with an 'eval_oom_shrink' event)."""
+    micro-batches of `micro_batch` (halved after an OOM, with an 'eval_oom_shrink' event).
+    `any_rank(flag) -> bool`: True when `flag` is True on any rank (a collective with several
+    ranks; the flag itself with one). Raises the OOM when the micro-batch is already 1."""
 
     def __init__(self, sampler: BatchSampler, *, iters: int, batch_size: int, micro_batch: int,
-                 device: torch.device, dtype: str, meter, on_event: Callable[..., None]):
+                 device: torch.device, dtype: str, meter, on_event: Callable[..., None],
+                 any_rank: Callable[[bool], bool] = lambda flag: flag):
         self.sampler = sampler
         self.iters = iters
         self.batch_size = batch_size
@@ -27,6 +32,7 @@ class Evaluator:
         self.dtype = dtype
         self.meter = meter
         self.on_event = on_event
+        self.any_rank = any_rank
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
@@ -38,15 +44,19 @@ class Evaluator:
             for _ in range(self.iters):
                 x, y = self.sampler.sample(split, self.batch_size)
                 while True:
+                    oom = False
                     try:
-                        total += self.batch_loss(model, x, y)
-                        break
+                        loss = self.batch_loss(model, x, y)
                     except Exception as e:
                         if not self.meter.is_oom(e) or self.micro_batch <= 1:
                             raise
+                        oom = True
+                    if not self.any_rank(oom):  # every rank redoes the batch when one ran out
+                        total += loss
+                        break
                     gc.collect()
                     self.meter.cleanup()
-                    self.micro_batch //= 2
+                    self.micro_batch = max(1, self.micro_batch // 2)
                     self.on_event("eval_oom_shrink", eval_micro_batch=self.micro_batch)
             out[split] = total / self.iters
         model.train()

@@ -78,10 +78,8 @@ class Trainer:
             raise TrainError(f"{self.ckpt_path} exists: continue it with --resume, or choose another --out")
         self.events: list[dict] = []
         self._progress: Progress | None = None
-        self.iter_num = 0
-        self.best_val_loss = float("inf")
-        self.last_eval_iter = -1
-        self.last_eval: dict | None = None
+        self.iter_num, self.best_val_loss = 0, float("inf")
+        self.last_eval_iter, self.last_eval = -1, None  # the last evaluation's step and {'train', 'val'} losses
         set_matmul_precision(cfg.tf32)
         with self.meter.tracking():
             torch.manual_seed(cfg.seed)
@@ -96,7 +94,8 @@ class Trainer:
         self.compile_failed = False  # compile OOMed and we fell back to eager: stay eager
         self.evaluator = Evaluator(BatchSampler(self.data, cfg.block_size, cfg.seed + 7919), iters=cfg.eval_iters,
                                    batch_size=cfg.batch_size, micro_batch=opts.eval_micro_batch or max(self.micro_batches),
-                                   device=self.device, dtype=self.dtype, meter=self.meter, on_event=self._event)
+                                   device=self.device, dtype=self.dtype, meter=self.meter, on_event=self._event,
+                                   any_rank=self.group.any_rank)
         self._unread: list[tuple[int, StepResult]] = []  # steps whose loss is still on the device
         self.losses: list[float] = []
         self._eager_step_s: list[float] = []  # the last eager step times, for the compile time
