@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Used when the context cannot be measured (a simulated GPU, or before CUDA is initialised):
-# a CUDA 12 context with torch's kernels loaded is typically 300-600 MiB; cuBLAS keeps an
-# 8 MiB (Hopper: 32 MiB) workspace per stream and cuDNN/SDPA kernels a few MiB more.
+# a CUDA 12 context with torch's kernels loaded is typically 300-600 MiB, and kernels loaded
+# lazily later (cuDNN/SDPA, Triton) add some more outside the caching allocator.
+# cuBLAS's workspace (8 MiB per stream, 32 MiB on Hopper) is NOT a budget term: it is allocated
+# through the caching allocator, so a trial's measured peak holds it and the estimate counts it
+# (estimate.CUDA_WORKSPACE_BYTES). Where the context is measured, the measurement (this process's
+# NVML use less torch's reserved bytes) already holds everything outside the allocator, so the
+# workspace term is 0 there.
 ASSUMED_CONTEXT_BYTES = 512 * 2**20
 ASSUMED_WORKSPACE_BYTES = 64 * 2**20
 
@@ -58,7 +63,7 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
         terms.append(BudgetTerm("CUDA context", -context_bytes, how))
         if workspace_bytes is None:
             workspace_bytes = ASSUMED_WORKSPACE_BYTES
-            how_ws = "assumed: cuBLAS/cuDNN workspaces"
+            how_ws = "assumed: kernels and workspaces loaded later outside the allocator (cuDNN/SDPA, Triton)"
         else:
             how_ws = "measured: within the CUDA context figure" if workspace_bytes == 0 else "measured"
         terms.append(BudgetTerm("library workspaces", -workspace_bytes, how_ws))
@@ -70,5 +75,8 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
 
 def device_budget(device, margin: float = 0.10) -> Budget:
     """The budget of an opened autofit.device.Device: its DeviceInfo, less the memory it measured
-    outside the allocator (`context_bytes`, CUDA only; None means assumed), times (1 - margin)."""
-    return compute_budget(device.info, margin, context_bytes=device.context_bytes)
+    outside the allocator (`context_bytes`, CUDA only; None means assumed, and then an assumed
+    workspace term too), times (1 - margin)."""
+    measured = device.context_bytes is not None
+    return compute_budget(device.info, margin, context_bytes=device.context_bytes,
+                          workspace_bytes=0 if measured else None)

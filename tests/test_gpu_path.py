@@ -255,6 +255,36 @@ def test_the_budget_is_recomputed_from_the_context_measured_after_the_first_tria
     assert any("grew" in line for line in logs)
 
 
+
+def test_cublas_workspace_is_counted_once_the_budget_only_takes_what_is_outside_the_allocator():
+    """The estimate holds cuBLAS's workspace (it is allocated through the caching allocator); the
+    budget subtracts a workspace term only where the context is assumed, not measured."""
+    from autofit.budget import ASSUMED_CONTEXT_BYTES, ASSUMED_WORKSPACE_BYTES, device_budget
+    from autofit.device import DeviceInfo
+    from autofit.estimate import CUDA_WORKSPACE_BYTES, ModelShape, estimate_peak
+
+    info = DeviceInfo(kind="cuda", name="fake", index=0, total_bytes=8 << 30, free_bytes=8 << 30,
+                      used_by_others_bytes=0, compute_capability=(9, 0), driver_version=None,
+                      cuda_version=None, source="nvml")
+
+    class Measured:
+        context_bytes = 300 << 20
+    Measured.info = info
+
+    class Assumed:
+        context_bytes = None
+    Assumed.info = info
+
+    measured, assumed = device_budget(Measured(), margin=0.0), device_budget(Assumed(), margin=0.0)
+    assert measured.usable_bytes == (8 << 30) - (300 << 20)
+    assert assumed.usable_bytes == (8 << 30) - ASSUMED_CONTEXT_BYTES - ASSUMED_WORKSPACE_BYTES
+    assert [t.bytes for t in measured.terms if t.label == "library workspaces"] == [0]
+    shape = ModelShape.from_config(tiny(8))
+    kw = dict(micro_batch=2, dtype="float32", checkpointing=0, loss_impl="standard")
+    on_cuda, on_cpu = estimate_peak(shape, device="cuda", **kw), estimate_peak(shape, device="cpu", **kw)
+    assert on_cuda.breakdown["workspace"] - on_cpu.breakdown["workspace"] == CUDA_WORKSPACE_BYTES
+
+
 def test_unconfirmed_thrashing_is_not_a_profile_lesson(monkeypatch):
     import autofit.launch as launch
     recorded = []
