@@ -91,9 +91,10 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     _retime_contenders(runner, fits)
     best = choose(fits)
     chosen, compiled_fits = confirm_compile(runner, best, fits, space, budget)
-    same = [t for t in fits if Levers.of(t) == Levers.of(chosen)]
-    measured_tps = {t.micro_batch: t.tokens_per_s for t in same if t.tokens_per_s}
-    micro_batches, why_split = choose_split(E, chosen.micro_batch, measured_tps, cfg.block_size)
+    measured_tps = {t.micro_batch: t.tokens_per_s for t in fits
+                    if Levers.of(t) == Levers.of(chosen) and t.tokens_per_s}
+    micro_batches, why_split = choose_split(E, chosen.micro_batch, split_rates(chosen, measured_tps, runner.trials),
+                                            cfg.block_size)
     micro_batches = _run_the_split_size(runner, chosen, micro_batches)
     same = [t for t in runner.fits(Levers.of(chosen))]
     peak = max(t.measured_peak_bytes or 0 for t in same if t.micro_batch == max(micro_batches))
@@ -216,6 +217,21 @@ def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialReco
 
 def _step_seconds(micro_batches: list[int], block_size: int, tps: Callable[[int], float]) -> float:
     return sum(m * block_size / tps(m) for m in micro_batches)
+
+
+def split_rates(chosen: TrialRecord, eager_tps: dict[int, float], trials: list[TrialRecord]) -> dict[int, float]:
+    """Tokens/s by micro-batch for choosing the split of the `chosen` plan. Eager: the measured
+    eager rates of its levers (`eager_tps`). Compiled: the compiled rates where a compiled trial of
+    its levers was measured, and elsewhere the eager rate times the compile speed-up measured at
+    the chosen size, so the split is judged at the speed the plan will run."""
+    if not chosen.compile:
+        return eager_tps
+    eager_at_chosen = eager_tps.get(chosen.micro_batch)
+    speedup = (chosen.tokens_per_s or 0) / eager_at_chosen if eager_at_chosen else 1.0
+    rates = {m: r * speedup for m, r in eager_tps.items()}
+    rates.update({t.micro_batch: t.tokens_per_s for t in trials if t.compile and t.status == "fit"
+                  and t.tokens_per_s and Levers.of(t) == Levers.of(chosen)})
+    return rates
 
 
 def choose_split(rank_batch: int, micro: int, measured_tps: dict[int, float], block_size: int) -> tuple[list[int], str]:

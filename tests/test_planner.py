@@ -74,6 +74,25 @@ def test_split_prefers_divisor_when_it_is_faster():
     assert mbs == [40] * 12 and "divides" in why  # the balanced split of 480 is 40 x 12
 
 
+
+def test_a_compiled_plans_split_is_judged_at_compiled_rates():
+    """Eager, the divisor 2 of 22 runs much faster than 8s and 7s; compiled (measured at 8 and 2)
+    the balanced split wins: the split of a compiled plan is chosen at compiled rates."""
+    from autofit.planner import split_rates
+    from autofit.records import TrialRecord
+
+    def rec(m, tps, compile=False):
+        return TrialRecord(micro_batch=m, dtype="float32", compile=compile, checkpointing=0, loss_impl="standard",
+                           status="fit", tokens_per_s=tps)
+    eager = {8: 1000.0, 7: 1000.0, 2: 5000.0}
+    chosen = rec(8, 9000.0, compile=True)  # 9x the eager rate at 8
+    trials = [rec(m, r) for m, r in eager.items()] + [chosen, rec(2, 5500.0, compile=True)]
+    rates = split_rates(chosen, eager, trials)
+    assert rates == {8: 9000.0, 7: 9000.0, 2: 5500.0}  # 7 scaled by the speed-up measured at 8
+    assert choose_split(22, 10, rates, block_size=8)[0] == [8, 7, 7]
+    assert choose_split(22, 10, split_rates(rec(8, 1000.0), eager, trials), block_size=8)[0] == [2] * 11
+
+
 def test_probe_with_odd_effective_batch():
     res, _ = probe(cfg_for(7), 50_000_000)
     assert sum(res.plan.micro_batches) == 7 and res.plan.micro_batches == [7]
