@@ -187,9 +187,35 @@ class _Blocks:
     w16: int  # autocast's 16-bit copies of one block's Linear weights (0 in fp32)
     ln_f: int  # ln_f's saved input and stats
     transient: int  # one block's backward temporaries
+    embed: int = 0  # the embedding dropout's saved bytes (dropout > 0)
+
+    @property
+    def saved(self) -> int:
+        """All the blocks keep for backward, with the embedding dropout's."""
+        return sum(self.per_block) + self.embed
 
 
-def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int) -> _Blocks:
+def _dropout_bytes(shape: ModelShape, B: int, amp: bool, cuda: bool) -> tuple[int, int]:
+    """(per block, embedding) bytes that dropout > 0 keeps for backward, one micro-batch of B.
+
+    CPU, fitted to the budgeted CPU device's peaks (docs/estimator.md, the dropout rows of
+    scripts/bench_estimate.py): per block 8 bytes per token and channel in fp32, 10 under bf16
+    autocast (the residual and MLP dropouts' masks and kept outputs), plus 12 bytes per attention
+    score (B x H x T x T): with dropout_p > 0 the CPU's SDPA leaves its flash kernel for the math
+    path, which keeps the softmax output, the mask and the dropped probabilities; the embedding
+    dropout 4 bytes per token and channel.
+    CUDA (not calibrated, no GPU ran): flash and memory-efficient attention apply dropout from an
+    RNG seed and keep no mask, so no score-sized term; each dropout keeps a 1-byte mask."""
+    if shape.dropout <= 0:
+        return 0, 0
+    N, C = B * shape.block_size, shape.n_embd
+    if cuda:
+        return 2 * N * C, N * C
+    scores = B * shape.n_head * shape.block_size ** 2
+    return (10 if amp else 8) * N * C + 12 * scores, 4 * N * C
+
+
+def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda: bool = False) -> _Blocks:
     L, H, C, T = shape.n_layer, shape.n_head, shape.n_embd, shape.block_size
     N = B * T
     # fp32: block input, ln_1 out, qkv (3), SDPA out, x + attn, ln_2 out, c_fc out (4), GELU out
@@ -201,8 +227,8 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int) -> _B
     linear_params = 12 * C * C + (9 * C if shape.bias else 0)
     w16 = 2 * linear_params if amp else 0
     full = (36 * N * C if amp else 64 * N * C) + stats + w16
-    if shape.dropout > 0:  # not calibrated: a mask (1 B) and an output per residual dropout
-        full += 2 * N * C * ((2 if amp else 4) + 1)
+    drop_block, drop_embed = _dropout_bytes(shape, B, amp, cuda)
+    full += drop_block  # a checkpointed block recomputes its dropout (same RNG state), keeps nothing
     ckpt = 4 * N * C  # a checkpointed block keeps only its fp32 input
     per_block = [ckpt if checkpointing and i % checkpointing == 0 else full for i in range(L)]
     n_ckpt = sum(1 for i in range(L) if checkpointing and i % checkpointing == 0)
@@ -213,12 +239,12 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int) -> _B
         transient = 4 * N * C + 2 * N * C + 2 * 4 * C * C + 2 * 4 * N * C
     else:
         transient = 4 * N * C + 4 * 4 * C * C + 4 * 4 * N * C
-    return _Blocks(per_block, full, n_ckpt, w16, ln_f, transient)
+    return _Blocks(per_block, full, n_ckpt, w16, ln_f, transient, drop_embed)
 
 
 def _standard_head(N: int, C: int, V: int, amp: bool, blk: _Blocks) -> list[tuple[str, int, int]]:
     """(phase, activations, loss-head bytes) of F.cross_entropy on the full logits."""
-    NV, VC, blocks = N * V, V * C, sum(blk.per_block)
+    NV, VC, blocks = N * V, V * C, blk.saved
     # lm_head keeps its input (fp32, or a 16-bit copy plus the 16-bit weight copy under autocast).
     head_in = (2 * N * C + 2 * VC) if amp else 4 * N * C
     # forward: logits (+ their fp32 upcast under autocast) and the saved fp32 log-softmax;
@@ -234,7 +260,7 @@ def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size
     """(phase, activations, loss-head bytes) of _ChunkedLinearCrossEntropy: grad_x (N x C, fp32)
     and grad_w (V x C, fp32) for the whole batch, plus one chunk's logits; the previous chunk's
     gradient is still bound to `g` when the next chunk's logits are made."""
-    VC, blocks = V * C, sum(blk.per_block)
+    VC, blocks = V * C, blk.saved
     chunks = [min(ce_chunk_size, N - s) for s in range(0, N, ce_chunk_size)] or [0]
     pairs = max(chunks[0], max((a + b for a, b in zip(chunks, chunks[1:])), default=0))
     n = chunks[0]
@@ -282,7 +308,7 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     # Token ids: on the CPU device train_step slices the whole step's x, y (int64) and keeps
     # y != -1 (bool); on CUDA the step's batch stays on the host and each micro-batch is copied.
     ids = 17 * n_micro * N if not cuda else 16 * N
-    blk = _block_bytes(shape, micro_batch, amp, checkpointing)
+    blk = _block_bytes(shape, micro_batch, amp, checkpointing, cuda)
 
     phases: list[tuple[str, dict[str, int]]] = []
 
@@ -296,7 +322,7 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     for name, acts, head_bytes in head:
         add(name, grads_in_pass, acts, head_bytes)
     if L > 0:
-        below = sum(blk.per_block[:-1])
+        below = sum(blk.per_block[:-1]) + blk.embed
         # lm_head's fp32 weight grad waits in autograd's buffer for wte's
         add("backward (top block)", grads_in_pass, below + blk.full + blk.transient, 4 * VC)
     # wte's dense gradient meets the held lm_head gradient; wpe's gradient beside them.

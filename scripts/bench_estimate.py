@@ -39,10 +39,11 @@ class Config:
     ce_chunk_size: int = 4096
     n_micro: int = 2
     bias: bool = False
+    dropout: float = 0.0
 
     def shape(self) -> ModelShape:
         return ModelShape(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size,
-                          bias=self.bias)
+                          bias=self.bias, dropout=self.dropout)
 
     def label(self) -> str:
         s = (f"L{self.n_layer} H{self.n_head} C{self.n_embd} T{self.block_size} V{self.vocab_size} "
@@ -53,6 +54,8 @@ class Config:
             s += f" chunked/{self.ce_chunk_size}"
         if self.bias:
             s += " bias"
+        if self.dropout:
+            s += f" drop{self.dropout}"
         return s
 
 
@@ -79,6 +82,9 @@ GRID = [
     Config(2, 2, 64, 32, 512, 2, dtype="bfloat16"),
     Config(2, 2, 64, 32, 2048, 2, dtype="bfloat16", loss_impl="chunked", ce_chunk_size=48),
     Config(3, 2, 64, 32, 64, 2, dtype="bfloat16", checkpointing=2),
+    Config(2, 2, 64, 128, 512, 4, dropout=0.1),
+    Config(4, 2, 64, 64, 512, 4, checkpointing=1, dropout=0.1),
+    Config(4, 2, 64, 32, 512, 2, dtype="bfloat16", dropout=0.1),
 ]
 QUICK = GRID[:1] + GRID[9:12] + GRID[16:17]
 
@@ -91,7 +97,7 @@ def measure(cfg: Config, steps: int = 3) -> int:
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias,
                               checkpointing=cfg.checkpointing, loss_impl=cfg.loss_impl,
-                              ce_chunk_size=cfg.ce_chunk_size))
+                              ce_chunk_size=cfg.ce_chunk_size, dropout=cfg.dropout))
         opt = make_optimizer(model, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
         n = cfg.micro_batch * cfg.n_micro
         x = torch.randint(0, cfg.vocab_size, (n, cfg.block_size))

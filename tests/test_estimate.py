@@ -20,7 +20,8 @@ def measured_peak(shape: ModelShape, micro_batch: int, *, checkpointing: int = 0
     with dev.tracking():
         model = GPT(GPTConfig(block_size=shape.block_size, vocab_size=shape.vocab_size, n_layer=shape.n_layer,
                               n_head=shape.n_head, n_embd=shape.n_embd, bias=shape.bias,
-                              checkpointing=checkpointing, loss_impl=loss_impl, ce_chunk_size=ce_chunk_size))
+                              checkpointing=checkpointing, loss_impl=loss_impl, ce_chunk_size=ce_chunk_size,
+                              dropout=shape.dropout))
         opt = make_optimizer(model, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
         x = torch.randint(0, shape.vocab_size, (2 * micro_batch, shape.block_size))
         y = torch.randint(0, shape.vocab_size, (2 * micro_batch, shape.block_size))
@@ -44,6 +45,9 @@ def test_param_count_matches_the_model():
     (ModelShape(3, 2, 32, 32, 32), 4, {}),  # small vocab: a block's backward dominates
     (ModelShape(4, 2, 32, 32, 256), 2, {"checkpointing": 2}),
     (ModelShape(2, 2, 32, 32, 512), 4, {"loss_impl": "chunked", "ce_chunk_size": 48}),
+    # dropout: the CPU's SDPA takes its math path (B x H x T x T kept), the dropouts keep masks
+    (ModelShape(3, 2, 32, 64, 32, dropout=0.1), 4, {}),
+    (ModelShape(4, 2, 32, 64, 32, dropout=0.2), 2, {"checkpointing": 2}),
 ])
 def test_cpu_estimate_matches_the_budgeted_device(shape, micro_batch, kw):
     est = estimate_peak(shape, micro_batch, dtype="float32", device="cpu", **{"checkpointing": 0,
