@@ -158,6 +158,9 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         from autofit.profiles import check_profiles_writable
         check_profiles_writable(profile)
     resuming = resume or cfg.init_from == "resume"
+    if not resuming:  # before the output folder is made: a run with no step to train writes nothing
+        from autofit.launch import check_steps_left
+        check_steps_left(0, cfg, max_steps)
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
         _start_ranks(cfg, nproc_per_node, resuming, log)
     _hold_out_dir(cfg.out_dir)

@@ -50,10 +50,15 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
-    """The TrainConfig of a command: preset (tiny without --config), file, --set; with
-    init_from = 'gpt2*' the published model's shape, as nanoGPT's train.py takes it."""
+    """The TrainConfig of a command: a preset or a file (the tiny preset when neither is named),
+    then --set; with init_from = 'gpt2*' the published model's shape, as nanoGPT's train.py takes
+    it. Raises UsageError for --preset with --config: both name a whole model, and a quiet
+    winner would train something the user did not pick; ConfigError for a bad config."""
     from trainer.config import load_config
     from trainer.pretrained import gpt2_config
+    if preset is not None and config is not None:
+        raise UsageError(f"--preset and --config both name a model; pick one (to change a preset's values, "
+                         f"use --preset {preset} --set key=value, or copy them into {config})")
     if preset is None and config is None:
         preset = "tiny"  # the built-in default: small enough to train on a laptop CPU in minutes
     return gpt2_config(load_config(preset=preset, config_file=config, overrides=overrides))

@@ -28,6 +28,25 @@ from trainer.recovery import shrink_policy
 from trainer.step import describe_split, split_batch
 
 
+def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = False) -> None:
+    """Before any probe or model: a run that would train no step (a fresh run with --max-steps 0
+    or max_iters 0; a resume whose checkpoint is already at max_iters or --max-steps) is one line,
+    not a probe and a rewritten checkpoint. `step`: the optimizer step the run would start at.
+    eval_only runs train nothing by design and pass. Raises TrainError."""
+    from trainer.errors import TrainError
+    if cfg.eval_only:
+        return
+    stop = cfg.max_iters if max_steps is None else min(cfg.max_iters, max_steps)
+    if stop > step:
+        return
+    limit = f"--max-steps {max_steps}" if max_steps is not None and max_steps <= cfg.max_iters \
+        else f"max_iters {cfg.max_iters}"
+    fix = "--max-steps N" if limit.startswith("--") else "--set max_iters=N"
+    where = f"the checkpoint is at step {step}" if resuming else "a new run starts at step 0"
+    raise TrainError(f"nothing to train: {where}, and {limit} is not beyond it; raise it ({fix}), "
+                     f"or --set eval_only=True to evaluate without training")
+
+
 def _builtin_hardware(name: str) -> dict | None:
     hw = load_builtin().get(name)
     return hw.model_dump(mode="json") if hw is not None else None

@@ -1,0 +1,54 @@
+"""Flag combinations and values the `autofit` command refuses in one line before any work, and the
+commands it suggests: what a new user hit on main (issue 11's leftovers)."""
+import pytest
+
+from cli_run import cli
+
+SMALL = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
+         "--set", "batch_size=8", "--set", "gradient_accumulation_steps=2", "--set", "eval_iters=1",
+         "--set", "eval_interval=100", "--set", "log_interval=1"]
+CPU = ["--device", "cpu", "--budget", "64MiB"]
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("command", [["config"], ["probe", *CPU], ["run", *CPU, "--out", "o"]])
+def test_preset_and_config_together_are_refused(tmp_path, monkeypatch, capsys, command):
+    (tmp_path / "c.toml").write_text("n_layer = 1\n")
+    code, out, err = cli(monkeypatch, capsys, *command, "--preset", "tiny", "--config", "c.toml")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and out == ""
+    assert "--preset and --config both name a model; pick one" in err
+    assert "trial:" not in err and not (tmp_path / "o").exists()
+
+
+def test_preset_alone_and_config_alone_still_load(tmp_path, monkeypatch, capsys):
+    import json
+    (tmp_path / "c.toml").write_text("n_layer = 1\n")
+    code, out, _ = cli(monkeypatch, capsys, "config", "--config", "c.toml", "--json")
+    assert code == 0 and json.loads(out)["n_layer"] == 1
+    code, out, _ = cli(monkeypatch, capsys, "config", "--preset", "tiny", "--set", "n_layer=2", "--json")
+    assert code == 0 and json.loads(out)["n_layer"] == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-steps", "0"], "--max-steps 0 is not beyond it"),
+    (["--max-steps", "0", "--no-probe"], "--max-steps 0 is not beyond it"),
+    (["--set", "max_iters=0"], "max_iters 0 is not beyond it"),
+    (["--set", "max_iters=0", "--max-steps", "5"], "max_iters 0 is not beyond it"),
+])
+def test_a_fresh_run_with_nothing_to_train_is_one_line_before_the_probe(tmp_path, monkeypatch, capsys, args, words):
+    code, out, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, *args,
+                         "--out", "o", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert "nothing to train: a new run starts at step 0" in err
+    assert "trial:" not in err and not (tmp_path / "o").exists()  # no probe ran, nothing was written
+
+
+def test_eval_only_still_runs_with_max_steps_0(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", *SMALL, "--set", "eval_only=True",
+                         "--max-steps", "0", "--out", "o", "--no-progress")
+    assert code == 0 and "evaluated (eval_only) at step 0" in out, err
