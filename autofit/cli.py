@@ -57,7 +57,7 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
 
 DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: the GPU if there is one, else the budgeted CPU).")
 BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB (default: half of available RAM).")
-GpuIndexOpt = typer.Option(0, "--gpu-index", help="Which GPU (NVML index).")
+GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU (NVML index; default 0). Refused on the CPU and under torchrun.")
 MarginOpt = typer.Option(0.10, "--margin", help="Share of usable memory kept free as a safety margin.")
 DtypeOpt = typer.Option(None, "--dtype", help="Narrow or widen dtypes: float32, bfloat16, float16, a comma list, or 'any' (default: the config's).")
 CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: the config's compile, tried both ways).")
@@ -69,7 +69,7 @@ LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standa
 def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt, overrides: List[str] = SetOpt,
               device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt,
               gpu: Optional[str] = typer.Option(None, "--gpu", help="Simulate a GPU from its hardware profile, built-in or added with `autofit profiles add` (estimates only), e.g. rtx4070-12gb."),
-              gpu_index: int = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
+              gpu_index: Optional[int] = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
               compile: Optional[bool] = CompileOpt, checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
               save: bool = typer.Option(False, "--save", help="Store the fitted plan in this device's profile."),
               plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install 'autofit[plot]')."),
@@ -138,7 +138,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             profile: Optional[str] = typer.Option(None, "--profile", help="Use (or fit and save) the plan in this GPU profile, e.g. rtx4070-12gb."),
             emulate: bool = typer.Option(False, "--emulate", help="On a larger GPU, cap this process to the profile's memory."),
             no_probe: bool = typer.Option(False, "--no-probe", help="Train the config as written: no probe, no plan."),
-            device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt, gpu_index: int = GpuIndexOpt,
+            device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt, gpu_index: Optional[int] = GpuIndexOpt,
             margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt, compile: Optional[bool] = CompileOpt,
             checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
@@ -162,7 +162,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         from autofit.launch import check_steps_left
         check_steps_left(0, cfg, max_steps)
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
-        _start_ranks(cfg, nproc_per_node, resuming, log)
+        _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log)
     _hold_out_dir(cfg.out_dir)
     if resuming:  # nanoGPT's init_from='resume' is --resume
         from autofit.resume import prepare_resume
@@ -260,10 +260,13 @@ def _resume_overrides(cfg, overrides: List[str], flag: bool) -> dict:
     return out
 
 
-def _start_ranks(cfg, nproc_per_node: int, resuming: bool, log) -> None:
+def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log) -> None:
     """--nproc-per-node N: what a fresh run would refuse is checked here once, then torchrun
     starts the same command on N ranks; this process exits with their status."""
     from autofit.torchrun import check_ranks, relaunch
+    if gpu_index is not None:
+        raise UsageError(f"--gpu-index {gpu_index} picks one GPU; with --nproc-per-node each rank takes the GPU of "
+                         f"its LOCAL_RANK: drop --gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs they see)")
     if not resuming:
         _check_fresh_run(cfg, log)
     check_ranks(cfg, nproc_per_node, resuming)

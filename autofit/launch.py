@@ -165,7 +165,7 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     emulated_on = None
     if hw.get("kind") == "cpu":
         probe_opts.device, probe_opts.budget_bytes = "cpu", int(hw["memory_bytes"])
-        device = open_device("cpu", budget_bytes=probe_opts.budget_bytes)
+        device = open_device("cpu", budget_bytes=probe_opts.budget_bytes, gpu_index=probe_opts.gpu_index)
     else:
         device, emulated_on = _gpu_for_profile(profile, hw, emulate, probe_opts)
         if emulated_on:
@@ -212,7 +212,10 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
     from autofit.cuda import detect_gpu, open_cuda_device, set_allocator_conf
     set_allocator_conf()  # before anything can initialise CUDA
     from autofit.torchrun import gpu_index
-    index = gpu_index(probe_opts.gpu_index)  # torchrun: this rank's GPU
+    if probe_opts.gpu_index is not None and agree.ranks().several:
+        raise DeviceError(f"--gpu-index {probe_opts.gpu_index}: under torchrun each rank takes the GPU of its "
+                          f"LOCAL_RANK; drop --gpu-index")
+    index = gpu_index(probe_opts.gpu_index or 0)  # torchrun: this rank's GPU
     try:
         info = detect_gpu(index)
     except DeviceError as e:

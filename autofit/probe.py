@@ -18,7 +18,7 @@ class ProbeOptions:
     device: str | None = None  # 'cuda' | 'cpu' | None (a GPU if there is one, else the CPU)
     budget_bytes: int | None = None  # CPU only
     gpu: str | None = None  # simulate this hardware profile: estimates only
-    gpu_index: int = 0
+    gpu_index: int | None = None  # --gpu-index; None: GPU 0 (and no complaint on the CPU)
     margin: float = 0.10
     dtype: str | None = None
     compile: bool | None = None
@@ -62,8 +62,9 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
     HardwareError or PlanError with one line."""
     if opts.gpu is not None:
         sim = open_simulated(opts.gpu)
-        if opts.device is not None or opts.budget_bytes is not None:
-            raise DeviceError("--gpu simulates a card from its profile; it cannot be combined with --device/--budget")
+        if opts.device is not None or opts.budget_bytes is not None or opts.gpu_index is not None:
+            raise DeviceError("--gpu simulates a card from its profile; it cannot be combined with "
+                              "--device/--budget/--gpu-index")
         info = sim.info
         space = candidate_space(cfg, "cuda", info.bf16_supported, dtype=opts.dtype, compile=opts.compile,
                                 checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,

@@ -52,3 +52,39 @@ def test_eval_only_still_runs_with_max_steps_0(tmp_path, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", *SMALL, "--set", "eval_only=True",
                          "--max-steps", "0", "--out", "o", "--no-progress")
     assert code == 0 and "evaluated (eval_only) at step 0" in out, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["probe", "--device", "cpu", "--gpu-index", "1"], "--gpu-index 1 picks a GPU, and this run is on the CPU (--device cpu)"),
+    (["probe", "--budget", "64MiB", "--gpu-index", "0"], "this run is on the CPU (--budget)"),
+    (["probe", "--gpu", "rtx4070-12gb", "--gpu-index", "1"], "--gpu-index"),
+    (["run", "--device", "cpu", "--gpu-index", "1", "--no-probe", "--out", "o"], "this run is on the CPU (--device cpu)"),
+    (["run", "--device", "cpu", "--gpu-index", "1", "--out", "o"], "this run is on the CPU (--device cpu)"),
+    (["run", "--nproc-per-node", "2", "--gpu-index", "1", "--out", "o"], "each rank takes the GPU of its LOCAL_RANK"),
+])
+def test_gpu_index_on_the_cpu_is_refused(tmp_path, monkeypatch, capsys, args, words):
+    code, out, err = cli(monkeypatch, capsys, *args, *SMALL, "--no-progress" if args[0] == "run" else "--json")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert "trial:" not in err and not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_gpu_index_without_a_gpu_is_refused_not_ignored(tmp_path, monkeypatch, capsys):
+    from autofit.device import DeviceError
+    import autofit.cuda
+
+    def no_gpu(index):
+        raise DeviceError("NVML found no GPU")
+    monkeypatch.setattr(autofit.cuda, "detect_gpu", no_gpu)  # a machine without a GPU, even where one is
+    code, _, err = cli(monkeypatch, capsys, "probe", "--gpu-index", "1", *SMALL, "--json")
+    assert code == 2 and "--gpu-index 1: no such GPU (NVML found no GPU)" in err and "trial:" not in err
+    code, _, err = cli(monkeypatch, capsys, "probe", "--budget", "64MiB", *SMALL, "--json")
+    assert code == 0, err  # no --gpu-index: the budgeted CPU, as before
+
+
+def test_gpu_index_with_a_cpu_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *SMALL, "--max-steps", "1", "--out", "o",
+                       "--no-progress")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--gpu-index", "1", "--set", "max_iters=3",
+                       "--no-progress")
+    assert code == 2 and "this run is on the CPU (the checkpoint's device" in err, err
