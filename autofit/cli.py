@@ -58,7 +58,8 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
 DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: the GPU if there is one, else the budgeted CPU).")
 BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB (default: half of available RAM).")
 GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU (NVML index; default 0). Refused on the CPU and under torchrun.")
-MarginOpt = typer.Option(0.10, "--margin", help="Share of usable memory kept free as a safety margin.")
+DEFAULT_MARGIN = 0.10
+MarginOpt = typer.Option(DEFAULT_MARGIN, "--margin", help="Share of usable memory kept free as a safety margin.")
 DtypeOpt = typer.Option(None, "--dtype", help="Narrow or widen dtypes: float32, bfloat16, float16, a comma list, or 'any' (default: the config's).")
 CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: the config's compile, tried both ways).")
 CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing intervals to try, comma list (0=off, 1=every block).")
@@ -110,23 +111,45 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
             out["plot"] = str(plot)
         print(json.dumps(out, indent=2))
     else:
-        _print_probe(res, cfg, opts, config, preset, saved, plot, verbose)
+        rerun = _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin)
+        _print_probe(res, cfg, opts, rerun, saved, plot, verbose)
     if save_error is not None:
         raise save_error
 
 
-def _print_probe(res, cfg, opts, config, preset, saved, plot, verbose) -> None:
+def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin) -> list[str]:
+    """The probe's options that `autofit run --profile` takes too, as argv: the suggested command
+    then trains the config that was probed, over the same candidates (and so finds its plan)."""
+    args = ["--config", str(config)] if config is not None else (["--preset", preset] if preset else [])
+    for item in overrides:
+        args += ["--set", item]
+    for flag, value in (("--dtype", dtype), ("--checkpointing", checkpointing), ("--loss", loss)):
+        args += [flag, value] if value is not None else []
+    if compile is not None:
+        args.append("--compile" if compile else "--no-compile")
+    if margin != DEFAULT_MARGIN:
+        args += ["--margin", repr(margin)]
+    return args
+
+
+def _print_probe(res, cfg, opts, rerun, saved, plot, verbose) -> None:
+    import shlex
+
     from autofit.render import render_probe
     render_probe(res, console, cfg=cfg, verbose=verbose)
     if plot is not None:
         console.print(f"plot: {plot}")
+    # commands are printed as plain text (a '[' in a path or value is not rich markup), each argument
+    # shell-quoted so that pasting the line runs exactly this
     if res.mode == "estimated":
-        src = f"--config {config} " if config else (f"--preset {preset} " if preset else "")
         console.print(f"[bold]next[/]: on the {opts.gpu} itself, measure, save and train in one go:")
-        console.print(f"  autofit run --profile {opts.gpu} {src}".rstrip(), soft_wrap=True)
+        console.print("  " + shlex.join(["autofit", "run", "--profile", opts.gpu, *rerun]), markup=False,
+                      highlight=False, soft_wrap=True)
     if saved:
         console.print(f"saved to profile [bold]{saved['profile']}[/] ({saved['path']}), plan {saved['fingerprint']}; "
-                      f"train with: autofit run --profile {saved['profile']}")
+                      f"train with:", soft_wrap=True)
+        console.print("  " + shlex.join(["autofit", "run", "--profile", saved["profile"], *rerun]), markup=False,
+                      highlight=False, soft_wrap=True)
 
 
 @app.command("run")

@@ -88,3 +88,51 @@ def test_gpu_index_with_a_cpu_checkpoint_is_refused(tmp_path, monkeypatch, capsy
     code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--gpu-index", "1", "--set", "max_iters=3",
                        "--no-progress")
     assert code == 2 and "this run is on the CPU (the checkpoint's device" in err, err
+
+
+def _suggested(out: str) -> list[str]:
+    """The argv of the command a probe suggests (the line after 'next:' or 'train with:')."""
+    import shlex
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith("autofit run ")]
+    assert len(lines) == 1, out
+    return shlex.split(lines[0])
+
+
+def _run_params(argv: list[str]) -> dict:
+    """What `autofit run` parses from `argv` (['autofit', 'run', ...]), without running it."""
+    import typer.main
+
+    from autofit.cli import app
+    assert argv[:2] == ["autofit", "run"]
+    return typer.main.get_command(app).commands["run"].make_context("run", argv[2:]).params
+
+
+def test_estimate_suggests_a_command_that_reproduces_the_probe(tmp_path, monkeypatch, capsys):
+    from autofit.cli_common import load_train_config
+    folder = tmp_path / "my configs [v2]"
+    folder.mkdir()
+    (folder / "c.toml").write_text("n_layer = 2\nn_embd = 64\nn_head = 2\nblock_size = 64\n")
+    path = str(folder / "c.toml")
+    sets = ["--set", "batch_size=4", "--set", "wandb_run_name=a b'c"]
+    levers = ["--dtype", "float32,bfloat16", "--loss", "chunked", "--checkpointing", "0,1", "--no-compile",
+              "--margin", "0.2"]
+    code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--config", path, *sets, *levers)
+    assert code == 0, err
+    argv = _suggested(out)
+    params = _run_params(argv)
+    assert params["profile"] == "rtx4070-12gb" and params["config"] == folder / "c.toml"
+    assert load_train_config(params["config"], params["preset"], params["overrides"]) == \
+        load_train_config(folder / "c.toml", None, ["batch_size=4", "wandb_run_name=a b'c"])
+    assert (params["dtype"], params["loss"], params["checkpointing"], params["compile"], params["margin"]) == \
+        ("float32,bfloat16", "chunked", "0,1", False, 0.2)
+
+
+def test_saved_plan_is_found_by_the_suggested_command(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "probe", *CPU, *SMALL, "--checkpointing", "0", "--loss", "standard",
+                         "--save")
+    assert code == 0, err
+    argv = _suggested(out)
+    assert "--set" in argv and "--loss" in argv  # the probed config and levers, not the default preset
+    code, out, err = cli(monkeypatch, capsys, *argv[1:], "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 0, err
+    assert "no probe needed" in out and "trial:" not in err  # the same fingerprint: the saved plan is used
