@@ -182,6 +182,12 @@ ROWS: list[Row] = [
         checkpoint(raw=b"not a checkpoint")),
     Row("--resume malicious pickle", ["run", "--resume", "--out", "o", "--no-progress"],
         checkpoint(raw=pickle.dumps(_Evil())), absent("pwned"), by="lead (torch's pickle-protocol warning)"),
+    Row("--resume plain-pickle checkpoint", ["run", "--resume", "--out", "o", "--no-progress"],
+        checkpoint(raw=pickle.dumps({"model": {"w": 1}})), by="polish"),
+    Row("sample from a malicious pickle", ["sample", "--out", "o", "--num-samples", "1", "--max-new-tokens", "2"],
+        checkpoint(raw=pickle.dumps(_Evil())), absent("pwned"), by="polish"),
+    Row("sample from a plain-pickle checkpoint", ["sample", "--out", "o", "--num-samples", "1"],
+        checkpoint(raw=pickle.dumps({"model": {"w": 1}})), by="polish"),
     Row("fresh run onto an existing checkpoint", [*RUN, "--out", "o"], checkpoint()),
     # issue 11: data
     Row("token ids reach vocab_size (meta.pkl 65, ids to 199)", [*RUN, "--no-probe", "--set", "dataset={t}/d", "--set",
