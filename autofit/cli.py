@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from autofit import interrupts
 from autofit.cli_common import (ConfigOpt, PresetOpt, SetOpt, UsageError, _fmt, _is_user_error, _size, console,
                                 err_console, load_train_config)
 
@@ -90,6 +91,8 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
         from autofit.profiles import check_profiles_writable
         check_profiles_writable()
     log = (lambda s: None) if as_json else (lambda s: err_console.print(f"[dim]{s}[/]"))
+    interrupts.during("interrupted during the probe; nothing was saved"
+                      + (" (the plan is saved only after the probe)" if save else ""))
     res, _, _ = run_probe(cfg, opts, log=log)
     saved, save_error = None, None
     if save:
@@ -170,7 +173,6 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
-    from trainer.loop import train
     _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset)
     cfg = load_train_config(config, preset, overrides)
     if out is not None:
@@ -191,10 +193,11 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         from autofit.resume import prepare_resume
         from trainer.checkpoint import check_out_dir
         check_out_dir(cfg.out_dir)
+        interrupts.during(f"interrupted before training resumed; {Path(cfg.out_dir) / 'ckpt.pt'} is kept as it was")
         launch = prepare_resume(cfg.out_dir, _resume_overrides(cfg, overrides, resume), probe_opts=opts,
                                 allow_changes=allow_changes, max_steps=max_steps, progress=not no_progress, log=log)
         console.print(f"[bold]plan[/]: {launch.source}")
-        _report_run(train(launch.cfg, launch.opts), launch.cfg)
+        _train(launch.cfg, launch.opts)
         return
     _check_fresh_run(cfg, log)
     from autofit.torchrun import check_ranks
@@ -202,15 +205,26 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
         if profile is not None:
             raise UsageError("--no-probe and --profile exclude each other")
-        result = train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
-        _report_run(result, cfg)
+        _train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
         return
     from autofit.launch import prepare_run
+    interrupts.during("interrupted before training started (during the probe); no checkpoint was written")
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
                          resume=False, progress=not no_progress, log=log)
     console.print(f"[bold]plan[/]: {launch.source}")
     console.print(_plan_line(launch.plan))
-    _report_run(train(launch.cfg, launch.opts), launch.cfg)
+    _train(launch.cfg, launch.opts)
+
+
+def _train(cfg, opts) -> None:
+    """The training run, and its report. The loop takes the first Ctrl-C itself (checkpoint, stop);
+    a second one stops at once, and the last checkpoint written is what is kept."""
+    from trainer.loop import train
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    interrupts.during(lambda: f"interrupted during training, stopped at once; {ckpt} (the last checkpoint "
+                              f"written) is kept" if ckpt.exists() else
+                      "interrupted during training, stopped at once; no checkpoint was written")
+    _report_run(train(cfg, opts), cfg)
 
 
 def _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset) -> None:
@@ -293,7 +307,9 @@ def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log) -> No
     if not resuming:
         _check_fresh_run(cfg, log)
     check_ranks(cfg, nproc_per_node, resuming)
-    raise typer.Exit(relaunch(sys.argv[1:], nproc_per_node))
+    code = relaunch(sys.argv[1:], nproc_per_node, log)
+    interrupts.said()  # the launcher and rank 0 said what stopped them
+    raise typer.Exit(code)
 
 
 def _plan_line(p) -> str:
@@ -345,6 +361,7 @@ app.registered_commands += sample_app.registered_commands
 
 def _report_run(result, cfg) -> None:
     if result.status == "interrupted":
+        interrupts.said()
         err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
                           f"continue with: autofit run --resume --out {cfg.out_dir}")
         raise typer.Exit(130)
@@ -364,19 +381,31 @@ def _report_run(result, cfg) -> None:
     console.print(msg + f"; checkpoint {result.checkpoint}, metrics {Path(cfg.out_dir) / 'metrics.jsonl'}")
 
 
+def _say_interrupted() -> None:
+    """One line for a Ctrl-C (autofit.interrupts), from rank 0 only under torchrun."""
+    from autofit.torchrun import ranks, under_torchrun
+    text = interrupts.line()
+    if text and not (under_torchrun() and not ranks().master):
+        print(f"autofit: {text}", file=sys.stderr)
+
+
 def main() -> None:
-    from autofit.torchrun import error_prefix, quiet_unless_rank0, session
+    interrupts.reset()
     try:
+        from autofit.torchrun import error_prefix, quiet_unless_rank0, report_error, session
         with session():  # torchrun: one process group for the command, left at the end
             quiet_unless_rank0(console, err_console)
             code = _run_app()
+        if code == 130:  # typer turns a Ctrl-C inside a command into exit code 130, silently
+            _say_interrupted()
     except KeyboardInterrupt:
-        print("autofit: interrupted", file=sys.stderr)
+        _say_interrupted()
         sys.exit(130)
     except Exception as e:
         if _is_user_error(e):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
+            if not report_error(msg):  # under torchrun it may go to the launcher, to be said once
+                print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
             sys.exit(2)
         # click's (or typer's vendored click's) usage errors carry exit code 2 and a message:
         # one line too, instead of a boxed multi-line panel
@@ -387,7 +416,7 @@ def main() -> None:
             print(f"autofit: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
             sys.exit(2)
         if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
-            print("autofit: interrupted", file=sys.stderr)
+            _say_interrupted()
             sys.exit(130)
         raise
     sys.exit(code if isinstance(code, int) else 0)

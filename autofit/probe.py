@@ -2,6 +2,9 @@
 the budget, and run the planner in the matching mode: measured trials, or estimates alone."""
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +32,20 @@ class ProbeOptions:
     compile_backend: str = "inductor"
 
 
+PROBE_WAIT_ENV = "AUTOFIT_FAULT_PROBE_WAIT"
+
+
+def _wait_if_asked() -> None:
+    """AUTOFIT_FAULT_PROBE_WAIT=1 (a fault for tests of Ctrl-C and SIGTERM during the probe): the
+    probe stops before its first trial, says so on stderr, and waits there for a signal, so a test
+    interrupts a probe without guessing how long trials take on the machine."""
+    if not os.environ.get(PROBE_WAIT_ENV):
+        return
+    print(f"probe waiting ({PROBE_WAIT_ENV} is set): interrupt it now", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
+
+
 BIG_FOR_CPU = 20_000_000  # parameters: above this, real trials on a CPU take minutes each
 
 
@@ -53,6 +70,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
                             compile_measurable=device.capabilities.compile,
                             compute_capability=info.compute_capability, world_size=ranks.world_size)
     space = agree.space(space)  # several ranks: what every rank's card can run
+    _wait_if_asked()
     settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
     return probe_measured(cfg, device, budget, space, settings=settings, log=log)
 
