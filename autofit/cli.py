@@ -10,8 +10,9 @@ from typing import List, Optional
 import typer
 
 from autofit import interrupts
-from autofit.cli_common import (ConfigOpt, PresetOpt, SetOpt, UsageError, _fmt, _is_user_error, _size, console,
-                                err_console, load_train_config)
+from autofit.cli_common import (BudgetOpt, CkptOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _fmt, _is_user_error, _probe_options,
+                                _rerun_args, _size, console, err_console, load_train_config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OOM-aware launcher for nanoGPT-style GPT training: measure what fits, plan, train.")
@@ -32,39 +33,6 @@ def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Prese
         console.print(t)
         console.print(f"effective batch: {cfg.effective_batch} sequences = {cfg.tokens_per_step:,} tokens per optimizer step")
         console.print(f"vocab_size {cfg.vocab_size} from {cfg.source_of('vocab_size')}", soft_wrap=True)
-
-
-def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss):
-    from autofit.probe import ProbeOptions
-    if not 0.0 <= margin < 1.0:
-        raise UsageError(f"--margin must be in [0, 1), got {margin}")
-    ck = None
-    if checkpointing is not None:
-        try:
-            ck = sorted({int(v) for v in checkpointing.split(",")})
-            if any(v < 0 for v in ck):
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"--checkpointing takes a comma list of block intervals (0=off), got {checkpointing!r}") from None
-    li = None
-    if loss is not None:
-        li = [v.strip() for v in loss.split(",")]
-        bad = [v for v in li if v not in ("standard", "chunked")]
-        if bad:
-            raise UsageError(f"--loss: unknown loss implementation {bad[0]!r} (standard, chunked)")
-    return ProbeOptions(device=device, budget_bytes=_size(budget, "--budget"), gpu=gpu, gpu_index=gpu_index,
-                        margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li)
-
-
-DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: the GPU if there is one, else the budgeted CPU).")
-BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB (default: half of available RAM).")
-GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU (NVML index; default 0). Refused on the CPU and under torchrun.")
-DEFAULT_MARGIN = 0.10
-MarginOpt = typer.Option(DEFAULT_MARGIN, "--margin", help="Share of usable memory kept free as a safety margin.")
-DtypeOpt = typer.Option(None, "--dtype", help="Narrow or widen dtypes: float32, bfloat16, float16, a comma list, or 'any' (default: the config's).")
-CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: the config's compile, tried both ways).")
-CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing intervals to try, comma list (0=off, 1=every block).")
-LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standard, chunked (comma list).")
 
 
 @app.command("probe")
@@ -118,21 +86,6 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
         _print_probe(res, cfg, opts, rerun, saved, plot, verbose)
     if save_error is not None:
         raise save_error
-
-
-def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin) -> list[str]:
-    """The probe's options that `autofit run --profile` takes too, as argv: the suggested command
-    then trains the config that was probed, over the same candidates (and so finds its plan)."""
-    args = ["--config", str(config)] if config is not None else (["--preset", preset] if preset else [])
-    for item in overrides:
-        args += ["--set", item]
-    for flag, value in (("--dtype", dtype), ("--checkpointing", checkpointing), ("--loss", loss)):
-        args += [flag, value] if value is not None else []
-    if compile is not None:
-        args.append("--compile" if compile else "--no-compile")
-    if margin != DEFAULT_MARGIN:
-        args += ["--margin", repr(margin)]
-    return args
 
 
 def _print_probe(res, cfg, opts, rerun, saved, plot, verbose) -> None:
