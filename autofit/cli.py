@@ -82,7 +82,7 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
             out["plot"] = str(plot)
         print(json.dumps(out, indent=2))
     else:
-        rerun = _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin)
+        rerun = _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index)
         _print_probe(res, cfg, opts, rerun, saved, plot, verbose)
     if save_error is not None:
         raise save_error

@@ -118,7 +118,7 @@ CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing i
 LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standard, chunked (comma list).")
 
 
-def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin) -> list[str]:
+def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index=None) -> list[str]:
     """The probe's options that `autofit run --profile` takes too, as argv: the suggested command
     then trains the config that was probed, over the same candidates (and so finds its plan)."""
     args = ["--config", str(config)] if config is not None else (["--preset", preset] if preset else [])
@@ -130,4 +130,6 @@ def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, 
         args.append("--compile" if compile else "--no-compile")
     if margin != DEFAULT_MARGIN:
         args += ["--margin", repr(margin)]
+    if gpu_index is not None:  # the GPU that was measured
+        args += ["--gpu-index", str(gpu_index)]
     return args

@@ -136,3 +136,9 @@ def test_saved_plan_is_found_by_the_suggested_command(tmp_path, monkeypatch, cap
     code, out, err = cli(monkeypatch, capsys, *argv[1:], "--max-steps", "1", "--out", "o", "--no-progress")
     assert code == 0, err
     assert "no probe needed" in out and "trial:" not in err  # the same fingerprint: the saved plan is used
+
+
+def test_the_suggested_command_keeps_the_measured_gpu():
+    from autofit.cli_common import _rerun_args
+    assert _rerun_args(None, "tiny", [], None, None, None, None, 0.1, 1) == ["--preset", "tiny", "--gpu-index", "1"]
+    assert _rerun_args(None, None, ["a=1"], None, True, None, None, 0.1) == ["--set", "a=1", "--compile"]
