@@ -9,8 +9,10 @@ from typing import List, Optional
 
 import typer
 
-from autofit.cli_common import (ConfigOpt, PresetOpt, SetOpt, UsageError, _fmt, _is_user_error, _size, console,
-                                err_console, load_train_config)
+from autofit import interrupts
+from autofit.cli_common import (BudgetOpt, CkptOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _fmt, _is_user_error, _probe_options,
+                                _rerun_args, _size, console, err_console, load_train_config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OOM-aware launcher for nanoGPT-style GPT training: measure what fits, plan, train.")
@@ -33,43 +35,11 @@ def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Prese
         console.print(f"vocab_size {cfg.vocab_size} from {cfg.source_of('vocab_size')}", soft_wrap=True)
 
 
-def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss):
-    from autofit.probe import ProbeOptions
-    if not 0.0 <= margin < 1.0:
-        raise UsageError(f"--margin must be in [0, 1), got {margin}")
-    ck = None
-    if checkpointing is not None:
-        try:
-            ck = sorted({int(v) for v in checkpointing.split(",")})
-            if any(v < 0 for v in ck):
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"--checkpointing takes a comma list of block intervals (0=off), got {checkpointing!r}") from None
-    li = None
-    if loss is not None:
-        li = [v.strip() for v in loss.split(",")]
-        bad = [v for v in li if v not in ("standard", "chunked")]
-        if bad:
-            raise UsageError(f"--loss: unknown loss implementation {bad[0]!r} (standard, chunked)")
-    return ProbeOptions(device=device, budget_bytes=_size(budget, "--budget"), gpu=gpu, gpu_index=gpu_index,
-                        margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li)
-
-
-DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: the GPU if there is one, else the budgeted CPU).")
-BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB (default: half of available RAM).")
-GpuIndexOpt = typer.Option(0, "--gpu-index", help="Which GPU (NVML index).")
-MarginOpt = typer.Option(0.10, "--margin", help="Share of usable memory kept free as a safety margin.")
-DtypeOpt = typer.Option(None, "--dtype", help="Narrow or widen dtypes: float32, bfloat16, float16, a comma list, or 'any' (default: the config's).")
-CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: the config's compile, tried both ways).")
-CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing intervals to try, comma list (0=off, 1=every block).")
-LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standard, chunked (comma list).")
-
-
 @app.command("probe")
 def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt, overrides: List[str] = SetOpt,
               device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt,
               gpu: Optional[str] = typer.Option(None, "--gpu", help="Simulate a GPU from its hardware profile, built-in or added with `autofit profiles add` (estimates only), e.g. rtx4070-12gb."),
-              gpu_index: int = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
+              gpu_index: Optional[int] = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
               compile: Optional[bool] = CompileOpt, checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
               save: bool = typer.Option(False, "--save", help="Store the fitted plan in this device's profile."),
               plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install 'autofit[plot]')."),
@@ -89,6 +59,8 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
         from autofit.profiles import check_profiles_writable
         check_profiles_writable()
     log = (lambda s: None) if as_json else (lambda s: err_console.print(f"[dim]{s}[/]"))
+    interrupts.during("interrupted during the probe; nothing was saved"
+                      + (" (the plan is saved only after the probe)" if save else ""))
     res, _, _ = run_probe(cfg, opts, log=log)
     saved, save_error = None, None
     if save:
@@ -110,23 +82,30 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
             out["plot"] = str(plot)
         print(json.dumps(out, indent=2))
     else:
-        _print_probe(res, cfg, opts, config, preset, saved, plot, verbose)
+        rerun = _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index)
+        _print_probe(res, cfg, opts, rerun, saved, plot, verbose)
     if save_error is not None:
         raise save_error
 
 
-def _print_probe(res, cfg, opts, config, preset, saved, plot, verbose) -> None:
+def _print_probe(res, cfg, opts, rerun, saved, plot, verbose) -> None:
+    import shlex
+
     from autofit.render import render_probe
     render_probe(res, console, cfg=cfg, verbose=verbose)
     if plot is not None:
         console.print(f"plot: {plot}")
+    # commands are printed as plain text (a '[' in a path or value is not rich markup), each argument
+    # shell-quoted so that pasting the line runs exactly this
     if res.mode == "estimated":
-        src = f"--config {config} " if config else (f"--preset {preset} " if preset else "")
         console.print(f"[bold]next[/]: on the {opts.gpu} itself, measure, save and train in one go:")
-        console.print(f"  autofit run --profile {opts.gpu} {src}".rstrip(), soft_wrap=True)
+        console.print("  " + shlex.join(["autofit", "run", "--profile", opts.gpu, *rerun]), markup=False,
+                      highlight=False, soft_wrap=True)
     if saved:
         console.print(f"saved to profile [bold]{saved['profile']}[/] ({saved['path']}), plan {saved['fingerprint']}; "
-                      f"train with: autofit run --profile {saved['profile']}")
+                      f"train with:", soft_wrap=True)
+        console.print("  " + shlex.join(["autofit", "run", "--profile", saved["profile"], *rerun]), markup=False,
+                      highlight=False, soft_wrap=True)
 
 
 @app.command("run")
@@ -138,7 +117,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             profile: Optional[str] = typer.Option(None, "--profile", help="Use (or fit and save) the plan in this GPU profile, e.g. rtx4070-12gb."),
             emulate: bool = typer.Option(False, "--emulate", help="On a larger GPU, cap this process to the profile's memory."),
             no_probe: bool = typer.Option(False, "--no-probe", help="Train the config as written: no probe, no plan."),
-            device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt, gpu_index: int = GpuIndexOpt,
+            device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt, gpu_index: Optional[int] = GpuIndexOpt,
             margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt, compile: Optional[bool] = CompileOpt,
             checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
@@ -147,7 +126,6 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
-    from trainer.loop import train
     _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset)
     cfg = load_train_config(config, preset, overrides)
     if out is not None:
@@ -158,8 +136,11 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         from autofit.profiles import check_profiles_writable
         check_profiles_writable(profile)
     resuming = resume or cfg.init_from == "resume"
+    if not resuming:  # before the output folder is made: a run with no step to train writes nothing
+        from autofit.launch import check_steps_left
+        check_steps_left(0, cfg, max_steps)
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
-        _start_ranks(cfg, nproc_per_node, resuming, log)
+        _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log)
     _hold_out_dir(cfg.out_dir)
     if cfg.tensorboard_dir is not None:  # before any trial, as --out
         from trainer.checkpoint import check_out_dir
@@ -168,10 +149,11 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         from autofit.resume import prepare_resume
         from trainer.checkpoint import check_out_dir
         check_out_dir(cfg.out_dir)
+        interrupts.during(f"interrupted before training resumed; {Path(cfg.out_dir) / 'ckpt.pt'} is kept as it was")
         launch = prepare_resume(cfg.out_dir, _resume_overrides(cfg, overrides, resume), probe_opts=opts,
                                 allow_changes=allow_changes, max_steps=max_steps, progress=not no_progress, log=log)
         console.print(f"[bold]plan[/]: {launch.source}")
-        _report_run(train(launch.cfg, launch.opts), launch.cfg)
+        _train(launch.cfg, launch.opts)
         return
     _check_fresh_run(cfg, log)
     from autofit.torchrun import check_ranks
@@ -179,15 +161,26 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
         if profile is not None:
             raise UsageError("--no-probe and --profile exclude each other")
-        result = train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
-        _report_run(result, cfg)
+        _train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
         return
     from autofit.launch import prepare_run
+    interrupts.during("interrupted before training started (during the probe); no checkpoint was written")
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
                          resume=False, progress=not no_progress, log=log)
     console.print(f"[bold]plan[/]: {launch.source}")
     console.print(_plan_line(launch.plan))
-    _report_run(train(launch.cfg, launch.opts), launch.cfg)
+    _train(launch.cfg, launch.opts)
+
+
+def _train(cfg, opts) -> None:
+    """The training run, and its report. The loop takes the first Ctrl-C itself (checkpoint, stop);
+    a second one stops at once, and the last checkpoint written is what is kept."""
+    from trainer.loop import train
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    interrupts.during(lambda: f"interrupted during training, stopped at once; {ckpt} (the last checkpoint "
+                              f"written) is kept" if ckpt.exists() else
+                      "interrupted during training, stopped at once; no checkpoint was written")
+    _report_run(train(cfg, opts), cfg)
 
 
 def _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset) -> None:
@@ -260,14 +253,19 @@ def _resume_overrides(cfg, overrides: List[str], flag: bool) -> dict:
     return out
 
 
-def _start_ranks(cfg, nproc_per_node: int, resuming: bool, log) -> None:
+def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log) -> None:
     """--nproc-per-node N: what a fresh run would refuse is checked here once, then torchrun
     starts the same command on N ranks; this process exits with their status."""
     from autofit.torchrun import check_ranks, relaunch
+    if gpu_index is not None:
+        raise UsageError(f"--gpu-index {gpu_index} picks one GPU; with --nproc-per-node each rank takes the GPU of "
+                         f"its LOCAL_RANK: drop --gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs they see)")
     if not resuming:
         _check_fresh_run(cfg, log)
     check_ranks(cfg, nproc_per_node, resuming)
-    raise typer.Exit(relaunch(sys.argv[1:], nproc_per_node))
+    code = relaunch(sys.argv[1:], nproc_per_node, log)
+    interrupts.said()  # the launcher and rank 0 said what stopped them
+    raise typer.Exit(code)
 
 
 def _plan_line(p) -> str:
@@ -319,6 +317,7 @@ app.registered_commands += sample_app.registered_commands
 
 def _report_run(result, cfg) -> None:
     if result.status == "interrupted":
+        interrupts.said()
         err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
                           f"continue with: autofit run --resume --out {cfg.out_dir}")
         raise typer.Exit(130)
@@ -338,19 +337,31 @@ def _report_run(result, cfg) -> None:
     console.print(msg + f"; checkpoint {result.checkpoint}, metrics {Path(cfg.out_dir) / 'metrics.jsonl'}")
 
 
+def _say_interrupted() -> None:
+    """One line for a Ctrl-C (autofit.interrupts), from rank 0 only under torchrun."""
+    from autofit.torchrun import ranks, under_torchrun
+    text = interrupts.line()
+    if text and not (under_torchrun() and not ranks().master):
+        print(f"autofit: {text}", file=sys.stderr)
+
+
 def main() -> None:
-    from autofit.torchrun import error_prefix, quiet_unless_rank0, session
+    interrupts.reset()
     try:
+        from autofit.torchrun import error_prefix, quiet_unless_rank0, report_error, session
         with session():  # torchrun: one process group for the command, left at the end
             quiet_unless_rank0(console, err_console)
             code = _run_app()
+        if code == 130:  # typer turns a Ctrl-C inside a command into exit code 130, silently
+            _say_interrupted()
     except KeyboardInterrupt:
-        print("autofit: interrupted", file=sys.stderr)
+        _say_interrupted()
         sys.exit(130)
     except Exception as e:
         if _is_user_error(e):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
+            if not report_error(msg):  # under torchrun it may go to the launcher, to be said once
+                print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
             sys.exit(2)
         # click's (or typer's vendored click's) usage errors carry exit code 2 and a message:
         # one line too, instead of a boxed multi-line panel
@@ -361,7 +372,7 @@ def main() -> None:
             print(f"autofit: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
             sys.exit(2)
         if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
-            print("autofit: interrupted", file=sys.stderr)
+            _say_interrupted()
             sys.exit(130)
         raise
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,5 +1,6 @@
 """What every `autofit` sub-command shares: the consoles, the one-line user errors, the config
-options, and small parsers. The commands live in cli.py (config, probe, run), cli_profiles.py
+options (and the probe options probe and run share), small parsers, and the `autofit run` line a
+probe suggests. The commands live in cli.py (config, probe, run), cli_profiles.py
 (profiles) and cli_data.py (data prepare, sample)."""
 from __future__ import annotations
 
@@ -50,10 +51,15 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
-    """The TrainConfig of a command: preset (tiny without --config), file, --set; with
-    init_from = 'gpt2*' the published model's shape, as nanoGPT's train.py takes it."""
+    """The TrainConfig of a command: a preset or a file (the tiny preset when neither is named),
+    then --set; with init_from = 'gpt2*' the published model's shape, as nanoGPT's train.py takes
+    it. Raises UsageError for --preset with --config: both name a whole model, and a quiet
+    winner would train something the user did not pick; ConfigError for a bad config."""
     from trainer.config import load_config
     from trainer.pretrained import gpt2_config
+    if preset is not None and config is not None:
+        raise UsageError(f"--preset and --config both name a model; pick one (to change a preset's values, "
+                         f"use --preset {preset} --set key=value, or copy them into {config})")
     if preset is None and config is None:
         preset = "tiny"  # the built-in default: small enough to train on a laptop CPU in minutes
     return gpt2_config(load_config(preset=preset, config_file=config, overrides=overrides))
@@ -77,3 +83,53 @@ def _size(value: Optional[str], flag: str) -> Optional[int]:
 def _fmt(n):
     from autofit.units import fmt_bytes
     return fmt_bytes(n) if n else "-"
+
+
+def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss):
+    from autofit.probe import ProbeOptions
+    if not 0.0 <= margin < 1.0:
+        raise UsageError(f"--margin must be in [0, 1), got {margin}")
+    ck = None
+    if checkpointing is not None:
+        try:
+            ck = sorted({int(v) for v in checkpointing.split(",")})
+            if any(v < 0 for v in ck):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--checkpointing takes a comma list of block intervals (0=off), got {checkpointing!r}") from None
+    li = None
+    if loss is not None:
+        li = [v.strip() for v in loss.split(",")]
+        bad = [v for v in li if v not in ("standard", "chunked")]
+        if bad:
+            raise UsageError(f"--loss: unknown loss implementation {bad[0]!r} (standard, chunked)")
+    return ProbeOptions(device=device, budget_bytes=_size(budget, "--budget"), gpu=gpu, gpu_index=gpu_index,
+                        margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li)
+
+
+DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: the GPU if there is one, else the budgeted CPU).")
+BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB (default: half of available RAM).")
+GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU (NVML index; default 0). Refused on the CPU and under torchrun.")
+DEFAULT_MARGIN = 0.10
+MarginOpt = typer.Option(DEFAULT_MARGIN, "--margin", help="Share of usable memory kept free as a safety margin.")
+DtypeOpt = typer.Option(None, "--dtype", help="Narrow or widen dtypes: float32, bfloat16, float16, a comma list, or 'any' (default: the config's).")
+CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: the config's compile, tried both ways).")
+CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing intervals to try, comma list (0=off, 1=every block).")
+LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standard, chunked (comma list).")
+
+
+def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index=None) -> list[str]:
+    """The probe's options that `autofit run --profile` takes too, as argv: the suggested command
+    then trains the config that was probed, over the same candidates (and so finds its plan)."""
+    args = ["--config", str(config)] if config is not None else (["--preset", preset] if preset else [])
+    for item in overrides:
+        args += ["--set", item]
+    for flag, value in (("--dtype", dtype), ("--checkpointing", checkpointing), ("--loss", loss)):
+        args += [flag, value] if value is not None else []
+    if compile is not None:
+        args.append("--compile" if compile else "--no-compile")
+    if margin != DEFAULT_MARGIN:
+        args += ["--margin", repr(margin)]
+    if gpu_index is not None:  # the GPU that was measured
+        args += ["--gpu-index", str(gpu_index)]
+    return args

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from autofit import interrupts
 from autofit.cli_common import console, err_console
 
 sample_app = typer.Typer()
@@ -56,6 +57,7 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
     from trainer.prepare import prepare
     out_dir = out if out is not None else Path("data") / name
     log = lambda s: err_console.print(f"[dim]{s}[/]")
+    interrupts.during(f"interrupted while preparing {name}; nothing was moved into {out_dir}")
     done = prepare(name, out_dir, input_path=input_file, max_tokens=max_tokens, shard_size=shard_size,
                    force=force, progress=not no_progress, log=log)
     counts = ", ".join(f"{split} {n:,} tokens" for split, n in done.tokens.items())

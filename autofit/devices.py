@@ -15,12 +15,15 @@ from autofit.device import Device, DeviceError, SimulatedDevice
 CpuFallback = Literal["budgeted", "plain"]
 
 
-def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu_index: int = 0,
+def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu_index: int | None = None,
                 emulate_usable_bytes: int | None = None, cpu: CpuFallback = "budgeted") -> Device:
     """The device to measure and train on.
 
     kind: 'cuda', 'cpu', or None (a GPU if there is one, else the CPU).
     budget_bytes: a budget for the budgeted CPU device (implies kind 'cpu').
+    gpu_index: the GPU asked for (--gpu-index); None: GPU 0. Asked for, it must be used: a run
+        that would end up on the CPU (--device cpu, a budget, no GPU found) or under torchrun
+        (each rank takes LOCAL_RANK's GPU) raises DeviceError instead of ignoring it.
     emulate_usable_bytes: on CUDA, cap this process to a smaller card's usable memory (emulation).
     cpu: what the CPU is without a budget: 'budgeted' (half the available RAM; the probe's
         default, since trials must measure) or 'plain' (nothing measured, compile runs for real).
@@ -31,9 +34,16 @@ def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu
     from autofit.cpu import PlainCpuDevice
     from autofit.cpu_budget import BudgetedCpuDevice
     from autofit.torchrun import cpu_share, gpu_index as rank_gpu, rank_budget, under_torchrun
-    budget_bytes, gpu_index = rank_budget(budget_bytes), rank_gpu(gpu_index)
     if kind not in (None, "cpu", "cuda"):
         raise DeviceError(f"--device must be 'cuda' or 'cpu', got {kind!r}")
+    asked = gpu_index
+    if asked is not None and (kind == "cpu" or budget_bytes is not None):
+        raise DeviceError(f"--gpu-index {asked} picks a GPU, and this run is on the CPU "
+                          f"({'--device cpu' if kind == 'cpu' else '--budget'}); drop one of them")
+    if asked is not None and under_torchrun():
+        raise DeviceError(f"--gpu-index {asked}: under torchrun each rank takes the GPU of its LOCAL_RANK; drop "
+                          f"--gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs the ranks see)")
+    budget_bytes, gpu_index = rank_budget(budget_bytes), rank_gpu(asked or 0)
     if budget_bytes is not None and kind == "cuda":
         raise DeviceError("--budget applies to the CPU device only; on a GPU the budget is free memory x (1 - margin)")
     if budget_bytes is not None or (kind == "cpu" and cpu == "budgeted"):
@@ -47,6 +57,9 @@ def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu
     except DeviceError as e:
         if kind == "cuda":
             raise
+        if asked is not None:
+            raise DeviceError(f"--gpu-index {asked}: no such GPU ({e}); without it this run would be on the CPU, "
+                              f"where --gpu-index means nothing: drop it, or add --device cpu") from None
         if gpu_index > 0 and under_torchrun() and _has_gpu(detect_gpu):  # more ranks than GPUs here
             raise DeviceError(f"rank with LOCAL_RANK {gpu_index} has no GPU of its own ({e}); start at most one rank "
                               f"per GPU, or use --device cpu") from None
@@ -68,17 +81,21 @@ def open_simulated(name: str) -> SimulatedDevice:
     return SimulatedDevice(get_hardware(name))
 
 
-def reopen_device(spec: dict, *, gpu_index: int = 0) -> Device:
+def reopen_device(spec: dict, *, gpu_index: int | None = None) -> Device:
     """The device a checkpoint was trained on, from the spec its meter wrote (MemoryMeter.spec()),
-    so a resumed run continues under the same budget or cap."""
+    so a resumed run continues under the same budget or cap. gpu_index as open_device's (a CPU
+    checkpoint refuses one)."""
     from autofit.torchrun import gpu_index as rank_gpu
     kind = spec.get("kind")
     if kind == "cuda":
         from autofit.cuda import open_cuda_device
-        device = open_cuda_device(rank_gpu(gpu_index))
+        device = open_cuda_device(rank_gpu(gpu_index or 0))
         if spec.get("memory_cap_bytes"):
             device.set_memory_cap(int(spec["memory_cap_bytes"]))
         return device
+    if gpu_index is not None:
+        raise DeviceError(f"--gpu-index {gpu_index} picks a GPU, and this run is on the CPU (the checkpoint's "
+                          f"device: a resume continues where it trained); drop --gpu-index")
     if kind == "cpu-budgeted":
         return open_device("cpu", budget_bytes=int(spec["budget_bytes"]))
     return open_device("cpu", cpu="plain")

@@ -28,6 +28,25 @@ from trainer.recovery import shrink_policy
 from trainer.step import describe_split, split_batch
 
 
+def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = False) -> None:
+    """Before any probe or model: a run that would train no step (a fresh run with --max-steps 0
+    or max_iters 0; a resume whose checkpoint is already at max_iters or --max-steps) is one line,
+    not a probe and a rewritten checkpoint. `step`: the optimizer step the run would start at.
+    eval_only runs train nothing by design and pass. Raises TrainError."""
+    from trainer.errors import TrainError
+    if cfg.eval_only:
+        return
+    stop = cfg.max_iters if max_steps is None else min(cfg.max_iters, max_steps)
+    if stop > step:
+        return
+    limit = f"--max-steps {max_steps}" if max_steps is not None and max_steps <= cfg.max_iters \
+        else f"max_iters {cfg.max_iters}"
+    fix = "--max-steps N" if limit.startswith("--") else "--set max_iters=N"
+    where = f"the checkpoint is at step {step}" if resuming else "a new run starts at step 0"
+    raise TrainError(f"nothing to train: {where}, and {limit} is not beyond it; raise it ({fix}), "
+                     f"or --set eval_only=True to evaluate without training")
+
+
 def _builtin_hardware(name: str) -> dict | None:
     hw = load_builtin().get(name)
     return hw.model_dump(mode="json") if hw is not None else None
@@ -146,7 +165,7 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     emulated_on = None
     if hw.get("kind") == "cpu":
         probe_opts.device, probe_opts.budget_bytes = "cpu", int(hw["memory_bytes"])
-        device = open_device("cpu", budget_bytes=probe_opts.budget_bytes)
+        device = open_device("cpu", budget_bytes=probe_opts.budget_bytes, gpu_index=probe_opts.gpu_index)
     else:
         device, emulated_on = _gpu_for_profile(profile, hw, emulate, probe_opts)
         if emulated_on:
@@ -193,7 +212,10 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
     from autofit.cuda import detect_gpu, open_cuda_device, set_allocator_conf
     set_allocator_conf()  # before anything can initialise CUDA
     from autofit.torchrun import gpu_index
-    index = gpu_index(probe_opts.gpu_index)  # torchrun: this rank's GPU
+    if probe_opts.gpu_index is not None and agree.ranks().several:
+        raise DeviceError(f"--gpu-index {probe_opts.gpu_index}: under torchrun each rank takes the GPU of its "
+                          f"LOCAL_RANK; drop --gpu-index")
+    index = gpu_index(probe_opts.gpu_index or 0)  # torchrun: this rank's GPU
     try:
         info = detect_gpu(index)
     except DeviceError as e:

@@ -2,6 +2,9 @@
 the budget, and run the planner in the matching mode: measured trials, or estimates alone."""
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +21,7 @@ class ProbeOptions:
     device: str | None = None  # 'cuda' | 'cpu' | None (a GPU if there is one, else the CPU)
     budget_bytes: int | None = None  # CPU only
     gpu: str | None = None  # simulate this hardware profile: estimates only
-    gpu_index: int = 0
+    gpu_index: int | None = None  # --gpu-index; None: GPU 0 (and no complaint on the CPU)
     margin: float = 0.10
     dtype: str | None = None
     compile: bool | None = None
@@ -27,6 +30,20 @@ class ProbeOptions:
     emulate_bytes: int | None = None  # on a bigger GPU: cap the process to this many bytes
     trial_steps: int = 2
     compile_backend: str = "inductor"
+
+
+PROBE_WAIT_ENV = "AUTOFIT_FAULT_PROBE_WAIT"
+
+
+def _wait_if_asked() -> None:
+    """AUTOFIT_FAULT_PROBE_WAIT=1 (a fault for tests of Ctrl-C and SIGTERM during the probe): the
+    probe stops before its first trial, says so on stderr, and waits there for a signal, so a test
+    interrupts a probe without guessing how long trials take on the machine."""
+    if not os.environ.get(PROBE_WAIT_ENV):
+        return
+    print(f"probe waiting ({PROBE_WAIT_ENV} is set): interrupt it now", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
 
 
 BIG_FOR_CPU = 20_000_000  # parameters: above this, real trials on a CPU take minutes each
@@ -53,6 +70,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
                             compile_measurable=device.capabilities.compile,
                             compute_capability=info.compute_capability, world_size=ranks.world_size)
     space = agree.space(space)  # several ranks: what every rank's card can run
+    _wait_if_asked()
     settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
     return probe_measured(cfg, device, budget, space, settings=settings, log=log)
 
@@ -62,8 +80,9 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
     HardwareError or PlanError with one line."""
     if opts.gpu is not None:
         sim = open_simulated(opts.gpu)
-        if opts.device is not None or opts.budget_bytes is not None:
-            raise DeviceError("--gpu simulates a card from its profile; it cannot be combined with --device/--budget")
+        if opts.device is not None or opts.budget_bytes is not None or opts.gpu_index is not None:
+            raise DeviceError("--gpu simulates a card from its profile; it cannot be combined with "
+                              "--device/--budget/--gpu-index")
         info = sim.info
         space = candidate_space(cfg, "cuda", info.bf16_supported, dtype=opts.dtype, compile=opts.compile,
                                 checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,

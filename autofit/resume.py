@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from autofit import agree
 from autofit.devices import reopen_device
-from autofit.launch import Launch, prepare_run
+from autofit.launch import Launch, check_steps_left, prepare_run
 from autofit.records import PlanRecord
 from trainer.checkpoint import device_spec, read_checkpoint, resume_changes
 from trainer.config import ConfigError, TrainConfig
@@ -50,6 +50,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
         return _continue_nanogpt(path, overrides, probe_opts, allow_changes, max_steps, progress, log)
     read_checkpoint(path, mmap=True)  # every key a resume reads, checked before any work
     cfg, changes = _with_changes(TrainConfig(**ck["config"]), overrides, allow_changes, log)
+    check_steps_left(int(ck["iter_num"]), cfg, max_steps, resuming=True)  # before the device and the model
     cfg.out_dir = str(out_dir)
     plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
     spec = device_spec(ck)
@@ -106,6 +107,7 @@ def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_step
         raise TrainError(str(e)) from None
     saved, dropped = train_config_of(ck)
     cfg, _ = _with_changes(saved, overrides, allow_changes, log)
+    check_steps_left(int(ck.iter_num), cfg, max_steps, resuming=True)  # before the probe
     cfg.out_dir = str(path.parent)
     log(f"{path} is a nanoGPT checkpoint (step {ck.iter_num}): continuing it with its weights and optimizer "
         f"state on a plan probed now" + (f"; nanoGPT settings autofit does not use: {', '.join(dropped)}" if dropped else ""))

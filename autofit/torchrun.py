@@ -21,6 +21,7 @@ from typing import Iterator
 from autofit.device import DeviceError
 
 RANK_BUDGETS_ENV = "AUTOFIT_RANK_BUDGETS"
+LAUNCHED_ENV = "AUTOFIT_LAUNCHER"  # set by relaunch() for its ranks: their error lines go back to it
 
 
 def ranks():
@@ -63,6 +64,27 @@ def error_prefix(msg: str) -> str:
         return ""
     r = ranks()
     return "" if msg.startswith(f"rank {r.rank}:") else f"rank {r.rank}: "
+
+
+def report_error(msg: str) -> bool:
+    """Where a rank's one-line error goes, so that the user reads it once, not once per rank.
+    Under `autofit run --nproc-per-node` (LAUNCHED_ENV set) every rank writes it to its
+    torchelastic error file (TORCHELASTIC_ERROR_FILE, torchrun's own channel from rank to
+    launcher) and prints nothing: the launcher prints each distinct line once, on stderr. Under a
+    torchrun the user started, rank 0 prints it and the other ranks write it to that file, which
+    torchrun shows in its failure summary. Returns True when the line went to the file (print
+    nothing), False when the caller prints it (no torchrun, rank 0 of a user's torchrun, no file)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
+    if not under_torchrun() or not path or (ranks().master and not os.environ.get(LAUNCHED_ENV)):
+        return False
+    import json
+    import time
+    try:  # torchrun reads {"message": str, "timestamp": int} back as the failure's message
+        with open(path, "w") as f:
+            json.dump({"message": msg, "timestamp": int(time.time()), "autofit": True}, f)
+    except OSError:
+        return False
+    return True
 
 
 def rank_budget(budget_bytes: int | None) -> int | None:
@@ -146,27 +168,87 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def relaunch(argv: list[str], nproc: int) -> int:
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, as in a
+    container or under taskset; else os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def rank_environment(environ, nproc: int, cores: int) -> tuple[dict[str, str], str | None]:
+    """What --nproc-per-node adds to the ranks' environment, and the line that says so.
+
+    OMP_NUM_THREADS: torchrun sets it to 1 for every rank when it is unset (and prints a 4-line
+    banner saying so), which leaves a CPU run on 1 core per rank; autofit gives each of the
+    `nproc` ranks an equal share of the `cores` instead, max(1, cores // nproc). A user's own
+    OMP_NUM_THREADS (in `environ`) is kept as it is; one rank changes nothing (torchrun sets
+    nothing then either). Returns ({name: value} to set, a line to log or None)."""
+    if nproc <= 1 or environ.get("OMP_NUM_THREADS", "").strip():
+        return {}, None
+    threads = max(1, cores // nproc)
+    return {"OMP_NUM_THREADS": str(threads)}, (
+        f"OMP_NUM_THREADS={threads} for each of the {nproc} ranks ({cores} CPU cores / {nproc}); set "
+        f"OMP_NUM_THREADS yourself to choose another")
+
+
+def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     """Runs `python -m autofit <argv minus --nproc-per-node>` on `nproc` ranks of this machine
     through torchrun's launcher (--standalone: a local rendezvous on a free port). Returns the
-    exit code: 0, or the first failed rank's (signals as 128 + number), after one line per
-    failed rank on stderr. For several machines, run torchrun yourself with its rendezvous
-    options (README: Several GPUs)."""
+    exit code: 0, or the failed ranks' (signals as 128 + number), after their lines on stderr
+    (failed_lines). torchrun's own log lines (its OMP_NUM_THREADS banner, 'Sending process ...
+    closing signal', 'failed (exitcode: 2)') are left out: those lines say it better, once. For
+    several machines, run torchrun yourself with its rendezvous options (README: Several GPUs)."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "autofit", *strip_nproc(argv)])
+    extra, line = rank_environment(os.environ, nproc, cpu_cores())
+    os.environ.update({**extra, LAUNCHED_ENV: "1"})  # torchrun passes this process's environment to the ranks
+    if line:
+        log(line)
+    logging.disable(logging.ERROR)  # this process only launches: its log is torchrun's
     try:
         run(args)
     except ChildFailedError as e:
-        codes = []
-        for rank, f in sorted(e.failures.items()):
-            how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
-            print(f"autofit: rank {rank} stopped with {how}", file=sys.stderr)
-            codes.append(128 - f.exitcode if f.exitcode < 0 else f.exitcode)
-        return codes[0] if codes else 1
+        lines, code = failed_lines(e.failures, nproc)
+        for text in lines:
+            print(text, file=sys.stderr)
+        return code
     except SignalException as e:  # Ctrl-C / SIGTERM: torchrun passed it on and waited for the ranks
         print(f"autofit: stopped by {signal.Signals(e.sigval).name}; the ranks were told to checkpoint and stop",
               file=sys.stderr)
         return 128 + int(e.sigval)
+    finally:
+        logging.disable(logging.NOTSET)
     return 0
+
+
+def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
+    """The launcher's report of failed ranks (torchrun's ProcessFailure per global rank, with
+    .message, .error_file_data, .exitcode, .signal_name()): (lines for stderr, exit code).
+
+    Each distinct error line the ranks reported (report_error) is printed once: as it is when
+    every rank reported it (a config error), else prefixed with the ranks that did. A rank that
+    died without a line is named with its exit code or signal, except one torchrun stopped with
+    SIGTERM because another rank had failed. The exit code is the first reporting rank's (2, a
+    user error, if torchrun's SIGTERM ended it after its line), else the first failed rank's."""
+    said = {r: f.message for r, f in failures.items()
+            if isinstance(getattr(f, "error_file_data", None), dict) and f.error_file_data.get("autofit")}
+    lines, codes = [], []
+    for msg in dict.fromkeys(said[r] for r in sorted(said)):
+        who = [r for r in sorted(said) if said[r] == msg]
+        named = len(who) == nproc or msg.startswith("rank ")
+        lines.append(f"autofit: error: {msg}" if named else
+                     f"autofit: error: rank {', '.join(map(str, who))}: {msg}")
+        # a rank that wrote its line may still be stopped by torchrun's SIGTERM on its way out
+        codes += [c for c in (failures[r].exitcode for r in who) if c > 0][:1] or [2]
+    for rank, f in sorted(failures.items()):
+        if rank in said or (said and f.exitcode == -signal.SIGTERM):
+            continue
+        how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
+        lines.append(f"autofit: rank {rank} stopped with {how}")
+        codes.append(128 - f.exitcode if f.exitcode < 0 else f.exitcode)
+    return lines, (codes[0] if codes else 1)

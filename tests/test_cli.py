@@ -443,5 +443,12 @@ def test_a_resume_with_nothing_left_to_train_says_so(tmp_path, monkeypatch, caps
     code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=2",
                        "--out", "o", "--no-progress")
     assert code == 0, err
+    before = (tmp_path / "o" / "ckpt.pt").stat().st_mtime_ns
     code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress")
-    assert code == 0 and "nothing to train: the run is at step 2" in out and "max_iters" in out
+    # one line before the model is built: the finished run's checkpoint is not rewritten
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "nothing to train: the checkpoint is at step 2" in err and "max_iters 2" in err and out == ""
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress", "--set", "max_iters=4",
+                       "--max-steps", "2")
+    assert code == 2 and "--max-steps 2 is not beyond it" in err
+    assert (tmp_path / "o" / "ckpt.pt").stat().st_mtime_ns == before

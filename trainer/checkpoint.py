@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer.errors import TrainError
+from trainer.safe_load import UnsafeOrUnreadable, load_weights_only
 from trainer.model import model_args_of
 
 # Every key a resume reads: a checkpoint lacking one is refused before any work.
@@ -93,11 +93,9 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu", any_layout: 
     if not path.exists():
         raise TrainError(f"--resume: no checkpoint at {path}")
     try:
-        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
-            warnings.simplefilter("ignore")
-            ck = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except Exception:  # corrupt, truncated, or a pickle that wants to run code
-        raise TrainError(f"{path} is not a valid autofit checkpoint (unreadable with weights_only=True)") from None
+        ck = load_weights_only(path, map_location=device, mmap=mmap)
+    except UnsafeOrUnreadable as e:  # corrupt, truncated, or a pickle that wants to run code
+        raise TrainError(f"{path} is not a valid autofit checkpoint; unreadable with weights_only=True: {e}") from None
     if any_layout and isinstance(ck, dict) and "model" in ck and "model_args" in ck:
         return ck
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]

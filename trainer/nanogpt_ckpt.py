@@ -22,6 +22,7 @@ import torch
 
 from trainer.model import MODEL_ARGS, GPT, GPTConfig, clean_state_dict
 from trainer.model import model_args_of as _model_args_of
+from trainer.safe_load import UnsafeOrUnreadable, load_weights_only
 
 # What tells autofit's layout from nanoGPT's (autofit's checkpoints carry nanoGPT's keys too).
 AUTOFIT_MARKERS = ("model", "config", "sampler")
@@ -52,10 +53,9 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or a pickle that wants to run code
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} is not a readable checkpoint with weights_only=True ({first[:160]})") from None
+        ck = load_weights_only(path, map_location=map_location)
+    except UnsafeOrUnreadable as e:  # truncated, not a torch file, or a pickle that wants to run code
+        raise CheckpointError(f"{path} is not a readable checkpoint with weights_only=True: {e}") from None
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a checkpoint dict")
     return ck

@@ -6,8 +6,8 @@ Writes OUT/stage2_probe.json after each step.
     python scripts/selfcheck/stage2_probe.py OUT WORK [--dry-run]
 
 `autofit probe` has no --profile/--emulate, so the emulated probe goes through
-`autofit run --profile rtx4070-12gb --emulate --max-steps 0` (probe, save the plan, train no
-step), and its trials are read back with `autofit profiles show rtx4070-12gb --json`. Only eager
+`autofit run --profile rtx4070-12gb --emulate --max-steps 1` (probe, save the plan, train one
+step: a run with no step to train is refused before its probe), and its trials are read back with `autofit profiles show rtx4070-12gb --json`. Only eager
 candidates are probed (--no-compile): a compiled trial of this model costs a cold compile each,
 which stage 3 measures once. The dry run probes the tiny preset on the budgeted CPU device
 (`autofit probe --device cpu --budget ... --save --json`) and reads its profile the same way.
@@ -33,7 +33,7 @@ def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None
     """Probe under emulation and save the plan; returns (profile name, plan fingerprint or None).
     The profile is read back even when the run failed after the probe had saved it."""
     out = work / "stage2-run"
-    res = run_cli(["run", "--profile", EMULATED, "--emulate", "--max-steps", "0", "--no-progress",
+    res = run_cli(["run", "--profile", EMULATED, "--emulate", "--max-steps", "1", "--no-progress",
                    "--no-compile", "--checkpointing", "0", "--out", str(out), *GPU_CONFIG], timeout=timeout)
     st.set(fit=res | {"stdout": res["stdout"][-2000:]})
     runs = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("type") == "run"]

@@ -1,0 +1,144 @@
+"""Flag combinations and values the `autofit` command refuses in one line before any work, and the
+commands it suggests: what a new user hit on main (issue 11's leftovers)."""
+import pytest
+
+from cli_run import cli
+
+SMALL = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
+         "--set", "batch_size=8", "--set", "gradient_accumulation_steps=2", "--set", "eval_iters=1",
+         "--set", "eval_interval=100", "--set", "log_interval=1"]
+CPU = ["--device", "cpu", "--budget", "64MiB"]
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("command", [["config"], ["probe", *CPU], ["run", *CPU, "--out", "o"]])
+def test_preset_and_config_together_are_refused(tmp_path, monkeypatch, capsys, command):
+    (tmp_path / "c.toml").write_text("n_layer = 1\n")
+    code, out, err = cli(monkeypatch, capsys, *command, "--preset", "tiny", "--config", "c.toml")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and out == ""
+    assert "--preset and --config both name a model; pick one" in err
+    assert "trial:" not in err and not (tmp_path / "o").exists()
+
+
+def test_preset_alone_and_config_alone_still_load(tmp_path, monkeypatch, capsys):
+    import json
+    (tmp_path / "c.toml").write_text("n_layer = 1\n")
+    code, out, _ = cli(monkeypatch, capsys, "config", "--config", "c.toml", "--json")
+    assert code == 0 and json.loads(out)["n_layer"] == 1
+    code, out, _ = cli(monkeypatch, capsys, "config", "--preset", "tiny", "--set", "n_layer=2", "--json")
+    assert code == 0 and json.loads(out)["n_layer"] == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-steps", "0"], "--max-steps 0 is not beyond it"),
+    (["--max-steps", "0", "--no-probe"], "--max-steps 0 is not beyond it"),
+    (["--set", "max_iters=0"], "max_iters 0 is not beyond it"),
+    (["--set", "max_iters=0", "--max-steps", "5"], "max_iters 0 is not beyond it"),
+])
+def test_a_fresh_run_with_nothing_to_train_is_one_line_before_the_probe(tmp_path, monkeypatch, capsys, args, words):
+    code, out, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, *args,
+                         "--out", "o", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert "nothing to train: a new run starts at step 0" in err
+    assert "trial:" not in err and not (tmp_path / "o").exists()  # no probe ran, nothing was written
+
+
+def test_eval_only_still_runs_with_max_steps_0(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", *SMALL, "--set", "eval_only=True",
+                         "--max-steps", "0", "--out", "o", "--no-progress")
+    assert code == 0 and "evaluated (eval_only) at step 0" in out, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["probe", "--device", "cpu", "--gpu-index", "1"], "--gpu-index 1 picks a GPU, and this run is on the CPU (--device cpu)"),
+    (["probe", "--budget", "64MiB", "--gpu-index", "0"], "this run is on the CPU (--budget)"),
+    (["probe", "--gpu", "rtx4070-12gb", "--gpu-index", "1"], "--gpu-index"),
+    (["run", "--device", "cpu", "--gpu-index", "1", "--no-probe", "--out", "o"], "this run is on the CPU (--device cpu)"),
+    (["run", "--device", "cpu", "--gpu-index", "1", "--out", "o"], "this run is on the CPU (--device cpu)"),
+    (["run", "--nproc-per-node", "2", "--gpu-index", "1", "--out", "o"], "each rank takes the GPU of its LOCAL_RANK"),
+])
+def test_gpu_index_on_the_cpu_is_refused(tmp_path, monkeypatch, capsys, args, words):
+    code, out, err = cli(monkeypatch, capsys, *args, *SMALL, "--no-progress" if args[0] == "run" else "--json")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert "trial:" not in err and not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_gpu_index_without_a_gpu_is_refused_not_ignored(tmp_path, monkeypatch, capsys):
+    from autofit.device import DeviceError
+    import autofit.cuda
+
+    def no_gpu(index):
+        raise DeviceError("NVML found no GPU")
+    monkeypatch.setattr(autofit.cuda, "detect_gpu", no_gpu)  # a machine without a GPU, even where one is
+    code, _, err = cli(monkeypatch, capsys, "probe", "--gpu-index", "1", *SMALL, "--json")
+    assert code == 2 and "--gpu-index 1: no such GPU (NVML found no GPU)" in err and "trial:" not in err
+    code, _, err = cli(monkeypatch, capsys, "probe", "--budget", "64MiB", *SMALL, "--json")
+    assert code == 0, err  # no --gpu-index: the budgeted CPU, as before
+
+
+def test_gpu_index_with_a_cpu_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *SMALL, "--max-steps", "1", "--out", "o",
+                       "--no-progress")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--gpu-index", "1", "--set", "max_iters=3",
+                       "--no-progress")
+    assert code == 2 and "this run is on the CPU (the checkpoint's device" in err, err
+
+
+def _suggested(out: str) -> list[str]:
+    """The argv of the command a probe suggests (the line after 'next:' or 'train with:')."""
+    import shlex
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith("autofit run ")]
+    assert len(lines) == 1, out
+    return shlex.split(lines[0])
+
+
+def _run_params(argv: list[str]) -> dict:
+    """What `autofit run` parses from `argv` (['autofit', 'run', ...]), without running it."""
+    import typer.main
+
+    from autofit.cli import app
+    assert argv[:2] == ["autofit", "run"]
+    return typer.main.get_command(app).commands["run"].make_context("run", argv[2:]).params
+
+
+def test_estimate_suggests_a_command_that_reproduces_the_probe(tmp_path, monkeypatch, capsys):
+    from autofit.cli_common import load_train_config
+    folder = tmp_path / "my configs [v2]"
+    folder.mkdir()
+    (folder / "c.toml").write_text("n_layer = 2\nn_embd = 64\nn_head = 2\nblock_size = 64\n")
+    path = str(folder / "c.toml")
+    sets = ["--set", "batch_size=4", "--set", "wandb_run_name=a b'c"]
+    levers = ["--dtype", "float32,bfloat16", "--loss", "chunked", "--checkpointing", "0,1", "--no-compile",
+              "--margin", "0.2"]
+    code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--config", path, *sets, *levers)
+    assert code == 0, err
+    argv = _suggested(out)
+    params = _run_params(argv)
+    assert params["profile"] == "rtx4070-12gb" and params["config"] == folder / "c.toml"
+    assert load_train_config(params["config"], params["preset"], params["overrides"]) == \
+        load_train_config(folder / "c.toml", None, ["batch_size=4", "wandb_run_name=a b'c"])
+    assert (params["dtype"], params["loss"], params["checkpointing"], params["compile"], params["margin"]) == \
+        ("float32,bfloat16", "chunked", "0,1", False, 0.2)
+
+
+def test_saved_plan_is_found_by_the_suggested_command(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "probe", *CPU, *SMALL, "--checkpointing", "0", "--loss", "standard",
+                         "--save")
+    assert code == 0, err
+    argv = _suggested(out)
+    assert "--set" in argv and "--loss" in argv  # the probed config and levers, not the default preset
+    code, out, err = cli(monkeypatch, capsys, *argv[1:], "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 0, err
+    assert "no probe needed" in out and "trial:" not in err  # the same fingerprint: the saved plan is used
+
+
+def test_the_suggested_command_keeps_the_measured_gpu():
+    from autofit.cli_common import _rerun_args
+    assert _rerun_args(None, "tiny", [], None, None, None, None, 0.1, 1) == ["--preset", "tiny", "--gpu-index", "1"]
+    assert _rerun_args(None, None, ["a=1"], None, True, None, None, 0.1) == ["--set", "a=1", "--compile"]

@@ -1,0 +1,80 @@
+"""Ctrl-C (SIGINT) in every phase of a command: one line saying what was under way and what is
+kept, exit code 130. The probe is held before its first trial by a fault (AUTOFIT_FAULT_PROBE_WAIT)
+that says on stderr when it waits, so the signal is sent while the probe runs, whatever the
+machine's speed (the timeouts only bound a hang)."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from autofit import interrupts
+
+TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
+        "--set", "batch_size=8", "--set", "gradient_accumulation_steps=2", "--set", "eval_iters=1",
+        "--set", "eval_interval=100"]
+CPU = ["--device", "cpu", "--budget", "64MiB"]
+WAITING = "probe waiting (AUTOFIT_FAULT_PROBE_WAIT is set)"
+
+
+def _interrupted(tmp_path, args, sig=signal.SIGINT):
+    """Runs `autofit ARGS` with the probe held, sends `sig` once it waits; (exit code, stderr lines
+    after the wait, stdout)."""
+    env = {**os.environ, "AUTOFIT_HOME": str(tmp_path / "home"), "AUTOFIT_FAULT_PROBE_WAIT": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "autofit", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        before = []
+        for line in proc.stderr:  # blocks until the probe says it waits (or the process ends)
+            before.append(line)
+            if WAITING in line:
+                break
+        assert WAITING in "".join(before), "".join(before)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, err.strip().splitlines(), out
+
+
+@pytest.mark.parametrize("args", [["probe", *CPU, *TINY], ["probe", *CPU, *TINY, "--save", "--json"]])
+def test_ctrl_c_in_the_probe_is_one_line_and_130(tmp_path, args):
+    code, after, out = _interrupted(tmp_path, args)
+    assert code == 130 and len(after) == 1, after
+    assert after[0].startswith("autofit: interrupted during the probe; nothing was saved"), after
+    assert not (tmp_path / "home" / "profiles").exists() and out == ""
+
+
+def test_ctrl_c_in_a_runs_probe_says_no_checkpoint_was_written(tmp_path):
+    code, after, _ = _interrupted(tmp_path, ["run", *CPU, *TINY, "--out", "o", "--no-progress"])
+    assert code == 130 and after == ["autofit: interrupted before training started (during the probe); "
+                                     "no checkpoint was written"], after
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_the_line_follows_the_phase():
+    interrupts.reset()
+    assert interrupts.line() == "interrupted; nothing was saved"
+    state = {"ckpt": False}
+    interrupts.during(lambda: "kept" if state["ckpt"] else "none yet")
+    assert interrupts.line() == "none yet"
+    state["ckpt"] = True
+    assert interrupts.line() == "kept"  # asked at the moment of the Ctrl-C
+    interrupts.said()
+    assert interrupts.line() is None  # the command said it itself
+    interrupts.reset()
+
+
+def test_ctrl_c_inside_a_command_is_said_not_swallowed(tmp_path, monkeypatch, capsys):
+    """typer turns a KeyboardInterrupt inside a command into a silent exit 130; main() says the line."""
+    from cli_run import cli
+
+    import autofit.probe
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(autofit.probe, "probe_on", ctrl_c)
+    code, out, err = cli(monkeypatch, capsys, "probe", *CPU, *TINY)
+    assert code == 130 and err.strip().splitlines()[-1] == "autofit: interrupted during the probe; nothing was saved"

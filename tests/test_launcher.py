@@ -1,0 +1,95 @@
+"""`autofit run --nproc-per-node N`: the environment it gives the ranks, and how the ranks' error
+lines reach the user (once, on stderr), pinned without torchrun; one launch checks the whole path."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from autofit import torchrun
+from autofit.torchrun import failed_lines, rank_environment, report_error
+
+
+def test_omp_threads_are_shared_out_when_the_user_set_none():
+    extra, line = rank_environment({}, 4, 16)
+    assert extra == {"OMP_NUM_THREADS": "4"} and "OMP_NUM_THREADS=4 for each of the 4 ranks" in line
+    assert rank_environment({}, 3, 2)[0] == {"OMP_NUM_THREADS": "1"}  # never 0
+    assert rank_environment({"OMP_NUM_THREADS": "6"}, 4, 16) == ({}, None)  # the user's own is kept
+    assert rank_environment({}, 1, 16) == ({}, None)  # one rank: torchrun sets nothing either
+
+
+def test_relaunch_gives_the_ranks_the_share_and_keeps_torchruns_banner_away(monkeypatch):
+    import torch.distributed.run as tdr
+    seen = {}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torchrun, "cpu_cores", lambda: 8)
+    monkeypatch.setattr(tdr, "run", lambda args: seen.update(omp=os.environ.get("OMP_NUM_THREADS"),
+                                                             launched=os.environ.get(torchrun.LAUNCHED_ENV)))
+    logged = []
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # relaunch writes the ranks' environment here
+    assert torchrun.relaunch(["run", "--nproc-per-node", "2"], 2, logged.append) == 0
+    assert seen == {"omp": "4", "launched": "1"} and len(logged) == 1  # set before torchrun reads it: no banner
+
+
+@dataclass
+class Failure:  # what torchrun's ProcessFailure carries
+    exitcode: int
+    message: str = ""
+    error_file_data: dict = field(default_factory=dict)
+
+    def signal_name(self):
+        return signal.Signals(-self.exitcode).name
+
+
+def said(msg):
+    return Failure(2, msg, {"message": msg, "autofit": True})
+
+
+def test_the_same_error_on_every_rank_is_said_once_unprefixed():
+    assert failed_lines({0: said("bad config"), 1: said("bad config")}, 2) == (["autofit: error: bad config"], 2)
+    stopped_after_saying = Failure(-signal.SIGTERM, "bad config", {"message": "bad config", "autofit": True})
+    assert failed_lines({0: stopped_after_saying, 1: said("bad config")}, 2)[1] == 2
+    assert failed_lines({0: stopped_after_saying}, 1)[1] == 2  # a user error, not 128 + SIGTERM
+
+
+def test_an_error_of_some_ranks_names_them_and_torchruns_sigterm_is_not_news():
+    lines, code = failed_lines({0: Failure(-signal.SIGTERM), 1: said("no GPU of its own")}, 2)
+    assert lines == ["autofit: error: rank 1: no GPU of its own"] and code == 2
+    lines, code = failed_lines({0: said("rank 0: lost contact"), 1: Failure(-signal.SIGKILL)}, 2)
+    assert lines == ["autofit: error: rank 0: lost contact", "autofit: rank 1 stopped with signal SIGKILL"]
+    lines, code = failed_lines({0: Failure(-signal.SIGTERM), 1: Failure(1, "To enable traceback see: ...")}, 2)
+    assert lines == ["autofit: rank 0 stopped with signal SIGTERM", "autofit: rank 1 stopped with exit code 1"]
+    assert code == 128 + signal.SIGTERM
+
+
+def test_a_rank_writes_its_error_for_the_launcher_instead_of_printing(tmp_path, monkeypatch):
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv(torchrun.LAUNCHED_ENV, raising=False)
+    assert report_error("x") is False and not path.exists()  # a user's torchrun: rank 0 prints
+    monkeypatch.setenv("RANK", "1")
+    assert report_error("x") is True  # ... and rank 1 leaves it to torchrun's failure summary
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv(torchrun.LAUNCHED_ENV, "1")
+    assert report_error("bad config") is True  # --nproc-per-node: every rank tells the launcher
+    assert json.loads(path.read_text())["message"] == "bad config"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert report_error("y") is False  # no torchrun: printed as always
+
+
+def test_a_rank_only_config_error_reaches_stderr_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "OMP_", "RANK", "WORLD_SIZE"))}
+    env.update(AUTOFIT_HOME=str(tmp_path / "home"), AUTOFIT_RANK_BUDGETS="3MiB", AUTOFIT_DIST_TIMEOUT="60")
+    # one budget for two ranks: the launcher (one process) cannot see it; each rank refuses it
+    proc = subprocess.run([sys.executable, "-m", "autofit", "run", "--nproc-per-node", "2", "--device", "cpu",
+                           "--out", str(tmp_path / "o"), "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=240, cwd=tmp_path)
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert errors == ["autofit: error: AUTOFIT_RANK_BUDGETS names 1 budget(s) for 2 rank(s); give one per rank, "
+                      "e.g. AUTOFIT_RANK_BUDGETS=3MiB,2MiB"], proc.stderr
+    assert proc.stderr.splitlines()[0].startswith("OMP_NUM_THREADS=") and "*****" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "torch/distributed" not in proc.stderr
