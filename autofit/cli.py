@@ -141,10 +141,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         check_steps_left(0, cfg, max_steps)
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
         _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log)
-    _hold_out_dir(cfg.out_dir)
-    if cfg.tensorboard_dir is not None:  # before any trial, as --out
-        from trainer.checkpoint import check_out_dir
-        check_out_dir(cfg.tensorboard_dir, "tensorboard_dir")
+    _hold_out_dir(cfg.out_dir, cfg.tensorboard_dir)
     if resuming:  # nanoGPT's init_from='resume' is --resume
         from autofit.resume import prepare_resume
         from trainer.checkpoint import check_out_dir
@@ -217,16 +214,19 @@ def _run_app():
             _OUT_LOCKS.pop().release()
 
 
-def _hold_out_dir(out_dir: str) -> None:
+def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
     """One run at a time in an output folder: a second `autofit run` into it (started at the same
     moment, before either wrote a checkpoint) ends in one line instead of mixing metrics and
-    overwriting the other's checkpoint. Rank 0 holds <out>/.autofit.lock (filelock) until the command ends."""
+    overwriting the other's checkpoint. Rank 0 holds <out>/.autofit.lock (filelock) until the command ends.
+    The folders a run writes (--out, tensorboard_dir) are checked first, before any trial."""
     import os
 
     from filelock import FileLock, Timeout
 
     from trainer.checkpoint import check_out_dir
     check_out_dir(out_dir)  # a file on the way, or no write permission: one line, before mkdir
+    if tensorboard_dir is not None:
+        check_out_dir(tensorboard_dir, "tensorboard_dir")
     if os.environ.get("RANK", "0") != "0":
         return
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -203,6 +203,9 @@ ROWS: list[Row] = [
         by="lead (split length checked before trials; the check is confdata's)"),
     Row("dataset folder missing", [*RUN, "--set", "dataset={t}/nope", "--out", "o"]),
     Row("dataset is a file", [*RUN, "--set", "dataset={t}/f.bin", "--out", "o"], write("f.bin", b"\0\0")),
+    Row("tensorboard_dir under a file", [*RUN, "--set", "tensorboard_dir={t}/f.bin/tb", "--out", "o"],
+        write("f.bin", b"x"), by="lead (tensorboard_dir)"),
+    Row("tensorboard_dir empty", [*RUN, "--set", "tensorboard_dir=", "--out", "o"], by="lead (tensorboard_dir)"),
     Row("dataset name not prepared", [*RUN, "--set", "dataset=shakespeare_char", "--out", "o"]),
     # issue 11: output folders
     Row("--out under a file", [*RUN, "--out", "{t}/file/o"], write("file", "x"), by="lead (output checked first)"),

@@ -194,7 +194,6 @@ def arithmetic(rng: random.Random, w: World) -> str:
 
 def letter(rng: random.Random, w: World) -> str:
     sender, to = rng.sample(list(NAMES), 2)
-    he = NAMES[sender]
     town = w.home[sender]
     return (f"Dear {to},\nI hope you are well. Here in {town} {rng.choice(WEATHER)} all week. "
             f"My {w.pet[sender]} ate all the {w.food[w.pet[sender]]} again! "
