@@ -429,7 +429,7 @@ def test_eval_oom_at_eval_micro_batch_one_propagates(tmp_path, monkeypatch):
 
 
 def test_an_eval_oom_on_one_rank_halves_every_ranks_eval_micro_batch():
-    """Two ranks as two threads whose `any_rank` is a real agreement (a barrier): rank 1 runs out of
+    """Two ranks as two threads whose `agree` is a real agreement (a barrier): rank 1 runs out of
     memory on its first eval batch only; both halve, redo that batch, and report the losses of an
     evaluation that never ran out of memory."""
     import threading
@@ -464,7 +464,7 @@ def test_an_eval_oom_on_one_rank_halves_every_ranks_eval_micro_batch():
         return Evaluator(BatchSampler(data, 16, 7), iters=2, batch_size=8, micro_batch=8, device=torch.device("cpu"),
                          dtype="float32", meter=NullMeter(),
                          on_event=lambda kind, **kw: events.append((kind, kw)),
-                         any_rank=lambda flag: agree(rank, flag))
+                         agree=lambda flag: agree(rank, flag))
 
     reference = Evaluator(BatchSampler(data, 16, 7), iters=2, batch_size=8, micro_batch=8, device=torch.device("cpu"),
                           dtype="float32", meter=NullMeter(),

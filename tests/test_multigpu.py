@@ -364,3 +364,44 @@ def test_ranks_on_one_machine_share_the_default_cpu_budget(monkeypatch):
     cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in CONFIG.items()])
     with pytest.raises(DeviceError, match="already one of torchrun's ranks"):
         check_ranks(cfg, 2, resume=False)
+
+
+def forward_oom_runs(tmp_path: Path, parallelism: str, mode: str) -> tuple[list[dict], list[dict]]:
+    """tests/ranks/forward_oom_worker.py on 2 ranks, without and with rank 1's OOM inside block
+    1's forward: each rank's record of both runs."""
+    worker = str(Path(__file__).parent / "ranks" / "forward_oom_worker.py")
+    runs = []
+    for fault in ("none", "oom"):
+        out = tmp_path / fault
+        out.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               worker, parallelism, fault, str(out), mode]
+        done = subprocess.run(cmd, env=env(tmp_path, PYTHONPATH=str(Path(__file__).parents[1])),
+                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append([json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)])
+    return runs[0], runs[1]
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
+def test_an_eval_oom_on_rank_1_halves_both_ranks_eval_micro_batch(tmp_path, parallelism):
+    """Rank 1 runs out of memory inside block 1's forward of its first eval batch (under FSDP2
+    rank 0 then waits in the forward's closing check-in): both ranks halve, redo the batch and
+    report the losses of an evaluation that never ran out of memory; no hang (timeouts)."""
+    clean, faulted = forward_oom_runs(tmp_path, parallelism, "eval")
+    assert [r["micro_batch"] for r in clean] == [8, 8]
+    assert [r["micro_batch"] for r in faulted] == [4, 4]
+    assert all(r["events"] == [["eval_oom_shrink", {"eval_micro_batch": 4}]] for r in faulted)
+    for got, want in zip(faulted, clean):
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+
+
+def test_an_fsdp2_oom_inside_rank_1s_forward_shrinks_both_ranks_and_redoes_the_step(tmp_path):
+    """Mid-forward (block 1, the last block) at step 3 on rank 1 only, under FSDP2: both ranks
+    shrink 2 -> 1, redo step 3 and match the unfaulted run's losses (FSDP2's iteration state is
+    reset, so the redo's all-gathers pair up)."""
+    clean, faulted = forward_oom_runs(tmp_path, "fsdp2", "train")
+    assert [r["events"] for r in faulted] == [[["oom_shrink", 3]]] * 2
+    assert [r["micro_batch"] for r in faulted] == [1, 1] and [r["micro_batch"] for r in clean] == [2, 2]
+    for got, want in zip(faulted, clean):
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)

@@ -2,8 +2,8 @@
 estimate_loss does, on its own sampler so that how often a run evaluates never changes the
 training batches. An out-of-memory error halves the evaluation micro-batch only; the training
 plan is not touched. With several ranks the ranks agree after each batch whether any ran out of
-memory, and all halve and redo it together, so every rank runs the same forward passes (FSDP2's
-all-gathers pair up) and the same eval micro-batch."""
+memory (trainer.multirank.RankGroup.eval_agree), and all halve and redo it together, so every
+rank runs the same forward passes (FSDP2's all-gathers pair up) and the same eval micro-batch."""
 from __future__ import annotations
 
 import gc
@@ -18,12 +18,12 @@ from trainer.step import autocast
 class Evaluator:
     """Mean loss of `model` over `iters` batches of `batch_size` sequences per split, chunked into
     micro-batches of `micro_batch` (halved after an OOM, with an 'eval_oom_shrink' event).
-    `any_rank(flag) -> bool`: True when `flag` is True on any rank (a collective with several
-    ranks; the flag itself with one). Raises the OOM when the micro-batch is already 1."""
+    `agree(oom) -> bool`: after each batch, whether any rank ran out of memory on it (a collective
+    with several ranks; `oom` itself with one). Raises the OOM when the micro-batch is already 1."""
 
     def __init__(self, sampler: BatchSampler, *, iters: int, batch_size: int, micro_batch: int,
                  device: torch.device, dtype: str, meter, on_event: Callable[..., None],
-                 any_rank: Callable[[bool], bool] = lambda flag: flag):
+                 agree: Callable[[bool], bool] = lambda oom: oom):
         self.sampler = sampler
         self.iters = iters
         self.batch_size = batch_size
@@ -32,7 +32,7 @@ class Evaluator:
         self.dtype = dtype
         self.meter = meter
         self.on_event = on_event
-        self.any_rank = any_rank
+        self.agree = agree
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
@@ -51,7 +51,7 @@ class Evaluator:
                         if not self.meter.is_oom(e) or self.micro_batch <= 1:
                             raise
                         oom = True
-                    if not self.any_rank(oom):  # every rank redoes the batch when one ran out
+                    if not self.agree(oom):  # every rank redoes the batch when one ran out
                         total += loss
                         break
                     gc.collect()

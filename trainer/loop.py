@@ -95,7 +95,7 @@ class Trainer:
         self.evaluator = Evaluator(BatchSampler(self.data, cfg.block_size, cfg.seed + 7919), iters=cfg.eval_iters,
                                    batch_size=cfg.batch_size, micro_batch=opts.eval_micro_batch or max(self.micro_batches),
                                    device=self.device, dtype=self.dtype, meter=self.meter, on_event=self._event,
-                                   any_rank=self.group.any_rank)
+                                   agree=self.group.eval_agree)
         self._unread: list[tuple[int, StepResult]] = []  # steps whose loss is still on the device
         self.losses: list[float] = []
         self._eager_step_s: list[float] = []  # the last eager step times, for the compile time

@@ -109,6 +109,22 @@ class RankGroup:
             self.agreement.outcome("error")
         return None
 
+    def eval_agree(self, oom: bool) -> bool:
+        """After one evaluation batch: whether any rank ran out of memory on it (then every rank
+        halves its eval micro-batch and redoes the batch). With several ranks this is an
+        Agreement outcome, which also answers FSDP2's per-block check-ins of a rank still inside
+        its forward; after an OOM, FSDP2's blocks go back to their shards. Raises RankFailed when
+        another rank failed otherwise."""
+        if not self.several:
+            return oom
+        seen = self.agreement.outcome("oom" if oom else None)
+        if seen[D.ERROR]:
+            D.raise_for(seen, self.ranks)
+        any_oom = bool(seen[D.REAL_OOM] or seen[D.INJECTED_OOM])
+        if any_oom and self.parallel is not None and self.parallel.kind == "fsdp2":
+            self.parallel.rewrap()
+        return any_oom
+
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (collective with several ranks)."""
         return D.any_over_ranks(flag, self.ranks)

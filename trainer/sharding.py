@@ -112,11 +112,12 @@ class FullySharded:
     no-sync mode would accumulate them unsharded, giving back the memory that sharding is for
     (more communication is the price of the memory lever).
 
-    Each block's forward starts with an agreement round (Agreement.check_in), so an OOM in one
-    rank's forward is known to the others before they wait in the next block's all-gather. An
-    OOM inside a backward cannot be agreed this way (its reduce-scatter is already in flight) and
-    ends at the collective timeout (AUTOFIT_DIST_TIMEOUT) with one line, as Composer's FSDP hooks
-    also leave it."""
+    Each block's forward starts with an agreement round (Agreement.check_in), and the whole
+    forward ends with one, so an OOM in one rank's forward (the loss included) is known to the
+    others before they wait in the next block's all-gather or the backward's; after it,
+    `rewrap` resets FSDP2's iteration state. An OOM inside a backward cannot be agreed this way
+    (its reduce-scatter is already in flight) and ends at the collective timeout
+    (AUTOFIT_DIST_TIMEOUT) with one line, as Composer's FSDP hooks also leave it."""
     kind = "fsdp2"
     zero_grad_to_none = True
 
@@ -132,6 +133,9 @@ class FullySharded:
         check = lambda *_: self.agreement.check_in()  # noqa: E731
         for m in [model, *model.transformer.h]:
             m.register_forward_pre_hook(check, prepend=True)  # before FSDP's own all-gather
+        # and once after the whole forward (the loss included), before the backward's first
+        # all-gather: an OOM in the last block or the loss head is known before any rank goes on
+        model.register_forward_hook(check)
 
     def micro_batch(self, last: bool):
         return contextlib.nullcontext()
@@ -140,9 +144,16 @@ class FullySharded:
         self.agreement.settle()
 
     def rewrap(self, target: torch.nn.Module | None = None) -> None:
-        """After an OOM: parameters back to their shards (a failed forward can leave blocks
-        all-gathered) and no gradients. FSDP2 shards the modules in place, so a compiled
-        `target` needs nothing more."""
+        """After an OOM: FSDP2's per-iteration state reset and parameters back to their shards
+        (a failed forward leaves blocks all-gathered, and its root marked as still inside a
+        forward, so the next forward would skip the root's all-gather on this rank only), and no
+        gradients. FSDP2 shards the modules in place, so a compiled `target` needs nothing more.
+        `reset_iter_state` is FSDP2's documented recovery after an aborted forward or backward
+        (torch 2.13); older torch only reshards, and a rank's OOM inside a forward can then leave
+        the ranks out of step until the collective timeout."""
+        reset = getattr(self.model, "reset_iter_state", None)
+        if reset is not None:
+            reset()
         for m in [*self.model.transformer.h, self.model]:
             m.reshard()
         for p in self.model.parameters():

@@ -1,0 +1,75 @@
+"""One rank of the mid-forward OOM tests (tests/test_multigpu.py): started by torchrun with 2
+ranks on gloo; argv: parallelism ('ddp' or 'fsdp2'), 'oom' or 'none', an output folder, and
+'eval' or 'train'. With 'oom', rank 1 runs out of memory once inside block 1's forward: in 'eval'
+mid-way through its first eval batch of a tiny GPT wrapped as the trainer wraps it; in 'train' at
+optimizer step 3 of a 6-step Trainer run. Writes <folder>/rank<N>.json: the final (eval)
+micro-batch, the events, the losses."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.data import BatchSampler, load_dataset
+from trainer.distributed import Ranks
+from trainer.evaluate import Evaluator
+from trainer.meter import NullMeter
+from trainer.model import GPT, GPTConfig
+from trainer.multirank import RankGroup
+
+
+def train(parallelism: str, fault: str, out: Path) -> dict:
+    """A 6-step run of the trainer itself; rank 1's block 1 runs out of memory at step 3."""
+    from trainer.config import load_config
+    from trainer.loop import RunOptions, Trainer
+    from trainer.step import InjectedOOM
+    cfg = load_config(None, overrides=[f"{k}={v}" for k, v in dict(
+        n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, gradient_accumulation_steps=1, dropout=0.0,
+        dataset="embedded", max_iters=6, warmup_iters=1, lr_decay_iters=6, eval_interval=0, log_interval=1,
+        compile=False, device="cpu", dtype="float32", parallelism=parallelism, out_dir=str(out / "run")).items()])
+    trainer = Trainer(cfg, RunOptions(progress=False, meter=NullMeter()))
+    rank = trainer.rank
+
+    def oom_once(module, args):
+        if fault == "oom" and rank == 1 and trainer.iter_num == 3 and max(trainer.micro_batches) > 1:
+            raise InjectedOOM("injected out of memory inside block 1's forward")
+
+    trainer.model.transformer.h[1].register_forward_pre_hook(oom_once)
+    res = trainer.run()
+    return {"rank": rank, "micro_batch": max(res.micro_batches), "losses": res.losses,
+            "events": [[e["event"], e["step"]] for e in res.events]}
+
+
+def main() -> None:
+    parallelism, fault, mode = sys.argv[1], sys.argv[2], sys.argv[4]
+    if mode == "train":
+        record = train(parallelism, fault, Path(sys.argv[3]))
+        (Path(sys.argv[3]) / f"rank{record['rank']}.json").write_text(json.dumps(record))
+        return
+    ranks = Ranks.from_env()
+    group = RankGroup(ranks, torch.device("cpu"), effective_batch=8, parallelism=parallelism)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    group.wrap_model(model, seed=0)
+    left = [1 if fault == "oom" and ranks.rank == 1 else 0]
+
+    def oom_once(module, args):
+        if left[0] and args[0].shape[0] > 2:
+            left[0] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected in block 1)")
+
+    model.transformer.h[1].register_forward_pre_hook(oom_once)
+    events: list = []
+    ev = Evaluator(BatchSampler(load_dataset("embedded"), 16, 7), iters=2, batch_size=8, micro_batch=8,
+                   device=torch.device("cpu"), dtype="float32", meter=NullMeter(),
+                   on_event=lambda kind, **kw: events.append([kind, kw]), agree=group.eval_agree)
+    losses = group.mean_dict(ev.evaluate(group.forward(model) if parallelism == "fsdp2" else model))
+    record = {"rank": ranks.rank, "micro_batch": ev.micro_batch, "events": events, "losses": losses}
+    (Path(sys.argv[3]) / f"rank{ranks.rank}.json").write_text(json.dumps(record))
+    group.close()
+
+
+if __name__ == "__main__":
+    main()
