@@ -103,7 +103,7 @@ def test_missing_tiktoken_is_one_line_before_any_work(tmp_path, text_file, monke
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
     with pytest.raises(DataError, match=r"tiktoken is not installed .*pip install 'autofit\[data\]'"):
         prepare("shakespeare", tmp_path / "sh", input_path=text_file, progress=False)
-    assert not list((tmp_path / "sh").iterdir())
+    assert not (tmp_path / "sh").exists()  # not even an empty folder, which loading would call a broken dataset
 
 
 def test_tiktoken_that_cannot_load_its_encoding_is_one_line(monkeypatch):
@@ -180,7 +180,7 @@ def test_bad_jsonl_row_names_file_and_line(tmp_path):
     rows.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(DataError, match=r"rows\.jsonl:2: a row needs a \"text\" string"):
         prepare("fineweb-edu", tmp_path / "fw", input_path=rows, encoder=BYTES, shard_size=2, progress=False)
-    assert not list((tmp_path / "fw").iterdir())  # staging removed, nothing half-made left
+    assert not (tmp_path / "fw").exists()  # staging removed, and the folder this prepare made
 
 
 def test_tokenize_to_shards_roundtrips_through_load_dataset(tmp_path):
@@ -255,6 +255,11 @@ def test_out_that_is_a_file_or_too_short_text(tmp_path, text_file):
     short.write_text("a")
     with pytest.raises(DataError, match="too few for a train and a val split"):
         prepare("shakespeare_char", tmp_path / "o", input_path=short, progress=False)
+    assert not (tmp_path / "o").exists()  # the folder this prepare made goes with its failure
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match="too few"):
+        prepare("shakespeare_char", tmp_path / "mine", input_path=short, progress=False)
+    assert (tmp_path / "mine").is_dir()  # a folder the user made is kept
 
 
 def test_existing_dataset_needs_force_and_force_replaces_it_whole(tmp_path, text_file):
