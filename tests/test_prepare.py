@@ -308,3 +308,18 @@ def test_cli_data_prepare(tmp_path, text_file, monkeypatch, capsys):
     # and the config that names it now takes its vocab from meta.pkl
     code, out, _ = cli("config", "--set", "dataset=shakespeare_char")
     assert code == 0 and f"vocab_size {len(set(TEXT))} from data/shakespeare_char/meta.pkl" in out
+
+
+def test_piped_prepare_leaves_stderr_empty_and_its_refusal_one_line(tmp_path, text_file):
+    # piped (CI, `2> log`), the transient progress bar printed a blank line on stderr: a refusal
+    # was two lines, a success one blank one
+    import subprocess
+    cmd = [sys.executable, "-m", "autofit", "data", "prepare", "shakespeare_char", "--input", str(text_file),
+           "--out", str(tmp_path / "o")]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stderr == ""
+    short = tmp_path / "short.txt"
+    short.write_text("a")  # refused while the bar is up
+    bad = subprocess.run(cmd[:-3] + [str(short), "--out", str(tmp_path / "s")], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "too few" in bad.stderr, bad.stderr

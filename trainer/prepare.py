@@ -175,9 +175,12 @@ def _move_into_place(staging: Path, out_dir: Path, old: list[Path], done: Prepar
 def _progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    # on stderr, so `--json`-style stdout stays clean; each task's description names its unit
+    # on stderr, so `--json`-style stdout stays clean; each task's description names its unit.
+    # Only on a terminal: piped, rich's transient bar still leaves a blank line on stderr.
+    import sys
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=not enabled)
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                    disable=not enabled or not sys.stderr.isatty())
 
 
 # ---------------------------------------------------------------- text in
