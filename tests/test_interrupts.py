@@ -46,6 +46,13 @@ def test_ctrl_c_in_the_probe_is_one_line_and_130(tmp_path, args):
     assert not (tmp_path / "home" / "profiles").exists() and out == ""
 
 
+def test_sigterm_in_the_probe_of_one_process_is_the_same_line(tmp_path):
+    # it used to end the process silently by the signal (exit -15), finally blocks skipped: a data
+    # prepare left its .prepare-* staging folder behind
+    code, after, out = _interrupted(tmp_path, ["probe", *CPU, *TINY], sig=signal.SIGTERM)
+    assert code == 130 and after == ["autofit: interrupted during the probe; nothing was saved"], after
+
+
 def test_ctrl_c_in_a_runs_probe_says_no_checkpoint_was_written(tmp_path):
     code, after, _ = _interrupted(tmp_path, ["run", *CPU, *TINY, "--out", "o", "--no-progress"])
     assert code == 130 and after == ["autofit: interrupted before training started (during the probe); "
