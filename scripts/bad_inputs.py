@@ -295,6 +295,7 @@ ROWS: list[Row] = [
     Row("AUTOFIT_DIST_TIMEOUT=nan", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "nan"}, check=absent("o"), by="qa"),
     Row("AUTOFIT_DIST_TIMEOUT=1e20", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "1e20"}, check=absent("o"),
         by="qa"),
+    Row("--config names a folder", ["config", "--config", "config"], setup=lambda t: (t / "config").mkdir(), by="qa"),
     Row("data prepare: text too short, piped", ["data", "prepare", "shakespeare_char", "--input", "a.txt", "--out", "d"],
         setup=write("a.txt", "a"), check=absent("d"), by="qa"),
 ]
