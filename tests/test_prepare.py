@@ -323,3 +323,17 @@ def test_piped_prepare_leaves_stderr_empty_and_its_refusal_one_line(tmp_path, te
     bad = subprocess.run(cmd[:-3] + [str(short), "--out", str(tmp_path / "s")], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "too few" in bad.stderr, bad.stderr
+
+
+def test_prepared_files_follow_the_umask_like_nanogpts(tmp_path, text_file):
+    # they were 0600 (mkstemp's private mode): a dataset prepared for a shared machine was unreadable
+    # to the other users, where nanoGPT's prepare.py (np.tofile) leaves 0644 under umask 022
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        prepare("shakespeare_char", tmp_path / "o", input_path=text_file, progress=False)
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "o").iterdir()}
+    assert modes == {n: 0o644 for n in ("train.bin", "val.bin", "meta.pkl", "train.bin.max.json", "val.bin.max.json")}
