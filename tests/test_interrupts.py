@@ -85,3 +85,18 @@ def test_ctrl_c_inside_a_command_is_said_not_swallowed(tmp_path, monkeypatch, ca
     monkeypatch.setattr(autofit.probe, "probe_on", ctrl_c)
     code, out, err = cli(monkeypatch, capsys, "probe", *CPU, *TINY)
     assert code == 130 and err.strip().splitlines()[-1] == "autofit: interrupted during the probe; nothing was saved"
+
+
+def test_ctrl_c_while_sampling_says_so(tmp_path, monkeypatch, capsys):
+    """It said only 'interrupted; nothing was saved', naming no phase."""
+    from cli_run import cli
+
+    import trainer.sample
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer.sample, "generate_samples", ctrl_c)
+    code, out, err = cli(monkeypatch, capsys, "sample", "--out", str(tmp_path), "--device", "cpu")
+    assert code == 130 and out == ""
+    assert err.strip().splitlines() == ["autofit: interrupted while sampling; no sample was printed (they print "
+                                        "when all are drawn)"]
