@@ -30,6 +30,7 @@ def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run director
         device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = SampleOptions(start=start, num_samples=num_samples, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, seed=seed, device=device, init_from=init_from)
+    interrupts.during("interrupted while sampling; no sample was printed (they print when all are drawn)")
     res = generate_samples(out, opts)
     if as_json:
         print(json.dumps({"samples": res.texts, "model": res.model_source, "codec": res.codec,

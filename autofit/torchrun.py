@@ -128,12 +128,18 @@ def _raise_interrupt(signum, frame):
 
 @contextlib.contextmanager
 def session() -> Iterator[None]:
-    """The command's process group under torchrun (nothing with one process): joined before the
+    """The command's process group under torchrun (no group with one process): joined before the
     command touches a device (on CUDA the rank's GPU is set first, after the allocator
     settings), left afterwards whatever happens. SIGTERM unwinds like Ctrl-C until training
-    installs its own handler (finish the step, checkpoint, stop)."""
+    installs its own handler (finish the step, checkpoint, stop), with one process too: a
+    scheduler's SIGTERM in the probe or a data prepare is then the Ctrl-C line, and no staging
+    folder is left behind."""
     if not under_torchrun():
-        yield
+        old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, old)
         return
     import torch
 

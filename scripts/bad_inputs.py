@@ -290,6 +290,14 @@ ROWS: list[Row] = [
     Row("unknown command", ["train"]),
     Row("unknown option", ["probe", "--frobnicate"]),
     Row("option without its value", ["probe", "--set"]),
+    # qa: environment settings and data preparation
+    Row("AUTOFIT_DIST_TIMEOUT=inf", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "inf"}, check=absent("o"), by="qa"),
+    Row("AUTOFIT_DIST_TIMEOUT=nan", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "nan"}, check=absent("o"), by="qa"),
+    Row("AUTOFIT_DIST_TIMEOUT=1e20", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "1e20"}, check=absent("o"),
+        by="qa"),
+    Row("--config names a folder", ["config", "--config", "config"], setup=lambda t: (t / "config").mkdir(), by="qa"),
+    Row("data prepare: text too short, piped", ["data", "prepare", "shakespeare_char", "--input", "a.txt", "--out", "d"],
+        setup=write("a.txt", "a"), check=absent("d"), by="qa"),
 ]
 
 # Rows whose fix is on another branch and has not landed here yet. Flip them as fixes merge.

@@ -430,6 +430,8 @@ def test_a_second_run_into_the_same_folder_is_one_line(tmp_path, monkeypatch, ca
     (["--resume", "--out", "o", "--config", "x.py"], {}, "drop --config"),
     (["--out", "o"], {"AUTOFIT_FAULT_OOM_AT_STEP": "abc"}, "AUTOFIT_FAULT_OOM_AT_STEP"),
     (["--out", "o"], {"AUTOFIT_DIST_TIMEOUT": "abc"}, "AUTOFIT_DIST_TIMEOUT"),
+    (["--out", "o"], {"AUTOFIT_DIST_TIMEOUT": "inf"}, "AUTOFIT_DIST_TIMEOUT"),  # was an OverflowError traceback
+    (["--out", "o"], {"AUTOFIT_DIST_TIMEOUT": "nan"}, "AUTOFIT_DIST_TIMEOUT"),  # was a ValueError traceback
 ])
 def test_run_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys, args, env, words):
     for k, v in env.items():

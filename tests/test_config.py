@@ -105,6 +105,9 @@ def test_missing_file_and_bad_extension(tmp_path):
     assert one_line_error(config_file=missing) == f"config file not found: {missing}"
     msg = one_line_error(config_file=write(tmp_path, "c.yaml", "batch_size: 4\n"))
     assert "unsupported config file type '.yaml'" in msg
+    (tmp_path / "config").mkdir()  # a folder, e.g. nanoGPT's config/: it exists, it is not "not found"
+    assert one_line_error(config_file=tmp_path / "config") == f"config file {tmp_path / 'config'} is a folder: " \
+                                                               f"name a .py or .toml file in it"
 
 
 # ---------------------------------------------------------------- .py configs: parsed, never run

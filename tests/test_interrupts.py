@@ -46,6 +46,13 @@ def test_ctrl_c_in_the_probe_is_one_line_and_130(tmp_path, args):
     assert not (tmp_path / "home" / "profiles").exists() and out == ""
 
 
+def test_sigterm_in_the_probe_of_one_process_is_the_same_line(tmp_path):
+    # it used to end the process silently by the signal (exit -15), finally blocks skipped: a data
+    # prepare left its .prepare-* staging folder behind
+    code, after, out = _interrupted(tmp_path, ["probe", *CPU, *TINY], sig=signal.SIGTERM)
+    assert code == 130 and after == ["autofit: interrupted during the probe; nothing was saved"], after
+
+
 def test_ctrl_c_in_a_runs_probe_says_no_checkpoint_was_written(tmp_path):
     code, after, _ = _interrupted(tmp_path, ["run", *CPU, *TINY, "--out", "o", "--no-progress"])
     assert code == 130 and after == ["autofit: interrupted before training started (during the probe); "
@@ -78,3 +85,18 @@ def test_ctrl_c_inside_a_command_is_said_not_swallowed(tmp_path, monkeypatch, ca
     monkeypatch.setattr(autofit.probe, "probe_on", ctrl_c)
     code, out, err = cli(monkeypatch, capsys, "probe", *CPU, *TINY)
     assert code == 130 and err.strip().splitlines()[-1] == "autofit: interrupted during the probe; nothing was saved"
+
+
+def test_ctrl_c_while_sampling_says_so(tmp_path, monkeypatch, capsys):
+    """It said only 'interrupted; nothing was saved', naming no phase."""
+    from cli_run import cli
+
+    import trainer.sample
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer.sample, "generate_samples", ctrl_c)
+    code, out, err = cli(monkeypatch, capsys, "sample", "--out", str(tmp_path), "--device", "cpu")
+    assert code == 130 and out == ""
+    assert err.strip().splitlines() == ["autofit: interrupted while sampling; no sample was printed (they print "
+                                        "when all are drawn)"]

@@ -641,3 +641,46 @@ def test_metrics_record_allocated_and_reserved_peaks(tmp_path):
     train(make_cfg(tmp_path, eval_interval=0), opts(meter=ReservedMeter(), max_steps=2))
     for r in records(tmp_path, "train"):
         assert (r["peak_mem_bytes"], r["peak_reserved_bytes"]) == (1000, 3000)
+
+
+def test_an_eval_oom_at_micro_batch_one_on_one_rank_stops_every_rank():
+    """Rank 1 runs out of memory at eval micro-batch 1: it used to raise on its own while rank 0
+    waited in the agreement for it (a hang until the collective's timeout); now both raise."""
+    import threading
+
+    from trainer.data import BatchSampler, load_dataset
+
+    cfg = load_config(None, overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "dropout=0.0"])
+    model = GPT(GPTConfig.from_train_config(cfg))
+    data = load_dataset("embedded")
+    flags, barrier = [False, False], threading.Barrier(2, timeout=60)
+
+    def agree(rank: int, flag: bool) -> bool:
+        flags[rank] = flag
+        barrier.wait()
+        seen = any(flags)
+        barrier.wait()
+        return seen
+
+    class AlwaysOOM(torch.nn.Module):
+        def forward(self, x, y):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    raised = [None, None]
+
+    def run(rank):
+        ev = Evaluator(BatchSampler(data, 16, 7), iters=1, batch_size=4, micro_batch=1, device=torch.device("cpu"),
+                       dtype="float32", meter=NullMeter(), on_event=lambda *a, **k: None,
+                       agree=lambda flag: agree(rank, flag))
+        try:
+            ev.evaluate([model, AlwaysOOM()][rank])
+        except Exception as e:
+            raised[rank] = e
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert isinstance(raised[1], torch.OutOfMemoryError) and "injected" in str(raised[1])
+    assert isinstance(raised[0], torch.OutOfMemoryError) and "on another rank" in str(raised[0])

@@ -3,6 +3,7 @@ init_from GPT-2 weights, eval_only, wandb logging, and a resume that would chang
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -249,3 +250,18 @@ def test_a_resume_may_start_logging_to_tensorboard(tmp_path, monkeypatch, capsys
     assert code == 0, err
     assert [r["step"] for r in records(tmp_path / "r", "train")] == [0, 1, 2, 3]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_a_resume_whose_tensorboard_dir_is_now_a_file_leaves_metrics_as_they_were(tmp_path, monkeypatch, capsys):
+    """The checkpoint's own tensorboard_dir is read only at the resume: it was refused after a 'run'
+    record had been appended to metrics.jsonl (a run that never ran), with torch's 'File exists'."""
+    pytest.importorskip("tensorboard")
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "1", "--out", "r",
+                       "--set", "tensorboard_dir=tb")
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "tb")
+    (tmp_path / "tb").write_text("x")
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--max-steps", "2", "--no-progress")
+    assert code == 2 and err.strip().splitlines()[-1] == "autofit: error: tensorboard_dir tb: tb is a file, not a folder"
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before

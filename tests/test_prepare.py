@@ -103,7 +103,7 @@ def test_missing_tiktoken_is_one_line_before_any_work(tmp_path, text_file, monke
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
     with pytest.raises(DataError, match=r"tiktoken is not installed .*pip install 'autofit\[data\]'"):
         prepare("shakespeare", tmp_path / "sh", input_path=text_file, progress=False)
-    assert not list((tmp_path / "sh").iterdir())
+    assert not (tmp_path / "sh").exists()  # not even an empty folder, which loading would call a broken dataset
 
 
 def test_tiktoken_that_cannot_load_its_encoding_is_one_line(monkeypatch):
@@ -180,7 +180,7 @@ def test_bad_jsonl_row_names_file_and_line(tmp_path):
     rows.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(DataError, match=r"rows\.jsonl:2: a row needs a \"text\" string"):
         prepare("fineweb-edu", tmp_path / "fw", input_path=rows, encoder=BYTES, shard_size=2, progress=False)
-    assert not list((tmp_path / "fw").iterdir())  # staging removed, nothing half-made left
+    assert not (tmp_path / "fw").exists()  # staging removed, and the folder this prepare made
 
 
 def test_tokenize_to_shards_roundtrips_through_load_dataset(tmp_path):
@@ -255,6 +255,11 @@ def test_out_that_is_a_file_or_too_short_text(tmp_path, text_file):
     short.write_text("a")
     with pytest.raises(DataError, match="too few for a train and a val split"):
         prepare("shakespeare_char", tmp_path / "o", input_path=short, progress=False)
+    assert not (tmp_path / "o").exists()  # the folder this prepare made goes with its failure
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match="too few"):
+        prepare("shakespeare_char", tmp_path / "mine", input_path=short, progress=False)
+    assert (tmp_path / "mine").is_dir()  # a folder the user made is kept
 
 
 def test_existing_dataset_needs_force_and_force_replaces_it_whole(tmp_path, text_file):
@@ -303,3 +308,32 @@ def test_cli_data_prepare(tmp_path, text_file, monkeypatch, capsys):
     # and the config that names it now takes its vocab from meta.pkl
     code, out, _ = cli("config", "--set", "dataset=shakespeare_char")
     assert code == 0 and f"vocab_size {len(set(TEXT))} from data/shakespeare_char/meta.pkl" in out
+
+
+def test_piped_prepare_leaves_stderr_empty_and_its_refusal_one_line(tmp_path, text_file):
+    # piped (CI, `2> log`), the transient progress bar printed a blank line on stderr: a refusal
+    # was two lines, a success one blank one
+    import subprocess
+    cmd = [sys.executable, "-m", "autofit", "data", "prepare", "shakespeare_char", "--input", str(text_file),
+           "--out", str(tmp_path / "o")]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stderr == ""
+    short = tmp_path / "short.txt"
+    short.write_text("a")  # refused while the bar is up
+    bad = subprocess.run(cmd[:-3] + [str(short), "--out", str(tmp_path / "s")], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "too few" in bad.stderr, bad.stderr
+
+
+def test_prepared_files_follow_the_umask_like_nanogpts(tmp_path, text_file):
+    # they were 0600 (mkstemp's private mode): a dataset prepared for a shared machine was unreadable
+    # to the other users, where nanoGPT's prepare.py (np.tofile) leaves 0644 under umask 022
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        prepare("shakespeare_char", tmp_path / "o", input_path=text_file, progress=False)
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "o").iterdir()}
+    assert modes == {n: 0o644 for n in ("train.bin", "val.bin", "meta.pkl", "train.bin.max.json", "val.bin.max.json")}

@@ -246,6 +246,8 @@ def _read_toml(text: str, path: Path) -> dict[str, tuple[Any, int]]:
 
 
 def _read_file(path: Path) -> dict[str, tuple[Any, int]]:
+    if path.is_dir():  # nanoGPT's config/ folder given instead of a file in it
+        raise ConfigError(f"config file {path} is a folder: name a .py or .toml file in it")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.suffix not in (".toml", ".py"):

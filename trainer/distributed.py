@@ -99,11 +99,11 @@ def timeout() -> datetime.timedelta | None:
         return None
     try:
         seconds = float(raw)
-        if seconds <= 0:
+        if not seconds > 0:  # nan too
             raise ValueError
-    except ValueError:
+        return datetime.timedelta(seconds=seconds)  # inf, 1e20: OverflowError
+    except (ValueError, OverflowError):
         raise TrainError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}") from None
-    return datetime.timedelta(seconds=seconds)
 
 
 def start(device_type: str, ranks: Ranks | None = None) -> bool:

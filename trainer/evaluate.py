@@ -19,7 +19,8 @@ class Evaluator:
     """Mean loss of `model` over `iters` batches of `batch_size` sequences per split, chunked into
     micro-batches of `micro_batch` (halved after an OOM, with an 'eval_oom_shrink' event).
     `agree(oom) -> bool`: after each batch, whether any rank ran out of memory on it (a collective
-    with several ranks; `oom` itself with one). Raises the OOM when the micro-batch is already 1."""
+    with several ranks; `oom` itself with one). Raises the OOM when the micro-batch is already 1, on
+    every rank at once (torch.OutOfMemoryError on the ranks that did not run out themselves)."""
 
     def __init__(self, sampler: BatchSampler, *, iters: int, batch_size: int, micro_batch: int,
                  device: torch.device, dtype: str, meter, on_event: Callable[..., None],
@@ -44,16 +45,20 @@ class Evaluator:
             for _ in range(self.iters):
                 x, y = self.sampler.sample(split, self.batch_size)
                 while True:
-                    oom = False
+                    oom = None
                     try:
                         loss = self.batch_loss(model, x, y)
                     except Exception as e:
-                        if not self.meter.is_oom(e) or self.micro_batch <= 1:
+                        if not self.meter.is_oom(e):
                             raise
-                        oom = True
-                    if not self.agree(oom):  # every rank redoes the batch when one ran out
+                        oom = e
+                    if not self.agree(oom is not None):  # every rank redoes the batch when one ran out
                         total += loss
                         break
+                    if self.micro_batch <= 1:  # all ranks give up together: none waits on one that raised
+                        raise oom if oom is not None else torch.OutOfMemoryError(
+                            "out of memory in evaluation on another rank at eval micro-batch 1")
+                    oom = None  # its traceback would keep the failed batch's tensors alive
                     gc.collect()
                     self.meter.cleanup()
                     self.micro_batch = max(1, self.micro_batch // 2)

@@ -147,14 +147,14 @@ class Trainer:
         --max-steps) or a stop signal (then a checkpoint of the steps done). Raises TrainError."""
         cfg = self.cfg
         stop_at = min(cfg.max_iters, self.opts.max_steps) if self.opts.max_steps is not None else cfg.max_iters
-        self._write_run_record()
         self.losses: list[float] = []  # every step's loss, read from the device in batches
         tokens = 0
         status = "finished"
         progress = self._progress = Progress(enabled=self.opts.progress and self.master, total=stop_at,
                                              start=self.iter_num, master=self.master)
-        if self.master:
+        if self.master:  # before the run record: a sink that cannot open leaves metrics.jsonl as it was
             self.metrics.sinks += open_sinks(cfg, progress.print)
+        self._write_run_record()
         try:
             with self.meter.tracking(), StopFlag() as stop, progress:
                 self.group.watch(stop)

@@ -127,9 +127,10 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
     out_dir = Path(out_dir)
     input_path = Path(input_path) if input_path is not None else None
     _check_options(name, input_path, max_tokens, shard_size)
-    check_out_dir(out_dir, force)
     if name != "shakespeare_char" and encoder is None:
-        encoder = gpt2_encoder()
+        encoder = gpt2_encoder()  # before out_dir is made: a missing encoding leaves no empty folder
+    made = not out_dir.exists()
+    check_out_dir(out_dir, force)
     texts: Iterable[str] | None = None
     if name == "fineweb-edu":
         texts = read_documents(input_path) if input_path else stream_fineweb(*fineweb)
@@ -148,6 +149,11 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
                 done = (write_chars(text, staging, bar) if name == "shakespeare_char"
                         else write_bpe(text, staging, encoder, bar))
         _move_into_place(staging, out_dir, old, done)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made and not any(out_dir.iterdir()):  # a failed first prepare leaves no empty dataset folder
+            out_dir.rmdir()
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return done
@@ -169,9 +175,12 @@ def _move_into_place(staging: Path, out_dir: Path, old: list[Path], done: Prepar
 def _progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    # on stderr, so `--json`-style stdout stays clean; each task's description names its unit
+    # on stderr, so `--json`-style stdout stays clean; each task's description names its unit.
+    # Only on a terminal: piped, rich's transient bar still leaves a blank line on stderr.
+    import sys
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=not enabled)
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                    disable=not enabled or not sys.stderr.isatty())
 
 
 # ---------------------------------------------------------------- text in

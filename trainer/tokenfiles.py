@@ -43,6 +43,9 @@ def atomic_write(path: str | Path, write: Callable[[object], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; a dataset is read as np.tofile's would be
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
