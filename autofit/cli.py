@@ -127,7 +127,8 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
     _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset)
-    cfg = load_train_config(config, preset, overrides)
+    # --resume: the --set values apply to the checkpoint's config (prepare_resume), not the tiny preset
+    cfg = load_train_config(config, preset, [o for o in overrides if o.startswith("out_dir=")] if resume else overrides)
     if out is not None:
         cfg.out_dir = out
     log = lambda s: err_console.print(f"[dim]{s}[/]")

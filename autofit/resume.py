@@ -20,13 +20,31 @@ from autofit.devices import reopen_device
 from autofit.launch import Launch, check_steps_left, prepare_run
 from autofit.records import PlanRecord
 from trainer.checkpoint import device_spec, read_checkpoint, resume_changes
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import FIELDS, ConfigError, TrainConfig
+from trainer.config_messages import unknown_key_message
 from trainer.loop import RunOptions
 from trainer.recovery import shrink_policy
 from trainer.step import describe_split, split_batch
 
 
+# The model's shape: a resume loads the checkpoint's weights, so these come from it (nanoGPT's
+# train.py forces the same keys from the checkpoint's model_args); --allow-changes cannot change them.
+MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
 def _with_changes(saved: TrainConfig, overrides: dict[str, Any], allow_changes: bool, log) -> tuple[TrainConfig, list[str]]:
+    """The saved config with `overrides` applied, and the changes to what is trained (refused with
+    a ConfigError unless allow_changes; then each is logged). A change of the model's shape is
+    refused always, by name, before any value is applied."""
+    unknown = [k for k in overrides if k not in FIELDS]
+    if unknown:
+        raise ConfigError(f"--set: {unknown_key_message(unknown[0], FIELDS)}")
+    shape = [f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in overrides.items()
+             if k in MODEL_SHAPE_FIELDS and getattr(saved, k) != v]
+    if shape:
+        raise ConfigError(f"--resume continues the checkpoint's model, whose shape cannot change ({'; '.join(shape)}); "
+                          f"drop these from --set or the config (the checkpoint's are used), or start a new run "
+                          f"with another --out")
     cfg = saved.model_copy(deep=True)
     for key, value in overrides.items():
         setattr(cfg, key, value)  # validated: ConfigError for a bad value

@@ -98,6 +98,23 @@ def test_a_resume_refuses_to_change_what_is_trained(tmp_path, monkeypatch, capsy
     assert any("learning_rate" in c for c in last_run["plan"]["changes"])
 
 
+
+@pytest.mark.parametrize("allow", [[], ["--allow-changes"]])
+def test_a_resume_refuses_a_model_shape_change_by_name_even_with_allow_changes(tmp_path, monkeypatch, capsys, allow):
+    """n_head 2 -> 6 alone would fail on n_embd 32; the refusal names the shape change itself."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "2", "--out", "r")
+    assert code == 0, err
+    before = (tmp_path / "r" / "ckpt.pt").read_bytes()
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", *allow, "--set", "n_head=6",
+                       "--set", "n_layer=2")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "shape cannot change" in err and "n_head 2 -> 6" in err and "n_layer 1 -> 2" in err
+    assert "divisible" not in err
+    assert (tmp_path / "r" / "ckpt.pt").read_bytes() == before
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--set", "n_layers=2")
+    assert code == 2 and "unknown key 'n_layers' (did you mean 'n_layer'?)" in err
+
+
 def test_eval_only_evaluates_and_exits(tmp_path, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "run", *CPU, *TINY, "--set", "eval_only=True", "--out", "e")
     assert code == 0, err
