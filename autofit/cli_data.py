@@ -30,17 +30,18 @@ def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run director
         device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = SampleOptions(start=start, num_samples=num_samples, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, seed=seed, device=device, init_from=init_from)
-    interrupts.during("interrupted while sampling; no sample was printed (they print when all are drawn)")
-    res = generate_samples(out, opts)
     if as_json:
+        interrupts.during("interrupted while sampling; nothing was printed (--json prints all samples at the end)")
+        res = generate_samples(out, opts)
         print(json.dumps({"samples": res.texts, "model": res.model_source, "codec": res.codec,
                           "device": res.device, "dtype": res.dtype, "prompt_tokens": res.prompt_tokens}, indent=2))
         return
-    err_console.print(f"[dim]model {res.model_source}; vocabulary {res.codec}; {res.device}, {res.dtype}; "
-                      f"prompt {res.prompt_tokens} tokens[/]", soft_wrap=True)
-    for text in res.texts:  # plain print: generated text is not rich markup
-        print(text)
-        print("---------------")
+
+    def show(text: str) -> None:  # plain print, as soon as drawn: generated text is not rich markup
+        print(text, "---------------", sep="\n", flush=True)
+
+    interrupts.during("interrupted while sampling; the samples drawn so far are printed above")
+    generate_samples(out, opts, on_sample=show, say=lambda line: err_console.print(f"[dim]{line}[/]", soft_wrap=True))
 
 
 data_app = typer.Typer(help="Datasets in nanoGPT's layout: prepare them.", no_args_is_help=True)

@@ -268,6 +268,8 @@ def test_an_effective_batch_that_does_not_divide_names_the_nearest_that_do(tmp_p
     with pytest.raises(TrainError, match="does not divide among 2 ranks; the nearest that do are 8 or 10"):
         check_divisible(9, 2)
     check_divisible(8, 2)
+    with pytest.raises(TrainError, match="100000 ranks need at least one sequence each per step.*at most 8 ranks"):
+        check_divisible(8, 100000)  # not "the nearest that do are 100000"
     # the CLI says so before any probe or torchrun start: one line, exit 2
     res = subprocess.run([sys.executable, "-m", "autofit", "run", "--preset", "tiny", *SETS, "-s", "batch_size=3",
                           "-s", "gradient_accumulation_steps=3", "--out", str(tmp_path / "o"), "--nproc-per-node", "2"],

@@ -120,6 +120,23 @@ def test_a_seed_gives_the_same_samples(tmp_path):
     assert a.texts[0] != a.texts[1]  # each sample is its own draw
 
 
+def test_each_sample_is_handed_over_as_soon_as_it_is_drawn(tmp_path):
+    """As sample.py prints them: an interrupted run keeps the samples already shown."""
+    save_autofit(tmp_path / "ckpt.pt", tiny_gpt(256))
+    shown, said = [], []
+
+    def show(text):
+        shown.append(text)
+        if len(shown) == 2:
+            raise KeyboardInterrupt  # Ctrl-C after the second sample
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_samples(tmp_path, opts(seed=5, temperature=1.5, num_samples=3), on_sample=show, say=said.append)
+    full = generate_samples(tmp_path, opts(seed=5, temperature=1.5, num_samples=3))
+    assert len(full.texts) == 3 and shown == full.texts[:2]
+    assert len(said) == 1 and said[0].startswith("model ") and "prompt" in said[0]
+
+
 def test_character_vocabulary_from_meta_pkl_with_a_nanogpt_checkpoint(tmp_path):
     meta = write_meta(tmp_path / "data" / "tinychars")
     model = tiny_gpt(len(ALPHABET))

@@ -209,8 +209,12 @@ def load_model(out_dir: str | Path, init_from: str, device: torch.device) -> tup
 
 
 def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str | Path = "data",
-                     gpt2_encoder: Any = None) -> SampleResult:
+                     gpt2_encoder: Any = None, on_sample: Callable[[str], None] | None = None,
+                     say: Callable[[str], None] | None = None) -> SampleResult:
     """Texts sampled from the checkpoint in out_dir (or opts.init_from's GPT-2 weights).
+    `say` gets one line on the model, vocabulary, device and prompt before the first sample;
+    `on_sample` each text as soon as it is drawn (as sample.py prints them), so an interrupted
+    run keeps what it printed.
 
     Raises SampleError, CheckpointError or WeightsError (one line) for bad options, a missing or
     unreadable --start file, a missing checkpoint, a vocabulary that cannot be found, or a
@@ -227,6 +231,8 @@ def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str
     if max(ids) >= vocab:
         raise SampleError(f"--start encodes to token {max(ids)}, beyond the model's vocab_size {vocab}")
     dtype, ctx = _autocast(device)
+    if say is not None:
+        say(f"model {source}; vocabulary {codec.description}; {device}, {dtype}; prompt {len(ids)} tokens")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     torch.manual_seed(opts.seed)
     texts = []
@@ -234,6 +240,8 @@ def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str
         for _ in range(opts.num_samples):
             y = model.generate(x, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k)
             texts.append(codec.decode(y[0].tolist()))
+            if on_sample is not None:
+                on_sample(texts[-1])
     return SampleResult(texts, source, codec.description, str(device), dtype, len(ids))
 
 
