@@ -3,6 +3,7 @@ cause end in one line on stderr and exit code 2; nothing already written is lost
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -291,7 +292,9 @@ def _check_fresh_run(cfg, log) -> None:
     data.check_vocab(cfg.vocab_size)
     data.check_block_size(cfg.block_size)
     src = cfg.source_of("vocab_size")
-    if src.endswith("meta.pkl") or src.startswith("dataset"):
+    from autofit.torchrun import LAUNCHED_ENV
+    said_by_launcher = os.environ.get(LAUNCHED_ENV) is not None  # --nproc-per-node checked it once already
+    if (src.endswith("meta.pkl") or src.startswith("dataset")) and not said_by_launcher:
         log(f"vocab_size {cfg.vocab_size}, from {src}")
 
 

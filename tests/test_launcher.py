@@ -93,3 +93,29 @@ def test_a_rank_only_config_error_reaches_stderr_once(tmp_path):
                       "e.g. AUTOFIT_RANK_BUDGETS=3MiB,2MiB"], proc.stderr
     assert proc.stderr.splitlines()[0].startswith("OMP_NUM_THREADS=") and "*****" not in proc.stderr
     assert "Traceback" not in proc.stderr and "torch/distributed" not in proc.stderr
+
+
+def test_the_vocab_line_is_said_once_the_launcher_said_it_for_the_ranks(tmp_path, monkeypatch):
+    """Under --nproc-per-node the launcher checks the fresh run and says where vocab_size came from;
+    its ranks (AUTOFIT_LAUNCHER set) do not say it again."""
+    import pickle
+
+    import numpy as np
+
+    from autofit.cli import _check_fresh_run
+    from trainer.config import load_config
+    data = tmp_path / "data" / "chars"
+    data.mkdir(parents=True)
+    for split in ("train", "val"):
+        (np.arange(200) % 30).astype(np.uint16).tofile(data / f"{split}.bin")
+    (data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 30, "itos": {}, "stoi": {}}))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", overrides=["dataset=chars", "block_size=16", f"out_dir={tmp_path / 'o'}"])
+    monkeypatch.delenv(torchrun.LAUNCHED_ENV, raising=False)
+    said = []
+    _check_fresh_run(cfg, said.append)
+    assert said == ["vocab_size 30, from data/chars/meta.pkl"]
+    monkeypatch.setenv(torchrun.LAUNCHED_ENV, "1")
+    said.clear()
+    _check_fresh_run(cfg, said.append)
+    assert said == []
