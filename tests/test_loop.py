@@ -428,19 +428,17 @@ def test_eval_oom_at_eval_micro_batch_one_propagates(tmp_path, monkeypatch):
         train(make_cfg(tmp_path), opts(eval_micro_batch=1))
 
 
-def test_an_eval_oom_on_one_rank_halves_every_ranks_eval_micro_batch():
-    """Two ranks as two threads whose `agree` is a real agreement (a barrier): rank 1 runs out of
-    memory on its first eval batch only; both halve, redo that batch, and report the losses of an
-    evaluation that never ran out of memory."""
+
+def two_threads_as_ranks():
+    """A tiny GPT, the embedded dataset, and agree(rank, flag) -> any rank's flag: a real agreement
+    between two threads (a barrier with a timeout, so a rank that never agrees fails the test)."""
     import threading
 
-    from trainer.data import BatchSampler, load_dataset
-
+    from trainer.data import load_dataset
     cfg = load_config(None, overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "dropout=0.0"])
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_train_config(cfg))
-    data = load_dataset("embedded")
-    flags, barrier = [False, False], threading.Barrier(2)
+    flags, barrier = [False, False], threading.Barrier(2, timeout=60)
 
     def agree(rank: int, flag: bool) -> bool:
         flags[rank] = flag
@@ -448,6 +446,16 @@ def test_an_eval_oom_on_one_rank_halves_every_ranks_eval_micro_batch():
         seen = any(flags)
         barrier.wait()
         return seen
+    return model, load_dataset("embedded"), agree
+
+def test_an_eval_oom_on_one_rank_halves_every_ranks_eval_micro_batch():
+    """Two ranks as two threads whose `agree` is a real agreement (a barrier): rank 1 runs out of
+    memory on its first eval batch only; both halve, redo that batch, and report the losses of an
+    evaluation that never ran out of memory."""
+    import threading
+
+    from trainer.data import BatchSampler
+    model, data, agree = two_threads_as_ranks()
 
     class OOMOnce(torch.nn.Module):
         def __init__(self):
@@ -648,19 +656,8 @@ def test_an_eval_oom_at_micro_batch_one_on_one_rank_stops_every_rank():
     waited in the agreement for it (a hang until the collective's timeout); now both raise."""
     import threading
 
-    from trainer.data import BatchSampler, load_dataset
-
-    cfg = load_config(None, overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "dropout=0.0"])
-    model = GPT(GPTConfig.from_train_config(cfg))
-    data = load_dataset("embedded")
-    flags, barrier = [False, False], threading.Barrier(2, timeout=60)
-
-    def agree(rank: int, flag: bool) -> bool:
-        flags[rank] = flag
-        barrier.wait()
-        seen = any(flags)
-        barrier.wait()
-        return seen
+    from trainer.data import BatchSampler
+    model, data, agree = two_threads_as_ranks()
 
     class AlwaysOOM(torch.nn.Module):
         def forward(self, x, y):
