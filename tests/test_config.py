@@ -171,12 +171,12 @@ def test_py_config_is_never_executed(tmp_path, monkeypatch):
 
 
 def test_huge_exponent_is_refused_quickly():
-    start = time.perf_counter()
+    """Refused before evaluating (a missing guard would compute for hours; pytest's own timeout of
+    the run is the bound, no clock is read here)."""
     for text in ("max_iters = 10 ** 10 ** 10\n", "max_iters = 9 ** 65\n",
                  "max_iters = (2 ** 64) ** 64\n", "learning_rate = 1e300 * 1e300\n"):
         with pytest.raises(ConfigError, match=r"c\.py:1: refused: (exponent .* too large|number too large)"):
             parse_py_config(text, "c.py")
-    assert time.perf_counter() - start < 5  # a missing guard would run for hours, not seconds
     assert parse_py_config("max_iters = 2 ** 64\n")["max_iters"] == (2 ** 64, 1)
 
 

@@ -225,17 +225,20 @@ def _child_with_rank(parent: int, rank: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid through /proc")
 def test_a_rank_killed_with_sigkill_makes_the_other_stop_with_one_line(tmp_path):
+    """The survivor notices the lost connection, not the collective timeout: that is set far above
+    how long the test waits, so no clock is read and a slow machine cannot fail it."""
     out = tmp_path / "out"
+    e = env(tmp_path)
+    e["AUTOFIT_DIST_TIMEOUT"] = "3600"
     proc = autofit_proc(["run", "--preset", "tiny", *SETS, "-s", "max_iters=100000", "--out", str(out),
-                         "--no-probe", "--no-progress", "--nproc-per-node", "2"], env(tmp_path))
+                         "--no-probe", "--no-progress", "--nproc-per-node", "2"], e)
     try:
         wait_for_step(out, proc, 2)
         os.kill(_child_with_rank(proc.pid, 1), signal.SIGKILL)
-        t0 = time.monotonic()
-        _, err = proc.communicate(timeout=90)  # bounded: it must not wait for the collective timeout
+        _, err = proc.communicate(timeout=LAUNCH_TIMEOUT)  # far below the 3600 s collective timeout
     finally:
         proc.kill()
-    assert time.monotonic() - t0 < 60 and proc.returncode != 0
+    assert proc.returncode != 0
     lines = [ln for ln in err.splitlines() if ln.startswith("autofit: error:")]
     assert len(lines) == 1 and lines[0].startswith("autofit: error: rank 0: lost contact with another rank"), err
     assert "autofit: rank 1 stopped with signal SIGKILL" in err and "Traceback" not in err
