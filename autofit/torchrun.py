@@ -134,28 +134,31 @@ def session() -> Iterator[None]:
     installs its own handler (finish the step, checkpoint, stop), with one process too: a
     scheduler's SIGTERM in the probe or a data prepare is then the Ctrl-C line, and no staging
     folder is left behind."""
-    if not under_torchrun():
-        old = signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, old)
-        return
+    several = under_torchrun()
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if several:
+            _start_group()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if several:
+            from trainer import distributed
+            distributed.stop()
+
+
+def _start_group() -> None:
+    """This rank joins the process group (on CUDA after the allocator settings, which must come
+    before set_device initialises CUDA)."""
     import torch
 
     from trainer import distributed
     kind = "cpu"
     if torch.cuda.is_available():
         from autofit.cuda import set_allocator_conf
-        set_allocator_conf()  # before set_device initialises CUDA
+        set_allocator_conf()
         kind = "cuda"
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        distributed.start(kind, ranks())
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        distributed.stop()
+    distributed.start(kind, ranks())
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
