@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -339,6 +340,9 @@ def _report_run(result, cfg) -> None:
     if first is not None:
         msg += f", loss {first:.3f} -> {last:.3f}"
     console.print(msg + f"; checkpoint {result.checkpoint}, metrics {Path(cfg.out_dir) / 'metrics.jsonl'}")
+    out = shlex.quote(str(cfg.out_dir))
+    console.print(f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out} "
+                  f"--set max_iters=N (train on)", markup=False)
 
 
 def _say_interrupted() -> None:

@@ -76,6 +76,21 @@ def test_init_from_resume_in_a_config_is_resume(tmp_path, monkeypatch, capsys):
     assert [r["step"] for r in records(tmp_path / "r", "train")] == [0, 1, 2]
 
 
+
+def test_a_finished_run_says_what_to_do_next_and_both_commands_work(tmp_path, monkeypatch, capsys):
+    import shlex
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--out", "my run")
+    assert code == 0, err
+    (nxt,) = [ln for ln in out.splitlines() if ln.startswith("next: ")]
+    sample, resume = [part.split(" (")[0] for part in nxt.removeprefix("next: ").split(", or ")]
+    code, out, err = cli(monkeypatch, capsys, *shlex.split(sample)[1:], "--num-samples", "1", "--max-new-tokens", "4")
+    assert code == 0 and out.strip(), err
+    code, out, err = cli(monkeypatch, capsys, *shlex.split(resume.replace("max_iters=N", "max_iters=10"))[1:],
+                         "--no-progress")
+    assert code == 0, err
+    assert [r["step"] for r in records(tmp_path / "my run", "train")][-1] == 9
+
+
 def test_a_resume_refuses_to_change_what_is_trained(tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "2", "--out", "r")
     assert code == 0, err
