@@ -324,16 +324,12 @@ def _report_run(result, cfg) -> None:
     if result.status == "interrupted":
         interrupts.said()
         err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
-                          f"continue with: autofit run --resume --out {cfg.out_dir}")
+                          f"continue with: autofit run --resume --out {shlex.quote(str(cfg.out_dir))}", markup=False)
         raise typer.Exit(130)
     if result.status == "evaluated":
         ev = result.last_eval or {}
         console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "
                       f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained or saved")
-        return
-    if not result.losses and result.status == "finished":
-        console.print(f"nothing to train: the run is at step {result.steps}, and max_iters {cfg.max_iters} (or "
-                      f"--max-steps, a step number) is not beyond it; raise it with --set max_iters=N")
         return
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     msg = f"done: {result.steps} optimizer steps"
