@@ -410,3 +410,37 @@ def test_an_fsdp2_oom_inside_rank_1s_forward_shrinks_both_ranks_and_redoes_the_s
     assert [r["micro_batch"] for r in faulted] == [1, 1] and [r["micro_batch"] for r in clean] == [2, 2]
     for got, want in zip(faulted, clean):
         assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+
+
+EXIT_PROBE = """
+import atexit, sys
+from trainer.distributed import exit_rank
+atexit.register(lambda: print("teardown"))
+print("said", end="")  # block-buffered into a pipe: only a flush gets it out
+exit_rank(5)
+"""
+
+
+@pytest.mark.parametrize("world_size, teardown", [("2", False), ("1", True)])
+def test_a_rank_exits_with_its_code_and_its_output_but_without_the_interpreters_teardown(world_size, teardown):
+    """exit_rank: one of several ranks flushes and leaves by os._exit (no atexit handler, no
+    teardown for a gloo thread to abort); one process exits as sys.exit does."""
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
+    e.update(WORLD_SIZE=world_size, RANK="1" if world_size == "2" else "0",
+             PYTHONPATH=str(Path(__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-c", EXIT_PROBE], env=e, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 5, done.stderr
+    assert done.stdout == ("saidteardown\n" if teardown else "said")
+
+
+def test_python_m_autofit_hands_main_s_exit_status_to_exit_rank(monkeypatch):
+    """`python -m autofit` (what torchrun starts) ends every way main() can end through exit_rank:
+    a status, a bare exit, a message (printed, status 1)."""
+    import autofit.__main__ as entry
+    import trainer.distributed
+    codes = []
+    monkeypatch.setattr(trainer.distributed, "exit_rank", codes.append)
+    for how in (lambda: None, lambda: sys.exit(2), lambda: sys.exit(None), lambda: sys.exit("bad input")):
+        monkeypatch.setattr(entry, "main", how)
+        entry.run()
+    assert codes == [0, 2, 0, 1]

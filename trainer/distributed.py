@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -133,6 +135,32 @@ def stop() -> None:
     """destroy_process_group, when one is joined (on success, error, Ctrl-C and SIGTERM alike)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """Ends one of several ranks' processes with exit status `code`, once its work is done and
+    the group left (stop()): standard streams and logging flushed, then os._exit, without the
+    interpreter's teardown. Why: destroy_process_group leaves the gloo backend alive while
+    anything still holds the group (FSDP2's module state does, and DDP's reducer), and its
+    worker threads release each finished collective's tensors a moment after the caller's wait
+    returned. When that release falls into the teardown (a loaded machine delays the thread),
+    the thread cannot take the GIL any more, Python ends it, and the C++ runtime aborts the
+    process ('terminate called without an active exception', SIGABRT): a rank that finished
+    its run would then fail it. With one process this is sys.exit(code)."""
+    try:
+        several = Ranks.from_env().several
+    except TrainError:  # torchrun's variables are wrong: said already, and no group was joined
+        several = False
+    if not several:
+        sys.exit(code)
+    import logging
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said there
+            pass
+    os._exit(code)
 
 
 def first_line(e: BaseException) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from trainer.data import BatchSampler, load_dataset
-from trainer.distributed import Ranks
+from trainer.distributed import Ranks, exit_rank
 from trainer.evaluate import Evaluator
 from trainer.meter import NullMeter
 from trainer.model import GPT, GPTConfig
@@ -73,3 +73,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)  # as autofit's own ranks end (python -m autofit)
