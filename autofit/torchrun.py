@@ -22,6 +22,7 @@ from autofit.device import DeviceError
 
 RANK_BUDGETS_ENV = "AUTOFIT_RANK_BUDGETS"
 LAUNCHED_ENV = "AUTOFIT_LAUNCHER"  # set by relaunch() for its ranks: their error lines go back to it
+INTERRUPTED = 128 + signal.SIGINT  # the exit code of a command stopped by Ctrl-C (or SIGTERM: the same path)
 
 
 def ranks():
@@ -242,7 +243,8 @@ def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
     Each distinct error line the ranks reported (report_error) is printed once: as it is when
     every rank reported it (a config error), else prefixed with the ranks that did. A rank that
     died without a line is named with its exit code or signal, except one torchrun stopped with
-    SIGTERM because another rank had failed. The exit code is the first reporting rank's (2, a
+    SIGTERM because another rank had failed (dead of the signal, or exit code 130 when the rank
+    took it as a Ctrl-C). The exit code is the first reporting rank's (2, a
     user error, if torchrun's SIGTERM ended it after its line), else the first failed rank's."""
     said = {r: f.message for r, f in failures.items()
             if isinstance(getattr(f, "error_file_data", None), dict) and f.error_file_data.get("autofit")}
@@ -255,7 +257,9 @@ def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
         # a rank that wrote its line may still be stopped by torchrun's SIGTERM on its way out
         codes += [c for c in (failures[r].exitcode for r in who) if c > 0][:1] or [2]
     for rank, f in sorted(failures.items()):
-        if rank in said or (said and f.exitcode == -signal.SIGTERM):
+        # torchrun's SIGTERM after another rank's error: the rank died of it, or took it as a
+        # Ctrl-C (session: exit code 130) when it came before the rank's own handler was gone
+        if rank in said or (said and f.exitcode in (-signal.SIGTERM, INTERRUPTED)):
             continue
         how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
         lines.append(f"autofit: rank {rank} stopped with {how}")

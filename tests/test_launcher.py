@@ -56,6 +56,9 @@ def test_the_same_error_on_every_rank_is_said_once_unprefixed():
 def test_an_error_of_some_ranks_names_them_and_torchruns_sigterm_is_not_news():
     lines, code = failed_lines({0: Failure(-signal.SIGTERM), 1: said("no GPU of its own")}, 2)
     assert lines == ["autofit: error: rank 1: no GPU of its own"] and code == 2
+    # torchrun's SIGTERM taken as a Ctrl-C (exit code 130) by a rank still in its session
+    assert failed_lines({0: said("bad config"), 1: Failure(130)}, 2) == (["autofit: error: rank 0: bad config"], 2)
+    assert failed_lines({0: Failure(130)}, 1) == (["autofit: rank 0 stopped with exit code 130"], 130)  # nobody said why
     lines, code = failed_lines({0: said("rank 0: lost contact"), 1: Failure(-signal.SIGKILL)}, 2)
     assert lines == ["autofit: error: rank 0: lost contact", "autofit: rank 1 stopped with signal SIGKILL"]
     lines, code = failed_lines({0: Failure(-signal.SIGTERM), 1: Failure(1, "To enable traceback see: ...")}, 2)
