@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autofit.records import Candidate
+from trainer.config_messages import did_you_mean
 from trainer.step import bf16_refusal
 
 
@@ -67,7 +68,8 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
         dtypes = [d.strip() for d in dtype.split(",")]
         for d in dtypes:
             if d not in ("float32", "bfloat16", "float16"):
-                raise PlanError(f"--dtype: unknown dtype {d!r} (float32, bfloat16, float16, any)")
+                raise PlanError(f"--dtype: unknown dtype {d!r} (float32, bfloat16, float16, any)"
+                                f"{did_you_mean(d, ['float32', 'bfloat16', 'float16'])}")
             if d == "bfloat16" and not bf16_supported:
                 raise PlanError("--" + bf16_refusal(cc_text))
     compiles = [compile] if compile is not None else ([False, True] if cfg.compile else [False])

@@ -550,3 +550,13 @@ def test_config_json_is_strict_json_and_errors_are_one_line(tmp_path, monkeypatc
         raise ValueError(f"non-standard JSON constant {name}")
     code, out, _ = cli("config", "--set", "learning_rate=1", "--json")
     assert code == 0 and json.loads(out, parse_constant=refuse)["learning_rate"] == 1.0
+
+
+@pytest.mark.parametrize("short, full", [("bf16", "bfloat16"), ("fp16", "float16"), ("FP32", "float32")])
+def test_a_short_dtype_name_is_refused_with_the_name_it_stands_for(short, full):
+    """'bf16' (other tools' flag) is not nanoGPT's name: refused, in --set and in probe --dtype
+    alike, with the full name to use."""
+    from autofit.candidates import PlanError, candidate_space
+    assert f"did you mean '{full}'" in one_line_error(overrides=[f"dtype={short}"])
+    with pytest.raises(PlanError, match=f"unknown dtype '{short}'.*did you mean '{full}'"):
+        candidate_space(load_config(preset="tiny"), "cpu", True, dtype=short)

@@ -10,9 +10,16 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 
+# Short names for dtypes from other tools' flags (Lightning's precision, llm.c, HF's --bf16): not
+# accepted, so that a config reads as nanoGPT's does, but named in the answer.
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
 def did_you_mean(word: str, choices: Sequence[str]) -> str:
-    """The suffix ` (did you mean 'x'?)` for the closest of `choices` to `word`; '' when none is close."""
-    close = difflib.get_close_matches(word, choices, n=1)
+    """The suffix ` (did you mean 'x'?)` for the closest of `choices` to `word` (or the dtype
+    that a short name such as 'bf16' stands for); '' when none is close."""
+    alias = DTYPE_ALIASES.get(word.lower())
+    close = [alias] if alias in choices else difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
