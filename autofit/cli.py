@@ -150,8 +150,9 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         from trainer.checkpoint import check_out_dir
         check_out_dir(cfg.out_dir)
         interrupts.during(f"interrupted before training resumed; {Path(cfg.out_dir) / 'ckpt.pt'} is kept as it was")
-        launch = prepare_resume(cfg.out_dir, _resume_overrides(cfg, overrides, resume), probe_opts=opts,
-                                allow_changes=allow_changes, max_steps=max_steps, progress=not no_progress, log=log)
+        asked, sources = _resume_overrides(cfg, overrides, resume)
+        launch = prepare_resume(cfg.out_dir, asked, probe_opts=opts, sources=sources, allow_changes=allow_changes,
+                                max_steps=max_steps, progress=not no_progress, log=log)
         console.print(f"[bold]plan[/]: {launch.source}")
         _train(launch.cfg, launch.opts)
         return
@@ -242,18 +243,20 @@ def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
     _OUT_LOCKS.append(lock)
 
 
-def _resume_overrides(cfg, overrides: List[str], flag: bool) -> dict:
+def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict]:
     """What a resume is asked to change: the --set values; with init_from='resume' in a config
-    (nanoGPT's way), also the values the config file sets (not the preset's or the defaults)."""
+    (nanoGPT's way), also the values the config file sets (not the preset's or the defaults).
+    Returns ({key: value}, {key: where it was set}), the second for error messages."""
     from trainer.config import parse_override
     out = dict(parse_override(item) for item in overrides)
+    sources = dict.fromkeys(out, "--set")
     if not flag:
         for key in type(cfg).model_fields:
             src = cfg.source_of(key)
-            if src not in ("default",) and not src.startswith("preset ") and key != "init_from":
-                out.setdefault(key, getattr(cfg, key))
+            if src not in ("default",) and not src.startswith("preset ") and key != "init_from" and key not in out:
+                out[key], sources[key] = getattr(cfg, key), src
     out.pop("init_from", None)
-    return out
+    return out, sources
 
 
 def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log) -> None:

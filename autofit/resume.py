@@ -32,10 +32,12 @@ from trainer.step import describe_split, split_batch
 MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
 
-def _with_changes(saved: TrainConfig, overrides: dict[str, Any], allow_changes: bool, log) -> tuple[TrainConfig, list[str]]:
+def _with_changes(saved: TrainConfig, overrides: dict[str, Any], allow_changes: bool, log,
+                  sources: dict[str, str] | None = None) -> tuple[TrainConfig, list[str]]:
     """The saved config with `overrides` applied, and the changes to what is trained (refused with
     a ConfigError unless allow_changes; then each is logged). A change of the model's shape is
-    refused always, by name, before any value is applied."""
+    refused always, by name, before any value is applied. `sources`: where each override was
+    set ('--set', 'c.py:3'), named in the error for a bad value."""
     unknown = [k for k in overrides if k not in FIELDS]
     if unknown:
         raise ConfigError(f"--set: {unknown_key_message(unknown[0], FIELDS)}")
@@ -46,6 +48,7 @@ def _with_changes(saved: TrainConfig, overrides: dict[str, Any], allow_changes: 
                           f"drop these from --set or the config (the checkpoint's are used), or start a new run "
                           f"with another --out")
     cfg = saved.model_copy(deep=True)
+    cfg._sources = {**saved._sources, **(sources or {})}
     for key, value in overrides.items():
         setattr(cfg, key, value)  # validated: ConfigError for a bad value
     changes = resume_changes(saved, cfg)
@@ -58,16 +61,17 @@ def _with_changes(saved: TrainConfig, overrides: dict[str, Any], allow_changes: 
 
 
 def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow_changes: bool = False,
-                   max_steps: int | None, progress: bool, log: Callable[[str], None]) -> Launch:
+                   max_steps: int | None, progress: bool, log: Callable[[str], None],
+                   sources: dict[str, str] | None = None) -> Launch:
     """The Launch that continues <out_dir>/ckpt.pt. `overrides`: config values asked on the
-    command line (or in a config with init_from='resume'). Raises TrainError for a missing or
-    foreign checkpoint, ConfigError for a refused change."""
+    command line (or in a config with init_from='resume'); `sources`: where each was set. Raises
+    TrainError for a missing or foreign checkpoint, ConfigError for a refused change."""
     path = Path(out_dir) / "ckpt.pt"
     ck = read_checkpoint(path, any_layout=True, mmap=True)  # tensors mapped, not read: the run loads them
     if not all(k in ck for k in ("config", "sampler")):  # nanoGPT's layout
-        return _continue_nanogpt(path, overrides, probe_opts, allow_changes, max_steps, progress, log)
+        return _continue_nanogpt(path, overrides, probe_opts, allow_changes, max_steps, progress, log, sources)
     read_checkpoint(path, mmap=True)  # every key a resume reads, checked before any work
-    cfg, changes = _with_changes(TrainConfig(**ck["config"]), overrides, allow_changes, log)
+    cfg, changes = _with_changes(TrainConfig(**ck["config"]), overrides, allow_changes, log, sources)
     check_steps_left(int(ck["iter_num"]), cfg, max_steps, resuming=True)  # before the device and the model
     cfg.out_dir = str(out_dir)
     plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
@@ -116,7 +120,8 @@ def _say_split_change(cfg, before: int, log) -> None:
         f"{cfg.effective_batch // now} sequences")
 
 
-def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_steps, progress, log) -> Launch:
+def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_steps, progress, log,
+                      sources=None) -> Launch:
     from trainer.errors import TrainError
     from trainer.nanogpt_ckpt import CheckpointError, nanogpt_checkpoint_from, train_config_of
     try:
@@ -124,7 +129,7 @@ def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_step
     except CheckpointError as e:
         raise TrainError(str(e)) from None
     saved, dropped = train_config_of(ck)
-    cfg, _ = _with_changes(saved, overrides, allow_changes, log)
+    cfg, _ = _with_changes(saved, overrides, allow_changes, log, sources)
     check_steps_left(int(ck.iter_num), cfg, max_steps, resuming=True)  # before the probe
     cfg.out_dir = str(path.parent)
     log(f"{path} is a nanoGPT checkpoint (step {ck.iter_num}): continuing it with its weights and optimizer "

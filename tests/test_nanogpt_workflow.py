@@ -100,6 +100,12 @@ def test_a_resume_refuses_to_change_what_is_trained(tmp_path, monkeypatch, capsy
     assert (tmp_path / "r" / "ckpt.pt").read_bytes() == before
     code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--set", "learning_rate=0.01")
     assert code == 2 and "learning_rate" in err
+    # a value of the wrong type names where it was set, as in a fresh run
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--set", "max_iters=True")
+    assert code == 2 and "max_iters=True (--set): must be an integer, not a bool" in err
+    (tmp_path / "c.py").write_text("init_from = 'resume'\nout_dir = 'r'\nmax_iters = 2.5\n")
+    code, _, err = cli(monkeypatch, capsys, "run", "--config", "c.py")
+    assert code == 2 and "max_iters=2.5 (c.py:3): must be an integer, not a float" in err, err
     # what does not change the run is fine: a longer run, another log interval
     code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--no-progress", "--set", "max_iters=4",
                        "--max-steps", "3")

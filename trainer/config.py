@@ -144,7 +144,7 @@ class TrainConfig(BaseModel):
             # old one back so a refused assignment leaves the config as it was.
             if name in self.__dict__:
                 self.__dict__[name] = previous
-            raise ConfigError(format_validation_error(e, FIELDS)) from None
+            raise ConfigError(format_validation_error(e, FIELDS, self._sources)) from None
 
     @field_validator("device")
     @classmethod
