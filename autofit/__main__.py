@@ -1,15 +1,20 @@
-"""`python -m autofit`, the form torchrun starts: `torchrun --nproc_per_node N -m autofit run ...`."""
+"""`python -m autofit`, the form torchrun starts: `torchrun --nproc_per_node N -m autofit run ...`,
+and the `autofit` command's entry point."""
 import sys
-
-from autofit.cli import main
 
 
 def run() -> None:
     """main(), then the exit: each of several ranks ends without the interpreter's teardown,
-    which a gloo worker thread can abort (trainer.distributed.exit_rank says why)."""
-    from trainer.distributed import exit_rank
+    which a gloo worker thread can abort (trainer.distributed.exit_rank says why). A Ctrl-C
+    while torch and the CLI load (a second or two) is one line too, exit code 130."""
     try:
-        main()
+        from autofit import cli
+        from trainer.distributed import exit_rank
+    except KeyboardInterrupt:
+        print("autofit: interrupted while starting; nothing was done", file=sys.stderr)
+        sys.exit(130)
+    try:
+        cli.main()
         code = 0
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):

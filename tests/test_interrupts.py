@@ -102,3 +102,24 @@ def test_ctrl_c_while_sampling_says_so(tmp_path, monkeypatch, capsys):
     assert code == 130 and out.splitlines()[0] == "the first sample"
     assert err.strip().splitlines() == ["autofit: interrupted while sampling; the samples drawn so far are printed "
                                         "above"]
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line_and_130(monkeypatch, capsys):
+    """The first second or two of a command is importing torch and the CLI: a Ctrl-C there is the
+    same one line and exit code 130, not a traceback through the import machinery."""
+    import autofit
+    import autofit.__main__ as entry
+
+    class CtrlCOnImport:  # a finder that is 'pressed' while autofit.cli is being imported
+        def find_spec(self, name, path=None, target=None):
+            if name == "autofit.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delattr(autofit, "cli", raising=False)
+    monkeypatch.delitem(sys.modules, "autofit.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stop:
+        entry.run()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "autofit: interrupted while starting; nothing was done\n"

@@ -437,10 +437,11 @@ def test_python_m_autofit_hands_main_s_exit_status_to_exit_rank(monkeypatch):
     """`python -m autofit` (what torchrun starts) ends every way main() can end through exit_rank:
     a status, a bare exit, a message (printed, status 1)."""
     import autofit.__main__ as entry
+    import autofit.cli
     import trainer.distributed
     codes = []
     monkeypatch.setattr(trainer.distributed, "exit_rank", codes.append)
     for how in (lambda: None, lambda: sys.exit(2), lambda: sys.exit(None), lambda: sys.exit("bad input")):
-        monkeypatch.setattr(entry, "main", how)
+        monkeypatch.setattr(autofit.cli, "main", how)
         entry.run()
     assert codes == [0, 2, 0, 1]
