@@ -124,6 +124,11 @@ def gpu_index(default: int) -> int:
 
 
 def _raise_interrupt(signum, frame):
+    if under_torchrun() and os.environ.get(LAUNCHED_ENV):
+        # a rank of `autofit run --nproc-per-node`: torchrun sends SIGTERM after another rank's
+        # error, or when the launcher itself was stopped; the launcher prints that line, once
+        from autofit import interrupts
+        interrupts.said()
     raise KeyboardInterrupt  # the command's with-blocks unwind, and the group is left
 
 
