@@ -328,7 +328,7 @@ def _report_run(result, cfg) -> None:
         interrupts.said()
         err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
                           f"continue with: autofit run --resume --out {shlex.quote(str(cfg.out_dir))}", markup=False)
-        raise typer.Exit(130)
+        raise typer.Exit(interrupts.EXIT_CODE)
     if result.status == "evaluated":
         ev = result.last_eval or {}
         console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "
@@ -359,11 +359,11 @@ def main() -> None:
         with session():  # torchrun: one process group for the command, left at the end
             quiet_unless_rank0(console, err_console)
             code = _run_app()
-        if code == 130:  # typer turns a Ctrl-C inside a command into exit code 130, silently
+        if code == interrupts.EXIT_CODE:  # typer turns a Ctrl-C inside a command into exit code 130, silently
             _say_interrupted()
     except KeyboardInterrupt:
         _say_interrupted()
-        sys.exit(130)
+        sys.exit(interrupts.EXIT_CODE)
     except Exception as e:
         if _is_user_error(e):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -380,7 +380,7 @@ def main() -> None:
             sys.exit(2)
         if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
             _say_interrupted()
-            sys.exit(130)
+            sys.exit(interrupts.EXIT_CODE)
         raise
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Union
 
+EXIT_CODE = 130  # 128 + SIGINT: the exit status of every interrupted command
 Line = Union[str, Callable[[], str]]  # a callable is asked at the moment of the Ctrl-C (what exists then)
 
 _state: dict = {"line": "interrupted; nothing was saved", "said": False}

@@ -18,11 +18,11 @@ import signal
 import sys
 from typing import Iterator
 
+from autofit import interrupts
 from autofit.device import DeviceError
 
 RANK_BUDGETS_ENV = "AUTOFIT_RANK_BUDGETS"
 LAUNCHED_ENV = "AUTOFIT_LAUNCHER"  # set by relaunch() for its ranks: their error lines go back to it
-INTERRUPTED = 128 + signal.SIGINT  # the exit code of a command stopped by Ctrl-C (or SIGTERM: the same path)
 
 
 def ranks():
@@ -127,7 +127,6 @@ def _raise_interrupt(signum, frame):
     if under_torchrun() and os.environ.get(LAUNCHED_ENV):
         # a rank of `autofit run --nproc-per-node`: torchrun sends SIGTERM after another rank's
         # error, or when the launcher itself was stopped; the launcher prints that line, once
-        from autofit import interrupts
         interrupts.said()
     raise KeyboardInterrupt  # the command's with-blocks unwind, and the group is left
 
@@ -264,7 +263,7 @@ def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
     for rank, f in sorted(failures.items()):
         # torchrun's SIGTERM after another rank's error: the rank died of it, or took it as a
         # Ctrl-C (session: exit code 130) when it came before the rank's own handler was gone
-        if rank in said or (said and f.exitcode in (-signal.SIGTERM, INTERRUPTED)):
+        if rank in said or (said and f.exitcode in (-signal.SIGTERM, interrupts.EXIT_CODE)):
             continue
         how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
         lines.append(f"autofit: rank {rank} stopped with {how}")
