@@ -5,12 +5,12 @@ import sys
 
 def run() -> None:
     """main(), then the exit: each of several ranks ends without the interpreter's teardown,
-    which a gloo worker thread can abort (trainer.distributed.exit_rank says why). A Ctrl-C
+    which a gloo worker thread can abort (trainer.distributed.ranks.exit_rank says why). A Ctrl-C
     while torch and the CLI load (a second or two) is one line too, exit code 130."""
     from autofit import interrupts  # no torch: loads at once
     try:
-        from autofit import cli
-        from trainer.distributed import exit_rank
+        from autofit.cli import app as cli
+        from trainer.distributed.ranks import exit_rank
     except KeyboardInterrupt:
         print("autofit: interrupted while starting; nothing was done", file=sys.stderr)
         sys.exit(interrupts.EXIT_CODE)

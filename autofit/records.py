@@ -82,8 +82,8 @@ class ProbeResult:
     component) of the plan. `mode` says whether the figures were measured on this device or
     estimated for a simulated one."""
     mode: Literal["measured", "estimated"]
-    device: object  # autofit.device.DeviceInfo
-    budget: object  # autofit.budget.Budget
+    device: object  # autofit.devices.device.DeviceInfo
+    budget: object  # autofit.planning.budget.Budget
     effective_batch: int
     block_size: int
     trials: list[TrialRecord]

@@ -331,7 +331,7 @@ def run_row(row: Row, python: str, timeout: float) -> Result:
         args = [a.replace("{t}", str(t)) for a in row.args]
         start = time.monotonic()
         try:
-            proc = subprocess.run([python, "-m", "autofit.cli", *args], cwd=t, env=env, capture_output=True,
+            proc = subprocess.run([python, "-m", "autofit.cli.app", *args], cwd=t, env=env, capture_output=True,
                                   text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return Result(row, None, f"timed out after {timeout:.0f} s", [f"timed out after {timeout:.0f} s"])
@@ -356,7 +356,7 @@ def run_row(row: Row, python: str, timeout: float) -> Result:
 def make_checkpoint(folder: Path, python: str) -> None:
     """One real one-step run, whose ckpt.pt the resume rows copy."""
     env = {**os.environ, "AUTOFIT_HOME": str(folder / "home")}
-    proc = subprocess.run([python, "-m", "autofit.cli", *RUN, "--no-probe", "--out", str(folder)], cwd=folder,
+    proc = subprocess.run([python, "-m", "autofit.cli.app", *RUN, "--no-probe", "--out", str(folder)], cwd=folder,
                           env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 or not (folder / "ckpt.pt").is_file():
         sys.exit(f"bad_inputs: could not make the checkpoint the resume rows need: {proc.stderr.strip()[-300:]}")

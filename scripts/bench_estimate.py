@@ -1,4 +1,4 @@
-"""Benchmark: the closed-form estimate (autofit.estimate, device='cpu') against the peak measured by
+"""Benchmark: the closed-form estimate (autofit.planning.estimate, device='cpu') against the peak measured by
 the budgeted CPU device over real train_step runs. Prints a table and the max / median |error|.
 
     .venv/bin/python scripts/bench_estimate.py [--json] [--quick]
@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autofit.cpu_budget import BudgetedCpuDevice  # noqa: E402
-from autofit.estimate import ModelShape, estimate_peak  # noqa: E402
-from trainer.model import GPT, GPTConfig  # noqa: E402
+from autofit.devices.cpu_budget import BudgetedCpuDevice  # noqa: E402
+from autofit.planning.estimate import ModelShape, estimate_peak  # noqa: E402
+from trainer.model.gpt import GPT, GPTConfig  # noqa: E402
 from trainer.step import make_optimizer, train_step  # noqa: E402
 
 UNLIMITED = 1 << 40  # a budget no run here reaches: measure, never raise

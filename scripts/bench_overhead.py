@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import load_config  # noqa: E402
-from trainer.data import BatchSampler, load_dataset  # noqa: E402
+from trainer.config.train_config import load_config  # noqa: E402
+from trainer.data.datasets import BatchSampler, load_dataset  # noqa: E402
 from trainer.loop import RunOptions, Trainer  # noqa: E402
-from trainer.model import GPT, GPTConfig  # noqa: E402
+from trainer.model.gpt import GPT, GPTConfig  # noqa: E402
 from trainer.schedule import lr_at  # noqa: E402
 from trainer.step import check_dtype, make_optimizer, train_step  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Benchmark: autofit's micro-batch search (autofit.planner.probe_measured) against the two
+"""Benchmark: autofit's micro-batch search (autofit.planning.planner.probe_measured) against the two
 search strategies of the common autotuners, on the budgeted CPU device.
 
 - ours: probe_measured with the planner's default TrialSettings() (2 optimizer steps per trial
@@ -22,13 +22,13 @@ search strategies of the common autotuners, on the budgeted CPU device.
 Cases. Accurate: the device budget is set from the closed-form estimate, which is within 0.1%
 of the measured peak on CPU, so ours starts at the answer; this flatters ours. Estimate wrong:
 (a) dropout > 0, whose allowance in the estimator is uncalibrated (the measured answer is what
-counts); (b) simulated mis-estimates: `autofit.search.max_micro_batch` is monkeypatched for
+counts); (b) simulated mis-estimates: `autofit.planning.search.max_micro_batch` is monkeypatched for
 the case to return x2, x4 or x0.5 of the true estimate, standing in for an estimator that is
 wrong on some device (e.g. a GPU whose allocator behaves unlike the model). A mis-estimate
 case has the same config and budget as its base case, and the baselines do not use the
 estimate, so their (deterministic) results are those of the base case and are not re-run.
 
-Every method runs the same trial function (autofit.trials.run_trial: the trainer's own train
+Every method runs the same trial function (autofit.planning.trials.run_trial: the trainer's own train
 step, two micro-batches per step when the batch accumulates) on the same device. A trial fails
 when it raises OOM (over the device's limit) or when its measured peak is over the planning
 budget = compute_budget(cpu_info(device budget), margin).
@@ -58,17 +58,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import autofit.search as search_mod  # noqa: E402
-from autofit.budget import compute_budget  # noqa: E402
-from autofit.cpu_budget import BudgetedCpuDevice  # noqa: E402
-from autofit.cpu import cpu_info  # noqa: E402
-from autofit.estimate import ModelShape, estimate_peak, max_micro_batch  # noqa: E402
-from autofit.candidates import Space  # noqa: E402
-from autofit.planner import probe_measured  # noqa: E402
+import autofit.planning.search as search_mod  # noqa: E402
+from autofit.planning.budget import compute_budget  # noqa: E402
+from autofit.devices.cpu_budget import BudgetedCpuDevice  # noqa: E402
+from autofit.devices.cpu import cpu_info  # noqa: E402
+from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch  # noqa: E402
+from autofit.planning.candidates import Space  # noqa: E402
+from autofit.planning.planner import probe_measured  # noqa: E402
 from autofit.records import Candidate, TrialRecord  # noqa: E402
-from autofit.trials import TrialSettings, run_trial  # noqa: E402
+from autofit.planning.trials import TrialSettings, run_trial  # noqa: E402
 from autofit.units import fmt_bytes  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config.train_config import load_config  # noqa: E402
 
 MARGIN = 0.10
 EFFECTIVE_BATCH = 64  # batch_size 16 x gradient_accumulation_steps 4

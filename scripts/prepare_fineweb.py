@@ -3,7 +3,7 @@
     pip install 'autofit[data]'            # datasets + tiktoken
     python scripts/prepare_fineweb.py --out data/fineweb --max-tokens 200_000_000
 
-The same as `autofit data prepare fineweb-edu --out DIR`; the work is trainer/prepare.py's.
+The same as `autofit data prepare fineweb-edu --out DIR`; the work is trainer/data/prepare.py's.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from trainer.data import DataError  # noqa: E402
-from trainer.prepare import FINEWEB_CONFIG, FINEWEB_DATASET, prepare, tokenize_to_shards  # noqa: E402, F401
+from trainer.data.datasets import DataError  # noqa: E402
+from trainer.data.prepare import FINEWEB_CONFIG, FINEWEB_DATASET, prepare, tokenize_to_shards  # noqa: E402, F401
 
 
 def main() -> int:

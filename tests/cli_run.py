@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from autofit.cli import main
+from autofit.cli.app import main
 
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:

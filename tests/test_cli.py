@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from autofit.cli import main  # noqa: F401
+from autofit.cli.app import main  # noqa: F401
 from cli_run import cli
 from seed_case import SEED
 
@@ -128,8 +128,8 @@ def test_profiles_list_shows_builtins(monkeypatch, capsys):
 
 
 def test_larger_gpu_than_profile_needs_emulate(monkeypatch, capsys):
-    import autofit.cuda as cuda
-    from autofit.device import DeviceInfo
+    import autofit.devices.cuda as cuda
+    from autofit.devices.device import DeviceInfo
     h100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", index=0, total_bytes=81559 * 2**20,
                               free_bytes=80000 * 2**20, used_by_others_bytes=0, compute_capability=(9, 0),
                               driver_version="550.54", cuda_version="12.4", source="nvml")
@@ -397,10 +397,10 @@ def test_user_error_names_are_real_exception_classes():
 
     import autofit
     import trainer
-    from autofit.cli_common import USER_ERRORS
+    from autofit.cli.common import USER_ERRORS
     defined = set()
     for package in (autofit, trainer):
-        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
             module = importlib.import_module(info.name)
             defined |= {v.__name__ for v in vars(module).values()
                         if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == info.name}

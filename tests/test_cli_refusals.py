@@ -69,12 +69,12 @@ def test_gpu_index_on_the_cpu_is_refused(tmp_path, monkeypatch, capsys, args, wo
 
 
 def test_gpu_index_without_a_gpu_is_refused_not_ignored(tmp_path, monkeypatch, capsys):
-    from autofit.device import DeviceError
-    import autofit.cuda
+    from autofit.devices.device import DeviceError
+    import autofit.devices.cuda
 
     def no_gpu(index):
         raise DeviceError("NVML found no GPU")
-    monkeypatch.setattr(autofit.cuda, "detect_gpu", no_gpu)  # a machine without a GPU, even where one is
+    monkeypatch.setattr(autofit.devices.cuda, "detect_gpu", no_gpu)  # a machine without a GPU, even where one is
     code, _, err = cli(monkeypatch, capsys, "probe", "--gpu-index", "1", *SMALL, "--json")
     assert code == 2 and "--gpu-index 1: no such GPU (NVML found no GPU)" in err and "trial:" not in err
     code, _, err = cli(monkeypatch, capsys, "probe", "--budget", "64MiB", *SMALL, "--json")
@@ -102,13 +102,13 @@ def _run_params(argv: list[str]) -> dict:
     """What `autofit run` parses from `argv` (['autofit', 'run', ...]), without running it."""
     import typer.main
 
-    from autofit.cli import app
+    from autofit.cli.app import app
     assert argv[:2] == ["autofit", "run"]
     return typer.main.get_command(app).commands["run"].make_context("run", argv[2:]).params
 
 
 def test_estimate_suggests_a_command_that_reproduces_the_probe(tmp_path, monkeypatch, capsys):
-    from autofit.cli_common import load_train_config
+    from autofit.cli.common import load_train_config
     folder = tmp_path / "my configs [v2]"
     folder.mkdir()
     (folder / "c.toml").write_text("n_layer = 2\nn_embd = 64\nn_head = 2\nblock_size = 64\n")
@@ -139,6 +139,6 @@ def test_saved_plan_is_found_by_the_suggested_command(tmp_path, monkeypatch, cap
 
 
 def test_the_suggested_command_keeps_the_measured_gpu():
-    from autofit.cli_common import _rerun_args
+    from autofit.cli.common import _rerun_args
     assert _rerun_args(None, "tiny", [], None, None, None, None, 0.1, 1) == ["--preset", "tiny", "--gpu-index", "1"]
     assert _rerun_args(None, None, ["a=1"], None, True, None, None, 0.1) == ["--set", "a=1", "--compile"]

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import (PRESETS, ConfigError, TrainConfig, config_summary, load_config,
+from trainer.config.train_config import (PRESETS, ConfigError, TrainConfig, config_summary, load_config,
                             parse_override, parse_py_config)
 
 from seed_case import SEED
@@ -531,7 +531,7 @@ def test_config_json_is_strict_json_and_errors_are_one_line(tmp_path, monkeypatc
     import json
     import sys
 
-    from autofit.cli import main
+    from autofit.cli.app import main
 
     def cli(*args):
         monkeypatch.setattr(sys, "argv", ["autofit", *args])
@@ -556,7 +556,7 @@ def test_config_json_is_strict_json_and_errors_are_one_line(tmp_path, monkeypatc
 def test_a_short_dtype_name_is_refused_with_the_name_it_stands_for(short, full):
     """'bf16' (other tools' flag) is not nanoGPT's name: refused, in --set and in probe --dtype
     alike, with the full name to use."""
-    from autofit.candidates import PlanError, candidate_space
+    from autofit.planning.candidates import PlanError, candidate_space
     assert f"did you mean '{full}'" in one_line_error(overrides=[f"dtype={short}"])
     with pytest.raises(PlanError, match=f"unknown dtype '{short}'.*did you mean '{full}'"):
         candidate_space(load_config(preset="tiny"), "cpu", True, dtype=short)

@@ -3,11 +3,11 @@ import gc
 import pytest
 import torch
 
-from autofit.cpu_budget import BudgetedCpuDevice, LiveBytesTracker
-from autofit.device import DeviceError
+from autofit.devices.cpu_budget import BudgetedCpuDevice, LiveBytesTracker
+from autofit.devices.device import DeviceError
 from autofit.units import GiB, MiB
 from trainer.meter import MemoryMeter, is_oom
-from trainer.model import GPT, GPTConfig
+from trainer.model.gpt import GPT, GPTConfig
 from trainer.step import make_optimizer, train_step
 
 

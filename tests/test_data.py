@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import (LLMC_MAGIC, BatchSampler, DataError, dataset_vocab, decode_bytes, load_dataset,
+from trainer.data.datasets import (LLMC_MAGIC, BatchSampler, DataError, dataset_vocab, decode_bytes, load_dataset,
                           read_llmc_shard, write_llmc_shard)
-from trainer.tokenfiles import atomic_write, max_token, sidecar_path
+from trainer.data.tokenfiles import atomic_write, max_token, sidecar_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,7 +254,7 @@ def test_largest_id_is_scanned_once_and_kept_in_a_sidecar(tmp_path):
     assert rec["max_token"] == 9 and rec["size"] == 6
     # A fresh process trusts a sidecar that matches the file's size and mtime (proved here by a
     # planted value the scan would never give) ...
-    from trainer import tokenfiles
+    from trainer.data import tokenfiles
     tokenfiles._MEMO.clear()
     side.write_text(json.dumps({**rec, "max_token": 1234}))
     assert max_token(d / "train.bin", arr) == 1234
@@ -270,7 +270,7 @@ def test_largest_id_is_scanned_once_and_kept_in_a_sidecar(tmp_path):
 
 def test_unwritable_dataset_is_checked_without_a_sidecar(tmp_path, monkeypatch):
     d = _nanogpt(tmp_path / "ro", np.array([3, 60000]), np.array([1, 2]))
-    from trainer import tokenfiles
+    from trainer.data import tokenfiles
 
     def read_only(path, write):
         raise PermissionError(13, "Permission denied", str(path))
@@ -282,7 +282,7 @@ def test_unwritable_dataset_is_checked_without_a_sidecar(tmp_path, monkeypatch):
 
 def test_vocab_beyond_the_token_type_is_not_scanned(tmp_path, monkeypatch):
     d = _nanogpt(tmp_path / "toy", np.array([65535]), np.array([1]))
-    from trainer import data
+    from trainer.data import datasets as data
     monkeypatch.setattr(data, "max_token", lambda *a: pytest.fail("scanned"))
     load_dataset(str(d)).check_vocab(70000)  # no uint16 id can reach 70000
     load_dataset("embedded").check_vocab(256)  # bytes never reach 256

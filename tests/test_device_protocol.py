@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-import autofit.cuda as cuda
-from autofit.cpu import PlainCpuDevice
-from autofit.cpu_budget import BudgetedCpuDevice
-from autofit.cuda import CudaDevice
-from autofit.device import Device, DeviceError
-from autofit.devices import open_device, open_simulated, reopen_device
+import autofit.devices.cuda as cuda
+from autofit.devices.cpu import PlainCpuDevice
+from autofit.devices.cpu_budget import BudgetedCpuDevice
+from autofit.devices.cuda import CudaDevice
+from autofit.devices.device import Device, DeviceError
+from autofit.devices.opener import open_device, open_simulated, reopen_device
 from trainer.meter import MeterCapabilities
 
 

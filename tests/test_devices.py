@@ -6,12 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import autofit.cpu as cpu
-import autofit.cuda as cuda
-from autofit.cpu import cpu_info
-from autofit.cuda import CudaDevice, detect_gpu
-from autofit.device import DeviceError, DeviceInfo
-from autofit.nvml import NvmlUnavailable, query_nvml
+import autofit.devices.cpu as cpu
+import autofit.devices.cuda as cuda
+from autofit.devices.cpu import cpu_info
+from autofit.devices.cuda import CudaDevice, detect_gpu
+from autofit.devices.device import DeviceError, DeviceInfo
+from autofit.devices.nvml import NvmlUnavailable, query_nvml
 from autofit.units import GiB, MiB
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")

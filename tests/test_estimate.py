@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autofit.cpu_budget import BudgetedCpuDevice
-from autofit.estimate import COMPONENTS, ModelShape, estimate_peak, max_micro_batch, param_count
-from trainer.model import GPT, GPTConfig
+from autofit.devices.cpu_budget import BudgetedCpuDevice
+from autofit.planning.estimate import COMPONENTS, ModelShape, estimate_peak, max_micro_batch, param_count
+from trainer.model.gpt import GPT, GPTConfig
 from trainer.step import make_optimizer, train_step
 
 GiB = 2**30

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import autofit.search as search
-import autofit.trials as trials
-from autofit.cpu import PlainCpuDevice
-from autofit.cpu_budget import BudgetedCpuDevice
+import autofit.planning.search as search
+import autofit.planning.trials as trials
+from autofit.devices.cpu import PlainCpuDevice
+from autofit.devices.cpu_budget import BudgetedCpuDevice
 from autofit.records import Candidate
-from autofit.trials import TrialSettings, run_trial, trial_split
+from autofit.planning.trials import TrialSettings, run_trial, trial_split
 from trainer.compiler import compile_model, is_compiled, uncompile
-from trainer.config import load_config
+from trainer.config.train_config import load_config
 from trainer.errors import TrainError
 from trainer.loop import RunOptions, train
-from trainer.model import GPT, GPTConfig
+from trainer.model.gpt import GPT, GPTConfig
 from trainer.step import check_dtype, train_step
 
 CPU = torch.device("cpu")
@@ -201,8 +201,8 @@ def test_spill_check_only_where_a_driver_can_spill(monkeypatch):
 
 
 def test_retiming_alternates_the_contenders(monkeypatch):
-    import autofit.planner as planner
-    from autofit.budget import compute_budget
+    import autofit.planning.planner as planner
+    from autofit.planning.budget import compute_budget
     order = []
     real_search, real_retime = search.run_trial, planner.run_trial
 
@@ -225,9 +225,9 @@ def test_retiming_alternates_the_contenders(monkeypatch):
 
 
 def test_the_budget_is_recomputed_from_the_context_measured_after_the_first_trial():
-    import autofit.planner as planner
-    from autofit.budget import compute_budget
-    from autofit.device import DeviceInfo
+    import autofit.planning.planner as planner
+    from autofit.planning.budget import compute_budget
+    from autofit.devices.device import DeviceInfo
 
     class GrowingContext(BudgetedCpuDevice):
         """A CUDA-like device: 1 MiB appears outside the allocator once a trial has run."""
@@ -259,9 +259,9 @@ def test_the_budget_is_recomputed_from_the_context_measured_after_the_first_tria
 def test_cublas_workspace_is_counted_once_the_budget_only_takes_what_is_outside_the_allocator():
     """The estimate holds cuBLAS's workspace (it is allocated through the caching allocator); the
     budget subtracts a workspace term only where the context is assumed, not measured."""
-    from autofit.budget import ASSUMED_CONTEXT_BYTES, ASSUMED_WORKSPACE_BYTES, device_budget
-    from autofit.device import DeviceInfo
-    from autofit.estimate import CUDA_WORKSPACE_BYTES, ModelShape, estimate_peak
+    from autofit.planning.budget import ASSUMED_CONTEXT_BYTES, ASSUMED_WORKSPACE_BYTES, device_budget
+    from autofit.devices.device import DeviceInfo
+    from autofit.planning.estimate import CUDA_WORKSPACE_BYTES, ModelShape, estimate_peak
 
     info = DeviceInfo(kind="cuda", name="fake", index=0, total_bytes=8 << 30, free_bytes=8 << 30,
                       used_by_others_bytes=0, compute_capability=(9, 0), driver_version=None,
@@ -286,7 +286,7 @@ def test_cublas_workspace_is_counted_once_the_budget_only_takes_what_is_outside_
 
 
 def test_unconfirmed_thrashing_is_not_a_profile_lesson(monkeypatch):
-    import autofit.launch as launch
+    import autofit.launch.run as launch
     recorded = []
     monkeypatch.setattr(launch, "record_event", lambda *a, **k: recorded.append((a, k)))
     on_event = launch._profile_recorder("rtx4070-12gb", "abc", log=lambda s: None)
@@ -299,10 +299,10 @@ def test_unconfirmed_thrashing_is_not_a_profile_lesson(monkeypatch):
 
 
 def test_emulation_caps_to_the_profiles_usable_memory(monkeypatch):
-    import autofit.cuda as cuda
-    import autofit.launch as launch
-    from autofit.device import DeviceInfo
-    from autofit.hardware import ASSUMED_DRIVER_RESERVED_SHARE, get_hardware
+    import autofit.devices.cuda as cuda
+    import autofit.launch.run as launch
+    from autofit.devices.device import DeviceInfo
+    from autofit.devices.hardware import ASSUMED_DRIVER_RESERVED_SHARE, get_hardware
     h100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", index=0, total_bytes=81559 * 2**20,
                       free_bytes=80000 * 2**20, used_by_others_bytes=0, compute_capability=(9, 0),
                       driver_version="550.54", cuda_version="12.4", source="nvml")

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from autofit.device import DeviceError, DeviceInfo, simulated_info
-from autofit.hardware import (HardwareError, HardwareSpec, cpu_slug, get_hardware, load_builtin,
+from autofit.devices.device import DeviceError, DeviceInfo, simulated_info
+from autofit.devices.hardware import (HardwareError, HardwareSpec, cpu_slug, get_hardware, load_builtin,
                               load_hardware_file, match_hardware, slug_for)
 from autofit.units import GiB, MiB
 

@@ -77,12 +77,12 @@ def test_ctrl_c_inside_a_command_is_said_not_swallowed(tmp_path, monkeypatch, ca
     """typer turns a KeyboardInterrupt inside a command into a silent exit 130; main() says the line."""
     from cli_run import cli
 
-    import autofit.probe
+    import autofit.launch.probe
     monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
 
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(autofit.probe, "probe_on", ctrl_c)
+    monkeypatch.setattr(autofit.launch.probe, "probe_on", ctrl_c)
     code, out, err = cli(monkeypatch, capsys, "probe", *CPU, *TINY)
     assert code == 130 and err.strip().splitlines()[-1] == "autofit: interrupted during the probe; nothing was saved"
 
@@ -107,17 +107,17 @@ def test_ctrl_c_while_sampling_says_so(tmp_path, monkeypatch, capsys):
 def test_ctrl_c_while_the_cli_loads_is_one_line_and_130(monkeypatch, capsys):
     """The first second or two of a command is importing torch and the CLI: a Ctrl-C there is the
     same one line and exit code 130, not a traceback through the import machinery."""
-    import autofit
     import autofit.__main__ as entry
+    import autofit.cli
 
-    class CtrlCOnImport:  # a finder that is 'pressed' while autofit.cli is being imported
+    class CtrlCOnImport:  # a finder that is 'pressed' while autofit.cli.app is being imported
         def find_spec(self, name, path=None, target=None):
-            if name == "autofit.cli":
+            if name == "autofit.cli.app":
                 raise KeyboardInterrupt
             return None
 
-    monkeypatch.delattr(autofit, "cli", raising=False)
-    monkeypatch.delitem(sys.modules, "autofit.cli", raising=False)
+    monkeypatch.delattr(autofit.cli, "app", raising=False)
+    monkeypatch.delitem(sys.modules, "autofit.cli.app", raising=False)
     monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
     with pytest.raises(SystemExit) as stop:
         entry.run()

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from autofit import torchrun
-from autofit.torchrun import failed_lines, rank_environment, report_error
+from autofit.launch import torchrun
+from autofit.launch.torchrun import failed_lines, rank_environment, report_error
 
 
 def test_omp_threads_are_shared_out_when_the_user_set_none():
@@ -112,8 +112,8 @@ def test_the_vocab_line_is_said_once_the_launcher_said_it_for_the_ranks(tmp_path
 
     import numpy as np
 
-    from autofit.cli import _check_fresh_run
-    from trainer.config import load_config
+    from autofit.cli.app import _check_fresh_run
+    from trainer.config.train_config import load_config
     data = tmp_path / "data" / "chars"
     data.mkdir(parents=True)
     for split in ("train", "val"):

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from autofit.cpu_budget import BudgetedCpuDevice
-from trainer.config import load_config
-from trainer.checkpoint import atomic_torch_save
+from autofit.devices.cpu_budget import BudgetedCpuDevice
+from trainer.config.train_config import load_config
+from trainer.checkpoint.ckpt import atomic_torch_save
 from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
 from trainer.loop import RunOptions, train
 from trainer.meter import MeterCapabilities, NullMeter
-from trainer.model import GPT, GPTConfig, clean_state_dict
+from trainer.model.gpt import GPT, GPTConfig, clean_state_dict
 from trainer.schedule import lr_at
 from trainer.step import FaultInjector
 
@@ -434,7 +434,7 @@ def two_threads_as_ranks():
     between two threads (a barrier with a timeout, so a rank that never agrees fails the test)."""
     import threading
 
-    from trainer.data import load_dataset
+    from trainer.data.datasets import load_dataset
     cfg = load_config(None, overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "dropout=0.0"])
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_train_config(cfg))
@@ -454,7 +454,7 @@ def test_an_eval_oom_on_one_rank_halves_every_ranks_eval_micro_batch():
     evaluation that never ran out of memory."""
     import threading
 
-    from trainer.data import BatchSampler
+    from trainer.data.datasets import BatchSampler
     model, data, agree = two_threads_as_ranks()
 
     class OOMOnce(torch.nn.Module):
@@ -656,7 +656,7 @@ def test_an_eval_oom_at_micro_batch_one_on_one_rank_stops_every_rank():
     waited in the agreement for it (a hang until the collective's timeout); now both raise."""
     import threading
 
-    from trainer.data import BatchSampler
+    from trainer.data.datasets import BatchSampler
     model, data, agree = two_threads_as_ranks()
 
     class AlwaysOOM(torch.nn.Module):

@@ -1,6 +1,6 @@
 import torch
 
-from trainer.model import GPT, GPTConfig, clean_state_dict
+from trainer.model.gpt import GPT, GPTConfig, clean_state_dict
 from trainer.step import FaultInjector, describe_split, make_optimizer, split_batch, train_step
 
 TINY = dict(block_size=16, vocab_size=61, n_layer=2, n_head=2, n_embd=32)

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from autofit import agree
+from autofit.planning import agree
 from autofit.records import TrialRecord
-from trainer.config import load_config
-from trainer.distributed import Ranks, check_divisible
+from trainer.config.train_config import load_config
+from trainer.distributed.ranks import Ranks, check_divisible
 from trainer.errors import TrainError
 from trainer.loop import RunOptions, train
 from trainer.step import FaultInjector
@@ -258,7 +258,7 @@ def test_fsdp2_matches_ddp_with_a_lower_peak_per_rank(tmp_path, two_ranks):
     assert shrink["step"] == 3 and "rank 1" in shrink["reason"] and shrink["new_micro_batch"] == 2
     assert records(out, "run")[0]["parallelism"] == "fsdp2"
     # the checkpoint is the whole model, gathered on rank 0, that a one-GPU GPT loads as is
-    from trainer.model import GPT, GPTConfig, clean_state_dict
+    from trainer.model.gpt import GPT, GPTConfig, clean_state_dict
     cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in CONFIG.items()])
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     GPT(GPTConfig.from_train_config(cfg)).load_state_dict(clean_state_dict(ck["model"]))
@@ -282,7 +282,7 @@ def test_an_effective_batch_that_does_not_divide_names_the_nearest_that_do(tmp_p
 
 
 def test_each_rank_reads_its_own_rows_of_the_same_step_batch():
-    from trainer.data import BatchSampler, load_dataset
+    from trainer.data.datasets import BatchSampler, load_dataset
     s = BatchSampler(load_dataset("embedded"), 16, seed=3)
     x, y = s.batch_at("train", 6, counter=5)
     parts = [s.batch_at("train", 6, 5, rows=Ranks(r, r, 3).rows(6)) for r in range(3)]
@@ -320,7 +320,7 @@ def test_a_trial_fits_only_where_it_fits_on_every_rank(monkeypatch):
 
 
 def test_the_search_space_is_what_every_rank_can_run(monkeypatch):
-    from autofit.candidates import PlanError, Space
+    from autofit.planning.candidates import PlanError, Space
     mine = Space(dtypes=["bfloat16", "float32"], compile=[False, True], checkpointing=[0, 1],
                  loss_impls=["standard", "chunked"])
     old_card = Space(dtypes=["float16", "float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard"])
@@ -333,8 +333,8 @@ def test_the_search_space_is_what_every_rank_can_run(monkeypatch):
 
 
 def test_plans_are_keyed_by_world_size_and_parallelism(monkeypatch):
-    from autofit.launch import plan_fingerprint_inputs
-    from autofit.cpu import cpu_info
+    from autofit.launch.run import plan_fingerprint_inputs
+    from autofit.devices.cpu import cpu_info
     cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in CONFIG.items()])
     one = plan_fingerprint_inputs(cfg, cpu_info(2**30))
     assert "world_size" not in one  # one-GPU plans keep their fingerprints
@@ -344,8 +344,9 @@ def test_plans_are_keyed_by_world_size_and_parallelism(monkeypatch):
 
 
 def test_each_rank_gets_its_own_cpu_budget(monkeypatch):
-    from autofit.device import DeviceError
-    from autofit.torchrun import rank_budget, strip_nproc
+    from autofit.devices.device import DeviceError
+    from autofit.devices.ranks import rank_budget
+    from autofit.launch.torchrun import strip_nproc
     monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", "3MiB,2MiB")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -357,10 +358,11 @@ def test_each_rank_gets_its_own_cpu_budget(monkeypatch):
 
 
 def test_ranks_on_one_machine_share_the_default_cpu_budget(monkeypatch):
-    import autofit.cpu
-    from autofit.device import DeviceError
-    from autofit.torchrun import check_ranks, cpu_share
-    monkeypatch.setattr(autofit.cpu, "default_cpu_budget", lambda: 8 * 2**30)
+    import autofit.devices.cpu
+    from autofit.devices.device import DeviceError
+    from autofit.devices.ranks import cpu_share
+    from autofit.launch.torchrun import check_ranks
+    monkeypatch.setattr(autofit.devices.cpu, "default_cpu_budget", lambda: 8 * 2**30)
     assert cpu_share(None) is None and cpu_share(123) == 123  # one process: the device's own default
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "1")
@@ -414,7 +416,7 @@ def test_an_fsdp2_oom_inside_rank_1s_forward_shrinks_both_ranks_and_redoes_the_s
 
 EXIT_PROBE = """
 import atexit, sys
-from trainer.distributed import exit_rank
+from trainer.distributed.ranks import exit_rank
 atexit.register(lambda: print("teardown"))
 print("said", end="")  # block-buffered into a pipe: only a flush gets it out
 exit_rank(5)
@@ -437,11 +439,11 @@ def test_python_m_autofit_hands_main_s_exit_status_to_exit_rank(monkeypatch):
     """`python -m autofit` (what torchrun starts) ends every way main() can end through exit_rank:
     a status, a bare exit, a message (printed, status 1)."""
     import autofit.__main__ as entry
-    import autofit.cli
-    import trainer.distributed
+    import autofit.cli.app
+    import trainer.distributed.ranks
     codes = []
-    monkeypatch.setattr(trainer.distributed, "exit_rank", codes.append)
+    monkeypatch.setattr(trainer.distributed.ranks, "exit_rank", codes.append)
     for how in (lambda: None, lambda: sys.exit(2), lambda: sys.exit(None), lambda: sys.exit("bad input")):
-        monkeypatch.setattr(autofit.cli, "main", how)
+        monkeypatch.setattr(autofit.cli.app, "main", how)
         entry.run()
     assert codes == [0, 2, 0, 1]

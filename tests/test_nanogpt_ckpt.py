@@ -1,4 +1,4 @@
-"""nanoGPT's checkpoint layout, both ways (trainer/nanogpt_ckpt.py).
+"""nanoGPT's checkpoint layout, both ways (trainer/checkpoint/nanogpt.py).
 
 nanoGPT itself is not vendored: the few things of it these tests need are re-implemented here
 from its train.py, model.py and sample.py (the checkpoint dict, configure_optimizers' parameter
@@ -12,8 +12,8 @@ from dataclasses import make_dataclass
 import pytest
 import torch
 
-from trainer.model import GPT, GPTConfig
-from trainer.nanogpt_ckpt import (CheckpointError, MODEL_ARGS, check_optimizer_state, nanogpt_keys,
+from trainer.model.gpt import GPT, GPTConfig
+from trainer.checkpoint.nanogpt import (CheckpointError, MODEL_ARGS, check_optimizer_state, nanogpt_keys,
                                   optimizer_param_order, read_nanogpt_checkpoint)
 from trainer.step import make_optimizer
 
@@ -169,7 +169,7 @@ def test_an_autofit_checkpoint_is_readable_by_nanogpts_sample_py(tmp_path):
     opt = ours_optimizer(model)
     train_some(model, opt, steps=1)
     compiled = torch.compile(model)  # wrapping only: nothing is compiled until it is called
-    from trainer.config import load_config
+    from trainer.config.train_config import load_config
     cfg = load_config(preset="tiny", overrides=["n_layer=2", "n_head=2", "n_embd=32", "block_size=16",
                                                 "vocab_size=65", "bias=false", "dropout=0.1",
                                                 "dataset=shakespeare_char"])
@@ -210,7 +210,7 @@ def test_nanogpt_keys_needs_a_dataset_and_all_model_args():
 def test_a_trained_autofit_checkpoint_reads_through_its_config(tmp_path):
     """The checkpoint trainer/loop.py writes today (no model_args yet): the model args come from
     its TrainConfig dict."""
-    from trainer.config import load_config
+    from trainer.config.train_config import load_config
     from trainer.loop import RunOptions, train
     cfg = load_config(preset="tiny", overrides=[
         "n_layer=1", "n_head=2", "n_embd=16", "block_size=16", "batch_size=2", "gradient_accumulation_steps=1",

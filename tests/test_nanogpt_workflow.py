@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from autofit.cli import main  # noqa: F401
+from autofit.cli.app import main  # noqa: F401
 from cli_run import cli
-from trainer.nanogpt_ckpt import MODEL_ARGS
+from trainer.checkpoint.nanogpt import MODEL_ARGS
 
 TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
         "--set", "batch_size=4", "--set", "gradient_accumulation_steps=2", "--set", "eval_iters=1",
@@ -184,7 +184,7 @@ def test_without_wandb_installed_one_line_and_training_goes_on(tmp_path, monkeyp
 
 def test_init_from_gpt2_starts_from_the_weights(tmp_path, monkeypatch, capsys):
     """A tiny GPT-2-format checkpoint stands in for the published one (no network here)."""
-    import trainer.pretrained as pretrained
+    import trainer.model.pretrained as pretrained
     from tests.test_pretrained import hf_config, hf_tensors, write_tiny_gpt2
     src = write_tiny_gpt2(tmp_path / "tiny-gpt2", hf_tensors(vocab_size=256), hf_config(vocab_size=256))
     real = pretrained.load_gpt2

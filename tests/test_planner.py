@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from autofit.budget import compute_budget
-from autofit.cpu_budget import BudgetedCpuDevice
-from autofit.planner import PlanError, Space, choose_split, probe_measured
+from autofit.planning.budget import compute_budget
+from autofit.devices.cpu_budget import BudgetedCpuDevice
+from autofit.planning.planner import PlanError, Space, choose_split, probe_measured
 from autofit.records import Candidate
-from autofit.trials import TrialSettings, run_trial
-from trainer.config import load_config
+from autofit.planning.trials import TrialSettings, run_trial
+from trainer.config.train_config import load_config
 
 SMALL = ["n_layer=1", "n_embd=32", "n_head=2", "block_size=32", "vocab_size=256"]
 FP32 = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
@@ -78,7 +78,7 @@ def test_split_prefers_divisor_when_it_is_faster():
 def test_a_compiled_plans_split_is_judged_at_compiled_rates():
     """Eager, the divisor 2 of 22 runs much faster than 8s and 7s; compiled (measured at 8 and 2)
     the balanced split wins: the split of a compiled plan is chosen at compiled rates."""
-    from autofit.planner import split_rates
+    from autofit.planning.planner import split_rates
     from autofit.records import TrialRecord
 
     def rec(m, tps, compile=False):
@@ -123,7 +123,7 @@ def test_oom_trial_cleans_up_back_to_baseline():
 
 
 def test_trial_that_runs_no_steps_is_an_error_not_a_fit(monkeypatch):
-    import autofit.trials as trials
+    import autofit.planning.trials as trials
 
     def broken(*a, **k):
         raise RuntimeError("kernel exploded")
@@ -143,7 +143,7 @@ def test_memory_above_capacity_is_a_spill_not_a_fit():
 
 
 def test_slowdown_past_3x_is_treated_as_spill(monkeypatch):
-    import autofit.search as search
+    import autofit.planning.search as search
     real = search.run_trial
 
     def slow_at_big(cfg, cand, device, **kw):

@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from autofit.plot import PlotError, build_figure, check_plot_target, plot_probe  # noqa: E402
-from autofit.probe import ProbeOptions, run_probe  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from autofit.report.plot import PlotError, build_figure, check_plot_target, plot_probe  # noqa: E402
+from autofit.launch.probe import ProbeOptions, run_probe  # noqa: E402
+from trainer.config.train_config import load_config  # noqa: E402
 
 SEED = Path(__file__).parent.parent / "configs" / "rtx4070_seed.py"
 SMALL = ["n_layer=1", "n_embd=32", "n_head=2", "block_size=32", "batch_size=8", "gradient_accumulation_steps=4"]
@@ -91,7 +91,7 @@ def test_bad_targets_are_refused_before_the_probe(tmp_path, monkeypatch):
 
 
 def test_cli_plot_without_matplotlib_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
-    from autofit.cli import main
+    from autofit.cli.app import main
     monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setattr(sys, "argv", ["autofit", "probe", "--device", "cpu", "--budget", "4MiB",
@@ -104,7 +104,7 @@ def test_cli_plot_without_matplotlib_is_one_line_and_runs_nothing(tmp_path, monk
 
 
 def test_cli_probe_plot_writes_the_file(tmp_path, monkeypatch, capsys):
-    from autofit.cli import main
+    from autofit.cli.app import main
     monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
     path = tmp_path / "seed.svg"
     monkeypatch.setattr(sys, "argv", ["autofit", "probe", "--config", str(SEED), "--gpu", "rtx4070-12gb",

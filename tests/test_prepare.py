@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from cli_run import cli as run_cli
 
-from trainer import prepare as prep
-from trainer.config import load_config
-from trainer.data import DataError, load_dataset, read_llmc_shard
-from trainer.prepare import Encoder, encode_chars, prepare, tokenize_to_shards
+from trainer.data import prepare as prep
+from trainer.config.train_config import load_config
+from trainer.data.datasets import DataError, load_dataset, read_llmc_shard
+from trainer.data.prepare import Encoder, encode_chars, prepare, tokenize_to_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"

@@ -1,4 +1,4 @@
-"""GPT-2 weights in the Hugging Face format (trainer/pretrained.py), on tiny GPT-2 checkpoints the
+"""GPT-2 weights in the Hugging Face format (trainer/model/pretrained.py), on tiny GPT-2 checkpoints the
 tests write themselves: published key names, Conv1D (in, out) matrices, causal-mask buffers.
 No network: HF_HUB_OFFLINE is set, and the hub cache is a temporary directory."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer import pretrained
-from trainer.pretrained import WeightsError, load_gpt2
+from trainer.model import pretrained
+from trainer.model.pretrained import WeightsError, load_gpt2
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=16)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -254,7 +254,7 @@ def test_missing_packages_say_how_to_install(monkeypatch, tmp_path, tiny_dir):
 
 
 def test_crop_block_size_refuses_to_grow():
-    from trainer.model import GPT, GPTConfig
+    from trainer.model.gpt import GPT, GPTConfig
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
     with pytest.raises(ValueError, match="block_size can only shrink: 9 is not in 1..8"):
         m.crop_block_size(9)

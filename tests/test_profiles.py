@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from autofit import profile_files, profiles
-from autofit.profiles import (FittedPlan, ProfileError, SavedProfile, explain_stale, find_plan,
+from autofit.profiles import files as profile_files
+from autofit.profiles import store as profiles
+from autofit.profiles.store import (FittedPlan, ProfileError, SavedProfile, explain_stale, find_plan,
                               fingerprint, fingerprint_inputs, list_profiles, load_profile,
                               nearest_plan, profile_path, profiles_dir, record_event,
                               remove_profile, save_plan)
@@ -542,8 +543,8 @@ GTX1650 = {"schema_version": 1, "name": "gtx1650-4gb", "gpu": "GeForce GTX 1650"
 
 
 def test_user_hardware_profile_is_found_like_a_builtin():
-    from autofit.hardware import get_hardware, known_hardware, match_hardware
-    from autofit.device import DeviceInfo
+    from autofit.devices.hardware import get_hardware, known_hardware, match_hardware
+    from autofit.devices.device import DeviceInfo
     save_plan("gtx1650-4gb", GTX1650, make_plan())
     spec = get_hardware("gtx1650-4gb")
     assert spec.memory_bytes == 4 * 2**30 and spec.compute_capability == (7, 5) and spec.bf16 is False
@@ -555,7 +556,7 @@ def test_user_hardware_profile_is_found_like_a_builtin():
 
 
 def test_user_profiles_without_a_complete_gpu_are_refused_in_one_line():
-    from autofit.hardware import HardwareError, get_hardware
+    from autofit.devices.hardware import HardwareError, get_hardware
     save_plan("cpu-2gb", {"name": "cpu-2gb", "gpu": "CPU (budgeted)", "kind": "cpu", "memory_bytes": 2**31},
               make_plan(cuda=None))
     with pytest.raises(HardwareError, match="describes no GPU.*autofit profiles add cpu-2gb"):
@@ -570,7 +571,7 @@ def test_user_profiles_without_a_complete_gpu_are_refused_in_one_line():
 
 
 def test_corrupt_user_file_named_by_get_hardware():
-    from autofit.hardware import HardwareError, get_hardware
+    from autofit.devices.hardware import HardwareError, get_hardware
     path = profile_path("gtx1650-4gb")
     path.parent.mkdir(parents=True)
     path.write_text("oops = [")
@@ -584,10 +585,10 @@ def test_corrupt_user_file_named_by_get_hardware():
 
 
 def test_builtin_profiles_come_from_the_top_level_folder():
-    from autofit.hardware import builtin_profiles_dir, load_builtin
+    from autofit.devices.hardware import builtin_profiles_dir, load_builtin
     top = Path(__file__).parent.parent / "profiles"
     # an editable install (this checkout) reads profiles/ itself; a wheel carries a copy
-    assert builtin_profiles_dir() in (top, Path(profiles.__file__).parent / "builtin_profiles")
+    assert builtin_profiles_dir() in (top, Path(profiles.__file__).parents[1] / "builtin_profiles")
     assert set(load_builtin()) == {p.stem for p in top.glob("*.toml")}
 
 
@@ -604,4 +605,4 @@ def test_wheel_carries_every_builtin_profile(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"autofit/builtin_profiles/{p.name}" for p in (root / "profiles").glob("*.toml")}
     assert len(shipped) >= 11 and shipped <= names
-    assert "autofit/plot.py" in names and "trainer/embedded/train.bin.gz" in names
+    assert "autofit/report/plot.py" in names and "trainer/embedded/train.bin.gz" in names

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.safe_load import UnsafeOrUnreadable, load_weights_only
+from trainer.checkpoint.safe_load import UnsafeOrUnreadable, load_weights_only
 
 
 class Evil:

@@ -15,11 +15,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from autofit.cli import main  # noqa: F401
+from autofit.cli.app import main  # noqa: F401
 from cli_run import cli
-from trainer.config import load_config
-from trainer.model import GPT, GPTConfig
-from trainer.nanogpt_ckpt import CheckpointError
+from trainer.config.train_config import load_config
+from trainer.model.gpt import GPT, GPTConfig
+from trainer.checkpoint.nanogpt import CheckpointError
 from trainer.sample import SampleError, SampleOptions, byte_codec, generate_samples, gpt2_codec, pick_codec
 
 ALPHABET = sorted(set("abcdefgh ijklmnop\n.,"))
@@ -44,7 +44,7 @@ def save_nanogpt(path, model, dataset, compiled=True):
 
 
 def save_autofit(path, model, dataset="embedded"):
-    """autofit's own layout (trainer/checkpoint.py's CHECKPOINT_KEYS; the values that matter here)."""
+    """autofit's own layout (trainer/checkpoint/ckpt.py's CHECKPOINT_KEYS; the values that matter here)."""
     c = model.config
     cfg = load_config(preset="tiny", overrides=[f"{k}={getattr(c, k)}" for k in
                                                 ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")]

@@ -2,12 +2,12 @@
 linear in the micro-batch, so every phase's answer is known in advance."""
 import pytest
 
-from autofit.candidates import Levers
-from autofit.estimate import ModelShape, estimate_peak
+from autofit.planning.candidates import Levers
+from autofit.planning.estimate import ModelShape, estimate_peak
 from autofit.records import TrialRecord
-from autofit.search import MicroBatchSearch, TrialRunner
-from autofit.trials import TrialSettings
-from trainer.config import load_config
+from autofit.planning.search import MicroBatchSearch, TrialRunner
+from autofit.planning.trials import TrialSettings
+from trainer.config.train_config import load_config
 
 LEVERS = Levers("float32", 0, "standard")
 

@@ -83,7 +83,7 @@ def test_a_stage_past_its_time_limit_is_marked_and_fails_the_check(tmp_path):
 
 
 def test_a_command_past_its_share_of_the_stage_gets_sigterm_and_keeps_its_output(tmp_path, monkeypatch):
-    # a stand-in for `python -m autofit.cli run`: prints a step, then on SIGTERM "saves" and exits
+    # a stand-in for `python -m autofit.cli.app run`: prints a step, then on SIGTERM "saves" and exits
     # 130, as the trainer does (it finishes the step and writes a checkpoint)
     fake = tmp_path / "python"
     fake.write_text("#!/bin/bash\ntrap 'echo checkpoint saved; exit 130' TERM\necho step 0\n"
@@ -202,7 +202,7 @@ def test_pytest_summary_is_read_from_the_closing_line():
 def test_flops_per_token_counts_every_matmul_weight_of_the_model():
     import torch
 
-    from trainer.model import GPT, GPTConfig
+    from trainer.model.gpt import GPT, GPTConfig
     cfg = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 256}
     model = GPT(GPTConfig(**cfg))
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n)

@@ -31,7 +31,7 @@ def resolve_compile_after(cfg) -> int:
 
 
 def compile_model(model: torch.nn.Module, backend: str = "inductor", scope: CompileScope = "blocks") -> torch.nn.Module:
-    """Compiles `model` (a trainer.model.GPT) with static shapes, dynamic=False: the full and the
+    """Compiles `model` (a trainer.model.gpt.GPT) with static shapes, dynamic=False: the full and the
     short last micro-batch each get their own graph, with no dynamic-shape retrace (the probe's
     trials compile the same way). Returns the module to call: the model itself with each block
     compiled in place (scope 'blocks'; state-dict names unchanged), or torch.compile's wrapper of

@@ -2,7 +2,7 @@
 estimate_loss does, on its own sampler so that how often a run evaluates never changes the
 training batches. An out-of-memory error halves the evaluation micro-batch only; the training
 plan is not touched. With several ranks the ranks agree after each batch whether any ran out of
-memory (trainer.multirank.RankGroup.eval_agree), and all halve and redo it together, so every
+memory (trainer.distributed.multirank.RankGroup.eval_agree), and all halve and redo it together, so every
 rank runs the same forward passes (FSDP2's all-gathers pair up) and the same eval micro-batch."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from trainer.data import BatchSampler
+from trainer.data.datasets import BatchSampler
 from trainer.step import autocast
 
 

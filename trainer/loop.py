@@ -4,8 +4,8 @@ and recovery from an out-of-memory error by redoing the same optimizer step with
 micro-batches (the policy is trainer.recovery's).
 
 The loop takes its plan (micro-batch sizes, when to compile, how to shrink) from RunOptions
-(trainer.options); it knows nothing of how the plan was found. Around it: trainer.checkpoint (I/O), trainer.metrics
-(metrics.jsonl and the progress display), trainer.evaluate, trainer.batches (host batches, one
+(trainer.options); it knows nothing of how the plan was found. Around it: trainer.checkpoint.ckpt (I/O), trainer.metrics
+(metrics.jsonl and the progress display), trainer.evaluate, trainer.data.batches (host batches, one
 step ahead), trainer.schedule (the LR schedule).
 
 Host syncs: the step's loss, gradient norm and fp16 skip flag stay on the device; the loop reads
@@ -21,21 +21,21 @@ from pathlib import Path
 
 import torch
 
-from trainer.batches import StepBatches
-from trainer.checkpoint import atomic_torch_save, read_checkpoint, restore, training_state
+from trainer.data.batches import StepBatches
+from trainer.checkpoint.ckpt import atomic_torch_save, read_checkpoint, restore, training_state
 from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model, uncompile
-from trainer.config import TrainConfig
-from trainer.data import BatchSampler, load_dataset
+from trainer.config.train_config import TrainConfig
+from trainer.data.datasets import BatchSampler, load_dataset
 from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
 from trainer.interrupt import StopFlag
-from trainer.losses import SCALER_SKIP_REPORT, read_losses
+from trainer.model.losses import SCALER_SKIP_REPORT, read_losses
 from trainer.meter import default_meter
 from trainer.metrics import MetricsLog, Progress, describe_event, describe_step, open_sinks
-from trainer.model import GPT, GPTConfig
-from trainer.multirank import RankGroup, pick_device
+from trainer.model.gpt import GPT, GPTConfig
+from trainer.distributed.multirank import RankGroup, pick_device
 from trainer.options import RunOptions, RunResult
-from trainer.distributed import Ranks
+from trainer.distributed.ranks import Ranks
 from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS, Recovery, ThrashDetector
 from trainer.schedule import lr_at
 from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, make_optimizer,
@@ -119,7 +119,7 @@ class Trainer:
         """A new GPT, or OpenAI's GPT-2 weights (init_from = 'gpt2*', as nanoGPT's train.py)."""
         cfg = self.cfg
         if cfg.init_from.startswith("gpt2") and not self.opts.resume:
-            from trainer.pretrained import WeightsError, load_gpt2
+            from trainer.model.pretrained import WeightsError, load_gpt2
             try:
                 pre = load_gpt2(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
             except WeightsError as e:
@@ -295,7 +295,7 @@ class Trainer:
             self._shrink(f"allocator retries rose for {THRASH_STEPS} steps", cause="thrash", confirmed=confirmed)
 
     def _read_losses(self) -> None:
-        """One host sync for every step not read yet (trainer.losses.read_losses): the losses
+        """One host sync for every step not read yet (trainer.model.losses.read_losses): the losses
         are kept, and a non-finite one stops the run before anything of it is saved."""
         if not self._unread:
             return

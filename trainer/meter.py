@@ -6,7 +6,7 @@ while training tensors live (`tracking()`), the peak allocated and reserved byte
 classification, and a `spec()` that says how to reopen the same device on resume. What a meter can
 measure is declared in its `capabilities`, never probed with hasattr. The trainer ships two: CUDA
 (torch's caching-allocator statistics) and a null meter for an unbudgeted CPU. autofit's devices
-(autofit.device.Device) implement the same protocol, the budgeted CPU device among them.
+(autofit.devices.device.Device) implement the same protocol, the budgeted CPU device among them.
 """
 from __future__ import annotations
 

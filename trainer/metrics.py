@@ -156,7 +156,7 @@ def open_sinks(cfg, say) -> list:
     if cfg.wandb_log:
         sinks.append(WandbSink.open(cfg.wandb_project, cfg.wandb_run_name, cfg.model_dump(mode="json"), say))
     if cfg.tensorboard_dir is not None:
-        from trainer.checkpoint import check_out_dir
+        from trainer.checkpoint.ckpt import check_out_dir
         check_out_dir(cfg.tensorboard_dir, "tensorboard_dir")  # a resumed run's, checked nowhere before
         sinks.append(TensorBoardSink.open(cfg.tensorboard_dir, say))
     return [s for s in sinks if s is not None]

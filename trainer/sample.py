@@ -1,7 +1,7 @@
 """Sampling text from a checkpoint, as nanoGPT's sample.py does.
 
-The model comes from <out>/ckpt.pt (autofit's layout or nanoGPT's, see trainer/nanogpt_ckpt.py)
-or from GPT-2's published weights (trainer/pretrained.py). The text codec follows the
+The model comes from <out>/ckpt.pt (autofit's layout or nanoGPT's, see trainer/checkpoint/nanogpt.py)
+or from GPT-2's published weights (trainer/model/pretrained.py). The text codec follows the
 checkpoint's dataset, as nanoGPT's does: byte tokens for the built-in 'embedded' corpus; the
 dataset's meta.pkl (stoi/itos, read with data.py's restricted unpickler) for character-level
 sets; GPT-2 BPE (tiktoken) otherwise. tiktoken downloads its GPT-2 encoding at first use and
@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.data import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler
-from trainer.model import GPT, GPTConfig
-from trainer.nanogpt_ckpt import read_nanogpt_checkpoint
-from trainer.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
+from trainer.data.datasets import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler
+from trainer.model.gpt import GPT, GPTConfig
+from trainer.checkpoint.nanogpt import read_nanogpt_checkpoint
+from trainer.model.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
 
 REPLACEMENT = "\ufffd"  # shown for a generated id the vocabulary has no text for
 

@@ -162,7 +162,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     Each micro-batch's mean loss is weighted by its share of the step's target tokens, so the
     accumulated gradient equals that of one batch of B sequences whatever the split.
     `forward` is the module to call (e.g. the torch.compile'd model); the optimizer holds the
-    parameters of `model`. `sync_grads`: several ranks' wrapper (trainer.sharding: DDP or FSDP2):
+    parameters of `model`. `sync_grads`: several ranks' wrapper (trainer.distributed.sharding: DDP or FSDP2):
     each micro-batch runs in its `micro_batch(last)` context (gradients sync on the last only),
     and its `finish()` agrees with the other ranks and syncs the gradients before the optimizer
     step; it raises an out-of-memory error when another rank ran out of memory, so every rank

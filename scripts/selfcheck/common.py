@@ -3,7 +3,7 @@
 Each stage writes OUT/stageN_*.json after every step it finishes (temp file, fsync, rename), so a
 stage killed by its time limit still leaves what it measured; the orchestrator then marks the
 record "timed_out". The stages reach autofit through its command line only (`python -m
-autofit.cli ...`), never through its Python functions, which move as the code changes.
+autofit.cli.app ...`), never through its Python functions, which move as the code changes.
 """
 from __future__ import annotations
 
@@ -115,12 +115,12 @@ def _pump(stream, sink, keep: list[str]) -> None:
 
 def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: bool = True,
             timeout: float | None = None) -> dict:
-    """Runs `python -m autofit.cli ARGS` with this interpreter. Its stderr (and its stdout, unless
+    """Runs `python -m autofit.cli.app ARGS` with this interpreter. Its stderr (and its stdout, unless
     `echo_stdout` is False, as for --json) is copied to ours as it comes, so the self-check log
     holds what a run printed before a time-out. Past `timeout` seconds the command gets SIGTERM
     (autofit then finishes its step and saves a checkpoint), SIGKILL 20 s later; the caller
     still reads whatever it wrote. Returns {cmd, rc, stdout, stderr_tail, seconds, timed_out}."""
-    cmd = [sys.executable, "-m", "autofit.cli", *args]
+    cmd = [sys.executable, "-m", "autofit.cli.app", *args]
     log("$ autofit " + " ".join(args))
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -70,7 +70,7 @@ def main() -> int:
             st.check(f"{r['requirement']}", r["ok"], f"{r['installed']} ({r['where']})" if r["installed"] else "missing")
     try:  # the CLI imports its modules lazily: import what `autofit run` and `probe` use
         import importlib
-        for mod in ("autofit.cli", "autofit.launch", "autofit.probe", "trainer.loop"):
+        for mod in ("autofit.cli.app", "autofit.launch.run", "autofit.launch.probe", "trainer.loop"):
             importlib.import_module(mod)
         import autofit
         st.check("autofit imports from the working tree", True, str(Path(autofit.__file__).parent))

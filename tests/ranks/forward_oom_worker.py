@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
-from trainer.data import BatchSampler, load_dataset
-from trainer.distributed import Ranks, exit_rank
+from trainer.data.datasets import BatchSampler, load_dataset
+from trainer.distributed.ranks import Ranks, exit_rank
 from trainer.evaluate import Evaluator
 from trainer.meter import NullMeter
-from trainer.model import GPT, GPTConfig
-from trainer.multirank import RankGroup
+from trainer.model.gpt import GPT, GPTConfig
+from trainer.distributed.multirank import RankGroup
 
 
 def train(parallelism: str, fault: str, out: Path) -> dict:
     """A 6-step run of the trainer itself; rank 1's block 1 runs out of memory at step 3."""
-    from trainer.config import load_config
+    from trainer.config.train_config import load_config
     from trainer.loop import RunOptions, Trainer
     from trainer.step import InjectedOOM
     cfg = load_config(None, overrides=[f"{k}={v}" for k, v in dict(

@@ -1,0 +1,3 @@
+"""The commands: `autofit config | probe | run` (app), `data` and `sample` (data), `profiles`
+(profiles), and what they share (common: consoles, one-line user errors, options). The top part:
+may import every other part of autofit and trainer; nothing imports it but autofit.__main__."""

@@ -1,0 +1,389 @@
+"""The `autofit` command. Thin: parse arguments, call the modules, render. Errors a user can
+cause end in one line on stderr and exit code 2; nothing already written is lost."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from autofit import interrupts
+from autofit.cli.common import (BudgetOpt, CkptOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _fmt, _is_user_error, _probe_options,
+                                _rerun_args, _size, console, err_console, load_train_config)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="OOM-aware launcher for nanoGPT-style GPT training: measure what fits, plan, train.")
+@app.command("config")
+def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
+               overrides: List[str] = SetOpt,
+               as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Print the resolved training config."""
+    cfg = load_train_config(config, preset, overrides)
+    data = cfg.model_dump(mode="json")
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        from rich.table import Table
+        t = Table("key", "value", title="resolved TrainConfig")
+        for k, v in data.items():
+            t.add_row(k, repr(v))
+        console.print(t)
+        console.print(f"effective batch: {cfg.effective_batch} sequences = {cfg.tokens_per_step:,} tokens per optimizer step")
+        console.print(f"vocab_size {cfg.vocab_size} from {cfg.source_of('vocab_size')}", soft_wrap=True)
+
+
+@app.command("probe")
+def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt, overrides: List[str] = SetOpt,
+              device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt,
+              gpu: Optional[str] = typer.Option(None, "--gpu", help="Simulate a GPU from its hardware profile, built-in or added with `autofit profiles add` (estimates only), e.g. rtx4070-12gb."),
+              gpu_index: Optional[int] = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
+              compile: Optional[bool] = CompileOpt, checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
+              save: bool = typer.Option(False, "--save", help="Store the fitted plan in this device's profile."),
+              plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install 'autofit[plot]')."),
+              verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the budget, every candidate and why the plan won."),
+              as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Measure what fits on this device (or estimate it for --gpu NAME) and print the plan."""
+    from autofit.launch.probe import run_probe
+    cfg = load_train_config(config, preset, overrides)
+    opts = _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss)
+    # Everything that would fail after the probe is checked before it runs.
+    if plot is not None:
+        from autofit.report.plot import check_plot_target
+        check_plot_target(plot)
+    if save and gpu is not None:
+        raise UsageError("--save stores measured plans only; --gpu simulates a card and only estimates")
+    if save:
+        from autofit.profiles.store import check_profiles_writable
+        check_profiles_writable()
+    log = (lambda s: None) if as_json else (lambda s: err_console.print(f"[dim]{s}[/]"))
+    interrupts.during("interrupted during the probe; nothing was saved"
+                      + (" (the plan is saved only after the probe)" if save else ""))
+    res, _, _ = run_probe(cfg, opts, log=log)
+    saved, save_error = None, None
+    if save:
+        from autofit.launch.run import save_probe
+        from autofit.profiles.store import ProfileError
+        try:
+            name, fp, path = save_probe(res, cfg)
+            saved = {"profile": name, "fingerprint": fp, "path": str(path)}
+        except ProfileError as e:  # shown after the plan: a failed save must not hide what was measured
+            save_error = e
+    if plot is not None:
+        from autofit.report.plot import plot_probe
+        plot_probe(res, cfg, plot)
+    if as_json:
+        out = res.to_json()
+        if saved:
+            out["saved"] = saved
+        if plot is not None:
+            out["plot"] = str(plot)
+        print(json.dumps(out, indent=2))
+    else:
+        rerun = _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index)
+        _print_probe(res, cfg, opts, rerun, saved, plot, verbose)
+    if save_error is not None:
+        raise save_error
+
+
+def _print_probe(res, cfg, opts, rerun, saved, plot, verbose) -> None:
+    import shlex
+
+    from autofit.report.render import render_probe
+    render_probe(res, console, cfg=cfg, verbose=verbose)
+    if plot is not None:
+        console.print(f"plot: {plot}")
+    # commands are printed as plain text (a '[' in a path or value is not rich markup), each argument
+    # shell-quoted so that pasting the line runs exactly this
+    if res.mode == "estimated":
+        console.print(f"[bold]next[/]: on the {opts.gpu} itself, measure, save and train in one go:")
+        console.print("  " + shlex.join(["autofit", "run", "--profile", opts.gpu, *rerun]), markup=False,
+                      highlight=False, soft_wrap=True)
+    if saved:
+        console.print(f"saved to profile [bold]{saved['profile']}[/] ({saved['path']}), plan {saved['fingerprint']}; "
+                      f"train with:", soft_wrap=True)
+        console.print("  " + shlex.join(["autofit", "run", "--profile", saved["profile"], *rerun]), markup=False,
+                      highlight=False, soft_wrap=True)
+
+
+@app.command("run")
+def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
+            overrides: List[str] = SetOpt,
+            max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after optimizer step N (the LR schedule still follows max_iters)."),
+            out: Optional[str] = typer.Option(None, "--out", help="Output directory (checkpoints, metrics.jsonl)."),
+            resume: bool = typer.Option(False, "--resume", help="Continue from <out>/ckpt.pt."),
+            profile: Optional[str] = typer.Option(None, "--profile", help="Use (or fit and save) the plan in this GPU profile, e.g. rtx4070-12gb."),
+            emulate: bool = typer.Option(False, "--emulate", help="On a larger GPU, cap this process to the profile's memory."),
+            no_probe: bool = typer.Option(False, "--no-probe", help="Train the config as written: no probe, no plan."),
+            device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt, gpu_index: Optional[int] = GpuIndexOpt,
+            margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt, compile: Optional[bool] = CompileOpt,
+            checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
+            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+            allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept --set values that change what the run trains (said in the log)."),
+            nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this machine (one GPU each): starts torchrun for you."),
+            ):
+    """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
+    on the budgeted CPU device when there is no GPU), probed first."""
+    _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset)
+    # --resume: the --set values apply to the checkpoint's config (prepare_resume), not the tiny preset
+    cfg = load_train_config(config, preset, [o for o in overrides if o.startswith("out_dir=")] if resume else overrides)
+    if out is not None:
+        cfg.out_dir = out
+    log = lambda s: err_console.print(f"[dim]{s}[/]")
+    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
+    if profile is not None:  # a probe may save into it: writable before any trial runs
+        from autofit.profiles.store import check_profiles_writable
+        check_profiles_writable(profile)
+    resuming = resume or cfg.init_from == "resume"
+    if not resuming:  # before the output folder is made: a run with no step to train writes nothing
+        from autofit.launch.run import check_steps_left
+        check_steps_left(0, cfg, max_steps)
+    if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
+        _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log)
+    _hold_out_dir(cfg.out_dir, cfg.tensorboard_dir)
+    if resuming:  # nanoGPT's init_from='resume' is --resume
+        from autofit.launch.resume import prepare_resume
+        from trainer.checkpoint.ckpt import check_out_dir
+        check_out_dir(cfg.out_dir)
+        interrupts.during(f"interrupted before training resumed; {Path(cfg.out_dir) / 'ckpt.pt'} is kept as it was")
+        asked, sources = _resume_overrides(cfg, overrides, resume)
+        launch = prepare_resume(cfg.out_dir, asked, probe_opts=opts, sources=sources, allow_changes=allow_changes,
+                                max_steps=max_steps, progress=not no_progress, log=log)
+        console.print(f"[bold]plan[/]: {launch.source}")
+        _train(launch.cfg, launch.opts)
+        return
+    _check_fresh_run(cfg, log)
+    from autofit.launch.torchrun import check_ranks
+    check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
+    if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
+        if profile is not None:
+            raise UsageError("--no-probe and --profile exclude each other")
+        _train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
+        return
+    from autofit.launch.run import prepare_run
+    interrupts.during("interrupted before training started (during the probe); no checkpoint was written")
+    launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
+                         resume=False, progress=not no_progress, log=log)
+    console.print(f"[bold]plan[/]: {launch.source}")
+    console.print(_plan_line(launch.plan))
+    _train(launch.cfg, launch.opts)
+
+
+def _train(cfg, opts) -> None:
+    """The training run, and its report. The loop takes the first Ctrl-C itself (checkpoint, stop);
+    a second one stops at once, and the last checkpoint written is what is kept."""
+    from trainer.loop import train
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    interrupts.during(lambda: f"interrupted during training, stopped at once; {ckpt} (the last checkpoint "
+                              f"written) is kept" if ckpt.exists() else
+                      "interrupted during training, stopped at once; no checkpoint was written")
+    _report_run(train(cfg, opts), cfg)
+
+
+def _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset) -> None:
+    """What the run's flags say wrong, in one line, before anything else is read: an empty --out,
+    flags that exclude each other, and environment settings the run would read late."""
+    if out is not None and not out.strip():
+        raise UsageError("--out is empty: name the output folder (e.g. --out out/run1)")
+    if max_steps is not None and max_steps < 0:
+        raise UsageError("--max-steps must be >= 0")
+    if emulate and profile is None:
+        raise UsageError("--emulate needs --profile NAME (the card to emulate)")
+    if profile is not None and budget is not None:
+        raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
+    if resume and (config is not None or preset is not None or profile is not None):
+        raise UsageError("--resume continues the checkpoint's own config and plan: drop --config/--preset/--profile "
+                         "(use --set for what may change, e.g. --set max_iters=...)")
+    from trainer.distributed.ranks import timeout as dist_timeout
+    from trainer.step import FaultInjector
+    try:
+        FaultInjector.from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    dist_timeout()  # AUTOFIT_DIST_TIMEOUT: a TrainError line now, not after the probe
+
+
+_OUT_LOCKS: list = []  # held until the command ends
+
+
+def _run_app():
+    try:
+        return app(standalone_mode=False)
+    finally:
+        while _OUT_LOCKS:
+            _OUT_LOCKS.pop().release()
+
+
+def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
+    """One run at a time in an output folder: a second `autofit run` into it (started at the same
+    moment, before either wrote a checkpoint) ends in one line instead of mixing metrics and
+    overwriting the other's checkpoint. Rank 0 holds <out>/.autofit.lock (filelock) until the command ends.
+    The folders a run writes (--out, tensorboard_dir) are checked first, before any trial."""
+    import os
+
+    from filelock import FileLock, Timeout
+
+    from trainer.checkpoint.ckpt import check_out_dir
+    check_out_dir(out_dir)  # a file on the way, or no write permission: one line, before mkdir
+    if tensorboard_dir is not None:
+        check_out_dir(tensorboard_dir, "tensorboard_dir")
+    if os.environ.get("RANK", "0") != "0":
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(out_dir) / ".autofit.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(f"another autofit run is using {out_dir} (its .autofit.lock is held); wait for it, "
+                         f"or choose another --out") from None
+    _OUT_LOCKS.append(lock)
+
+
+def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict]:
+    """What a resume is asked to change: the --set values; with init_from='resume' in a config
+    (nanoGPT's way), also the values the config file sets (not the preset's or the defaults).
+    Returns ({key: value}, {key: where it was set}), the second for error messages."""
+    from trainer.config.train_config import parse_override
+    out = dict(parse_override(item) for item in overrides)
+    sources = dict.fromkeys(out, "--set")
+    if not flag:
+        for key in type(cfg).model_fields:
+            src = cfg.source_of(key)
+            if src not in ("default",) and not src.startswith("preset ") and key != "init_from" and key not in out:
+                out[key], sources[key] = getattr(cfg, key), src
+    out.pop("init_from", None)
+    return out, sources
+
+
+def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log) -> None:
+    """--nproc-per-node N: what a fresh run would refuse is checked here once, then torchrun
+    starts the same command on N ranks; this process exits with their status."""
+    from autofit.launch.torchrun import check_ranks, relaunch
+    if gpu_index is not None:
+        raise UsageError(f"--gpu-index {gpu_index} picks one GPU; with --nproc-per-node each rank takes the GPU of "
+                         f"its LOCAL_RANK: drop --gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs they see)")
+    if not resuming:
+        _check_fresh_run(cfg, log)
+    check_ranks(cfg, nproc_per_node, resuming)
+    code = relaunch(sys.argv[1:], nproc_per_node, log)
+    interrupts.said()  # the launcher and rank 0 said what stopped them
+    raise typer.Exit(code)
+
+
+def _plan_line(p) -> str:
+    ranks = f"{p.world_size} ranks ({p.parallelism}) x " if p.world_size > 1 else ""
+    return (f"  {ranks}micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
+            f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
+            f"checkpointing {p.checkpointing or 'off'}, loss {p.loss_impl}; "
+            + (f"measured peak {_fmt(p.measured_peak_bytes)}" if p.measured_peak_bytes else
+               f"estimated peak {_fmt(p.estimated_peak_bytes)}") + f" of {_fmt(p.budget_bytes)} budget")
+
+
+def _check_fresh_run(cfg, log) -> None:
+    """Checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
+    overwrite a checkpoint; bad data is reported before trials, not after them."""
+    from trainer.checkpoint.ckpt import check_out_dir
+    from trainer.data.datasets import load_dataset
+    check_out_dir(cfg.out_dir)
+    if (Path(cfg.out_dir) / "ckpt.pt").exists():
+        raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
+                         f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
+    data = load_dataset(cfg.dataset)
+    data.check_vocab(cfg.vocab_size)
+    data.check_block_size(cfg.block_size)
+    src = cfg.source_of("vocab_size")
+    from autofit.launch.torchrun import LAUNCHED_ENV
+    said_by_launcher = os.environ.get(LAUNCHED_ENV) is not None  # --nproc-per-node checked it once already
+    if (src.endswith("meta.pkl") or src.startswith("dataset")) and not said_by_launcher:
+        log(f"vocab_size {cfg.vocab_size}, from {src}")
+
+
+def _no_probe_options(cfg, device, budget, gpu_index, max_steps, progress):
+    """The config as written, on the device asked for (--device, else the config's device), opened
+    as every command opens it: --budget gives the budgeted CPU device, a plain CPU measures
+    nothing (and compiles for real)."""
+    from autofit.devices.opener import open_device
+    from trainer.loop import RunOptions
+    if device is None and cfg.device != "auto":
+        device, _, idx = cfg.device.partition(":")
+        gpu_index = int(idx) if idx else gpu_index
+    dev = open_device(device, budget_bytes=_size(budget, "--budget"), gpu_index=gpu_index, cpu="plain")
+    return RunOptions(max_steps=max_steps, progress=progress, meter=dev, device=dev.torch_device)
+
+
+from autofit.cli.data import data_app, sample_app  # noqa: E402  (data prepare, sample)
+from autofit.cli.profiles import profiles_app  # noqa: E402  (the `profiles` sub-commands)
+
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(data_app, name="data")
+app.registered_commands += sample_app.registered_commands
+
+
+def _report_run(result, cfg) -> None:
+    if result.status == "interrupted":
+        interrupts.said()
+        err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
+                          f"continue with: autofit run --resume --out {shlex.quote(str(cfg.out_dir))}", markup=False)
+        raise typer.Exit(interrupts.EXIT_CODE)
+    if result.status == "evaluated":
+        ev = result.last_eval or {}
+        console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "
+                      f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained or saved")
+        return
+    first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
+    msg = f"done: {result.steps} optimizer steps"
+    if first is not None:
+        msg += f", loss {first:.3f} -> {last:.3f}"
+    console.print(msg + f"; checkpoint {result.checkpoint}, metrics {Path(cfg.out_dir) / 'metrics.jsonl'}")
+    out = shlex.quote(str(cfg.out_dir))
+    console.print(f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out} "
+                  f"--set max_iters=N (train on)", markup=False)
+
+
+def _say_interrupted() -> None:
+    """One line for a Ctrl-C (autofit.interrupts), from rank 0 only under torchrun."""
+    from autofit.devices.ranks import ranks, under_torchrun
+    text = interrupts.line()
+    if text and not (under_torchrun() and not ranks().master):
+        print(f"autofit: {text}", file=sys.stderr)
+
+
+def main() -> None:
+    interrupts.reset()
+    try:
+        from autofit.launch.torchrun import error_prefix, quiet_unless_rank0, report_error, session
+        with session():  # torchrun: one process group for the command, left at the end
+            quiet_unless_rank0(console, err_console)
+            code = _run_app()
+        if code == interrupts.EXIT_CODE:  # typer turns a Ctrl-C inside a command into exit code 130, silently
+            _say_interrupted()
+    except KeyboardInterrupt:
+        _say_interrupted()
+        sys.exit(interrupts.EXIT_CODE)
+    except Exception as e:
+        if _is_user_error(e):
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not report_error(msg):  # under torchrun it may go to the launcher, to be said once
+                print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
+            sys.exit(2)
+        # click's (or typer's vendored click's) usage errors carry exit code 2 and a message:
+        # one line too, instead of a boxed multi-line panel
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `autofit`: the help was shown
+            sys.exit(0)
+        if getattr(e, "exit_code", None) == 2 and hasattr(e, "format_message"):
+            msg = e.format_message().strip()
+            print(f"autofit: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+            sys.exit(2)
+        if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
+            _say_interrupted()
+            sys.exit(interrupts.EXIT_CODE)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":  # python -m autofit.cli.app
+    main()

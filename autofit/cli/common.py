@@ -1,0 +1,135 @@
+"""What every `autofit` sub-command shares: the consoles, the one-line user errors, the config
+options (and the probe options probe and run share), small parsers, and the `autofit run` line a
+probe suggests. The commands live in app.py (config, probe, run), profiles.py (profiles) and
+data.py (data prepare, sample)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+# Piped output (CI logs, `| less`, a file) is not wrapped: lines are soft-wrapped (left whole for
+# the reader's pager), and tables get 200 columns instead of rich's default 80.
+console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=not sys.stderr.isatty())
+
+
+def _no_bool_metavar() -> None:
+    """typer's rich help prints a type for every option, so flags read `--json <bool>` and
+    `--help <bool>` as if they took a value. Flags take none: show no type for them."""
+    from typer import core
+    plain = core.TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else plain(self, ctx)
+    core.TyperOption.display_type_rich = display_type_rich
+
+
+_no_bool_metavar()
+
+
+class UsageError(ValueError):
+    """Bad combination of command-line options."""
+
+
+# Exception types that mean 'the user can fix this': one line, no traceback. Matched by class
+# name along the exception's MRO (classes of autofit and trainer only), so that catching them
+# imports nothing (trainer.loop would import torch, ~2 s, even for `autofit config`) and a class
+# moving between modules keeps working.
+USER_ERRORS = frozenset({
+    "UsageError", "ConfigError", "DataError", "TrainError", "DeviceError", "HardwareError", "ProfileError",
+    "PlanError", "PlotError", "WeightsError", "CheckpointError", "SampleError",
+})
+
+
+def _is_user_error(e: BaseException) -> bool:
+    return any(c.__name__ in USER_ERRORS and c.__module__.split(".")[0] in ("autofit", "trainer", "__main__")
+               for c in type(e).__mro__)
+
+
+def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
+    """The TrainConfig of a command: a preset or a file (the tiny preset when neither is named),
+    then --set; with init_from = 'gpt2*' the published model's shape, as nanoGPT's train.py takes
+    it. Raises UsageError for --preset with --config: both name a whole model, and a quiet
+    winner would train something the user did not pick; ConfigError for a bad config."""
+    from trainer.config.train_config import load_config
+    from trainer.model.pretrained import gpt2_config
+    if preset is not None and config is not None:
+        raise UsageError(f"--preset and --config both name a model; pick one (to change a preset's values, "
+                         f"use --preset {preset} --set key=value, or copy them into {config})")
+    if preset is None and config is None:
+        preset = "tiny"  # the built-in default: small enough to train on a laptop CPU in minutes
+    return gpt2_config(load_config(preset=preset, config_file=config, overrides=overrides))
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or nanoGPT-style .py config (parsed, never executed).")
+PresetOpt = typer.Option(None, "--preset", help="Built-in preset: tiny, gpt2-124m, rtx4070-seed.")
+SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set key=value (repeatable).")
+
+
+def _size(value: Optional[str], flag: str) -> Optional[int]:
+    if value is None:
+        return None
+    from autofit.units import parse_size
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+def _fmt(n):
+    from autofit.units import fmt_bytes
+    return fmt_bytes(n) if n else "-"
+
+
+def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss):
+    from autofit.launch.probe import ProbeOptions
+    if not 0.0 <= margin < 1.0:
+        raise UsageError(f"--margin must be in [0, 1), got {margin}")
+    ck = None
+    if checkpointing is not None:
+        try:
+            ck = sorted({int(v) for v in checkpointing.split(",")})
+            if any(v < 0 for v in ck):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--checkpointing takes a comma list of block intervals (0=off), got {checkpointing!r}") from None
+    li = None
+    if loss is not None:
+        li = [v.strip() for v in loss.split(",")]
+        bad = [v for v in li if v not in ("standard", "chunked")]
+        if bad:
+            raise UsageError(f"--loss: unknown loss implementation {bad[0]!r} (standard, chunked)")
+    return ProbeOptions(device=device, budget_bytes=_size(budget, "--budget"), gpu=gpu, gpu_index=gpu_index,
+                        margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li)
+
+
+DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: the GPU if there is one, else the budgeted CPU).")
+BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB (default: half of available RAM).")
+GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU (NVML index; default 0). Refused on the CPU and under torchrun.")
+DEFAULT_MARGIN = 0.10
+MarginOpt = typer.Option(DEFAULT_MARGIN, "--margin", help="Share of usable memory kept free as a safety margin.")
+DtypeOpt = typer.Option(None, "--dtype", help="Narrow or widen dtypes: float32, bfloat16, float16, a comma list, or 'any' (default: the config's).")
+CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: the config's compile, tried both ways).")
+CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing intervals to try, comma list (0=off, 1=every block).")
+LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standard, chunked (comma list).")
+
+
+def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index=None) -> list[str]:
+    """The probe's options that `autofit run --profile` takes too, as argv: the suggested command
+    then trains the config that was probed, over the same candidates (and so finds its plan)."""
+    args = ["--config", str(config)] if config is not None else (["--preset", preset] if preset else [])
+    for item in overrides:
+        args += ["--set", item]
+    for flag, value in (("--dtype", dtype), ("--checkpointing", checkpointing), ("--loss", loss)):
+        args += [flag, value] if value is not None else []
+    if compile is not None:
+        args.append("--compile" if compile else "--no-compile")
+    if margin != DEFAULT_MARGIN:
+        args += ["--margin", repr(margin)]
+    if gpu_index is not None:  # the GPU that was measured
+        args += ["--gpu-index", str(gpu_index)]
+    return args

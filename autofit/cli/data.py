@@ -1,0 +1,71 @@
+"""`autofit data prepare` and `autofit sample`: datasets in nanoGPT's layout, and text from a
+checkpoint as nanoGPT's sample.py writes it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from autofit import interrupts
+from autofit.cli.common import console, err_console
+
+sample_app = typer.Typer()
+@sample_app.command("sample")
+def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run directory holding ckpt.pt (autofit's or nanoGPT's), or the file itself."),
+               start: str = typer.Option("\n", "--start", help="Prompt text, or FILE:path to read it from a file."),
+               num_samples: int = typer.Option(10, "--num-samples", help="Samples to draw."),
+               max_new_tokens: int = typer.Option(500, "--max-new-tokens", help="Tokens generated per sample."),
+               temperature: float = typer.Option(0.8, "--temperature", help="> 0; below 1 sharper, above 1 more random."),
+               top_k: int = typer.Option(200, "--top-k", help="Sample from the K most likely tokens (>= 1)."),
+               seed: int = typer.Option(1337, "--seed"),
+               device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there is a GPU)."),
+               init_from: str = typer.Option("resume", "--init-from", help="resume (from --out), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a directory with a GPT-2 model.safetensors + config.json."),
+               as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Sample text from a checkpoint, as nanoGPT's sample.py."""
+    from trainer.sample import SampleOptions, generate_samples
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = SampleOptions(start=start, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, seed=seed, device=device, init_from=init_from)
+    if as_json:
+        interrupts.during("interrupted while sampling; nothing was printed (--json prints all samples at the end)")
+        res = generate_samples(out, opts)
+        print(json.dumps({"samples": res.texts, "model": res.model_source, "codec": res.codec,
+                          "device": res.device, "dtype": res.dtype, "prompt_tokens": res.prompt_tokens}, indent=2))
+        return
+
+    def show(text: str) -> None:  # plain print, as soon as drawn: generated text is not rich markup
+        print(text, "---------------", sep="\n", flush=True)
+
+    interrupts.during("interrupted while sampling; the samples drawn so far are printed above")
+    generate_samples(out, opts, on_sample=show, say=lambda line: err_console.print(f"[dim]{line}[/]", soft_wrap=True))
+
+
+data_app = typer.Typer(help="Datasets in nanoGPT's layout: prepare them.", no_args_is_help=True)
+
+
+@data_app.command("prepare")
+def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakespeare or fineweb-edu."),
+                 out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: data/NAME, where dataset = 'NAME' looks)."),
+                 input_file: Optional[Path] = typer.Option(None, "--input", help="A local text instead of the download (fineweb-edu: a .jsonl of {\"text\": ...} rows, or one text)."),
+                 max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="fineweb-edu: stop after this many tokens (default: the whole ~10B-token sample)."),
+                 shard_size: Optional[int] = typer.Option(None, "--shard-size", help="fineweb-edu: tokens per llm.c shard (default 100,000,000)."),
+                 force: bool = typer.Option(False, "--force", help="Replace a dataset already in --out."),
+                 no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
+    """Write a dataset as nanoGPT lays it out: train.bin/val.bin (+ meta.pkl), or llm.c shards."""
+    from trainer.data.prepare import prepare
+    out_dir = out if out is not None else Path("data") / name
+    log = lambda s: err_console.print(f"[dim]{s}[/]")
+    interrupts.during(f"interrupted while preparing {name}; nothing was moved into {out_dir}")
+    done = prepare(name, out_dir, input_path=input_file, max_tokens=max_tokens, shard_size=shard_size,
+                   force=force, progress=not no_progress, log=log)
+    counts = ", ".join(f"{split} {n:,} tokens" for split, n in done.tokens.items())
+    vocab = f", vocab_size {done.vocab_size} in meta.pkl" if done.vocab_size else ", GPT-2 BPE tokens"
+    use = name if out_dir == Path("data") / name else str(out_dir)
+    console.print(f"wrote {out_dir} ({counts}{vocab}); train on it with dataset = '{use}' "
+                  f"(--set dataset={use})", soft_wrap=True)
+
+

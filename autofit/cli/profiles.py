@@ -1,0 +1,182 @@
+"""`autofit profiles list | show | rm | add`: the saved per-GPU profiles, from the command line.
+
+Thin like the rest of the CLI: parse, call autofit.profiles.store / autofit.devices.hardware, print. On a
+terminal the listings are rich tables; piped (stdout not a TTY) they are tab-separated lines, so
+no path or name is ever cut or wrapped and scripts can split them.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Optional
+
+import typer
+
+profiles_app = typer.Typer(help="Saved per-GPU profiles: list, show, remove, add your own GPU.",
+                           no_args_is_help=True)
+
+
+def _console():
+    from autofit.cli.common import console  # created there, once, for every command
+    return console
+
+
+def _fmt(n) -> str:
+    from autofit.units import fmt_bytes
+    return fmt_bytes(n) if n else "-"
+
+
+def print_rows(headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    """A rich table on a terminal; tab-separated lines (headers first) when piped."""
+    console = _console()
+    if not console.is_terminal:
+        for line in [headers, *rows]:
+            print("\t".join(cell.replace("\t", " ") for cell in line))  # plain: rich would expand tabs
+        return
+    from rich.table import Table
+    table = Table(*headers, title=title)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@profiles_app.command("list")
+def profiles_list(as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Built-in and saved profiles."""
+    from autofit.devices.hardware import load_builtin
+    from autofit.launch.run import _builtin_hardware
+    from autofit.profiles.store import list_profiles
+    entries = list_profiles(sorted(load_builtin()), builtin=_builtin_hardware)
+    if as_json:
+        print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+        return
+    rows = [[e.name, e.gpu, _fmt(e.memory_bytes), str(e.n_plans), e.location + (f" ({e.error})" if e.error else "")]
+            for e in entries]
+    print_rows(["name", "GPU", "memory", "fitted plans", "where"], rows)
+
+
+def _hardware_line(name: str, hw: dict) -> str:
+    mem = hw.get("memory_bytes")
+    parts = [f"{name}: {hw.get('gpu', '?')}", _fmt(mem) if isinstance(mem, int) else "?"]
+    if hw.get("compute_capability"):
+        parts.append(f"compute capability {'.'.join(map(str, hw['compute_capability']))}")
+    if hw.get("peak_bf16_tflops"):
+        parts.append(f"peak dense bf16 {hw['peak_bf16_tflops']} TFLOP/s")
+    if hw.get("peak_fp16_tflops"):
+        parts.append(f"peak dense fp16 {hw['peak_fp16_tflops']} TFLOP/s")
+    if hw.get("memory_bandwidth_gbs"):
+        parts.append(f"{hw['memory_bandwidth_gbs']} GB/s")
+    return ", ".join(parts) + " (figures from the profile, not measured)" * bool(hw.get("peak_fp16_tflops"))
+
+
+def _plan_row(fp: str, fitted) -> list[str]:
+    c, p = fitted.config_summary, fitted.plan
+    config = (f"{c.get('n_layer')} layers, {c.get('n_head')} heads, n_embd {c.get('n_embd')}, "
+              f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch}")
+    notes = []
+    if fitted.safe_micro_batch:
+        notes.append(f"safe micro-batch {fitted.safe_micro_batch}")
+    if fitted.compile_failed:
+        notes.append("compile failed at run time")
+    notes += fitted.events[-2:]
+    compile_txt = f"on after {p.compile_after} steps" if p.compile else "off"
+    ckpt = f"every {p.checkpointing} block(s)" if p.checkpointing else "off"
+    tps = f"{p.tokens_per_s:,.0f} ({p.mode})" if p.tokens_per_s else "-"
+    ranks = f"; {p.world_size} ranks, {p.parallelism}, each" if p.world_size > 1 else ""  # torchrun plans
+    return [fp, config, f"{p.micro_batch} x {p.grad_accum} ({p.split}){ranks}", p.dtype, compile_txt, ckpt, p.loss_impl,
+            _fmt(p.measured_peak_bytes), tps, f"{fitted.updated:%Y-%m-%d %H:%M}", "; ".join(notes)]
+
+
+@profiles_app.command("show")
+def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+    """Hardware and fitted plans of one profile."""
+    from autofit.launch.run import _builtin_hardware
+    from autofit.profiles.store import ProfileError, load_profile
+    prof = load_profile(name, builtin=_builtin_hardware)
+    if prof is None:
+        raise ProfileError(f"no profile named {name!r}; see autofit profiles list")
+    if as_json:
+        print(json.dumps(prof.model_dump(mode="json"), indent=2))
+        return
+    console = _console()
+    hw = prof.hardware or {}
+    console.print(_hardware_line(prof.name, hw), soft_wrap=True, markup=False, highlight=False)
+    if hw.get("source"):
+        console.print(f"  source: {hw['source']}", soft_wrap=True, markup=False, highlight=False)
+    if not prof.plans:
+        console.print("  no fitted plans yet (autofit probe --save, or autofit run --profile on this card)")
+        return
+    headers = ["fingerprint", "config", "micro x accum", "dtype", "compile", "checkpointing", "loss",
+               "measured peak", "tokens/s", "date (UTC)", "notes"]
+    print_rows(headers, [_plan_row(fp, fitted) for fp, fitted in prof.plans.items()])
+
+
+@profiles_app.command("rm")
+def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", help="Remove only this plan (fingerprint).")):
+    """Remove a saved profile, or one plan of it."""
+    from autofit.devices.hardware import load_builtin
+    from autofit.profiles.store import remove_profile
+    _console().print(remove_profile(name, plan, builtin_names=sorted(load_builtin())), soft_wrap=True,
+                     markup=False, highlight=False)
+
+
+def _compute_capability(text: str) -> list[int]:
+    from autofit.cli.common import UsageError
+    major, dot, minor = text.strip().partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        raise UsageError(f"--compute-capability takes MAJOR.MINOR, e.g. 7.5, got {text!r}")
+    return [int(major), int(minor)]
+
+
+@profiles_app.command("add")
+def profiles_add(
+        name: str = typer.Argument(..., help="Profile name: model slug + memory, e.g. gtx1650-4gb."),
+        memory: str = typer.Option(..., "--memory", help="Memory capacity, e.g. 4GiB (NVML's total if you know it)."),
+        compute_capability: str = typer.Option(..., "--compute-capability", help="CUDA compute capability, e.g. 7.5."),
+        peak_fp16: float = typer.Option(..., "--peak-fp16-tflops", help="Peak dense fp16 tensor TFLOP/s (FP32 accumulate)."),
+        peak_bf16: Optional[float] = typer.Option(None, "--peak-bf16-tflops", help="Peak dense bf16 TFLOP/s; omit if the card has no bf16 (compute capability < 8.0)."),
+        bandwidth: float = typer.Option(..., "--bandwidth-gbs", help="Memory bandwidth in GB/s (decimal), from the spec sheet."),
+        gpu: Optional[str] = typer.Option(None, "--gpu", help="Marketing name as NVML reports it, e.g. 'NVIDIA GeForce GTX 1650' (default: NAME)."),
+        source: Optional[str] = typer.Option(None, "--source", help="Where the figures come from (default: 'user-defined')."),
+):
+    """Describe a GPU autofit has no built-in profile for; then `probe --gpu NAME` and
+    `run --profile NAME` take it like a built-in one."""
+    from autofit.cli.common import UsageError, _size
+    from pydantic import ValidationError
+
+    from autofit.devices.hardware import HardwareSpec, load_builtin
+    from autofit.profiles.store import check_profiles_writable, save_hardware
+    if not _name_ok(name):
+        raise UsageError(f"profile name {name!r} must be a model slug and its memory, e.g. gtx1650-4gb "
+                         "(lowercase letters, digits and dots, '-', then NNgb or NNmb)")
+    check_profiles_writable(name)
+    label = gpu or name
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    hardware = {"schema_version": 1, "name": name, "gpu": label, "nvml_names": [label],
+                "memory_bytes": _size(memory, "--memory"), "compute_capability": _compute_capability(compute_capability),
+                "bf16": peak_bf16 is not None, "peak_bf16_tflops": peak_bf16, "peak_fp16_tflops": peak_fp16,
+                "memory_bandwidth_gbs": bandwidth,
+                "source": source or f"user-defined with autofit profiles add ({stamp}); figures not checked"}
+    try:
+        spec = HardwareSpec.model_validate(hardware)
+    except ValidationError as e:  # one line that names the flag, not the model's field
+        err = e.errors()[0]
+        flag = _FLAGS.get(str(err["loc"][0]) if err["loc"] else "", "profiles add")
+        raise UsageError(f"{flag}: {err['msg']}") from None
+    path, new = save_hardware(name, spec.model_dump(mode="json", exclude_none=True))
+    note = " (overrides the built-in profile of that name)" if name in load_builtin() else ""
+    _console().print(f"{'wrote' if new else 'updated the hardware of'} {path}{note}; "
+                     f"estimate with: autofit probe --gpu {name}", soft_wrap=True, markup=False, highlight=False)
+
+
+# HardwareSpec fields as the flags that set them, for one-line errors.
+_FLAGS = {"memory_bytes": "--memory", "compute_capability": "--compute-capability",
+          "peak_bf16_tflops": "--peak-bf16-tflops", "peak_fp16_tflops": "--peak-fp16-tflops",
+          "memory_bandwidth_gbs": "--bandwidth-gbs", "gpu": "--gpu", "name": "NAME"}
+
+
+def _name_ok(name: str) -> bool:
+    import re
+    from autofit.devices.hardware import HardwareSpec
+    pattern = next(m.pattern for m in HardwareSpec.model_fields["name"].metadata if hasattr(m, "pattern"))
+    return re.fullmatch(pattern, name) is not None

@@ -1,0 +1,113 @@
+"""The host CPU as a device: available RAM (cgroup-aware), its DeviceInfo, and the plain CPU device
+(trains on the CPU and measures nothing). The budgeted CPU device, which does measure, is in
+autofit.devices.cpu_budget.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from autofit.devices.device import DeviceError, DeviceInfo, NoCap
+from autofit.units import fmt_bytes
+from trainer.meter import NullMeter
+
+# Without --budget, the CPU device may use this share of the RAM available now: the rest is left
+# to the OS, the data loader and whatever else runs, so a too-big trial OOMs in our tracker instead
+# of getting the process killed by the kernel.
+DEFAULT_CPU_BUDGET_SHARE = 0.5
+
+
+def _cgroup_available_bytes() -> int | None:
+    """Memory left under a container's cgroup limit (v2, then v1), or None when unlimited."""
+    for limit_path, usage_path in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_path) as f:
+                raw = f.read().strip()
+            if raw == "max":
+                return None
+            limit = int(raw)
+            if limit >= 1 << 60:  # cgroup v1 says "unlimited" with a huge number
+                return None
+            with open(usage_path) as f:
+                usage = int(f.read().strip())
+            return max(0, limit - usage)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def available_ram_bytes() -> int:
+    """RAM this process could still get: MemAvailable, capped by a container's cgroup limit."""
+    avail: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024  # the file says kB and means KiB
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):  # macOS has only the second
+            try:
+                avail = os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+                break
+            except (ValueError, OSError, AttributeError):
+                continue
+    if avail is None:
+        raise DeviceError("cannot read the available RAM on this system; pass an explicit --budget")
+    cg = _cgroup_available_bytes()
+    return min(avail, cg) if cg is not None else avail
+
+
+def default_cpu_budget() -> int:
+    return int(available_ram_bytes() * DEFAULT_CPU_BUDGET_SHARE)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def cpu_info(budget_bytes: int | None = None, used_bytes: int = 0) -> DeviceInfo:
+    """The budgeted CPU device: total = the budget; free = the budget minus `used_bytes`."""
+    avail = available_ram_bytes()
+    if budget_bytes is None:
+        budget = int(avail * DEFAULT_CPU_BUDGET_SHARE)
+        note = f"budget {fmt_bytes(budget)} = {DEFAULT_CPU_BUDGET_SHARE:.0%} of {fmt_bytes(avail)} RAM available"
+    else:
+        if budget_bytes <= 0:
+            raise DeviceError(f"CPU budget must be positive, got {budget_bytes} bytes")
+        budget = int(budget_bytes)
+        note = f"budget {fmt_bytes(budget)} of {fmt_bytes(avail)} RAM available"
+        if budget > avail:
+            note += "; the budget exceeds available RAM, so the OS may swap or kill the run first"
+    return DeviceInfo(kind="cpu", name=_cpu_name(), index=None, total_bytes=budget,
+                      free_bytes=max(0, budget - used_bytes), used_by_others_bytes=None,
+                      compute_capability=None, driver_version=None, cuda_version=None,
+                      source="cpu", note=note)
+
+
+class PlainCpuDevice(NoCap, NullMeter):
+    """The CPU with no memory budget and no measurement (e.g. `autofit run --no-probe --device cpu`):
+    peak readings are None, never made up, and torch.compile compiles for real."""
+    runs_trials = False
+    torch_device = torch.device("cpu")
+
+    @property
+    def info(self) -> DeviceInfo:
+        avail = available_ram_bytes()
+        return DeviceInfo(kind="cpu", name=_cpu_name(), index=None, total_bytes=avail, free_bytes=avail,
+                          used_by_others_bytes=None, compute_capability=None, driver_version=None,
+                          cuda_version=None, source="cpu", note="plain CPU: no memory budget, nothing measured")

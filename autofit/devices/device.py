@@ -1,0 +1,134 @@
+"""What every device gives the launcher: its identity and capacity (DeviceInfo) and the Device
+protocol (a trainer memory meter plus that identity).
+
+Implementations, one per kind of device:
+- CUDA GPU: autofit.devices.cuda.CudaDevice (NVML identity, torch caching-allocator meter);
+- budgeted CPU: autofit.devices.cpu_budget.BudgetedCpuDevice (real tensors, a live-bytes tracker that
+  raises torch.OutOfMemoryError past a budget);
+- plain CPU: autofit.devices.cpu.PlainCpuDevice (nothing measured);
+- simulated GPU: SimulatedDevice below (a hardware profile with no hardware: estimates only).
+autofit.devices.opener.open_device picks and opens one of them for every caller.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Literal, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel
+
+from trainer.meter import MemoryMeter, MeterCapabilities, NullMeter
+
+
+# Used when the context cannot be measured (a simulated GPU, or before CUDA is initialised):
+# a CUDA 12 context with torch's kernels loaded is typically 300-600 MiB, and kernels loaded
+# lazily later (cuDNN/SDPA, Triton) add some more outside the caching allocator.
+# cuBLAS's workspace (8 MiB per stream, 32 MiB on Hopper) is NOT a budget term: it is allocated
+# through the caching allocator, so a trial's measured peak holds it and the estimate counts it
+# (autofit.planning.estimate.CUDA_WORKSPACE_BYTES). Where the context is measured, the
+# measurement (this process's NVML use less torch's reserved bytes) already holds everything
+# outside the allocator, so the workspace term is 0 there.
+ASSUMED_CONTEXT_BYTES = 512 * 2**20
+
+
+class DeviceError(RuntimeError):
+    """A device problem the user can cause or fix (no GPU, bad index, bad budget). One line."""
+
+
+class DeviceInfo(BaseModel):
+    """Identity and capacity of a device, in bytes. Read once when the device is opened (free
+    memory is a snapshot); `source` says who answered: 'nvml', 'torch.cuda', 'nvml+torch.cuda',
+    'cpu' or 'profile:<slug>'."""
+    kind: Literal["cuda", "cpu", "simulated"]
+    name: str
+    index: int | None
+    total_bytes: int
+    free_bytes: int
+    used_by_others_bytes: int | None  # other processes' GPU memory; None when NVML cannot tell
+    compute_capability: tuple[int, int] | None
+    driver_version: str | None
+    # CUDA version the driver supports (NVML), or that torch was built with (torch.cuda fallback).
+    cuda_version: str | None
+    mig: bool = False
+    source: str
+    note: str = ""
+    uuid: str | None = None  # NVML's "GPU-..." UUID, when known
+    # Memory the driver and firmware keep for themselves (NVML v2 memory info), part of total.
+    driver_reserved_bytes: int | None = None
+
+    @property
+    def bf16_supported(self) -> bool:
+        """bf16 tensor cores start with Ampere (compute capability 8.0); before that torch
+        emulates bf16 slowly, so it counts as unsupported. CPUs run bf16 (slowly, but correctly)."""
+        if self.kind == "cpu":
+            return True
+        return self.compute_capability is not None and tuple(self.compute_capability) >= (8, 0)
+
+
+@runtime_checkable
+class Device(MemoryMeter, Protocol):
+    """A device the launcher can plan for: a trainer.meter.MemoryMeter (tracking, peak and
+    reserved readings, cleanup, OOM classification, declared capabilities) with an identity.
+
+    `info` is a property on every implementation. `runs_trials` is False only for a simulated
+    GPU, whose figures are all estimates."""
+    torch_device: torch.device
+    runs_trials: bool
+    context_bytes: int | None  # measured memory outside the allocator (CUDA context); None: not measured
+
+
+    @property
+    def info(self) -> DeviceInfo: ...
+
+    def limited_to(self, limit_bytes: int) -> ContextManager:
+        """While active, the device holds at most `limit_bytes` for tensors (the probe's budget),
+        so an over-budget trial fails fast; a no-op where nothing can be capped."""
+        ...
+
+    def refresh_context(self) -> int | None:
+        """Measures context_bytes again (libraries load workspaces at first use); None where
+        there is nothing outside an allocator to measure."""
+        ...
+
+
+class NoCap:
+    """The Device parts of a device with no memory cap and nothing outside an allocator."""
+    context_bytes = None
+
+    def limited_to(self, limit_bytes: int) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def refresh_context(self) -> int | None:
+        return None
+
+
+def simulated_info(hw) -> DeviceInfo:
+    """DeviceInfo for a hardware profile (an autofit.devices.hardware.HardwareSpec) standing in for a GPU
+    that is not here: capacity from the profile, estimates only."""
+    return DeviceInfo(kind="simulated", name=hw.gpu, index=None, total_bytes=hw.memory_bytes,
+                      free_bytes=hw.memory_bytes, used_by_others_bytes=None,
+                      compute_capability=hw.compute_capability, driver_version=None,
+                      cuda_version=None, source=f"profile:{hw.name}",
+                      note="simulated from a hardware profile: figures are estimates, not measurements")
+
+
+class SimulatedDevice(NoCap, NullMeter):
+    """A GPU that is not here, described by its hardware profile. It measures nothing (the null
+    meter's readings are all None) and runs no trials; the planner answers from the estimate alone
+    and labels every figure estimated."""
+    runs_trials = False
+    torch_device = torch.device("meta")
+
+    def __init__(self, hw):
+        self.hw = hw
+        self._info = simulated_info(hw)
+
+    @property
+    def info(self) -> DeviceInfo:
+        return self._info
+
+    def spec(self) -> dict:
+        return {"kind": "simulated", "profile": self.hw.name}
+
+
+__all__ = ["Device", "DeviceError", "DeviceInfo", "NoCap", "MeterCapabilities", "SimulatedDevice", "simulated_info"]

@@ -1,0 +1,57 @@
+"""What a rank's device depends on under torchrun: whether this process is one of several ranks,
+its GPU (LOCAL_RANK) and its CPU budget (AUTOFIT_RANK_BUDGETS, or a share of the RAM). Read from
+torchrun's environment; the process group itself is autofit.launch.torchrun's."""
+from __future__ import annotations
+
+import os
+
+from autofit.devices.device import DeviceError
+
+RANK_BUDGETS_ENV = "AUTOFIT_RANK_BUDGETS"
+
+
+def ranks():
+    """This process's trainer.distributed.ranks.Ranks from torchrun's environment (rank 0 of 1
+    without torchrun)."""
+    from trainer.distributed.ranks import Ranks
+    return Ranks.from_env()
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process as one of several ranks (no torch import needed)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+
+
+def rank_budget(budget_bytes: int | None) -> int | None:
+    """This rank's CPU budget: its entry of AUTOFIT_RANK_BUDGETS when that is set (one size per
+    rank, comma-separated), else `budget_bytes`. Raises DeviceError for a list that does not
+    name every rank, or a size that does not parse."""
+    from autofit.units import parse_size
+    raw = os.environ.get(RANK_BUDGETS_ENV, "").strip()
+    if not raw:
+        return budget_bytes
+    r = ranks()
+    items = [v.strip() for v in raw.split(",")]
+    if len(items) != r.world_size:
+        raise DeviceError(f"{RANK_BUDGETS_ENV} names {len(items)} budget(s) for {r.world_size} rank(s); give one "
+                          f"per rank, e.g. {RANK_BUDGETS_ENV}=3MiB,2MiB")
+    try:
+        return parse_size(items[r.rank])
+    except ValueError as e:
+        raise DeviceError(f"{RANK_BUDGETS_ENV}: rank {r.rank}'s budget {items[r.rank]!r}: {e}") from None
+
+
+def cpu_share(budget_bytes: int | None) -> int | None:
+    """A budgeted CPU device's default budget under torchrun: the usual share of the RAM available
+    now, divided among this machine's ranks (LOCAL_WORLD_SIZE), which all take it at once.
+    `budget_bytes` when one was given; None (the device's own default) without torchrun."""
+    if budget_bytes is not None or not under_torchrun():
+        return budget_bytes
+    from autofit.devices.cpu import default_cpu_budget
+    return default_cpu_budget() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", ranks().world_size)))
+
+
+def gpu_index(default: int) -> int:
+    """The GPU a rank opens: LOCAL_RANK under torchrun (one GPU per rank), else `default`."""
+    r = ranks()
+    return r.local_rank if r.several else default

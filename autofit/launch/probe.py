@@ -1,0 +1,94 @@
+"""`autofit probe`: open the device (a real GPU, the budgeted CPU, or a simulated GPU), work out
+the budget, and run the planner in the matching mode: measured trials, or estimates alone."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from autofit.planning.budget import compute_budget, device_budget
+from autofit.planning.candidates import candidate_space
+from autofit.devices.device import DeviceError
+from autofit.devices.opener import open_device, open_simulated
+from autofit.planning.planner import ProbeResult, probe_estimated, probe_measured
+from autofit.planning.trials import TrialSettings
+
+
+@dataclass
+class ProbeOptions:
+    device: str | None = None  # 'cuda' | 'cpu' | None (a GPU if there is one, else the CPU)
+    budget_bytes: int | None = None  # CPU only
+    gpu: str | None = None  # simulate this hardware profile: estimates only
+    gpu_index: int | None = None  # --gpu-index; None: GPU 0 (and no complaint on the CPU)
+    margin: float = 0.10
+    dtype: str | None = None
+    compile: bool | None = None
+    checkpointing: list[int] | None = None
+    loss_impls: list[str] | None = None
+    emulate_bytes: int | None = None  # on a bigger GPU: cap the process to this many bytes
+    trial_steps: int = 2
+    compile_backend: str = "inductor"
+
+
+PROBE_WAIT_ENV = "AUTOFIT_FAULT_PROBE_WAIT"
+
+
+def _wait_if_asked() -> None:
+    """AUTOFIT_FAULT_PROBE_WAIT=1 (a fault for tests of Ctrl-C and SIGTERM during the probe): the
+    probe stops before its first trial, says so on stderr, and waits there for a signal, so a test
+    interrupts a probe without guessing how long trials take on the machine."""
+    if not os.environ.get(PROBE_WAIT_ENV):
+        return
+    print(f"probe waiting ({PROBE_WAIT_ENV} is set): interrupt it now", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
+
+
+BIG_FOR_CPU = 20_000_000  # parameters: above this, real trials on a CPU take minutes each
+
+
+def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]) -> ProbeResult:
+    """The measured probe on an opened device (autofit.devices.device.Device) whose budget is known."""
+    from autofit.planning.estimate import ModelShape, param_count
+    from autofit.units import fmt_bytes
+    from autofit.planning import agree
+    info = device.info
+    budget = agree.budget(budget)  # several ranks: the smallest rank's
+    ranks = agree.ranks()
+    log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)} "
+        f"({fmt_bytes(budget.usable_bytes)} usable less the {budget.margin:.0%} safety margin)"
+        + (f" (the smallest of {ranks.world_size} ranks' budgets; each rank measures on its own device)"
+           if ranks.several else ""))
+    n = param_count(ModelShape.from_config(cfg))
+    if info.kind == "cpu" and n > BIG_FOR_CPU and opts.device is None:
+        log(f"no GPU found: measuring a {n / 1e6:.0f}M-parameter model with real trials on the CPU will be slow; "
+            f"for a GPU you do not have here, estimate with --gpu NAME (e.g. --gpu rtx4070-12gb)")
+    space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
+                            compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
+                            compile_measurable=device.capabilities.compile,
+                            compute_capability=info.compute_capability, world_size=ranks.world_size)
+    space = agree.space(space)  # several ranks: what every rank's card can run
+    _wait_if_asked()
+    settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
+    return probe_measured(cfg, device, budget, space, settings=settings, log=log)
+
+
+def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: None):
+    """Returns (ProbeResult, device or None, hardware spec or None). Raises DeviceError,
+    HardwareError or PlanError with one line."""
+    if opts.gpu is not None:
+        sim = open_simulated(opts.gpu)
+        if opts.device is not None or opts.budget_bytes is not None or opts.gpu_index is not None:
+            raise DeviceError("--gpu simulates a card from its profile; it cannot be combined with "
+                              "--device/--budget/--gpu-index")
+        info = sim.info
+        space = candidate_space(cfg, "cuda", info.bf16_supported, dtype=opts.dtype, compile=opts.compile,
+                                checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
+                                compute_capability=info.compute_capability)
+        budget = compute_budget(info, opts.margin)
+        return probe_estimated(cfg, info, sim.hw, budget, space), None, sim.hw
+    device = open_device(opts.device, budget_bytes=opts.budget_bytes, gpu_index=opts.gpu_index,
+                         emulate_usable_bytes=opts.emulate_bytes)
+    return probe_on(cfg, device, device_budget(device, opts.margin), opts, log), device, None

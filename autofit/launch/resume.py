@@ -1,0 +1,140 @@
+"""`autofit run --resume` (and init_from = 'resume'): continue a run from <out>/ckpt.pt.
+
+An autofit checkpoint continues with its own config, plan and device, with no probe, so the
+continuation is the same run. A nanoGPT checkpoint (model, optimizer, model_args, iter_num,
+best_val_loss, config) continues at its iteration with its weights and optimizer state, on a plan
+probed now as for a fresh run; what it cannot give back (data position, RNG) is said.
+
+Either way a resume promises the same run: a --set (or config value) that changes what is
+trained (the effective batch, the dataset, the schedule, the optimizer) is refused, unless
+--allow-changes is given, and then it is said and recorded in the run's metrics.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from autofit.planning import agree
+from autofit.devices.opener import reopen_device
+from autofit.launch.run import Launch, check_steps_left, prepare_run
+from autofit.records import PlanRecord
+from trainer.checkpoint.ckpt import device_spec, read_checkpoint, resume_changes
+from trainer.config.train_config import FIELDS, ConfigError, TrainConfig
+from trainer.config.messages import unknown_key_message
+from trainer.loop import RunOptions
+from trainer.recovery import shrink_policy
+from trainer.step import describe_split, split_batch
+
+
+# The model's shape: a resume loads the checkpoint's weights, so these come from it (nanoGPT's
+# train.py forces the same keys from the checkpoint's model_args); --allow-changes cannot change them.
+MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def _with_changes(saved: TrainConfig, overrides: dict[str, Any], allow_changes: bool, log,
+                  sources: dict[str, str] | None = None) -> tuple[TrainConfig, list[str]]:
+    """The saved config with `overrides` applied, and the changes to what is trained (refused with
+    a ConfigError unless allow_changes; then each is logged). A change of the model's shape is
+    refused always, by name, before any value is applied. `sources`: where each override was
+    set ('--set', 'c.py:3'), named in the error for a bad value."""
+    unknown = [k for k in overrides if k not in FIELDS]
+    if unknown:
+        raise ConfigError(f"--set: {unknown_key_message(unknown[0], FIELDS)}")
+    shape = [f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in overrides.items()
+             if k in MODEL_SHAPE_FIELDS and getattr(saved, k) != v]
+    if shape:
+        raise ConfigError(f"--resume continues the checkpoint's model, whose shape cannot change ({'; '.join(shape)}); "
+                          f"drop these from --set or the config (the checkpoint's are used), or start a new run "
+                          f"with another --out")
+    cfg = saved.model_copy(deep=True)
+    cfg._sources = {**saved._sources, **(sources or {})}
+    for key, value in overrides.items():
+        setattr(cfg, key, value)  # validated: ConfigError for a bad value
+    changes = resume_changes(saved, cfg)
+    if changes and not allow_changes:
+        raise ConfigError(f"--resume continues the same run, and this changes what it trains ({'; '.join(changes)}); "
+                          f"drop the change, start a new run with another --out, or pass --allow-changes")
+    for c in changes:
+        log(f"--resume with --allow-changes: {c}")
+    return cfg, changes
+
+
+def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow_changes: bool = False,
+                   max_steps: int | None, progress: bool, log: Callable[[str], None],
+                   sources: dict[str, str] | None = None) -> Launch:
+    """The Launch that continues <out_dir>/ckpt.pt. `overrides`: config values asked on the
+    command line (or in a config with init_from='resume'); `sources`: where each was set. Raises
+    TrainError for a missing or foreign checkpoint, ConfigError for a refused change."""
+    path = Path(out_dir) / "ckpt.pt"
+    ck = read_checkpoint(path, any_layout=True, mmap=True)  # tensors mapped, not read: the run loads them
+    if not all(k in ck for k in ("config", "sampler")):  # nanoGPT's layout
+        return _continue_nanogpt(path, overrides, probe_opts, allow_changes, max_steps, progress, log, sources)
+    read_checkpoint(path, mmap=True)  # every key a resume reads, checked before any work
+    cfg, changes = _with_changes(TrainConfig(**ck["config"]), overrides, allow_changes, log, sources)
+    check_steps_left(int(ck["iter_num"]), cfg, max_steps, resuming=True)  # before the device and the model
+    cfg.out_dir = str(out_dir)
+    plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
+    spec = device_spec(ck)
+    if probe_opts.device is not None or probe_opts.budget_bytes is not None:
+        log(f"--resume: the checkpoint's device is used ({spec.get('kind')}"
+            + (f", budget {spec['budget_bytes']:,} bytes" if spec.get("budget_bytes") else "") + "); --device/--budget apply "
+            "only to a nanoGPT checkpoint, which is probed afresh")
+    device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
+    micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
+    plan = PlanRecord(**{k: v for k, v in plan_info.items() if k in PlanRecord.model_fields}) \
+        if plan_info.get("mode") else None
+    log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
+        f"(micro-batch {micro}); no probe")
+    _say_split_change(cfg, int(ck.get("world_size", 1)), log)
+    info = {**plan_info, "resumed": True, **({"changes": changes} if changes else {})}
+    opts = RunOptions(micro_batch=micro, compile_after=plan.compile_after if plan else None,
+                      compiled_fit_sizes=list(plan_info.get("compiled_fit_sizes", [])),
+                      shrink=shrink_policy(plan_info.get("fit_sizes", [])),
+                      plan_info=info if (plan_info or changes) else None,
+                      max_steps=max_steps, resume=True, meter=device, device=device.torch_device,
+                      progress=progress)
+    if plan is None:  # a run started with --no-probe: no plan to show
+        mbs = split_batch(agree.rank_batch(cfg), micro)  # each rank's share of the effective batch
+        plan = PlanRecord(mode="measured", micro_batch=max(mbs), grad_accum=len(mbs), micro_batches=mbs,
+                          effective_batch=sum(mbs), block_size=cfg.block_size,
+                          **agree.plan_fields(cfg.parallelism == "fsdp2"),
+                          dtype=cfg.resolved_dtype(device.torch_device.type, True), compile=cfg.compile,
+                          compile_after=cfg.compile_after or 0, checkpointing=cfg.checkpointing,
+                          loss_impl=cfg.loss_impl, budget_bytes=int(spec.get("budget_bytes") or 0),
+                          split=describe_split(mbs), reason="the config as written (--no-probe)")
+    return Launch(cfg=cfg, opts=opts, device=device, plan=plan,
+                  source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")
+
+
+def _say_split_change(cfg, before: int, log) -> None:
+    """A resume on another number of ranks (torchrun) keeps the effective batch; each rank's share
+    changes. Raises TrainError when the new number does not divide it."""
+    now = agree.ranks().world_size
+    if before == now:
+        return
+    from trainer.distributed.ranks import check_divisible
+    check_divisible(cfg.effective_batch, now)
+    log(f"the checkpoint was written by {before} rank(s), this run has {now}: the effective batch stays "
+        f"{cfg.effective_batch}; each rank's share {cfg.effective_batch // before} -> "
+        f"{cfg.effective_batch // now} sequences")
+
+
+def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_steps, progress, log,
+                      sources=None) -> Launch:
+    from trainer.errors import TrainError
+    from trainer.checkpoint.nanogpt import CheckpointError, nanogpt_checkpoint_from, train_config_of
+    try:
+        ck = nanogpt_checkpoint_from(read_checkpoint(path, any_layout=True), path)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    saved, dropped = train_config_of(ck)
+    cfg, _ = _with_changes(saved, overrides, allow_changes, log, sources)
+    check_steps_left(int(ck.iter_num), cfg, max_steps, resuming=True)  # before the probe
+    cfg.out_dir = str(path.parent)
+    log(f"{path} is a nanoGPT checkpoint (step {ck.iter_num}): continuing it with its weights and optimizer "
+        f"state on a plan probed now" + (f"; nanoGPT settings autofit does not use: {', '.join(dropped)}" if dropped else ""))
+    for item in ck.not_restored:
+        log(f"not restored: {item}")
+    return prepare_run(cfg, profile=None, emulate=False, probe_opts=probe_opts, max_steps=max_steps,
+                       resume=True, progress=progress, log=log)

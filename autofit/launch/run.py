@@ -1,0 +1,261 @@
+"""`autofit run`: from a config (and maybe a saved profile) to a training run with a fitted plan.
+
+- With --profile: a saved plan whose fingerprint matches starts training at once; a missing or
+  stale one is probed, saved, then used.
+- Without: probe on this device first, then train.
+The plan reaches the trainer as RunOptions; run-time lessons (OOM shrinks, compile fallbacks)
+come back through on_event and are written into the profile so the next run starts right.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from autofit.planning import agree
+from autofit.planning.budget import device_budget
+from autofit.devices.device import DeviceError
+from autofit.devices.opener import open_device
+from autofit.devices.hardware import cpu_slug, load_builtin, slug_for
+from autofit.launch.probe import ProbeOptions, probe_on, run_probe
+from autofit.profiles.store import (FittedPlan, ProfileError, find_plan, fingerprint, fingerprint_inputs,
+                              load_profile, nearest_plan, record_event, save_plan)
+from autofit.records import PlanRecord, ProbeResult
+from trainer.config.train_config import config_summary
+from trainer.loop import RunOptions
+from trainer.recovery import shrink_policy
+from trainer.step import describe_split, split_batch
+
+
+def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = False) -> None:
+    """Before any probe or model: a run that would train no step (a fresh run with --max-steps 0
+    or max_iters 0; a resume whose checkpoint is already at max_iters or --max-steps) is one line,
+    not a probe and a rewritten checkpoint. `step`: the optimizer step the run would start at.
+    eval_only runs train nothing by design and pass. Raises TrainError."""
+    from trainer.errors import TrainError
+    if cfg.eval_only:
+        return
+    stop = cfg.max_iters if max_steps is None else min(cfg.max_iters, max_steps)
+    if stop > step:
+        return
+    limit = f"--max-steps {max_steps}" if max_steps is not None and max_steps <= cfg.max_iters \
+        else f"max_iters {cfg.max_iters}"
+    fix = "--max-steps N" if limit.startswith("--") else "--set max_iters=N"
+    where = f"the checkpoint is at step {step}" if resuming else "a new run starts at step 0"
+    raise TrainError(f"nothing to train: {where}, and {limit} is not beyond it; raise it ({fix}), "
+                     f"or --set eval_only=True to evaluate without training")
+
+
+def _builtin_hardware(name: str) -> dict | None:
+    hw = load_builtin().get(name)
+    return hw.model_dump(mode="json") if hw is not None else None
+
+
+def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
+    cuda = torch.version.cuda if info.kind == "cuda" else None
+    summary = config_summary(cfg)
+    # The plan picks the micro-batch itself: only the effective batch shapes it, so 16 x 32 and
+    # 32 x 16 share one plan.
+    summary.pop("batch_size", None)
+    summary.pop("gradient_accumulation_steps", None)
+    if emulated_on:  # a plan fitted under emulation is not one fitted on the card itself
+        summary["emulated_on"] = emulated_on
+    if info.kind == "cuda":  # expandable segments and other allocator settings change what fits
+        from autofit.devices.cuda import allocator_settings
+        summary["allocator"] = allocator_settings() or "default"
+    summary.update(agree.fingerprint_fields(cfg))  # torchrun: a plan is for this many ranks
+    return fingerprint_inputs(summary, torch.__version__.split("+")[0], cuda,
+                              info.driver_version if info.kind == "cuda" else None)
+
+
+def profile_name_for(info) -> str:
+    if info.kind == "cpu":
+        return cpu_slug(info.total_bytes)
+    return slug_for(info.name, info.total_bytes)
+
+
+def hardware_dict_for(info, name: str) -> dict:
+    if info.kind == "cpu":  # a budgeted CPU is named for its budget, so its profile records it
+        return {"name": name, "gpu": "CPU (budgeted)", "kind": "cpu", "memory_bytes": info.total_bytes}
+    known = _builtin_hardware(name)
+    return known or {"name": name, "gpu": info.name, "kind": "cuda", "memory_bytes": info.total_bytes,
+                     "compute_capability": list(info.compute_capability or ())}
+
+
+def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str | None = None) -> tuple[str, str, object]:
+    """Stores the plan in the profile of the device it was measured on; returns (name, fingerprint, path).
+    With several ranks only rank 0 writes (the others return the path it writes to)."""
+    if res.mode != "measured":
+        raise ProfileError("--save stores measured plans only; a simulated GPU gives estimates")
+    info = res.device
+    name = name or profile_name_for(info)
+    inputs = plan_fingerprint_inputs(cfg, info, emulated_on)
+    fp = fingerprint(inputs)
+    if not agree.ranks().master:
+        from autofit.profiles.store import profile_path
+        return name, fp, profile_path(name)
+    plan = FittedPlan(fingerprint=fp, fingerprint_inputs=inputs, config_summary=config_summary(cfg),
+                      plan=res.plan, trials=res.trials)
+    path = save_plan(name, hardware_dict_for(info, name), plan)
+    return name, fp, path
+
+
+@dataclass
+class Launch:
+    cfg: object
+    opts: RunOptions
+    device: object
+    plan: PlanRecord
+    source: str  # human line: where the plan came from
+    messages: list[str] = field(default_factory=list)
+    probe: ProbeResult | None = None
+
+
+def _apply_plan(cfg, plan: PlanRecord):
+    cfg = cfg.model_copy(deep=True)
+    cfg.dtype = plan.dtype
+    cfg.compile = plan.compile
+    cfg.checkpointing = plan.checkpointing
+    cfg.loss_impl = plan.loss_impl
+    if plan.world_size > 1:
+        cfg.parallelism = plan.parallelism
+    return cfg
+
+
+def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
+    master = agree.ranks().master  # every rank sees the same events; rank 0 writes the profile
+
+    def on_event(ev: dict) -> None:
+        kind = ev.get("event")
+        if not master:
+            return
+        if ev.get("injected"):  # a demo/test fault says nothing about the card: keep the profile
+            log(f"profile {name}: injected OOM at step {ev['step']} not recorded as a lesson")
+            return
+        if ev.get("cause") == "thrash" and not ev.get("confirmed"):
+            log(f"profile {name}: allocator retries rose without reserved memory near the limit; "
+                f"not recorded as a lesson")
+            return
+        if kind in ("oom_shrink", "compile_oom_shrink"):
+            record_event(name, fp, f"step {ev['step']}: {kind} {ev['old_micro_batch']} -> {ev['new_micro_batch']} "
+                                   f"({ev.get('reason', '')})", safe_micro_batch=ev["new_micro_batch"])
+            log(f"profile {name}: safe micro-batch is now {ev['new_micro_batch']}")
+        elif kind == "compile_fallback_eager":
+            record_event(name, fp, f"step {ev['step']}: compile ran out of memory at micro-batch "
+                                   f"{ev['micro_batch']}; eager from now on", compile_failed=True)
+            log(f"profile {name}: compile disabled for this plan after an OOM")
+    return on_event
+
+
+def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOptions, max_steps: int | None,
+                resume: bool, progress: bool, log: Callable[[str], None]) -> Launch:
+    if profile is None:
+        res, device, _ = run_probe(cfg, probe_opts, log=log)
+        return _launch(cfg, device, res.plan, res.fit_sizes, res.compiled_fit_sizes,
+                       source=f"probed just now on {res.device.name}", max_steps=max_steps, resume=resume,
+                       progress=progress, probe=res, plan_info_extra={"source": "probe"})
+
+    saved = load_profile(profile, builtin=_builtin_hardware)
+    if saved is None:
+        names = sorted(load_builtin())
+        raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(names)}; "
+                           f"create one with autofit probe --save)")
+    hw = saved.hardware or {}
+    emulated_on = None
+    if hw.get("kind") == "cpu":
+        probe_opts.device, probe_opts.budget_bytes = "cpu", int(hw["memory_bytes"])
+        device = open_device("cpu", budget_bytes=probe_opts.budget_bytes, gpu_index=probe_opts.gpu_index)
+    else:
+        device, emulated_on = _gpu_for_profile(profile, hw, emulate, probe_opts)
+        if emulated_on:
+            log(f"emulating {profile} on {emulated_on}: {device.info.note}")
+    info, budget = device.info, device_budget(device, probe_opts.margin)
+    inputs = plan_fingerprint_inputs(cfg, info, emulated_on)
+    fp = fingerprint(inputs)
+    extra = {"profile": profile, "fingerprint": fp, **({"emulated_on": emulated_on} if emulated_on else {})}
+    fitted = agree.from_rank0(find_plan(saved, fp))  # several ranks: rank 0's answer for all
+    if fitted is not None:
+        plan = fitted.plan.model_copy(deep=True)
+        notes = []
+        if fitted.safe_micro_batch and fitted.safe_micro_batch < plan.micro_batch:
+            notes.append(f"micro-batch lowered to {fitted.safe_micro_batch} by an earlier run-time OOM")
+            plan = _with_micro(plan, fitted.safe_micro_batch)
+        if fitted.compile_failed and plan.compile:
+            notes.append("compile off: it ran out of memory in an earlier run")
+            plan.compile = False
+        # sizes known to fit with the plan's own levers (a size that only fitted with recompute or
+        # the chunked loss is no refuge for this plan)
+        same = [t for t in fitted.trials if t.status == "fit" and
+                (t.dtype, t.checkpointing, t.loss_impl) == (plan.dtype, plan.checkpointing, plan.loss_impl)]
+        fit_sizes = sorted({t.micro_batch for t in same if not t.compile})
+        compiled = sorted({t.micro_batch for t in same if t.compile})
+        src = (f"saved plan {fp} from profile {profile} (fitted {fitted.created:%Y-%m-%d %H:%M} UTC); no probe needed"
+               + ("; " + "; ".join(notes) if notes else ""))
+        return _launch(cfg, device, plan, fit_sizes, compiled, source=src, max_steps=max_steps, resume=resume,
+                       progress=progress, on_event=_profile_recorder(profile, fp, log),
+                       plan_info_extra={"source": "profile", **extra})
+    near = nearest_plan(saved, inputs)
+    why = f"saved plans are stale ({'; '.join(near[1])})" if near else "no fitted plan for this config yet"
+    log(f"profile {profile}: {why}; probing")
+    res = probe_on(cfg, device, budget, probe_opts, log)
+    _, fp, path = save_probe(res, cfg, name=profile, emulated_on=emulated_on)
+    return _launch(cfg, device, res.plan, res.fit_sizes, res.compiled_fit_sizes,
+                   source=f"probed just now ({why}); saved to {path} as {fp}", max_steps=max_steps,
+                   resume=resume, progress=progress, probe=res, on_event=_profile_recorder(profile, fp, log),
+                   plan_info_extra={"source": "probe", **extra})
+
+
+def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
+    """The CUDA device for a GPU profile: (device, emulated_on or None). This GPU must be the
+    profile's card, or a larger one with --emulate (capped to the profile's memory)."""
+    from autofit.devices.cuda import detect_gpu, open_cuda_device, set_allocator_conf
+    set_allocator_conf()  # before anything can initialise CUDA
+    from autofit.devices.ranks import gpu_index
+    if probe_opts.gpu_index is not None and agree.ranks().several:
+        raise DeviceError(f"--gpu-index {probe_opts.gpu_index}: under torchrun each rank takes the GPU of its "
+                          f"LOCAL_RANK; drop --gpu-index")
+    index = gpu_index(probe_opts.gpu_index or 0)  # torchrun: this rank's GPU
+    try:
+        info = detect_gpu(index)
+    except DeviceError as e:
+        raise DeviceError(f"profile {profile} is for a GPU, and none was found ({e}); "
+                          f"for an estimate without the card, run: autofit probe --gpu {profile}") from None
+    here = slug_for(info.name, info.total_bytes)
+    cap = int(hw.get("memory_bytes") or 0)
+    if here != profile:
+        if not (cap and info.total_bytes > cap):
+            raise DeviceError(f"this GPU is {here}, not {profile} (and not larger); "
+                              f"probe it with autofit probe --save")
+        if not emulate:
+            raise DeviceError(f"this GPU is {here}, larger than the profile's {profile}; add --emulate to cap this "
+                              f"process to {profile}'s memory and train as if on that card")
+    emulated_on = here if here != profile else None
+    from autofit.devices.hardware import ASSUMED_DRIVER_RESERVED_SHARE
+    reserved = hw.get("driver_reserved_bytes")
+    if reserved is None and emulated_on:
+        reserved = int(cap * ASSUMED_DRIVER_RESERVED_SHARE)
+        log_note = (f"{profile}'s driver-reserved memory is not measured yet: assumed {ASSUMED_DRIVER_RESERVED_SHARE:.0%} "
+                    f"of {cap:,} bytes")
+        info = info.model_copy(update={"note": (info.note + "; " if info.note else "") + log_note})
+    usable = cap - int(reserved or 0)  # what such a card really offers the process
+    device = open_cuda_device(index, info=info, emulate_usable_bytes=usable if emulated_on else None)
+    return device, emulated_on
+
+
+def _with_micro(plan: PlanRecord, micro: int) -> PlanRecord:
+    mbs = split_batch(plan.effective_batch, micro)
+    return plan.model_copy(update={"micro_batch": max(mbs), "micro_batches": mbs, "grad_accum": len(mbs),
+                                   "split": describe_split(mbs)})
+
+
+def _launch(cfg, device, plan: PlanRecord, fit_sizes, compiled_fit_sizes, *, source: str, max_steps, resume,
+            progress, probe=None, on_event=None, plan_info_extra=None) -> Launch:
+    run_cfg = _apply_plan(cfg, plan)
+    plan_info = {**plan.model_dump(mode="json"), **(plan_info_extra or {}), "description": source,
+                 "fit_sizes": sorted(fit_sizes), "compiled_fit_sizes": sorted(compiled_fit_sizes)}
+    opts = RunOptions(micro_batch=plan.micro_batch, compile_after=plan.compile_after,
+                      compiled_fit_sizes=list(compiled_fit_sizes), shrink=shrink_policy(fit_sizes),
+                      on_event=on_event, plan_info=plan_info, max_steps=max_steps, resume=resume,
+                      meter=device, device=device.torch_device, progress=progress)
+    return Launch(cfg=run_cfg, opts=opts, device=device, plan=plan, source=source, probe=probe)

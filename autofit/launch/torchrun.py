@@ -1,0 +1,225 @@
+"""autofit under torchrun: the process group of a command, each rank's device, and
+`autofit run --nproc-per-node N`, which starts torchrun for the user.
+
+- `torchrun --nproc_per_node N -m autofit run ...` (or any torchrun rendezvous, multi-node
+  included) starts N copies of the command; session() joins them into one process group at the
+  start of the command and leaves it at the end, on success, error, Ctrl-C and SIGTERM.
+- Each rank opens its own device (autofit.devices.ranks reads which): on CUDA the GPU named by
+  LOCAL_RANK; on the CPU, a budgeted device whose budget can differ per rank
+  (AUTOFIT_RANK_BUDGETS=3MiB,2MiB: rank 0 gets 3 MiB, rank 1 2 MiB), so that ranks with
+  different cards can be tried on one machine.
+- relaunch() runs torchrun's own launcher (torch.distributed.run) in this process with
+  --standalone, and turns its failure report into one line per failed rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from typing import Iterator
+
+from autofit import interrupts
+from autofit.devices.device import DeviceError
+from autofit.devices.ranks import ranks, under_torchrun
+
+LAUNCHED_ENV = "AUTOFIT_LAUNCHER"  # set by relaunch() for its ranks: their error lines go back to it
+
+
+def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
+    """Before any probe: the effective batch must divide among the ranks (--nproc-per-node N, or
+    torchrun's WORLD_SIZE). A resume checks the checkpoint's own batch later. Raises TrainError,
+    or DeviceError for --nproc-per-node inside a torchrun rank."""
+    if nproc_per_node is not None and under_torchrun():
+        raise DeviceError("--nproc-per-node starts torchrun; this process is already one of torchrun's ranks")
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise DeviceError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    if resume or (nproc_per_node is None and not under_torchrun()):
+        return
+    from trainer.distributed.ranks import check_divisible
+    check_divisible(cfg.effective_batch, nproc_per_node or ranks().world_size)
+
+
+def quiet_unless_rank0(console, err_console) -> None:
+    """Under torchrun only rank 0 prints the plan, the progress, the logs and --json's output
+    (the other ranks' stdout goes to os.devnull); every rank still prints its own error line."""
+    if under_torchrun() and not ranks().master:
+        console.quiet = err_console.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def error_prefix(msg: str) -> str:
+    """'rank N: ' before an error line under torchrun (unless the message names its rank)."""
+    if not under_torchrun():
+        return ""
+    r = ranks()
+    return "" if msg.startswith(f"rank {r.rank}:") else f"rank {r.rank}: "
+
+
+def report_error(msg: str) -> bool:
+    """Where a rank's one-line error goes, so that the user reads it once, not once per rank.
+    Under `autofit run --nproc-per-node` (LAUNCHED_ENV set) every rank writes it to its
+    torchelastic error file (TORCHELASTIC_ERROR_FILE, torchrun's own channel from rank to
+    launcher) and prints nothing: the launcher prints each distinct line once, on stderr. Under a
+    torchrun the user started, rank 0 prints it and the other ranks write it to that file, which
+    torchrun shows in its failure summary. Returns True when the line went to the file (print
+    nothing), False when the caller prints it (no torchrun, rank 0 of a user's torchrun, no file)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
+    if not under_torchrun() or not path or (ranks().master and not os.environ.get(LAUNCHED_ENV)):
+        return False
+    import json
+    import time
+    try:  # torchrun reads {"message": str, "timestamp": int} back as the failure's message
+        with open(path, "w") as f:
+            json.dump({"message": msg, "timestamp": int(time.time()), "autofit": True}, f)
+    except OSError:
+        return False
+    return True
+
+
+def _raise_interrupt(signum, frame):
+    if under_torchrun() and os.environ.get(LAUNCHED_ENV):
+        # a rank of `autofit run --nproc-per-node`: torchrun sends SIGTERM after another rank's
+        # error, or when the launcher itself was stopped; the launcher prints that line, once
+        interrupts.said()
+    raise KeyboardInterrupt  # the command's with-blocks unwind, and the group is left
+
+
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """The command's process group under torchrun (no group with one process): joined before the
+    command touches a device (on CUDA the rank's GPU is set first, after the allocator
+    settings), left afterwards whatever happens. SIGTERM unwinds like Ctrl-C until training
+    installs its own handler (finish the step, checkpoint, stop), with one process too: a
+    scheduler's SIGTERM in the probe or a data prepare is then the Ctrl-C line, and no staging
+    folder is left behind."""
+    several = under_torchrun()
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if several:
+            _start_group()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if several:
+            from trainer.distributed import ranks as distributed
+            distributed.stop()
+
+
+def _start_group() -> None:
+    """This rank joins the process group (on CUDA after the allocator settings, which must come
+    before set_device initialises CUDA)."""
+    import torch
+
+    from trainer.distributed import ranks as distributed
+    kind = "cpu"
+    if torch.cuda.is_available():
+        from autofit.devices.cuda import set_allocator_conf
+        set_allocator_conf()
+        kind = "cuda"
+    distributed.start(kind, ranks())
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """`argv` without --nproc-per-node N / --nproc-per-node=N."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        out.append(a)
+    return out
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, as in a
+    container or under taskset; else os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def rank_environment(environ, nproc: int, cores: int) -> tuple[dict[str, str], str | None]:
+    """What --nproc-per-node adds to the ranks' environment, and the line that says so.
+
+    OMP_NUM_THREADS: torchrun sets it to 1 for every rank when it is unset (and prints a 4-line
+    banner saying so), which leaves a CPU run on 1 core per rank; autofit gives each of the
+    `nproc` ranks an equal share of the `cores` instead, max(1, cores // nproc). A user's own
+    OMP_NUM_THREADS (in `environ`) is kept as it is; one rank changes nothing (torchrun sets
+    nothing then either). Returns ({name: value} to set, a line to log or None)."""
+    if nproc <= 1 or environ.get("OMP_NUM_THREADS", "").strip():
+        return {}, None
+    threads = max(1, cores // nproc)
+    return {"OMP_NUM_THREADS": str(threads)}, (
+        f"OMP_NUM_THREADS={threads} for each of the {nproc} ranks ({cores} CPU cores / {nproc}); set "
+        f"OMP_NUM_THREADS yourself to choose another")
+
+
+def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
+    """Runs `python -m autofit <argv minus --nproc-per-node>` on `nproc` ranks of this machine
+    through torchrun's launcher (--standalone: a local rendezvous on a free port). Returns the
+    exit code: 0, or the failed ranks' (signals as 128 + number), after their lines on stderr
+    (failed_lines). torchrun's own log lines (its OMP_NUM_THREADS banner, 'Sending process ...
+    closing signal', 'failed (exitcode: 2)') are left out: those lines say it better, once. For
+    several machines, run torchrun yourself with its rendezvous options (README: Several GPUs)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "autofit", *strip_nproc(argv)])
+    extra, line = rank_environment(os.environ, nproc, cpu_cores())
+    os.environ.update({**extra, LAUNCHED_ENV: "1"})  # torchrun passes this process's environment to the ranks
+    if line:
+        log(line)
+    logging.disable(logging.ERROR)  # this process only launches: its log is torchrun's
+    try:
+        run(args)
+    except ChildFailedError as e:
+        lines, code = failed_lines(e.failures, nproc)
+        for text in lines:
+            print(text, file=sys.stderr)
+        return code
+    except SignalException as e:  # Ctrl-C / SIGTERM: torchrun passed it on and waited for the ranks
+        print(f"autofit: stopped by {signal.Signals(e.sigval).name}; the ranks were told to checkpoint and stop",
+              file=sys.stderr)
+        return 128 + int(e.sigval)
+    finally:
+        logging.disable(logging.NOTSET)
+    return 0
+
+
+def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
+    """The launcher's report of failed ranks (torchrun's ProcessFailure per global rank, with
+    .message, .error_file_data, .exitcode, .signal_name()): (lines for stderr, exit code).
+
+    Each distinct error line the ranks reported (report_error) is printed once: as it is when
+    every rank reported it (a config error), else prefixed with the ranks that did. A rank that
+    died without a line is named with its exit code or signal, except one torchrun stopped with
+    SIGTERM because another rank had failed (dead of the signal, or exit code 130 when the rank
+    took it as a Ctrl-C). The exit code is the first reporting rank's (2, a
+    user error, if torchrun's SIGTERM ended it after its line), else the first failed rank's."""
+    said = {r: f.message for r, f in failures.items()
+            if isinstance(getattr(f, "error_file_data", None), dict) and f.error_file_data.get("autofit")}
+    lines, codes = [], []
+    for msg in dict.fromkeys(said[r] for r in sorted(said)):
+        who = [r for r in sorted(said) if said[r] == msg]
+        named = len(who) == nproc or msg.startswith("rank ")
+        lines.append(f"autofit: error: {msg}" if named else
+                     f"autofit: error: rank {', '.join(map(str, who))}: {msg}")
+        # a rank that wrote its line may still be stopped by torchrun's SIGTERM on its way out
+        codes += [c for c in (failures[r].exitcode for r in who) if c > 0][:1] or [2]
+    for rank, f in sorted(failures.items()):
+        # torchrun's SIGTERM after another rank's error: the rank died of it, or took it as a
+        # Ctrl-C (session: exit code 130) when it came before the rank's own handler was gone
+        if rank in said or (said and f.exitcode in (-signal.SIGTERM, interrupts.EXIT_CODE)):
+            continue
+        how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
+        lines.append(f"autofit: rank {rank} stopped with {how}")
+        codes.append(128 - f.exitcode if f.exitcode < 0 else f.exitcode)
+    return lines, (codes[0] if codes else 1)

@@ -1,0 +1,95 @@
+"""The search space of a probe: dtype x compile x activation checkpointing x loss implementation,
+from the config's own choices widened by the memory levers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autofit.records import Candidate
+from trainer.config.messages import did_you_mean
+from trainer.step import bf16_refusal
+
+
+class PlanError(RuntimeError):
+    """Nothing fits, or the search space is empty."""
+
+
+@dataclass
+class Space:
+    dtypes: list[str]
+    compile: list[bool]
+    checkpointing: list[int]  # 0 off, k: every k-th block recomputes its activations
+    loss_impls: list[str]
+    sharded: list[bool] = field(default_factory=lambda: [False])  # several ranks: FSDP2 tried too
+
+
+@dataclass(frozen=True)
+class Levers:
+    """One lever combination; the micro-batch search runs once per combination (eager)."""
+    dtype: str
+    checkpointing: int
+    loss_impl: str
+    sharded: bool = False  # FSDP2 on several ranks
+
+    def candidate(self, micro_batch: int, compile: bool = False) -> Candidate:
+        return Candidate(micro_batch=micro_batch, dtype=self.dtype, compile=compile,
+                         checkpointing=self.checkpointing, loss_impl=self.loss_impl, sharded=self.sharded)
+
+    @classmethod
+    def of(cls, t) -> "Levers":
+        """The levers of a Candidate or TrialRecord."""
+        return cls(t.dtype, t.checkpointing, t.loss_impl, t.sharded)
+
+
+def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str | None = None,
+                    compile: bool | None = None, checkpointing: list[int] | None = None,
+                    loss_impls: list[str] | None = None, compile_measurable: bool = True,
+                    compute_capability: tuple[int, int] | None = None, world_size: int = 1) -> Space:
+    """The config's choices, widened by the memory levers. `dtype`: None (the config's, 'auto'
+    resolved for this device), 'any' (every dtype this device runs), or a comma list.
+    `compile_measurable`: False where torch.compile cannot be measured (the budgeted CPU device).
+    `world_size` > 1 (torchrun): FSDP2 joins the levers, after the others (parallelism 'auto'),
+    or is the only choice (parallelism 'fsdp2'), or is left out ('ddp').
+    Raises PlanError for an unknown dtype, bf16 (asked, or the config's) on a card without it, or
+    --compile where compile cannot be measured."""
+    cc_text = ".".join(map(str, compute_capability)) if compute_capability else None
+    too_deep = [c for c in (checkpointing or []) if c > cfg.n_layer]
+    if too_deep:  # a lever the model cannot take: refused before any trial, never saved in a plan
+        raise PlanError(f"--checkpointing {too_deep[0]}: the model has {cfg.n_layer} layer(s); activation "
+                        f"checkpointing intervals go from 0 (off) to {cfg.n_layer}")
+    if dtype is None:
+        dtypes = [cfg.resolved_dtype(device_kind, bf16_supported)]
+        if dtypes == ["bfloat16"] and not bf16_supported:  # the config's own dtype: the same answer as --dtype
+            raise PlanError(bf16_refusal(cc_text) + "; or probe with --dtype float16")
+    elif dtype == "any":
+        dtypes = ["bfloat16", "float16", "float32"] if device_kind != "cpu" else ["float32", "bfloat16"]
+        if not bf16_supported:
+            dtypes.remove("bfloat16")
+    else:
+        dtypes = [d.strip() for d in dtype.split(",")]
+        for d in dtypes:
+            if d not in ("float32", "bfloat16", "float16"):
+                raise PlanError(f"--dtype: unknown dtype {d!r} (float32, bfloat16, float16, any)"
+                                f"{did_you_mean(d, ['float32', 'bfloat16', 'float16'])}")
+            if d == "bfloat16" and not bf16_supported:
+                raise PlanError("--" + bf16_refusal(cc_text))
+    compiles = [compile] if compile is not None else ([False, True] if cfg.compile else [False])
+    if not compile_measurable:
+        # Dynamo compiles nothing while the budgeted CPU device's dispatch-mode tracker is
+        # active (torch 2.13), so a compiled trial there would silently measure eager code.
+        if compile:
+            raise PlanError("--compile: torch.compile cannot be measured on the budgeted CPU device "
+                            "(its memory tracker keeps Dynamo from compiling); probe on a GPU, or use --gpu NAME")
+        compiles = [False]
+    sharded = [False]
+    if world_size > 1:
+        sharded = {"auto": [False, True], "ddp": [False], "fsdp2": [True]}[cfg.parallelism]
+    return Space(dtypes=dtypes, compile=compiles,
+                 checkpointing=checkpointing if checkpointing is not None else sorted({cfg.checkpointing, 0, 1}),
+                 loss_impls=loss_impls or ["standard", "chunked"], sharded=sharded)
+
+
+def lever_combos(space: Space) -> list[Levers]:
+    """Every lever combination, cheapest first within a dtype: no recompute, standard loss;
+    sharding (FSDP2) last of all, as the lever that costs communication."""
+    return [Levers(dt, ck, li, sh) for sh in sorted(space.sharded) for dt in space.dtypes
+            for ck in sorted(space.checkpointing) for li in space.loss_impls]

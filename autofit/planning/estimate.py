@@ -1,0 +1,376 @@
+"""Closed-form peak memory of one optimizer step of trainer.step.train_step, with a breakdown.
+
+The estimate orders and prunes the probe's trials, and it is the whole answer for a simulated GPU.
+It follows what the code in trainer/model/gpt.py and trainer/step.py keeps alive, phase by phase, in
+the steady state (optimizer step >= 2, so AdamW's state exists; second micro-batch, so the first
+one's gradients are alive through the forward and backward). The peak is the largest phase:
+
+- forward (loss):          saved activations + the loss head's forward buffers
+- backward start (loss):   saved activations + the loss head's gradient buffers
+- backward (top block):    activations of the blocks below + the top block's (recomputed when
+                           checkpointed) + the block's backward temporaries + the tied head's
+                           weight gradient, which autograd holds until the embedding is reached
+- backward (embedding):    the two V x C gradients of the tied weight meeting
+- optimizer step:          weights + gradients + AdamW state + the update's temporaries
+
+Coefficients are counted from the code (which op saves which tensor in which dtype) and were
+checked op by op against the budgeted CPU device (autofit.devices.cpu_budget); see docs/estimator.md.
+device='cpu' predicts that device's peak live bytes. device='cuda' predicts the caching
+allocator's peak, adding terms the CPU device does not have (each documented where defined).
+
+Several ranks (world_size > 1) change the model state, per rank:
+- DDP (trainer/distributed/sharding.py): the gradients are views of DDP's flat buckets (gradient_as_bucket_view),
+  which exist from the wrapper's construction, so gradient bytes are resident in every phase, even
+  with one micro-batch per step; no other copy is made (the deferred all-reduce works in place).
+- FSDP2 (fully_shard per block and on the root): weights, gradients and AdamW state are 1/world_size
+  each (dim-0 shards, padded); 'comm_buffers' holds what is unsharded at each phase: the root's
+  parameters (token and position embeddings, ln_f; the root is not resharded after forward) and,
+  in a block's backward, its all-gathered parameters and unsharded gradients. Read from torch's
+  FSDP2 design (torch/distributed/fsdp/_fully_shard) and checked against the budgeted CPU device
+  on 2 gloo ranks (within 0.2%, n_layer 4, n_embd 64); on CUDA, where the all-gathers of the next
+  block overlap on their own stream, the real peak can be a block's parameters higher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "workspace",
+              "comm_buffers", "allocator_slack")
+
+# --- CUDA-only terms (no GPU was available to calibrate them; sources in docs/estimator.md) ----
+# cuBLAS allocates its workspace through the caching allocator, so it shows in
+# max_memory_allocated: 8 MiB (+128 KiB) per handle/stream before Hopper, 32 MiB on Hopper (torch
+# PR #89027). The estimate does not know the architecture, so it takes the larger figure.
+CUDA_WORKSPACE_BYTES = 32 * 2**20
+# Every CUDA allocation is rounded up to 512 bytes (kMinBlockSize in CUDACachingAllocator.cpp).
+CUDA_ROUND_BYTES = 512
+# Reserved exceeds allocated through block rounding (2 MiB for large requests) and fragmentation;
+# one published report shows ~11 % (pytorch issue #40989); with expandable segments it is smaller.
+# 5 % of the allocated peak is a middle figure; the budget's safety margin covers the rest.
+CUDA_ALLOCATOR_SLACK = 0.05
+
+# Scalars the formula does not itemise: AdamW's per-parameter `step` tensors, the grad-clip norms,
+# loss accumulators. Measured at a few hundred bytes on the CPU device; rounded up.
+SMALL_TENSOR_BYTES = 4096
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    vocab_size: int
+    bias: bool = False
+    dropout: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: object) -> "ModelShape":
+        """From any object with these attributes (TrainConfig, GPTConfig)."""
+        return cls(n_layer=int(cfg.n_layer), n_head=int(cfg.n_head), n_embd=int(cfg.n_embd),
+                   block_size=int(cfg.block_size), vocab_size=int(cfg.vocab_size), bias=bool(cfg.bias),
+                   dropout=float(cfg.dropout))
+
+
+@dataclass
+class Estimate:
+    peak_bytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # COMPONENTS; sums to peak_bytes
+    phase: str = ""  # where the peak occurs
+    basis: str = ""  # one line: how it was estimated
+
+    def to_json(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown), "phase": self.phase,
+                "basis": self.basis}
+
+
+def _param_shapes(shape: ModelShape) -> list[tuple[int, bool]]:
+    """(numel, is_matrix) of every parameter in GPT.parameters() order, the tied lm_head once."""
+    C, b = shape.n_embd, shape.bias
+    out = [(shape.vocab_size * C, True), (shape.block_size * C, True)]  # wte (tied lm_head), wpe
+
+    def layer_norm() -> None:
+        out.extend([(C, False)] * (2 if b else 1))  # weight (and bias)
+
+    def linear(rows: int, cols: int) -> None:
+        out.extend([(rows * cols, True)] + ([(rows, False)] if b else []))  # weight (and bias)
+
+    for _ in range(shape.n_layer):
+        layer_norm()  # ln_1
+        linear(3 * C, C)  # attention c_attn
+        linear(C, C)  # attention c_proj
+        layer_norm()  # ln_2
+        linear(4 * C, C)  # MLP c_fc
+        linear(C, 4 * C)  # MLP c_proj
+    layer_norm()  # ln_f
+    return out
+
+
+def param_count(shape: ModelShape) -> int:
+    """Parameters of trainer.model.gpt.GPT, tied token embedding / LM head counted once."""
+    return sum(n for n, _ in _param_shapes(shape))
+
+
+def _round(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _adamw_cpu_temporaries(shape: ModelShape) -> int:
+    """Peak bytes of the for-loop AdamW's temporaries (the CPU default: no foreach, no fused).
+
+    Per parameter it computes denom = exp_avg_sq.sqrt() / c, a temporary and the result (2 x the
+    parameter), while the previous parameter's denom is still bound to the loop variable.
+    The loop runs per param group: nanoGPT's groups are matrices (decay) then vectors."""
+    shapes = _param_shapes(shape)
+    peak = 0
+    for group in ([n for n, m in shapes if m], [n for n, m in shapes if not m]):
+        prev = 0
+        for n in group:
+            peak = max(peak, 4 * (2 * n + prev))
+            prev = n
+    return peak
+
+
+@dataclass(frozen=True)
+class _State:
+    """Per-rank model state bytes and the unsharded buffers of each phase (see the docstring)."""
+    weights: int
+    grads: int  # all gradients, as held at the optimizer step
+    adam: int
+    grads_resident: bool  # gradient bytes exist before the first backward (DDP's buckets)
+    comm: dict[str, int]  # phase name -> bytes unsharded there (FSDP2)
+
+
+def _model_state(shape: ModelShape, cuda: bool, world_size: int, parallelism: str) -> _State:
+    unit = (lambda n: _round(4 * n, CUDA_ROUND_BYTES)) if cuda else (lambda n: 4 * n)
+    shapes = _param_shapes(shape)
+    if world_size <= 1 or parallelism not in ("ddp", "fsdp2"):
+        full = sum(unit(n) for n, _ in shapes)
+        return _State(full, full, 2 * full, False, {})
+    if parallelism == "ddp":
+        full = sum(unit(n) for n, _ in shapes)
+        return _State(full, full, 2 * full, True, {})
+    W = world_size
+    shard = sum(unit(-(-n // W)) for n, _ in shapes)  # each parameter's dim-0 shard, padded
+    root = unit(shapes[0][0]) + unit(shapes[1][0]) + sum(unit(n) for n, _ in shapes[-(2 if shape.bias else 1):])
+    block = sum(unit(n) for n, _ in shapes[2:len(shapes) - (2 if shape.bias else 1)]) // max(shape.n_layer, 1)
+    comm = {"forward (loss)": root, "backward start (loss)": root,
+            # the block's all-gathered parameters and its unsharded gradients (CPU device measured:
+            # the prefetched next block and the reduce-scatter input do not add to this peak)
+            "backward (top block)": root + 2 * block,
+            "backward (embedding)": root + root}  # the root's gradients and their reduce-scatter input
+    return _State(shard, shard, 2 * shard, False, comm)
+
+
+def _check_args(micro_batch: int, dtype: str, checkpointing: int, loss_impl: str, device: str,
+                ce_chunk_size: int, n_micro: int) -> None:
+    if micro_batch < 0:
+        raise ValueError(f"micro_batch must be >= 0, got {micro_batch}")
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    if loss_impl not in ("standard", "chunked"):
+        raise ValueError(f"unknown loss_impl {loss_impl!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if checkpointing < 0 or ce_chunk_size < 1 or n_micro < 1:
+        raise ValueError("checkpointing must be >= 0, ce_chunk_size and n_micro >= 1")
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Bytes the transformer blocks keep for backward, for one micro-batch."""
+    per_block: list[int]  # saved by each block (a checkpointed one keeps only its input)
+    full: int  # saved by one block that is not checkpointed
+    n_ckpt: int  # checkpointed blocks
+    w16: int  # autocast's 16-bit copies of one block's Linear weights (0 in fp32)
+    ln_f: int  # ln_f's saved input and stats
+    transient: int  # one block's backward temporaries
+    embed: int = 0  # the embedding dropout's saved bytes (dropout > 0)
+
+    @property
+    def saved(self) -> int:
+        """All the blocks keep for backward, with the embedding dropout's."""
+        return sum(self.per_block) + self.embed
+
+
+def _dropout_bytes(shape: ModelShape, B: int, amp: bool, cuda: bool) -> tuple[int, int]:
+    """(per block, embedding) bytes that dropout > 0 keeps for backward, one micro-batch of B.
+
+    CPU, fitted to the budgeted CPU device's peaks (docs/estimator.md, the dropout rows of
+    scripts/bench_estimate.py): per block 8 bytes per token and channel in fp32, 10 under bf16
+    autocast (the residual and MLP dropouts' masks and kept outputs), plus 12 bytes per attention
+    score (B x H x T x T): with dropout_p > 0 the CPU's SDPA leaves its flash kernel for the math
+    path, which keeps the softmax output, the mask and the dropped probabilities; the embedding
+    dropout 4 bytes per token and channel.
+    CUDA (not calibrated, no GPU ran): flash and memory-efficient attention apply dropout from an
+    RNG seed and keep no mask, so no score-sized term; each dropout keeps a 1-byte mask."""
+    if shape.dropout <= 0:
+        return 0, 0
+    N, C = B * shape.block_size, shape.n_embd
+    if cuda:
+        return 2 * N * C, N * C
+    scores = B * shape.n_head * shape.block_size ** 2
+    return (10 if amp else 8) * N * C + 12 * scores, 4 * N * C
+
+
+def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda: bool = False) -> _Blocks:
+    L, H, C, T = shape.n_layer, shape.n_head, shape.n_embd, shape.block_size
+    N = B * T
+    # fp32: block input, ln_1 out, qkv (3), SDPA out, x + attn, ln_2 out, c_fc out (4), GELU out
+    # (4) = 16 elements per token and channel (SDPA's output is already in (B, T, H, hd) order, so
+    # the transpose().contiguous() before c_proj copies nothing). Under autocast, LayerNorm runs
+    # in fp32 and the residual stream stays fp32 (2 x 4 B), the rest is 16-bit (14 x 2 B); the
+    # 16-bit weight copies autocast makes are saved by each Linear for backward.
+    stats = 2 * 2 * N * 4 + 4 * B * H * T  # LayerNorm mean/rstd (fp32) x2, SDPA log-sum-exp
+    linear_params = 12 * C * C + (9 * C if shape.bias else 0)
+    w16 = 2 * linear_params if amp else 0
+    full = (36 * N * C if amp else 64 * N * C) + stats + w16
+    drop_block, drop_embed = _dropout_bytes(shape, B, amp, cuda)
+    full += drop_block  # a checkpointed block recomputes its dropout (same RNG state), keeps nothing
+    ckpt = 4 * N * C  # a checkpointed block keeps only its fp32 input
+    per_block = [ckpt if checkpointing and i % checkpointing == 0 else full for i in range(L)]
+    n_ckpt = sum(1 for i in range(L) if checkpointing and i % checkpointing == 0)
+    ln_f = 4 * N * C + 2 * N * 4  # ln_f's saved input (the last block's output) and its stats
+    if amp:
+        # Block backward temporaries: fp32 residual grad + its 16-bit cast, c_proj's 16-bit weight
+        # grad and the 16-bit grad of the 4C-wide GELU output.
+        transient = 4 * N * C + 2 * N * C + 2 * 4 * C * C + 2 * 4 * N * C
+    else:
+        transient = 4 * N * C + 4 * 4 * C * C + 4 * 4 * N * C
+    return _Blocks(per_block, full, n_ckpt, w16, ln_f, transient, drop_embed)
+
+
+def _standard_head(N: int, C: int, V: int, amp: bool, blk: _Blocks) -> list[tuple[str, int, int]]:
+    """(phase, activations, loss-head bytes) of F.cross_entropy on the full logits."""
+    NV, VC, blocks = N * V, V * C, blk.saved
+    # lm_head keeps its input (fp32, or a 16-bit copy plus the 16-bit weight copy under autocast).
+    head_in = (2 * N * C + 2 * VC) if amp else 4 * N * C
+    # forward: logits (+ their fp32 upcast under autocast) and the saved fp32 log-softmax;
+    # ln_f's fp32 output is still bound in GPT.forward, and autocast's cache still holds the
+    # weight copies of checkpointed blocks.
+    fwd_extra = (4 * N * C + blk.n_ckpt * blk.w16) if amp else 0
+    # backward start: saved log-softmax, grad of it, grad of the logits: 3 fp32 N x V buffers.
+    return [("forward (loss)", blocks + blk.ln_f + fwd_extra, head_in + (10 if amp else 8) * NV),
+            ("backward start (loss)", blocks + blk.ln_f, head_in + 12 * NV)]
+
+
+def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size: int) -> list[tuple[str, int, int]]:
+    """(phase, activations, loss-head bytes) of _ChunkedLinearCrossEntropy: grad_x (N x C, fp32)
+    and grad_w (V x C, fp32) for the whole batch, plus one chunk's logits; the previous chunk's
+    gradient is still bound to `g` when the next chunk's logits are made."""
+    VC, blocks = V * C, blk.saved
+    chunks = [min(ce_chunk_size, N - s) for s in range(0, N, ce_chunk_size)] or [0]
+    pairs = max(chunks[0], max((a + b for a, b in zip(chunks, chunks[1:])), default=0))
+    n = chunks[0]
+    keep = 4 * N * C + 4 * VC  # grad_x, grad_w
+    if amp:
+        w = 2 * VC  # the 16-bit copy of the weight
+        prev_g = 2 * (pairs - n) * V
+        work = max(prev_g + 6 * n * V + 2 * n * C,  # 16-bit logits and their fp32 upcast
+                   6 * n * V + 2 * n * C,  # fp32 probs and their 16-bit copy
+                   2 * n * V + 2 * n * C + 6 * VC)  # g.t() @ xc (16-bit) and its fp32 upcast
+        head_fwd = w + keep + work
+    else:
+        work = max(4 * pairs * V, 4 * n * V + 4 * n * C, 4 * n * V + 4 * VC)
+        head_fwd = keep + work
+    # backward: the saved grads and their scaled copies
+    return [("forward (loss)", blocks + blk.ln_f + 4 * N * C, head_fwd),
+            ("backward start (loss)", blocks + blk.ln_f, 2 * keep)]
+
+
+def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
+                  compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
+                  n_micro: int = 2, world_size: int = 1, parallelism: str = "ddp") -> Estimate:
+    """Peak bytes of a train_step with micro-batches of `micro_batch` full-length sequences, on
+    one rank of `world_size` (parallelism 'ddp' or 'fsdp2' when there are several).
+
+    n_micro: micro-batches per optimizer step (autofit's trials run 2 when training accumulates,
+    1 otherwise); with 2 or more, gradients are alive through every forward and backward.
+    compile=True is estimated as eager (see docs/estimator.md: inductor usually saves less in the
+    steady state and can need more while compiling; no factor is invented for it).
+    Raises ValueError for an unknown dtype, loss_impl or device, or a negative size."""
+    _check_args(micro_batch, dtype, checkpointing, loss_impl, device, ce_chunk_size, n_micro)
+    L, C, T, V = shape.n_layer, shape.n_embd, shape.block_size, shape.vocab_size
+    N = micro_batch * T  # tokens per micro-batch
+    amp = dtype != "float32"
+    cuda = device == "cuda"
+    VC = V * C
+
+    # --- model state (on CUDA each parameter-sized tensor is its own allocation, rounded) --------
+    st = _model_state(shape, cuda, world_size, parallelism)
+    weights, grads_all, adam = st.weights, st.grads, st.adam
+    # With accumulation the previous micro-batch's gradients exist from the start of the
+    # forward; with a single micro-batch train_step set them to None after the previous step
+    # (under DDP they are views of its buckets, which stay).
+    grads_in_pass = grads_all if n_micro >= 2 or st.grads_resident else 0
+    # Token ids: on the CPU device train_step slices the whole step's x, y (int64) and keeps
+    # y != -1 (bool); on CUDA the step's batch stays on the host and each micro-batch is copied.
+    ids = 17 * n_micro * N if not cuda else 16 * N
+    blk = _block_bytes(shape, micro_batch, amp, checkpointing, cuda)
+
+    phases: list[tuple[str, dict[str, int]]] = []
+
+    def add(name: str, grads: int, acts: int, head: int, work: int = 0) -> None:
+        phases.append((name, {"weights": weights, "gradients": grads, "optimizer_state": adam,
+                              "activations": acts + ids, "logits_and_loss": head, "workspace": work,
+                              "comm_buffers": st.comm.get(name, 0)}))
+
+    head = _standard_head(N, C, V, amp, blk) if loss_impl == "standard" else \
+        _chunked_head(N, C, V, amp, blk, ce_chunk_size)
+    for name, acts, head_bytes in head:
+        add(name, grads_in_pass, acts, head_bytes)
+    if L > 0:
+        below = sum(blk.per_block[:-1]) + blk.embed
+        # lm_head's fp32 weight grad waits in autograd's buffer for wte's
+        add("backward (top block)", grads_in_pass, below + blk.full + blk.transient, 4 * VC)
+    # wte's dense gradient meets the held lm_head gradient; wpe's gradient beside them.
+    grads_before_embedding = grads_all if n_micro >= 2 or st.grads_resident or st.comm else \
+        max(0, grads_all - 4 * VC - 4 * T * C)
+    add("backward (embedding)", grads_before_embedding, 0, 2 * 4 * VC + 4 * T * C)
+    # optimizer step: the whole batch's ids are still referenced by the caller on CPU; the fused
+    # CUDA AdamW that make_optimizer picks updates in place.
+    add("optimizer step", grads_all, 0, 0, 0 if cuda else _adamw_cpu_temporaries(shape))
+    return _estimate_from_phases(phases, cuda, compile)
+
+
+def _estimate_from_phases(phases: list[tuple[str, dict[str, int]]], cuda: bool, compile: bool) -> Estimate:
+    """The largest phase, plus the small tensors and (CUDA) workspace and allocator slack."""
+    name, parts = max(phases, key=lambda p: sum(p[1].values()))
+    parts["workspace"] += SMALL_TENSOR_BYTES
+    if cuda:
+        parts["workspace"] += CUDA_WORKSPACE_BYTES
+        parts["allocator_slack"] = int(CUDA_ALLOCATOR_SLACK * sum(parts.values()))
+    else:
+        parts["allocator_slack"] = 0
+    breakdown = {k: int(parts.get(k, 0)) for k in COMPONENTS}
+    basis = ("closed form, calibrated on the budgeted CPU device (±2% on the benchmark grid)" if not cuda else
+             "closed form calibrated on the budgeted CPU device, plus assumed CUDA terms "
+             f"(cuBLAS workspace {CUDA_WORKSPACE_BYTES // 2**20} MiB, 512 B rounding, "
+             f"{CUDA_ALLOCATOR_SLACK:.0%} allocator slack)")
+    if compile:
+        basis += "; torch.compile estimated as eager (steady state usually lower, warm-up can be higher)"
+    return Estimate(peak_bytes=sum(breakdown.values()), breakdown=breakdown, phase=name, basis=basis)
+
+
+def max_micro_batch(shape: ModelShape, budget_bytes: int, *, limit: int = 1 << 20, **kwargs) -> int:
+    """Largest micro-batch whose estimated peak fits `budget_bytes` (0 if none), by bisection: the
+    estimate grows with the micro-batch. kwargs are estimate_peak's keyword arguments."""
+    def fits(b: int) -> bool:
+        return estimate_peak(shape, b, **kwargs).peak_bytes <= budget_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2  # fits(lo); find a hi that does not fit by doubling, then bisect
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

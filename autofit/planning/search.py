@@ -1,0 +1,244 @@
+"""The micro-batch search: for one lever combination, the largest micro-batch that fits.
+
+Phases, each a method of MicroBatchSearch:
+1. start at the estimate: the largest size the closed-form estimate says fits, run for real;
+2. re-anchor: scale the estimate's bytes per sequence by how far it was off at a measured fit, and
+   try the size it then predicts (and one past it);
+3. bracket: upward (+1, +2, +4, ... past the largest fit) until a size fails, or downward (x0.85,
+   then halving) until one fits;
+4. bisect between the largest fit and the smallest failure;
+5. spill check (CUDA by default): a fit whose time per token is far above a smaller size's is a
+   driver paging to host memory, not a fit.
+Every size the search returns was run. Trials go through a TrialRunner, which caches them by
+candidate and keeps every record in the order it ran, for the plan's table.
+"""
+from __future__ import annotations
+
+import platform
+from typing import Callable
+
+from autofit.planning import agree
+from autofit.planning.candidates import Levers
+from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
+from autofit.records import Candidate, TrialRecord
+from autofit.planning.trials import TrialSettings, run_trial
+from autofit.units import fmt_bytes
+
+SPILL_SLOWDOWN = 3.0  # time per token more than 3x the next smaller size's: spilled to host RAM
+
+
+def driver_can_spill() -> bool:
+    """Whether the NVIDIA driver here may page GPU memory out to host RAM instead of raising OOM:
+    Windows' "CUDA sysmem fallback" (driver 536.40 and newer), which WSL shares. Linux drivers
+    raise OOM, so there the spill check would only misfire on timing noise."""
+    if platform.system() == "Windows":
+        return True
+    try:
+        with open("/proc/version") as f:
+            return "microsoft" in f.read().lower()
+    except OSError:
+        return False
+
+
+class TrialRunner:
+    """Runs the trials of one probe on one device: each candidate at most once, every record kept
+    in order (`trials`), spills flagged against the next smaller fitting size."""
+
+    def __init__(self, cfg, device, budget_bytes: int, settings: TrialSettings,
+                 log: Callable[[str], None] = lambda s: None):
+        self.cfg = cfg
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self.settings = settings
+        self.log = log
+        self.shape = ModelShape.from_config(cfg)
+        info = device.info
+        self.kind = "cpu" if info.kind == "cpu" else "cuda"
+        self.capacity_bytes = info.total_bytes if info.kind == "cuda" else None
+        self.spill_check = settings.spill_check if settings.spill_check is not None else \
+            info.kind == "cuda" and driver_can_spill()
+        self.trials: list[TrialRecord] = []
+        self._cache: dict[Candidate, TrialRecord] = {}
+        # with several ranks (torchrun), each rank's share of the effective batch
+        self.rank_batch = agree.rank_batch(cfg)
+        # only rank 0 speaks; every rank runs the same trials (autofit.planning.agree)
+        if not agree.ranks().master:
+            self.log = lambda s: None
+
+    def estimate(self, cand: Candidate) -> int:
+        """Estimated peak bytes of a trial of `cand` (two micro-batches when training accumulates)."""
+        n_micro = 2 if self.rank_batch > cand.micro_batch else 1
+        return estimate_peak(self.shape, cand.micro_batch, dtype=cand.dtype, checkpointing=cand.checkpointing,
+                             loss_impl=cand.loss_impl, compile=cand.compile, device=self.kind,
+                             ce_chunk_size=self.cfg.ce_chunk_size, n_micro=n_micro,
+                             **agree.layout(cand.sharded)).peak_bytes
+
+    def run(self, cand: Candidate) -> TrialRecord:
+        if cand in self._cache:
+            return self._cache[cand]
+        est = self.estimate(cand)
+        self.log(f"trial: micro-batch {cand.micro_batch}, {cand.dtype}, compile={cand.compile}, "
+                 f"checkpointing={cand.checkpointing}, loss={cand.loss_impl} (estimated peak {fmt_bytes(est)})")
+        r = self._trial(cand, est)
+        if r.status == "fit" and self.spill_check:
+            smaller = self.fits(Levers.of(cand), compile=cand.compile, below=cand.micro_batch)
+            if smaller:
+                self.flag_spill(r, max(smaller, key=lambda t: t.micro_batch))
+        self.log(f"  -> {r.status}" + (f", measured peak {fmt_bytes(r.measured_peak_bytes)}" if r.measured_peak_bytes else "")
+                 + (f", {r.tokens_per_s:,.0f} tok/s measured" if r.tokens_per_s and r.status == 'fit' else "")
+                 + (f" ({r.note})" if r.note and r.status != 'fit' else ""))
+        self._cache[cand] = r
+        self.trials.append(r)
+        return r
+
+    def _trial(self, cand: Candidate, estimated_peak_bytes: int) -> TrialRecord:
+        """One trial on this rank's device, agreed with every other rank's (autofit.planning.agree)."""
+        return agree.trial(run_trial(self.cfg, cand, self.device, rank_batch=self.rank_batch,
+                                     budget_bytes=self.budget_bytes, capacity_bytes=self.capacity_bytes,
+                                     estimated_peak_bytes=estimated_peak_bytes, settings=self.settings))
+
+    def fits(self, levers: Levers | None = None, *, compile: bool | None = False,
+             below: int | None = None) -> list[TrialRecord]:
+        """Fitting trials, optionally of one lever combination, compiled or not (None: both),
+        below a micro-batch."""
+        return [t for t in self.trials if t.status == "fit"
+                and (levers is None or Levers.of(t) == levers)
+                and (compile is None or t.compile == compile)
+                and (below is None or t.micro_batch < below)]
+
+    @staticmethod
+    def flag_spill(r: TrialRecord, ref: TrialRecord) -> bool:
+        """Marks `r` a spill when its time per token is over SPILL_SLOWDOWN x that of the smaller
+        fitting size `ref`: on a driver that pages to host memory instead of raising OOM
+        (Windows' sysmem fallback) that is what running out of memory looks like."""
+        if not (r.tokens_per_s and ref.tokens_per_s):
+            return False
+        slowdown = ref.tokens_per_s / r.tokens_per_s
+        if slowdown <= SPILL_SLOWDOWN:
+            return False
+        r.status = "spill"
+        r.note = (f"time per token {slowdown:.1f}x that of micro-batch {ref.micro_batch}: "
+                  f"treated as spilling to host memory")
+        return True
+
+
+class MicroBatchSearch:
+    """The largest micro-batch (<= the effective batch) that fits with one lever combination.
+
+    State: `lo`, the largest size known to fit (0: none), and `hi`, the smallest size known not to
+    fit (None: none yet). Each phase moves them; `run()` is the algorithm of the module docstring.
+    """
+
+    def __init__(self, runner: TrialRunner, levers: Levers):
+        self.runner = runner
+        self.levers = levers
+        self.limit = runner.rank_batch
+        self.lo = 0
+        self.hi: int | None = None
+
+    def fits(self, m: int) -> bool:
+        return self.runner.run(self.levers.candidate(m)).status == "fit"
+
+    def run(self) -> int:
+        """Largest fitting micro-batch, or 0 when even micro-batch 1 does not fit."""
+        m = self.start_at_estimate()
+        if self.fits(m):
+            self.lo = m
+            self.reanchor()
+            self.bracket_up()
+        else:
+            self.hi = m
+            if not self.bracket_down(m):
+                return 0
+            self.reanchor()
+        self.bisect()
+        self.check_spill()
+        return self.lo
+
+    def start_at_estimate(self) -> int:
+        r = self.runner
+        start = max_micro_batch(r.shape, r.budget_bytes, dtype=self.levers.dtype,
+                                checkpointing=self.levers.checkpointing, loss_impl=self.levers.loss_impl,
+                                compile=False, device=r.kind, ce_chunk_size=r.cfg.ce_chunk_size,
+                                **agree.layout(self.levers.sharded))
+        return min(max(start, 1), self.limit)
+
+    def predict(self) -> int | None:
+        """The largest size that lo's measured peak, plus the estimate's bytes per sequence
+        scaled by how far the estimate was off at lo, leaves within the budget."""
+        r = self.runner.run(self.levers.candidate(self.lo))  # cached: lo already ran
+        if not (r.measured_peak_bytes and r.estimated_peak_bytes):
+            return None
+        per_seq = (self.runner.estimate(self.levers.candidate(self.lo + 1)) - r.estimated_peak_bytes) \
+            * r.measured_peak_bytes / r.estimated_peak_bytes
+        room = self.runner.budget_bytes - max(r.measured_peak_bytes, r.measured_reserved_bytes or 0)
+        return min(self.limit, self.lo + int(room // per_seq)) if per_seq > 0 else self.limit
+
+    def reanchor(self) -> None:
+        """The estimate may be off on this device: anchor it on the measured fit at lo and try the
+        size it then predicts, and the one just past it."""
+        pred = self.predict()
+        if pred is None:
+            return
+        if self.hi is not None:
+            pred = min(pred, self.hi - 1)
+        if pred <= self.lo:
+            return
+        if not self.fits(pred):
+            self.hi = pred
+            return
+        self.lo = pred
+        if self.lo < self.limit and (self.hi is None or self.lo + 1 < self.hi):
+            if self.fits(self.lo + 1):
+                self.lo += 1
+            else:
+                self.hi = self.lo + 1
+
+    def bracket_up(self) -> None:
+        """One past the largest fit, then +2, +4, ... until a size fails or the limit fits."""
+        inc = 1
+        while self.hi is None and self.lo < self.limit:
+            nxt = min(self.limit, self.lo + inc)
+            inc *= 2
+            if self.fits(nxt):
+                self.lo = nxt
+            else:
+                self.hi = nxt
+
+    def bracket_down(self, m: int) -> bool:
+        """The estimate was optimistic: x0.85, then halving, until a size fits. False when even
+        micro-batch 1 does not."""
+        nxt = max(1, int(m * 0.85))
+        while self.lo == 0:
+            if nxt < self.hi and self.fits(nxt):
+                self.lo = nxt
+            elif nxt <= 1:
+                return False
+            else:
+                self.hi = min(self.hi, nxt)
+                nxt = max(1, nxt // 2)
+        return True
+
+    def bisect(self) -> None:
+        if self.hi is None:
+            return
+        while self.hi - self.lo > 1:
+            mid = (self.lo + self.hi) // 2
+            if self.fits(mid):
+                self.lo = mid
+            else:
+                self.hi = mid
+
+    def check_spill(self) -> None:
+        """The spill check needs a smaller size to compare time per token with: run half the size
+        if nothing smaller ran, and back off if the found size turns out to be a spill."""
+        r = self.runner
+        if self.lo <= 1 or not r.spill_check or r.fits(self.levers, below=self.lo):
+            return
+        ref = self.lo // 2
+        if not self.fits(ref):
+            return
+        found = r.run(self.levers.candidate(self.lo))
+        if r.flag_spill(found, r.run(self.levers.candidate(ref))):
+            self.hi, self.lo = self.lo, ref
+            self.bisect()

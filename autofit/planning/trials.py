@@ -1,0 +1,179 @@
+"""A trial: the trainer's own train step, run for real on the device for a few optimizer steps
+with one candidate. It records peak memory, tokens/s (the median of the timed steps after a
+warm-up step), and how many optimizer steps actually ran; an out-of-memory error is caught and
+recorded, and a trial that does not give its memory back is recorded as a leak.
+
+Every trial builds a fresh model and optimizer and drops them afterwards (compiled graphs too),
+so trials leave no trace in each other or in the training run.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from autofit.planning import agree
+from autofit.records import Candidate, TrialRecord
+from trainer.compiler import compile_model
+from trainer.model.gpt import GPT, GPTConfig
+from trainer.step import make_optimizer, set_matmul_precision, train_step
+
+# After a trial, allocated memory must be back at its baseline within this much. CUDA keeps
+# cuBLAS and cuBLASLt workspaces in the caching allocator once the first matmul made them
+# (32 MiB each on Hopper, less before: torch's CUDABlas workspace sizes), so its tolerance
+# covers them; the budgeted CPU device has no such thing.
+LEAK_TOLERANCE_BYTES = {"cuda": 72 * 2**20, "cpu": 64 * 2**10}
+
+
+@dataclass
+class TrialSettings:
+    """How trials run: optimizer steps per trial (the first is a warm-up: AdamW state, and for a
+    compiled candidate the compile; the rest are timed), the compile backend, the seed of the
+    model and batch, and whether to treat a large slowdown as a spill."""
+    steps: int = 2
+    compile_backend: str = "inductor"
+    seed: int = 0
+    # Treat a >3x jump in time per token as a spill to host memory. None: where a driver can
+    # spill instead of raising OOM (Windows' and WSL's sysmem fallback); elsewhere it would only
+    # misfire on timing noise.
+    spill_check: bool | None = None
+
+
+def trial_split(rank_batch: int, micro_batch: int) -> list[int]:
+    """The micro-batches one trial step runs: two of exactly `micro_batch` sequences (one when the
+    whole batch fits in one), so the trial measures memory and speed at that size with the first
+    micro-batch's gradients alive during the second, as in training. Compiled and eager
+    candidates run the same split, so their tokens/s compare. (A run capped at this size uses
+    balanced micro-batches of at most it, never more memory.)"""
+    return [micro_batch] if rank_batch <= micro_batch else [micro_batch, micro_batch]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, settings: TrialSettings,
+               rec: TrialRecord) -> None:
+    """Runs the steps, keeping every tensor in `state` so the caller can drop them all."""
+    tdev = device.torch_device
+    model_cfg = GPTConfig.from_train_config(cfg)
+    model_cfg.checkpointing = cand.checkpointing
+    model_cfg.loss_impl = cand.loss_impl
+    torch.manual_seed(settings.seed)
+    state["agreement"] = agreement = agree.agreement()  # several ranks: how each attempt ended
+    state["model"] = model = GPT(model_cfg).to(tdev)
+    # several ranks: the step runs under the same DDP / FSDP2 wrapper as training, so its buckets
+    # and all-gather buffers are measured, and an OOM on one rank is agreed by all
+    state["parallel"] = parallel = agree.trial_wrapper(model, tdev, agreement, "fsdp2" if cand.sharded else "ddp")
+    state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                        betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
+    scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
+    # A fresh compile per trial (no graphs cached from the last one), compiled as the trainer
+    # compiles it.
+    fwd = state["fwd"] = compile_model(model, settings.compile_backend, cfg.compile_scope) if cand.compile else model
+    if parallel is not None:
+        if cand.compile:
+            parallel.rewrap(fwd)
+        fwd = parallel.module if parallel.kind == "ddp" else fwd
+    micro = trial_split(rank_batch, cand.micro_batch)
+    g = torch.Generator().manual_seed(settings.seed)
+    n = sum(micro)
+    # Training samples the whole optimizer step's batch on the host. On a GPU that is host
+    # memory; on the budgeted CPU device it counts, so hold a batch of that size here too.
+    rows = max(n, rank_batch) if tdev.type == "cpu" else n
+    state["x"] = x = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size), generator=g)[:n]
+    state["y"] = y = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size), generator=g)[:n]
+    device.reset_peak()
+    times = []
+    for i in range(settings.steps):
+        t0 = time.perf_counter()
+        res = train_step(model, opt, x, y, micro, dtype=cand.dtype, scaler=scaler, grad_clip=cfg.grad_clip,
+                         forward=fwd, sync_grads=parallel)
+        _sync(tdev)
+        times.append(time.perf_counter() - t0)
+        rec.steps_run = i + 1
+        if not torch.isfinite(res.loss_tensor):
+            rec.note = "loss is not finite"
+    rec.measured_peak_bytes = device.peak_bytes()
+    rec.measured_reserved_bytes = device.peak_reserved_bytes()
+    step_s = statistics.median(times[1:])
+    rec.tokens_per_s = n * cfg.block_size / step_s
+    rec.step_seconds = times[1:]
+    if cand.compile:  # the first step traced and compiled; report that apart from step time
+        rec.compile_seconds = max(0.0, times[0] - step_s)
+
+
+def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: int,
+              capacity_bytes: int | None = None, estimated_peak_bytes: int | None = None,
+              settings: TrialSettings | None = None) -> TrialRecord:
+    """One candidate for `settings.steps` optimizer steps of `rank_batch` sequences on `device`
+    (an autofit.devices.device.Device), as the trainer would run them. Returns its TrialRecord: status
+    'fit' (ran every step, peak within `budget_bytes`; on CUDA the reserved peak counts), 'oom',
+    'over_budget', 'spill' (memory above `capacity_bytes`: the driver paged to host RAM), 'leak'
+    (allocated memory not back at its baseline afterwards) or 'error', with measured peak
+    allocated/reserved bytes and tokens/s. Raises ValueError for fewer than 2 steps."""
+    settings = settings or TrialSettings()
+    if settings.steps < 2:
+        raise ValueError("a trial runs at least 2 optimizer steps (the first allocates AdamW state)")
+    rec = TrialRecord(**cand.model_dump(), status="error", estimated_peak_bytes=estimated_peak_bytes)
+    state: dict = {}
+    failure: str | None = None
+    kind = "error"
+    set_matmul_precision(cfg.tf32)
+    t0 = time.perf_counter()
+    with device.tracking():
+        baseline = device.current_bytes()
+        agreed = True  # several ranks: whether they know how this trial ended
+        try:
+            _run_steps(state, cfg, cand, device, rank_batch, settings, rec)
+        except Exception as e:  # classify only; clean up below, outside the except block
+            kind = "oom" if device.is_oom(e) else "error"
+            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            agreed = getattr(e, "agreed", False) or state.get("agreement") is None
+        # The traceback (and with it the failed step's activations) is released once the except
+        # block has ended; now drop our own references and give the memory back.
+        if state.get("opt") is not None:
+            state["opt"].zero_grad(set_to_none=True)
+        agreement = state.get("agreement")
+        state.clear()
+        if not agreed:  # the other ranks wait in this trial's step: tell them how it ended here
+            agreement.outcome(kind)
+        if cand.compile:  # no compiled graph of this trial outlives it
+            torch._dynamo.reset()
+        gc.collect()
+        device.cleanup()
+        after = device.current_bytes()
+    rec.seconds = time.perf_counter() - t0
+    _judge(rec, failure, kind, settings.steps, capacity_bytes, budget_bytes,
+           leaked=(after - baseline) if (after is not None and baseline is not None) else None,
+           tolerance=LEAK_TOLERANCE_BYTES["cuda" if device.torch_device.type == "cuda" else "cpu"])
+    return rec
+
+
+def _judge(rec: TrialRecord, failure: str | None, kind: str, steps: int, capacity_bytes: int | None,
+           budget_bytes: int, leaked: int | None, tolerance: int) -> None:
+    """Sets the trial's status and note from what happened (see run_trial)."""
+    rec.leaked_bytes = leaked
+    peak = max(rec.measured_peak_bytes or 0, rec.measured_reserved_bytes or 0) if rec.measured_peak_bytes else None
+    if failure is not None:
+        rec.status, rec.note = kind, failure
+    elif rec.steps_run < steps:  # cannot happen without an exception; never call it a fit
+        rec.status, rec.note = "error", f"only {rec.steps_run} of {steps} optimizer steps ran"
+    elif capacity_bytes is not None and peak is not None and peak > capacity_bytes:
+        rec.status = "spill"
+        rec.note = "memory above the card's capacity: the driver spilled to host RAM instead of raising OOM"
+    elif peak is not None and peak > budget_bytes:
+        # On CUDA what runs out is reserved memory (the caching allocator's segments), which is
+        # never below allocated, so the plan must fit with its reserved peak.
+        rec.status = "over_budget"
+        rec.note = "ran, but its peak (reserved, on CUDA) is above the budget"
+    else:
+        rec.status = "fit"
+    if leaked is not None and leaked > tolerance:
+        rec.status = "leak"
+        rec.note = (f"{leaked:,} bytes still allocated after the trial (tolerance {tolerance:,}): its memory did "
+                    f"not come back, so it cannot count as a fit" + (f"; it had ended: {rec.note}" if rec.note else ""))

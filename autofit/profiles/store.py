@@ -1,0 +1,375 @@
+"""Saved per-GPU profiles: a GPU's hardware description plus the plans fitted on it.
+
+One TOML file per profile, `<profiles_dir>/<name>.toml`. Plans are keyed by a fingerprint of
+everything that changes memory use (config summary, torch, CUDA and driver versions), so a plan
+found for one config/software stack is never silently reused for another.
+
+Files are written atomically (temp file, fsync, rename) under an exclusive per-profile lock, so
+concurrent probes and trainers recording run-time OOMs never lose each other's updates. A file
+that cannot be read as a profile is never overwritten.
+
+Where files live, the lock and atomic writes are in autofit.profiles.files; fingerprints in
+autofit.profiles.fingerprints (both re-exported here). No other autofit module but `records` is imported:
+the hardware description is a plain dict (a HardwareSpec dumped with `model_dump(mode="json")`),
+and built-in profiles are looked up through a callable the caller passes in.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Re-exported: callers know the fingerprint and file-location functions from here.
+from autofit.profiles import fingerprints as _fingerprints
+from autofit.profiles.fingerprints import _strip_none, explain_stale, fingerprint_inputs  # noqa: F401
+from autofit.profiles.files import (NAME_MAX, NAME_RE, ProfileError, _is_valid_name,  # noqa: F401
+                                   check_name, check_profiles_writable, first_problem, locked as _locked,
+                                   newer_schema, profile_path, profiles_dir, write_text_atomic)
+from autofit.records import PlanRecord, TrialRecord
+
+# An assignment, not an import: several functions here take a `fingerprint` argument.
+fingerprint = _fingerprints.fingerprint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+SCHEMA_VERSION = 1
+CPU_GPU_LABEL = "CPU (budgeted)"
+
+
+BuiltinLookup = Callable[[str], "dict[str, Any] | None"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # Naive datetimes would compare badly with aware ones read back from disk; treat them as UTC.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class FittedPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fingerprint: str
+    fingerprint_inputs: dict[str, Any]
+    config_summary: dict[str, Any]
+    plan: PlanRecord
+    trials: list[TrialRecord] = Field(default_factory=list)
+    created: datetime = Field(default_factory=_now)
+    updated: datetime = Field(default_factory=_now)
+    # Lessons learnt at run time, each prefixed with its UTC time.
+    events: list[str] = Field(default_factory=list)
+    # Lowered by run-time OOMs: the trainer starts at most at this micro-batch next time.
+    safe_micro_batch: int | None = None
+    # torch.compile OOMed at run time: start eager next time.
+    compile_failed: bool = False
+
+    @field_validator("created", "updated")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return _as_utc(value)
+
+    @field_validator("fingerprint_inputs", "config_summary")
+    @classmethod
+    def _no_none(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # TOML drops None; dropping it here too makes a plan equal to itself read back from disk.
+        return _strip_none(value)
+
+
+class SavedProfile(BaseModel):
+    # Forbidding unknown keys makes hand-edit typos and foreign files fail loudly; new fields
+    # come with a schema_version bump.
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    name: str
+    hardware: dict[str, Any] | None = None  # None for CPU budget profiles such as 'cpu-2gb'
+    device_note: str = ""
+    plans: dict[str, FittedPlan] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_slug(cls, value: str) -> str:
+        if not _is_valid_name(value):
+            raise ValueError(f"profile name {value!r} is not a slug ([a-z0-9][a-z0-9._-]*)")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_match_fingerprints(self) -> SavedProfile:
+        for key, plan in self.plans.items():
+            if key != plan.fingerprint:
+                raise ValueError(f"plan key {key!r} differs from its fingerprint {plan.fingerprint!r}")
+        return self
+
+
+class ProfileEntry(BaseModel):
+    name: str
+    gpu: str
+    memory_bytes: int | None
+    n_plans: int
+    location: str  # 'built-in', or the user file path (noting when it overrides a built-in)
+    path: Path | None = None  # the user file; None for a built-in
+    overrides_builtin: bool = False
+    error: str = ""  # set when the user file cannot be read; the listing still shows it
+
+
+# ---------------------------------------------------------------- plans in a profile
+
+
+def find_plan(profile: SavedProfile, fingerprint: str) -> FittedPlan | None:
+    return profile.plans.get(fingerprint)
+
+
+def nearest_plan(profile: SavedProfile, inputs: dict[str, Any]) -> tuple[FittedPlan, list[str]] | None:
+    """The stored plan whose inputs differ least from `inputs`, with the differences; for telling
+    the user why a saved plan is not reused ("torch 2.4.0 -> 2.5.1"). None if there are no plans."""
+    best: tuple[FittedPlan, list[str]] | None = None
+    for plan in profile.plans.values():
+        changes = explain_stale(plan.fingerprint_inputs, inputs)
+        if best is None or len(changes) < len(best[1]):
+            best = (plan, changes)
+    return best
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_file(path: Path) -> SavedProfile | None:
+    """The profile stored at `path`, None if there is no file; ProfileError if it is not one."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile file {path}: {exc.strerror or exc}") from None
+    clear = f"autofit profiles rm {path.stem}"
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"profile file {path} is not valid TOML: {_one_line(str(exc))}; "
+                           f"clear it with: {clear}") from None
+    version = newer_schema(raw, SCHEMA_VERSION)  # before validation: a newer schema may fail our model
+    if version is not None:
+        raise ProfileError(f"{path} was written by a newer autofit (schema {version} > {SCHEMA_VERSION}); "
+                           f"upgrade autofit, or clear it with: {clear}")
+    try:
+        profile = SavedProfile.model_validate(raw)
+    except ValidationError as exc:
+        raise ProfileError(f"{path} is not an autofit profile: {first_problem(exc, '(top level)')}; "
+                           f"clear it with: {clear}") from None
+    # The file name is how users address a profile; a renamed file takes its new name.
+    if profile.name != path.stem:
+        profile = profile.model_copy(update={"name": path.stem})
+    return profile
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def load_profile(name: str, *, builtin: BuiltinLookup | None = None) -> SavedProfile | None:
+    """The user's profile file if present; else a plan-less profile from the built-in hardware
+    lookup if it knows `name`; else None."""
+    profile = _read_file(profile_path(name))
+    if profile is not None:
+        return profile
+    hardware = builtin(name) if builtin is not None else None
+    if hardware is not None:
+        return SavedProfile(name=name, hardware=dict(hardware))
+    return None
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_atomic(path: Path, profile: SavedProfile) -> None:
+    # Serialise first: if that fails, no temp file is ever created.
+    text = tomli_w.dumps(_strip_none(profile.model_dump(mode="json", exclude_none=True)))
+    write_text_atomic(path, text)
+
+
+def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan) -> Path:
+    """Create or update profile `name` with `plan`; returns the file's path.
+
+    A plan with the same fingerprint is replaced (keeping its `created`); other plans are kept.
+    `hardware`, when given, updates the stored description key by key (so peak rates written by
+    `autofit profiles add` survive a save from a probe that knows only the card's name and
+    memory); None keeps what is stored. Raises ProfileError for a bad name, an unwritable
+    directory, or a stored file that cannot be read: then the file is left as it is and the plan
+    is kept in a side file `kept/<name>.plan-<fingerprint>.toml` under the profiles directory,
+    which the message names."""
+    path = profile_path(name)
+    check_profiles_writable()
+    with _locked(path):
+        try:
+            profile = _read_file(path) or SavedProfile(name=name)
+        except ProfileError as exc:
+            raise ProfileError(_keep_aside(path, hardware, plan, str(exc))) from None
+        if hardware is not None:
+            profile.hardware = {**(profile.hardware or {}), **hardware}
+        old = profile.plans.get(plan.fingerprint)
+        created = old.created if old is not None else plan.created
+        profile.plans[plan.fingerprint] = plan.model_copy(update={"created": created, "updated": _now()})
+        _write_atomic(path, profile)
+    return path
+
+
+def save_hardware(name: str, hardware: dict[str, Any]) -> tuple[Path, bool]:
+    """Write `hardware` as profile `name`'s description, keeping any fitted plans (they were
+    measured on the card itself). Returns (path, whether the file was new). Raises ProfileError
+    for a bad name, an unwritable directory or an unreadable existing file (left as it is)."""
+    path = profile_path(name)
+    check_profiles_writable()
+    with _locked(path):
+        old = _read_file(path)
+        profile = old or SavedProfile(name=name)
+        profile.hardware = dict(hardware)
+        _write_atomic(path, profile)
+    return path, old is None
+
+
+def side_file_path(path: Path, fingerprint: str) -> Path:
+    """Where save_plan keeps a plan it could not add to the profile file at `path`."""
+    # A subfolder: the listing (and every lookup by name) sees only <profiles_dir>/*.toml.
+    return path.parent / "kept" / f"{path.stem}.plan-{fingerprint}.toml"
+
+
+def _keep_aside(path: Path, hardware: dict[str, Any] | None, plan: FittedPlan, problem: str) -> str:
+    """Write `plan` as a profile of its own next to the unreadable `path`; return the error line."""
+    side = side_file_path(path, plan.fingerprint)
+    kept = SavedProfile(name=path.stem, hardware=dict(hardware) if hardware is not None else None,
+                        plans={plan.fingerprint: plan})
+    try:
+        side.parent.mkdir(exist_ok=True)
+        _write_atomic(side, kept)
+    except (OSError, ProfileError):
+        return problem + "; the plan could not be kept"
+    # The side file is a profile in its own right; renamed to <name>.toml it becomes that profile.
+    repair = problem.split("; clear it with: ")[0].split("; upgrade autofit")[0]
+    return (f"{repair}; the plan was kept in {side}; repair: autofit profiles rm {path.stem} && "
+            f"mv {side} {path}")
+
+
+def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: int | None = None,
+                 compile_failed: bool | None = None) -> None:
+    """Append a run-time lesson to a saved plan; `event` is prefixed with the UTC time.
+    `safe_micro_batch` only ever lowers the stored one (two runs reporting at once keep the
+    safer value); `compile_failed`, when given, is stored as is."""
+    path = profile_path(name)
+    if not path.exists():  # checked before the lock: finding nothing to do writes nothing
+        raise ProfileError(f"no profile file {path} to record the event in")
+    with _locked(path):
+        profile = _read_file(path)
+        if profile is None:
+            raise ProfileError(f"no profile file {path} to record the event in")
+        plan = profile.plans.get(fingerprint)
+        if plan is None:
+            raise ProfileError(f"profile file {path} has no plan {fingerprint}")
+        stamp = _now().strftime("%Y-%m-%dT%H:%MZ")
+        plan.events.append(f"{stamp} {_one_line(event)}")
+        if safe_micro_batch is not None:
+            if safe_micro_batch < 1:
+                raise ValueError(f"safe_micro_batch must be >= 1, got {safe_micro_batch}")
+            current = plan.safe_micro_batch
+            plan.safe_micro_batch = safe_micro_batch if current is None else min(current, safe_micro_batch)
+        if compile_failed is not None:
+            plan.compile_failed = compile_failed
+        plan.updated = _now()
+        _write_atomic(path, profile)
+
+
+# ---------------------------------------------------------------- listing and removal
+
+
+def list_profiles(builtin_names: Iterable[str] = (), *,
+                  builtin: BuiltinLookup | None = None) -> list[ProfileEntry]:
+    """Built-in and user profiles, sorted by name; a user file with a built-in's name overrides it.
+    `builtin` (name -> hardware dict) fills in the GPU and memory of built-ins."""
+    builtins = set(builtin_names)
+    entries: dict[str, ProfileEntry] = {}
+    for name in builtins:
+        hardware = builtin(name) if builtin is not None else None
+        # Without a lookup a built-in's GPU is unknown here, not a CPU profile.
+        gpu = _gpu_label(hardware) if hardware is not None else "?"
+        entries[name] = ProfileEntry(name=name, gpu=gpu, memory_bytes=_memory(hardware), n_plans=0,
+                                     location="built-in")
+    directory = profiles_dir()
+    paths = sorted(directory.glob("*.toml")) if directory.is_dir() else []
+    for path in paths:
+        if not _is_valid_name(path.stem):
+            continue  # not a file autofit could have written
+        overrides = path.stem in builtins
+        location = f"{path} (overrides built-in)" if overrides else str(path)
+        try:
+            profile = _read_file(path)
+        except ProfileError as exc:
+            entries[path.stem] = ProfileEntry(name=path.stem, gpu="?", memory_bytes=None, n_plans=0,
+                                              location=location, path=path,
+                                              overrides_builtin=overrides, error=str(exc))
+            continue
+        if profile is None:
+            continue  # removed while listing
+        entries[path.stem] = ProfileEntry(name=path.stem, gpu=_gpu_label(profile.hardware),
+                                          memory_bytes=_memory(profile.hardware),
+                                          n_plans=len(profile.plans), location=location, path=path,
+                                          overrides_builtin=overrides)
+    return [entries[name] for name in sorted(entries)]
+
+
+def _gpu_label(hardware: dict[str, Any] | None) -> str:
+    return CPU_GPU_LABEL if hardware is None else str(hardware.get("gpu", "?"))
+
+
+def _memory(hardware: dict[str, Any] | None) -> int | None:
+    value = hardware.get("memory_bytes") if hardware else None
+    return value if isinstance(value, int) else None
+
+
+def remove_profile(name: str, fingerprint: str | None = None, *,
+                   builtin_names: Iterable[str] = ()) -> str:
+    """Remove the user's profile file, or one plan from it; returns what was done, in a line.
+    Built-in profiles are read-only."""
+    path = profile_path(name)
+    is_builtin = name in set(builtin_names)
+
+    def missing() -> ProfileError:
+        if is_builtin:
+            return ProfileError(f"{name} is a built-in profile; built-ins are read-only "
+                                f"(only user profiles in {path.parent} can be removed)")
+        return ProfileError(f"no profile {name}: {path} does not exist")
+
+    # Checked before the lock: a command that finds nothing to do writes nothing (no lock file).
+    if not path.exists():
+        raise missing()
+    check_profiles_writable()
+    with _locked(path):
+        if not path.exists():  # removed by another process while we waited
+            raise missing()
+        if fingerprint is None:
+            # Not read first: removing the whole file is also how a user gets rid of a corrupt one.
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise ProfileError(f"cannot remove {path}: {exc.strerror or exc}") from None
+            if is_builtin:
+                return f"removed {path}; the built-in {name} applies again"
+            return f"removed {path}"
+        profile = _read_file(path)
+        if profile is None:
+            raise ProfileError(f"no profile {name}: {path} does not exist")
+        if fingerprint not in profile.plans:
+            known = ", ".join(sorted(profile.plans)) or "none"
+            raise ProfileError(f"profile file {path} has no plan {fingerprint} (plans: {known})")
+        del profile.plans[fingerprint]
+        _write_atomic(path, profile)
+    return f"removed plan {fingerprint} from {path}"

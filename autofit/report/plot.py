@@ -1,0 +1,132 @@
+"""`autofit probe --plot FILE`: peak memory against micro-batch, as a picture.
+
+For each lever combination the probe searched (dtype x activation checkpointing x loss), the
+closed-form estimate (autofit.planning.estimate.estimate_peak) is drawn as a line over the micro-batch
+range, the trials' measured peaks as points, out-of-memory trials as crosses (at their estimated
+peak: an OOM has no measured one), the budget as a horizontal line and the chosen plan circled.
+Every legend entry says whether it is measured or estimated.
+
+matplotlib is an optional dependency (`pip install 'autofit[plot]'`). Only its object API is used
+(Figure + savefig, no pyplot), so no GUI backend is ever started and no global state is changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from autofit.units import GiB, MiB, fmt_bytes
+
+FORMATS = (".png", ".svg")
+INSTALL = "pip install 'autofit[plot]' (or: pip install matplotlib)"
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class PlotError(ValueError):
+    """A --plot target that cannot be written, or no matplotlib; one line."""
+
+
+def check_plot_target(path: Path) -> None:
+    """Before any probe: the file type is known, matplotlib imports, and the folder is writable.
+    Raises PlotError."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise PlotError(f"--plot {path}: the file must end in .png or .svg")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotError(f"--plot needs matplotlib, which is not installed: {INSTALL}") from None
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise PlotError(f"--plot {path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise PlotError(f"--plot {path}: is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PlotError(f"--plot {path}: folder {folder} is not writable")
+
+
+def _combos(res) -> list[tuple[str, int, str]]:
+    seen: dict[tuple[str, int, str], None] = {}
+    for t in res.trials:
+        if t.status != "pruned":
+            seen.setdefault((t.dtype, t.checkpointing, t.loss_impl), None)
+    return list(seen)
+
+
+def _sizes(res) -> list[int]:
+    """Integer micro-batches from 1 to a little past the largest one tried, at most ~80 points."""
+    top = max([t.micro_batch for t in res.trials] + [res.plan.micro_batch, 2])
+    top = min(res.effective_batch, max(top + 1, int(top * 1.25)))
+    step = max(1, top // 80)
+    return sorted(set(range(1, top + 1, step)) | {top})
+
+
+def build_figure(res, cfg):
+    """A matplotlib Figure for a ProbeResult (autofit.planning.planner) of TrainConfig `cfg`; y in GiB
+    (MiB when the budget is under 1 GiB, as on a small budgeted CPU device)."""
+    from matplotlib.figure import Figure
+
+    from autofit.planning.estimate import ModelShape, estimate_peak
+    shape = ModelShape.from_config(cfg)
+    kind = "cpu" if res.device.kind == "cpu" else "cuda"
+    unit, unit_name = (GiB, "GiB") if res.budget.budget_bytes >= GiB else (MiB, "MiB")
+    fig = Figure(figsize=(8, 7), layout="constrained")
+    ax = fig.add_subplot()
+    colors = [f"C{i}" for i in range(10)]
+    sizes = _sizes(res)
+    oom_labelled = False
+    for (dtype, ckpt, loss), color in zip(_combos(res), colors * 4):
+        levers = f"{_SHORT[dtype]}, {'ckpt ' + str(ckpt) if ckpt else 'no ckpt'}, {loss} loss"
+        est = [estimate_peak(shape, m, dtype=dtype, checkpointing=ckpt, loss_impl=loss, device=kind,
+                             ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if res.effective_batch > m else 1).peak_bytes
+               for m in sizes]
+        ax.plot(sizes, [b / unit for b in est], color=color, label=f"{levers}: estimated (closed form)")
+        mine = [t for t in res.trials if (t.dtype, t.checkpointing, t.loss_impl) == (dtype, ckpt, loss)]
+        points = [t for t in mine if t.measured_peak_bytes]
+        if points:
+            ax.scatter([t.micro_batch for t in points], [t.measured_peak_bytes / unit for t in points], color=color,
+                       marker="o", zorder=3, label=f"{levers}: measured on {res.device.name}")
+        ooms = [t for t in mine if t.status == "oom"]
+        if ooms:
+            ax.scatter([t.micro_batch for t in ooms], [(t.estimated_peak_bytes or res.budget.budget_bytes) / unit
+                                                       for t in ooms],
+                       color=color, marker="x", s=60, zorder=3,
+                       label=None if oom_labelled else "out of memory (measured; drawn at its estimated peak)")
+            oom_labelled = True
+    ax.axhline(res.budget.budget_bytes / unit, color="black", linestyle="--",
+               label=f"budget {fmt_bytes(res.budget.budget_bytes)} (free memory less reserves and margin)")
+    p = res.plan
+    peak = p.measured_peak_bytes or p.estimated_peak_bytes or 0
+    ax.scatter([p.micro_batch], [peak / unit], s=400, facecolors="none", edgecolors="red", linewidths=2, zorder=4,
+               label=f"plan: micro-batch {p.micro_batch}, {p.loss_impl} loss "
+                     f"({'measured' if p.measured_peak_bytes else 'estimated'} peak {fmt_bytes(peak)})")
+    ax.set_xlabel("micro-batch (sequences)")
+    ax.set_ylabel(f"peak memory ({unit_name})")
+    ax.set_title(f"{res.device.name}: peak memory per micro-batch ({res.mode})")
+    ax.set_ylim(bottom=0, top=max(res.budget.budget_bytes, peak) / unit * 1.6)
+    # Below the axes: the lines it names stay visible.
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
+    return fig
+
+
+def plot_probe(res, cfg, path: Path) -> Path:
+    """Draw `res` to `path` (.png or .svg), atomically (temp file, fsync, rename). Raises PlotError."""
+    path = Path(path)
+    fig = build_figure(res, cfg)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
+                               suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format=path.suffix.lower().lstrip("."))
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a picture is for sharing
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise PlotError(f"--plot {path}: cannot write: {exc.strerror or exc}") from None
+    return path

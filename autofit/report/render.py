@@ -1,0 +1,217 @@
+"""Human output of a probe. Every figure says whether it was measured on this device or estimated.
+
+Default (short): the device, what the user's own config as written would need against the
+budget, then the plan and what it changes, in plain words, and where the memory goes. With
+verbose (`probe -v`): also the budget's terms, every candidate tried, and why the plan won.
+"""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from autofit.units import fmt_bytes
+
+STATUS_STYLE = {"fit": "green", "oom": "red", "over_budget": "yellow", "spill": "magenta",
+                "pruned": "dim", "error": "bold red"}
+
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# What a simulated probe says of compile, everywhere it shows it.
+COMPILE_NOT_ESTIMATED = "its memory effect is not estimated: the figures are for eager"
+
+
+def _b(n: int | None) -> str:
+    return fmt_bytes(n) if n else "-"
+
+
+def _kind(res) -> str:
+    return "cpu" if res.device.kind == "cpu" else "cuda"
+
+
+def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None:
+    """Print a ProbeResult (autofit.planning.planner) for a person. `cfg` (the TrainConfig probed) adds the
+    'your config as written' line and the plan's changes to it; `verbose` adds the budget, the
+    candidates table and the planner's reasoning."""
+    d = res.device
+    src = "measured" if res.mode == "measured" else "ESTIMATED (no such GPU here; nothing was run)"
+    console.print(f"[bold]device[/]: {d.name} ({d.kind}, {fmt_bytes(d.total_bytes)} total, "
+                  f"{fmt_bytes(d.free_bytes)} free; source {d.source})")
+    if verbose and getattr(d, "note", ""):
+        console.print(f"  note: {d.note}")
+    console.print(f"[bold]mode[/]: {src}")
+    if cfg is not None:
+        console.print(f"[bold]your config as written[/] ({as_written_label(cfg, res)}): {as_written_verdict(res, cfg)}")
+    if verbose:
+        console.print(f"[bold]target[/]: {res.effective_batch} sequences x {res.block_size} tokens = "
+                      f"{res.effective_batch * res.block_size:,} tokens per optimizer step (kept exact)")
+        _budget_table(res, console)
+        _candidates_table(res, console)
+    _plan(res, cfg, console, verbose)
+    render_breakdown(res.breakdown, res.budget.budget_bytes, res.plan.measured_peak_bytes, console)
+    if not verbose:
+        console.print("[dim](-v: the budget, every candidate and why this plan won)[/]")
+
+
+def config_dtype(cfg, res) -> str:
+    return cfg.resolved_dtype(_kind(res), bool(res.device.bf16_supported))
+
+
+def as_written_label(cfg, res) -> str:
+    """'16 x 32, standard loss, bf16, compile': the config's micro-batch x accumulation and levers."""
+    parts = [f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}", f"{cfg.loss_impl} loss",
+             SHORT_DTYPE.get(config_dtype(cfg, res), config_dtype(cfg, res))]
+    if cfg.checkpointing:
+        parts.append(f"checkpointing every {cfg.checkpointing}")
+    parts.append("compile" if cfg.compile else "eager")
+    return ", ".join(parts)
+
+
+def as_written_verdict(res, cfg) -> str:
+    """Whether the config as written fits the budget: measured when a trial ran exactly that
+    candidate, else the closed-form estimate (autofit.planning.estimate.estimate_peak), labelled."""
+    budget = res.budget.budget_bytes
+    want = (cfg.batch_size, config_dtype(cfg, res), bool(cfg.compile), cfg.checkpointing, cfg.loss_impl)
+    for t in res.trials:
+        if res.mode == "measured" and (t.micro_batch, t.dtype, t.compile, t.checkpointing, t.loss_impl) == want:
+            if t.status == "fit":
+                return f"fits: measured peak {_b(t.measured_peak_bytes)} of a {fmt_bytes(budget)} budget (measured)"
+            if t.status in ("oom", "over_budget", "spill"):
+                peak = f"measured peak {_b(t.measured_peak_bytes)}; " if t.measured_peak_bytes else ""
+                return f"{peak}it ran out of the {fmt_bytes(budget)} budget (measured: {t.status.replace('_', ' ')})"
+    from autofit.planning.estimate import ModelShape, estimate_peak
+    n_micro = 2 if cfg.effective_batch > cfg.batch_size else 1
+    est = estimate_peak(ModelShape.from_config(cfg), cfg.batch_size, dtype=want[1], checkpointing=cfg.checkpointing,
+                        loss_impl=cfg.loss_impl, compile=False, device=_kind(res), ce_chunk_size=cfg.ce_chunk_size,
+                        n_micro=n_micro).peak_bytes
+    how = "estimated, closed form" + ("; compile's memory effect is not estimated" if cfg.compile else "")
+    if est <= budget:
+        return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it fits ({how})"
+    return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it would run out of memory ({how})"
+
+
+def plan_changes(plan, cfg, res) -> list[str]:
+    """What the plan does differently from the config, in words a person reads without knowing
+    the planner: ['keeps your effective batch of 512', 'runs 27 sequences at a time, ...']."""
+    ranks, total = plan.world_size, plan.effective_batch * plan.world_size  # torchrun: the plan is each rank's
+    words = [f"keeps your effective batch of {total} sequences ({total * plan.block_size:,} tokens per optimizer step)"
+             + (f", {plan.effective_batch} on each of {ranks} ranks ({plan.parallelism})" if ranks > 1 else "")]
+    instead = f"instead of {cfg.batch_size} x {cfg.gradient_accumulation_steps}" + (" in all" if ranks > 1 else "")
+    if (plan.micro_batch, plan.grad_accum * ranks) != (cfg.batch_size, cfg.gradient_accumulation_steps):
+        if plan.grad_accum == 1:
+            words.append(f"runs all {plan.micro_batch} sequences at once (no gradient accumulation), {instead}")
+        else:
+            words.append(f"runs {plan.micro_batch} sequences at a time, {plan.grad_accum} times per step "
+                         f"({plan.split}), {instead}")
+    else:
+        words.append(f"runs {plan.micro_batch} x {plan.grad_accum} as written")
+    if plan.loss_impl != cfg.loss_impl:
+        words.append("uses the chunked loss (cross-entropy in chunks, never the full fp32 logits)"
+                     if plan.loss_impl == "chunked" else "uses the standard loss")
+    if plan.checkpointing != cfg.checkpointing:
+        words.append(f"recomputes activations in backward every {plan.checkpointing} block(s) (activation "
+                     "checkpointing: less memory, more compute)" if plan.checkpointing
+                     else "turns activation checkpointing off")
+    if plan.dtype != config_dtype(cfg, res):
+        words.append(f"trains in {plan.dtype} instead of {config_dtype(cfg, res)}")
+    if plan.compile != bool(cfg.compile):
+        words.append("runs eager (compile off)" if not plan.compile else "compiles")
+    return words
+
+
+def _compile_words(res, p) -> str:
+    if not p.compile:
+        return "compile off"
+    text = f"compile on after {p.compile_after} eager steps"
+    return text + f" ({COMPILE_NOT_ESTIMATED})" if res.mode == "estimated" else text
+
+
+def _plan(res, cfg, console: Console, verbose: bool) -> None:
+    p = res.plan
+    label = "measured" if res.mode == "measured" else "estimated"
+    console.print(f"[bold]plan[/] ({label})")
+    if cfg is not None:
+        console.print("  " + "; ".join(plan_changes(p, cfg, res)))
+    else:
+        console.print(f"  micro-batch {p.micro_batch} x {p.grad_accum} accumulation steps: {p.split}"
+                      + (f" on each of {p.world_size} ranks ({p.parallelism})" if p.world_size > 1 else ""))
+    console.print(f"  dtype {p.dtype}, {_compile_words(res, p)}, activation checkpointing "
+                  f"{'every ' + str(p.checkpointing) + ' block(s)' if p.checkpointing else 'off'}, loss {p.loss_impl}")
+    peak = f"measured peak {fmt_bytes(p.measured_peak_bytes)}" if p.measured_peak_bytes else \
+        f"estimated peak {fmt_bytes(p.estimated_peak_bytes)}"
+    how = "measured" if res.mode == "measured" else "estimated from the card's peak TFLOP/s and an assumed MFU"
+    tps = f"{p.tokens_per_s:,.0f} tokens/s ({how})" if p.tokens_per_s else "tokens/s unknown"
+    console.print(f"  {peak} of a {fmt_bytes(p.budget_bytes)} budget; {tps}")
+    if verbose:
+        console.print(f"  why: {p.reason}")
+
+
+def _budget_table(res, console: Console) -> None:
+    bt = Table(title="budget", show_header=True)
+    bt.add_column("term")
+    bt.add_column("bytes", justify="right")
+    bt.add_column("how")
+    for t in res.budget.terms:
+        bt.add_row(t.label, ("-" if t.bytes < 0 else "") + fmt_bytes(abs(t.bytes)) if t.bytes else "", t.how)
+    bt.add_row("[bold]budget[/]", f"[bold]{fmt_bytes(res.budget.budget_bytes)}[/]", "what the plan may use")
+    console.print(bt)
+
+
+def _candidates_table(res, console: Console) -> None:
+    d, p = res.device, res.plan
+    estimated = res.mode == "estimated"
+    tt = Table(title="candidates (est. = closed-form estimate; measured = " +
+               ("torch CUDA allocator peak" if d.kind == "cuda" else "budgeted-CPU live-bytes tracker" if d.kind == "cpu"
+                else "nothing: simulated") + ")")
+    for col in ("", "micro", "dtype", "compile", "ckpt", "loss", "est. peak", "measured", "tokens/s", "status"):
+        tt.add_column(col, justify="right" if col in ("micro", "est. peak", "measured", "tokens/s") else "left")
+    notes: list[str] = []
+    if estimated and p.compile:
+        # Simulated rows are estimated eager; the plan compiles, so the table shows compile as the
+        # plan will run it, and says once that its memory effect is not in the figures.
+        notes.append(f"compile as the plan will run it (after {p.compile_after} eager steps); {COMPILE_NOT_ESTIMATED}")
+    for t in res.trials:
+        chosen = (t.dtype == p.dtype and (t.compile == p.compile or estimated)
+                  and (t.micro_batch == p.micro_batch or estimated)
+                  and t.checkpointing == p.checkpointing and t.loss_impl == p.loss_impl and t.status == "fit"
+                  and t.sharded == (p.parallelism == "fsdp2"))
+        tps = "-" if not t.tokens_per_s else (f"{t.tokens_per_s:,.0f}" + (" est." if estimated else ""))
+        note = t.note if t.status != "fit" or not estimated else ""
+        if t.compile_seconds is not None:
+            note = (note + "; " if note else "") + f"compile took {t.compile_seconds:.1f} s (apart from step time)"
+        status = f"[{STATUS_STYLE.get(t.status, '')}]{t.status.replace('_', ' ')}[/]"
+        if note and note not in notes:
+            notes.append(note)
+        if note:
+            status += f" [dim]({notes.index(note) + 1})[/]"
+        compile_cell = "on" if t.compile else "off"
+        if estimated:
+            compile_cell = "on (1)" if p.compile else "off"
+        tt.add_row("[bold]>[/]" if chosen else "", str(t.micro_batch), SHORT_DTYPE[t.dtype], compile_cell,
+                   str(t.checkpointing) if t.checkpointing else "off", t.loss_impl + (" +fsdp2" if t.sharded else ""),
+                   _b(t.estimated_peak_bytes),
+                   _b(t.measured_peak_bytes), tps, status)
+    console.print(tt)
+    for i, n in enumerate(notes, 1):
+        console.print(f"  [dim]({i}) {n}[/]")
+
+
+def render_breakdown(breakdown: dict[str, int], budget: int, measured: int | None, console: Console,
+                     width: int = 50) -> None:
+    """A bar of the plan's memory by component (estimated) against the budget."""
+    total = sum(breakdown.values())
+    scale = max(budget, total, measured or 0)
+    console.print("[bold]where the memory goes[/] (estimated by component; bar = budget)")
+    colors = ["cyan", "blue", "magenta", "yellow", "red", "green", "bright_black", "white"]
+    bar = ""
+    for (name, n), color in zip(breakdown.items(), colors):
+        cells = round(width * n / scale)
+        bar += f"[{color}]" + "█" * cells + "[/]"
+    used = sum(round(width * n / scale) for n in breakdown.values())
+    bar += "░" * max(0, round(width * budget / scale) - used)
+    console.print(f"  |{bar}| budget {fmt_bytes(budget)}")
+    for (name, n), color in zip(breakdown.items(), colors):
+        if n:
+            console.print(f"  [{color}]█[/] {name:<16} {fmt_bytes(n):>12}  {100 * n / max(total, 1):5.1f}%")
+    line = f"  total (estimated) {fmt_bytes(total)}"
+    if measured:
+        line += f"; measured peak {fmt_bytes(measured)}"
+    console.print(line)

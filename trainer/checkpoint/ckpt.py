@@ -1,0 +1,185 @@
+"""Checkpoint I/O: atomic writes, and reads that run no code and check the file is ours.
+
+A checkpoint is a dict saved with torch.save: the model and optimizer state dicts, the step, the
+config, both samplers' counters, RNG states, and what `autofit run --resume` needs to continue
+the same plan on the same device (the plan, the micro-batches in use, the device spec).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import TrainError
+from trainer.checkpoint.safe_load import UnsafeOrUnreadable, load_weights_only
+from trainer.model.gpt import model_args_of
+
+# Every key a resume reads: a checkpoint lacking one is refused before any work.
+CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_sampler", "rng_cpu",
+                   "micro_batches", "best_val_loss")
+
+# The fields that shape the model: a checkpoint of another shape cannot be resumed.
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Temp file, fsync, rename: a crash mid-write never leaves a half checkpoint at `path`, and a
+    failed write leaves no temp file behind (checkpoints can be GBs)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_out_dir(path: str | Path, what: str = "--out") -> None:
+    """Raises TrainError (one line, naming `what`: '--out', 'tensorboard_dir') when `path` cannot
+    hold a run's files: a file on the way, or a folder this process cannot write in. Checked before
+    any expensive work; leaves nothing behind (the write test is a temporary file, deleted at once)."""
+    import tempfile
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainError(f"{what} {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise TrainError(f"{what} {path}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def training_state(trainer) -> dict:
+    """Everything a trainer.loop.Trainer needs to continue exactly: weights, optimizer and fp16
+    scaler state, step, best validation loss, config, both samplers' counters, RNG states, the
+    micro-batches in use, the plan (JSON text) and the device spec for `autofit run --resume`."""
+    t = trainer
+    return {  # nanoGPT's sample.py reads model, model_args and config['dataset'] as they are
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+        "iter_num": t.iter_num,
+        "best_val_loss": t.best_val_loss,
+        "last_eval_iter": t.last_eval_iter,
+        "config": t.cfg.model_dump(mode="json"),
+        "model_args": model_args_of(t.cfg),
+        "sampler": t.sampler.state_dict(),
+        "eval_sampler": t.evaluator.sampler.state_dict(),
+        "compile_failed": t.compile_failed,
+        "micro_batches": list(t.micro_batches),
+        "plan": json.dumps(t.opts.plan_info) if t.opts.plan_info else None,
+        "device": t.meter.spec(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None,
+    }
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu", any_layout: bool = False,
+                    mmap: bool = False) -> dict:
+    """Loads with weights_only=True (no code in a checkpoint runs) and checks it is ours: every key
+    a resume reads (CHECKPOINT_KEYS). any_layout: a nanoGPT checkpoint (model and model_args)
+    passes too, for trainer.checkpoint.nanogpt to read. mmap: map the tensors instead of reading them
+    (for looking at a checkpoint before the run loads it). Raises TrainError when the file is
+    missing, unreadable, or of neither layout."""
+    if not path.exists():
+        raise TrainError(f"--resume: no checkpoint at {path}")
+    try:
+        ck = load_weights_only(path, map_location=device, mmap=mmap)
+    except UnsafeOrUnreadable as e:  # corrupt, truncated, or a pickle that wants to run code
+        raise TrainError(f"{path} is not a valid autofit checkpoint; unreadable with weights_only=True: {e}") from None
+    if any_layout and isinstance(ck, dict) and "model" in ck and "model_args" in ck:
+        return ck
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise TrainError(f"{path} is not an autofit checkpoint (missing {', '.join(missing)}) nor a nanoGPT one "
+                         f"(model, model_args, ...)")
+    return ck
+
+
+def check_same_model(saved_cfg, cfg, path: Path) -> None:
+    """Raises TrainError when the checkpoint's model shape differs from the config's."""
+    for key in MODEL_FIELDS:
+        if getattr(saved_cfg, key) != getattr(cfg, key):
+            raise TrainError(f"checkpoint {path} has {key}={getattr(saved_cfg, key)}, "
+                             f"config has {getattr(cfg, key)}")
+
+
+def device_spec(ck: dict) -> dict:
+    """How to reopen the device a checkpoint was trained on (MemoryMeter.spec()); checkpoints of
+    autofit 0.1.0 stored the same facts under separate keys."""
+    if isinstance(ck.get("device"), dict):
+        return ck["device"]
+    if ck.get("device_kind") == "cuda":
+        return {"kind": "cuda", "memory_cap_bytes": ck.get("cuda_memory_cap_bytes")}
+    if ck.get("cpu_budget_bytes"):
+        return {"kind": "cpu-budgeted", "budget_bytes": int(ck["cpu_budget_bytes"])}
+    return {"kind": "cpu"}
+
+
+# What a resume may change without changing what is trained: output, logging, evaluation,
+# how long, and how the steps run (compile, the device). The effective batch may be split
+# differently (batch_size x gradient_accumulation_steps), never changed.
+RESUME_SAFE_FIELDS = frozenset({
+    "max_iters", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
+    "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_dir", "out_dir", "device", "backend", "compile",
+    "compile_after", "compile_scope", "init_from", "batch_size", "gradient_accumulation_steps"})
+
+
+def resume_changes(saved, new) -> list[str]:
+    """What `new` (a TrainConfig) changes of the run that `saved` describes, in a resume that
+    promises to continue the same run: ['learning_rate 0.0006 -> 0.001', 'effective batch 8 -> 16'].
+    Fields in RESUME_SAFE_FIELDS may change; the effective batch may not."""
+    out = [f"{k} {getattr(saved, k)!r} -> {getattr(new, k)!r}" for k in type(saved).model_fields
+           if k not in RESUME_SAFE_FIELDS and getattr(saved, k) != getattr(new, k)]
+    if saved.effective_batch != new.effective_batch:
+        out.append(f"effective batch {saved.effective_batch} -> {new.effective_batch} sequences")
+    return out
+
+
+def restore(trainer, ck: dict) -> None:
+    """Puts a checkpoint's state into a trainer.loop.Trainer: autofit's layout exactly (weights,
+    AdamW and fp16 scaler, step, samplers, RNG); nanoGPT's (weights, AdamW, step, best loss), with
+    what it cannot give back said in a 'resume_partial' event. Raises TrainError for a checkpoint
+    of another model."""
+    from trainer.config.train_config import TrainConfig
+    from trainer.checkpoint.nanogpt import CheckpointError, checkpoint_layout, nanogpt_checkpoint_from
+    t = trainer
+    if checkpoint_layout(ck, t.ckpt_path) == "nanogpt":
+        try:
+            nano = nanogpt_checkpoint_from(ck, t.ckpt_path)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        check_same_model(TrainConfig(**{**t.cfg.model_dump(), **nano.model_args}), t.cfg, t.ckpt_path)
+        t.model.load_state_dict(nano.model)
+        if nano.optimizer is not None:
+            t.optimizer.load_state_dict(nano.optimizer)
+        t.iter_num, t.best_val_loss = nano.iter_num, nano.best_val_loss
+        t.last_eval_iter = nano.iter_num  # nanoGPT evaluated (and saved) at this step
+        t._event("resume_partial", layout="nanogpt", not_restored=nano.not_restored)
+        return
+    check_same_model(TrainConfig(**ck["config"]), t.cfg, t.ckpt_path)
+    t.group.load(ck, t.model, t.optimizer)  # one GPU, DDP or FSDP2's shards (trainer/distributed/multirank.py)
+    if t.scaler is not None and ck.get("scaler"):
+        t.scaler.load_state_dict(ck["scaler"])
+    t.iter_num = int(ck["iter_num"])
+    t.best_val_loss = float(ck["best_val_loss"])
+    t.last_eval_iter = int(ck.get("last_eval_iter", -1))
+    t.sampler.load_state_dict(ck["sampler"])
+    t.evaluator.sampler.load_state_dict(ck["eval_sampler"])
+    t.compile_failed = bool(ck.get("compile_failed", False))
+    rng_cpu, rng_cuda = t.group.rng_state(ck)  # with several ranks, this rank's own
+    torch.set_rng_state(rng_cpu.cpu())
+    if rng_cuda is not None and t.device.type == "cuda":
+        torch.cuda.set_rng_state(rng_cuda.cpu(), t.device)
+    change = t.group.split_change(ck, t.cfg.effective_batch, t.micro_batches)
+    if change:  # resumed on another number of ranks
+        t._event("world_size_changed", **change)

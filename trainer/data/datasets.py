@@ -1,0 +1,347 @@
+"""Token datasets and the deterministic batch sampler.
+
+A dataset is named as nanoGPT names it: `dataset = NAME` is the folder data/NAME/ (relative to
+the working directory, as nanoGPT's train.py looks), or a path to a folder, or 'embedded'. What a
+folder may hold (see trainer/data/tokenfiles.py for the byte layouts):
+- nanoGPT: train.bin and val.bin, raw little-endian uint16 tokens, and for character-level sets a
+  meta.pkl whose vocab_size the model adopts when the config sets none (read with a restricted
+  unpickler that loads plain containers only);
+- llm.c shards: fineweb_train_000001.bin / fineweb_val_000000.bin, ...; a split's shards are
+  concatenated logically, each one memory-mapped, never copied into RAM;
+- the embedded set: byte tokens of generated English-like text shipped inside the package, so a
+  run works with no download at all (see scripts/make_embedded_data.py). It is used only when
+  asked for by name.
+
+`check_vocab` refuses a model whose vocab_size cannot hold the dataset's largest token id, found
+once per file and remembered in a sidecar (tokenfiles.max_token), before any training.
+
+The sampler draws a whole optimizer step's batch at once from a counter-based generator, so its
+state is a pair of counters: a resumed run sees exactly the batches it would have seen, and the
+trainer can cut the batch into any micro-batches without changing the data.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
+                                DataError, max_token, read_llmc_shard, read_nanogpt_bin,
+                                write_llmc_shard, write_tokens)
+
+if TYPE_CHECKING:
+    import torch
+
+GPT2_VOCAB_SIZE = 50257  # GPT-2 token ids are 0..50256 (50256 = <|endoftext|>)
+BYTE_VOCAB_SIZE = 256
+SPLITS = ("train", "val")
+DATA_ROOT = "data"  # nanoGPT's data_dir = os.path.join('data', dataset)
+EMBEDDED = "embedded"
+
+# llm.c names shards <name>_<split>_<index>.bin; its single-file sets (tiny_shakespeare_val.bin)
+# drop the index.
+SHARD_NAME = re.compile(r"^.+_(train|val)(?:_\d+)?\.bin$")
+
+# Names `autofit data prepare` writes (trainer/data/prepare.py); a missing one says how to make it.
+PREPARABLE = ("shakespeare_char", "shakespeare", "fineweb-edu")
+
+
+class TokenSplit:
+    """One split's tokens: one or more 1-D integer arrays read as if concatenated."""
+
+    def __init__(self, parts: list[np.ndarray], sources: list[str]):
+        self.parts = parts
+        self.sources = sources  # where each part came from, for error messages
+        self._starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, crossing shard boundaries where needed."""
+        if start < 0 or length < 0 or start + length > len(self):
+            raise IndexError(f"window [{start}, {start + length}) outside a split of {len(self)} tokens")
+        out = np.empty(length, dtype=np.int64)
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        done = 0
+        while done < length:
+            offset = start + done - int(self._starts[i])
+            take = min(length - done, len(self.parts[i]) - offset)
+            out[done:done + take] = self.parts[i][offset:offset + take]
+            done += take
+            i += 1
+        return out
+
+    def check_ids(self, vocab_size: int, note: str = "") -> None:
+        """Refuse the first part holding a token id >= vocab_size (DataError naming the file, the
+        id and the vocab_size). Parts whose dtype cannot reach vocab_size are not scanned; files
+        are scanned once and the result kept (tokenfiles.max_token)."""
+        for part, source in zip(self.parts, self.sources):
+            if vocab_size > np.iinfo(part.dtype).max or not len(part):
+                continue
+            top = max_token(source, part) if Path(source).is_file() else int(part.max())
+            if top >= vocab_size:
+                raise DataError(f"{source} holds token id {top}, but vocab_size is {vocab_size}{note}: token ids "
+                                f"must be below vocab_size; set vocab_size to at least {top + 1} or fix the data")
+
+
+@dataclass
+class TokenDataset:
+    name: str
+    format: str  # "embedded", "nanogpt" or "llmc"
+    vocab_size: int  # the vocab the format declares (meta.pkl, GPT-2, bytes); ids are checked too
+    splits: dict[str, TokenSplit]
+    vocab_source: str = ""  # where vocab_size came from, for messages
+
+    def split(self, name: str) -> TokenSplit:
+        if name not in self.splits:
+            raise DataError(f"dataset '{self.name}' has no '{name}' split (it has {', '.join(self.splits)})")
+        return self.splits[name]
+
+    def num_tokens(self, split: str) -> int:
+        return len(self.split(split))
+
+    def check_block_size(self, block_size: int) -> None:
+        """Refuse (one DataError line) a split too short for one sequence of block_size + 1
+        tokens, found when the dataset is opened, not when the first batch of that split is drawn."""
+        for name, split in self.splits.items():
+            if len(split) < block_size + 1:
+                raise DataError(f"the {name} split of '{self.name}' has {len(split)} tokens, fewer than "
+                                f"block_size + 1 = {block_size + 1}; use a smaller block_size or more data")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse a model whose embedding table cannot hold every token id of this dataset: one
+        DataError line when vocab_size is below the format's declared vocab, or below the
+        largest id actually stored (each file scanned once, then remembered)."""
+        if vocab_size < self.vocab_size:
+            src = f" ({self.vocab_source})" if self.vocab_source else ""
+            raise DataError(f"model vocab_size {vocab_size} is smaller than dataset '{self.name}' needs "
+                            f"({self.vocab_size} token ids{src}); set vocab_size >= {self.vocab_size}")
+        note = f" ({self.vocab_source} declares {self.vocab_size})" if self.vocab_source.endswith("meta.pkl") else ""
+        for split in self.splits.values():
+            split.check_ids(vocab_size, note)
+
+
+def decode_bytes(tokens) -> str:
+    """Text of byte tokens (the embedded dataset); bytes that are not UTF-8 show as U+FFFD."""
+    if hasattr(tokens, "detach"):  # a torch tensor
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.size and (arr.min() < 0 or arr.max() >= BYTE_VOCAB_SIZE):
+        raise DataError("decode_bytes needs byte tokens in 0..255")
+    return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and loading
+
+
+def dataset_dir(spec: str, *, data_root: str | Path = DATA_ROOT) -> Path | None:
+    """The folder `spec` names: an existing directory as given, else <data_root>/<spec> for a bare
+    name (nanoGPT's data/NAME). None for 'embedded' or when no such folder exists."""
+    if spec == EMBEDDED:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if len(path.parts) == 1 and (Path(data_root) / spec).is_dir():
+        return Path(data_root) / spec
+    return None
+
+
+def dataset_vocab(spec: str, *, data_root: str | Path = DATA_ROOT) -> tuple[int, str] | None:
+    """(vocab_size, source) a dataset declares, for a config that sets none, as nanoGPT's train.py
+    reads meta.pkl: a folder's meta.pkl, or 256 for the embedded bytes. None where the dataset is
+    not there or declares nothing (GPT-2 BPE data: keep nanoGPT's padded 50304). Raises DataError
+    for an unreadable or unsafe meta.pkl."""
+    if spec == EMBEDDED:
+        return BYTE_VOCAB_SIZE, "the embedded dataset (byte tokens)"
+    where = dataset_dir(spec, data_root=data_root)
+    if where is None or not (where / "meta.pkl").is_file():
+        return None
+    return _meta_vocab(where / "meta.pkl"), str(where / "meta.pkl")
+
+
+def load_dataset(spec: str, *, data_root: str | Path = DATA_ROOT) -> TokenDataset:
+    """'embedded', a directory path, or a nanoGPT-style name looked up as <data_root>/<name>.
+    Raises DataError (one line) naming where it looked and how to prepare a missing dataset."""
+    if spec == EMBEDDED:
+        return load_embedded()
+    where = dataset_dir(spec, data_root=data_root)
+    if where is not None:
+        return load_dir(where)
+    path = Path(spec).expanduser()
+    if path.exists():
+        raise DataError(f"dataset '{spec}' is a file; give the directory that holds its train and val data")
+    if len(path.parts) > 1:  # a path, not a bare name: do not guess under data_root
+        raise DataError(f"dataset directory {spec} does not exist")
+    raise DataError(missing_dataset_message(spec, Path(data_root) / spec))
+
+
+def missing_dataset_message(name: str, where: Path) -> str:
+    """One line: where a named dataset was looked for, and the command that prepares it."""
+    looked = f"dataset '{name}' not found at {where}" + ("" if where.is_absolute() else f" (under {Path.cwd()})")
+    if name in PREPARABLE or "fineweb" in name.lower():
+        kind = name if name in PREPARABLE else "fineweb-edu"
+        return f"{looked}; prepare it with: autofit data prepare {kind} --out {where}"
+    if name == "openwebtext":
+        return (f"{looked}; nanoGPT's data/openwebtext/prepare.py writes it (a ~54 GB download), or prepare a "
+                f"smaller one: autofit data prepare fineweb-edu --out data/fineweb-edu --max-tokens 100000000 "
+                f"and set dataset='fineweb-edu' (the built-in corpus is dataset='embedded')")
+    return (f"{looked}; put nanoGPT train.bin/val.bin or llm.c shards there, or prepare one of "
+            f"{', '.join(PREPARABLE)} with: autofit data prepare NAME --out {where} "
+            f"(the built-in corpus is dataset='embedded')")
+
+
+def load_dir(path: str | Path) -> TokenDataset:
+    """A directory in nanoGPT form (train.bin, val.bin) or llm.c form (*_train_*.bin shards)."""
+    path = Path(path)
+    if (path / "train.bin").is_file() or (path / "val.bin").is_file():
+        return _load_nanogpt(path)
+    shards: dict[str, list[Path]] = {s: [] for s in SPLITS}
+    for f in sorted(path.iterdir()):
+        m = SHARD_NAME.match(f.name)
+        if m and f.is_file():
+            shards[m.group(1)].append(f)
+    if not any(shards.values()):
+        raise DataError(f"{path} holds neither train.bin/val.bin (nanoGPT) nor *_train_*.bin/*_val_*.bin "
+                        f"shards (llm.c)")
+    for split, files in shards.items():
+        if not files:
+            raise DataError(f"{path} has llm.c shards but no {split} shard (*_{split}_*.bin)")
+    splits = {}
+    for split, files in shards.items():
+        splits[split] = TokenSplit([read_llmc_shard(f) for f in files], [str(f) for f in files])
+    return TokenDataset(name=path.name, format="llmc", vocab_size=GPT2_VOCAB_SIZE, splits=splits,
+                        vocab_source="llm.c GPT-2 shards")
+
+
+def _load_nanogpt(path: Path) -> TokenDataset:
+    splits = {}
+    for split in SPLITS:
+        f = path / f"{split}.bin"
+        if not f.is_file():
+            raise DataError(f"{path} has no {split}.bin (a nanoGPT dataset needs train.bin and val.bin)")
+        splits[split] = TokenSplit([read_nanogpt_bin(f)], [str(f)])
+    meta = path / "meta.pkl"
+    if meta.is_file():
+        vocab, source = _meta_vocab(meta), str(meta)
+    else:  # nanoGPT's BPE sets (shakespeare, openwebtext) have no meta.pkl: GPT-2 tokens
+        vocab, source = GPT2_VOCAB_SIZE, "no meta.pkl: GPT-2 BPE"
+    return TokenDataset(name=path.name, format="nanogpt", vocab_size=vocab, splits=splits, vocab_source=source)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads only plain containers (dict, list, str, int): a meta.pkl cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_meta(path: str | Path) -> dict:
+    """A nanoGPT meta.pkl ({'vocab_size', 'itos', 'stoi'}) through the restricted unpickler.
+    Raises DataError naming the file if it is unreadable, holds code, or is not such a dict."""
+    try:
+        data = _PlainUnpickler(io.BytesIO(Path(path).read_bytes())).load()
+    except Exception as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"cannot read vocab_size from {path}: it holds a {type(data).__name__}, not a dict")
+    return data
+
+
+def _meta_vocab(path: Path) -> int:
+    v = read_meta(path).get("vocab_size")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise DataError(f"cannot read vocab_size from {path}: {v!r} is not a positive integer")
+    return v
+
+
+def load_embedded() -> TokenDataset:
+    return TokenDataset(name=EMBEDDED, format="embedded", vocab_size=BYTE_VOCAB_SIZE,
+                        splits={s: TokenSplit([a], [f"trainer/embedded/{s}"]) for s, a in _embedded_arrays().items()},
+                        vocab_source="byte tokens")
+
+
+@lru_cache(maxsize=1)
+def _embedded_arrays() -> dict[str, np.ndarray]:
+    # Decompressed once per process (~1.6 MB); read-only so every dataset object can share them.
+    root = resources.files("trainer") / "embedded"
+    meta = json.loads((root / "meta.json").read_text())
+    arrays = {}
+    for split in SPLITS:
+        info = meta["splits"][split]
+        arr = np.frombuffer(gzip.decompress((root / info["file"]).read_bytes()), dtype=np.uint8)
+        if len(arr) != info["tokens"]:
+            raise DataError(f"embedded {split} data is damaged ({len(arr)} tokens, expected {info['tokens']}); "
+                            f"regenerate with scripts/make_embedded_data.py")
+        arrays[split] = arr
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+class BatchSampler:
+    """nanoGPT's get_batch, made reproducible and resumable.
+
+    The offsets of call k on a split come from np.random.default_rng([seed, split_id, k]), so the
+    sampler's whole state is one counter per split, and any batch can be drawn again by number.
+    """
+
+    def __init__(self, dataset: TokenDataset, block_size: int, seed: int):
+        if block_size < 1:
+            raise DataError(f"block_size must be at least 1, got {block_size}")
+        if seed < 0:
+            raise DataError(f"seed must be a non-negative integer, got {seed}")
+        self.dataset = dataset
+        self.block_size = block_size
+        self.seed = seed
+        self.counters = {s: 0 for s in dataset.splits}
+
+    def sample(self, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of split: x, y int64 (n, block_size), y = x shifted left by one token."""
+        x, y = self.batch_at(split, n, self.counters.get(split, 0))
+        self.counters[split] = self.counters.get(split, 0) + 1
+        return x, y
+
+    def batch_at(self, split: str, n: int, counter: int, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `counter` of split, without moving the sampler on. `rows`: only these
+        rows of the n drawn (one rank's share of a step's batch): the offsets of all n are drawn,
+        so every rank's rows are those a single process would have in that place, and only the
+        rank's own are read."""
+        tokens = self.dataset.split(split)
+        T = self.block_size
+        if len(tokens) < T + 1:
+            raise DataError(f"the {split} split of '{self.dataset.name}' has {len(tokens)} tokens, fewer than "
+                            f"block_size + 1 = {T + 1}")
+        if n < 1:
+            raise DataError(f"batch size must be at least 1, got {n}")
+        rng = np.random.default_rng([self.seed, SPLITS.index(split), counter])
+        offsets = rng.integers(0, len(tokens) - T, size=n)  # the last window ends at the last token
+        if rows is not None:
+            offsets = offsets[rows]
+        rows = np.stack([tokens.read(int(o), T + 1) for o in offsets])
+        import torch  # here, not at the top: reading configs and data folders needs no torch
+        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "block_size": self.block_size, "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Counters only mean the same batches under the same seed and block size.
+        for key in ("seed", "block_size"):
+            if state.get(key) != getattr(self, key):
+                raise DataError(f"sampler state was saved with {key} {state.get(key)}, this run has "
+                                f"{getattr(self, key)}; resume with the same {key}")
+        self.counters = {s: int(c) for s, c in state["counters"].items()}

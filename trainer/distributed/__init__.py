@@ -1,0 +1,3 @@
+"""Several ranks: the process group, Ranks and the Agreement round (ranks), DDP and FSDP2
+wrappers (sharding), and what the loop does differently with ranks (multirank). May import
+model/ and the bottom modules."""

@@ -1,0 +1,207 @@
+"""What the training loop does differently when torchrun starts several ranks, in one place so
+that trainer/loop.py keeps the shape of a one-GPU loop with a few calls into it.
+
+With one process every method here is a no-op (or the identity), so a one-GPU run is unchanged.
+With several: the process group is joined (and left at the end), the model is wrapped (DDP or
+FSDP2, trainer.distributed.sharding), every attempt at a step ends in an agreement among the ranks
+(trainer.distributed.ranks.Agreement), the logged losses and evaluation results are the mean over the
+ranks, and a checkpoint carries every rank's RNG state (and, under FSDP2, the whole model
+gathered to rank 0).
+"""
+from __future__ import annotations
+
+import torch
+
+from trainer.distributed import ranks as D
+from trainer.errors import TrainError
+from trainer.distributed.sharding import wrap
+
+
+def pick_device(config_device: str, ranks: D.Ranks | None = None) -> torch.device:
+    """The config's device ('auto', 'cpu', 'cuda', 'cuda:1'); with several ranks, a bare 'cuda' is
+    this rank's GPU (LOCAL_RANK). Raises TrainError for CUDA when torch sees no GPU."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config_device == "auto" else config_device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {config_device!r} asked for, but torch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is None and ranks is not None and ranks.several:
+        dev = torch.device("cuda", ranks.local_rank)
+    return dev
+
+
+class RankGroup:
+    """The ranks of one training run, as the loop sees them. `parallelism`: 'ddp' or 'fsdp2'
+    (used with several ranks only). Raises TrainError when the ranks cannot be joined, or the
+    effective batch does not divide among them."""
+
+    def __init__(self, ranks: D.Ranks, device: torch.device, effective_batch: int, parallelism: str = "ddp"):
+        self.ranks = ranks
+        self.device = device
+        # 'auto' without a plan is DDP (the probe decides when FSDP2 is worth it)
+        self.parallelism = ("ddp" if parallelism == "auto" else parallelism) if ranks.several else "single"
+        D.check_divisible(effective_batch, ranks.world_size)
+        self.owns_group = D.start(device.type, ranks)
+        self.agreement = D.Agreement(ranks) if ranks.several else None
+        self.parallel = None  # trainer.distributed.sharding's wrapper, once wrap_model has run
+
+    @property
+    def several(self) -> bool:
+        return self.ranks.several
+
+    def rows(self, step_batch: int) -> slice:
+        return self.ranks.rows(step_batch)
+
+    # ------------------------------------------------------------------ model and step
+    def wrap_model(self, model: torch.nn.Module, seed: int) -> None:
+        """Wraps the model (before the optimizer is made: FSDP2 shards the parameters). Every
+        rank built the same weights from the same seed; dropout then draws from seed + rank,
+        as nanoGPT seeds each rank."""
+        if not self.several:
+            return
+        self.parallel = wrap(self.parallelism, model, self.device, self.ranks, self.agreement)
+        torch.manual_seed(seed + self.ranks.rank)
+
+    def forward(self, forward: torch.nn.Module) -> torch.nn.Module:
+        """The module the step calls: the DDP wrapper, or `forward` itself."""
+        return forward if self.parallel is None or self.parallel.kind != "ddp" else self.parallel.module
+
+    @property
+    def sync(self):
+        return self.parallel
+
+    def watch(self, stop) -> None:
+        """A Ctrl-C / SIGTERM on any rank stops every rank after the same step."""
+        if self.agreement is not None:
+            self.agreement.stop_wanted = lambda: stop.signal is not None
+
+    def stop_now(self, stop) -> bool:
+        if self.agreement is None:
+            return stop.signal is not None
+        return self.agreement.agreed_stop
+
+    def after_oom(self, exc_info: dict) -> bool:
+        """After this rank's OOM in an attempt, once its memory is cleaned up: the ranks agree on
+        the attempt's outcome, unless the OOM came from that agreement already (exc_info:
+        {'injected': bool, 'agreed': bool}). Returns whether every OOM of the attempt was
+        injected. Raises RankFailed when another rank failed otherwise."""
+        if not self.several:
+            return exc_info["injected"]
+        if exc_info["agreed"]:
+            return exc_info["injected"]
+        seen = self.agreement.outcome("injected" if exc_info["injected"] else "oom")
+        if seen[D.ERROR]:
+            D.raise_for(seen, self.ranks)
+        return not seen[D.REAL_OOM]
+
+    def rewrap(self, forward: torch.nn.Module) -> None:
+        """A clean wrapper around `forward` after an OOM or a compile switch (every rank at once)."""
+        if self.parallel is not None:
+            self.parallel.rewrap(forward)
+
+    def failed(self, exc: BaseException) -> TrainError | None:
+        """Another error in this rank's attempt: the others are told (so none waits for this
+        rank), and a lost peer becomes one line. Returns the TrainError to raise instead of
+        `exc`, or None to raise `exc` itself."""
+        if not self.several:
+            return None
+        if D.is_peer_failure(exc):
+            return D.peer_lost(exc, self.ranks)
+        if not isinstance(exc, (D.RankFailed, TrainError)) and not getattr(exc, "agreed", False):
+            self.agreement.outcome("error")
+        return None
+
+    def eval_agree(self, oom: bool) -> bool:
+        """After one evaluation batch: whether any rank ran out of memory on it (then every rank
+        halves its eval micro-batch and redoes the batch). With several ranks this is an
+        Agreement outcome, which also answers FSDP2's per-block check-ins of a rank still inside
+        its forward; after an OOM, FSDP2's blocks go back to their shards. Raises RankFailed when
+        another rank failed otherwise."""
+        if not self.several:
+            return oom
+        seen = self.agreement.outcome("oom" if oom else None)
+        if seen[D.ERROR]:
+            D.raise_for(seen, self.ranks)
+        any_oom = bool(seen[D.REAL_OOM] or seen[D.INJECTED_OOM])
+        if any_oom and self.parallel is not None and self.parallel.kind == "fsdp2":
+            self.parallel.rewrap()
+        return any_oom
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (collective with several ranks)."""
+        return D.any_over_ranks(flag, self.ranks)
+
+    # ------------------------------------------------------------------ figures
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over the ranks of a device tensor (each rank's losses are its own rows')."""
+        return D.mean_over_ranks(t, self.ranks)
+
+    def mean_dict(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.several:
+            return values
+        keys = sorted(values)
+        means = self.mean(torch.tensor([values[k] for k in keys], dtype=torch.float64)).tolist()
+        return dict(zip(keys, means))
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_extra(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         micro_batches: list[int]) -> dict:
+        """What a checkpoint adds with several ranks: the world size and parallelism, every
+        rank's RNG state and micro-batches, and under FSDP2 the whole model and optimizer
+        gathered to rank 0. Collective: every rank calls it."""
+        if not self.several:
+            return {}
+        rng = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        states = D.all_gather_objects((rng, cuda, list(micro_batches)), self.ranks)
+        extra = {"world_size": self.ranks.world_size, "parallelism": self.parallelism,
+                 "rng_ranks": [s[0] for s in states], "rank_micro_batches": [s[2] for s in states],
+                 "rng_cuda_ranks": [s[1] for s in states] if cuda is not None else None}
+        if self.parallel.kind == "fsdp2":
+            full = self.parallel.full_state(optimizer)
+            extra.update(model=full["model"], optimizer=full["optimizer"], optimizer_keys="names")
+        return extra
+
+    def load(self, ck: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Model and optimizer state from a checkpoint (any world size, DDP or FSDP2 or one
+        GPU) into this run's model, whichever way it is wrapped."""
+        by_name = ck.get("optimizer_keys") == "names"
+        if self.parallel is not None and self.parallel.kind == "fsdp2":
+            from trainer.model.gpt import clean_state_dict
+            if not by_name:
+                raise TrainError("resuming an FSDP2 run from a checkpoint written without FSDP2 is not "
+                                 "supported; resume it with --set parallelism=ddp")
+            self.parallel.load_state(optimizer, clean_state_dict(ck["model"]), ck["optimizer"])
+            return
+        from trainer.model.gpt import clean_state_dict
+        model.load_state_dict(clean_state_dict(ck["model"]))
+        if by_name:  # an FSDP2 checkpoint, read without FSDP2
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, ck["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(ck["optimizer"])
+
+    def rng_state(self, ck: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's RNG state from a checkpoint: its own when the world size is unchanged,
+        else rank 0's reseeded by rank (dropout masks then differ from the first run's)."""
+        saved = ck.get("rng_ranks")
+        cuda = ck.get("rng_cuda_ranks")
+        if saved is not None and len(saved) == self.ranks.world_size:
+            return saved[self.ranks.rank], (cuda[self.ranks.rank] if cuda else None)
+        return ck["rng_cpu"], ck.get("rng_cuda")
+
+    def split_change(self, ck: dict, effective_batch: int, micro_batches: list[int]) -> dict | None:
+        """The fields of a 'world_size_changed' event when the checkpoint was written by another
+        number of ranks: the effective batch is kept, each rank's share changes."""
+        before = int(ck.get("world_size", 1))
+        if before == self.ranks.world_size:
+            return None
+        return {"old_world_size": before, "new_world_size": self.ranks.world_size,
+                "effective_batch": effective_batch, "old_rank_batch": effective_batch // before,
+                "new_rank_batch": effective_batch // self.ranks.world_size,
+                "old_micro_batches": list(ck.get("micro_batches", [])), "micro_batches": list(micro_batches)}
+
+    def close(self) -> None:
+        """Leaves the process group when this run joined it."""
+        if self.owns_group:
+            D.stop()
+            self.owns_group = False
