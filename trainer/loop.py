@@ -10,7 +10,8 @@ step ahead), trainer.schedule (the LR schedule).
 
 Host syncs: the step's loss, gradient norm and fp16 skip flag stay on the device; the loop reads
 them (one sync) only on the steps it logs and before a checkpoint, and stops with a TrainError
-naming the first step whose loss was not finite, before anything of it is saved.
+naming the first step whose loss was not finite, before anything of it is saved. A step's time is
+the device's (trainer.clock: CUDA events around the step), read on those same logged steps.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 
 from trainer.data.batches import StepBatches
 from trainer.checkpoint.ckpt import atomic_torch_save, read_checkpoint, restore, training_state
+from trainer.clock import step_clock
 from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model, uncompile
 from trainer.config.train_config import TrainConfig
 from trainer.data.datasets import BatchSampler, load_dataset
@@ -57,6 +59,7 @@ class Trainer:
         except ValueError as e:
             raise TrainError(str(e)) from None
         self.meter = opts.meter or default_meter(self.device)
+        self.clock = opts.clock or step_clock(self.device)  # device time, read on logged steps only
         self.out_dir = Path(cfg.out_dir)
         self.metrics = MetricsLog(self.out_dir, self.master)
         self._open_data()
@@ -98,7 +101,7 @@ class Trainer:
                                    agree=self.group.eval_agree)
         self._unread: list[tuple[int, StepResult]] = []  # steps whose loss is still on the device
         self.losses: list[float] = []
-        self._eager_step_s: list[float] = []  # the last eager step times, for the compile time
+        self._eager_laps: list = []  # the last eager steps' laps (self.clock), for the compile time
         self._compile_timed = False
         self._skips = 0  # fp16 steps skipped in a row
         if opts.resume:
@@ -173,13 +176,13 @@ class Trainer:
                         break
                     if self._compile_due(it):
                         self._compile_on(it)
-                    res, dt = self.train_one_step(it)
+                    res, lap = self.train_one_step(it)
                     self.iter_num = it + 1
                     tokens += res.tokens * self.world_size
                     self._unread.append((it, res))
                     self._check_thrash()
                     if it % cfg.log_interval == 0 or self.iter_num == stop_at:
-                        self._log_step(it, res, dt)
+                        self._log_step(it, res, self.clock.seconds(lap))  # waits for the device
                     del res  # its device tensors must not outlive the step (a budget counts them)
                     progress.advance()
             ckpt = self.save_checkpoint() if not cfg.eval_only else None
@@ -217,14 +220,15 @@ class Trainer:
     def train_one_step(self, it: int) -> tuple[StepResult, float]:
         """Optimizer step `it`, redone on the same data with the same RNG after each OOM until it
         completes or the recovery policy runs out of smaller micro-batches. Returns the step's
-        result and its wall time in seconds (the successful attempt only)."""
+        result and its lap on self.clock (the successful attempt only; read it with
+        self.clock.seconds, which waits for the device to finish the step)."""
         lr = lr_at(it, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         x, y = self.batches.take(self.cfg.effective_batch)  # the step's batch (this rank's rows), once
         rng = self._rng_state()  # a redone step draws the same dropout masks
         while True:
-            t0 = time.perf_counter()
+            lap = self.clock.start()
             self.meter.reset_peak()
             failure, injected = None, False
             try:
@@ -242,7 +246,7 @@ class Trainer:
                 attempt = {"injected": isinstance(e, InjectedOOM) or getattr(e, "injected", False),
                            "agreed": getattr(e, "agreed", False)}
             if failure is None:
-                return res, self._step_seconds(t0)
+                return res, self._timed(self.clock.stop(lap))
             # outside the except block: its traceback no longer pins the failed step's tensors
             self._cleanup_after_oom()
             injected = self.group.after_oom(attempt)  # every rank knows before any moves on
@@ -255,17 +259,17 @@ class Trainer:
             self._set_rng_state(rng)
 
     # ----------------------------------------------------------------- step helpers
-    def _step_seconds(self, t0: float) -> float:
-        """Wall time of the step; the first compiled step's excess over the eager median is the
-        compile time, reported apart (a 'compile_time' event)."""
-        dt = time.perf_counter() - t0
+    def _timed(self, lap):
+        """Keeps the last eager laps; at the first compiled step, its excess over the eager median
+        is the compile time, reported apart (a 'compile_time' event; read then, one sync)."""
         if not self.compiled:
-            self._eager_step_s = (self._eager_step_s + [dt])[-5:]
-        elif self._eager_step_s and not self._compile_timed:
-            eager = statistics.median(self._eager_step_s)
+            self._eager_laps = (self._eager_laps + [lap])[-5:]
+        elif self._eager_laps and not self._compile_timed:
+            eager = statistics.median(self.clock.seconds(e) for e in self._eager_laps)
+            dt = self.clock.seconds(lap)
             self._event("compile_time", seconds=round(max(0.0, dt - eager), 3), eager_step_s=round(eager, 4))
-            self._compile_timed = True
-        return dt
+            self._compile_timed, self._eager_laps = True, []
+        return lap
 
     def _compile_due(self, it: int) -> bool:
         return (self.cfg.compile and not self.compiled and not self.compile_failed and it >= self.compile_after

@@ -16,7 +16,7 @@ from trainer.step import FaultInjector
 class RunOptions:
     """How trainer.loop.Trainer runs a config: the plan's micro-batch (sequences per forward pass)
     and compile step, the OOM shrink policy, the step to stop after, resume, and test hooks
-    (meter, device, fault injector)."""
+    (meter, device, fault injector, step clock)."""
     micro_batch: int | None = None  # None: the config's batch_size, as nanoGPT
     compile_after: int | None = None
     compile_backend: Any = "inductor"  # a torch.compile backend name (or callable)
@@ -32,6 +32,8 @@ class RunOptions:
     device: torch.device | None = None
     progress: bool = True
     fault: FaultInjector | None = None  # default: from AUTOFIT_FAULT_OOM_AT_STEP
+    # times each step on the device (trainer.clock); default: CUDA events on a GPU, the host clock elsewhere
+    clock: Any = None
 
 
 @dataclass
