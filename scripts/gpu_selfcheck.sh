@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # GPU self-check in stages, each under its own time limit, each writing its JSON into OUT as it
-# goes (so a time-out still leaves what was measured); about 6 minutes on an H100/H200.
+# goes (so a time-out still leaves what was measured, the run's raw records included); at most
+# 383 s, about 4 minutes on an H100/H200. The report is rewritten after every stage, so even a
+# call killed from outside leaves one; no process of a stage outlives it (its process group is
+# killed when it returns).
 #
 #   bash scripts/gpu_selfcheck.sh OUT             on a machine with an NVIDIA GPU
 #   bash scripts/gpu_selfcheck.sh --dry-run OUT   anywhere: CUDA stages skipped with a reason,
 #                                                 the rest run for real on the CPU; exits 0
 #
 #   stage 0  environment: every dependency importable at a version pyproject accepts
-#   stage 1  (<= 2 min) card identity, NVML vs torch; context + cuBLAS/SDPA workspace bytes;
-#            pytest -m cuda
-#   stage 2  (<= 4 min) probe of GPT-2 124M at the seed config's batch shape, emulating an
-#            rtx4070-12gb: each trial's estimated vs measured peak and return to baseline
-#   stage 3  training with compile switched on after 3 eager steps, an injected OOM recovered,
-#            tokens/s and MFU against this card's own peak
-#   stage 4  (<= 150 s) 2 ranks (torchrun, NCCL) where there are several GPUs, skipped with the
-#            reason on one: one agreed plan, an OOM on rank 1 only recovered by both
+#   stage 1  (<= 55 s) card identity, NVML vs torch vs libcuda; context + cuBLAS/SDPA workspace
+#            bytes; the SDPA backend torch picks (a fallback for stages 2-3 if it fails) and the
+#            allocator's real settings; pytest -m cuda
+#   stage 2  (<= 100 s) probe of GPT-2 124M (vocab 50304) at the seed config's batch shape,
+#            emulating an rtx4070-12gb: each trial's estimated vs measured peak and return to baseline
+#   stage 3  (<= 120 s) GPT-2 124M (vocab 50304) training: an injected OOM recovered while eager,
+#            compile switched on after 4 steps (one cold compile), tokens/s and MFU against this
+#            card's own peak
+#   stage 4  (<= 20 s) 2 ranks (torchrun, NCCL) where there are several GPUs (give it
+#            SELFCHECK_LIMIT_4=150 there), skipped with the reason on one
 #   then     scripts/selfcheck_report.py: OUT/report.md, the rows for docs/gpu-selfcheck.md
 #
 # Offline machines (the device tool's): wheels for what the machine lacks are prepared here by
@@ -40,10 +45,16 @@ OUT=$(cd "$1" && pwd)
 rm -f "$OUT"/stage[0-9]_*.json "$OUT/report.md" "$OUT/selfcheck.log"  # a rerun starts clean
 PY=${SELFCHECK_PYTHON:-python3}
 STAGES=${SELFCHECK_STAGES:-0 1 2 3 4}
-# worst case 30 + 110 + 180 + 240 = 560 s, inside the device tool's 600 s a command; stage 4 takes
-# seconds on one GPU (a skip) and up to 150 s more where there are several
-LIMITS=("${SELFCHECK_LIMIT_0:-30}" "${SELFCHECK_LIMIT_1:-110}" "${SELFCHECK_LIMIT_2:-180}" "${SELFCHECK_LIMIT_3:-240}"
-        "${SELFCHECK_LIMIT_4:-150}")
+# The limits and their worst case against the device tool's 600 s call and 15-minute lease:
+# scripts/selfcheck/common.py timing_plan (printed below; a run whose limits break it stops).
+LIMITS=("${SELFCHECK_LIMIT_0:-15}" "${SELFCHECK_LIMIT_1:-55}" "${SELFCHECK_LIMIT_2:-100}" "${SELFCHECK_LIMIT_3:-120}"
+        "${SELFCHECK_LIMIT_4:-20}")
+SETUP_LIMIT=20  # each of the two setup commands; common.SETUP_S counts both
+KILL_GRACE=3  # common.KILL_GRACE_S
+REPORT_LIMIT=3  # common.REPORT_S
+GPU_LIMITS=("${LIMITS[@]}")  # what the timing plan is checked on
+# The dry run's stage 4 runs 2 gloo ranks on the CPU (a skip on one GPU takes seconds): more time
+[ $DRY = 1 ] && LIMITS[4]=${SELFCHECK_LIMIT_4:-120}
 KEEP_WORK=${SELFCHECK_WORK:+1}
 WORK=${SELFCHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/selfcheck.XXXXXX")}
 mkdir -p "$WORK"
@@ -59,33 +70,47 @@ setup() {
   elif [ -e "${wheels[0]}" ]; then
     export SELFCHECK_SITE=${SELFCHECK_SITE:-/tmp/autofit-site}
     echo "installing ${#wheels[@]} wheels from .whl/ into $SELFCHECK_SITE (offline: --no-index --no-deps)"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    timeout "$SETUP_LIMIT" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SELFCHECK_SITE" "${wheels[@]}" \
       || { echo "gpu_selfcheck: installing the wheels in .whl/ failed" >&2; return 1; }
     export PYTHONPATH="$SELFCHECK_SITE:$PYTHONPATH"
   fi
-  if [ $DRY = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"; then
+  if [ $DRY = 0 ] && ! timeout "$SETUP_LIMIT" "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"; then
     echo "gpu_selfcheck: $PY's torch sees no CUDA GPU; on a machine without one run: bash scripts/gpu_selfcheck.sh --dry-run OUT" >&2
     return 1
   fi
 }
 
-# run_stage N NAME SCRIPT ARGS...: the stage under `timeout` (which stops its whole process group,
-# autofit's own processes included); a stage cut short is marked timed_out in its JSON.
+# run_stage N NAME SCRIPT ARGS...: the stage under `timeout`, which puts it in a process group of
+# its own and signals the whole group at the limit (SIGTERM, SIGKILL KILL_GRACE s later); once it
+# returns, whatever is left of that group (an autofit run finishing its checkpoint) is killed, so
+# nothing of a stage runs on into the next. A stage cut short is marked timed_out in its JSON; the
+# report is written again after every stage.
 run_stage() {
   local n=$1 name=$2 script=$3; shift 3
   local limit=${LIMITS[$n]}
   echo "== stage $n: $name (limit ${limit} s)"
-  timeout --kill-after=10 "$limit" "$PY" "scripts/selfcheck/$script" "$OUT" "$@" --limit "$limit" "${DRYFLAG[@]}"
+  timeout --kill-after="$KILL_GRACE" "$limit" "$PY" "scripts/selfcheck/$script" "$OUT" "$@" --limit "$limit" \
+    "${DRYFLAG[@]}" &
+  local pid=$!
+  wait "$pid"
   local rc=$?
+  kill -KILL -- "-$pid" 2>/dev/null  # timeout's process group (its pid): the stage's leftovers
   if [ $rc = 124 ] || [ $rc = 137 ]; then
     echo "stage $n: stopped after its ${limit} s limit"
     "$PY" scripts/selfcheck/common.py timed-out "$OUT/stage${n}_${name}.json" "$limit"
   fi
+  if [ "$n" = 1 ]; then  # the SDPA fallback stage 1 found necessary, for stages 2-3
+    local env_lines; env_lines=$("$PY" scripts/selfcheck/common.py stage-env "$OUT/stage1_device.json")
+    [ -n "$env_lines" ] && { echo "from stage 1: $env_lines"; eval "$env_lines"; }
+  fi
+  timeout "$REPORT_LIMIT" "$PY" scripts/selfcheck_report.py "$OUT" --stages "$STAGES" --quiet
 }
 
 main() {
   echo "gpu_selfcheck $([ $DRY = 1 ] && echo '(dry run) ')on ${HOSTNAME:-?}, $(date -u +%Y-%m-%dT%H:%M:%SZ); stages: $STAGES"
+  "$PY" scripts/selfcheck/common.py timing-plan "${GPU_LIMITS[@]}" \
+    || { echo "gpu_selfcheck: these stage limits do not fit the device call and lease (above)" >&2; return 2; }
   setup || return 1
   for n in $STAGES; do
     case $n in
@@ -98,7 +123,7 @@ main() {
     esac
   done
   echo "== report"
-  "$PY" scripts/selfcheck_report.py "$OUT" --stages "$STAGES"
+  timeout "$REPORT_LIMIT" "$PY" scripts/selfcheck_report.py "$OUT" --stages "$STAGES"
 }
 
 main 2>&1 | tee -a "$OUT/selfcheck.log"

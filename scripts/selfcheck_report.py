@@ -58,8 +58,10 @@ def heading(recs: dict) -> list[str]:
         what = (f"{card['name']} ({gib(card['total_bytes'])}, cc {'.'.join(map(str, card['compute_capability']))}), "
                 f"driver {card['driver']} (CUDA {card['cuda_driver_api']}), torch {card['torch']} "
                 f"(CUDA {card['cuda_build']}, cuDNN {card['cudnn']})")
-    else:
+    elif dry:
         what = f"no GPU (dry run), torch {env.get('torch', '?')}, CUDA build {env.get('cuda_build')}"
+    else:
+        what = f"card not identified (stage 1 has no card record), torch {env.get('torch', '?')}"
     lines = [f"### {started[:10]}: {what}", "",
              f"Python {env.get('python', '?')}, commit {env.get('commit', '?')}, started {started}"
              + ("; **dry run**: CUDA stages skipped" if dry else ""), ""]
@@ -93,6 +95,14 @@ def device_figures(rec: dict | None) -> list[str]:
     if backends:
         lines += ["", "SDPA backends, causal bf16 fwd+bwd, 4 x 12 heads x 1024 x 64: "
                   + "; ".join(f"{k}: {cell(v)}" for k, v in backends.items())]
+    if rec.get("sdpa_default"):
+        lines += ["", f"SDPA backend torch picks by default (torch._fused_sdp_choice): {rec['sdpa_default']}; cuDNN "
+                      f"{rec.get('cudnn_version')}" + (f"; stages 2-3 ran with {rec['env_for_later_stages']}"
+                                                       if rec.get("env_for_later_stages") else "")]
+    if rec.get("allocator"):
+        a = rec["allocator"]
+        lines += ["", f"Allocator (measured after its first allocation): setting {a.get('env')!r}, "
+                      f"expandable segments {a.get('expandable')}, settings {cell(a.get('settings'))}"]
     return lines + [""]
 
 
@@ -101,12 +111,16 @@ def probe_figures(rec: dict | None) -> list[str]:
     if not trials:
         return []
     lines = ["Trials (peaks measured on this device; estimates from autofit's closed form):", "",
-             "| micro | dtype | loss | ckpt | status | estimated | measured | error | reserved | tokens/s | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| micro | dtype | loss | ckpt | status | estimated (allocated) | measured | error | estimated "
+             "(reserved) | reserved | error | tokens/s | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for t in trials:
         lines.append(f"| {t['micro_batch']} | {t['dtype']} | {t['loss_impl']} | {t['checkpointing']} | {t['status']} "
-                     f"| {gib(t['estimated_peak_bytes'])} | {gib(t['measured_peak_bytes'])} | {pct(t['estimate_error'])} "
-                     f"| {gib(t.get('measured_reserved_bytes'))} | {num(t.get('tokens_per_s'))} | {cell(t.get('note') or '')} |")
+                     f"| {gib(t.get('estimated_allocated_bytes', t['estimated_peak_bytes']))} "
+                     f"| {gib(t['measured_peak_bytes'])} | {pct(t['estimate_error'])} "
+                     f"| {gib(t['estimated_peak_bytes'])} | {gib(t.get('measured_reserved_bytes'))} "
+                     f"| {pct(t.get('reserved_estimate_error'))} "
+                     f"| {num(t.get('tokens_per_s'))} | {cell(t.get('note') or '')} |")
     p = rec.get("plan") or {}
     if p:
         lines += ["", f"Plan: {p.get('split')}, {p.get('dtype')}, loss {p.get('loss_impl')}, "
@@ -114,7 +128,7 @@ def probe_figures(rec: dict | None) -> list[str]:
                       f"{gib(p.get('measured_peak_bytes') or p.get('estimated_peak_bytes'))} of a "
                       f"{gib(p.get('budget_bytes'))} budget; {cell(p.get('reason', ''))}"]
     if rec.get("estimate_error_max") is not None:
-        lines.append(f"Estimate vs measured peak over {rec['estimate_error_n']} fitting trials: "
+        lines.append(f"Allocated estimate vs allocated peak over {rec['estimate_error_n']} fitting trials: "
                      f"max |error| {rec['estimate_error_max']:.1%}, median {rec['estimate_error_median']:.1%}.")
     return lines + [""]
 
@@ -159,6 +173,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--stages", default="0 1 2 3 4")
+    ap.add_argument("--quiet", action="store_true", help="write report.md only (the script's per-stage reports)")
     a = ap.parse_args()
     try:
         stages = [int(s) for s in a.stages.split()]
@@ -171,7 +186,8 @@ def main() -> int:
     tmp = a.out / "report.md.tmp"
     tmp.write_text(text)
     tmp.replace(a.out / "report.md")
-    print(text)
+    if not a.quiet:
+        print(text)
     return rc
 
 

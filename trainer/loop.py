@@ -134,11 +134,11 @@ class Trainer:
             self._pretrained_notes = [f"weights of {cfg.init_from} from {pre.source}"] + pre.notes
             return pre.model.to(self.device).train()
         self._pretrained_notes = []
-        return GPT(GPTConfig.from_train_config(cfg)).to(self.device)
+        with torch.device(self.device):  # initialised on the device, not on the host and copied
+            model = GPT(GPTConfig.from_train_config(cfg))
+        return model
 
-    @property
-    def micro_batches(self) -> list[int]:
-        return self.recovery.micro_batches
+    micro_batches = property(lambda self: self.recovery.micro_batches)
 
     @property
     def ckpt_path(self) -> Path:

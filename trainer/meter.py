@@ -164,7 +164,13 @@ class CudaMeter:
         return int(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0))
 
     def cleanup(self) -> None:
+        """After an OOM or a trial: the tensors go, and so do cuBLAS's workspaces (one per handle
+        and stream, 32 MiB each on Hopper, held in the caching allocator until cleared: torch's
+        CublasHandlePool.cpp); the next matmul makes them again, inside the step's measured peak."""
         gc.collect()
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # torch >= 2.0
+        if clear is not None:
+            clear()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
 

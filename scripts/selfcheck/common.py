@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # The dry run's model: the tiny preset made smaller still (2 layers, 64 wide, 64 tokens, 32
 # sequences a step), so the whole dry run stays near a minute on a busy 2-core machine.
@@ -114,12 +114,14 @@ def _pump(stream, sink, keep: list[str]) -> None:
 
 
 def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: bool = True,
-            timeout: float | None = None) -> dict:
+            timeout: float | None = None, follow: Callable[[], None] | None = None) -> dict:
     """Runs `python -m autofit.cli.app ARGS` with this interpreter. Its stderr (and its stdout, unless
     `echo_stdout` is False, as for --json) is copied to ours as it comes, so the self-check log
     holds what a run printed before a time-out. Past `timeout` seconds the command gets SIGTERM
     (autofit then finishes its step and saves a checkpoint), SIGKILL 20 s later; the caller
-    still reads whatever it wrote. Returns {cmd, rc, stdout, stderr_tail, seconds, timed_out}."""
+    still reads whatever it wrote. `follow` is called every FOLLOW_S seconds while it runs and
+    once after (the stages copy the run's raw records into their JSON with it, so a stage cut
+    by its limit keeps them). Returns {cmd, rc, stdout, stderr_tail, seconds, timed_out}."""
     cmd = [sys.executable, "-m", "autofit.cli.app", *args]
     log("$ autofit " + " ".join(args))
     t0 = time.monotonic()
@@ -133,7 +135,7 @@ def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: 
         t.start()
     timed_out = False
     try:
-        rc = proc.wait(timeout=timeout)
+        rc = _wait(proc, t0, timeout, follow)
     except subprocess.TimeoutExpired:
         timed_out = True
         log(f"(stopping it: past its {timeout:.0f} s share of the stage's time)")
@@ -145,8 +147,40 @@ def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: 
             rc = proc.wait()
     for t in pumps:
         t.join()
+    if follow is not None:
+        follow()
     return {"cmd": "autofit " + " ".join(args), "rc": rc, "stdout": "".join(out_lines), "timed_out": timed_out,
             "stderr_tail": tail("".join(err_lines)), "seconds": round(time.monotonic() - t0, 1)}
+
+
+FOLLOW_S = 2.0
+
+
+def _wait(proc: subprocess.Popen, t0: float, timeout: float | None, follow: Callable[[], None] | None) -> int:
+    """proc.wait(timeout) measured from t0, calling `follow` every FOLLOW_S seconds meanwhile."""
+    while True:
+        left = None if timeout is None else timeout - (time.monotonic() - t0)
+        if left is not None and left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        step = FOLLOW_S if follow is not None else left
+        try:
+            return proc.wait(timeout=step if left is None or step is None else min(step, left))
+        except subprocess.TimeoutExpired:
+            if follow is not None:
+                follow()
+
+
+def follow_jsonl(st: "Stage", path: Path, key: str, types: tuple[str, ...] = ("run", "train", "event")):
+    """A `follow` for run_cli: copies the records of `types` from the jsonl file at `path` into
+    the stage's JSON under `key` (only when there are new ones)."""
+    seen = [0]
+
+    def copy() -> None:
+        recs = [r for r in read_jsonl(path) if r.get("type") in types]
+        if len(recs) != seen[0]:
+            seen[0] = len(recs)
+            st.set(**{key: recs})
+    return copy
 
 
 def share_of(limit_s: float | None, keep_s: float = 25.0) -> float | None:
@@ -181,7 +215,10 @@ def requirements(pyproject: Path, extras: tuple[str, ...] = ("dev",)) -> list[st
 
 
 def git_commit(repo: Path) -> str:
-    """The checkout's commit, or where it came from when there is no .git (the device's copy)."""
+    """The checkout's commit, or where it came from when there is no .git (the device's copy):
+    SELFCHECK_COMMIT when the command names it, else .whl/MANIFEST.txt's."""
+    if os.environ.get("SELFCHECK_COMMIT"):
+        return os.environ["SELFCHECK_COMMIT"] + " (SELFCHECK_COMMIT)"
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)
@@ -214,11 +251,57 @@ def mark_timed_out(path: Path, limit_s: float) -> None:
     write_json(path, rec)
 
 
-if __name__ == "__main__":  # python common.py timed-out FILE LIMIT (used by gpu_selfcheck.sh)
+# The device tool's terms (/work/.library/device/README.md): one command may run 600 s, of which the
+# self-check leaves 90 s unused; a task's lease is 900 s of device time, the machine's start (a
+# minute or more; 120 s assumed) included, and it must hold the run twice (one rerun on the warm
+# machine). Setup (the wheel install and the first `import torch`, 20 s each at most), the grace
+# before a stage's SIGKILL and the report written after each stage are bounded too.
+CALL_S, KEEP_S, LEASE_S, START_S = 600, 90, 900, 120
+SETUP_S, KILL_GRACE_S, REPORT_S = 40, 3, 3
+
+
+def timing_plan(limits: list[float]) -> dict:
+    """The worst case of one self-check run with these stage limits (seconds): setup, each stage's
+    limit plus the grace before SIGKILL and its report, and the final report, against the call
+    (CALL_S less KEEP_S) and the lease (START_S plus two runs).
+    Returns {'worst_s', 'call_ok', 'lease_s', 'lease_ok', 'text'}."""
+    worst = SETUP_S + sum(lim + KILL_GRACE_S + REPORT_S for lim in limits) + REPORT_S
+    lease = START_S + 2 * worst
+    text = (f"timing plan of the GPU run: setup {SETUP_S} + stages {' + '.join(f'{lim:g}' for lim in limits)} (+{KILL_GRACE_S} s "
+            f"grace and a {REPORT_S} s report each) + report {REPORT_S} = worst {worst:g} s of a {CALL_S} s call "
+            f"(leaves {CALL_S - worst:g} s, needs >= {KEEP_S}); lease: start {START_S} + 2 runs = {lease:g} of "
+            f"{LEASE_S} s")
+    return {"worst_s": worst, "call_ok": CALL_S - worst >= KEEP_S, "lease_s": lease, "lease_ok": lease <= LEASE_S,
+            "text": text}
+
+
+# The only variables a stage may hand to the later ones (stage 1's SDPA fallback).
+STAGE_ENV_NAMES = ("TORCH_CUDNN_SDPA_DEPRIORITIZED",)
+
+
+def stage_env(path: Path) -> str:
+    """`export NAME=VALUE` lines for the shell, from a stage record's env_for_later_stages (names
+    in STAGE_ENV_NAMES only, values quoted); '' when there is none or no record."""
+    import shlex
+    try:
+        env = read_json(path).get("env_for_later_stages") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in env.items() if k in STAGE_ENV_NAMES)
+
+
+if __name__ == "__main__":  # python common.py timed-out FILE LIMIT | stage-env FILE (used by gpu_selfcheck.sh)
     if len(sys.argv) == 4 and sys.argv[1] == "timed-out":
         mark_timed_out(Path(sys.argv[2]), float(sys.argv[3]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "stage-env":
+        print(stage_env(Path(sys.argv[2])), end="")
+    elif len(sys.argv) >= 3 and sys.argv[1] == "timing-plan":  # exits 1 when the limits break the plan
+        plan = timing_plan([float(x) for x in sys.argv[2:]])
+        print(plan["text"] + ("" if plan["call_ok"] and plan["lease_ok"] else "  <- OVER"))
+        sys.exit(0 if plan["call_ok"] and plan["lease_ok"] else 1)
     else:
-        sys.exit("usage: python scripts/selfcheck/common.py timed-out STAGE_JSON LIMIT_S")
+        sys.exit("usage: python scripts/selfcheck/common.py timed-out STAGE_JSON LIMIT_S | stage-env STAGE_JSON | "
+                 "timing-plan LIMIT...")
 
 
 def stage_args(work: bool = True) -> argparse.Namespace:

@@ -11,16 +11,23 @@ from common import cli_json
 BASELINE_KEYS = ("baseline", "leak", "before", "after")
 
 
-def trial_rows(trials: list[dict]) -> list[dict]:
-    """One row per trial: the candidate, its status, estimated and measured peak (bytes), the
-    estimate's error relative to the measurement, and any baseline/leak fields the trial carries."""
+def trial_rows(trials: list[dict], slack: float = 0.0) -> list[dict]:
+    """One row per trial: the candidate, its status, estimated and measured peaks (bytes), the
+    estimate's errors compared like with like, and any baseline/leak fields the trial carries.
+
+    autofit's CUDA estimate is a reserved-style figure: the allocated estimate plus `slack` (the
+    estimator's allocator slack, a fraction of the rest; 0 on the CPU). So the allocated estimate
+    (estimate / (1 + slack)) is compared with the allocated peak (`estimate_error`), and the full
+    estimate with the reserved peak (`reserved_estimate_error`, None where nothing reserves)."""
     rows = []
     for t in trials:
-        est, meas = t.get("estimated_peak_bytes"), t.get("measured_peak_bytes")
+        est, meas, res = t.get("estimated_peak_bytes"), t.get("measured_peak_bytes"), t.get("measured_reserved_bytes")
+        alloc = round(est / (1.0 + slack)) if est else None
         row = {k: t.get(k) for k in ("micro_batch", "dtype", "compile", "checkpointing", "loss_impl", "status",
                                      "measured_reserved_bytes", "tokens_per_s", "steps_run", "seconds", "note")}
-        row.update(estimated_peak_bytes=est, measured_peak_bytes=meas,
-                   estimate_error=(est - meas) / meas if est and meas else None)
+        row.update(estimated_peak_bytes=est, estimated_allocated_bytes=alloc, measured_peak_bytes=meas,
+                   estimate_error=(alloc - meas) / meas if alloc and meas else None,
+                   reserved_estimate_error=(est - res) / res if est and res else None)
         row.update({k: v for k, v in t.items() if any(b in k for b in BASELINE_KEYS)})
         rows.append(row)
     return rows
@@ -40,17 +47,26 @@ def leaked_bytes(row: dict) -> int | None:
     return None
 
 
-def baseline_summary(rows: list[dict], tolerance_bytes: int = 2 * 2**20) -> tuple[bool | None, str]:
-    """Did every trial give its memory back (within `tolerance_bytes`, and no note of a leak)?
-    None when the trial records carry no such figure."""
+def leak_tolerance(device: str) -> int:
+    """The bytes a trial may leave allocated: autofit's own (autofit.planning.trials
+    LEAK_TOLERANCE_BYTES, the figure run_trial judges by), so the self-check and the trials agree.
+    On CUDA the cuBLAS workspaces are freed by the device's cleanup, so they are not in it."""
+    from autofit.planning.trials import LEAK_TOLERANCE_BYTES
+    return LEAK_TOLERANCE_BYTES["cuda" if device == "cuda" else "cpu"]
+
+
+def baseline_summary(rows: list[dict], tolerance_bytes: int) -> tuple[bool | None, str]:
+    """Did every trial give its memory back (within `tolerance_bytes`, run_trial's tolerance:
+    see leak_tolerance; and no note of a leak)? None when the trial records carry no such figure."""
     figures = [(r, leaked_bytes(r)) for r in rows]
     keyed = [(r, b) for r, b in figures if b is not None]
     if not keyed:
         return None, "the trial records carry no baseline/leak figure (this autofit does not record it)"
     bad = [r for r, b in keyed if b > tolerance_bytes or "leak" in (r.get("note") or "").lower()]
     worst = max(b for _, b in keyed)
-    return not bad, (f"{len(keyed)} trials carry baseline figures; {len(bad)} kept more than "
-                     f"{tolerance_bytes / 2**20:.0f} MiB or noted a leak; most left allocated {worst / 2**20:.1f} MiB")
+    tol = f"{tolerance_bytes / 2**20:g} MiB" if tolerance_bytes >= 2**20 else f"{tolerance_bytes / 2**10:g} KiB"
+    return not bad, (f"{len(keyed)} trials carry baseline figures; {len(bad)} kept more than {tol} (run_trial's "
+                     f"tolerance) or noted a leak; most left allocated {worst / 2**20:.1f} MiB")
 
 
 def flops_per_token(cfg: dict) -> tuple[float, int, str]:
@@ -99,3 +115,39 @@ def peak_for(hw: dict | None, dtype: str) -> float | None:
     if not hw:
         return None
     return {"bfloat16": hw.get("peak_bf16_tflops"), "float16": hw.get("peak_fp16_tflops")}.get(dtype)
+
+
+GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64, as nanoGPT trains it
+GPT2_124M = (120e6, 130e6)  # parameters of GPT-2 "124M" at that vocab (tied head counted once)
+
+
+def param_count(cfg: dict) -> int:
+    """Parameters of the nanoGPT GPT a config describes (tied token embedding / LM head once):
+    V·C + T·C + L·(12·C² + 2 LayerNorms) + ln_f, with biases (9·C + 2·C per block, C for ln_f)
+    when `bias`. GPT-2 124M at V 50304: 124,373,760."""
+    L, C, T, V = (int(cfg[k]) for k in ("n_layer", "n_embd", "block_size", "vocab_size"))
+    b = bool(cfg.get("bias"))
+    ln = 2 * C if b else C
+    block = 12 * C * C + 2 * ln + (9 * C if b else 0)
+    return V * C + T * C + L * block + ln
+
+
+def model_plan(st, config_args: list[str]) -> dict | None:
+    """What a GPU stage would train, read with `autofit config ... --json` from its own arguments
+    (no GPU needed): vocab, shape and parameter count, checked to be GPT-2 124M at vocab 50304
+    (the seed case's logits head is the term that runs out of memory; a dataset's byte vocabulary
+    would hide it)."""
+    args = [a for a in config_args if a not in ("--device", "cuda")]
+    cfg, res = cli_json(["config", *args, "--json"])
+    if cfg is None:
+        st.check("the GPU run's model read with autofit config", False, f"rc {res['rc']}: {res['stderr_tail'][-300:]}")
+        return None
+    plan = {k: cfg.get(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "batch_size",
+                                    "gradient_accumulation_steps", "dtype", "dataset")}
+    plan["parameters"] = n = param_count(cfg)
+    st.set(gpu_model=plan)
+    st.check(f"the GPU run trains GPT-2 124M at vocab {GPT2_VOCAB}",
+             cfg.get("vocab_size") == GPT2_VOCAB and GPT2_124M[0] <= n <= GPT2_124M[1],
+             f"{n / 1e6:.1f}M parameters, vocab {cfg.get('vocab_size')}, {cfg.get('n_layer')} layers x "
+             f"{cfg.get('n_embd')}, block {cfg.get('block_size')}")
+    return plan

@@ -58,13 +58,31 @@ def nvml_system(pynvml) -> dict:
             "cuda_driver_api_text": f"{v // 1000}.{(v % 1000) // 10}"}
 
 
-def torch_device(torch, index: int = 0) -> dict:
-    """torch's view of CUDA device `index`; get_device_properties creates no context."""
+def driver_api_version(cdll=None) -> tuple[int | None, str]:
+    """The CUDA driver API version the loaded driver reports (cuDriverGetVersion from libcuda, as
+    nvidia-smi's 'CUDA Version'), and how it was read. torch does not expose it (torch._C has no
+    _cuda_getDriverVersion on recent builds), so it is asked of libcuda.so.1 through ctypes; no
+    CUDA context is made. (None, why) where libcuda cannot be loaded or answers an error."""
+    import ctypes
+    try:
+        lib = (cdll or ctypes.CDLL)("libcuda.so.1")
+        v = ctypes.c_int(0)
+        rc = lib.cuDriverGetVersion(ctypes.byref(v))
+    except (OSError, AttributeError) as e:
+        return None, f"libcuda.so.1 not loadable: {e}"
+    if rc != 0:
+        return None, f"cuDriverGetVersion returned CUresult {rc}"
+    return int(v.value), "libcuda.so.1 cuDriverGetVersion (ctypes)"
+
+
+def torch_device(torch, index: int = 0, cdll=None) -> dict:
+    """torch's view of CUDA device `index`; get_device_properties creates no context. The driver
+    API version is libcuda's own answer (driver_api_version), compared with NVML's."""
     p = torch.cuda.get_device_properties(index)
-    get_driver = getattr(torch._C, "_cuda_getDriverVersion", None)  # cudaDriverGetVersion
+    driver_api, driver_how = driver_api_version(cdll)
     return {"index": index, "name": p.name, "total_bytes": int(p.total_memory), "uuid": str(p.uuid),
             "compute_capability": [p.major, p.minor], "multiprocessors": p.multi_processor_count,
-            "cuda_driver_api": int(get_driver()) if get_driver else None, "torch": torch.__version__,
+            "cuda_driver_api": driver_api, "cuda_driver_api_how": driver_how, "torch": torch.__version__,
             "cuda_build": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "device_count": torch.cuda.device_count()}
 
@@ -88,9 +106,10 @@ def compare_identity(nv: dict, system: dict, td: dict) -> list[tuple[str, bool |
                  f"({td['total_bytes'] / MiB:.0f} MiB), NVML - torch = {gap / MiB:.0f} MiB"
                  + (f"; NVML v2 reserved {nv['v2_reserved_bytes'] / MiB:.0f} MiB" if "v2_reserved_bytes" in nv else "")))
     if td.get("cuda_driver_api") is None:
-        rows.append(("CUDA driver API version: NVML and torch agree", None, "torch._C has no _cuda_getDriverVersion"))
+        rows.append(("CUDA driver API version: NVML and libcuda agree", None,
+                     td.get("cuda_driver_api_how") or "libcuda gave no version"))
     else:
-        rows.append(("CUDA driver API version: NVML and torch agree", system["cuda_driver_api"] == td["cuda_driver_api"],
+        rows.append(("CUDA driver API version: NVML and libcuda agree", system["cuda_driver_api"] == td["cuda_driver_api"],
                      f"NVML {system['cuda_driver_api']}, torch {td['cuda_driver_api']} (driver {system['driver_version']})"))
     return rows
 
@@ -118,9 +137,10 @@ def context_and_workspaces(st: Stage, pynvml, handle, torch, free_before: int) -
     import torch.nn.functional as F
     dev = torch.device("cuda", 0)
     steps = {}
-    torch.ones(1, device=dev)  # creates the primary context
+    torch.ones(1, device=dev)  # creates the primary context, and the allocator's first segment
     steps["context"] = own_usage(pynvml, handle, torch, free_before)
     st.set(outside_allocator=steps)
+    allocator_checks(st, torch)
     a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
     (a @ a).sum().item()  # cuBLAS handle, its workspace (through the caching allocator) and kernels
     steps["after_cublas_matmul"] = own_usage(pynvml, handle, torch, free_before)
@@ -132,15 +152,79 @@ def context_and_workspaces(st: Stage, pynvml, handle, torch, free_before: int) -
         "flash": torch.backends.cuda.flash_sdp_enabled(), "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
         "cudnn": getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: None)(),
         "math": torch.backends.cuda.math_sdp_enabled()})
-    st.set(sdpa_backends=sdpa_backends(torch, q, k, v))
+    backends = sdpa_backends(torch, q, k, v)
+    st.set(sdpa_backends=backends)
+    steps["after_all_sdpa_backends"] = own_usage(pynvml, handle, torch, free_before)  # cuDNN's, efficient's too
+    st.set(outside_allocator=steps)
+    sdpa_default(st, torch, q, k, v, backends)
     del a, q, k, v
     ctx = steps["context"]["outside_allocator_bytes"]
-    total = steps["after_sdpa_fwd_bwd"]["outside_allocator_bytes"]
+    total = steps["after_all_sdpa_backends"]["outside_allocator_bytes"]
     st.check("CUDA context measured (outside the allocator, after init)", ctx > 0, f"{ctx / MiB:.0f} MiB; "
              + steps["context"]["how"])
     st.check("context + cuBLAS + SDPA workspaces measured", total >= ctx,
              f"{total / MiB:.0f} MiB outside the allocator after the matmul and SDPA "
              f"(+{(total - ctx) / MiB:.0f} MiB over the bare context)")
+
+
+# What stages 2-3 run with when the SDPA backend torch picks by default failed here: cuDNN attention
+# goes behind flash and memory-efficient (sdp_utils.cpp reads TORCH_CUDNN_SDPA_DEPRIORITIZED in the
+# torch versions that prefer cuDNN on Hopper). Only names in this table are ever exported.
+SDPA_FALLBACK_ENV = {"CUDNN_ATTENTION": {"TORCH_CUDNN_SDPA_DEPRIORITIZED": "1"}}
+
+
+def sdpa_choice(torch, q, k, v) -> str:
+    """The SDPA backend torch picks for a plain causal call on these tensors (what training runs):
+    torch._fused_sdp_choice, named by torch.nn.attention.SDPBackend; 'unknown: why' if it cannot say."""
+    try:
+        from torch.nn.attention import SDPBackend
+        choice = int(torch._fused_sdp_choice(q, k, v, is_causal=True))
+        names = {int(v): k for k, v in SDPBackend.__members__.items()}
+        return names.get(choice, f"unknown: backend number {choice}")
+    except Exception as e:  # noqa: BLE001 - a torch without it: recorded, not fatal
+        return f"unknown: {type(e).__name__}: {e}"
+
+
+def sdpa_default(st: Stage, torch, q, k, v, backends: dict) -> None:
+    """Records the default backend (with grad, as training calls it) and, when that backend failed
+    at this shape, the environment stages 2-3 run with instead (env_for_later_stages)."""
+    chosen = sdpa_choice(torch, q, k, v)
+    st.set(sdpa_default=chosen, cudnn_version=torch.backends.cudnn.version())
+    result = backends.get(chosen)
+    if result is None or result == "ran":
+        st.check("the default SDPA backend runs at GPT-2's head shape", result == "ran" or None,
+                 f"torch picks {chosen}" + ("" if result == "ran" else "; not among the backends tried"))
+        return
+    fallback = SDPA_FALLBACK_ENV.get(chosen)
+    if fallback:
+        st.set(env_for_later_stages=fallback)
+    st.check("the default SDPA backend runs at GPT-2's head shape", False,
+             f"torch picks {chosen}, which failed ({result}); " + (
+                 f"stages 2-3 run with {' '.join(f'{k}={v}' for k, v in fallback.items())}" if fallback
+                 else "no fallback for it: stages 2-3 may fail in attention"))
+
+
+def allocator_checks(st: Stage, torch) -> None:
+    """The caching allocator's real settings after its first allocation, against what autofit set
+    (autofit.devices.cuda.set_allocator_conf, called before CUDA started): its settings string
+    where torch exposes it, and whether any segment is expandable (torch.cuda.memory_snapshot)."""
+    from autofit.devices.cuda import allocator_settings
+    wanted = allocator_settings()
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except Exception as e:  # noqa: BLE001
+        segments, why = None, f"{type(e).__name__}: {e}"
+    expandable = None if segments is None else any(seg.get("is_expandable") for seg in segments)
+    st.set(allocator={"env": wanted, "settings": str(getter()) if getter else None,
+                      "segments": None if segments is None else len(segments), "expandable": expandable})
+    if "expandable_segments:true" not in wanted.replace(" ", "").lower():
+        st.check("expandable segments on, as autofit sets them", None, f"autofit's setting here is {wanted!r}")
+    elif expandable is None:
+        st.check("expandable segments on, as autofit sets them", None, f"memory_snapshot failed: {why}")
+    else:
+        st.check("expandable segments on, as autofit sets them", expandable,
+                 f"{wanted!r} set before CUDA started; {len(segments)} segment(s), expandable: {expandable}")
 
 
 def sdpa_backends(torch, q, k, v) -> dict:
@@ -232,12 +316,14 @@ def cuda_tests(st: Stage, timeout_s: float, dry_run: bool) -> None:
 
 def main() -> int:
     a = stage_args(work=False)
-    tests_timeout = 75.0 if a.limit is None else max(10.0, a.limit - 35.0)  # identity + context take ~15 s
+    tests_timeout = 75.0 if a.limit is None else max(10.0, a.limit - 30.0)  # identity + context take ~15 s
     st = Stage(a.out, 1, "device", a.dry_run)
     if a.dry_run:
         st.skip("device identity (NVML vs torch)", "dry run: no CUDA device is used")
         st.skip("context and workspace bytes", "dry run: no CUDA device is used")
     else:
+        from autofit.devices.cuda import set_allocator_conf
+        set_allocator_conf()  # as autofit's own processes do, before CUDA starts: the check is of that
         try:
             device_checks(st)
         except Exception as e:  # noqa: BLE001 - one clear line in the record; the tests still run

@@ -1,4 +1,4 @@
-"""Stage 2 of the GPU self-check (<= 4 min): the probe of GPT-2 124M at the seed config's batch
+"""Stage 2 of the GPU self-check: the probe of GPT-2 124M (vocab 50304) at the seed config's batch
 shape (block 1024, 16 x 32 sequences, bf16, as the rtx4070-seed preset) on this card emulating an
 rtx4070-12gb, and each trial's estimated vs measured peak and its return to baseline.
 Writes OUT/stage2_probe.json after each step.
@@ -18,12 +18,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DRY_MODEL, Stage, cli_json, read_jsonl, run_cli, share_of, stage_args  # noqa: E402
-from figures import baseline_summary, trial_rows  # noqa: E402
+from common import DRY_MODEL, Stage, cli_json, follow_jsonl, read_jsonl, run_cli, share_of, stage_args  # noqa: E402
+from figures import baseline_summary, leak_tolerance, model_plan, trial_rows  # noqa: E402
 
 EMULATED = "rtx4070-12gb"
-# GPT-2 124M at the rtx4070-seed preset's batch shape: 16 x 32 sequences of 1024 tokens, bf16
-GPU_CONFIG = ["--preset", "gpt2-124m", "--set", "dataset=embedded", "--set", "block_size=1024",
+# GPT-2 124M at the rtx4070-seed preset's batch shape: 16 x 32 sequences of 1024 tokens, bf16. The
+# embedded corpus is bytes (its meta says vocab 256), so vocab_size is set: the 50304-wide head is
+# the seed case's problem; the byte tokens are valid ids of it (synthetic data is enough here).
+GPU_CONFIG = ["--preset", "gpt2-124m", "--set", "dataset=embedded", "--set", "vocab_size=50304", "--set", "block_size=1024",
               "--set", "batch_size=16", "--set", "gradient_accumulation_steps=32", "--set", "dtype=bfloat16",
               "--set", "eval_interval=0"]
 DRY_BUDGET = "32MiB"
@@ -34,7 +36,8 @@ def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None
     The profile is read back even when the run failed after the probe had saved it."""
     out = work / "stage2-run"
     res = run_cli(["run", "--profile", EMULATED, "--emulate", "--max-steps", "1", "--no-progress",
-                   "--no-compile", "--checkpointing", "0", "--out", str(out), *GPU_CONFIG], timeout=timeout)
+                   "--no-compile", "--checkpointing", "0", "--out", str(out), *GPU_CONFIG], timeout=timeout,
+                  follow=follow_jsonl(st, out / "metrics.jsonl", "raw_metrics"))
     st.set(fit=res | {"stdout": res["stdout"][-2000:]})
     runs = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("type") == "run"]
     plan = (runs[-1].get("plan") or {}) if runs else {}
@@ -71,8 +74,10 @@ def read_fitted(st: Stage, profile: str, fingerprint: str | None) -> dict | None
     return fitted
 
 
-def judge(st: Stage, fitted: dict) -> None:
-    rows = trial_rows(fitted.get("trials") or [])
+def judge(st: Stage, fitted: dict, device: str) -> None:
+    """The checks on the fitted plan's trials; `device` 'cuda' or 'cpu' (what they ran on)."""
+    from autofit.planning.estimate import CUDA_ALLOCATOR_SLACK
+    rows = trial_rows(fitted.get("trials") or [], slack=CUDA_ALLOCATOR_SLACK if device == "cuda" else 0.0)
     st.set(trials=rows, plan=fitted.get("plan"), config_summary=fitted.get("config_summary"),
            fingerprint_inputs=fitted.get("fingerprint_inputs"))
     measured = [r for r in rows if r["measured_peak_bytes"]]
@@ -83,8 +88,9 @@ def judge(st: Stage, fitted: dict) -> None:
         worst = max(errs)
         # a figure to record, not a gate: the estimator is judged by these numbers in the report
         st.set(estimate_error_max=worst, estimate_error_median=sorted(errs)[len(errs) // 2],
-               estimate_error_n=len(errs))
-    ok, detail = baseline_summary(rows)
+               estimate_error_n=len(errs), estimate_error_how="allocated estimate (less the allocator slack) "
+               "against the allocated peak; reserved_estimate_error: the full estimate against the reserved peak")
+    ok, detail = baseline_summary(rows, leak_tolerance(device))
     st.check("every trial returned to its memory baseline", ok, detail)
     plan = fitted.get("plan") or {}
     st.check("plan keeps the effective batch", plan.get("effective_batch") == sum(plan.get("micro_batches") or [0]),
@@ -98,12 +104,13 @@ def main() -> int:
     if a.dry_run:
         st.skip(f"probe of GPT-2 124M emulating {EMULATED}", "dry run: needs a CUDA GPU; the tiny preset is "
                 f"probed on the budgeted CPU device ({DRY_BUDGET}) instead")
+        model_plan(st, GPU_CONFIG)  # what the GPU run would probe, read from its own arguments
         profile, fp = fit_on_cpu(st, share_of(a.limit))
     else:
         profile, fp = fit_on_gpu(st, a.work, share_of(a.limit))
     fitted = read_fitted(st, profile, fp) if profile else None
     if fitted is not None:
-        judge(st, fitted)
+        judge(st, fitted, "cpu" if a.dry_run else "cuda")
     return st.finish()
 
 

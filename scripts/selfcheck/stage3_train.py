@@ -1,6 +1,6 @@
-"""Stage 3 of the GPU self-check: GPT-2 124M trains on this card (its whole memory, no emulation),
-eager for a few steps, then with torch.compile switched on; an OOM is injected once compiled
-(AUTOFIT_FAULT_OOM_AT_STEP) and must be recovered with the effective batch unchanged; tokens/s
+"""Stage 3 of the GPU self-check: GPT-2 124M (vocab 50304) trains on this card (its whole memory, no
+emulation), eager for a few steps, then with torch.compile switched on; an OOM is injected while
+eager (AUTOFIT_FAULT_OOM_AT_STEP) and must be recovered with the effective batch unchanged; tokens/s
 and MFU are measured against the card's own dense peak (its built-in hardware profile).
 Writes OUT/stage3_train.json after each step.
 
@@ -18,13 +18,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DRY_MODEL, Stage, read_jsonl, run_cli, share_of, stage_args  # noqa: E402
-from figures import find_card_profile, flops_per_token, median, mfu, peak_for  # noqa: E402
+from common import DRY_MODEL, Stage, follow_jsonl, read_jsonl, run_cli, share_of, stage_args  # noqa: E402
+from figures import find_card_profile, flops_per_token, median, mfu, model_plan, peak_for  # noqa: E402
 
-COMPILE_AFTER, OOM_AT, STEPS = 3, 7, 10  # the OOM comes after the compile window (3 steps)
-GPU_CONFIG = ["--device", "cuda", "--preset", "gpt2-124m", "--set", "dataset=embedded", "--set", "block_size=1024",
+# The OOM comes while eager, so the one cold compile (step 4) is at the shrunk micro-batch: an OOM
+# after the switch would compile a second time (dynamic=False: a new shape), the largest cost of
+# the stage. The compiled-OOM paths are tested on the CPU (tests/test_loop.py, compile window).
+# Steps 2-3 (eager) and 5-9 (compiled) are steady, at the same micro-batch.
+COMPILE_AFTER, OOM_AT, STEPS = 4, 1, 10
+# GPT-2 124M at vocab 50304 (the embedded corpus's byte tokens are valid ids of it; see stage 2)
+GPU_CONFIG = ["--device", "cuda", "--preset", "gpt2-124m", "--set", "dataset=embedded", "--set", "vocab_size=50304",
+              "--set", "block_size=1024",
               "--set", "batch_size=16", "--set", "gradient_accumulation_steps=4", "--set", "dtype=bfloat16"]
-DRY = {"compile_after": 2, "oom_at": 6, "steps": 8}  # the OOM after the compile window, as on the GPU
+DRY = {"compile_after": 3, "oom_at": 1, "steps": 8}  # the OOM while eager, as on the GPU
 DRY_CONFIG = ["--device", "cpu", *DRY_MODEL]  # the plain CPU: compile can switch on there
 RECOVERY_EVENTS = ("oom_shrink", "compile_oom_shrink", "compile_fallback_eager")
 
@@ -96,7 +102,8 @@ def throughput(st: Stage, trains: dict, events: list[dict], cfg: dict, dtype: st
            "peak_tflops": peak, "peak_source": how, "dtype": dtype,
            "first_compiled_step_minus_steady_s": (first[0] - steady) if first and steady else None,
            "peak_mem_bytes_max": max((r.get("peak_mem_bytes") or 0 for r in trains.values()), default=None) or None,
-           "how": "measured: tokens/s from each logged step's wall time (metrics.jsonl), median over steady steps "
+           "how": "measured: tokens/s from each logged step's device time (metrics.jsonl; CUDA events around the "
+                  "step, read after the GPU finished it), median over steady steps "
                   "(step 0 and steps with an event left out); MFU = tokens/s x FLOPs/token / card peak"}
     fig["eager_mfu"] = mfu(fig["eager_tokens_per_s"], flops, peak)
     fig["compiled_mfu"] = mfu(fig["compiled_tokens_per_s"], flops, peak)
@@ -110,11 +117,13 @@ def main() -> int:
         c, o, n, base, env = DRY["compile_after"], DRY["oom_at"], DRY["steps"], DRY_CONFIG, {"TORCH_COMPILE_DISABLE": "1"}
         st.skip("GPT-2 124M training on the GPU, compiled kernels", "dry run: the tiny preset trains on the plain "
                 "CPU device with Dynamo disabled (TORCH_COMPILE_DISABLE=1)")
+        model_plan(st, GPU_CONFIG)  # what the GPU run would train, read from its own arguments
     else:
         c, o, n, base, env = COMPILE_AFTER, OOM_AT, STEPS, GPU_CONFIG, {}
     out = a.work / "stage3-run"
     res = run_cli(["run", "--no-probe", "--no-progress", "--out", str(out), *base, *schedule(c, n)],
-                  env={**env, "AUTOFIT_FAULT_OOM_AT_STEP": str(o)}, timeout=share_of(a.limit))
+                  env={**env, "AUTOFIT_FAULT_OOM_AT_STEP": str(o)}, timeout=share_of(a.limit),
+                  follow=follow_jsonl(st, out / "metrics.jsonl", "raw_metrics"))
     st.set(run=res | {"stdout": res["stdout"][-3000:]}, schedule={"compile_after": c, "oom_at": o, "steps": n})
     st.check("training run exited 0", res["rc"] == 0 and not res["timed_out"], f"rc {res['rc']}"
              + (" (stopped: past its share of the stage's time)" if res["timed_out"] else "")
