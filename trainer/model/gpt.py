@@ -141,13 +141,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             tc = targets[start:end]
             vc = valid[start:end]
             logits = (xc @ w.t()).float()  # (n, V): the only V-sized buffer, one chunk at a time
-            lse = torch.logsumexp(logits, dim=-1)
             tgt = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)
+            # log-sum-exp in place on the logits: torch.logsumexp allocates an n x V fp32 (self - max)
+            # inside its kernel (ATen ReduceOps.cpp, logsumexp_out_impl), a chunk-sized temporary no
+            # tracker of op outputs sees (docs/estimator.md). exp_ leaves exp(logits - max) behind.
+            m = logits.amax(dim=-1, keepdim=True)
+            z = logits.sub_(m).exp_().sum(dim=-1, keepdim=True)
+            lse = (z.log() + m).squeeze(1)
             loss_sum += ((lse - tgt) * vc).sum()
             if grad_x is None and grad_w is None:
                 continue
             # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows; in place.
-            probs = logits.sub_(lse.unsqueeze(1)).exp_()
+            probs = logits.div_(z)
             probs[torch.arange(end - start, device=x.device), tc.clamp(min=0)] -= 1.0
             probs.mul_(vc.unsqueeze(1))
             g = probs.to(compute_dtype)
