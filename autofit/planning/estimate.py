@@ -34,14 +34,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from autofit.planning.kernel_terms import add_to_phases, cublas_workspaces_bytes, cuda_kernel_terms
+
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "workspace",
               "comm_buffers", "allocator_slack")
 
 # --- CUDA-only terms (no GPU was available to calibrate them; sources in docs/estimator.md) ----
-# cuBLAS allocates its workspace through the caching allocator, so it shows in
-# max_memory_allocated: 8 MiB (+128 KiB) per handle/stream before Hopper, 32 MiB on Hopper (torch
-# PR #89027). The estimate does not know the architecture, so it takes the larger figure.
-CUDA_WORKSPACE_BYTES = 32 * 2**20
+# Kernel-internal allocations (cuBLAS workspaces, the SDPA backward's accumulators, ...) are
+# autofit.planning.kernel_terms'; the cuBLAS workspaces held in every phase:
+CUDA_WORKSPACE_BYTES = cublas_workspaces_bytes()
 # Every CUDA allocation is rounded up to 512 bytes (kMinBlockSize in CUDACachingAllocator.cpp).
 CUDA_ROUND_BYTES = 512
 # Reserved exceeds allocated through block rounding (2 MiB for large requests) and fragmentation;
@@ -282,7 +283,7 @@ def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size
 
 def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
                   compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
-                  n_micro: int = 2, world_size: int = 1, parallelism: str = "ddp") -> Estimate:
+                  n_micro: int = 2, world_size: int = 1, parallelism: str = "ddp", sdpa: str = "flash") -> Estimate:
     """Peak bytes of a train_step with micro-batches of `micro_batch` full-length sequences, on
     one rank of `world_size` (parallelism 'ddp' or 'fsdp2' when there are several).
 
@@ -290,6 +291,8 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     1 otherwise); with 2 or more, gradients are alive through every forward and backward.
     compile=True is estimated as eager (see docs/estimator.md: inductor usually saves less in the
     steady state and can need more while compiling; no factor is invented for it).
+    sdpa: the CUDA attention backend assumed for its kernel-internal terms ('flash', 'efficient',
+    'math'; autofit.planning.kernel_terms); the CPU estimate ignores it.
     Raises ValueError for an unknown dtype, loss_impl or device, or a negative size."""
     _check_args(micro_batch, dtype, checkpointing, loss_impl, device, ce_chunk_size, n_micro)
     L, C, T, V = shape.n_layer, shape.n_embd, shape.block_size, shape.vocab_size
@@ -332,23 +335,25 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     # optimizer step: the whole batch's ids are still referenced by the caller on CPU; the fused
     # CUDA AdamW that make_optimizer picks updates in place.
     add("optimizer step", grads_all, 0, 0, 0 if cuda else _adamw_cpu_temporaries(shape))
-    return _estimate_from_phases(phases, cuda, compile)
+    if cuda:  # what kernels allocate inside one op (the CPU calibration cannot contain it)
+        add_to_phases(phases, cuda_kernel_terms(shape, micro_batch, amp, sdpa))
+    return _estimate_from_phases(phases, cuda, compile, sdpa)
 
 
-def _estimate_from_phases(phases: list[tuple[str, dict[str, int]]], cuda: bool, compile: bool) -> Estimate:
-    """The largest phase, plus the small tensors and (CUDA) workspace and allocator slack."""
+def _estimate_from_phases(phases: list[tuple[str, dict[str, int]]], cuda: bool, compile: bool,
+                          sdpa: str = "flash") -> Estimate:
+    """The largest phase, plus the small tensors and (CUDA) allocator slack."""
     name, parts = max(phases, key=lambda p: sum(p[1].values()))
     parts["workspace"] += SMALL_TENSOR_BYTES
     if cuda:
-        parts["workspace"] += CUDA_WORKSPACE_BYTES
         parts["allocator_slack"] = int(CUDA_ALLOCATOR_SLACK * sum(parts.values()))
     else:
         parts["allocator_slack"] = 0
     breakdown = {k: int(parts.get(k, 0)) for k in COMPONENTS}
     basis = ("closed form, calibrated on the budgeted CPU device (±2% on the benchmark grid)" if not cuda else
              "closed form calibrated on the budgeted CPU device, plus assumed CUDA terms "
-             f"(cuBLAS workspace {CUDA_WORKSPACE_BYTES // 2**20} MiB, 512 B rounding, "
-             f"{CUDA_ALLOCATOR_SLACK:.0%} allocator slack)")
+             f"(cuBLAS workspaces {CUDA_WORKSPACE_BYTES // 2**20} MiB, the {sdpa} SDPA backward's "
+             f"accumulators, 512 B rounding, {CUDA_ALLOCATOR_SLACK:.0%} allocator slack; from torch's sources)")
     if compile:
         basis += "; torch.compile estimated as eager (steady state usually lower, warm-up can be higher)"
     return Estimate(peak_bytes=sum(breakdown.values()), breakdown=breakdown, phase=name, basis=basis)
