@@ -401,6 +401,26 @@ def test_open_cuda_device_sets_the_device_and_measures_the_context(monkeypatch):
         cuda.open_cuda_device(5, info=_nvml_info())
 
 
+def test_every_budget_term_says_measured_assumed_or_from_a_profile_under_emulation_too(monkeypatch):
+    from autofit.planning.budget import compute_budget, device_budget
+    FakeCuda(monkeypatch, free_after_init=78 * GiB)
+    monkeypatch.setattr(cuda, "own_process_bytes", lambda i, u=None: None)
+    kinds = ("measured:", "assumed:", "from a profile:")
+    real = device_budget(cuda.open_cuda_device(0, info=_nvml_info(index=0)))
+    emulated = device_budget(cuda.open_cuda_device(0, info=_nvml_info(index=0), emulate_usable_bytes=11 * GiB,
+                                                   emulate_how="rtx4070-12gb's memory less an assumed 3% driver reserve"))
+    simulated = compute_budget(_nvml_info(kind="simulated", source="profile:rtx4070-12gb"))
+    cpu = compute_budget(_nvml_info(kind="cpu", source="cpu"))
+    for b in (real, emulated, simulated, cpu):
+        assert all(t.how.startswith(kinds) for t in b.terms), [t.how for t in b.terms]
+    def free(b):
+        return next(t.how for t in b.terms if t.label == "free memory")
+    assert free(real) == "measured: NVML free memory"
+    # the emulated card's free memory is the profile's capacity less a reserve: not measured here
+    assert free(emulated).startswith("from a profile: rtx4070-12gb's memory less an assumed 3%")
+    assert free(simulated).startswith("from a profile: profile:rtx4070-12gb capacity")
+
+
 def test_context_fallback_never_counts_our_own_process_as_another(monkeypatch):
     FakeCuda(monkeypatch, free_after_init=70 * GiB, reserved=0)
     monkeypatch.setattr(cuda, "own_process_bytes", lambda i, u=None: None)

@@ -308,12 +308,13 @@ def test_emulation_caps_to_the_profiles_usable_memory(monkeypatch):
                       driver_version="550.54", cuda_version="12.4", source="nvml")
     asked = {}
     monkeypatch.setattr(cuda, "detect_gpu", lambda index=0: h100)
-    monkeypatch.setattr(cuda, "open_cuda_device", lambda index, info, emulate_usable_bytes: asked.update(
-        usable=emulate_usable_bytes, note=info.note) or "device")
+    monkeypatch.setattr(cuda, "open_cuda_device", lambda index, info, emulate_usable_bytes, emulate_how: asked.update(
+        usable=emulate_usable_bytes, note=info.note, how=emulate_how) or "device")
     hw = get_hardware("rtx4070-12gb").model_dump(mode="json")
     assert hw["driver_reserved_bytes"] is None  # not measured on a 4070 yet
     launch._gpu_for_profile("rtx4070-12gb", hw, True, launch.ProbeOptions())
     assert asked["usable"] == hw["memory_bytes"] - int(hw["memory_bytes"] * ASSUMED_DRIVER_RESERVED_SHARE)
-    assert "assumed" in asked["note"]
+    assert "assumed" in asked["note"] and "an assumed 3% driver reserve" in asked["how"]
     launch._gpu_for_profile("rtx4070-12gb", {**hw, "driver_reserved_bytes": 300 * 2**20}, True, launch.ProbeOptions())
     assert asked["usable"] == hw["memory_bytes"] - 300 * 2**20  # a measured figure wins
+    assert "(measured, in the profile)" in asked["how"]

@@ -217,14 +217,15 @@ class CudaDevice(CudaMeter):
 
 
 def open_cuda_device(index: int = 0, *, info: DeviceInfo | None = None,
-                     emulate_usable_bytes: int | None = None) -> CudaDevice:
+                     emulate_usable_bytes: int | None = None, emulate_how: str | None = None) -> CudaDevice:
     """The CUDA device for every caller (probe, run --profile, --resume, --no-probe).
 
     In order: the allocator configuration (before anything can initialise CUDA), the identity
     (NVML first, matched by UUID; `info` when the caller already read it), torch.cuda.set_device
     (so nothing lands on GPU 0 when another index is asked), the memory held outside the
     allocator (context_bytes), and, with `emulate_usable_bytes` (a smaller card's total less its
-    driver-reserved memory), a cap to that less the context. Raises DeviceError when there is no
+    driver-reserved memory; `emulate_how` says where that figure came from, for the budget's label),
+    a cap to that less the context. Raises DeviceError when there is no
     GPU at that index or this torch build has no CUDA.
     """
     from autofit.devices.device import ASSUMED_CONTEXT_BYTES
@@ -251,7 +252,10 @@ def open_cuda_device(index: int = 0, *, info: DeviceInfo | None = None,
         # On the real card the context comes out of its usable memory before the allocator gets any.
         ctx = device.context_bytes or ASSUMED_CONTEXT_BYTES
         device.set_memory_cap(max(2**20, emulate_usable_bytes - ctx))
+        how = emulate_how or "the emulated card's capacity less its driver-reserved memory"
         device._info = info.model_copy(update={"total_bytes": emulate_usable_bytes,
                                                "free_bytes": min(info.free_bytes, emulate_usable_bytes),
+                                               "free_how": f"from a profile: {how} (emulated; this GPU's "
+                                                           f"NVML free memory only caps it)",
                                                "note": EMULATE_NOTE + (f"; {info.note}" if info.note else "")})
     return device

@@ -55,6 +55,9 @@ class DeviceInfo(BaseModel):
     uuid: str | None = None  # NVML's "GPU-..." UUID, when known
     # Memory the driver and firmware keep for themselves (NVML v2 memory info), part of total.
     driver_reserved_bytes: int | None = None
+    # How free_bytes was found, when it is not the `source`'s own reading ('' then): under
+    # --emulate it is a profile's capacity less driver-reserved memory, not a measurement.
+    free_how: str = ""
 
     @property
     def bf16_supported(self) -> bool:

@@ -233,13 +233,16 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
     emulated_on = here if here != profile else None
     from autofit.devices.hardware import ASSUMED_DRIVER_RESERVED_SHARE
     reserved = hw.get("driver_reserved_bytes")
+    how = f"{profile}'s memory {cap:,} B less its driver-reserved {int(reserved or 0):,} B (measured, in the profile)"
     if reserved is None and emulated_on:
         reserved = int(cap * ASSUMED_DRIVER_RESERVED_SHARE)
         log_note = (f"{profile}'s driver-reserved memory is not measured yet: assumed {ASSUMED_DRIVER_RESERVED_SHARE:.0%} "
                     f"of {cap:,} bytes")
         info = info.model_copy(update={"note": (info.note + "; " if info.note else "") + log_note})
+        how = f"{profile}'s memory {cap:,} B less an assumed {ASSUMED_DRIVER_RESERVED_SHARE:.0%} driver reserve"
     usable = cap - int(reserved or 0)  # what such a card really offers the process
-    device = open_cuda_device(index, info=info, emulate_usable_bytes=usable if emulated_on else None)
+    device = open_cuda_device(index, info=info, emulate_usable_bytes=usable if emulated_on else None,
+                              emulate_how=how if emulated_on else None)
     return device, emulated_on
 
 

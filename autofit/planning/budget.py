@@ -1,5 +1,6 @@
 """What a plan may use: usable memory on the device, less what is not ours to plan with (the CUDA
-context and library workspaces), times (1 - margin). Each term says whether it was measured."""
+context and library workspaces), times (1 - margin). Each term's `how` starts with 'measured:',
+'assumed:' or 'from a profile:' (a chosen figure, --budget or --margin, is an assumption the user made)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ ASSUMED_WORKSPACE_BYTES = 64 * 2**20
 class BudgetTerm:
     label: str
     bytes: int  # signed: what it adds to (+) or takes from (-) the budget
-    how: str  # "measured: …" or "assumed: …"
+    how: str  # "measured: …", "assumed: …" or "from a profile: …"
 
 
 @dataclass
@@ -40,12 +41,16 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
     if info.kind == "cpu":
         free = info.free_bytes
         terms.append(BudgetTerm("CPU memory budget", free,
-                                "set: --budget, or half of available RAM without it (budgeted CPU device)"))
+                                "assumed: --budget, or half of available RAM without it (budgeted CPU device)"))
         usable = free
     else:
         free = info.free_bytes
-        src = "measured: NVML free memory" if info.kind == "cuda" else \
-            f"assumed: {info.source} capacity with nothing else on the card"
+        if info.free_how:  # e.g. --emulate: a profile's figure, not this GPU's reading
+            src = info.free_how
+        elif info.kind == "cuda":
+            src = f"measured: {'NVML' if info.source.startswith('nvml') else 'torch.cuda.mem_get_info'} free memory"
+        else:
+            src = f"from a profile: {info.source} capacity, assumed with nothing else on the card"
         terms.append(BudgetTerm("free memory", free, src))
         if info.used_by_others_bytes:
             terms.append(BudgetTerm("(already used by other processes)", 0,
@@ -64,7 +69,7 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
         terms.append(BudgetTerm("library workspaces", -workspace_bytes, how_ws))
         usable = max(0, free - context_bytes - workspace_bytes)
     budget = int(usable * (1.0 - margin))
-    terms.append(BudgetTerm(f"safety margin {margin:.0%}", budget - usable, "chosen: --margin"))
+    terms.append(BudgetTerm(f"safety margin {margin:.0%}", budget - usable, "assumed: --margin (chosen)"))
     return Budget(budget_bytes=budget, usable_bytes=usable, margin=margin, terms=terms)
 
 
