@@ -21,3 +21,22 @@ def test_the_chunked_loss_allocates_one_chunk_of_logits_and_no_hidden_copy():
     assert big == ["aten::mm"], big
     ref = torch.nn.functional.cross_entropy(x.detach() @ w.detach().t(), t)
     assert torch.allclose(loss.detach(), ref, rtol=1e-5)
+
+
+def test_the_budgeted_cpu_device_counts_logsumexps_hidden_copy():
+    """What the CPU device can see of a kernel's own temporaries: torch.logsumexp's (self - max)."""
+    import pytest
+
+    from autofit.devices.cpu_budget import BudgetedCpuDevice
+    dev = BudgetedCpuDevice(budget_bytes=1 << 30)
+    with dev.tracking():
+        x = torch.randn(256, 1024)  # 1 MiB
+        dev.reset_peak()
+        lse = torch.logsumexp(x, dim=-1)
+        assert dev.peak_bytes() == 2 * x.nbytes  # x, and its copy for a moment (before the small output)
+        del lse
+    tight = BudgetedCpuDevice(budget_bytes=x.nbytes + 64 * 1024)  # x and the output fit, the copy not
+    with tight.tracking():
+        y = torch.randn(256, 1024)
+        with pytest.raises(torch.OutOfMemoryError, match="internal temporary"):
+            torch.logsumexp(y, dim=-1)

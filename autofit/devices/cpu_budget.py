@@ -37,6 +37,24 @@ from autofit.units import fmt_bytes
 from trainer.meter import MeterCapabilities, is_oom
 
 
+def _logsumexp_temporary(args) -> int:
+    """aten::logsumexp allocates (self - max), the input's size and dtype, inside its kernel
+    (aten/src/ATen/native/ReduceOps.cpp, logsumexp_out_impl); an op-output tracker never sees it."""
+    x = args[0] if args else None
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) and x.device.type == "cpu" else 0
+
+
+# Ops whose kernels allocate temporaries that are none of their outputs, and how many bytes
+# (autofit/planning/kernel_terms.py has the CUDA side). Counted as a transient peak, and refused
+# against the budget, as a caching allocator would refuse them.
+_INTERNAL_TEMPORARIES = {torch.ops.aten.logsumexp.default: _logsumexp_temporary}
+
+
+def _internal_bytes(func, args) -> int:
+    fn = _INTERNAL_TEMPORARIES.get(func)
+    return fn(args) if fn is not None else 0
+
+
 @dataclass
 class _Entry:
     nbytes: int
@@ -157,6 +175,10 @@ class LiveBytesTracker(TorchDispatchMode):
             return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        hidden = _internal_bytes(func, args)
+        if hidden:  # a temporary the op's kernel makes and frees inside the call: a peak, then gone
+            self._check(hidden, f"{func}'s internal temporary")
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes + hidden)
         out = func(*args, **(kwargs or {}))
         new = self._new_storages(tree_flatten(out)[0])
         need = sum(st.nbytes() for st in new)
