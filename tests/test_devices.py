@@ -421,6 +421,20 @@ def test_every_budget_term_says_measured_assumed_or_from_a_profile_under_emulati
     assert free(simulated).startswith("from a profile: profile:rtx4070-12gb capacity")
 
 
+def test_the_allocator_state_is_read_from_its_segments_not_the_environment(monkeypatch):
+    FakeCuda(monkeypatch, free_after_init=78 * GiB)
+    monkeypatch.setattr(cuda, "own_process_bytes", lambda i, u=None: None)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    dev = cuda.open_cuda_device(0, info=_nvml_info(index=0))
+    made = []
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(k.get("device")))
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: [{"is_expandable": False, "total_size": 2 << 20}])
+    assert dev.allocator_state() == {"settings": "expandable_segments:True", "expandable_segments": False}
+    assert made == [dev.device]  # a segment exists before the snapshot is read
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: [{"is_expandable": True}])
+    assert dev.allocator_state()["expandable_segments"] is True
+
+
 def test_context_fallback_never_counts_our_own_process_as_another(monkeypatch):
     FakeCuda(monkeypatch, free_after_init=70 * GiB, reserved=0)
     monkeypatch.setattr(cuda, "own_process_bytes", lambda i, u=None: None)

@@ -212,6 +212,18 @@ class CudaDevice(CudaMeter):
             self.context_bytes = (self.context_bytes or 0) + max(0, grown)
         return self.context_bytes
 
+    def allocator_state(self) -> dict:
+        """The caching allocator's real state, not the environment variable that asked for it
+        (torch 2.9 ignored expandable_segments under PYTORCH_ALLOC_CONF: pytorch#183387): the
+        settings in force and whether its segments are expandable (torch.cuda.memory_snapshot,
+        after a 1-element allocation so that a segment exists; None when torch cannot say)."""
+        torch.empty(1, device=self.device)  # its segment stays cached for training to reuse
+        try:
+            expandable = any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())
+        except Exception:  # noqa: BLE001 - an allocator without snapshots: unknown, not an error
+            expandable = None
+        return {"settings": allocator_settings() or "default", "expandable_segments": expandable}
+
     def spec(self) -> dict:
         return {"kind": "cuda", "memory_cap_bytes": self.memory_cap_bytes}
 

@@ -257,6 +257,8 @@ def _launch(cfg, device, plan: PlanRecord, fit_sizes, compiled_fit_sizes, *, sou
     run_cfg = _apply_plan(cfg, plan)
     plan_info = {**plan.model_dump(mode="json"), **(plan_info_extra or {}), "description": source,
                  "fit_sizes": sorted(fit_sizes), "compiled_fit_sizes": sorted(compiled_fit_sizes)}
+    if device.torch_device.type == "cuda":  # measured: what the plan's "allocator" fingerprint field asked for
+        plan_info["allocator_state"] = device.allocator_state()
     opts = RunOptions(micro_batch=plan.micro_batch, compile_after=plan.compile_after,
                       compiled_fit_sizes=list(compiled_fit_sizes), shrink=shrink_policy(fit_sizes),
                       on_event=on_event, plan_info=plan_info, max_steps=max_steps, resume=resume,

@@ -42,7 +42,11 @@ def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None
     runs = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("type") == "run"]
     plan = (runs[-1].get("plan") or {}) if runs else {}
     st.set(run_plan_info={k: plan.get(k) for k in ("source", "profile", "fingerprint", "emulated_on", "budget_bytes",
-                                                   "fit_sizes", "description")})
+                                                   "fit_sizes", "description", "allocator_state")})
+    state = plan.get("allocator_state") or {}
+    if "expandable_segments:true" in str(state.get("settings", "")).replace(" ", "").lower():
+        st.check("autofit's run has expandable segments really on", state.get("expandable_segments"),
+                 f"{state} (the allocator's own segments, read in the run)")
     st.check("probe under emulation ran and saved a plan", res["rc"] == 0 and bool(plan),
              f"rc {res['rc']}" + (" (stopped: past its share of the stage's time)" if res["timed_out"] else "")
              + (f": {res['stderr_tail'][-400:]}" if res["rc"] else ""))
