@@ -482,3 +482,22 @@ def test_the_cuda_cleanup_frees_cublas_workspaces(monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: calls.append("reset"))
     CudaMeter(torch.device("cuda", 0)).cleanup()
     assert calls == ["workspaces", "empty_cache", "reset"]  # freed before the cache is emptied
+
+
+def test_a_probe_cut_short_keeps_the_trial_lines_it_printed(tmp_path, monkeypatch):
+    fake = tmp_path / "python"  # the probe's own lines, then a hang inside the next trial
+    fake.write_text("#!/bin/bash\ntrap 'exit 130' TERM\necho 'probing on X'\n"
+                    "echo 'trial: micro-batch 8, bfloat16, compile=False (estimated peak 9.1 GiB)' >&2\n"
+                    "echo '  -> fit, measured peak 9.3 GiB' >&2\necho 'trial: micro-batch 16' >&2\n"
+                    "for i in $(seq 300); do sleep 0.1; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(common.sys, "executable", str(fake))
+    monkeypatch.setattr(common, "FOLLOW_S", 0.2)
+    st = common.Stage(tmp_path, 2, "probe", dry_run=False)
+    res = common.run_cli(["run"], timeout=2, follow=common.both(
+        common.follow_jsonl(st, tmp_path / "none.jsonl", "raw_metrics"),
+        common.follow_lines(st, "raw_trial_lines", ("trial:", "  -> "))))
+    assert res["timed_out"]
+    assert json.loads(st.path.read_text())["raw_trial_lines"] == [
+        "trial: micro-batch 8, bfloat16, compile=False (estimated peak 9.1 GiB)", "  -> fit, measured peak 9.3 GiB",
+        "trial: micro-batch 16"]

@@ -114,14 +114,14 @@ def _pump(stream, sink, keep: list[str]) -> None:
 
 
 def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: bool = True,
-            timeout: float | None = None, follow: Callable[[], None] | None = None) -> dict:
+            timeout: float | None = None, follow: Callable[[list[str]], None] | None = None) -> dict:
     """Runs `python -m autofit.cli.app ARGS` with this interpreter. Its stderr (and its stdout, unless
     `echo_stdout` is False, as for --json) is copied to ours as it comes, so the self-check log
     holds what a run printed before a time-out. Past `timeout` seconds the command gets SIGTERM
     (autofit then finishes its step and saves a checkpoint), SIGKILL 20 s later; the caller
-    still reads whatever it wrote. `follow` is called every FOLLOW_S seconds while it runs and
-    once after (the stages copy the run's raw records into their JSON with it, so a stage cut
-    by its limit keeps them). Returns {cmd, rc, stdout, stderr_tail, seconds, timed_out}."""
+    still reads whatever it wrote. `follow(lines)` is called every FOLLOW_S seconds while it runs
+    and once after, with the output lines so far (the stages copy the run's raw records into
+    their JSON with it, so a stage cut by its limit keeps them). Returns {cmd, rc, stdout, stderr_tail, seconds, timed_out}."""
     cmd = [sys.executable, "-m", "autofit.cli.app", *args]
     log("$ autofit " + " ".join(args))
     t0 = time.monotonic()
@@ -135,7 +135,7 @@ def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: 
         t.start()
     timed_out = False
     try:
-        rc = _wait(proc, t0, timeout, follow)
+        rc = _wait(proc, t0, timeout, follow and (lambda: follow(out_lines + err_lines)))
     except subprocess.TimeoutExpired:
         timed_out = True
         log(f"(stopping it: past its {timeout:.0f} s share of the stage's time)")
@@ -148,7 +148,7 @@ def run_cli(args: list[str], *, env: dict[str, str] | None = None, echo_stdout: 
     for t in pumps:
         t.join()
     if follow is not None:
-        follow()
+        follow(out_lines + err_lines)
     return {"cmd": "autofit " + " ".join(args), "rc": rc, "stdout": "".join(out_lines), "timed_out": timed_out,
             "stderr_tail": tail("".join(err_lines)), "seconds": round(time.monotonic() - t0, 1)}
 
@@ -175,12 +175,33 @@ def follow_jsonl(st: "Stage", path: Path, key: str, types: tuple[str, ...] = ("r
     the stage's JSON under `key` (only when there are new ones)."""
     seen = [0]
 
-    def copy() -> None:
+    def copy(lines: list[str] | None = None) -> None:
         recs = [r for r in read_jsonl(path) if r.get("type") in types]
         if len(recs) != seen[0]:
             seen[0] = len(recs)
             st.set(**{key: recs})
     return copy
+
+
+def follow_lines(st: "Stage", key: str, prefixes: tuple[str, ...]):
+    """A `follow` for run_cli: copies the output lines that start with one of `prefixes` (the
+    probe's 'trial: ...' and '  -> ...' lines, as it prints them) into the stage's JSON."""
+    seen = [0]
+
+    def copy(lines: list[str] | None = None) -> None:
+        kept = [line.rstrip("\n") for line in (lines or []) if line.startswith(prefixes)]
+        if len(kept) != seen[0]:
+            seen[0] = len(kept)
+            st.set(**{key: kept})
+    return copy
+
+
+def both(*follows):
+    """Several `follow`s as one."""
+    def call(lines: list[str] | None = None) -> None:
+        for f in follows:
+            f(lines)
+    return call
 
 
 def share_of(limit_s: float | None, keep_s: float = 25.0) -> float | None:

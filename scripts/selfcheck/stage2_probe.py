@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DRY_MODEL, Stage, cli_json, follow_jsonl, read_jsonl, run_cli, share_of, stage_args  # noqa: E402
+from common import (DRY_MODEL, Stage, both, cli_json, follow_jsonl, follow_lines, read_jsonl, run_cli,  # noqa: E402
+                    share_of, stage_args)
 from figures import baseline_summary, leak_tolerance, model_plan, trial_rows  # noqa: E402
 
 EMULATED = "rtx4070-12gb"
@@ -29,6 +30,7 @@ GPU_CONFIG = ["--preset", "gpt2-124m", "--set", "dataset=embedded", "--set", "vo
               "--set", "batch_size=16", "--set", "gradient_accumulation_steps=32", "--set", "dtype=bfloat16",
               "--set", "eval_interval=0"]
 DRY_BUDGET = "32MiB"
+TRIAL_LINES = ("trial:", "  -> ")  # the probe's own line per trial and its outcome, as printed
 
 
 def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None, str | None]:
@@ -37,7 +39,8 @@ def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None
     out = work / "stage2-run"
     res = run_cli(["run", "--profile", EMULATED, "--emulate", "--max-steps", "1", "--no-progress",
                    "--no-compile", "--checkpointing", "0", "--out", str(out), *GPU_CONFIG], timeout=timeout,
-                  follow=follow_jsonl(st, out / "metrics.jsonl", "raw_metrics"))
+                  follow=both(follow_jsonl(st, out / "metrics.jsonl", "raw_metrics"),
+                              follow_lines(st, "raw_trial_lines", TRIAL_LINES)))
     st.set(fit=res | {"stdout": res["stdout"][-2000:]})
     runs = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("type") == "run"]
     plan = (runs[-1].get("plan") or {}) if runs else {}
@@ -55,7 +58,8 @@ def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None
 
 def fit_on_cpu(st: Stage, timeout: float | None) -> tuple[str | None, str | None]:
     data, res = cli_json(["probe", "--device", "cpu", "--budget", DRY_BUDGET, "--save", "--json",
-                           "--checkpointing", "0", *DRY_MODEL], timeout=timeout)
+                           "--checkpointing", "0", *DRY_MODEL], timeout=timeout,
+                         follow=follow_lines(st, "raw_trial_lines", TRIAL_LINES))
     st.set(fit=res, probe_device=(data or {}).get("device"), budget=(data or {}).get("budget"))
     saved = (data or {}).get("saved") or {}
     if not st.check("probe on the budgeted CPU ran and saved a plan", bool(saved),
