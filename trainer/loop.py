@@ -384,7 +384,8 @@ class Trainer:
         if not self.master:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({**training_state(self), **extra}, self.ckpt_path)
+        atomic_torch_save({**training_state(self), **extra}, self.ckpt_path,
+                          what=f"checkpoint {self.ckpt_path} (step {self.iter_num})")
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:

@@ -73,9 +73,12 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
             saved = {"profile": name, "fingerprint": fp, "path": str(path)}
         except ProfileError as e:  # shown after the plan: a failed save must not hide what was measured
             save_error = e
-    if plot is not None:
-        from autofit.report.plot import plot_probe
-        plot_probe(res, cfg, plot)
+    if plot is not None:  # a plot the disk refuses is said after the plan, as a failed save is
+        from autofit.report.plot import PlotError, plot_probe
+        try:
+            plot_probe(res, cfg, plot)
+        except PlotError as e:
+            save_error, plot = save_error or e, None
     if as_json:
         out = res.to_json()
         if saved:
@@ -288,10 +291,12 @@ def _check_fresh_run(cfg, log) -> None:
     overwrite a checkpoint; bad data is reported before trials, not after them."""
     from trainer.checkpoint.ckpt import check_out_dir
     from trainer.data.datasets import load_dataset
+    from trainer.metrics import check_fresh_folder
     check_out_dir(cfg.out_dir)
     if (Path(cfg.out_dir) / "ckpt.pt").exists():
         raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
                          f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
+    check_fresh_folder(cfg.out_dir)  # no checkpoint, but another run's metrics.jsonl: not appended to
     data = load_dataset(cfg.dataset)
     data.check_vocab(cfg.vocab_size)
     data.check_block_size(cfg.block_size)
@@ -356,7 +361,9 @@ def main() -> None:
     interrupts.reset()
     try:
         from autofit.launch.torchrun import error_prefix, quiet_unless_rank0, report_error, session
-        with session():  # torchrun: one process group for the command, left at the end
+        from trainer.writes import guarded_stdout
+        # stdout closed: refused; full: one line (trainer.writes). torchrun: one process group, left at the end
+        with guarded_stdout(), session():
             quiet_unless_rank0(console, err_console)
             code = _run_app()
         if code == interrupts.EXIT_CODE:  # typer turns a Ctrl-C inside a command into exit code 130, silently

@@ -11,9 +11,7 @@ matplotlib is an optional dependency (`pip install 'autofit[plot]'`). Only its o
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 from autofit.units import GiB, MiB, fmt_bytes
@@ -111,22 +109,14 @@ def build_figure(res, cfg):
 
 
 def plot_probe(res, cfg, path: Path) -> Path:
-    """Draw `res` to `path` (.png or .svg), atomically (temp file, fsync, rename). Raises PlotError."""
+    """Draw `res` to `path` (.png or .svg), atomically (trainer.writes.atomic_write: temp file,
+    fsync, rename). Raises PlotError (one line: the disk's reason, and that the plan is printed)."""
+    from trainer.writes import WriteError, atomic_write
     path = Path(path)
     fig = build_figure(res, cfg)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                               suffix=path.suffix)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format=path.suffix.lower().lstrip("."))
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a picture is for sharing
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise PlotError(f"--plot {path}: cannot write: {exc.strerror or exc}") from None
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lower().lstrip(".")), what=f"--plot {path}",
+                     kept="the plan is printed without it")
+    except WriteError as exc:
+        raise PlotError(str(exc)) from None
     return path

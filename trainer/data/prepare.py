@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data.datasets import PREPARABLE, SHARD_NAME, DataError
+from trainer.writes import WriteError, check_room
 from trainer.data.tokenfiles import atomic_write, sidecar_path, write_llmc_shard, write_tokens
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -90,10 +91,9 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise DataError(f"--out {out_dir} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
     except OSError as e:
         raise DataError(f"cannot write in --out {out_dir}: {e.strerror or e}") from None
+    check_room(out_dir, f"in --out {out_dir}")  # by writing: a full disk is found before any download
     existing = [f.name for f in dataset_files(out_dir) if not f.name.endswith(".max.json")]
     if existing and not force:
         shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
@@ -149,10 +149,12 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
                 done = (write_chars(text, staging, bar) if name == "shakespeare_char"
                         else write_bpe(text, staging, encoder, bar))
         _move_into_place(staging, out_dir, old, done)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         if made and not any(out_dir.iterdir()):  # a failed first prepare leaves no empty dataset folder
             out_dir.rmdir()
+        if isinstance(e, WriteError):
+            raise e.with_kept(f"the dataset in {out_dir} is as it was" if old else "no dataset was written") from None
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
