@@ -46,7 +46,7 @@ def check_out_dir(path: str | Path, what: str = "--out") -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise TrainError(f"{what} {path}: {existing} is a file, not a folder")
-    check_room(existing, f"in {what} {path}" + (f" ({existing})" if existing != path else ""))
+    check_room(existing, f"in {what} {path}")
 
 
 def training_state(trainer) -> dict:

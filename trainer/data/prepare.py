@@ -89,11 +89,15 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
     Raises DataError (one line)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file, not a folder")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir():  # by writing, before the folder is made: a full disk is found before any download
+        check_room(existing, f"in --out {out_dir}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot write in --out {out_dir}: {e.strerror or e}") from None
-    check_room(out_dir, f"in --out {out_dir}")  # by writing: a full disk is found before any download
     existing = [f.name for f in dataset_files(out_dir) if not f.name.endswith(".max.json")]
     if existing and not force:
         shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
@@ -153,8 +157,9 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
         shutil.rmtree(staging, ignore_errors=True)
         if made and not any(out_dir.iterdir()):  # a failed first prepare leaves no empty dataset folder
             out_dir.rmdir()
-        if isinstance(e, WriteError):
-            raise e.with_kept(f"the dataset in {out_dir} is as it was" if old else "no dataset was written") from None
+        if isinstance(e, WriteError):  # named as the file it would have become, not its staging copy
+            raise WriteError(f"dataset file {out_dir / Path(e.what).name}", e.reason,
+                             f"the dataset in {out_dir} is as it was" if old else "no dataset was written") from None
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
