@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.errors import TrainError
+from trainer.errors import TrainError, install_hint
 from trainer.writes import append_lines
 
 # The line printed for each event kind; fields come from the event record.
@@ -76,8 +76,8 @@ class MetricsLog:
         self.sinks = []
 
 
-WANDB_HINT = "pip install 'autofit[wandb]'"
-TENSORBOARD_HINT = "pip install 'autofit[tensorboard]'"
+WANDB_HINT = install_hint("wandb", "wandb")
+TENSORBOARD_HINT = install_hint("tensorboard", "tensorboard")
 
 
 def check_fresh_folder(out_dir: str | Path) -> None:

@@ -44,7 +44,7 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
               gpu_index: Optional[int] = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
               compile: Optional[bool] = CompileOpt, checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
               save: bool = typer.Option(False, "--save", help="Store the fitted plan in this device's profile."),
-              plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install 'autofit[plot]')."),
+              plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install matplotlib, or in a checkout pip install -e \".\\[plot]\")."),
               verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the budget, every candidate and why the plan won."),
               as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
     """Measure what fits on this device (or estimate it for --gpu NAME) and print the plan."""
@@ -138,8 +138,10 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         cfg.out_dir = out
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
-    if profile is not None:  # a probe may save into it: writable before any trial runs
+    if profile is not None:  # its card is here, and a probe may save into it: before data or trials
+        from autofit.launch.run import check_profile_here
         from autofit.profiles.store import check_profiles_writable
+        check_profile_here(profile, emulate, opts)
         check_profiles_writable(profile)
     resuming = resume or cfg.init_from == "resume"
     if not resuming:  # before the output folder is made: a run with no step to train writes nothing

@@ -6,7 +6,7 @@ range, the trials' measured peaks as points, out-of-memory trials as crosses (at
 peak: an OOM has no measured one), the budget as a horizontal line and the chosen plan circled.
 Every legend entry says whether it is measured or estimated.
 
-matplotlib is an optional dependency (`pip install 'autofit[plot]'`). Only its object API is used
+matplotlib is an optional dependency (`pip install -e ".[plot]"` in a checkout, or `pip install matplotlib`). Only its object API is used
 (Figure + savefig, no pyplot), so no GUI backend is ever started and no global state is changed.
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 
 from autofit.units import GiB, MiB, fmt_bytes
+from trainer.errors import install_hint
 
 FORMATS = (".png", ".svg")
-INSTALL = "pip install 'autofit[plot]' (or: pip install matplotlib)"
+INSTALL = install_hint("plot", "matplotlib")
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data.datasets import PREPARABLE, SHARD_NAME, DataError
+from trainer.errors import install_hint
 from trainer.writes import WriteError, check_room
 from trainer.data.tokenfiles import atomic_write, sidecar_path, write_llmc_shard, write_tokens
 
@@ -62,7 +63,7 @@ def gpt2_encoder() -> Encoder:
     try:
         import tiktoken
     except ImportError:
-        raise DataError("tiktoken is not installed (GPT-2 BPE); run: pip install 'autofit[data]'") from None
+        raise DataError(f"tiktoken is not installed (GPT-2 BPE); run: {install_hint('data', 'tiktoken')}") from None
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # requests' connection errors, a damaged cache, ...
@@ -254,7 +255,7 @@ def stream_fineweb(dataset: str, config: str) -> Iterator[str]:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise DataError("datasets is not installed; run: pip install 'autofit[data]'") from None
+        raise DataError(f"datasets is not installed; run: {install_hint('data', 'datasets', 'tiktoken')}") from None
 
     def rows() -> Iterator[str]:
         for row in load_dataset(dataset, name=config, split="train", streaming=True):
