@@ -8,8 +8,8 @@ class TrainError(RuntimeError):
 
 def install_hint(extra: str, *packages: str) -> str:
     """How to install what an optional feature needs: the packages themselves, and the extra of
-    pyproject.toml from a checkout. Never `pip install 'autofit[...]'`: autofit is not on the
-    package index under that name (an unrelated package is), so that line installs something else.
+    pyproject.toml from a checkout; never an extra of 'autofit' from the package index: this autofit
+    is not published there, and an unrelated package of that name is.
 
     >>> install_hint("plot", "matplotlib")
     'pip install matplotlib (from an autofit checkout: pip install -e ".[plot]")'

@@ -140,9 +140,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
     if profile is not None:  # its card is here, and a probe may save into it: before data or trials
         from autofit.launch.run import check_profile_here
-        from autofit.profiles.store import check_profiles_writable
         check_profile_here(profile, emulate, opts)
-        check_profiles_writable(profile)
     resuming = resume or cfg.init_from == "resume"
     if not resuming:  # before the output folder is made: a run with no step to train writes nothing
         from autofit.launch.run import check_steps_left
@@ -291,17 +289,15 @@ def _plan_line(p) -> str:
 def _check_fresh_run(cfg, log) -> None:
     """Checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
     overwrite a checkpoint; bad data is reported before trials, not after them."""
+    from autofit.launch.run import check_data
     from trainer.checkpoint.ckpt import check_out_dir
-    from trainer.data.datasets import load_dataset
     from trainer.metrics import check_fresh_folder
     check_out_dir(cfg.out_dir)
     if (Path(cfg.out_dir) / "ckpt.pt").exists():
         raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
                          f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
     check_fresh_folder(cfg.out_dir)  # no checkpoint, but another run's metrics.jsonl: not appended to
-    data = load_dataset(cfg.dataset)
-    data.check_vocab(cfg.vocab_size)
-    data.check_block_size(cfg.block_size)
+    check_data(cfg)
     src = cfg.source_of("vocab_size")
     from autofit.launch.torchrun import LAUNCHED_ENV
     said_by_launcher = os.environ.get(LAUNCHED_ENV) is not None  # --nproc-per-node checked it once already
@@ -333,8 +329,9 @@ app.registered_commands += sample_app.registered_commands
 def _report_run(result, cfg) -> None:
     if result.status == "interrupted":
         interrupts.said()
-        err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
-                          f"continue with: autofit run --resume --out {shlex.quote(str(cfg.out_dir))}", markup=False)
+        err_console.print(f"interrupted after step {result.steps}; " + (
+            f"checkpoint saved to {result.checkpoint}; continue with: autofit run --resume --out "
+            f"{shlex.quote(str(cfg.out_dir))}" if result.checkpoint else "nothing was saved (eval_only)"), markup=False)
         raise typer.Exit(interrupts.EXIT_CODE)
     if result.status == "evaluated":
         ev = result.last_eval or {}

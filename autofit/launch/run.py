@@ -19,8 +19,8 @@ from autofit.devices.device import DeviceError
 from autofit.devices.opener import open_device
 from autofit.devices.hardware import cpu_slug, load_builtin, slug_for
 from autofit.launch.probe import ProbeOptions, probe_on, run_probe
-from autofit.profiles.store import (FittedPlan, ProfileError, find_plan, fingerprint, fingerprint_inputs,
-                              load_profile, nearest_plan, record_event, save_plan)
+from autofit.profiles.store import (FittedPlan, ProfileError, check_profiles_writable, find_plan, fingerprint,
+                                   fingerprint_inputs, load_profile, nearest_plan, record_event, save_plan)
 from autofit.records import PlanRecord, ProbeResult
 from trainer.config.train_config import config_summary
 from trainer.loop import RunOptions
@@ -206,9 +206,23 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
                    plan_info_extra={"source": "probe", **extra})
 
 
+def check_data(cfg, vocab_fixed_by: str = "") -> None:
+    """Before any probe: the dataset exists, every token id fits cfg.vocab_size, and each split
+    holds one sequence. `vocab_fixed_by`: the checkpoint whose model fixes vocab_size (a resume),
+    so that the advice is one a next attempt can follow. Raises DataError (one line)."""
+    from trainer.data.datasets import load_dataset
+    data = load_dataset(cfg.dataset)
+    fix = (f"{vocab_fixed_by}'s model has vocab_size {cfg.vocab_size}, which a resume cannot change: resume it "
+           f"on the data it was trained on, or start a new run with another --out") if vocab_fixed_by else ""
+    data.check_vocab(cfg.vocab_size, fix)
+    data.check_block_size(cfg.block_size)
+
+
 def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions) -> None:
-    """Before the dataset is read and before any probe: the profile exists, and a GPU profile's
-    card (or a larger one with --emulate) is here. Raises ProfileError or DeviceError (one line)."""
+    """Before the dataset is read and before any probe: the profile exists, a GPU profile's card
+    (or a larger one with --emulate) is here, and the profiles folder takes a plan a probe would
+    save. Raises ProfileError or DeviceError (one line)."""
+    check_profiles_writable(profile)
     saved = load_profile(profile, builtin=_builtin_hardware)
     if saved is None:
         raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(sorted(load_builtin()))}; "
