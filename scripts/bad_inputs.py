@@ -192,6 +192,22 @@ def inject(t: Path) -> None:
     write("inject/sitecustomize.py", FAIL_WRITES)(t)
 
 
+def nanogpt_checkpoint_on_more_vocab(t: Path) -> None:
+    """o/ckpt.pt in nanoGPT's layout, trained on dataset 'd'; d then prepared again from another
+    text whose meta.pkl declares 21 more token ids than the checkpoint's model holds."""
+    import torch
+    (t / "o").mkdir()
+    ck = torch.load(CHECKPOINT / "ckpt.pt", weights_only=True)
+    cfg, vocab = ck["config"], ck["config"]["vocab_size"]
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+    torch.save({"model": ck["model"], "optimizer": ck["optimizer"], "model_args": {k: cfg[k] for k in keys},
+                "iter_num": ck["iter_num"], "best_val_loss": torch.tensor(1.0),
+                "config": {"dataset": "d", "batch_size": cfg["batch_size"], "block_size": cfg["block_size"],
+                           "gradient_accumulation_steps": cfg["gradient_accumulation_steps"], "max_iters": 100}},
+               t / "o" / "ckpt.pt")
+    tokens("d", list(range(vocab + 21)), 4, meta_vocab=vocab + 21)(t)
+
+
 def checkpoint_kept(t: Path) -> str:
     """'' when o/ckpt.pt is the first checkpoint (step 1), whole, and no temp file is left."""
     import torch
@@ -403,6 +419,14 @@ ROWS: list[Row] = [
     Row("stdout is /dev/full (run)", [*RUN, "--no-probe", "--out", "o"], stdout="full"),
     Row("stdout closed (config)", ["config"], stdout="closed"),
     Row("stdout closed (run)", [*RUN, "--out", "o"], check=absent("o"), stdout="closed"),
+    Row("ENOSPC in profiles add", GTX, inject, absent("home/profiles/gtx1650-4gb.toml"),
+        env=failing("ENOSPC:gtx1650-4gb.toml")),
+    Row("nanoGPT checkpoint whose vocab the dataset's meta.pkl exceeds", ["run", "--resume", "--out", "o", *CPU,
+                                                                          "--no-progress"],
+        nanogpt_checkpoint_on_more_vocab),
+    Row("run --profile of a GPU, none here, dataset not prepared", ["run", "--profile", "rtx4070-12gb", "--set",
+                                                                    "dataset=shakespeare_char"],
+        skip="" if shutil.which("nvidia-smi") is None else "a GPU is here"),
     Row("fresh run onto another run's metrics.jsonl", [*RUN, "--out", "o"], write("o/metrics.jsonl", '{"type": "run"}\n'),
         unchanged("o/metrics.jsonl", '{"type": "run"}\n')),
 ]

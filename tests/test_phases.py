@@ -147,3 +147,26 @@ def test_phase_progress_is_quiet_for_a_short_phase_and_counts_a_long_one():
                     "prepare: 6/10 MB, ETA 1m 20s (from the rate measured so far)",
                     "prepare: 8/10 MB, ETA 40s (from the rate measured so far)"]
     assert fmt_seconds(7500) == "2h 05m"
+
+
+def test_data_prepare_piped_says_count_and_eta_lines(monkeypatch):
+    import sys
+
+    from trainer.data import prepare
+    from trainer.phases import LineBar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    said = []
+    assert isinstance(prepare._progress(True, said.append), LineBar)  # piped: lines, not a silent bar
+    t = [0.0]
+    bar = LineBar(said.append, clock=lambda: t[0])
+    task = bar.add_task("tokenizing (tokens)", total=1000)
+    t[0] = 40.0
+    bar.advance(task, 250)
+    t[0] = 80.0
+    bar.update(task, completed=500)
+    unknown = bar.add_task("downloading input.txt (bytes)", total=None)
+    t[0] = 120.0
+    bar.advance(unknown, 2048)
+    assert said == ["tokenizing (tokens): 250/1,000, ETA 2m 00s (from the rate measured so far)",
+                    "tokenizing (tokens): 500/1,000, ETA 1m 20s (from the rate measured so far)",
+                    "downloading input.txt (bytes): 2,048 so far"]

@@ -35,9 +35,40 @@ class PhaseProgress:
     def tick(self, n: int = 1) -> None:
         self.done += n
         now = self.clock()
-        if now - self.last < self.every_s or self.done >= self.total or now <= self.start:
+        if now - self.last < self.every_s or (self.total and self.done >= self.total) or now <= self.start:
             return
         self.last = now
+        unit = f" {self.unit}" if self.unit else ""
+        if not self.total:  # a size not known ahead (a download without Content-Length)
+            self.say(f"{self.label}: {self.done:,}{unit} so far")
+            return
         eta = (self.total - self.done) * (now - self.start) / self.done
-        self.say(f"{self.label}: {self.done}/{self.total} {self.unit}, ETA {fmt_seconds(eta)} "
+        self.say(f"{self.label}: {self.done:,}/{self.total:,}{unit}, ETA {fmt_seconds(eta)} "
                  f"(from the rate measured so far)")
+
+
+class LineBar:
+    """rich.progress.Progress's add_task / advance / update, said as PhaseProgress lines: the
+    progress of a phase whose output is piped (a log file, CI), where a bar cannot be drawn."""
+
+    def __init__(self, say: Callable[[str], None], every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.say, self.every_s, self.clock = say, every_s, clock
+        self.tasks: list[PhaseProgress] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def add_task(self, description: str, total: int | None = None, **_) -> int:
+        self.tasks.append(PhaseProgress(description, int(total or 0), self.say, unit="", every_s=self.every_s,
+                                        clock=self.clock))
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.tasks[task].tick(int(advance))
+
+    def update(self, task: int, completed: float | None = None, **_) -> None:
+        if completed is not None:
+            self.tasks[task].tick(int(completed) - self.tasks[task].done)

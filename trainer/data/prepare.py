@@ -30,6 +30,7 @@ import numpy as np
 
 from trainer.data.datasets import PREPARABLE, SHARD_NAME, DataError
 from trainer.errors import install_hint
+from trainer.phases import LineBar
 from trainer.writes import WriteError, check_room
 from trainer.data.tokenfiles import atomic_write, sidecar_path, write_llmc_shard, write_tokens
 
@@ -142,7 +143,7 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
     old = dataset_files(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     try:
-        with _progress(progress) as bar:
+        with _progress(progress, log) as bar:
             if name == "fineweb-edu":
                 shards = tokenize_to_shards(texts, encoder.encode, staging, name=shard_prefix,
                                             shard_size=shard_size or 100_000_000, max_tokens=max_tokens,
@@ -180,12 +181,15 @@ def _move_into_place(staging: Path, out_dir: Path, old: list[Path], done: Prepar
     done.files = [out_dir / f.name for f in done.files]
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, log: Callable[[str], None]):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     # on stderr, so `--json`-style stdout stays clean; each task's description names its unit.
-    # Only on a terminal: piped, rich's transient bar still leaves a blank line on stderr.
+    # A bar only on a terminal (piped, rich's transient bar still leaves a blank line on stderr);
+    # piped, a line with the count and the ETA every 30 s (trainer.phases), so no minute is silent.
     import sys
+    if enabled and not sys.stderr.isatty():
+        return LineBar(log)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), transient=True,
                     disable=not enabled or not sys.stderr.isatty())
