@@ -179,6 +179,17 @@ if _code:
         return _Failing(f) if named and any(c in mode for c in "wax+") else f
 
     os.fsync, builtins.open = fsync, open_
+
+# BAD_INPUTS_KILL_RANK=1: that rank of a run kills itself (SIGKILL, as the kernel's OOM killer
+# does) once rank 0 has logged a training step in o/metrics.jsonl.
+if os.environ.get("BAD_INPUTS_KILL_RANK") and os.environ.get("RANK") == os.environ["BAD_INPUTS_KILL_RANK"]:
+    import signal, threading, time
+
+    def _kill_after_a_step():
+        while '"type": "train"' not in (open("o/metrics.jsonl").read() if os.path.exists("o/metrics.jsonl") else ""):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=_kill_after_a_step, daemon=True).start()
 '''
 
 
@@ -427,6 +438,10 @@ ROWS: list[Row] = [
     Row("run --profile of a GPU, none here, dataset not prepared", ["run", "--profile", "rtx4070-12gb", "--set",
                                                                     "dataset=shakespeare_char"],
         skip="" if shutil.which("nvidia-smi") is None else "a GPU is here"),
+    Row("a rank killed in training (--nproc-per-node 2)", [*RUN[:-3], "--max-steps", "400", "--set", "log_interval=1",
+                                                          "--no-probe", "--nproc-per-node", "2", "--out", "o"],
+        inject, env={"PYTHONPATH": "inject", "BAD_INPUTS_KILL_RANK": "1", "OMP_NUM_THREADS": "1",
+                     "AUTOFIT_DIST_TIMEOUT": "60"}),
     Row("fresh run onto another run's metrics.jsonl", [*RUN, "--out", "o"], write("o/metrics.jsonl", '{"type": "run"}\n'),
         unchanged("o/metrics.jsonl", '{"type": "run"}\n')),
 ]
