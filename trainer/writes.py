@@ -166,7 +166,7 @@ class GuardedStream:
             os.close(devnull)
         if getattr(e, "errno", None) == errno.EPIPE:
             return SystemExit(1)
-        return refused(e, f"to {self._name}", "the output printed there before is incomplete")
+        return refused(e, f"to {self._name}")  # what is kept: the command's phase knows (cli.app._train)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)

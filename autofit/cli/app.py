@@ -178,13 +178,18 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
 
 def _train(cfg, opts) -> None:
     """The training run, and its report. The loop takes the first Ctrl-C itself (checkpoint, stop);
-    a second one stops at once, and the last checkpoint written is what is kept."""
+    a second one stops at once, and the last checkpoint written is what is kept (said too when the
+    disk refuses stdout or a file mid-run)."""
     from trainer.loop import train
+    from trainer.writes import WriteError
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
-    interrupts.during(lambda: f"interrupted during training, stopped at once; {ckpt} (the last checkpoint "
-                              f"written) is kept" if ckpt.exists() else
-                      "interrupted during training, stopped at once; no checkpoint was written")
-    _report_run(train(cfg, opts), cfg)
+    kept = lambda: f"{ckpt} (the last checkpoint written) is kept" if ckpt.exists() else "no checkpoint was written"
+    interrupts.during(lambda: f"interrupted during training, stopped at once; {kept()}")
+    try:
+        result = train(cfg, opts)
+    except WriteError as e:
+        raise e.with_kept(f"training stopped; {kept()}") from None
+    _report_run(result, cfg)
 
 
 def _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset) -> None:
@@ -226,8 +231,6 @@ def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
     moment, before either wrote a checkpoint) ends in one line instead of mixing metrics and
     overwriting the other's checkpoint. Rank 0 holds <out>/.autofit.lock (filelock) until the command ends.
     The folders a run writes (--out, tensorboard_dir) are checked first, before any trial."""
-    import os
-
     from filelock import FileLock, Timeout
 
     from trainer.checkpoint.ckpt import check_out_dir
