@@ -428,6 +428,7 @@ ROWS: list[Row] = [
     Row("stdout is /dev/full (config --json)", ["config", "--json"], stdout="full"),
     Row("stdout is /dev/full (probe)", [*PROBE, "--json"], stdout="full"),
     Row("stdout is /dev/full (run)", [*RUN, "--no-probe", "--out", "o"], stdout="full"),
+    Row("stdout is /dev/full (profiles show)", ["profiles", "show", "rtx4070-12gb"], stdout="full"),
     Row("stdout closed (config)", ["config"], stdout="closed"),
     Row("stdout closed (run)", [*RUN, "--out", "o"], check=absent("o"), stdout="closed"),
     Row("ENOSPC in profiles add", GTX, inject, absent("home/profiles/gtx1650-4gb.toml"),
