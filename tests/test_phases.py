@@ -170,3 +170,28 @@ def test_data_prepare_piped_says_count_and_eta_lines(monkeypatch):
     assert said == ["tokenizing (tokens): 250/1,000, ETA 2m 00s (from the rate measured so far)",
                     "tokenizing (tokens): 500/1,000, ETA 1m 20s (from the rate measured so far)",
                     "downloading input.txt (bytes): 2,048 so far"]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_probe_trial_is_acted_on_when_the_trial_ends(monkeypatch, capsys, sig):
+    import os
+    import signal
+
+    from autofit.planning import search
+    ran, finished = [], []
+    real = search.run_trial
+
+    def run_trial(*args, **kwargs):
+        ran.append(1)
+        if len(ran) == 2:  # the signal arrives while the second trial runs
+            os.kill(os.getpid(), getattr(signal, sig))
+        record = real(*args, **kwargs)
+        finished.append(record.status)
+        return record
+    monkeypatch.setattr(search, "run_trial", run_trial)
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = cli(monkeypatch, capsys, "probe", *CPU[:4], *TINY, "--checkpointing", "0", "--save")
+    assert len(ran) == 2 and len(finished) == 2 and code == 130  # the trial in flight finished, no other began
+    assert err.strip().splitlines()[-1] == ("autofit: interrupted during the probe; nothing was saved (the plan is "
+                                            "saved only after the probe)")
+    assert out == "" and signal.getsignal(signal.SIGTERM) is before
