@@ -139,6 +139,8 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
     if profile is not None:  # its card is here, and a probe may save into it: before data or trials
+        if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
+            raise UsageError("--no-probe and --profile exclude each other")
         from autofit.launch.run import check_profile_here
         check_profile_here(profile, emulate, opts)
     resuming = resume or cfg.init_from == "resume"
@@ -163,8 +165,6 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     from autofit.launch.torchrun import check_ranks
     check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
-        if profile is not None:
-            raise UsageError("--no-probe and --profile exclude each other")
         _train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
         return
     from autofit.launch.run import prepare_run
