@@ -50,6 +50,7 @@ class Row:
     by: str = "hardening"  # who fixes it: this branch, or e.g. 'confdata', 'lead', 'issue 11'
     skip: str = ""  # a reason this row cannot run here
     env: dict[str, str] = field(default_factory=dict)
+    stdout: str = ""  # 'full': stdout is /dev/full; 'closed': the command starts with fd 1 closed (`>&-`)
 
 
 # ---------------------------------------------------------------- set-ups
@@ -122,6 +123,108 @@ def unchanged(rel: str, text: str) -> Callable[[Path], str]:
 
 def absent(*rels: str) -> Callable[[Path], str]:
     return lambda t: ", ".join(f"{r} exists" for r in rels if (t / r).exists())
+
+
+# A sitecustomize.py put on the row's PYTHONPATH: the disk says no, by injection (no tiny tmpfs
+# here). BAD_INPUTS_FAIL_WRITE=ENOSPC:ckpt.pt makes fsync, and writes through open(), fail with
+# ENOSPC for every file whose path holds 'ckpt.pt' ('*': every file), as a full disk does;
+# ENOSPC:ckpt.pt:2 lets the first such file through (the disk fills up after it).
+FAIL_WRITES = r'''
+import builtins, errno, os
+_code, _part, _nth = (os.environ.get("BAD_INPUTS_FAIL_WRITE", "").split(":") + ["", ""])[:3]
+_seen = set()
+
+
+def _hit(name):
+    if _part != "*" and _part not in str(name):
+        return False
+    _seen.add(str(name))
+    return len(_seen) >= int(_nth or 1)
+
+
+def _fail(*args, **kwargs):
+    number = getattr(errno, _code)
+    raise OSError(number, os.strerror(number))
+
+
+class _Failing:
+    def __init__(self, f):
+        self._f = f
+
+    write = _fail
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+if _code:
+    _fsync, _open = os.fsync, builtins.open
+
+    def fsync(fd):
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            name = ""
+        return _fail() if _hit(name) else _fsync(fd)
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = _open(file, mode, *args, **kwargs)
+        named = isinstance(file, (str, bytes, os.PathLike)) and _hit(os.fsdecode(file))
+        return _Failing(f) if named and any(c in mode for c in "wax+") else f
+
+    os.fsync, builtins.open = fsync, open_
+
+# BAD_INPUTS_KILL_RANK=1: that rank of a run kills itself (SIGKILL, as the kernel's OOM killer
+# does) once rank 0 has logged a training step in o/metrics.jsonl.
+if os.environ.get("BAD_INPUTS_KILL_RANK") and os.environ.get("RANK") == os.environ["BAD_INPUTS_KILL_RANK"]:
+    import signal, threading, time
+
+    def _kill_after_a_step():
+        while '"type": "train"' not in (open("o/metrics.jsonl").read() if os.path.exists("o/metrics.jsonl") else ""):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=_kill_after_a_step, daemon=True).start()
+'''
+
+
+def failing(spec: str) -> dict[str, str]:
+    """The environment of a row whose writes fail as `spec` says ('ENOSPC:ckpt.pt'); its set-up
+    must include inject()."""
+    return {"PYTHONPATH": "inject", "BAD_INPUTS_FAIL_WRITE": spec}
+
+
+def inject(t: Path) -> None:
+    write("inject/sitecustomize.py", FAIL_WRITES)(t)
+
+
+def nanogpt_checkpoint_on_more_vocab(t: Path) -> None:
+    """o/ckpt.pt in nanoGPT's layout, trained on dataset 'd'; d then prepared again from another
+    text whose meta.pkl declares 21 more token ids than the checkpoint's model holds."""
+    import torch
+    (t / "o").mkdir()
+    ck = torch.load(CHECKPOINT / "ckpt.pt", weights_only=True)
+    cfg, vocab = ck["config"], ck["config"]["vocab_size"]
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+    torch.save({"model": ck["model"], "optimizer": ck["optimizer"], "model_args": {k: cfg[k] for k in keys},
+                "iter_num": ck["iter_num"], "best_val_loss": torch.tensor(1.0),
+                "config": {"dataset": "d", "batch_size": cfg["batch_size"], "block_size": cfg["block_size"],
+                           "gradient_accumulation_steps": cfg["gradient_accumulation_steps"], "max_iters": 100}},
+               t / "o" / "ckpt.pt")
+    tokens("d", list(range(vocab + 21)), 4, meta_vocab=vocab + 21)(t)
+
+
+def checkpoint_kept(t: Path) -> str:
+    """'' when o/ckpt.pt is the first checkpoint (step 1), whole, and no temp file is left."""
+    import torch
+    left = [p.name for p in (t / "o").iterdir() if p.name.startswith(".ckpt.pt")]
+    step = torch.load(t / "o" / "ckpt.pt", weights_only=True)["iter_num"]
+    return ", ".join(([] if step == 1 else [f"ckpt.pt is of step {step}"]) + [f"{n} left" for n in left])
 
 
 CORRUPT = "this is = [not toml"
@@ -304,6 +407,44 @@ ROWS: list[Row] = [
     Row("--config names a folder", ["config", "--config", "config"], setup=lambda t: (t / "config").mkdir(), by="qa"),
     Row("data prepare: text too short, piped", ["data", "prepare", "shakespeare_char", "--input", "a.txt", "--out", "d"],
         setup=write("a.txt", "a"), check=absent("d"), by="qa"),
+    # ---- issue 19, writing and phases (bounds-write)
+    Row("ENOSPC while saving the second checkpoint", [*RUN, "--no-probe", "--out", "o", "--max-steps", "3", "--set",
+                                                      "eval_interval=1", "--set", "always_save_checkpoint=true"],
+        inject, checkpoint_kept, env=failing("ENOSPC:ckpt.pt:2")),
+    Row("EIO while saving the first checkpoint", [*RUN, "--no-probe", "--out", "o"], inject, absent("o/ckpt.pt"),
+        env=failing("EIO:ckpt.pt")),
+    Row("a full disk on a fresh run", [*RUN, "--out", "o"], inject, absent("o"), env=failing("ENOSPC:*")),
+    Row("EIO writing metrics.jsonl", [*RUN, "--no-probe", "--out", "o"], inject, absent("o/ckpt.pt"),
+        env=failing("EIO:metrics.jsonl")),
+    Row("EROFS saving a profile (probe --save)", [*PROBE, "--save", "--json"], inject, absent(PROFILE_64),
+        env=failing("EROFS:cpu-64mb.toml")),
+    Row("EACCES writing --plot", [*PROBE, "--plot", "p.png", "--json"], inject, absent("p.png"),
+        env=failing("EACCES:p.png")),
+    Row("ENOSPC in data prepare", ["data", "prepare", "shakespeare_char", "--input", "a.txt", "--out", "d"],
+        both(inject, write("a.txt", "to be or not to be\n" * 500)), absent("d"), env=failing("ENOSPC:train.bin")),
+    Row("a full disk in data prepare", ["data", "prepare", "shakespeare_char", "--input", "a.txt", "--out", "d"],
+        both(inject, write("a.txt", "to be or not to be\n" * 500)), absent("d"), env=failing("ENOSPC:*")),
+    Row("stdout is /dev/full (config)", ["config"], stdout="full"),
+    Row("stdout is /dev/full (config --json)", ["config", "--json"], stdout="full"),
+    Row("stdout is /dev/full (probe)", [*PROBE, "--json"], stdout="full"),
+    Row("stdout is /dev/full (run)", [*RUN, "--no-probe", "--out", "o"], stdout="full"),
+    Row("stdout is /dev/full (profiles show)", ["profiles", "show", "rtx4070-12gb"], stdout="full"),
+    Row("stdout closed (config)", ["config"], stdout="closed"),
+    Row("stdout closed (run)", [*RUN, "--out", "o"], check=absent("o"), stdout="closed"),
+    Row("ENOSPC in profiles add", GTX, inject, absent("home/profiles/gtx1650-4gb.toml"),
+        env=failing("ENOSPC:gtx1650-4gb.toml")),
+    Row("nanoGPT checkpoint whose vocab the dataset's meta.pkl exceeds", ["run", "--resume", "--out", "o", *CPU,
+                                                                          "--no-progress"],
+        nanogpt_checkpoint_on_more_vocab),
+    Row("run --profile of a GPU, none here, dataset not prepared", ["run", "--profile", "rtx4070-12gb", "--set",
+                                                                    "dataset=shakespeare_char"],
+        skip="" if shutil.which("nvidia-smi") is None else "a GPU is here"),
+    Row("a rank killed in training (--nproc-per-node 2)", [*RUN[:-3], "--max-steps", "400", "--set", "log_interval=1",
+                                                          "--no-probe", "--nproc-per-node", "2", "--out", "o"],
+        inject, env={"PYTHONPATH": "inject", "BAD_INPUTS_KILL_RANK": "1", "OMP_NUM_THREADS": "1",
+                     "AUTOFIT_DIST_TIMEOUT": "60"}),
+    Row("fresh run onto another run's metrics.jsonl", [*RUN, "--out", "o"], write("o/metrics.jsonl", '{"type": "run"}\n'),
+        unchanged("o/metrics.jsonl", '{"type": "run"}\n')),
 ]
 
 # Rows whose fix is on another branch and has not landed here yet. Flip them as fixes merge.
@@ -330,12 +471,16 @@ def run_row(row: Row, python: str, timeout: float) -> Result:
         env.pop("AUTOFIT_FAULT_OOM_AT_STEP", None)
         args = [a.replace("{t}", str(t)) for a in row.args]
         start = time.monotonic()
+        out = open("/dev/full", "w") if row.stdout == "full" else subprocess.PIPE  # noqa: SIM115
         try:
-            proc = subprocess.run([python, "-m", "autofit.cli.app", *args], cwd=t, env=env, capture_output=True,
-                                  text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            proc = subprocess.run([python, "-m", "autofit.cli.app", *args], cwd=t, env=env, stdout=out,
+                                  stderr=subprocess.PIPE, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                                  preexec_fn=(lambda: os.close(1)) if row.stdout == "closed" else None)
         except subprocess.TimeoutExpired:
             return Result(row, None, f"timed out after {timeout:.0f} s", [f"timed out after {timeout:.0f} s"])
         finally:
+            if out is not subprocess.PIPE:
+                out.close()
             for folder in (t / "home" / "profiles", t / "ro", t / "home"):  # let the temp dir be removed
                 if folder.is_dir():
                     folder.chmod(0o755)
@@ -345,7 +490,7 @@ def run_row(row: Row, python: str, timeout: float) -> Result:
             problems.append("exit 0")
         if len(lines) != 1:
             problems.append(f"{len(lines)} lines on stderr")
-        if "Traceback" in proc.stderr or "Traceback" in proc.stdout:
+        if "Traceback" in proc.stderr or "Traceback" in (proc.stdout or ""):
             problems.append("traceback")
         if row.check is not None and (bad := row.check(t)):
             problems.append(bad)

@@ -62,8 +62,10 @@ def test_an_error_of_some_ranks_names_them_and_torchruns_sigterm_is_not_news():
     # torchrun's SIGTERM taken as a Ctrl-C (exit code 130) by a rank still in its session
     assert failed_lines({0: said("bad config"), 1: Failure(130)}, 2) == (["autofit: error: rank 0: bad config"], 2)
     assert failed_lines({0: Failure(130)}, 1) == (["autofit: rank 0 stopped with exit code 130"], 130)  # nobody said why
-    lines, code = failed_lines({0: said("rank 0: lost contact"), 1: Failure(-signal.SIGKILL)}, 2)
-    assert lines == ["autofit: error: rank 0: lost contact", "autofit: rank 1 stopped with signal SIGKILL"]
+    # issue 19: the cause once; rank 0's 'lost contact' is only its consequence
+    lost = "rank 0: lost contact with another rank (Connection closed by peer); stopping here, the last checkpoint is kept"
+    lines, code = failed_lines({0: said(lost), 1: Failure(-signal.SIGKILL)}, 2)
+    assert lines == ["autofit: rank 1 stopped with signal SIGKILL"] and code == 128 + signal.SIGKILL
     lines, code = failed_lines({0: Failure(-signal.SIGTERM), 1: Failure(1, "To enable traceback see: ...")}, 2)
     assert lines == ["autofit: rank 0 stopped with signal SIGTERM", "autofit: rank 1 stopped with exit code 1"]
     assert code == 128 + signal.SIGTERM
@@ -148,3 +150,23 @@ def test_torchruns_sigterm_to_a_rank_of_autofits_launcher_adds_no_line(monkeypat
         torchrun._raise_interrupt(signal.SIGTERM, None)
     assert (interrupts.line() is None) == launched
     interrupts.reset()
+
+
+def test_a_cause_is_said_once_and_consequences_only_when_nothing_else_is_known():
+    lost = "rank {}: lost contact with another rank (Connection closed by peer); stopping here, the last checkpoint is kept"
+    failed = "rank 0: rank 1 failed in this step (its own error is printed above); stopping here too"
+    lines, code = failed_lines({0: said(failed), 1: said("rank 1: the loss is not finite at step 3")}, 2)
+    assert lines == ["autofit: error: rank 1: the loss is not finite at step 3"] and code == 2
+    lines, code = failed_lines({0: said(lost.format(0)), 1: said(lost.format(1)), 2: said(lost.format(2))}, 3)
+    assert lines == [f"autofit: error: {lost.format(0)}"]  # each lost the others (a network fault): once
+
+
+def test_a_lost_peer_is_one_line_without_gloos_source_paths_nor_nested():
+    from trainer.distributed.ranks import Ranks, peer_lost
+    r = Ranks(rank=0, local_rank=0, world_size=2)
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                        "[127.0.0.1]:29500\nException raised from ...")
+    line = str(peer_lost(gloo, r))
+    assert line == ("rank 0: lost contact with another rank (Connection closed by peer [127.0.0.1]:29500); "
+                    "stopping here, the last checkpoint is kept")
+    assert str(peer_lost(peer_lost(gloo, r), r)) == line  # said once, not wrapped again

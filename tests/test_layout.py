@@ -12,8 +12,8 @@ PARTS = {
     "autofit": {"units": 0, "interrupts": 0, "records": 0, "profiles": 1, "devices": 2, "planning": 3,
                 "launch": 4, "report": 4, "cli": 5, "__main__": 6, "__init__": 0},
     "trainer": {"errors": 0, "interrupt": 0, "meter": 0, "clock": 0, "schedule": 0, "compiler": 0, "step": 0, "__init__": 0,
-                "data": 1, "config": 2, "model": 2, "checkpoint": 3, "distributed": 3,
-                "options": 4, "recovery": 4, "evaluate": 4, "metrics": 4, "sample": 4, "loop": 5},
+                "writes": 1, "phases": 1, "data": 2, "config": 3, "model": 3, "checkpoint": 4, "distributed": 4,
+                "options": 5, "recovery": 5, "evaluate": 5, "metrics": 5, "sample": 5, "loop": 6},
 }
 
 

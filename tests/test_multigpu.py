@@ -238,10 +238,9 @@ def test_a_rank_killed_with_sigkill_makes_the_other_stop_with_one_line(tmp_path)
         _, err = proc.communicate(timeout=LAUNCH_TIMEOUT)  # far below the 3600 s collective timeout
     finally:
         proc.kill()
-    assert proc.returncode != 0
-    lines = [ln for ln in err.splitlines() if ln.startswith("autofit: error:")]
-    assert len(lines) == 1 and lines[0].startswith("autofit: error: rank 0: lost contact with another rank"), err
-    assert "autofit: rank 1 stopped with signal SIGKILL" in err and "Traceback" not in err
+    assert proc.returncode == 128 + signal.SIGKILL
+    # issue 19: the cause, once; rank 0's 'lost contact' is its consequence, not news
+    assert err.strip().splitlines() == ["autofit: rank 1 stopped with signal SIGKILL"], err
 
 
 def test_fsdp2_matches_ddp_with_a_lower_peak_per_rank(tmp_path, two_ranks):

@@ -101,7 +101,9 @@ def test_shakespeare_bpe_encodes_each_split_whole(tmp_path, text_file):
 
 def test_missing_tiktoken_is_one_line_before_any_work(tmp_path, text_file, monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
-    with pytest.raises(DataError, match=r"tiktoken is not installed .*pip install 'autofit\[data\]'"):
+    # the package and the checkout's extra; not 'autofit[data]' (issue 19: an unrelated autofit is on the index)
+    with pytest.raises(DataError, match=r'tiktoken is not installed .*pip install tiktoken \(from an autofit checkout: '
+                                        r'pip install -e "\.\[data\]"\)'):
         prepare("shakespeare", tmp_path / "sh", input_path=text_file, progress=False)
     assert not (tmp_path / "sh").exists()  # not even an empty folder, which loading would call a broken dataset
 

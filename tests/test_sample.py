@@ -195,7 +195,7 @@ def test_tiktoken_offline_is_one_line(monkeypatch):
     with pytest.raises(SampleError, match="could not load the GPT-2 encoding \\(ConnectionError\\).*TIKTOKEN_CACHE_DIR"):
         pick_codec("openwebtext", 50304)
     monkeypatch.setitem(sys.modules, "tiktoken", None)
-    with pytest.raises(SampleError, match=r"GPT-2 BPE needs tiktoken: pip install 'autofit\[hf\]'"):
+    with pytest.raises(SampleError, match=r"GPT-2 BPE needs tiktoken: pip install huggingface_hub safetensors tiktoken \(from an autofit checkout"):
         pick_codec("openwebtext", 50304)
 
 

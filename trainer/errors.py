@@ -4,3 +4,14 @@
 class TrainError(RuntimeError):
     """A failure the user can act on (one line, no traceback): no checkpoint to resume, a
     checkpoint of another model, no smaller micro-batch left after an out-of-memory error."""
+
+
+def install_hint(extra: str, *packages: str) -> str:
+    """How to install what an optional feature needs: the packages themselves, and the extra of
+    pyproject.toml from a checkout; never an extra of 'autofit' from the package index: this autofit
+    is not published there, and an unrelated package of that name is.
+
+    >>> install_hint("plot", "matplotlib")
+    'pip install matplotlib (from an autofit checkout: pip install -e ".[plot]")'
+    """
+    return f'pip install {" ".join(packages)} (from an autofit checkout: pip install -e ".[{extra}]")'

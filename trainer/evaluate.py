@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from trainer.data.datasets import BatchSampler
+from trainer.phases import PhaseProgress
 from trainer.step import autocast
 
 
@@ -34,38 +35,52 @@ class Evaluator:
         self.meter = meter
         self.on_event = on_event
         self.agree = agree
+        self.stop: Callable[[], bool] = lambda: False  # set by the training loop: a stop was asked for
+        self.say: Callable[[str], None] = lambda line: None  # where progress lines go
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """{'train': loss, 'val': loss}; the model is put back in training mode afterwards."""
+    def evaluate(self, model: torch.nn.Module, label: str = "evaluation") -> dict[str, float] | None:
+        """{'train': loss, 'val': loss}, or None when `stop()` says to stop: checked before each
+        batch, so a Ctrl-C or SIGTERM is acted on when the batch in flight ends (with several ranks
+        `stop` is the ranks' agreed answer, the same on all). Says the count and ETA through `say`
+        now and then (trainer.phases). The model is put back in training mode afterwards."""
         model.eval()
         out = {}
-        for split in ("train", "val"):
-            total = 0.0
-            for _ in range(self.iters):
-                x, y = self.sampler.sample(split, self.batch_size)
-                while True:
-                    oom = None
-                    try:
-                        loss = self.batch_loss(model, x, y)
-                    except Exception as e:
-                        if not self.meter.is_oom(e):
-                            raise
-                        oom = e
-                    if not self.agree(oom is not None):  # every rank redoes the batch when one ran out
-                        total += loss
-                        break
-                    if self.micro_batch <= 1:  # all ranks give up together: none waits on one that raised
-                        raise oom if oom is not None else torch.OutOfMemoryError(
-                            "out of memory in evaluation on another rank at eval micro-batch 1")
-                    oom = None  # its traceback would keep the failed batch's tensors alive
-                    gc.collect()
-                    self.meter.cleanup()
-                    self.micro_batch = max(1, self.micro_batch // 2)
-                    self.on_event("eval_oom_shrink", eval_micro_batch=self.micro_batch)
-            out[split] = total / self.iters
-        model.train()
+        progress = PhaseProgress(label, 2 * self.iters, self.say)
+        try:
+            for split in ("train", "val"):
+                total = 0.0
+                for _ in range(self.iters):
+                    if self.stop():
+                        return None
+                    x, y = self.sampler.sample(split, self.batch_size)
+                    total += self._agreed_loss(model, x, y)
+                    progress.tick()
+                out[split] = total / self.iters
+        finally:
+            model.train()
         return out
+
+    def _agreed_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The loss of one batch, redone at half the micro-batch while any rank runs out of memory."""
+        while True:
+            oom = None
+            try:
+                loss = self.batch_loss(model, x, y)
+            except Exception as e:
+                if not self.meter.is_oom(e):
+                    raise
+                oom = e
+            if not self.agree(oom is not None):  # every rank redoes the batch when one ran out
+                return loss
+            if self.micro_batch <= 1:  # all ranks give up together: none waits on one that raised
+                raise oom if oom is not None else torch.OutOfMemoryError(
+                    "out of memory in evaluation on another rank at eval micro-batch 1")
+            oom = None  # its traceback would keep the failed batch's tensors alive
+            gc.collect()
+            self.meter.cleanup()
+            self.micro_batch = max(1, self.micro_batch // 2)
+            self.on_event("eval_oom_shrink", eval_micro_batch=self.micro_batch)
 
     def batch_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = 0.0

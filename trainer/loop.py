@@ -161,10 +161,11 @@ class Trainer:
         try:
             with self.meter.tracking(), StopFlag() as stop, progress:
                 self.group.watch(stop)
+                self.evaluator.stop, self.evaluator.say = (lambda: self.group.stop_now(stop)), progress.print
                 self._say_opening()
                 if cfg.eval_only:  # nanoGPT's eval_only: evaluate once, train nothing, save nothing
                     self._evaluate_and_save(self.iter_num, save=False)
-                    stop_at = self.iter_num
+                    stop_at, status = self.iter_num, "interrupted" if self.last_eval is None else "evaluated"
                 while True:
                     it = self.iter_num
                     if self._eval_due(it):
@@ -193,7 +194,7 @@ class Trainer:
         if status == "interrupted":
             self.metrics.write({"type": "interrupted", "step": self.iter_num, "signal": stop.signal})
         return RunResult(steps=self.iter_num, losses=self.losses, tokens=tokens,
-                         micro_batches=list(self.micro_batches), status="evaluated" if cfg.eval_only else status,
+                         micro_batches=list(self.micro_batches), status=status,
                          events=self.events, checkpoint=ckpt, last_eval=self.last_eval)
 
     def _write_run_record(self) -> None:
@@ -369,7 +370,10 @@ class Trainer:
             and it != self.last_eval_iter
 
     def _evaluate_and_save(self, it: int, save: bool = True) -> None:
-        ev = self.group.mean_dict(self.evaluator.evaluate(self.model))  # every rank decides alike
+        ev = self.evaluator.evaluate(self.model, f"evaluation at step {it}")
+        if ev is None:  # a stop asked for during it: the loop checkpoints the steps done and stops
+            return
+        ev = self.group.mean_dict(ev)  # every rank decides alike
         self.last_eval_iter = it
         self.last_eval = ev
         self.metrics.write({"type": "eval", "step": it, "train_loss": ev["train"], "val_loss": ev["val"]})
@@ -388,7 +392,8 @@ class Trainer:
         if not self.master:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({**training_state(self), **extra}, self.ckpt_path)
+        atomic_torch_save({**training_state(self), **extra}, self.ckpt_path,
+                          what=f"checkpoint {self.ckpt_path} (step {self.iter_num})")
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.errors import TrainError
+from trainer.errors import TrainError, install_hint
+from trainer.writes import append_lines
 
 # The line printed for each event kind; fields come from the event record.
 EVENT_TEXT = {
@@ -50,8 +51,9 @@ def describe_step(rec: dict) -> str:
 
 
 class MetricsLog:
-    """Appends records to <out_dir>/metrics.jsonl, and to each attached sink (WandbSink,
-    TensorBoardSink); writes nothing on ranks other than 0."""
+    """Appends records to <out_dir>/metrics.jsonl (whole lines, through trainer.writes), and to
+    each attached sink (WandbSink, TensorBoardSink); writes nothing on ranks other than 0. Raises
+    WriteError when the disk refuses a record, saying whether the folder's checkpoint is kept."""
 
     def __init__(self, out_dir: Path, master: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -61,9 +63,10 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.master:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        ckpt = self.path.with_name("ckpt.pt")
+        append_lines(self.path, [json.dumps(record)], what=f"metrics {self.path}",
+                     kept=f"training stopped; {ckpt} (the last checkpoint written) is kept" if ckpt.exists()
+                     else "training stopped; no checkpoint was written")
         for sink in self.sinks:
             sink.log(record)
 
@@ -73,8 +76,17 @@ class MetricsLog:
         self.sinks = []
 
 
-WANDB_HINT = "pip install 'autofit[wandb]'"
-TENSORBOARD_HINT = "pip install 'autofit[tensorboard]'"
+WANDB_HINT = install_hint("wandb", "wandb")
+TENSORBOARD_HINT = install_hint("tensorboard", "tensorboard")
+
+
+def check_fresh_folder(out_dir: str | Path) -> None:
+    """Raises TrainError when a fresh run would append to another run's metrics.jsonl: the folder
+    holds one but no checkpoint to resume (that run stopped before its first checkpoint)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if path.is_file() and path.stat().st_size > 0 and not (Path(out_dir) / "ckpt.pt").exists():
+        raise TrainError(f"{path} holds the records of an earlier run (with no checkpoint to resume); a new run "
+                         f"would mix its records into them: move it away, or choose another --out")
 
 
 def _numbers(record: dict) -> dict[str, float]:

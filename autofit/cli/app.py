@@ -44,7 +44,7 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
               gpu_index: Optional[int] = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
               compile: Optional[bool] = CompileOpt, checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
               save: bool = typer.Option(False, "--save", help="Store the fitted plan in this device's profile."),
-              plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install 'autofit[plot]')."),
+              plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install matplotlib, or in a checkout pip install -e \".\\[plot]\")."),
               verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the budget, every candidate and why the plan won."),
               as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
     """Measure what fits on this device (or estimate it for --gpu NAME) and print the plan."""
@@ -73,9 +73,12 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
             saved = {"profile": name, "fingerprint": fp, "path": str(path)}
         except ProfileError as e:  # shown after the plan: a failed save must not hide what was measured
             save_error = e
-    if plot is not None:
-        from autofit.report.plot import plot_probe
-        plot_probe(res, cfg, plot)
+    if plot is not None:  # a plot the disk refuses is said after the plan, as a failed save is
+        from autofit.report.plot import PlotError, plot_probe
+        try:
+            plot_probe(res, cfg, plot)
+        except PlotError as e:
+            save_error, plot = save_error or e, None
     if as_json:
         out = res.to_json()
         if saved:
@@ -135,9 +138,11 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         cfg.out_dir = out
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
-    if profile is not None:  # a probe may save into it: writable before any trial runs
-        from autofit.profiles.store import check_profiles_writable
-        check_profiles_writable(profile)
+    if profile is not None:  # its card is here, and a probe may save into it: before data or trials
+        if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
+            raise UsageError("--no-probe and --profile exclude each other")
+        from autofit.launch.run import check_profile_here
+        check_profile_here(profile, emulate, opts)
     resuming = resume or cfg.init_from == "resume"
     if not resuming:  # before the output folder is made: a run with no step to train writes nothing
         from autofit.launch.run import check_steps_left
@@ -160,8 +165,6 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     from autofit.launch.torchrun import check_ranks
     check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
-        if profile is not None:
-            raise UsageError("--no-probe and --profile exclude each other")
         _train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
         return
     from autofit.launch.run import prepare_run
@@ -175,13 +178,18 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
 
 def _train(cfg, opts) -> None:
     """The training run, and its report. The loop takes the first Ctrl-C itself (checkpoint, stop);
-    a second one stops at once, and the last checkpoint written is what is kept."""
+    a second one stops at once, and the last checkpoint written is what is kept (said too when the
+    disk refuses stdout or a file mid-run)."""
     from trainer.loop import train
+    from trainer.writes import WriteError
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
-    interrupts.during(lambda: f"interrupted during training, stopped at once; {ckpt} (the last checkpoint "
-                              f"written) is kept" if ckpt.exists() else
-                      "interrupted during training, stopped at once; no checkpoint was written")
-    _report_run(train(cfg, opts), cfg)
+    kept = lambda: f"{ckpt} (the last checkpoint written) is kept" if ckpt.exists() else "no checkpoint was written"
+    interrupts.during(lambda: f"interrupted during training, stopped at once; {kept()}")
+    try:
+        result = train(cfg, opts)
+    except WriteError as e:
+        raise e.with_kept(f"training stopped; {kept()}") from None
+    _report_run(result, cfg)
 
 
 def _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset) -> None:
@@ -223,8 +231,6 @@ def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
     moment, before either wrote a checkpoint) ends in one line instead of mixing metrics and
     overwriting the other's checkpoint. Rank 0 holds <out>/.autofit.lock (filelock) until the command ends.
     The folders a run writes (--out, tensorboard_dir) are checked first, before any trial."""
-    import os
-
     from filelock import FileLock, Timeout
 
     from trainer.checkpoint.ckpt import check_out_dir
@@ -286,15 +292,15 @@ def _plan_line(p) -> str:
 def _check_fresh_run(cfg, log) -> None:
     """Checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
     overwrite a checkpoint; bad data is reported before trials, not after them."""
+    from autofit.launch.run import check_data
     from trainer.checkpoint.ckpt import check_out_dir
-    from trainer.data.datasets import load_dataset
+    from trainer.metrics import check_fresh_folder
     check_out_dir(cfg.out_dir)
     if (Path(cfg.out_dir) / "ckpt.pt").exists():
         raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
                          f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
-    data = load_dataset(cfg.dataset)
-    data.check_vocab(cfg.vocab_size)
-    data.check_block_size(cfg.block_size)
+    check_fresh_folder(cfg.out_dir)  # no checkpoint, but another run's metrics.jsonl: not appended to
+    check_data(cfg)
     src = cfg.source_of("vocab_size")
     from autofit.launch.torchrun import LAUNCHED_ENV
     said_by_launcher = os.environ.get(LAUNCHED_ENV) is not None  # --nproc-per-node checked it once already
@@ -326,8 +332,9 @@ app.registered_commands += sample_app.registered_commands
 def _report_run(result, cfg) -> None:
     if result.status == "interrupted":
         interrupts.said()
-        err_console.print(f"interrupted after step {result.steps}; checkpoint saved to {result.checkpoint}; "
-                          f"continue with: autofit run --resume --out {shlex.quote(str(cfg.out_dir))}", markup=False)
+        err_console.print(f"interrupted after step {result.steps}; " + (
+            f"checkpoint saved to {result.checkpoint}; continue with: autofit run --resume --out "
+            f"{shlex.quote(str(cfg.out_dir))}" if result.checkpoint else "nothing was saved (eval_only)"), markup=False)
         raise typer.Exit(interrupts.EXIT_CODE)
     if result.status == "evaluated":
         ev = result.last_eval or {}
@@ -356,7 +363,9 @@ def main() -> None:
     interrupts.reset()
     try:
         from autofit.launch.torchrun import error_prefix, quiet_unless_rank0, report_error, session
-        with session():  # torchrun: one process group for the command, left at the end
+        from trainer.writes import guarded_stdout
+        # stdout closed: refused; full: one line (trainer.writes). torchrun: one process group, left at the end
+        with guarded_stdout(), session():
             quiet_unless_rank0(console, err_console)
             code = _run_app()
         if code == interrupts.EXIT_CODE:  # typer turns a Ctrl-C inside a command into exit code 130, silently

@@ -13,7 +13,9 @@ from rich.console import Console
 
 # Piped output (CI logs, `| less`, a file) is not wrapped: lines are soft-wrapped (left whole for
 # the reader's pager), and tables get 200 columns instead of rich's default 80.
-console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=not sys.stdout.isatty())
+# (A closed stdout, `>&-`, is None here; cli.app.main refuses it in one line.)
+_tty = sys.stdout is not None and sys.stdout.isatty()
+console = Console(width=None if _tty else 200, soft_wrap=not _tty)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=not sys.stderr.isatty())
 
 

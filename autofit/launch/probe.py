@@ -71,8 +71,11 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
                             compute_capability=info.compute_capability, world_size=ranks.world_size)
     space = agree.space(space)  # several ranks: what every rank's card can run
     _wait_if_asked()
-    settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed)
-    return probe_measured(cfg, device, budget, space, settings=settings, log=log)
+    from trainer.interrupt import StopFlag
+    with StopFlag() as stop:  # Ctrl-C/SIGTERM: the trial in flight ends, then the probe stops (a second: at once)
+        settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed,
+                                 stop=lambda: stop.signal is not None)
+        return probe_measured(cfg, device, budget, space, settings=settings, log=log)
 
 
 def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: None):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from autofit.planning import agree
 from autofit.devices.opener import reopen_device
-from autofit.launch.run import Launch, check_steps_left, prepare_run
+from autofit.launch.run import Launch, check_data, check_steps_left, prepare_run
 from autofit.records import PlanRecord
 from trainer.checkpoint.ckpt import device_spec, read_checkpoint, resume_changes
 from trainer.config.train_config import FIELDS, ConfigError, TrainConfig
@@ -132,6 +132,7 @@ def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_step
     cfg, _ = _with_changes(saved, overrides, allow_changes, log, sources)
     check_steps_left(int(ck.iter_num), cfg, max_steps, resuming=True)  # before the probe
     cfg.out_dir = str(path.parent)
+    check_data(cfg, vocab_fixed_by=str(path))  # before the probe: its vocab_size cannot change
     log(f"{path} is a nanoGPT checkpoint (step {ck.iter_num}): continuing it with its weights and optimizer "
         f"state on a plan probed now" + (f"; nanoGPT settings autofit does not use: {', '.join(dropped)}" if dropped else ""))
     for item in ck.not_restored:

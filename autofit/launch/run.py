@@ -19,8 +19,8 @@ from autofit.devices.device import DeviceError
 from autofit.devices.opener import open_device
 from autofit.devices.hardware import cpu_slug, load_builtin, slug_for
 from autofit.launch.probe import ProbeOptions, probe_on, run_probe
-from autofit.profiles.store import (FittedPlan, ProfileError, find_plan, fingerprint, fingerprint_inputs,
-                              load_profile, nearest_plan, record_event, save_plan)
+from autofit.profiles.store import (FittedPlan, ProfileError, check_profiles_writable, find_plan, fingerprint,
+                                   fingerprint_inputs, load_profile, nearest_plan, record_event, save_plan)
 from autofit.records import PlanRecord, ProbeResult
 from trainer.config.train_config import config_summary
 from trainer.loop import RunOptions
@@ -206,10 +206,35 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
                    plan_info_extra={"source": "probe", **extra})
 
 
-def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
-    """The CUDA device for a GPU profile: (device, emulated_on or None). This GPU must be the
-    profile's card, or a larger one with --emulate (capped to the profile's memory)."""
-    from autofit.devices.cuda import detect_gpu, open_cuda_device, set_allocator_conf
+def check_data(cfg, vocab_fixed_by: str = "") -> None:
+    """Before any probe: the dataset exists, every token id fits cfg.vocab_size, and each split
+    holds one sequence. `vocab_fixed_by`: the checkpoint whose model fixes vocab_size (a resume),
+    so that the advice is one a next attempt can follow. Raises DataError (one line)."""
+    from trainer.data.datasets import load_dataset
+    data = load_dataset(cfg.dataset)
+    fix = (f"{vocab_fixed_by}'s model has vocab_size {cfg.vocab_size}, which a resume cannot change: resume it "
+           f"on the data it was trained on, or start a new run with another --out") if vocab_fixed_by else ""
+    data.check_vocab(cfg.vocab_size, fix)
+    data.check_block_size(cfg.block_size)
+
+
+def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions) -> None:
+    """Before the dataset is read and before any probe: the profile exists, a GPU profile's card
+    (or a larger one with --emulate) is here, and the profiles folder takes a plan a probe would
+    save. Raises ProfileError or DeviceError (one line)."""
+    check_profiles_writable(profile)
+    saved = load_profile(profile, builtin=_builtin_hardware)
+    if saved is None:
+        raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(sorted(load_builtin()))}; "
+                           f"create one with autofit probe --save)")
+    if (saved.hardware or {}).get("kind") != "cpu":
+        _gpu_here(profile, saved.hardware or {}, emulate, probe_opts)
+
+
+def _gpu_here(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
+    """(NVML index, DeviceInfo, its profile slug) of the GPU that would run `profile`: the
+    profile's card, or a larger one with --emulate. Raises DeviceError naming what is wrong."""
+    from autofit.devices.cuda import detect_gpu, set_allocator_conf
     set_allocator_conf()  # before anything can initialise CUDA
     from autofit.devices.ranks import gpu_index
     if probe_opts.gpu_index is not None and agree.ranks().several:
@@ -230,6 +255,15 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
         if not emulate:
             raise DeviceError(f"this GPU is {here}, larger than the profile's {profile}; add --emulate to cap this "
                               f"process to {profile}'s memory and train as if on that card")
+    return index, info, here
+
+
+def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
+    """The CUDA device for a GPU profile: (device, emulated_on or None). This GPU must be the
+    profile's card, or a larger one with --emulate (capped to the profile's memory)."""
+    from autofit.devices.cuda import open_cuda_device
+    index, info, here = _gpu_here(profile, hw, emulate, probe_opts)
+    cap = int(hw.get("memory_bytes") or 0)
     emulated_on = here if here != profile else None
     from autofit.devices.hardware import ASSUMED_DRIVER_RESERVED_SHARE
     reserved = hw.get("driver_reserved_bytes")

@@ -198,22 +198,19 @@ def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
     """The launcher's report of failed ranks (torchrun's ProcessFailure per global rank, with
     .message, .error_file_data, .exitcode, .signal_name()): (lines for stderr, exit code).
 
-    Each distinct error line the ranks reported (report_error) is printed once: as it is when
-    every rank reported it (a config error), else prefixed with the ranks that did. A rank that
-    died without a line is named with its exit code or signal, except one torchrun stopped with
-    SIGTERM because another rank had failed (dead of the signal, or exit code 130 when the rank
-    took it as a Ctrl-C). The exit code is the first reporting rank's (2, a
-    user error, if torchrun's SIGTERM ended it after its line), else the first failed rank's."""
+    The user reads the cause, once. Each distinct error line the ranks reported (report_error)
+    is printed once: as it is when every rank reported it (a config error), else prefixed with
+    the ranks that did. A rank that died without a line is named with its exit code or signal,
+    except one torchrun stopped with SIGTERM because another rank had failed (dead of the signal,
+    or exit code 130 when the rank took it as a Ctrl-C). Lines that only say a rank stopped
+    because of another (lost contact, 'rank N failed in this step': trainer.distributed.ranks.
+    CONSEQUENCES) are left out when a cause is known, and said once when none is. The exit code
+    is the first cause's: the reporting rank's (2, a user error, if torchrun's SIGTERM ended it
+    after its line), else the failed rank's."""
+    from trainer.distributed.ranks import CONSEQUENCES
     said = {r: f.message for r, f in failures.items()
             if isinstance(getattr(f, "error_file_data", None), dict) and f.error_file_data.get("autofit")}
     lines, codes = [], []
-    for msg in dict.fromkeys(said[r] for r in sorted(said)):
-        who = [r for r in sorted(said) if said[r] == msg]
-        named = len(who) == nproc or msg.startswith("rank ")
-        lines.append(f"autofit: error: {msg}" if named else
-                     f"autofit: error: rank {', '.join(map(str, who))}: {msg}")
-        # a rank that wrote its line may still be stopped by torchrun's SIGTERM on its way out
-        codes += [c for c in (failures[r].exitcode for r in who) if c > 0][:1] or [2]
     for rank, f in sorted(failures.items()):
         # torchrun's SIGTERM after another rank's error: the rank died of it, or took it as a
         # Ctrl-C (session: exit code 130) when it came before the rank's own handler was gone
@@ -222,4 +219,18 @@ def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
         how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
         lines.append(f"autofit: rank {rank} stopped with {how}")
         codes.append(128 - f.exitcode if f.exitcode < 0 else f.exitcode)
-    return lines, (codes[0] if codes else 1)
+    causes = {r: m for r, m in said.items() if not any(w in m for w in CONSEQUENCES)}
+    if causes or lines:
+        said = causes
+    else:  # only consequences: each rank lost the others; one line says so
+        said = dict([min(said.items())]) if said else {}
+    reported, reported_codes = [], []
+    for msg in dict.fromkeys(said[r] for r in sorted(said)):
+        who = [r for r in sorted(said) if said[r] == msg]
+        named = len(who) == nproc or msg.startswith("rank ")
+        reported.append(f"autofit: error: {msg}" if named else
+                        f"autofit: error: rank {', '.join(map(str, who))}: {msg}")
+        # a rank that wrote its line may still be stopped by torchrun's SIGTERM on its way out
+        reported_codes += [c for c in (failures[r].exitcode for r in who) if c > 0][:1] or [2]
+    codes = reported_codes + codes
+    return reported + lines, (codes[0] if codes else 1)

@@ -29,6 +29,11 @@ def ranks() -> D.Ranks:
     return r if r.several and dist.is_available() and dist.is_initialized() else D.Ranks()
 
 
+def stop_wanted(flag: bool) -> bool:
+    """Whether any rank was asked to stop (after a trial): every rank stops after the same one."""
+    return D.any_over_ranks(flag, ranks())
+
+
 def rank_batch(cfg) -> int:
     """Sequences per optimizer step on each rank: the effective batch over the world size."""
     return cfg.effective_batch // ranks().world_size

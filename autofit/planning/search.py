@@ -89,6 +89,8 @@ class TrialRunner:
                  + (f" ({r.note})" if r.note and r.status != 'fit' else ""))
         self._cache[cand] = r
         self.trials.append(r)
+        if agree.stop_wanted(self.settings.stop()):  # a Ctrl-C/SIGTERM is acted on when the trial ends
+            raise KeyboardInterrupt
         return r
 
     def _trial(self, cand: Candidate, estimated_peak_bytes: int) -> TrialRecord:

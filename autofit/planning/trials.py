@@ -12,6 +12,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -42,6 +43,8 @@ class TrialSettings:
     # spill instead of raising OOM (Windows' and WSL's sysmem fallback); elsewhere it would only
     # misfire on timing noise.
     spill_check: bool | None = None
+    # A stop was asked for (Ctrl-C/SIGTERM, trainer.interrupt.StopFlag): checked after each trial.
+    stop: Callable[[], bool] = lambda: False
 
 
 def trial_split(rank_batch: int, micro_batch: int) -> list[int]:

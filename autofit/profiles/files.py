@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,28 +122,12 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` (UTF-8) atomically: temp file beside it, fsync, rename. On any
-    failure the old file is untouched and no temp file is left; OSError becomes ProfileError."""
+    """Replace `path` with `text` (UTF-8) atomically through trainer.writes.atomic_write (temp file
+    beside it, fsync, rename, fsync of the folder). On any failure the old file is untouched and
+    no temp file is left; the disk's refusal becomes a ProfileError of one line."""
+    from trainer.writes import WriteError, atomic_write
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise ProfileError(f"cannot write profile file {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        if isinstance(exc, OSError):
-            raise ProfileError(f"cannot write profile file {path}: {exc.strerror or exc}") from None
-        raise
-    # Make the rename itself durable; not every platform lets a directory be opened or fsynced.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")), what=f"profile file {path}",
+                     kept=f"{path} is as it was" if path.exists() else "no profile file was written")
+    except WriteError as exc:
+        raise ProfileError(str(exc)) from None

@@ -6,20 +6,19 @@ range, the trials' measured peaks as points, out-of-memory trials as crosses (at
 peak: an OOM has no measured one), the budget as a horizontal line and the chosen plan circled.
 Every legend entry says whether it is measured or estimated.
 
-matplotlib is an optional dependency (`pip install 'autofit[plot]'`). Only its object API is used
+matplotlib is an optional dependency (`pip install -e ".[plot]"` in a checkout, or `pip install matplotlib`). Only its object API is used
 (Figure + savefig, no pyplot), so no GUI backend is ever started and no global state is changed.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 from autofit.units import GiB, MiB, fmt_bytes
+from trainer.errors import install_hint
 
 FORMATS = (".png", ".svg")
-INSTALL = "pip install 'autofit[plot]' (or: pip install matplotlib)"
+INSTALL = install_hint("plot", "matplotlib")
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -111,22 +110,14 @@ def build_figure(res, cfg):
 
 
 def plot_probe(res, cfg, path: Path) -> Path:
-    """Draw `res` to `path` (.png or .svg), atomically (temp file, fsync, rename). Raises PlotError."""
+    """Draw `res` to `path` (.png or .svg), atomically (trainer.writes.atomic_write: temp file,
+    fsync, rename). Raises PlotError (one line: the disk's reason, and that the plan is printed)."""
+    from trainer.writes import WriteError, atomic_write
     path = Path(path)
     fig = build_figure(res, cfg)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                               suffix=path.suffix)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format=path.suffix.lower().lstrip("."))
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a picture is for sharing
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise PlotError(f"--plot {path}: cannot write: {exc.strerror or exc}") from None
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lower().lstrip(".")), what=f"--plot {path}",
+                     kept="the plan is printed without it")
+    except WriteError as exc:
+        raise PlotError(str(exc)) from None
     return path

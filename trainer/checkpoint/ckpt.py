@@ -7,7 +7,6 @@ the same plan on the same device (the plan, the micro-batches in use, the device
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from trainer.errors import TrainError
 from trainer.checkpoint.safe_load import UnsafeOrUnreadable, load_weights_only
 from trainer.model.gpt import model_args_of
+from trainer.writes import atomic_write, check_room
 
 # Every key a resume reads: a checkpoint lacking one is refused before any work.
 CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_sampler", "rng_cpu",
@@ -25,37 +25,28 @@ CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Temp file, fsync, rename: a crash mid-write never leaves a half checkpoint at `path`, and a
-    failed write leaves no temp file behind (checkpoints can be GBs)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def atomic_torch_save(obj: Any, path: Path, what: str | None = None) -> None:
+    """torch.save through trainer.writes.atomic_write (temp file, fsync, rename): a crash or a full
+    disk never leaves a half checkpoint at `path`, nor a temp file (checkpoints can be GBs). Raises
+    WriteError (one line: `what`, default 'checkpoint PATH', the reason, and that the previous
+    checkpoint is kept as it was, or that there was none)."""
+    kept = (f"the previous checkpoint {path} is kept as it was" if path.exists() else
+            f"no checkpoint was written (there was none in {path.parent} before)")
+    atomic_write(path, lambda f: torch.save(obj, f), what=what or f"checkpoint {path}", kept=kept)
 
 
 def check_out_dir(path: str | Path, what: str = "--out") -> None:
     """Raises TrainError (one line, naming `what`: '--out', 'tensorboard_dir') when `path` cannot
-    hold a run's files: a file on the way, or a folder this process cannot write in. Checked before
-    any expensive work; leaves nothing behind (the write test is a temporary file, deleted at once)."""
-    import tempfile
+    hold a run's files: a file on the way, or a folder this process cannot write in, or a disk
+    with no room (trainer.writes.check_room writes a few KiB: a 0-byte test file is still made on
+    a full disk). Checked before any expensive work; leaves nothing behind."""
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise TrainError(f"{what} {path}: {existing} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise TrainError(f"{what} {path}: cannot write in {existing} ({e.strerror or e})") from None
+    check_room(existing, f"in {what} {path}")
 
 
 def training_state(trainer) -> dict:

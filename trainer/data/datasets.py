@@ -81,17 +81,19 @@ class TokenSplit:
             i += 1
         return out
 
-    def check_ids(self, vocab_size: int, note: str = "") -> None:
+    def check_ids(self, vocab_size: int, note: str = "", fix: str = "") -> None:
         """Refuse the first part holding a token id >= vocab_size (DataError naming the file, the
-        id and the vocab_size). Parts whose dtype cannot reach vocab_size are not scanned; files
-        are scanned once and the result kept (tokenfiles.max_token)."""
+        id and the vocab_size, and `fix`: what to do, when vocab_size cannot change). Parts whose
+        dtype cannot reach vocab_size are not scanned; files are scanned once and the result kept
+        (tokenfiles.max_token)."""
         for part, source in zip(self.parts, self.sources):
             if vocab_size > np.iinfo(part.dtype).max or not len(part):
                 continue
             top = max_token(source, part) if Path(source).is_file() else int(part.max())
             if top >= vocab_size:
                 raise DataError(f"{source} holds token id {top}, but vocab_size is {vocab_size}{note}: token ids "
-                                f"must be below vocab_size; set vocab_size to at least {top + 1} or fix the data")
+                                f"must be below vocab_size; " + (fix or f"set vocab_size to at least {top + 1} or "
+                                                                        f"fix the data"))
 
 
 @dataclass
@@ -118,17 +120,18 @@ class TokenDataset:
                 raise DataError(f"the {name} split of '{self.name}' has {len(split)} tokens, fewer than "
                                 f"block_size + 1 = {block_size + 1}; use a smaller block_size or more data")
 
-    def check_vocab(self, vocab_size: int) -> None:
+    def check_vocab(self, vocab_size: int, fix: str = "") -> None:
         """Refuse a model whose embedding table cannot hold every token id of this dataset: one
         DataError line when vocab_size is below the format's declared vocab, or below the
-        largest id actually stored (each file scanned once, then remembered)."""
+        largest id actually stored (each file scanned once, then remembered). `fix`: the advice
+        when vocab_size cannot change (a resumed model's), instead of 'set vocab_size >= N'."""
         if vocab_size < self.vocab_size:
             src = f" ({self.vocab_source})" if self.vocab_source else ""
             raise DataError(f"model vocab_size {vocab_size} is smaller than dataset '{self.name}' needs "
-                            f"({self.vocab_size} token ids{src}); set vocab_size >= {self.vocab_size}")
+                            f"({self.vocab_size} token ids{src}); {fix or f'set vocab_size >= {self.vocab_size}'}")
         note = f" ({self.vocab_source} declares {self.vocab_size})" if self.vocab_source.endswith("meta.pkl") else ""
         for split in self.splits.values():
-            split.check_ids(vocab_size, note)
+            split.check_ids(vocab_size, note, fix)
 
 
 def decode_bytes(tokens) -> str:

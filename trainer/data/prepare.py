@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data.datasets import PREPARABLE, SHARD_NAME, DataError
+from trainer.errors import install_hint
+from trainer.phases import LineBar
+from trainer.writes import WriteError, check_room
 from trainer.data.tokenfiles import atomic_write, sidecar_path, write_llmc_shard, write_tokens
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -61,7 +64,7 @@ def gpt2_encoder() -> Encoder:
     try:
         import tiktoken
     except ImportError:
-        raise DataError("tiktoken is not installed (GPT-2 BPE); run: pip install 'autofit[data]'") from None
+        raise DataError(f"tiktoken is not installed (GPT-2 BPE); run: {install_hint('data', 'tiktoken')}") from None
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # requests' connection errors, a damaged cache, ...
@@ -88,10 +91,13 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
     Raises DataError (one line)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file, not a folder")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir():  # by writing, before the folder is made: a full disk is found before any download
+        check_room(existing, f"in --out {out_dir}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
     except OSError as e:
         raise DataError(f"cannot write in --out {out_dir}: {e.strerror or e}") from None
     existing = [f.name for f in dataset_files(out_dir) if not f.name.endswith(".max.json")]
@@ -137,7 +143,7 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
     old = dataset_files(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     try:
-        with _progress(progress) as bar:
+        with _progress(progress, log) as bar:
             if name == "fineweb-edu":
                 shards = tokenize_to_shards(texts, encoder.encode, staging, name=shard_prefix,
                                             shard_size=shard_size or 100_000_000, max_tokens=max_tokens,
@@ -149,10 +155,13 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
                 done = (write_chars(text, staging, bar) if name == "shakespeare_char"
                         else write_bpe(text, staging, encoder, bar))
         _move_into_place(staging, out_dir, old, done)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         if made and not any(out_dir.iterdir()):  # a failed first prepare leaves no empty dataset folder
             out_dir.rmdir()
+        if isinstance(e, WriteError):  # named as the file it would have become, not its staging copy
+            raise WriteError(f"dataset file {out_dir / Path(e.what).name}", e.reason,
+                             f"the dataset in {out_dir} is as it was" if old else "no dataset was written") from None
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -172,12 +181,15 @@ def _move_into_place(staging: Path, out_dir: Path, old: list[Path], done: Prepar
     done.files = [out_dir / f.name for f in done.files]
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, log: Callable[[str], None]):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     # on stderr, so `--json`-style stdout stays clean; each task's description names its unit.
-    # Only on a terminal: piped, rich's transient bar still leaves a blank line on stderr.
+    # A bar only on a terminal (piped, rich's transient bar still leaves a blank line on stderr);
+    # piped, a line with the count and the ETA every 30 s (trainer.phases), so no minute is silent.
     import sys
+    if enabled and not sys.stderr.isatty():
+        return LineBar(log)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), transient=True,
                     disable=not enabled or not sys.stderr.isatty())
@@ -247,7 +259,7 @@ def stream_fineweb(dataset: str, config: str) -> Iterator[str]:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise DataError("datasets is not installed; run: pip install 'autofit[data]'") from None
+        raise DataError(f"datasets is not installed; run: {install_hint('data', 'datasets', 'tiktoken')}") from None
 
     def rows() -> Iterator[str]:
         for row in load_dataset(dataset, name=config, split="train", streaming=True):

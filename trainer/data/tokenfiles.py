@@ -6,20 +6,21 @@
   the only kind read here; Llama-3 shards (magic 20240801 / version 7, uint32 tokens) and llm.c's
   multiple-choice eval files (magic 20240522) are named and refused.
 
-Every write goes to a temporary file that is fsynced, then renamed over the target, so a file a
-reader finds is whole. The largest token id of a file is kept in a small JSON sidecar next to it
+Every write goes through trainer.writes.atomic_write (a temporary file, fsynced, renamed over the
+target), so a file a reader finds is whole, and a full disk is one line. The largest token id of a file is kept in a small JSON sidecar next to it
 (`<file>.max.json`, keyed by size and mtime) so a dataset is scanned at most once.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from trainer.writes import atomic_write  # noqa: F401  (every dataset file is written through it)
 
 
 class DataError(ValueError):
@@ -32,28 +33,6 @@ LLMC_LLAMA3_MAGIC = 20240801  # version 7, uint32 tokens
 LLMC_EVAL_MAGIC = 20240522  # HellaSwag/MMLU-style multiple-choice examples, not a token stream
 LLMC_HEADER_INTS = 256
 LLMC_HEADER_BYTES = LLMC_HEADER_INTS * 4
-
-
-def atomic_write(path: str | Path, write: Callable[[object], None]) -> None:
-    """Write `path` through write(file) into a temp file in the same directory, fsync, rename.
-
-    A crash or an error leaves the old file (or none) in place, never a half-written one; the
-    temp file is removed on error. Raises what `write` or the file system raise (OSError).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; a dataset is read as np.tofile's would be
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_tokens(path: str | Path, tokens: np.ndarray) -> None:

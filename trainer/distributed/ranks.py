@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import NoReturn
@@ -199,9 +200,23 @@ def is_peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _PEER_WORDS)
 
 
+# gloo's and NCCL's messages open with the C++ source line that raised: '[../third_party/gloo/
+# gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242'. Not for users.
+_SOURCE_PATH = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|cu|h|hpp):\d+\]\s*")
+LOST_CONTACT = "lost contact with another rank"
+# Words of the lines a rank says when it stops because of another rank: consequences, which the
+# launcher (autofit.launch.torchrun.failed_lines) leaves out when the cause is known.
+CONSEQUENCES = (LOST_CONTACT, "failed in this step (its own error is printed above)")
+
+
 def peer_lost(exc: BaseException, ranks: Ranks) -> TrainError:
-    return TrainError(f"rank {ranks.rank}: lost contact with another rank ({first_line(exc)}); stopping here, "
-                      f"the last checkpoint is kept")
+    """The one line of a collective whose peer has gone: the reason without the C++ source
+    paths, once (a TrainError already said, such as this line from a deeper collective, is
+    returned as it is, not wrapped again)."""
+    if isinstance(exc, TrainError):
+        return exc
+    reason = _SOURCE_PATH.sub("", first_line(exc)).strip() or type(exc).__name__
+    return TrainError(f"rank {ranks.rank}: {LOST_CONTACT} ({reason}); stopping here, the last checkpoint is kept")
 
 
 # ------------------------------------------------------------------------------- agreements

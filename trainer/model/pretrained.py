@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from trainer.errors import install_hint
 from trainer.model.gpt import GPT, GPTConfig
 
 # n_layer, n_head, n_embd of the published models; source: nanoGPT's model.py from_pretrained
@@ -37,7 +38,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 # Hugging Face's GPT-2 keeps these as Conv1D with weights stored (in, out): transposed on load.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-INSTALL_HINT = "pip install 'autofit[hf]'"
+INSTALL_HINT = install_hint("hf", "huggingface_hub", "safetensors", "tiktoken")
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal masks, not weights
 
 

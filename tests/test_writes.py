@@ -1,0 +1,177 @@
+"""trainer/writes.py: every write goes one way, and a refusal of the disk (ENOSPC, EIO, EROFS,
+EACCES, a full or closed stdout) is one line saying what was written and what is kept. Faults are
+injected (monkeypatched os.fsync / open): no tiny file system is at hand here."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_run import cli
+from trainer import writes
+from trainer.config.train_config import load_config
+from trainer.errors import TrainError
+from trainer.loop import RunOptions, train
+from trainer.writes import GuardedStream, WriteError, append_lines, atomic_write, check_room
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
+         "--set", "batch_size=8", "--set", "gradient_accumulation_steps=2", "--set", "eval_iters=1",
+         "--set", "eval_interval=100"]
+
+
+def fail_fsync(monkeypatch, code: int, part: str, after: int = 0) -> None:
+    """os.fsync raises OSError(code) for files whose path holds `part`, after `after` such calls."""
+    real, seen = os.fsync, []
+
+    def fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if part in name:
+            seen.append(name)
+            if len(seen) > after:
+                raise OSError(code, os.strerror(code))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_refused_atomic_write_is_one_line_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    atomic_write(path, lambda f: f.write(b"old"))
+    fail_fsync(monkeypatch, errno.ENOSPC, "f.bin")
+    with pytest.raises(WriteError) as e:
+        atomic_write(path, lambda f: f.write(b"new"), what="the thing", kept="f.bin is as it was")
+    assert str(e.value) == "cannot write the thing: No space left on device [ENOSPC]; f.bin is as it was"
+    assert isinstance(e.value, OSError) and isinstance(e.value, TrainError)  # old handlers still catch it
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_check_room_writes_bytes_so_a_full_disk_is_found(tmp_path, monkeypatch):
+    check_room(tmp_path, "in --out x")
+    fail_fsync(monkeypatch, errno.ENOSPC, str(tmp_path))  # a 0-byte file would still have been made
+    with pytest.raises(WriteError, match=r"^cannot write in --out x: No space left on device \[ENOSPC\]"):
+        check_room(tmp_path, "in --out x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_append_after_a_cut_line_starts_a_new_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"a": 1}\n{"b": ')  # a crash (or a full disk) cut the last record short
+    append_lines(path, ['{"c": 3}'])
+    assert path.read_text().splitlines() == ['{"a": 1}', '{"b": ', '{"c": 3}']
+
+
+def test_a_failed_append_is_cut_back_and_said(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"a": 1}\n')
+    real_open = open
+
+    class Half:  # writes part of the record, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:3])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(writes, "open", lambda p, m: Half(real_open(p, m)) if "a" in m else real_open(p, m),
+                        raising=False)
+    with pytest.raises(WriteError, match=r"cannot write metrics .*: No space left on device \[ENOSPC\]"):
+        append_lines(path, ['{"b": 2}'], what=f"metrics {path}")
+    assert path.read_text() == '{"a": 1}\n'
+
+
+def test_a_guarded_stdout_says_which_stream_and_a_closed_pipe_ends_quietly(tmp_path):
+    full = open("/dev/full", "w")
+    with pytest.raises(WriteError, match=r"^cannot write to stdout: No space left on device \[ENOSPC\]"):
+        GuardedStream(full).write("x" * 10000)
+
+    class Pipe:
+        def write(self, s):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def fileno(self):
+            raise ValueError("no fd")
+    with pytest.raises(SystemExit):
+        GuardedStream(Pipe()).write("x")
+
+
+def _cfg(out, **over):
+    base = dict(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=4, gradient_accumulation_steps=2,
+                eval_iters=1, eval_interval=1, always_save_checkpoint=True, log_interval=1, dataset="embedded",
+                out_dir=str(out), max_iters=4, dtype="float32", compile=False, device="cpu")
+    base.update(over)
+    return load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in base.items()])
+
+
+def test_enospc_on_the_second_checkpoint_keeps_the_first_whole(tmp_path, monkeypatch):
+    fail_fsync(monkeypatch, errno.ENOSPC, "ckpt.pt", after=1)
+    with pytest.raises(WriteError) as e:
+        train(_cfg(tmp_path / "o"), RunOptions(device=torch.device("cpu"), progress=False, max_steps=3))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot write checkpoint {tmp_path / 'o' / 'ckpt.pt'} (step 2): "
+                                              f"No space left on device [ENOSPC]; the previous checkpoint")
+    ck = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
+    assert ck["iter_num"] == 1
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["ckpt.pt", "metrics.jsonl"]
+
+
+def test_a_resume_after_a_cut_metrics_line_writes_whole_records(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    base = ["run", "--device", "cpu", "--budget", "64MiB", *SMALL, "--no-probe", "--no-progress", "--out", "o"]
+    assert cli(monkeypatch, capsys, *base, "--max-steps", "1")[0] == 0
+    path = tmp_path / "o" / "metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text[:-10])  # the last record cut short, as a crash mid-write leaves it
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress", "--max-steps", "2")
+    assert code == 0, err
+    lines = path.read_text().splitlines()
+    broken = [line for line in lines if not _parses(line)]
+    assert broken == [text.splitlines()[-1][:-9]]  # only the cut line, nothing glued onto it
+    assert [json.loads(line)["type"] for line in lines if _parses(line)].count("run") == 2
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def test_a_fresh_run_does_not_append_to_another_runs_metrics(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metrics.jsonl").write_text('{"type": "run"}\n')
+    code, _, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "64MiB", *SMALL, "--no-probe",
+                       "--out", "o", "--max-steps", "1")
+    assert code == 2 and err.count("\n") == 1 and "o/metrics.jsonl holds the records of an earlier run" in err
+    assert (tmp_path / "o" / "metrics.jsonl").read_text() == '{"type": "run"}\n'
+
+
+@pytest.mark.parametrize("stdout, words", [
+    ("full", "cannot write to stdout: No space left on device [ENOSPC]"),
+    ("closed", "cannot write to stdout: it is closed"),
+])
+def test_a_full_or_closed_stdout_is_one_line(tmp_path, stdout, words):
+    out = open("/dev/full", "w") if stdout == "full" else None
+    proc = subprocess.run([sys.executable, "-m", "autofit", "config"], cwd=tmp_path, stdout=out,
+                          stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr

@@ -1,0 +1,194 @@
+"""Every write of autofit and the trainer, and the one answer when the disk says no.
+
+Checkpoints, metrics.jsonl, profiles, datasets, plots and the terminal's stdout are written
+through this module. A write either completes, or ends in a WriteError whose message is one line:
+what was being written, why the system refused (strerror and errno name: ENOSPC, EROFS, EIO,
+EACCES, ...), and what is kept:
+
+    cannot write checkpoint out/ckpt.pt: No space left on device [ENOSPC]; the previous
+    checkpoint out/ckpt.pt (step 200) is kept as it was
+
+Files are replaced atomically (temp file beside the target, fsync, rename, fsync of the folder):
+a failed write leaves the old file whole and no temp file behind. Appends (metrics.jsonl) write
+whole lines only, and a line cut short by an earlier crash is ended before the next is added.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+from trainer.errors import TrainError
+
+
+class WriteError(TrainError, OSError):
+    """The system refused a write (an OSError underneath): one line naming what was written, the
+    reason and what is kept. Also an OSError, so code that handled the raw error still does.
+    `what`: 'checkpoint out/ckpt.pt'; `reason`: 'No space left on device [ENOSPC]'; `kept`: a
+    clause ('the previous checkpoint ... is kept as it was') or '' when the caller adds it later."""
+
+    def __init__(self, what: str, reason: str, kept: str = "", code: int | None = None):
+        self.what, self.reason, self.kept, self.code = what, reason, kept, code
+        super().__init__(f"cannot write {what}: {reason}" + (f"; {kept}" if kept else ""))
+
+    def with_kept(self, kept: str) -> "WriteError":
+        """The same refusal, saying what is kept (when it does not say so already)."""
+        return self if self.kept else WriteError(self.what, self.reason, kept, self.code)
+
+
+def reason(exc: BaseException) -> str:
+    """'No space left on device [ENOSPC]': the system's words and the errno's name, for an
+    OSError; str(exc) for one raised without an errno."""
+    code = getattr(exc, "errno", None)
+    name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+    words = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return f"{words} [{name}]" if name else words
+
+
+def refused(exc: OSError, what: str, kept: str = "") -> WriteError:
+    """The WriteError for `exc` raised while writing `what`."""
+    if isinstance(exc, WriteError):
+        return exc.with_kept(kept)
+    return WriteError(what, reason(exc), kept, getattr(exc, "errno", None))
+
+
+def atomic_write(path: str | Path, fill: Callable[[IO[bytes]], None], what: str | None = None,
+                 kept: str = "", mode: int = 0o666) -> None:
+    """Replace `path` by what fill(binary file) writes: a temp file in the same folder, fsync,
+    rename, fsync of the folder. `mode` is masked by the umask (mkstemp's 0o600 would make a
+    dataset or a plot private). On any failure the old file (or none) stays, the temp file is
+    removed, and an OSError becomes a WriteError naming `what` (default: the path) and `kept`
+    (default: none; a caller that knows more adds it with WriteError.with_kept)."""
+    path = Path(path)
+    what = what or str(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise refused(e, what, kept) from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, mode & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise refused(e, what, kept) from None
+        raise
+    with contextlib.suppress(OSError):  # the rename itself made durable, where a folder can be fsynced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def append_lines(path: str | Path, lines: list[str], what: str | None = None, kept: str = "") -> None:
+    """Append whole lines (each without its newline) to `path`, creating it. A file whose last
+    line was cut short (a crash, a full disk) is ended with a newline first, so no new record is
+    glued onto a broken one. A failed append is undone (the file is cut back to its old length,
+    where the system lets it) and raised as a WriteError."""
+    path = Path(path)
+    what = what or str(path)
+    text = "".join(line + "\n" for line in lines).encode("utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as f:
+            start = f.tell()
+            if start and _last_byte(path) != b"\n":
+                text = b"\n" + text
+            try:
+                f.write(text)
+                f.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(start)
+                raise
+    except OSError as e:
+        raise refused(e, what, kept) from None
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+def check_room(folder: str | Path, what: str, nbytes: int = 1 << 16) -> None:
+    """Raises WriteError unless `nbytes` can really be written in `folder` (a temporary file,
+    written, fsynced and deleted): a full disk or a read-only file system is found before any
+    work, where a 0-byte test file would still be created on a full disk."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0" * nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise refused(e, what, "nothing was written") from None
+
+
+class GuardedStream:
+    """A text stream (sys.stdout) whose write and flush turn an OSError into a WriteError naming
+    the stream: `autofit probe > /dev/full` ends in one line on stderr, not a traceback. After a
+    failure the stream's file descriptor points to os.devnull, so that the interpreter's final
+    flush has nowhere to fail. A closed pipe (EPIPE, `| head`) is the reader's choice: it ends
+    the command quietly (exit status 1, as rich does). Other attributes are the stream's."""
+
+    def __init__(self, stream, name: str = "stdout"):
+        self._stream = stream
+        self._name = name
+
+    def write(self, s: str) -> int:
+        try:
+            return self._stream.write(s)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _failed(self, e: OSError) -> BaseException:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        if getattr(e, "errno", None) == errno.EPIPE:
+            return SystemExit(1)
+        return refused(e, f"to {self._name}")  # what is kept: the command's phase knows (cli.app._train)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def guarded_stdout() -> Iterator[None]:
+    """sys.stdout as a GuardedStream for a command, flushed at its end (where a full disk is one
+    line, not an error at the interpreter's exit), then put back. Raises WriteError when stdout is
+    closed (`>&-`): a file opened later would take its descriptor, and prints would land in it."""
+    if sys.stdout is None:
+        raise WriteError("to stdout", "it is closed", "nothing was done; send the output to a file or to "
+                         "/dev/null instead of closing it")
+    old = sys.stdout
+    guard = sys.stdout = old if isinstance(old, GuardedStream) else GuardedStream(old)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError, SystemExit):  # the error in flight is the one to say
+            guard.flush()
+        raise
+    else:
+        guard.flush()
+    finally:
+        sys.stdout = old
