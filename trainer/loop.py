@@ -34,7 +34,8 @@ from trainer.interrupt import StopFlag
 from trainer.model.losses import SCALER_SKIP_REPORT, read_losses
 from trainer.meter import default_meter
 from trainer.metrics import MetricsLog, Progress, describe_event, describe_step, open_sinks
-from trainer.model.gpt import GPT, GPTConfig
+from trainer.model.gpt import GPT
+from trainer.model.pretrained import build_model
 from trainer.distributed.multirank import RankGroup, pick_device
 from trainer.options import RunOptions, RunResult
 from trainer.distributed.ranks import Ranks
@@ -119,23 +120,8 @@ class Trainer:
         self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda", rows=self.group.rows)
 
     def _build_model(self) -> GPT:
-        """A new GPT, or OpenAI's GPT-2 weights (init_from = 'gpt2*', as nanoGPT's train.py)."""
-        cfg = self.cfg
-        if cfg.init_from.startswith("gpt2") and not self.opts.resume:
-            from trainer.model.pretrained import WeightsError, load_gpt2
-            try:
-                pre = load_gpt2(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
-            except WeightsError as e:
-                raise TrainError(str(e)) from None
-            got = {k: pre.model_args[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias")}
-            want = {k: getattr(cfg, k) for k in got}
-            if got != want:
-                raise TrainError(f"the {cfg.init_from} weights in {pre.source} have {got}, the config {want}")
-            self._pretrained_notes = [f"weights of {cfg.init_from} from {pre.source}"] + pre.notes
-            return pre.model.to(self.device).train()
-        self._pretrained_notes = []
-        with torch.device(self.device):  # initialised on the device, not on the host and copied
-            model = GPT(GPTConfig.from_train_config(cfg))
+        """A new GPT on the device, or OpenAI's GPT-2 weights (trainer.model.pretrained.build_model)."""
+        model, self._pretrained_notes = build_model(self.cfg, self.device, resume=self.opts.resume)
         return model
 
     micro_batches = property(lambda self: self.recovery.micro_batches)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from trainer.errors import install_hint
+from trainer.errors import TrainError, install_hint
 from trainer.model.gpt import GPT, GPTConfig
 
 # n_layer, n_head, n_embd of the published models; source: nanoGPT's model.py from_pretrained
@@ -233,3 +233,23 @@ def gpt2_config(cfg):
     shape = {**GPT2_MODELS[cfg.init_from], "vocab_size": GPT2_VOCAB, "bias": True,
              "block_size": min(cfg.block_size, GPT2_POSITIONS)}
     return cfg.model_copy(update=shape)
+
+
+def build_model(cfg, device: torch.device, *, resume: bool) -> tuple[GPT, list[str]]:
+    """The GPT a run starts from, on `device` in training mode, and notes for the run's opening
+    lines: OpenAI's GPT-2 weights for init_from = 'gpt2*' (as nanoGPT's train.py; not on a resume,
+    whose checkpoint holds the weights), else a new GPT initialised on the device itself (not on
+    the host and copied). `cfg`: a trainer.config TrainConfig. Raises TrainError when the weights
+    cannot be had or their shape disagrees with the config."""
+    if cfg.init_from.startswith("gpt2") and not resume:
+        try:
+            pre = load_gpt2(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
+        except WeightsError as e:
+            raise TrainError(str(e)) from None
+        got = {k: pre.model_args[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias")}
+        want = {k: getattr(cfg, k) for k in got}
+        if got != want:
+            raise TrainError(f"the {cfg.init_from} weights in {pre.source} have {got}, the config {want}")
+        return pre.model.to(device).train(), [f"weights of {cfg.init_from} from {pre.source}"] + pre.notes
+    with torch.device(device):
+        return GPT(GPTConfig.from_train_config(cfg)), []
