@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = {
     "autofit": {"units": 0, "interrupts": 0, "records": 0, "profiles": 1, "devices": 2, "planning": 3,
                 "launch": 4, "report": 4, "cli": 5, "__main__": 6, "__init__": 0},
-    "trainer": {"errors": 0, "interrupt": 0, "meter": 0, "schedule": 0, "compiler": 0, "step": 0, "__init__": 0,
+    "trainer": {"errors": 0, "paths": 0, "interrupt": 0, "meter": 0, "schedule": 0, "compiler": 0, "step": 0, "__init__": 0,
                 "data": 1, "config": 2, "model": 2, "checkpoint": 3, "distributed": 3,
                 "options": 4, "recovery": 4, "evaluate": 4, "metrics": 4, "sample": 4, "loop": 5},
 }

@@ -42,6 +42,7 @@ class UsageError(ValueError):
 USER_ERRORS = frozenset({
     "UsageError", "ConfigError", "DataError", "TrainError", "DeviceError", "HardwareError", "ProfileError",
     "PlanError", "PlotError", "WeightsError", "CheckpointError", "SampleError",
+    "PathProblem",
 })
 
 

@@ -80,7 +80,7 @@ def hardware_dict_for(info, name: str) -> dict:
         return {"name": name, "gpu": "CPU (budgeted)", "kind": "cpu", "memory_bytes": info.total_bytes}
     known = _builtin_hardware(name)
     return known or {"name": name, "gpu": info.name, "kind": "cuda", "memory_bytes": info.total_bytes,
-                     "compute_capability": list(info.compute_capability or ())}
+                     **({"compute_capability": list(info.compute_capability)} if info.compute_capability else {})}
 
 
 def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str | None = None) -> tuple[str, str, object]:
