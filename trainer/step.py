@@ -158,6 +158,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
                fault: FaultInjector | None = None, sync_grads=None) -> StepResult:
     """One optimizer step over x, y (B x T int64 token ids, on the host or the device; slices are
     copied to the model's device without blocking, from pinned memory when the caller pinned it).
+    With y = None, x is a step batch too large to hold (trainer.data.batches.LazyStepBatch: len(),
+    block_size, rows(start, stop) -> host x, y), read one micro-batch at a time.
 
     Each micro-batch's mean loss is weighted by its share of the step's target tokens, so the
     accumulated gradient equals that of one batch of B sequences whatever the split.
@@ -171,23 +173,33 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     caller cleans up (zero_grad(set_to_none=True)) before redoing the step.
     Raises ValueError when the micro-batches do not add up to the batch.
     """
-    if sum(micro_batches) != x.shape[0]:
-        raise ValueError(f"micro-batches {micro_batches} do not add up to the batch of {x.shape[0]}")
+    lazy = y is None  # x is a step batch read a micro-batch at a time (trainer.data.batches.LazyStepBatch)
+    n = len(x) if lazy else x.shape[0]
+    if sum(micro_batches) != n:
+        raise ValueError(f"micro-batches {micro_batches} do not add up to the batch of {n}")
     forward = model if forward is None else forward  # a compiled module has no truth value
     device = next(model.parameters()).device
-    n_valid = (y != -1)
-    # token counts come from the host copy of the targets: no device sync
-    counts = n_valid.sum(dim=1).tolist() if y.device.type == "cpu" else None
-    total_tokens = sum(counts) if counts is not None else int(n_valid.sum())
+    if lazy:  # sampled windows: every target counts
+        n_valid = counts = None
+        total_tokens = n * x.block_size
+    else:
+        n_valid = (y != -1)
+        # token counts come from the host copy of the targets: no device sync
+        counts = n_valid.sum(dim=1).tolist() if y.device.type == "cpu" else None
+        total_tokens = sum(counts) if counts is not None else int(n_valid.sum())
     loss_sum = torch.zeros((), device=device)
     start = 0
     for i, mb in enumerate(micro_batches):
         if fault is not None:
             fault.check(step, i)
-        share = (sum(counts[start:start + mb]) if counts is not None else int(n_valid[start:start + mb].sum())) \
-            / max(total_tokens, 1)
-        xb = x[start:start + mb].to(device, non_blocking=True)
-        yb = y[start:start + mb].to(device, non_blocking=True)
+        if lazy:
+            share = mb * x.block_size / max(total_tokens, 1)
+            xb, yb = (t.to(device, non_blocking=True) for t in x.rows(start, start + mb))
+        else:
+            share = (sum(counts[start:start + mb]) if counts is not None else int(n_valid[start:start + mb].sum())) \
+                / max(total_tokens, 1)
+            xb = x[start:start + mb].to(device, non_blocking=True)
+            yb = y[start:start + mb].to(device, non_blocking=True)
         start += mb
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if sync_grads is None else sync_grads.micro_batch(last)

@@ -165,6 +165,8 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     emulated_on = None
     if hw.get("kind") == "cpu":
         probe_opts.device, probe_opts.budget_bytes = "cpu", int(hw["memory_bytes"])
+        from autofit.devices.cpu import check_budget_fits
+        check_budget_fits(probe_opts.budget_bytes, f"profile {profile}'s memory_bytes (its CPU budget)")
         device = open_device("cpu", budget_bytes=probe_opts.budget_bytes, gpu_index=probe_opts.gpu_index)
     else:
         device, emulated_on = _gpu_for_profile(profile, hw, emulate, probe_opts)
