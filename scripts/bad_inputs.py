@@ -477,6 +477,13 @@ ROWS: list[Row] = [
         both(tokens("d", list(range(20)), 50), lambda t: (t / "d/train.bin").unlink(), fifo("d/train.bin"))),
     Row("19r: dataset folder a symlink loop", [*RUN, "--no-probe", "--set", "dataset={t}/d", "--out", "o"],
         link("d", "d")),
+    Row("19r: data prepare --input /dev/zero", ["data", "prepare", "shakespeare_char", "--input", "/dev/zero",
+                                               "--out", "d"], check=absent("d")),
+    Row("19r: data prepare --input a FIFO", ["data", "prepare", "shakespeare_char", "--input", "p", "--out", "d"],
+        fifo("p"), absent("d")),
+    Row("19r: data prepare --out a dangling symlink", ["data", "prepare", "shakespeare_char", "--input", "a.txt",
+                                                      "--out", "d"], both(write("a.txt", "hello world " * 500),
+                                                                          link("d", "nowhere")), absent("nowhere")),
     # 4. never ask for more than the machine has
     Row("19r: probe --budget 1PiB, above the machine's memory", ["probe", "--device", "cpu", "--budget", "1PiB", *TINY]),
     Row("19r: run --budget 1PiB, above the machine's memory", [*RUN[:3], "1PiB", *RUN[4:], "--out", "o"], check=absent("o")),

@@ -192,7 +192,7 @@ def test_check_vocab(toy):
     # no meta.pkl: GPT-2's vocab is assumed, not declared; as in nanoGPT, any vocab that holds every
     # stored id (here up to 3499) trains (issue 19)
     toy.check_vocab(3500)
-    with pytest.raises(DataError, match="holds token id 3499, but vocab_size is 256"):
+    with pytest.raises(DataError, match="train.bin holds token id 999, but vocab_size is 256"):
         toy.check_vocab(256)
 
 

@@ -135,10 +135,8 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         cfg.out_dir = out
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
-    if profile is not None:  # a probe may save into it: writable before any trial runs
-        from autofit.profiles.store import check_profiles_writable, load_profile
-        check_profiles_writable(profile)
-        load_profile(profile)  # a file that is not a profile (every field checked) is refused before --out is made
+    if profile is not None:
+        _check_profile(profile)
     resuming = resume or cfg.init_from == "resume"
     if not resuming:  # before the output folder is made: a run with no step to train writes nothing
         from autofit.launch.run import check_steps_left
@@ -258,6 +256,14 @@ def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict
                 out[key], sources[key] = getattr(cfg, key), src
     out.pop("init_from", None)
     return out, sources
+
+
+def _check_profile(profile: str) -> None:
+    """Before --out is made: the profiles folder is writable (a probe may save into it) and the
+    profile's file, if any, is a profile (every field checked on reading)."""
+    from autofit.profiles.store import check_profiles_writable, load_profile
+    check_profiles_writable(profile)
+    load_profile(profile)
 
 
 def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=None) -> None:

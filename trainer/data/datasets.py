@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from trainer.paths import PathProblem, input_file
+
 from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
                                 DataError, max_token, read_llmc_shard, read_nanogpt_bin,
                                 write_llmc_shard, write_tokens)
@@ -233,8 +235,12 @@ def _load_nanogpt(path: Path) -> TokenDataset:
     splits = {}
     for split in SPLITS:
         f = path / f"{split}.bin"
-        if not f.is_file():
+        if not f.exists() and not f.is_symlink():
             raise DataError(f"{path} has no {split}.bin (a nanoGPT dataset needs train.bin and val.bin)")
+        try:  # a FIFO would block the memory map, a device would never end
+            input_file(f, "dataset file")
+        except PathProblem as e:
+            raise DataError(str(e)) from None
         splits[split] = TokenSplit([read_nanogpt_bin(f)], [str(f)])
     meta = path / "meta.pkl"
     if meta.is_file():
