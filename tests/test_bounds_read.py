@@ -57,24 +57,24 @@ def test_a_good_checkpoint_reads_back(tmp_path):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    ({"iter_num": -5}, "iter_num: expected input should be greater than or equal to 0, got -5"),
-    ({"iter_num": "5"}, "iter_num: expected input should be a valid integer, got '5'"),
-    ({"iter_num": True}, "iter_num: expected input should be a valid integer, got True"),
-    ({"micro_batches": []}, "micro_batches: expected list should have at least 1 item"),
+    ({"iter_num": -5}, "iter_num: expected greater than or equal to 0, got -5"),
+    ({"iter_num": "5"}, "iter_num: expected a valid integer, got '5'"),
+    ({"iter_num": True}, "iter_num: expected a valid integer, got True"),
+    ({"micro_batches": []}, "micro_batches: expected a list of at least 1 item, not 0, got []"),
     ({"micro_batches": [4, 0]}, "micro_batches: expected sizes >= 1, got [4, 0]"),
     ({"rng_cpu": torch.zeros(10, dtype=torch.uint8)}, f"rng_cpu: expected the CPU generator's state of {CPU_RNG_BYTES} bytes"),
     ({"rng_cpu": torch.zeros(CPU_RNG_BYTES)}, "rng_cpu: expected the CPU generator's state (a 1-D uint8 tensor)"),
     ({"plan": "[1, 2]"}, "plan: expected a JSON object, got a list"),
     ({"plan": "{x"}, "plan: expected the plan as JSON text"),
-    ({"best_val_loss": "low"}, "best_val_loss: expected input should be a valid number"),
+    ({"best_val_loss": "low"}, "best_val_loss: expected a valid number"),
     ({"best_val_loss": float("nan")}, "best_val_loss: expected a number"),
-    ({"world_size": 0}, "world_size: expected input should be greater than or equal to 1"),
-    ({"device": {"kind": "tpu"}}, "device.kind: expected input should be"),
-    ({"device": {"kind": "cpu-budgeted", "budget_bytes": -1}}, "device.budget_bytes: expected input should be greater"),
+    ({"world_size": 0}, "world_size: expected greater than or equal to 1"),
+    ({"device": {"kind": "tpu"}}, "device.kind: expected 'cpu', 'cpu-budgeted', 'cuda' or 'simulated', got 'tpu'"),
+    ({"device": {"kind": "cpu-budgeted", "budget_bytes": -1}}, "device.budget_bytes: expected greater"),
     ({"sampler": lambda ck: {**ck["sampler"], "counters": {"train": -1}}}, "sampler.counters: expected counts >= 0"),
-    ({"optimizer": lambda ck: {**ck["optimizer"], "param_groups": []}}, "optimizer.param_groups: expected list should"),
-    ({"config": "big"}, "config: expected input should be a valid dictionary"),
-    ({"model": "weights"}, "model: expected input should be a valid dictionary"),
+    ({"optimizer": lambda ck: {**ck["optimizer"], "param_groups": []}}, "optimizer.param_groups: expected a list of at least 1 item"),
+    ({"config": "big"}, "config: expected a valid dictionary"),
+    ({"model": "weights"}, "model: expected a valid dictionary"),
 ])
 def test_each_field_is_typed_and_in_range(tmp_path, edit, expected):
     assert expected in _refusal(_checkpoint(tmp_path, **edit))
@@ -120,7 +120,7 @@ def test_nanogpt_layout_fields_are_typed_too(tmp_path):
     assert read_nanogpt_checkpoint(path).best_val_loss == 2.5
     ck["iter_num"] = -5
     torch.save(ck, path)
-    with pytest.raises(CheckpointError, match=r"ckpt.pt: iter_num: expected input should be greater than or equal to 0"):
+    with pytest.raises(CheckpointError, match=r"ckpt.pt: iter_num: expected greater than or equal to 0"):
         read_nanogpt_checkpoint(path)
 
 

@@ -190,6 +190,8 @@ def field_problem(exc: ValidationError) -> str:
         return f"{where}: missing"
     if msg.startswith("expected"):
         return f"{where}: {msg}"
+    msg = msg.removeprefix("Input should be ")  # pydantic's 'Input should be a valid integer'
+    msg = msg.replace("List should have ", "a list of ", 1).replace(" after validation", "")
     return f"{where}: expected {msg[0].lower() + msg[1:]}, got {_describe(err.get('input'))}"
 
 
