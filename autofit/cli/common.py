@@ -130,7 +130,11 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
         bad = [v for v in li if v not in ("standard", "chunked")]
         if bad:
             raise UsageError(f"--loss: unknown loss implementation {bad[0]!r} (standard, chunked)")
-    return ProbeOptions(device=device, budget_bytes=_size(budget, "--budget"), gpu=gpu, gpu_index=gpu_index,
+    budget_bytes = _size(budget, "--budget")
+    if budget_bytes:  # more than the machine has: refused here, before --out is made (open_device checks again)
+        from autofit.devices.cpu import check_budget_fits
+        check_budget_fits(budget_bytes)
+    return ProbeOptions(device=device, budget_bytes=budget_bytes, gpu=gpu, gpu_index=gpu_index,
                         margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li)
 
 
