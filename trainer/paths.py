@@ -27,8 +27,9 @@ def _kind(mode: int) -> str:
     return "a file" if stat.S_ISREG(mode) else "not a regular file"
 
 
-def _stat(path: Path, what: str) -> os.stat_result | None:
-    """os.stat following links; None when nothing is there; PathProblem for a dangling link or a loop."""
+def real_stat(path: Path, what: str) -> os.stat_result | None:
+    """os.stat following links; None when nothing is there; PathProblem (one line, beginning with
+    `what`) for a dangling link, a loop, or a path through a file."""
     try:
         return os.stat(path)
     except FileNotFoundError:
@@ -48,7 +49,7 @@ def input_file(path: str | Path, what: str) -> Path:
     not a dangling link or a loop, not a folder, FIFO, socket or device (whose reading blocks or
     never ends). Returns the path as given. Raises PathProblem (one line, beginning with `what`)."""
     path = Path(path)
-    st = _stat(path, what)
+    st = real_stat(path, what)
     if st is None:
         raise PathProblem(f"{what} {path}: no such file")
     if not stat.S_ISREG(st.st_mode):
@@ -65,7 +66,7 @@ def output_dir(path: str | Path, what: str) -> Path:
     PathProblem (one line, beginning with `what`)."""
     path = Path(path)
     existing = path
-    while (st := _stat(existing, what)) is None and existing != existing.parent:
+    while (st := real_stat(existing, what)) is None and existing != existing.parent:
         existing = existing.parent
     if st is None or not stat.S_ISDIR(st.st_mode):
         kind = _kind(st.st_mode) if st is not None else "missing"

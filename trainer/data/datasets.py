@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trainer.paths import PathProblem, input_file
+from trainer.paths import PathProblem, input_file, real_stat
 
 from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
                                 DataError, max_token, read_llmc_shard, read_nanogpt_bin,
@@ -186,6 +186,10 @@ def load_dataset(spec: str, *, data_root: str | Path = DATA_ROOT) -> TokenDatase
     if where is not None:
         return load_dir(where)
     path = Path(spec).expanduser()
+    try:  # a dangling or looping link says so, not 'does not exist'
+        real_stat(path, "dataset")
+    except PathProblem as e:
+        raise DataError(str(e)) from None
     if path.exists():
         raise DataError(f"dataset '{spec}' is a file; give the directory that holds its train and val data")
     if len(path.parts) > 1:  # a path, not a bare name: do not guess under data_root
