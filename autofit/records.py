@@ -3,9 +3,9 @@ saved profiles and the JSON output, so all three agree on names and units (bytes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
 # fit: ran its optimizer steps and its peak is inside the budget.
 # oom: raised out-of-memory. over_budget: ran, but its peak exceeds the budget.
@@ -27,7 +27,7 @@ class Candidate(BaseModel, frozen=True):
 
 
 class TrialRecord(BaseModel):
-    micro_batch: int
+    micro_batch: int = Field(ge=1)
     dtype: DType
     compile: bool
     checkpointing: int
@@ -53,27 +53,39 @@ class TrialRecord(BaseModel):
 
 
 class PlanRecord(BaseModel):
+    """A plan, as the probe makes it and as a saved profile or a checkpoint gives it back: every
+    size in range and the micro-batches adding up, so a hand-edited plan (micro_batch = 0) is
+    refused on reading, naming the field."""
     mode: Literal["measured", "estimated"]
-    micro_batch: int
-    grad_accum: int
-    micro_batches: list[int]  # sizes of the micro-batches of one optimizer step
-    effective_batch: int  # sequences per optimizer step (per rank), = sum(micro_batches)
-    block_size: int
+    micro_batch: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    micro_batches: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)  # sizes of one optimizer step's micro-batches
+    effective_batch: int = Field(ge=1)  # sequences per optimizer step (per rank), = sum(micro_batches)
+    block_size: int = Field(ge=1)
     dtype: DType
     compile: bool
-    compile_after: int
-    checkpointing: int
+    compile_after: int = Field(ge=0)
+    checkpointing: int = Field(ge=0)
     loss_impl: LossImpl
-    estimated_peak_bytes: int | None = None
-    measured_peak_bytes: int | None = None
-    tokens_per_s: float | None = None
-    budget_bytes: int
+    estimated_peak_bytes: int | None = Field(default=None, ge=0)
+    measured_peak_bytes: int | None = Field(default=None, ge=0)
+    tokens_per_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    budget_bytes: int = Field(ge=0)
     split: str  # e.g. "512 = 42 × 12 + 8"
     reason: str = ""
     # torchrun: the ranks the plan is for, and how they share the model; micro_batches and
     # effective_batch above are each rank's (the run's effective batch is world_size times it)
-    world_size: int = 1
+    world_size: int = Field(default=1, ge=1)
     parallelism: Literal["single", "ddp", "fsdp2"] = "single"
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> "PlanRecord":
+        mbs = self.micro_batches
+        if sum(mbs) != self.effective_batch or len(mbs) != self.grad_accum or max(mbs) != self.micro_batch:
+            raise ValueError(f"micro_batches {mbs[:8]}{'...' if len(mbs) > 8 else ''} must add up to effective_batch "
+                             f"({self.effective_batch}), number grad_accum ({self.grad_accum}) and peak at micro_batch "
+                             f"({self.micro_batch})")
+        return self
 
 
 @dataclass

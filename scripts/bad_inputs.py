@@ -51,6 +51,7 @@ class Row:
     skip: str = ""  # a reason this row cannot run here
     env: dict[str, str] = field(default_factory=dict)
     stdout: str = ""  # 'full': stdout is /dev/full; 'closed': the command starts with fd 1 closed (`>&-`)
+    ok: bool = False  # a valid input people really have: it must succeed (exit 0, no traceback)
 
 
 # ---------------------------------------------------------------- set-ups
@@ -231,6 +232,90 @@ CORRUPT = "this is = [not toml"
 NEWER = 'schema_version = 99\nname = "cpu-64mb"\n'
 PROFILE_64 = "home/profiles/cpu-64mb.toml"
 CHECKPOINT: Path = Path()  # set in main(): a folder holding one real ckpt.pt
+
+# ---------------------------------------------------------------- set-ups of issue 19, reading (bounds-read)
+
+
+def link(rel: str, target: str) -> Callable[[Path], None]:
+    """A symbolic link at `rel` to `target` (which may not exist, or be the link itself)."""
+    def make(t: Path) -> None:
+        (t / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target.replace("{t}", str(t)), t / rel)
+    return make
+
+
+def fifo(rel: str) -> Callable[[Path], None]:
+    def make(t: Path) -> None:
+        (t / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(t / rel)
+    return make
+
+
+def put(**fields) -> Callable[[dict], None]:
+    """A checkpoint edit: set top-level fields; a callable value is called with the checkpoint."""
+    def edit(ck: dict) -> None:
+        for k, v in fields.items():
+            ck[k] = v(ck) if callable(v) else v
+    return edit
+
+
+def rng_of(size: int):
+    def make(ck):
+        import torch
+        return torch.zeros(size, dtype=torch.uint8)
+    return make
+
+
+def nanogpt_only(**fields) -> Callable[[dict], None]:
+    """The checkpoint reduced to nanoGPT's six keys (its layout), with `fields` set."""
+    def edit(ck: dict) -> None:
+        for k in [k for k in ck if k not in ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")]:
+            del ck[k]
+        ck.update(fields)
+    return edit
+
+
+def weights_of_wrong_shape(ck: dict) -> None:
+    import torch
+    ck["model"]["transformer.wte.weight"] = torch.zeros(3, 3)
+
+
+def moments_swapped(ck: dict) -> None:
+    groups = ck["optimizer"]["param_groups"]
+    groups[0]["params"] = list(reversed(groups[0]["params"]))
+
+
+def sidecar_stale(rel: str, max_token: int) -> Callable[[Path], None]:
+    """A .max.json beside each .bin of `rel` claiming `max_token`, with the file's own size and
+    mtime (as `cp -p` of another dataset's files leaves it)."""
+    def make(t: Path) -> None:
+        import json
+        for f in (t / rel).glob("*.bin"):
+            st = f.stat()
+            (t / rel / (f.name + ".max.json")).write_text(json.dumps(
+                {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "max_token": max_token}))
+    return make
+
+
+def profile_with(hardware: str = 'kind = "cpu"\ngpu = "CPU (budgeted)"\nmemory_bytes = 67108864\n',
+                 plan: str = "") -> str:
+    """A cpu-64mb profile: a hardware table and, when given, one plan's [plan] table."""
+    text = f'schema_version = 1\nname = "cpu-64mb"\n[hardware]\n{hardware}'
+    if plan:
+        text += ('[plans.abc]\nfingerprint = "abc"\ncreated = 2026-01-01T00:00:00Z\nupdated = 2026-01-01T00:00:00Z\n'
+                 '[plans.abc.fingerprint_inputs]\nx = 1\n[plans.abc.config_summary]\nx = 1\n[plans.abc.plan]\n' + plan)
+    return text
+
+
+PLAN_MB0 = ('mode = "measured"\nmicro_batch = 0\ngrad_accum = 1\nmicro_batches = [0]\neffective_batch = 16\n'
+            'block_size = 32\ndtype = "float32"\ncompile = false\ncompile_after = 0\ncheckpointing = 0\n'
+            'loss_impl = "standard"\nbudget_bytes = 67108864\nsplit = "16 = 16 x 1"\n')
+PLAN_JSON_MB0 = ('{"mode": "measured", "micro_batch": 0, "grad_accum": 1, "micro_batches": [16], "effective_batch": 16, '
+                 '"block_size": 32, "dtype": "float32", "compile": false, "compile_after": 0, "checkpointing": 0, '
+                 '"loss_impl": "standard", "budget_bytes": 67108864, "split": "16"}')
+RESUME = ["run", "--resume", "--out", "o", "--no-progress", "--max-steps", "2"]
+SAMPLE = ["sample", "--out", "o", "--num-samples", "1", "--max-new-tokens", "2"]
+
 
 # ---------------------------------------------------------------- the table
 
@@ -445,6 +530,140 @@ ROWS: list[Row] = [
                      "AUTOFIT_DIST_TIMEOUT": "60"}),
     Row("fresh run onto another run's metrics.jsonl", [*RUN, "--out", "o"], write("o/metrics.jsonl", '{"type": "run"}\n'),
         unchanged("o/metrics.jsonl", '{"type": "run"}\n')),
+    # ---- issue 19, reading (bounds-read): every field read back typed (1), paths as they are (3),
+    # no more than the machine has (4), inputs people really have (5). Names start '19r:' (-k 19r:).
+    # 1. checkpoints, autofit's layout
+    Row("19r: --resume weights n_layer 1, config says 2", RESUME, checkpoint(lambda ck: ck["config"].update(n_layer=2))),
+    Row("19r: --resume iter_num = -5", RESUME, checkpoint(put(iter_num=-5))),
+    Row("19r: --resume iter_num is text", RESUME, checkpoint(put(iter_num="5"))),
+    Row("19r: --resume iter_num = 2.5", RESUME, checkpoint(put(iter_num=2.5))),
+    Row("19r: --resume best_val_loss is text", RESUME, checkpoint(put(best_val_loss="low"))),
+    Row("19r: --resume RNG state of the wrong size", RESUME, checkpoint(put(rng_cpu=rng_of(10)))),
+    Row("19r: --resume RNG state not a tensor", RESUME, checkpoint(put(rng_cpu=[1, 2, 3]))),
+    Row("19r: --resume micro_batches empty", RESUME, checkpoint(put(micro_batches=[]))),
+    Row("19r: --resume micro_batches [0]", RESUME, checkpoint(put(micro_batches=[0]))),
+    Row("19r: --resume config not a dict", RESUME, checkpoint(put(config="big"))),
+    Row("19r: --resume config with a bad value", RESUME, checkpoint(lambda ck: ck["config"].update(batch_size=-3))),
+    Row("19r: --resume weights of another shape", RESUME, checkpoint(weights_of_wrong_shape)),
+    Row("19r: --resume optimizer state of one group", RESUME,
+        checkpoint(lambda ck: ck["optimizer"].update(param_groups=ck["optimizer"]["param_groups"][:1]))),
+    Row("19r: --resume optimizer moments in another order", RESUME, checkpoint(moments_swapped)),
+    Row("19r: --resume optimizer state not a dict", RESUME, checkpoint(put(optimizer=[1]))),
+    Row("19r: --resume plan not an object", RESUME, checkpoint(put(plan="[1, 2]"))),
+    Row("19r: --resume plan not JSON", RESUME, checkpoint(put(plan="{micro_batch: 4"))),
+    Row("19r: --resume plan with micro_batch 0", RESUME, checkpoint(put(plan=PLAN_JSON_MB0))),
+    Row("19r: --resume sampler counter negative", RESUME,
+        checkpoint(lambda ck: ck["sampler"].update(counters={"train": -1, "val": 0}))),
+    Row("19r: --resume sampler not a dict", RESUME, checkpoint(put(eval_sampler=7))),
+    Row("19r: --resume device kind tpu", RESUME, checkpoint(put(device={"kind": "tpu"}))),
+    Row("19r: --resume device budget -1", RESUME, checkpoint(put(device={"kind": "cpu-budgeted", "budget_bytes": -1}))),
+    Row("19r: --resume world_size 0", RESUME, checkpoint(put(world_size=0))),
+    Row("19r: --resume model not a dict", RESUME, checkpoint(put(model="weights"))),
+    # 1. checkpoints, nanoGPT's layout
+    Row("19r: --resume nanoGPT checkpoint iter_num = -5", RESUME, checkpoint(nanogpt_only(iter_num=-5))),
+    Row("19r: --resume nanoGPT checkpoint best_val_loss text", RESUME, checkpoint(nanogpt_only(best_val_loss="x"))),
+    Row("19r: --resume nanoGPT weights n_layer 1, model_args say 2", RESUME,
+        checkpoint(lambda ck: (nanogpt_only()(ck), ck["model_args"].update(n_layer=2)))),
+    Row("19r: sample nanoGPT checkpoint iter_num = -5", SAMPLE, checkpoint(nanogpt_only(iter_num=-5))),
+    Row("19r: sample checkpoint weights n_layer 1, config says 2", SAMPLE,
+        checkpoint(lambda ck: (ck["config"].update(n_layer=2), ck["model_args"].update(n_layer=2)))),
+    # 1. saved plans and hardware profiles
+    Row("19r: profiles show, a plan with micro_batch 0", ["profiles", "show", "cpu-64mb"],
+        write(PROFILE_64, profile_with(plan=PLAN_MB0))),
+    Row("19r: run --profile, a plan with micro_batch 0", ["run", "--profile", "cpu-64mb", *TINY, "--max-steps", "1",
+                                                         "--out", "o"], write(PROFILE_64, profile_with(plan=PLAN_MB0)),
+        absent("o")),
+    Row("19r: run --profile, memory_bytes = 10**30", ["run", "--profile", "cpu-64mb", *TINY, "--max-steps", "1",
+                                                     "--out", "o"],
+        write(PROFILE_64, profile_with('kind = "cpu"\nmemory_bytes = ' + "1" + "0" * 30 + "\n")), absent("o")),
+    Row("19r: run --profile, memory_bytes = 0", ["run", "--profile", "cpu-64mb", *TINY, "--out", "o"],
+        write(PROFILE_64, profile_with('kind = "cpu"\nmemory_bytes = 0\n')), absent("o")),
+    Row("19r: run --profile, memory_bytes is text", ["run", "--profile", "cpu-64mb", *TINY, "--out", "o"],
+        write(PROFILE_64, profile_with('kind = "cpu"\nmemory_bytes = "lots"\n')), absent("o")),
+    Row("19r: profiles show, compute_capability empty", ["profiles", "show", "cpu-64mb"],
+        write(PROFILE_64, profile_with('kind = "cuda"\ngpu = "X"\nmemory_bytes = 4096\ncompute_capability = []\n'))),
+    Row("19r: profiles show, plans is a list", ["profiles", "show", "cpu-64mb"],
+        write(PROFILE_64, 'schema_version = 1\nname = "cpu-64mb"\nplans = [1, 2]\n')),
+    Row("19r: probe --gpu, user profile with negative bandwidth", ["probe", "--gpu", "gtx1650-4gb"],
+        write("home/profiles/gtx1650-4gb.toml", profile_with(
+            'kind = "cuda"\ngpu = "GTX 1650"\nmemory_bytes = 4294967296\ncompute_capability = [7, 5]\nbf16 = false\n'
+            'peak_fp16_tflops = 8.9\nmemory_bandwidth_gbs = -192\n').replace("cpu-64mb", "gtx1650-4gb"))),
+    # 3. paths as they really are
+    Row("19r: --out a dangling symlink", [*RUN, "--out", "o"], link("o", "nowhere"), absent("nowhere")),
+    Row("19r: --out a symlink loop", [*RUN, "--out", "o"], link("o", "o")),
+    Row("19r: --out a symlink to a file", [*RUN, "--out", "o"], both(write("f", "x"), link("o", "f")),
+        unchanged("f", "x")),
+    Row("19r: --out a FIFO", [*RUN, "--out", "o"], fifo("o")),
+    Row("19r: --out /dev/null", [*RUN, "--out", "/dev/null"]),
+    Row("19r: --out under /proc (root's os.access says yes)", [*RUN, "--out", "/proc/autofit-out"]),
+    Row("19r: probe --save, profiles dir a dangling symlink", [*PROBE, "--save"], link("home/profiles", "nowhere")),
+    Row("19r: probe --save, profiles dir a symlink loop", [*PROBE, "--save"], link("home/profiles", "profiles")),
+    Row("19r: probe --save, profiles dir a FIFO", [*PROBE, "--save"], fifo("home/profiles")),
+    Row("19r: profiles show, profile file a FIFO", ["profiles", "show", "cpu-64mb"], fifo(PROFILE_64)),
+    Row("19r: profiles show, profile file a symlink loop", ["profiles", "show", "cpu-64mb"],
+        link(PROFILE_64, "cpu-64mb.toml")),
+    Row("19r: --resume with a FIFO ckpt.pt", RESUME, both(lambda t: (t / "o").mkdir(), fifo("o/ckpt.pt"))),
+    Row("19r: --resume ckpt.pt a dangling symlink", RESUME, both(lambda t: (t / "o").mkdir(), link("o/ckpt.pt", "x"))),
+    Row("19r: --resume ckpt.pt a symlink loop", RESUME, both(lambda t: (t / "o").mkdir(), link("o/ckpt.pt", "ckpt.pt"))),
+    Row("19r: --resume ckpt.pt is /dev/zero", RESUME, both(lambda t: (t / "o").mkdir(), link("o/ckpt.pt", "/dev/zero"))),
+    Row("19r: sample from a FIFO ckpt.pt", SAMPLE, both(lambda t: (t / "o").mkdir(), fifo("o/ckpt.pt"))),
+    Row("19r: --config a FIFO", ["config", "--config", "c.toml"], fifo("c.toml")),
+    Row("19r: --config a dangling symlink", ["config", "--config", "c.toml"], link("c.toml", "nowhere.toml")),
+    Row("19r: --config a symlink loop", ["config", "--config", "c.toml"], link("c.toml", "c.toml")),
+    Row("19r: --config a symlink to /dev/zero", ["config", "--config", "c.py"], link("c.py", "/dev/zero")),
+    Row("19r: sample --start FILE:/dev/zero", [*SAMPLE, "--start", "FILE:/dev/zero"], checkpoint()),
+    Row("19r: sample --start FILE: a FIFO", [*SAMPLE, "--start", "FILE:{t}/p"], both(checkpoint(), fifo("p"))),
+    Row("19r: sample --start FILE: a folder", [*SAMPLE, "--start", "FILE:{t}"], checkpoint()),
+    Row("19r: dataset train.bin a FIFO", [*RUN, "--no-probe", "--set", "dataset={t}/d", "--out", "o"],
+        both(tokens("d", list(range(20)), 50), lambda t: (t / "d/train.bin").unlink(), fifo("d/train.bin"))),
+    Row("19r: dataset folder a symlink loop", [*RUN, "--no-probe", "--set", "dataset={t}/d", "--out", "o"],
+        link("d", "d")),
+    Row("19r: data prepare --input /dev/zero", ["data", "prepare", "shakespeare_char", "--input", "/dev/zero",
+                                               "--out", "d"], check=absent("d")),
+    Row("19r: data prepare --input a FIFO", ["data", "prepare", "shakespeare_char", "--input", "p", "--out", "d"],
+        fifo("p"), absent("d")),
+    Row("19r: data prepare --out a dangling symlink", ["data", "prepare", "shakespeare_char", "--input", "a.txt",
+                                                      "--out", "d"], both(write("a.txt", "hello world " * 500),
+                                                                          link("d", "nowhere")), absent("nowhere")),
+    # 4. never ask for more than the machine has
+    Row("19r: probe --budget 1000TiB, above the machine's memory", ["probe", "--device", "cpu", "--budget", "1000TiB",
+                                                                   *TINY]),
+    Row("19r: run --budget 1000TiB, above the machine's memory", [*RUN[:4], "1000TiB", *RUN[5:], "--out", "o"],
+        check=absent("o")),
+    Row("19r: gradient_accumulation_steps=1000000 probes (the step batch is never whole)",
+        [*PROBE, "--set", "gradient_accumulation_steps=1000000", "--json"], ok=True),
+    Row("19r: run --nproc-per-node 100000", [*RUN, "--nproc-per-node", "100000", "--set", "batch_size=100000",
+                                             "--set", "gradient_accumulation_steps=1", "--out", "o"], check=absent("o")),
+    # 5. inputs people really have
+    Row("19r: TOML config with a UTF-8 BOM", ["config", "--config", "c.toml"], write("c.toml", b"\xef\xbb\xbfn_layer = 2\n"),
+        ok=True),
+    Row("19r: .py config with a UTF-8 BOM", ["config", "--config", "c.py"], write("c.py", b"\xef\xbb\xbfn_layer = 2\n"),
+        ok=True),
+    Row("19r: profile TOML with a UTF-8 BOM", ["profiles", "show", "cpu-64mb"],
+        write(PROFILE_64, b"\xef\xbb\xbf" + profile_with().encode()), ok=True),
+    Row("19r: dataset without meta.pkl, ids fit vocab_size", [*RUN, "--no-probe", "--set", "dataset={t}/d",
+                                                             "--set", "vocab_size=200", "--out", "o"],
+        tokens("d", list(range(200)), 5), ok=True),
+    Row("19r: dataset without meta.pkl, ids reach vocab_size", [*RUN, "--no-probe", "--set", "dataset={t}/d",
+                                                               "--set", "vocab_size=100", "--out", "o"],
+        tokens("d", list(range(200)), 5), absent("o/ckpt.pt")),
+    Row("19r: deeply nested TOML config", ["config", "--config", "c.toml"], write("c.toml", "a = " + "[" * 20000)),
+    Row("19r: deeply nested TOML profile", ["profiles", "show", "cpu-64mb"],
+        write(PROFILE_64, profile_with() + "x = " + "[" * 20000 + "]" * 20000 + "\n")),
+    Row("19r: TOML config with 40,000 keys", ["config", "--config", "c.toml"],
+        write("c.toml", "".join(f"key{i} = {i}\n" for i in range(40000)))),
+    Row("19r: stale .max.json sidecar (same size and mtime)", [*RUN, "--no-probe", "--set", "dataset={t}/d",
+                                                              "--set", "vocab_size=65", "--out", "o"],
+        both(tokens("d", list(range(200)), 50, meta_vocab=65), sidecar_stale("d", 10)), absent("o/ckpt.pt")),
+    Row("19r: LC_ALL=C PYTHONIOENCODING=ascii prints the plan", [*PROBE], ok=True,
+        env={"LC_ALL": "C", "LANG": "C", "PYTHONIOENCODING": "ascii"}),
+    Row("19r: LC_ALL=C PYTHONIOENCODING=ascii config", ["config"], ok=True,
+        env={"LC_ALL": "C", "LANG": "C", "PYTHONIOENCODING": "ascii"}),
+    Row("19r: sample --temperature inf", [*SAMPLE, "--temperature", "inf"], checkpoint()),
+    Row("19r: sample --temperature nan", [*SAMPLE, "--temperature", "nan"], checkpoint()),
+    Row("19r: sample --temperature 1e-300", [*SAMPLE, "--temperature", "1e-300"], checkpoint()),
+    Row("19r: sample --seed -1", [*SAMPLE, "--seed", "-1"], checkpoint()),
+    Row("19r: sample --seed 2**70", [*SAMPLE, "--seed", str(2**70)], checkpoint()),
 ]
 
 # Rows whose fix is on another branch and has not landed here yet. Flip them as fixes merge.
@@ -486,6 +705,14 @@ def run_row(row: Row, python: str, timeout: float) -> Result:
                     folder.chmod(0o755)
         lines = proc.stderr.strip().splitlines()
         problems = []
+        if row.ok:  # must be accepted: exit 0 and no traceback; what it says on stderr is its own
+            problems = [f"exit {proc.returncode}"] if proc.returncode != 0 else []
+            if "Traceback" in proc.stderr or "Traceback" in (proc.stdout or ""):
+                problems.append("traceback")
+            if row.check is not None and (bad := row.check(t)):
+                problems.append(bad)
+            return Result(row, proc.returncode, lines[-1] if lines else "(no stderr)", problems,
+                          time.monotonic() - start)
         if proc.returncode == 0:
             problems.append("exit 0")
         if len(lines) != 1:

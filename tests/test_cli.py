@@ -277,17 +277,21 @@ def test_unwritable_profiles_dir_is_refused_before_the_probe(tmp_path, monkeypat
     (tmp_path / "home").write_text("a file where the profiles directory would go")
     code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL, "--save")
     assert code == 2 and out == "" and "trial:" not in err
-    assert err.count("\n") == 1 and "is a file, not a directory" in err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err
 
 
 def test_read_only_profiles_dir_is_refused_before_the_probe_and_by_rm(tmp_path, monkeypatch, capsys):
-    import os
     directory = tmp_path / "home" / "profiles"
     directory.mkdir(parents=True)
     (directory / "mine.toml").write_text('schema_version = 1\nname = "mine"\n')
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(directory) and mode & os.W_OK
-                        else real(p, mode, **kw))  # root would write anyway
+    import tempfile
+    real = tempfile.TemporaryFile  # writability is tested by writing (root would write anyway)
+
+    def refuse(*a, dir=None, **kw):
+        if dir is not None and str(dir) == str(directory):
+            raise PermissionError(13, "Permission denied")
+        return real(*a, dir=dir, **kw)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL, "--save")
     assert code == 2 and "trial:" not in err and err.count("\n") == 1 and "not writable" in err
     code, out, err = cli(monkeypatch, capsys, "profiles", "rm", "mine")

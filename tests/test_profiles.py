@@ -429,18 +429,25 @@ def test_rm_of_a_missing_profile_writes_nothing(autofit_home):
 def test_profiles_dir_under_a_file_is_one_line_before_anything(autofit_home):
     autofit_home.parent.mkdir(parents=True, exist_ok=True)
     autofit_home.write_text("not a directory")
-    with pytest.raises(ProfileError, match="is a file, not a directory; set AUTOFIT_HOME"):
+    with pytest.raises(ProfileError, match="is a file, not a folder; set AUTOFIT_HOME"):
         profiles.check_profiles_writable()
-    with pytest.raises(ProfileError, match="is a file, not a directory"):
+    with pytest.raises(ProfileError, match="is a file, not a folder"):
         save_plan("cpu-2gb", None, make_plan())
     assert autofit_home.read_text() == "not a directory"
 
 
 def _deny_writes_to(monkeypatch, directory: Path) -> None:
-    # Root may write a 0o555 directory, so the test also pretends at the os.access level.
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == directory and mode & os.W_OK
-                        else real(p, mode, **kw))
+    # Root may write a 0o555 directory, and writability is tested by writing (os.access says yes to
+    # root everywhere), so the test also makes the test write fail there.
+    import tempfile
+    import trainer.paths
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **kw):
+        if dir is not None and Path(dir) == directory:
+            raise PermissionError(13, "Permission denied")
+        return real(*a, dir=dir, **kw)
+    monkeypatch.setattr(trainer.paths.tempfile, "TemporaryFile", refuse)
 
 
 def test_read_only_profiles_dir_refuses_save_and_rm_in_one_line(monkeypatch):
@@ -450,7 +457,7 @@ def test_read_only_profiles_dir_refuses_save_and_rm_in_one_line(monkeypatch):
     directory.chmod(0o555)
     try:
         _deny_writes_to(monkeypatch, directory)
-        with pytest.raises(ProfileError, match=f"cannot save profiles in {directory}: the profiles directory "
+        with pytest.raises(ProfileError, match=f"cannot save profiles: profiles folder {directory}: {directory} "
                                                "is not writable"):
             profiles.check_profiles_writable("cpu-2gb")
         with pytest.raises(ProfileError, match="not writable"):
@@ -478,7 +485,7 @@ def test_not_yet_created_dir_is_checked_at_its_existing_parent(autofit_home, mon
     assert profiles.check_profiles_writable() == autofit_home / "profiles"
     assert not (autofit_home / "profiles").exists()  # checking creates nothing
     _deny_writes_to(monkeypatch, autofit_home)
-    with pytest.raises(ProfileError, match="where it would be created"):
+    with pytest.raises(ProfileError, match=f"profiles folder {autofit_home / 'profiles'}: {autofit_home} is not writable"):
         profiles.check_profiles_writable()
 
 

@@ -1,7 +1,7 @@
 """trainer: a nanoGPT-style GPT trainer that knows nothing of autofit (it never imports it). Its
 parts, lowest first; a part imports only from parts below it (tests/test_layout.py checks this):
 
-- errors, interrupt, meter, clock, schedule, compiler, step: the one train step and what it stands on
+- errors, paths, interrupt, meter, clock, schedule, compiler, step: the one train step and what it stands on
 - writes: every file and stdout write, and the one line when the disk says no; phases: progress lines
 - data/: datasets, token files, prepare, step batches
 - config/: TrainConfig, its messages, the nanoGPT .py parser, presets

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,12 @@ import torch
 from trainer.data.datasets import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.checkpoint.nanogpt import read_nanogpt_checkpoint
+from trainer.paths import PathProblem, input_file
 from trainer.model.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
 
+# logits / temperature must stay finite in float32 (3.4e38), or softmax gives NaN and sampling
+# fails: 1e-6 keeps logits up to 1e32 finite. --top-k 1 is the way to ask for greedy decoding.
+MIN_TEMPERATURE = 1e-6
 REPLACEMENT = "\ufffd"  # shown for a generated id the vocabulary has no text for
 
 
@@ -69,6 +74,12 @@ def check_options(opts: SampleOptions) -> None:
     """Refuse bad settings before any file is read (one line each)."""
     if not opts.temperature > 0:
         raise SampleError(f"--temperature must be > 0, got {opts.temperature}")
+    if not (math.isfinite(opts.temperature) and opts.temperature >= MIN_TEMPERATURE):
+        raise SampleError(f"--temperature must be a finite number >= {MIN_TEMPERATURE:g} (logits are divided by it; "
+                          f"for the most likely token every time use --top-k 1), got {opts.temperature}")
+    if not 0 <= opts.seed < 2**64:
+        raise SampleError(f"--seed must be an integer in 0 .. 2**64 - 1 (what torch.manual_seed takes), "
+                          f"got {opts.seed}")
     if opts.top_k is not None and opts.top_k < 1:
         raise SampleError(f"--top-k must be at least 1, got {opts.top_k}")
     if opts.num_samples < 1:
@@ -87,8 +98,11 @@ def read_start(start: str) -> str:
     """The prompt text: `start` itself, or the contents of the file named by 'FILE:path'."""
     if start.startswith("FILE:"):
         path = Path(start[5:]).expanduser()
-        try:
+        try:  # a FIFO would block, /dev/zero would never end: regular files only
+            input_file(path, "--start FILE:")
             start = path.read_text(encoding="utf-8")
+        except PathProblem as e:
+            raise SampleError(str(e).replace("FILE: ", "FILE:", 1)) from None
         except FileNotFoundError:
             raise SampleError(f"--start FILE:{path}: no such file") from None
         except (OSError, UnicodeDecodeError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -158,6 +159,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
                fault: FaultInjector | None = None, sync_grads=None) -> StepResult:
     """One optimizer step over x, y (B x T int64 token ids, on the host or the device; slices are
     copied to the model's device without blocking, from pinned memory when the caller pinned it).
+    With y = None, x is a step batch too large to hold (trainer.data.batches.LazyStepBatch: len(),
+    block_size, rows(start, stop) -> host x, y), read one micro-batch at a time.
 
     Each micro-batch's mean loss is weighted by its share of the step's target tokens, so the
     accumulated gradient equals that of one batch of B sequences whatever the split.
@@ -171,24 +174,14 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     caller cleans up (zero_grad(set_to_none=True)) before redoing the step.
     Raises ValueError when the micro-batches do not add up to the batch.
     """
-    if sum(micro_batches) != x.shape[0]:
-        raise ValueError(f"micro-batches {micro_batches} do not add up to the batch of {x.shape[0]}")
     forward = model if forward is None else forward  # a compiled module has no truth value
     device = next(model.parameters()).device
-    n_valid = (y != -1)
-    # token counts come from the host copy of the targets: no device sync
-    counts = n_valid.sum(dim=1).tolist() if y.device.type == "cpu" else None
-    total_tokens = sum(counts) if counts is not None else int(n_valid.sum())
+    total_tokens, pieces = _micro_pieces(x, y, micro_batches)
     loss_sum = torch.zeros((), device=device)
-    start = 0
-    for i, mb in enumerate(micro_batches):
+    for i, (share, xb, yb) in enumerate(pieces):
         if fault is not None:
             fault.check(step, i)
-        share = (sum(counts[start:start + mb]) if counts is not None else int(n_valid[start:start + mb].sum())) \
-            / max(total_tokens, 1)
-        xb = x[start:start + mb].to(device, non_blocking=True)
-        yb = y[start:start + mb].to(device, non_blocking=True)
-        start += mb
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if sync_grads is None else sync_grads.micro_batch(last)
         with sync:
@@ -203,6 +196,31 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     optimizer.zero_grad(set_to_none=sync_grads is None or sync_grads.zero_grad_to_none)
     return StepResult(loss_tensor=loss_sum, tokens=total_tokens, micro_batches=list(micro_batches),
                       grad_norm_tensor=grad_norm, skipped_tensor=skipped)
+
+
+def _micro_pieces(x, y, micro_batches: list[int]):
+    """(target tokens of the step, an iterator of (share of them, x rows, y rows) per micro-batch).
+    y = None: x is a LazyStepBatch, whose rows are read here one micro-batch at a time (sampled
+    windows: every target counts). Raises ValueError when the micro-batches do not add up."""
+    n = len(x) if y is None else x.shape[0]
+    if sum(micro_batches) != n:
+        raise ValueError(f"micro-batches {micro_batches} do not add up to the batch of {n}")
+    if y is None:
+        total = n * x.block_size
+        starts = [0, *itertools.accumulate(micro_batches)]
+        return total, ((mb * x.block_size / max(total, 1), *x.rows(a, a + mb)) for a, mb in zip(starts, micro_batches))
+    n_valid = (y != -1)
+    # token counts come from the host copy of the targets: no device sync
+    counts = n_valid.sum(dim=1).tolist() if y.device.type == "cpu" else None
+    total = sum(counts) if counts is not None else int(n_valid.sum())
+
+    def pieces():
+        start = 0
+        for mb in micro_batches:
+            got = sum(counts[start:start + mb]) if counts is not None else int(n_valid[start:start + mb].sum())
+            yield got / max(total, 1), x[start:start + mb], y[start:start + mb]
+            start += mb
+    return total, pieces()
 
 
 def _optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -148,7 +148,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         from autofit.launch.run import check_steps_left
         check_steps_left(0, cfg, max_steps)
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
-        _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log)
+        _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log, opts)
     _hold_out_dir(cfg.out_dir, cfg.tensorboard_dir)
     if resuming:  # nanoGPT's init_from='resume' is --resume
         from autofit.launch.resume import prepare_resume
@@ -265,7 +265,7 @@ def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict
     return out, sources
 
 
-def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log) -> None:
+def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=None) -> None:
     """--nproc-per-node N: what a fresh run would refuse is checked here once, then torchrun
     starts the same command on N ranks; this process exits with their status."""
     from autofit.launch.torchrun import check_ranks, relaunch
@@ -275,6 +275,8 @@ def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log) -> No
     if not resuming:
         _check_fresh_run(cfg, log)
     check_ranks(cfg, nproc_per_node, resuming)
+    from autofit.devices.cpu import check_ranks_fit
+    check_ranks_fit(nproc_per_node, opts.budget_bytes if opts else None, opts.device if opts else None)
     code = relaunch(sys.argv[1:], nproc_per_node, log)
     interrupts.said()  # the launcher and rank 0 said what stopped them
     raise typer.Exit(code)

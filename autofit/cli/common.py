@@ -11,6 +11,32 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+# What stands in for the characters autofit prints where the output's encoding cannot write them.
+_ASCII = {"\u00d7": "x", "\u2026": "...", "\u2014": "-", "\u2013": "-", "\u2212": "-", "\u2248": "~", "\u2192": "->",
+          "\u2190": "<-", "\u2265": ">=", "\u2264": "<=", "\u00b7": ".", "\u2022": "*", "\u2713": "ok", "\u2717": "x",
+          "\u2588": "#", "\u2591": ".", "\u2592": ":", "\u2593": "#", "\u00b1": "+/-", "\u25a0": "#"}
+
+
+def _ascii_stand_in(err: UnicodeEncodeError) -> tuple[str, int]:
+    return "".join(_ASCII.get(c, "?") for c in err.object[err.start:err.end]), err.end
+
+
+def encodable_streams() -> None:
+    """stdout and stderr that cannot encode what autofit prints (LC_ALL=C, PYTHONIOENCODING=ascii,
+    a Latin-1 terminal) write ASCII stand-ins ('512 = 27 x 18 + 26') instead of raising
+    UnicodeEncodeError in the middle of the plan; a UTF-8 stream is left as it is."""
+    import codecs
+    codecs.register_error("autofit-ascii", _ascii_stand_in)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            "\u00d7\u2500\u2026".encode(getattr(stream, "encoding", None) or "utf-8")
+        except (UnicodeEncodeError, LookupError):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="autofit-ascii")
+
+
+encodable_streams()  # before the consoles: rich picks its box characters from the stream's encoding
+
 # Piped output (CI logs, `| less`, a file) is not wrapped: lines are soft-wrapped (left whole for
 # the reader's pager), and tables get 200 columns instead of rich's default 80.
 # (A closed stdout, `>&-`, is None here; cli.app.main refuses it in one line.)
@@ -44,6 +70,7 @@ class UsageError(ValueError):
 USER_ERRORS = frozenset({
     "UsageError", "ConfigError", "DataError", "TrainError", "DeviceError", "HardwareError", "ProfileError",
     "PlanError", "PlotError", "WeightsError", "CheckpointError", "SampleError",
+    "PathProblem",
 })
 
 
@@ -105,7 +132,11 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
         bad = [v for v in li if v not in ("standard", "chunked")]
         if bad:
             raise UsageError(f"--loss: unknown loss implementation {bad[0]!r} (standard, chunked)")
-    return ProbeOptions(device=device, budget_bytes=_size(budget, "--budget"), gpu=gpu, gpu_index=gpu_index,
+    budget_bytes = _size(budget, "--budget")
+    if budget_bytes:  # more than the machine has: refused here, before --out is made (open_device checks again)
+        from autofit.devices.cpu import check_budget_fits
+        check_budget_fits(budget_bytes)
+    return ProbeOptions(device=device, budget_bytes=budget_bytes, gpu=gpu, gpu_index=gpu_index,
                         margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li)
 
 

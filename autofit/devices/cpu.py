@@ -65,6 +65,61 @@ def available_ram_bytes() -> int:
     return min(avail, cg) if cg is not None else avail
 
 
+def machine_memory_bytes() -> int | None:
+    """All the memory this machine can give a process: physical RAM (MemTotal, else sysconf),
+    capped by a container's cgroup limit; None where neither can be read."""
+    total: int | None = None
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        pass
+    for limit_path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_path) as f:
+                raw = f.read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:  # 'max', or v1's huge number: unlimited
+            total = min(total, int(raw)) if total else int(raw)
+        break
+    return total
+
+
+def check_budget_fits(budget_bytes: int, what: str = "--budget") -> None:
+    """Refuse (DeviceError, one line) a CPU budget this machine could never give
+    (machine_memory_bytes): trials would 'fit' memory that is not there, and training would be
+    killed by the kernel instead of shrinking."""
+    have = machine_memory_bytes()
+    if have is not None and budget_bytes > have:
+        raise DeviceError(f"{what}: {fmt_bytes(budget_bytes)} is more than this machine's memory ({fmt_bytes(have)}, "
+                          f"physical RAM or the container's limit); ask for at most {fmt_bytes(have)}")
+
+
+# What one rank costs before it trains: a Python process with torch loaded (an assumed figure,
+# ~300-400 MiB resident with torch 2.x on Linux), so that N ranks are known not to fit up front.
+RANK_PROCESS_BYTES = 256 * 1024**2
+
+
+def check_ranks_fit(nproc: int, budget_bytes: int | None, kind: str | None) -> None:
+    """Refuse (DeviceError, one line) --nproc-per-node N that this machine cannot hold, before
+    torchrun starts anything: more ranks than GPUs on a GPU run, or N ranks whose processes
+    (RANK_PROCESS_BYTES each, assumed) and CPU budgets (--budget each) exceed the machine's memory."""
+    if kind == "cuda" or (kind is None and budget_bytes is None and torch.cuda.is_available()):
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise DeviceError(f"--nproc-per-node {nproc}: this machine has {gpus} GPU(s), one per rank; "
+                              f"use --nproc-per-node {gpus} or fewer")
+        return
+    each = (budget_bytes or 0) + RANK_PROCESS_BYTES
+    have = machine_memory_bytes()
+    if have is not None and nproc * each > have:
+        what = f"~{fmt_bytes(RANK_PROCESS_BYTES)} for its process (assumed)" + (
+            f" + its --budget {fmt_bytes(budget_bytes)}" if budget_bytes else "")
+        raise DeviceError(f"--nproc-per-node {nproc}: each rank needs {what}, and this machine's memory "
+                          f"({fmt_bytes(have)}, physical RAM or the container's limit) holds at most "
+                          f"{have // each} such ranks")
+
+
 def default_cpu_budget() -> int:
     return int(available_ram_bytes() * DEFAULT_CPU_BUDGET_SHARE)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,6 @@ from autofit.devices.device import DeviceError, DeviceInfo
 from autofit.profiles.files import first_problem, newer_schema
 from autofit.units import GiB, MiB
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - pyproject installs tomli on 3.10
-    import tomli as tomllib
 
 SCHEMA_VERSION = 1
 # A share of the card's memory assumed reserved by the driver when its profile has no measured
@@ -69,12 +64,13 @@ class HardwareSpec(BaseModel):
 
 def load_hardware_file(path: str | Path) -> HardwareSpec:
     """Read and validate one profile TOML; every failure is a HardwareError naming the file."""
+    from trainer.paths import PathProblem, TomlProblem, parse_toml, read_user_text
     path = Path(path)
     try:
-        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise HardwareError(f"{path}: cannot read hardware profile ({e.strerror or e})") from None
-    except tomllib.TOMLDecodeError as e:
+        data: dict[str, Any] = parse_toml(read_user_text(path, "hardware profile"))
+    except PathProblem as e:
+        raise HardwareError(str(e)) from None
+    except TomlProblem as e:
         raise HardwareError(f"{path}: not valid TOML ({e})") from None
     version = newer_schema(data, SCHEMA_VERSION)
     if version is not None:

@@ -46,6 +46,9 @@ def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu
     budget_bytes, gpu_index = rank_budget(budget_bytes), rank_gpu(asked or 0)
     if budget_bytes is not None and kind == "cuda":
         raise DeviceError("--budget applies to the CPU device only; on a GPU the budget is free memory x (1 - margin)")
+    if budget_bytes is not None:  # the --budget, or a saved CPU profile's memory_bytes
+        from autofit.devices.cpu import check_budget_fits
+        check_budget_fits(budget_bytes)
     if budget_bytes is not None or (kind == "cpu" and cpu == "budgeted"):
         return BudgetedCpuDevice(budget_bytes=cpu_share(budget_bytes))
     if kind == "cpu":

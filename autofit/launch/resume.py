@@ -67,14 +67,15 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     command line (or in a config with init_from='resume'); `sources`: where each was set. Raises
     TrainError for a missing or foreign checkpoint, ConfigError for a refused change."""
     path = Path(out_dir) / "ckpt.pt"
-    ck = read_checkpoint(path, any_layout=True, mmap=True)  # tensors mapped, not read: the run loads them
+    # every field checked (trainer/checkpoint/schema.py) before any work; tensors mapped, not read
+    ck = read_checkpoint(path, any_layout=True, mmap=True)
     if not all(k in ck for k in ("config", "sampler")):  # nanoGPT's layout
         return _continue_nanogpt(path, overrides, probe_opts, allow_changes, max_steps, progress, log, sources)
-    read_checkpoint(path, mmap=True)  # every key a resume reads, checked before any work
+    plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
+    plan = _saved_plan(plan_info, path)
     cfg, changes = _with_changes(TrainConfig(**ck["config"]), overrides, allow_changes, log, sources)
     check_steps_left(int(ck["iter_num"]), cfg, max_steps, resuming=True)  # before the device and the model
     cfg.out_dir = str(out_dir)
-    plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
     spec = device_spec(ck)
     if probe_opts.device is not None or probe_opts.budget_bytes is not None:
         log(f"--resume: the checkpoint's device is used ({spec.get('kind')}"
@@ -82,8 +83,6 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
             "only to a nanoGPT checkpoint, which is probed afresh")
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
-    plan = PlanRecord(**{k: v for k, v in plan_info.items() if k in PlanRecord.model_fields}) \
-        if plan_info.get("mode") else None
     log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
         f"(micro-batch {micro}); no probe")
     _say_split_change(cfg, int(ck.get("world_size", 1)), log)
@@ -105,6 +104,20 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                           split=describe_split(mbs), reason="the config as written (--no-probe)")
     return Launch(cfg=cfg, opts=opts, device=device, plan=plan,
                   source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")
+
+
+def _saved_plan(plan_info: dict, path: Path) -> PlanRecord | None:
+    """The plan a checkpoint was trained on (None for a --no-probe run), validated as a probe's
+    plan is; TrainError naming the file and the field for one that is not."""
+    if not plan_info.get("mode"):
+        return None
+    from pydantic import ValidationError
+    from autofit.profiles.files import first_problem
+    from trainer.errors import TrainError
+    try:
+        return PlanRecord(**{k: v for k, v in plan_info.items() if k in PlanRecord.model_fields})
+    except ValidationError as e:
+        raise TrainError(f"{path}: plan: {first_problem(e, 'plan')}") from None
 
 
 def _say_split_change(cfg, before: int, log) -> None:

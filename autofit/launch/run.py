@@ -80,7 +80,7 @@ def hardware_dict_for(info, name: str) -> dict:
         return {"name": name, "gpu": "CPU (budgeted)", "kind": "cpu", "memory_bytes": info.total_bytes}
     known = _builtin_hardware(name)
     return known or {"name": name, "gpu": info.name, "kind": "cuda", "memory_bytes": info.total_bytes,
-                     "compute_capability": list(info.compute_capability or ())}
+                     **({"compute_capability": list(info.compute_capability)} if info.compute_capability else {})}
 
 
 def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str | None = None) -> tuple[str, str, object]:
@@ -165,6 +165,8 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     emulated_on = None
     if hw.get("kind") == "cpu":
         probe_opts.device, probe_opts.budget_bytes = "cpu", int(hw["memory_bytes"])
+        from autofit.devices.cpu import check_budget_fits
+        check_budget_fits(probe_opts.budget_bytes, f"profile {profile}'s memory_bytes (its CPU budget)")
         device = open_device("cpu", budget_bytes=probe_opts.budget_bytes, gpu_index=probe_opts.gpu_index)
     else:
         device, emulated_on = _gpu_for_profile(profile, hw, emulate, probe_opts)

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from trainer.data.batches import held_rows
+
 from autofit.planning import agree
 from autofit.records import Candidate, TrialRecord
 from trainer.compiler import compile_model
@@ -88,9 +90,10 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     micro = trial_split(rank_batch, cand.micro_batch)
     g = torch.Generator().manual_seed(settings.seed)
     n = sum(micro)
-    # Training samples the whole optimizer step's batch on the host. On a GPU that is host
-    # memory; on the budgeted CPU device it counts, so hold a batch of that size here too.
-    rows = max(n, rank_batch) if tdev.type == "cpu" else n
+    # Training samples the whole optimizer step's batch on the host (unless it is too large to
+    # hold: then one micro-batch at a time, trainer.data.batches). On a GPU that is host memory; on
+    # the budgeted CPU device it counts, so hold what training holds here too.
+    rows = max(n, held_rows(rank_batch, cfg.block_size)) if tdev.type == "cpu" else n
     state["x"] = x = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size), generator=g)[:n]
     state["y"] = y = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size), generator=g)[:n]
     device.reset_peak()

@@ -43,7 +43,7 @@ def first_problem(exc, top: str) -> str:
     line; `top` names the place when the error is not about one field."""
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or top
-    return f"{where}: {' '.join(str(first['msg']).split())}"
+    return f"{where}: {' '.join(str(first['msg']).split()).removeprefix('Value error, ')}"
 
 
 def profiles_dir() -> Path:
@@ -65,21 +65,17 @@ def check_profiles_writable(name: str | None = None) -> Path:
     """Raise ProfileError (one line) unless a profile can be saved; call it before expensive work.
 
     The profiles directory must be a writable directory, or be creatable under a writable one;
-    nothing is created here. `name`, when given, must be a valid profile name. Returns the
-    directory. Permission bits are read with os.access, so for root (who may write anyway) only
-    a read-only file system or a path through a regular file fails."""
+    nothing is created (a temporary file is written and deleted: os.access says yes to root
+    everywhere). `name`, when given, must be a valid profile name. Returns the directory."""
     if name is not None:
         check_name(name)
+    from trainer.paths import PathProblem, output_dir
     directory = profiles_dir()
-    probe = directory
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    fix = "set AUTOFIT_HOME to a writable directory, or fix the permissions"
-    if not probe.is_dir():
-        raise ProfileError(f"cannot save profiles in {directory}: {probe} is a file, not a directory; {fix}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        what = "the profiles directory" if probe == directory else f"{probe} (where it would be created)"
-        raise ProfileError(f"cannot save profiles in {directory}: {what} is not writable; {fix}")
+    try:  # links followed, FIFOs and files on the way refused, writability tested by writing
+        output_dir(directory, "profiles folder")
+    except PathProblem as e:
+        raise ProfileError(f"cannot save profiles: {e}; set AUTOFIT_HOME to a writable directory, "
+                           f"or fix the permissions") from None
     return directory
 
 

@@ -15,7 +15,6 @@ and built-in profiles are looked up through a callable the caller passes in.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,15 +29,13 @@ from autofit.profiles.fingerprints import _strip_none, explain_stale, fingerprin
 from autofit.profiles.files import (NAME_MAX, NAME_RE, ProfileError, _is_valid_name,  # noqa: F401
                                    check_name, check_profiles_writable, first_problem, locked as _locked,
                                    newer_schema, profile_path, profiles_dir, write_text_atomic)
+from autofit.profiles.hardware_table import MAX_MEMORY_BYTES, StoredHardware  # noqa: F401
 from autofit.records import PlanRecord, TrialRecord
+from trainer.paths import PathProblem, TomlProblem, input_file, parse_toml
 
 # An assignment, not an import: several functions here take a `fingerprint` argument.
 fingerprint = _fingerprints.fingerprint
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
 
 
 SCHEMA_VERSION = 1
@@ -70,7 +67,7 @@ class FittedPlan(BaseModel):
     # Lessons learnt at run time, each prefixed with its UTC time.
     events: list[str] = Field(default_factory=list)
     # Lowered by run-time OOMs: the trainer starts at most at this micro-batch next time.
-    safe_micro_batch: int | None = None
+    safe_micro_batch: int | None = Field(default=None, ge=1)
     # torch.compile OOMed at run time: start eager next time.
     compile_failed: bool = False
 
@@ -96,6 +93,16 @@ class SavedProfile(BaseModel):
     hardware: dict[str, Any] | None = None  # None for CPU budget profiles such as 'cpu-2gb'
     device_note: str = ""
     plans: dict[str, FittedPlan] = Field(default_factory=dict)
+
+    @field_validator("hardware")
+    @classmethod
+    def _typed_hardware(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                StoredHardware.model_validate(value)
+            except ValidationError as exc:  # one line, with the field's path under 'hardware'
+                raise ValueError(first_problem(exc, "hardware")) from None
+        return value
 
     @field_validator("name")
     @classmethod
@@ -146,16 +153,20 @@ def nearest_plan(profile: SavedProfile, inputs: dict[str, Any]) -> tuple[FittedP
 
 def _read_file(path: Path) -> SavedProfile | None:
     """The profile stored at `path`, None if there is no file; ProfileError if it is not one."""
-    try:
-        data = path.read_bytes()
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:  # a dangling or looping link, a FIFO (reading blocks), a device (reading never ends)
+        data = input_file(path, "profile file").read_bytes()
     except FileNotFoundError:
         return None
+    except PathProblem as exc:
+        raise ProfileError(f"{exc}; clear it with: autofit profiles rm {path.stem}") from None
     except OSError as exc:
         raise ProfileError(f"cannot read profile file {path}: {exc.strerror or exc}") from None
     clear = f"autofit profiles rm {path.stem}"
     try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raw = parse_toml(data.decode("utf-8-sig"))
+    except (TomlProblem, UnicodeDecodeError) as exc:
         raise ProfileError(f"profile file {path} is not valid TOML: {_one_line(str(exc))}; "
                            f"clear it with: {clear}") from None
     version = newer_schema(raw, SCHEMA_VERSION)  # before validation: a newer schema may fail our model

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from trainer.errors import TrainError
 from trainer.checkpoint.safe_load import UnsafeOrUnreadable, load_weights_only
+from trainer.checkpoint.schema import AutofitCheckpoint, CheckpointFieldError, validate
 from trainer.model.gpt import model_args_of
 from trainer.writes import atomic_write, check_room
 
@@ -37,16 +38,16 @@ def atomic_torch_save(obj: Any, path: Path, what: str | None = None) -> None:
 
 def check_out_dir(path: str | Path, what: str = "--out") -> None:
     """Raises TrainError (one line, naming `what`: '--out', 'tensorboard_dir') when `path` cannot
-    hold a run's files: a file on the way, or a folder this process cannot write in, or a disk
-    with no room (trainer.writes.check_room writes a few KiB: a 0-byte test file is still made on
-    a full disk). Checked before any expensive work; leaves nothing behind."""
-    path = Path(path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise TrainError(f"{what} {path}: {existing} is a file, not a folder")
-    check_room(existing, f"in {what} {path}")
+    hold a run's files: a file, FIFO or device on the way, a dangling or looping link, a folder
+    this process cannot write in (trainer.paths.output_dir), or a disk with no room
+    (trainer.writes.check_room writes a few KiB: a 0-byte test file is still made on a full disk).
+    Checked before any expensive work; leaves nothing behind."""
+    from trainer.paths import PathProblem, nearest_existing, output_dir
+    try:
+        output_dir(path, what)
+    except PathProblem as e:
+        raise TrainError(str(e)) from None
+    check_room(nearest_existing(path), f"in {what} {path}")
 
 
 def training_state(trainer) -> dict:
@@ -77,23 +78,55 @@ def training_state(trainer) -> dict:
 def read_checkpoint(path: Path, device: torch.device | str = "cpu", any_layout: bool = False,
                     mmap: bool = False) -> dict:
     """Loads with weights_only=True (no code in a checkpoint runs) and checks it is ours: every key
-    a resume reads (CHECKPOINT_KEYS). any_layout: a nanoGPT checkpoint (model and model_args)
-    passes too, for trainer.checkpoint.nanogpt to read. mmap: map the tensors instead of reading them
-    (for looking at a checkpoint before the run loads it). Raises TrainError when the file is
-    missing, unreadable, or of neither layout."""
-    if not path.exists():
-        raise TrainError(f"--resume: no checkpoint at {path}")
+    a resume reads (CHECKPOINT_KEYS), each of the right type and range and agreeing with the
+    others (trainer/checkpoint/schema.py: weights against the config, AdamW state against the
+    weights, RNG sizes). any_layout: a nanoGPT checkpoint (model and model_args) passes too, for
+    trainer.checkpoint.nanogpt to read and check. mmap: map the tensors instead of reading them
+    (for looking at a checkpoint before the run loads it). Raises TrainError (one line) when the
+    file is missing, not a regular file, unreadable, of neither layout, or has a bad field."""
+    from trainer.paths import PathProblem, input_file
+    try:
+        input_file(path, "--resume: checkpoint")
+    except PathProblem as e:
+        raise TrainError(str(e) if path.exists() or path.is_symlink() else f"--resume: no checkpoint at {path}") \
+            from None
     try:
         ck = load_weights_only(path, map_location=device, mmap=mmap)
     except UnsafeOrUnreadable as e:  # corrupt, truncated, or a pickle that wants to run code
         raise TrainError(f"{path} is not a valid autofit checkpoint; unreadable with weights_only=True: {e}") from None
-    if any_layout and isinstance(ck, dict) and "model" in ck and "model_args" in ck:
-        return ck
+    if any_layout and isinstance(ck, dict) and "model" in ck and "model_args" in ck \
+            and not all(k in ck for k in ("config", "sampler")):
+        return ck  # nanoGPT's layout: trainer.checkpoint.nanogpt checks it
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise TrainError(f"{path} is not an autofit checkpoint (missing {', '.join(missing)}) nor a nanoGPT one "
                          f"(model, model_args, ...)")
+    check_autofit_checkpoint(ck, path)
     return ck
+
+
+def check_autofit_checkpoint(ck: Mapping, path: str | Path):
+    """Every field of an autofit checkpoint, and what ties them together: the config is a valid
+    TrainConfig, the weights have the names and shapes of the model it describes, the AdamW state
+    lines up with those parameters. Tensors may be memory-mapped: only shapes are looked at.
+    Returns the TrainConfig. Raises CheckpointFieldError (one line) before any model is built."""
+    from trainer.config.train_config import ConfigError, TrainConfig
+    from trainer.checkpoint.nanogpt import CheckpointError, check_model_state, check_optimizer_state, model_args_of
+    from trainer.model.gpt import GPT, GPTConfig, clean_state_dict
+    fields = validate(AutofitCheckpoint, ck, path)
+    try:
+        cfg = TrainConfig(**fields.config)
+    except ConfigError as e:
+        raise CheckpointFieldError(f"{path}: config: {e}") from None
+    args = model_args_of(cfg)
+    try:
+        check_model_state(clean_state_dict(dict(fields.model)), args, path, against="config")
+        if fields.optimizer_keys != "names":  # FSDP2 saves it by parameter name, checked by torch's loader
+            with torch.device("meta"):
+                check_optimizer_state(ck["optimizer"], GPT(GPTConfig(**args)), path)
+    except CheckpointError as e:
+        raise CheckpointFieldError(str(e)) from None
+    return cfg
 
 
 def check_same_model(saved_cfg, cfg, path: Path) -> None:

@@ -23,6 +23,8 @@ import torch
 from trainer.model.gpt import MODEL_ARGS, GPT, GPTConfig, clean_state_dict
 from trainer.model.gpt import model_args_of as _model_args_of
 from trainer.checkpoint.safe_load import UnsafeOrUnreadable, load_weights_only
+from trainer.paths import PathProblem, input_file
+from trainer.checkpoint.schema import CheckpointFieldError, NanoGPTCheckpointFields, validate
 
 # What tells autofit's layout from nanoGPT's (autofit's checkpoints carry nanoGPT's keys too).
 AUTOFIT_MARKERS = ("model", "config", "sampler")
@@ -50,8 +52,12 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     """torch.load with weights_only=True (a checkpoint cannot run code). Raises CheckpointError
     (one line) for a missing, unreadable or non-dict file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"no checkpoint at {path}")
+    try:  # a dangling or looping link, a FIFO (reading blocks), a device (reading never ends)
+        input_file(path, "checkpoint")
+    except PathProblem as e:
+        raise CheckpointError(str(e)) from None
     try:
         ck = load_weights_only(path, map_location=map_location)
     except UnsafeOrUnreadable as e:  # truncated, not a torch file, or a pickle that wants to run code
@@ -87,17 +93,25 @@ def expected_shapes(model_args: Mapping[str, Any]) -> dict[str, tuple[int, ...]]
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_model_state(state: Mapping[str, torch.Tensor], model_args: Mapping, path: str | Path) -> None:
-    """Refuse (one line) a state dict whose names or shapes do not fit GPT(model_args)."""
+def check_model_state(state: Mapping[str, torch.Tensor], model_args: Mapping, path: str | Path,
+                      against: str = "model_args") -> None:
+    """Refuse (one line) a state dict whose names or shapes do not fit GPT(model_args); `against`
+    names where the args come from ('model_args', 'config'). Looks at shapes only (tensors may be
+    memory-mapped or on the meta device)."""
     want = expected_shapes(model_args)
     missing = [k for k in want if k not in state]
     extra = [k for k in state if k not in want]
     if missing or extra:
         what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the model does not"
-        raise CheckpointError(f"{path}: the model state {what} ({len(missing)} missing, {len(extra)} unexpected)")
+        layers = len({k.split(".")[2] for k in state if k.startswith("transformer.h.")})
+        hint = (f"; the weights have {layers} layer(s), {against} says n_layer={model_args['n_layer']}"
+                if layers and layers != model_args["n_layer"] else "")
+        raise CheckpointError(f"{path}: model: the model state {what} ({len(missing)} missing, {len(extra)} "
+                              f"unexpected){hint}")
     for k, shape in want.items():
-        if tuple(state[k].shape) != shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)}, model_args "
+        if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != shape:
+            got = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+            raise CheckpointError(f"{path}: model: {k} has shape {got}, {against} "
                                   f"({_args_text(model_args)}) give {shape}")
 
 
@@ -149,6 +163,10 @@ def read_nanogpt_checkpoint(path: str | Path, map_location: str | torch.device =
 def nanogpt_checkpoint_from(ck: Mapping, path: str | Path = "checkpoint") -> NanoGPTCheckpoint:
     """read_nanogpt_checkpoint's checks and result for a checkpoint dict already loaded."""
     layout = checkpoint_layout(ck, path)
+    try:  # every field's type and range, once (trainer/checkpoint/schema.py)
+        validate(NanoGPTCheckpointFields, {k: ck[k] for k in NANOGPT_KEYS if k in ck}, path)
+    except CheckpointFieldError as e:
+        raise CheckpointError(str(e)) from None
     raw_args = ck.get("model_args") if "model_args" in ck else ck.get("config")
     if not isinstance(raw_args, Mapping):
         raise CheckpointError(f"{path}: model_args is a {type(raw_args).__name__}, not a dict")

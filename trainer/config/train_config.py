@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import types
 import typing
 from contextvars import ContextVar
@@ -26,13 +25,9 @@ from typing import Any, Literal, Sequence
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
+from trainer.paths import PathProblem, TomlProblem, parse_toml, read_user_text
 from trainer.config.messages import did_you_mean, format_validation_error, unknown_key_message
 from trainer.config.pyfile import ConfigError, Refused, literal, parse_py_config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - 3.10 only
-    import tomli as tomllib
 
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "FIELDS", "load_config", "parse_override",
            "parse_py_config", "config_summary", "format_validation_error"]
@@ -224,8 +219,8 @@ def config_summary(cfg: TrainConfig) -> dict[str, Any]:
 
 def _read_toml(text: str, path: Path) -> dict[str, tuple[Any, int]]:
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        data = parse_toml(text)
+    except TomlProblem as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     table = data.pop("train", None)
     if table is not None:
@@ -235,28 +230,32 @@ def _read_toml(text: str, path: Path) -> dict[str, tuple[Any, int]]:
         if both:
             raise ConfigError(f"{path}: key {both[0]!r} is set both at top level and in [train]")
         data.update(table)
-    # tomllib keeps no line numbers; find each key's line so errors can point at it.
-    lines = text.splitlines()
-    out = {}
-    for key, value in data.items():
-        pat = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
-        line = next((i + 1 for i, s in enumerate(lines) if pat.match(s)), 0)
-        out[key] = (value, line)
-    return out
+    # tomllib keeps no line numbers; find each key's first line, in one pass over the lines (a
+    # search per key is quadratic: minutes for a file of 40,000 keys).
+    first_line: dict[str, int] = {}
+    for i, s in enumerate(text.splitlines()):
+        m = _KEY_LINE.match(s)
+        if m:
+            first_line.setdefault(m.group(1) or m.group(2) or m.group(3), i + 1)
+    return {key: (value, first_line.get(key, 0)) for key, value in data.items()}
+
+
+# `key =`, `"key" =` or `'key' =` at the start of a line (what _read_toml's line numbers point at)
+_KEY_LINE = re.compile(r"""^\s*(?:"([^"]*)"|'([^']*)'|([A-Za-z0-9_-]+))\s*=""")
 
 
 def _read_file(path: Path) -> dict[str, tuple[Any, int]]:
     if path.is_dir():  # nanoGPT's config/ folder given instead of a file in it
         raise ConfigError(f"config file {path} is a folder: name a .py or .toml file in it")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"config file not found: {path}")
     if path.suffix not in (".toml", ".py"):
         raise ConfigError(f"unsupported config file type {path.suffix or '(none)'!r}: {path} "
                           "(use .toml or a nanoGPT-style .py)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:  # a dangling or looping link, a FIFO (reading blocks), a device (never ends); a BOM is fine
+        text = read_user_text(path, "config file")
+    except PathProblem as e:
+        raise ConfigError(str(e)) from None
     return _read_toml(text, path) if path.suffix == ".toml" else parse_py_config(text, str(path))
 
 

@@ -10,9 +10,43 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from trainer.data.datasets import BatchSampler
+
+# Above this many bytes of token ids (x and y, int64) a step's batch is never read whole: it is a
+# LazyStepBatch, read one micro-batch at a time. 256 MiB is ~1M tokens; nanoGPT's GPT-2 step
+# (480 x 1024 on one GPU) is 7.5 MiB. gradient_accumulation_steps = 1000000 would be 977 MiB+.
+WHOLE_BATCH_MAX_BYTES = 256 * 1024**2
+
+
+def held_rows(n: int, block_size: int) -> int:
+    """How many of a step's n sequences the host holds at once: all n when the batch is read
+    whole (at most WHOLE_BATCH_MAX_BYTES of token ids), else none beyond the micro-batch in use."""
+    return n if whole_batch(n, block_size) else 0
+
+
+def whole_batch(n: int, block_size: int) -> bool:
+    return 2 * 8 * n * block_size <= WHOLE_BATCH_MAX_BYTES
+
+
+class LazyStepBatch:
+    """One step's batch of sequences, known by where they start (8 bytes each) and read a
+    micro-batch at a time: `rows(start, stop)` gives x, y int64 (stop - start, block_size),
+    the same rows the whole batch would hold there. trainer.step.train_step takes it as x (with
+    y = None); every target of a sampled window counts (no ignored tokens)."""
+
+    def __init__(self, sampler: BatchSampler, split: str, offsets: np.ndarray, pin: bool = False):
+        self.sampler, self.split, self.offsets, self.pin = sampler, split, offsets, pin
+        self.block_size = sampler.block_size
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.sampler.read_rows(self.split, self.offsets[start:stop])
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
 
 class StepBatches:
@@ -37,9 +71,15 @@ class StepBatches:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's batch of n sequences (this rank's rows of it); the sampler moves on by one."""
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[LazyStepBatch, None]:
+        """This step's batch of n sequences (this rank's rows of it); the sampler moves on by one.
+        A batch of more than WHOLE_BATCH_MAX_BYTES of token ids comes as (LazyStepBatch, None):
+        its rows are read micro-batch by micro-batch, never all at once."""
         counter = self.sampler.counters.get(self.split, 0)
+        if not whole_batch(n, self.sampler.block_size):
+            offsets = self.sampler.offsets_at(self.split, n, counter, self.rows(n) if self.rows else None)
+            self.sampler.counters[self.split] = counter + 1
+            return LazyStepBatch(self.sampler, self.split, offsets, self.pin), None
         ahead = self._next
         if ahead is not None and ahead[0] == counter and ahead[1] == n:
             batch = ahead[2].result()

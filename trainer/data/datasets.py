@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from trainer.paths import PathProblem, input_file, real_stat
+
 from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
                                 DataError, max_token, read_llmc_shard, read_nanogpt_bin,
                                 write_llmc_shard, write_tokens)
@@ -103,6 +105,9 @@ class TokenDataset:
     vocab_size: int  # the vocab the format declares (meta.pkl, GPT-2, bytes); ids are checked too
     splits: dict[str, TokenSplit]
     vocab_source: str = ""  # where vocab_size came from, for messages
+    # False where vocab_size is assumed, not declared (a nanoGPT folder without meta.pkl: GPT-2
+    # BPE is the guess). Then, as in nanoGPT, any vocab_size that holds every stored id trains.
+    vocab_declared: bool = True
 
     def split(self, name: str) -> TokenSplit:
         if name not in self.splits:
@@ -122,10 +127,11 @@ class TokenDataset:
 
     def check_vocab(self, vocab_size: int, fix: str = "") -> None:
         """Refuse a model whose embedding table cannot hold every token id of this dataset: one
-        DataError line when vocab_size is below the format's declared vocab, or below the
-        largest id actually stored (each file scanned once, then remembered). `fix`: the advice
-        when vocab_size cannot change (a resumed model's), instead of 'set vocab_size >= N'."""
-        if vocab_size < self.vocab_size:
+        DataError line when vocab_size is below the format's declared vocab (not an assumed one:
+        a folder without meta.pkl), or below the largest id actually stored (each file scanned
+        once, then remembered). `fix`: the advice when vocab_size cannot change (a resumed
+        model's), instead of 'set vocab_size >= N'."""
+        if vocab_size < self.vocab_size and self.vocab_declared:
             src = f" ({self.vocab_source})" if self.vocab_source else ""
             raise DataError(f"model vocab_size {vocab_size} is smaller than dataset '{self.name}' needs "
                             f"({self.vocab_size} token ids{src}); {fix or f'set vocab_size >= {self.vocab_size}'}")
@@ -183,6 +189,10 @@ def load_dataset(spec: str, *, data_root: str | Path = DATA_ROOT) -> TokenDatase
     if where is not None:
         return load_dir(where)
     path = Path(spec).expanduser()
+    try:  # a dangling or looping link says so, not 'does not exist'
+        real_stat(path, "dataset")
+    except PathProblem as e:
+        raise DataError(str(e)) from None
     if path.exists():
         raise DataError(f"dataset '{spec}' is a file; give the directory that holds its train and val data")
     if len(path.parts) > 1:  # a path, not a bare name: do not guess under data_root
@@ -232,15 +242,20 @@ def _load_nanogpt(path: Path) -> TokenDataset:
     splits = {}
     for split in SPLITS:
         f = path / f"{split}.bin"
-        if not f.is_file():
+        if not f.exists() and not f.is_symlink():
             raise DataError(f"{path} has no {split}.bin (a nanoGPT dataset needs train.bin and val.bin)")
+        try:  # a FIFO would block the memory map, a device would never end
+            input_file(f, "dataset file")
+        except PathProblem as e:
+            raise DataError(str(e)) from None
         splits[split] = TokenSplit([read_nanogpt_bin(f)], [str(f)])
     meta = path / "meta.pkl"
     if meta.is_file():
         vocab, source = _meta_vocab(meta), str(meta)
     else:  # nanoGPT's BPE sets (shakespeare, openwebtext) have no meta.pkl: GPT-2 tokens
-        vocab, source = GPT2_VOCAB_SIZE, "no meta.pkl: GPT-2 BPE"
-    return TokenDataset(name=path.name, format="nanogpt", vocab_size=vocab, splits=splits, vocab_source=source)
+        vocab, source = GPT2_VOCAB_SIZE, "no meta.pkl: GPT-2 BPE assumed"
+    return TokenDataset(name=path.name, format="nanogpt", vocab_size=vocab, splits=splits, vocab_source=source,
+                        vocab_declared=meta.is_file())
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -323,6 +338,11 @@ class BatchSampler:
         rows of the n drawn (one rank's share of a step's batch): the offsets of all n are drawn,
         so every rank's rows are those a single process would have in that place, and only the
         rank's own are read."""
+        return self.read_rows(split, self.offsets_at(split, n, counter, rows))
+
+    def offsets_at(self, split: str, n: int, counter: int, rows: slice | None = None) -> np.ndarray:
+        """Where the sequences of batch number `counter` start (int64, n of them, or the `rows`
+        among them): 8 bytes a sequence, so a huge step batch can be known without being read."""
         tokens = self.dataset.split(split)
         T = self.block_size
         if len(tokens) < T + 1:
@@ -332,8 +352,11 @@ class BatchSampler:
             raise DataError(f"batch size must be at least 1, got {n}")
         rng = np.random.default_rng([self.seed, SPLITS.index(split), counter])
         offsets = rng.integers(0, len(tokens) - T, size=n)  # the last window ends at the last token
-        if rows is not None:
-            offsets = offsets[rows]
+        return offsets if rows is None else offsets[rows]
+
+    def read_rows(self, split: str, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y int64 (len(offsets), block_size): the sequences starting at `offsets`."""
+        tokens, T = self.dataset.split(split), self.block_size
         rows = np.stack([tokens.read(int(o), T + 1) for o in offsets])
         import torch  # here, not at the top: reading configs and data folders needs no torch
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())

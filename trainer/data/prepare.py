@@ -89,13 +89,13 @@ def dataset_files(out_dir: Path) -> list[Path]:
 def check_out_dir(out_dir: Path, force: bool) -> None:
     """Create out_dir and prove it writable; refuse one that holds a dataset unless force.
     Raises DataError (one line)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out {out_dir} is a file, not a folder")
-    existing = out_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.is_dir():  # by writing, before the folder is made: a full disk is found before any download
-        check_room(existing, f"in --out {out_dir}")
+    from trainer.paths import PathProblem, nearest_existing, output_dir
+    try:  # links followed, a file, FIFO or device on the way refused, writability tested by writing
+        output_dir(out_dir, "--out")
+    except PathProblem as e:
+        raise DataError(str(e)) from None
+    # a few KiB written, before the folder is made: a full disk is found before any download
+    check_room(nearest_existing(out_dir), f"in --out {out_dir}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -113,8 +113,14 @@ def _check_options(name: str, input_path: Path | None, max_tokens: int | None, s
         raise DataError("--max-tokens and --shard-size apply to fineweb-edu only")
     if max_tokens is not None and max_tokens < 1:
         raise DataError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if input_path is not None and not input_path.is_file():
+    if input_path is not None and not input_path.exists() and not input_path.is_symlink():
         raise DataError(f"--input {input_path} is not a file")
+    if input_path is not None:
+        from trainer.paths import PathProblem, input_file
+        try:  # a FIFO would block, /dev/zero would never end: a regular file (or a link to one) only
+            input_file(input_path, "--input")
+        except PathProblem as e:
+            raise DataError(str(e)) from None
 
 
 # ---------------------------------------------------------------- the entry point

@@ -7,8 +7,9 @@
   multiple-choice eval files (magic 20240522) are named and refused.
 
 Every write goes through trainer.writes.atomic_write (a temporary file, fsynced, renamed over the
-target), so a file a reader finds is whole, and a full disk is one line. The largest token id of a file is kept in a small JSON sidecar next to it
-(`<file>.max.json`, keyed by size and mtime) so a dataset is scanned at most once.
+target), so a file a reader finds is whole, and a full disk is one line. The largest token id of a
+file is kept in a small JSON sidecar next to it (`<file>.max.json`, keyed by size, mtime, ctime and
+inode) so a dataset is scanned at most once.
 """
 from __future__ import annotations
 
@@ -109,11 +110,20 @@ def read_nanogpt_bin(path: Path) -> np.ndarray:
 
 
 class _MaxToken(BaseModel):
-    """The sidecar: the largest token id of a file of this size and modification time."""
+    """The sidecar: the largest token id of this file, known by its size, modification time,
+    status-change time and inode. Size and mtime alone are not enough: `cp -p` (or rsync -t) of
+    another dataset's files keeps them, and a stale maximum would let a too-small vocab_size
+    through to an index error in the embedding. ctime and the inode cannot be set by a copy."""
     model_config = ConfigDict(extra="forbid", strict=True)
     size: int
     mtime_ns: int
+    ctime_ns: int
+    inode: int
     max_token: int  # -1 for an empty file
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 _MEMO: dict[tuple[str, int, int], int] = {}  # (path, size, mtime_ns) -> max, per process
@@ -132,7 +142,7 @@ def max_token(path: str | Path, tokens: np.ndarray) -> int:
     """
     path = Path(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), *_identity(st))
     if key in _MEMO:
         return _MEMO[key]
     found = _read_max(path, st)
@@ -148,12 +158,13 @@ def _read_max(path: Path, st: os.stat_result) -> int | None:
         rec = _MaxToken.model_validate_json(sidecar_path(path).read_text())
     except (OSError, ValueError, ValidationError):
         return None
-    return rec.max_token if (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns) else None
+    return rec.max_token if (rec.size, rec.mtime_ns, rec.ctime_ns, rec.inode) == _identity(st) else None
 
 
 def _store_max(path: Path, value: int, st: os.stat_result | None = None) -> None:
     st = st or path.stat()
-    rec = _MaxToken(size=st.st_size, mtime_ns=st.st_mtime_ns, max_token=value)
+    rec = _MaxToken(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino,
+                    max_token=value)
     try:
         atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(rec.model_dump()).encode()))
     except OSError:

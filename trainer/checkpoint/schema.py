@@ -1,0 +1,205 @@
+"""What a checkpoint may hold: one typed model per layout, checked once, when the file is read.
+
+A checkpoint is data someone else may have written or edited, so every field a resume, `sample`
+or init_from reads back is validated here (types and ranges) before any model is built, and a
+bad one is one line naming the file, the field and what was expected:
+
+    o/ckpt.pt: iter_num: expected an integer >= 0, got -5
+    o/ckpt.pt: model: transformer.h.1.ln_1.weight is missing: the weights are n_layer=1 and the
+        config says 2 (...)
+
+AutofitCheckpoint is trainer/checkpoint/ckpt.py's training_state; NanoGPTCheckpointFields the six
+keys nanoGPT's train.py saves. Beyond the fields' own types, `check_checkpoint` checks what ties
+them together: the weights' names and shapes against the model the config describes, the AdamW
+state against those parameters, each RNG state's size against this torch's.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator)
+
+from trainer.errors import TrainError
+
+# torch.get_rng_state() of the CPU generator (MT19937): its size is fixed for a torch build.
+CPU_RNG_BYTES = int(torch.get_rng_state().numel())
+
+
+class CheckpointFieldError(TrainError):
+    """A checkpoint field of the wrong type, out of range, or disagreeing with another (one line)."""
+
+
+def _as_number(v: Any) -> Any:
+    # nanoGPT saves best_val_loss as a 0-d tensor after its first evaluation
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype.is_floating_point:
+        return float(v.item())
+    return v
+
+
+def _rng_tensor(v: Any, size: int | None, what: str) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.uint8 or v.dim() != 1:
+        got = f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"expected {what} (a 1-D uint8 tensor), got {got}")
+    if size is not None and v.numel() != size:
+        raise ValueError(f"expected {what} of {size} bytes (torch.get_rng_state()), got {v.numel()}")
+    if v.numel() == 0:
+        raise ValueError(f"expected {what}, got an empty tensor")
+    return v
+
+
+class SamplerState(BaseModel):
+    """trainer.data.datasets.BatchSampler.state_dict()."""
+    model_config = ConfigDict(extra="forbid")
+    seed: StrictInt = Field(ge=0)
+    block_size: StrictInt = Field(ge=1)
+    counters: dict[str, StrictInt]
+
+    @field_validator("counters")
+    @classmethod
+    def _non_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: c for k, c in v.items() if c < 0}
+        if bad:
+            raise ValueError(f"expected counts >= 0, got {bad}")
+        return v
+
+
+class DeviceSpec(BaseModel):
+    """MemoryMeter.spec(): how to reopen the device a run trained on."""
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["cpu", "cpu-budgeted", "cuda", "simulated"]
+    budget_bytes: StrictInt | None = Field(default=None, ge=1, le=2**62)
+    memory_cap_bytes: StrictInt | None = Field(default=None, ge=1, le=2**62)
+
+
+class OptimizerState(BaseModel):
+    """torch.optim.Optimizer.state_dict(): per-parameter state and at least one group."""
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+    state: dict[Any, dict[str, Any]]
+    param_groups: list[dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("param_groups")
+    @classmethod
+    def _groups_have_params(cls, v: list[dict]) -> list[dict]:
+        for i, g in enumerate(v):
+            if not isinstance(g.get("params"), list):
+                raise ValueError(f"expected group {i} to list its parameters ('params'), got {g.get('params')!r}")
+        return v
+
+
+class AutofitCheckpoint(BaseModel):
+    """trainer/checkpoint/ckpt.py's training_state, as read back. Extra keys (nanoGPT's, which
+    autofit's checkpoints also carry, and the per-rank ones) are allowed; those read are typed."""
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+
+    model: dict[str, torch.Tensor]
+    optimizer: OptimizerState
+    iter_num: StrictInt = Field(ge=0)
+    best_val_loss: float
+    last_eval_iter: StrictInt = Field(default=-1, ge=-1)
+    config: dict[str, Any]
+    sampler: SamplerState
+    eval_sampler: SamplerState
+    rng_cpu: torch.Tensor
+    rng_cuda: torch.Tensor | None = None
+    rng_ranks: list[torch.Tensor] | None = Field(default=None, min_length=1)
+    micro_batches: list[StrictInt] = Field(min_length=1)
+    plan: str | None = None
+    device: DeviceSpec | None = None
+    world_size: StrictInt = Field(default=1, ge=1)
+    compile_failed: StrictBool = False
+    scaler: dict[str, Any] | None = None
+    optimizer_keys: Literal["names"] | None = None
+
+    _num = field_validator("best_val_loss", mode="before")(_as_number)
+
+    @field_validator("best_val_loss")
+    @classmethod
+    def _not_nan(cls, v: float) -> float:
+        if math.isnan(v):
+            raise ValueError("expected a number (inf before any evaluation), got nan")
+        return v
+
+    @field_validator("micro_batches")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v):
+            raise ValueError(f"expected sizes >= 1, got {v}")
+        return v
+
+    @field_validator("rng_cpu")
+    @classmethod
+    def _rng_cpu(cls, v: Any) -> torch.Tensor:
+        return _rng_tensor(v, CPU_RNG_BYTES, "the CPU generator's state")
+
+    @field_validator("rng_cuda")
+    @classmethod
+    def _rng_cuda(cls, v: Any) -> torch.Tensor | None:
+        return None if v is None else _rng_tensor(v, None, "a CUDA generator's state")
+
+    @field_validator("rng_ranks")
+    @classmethod
+    def _rng_ranks(cls, v: Any) -> list | None:
+        return None if v is None else [_rng_tensor(t, CPU_RNG_BYTES, "each rank's CPU generator state") for t in v]
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_is_object(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            parsed = json.loads(v)
+        except ValueError:
+            raise ValueError("expected the plan as JSON text, got text that is not JSON") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"expected a JSON object, got a {type(parsed).__name__}")
+        return v
+
+
+class NanoGPTCheckpointFields(BaseModel):
+    """The keys nanoGPT's train.py saves (model_args and the weights are checked against each
+    other by trainer.checkpoint.nanogpt)."""
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+
+    model: dict[str, torch.Tensor]
+    model_args: dict[str, Any] | None = None  # an autofit checkpoint of 0.1.0 has only its config
+    optimizer: OptimizerState | None = None
+    iter_num: StrictInt = Field(default=0, ge=0)
+    best_val_loss: float = float("inf")
+    config: dict[str, Any] | None = None
+
+    _num = field_validator("best_val_loss", mode="before")(_as_number)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {type(value).__name__}"
+
+
+def field_problem(exc: ValidationError) -> str:
+    """'<field>: expected ..., got ...' of pydantic's first error, on one line."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = " ".join(str(err["msg"]).split()).removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{where}: missing"
+    if msg.startswith("expected"):
+        return f"{where}: {msg}"
+    msg = msg.removeprefix("Input should be ")  # pydantic's 'Input should be a valid integer'
+    msg = msg.replace("List should have ", "a list of ", 1).replace(" after validation", "")
+    return f"{where}: expected {msg[0].lower() + msg[1:]}, got {_describe(err.get('input'))}"
+
+
+def validate(model: type[BaseModel], ck: Any, path: str | Path) -> BaseModel:
+    """`ck` validated as `model`; CheckpointFieldError naming the file and the field otherwise."""
+    if not isinstance(ck, Mapping):
+        raise CheckpointFieldError(f"{path}: expected a checkpoint dict, got {type(ck).__name__}")
+    try:
+        return model.model_validate(dict(ck))
+    except ValidationError as e:
+        raise CheckpointFieldError(f"{path}: {field_problem(e)}") from None
