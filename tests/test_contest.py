@@ -206,3 +206,25 @@ def test_the_bound_holds_on_the_probes_own_trials():
     assert len(ran) >= 4
     for t in ran:
         assert abs(t.estimated_peak_bytes - t.measured_peak_bytes) <= 0.10 * t.measured_peak_bytes, t
+
+
+@pytest.mark.parametrize("curve", ["flat", "rising"])
+def test_the_config_as_written_is_kept_on_a_tie_and_beaten_by_a_measured_factor(curve, monkeypatch):
+    """Where the config as written fits, its split is a contender: on a tie the plan keeps it and
+    says so; else the plan says how much faster it is, from the figures it was chosen on."""
+    from autofit.report.render import as_written_verdict
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                "vocab_size=256", "batch_size=4", "gradient_accumulation_steps=16"])
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    true_cost = (lambda c: 1.0) if curve == "flat" else (lambda c: 1.0 + 8.0 / c.micro_batch)
+    res, _ = plan_with(cfg, 2_500_000, space, Clock(true_cost, p=0.0), monkeypatch)
+    res.device = SimpleNamespace(kind="cpu", bf16_supported=False)
+    verdict = as_written_verdict(res, cfg)
+    if curve == "flat":
+        assert (res.plan.micro_batch, res.plan.grad_accum) == (4, 16)
+        assert "your own micro-batch 4 fits" in res.plan.reason and "kept" in res.plan.reason
+        assert verdict.startswith("fits") and "the plan keeps it" in verdict
+    else:
+        assert res.plan.micro_batch > 4
+        want = (1 + 8 / 4) / (1 + 8 / res.plan.micro_batch)
+        assert f"the plan runs {want:.2f}x as fast" in verdict

@@ -58,11 +58,13 @@ def label(t: TrialRecord) -> str:
 @dataclass
 class Decision:
     """What the contest chose and why (`why`: words for the plan's reason); `tied`: the
-    contenders that were still within TIE of the fastest at the end (the winner among them)."""
+    contenders that were still within TIE of the fastest at the end (the winner among them);
+    `rounds`: alternating rounds of re-timing run."""
     winner: TrialRecord
     why: str
     rounds: int
     tied: list[TrialRecord]
+    n: int = 1  # contenders in all (earlier contests' too)
 
 
 def retime(runner, t: TrialRecord) -> bool:
@@ -93,12 +95,16 @@ def _unique(contenders: list[TrialRecord]) -> list[TrialRecord]:
     return out
 
 
-def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = None) -> Decision:
+def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = None,
+           before: Decision | None = None) -> Decision:
     """The fastest of `contenders` (fitting TrialRecords) by the robust figure above, re-timed in
     alternation until the difference is clear or a tie (module docstring). `own`: the user's own
-    split, which wins a tie it is part of. The records' timings are extended in place."""
+    split, which wins a tie it is part of. `before`: an earlier contest whose winner is among
+    `contenders` (its losers count in the words). The records' timings are extended in place."""
     cpu = runner.kind == "cpu"
     alive = _unique(contenders)
+    if before is not None and len(alive) == 1 and alive[0] is before.winner:
+        return before
     rounds, tied_rounds = 0, 0
     while len(alive) > 1 and rounds < MAX_ROUNDS:
         rounds += 1
@@ -119,8 +125,9 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
         winner = next(t for t in tied if t.candidate() == own.candidate())
     else:
         winner = min(tied, key=lambda t: (peak_of(t), t.micro_batch, seconds_per_token(t, cpu)))
-    return Decision(winner=winner, why=_why(winner, alive, tied, rounds, len(_unique(contenders)), cpu, own),
-                    rounds=rounds, tied=tied)
+    n = len(_unique(contenders)) + (before.n - 1 if before is not None else 0)
+    return Decision(winner=winner, why=_why(winner, alive, tied, rounds, n, cpu, own),
+                    rounds=rounds + (before.rounds if before is not None else 0), tied=tied, n=n)
 
 
 def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord], rounds: int, n: int,

@@ -81,11 +81,13 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     E = runner.rank_batch  # sequences per step on each rank (the effective batch with one)
     best_by_levers: dict[Levers, int] = {}
     pool: list[TrialRecord] = []  # the contenders: each combination's largest fit and a smaller size
+    before = None  # the contest of the combinations without recomputation
     for levers in lever_combos(space):
         if levers.checkpointing and len(pool) > 1:
             # settle the combinations without recomputation first: their robust figures say
             # whether recomputation could pay back at all (_prune_recompute)
-            pool = [decide(runner, pool).winner]
+            before = decide(runner, pool, before=before)
+            pool = [before.winner]
         pruned = _prune_sharding(runner, levers, best_by_levers) or _prune_recompute(runner, levers, best_by_levers)
         if pruned is not None:
             runner.trials.append(pruned)
@@ -97,7 +99,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     if not fits:
         _nothing_fits(cfg, runner.trials, budget, runner.kind)
     own = _own_split(cfg, runner, best_by_levers)
-    decision = decide(runner, pool + ([own] if own else []), own=own)
+    decision = decide(runner, pool + ([own] if own else []), own=own, before=before)
     chosen, compiled_fits = confirm_compile(runner, decision.winner, fits, space, budget)
     measured_tps = {t.micro_batch: t.tokens_per_s for t in fits
                     if Levers.of(t) == Levers.of(chosen) and t.tokens_per_s and t.micro_batch <= chosen.micro_batch}
@@ -345,10 +347,14 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
     est_tps = {m: estimated_tokens_per_s(shape, m, best.dtype, best.checkpointing, hw)
                for m in range(1, best.micro_batch + 1)}
     micro_batches, why_split = choose_split(E, best.micro_batch, est_tps, cfg.block_size)
-    best.tokens_per_s = est_tps[max(micro_batches)]  # the rate of the size the plan runs
+    if max(micro_batches) != best.micro_batch:  # the row of the plan is the size it runs
+        best.note += f"; the plan runs {max(micro_batches)} (the split of {E}), the largest that fits is {best.micro_batch}"
+        best.micro_batch = max(micro_batches)
+    best.tokens_per_s = est_tps[best.micro_batch]  # the rate of the size the plan runs
     est = estimate_peak(shape, max(micro_batches), dtype=best.dtype, checkpointing=best.checkpointing,
                         loss_impl=best.loss_impl, device="cuda", ce_chunk_size=cfg.ce_chunk_size,
                         n_micro=min(2, len(micro_batches)))
+    best.estimated_peak_bytes = est.peak_bytes
     compile_on = True in space.compile
     plan = PlanRecord(mode="estimated", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
                       micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size, dtype=best.dtype,
