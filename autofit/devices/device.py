@@ -17,6 +17,7 @@ from typing import ContextManager, Literal, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel
 
+from autofit.devices.info import DeviceError, DeviceInfo  # noqa: F401  (their home: info.py, torch-free)
 from trainer.meter import MemoryMeter, MeterCapabilities, NullMeter
 
 
@@ -29,40 +30,6 @@ from trainer.meter import MemoryMeter, MeterCapabilities, NullMeter
 # measurement (this process's NVML use less torch's reserved bytes) already holds everything
 # outside the allocator, so the workspace term is 0 there.
 ASSUMED_CONTEXT_BYTES = 512 * 2**20
-
-
-class DeviceError(RuntimeError):
-    """A device problem the user can cause or fix (no GPU, bad index, bad budget). One line."""
-
-
-class DeviceInfo(BaseModel):
-    """Identity and capacity of a device, in bytes. Read once when the device is opened (free
-    memory is a snapshot); `source` says who answered: 'nvml', 'torch.cuda', 'nvml+torch.cuda',
-    'cpu' or 'profile:<slug>'."""
-    kind: Literal["cuda", "cpu", "simulated"]
-    name: str
-    index: int | None
-    total_bytes: int
-    free_bytes: int
-    used_by_others_bytes: int | None  # other processes' GPU memory; None when NVML cannot tell
-    compute_capability: tuple[int, int] | None
-    driver_version: str | None
-    # CUDA version the driver supports (NVML), or that torch was built with (torch.cuda fallback).
-    cuda_version: str | None
-    mig: bool = False
-    source: str
-    note: str = ""
-    uuid: str | None = None  # NVML's "GPU-..." UUID, when known
-    # Memory the driver and firmware keep for themselves (NVML v2 memory info), part of total.
-    driver_reserved_bytes: int | None = None
-
-    @property
-    def bf16_supported(self) -> bool:
-        """bf16 tensor cores start with Ampere (compute capability 8.0); before that torch
-        emulates bf16 slowly, so it counts as unsupported. CPUs run bf16 (slowly, but correctly)."""
-        if self.kind == "cpu":
-            return True
-        return self.compute_capability is not None and tuple(self.compute_capability) >= (8, 0)
 
 
 @runtime_checkable
