@@ -29,7 +29,11 @@ CLEAR = 0.10  # more than 10 % slower than the leader (both their fastest steps)
 # all of which a stretch of load may have slowed: only one this much slower is out then.
 CLEAR_FIRST = 0.50
 MAX_ROUNDS = 3  # alternating rounds of re-timing at most
-RETIME_STEPS = 2  # timed optimizer steps per re-timing trial, after one warm-up step
+RETIME_STEPS = 2  # timed optimizer steps per re-timing trial, after one warm-up step, at least
+# Short steps are timed more often, up to this many and about this long in all per trial: a
+# scheduler's time slice or a cache flush is a large share of a step of a few tens of ms.
+RETIME_MAX_STEPS = 8
+RETIME_SECONDS = 0.5
 
 
 def seconds_per_token(t: TrialRecord, cpu: bool) -> float | None:
@@ -68,10 +72,12 @@ class Decision:
 
 
 def retime(runner, t: TrialRecord) -> bool:
-    """One more trial of `t`'s candidate (a warm-up and RETIME_STEPS timed steps), its timings
-    added to `t`'s (tokens/s from the fastest step of all). False if it did not fit this time."""
+    """One more trial of `t`'s candidate (a warm-up and RETIME_STEPS timed steps, more for short
+    steps: about RETIME_SECONDS in all, at most RETIME_MAX_STEPS), its timings added to `t`'s (tokens/s from the fastest step of all). False if it did not fit this time."""
     s = runner.settings
-    longer = TrialSettings(steps=RETIME_STEPS + 1, compile_backend=s.compile_backend, seed=s.seed,
+    fastest = min(t.step_seconds) if t.step_seconds else None
+    timed = RETIME_STEPS if not fastest else max(RETIME_STEPS, min(RETIME_MAX_STEPS, int(RETIME_SECONDS / fastest)))
+    longer = TrialSettings(steps=timed + 1, compile_backend=s.compile_backend, seed=s.seed,
                            spill_check=s.spill_check)
     r = agree.trial(run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.rank_batch,
                               budget_bytes=runner.budget_bytes, settings=longer))

@@ -73,8 +73,8 @@ def as_written_verdict(res, cfg) -> str:
     for t in res.trials:
         if res.mode == "measured" and (t.micro_batch, t.dtype, t.compile, t.checkpointing, t.loss_impl) == want:
             if t.status == "fit":
-                return (f"fits: measured peak {_b(t.measured_peak_bytes)} of a {fmt_bytes(budget)} budget (measured)"
-                        + _against_plan(res, t))
+                return (f"fits: measured peak {_b(t.measured_peak_bytes)} of a {fmt_bytes(budget)} budget"
+                        f"{_against_plan(res, t)} (measured)")
             if t.status in ("oom", "over_budget", "spill"):
                 peak = f"measured peak {_b(t.measured_peak_bytes)}; " if t.measured_peak_bytes else ""
                 return f"{peak}it ran out of the {fmt_bytes(budget)} budget (measured: {t.status.replace('_', ' ')})"
@@ -105,7 +105,7 @@ def _against_plan(res, own) -> str:
     if not (a and b):
         return ""
     figure = "CPU time" if cpu and own.step_cpu_seconds else "time"
-    return f"; the plan runs {a / b:.2f}x as fast ({figure} per token of the fastest step, measured)"
+    return f"; the plan runs {a / b:.2f}x as fast, by {figure} per token of the fastest step"
 
 
 def plan_changes(plan, cfg, res) -> list[str]:
