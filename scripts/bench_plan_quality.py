@@ -25,7 +25,7 @@ For each case (a model shape and a CPU budget, on the budgeted CPU device, fp32,
    patched to also accept torch.OutOfMemoryError, which the budgeted device raises (and CUDA's
    OOM is an instance of).
 
-    .venv/bin/python scripts/bench_plan_quality.py [--quick] [--peer-python /tmp/venv/bin/python] [--json F]
+    .venv/bin/python scripts/bench_plan_quality.py [--quick] [--small] [--peer-python /tmp/venv/bin/python] [--json F]
 
 Nothing asserts on time: it prints tables. The machine's load average is printed with them.
 """
@@ -79,11 +79,21 @@ CASES = [
                                                  "vocab_size=8192"), "120MiB"),
     Case("L4 C128 T128 V4096, 16x2", ("vocab_size=4096",), "110MiB"),
 ]
+# Small shapes whose steps take tens of ms: the grid runs in minutes on a loaded 2-core machine.
+SMALL_CASES = [
+    Case("L2 C64 T64 V256, 16x2", ("n_layer=2", "n_embd=64", "n_head=2", "block_size=64"), "10MiB"),
+    Case("L1 C64 T64 V4096 head-heavy, 16x2", ("n_layer=1", "n_embd=64", "n_head=2", "block_size=64",
+                                                "vocab_size=4096"), "20MiB"),
+]
 
 
 def load() -> str:
     a = os.getloadavg()
     return f"load average {a[0]:.1f} / {a[1]:.1f} / {a[2]:.1f} on {os.cpu_count()} CPUs"
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def plan_key(plan) -> tuple:
@@ -158,6 +168,7 @@ def run_grid(cfg, case: Case, plans: list, space: Space) -> dict:
         if key not in pts:
             pts.append(key)
     best: dict = {}
+    progress(f"{case.name}: {len(pts)} grid points x {ROUNDS} rounds")
     for _ in range(ROUNDS):
         for lv, split in pts:
             if best.get((lv, split), 0) is None:
@@ -189,12 +200,15 @@ def run_case(case: Case, peer_python: str | None) -> dict:
     info = cpu_info(device_budget)
     space = candidate_space(cfg, "cpu", info.bf16_supported, compile_measurable=False)
     probes = []
-    for _ in range(REPEATS):
+    for i in range(REPEATS):
         res, secs = probe_once(cfg, device_budget, space)
+        progress(f"{case.name}: probe {i + 1}: {res.plan.loss_impl} ckpt{res.plan.checkpointing} "
+                 f"{res.plan.split}, {secs:.1f} s")
         probes.append({"plan": res.plan, "seconds": secs, "steps": steps_started(res.trials),
                        "trials": len([t for t in res.trials if t.status != "pruned"])})
     std_space = Space(dtypes=space.dtypes, compile=[False], checkpointing=[0], loss_impls=["standard"])
     std, std_secs = probe_once(cfg, device_budget, std_space)
+    progress(f"{case.name}: standard-only probe {std_secs:.1f} s; grid next")
     grid = run_grid(cfg, case, [p["plan"] for p in probes], space)
     best_key = min(grid, key=lambda k: per_token(grid[k], "cpu"))
     best_cpu = per_token(grid[best_key], "cpu")
@@ -264,12 +278,14 @@ def report(c: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the first case only")
+    ap.add_argument("--small", action="store_true", help="the small shapes (SMALL_CASES) instead")
     ap.add_argument("--peer-python", help="python of a throwaway venv with lightning and accelerate")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load()}")
     results = []
-    for case in CASES[:1] if args.quick else CASES:
+    cases = SMALL_CASES if args.small else CASES
+    for case in cases[:1] if args.quick else cases:
         c = run_case(case, args.peer_python)
         report(c)
         results.append(c)
