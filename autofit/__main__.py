@@ -5,12 +5,12 @@ import sys
 
 def run() -> None:
     """main(), then the exit: each of several ranks ends without the interpreter's teardown,
-    which a gloo worker thread can abort (trainer.distributed.ranks.exit_rank says why). A Ctrl-C
+    which a gloo worker thread can abort (trainer.distributed.ranks.exit_rank says why). Commands
+    that need no torch (--help, profiles, config) never import it: it is most of the start-up. A Ctrl-C
     while torch and the CLI load (a second or two) is one line too, exit code 130."""
     from autofit import interrupts  # no torch: loads at once
     try:
-        from autofit.cli import app as cli
-        from trainer.distributed.ranks import exit_rank
+        from autofit.cli import app as cli  # no torch: the commands import it when they need it
     except KeyboardInterrupt:
         print("autofit: interrupted while starting; nothing was done", file=sys.stderr)
         sys.exit(interrupts.EXIT_CODE)
@@ -23,6 +23,9 @@ def run() -> None:
         else:  # sys.exit("message"): Python prints it and exits 1
             print(e.code, file=sys.stderr)
             code = 1
+    if "torch" not in sys.modules:  # --help, profiles, config: no process group can exist
+        sys.exit(code)
+    from trainer.distributed.ranks import exit_rank
     exit_rank(code)
 
 

@@ -37,8 +37,14 @@ class TrialRecord(BaseModel):
     estimated_peak_bytes: int | None = None
     measured_peak_bytes: int | None = None
     measured_reserved_bytes: int | None = None
-    tokens_per_s: float | None = None  # the median of the timed steps (after the warm-up step)
-    step_seconds: list[float] = []  # each timed step's wall time, measured
+    # tokens of one step / the fastest timed step's wall time (after the warm-up step), measured:
+    # load from other processes only ever slows a step, so the fastest is the least disturbed
+    tokens_per_s: float | None = None
+    step_seconds: list[float] = []  # each timed step's wall time, measured (re-timing appends)
+    # each timed step's CPU time of this process (all its threads), measured on a CPU device only:
+    # time other processes take from the cores is not counted in it
+    step_cpu_seconds: list[float] = []
+    tokens_per_step: int | None = None  # tokens of one timed step (both micro-batches of a trial)
     # allocated bytes after the trial's cleanup less before it (measured; None where the device
     # measures nothing): how far the trial was from giving its memory back
     leaked_bytes: int | None = None

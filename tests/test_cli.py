@@ -251,7 +251,12 @@ def test_config_as_written_is_measured_when_that_candidate_ran(monkeypatch, caps
     assert code == 0, err
     line = next(l for l in out.splitlines() if l.startswith("your config as written"))
     assert "(16 x 1, standard loss, fp32, eager): fits: measured peak" in line and line.endswith("(measured)")
-    assert "runs 16 x 1 as written" in out
+    # the config as written is a contender: kept, or beaten by a measured factor the line names
+    # (issue 18: a smaller size wins where the rate is flat; which one wins here is the machine's)
+    if "runs 16 x 1 as written" in out:
+        assert "the plan keeps it" in line
+    else:
+        assert "x as fast, by CPU time per token" in line
 
 
 # ---------------------------------------------------------------- saving: checked first, never lost

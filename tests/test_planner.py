@@ -172,3 +172,34 @@ def test_levers_raise_the_micro_batch_when_memory_is_tight():
             best[key] = max(best.get(key, 0), t.micro_batch)
     assert best.get((0, "chunked"), 0) > best.get((0, "standard"), 0)
     assert res.plan.measured_peak_bytes <= res.plan.budget_bytes
+
+
+def test_a_size_one_past_the_largest_fit_fails_in_its_first_step():
+    """AdamW's state and the gradients are made before the first step, so the first step already
+    holds training's steady-state memory: the smallest size that does not fit runs out of memory
+    in step 1 (steps_run 0), not at the end of it when AdamW would allocate its state."""
+    cfg = cfg_for(16)
+    dev = BudgetedCpuDevice(budget_bytes=1_600_000)
+    recs = {}
+    for m in range(1, 17):
+        recs[m] = run_trial(cfg, Candidate(micro_batch=m, dtype="float32", compile=False, checkpointing=0,
+                                           loss_impl="standard"), dev, rank_batch=16, budget_bytes=1_600_000)
+        if recs[m].status != "fit":
+            break
+    assert 1 < m < 16 and recs[m - 1].status == "fit" and recs[m - 1].steps_run == 2
+    assert recs[m].status == "oom" and recs[m].steps_run == 0
+
+
+def test_priming_the_optimizer_moves_no_weight():
+    from autofit.planning.trials import prime_optimizer
+    from trainer.model.gpt import GPT, GPTConfig
+    from trainer.step import make_optimizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+    opt = make_optimizer(model, learning_rate=1e-2, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    prime_optimizer(model, opt, keep_grads=True)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(len(opt.state[p]) == 3 for p in model.parameters())  # step, exp_avg, exp_avg_sq
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    assert [g["lr"] for g in opt.param_groups] == [1e-2] * len(opt.param_groups)

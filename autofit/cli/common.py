@@ -85,13 +85,16 @@ def load_train_config(config: Optional[Path], preset: Optional[str], overrides: 
     it. Raises UsageError for --preset with --config: both name a whole model, and a quiet
     winner would train something the user did not pick; ConfigError for a bad config."""
     from trainer.config.train_config import load_config
-    from trainer.model.pretrained import gpt2_config
     if preset is not None and config is not None:
         raise UsageError(f"--preset and --config both name a model; pick one (to change a preset's values, "
                          f"use --preset {preset} --set key=value, or copy them into {config})")
     if preset is None and config is None:
         preset = "tiny"  # the built-in default: small enough to train on a laptop CPU in minutes
-    return gpt2_config(load_config(preset=preset, config_file=config, overrides=overrides))
+    cfg = load_config(preset=preset, config_file=config, overrides=overrides)
+    if not str(cfg.init_from).startswith("gpt2"):
+        return cfg  # `config` and the like need no torch (trainer.model.pretrained loads it)
+    from trainer.model.pretrained import gpt2_config
+    return gpt2_config(cfg)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or nanoGPT-style .py config (parsed, never executed).")

@@ -44,7 +44,7 @@ def print_rows(headers: list[str], rows: list[list[str]], title: str | None = No
 def profiles_list(as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
     """Built-in and saved profiles."""
     from autofit.devices.hardware import load_builtin
-    from autofit.launch.run import _builtin_hardware
+    from autofit.devices.hardware import builtin_hardware as _builtin_hardware  # no torch
     from autofit.profiles.store import list_profiles
     entries = list_profiles(sorted(load_builtin()), builtin=_builtin_hardware)
     if as_json:
@@ -90,7 +90,7 @@ def _plan_row(fp: str, fitted) -> list[str]:
 @profiles_app.command("show")
 def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
     """Hardware and fitted plans of one profile."""
-    from autofit.launch.run import _builtin_hardware
+    from autofit.devices.hardware import builtin_hardware as _builtin_hardware  # no torch
     from autofit.profiles.store import ProfileError, load_profile
     prof = load_profile(name, builtin=_builtin_hardware)
     if prof is None:

@@ -240,7 +240,7 @@ def open_cuda_device(index: int = 0, *, info: DeviceInfo | None = None,
     a cap to that less the context. Raises DeviceError when there is no
     GPU at that index or this torch build has no CUDA.
     """
-    from autofit.devices.device import ASSUMED_CONTEXT_BYTES
+    from autofit.devices.info import ASSUMED_CONTEXT_BYTES
     set_allocator_conf()
     info = info or detect_gpu(index)
     if not torch.cuda.is_available():

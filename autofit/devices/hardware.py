@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from autofit.devices.device import DeviceError, DeviceInfo
+from autofit.devices.info import DeviceError, DeviceInfo
 from autofit.profiles.files import first_problem, newer_schema
 from autofit.units import GiB, MiB
 
@@ -243,3 +243,10 @@ def cpu_slug(budget_bytes: int) -> str:
     if budget_bytes % GiB == 0:
         return f"cpu-{budget_bytes // GiB}gb"
     return f"cpu-{max(1, round(budget_bytes / MiB))}mb"
+
+
+def builtin_hardware(name: str) -> dict | None:
+    """The built-in hardware profile `name` as JSON-ready data (what a saved profile's file holds
+    beside its plans), or None when there is no such built-in profile."""
+    hw = load_builtin().get(name)
+    return hw.model_dump(mode="json") if hw is not None else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from autofit.devices.device import DeviceError
+from autofit.devices.info import DeviceError
 
 RANK_BUDGETS_ENV = "AUTOFIT_RANK_BUDGETS"
 

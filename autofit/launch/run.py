@@ -17,7 +17,7 @@ from autofit.planning import agree
 from autofit.planning.budget import device_budget
 from autofit.devices.device import DeviceError
 from autofit.devices.opener import open_device
-from autofit.devices.hardware import cpu_slug, load_builtin, slug_for
+from autofit.devices.hardware import builtin_hardware as _builtin_hardware, cpu_slug, load_builtin, slug_for
 from autofit.launch.probe import ProbeOptions, probe_on, run_probe
 from autofit.profiles.store import (FittedPlan, ProfileError, check_profiles_writable, find_plan, fingerprint,
                                    fingerprint_inputs, load_profile, nearest_plan, record_event, save_plan)
@@ -45,11 +45,6 @@ def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = Fal
     where = f"the checkpoint is at step {step}" if resuming else "a new run starts at step 0"
     raise TrainError(f"nothing to train: {where}, and {limit} is not beyond it; raise it ({fix}), "
                      f"or --set eval_only=True to evaluate without training")
-
-
-def _builtin_hardware(name: str) -> dict | None:
-    hw = load_builtin().get(name)
-    return hw.model_dump(mode="json") if hw is not None else None
 
 
 def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:

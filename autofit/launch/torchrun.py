@@ -20,7 +20,7 @@ import sys
 from typing import Iterator
 
 from autofit import interrupts
-from autofit.devices.device import DeviceError
+from autofit.devices.info import DeviceError
 from autofit.devices.ranks import ranks, under_torchrun
 
 LAUNCHED_ENV = "AUTOFIT_LAUNCHER"  # set by relaunch() for its ranks: their error lines go back to it

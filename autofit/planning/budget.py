@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# The CUDA context assumed where it cannot be measured is a device figure (devices/device.py, where
+# The CUDA context assumed where it cannot be measured is a device figure (devices/info.py, where
 # the CUDA device reads it too): see there for its source and why cuBLAS's workspace is no budget term.
-from autofit.devices.device import ASSUMED_CONTEXT_BYTES
+from autofit.devices.info import ASSUMED_CONTEXT_BYTES
 
 ASSUMED_WORKSPACE_BYTES = 64 * 2**20
 

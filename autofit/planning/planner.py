@@ -3,11 +3,15 @@ peak fits the budget; the effective batch (sequences per optimizer step) is kept
 
 The measured probe (probe_measured), step by step:
 1. for each lever combination (dtype x activation checkpointing x loss implementation), the largest
-   eager micro-batch that fits (autofit.planning.search.MicroBatchSearch); a recomputing combination is
-   pruned when the combinations without recomputation already hold the whole batch, or the
-   estimate promises less than twice their size;
-2. re-time the close contenders over more steps (a search trial times few steps);
-3. choose(): the fastest fitting candidate, ties within NOISE going to the larger micro-batch;
+   eager micro-batch that fits (autofit.planning.search.MicroBatchSearch), and half of it: both are
+   contenders (the rate can be flat or fall with the micro-batch);
+2. before the first recomputing combination, the contenders so far are decided (autofit.planning.
+   contest); a recomputing combination is skipped when the combinations without it already hold the
+   whole batch, reach the rate plateau (half their largest fit is as fast), or the estimate
+   promises less than twice their size;
+3. autofit.planning.contest.decide: every contender (and the config's own micro-batch where it
+   fits) re-timed in alternation, judged on its fastest step's time per token, until the
+   difference is clear or a tie, which goes to the most headroom (or the user's own split);
 4. confirm_compile(): when compile is in the space, run the chosen size compiled (and the next
    smaller fit if the compiled peak is higher) and keep it if it is faster;
 5. split the effective batch into micro-batches (balanced, or a divisor when measured faster).
@@ -15,7 +19,6 @@ With no matching GPU here, probe_estimated answers from the closed-form estimate
 """
 from __future__ import annotations
 
-import statistics
 from typing import Callable
 
 from autofit.planning import agree
@@ -24,16 +27,14 @@ from autofit.planning.candidates import Levers, PlanError, Space, lever_combos
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
+from autofit.planning.split import choose_split, split_rates
 from autofit.planning.throughput import ASSUMED_MFU, estimated_tokens_per_s
-from autofit.planning.trials import TrialSettings, run_trial
+from autofit.planning.contest import TIE, decide, label, seconds_per_token
+from autofit.planning.trials import TrialSettings
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
 from trainer.step import describe_split, split_batch
 
-NOISE = 0.05  # relative tokens/s differences below this are treated as measurement noise
-RETIME_WITHIN = 0.75  # lever combinations whose best rate is within this share of the top one
-RETIME_STEPS = 3  # timed optimizer steps per round when re-timing
-RETIME_ROUNDS = 2  # rounds of re-timing, contenders in alternation (A B A B)
 
 
 def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: TrialSettings | None = None,
@@ -79,25 +80,34 @@ def _remeasured_budget(device, budget: Budget, runner: TrialRunner) -> Budget:
 def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) -> ProbeResult:
     E = runner.rank_batch  # sequences per step on each rank (the effective batch with one)
     best_by_levers: dict[Levers, int] = {}
+    pool: list[TrialRecord] = []  # the contenders: each combination's largest fit and a smaller size
+    before = None  # the contest of the combinations without recomputation
     for levers in lever_combos(space):
+        if levers.checkpointing and len(pool) > 1:
+            # settle the combinations without recomputation first: their robust figures say
+            # whether recomputation could pay back at all (_prune_recompute)
+            before = decide(runner, pool, before=before)
+            pool = [before.winner]
         pruned = _prune_sharding(runner, levers, best_by_levers) or _prune_recompute(runner, levers, best_by_levers)
         if pruned is not None:
             runner.trials.append(pruned)
+            runner.log(f"skipped: {label(pruned)}: {pruned.note}")
             continue
-        best_by_levers[levers] = MicroBatchSearch(runner, levers).run()
+        best_by_levers[levers] = largest = MicroBatchSearch(runner, levers).run()
+        pool += _sizes_to_time(runner, levers, largest)
     fits = runner.fits()
     if not fits:
         _nothing_fits(cfg, runner.trials, budget, runner.kind)
-    _retime_contenders(runner, fits)
-    best = choose(fits)
-    chosen, compiled_fits = confirm_compile(runner, best, fits, space, budget)
+    own = _own_split(cfg, runner, best_by_levers)
+    decision = decide(runner, pool + ([own] if own else []), own=own, before=before)
+    chosen, compiled_fits = confirm_compile(runner, decision.winner, fits, space, budget)
     measured_tps = {t.micro_batch: t.tokens_per_s for t in fits
-                    if Levers.of(t) == Levers.of(chosen) and t.tokens_per_s}
+                    if Levers.of(t) == Levers.of(chosen) and t.tokens_per_s and t.micro_batch <= chosen.micro_batch}
     micro_batches, why_split = choose_split(E, chosen.micro_batch, split_rates(chosen, measured_tps, runner.trials),
                                             cfg.block_size)
     micro_batches = _run_the_split_size(runner, chosen, micro_batches)
-    same = [t for t in runner.fits(Levers.of(chosen))]
-    peak = max(t.measured_peak_bytes or 0 for t in same if t.micro_batch == max(micro_batches))
+    runs = _record_of(runner, chosen, max(micro_batches))
+    peak = max(t.measured_peak_bytes or 0 for t in runner.fits(Levers.of(chosen)) if t.micro_batch == runs.micro_batch)
     if chosen.compile:
         peak = max(peak, chosen.measured_peak_bytes or 0)
     est = estimate_peak(runner.shape, max(micro_batches), dtype=chosen.dtype, checkpointing=chosen.checkpointing,
@@ -108,8 +118,8 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     cpu_compile_note = ("; compile=True in the config is not measured on the budgeted CPU device (its tracker "
                         "keeps Dynamo from compiling), so the plan is eager"
                         if not runner.device.capabilities.compile and cfg.compile else "")
-    reason = (f"highest measured tokens/s ({chosen.tokens_per_s:,.0f}; rates within {NOISE:.0%} count as a tie, "
-              f"won by the larger micro-batch) of {n_fit} fitting trials; "
+    reason = (f"{decision.why if chosen is decision.winner else 'compiled: faster than eager, re-timed in alternation'}"
+              f" ({n_fit} fitting trials){_smaller_why(runner, chosen)}{_own_why(runner, chosen, own)}; "
               f"measured peak {fmt_bytes(peak)} within the {fmt_bytes(budget.budget_bytes)} budget; {why_split}"
               f"{cpu_compile_note}")
     plan = PlanRecord(mode="measured", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
@@ -118,11 +128,65 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                       compile_after=resolve_compile_after(cfg) if chosen.compile else 0,
                       checkpointing=chosen.checkpointing, loss_impl=chosen.loss_impl,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=peak,
-                      tokens_per_s=chosen.tokens_per_s, budget_bytes=budget.budget_bytes,
+                      tokens_per_s=runs.tokens_per_s, budget_bytes=budget.budget_bytes,
                       split=describe_split(micro_batches), reason=reason, **agree.plan_fields(chosen.sharded))
     return ProbeResult(mode="measured", device=None, budget=budget, effective_batch=cfg.effective_batch,
                        block_size=cfg.block_size, trials=runner.trials, plan=plan, breakdown=est.breakdown,
-                       fit_sizes=sorted(measured_tps), compiled_fit_sizes=compiled_fits)
+                       fit_sizes=sorted(t.micro_batch for t in fits if Levers.of(t) == Levers.of(chosen)),
+                       compiled_fit_sizes=compiled_fits)
+
+
+def _record_of(runner: TrialRunner, chosen: TrialRecord, micro_batch: int) -> TrialRecord:
+    """The trial of the size the plan runs (its largest micro-batch), compiled as `chosen` is:
+    its measured tokens/s is the plan's. `chosen` itself where no such trial ran (a compiled plan
+    whose split is below the compiled size)."""
+    same = [t for t in runner.fits(Levers.of(chosen), compile=chosen.compile) if t.micro_batch == micro_batch]
+    return same[0] if same else chosen
+
+
+def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[TrialRecord]:
+    """The contenders of one combination: its largest fit and half of it. Where the rate is flat
+    or falls with the micro-batch (a compute-bound device; the chunked loss slowing as its chunk
+    grows), the smaller size is as fast with more headroom, and the contest says so."""
+    if largest == 0:
+        return []
+    sizes = sorted({largest, max(1, largest // 2)}, reverse=True)
+    return [r for r in (runner.run(levers.candidate(m)) for m in sizes) if r.status == "fit"]
+
+
+def _smaller_why(runner: TrialRunner, chosen: TrialRecord) -> str:
+    """Why the plan does not run the largest size that fits with its levers, if it does not."""
+    largest = max(runner.fits(Levers.of(chosen)), key=lambda t: t.micro_batch)
+    if largest.micro_batch <= chosen.micro_batch:
+        return ""
+    cpu = runner.kind == "cpu"
+    ratio = seconds_per_token(largest, cpu) / seconds_per_token(chosen, cpu)
+    return (f"; micro-batch {chosen.micro_batch}, not the largest fit {largest.micro_batch}: the rate is flat or "
+            f"falling in the micro-batch ({largest.micro_batch} takes {ratio:.2f}x its time per token), so the "
+            f"smaller size runs as fast with more headroom")
+
+
+def _own_split(cfg, runner: TrialRunner, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
+    """The config as written (its micro-batch, dtype, checkpointing and loss) as a contender,
+    where its levers were searched and its micro-batch fits; run if no trial ran it yet."""
+    mine = [lv for lv in best_by_levers if lv.checkpointing == cfg.checkpointing and lv.loss_impl == cfg.loss_impl
+            and not lv.sharded]
+    if len(mine) != 1 or not (0 < cfg.batch_size <= best_by_levers[mine[0]]) or cfg.batch_size > runner.rank_batch:
+        return None
+    r = runner.run(mine[0].candidate(cfg.batch_size))
+    return r if r.status == "fit" else None
+
+
+def _own_why(runner: TrialRunner, chosen: TrialRecord, own: TrialRecord | None) -> str:
+    """How the plan compares with the config as written, where that fits."""
+    if own is None:
+        return ""
+    if own.candidate() == chosen.candidate():
+        return f"; your own micro-batch {own.micro_batch} fits and is as fast as any: kept"
+    cpu = runner.kind == "cpu"
+    ratio = seconds_per_token(own, cpu) / seconds_per_token(chosen, cpu)
+    return (f"; your own micro-batch {own.micro_batch} ({own.loss_impl} loss) fits too: this plan is "
+            f"{ratio:.2f}x as fast per token")
 
 
 def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches: list[int]) -> list[int]:
@@ -141,20 +205,47 @@ def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches:
 
 def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
     """Recomputation costs about a third more compute: try it only when the levers without it
-    cannot hold the whole batch and the estimate promises a clearly larger size. Returns the
-    'pruned' record when it is not worth a search."""
+    cannot hold the whole batch, their rate has not already reached its plateau (half their
+    largest fit as fast as it: a larger micro-batch cannot pay the third back), and the estimate
+    promises a clearly larger size. Returns the 'pruned' record, its note the reason, when it is
+    not worth a search."""
     if levers.checkpointing == 0:
         return None
     E = runner.rank_batch
-    base = max([v for lv, v in best_by_levers.items() if lv.dtype == levers.dtype and lv.checkpointing == 0
-                and lv.sharded == levers.sharded] or [0])
+    base_levers = [lv for lv, v in best_by_levers.items() if lv.dtype == levers.dtype and lv.checkpointing == 0
+                   and lv.sharded == levers.sharded and v > 0]
+    base = max([best_by_levers[lv] for lv in base_levers] or [0])
     est_ck = max_micro_batch(runner.shape, runner.budget_bytes, dtype=levers.dtype,
                              checkpointing=levers.checkpointing, loss_impl=levers.loss_impl, compile=False,
                              device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(levers.sharded))
-    if base >= E or (base > 0 and est_ck < 2 * base):
-        rec = levers.candidate(max(1, min(est_ck, E)))
-        return TrialRecord(**rec.model_dump(), status="pruned",
-                           note=f"not needed: micro-batch {base} fits without recomputation")
+    why = None
+    if base >= E:
+        why = f"micro-batch {base} (the whole batch) fits without recomputation"
+    elif base > 0 and est_ck < 2 * base:
+        why = f"estimated {est_ck} with it, less than twice the {base} that fits without"
+    else:
+        flat = _plateau(runner, base_levers, best_by_levers)
+        if flat:
+            why = f"cannot pay back its extra compute: without it the rate is already flat ({flat})"
+    if why is None:
+        return None
+    return TrialRecord(**levers.candidate(max(1, min(est_ck, E))).model_dump(), status="pruned",
+                       note=f"not needed: {why}")
+
+
+def _plateau(runner: TrialRunner, base_levers: list[Levers], best_by_levers: dict[Levers, int]) -> str | None:
+    """Words for a combination without recomputation whose half-size contender is within TIE of
+    its largest fit's time per token (the rate has reached its plateau), or None."""
+    cpu = runner.kind == "cpu"
+    for lv in base_levers:
+        sizes = {t.micro_batch: t for t in runner.fits(lv)}
+        big, half = sizes.get(best_by_levers[lv]), sizes.get(max(1, best_by_levers[lv] // 2))
+        if big is None or half is None or half is big:
+            continue
+        a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)
+        if a is not None and b is not None and a <= (1 + TIE) * b:
+            return (f"{lv.loss_impl} loss: micro-batch {half.micro_batch} takes {a / b:.2f}x the time per token "
+                    f"of {big.micro_batch}")
     return None
 
 
@@ -178,15 +269,6 @@ def _prune_sharding(runner: TrialRunner, levers: Levers, best_by_levers: dict[Le
     return None
 
 
-def choose(fits: list[TrialRecord]) -> TrialRecord:
-    """The fastest of the measured fitting candidates. Rates within NOISE of the fastest are a tie
-    (a trial times few steps): the largest micro-batch among them wins, the one with the fewest
-    accumulation steps."""
-    top = max(t.tokens_per_s or 0.0 for t in fits)
-    return max((t for t in fits if (t.tokens_per_s or 0.0) >= (1 - NOISE) * top),
-               key=lambda t: (t.micro_batch, t.tokens_per_s or 0.0))
-
-
 def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialRecord], space: Space,
                     budget: Budget) -> tuple[TrialRecord, list[int]]:
     """Runs the chosen eager candidate compiled (the compiled peak can be higher: then the next
@@ -203,103 +285,18 @@ def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialReco
     compiled_fits = sorted(t.micro_batch for t in runner.trials if t.compile and t.status == "fit")
     forced = False not in space.compile  # --compile: the plan must be compiled
     if r.status == "fit" and not forced:
-        # the same split, the same timed steps, in alternation: compiled and eager compare
+        # the same split, the same timed steps, in alternation: compiled and eager compare; a
+        # tie goes to the most headroom (compile has to pay for itself)
         twin = next(t for t in fits if t.candidate() == r.candidate().model_copy(update={"compile": False}))
-        retime(runner, list({id(t): t for t in (best, twin, r)}.values()))
-    if r.status == "fit" and (forced or (r.tokens_per_s or 0) > (best.tokens_per_s or 0)):
+        if decide(runner, [best, twin, r]).winner is r:
+            return r, compiled_fits
+    if r.status == "fit" and forced:
         return r, compiled_fits
     if forced:
         raise PlanError(f"--compile: no compiled candidate fits the {fmt_bytes(budget.budget_bytes)} budget "
                         f"(tried micro-batch {c.micro_batch}" + (f" and {r.micro_batch}" if r.micro_batch !=
                         c.micro_batch else "") + "); drop --compile to let an eager plan win")
     return best, compiled_fits
-
-
-def _step_seconds(micro_batches: list[int], block_size: int, tps: Callable[[int], float]) -> float:
-    return sum(m * block_size / tps(m) for m in micro_batches)
-
-
-def split_rates(chosen: TrialRecord, eager_tps: dict[int, float], trials: list[TrialRecord]) -> dict[int, float]:
-    """Tokens/s by micro-batch for choosing the split of the `chosen` plan. Eager: the measured
-    eager rates of its levers (`eager_tps`). Compiled: the compiled rates where a compiled trial of
-    its levers was measured, and elsewhere the eager rate times the compile speed-up measured at
-    the chosen size, so the split is judged at the speed the plan will run."""
-    if not chosen.compile:
-        return eager_tps
-    eager_at_chosen = eager_tps.get(chosen.micro_batch)
-    speedup = (chosen.tokens_per_s or 0) / eager_at_chosen if eager_at_chosen else 1.0
-    rates = {m: r * speedup for m, r in eager_tps.items()}
-    rates.update({t.micro_batch: t.tokens_per_s for t in trials if t.compile and t.status == "fit"
-                  and t.tokens_per_s and Levers.of(t) == Levers.of(chosen)})
-    return rates
-
-
-def choose_split(rank_batch: int, micro: int, measured_tps: dict[int, float], block_size: int) -> tuple[list[int], str]:
-    """Between the balanced split (micro-batches of at most `micro`, sizes differing by at most
-    one) and the largest measured divisor of the batch, the one with the shorter step time at the
-    measured rates. A size that was not measured is timed at the rate of the nearest measured
-    size."""
-    def tps(m: int) -> float:
-        nearest = min(measured_tps, key=lambda s: (abs(s - m), -s))
-        return measured_tps[nearest]
-    balanced = split_batch(rank_batch, micro)
-    if len(set(balanced)) == 1:
-        return balanced, f"{balanced[0]} divides {rank_batch}"
-    divisors = [d for d in measured_tps if d <= micro and rank_batch % d == 0]
-    t_bal = _step_seconds(balanced, block_size, tps)
-    if divisors:
-        d = max(divisors)
-        even = split_batch(rank_batch, d)
-        t_even = _step_seconds(even, block_size, tps)
-        if t_even < t_bal:
-            return even, (f"the divisor {d} ({t_even:.3g} s/step) beats the balanced split "
-                          f"{describe_split(balanced)} ({t_bal:.3g} s/step)")
-        return balanced, (f"balanced split ({t_bal:.3g} s/step) beats the divisor {d} ({t_even:.3g} s/step); "
-                          f"each micro-batch's loss is weighted by its share of tokens")
-    return balanced, "balanced split (no measured divisor of the batch); each micro-batch's loss is weighted by its tokens"
-
-
-def _retime_contenders(runner: TrialRunner, fits: list[TrialRecord]) -> None:
-    """A search trial times few steps, which is noisy on a busy machine. When the best sizes of
-    different lever combinations come close, time each of them again: RETIME_ROUNDS rounds in
-    alternation (A B A B), each over RETIME_STEPS steps after a warm-up, so a machine whose speed
-    drifts slows every contender alike; each one's rate becomes the median of its rounds."""
-    per_combo: dict[Levers, TrialRecord] = {}
-    for t in fits:
-        key = Levers.of(t)
-        if key not in per_combo or (t.tokens_per_s or 0) > (per_combo[key].tokens_per_s or 0):
-            per_combo[key] = t
-    top = max((t.tokens_per_s or 0) for t in per_combo.values())
-    contenders = [t for t in per_combo.values() if (t.tokens_per_s or 0) >= RETIME_WITHIN * top]
-    if len(contenders) >= 2:
-        retime(runner, contenders)
-
-
-def retime(runner: TrialRunner, contenders: list[TrialRecord]) -> None:
-    """Re-times `contenders` in alternation and replaces each one's tokens/s by the median of its
-    rounds (records that stop fitting keep their first figure)."""
-    s = runner.settings
-    longer = TrialSettings(steps=RETIME_STEPS + 1, compile_backend=s.compile_backend, seed=s.seed,
-                           spill_check=s.spill_check)
-    rates: dict[int, list[float]] = {id(t): [] for t in contenders}
-    for _ in range(RETIME_ROUNDS):
-        for t in contenders:
-            r = agree.trial(run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.rank_batch,
-                                      budget_bytes=runner.budget_bytes, settings=longer))
-            if r.status == "fit" and r.tokens_per_s:
-                rates[id(t)].append(r.tokens_per_s)
-                t.step_seconds = t.step_seconds + r.step_seconds
-                t.steps_run += r.steps_run
-    for t in contenders:
-        got = rates[id(t)]
-        if not got:
-            continue
-        runner.log(f"re-timed micro-batch {t.micro_batch} {t.dtype} compile={t.compile} ckpt={t.checkpointing} "
-                   f"{t.loss_impl}: {t.tokens_per_s:,.0f} -> {statistics.median(got):,.0f} tok/s "
-                   f"({len(got)} alternating rounds of {RETIME_STEPS} steps)")
-        t.tokens_per_s = statistics.median(got)
-        t.note = (t.note + "; " if t.note else "") + \
-            f"tokens/s re-timed: median of {len(got)} alternating rounds of {RETIME_STEPS} steps"
 
 
 def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, estimated: bool = False):
@@ -350,10 +347,14 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
     est_tps = {m: estimated_tokens_per_s(shape, m, best.dtype, best.checkpointing, hw)
                for m in range(1, best.micro_batch + 1)}
     micro_batches, why_split = choose_split(E, best.micro_batch, est_tps, cfg.block_size)
-    best.tokens_per_s = est_tps[max(micro_batches)]  # the rate of the size the plan runs
+    if max(micro_batches) != best.micro_batch:  # the row of the plan is the size it runs
+        best.note += f"; the plan runs {max(micro_batches)} (the split of {E}), the largest that fits is {best.micro_batch}"
+        best.micro_batch = max(micro_batches)
+    best.tokens_per_s = est_tps[best.micro_batch]  # the rate of the size the plan runs
     est = estimate_peak(shape, max(micro_batches), dtype=best.dtype, checkpointing=best.checkpointing,
                         loss_impl=best.loss_impl, device="cuda", ce_chunk_size=cfg.ce_chunk_size,
                         n_micro=min(2, len(micro_batches)))
+    best.estimated_peak_bytes = est.peak_bytes
     compile_on = True in space.compile
     plan = PlanRecord(mode="estimated", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
                       micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size, dtype=best.dtype,
@@ -371,5 +372,5 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
                        trials=trials, plan=plan, breakdown=est.breakdown)
 
 
-__all__ = ["NOISE", "PlanError", "ProbeResult", "Space", "choose", "choose_split", "confirm_compile",
+__all__ = ["PlanError", "ProbeResult", "Space", "choose_split", "confirm_compile", "split_rates",
            "probe_estimated", "probe_measured"]

@@ -1,14 +1,19 @@
 """A trial: the trainer's own train step, run for real on the device for a few optimizer steps
-with one candidate. It records peak memory, tokens/s (the median of the timed steps after a
-warm-up step), and how many optimizer steps actually ran; an out-of-memory error is caught and
+with one candidate. It records peak memory, tokens/s (the fastest of the timed steps after a
+warm-up step: load from other processes only slows a step), each timed step's wall and (on a CPU
+device) CPU time, and how many optimizer steps actually ran; an out-of-memory error is caught and
 recorded, and a trial that does not give its memory back is recorded as a leak.
+
+The optimizer's state and the gradients are made before the first step (AdamW with a learning
+rate of 0: no weight moves), so the first step already holds training's steady-state memory and a
+size that does not fit runs out of memory in step 1, not at the end of step 1 when AdamW would
+otherwise allocate its state.
 
 Every trial builds a fresh model and optimizer and drops them afterwards (compiled graphs too),
 so trials leave no trace in each other or in the training run.
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,8 +40,8 @@ LEAK_TOLERANCE_BYTES = {"cuda": 8 * 2**20, "cpu": 64 * 2**10}
 
 @dataclass
 class TrialSettings:
-    """How trials run: optimizer steps per trial (the first is a warm-up: AdamW state, and for a
-    compiled candidate the compile; the rest are timed), the compile backend, the seed of the
+    """How trials run: optimizer steps per trial (the first is a warm-up: first-use costs, and for
+    a compiled candidate the compile; the rest are timed), the compile backend, the seed of the
     model and batch, and whether to treat a large slowdown as a spill."""
     steps: int = 2
     compile_backend: str = "inductor"
@@ -63,6 +68,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def prime_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, keep_grads: bool) -> None:
+    """Makes AdamW's state (exp_avg, exp_avg_sq, step) and the gradients now, before any timed
+    step, by one optimizer step on zero gradients at learning rate 0 (no weight moves: the decay
+    is lr x weight_decay = 0 and the update is lr x ... = 0). `keep_grads`: leave the zero
+    gradients allocated (the backward accumulates into them), as they are during training's
+    backward; else drop them as the wrapper's zero_grad would (FSDP2)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=not keep_grads)
+
+
 def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, settings: TrialSettings,
                rec: TrialRecord) -> None:
     """Runs the steps, keeping every tensor in `state` so the caller can drop them all."""
@@ -79,6 +102,8 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     state["parallel"] = parallel = agree.trial_wrapper(model, tdev, agreement, "fsdp2" if cand.sharded else "ddp")
     state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
+    # steady-state memory from the start: a size that does not fit fails in step 1
+    prime_optimizer(model, opt, keep_grads=parallel is None or not parallel.zero_grad_to_none)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
     # A fresh compile per trial (no graphs cached from the last one), compiled as the trainer
     # compiles it.
@@ -97,23 +122,26 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     state["x"] = x = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size), generator=g)[:n]
     state["y"] = y = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size), generator=g)[:n]
     device.reset_peak()
-    times = []
+    times, cpu_times = [], []
+    on_cpu = tdev.type == "cpu"
     for i in range(settings.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = train_step(model, opt, x, y, micro, dtype=cand.dtype, scaler=scaler, grad_clip=cfg.grad_clip,
                          forward=fwd, sync_grads=parallel)
         _sync(tdev)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         rec.steps_run = i + 1
         if not torch.isfinite(res.loss_tensor):
             rec.note = "loss is not finite"
     rec.measured_peak_bytes = device.peak_bytes()
     rec.measured_reserved_bytes = device.peak_reserved_bytes()
-    step_s = statistics.median(times[1:])
-    rec.tokens_per_s = n * cfg.block_size / step_s
+    rec.tokens_per_step = n * cfg.block_size
+    rec.tokens_per_s = rec.tokens_per_step / min(times[1:])
     rec.step_seconds = times[1:]
+    rec.step_cpu_seconds = cpu_times[1:] if on_cpu else []
     if cand.compile:  # the first step traced and compiled; report that apart from step time
-        rec.compile_seconds = max(0.0, times[0] - step_s)
+        rec.compile_seconds = max(0.0, times[0] - statistics.median(times[1:]))
 
 
 def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: int,
@@ -153,8 +181,7 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
             agreement.outcome(kind)
         if cand.compile:  # no compiled graph of this trial outlives it
             torch._dynamo.reset()
-        gc.collect()
-        device.cleanup()
+        device.cleanup()  # collects garbage (gc.collect, once per trial: a full collection is not free)
         after = device.current_bytes()
     rec.seconds = time.perf_counter() - t0
     _judge(rec, failure, kind, settings.steps, capacity_bytes, budget_bytes,

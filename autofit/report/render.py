@@ -73,7 +73,8 @@ def as_written_verdict(res, cfg) -> str:
     for t in res.trials:
         if res.mode == "measured" and (t.micro_batch, t.dtype, t.compile, t.checkpointing, t.loss_impl) == want:
             if t.status == "fit":
-                return f"fits: measured peak {_b(t.measured_peak_bytes)} of a {fmt_bytes(budget)} budget (measured)"
+                return (f"fits: measured peak {_b(t.measured_peak_bytes)} of a {fmt_bytes(budget)} budget"
+                        f"{_against_plan(res, t)} (measured)")
             if t.status in ("oom", "over_budget", "spill"):
                 peak = f"measured peak {_b(t.measured_peak_bytes)}; " if t.measured_peak_bytes else ""
                 return f"{peak}it ran out of the {fmt_bytes(budget)} budget (measured: {t.status.replace('_', ' ')})"
@@ -86,6 +87,25 @@ def as_written_verdict(res, cfg) -> str:
     if est <= budget:
         return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it fits ({how})"
     return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it would run out of memory ({how})"
+
+
+def _against_plan(res, own) -> str:
+    """How the plan compares with the config as written where that fits (measured): it keeps it,
+    or it is N x as fast per token, both judged on their fastest steps (autofit.planning.contest)."""
+    from autofit.planning.contest import seconds_per_token
+    p = res.plan
+    key = (p.micro_batch, p.dtype, p.compile, p.checkpointing, p.loss_impl)
+    if (own.micro_batch, own.dtype, own.compile, own.checkpointing, own.loss_impl) == key:
+        return "; the plan keeps it"
+    runs = [t for t in res.trials if t.status == "fit" and (t.micro_batch, t.dtype, t.compile, t.checkpointing,
+                                                            t.loss_impl) == key]
+    cpu = res.device.kind == "cpu"
+    a = seconds_per_token(own, cpu)
+    b = seconds_per_token(runs[0], cpu) if runs else None
+    if not (a and b):
+        return ""
+    figure = "CPU time" if cpu and own.step_cpu_seconds else "time"
+    return f"; the plan runs {a / b:.2f}x as fast, by {figure} per token of the fastest step"
 
 
 def plan_changes(plan, cfg, res) -> list[str]:
@@ -170,7 +190,7 @@ def _candidates_table(res, console: Console) -> None:
         notes.append(f"compile as the plan will run it (after {p.compile_after} eager steps); {COMPILE_NOT_ESTIMATED}")
     for t in res.trials:
         chosen = (t.dtype == p.dtype and (t.compile == p.compile or estimated)
-                  and (t.micro_batch == p.micro_batch or estimated)
+                  and t.micro_batch == p.micro_batch
                   and t.checkpointing == p.checkpointing and t.loss_impl == p.loss_impl and t.status == "fit"
                   and t.sharded == (p.parallelism == "fsdp2"))
         tps = "-" if not t.tokens_per_s else (f"{t.tokens_per_s:,.0f}" + (" est." if estimated else ""))

@@ -1,0 +1,54 @@
+"""The split of one optimizer step's batch into micro-batches: balanced (sizes differing by at
+most one, each micro-batch's loss weighted by its tokens) or the largest measured divisor,
+whichever has the shorter step time at the measured (or estimated) rates."""
+from __future__ import annotations
+
+from typing import Callable
+
+from autofit.records import TrialRecord
+from autofit.planning.candidates import Levers
+from trainer.step import describe_split, split_batch
+
+
+def _step_seconds(micro_batches: list[int], block_size: int, tps: Callable[[int], float]) -> float:
+    return sum(m * block_size / tps(m) for m in micro_batches)
+
+
+def split_rates(chosen: TrialRecord, eager_tps: dict[int, float], trials: list[TrialRecord]) -> dict[int, float]:
+    """Tokens/s by micro-batch for choosing the split of the `chosen` plan. Eager: the measured
+    eager rates of its levers (`eager_tps`). Compiled: the compiled rates where a compiled trial of
+    its levers was measured, and elsewhere the eager rate times the compile speed-up measured at
+    the chosen size, so the split is judged at the speed the plan will run."""
+    if not chosen.compile:
+        return eager_tps
+    eager_at_chosen = eager_tps.get(chosen.micro_batch)
+    speedup = (chosen.tokens_per_s or 0) / eager_at_chosen if eager_at_chosen else 1.0
+    rates = {m: r * speedup for m, r in eager_tps.items()}
+    rates.update({t.micro_batch: t.tokens_per_s for t in trials if t.compile and t.status == "fit"
+                  and t.tokens_per_s and Levers.of(t) == Levers.of(chosen)})
+    return rates
+
+
+def choose_split(rank_batch: int, micro: int, measured_tps: dict[int, float], block_size: int) -> tuple[list[int], str]:
+    """Between the balanced split (micro-batches of at most `micro`, sizes differing by at most
+    one) and the largest measured divisor of the batch, the one with the shorter step time at the
+    measured rates. A size that was not measured is timed at the rate of the nearest measured
+    size."""
+    def tps(m: int) -> float:
+        nearest = min(measured_tps, key=lambda s: (abs(s - m), -s))
+        return measured_tps[nearest]
+    balanced = split_batch(rank_batch, micro)
+    if len(set(balanced)) == 1:
+        return balanced, f"{balanced[0]} divides {rank_batch}"
+    divisors = [d for d in measured_tps if d <= micro and rank_batch % d == 0]
+    t_bal = _step_seconds(balanced, block_size, tps)
+    if divisors:
+        d = max(divisors)
+        even = split_batch(rank_batch, d)
+        t_even = _step_seconds(even, block_size, tps)
+        if t_even < t_bal:
+            return even, (f"the divisor {d} ({t_even:.3g} s/step) beats the balanced split "
+                          f"{describe_split(balanced)} ({t_bal:.3g} s/step)")
+        return balanced, (f"balanced split ({t_bal:.3g} s/step) beats the divisor {d} ({t_even:.3g} s/step); "
+                          f"each micro-batch's loss is weighted by its share of tokens")
+    return balanced, "balanced split (no measured divisor of the batch); each micro-batch's loss is weighted by its tokens"

@@ -1,0 +1,298 @@
+"""Benchmark: is the probe's plan the fastest that fits, is it the same every time, and what does
+finding it cost against Lightning's BatchSizeFinder and Accelerate's find_executable_batch_size?
+
+For each case (a model shape and a CPU budget, on the budgeted CPU device, fp32, eager):
+
+1. probe: autofit.planning.planner.probe_measured, the default all-levers space of `autofit probe`
+   (checkpointing off/1 x standard/chunked loss), run REPEATS times: its wall time, the optimizer
+   steps it started (a failed trial's failing step counted; the learning-rate-0 step that makes
+   AdamW's state is not an optimizer step of training and is not counted), and whether every
+   repeat chose the same plan. Then once more with the standard loss only (the space the peers
+   search).
+2. grid: every fitting plan of every lever combination: for each combination, every distinct
+   balanced split of the effective batch (trainer.step.split_batch) whose micro-batch fits,
+   timed as whole optimizer steps (the trainer's train_step, as training runs them) on the
+   budgeted device limited to the planning budget, interleaved (A B C ... A B C) with the
+   probes' plans, ROUNDS rounds of a warm-up and STEPS timed steps each. The figure is the fastest
+   step's CPU time of this process (other processes' load is not counted in it); wall time is
+   printed beside it. plan / best = the best grid point's time per token over the plan's.
+3. peers (only with --peer-python, a separate throwaway venv holding lightning and accelerate;
+   never autofit dependencies): Lightning's BatchSizeFinder (its defaults: mode 'power', init 2,
+   3 steps per trial) through a LightningModule around the same GPT, and Accelerate's
+   find_executable_batch_size (start 128, x0.9 per failure; each attempt builds the model and
+   runs 3 optimizer steps), both on the same budgeted device and planning budget. The one adapter:
+   both libraries recognise an OOM by its message ('CUDA ... out of memory'), so their checks are
+   patched to also accept torch.OutOfMemoryError, which the budgeted device raises (and CUDA's
+   OOM is an instance of).
+
+    .venv/bin/python scripts/bench_plan_quality.py [--quick] [--small] [--peer-python /tmp/venv/bin/python] [--json F]
+
+Nothing asserts on time: it prints tables. The machine's load average is printed with them.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autofit.devices.cpu import cpu_info  # noqa: E402
+from autofit.devices.cpu_budget import BudgetedCpuDevice  # noqa: E402
+from autofit.planning.budget import compute_budget  # noqa: E402
+from autofit.planning.candidates import Levers, Space, candidate_space, lever_combos  # noqa: E402
+from autofit.planning.estimate import ModelShape, max_micro_batch  # noqa: E402
+from autofit.planning.planner import probe_measured  # noqa: E402
+from autofit.planning.trials import TrialSettings, prime_optimizer  # noqa: E402
+from autofit.units import fmt_bytes, parse_size  # noqa: E402
+from trainer.config.train_config import load_config  # noqa: E402
+from trainer.model.gpt import GPT, GPTConfig  # noqa: E402
+from trainer.step import make_optimizer, split_batch, train_step  # noqa: E402
+
+MARGIN = 0.10
+REPEATS = 3
+ROUNDS = 2
+STEPS = 2
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    overrides: tuple[str, ...]
+    budget: str  # the device budget (--budget)
+
+    def config(self):
+        return load_config(preset="tiny", overrides=list(self.overrides))
+
+
+CASES = [
+    Case("tiny preset L4 C128 T128 V256, 16x2", (), "77MiB"),
+    Case("L2 C128 T64 V8192 head-heavy, 16x2", ("n_layer=2", "n_embd=128", "n_head=4", "block_size=64",
+                                                 "vocab_size=8192"), "120MiB"),
+    Case("L4 C128 T128 V4096, 16x2", ("vocab_size=4096",), "110MiB"),
+]
+# Small shapes whose steps take tens of ms: the grid runs in minutes on a loaded 2-core machine.
+SMALL_CASES = [
+    Case("L2 C64 T64 V256, 16x2", ("n_layer=2", "n_embd=64", "n_head=2", "block_size=64"), "10MiB"),
+    Case("L1 C64 T64 V4096 head-heavy, 16x2", ("n_layer=1", "n_embd=64", "n_head=2", "block_size=64",
+                                                "vocab_size=4096"), "20MiB"),
+]
+
+
+def load() -> str:
+    a = os.getloadavg()
+    return f"load average {a[0]:.1f} / {a[1]:.1f} / {a[2]:.1f} on {os.cpu_count()} CPUs"
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def plan_key(plan) -> tuple:
+    return (plan.checkpointing, plan.loss_impl, tuple(plan.micro_batches))
+
+
+def steps_started(trials) -> int:
+    return sum(t.steps_run + (1 if t.status in ("oom", "error") else 0) for t in trials if t.status != "pruned")
+
+
+def probe_once(cfg, device_budget: int, space: Space):
+    dev = BudgetedCpuDevice(budget_bytes=device_budget)
+    budget = compute_budget(dev.info, MARGIN)
+    t0 = time.perf_counter()
+    res = probe_measured(cfg, dev, budget, space, settings=TrialSettings())
+    return res, time.perf_counter() - t0
+
+
+def time_split(cfg, lv: Levers, split: list[int], dev: BudgetedCpuDevice, budget: int) -> dict | None:
+    """One warm-up and STEPS timed optimizer steps of `split` with levers `lv`, as training runs
+    them (a fresh model); None when it does not fit the planning budget."""
+    out, state = None, {}
+    with dev.tracking(), dev.limited_to(budget):
+        try:
+            mc = GPTConfig.from_train_config(cfg)
+            mc.checkpointing, mc.loss_impl = lv.checkpointing, lv.loss_impl
+            torch.manual_seed(0)
+            state["m"] = model = GPT(mc)
+            state["o"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                              betas=(cfg.beta1, cfg.beta2), device_type="cpu")
+            prime_optimizer(model, opt, keep_grads=True)
+            g = torch.Generator().manual_seed(0)
+            n = sum(split)
+            state["x"] = x = torch.randint(0, cfg.vocab_size, (n, cfg.block_size), generator=g)
+            state["y"] = y = torch.randint(0, cfg.vocab_size, (n, cfg.block_size), generator=g)
+            dev.reset_peak()
+            wall, cpu = [], []
+            for _ in range(STEPS + 1):
+                t0, c0 = time.perf_counter(), time.process_time()
+                train_step(model, opt, x, y, split, grad_clip=cfg.grad_clip)
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            out = {"wall": wall[1:], "cpu": cpu[1:], "peak": dev.peak_bytes(), "tokens": n * cfg.block_size}
+        except torch.OutOfMemoryError:
+            out = None
+        state.clear()
+        gc.collect()
+        dev.cleanup()
+    return out
+
+
+def grid_points(cfg, space: Space, budget: int) -> list[tuple[Levers, tuple[int, ...]]]:
+    """Every distinct balanced split of every combination up to one past the estimate's largest fit
+    (the estimate is within 0.12 % on this device; a split that does not fit drops out when timed)."""
+    shape, E = ModelShape.from_config(cfg), cfg.effective_batch
+    pts = []
+    for lv in lever_combos(space):
+        top = min(E, max_micro_batch(shape, budget, dtype=lv.dtype, checkpointing=lv.checkpointing,
+                                     loss_impl=lv.loss_impl, compile=False, device="cpu",
+                                     ce_chunk_size=cfg.ce_chunk_size) + 1)
+        for split in sorted({tuple(split_batch(E, m)) for m in range(1, top + 1)}, key=lambda s: -s[0]):
+            pts.append((lv, split))
+    return pts
+
+
+def run_grid(cfg, case: Case, plans: list, space: Space) -> dict:
+    dev = BudgetedCpuDevice(budget_bytes=parse_size(case.budget))
+    budget = compute_budget(dev.info, MARGIN).budget_bytes
+    pts = grid_points(cfg, space, budget)
+    for p in plans:  # the probes' plans, timed in the same rounds
+        key = (Levers("float32", p.checkpointing, p.loss_impl), tuple(p.micro_batches))
+        if key not in pts:
+            pts.append(key)
+    best: dict = {}
+    progress(f"{case.name}: {len(pts)} grid points x {ROUNDS} rounds")
+    for _ in range(ROUNDS):
+        for lv, split in pts:
+            if best.get((lv, split), 0) is None:
+                continue  # did not fit in an earlier round
+            r = time_split(cfg, lv, list(split), dev, budget)
+            if r is None:
+                best[(lv, split)] = None
+                continue
+            acc = best.setdefault((lv, split), {"wall": [], "cpu": [], "peak": 0, "tokens": r["tokens"]})
+            acc["wall"] += r["wall"]
+            acc["cpu"] += r["cpu"]
+            acc["peak"] = max(acc["peak"], r["peak"])
+    return {k: v for k, v in best.items() if v is not None}
+
+
+def per_token(v: dict, key: str) -> float:
+    return min(v[key]) / v["tokens"]
+
+
+def name(lv: Levers, split) -> str:
+    ck = f" ckpt{lv.checkpointing}" if lv.checkpointing else ""
+    head = f"{split[0]}" + (f"x{len(split)}" if len(set(split)) == 1 else f"..{split[-1]} ({len(split)})")
+    return f"{lv.loss_impl}{ck} {head}"
+
+
+def run_case(case: Case, peer_python: str | None) -> dict:
+    cfg = case.config()
+    device_budget = parse_size(case.budget)
+    info = cpu_info(device_budget)
+    space = candidate_space(cfg, "cpu", info.bf16_supported, compile_measurable=False)
+    probes = []
+    for i in range(REPEATS):
+        res, secs = probe_once(cfg, device_budget, space)
+        progress(f"{case.name}: probe {i + 1}: {res.plan.loss_impl} ckpt{res.plan.checkpointing} "
+                 f"{res.plan.split}, {secs:.1f} s")
+        probes.append({"plan": res.plan, "seconds": secs, "steps": steps_started(res.trials),
+                       "trials": len([t for t in res.trials if t.status != "pruned"])})
+    std_space = Space(dtypes=space.dtypes, compile=[False], checkpointing=[0], loss_impls=["standard"])
+    std, std_secs = probe_once(cfg, device_budget, std_space)
+    progress(f"{case.name}: standard-only probe {std_secs:.1f} s; grid next")
+    grid = run_grid(cfg, case, [p["plan"] for p in probes], space)
+    best_key = min(grid, key=lambda k: per_token(grid[k], "cpu"))
+    best_cpu = per_token(grid[best_key], "cpu")
+    best_wall = min(per_token(v, "wall") for v in grid.values())
+    rows = []
+    for p in probes:
+        key = (Levers("float32", p["plan"].checkpointing, p["plan"].loss_impl), tuple(p["plan"].micro_batches))
+        g = grid.get(key)
+        rows.append({"plan": name(*key), "seconds": p["seconds"], "steps": p["steps"], "trials": p["trials"],
+                     "plan_over_best_cpu": best_cpu / per_token(g, "cpu") if g else None,
+                     "plan_over_best_wall": best_wall / per_token(g, "wall") if g else None})
+    out = {"case": case.name, "budget": case.budget, "effective_batch": cfg.effective_batch,
+           "grid_points": len(grid), "best": name(*best_key), "probes": rows,
+           "same_plan": len({plan_key(p["plan"]) for p in probes}) == 1,
+           "standard_only": {"seconds": std_secs, "steps": steps_started(std.trials),
+                             "plan": f"{std.plan.micro_batch} x {std.plan.grad_accum}"},
+           "top": sorted(((name(*k), per_token(v, "cpu") * 1e6, per_token(v, "wall") * 1e6, v["peak"])
+                          for k, v in grid.items()), key=lambda r: r[1])[:6],
+           "load": load()}
+    if peer_python:
+        out["peers"] = run_peers(peer_python, case)
+    return out
+
+
+def run_peers(peer_python: str, case: Case) -> dict:
+    here = Path(__file__).resolve().parent / "bench_peers.py"
+    r = subprocess.run([peer_python, str(here), "--overrides", json.dumps(list(case.overrides)),
+                        "--budget", case.budget], capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def report(c: dict) -> None:
+    print(f"\n### {c['case']} (budget {c['budget']}, effective batch {c['effective_batch']}; {c['load']})\n")
+    print(f"grid: {c['grid_points']} fitting plans timed, {ROUNDS} interleaved rounds x {STEPS} steps; "
+          f"best: {c['best']}\n")
+    print("| grid plan (fastest by CPU time) | CPU us/token | wall us/token | measured peak |")
+    print("|---|---:|---:|---:|")
+    for n, cpu_us, wall_us, peak in c["top"]:
+        print(f"| {n} | {cpu_us:.2f} | {wall_us:.2f} | {fmt_bytes(peak)} |")
+    print("\n| probe | plan | plan / best (CPU) | plan / best (wall) | seconds | opt. steps | trials |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for i, p in enumerate(c["probes"], 1):
+        cpu = f"{p['plan_over_best_cpu']:.3f}" if p["plan_over_best_cpu"] else "-"
+        wall = f"{p['plan_over_best_wall']:.3f}" if p["plan_over_best_wall"] else "-"
+        print(f"| all levers #{i} | {p['plan']} | {cpu} | {wall} | {p['seconds']:.1f} | {p['steps']} | {p['trials']} |")
+    s = c["standard_only"]
+    print(f"| standard loss only | {s['plan']} | | | {s['seconds']:.1f} | {s['steps']} | |")
+    print(f"\nsame plan in {REPEATS} of {REPEATS} probes: {'yes' if c['same_plan'] else 'NO'}")
+    peers = c.get("peers")
+    if peers and "error" not in peers:
+        print("\n| peer | largest fit | seconds | opt. steps |")
+        print("|---|---:|---:|---:|")
+        for k, v in peers.items():
+            print(f"| {k} | {v['batch']} | {v['seconds']:.1f} | {v['steps']} |")
+        mean_probe = sum(p["seconds"] for p in c["probes"]) / len(c["probes"])
+        light = peers.get("lightning BatchSizeFinder", {}).get("seconds")
+        fastest_peer = min(v["seconds"] for v in peers.values())
+        if light:
+            print(f"\nall-levers probe / Lightning: {mean_probe / light:.2f}x; standard-only probe / the faster "
+                  f"peer: {s['seconds'] / fastest_peer:.2f}x (wall time, this shared machine)")
+    elif peers:
+        print(f"\npeers: {peers['error']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the first case only")
+    ap.add_argument("--small", action="store_true", help="the small shapes (SMALL_CASES) instead")
+    ap.add_argument("--peer-python", help="python of a throwaway venv with lightning and accelerate")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load()}")
+    results = []
+    cases = SMALL_CASES if args.small else CASES
+    for case in cases[:1] if args.quick else cases:
+        c = run_case(case, args.peer_python)
+        report(c)
+        results.append(c)
+        sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The choice between measured contenders, on a fake device whose step times are injected:
+bursts of load cannot make the choice, a tie goes to headroom (or the user's own split), a flat
+rate curve picks the smaller size, and sizes the estimate rules out beyond its bound are not run."""
+import random
+from types import SimpleNamespace
+
+import pytest
+
+import autofit.planning.contest as contest
+from autofit.devices.cpu_budget import BudgetedCpuDevice
+from autofit.planning import planner
+from autofit.planning.budget import compute_budget
+from autofit.planning.candidates import Levers, Space
+from autofit.planning.search import ESTIMATE_ERROR_BOUND, TrialRunner
+from autofit.planning.trials import TrialSettings, trial_split
+from autofit.records import TrialRecord
+from trainer.config.train_config import load_config
+
+
+def cfg_for(effective, vocab=256):
+    return load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                 f"vocab_size={vocab}", f"batch_size={effective}",
+                                                 "gradient_accumulation_steps=1"])
+
+
+class Clock:
+    """Injected step times: a step of `cand` takes true_cost(cand) seconds per token, times a burst
+    factor (load from other processes: only ever slower) drawn with probability `p`; `first_burst`
+    forces bursts on a candidate's first `n` steps (an adversarial stretch of load)."""
+
+    def __init__(self, true_cost, seed=0, p=0.3, first_burst=None):
+        self.true_cost, self.rng, self.p = true_cost, random.Random(seed), p
+        self.first_burst = dict(first_burst or {})  # candidate -> steps still to slow by 3x
+
+    def step(self, cand, tokens):
+        if self.first_burst.get(cand, 0) > 0:
+            self.first_burst[cand] -= 1
+            factor = 3.0
+        else:
+            factor = self.rng.uniform(1.2, 2.5) if self.rng.random() < self.p else 1.0
+        return self.true_cost(cand) * tokens * factor
+
+    def record(self, cfg, cand, rank_batch, timed_steps, peak):
+        tokens = sum(trial_split(rank_batch, cand.micro_batch)) * cfg.block_size
+        cpu = [self.step(cand, tokens) for _ in range(timed_steps)]
+        return TrialRecord(**cand.model_dump(), status="fit", measured_peak_bytes=peak, tokens_per_step=tokens,
+                           step_seconds=[2 * c for c in cpu], step_cpu_seconds=cpu,  # wall: 2x noisier
+                           tokens_per_s=tokens / min(cpu), steps_run=timed_steps + 1)
+
+
+class FakeDevice:
+    class info:  # noqa: N801 - a DeviceInfo stand-in
+        kind, total_bytes = "cpu", 1 << 40
+
+    class capabilities:  # noqa: N801
+        compile = False
+
+
+class FakeRunner(TrialRunner):
+    """Trials that do not run: the peak is the estimate (fits iff within the budget), the step
+    times come from the Clock; the contest's re-timing goes through the same Clock."""
+
+    def __init__(self, cfg, budget_bytes, clock, monkeypatch):
+        super().__init__(cfg, FakeDevice(), budget_bytes, TrialSettings(spill_check=False))
+        self.clock = clock
+        self.ran = []
+
+        def retime_trial(cfg, cand, device, *, rank_batch, budget_bytes, settings, **kw):
+            return clock.record(cfg, cand, rank_batch, settings.steps - 1, self.estimate(cand))
+        monkeypatch.setattr(contest, "run_trial", retime_trial)
+
+    def _trial(self, cand, est):
+        self.ran.append(cand)
+        if est > self.budget_bytes:
+            return TrialRecord(**cand.model_dump(), status="oom", estimated_peak_bytes=est, note="OutOfMemoryError")
+        rec = self.clock.record(self.cfg, cand, self.rank_batch, self.settings.steps - 1, est)
+        rec.estimated_peak_bytes = est
+        return rec
+
+
+def plan_with(cfg, budget_bytes, space, clock, monkeypatch):
+    runner = FakeRunner(cfg, budget_bytes, clock, monkeypatch)
+    budget = SimpleNamespace(budget_bytes=budget_bytes)
+    return planner._plan_from_trials(cfg, runner, budget, space), runner
+
+
+def contest_runner(cfg, clock, monkeypatch):
+    runner = SimpleNamespace(cfg=cfg, device=None, rank_batch=cfg.effective_batch, budget_bytes=1 << 40,
+                             settings=TrialSettings(), kind="cpu", log=lambda s: None)
+
+    def retime_trial(cfg, cand, device, *, rank_batch, budget_bytes, settings, **kw):
+        return clock.record(cfg, cand, rank_batch, settings.steps - 1, 1000 * cand.micro_batch)
+    monkeypatch.setattr(contest, "run_trial", retime_trial)
+    return runner
+
+
+STD, CHUNKED, CKPT = Levers("float32", 0, "standard"), Levers("float32", 0, "chunked"), Levers("float32", 1, "standard")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bursts_of_load_do_not_make_the_choice(seed, monkeypatch):
+    """The true fastest (chunked 8, 5 % ahead of standard 8) has its search reading and its first
+    re-timed step slowed 3x by a burst, and every step of every contender may burst: the contest
+    still picks it, every time."""
+    cfg = cfg_for(16)
+    cost = {STD.candidate(8): 1.00, STD.candidate(4): 1.10, CHUNKED.candidate(8): 0.95,
+            CHUNKED.candidate(4): 1.04, CKPT.candidate(8): 1.30}
+    fastest = CHUNKED.candidate(8)
+    clock = Clock(cost.__getitem__, seed=seed, first_burst={fastest: 2})
+    runner = contest_runner(cfg, clock, monkeypatch)
+    contenders = [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in cost]
+    # a decision on one reading each (the old probe's) would lose the fastest
+    assert max(contenders, key=lambda t: t.tokens_per_s).candidate() != fastest
+    d = contest.decide(runner, contenders)
+    assert d.winner.candidate() == fastest
+    assert "fastest of 5 contenders" in d.why and "CPU time per token" in d.why
+
+
+def test_a_tie_goes_to_headroom_not_to_the_larger_size(monkeypatch):
+    cfg = cfg_for(16)
+    big, small = STD.candidate(12), CHUNKED.candidate(6)
+    clock = Clock(lambda c: 1.0, p=0.0)
+    runner = contest_runner(cfg, clock, monkeypatch)
+    recs = [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in (big, small)]
+    d = contest.decide(runner, recs)
+    assert d.winner.candidate() == small and "tie" in d.why and "headroom" in d.why
+    # the user's own split wins a tie it is part of, and the plan says it is kept
+    d = contest.decide(runner, recs, own=recs[0])
+    assert d.winner.candidate() == big and "your own split" in d.why
+
+
+def test_a_clearly_faster_larger_size_still_wins(monkeypatch):
+    cfg = cfg_for(16)
+    clock = Clock(lambda c: 1.0 + 4.0 / c.micro_batch, seed=1)
+    runner = contest_runner(cfg, clock, monkeypatch)
+    recs = [clock.record(cfg, STD.candidate(m), 16, 1, 1000 * m) for m in (4, 8, 16)]
+    assert contest.decide(runner, recs).winner.micro_batch == 16
+
+
+@pytest.mark.parametrize("curve", ["flat", "falling"])
+def test_a_flat_or_falling_rate_curve_picks_the_smaller_size(curve, monkeypatch):
+    """Through the whole measured planner: the largest fit and half of it are both contenders;
+    with time per token flat (or rising) in the micro-batch the smaller size wins, and the plan
+    says why."""
+    cfg = cfg_for(64)
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    true_cost = (lambda c: 1.0) if curve == "flat" else (lambda c: 1.0 + 0.01 * c.micro_batch)
+    res, runner = plan_with(cfg, 2_500_000, space, Clock(true_cost, seed=3), monkeypatch)
+    largest = max(t.micro_batch for t in res.trials if t.status == "fit")
+    assert 4 <= largest < 64
+    assert max(res.plan.micro_batches) <= largest // 2
+    assert "flat or falling" in res.plan.reason
+    # the rate the plan prints is the one measured at the size it runs
+    runs = [t for t in res.trials if t.status == "fit" and t.micro_batch == res.plan.micro_batch]
+    assert runs and res.plan.tokens_per_s == runs[0].tokens_per_s
+
+
+def test_a_rising_rate_curve_keeps_the_largest_size(monkeypatch):
+    cfg = cfg_for(64)
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    res, _ = plan_with(cfg, 2_500_000, space, Clock(lambda c: 1.0 + 8.0 / c.micro_batch, seed=3), monkeypatch)
+    largest = max(t.micro_batch for t in res.trials if t.status == "fit")
+    assert max(res.plan.micro_batches) == largest or sum(res.plan.micro_batches) == 64 and \
+        max(res.plan.micro_batches) > largest // 2
+    assert "flat or falling" not in res.plan.reason
+
+
+def test_recomputation_is_skipped_when_the_rate_is_already_flat(monkeypatch):
+    # a deep model, small vocabulary: recomputation is estimated to hold 3x the micro-batch
+    cfg = load_config(preset="tiny", overrides=["n_layer=4", "n_embd=32", "n_head=2", "block_size=64",
+                                                "vocab_size=64", "batch_size=64", "gradient_accumulation_steps=1"])
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard"])
+    res, runner = plan_with(cfg, 8_000_000, space, Clock(lambda c: 1.0 + 0.3 * c.checkpointing, p=0.0), monkeypatch)
+    assert not any(c.checkpointing for c in runner.ran)
+    skipped = [t for t in res.trials if t.checkpointing and t.status == "pruned"]
+    assert skipped and "rate is already flat" in skipped[0].note
+    # with a steep curve the lever may pay back: searched
+    res, runner = plan_with(cfg, 8_000_000, space, Clock(lambda c: 1.0 + 30.0 / c.micro_batch, p=0.0), monkeypatch)
+    assert any(c.checkpointing for c in runner.ran)
+
+
+def test_a_size_over_budget_beyond_the_estimates_bound_is_not_run(monkeypatch):
+    cfg = cfg_for(64)
+    runner = FakeRunner(cfg, 2_500_000, Clock(lambda c: 1.0, p=0.0), monkeypatch)
+    assert runner.estimate_bound == ESTIMATE_ERROR_BOUND["cpu"] == 0.10
+    over = next(m for m in range(1, 65) if runner.estimate(STD.candidate(m)) > 1.1 * runner.budget_bytes)
+    near = max(m for m in range(1, 65) if runner.estimate(STD.candidate(m)) <= 1.1 * runner.budget_bytes)
+    r = runner.run(STD.candidate(over))
+    assert r.status == "pruned" and "error bound" in r.note and STD.candidate(over) not in runner.ran
+    runner.run(STD.candidate(near))  # over the budget, but within the bound: the trial decides
+    assert STD.candidate(near) in runner.ran
+    # the search never runs such a size either
+    res, runner = plan_with(cfg, 2_500_000, Space(dtypes=["float32"], compile=[False], checkpointing=[0],
+                                                   loss_impls=["standard"]), Clock(lambda c: 1.0, p=0.0), monkeypatch)
+    assert all(runner.estimate(c) <= 1.1 * runner.budget_bytes for c in runner.ran)
+
+
+def test_the_bound_holds_on_the_probes_own_trials():
+    """The 10 % bound the search prunes by, checked on real trials of the budgeted CPU device."""
+    cfg = load_config(preset="tiny", overrides=["n_layer=2", "n_embd=32", "n_head=2", "block_size=32",
+                                                "vocab_size=512", "batch_size=16", "gradient_accumulation_steps=1"])
+    dev = BudgetedCpuDevice(budget_bytes=3_000_000)
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard", "chunked"])
+    res = planner.probe_measured(cfg, dev, compute_budget(dev.info, 0.1), space, settings=TrialSettings(steps=2))
+    ran = [t for t in res.trials if t.measured_peak_bytes and t.estimated_peak_bytes]
+    assert len(ran) >= 4
+    for t in ran:
+        assert abs(t.estimated_peak_bytes - t.measured_peak_bytes) <= 0.10 * t.measured_peak_bytes, t
+
+
+@pytest.mark.parametrize("curve", ["flat", "rising"])
+def test_the_config_as_written_is_kept_on_a_tie_and_beaten_by_a_measured_factor(curve, monkeypatch):
+    """Where the config as written fits, its split is a contender: on a tie the plan keeps it and
+    says so; else the plan says how much faster it is, from the figures it was chosen on."""
+    from autofit.report.render import as_written_verdict
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                "vocab_size=256", "batch_size=4", "gradient_accumulation_steps=16"])
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    true_cost = (lambda c: 1.0) if curve == "flat" else (lambda c: 1.0 + 8.0 / c.micro_batch)
+    res, _ = plan_with(cfg, 2_500_000, space, Clock(true_cost, p=0.0), monkeypatch)
+    res.device = SimpleNamespace(kind="cpu", bf16_supported=False)
+    verdict = as_written_verdict(res, cfg)
+    if curve == "flat":
+        assert (res.plan.micro_batch, res.plan.grad_accum) == (4, 16)
+        assert "your own micro-batch 4 fits" in res.plan.reason and "kept" in res.plan.reason
+        assert verdict.startswith("fits") and "the plan keeps it" in verdict
+    else:
+        assert res.plan.micro_batch > 4
+        want = (1 + 8 / 4) / (1 + 8 / res.plan.micro_batch)
+        assert f"the plan runs {want:.2f}x as fast" in verdict
