@@ -87,7 +87,8 @@ class Trainer:
             self.group.wrap_model(self.model, cfg.seed)  # several ranks: DDP or FSDP2
             self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate,
                                             weight_decay=cfg.weight_decay,
-                                            betas=(cfg.beta1, cfg.beta2), device_type=self.device.type)
+                                            betas=(cfg.beta1, cfg.beta2), device_type=self.device.type,
+                                            optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "float16" else None
         self.forward = self.model  # compiled after compile_after steps (blocks in place, or a wrapper)
         self.compiled = False
@@ -220,7 +221,7 @@ class Trainer:
         result and its wall time in seconds (the successful attempt only)."""
         lr = lr_at(it, self.cfg)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
         x, y = self.batches.take(self.cfg.effective_batch)  # the step's batch (this rank's rows), once
         rng = self._rng_state()  # a redone step draws the same dropout masks
         while True:

@@ -70,7 +70,8 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     # and all-gather buffers are measured, and an OOM on one rank is agreed by all
     state["parallel"] = parallel = agree.trial_wrapper(model, tdev, agreement, "fsdp2" if cand.sharded else "ddp")
     state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                        betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
+                                        betas=(cfg.beta1, cfg.beta2), device_type=tdev.type,
+                                        optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
     # A fresh compile per trial (no graphs cached from the last one), compiled as the trainer
     # compiles it.

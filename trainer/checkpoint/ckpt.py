@@ -22,7 +22,8 @@ CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_
                    "micro_batches", "best_val_loss")
 
 # The fields that shape the model: a checkpoint of another shape cannot be resumed.
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "pos_emb", "norm",
+                "qk_norm", "mlp", "n_kv_head", "tie_embeddings")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
