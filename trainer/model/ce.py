@@ -50,9 +50,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             vc = valid[start:end]
             logits = (xc @ w.t()).float()  # (n, V): the only V-sized buffers, one chunk at a time
             slope = None
-            if cap > 0:
-                logits = torch.tanh(logits.div_(cap))
-                slope = 1.0 - logits.square()  # ds/dz, before the tanh becomes the capped logits
+            if cap > 0:  # in place: one more chunk-sized buffer (the slope), no copies
+                logits.div_(cap).tanh_()
+                slope = logits.square().neg_().add_(1.0)  # ds/dz, before the tanh becomes the capped logits
                 logits.mul_(cap)
             lse = torch.logsumexp(logits, dim=-1)
             loss_sum += ((lse - logits.gather(1, tc.unsqueeze(1)).squeeze(1)) * vc).sum()
