@@ -49,10 +49,12 @@ class Config:
     tie_embeddings: bool = True
     logit_softcap: float = 0.0
     optimizer: str = "adamw"
+    checkpointing_policy: str = "full"
 
     def modern(self) -> dict:
         return {k: getattr(self, k) for k in ("pos_emb", "norm", "qk_norm", "mlp", "n_kv_head",
-                                              "tie_embeddings", "logit_softcap", "optimizer")}
+                                              "tie_embeddings", "logit_softcap", "optimizer",
+                                              "checkpointing_policy")}
 
     def shape(self) -> ModelShape:
         return ModelShape(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size,
@@ -116,6 +118,10 @@ GRID = [
            tie_embeddings=False, logit_softcap=15.0, optimizer="muon"),
     Config(3, 2, 128, 64, 2048, 4, checkpointing=1, loss_impl="chunked", ce_chunk_size=128, pos_emb="rope",
            norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, logit_softcap=15.0, optimizer="muon"),
+    Config(4, 2, 64, 64, 512, 4, checkpointing=1, checkpointing_policy="selective"),
+    Config(4, 2, 128, 64, 2048, 4, checkpointing=1, checkpointing_policy="selective", loss_impl="chunked",
+           ce_chunk_size=128, pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
+           logit_softcap=15.0, optimizer="muon"),
 ]
 QUICK = GRID[:1] + GRID[9:12] + GRID[16:17]
 

@@ -279,3 +279,40 @@ def test_model_args_carry_the_options_and_gpt2_keeps_nanogpts_seven():
     # a nanoGPT checkpoint's seven args build GPT-2 (learned positions, tied)
     nano = GPT(GPTConfig(**model_args_of(TrainConfig(**TINY))))
     assert "transformer.wpe.weight" in nano.state_dict() and nano.config.tie_embeddings
+
+
+class _CountMM(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matmul calls (aten.mm / addmm / bmm) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [{}, MODERN])
+def test_selective_checkpointing_saves_matmuls_and_recomputes_the_rest(kw):
+    from autofit.devices.cpu_budget import BudgetedCpuDevice
+    x, y = batch(4)
+    runs = {}
+    for name, ck, policy in [("none", 0, "full"), ("full", 1, "full"), ("selective", 1, "selective")]:
+        m = gpt(**kw, checkpointing=ck, checkpointing_policy=policy)
+        dev = BudgetedCpuDevice(budget_bytes=1 << 40)
+        with dev.tracking():
+            loss = m(x, y)
+            saved = dev.current_bytes()  # what the forward keeps for backward (and the loss)
+        counter = _CountMM()
+        with counter:
+            loss.backward()
+        runs[name] = (loss.detach(), {n: p.grad for n, p in m.named_parameters()}, saved, counter.n)
+    for name in ("full", "selective"):  # the same loss and gradients as without checkpointing
+        torch.testing.assert_close(runs[name][0], runs["none"][0])
+        for n, g in runs["none"][1].items():
+            torch.testing.assert_close(runs[name][1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+    # memory between none and full; no matmul recomputed by the selective policy, some by full
+    assert runs["full"][2] < runs["selective"][2] < runs["none"][2]
+    assert runs["selective"][3] == runs["none"][3] < runs["full"][3]

@@ -140,3 +140,15 @@ def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int) 
     chunk = 4 * min(ce_chunk_size, N) * V if cuda else 0
     return [("forward (loss)", blk.saved + blk.ln_f + 4 * N * C, keep + chunk),
             ("backward start (loss)", blk.saved + blk.ln_f, 2 * keep)]  # the grads and their scaled copies
+
+
+def sac_saved_bytes(shape, B: int, amp: bool) -> int:
+    """What selective checkpointing (trainer/model/layers.py SAC_SAVED_OPS) keeps of a checkpointed
+    block beyond its input, micro-batch B: the outputs of its four matmuls (c_attn: C + 2 KV hd,
+    attention c_proj: C, c_fc: hidden or 2 x hidden, MLP c_proj: C) and SDPA's output and
+    log-sum-exp; 16-bit under autocast, where the matmuls run."""
+    N, C, h = B * shape.block_size, shape.n_embd, mlp_hidden(shape)
+    kvd = kv_heads(shape) * head_dim(shape)
+    fc = 2 * h if shape.mlp == "swiglu" else h
+    elems = (C + 2 * kvd) + C + C + fc + C
+    return (2 if amp else 4) * N * elems + 4 * B * shape.n_head * shape.block_size

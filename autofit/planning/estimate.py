@@ -77,12 +77,14 @@ class ModelShape:
     tie_embeddings: bool = True
     logit_softcap: float = 0.0
     optimizer: str = "adamw"
+    checkpointing_policy: str = "full"  # what a checkpointed block keeps: its input, or its matmuls too
 
     @classmethod
     def from_config(cls, cfg: object) -> "ModelShape":
         """From any object with these attributes (TrainConfig, GPTConfig); a missing option is GPT-2's."""
         extra = {k: getattr(cfg, k) for k in ("pos_emb", "norm", "qk_norm", "mlp", "n_kv_head",
-                                               "tie_embeddings", "logit_softcap", "optimizer") if hasattr(cfg, k)}
+                                               "tie_embeddings", "logit_softcap", "optimizer",
+                                               "checkpointing_policy") if hasattr(cfg, k)}
         return cls(n_layer=int(cfg.n_layer), n_head=int(cfg.n_head), n_embd=int(cfg.n_embd),
                    block_size=int(cfg.block_size), vocab_size=int(cfg.vocab_size), bias=bool(cfg.bias),
                    dropout=float(cfg.dropout), **extra)
@@ -230,6 +232,8 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda:
     drop_block, drop_embed = _dropout_bytes(shape, B, amp, cuda)
     full += drop_block  # a checkpointed block recomputes its dropout (same RNG state), keeps nothing
     ckpt = 4 * N * C  # a checkpointed block keeps only its fp32 input
+    if shape.checkpointing_policy == "selective":  # and its matmul and attention outputs
+        ckpt += arch.sac_saved_bytes(shape, B, amp)
     per_block = [ckpt if checkpointing and i % checkpointing == 0 else full for i in range(L)]
     n_ckpt = sum(1 for i in range(L) if checkpointing and i % checkpointing == 0)
     ln_f = 4 * N * C + (2 if shape.norm == "layernorm" else 1) * N * 4  # ln_f's saved input and its stats

@@ -57,7 +57,7 @@ def model_words(cfg) -> str:
     'rope (base 100000), rmsnorm, qk-norm, relu2 MLP, 2 of 6 heads for K/V (GQA), untied
     embeddings, logits soft-capped at 15, Muon for the blocks' matrices + AdamW'."""
     from trainer.config.model_options import MODERN_DEFAULTS
-    if all(getattr(cfg, k) == v for k, v in MODERN_DEFAULTS.items()):
+    if all(getattr(cfg, k) == v for k, v in MODERN_DEFAULTS.items() if k != "checkpointing_policy"):
         return "GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings), AdamW"
     w = []
     w.append(f"rope (base {cfg.rope_base:g})" if cfg.pos_emb == "rope" else "learned positions")
@@ -83,7 +83,8 @@ def as_written_label(cfg, res) -> str:
     parts = [f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}", f"{cfg.loss_impl} loss",
              SHORT_DTYPE.get(config_dtype(cfg, res), config_dtype(cfg, res))]
     if cfg.checkpointing:
-        parts.append(f"checkpointing every {cfg.checkpointing}")
+        parts.append(f"checkpointing every {cfg.checkpointing}"
+                     + (" (selective: matmuls and attention kept)" if cfg.checkpointing_policy == "selective" else ""))
     parts.append("compile" if cfg.compile else "eager")
     return ", ".join(parts)
 

@@ -8,7 +8,8 @@ from typing import Any
 # GPT-2's value of each option: a config that keeps them all is nanoGPT's model
 MODERN_DEFAULTS: dict[str, Any] = {"pos_emb": "learned", "rope_base": 10000.0, "norm": "layernorm",
                                    "qk_norm": False, "mlp": "gelu", "n_kv_head": None,
-                                   "tie_embeddings": True, "logit_softcap": 0.0, "optimizer": "adamw"}
+                                   "tie_embeddings": True, "logit_softcap": 0.0, "optimizer": "adamw",
+                                   "checkpointing_policy": "full"}
 
 
 def muon_available() -> bool:
@@ -31,10 +32,15 @@ def check_model_options(cfg) -> None:
                          f"must be even")
     if cfg.init_from.startswith("gpt2"):
         changed = [k for k, v in MODERN_DEFAULTS.items()
-                   if k not in ("optimizer", "rope_base") and getattr(cfg, k) != v]
+                   if k not in ("optimizer", "rope_base", "checkpointing_policy") and getattr(cfg, k) != v]
         if changed:
             raise ValueError(f"init_from {cfg.init_from!r} loads GPT-2's architecture: "
                              f"{', '.join(f'{k}={getattr(cfg, k)!r}' for k in changed)} must keep GPT-2's value")
+    if cfg.checkpointing_policy == "selective":
+        from torch.utils import checkpoint as ck
+        if not hasattr(ck, "create_selective_checkpoint_contexts"):
+            raise ValueError("checkpointing_policy 'selective' needs torch.utils.checkpoint."
+                             "create_selective_checkpoint_contexts (torch >= 2.4); use 'full'")
     if cfg.optimizer == "muon":
         if not muon_available():
             import torch

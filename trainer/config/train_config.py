@@ -126,6 +126,9 @@ class TrainConfig(BaseModel):
     # launcher knobs
     compile_after: int | None = Field(None, ge=0)  # eager optimizer steps before compiling; None: trainer default
     checkpointing: int = Field(0, ge=0)  # activation checkpointing: 0 off, k: every k-th block
+    # what a checkpointed block recomputes: 'full' (everything) or 'selective' (all but its matmuls
+    # and attention, which are saved: trainer/model/layers.py SAC_SAVED_OPS)
+    checkpointing_policy: Literal["full", "selective"] = "full"
     loss_impl: Literal["standard", "chunked"] = "standard"  # chunked never holds full fp32 logits
     ce_chunk_size: int = Field(4096, gt=0)  # rows of B*T per chunk of the chunked loss
     # torch.compile each transformer block on its own ('blocks', regional compilation) or the

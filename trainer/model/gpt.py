@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainer.model.ce import chunked_cross_entropy, lm_loss, softcap  # noqa: F401  (chunked_cross_entropy: re-exported)
-from trainer.model.layers import Block, LayerNorm, make_norm, rope_tables  # noqa: F401
+from trainer.model.layers import Block, LayerNorm, make_norm, rope_tables, sac_context_fn  # noqa: F401
 
 
 @dataclass
@@ -33,6 +33,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     checkpointing: int = 0  # 0 off, k: every k-th block (block i is checkpointed when i % k == 0)
+    checkpointing_policy: str = "full"  # "full": recompute the whole block; "selective": keep matmuls and SDPA
     loss_impl: str = "standard"  # "standard" or "chunked"
     ce_chunk_size: int = 4096  # rows of B*T per chunk for the chunked loss
     # today's small GPTs (nanochat, modded-nanogpt); the defaults are GPT-2's
@@ -151,7 +152,8 @@ class GPT(nn.Module):
         recompute = k > 0 and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if recompute and i % k == 0:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                extra = {"context_fn": sac_context_fn} if self.config.checkpointing_policy == "selective" else {}
+                x = checkpoint(block, x, rope, use_reentrant=False, **extra)
             else:
                 x = block(x, rope)
         return self.transformer.ln_f(x)

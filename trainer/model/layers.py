@@ -156,3 +156,23 @@ class Block(nn.Module):
     def forward(self, x, rope=None):
         x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
+
+
+# Selective activation checkpointing (torch.utils.checkpoint.create_selective_checkpoint_contexts,
+# torch >= 2.4): inside a checkpointed block the outputs of these ops are saved and everything else
+# (norms, activations, RoPE, residual adds) is recomputed in backward: the matmuls and attention
+# are the expensive ops to redo, the rest is cheap elementwise work. torchtitan's default save list
+# has the same core (matmuls, SDPA's kernels).
+SAC_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def sac_context_fn():
+    """The context_fn for torch.utils.checkpoint.checkpoint that saves SAC_SAVED_OPS' outputs and
+    recomputes the rest. Raises RuntimeError on a torch without selective checkpointing."""
+    from torch.utils import checkpoint as ck
+    if not hasattr(ck, "create_selective_checkpoint_contexts"):
+        raise RuntimeError(f"torch {torch.__version__} has no selective activation checkpointing")
+    ops = [getattr(torch.ops.aten, n).default for n in SAC_SAVED_OPS if hasattr(torch.ops.aten, n)]
+    return ck.create_selective_checkpoint_contexts(ops)
