@@ -284,6 +284,20 @@ def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size
             ("backward start (loss)", blocks + blk.ln_f, 2 * keep)]
 
 
+def _head(shape: ModelShape, N: int, amp: bool, blk: _Blocks, loss_impl: str, cuda: bool,
+          ce_chunk_size: int) -> list[tuple[str, int, int]]:
+    """The loss head's phases as trainer.model.ce.lm_loss runs it: standard (+ the soft-cap's
+    buffer), torch's F.linear_cross_entropy (chunked, no cap, torch >= 2.13) or autofit's chunking."""
+    C, V = shape.n_embd, shape.vocab_size
+    if loss_impl == "standard":
+        head, extra = _standard_head(N, C, V, amp, blk), arch.softcap_head_extra(shape, N, amp)
+    elif shape.logit_softcap == 0 and HAS_TORCH_LCE:
+        head, extra = arch.torch_lce_head(N, C, V, blk, cuda, ce_chunk_size), (0, 0)
+    else:
+        head, extra = _chunked_head(N, C, V, amp, blk, ce_chunk_size), (arch.chunked_softcap_extra(shape, ce_chunk_size, N), 0)
+    return [(name, acts, b + e) for (name, acts, b), e in zip(head, extra)]
+
+
 def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
                   compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
                   n_micro: int = 2, world_size: int = 1, parallelism: str = "ddp") -> Estimate:
@@ -321,16 +335,8 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
                               "activations": acts + ids, "logits_and_loss": head, "workspace": work,
                               "comm_buffers": st.comm.get(name, 0)}))
 
-    if loss_impl == "standard":
-        head = _standard_head(N, C, V, amp, blk)
-        cap_fwd, cap_bwd = arch.softcap_head_extra(shape, N, amp)
-    elif shape.logit_softcap == 0 and HAS_TORCH_LCE:  # trainer.model.ce.lm_loss's choice
-        head, cap_fwd, cap_bwd = arch.torch_lce_head(N, C, V, blk, cuda, ce_chunk_size), 0, 0
-    else:
-        head = _chunked_head(N, C, V, amp, blk, ce_chunk_size)
-        cap_fwd, cap_bwd = arch.chunked_softcap_extra(shape, ce_chunk_size, N), 0
-    for (name, acts, head_bytes), extra in zip(head, (cap_fwd, cap_bwd)):
-        add(name, grads_in_pass, acts, head_bytes + extra)
+    for name, acts, head_bytes in _head(shape, N, amp, blk, loss_impl, cuda, ce_chunk_size):
+        add(name, grads_in_pass, acts, head_bytes)
     wpe = 4 * T * C if shape.pos_emb == "learned" else 0  # RoPE: no position table
     accumulating = n_micro >= 2 or st.grads_resident or bool(st.comm)
     # the lm_head weight's fp32 gradient before it reaches a .grad: tied, it waits in autograd's
