@@ -316,3 +316,22 @@ def test_selective_checkpointing_saves_matmuls_and_recomputes_the_rest(kw):
     # memory between none and full; no matmul recomputed by the selective policy, some by full
     assert runs["full"][2] < runs["selective"][2] < runs["none"][2]
     assert runs["selective"][3] == runs["none"][3] < runs["full"][3]
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
+def test_nanogpt_style_ckpt_of_a_modern_model_reads_back(tmp_path):
+    """sample and the nanoGPT-layout reader rebuild the model from the ckpt.pt's model_args (with
+    the options) and accept Muon + AdamW's optimizer state."""
+    from trainer.checkpoint.nanogpt import nanogpt_keys, read_nanogpt_checkpoint
+    cfg = TrainConfig(**TINY, **MODERN, optimizer="muon")
+    m = gpt(**MODERN)
+    opt = make_optimizer(m, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu",
+                         optimizer="muon")
+    x, y = batch(2)
+    train_step(m, opt, x, y, [2])
+    torch.save(nanogpt_keys(m, opt, cfg, 1, 2.0, {"dataset": "embedded"}), tmp_path / "ckpt.pt")
+    ck = read_nanogpt_checkpoint(tmp_path / "ckpt.pt")
+    assert {k: ck.model_args[k] for k in MODERN} == MODERN
+    m2 = GPT(GPTConfig(**ck.model_args))
+    m2.load_state_dict(ck.model, strict=True)
+    torch.testing.assert_close(m2(x), m(x))
