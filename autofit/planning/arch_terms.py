@@ -128,7 +128,8 @@ def chunked_softcap_extra(shape, ce_chunk_size: int, N: int) -> int:
     return 4 * min(ce_chunk_size, N) * shape.vocab_size if shape.logit_softcap > 0 else 0
 
 
-def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int) -> list[tuple[str, int, int]]:
+def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int,
+                   amp: bool = False) -> list[tuple[str, int, int]]:
     """(phase, activations, loss-head bytes) of torch's chunked F.linear_cross_entropy (torch >= 2.13,
     trainer.model.ce.torch_linear_cross_entropy): it computes grad_x (N x C) and grad_w (V x C) in
     the forward and hands them back in an in-place backward, so those two fp32 buffers are what
@@ -138,8 +139,11 @@ def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int) 
     does, are added there (assumed, not calibrated: no GPU ran)."""
     keep = 4 * N * C + 4 * V * C
     chunk = 4 * min(ce_chunk_size, N) * V if cuda else 0
+    # backward: the grads and their fp32 results; under autocast grad_x is handed back in 16 bits
+    # and cast (measured on the budgeted CPU device: 2 bytes per N x C element, not 8)
+    back = (2 * N * C + 8 * V * C) if amp else 2 * keep
     return [("forward (loss)", blk.saved + blk.ln_f + 4 * N * C, keep + chunk),
-            ("backward start (loss)", blk.saved + blk.ln_f, 2 * keep)]  # the grads and their scaled copies
+            ("backward start (loss)", blk.saved + blk.ln_f, back)]
 
 
 def sac_saved_bytes(shape, B: int, amp: bool) -> int:

@@ -292,7 +292,7 @@ def _head(shape: ModelShape, N: int, amp: bool, blk: _Blocks, loss_impl: str, cu
     if loss_impl == "standard":
         head, extra = _standard_head(N, C, V, amp, blk), arch.softcap_head_extra(shape, N, amp)
     elif shape.logit_softcap == 0 and HAS_TORCH_LCE:
-        head, extra = arch.torch_lce_head(N, C, V, blk, cuda, ce_chunk_size), (0, 0)
+        head, extra = arch.torch_lce_head(N, C, V, blk, cuda, ce_chunk_size, amp), (0, 0)
     else:
         head, extra = _chunked_head(N, C, V, amp, blk, ce_chunk_size), (arch.chunked_softcap_extra(shape, ce_chunk_size, N), 0)
     return [(name, acts, b + e) for (name, acts, b), e in zip(head, extra)]
