@@ -335,3 +335,12 @@ def test_nanogpt_style_ckpt_of_a_modern_model_reads_back(tmp_path):
     m2 = GPT(GPTConfig(**ck.model_args))
     m2.load_state_dict(ck.model, strict=True)
     torch.testing.assert_close(m2(x), m(x))
+
+
+def test_plan_words_name_the_model_options():
+    from autofit.report.render import model_words
+    assert model_words(TrainConfig()).startswith("GPT-2 (learned positions")
+    words = model_words(load_config(preset="nanochat-d12", overrides=["n_kv_head=2"]))
+    for w in ("rope (base 100000)", "rmsnorm", "qk-norm", "relu2 MLP", "2 of 6 heads for K/V (GQA)",
+              "untied embeddings", "soft-capped at 15", "Muon"):
+        assert w in words, w
