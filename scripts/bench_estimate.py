@@ -41,10 +41,25 @@ class Config:
     n_micro: int = 2
     bias: bool = False
     dropout: float = 0.0
+    # today's small-GPT options (issue 16), GPT-2's by default
+    pos_emb: str = "learned"
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    mlp: str = "gelu"
+    n_kv_head: int | None = None
+    tie_embeddings: bool = True
+    logit_softcap: float = 0.0
+    optimizer: str = "adamw"
+    checkpointing_policy: str = "full"
+
+    def modern(self) -> dict:
+        return {k: getattr(self, k) for k in ("pos_emb", "norm", "qk_norm", "mlp", "n_kv_head",
+                                              "tie_embeddings", "logit_softcap", "optimizer",
+                                              "checkpointing_policy")}
 
     def shape(self) -> ModelShape:
         return ModelShape(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size,
-                          bias=self.bias, dropout=self.dropout)
+                          bias=self.bias, dropout=self.dropout, **self.modern())
 
     def label(self) -> str:
         s = (f"L{self.n_layer} H{self.n_head} C{self.n_embd} T{self.block_size} V{self.vocab_size} "
@@ -57,6 +72,8 @@ class Config:
             s += " bias"
         if self.dropout:
             s += f" drop{self.dropout}"
+        defaults = Config(1, 1, 1, 1, 1, 1).modern()
+        s += "".join(f" {k}={v}" for k, v in self.modern().items() if v != defaults[k])
         return s
 
 
@@ -86,6 +103,26 @@ GRID = [
     Config(2, 2, 64, 128, 512, 4, dropout=0.1),
     Config(4, 2, 64, 64, 512, 4, checkpointing=1, dropout=0.1),
     Config(4, 2, 64, 32, 512, 2, dtype="bfloat16", dropout=0.1),
+    # today's small GPTs, one option at a time, then together (nanochat-d12's shape scaled down)
+    Config(2, 2, 64, 64, 512, 4, pos_emb="rope"),
+    Config(2, 2, 64, 64, 512, 4, norm="rmsnorm"),
+    Config(2, 2, 64, 64, 512, 4, qk_norm=True),
+    Config(2, 2, 64, 64, 512, 4, mlp="relu2"),
+    Config(2, 2, 64, 64, 512, 4, mlp="swiglu"),
+    Config(2, 4, 64, 64, 512, 4, n_kv_head=1),
+    Config(2, 2, 64, 64, 512, 4, tie_embeddings=False),
+    Config(2, 2, 64, 64, 512, 4, tie_embeddings=False, n_micro=1),
+    Config(2, 2, 64, 64, 2048, 4, logit_softcap=15.0),
+    Config(2, 2, 64, 64, 2048, 4, logit_softcap=15.0, loss_impl="chunked", ce_chunk_size=128),
+    Config(2, 2, 64, 64, 512, 4, optimizer="muon"),
+    Config(2, 2, 128, 64, 2048, 4, pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2",
+           tie_embeddings=False, logit_softcap=15.0, optimizer="muon"),
+    Config(3, 2, 128, 64, 2048, 4, checkpointing=1, loss_impl="chunked", ce_chunk_size=128, pos_emb="rope",
+           norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, logit_softcap=15.0, optimizer="muon"),
+    Config(4, 2, 64, 64, 512, 4, checkpointing=1, checkpointing_policy="selective"),
+    Config(4, 2, 128, 64, 2048, 4, checkpointing=1, checkpointing_policy="selective", loss_impl="chunked",
+           ce_chunk_size=128, pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
+           logit_softcap=15.0, optimizer="muon"),
 ]
 QUICK = GRID[:1] + GRID[9:12] + GRID[16:17]
 
@@ -98,8 +135,10 @@ def measure(cfg: Config, steps: int = 3) -> int:
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias,
                               checkpointing=cfg.checkpointing, loss_impl=cfg.loss_impl,
-                              ce_chunk_size=cfg.ce_chunk_size, dropout=cfg.dropout))
-        opt = make_optimizer(model, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+                              ce_chunk_size=cfg.ce_chunk_size, dropout=cfg.dropout,
+                              **{k: v for k, v in cfg.modern().items() if k != "optimizer"}))
+        opt = make_optimizer(model, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu",
+                             optimizer=cfg.optimizer)
         n = cfg.micro_batch * cfg.n_micro
         x = torch.randint(0, cfg.vocab_size, (n, cfg.block_size))
         y = torch.randint(0, cfg.vocab_size, (n, cfg.block_size))

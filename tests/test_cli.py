@@ -228,7 +228,8 @@ def test_probe_tells_about_the_config_as_written_first(monkeypatch, capsys):
     assert "it would run out of memory (estimated" in lines[mine] and "against a 10.29 GiB budget" in lines[mine]
     text = " ".join(lines)
     assert "keeps your effective batch of 512" in text and "instead of 16 x 32" in text
-    assert "uses the chunked loss" in text and "runs 27 sequences at a time, 19 times per step" in text
+    # torch's F.linear_cross_entropy (torch >= 2.13) keeps less than autofit's chunking did: 31, not 27
+    assert "uses the chunked loss" in text and "runs 31 sequences at a time, 17 times per step" in text
     # short by default: the budget terms, the candidates and the why only with -v
     assert "candidates" not in out and "why:" not in out and "CUDA context" not in out
     code, verbose, _ = cli(monkeypatch, capsys, "probe", "--config", seed, "--gpu", "rtx4070-12gb", "-v")

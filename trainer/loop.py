@@ -34,7 +34,6 @@ from trainer.interrupt import StopFlag
 from trainer.model.losses import SCALER_SKIP_REPORT, read_losses
 from trainer.meter import default_meter
 from trainer.metrics import MetricsLog, Progress, describe_event, describe_step, open_sinks
-from trainer.model.gpt import GPT
 from trainer.model.pretrained import build_model
 from trainer.distributed.multirank import RankGroup, pick_device
 from trainer.options import RunOptions, RunResult
@@ -86,12 +85,7 @@ class Trainer:
         self.last_eval_iter, self.last_eval = -1, None  # the last evaluation's step and {'train', 'val'} losses
         set_matmul_precision(cfg.tf32)
         with self.meter.tracking():
-            torch.manual_seed(cfg.seed)
-            self.model = self._build_model()
-            self.group.wrap_model(self.model, cfg.seed)  # several ranks: DDP or FSDP2
-            self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate,
-                                            weight_decay=cfg.weight_decay,
-                                            betas=(cfg.beta1, cfg.beta2), device_type=self.device.type)
+            self._build_model_and_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "float16" else None
         self.forward = self.model  # compiled after compile_after steps (blocks in place, or a wrapper)
         self.compiled = False
@@ -119,10 +113,16 @@ class Trainer:
         self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed)
         self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda", rows=self.group.rows)
 
-    def _build_model(self) -> GPT:
-        """A new GPT on the device, or OpenAI's GPT-2 weights (trainer.model.pretrained.build_model)."""
-        model, self._pretrained_notes = build_model(self.cfg, self.device, resume=self.opts.resume)
-        return model
+    def _build_model_and_optimizer(self) -> None:
+        """A new GPT on the device, or OpenAI's GPT-2 weights (trainer.model.pretrained.build_model),
+        wrapped for several ranks (DDP or FSDP2) before its optimizer is made."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.model, self._pretrained_notes = build_model(cfg, self.device, resume=self.opts.resume)
+        self.group.wrap_model(self.model, cfg.seed)
+        self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                        betas=(cfg.beta1, cfg.beta2), device_type=self.device.type,
+                                        optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
 
     micro_batches = property(lambda self: self.recovery.micro_batches)
 
@@ -211,7 +211,7 @@ class Trainer:
         self.clock.seconds, which waits for the device to finish the step)."""
         lr = lr_at(it, self.cfg)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
         x, y = self.batches.take(self.cfg.effective_batch)  # the step's batch (this rank's rows), once
         rng = self._rng_state()  # a redone step draws the same dropout masks
         while True:

@@ -80,15 +80,72 @@ def set_matmul_precision(tf32: bool) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay: float,
-                   betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
-    """nanoGPT's AdamW: weight decay on matrices and embeddings only; fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+                   betas: tuple[float, float], device_type: str, optimizer: str = "adamw",
+                   muon_lr: float = 0.02):
+    """nanoGPT's AdamW: weight decay on matrices and embeddings only; fused kernel on CUDA.
+
+    optimizer='muon': torch.optim.Muon (momentum 0.95, Nesterov, weight decay `weight_decay`) for
+    the 2-D matrices of the transformer blocks at `muon_lr`, nanoGPT's AdamW for the rest
+    (embeddings, head, norms, biases), as nanochat and modded-nanogpt split them; the two are
+    stepped as one (MuonAdamW). The Muon group carries lr_scale = muon_lr / learning_rate, so a
+    schedule that sets every group's lr to lr * lr_scale keeps the ratio. Raises ValueError for an
+    unknown optimizer or a torch without torch.optim.Muon."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if optimizer == "muon" and _is_block_matrix(n, p)]
+    chosen = {id(p) for p in muon}
+    rest = [p for _, p in named if id(p) not in chosen]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+    if optimizer == "adamw":
+        return adamw
+    if optimizer != "muon":
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"optimizer 'muon' needs torch.optim.Muon, which torch {torch.__version__} lacks")
+    muon_opt = torch.optim.Muon([{"params": muon, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+                                weight_decay=weight_decay, momentum=0.95, nesterov=True)
+    return MuonAdamW(muon_opt, adamw)
+
+
+def _is_block_matrix(name: str, p: torch.nn.Parameter) -> bool:
+    """A hidden-layer matrix (Muon's domain): 2-D and inside a transformer block."""
+    return p.dim() == 2 and ".h." in f".{name}"
+
+
+class MuonAdamW:
+    """torch.optim.Muon and torch.optim.AdamW stepped as one optimizer: param_groups are Muon's
+    then AdamW's (the same dicts, so setting a group's lr reaches its optimizer), and state,
+    step, zero_grad, state_dict ({'muon': ..., 'adamw': ...}) and load_state_dict cover both.
+    torch.amp.GradScaler unscales through param_groups and steps through step(), as for one."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+        self.param_groups = muon.param_groups + adamw.param_groups
+        self.defaults = adamw.defaults
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}
+
+    def step(self, closure=None):
+        self.muon.step()
+        return self.adamw.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Raises ValueError for a state dict that is not a MuonAdamW one (an AdamW checkpoint)."""
+        if not isinstance(state, dict) or set(state) != {"muon", "adamw"}:
+            raise ValueError("the optimizer state is not Muon + AdamW's (was the run trained with AdamW?)")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 class InjectedOOM(torch.OutOfMemoryError):

@@ -83,6 +83,8 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
     sharded = [False]
     if world_size > 1:
         sharded = {"auto": [False, True], "ddp": [False], "fsdp2": [True]}[cfg.parallelism]
+        if cfg.optimizer == "muon":  # Muon orthogonalises whole matrices; FSDP2 would shard them
+            sharded = [False]
     return Space(dtypes=dtypes, compile=compiles,
                  checkpointing=checkpointing if checkpointing is not None else sorted({cfg.checkpointing, 0, 1}),
                  loss_impls=loss_impls or ["standard", "chunked"], sharded=sharded)

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from autofit.planning import arch_terms as arch
 from autofit.planning.kernel_terms import add_to_phases, cublas_workspaces_bytes, cuda_kernel_terms
+from trainer.model.ce import HAS_TORCH_LCE
 
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "workspace",
               "comm_buffers", "allocator_slack")
@@ -66,13 +68,26 @@ class ModelShape:
     vocab_size: int
     bias: bool = False
     dropout: float = 0.0
+    # today's small-GPT options (autofit/planning/arch_terms.py); the defaults are GPT-2's
+    pos_emb: str = "learned"
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    mlp: str = "gelu"
+    n_kv_head: int | None = None
+    tie_embeddings: bool = True
+    logit_softcap: float = 0.0
+    optimizer: str = "adamw"
+    checkpointing_policy: str = "full"  # what a checkpointed block keeps: its input, or its matmuls too
 
     @classmethod
     def from_config(cls, cfg: object) -> "ModelShape":
-        """From any object with these attributes (TrainConfig, GPTConfig)."""
+        """From any object with these attributes (TrainConfig, GPTConfig); a missing option is GPT-2's."""
+        extra = {k: getattr(cfg, k) for k in ("pos_emb", "norm", "qk_norm", "mlp", "n_kv_head",
+                                               "tie_embeddings", "logit_softcap", "optimizer",
+                                               "checkpointing_policy") if hasattr(cfg, k)}
         return cls(n_layer=int(cfg.n_layer), n_head=int(cfg.n_head), n_embd=int(cfg.n_embd),
                    block_size=int(cfg.block_size), vocab_size=int(cfg.vocab_size), bias=bool(cfg.bias),
-                   dropout=float(cfg.dropout))
+                   dropout=float(cfg.dropout), **extra)
 
 
 @dataclass
@@ -88,25 +103,8 @@ class Estimate:
 
 
 def _param_shapes(shape: ModelShape) -> list[tuple[int, bool]]:
-    """(numel, is_matrix) of every parameter in GPT.parameters() order, the tied lm_head once."""
-    C, b = shape.n_embd, shape.bias
-    out = [(shape.vocab_size * C, True), (shape.block_size * C, True)]  # wte (tied lm_head), wpe
-
-    def layer_norm() -> None:
-        out.extend([(C, False)] * (2 if b else 1))  # weight (and bias)
-
-    def linear(rows: int, cols: int) -> None:
-        out.extend([(rows * cols, True)] + ([(rows, False)] if b else []))  # weight (and bias)
-
-    for _ in range(shape.n_layer):
-        layer_norm()  # ln_1
-        linear(3 * C, C)  # attention c_attn
-        linear(C, C)  # attention c_proj
-        layer_norm()  # ln_2
-        linear(4 * C, C)  # MLP c_fc
-        linear(C, 4 * C)  # MLP c_proj
-    layer_norm()  # ln_f
-    return out
+    """(numel, is_matrix) of every parameter in GPT.parameters() order, a tied lm_head once."""
+    return [(n, kind not in ("block_vector", "ln_f")) for n, kind in arch.param_entries(shape)]
 
 
 def param_count(shape: ModelShape) -> int:
@@ -116,22 +114,6 @@ def param_count(shape: ModelShape) -> int:
 
 def _round(n: int, to: int) -> int:
     return -(-n // to) * to
-
-
-def _adamw_cpu_temporaries(shape: ModelShape) -> int:
-    """Peak bytes of the for-loop AdamW's temporaries (the CPU default: no foreach, no fused).
-
-    Per parameter it computes denom = exp_avg_sq.sqrt() / c, a temporary and the result (2 x the
-    parameter), while the previous parameter's denom is still bound to the loop variable.
-    The loop runs per param group: nanoGPT's groups are matrices (decay) then vectors."""
-    shapes = _param_shapes(shape)
-    peak = 0
-    for group in ([n for n, m in shapes if m], [n for n, m in shapes if not m]):
-        prev = 0
-        for n in group:
-            peak = max(peak, 4 * (2 * n + prev))
-            prev = n
-    return peak
 
 
 @dataclass(frozen=True)
@@ -146,23 +128,23 @@ class _State:
 
 def _model_state(shape: ModelShape, cuda: bool, world_size: int, parallelism: str) -> _State:
     unit = (lambda n: _round(4 * n, CUDA_ROUND_BYTES)) if cuda else (lambda n: 4 * n)
-    shapes = _param_shapes(shape)
+    entries = arch.param_entries(shape)
     if world_size <= 1 or parallelism not in ("ddp", "fsdp2"):
-        full = sum(unit(n) for n, _ in shapes)
-        return _State(full, full, 2 * full, False, {})
+        full = sum(unit(n) for n, _ in entries)
+        return _State(full, full, arch.optimizer_state_bytes(shape, unit), False, {})
     if parallelism == "ddp":
-        full = sum(unit(n) for n, _ in shapes)
-        return _State(full, full, 2 * full, True, {})
+        full = sum(unit(n) for n, _ in entries)
+        return _State(full, full, arch.optimizer_state_bytes(shape, unit), True, {})
     W = world_size
-    shard = sum(unit(-(-n // W)) for n, _ in shapes)  # each parameter's dim-0 shard, padded
-    root = unit(shapes[0][0]) + unit(shapes[1][0]) + sum(unit(n) for n, _ in shapes[-(2 if shape.bias else 1):])
-    block = sum(unit(n) for n, _ in shapes[2:len(shapes) - (2 if shape.bias else 1)]) // max(shape.n_layer, 1)
+    shard = sum(unit(-(-n // W)) for n, _ in entries)  # each parameter's dim-0 shard, padded
+    root = sum(unit(n) for n, kind in entries if not kind.startswith("block"))  # wte, wpe, ln_f, head
+    block = sum(unit(n) for n, kind in entries if kind.startswith("block")) // max(shape.n_layer, 1)
     comm = {"forward (loss)": root, "backward start (loss)": root,
             # the block's all-gathered parameters and its unsharded gradients (CPU device measured:
             # the prefetched next block and the reduce-scatter input do not add to this peak)
             "backward (top block)": root + 2 * block,
             "backward (embedding)": root + root}  # the root's gradients and their reduce-scatter input
-    return _State(shard, shard, 2 * shard, False, comm)
+    return _State(shard, shard, arch.optimizer_state_bytes(shape, lambda n: unit(-(-n // W))), False, comm)
 
 
 def _check_args(micro_batch: int, dtype: str, checkpointing: int, loss_impl: str, device: str,
@@ -217,29 +199,32 @@ def _dropout_bytes(shape: ModelShape, B: int, amp: bool, cuda: bool) -> tuple[in
 
 
 def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda: bool = False) -> _Blocks:
-    L, H, C, T = shape.n_layer, shape.n_head, shape.n_embd, shape.block_size
-    N = B * T
+    L, C, T = shape.n_layer, shape.n_embd, shape.block_size
+    N, h = B * T, arch.mlp_hidden(shape)
     # fp32: block input, ln_1 out, qkv (3), SDPA out, x + attn, ln_2 out, c_fc out (4), GELU out
     # (4) = 16 elements per token and channel (SDPA's output is already in (B, T, H, hd) order, so
     # the transpose().contiguous() before c_proj copies nothing). Under autocast, LayerNorm runs
     # in fp32 and the residual stream stays fp32 (2 x 4 B), the rest is 16-bit (14 x 2 B); the
     # 16-bit weight copies autocast makes are saved by each Linear for backward.
-    stats = 2 * 2 * N * 4 + 4 * B * H * T  # LayerNorm mean/rstd (fp32) x2, SDPA log-sum-exp
-    linear_params = 12 * C * C + (9 * C if shape.bias else 0)
-    w16 = 2 * linear_params if amp else 0
-    full = (36 * N * C if amp else 64 * N * C) + stats + w16
+    # GPT-2: 16 elements, of them 2 residual; other models: arch_terms.block_saved_elements
+    elems, resid = arch.block_saved_elements(shape)
+    stats = arch.block_stats_bytes(shape, B)  # LayerNorm mean/rstd (fp32) x2, SDPA log-sum-exp
+    w16 = 2 * arch.block_linear_params(shape) if amp else 0
+    full = (4 * resid + 2 * (elems - resid) if amp else 4 * elems) * N + stats + w16
     drop_block, drop_embed = _dropout_bytes(shape, B, amp, cuda)
     full += drop_block  # a checkpointed block recomputes its dropout (same RNG state), keeps nothing
     ckpt = 4 * N * C  # a checkpointed block keeps only its fp32 input
+    if shape.checkpointing_policy == "selective":  # and its matmul and attention outputs
+        ckpt += arch.sac_saved_bytes(shape, B, amp)
     per_block = [ckpt if checkpointing and i % checkpointing == 0 else full for i in range(L)]
     n_ckpt = sum(1 for i in range(L) if checkpointing and i % checkpointing == 0)
-    ln_f = 4 * N * C + 2 * N * 4  # ln_f's saved input (the last block's output) and its stats
+    ln_f = 4 * N * C + (2 if shape.norm == "layernorm" else 1) * N * 4  # ln_f's saved input and its stats
     if amp:
         # Block backward temporaries: fp32 residual grad + its 16-bit cast, c_proj's 16-bit weight
-        # grad and the 16-bit grad of the 4C-wide GELU output.
-        transient = 4 * N * C + 2 * N * C + 2 * 4 * C * C + 2 * 4 * N * C
+        # grad and the 16-bit grad of the h-wide activation output (h = 4C for GPT-2).
+        transient = 4 * N * C + 2 * N * C + 2 * h * C + 2 * h * N
     else:
-        transient = 4 * N * C + 4 * 4 * C * C + 4 * 4 * N * C
+        transient = 4 * N * C + 4 * h * C + 4 * h * N
     return _Blocks(per_block, full, n_ckpt, w16, ln_f, transient, drop_embed)
 
 
@@ -281,6 +266,20 @@ def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size
             ("backward start (loss)", blocks + blk.ln_f, 2 * keep)]
 
 
+def _head(shape: ModelShape, N: int, amp: bool, blk: _Blocks, loss_impl: str, cuda: bool,
+          ce_chunk_size: int) -> list[tuple[str, int, int]]:
+    """The loss head's phases as trainer.model.ce.lm_loss runs it: standard (+ the soft-cap's
+    buffer), torch's F.linear_cross_entropy (chunked, no cap, torch >= 2.13) or autofit's chunking."""
+    C, V = shape.n_embd, shape.vocab_size
+    if loss_impl == "standard":
+        head, extra = _standard_head(N, C, V, amp, blk), arch.softcap_head_extra(shape, N, amp)
+    elif shape.logit_softcap == 0 and HAS_TORCH_LCE:
+        head, extra = arch.torch_lce_head(N, C, V, blk, cuda, ce_chunk_size, amp), (0, 0)
+    else:
+        head, extra = _chunked_head(N, C, V, amp, blk, ce_chunk_size), (arch.chunked_softcap_extra(shape, ce_chunk_size, N), 0)
+    return [(name, acts, b + e) for (name, acts, b), e in zip(head, extra)]
+
+
 def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
                   compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
                   n_micro: int = 2, world_size: int = 1, parallelism: str = "ddp", sdpa: str = "flash") -> Estimate:
@@ -320,21 +319,24 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
                               "activations": acts + ids, "logits_and_loss": head, "workspace": work,
                               "comm_buffers": st.comm.get(name, 0)}))
 
-    head = _standard_head(N, C, V, amp, blk) if loss_impl == "standard" else \
-        _chunked_head(N, C, V, amp, blk, ce_chunk_size)
-    for name, acts, head_bytes in head:
+    for name, acts, head_bytes in _head(shape, N, amp, blk, loss_impl, cuda, ce_chunk_size):
         add(name, grads_in_pass, acts, head_bytes)
+    wpe = 4 * T * C if shape.pos_emb == "learned" else 0  # RoPE: no position table
+    accumulating = n_micro >= 2 or st.grads_resident or bool(st.comm)
+    # the lm_head weight's fp32 gradient before it reaches a .grad: tied, it waits in autograd's
+    # buffer for wte's; untied, it is lm_head's own .grad (new with one micro-batch, else added in place)
+    head_grad = 4 * VC if shape.tie_embeddings or not accumulating else 0
     if L > 0:
         below = sum(blk.per_block[:-1]) + blk.embed
-        # lm_head's fp32 weight grad waits in autograd's buffer for wte's
-        add("backward (top block)", grads_in_pass, below + blk.full + blk.transient, 4 * VC)
-    # wte's dense gradient meets the held lm_head gradient; wpe's gradient beside them.
-    grads_before_embedding = grads_all if n_micro >= 2 or st.grads_resident or st.comm else \
-        max(0, grads_all - 4 * VC - 4 * T * C)
-    add("backward (embedding)", grads_before_embedding, 0, 2 * 4 * VC + 4 * T * C)
+        add("backward (top block)", grads_in_pass, below + blk.full + blk.transient, head_grad)
+    # wte's dense gradient meets the held lm_head gradient (tied) or lm_head's .grad (untied, then
+    # in `gradients`); wpe's gradient beside them.
+    grads_before_embedding = grads_all if accumulating else \
+        max(0, grads_all - 4 * VC - wpe)
+    add("backward (embedding)", grads_before_embedding, 0, (2 if shape.tie_embeddings else 1) * 4 * VC + wpe)
     # optimizer step: the whole batch's ids are still referenced by the caller on CPU; the fused
     # CUDA AdamW that make_optimizer picks updates in place.
-    add("optimizer step", grads_all, 0, 0, 0 if cuda else _adamw_cpu_temporaries(shape))
+    add("optimizer step", grads_all, 0, 0, 0 if cuda else arch.optimizer_cpu_temporaries(shape))
     if cuda:  # what kernels allocate inside one op (the CPU calibration cannot contain it)
         add_to_phases(phases, cuda_kernel_terms(shape, micro_batch, amp, sdpa))
     return _estimate_from_phases(phases, cuda, compile, sdpa)

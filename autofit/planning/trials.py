@@ -101,7 +101,8 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     # and all-gather buffers are measured, and an OOM on one rank is agreed by all
     state["parallel"] = parallel = agree.trial_wrapper(model, tdev, agreement, "fsdp2" if cand.sharded else "ddp")
     state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                        betas=(cfg.beta1, cfg.beta2), device_type=tdev.type)
+                                        betas=(cfg.beta1, cfg.beta2), device_type=tdev.type,
+                                        optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
     # steady-state memory from the start: a size that does not fit fails in step 1
     prime_optimizer(model, opt, keep_grads=parallel is None or not parallel.zero_grad_to_none)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None

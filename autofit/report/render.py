@@ -40,6 +40,7 @@ def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None
     console.print(f"[bold]mode[/]: {src}")
     if cfg is not None:
         console.print(f"[bold]your config as written[/] ({as_written_label(cfg, res)}): {as_written_verdict(res, cfg)}")
+        console.print(f"[bold]model[/]: {model_words(cfg)}")
     if verbose:
         console.print(f"[bold]target[/]: {res.effective_batch} sequences x {res.block_size} tokens = "
                       f"{res.effective_batch * res.block_size:,} tokens per optimizer step (kept exact)")
@@ -51,6 +52,28 @@ def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None
         console.print("[dim](-v: the budget, every candidate and why this plan won)[/]")
 
 
+def model_words(cfg) -> str:
+    """'GPT-2 (learned positions, LayerNorm, GELU, tied embeddings), AdamW' or the options that differ:
+    'rope (base 100000), rmsnorm, qk-norm, relu2 MLP, 2 of 6 heads for K/V (GQA), untied
+    embeddings, logits soft-capped at 15, Muon for the blocks' matrices + AdamW'."""
+    from trainer.config.model_options import MODERN_DEFAULTS
+    if all(getattr(cfg, k) == v for k, v in MODERN_DEFAULTS.items() if k != "checkpointing_policy"):
+        return "GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings), AdamW"
+    w = []
+    w.append(f"rope (base {cfg.rope_base:g})" if cfg.pos_emb == "rope" else "learned positions")
+    w.append("rmsnorm" if cfg.norm == "rmsnorm" else "layernorm")
+    if cfg.qk_norm:
+        w.append("qk-norm")
+    w.append(f"{cfg.mlp} MLP")
+    if cfg.n_kv_head not in (None, cfg.n_head):
+        w.append(f"{cfg.n_kv_head} of {cfg.n_head} heads for K/V (GQA)")
+    w.append("tied embeddings" if cfg.tie_embeddings else "untied embeddings")
+    if cfg.logit_softcap:
+        w.append(f"logits soft-capped at {cfg.logit_softcap:g}")
+    w.append("Muon for the blocks' matrices + AdamW" if cfg.optimizer == "muon" else "AdamW")
+    return ", ".join(w)
+
+
 def config_dtype(cfg, res) -> str:
     return cfg.resolved_dtype(_kind(res), bool(res.device.bf16_supported))
 
@@ -60,7 +83,8 @@ def as_written_label(cfg, res) -> str:
     parts = [f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}", f"{cfg.loss_impl} loss",
              SHORT_DTYPE.get(config_dtype(cfg, res), config_dtype(cfg, res))]
     if cfg.checkpointing:
-        parts.append(f"checkpointing every {cfg.checkpointing}")
+        parts.append(f"checkpointing every {cfg.checkpointing}"
+                     + (" (selective: matmuls and attention kept)" if cfg.checkpointing_policy == "selective" else ""))
     parts.append("compile" if cfg.compile else "eager")
     return ", ".join(parts)
 
@@ -124,8 +148,9 @@ def plan_changes(plan, cfg, res) -> list[str]:
     else:
         words.append(f"runs {plan.micro_batch} x {plan.grad_accum} as written")
     if plan.loss_impl != cfg.loss_impl:
-        words.append("uses the chunked loss (cross-entropy in chunks, never the full fp32 logits)"
-                     if plan.loss_impl == "chunked" else "uses the standard loss")
+        from trainer.model.ce import chunked_path
+        words.append(f"uses the chunked loss ({chunked_path(cfg.logit_softcap)}: cross-entropy in chunks, never "
+                     "the full fp32 logits)" if plan.loss_impl == "chunked" else "uses the standard loss")
     if plan.checkpointing != cfg.checkpointing:
         words.append(f"recomputes activations in backward every {plan.checkpointing} block(s) (activation "
                      "checkpointing: less memory, more compute)" if plan.checkpointing

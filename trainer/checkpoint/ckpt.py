@@ -23,7 +23,8 @@ CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "config", "sampler", "eval_
                    "micro_batches", "best_val_loss")
 
 # The fields that shape the model: a checkpoint of another shape cannot be resumed.
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "pos_emb", "norm",
+                "qk_norm", "mlp", "n_kv_head", "tie_embeddings")
 
 
 def atomic_torch_save(obj: Any, path: Path, what: str | None = None) -> None:
@@ -121,7 +122,8 @@ def check_autofit_checkpoint(ck: Mapping, path: str | Path):
     args = model_args_of(cfg)
     try:
         check_model_state(clean_state_dict(dict(fields.model)), args, path, against="config")
-        if fields.optimizer_keys != "names":  # FSDP2 saves it by parameter name, checked by torch's loader
+        opt = ck["optimizer"]  # FSDP2 saves it by parameter name, checked by torch's loader; Muon + AdamW's
+        if fields.optimizer_keys != "names" and set(opt) != {"muon", "adamw"}:  # is checked by its own loader
             with torch.device("meta"):
                 check_optimizer_state(ck["optimizer"], GPT(GPTConfig(**args)), path)
     except CheckpointError as e:

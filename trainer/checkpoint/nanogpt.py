@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from trainer.model.gpt import MODEL_ARGS, GPT, GPTConfig, clean_state_dict
+from trainer.model.gpt import MODEL_ARGS, MODERN_ARGS, GPT, GPTConfig, clean_state_dict
 from trainer.model.gpt import model_args_of as _model_args_of
 from trainer.checkpoint.safe_load import UnsafeOrUnreadable, load_weights_only
 from trainer.paths import PathProblem, input_file
@@ -87,9 +87,11 @@ def model_args_of(source: Any) -> dict[str, Any]:
 
 
 def expected_shapes(model_args: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """State-dict names and shapes of a GPT with these args, built on the meta device (no memory)."""
+    """State-dict names and shapes of a GPT with these args (nanoGPT's seven and any of today's
+    options, trainer.model.gpt.MODERN_ARGS), built on the meta device (no memory)."""
+    keys = MODEL_ARGS + tuple(MODERN_ARGS)
     with torch.device("meta"):
-        model = GPT(GPTConfig(**{k: model_args[k] for k in MODEL_ARGS}))
+        model = GPT(GPTConfig(**{k: model_args[k] for k in keys if k in model_args}))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -182,7 +184,8 @@ def nanogpt_checkpoint_from(ck: Mapping, path: str | Path = "checkpoint") -> Nan
     state = clean_state_dict(dict(ck["model"]))
     check_model_state(state, args, path)
     opt = ck.get("optimizer")
-    if opt is not None:
+    # Muon + AdamW (trainer.step.MuonAdamW) is autofit's own state: its load_state_dict checks it
+    if opt is not None and not (isinstance(opt, Mapping) and set(opt) == {"muon", "adamw"}):
         with torch.device("meta"):
             check_optimizer_state(opt, GPT(GPTConfig(**args)), path)
     config = ck.get("config") if isinstance(ck.get("config"), Mapping) else {}

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from trainer.errors import TrainError
 
@@ -76,10 +77,26 @@ class DeviceSpec(BaseModel):
 
 
 class OptimizerState(BaseModel):
-    """torch.optim.Optimizer.state_dict(): per-parameter state and at least one group."""
+    """torch.optim.Optimizer.state_dict(): per-parameter state and at least one group. Muon +
+    AdamW's (trainer.step.MuonAdamW: {'muon': ..., 'adamw': ...}) is checked part by part and read
+    as the union of the two parts' groups and states."""
     model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
     state: dict[Any, dict[str, Any]]
     param_groups: list[dict[str, Any]] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _muon_adamw(cls, v: Any) -> Any:
+        if not (isinstance(v, Mapping) and set(v) == {"muon", "adamw"}):
+            return v
+        parts = {}
+        for name in ("muon", "adamw"):
+            try:
+                parts[name] = OptimizerState.model_validate(v[name])
+            except ValidationError as e:
+                raise ValueError(f"{name}: {field_problem(e)}") from None
+        return {"state": {**parts["adamw"].state, **parts["muon"].state},
+                "param_groups": parts["muon"].param_groups + parts["adamw"].param_groups}
 
     @field_validator("param_groups")
     @classmethod

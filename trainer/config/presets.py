@@ -26,4 +26,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_embd=576, vocab_size=50304, compile=True, dtype="bfloat16", dataset="fineweb",
         out_dir="out/rtx4070-seed",
     ),
+    # nanochat's depth-12 base model (karpathy/nanochat, nanochat/gpt.py and scripts/base_train.py):
+    # 6 heads of 128, rotary positions, parameter-free RMSNorm, QK-norm, ReLU^2, untied embeddings,
+    # logits soft-capped at 15, Muon for the blocks' matrices (0.02) and AdamW (0.004, betas 0.8/0.95)
+    # for the rest; 2^19 tokens per step = 256 sequences of 2048 (device batch 32 x 8). nanochat's
+    # value embeddings, residual lambdas and sliding windows are not modelled. The data here is
+    # the embedded bytes (ids 0..255 of the 32768-token vocabulary, which the preset fixes: a smoke
+    # run); set dataset to a folder tokenized with nanochat's tokenizer to train for real.
+    "nanochat-d12": dict(
+        n_layer=12, n_head=6, n_embd=768, block_size=2048, vocab_size=32768, pos_emb="rope",
+        rope_base=100000.0, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
+        logit_softcap=15.0, optimizer="muon", muon_lr=0.02, learning_rate=0.004, beta1=0.8, beta2=0.95,
+        weight_decay=0.0, warmup_iters=0, batch_size=32, gradient_accumulation_steps=8,
+        max_iters=20000, lr_decay_iters=20000, min_lr=0.0, eval_interval=250, eval_iters=20,
+        log_interval=10, dataset="embedded", out_dir="out/nanochat-d12",
+    ),
 }
+
+# Keys whose preset value is part of the model, not a default a dataset's meta.pkl replaces
+# (load_config otherwise takes the dataset's vocab_size).
+PRESET_FIXED: dict[str, tuple[str, ...]] = {"nanochat-d12": ("vocab_size",)}

@@ -26,6 +26,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from trainer.paths import PathProblem, TomlProblem, parse_toml, read_user_text
+from trainer.config.model_options import MODERN_DEFAULTS, check_model_options
 from trainer.config.messages import did_you_mean, format_validation_error, unknown_key_message
 from trainer.config.pyfile import ConfigError, Refused, literal, parse_py_config
 
@@ -86,6 +87,19 @@ class TrainConfig(BaseModel):
     # nanoGPT's padded GPT-2 vocab; load_config takes the dataset's (meta.pkl) when no file or
     # --set gives one, as nanoGPT's train.py does
     vocab_size: int = Field(50304, gt=0)
+    # today's small GPTs (nanochat, modded-nanogpt; trainer/model/layers.py); defaults are GPT-2's
+    pos_emb: Literal["learned", "rope"] = "learned"  # rope: rotary positions, no wpe table
+    rope_base: float = Field(10000.0, gt=0.0)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # rmsnorm is parameter-free
+    qk_norm: bool = False  # RMSNorm of each query and key head
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    n_kv_head: int | None = Field(None, gt=0)  # grouped-query attention; None: n_head
+    tie_embeddings: bool = True  # wte and lm_head share one matrix (GPT-2)
+    logit_softcap: float = Field(0.0, ge=0.0)  # cap * tanh(logits / cap); 0: off
+    # the optimizer: 'adamw' (nanoGPT's), or 'muon': torch.optim.Muon for the blocks' matrices at
+    # muon_lr (scheduled like learning_rate), AdamW for embeddings, head and vectors
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = Field(0.02, gt=0.0)
     # AdamW
     learning_rate: float = Field(6e-4, gt=0.0)
     max_iters: int = Field(600000, ge=0)
@@ -107,6 +121,9 @@ class TrainConfig(BaseModel):
     # launcher knobs
     compile_after: int | None = Field(None, ge=0)  # eager optimizer steps before compiling; None: trainer default
     checkpointing: int = Field(0, ge=0)  # activation checkpointing: 0 off, k: every k-th block
+    # what a checkpointed block recomputes: 'full' (everything) or 'selective' (all but its matmuls
+    # and attention, which are saved: trainer/model/layers.py SAC_SAVED_OPS)
+    checkpointing_policy: Literal["full", "selective"] = "full"
     loss_impl: Literal["standard", "chunked"] = "standard"  # chunked never holds full fp32 logits
     ce_chunk_size: int = Field(4096, gt=0)  # rows of B*T per chunk of the chunked loss
     # torch.compile each transformer block on its own ('blocks', regional compilation) or the
@@ -157,6 +174,7 @@ class TrainConfig(BaseModel):
                                  f"(at most {2**63 - 1})")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check_model_options(self)
         if self.checkpointing > self.n_layer:
             raise ValueError(f"checkpointing ({self.checkpointing}) must be between 0 and n_layer "
                              f"({self.n_layer})")
@@ -199,7 +217,7 @@ class TrainConfig(BaseModel):
 
 FIELDS: tuple[str, ...] = tuple(TrainConfig.model_fields)
 
-from trainer.config.presets import PRESETS  # noqa: E402  (named configs; they use the field names above)
+from trainer.config.presets import PRESET_FIXED, PRESETS  # noqa: E402  (named configs; they use the field names above)
 
 # The fields a plan's memory use depends on; profiles fingerprint plans by them.
 _SUMMARY_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout",
@@ -210,6 +228,8 @@ _SUMMARY_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "b
 def config_summary(cfg: TrainConfig) -> dict[str, Any]:
     """The memory-relevant fields of `cfg`, flat, for profile fingerprints."""
     out = {k: getattr(cfg, k) for k in _SUMMARY_FIELDS}
+    # today's options only where set, so a GPT-2 config's fingerprint (and saved plans) stay as they were
+    out.update({k: getattr(cfg, k) for k, v in MODERN_DEFAULTS.items() if getattr(cfg, k) != v})
     out["effective_batch"] = cfg.effective_batch
     return out
 
@@ -352,6 +372,7 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
                               f"choose from {', '.join(PRESETS)}")
         for key, value in PRESETS[preset].items():
             put(key, value, f"preset {preset}")
+        explicit.update(PRESET_FIXED.get(preset, ()))
     if config_file is not None:
         path = Path(config_file)
         for key, (value, line) in _read_file(path).items():

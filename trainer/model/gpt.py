@@ -1,10 +1,12 @@
-"""A GPT in the shape of nanoGPT's model.py, so a nanoGPT checkpoint's state dict loads as is.
+"""A GPT in the shape of nanoGPT's model.py, so a nanoGPT checkpoint's state dict loads as is, with
+today's small-GPT options beside it (trainer/model/layers.py: RoPE, RMSNorm, QK-norm, ReLU^2 or
+SwiGLU, grouped-query attention; here: untied embeddings and the logit soft-cap).
 
 Two memory levers live here because they change what the forward pass keeps for backward:
 - activation checkpointing (`checkpointing=k`: every k-th block recomputes its activations);
-- chunked cross-entropy (`loss_impl='chunked'`): the B*T x V logits are produced a chunk of rows at
-  a time and their gradient is taken at once, so neither the full logits nor their fp32 copies
-  ever exist. For GPT-2's 50304-token vocabulary that is most of the memory of a training step.
+- chunked cross-entropy (`loss_impl='chunked'`, trainer/model/ce.py): the full B*T x V logits and
+  their fp32 copies never exist. For GPT-2's 50304-token vocabulary that is most of the memory of
+  a training step.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from trainer.model.ce import chunked_cross_entropy, lm_loss, softcap  # noqa: F401  (chunked_cross_entropy: re-exported)
+from trainer.model.layers import Block, LayerNorm, make_norm, rope_tables, sac_context_fn  # noqa: F401
+
 
 @dataclass
 class GPTConfig:
@@ -28,21 +33,41 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     checkpointing: int = 0  # 0 off, k: every k-th block (block i is checkpointed when i % k == 0)
+    checkpointing_policy: str = "full"  # "full": recompute the whole block; "selective": keep matmuls and SDPA
     loss_impl: str = "standard"  # "standard" or "chunked"
     ce_chunk_size: int = 4096  # rows of B*T per chunk for the chunked loss
+    # today's small GPTs (nanochat, modded-nanogpt); the defaults are GPT-2's
+    pos_emb: str = "learned"  # "learned" (wpe) or "rope"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm" (parameter-free)
+    qk_norm: bool = False
+    mlp: str = "gelu"  # "gelu", "relu2" or "swiglu"
+    n_kv_head: int | None = None  # None: n_head (no grouping)
+    tie_embeddings: bool = True
+    logit_softcap: float = 0.0  # 0: off
 
     @classmethod
     def from_train_config(cls, cfg) -> "GPTConfig":
         return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
 
 
-# nanoGPT's GPTConfig fields: a checkpoint's model_args hold exactly these (GPTConfig(**model_args))
+# nanoGPT's GPTConfig fields: a GPT-2-shaped checkpoint's model_args hold exactly these, so
+# nanoGPT's GPTConfig(**model_args) reads them
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+# today's options with their GPT-2 values: model_args carry those that differ (a nanoGPT checkpoint
+# has none of them and loads as GPT-2)
+MODERN_ARGS: dict[str, Any] = {"pos_emb": "learned", "rope_base": 10000.0, "norm": "layernorm",
+                               "qk_norm": False, "mlp": "gelu", "n_kv_head": None,
+                               "tie_embeddings": True, "logit_softcap": 0.0}
+_MODERN_TYPES = {"pos_emb": str, "rope_base": float, "norm": str, "qk_norm": bool, "mlp": str,
+                 "n_kv_head": int, "tie_embeddings": bool, "logit_softcap": float}
 
 
 def model_args_of(source: Any) -> dict[str, Any]:
-    """The seven nanoGPT model args of a TrainConfig, a GPTConfig, or a mapping (extra keys,
-    like a TrainConfig dict's, are dropped). Raises ValueError if one is missing."""
+    """The model args of a TrainConfig, a GPTConfig, or a mapping (extra keys, like a TrainConfig
+    dict's, are dropped): nanoGPT's seven, plus each MODERN_ARGS option whose value is not GPT-2's
+    (rope_base only with RoPE; n_kv_head only when it differs from n_head). A missing option is
+    GPT-2's. Raises ValueError if one of the seven is missing or a value is not of its type."""
     get = source.get if isinstance(source, Mapping) else (lambda k, d=None: getattr(source, k, d))
     missing = [k for k in MODEL_ARGS if get(k) is None]
     if missing:
@@ -52,154 +77,33 @@ def model_args_of(source: Any) -> dict[str, Any]:
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             args[k] = int(args[k])
         args["bias"], args["dropout"] = bool(args["bias"]), float(args["dropout"])
+        for k, default in MODERN_ARGS.items():
+            v = get(k, default)
+            v = default if v is None else _MODERN_TYPES[k](v)
+            if k == "n_kv_head" and v == args["n_head"] or k == "rope_base" and get("pos_emb", "learned") != "rope":
+                continue
+            if v != default:
+                args[k] = v
     except (TypeError, ValueError) as e:
         raise ValueError(f"model args are not numbers ({e})") from None
     return args
 
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
-
-    def __init__(self, ndim: int, bias: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of (x @ weight.T) against targets, computed a chunk of rows at a time.
-
-    The gradient is computed in the forward pass (softmax - one_hot per chunk), so what is kept for
-    backward is grad_x (N x C) and grad_weight (V x C, fp32) instead of the N x V logits, their
-    fp32 copy and the saved log-softmax. Rows with target -1 are ignored, as in F.cross_entropy.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size: int, compute_dtype: torch.dtype):
-        n_rows = x.shape[0]
-        valid = targets != -1
-        n_valid = valid.sum().clamp(min=1).to(torch.float32)
-        w = weight.to(compute_dtype)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, n_rows, chunk_size):
-            end = min(start + chunk_size, n_rows)
-            xc = x[start:end].to(compute_dtype)
-            tc = targets[start:end]
-            vc = valid[start:end]
-            logits = (xc @ w.t()).float()  # (n, V): the only V-sized buffer, one chunk at a time
-            tgt = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)
-            # log-sum-exp in place on the logits: torch.logsumexp allocates an n x V fp32 (self - max)
-            # inside its kernel (ATen ReduceOps.cpp, logsumexp_out_impl), a chunk-sized temporary no
-            # tracker of op outputs sees (docs/estimator.md). exp_ leaves exp(logits - max) behind.
-            m = logits.amax(dim=-1, keepdim=True)
-            z = logits.sub_(m).exp_().sum(dim=-1, keepdim=True)
-            lse = (z.log() + m).squeeze(1)
-            loss_sum += ((lse - tgt) * vc).sum()
-            if grad_x is None and grad_w is None:
-                continue
-            # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows; in place.
-            probs = logits.div_(z)
-            probs[torch.arange(end - start, device=x.device), tc.clamp(min=0)] -= 1.0
-            probs.mul_(vc.unsqueeze(1))
-            g = probs.to(compute_dtype)
-            del logits, probs
-            if grad_x is not None:
-                grad_x[start:end] = (g @ w).to(x.dtype)
-            if grad_w is not None:
-                grad_w += (g.t() @ xc).float()
-        ctx.save_for_backward(grad_x if grad_x is not None else torch.empty(0),
-                              grad_w if grad_w is not None else torch.empty(0), n_valid)
-        ctx.has = (grad_x is not None, grad_w is not None)
-        ctx.weight_dtype = weight.dtype
-        return loss_sum / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x, grad_w, n_valid = ctx.saved_tensors
-        scale = grad_out / n_valid
-        gx = grad_x * scale.to(grad_x.dtype) if ctx.has[0] else None
-        gw = (grad_w * scale).to(ctx.weight_dtype) if ctx.has[1] else None
-        return gx, gw, None, None, None
-
-
-def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_size: int = 4096) -> torch.Tensor:
-    """Mean CE of the logits x @ weight.T (x: N x C, weight: V x C) without materialising them.
-    Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as the standard
-    path does."""
-    dev = x.device.type
-    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    with torch.autocast(device_type=dev, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_size, compute_dtype)
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":  # RoPE turns q and k inside attention instead
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        parts.update(drop=nn.Dropout(config.dropout),
+                     h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                     ln_f=make_norm(config))
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2 and nanoGPT
+        if config.tie_embeddings:  # tied, as in GPT-2 and nanoGPT; nanochat unties them
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
@@ -221,40 +125,48 @@ class GPT(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)
-        model.transformer.wte.weight = model.lm_head.weight  # to_empty made two tensors of the tied one
+        if config.tie_embeddings:  # to_empty made two tensors of the tied one
+            model.transformer.wte.weight = model.lm_head.weight
         return model
 
     def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters (tied ones once); without the learned position table if non_embedding."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Final hidden states (after ln_f), B x T x C."""
         _, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"sequence of length {t} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(0, t, dtype=torch.long, device=idx.device))
+        else:  # cos/sin for t positions: (t, head_dim/2) each, recomputed per call (cheap, no buffer)
+            rope = rope_tables(t, self.config.n_embd // self.config.n_head, self.config.rope_base, idx.device)
+        x = self.transformer.drop(x)
         k = self.config.checkpointing
         recompute = k > 0 and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if recompute and i % k == 0:
-                x = checkpoint(block, x, use_reentrant=False)
+                extra = {"context_fn": sac_context_fn} if self.config.checkpointing_policy == "selective" else {}
+                x = checkpoint(block, x, rope, use_reentrant=False, **extra)
             else:
-                x = block(x)
+                x = block(x, rope)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """With targets: the mean loss only (the logits are never handed back, so they cannot be
         kept alive through backward). Without: the logits of every position."""
         x = self.hidden(idx)
+        cap = self.config.logit_softcap
         if targets is None:
-            return self.lm_head(x)
-        if self.config.loss_impl == "chunked":
-            return chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight,
-                                         targets.reshape(-1), self.config.ce_chunk_size)
-        logits = self.lm_head(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return softcap(self.lm_head(x), cap)
+        return lm_loss(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                       impl=self.config.loss_impl, chunk_size=self.config.ce_chunk_size, cap=cap)
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context to `block_size` positions by keeping the first rows of wpe, as
@@ -263,7 +175,8 @@ class GPT(nn.Module):
         if not 1 <= block_size <= self.config.block_size:
             raise ValueError(f"block_size can only shrink: {block_size} is not in 1..{self.config.block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        if "wpe" in self.transformer:  # RoPE has no table to cut
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -1,0 +1,177 @@
+"""The estimate's terms for the model options of today's small GPTs (trainer/model/layers.py, gpt.py,
+ce.py; issue 16): which parameters exist, what optimizer state each carries, and what one
+transformer block keeps for backward, per option. autofit/planning/estimate.py adds them up by
+phase; every option at GPT-2's value gives nanoGPT's figures exactly, so GPT-2 rows are unchanged.
+
+Counted from the code (which op saves which tensor), then checked against the budgeted CPU device
+with the rows of scripts/bench_estimate.py that vary one option at a time (docs/estimator.md).
+"""
+from __future__ import annotations
+
+
+def head_dim(shape) -> int:
+    return shape.n_embd // shape.n_head
+
+
+def kv_heads(shape) -> int:
+    return shape.n_kv_head or shape.n_head
+
+
+def mlp_hidden(shape) -> int:
+    """The MLP's hidden width, as trainer.model.layers.mlp_hidden (4C; SwiGLU: 8C/3 rounded up to 64)."""
+    C = shape.n_embd
+    return 4 * C if shape.mlp != "swiglu" else -(-(8 * C // 3) // 64) * 64
+
+
+def param_entries(shape) -> list[tuple[int, str]]:
+    """(numel, kind) of every parameter in GPT.parameters() order: kind 'wte', 'wpe', 'block_matrix',
+    'block_vector', 'ln_f' or 'head' (the untied lm_head; a tied one is wte, counted once)."""
+    C, b = shape.n_embd, shape.bias
+    out = [(shape.vocab_size * C, "wte")]
+    if shape.pos_emb == "learned":
+        out.append((shape.block_size * C, "wpe"))
+    norm = [] if shape.norm == "rmsnorm" else [(C, "block_vector")] * (2 if b else 1)
+
+    def linear(rows: int, cols: int) -> list[tuple[int, str]]:
+        return [(rows * cols, "block_matrix")] + ([(rows, "block_vector")] if b else [])
+
+    qkv_rows = (shape.n_head + 2 * kv_heads(shape)) * head_dim(shape)
+    h = mlp_hidden(shape)
+    fc_rows = 2 * h if shape.mlp == "swiglu" else h
+    for _ in range(shape.n_layer):
+        out += norm + linear(qkv_rows, C) + linear(C, C) + norm + linear(fc_rows, C) + linear(C, h)
+    out += [(n, "ln_f") for n, _ in norm]
+    if not shape.tie_embeddings:
+        out.append((shape.vocab_size * C, "head"))
+    return out
+
+
+def muon_param(kind: str, shape) -> bool:
+    """Whether trainer.step.make_optimizer gives this parameter to Muon (the blocks' matrices)."""
+    return shape.optimizer == "muon" and kind == "block_matrix"
+
+
+def optimizer_state_bytes(shape, unit) -> int:
+    """AdamW: exp_avg and exp_avg_sq (2 x 4 B per parameter); Muon: one fp32 momentum buffer per
+    matrix (4 B per parameter; torch.optim.Muon's 'momentum_buffer'). `unit(n)`: bytes of an fp32
+    tensor of n elements on the device (rounded on CUDA)."""
+    return sum((1 if muon_param(k, shape) else 2) * unit(n) for n, k in param_entries(shape))
+
+
+def muon_step_temporaries(shape) -> int:
+    """Peak bytes of torch.optim.Muon's for-loop step (torch/optim/_muon.py, _single_tensor_muon):
+    per matrix r x c the Nesterov update grad.lerp(buf) (fp32), its bf16 copy and the next
+    Newton-Schulz iterate (2 x bf16), and the m x m Gram matrix and its update (2 x bf16,
+    m = min(r, c)). 0 without Muon."""
+    if shape.optimizer != "muon":
+        return 0
+    C, h, qkv = shape.n_embd, mlp_hidden(shape), (shape.n_head + 2 * kv_heads(shape)) * head_dim(shape)
+    fc = 2 * h if shape.mlp == "swiglu" else h
+    mats = [(qkv, C), (C, C), (fc, C), (C, h)]
+    return max(4 * r * c + 2 * 2 * r * c + 2 * 2 * min(r, c) ** 2 for r, c in mats)
+
+
+def block_saved_elements(shape) -> tuple[int, int]:
+    """(elements per token that one block keeps for backward, of them the fp32 residual-stream ones),
+    counted from trainer/model/layers.py: the block input (norm's input), ln_1's output, c_attn's
+    output (q, k, v: C + 2 KV hd), RoPE's rotated q and k and QK-norm's normed q and k (C + KV hd
+    each, new tensors SDPA saves), SDPA's output, the residual x + attn, ln_2's output, and the
+    MLP: GELU and ReLU^2 keep 2 hidden-wide tensors (activation input or output, c_proj's input),
+    SwiGLU 4 (c_fc's 2-wide output, silu's output, the product). GPT-2: 16 C. Checked per option with
+    saved-tensor hooks and the budgeted CPU device (docs/estimator.md)."""
+    C, kvd = shape.n_embd, kv_heads(shape) * head_dim(shape)
+    h = mlp_hidden(shape)
+    qk = C + kvd
+    rope, qkn = shape.pos_emb == "rope", shape.qk_norm
+    attn = C + (C + 2 * kvd) + (qk if rope else 0) + (qk if qkn else 0) + C
+    if rope or qkn:  # q is then contiguous in (B, H, T, hd): SDPA's output too, so c_proj's input is a copy
+        attn += C
+    if kvd < C:  # grouped: the CPU's SDPA repeats K and V to n_head heads and saves the repeats
+        attn += 2 * C if not (rope or qkn) else kvd  # (with RoPE: fitted on the CPU device)
+    mlp = 4 * h if shape.mlp == "swiglu" else 2 * h
+    return C + attn + C + C + mlp, 2 * C
+
+
+def block_stats_bytes(shape, B: int) -> int:
+    """Bytes of one block's small saved statistics, micro-batch B: LayerNorm's mean and rstd (2 x
+    N fp32 each norm) or RMSNorm's rstd (N), QK-norm's rstd per head of q and k, SDPA's log-sum-exp
+    (B x H x T fp32)."""
+    N, T = B * shape.block_size, shape.block_size
+    per_norm = 2 * N * 4 if shape.norm == "layernorm" else N * 4
+    qk = (shape.n_head + kv_heads(shape)) * N * 4 if shape.qk_norm else 0
+    return 2 * per_norm + qk + 4 * B * shape.n_head * T
+
+
+def block_linear_params(shape) -> int:
+    """Elements of one block's Linear weights and biases (autocast's 16-bit copies of them)."""
+    C, h = shape.n_embd, mlp_hidden(shape)
+    qkv = (shape.n_head + 2 * kv_heads(shape)) * head_dim(shape)
+    fc = 2 * h if shape.mlp == "swiglu" else h
+    n = qkv * C + C * C + fc * C + C * h
+    return n + ((qkv + C + fc + C) if shape.bias else 0)
+
+
+def softcap_head_extra(shape, N: int, amp: bool) -> tuple[int, int]:
+    """(forward, backward start) bytes the standard loss adds with a logit soft-cap, N tokens:
+    tanh keeps its output (N x V) for backward, and the capped logits are a second N x V
+    buffer only until cross_entropy's log-softmax is made (measured: one N x V buffer more in both
+    phases on the budgeted CPU device)."""
+    if shape.logit_softcap <= 0:
+        return 0, 0
+    nv = N * shape.vocab_size * (2 if amp else 4)
+    return nv, nv
+
+
+def chunked_softcap_extra(shape, ce_chunk_size: int, N: int) -> int:
+    """Bytes the soft-cap adds to trainer.model.ce's chunked loss: the chunk's fp32 slope
+    1 - tanh^2 (n x V, n = min(chunk, N)); the tanh and the cap run in place on the chunk's logits."""
+    return 4 * min(ce_chunk_size, N) * shape.vocab_size if shape.logit_softcap > 0 else 0
+
+
+def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int,
+                   amp: bool = False) -> list[tuple[str, int, int]]:
+    """(phase, activations, loss-head bytes) of torch's chunked F.linear_cross_entropy (torch >= 2.13,
+    trainer.model.ce.torch_linear_cross_entropy): it computes grad_x (N x C) and grad_w (V x C) in
+    the forward and hands them back in an in-place backward, so those two fp32 buffers are what
+    the budgeted CPU device measures (the chunk's logits are made inside the one op, where its
+    dispatch-mode tracker does not see them). On CUDA the caching allocator does see them: one
+    chunk's fp32 logits, turned into their gradient in place as trainer.model.ce's own chunking
+    does, are added there (assumed, not calibrated: no GPU ran)."""
+    keep = 4 * N * C + 4 * V * C
+    chunk = 4 * min(ce_chunk_size, N) * V if cuda else 0
+    # backward: the grads and their fp32 results; under autocast grad_x is handed back in 16 bits
+    # and cast (measured on the budgeted CPU device: 2 bytes per N x C element, not 8)
+    back = (2 * N * C + 8 * V * C) if amp else 2 * keep
+    return [("forward (loss)", blk.saved + blk.ln_f + 4 * N * C, keep + chunk),
+            ("backward start (loss)", blk.saved + blk.ln_f, back)]
+
+
+def sac_saved_bytes(shape, B: int, amp: bool) -> int:
+    """What selective checkpointing (trainer/model/layers.py SAC_SAVED_OPS) keeps of a checkpointed
+    block beyond its input, micro-batch B: the outputs of its four matmuls (c_attn: C + 2 KV hd,
+    attention c_proj: C, c_fc: hidden or 2 x hidden, MLP c_proj: C) and SDPA's output and
+    log-sum-exp; 16-bit under autocast, where the matmuls run."""
+    N, C, h = B * shape.block_size, shape.n_embd, mlp_hidden(shape)
+    kvd = kv_heads(shape) * head_dim(shape)
+    fc = 2 * h if shape.mlp == "swiglu" else h
+    elems = (C + 2 * kvd) + C + C + fc + C
+    return (2 if amp else 4) * N * elems + 4 * B * shape.n_head * shape.block_size
+
+
+def optimizer_cpu_temporaries(shape) -> int:
+    """Peak bytes of the optimizer step's temporaries on the CPU (`shape`: an estimate.ModelShape),
+    the for-loop AdamW's (the CPU default: no foreach, no fused) and Muon's.
+
+    Per parameter it computes denom = exp_avg_sq.sqrt() / c, a temporary and the result (2 x the
+    parameter), while the previous parameter's denom is still bound to the loop variable.
+    The loop runs per param group: nanoGPT's groups are matrices (decay) then vectors; with Muon
+    the blocks' matrices are Muon's (muon_step_temporaries), stepped first."""
+    shapes = [(n, kind not in ("block_vector", "ln_f")) for n, kind in param_entries(shape)
+              if not muon_param(kind, shape)]
+    peak = muon_step_temporaries(shape)
+    for group in ([n for n, m in shapes if m], [n for n, m in shapes if not m]):
+        prev = 0
+        for n in group:
+            peak = max(peak, 4 * (2 * n + prev))
+            prev = n
+    return peak

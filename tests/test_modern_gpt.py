@@ -1,0 +1,346 @@
+"""Today's small-GPT options (RoPE, RMSNorm, QK-norm, ReLU^2/SwiGLU, GQA, untied embeddings, logit
+soft-cap, Muon): each checked against an independent reference that a wrong implementation fails,
+and the configs and checkpoints that carry them."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.config.train_config import ConfigError, TrainConfig, config_summary, load_config
+from trainer.model import ce
+from trainer.model.gpt import GPT, GPTConfig, model_args_of
+from trainer.model.layers import CausalSelfAttention, MLP, apply_rope, mlp_hidden, rope_tables
+from trainer.step import MuonAdamW, make_optimizer, train_step
+
+TINY = dict(block_size=16, vocab_size=61, n_layer=2, n_head=4, n_embd=32)
+MODERN = dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", n_kv_head=2,
+              tie_embeddings=False, logit_softcap=15.0)
+
+
+def gpt(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY, **kw}))
+
+
+def batch(n=4, seed=1, ignore=False):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(0, 61, (n, 16), generator=g), torch.randint(0, 61, (n, 16), generator=g)
+    if ignore:
+        y[0, :5] = -1
+    return x, y
+
+
+def reference_rope(x, base):
+    """RoPE as a complex rotation: channel pair (i, i + D/2) is the number x_i + j x_{i+D/2},
+    multiplied by exp(-j t base^(-2i/D)) at position t (RoFormer, eq. 34, nanochat's pairing)."""
+    B, H, T, D = x.shape
+    z = torch.complex(x[..., :D // 2].double(), x[..., D // 2:].double())
+    theta = torch.tensor([[t * base ** (-2 * i / D) for i in range(D // 2)] for t in range(T)], dtype=torch.float64)
+    r = z * torch.polar(torch.ones_like(theta), -theta)
+    return torch.cat([r.real, r.imag], dim=-1).float()
+
+
+def test_rope_is_the_reference_rotation_and_depends_on_relative_position_only():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 8)
+    cos, sin = rope_tables(10, 8, 500.0, "cpu")
+    torch.testing.assert_close(apply_rope(x, cos, sin), reference_rope(x, 500.0), rtol=1e-5, atol=1e-5)
+    # q at position p against k at position p': the score depends on p - p' only
+    q, k = torch.randn(8), torch.randn(8)
+    qs = apply_rope(q.expand(1, 1, 10, 8), cos, sin)[0, 0]
+    ks = apply_rope(k.expand(1, 1, 10, 8), cos, sin)[0, 0]
+    assert torch.allclose(qs[5] @ ks[2], qs[7] @ ks[4], atol=1e-5)
+    assert not torch.allclose(qs[5] @ ks[2], qs[5] @ ks[4], atol=1e-3)
+
+
+def reference_attention(m: CausalSelfAttention, x, rope_base=None, qk_norm=False):
+    """Separate q/k/v from c_attn's rows, each K/V head repeated for its query heads, RoPE as a
+    complex rotation, QK-norm as x / rms(x), softmax attention written out with a causal mask."""
+    B, T, C = x.shape
+    H, KV, D = m.n_head, m.n_kv_head, m.head_dim
+    wq, wk, wv = m.c_attn.weight.split([H * D, KV * D, KV * D])
+    q = (x @ wq.t()).view(B, T, H, D).transpose(1, 2)
+    k = (x @ wk.t()).view(B, T, KV, D).transpose(1, 2).repeat_interleave(H // KV, dim=1)
+    v = (x @ wv.t()).view(B, T, KV, D).transpose(1, 2).repeat_interleave(H // KV, dim=1)
+    if rope_base:
+        q, k = reference_rope(q, rope_base), reference_rope(k, rope_base)
+    if qk_norm:
+        eps = torch.finfo(torch.float32).eps
+        q = q / (q.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        k = k / (k.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+    y = (att @ v).transpose(1, 2).reshape(B, T, C)
+    return y @ m.c_proj.weight.t()
+
+
+@pytest.mark.parametrize("n_kv_head,rope,qk_norm", [(4, False, False), (2, False, False), (1, True, False),
+                                                    (2, True, True), (4, False, True)])
+def test_attention_equals_repeated_kv_reference(n_kv_head, rope, qk_norm):
+    cfg = GPTConfig(**{**TINY, "n_kv_head": n_kv_head, "qk_norm": qk_norm})
+    torch.manual_seed(0)
+    m = CausalSelfAttention(cfg)
+    assert m.c_attn.weight.shape == ((4 + 2 * n_kv_head) * 8, 32)  # GQA shrinks K and V's rows
+    x = torch.randn(2, 12, 32)
+    tables = rope_tables(12, 8, 10000.0, "cpu") if rope else None
+    torch.testing.assert_close(m(x, tables), reference_attention(m, x, 10000.0 if rope else None, qk_norm),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "relu2", "swiglu"])
+def test_mlp_activations(kind):
+    cfg = GPTConfig(**{**TINY, "mlp": kind})
+    torch.manual_seed(0)
+    m = MLP(cfg)
+    x = torch.randn(3, 32)
+    h = x @ m.c_fc.weight.t()
+    if kind == "relu2":
+        h = torch.clamp(h, min=0) ** 2
+    elif kind == "swiglu":
+        hid = mlp_hidden(32, "swiglu")
+        assert h.shape[-1] == 2 * hid and hid % 64 == 0 and hid >= 8 * 32 // 3
+        h = h[:, :hid] * torch.sigmoid(h[:, :hid]) * h[:, hid:]
+    else:
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    torch.testing.assert_close(m(x), h @ m.c_proj.weight.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_is_parameter_free_and_untied_head_is_its_own_matrix():
+    m = gpt(norm="rmsnorm", pos_emb="rope", tie_embeddings=False)
+    names = set(dict(m.named_parameters()))
+    assert not any(".ln_" in n or "ln_f" in n for n in names) and "transformer.wpe.weight" not in names
+    assert m.lm_head.weight.data_ptr() != m.transformer.wte.weight.data_ptr()
+    assert sum(p.numel() for p in m.parameters()) == 2 * 61 * 32 + 2 * (32 * 96 + 32 * 32 + 2 * 32 * 128)
+    x = torch.randn(2, 5, 32) * 3
+    torch.testing.assert_close(m.transformer.ln_f(x), x / (x.pow(2).mean(-1, keepdim=True)
+                                                           + torch.finfo(torch.float32).eps).sqrt())
+    # an untied model made empty (for loading weights) stays untied; a tied one stays tied
+    assert GPT.empty(m.config).lm_head.weight.data_ptr() != GPT.empty(m.config).transformer.wte.weight.data_ptr()
+    tied = GPT.empty(GPTConfig(**TINY))
+    assert tied.lm_head.weight.data_ptr() == tied.transformer.wte.weight.data_ptr()
+
+
+def reference_loss(x, w, t, cap):
+    logits = (x.double() @ w.double().t())
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return F.cross_entropy(logits, t, ignore_index=-1)
+
+
+@pytest.mark.parametrize("cap", [0.0, 15.0, 2.0])
+@pytest.mark.parametrize("impl", ["standard", "chunked", "fallback"])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_every_loss_path_equals_the_fp64_reference(cap, impl, ignore, monkeypatch):
+    if impl == "fallback":  # a torch without F.linear_cross_entropy: the hand-written chunking
+        monkeypatch.setattr(ce, "HAS_TORCH_LCE", False)
+    torch.manual_seed(0)
+    x = (torch.randn(45, 16) * 2).requires_grad_()
+    w = torch.randn(70, 16, requires_grad=True)
+    t = torch.randint(0, 70, (45,))
+    if ignore:
+        t[3:9] = -1
+    loss = ce.lm_loss(x, w, t, impl="chunked" if impl != "standard" else "standard", chunk_size=7, cap=cap)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference_loss(xr, wr, t, cap)
+    rx, rw = torch.autograd.grad(ref, (xr, wr))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), rx, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_path_names_what_runs(monkeypatch):
+    assert "linear_cross_entropy" in ce.chunked_path(0.0) and "soft-cap 15" in ce.chunked_path(15.0)
+    monkeypatch.setattr(ce, "HAS_TORCH_LCE", False)
+    assert ce.chunked_path(0.0) == "autofit's chunked CE"
+
+
+def test_softcapped_chunked_loss_never_holds_full_logits():
+    """Neither the N x V logits nor their fp32 copy are saved for backward: only grad_x, grad_w."""
+    m = gpt(**MODERN, loss_impl="chunked", ce_chunk_size=8)
+    x, y = batch(4)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        m(x, y)
+    assert not [s for s in saved if len(s) and s[-1] == 61 and s.numel() > 8 * 61]
+
+
+@pytest.mark.parametrize("kw", [MODERN, dict(mlp="swiglu", n_kv_head=1, pos_emb="rope"),
+                                dict(norm="rmsnorm", logit_softcap=5.0)])
+def test_model_loss_and_grads_equal_across_loss_impls(kw):
+    grads = {}
+    for impl in ("standard", "chunked"):
+        m = gpt(**kw, loss_impl=impl, ce_chunk_size=5)
+        x, y = batch(3, ignore=True)
+        loss = m(x, y)
+        loss.backward()
+        grads[impl] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
+    torch.testing.assert_close(grads["chunked"][0], grads["standard"][0], rtol=1e-5, atol=1e-6)
+    for n, g in grads["standard"][1].items():
+        torch.testing.assert_close(grads["chunked"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
+def test_muon_updates_block_matrices_as_torch_muon_and_the_rest_with_adamw():
+    m = gpt(**MODERN)
+    opt = make_optimizer(m, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu",
+                         optimizer="muon", muon_lr=0.05)
+    assert isinstance(opt, MuonAdamW)
+    muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    named = dict(m.named_parameters())
+    assert {n for n, p in named.items() if id(p) in muon_ids} == \
+        {n for n, p in named.items() if n.startswith("transformer.h.") and p.dim() == 2}
+    w = m.transformer.h[0].attn.c_attn.weight
+    ref_w = torch.nn.Parameter(w.detach().clone())
+    ref = torch.optim.Muon([ref_w], lr=0.05 * 0.5, weight_decay=0.1, momentum=0.95, nesterov=True)
+    head_before = m.lm_head.weight.detach().clone()
+    x, y = batch(2)
+    for _ in range(2):
+        for g in opt.param_groups:  # what the training loop does with the schedule's lr (half here)
+            g["lr"] = 1e-3 * 0.5 * g.get("lr_scale", 1.0)
+        m.zero_grad()
+        m(x, y).backward()
+        ref_w.grad = w.grad.clone()
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(w.detach(), ref_w.detach(), rtol=1e-5, atol=1e-6)
+    assert set(opt.state[w]) == {"momentum_buffer"}  # one state buffer per matrix
+    assert {"exp_avg", "exp_avg_sq"} <= set(opt.state[m.lm_head.weight])
+    assert not torch.equal(m.lm_head.weight, head_before)
+    # state dict round trip: a fresh optimizer continues with the same momentum
+    opt2 = make_optimizer(gpt(**MODERN), learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                          device_type="cpu", optimizer="muon", muon_lr=0.05)
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(list(opt2.muon.state.values())[0]["momentum_buffer"], opt.state[w]["momentum_buffer"])
+    with pytest.raises(ValueError, match="Muon"):
+        opt2.load_state_dict(torch.optim.AdamW(m.parameters()).state_dict())
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
+def test_modern_model_trains_with_muon():
+    m = gpt(**MODERN)
+    opt = make_optimizer(m, learning_rate=3e-3, weight_decay=0.0, betas=(0.9, 0.95), device_type="cpu",
+                         optimizer="muon", muon_lr=0.02)
+    x, y = batch(4)
+    losses = [train_step(m, opt, x, y, [2, 2]).loss for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.3
+
+
+def one_line(**kw):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_invalid_combinations_are_one_line(monkeypatch):
+    assert "n_kv_head (3) must divide n_head (4)" in one_line(n_head=4, n_embd=32, n_kv_head=3)
+    assert "n_kv_head (8) must divide" in one_line(n_head=4, n_embd=32, n_kv_head=8)
+    assert "must be even" in one_line(n_head=4, n_embd=36, pos_emb="rope")
+    assert "init_from 'gpt2'" in one_line(init_from="gpt2", norm="rmsnorm")
+    assert "fsdp2" in one_line(optimizer="muon", parallelism="fsdp2")
+    assert "logit_softcap" in one_line(logit_softcap=-1.0)
+    assert "mlp" in one_line(mlp="geglu")
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    assert "needs torch.optim.Muon" in one_line(optimizer="muon")
+
+
+def test_options_from_toml_py_and_set(tmp_path):
+    (tmp_path / "m.toml").write_text('pos_emb = "rope"\nn_kv_head = 2\nn_head = 4\nn_embd = 32\nlogit_softcap = 15\n'
+                                     'dataset = "embedded"\n')
+    (tmp_path / "m.py").write_text("pos_emb = 'rope'\nn_kv_head = 2\nn_head = 4\nn_embd = 32\nmlp = 'swiglu'\n"
+                                   "tie_embeddings = False\ndataset = 'embedded'\n")
+    a = load_config(config_file=tmp_path / "m.toml")
+    b = load_config(config_file=tmp_path / "m.py")
+    c = load_config(overrides=["pos_emb=rope", "n_kv_head=2", "n_head=4", "n_embd=32", "qk_norm=true",
+                               "tie_embeddings=False", "optimizer=muon", "dataset=embedded"])
+    assert (a.pos_emb, a.n_kv_head, a.logit_softcap) == ("rope", 2, 15.0)
+    assert (b.mlp, b.tie_embeddings) == ("swiglu", False)
+    assert (c.qk_norm, c.tie_embeddings, c.optimizer) == (True, False, "muon")
+    assert "n_kv_head" not in config_summary(TrainConfig()) and config_summary(c)["n_kv_head"] == 2
+
+
+def test_nanochat_preset_fixes_its_vocabulary():
+    cfg = load_config(preset="nanochat-d12")
+    assert (cfg.vocab_size, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size) == (32768, 6, 128, 2048)
+    assert cfg.tokens_per_step == 2 ** 19 and cfg.optimizer == "muon" and cfg.logit_softcap == 15.0
+
+
+def test_model_args_carry_the_options_and_gpt2_keeps_nanogpts_seven():
+    assert set(model_args_of(TrainConfig())) == {"n_layer", "n_head", "n_embd", "block_size", "bias",
+                                                 "vocab_size", "dropout"}
+    args = model_args_of(TrainConfig(**TINY, **MODERN))
+    assert {k: args[k] for k in MODERN} == MODERN
+    m = GPT(GPTConfig(**args))  # sample.py and the checkpoint readers rebuild the model from these
+    assert set(m.state_dict()) == set(gpt(**MODERN).state_dict())
+    # a nanoGPT checkpoint's seven args build GPT-2 (learned positions, tied)
+    nano = GPT(GPTConfig(**model_args_of(TrainConfig(**TINY))))
+    assert "transformer.wpe.weight" in nano.state_dict() and nano.config.tie_embeddings
+
+
+class _CountMM(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matmul calls (aten.mm / addmm / bmm) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [{}, MODERN])
+def test_selective_checkpointing_saves_matmuls_and_recomputes_the_rest(kw):
+    from autofit.devices.cpu_budget import BudgetedCpuDevice
+    x, y = batch(4)
+    runs = {}
+    for name, ck, policy in [("none", 0, "full"), ("full", 1, "full"), ("selective", 1, "selective")]:
+        m = gpt(**kw, checkpointing=ck, checkpointing_policy=policy)
+        dev = BudgetedCpuDevice(budget_bytes=1 << 40)
+        with dev.tracking():
+            loss = m(x, y)
+            saved = dev.current_bytes()  # what the forward keeps for backward (and the loss)
+        counter = _CountMM()
+        with counter:
+            loss.backward()
+        runs[name] = (loss.detach(), {n: p.grad for n, p in m.named_parameters()}, saved, counter.n)
+    for name in ("full", "selective"):  # the same loss and gradients as without checkpointing
+        torch.testing.assert_close(runs[name][0], runs["none"][0])
+        for n, g in runs["none"][1].items():
+            torch.testing.assert_close(runs[name][1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+    # memory between none and full; no matmul recomputed by the selective policy, some by full
+    assert runs["full"][2] < runs["selective"][2] < runs["none"][2]
+    assert runs["selective"][3] == runs["none"][3] < runs["full"][3]
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
+def test_nanogpt_style_ckpt_of_a_modern_model_reads_back(tmp_path):
+    """sample and the nanoGPT-layout reader rebuild the model from the ckpt.pt's model_args (with
+    the options) and accept Muon + AdamW's optimizer state."""
+    from trainer.checkpoint.nanogpt import nanogpt_keys, read_nanogpt_checkpoint
+    cfg = TrainConfig(**TINY, **MODERN, optimizer="muon")
+    m = gpt(**MODERN)
+    opt = make_optimizer(m, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu",
+                         optimizer="muon")
+    x, y = batch(2)
+    train_step(m, opt, x, y, [2])
+    torch.save(nanogpt_keys(m, opt, cfg, 1, 2.0, {"dataset": "embedded"}), tmp_path / "ckpt.pt")
+    ck = read_nanogpt_checkpoint(tmp_path / "ckpt.pt")
+    assert {k: ck.model_args[k] for k in MODERN} == MODERN
+    m2 = GPT(GPTConfig(**ck.model_args))
+    m2.load_state_dict(ck.model, strict=True)
+    torch.testing.assert_close(m2(x), m(x))
+
+
+def test_plan_words_name_the_model_options():
+    from autofit.report.render import model_words
+    assert model_words(TrainConfig()).startswith("GPT-2 (learned positions")
+    words = model_words(load_config(preset="nanochat-d12", overrides=["n_kv_head=2"]))
+    for w in ("rope (base 100000)", "rmsnorm", "qk-norm", "relu2 MLP", "2 of 6 heads for K/V (GQA)",
+              "untied embeddings", "soft-capped at 15", "Muon"):
+        assert w in words, w
