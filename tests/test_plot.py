@@ -45,7 +45,7 @@ def test_estimated_probe_draws_a_line_per_lever_combination(estimated):
     assert sum("estimated (closed form)" in l for l in labels) == len(combos)
     assert not any("measured on" in l for l in labels)  # nothing was run: no measured points
     assert any(l.startswith("budget 10.29 GiB") for l in labels)
-    assert any(l.startswith("plan: micro-batch 27, chunked loss (estimated peak") for l in labels)
+    assert any(l.startswith("plan: micro-batch 31, chunked loss (estimated peak") for l in labels)
     budget_line = ax.lines[-1]
     assert budget_line.get_ydata()[0] == pytest.approx(res.budget.budget_bytes / 2**30)
 
