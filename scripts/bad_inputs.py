@@ -704,19 +704,11 @@ def run_row(row: Row, python: str, timeout: float) -> Result:
                 if folder.is_dir():
                     folder.chmod(0o755)
         lines = proc.stderr.strip().splitlines()
-        problems = []
         if row.ok:  # must be accepted: exit 0 and no traceback; what it says on stderr is its own
             problems = [f"exit {proc.returncode}"] if proc.returncode != 0 else []
-            if "Traceback" in proc.stderr or "Traceback" in (proc.stdout or ""):
-                problems.append("traceback")
-            if row.check is not None and (bad := row.check(t)):
-                problems.append(bad)
-            return Result(row, proc.returncode, lines[-1] if lines else "(no stderr)", problems,
-                          time.monotonic() - start)
-        if proc.returncode == 0:
-            problems.append("exit 0")
-        if len(lines) != 1:
-            problems.append(f"{len(lines)} lines on stderr")
+        else:  # must be refused: a non-zero exit and exactly one line on stderr
+            problems = (["exit 0"] if proc.returncode == 0 else []) + \
+                ([f"{len(lines)} lines on stderr"] if len(lines) != 1 else [])
         if "Traceback" in proc.stderr or "Traceback" in (proc.stdout or ""):
             problems.append("traceback")
         if row.check is not None and (bad := row.check(t)):
