@@ -123,6 +123,9 @@ GRID = [
     Config(4, 2, 128, 64, 2048, 4, checkpointing=1, checkpointing_policy="selective", loss_impl="chunked",
            ce_chunk_size=128, pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
            logit_softcap=15.0, optimizer="muon"),
+    # soft-capped chunked loss with an uneven last chunk (320 rows in chunks of 192), fp32 and bf16
+    Config(2, 2, 64, 64, 2048, 5, logit_softcap=15.0, loss_impl="chunked", ce_chunk_size=192),
+    Config(2, 2, 64, 64, 2048, 5, dtype="bfloat16", logit_softcap=15.0, loss_impl="chunked", ce_chunk_size=192),
 ]
 QUICK = GRID[:1] + GRID[9:12] + GRID[16:17]
 

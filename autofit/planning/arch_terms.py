@@ -122,12 +122,6 @@ def softcap_head_extra(shape, N: int, amp: bool) -> tuple[int, int]:
     return nv, nv
 
 
-def chunked_softcap_extra(shape, ce_chunk_size: int, N: int) -> int:
-    """Bytes the soft-cap adds to trainer.model.ce's chunked loss: the chunk's fp32 slope
-    1 - tanh^2 (n x V, n = min(chunk, N)); the tanh and the cap run in place on the chunk's logits."""
-    return 4 * min(ce_chunk_size, N) * shape.vocab_size if shape.logit_softcap > 0 else 0
-
-
 def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int,
                    amp: bool = False) -> list[tuple[str, int, int]]:
     """(phase, activations, loss-head bytes) of torch's chunked F.linear_cross_entropy (torch >= 2.13,

@@ -242,25 +242,27 @@ def _standard_head(N: int, C: int, V: int, amp: bool, blk: _Blocks) -> list[tupl
             ("backward start (loss)", blocks + blk.ln_f, head_in + 12 * NV)]
 
 
-def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size: int) -> list[tuple[str, int, int]]:
-    """(phase, activations, loss-head bytes) of _ChunkedLinearCrossEntropy: grad_x (N x C, fp32)
-    and grad_w (V x C, fp32) for the whole batch, plus one chunk's logits; the previous chunk's
-    gradient is still bound to `g` when the next chunk's logits are made."""
+def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size: int,
+                  capped: bool) -> list[tuple[str, int, int]]:
+    """(phase, activations, loss-head bytes) of trainer.model.ce._ChunkedLinearCrossEntropy:
+    grad_x (N x C, fp32) and grad_w (V x C, fp32) for the whole batch, plus the largest moment of
+    any one chunk, walked chunk by chunk as the loop runs them (the last chunk is usually
+    smaller). In each chunk the previous chunk's gradient is still bound to `g` while the new
+    logits are made (and, under a soft-cap, the new slope 1 - tanh^2), and until `g` is rebound."""
     VC, blocks = V * C, blk.saved
-    chunks = [min(ce_chunk_size, N - s) for s in range(0, N, ce_chunk_size)] or [0]
-    pairs = max(chunks[0], max((a + b for a, b in zip(chunks, chunks[1:])), default=0))
-    n = chunks[0]
     keep = 4 * N * C + 4 * VC  # grad_x, grad_w
-    if amp:
-        w = 2 * VC  # the 16-bit copy of the weight
-        prev_g = 2 * (pairs - n) * V
-        work = max(prev_g + 6 * n * V + 2 * n * C,  # 16-bit logits and their fp32 upcast
-                   6 * n * V + 2 * n * C,  # fp32 probs and their 16-bit copy
-                   2 * n * V + 2 * n * C + 6 * VC)  # g.t() @ xc (16-bit) and its fp32 upcast
-        head_fwd = w + keep + work
-    else:
-        work = max(4 * pairs * V, 4 * n * V + 4 * n * C, 4 * n * V + 4 * VC)
-        head_fwd = keep + work
+    work, prev = 0, 0
+    for s in range(0, N, ce_chunk_size):
+        n = min(ce_chunk_size, N - s)
+        slope = 4 * n * V if capped else 0  # fp32, alive from the cap until g is made
+        if amp:  # xc (16-bit) throughout; the previous g is 16-bit
+            moments = (2 * prev * V + 2 * n * C + max(6 * n * V, 4 * n * V + slope),  # 16-bit logits -> fp32, slope
+                       2 * prev * V + 2 * n * C + 4 * n * V + slope + 2 * n * V,  # probs -> the new 16-bit g
+                       2 * n * V + 2 * n * C + 6 * VC)  # g.t() @ xc (16-bit) and its fp32 upcast
+        else:  # g is the probs themselves (the .to() is a no-op)
+            moments = (4 * (prev + n) * V + slope, 4 * n * V + 4 * n * C, 4 * n * V + 4 * VC)
+        work, prev = max(work, *moments), n
+    head_fwd = (2 * VC if amp else 0) + keep + work  # amp: the 16-bit copy of the weight
     # backward: the saved grads and their scaled copies
     return [("forward (loss)", blocks + blk.ln_f + 4 * N * C, head_fwd),
             ("backward start (loss)", blocks + blk.ln_f, 2 * keep)]
@@ -276,7 +278,7 @@ def _head(shape: ModelShape, N: int, amp: bool, blk: _Blocks, loss_impl: str, cu
     elif shape.logit_softcap == 0 and HAS_TORCH_LCE:
         head, extra = arch.torch_lce_head(N, C, V, blk, cuda, ce_chunk_size, amp), (0, 0)
     else:
-        head, extra = _chunked_head(N, C, V, amp, blk, ce_chunk_size), (arch.chunked_softcap_extra(shape, ce_chunk_size, N), 0)
+        head, extra = _chunked_head(N, C, V, amp, blk, ce_chunk_size, shape.logit_softcap > 0), (0, 0)
     return [(name, acts, b + e) for (name, acts, b), e in zip(head, extra)]
 
 
