@@ -135,7 +135,7 @@ def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int,
     chunk = 4 * min(ce_chunk_size, N) * V if cuda else 0
     # backward: the grads and their fp32 results; under autocast grad_x is handed back in 16 bits
     # and cast (measured on the budgeted CPU device: 2 bytes per N x C element, not 8)
-    back = (2 * N * C + 8 * V * C) if amp else 2 * keep
+    back = (2 * N * C + 6 * V * C) if amp else 2 * keep
     return [("forward (loss)", blk.saved + blk.ln_f + 4 * N * C, keep + chunk),
             ("backward start (loss)", blk.saved + blk.ln_f, back)]
 
