@@ -754,6 +754,9 @@ ROWS: list[Row] = [
         env={"PYTHONPATH": "inject", "BAD_INPUTS_SIGNAL": "TERM:train_000002.bin"}),
     Row("19: data prepare fineweb-edu run again after a SIGTERM continues", FINEWEB, stopped_before("TERM"), continued,
         env={"PYTHONPATH": "inject"}, ok=True),
+    # ---- issue 15: the probe's trial records, appended as each trial ends (AUTOFIT_TRIALS_JSONL)
+    Row("15: AUTOFIT_TRIALS_JSONL under a file", [*PROBE, "--json"], write("f", "x"), unchanged("f", "x"),
+        env={"AUTOFIT_TRIALS_JSONL": "f/trials.jsonl"}),
 ]
 
 # Rows whose fix is on another branch and has not landed here yet. Flip them as fixes merge.
