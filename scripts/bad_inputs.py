@@ -191,6 +191,35 @@ if os.environ.get("BAD_INPUTS_KILL_RANK") and os.environ.get("RANK") == os.envir
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=_kill_after_a_step, daemon=True).start()
+
+# BAD_INPUTS_SIGNAL=INT:train_000002.bin: once a file whose path holds 'train_000002.bin' is renamed
+# into place (the last step of an atomic write: a dataset shard is then whole), the process sends
+# itself SIGINT (TERM: SIGTERM), once, as a user's Ctrl-C or a scheduler's SIGTERM would.
+if os.environ.get("BAD_INPUTS_SIGNAL"):
+    import signal
+    _sig, _at = os.environ["BAD_INPUTS_SIGNAL"].split(":", 1)
+    _os_replace, _sent = os.replace, []
+
+    def _replace(src, dst, *args, **kwargs):
+        _os_replace(src, dst, *args, **kwargs)
+        if _at in os.fsdecode(dst) and not _sent:
+            _sent.append(1)
+            os.kill(os.getpid(), getattr(signal, "SIG" + _sig))
+    os.replace = _replace
+'''
+
+# inject/tiktoken.py: tiktoken's GPT-2 encoding is a download, which the sweep cannot make; its
+# stand-in encodes bytes as token ids, so `data prepare fineweb-edu` rows run offline.
+FAKE_TIKTOKEN = '''
+class _Bytes:
+    eot_token = 50256
+
+    def encode_ordinary(self, text):
+        return list(text.encode())
+
+
+def get_encoding(name):
+    return _Bytes()
 '''
 
 
@@ -315,6 +344,60 @@ PLAN_JSON_MB0 = ('{"mode": "measured", "micro_batch": 0, "grad_accum": 1, "micro
                  '"loss_impl": "standard", "budget_bytes": 67108864, "split": "16"}')
 RESUME = ["run", "--resume", "--out", "o", "--no-progress", "--max-steps", "2"]
 SAMPLE = ["sample", "--out", "o", "--num-samples", "1", "--max-new-tokens", "2"]
+
+
+# ---------------------------------------------------------------- set-ups of issue 19, stopping at boundaries
+
+FINEWEB = ["data", "prepare", "fineweb-edu", "--input", "rows.jsonl", "--shard-size", "64", "--out", "d", "--no-progress"]
+PARTIAL = "d/.prepare-fineweb.partial"
+
+
+def fineweb_rows(t: Path) -> None:
+    """inject/ (signals, the tiktoken stand-in) and rows.jsonl: 40 documents, about 10 shards of 64 tokens."""
+    inject(t)
+    write("inject/tiktoken.py", FAKE_TIKTOKEN)(t)
+    write("rows.jsonl", "".join('{"text": "%s%d"}\n' % ("doc " * (i % 3 + 1), i) for i in range(40)))(t)
+
+
+def shards_kept(count: int) -> Callable[[Path], str]:
+    """'' when the partial folder holds exactly shards 0..count-1 (whole: their llm.c headers
+    match their sizes), their sidecars and progress.json, and d/ no shard under a final name."""
+    def check(t: Path) -> str:
+        part = t / PARTIAL
+        if not part.is_dir():
+            return f"{PARTIAL} is missing"
+        want = {f"fineweb_{'val' if i == 0 else 'train'}_{i:06d}.bin" for i in range(count)}
+        have = {p.name for p in part.iterdir()}
+        problems = [f"{PARTIAL} holds {sorted(have)}"] if have != want | {n + ".max.json" for n in want} | {
+            "progress.json"} else []
+        for name in sorted(want & have):
+            n = struct.unpack("<3i", (part / name).read_bytes()[:12])[2]
+            if (part / name).stat().st_size != 1024 + 2 * n:
+                problems.append(f"{name} is not whole")
+        problems += [f"d/{p.name} exists" for p in (t / "d").glob("*.bin")]
+        return ", ".join(problems)
+    return check
+
+
+def stopped_before(sig: str) -> Callable[[Path], None]:
+    """fineweb_rows, then the row's command run once and stopped by `sig` after shard 2."""
+    def make(t: Path) -> None:
+        fineweb_rows(t)
+        env = {**os.environ, "AUTOFIT_HOME": str(t / "home"), "PYTHONPATH": "inject",
+               "BAD_INPUTS_SIGNAL": f"{sig}:train_000002.bin"}
+        proc = subprocess.run([sys.executable, "-m", "autofit.cli.app", *FINEWEB], cwd=t, env=env,
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if proc.returncode != 130 or not (t / PARTIAL / "progress.json").is_file():  # else the row proves nothing
+            raise RuntimeError(f"the stopped run to continue was not stopped: exit {proc.returncode}, {proc.stderr[-300:]}")
+    return make
+
+
+def continued(t: Path) -> str:
+    """'' when d/ holds the whole dataset (shards 0..n) and the partial folder is gone."""
+    if (t / PARTIAL).exists():
+        return f"{PARTIAL} is left"
+    names = sorted(p.name for p in (t / "d").glob("*.bin"))
+    return "" if len(names) >= 4 and "fineweb_val_000000.bin" in names else f"d/ holds {names}"
 
 
 # ---------------------------------------------------------------- the table
@@ -664,6 +747,16 @@ ROWS: list[Row] = [
     Row("19r: sample --temperature 1e-300", [*SAMPLE, "--temperature", "1e-300"], checkpoint()),
     Row("19r: sample --seed -1", [*SAMPLE, "--seed", "-1"], checkpoint()),
     Row("19r: sample --seed 2**70", [*SAMPLE, "--seed", str(2**70)], checkpoint()),
+    # ---- issue 19, 7: data preparation stops at a boundary, keeps its finished shards, and continues
+    Row("19: SIGINT in data prepare fineweb-edu after shard 2", FINEWEB, fineweb_rows, shards_kept(3),
+        env={"PYTHONPATH": "inject", "BAD_INPUTS_SIGNAL": "INT:train_000002.bin"}),
+    Row("19: SIGTERM in data prepare fineweb-edu after shard 2", FINEWEB, fineweb_rows, shards_kept(3),
+        env={"PYTHONPATH": "inject", "BAD_INPUTS_SIGNAL": "TERM:train_000002.bin"}),
+    Row("19: data prepare fineweb-edu run again after a SIGTERM continues", FINEWEB, stopped_before("TERM"), continued,
+        env={"PYTHONPATH": "inject"}, ok=True),
+    # ---- issue 15: the probe's trial records, appended as each trial ends (AUTOFIT_TRIALS_JSONL)
+    Row("15: AUTOFIT_TRIALS_JSONL under a file", [*PROBE, "--json"], write("f", "x"), unchanged("f", "x"),
+        env={"AUTOFIT_TRIALS_JSONL": "f/trials.jsonl"}),
 ]
 
 # Rows whose fix is on another branch and has not landed here yet. Flip them as fixes merge.

@@ -14,7 +14,8 @@
 #            bytes; the SDPA backend torch picks (a fallback for stages 2-3 if it fails) and the
 #            allocator's real settings; pytest -m cuda
 #   stage 2  (<= 100 s) probe of GPT-2 124M (vocab 50304) at the seed config's batch shape,
-#            emulating an rtx4070-12gb: each trial's estimated vs measured peak and return to baseline
+#            emulating an rtx4070-12gb: each trial's estimated vs measured peak and return to baseline;
+#            each trial's record reaches OUT/stage2_trials.jsonl as it ends (the probe appends it)
 #   stage 3  (<= 120 s) GPT-2 124M (vocab 50304) training: an injected OOM recovered while eager,
 #            compile switched on after 4 steps (one cold compile), tokens/s and MFU against this
 #            card's own peak
@@ -25,7 +26,8 @@
 # Offline machines (the device tool's): wheels for what the machine lacks are prepared here by
 # scripts/prepare_device_wheels.sh into .whl/; this script installs them with
 # `pip --no-index --no-deps --target` and runs autofit from the working tree (PYTHONPATH), with
-# the machine's own torch. OUT gets at most 7 files; run directories, checkpoints and profiles go
+# the machine's own torch. OUT gets 8 files at most (the device tool's limit): the report, the log,
+# a JSON per stage and stage 2's trial records (stage2_trials.jsonl); run directories, checkpoints and profiles go
 # to a scratch directory (SELFCHECK_WORK, default a fresh temp dir).
 #
 # Environment: SELFCHECK_PYTHON (default python3), SELFCHECK_STAGES (default "0 1 2 3 4"),
@@ -42,7 +44,7 @@ if [ $# -ne 1 ] || [ "${1#-}" != "$1" ]; then
 fi
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
-rm -f "$OUT"/stage[0-9]_*.json "$OUT/report.md" "$OUT/selfcheck.log"  # a rerun starts clean
+rm -f "$OUT"/stage[0-9]_*.json "$OUT"/stage[0-9]_*.jsonl "$OUT/report.md" "$OUT/selfcheck.log"  # a rerun starts clean
 PY=${SELFCHECK_PYTHON:-python3}
 STAGES=${SELFCHECK_STAGES:-0 1 2 3 4}
 # The limits and their worst case against the device tool's 600 s call and 15-minute lease:

@@ -4,6 +4,8 @@
     python scripts/prepare_fineweb.py --out data/fineweb --max-tokens 200_000_000
 
 The same as `autofit data prepare fineweb-edu --out DIR`; the work is trainer/data/prepare.py's.
+A Ctrl-C or SIGTERM stops it at the next document or shard boundary, keeps the finished shards
+(exit 130) and the same command, run again, continues from them.
 """
 from __future__ import annotations
 
@@ -14,7 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
 from trainer.data.datasets import DataError  # noqa: E402
-from trainer.data.prepare import FINEWEB_CONFIG, FINEWEB_DATASET, prepare, tokenize_to_shards  # noqa: E402, F401
+from trainer.writes import WriteError  # noqa: E402
+from trainer.data.prepare import (FINEWEB_CONFIG, FINEWEB_DATASET, PrepareStopped, prepare,  # noqa: E402, F401
+                                  tokenize_to_shards)
+
+EXIT_STOPPED = 130  # 128 + SIGINT, as every interrupted autofit command exits
 
 
 def main() -> int:
@@ -33,9 +39,12 @@ def main() -> int:
         done = prepare("fineweb-edu", args.out, input_path=args.input, max_tokens=args.max_tokens,
                        shard_size=args.shard_size, force=args.force, fineweb=(args.dataset, args.config),
                        shard_prefix=args.name, log=print)
-    except DataError as e:
+    except (DataError, WriteError) as e:  # one line: what was wrong, or what the disk refused
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PrepareStopped as e:  # Ctrl-C/SIGTERM: the finished shards are kept; running again continues
+        print(e, file=sys.stderr)
+        return EXIT_STOPPED
     print(f"done: {len(done.files)} shards in {args.out}; use it with dataset = '{args.out}'")
     return 0
 

@@ -7,6 +7,10 @@ saying it was measured, and how). Writes OUT/report.md and prints it.
 
 Exit status 0 when every requested stage left a record and no check failed (skips are fine, as
 in a dry run), else 1.
+
+A stage 2 stopped at its limit before the probe saved its profile has no trial table in its
+JSON; its trials are then read from OUT/stage2_trials.jsonl, where the probe appended each
+trial's full record as it ended (AUTOFIT_TRIALS_JSONL), and shown the same way.
 """
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "selfcheck"))
+from figures import trial_rows  # noqa: E402  (the stage's own rows, so both tables agree)
+
 NAMES = {0: "env", 1: "device", 2: "probe", 3: "train", 4: "ranks"}
 
 
@@ -22,8 +29,8 @@ def gib(n) -> str:
     return f"{n / 2**30:.2f} GiB" if isinstance(n, (int, float)) else "-"
 
 
-def mib(n) -> str:
-    return f"{n / 2**20:,.0f} MiB" if isinstance(n, (int, float)) else "-"
+def mib(n, fmt: str = ",.0f") -> str:
+    return f"{n / 2**20:{fmt}} MiB" if isinstance(n, (int, float)) else "-"
 
 
 def pct(x) -> str:
@@ -106,21 +113,42 @@ def device_figures(rec: dict | None) -> list[str]:
     return lines + [""]
 
 
-def probe_figures(rec: dict | None) -> list[str]:
+def finished_trials(out: Path, rec: dict | None) -> list[dict]:
+    """Stage 2's trial rows from the records the probe appended to OUT/<trials_file> as each trial
+    ended (a stage stopped before the profile was saved); [] when there are none."""
+    path = out / ((rec or {}).get("trials_file") or "stage2_trials.jsonl")
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a SIGKILL: that trial is not finished
+            continue
+    return trial_rows([r for r in records if r.get("type") == "trial"], slack=(rec or {}).get("estimate_slack") or 0.0)
+
+
+def probe_figures(rec: dict | None, out: Path | None = None) -> list[str]:
     trials = (rec or {}).get("trials") or []
+    source = "peaks measured on this device; estimates from autofit's closed form"
+    if not trials and out is not None and (trials := finished_trials(out, rec)):
+        source += (f"; read from {(rec or {}).get('trials_file') or 'stage2_trials.jsonl'}, the trials that "
+                   f"finished before the stage was stopped (the probe saved no profile)")
     if not trials:
         return []
-    lines = ["Trials (peaks measured on this device; estimates from autofit's closed form):", "",
+    lines = [f"Trials ({source}):", "",
              "| micro | dtype | loss | ckpt | status | estimated (allocated) | measured | error | estimated "
-             "(reserved) | reserved | error | tokens/s | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "(reserved) | reserved | error | tokens/s | left allocated | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for t in trials:
         lines.append(f"| {t['micro_batch']} | {t['dtype']} | {t['loss_impl']} | {t['checkpointing']} | {t['status']} "
                      f"| {gib(t.get('estimated_allocated_bytes', t['estimated_peak_bytes']))} "
                      f"| {gib(t['measured_peak_bytes'])} | {pct(t['estimate_error'])} "
                      f"| {gib(t['estimated_peak_bytes'])} | {gib(t.get('measured_reserved_bytes'))} "
                      f"| {pct(t.get('reserved_estimate_error'))} "
-                     f"| {num(t.get('tokens_per_s'))} | {cell(t.get('note') or '')} |")
+                     f"| {num(t.get('tokens_per_s'))} | {mib(t.get('leaked_bytes'), '.1f')} | {cell(t.get('note') or '')} |")
     p = rec.get("plan") or {}
     if p:
         lines += ["", f"Plan: {p.get('split')}, {p.get('dtype')}, loss {p.get('loss_impl')}, "
@@ -162,7 +190,7 @@ def ranks_figures(rec: dict | None) -> list[str]:
 
 def report(out: Path, stages: list[int]) -> tuple[str, int]:
     recs = load(out, stages)
-    lines = heading(recs) + check_rows(recs) + device_figures(recs.get(1)) + probe_figures(recs.get(2)) \
+    lines = heading(recs) + check_rows(recs) + device_figures(recs.get(1)) + probe_figures(recs.get(2), out) \
         + train_figures(recs.get(3)) + ranks_figures(recs.get(4))
     failed = [n for n, r in recs.items() if r is None or r.get("status") != "ok"]
     lines.append(f"Result: {'all stages ok' if not failed else 'not ok in stage(s) ' + ', '.join(map(str, failed))}.")

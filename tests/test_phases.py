@@ -195,3 +195,34 @@ def test_a_signal_during_a_probe_trial_is_acted_on_when_the_trial_ends(monkeypat
     assert err.strip().splitlines()[-1] == ("autofit: interrupted during the probe; nothing was saved (the plan is "
                                             "saved only after the probe)")
     assert out == "" and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_each_trial_record_leaves_the_probe_as_it_ends_so_a_stopped_probe_keeps_them(monkeypatch, capsys, tmp_path):
+    # AUTOFIT_TRIALS_JSONL (the GPU self-check's stage 2 sets it): a probe stopped after its second
+    # trial has already written both records whole, though it saved no profile
+    import json
+    import os
+    import signal
+
+    from autofit.planning import search
+    finished = []
+    real = search.run_trial
+
+    def run_trial(*args, **kwargs):
+        if len(finished) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finished.append(real(*args, **kwargs))
+        return finished[-1]
+    monkeypatch.setattr(search, "run_trial", run_trial)
+    monkeypatch.setenv("AUTOFIT_TRIALS_JSONL", str(tmp_path / "trials.jsonl"))
+    code, _, _ = cli(monkeypatch, capsys, "probe", *CPU[:4], *TINY, "--checkpointing", "0", "--save")
+    assert code == 130 and len(finished) == 2
+    records = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert [r.pop("type") for r in records] == ["trial", "trial"]
+    assert records == [t.model_dump(mode="json") for t in finished]  # the full records, as the probe made them
+
+    monkeypatch.setattr(search, "run_trial", lambda *a, **k: pytest.fail("a trial ran"))
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("AUTOFIT_TRIALS_JSONL", str(tmp_path / "a_file" / "trials.jsonl"))
+    code, _, err = cli(monkeypatch, capsys, "probe", *CPU[:4], *TINY, "--checkpointing", "0")
+    assert code == 2 and err.count("\n") == 1 and "cannot write AUTOFIT_TRIALS_JSONL file" in err, err

@@ -45,9 +45,9 @@ def test_dry_run_runs_every_cpu_stage_for_real_and_exits_0(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     # what the device tool brings back: at most 8 plain files, names of letters, digits, . _ -
     assert files == ["report.md", "selfcheck.log", "stage0_env.json", "stage1_device.json",
-                     "stage2_probe.json", "stage3_train.json", "stage4_ranks.json"]
+                     "stage2_probe.json", "stage2_trials.jsonl", "stage3_train.json", "stage4_ranks.json"]
     assert all(set(f) <= DEVICE_TOOL_NAME for f in files)
-    recs = {n: json.loads((out / f).read_text()) for n, f in enumerate(files[2:])}
+    recs = {n: json.loads((out / f).read_text()) for n, f in enumerate(f for f in files[2:] if f.endswith(".json"))}
     assert all(r["status"] == "ok" and r["dry_run"] for r in recs.values())
     assert not [c for r in recs.values() for c in r["checks"] if c["result"] == "FAIL"]
 
@@ -58,6 +58,11 @@ def test_dry_run_runs_every_cpu_stage_for_real_and_exits_0(tmp_path):
     trials = recs[2]["trials"]
     assert trials and all(t["measured_peak_bytes"] and t["estimated_peak_bytes"] for t in trials if t["status"] == "fit")
     assert recs[2]["plan"]["effective_batch"] == 32
+    # each trial's full record also reached OUT as it ended, appended by the probe itself
+    appended = [json.loads(line) for line in (out / "stage2_trials.jsonl").read_text().splitlines()]
+    key = lambda t: (t["micro_batch"], t["checkpointing"], t["loss_impl"], t["status"], t["measured_peak_bytes"])  # noqa: E731
+    assert [key(t) for t in appended] == [key(t) for t in trials]
+    assert all(t["type"] == "trial" and "leaked_bytes" in t and "measured_reserved_bytes" in t for t in appended)
     # stage 3: compile switched on, the injected OOM recovered by a shrink, the batch kept
     checks = {c["check"]: c for c in recs[3]["checks"]}
     assert checks["injected OOM at step 1 recovered"]["detail"] == "oom_shrink 8 -> 4"
@@ -501,3 +506,92 @@ def test_a_probe_cut_short_keeps_the_trial_lines_it_printed(tmp_path, monkeypatc
     assert json.loads(st.path.read_text())["raw_trial_lines"] == [
         "trial: micro-batch 8, bfloat16, compile=False (estimated peak 9.1 GiB)", "  -> fit, measured peak 9.3 GiB",
         "trial: micro-batch 16"]
+
+
+# A sitecustomize for the probe's interpreter: once the probe has finished STOP_AFTER trials, it
+# writes MARKER and hangs inside the next one, as a trial that outlasts its stage's limit does.
+# It only holds the probe; it writes no record (that is the code under test's job).
+HANG_AFTER_TRIALS = """
+import importlib.abc, importlib.util, os, sys, time
+
+
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "autofit.planning.search":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            real_exec(module)
+            real_run = module.TrialRunner.run
+
+            def run(self, cand):
+                if len(self.trials) >= int(os.environ["STOP_AFTER"]):
+                    open(os.environ["MARKER"], "w").close()
+                    while True:
+                        time.sleep(1)
+                return real_run(self, cand)
+            module.TrialRunner.run = run
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _Hook())
+"""
+
+
+def test_a_probe_stage_killed_mid_way_leaves_each_finished_trials_record_and_the_report_shows_them(tmp_path):
+    import signal
+    import time
+    import typing
+
+    from autofit.records import TrialStatus
+    STATUSES = typing.get_args(TrialStatus)
+    inject, out, work, marker = tmp_path / "inject", tmp_path / "out", tmp_path / "work", tmp_path / "hung"
+    for d in (inject, out, work):
+        d.mkdir()
+    (inject / "sitecustomize.py").write_text(HANG_AFTER_TRIALS)
+    env = {**os.environ, "PYTHONPATH": f"{inject}:{REPO}", "AUTOFIT_HOME": str(work / "home"), "STOP_AFTER": "2",
+           "MARKER": str(marker)}
+    # the stage as gpu_selfcheck.sh runs it: in a process group of its own, which its limit ends
+    # with SIGTERM and, 3 s later, SIGKILL (here sent once the probe hangs: no clock decides it)
+    stage = subprocess.Popen([sys.executable, "scripts/selfcheck/stage2_probe.py", str(out), str(work), "--dry-run",
+                              "--limit", "600"], cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(2400):  # the probe's 2 trials on a loaded CPU; the wait ends as soon as it hangs
+            if marker.exists() or stage.poll() is not None:
+                break
+            time.sleep(0.25)
+        assert marker.exists(), stage.communicate(timeout=60)[0][-3000:]
+        os.killpg(stage.pid, signal.SIGTERM)
+        time.sleep(3)  # timeout's --kill-after grace
+    finally:
+        try:
+            os.killpg(stage.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stage.communicate(timeout=60)
+    common.mark_timed_out(out / "stage2_probe.json", 600)
+
+    records = [json.loads(line) for line in (out / "stage2_trials.jsonl").read_text().splitlines()]
+    assert len(records) == 2  # every finished trial, whole, though the probe never saved its profile
+    for r in records:
+        assert r["type"] == "trial" and r["status"] in STATUSES
+        assert {"estimated_peak_bytes", "measured_peak_bytes", "measured_reserved_bytes", "leaked_bytes",
+                "tokens_per_s", "note"} <= set(r)
+    measured = [r for r in records if r["measured_peak_bytes"]]
+    assert measured and all(r["leaked_bytes"] is not None for r in measured)
+    rec = json.loads((out / "stage2_probe.json").read_text())
+    assert rec["status"] == "timed_out" and "trials" not in rec  # the stage never got to read a profile
+
+    text, rc = selfcheck_report.report(out, [2])
+    assert rc == 1 and "read from stage2_trials.jsonl, the trials that finished before the stage was stopped" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[5].strip() in STATUSES]
+    assert [int(row.split("|")[1]) for row in rows] == [r["micro_batch"] for r in records]
+    for row, r in zip(rows, records):
+        assert row.split("|")[5].strip() == r["status"]
+        assert row.split("|")[7].strip() == selfcheck_report.gib(r["measured_peak_bytes"])
+        assert row.split("|")[13].strip() == selfcheck_report.mib(r["leaked_bytes"], ".1f")

@@ -54,14 +54,21 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
                  max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="fineweb-edu: stop after this many tokens (default: the whole ~10B-token sample)."),
                  shard_size: Optional[int] = typer.Option(None, "--shard-size", help="fineweb-edu: tokens per llm.c shard (default 100,000,000)."),
                  force: bool = typer.Option(False, "--force", help="Replace a dataset already in --out."),
-                 no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
-    """Write a dataset as nanoGPT lays it out: train.bin/val.bin (+ meta.pkl), or llm.c shards."""
-    from trainer.data.prepare import prepare
+                 no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (and no line per shard written).")):
+    """Write a dataset as nanoGPT lays it out: train.bin/val.bin (+ meta.pkl), or llm.c shards.
+    A Ctrl-C/SIGTERM stops at the next document or shard; fineweb-edu keeps its finished shards
+    and the same command, run again, continues from them."""
+    from trainer.data.prepare import PrepareStopped, prepare
     out_dir = out if out is not None else Path("data") / name
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     interrupts.during(f"interrupted while preparing {name}; nothing was moved into {out_dir}")
-    done = prepare(name, out_dir, input_path=input_file, max_tokens=max_tokens, shard_size=shard_size,
-                   force=force, progress=not no_progress, log=log)
+    try:
+        done = prepare(name, out_dir, input_path=input_file, max_tokens=max_tokens, shard_size=shard_size,
+                       force=force, progress=not no_progress, log=log)
+    except PrepareStopped as e:  # a Ctrl-C/SIGTERM, acted on at a boundary: what is kept, how to go on
+        interrupts.said()
+        err_console.print(str(e), markup=False, soft_wrap=True)
+        raise typer.Exit(interrupts.EXIT_CODE) from None
     counts = ", ".join(f"{split} {n:,} tokens" for split, n in done.tokens.items())
     vocab = f", vocab_size {done.vocab_size} in meta.pkl" if done.vocab_size else ", GPT-2 BPE tokens"
     use = name if out_dir == Path("data") / name else str(out_dir)

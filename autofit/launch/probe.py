@@ -46,6 +46,31 @@ def _wait_if_asked() -> None:
         time.sleep(3600)
 
 
+TRIALS_JSONL_ENV = "AUTOFIT_TRIALS_JSONL"
+
+
+def trial_log() -> Callable:
+    """The probe's on-trial hook (TrialSettings.on_trial). AUTOFIT_TRIALS_JSONL=FILE: each trial's
+    full record (autofit.records.TrialRecord's fields: status, estimated, measured allocated and
+    reserved peaks in bytes, leaked_bytes, tokens/s, step times, note; plus "type": "trial") is
+    appended to FILE as one JSON line as soon as the trial ends, so a probe stopped from outside
+    (a time limit's SIGKILL, as the GPU self-check's stage 2 may get) still leaves the record of
+    every trial it finished. Unset: nothing is written. Raises WriteError (one line) when FILE
+    cannot be written, before the first trial."""
+    path = os.environ.get(TRIALS_JSONL_ENV)
+    if not path:
+        return lambda r: None
+    import json
+
+    from trainer.writes import append_lines
+    what = f"{TRIALS_JSONL_ENV} file {path}"
+    append_lines(path, [], what=what)  # tried now: refused before any trial, not after one
+
+    def write(r) -> None:
+        append_lines(path, [json.dumps({"type": "trial", **r.model_dump(mode="json")})], what=what)
+    return write
+
+
 BIG_FOR_CPU = 20_000_000  # parameters: above this, real trials on a CPU take minutes each
 
 
@@ -54,6 +79,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     from autofit.planning.estimate import ModelShape, param_count
     from autofit.units import fmt_bytes
     from autofit.planning import agree
+    on_trial = trial_log()  # AUTOFIT_TRIALS_JSONL, checked writable before anything is said or run
     info = device.info
     budget = agree.budget(budget)  # several ranks: the smallest rank's
     ranks = agree.ranks()
@@ -74,7 +100,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     from trainer.interrupt import StopFlag
     with StopFlag() as stop:  # Ctrl-C/SIGTERM: the trial in flight ends, then the probe stops (a second: at once)
         settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed,
-                                 stop=lambda: stop.signal is not None)
+                                 stop=lambda: stop.signal is not None, on_trial=on_trial)
         return probe_measured(cfg, device, budget, space, settings=settings, log=log)
 
 

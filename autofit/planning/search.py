@@ -69,9 +69,11 @@ class TrialRunner:
         self._cache: dict[Candidate, TrialRecord] = {}
         # with several ranks (torchrun), each rank's share of the effective batch
         self.rank_batch = agree.rank_batch(cfg)
-        # only rank 0 speaks; every rank runs the same trials (autofit.planning.agree)
+        # only rank 0 speaks and reports records; every rank runs the same trials (autofit.planning.agree)
+        self.on_trial = settings.on_trial
         if not agree.ranks().master:
             self.log = lambda s: None
+            self.on_trial = lambda r: None
 
     def estimate(self, cand: Candidate) -> int:
         """Estimated peak bytes of a trial of `cand` (two micro-batches when training accumulates)."""
@@ -99,6 +101,7 @@ class TrialRunner:
                  + (f" ({r.note})" if r.note and r.status != 'fit' else ""))
         self._cache[cand] = r
         self.trials.append(r)
+        self.on_trial(r)  # out of the process now: a probe killed during the next trial keeps this one
         if agree.stop_wanted(self.settings.stop()):  # a Ctrl-C/SIGTERM is acted on when the trial ends
             raise KeyboardInterrupt
         return r
@@ -114,6 +117,7 @@ class TrialRunner:
                  f"loss={cand.loss_impl}: {r.note}")
         self._cache[cand] = r
         self.trials.append(r)
+        self.on_trial(r)
         return r
 
     def _trial(self, cand: Candidate, estimated_peak_bytes: int) -> TrialRecord:

@@ -52,6 +52,9 @@ class TrialSettings:
     spill_check: bool | None = None
     # A stop was asked for (Ctrl-C/SIGTERM, trainer.interrupt.StopFlag): checked after each trial.
     stop: Callable[[], bool] = lambda: False
+    # Called with each trial's record as soon as it is made (run or pruned; on rank 0 only), before
+    # the next trial starts: `autofit probe`/`run` append it to AUTOFIT_TRIALS_JSONL (launch.probe).
+    on_trial: Callable[[TrialRecord], None] = lambda r: None
 
 
 def trial_split(rank_batch: int, micro_batch: int) -> list[int]:

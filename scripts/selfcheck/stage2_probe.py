@@ -11,6 +11,10 @@ step: a run with no step to train is refused before its probe), and its trials a
 candidates are probed (--no-compile): a compiled trial of this model costs a cold compile each,
 which stage 3 measures once. The dry run probes the tiny preset on the budgeted CPU device
 (`autofit probe --device cpu --budget ... --save --json`) and reads its profile the same way.
+
+Each trial's full record reaches OUT/stage2_trials.jsonl as the trial ends (autofit's
+AUTOFIT_TRIALS_JSONL: the probe appends it itself), so a stage killed at its limit, before the
+profile is saved, still leaves every finished trial's record; the report reads them then.
 """
 from __future__ import annotations
 
@@ -31,6 +35,12 @@ GPU_CONFIG = ["--preset", "gpt2-124m", "--set", "dataset=embedded", "--set", "vo
               "--set", "eval_interval=0"]
 DRY_BUDGET = "32MiB"
 TRIAL_LINES = ("trial:", "  -> ")  # the probe's own line per trial and its outcome, as printed
+TRIALS_FILE = "stage2_trials.jsonl"  # in OUT: one line per finished trial, appended by the probe itself
+
+
+def trials_env(out: Path) -> dict[str, str]:
+    """The probe's environment: autofit appends each trial's record to OUT/stage2_trials.jsonl."""
+    return {"AUTOFIT_TRIALS_JSONL": str(out / TRIALS_FILE)}
 
 
 def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None, str | None]:
@@ -39,6 +49,7 @@ def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None
     out = work / "stage2-run"
     res = run_cli(["run", "--profile", EMULATED, "--emulate", "--max-steps", "1", "--no-progress",
                    "--no-compile", "--checkpointing", "0", "--out", str(out), *GPU_CONFIG], timeout=timeout,
+                  env=trials_env(st.path.parent),
                   follow=both(follow_jsonl(st, out / "metrics.jsonl", "raw_metrics"),
                               follow_lines(st, "raw_trial_lines", TRIAL_LINES)))
     st.set(fit=res | {"stdout": res["stdout"][-2000:]})
@@ -58,7 +69,7 @@ def fit_on_gpu(st: Stage, work: Path, timeout: float | None) -> tuple[str | None
 
 def fit_on_cpu(st: Stage, timeout: float | None) -> tuple[str | None, str | None]:
     data, res = cli_json(["probe", "--device", "cpu", "--budget", DRY_BUDGET, "--save", "--json",
-                           "--checkpointing", "0", *DRY_MODEL], timeout=timeout,
+                           "--checkpointing", "0", *DRY_MODEL], timeout=timeout, env=trials_env(st.path.parent),
                          follow=follow_lines(st, "raw_trial_lines", TRIAL_LINES))
     st.set(fit=res, probe_device=(data or {}).get("device"), budget=(data or {}).get("budget"))
     saved = (data or {}).get("saved") or {}
@@ -82,10 +93,18 @@ def read_fitted(st: Stage, profile: str, fingerprint: str | None) -> dict | None
     return fitted
 
 
-def judge(st: Stage, fitted: dict, device: str) -> None:
-    """The checks on the fitted plan's trials; `device` 'cuda' or 'cpu' (what they ran on)."""
+def estimate_slack(device: str) -> float:
+    """The allocator slack in autofit's CUDA estimate (0 on the CPU): figures.trial_rows takes it
+    off to compare allocated with allocated. Recorded in the stage's JSON for the report."""
     from autofit.planning.estimate import CUDA_ALLOCATOR_SLACK
-    rows = trial_rows(fitted.get("trials") or [], slack=CUDA_ALLOCATOR_SLACK if device == "cuda" else 0.0)
+    return CUDA_ALLOCATOR_SLACK if device == "cuda" else 0.0
+
+
+def judge(st: Stage, fitted: dict, device: str) -> None:
+    """The checks on the fitted plan's trials; `device` 'cuda' or 'cpu' (what they ran on). A
+    probe stopped before it saved its profile: `fitted` holds the trials of OUT/stage2_trials.jsonl
+    and no plan."""
+    rows = trial_rows(fitted.get("trials") or [], slack=estimate_slack(device))
     st.set(trials=rows, plan=fitted.get("plan"), config_summary=fitted.get("config_summary"),
            fingerprint_inputs=fitted.get("fingerprint_inputs"))
     measured = [r for r in rows if r["measured_peak_bytes"]]
@@ -100,6 +119,8 @@ def judge(st: Stage, fitted: dict, device: str) -> None:
                "against the allocated peak; reserved_estimate_error: the full estimate against the reserved peak")
     ok, detail = baseline_summary(rows, leak_tolerance(device))
     st.check("every trial returned to its memory baseline", ok, detail)
+    if fitted.get("plan") is None:
+        return
     plan = fitted.get("plan") or {}
     st.check("plan keeps the effective batch", plan.get("effective_batch") == sum(plan.get("micro_batches") or [0]),
              f"{plan.get('split')}, {plan.get('mode')} peak {plan.get('measured_peak_bytes')} B "
@@ -109,6 +130,8 @@ def judge(st: Stage, fitted: dict, device: str) -> None:
 def main() -> int:
     a = stage_args(work=True)
     st = Stage(a.out, 2, "probe", a.dry_run)
+    device = "cpu" if a.dry_run else "cuda"
+    st.set(trials_file=TRIALS_FILE, estimate_slack=estimate_slack(device))
     if a.dry_run:
         st.skip(f"probe of GPT-2 124M emulating {EMULATED}", "dry run: needs a CUDA GPU; the tiny preset is "
                 f"probed on the budgeted CPU device ({DRY_BUDGET}) instead")
@@ -117,8 +140,11 @@ def main() -> int:
     else:
         profile, fp = fit_on_gpu(st, a.work, share_of(a.limit))
     fitted = read_fitted(st, profile, fp) if profile else None
+    if fitted is None and (finished := read_jsonl(a.out / TRIALS_FILE)):  # the probe stopped before saving
+        st.set(trials_from=f"{TRIALS_FILE}: the probe stopped before it saved its profile")
+        fitted = {"trials": finished, "plan": None}
     if fitted is not None:
-        judge(st, fitted, "cpu" if a.dry_run else "cuda")
+        judge(st, fitted, device)
     return st.finish()
 
 

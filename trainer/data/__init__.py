@@ -1,3 +1,4 @@
 """Data: datasets as nanoGPT lays them out and the batch sampler (datasets), their file formats
-(tokenfiles), `autofit data prepare` (prepare), and step batches one step ahead (batches).
-Imports nothing of trainer outside data/."""
+(tokenfiles), `autofit data prepare` (prepare; its texts: sources; llm.c shards that a stop keeps:
+shards), and step batches one step ahead (batches).
+Imports, outside data/, only trainer's lower parts (errors, paths, interrupt, writes, phases)."""

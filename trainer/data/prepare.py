@@ -15,29 +15,37 @@ before the work starts (the name, the options, the input, that the output folder
 that it holds no dataset unless --force, that the tokenizer loads). The files are written into a
 staging folder inside the output folder and moved into place only when all are written, so a
 failed or interrupted run leaves what was there before as it was.
+
+A Ctrl-C or SIGTERM is acted on at the next boundary between pieces of work (trainer.interrupt's
+StopFlag; a second signal stops at once): fineweb-edu's after a document or a shard, the finished
+shards kept in a partial folder that the same command, run again, continues from (trainer/data/
+shards.py); the small sets' after the download or a split (a few seconds of work: a re-run starts
+over, reusing a downloaded input.txt). Either way PrepareStopped says, in one line, what was kept
+and how to continue.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trainer.data.datasets import PREPARABLE, SHARD_NAME, DataError
+from trainer.data.shards import (GPT2_EOT, PROGRESS_FILE, ShardProgress, read_progress, shard_path,  # noqa: F401
+                                 tokenize_to_shards, write_progress)  # GPT2_EOT, shard_path, tokenize_to_shards: here before
 from trainer.errors import install_hint
+from trainer.interrupt import StopFlag
 from trainer.phases import LineBar
 from trainer.writes import WriteError, check_room
-from trainer.data.tokenfiles import atomic_write, sidecar_path, write_llmc_shard, write_tokens
+from trainer.data.sources import (FINEWEB_CONFIG, FINEWEB_DATASET, TINY_SHAKESPEARE_URL, download_text,  # noqa: F401
+                                  read_documents, read_text, stream_fineweb)
+from trainer.data.tokenfiles import atomic_write, read_llmc_shard, sidecar_path, write_tokens
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
-FINEWEB_CONFIG = "sample-10BT"  # ~10B GPT-2 tokens
-GPT2_EOT = 50256
 TRAIN_SHARE = 0.9  # nanoGPT's prepare.py scripts: train = the first 90% of the characters
 
 
@@ -126,6 +134,23 @@ def _check_options(name: str, input_path: Path | None, max_tokens: int | None, s
 # ---------------------------------------------------------------- the entry point
 
 
+class PrepareStopped(KeyboardInterrupt):
+    """A Ctrl-C or SIGTERM stopped a prepare: at the next boundary between pieces of work, or at
+    once on a second signal. str(): one line, what was kept and how to continue (the CLI prints
+    it and exits 130, as every interrupted autofit command does). A KeyboardInterrupt, so that
+    code which does not know it treats it as the Ctrl-C it is."""
+
+
+class _AtBoundary(Exception):
+    """Raised at a boundary once a stop was asked for; prepare says it as PrepareStopped."""
+
+
+def partial_folder(out_dir: Path, shard_prefix: str) -> Path:
+    """Where fineweb-edu's shards are made, and kept when a run stops (trainer/data/shards.py).
+    Hidden, and loading reads no sub-folder: never taken for a dataset."""
+    return out_dir / f".prepare-{shard_prefix}.partial"
+
+
 def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = None,
             encoder: Encoder | None = None, max_tokens: int | None = None, shard_size: int | None = None,
             force: bool = False, progress: bool = True, log: Callable[[str], None] = lambda s: None,
@@ -133,8 +158,11 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
             url: str = TINY_SHAKESPEARE_URL) -> Prepared:
     """Write dataset `name` (see the module docstring) into out_dir; returns what was written.
 
-    encoder: the GPT-2 BPE to use (default: tiktoken's; tests inject one). Raises DataError (one
-    line) for every input a user can get wrong, before any download or tokenizing.
+    encoder: the GPT-2 BPE to use (default: tiktoken's; tests inject one). progress: a bar (or,
+    piped, count + ETA lines) and a line per shard written, through log. Raises DataError (one
+    line) for every input a user can get wrong, before any download or tokenizing (a stopped
+    fineweb-edu preparation in out_dir made with other options is one of them); WriteError when
+    the disk refuses; PrepareStopped on a Ctrl-C or SIGTERM (module docstring).
     """
     out_dir = Path(out_dir)
     input_path = Path(input_path) if input_path is not None else None
@@ -143,42 +171,128 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
         encoder = gpt2_encoder()  # before out_dir is made: a missing encoding leaves no empty folder
     made = not out_dir.exists()
     check_out_dir(out_dir, force)
-    texts: Iterable[str] | None = None
-    if name == "fineweb-edu":
-        texts = read_documents(input_path) if input_path else stream_fineweb(*fineweb)
     old = dataset_files(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
-    try:
-        with _progress(progress, log) as bar:
-            if name == "fineweb-edu":
-                shards = tokenize_to_shards(texts, encoder.encode, staging, name=shard_prefix,
-                                            shard_size=shard_size or 100_000_000, max_tokens=max_tokens,
-                                            eot=encoder.eot, log=log, bar=bar)
-                done = Prepared(out_dir, shards, {"val": _shard_tokens(shards[:1]),
-                                                  "train": _shard_tokens(shards[1:])})
-            else:
-                text = read_text(input_path) if input_path else download_text(url, out_dir / "input.txt", bar, log)
-                done = (write_chars(text, staging, bar) if name == "shakespeare_char"
-                        else write_bpe(text, staging, encoder, bar))
-        _move_into_place(staging, out_dir, old, done)
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if made and not any(out_dir.iterdir()):  # a failed first prepare leaves no empty dataset folder
-            out_dir.rmdir()
-        if isinstance(e, WriteError):  # named as the file it would have become, not its staging copy
-            raise WriteError(f"dataset file {out_dir / Path(e.what).name}", e.reason,
-                             f"the dataset in {out_dir} is as it was" if old else "no dataset was written") from None
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    job = _Job(name, out_dir, input_path, encoder, log, url, progress)
+    if name == "fineweb-edu":
+        job.staging = partial_folder(out_dir, shard_prefix)
+        job.options = _shard_options(input_path, fineweb, encoder, shard_prefix, shard_size or 100_000_000, max_tokens)
+        job.kept = read_progress(job.staging, job.options)  # a stopped run's shards, checked; else None
+        job.texts = read_documents(input_path) if input_path else stream_fineweb(*fineweb)
+    else:
+        job.staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    with StopFlag() as flag:  # a Ctrl-C/SIGTERM sets it; a boundary then stops; a second signal at once
+        job.stop = flag
+        try:
+            with _progress(progress, log) as bar:
+                done = job.run_shards(bar) if job.texts is not None else job.run_text(bar)
+            _move_into_place(job.staging, out_dir, old, done)
+        except BaseException as e:
+            keep = job.texts is not None and not isinstance(e, DataError) and job.kept is not None
+            if not keep:  # nothing a re-run can continue from
+                shutil.rmtree(job.staging, ignore_errors=True)
+                if made and not any(out_dir.iterdir()):  # a failed first prepare leaves no empty dataset folder
+                    out_dir.rmdir()
+            if isinstance(e, (_AtBoundary, KeyboardInterrupt)):
+                raise PrepareStopped(job.stopped_line(old, at_once=not isinstance(e, _AtBoundary))) from None
+            if isinstance(e, WriteError):  # named as the file it would have become, not its staging copy
+                raise WriteError(f"dataset file {out_dir / Path(e.what).name}", e.reason, job.kept_clause(old)) from None
+            raise
+    shutil.rmtree(job.staging, ignore_errors=True)  # empty but for a fineweb run's progress.json
     return done
+
+
+def _shard_options(input_path: Path | None, fineweb: tuple[str, str], encoder: Encoder, prefix: str,
+                   shard_size: int, max_tokens: int | None) -> dict:
+    """What a fineweb-edu preparation's shards depend on: a stopped run continues only with the same."""
+    if input_path is not None:
+        st = input_path.stat()  # a changed file (size or mtime) is another input
+        source = {"input": str(input_path.resolve()), "input_bytes": st.st_size, "input_mtime_ns": st.st_mtime_ns}
+    else:  # the streamed set, in the order `datasets` streams it
+        source = {"input": f"{fineweb[0]} ({fineweb[1]})"}
+    return {**source, "tokenizer": encoder.name, "eot": encoder.eot, "shard_prefix": prefix,
+            "shard_size": shard_size, "max_tokens": max_tokens}
+
+
+@dataclass
+class _Job:
+    """One prepare's work and what it has kept so far (for the line said when it stops)."""
+    name: str
+    out_dir: Path
+    input_path: Path | None
+    encoder: Encoder | None
+    log: Callable[[str], None]
+    url: str
+    progress: bool  # False (--no-progress): no bar, and no line per shard written
+    staging: Path = Path()
+    texts: Iterable[str] | None = None  # fineweb-edu's documents
+    options: dict = field(default_factory=dict)  # fineweb-edu's (_shard_options)
+    kept: ShardProgress | None = None  # the finished shards in staging, as progress.json lists them
+    stop: StopFlag | None = None
+
+    def boundary(self) -> None:
+        """Between two pieces of work: stop here if a signal came."""
+        if self.stop is not None and self.stop.signal is not None:
+            raise _AtBoundary
+
+    def run_shards(self, bar) -> Prepared:
+        if self.kept is not None and self.kept.shards:
+            self.log(f"continuing a stopped preparation: {len(self.kept.shards)} finished shards "
+                     f"({self.kept.tokens:,} tokens) in {self.staging}; skipping the {self.kept.next_doc:,} "
+                     f"documents they hold")
+
+        def saved(prog: ShardProgress) -> None:  # the shard is whole; now its record
+            write_progress(self.staging, prog)
+            self.kept = prog.model_copy(deep=True)
+        opts = self.options
+        shards = tokenize_to_shards(self.texts, self.encoder.encode, self.staging, name=opts["shard_prefix"],
+                                    shard_size=opts["shard_size"], max_tokens=opts["max_tokens"],
+                                    eot=self.encoder.eot, log=self.log if self.progress else lambda s: None, bar=bar,
+                                    start=self.kept or ShardProgress(options=opts), on_shard=saved,
+                                    boundary=self.boundary)
+        return Prepared(self.out_dir, shards, {"val": _shard_tokens(shards[:1]), "train": _shard_tokens(shards[1:])})
+
+    def run_text(self, bar) -> Prepared:
+        text = (read_text(self.input_path) if self.input_path
+                else download_text(self.url, self.out_dir / "input.txt", bar, self.log, self.boundary))
+        self.boundary()
+        if self.name == "shakespeare_char":
+            return write_chars(text, self.staging, bar)
+        return write_bpe(text, self.staging, self.encoder, bar, self.boundary)
+
+    def kept_clause(self, old: list[Path]) -> str:
+        """What is kept, for a line that says the run stopped or failed."""
+        was = f"the dataset in {self.out_dir} is as it was" if old else f"no dataset was written to {self.out_dir}"
+        if self.texts is None or self.kept is None or not self.kept.shards:
+            return was
+        k = len(self.kept.shards)
+        return (f"{k} finished shard{'s' if k != 1 else ''} ({self.kept.tokens:,} tokens) kept in {self.staging}; "
+                f"{was}; run the same command again to continue from shard {k}")
+
+    def stopped_line(self, old: list[Path], at_once: bool) -> str:
+        sig = signal.Signals(self.stop.signal).name if self.stop and self.stop.signal else None
+        how = ("interrupted" if sig is None else f"stopped at once by a second signal (the first: {sig})" if at_once
+               else f"stopped by {sig} at the next boundary")
+        kept = self.kept_clause(old)
+        if self.texts is not None and self.kept is not None and self.kept.shards:
+            return f"{how}; the shard in hand was dropped; {kept}"
+        reuse = ""
+        if self.texts is None and self.input_path is None and (self.out_dir / "input.txt").is_file():
+            reuse = f"; {self.out_dir / 'input.txt'} (downloaded) is kept and will be reused"
+        before = "before the first shard was finished" if self.texts is not None else "before the dataset was written"
+        return f"{how} {before}; {kept}{reuse}; run the same command again to start over"
+
+
+def _shard_tokens(paths: list[Path]) -> int:
+    return sum(len(read_llmc_shard(p)) for p in paths)
 
 
 def _move_into_place(staging: Path, out_dir: Path, old: list[Path], done: Prepared) -> None:
     # Every new file is whole before any old one is touched; then the old layout's leftovers
     # (a meta.pkl under a BPE set, shards past the new count) go, so loading sees one dataset.
-    new_names = {f.name for f in staging.iterdir()}
-    for f in sorted(staging.iterdir()):
+    # A fineweb run's progress.json stays behind, removed with the staging folder.
+    moving = sorted(f for f in staging.iterdir() if f.name != PROGRESS_FILE)
+    new_names = {f.name for f in moving}
+    for f in moving:
         os.replace(f, out_dir / f.name)
     for f in old:
         if f.name not in new_names:
@@ -199,78 +313,6 @@ def _progress(enabled: bool, log: Callable[[str], None]):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), transient=True,
                     disable=not enabled or not sys.stderr.isatty())
-
-
-# ---------------------------------------------------------------- text in
-
-
-def read_text(path: Path) -> str:
-    """A local text file as UTF-8. Raises DataError naming the file."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read --input {path}: {e}") from None
-
-
-def download_text(url: str, dest: Path, bar, log: Callable[[str], None]) -> str:
-    """The text at url, kept in dest (reused when it is there, as nanoGPT's prepare.py does).
-    Raises DataError (one line) when the download fails, saying how to give a local file."""
-    if dest.is_file():
-        log(f"using {dest} (downloaded before; delete it to download again)")
-        return read_text(dest)
-    import urllib.error
-    import urllib.request
-    chunks = []
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp:
-            task = bar.add_task(f"downloading {dest.name} (bytes)", total=int(resp.headers.get("Content-Length") or 0) or None)
-            while chunk := resp.read(1 << 16):
-                chunks.append(chunk)
-                bar.advance(task, len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise DataError(f"cannot download {url}: {reason}; download it yourself and pass --input FILE") from None
-    data = b"".join(chunks)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{url} is not UTF-8 text: {e}") from None
-    atomic_write(dest, lambda f: f.write(data))
-    log(f"downloaded {len(data):,} bytes to {dest}")
-    return text
-
-
-def read_documents(path: Path) -> Iterator[str]:
-    """Documents of a local file: a .jsonl's rows' "text" (FineWeb's row form), else the whole
-    file as one document. Raises DataError naming the file and line of a bad row."""
-    if path.suffix not in (".jsonl", ".json"):
-        yield read_text(path)
-        return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not a JSON row: {e.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{path}:{i}: a row needs a \"text\" string")
-            yield row["text"]
-
-
-def stream_fineweb(dataset: str, config: str) -> Iterator[str]:
-    """FineWeb-Edu's texts, streamed by `datasets` (nothing but the shards is kept on disk).
-    Raises DataError if `datasets` is not installed; checked when called, before any download."""
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise DataError(f"datasets is not installed; run: {install_hint('data', 'datasets', 'tiktoken')}") from None
-
-    def rows() -> Iterator[str]:
-        for row in load_dataset(dataset, name=config, split="train", streaming=True):
-            yield row["text"]
-    return rows()
 
 
 # ---------------------------------------------------------------- tokens out
@@ -312,76 +354,18 @@ def write_chars(text: str, out_dir: Path, bar) -> Prepared:
                     {"train": cut, "val": len(ids) - cut}, vocab_size=len(chars))
 
 
-def write_bpe(text: str, out_dir: Path, encoder: Encoder, bar) -> Prepared:
+def write_bpe(text: str, out_dir: Path, encoder: Encoder, bar, boundary: Callable[[], None] = lambda: None) -> Prepared:
     """shakespeare's layout in out_dir: each 90/10 part of the text encoded whole (a cut inside
-    a part could change its tokens), as train.bin and val.bin (uint16)."""
+    a part could change its tokens), as train.bin and val.bin (uint16). boundary() is called
+    between the parts and may raise to stop."""
     parts = dict(zip(("train", "val"), _split_text(text)))
     task = bar.add_task(f"encoding with {encoder.name} BPE (characters)", total=len(text))
     tokens = {}
     for split, part in parts.items():
+        if split != "train":
+            boundary()
         ids = np.asarray(encoder.encode(part), dtype=np.int64)
         write_tokens(out_dir / f"{split}.bin", ids)
         tokens[split] = len(ids)
         bar.advance(task, len(part))
     return Prepared(out_dir, [out_dir / "train.bin", out_dir / "val.bin"], tokens)
-
-
-def shard_path(out_dir: Path, name: str, index: int) -> Path:
-    split = "val" if index == 0 else "train"
-    return out_dir / f"{name}_{split}_{index:06d}.bin"
-
-
-def _shard_tokens(paths: list[Path]) -> int:
-    from trainer.data.tokenfiles import read_llmc_shard
-    return sum(len(read_llmc_shard(p)) for p in paths)
-
-
-def tokenize_to_shards(texts: Iterable[str], encode: Callable[[str], list[int]], out_dir: str | Path, *,
-                       name: str = "fineweb", shard_size: int = 100_000_000, max_tokens: int | None = None,
-                       eot: int = GPT2_EOT, log: Callable[[str], None] = lambda s: None, bar=None) -> list[Path]:
-    """Tokenize texts ([eot] + encode(text) each) into llm.c shards of shard_size tokens in
-    out_dir; the first shard is val, the others train. Stops after max_tokens tokens, reading
-    no document past it. Returns the shard paths written. At least two shards are needed (one
-    val, one train); raises DataError otherwise, or for ids that do not fit in uint16."""
-    if shard_size < 1:
-        raise DataError(f"--shard-size must be at least 1, got {shard_size}")
-    if max_tokens is not None and max_tokens <= shard_size:
-        raise DataError(f"--max-tokens {max_tokens} fills at most the val shard; make it larger than "
-                        f"--shard-size {shard_size} so there is train data too")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    task = bar.add_task("tokenizing (tokens)", total=max_tokens) if bar is not None else None
-    buf = np.empty(shard_size, dtype=np.uint16)
-    filled, total, written = 0, 0, []
-
-    def flush() -> None:
-        nonlocal filled
-        path = shard_path(out_dir, name, len(written))
-        write_llmc_shard(path, buf[:filled])
-        written.append(path)
-        log(f"wrote {path.name} ({filled:,} tokens, {total:,} so far)")
-        filled = 0
-
-    for text in texts:
-        doc = np.asarray([eot, *encode(text)], dtype=np.int64)
-        if doc.max() > np.iinfo(np.uint16).max or doc.min() < 0:
-            raise DataError(f"token ids {doc.min()}..{doc.max()} do not fit in uint16 shards")
-        if max_tokens is not None:
-            doc = doc[:max_tokens - total]
-        pos = 0
-        while pos < len(doc):  # a document spills into the next shard where this one is full
-            take = min(shard_size - filled, len(doc) - pos)
-            buf[filled:filled + take] = doc[pos:pos + take]
-            filled, total, pos = filled + take, total + take, pos + take
-            if filled == shard_size:
-                flush()
-        if task is not None:
-            bar.update(task, completed=total)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    if filled:
-        flush()
-    if len(written) < 2:
-        raise DataError(f"only {total:,} tokens, enough for the val shard alone; lower --shard-size "
-                        f"(now {shard_size:,}) so there is train data too")
-    return written
