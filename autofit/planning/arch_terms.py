@@ -122,6 +122,18 @@ def softcap_head_extra(shape, N: int, amp: bool) -> tuple[int, int]:
     return nv, nv
 
 
+def embedding_backward_bytes(shape, amp: bool) -> int:
+    """The head's gradients at wte's backward (bytes, besides `gradients`): wte's dense fp32
+    gradient, and, tied, the lm_head gradient held in autograd's buffer to be summed with it.
+    Under autocast that held gradient is the fp32 upcast of the 16-bit copy's gradient and the
+    sum is made out of place (aten.add.Tensor, measured on the budgeted CPU device: V 4096, C 128,
+    bf16): one V x C fp32 buffer more than in fp32, where the sum is made in place."""
+    VC = shape.vocab_size * shape.n_embd
+    if not shape.tie_embeddings:
+        return 4 * VC
+    return (12 if amp else 8) * VC
+
+
 def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int,
                    amp: bool = False) -> list[tuple[str, int, int]]:
     """(phase, activations, loss-head bytes) of torch's chunked F.linear_cross_entropy (torch >= 2.13,

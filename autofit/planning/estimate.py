@@ -335,11 +335,7 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     # in `gradients`); wpe's gradient beside them.
     grads_before_embedding = grads_all if accumulating else \
         max(0, grads_all - 4 * VC - wpe)
-    # Under autocast the held lm_head gradient is the fp32 upcast of the 16-bit copy's gradient, and
-    # autograd sums wte's two gradients out of place (aten.add.Tensor, measured on the budgeted CPU
-    # device): one V x C fp32 buffer more than in fp32, where the sum is made in place.
-    tied_sum = 4 * VC if shape.tie_embeddings and amp else 0
-    add("backward (embedding)", grads_before_embedding, 0, (2 if shape.tie_embeddings else 1) * 4 * VC + wpe + tied_sum)
+    add("backward (embedding)", grads_before_embedding, 0, arch.embedding_backward_bytes(shape, amp) + wpe)
     # optimizer step: the whole batch's ids are still referenced by the caller on CPU; the fused
     # CUDA AdamW that make_optimizer picks updates in place.
     add("optimizer step", grads_all, 0, 0, 0 if cuda else arch.optimizer_cpu_temporaries(shape))
