@@ -202,3 +202,13 @@ def test_an_oom_in_a_short_stage_lowers_the_tokens_of_later_stages(tmp_path, mon
     assert shrink["micro_batch_at_block_size"] == 1  # the profile's lesson, in the plan's sequences
     assert [s[2] for s in spy.steps[1:3]] == [[3, 3, 3, 3]] * 2
     assert [s[2] for s in spy.steps[3:]] == [[1] * 12] * 2 + [[1] * 8] * 2
+
+
+def test_every_stages_batch_must_divide_among_the_ranks(tmp_path):
+    from trainer.errors import TrainError
+    from trainer.recovery import StagedRun
+    cfg = make_cfg(tmp_path)
+    assert StagedRun(cfg, 4, 4).micro_batches(0) == [3]  # 12 / 4 ranks, at most 8 sequences of 32
+    with pytest.raises(TrainError, match=r"^stages\[2\] \(8 x 64 = 512 tokens per step\): 8 sequences do not divide "
+                                         r"among 3 ranks; make its tokens_per_step a multiple of 3 x 64 = 192$"):
+        StagedRun(cfg, 3, 4)  # stages 0 and 1 (12 sequences) divide, the last (8) does not

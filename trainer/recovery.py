@@ -21,7 +21,6 @@ from typing import Callable
 
 from trainer.compiler import COMPILE_WINDOW
 from trainer.config.stages import Stage, fitted_stage, stage_at, stage_micro_batch
-from trainer.distributed import ranks as D
 from trainer.errors import TrainError
 from trainer.step import split_batch
 
@@ -123,11 +122,11 @@ class StagedRun:
         self.max_tokens = micro_batch * cfg.block_size  # per micro-batch, on each rank
         self.index: int | None = None
         self._entered_micro = 0
-        for i, st in enumerate(self.stages):
-            try:
-                D.check_divisible(st.effective_batch, world_size)
-            except TrainError as e:
-                raise TrainError(f"stages[{i}] ({st.words()}): {e}") from None
+        for i, st in enumerate(self.stages):  # each rank's share of every stage's batch is whole
+            if st.effective_batch % world_size:
+                raise TrainError(f"stages[{i}] ({st.words()}): {st.effective_batch} sequences do not divide among "
+                                 f"{world_size} ranks; make its tokens_per_step a multiple of {world_size} x "
+                                 f"{st.block_size} = {world_size * st.block_size}")
 
     @staticmethod
     def fitted_batch(cfg) -> int:

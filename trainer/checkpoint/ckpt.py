@@ -166,7 +166,9 @@ def resume_changes(saved, new) -> list[str]:
     Fields in RESUME_SAFE_FIELDS may change; the effective batch may not."""
     out = [f"{k} {getattr(saved, k)!r} -> {getattr(new, k)!r}" for k in type(saved).model_fields
            if k not in RESUME_SAFE_FIELDS and getattr(saved, k) != getattr(new, k)]
-    if saved.effective_batch != new.effective_batch:
+    # a schedule's batches are its stages' (a change of stages is named above); batch_size x
+    # gradient_accumulation_steps is not what it trains
+    if saved.effective_batch != new.effective_batch and not (saved.stages or new.stages):
         out.append(f"effective batch {saved.effective_batch} -> {new.effective_batch} sequences")
     return out
 
