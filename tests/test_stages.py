@@ -125,6 +125,9 @@ def test_stages_read_alike_from_toml_py_and_set(tmp_path):
 def test_stage_at_switches_at_until_iter():
     stages = make_cfg("x").stages
     assert [stage_at(stages, it) for it in range(8)] == [0, 0, 0, 1, 1, 2, 2, 2]
+    from trainer.config.stages import batch_words
+    assert batch_words(make_cfg("x")).endswith("steps 0-2: 12 x 32 = 384 tokens per step; steps 3-4: 12 x 64 = 768 "
+                                               "tokens per step; steps 5 on: 8 x 64 = 512 tokens per step")
 
 
 # ---------------------------------------------------------------- probe

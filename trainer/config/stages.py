@@ -134,6 +134,19 @@ def fitted_config(cfg):
     return out
 
 
+def batch_words(cfg) -> str:
+    """'effective batch: 8 sequences = 8,192 tokens per optimizer step', or for a schedule of
+    stages each stage's steps and batch."""
+    if not cfg.stages:
+        return f"effective batch: {cfg.effective_batch} sequences = {cfg.tokens_per_step:,} tokens per optimizer step"
+    parts, start = [], 0
+    for s in cfg.stages:
+        steps = f"steps {start}-{s.until_iter - 1}" if s.until_iter is not None else f"steps {start} on"
+        parts.append(f"{steps}: {s.words()}")
+        start = s.until_iter or start
+    return f"schedule of {len(cfg.stages)} stages, each effective batch exact: " + "; ".join(parts)
+
+
 def stage_at(stages: tuple[Stage, ...], it: int) -> int:
     """Index of the stage that runs optimizer step `it` (0-based)."""
     for i, s in enumerate(stages):
