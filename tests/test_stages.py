@@ -142,6 +142,13 @@ def test_probe_fits_the_largest_stage_and_the_plan_says_so(tmp_path, monkeypatch
     assert (res.plan.block_size, res.plan.effective_batch) == (64, 12)
     lines = stage_lines(cfg, res.plan)
     assert "the plan fits stages[1]" in lines[0] and lines[2].endswith("(fitted)")
+    from rich.console import Console
+    from autofit.report.render import render_probe
+    console = Console(record=True, width=300)
+    render_probe(res, console, cfg=cfg)
+    text = console.export_text()
+    # the config as written is its fitted stage: batch_size 4 x 3 = its 12 sequences
+    assert "your config as written (4 x 3, " in text and "stages[1] steps 3 to 4: 12 x 64" in text
     # the measured probe on an opened device sees the same config
     seen = []
     monkeypatch.setattr(probe_mod, "probe_measured", lambda c, *a, **k: seen.append(c) or "result")

@@ -39,13 +39,12 @@ def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None
         console.print(f"  note: {d.note}")
     console.print(f"[bold]mode[/]: {src}")
     if cfg is not None:
+        from trainer.config.stages import fitted_config
+        staged, cfg = cfg, fitted_config(cfg)  # a schedule (trainer/config/stages.py): its largest stage, as probed
         console.print(f"[bold]your config as written[/] ({as_written_label(cfg, res)}): {as_written_verdict(res, cfg)}")
         console.print(f"[bold]model[/]: {model_words(cfg)}")
-        if cfg.stages:  # a schedule (trainer/config/stages.py): the plan is its largest stage's
-            for line in stage_lines(cfg, res.plan):
-                console.print(line, markup=False)
-            from trainer.config.stages import fitted_config
-            cfg = fitted_config(cfg)
+        for line in stage_lines(staged, res.plan) if staged.stages else []:
+            console.print(line, markup=False)
     if verbose:
         console.print(f"[bold]target[/]: {res.effective_batch} sequences x {res.block_size} tokens = "
                       f"{res.effective_batch * res.block_size:,} tokens per optimizer step (kept exact)")
