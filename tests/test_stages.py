@@ -210,6 +210,11 @@ def test_an_oom_in_a_short_stage_lowers_the_tokens_of_later_stages(tmp_path, mon
     # 6 x 32 halved to 3 x 32 = 96 tokens: one 64-token sequence per micro-batch from then on
     assert (shrink["old_micro_batch"], shrink["new_micro_batch"], shrink["stage"]) == (6, 3, 0)
     assert shrink["micro_batch_at_block_size"] == 1  # the profile's lesson, in the plan's sequences
+    import autofit.launch.run as launch
+    recorded = []
+    monkeypatch.setattr(launch, "record_event", lambda *a, **k: recorded.append(k["safe_micro_batch"]))
+    launch._profile_recorder("cpu-64mb", "abc", log=lambda s: None)(shrink)
+    assert recorded == [1]  # not 3: three 64-token sequences would exceed the 96 tokens that fitted
     assert [s[2] for s in spy.steps[1:3]] == [[3, 3, 3, 3]] * 2
     assert [s[2] for s in spy.steps[3:]] == [[1] * 12] * 2 + [[1] * 8] * 2
 
