@@ -213,7 +213,8 @@ def test_an_oom_in_a_short_stage_lowers_the_tokens_of_later_stages(tmp_path, mon
     import autofit.launch.run as launch
     recorded = []
     monkeypatch.setattr(launch, "record_event", lambda *a, **k: recorded.append(k["safe_micro_batch"]))
-    launch._profile_recorder("cpu-64mb", "abc", log=lambda s: None)(shrink)
+    real = {k: v for k, v in shrink.items() if k != "injected"}  # an injected one is never a lesson
+    launch._profile_recorder("cpu-64mb", "abc", log=lambda s: None)(real)
     assert recorded == [1]  # not 3: three 64-token sequences would exceed the 96 tokens that fitted
     assert [s[2] for s in spy.steps[1:3]] == [[3, 3, 3, 3]] * 2
     assert [s[2] for s in spy.steps[3:]] == [[1] * 12] * 2 + [[1] * 8] * 2
