@@ -190,11 +190,14 @@ def test_each_stage_keeps_its_effective_batch_exactly(tmp_path, monkeypatch):
     assert [(e["step"], e["stage"]) for e in records(tmp_path, "event") if e["event"] == "stage"] == [(0, 0), (3, 1), (5, 2)]
 
 
-def test_resume_mid_schedule_lands_in_its_stage(tmp_path):
+@pytest.mark.parametrize("stop", [2, 3, 4])
+def test_resume_mid_schedule_lands_in_its_stage(tmp_path, stop):
+    """Stopped inside the first stage (whose sequences, 32, are shorter than the model's, 64), at
+    the boundary (its sampler saved at 32 tokens, the next step in the 64-token stage), or inside the
+    second stage."""
     whole = train(make_cfg(tmp_path / "whole"), opts(micro_batch=4))
-    # stopped inside the first stage, whose sequences (32) are shorter than the model's (64)
-    first = train(make_cfg(tmp_path / "split"), opts(micro_batch=4, max_steps=2))
-    assert first.steps == 2
+    first = train(make_cfg(tmp_path / "split"), opts(micro_batch=4, max_steps=stop))
+    assert first.steps == stop
     rest = train(make_cfg(tmp_path / "split"), opts(micro_batch=4, resume=True))
     assert rest.steps == STEPS
     assert first.losses + rest.losses == pytest.approx(whole.losses, rel=1e-6, abs=0)
@@ -228,3 +231,22 @@ def test_every_stages_batch_must_divide_among_the_ranks(tmp_path):
     with pytest.raises(TrainError, match=r"^stages\[2\] \(8 x 64 = 512 tokens per step\): 8 sequences do not divide "
                                          r"among 3 ranks; make its tokens_per_step a multiple of 3 x 64 = 192$"):
         StagedRun(cfg, 3, 4)  # stages 0 and 1 (12 sequences) divide, the last (8) does not
+
+
+def test_a_resume_keeps_the_token_limit_an_oom_lowered(tmp_path, monkeypatch):
+    """An OOM shrink in the 32-token stage (6 -> 3 sequences: 96 tokens) is the limit after
+    `autofit run --resume` too: the checkpoint keeps it (stage_max_tokens), and the resumed run's
+    micro-batch at block_size is 1 (not the stage's 3, read as 3 x 64 tokens)."""
+    from autofit.launch.probe import ProbeOptions
+    from autofit.launch.resume import prepare_resume
+    first = train(make_cfg(tmp_path), opts(micro_batch=4, max_steps=2, fault=FaultInjector(1)))
+    assert first.micro_batches == [3, 3, 3, 3]
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ck["stage_max_tokens"] == 96
+    launch = prepare_resume(str(tmp_path), {}, probe_opts=ProbeOptions(), max_steps=None, progress=False,
+                            log=lambda s: None)
+    assert launch.opts.micro_batch == 1
+    spy = StepSpy(monkeypatch)
+    rest = train(launch.cfg, launch.opts)
+    assert rest.steps == STEPS
+    assert [s[2] for s in spy.steps] == [[3, 3, 3, 3]] + [[1] * 12] * 2 + [[1] * 8] * 2

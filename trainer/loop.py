@@ -330,7 +330,7 @@ class Trainer:
         """Applies the recovery policy after an OOM (or thrashing); the caller redoes the step."""
         kind, info = self.recovery.after_oom(self.iter_num, self.compiled, reason)
         if self.stages is not None and "new_micro_batch" in info:  # the profile's lesson, at block_size
-            info.update(self.stages.shrink_fields(info["new_micro_batch"]))
+            info.update(self.stages.shrunk(info["new_micro_batch"]))
         if "effective_batch" in info:  # the recovery policy sees this rank's share
             info["effective_batch"] *= self.world_size
         if kind == "compile_fallback_eager":  # no compiled state outlives the fallback
@@ -392,7 +392,7 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         ck = read_checkpoint(self.ckpt_path, self.device, any_layout=True)
         if self.stages is not None:  # the checkpoint's sampler state is at its stage's block size
-            self.stages.enter(self, int(ck.get("iter_num", 0)))
+            self.stages.resume(self, ck)
         restore(self, ck)
 
 

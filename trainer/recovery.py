@@ -13,7 +13,7 @@ A staged run (trainer/config/stages.py) changes the step's batch and block size 
 begins (StagedRun): the plan's micro-batch is the one fitted at the config's block_size (the
 largest stage's); a stage of shorter sequences runs the most sequences whose tokens do not exceed
 it (trainer.config.stages.stage_micro_batch), its effective batch exact. An out-of-memory shrink
-in a stage lowers that token limit for every later stage too.
+in a stage lowers that token limit for the rest of the run (and is kept in its checkpoint).
 """
 from __future__ import annotations
 
@@ -121,7 +121,6 @@ class StagedRun:
         self.world_size = world_size
         self.max_tokens = micro_batch * cfg.block_size  # per micro-batch, on each rank
         self.index: int | None = None
-        self._entered_micro = 0
         for i, st in enumerate(self.stages):  # each rank's share of every stage's batch is whole
             if st.effective_batch % world_size:
                 raise TrainError(f"stages[{i}] ({st.words()}): {st.effective_batch} sequences do not divide among "
@@ -152,27 +151,33 @@ class StagedRun:
         if i == self.index:
             return
         t, st = trainer, self.stages[i]
-        self._note_shrink(t)
         mbs = self.micro_batches(i)
         t.batches.set_block_size(st.block_size)  # the training sampler's (the evaluator keeps the model's)
         t.step_batch, t.rank_batch = st.effective_batch, sum(mbs)
         t.recovery.rank_batch, t.recovery.micro_batches = sum(mbs), mbs
         if t.compiled:  # new shapes compile now: the compile fallbacks apply again
             t.recovery.compiled_at(it)
-        previous, self.index, self._entered_micro = self.index, i, max(mbs)
+        previous, self.index = self.index, i
         t._event("stage", step=it, stage=i, previous=previous, block_size=st.block_size, effective_batch=st.effective_batch,
                  tokens_per_step=st.tokens_per_step, micro_batches=mbs, until_iter=st.until_iter)
 
-    def _note_shrink(self, t) -> None:
-        """An out-of-memory shrink in the stage that ends: its smaller micro-batch's tokens are the
-        limit from now on."""
-        if self.index is not None and max(t.micro_batches) < self._entered_micro:
-            self.max_tokens = min(self.max_tokens, max(t.micro_batches) * self.stages[self.index].block_size)
+    def resume(self, t, ck: dict) -> None:
+        """Before checkpoint `ck` is restored: the tokens per micro-batch it ran at (its
+        stage_max_tokens, lowered by any OOM shrink), and the sampler at the block size its state
+        was saved at (the stage of its last step: its check compares like with like; the next step
+        enters its own stage). A block size that is no stage's is left for that check to refuse."""
+        if ck.get("stage_max_tokens"):
+            self.max_tokens = int(ck["stage_max_tokens"])
+        saved = (ck.get("sampler") or {}).get("block_size")
+        if saved in {s.block_size for s in self.stages}:  # step k's batch is drawn at its stage's length
+            t.batches.set_block_size(saved)
 
-    def shrink_fields(self, new_micro: int) -> dict:
-        """Fields of an OOM-shrink event in a staged run: the stage, and the new micro-batch in
-        sequences of cfg.block_size (what a saved plan's micro-batch means) for the profile."""
+    def shrunk(self, new_micro: int) -> dict:
+        """After an out-of-memory shrink to `new_micro` sequences in this stage: its tokens are the
+        limit from now on, in every later stage too. Returns the event's fields: the stage, and the
+        new micro-batch in sequences of cfg.block_size (what a saved plan's micro-batch means)."""
         T = self.stages[self.index].block_size
+        self.max_tokens = min(self.max_tokens, new_micro * T)
         return {"stage": self.index, "micro_batch_at_block_size": max(1, new_micro * T // self.block_size)}
 
     def record_fields(self) -> dict:

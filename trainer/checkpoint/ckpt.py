@@ -68,7 +68,8 @@ def training_state(trainer) -> dict:
         "sampler": t.sampler.state_dict(),
         "eval_sampler": t.evaluator.sampler.state_dict(),
         "compile_failed": t.compile_failed,
-        "micro_batches": list(t.micro_batches),
+        "micro_batches": list(t.micro_batches),  # a staged run's are its stage's; stage_max_tokens its limit
+        **({"stage_max_tokens": t.stages.max_tokens} if getattr(t, "stages", None) is not None else {}),
         "plan": json.dumps(t.opts.plan_info) if t.opts.plan_info else None,
         "device": t.meter.spec(),
         "rng_cpu": torch.get_rng_state(),
