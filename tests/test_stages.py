@@ -250,3 +250,16 @@ def test_a_resume_keeps_the_token_limit_an_oom_lowered(tmp_path, monkeypatch):
     rest = train(launch.cfg, launch.opts)
     assert rest.steps == STEPS
     assert [s[2] for s in spy.steps] == [[3, 3, 3, 3]] + [[1] * 12] * 2 + [[1] * 8] * 2
+
+
+def test_a_measured_probe_on_the_budgeted_cpu_fits_the_largest_stage(tmp_path):
+    """Real trials (the budgeted CPU device): they run the largest stage's 64-token sequences, and the
+    plan's batch is its 12 sequences."""
+    cfg = make_cfg(tmp_path)
+    said = []
+    res, _, _ = run_probe(cfg, ProbeOptions(device="cpu", budget_bytes=256 * 2**20, checkpointing=[0],
+                                            loss_impls=["standard"], compile=False), log=said.append)
+    assert res.mode == "measured" and any(t.status == "fit" for t in res.trials)
+    assert (res.plan.block_size, res.plan.effective_batch, sum(res.plan.micro_batches)) == (64, 12, 12)
+    assert res.block_size == 64 and res.effective_batch == 12
+    assert said[0].startswith("schedule of 3 stages: fitting stages[1] (12 x 64 = 768 tokens per step)")
