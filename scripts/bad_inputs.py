@@ -757,6 +757,24 @@ ROWS: list[Row] = [
     # ---- issue 15: the probe's trial records, appended as each trial ends (AUTOFIT_TRIALS_JSONL)
     Row("15: AUTOFIT_TRIALS_JSONL under a file", [*PROBE, "--json"], write("f", "x"), unchanged("f", "x"),
         env={"AUTOFIT_TRIALS_JSONL": "f/trials.jsonl"}),
+    # issue 16: a schedule of stages (trainer/config/stages.py)
+    Row("stages: tokens not whole sequences (--set)",
+        ["config", "--set", "block_size=32", "--set", "stages=[dict(block_size=32, tokens_per_step=100)]"], by="stages"),
+    Row("stages: a middle stage without until_iter (TOML)", ["config", "--config", "c.toml"],
+        write("c.toml", "block_size = 32\nstages = [{block_size = 16, tokens_per_step = 64}, "
+                        "{block_size = 32, tokens_per_step = 64}]\n"), by="stages"),
+    Row("stages: a call in a .py stage list", ["config", "--config", "c.py"],
+        write("c.py", "stages = [dict(block_size=32, tokens_per_step=64), int('3')]\n"), by="stages"),
+    Row("stages: largest block_size above the model's", ["config", "--set", "block_size=32",
+                                                         "--set", "stages=[dict(block_size=64, tokens_per_step=64)]"],
+        by="stages"),
+    Row("stages: a stage's batch not dividing among the ranks", [*RUN, "--nproc-per-node", "3", "--set",
+                                                               "stages=[dict(block_size=32, tokens_per_step=128)]",
+                                                               "--out", "o"], check=absent("o"), by="stages"),
+    Row("stages: a valid staged run trains", [*RUN[:-3], "--max-steps", "3", "--no-progress", "--no-probe", "--set",
+                                             "stages=[dict(until_iter=2, block_size=16, tokens_per_step=256), "
+                                             "dict(block_size=32, tokens_per_step=512)]", "--out", "o"],
+        ok=True, by="stages"),
 ]
 
 # Rows whose fix is on another branch and has not landed here yet. Flip them as fixes merge.

@@ -219,6 +219,61 @@ def test_muon_updates_block_matrices_as_torch_muon_and_the_rest_with_adamw():
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
+def test_muon_adamw_is_an_optimizer_for_schedulers_hooks_and_grad_scaler():
+    """What a user does with an optimizer works on Muon + AdamW: a torch LR scheduler (it refuses
+    anything but a torch.optim.Optimizer) reaches both parts, step hooks fire, GradScaler unscales
+    every group and skips the whole step on an inf, zero_grad(set_to_none) clears every gradient,
+    and after load_state_dict the groups are still the parts' own."""
+    def fresh():
+        m = gpt(**MODERN)
+        return m, make_optimizer(m, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu",
+                                 optimizer="muon", muon_lr=0.05)
+    m, opt = fresh()
+    assert isinstance(opt, torch.optim.Optimizer)
+    steps = []
+    opt.register_step_post_hook(lambda o, args, kwargs: steps.append(1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    x, y = batch(2)
+    m(x, y).backward()
+    calls = []
+    opt.step(lambda: calls.append(1))  # a closure runs once
+    sched.step()
+    assert (len(steps), len(calls)) == (1, 1)
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)
+    assert [g["lr"] for g in opt.adamw.param_groups] == pytest.approx([1e-3 * 0.5] * 2)
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in m.parameters())
+    # GradScaler: unscale_ divides every group's gradients; an inf in a Muon matrix skips both parts
+    m, opt = fresh()
+    m(x, y).backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale(m(x, y)).backward()
+    scaler.unscale_(opt)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    scaler.step(opt)  # finite: both parts step
+    scaler.update()
+    assert not torch.equal(m.transformer.h[0].attn.c_attn.weight, before["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(m.lm_head.weight, before["lm_head.weight"])
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt.zero_grad()
+    scaler.scale(m(x, y)).backward()
+    m.transformer.h[0].attn.c_attn.weight.grad[0, 0] = float("inf")
+    scaler.step(opt)  # unscale_ finds the inf: neither part steps
+    scaler.update()
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    assert scaler.get_scale() < 2.0 ** 10
+    # after a load, setting a group's lr (as the training loop does) still reaches its part
+    _, opt2 = fresh()
+    opt2.load_state_dict(opt.state_dict())
+    opt2.param_groups[0]["lr"], opt2.param_groups[-1]["lr"] = 0.123, 0.456
+    assert (opt2.muon.param_groups[0]["lr"], opt2.adamw.param_groups[-1]["lr"]) == (0.123, 0.456)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
 def test_modern_model_trains_with_muon():
     m = gpt(**MODERN)
     opt = make_optimizer(m, learning_rate=3e-3, weight_decay=0.0, betas=(0.9, 0.95), device_type="cpu",
@@ -344,3 +399,22 @@ def test_plan_words_name_the_model_options():
     for w in ("rope (base 100000)", "rmsnorm", "qk-norm", "relu2 MLP", "2 of 6 heads for K/V (GQA)",
               "untied embeddings", "soft-capped at 15", "Muon"):
         assert w in words, w
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
+def test_a_resumed_muon_run_follows_the_lr_schedule(tmp_path):
+    """A Muon run stopped and resumed trains as the uninterrupted one: the schedule's lr reaches both
+    parts after the optimizer state is loaded (their group dicts are rebuilt by the load)."""
+    from trainer.loop import RunOptions, train
+
+    def cfg(out):
+        sets = dict(n_layer=2, n_embd=32, n_head=2, block_size=32, batch_size=4, gradient_accumulation_steps=1,
+                    dataset="embedded", out_dir=str(out), max_iters=6, warmup_iters=1, lr_decay_iters=6,
+                    learning_rate=3e-3, min_lr=1e-4, eval_interval=0, compile=False, device="cpu", dtype="float32",
+                    optimizer="muon", muon_lr=0.05, **{k: v for k, v in MODERN.items() if k != "n_kv_head"})
+        return load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in sets.items()])
+    opts = dict(device=torch.device("cpu"), progress=False)
+    whole = train(cfg(tmp_path / "whole"), RunOptions(**opts))
+    first = train(cfg(tmp_path / "split"), RunOptions(max_steps=3, **opts))
+    rest = train(cfg(tmp_path / "split"), RunOptions(resume=True, **opts))
+    assert first.losses + rest.losses == pytest.approx(whole.losses, rel=1e-6, abs=0)

@@ -38,7 +38,7 @@ from trainer.model.pretrained import build_model
 from trainer.distributed.multirank import RankGroup, pick_device
 from trainer.options import RunOptions, RunResult
 from trainer.distributed.ranks import Ranks
-from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS, Recovery, ThrashDetector
+from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS, Recovery, StagedRun, ThrashDetector
 from trainer.schedule import lr_at
 from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, make_optimizer,
                           set_matmul_precision, train_step)
@@ -53,7 +53,8 @@ class Trainer:
         ranks = Ranks.from_env()  # torchrun's ranks (one process: rank 0 of 1)
         self.rank, self.world_size, self.master = ranks.rank, ranks.world_size, ranks.master
         self.device = opts.device or pick_device(cfg.device, ranks)
-        self.group = RankGroup(ranks, self.device, cfg.effective_batch, cfg.parallelism)
+        self.step_batch = StagedRun.fitted_batch(cfg)  # staged: the fitted stage's until the first step
+        self.group = RankGroup(ranks, self.device, self.step_batch, cfg.parallelism)
         try:
             self.dtype = check_dtype(cfg.dtype, self.device)
         except ValueError as e:
@@ -63,9 +64,10 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.metrics = MetricsLog(self.out_dir, self.master)
         self._open_data()
-        self.rank_batch = cfg.effective_batch // self.world_size
+        self.rank_batch = self.step_batch // self.world_size
         self.recovery = Recovery(self.rank_batch, opts.micro_batch or cfg.batch_size, opts.shrink,
                                  opts.compiled_fit_sizes)
+        self.stages = StagedRun.of(cfg, self.world_size, opts.micro_batch or cfg.batch_size)  # None: one stage
         self.thrash = ThrashDetector()
         self.compile_after = (opts.compile_after if opts.compile_after is not None
                               else cfg.compile_after if cfg.compile_after is not None
@@ -190,7 +192,7 @@ class Trainer:
                             "resumed_at": self.iter_num if self.opts.resume else None,
                             "device": str(self.device), "dtype": self.dtype, "micro_batches": self.micro_batches,
                             "world_size": self.world_size, "parallelism": self.group.parallelism,
-                            "effective_batch": cfg.effective_batch, "block_size": cfg.block_size,
+                            "effective_batch": self.step_batch, "block_size": cfg.block_size,
                             "compile": cfg.compile, "compile_after": self.compile_after,
                             "plan": self.opts.plan_info, "config": cfg.model_dump(mode="json")})
 
@@ -209,10 +211,12 @@ class Trainer:
         completes or the recovery policy runs out of smaller micro-batches. Returns the step's
         result and its lap on self.clock (the successful attempt only; read it with
         self.clock.seconds, which waits for the device to finish the step)."""
+        if self.stages is not None:  # a new stage: its block size, batch and micro-batches
+            self.stages.enter(self, it)
         lr = lr_at(it, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
-        x, y = self.batches.take(self.cfg.effective_batch)  # the step's batch (this rank's rows), once
+        x, y = self.batches.take(self.step_batch)  # the step's batch (this rank's rows), once
         rng = self._rng_state()  # a redone step draws the same dropout masks
         while True:
             lap = self.clock.start()
@@ -310,7 +314,8 @@ class Trainer:
                # measured on this device, or None: allocated (tensors) and reserved (the allocator's
                # segments, which is what runs out on CUDA)
                "peak_mem_bytes": self.meter.peak_bytes(), "peak_reserved_bytes": self.meter.peak_reserved_bytes(),
-               "compiled": self.compiled, "grad_norm": res.grad_norm}
+               "compiled": self.compiled, "grad_norm": res.grad_norm,
+               **(self.stages.record_fields() if self.stages is not None else {})}
         self.metrics.write(rec)
         self._progress.print(describe_step(rec))
 
@@ -324,6 +329,8 @@ class Trainer:
     def _shrink(self, reason: str, injected: bool = False, **extra) -> None:
         """Applies the recovery policy after an OOM (or thrashing); the caller redoes the step."""
         kind, info = self.recovery.after_oom(self.iter_num, self.compiled, reason)
+        if self.stages is not None and "new_micro_batch" in info:  # the profile's lesson, at block_size
+            info.update(self.stages.shrunk(info["new_micro_batch"]))
         if "effective_batch" in info:  # the recovery policy sees this rank's share
             info["effective_batch"] *= self.world_size
         if kind == "compile_fallback_eager":  # no compiled state outlives the fallback
@@ -383,7 +390,10 @@ class Trainer:
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:
-        restore(self, read_checkpoint(self.ckpt_path, self.device, any_layout=True))
+        ck = read_checkpoint(self.ckpt_path, self.device, any_layout=True)
+        if self.stages is not None:  # the checkpoint's sampler state is at its stage's block size
+            self.stages.resume(self, ck)
+        restore(self, ck)
 
 
 def train(cfg: TrainConfig, opts: RunOptions | None = None) -> RunResult:

@@ -31,6 +31,8 @@ EVENT_TEXT = {
     "world_size_changed": "resumed on {new_world_size} rank(s) (the checkpoint's run had {old_world_size}): the "
                           "effective batch stays {effective_batch}; each rank's share {old_rank_batch} -> "
                           "{new_rank_batch} sequences, micro-batches {old_micro_batches} -> {micro_batches}",
+    "stage": "stage {stage} from step {step}: {effective_batch} sequences x {block_size} tokens = "
+             "{tokens_per_step:,} tokens per step, micro-batches {micro_batches}",
     "scaler_skips": "fp16: the GradScaler skipped {skipped_steps} steps in a row (gradients overflow); bfloat16 "
                     "needs no scaler, or lower the learning rate",
 }

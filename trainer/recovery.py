@@ -8,12 +8,19 @@ micro-batches this policy gives:
   fits);
 - otherwise the next size from the shrink policy (the largest smaller size a trial showed to fit,
   else half), the effective batch kept exact by the split.
+
+A staged run (trainer/config/stages.py) changes the step's batch and block size when a new stage
+begins (StagedRun): the plan's micro-batch is the one fitted at the config's block_size (the
+largest stage's); a stage of shorter sequences runs the most sequences whose tokens do not exceed
+it (trainer.config.stages.stage_micro_batch), its effective batch exact. An out-of-memory shrink
+in a stage lowers that token limit for the rest of the run (and is kept in its checkpoint).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from trainer.compiler import COMPILE_WINDOW
+from trainer.config.stages import Stage, fitted_stage, stage_at, stage_micro_batch
 from trainer.errors import TrainError
 from trainer.step import split_batch
 
@@ -101,3 +108,79 @@ class ThrashDetector:
             self.rising = 0
             return True
         return False
+
+
+class StagedRun:
+    """The stages of one run on `world_size` ranks, from `micro_batch` sequences of
+    cfg.block_size tokens per micro-batch (the fitted one). Raises TrainError (one line naming the
+    stage) when a stage's effective batch does not divide among the ranks."""
+
+    def __init__(self, cfg, world_size: int, micro_batch: int):
+        self.stages: tuple[Stage, ...] = cfg.stages
+        self.block_size = cfg.block_size
+        self.world_size = world_size
+        self.max_tokens = micro_batch * cfg.block_size  # per micro-batch, on each rank
+        self.index: int | None = None
+        for i, st in enumerate(self.stages):  # each rank's share of every stage's batch is whole
+            if st.effective_batch % world_size:
+                raise TrainError(f"stages[{i}] ({st.words()}): {st.effective_batch} sequences do not divide among "
+                                 f"{world_size} ranks; make its tokens_per_step a multiple of {world_size} x "
+                                 f"{st.block_size} = {world_size * st.block_size}")
+
+    @staticmethod
+    def fitted_batch(cfg) -> int:
+        """The effective batch (sequences, all ranks) the plan was fitted for: the config's, or its
+        fitted stage's (trainer.config.stages.fitted_stage)."""
+        return cfg.stages[fitted_stage(cfg.stages)].effective_batch if cfg.stages else cfg.effective_batch
+
+    @classmethod
+    def of(cls, cfg, world_size: int, micro_batch: int) -> "StagedRun | None":
+        return cls(cfg, world_size, micro_batch) if cfg.stages else None
+
+    def micro_batches(self, i: int) -> list[int]:
+        """Stage i's micro-batches on each rank (they add up to its rank batch exactly)."""
+        st = self.stages[i]
+        rank_batch = st.effective_batch // self.world_size
+        return split_batch(rank_batch, stage_micro_batch(self.max_tokens, 1, st.block_size, rank_batch))
+
+    def enter(self, trainer, it: int) -> None:
+        """Before optimizer step `it`: when it starts a new stage (or is the first step run, or
+        resumed), set the trainer's sampler block size, step batch and micro-batches to the
+        stage's, and record a 'stage' event. Nothing changes within a stage."""
+        i = stage_at(self.stages, it)
+        if i == self.index:
+            return
+        t, st = trainer, self.stages[i]
+        mbs = self.micro_batches(i)
+        t.batches.set_block_size(st.block_size)  # the training sampler's (the evaluator keeps the model's)
+        t.step_batch, t.rank_batch = st.effective_batch, sum(mbs)
+        t.recovery.rank_batch, t.recovery.micro_batches = sum(mbs), mbs
+        if t.compiled:  # new shapes compile now: the compile fallbacks apply again
+            t.recovery.compiled_at(it)
+        previous, self.index = self.index, i
+        t._event("stage", step=it, stage=i, previous=previous, block_size=st.block_size, effective_batch=st.effective_batch,
+                 tokens_per_step=st.tokens_per_step, micro_batches=mbs, until_iter=st.until_iter)
+
+    def resume(self, t, ck: dict) -> None:
+        """Before checkpoint `ck` is restored: the tokens per micro-batch it ran at (its
+        stage_max_tokens, lowered by any OOM shrink), and the sampler at the block size its state
+        was saved at (the stage of its last step: its check compares like with like; the next step
+        enters its own stage). A block size that is no stage's is left for that check to refuse."""
+        if ck.get("stage_max_tokens"):
+            self.max_tokens = int(ck["stage_max_tokens"])
+        saved = (ck.get("sampler") or {}).get("block_size")
+        if saved in {s.block_size for s in self.stages}:  # step k's batch is drawn at its stage's length
+            t.batches.set_block_size(saved)
+
+    def shrunk(self, new_micro: int) -> dict:
+        """After an out-of-memory shrink to `new_micro` sequences in this stage: its tokens are the
+        limit from now on, in every later stage too. Returns the event's fields: the stage, and the
+        new micro-batch in sequences of cfg.block_size (what a saved plan's micro-batch means)."""
+        T = self.stages[self.index].block_size
+        self.max_tokens = min(self.max_tokens, new_micro * T)
+        return {"stage": self.index, "micro_batch_at_block_size": max(1, new_micro * T // self.block_size)}
+
+    def record_fields(self) -> dict:
+        """The stage fields of a 'train' record."""
+        st = self.stages[self.index]
+        return {"stage": self.index, "block_size": st.block_size}

@@ -114,28 +114,42 @@ def _is_block_matrix(name: str, p: torch.nn.Parameter) -> bool:
     return p.dim() == 2 and ".h." in f".{name}"
 
 
-class MuonAdamW:
-    """torch.optim.Muon and torch.optim.AdamW stepped as one optimizer: param_groups are Muon's
-    then AdamW's (the same dicts, so setting a group's lr reaches its optimizer), and state,
-    step, zero_grad, state_dict ({'muon': ..., 'adamw': ...}) and load_state_dict cover both.
-    torch.amp.GradScaler unscales through param_groups and steps through step(), as for one."""
+class MuonAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon and torch.optim.AdamW stepped as one torch.optim.Optimizer, so that what
+    takes an optimizer takes it: LR schedulers (torch.optim.lr_scheduler checks isinstance),
+    step hooks, torch.amp.GradScaler (unscale_ and step through param_groups and step()).
+
+    param_groups are Muon's then AdamW's, the very same dicts, so setting a group's lr (or a
+    scheduler's initial_lr) reaches the optimizer that owns it. `state` is both parts' state (read
+    only: each part keeps its own); step() steps both; zero_grad is Optimizer's over all groups;
+    state_dict is {'muon': ..., 'adamw': ...} (each part's own format, which a checkpoint keeps)."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
         self.muon, self.adamw = muon, adamw
-        self.param_groups = muon.param_groups + adamw.param_groups
+        # Optimizer's own set-up (hooks, step patching) over the parts' group dicts, shared, not copied;
+        # defaults={} adds no key to any group
+        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
         self.defaults = adamw.defaults
 
     @property
     def state(self) -> dict:
         return {**self.muon.state, **self.adamw.state}
 
-    def step(self, closure=None):
-        self.muon.step()
-        return self.adamw.step(closure)
+    @state.setter
+    def state(self, value) -> None:
+        # Optimizer.__init__ and __setstate__ assign an empty state here; the parts hold the real one
+        pass
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of both parts; `closure` (re-evaluates the loss) runs once, before them."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
@@ -146,6 +160,8 @@ class MuonAdamW:
             raise ValueError("the optimizer state is not Muon + AdamW's (was the run trained with AdamW?)")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+        # a part's load_state_dict rebuilds its group dicts: share them again
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
 
 
 class InjectedOOM(torch.OutOfMemoryError):

@@ -29,11 +29,11 @@ def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Prese
         print(json.dumps(data, indent=2))
     else:
         from rich.table import Table
+        from trainer.config.stages import batch_words
         t = Table("key", "value", title="resolved TrainConfig")
         for k, v in data.items():
             t.add_row(k, repr(v))
-        console.print(t)
-        console.print(f"effective batch: {cfg.effective_batch} sequences = {cfg.tokens_per_step:,} tokens per optimizer step")
+        console.print(t, batch_words(cfg), sep="\n")  # the table, then the effective batch (or each stage's)
         console.print(f"vocab_size {cfg.vocab_size} from {cfg.source_of('vocab_size')}", soft_wrap=True)
 
 

@@ -74,8 +74,20 @@ def trial_log() -> Callable:
 BIG_FOR_CPU = 20_000_000  # parameters: above this, real trials on a CPU take minutes each
 
 
+def fitted_config(cfg, log: Callable[[str], None] = lambda s: None):
+    """The config the probe fits: `cfg` itself, or for a schedule of stages (trainer/config/stages.py)
+    its largest stage as one ordinary config, said in `log`."""
+    from trainer.config.stages import fitted_config as fitted, fitted_stage
+    if cfg.stages:
+        i = fitted_stage(cfg.stages)
+        log(f"schedule of {len(cfg.stages)} stages: fitting stages[{i}] ({cfg.stages[i].words()}), the largest "
+            f"block size and so the most memory per sequence; the other stages run at most its tokens per micro-batch")
+    return fitted(cfg)
+
+
 def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]) -> ProbeResult:
     """The measured probe on an opened device (autofit.devices.device.Device) whose budget is known."""
+    cfg = fitted_config(cfg, log)
     from autofit.planning.estimate import ModelShape, param_count
     from autofit.units import fmt_bytes
     from autofit.planning import agree
@@ -107,6 +119,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
 def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: None):
     """Returns (ProbeResult, device or None, hardware spec or None). Raises DeviceError,
     HardwareError or PlanError with one line."""
+    cfg = fitted_config(cfg, log)  # a staged config: its largest stage
     if opts.gpu is not None:
         sim = open_simulated(opts.gpu)
         if opts.device is not None or opts.budget_bytes is not None or opts.gpu_index is not None:

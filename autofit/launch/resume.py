@@ -83,6 +83,8 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
             "only to a nanoGPT checkpoint, which is probed afresh")
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
+    if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
+        micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
     log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
         f"(micro-batch {micro}); no probe")
     _say_split_change(cfg, int(ck.get("world_size", 1)), log)

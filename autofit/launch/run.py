@@ -133,9 +133,11 @@ def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
                 f"not recorded as a lesson")
             return
         if kind in ("oom_shrink", "compile_oom_shrink"):
+            # a staged run's shrink, in sequences of the plan's block size (trainer/config/stages.py)
+            safe = ev.get("micro_batch_at_block_size", ev["new_micro_batch"])
             record_event(name, fp, f"step {ev['step']}: {kind} {ev['old_micro_batch']} -> {ev['new_micro_batch']} "
-                                   f"({ev.get('reason', '')})", safe_micro_batch=ev["new_micro_batch"])
-            log(f"profile {name}: safe micro-batch is now {ev['new_micro_batch']}")
+                                   f"({ev.get('reason', '')})", safe_micro_batch=safe)
+            log(f"profile {name}: safe micro-batch is now {safe}")
         elif kind == "compile_fallback_eager":
             record_event(name, fp, f"step {ev['step']}: compile ran out of memory at micro-batch "
                                    f"{ev['micro_batch']}; eager from now on", compile_failed=True)

@@ -37,6 +37,10 @@ def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
     if resume or (nproc_per_node is None and not under_torchrun()):
         return
     from trainer.distributed.ranks import check_divisible
+    if cfg.stages:  # every stage's effective batch (trainer/config/stages.py), named in the error
+        from trainer.recovery import StagedRun
+        StagedRun(cfg, nproc_per_node or ranks().world_size, 1)
+        return
     check_divisible(cfg.effective_batch, nproc_per_node or ranks().world_size)
 
 

@@ -39,8 +39,12 @@ def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None
         console.print(f"  note: {d.note}")
     console.print(f"[bold]mode[/]: {src}")
     if cfg is not None:
+        from trainer.config.stages import fitted_config
+        staged, cfg = cfg, fitted_config(cfg)  # a schedule (trainer/config/stages.py): its largest stage, as probed
         console.print(f"[bold]your config as written[/] ({as_written_label(cfg, res)}): {as_written_verdict(res, cfg)}")
         console.print(f"[bold]model[/]: {model_words(cfg)}")
+        for line in stage_lines(staged, res.plan) if staged.stages else []:
+            console.print(line, markup=False)
     if verbose:
         console.print(f"[bold]target[/]: {res.effective_batch} sequences x {res.block_size} tokens = "
                       f"{res.effective_batch * res.block_size:,} tokens per optimizer step (kept exact)")
@@ -50,6 +54,26 @@ def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None
     render_breakdown(res.breakdown, res.budget.budget_bytes, res.plan.measured_peak_bytes, console)
     if not verbose:
         console.print("[dim](-v: the budget, every candidate and why this plan won)[/]")
+
+
+def stage_lines(cfg, plan) -> list[str]:
+    """A staged config's schedule under `plan`: which stage was fitted and why, and each stage's
+    micro-batches (the fitted micro-batch's tokens never exceeded, its effective batch exact)."""
+    from trainer.config.stages import fitted_stage, stage_micro_batch
+    from trainer.step import describe_split, split_batch
+    k = fitted_stage(cfg.stages)
+    out = [f"schedule: {len(cfg.stages)} stages; the plan fits stages[{k}] (the largest block size, "
+           f"{cfg.stages[k].block_size}: the most memory per sequence); each stage runs at most "
+           f"{plan.micro_batch * plan.block_size:,} tokens per micro-batch, its effective batch exact"]
+    start = 0
+    for i, st in enumerate(cfg.stages):
+        rank_batch = st.effective_batch // plan.world_size
+        mbs = split_batch(rank_batch, stage_micro_batch(plan.micro_batch, plan.block_size, st.block_size, rank_batch))
+        end = f"to {st.until_iter - 1}" if st.until_iter is not None else "on"
+        out.append(f"  stages[{i}] steps {start} {end}: {st.words()}; micro-batches {describe_split(mbs)}"
+                   + (" per rank" if plan.world_size > 1 else "") + (" (fitted)" if i == k else ""))
+        start = st.until_iter or start
+    return out
 
 
 def model_words(cfg) -> str:

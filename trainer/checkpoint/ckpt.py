@@ -68,7 +68,8 @@ def training_state(trainer) -> dict:
         "sampler": t.sampler.state_dict(),
         "eval_sampler": t.evaluator.sampler.state_dict(),
         "compile_failed": t.compile_failed,
-        "micro_batches": list(t.micro_batches),
+        "micro_batches": list(t.micro_batches),  # a staged run's are its stage's; stage_max_tokens its limit
+        **({"stage_max_tokens": t.stages.max_tokens} if getattr(t, "stages", None) is not None else {}),
         "plan": json.dumps(t.opts.plan_info) if t.opts.plan_info else None,
         "device": t.meter.spec(),
         "rng_cpu": torch.get_rng_state(),
@@ -166,7 +167,9 @@ def resume_changes(saved, new) -> list[str]:
     Fields in RESUME_SAFE_FIELDS may change; the effective batch may not."""
     out = [f"{k} {getattr(saved, k)!r} -> {getattr(new, k)!r}" for k in type(saved).model_fields
            if k not in RESUME_SAFE_FIELDS and getattr(saved, k) != getattr(new, k)]
-    if saved.effective_batch != new.effective_batch:
+    # a schedule's batches are its stages' (a change of stages is named above); batch_size x
+    # gradient_accumulation_steps is not what it trains
+    if saved.effective_batch != new.effective_batch and not (saved.stages or new.stages):
         out.append(f"effective batch {saved.effective_batch} -> {new.effective_batch} sequences")
     return out
 

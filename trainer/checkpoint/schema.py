@@ -124,6 +124,8 @@ class AutofitCheckpoint(BaseModel):
     rng_cuda: torch.Tensor | None = None
     rng_ranks: list[torch.Tensor] | None = Field(default=None, min_length=1)
     micro_batches: list[StrictInt] = Field(min_length=1)
+    # a staged run (trainer/config/stages.py): tokens per micro-batch it ran at (after any OOM shrink)
+    stage_max_tokens: StrictInt | None = Field(default=None, ge=1)
     plan: str | None = None
     device: DeviceSpec | None = None
     world_size: StrictInt = Field(default=1, ge=1)

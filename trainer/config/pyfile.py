@@ -52,6 +52,10 @@ _REFUSED = {
 
 _ALLOWED = "only literal assignments are allowed, with str(), + on strings and time.time()"
 
+# Keys whose value is a list of tables (trainer/config/stages.py), read with Evaluator.tables
+TABLE_KEYS = ("stages",)
+_MAX_TABLES = 10_000  # items of such a list: no schedule needs more, and the check stays instant
+
 
 class Refused(Exception):
     """A form the reader will not evaluate; `lineno` is where it stands."""
@@ -99,6 +103,24 @@ class Evaluator:
         if isinstance(node, ast.Call):
             return self._call(node)
         raise Refused(node, _describe(node))
+
+    def tables(self, node: ast.AST) -> list[dict[str, Any]]:
+        """A list (or tuple) of tables, each a dict with string keys or dict(key=value), whose
+        values are the pure forms `value` reads: `[dict(until_iter=100, block_size=256), {...}]`."""
+        if not isinstance(node, (ast.List, ast.Tuple)):
+            raise Refused(node, f"{_describe(node)}: expected a list of dicts")
+        if len(node.elts) > _MAX_TABLES:
+            raise Refused(node, f"a list of more than {_MAX_TABLES:,} tables", about_value=True)
+        return [self._table(e) for e in node.elts]
+
+    def _table(self, node: ast.AST) -> dict[str, Any]:
+        if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) and isinstance(k.value, str)
+                                              for k in node.keys):
+            return {k.value: self.value(v) for k, v in zip(node.keys, node.values)}
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" \
+                and not node.args and all(k.arg is not None for k in node.keywords):
+            return {k.arg: self.value(k.value) for k in node.keywords}
+        raise Refused(node, f"{_describe(node)}: expected a dict with string keys, or dict(key=value, ...)")
 
     def _binop(self, node: ast.BinOp) -> int | float | str:
         left, right = self.value(node.left), self.value(node.right)
@@ -162,6 +184,8 @@ class Evaluator:
         if not isinstance(target, ast.Name):
             raise Refused(stmt, f"assignment to {_describe(target).split(' ')[0]}")
         try:
+            if target.id in TABLE_KEYS:
+                return target.id, self.tables(stmt.value)
             return target.id, self.value(stmt.value)
         except RecursionError:
             raise Refused(stmt, "expression nested too deeply") from None
@@ -186,13 +210,15 @@ def _check(node: ast.AST, v: Any) -> int | float:
     return v
 
 
-def literal(text: str) -> int | float | str | bool | None:
-    """The value of one expression in the same pure forms (used for --set values).
+def literal(text: str, key: str | None = None) -> Any:
+    """The value of one expression in the same pure forms (used for --set values); for a key of
+    TABLE_KEYS, a list of tables (Evaluator.tables).
 
     Raises Refused (or SyntaxError/ValueError/RecursionError from `ast.parse`) where `text` is not
     such an expression; time.time() is refused since no `import time` precedes it.
     """
-    return Evaluator().value(ast.parse(text, mode="eval").body)
+    node = ast.parse(text, mode="eval").body
+    return Evaluator().tables(node) if key in TABLE_KEYS else Evaluator().value(node)
 
 
 def parse_py_config(text: str, filename: str = "<config>",

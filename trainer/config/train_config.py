@@ -27,6 +27,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from trainer.paths import PathProblem, TomlProblem, parse_toml, read_user_text
 from trainer.config.model_options import MODERN_DEFAULTS, check_model_options
+from trainer.config.stages import StagesField, check_stages
 from trainer.config.messages import did_you_mean, format_validation_error, unknown_key_message
 from trainer.config.pyfile import ConfigError, Refused, literal, parse_py_config
 
@@ -78,6 +79,8 @@ class TrainConfig(BaseModel):
     gradient_accumulation_steps: int = Field(5 * 8, gt=0)  # nanoGPT: 5 steps x 8 GPUs
     batch_size: int = Field(12, gt=0)  # micro-batch, sequences
     block_size: int = Field(1024, gt=0)
+    # batch and block size changing during training: a list of {until_iter, block_size, tokens_per_step}
+    stages: StagesField = None  # (trainer/config/stages.py); None: one stage, the settings above
     # model
     n_layer: int = Field(12, gt=0)
     n_head: int = Field(12, gt=0)
@@ -175,6 +178,7 @@ class TrainConfig(BaseModel):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         check_model_options(self)
+        check_stages(self)
         if self.checkpointing > self.n_layer:
             raise ValueError(f"checkpointing ({self.checkpointing}) must be between 0 and n_layer "
                              f"({self.n_layer})")
@@ -231,6 +235,7 @@ def config_summary(cfg: TrainConfig) -> dict[str, Any]:
     # today's options only where set, so a GPT-2 config's fingerprint (and saved plans) stay as they were
     out.update({k: getattr(cfg, k) for k, v in MODERN_DEFAULTS.items() if getattr(cfg, k) != v})
     out["effective_batch"] = cfg.effective_batch
+    out.update({"stages": [s.model_dump(exclude_none=True) for s in cfg.stages]} if cfg.stages else {})
     return out
 
 
@@ -315,10 +320,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     kind = _field_kind(key)
     if kind == "text":
         try:
-            value = literal(raw)
+            value = literal(raw, key)  # a list of tables for `stages`
         except (SyntaxError, ValueError, RecursionError, Refused):
             return key, raw
-        return key, value if isinstance(value, str) else raw
+        return key, value if isinstance(value, (str, list)) else raw
     if raw.lower() in _WORDS:
         return key, _WORDS[raw.lower()]
     try:

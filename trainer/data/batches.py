@@ -91,6 +91,14 @@ class StepBatches:
         self._next = (counter + 1, n, self._pool.submit(self._prepare, counter + 1, n))
         return batch
 
+    def set_block_size(self, block_size: int) -> None:
+        """A new stage's sequence length (trainer/config/stages.py) from the next take on: the
+        batch prepared ahead at the old length is dropped (waited for if it is being read)."""
+        ahead, self._next = self._next, None
+        if ahead is not None and not ahead[2].cancel():
+            ahead[2].exception()  # wait: it reads the sampler's block size
+        self.sampler.block_size = block_size
+
     def close(self) -> None:
         if self._next is not None:
             self._next[2].cancel()
