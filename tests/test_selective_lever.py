@@ -2,6 +2,7 @@
 space beside full checkpointing, measured by the trials, chosen by the contest on measured time
 and memory only, carried by plans and profiles, applied by the run, agreed across ranks."""
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -192,3 +193,54 @@ def test_estimated_mode_prices_selective_recompute_below_full():
                        for ck, pol in [(0, "full"), (1, "selective"), (1, "full")])
     assert full < sel < none
     assert full / none == pytest.approx(3 / 4) and sel / none == pytest.approx(1 - 0.085)
+
+
+SMALL = ["--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
+         "--set", "batch_size=8", "--set", "gradient_accumulation_steps=2", "--set", "eval_iters=1",
+         "--set", "eval_interval=100", "--set", "log_interval=1"]
+
+
+def test_a_selective_plan_is_saved_shown_and_trained_with_the_selective_context(tmp_path, monkeypatch, capsys):
+    """probe --checkpointing-policy selective --save, then run --profile: the run's model checkpoints
+    its blocks with selective checkpointing's context (a run that ignored the plan's policy would
+    train the config's 'full' and never ask for it)."""
+    from cli_run import cli
+    import trainer.model.gpt as gpt
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL, "--dtype",
+                         "float32", "--checkpointing", "1", "--checkpointing-policy", "selective", "--loss",
+                         "standard", "--save", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert (d["plan"]["checkpointing"], d["plan"]["checkpointing_policy"]) == (1, "selective")
+    assert all(t["checkpointing_policy"] == "selective" for t in d["trials"])
+    name = d["saved"]["profile"]
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "show", name)
+    assert code == 0 and "selective" in out
+
+    calls = []
+    real = gpt.sac_context_fn
+    monkeypatch.setattr(gpt, "sac_context_fn", lambda: calls.append(1) or real())
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--max-steps", "1", "--out", "o",
+                         "--no-progress")
+    assert code == 0, err
+    assert "no probe needed" in out and "every 1 block, selective: matmuls" in out
+    assert len(calls) >= 2  # each of the two blocks checkpointed selectively, in every micro-batch
+    run = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
+    assert run["plan"]["checkpointing_policy"] == "selective"
+
+
+def test_probe_v_names_the_policy_and_why_selective_was_left_out(tmp_path, monkeypatch, capsys):
+    from cli_run import cli
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--preset", "gpt2-124m",
+                         "--checkpointing", "0", "-v")
+    assert code == 0, err
+    assert "selective activation checkpointing not searched: activation checkpointing is not searched" in out
+    code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--preset", "gpt2-124m", "-v")
+    assert code == 0, err
+    assert re.search(r"\b1 sel\b", out)  # the candidates table's ckpt column
+    assert "selective: matmuls (mm, addmm, bmm) and attention outputs" in out
+    code, _, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--checkpointing-policy", "half")
+    assert code == 2 and "--checkpointing-policy: unknown policy 'half'" in err
