@@ -15,6 +15,11 @@ from pydantic import BaseModel, Field, model_validator
 TrialStatus = Literal["fit", "oom", "over_budget", "spill", "pruned", "error", "leak"]
 LossImpl = Literal["standard", "chunked"]
 DType = Literal["float32", "bfloat16", "float16"]
+# What a checkpointed block keeps: 'full' only its input (everything recomputed), 'selective' also
+# the outputs of trainer.model.sac_ops.SAC_SAVED_OPS (matmuls, attention). Without checkpointing
+# (checkpointing 0) it is always 'full'. Records written before the policy was a lever have none:
+# they were all 'full', which the default says.
+CkptPolicy = Literal["full", "selective"]
 
 
 class Candidate(BaseModel, frozen=True):
@@ -24,6 +29,7 @@ class Candidate(BaseModel, frozen=True):
     checkpointing: int  # 0 off, k: every k-th block
     loss_impl: LossImpl
     sharded: bool = False  # several ranks: FSDP2 (weights, gradients, AdamW state sharded); else DDP
+    checkpointing_policy: CkptPolicy = "full"
 
 
 class TrialRecord(BaseModel):
@@ -33,6 +39,7 @@ class TrialRecord(BaseModel):
     checkpointing: int
     loss_impl: LossImpl
     sharded: bool = False
+    checkpointing_policy: CkptPolicy = "full"
     status: TrialStatus
     estimated_peak_bytes: int | None = None
     measured_peak_bytes: int | None = None
@@ -55,7 +62,8 @@ class TrialRecord(BaseModel):
 
     def candidate(self) -> Candidate:
         return Candidate(micro_batch=self.micro_batch, dtype=self.dtype, compile=self.compile,
-                         checkpointing=self.checkpointing, loss_impl=self.loss_impl, sharded=self.sharded)
+                         checkpointing=self.checkpointing, loss_impl=self.loss_impl, sharded=self.sharded,
+                         checkpointing_policy=self.checkpointing_policy)
 
 
 class PlanRecord(BaseModel):
@@ -72,6 +80,7 @@ class PlanRecord(BaseModel):
     compile: bool
     compile_after: int = Field(ge=0)
     checkpointing: int = Field(ge=0)
+    checkpointing_policy: CkptPolicy = "full"  # plans saved before it was a lever were 'full'
     loss_impl: LossImpl
     estimated_peak_bytes: int | None = Field(default=None, ge=0)
     measured_peak_bytes: int | None = Field(default=None, ge=0)
@@ -109,6 +118,7 @@ class ProbeResult:
     breakdown: dict[str, int]  # estimated bytes by component for the chosen plan
     fit_sizes: list[int] = field(default_factory=list)  # eager sizes known to fit (chosen levers)
     compiled_fit_sizes: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # levers left out of the search, and why
 
     def to_json(self) -> dict:
         d = self.device
@@ -125,4 +135,5 @@ class ProbeResult:
             "breakdown_estimated_bytes": self.breakdown,
             "fit_sizes": self.fit_sizes,
             "compiled_fit_sizes": self.compiled_fit_sizes,
+            "notes": self.notes,
         }

@@ -97,7 +97,7 @@ def progress(text: str) -> None:
 
 
 def plan_key(plan) -> tuple:
-    return (plan.checkpointing, plan.loss_impl, tuple(plan.micro_batches))
+    return (plan.checkpointing, plan.checkpointing_policy, plan.loss_impl, tuple(plan.micro_batches))
 
 
 def steps_started(trials) -> int:
@@ -120,6 +120,7 @@ def time_split(cfg, lv: Levers, split: list[int], dev: BudgetedCpuDevice, budget
         try:
             mc = GPTConfig.from_train_config(cfg)
             mc.checkpointing, mc.loss_impl = lv.checkpointing, lv.loss_impl
+            mc.checkpointing_policy = lv.checkpointing_policy
             torch.manual_seed(0)
             state["m"] = model = GPT(mc)
             state["o"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -151,8 +152,7 @@ def grid_points(cfg, space: Space, budget: int) -> list[tuple[Levers, tuple[int,
     shape, E = ModelShape.from_config(cfg), cfg.effective_batch
     pts = []
     for lv in lever_combos(space):
-        top = min(E, max_micro_batch(shape, budget, dtype=lv.dtype, checkpointing=lv.checkpointing,
-                                     loss_impl=lv.loss_impl, compile=False, device="cpu",
+        top = min(E, max_micro_batch(shape, budget, **lv.estimate_args(), compile=False, device="cpu",
                                      ce_chunk_size=cfg.ce_chunk_size) + 1)
         for split in sorted({tuple(split_batch(E, m)) for m in range(1, top + 1)}, key=lambda s: -s[0]):
             pts.append((lv, split))
@@ -164,7 +164,7 @@ def run_grid(cfg, case: Case, plans: list, space: Space) -> dict:
     budget = compute_budget(dev.info, MARGIN).budget_bytes
     pts = grid_points(cfg, space, budget)
     for p in plans:  # the probes' plans, timed in the same rounds
-        key = (Levers("float32", p.checkpointing, p.loss_impl), tuple(p.micro_batches))
+        key = (Levers("float32", p.checkpointing, p.loss_impl, False, p.checkpointing_policy), tuple(p.micro_batches))
         if key not in pts:
             pts.append(key)
     best: dict = {}
@@ -189,7 +189,7 @@ def per_token(v: dict, key: str) -> float:
 
 
 def name(lv: Levers, split) -> str:
-    ck = f" ckpt{lv.checkpointing}" if lv.checkpointing else ""
+    ck = f" ckpt{lv.checkpointing}" + (" sel" if lv.checkpointing_policy == "selective" else "") if lv.checkpointing else ""
     head = f"{split[0]}" + (f"x{len(split)}" if len(set(split)) == 1 else f"..{split[-1]} ({len(split)})")
     return f"{lv.loss_impl}{ck} {head}"
 
@@ -215,7 +215,8 @@ def run_case(case: Case, peer_python: str | None) -> dict:
     best_wall = min(per_token(v, "wall") for v in grid.values())
     rows = []
     for p in probes:
-        key = (Levers("float32", p["plan"].checkpointing, p["plan"].loss_impl), tuple(p["plan"].micro_batches))
+        pl = p["plan"]
+        key = (Levers("float32", pl.checkpointing, pl.loss_impl, False, pl.checkpointing_policy), tuple(pl.micro_batches))
         g = grid.get(key)
         rows.append({"plan": name(*key), "seconds": p["seconds"], "steps": p["steps"], "trials": p["trials"],
                      "plan_over_best_cpu": best_cpu / per_token(g, "cpu") if g else None,

@@ -115,7 +115,7 @@ def test_estimate_suggests_a_command_that_reproduces_the_probe(tmp_path, monkeyp
     path = str(folder / "c.toml")
     sets = ["--set", "batch_size=4", "--set", "wandb_run_name=a b'c"]
     levers = ["--dtype", "float32,bfloat16", "--loss", "chunked", "--checkpointing", "0,1", "--no-compile",
-              "--margin", "0.2"]
+              "--margin", "0.2", "--checkpointing-policy", "selective"]
     code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--config", path, *sets, *levers)
     assert code == 0, err
     argv = _suggested(out)
@@ -125,6 +125,7 @@ def test_estimate_suggests_a_command_that_reproduces_the_probe(tmp_path, monkeyp
         load_train_config(folder / "c.toml", None, ["batch_size=4", "wandb_run_name=a b'c"])
     assert (params["dtype"], params["loss"], params["checkpointing"], params["compile"], params["margin"]) == \
         ("float32,bfloat16", "chunked", "0,1", False, 0.2)
+    assert params["checkpointing_policy"] == "selective"
 
 
 def test_saved_plan_is_found_by_the_suggested_command(tmp_path, monkeypatch, capsys):

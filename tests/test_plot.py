@@ -38,11 +38,13 @@ def test_estimated_probe_draws_a_line_per_lever_combination(estimated):
     res, cfg = estimated
     fig = build_figure(res, cfg)
     ax = fig.axes[0]
-    combos = {(t.dtype, t.checkpointing, t.loss_impl) for t in res.trials if t.status != "pruned"}
-    assert len(combos) == 4
+    combos = {(t.dtype, t.checkpointing, t.loss_impl, t.checkpointing_policy) for t in res.trials
+              if t.status != "pruned"}
+    assert len(combos) == 6  # off, full and selective checkpointing, each with both losses
     assert len(ax.lines) == len(combos) + 1  # one estimate per combination + the budget
     labels = _labels(fig)
     assert sum("estimated (closed form)" in l for l in labels) == len(combos)
+    assert sum("ckpt 1 selective" in l for l in labels) == 2
     assert not any("measured on" in l for l in labels)  # nothing was run: no measured points
     assert any(l.startswith("budget 10.29 GiB") for l in labels)
     assert any(l.startswith("plan: micro-batch 31, chunked loss (estimated peak") for l in labels)
@@ -56,7 +58,8 @@ def test_measured_probe_draws_points_ooms_and_circles_the_plan(measured):
     labels = _labels(fig)
     ran = [t for t in res.trials if t.measured_peak_bytes]
     assert ran and any(t.status == "oom" for t in res.trials)
-    assert sum("measured on" in l for l in labels) == len({(t.dtype, t.checkpointing, t.loss_impl) for t in ran})
+    assert sum("measured on" in l for l in labels) == len({(t.dtype, t.checkpointing, t.loss_impl,
+                                                             t.checkpointing_policy) for t in ran})
     assert "out of memory (measured; drawn at its estimated peak)" in labels
     assert any(l.startswith("plan:") and "measured peak" in l for l in labels)
     ax = fig.axes[0]

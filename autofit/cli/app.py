@@ -12,8 +12,8 @@ from typing import List, Optional
 import typer
 
 from autofit import interrupts
-from autofit.cli.common import (BudgetOpt, CkptOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
-                                MarginOpt, PresetOpt, SetOpt, UsageError, _fmt, _is_user_error, _probe_options,
+from autofit.cli.common import (BudgetOpt, CkptOpt, CkptPolicyOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options,
                                 _rerun_args, _size, console, err_console, load_train_config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -43,6 +43,7 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
               gpu: Optional[str] = typer.Option(None, "--gpu", help="Simulate a GPU from its hardware profile, built-in or added with `autofit profiles add` (estimates only), e.g. rtx4070-12gb."),
               gpu_index: Optional[int] = GpuIndexOpt, margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt,
               compile: Optional[bool] = CompileOpt, checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
+              checkpointing_policy: Optional[str] = CkptPolicyOpt,
               save: bool = typer.Option(False, "--save", help="Store the fitted plan in this device's profile."),
               plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install matplotlib, or in a checkout pip install -e \".\\[plot]\")."),
               verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the budget, every candidate and why the plan won."),
@@ -50,7 +51,8 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
     """Measure what fits on this device (or estimate it for --gpu NAME) and print the plan."""
     from autofit.launch.probe import run_probe
     cfg = load_train_config(config, preset, overrides)
-    opts = _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss)
+    opts = _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss,
+                          checkpointing_policy)
     # Everything that would fail after the probe is checked before it runs.
     if plot is not None:
         from autofit.report.plot import check_plot_target
@@ -87,7 +89,8 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
             out["plot"] = str(plot)
         print(json.dumps(out, indent=2))
     else:
-        rerun = _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index)
+        rerun = _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index,
+                            checkpointing_policy)
         _print_probe(res, cfg, opts, rerun, saved, plot, verbose)
     if save_error is not None:
         raise save_error
@@ -124,7 +127,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             no_probe: bool = typer.Option(False, "--no-probe", help="Train the config as written: no probe, no plan."),
             device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt, gpu_index: Optional[int] = GpuIndexOpt,
             margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt, compile: Optional[bool] = CompileOpt,
-            checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt,
+            checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt, checkpointing_policy: Optional[str] = CkptPolicyOpt,
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
             allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept --set values that change what the run trains (said in the log)."),
             nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this machine (one GPU each): starts torchrun for you."),
@@ -137,7 +140,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     if out is not None:
         cfg.out_dir = out
     log = lambda s: err_console.print(f"[dim]{s}[/]")
-    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss)
+    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss, checkpointing_policy)
     if profile is not None:  # its card is here, and a probe may save into it: before data or trials
         if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
             raise UsageError("--no-probe and --profile exclude each other")
@@ -171,9 +174,15 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     interrupts.during("interrupted before training started (during the probe); no checkpoint was written")
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
                          resume=False, progress=not no_progress, log=log)
-    console.print(f"[bold]plan[/]: {launch.source}")
-    console.print(_plan_line(launch.plan))
+    _say_plan(launch)
     _train(launch.cfg, launch.opts)
+
+
+def _say_plan(launch) -> None:
+    """Where the plan came from, and the plan in one line (autofit.report.render.plan_line)."""
+    from autofit.report.render import plan_line
+    console.print(f"[bold]plan[/]: {launch.source}")
+    console.print(plan_line(launch.plan))
 
 
 def _train(cfg, opts) -> None:
@@ -280,15 +289,6 @@ def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=
     code = relaunch(sys.argv[1:], nproc_per_node, log)
     interrupts.said()  # the launcher and rank 0 said what stopped them
     raise typer.Exit(code)
-
-
-def _plan_line(p) -> str:
-    ranks = f"{p.world_size} ranks ({p.parallelism}) x " if p.world_size > 1 else ""
-    return (f"  {ranks}micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
-            f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
-            f"checkpointing {p.checkpointing or 'off'}, loss {p.loss_impl}; "
-            + (f"measured peak {_fmt(p.measured_peak_bytes)}" if p.measured_peak_bytes else
-               f"estimated peak {_fmt(p.estimated_peak_bytes)}") + f" of {_fmt(p.budget_bytes)} budget")
 
 
 def _check_fresh_run(cfg, log) -> None:

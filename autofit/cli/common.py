@@ -117,7 +117,7 @@ def _fmt(n):
     return fmt_bytes(n) if n else "-"
 
 
-def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss):
+def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss, policy=None):
     from autofit.launch.probe import ProbeOptions
     if not 0.0 <= margin < 1.0:
         raise UsageError(f"--margin must be in [0, 1), got {margin}")
@@ -129,6 +129,12 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
                 raise ValueError
         except ValueError:
             raise UsageError(f"--checkpointing takes a comma list of block intervals (0=off), got {checkpointing!r}") from None
+    policies = None
+    if policy is not None:
+        policies = [v.strip() for v in policy.split(",")]
+        bad = [v for v in policies if v not in ("full", "selective")]
+        if bad:
+            raise UsageError(f"--checkpointing-policy: unknown policy {bad[0]!r} (full, selective; a comma list)")
     li = None
     if loss is not None:
         li = [v.strip() for v in loss.split(",")]
@@ -140,7 +146,8 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
         from autofit.devices.cpu import check_budget_fits
         check_budget_fits(budget_bytes)
     return ProbeOptions(device=device, budget_bytes=budget_bytes, gpu=gpu, gpu_index=gpu_index,
-                        margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li)
+                        margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li,
+                        checkpointing_policies=policies)
 
 
 DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: the GPU if there is one, else the budgeted CPU).")
@@ -151,16 +158,19 @@ MarginOpt = typer.Option(DEFAULT_MARGIN, "--margin", help="Share of usable memor
 DtypeOpt = typer.Option(None, "--dtype", help="Narrow or widen dtypes: float32, bfloat16, float16, a comma list, or 'any' (default: the config's).")
 CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: the config's compile, tried both ways).")
 CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing intervals to try, comma list (0=off, 1=every block).")
+CkptPolicyOpt = typer.Option(None, "--checkpointing-policy", help="What a checkpointed block keeps, policies to try: full (only its input) or selective (its matmul and attention outputs too, less recompute), comma list (default: both where torch has selective checkpointing).")
 LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standard, chunked (comma list).")
 
 
-def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index=None) -> list[str]:
+def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index=None,
+                policy=None) -> list[str]:
     """The probe's options that `autofit run --profile` takes too, as argv: the suggested command
     then trains the config that was probed, over the same candidates (and so finds its plan)."""
     args = ["--config", str(config)] if config is not None else (["--preset", preset] if preset else [])
     for item in overrides:
         args += ["--set", item]
-    for flag, value in (("--dtype", dtype), ("--checkpointing", checkpointing), ("--loss", loss)):
+    for flag, value in (("--dtype", dtype), ("--checkpointing", checkpointing), ("--checkpointing-policy", policy),
+                        ("--loss", loss)):
         args += [flag, value] if value is not None else []
     if compile is not None:
         args.append("--compile" if compile else "--no-compile")

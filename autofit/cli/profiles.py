@@ -80,7 +80,7 @@ def _plan_row(fp: str, fitted) -> list[str]:
         notes.append("compile failed at run time")
     notes += fitted.events[-2:]
     compile_txt = f"on after {p.compile_after} steps" if p.compile else "off"
-    ckpt = f"every {p.checkpointing} block(s)" if p.checkpointing else "off"
+    ckpt = f"every {p.checkpointing} block(s), {p.checkpointing_policy}" if p.checkpointing else "off"
     tps = f"{p.tokens_per_s:,.0f} ({p.mode})" if p.tokens_per_s else "-"
     ranks = f"; {p.world_size} ranks, {p.parallelism}, each" if p.world_size > 1 else ""  # torchrun plans
     return [fp, config, f"{p.micro_batch} x {p.grad_accum} ({p.split}){ranks}", p.dtype, compile_txt, ckpt, p.loss_impl,

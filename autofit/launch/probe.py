@@ -26,6 +26,7 @@ class ProbeOptions:
     dtype: str | None = None
     compile: bool | None = None
     checkpointing: list[int] | None = None
+    checkpointing_policies: list[str] | None = None  # --checkpointing-policy; None: both where torch has selective
     loss_impls: list[str] | None = None
     emulate_bytes: int | None = None  # on a bigger GPU: cap the process to this many bytes
     trial_steps: int = 2
@@ -106,14 +107,19 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
                             compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
                             compile_measurable=device.capabilities.compile,
-                            compute_capability=info.compute_capability, world_size=ranks.world_size)
+                            compute_capability=info.compute_capability, world_size=ranks.world_size,
+                            checkpointing_policies=opts.checkpointing_policies)
     space = agree.space(space)  # several ranks: what every rank's card can run
+    for note in space.notes:
+        log(note)
     _wait_if_asked()
     from trainer.interrupt import StopFlag
     with StopFlag() as stop:  # Ctrl-C/SIGTERM: the trial in flight ends, then the probe stops (a second: at once)
         settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed,
                                  stop=lambda: stop.signal is not None, on_trial=on_trial)
-        return probe_measured(cfg, device, budget, space, settings=settings, log=log)
+        res = probe_measured(cfg, device, budget, space, settings=settings, log=log)
+    res.notes = list(space.notes)
+    return res
 
 
 def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: None):
@@ -128,9 +134,12 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
         info = sim.info
         space = candidate_space(cfg, "cuda", info.bf16_supported, dtype=opts.dtype, compile=opts.compile,
                                 checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
-                                compute_capability=info.compute_capability)
+                                compute_capability=info.compute_capability,
+                                checkpointing_policies=opts.checkpointing_policies)
         budget = compute_budget(info, opts.margin)
-        return probe_estimated(cfg, info, sim.hw, budget, space), None, sim.hw
+        res = probe_estimated(cfg, info, sim.hw, budget, space)
+        res.notes = list(space.notes)
+        return res, None, sim.hw
     device = open_device(opts.device, budget_bytes=opts.budget_bytes, gpu_index=opts.gpu_index,
                          emulate_usable_bytes=opts.emulate_bytes)
     return probe_on(cfg, device, device_budget(device, opts.margin), opts, log), device, None

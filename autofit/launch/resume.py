@@ -102,6 +102,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                           **agree.plan_fields(cfg.parallelism == "fsdp2"),
                           dtype=cfg.resolved_dtype(device.torch_device.type, True), compile=cfg.compile,
                           compile_after=cfg.compile_after or 0, checkpointing=cfg.checkpointing,
+                          checkpointing_policy=cfg.checkpointing_policy if cfg.checkpointing else "full",
                           loss_impl=cfg.loss_impl, budget_bytes=int(spec.get("budget_bytes") or 0),
                           split=describe_split(mbs), reason="the config as written (--no-probe)")
     return Launch(cfg=cfg, opts=opts, device=device, plan=plan,

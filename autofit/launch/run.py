@@ -112,6 +112,10 @@ def _apply_plan(cfg, plan: PlanRecord):
     cfg.dtype = plan.dtype
     cfg.compile = plan.compile
     cfg.checkpointing = plan.checkpointing
+    # the plan's policy (a plan saved before the policy was a lever reads back as 'full', which is
+    # what it measured); without checkpointing nothing is recomputed, and the config's stays
+    if plan.checkpointing:
+        cfg.checkpointing_policy = plan.checkpointing_policy
     cfg.loss_impl = plan.loss_impl
     if plan.world_size > 1:
         cfg.parallelism = plan.parallelism
@@ -186,7 +190,8 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
         # sizes known to fit with the plan's own levers (a size that only fitted with recompute or
         # the chunked loss is no refuge for this plan)
         same = [t for t in fitted.trials if t.status == "fit" and
-                (t.dtype, t.checkpointing, t.loss_impl) == (plan.dtype, plan.checkpointing, plan.loss_impl)]
+                (t.dtype, t.checkpointing, t.checkpointing_policy, t.loss_impl)
+                == (plan.dtype, plan.checkpointing, plan.checkpointing_policy, plan.loss_impl)]
         fit_sizes = sorted({t.micro_batch for t in same if not t.compile})
         compiled = sorted({t.micro_batch for t in same if t.compile})
         src = (f"saved plan {fp} from profile {profile} (fitted {fitted.created:%Y-%m-%d %H:%M} UTC); no probe needed"

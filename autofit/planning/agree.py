@@ -63,12 +63,15 @@ def space(s):
     from autofit.planning.candidates import PlanError
     every = D.all_gather_objects(s, r)
     out = replace(every[0])
-    for name in ("dtypes", "compile", "checkpointing", "loss_impls", "sharded"):
+    for name in ("dtypes", "compile", "checkpointing", "checkpointing_policies", "loss_impls", "sharded"):
         common = [v for v in getattr(every[0], name) if all(v in getattr(o, name) for o in every)]
         if not common:
             raise PlanError(f"the ranks have no {name} in common ({[getattr(o, name) for o in every]}): "
                             f"each rank's card allows different choices")
         setattr(out, name, common)
+    if len(out.checkpointing_policies) < len(every[0].checkpointing_policies):
+        out.notes = [*out.notes, f"checkpointing policies {every[0].checkpointing_policies} on rank 0, "
+                                 f"{out.checkpointing_policies} on every rank: only those are searched"]
     return out
 
 

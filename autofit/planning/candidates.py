@@ -1,5 +1,6 @@
-"""The search space of a probe: dtype x compile x activation checkpointing x loss implementation,
-from the config's own choices widened by the memory levers."""
+"""The search space of a probe: dtype x compile x activation checkpointing (how often, and which
+policy: full or selective) x loss implementation, from the config's own choices widened by the
+memory levers."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ class Space:
     checkpointing: list[int]  # 0 off, k: every k-th block recomputes its activations
     loss_impls: list[str]
     sharded: list[bool] = field(default_factory=lambda: [False])  # several ranks: FSDP2 tried too
+    # what a checkpointed block keeps (checkpointing > 0 only): 'full' its input, 'selective' also
+    # its matmul and attention outputs (trainer/model/sac_ops.py)
+    checkpointing_policies: list[str] = field(default_factory=lambda: ["full"])
+    notes: list[str] = field(default_factory=list)  # levers left out of the search, and why (probe -v)
 
 
 @dataclass(frozen=True)
@@ -29,28 +34,39 @@ class Levers:
     checkpointing: int
     loss_impl: str
     sharded: bool = False  # FSDP2 on several ranks
+    checkpointing_policy: str = "full"  # 'full' or 'selective'; always 'full' without checkpointing
 
     def candidate(self, micro_batch: int, compile: bool = False) -> Candidate:
         return Candidate(micro_batch=micro_batch, dtype=self.dtype, compile=compile,
-                         checkpointing=self.checkpointing, loss_impl=self.loss_impl, sharded=self.sharded)
+                         checkpointing=self.checkpointing, loss_impl=self.loss_impl, sharded=self.sharded,
+                         checkpointing_policy=self.checkpointing_policy)
 
     @classmethod
     def of(cls, t) -> "Levers":
         """The levers of a Candidate or TrialRecord."""
-        return cls(t.dtype, t.checkpointing, t.loss_impl, t.sharded)
+        return cls(t.dtype, t.checkpointing, t.loss_impl, t.sharded, t.checkpointing_policy)
+
+    def estimate_args(self) -> dict:
+        """estimate_peak's lever arguments (autofit.planning.estimate) for this combination."""
+        return {"dtype": self.dtype, "checkpointing": self.checkpointing, "loss_impl": self.loss_impl,
+                "checkpointing_policy": self.checkpointing_policy}
 
 
 def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str | None = None,
                     compile: bool | None = None, checkpointing: list[int] | None = None,
                     loss_impls: list[str] | None = None, compile_measurable: bool = True,
-                    compute_capability: tuple[int, int] | None = None, world_size: int = 1) -> Space:
+                    compute_capability: tuple[int, int] | None = None, world_size: int = 1,
+                    checkpointing_policies: list[str] | None = None) -> Space:
     """The config's choices, widened by the memory levers. `dtype`: None (the config's, 'auto'
     resolved for this device), 'any' (every dtype this device runs), or a comma list.
     `compile_measurable`: False where torch.compile cannot be measured (the budgeted CPU device).
     `world_size` > 1 (torchrun): FSDP2 joins the levers, after the others (parallelism 'auto'),
     or is the only choice (parallelism 'fsdp2'), or is left out ('ddp').
-    Raises PlanError for an unknown dtype, bf16 (asked, or the config's) on a card without it, or
-    --compile where compile cannot be measured."""
+    `checkpointing_policies`: None (selective and full where torch has selective checkpointing,
+    else full) or the ones asked for (--checkpointing-policy).
+    Raises PlanError for an unknown dtype, bf16 (asked, or the config's) on a card without it,
+    --compile where compile cannot be measured, or --checkpointing-policy selective on a torch
+    without it."""
     cc_text = ".".join(map(str, compute_capability)) if compute_capability else None
     too_deep = [c for c in (checkpointing or []) if c > cfg.n_layer]
     if too_deep:  # a lever the model cannot take: refused before any trial, never saved in a plan
@@ -85,13 +101,47 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
         sharded = {"auto": [False, True], "ddp": [False], "fsdp2": [True]}[cfg.parallelism]
         if cfg.optimizer == "muon":  # Muon orthogonalises whole matrices; FSDP2 would shard them
             sharded = [False]
-    return Space(dtypes=dtypes, compile=compiles,
-                 checkpointing=checkpointing if checkpointing is not None else sorted({cfg.checkpointing, 0, 1}),
-                 loss_impls=loss_impls or ["standard", "chunked"], sharded=sharded)
+    ck = checkpointing if checkpointing is not None else sorted({cfg.checkpointing, 0, 1})
+    policies, notes = checkpointing_policy_space(ck, checkpointing_policies)
+    return Space(dtypes=dtypes, compile=compiles, checkpointing=ck, loss_impls=loss_impls or ["standard", "chunked"],
+                 sharded=sharded, checkpointing_policies=policies, notes=notes)
+
+
+def checkpointing_policy_space(checkpointing: list[int], asked: list[str] | None) -> tuple[list[str], list[str]]:
+    """(policies to search, notes on what is left out and why). Selective checkpointing is searched
+    where torch has create_selective_checkpoint_contexts and checkpointing is searched at all;
+    selective first, as the one that recomputes less. Raises PlanError for an unknown policy, or
+    selective asked on a torch without it."""
+    from trainer.model.layers import has_selective_checkpointing
+    for p in asked or []:
+        if p not in ("full", "selective"):
+            raise PlanError(f"--checkpointing-policy: unknown policy {p!r} (full, selective)"
+                            f"{did_you_mean(p, ['full', 'selective'])}")
+    import torch
+    no_sac = (f"torch {torch.__version__} has no torch.utils.checkpoint.create_selective_checkpoint_contexts "
+              f"(torch >= 2.4)")
+    if asked and "selective" in asked and not has_selective_checkpointing():
+        raise PlanError(f"--checkpointing-policy selective: {no_sac}; use full")
+    policies = [p for p in ("selective", "full") if p in (asked or ("selective", "full"))]
+    why = None
+    if "selective" not in policies:
+        why = "--checkpointing-policy full"
+    elif not has_selective_checkpointing():
+        policies, why = ["full"], no_sac
+    elif not any(checkpointing):
+        why = "activation checkpointing is not searched (--checkpointing 0)"
+    return policies, ([f"selective activation checkpointing not searched: {why}"] if why else [])
+
+
+def ckpt_words(t) -> str:
+    """A candidate's (or record's) checkpointing in a log line: '0', '1', '1 (selective)'."""
+    return f"{t.checkpointing}" + (" (selective)" if t.checkpointing and t.checkpointing_policy == "selective" else "")
 
 
 def lever_combos(space: Space) -> list[Levers]:
     """Every lever combination, cheapest first within a dtype: no recompute, standard loss;
-    sharding (FSDP2) last of all, as the lever that costs communication."""
-    return [Levers(dt, ck, li, sh) for sh in sorted(space.sharded) for dt in space.dtypes
-            for ck in sorted(space.checkpointing) for li in space.loss_impls]
+    selective before full recomputation; sharding (FSDP2) last of all, as the lever that costs
+    communication. Without checkpointing the policy is always 'full' (nothing is recomputed)."""
+    return [Levers(dt, ck, li, sh, pol) for sh in sorted(space.sharded) for dt in space.dtypes
+            for ck in sorted(space.checkpointing) for pol in (space.checkpointing_policies if ck else ["full"])
+            for li in space.loss_impls]

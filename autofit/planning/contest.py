@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autofit.planning import agree
+from autofit.planning.candidates import ckpt_words
 from autofit.planning.trials import TrialSettings, run_trial
 from autofit.records import TrialRecord
 from autofit.units import fmt_bytes
@@ -53,8 +54,8 @@ def peak_of(t: TrialRecord) -> int:
 
 
 def label(t: TrialRecord) -> str:
-    """A contender in words: 'micro-batch 11, chunked loss, checkpointing 1, float32'."""
-    ck = f", checkpointing every {t.checkpointing}" if t.checkpointing else ""
+    """A contender in words: 'micro-batch 11, chunked loss, checkpointing every 1 (selective), float32'."""
+    ck = f", checkpointing every {ckpt_words(t)}" if t.checkpointing else ""
     return (f"micro-batch {t.micro_batch}, {t.loss_impl} loss{ck}, {t.dtype}"
             + (", compiled" if t.compile else "") + (", FSDP2" if t.sharded else ""))
 

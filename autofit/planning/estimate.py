@@ -148,13 +148,15 @@ def _model_state(shape: ModelShape, cuda: bool, world_size: int, parallelism: st
 
 
 def _check_args(micro_batch: int, dtype: str, checkpointing: int, loss_impl: str, device: str,
-                ce_chunk_size: int, n_micro: int) -> None:
+                ce_chunk_size: int, n_micro: int, policy: str = "full") -> None:
     if micro_batch < 0:
         raise ValueError(f"micro_batch must be >= 0, got {micro_batch}")
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}")
     if loss_impl not in ("standard", "chunked"):
         raise ValueError(f"unknown loss_impl {loss_impl!r}")
+    if policy not in ("full", "selective"):
+        raise ValueError(f"unknown checkpointing_policy {policy!r}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if checkpointing < 0 or ce_chunk_size < 1 or n_micro < 1:
@@ -198,7 +200,8 @@ def _dropout_bytes(shape: ModelShape, B: int, amp: bool, cuda: bool) -> tuple[in
     return (10 if amp else 8) * N * C + 12 * scores, 4 * N * C
 
 
-def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda: bool = False) -> _Blocks:
+def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda: bool = False,
+                 policy: str = "full") -> _Blocks:
     L, C, T = shape.n_layer, shape.n_embd, shape.block_size
     N, h = B * T, arch.mlp_hidden(shape)
     # fp32: block input, ln_1 out, qkv (3), SDPA out, x + attn, ln_2 out, c_fc out (4), GELU out
@@ -214,7 +217,7 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda:
     drop_block, drop_embed = _dropout_bytes(shape, B, amp, cuda)
     full += drop_block  # a checkpointed block recomputes its dropout (same RNG state), keeps nothing
     ckpt = 4 * N * C  # a checkpointed block keeps only its fp32 input
-    if shape.checkpointing_policy == "selective":  # and its matmul and attention outputs
+    if policy == "selective":  # and its matmul and attention outputs
         ckpt += arch.sac_saved_bytes(shape, B, amp)
     per_block = [ckpt if checkpointing and i % checkpointing == 0 else full for i in range(L)]
     n_ckpt = sum(1 for i in range(L) if checkpointing and i % checkpointing == 0)
@@ -225,6 +228,11 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda:
         transient = 4 * N * C + 2 * N * C + 2 * h * C + 2 * h * N
     else:
         transient = 4 * N * C + 4 * h * C + 4 * h * N
+    if policy == "selective" and checkpointing and (L - 1) % checkpointing == 0:
+        # the top block recomputed under selective checkpointing holds one fp32 N x C more than
+        # under full (measured on the budgeted CPU device for GPT-2, RoPE, RMSNorm and ReLU^2
+        # blocks alike, fp32; assumed the same under autocast)
+        transient += 4 * N * C
     return _Blocks(per_block, full, n_ckpt, w16, ln_f, transient, drop_embed)
 
 
@@ -284,7 +292,8 @@ def _head(shape: ModelShape, N: int, amp: bool, blk: _Blocks, loss_impl: str, cu
 
 def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
                   compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
-                  n_micro: int = 2, world_size: int = 1, parallelism: str = "ddp", sdpa: str = "flash") -> Estimate:
+                  n_micro: int = 2, world_size: int = 1, parallelism: str = "ddp", sdpa: str = "flash",
+                  checkpointing_policy: str | None = None) -> Estimate:
     """Peak bytes of a train_step with micro-batches of `micro_batch` full-length sequences, on
     one rank of `world_size` (parallelism 'ddp' or 'fsdp2' when there are several).
 
@@ -294,14 +303,13 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     steady state and can need more while compiling; no factor is invented for it).
     sdpa: the CUDA attention backend assumed for its kernel-internal terms ('flash', 'efficient',
     'math'; autofit.planning.kernel_terms); the CPU estimate ignores it.
-    Raises ValueError for an unknown dtype, loss_impl or device, or a negative size."""
-    _check_args(micro_batch, dtype, checkpointing, loss_impl, device, ce_chunk_size, n_micro)
+    checkpointing_policy: what a checkpointed block keeps, 'full' or 'selective' (None: the shape's).
+    Raises ValueError for an unknown dtype, loss_impl, policy or device, or a negative size."""
+    policy = checkpointing_policy or shape.checkpointing_policy
+    _check_args(micro_batch, dtype, checkpointing, loss_impl, device, ce_chunk_size, n_micro, policy)
     L, C, T, V = shape.n_layer, shape.n_embd, shape.block_size, shape.vocab_size
-    N = micro_batch * T  # tokens per micro-batch
-    amp = dtype != "float32"
-    cuda = device == "cuda"
-    VC = V * C
-
+    N, VC = micro_batch * T, V * C  # tokens per micro-batch; elements of the V x C head
+    amp, cuda = dtype != "float32", device == "cuda"
     # --- model state (on CUDA each parameter-sized tensor is its own allocation, rounded) --------
     st = _model_state(shape, cuda, world_size, parallelism)
     weights, grads_all, adam = st.weights, st.grads, st.adam
@@ -312,7 +320,7 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     # Token ids: on the CPU device train_step slices the whole step's x, y (int64) and keeps
     # y != -1 (bool); on CUDA the step's batch stays on the host and each micro-batch is copied.
     ids = 17 * n_micro * N if not cuda else 16 * N
-    blk = _block_bytes(shape, micro_batch, amp, checkpointing, cuda)
+    blk = _block_bytes(shape, micro_batch, amp, checkpointing, cuda, policy)
 
     phases: list[tuple[str, dict[str, int]]] = []
 

@@ -8,7 +8,8 @@ The measured probe (probe_measured), step by step:
 2. before the first recomputing combination, the contenders so far are decided (autofit.planning.
    contest); a recomputing combination is skipped when the combinations without it already hold the
    whole batch, reach the rate plateau (half their largest fit is as fast), or the estimate
-   promises less than twice their size;
+   promises less than twice their size (selective checkpointing, which recomputes less: less than
+   1 + 3 x its share of recompute time, autofit.planning.throughput.RECOMPUTE_SHARE);
 3. autofit.planning.contest.decide: every contender (and the config's own micro-batch where it
    fits) re-timed in alternation, judged on its fastest step's time per token, until the
    difference is clear or a tie, which goes to the most headroom (or the user's own split);
@@ -28,7 +29,7 @@ from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, split_rates
-from autofit.planning.throughput import ASSUMED_MFU, estimated_tokens_per_s
+from autofit.planning.throughput import ASSUMED_MFU, RECOMPUTE_SHARE, estimated_tokens_per_s
 from autofit.planning.contest import TIE, decide, label, seconds_per_token
 from autofit.planning.trials import TrialSettings
 from autofit.units import fmt_bytes
@@ -110,8 +111,8 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     peak = max(t.measured_peak_bytes or 0 for t in runner.fits(Levers.of(chosen)) if t.micro_batch == runs.micro_batch)
     if chosen.compile:
         peak = max(peak, chosen.measured_peak_bytes or 0)
-    est = estimate_peak(runner.shape, max(micro_batches), dtype=chosen.dtype, checkpointing=chosen.checkpointing,
-                        loss_impl=chosen.loss_impl, compile=chosen.compile, device=runner.kind,
+    est = estimate_peak(runner.shape, max(micro_batches), **Levers.of(chosen).estimate_args(),
+                        compile=chosen.compile, device=runner.kind,
                         ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)),
                         **agree.layout(chosen.sharded))
     n_fit = len([t for t in runner.trials if t.status == "fit"])
@@ -127,6 +128,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                       dtype=chosen.dtype, compile=chosen.compile,
                       compile_after=resolve_compile_after(cfg) if chosen.compile else 0,
                       checkpointing=chosen.checkpointing, loss_impl=chosen.loss_impl,
+                      checkpointing_policy=chosen.checkpointing_policy,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=peak,
                       tokens_per_s=runs.tokens_per_s, budget_bytes=budget.budget_bytes,
                       split=describe_split(micro_batches), reason=reason, **agree.plan_fields(chosen.sharded))
@@ -167,10 +169,11 @@ def _smaller_why(runner: TrialRunner, chosen: TrialRecord) -> str:
 
 
 def _own_split(cfg, runner: TrialRunner, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
-    """The config as written (its micro-batch, dtype, checkpointing and loss) as a contender,
-    where its levers were searched and its micro-batch fits; run if no trial ran it yet."""
+    """The config as written (its micro-batch, dtype, checkpointing and its policy, and loss) as a
+    contender, where its levers were searched and its micro-batch fits; run if no trial ran it yet."""
+    policy = cfg.checkpointing_policy if cfg.checkpointing else "full"
     mine = [lv for lv in best_by_levers if lv.checkpointing == cfg.checkpointing and lv.loss_impl == cfg.loss_impl
-            and not lv.sharded]
+            and lv.checkpointing_policy == policy and not lv.sharded]
     if len(mine) != 1 or not (0 < cfg.batch_size <= best_by_levers[mine[0]]) or cfg.batch_size > runner.rank_batch:
         return None
     r = runner.run(mine[0].candidate(cfg.batch_size))
@@ -204,10 +207,10 @@ def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches:
 
 
 def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
-    """Recomputation costs about a third more compute: try it only when the levers without it
-    cannot hold the whole batch, their rate has not already reached its plateau (half their
-    largest fit as fast as it: a larger micro-batch cannot pay the third back), and the estimate
-    promises a clearly larger size. Returns the 'pruned' record, its note the reason, when it is
+    """Recomputation costs about a third more compute (selective less): try it only when the
+    levers without it cannot hold the whole batch, their rate has not already reached its plateau
+    (half their largest fit as fast as it: a larger micro-batch cannot pay the cost back), and the
+    estimate promises a clearly larger size (_grow). Returns the 'pruned' record, its note the reason, when it is
     not worth a search."""
     if levers.checkpointing == 0:
         return None
@@ -215,14 +218,13 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
     base_levers = [lv for lv, v in best_by_levers.items() if lv.dtype == levers.dtype and lv.checkpointing == 0
                    and lv.sharded == levers.sharded and v > 0]
     base = max([best_by_levers[lv] for lv in base_levers] or [0])
-    est_ck = max_micro_batch(runner.shape, runner.budget_bytes, dtype=levers.dtype,
-                             checkpointing=levers.checkpointing, loss_impl=levers.loss_impl, compile=False,
+    est_ck = max_micro_batch(runner.shape, runner.budget_bytes, **levers.estimate_args(), compile=False,
                              device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(levers.sharded))
     why = None
     if base >= E:
         why = f"micro-batch {base} (the whole batch) fits without recomputation"
-    elif base > 0 and est_ck < 2 * base:
-        why = f"estimated {est_ck} with it, less than twice the {base} that fits without"
+    elif base > 0 and est_ck < _grow(levers) * base:
+        why = f"estimated {est_ck} with it, less than {_grow(levers):.2f}x the {base} that fits without"
     else:
         flat = _plateau(runner, base_levers, best_by_levers)
         if flat:
@@ -231,6 +233,12 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
         return None
     return TrialRecord(**levers.candidate(max(1, min(est_ck, E))).model_dump(), status="pruned",
                        note=f"not needed: {why}")
+
+
+def _grow(levers: Levers) -> float:
+    """How many times the micro-batch without recomputation the estimate must promise for a search:
+    1 + 3 x the recompute's share of step time (full: 1/3, so twice; selective: less)."""
+    return 1.0 + 3.0 * RECOMPUTE_SHARE[levers.checkpointing_policy]
 
 
 def _plateau(runner: TrialRunner, base_levers: list[Levers], best_by_levers: dict[Levers, int]) -> str | None:
@@ -258,8 +266,8 @@ def _prune_sharding(runner: TrialRunner, levers: Levers, best_by_levers: dict[Le
         return None
     E = runner.rank_batch
     base = max([v for lv, v in best_by_levers.items() if not lv.sharded] or [0])
-    est = max_micro_batch(runner.shape, runner.budget_bytes, dtype=levers.dtype, checkpointing=levers.checkpointing,
-                          loss_impl=levers.loss_impl, compile=False, device=runner.kind,
+    est = max_micro_batch(runner.shape, runner.budget_bytes, **levers.estimate_args(), compile=False,
+                          device=runner.kind,
                           ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(True))
     if base >= E or (base > 0 and est <= base):
         why = (f"micro-batch {base} fits without sharding" if base >= E else
@@ -324,17 +332,16 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
     trials: list[TrialRecord] = []
     best = None
     for lv in lever_combos(space):
-        m = min(E, max_micro_batch(shape, budget.budget_bytes, dtype=lv.dtype, checkpointing=lv.checkpointing,
-                                   loss_impl=lv.loss_impl, compile=False, device="cuda",
+        m = min(E, max_micro_batch(shape, budget.budget_bytes, **lv.estimate_args(), compile=False, device="cuda",
                                    ce_chunk_size=cfg.ce_chunk_size))
-        est = estimate_peak(shape, max(m, 1), dtype=lv.dtype, checkpointing=lv.checkpointing,
-                            loss_impl=lv.loss_impl, compile=False, device="cuda", ce_chunk_size=cfg.ce_chunk_size)
+        est = estimate_peak(shape, max(m, 1), **lv.estimate_args(), compile=False, device="cuda",
+                            ce_chunk_size=cfg.ce_chunk_size)
         if m == 0:
             trials.append(TrialRecord(**lv.candidate(1).model_dump(), status="pruned",
                                       estimated_peak_bytes=est.peak_bytes,
                                       note="estimated not to fit even at micro-batch 1"))
             continue
-        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw)
+        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw, lv.checkpointing_policy)
         rec = TrialRecord(**lv.candidate(m).model_dump(), status="fit", estimated_peak_bytes=est.peak_bytes,
                           tokens_per_s=tps,
                           note="estimated: largest micro-batch whose estimated peak fits; tokens/s from "
@@ -344,15 +351,15 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
             best = rec
     if best is None:
         _nothing_fits(cfg, trials, budget, "cuda", estimated=True)
-    est_tps = {m: estimated_tokens_per_s(shape, m, best.dtype, best.checkpointing, hw)
+    est_tps = {m: estimated_tokens_per_s(shape, m, best.dtype, best.checkpointing, hw, best.checkpointing_policy)
                for m in range(1, best.micro_batch + 1)}
     micro_batches, why_split = choose_split(E, best.micro_batch, est_tps, cfg.block_size)
     if max(micro_batches) != best.micro_batch:  # the row of the plan is the size it runs
         best.note += f"; the plan runs {max(micro_batches)} (the split of {E}), the largest that fits is {best.micro_batch}"
         best.micro_batch = max(micro_batches)
     best.tokens_per_s = est_tps[best.micro_batch]  # the rate of the size the plan runs
-    est = estimate_peak(shape, max(micro_batches), dtype=best.dtype, checkpointing=best.checkpointing,
-                        loss_impl=best.loss_impl, device="cuda", ce_chunk_size=cfg.ce_chunk_size,
+    est = estimate_peak(shape, max(micro_batches), **Levers.of(best).estimate_args(), device="cuda",
+                        ce_chunk_size=cfg.ce_chunk_size,
                         n_micro=min(2, len(micro_batches)))
     best.estimated_peak_bytes = est.peak_bytes
     compile_on = True in space.compile
@@ -360,6 +367,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
                       micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size, dtype=best.dtype,
                       compile=compile_on, compile_after=resolve_compile_after(cfg) if compile_on else 0,
                       checkpointing=best.checkpointing, loss_impl=best.loss_impl,
+                      checkpointing_policy=best.checkpointing_policy,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=None,
                       tokens_per_s=best.tokens_per_s, budget_bytes=budget.budget_bytes,
                       split=describe_split(micro_batches),

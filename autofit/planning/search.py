@@ -18,7 +18,7 @@ import platform
 from typing import Callable
 
 from autofit.planning import agree
-from autofit.planning.candidates import Levers
+from autofit.planning.candidates import Levers, ckpt_words
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.records import Candidate, TrialRecord
 from autofit.planning.trials import TrialSettings, run_trial
@@ -81,7 +81,7 @@ class TrialRunner:
         return estimate_peak(self.shape, cand.micro_batch, dtype=cand.dtype, checkpointing=cand.checkpointing,
                              loss_impl=cand.loss_impl, compile=cand.compile, device=self.kind,
                              ce_chunk_size=self.cfg.ce_chunk_size, n_micro=n_micro,
-                             **agree.layout(cand.sharded)).peak_bytes
+                             checkpointing_policy=cand.checkpointing_policy, **agree.layout(cand.sharded)).peak_bytes
 
     def run(self, cand: Candidate) -> TrialRecord:
         if cand in self._cache:
@@ -90,7 +90,7 @@ class TrialRunner:
         if self.estimate_bound is not None and est > (1 + self.estimate_bound) * self.budget_bytes:
             return self._skip(cand, est)
         self.log(f"trial: micro-batch {cand.micro_batch}, {cand.dtype}, compile={cand.compile}, "
-                 f"checkpointing={cand.checkpointing}, loss={cand.loss_impl} (estimated peak {fmt_bytes(est)})")
+                 f"checkpointing={ckpt_words(cand)}, loss={cand.loss_impl} (estimated peak {fmt_bytes(est)})")
         r = self._trial(cand, est)
         if r.status == "fit" and self.spill_check:
             smaller = self.fits(Levers.of(cand), compile=cand.compile, below=cand.micro_batch)
@@ -113,7 +113,7 @@ class TrialRunner:
                         note=f"not run: estimated peak {fmt_bytes(est)} is over the {fmt_bytes(self.budget_bytes)} "
                              f"budget by more than the estimate's {self.estimate_bound:.0%} error bound on this "
                              f"device (tests/test_estimate.py)")
-        self.log(f"skipped: micro-batch {cand.micro_batch}, checkpointing={cand.checkpointing}, "
+        self.log(f"skipped: micro-batch {cand.micro_batch}, checkpointing={ckpt_words(cand)}, "
                  f"loss={cand.loss_impl}: {r.note}")
         self._cache[cand] = r
         self.trials.append(r)
@@ -186,8 +186,7 @@ class MicroBatchSearch:
 
     def start_at_estimate(self) -> int:
         r = self.runner
-        start = max_micro_batch(r.shape, r.budget_bytes, dtype=self.levers.dtype,
-                                checkpointing=self.levers.checkpointing, loss_impl=self.levers.loss_impl,
+        start = max_micro_batch(r.shape, r.budget_bytes, **self.levers.estimate_args(),
                                 compile=False, device=r.kind, ce_chunk_size=r.cfg.ce_chunk_size,
                                 **agree.layout(self.levers.sharded))
         return min(max(start, 1), self.limit)

@@ -3,12 +3,24 @@
 FLOPs per token of a training step: 6N (forward 2N, backward 4N, N the parameters) plus the
 attention's 12 * n_layer * n_embd * block_size (PaLM, Chowdhery et al. 2022, appendix B; the same
 count as nanoGPT's estimate_mfu). The card's peak comes from its hardware profile.
+
+Recomputation, as extra step time with every block checkpointed (k-th blocks: a k-th of it):
+- full: the whole forward again, 2N of the 6N FLOPs, so 1/3 more;
+- selective: only what trainer/model/sac_ops.py SAC_SAVED_OPS does not save (norms, activations,
+  RoPE, residual adds: elementwise, memory-bound, no matmul), which a FLOP count cannot price.
+  The figure is torchtitan's: its selective policy costs 8.5 % of the throughput of no
+  checkpointing on Llama3-8B (pytorch/torchtitan#2570, as quoted in autofit issue 16), a step
+  1 / (1 - 0.085) = 1.093x as long. torchtitan's save list also recomputes every second matmul
+  (torchtitan/distributed/activation_checkpoint.py), ours keeps them all, so for this model it is
+  an upper bound. torchtitan#97 measured full vs selective on Llama 7B at 4.91 vs 4.55 s a step.
 """
 from __future__ import annotations
 
 from autofit.planning.estimate import ModelShape, param_count
 
 ASSUMED_MFU = 0.40  # estimated mode only: fraction of the card's peak bf16/fp16 rate reached
+# extra step time of recomputation with every block checkpointed, by policy (module docstring)
+RECOMPUTE_SHARE = {"full": 1.0 / 3.0, "selective": 0.085 / (1.0 - 0.085)}
 
 
 def flops_per_token(shape: ModelShape) -> int:
@@ -16,11 +28,13 @@ def flops_per_token(shape: ModelShape) -> int:
     return 6 * param_count(shape) + 12 * shape.n_layer * shape.n_embd * shape.block_size
 
 
-def estimated_tokens_per_s(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: int, hw) -> float:
+def estimated_tokens_per_s(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: int, hw,
+                           checkpointing_policy: str = "full") -> float:
     """Tokens/s on the card of hardware profile `hw`: its dense peak x an assumed 40% MFU, over
-    flops_per_token, x 3/4 with full recomputation, with small micro-batches under-filling the
-    GPU (m / (m + 2)). An estimate, never a measurement."""
+    flops_per_token, with recomputation's extra time (RECOMPUTE_SHARE by policy, over the
+    checkpointing interval), with small micro-batches under-filling the GPU (m / (m + 2)).
+    An estimate, never a measurement. Raises KeyError for an unknown policy."""
     peak = (hw.peak_bf16_tflops if dtype == "bfloat16" else hw.peak_fp16_tflops if dtype == "float16"
             else hw.peak_fp16_tflops / 4) * 1e12  # fp32 without tensor cores: a rough quarter
-    recompute = 1.0 + (1.0 / 3.0) / max(1, checkpointing) if checkpointing else 1.0
+    recompute = 1.0 + RECOMPUTE_SHARE[checkpointing_policy] / max(1, checkpointing) if checkpointing else 1.0
     return peak * ASSUMED_MFU / (flops_per_token(shape) * recompute) * micro_batch / (micro_batch + 2)

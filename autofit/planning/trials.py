@@ -95,6 +95,7 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     tdev = device.torch_device
     model_cfg = GPTConfig.from_train_config(cfg)
     model_cfg.checkpointing = cand.checkpointing
+    model_cfg.checkpointing_policy = cand.checkpointing_policy  # the lever's, not the config's
     model_cfg.loss_impl = cand.loss_impl
     torch.manual_seed(settings.seed)
     state["agreement"] = agreement = agree.agreement()  # several ranks: how each attempt ended

@@ -45,11 +45,12 @@ def check_plot_target(path: Path) -> None:
         raise PlotError(f"--plot {path}: folder {folder} is not writable")
 
 
-def _combos(res) -> list[tuple[str, int, str]]:
-    seen: dict[tuple[str, int, str], None] = {}
+def _combos(res) -> list[tuple[str, int, str, str]]:
+    """(dtype, checkpointing, loss, checkpointing policy) of every lever combination that ran."""
+    seen: dict[tuple[str, int, str, str], None] = {}
     for t in res.trials:
         if t.status != "pruned":
-            seen.setdefault((t.dtype, t.checkpointing, t.loss_impl), None)
+            seen.setdefault((t.dtype, t.checkpointing, t.loss_impl, t.checkpointing_policy), None)
     return list(seen)
 
 
@@ -75,13 +76,16 @@ def build_figure(res, cfg):
     colors = [f"C{i}" for i in range(10)]
     sizes = _sizes(res)
     oom_labelled = False
-    for (dtype, ckpt, loss), color in zip(_combos(res), colors * 4):
-        levers = f"{_SHORT[dtype]}, {'ckpt ' + str(ckpt) if ckpt else 'no ckpt'}, {loss} loss"
+    for (dtype, ckpt, loss, policy), color in zip(_combos(res), colors * 4):
+        sel = " selective" if policy == "selective" else ""
+        levers = f"{_SHORT[dtype]}, {'ckpt ' + str(ckpt) + sel if ckpt else 'no ckpt'}, {loss} loss"
         est = [estimate_peak(shape, m, dtype=dtype, checkpointing=ckpt, loss_impl=loss, device=kind,
+                             checkpointing_policy=policy,
                              ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if res.effective_batch > m else 1).peak_bytes
                for m in sizes]
         ax.plot(sizes, [b / unit for b in est], color=color, label=f"{levers}: estimated (closed form)")
-        mine = [t for t in res.trials if (t.dtype, t.checkpointing, t.loss_impl) == (dtype, ckpt, loss)]
+        mine = [t for t in res.trials
+                if (t.dtype, t.checkpointing, t.loss_impl, t.checkpointing_policy) == (dtype, ckpt, loss, policy)]
         points = [t for t in mine if t.measured_peak_bytes]
         if points:
             ax.scatter([t.micro_batch for t in points], [t.measured_peak_bytes / unit for t in points], color=color,

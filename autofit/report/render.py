@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autofit.units import fmt_bytes
+from trainer.model.sac_ops import saved_ops_words
 
 STATUS_STYLE = {"fit": "green", "oom": "red", "over_budget": "yellow", "spill": "magenta",
                 "pruned": "dim", "error": "bold red"}
@@ -108,7 +109,7 @@ def as_written_label(cfg, res) -> str:
              SHORT_DTYPE.get(config_dtype(cfg, res), config_dtype(cfg, res))]
     if cfg.checkpointing:
         parts.append(f"checkpointing every {cfg.checkpointing}"
-                     + (" (selective: matmuls and attention kept)" if cfg.checkpointing_policy == "selective" else ""))
+                     + (" (selective)" if cfg.checkpointing_policy == "selective" else ""))
     parts.append("compile" if cfg.compile else "eager")
     return ", ".join(parts)
 
@@ -117,9 +118,10 @@ def as_written_verdict(res, cfg) -> str:
     """Whether the config as written fits the budget: measured when a trial ran exactly that
     candidate, else the closed-form estimate (autofit.planning.estimate.estimate_peak), labelled."""
     budget = res.budget.budget_bytes
-    want = (cfg.batch_size, config_dtype(cfg, res), bool(cfg.compile), cfg.checkpointing, cfg.loss_impl)
+    policy = cfg.checkpointing_policy if cfg.checkpointing else "full"
+    want = (cfg.batch_size, config_dtype(cfg, res), bool(cfg.compile), cfg.checkpointing, cfg.loss_impl, policy)
     for t in res.trials:
-        if res.mode == "measured" and (t.micro_batch, t.dtype, t.compile, t.checkpointing, t.loss_impl) == want:
+        if res.mode == "measured" and _key(t) == want:
             if t.status == "fit":
                 return (f"fits: measured peak {_b(t.measured_peak_bytes)} of a {fmt_bytes(budget)} budget"
                         f"{_against_plan(res, t)} (measured)")
@@ -137,16 +139,20 @@ def as_written_verdict(res, cfg) -> str:
     return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it would run out of memory ({how})"
 
 
+def _key(t) -> tuple:
+    """What identifies a trial's or a plan's candidate on one device, for matching them."""
+    return (t.micro_batch, t.dtype, t.compile, t.checkpointing, t.loss_impl, t.checkpointing_policy)
+
+
 def _against_plan(res, own) -> str:
     """How the plan compares with the config as written where that fits (measured): it keeps it,
     or it is N x as fast per token, both judged on their fastest steps (autofit.planning.contest)."""
     from autofit.planning.contest import seconds_per_token
     p = res.plan
-    key = (p.micro_batch, p.dtype, p.compile, p.checkpointing, p.loss_impl)
-    if (own.micro_batch, own.dtype, own.compile, own.checkpointing, own.loss_impl) == key:
+    key = _key(p)
+    if _key(own) == key:
         return "; the plan keeps it"
-    runs = [t for t in res.trials if t.status == "fit" and (t.micro_batch, t.dtype, t.compile, t.checkpointing,
-                                                            t.loss_impl) == key]
+    runs = [t for t in res.trials if t.status == "fit" and _key(t) == key]
     cpu = res.device.kind == "cpu"
     a = seconds_per_token(own, cpu)
     b = seconds_per_token(runs[0], cpu) if runs else None
@@ -175,15 +181,38 @@ def plan_changes(plan, cfg, res) -> list[str]:
         from trainer.model.ce import chunked_path
         words.append(f"uses the chunked loss ({chunked_path(cfg.logit_softcap)}: cross-entropy in chunks, never "
                      "the full fp32 logits)" if plan.loss_impl == "chunked" else "uses the standard loss")
-    if plan.checkpointing != cfg.checkpointing:
-        words.append(f"recomputes activations in backward every {plan.checkpointing} block(s) (activation "
-                     "checkpointing: less memory, more compute)" if plan.checkpointing
+    policy = cfg.checkpointing_policy if cfg.checkpointing else "full"
+    if (plan.checkpointing, plan.checkpointing_policy) != (cfg.checkpointing, policy):
+        words.append(f"recomputes activations in backward every {plan.checkpointing} block(s) ({plan.checkpointing_policy} "
+                     "activation checkpointing: less memory, more compute)" if plan.checkpointing
                      else "turns activation checkpointing off")
     if plan.dtype != config_dtype(cfg, res):
         words.append(f"trains in {plan.dtype} instead of {config_dtype(cfg, res)}")
     if plan.compile != bool(cfg.compile):
         words.append("runs eager (compile off)" if not plan.compile else "compiles")
     return words
+
+
+def checkpointing_words(checkpointing: int, policy: str = "full") -> str:
+    """'activation checkpointing every 1 block, selective: matmuls (mm, addmm, bmm) and attention
+    outputs (4 SDPA kernels) kept, the rest recomputed' (the ops read from trainer/model/sac_ops.py
+    SAC_SAVED_OPS), '... full: each block's input kept, the rest recomputed', or '... off'."""
+    if not checkpointing:
+        return "activation checkpointing off"
+    every = f"activation checkpointing every {checkpointing} block{'s' if checkpointing > 1 else ''}"
+    if policy == "selective":
+        return f"{every}, selective: {saved_ops_words()}"
+    return f"{every}, full: only each checkpointed block's input kept, the rest recomputed"
+
+
+def plan_line(p) -> str:
+    """The plan in one line, as `autofit run` prints it before training."""
+    ranks = f"{p.world_size} ranks ({p.parallelism}) x " if p.world_size > 1 else ""
+    return (f"  {ranks}micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
+            f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
+            f"{checkpointing_words(p.checkpointing, p.checkpointing_policy)}, loss {p.loss_impl}; "
+            + (f"measured peak {_b(p.measured_peak_bytes)}" if p.measured_peak_bytes else
+               f"estimated peak {_b(p.estimated_peak_bytes)}") + f" of {_b(p.budget_bytes)} budget")
 
 
 def _compile_words(res, p) -> str:
@@ -202,8 +231,8 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
     else:
         console.print(f"  micro-batch {p.micro_batch} x {p.grad_accum} accumulation steps: {p.split}"
                       + (f" on each of {p.world_size} ranks ({p.parallelism})" if p.world_size > 1 else ""))
-    console.print(f"  dtype {p.dtype}, {_compile_words(res, p)}, activation checkpointing "
-                  f"{'every ' + str(p.checkpointing) + ' block(s)' if p.checkpointing else 'off'}, loss {p.loss_impl}")
+    console.print(f"  dtype {p.dtype}, {_compile_words(res, p)}, {checkpointing_words(p.checkpointing, p.checkpointing_policy)}, "
+                  f"loss {p.loss_impl}")
     peak = f"measured peak {fmt_bytes(p.measured_peak_bytes)}" if p.measured_peak_bytes else \
         f"estimated peak {fmt_bytes(p.estimated_peak_bytes)}"
     how = "measured" if res.mode == "measured" else "estimated from the card's peak TFLOP/s and an assumed MFU"
@@ -241,6 +270,7 @@ def _candidates_table(res, console: Console) -> None:
         chosen = (t.dtype == p.dtype and (t.compile == p.compile or estimated)
                   and t.micro_batch == p.micro_batch
                   and t.checkpointing == p.checkpointing and t.loss_impl == p.loss_impl and t.status == "fit"
+                  and t.checkpointing_policy == p.checkpointing_policy
                   and t.sharded == (p.parallelism == "fsdp2"))
         tps = "-" if not t.tokens_per_s else (f"{t.tokens_per_s:,.0f}" + (" est." if estimated else ""))
         note = t.note if t.status != "fit" or not estimated else ""
@@ -255,12 +285,23 @@ def _candidates_table(res, console: Console) -> None:
         if estimated:
             compile_cell = "on (1)" if p.compile else "off"
         tt.add_row("[bold]>[/]" if chosen else "", str(t.micro_batch), SHORT_DTYPE[t.dtype], compile_cell,
-                   str(t.checkpointing) if t.checkpointing else "off", t.loss_impl + (" +fsdp2" if t.sharded else ""),
+                   _ckpt_cell(t), t.loss_impl + (" +fsdp2" if t.sharded else ""),
                    _b(t.estimated_peak_bytes),
                    _b(t.measured_peak_bytes), tps, status)
     console.print(tt)
     for i, n in enumerate(notes, 1):
         console.print(f"  [dim]({i}) {n}[/]")
+    if any(t.checkpointing_policy == "selective" and t.checkpointing for t in res.trials):
+        console.print(f"  [dim]ckpt 'k sel': every k-th block checkpointed, selective: {saved_ops_words()}[/]")
+    for n in getattr(res, "notes", []):  # levers the search left out, and why
+        console.print(f"  [dim]{n}[/]")
+
+
+def _ckpt_cell(t) -> str:
+    """The candidates table's ckpt cell: 'off', '1' (full), '1 sel' (selective)."""
+    if not t.checkpointing:
+        return "off"
+    return f"{t.checkpointing}" + (" sel" if t.checkpointing_policy == "selective" else "")
 
 
 def render_breakdown(breakdown: dict[str, int], budget: int, measured: int | None, console: Console,

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from trainer.model.sac_ops import SAC_SAVED_OPS  # the save list of selective checkpointing
+
 # F.scaled_dot_product_attention takes enable_gqa from torch 2.5; older torch repeats K and V.
 try:
     _SDPA_GQA = "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
@@ -158,21 +160,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# Selective activation checkpointing (torch.utils.checkpoint.create_selective_checkpoint_contexts,
-# torch >= 2.4): inside a checkpointed block the outputs of these ops are saved and everything else
-# (norms, activations, RoPE, residual adds) is recomputed in backward: the matmuls and attention
-# are the expensive ops to redo, the rest is cheap elementwise work. torchtitan's default save list
-# has the same core (matmuls, SDPA's kernels).
-SAC_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
-                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-                 "_scaled_dot_product_flash_attention_for_cpu")
+def has_selective_checkpointing() -> bool:
+    """Whether this torch has torch.utils.checkpoint.create_selective_checkpoint_contexts (>= 2.4)."""
+    from torch.utils import checkpoint as ck
+    return hasattr(ck, "create_selective_checkpoint_contexts")
 
 
 def sac_context_fn():
     """The context_fn for torch.utils.checkpoint.checkpoint that saves SAC_SAVED_OPS' outputs and
     recomputes the rest. Raises RuntimeError on a torch without selective checkpointing."""
     from torch.utils import checkpoint as ck
-    if not hasattr(ck, "create_selective_checkpoint_contexts"):
+    if not has_selective_checkpointing():
         raise RuntimeError(f"torch {torch.__version__} has no selective activation checkpointing")
     ops = [getattr(torch.ops.aten, n).default for n in SAC_SAVED_OPS if hasattr(torch.ops.aten, n)]
     return ck.create_selective_checkpoint_contexts(ops)
