@@ -8,6 +8,7 @@ Every run is a ~35k-parameter GPT on the embedded corpus, fp32 on the CPU, a few
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -151,12 +152,13 @@ def test_probe_fits_the_largest_stage_and_the_plan_says_so(tmp_path, monkeypatch
     assert "your config as written (4 x 3, " in text and "stages[1] steps 3 to 4: 12 x 64" in text
     # the measured probe on an opened device sees the same config
     seen = []
-    monkeypatch.setattr(probe_mod, "probe_measured", lambda c, *a, **k: seen.append(c) or "result")
+    result = types.SimpleNamespace(notes=None)  # probe_on adds the space's notes to what the probe returns
+    monkeypatch.setattr(probe_mod, "probe_measured", lambda c, *a, **k: seen.append(c) or result)
     said = []
     from autofit.planning.budget import device_budget
     from autofit.devices.opener import open_device
     device = open_device("cpu", budget_bytes=2**30)
-    assert probe_mod.probe_on(cfg, device, device_budget(device, 0.1), ProbeOptions(device="cpu"), said.append) == "result"
+    assert probe_mod.probe_on(cfg, device, device_budget(device, 0.1), ProbeOptions(device="cpu"), said.append) is result
     assert (seen[0].block_size, seen[0].effective_batch, seen[0].stages) == (64, 12, None)
     assert any("fitting stages[1] (12 x 64 = 768 tokens per step)" in s for s in said)
 
