@@ -122,6 +122,21 @@ def softcap_head_extra(shape, N: int, amp: bool) -> tuple[int, int]:
     return nv, nv
 
 
+def mlp_backward_extra_bytes(shape, N: int, amp: bool) -> int:
+    """Hidden-wide temporaries an MLP's backward holds beyond GELU's one (gelu_backward's output),
+    N tokens: ReLU^2's square backs through PowBackward (x^1, then x 2, then x grad: two more
+    live at once before threshold_backward); SwiGLU's product backs into two gradients (grad x up,
+    grad x silu) before silu_backward. In the activation's dtype (16-bit under autocast). Traced
+    op by op on the budgeted CPU device (L4 C32 T64, checkpointing 1: ReLU^2 +7.7, SwiGLU +3.7
+    fp32 N x C at the top block's backward, against the GELU-shaped term)."""
+    per = {"relu2": 2, "swiglu": 1}.get(shape.mlp, 0)
+    if not per:
+        return 0
+    h = mlp_hidden(shape)
+    # by then c_proj's weight gradient (counted in the GELU-shaped term) has gone into its .grad
+    return max(0, per * (2 if amp else 4) * h * N - (2 if amp else 4) * h * shape.n_embd)
+
+
 def embedding_backward_bytes(shape, amp: bool) -> int:
     """The head's gradients at wte's backward (bytes, besides `gradients`): wte's dense fp32
     gradient, and, tied, the lm_head gradient held in autograd's buffer to be summed with it.
