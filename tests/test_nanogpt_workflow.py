@@ -136,6 +136,32 @@ def test_a_resume_refuses_a_model_shape_change_by_name_even_with_allow_changes(t
     assert code == 2 and "unknown key 'n_layers' (did you mean 'n_layer'?)" in err
 
 
+@pytest.mark.parametrize("change,words", [("mlp=relu2", "mlp 'gelu' -> 'relu2'"),
+                                          ("optimizer=muon", "optimizer 'adamw' -> 'muon'"),
+                                          ("n_kv_head=1", "n_kv_head None -> 1")])
+def test_a_resume_refuses_an_architecture_or_optimizer_change_even_with_allow_changes(tmp_path, monkeypatch,
+                                                                                    capsys, change, words):
+    """The checkpoint's weights and optimizer state load only into the same architecture and
+    optimizer: refused by name before anything loads (it was a KeyError traceback for the optimizer
+    and 'checkpoint has mlp=...' after the plan for the architecture)."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "2", "--out", "r")
+    assert code == 0, err
+    before = (tmp_path / "r" / "ckpt.pt").read_bytes()
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--allow-changes", "--set", change)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot change" in err and words in err and "plan:" not in out
+    assert (tmp_path / "r" / "ckpt.pt").read_bytes() == before
+
+
+def test_a_resume_may_change_activation_checkpointing(tmp_path, monkeypatch, capsys):
+    """Recomputation gives the same values (same RNG state): not a change of what is trained."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "2", "--out", "r")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--no-probe", "--max-steps", "3",
+                       "--set", "checkpointing=1", "--set", "checkpointing_policy=selective")
+    assert code == 0, err
+
+
 def test_eval_only_evaluates_and_exits(tmp_path, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "run", *CPU, *TINY, "--set", "eval_only=True", "--out", "e")
     assert code == 0, err

@@ -19,7 +19,7 @@ from autofit.planning import agree
 from autofit.devices.opener import reopen_device
 from autofit.launch.run import Launch, check_data, check_steps_left, prepare_run
 from autofit.records import PlanRecord
-from trainer.checkpoint.ckpt import device_spec, read_checkpoint, resume_changes
+from trainer.checkpoint.ckpt import MODEL_FIELDS, device_spec, read_checkpoint, resume_changes
 from trainer.config.train_config import FIELDS, ConfigError, TrainConfig
 from trainer.config.messages import unknown_key_message
 from trainer.loop import RunOptions
@@ -27,9 +27,10 @@ from trainer.recovery import shrink_policy
 from trainer.step import describe_split, split_batch
 
 
-# The model's shape: a resume loads the checkpoint's weights, so these come from it (nanoGPT's
-# train.py forces the same keys from the checkpoint's model_args); --allow-changes cannot change them.
-MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+# The model's shape and architecture, and the optimizer: a resume loads the checkpoint's weights
+# and optimizer state, so these come from it (nanoGPT's train.py forces the same keys from the
+# checkpoint's model_args); --allow-changes cannot change them (Muon's state does not load into AdamW).
+MODEL_SHAPE_FIELDS = MODEL_FIELDS + ("optimizer",)
 
 
 def _with_changes(saved: TrainConfig, overrides: dict[str, Any], allow_changes: bool, log,
@@ -44,7 +45,8 @@ def _with_changes(saved: TrainConfig, overrides: dict[str, Any], allow_changes: 
     shape = [f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in overrides.items()
              if k in MODEL_SHAPE_FIELDS and getattr(saved, k) != v]
     if shape:
-        raise ConfigError(f"--resume continues the checkpoint's model, whose shape cannot change ({'; '.join(shape)}); "
+        raise ConfigError(f"--resume continues the checkpoint's model and optimizer state, whose shape cannot change "
+                          f"({'; '.join(shape)}); "
                           f"drop these from --set or the config (the checkpoint's are used), or start a new run "
                           f"with another --out")
     cfg = saved.model_copy(deep=True)

@@ -153,12 +153,14 @@ def device_spec(ck: dict) -> dict:
 
 
 # What a resume may change without changing what is trained: output, logging, evaluation,
-# how long, and how the steps run (compile, the device). The effective batch may be split
-# differently (batch_size x gradient_accumulation_steps), never changed.
+# how long, and how the steps run (compile, the device, activation checkpointing, which recomputes
+# the same values with the same RNG state). The effective batch may be split differently
+# (batch_size x gradient_accumulation_steps), never changed.
 RESUME_SAFE_FIELDS = frozenset({
     "max_iters", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
     "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_dir", "out_dir", "device", "backend", "compile",
-    "compile_after", "compile_scope", "init_from", "batch_size", "gradient_accumulation_steps"})
+    "compile_after", "compile_scope", "init_from", "batch_size", "gradient_accumulation_steps",
+    "checkpointing", "checkpointing_policy"})
 
 
 def resume_changes(saved, new) -> list[str]:
