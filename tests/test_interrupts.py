@@ -123,3 +123,19 @@ def test_ctrl_c_while_the_cli_loads_is_one_line_and_130(monkeypatch, capsys):
         entry.run()
     assert stop.value.code == 130
     assert capsys.readouterr().err == "autofit: interrupted while starting; nothing was done\n"
+
+
+def test_the_first_signal_is_acknowledged_at_once_and_a_second_stops_now(capfd):
+    """A probe's trial or an evaluation can run minutes after Ctrl-C: the first signal says at once
+    that it was heard and what comes next (one line on stderr), the second raises."""
+    from trainer.interrupt import StopFlag
+    with StopFlag("autofit: stopping after the trial in flight (Ctrl-C again to stop now)") as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.signal == signal.SIGINT
+        assert capfd.readouterr().err == "autofit: stopping after the trial in flight (Ctrl-C again to stop now)\n"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert capfd.readouterr().err == ""  # the notice once, not again at the second signal
+    with StopFlag() as quiet:  # no notice asked: nothing said
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert quiet.signal == signal.SIGTERM and capfd.readouterr().err == ""

@@ -30,7 +30,7 @@ from trainer.config.train_config import TrainConfig
 from trainer.data.datasets import BatchSampler, load_dataset
 from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
-from trainer.interrupt import StopFlag
+from trainer.interrupt import STOP_NOTICE, StopFlag
 from trainer.model.losses import SCALER_SKIP_REPORT, read_losses
 from trainer.meter import default_meter
 from trainer.metrics import MetricsLog, Progress, describe_event, describe_step, open_sinks
@@ -147,7 +147,7 @@ class Trainer:
             self.metrics.sinks += open_sinks(cfg, progress.print)
         self._write_run_record()
         try:
-            with self.meter.tracking(), StopFlag() as stop, progress:
+            with self.meter.tracking(), StopFlag(STOP_NOTICE if self.master else None) as stop, progress:
                 self.group.watch(stop)
                 self.evaluator.stop, self.evaluator.say = (lambda: self.group.stop_now(stop)), progress.print
                 self._say_opening()

@@ -114,7 +114,8 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
         log(note)
     _wait_if_asked()
     from trainer.interrupt import StopFlag
-    with StopFlag() as stop:  # Ctrl-C/SIGTERM: the trial in flight ends, then the probe stops (a second: at once)
+    notice = "autofit: stopping after the trial in flight (Ctrl-C again to stop now)"
+    with StopFlag(notice) as stop:  # Ctrl-C/SIGTERM: the trial in flight ends, then the probe stops (a second: at once)
         settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed,
                                  stop=lambda: stop.signal is not None, on_trial=on_trial)
         res = probe_measured(cfg, device, budget, space, settings=settings, log=log)

@@ -180,7 +180,7 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
         job.texts = read_documents(input_path) if input_path else stream_fineweb(*fineweb)
     else:
         job.staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
-    with StopFlag() as flag:  # a Ctrl-C/SIGTERM sets it; a boundary then stops; a second signal at once
+    with StopFlag() as flag:  # a Ctrl-C/SIGTERM sets it; the next boundary (soon) stops; a second: at once
         job.stop = flag
         try:
             with _progress(progress, log) as bar:
