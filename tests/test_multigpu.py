@@ -278,6 +278,10 @@ def test_an_effective_batch_that_does_not_divide_names_the_nearest_that_do(tmp_p
                          env=env(tmp_path), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "the nearest that do are 8 or 10" in res.stderr and not (tmp_path / "o").exists()
+    # and a --set that makes one of them: batch_size 3 divides neither, so both keys (3 x 3 -> 5 x 2)
+    assert "(e.g. --set batch_size=5 --set gradient_accumulation_steps=2)" in res.stderr
+    with pytest.raises(TrainError, match=r"16 or 18 \(e\.g\. --set gradient_accumulation_steps=4\)"):
+        check_divisible(17, 2, batch_size=4, grad_accum=5)  # 4 divides 16, not 18: the accumulation alone
 
 
 def test_each_rank_reads_its_own_rows_of_the_same_step_batch():

@@ -132,7 +132,7 @@ def _say_split_change(cfg, before: int, log) -> None:
     if before == now:
         return
     from trainer.distributed.ranks import check_divisible
-    check_divisible(cfg.effective_batch, now)
+    check_divisible(cfg.effective_batch, now, cfg.batch_size, cfg.gradient_accumulation_steps)
     log(f"the checkpoint was written by {before} rank(s), this run has {now}: the effective batch stays "
         f"{cfg.effective_batch}; each rank's share {cfg.effective_batch // before} -> "
         f"{cfg.effective_batch // now} sequences")

@@ -41,7 +41,8 @@ def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
         from trainer.recovery import StagedRun
         StagedRun(cfg, nproc_per_node or ranks().world_size, 1)
         return
-    check_divisible(cfg.effective_batch, nproc_per_node or ranks().world_size)
+    check_divisible(cfg.effective_batch, nproc_per_node or ranks().world_size, cfg.batch_size,
+                    cfg.gradient_accumulation_steps)
 
 
 def quiet_unless_rank0(console, err_console) -> None:
