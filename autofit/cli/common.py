@@ -11,6 +11,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from trainer.config.presets import PRESETS  # names only: no torch, no pydantic
+
 # What stands in for the characters autofit prints where the output's encoding cannot write them.
 _ASCII = {"\u00d7": "x", "\u2026": "...", "\u2014": "-", "\u2013": "-", "\u2212": "-", "\u2248": "~", "\u2192": "->",
           "\u2190": "<-", "\u2265": ">=", "\u2264": "<=", "\u00b7": ".", "\u2022": "*", "\u2713": "ok", "\u2717": "x",
@@ -98,7 +100,7 @@ def load_train_config(config: Optional[Path], preset: Optional[str], overrides: 
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or nanoGPT-style .py config (parsed, never executed).")
-PresetOpt = typer.Option(None, "--preset", help="Built-in preset: tiny, gpt2-124m, rtx4070-seed.")
+PresetOpt = typer.Option(None, "--preset", help=f"Built-in preset: {', '.join(PRESETS)}.")
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set key=value (repeatable).")
 
 
