@@ -143,3 +143,12 @@ def test_the_suggested_command_keeps_the_measured_gpu():
     from autofit.cli.common import _rerun_args
     assert _rerun_args(None, "tiny", [], None, None, None, None, 0.1, 1) == ["--preset", "tiny", "--gpu-index", "1"]
     assert _rerun_args(None, None, ["a=1"], None, True, None, None, 0.1) == ["--set", "a=1", "--compile"]
+
+
+@pytest.mark.parametrize("command", [["probe", *CPU], ["run", *CPU, "--out", "o"]])
+def test_an_unknown_dtype_is_refused_before_the_probe_says_anything(tmp_path, monkeypatch, capsys, command):
+    """It came after the 'probing on ...' banner, as if the probe had started (a user's report)."""
+    code, out, err = cli(monkeypatch, capsys, *command, *SMALL, "--dtype", "bf16")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and out == "", err
+    assert "--dtype: unknown dtype 'bf16'" in err and "probing on" not in err
+    assert not (tmp_path / "o" / "ckpt.pt").exists() and not (tmp_path / "o" / "metrics.jsonl").exists()

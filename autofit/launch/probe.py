@@ -96,6 +96,13 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     info = device.info
     budget = agree.budget(budget)  # several ranks: the smallest rank's
     ranks = agree.ranks()
+    space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
+                            compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
+                            compile_measurable=device.capabilities.compile,
+                            compute_capability=info.compute_capability, world_size=ranks.world_size,
+                            checkpointing_policies=opts.checkpointing_policies)
+    space = agree.space(space)  # several ranks: what every rank's card can run
+    # after the space: a lever this device cannot run (bf16 on a card without it) is refused first
     log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)} "
         f"({fmt_bytes(budget.usable_bytes)} usable less the {budget.margin:.0%} safety margin)"
         + (f" (the smallest of {ranks.world_size} ranks' budgets; each rank measures on its own device)"
@@ -104,12 +111,6 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     if info.kind == "cpu" and n > BIG_FOR_CPU and opts.device is None:
         log(f"no GPU found: measuring a {n / 1e6:.0f}M-parameter model with real trials on the CPU will be slow; "
             f"for a GPU you do not have here, estimate with --gpu NAME (e.g. --gpu rtx4070-12gb)")
-    space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
-                            compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
-                            compile_measurable=device.capabilities.compile,
-                            compute_capability=info.compute_capability, world_size=ranks.world_size,
-                            checkpointing_policies=opts.checkpointing_policies)
-    space = agree.space(space)  # several ranks: what every rank's card can run
     for note in space.notes:
         log(note)
     _wait_if_asked()
