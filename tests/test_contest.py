@@ -228,3 +228,23 @@ def test_the_config_as_written_is_kept_on_a_tie_and_beaten_by_a_measured_factor(
         assert res.plan.micro_batch > 4
         want = (1 + 8 / 4) / (1 + 8 / res.plan.micro_batch)
         assert f"the plan runs {want:.2f}x as fast" in verdict
+
+
+def test_the_contests_log_numbers_its_rounds_in_order(monkeypatch):
+    """The contest before the recomputing combinations and the final one share one numbering:
+    the log never says 'round 3' before 'round 2'."""
+    cfg = cfg_for(16)
+    logs = []
+    clock = Clock(lambda c: 1.0 + 0.2 * (c.loss_impl == "standard") + 2.0 / c.micro_batch, seed=2)
+    runner = contest_runner(cfg, clock, monkeypatch)
+    runner.log = logs.append
+    first = [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in
+             (STD.candidate(8), STD.candidate(4), CHUNKED.candidate(8), CHUNKED.candidate(4))]
+    before = contest.decide(runner, first)
+    later = [before.winner] + [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in
+                               (CKPT.candidate(16), CKPT.candidate(8))]
+    after = contest.decide(runner, later, before=before)
+    numbers = [int(s.split("round ")[1].split(":")[0]) for s in logs if "round " in s]
+    assert numbers and numbers == sorted(numbers) and numbers[-1] <= after.rounds
+    assert any(n > before.rounds for n in numbers)
+    assert f"in {after.rounds} alternating round" in after.why

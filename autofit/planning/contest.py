@@ -111,6 +111,9 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     alive = _unique(contenders)
     if before is not None and len(alive) == 1 and alive[0] is before.winner:
         return before
+    # rounds are numbered across the probe's contests (the earlier one's rounds came first), so
+    # the log reads in order: round 1, 2, 3 of the first contest, then 4, 5 of the next
+    done = before.rounds if before is not None else 0
     rounds, tied_rounds = 0, 0
     while len(alive) > 1 and rounds < MAX_ROUNDS:
         rounds += 1
@@ -119,7 +122,7 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
         margin = CLEAR_FIRST if rounds == 1 else CLEAR
         out = [t for t in alive if seconds_per_token(t, cpu) > (1 + margin) * best]
         for t in out:
-            runner.log(f"contest round {rounds}: {label(t)} out, {seconds_per_token(t, cpu) / best:.2f}x the "
+            runner.log(f"contest round {done + rounds}: {label(t)} out, {seconds_per_token(t, cpu) / best:.2f}x the "
                        f"leader's time per token")
         alive = [t for t in alive if t not in out]
         tied_rounds = tied_rounds + 1 if all(seconds_per_token(t, cpu) <= (1 + TIE) * best for t in alive) else 0
@@ -132,7 +135,7 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     else:
         winner = min(tied, key=lambda t: (peak_of(t), t.micro_batch, seconds_per_token(t, cpu)))
     n = len(_unique(contenders)) + (before.n - 1 if before is not None else 0)
-    return Decision(winner=winner, why=_why(winner, alive, tied, rounds, n, cpu, own),
+    return Decision(winner=winner, why=_why(winner, alive, tied, done + rounds, n, cpu, own),
                     rounds=rounds + (before.rounds if before is not None else 0), tied=tied, n=n)
 
 

@@ -15,7 +15,7 @@ The measured probe (probe_measured), step by step:
 4. confirm_compile(): when compile is in the space, run the chosen size compiled (and the next
    smaller fit if the compiled peak is higher) and keep it if it is faster;
 5. split the effective batch into micro-batches (balanced, or a divisor when measured faster).
-With no matching GPU here, probe_estimated answers from the closed-form estimate alone.
+With no matching GPU here, autofit.planning.estimated answers from the closed-form estimate alone.
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ from typing import Callable
 from autofit.planning import agree
 from autofit.planning.budget import Budget, compute_budget
 from autofit.planning.candidates import Levers, PlanError, Space, lever_combos
-from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
+from autofit.planning.estimate import estimate_peak, max_micro_batch
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, split_rates
-from autofit.planning.throughput import ASSUMED_MFU, estimated_tokens_per_s
 from autofit.planning.contest import TIE, decide, label, seconds_per_token
 from autofit.planning.trials import TrialSettings
 from autofit.units import fmt_bytes
@@ -315,62 +314,5 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
                     f"a smaller model than n_layer {cfg.n_layer} / n_embd {cfg.n_embd}, or {bigger} would help")
 
 
-def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
-    """No matching GPU here: the estimate is the whole answer, and says so. For each lever
-    combination, the largest micro-batch whose estimated peak fits; the one with the highest
-    estimated tokens/s (autofit.planning.throughput) wins. Raises PlanError when none fits."""
-    shape = ModelShape.from_config(cfg)
-    E = cfg.effective_batch
-    trials: list[TrialRecord] = []
-    best = None
-    for lv in lever_combos(space):
-        m = min(E, max_micro_batch(shape, budget.budget_bytes, dtype=lv.dtype, checkpointing=lv.checkpointing,
-                                   loss_impl=lv.loss_impl, compile=False, device="cuda",
-                                   ce_chunk_size=cfg.ce_chunk_size))
-        est = estimate_peak(shape, max(m, 1), dtype=lv.dtype, checkpointing=lv.checkpointing,
-                            loss_impl=lv.loss_impl, compile=False, device="cuda", ce_chunk_size=cfg.ce_chunk_size)
-        if m == 0:
-            trials.append(TrialRecord(**lv.candidate(1).model_dump(), status="pruned",
-                                      estimated_peak_bytes=est.peak_bytes,
-                                      note="estimated not to fit even at micro-batch 1"))
-            continue
-        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw)
-        rec = TrialRecord(**lv.candidate(m).model_dump(), status="fit", estimated_peak_bytes=est.peak_bytes,
-                          tokens_per_s=tps,
-                          note="estimated: largest micro-batch whose estimated peak fits; tokens/s from "
-                               f"peak TFLOP/s x {ASSUMED_MFU:.0%} assumed MFU")
-        trials.append(rec)
-        if best is None or tps > best.tokens_per_s:
-            best = rec
-    if best is None:
-        _nothing_fits(cfg, trials, budget, "cuda", estimated=True)
-    est_tps = {m: estimated_tokens_per_s(shape, m, best.dtype, best.checkpointing, hw)
-               for m in range(1, best.micro_batch + 1)}
-    micro_batches, why_split = choose_split(E, best.micro_batch, est_tps, cfg.block_size)
-    if max(micro_batches) != best.micro_batch:  # the row of the plan is the size it runs
-        best.note += f"; the plan runs {max(micro_batches)} (the split of {E}), the largest that fits is {best.micro_batch}"
-        best.micro_batch = max(micro_batches)
-    best.tokens_per_s = est_tps[best.micro_batch]  # the rate of the size the plan runs
-    est = estimate_peak(shape, max(micro_batches), dtype=best.dtype, checkpointing=best.checkpointing,
-                        loss_impl=best.loss_impl, device="cuda", ce_chunk_size=cfg.ce_chunk_size,
-                        n_micro=min(2, len(micro_batches)))
-    best.estimated_peak_bytes = est.peak_bytes
-    compile_on = True in space.compile
-    plan = PlanRecord(mode="estimated", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
-                      micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size, dtype=best.dtype,
-                      compile=compile_on, compile_after=resolve_compile_after(cfg) if compile_on else 0,
-                      checkpointing=best.checkpointing, loss_impl=best.loss_impl,
-                      estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=None,
-                      tokens_per_s=best.tokens_per_s, budget_bytes=budget.budget_bytes,
-                      split=describe_split(micro_batches),
-                      reason=(f"estimated only (no {hw.name} here): highest estimated tokens/s among "
-                              f"{len([t for t in trials if t.status == 'fit'])} lever combinations whose "
-                              f"estimated peak fits {fmt_bytes(budget.budget_bytes)}; compile kept as configured "
-                              f"(its memory effect is measured, never guessed: probe on the card to confirm); "
-                              f"split: {why_split} (estimated step times)"))
-    return ProbeResult(mode="estimated", device=info, budget=budget, effective_batch=E, block_size=cfg.block_size,
-                       trials=trials, plan=plan, breakdown=est.breakdown)
-
-
 __all__ = ["PlanError", "ProbeResult", "Space", "choose_split", "confirm_compile", "split_rates",
-           "probe_estimated", "probe_measured"]
+           "probe_measured"]
