@@ -32,7 +32,10 @@ def test_finds_largest_fitting_micro_batch_and_a_larger_one_failed():
     failed = {t.micro_batch for t in res.trials if t.status in ("oom", "over_budget")}
     assert plan.micro_batch in fits  # never a size that was not run
     largest = max(fits)
-    assert largest + 1 in failed  # the next size up was tried and did not fit
+    # the next size up was tried and did not fit, or (issue 18) not run: its estimate is over the
+    # budget by more than the estimate's proven error bound on this device
+    ruled_out = {t.micro_batch for t in res.trials if t.status == "pruned" and "error bound" in t.note}
+    assert largest + 1 in failed | ruled_out
     # the plan runs the balanced split of the largest fit (or a faster divisor): never a tiny last one
     assert plan.micro_batch <= largest and max(plan.micro_batches) - min(plan.micro_batches) <= 1 \
         or len(set(plan.micro_batches)) == 1

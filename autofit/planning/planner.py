@@ -7,8 +7,8 @@ The measured probe (probe_measured), step by step:
    contenders (the rate can be flat or fall with the micro-batch);
 2. before the first recomputing combination, the contenders so far are decided (autofit.planning.
    contest); a recomputing combination is skipped when the combinations without it already hold the
-   whole batch, reach the rate plateau (half their largest fit is as fast), or the estimate
-   promises less than twice their size;
+   whole batch, the estimate promises less than twice their size, or their measured rate rises too
+   slowly in the micro-batch for that size to pay back recomputation's third more compute;
 3. autofit.planning.contest.decide: every contender (and the config's own micro-batch where it
    fits) re-timed in alternation, judged on its fastest step's time per token, until the
    difference is clear or a tie, which goes to the most headroom (or the user's own split);
@@ -19,6 +19,7 @@ With no matching GPU here, autofit.planning.estimated answers from the closed-fo
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from autofit.planning import agree
@@ -28,7 +29,7 @@ from autofit.planning.estimate import estimate_peak, max_micro_batch
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, split_rates
-from autofit.planning.contest import TIE, decide, label, seconds_per_token
+from autofit.planning.contest import decide, label, seconds_per_token
 from autofit.planning.trials import TrialSettings
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
@@ -203,11 +204,11 @@ def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches:
 
 
 def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
-    """Recomputation costs about a third more compute: try it only when the levers without it
-    cannot hold the whole batch, their rate has not already reached its plateau (half their
-    largest fit as fast as it: a larger micro-batch cannot pay the third back), and the estimate
-    promises a clearly larger size. Returns the 'pruned' record, its note the reason, when it is
-    not worth a search."""
+    """Recomputation costs about a third more compute per token: try it only when the levers
+    without it cannot hold the whole batch, the estimate promises a clearly larger size, and the
+    rate measured without it rises fast enough in the micro-batch for that size to pay the third
+    back (_cannot_pay_back). Returns the 'pruned' record, its note the reason, when it is not
+    worth a search."""
     if levers.checkpointing == 0:
         return None
     E = runner.rank_batch
@@ -223,28 +224,40 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
     elif base > 0 and est_ck < 2 * base:
         why = f"estimated {est_ck} with it, less than twice the {base} that fits without"
     else:
-        flat = _plateau(runner, base_levers, best_by_levers)
+        flat = _cannot_pay_back(runner, levers, [lv for lv in base_levers if lv.loss_impl == levers.loss_impl],
+                                best_by_levers, min(est_ck, E))
         if flat:
-            why = f"cannot pay back its extra compute: without it the rate is already flat ({flat})"
+            why = f"cannot pay back its extra compute: without it the rate is already flat or rises too slowly ({flat})"
     if why is None:
         return None
     return TrialRecord(**levers.candidate(max(1, min(est_ck, E))).model_dump(), status="pruned",
                        note=f"not needed: {why}")
 
 
-def _plateau(runner: TrialRunner, base_levers: list[Levers], best_by_levers: dict[Levers, int]) -> str | None:
-    """Words for a combination without recomputation whose half-size contender is within TIE of
-    its largest fit's time per token (the rate has reached its plateau), or None."""
+def _cannot_pay_back(runner: TrialRunner, levers: Levers, base_levers: list[Levers],
+                     best_by_levers: dict[Levers, int], est_ck: int) -> str | None:
+    """Words for why recomputation (`levers`) cannot win, or None. Without it, the combination's
+    largest fit L and half of it were measured: g = time per token at L/2 over that at L is the
+    rate's gain from the last doubling. The rate is concave in log(micro-batch) (a larger batch
+    fills the device better by less and less), so from L to the `est_ck` recomputation is
+    estimated to reach it gains at most g per doubling, g ** log2(est_ck / L) in all; where that
+    is no more than recomputation's cost per token (1 + 1/3 / every, the throughput model's
+    autofit.planning.throughput), the recomputing plan would be slower."""
     cpu = runner.kind == "cpu"
+    cost = 1.0 + (1.0 / 3.0) / max(1, levers.checkpointing)
     for lv in base_levers:
         sizes = {t.micro_batch: t for t in runner.fits(lv)}
         big, half = sizes.get(best_by_levers[lv]), sizes.get(max(1, best_by_levers[lv] // 2))
-        if big is None or half is None or half is big:
+        if big is None or half is None or half is big or est_ck <= big.micro_batch:
             continue
         a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)
-        if a is not None and b is not None and a <= (1 + TIE) * b:
+        if a is None or b is None:
+            continue
+        gain = max(1.0, a / b) ** math.log2(est_ck / big.micro_batch)
+        if gain <= cost:
             return (f"{lv.loss_impl} loss: micro-batch {half.micro_batch} takes {a / b:.2f}x the time per token "
-                    f"of {big.micro_batch}")
+                    f"of {big.micro_batch}, so the estimated {est_ck} with recomputation gains at most {gain:.2f}x, "
+                    f"less than its {cost:.2f}x compute")
     return None
 
 
