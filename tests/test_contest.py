@@ -301,3 +301,21 @@ def test_the_tie_band_comes_from_the_readings_own_spread():
     assert contest.tie_band(wild, quiet, cpu=True) == contest.TIE_MAX == 0.05
     # one reading says nothing of its spread: the widest band
     assert contest.tie_band(rec([1.0]), quiet, cpu=True) == contest.TIE_MAX
+
+
+def test_a_contender_that_cannot_win_is_not_re_timed(monkeypatch):
+    """The search's readings are the contest's first: a contender already three times as slow
+    as the leader is out without a re-timing trial, and the log names it with its reason."""
+    cfg = cfg_for(16)
+    slow, fast, close = STD.candidate(4), CHUNKED.candidate(8), STD.candidate(8)
+    clock = Clock({slow: 3.5, fast: 1.0, close: 1.3}.__getitem__, p=0.0)
+    runner = contest_runner(cfg, clock, monkeypatch)
+    logs, retimed = [], []
+    runner.log = logs.append
+    record = clock.record
+    monkeypatch.setattr(clock, "record", lambda cfg, cand, *a: retimed.append(cand) or record(cfg, cand, *a))
+    recs = [record(cfg, c, 16, 2, 1000 * c.micro_batch) for c in (slow, fast, close)]
+    d = contest.decide(runner, recs)
+    assert d.winner.candidate() == fast
+    assert slow not in retimed and fast in retimed and close in retimed
+    assert any("micro-batch 4, standard loss" in s and "not re-timed" in s for s in logs)

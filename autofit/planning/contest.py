@@ -4,8 +4,8 @@ A machine shared with other work only ever slows a step down, never speeds it up
 contender's figure is its fastest step (the least disturbed one), as time per token: CPU time of
 this process on a CPU device (time other processes take from the cores is mostly not counted in
 it), wall time on a GPU. A step slowed by a burst of load is not the fastest, so it is left out.
-Its first readings are those of the search's trial (autofit.planning.search): no step is run
-twice to be timed.
+Its first readings are those of the search's trial (autofit.planning.search): a contender whose
+readings are already more than CLEAR_FIRST slower than the leader's is out before any re-timing.
 
 The contenders (the largest fitting size of every lever combination and a smaller one: autofit.
 planning.planner) are re-timed in alternation, A B C A B C, so a burst during one contender's
@@ -140,6 +140,12 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     if before is not None and len(alive) == 1 and alive[0] is before.winner:
         return before
     spt = lambda t: seconds_per_token(t, cpu)  # noqa: E731
+    if len(alive) > 1:  # the search's readings are the first: one that cannot win is not re-timed
+        lead = min(alive, key=spt)
+        for t in [t for t in alive if spt(t) > (1 + CLEAR_FIRST) * spt(lead)]:
+            runner.log(f"contest: {label(t)} not re-timed: its readings so far take {spt(t) / spt(lead):.2f}x the "
+                       f"time per token of {label(lead)}'s (out past {1 + CLEAR_FIRST:.0f}x)")
+            alive.remove(t)
     rounds = 0
     while len(alive) > 1 and rounds < MAX_ROUNDS:
         rounds += 1
