@@ -10,8 +10,9 @@ readings are already more than CLEAR_FIRST slower than the leader's is out befor
 The contenders (the largest fitting size of every lever combination and a smaller one: autofit.
 planning.planner) are re-timed in alternation, A B C A B C, so a burst during one contender's
 trials cannot decide; after the first round a contender more than CLEAR_FIRST slower than the
-leader is out (each has readings from two trials only), after later rounds one more than twice
-the pair's tie band (below) slower, or CLEAR.
+leader is out (each has readings from two trials only), or more than CLEAR_CONSISTENT slower where
+its two fastest readings agree; after later rounds one more than twice the pair's tie band
+(below) slower, or CLEAR.
 Two contenders are tied when their figures are within a band made from their own readings: the
 gap between each one's two fastest readings (how far its fastest step may still be from the
 undisturbed one), summed, kept within TIE_MIN..TIE_MAX. So a quiet machine separates a 2 %
@@ -41,6 +42,9 @@ CLEAR = 0.10  # more than 10 % slower than the leader (both their fastest steps)
 # all of which a stretch of load may have slowed (on this shared 2-core machine a step's CPU time
 # varied up to 6x under load 7): only one three times as slow as the leader is out then.
 CLEAR_FIRST = 2.0
+# ... or a quarter slower when its two fastest readings agree within TIE_MAX (a steady contender,
+# not one whose only quiet reading is yet to come)
+CLEAR_CONSISTENT = 0.25
 MAX_ROUNDS = 4  # alternating rounds of re-timing at most (close pairs only need the last ones)
 # Optimizer steps per re-timing trial. Each eager step is a reading (the optimizer state is
 # primed, so the first step is already training's steady state: autofit.planning.trials);
@@ -127,6 +131,16 @@ def _unique(contenders: list[TrialRecord]) -> list[TrialRecord]:
     return out
 
 
+def _out(t: TrialRecord, lead: TrialRecord, rounds: int, cpu: bool) -> bool:
+    """Whether `t` is out after `rounds` rounds (module docstring): past CLEAR_FIRST; after the
+    first round also past CLEAR_CONSISTENT when its two fastest readings agree (within TIE_MAX:
+    not one quiet reading among bursts); after later rounds past twice the pair's band, or CLEAR."""
+    ratio = seconds_per_token(t, cpu) / seconds_per_token(lead, cpu)
+    if rounds <= 1:
+        return ratio > 1 + CLEAR_FIRST or ratio > 1 + CLEAR_CONSISTENT and spread(t, cpu) <= TIE_MAX
+    return ratio > 1 + min(CLEAR, 2 * tie_band(lead, t, cpu))
+
+
 def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = None,
            before: Decision | None = None) -> Decision:
     """The fastest of `contenders` (fitting TrialRecords) by the robust figure above, re-timed in
@@ -153,8 +167,7 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
         lead = min(alive, key=spt)
         # out: past CLEAR_FIRST after one round; then past twice the pair's tie band (beyond its
         # readings' noise), at most CLEAR
-        out = [t for t in alive if spt(t) > (1 + (CLEAR_FIRST if rounds == 1 else
-                                                  min(CLEAR, 2 * tie_band(lead, t, cpu)))) * spt(lead)]
+        out = [t for t in alive if _out(t, lead, rounds, cpu)]
         for t in out:
             runner.log(f"contest round {done + rounds}: {label(t)} out, {spt(t) / spt(lead):.2f}x the leader's "
                        f"time per token")
