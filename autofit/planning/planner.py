@@ -7,8 +7,8 @@ The measured probe (probe_measured), step by step:
    contenders (the rate can be flat or fall with the micro-batch);
 2. before the first recomputing combination, the contenders so far are decided (autofit.planning.
    contest); a recomputing combination is skipped when the combinations without it already hold the
-   whole batch, the estimate promises less than twice their size, or their measured rate rises too
-   slowly in the micro-batch for that size to pay back recomputation's third more compute;
+   whole batch, the estimate promises no larger size, or their measured rate rises too slowly in
+   the micro-batch for that size to pay back recomputation's third more compute;
 3. autofit.planning.contest.decide: every contender (and the config's own micro-batch where it
    fits) re-timed in alternation, judged on its fastest step's time per token, until the
    difference is clear or a tie, which goes to the most headroom (or the user's own split);
@@ -205,9 +205,9 @@ def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches:
 
 def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
     """Recomputation costs about a third more compute per token: try it only when the levers
-    without it cannot hold the whole batch, the estimate promises a clearly larger size, and the
-    rate measured without it rises fast enough in the micro-batch for that size to pay the third
-    back (_cannot_pay_back). Returns the 'pruned' record, its note the reason, when it is not
+    without it cannot hold the whole batch, the estimate promises a larger size, and the rate
+    measured without it rises fast enough in the micro-batch for that size to pay the third back
+    (_cannot_pay_back). Returns the 'pruned' record, its note the reason, when it is not
     worth a search."""
     if levers.checkpointing == 0:
         return None
@@ -221,8 +221,8 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
     why = None
     if base >= E:
         why = f"micro-batch {base} (the whole batch) fits without recomputation"
-    elif base > 0 and est_ck < 2 * base:
-        why = f"estimated {est_ck} with it, less than twice the {base} that fits without"
+    elif base > 0 and est_ck <= base:
+        why = f"estimated {est_ck} with it, no more than the {base} that fits without"
     else:
         flat = _cannot_pay_back(runner, levers, [lv for lv in base_levers if lv.loss_impl == levers.loss_impl],
                                 best_by_levers, min(est_ck, E))
