@@ -176,6 +176,10 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
             break  # every one left is within the finest band of the leader: more readings cannot separate them
     lead = min(alive, key=spt)
     tied = [t for t in alive if spt(t) <= (1 + tie_band(lead, t, cpu)) * spt(lead)]
+    for t in alive:
+        if t not in tied:
+            runner.log(f"contest: {label(t)} lost after {done + rounds} round(s): {spt(t) / spt(lead):.2f}x the "
+                       f"leader's time per token, outside their {tie_band(lead, t, cpu):.1%} tie band")
     if len(tied) > 1:
         runner.log(f"contest: a tie between {'; '.join(label(t) for t in tied)} (within "
                    f"{max(tie_band(lead, t, cpu) for t in tied):.1%}, the spread of their readings)")
