@@ -45,7 +45,7 @@ CLEAR_FIRST = 2.0
 # ... or a quarter slower when its two fastest readings agree within TIE_MAX (a steady contender,
 # not one whose only quiet reading is yet to come)
 CLEAR_CONSISTENT = 0.25
-MAX_ROUNDS = 4  # alternating rounds of re-timing at most (close pairs only need the last ones)
+MAX_ROUNDS = 3  # alternating rounds of re-timing at most (close pairs only need the last one)
 # Optimizer steps per re-timing trial. Each eager step is a reading (the optimizer state is
 # primed, so the first step is already training's steady state: autofit.planning.trials);
 # a compiled trial runs one step more, its first (the compile) not a reading. Two short trials
