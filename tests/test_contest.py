@@ -319,3 +319,24 @@ def test_a_contender_that_cannot_win_is_not_re_timed(monkeypatch):
     assert d.winner.candidate() == fast
     assert slow not in retimed and fast in retimed and close in retimed
     assert any("micro-batch 4, standard loss" in s and "not re-timed" in s for s in logs)
+
+
+@pytest.mark.parametrize("steep", [True, False])
+def test_recomputation_is_searched_where_a_steep_rate_can_pay_it_back(steep, monkeypatch):
+    """Recomputation is estimated to hold 1.7x the micro-batch (10 -> 17): with the rate rising
+    steeply in the micro-batch (half the size takes 1.75x the time per token) that size can pay
+    back recomputation's 4/3 compute, so it is searched; with a flat rate it cannot, and the
+    skipped trial says why."""
+    cfg = load_config(preset="tiny", overrides=["n_layer=2", "n_embd=32", "n_head=2", "block_size=64",
+                                                "vocab_size=512", "batch_size=64", "gradient_accumulation_steps=1"])
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard"])
+    cost = (lambda c: 1.0 + 30.0 / c.micro_batch) if steep else (lambda c: 1.0 + 0.3 * c.checkpointing)
+    res, runner = plan_with(cfg, 8_000_000, space, Clock(cost, p=0.0), monkeypatch)
+    base = max(t.micro_batch for t in res.trials if t.status == "fit" and not t.checkpointing)
+    assert base == 10
+    if steep:
+        assert any(c.checkpointing for c in runner.ran)
+    else:
+        assert not any(c.checkpointing for c in runner.ran)
+        skipped = [t for t in res.trials if t.checkpointing and t.status == "pruned"]
+        assert skipped and "cannot pay back" in skipped[0].note and "1.33x compute" in skipped[0].note
