@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from autofit.devices.cpu_budget import BudgetedCpuDevice
+from autofit.planning.search import ESTIMATE_ERROR_BOUND
 from autofit.planning.estimate import COMPONENTS, ModelShape, estimate_peak, max_micro_batch, param_count
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.step import make_optimizer, train_step
@@ -53,7 +54,8 @@ def test_cpu_estimate_matches_the_budgeted_device(shape, micro_batch, kw):
     est = estimate_peak(shape, micro_batch, dtype="float32", device="cpu", **{"checkpointing": 0,
                                                                               "loss_impl": "standard", **kw})
     meas = measured_peak(shape, micro_batch, **kw)
-    assert abs(est.peak_bytes - meas) <= 0.10 * meas, (est, meas)
+    # the bound the search prunes by (issue 18 asks it proven and tight: 1 %, it was 10 %)
+    assert abs(est.peak_bytes - meas) <= ESTIMATE_ERROR_BOUND["cpu"] * meas, (est, meas)
 
 
 @pytest.mark.parametrize("micro_batch", [3, 5, 4])  # 96, 160 and 128 rows in chunks of 64

@@ -32,7 +32,10 @@ def test_finds_largest_fitting_micro_batch_and_a_larger_one_failed():
     failed = {t.micro_batch for t in res.trials if t.status in ("oom", "over_budget")}
     assert plan.micro_batch in fits  # never a size that was not run
     largest = max(fits)
-    assert largest + 1 in failed  # the next size up was tried and did not fit
+    # the next size up was tried and did not fit, or (issue 18) not run: its estimate is over the
+    # budget by more than the estimate's proven error bound on this device
+    ruled_out = {t.micro_batch for t in res.trials if t.status == "pruned" and "error bound" in t.note}
+    assert largest + 1 in failed | ruled_out
     # the plan runs the balanced split of the largest fit (or a faster divisor): never a tiny last one
     assert plan.micro_batch <= largest and max(plan.micro_batches) - min(plan.micro_batches) <= 1 \
         or len(set(plan.micro_batches)) == 1
@@ -94,8 +97,13 @@ def test_a_compiled_plans_split_is_judged_at_compiled_rates():
 
 
 def test_probe_with_odd_effective_batch():
+    """7 sequences fit whole; the contest may still pick half that (3 + 2 + 2) when it times
+    faster (issue 18: the right size, not the largest), which this loaded machine's clock
+    decides, so the test asks what holds either way: exactly 7, balanced, and measured."""
     res, _ = probe(cfg_for(7), 50_000_000)
-    assert sum(res.plan.micro_batches) == 7 and res.plan.micro_batches == [7]
+    mb = res.plan.micro_batches
+    assert sum(mb) == 7 and max(mb) - min(mb) <= 1 and mb in ([7], [3, 2, 2])
+    assert max(mb) in {t.micro_batch for t in res.trials if t.status == "fit"}
 
 
 def test_nothing_fits_is_one_clear_error():
@@ -203,3 +211,29 @@ def test_priming_the_optimizer_moves_no_weight():
     assert all(len(opt.state[p]) == 3 for p in model.parameters())  # step, exp_avg, exp_avg_sq
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
     assert [g["lr"] for g in opt.param_groups] == [1e-2] * len(opt.param_groups)
+
+
+@pytest.mark.parametrize("batch, loss, kept", [(8, "standard", False), (40, "chunked", True)])
+def test_estimated_mode_compares_the_plan_with_the_config_as_written(batch, loss, kept):
+    """GPT-2 medium on a simulated RTX 3090 (issue 18's example: 8 x 60 fits, 18.3 of 21.09 GiB):
+    the plan says by how much it is estimated faster than the user's own split, labelled as an
+    estimate and how; a split within the tie band of the fastest is kept."""
+    from autofit.launch.probe import ProbeOptions, run_probe
+    from autofit.report.render import as_written_verdict
+    cfg = load_config(preset="gpt2-124m", overrides=["init_from=gpt2-medium", f"batch_size={batch}",
+                                                     f"gradient_accumulation_steps={480 // batch}",
+                                                     f"loss_impl={loss}"])
+    res, _, _ = run_probe(cfg, ProbeOptions(gpu="rtx3090-24gb"))
+    verdict = as_written_verdict(res, cfg)
+    assert verdict.startswith("needs ~") and "it fits (estimated, closed form" in verdict
+    assert "peak TFLOP/s" in verdict and "assumed MFU" in verdict  # how the rates were estimated
+    if kept:
+        assert (res.plan.micro_batch, res.plan.grad_accum, res.plan.loss_impl) == (40, 12, "chunked")
+        assert "the plan keeps it" in verdict and "the plan keeps it" in res.plan.reason
+    else:
+        assert (res.plan.micro_batch, res.plan.grad_accum) != (8, 60)
+        # the factor is the estimated step-time ratio: m / (m + 2) fill at 8 against the plan's size
+        m = res.plan.micro_batch
+        want = (m / (m + 2)) / (8 / 10)
+        assert f"the plan runs {want:.2f}x as fast by estimated step time" in verdict
+        assert f"{want:.2f}x as fast" in res.plan.reason

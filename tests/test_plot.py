@@ -24,9 +24,14 @@ def estimated():
 
 @pytest.fixture(scope="module")
 def measured():
+    from autofit.planning import search
     cfg = load_config(preset="tiny", overrides=SMALL)
-    res, _, _ = run_probe(cfg, ProbeOptions(device="cpu", budget_bytes=4 * 2**20, dtype="float32",
-                                            checkpointing=[0], loss_impls=["standard", "chunked"]))
+    # The estimate's 1 % bound on the CPU (issue 18) rules out one-past sizes without running them;
+    # without it the search runs them, so the picture has out-of-memory crosses to draw.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(search.ESTIMATE_ERROR_BOUND, "cpu", None)
+        res, _, _ = run_probe(cfg, ProbeOptions(device="cpu", budget_bytes=4 * 2**20, dtype="float32",
+                                                checkpointing=[0], loss_impls=["standard", "chunked"]))
     return res, cfg
 
 

@@ -12,7 +12,8 @@ from autofit.planning.budget import compute_budget, device_budget
 from autofit.planning.candidates import candidate_space
 from autofit.devices.device import DeviceError
 from autofit.devices.opener import open_device, open_simulated
-from autofit.planning.planner import ProbeResult, probe_estimated, probe_measured
+from autofit.planning.estimated import probe_estimated
+from autofit.planning.planner import ProbeResult, probe_measured
 from autofit.planning.trials import TrialSettings
 
 

@@ -2,39 +2,56 @@
 
 A machine shared with other work only ever slows a step down, never speeds it up. So a
 contender's figure is its fastest step (the least disturbed one), as time per token: CPU time of
-this process on a CPU device (time other processes take from the cores is not counted in it),
-wall time on a GPU. A step slowed by a burst of load is not the fastest, so it is left out.
+this process on a CPU device (time other processes take from the cores is mostly not counted in
+it), wall time on a GPU. A step slowed by a burst of load is not the fastest, so it is left out.
+Its first readings are those of the search's trial (autofit.planning.search): a contender whose
+readings are already more than CLEAR_FIRST slower than the leader's is out before any re-timing.
 
 The contenders (the largest fitting size of every lever combination and a smaller one: autofit.
 planning.planner) are re-timed in alternation, A B C A B C, so a burst during one contender's
-trials cannot decide; after each round a contender more than CLEAR slower than the leader is out
-(CLEAR_FIRST after the first round, when each has few steps).
-The rounds stop when one is left, when all that are left have stayed within TIE of the leader for
-two rounds (a tie), or after MAX_ROUNDS. A tie goes to the user's own split where it is among the
-tied, else to the one with the most headroom (lowest measured peak), never to the larger size for
-being larger.
+trials cannot decide; after the first round a contender more than CLEAR_FIRST slower than the
+leader is out (each has readings from two trials only), or more than CLEAR_CONSISTENT slower where
+its two fastest readings agree; after later rounds one more than twice the pair's tie band
+(below) slower, or CLEAR.
+Two contenders are tied when their figures are within a band made from their own readings: the
+gap between each one's two fastest readings (how far its fastest step may still be from the
+undisturbed one), summed, kept within TIE_MIN..TIE_MAX. So a quiet machine separates a 2 %
+difference, and a noisy one declares a tie instead of letting noise pick; a difference larger
+than TIE_MAX is never a tie. Rounds go on while a contender is neither out nor tied with the
+leader by TIE_MIN (more readings for close pairs: they narrow a noisy pair's band), and stop when
+one is left, when every one left is within TIE_MIN of the leader after at least two rounds, or
+after MAX_ROUNDS; the band is then judged on every reading. A tie goes to the user's own
+split where it is among the tied, else to the one with the most headroom (lowest measured peak,
+then the smaller micro-batch): deterministic, and never to the larger size for being larger.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from autofit.planning import agree
 from autofit.planning.candidates import ckpt_words
 from autofit.planning.trials import TrialSettings, run_trial
-from autofit.records import TrialRecord
+from autofit.records import Candidate, TrialRecord
 from autofit.units import fmt_bytes
 
-TIE = 0.03  # contenders whose time per token is within 3 % of the leader's after the rounds: a tie
-CLEAR = 0.10  # more than 10 % slower than the leader (both their fastest steps): out of the contest
-# After the first round a contender has only three timed steps (the search's one, the round's two),
-# all of which a stretch of load may have slowed: only one this much slower is out then.
-CLEAR_FIRST = 0.50
-MAX_ROUNDS = 3  # alternating rounds of re-timing at most
-RETIME_STEPS = 2  # timed optimizer steps per re-timing trial, after one warm-up step, at least
-# Short steps are timed more often, up to this many and about this long in all per trial: a
-# scheduler's time slice or a cache flush is a large share of a step of a few tens of ms.
-RETIME_MAX_STEPS = 8
-RETIME_SECONDS = 0.5
+# The tie band between two contenders, from their readings' spread (module docstring). 2 %: the
+# finest difference the contest claims to see; 5 %: a larger one always counts.
+TIE_MIN, TIE_MAX = 0.02, 0.05
+TIE = TIE_MAX  # where a fixed band is wanted (the plateau of autofit.planning.planner, estimated mode)
+CLEAR = 0.10  # more than 10 % slower than the leader (both their fastest steps): out, however noisy
+# After the first round a contender has readings from two trials (the search's and one re-time),
+# all of which a stretch of load may have slowed (on this shared 2-core machine a step's CPU time
+# varied up to 6x under load 7): only one three times as slow as the leader is out then.
+CLEAR_FIRST = 2.0
+# ... or a quarter slower when its two fastest readings agree within TIE_MAX (a steady contender,
+# not one whose only quiet reading is yet to come)
+CLEAR_CONSISTENT = 0.25
+MAX_ROUNDS = 3  # alternating rounds of re-timing at most (close pairs only need the last one)
+# Optimizer steps per re-timing trial. Each eager step is a reading (the optimizer state is
+# primed, so the first step is already training's steady state: autofit.planning.trials);
+# a compiled trial runs one step more, its first (the compile) not a reading. Two short trials
+# alternated beat one long one: load comes in bursts of seconds, and alternation spreads them.
+RETIME_STEPS = 2
 
 
 def seconds_per_token(t: TrialRecord, cpu: bool) -> float | None:
@@ -70,16 +87,16 @@ class Decision:
     rounds: int
     tied: list[TrialRecord]
     n: int = 1  # contenders in all (earlier contests' too)
+    seen: frozenset[Candidate] = field(default_factory=frozenset)  # their candidates
 
 
 def retime(runner, t: TrialRecord) -> bool:
-    """One more trial of `t`'s candidate (a warm-up and RETIME_STEPS timed steps, more for short
-    steps: about RETIME_SECONDS in all, at most RETIME_MAX_STEPS), its timings added to `t`'s (tokens/s from the fastest step of all). False if it did not fit this time."""
+    """One more trial of `t`'s candidate (RETIME_STEPS timed steps; a compiled one a compile step
+    more), its timings added to `t`'s (tokens/s from the fastest step of all). False if it did not
+    fit this time."""
     s = runner.settings
-    fastest = min(t.step_seconds) if t.step_seconds else None
-    timed = RETIME_STEPS if not fastest else max(RETIME_STEPS, min(RETIME_MAX_STEPS, int(RETIME_SECONDS / fastest)))
-    longer = TrialSettings(steps=timed + 1, compile_backend=s.compile_backend, seed=s.seed,
-                           spill_check=s.spill_check)
+    longer = TrialSettings(steps=RETIME_STEPS + (1 if t.compile else 0), compile_backend=s.compile_backend,
+                           seed=s.seed, spill_check=s.spill_check)
     r = agree.trial(run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.rank_batch,
                               budget_bytes=runner.budget_bytes, settings=longer))
     if r.status != "fit" or not r.step_seconds:
@@ -93,6 +110,19 @@ def retime(runner, t: TrialRecord) -> bool:
     return True
 
 
+def spread(t: TrialRecord, cpu: bool) -> float:
+    """How far `t`'s fastest reading may be from its undisturbed step time: the gap between its
+    two fastest readings, relative to the fastest (TIE_MAX with fewer than two readings)."""
+    steps = sorted(t.step_cpu_seconds if cpu and t.step_cpu_seconds else t.step_seconds)
+    return (steps[1] - steps[0]) / steps[0] if len(steps) >= 2 and steps[0] > 0 else TIE_MAX
+
+
+def tie_band(a: TrialRecord, b: TrialRecord, cpu: bool) -> float:
+    """The share of time per token within which `a` and `b` are tied: their spreads summed,
+    kept within TIE_MIN..TIE_MAX (module docstring)."""
+    return min(TIE_MAX, max(TIE_MIN, spread(a, cpu) + spread(b, cpu)))
+
+
 def _unique(contenders: list[TrialRecord]) -> list[TrialRecord]:
     seen, out = set(), []
     for t in contenders:
@@ -102,39 +132,64 @@ def _unique(contenders: list[TrialRecord]) -> list[TrialRecord]:
     return out
 
 
+def _out(t: TrialRecord, lead: TrialRecord, rounds: int, cpu: bool) -> bool:
+    """Whether `t` is out after `rounds` rounds (module docstring): past CLEAR_FIRST; after the
+    first round also past CLEAR_CONSISTENT when its two fastest readings agree (within TIE_MAX:
+    not one quiet reading among bursts); after later rounds past twice the pair's band, or CLEAR."""
+    ratio = seconds_per_token(t, cpu) / seconds_per_token(lead, cpu)
+    if rounds <= 1:
+        return ratio > 1 + CLEAR_FIRST or ratio > 1 + CLEAR_CONSISTENT and spread(t, cpu) <= TIE_MAX
+    return ratio > 1 + min(CLEAR, 2 * tie_band(lead, t, cpu))
+
+
 def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = None,
            before: Decision | None = None) -> Decision:
     """The fastest of `contenders` (fitting TrialRecords) by the robust figure above, re-timed in
     alternation until the difference is clear or a tie (module docstring). `own`: the user's own
     split, which wins a tie it is part of. `before`: an earlier contest whose winner is among
-    `contenders` (its losers count in the words). The records' timings are extended in place."""
+    `contenders` (its rounds and contenders count on). The records' timings are extended in place."""
     cpu = runner.kind == "cpu"
     alive = _unique(contenders)
+    seen = (before.seen if before is not None else frozenset()) | {t.candidate() for t in alive}
+    done = before.rounds if before is not None else 0  # rounds are numbered across the probe's contests
     if before is not None and len(alive) == 1 and alive[0] is before.winner:
         return before
-    rounds, tied_rounds = 0, 0
+    spt = lambda t: seconds_per_token(t, cpu)  # noqa: E731
+    if len(alive) > 1:  # the search's readings are the first: one that cannot win is not re-timed
+        lead = min(alive, key=spt)
+        for t in [t for t in alive if spt(t) > (1 + CLEAR_FIRST) * spt(lead)]:
+            runner.log(f"contest: {label(t)} not re-timed: its readings so far take {spt(t) / spt(lead):.2f}x the "
+                       f"time per token of {label(lead)}'s (out past {1 + CLEAR_FIRST:.0f}x)")
+            alive.remove(t)
+    rounds = 0
     while len(alive) > 1 and rounds < MAX_ROUNDS:
         rounds += 1
         alive = [t for t in alive if retime(runner, t)] or alive[:1]  # A B C, then A B C again
-        best = min(seconds_per_token(t, cpu) for t in alive)
-        margin = CLEAR_FIRST if rounds == 1 else CLEAR
-        out = [t for t in alive if seconds_per_token(t, cpu) > (1 + margin) * best]
+        lead = min(alive, key=spt)
+        # out: past CLEAR_FIRST after one round; then past twice the pair's tie band (beyond its
+        # readings' noise), at most CLEAR
+        out = [t for t in alive if _out(t, lead, rounds, cpu)]
         for t in out:
-            runner.log(f"contest round {rounds}: {label(t)} out, {seconds_per_token(t, cpu) / best:.2f}x the "
-                       f"leader's time per token")
+            runner.log(f"contest round {done + rounds}: {label(t)} out, {spt(t) / spt(lead):.2f}x the leader's "
+                       f"time per token")
         alive = [t for t in alive if t not in out]
-        tied_rounds = tied_rounds + 1 if all(seconds_per_token(t, cpu) <= (1 + TIE) * best for t in alive) else 0
-        if tied_rounds >= 2:
-            break
-    best = min(seconds_per_token(t, cpu) for t in alive)
-    tied = [t for t in alive if seconds_per_token(t, cpu) <= (1 + TIE) * best]
+        if rounds >= 2 and all(spt(t) <= (1 + TIE_MIN) * spt(lead) for t in alive):
+            break  # every one left is within the finest band of the leader: more readings cannot separate them
+    lead = min(alive, key=spt)
+    tied = [t for t in alive if spt(t) <= (1 + tie_band(lead, t, cpu)) * spt(lead)]
+    for t in alive:
+        if t not in tied:
+            runner.log(f"contest: {label(t)} lost after {done + rounds} round(s): {spt(t) / spt(lead):.2f}x the "
+                       f"leader's time per token, outside their {tie_band(lead, t, cpu):.1%} tie band")
+    if len(tied) > 1:
+        runner.log(f"contest: a tie between {'; '.join(label(t) for t in tied)} (within "
+                   f"{max(tie_band(lead, t, cpu) for t in tied):.1%}, the spread of their readings)")
     if own is not None and any(t.candidate() == own.candidate() for t in tied):
         winner = next(t for t in tied if t.candidate() == own.candidate())
     else:
-        winner = min(tied, key=lambda t: (peak_of(t), t.micro_batch, seconds_per_token(t, cpu)))
-    n = len(_unique(contenders)) + (before.n - 1 if before is not None else 0)
-    return Decision(winner=winner, why=_why(winner, alive, tied, rounds, n, cpu, own),
-                    rounds=rounds + (before.rounds if before is not None else 0), tied=tied, n=n)
+        winner = min(tied, key=lambda t: (peak_of(t), t.micro_batch, spt(t)))
+    return Decision(winner=winner, why=_why(winner, alive, tied, done + rounds, len(seen), cpu, own),
+                    rounds=done + rounds, tied=tied, n=len(seen), seen=seen)
 
 
 def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord], rounds: int, n: int,
@@ -148,7 +203,9 @@ def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord],
         others = ", ".join(label(t) for t in tied if t is not winner)
         won_by = ("your own split, kept" if own is not None and winner.candidate() == own.candidate()
                   else f"the most headroom (measured peak {fmt_bytes(peak_of(winner))})")
-        text += f"; a tie within {TIE:.0%} with {others}, won by {won_by}"
+        band = max(tie_band(winner, t, cpu) for t in tied if t is not winner)
+        text += (f"; a tie within {band:.1%} (the spread of their own readings) with {others}, "
+                 f"won by {won_by}")
     else:
         rest = [t for t in alive if t is not winner]
         if rest:

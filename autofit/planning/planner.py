@@ -7,30 +7,31 @@ The measured probe (probe_measured), step by step:
    contenders (the rate can be flat or fall with the micro-batch);
 2. before the first recomputing combination, the contenders so far are decided (autofit.planning.
    contest); a recomputing combination is skipped when the combinations without it already hold the
-   whole batch, reach the rate plateau (half their largest fit is as fast), or the estimate
-   promises less than twice their size (selective checkpointing, which recomputes less: less than
-   1 + 3 x its share of recompute time, autofit.planning.throughput.RECOMPUTE_SHARE);
+   whole batch, the estimate promises no larger size, or their measured rate rises too slowly in
+   the micro-batch for that size to pay back recomputation's extra compute (a third for full
+   checkpointing, less for selective: autofit.planning.throughput.RECOMPUTE_SHARE);
 3. autofit.planning.contest.decide: every contender (and the config's own micro-batch where it
    fits) re-timed in alternation, judged on its fastest step's time per token, until the
    difference is clear or a tie, which goes to the most headroom (or the user's own split);
 4. confirm_compile(): when compile is in the space, run the chosen size compiled (and the next
    smaller fit if the compiled peak is higher) and keep it if it is faster;
 5. split the effective batch into micro-batches (balanced, or a divisor when measured faster).
-With no matching GPU here, probe_estimated answers from the closed-form estimate alone.
+With no matching GPU here, autofit.planning.estimated answers from the closed-form estimate alone.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from autofit.planning import agree
 from autofit.planning.budget import Budget, compute_budget
 from autofit.planning.candidates import Levers, PlanError, Space, lever_combos
-from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
+from autofit.planning.estimate import estimate_peak, max_micro_batch
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, split_rates
-from autofit.planning.throughput import ASSUMED_MFU, RECOMPUTE_SHARE, estimated_tokens_per_s
-from autofit.planning.contest import TIE, decide, label, seconds_per_token
+from autofit.planning.throughput import RECOMPUTE_SHARE
+from autofit.planning.contest import decide, label, seconds_per_token
 from autofit.planning.trials import TrialSettings
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
@@ -207,11 +208,11 @@ def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches:
 
 
 def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
-    """Recomputation costs about a third more compute (selective less): try it only when the
-    levers without it cannot hold the whole batch, their rate has not already reached its plateau
-    (half their largest fit as fast as it: a larger micro-batch cannot pay the cost back), and the
-    estimate promises a clearly larger size (_grow). Returns the 'pruned' record, its note the reason, when it is
-    not worth a search."""
+    """Recomputation costs more compute per token (full: a third; selective: less,
+    autofit.planning.throughput.RECOMPUTE_SHARE): try it only when the levers without it cannot
+    hold the whole batch, the estimate promises a larger size, and the rate measured without it
+    rises fast enough in the micro-batch for that size to pay the cost back (_cannot_pay_back).
+    Returns the 'pruned' record, its note the reason, when it is not worth a search."""
     if levers.checkpointing == 0:
         return None
     E = runner.rank_batch
@@ -223,37 +224,43 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
     why = None
     if base >= E:
         why = f"micro-batch {base} (the whole batch) fits without recomputation"
-    elif base > 0 and est_ck < _grow(levers) * base:
-        why = f"estimated {est_ck} with it, less than {_grow(levers):.2f}x the {base} that fits without"
+    elif base > 0 and est_ck <= base:
+        why = f"estimated {est_ck} with it, no more than the {base} that fits without"
     else:
-        flat = _plateau(runner, base_levers, best_by_levers)
+        flat = _cannot_pay_back(runner, levers, [lv for lv in base_levers if lv.loss_impl == levers.loss_impl],
+                                best_by_levers, min(est_ck, E))
         if flat:
-            why = f"cannot pay back its extra compute: without it the rate is already flat ({flat})"
+            why = f"cannot pay back its extra compute: without it the rate is already flat or rises too slowly ({flat})"
     if why is None:
         return None
     return TrialRecord(**levers.candidate(max(1, min(est_ck, E))).model_dump(), status="pruned",
                        note=f"not needed: {why}")
 
 
-def _grow(levers: Levers) -> float:
-    """How many times the micro-batch without recomputation the estimate must promise for a search:
-    1 + 3 x the recompute's share of step time (full: 1/3, so twice; selective: less)."""
-    return 1.0 + 3.0 * RECOMPUTE_SHARE[levers.checkpointing_policy]
-
-
-def _plateau(runner: TrialRunner, base_levers: list[Levers], best_by_levers: dict[Levers, int]) -> str | None:
-    """Words for a combination without recomputation whose half-size contender is within TIE of
-    its largest fit's time per token (the rate has reached its plateau), or None."""
+def _cannot_pay_back(runner: TrialRunner, levers: Levers, base_levers: list[Levers],
+                     best_by_levers: dict[Levers, int], est_ck: int) -> str | None:
+    """Words for why recomputation (`levers`) cannot win, or None. Without it, the combination's
+    largest fit L and half of it were measured: g = time per token at L/2 over that at L is the
+    rate's gain from the last doubling. The rate is concave in log(micro-batch) (a larger batch
+    fills the device better by less and less), so from L to the `est_ck` recomputation is
+    estimated to reach it gains at most g per doubling, g ** log2(est_ck / L) in all; where that
+    is no more than recomputation's cost per token (1 + RECOMPUTE_SHARE[policy] / every, the
+    throughput model's, autofit.planning.throughput), the recomputing plan would be slower."""
     cpu = runner.kind == "cpu"
+    cost = 1.0 + RECOMPUTE_SHARE[levers.checkpointing_policy] / max(1, levers.checkpointing)
     for lv in base_levers:
         sizes = {t.micro_batch: t for t in runner.fits(lv)}
         big, half = sizes.get(best_by_levers[lv]), sizes.get(max(1, best_by_levers[lv] // 2))
-        if big is None or half is None or half is big:
+        if big is None or half is None or half is big or est_ck <= big.micro_batch:
             continue
         a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)
-        if a is not None and b is not None and a <= (1 + TIE) * b:
+        if a is None or b is None:
+            continue
+        gain = max(1.0, a / b) ** math.log2(est_ck / big.micro_batch)
+        if gain <= cost:
             return (f"{lv.loss_impl} loss: micro-batch {half.micro_batch} takes {a / b:.2f}x the time per token "
-                    f"of {big.micro_batch}")
+                    f"of {big.micro_batch}, so the estimated {est_ck} with recomputation gains at most {gain:.2f}x, "
+                    f"less than its {cost:.2f}x compute")
     return None
 
 
@@ -323,62 +330,5 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
                     f"a smaller model than n_layer {cfg.n_layer} / n_embd {cfg.n_embd}, or {bigger} would help")
 
 
-def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
-    """No matching GPU here: the estimate is the whole answer, and says so. For each lever
-    combination, the largest micro-batch whose estimated peak fits; the one with the highest
-    estimated tokens/s (autofit.planning.throughput) wins. Raises PlanError when none fits."""
-    shape = ModelShape.from_config(cfg)
-    E = cfg.effective_batch
-    trials: list[TrialRecord] = []
-    best = None
-    for lv in lever_combos(space):
-        m = min(E, max_micro_batch(shape, budget.budget_bytes, **lv.estimate_args(), compile=False, device="cuda",
-                                   ce_chunk_size=cfg.ce_chunk_size))
-        est = estimate_peak(shape, max(m, 1), **lv.estimate_args(), compile=False, device="cuda",
-                            ce_chunk_size=cfg.ce_chunk_size)
-        if m == 0:
-            trials.append(TrialRecord(**lv.candidate(1).model_dump(), status="pruned",
-                                      estimated_peak_bytes=est.peak_bytes,
-                                      note="estimated not to fit even at micro-batch 1"))
-            continue
-        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw, lv.checkpointing_policy)
-        rec = TrialRecord(**lv.candidate(m).model_dump(), status="fit", estimated_peak_bytes=est.peak_bytes,
-                          tokens_per_s=tps,
-                          note="estimated: largest micro-batch whose estimated peak fits; tokens/s from "
-                               f"peak TFLOP/s x {ASSUMED_MFU:.0%} assumed MFU")
-        trials.append(rec)
-        if best is None or tps > best.tokens_per_s:
-            best = rec
-    if best is None:
-        _nothing_fits(cfg, trials, budget, "cuda", estimated=True)
-    est_tps = {m: estimated_tokens_per_s(shape, m, best.dtype, best.checkpointing, hw, best.checkpointing_policy)
-               for m in range(1, best.micro_batch + 1)}
-    micro_batches, why_split = choose_split(E, best.micro_batch, est_tps, cfg.block_size)
-    if max(micro_batches) != best.micro_batch:  # the row of the plan is the size it runs
-        best.note += f"; the plan runs {max(micro_batches)} (the split of {E}), the largest that fits is {best.micro_batch}"
-        best.micro_batch = max(micro_batches)
-    best.tokens_per_s = est_tps[best.micro_batch]  # the rate of the size the plan runs
-    est = estimate_peak(shape, max(micro_batches), **Levers.of(best).estimate_args(), device="cuda",
-                        ce_chunk_size=cfg.ce_chunk_size,
-                        n_micro=min(2, len(micro_batches)))
-    best.estimated_peak_bytes = est.peak_bytes
-    compile_on = True in space.compile
-    plan = PlanRecord(mode="estimated", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
-                      micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size, dtype=best.dtype,
-                      compile=compile_on, compile_after=resolve_compile_after(cfg) if compile_on else 0,
-                      checkpointing=best.checkpointing, loss_impl=best.loss_impl,
-                      checkpointing_policy=best.checkpointing_policy,
-                      estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=None,
-                      tokens_per_s=best.tokens_per_s, budget_bytes=budget.budget_bytes,
-                      split=describe_split(micro_batches),
-                      reason=(f"estimated only (no {hw.name} here): highest estimated tokens/s among "
-                              f"{len([t for t in trials if t.status == 'fit'])} lever combinations whose "
-                              f"estimated peak fits {fmt_bytes(budget.budget_bytes)}; compile kept as configured "
-                              f"(its memory effect is measured, never guessed: probe on the card to confirm); "
-                              f"split: {why_split} (estimated step times)"))
-    return ProbeResult(mode="estimated", device=info, budget=budget, effective_batch=E, block_size=cfg.block_size,
-                       trials=trials, plan=plan, breakdown=est.breakdown)
-
-
 __all__ = ["PlanError", "ProbeResult", "Space", "choose_split", "confirm_compile", "split_rates",
-           "probe_estimated", "probe_measured"]
+           "probe_measured"]

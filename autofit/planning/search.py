@@ -26,11 +26,13 @@ from autofit.units import fmt_bytes
 
 SPILL_SLOWDOWN = 3.0  # time per token more than 3x the next smaller size's: spilled to host RAM
 # How far the closed-form estimate may be from a trial's measured peak, by device kind, as a share
-# of the measured peak. CPU: tests/test_estimate.py::test_cpu_estimate_matches_the_budgeted_device
-# pins |estimate - measured| <= 10 % on the budgeted CPU device (docs/estimator.md measures 0.12 %
-# at most), and tests/test_contest.py checks it on the probe's own trials. CUDA: no proven bound
-# (its extra terms are assumptions), so every size the search picks there is run.
-ESTIMATE_ERROR_BOUND = {"cpu": 0.10}
+# of the budget. CPU: docs/estimator.md's grid (scripts/bench_estimate.py, 37 shapes covering every
+# phase being the peak, the chunked loss, checkpointing, dropout, bf16 and today's GPT options)
+# measured |estimate - measured| <= 0.12 % on the budgeted CPU device, 0.45 % before its bf16 fix;
+# 1 % is twice the worst ever seen there. tests/test_estimate.py pins it on that grid's rows and
+# tests/test_contest.py on the probe's own trials. CUDA: no proven bound (its extra terms are
+# assumptions), so every size the search picks there is run.
+ESTIMATE_ERROR_BOUND = {"cpu": 0.01}
 
 
 def driver_can_spill() -> bool:
@@ -112,7 +114,7 @@ class TrialRunner:
         r = TrialRecord(**cand.model_dump(), status="pruned", estimated_peak_bytes=est,
                         note=f"not run: estimated peak {fmt_bytes(est)} is over the {fmt_bytes(self.budget_bytes)} "
                              f"budget by more than the estimate's {self.estimate_bound:.0%} error bound on this "
-                             f"device (tests/test_estimate.py)")
+                             f"device (docs/estimator.md; tests/test_estimate.py)")
         self.log(f"skipped: micro-batch {cand.micro_batch}, checkpointing={ckpt_words(cand)}, "
                  f"loss={cand.loss_impl}: {r.note}")
         self._cache[cand] = r

@@ -1,7 +1,7 @@
 """A trial: the trainer's own train step, run for real on the device for a few optimizer steps
-with one candidate. It records peak memory, tokens/s (the fastest of the timed steps after a
-warm-up step: load from other processes only slows a step), each timed step's wall and (on a CPU
-device) CPU time, and how many optimizer steps actually ran; an out-of-memory error is caught and
+with one candidate. It records peak memory, tokens/s (the fastest step's: load from other
+processes only slows a step; a compiled trial's first step, the compile, is not counted), each
+timed step's wall and (on a CPU device) CPU time, and how many optimizer steps actually ran; an out-of-memory error is caught and
 recorded, and a trial that does not give its memory back is recorded as a leak.
 
 The optimizer's state and the gradients are made before the first step (AdamW with a learning
@@ -40,9 +40,10 @@ LEAK_TOLERANCE_BYTES = {"cuda": 8 * 2**20, "cpu": 64 * 2**10}
 
 @dataclass
 class TrialSettings:
-    """How trials run: optimizer steps per trial (the first is a warm-up: first-use costs, and for
-    a compiled candidate the compile; the rest are timed), the compile backend, the seed of the
-    model and batch, and whether to treat a large slowdown as a spill."""
+    """How trials run: optimizer steps per trial (each one timed, but a compiled candidate's
+    first, the compile; two: the primed first step proves the fit, the second is a reading a
+    first-use cost did not slow), the compile backend, the seed of the model and batch, and
+    whether to treat a large slowdown as a spill."""
     steps: int = 2
     compile_backend: str = "inductor"
     seed: int = 0
@@ -141,11 +142,19 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
             rec.note = "loss is not finite"
     rec.measured_peak_bytes = device.peak_bytes()
     rec.measured_reserved_bytes = device.peak_reserved_bytes()
-    rec.tokens_per_step = n * cfg.block_size
-    rec.tokens_per_s = rec.tokens_per_step / min(times[1:])
-    rec.step_seconds = times[1:]
-    rec.step_cpu_seconds = cpu_times[1:] if on_cpu else []
-    if cand.compile:  # the first step traced and compiled; report that apart from step time
+    _record_times(rec, cand, n * cfg.block_size, times, cpu_times if on_cpu else [])
+
+
+def _record_times(rec: TrialRecord, cand: Candidate, tokens: int, times: list[float], cpu_times: list[float]) -> None:
+    """Every eager step is a reading: the optimizer state was primed, so step 1 already runs at
+    training's steady state (first-use costs only slow it, and the fastest step is the figure).
+    A compiled trial's step 1 traced and compiled: not a reading, reported apart."""
+    first = 1 if cand.compile else 0
+    rec.tokens_per_step = tokens
+    rec.step_seconds = times[first:]
+    rec.step_cpu_seconds = cpu_times[first:]
+    rec.tokens_per_s = tokens / min(rec.step_seconds)
+    if cand.compile:
         rec.compile_seconds = max(0.0, times[0] - statistics.median(times[1:]))
 
 

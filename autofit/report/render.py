@@ -135,13 +135,28 @@ def as_written_verdict(res, cfg) -> str:
                         n_micro=n_micro).peak_bytes
     how = "estimated, closed form" + ("; compile's memory effect is not estimated" if cfg.compile else "")
     if est <= budget:
-        return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it fits ({how})"
+        return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it fits ({how}){_against_estimated(res, want)}"
     return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it would run out of memory ({how})"
 
 
 def _key(t) -> tuple:
     """What identifies a trial's or a plan's candidate on one device, for matching them."""
     return (t.micro_batch, t.dtype, t.compile, t.checkpointing, t.loss_impl, t.checkpointing_policy)
+
+
+def _against_estimated(res, want) -> str:
+    """Estimated mode: how the plan compares with the config as written, as autofit.planning.
+    estimated wrote it on the row of that candidate (the plan keeps it, or runs N x as fast by
+    estimated step time), or '' where no row says."""
+    from autofit.planning.estimated import VS_PLAN
+    if res.mode != "estimated":
+        return ""
+    for t in res.trials:
+        if (t.micro_batch, t.dtype, t.checkpointing, t.loss_impl, t.checkpointing_policy) == \
+                (want[0], want[1], want[3], want[4], want[5]) \
+                and VS_PLAN in (t.note or ""):
+            return "; " + t.note.split(VS_PLAN, 1)[1]
+    return ""
 
 
 def _against_plan(res, own) -> str:
