@@ -113,6 +113,15 @@ def test_nothing_fits_is_one_clear_error():
     assert "nothing fits" in msg and "budget" in msg and "block_size" in msg and "\n" not in msg
 
 
+def test_nothing_fits_does_not_say_trials_ran_when_the_estimate_ruled_them_out():
+    """A budget far below micro-batch 1's estimate: every size is ruled out by the estimate's
+    bound without running, and the answer says so (it said 'every trial ran out of memory')."""
+    with pytest.raises(PlanError) as e:
+        probe(cfg_for(16), 20_000)
+    msg = str(e.value)
+    assert "so no trial ran" in msg and "ran out of memory" not in msg, msg
+
+
 def test_oom_trial_cleans_up_back_to_baseline():
     cfg = cfg_for(16)
     dev = BudgetedCpuDevice(budget_bytes=900_000)

@@ -321,9 +321,13 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
         smallest = f"smallest measured peak {fmt_bytes(min(measured))}"
     elif estimated:
         smallest = f"smallest estimated peak {fmt_bytes(min(ests))}" if ests else "no estimate"
+    elif ests:
+        ran = any(t.status != "pruned" for t in trials)  # pruned: ruled out by the estimate, never run
+        smallest = f"smallest estimated peak {fmt_bytes(min(ests))} (" + (
+            "every trial ran out of memory)" if ran else
+            "over the budget by more than the estimate's error bound on this device, so no trial ran)")
     else:
-        smallest = f"smallest estimated peak {fmt_bytes(min(ests))} (every trial ran out of memory)" if ests \
-            else "no trial could run"
+        smallest = "no trial could run"
     bigger = "a larger --budget" if kind == "cpu" else "a bigger GPU"
     raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}, even at "
                     f"micro-batch 1 with every lever tried; a shorter block_size (now {cfg.block_size}), "
