@@ -165,12 +165,13 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         _train(launch.cfg, launch.opts)
         return
     _check_fresh_run(cfg, log)
+    from autofit.launch.run import prepare_run, say_warmup
+    say_warmup(cfg, max_steps, log)  # said, not refused: nanoGPT runs such a schedule too
     from autofit.launch.torchrun import check_ranks
     check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
         _train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
         return
-    from autofit.launch.run import prepare_run
     interrupts.during("interrupted before training started (during the probe); no checkpoint was written")
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
                          resume=False, progress=not no_progress, log=log)
@@ -292,8 +293,7 @@ def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=
 
 
 def _check_fresh_run(cfg, log) -> None:
-    """Checked before any probe: a forgotten --resume must not cost a probe, then fail, nor
-    overwrite a checkpoint; bad data is reported before trials, not after them."""
+    """Before any probe: a forgotten --resume, another run's folder, bad data (not after trials)."""
     from autofit.launch.run import check_data
     from trainer.checkpoint.ckpt import check_out_dir
     from trainer.metrics import check_fresh_folder

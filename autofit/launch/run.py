@@ -149,6 +149,17 @@ def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
     return on_event
 
 
+def say_warmup(cfg, max_steps: int | None, log: Callable[[str], None]) -> None:
+    """One line for a run that ends inside its learning-rate warm-up (trainer.schedule.lr_at):
+    with nanoGPT's default warmup_iters of 2000 a 30-step run trains at under 2 % of
+    learning_rate, which looks like a broken model. Nothing when the warm-up ends in time."""
+    last = min(cfg.max_iters, max_steps) if max_steps is not None else cfg.max_iters
+    if cfg.decay_lr and cfg.warmup_iters >= last:
+        top = (last + 1) / (cfg.warmup_iters + 1)
+        log(f"note: the run ends at step {last}, inside its {cfg.warmup_iters}-step learning-rate warm-up: "
+            f"the rate reaches {top:.1%} of learning_rate (--set warmup_iters=N to shorten it)")
+
+
 def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOptions, max_steps: int | None,
                 resume: bool, progress: bool, log: Callable[[str], None]) -> Launch:
     if profile is None:
