@@ -560,3 +560,12 @@ def test_a_short_dtype_name_is_refused_with_the_name_it_stands_for(short, full):
     assert f"did you mean '{full}'" in one_line_error(overrides=[f"dtype={short}"])
     with pytest.raises(PlanError, match=f"unknown dtype '{short}'.*did you mean '{full}'"):
         candidate_space(load_config(preset="tiny"), "cpu", True, dtype=short)
+
+
+def test_did_you_mean_is_case_blind():
+    """'RMSNorm' is how papers write it; the suggestion must reach 'rmsnorm' (it said nothing)."""
+    from trainer.config.messages import did_you_mean
+    assert did_you_mean("RMSNorm", ["layernorm", "rmsnorm"]) == " (did you mean 'rmsnorm'?)"
+    assert did_you_mean("N_Layers", ["n_layer", "n_head"]) == " (did you mean 'n_layer'?)"
+    assert did_you_mean("bf16", ["float32", "bfloat16"]) == " (did you mean 'bfloat16'?)"
+    assert did_you_mean("xyz", ["layernorm", "rmsnorm"]) == ""

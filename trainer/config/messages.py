@@ -19,8 +19,12 @@ def did_you_mean(word: str, choices: Sequence[str]) -> str:
     """The suffix ` (did you mean 'x'?)` for the closest of `choices` to `word` (or the dtype
     that a short name such as 'bf16' stands for); '' when none is close."""
     alias = DTYPE_ALIASES.get(word.lower())
-    close = [alias] if alias in choices else difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    if alias in choices:
+        return f" (did you mean {alias!r}?)"
+    # case-blind: 'RMSNorm' is 'rmsnorm' to a reader, though difflib calls them far apart
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
 
 
 def unknown_key_message(key: str, fields: Sequence[str]) -> str:
