@@ -137,16 +137,19 @@ def mlp_backward_extra_bytes(shape, N: int, amp: bool) -> int:
     return max(0, per * (2 if amp else 4) * h * N - (2 if amp else 4) * h * shape.n_embd)
 
 
-def embedding_backward_bytes(shape, amp: bool) -> int:
-    """The head's gradients at wte's backward (bytes, besides `gradients`): wte's dense fp32
-    gradient, and, tied, the lm_head gradient held in autograd's buffer to be summed with it.
-    Under autocast that held gradient is the fp32 upcast of the 16-bit copy's gradient and the
-    sum is made out of place (aten.add.Tensor, measured on the budgeted CPU device: V 4096, C 128,
-    bf16): one V x C fp32 buffer more than in fp32, where the sum is made in place."""
+def embedding_backward_bytes(shape, amp: bool, accumulating: bool) -> int:
+    """The gradients at wte's backward (bytes, besides `gradients`): wte's dense fp32 gradient,
+    and, tied, the lm_head gradient held in autograd's buffer to be summed with it. Under autocast
+    that held gradient is the fp32 upcast of the 16-bit copy's gradient and the sum is made out
+    of place (aten.add.Tensor, measured on the budgeted CPU device: V 4096, C 128, bf16): one
+    V x C fp32 buffer more than in fp32, where the sum is made in place. wpe's gradient (learned
+    positions) is made before wte's: accumulating, it is added into its .grad and gone by then;
+    with one micro-batch it is that .grad, new beside them."""
     VC = shape.vocab_size * shape.n_embd
+    wpe = 4 * shape.block_size * shape.n_embd if shape.pos_emb == "learned" and not accumulating else 0
     if not shape.tie_embeddings:
-        return 4 * VC
-    return (12 if amp else 8) * VC
+        return 4 * VC + wpe
+    return (12 if amp else 8) * VC + wpe
 
 
 def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int,

@@ -344,7 +344,7 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     # in `gradients`); wpe's gradient beside them.
     grads_before_embedding = grads_all if accumulating else \
         max(0, grads_all - 4 * VC - wpe)
-    add("backward (embedding)", grads_before_embedding, 0, arch.embedding_backward_bytes(shape, amp) + wpe)
+    add("backward (embedding)", grads_before_embedding, 0, arch.embedding_backward_bytes(shape, amp, accumulating))
     # optimizer step: the whole batch's ids are still referenced by the caller on CPU; the fused
     # CUDA AdamW that make_optimizer picks updates in place.
     add("optimizer step", grads_all, 0, 0, 0 if cuda else arch.optimizer_cpu_temporaries(shape))
