@@ -129,6 +129,10 @@ GRID = [
     # bf16 through torch's F.linear_cross_entropy: the embedding's backward is the peak at a wide head
     Config(2, 2, 128, 64, 4096, 3, dtype="bfloat16", loss_impl="chunked", ce_chunk_size=100),
     Config(2, 2, 64, 64, 2048, 4, dtype="bfloat16", loss_impl="chunked", ce_chunk_size=128),
+    # a small vocabulary puts the peak in the top block's backward: ReLU^2's and SwiGLU's temporaries
+    Config(4, 2, 32, 64, 64, 8, mlp="relu2"),
+    Config(4, 2, 32, 64, 64, 8, mlp="relu2", checkpointing=1),
+    Config(4, 2, 32, 64, 64, 8, mlp="swiglu", checkpointing=1),
 ]
 QUICK = GRID[:1] + GRID[9:12] + GRID[16:17]
 
