@@ -166,7 +166,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         return
     _check_fresh_run(cfg, log)
     from autofit.launch.run import prepare_run, say_warmup
-    say_warmup(cfg, max_steps, log)  # said, not refused: nanoGPT runs such a schedule too
+    say_warmup(cfg, max_steps, console.print)  # on stdout with the plan: said, not refused (nanoGPT runs it too)
     from autofit.launch.torchrun import check_ranks
     check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
