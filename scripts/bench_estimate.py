@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autofit.devices.cpu_budget import BudgetedCpuDevice  # noqa: E402
-from autofit.planning.estimate import ModelShape, estimate_peak  # noqa: E402
+from autofit.planning.estimate import MODEL_OPTIONS, ModelShape, estimate_peak  # noqa: E402
 from trainer.model.gpt import GPT, GPTConfig  # noqa: E402
 from trainer.step import make_optimizer, train_step  # noqa: E402
 
@@ -53,13 +53,10 @@ class Config:
     checkpointing_policy: str = "full"
 
     def modern(self) -> dict:
-        return {k: getattr(self, k) for k in ("pos_emb", "norm", "qk_norm", "mlp", "n_kv_head",
-                                              "tie_embeddings", "logit_softcap", "optimizer",
-                                              "checkpointing_policy")}
+        return {k: getattr(self, k) for k in MODEL_OPTIONS}
 
     def shape(self) -> ModelShape:
-        return ModelShape(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size,
-                          bias=self.bias, dropout=self.dropout, **self.modern())
+        return ModelShape.from_config(self)
 
     def label(self) -> str:
         s = (f"L{self.n_layer} H{self.n_head} C{self.n_embd} T{self.block_size} V{self.vocab_size} "

@@ -59,6 +59,11 @@ SMALL_TENSOR_BYTES = 4096
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+# ModelShape's fields beyond GPT-2's shape: today's small-GPT options, read from any config
+MODEL_OPTIONS = ("pos_emb", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "logit_softcap",
+                 "optimizer", "checkpointing_policy")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     n_layer: int
@@ -82,9 +87,7 @@ class ModelShape:
     @classmethod
     def from_config(cls, cfg: object) -> "ModelShape":
         """From any object with these attributes (TrainConfig, GPTConfig); a missing option is GPT-2's."""
-        extra = {k: getattr(cfg, k) for k in ("pos_emb", "norm", "qk_norm", "mlp", "n_kv_head",
-                                               "tie_embeddings", "logit_softcap", "optimizer",
-                                               "checkpointing_policy") if hasattr(cfg, k)}
+        extra = {k: getattr(cfg, k) for k in MODEL_OPTIONS if hasattr(cfg, k)}
         return cls(n_layer=int(cfg.n_layer), n_head=int(cfg.n_head), n_embd=int(cfg.n_embd),
                    block_size=int(cfg.block_size), vocab_size=int(cfg.vocab_size), bias=bool(cfg.bias),
                    dropout=float(cfg.dropout), **extra)
