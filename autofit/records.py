@@ -52,6 +52,12 @@ class TrialRecord(BaseModel):
     # time other processes take from the cores is not counted in it
     step_cpu_seconds: list[float] = []
     tokens_per_step: int | None = None  # tokens of one timed step (both micro-batches of a trial)
+    # of each timed step, the optimizer update's share (clipping, step, zero_grad; measured, wall
+    # and, on a CPU device, CPU time): a run pays it once per optimizer step of
+    # `optimizer_step_tokens` tokens, a trial once per its two micro-batches (autofit.planning.contest)
+    update_seconds: list[float] = []
+    update_cpu_seconds: list[float] = []
+    optimizer_step_tokens: int | None = None  # tokens of one optimizer step of the run planned (each rank's)
     # allocated bytes after the trial's cleanup less before it (measured; None where the device
     # measures nothing): how far the trial was from giving its memory back
     leaked_bytes: int | None = None

@@ -4,7 +4,8 @@ finding it cost against Lightning's BatchSizeFinder and Accelerate's find_execut
 For each case (a model shape and a CPU budget, on the budgeted CPU device, fp32, eager):
 
 1. probe: autofit.planning.planner.probe_measured, the default all-levers space of `autofit probe`
-   (checkpointing off/1 x standard/chunked loss), run REPEATS times: its wall time, the optimizer
+   (checkpointing off/1 x standard/chunked loss), run REPEATS times, each in a fresh process as
+   `autofit probe` runs (first-use costs included, imports not): its wall time, the optimizer
    steps it started (a failed trial's failing step counted; the learning-rate-0 step that makes
    AdamW's state is not an optimizer step of training and is not counted), and whether every
    repeat chose the same plan. Then once more with the standard loss only (the space the peers
@@ -13,7 +14,7 @@ For each case (a model shape and a CPU budget, on the budgeted CPU device, fp32,
    balanced split of the effective batch (trainer.step.split_batch) whose micro-batch fits,
    timed as whole optimizer steps (the trainer's train_step, as training runs them) on the
    budgeted device limited to the planning budget, interleaved (A B C ... A B C) with the
-   probes' plans, ROUNDS rounds of a warm-up and STEPS timed steps each. The figure is the fastest
+   probes' plans, ROUNDS rounds of a warm-up and STEPS timed steps each (4 x 3). The figure is the fastest
    step's CPU time of this process (other processes' load is not counted in it); wall time is
    printed beside it. plan / best = the best grid point's time per token over the plan's.
 3. peers (only with --peer-python, a separate throwaway venv holding lightning and accelerate;
@@ -40,6 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -51,7 +53,7 @@ from autofit.planning.budget import compute_budget  # noqa: E402
 from autofit.planning.candidates import Levers, Space, candidate_space, lever_combos  # noqa: E402
 from autofit.planning.estimate import ModelShape, max_micro_batch  # noqa: E402
 from autofit.planning.planner import probe_measured  # noqa: E402
-from autofit.planning.trials import TrialSettings, prime_optimizer  # noqa: E402
+from autofit.planning.trials import TrialSettings, new_objects_only, prime_optimizer  # noqa: E402
 from autofit.units import fmt_bytes, parse_size  # noqa: E402
 from trainer.config.train_config import load_config  # noqa: E402
 from trainer.model.gpt import GPT, GPTConfig  # noqa: E402
@@ -59,8 +61,11 @@ from trainer.step import make_optimizer, split_batch, train_step  # noqa: E402
 
 MARGIN = 0.10
 REPEATS = 3
-ROUNDS = 2
-STEPS = 2
+# 4 interleaved rounds x 3 timed steps per grid point: with 4 readings (2 x 2) the grid's own
+# ranking was noise on this shared machine (a 13 % faster plan ranked behind two slower ones; 24
+# readings per point found it, 2026-12-04)
+ROUNDS = 4
+STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -104,12 +109,40 @@ def steps_started(trials) -> int:
     return sum(t.steps_run + (1 if t.status in ("oom", "error") else 0) for t in trials if t.status != "pruned")
 
 
-def probe_once(cfg, device_budget: int, space: Space):
+def probe_once(case: Case, standard_only: bool) -> dict:
+    """One probe in a fresh process, as `autofit probe` runs (and as the peers run): its first
+    trial pays the process's first-use costs, as a user's does. Its wall time counts
+    probe_measured only, not the imports (the peers' imports are not counted either)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case.name] + (["--standard-only"] if standard_only else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise SystemExit(f"probe of {case.name} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    d["plan"] = SimpleNamespace(**d["plan"])
+    return d
+
+
+def child(case_name: str, standard_only: bool) -> None:
+    """The probe of one case, in this process: prints {plan, seconds, steps, trials} as JSON."""
+    case = next(c for c in CASES + SMALL_CASES if c.name == case_name)
+    cfg = case.config()
+    device_budget = parse_size(case.budget)
+    space = candidate_space(cfg, "cpu", cpu_info(device_budget).bf16_supported, compile_measurable=False)
+    if standard_only:
+        space = Space(dtypes=space.dtypes, compile=[False], checkpointing=[0], loss_impls=["standard"])
     dev = BudgetedCpuDevice(budget_bytes=device_budget)
     budget = compute_budget(dev.info, MARGIN)
+    # torch imports torch._dynamo at its first use inside the probe's first trial (1.3 s here);
+    # `import lightning` imports it before the peers' timers start, so it is imported here too
+    import torch._dynamo  # noqa: F401
     t0 = time.perf_counter()
     res = probe_measured(cfg, dev, budget, space, settings=TrialSettings())
-    return res, time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    p = res.plan
+    plan = {k: getattr(p, k) for k in ("checkpointing", "checkpointing_policy", "loss_impl", "micro_batches",
+                                       "micro_batch", "grad_accum", "split")}
+    print(json.dumps({"plan": plan, "seconds": secs, "steps": steps_started(res.trials),
+                      "trials": len([t for t in res.trials if t.status != "pruned"])}))
 
 
 def time_split(cfg, lv: Levers, split: list[int], dev: BudgetedCpuDevice, budget: int) -> dict | None:
@@ -125,7 +158,7 @@ def time_split(cfg, lv: Levers, split: list[int], dev: BudgetedCpuDevice, budget
             state["m"] = model = GPT(mc)
             state["o"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                               betas=(cfg.beta1, cfg.beta2), device_type="cpu")
-            prime_optimizer(model, opt, keep_grads=True)
+            prime_optimizer(model, opt, keep_grads=False)  # as training: set_to_none between steps
             g = torch.Generator().manual_seed(0)
             n = sum(split)
             state["x"] = x = torch.randint(0, cfg.vocab_size, (n, cfg.block_size), generator=g)
@@ -169,6 +202,12 @@ def run_grid(cfg, case: Case, plans: list, space: Space) -> dict:
             pts.append(key)
     best: dict = {}
     progress(f"{case.name}: {len(pts)} grid points x {ROUNDS} rounds")
+    with new_objects_only():  # each point's gc.collect walks only what the points made, as in the probe
+        _grid_rounds(cfg, pts, dev, budget, best)
+    return {k: v for k, v in best.items() if v is not None}
+
+
+def _grid_rounds(cfg, pts, dev, budget, best) -> None:
     for _ in range(ROUNDS):
         for lv, split in pts:
             if best.get((lv, split), 0) is None:
@@ -181,7 +220,6 @@ def run_grid(cfg, case: Case, plans: list, space: Space) -> dict:
             acc["wall"] += r["wall"]
             acc["cpu"] += r["cpu"]
             acc["peak"] = max(acc["peak"], r["peak"])
-    return {k: v for k, v in best.items() if v is not None}
 
 
 def per_token(v: dict, key: str) -> float:
@@ -201,13 +239,12 @@ def run_case(case: Case, peer_python: str | None) -> dict:
     space = candidate_space(cfg, "cpu", info.bf16_supported, compile_measurable=False)
     probes = []
     for i in range(REPEATS):
-        res, secs = probe_once(cfg, device_budget, space)
-        progress(f"{case.name}: probe {i + 1}: {res.plan.loss_impl} ckpt{res.plan.checkpointing} "
-                 f"{res.plan.split}, {secs:.1f} s")
-        probes.append({"plan": res.plan, "seconds": secs, "steps": steps_started(res.trials),
-                       "trials": len([t for t in res.trials if t.status != "pruned"])})
-    std_space = Space(dtypes=space.dtypes, compile=[False], checkpointing=[0], loss_impls=["standard"])
-    std, std_secs = probe_once(cfg, device_budget, std_space)
+        d = probe_once(case, standard_only=False)
+        progress(f"{case.name}: probe {i + 1}: {d['plan'].loss_impl} ckpt{d['plan'].checkpointing} "
+                 f"{d['plan'].split}, {d['seconds']:.1f} s")
+        probes.append(d)
+    std = probe_once(case, standard_only=True)
+    std_secs = std["seconds"]
     progress(f"{case.name}: standard-only probe {std_secs:.1f} s; grid next")
     grid = run_grid(cfg, case, [p["plan"] for p in probes], space)
     best_key = min(grid, key=lambda k: per_token(grid[k], "cpu"))
@@ -224,8 +261,8 @@ def run_case(case: Case, peer_python: str | None) -> dict:
     out = {"case": case.name, "budget": case.budget, "effective_batch": cfg.effective_batch,
            "grid_points": len(grid), "best": name(*best_key), "probes": rows,
            "same_plan": len({plan_key(p["plan"]) for p in probes}) == 1,
-           "standard_only": {"seconds": std_secs, "steps": steps_started(std.trials),
-                             "plan": f"{std.plan.micro_batch} x {std.plan.grad_accum}"},
+           "standard_only": {"seconds": std_secs, "steps": std["steps"],
+                             "plan": f"{std['plan'].micro_batch} x {std['plan'].grad_accum}"},
            "top": sorted(((name(*k), per_token(v, "cpu") * 1e6, per_token(v, "wall") * 1e6, v["peak"])
                           for k, v in grid.items()), key=lambda r: r[1])[:6],
            "load": load()}
@@ -282,7 +319,12 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="the small shapes (SMALL_CASES) instead")
     ap.add_argument("--peer-python", help="python of a throwaway venv with lightning and accelerate")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # one probe of this case, in this process
+    ap.add_argument("--standard-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args.child, args.standard_only)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load()}")
     results = []
     cases = SMALL_CASES if args.small else CASES

@@ -6,6 +6,7 @@ from autofit.planning.candidates import Levers
 from autofit.planning.estimate import ModelShape, estimate_peak
 from autofit.records import TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
+from autofit.planning.split import run_sizes
 from autofit.planning.trials import TrialSettings
 from trainer.config.train_config import load_config
 
@@ -41,10 +42,11 @@ def cfg_for(effective):
 
 
 def truth(cfg, budget, scale):
-    """The largest micro-batch whose (scaled) estimated peak fits: the right answer."""
+    """The largest run size (a size a balanced split of the batch runs) whose (scaled) estimated
+    peak fits: the right answer."""
     shape = ModelShape.from_config(cfg)
     best = 0
-    for m in range(1, cfg.effective_batch + 1):
+    for m in run_sizes(cfg.effective_batch):
         n_micro = 2 if cfg.effective_batch > m else 1
         est = estimate_peak(shape, m, dtype="float32", checkpointing=0, loss_impl="standard", device="cpu",
                             n_micro=n_micro).peak_bytes
@@ -61,10 +63,25 @@ def test_search_finds_the_largest_fit_whatever_the_estimate_error(scale):
     runner = LinearRunner(cfg, budget, scale)
     got = MicroBatchSearch(runner, LEVERS).run()
     assert got == want
-    if 0 < want < cfg.effective_batch:  # bracketed on both sides: want fits, want + 1 was tried and failed
+    sizes = run_sizes(cfg.effective_batch)
+    if 0 < want < cfg.effective_batch:  # bracketed on both sides: want fits, the next run size was tried and failed
         status = {t.micro_batch: t.status for t in runner.trials}
-        assert status[want] == "fit" and status[want + 1] == "oom"
+        assert status[want] == "fit" and status[sizes[sizes.index(want) + 1]] == "oom"
     assert len(runner.ran) == len(set(runner.ran))  # every size at most once
+    assert set(runner.ran) <= set(sizes)  # never a size no run uses (at 64, 21 runs as 16s)
+
+
+def test_the_search_tries_only_sizes_a_run_can_use():
+    """At an effective batch of 32 a run capped at 9 or 10 runs 8 x 4: the largest fit the search
+    reports is 8, even where 10 would fit, and no trial of 9 or 10 runs."""
+    cfg = cfg_for(32)
+    shape = ModelShape.from_config(cfg)
+    est10 = estimate_peak(shape, 10, dtype="float32", checkpointing=0, loss_impl="standard", device="cpu",
+                          n_micro=2).peak_bytes
+    runner = LinearRunner(cfg, est10 + 1, 1.0)  # 10 fits, 11 does not
+    assert MicroBatchSearch(runner, LEVERS).run() == 8
+    assert not {9, 10} & set(runner.ran) and 11 in runner.ran
+    assert run_sizes(32) == [1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 32]
 
 
 def test_accurate_estimate_needs_few_trials():

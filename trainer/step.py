@@ -11,6 +11,7 @@ import inspect
 import itertools
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -229,7 +230,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
                y: torch.Tensor, micro_batches: list[int], *, dtype: str = "float32",
                scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0,
                forward: torch.nn.Module | None = None, step: int | None = None,
-               fault: FaultInjector | None = None, sync_grads=None) -> StepResult:
+               fault: FaultInjector | None = None, sync_grads=None,
+               before_update: Callable[[], None] | None = None) -> StepResult:
     """One optimizer step over x, y (B x T int64 token ids, on the host or the device; slices are
     copied to the model's device without blocking, from pinned memory when the caller pinned it).
     With y = None, x is a step batch too large to hold (trainer.data.batches.LazyStepBatch: len(),
@@ -242,7 +244,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     each micro-batch runs in its `micro_batch(last)` context (gradients sync on the last only),
     and its `finish()` agrees with the other ranks and syncs the gradients before the optimizer
     step; it raises an out-of-memory error when another rank ran out of memory, so every rank
-    redoes the step. No host sync happens here: the result's
+    redoes the step. `before_update`: called once the micro-batches are done (gradients synced),
+    just before the optimizer update: a probe's trial times the update apart there, because a
+    run pays it once per optimizer step, not once per trial's micro-batches. No host sync happens
+    here (but in what `before_update` does): the result's
     figures are device tensors. On an exception the gradients may be partly accumulated: the
     caller cleans up (zero_grad(set_to_none=True)) before redoing the step.
     Raises ValueError when the micro-batches do not add up to the batch.
@@ -265,6 +270,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         del loss, xb, yb
     if sync_grads is not None:
         sync_grads.finish()
+    if before_update is not None:
+        before_update()
     grad_norm, skipped = _optimizer_update(model, optimizer, scaler, grad_clip)
     optimizer.zero_grad(set_to_none=sync_grads is None or sync_grads.zero_grad_to_none)
     return StepResult(loss_tensor=loss_sum, tokens=total_tokens, micro_batches=list(micro_batches),

@@ -97,6 +97,8 @@ def trial(rec: TrialRecord) -> TrialRecord:
         slow = min(range(len(recs)), key=lambda k: recs[k].tokens_per_s or float("inf"))
         out.tokens_per_s, out.step_seconds = recs[slow].tokens_per_s, list(recs[slow].step_seconds)
         out.step_cpu_seconds = list(recs[slow].step_cpu_seconds)
+        out.update_seconds = list(recs[slow].update_seconds)
+        out.update_cpu_seconds = list(recs[slow].update_cpu_seconds)
     peaks = ", ".join(f"rank {k} {x.measured_peak_bytes:,}" for k, x in enumerate(recs) if x.measured_peak_bytes)
     failed = f"rank {worst} {recs[worst].status}; " if out.status != "fit" else ""
     agreed = (f"agreed over {r.world_size} ranks: {failed}peak is the largest rank's" + (f" ({peaks} bytes)" if peaks else "")

@@ -54,15 +54,39 @@ MAX_ROUNDS = 3  # alternating rounds of re-timing at most (close pairs only need
 RETIME_STEPS = 2
 
 
+def readings(t: TrialRecord, cpu: bool) -> list[float]:
+    """Each timed step of `t` as seconds per token of the run it plans: the step's micro-batches'
+    time per token, plus its optimizer update spread over the run's optimizer step
+    (`optimizer_step_tokens`), not over the trial's two micro-batches; a run of 4 x 8 pays one
+    update per 32 sequences, its trial of 2 x 8 one per 16, so unprojected trials favour larger
+    micro-batches on a model whose update is a sizeable share of a step. CPU time (`cpu`: the
+    device is the CPU and CPU times were measured) or wall time. Without update times (records
+    from before they were measured): the step as measured."""
+    use_cpu = cpu and bool(t.step_cpu_seconds)
+    steps = t.step_cpu_seconds if use_cpu else t.step_seconds
+    updates = t.update_cpu_seconds if use_cpu else t.update_seconds
+    if not (steps and t.tokens_per_step):
+        return []
+    if len(updates) != len(steps) or not t.optimizer_step_tokens:
+        return [s / t.tokens_per_step for s in steps]
+    return [(s - u) / t.tokens_per_step + u / t.optimizer_step_tokens for s, u in zip(steps, updates)]
+
+
 def seconds_per_token(t: TrialRecord, cpu: bool) -> float | None:
-    """The contest's figure of `t`, in seconds per token (lower is faster): its fastest timed
-    step's CPU time (`cpu`: the device is the CPU and CPU times were measured) or wall time,
-    divided by the step's tokens; 1 / tokens_per_s for a record without step times. None when
-    `t` has no timing."""
-    steps = t.step_cpu_seconds if cpu and t.step_cpu_seconds else t.step_seconds
-    if steps and t.tokens_per_step:
-        return min(steps) / t.tokens_per_step
+    """The contest's figure of `t`, in seconds per token of the run it plans (lower is faster):
+    its fastest reading (readings()); 1 / tokens_per_s for a record without step times. None
+    when `t` has no timing."""
+    r = readings(t, cpu)
+    if r:
+        return min(r)
     return 1.0 / t.tokens_per_s if t.tokens_per_s else None
+
+
+def run_tokens_per_s(t: TrialRecord) -> float | None:
+    """Tokens/s the run planned with `t` is expected to reach, from its fastest wall-time reading
+    (measured micro-batches, the measured update spread over the whole optimizer step)."""
+    r = readings(t, False)
+    return 1.0 / min(r) if r else t.tokens_per_s
 
 
 def peak_of(t: TrialRecord) -> int:
@@ -103,6 +127,12 @@ def retime(runner, t: TrialRecord) -> bool:
         return False
     t.step_seconds = t.step_seconds + r.step_seconds
     t.step_cpu_seconds = t.step_cpu_seconds + r.step_cpu_seconds
+    if len(t.update_seconds) + len(r.update_seconds) == len(t.step_seconds):  # both measured it
+        t.update_seconds = t.update_seconds + r.update_seconds
+        t.update_cpu_seconds = t.update_cpu_seconds + r.update_cpu_seconds
+    else:
+        t.update_seconds, t.update_cpu_seconds = [], []
+    t.optimizer_step_tokens = t.optimizer_step_tokens or r.optimizer_step_tokens
     t.steps_run += r.steps_run
     t.tokens_per_step = t.tokens_per_step or r.tokens_per_step
     if t.tokens_per_step:
@@ -113,7 +143,7 @@ def retime(runner, t: TrialRecord) -> bool:
 def spread(t: TrialRecord, cpu: bool) -> float:
     """How far `t`'s fastest reading may be from its undisturbed step time: the gap between its
     two fastest readings, relative to the fastest (TIE_MAX with fewer than two readings)."""
-    steps = sorted(t.step_cpu_seconds if cpu and t.step_cpu_seconds else t.step_seconds)
+    steps = sorted(readings(t, cpu))
     return (steps[1] - steps[0]) / steps[0] if len(steps) >= 2 and steps[0] > 0 else TIE_MAX
 
 

@@ -29,10 +29,10 @@ from autofit.planning.candidates import Levers, PlanError, Space, lever_combos
 from autofit.planning.estimate import estimate_peak, max_micro_batch
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
-from autofit.planning.split import choose_split, split_rates
+from autofit.planning.split import choose_split, run_size, split_rates
 from autofit.planning.throughput import RECOMPUTE_SHARE
-from autofit.planning.contest import decide, label, seconds_per_token
-from autofit.planning.trials import TrialSettings
+from autofit.planning.contest import decide, label, run_tokens_per_s, seconds_per_token
+from autofit.planning.trials import TrialSettings, new_objects_only
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
 from trainer.step import describe_split, split_batch
@@ -56,7 +56,7 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
             runner.run(lever_combos(space)[0].candidate(1))
         budget = agree.budget(_remeasured_budget(device, budget, runner))
         runner.budget_bytes = budget.budget_bytes
-    with device.limited_to(budget.budget_bytes):
+    with device.limited_to(budget.budget_bytes), new_objects_only():
         result = _plan_from_trials(cfg, runner, budget, space)
     result.device = info
     return result
@@ -103,7 +103,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     own = _own_split(cfg, runner, best_by_levers)
     decision = decide(runner, pool + ([own] if own else []), own=own, before=before)
     chosen, compiled_fits = confirm_compile(runner, decision.winner, fits, space, budget)
-    measured_tps = {t.micro_batch: t.tokens_per_s for t in fits
+    measured_tps = {t.micro_batch: run_tokens_per_s(t) for t in fits
                     if Levers.of(t) == Levers.of(chosen) and t.tokens_per_s and t.micro_batch <= chosen.micro_batch}
     micro_batches, why_split = choose_split(E, chosen.micro_batch, split_rates(chosen, measured_tps, runner.trials),
                                             cfg.block_size)
@@ -131,7 +131,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                       checkpointing=chosen.checkpointing, loss_impl=chosen.loss_impl,
                       checkpointing_policy=chosen.checkpointing_policy,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=peak,
-                      tokens_per_s=runs.tokens_per_s, budget_bytes=budget.budget_bytes,
+                      tokens_per_s=run_tokens_per_s(runs), budget_bytes=budget.budget_bytes,
                       split=describe_split(micro_batches), reason=reason, **agree.plan_fields(chosen.sharded))
     return ProbeResult(mode="measured", device=None, budget=budget, effective_batch=cfg.effective_batch,
                        block_size=cfg.block_size, trials=runner.trials, plan=plan, breakdown=est.breakdown,
@@ -153,7 +153,7 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
     grows), the smaller size is as fast with more headroom, and the contest says so."""
     if largest == 0:
         return []
-    sizes = sorted({largest, max(1, largest // 2)}, reverse=True)
+    sizes = sorted({largest, run_size(runner.rank_batch, max(1, largest // 2))}, reverse=True)
     return [r for r in (runner.run(levers.candidate(m)) for m in sizes) if r.status == "fit"]
 
 
@@ -221,6 +221,7 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
     base = max([best_by_levers[lv] for lv in base_levers] or [0])
     est_ck = max_micro_batch(runner.shape, runner.budget_bytes, **levers.estimate_args(), compile=False,
                              device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(levers.sharded))
+    est_ck = run_size(E, max(1, min(est_ck, E)))  # what a run capped there runs (autofit.planning.split)
     why = None
     if base >= E:
         why = f"micro-batch {base} (the whole batch) fits without recomputation"
@@ -228,12 +229,12 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
         why = f"estimated {est_ck} with it, no more than the {base} that fits without"
     else:
         flat = _cannot_pay_back(runner, levers, [lv for lv in base_levers if lv.loss_impl == levers.loss_impl],
-                                best_by_levers, min(est_ck, E))
+                                best_by_levers, est_ck)
         if flat:
             why = f"cannot pay back its extra compute: without it the rate is already flat or rises too slowly ({flat})"
     if why is None:
         return None
-    return TrialRecord(**levers.candidate(max(1, min(est_ck, E))).model_dump(), status="pruned",
+    return TrialRecord(**levers.candidate(est_ck).model_dump(), status="pruned",
                        note=f"not needed: {why}")
 
 
@@ -250,7 +251,7 @@ def _cannot_pay_back(runner: TrialRunner, levers: Levers, base_levers: list[Leve
     cost = 1.0 + RECOMPUTE_SHARE[levers.checkpointing_policy] / max(1, levers.checkpointing)
     for lv in base_levers:
         sizes = {t.micro_batch: t for t in runner.fits(lv)}
-        big, half = sizes.get(best_by_levers[lv]), sizes.get(max(1, best_by_levers[lv] // 2))
+        big, half = sizes.get(best_by_levers[lv]), sizes.get(run_size(runner.rank_batch, max(1, best_by_levers[lv] // 2)))
         if big is None or half is None or half is big or est_ck <= big.micro_batch:
             continue
         a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)

@@ -1,11 +1,12 @@
 """The micro-batch search: for one lever combination, the largest micro-batch that fits.
 
-Phases, each a method of MicroBatchSearch:
+Only sizes a run can use are tried (the largest micro-batch of a balanced split of the batch,
+autofit.planning.split.run_sizes). Phases, each a method of MicroBatchSearch:
 1. start at the estimate: the largest size the closed-form estimate says fits, run for real;
 2. re-anchor: scale the estimate's bytes per sequence by how far it was off at a measured fit, and
    try the size it then predicts (and one past it);
-3. bracket: upward (+1, +2, +4, ... past the largest fit) until a size fails, or downward (x0.85,
-   then halving) until one fits;
+3. bracket: upward (the next run size past the largest fit, then 2, 4, ... sizes further) until
+   one fails, or downward (x0.85, then halving) until one fits;
 4. bisect between the largest fit and the smallest failure;
 5. spill check (CUDA by default): a fit whose time per token is far above a smaller size's is a
    driver paging to host memory, not a fit.
@@ -20,6 +21,7 @@ from typing import Callable
 from autofit.planning import agree
 from autofit.planning.candidates import Levers, ckpt_words
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
+from autofit.planning.split import run_size, run_sizes
 from autofit.records import Candidate, TrialRecord
 from autofit.planning.trials import TrialSettings, run_trial
 from autofit.units import fmt_bytes
@@ -154,24 +156,37 @@ class TrialRunner:
 
 
 class MicroBatchSearch:
-    """The largest micro-batch (<= the effective batch) that fits with one lever combination.
+    """The largest micro-batch (<= the effective batch) a run can use that fits with one lever
+    combination. Only run sizes are tried (autofit.planning.split.run_sizes: the largest
+    micro-batch of a balanced split of the batch; at 32 they are 1-8, 11, 16 and 32): a run capped
+    at 10 runs 8 x 4, so a trial of 9 or 10 would only measure a size no run uses.
 
-    State: `lo`, the largest size known to fit (0: none), and `hi`, the smallest size known not to
-    fit (None: none yet). Each phase moves them; `run()` is the algorithm of the module docstring.
+    State: `lo`, the largest run size known to fit (0: none), and `hi`, the smallest known not to
+    fit (None: none yet). Each phase moves them; `run()` is the algorithm of the module docstring,
+    with every step and bisection taken over the run sizes.
     """
 
     def __init__(self, runner: TrialRunner, levers: Levers):
         self.runner = runner
         self.levers = levers
         self.limit = runner.rank_batch
+        self.sizes = run_sizes(self.limit)
         self.lo = 0
         self.hi: int | None = None
+
+    def down(self, m: int) -> int:
+        """The largest run size <= `m` (m >= 1)."""
+        return run_size(self.limit, min(max(m, 1), self.limit))
+
+    def index(self, m: int) -> int:
+        """Position of run size `m` among the run sizes (-1 for 0: nothing)."""
+        return self.sizes.index(m) if m else -1
 
     def fits(self, m: int) -> bool:
         return self.runner.run(self.levers.candidate(m)).status == "fit"
 
     def run(self) -> int:
-        """Largest fitting micro-batch, or 0 when even micro-batch 1 does not fit."""
+        """Largest fitting run size, or 0 when even micro-batch 1 does not fit."""
         m = self.start_at_estimate()
         if self.fits(m):
             self.lo = m
@@ -191,10 +206,10 @@ class MicroBatchSearch:
         start = max_micro_batch(r.shape, r.budget_bytes, **self.levers.estimate_args(),
                                 compile=False, device=r.kind, ce_chunk_size=r.cfg.ce_chunk_size,
                                 **agree.layout(self.levers.sharded))
-        return min(max(start, 1), self.limit)
+        return self.down(start)
 
     def predict(self) -> int | None:
-        """The largest size that lo's measured peak, plus the estimate's bytes per sequence
+        """The largest run size that lo's measured peak, plus the estimate's bytes per sequence
         scaled by how far the estimate was off at lo, leaves within the budget."""
         r = self.runner.run(self.levers.candidate(self.lo))  # cached: lo already ran
         if not (r.measured_peak_bytes and r.estimated_peak_bytes):
@@ -202,33 +217,36 @@ class MicroBatchSearch:
         per_seq = (self.runner.estimate(self.levers.candidate(self.lo + 1)) - r.estimated_peak_bytes) \
             * r.measured_peak_bytes / r.estimated_peak_bytes
         room = self.runner.budget_bytes - max(r.measured_peak_bytes, r.measured_reserved_bytes or 0)
-        return min(self.limit, self.lo + int(room // per_seq)) if per_seq > 0 else self.limit
+        return self.down(self.lo + int(room // per_seq)) if per_seq > 0 else self.limit
 
     def reanchor(self) -> None:
         """The estimate may be off on this device: anchor it on the measured fit at lo and try the
-        size it then predicts, and the one just past it."""
+        size it then predicts, and the next run size past it."""
         pred = self.predict()
         if pred is None:
             return
         if self.hi is not None:
-            pred = min(pred, self.hi - 1)
+            pred = min(pred, self.down(self.hi - 1))
         if pred <= self.lo:
             return
         if not self.fits(pred):
             self.hi = pred
             return
         self.lo = pred
-        if self.lo < self.limit and (self.hi is None or self.lo + 1 < self.hi):
-            if self.fits(self.lo + 1):
-                self.lo += 1
+        i = self.index(self.lo)
+        if i + 1 < len(self.sizes) and (self.hi is None or self.sizes[i + 1] < self.hi):
+            nxt = self.sizes[i + 1]
+            if self.fits(nxt):
+                self.lo = nxt
             else:
-                self.hi = self.lo + 1
+                self.hi = nxt
 
     def bracket_up(self) -> None:
-        """One past the largest fit, then +2, +4, ... until a size fails or the limit fits."""
+        """The next run size past the largest fit, then 2, 4, ... sizes further, until one
+        fails or the limit fits."""
         inc = 1
         while self.hi is None and self.lo < self.limit:
-            nxt = min(self.limit, self.lo + inc)
+            nxt = self.sizes[min(len(self.sizes) - 1, self.index(self.lo) + inc)]
             inc *= 2
             if self.fits(nxt):
                 self.lo = nxt
@@ -238,7 +256,7 @@ class MicroBatchSearch:
     def bracket_down(self, m: int) -> bool:
         """The estimate was optimistic: x0.85, then halving, until a size fits. False when even
         micro-batch 1 does not."""
-        nxt = max(1, int(m * 0.85))
+        nxt = self.down(int(m * 0.85))
         while self.lo == 0:
             if nxt < self.hi and self.fits(nxt):
                 self.lo = nxt
@@ -246,14 +264,14 @@ class MicroBatchSearch:
                 return False
             else:
                 self.hi = min(self.hi, nxt)
-                nxt = max(1, nxt // 2)
+                nxt = self.down(nxt // 2)
         return True
 
     def bisect(self) -> None:
         if self.hi is None:
             return
-        while self.hi - self.lo > 1:
-            mid = (self.lo + self.hi) // 2
+        while self.index(self.hi) - self.index(self.lo) > 1:
+            mid = self.sizes[(self.index(self.lo) + self.index(self.hi)) // 2]
             if self.fits(mid):
                 self.lo = mid
             else:
@@ -265,7 +283,7 @@ class MicroBatchSearch:
         r = self.runner
         if self.lo <= 1 or not r.spill_check or r.fits(self.levers, below=self.lo):
             return
-        ref = self.lo // 2
+        ref = self.down(self.lo // 2)
         if not self.fits(ref):
             return
         found = r.run(self.levers.candidate(self.lo))

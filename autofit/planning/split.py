@@ -10,6 +10,20 @@ from autofit.planning.candidates import Levers
 from trainer.step import describe_split, split_batch
 
 
+def run_size(rank_batch: int, micro_batch: int) -> int:
+    """The micro-batch a run capped at `micro_batch` really runs: the largest of the balanced split
+    of `rank_batch` (trainer.step.split_batch), never above the cap: at 32, a cap of 10 runs
+    8 x 4 and 12 runs 11 + 11 + 10. Raises ValueError for sizes below 1."""
+    return max(split_batch(rank_batch, micro_batch))
+
+
+def run_sizes(rank_batch: int) -> list[int]:
+    """Every micro-batch a run of `rank_batch` sequences per step can run, ascending (the sizes
+    that are their own run_size: at 32, 1-8, 11, 16 and 32). A size between two of them runs as
+    the smaller, so it is never worth a trial of its own."""
+    return sorted({run_size(rank_batch, m) for m in range(1, rank_batch + 1)})
+
+
 def _step_seconds(micro_batches: list[int], block_size: int, tps: Callable[[int], float]) -> float:
     return sum(m * block_size / tps(m) for m in micro_batches)
 

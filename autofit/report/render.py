@@ -250,7 +250,8 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
                   f"loss {p.loss_impl}")
     peak = f"measured peak {fmt_bytes(p.measured_peak_bytes)}" if p.measured_peak_bytes else \
         f"estimated peak {fmt_bytes(p.estimated_peak_bytes)}"
-    how = "measured" if res.mode == "measured" else "estimated from the card's peak TFLOP/s and an assumed MFU"
+    how = ("measured: the fastest trial step, its optimizer update paid once per effective batch"
+           if res.mode == "measured" else "estimated from the card's peak TFLOP/s and an assumed MFU")
     tps = f"{p.tokens_per_s:,.0f} tokens/s ({how})" if p.tokens_per_s else "tokens/s unknown"
     console.print(f"  {peak} of a {fmt_bytes(p.budget_bytes)} budget; {tps}")
     if verbose:
