@@ -106,3 +106,29 @@ def test_the_probe_runs_and_plans_only_sizes_a_run_uses():
     assert ran <= set(run_sizes(32)) and not {9, 10} & ran
     assert res.plan.micro_batch in {t.micro_batch for t in res.trials if t.status == "fit"}
     assert sum(res.plan.micro_batches) == 32
+
+
+@pytest.mark.parametrize("steep", [True, False])
+def test_a_half_size_far_slower_in_its_search_readings_is_not_re_timed(steep, monkeypatch):
+    """A combination's half size whose search readings take more than 1.25x the time per token of
+    its largest fit cannot make a faster plan: it is not re-timed (a wrong drop costs headroom
+    only). One within that is a contender and is re-timed."""
+    from tests.test_contest import plan_with
+    cfg = cfg_for(64)
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    largest = {}
+    clock = Clock(lambda c: 1.0 if c.micro_batch >= largest.get("m", 10**9) else (1.6 if steep else 1.1), p=0.0)
+    orig = clock.record
+    seen = []
+
+    def record(cfg, cand, rank_batch, timed_steps, peak):
+        seen.append(cand.micro_batch)
+        return orig(cfg, cand, rank_batch, timed_steps, peak)
+    clock.record = record
+    # the largest fit under this budget, found first with a flat clock
+    flat, _ = plan_with(cfg, 2_500_000, space, Clock(lambda c: 1.0, p=0.0), monkeypatch)
+    largest["m"] = max(t.micro_batch for t in flat.trials if t.status == "fit")
+    res, runner = plan_with(cfg, 2_500_000, space, clock, monkeypatch)
+    half = run_size(64, largest["m"] // 2)
+    assert (seen.count(half) == 1) == steep  # the search's trial only, or re-timed too
+    assert max(res.plan.micro_batches) == largest["m"]  # 1.1x slower still loses the contest

@@ -1,9 +1,10 @@
 """Choosing between measured contenders so that noise cannot make the choice.
 
 A machine shared with other work only ever slows a step down, never speeds it up. So a
-contender's figure is its fastest step (the least disturbed one), as time per token: CPU time of
-this process on a CPU device (time other processes take from the cores is mostly not counted in
-it), wall time on a GPU. A step slowed by a burst of load is not the fastest, so it is left out.
+contender's figure is its fastest step (the least disturbed one), as time per token of the run it
+plans (its micro-batches' time per token, plus its optimizer update spread over the run's whole
+optimizer step: readings()): CPU time of this process on a CPU device (time other processes take
+from the cores is mostly not counted in it), wall time on a GPU. A step slowed by a burst of load is not the fastest, so it is left out.
 Its first readings are those of the search's trial (autofit.planning.search): a contender whose
 readings are already more than CLEAR_FIRST slower than the leader's is out before any re-timing.
 
@@ -46,7 +47,12 @@ CLEAR_FIRST = 2.0
 # ... or a quarter slower when its two fastest readings agree within TIE_MAX (a steady contender,
 # not one whose only quiet reading is yet to come)
 CLEAR_CONSISTENT = 0.25
-MAX_ROUNDS = 3  # alternating rounds of re-timing at most (close pairs only need the last one)
+# Alternating rounds of re-timing at most (close pairs only need the last one). 5 rounds did not
+# make the probe steadier on this shared 2-core machine: there a whole process runs one plan up
+# to 10-20 % faster or slower against another (the ratio of two plans' fastest trials, 8 trials
+# each, was 0.98-1.18 in four fresh processes: docs/planner-benchmark.md), which no number of
+# re-timings inside one process removes; they only cost time.
+MAX_ROUNDS = 3
 # Optimizer steps per re-timing trial. Each eager step is a reading (the optimizer state is
 # primed, so the first step is already training's steady state: autofit.planning.trials);
 # a compiled trial runs one step more, its first (the compile) not a reading. Two short trials

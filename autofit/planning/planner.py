@@ -31,7 +31,7 @@ from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, run_size, split_rates
 from autofit.planning.throughput import RECOMPUTE_SHARE
-from autofit.planning.contest import decide, label, run_tokens_per_s, seconds_per_token
+from autofit.planning.contest import CLEAR_CONSISTENT, decide, label, run_tokens_per_s, seconds_per_token
 from autofit.planning.trials import TrialSettings, new_objects_only
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
@@ -147,14 +147,31 @@ def _record_of(runner: TrialRunner, chosen: TrialRecord, micro_batch: int) -> Tr
     return same[0] if same else chosen
 
 
+# A combination's half size whose search readings already take this much more time per token
+# than its largest fit's is not a contender (autofit.planning.contest's CLEAR_CONSISTENT).
+SMALLER_CLEAR = CLEAR_CONSISTENT
+
+
 def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[TrialRecord]:
     """The contenders of one combination: its largest fit and half of it. Where the rate is flat
     or falls with the micro-batch (a compute-bound device; the chunked loss slowing as its chunk
-    grows), the smaller size is as fast with more headroom, and the contest says so."""
+    grows), the smaller size is as fast with more headroom, and the contest says so. A half size
+    more than SMALLER_CLEAR slower than the largest already in its search readings is dropped
+    before any re-timing: wrongly dropped (a burst of load in its trial), it costs headroom only."""
     if largest == 0:
         return []
     sizes = sorted({largest, run_size(runner.rank_batch, max(1, largest // 2))}, reverse=True)
-    return [r for r in (runner.run(levers.candidate(m)) for m in sizes) if r.status == "fit"]
+    out = [r for r in (runner.run(levers.candidate(m)) for m in sizes) if r.status == "fit"]
+    if len(out) == 2:
+        big, small = out
+        ratio = seconds_per_token(small, runner.kind == "cpu") / seconds_per_token(big, runner.kind == "cpu")
+        if ratio > 1 + SMALLER_CLEAR:
+            # the rate rises steeply here, so the smaller size is not a faster plan; if a burst of
+            # load made it look so, the loss is headroom only (the larger size is as fast)
+            runner.log(f"contest: {label(small)} not re-timed: its readings take {ratio:.2f}x the time per token "
+                       f"of micro-batch {big.micro_batch} with the same levers (out past {1 + SMALLER_CLEAR:.2f}x)")
+            return [big]
+    return out
 
 
 def _smaller_why(runner: TrialRunner, chosen: TrialRecord) -> str:
