@@ -14,7 +14,8 @@ For each case (a model shape and a CPU budget, on the budgeted CPU device, fp32,
    balanced split of the effective batch (trainer.step.split_batch) whose micro-batch fits,
    timed as whole optimizer steps (the trainer's train_step, as training runs them) on the
    budgeted device limited to the planning budget, interleaved (A B C ... A B C) with the
-   probes' plans, ROUNDS rounds of a warm-up and STEPS timed steps each (4 x 3). The figure is the fastest
+   probes' plans, ROUNDS rounds of a warm-up and STEPS timed steps each (4 x 3), then the fastest 6 and the
+   probes' plans 8 rounds more. The figure is the fastest
    step's CPU time of this process (other processes' load is not counted in it); wall time is
    printed beside it. plan / best = the best grid point's time per token over the plan's.
 3. peers (only with --peer-python, a separate throwaway venv holding lightning and accelerate;
@@ -66,6 +67,10 @@ REPEATS = 3
 # readings per point found it, 2026-12-04)
 ROUNDS = 4
 STEPS = 3
+# ... and 12 readings still ranked a 6 % slower plan first at load 2; the fastest FINALISTS points
+# (and the probes' plans) get FINAL_ROUNDS interleaved rounds more: 36 readings each
+FINALISTS = 6
+FINAL_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -196,19 +201,24 @@ def run_grid(cfg, case: Case, plans: list, space: Space) -> dict:
     dev = BudgetedCpuDevice(budget_bytes=parse_size(case.budget))
     budget = compute_budget(dev.info, MARGIN).budget_bytes
     pts = grid_points(cfg, space, budget)
-    for p in plans:  # the probes' plans, timed in the same rounds
-        key = (Levers("float32", p.checkpointing, p.loss_impl, False, p.checkpointing_policy), tuple(p.micro_batches))
-        if key not in pts:
-            pts.append(key)
+    plan_keys = [(Levers("float32", p.checkpointing, p.loss_impl, False, p.checkpointing_policy), tuple(p.micro_batches))
+                 for p in plans]
+    pts += [k for k in dict.fromkeys(plan_keys) if k not in pts]  # the probes' plans, timed in the same rounds
     best: dict = {}
     progress(f"{case.name}: {len(pts)} grid points x {ROUNDS} rounds")
     with new_objects_only():  # each point's gc.collect walks only what the points made, as in the probe
-        _grid_rounds(cfg, pts, dev, budget, best)
+        _grid_rounds(cfg, pts, dev, budget, best, ROUNDS)
+        # the finalists: the fastest FINALISTS points and the probes' plans, FINAL_ROUNDS rounds more
+        fit = {k: v for k, v in best.items() if v is not None}
+        top = sorted(fit, key=lambda k: per_token(fit[k], "cpu"))[:FINALISTS]
+        final = top + [k for k in dict.fromkeys(plan_keys) if k in fit and k not in top]
+        progress(f"{case.name}: {len(final)} finalists x {FINAL_ROUNDS} rounds")
+        _grid_rounds(cfg, final, dev, budget, best, FINAL_ROUNDS)
     return {k: v for k, v in best.items() if v is not None}
 
 
-def _grid_rounds(cfg, pts, dev, budget, best) -> None:
-    for _ in range(ROUNDS):
+def _grid_rounds(cfg, pts, dev, budget, best, rounds: int) -> None:
+    for _ in range(rounds):
         for lv, split in pts:
             if best.get((lv, split), 0) is None:
                 continue  # did not fit in an earlier round

@@ -218,7 +218,8 @@ def test_retiming_alternates_the_contenders(monkeypatch):
     space = planner.Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard", "chunked"])
     planner.probe_measured(tiny(8), dev, compute_budget(dev.info, 0.1), space, settings=TrialSettings(steps=2))
     n = len(set(order))
-    assert n >= 3  # both combinations' largest fit and a smaller size each (one may coincide)
+    # both combinations' largest fit (their smaller sizes too, unless already 1.25x slower)
+    assert n >= 2
     assert len(set(order[:n])) == n  # the first round visits every contender once
     assert all(a != b for a, b in zip(order, order[1:]))
 
