@@ -52,9 +52,6 @@ class TrialRecord(BaseModel):
     # time other processes take from the cores is not counted in it
     step_cpu_seconds: list[float] = []
     tokens_per_step: int | None = None  # tokens of one timed step (both micro-batches of a trial)
-    # tokens of each timed step where they differ (a re-timing runs one micro-batch per step:
-    # autofit.planning.contest.retime); empty: every step had tokens_per_step
-    step_tokens: list[int] = []
     # of each timed step, the optimizer update's share (clipping, step, zero_grad; measured, wall
     # and, on a CPU device, CPU time): a run pays it once per optimizer step of
     # `optimizer_step_tokens` tokens, a trial once per its two micro-batches (autofit.planning.contest)

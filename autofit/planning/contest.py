@@ -73,10 +73,9 @@ def readings(t: TrialRecord, cpu: bool) -> list[float]:
     updates = t.update_cpu_seconds if use_cpu else t.update_seconds
     if not (steps and t.tokens_per_step):
         return []
-    tokens = t.step_tokens if len(t.step_tokens) == len(steps) else [t.tokens_per_step] * len(steps)
     if len(updates) != len(steps) or not t.optimizer_step_tokens:
-        return [s / n for s, n in zip(steps, tokens)]
-    return [(s - u) / n + u / t.optimizer_step_tokens for s, u, n in zip(steps, updates, tokens)]
+        return [s / t.tokens_per_step for s in steps]
+    return [(s - u) / t.tokens_per_step + u / t.optimizer_step_tokens for s, u in zip(steps, updates)]
 
 
 def seconds_per_token(t: TrialRecord, cpu: bool) -> float | None:
@@ -123,20 +122,15 @@ class Decision:
 
 def retime(runner, t: TrialRecord) -> bool:
     """One more trial of `t`'s candidate (RETIME_STEPS timed steps; a compiled one a compile step
-    more), its timings added to `t`'s (tokens/s from the fastest step of all). Its memory is
-    already measured, so each step runs one micro-batch (TrialSettings.timing_only): the same time
-    per token (readings() counts each step's own tokens) for half the compute of the search's
-    two. False if it did not fit this time."""
+    more), its timings added to `t`'s (tokens/s from the fastest step of all). False if it did not
+    fit this time."""
     s = runner.settings
     longer = TrialSettings(steps=RETIME_STEPS + (1 if t.compile else 0), compile_backend=s.compile_backend,
-                           seed=s.seed, spill_check=s.spill_check, timing_only=True)
+                           seed=s.seed, spill_check=s.spill_check)
     r = agree.trial(run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.rank_batch,
                               budget_bytes=runner.budget_bytes, settings=longer))
     if r.status != "fit" or not r.step_seconds:
         return False
-    t.step_tokens = ((t.step_tokens if len(t.step_tokens) == len(t.step_seconds) else
-                      [t.tokens_per_step or r.tokens_per_step] * len(t.step_seconds))
-                     + [r.tokens_per_step] * len(r.step_seconds))
     t.step_seconds = t.step_seconds + r.step_seconds
     t.step_cpu_seconds = t.step_cpu_seconds + r.step_cpu_seconds
     if len(t.update_seconds) + len(r.update_seconds) == len(t.step_seconds):  # both measured it
@@ -147,7 +141,8 @@ def retime(runner, t: TrialRecord) -> bool:
     t.optimizer_step_tokens = t.optimizer_step_tokens or r.optimizer_step_tokens
     t.steps_run += r.steps_run
     t.tokens_per_step = t.tokens_per_step or r.tokens_per_step
-    t.tokens_per_s = max(n / s for n, s in zip(t.step_tokens, t.step_seconds))  # the fastest step's, measured
+    if t.tokens_per_step:
+        t.tokens_per_s = t.tokens_per_step / min(t.step_seconds)
     return True
 
 

@@ -54,9 +54,6 @@ class TrialSettings:
     # spill instead of raising OOM (Windows' and WSL's sysmem fallback); elsewhere it would only
     # misfire on timing noise.
     spill_check: bool | None = None
-    # Re-timing only (autofit.planning.contest.retime): the size's memory is already measured, so
-    # each step runs one micro-batch, not two: the same time per token for half the compute.
-    timing_only: bool = False
     # A stop was asked for (Ctrl-C/SIGTERM, trainer.interrupt.StopFlag): checked after each trial.
     stop: Callable[[], bool] = lambda: False
     # Called with each trial's record as soon as it is made (run or pruned; on rank 0 only), before
@@ -142,7 +139,7 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
         if cand.compile:
             parallel.rewrap(fwd)
         fwd = parallel.module if parallel.kind == "ddp" else fwd
-    micro = [cand.micro_batch] if settings.timing_only else trial_split(rank_batch, cand.micro_batch)
+    micro = trial_split(rank_batch, cand.micro_batch)
     g = torch.Generator().manual_seed(settings.seed)
     n = sum(micro)
     # Training samples the whole optimizer step's batch on the host (unless it is too large to
