@@ -4,7 +4,8 @@ A machine shared with other work only ever slows a step down, never speeds it up
 contender's figure is its fastest step (the least disturbed one), as time per token of the run it
 plans (its micro-batches' time per token, plus its optimizer update spread over the run's whole
 optimizer step: readings()): CPU time of this process on a CPU device (time other processes take
-from the cores is mostly not counted in it), wall time on a GPU. A step slowed by a burst of load is not the fastest, so it is left out.
+from the cores is mostly not counted in it), wall time on a GPU. A step slowed by a burst of load
+is not the fastest, so it is left out.
 Its first readings are those of the search's trial (autofit.planning.search): a contender whose
 readings are already more than CLEAR_FIRST slower than the leader's is out before any re-timing.
 

@@ -164,7 +164,8 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
     out = [r for r in (runner.run(levers.candidate(m)) for m in sizes) if r.status == "fit"]
     if len(out) == 2:
         big, small = out
-        ratio = seconds_per_token(small, runner.kind == "cpu") / seconds_per_token(big, runner.kind == "cpu")
+        cpu = runner.kind == "cpu"
+        ratio = seconds_per_token(small, cpu) / seconds_per_token(big, cpu)
         if ratio > 1 + SMALLER_CLEAR:
             # the rate rises steeply here, so the smaller size is not a faster plan; if a burst of
             # load made it look so, the loss is headroom only (the larger size is as fast)

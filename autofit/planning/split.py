@@ -7,6 +7,7 @@ from typing import Callable
 
 from autofit.records import TrialRecord
 from autofit.planning.candidates import Levers
+from autofit.planning.contest import run_tokens_per_s
 from trainer.step import describe_split, split_batch
 
 
@@ -29,16 +30,18 @@ def _step_seconds(micro_batches: list[int], block_size: int, tps: Callable[[int]
 
 
 def split_rates(chosen: TrialRecord, eager_tps: dict[int, float], trials: list[TrialRecord]) -> dict[int, float]:
-    """Tokens/s by micro-batch for choosing the split of the `chosen` plan. Eager: the measured
-    eager rates of its levers (`eager_tps`). Compiled: the compiled rates where a compiled trial of
+    """Tokens/s by micro-batch for choosing the split of the `chosen` plan (each the run's figure,
+    autofit.planning.contest.run_tokens_per_s). Eager: the measured eager rates of its levers
+    (`eager_tps`). Compiled: the compiled rates where a compiled trial of
     its levers was measured, and elsewhere the eager rate times the compile speed-up measured at
     the chosen size, so the split is judged at the speed the plan will run."""
     if not chosen.compile:
         return eager_tps
     eager_at_chosen = eager_tps.get(chosen.micro_batch)
-    speedup = (chosen.tokens_per_s or 0) / eager_at_chosen if eager_at_chosen else 1.0
+    # the same figure as the eager rates: the run's tokens/s, the update once per optimizer step
+    speedup = (run_tokens_per_s(chosen) or 0) / eager_at_chosen if eager_at_chosen else 1.0
     rates = {m: r * speedup for m, r in eager_tps.items()}
-    rates.update({t.micro_batch: t.tokens_per_s for t in trials if t.compile and t.status == "fit"
+    rates.update({t.micro_batch: run_tokens_per_s(t) for t in trials if t.compile and t.status == "fit"
                   and t.tokens_per_s and Levers.of(t) == Levers.of(chosen)})
     return rates
 
