@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "selfcheck"))
 from figures import trial_rows  # noqa: E402  (the stage's own rows, so both tables agree)
+from common import git_commit  # noqa: E402
 
 NAMES = {0: "env", 1: "device", 2: "probe", 3: "train", 4: "ranks"}
 
@@ -69,8 +71,12 @@ def heading(recs: dict) -> list[str]:
         what = f"no GPU (dry run), torch {env.get('torch', '?')}, CUDA build {env.get('cuda_build')}"
     else:
         what = f"card not identified (stage 1 has no card record), torch {env.get('torch', '?')}"
+    # without stage 0 (SELFCHECK_STAGES="1 2 3"), the process writing the report says both: it runs
+    # on the same machine, Python and checkout as the stages
+    python = env.get("python") or platform.python_version()
+    commit = env.get("commit") or git_commit(Path(__file__).resolve().parents[1])
     lines = [f"### {started[:10]}: {what}", "",
-             f"Python {env.get('python', '?')}, commit {env.get('commit', '?')}, started {started}"
+             f"Python {python}, commit {commit}, started {started}"
              + ("; **dry run**: CUDA stages skipped" if dry else ""), ""]
     return lines
 

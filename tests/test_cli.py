@@ -404,6 +404,19 @@ def test_help_shows_no_bool_type_on_flags(monkeypatch, capsys, args):
     assert code == 0 and "--help" in out and "<bool>" not in out
 
 
+def test_a_typer_without_the_help_type_hook_still_imports(monkeypatch):
+    # typer 0.27 (the H200 image's, 2026-12-04) has no TyperOption.display_type_rich: the hook that
+    # hides `<bool>` on flags must leave such a typer alone, not stop every command at import
+    from typer import core
+
+    from autofit.cli import common
+    class Bare:  # a TyperOption with no such method anywhere in its classes
+        pass
+    monkeypatch.setattr(core, "TyperOption", Bare)
+    common._no_bool_metavar()
+    assert not hasattr(Bare, "display_type_rich")
+
+
 def test_user_error_names_are_real_exception_classes():
     import importlib
     import pkgutil

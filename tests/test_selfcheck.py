@@ -365,6 +365,16 @@ def test_report_says_which_stage_left_no_record(tmp_path):
     assert "| 2 | stage probe left a record | FAIL |" in text and rc == 1
 
 
+def test_a_report_without_stage_0_still_names_the_commit_and_python(tmp_path, monkeypatch):
+    # a rerun of some stages (SELFCHECK_STAGES="1 2 3") has no stage 0 record: the H200 run of
+    # 2026-12-04 printed "Python ?, commit ?" although the command named SELFCHECK_COMMIT
+    write_gpu_records(tmp_path)
+    (tmp_path / "stage0_env.json").unlink()
+    monkeypatch.setenv("SELFCHECK_COMMIT", "feed123")
+    text, _ = selfcheck_report.report(tmp_path, [1, 2, 3])
+    assert f"Python {sys.version.split()[0]}, commit feed123 (SELFCHECK_COMMIT)" in text
+
+
 # ------------------------------------------------------------------ timing, processes, raw records
 
 def test_the_default_limits_fit_the_call_and_the_lease_and_bad_ones_are_refused(tmp_path):

@@ -51,7 +51,9 @@ def _no_bool_metavar() -> None:
     """typer's rich help prints a type for every option, so flags read `--json <bool>` and
     `--help <bool>` as if they took a value. Flags take none: show no type for them."""
     from typer import core
-    plain = core.TyperOption.display_type_rich
+    plain = getattr(core.TyperOption, "display_type_rich", None)
+    if plain is None:  # typer 0.27 (the H200 image's) has no such hook: leave its help as it is
+        return
 
     def display_type_rich(self, ctx):
         return None if getattr(self, "is_flag", False) else plain(self, ctx)
