@@ -240,18 +240,27 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda:
     return _Blocks(per_block, full, n_ckpt, w16, ln_f, transient, drop_embed)
 
 
-def _standard_head(N: int, C: int, V: int, amp: bool, blk: _Blocks) -> list[tuple[str, int, int]]:
+def _standard_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, cuda: bool) -> list[tuple[str, int, int]]:
     """(phase, activations, loss-head bytes) of F.cross_entropy on the full logits."""
     NV, VC, blocks = N * V, V * C, blk.saved
     # lm_head keeps its input (fp32, or a 16-bit copy plus the 16-bit weight copy under autocast).
     head_in = (2 * N * C + 2 * VC) if amp else 4 * N * C
-    # forward: logits (+ their fp32 upcast under autocast) and the saved fp32 log-softmax;
     # ln_f's fp32 output is still bound in GPT.forward, and autocast's cache still holds the
     # weight copies of checkpointed blocks.
     fwd_extra = (4 * N * C + blk.n_ckpt * blk.w16) if amp else 0
-    # backward start: saved log-softmax, grad of it, grad of the logits: 3 fp32 N x V buffers.
-    return [("forward (loss)", blocks + blk.ln_f + fwd_extra, head_in + (10 if amp else 8) * NV),
-            ("backward start (loss)", blocks + blk.ln_f, head_in + 12 * NV)]
+    if amp and cuda:
+        # CUDA's log_softmax reads the 16-bit logits and writes fp32 itself (no fp32 copy of the
+        # logits), and its backward writes a 16-bit gradient: forward 2 + 4 bytes per logit,
+        # backward start the saved fp32 log-softmax, its fp32 grad and the 16-bit grad of the
+        # logits, 4 + 4 + 2. Measured on an H200 (torch 2.11, bf16, GPT-2 124M at vocab 50304):
+        # 12 bytes per logit over-estimated every standard-loss trial by exactly 2 x N x V bytes.
+        fwd, bwd = 6 * NV, 10 * NV
+    else:
+        # forward: logits (+ their fp32 upcast under CPU autocast) and the saved fp32 log-softmax;
+        # backward start: saved log-softmax, grad of it, grad of the logits: 3 fp32 N x V buffers.
+        fwd, bwd = (10 if amp else 8) * NV, 12 * NV
+    return [("forward (loss)", blocks + blk.ln_f + fwd_extra, head_in + fwd),
+            ("backward start (loss)", blocks + blk.ln_f, head_in + bwd)]
 
 
 def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size: int,
@@ -286,7 +295,7 @@ def _head(shape: ModelShape, N: int, amp: bool, blk: _Blocks, loss_impl: str, cu
     buffer), torch's F.linear_cross_entropy (chunked, no cap, torch >= 2.13) or autofit's chunking."""
     C, V = shape.n_embd, shape.vocab_size
     if loss_impl == "standard":
-        head, extra = _standard_head(N, C, V, amp, blk), arch.softcap_head_extra(shape, N, amp)
+        head, extra = _standard_head(N, C, V, amp, blk, cuda), arch.softcap_head_extra(shape, N, amp)
     elif shape.logit_softcap == 0 and HAS_TORCH_LCE:
         head, extra = arch.torch_lce_head(N, C, V, blk, cuda, ce_chunk_size, amp), (0, 0)
     else:
