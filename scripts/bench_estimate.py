@@ -160,6 +160,7 @@ CUDA_GRID = GRID + [
 def _meter(device: str):
     if device == "cuda":
         from trainer.meter import CudaMeter
+        torch.cuda.init()  # the allocator's stats calls refuse a device CUDA has not started
         return CudaMeter(torch.device("cuda", 0))
     return BudgetedCpuDevice(budget_bytes=UNLIMITED)
 
