@@ -155,6 +155,16 @@ CUDA_GRID = GRID + [
     Config(**_G2, **_NANO, checkpointing=1, loss_impl="chunked"),
     Config(**{**_G2, "dtype": "float32", "micro_batch": 2}),
 ]
+# nanochat's options one at a time at GPT-2's size, and checkpointing with each loss and dtype:
+# where the rows above under-estimated on an H200 (2026-12-04), which term is short
+CUDA_ONE_AT_A_TIME = [Config(**_G2, **{k: v}) for k, v in _NANO.items()] + [
+    Config(**{**_G2, "dtype": "float32"}, checkpointing=1, loss_impl="chunked"),
+    Config(**_G2, checkpointing=1, loss_impl="chunked", ce_chunk_size=1024),
+    Config(**_G2, checkpointing=1, loss_impl="chunked", n_micro=1),
+    Config(**_G2, loss_impl="chunked", logit_softcap=15.0),
+    Config(**_G2, bias=True),
+]
+CUDA_GRID += CUDA_ONE_AT_A_TIME
 
 
 def _meter(device: str):
@@ -267,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-terms", action="store_true", help="one row per kernel-internal term instead")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: measure on the GPU (torch.cuda.max_memory_allocated), on CUDA_GRID")
+    ap.add_argument("--only-gpu-sized", action="store_true", help="only the rows at block size >= 1024")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     if args.kernel_terms:
@@ -274,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     t0 = time.perf_counter()
     grid = QUICK if args.quick else CUDA_GRID if args.device == "cuda" else GRID
+    if args.only_gpu_sized:
+        grid = [c for c in grid if c.block_size >= 1024]
     for cfg in grid:
         est, phase = estimate(cfg, args.device)
         try:
