@@ -26,6 +26,7 @@ from trainer.model.gpt import GPT, GPTConfig  # noqa: E402
 from trainer.step import make_optimizer, train_step  # noqa: E402
 
 UNLIMITED = 1 << 40  # a budget no run here reaches: measure, never raise
+DTYPE_LABEL = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Config:
 
     def label(self) -> str:
         s = (f"L{self.n_layer} H{self.n_head} C{self.n_embd} T{self.block_size} V{self.vocab_size} "
-             f"b{self.micro_batch}x{self.n_micro} {'bf16' if self.dtype == 'bfloat16' else 'fp32'}")
+             f"b{self.micro_batch}x{self.n_micro} {DTYPE_LABEL[self.dtype]}")
         if self.checkpointing:
             s += f" ck{self.checkpointing}"
         if self.loss_impl == "chunked":
