@@ -166,7 +166,8 @@ def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int,
     # backward: the grads and their fp32 results; under autocast grad_x is handed back in 16 bits
     # and cast (measured on the budgeted CPU device: 2 bytes per N x C element, not 8)
     back = (2 * N * C + 6 * V * C) if amp else 2 * keep
-    return [("forward (loss)", blk.saved + blk.ln_f + 4 * N * C, keep + chunk),
+    wcache = blk.n_ckpt * blk.w16 if amp else 0  # autocast's cached weight copies of checkpointed blocks
+    return [("forward (loss)", blk.saved + blk.ln_f + 4 * N * C + wcache, keep + chunk),
             ("backward start (loss)", blk.saved + blk.ln_f, back)]
 
 
