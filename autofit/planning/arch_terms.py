@@ -122,6 +122,17 @@ def softcap_head_extra(shape, N: int, amp: bool) -> tuple[int, int]:
     return nv, nv
 
 
+def mlp_cuda_autocast_saved_bytes(shape, N: int, amp: bool, cuda: bool) -> int:
+    """Bytes one non-checkpointed block saves beyond block_saved_elements' count, N tokens, under
+    CUDA autocast: ReLU^2's square is aten.pow, which CUDA autocast runs in fp32, so pow saves an
+    fp32 copy of relu's 16-bit output (4 bytes per hidden element) beside it. CPU autocast keeps
+    pow in 16 bits (nothing more saved: measured on the budgeted CPU device). Measured on an H200
+    (torch 2.11, 2026-12-04) with saved-tensor hooks: relu's bf16 output, pow's fp32 input and
+    c_proj's bf16 input; the whole model (GPT-2 124M, bf16, 4 x 1024 tokens) 4.0 bytes per hidden
+    element per block over GELU."""
+    return 4 * mlp_hidden(shape) * N if shape.mlp == "relu2" and amp and cuda else 0
+
+
 def mlp_backward_extra_bytes(shape, N: int, amp: bool) -> int:
     """Hidden-wide temporaries an MLP's backward holds beyond GELU's one (gelu_backward's output),
     N tokens: ReLU^2's square backs through PowBackward (x^1, then x 2, then x grad: two more

@@ -217,6 +217,7 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda:
     stats = arch.block_stats_bytes(shape, B)  # LayerNorm mean/rstd (fp32) x2, SDPA log-sum-exp
     w16 = 2 * arch.block_linear_params(shape) if amp else 0
     full = (4 * resid + 2 * (elems - resid) if amp else 4 * elems) * N + stats + w16
+    full += arch.mlp_cuda_autocast_saved_bytes(shape, N, amp, cuda)
     drop_block, drop_embed = _dropout_bytes(shape, B, amp, cuda)
     full += drop_block  # a checkpointed block recomputes its dropout (same RNG state), keeps nothing
     ckpt = 4 * N * C  # a checkpointed block keeps only its fp32 input
