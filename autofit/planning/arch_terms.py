@@ -171,7 +171,7 @@ def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int,
     the budgeted CPU device measures (the chunk's logits are made inside the one op, where its
     dispatch-mode tracker does not see them). On CUDA the caching allocator does see them: one
     chunk's fp32 logits, turned into their gradient in place as trainer.model.ce's own chunking
-    does, are added there (assumed, not calibrated: no GPU ran)."""
+    does, are added there (assumed: the H200 checked in 2026-12 had torch 2.11, without this op)."""
     keep = 4 * N * C + 4 * V * C
     chunk = 4 * min(ce_chunk_size, N) * V if cuda else 0
     # backward: the grads and their fp32 results; under autocast grad_x is handed back in 16 bits
