@@ -356,6 +356,19 @@ def test_profiles_add_bad_values_are_one_line(tmp_path, monkeypatch, capsys, cha
     assert not (tmp_path / "home" / "profiles" / "gtx1650-4gb.toml").exists()
 
 
+@pytest.mark.parametrize("name, memory, ok", [("foo-4gb", "8GiB", False), ("foo-4gb", "4GiB", True),
+                                              ("t4x-16gb", "15GiB", True), ("big-141gb", "140.4GiB", True),
+                                              ("tiny-512mb", "2GiB", False)])
+def test_profiles_add_refuses_a_name_that_says_another_memory(tmp_path, monkeypatch, capsys, name, memory, ok):
+    args = ["profiles", "add", name, "--memory", memory, *GTX1650[5:]]
+    code, _, err = cli(monkeypatch, capsys, *args)
+    if ok:
+        assert code == 0, err
+    else:
+        assert code == 2 and "says" in err and "--memory" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "home" / "profiles" / f"{name}.toml").exists()
+
+
 def test_profiles_add_bad_name_is_one_line(tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "profiles", "add", "my-card", *GTX1650[3:])
     assert code == 2 and "e.g. gtx1650-4gb" in err and err.count("\n") == 1

@@ -149,11 +149,14 @@ def profiles_add(
     if not _name_ok(name):
         raise UsageError(f"profile name {name!r} must be a model slug and its memory, e.g. gtx1650-4gb "
                          "(lowercase letters, digits and dots, '-', then NNgb or NNmb)")
+    mem_bytes = _size(memory, "--memory")
+    if (said := _name_memory_mismatch(name, mem_bytes)) is not None:
+        raise UsageError(said)
     check_profiles_writable(name)
     label = gpu or name
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     hardware = {"schema_version": 1, "name": name, "gpu": label, "nvml_names": [label],
-                "memory_bytes": _size(memory, "--memory"), "compute_capability": _compute_capability(compute_capability),
+                "memory_bytes": mem_bytes, "compute_capability": _compute_capability(compute_capability),
                 "bf16": peak_bf16 is not None, "peak_bf16_tflops": peak_bf16, "peak_fp16_tflops": peak_fp16,
                 "memory_bandwidth_gbs": bandwidth,
                 "source": source or f"user-defined with autofit profiles add ({stamp}); figures not checked"}
@@ -173,6 +176,23 @@ def profiles_add(
 _FLAGS = {"memory_bytes": "--memory", "compute_capability": "--compute-capability",
           "peak_bf16_tflops": "--peak-bf16-tflops", "peak_fp16_tflops": "--peak-fp16-tflops",
           "memory_bandwidth_gbs": "--bandwidth-gbs", "gpu": "--gpu", "name": "NAME"}
+
+
+def _name_memory_mismatch(name: str, memory_bytes: int) -> str | None:
+    """The one-line refusal when a profile's name says another memory than --memory, else None.
+    Names round as vendors do (a 't4-16gb' has 15 GiB, an 'l4-24gb' 22.5 GiB, an 'h200-141gb'
+    140.4 GiB): within 10 % of the size in GiB or in GB (decimal) is the same card."""
+    import re
+    m = re.search(r"-(\d+(?:\.\d+)?)(gb|mb)$", name)
+    if m is None or memory_bytes <= 0:
+        return None
+    said = float(m.group(1)) * (2**30 if m.group(2) == "gb" else 2**20)
+    decimal = float(m.group(1)) * (1e9 if m.group(2) == "gb" else 1e6)
+    if min(abs(memory_bytes - said) / said, abs(memory_bytes - decimal) / decimal) <= 0.10:
+        return None
+    return (f"profile name {name!r} says {m.group(1)} {m.group(2).upper()} but --memory is "
+            f"{memory_bytes / 2**30:.2f} GiB: name it for its memory (model slug, then e.g. "
+            f"{round(memory_bytes / 2**30)}gb) or correct --memory")
 
 
 def _name_ok(name: str) -> bool:
