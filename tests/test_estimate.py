@@ -190,7 +190,8 @@ H200_ALLOCATED_PEAKS = {(1, "standard"): 3164668928, (4, "standard"): 5745812480
 @pytest.mark.parametrize("micro_batch,loss_impl", sorted(H200_ALLOCATED_PEAKS))
 def test_the_cuda_estimate_meets_the_peaks_measured_on_an_h200(micro_batch, loss_impl, monkeypatch):
     import autofit.planning.estimate as estimate
-    monkeypatch.setattr(estimate, "HAS_TORCH_LCE", False)  # the H200's torch 2.11 ran autofit's chunking
+    import autofit.planning.loss_head as loss_head
+    monkeypatch.setattr(loss_head, "HAS_TORCH_LCE", False)  # the H200's torch 2.11 ran autofit's chunking
     shape = ModelShape(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
     est = estimate_peak(shape, micro_batch, dtype="bfloat16", checkpointing=0, loss_impl=loss_impl, device="cuda",
                         n_micro=2)
@@ -228,8 +229,8 @@ H200_BENCH_PEAKS = [
 
 @pytest.mark.parametrize("row,measured", H200_BENCH_PEAKS, ids=[str(r) for r, _ in H200_BENCH_PEAKS])
 def test_the_cuda_estimate_meets_the_h200_bench_rows(row, measured, monkeypatch):
-    import autofit.planning.estimate as estimate
-    monkeypatch.setattr(estimate, "HAS_TORCH_LCE", False)
+    import autofit.planning.loss_head as loss_head
+    monkeypatch.setattr(loss_head, "HAS_TORCH_LCE", False)
     run = {"micro_batch": 4, "n_micro": 2, "dtype": "bfloat16", "checkpointing": 0, "loss_impl": "standard"}
     run.update({k: v for k, v in row.items() if k in run or k == "checkpointing_policy"})
     shape = ModelShape(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,

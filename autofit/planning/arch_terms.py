@@ -163,25 +163,6 @@ def embedding_backward_bytes(shape, amp: bool, accumulating: bool) -> int:
     return (12 if amp else 8) * VC + wpe
 
 
-def torch_lce_head(N: int, C: int, V: int, blk, cuda: bool, ce_chunk_size: int,
-                   amp: bool = False) -> list[tuple[str, int, int]]:
-    """(phase, activations, loss-head bytes) of torch's chunked F.linear_cross_entropy (torch >= 2.13,
-    trainer.model.ce.torch_linear_cross_entropy): it computes grad_x (N x C) and grad_w (V x C) in
-    the forward and hands them back in an in-place backward, so those two fp32 buffers are what
-    the budgeted CPU device measures (the chunk's logits are made inside the one op, where its
-    dispatch-mode tracker does not see them). On CUDA the caching allocator does see them: one
-    chunk's fp32 logits, turned into their gradient in place as trainer.model.ce's own chunking
-    does, are added there (assumed: the H200 checked in 2026-12 had torch 2.11, without this op)."""
-    keep = 4 * N * C + 4 * V * C
-    chunk = 4 * min(ce_chunk_size, N) * V if cuda else 0
-    # backward: the grads and their fp32 results; under autocast grad_x is handed back in 16 bits
-    # and cast (measured on the budgeted CPU device: 2 bytes per N x C element, not 8)
-    back = (2 * N * C + 6 * V * C) if amp else 2 * keep
-    wcache = blk.n_ckpt * blk.w16 if amp else 0  # autocast's cached weight copies of checkpointed blocks
-    return [("forward (loss)", blk.saved + blk.ln_f + 4 * N * C + wcache, keep + chunk),
-            ("backward start (loss)", blk.saved + blk.ln_f, back)]
-
-
 def sac_saved_bytes(shape, B: int, amp: bool) -> int:
     """What selective checkpointing (trainer/model/layers.py SAC_SAVED_OPS) keeps of a checkpointed
     block beyond its input, micro-batch B: the outputs of its four matmuls (c_attn: C + 2 KV hd,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from autofit.planning import arch_terms as arch
 from autofit.planning.kernel_terms import add_to_phases, cublas_workspaces_bytes, cuda_kernel_terms
-from trainer.model.ce import HAS_TORCH_LCE
+from autofit.planning.loss_head import head_phases
 
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "workspace",
               "comm_buffers", "allocator_slack")
@@ -243,73 +243,6 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda:
     return _Blocks(per_block, full, n_ckpt, w16, ln_f, transient, drop_embed)
 
 
-def _standard_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, cuda: bool) -> list[tuple[str, int, int]]:
-    """(phase, activations, loss-head bytes) of F.cross_entropy on the full logits."""
-    NV, VC, blocks = N * V, V * C, blk.saved
-    # lm_head keeps its input (fp32, or a 16-bit copy plus the 16-bit weight copy under autocast).
-    head_in = (2 * N * C + 2 * VC) if amp else 4 * N * C
-    # ln_f's fp32 output is still bound in GPT.forward, and autocast's cache still holds the
-    # weight copies of checkpointed blocks.
-    fwd_extra = (4 * N * C + blk.n_ckpt * blk.w16) if amp else 0
-    if amp and cuda:
-        # CUDA's log_softmax reads the 16-bit logits and writes fp32 itself (no fp32 copy of the
-        # logits), and its backward writes a 16-bit gradient: forward 2 + 4 bytes per logit,
-        # backward start the saved fp32 log-softmax, its fp32 grad and the 16-bit grad of the
-        # logits, 4 + 4 + 2. Measured on an H200 (torch 2.11, bf16, GPT-2 124M at vocab 50304):
-        # 12 bytes per logit over-estimated every standard-loss trial by exactly 2 x N x V bytes.
-        fwd, bwd = 6 * NV, 10 * NV
-    else:
-        # forward: logits (+ their fp32 upcast under CPU autocast) and the saved fp32 log-softmax;
-        # backward start: saved log-softmax, grad of it, grad of the logits: 3 fp32 N x V buffers.
-        fwd, bwd = (10 if amp else 8) * NV, 12 * NV
-    return [("forward (loss)", blocks + blk.ln_f + fwd_extra, head_in + fwd),
-            ("backward start (loss)", blocks + blk.ln_f, head_in + bwd)]
-
-
-def _chunked_head(N: int, C: int, V: int, amp: bool, blk: _Blocks, ce_chunk_size: int,
-                  capped: bool) -> list[tuple[str, int, int]]:
-    """(phase, activations, loss-head bytes) of trainer.model.ce._ChunkedLinearCrossEntropy:
-    grad_x (N x C, fp32) and grad_w (V x C, fp32) for the whole batch, plus the largest moment of
-    any one chunk, walked chunk by chunk as the loop runs them (the last chunk is usually
-    smaller). In each chunk the previous chunk's gradient is still bound to `g` while the new
-    logits are made (and, under a soft-cap, the new slope 1 - tanh^2), and until `g` is rebound."""
-    VC, blocks = V * C, blk.saved
-    keep = 4 * N * C + 4 * VC  # grad_x, grad_w
-    work, prev = 0, 0
-    for s in range(0, N, ce_chunk_size):
-        n = min(ce_chunk_size, N - s)
-        slope = 4 * n * V if capped else 0  # fp32, alive from the cap until g is made
-        if amp:  # xc (16-bit) throughout; the previous g is 16-bit
-            moments = (2 * prev * V + 2 * n * C + max(6 * n * V, 4 * n * V + slope),  # 16-bit logits -> fp32, slope
-                       2 * prev * V + 2 * n * C + 4 * n * V + slope + 2 * n * V,  # probs -> the new 16-bit g
-                       2 * n * V + 2 * n * C + 6 * VC)  # g.t() @ xc (16-bit) and its fp32 upcast
-        else:  # g is the probs themselves (the .to() is a no-op)
-            moments = (4 * (prev + n) * V + slope, 4 * n * V + 4 * n * C, 4 * n * V + 4 * VC)
-        work, prev = max(work, *moments), n
-    head_fwd = (2 * VC if amp else 0) + keep + work  # amp: the 16-bit copy of the weight
-    # as in the standard head: autocast's cache still holds the checkpointed blocks' 16-bit weight
-    # copies (the H200 measured them: bf16, checkpointing 1 and 2, 16 MB per checkpointed block
-    # of GPT-2 124M short without this term)
-    wcache = blk.n_ckpt * blk.w16 if amp else 0
-    # backward: the saved grads and their scaled copies
-    return [("forward (loss)", blocks + blk.ln_f + 4 * N * C + wcache, head_fwd),
-            ("backward start (loss)", blocks + blk.ln_f, 2 * keep)]
-
-
-def _head(shape: ModelShape, N: int, amp: bool, blk: _Blocks, loss_impl: str, cuda: bool,
-          ce_chunk_size: int) -> list[tuple[str, int, int]]:
-    """The loss head's phases as trainer.model.ce.lm_loss runs it: standard (+ the soft-cap's
-    buffer), torch's F.linear_cross_entropy (chunked, no cap, torch >= 2.13) or autofit's chunking."""
-    C, V = shape.n_embd, shape.vocab_size
-    if loss_impl == "standard":
-        head, extra = _standard_head(N, C, V, amp, blk, cuda), arch.softcap_head_extra(shape, N, amp)
-    elif shape.logit_softcap == 0 and HAS_TORCH_LCE:
-        head, extra = arch.torch_lce_head(N, C, V, blk, cuda, ce_chunk_size, amp), (0, 0)
-    else:
-        head, extra = _chunked_head(N, C, V, amp, blk, ce_chunk_size, shape.logit_softcap > 0), (0, 0)
-    return [(name, acts, b + e) for (name, acts, b), e in zip(head, extra)]
-
-
 def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
                   compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
                   n_micro: int = 2, world_size: int = 1, parallelism: str = "ddp", sdpa: str = "flash",
@@ -349,7 +282,7 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
                               "activations": acts + ids, "logits_and_loss": head, "workspace": work,
                               "comm_buffers": st.comm.get(name, 0)}))
 
-    for name, acts, head_bytes in _head(shape, N, amp, blk, loss_impl, cuda, ce_chunk_size):
+    for name, acts, head_bytes in head_phases(shape, N, amp, blk, loss_impl, cuda, ce_chunk_size):
         add(name, grads_in_pass, acts, head_bytes)
     wpe = 4 * T * C if shape.pos_emb == "learned" else 0  # RoPE: no position table
     accumulating = n_micro >= 2 or st.grads_resident or bool(st.comm)
