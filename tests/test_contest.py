@@ -258,6 +258,21 @@ def test_the_contests_log_numbers_its_rounds_in_order(monkeypatch):
     assert f"in {after.rounds} alternating round" in after.why
 
 
+def test_every_contest_round_is_in_the_log_also_one_that_puts_no_one_out(monkeypatch):
+    """Two contenders 1 % apart with noise are re-timed round after round with no one out: each
+    round says so (the log used to jump from 'round 2' to 'round 5')."""
+    cfg = cfg_for(16)
+    logs = []
+    clock = Clock(lambda c: 1.0 + 0.01 * (c.micro_batch == 4), seed=3)
+    runner = contest_runner(cfg, clock, monkeypatch)
+    runner.log = logs.append
+    first = [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in (STD.candidate(8), STD.candidate(4))]
+    d = contest.decide(runner, first)
+    numbers = sorted({int(s.split("round ")[1].split(":")[0]) for s in logs if "contest round " in s})
+    assert d.rounds >= 2 and numbers == list(range(1, d.rounds + 1)), logs
+    assert any("none out" in s and "leads" in s for s in logs)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_close_contenders_on_a_noisy_machine_tie_and_headroom_decides(seed, monkeypatch):
     """Two contenders 1 % apart, every step up to 4 % slower at random and some bursts: noise

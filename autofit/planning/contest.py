@@ -210,6 +210,10 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
             runner.log(f"contest round {done + rounds}: {label(t)} out, {spt(t) / spt(lead):.2f}x the leader's "
                        f"time per token")
         alive = [t for t in alive if t not in out]
+        if not out and len(alive) > 1:  # say so, or the log jumps from round 2 to round 5
+            nearest = min((t for t in alive if t is not lead), key=spt)
+            runner.log(f"contest round {done + rounds}: none out; {label(lead)} leads, {label(nearest)} at "
+                       f"{spt(nearest) / spt(lead):.2f}x its time per token")
         if rounds >= 2 and all(spt(t) <= (1 + TIE_MIN) * spt(lead) for t in alive):
             break  # every one left is within the finest band of the leader: more readings cannot separate them
     lead = min(alive, key=spt)
