@@ -418,3 +418,11 @@ def test_a_resumed_muon_run_follows_the_lr_schedule(tmp_path):
     first = train(cfg(tmp_path / "split"), RunOptions(max_steps=3, **opts))
     rest = train(cfg(tmp_path / "split"), RunOptions(resume=True, **opts))
     assert first.losses + rest.losses == pytest.approx(whole.losses, rel=1e-6, abs=0)
+
+
+def test_muon_lr_given_for_another_optimizer_is_refused_but_a_presets_is_not():
+    # muon_lr does nothing under AdamW: a user who sets it has a config that does not say what it trains
+    with pytest.raises(ConfigError, match=r"muon_lr \(--set\) is torch.optim.Muon's learning rate.*optimizer is 'adamw'"):
+        load_config(overrides=["muon_lr=0.01"])
+    assert load_config(preset="nanochat-d12", overrides=["optimizer=adamw"]).optimizer == "adamw"
+    assert load_config(overrides=["optimizer=muon", "muon_lr=0.01"]).muon_lr == 0.01

@@ -177,7 +177,7 @@ class TrainConfig(BaseModel):
                                  f"(at most {2**63 - 1})")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        check_model_options(self)
+        check_model_options(self, _SOURCES.get())
         check_stages(self)
         if self.checkpointing > self.n_layer:
             raise ValueError(f"checkpointing ({self.checkpointing}) must be between 0 and n_layer "
