@@ -355,3 +355,18 @@ def test_recomputation_is_searched_where_a_steep_rate_can_pay_it_back(steep, mon
         assert not any(c.checkpointing for c in runner.ran)
         skipped = [t for t in res.trials if t.checkpointing and t.status == "pruned"]
         assert skipped and "cannot pay back" in skipped[0].note and "1.33x compute" in skipped[0].note
+
+
+def test_a_burst_on_the_half_size_does_not_buy_a_recomputing_search(monkeypatch):
+    """The rate is flat (recomputation cannot pay back) but load slows both steps of the half
+    size's search trial 3x, so its readings alone say the curve is steep: the pair is re-timed
+    once before recomputation is searched, and the re-timing shows it flat."""
+    cfg = load_config(preset="tiny", overrides=["n_layer=2", "n_embd=32", "n_head=2", "block_size=64",
+                                                "vocab_size=512", "batch_size=64", "gradient_accumulation_steps=1"])
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard"])
+    clock = Clock(lambda c: 1.0 + 0.3 * c.checkpointing, p=0.0, first_burst={STD.candidate(5): 2})
+    res, runner = plan_with(cfg, 8_000_000, space, clock, monkeypatch)
+    assert max(t.micro_batch for t in res.trials if t.status == "fit" and not t.checkpointing) == 10
+    assert not any(c.checkpointing for c in runner.ran)
+    skipped = [t for t in res.trials if t.checkpointing and t.status == "pruned"]
+    assert skipped and "cannot pay back" in skipped[0].note

@@ -31,7 +31,7 @@ from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, run_size, split_rates
 from autofit.planning.throughput import RECOMPUTE_SHARE
-from autofit.planning.contest import CLEAR_CONSISTENT, decide, label, run_tokens_per_s, seconds_per_token
+from autofit.planning.contest import CLEAR_CONSISTENT, decide, label, retime, run_tokens_per_s, seconds_per_token
 from autofit.planning.trials import TrialSettings, new_objects_only
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
@@ -276,6 +276,13 @@ def _cannot_pay_back(runner: TrialRunner, levers: Levers, base_levers: list[Leve
         if a is None or b is None:
             continue
         gain = max(1.0, a / b) ** math.log2(est_ck / big.micro_batch)
+        if gain > cost and len(half.step_seconds) <= runner.settings.steps:
+            # a steep curve read from the half's search trial alone: one burst of load on it would
+            # buy a whole recomputing search (3-4 trials at the largest sizes), so the pair is
+            # re-timed once, alternated, before the search is spent (the readings join the contest's)
+            retime(runner, half) and retime(runner, big)
+            a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)
+            gain = max(1.0, a / b) ** math.log2(est_ck / big.micro_batch)
         if gain <= cost:
             return (f"{lv.loss_impl} loss: micro-batch {half.micro_batch} takes {a / b:.2f}x the time per token "
                     f"of {big.micro_batch}, so the estimated {est_ck} with recomputation gains at most {gain:.2f}x, "
