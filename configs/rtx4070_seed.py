@@ -1,7 +1,7 @@
 # The config that started autofit (DESIGN.md, "The problem, in numbers"): nanoGPT-style, ~77M
 # parameters, run on an RTX 4070 (12 GB). As written it runs out of memory in the first backward
 # pass, allocating the logits buffer (16 x 1024 x 50304 x 2 bytes = 1.54 GiB); the whole step
-# needs ~15 GiB against ~11.5 GiB usable.
+# needs ~13.5 GiB (estimated) against ~11.5 GiB usable.
 #
 #   autofit probe --config configs/rtx4070_seed.py --gpu rtx4070-12gb   # estimate, no GPU needed
 #   autofit run --profile rtx4070-12gb --config configs/rtx4070_seed.py  # on the card itself

@@ -133,6 +133,11 @@ GRID = [
     Config(4, 2, 32, 64, 64, 8, mlp="relu2"),
     Config(4, 2, 32, 64, 64, 8, mlp="relu2", checkpointing=1),
     Config(4, 2, 32, 64, 64, 8, mlp="swiglu", checkpointing=1),
+    # bf16 + checkpointing + the chunked loss: autocast's cached weight copies of the checkpointed
+    # blocks through the loss's forward (found on the H200, 2026-12-04; the CPU has them too)
+    Config(4, 2, 64, 64, 1024, 4, dtype="bfloat16", checkpointing=2, loss_impl="chunked", ce_chunk_size=128),
+    Config(4, 2, 64, 64, 1024, 4, dtype="bfloat16", checkpointing=1, loss_impl="chunked", ce_chunk_size=128,
+           logit_softcap=15.0),
 ]
 QUICK = GRID[:1] + GRID[9:12] + GRID[16:17]
 
@@ -205,9 +210,9 @@ def measure(cfg: Config, steps: int = 3, device: str = "cpu") -> int:
     return peak - base
 
 
-def estimate(cfg: Config, device: str = "cpu") -> int:
-    """Estimated peak bytes; on CUDA less the allocator slack (that is for reserved bytes, and the
-    measurement is allocated bytes)."""
+def estimate(cfg: Config, device: str = "cpu") -> tuple[int, str]:
+    """(estimated peak bytes, the phase it is in); on CUDA less the allocator slack (that is for
+    reserved bytes, and the measurement is allocated bytes)."""
     est = estimate_peak(cfg.shape(), cfg.micro_batch, dtype=cfg.dtype, checkpointing=cfg.checkpointing,
                         loss_impl=cfg.loss_impl, device=device, ce_chunk_size=cfg.ce_chunk_size,
                         n_micro=cfg.n_micro, checkpointing_policy=cfg.checkpointing_policy)
@@ -280,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cuda: measure on the GPU (torch.cuda.max_memory_allocated), on CUDA_GRID")
     ap.add_argument("--only-gpu-sized", action="store_true", help="only the rows at block size >= 1024")
     args = ap.parse_args(argv)
+    if args.only_gpu_sized and args.device != "cuda":
+        ap.error("--only-gpu-sized selects CUDA_GRID's rows: it needs --device cuda")
     torch.set_num_threads(2)
     if args.kernel_terms:
         return print_kernel_terms(args.json)

@@ -358,7 +358,8 @@ def test_profiles_add_bad_values_are_one_line(tmp_path, monkeypatch, capsys, cha
 
 @pytest.mark.parametrize("name, memory, ok", [("foo-4gb", "8GiB", False), ("foo-4gb", "4GiB", True),
                                               ("t4x-16gb", "15GiB", True), ("big-141gb", "140.4GiB", True),
-                                              ("tiny-512mb", "2GiB", False)])
+                                              ("tiny-512mb", "2GiB", False), ("x-16gb", "14GiB", True),
+                                              ("x-0gb", "4GiB", False), ("x-1gb", "300MiB", False)])
 def test_profiles_add_refuses_a_name_that_says_another_memory(tmp_path, monkeypatch, capsys, name, memory, ok):
     args = ["profiles", "add", name, "--memory", memory, *GTX1650[5:]]
     code, _, err = cli(monkeypatch, capsys, *args)

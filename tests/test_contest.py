@@ -202,6 +202,23 @@ def test_a_size_over_budget_beyond_the_estimates_bound_is_not_run(monkeypatch):
     assert all(runner.estimate(c) <= bound * runner.budget_bytes for c in runner.ran)
 
 
+def test_the_cuda_bound_holds_only_where_a_gpu_measured_it(monkeypatch):
+    # measured on one H200, eager, with autofit's chunking (torch 2.11): compiled trials and torch's
+    # F.linear_cross_entropy run every size the search picks
+    import autofit.planning.search as search
+
+    class CudaDevice(FakeDevice):
+        class info:  # noqa: N801
+            kind, total_bytes = "cuda", 1 << 40
+    runner = TrialRunner(cfg_for(64), CudaDevice(), 2_500_000, TrialSettings(spill_check=False))
+    assert runner.bound_for(STD.candidate(8)) == ESTIMATE_ERROR_BOUND["cuda"] == 0.10
+    assert runner.bound_for(STD.candidate(8).model_copy(update={"compile": True})) is None
+    monkeypatch.setattr(search, "HAS_TORCH_LCE", True)
+    assert runner.bound_for(CHUNKED.candidate(8)) is None
+    monkeypatch.setattr(search, "HAS_TORCH_LCE", False)
+    assert runner.bound_for(CHUNKED.candidate(8)) == 0.10
+
+
 def test_the_bound_holds_on_the_probes_own_trials():
     """The bound the search prunes by (1 %), checked on real trials of the budgeted CPU device."""
     cfg = load_config(preset="tiny", overrides=["n_layer=2", "n_embd=32", "n_head=2", "block_size=32",

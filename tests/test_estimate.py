@@ -15,7 +15,7 @@ SEED = ModelShape(n_layer=12, n_head=12, n_embd=576, block_size=1024, vocab_size
 
 
 def measured_peak(shape: ModelShape, micro_batch: int, *, checkpointing: int = 0, loss_impl: str = "standard",
-                  ce_chunk_size: int = 4096, steps: int = 2, **model_kw) -> int:
+                  ce_chunk_size: int = 4096, steps: int = 2, dtype: str = "float32", **model_kw) -> int:
     dev = BudgetedCpuDevice(budget_bytes=1 << 40)
     torch.manual_seed(0)
     with dev.tracking():
@@ -28,7 +28,7 @@ def measured_peak(shape: ModelShape, micro_batch: int, *, checkpointing: int = 0
         y = torch.randint(0, shape.vocab_size, (2 * micro_batch, shape.block_size))
         dev.reset_peak()
         for _ in range(steps):
-            train_step(model, opt, x, y, [micro_batch, micro_batch], grad_clip=1.0)
+            train_step(model, opt, x, y, [micro_batch, micro_batch], grad_clip=1.0, dtype=dtype)
         peak = dev.peak_bytes()
     assert peak is not None
     return peak
@@ -57,6 +57,17 @@ def test_cpu_estimate_matches_the_budgeted_device(shape, micro_batch, kw):
     # the bound the search prunes by (issue 18 asks it proven and tight: 1 %, it was 10 %)
     assert abs(est.peak_bytes - meas) <= ESTIMATE_ERROR_BOUND["cpu"] * meas, (est, meas)
 
+
+@pytest.mark.parametrize("checkpointing,cap", [(2, 0.0), (1, 15.0)])  # torch's chunked loss; autofit's
+def test_bf16_checkpointed_chunked_loss_counts_autocasts_cached_weight_copies(checkpointing, cap):
+    # autocast keeps the checkpointed blocks' 16-bit weight copies through the loss's forward: the
+    # H200 found the chunked losses' estimate short by them (5 %), and so was the CPU's (2-5.5 %)
+    shape = ModelShape(4, 2, 64, 64, 1024, logit_softcap=cap)
+    est = estimate_peak(shape, 4, dtype="bfloat16", checkpointing=checkpointing, loss_impl="chunked", device="cpu",
+                        ce_chunk_size=128)
+    meas = measured_peak(shape, 4, checkpointing=checkpointing, loss_impl="chunked", ce_chunk_size=128,
+                         dtype="bfloat16", logit_softcap=cap)
+    assert abs(est.peak_bytes - meas) <= ESTIMATE_ERROR_BOUND["cpu"] * meas, (est.peak_bytes, meas)
 
 @pytest.mark.parametrize("micro_batch", [3, 5, 4])  # 96, 160 and 128 rows in chunks of 64
 def test_soft_capped_chunked_loss_is_walked_chunk_by_chunk(micro_batch):
@@ -151,7 +162,8 @@ def test_max_micro_batch_agrees_with_estimate_peak():
 
 
 def test_seed_case_against_design_numbers():
-    # DESIGN.md: batch 16, bf16, standard loss on a 12 GB RTX 4070 needs about 15 GiB.
+    # DESIGN.md: batch 16, bf16, standard loss does not fit a 12 GB RTX 4070 (DESIGN.md said ~15 GiB;
+    # 13.5 GiB since the H200 measured 10 bytes per logit, not 12)
     std = estimate_peak(SEED, 16, dtype="bfloat16", checkpointing=0, loss_impl="standard", device="cuda")
     assert std.peak_bytes > 12 * GiB
     assert std.phase == "backward start (loss)"
@@ -232,12 +244,13 @@ def test_the_cuda_estimate_meets_the_h200_bench_rows(row, measured, monkeypatch)
     import autofit.planning.loss_head as loss_head
     monkeypatch.setattr(loss_head, "HAS_TORCH_LCE", False)
     run = {"micro_batch": 4, "n_micro": 2, "dtype": "bfloat16", "checkpointing": 0, "loss_impl": "standard"}
+    assert set(row) <= set(run) | set(NANOCHAT) | {"checkpointing_policy"}, row  # no key left unused
     run.update({k: v for k, v in row.items() if k in run or k == "checkpointing_policy"})
     shape = ModelShape(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
                        **{k: v for k, v in row.items() if k in NANOCHAT})
     est = estimate_peak(shape, device="cuda", **run)
     allocated = est.peak_bytes - est.breakdown["allocator_slack"]
-    # every row came out 0.2-0.6 % under (a few MB the estimate does not name); 1 % is the bound
+    # every row came out 0.2-0.8 % under (a few MB the estimate does not name); 1 % is the bound
     assert abs(allocated / measured - 1) < 0.01
 
 

@@ -183,16 +183,18 @@ def _name_memory_mismatch(name: str, memory_bytes: int) -> str | None:
     Names round as vendors do (a 't4-16gb' has 15 GiB, an 'l4-24gb' 22.5 GiB, an 'h200-141gb'
     140.4 GiB): within 10 % of the size in GiB or in GB (decimal) is the same card."""
     import re
-    m = re.search(r"-(\d+(?:\.\d+)?)(gb|mb)$", name)
+
+    from autofit.units import fmt_bytes
+    m = re.search(r"-(\d+)(gb|mb)$", name)
     if m is None or memory_bytes <= 0:
         return None
     said = float(m.group(1)) * (2**30 if m.group(2) == "gb" else 2**20)
     decimal = float(m.group(1)) * (1e9 if m.group(2) == "gb" else 1e6)
-    if min(abs(memory_bytes - said) / said, abs(memory_bytes - decimal) / decimal) <= 0.10:
+    if said > 0 and min(abs(memory_bytes - said) / said, abs(memory_bytes - decimal) / decimal) <= 0.10:
         return None
+    suffix = f"{round(memory_bytes / 2**30)}gb" if memory_bytes >= 2**30 else f"{round(memory_bytes / 2**20)}mb"
     return (f"profile name {name!r} says {m.group(1)} {m.group(2).upper()} but --memory is "
-            f"{memory_bytes / 2**30:.2f} GiB: name it for its memory (model slug, then e.g. "
-            f"{round(memory_bytes / 2**30)}gb) or correct --memory")
+            f"{fmt_bytes(memory_bytes)}: name it for its memory (model slug, then e.g. {suffix}) or correct --memory")
 
 
 def _name_ok(name: str) -> bool:

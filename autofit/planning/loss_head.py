@@ -55,8 +55,8 @@ def chunked_head(N: int, C: int, V: int, amp: bool, blk, ce_chunk_size: int,
         work, prev = max(work, *moments), n
     head_fwd = (2 * VC if amp else 0) + keep + work  # amp: the 16-bit copy of the weight
     # as in the standard head: autocast's cache still holds the checkpointed blocks' 16-bit weight
-    # copies (the H200 measured them: bf16, checkpointing 1 and 2, 16 MB per checkpointed block
-    # of GPT-2 124M short without this term)
+    # copies (found on the H200: 16 MB per checkpointed block of GPT-2 124M short without this term;
+    # the budgeted CPU device shows them too, tests/test_estimate.py::test_bf16_checkpointed_chunked_*)
     wcache = blk.n_ckpt * blk.w16 if amp else 0
     # backward: the saved grads and their scaled copies
     return [("forward (loss)", blocks + blk.ln_f + 4 * N * C + wcache, head_fwd),

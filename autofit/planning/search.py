@@ -25,6 +25,7 @@ from autofit.planning.split import run_size, run_sizes
 from autofit.records import Candidate, TrialRecord
 from autofit.planning.trials import TrialSettings, run_trial
 from autofit.units import fmt_bytes
+from trainer.model.ce import HAS_TORCH_LCE
 
 SPILL_SLOWDOWN = 3.0  # time per token more than 3x the next smaller size's: spilled to host RAM
 # How far the closed-form estimate may be from a trial's measured peak, by device kind, as a share
@@ -35,7 +36,8 @@ SPILL_SLOWDOWN = 3.0  # time per token more than 3x the next smaller size's: spi
 # tests/test_contest.py on the probe's own trials. CUDA: the estimate (with its allocator slack)
 # against the reserved peak of the GPU self-check's trials on an H200 (GPT-2 124M, bf16, standard
 # and chunked loss; docs/gpu-selfcheck.md): from 4.7 % over to 4.3 % under; 10 % is twice that.
-# One card and one torch so far: a wrong skip costs a size that would have fit, not an OOM.
+# One card and one torch so far, eager, one rank, no F.linear_cross_entropy: TrialRunner.bound_for
+# applies it there only. A wrong skip costs a size that would have fit, not an OOM.
 ESTIMATE_ERROR_BOUND = {"cpu": 0.01, "cuda": 0.10}
 
 
@@ -93,8 +95,9 @@ class TrialRunner:
         if cand in self._cache:
             return self._cache[cand]
         est = self.estimate(cand)
-        if self.estimate_bound is not None and est > (1 + self.estimate_bound) * self.budget_bytes:
-            return self._skip(cand, est)
+        bound = self.bound_for(cand)
+        if bound is not None and est > (1 + bound) * self.budget_bytes:
+            return self._skip(cand, est, bound)
         self.log(f"trial: micro-batch {cand.micro_batch}, {cand.dtype}, compile={cand.compile}, "
                  f"checkpointing={ckpt_words(cand)}, loss={cand.loss_impl} (estimated peak {fmt_bytes(est)})")
         r = self._trial(cand, est)
@@ -112,12 +115,23 @@ class TrialRunner:
             raise KeyboardInterrupt
         return r
 
-    def _skip(self, cand: Candidate, est: int) -> TrialRecord:
+    def bound_for(self, cand: Candidate) -> float | None:
+        """The estimate's proven error bound for `cand` on this device (a share of the budget), or
+        None where no measurement backs it and every size is run. CUDA's was measured on one GPU,
+        eager, with the losses torch 2.11 has (docs/gpu-selfcheck.md): not for compiled trials,
+        several ranks, or torch's F.linear_cross_entropy, whose CUDA term is assumed."""
+        if self.kind != "cuda" or self.estimate_bound is None:
+            return self.estimate_bound
+        lce = cand.loss_impl == "chunked" and HAS_TORCH_LCE and self.shape.logit_softcap == 0
+        several = agree.layout(cand.sharded)["world_size"] > 1
+        return None if (lce or cand.compile or several) else self.estimate_bound
+
+    def _skip(self, cand: Candidate, est: int, bound: float) -> TrialRecord:
         """Records `cand` as not run: its estimated peak `est` is over the budget by more than the
         estimate's proven error bound on this device, so its measured peak would be too."""
         r = TrialRecord(**cand.model_dump(), status="pruned", estimated_peak_bytes=est,
                         note=f"not run: estimated peak {fmt_bytes(est)} is over the {fmt_bytes(self.budget_bytes)} "
-                             f"budget by more than the estimate's {self.estimate_bound:.0%} error bound on this "
+                             f"budget by more than the estimate's {bound:.0%} error bound on this "
                              f"device (docs/estimator.md; tests/test_estimate.py)")
         self.log(f"skipped: micro-batch {cand.micro_batch}, checkpointing={ckpt_words(cand)}, "
                  f"loss={cand.loss_impl}: {r.note}")
