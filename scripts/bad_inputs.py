@@ -405,6 +405,7 @@ def continued(t: Path) -> str:
 ROWS: list[Row] = [
     # configs: files and keys
     Row("config file missing", ["config", "--config", "missing.py"]),
+    Row("muon_lr with adamw", ["config", "--set", "muon_lr=0.01"], by="session 2026-12-04"),
     Row("config is a directory", ["config", "--config", "{t}"], by="confdata"),
     Row("config with a function call", ["config", "--config", "evil.py"], write("evil.py", "import os\nbatch_size = 4\n"),
         absent("pwned")),
@@ -513,6 +514,8 @@ ROWS: list[Row] = [
     Row("profiles add negative TFLOP/s", [*GTX[:7], "--peak-fp16-tflops=-1", *GTX[9:]]),
     Row("profiles add bad memory", [*GTX[:3], "--memory", "lots", *GTX[5:]]),
     Row("profiles add bad name", ["profiles", "add", "my card", *GTX[3:]]),
+    Row("profiles add name says another memory", [*GTX[:3], "--memory", "8GiB", *GTX[5:]], by="session 2026-12-04"),
+    Row("profiles add 0gb name", ["profiles", "add", "x-0gb", *GTX[3:]], by="session 2026-12-04"),
     Row("probe --gpu a CPU profile", ["probe", "--gpu", "cpu-64mb"],
         write(PROFILE_64, 'schema_version = 1\nname = "cpu-64mb"\n[hardware]\nkind = "cpu"\n')),
     Row("probe --gpu an incomplete user GPU", ["probe", "--gpu", "gtx1650-4gb"],
