@@ -29,6 +29,11 @@ For each case (a model shape and a CPU budget, on the budgeted CPU device, fp32,
 
     .venv/bin/python scripts/bench_plan_quality.py [--quick] [--small] [--peer-python /tmp/venv/bin/python] [--json F]
 
+Repeat stability alone (no grid, no peers): N fresh-process probes of one case, and with
+--probe-env a second arm alternated with the first, e.g. the glibc lead of docs/planner-benchmark.md:
+
+    .venv/bin/python scripts/bench_plan_quality.py --stability 10 --case tiny --probe-env MALLOC_TRIM_THRESHOLD_=1073741824
+
 Nothing asserts on time: it prints tables. The machine's load average is printed with them.
 """
 from __future__ import annotations
@@ -114,12 +119,13 @@ def steps_started(trials) -> int:
     return sum(t.steps_run + (1 if t.status in ("oom", "error") else 0) for t in trials if t.status != "pruned")
 
 
-def probe_once(case: Case, standard_only: bool) -> dict:
+def probe_once(case: Case, standard_only: bool, env: dict[str, str] | None = None) -> dict:
     """One probe in a fresh process, as `autofit probe` runs (and as the peers run): its first
     trial pays the process's first-use costs, as a user's does. Its wall time counts
-    probe_measured only, not the imports (the peers' imports are not counted either)."""
+    probe_measured only, not the imports (the peers' imports are not counted either). `env`:
+    variables added to the probe process's environment (--stability's second arm)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case.name] + (["--standard-only"] if standard_only else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise SystemExit(f"probe of {case.name} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     d = json.loads(r.stdout.strip().splitlines()[-1])
@@ -323,12 +329,39 @@ def report(c: dict) -> None:
         print(f"\npeers: {peers['error']}")
 
 
+def stability(case: Case, n: int, env: dict[str, str], standard_only: bool) -> None:
+    """`n` fresh-process probes of `case` (no grid: cheap), each arm in turn when `env` is given
+    (the default environment, then with `env`), and how often each arm chose each plan: the
+    probe's repeat stability, and an A/B test of what the process's environment does to it."""
+    arms = [("default", {})] + ([(" ".join(f"{k}={v}" for k, v in env.items()), env)] if env else [])
+    seen: dict[str, dict[str, list[float]]] = {a: {} for a, _ in arms}
+    for i in range(n):
+        for arm, extra in arms:
+            d = probe_once(case, standard_only, extra)
+            pl = d["plan"]
+            key = f"{pl.loss_impl} ckpt{pl.checkpointing} {pl.split}"
+            seen[arm].setdefault(key, []).append(d["seconds"])
+            progress(f"{case.name}: [{arm}] probe {i + 1}: {key}, {d['seconds']:.1f} s")
+    print(f"\n### {case.name}: {n} fresh-process probes per arm ({load()})\n")
+    print("| environment | plan | chosen | probe seconds |")
+    print("|---|---|---:|---|")
+    for arm, plans in seen.items():
+        for key, secs in sorted(plans.items(), key=lambda kv: -len(kv[1])):
+            print(f"| {arm} | {key} | {len(secs)} of {n} | {min(secs):.1f}-{max(secs):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the first case only")
     ap.add_argument("--small", action="store_true", help="the small shapes (SMALL_CASES) instead")
     ap.add_argument("--peer-python", help="python of a throwaway venv with lightning and accelerate")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--stability", type=int, metavar="N",
+                    help="only N fresh-process probes of one case (--case), no grid, no peers")
+    ap.add_argument("--case", help="the case's name or its start, for --stability (default: the first)")
+    ap.add_argument("--probe-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --stability: a second arm of probes with this in their environment (repeatable)")
+    ap.add_argument("--standard-only-probes", action="store_true", help="with --stability: standard loss only")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one probe of this case, in this process
     ap.add_argument("--standard-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -336,8 +369,17 @@ def main() -> None:
         child(args.child, args.standard_only)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load()}")
-    results = []
     cases = SMALL_CASES if args.small else CASES
+    if args.stability:
+        matching = [c for c in CASES + SMALL_CASES if c.name.startswith(args.case or "")] if args.case else cases
+        bad = [e for e in args.probe_env if "=" not in e]
+        if not matching or bad or args.stability < 1:
+            ap.error(f"--case {args.case!r} names no case" if not matching else
+                     f"--probe-env takes KEY=VALUE, not {bad[0]!r}" if bad else "--stability takes N >= 1")
+        env = dict(e.split("=", 1) for e in args.probe_env)
+        stability(matching[0], args.stability, env, args.standard_only_probes)
+        return
+    results = []
     for case in cases[:1] if args.quick else cases:
         c = run_case(case, args.peer_python)
         report(c)
