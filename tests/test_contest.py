@@ -205,7 +205,7 @@ def test_a_size_over_budget_beyond_the_estimates_bound_is_not_run(monkeypatch):
 def test_the_cuda_bound_holds_only_where_a_gpu_measured_it(monkeypatch):
     # measured on one H200, eager, with autofit's chunking (torch 2.11): compiled trials and torch's
     # F.linear_cross_entropy run every size the search picks
-    import autofit.planning.search as search
+    import autofit.planning.loss_head as loss_head
 
     class CudaDevice(FakeDevice):
         class info:  # noqa: N801
@@ -213,9 +213,9 @@ def test_the_cuda_bound_holds_only_where_a_gpu_measured_it(monkeypatch):
     runner = TrialRunner(cfg_for(64), CudaDevice(), 2_500_000, TrialSettings(spill_check=False))
     assert runner.bound_for(STD.candidate(8)) == ESTIMATE_ERROR_BOUND["cuda"] == 0.10
     assert runner.bound_for(STD.candidate(8).model_copy(update={"compile": True})) is None
-    monkeypatch.setattr(search, "HAS_TORCH_LCE", True)
+    monkeypatch.setattr(loss_head, "HAS_TORCH_LCE", True)
     assert runner.bound_for(CHUNKED.candidate(8)) is None
-    monkeypatch.setattr(search, "HAS_TORCH_LCE", False)
+    monkeypatch.setattr(loss_head, "HAS_TORCH_LCE", False)
     assert runner.bound_for(CHUNKED.candidate(8)) == 0.10
 
 

@@ -63,6 +63,12 @@ def chunked_head(N: int, C: int, V: int, amp: bool, blk, ce_chunk_size: int,
             ("backward start (loss)", blocks + blk.ln_f, 2 * keep)]
 
 
+def uses_torch_lce(shape, loss_impl: str) -> bool:
+    """Whether `loss_impl` runs as torch's fused F.linear_cross_entropy (torch >= 2.13, no logit
+    soft-cap: trainer.model.ce.lm_loss's rule), whose memory was not yet measured on a GPU."""
+    return loss_impl == "chunked" and shape.logit_softcap == 0 and HAS_TORCH_LCE
+
+
 def head_phases(shape, N: int, amp: bool, blk, loss_impl: str, cuda: bool,
           ce_chunk_size: int) -> list[tuple[str, int, int]]:
     """The loss head's phases as trainer.model.ce.lm_loss runs it: standard (+ the soft-cap's
@@ -70,7 +76,7 @@ def head_phases(shape, N: int, amp: bool, blk, loss_impl: str, cuda: bool,
     C, V = shape.n_embd, shape.vocab_size
     if loss_impl == "standard":
         head, extra = standard_head(N, C, V, amp, blk, cuda), arch.softcap_head_extra(shape, N, amp)
-    elif shape.logit_softcap == 0 and HAS_TORCH_LCE:
+    elif uses_torch_lce(shape, loss_impl):
         head, extra = torch_lce_head(N, C, V, blk, cuda, ce_chunk_size, amp), (0, 0)
     else:
         head, extra = chunked_head(N, C, V, amp, blk, ce_chunk_size, shape.logit_softcap > 0), (0, 0)

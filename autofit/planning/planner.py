@@ -280,7 +280,8 @@ def _cannot_pay_back(runner: TrialRunner, levers: Levers, base_levers: list[Leve
             # a steep curve read from the half's search trial alone: one burst of load on it would
             # buy a whole recomputing search (3-4 trials at the largest sizes), so the pair is
             # re-timed once, alternated, before the search is spent (the readings join the contest's)
-            retime(runner, half) and retime(runner, big)
+            if retime(runner, half):
+                retime(runner, big)
             a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)
             gain = max(1.0, a / b) ** math.log2(est_ck / big.micro_batch)
         if gain <= cost:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import platform
 from typing import Callable
 
-from autofit.planning import agree
+from autofit.planning import agree, loss_head
 from autofit.planning.candidates import Levers, ckpt_words
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.planning.split import run_size, run_sizes
 from autofit.records import Candidate, TrialRecord
 from autofit.planning.trials import TrialSettings, run_trial
 from autofit.units import fmt_bytes
-from trainer.model.ce import HAS_TORCH_LCE
 
 SPILL_SLOWDOWN = 3.0  # time per token more than 3x the next smaller size's: spilled to host RAM
 # How far the closed-form estimate may be from a trial's measured peak, by device kind, as a share
@@ -122,7 +121,7 @@ class TrialRunner:
         several ranks, or torch's F.linear_cross_entropy, whose CUDA term is assumed."""
         if self.kind != "cuda" or self.estimate_bound is None:
             return self.estimate_bound
-        lce = cand.loss_impl == "chunked" and HAS_TORCH_LCE and self.shape.logit_softcap == 0
+        lce = loss_head.uses_torch_lce(self.shape, cand.loss_impl)
         several = agree.layout(cand.sharded)["world_size"] > 1
         return None if (lce or cand.compile or several) else self.estimate_bound
 
