@@ -29,9 +29,9 @@ from autofit.planning.candidates import Levers, PlanError, Space, lever_combos
 from autofit.planning.estimate import estimate_peak, max_micro_batch
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
-from autofit.planning.split import choose_split, run_size, split_rates
+from autofit.planning.split import choose_split, run_size, run_sizes, split_rates
 from autofit.planning.throughput import RECOMPUTE_SHARE
-from autofit.planning.contest import CLEAR_CONSISTENT, decide, label, retime, run_tokens_per_s, seconds_per_token
+from autofit.planning.contest import CLEAR, CLEAR_CONSISTENT, decide, label, retime, run_tokens_per_s, seconds_per_token
 from autofit.planning.trials import TrialSettings, new_objects_only
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
@@ -153,25 +153,39 @@ SMALLER_CLEAR = CLEAR_CONSISTENT
 
 
 def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[TrialRecord]:
-    """The contenders of one combination: its largest fit and half of it. Where the rate is flat
-    or falls with the micro-batch (a compute-bound device; the chunked loss slowing as its chunk
-    grows), the smaller size is as fast with more headroom, and the contest says so. A half size
-    more than SMALLER_CLEAR slower than the largest already in its search readings is dropped
-    before any re-timing: wrongly dropped (a burst of load in its trial), it costs headroom only."""
+    """The contenders of one combination: its largest fit and half of it, and where the half is
+    not clearly slower (within CLEAR of the largest's time per token), the run size between them.
+    Where the rate is flat or falls with the micro-batch (a compute-bound device; the chunked loss
+    slowing as its chunk grows), the smaller size is as fast with more headroom, and the contest
+    says so; and a flat pair of readings may hide a peak between them: on this CPU (L4 C128 T128
+    V4096, chunked loss) micro-batch 11 ran 4 % faster per token than both 8 and 16, which were
+    within 1 % of each other (docs/planner-benchmark.md, fifth pass). A half size more than
+    SMALLER_CLEAR slower than the largest already in its search readings is dropped before any
+    re-timing: wrongly dropped (a burst of load in its trial), it costs headroom only."""
     if largest == 0:
         return []
     sizes = sorted({largest, run_size(runner.rank_batch, max(1, largest // 2))}, reverse=True)
     out = [r for r in (runner.run(levers.candidate(m)) for m in sizes) if r.status == "fit"]
-    if len(out) == 2:
-        big, small = out
-        cpu = runner.kind == "cpu"
-        ratio = seconds_per_token(small, cpu) / seconds_per_token(big, cpu)
-        if ratio > 1 + SMALLER_CLEAR:
-            # the rate rises steeply here, so the smaller size is not a faster plan; if a burst of
-            # load made it look so, the loss is headroom only (the larger size is as fast)
-            runner.log(f"contest: {label(small)} not re-timed: its readings take {ratio:.2f}x the time per token "
-                       f"of micro-batch {big.micro_batch} with the same levers (out past {1 + SMALLER_CLEAR:.2f}x)")
-            return [big]
+    if len(out) != 2:
+        return out
+    big, small = out
+    cpu = runner.kind == "cpu"
+    ratio = seconds_per_token(small, cpu) / seconds_per_token(big, cpu)
+    if ratio > 1 + SMALLER_CLEAR:
+        # the rate rises steeply here, so the smaller size is not a faster plan; if a burst of
+        # load made it look so, the loss is headroom only (the larger size is as fast)
+        runner.log(f"contest: {label(small)} not re-timed: its readings take {ratio:.2f}x the time per token "
+                   f"of micro-batch {big.micro_batch} with the same levers (out past {1 + SMALLER_CLEAR:.2f}x)")
+        return [big]
+    between = [m for m in run_sizes(runner.rank_batch) if small.micro_batch < m < big.micro_batch]
+    if ratio <= 1 + CLEAR and between:
+        # the run size nearest the pair's geometric mean: 11 between 8 and 16 at 32 sequences
+        mid = min(between, key=lambda m: abs(math.log(m * m / (small.micro_batch * big.micro_batch))))
+        runner.log(f"contest: micro-batch {small.micro_batch} is within {CLEAR:.0%} of {big.micro_batch}'s time "
+                   f"per token ({ratio:.2f}x): the rate may peak between them, so {mid} is timed too")
+        r = runner.run(levers.candidate(mid))
+        if r.status == "fit":
+            out.insert(1, r)
     return out
 
 
