@@ -53,7 +53,9 @@ class Row:
     stdout: str = ""  # 'full': stdout is /dev/full; 'closed': the command starts with fd 1 closed (`>&-`)
     ok: bool = False  # a valid input people really have: it must succeed (exit 0, no traceback)
     # timing-dependent by nature (a rank killed mid-run): one retry, the first attempt reported
-    # beside it ("flaky"), so a rare race shows without blocking the sweep
+    # beside it ("flaky"), so a rare race shows without blocking the sweep. The killed-rank row's
+    # one race so far: torchrun's SIGTERM reached rank 0 before it saw its peer gone, and rank 0
+    # said its stop notice beside the launcher's line (fixed: trainer.interrupt.reported_by_launcher)
     racy: bool = False
 
 

@@ -125,6 +125,26 @@ def test_ctrl_c_while_the_cli_loads_is_one_line_and_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "autofit: interrupted while starting; nothing was done\n"
 
 
+def test_a_rank_of_autofits_launcher_leaves_sigterm_to_the_launcher(capfd, monkeypatch):
+    """Under `autofit run --nproc-per-node` a rank's SIGTERM comes from torchrun: after another rank
+    died (a SIGKILL by the OOM killer: the launcher names it) or passing on the launcher's own stop
+    (which it reports). Rank 0 then said 'stopping at the next step boundary, then saving a
+    checkpoint' for a step that could not finish: a second line beside the cause, found by the
+    bad-input sweep's killed-rank row under load. Its Ctrl-C is still acknowledged at once."""
+    from trainer.interrupt import LAUNCHER_ENV, STOP_NOTICE, StopFlag, reported_by_launcher
+    monkeypatch.setenv(LAUNCHER_ENV, "1")
+    with StopFlag(STOP_NOTICE, silent=reported_by_launcher()) as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.signal == signal.SIGTERM and capfd.readouterr().err == ""
+    with StopFlag(STOP_NOTICE, silent=reported_by_launcher()) as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+    assert capfd.readouterr().err == STOP_NOTICE + "\n"
+    monkeypatch.delenv(LAUNCHER_ENV)  # a torchrun the user started, or one process: said
+    with StopFlag(STOP_NOTICE, silent=reported_by_launcher()) as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert capfd.readouterr().err == STOP_NOTICE + "\n"
+
+
 def test_the_first_signal_is_acknowledged_at_once_and_a_second_stops_now(capfd):
     """A probe's trial or an evaluation can run minutes after Ctrl-C: the first signal says at once
     that it was heard and what comes next (one line on stderr), the second raises."""

@@ -3,21 +3,35 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from typing import Any, Collection
 
 
 # what training says at the first Ctrl-C/SIGTERM (an evaluation in flight ends at its next batch)
 STOP_NOTICE = "autofit: stopping at the next step boundary, then saving a checkpoint (Ctrl-C again to stop now)"
 
+# Set by a launcher that starts the ranks through torchrun and reports their stops itself
+# (`autofit run --nproc-per-node`, autofit.launch.torchrun.relaunch); its ranks inherit it.
+LAUNCHER_ENV = "AUTOFIT_LAUNCHER"
+
+
+def reported_by_launcher() -> frozenset[int]:
+    """The signals whose stop this process's launcher reports, so a rank says nothing of them:
+    SIGTERM under a launcher that set LAUNCHER_ENV (torchrun sends it after another rank failed,
+    whose line the launcher prints, or passing on the launcher's own stop, which it reports);
+    none otherwise (a Ctrl-C reaches every process of the terminal: rank 0 says it was heard)."""
+    return frozenset({signal.SIGTERM}) if os.environ.get(LAUNCHER_ENV) else frozenset()
+
 
 class StopFlag:
     """Ctrl-C / SIGTERM set a flag; the loop finishes the step, saves a checkpoint and returns."""
 
-    def __init__(self, notice: str | None = None):
+    def __init__(self, notice: str | None = None, silent: Collection[int] = ()):
         """notice: one line written to stderr when the first signal comes, so a user who pressed
-        Ctrl-C during a long trial or evaluation knows it was heard and what happens next."""
+        Ctrl-C during a long trial or evaluation knows it was heard and what happens next; not for
+        the signals in `silent` (reported_by_launcher())."""
         self.signal: int | None = None
         self.notice = notice
+        self.silent = frozenset(silent)
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
@@ -32,7 +46,7 @@ class StopFlag:
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signum
-        if self.notice:  # os.write: a print from a handler can hit a write already under way
+        if self.notice and signum not in self.silent:  # os.write: a print from a handler can hit a write already under way
             try:
                 os.write(2, (self.notice + "\n").encode("utf-8", "replace"))
             except OSError:  # a closed stderr: the stop itself still happens

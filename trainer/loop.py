@@ -3,15 +3,14 @@ checkpoint. Two things a launcher needs are built in: torch.compile switched on 
 and recovery from an out-of-memory error by redoing the same optimizer step with smaller
 micro-batches (the policy is trainer.recovery's).
 
-The loop takes its plan (micro-batch sizes, when to compile, how to shrink) from RunOptions
-(trainer.options); it knows nothing of how the plan was found. Around it: trainer.checkpoint.ckpt (I/O), trainer.metrics
-(metrics.jsonl and the progress display), trainer.evaluate, trainer.data.batches (host batches, one
-step ahead), trainer.schedule (the LR schedule).
+The loop takes its plan (micro-batch sizes, when to compile, how to shrink) from RunOptions; it
+knows nothing of how the plan was found. Around it: trainer.checkpoint.ckpt, trainer.metrics
+(metrics.jsonl, progress), trainer.evaluate, trainer.data.batches, trainer.schedule.
 
 Host syncs: the step's loss, gradient norm and fp16 skip flag stay on the device; the loop reads
 them (one sync) only on the steps it logs and before a checkpoint, and stops with a TrainError
-naming the first step whose loss was not finite, before anything of it is saved. A step's time is
-the device's (trainer.clock: CUDA events around the step), read on those same logged steps.
+naming the first step whose loss was not finite, before anything of it is saved. A step's time
+(trainer.clock: CUDA events around it on a GPU) is read on those same logged steps.
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ from trainer.config.train_config import TrainConfig
 from trainer.data.datasets import BatchSampler, load_dataset
 from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
-from trainer.interrupt import STOP_NOTICE, StopFlag
+from trainer.interrupt import STOP_NOTICE, StopFlag, reported_by_launcher
 from trainer.model.losses import SCALER_SKIP_REPORT, read_losses
 from trainer.meter import default_meter
 from trainer.metrics import MetricsLog, Progress, describe_event, describe_step, open_sinks
@@ -147,7 +146,8 @@ class Trainer:
             self.metrics.sinks += open_sinks(cfg, progress.print)
         self._write_run_record()
         try:
-            with self.meter.tracking(), StopFlag(STOP_NOTICE if self.master else None) as stop, progress:
+            with self.meter.tracking(), StopFlag(STOP_NOTICE if self.master else None,
+                                                 silent=reported_by_launcher()) as stop, progress:
                 self.group.watch(stop)
                 self.evaluator.stop, self.evaluator.say = (lambda: self.group.stop_now(stop)), progress.print
                 self._say_opening()

@@ -22,8 +22,10 @@ from typing import Iterator
 from autofit import interrupts
 from autofit.devices.info import DeviceError
 from autofit.devices.ranks import ranks, under_torchrun
+from trainer.interrupt import LAUNCHER_ENV
 
-LAUNCHED_ENV = "AUTOFIT_LAUNCHER"  # set by relaunch() for its ranks: their error lines go back to it
+# set by relaunch() for its ranks: their error lines go back to it, and their SIGTERM is its to say
+LAUNCHED_ENV = LAUNCHER_ENV
 
 
 def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
