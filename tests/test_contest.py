@@ -13,6 +13,7 @@ from autofit.planning import planner
 from autofit.planning.budget import compute_budget
 from autofit.planning.candidates import Levers, Space
 from autofit.planning.search import ESTIMATE_ERROR_BOUND, TrialRunner
+from autofit.planning.split import run_sizes
 from autofit.planning.trials import TrialSettings, trial_split
 from autofit.records import TrialRecord
 from trainer.config.train_config import load_config
@@ -159,23 +160,35 @@ def test_a_flat_or_falling_rate_curve_picks_the_smaller_size(curve, monkeypatch)
     assert runs and res.plan.tokens_per_s == runs[0].tokens_per_s
 
 
-def test_a_rate_that_peaks_between_the_half_and_the_largest_size_is_found(monkeypatch):
-    """The half size within CLEAR of the largest fit's time per token (a flat pair) may hide a
-    peak between them (on this CPU, chunked 11 ran 4 % faster than 8 and 16): the run size
+def test_a_rate_that_peaks_beside_a_flat_pair_is_found(monkeypatch):
+    """The half size within TIE_MAX of the largest fit's time per token (a flat pair) can hide a
+    faster size beside it (on this CPU, chunked 11 ran 4 % faster than 8 and 16): the run size
     nearest their geometric mean is timed too, and wins where it is clearly faster."""
     cfg = cfg_for(64)
     space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
     logs = []
     true_cost = lambda c: 1.0 + 0.15 * abs(math.log2(c.micro_batch / 7))  # noqa: E731 - best at 7
-    # the pair's readings decide whether the size between is timed: a quiet machine here (a burst
-    # on the half's two search steps would leave it out, costing that probe the peak, not a wrong fit)
-    runner = FakeRunner(cfg, 2_500_000, Clock(true_cost, seed=3, p=0.0, jitter=0.03), monkeypatch)
+    # the pair's readings decide whether a third size is timed: a quiet machine here (a burst on
+    # the half's two search steps would leave it out, costing that probe the peak, not a wrong fit)
+    runner = FakeRunner(cfg, 2_500_000, Clock(true_cost, seed=3, p=0.0, jitter=0.01), monkeypatch)
     runner.log = logs.append
     res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=2_500_000), space)
-    assert [c.micro_batch for c in runner.ran][:2] == [11, 5]  # the largest fit, its half (5 / 11: 0.98x)
-    assert 7 in [c.micro_batch for c in runner.ran]  # the run size nearest sqrt(5 x 11)
-    assert max(res.plan.micro_batches) == 7 and any("may peak between them, so 7 is timed" in m for m in logs)
+    assert [c.micro_batch for c in runner.ran] == [11, 5, 7]  # the largest fit, its half (0.98x), sqrt(5 x 11)
+    assert max(res.plan.micro_batches) == 7 and any("a flat pair, so 7 is timed too" in m for m in logs)
     assert "micro-batch 7, not the largest fit 11" in res.plan.reason
+    # a half clearly slower (8 %, beyond TIE_MAX) is no flat pair: no third size, the largest wins
+    runner = FakeRunner(cfg, 2_500_000, Clock(lambda c: 1.0 if c.micro_batch == 11 else 1.08, p=0.0, jitter=0.01),
+                        monkeypatch)
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=2_500_000), space)
+    assert [c.micro_batch for c in runner.ran] == [11, 5] and max(res.plan.micro_batches) == 11
+
+
+def test_the_third_size_is_between_the_pair_else_below_the_half():
+    at32 = run_sizes(32)  # 1-8, 11, 16, 32
+    assert planner._third_size(at32, 8, 16) == 11  # between: nearest sqrt(8 x 16) = 11.3
+    assert planner._third_size(at32, 5, 11) == 7  # sqrt(55) = 7.4
+    assert planner._third_size(at32, 16, 32) == 11  # none between: nearest 16 / sqrt(2) below 16
+    assert planner._third_size([1, 2], 1, 2) is None
 
 
 def test_a_rising_rate_curve_keeps_the_largest_size(monkeypatch):

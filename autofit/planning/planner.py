@@ -32,7 +32,7 @@ from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, run_size, run_sizes, split_rates
 from autofit.planning.throughput import RECOMPUTE_SHARE
-from autofit.planning.contest import CLEAR, CLEAR_CONSISTENT, decide, label, retime, run_tokens_per_s, seconds_per_token
+from autofit.planning.contest import TIE_MAX, CLEAR_CONSISTENT, decide, label, retime, run_tokens_per_s, seconds_per_token
 from autofit.planning.trials import TrialSettings, new_objects_only
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
@@ -154,15 +154,18 @@ SMALLER_CLEAR = CLEAR_CONSISTENT
 
 
 def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[TrialRecord]:
-    """The contenders of one combination: its largest fit and half of it, and where the half is
-    not clearly slower (within CLEAR of the largest's time per token), the run size between them.
-    Where the rate is flat or falls with the micro-batch (a compute-bound device; the chunked loss
-    slowing as its chunk grows), the smaller size is as fast with more headroom, and the contest
-    says so; and a flat pair of readings may hide a peak between them: on this CPU (L4 C128 T128
-    V4096, chunked loss) micro-batch 11 ran 4 % faster per token than both 8 and 16, which were
-    within 1 % of each other (docs/planner-benchmark.md, fifth pass). A half size more than
-    SMALLER_CLEAR slower than the largest already in its search readings is dropped before any
-    re-timing: wrongly dropped (a burst of load in its trial), it costs headroom only."""
+    """The contenders of one combination: its largest fit and half of it, and where those two read
+    alike (the half within TIE_MAX of the largest's time per token), one run size more. Where the
+    rate is flat or falls with the micro-batch (a compute-bound device; the chunked loss slowing
+    as its chunk grows), the smaller size is as fast with more headroom, and the contest says so.
+    A flat pair can hide a better size beside it, on this CPU by 4-5 % (docs/planner-benchmark.md,
+    fifth pass): so the run size nearest the pair's geometric mean is timed (chunked 11 beat 8
+    and 16 on L4 C128 T128 V4096), or, with none between them, the one nearest half / sqrt(2)
+    below the half (chunked 11 beat 16 and 32 on L2 C128 T64 V8192). Only for a pair within
+    TIE_MAX: a third size near a size clearly faster than it would only add a contender that
+    noise can tie with the leader, and a tie goes to headroom. A half size more than SMALLER_CLEAR
+    slower than the largest already in its search readings is dropped before any re-timing:
+    wrongly dropped (a burst of load in its trial), it costs headroom only."""
     if largest == 0:
         return []
     sizes = sorted({largest, run_size(runner.rank_batch, max(1, largest // 2))}, reverse=True)
@@ -178,16 +181,22 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
         runner.log(f"contest: {label(small)} not re-timed: its readings take {ratio:.2f}x the time per token "
                    f"of micro-batch {big.micro_batch} with the same levers (out past {1 + SMALLER_CLEAR:.2f}x)")
         return [big]
-    between = [m for m in run_sizes(runner.rank_batch) if small.micro_batch < m < big.micro_batch]
-    if ratio <= 1 + CLEAR and between:
-        # the run size nearest the pair's geometric mean: 11 between 8 and 16 at 32 sequences
-        mid = min(between, key=lambda m: abs(math.log(m * m / (small.micro_batch * big.micro_batch))))
-        runner.log(f"contest: micro-batch {small.micro_batch} is within {CLEAR:.0%} of {big.micro_batch}'s time "
-                   f"per token ({ratio:.2f}x): the rate may peak between them, so {mid} is timed too")
-        r = runner.run(levers.candidate(mid))
+    third = _third_size(run_sizes(runner.rank_batch), small.micro_batch, big.micro_batch)
+    if ratio <= 1 + TIE_MAX and third is not None:
+        runner.log(f"contest: micro-batch {small.micro_batch} reads within {TIE_MAX:.0%} of {big.micro_batch}'s time "
+                   f"per token ({ratio:.2f}x): a flat pair, so {third} is timed too")
+        r = runner.run(levers.candidate(third))
         if r.status == "fit":
-            out.insert(1, r)
+            out.append(r)
     return out
+
+
+def _third_size(sizes: list[int], small: int, big: int) -> int | None:
+    """The run size (of `sizes`) nearest the geometric mean of `small` and `big`, or where none is
+    between them, nearest small / sqrt(2) below `small`; None where neither exists."""
+    between = [m for m in sizes if small < m < big]
+    pool, target = (between, math.sqrt(small * big)) if between else ([m for m in sizes if m < small], small / math.sqrt(2))
+    return min(pool, key=lambda m: abs(math.log(m / target))) if pool else None
 
 
 def _smaller_why(runner: TrialRunner, chosen: TrialRecord) -> str:
