@@ -22,8 +22,12 @@ def _interrupted(tmp_path, args, sig=signal.SIGINT):
     """Runs `autofit ARGS` with the probe held, sends `sig` once it waits; (exit code, stderr lines
     after the wait, stdout)."""
     env = {**os.environ, "AUTOFIT_HOME": str(tmp_path / "home"), "AUTOFIT_FAULT_PROBE_WAIT": "1"}
+    # SIGINT as a terminal's Ctrl-C finds it: a suite started as a background job of a shell
+    # (`pytest ... &`) inherits SIGINT ignored, and so would the command, whose Python then never
+    # raises KeyboardInterrupt (the three Ctrl-C tests here hung to their timeout that way)
     proc = subprocess.Popen([sys.executable, "-m", "autofit", *args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         before = []
         for line in proc.stderr:  # blocks until the probe says it waits (or the process ends)
