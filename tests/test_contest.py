@@ -183,6 +183,23 @@ def test_a_rate_that_peaks_beside_a_flat_pair_is_found(monkeypatch):
     assert [c.micro_batch for c in runner.ran] == [11, 5] and max(res.plan.micro_batches) == 11
 
 
+def test_a_third_size_that_only_ties_does_not_win_by_its_headroom(monkeypatch):
+    """A size timed only to look beside a flat pair wins only when clearly faster: tied with the
+    others, the pair's own tie rule decides (on the tiny preset a third size 7, 10-12 % slower on
+    the grid, read tied with 11 in some processes and won by its headroom at 0.88-0.91)."""
+    cfg = cfg_for(64)
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    logs = []
+    # 11 fastest, 7 tied with it (1 %), the half 5 clearly slower than both but within TIE_MAX of 11
+    cost = {11: 1.0, 7: 1.01, 5: 1.045}
+    runner = FakeRunner(cfg, 2_500_000, Clock(lambda c: cost[c.micro_batch], p=0.0, jitter=0.002), monkeypatch)
+    runner.log = logs.append
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=2_500_000), space)
+    assert [c.micro_batch for c in runner.ran] == [11, 5, 7]
+    assert max(res.plan.micro_batches) == 11  # not 7, though it has more headroom
+    assert any("micro-batch 7" in m and "not on a tie" in m for m in logs)
+
+
 def test_the_third_size_is_between_the_pair_else_below_the_half():
     at32 = run_sizes(32)  # 1-8, 11, 16, 32
     assert planner._third_size(at32, 8, 16) == 11  # between: nearest sqrt(8 x 16) = 11.3

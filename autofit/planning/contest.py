@@ -227,8 +227,14 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
                    f"{max(tie_band(lead, t, cpu) for t in tied):.1%}, the spread of their readings)")
     if own is not None and any(t.candidate() == own.candidate() for t in tied):
         winner = next(t for t in tied if t.candidate() == own.candidate())
-    else:
-        winner = min(tied, key=lambda t: (peak_of(t), t.micro_batch, spt(t)))
+    else:  # a size timed only to look beside a flat pair (runner.thirds) wins only when clearly faster
+        thirds = getattr(runner, "thirds", set())
+        settled = [t for t in tied if t.candidate() not in thirds] or tied
+        for t in tied:
+            if t not in settled:
+                runner.log(f"contest: {label(t)} tied, but it was timed only to look beside a flat pair: "
+                           f"it wins when clearly faster, not on a tie")
+        winner = min(settled, key=lambda t: (peak_of(t), t.micro_batch, spt(t)))
     return Decision(winner=winner, why=_why(winner, alive, tied, done + rounds, len(seen), cpu, own),
                     rounds=done + rounds, tied=tied, n=len(seen), seen=seen)
 

@@ -162,8 +162,9 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
     fifth pass): so the run size nearest the pair's geometric mean is timed (chunked 11 beat 8
     and 16 on L4 C128 T128 V4096), or, with none between them, the one nearest half / sqrt(2)
     below the half (chunked 11 beat 16 and 32 on L2 C128 T64 V8192). Only for a pair within
-    TIE_MAX: a third size near a size clearly faster than it would only add a contender that
-    noise can tie with the leader, and a tie goes to headroom. A half size more than SMALLER_CLEAR
+    TIE_MAX, and it wins only when clearly faster than every other contender, never a tie
+    (runner.thirds, autofit.planning.contest.decide): on the tiny preset a third size 7, 10-12 %
+    slower on the grid, read tied with 11 in some processes and won by its headroom (0.88-0.91). A half size more than SMALLER_CLEAR
     slower than the largest already in its search readings is dropped before any re-timing:
     wrongly dropped (a burst of load in its trial), it costs headroom only."""
     if largest == 0:
@@ -187,6 +188,7 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
                    f"per token ({ratio:.2f}x): a flat pair, so {third} is timed too")
         r = runner.run(levers.candidate(third))
         if r.status == "fit":
+            runner.thirds.add(r.candidate())
             out.append(r)
     return out
 

@@ -74,6 +74,9 @@ class TrialRunner:
         self.estimate_bound = ESTIMATE_ERROR_BOUND.get(self.kind)
         self.trials: list[TrialRecord] = []
         self._cache: dict[Candidate, TrialRecord] = {}
+        # sizes timed only to look beside a flat pair (autofit.planning.planner._sizes_to_time):
+        # the contest lets one win when clearly faster, never on a tie
+        self.thirds: set[Candidate] = set()
         # with several ranks (torchrun), each rank's share of the effective batch
         self.rank_batch = agree.rank_batch(cfg)
         # only rank 0 speaks and reports records; every rank runs the same trials (autofit.planning.agree)
