@@ -4,8 +4,8 @@ peak fits the budget; the effective batch (sequences per optimizer step) is kept
 The measured probe (probe_measured), step by step:
 1. for each lever combination (dtype x activation checkpointing x loss implementation), the largest
    eager micro-batch that fits (autofit.planning.search.MicroBatchSearch), half of it, and where
-   those two read alike, the run size between them: all are contenders (the rate can be flat,
-   fall, or peak between them in the micro-batch);
+   those two read alike, a third size beside them: all are contenders (the rate can be flat,
+   fall, or peak beside a flat pair in the micro-batch);
 2. before the first recomputing combination, the contenders so far are decided (autofit.planning.
    contest); a recomputing combination is skipped when the combinations without it already hold the
    whole batch, the estimate promises no larger size, or their measured rate rises too slowly in
