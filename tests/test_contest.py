@@ -91,7 +91,7 @@ def plan_with(cfg, budget_bytes, space, clock, monkeypatch):
 
 def contest_runner(cfg, clock, monkeypatch):
     runner = SimpleNamespace(cfg=cfg, device=None, rank_batch=cfg.effective_batch, budget_bytes=1 << 40,
-                             settings=TrialSettings(), kind="cpu", log=lambda s: None)
+                             settings=TrialSettings(), kind="cpu", log=lambda s: None, thirds=set())
 
     def retime_trial(cfg, cand, device, *, rank_batch, budget_bytes, settings, **kw):
         return clock.record(cfg, cand, rank_batch, settings.steps - cand.compile, 1000 * cand.micro_batch)

@@ -228,8 +228,7 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     if own is not None and any(t.candidate() == own.candidate() for t in tied):
         winner = next(t for t in tied if t.candidate() == own.candidate())
     else:  # a size timed only to look beside a flat pair (runner.thirds) wins only when clearly faster
-        thirds = getattr(runner, "thirds", set())
-        settled = [t for t in tied if t.candidate() not in thirds] or tied
+        settled = [t for t in tied if t.candidate() not in runner.thirds] or tied
         for t in tied:
             if t not in settled:
                 runner.log(f"contest: {label(t)} tied, but it was timed only to look beside a flat pair: "
