@@ -438,3 +438,32 @@ def test_a_burst_on_the_half_size_does_not_buy_a_recomputing_search(monkeypatch)
     assert not any(c.checkpointing for c in runner.ran)
     skipped = [t for t in res.trials if t.checkpointing and t.status == "pruned"]
     assert skipped and "cannot pay back" in skipped[0].note
+
+
+def test_the_config_as_written_can_win_with_compile_in_the_space(monkeypatch):
+    """The own split's trial runs after the search; where it wins a tie and compile is in the
+    space, the compiled run is compared with it (its eager twin), which must be among the fits
+    (the fits were once taken before the own trial ran: StopIteration)."""
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                "vocab_size=256", "batch_size=4", "gradient_accumulation_steps=16"])
+    space = Space(dtypes=["float32"], compile=[False, True], checkpointing=[0], loss_impls=["standard"])
+    res, runner = plan_with(cfg, 2_500_000, space, Clock(lambda c: 1.0, p=0.0), monkeypatch)
+    assert any(t.compile and t.micro_batch == 4 for t in runner.trials)  # the compiled twin of the own split ran
+    assert res.plan.micro_batch == 4 and not res.plan.compile  # a tie: compile has to pay for itself
+    assert 4 in res.fit_sizes
+
+
+def test_a_split_size_that_fails_again_is_rebalanced_over_this_ranks_share(monkeypatch):
+    """Under torchrun each rank runs its share of the effective batch (16 of 32 on two ranks):
+    when the balanced split's size does not fit on a re-run, the split below it is of that share,
+    never of the whole effective batch (which would double the gradient accumulation)."""
+    cfg = cfg_for(32)
+    ran = []
+
+    def run(cand):
+        ran.append(cand.micro_batch)
+        return TrialRecord(**cand.model_dump(), status="oom" if cand.micro_batch >= 6 else "fit")
+    runner = SimpleNamespace(cfg=cfg, rank_batch=16, fits=lambda levers: [], run=run)
+    chosen = TrialRecord(**STD.candidate(7).model_dump(), status="fit")
+    split = planner._run_the_split_size(runner, chosen, [6, 5, 5])
+    assert split == [4, 4, 4, 4] and ran == [6, 4]  # 16 in micro-batches of at most 5

@@ -103,6 +103,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
         _nothing_fits(cfg, runner.trials, budget, runner.kind)
     own = _own_split(cfg, runner, best_by_levers)
     decision = decide(runner, pool + ([own] if own else []), own=own, before=before)
+    fits = runner.fits()  # again: the own split's trial may have run since
     chosen, compiled_fits = confirm_compile(runner, decision.winner, fits, space, budget)
     measured_tps = {t.micro_batch: run_tokens_per_s(t) for t in fits
                     if Levers.of(t) == Levers.of(chosen) and t.tokens_per_s and t.micro_batch <= chosen.micro_batch}
@@ -136,7 +137,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                       split=describe_split(micro_batches), reason=reason, **agree.plan_fields(chosen.sharded))
     return ProbeResult(mode="measured", device=None, budget=budget, effective_batch=cfg.effective_batch,
                        block_size=cfg.block_size, trials=runner.trials, plan=plan, breakdown=est.breakdown,
-                       fit_sizes=sorted(t.micro_batch for t in fits if Levers.of(t) == Levers.of(chosen)),
+                       fit_sizes=sorted(t.micro_batch for t in runner.fits(Levers.of(chosen))),
                        compiled_fit_sizes=compiled_fits)
 
 
@@ -248,7 +249,7 @@ def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches:
     if r.status == "fit" or largest == 1:
         return micro_batches
     # memory that did not grow with the micro-batch (fragmentation): balance below it instead
-    return _run_the_split_size(runner, chosen, split_batch(runner.cfg.effective_batch, largest - 1))
+    return _run_the_split_size(runner, chosen, split_batch(runner.rank_batch, largest - 1))
 
 
 def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
