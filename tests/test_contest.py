@@ -53,7 +53,7 @@ class Clock:
 
 class FakeDevice:
     class info:  # noqa: N801 - a DeviceInfo stand-in
-        kind, total_bytes = "cpu", 1 << 40
+        kind, total_bytes, bf16_supported = "cpu", 1 << 40, False
 
     class capabilities:  # noqa: N801
         compile = False
@@ -467,3 +467,27 @@ def test_a_split_size_that_fails_again_is_rebalanced_over_this_ranks_share(monke
     chosen = TrialRecord(**STD.candidate(7).model_dump(), status="fit")
     split = planner._run_the_split_size(runner, chosen, [6, 5, 5])
     assert split == [4, 4, 4, 4] and ran == [6, 4]  # 16 in micro-batches of at most 5
+
+
+def test_the_config_as_written_is_a_contender_at_its_own_dtype_among_several(monkeypatch):
+    """With every dtype in the space (--dtype any), the own split is the config's dtype's: two
+    matching combinations once left the config as written out of the contest."""
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                "vocab_size=256", "batch_size=4", "gradient_accumulation_steps=16",
+                                                "dtype=float32"])
+    space = Space(dtypes=["bfloat16", "float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    res, runner = plan_with(cfg, 2_500_000, space, Clock(lambda c: 1.0, p=0.0), monkeypatch)
+    assert "your own micro-batch 4 fits" in res.plan.reason and res.plan.dtype == "float32"
+    assert (res.plan.micro_batch, res.plan.grad_accum) == (4, 16)
+
+
+def test_an_own_micro_batch_no_run_of_this_ranks_share_uses_is_not_a_contender():
+    """4 of a rank's 6 sequences runs as 3 + 3 (a balanced split): a trial of 2 x 4 would time
+    what no run does, so the config as written is no contender there."""
+    cfg = load_config(preset="tiny", overrides=["batch_size=4", "gradient_accumulation_steps=3"])
+    ran = []
+    runner = SimpleNamespace(kind="cpu", device=FakeDevice(), rank_batch=6,
+                             run=lambda c: ran.append(c) or TrialRecord(**c.model_dump(), status="fit"))
+    assert planner._own_split(cfg, runner, {STD: 6}) is None and ran == []
+    runner.rank_batch = 12
+    assert planner._own_split(cfg, runner, {STD: 6}).micro_batch == 4

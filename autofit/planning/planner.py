@@ -215,14 +215,20 @@ def _smaller_why(runner: TrialRunner, chosen: TrialRecord) -> str:
 
 
 def _own_split(cfg, runner: TrialRunner, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
-    """The config as written (its micro-batch, dtype, checkpointing and its policy, and loss) as a
-    contender, where its levers were searched and its micro-batch fits; run if no trial ran it yet."""
+    """The config as written (its micro-batch, checkpointing and its policy, loss, and dtype where
+    that was searched: --dtype can leave it out) as a contender, where its levers were searched and
+    its micro-batch fits and is a size a run of this rank's share uses (a run capped at 4 of 6
+    sequences runs 3 + 3: a trial of 4 would time a split nobody runs); run if no trial ran it yet."""
     policy = cfg.checkpointing_policy if cfg.checkpointing else "full"
     mine = [lv for lv in best_by_levers if lv.checkpointing == cfg.checkpointing and lv.loss_impl == cfg.loss_impl
             and lv.checkpointing_policy == policy and not lv.sharded]
-    if len(mine) != 1 or not (0 < cfg.batch_size <= best_by_levers[mine[0]]) or cfg.batch_size > runner.rank_batch:
+    dtype = cfg.resolved_dtype(runner.kind, runner.device.info.bf16_supported)
+    mine = [lv for lv in mine if lv.dtype == dtype] or mine
+    m = cfg.batch_size
+    if len(mine) != 1 or not (0 < m <= min(best_by_levers[mine[0]], runner.rank_batch)) \
+            or run_size(runner.rank_batch, m) != m:
         return None
-    r = runner.run(mine[0].candidate(cfg.batch_size))
+    r = runner.run(mine[0].candidate(m))
     return r if r.status == "fit" else None
 
 
