@@ -9,7 +9,7 @@ import pytest
 
 import autofit.planning.contest as contest
 from autofit.devices.cpu_budget import BudgetedCpuDevice
-from autofit.planning import planner
+from autofit.planning import own, planner
 from autofit.planning.budget import compute_budget
 from autofit.planning.candidates import Levers, Space
 from autofit.planning.search import ESTIMATE_ERROR_BOUND, TrialRunner
@@ -488,6 +488,6 @@ def test_an_own_micro_batch_no_run_of_this_ranks_share_uses_is_not_a_contender()
     ran = []
     runner = SimpleNamespace(kind="cpu", device=FakeDevice(), rank_batch=6,
                              run=lambda c: ran.append(c) or TrialRecord(**c.model_dump(), status="fit"))
-    assert planner._own_split(cfg, runner, {STD: 6}) is None and ran == []
+    assert own.own_split(cfg, runner, {STD: 6}) is None and ran == []
     runner.rank_batch = 12
-    assert planner._own_split(cfg, runner, {STD: 6}).micro_batch == 4
+    assert own.own_split(cfg, runner, {STD: 6}).micro_batch == 4

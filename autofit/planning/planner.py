@@ -29,6 +29,7 @@ from autofit.planning.budget import Budget, compute_budget
 from autofit.planning.candidates import Levers, PlanError, Space, lever_combos
 from autofit.planning.estimate import estimate_peak, max_micro_batch
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
+from autofit.planning.own import own_split, own_why
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, run_size, run_sizes, split_rates
 from autofit.planning.throughput import RECOMPUTE_SHARE
@@ -101,7 +102,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     fits = runner.fits()
     if not fits:
         _nothing_fits(cfg, runner.trials, budget, runner.kind)
-    own = _own_split(cfg, runner, best_by_levers)
+    own = own_split(cfg, runner, best_by_levers)
     decision = decide(runner, pool + ([own] if own else []), own=own, before=before)
     fits = runner.fits()  # again: the own split's trial may have run since
     chosen, compiled_fits = confirm_compile(runner, decision.winner, fits, space, budget)
@@ -123,7 +124,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                         "keeps Dynamo from compiling), so the plan is eager"
                         if not runner.device.capabilities.compile and cfg.compile else "")
     reason = (f"{decision.why if chosen is decision.winner else 'compiled: faster than eager, re-timed in alternation'}"
-              f" ({n_fit} fitting trials){_smaller_why(runner, chosen)}{_own_why(runner, chosen, own)}; "
+              f" ({n_fit} fitting trials){_smaller_why(runner, chosen)}{own_why(runner, chosen, own)}; "
               f"measured peak {fmt_bytes(peak)} within the {fmt_bytes(budget.budget_bytes)} budget; {why_split}"
               f"{cpu_compile_note}")
     plan = PlanRecord(mode="measured", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
@@ -212,36 +213,6 @@ def _smaller_why(runner: TrialRunner, chosen: TrialRecord) -> str:
     return (f"; micro-batch {chosen.micro_batch}, not the largest fit {largest.micro_batch}: the rate is flat or "
             f"falling in the micro-batch ({largest.micro_batch} takes {ratio:.2f}x its time per token), so the "
             f"smaller size runs as fast with more headroom")
-
-
-def _own_split(cfg, runner: TrialRunner, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
-    """The config as written (its micro-batch, checkpointing and its policy, loss, and dtype where
-    that was searched: --dtype can leave it out) as a contender, where its levers were searched and
-    its micro-batch fits and is a size a run of this rank's share uses (a run capped at 4 of 6
-    sequences runs 3 + 3: a trial of 4 would time a split nobody runs); run if no trial ran it yet."""
-    policy = cfg.checkpointing_policy if cfg.checkpointing else "full"
-    mine = [lv for lv in best_by_levers if lv.checkpointing == cfg.checkpointing and lv.loss_impl == cfg.loss_impl
-            and lv.checkpointing_policy == policy and not lv.sharded]
-    dtype = cfg.resolved_dtype(runner.kind, runner.device.info.bf16_supported)
-    mine = [lv for lv in mine if lv.dtype == dtype] or mine
-    m = cfg.batch_size
-    if len(mine) != 1 or not (0 < m <= min(best_by_levers[mine[0]], runner.rank_batch)) \
-            or run_size(runner.rank_batch, m) != m:
-        return None
-    r = runner.run(mine[0].candidate(m))
-    return r if r.status == "fit" else None
-
-
-def _own_why(runner: TrialRunner, chosen: TrialRecord, own: TrialRecord | None) -> str:
-    """How the plan compares with the config as written, where that fits."""
-    if own is None:
-        return ""
-    if own.candidate() == chosen.candidate():
-        return f"; your own micro-batch {own.micro_batch} fits and is as fast as any: kept"
-    cpu = runner.kind == "cpu"
-    ratio = seconds_per_token(own, cpu) / seconds_per_token(chosen, cpu)
-    return (f"; your own micro-batch {own.micro_batch} ({own.loss_impl} loss) fits too: this plan is "
-            f"{ratio:.2f}x as fast per token")
 
 
 def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches: list[int]) -> list[int]:
