@@ -491,3 +491,29 @@ def test_an_own_micro_batch_no_run_of_this_ranks_share_uses_is_not_a_contender()
     assert own.own_split(cfg, runner, {STD: 6}) is None and ran == []
     runner.rank_batch = 12
     assert own.own_split(cfg, runner, {STD: 6}).micro_batch == 4
+
+
+def test_a_contender_whose_re_timing_does_not_fit_is_out_and_said_so(monkeypatch):
+    """A re-timing that runs out of memory (fragmentation, memory another process took) puts that
+    contender out, with a log line; where every re-timing fails, the fastest so far is kept, not
+    whichever came first."""
+    cfg = cfg_for(16)
+    cost = {STD.candidate(8): 1.00, STD.candidate(4): 1.20, CHUNKED.candidate(8): 0.90}
+    clock = Clock(cost.__getitem__, p=0.0)
+    lines = []
+    runner = contest_runner(cfg, clock, monkeypatch)
+    runner.log = lines.append
+    failing = {CHUNKED.candidate(8)}
+
+    def retime_trial(cfg, cand, device, *, rank_batch, budget_bytes, settings, **kw):
+        if cand in failing:
+            return TrialRecord(**cand.model_dump(), status="oom")
+        return clock.record(cfg, cand, rank_batch, settings.steps - cand.compile, 1000 * cand.micro_batch)
+    monkeypatch.setattr(contest, "run_trial", retime_trial)
+    recs = [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in cost]
+    d = contest.decide(runner, recs)
+    assert d.winner.candidate() == STD.candidate(8)
+    assert any("chunked loss" in s and "did not fit this time" in s for s in lines)
+    failing.update(cost)
+    recs = [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in cost]
+    assert contest.decide(runner, recs).winner.candidate() == CHUNKED.candidate(8)

@@ -201,7 +201,11 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     rounds = 0
     while len(alive) > 1 and rounds < MAX_ROUNDS:
         rounds += 1
-        alive = [t for t in alive if retime(runner, t)] or alive[:1]  # A B C, then A B C again
+        refit = [t for t in alive if retime(runner, t)]  # A B C, then A B C again
+        for t in alive:
+            if t not in refit:  # fragmentation, or memory another process took: not a plan to trust
+                runner.log(f"contest round {done + rounds}: {label(t)} out, its re-timing did not fit this time")
+        alive = refit or [min(alive, key=spt)]
         lead = min(alive, key=spt)
         # out: past CLEAR_FIRST after one round; then past twice the pair's tie band (beyond its
         # readings' noise), at most CLEAR
@@ -259,5 +263,5 @@ def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord],
             runner_up = min(rest, key=lambda t: seconds_per_token(t, cpu))
             text += f"; next: {label(runner_up)} at {seconds_per_token(runner_up, cpu) / w:.2f}x its time per token"
         else:
-            text += f"; every other contender was more than {CLEAR:.0%} slower"
+            text += "; every other contender was out: slower than its readings' noise allows, or it did not fit again"
     return text
