@@ -463,7 +463,7 @@ def test_a_split_size_that_fails_again_is_rebalanced_over_this_ranks_share(monke
     def run(cand):
         ran.append(cand.micro_batch)
         return TrialRecord(**cand.model_dump(), status="oom" if cand.micro_batch >= 6 else "fit")
-    runner = SimpleNamespace(cfg=cfg, rank_batch=16, fits=lambda levers: [], run=run)
+    runner = SimpleNamespace(cfg=cfg, rank_batch=16, fits=lambda levers, compile=False: [], run=run)
     chosen = TrialRecord(**STD.candidate(7).model_dump(), status="fit")
     split = planner._run_the_split_size(runner, chosen, [6, 5, 5])
     assert split == [4, 4, 4, 4] and ran == [6, 4]  # 16 in micro-batches of at most 5
@@ -517,3 +517,37 @@ def test_a_contender_whose_re_timing_does_not_fit_is_out_and_said_so(monkeypatch
     failing.update(cost)
     recs = [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in cost]
     assert contest.decide(runner, recs).winner.candidate() == CHUNKED.candidate(8)
+
+
+def test_a_compiled_plan_runs_its_split_size_compiled_so_its_figure_is_that_sizes():
+    """A compiled plan of 11 whose split is the measured divisor 8 (8 x 4 at 32) runs a compiled
+    trial of 8, and the plan's tokens/s is that trial's, not compiled 11's."""
+    trials = [TrialRecord(**STD.candidate(m, compile=c).model_dump(), status="fit", tokens_per_s=1000.0 * m + c)
+              for m, c in ((11, False), (8, False), (11, True))]
+
+    def fits(levers, compile=False):
+        return [t for t in trials if compile is None or t.compile == compile]
+
+    def run(cand):
+        trials.append(TrialRecord(**cand.model_dump(), status="fit", tokens_per_s=1.0))
+        return trials[-1]
+    runner = SimpleNamespace(cfg=cfg_for(32), rank_batch=32, fits=fits, run=run)
+    chosen = trials[2]
+    assert planner._run_the_split_size(runner, chosen, [8, 8, 8, 8]) == [8, 8, 8, 8]
+    assert trials[-1].candidate() == STD.candidate(8, compile=True)
+    assert planner._record_of(runner, chosen, 8) is trials[-1]
+
+
+def test_a_compiled_plan_below_the_eager_winner_says_its_compiled_peak_did_not_fit(monkeypatch):
+    """Compiled 11 does not fit (its peak is higher), compiled 5 does and wins: the plan says so,
+    not that the rate is flat or falling in the micro-batch (it rises here)."""
+    cfg = cfg_for(32)
+    space = Space(dtypes=["float32"], compile=[False, True], checkpointing=[0], loss_impls=["standard"])
+    cost = lambda c: (0.5 if c.compile else 1.0) * (1.0 + 8.0 / c.micro_batch)  # noqa: E731
+    runner = FakeRunner(cfg, 1 << 40, Clock(cost, p=0.0), monkeypatch)
+    eager_estimate = runner.estimate
+    monkeypatch.setattr(runner, "estimate", lambda c: int(eager_estimate(c) * (1.5 if c.compile else 1.0)))
+    runner.budget_bytes = budget = (eager_estimate(STD.candidate(11)) + eager_estimate(STD.candidate(16))) // 2
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=budget), space)
+    assert res.plan.compile and res.plan.micro_batch < 11
+    assert "compiled, 11 did not fit" in res.plan.reason and "flat or falling" not in res.plan.reason

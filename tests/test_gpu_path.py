@@ -259,6 +259,44 @@ def test_the_budget_is_recomputed_from_the_context_measured_after_the_first_tria
     assert any("grew" in line for line in logs)
 
 
+def test_a_first_trial_over_the_budget_lowered_after_it_is_no_fit(monkeypatch):
+    """The smallest trial runs before the context is measured again; where the lowered budget is
+    below its peak, it is judged again: over budget, so nothing fits (no plan 'within' a budget
+    its peak is above)."""
+    import autofit.planning.planner as planner
+    import autofit.planning.search as search
+    from autofit.planning.budget import compute_budget
+    from autofit.planning.candidates import PlanError
+    from autofit.devices.device import DeviceInfo
+    cfg = tiny(8)
+    space = planner.Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    probe_dev = BudgetedCpuDevice(budget_bytes=8_000_000)
+    first = run_trial(cfg, planner.lever_combos(space)[0].candidate(1), probe_dev, rank_batch=8,
+                      budget_bytes=8_000_000, settings=TrialSettings(steps=2))
+    assert first.status == "fit"
+
+    class GrowingContext(BudgetedCpuDevice):
+        """A CUDA-like device whose context, measured after the first trial, leaves a budget just
+        below that trial's peak."""
+        context_bytes = 0
+
+        @property
+        def info(self):
+            return DeviceInfo(kind="cuda", name="fake", index=0, total_bytes=8_000_000, free_bytes=8_000_000,
+                              used_by_others_bytes=0, compute_capability=(9, 0), driver_version=None,
+                              cuda_version=None, source="nvml")
+
+        def refresh_context(self):
+            self.context_bytes = 8_000_000 - int(first.measured_peak_bytes * 0.99 / 0.9)
+            return self.context_bytes
+
+    monkeypatch.delitem(search.ESTIMATE_ERROR_BOUND, "cuda")
+    dev = GrowingContext(budget_bytes=8_000_000)
+    before = compute_budget(dev.info, 0.1, context_bytes=0, workspace_bytes=0)
+    with pytest.raises(PlanError, match="nothing fits"):
+        planner.probe_measured(cfg, dev, before, space, settings=TrialSettings(steps=2))
+
+
 
 def test_cublas_workspace_is_counted_once_the_budget_only_takes_what_is_outside_the_allocator():
     """The estimate holds cuBLAS's workspace (it is allocated through the caching allocator); the

@@ -229,17 +229,23 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     if len(tied) > 1:
         runner.log(f"contest: a tie between {'; '.join(label(t) for t in tied)} (within "
                    f"{max(tie_band(lead, t, cpu) for t in tied):.1%}, the spread of their readings)")
-    if own is not None and any(t.candidate() == own.candidate() for t in tied):
-        winner = next(t for t in tied if t.candidate() == own.candidate())
-    else:  # a size timed only to look beside a flat pair (runner.thirds) wins only when clearly faster
-        settled = [t for t in tied if t.candidate() not in runner.thirds] or tied
-        for t in tied:
-            if t not in settled:
-                runner.log(f"contest: {label(t)} tied, but it was timed only to look beside a flat pair: "
-                           f"it wins when clearly faster, not on a tie")
-        winner = min(settled, key=lambda t: (peak_of(t), t.micro_batch, spt(t)))
+    winner = _tie_winner(runner, tied, own, spt)
     return Decision(winner=winner, why=_why(winner, alive, tied, done + rounds, len(seen), cpu, own),
                     rounds=done + rounds, tied=tied, n=len(seen), seen=seen)
+
+
+def _tie_winner(runner, tied: list[TrialRecord], own: TrialRecord | None, spt) -> TrialRecord:
+    """Of the tied contenders: the user's own split where it is among them; else the most
+    headroom (lowest measured peak, then the smaller micro-batch), where a size timed only to look
+    beside a flat pair (runner.thirds) wins only when clearly faster, never on a tie."""
+    if own is not None and any(t.candidate() == own.candidate() for t in tied):
+        return next(t for t in tied if t.candidate() == own.candidate())
+    settled = [t for t in tied if t.candidate() not in runner.thirds] or tied
+    for t in tied:
+        if t not in settled:
+            runner.log(f"contest: {label(t)} tied, but it was timed only to look beside a flat pair: "
+                       f"it wins when clearly faster, not on a tie")
+    return min(settled, key=lambda t: (peak_of(t), t.micro_batch, spt(t)))
 
 
 def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord], rounds: int, n: int,

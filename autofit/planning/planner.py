@@ -33,7 +33,8 @@ from autofit.planning.own import own_split, own_why
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, run_size, run_sizes, split_rates
 from autofit.planning.throughput import RECOMPUTE_SHARE
-from autofit.planning.contest import TIE_MAX, CLEAR_CONSISTENT, decide, label, retime, run_tokens_per_s, seconds_per_token
+from autofit.planning.contest import (TIE_MAX, CLEAR_CONSISTENT, decide, label, peak_of, retime, run_tokens_per_s,
+                                      seconds_per_token)
 from autofit.planning.trials import TrialSettings, new_objects_only
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
@@ -58,6 +59,9 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
             runner.run(lever_combos(space)[0].candidate(1))
         budget = agree.budget(_remeasured_budget(device, budget, runner))
         runner.budget_bytes = budget.budget_bytes
+        for t in runner.trials:  # judged against the budget before it was lowered: judged again
+            if t.status == "fit" and peak_of(t) > budget.budget_bytes:
+                t.status, t.note = "over_budget", "its peak is above the budget lowered after the first trial"
     with device.limited_to(budget.budget_bytes), new_objects_only():
         result = _plan_from_trials(cfg, runner, budget, space)
     result.device = info
@@ -87,7 +91,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     pool: list[TrialRecord] = []  # the contenders: each combination's largest fit and a smaller size
     before = None  # the contest of the combinations without recomputation
     for levers in lever_combos(space):
-        if levers.checkpointing and len(pool) > 1:
+        if levers.checkpointing and before is None and len(pool) > 1:
             # settle the combinations without recomputation first: their robust figures say
             # whether recomputation could pay back at all (_prune_recompute)
             before = decide(runner, pool, before=before)
@@ -112,9 +116,9 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                                             cfg.block_size)
     micro_batches = _run_the_split_size(runner, chosen, micro_batches)
     runs = _record_of(runner, chosen, max(micro_batches))
-    peak = max(t.measured_peak_bytes or 0 for t in runner.fits(Levers.of(chosen)) if t.micro_batch == runs.micro_batch)
-    if chosen.compile:
-        peak = max(peak, chosen.measured_peak_bytes or 0)
+    # a compiled plan's run starts eager (compile_after): the larger of both peaks at its size
+    peak = max(t.measured_peak_bytes or 0 for t in runner.fits(Levers.of(chosen), compile=None)
+               if t.micro_batch == runs.micro_batch)
     est = estimate_peak(runner.shape, max(micro_batches), **Levers.of(chosen).estimate_args(),
                         compile=chosen.compile, device=runner.kind,
                         ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)),
@@ -124,7 +128,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                         "keeps Dynamo from compiling), so the plan is eager"
                         if not runner.device.capabilities.compile and cfg.compile else "")
     reason = (f"{decision.why if chosen is decision.winner else 'compiled: faster than eager, re-timed in alternation'}"
-              f" ({n_fit} fitting trials){_smaller_why(runner, chosen)}{own_why(runner, chosen, own)}; "
+              f" ({n_fit} fitting trials){_smaller_why(runner, chosen, decision.winner)}{own_why(runner, chosen, own)}; "
               f"measured peak {fmt_bytes(peak)} within the {fmt_bytes(budget.budget_bytes)} budget; {why_split}"
               f"{cpu_compile_note}")
     plan = PlanRecord(mode="measured", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
@@ -144,8 +148,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
 
 def _record_of(runner: TrialRunner, chosen: TrialRecord, micro_batch: int) -> TrialRecord:
     """The trial of the size the plan runs (its largest micro-batch), compiled as `chosen` is:
-    its measured tokens/s is the plan's. `chosen` itself where no such trial ran (a compiled plan
-    whose split is below the compiled size)."""
+    its measured tokens/s is the plan's (_run_the_split_size ran it; `chosen` itself otherwise)."""
     same = [t for t in runner.fits(Levers.of(chosen), compile=chosen.compile) if t.micro_batch == micro_batch]
     return same[0] if same else chosen
 
@@ -203,26 +206,32 @@ def _third_size(sizes: list[int], small: int, big: int) -> int | None:
     return min(pool, key=lambda m: abs(math.log(m / target))) if pool else None
 
 
-def _smaller_why(runner: TrialRunner, chosen: TrialRecord) -> str:
-    """Why the plan does not run the largest size that fits with its levers, if it does not."""
-    largest = max(runner.fits(Levers.of(chosen)), key=lambda t: t.micro_batch)
-    if largest.micro_batch <= chosen.micro_batch:
-        return ""
+def _smaller_why(runner: TrialRunner, chosen: TrialRecord, eager: TrialRecord) -> str:
+    """Why the plan does not run the largest size that fits with its levers, if it does not:
+    the eager contest's winner `eager` was below it (both eager figures), or `chosen`, compiled,
+    is below `eager` because the compiled peak at `eager`'s size did not fit."""
+    largest = max(runner.fits(Levers.of(eager)), key=lambda t: t.micro_batch)
     cpu = runner.kind == "cpu"
-    ratio = seconds_per_token(largest, cpu) / seconds_per_token(chosen, cpu)
-    return (f"; micro-batch {chosen.micro_batch}, not the largest fit {largest.micro_batch}: the rate is flat or "
-            f"falling in the micro-batch ({largest.micro_batch} takes {ratio:.2f}x its time per token), so the "
-            f"smaller size runs as fast with more headroom")
+    ratio = seconds_per_token(largest, cpu) / seconds_per_token(eager, cpu)
+    why = "" if largest.micro_batch <= eager.micro_batch else (
+        f"; micro-batch {eager.micro_batch}, not the largest fit {largest.micro_batch}: the rate is flat or "
+        f"falling in the micro-batch ({largest.micro_batch} takes {ratio:.2f}x its time per token), so the "
+        f"smaller size runs as fast with more headroom")
+    if chosen.compile and chosen.micro_batch < eager.micro_batch:
+        why += f"; compiled at micro-batch {chosen.micro_batch}: compiled, {eager.micro_batch} did not fit"
+    return why
 
 
 def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches: list[int]) -> list[int]:
-    """Every size in a plan was run: a balanced split's largest micro-batch can be below the
-    chosen size (21 at 10 runs 7s); run it if no trial did (smaller sizes fit, as memory grows
-    with the micro-batch, so this measures it rather than tests it)."""
+    """Every size in a plan was run, compiled as the plan is: a balanced split's largest
+    micro-batch can be below the chosen size (21 at 10 runs 7s), and a measured divisor below it
+    (a compiled plan of 11 at 32 can run 8 x 4); run it if no trial did, so the plan's tokens/s is
+    that size's (smaller sizes fit, as memory grows with the micro-batch, so this measures it
+    rather than tests it)."""
     largest = max(micro_batches)
-    if any(t.micro_batch == largest for t in runner.fits(Levers.of(chosen))):
+    if any(t.micro_batch == largest for t in runner.fits(Levers.of(chosen), compile=chosen.compile)):
         return micro_batches
-    r = runner.run(Levers.of(chosen).candidate(largest))
+    r = runner.run(Levers.of(chosen).candidate(largest, compile=chosen.compile))
     if r.status == "fit" or largest == 1:
         return micro_batches
     # memory that did not grow with the micro-batch (fragmentation): balance below it instead
