@@ -108,6 +108,44 @@ def test_probe_cpu_measures_and_save_then_run_profile_starts_at_once(tmp_path, m
     assert len(json.loads(out)["plans"]) == 2
 
 
+def test_a_saved_plan_is_checked_against_the_commands_flags_and_its_figures_follow_a_lowered_size(
+        tmp_path, monkeypatch, capsys):
+    """A saved plan is used only where it does what the command asks: another --loss probes again
+    (and says why), a bad --dtype is refused as a probe refuses it; a plan lowered by an earlier
+    run's OOM prints the figures of the size it now runs, not of the size it was saved with."""
+    from autofit.profiles.store import record_event
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--dtype", "float32", "--checkpointing", "0", "--loss", "standard", "--save", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    name, fp, saved = d["saved"]["profile"], d["saved"]["fingerprint"], d["plan"]
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--dtype", "foo",
+                         "--max-steps", "1", "--out", "o0", "--no-progress")
+    assert code == 2 and "unknown dtype 'foo'" in err and "trial:" not in err
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--loss", "chunked",
+                         "--checkpointing", "0", "--max-steps", "1", "--out", "o1", "--no-progress")
+    assert code == 0, err
+    assert "does not do what this command asks (its loss is standard)" in err and "trial:" in err
+    # back to the standard loss's plan, lowered by an earlier run's OOM
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--dtype", "float32", "--checkpointing", "0", "--loss", "standard", "--save", "--json")
+    fp = json.loads(out)["saved"]["fingerprint"]
+    assert saved["micro_batch"] > 1
+    record_event(name, fp, "an OOM at run time", safe_micro_batch=saved["micro_batch"] - 1)
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--max-steps", "1",
+                         "--out", "o2", "--no-progress")
+    assert code == 0, err
+    assert "micro-batch lowered to" in out
+    plan = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[0])["plan"]
+    assert plan["micro_batch"] < saved["micro_batch"]
+    trials = {t["micro_batch"]: t for t in d["trials"] if t["status"] == "fit"}
+    if plan["micro_batch"] in trials:
+        assert plan["measured_peak_bytes"] == trials[plan["micro_batch"]]["measured_peak_bytes"]
+    else:
+        assert plan["measured_peak_bytes"] is None and plan["tokens_per_s"] is None
+        assert plan["estimated_peak_bytes"] < saved["estimated_peak_bytes"]
+
+
 def test_injected_oom_is_survived_with_exact_effective_batch(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AUTOFIT_FAULT_OOM_AT_STEP", "2")
     code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "64MiB", *SMALL,
@@ -494,3 +532,19 @@ def test_a_resume_with_nothing_left_to_train_says_so(tmp_path, monkeypatch, caps
                        "--max-steps", "2")
     assert code == 2 and "--max-steps 2 is not beyond it" in err
     assert (tmp_path / "o" / "ckpt.pt").stat().st_mtime_ns == before
+
+
+def test_a_lesson_the_profile_cannot_take_is_said_and_training_goes_on(monkeypatch):
+    """A profile removed, locked or on a full disk while a run trains: the OOM shrink's lesson is
+    not kept, one line says so, and the event hook returns (it runs inside the OOM recovery, which
+    a ProfileError would have ended without a checkpoint)."""
+    import autofit.launch.run as launch
+    from autofit.profiles.store import ProfileError
+
+    def refuse(*a, **k):
+        raise ProfileError("profile rtx4070-12gb: no plan with fingerprint abc")
+    monkeypatch.setattr(launch, "record_event", refuse)
+    lines = []
+    on_event = launch._profile_recorder("rtx4070-12gb", "abc", lines.append)
+    on_event({"event": "oom_shrink", "step": 3, "old_micro_batch": 8, "new_micro_batch": 4})
+    assert len(lines) == 1 and "could not record" in lines[0] and "training goes on" in lines[0]

@@ -126,9 +126,15 @@ def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
     master = agree.ranks().master  # every rank sees the same events; rank 0 writes the profile
 
     def on_event(ev: dict) -> None:
-        kind = ev.get("event")
         if not master:
             return
+        try:
+            _record(ev)
+        except ProfileError as e:  # a lesson not kept must not stop the training it came from
+            log(f"profile {name}: could not record this run's lesson ({e}); training goes on")
+
+    def _record(ev: dict) -> None:
+        kind = ev.get("event")
         if ev.get("injected"):  # a demo/test fault says nothing about the card: keep the profile
             log(f"profile {name}: injected OOM at step {ev['step']} not recorded as a lesson")
             return
@@ -189,29 +195,13 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     fp = fingerprint(inputs)
     extra = {"profile": profile, "fingerprint": fp, **({"emulated_on": emulated_on} if emulated_on else {})}
     fitted = agree.from_rank0(find_plan(saved, fp))  # several ranks: rank 0's answer for all
-    if fitted is not None:
-        plan = fitted.plan.model_copy(deep=True)
-        notes = []
-        if fitted.safe_micro_batch and fitted.safe_micro_batch < plan.micro_batch:
-            notes.append(f"micro-batch lowered to {fitted.safe_micro_batch} by an earlier run-time OOM")
-            plan = _with_micro(plan, fitted.safe_micro_batch)
-        if fitted.compile_failed and plan.compile:
-            notes.append("compile off: it ran out of memory in an earlier run")
-            plan.compile = False
-        # sizes known to fit with the plan's own levers (a size that only fitted with recompute or
-        # the chunked loss is no refuge for this plan)
-        same = [t for t in fitted.trials if t.status == "fit" and
-                (t.dtype, t.checkpointing, t.checkpointing_policy, t.loss_impl)
-                == (plan.dtype, plan.checkpointing, plan.checkpointing_policy, plan.loss_impl)]
-        fit_sizes = sorted({t.micro_batch for t in same if not t.compile})
-        compiled = sorted({t.micro_batch for t in same if t.compile})
-        src = (f"saved plan {fp} from profile {profile} (fitted {fitted.created:%Y-%m-%d %H:%M} UTC); no probe needed"
-               + ("; " + "; ".join(notes) if notes else ""))
-        return _launch(cfg, device, plan, fit_sizes, compiled, source=src, max_steps=max_steps, resume=resume,
-                       progress=progress, on_event=_profile_recorder(profile, fp, log),
-                       plan_info_extra={"source": "profile", **extra})
+    unmet = _unmet_flags(fitted.plan, cfg, device, probe_opts, budget) if fitted is not None else None
+    if fitted is not None and unmet is None:
+        return _from_saved(cfg, device, fitted, profile, fp, max_steps=max_steps, resume=resume, progress=progress,
+                           log=log, extra=extra)
     near = nearest_plan(saved, inputs)
-    why = f"saved plans are stale ({'; '.join(near[1])})" if near else "no fitted plan for this config yet"
+    why = (f"the saved plan does not do what this command asks ({unmet})" if unmet else
+           f"saved plans are stale ({'; '.join(near[1])})" if near else "no fitted plan for this config yet")
     log(f"profile {profile}: {why}; probing")
     res = probe_on(cfg, device, budget, probe_opts, log)
     _, fp, path = save_probe(res, cfg, name=profile, emulated_on=emulated_on)
@@ -219,6 +209,65 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
                    source=f"probed just now ({why}); saved to {path} as {fp}", max_steps=max_steps,
                    resume=resume, progress=progress, probe=res, on_event=_profile_recorder(profile, fp, log),
                    plan_info_extra={"source": "probe", **extra})
+
+
+def _from_saved(cfg, device, fitted: FittedPlan, profile: str, fp: str, *, max_steps, resume, progress, log,
+                extra: dict) -> Launch:
+    """The launch of a saved plan that matches: lowered to the profile's safe micro-batch and
+    compile off where earlier runs learned so, with the figures of what it then runs."""
+    plan = fitted.plan.model_copy(deep=True)
+    notes = []
+    if fitted.safe_micro_batch and fitted.safe_micro_batch < plan.micro_batch:
+        notes.append(f"micro-batch lowered to {fitted.safe_micro_batch} by an earlier run-time OOM")
+        plan = _with_micro(plan, fitted.safe_micro_batch)
+    if fitted.compile_failed and plan.compile:
+        notes.append("compile off: it ran out of memory in an earlier run")
+        plan.compile = False
+    # sizes known to fit with the plan's own levers (a size that only fitted with recompute or
+    # the chunked loss is no refuge for this plan)
+    same = [t for t in fitted.trials if t.status == "fit" and
+            (t.dtype, t.checkpointing, t.checkpointing_policy, t.loss_impl)
+            == (plan.dtype, plan.checkpointing, plan.checkpointing_policy, plan.loss_impl)]
+    if notes:  # the figures of what it runs now, not of the plan as it was saved
+        plan = _figures_for(plan, same, cfg, device.info.kind)
+    fit_sizes = sorted({t.micro_batch for t in same if not t.compile})
+    compiled = sorted({t.micro_batch for t in same if t.compile})
+    src = (f"saved plan {fp} from profile {profile} (fitted {fitted.created:%Y-%m-%d %H:%M} UTC); no probe needed"
+           + ("; " + "; ".join(notes) if notes else ""))
+    return _launch(cfg, device, plan, fit_sizes, compiled, source=src, max_steps=max_steps, resume=resume,
+                   progress=progress, on_event=_profile_recorder(profile, fp, log),
+                   plan_info_extra={"source": "profile", **extra})
+
+
+def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> str | None:
+    """Why a saved plan does not do what this command asks, or None: a lever flag it breaks
+    (--dtype, --compile/--no-compile, --checkpointing, --checkpointing-policy, --loss: a probe with
+    them would not have chosen it), or its peak above this run's budget (--margin). The flags are
+    read as a probe reads them (candidate_space), so a bad one is refused here too. Raises PlanError."""
+    from autofit.planning.candidates import candidate_space
+    from autofit.units import fmt_bytes
+    why = []
+    if any(a is not None for a in (opts.dtype, opts.compile, opts.checkpointing, opts.checkpointing_policies,
+                                   opts.loss_impls)):
+        info = device.info
+        space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported,
+                                dtype=opts.dtype, compile=opts.compile, checkpointing=opts.checkpointing,
+                                loss_impls=opts.loss_impls, compile_measurable=device.capabilities.compile,
+                                compute_capability=info.compute_capability, world_size=agree.ranks().world_size,
+                                checkpointing_policies=opts.checkpointing_policies)
+        if plan.dtype not in space.dtypes:
+            why.append(f"it trains in {plan.dtype}, not {', '.join(space.dtypes)}")
+        if plan.compile not in space.compile:
+            why.append(f"compile is {'on' if plan.compile else 'off'} in it")
+        if plan.checkpointing not in space.checkpointing or (
+                plan.checkpointing and plan.checkpointing_policy not in space.checkpointing_policies):
+            why.append(f"its activation checkpointing is {plan.checkpointing} ({plan.checkpointing_policy})")
+        if plan.loss_impl not in space.loss_impls:
+            why.append(f"its loss is {plan.loss_impl}")
+    peak = plan.measured_peak_bytes or plan.estimated_peak_bytes
+    if peak and peak > budget.budget_bytes:
+        why.append(f"its peak {fmt_bytes(peak)} is above this run's {fmt_bytes(budget.budget_bytes)} budget")
+    return "; ".join(why) or None
 
 
 def check_data(cfg, vocab_fixed_by: str = "") -> None:
@@ -293,6 +342,25 @@ def _gpu_for_profile(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOpt
     device = open_cuda_device(index, info=info, emulate_usable_bytes=usable if emulated_on else None,
                               emulate_how=how if emulated_on else None)
     return device, emulated_on
+
+
+def _figures_for(plan: PlanRecord, same: list, cfg, kind: str) -> PlanRecord:
+    """A saved plan changed at run time (a lower micro-batch after an OOM, compile off) with the
+    figures of what it now runs: the probe's trial of that size and compile setting (`same`: the
+    fitting trials with the plan's levers), else no measured figure and the closed-form estimate."""
+    from autofit.planning.contest import run_tokens_per_s
+    from autofit.planning.estimate import ModelShape, estimate_peak
+    ran = [t for t in same if t.micro_batch == plan.micro_batch and t.compile == plan.compile]
+    if ran:
+        return plan.model_copy(update={"measured_peak_bytes": ran[0].measured_peak_bytes,
+                                       "tokens_per_s": run_tokens_per_s(ran[0])})
+    est = estimate_peak(ModelShape.from_config(cfg), plan.micro_batch, dtype=plan.dtype,
+                        checkpointing=plan.checkpointing, loss_impl=plan.loss_impl, compile=plan.compile,
+                        device="cpu" if kind == "cpu" else "cuda", ce_chunk_size=cfg.ce_chunk_size,
+                        n_micro=min(2, plan.grad_accum), checkpointing_policy=plan.checkpointing_policy,
+                        **agree.layout(plan.parallelism == "fsdp2"))
+    return plan.model_copy(update={"measured_peak_bytes": None, "tokens_per_s": None,
+                                   "estimated_peak_bytes": est.peak_bytes})
 
 
 def _with_micro(plan: PlanRecord, micro: int) -> PlanRecord:
