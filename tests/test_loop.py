@@ -681,3 +681,18 @@ def test_an_eval_oom_at_micro_batch_one_on_one_rank_stops_every_rank():
         t.join(timeout=120)
     assert isinstance(raised[1], torch.OutOfMemoryError) and "injected" in str(raised[1])
     assert isinstance(raised[0], torch.OutOfMemoryError) and "on another rank" in str(raised[0])
+
+
+def test_a_run_that_gives_up_on_an_oom_resumes_on_the_steps_own_batch_and_rng(tmp_path):
+    """No smaller micro-batch left: the run saves a checkpoint and stops. The step that failed did
+    not happen, so a resume trains it on its own batch with its own dropout masks: the losses are
+    those of a run that never failed (the sampler had already moved on, and the RNG was the failed
+    attempt's)."""
+    ref = tmp_path / "ref"
+    train(make_cfg(ref, dropout=0.1), opts())
+    out = tmp_path / "gave-up"
+    with pytest.raises(TrainError, match="no smaller micro-batch"):
+        train(make_cfg(out, dropout=0.1), opts(fault=FaultInjector(FAULT_STEP), shrink=lambda failed: None))
+    train(make_cfg(out, dropout=0.1), opts(resume=True))
+    assert sorted(train_losses(out)) == list(range(STEPS))
+    assert_losses_close(train_losses(out), train_losses(ref), rtol=1e-5)

@@ -208,14 +208,14 @@ class Trainer:
 
     def train_one_step(self, it: int) -> tuple[StepResult, float]:
         """Optimizer step `it`, redone on the same data with the same RNG after each OOM until it
-        completes or the recovery policy runs out of smaller micro-batches. Returns the step's
-        result and its lap on self.clock (the successful attempt only; read it with
-        self.clock.seconds, which waits for the device to finish the step)."""
+        completes or the recovery policy runs out of smaller micro-batches. Returns the step's result
+        and its lap on self.clock (the last attempt's; self.clock.seconds waits for the device)."""
         if self.stages is not None:  # a new stage: its block size, batch and micro-batches
             self.stages.enter(self, it)
         lr = lr_at(it, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
+        start = dict(self.sampler.counters)  # where a give-up's checkpoint resumes: this step's batch
         x, y = self.batches.take(self.step_batch)  # the step's batch (this rank's rows), once
         rng = self._rng_state()  # a redone step draws the same dropout masks
         while True:
@@ -243,8 +243,9 @@ class Trainer:
             injected = self.group.after_oom(attempt)  # every rank knows before any moves on
             try:
                 self._shrink(failure, injected)
-            except TrainError:
-                self.save_checkpoint()  # keep the steps that did complete
+            except TrainError:  # keep the steps that did complete; this one is next, on its own batch and RNG
+                self.sampler.counters.update(start), self._set_rng_state(rng)
+                self.save_checkpoint()
                 raise
             self.group.rewrap(self.forward)
             self._set_rng_state(rng)
@@ -256,8 +257,7 @@ class Trainer:
         if not self.compiled:
             self._eager_laps = (self._eager_laps + [lap])[-5:]
         elif self._eager_laps and not self._compile_timed:
-            eager = statistics.median(self.clock.seconds(e) for e in self._eager_laps)
-            dt = self.clock.seconds(lap)
+            eager, dt = statistics.median(self.clock.seconds(e) for e in self._eager_laps), self.clock.seconds(lap)
             self._event("compile_time", seconds=round(max(0.0, dt - eager), 3), eager_step_s=round(eager, 4))
             self._compile_timed, self._eager_laps = True, []
         return lap
