@@ -548,3 +548,14 @@ def test_a_lesson_the_profile_cannot_take_is_said_and_training_goes_on(monkeypat
     on_event = launch._profile_recorder("rtx4070-12gb", "abc", lines.append)
     on_event({"event": "oom_shrink", "step": 3, "old_micro_batch": 8, "new_micro_batch": 4})
     assert len(lines) == 1 and "could not record" in lines[0] and "training goes on" in lines[0]
+
+
+@pytest.mark.parametrize("flags, field, want", [(["--checkpointing", "1"], "checkpointing", 1),
+                                                (["--loss", "chunked"], "loss_impl", "chunked")])
+def test_an_estimated_plan_keeps_to_the_lever_flags_even_where_the_config_as_written_fits(
+        flags, field, want, monkeypatch, capsys):
+    """--gpu NAME: the config as written (checkpointing off, the standard loss) fits and would tie,
+    but the flags rule its levers out, so it is no contender and the plan keeps to them."""
+    code, out, err = cli(monkeypatch, capsys, "probe", "--preset", "tiny", "--gpu", "h100-80gb", *flags, "--json")
+    assert code == 0, err
+    assert json.loads(out)["plan"][field] == want

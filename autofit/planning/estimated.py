@@ -38,7 +38,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
         _nothing_fits(cfg, trials, budget, "cuda", estimated=True)
     n_combos = len([t for t in trials if t.status == "fit"])
     micro_batches, why_split = choose_split(E, best.micro_batch, _rates(shape, best, hw), cfg.block_size)
-    own = _own_row(cfg, info, shape, hw, budget, trials)
+    own = _own_row(cfg, info, shape, hw, budget, trials, space)
     own_why = ""
     if own is not None:
         plan_s = _step_seconds(shape, best, micro_batches, hw)
@@ -120,14 +120,19 @@ def _step_seconds(shape: ModelShape, row: TrialRecord, micro_batches: list[int],
                for m in micro_batches)
 
 
-def _own_row(cfg, info, shape: ModelShape, hw, budget: Budget, trials: list[TrialRecord]) -> TrialRecord | None:
+def _own_row(cfg, info, shape: ModelShape, hw, budget: Budget, trials: list[TrialRecord],
+             space: Space) -> TrialRecord | None:
     """The config as written (its micro-batch, dtype, checkpointing and loss, eager) as an
     estimated row, added to `trials` unless one of them is that candidate already, where its
-    estimated peak fits the budget; else None."""
+    levers are in the searched `space` (--dtype, --checkpointing, --loss can rule them out: then
+    it cannot be the plan) and its estimated peak fits the budget; else None."""
     dtype = cfg.resolved_dtype("cuda", bool(info.bf16_supported))
     policy = cfg.checkpointing_policy if cfg.checkpointing else "full"  # as the lever combinations name it
     m = cfg.batch_size
     if not (0 < m <= cfg.effective_batch) or cfg.effective_batch % m:
+        return None
+    if dtype not in space.dtypes or cfg.checkpointing not in space.checkpointing or cfg.loss_impl not in \
+            space.loss_impls or (cfg.checkpointing and policy not in space.checkpointing_policies):
         return None
     est = estimate_peak(shape, m, dtype=dtype, checkpointing=cfg.checkpointing, loss_impl=cfg.loss_impl,
                         checkpointing_policy=policy,
