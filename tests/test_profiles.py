@@ -613,3 +613,27 @@ def test_wheel_carries_every_builtin_profile(tmp_path):
     shipped = {f"autofit/builtin_profiles/{p.name}" for p in (root / "profiles").glob("*.toml")}
     assert len(shipped) >= 11 and shipped <= names
     assert "autofit/report/plot.py" in names and "trainer/embedded/train.bin.gz" in names
+
+
+def test_a_builtin_cards_table_entry_fills_in_and_never_overwrites_what_profiles_add_wrote():
+    """A probe of a built-in card hands its table entry as defaults: a peak rate written by
+    `autofit profiles add` stays, and keys the profile lacks come from the table."""
+    mine = {**HW_4070, "peak_fp16_tflops": 50.0}
+    mine.pop("bandwidth_gbs", None)
+    save_plan("rtx4070-12gb", mine, make_plan())
+    save_plan("rtx4070-12gb", None, make_plan(n_embd=768), hardware_defaults=HW_4070)
+    hw = load_profile("rtx4070-12gb").hardware
+    assert hw["peak_fp16_tflops"] == 50.0
+    if "bandwidth_gbs" in HW_4070:
+        assert hw["bandwidth_gbs"] == HW_4070["bandwidth_gbs"]
+
+
+def test_a_plan_probed_again_keeps_what_runs_learned_with_it():
+    """Two runs of one config: one saved the plan and recorded an OOM shrink while the other
+    probed; the second save of the same fingerprint keeps the lesson (it replaced the entry)."""
+    plan = make_plan()
+    save_plan("rtx4070-12gb", HW_4070, plan)
+    record_event("rtx4070-12gb", plan.fingerprint, "step 5: oom_shrink 12 -> 8", safe_micro_batch=8)
+    save_plan("rtx4070-12gb", HW_4070, make_plan())
+    got = find_plan(load_profile("rtx4070-12gb"), plan.fingerprint)
+    assert got.safe_micro_batch == 8 and any("oom_shrink" in e for e in got.events)

@@ -92,7 +92,9 @@ def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str 
         return name, fp, profile_path(name)
     plan = FittedPlan(fingerprint=fp, fingerprint_inputs=inputs, config_summary=config_summary(cfg),
                       plan=res.plan, trials=res.trials)
-    path = save_plan(name, hardware_dict_for(info, name), plan)
+    hw = hardware_dict_for(info, name)
+    builtin = info.kind == "cuda" and _builtin_hardware(name) is not None  # its table entry: defaults only
+    path = save_plan(name, None if builtin else hw, plan, hardware_defaults=hw if builtin else None)
     return name, fp, path
 
 

@@ -209,13 +209,17 @@ def _write_atomic(path: Path, profile: SavedProfile) -> None:
     write_text_atomic(path, text)
 
 
-def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan) -> Path:
+def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan,
+              hardware_defaults: dict[str, Any] | None = None) -> Path:
     """Create or update profile `name` with `plan`; returns the file's path.
 
-    A plan with the same fingerprint is replaced (keeping its `created`); other plans are kept.
-    `hardware`, when given, updates the stored description key by key (so peak rates written by
-    `autofit profiles add` survive a save from a probe that knows only the card's name and
-    memory); None keeps what is stored. Raises ProfileError for a bad name, an unwritable
+    A plan with the same fingerprint is replaced, keeping its `created` and what runs learned with
+    it (events, the safe micro-batch, compile failed: a run started before the probe may have
+    recorded them meanwhile); other plans are kept. `hardware`, when given, updates the stored
+    description key by key (so peak rates written by `autofit profiles add` survive a save from a
+    probe that knows only the card's name and memory); None keeps what is stored.
+    `hardware_defaults` (a built-in card's table entry) fills in only the keys neither has, so it
+    never overwrites what `profiles add` wrote. Raises ProfileError for a bad name, an unwritable
     directory, or a stored file that cannot be read: then the file is left as it is and the plan
     is kept in a side file `kept/<name>.plan-<fingerprint>.toml` under the profiles directory,
     which the message names."""
@@ -226,11 +230,16 @@ def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan) -> P
             profile = _read_file(path) or SavedProfile(name=name)
         except ProfileError as exc:
             raise ProfileError(_keep_aside(path, hardware, plan, str(exc))) from None
-        if hardware is not None:
-            profile.hardware = {**(profile.hardware or {}), **hardware}
+        if hardware is not None or hardware_defaults:
+            given = [{k: v for k, v in (d or {}).items() if v is not None}
+                     for d in (hardware_defaults, profile.hardware, hardware)]
+            profile.hardware = {**given[0], **given[1], **given[2]}
         old = profile.plans.get(plan.fingerprint)
-        created = old.created if old is not None else plan.created
-        profile.plans[plan.fingerprint] = plan.model_copy(update={"created": created, "updated": _now()})
+        kept = {} if old is None else {
+            "created": old.created, "events": old.events + [e for e in plan.events if e not in old.events],
+            "safe_micro_batch": min(filter(None, (old.safe_micro_batch, plan.safe_micro_batch)), default=None),
+            "compile_failed": old.compile_failed or plan.compile_failed}
+        profile.plans[plan.fingerprint] = plan.model_copy(update={**kept, "updated": _now()})
         _write_atomic(path, profile)
     return path
 
