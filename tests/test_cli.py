@@ -380,6 +380,8 @@ def test_profiles_add_then_probe_gpu_uses_it(tmp_path, monkeypatch, capsys):
     (["--peak-fp16-tflops", "-1"], "--peak-fp16-tflops: Input should be greater than 0"),
     (["--peak-bf16-tflops", "20"], "bf16 tensor cores need compute capability 8.0"),
     (["--bandwidth-gbs", "0"], "--bandwidth-gbs"),
+    (["--peak-fp16-tflops", "inf"], "--peak-fp16-tflops"),  # written, then refused on every read
+    (["--bandwidth-gbs", "nan"], "--bandwidth-gbs"),
 ])
 def test_profiles_add_bad_values_are_one_line(tmp_path, monkeypatch, capsys, change, words):
     args = list(GTX1650)

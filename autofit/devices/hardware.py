@@ -44,9 +44,9 @@ class HardwareSpec(BaseModel):
     # Dense (no sparsity) tensor-core TFLOP/s, with FP32 accumulation: that is what PyTorch's bf16
     # and fp16 matmuls use. GeForce cards run FP32-accumulate at half their FP16-accumulate rate,
     # so their figure is the whitepaper's "with FP32 Accumulate" column. None: no bf16 tensor cores.
-    peak_bf16_tflops: float | None = Field(default=None, gt=0)
-    peak_fp16_tflops: float = Field(gt=0)
-    memory_bandwidth_gbs: float = Field(gt=0)  # GB/s, decimal, as vendors state it
+    peak_bf16_tflops: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    peak_fp16_tflops: float = Field(gt=0, allow_inf_nan=False)
+    memory_bandwidth_gbs: float = Field(gt=0, allow_inf_nan=False)  # GB/s, decimal, as vendors state it
     # Memory the driver and firmware keep on an idle card (NVML v2 memory info's `reserved`): what
     # an emulated card cannot give the process. None until measured on such a card (the GPU
     # self-check records it); emulation then assumes ASSUMED_DRIVER_RESERVED_SHARE, and says so.
