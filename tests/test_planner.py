@@ -249,3 +249,24 @@ def test_estimated_mode_compares_the_plan_with_the_config_as_written(batch, loss
         want = (m / (m + 2)) / (8 / 10)
         assert f"the plan runs {want:.2f}x as fast by estimated step time" in verdict
         assert f"{want:.2f}x as fast" in res.plan.reason
+
+
+def test_an_estimated_plan_holds_the_whole_batch_in_one_micro_batch_where_that_fits():
+    """One micro-batch holds no gradients while another runs: where the whole batch fits only so
+    (its estimate with one micro-batch within the budget, with two not), the estimated plan runs
+    it in one, as the measured search sizes it (autofit.planning.search.TrialRunner.estimate)."""
+    from types import SimpleNamespace
+    from autofit.devices.hardware import load_builtin
+    from autofit.planning.candidates import Space
+    from autofit.planning.estimate import ModelShape, estimate_peak
+    from autofit.planning.estimated import _largest_fits
+    from trainer.config.train_config import load_config
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                "vocab_size=256", "batch_size=8", "gradient_accumulation_steps=1"])
+    shape = ModelShape.from_config(cfg)
+    kw = dict(dtype="bfloat16", checkpointing=0, loss_impl="standard", device="cuda", ce_chunk_size=cfg.ce_chunk_size)
+    one, two = (estimate_peak(shape, 8, n_micro=n, **kw).peak_bytes for n in (1, 2))
+    assert one < two
+    space = Space(dtypes=["bfloat16"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    trials, best = _largest_fits(cfg, shape, load_builtin()["h100-80gb"], SimpleNamespace(budget_bytes=one), space)
+    assert best.micro_batch == 8 and best.estimated_peak_bytes == one

@@ -89,8 +89,12 @@ def _largest_fits(cfg, shape: ModelShape, hw, budget: Budget, space: Space) -> t
     for lv in lever_combos(space):
         m = min(E, max_micro_batch(shape, budget.budget_bytes, **lv.estimate_args(), compile=False, device="cuda",
                                    ce_chunk_size=cfg.ce_chunk_size))
-        est = estimate_peak(shape, max(m, 1), **lv.estimate_args(), compile=False, device="cuda",
-                            ce_chunk_size=cfg.ce_chunk_size)
+        whole = estimate_peak(shape, E, **lv.estimate_args(), compile=False, device="cuda",
+                              ce_chunk_size=cfg.ce_chunk_size, n_micro=1)
+        if m < E and whole.peak_bytes <= budget.budget_bytes:
+            m = E  # one micro-batch holds no gradients while another runs (as the measured search sizes it)
+        est = whole if m == E else estimate_peak(shape, max(m, 1), **lv.estimate_args(), compile=False,
+                                                 device="cuda", ce_chunk_size=cfg.ce_chunk_size)
         if m == 0:
             trials.append(TrialRecord(**lv.candidate(1).model_dump(), status="pruned",
                                       estimated_peak_bytes=est.peak_bytes,
