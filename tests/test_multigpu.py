@@ -450,3 +450,24 @@ def test_python_m_autofit_hands_main_s_exit_status_to_exit_rank(monkeypatch):
         monkeypatch.setattr(autofit.cli.app, "main", how)
         entry.run()
     assert codes == [0, 2, 0, 1]
+
+
+def test_a_resume_on_another_number_of_ranks_gives_each_rank_its_own_rng():
+    """Three ranks' RNG states in the checkpoint, two ranks now: rank 0 takes rank 0's, rank 1 a
+    state seeded from it plus its rank (it took rank 0's too: the same dropout masks on every
+    rank), the same on every resume."""
+    from types import SimpleNamespace
+    from trainer.distributed.multirank import RankGroup
+    states = [torch.Generator().manual_seed(s).get_state() for s in (1, 2, 3)]
+    ck = {"rng_ranks": states, "rng_cpu": states[0], "rng_cuda": None}
+
+    def state(rank):
+        return RankGroup.rng_state(SimpleNamespace(ranks=SimpleNamespace(world_size=2, rank=rank)), ck)[0]
+    assert torch.equal(state(0), states[0])
+    assert not torch.equal(state(1), states[0]) and torch.equal(state(1), state(1))
+    draws = []
+    for rank in (0, 1):
+        g = torch.Generator()
+        g.set_state(state(rank))
+        draws.append(torch.rand(4, generator=g))
+    assert not torch.equal(draws[0], draws[1])

@@ -182,12 +182,21 @@ class RankGroup:
 
     def rng_state(self, ck: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's RNG state from a checkpoint: its own when the world size is unchanged,
-        else rank 0's reseeded by rank (dropout masks then differ from the first run's)."""
+        else rank 0's, and on every other rank a state seeded from it plus the rank, so ranks draw
+        different dropout masks, as a fresh run's seed + rank does (the masks then differ from the
+        first run's)."""
         saved = ck.get("rng_ranks")
         cuda = ck.get("rng_cuda_ranks")
         if saved is not None and len(saved) == self.ranks.world_size:
             return saved[self.ranks.rank], (cuda[self.ranks.rank] if cuda else None)
-        return ck["rng_cpu"], ck.get("rng_cuda")
+        if self.ranks.rank == 0:
+            return ck["rng_cpu"], ck.get("rng_cuda")
+        g = torch.Generator()
+        g.set_state(ck["rng_cpu"].cpu())
+        seed = int(torch.randint(0, 2**62, (1,), generator=g)) + self.ranks.rank
+        on_cuda = ck.get("rng_cuda") is not None and torch.cuda.is_available()
+        return (torch.Generator().manual_seed(seed).get_state(),
+                torch.Generator(device="cuda").manual_seed(seed).get_state() if on_cuda else None)
 
     def split_change(self, ck: dict, effective_batch: int, micro_batches: list[int]) -> dict | None:
         """The fields of a 'world_size_changed' event when the checkpoint was written by another
