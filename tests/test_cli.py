@@ -561,3 +561,14 @@ def test_an_estimated_plan_keeps_to_the_lever_flags_even_where_the_config_as_wri
     code, out, err = cli(monkeypatch, capsys, "probe", "--preset", "tiny", "--gpu", "h100-80gb", *flags, "--json")
     assert code == 0, err
     assert json.loads(out)["plan"][field] == want
+
+
+def test_a_budget_too_small_for_the_optimizer_state_is_one_line(tmp_path, monkeypatch, capsys):
+    """The optimizer's state is made before step 0's update, inside the step's OOM recovery: where
+    it does not fit, each smaller micro-batch is tried and the run ends in one line (a half-made
+    AdamW state once broke the redo with KeyError: 'exp_avg_sq')."""
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--budget", "300KB",
+                         "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
+                         "--set", "batch_size=4", "--set", "gradient_accumulation_steps=1", "--max-steps", "2",
+                         "--out", "o", "--no-progress")
+    assert code != 0 and "no smaller micro-batch is left" in err and "Traceback" not in err

@@ -696,3 +696,54 @@ def test_a_run_that_gives_up_on_an_oom_resumes_on_the_steps_own_batch_and_rng(tm
     train(make_cfg(out, dropout=0.1), opts(resume=True))
     assert sorted(train_losses(out)) == list(range(STEPS))
     assert_losses_close(train_losses(out), train_losses(ref), rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_optimizer_state_is_made_before_step_0s_update_and_changes_no_number(tmp_path, monkeypatch, optimizer):
+    """A fresh run makes its optimizer's state before step 0's update (an OOM then comes where a
+    redo is whole, not inside the update, where it would apply a half-done update twice), with its
+    step counters at 0 and no gradients held: the losses are those of lazily made state, exactly."""
+    import trainer.loop as loop
+    import trainer.step as step_mod
+    real, seen = step_mod._optimizer_update, []
+
+    def update(model, opt, *a, **k):
+        if not seen:
+            seen.append((len(opt.state), len([p for p in model.parameters() if p.requires_grad]),
+                         max(float(st.get("step", 0)) for st in opt.state.values()) if opt.state else None))
+        return real(model, opt, *a, **k)
+    monkeypatch.setattr(step_mod, "_optimizer_update", update)
+    train(make_cfg(tmp_path / "primed", optimizer=optimizer), opts(max_steps=3))
+    n_state, n_params, step = seen[0]
+    assert n_state == n_params and step == 0
+    monkeypatch.setattr(loop, "prime_optimizer", lambda *a, **k: None)
+    train(make_cfg(tmp_path / "lazy", optimizer=optimizer), opts(max_steps=3))
+    assert train_losses(tmp_path / "primed") == train_losses(tmp_path / "lazy")
+
+
+def test_an_oom_inside_the_optimizer_update_stops_the_run_instead_of_redoing_a_half_applied_step(
+        tmp_path, monkeypatch):
+    """An OOM after the micro-batches, in the update, may come after some parameters or moments
+    moved: a redo would apply that part twice. The run stops with one line (no shrink, no redo),
+    and a probe's trial still records it as an out-of-memory error."""
+    import trainer.step as step_mod
+    from autofit.planning.candidates import Levers
+    from autofit.planning.trials import TrialSettings, run_trial
+    real = step_mod._optimizer_update
+    calls = []
+
+    def update(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return real(*a, **k)
+    monkeypatch.setattr(step_mod, "_optimizer_update", update)
+    seen = []
+    with pytest.raises(TrainError, match="inside the optimizer update of step 2.*cannot be redone"):
+        train(make_cfg(tmp_path), opts(on_event=seen.append))
+    assert not [e for e in seen if "shrink" in e.get("event", "")]
+    calls.clear()
+    cfg = make_cfg(tmp_path / "t")
+    r = run_trial(cfg, Levers("float32", 0, "standard").candidate(4), BudgetedCpuDevice(budget_bytes=1 << 30),
+                  rank_batch=8, budget_bytes=1 << 30, settings=TrialSettings(steps=3))
+    assert r.status == "oom" and "optimizer update" in r.note

@@ -39,8 +39,8 @@ from trainer.options import RunOptions, RunResult
 from trainer.distributed.ranks import Ranks
 from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS, Recovery, StagedRun, ThrashDetector
 from trainer.schedule import lr_at
-from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, make_optimizer,
-                          set_matmul_precision, train_step)
+from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, make_optimizer, prime_optimizer,
+                          UpdateOOM, set_matmul_precision, train_step)
 
 __all__ = ["RunOptions", "RunResult", "TrainError", "Trainer", "train"]
 
@@ -89,17 +89,15 @@ class Trainer:
             self._build_model_and_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "float16" else None
         self.forward = self.model  # compiled after compile_after steps (blocks in place, or a wrapper)
-        self.compiled = False
-        self.compile_failed = False  # compile OOMed and we fell back to eager: stay eager
+        self.compiled, self.compile_failed = False, False  # compile_failed: compile OOMed, so eager from then on
         self.evaluator = Evaluator(BatchSampler(self.data, cfg.block_size, cfg.seed + 7919), iters=cfg.eval_iters,
                                    batch_size=cfg.batch_size, micro_batch=opts.eval_micro_batch or max(self.micro_batches),
                                    device=self.device, dtype=self.dtype, meter=self.meter, on_event=self._event,
                                    agree=self.group.eval_agree)
         self._unread: list[tuple[int, StepResult]] = []  # steps whose loss is still on the device
         self.losses: list[float] = []
-        self._eager_laps: list = []  # the last eager steps' laps (self.clock), for the compile time
-        self._compile_timed = False
-        self._skips = 0  # fp16 steps skipped in a row
+        self._eager_laps, self._compile_timed = [], False  # the last eager steps' laps, for the compile time
+        self._skips, self._primed = 0, bool(opts.resume)  # fp16 steps skipped in a row; optimizer state made
         if opts.resume:
             with self.meter.tracking():  # the loaded optimizer state counts against a budget
                 self._load_checkpoint()
@@ -222,17 +220,18 @@ class Trainer:
             lap = self.clock.start()
             self.meter.reset_peak()
             failure, injected = None, False
-            try:
+            try:  # the optimizer's state first, not lazily inside step 0's update (where an OOM is not redone)
+                self._primed = self._primed or prime_optimizer(self.model, self.optimizer, keep_grads=False) or True
                 res = train_step(self.model, self.optimizer, x, y, self.micro_batches,
                                  dtype=self.dtype, scaler=self.scaler, grad_clip=self.cfg.grad_clip,
                                  forward=self.group.forward(self.forward), step=it, fault=self.fault,
                                  sync_grads=self.group.sync)
             except Exception as e:
-                if not self.meter.is_oom(e):
+                if not self.meter.is_oom(e) or isinstance(e, UpdateOOM):  # a half-applied update is not redone
                     other = self.group.failed(e)  # the other ranks are told; a lost rank is one line
                     if other is not None:
                         raise other from None
-                    raise
+                    raise TrainError(str(e)) if isinstance(e, UpdateOOM) else e
                 failure = str(e).splitlines()[0][:200]
                 attempt = {"injected": isinstance(e, InjectedOOM) or getattr(e, "injected", False),
                            "agreed": getattr(e, "agreed", False)}

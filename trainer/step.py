@@ -170,6 +170,13 @@ class InjectedOOM(torch.OutOfMemoryError):
     is not written into a saved profile as a lesson about the card."""
 
 
+class UpdateOOM(torch.OutOfMemoryError):
+    """Out of memory inside the optimizer update (train_step): part of the update (some parameters,
+    some moments) may already be applied, so the step cannot be redone as it was. The trainer
+    stops on it (trainer.loop) where it shrinks and redoes an OOM in the micro-batches; a probe's
+    trial records it as any OOM."""
+
+
 class FaultInjector:
     """Raises a real torch.OutOfMemoryError at the first micro-batch of optimizer step `at_step`,
     once, on every rank or only on rank `on_rank`. Read from AUTOFIT_FAULT_OOM_AT_STEP so tests
@@ -272,7 +279,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         sync_grads.finish()
     if before_update is not None:
         before_update()
-    grad_norm, skipped = _optimizer_update(model, optimizer, scaler, grad_clip)
+    try:
+        grad_norm, skipped = _optimizer_update(model, optimizer, scaler, grad_clip)
+    except Exception as e:
+        # torch.OutOfMemoryError only (CUDA's, the budgeted CPU device's): an OOM told by message
+        # alone (trainer.meter.is_oom, a sibling module) is still redone
+        if isinstance(e, UpdateOOM) or not isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise UpdateOOM(f"out of memory inside the optimizer update{'' if step is None else f' of step {step}'}: "
+                        f"part of it may already be applied, so the step cannot be redone; resume from the last "
+                        f"checkpoint (--resume), with a smaller micro-batch if it happens again") from e
     optimizer.zero_grad(set_to_none=sync_grads is None or sync_grads.zero_grad_to_none)
     return StepResult(loss_tensor=loss_sum, tokens=total_tokens, micro_batches=list(micro_batches),
                       grad_norm_tensor=grad_norm, skipped_tensor=skipped)
@@ -301,6 +317,41 @@ def _micro_pieces(x, y, micro_batches: list[int]):
             yield got / max(total, 1), x[start:start + mb], y[start:start + mb]
             start += mb
     return total, pieces()
+
+
+def prime_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, keep_grads: bool) -> None:
+    """Makes AdamW's state (exp_avg, exp_avg_sq, step) and the gradients now, before any timed
+    step, by one optimizer step on zero gradients at learning rate 0 (no weight moves: the decay
+    is lr x weight_decay = 0 and the update is lr x ... = 0). `keep_grads`: leave the zero
+    gradients allocated, as training's zero_grad leaves them between steps under DDP; else drop
+    them as it does with one process and under FSDP2 (set_to_none), so that step 1's first backward
+    makes them as every training step's does (kept, a single micro-batch's trial measured one
+    gradient copy more than training holds: 7 % of a small model's peak). The state's step counters
+    are then set back to 0, so the first real step is a fresh optimizer's (its moments and Muon's
+    momentum are zeros, as lazily made ones are): training primed so runs nanoGPT's numbers, and
+    its optimizer state is made before step 0, not inside its first update (autofit's trials
+    prime it too: an OOM in step 1, not at the end of it)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    try:
+        opt.step()
+    except BaseException:  # an OOM: half-made state (AdamW's step and exp_avg, no exp_avg_sq) breaks a redo
+        for st in opt.state.values():
+            st.clear()
+        raise
+    finally:
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+    opt.zero_grad(set_to_none=not keep_grads)
+    for st in opt.state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"].zero_()
+        elif "step" in st:
+            st["step"] = 0
 
 
 def _optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

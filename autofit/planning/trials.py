@@ -30,7 +30,7 @@ from autofit.planning import agree
 from autofit.records import Candidate, TrialRecord
 from trainer.compiler import compile_model
 from trainer.model.gpt import GPT, GPTConfig
-from trainer.step import make_optimizer, set_matmul_precision, train_step
+from trainer.step import make_optimizer, prime_optimizer, set_matmul_precision, train_step
 
 # After a trial, allocated memory must be back at its baseline within this much. cuBLAS keeps a
 # workspace per (handle, stream) in the caching allocator (32 MiB each on Hopper; the forward's
@@ -88,26 +88,6 @@ def trial_split(rank_batch: int, micro_batch: int) -> list[int]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def prime_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, keep_grads: bool) -> None:
-    """Makes AdamW's state (exp_avg, exp_avg_sq, step) and the gradients now, before any timed
-    step, by one optimizer step on zero gradients at learning rate 0 (no weight moves: the decay
-    is lr x weight_decay = 0 and the update is lr x ... = 0). `keep_grads`: leave the zero
-    gradients allocated, as training's zero_grad leaves them between steps under DDP; else drop
-    them as it does with one process and under FSDP2 (set_to_none), so that step 1's first backward
-    makes them as every training step's does (kept, a single micro-batch's trial measured one
-    gradient copy more than training holds: 7 % of a small model's peak)."""
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-    lrs = [g["lr"] for g in opt.param_groups]
-    for g in opt.param_groups:
-        g["lr"] = 0.0
-    opt.step()
-    for g, lr in zip(opt.param_groups, lrs):
-        g["lr"] = lr
-    opt.zero_grad(set_to_none=not keep_grads)
 
 
 def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, settings: TrialSettings,
