@@ -224,27 +224,33 @@ def test_retiming_alternates_the_contenders(monkeypatch):
     assert all(a != b for a, b in zip(order, order[1:]))
 
 
+class GrowingContext(BudgetedCpuDevice):
+    """A CUDA-like device (its trials run on the budgeted CPU device): `later_bytes` appear outside
+    the allocator once a trial has run (refresh_context)."""
+    context_bytes = 0
+
+    def __init__(self, later_bytes: int, **kw):
+        super().__init__(**kw)
+        self.later_bytes = later_bytes
+
+    @property
+    def info(self):
+        from autofit.devices.device import DeviceInfo
+        return DeviceInfo(kind="cuda", name="fake", index=0, total_bytes=8_000_000, free_bytes=8_000_000,
+                          used_by_others_bytes=0, compute_capability=(9, 0), driver_version=None,
+                          cuda_version=None, source="nvml")
+
+    def refresh_context(self):
+        self.context_bytes = self.later_bytes
+        return self.context_bytes
+
+
 def test_the_budget_is_recomputed_from_the_context_measured_after_the_first_trial(monkeypatch):
     import autofit.planning.planner as planner
     import autofit.planning.search as search
     from autofit.planning.budget import compute_budget
-    from autofit.devices.device import DeviceInfo
 
-    class GrowingContext(BudgetedCpuDevice):
-        """A CUDA-like device: 1 MiB appears outside the allocator once a trial has run."""
-        context_bytes = 0
-
-        @property
-        def info(self):
-            return DeviceInfo(kind="cuda", name="fake", index=0, total_bytes=8_000_000, free_bytes=8_000_000,
-                              used_by_others_bytes=0, compute_capability=(9, 0), driver_version=None,
-                              cuda_version=None, source="nvml")
-
-        def refresh_context(self):
-            self.context_bytes = 1 << 20
-            return self.context_bytes
-
-    dev = GrowingContext(budget_bytes=8_000_000)
+    dev = GrowingContext(1 << 20, budget_bytes=8_000_000)
     # its trials run on the budgeted CPU device, so the CUDA estimate (cuBLAS's 64 MiB of
     # workspaces among it) and its error bound say nothing about them: every size is run
     monkeypatch.delitem(search.ESTIMATE_ERROR_BOUND, "cuda")
@@ -267,7 +273,6 @@ def test_a_first_trial_over_the_budget_lowered_after_it_is_no_fit(monkeypatch):
     import autofit.planning.search as search
     from autofit.planning.budget import compute_budget
     from autofit.planning.candidates import PlanError
-    from autofit.devices.device import DeviceInfo
     cfg = tiny(8)
     space = planner.Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
     probe_dev = BudgetedCpuDevice(budget_bytes=8_000_000)
@@ -275,23 +280,9 @@ def test_a_first_trial_over_the_budget_lowered_after_it_is_no_fit(monkeypatch):
                       budget_bytes=8_000_000, settings=TrialSettings(steps=2))
     assert first.status == "fit"
 
-    class GrowingContext(BudgetedCpuDevice):
-        """A CUDA-like device whose context, measured after the first trial, leaves a budget just
-        below that trial's peak."""
-        context_bytes = 0
-
-        @property
-        def info(self):
-            return DeviceInfo(kind="cuda", name="fake", index=0, total_bytes=8_000_000, free_bytes=8_000_000,
-                              used_by_others_bytes=0, compute_capability=(9, 0), driver_version=None,
-                              cuda_version=None, source="nvml")
-
-        def refresh_context(self):
-            self.context_bytes = 8_000_000 - int(first.measured_peak_bytes * 0.99 / 0.9)
-            return self.context_bytes
-
     monkeypatch.delitem(search.ESTIMATE_ERROR_BOUND, "cuda")
-    dev = GrowingContext(budget_bytes=8_000_000)
+    # the context measured after the first trial leaves a budget just below that trial's peak
+    dev = GrowingContext(8_000_000 - int(first.measured_peak_bytes * 0.99 / 0.9), budget_bytes=8_000_000)
     before = compute_budget(dev.info, 0.1, context_bytes=0, workspace_bytes=0)
     with pytest.raises(PlanError, match="nothing fits"):
         planner.probe_measured(cfg, dev, before, space, settings=TrialSettings(steps=2))

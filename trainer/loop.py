@@ -220,8 +220,10 @@ class Trainer:
             lap = self.clock.start()
             self.meter.reset_peak()
             failure, injected = None, False
-            try:  # the optimizer's state first, not lazily inside step 0's update (where an OOM is not redone)
-                self._primed = self._primed or prime_optimizer(self.model, self.optimizer, keep_grads=False) or True
+            try:
+                if not self._primed:  # the optimizer's state first, not lazily inside step 0's update (not redone)
+                    prime_optimizer(self.model, self.optimizer, keep_grads=False)
+                    self._primed = True
                 res = train_step(self.model, self.optimizer, x, y, self.micro_batches,
                                  dtype=self.dtype, scaler=self.scaler, grad_clip=self.cfg.grad_clip,
                                  forward=self.group.forward(self.forward), step=it, fault=self.fault,
@@ -347,8 +349,7 @@ class Trainer:
             self.opts.on_event(ev)
 
     def _rng_state(self) -> tuple:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return torch.get_rng_state(), cuda
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
 
     def _set_rng_state(self, state: tuple) -> None:
         torch.set_rng_state(state[0])

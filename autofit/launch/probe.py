@@ -87,6 +87,18 @@ def fitted_config(cfg, log: Callable[[str], None] = lambda s: None):
     return fitted(cfg)
 
 
+def probe_space(cfg, device, opts: ProbeOptions):
+    """The lever space the probe searches on an opened `device` with these options
+    (autofit.planning.candidates.candidate_space). Raises PlanError for a flag it cannot honour."""
+    from autofit.planning import agree
+    info = device.info
+    return candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
+                           compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
+                           compile_measurable=device.capabilities.compile,
+                           compute_capability=info.compute_capability, world_size=agree.ranks().world_size,
+                           checkpointing_policies=opts.checkpointing_policies)
+
+
 def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]) -> ProbeResult:
     """The measured probe on an opened device (autofit.devices.device.Device) whose budget is known."""
     cfg = fitted_config(cfg, log)
@@ -97,12 +109,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     info = device.info
     budget = agree.budget(budget)  # several ranks: the smallest rank's
     ranks = agree.ranks()
-    space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported, dtype=opts.dtype,
-                            compile=opts.compile, checkpointing=opts.checkpointing, loss_impls=opts.loss_impls,
-                            compile_measurable=device.capabilities.compile,
-                            compute_capability=info.compute_capability, world_size=ranks.world_size,
-                            checkpointing_policies=opts.checkpointing_policies)
-    space = agree.space(space)  # several ranks: what every rank's card can run
+    space = agree.space(probe_space(cfg, device, opts))  # several ranks: what every rank's card can run
     # after the space: a lever this device cannot run (bf16 on a card without it) is refused first
     log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)} "
         f"({fmt_bytes(budget.usable_bytes)} usable less the {budget.margin:.0%} safety margin)"

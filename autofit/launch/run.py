@@ -18,7 +18,7 @@ from autofit.planning.budget import device_budget
 from autofit.devices.device import DeviceError
 from autofit.devices.opener import open_device
 from autofit.devices.hardware import builtin_hardware as _builtin_hardware, cpu_slug, load_builtin, slug_for
-from autofit.launch.probe import ProbeOptions, probe_on, run_probe
+from autofit.launch.probe import ProbeOptions, probe_on, probe_space, run_probe
 from autofit.profiles.store import (FittedPlan, ProfileError, check_profiles_writable, find_plan, fingerprint,
                                    fingerprint_inputs, load_profile, nearest_plan, record_event, save_plan)
 from autofit.records import PlanRecord, ProbeResult
@@ -246,17 +246,11 @@ def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> s
     (--dtype, --compile/--no-compile, --checkpointing, --checkpointing-policy, --loss: a probe with
     them would not have chosen it), or its peak above this run's budget (--margin). The flags are
     read as a probe reads them (candidate_space), so a bad one is refused here too. Raises PlanError."""
-    from autofit.planning.candidates import candidate_space
     from autofit.units import fmt_bytes
     why = []
     if any(a is not None for a in (opts.dtype, opts.compile, opts.checkpointing, opts.checkpointing_policies,
                                    opts.loss_impls)):
-        info = device.info
-        space = candidate_space(cfg, "cpu" if info.kind == "cpu" else "cuda", info.bf16_supported,
-                                dtype=opts.dtype, compile=opts.compile, checkpointing=opts.checkpointing,
-                                loss_impls=opts.loss_impls, compile_measurable=device.capabilities.compile,
-                                compute_capability=info.compute_capability, world_size=agree.ranks().world_size,
-                                checkpointing_policies=opts.checkpointing_policies)
+        space = probe_space(cfg, device, opts)
         if plan.dtype not in space.dtypes:
             why.append(f"it trains in {plan.dtype}, not {', '.join(space.dtypes)}")
         if plan.compile not in space.compile:
