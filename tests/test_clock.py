@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import trainer.loop
+import trainer.redo
 from trainer.clock import EventClock, HostClock, step_clock
 from trainer.config.train_config import load_config
 from trainer.loop import RunOptions, Trainer
@@ -60,13 +61,13 @@ def cfg_for(out_dir, steps=6, log_interval=2, **over):
 @pytest.fixture
 def gpu(monkeypatch):
     gpu = FakeGpu()
-    real = trainer.loop.train_step
+    real = trainer.redo.train_step
 
     def queued(*a, **kw):  # the real step on the CPU, then its 'kernels' queued on the fake device
         res = real(*a, **kw)
         gpu.queue_step()
         return res
-    monkeypatch.setattr(trainer.loop, "train_step", queued)
+    monkeypatch.setattr(trainer.redo, "train_step", queued)
     return gpu
 
 

@@ -14,7 +14,7 @@ PARTS = {
     "trainer": {"errors": 0, "paths": 0, "interrupt": 0, "meter": 0, "clock": 0, "schedule": 0, "compiler": 0,
                 "step": 0, "__init__": 0, "writes": 1, "phases": 1, "data": 2, "config": 3, "model": 3,
                 "checkpoint": 4, "distributed": 4,
-                "options": 5, "recovery": 5, "evaluate": 5, "metrics": 5, "sample": 5, "loop": 6},
+                "options": 5, "recovery": 5, "evaluate": 5, "metrics": 5, "sample": 5, "redo": 6, "loop": 7},
 }
 
 

@@ -555,6 +555,22 @@ def test_compile_switch_after_warmup(tmp_path, fresh_dynamo, baseline):
     assert_losses_close(train_losses(tmp_path), want, rtol=1e-5)
 
 
+def test_a_thrash_shrink_in_the_compile_window_rewraps_the_eager_module(tmp_path, fresh_dynamo, monkeypatch):
+    """Thrashing inside the compile window with no compiled size to fall to drops compile; the
+    ranks' wrapper (DDP) must then go around the eager module, not keep calling compiled code."""
+    from trainer.loop import Trainer
+    t = Trainer(compile_cfg(tmp_path), opts(meter=ThrashingMeter(), compile_after=2, compile_backend="eager",
+                                            compiled_fit_sizes=[]))
+    wrapped = []  # (compile given up when wrapped, the module wrapped)
+    monkeypatch.setattr(t.group, "rewrap", lambda forward: wrapped.append((t.compile_failed, forward)))
+    res = t.run()
+    assert res.status == "finished"
+    (ev,) = events(tmp_path, "compile_fallback_eager")
+    assert ev["reason"].startswith("allocator retries")
+    assert wrapped == [(False, t.forward), (True, t.model)]  # at the compile switch, then at the fallback
+    assert [r["compiled"] for r in records(tmp_path, "train")] == [False, False, True, True, False]
+
+
 def test_compile_window_oom_falls_back_to_eager(tmp_path, fresh_dynamo, baseline):
     res = train(compile_cfg(tmp_path), opts(compile_after=2, compile_backend="eager",
                                             compiled_fit_sizes=[], fault=FaultInjector(2)))
@@ -623,6 +639,29 @@ def test_sigint_checkpoints_and_resume_finishes(tmp_path, baseline):
     res2 = train(make_cfg(tmp_path), opts(resume=True))
     assert res2.status == "finished" and res2.steps == STEPS
     assert_losses_close(train_losses(tmp_path), train_losses(baseline[1]), rtol=1e-6)
+
+
+def test_a_ctrl_c_during_the_last_checkpoint_is_heard_and_the_checkpoint_written(tmp_path, monkeypatch):
+    """The last save runs under the stop flag: a Ctrl-C during it is a stop request, not a
+    KeyboardInterrupt that would lose the steps since the last checkpoint."""
+    import trainer.loop as loop
+    real = loop.atomic_torch_save
+
+    def save_under_ctrl_c(obj, path, **kw):
+        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C while the last checkpoint is written
+        return real(obj, path, **kw)
+
+    monkeypatch.setattr(loop, "atomic_torch_save", save_under_ctrl_c)
+    # Python's own handler, even where the suite runs in a shell's background job (SIGINT ignored)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = train(make_cfg(tmp_path, eval_interval=0, max_iters=3), opts())
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C during the last save was not heard by the stop flag")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert res.status == "finished" and res.checkpoint is not None
+    assert torch.load(res.checkpoint, weights_only=True)["iter_num"] == 3
 
 
 def test_a_fatal_oom_keeps_the_completed_steps(tmp_path):
@@ -703,7 +742,7 @@ def test_the_optimizer_state_is_made_before_step_0s_update_and_changes_no_number
     """A fresh run makes its optimizer's state before step 0's update (an OOM then comes where a
     redo is whole, not inside the update, where it would apply a half-done update twice), with its
     step counters at 0 and no gradients held: the losses are those of lazily made state, exactly."""
-    import trainer.loop as loop
+    import trainer.redo as loop
     import trainer.step as step_mod
     real, seen = step_mod._optimizer_update, []
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.loop as loop
+import trainer.redo as loop  # where the loop calls train_step
 from autofit.launch import probe as probe_mod
 from autofit.launch.probe import ProbeOptions, run_probe
 from autofit.report.render import stage_lines
@@ -53,7 +53,7 @@ def records(out_dir, kind: str) -> list[dict]:
 
 
 class StepSpy:
-    """Wraps trainer.loop.train_step: the sequences, their length and the micro-batches of every
+    """Wraps trainer.redo.train_step: the sequences, their length and the micro-batches of every
     optimizer step that completed."""
 
     def __init__(self, monkeypatch):

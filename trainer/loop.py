@@ -1,7 +1,7 @@
 """The training loop, in the shape of nanoGPT's train.py: evaluate now and then, step, log,
 checkpoint. Two things a launcher needs are built in: torch.compile switched on after a warm-up,
 and recovery from an out-of-memory error by redoing the same optimizer step with smaller
-micro-batches (the policy is trainer.recovery's).
+micro-batches (trainer.redo; the policy is trainer.recovery's).
 
 The loop takes its plan (micro-batch sizes, when to compile, how to shrink) from RunOptions; it
 knows nothing of how the plan was found. Around it: trainer.checkpoint.ckpt, trainer.metrics
@@ -14,7 +14,6 @@ naming the first step whose loss was not finite, before anything of it is saved.
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from trainer.data.batches import StepBatches
 from trainer.checkpoint.ckpt import atomic_torch_save, read_checkpoint, restore, training_state
 from trainer.clock import step_clock
-from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model, uncompile
+from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model
 from trainer.config.train_config import TrainConfig
 from trainer.data.datasets import BatchSampler, load_dataset
 from trainer.errors import TrainError
@@ -37,15 +36,18 @@ from trainer.model.pretrained import build_model
 from trainer.distributed.multirank import RankGroup, pick_device
 from trainer.options import RunOptions, RunResult
 from trainer.distributed.ranks import Ranks
-from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS, Recovery, StagedRun, ThrashDetector
+from trainer.recovery import Recovery, StagedRun, ThrashDetector
+from trainer.redo import RedoneStep
 from trainer.schedule import lr_at
-from trainer.step import (FaultInjector, InjectedOOM, StepResult, check_dtype, make_optimizer, prime_optimizer,
-                          UpdateOOM, set_matmul_precision, train_step)
+from trainer.step import FaultInjector, StepResult, check_dtype, make_optimizer, set_matmul_precision
 
 __all__ = ["RunOptions", "RunResult", "TrainError", "Trainer", "train"]
 
 
-class Trainer:
+class Trainer(RedoneStep):
+    """nanoGPT's training loop for one rank (several under torchrun), with its plan from RunOptions
+    and its step redone after an OOM (trainer.redo.RedoneStep). Raises TrainError."""
+
     def __init__(self, cfg: TrainConfig, opts: RunOptions | None = None):
         self.cfg = cfg
         self.opts = opts = opts or RunOptions()
@@ -136,43 +138,17 @@ class Trainer:
         cfg = self.cfg
         stop_at = min(cfg.max_iters, self.opts.max_steps) if self.opts.max_steps is not None else cfg.max_iters
         self.losses: list[float] = []  # every step's loss, read from the device in batches
-        tokens = 0
-        status = "finished"
         progress = self._progress = Progress(enabled=self.opts.progress and self.master, total=stop_at,
                                              start=self.iter_num, master=self.master)
         if self.master:  # before the run record: a sink that cannot open leaves metrics.jsonl as it was
             self.metrics.sinks += open_sinks(cfg, progress.print)
         self._write_run_record()
         try:
-            with self.meter.tracking(), StopFlag(STOP_NOTICE if self.master else None,
-                                                 silent=reported_by_launcher()) as stop, progress:
-                self.group.watch(stop)
-                self.evaluator.stop, self.evaluator.say = (lambda: self.group.stop_now(stop)), progress.print
-                self._say_opening()
-                if cfg.eval_only:  # nanoGPT's eval_only: evaluate once, train nothing, save nothing
-                    self._evaluate_and_save(self.iter_num, save=False)
-                    stop_at, status = self.iter_num, "interrupted" if self.last_eval is None else "evaluated"
-                while True:
-                    it = self.iter_num
-                    if self._eval_due(it):
-                        self._evaluate_and_save(it)
-                    if it >= stop_at:
-                        break
-                    if self.group.stop_now(stop):
-                        status = "interrupted"
-                        break
-                    if self._compile_due(it):
-                        self._compile_on(it)
-                    res, lap = self.train_one_step(it)
-                    self.iter_num = it + 1
-                    tokens += res.tokens * self.world_size
-                    self._unread.append((it, res))
-                    self._check_thrash()
-                    if it % cfg.log_interval == 0 or self.iter_num == stop_at:
-                        self._log_step(it, res, self.clock.seconds(lap))  # waits for the device
-                    del res  # its device tensors must not outlive the step (a budget counts them)
-                    progress.advance()
-            ckpt = self.save_checkpoint() if not cfg.eval_only else None
+            with StopFlag(STOP_NOTICE if self.master else None, silent=reported_by_launcher()) as stop, progress:
+                with self.meter.tracking():
+                    status, tokens = self._steps(stop, stop_at)
+                # still under the stop flag: a Ctrl-C during this last save is heard, not a KeyboardInterrupt in it
+                ckpt = self.save_checkpoint() if not cfg.eval_only else None
         finally:
             self.batches.close()
             self.metrics.close()
@@ -182,6 +158,35 @@ class Trainer:
         return RunResult(steps=self.iter_num, losses=self.losses, tokens=tokens,
                          micro_batches=list(self.micro_batches), status=status,
                          events=self.events, checkpoint=ckpt, last_eval=self.last_eval)
+
+    def _steps(self, stop: StopFlag, stop_at: int) -> tuple[str, int]:
+        """The loop itself, until `stop_at` or a stop: (status, tokens trained on every rank)."""
+        cfg, progress, tokens, status = self.cfg, self._progress, 0, "finished"
+        self.group.watch(stop)
+        self.evaluator.stop, self.evaluator.say = (lambda: self.group.stop_now(stop)), progress.print
+        self._say_opening()
+        if cfg.eval_only:  # nanoGPT's eval_only: evaluate once, train nothing, save nothing
+            self._evaluate_and_save(self.iter_num, save=False)
+            stop_at, status = self.iter_num, "interrupted" if self.last_eval is None else "evaluated"
+        while True:
+            it = self.iter_num
+            if self._eval_due(it):
+                self._evaluate_and_save(it)
+            if it >= stop_at:
+                return status, tokens
+            if self.group.stop_now(stop):
+                return "interrupted", tokens
+            if self._compile_due(it):
+                self._compile_on(it)
+            res, lap = self.train_one_step(it)
+            self.iter_num = it + 1
+            tokens += res.tokens * self.world_size
+            self._unread.append((it, res))
+            if it % cfg.log_interval == 0 or self.iter_num == stop_at:
+                self._log_step(it, res, self.clock.seconds(lap))  # waits for the device
+            self._check_thrash()  # after the log: its record says how this step ran, not the next
+            del res  # its device tensors must not outlive the step (a budget counts them)
+            progress.advance()
 
     def _write_run_record(self) -> None:
         """The first record of a run in metrics.jsonl: where, how and with which plan it runs."""
@@ -203,53 +208,6 @@ class Trainer:
         self._say_if_compile_cannot_run()
         for text in filter(None, map(describe_event, self.events)):  # noted while resuming
             self._progress.print(text)
-
-    def train_one_step(self, it: int) -> tuple[StepResult, float]:
-        """Optimizer step `it`, redone on the same data with the same RNG after each OOM until it
-        completes or the recovery policy runs out of smaller micro-batches. Returns the step's result
-        and its lap on self.clock (the last attempt's; self.clock.seconds waits for the device)."""
-        if self.stages is not None:  # a new stage: its block size, batch and micro-batches
-            self.stages.enter(self, it)
-        lr = lr_at(it, self.cfg)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
-        start = dict(self.sampler.counters)  # where a give-up's checkpoint resumes: this step's batch
-        x, y = self.batches.take(self.step_batch)  # the step's batch (this rank's rows), once
-        rng = self._rng_state()  # a redone step draws the same dropout masks
-        while True:
-            lap = self.clock.start()
-            self.meter.reset_peak()
-            failure, injected = None, False
-            try:
-                if not self._primed:  # the optimizer's state first, not lazily inside step 0's update (not redone)
-                    prime_optimizer(self.model, self.optimizer, keep_grads=False)
-                    self._primed = True
-                res = train_step(self.model, self.optimizer, x, y, self.micro_batches,
-                                 dtype=self.dtype, scaler=self.scaler, grad_clip=self.cfg.grad_clip,
-                                 forward=self.group.forward(self.forward), step=it, fault=self.fault,
-                                 sync_grads=self.group.sync)
-            except Exception as e:
-                if not self.meter.is_oom(e) or isinstance(e, UpdateOOM):  # a half-applied update is not redone
-                    other = self.group.failed(e)  # the other ranks are told; a lost rank is one line
-                    if other is not None:
-                        raise other from None
-                    raise TrainError(str(e)) if isinstance(e, UpdateOOM) else e
-                failure = str(e).splitlines()[0][:200]
-                attempt = {"injected": isinstance(e, InjectedOOM) or getattr(e, "injected", False),
-                           "agreed": getattr(e, "agreed", False)}
-            if failure is None:
-                return res, self._timed(self.clock.stop(lap))
-            # outside the except block: its traceback no longer pins the failed step's tensors
-            self._cleanup_after_oom()
-            injected = self.group.after_oom(attempt)  # every rank knows before any moves on
-            try:
-                self._shrink(failure, injected)
-            except TrainError:  # keep the steps that did complete; this one is next, on its own batch and RNG
-                self.sampler.counters.update(start), self._set_rng_state(rng)
-                self.save_checkpoint()
-                raise
-            self.group.rewrap(self.forward)
-            self._set_rng_state(rng)
 
     # ----------------------------------------------------------------- step helpers
     def _timed(self, lap):
@@ -278,17 +236,6 @@ class Trainer:
         self.compiled = True
         self.recovery.compiled_at(it)
         self._event("compile_on", backend=str(self.opts.compile_backend), scope=self.cfg.compile_scope)
-
-    def _check_thrash(self) -> None:
-        """Allocator thrashing: shrink before it becomes an OOM (where the meter counts retries).
-        It is a lesson for the profile only when confirmed: reserved memory near the limit."""
-        if not self.meter.capabilities.alloc_retries:
-            return
-        # several ranks: shrink together when any rank thrashes, so the micro-batches stay alike
-        if self.group.any_rank(self.thrash.observe(self.meter.alloc_retries())) and max(self.micro_batches) > 1:
-            reserved, limit = self.meter.peak_reserved_bytes(), self.meter.limit_bytes()
-            confirmed = bool(reserved and limit and reserved >= THRASH_NEAR_LIMIT * limit)
-            self._shrink(f"allocator retries rose for {THRASH_STEPS} steps", cause="thrash", confirmed=confirmed)
 
     def _read_losses(self) -> None:
         """One host sync for every step not read yet (trainer.model.losses.read_losses): the losses
@@ -320,24 +267,6 @@ class Trainer:
         self.metrics.write(rec)
         self._progress.print(describe_step(rec))
 
-    def _cleanup_after_oom(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:  # a fresh scaler: the failed step may have left inf checks behind
-            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.scaler.get_scale())
-        gc.collect()
-        self.meter.cleanup()
-
-    def _shrink(self, reason: str, injected: bool = False, **extra) -> None:
-        """Applies the recovery policy after an OOM (or thrashing); the caller redoes the step."""
-        kind, info = self.recovery.after_oom(self.iter_num, self.compiled, reason)
-        if self.stages is not None and "new_micro_batch" in info:  # the profile's lesson, at block_size
-            info.update(self.stages.shrunk(info["new_micro_batch"]))
-        if "effective_batch" in info:  # the recovery policy sees this rank's share
-            info["effective_batch"] *= self.world_size
-        if kind == "compile_fallback_eager":  # no compiled state outlives the fallback
-            self.forward, self.compiled, self.compile_failed = uncompile(self.model), False, True
-        self._event(kind, reason=reason, **info, **extra, **({"injected": True} if injected else {}))
-
     def _event(self, kind: str, **info) -> None:
         ev = {"type": "event", "event": kind, "step": self.iter_num, **info}
         self.events.append(ev)
@@ -347,14 +276,6 @@ class Trainer:
             self._progress.print(text)
         if self.opts.on_event is not None:
             self.opts.on_event(ev)
-
-    def _rng_state(self) -> tuple:
-        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-
-    def _set_rng_state(self, state: tuple) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], self.device)
 
     # ----------------------------------------------------------------- evaluation
     def _eval_due(self, it: int) -> bool:

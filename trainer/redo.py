@@ -1,0 +1,109 @@
+"""One optimizer step of the training loop with its out-of-memory recovery: the step redone on
+the same data and RNG with smaller micro-batches after an OOM, or shrunk before one when the
+allocator thrashes (the policy is trainer.recovery's; the step itself trainer.step's).
+
+RedoneStep is a part of trainer.loop.Trainer, kept apart because the loop reads as nanoGPT's
+without it; its methods use the Trainer's attributes (model, optimizer, group, recovery, meter,
+sampler, batches, stages, ...).
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from trainer.compiler import uncompile
+from trainer.errors import TrainError
+from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS
+from trainer.schedule import lr_at
+from trainer.step import InjectedOOM, StepResult, UpdateOOM, prime_optimizer, train_step
+
+
+class RedoneStep:
+    """The step and its recovery, mixed into trainer.loop.Trainer."""
+
+    def train_one_step(self, it: int) -> tuple[StepResult, float]:
+        """Optimizer step `it`, redone on the same data with the same RNG after each OOM until it
+        completes or the recovery policy runs out of smaller micro-batches. Returns the step's result
+        and its lap on self.clock (the last attempt's; self.clock.seconds waits for the device)."""
+        if self.stages is not None:  # a new stage: its block size, batch and micro-batches
+            self.stages.enter(self, it)
+        lr = lr_at(it, self.cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
+        start = dict(self.sampler.counters)  # where a give-up's checkpoint resumes: this step's batch
+        x, y = self.batches.take(self.step_batch)  # the step's batch (this rank's rows), once
+        rng = self._rng_state()  # a redone step draws the same dropout masks
+        while True:
+            lap = self.clock.start()
+            self.meter.reset_peak()
+            failure, injected = None, False
+            try:
+                if not self._primed:  # the optimizer's state first, not lazily inside step 0's update (not redone)
+                    prime_optimizer(self.model, self.optimizer, keep_grads=False)
+                    self._primed = True
+                res = train_step(self.model, self.optimizer, x, y, self.micro_batches,
+                                 dtype=self.dtype, scaler=self.scaler, grad_clip=self.cfg.grad_clip,
+                                 forward=self.group.forward(self.forward), step=it, fault=self.fault,
+                                 sync_grads=self.group.sync)
+            except Exception as e:
+                if not self.meter.is_oom(e) or isinstance(e, UpdateOOM):  # a half-applied update is not redone
+                    other = self.group.failed(e)  # the other ranks are told; a lost rank is one line
+                    if other is not None:
+                        raise other from None
+                    raise TrainError(str(e)) if isinstance(e, UpdateOOM) else e
+                failure = str(e).splitlines()[0][:200]
+                attempt = {"injected": isinstance(e, InjectedOOM) or getattr(e, "injected", False),
+                           "agreed": getattr(e, "agreed", False)}
+            if failure is None:
+                return res, self._timed(self.clock.stop(lap))
+            # outside the except block: its traceback no longer pins the failed step's tensors
+            self._cleanup_after_oom()
+            injected = self.group.after_oom(attempt)  # every rank knows before any moves on
+            try:
+                self._shrink(failure, injected)
+            except TrainError:  # keep the steps that did complete; this one is next, on its own batch and RNG
+                self.sampler.counters.update(start), self._set_rng_state(rng)
+                self.save_checkpoint()
+                raise
+            self._set_rng_state(rng)
+
+    def _check_thrash(self) -> None:
+        """Allocator thrashing: shrink before it becomes an OOM (where the meter counts retries).
+        It is a lesson for the profile only when confirmed: reserved memory near the limit."""
+        if not self.meter.capabilities.alloc_retries:
+            return
+        # several ranks: shrink together when any rank thrashes, so the micro-batches stay alike
+        if self.group.any_rank(self.thrash.observe(self.meter.alloc_retries())) and max(self.micro_batches) > 1:
+            reserved, limit = self.meter.peak_reserved_bytes(), self.meter.limit_bytes()
+            confirmed = bool(reserved and limit and reserved >= THRASH_NEAR_LIMIT * limit)
+            self._shrink(f"allocator retries rose for {THRASH_STEPS} steps", cause="thrash", confirmed=confirmed)
+
+    def _cleanup_after_oom(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # a fresh scaler: the failed step may have left inf checks behind
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.scaler.get_scale())
+        gc.collect()
+        self.meter.cleanup()
+
+    def _shrink(self, reason: str, injected: bool = False, **extra) -> None:
+        """Applies the recovery policy after an OOM (or thrashing); the caller redoes the step."""
+        kind, info = self.recovery.after_oom(self.iter_num, self.compiled, reason)
+        if self.stages is not None and "new_micro_batch" in info:  # the profile's lesson, at block_size
+            info.update(self.stages.shrunk(info["new_micro_batch"]))
+        if "effective_batch" in info:  # the recovery policy sees this rank's share
+            info["effective_batch"] *= self.world_size
+        if kind == "compile_fallback_eager":  # no compiled state outlives the fallback
+            self.forward, self.compiled, self.compile_failed = uncompile(self.model), False, True
+        # a clean wrapper on every rank (a failed step's reducer may be stopped half-way), around
+        # the eager module after a fallback: a thrash shrink changes it too, not only an OOM's
+        self.group.rewrap(self.forward)
+        self._event(kind, reason=reason, **info, **extra, **({"injected": True} if injected else {}))
+
+    def _rng_state(self) -> tuple:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def _set_rng_state(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
