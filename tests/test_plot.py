@@ -76,6 +76,34 @@ def test_measured_probe_draws_points_ooms_and_circles_the_plan(measured):
     assert x == res.plan.micro_batch and y == pytest.approx(res.plan.measured_peak_bytes / 2**20)
 
 
+def test_compiled_and_fsdp2_trials_are_drawn_apart_from_eager_ones(measured):
+    """A compiled trial is a square beside its eager line (compile is estimated as eager: no line
+    of its own); an FSDP2 trial has its own line, estimated for one rank of the plan's ranks."""
+    import dataclasses
+    from autofit.planning.estimate import ModelShape, estimate_peak
+    res, cfg = measured
+    eager = next(t for t in res.trials if t.measured_peak_bytes and t.loss_impl == "standard")
+    compiled = eager.model_copy(update={"compile": True, "measured_peak_bytes": eager.measured_peak_bytes // 2})
+    sharded = eager.model_copy(update={"sharded": True})
+    two = res.plan.model_copy(update={"world_size": 2, "parallelism": "ddp"})
+    res2 = dataclasses.replace(res, trials=[*res.trials, compiled, sharded], plan=two)
+    fig = build_figure(res2, cfg)
+    labels = _labels(fig)
+    assert sum(l.endswith(f"fp32, no ckpt, standard loss, compiled: measured on {res.device.name}") for l in labels) == 1
+    assert sum("FSDP2: estimated (closed form)" in l for l in labels) == 1
+    ax = fig.axes[0]
+    square = next(c for c in ax.collections if c.get_label().endswith(", compiled: measured on " + res.device.name))
+    assert square.get_offsets().tolist() == [[compiled.micro_batch, compiled.measured_peak_bytes / 2**20]]
+    line = next(ln for ln in ax.lines if "FSDP2" in ln.get_label())
+    sizes = list(line.get_xdata())
+    want = estimate_peak(ModelShape.from_config(cfg), sizes[0], dtype="float32", checkpointing=0,
+                         loss_impl="standard", device="cpu", world_size=2, parallelism="fsdp2",
+                         ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if res.effective_batch > sizes[0] else 1)
+    assert line.get_ydata()[0] == pytest.approx(want.peak_bytes / 2**20)
+    eager_lines = [ln for ln in ax.lines if ln.get_label().startswith("fp32, no ckpt, standard loss:")]
+    assert len(eager_lines) == 1  # the compiled trial drew no second line
+
+
 @pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml")])
 def test_file_is_written_atomically(tmp_path, estimated, suffix, magic):
     res, cfg = estimated

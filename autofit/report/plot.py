@@ -1,10 +1,12 @@
 """`autofit probe --plot FILE`: peak memory against micro-batch, as a picture.
 
-For each lever combination the probe searched (dtype x activation checkpointing x loss), the
-closed-form estimate (autofit.planning.estimate.estimate_peak) is drawn as a line over the micro-batch
-range, the trials' measured peaks as points, out-of-memory trials as crosses (at their estimated
-peak: an OOM has no measured one), the budget as a horizontal line and the chosen plan circled.
-Every legend entry says whether it is measured or estimated.
+For each lever combination the probe searched (dtype x activation checkpointing x loss, and
+FSDP2 or not on several ranks), the closed-form estimate (autofit.planning.estimate.estimate_peak,
+for one rank of the plan's ranks) is drawn as a line over the micro-batch range, the trials'
+measured peaks as points (compiled trials as squares beside the eager circles: compile has no
+line of its own, since the estimate takes compile as eager), out-of-memory trials as crosses (at
+their estimated peak: an OOM has no measured one), the budget as a horizontal line and the chosen
+plan circled. Every legend entry says whether it is measured or estimated.
 
 matplotlib is an optional dependency (`pip install -e ".[plot]"` in a checkout, or `pip install matplotlib`). Only its object API is used
 (Figure + savefig, no pyplot), so no GUI backend is ever started and no global state is changed.
@@ -45,12 +47,18 @@ def check_plot_target(path: Path) -> None:
         raise PlotError(f"--plot {path}: folder {folder} is not writable")
 
 
-def _combos(res) -> list[tuple[str, int, str, str]]:
-    """(dtype, checkpointing, loss, checkpointing policy) of every lever combination that ran."""
-    seen: dict[tuple[str, int, str, str], None] = {}
+def _line_key(t) -> tuple[str, int, str, str, bool]:
+    """The estimate line a trial belongs to: (dtype, checkpointing, loss, checkpointing policy,
+    FSDP2). Not compile: its estimate is the eager one (docs/estimator.md)."""
+    return t.dtype, t.checkpointing, t.loss_impl, t.checkpointing_policy, t.sharded
+
+
+def _combos(res) -> list[tuple[str, int, str, str, bool]]:
+    """The estimate lines (_line_key) of every lever combination that ran, in the order first run."""
+    seen: dict[tuple[str, int, str, str, bool], None] = {}
     for t in res.trials:
         if t.status != "pruned":
-            seen.setdefault((t.dtype, t.checkpointing, t.loss_impl, t.checkpointing_policy), None)
+            seen.setdefault(_line_key(t), None)
     return list(seen)
 
 
@@ -76,20 +84,24 @@ def build_figure(res, cfg):
     colors = [f"C{i}" for i in range(10)]
     sizes = _sizes(res)
     oom_labelled = False
-    for (dtype, ckpt, loss, policy), color in zip(_combos(res), colors * 4):
+    world = res.plan.world_size
+    for key, color in zip(_combos(res), colors * 4):
+        dtype, ckpt, loss, policy, sharded = key
         sel = " selective" if policy == "selective" else ""
-        levers = f"{_SHORT[dtype]}, {'ckpt ' + str(ckpt) + sel if ckpt else 'no ckpt'}, {loss} loss"
+        levers = (f"{_SHORT[dtype]}, {'ckpt ' + str(ckpt) + sel if ckpt else 'no ckpt'}, {loss} loss"
+                  + (", FSDP2" if sharded else ""))
         est = [estimate_peak(shape, m, dtype=dtype, checkpointing=ckpt, loss_impl=loss, device=kind,
-                             checkpointing_policy=policy,
+                             checkpointing_policy=policy, world_size=world, parallelism="fsdp2" if sharded else "ddp",
                              ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if res.effective_batch > m else 1).peak_bytes
                for m in sizes]
         ax.plot(sizes, [b / unit for b in est], color=color, label=f"{levers}: estimated (closed form)")
-        mine = [t for t in res.trials
-                if (t.dtype, t.checkpointing, t.loss_impl, t.checkpointing_policy) == (dtype, ckpt, loss, policy)]
-        points = [t for t in mine if t.measured_peak_bytes]
-        if points:
-            ax.scatter([t.micro_batch for t in points], [t.measured_peak_bytes / unit for t in points], color=color,
-                       marker="o", zorder=3, label=f"{levers}: measured on {res.device.name}")
+        mine = [t for t in res.trials if _line_key(t) == key]
+        for compiled, marker in ((False, "o"), (True, "s")):
+            points = [t for t in mine if t.measured_peak_bytes and t.compile == compiled]
+            if points:
+                ax.scatter([t.micro_batch for t in points], [t.measured_peak_bytes / unit for t in points],
+                           color=color, marker=marker, zorder=3,
+                           label=f"{levers}{', compiled' if compiled else ''}: measured on {res.device.name}")
         ooms = [t for t in mine if t.status == "oom"]
         if ooms:
             ax.scatter([t.micro_batch for t in ooms], [(t.estimated_peak_bytes or res.budget.budget_bytes) / unit
