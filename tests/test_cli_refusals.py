@@ -166,3 +166,41 @@ def test_a_run_that_ends_inside_its_warm_up_says_so(tmp_path, monkeypatch, capsy
     code, out, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, "--no-probe", "--no-progress", "--set",
                          "max_iters=5", "--set", "warmup_iters=2", "--out", "o2")
     assert code == 0 and "warm-up" not in out + err, err
+
+
+# ------------------------------------------------------------------------------- the config's device
+
+
+@pytest.mark.parametrize("device", [["--device", "cpu"], ["--set", "device=cpu"]])
+def test_a_gpu_profile_with_a_cpu_device_is_one_line(tmp_path, monkeypatch, capsys, device):
+    """--device (or the config's device) and --profile name different kinds of device: refused,
+    not one of them silently ignored."""
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", "rtx4070-12gb", *device, "--out", "o")
+    assert code == 2 and "profile rtx4070-12gb is for a GPU, and this run asks for device 'cpu'" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_configs_device_is_the_probes_device(tmp_path, monkeypatch, capsys):
+    """A config that says device='cuda' is not probed on the CPU: on a machine without a GPU it
+    stops in one line, after saying where the device came from."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the config's cuda is there")
+    code, out, err = cli(monkeypatch, capsys, "probe", *SMALL, "--set", "device=cuda")
+    assert code == 2 and "device cuda, from the config's device" in err
+    assert "no NVIDIA GPU found" in err.strip().splitlines()[-1] and "trial:" not in err
+
+
+def test_a_device_flag_beats_the_configs_device(monkeypatch):
+    from types import SimpleNamespace
+    from autofit.cli.common import device_from_config
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = SimpleNamespace(device="cuda:1")
+    assert device_from_config(cfg, None, None, None) == ("cuda", 1)
+    assert device_from_config(cfg, "cpu", None, None) == ("cpu", None)  # --device
+    assert device_from_config(cfg, None, "64MiB", None) == (None, None)  # --budget: the budgeted CPU
+    assert device_from_config(cfg, None, None, 0) == (None, 0)  # --gpu-index
+    assert device_from_config(cfg, None, None, None, several=True) == ("cuda", None)  # each rank its LOCAL_RANK
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert device_from_config(cfg, None, None, None) == ("cuda", None)
+    assert device_from_config(SimpleNamespace(device="auto"), None, None, None) == (None, None)

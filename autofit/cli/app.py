@@ -13,7 +13,7 @@ import typer
 
 from autofit import interrupts
 from autofit.cli.common import (BudgetOpt, CkptOpt, CkptPolicyOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
-                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options, device_from_config,
                                 _rerun_args, _size, console, err_console, load_train_config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -51,6 +51,8 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
     """Measure what fits on this device (or estimate it for --gpu NAME) and print the plan."""
     from autofit.launch.probe import run_probe
     cfg = load_train_config(config, preset, overrides)
+    if gpu is None:  # --gpu simulates a card: no device of this machine is used
+        device, gpu_index = device_from_config(cfg, device, budget, gpu_index)
     opts = _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss,
                           checkpointing_policy)
     # Everything that would fail after the probe is checked before it runs.
@@ -137,9 +139,9 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset)
     # --resume: the --set values apply to the checkpoint's config (prepare_resume), not the tiny preset
     cfg = load_train_config(config, preset, [o for o in overrides if o.startswith("out_dir=")] if resume else overrides)
-    if out is not None:
-        cfg.out_dir = out
+    cfg.out_dir = out if out is not None else cfg.out_dir
     log = lambda s: err_console.print(f"[dim]{s}[/]")
+    device, gpu_index = device_from_config(cfg, device, budget, gpu_index, several=nproc_per_node is not None)
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss, checkpointing_policy)
     if profile is not None:  # its card is here, and a probe may save into it: before data or trials
         if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
@@ -311,14 +313,11 @@ def _check_fresh_run(cfg, log) -> None:
 
 
 def _no_probe_options(cfg, device, budget, gpu_index, max_steps, progress):
-    """The config as written, on the device asked for (--device, else the config's device), opened
+    """The config as written, on the device asked for (--device, else the config's device: run_cmd), opened
     as every command opens it: --budget gives the budgeted CPU device, a plain CPU measures
     nothing (and compiles for real)."""
     from autofit.devices.opener import open_device
     from trainer.loop import RunOptions
-    if device is None and cfg.device != "auto":
-        device, _, idx = cfg.device.partition(":")
-        gpu_index = int(idx) if idx else gpu_index
     dev = open_device(device, budget_bytes=_size(budget, "--budget"), gpu_index=gpu_index, cpu="plain")
     return RunOptions(max_steps=max_steps, progress=progress, meter=dev, device=dev.torch_device)
 

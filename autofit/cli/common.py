@@ -121,6 +121,22 @@ def _fmt(n):
     return fmt_bytes(n) if n else "-"
 
 
+def device_from_config(cfg, device: str | None, budget: str | None, gpu_index: int | None,
+                       several: bool = False) -> tuple[str | None, int | None]:
+    """(--device, --gpu-index) with the config's `device` ('cpu', 'cuda', 'cuda:1') filled in
+    where no device flag (--device, --budget, --gpu-index) was given: a flag beats the config, and
+    'auto' leaves the choice to the opener (a GPU if there is one). On several ranks (`several`:
+    --nproc-per-node; or under torchrun) each takes the GPU of its LOCAL_RANK, so a 'cuda:N' in
+    the config names no index there."""
+    if device is not None or budget is not None or gpu_index is not None or cfg.device == "auto":
+        return device, gpu_index
+    from autofit.devices.ranks import under_torchrun
+    kind, _, idx = cfg.device.partition(":")
+    index = int(idx) if idx and not (several or under_torchrun()) else None
+    err_console.print(f"[dim]device {cfg.device}, from the config's device (--device to choose another)[/]")
+    return kind, index
+
+
 def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss, policy=None):
     from autofit.launch.probe import ProbeOptions
     if not 0.0 <= margin < 1.0:

@@ -287,7 +287,11 @@ def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions) ->
     if saved is None:
         raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(sorted(load_builtin()))}; "
                            f"create one with autofit probe --save)")
-    if (saved.hardware or {}).get("kind") != "cpu":
+    on_cpu = (saved.hardware or {}).get("kind") == "cpu"
+    if probe_opts.device is not None and (probe_opts.device == "cpu") != on_cpu:
+        raise DeviceError(f"profile {profile} is for {'the CPU' if on_cpu else 'a GPU'}, and this run asks for "
+                          f"device {probe_opts.device!r} (--device, or the config's device): drop one of them")
+    if not on_cpu:
         _gpu_here(profile, saved.hardware or {}, emulate, probe_opts)
 
 
