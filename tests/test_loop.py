@@ -760,8 +760,12 @@ def test_the_optimizer_state_is_made_before_step_0s_update_and_changes_no_number
     assert train_losses(tmp_path / "primed") == train_losses(tmp_path / "lazy")
 
 
+# made fresh at each raise: an exception kept by the parametrize list would keep its traceback's tensors
+@pytest.mark.parametrize("oom", [lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),
+                                 lambda: RuntimeError("HIP out of memory. Tried to allocate 2.00 MiB")],  # ROCm
+                         ids=["OutOfMemoryError", "message-only"])
 def test_an_oom_inside_the_optimizer_update_stops_the_run_instead_of_redoing_a_half_applied_step(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, oom):
     """An OOM after the micro-batches, in the update, may come after some parameters or moments
     moved: a redo would apply that part twice. The run stops with one line (no shrink, no redo),
     and a probe's trial still records it as an out-of-memory error."""
@@ -774,7 +778,7 @@ def test_an_oom_inside_the_optimizer_update_stops_the_run_instead_of_redoing_a_h
     def update(*a, **k):
         calls.append(1)
         if len(calls) == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+            raise oom()
         return real(*a, **k)
     monkeypatch.setattr(step_mod, "_optimizer_update", update)
     seen = []

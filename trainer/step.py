@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from trainer.meter import is_oom
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -173,7 +175,7 @@ class InjectedOOM(torch.OutOfMemoryError):
 class UpdateOOM(torch.OutOfMemoryError):
     """Out of memory inside the optimizer update (train_step): part of the update (some parameters,
     some moments) may already be applied, so the step cannot be redone as it was. The trainer
-    stops on it (trainer.loop) where it shrinks and redoes an OOM in the micro-batches; a probe's
+    stops on it (trainer.redo) where it shrinks and redoes an OOM in the micro-batches; a probe's
     trial records it as any OOM."""
 
 
@@ -282,9 +284,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     try:
         grad_norm, skipped = _optimizer_update(model, optimizer, scaler, grad_clip)
     except Exception as e:
-        # torch.OutOfMemoryError only (CUDA's, the budgeted CPU device's): an OOM told by message
-        # alone (trainer.meter.is_oom, a sibling module) is still redone
-        if isinstance(e, UpdateOOM) or not isinstance(e, torch.OutOfMemoryError):
+        # any OOM, as the loop knows one (trainer.meter.is_oom): torch.OutOfMemoryError, or a
+        # RuntimeError told by its message alone (ROCm's "HIP out of memory", cuBLAS's alloc failure)
+        if isinstance(e, UpdateOOM) or not is_oom(e):
             raise
         raise UpdateOOM(f"out of memory inside the optimizer update{'' if step is None else f' of step {step}'}: "
                         f"part of it may already be applied, so the step cannot be redone; resume from the last "
