@@ -151,6 +151,44 @@ def test_every_loss_path_equals_the_fp64_reference(cap, impl, ignore, monkeypatc
     torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("ignore", [False, True])
+def test_an_evaluations_bf16_chunked_loss_is_not_rounded_to_bf16(ignore):
+    """torch's F.linear_cross_entropy returns its mean in bf16 under bf16 autocast (steps of 1/32
+    near 7); without a gradient (evaluation: the val loss picks the best checkpoint) the loss is
+    the fp32 mean of each token's, as the standard path gives it."""
+    if not ce.HAS_TORCH_LCE:
+        pytest.skip("this torch has no F.linear_cross_entropy")
+    torch.manual_seed(0)
+    x, w, t = torch.randn(4096, 32), torch.randn(500, 32) * 0.3, torch.randint(0, 500, (4096,))
+    if ignore:
+        t[:400] = -1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = ce.lm_loss(x, w, t, impl="chunked", chunk_size=512)
+        standard = ce.lm_loss(x, w, t, impl="standard")
+    assert chunked.dtype == torch.float32
+    # each token's loss is rounded to bf16 once; 4096 of them average the rounding out (a bf16
+    # mean is off by up to 2^-9 relative, 20x this)
+    assert chunked.item() == pytest.approx(standard.item(), rel=2e-4)
+    assert chunked.item() != torch.tensor(chunked.item()).bfloat16().item()  # not a bf16 value
+
+
+def test_the_softcapped_chunked_loss_takes_no_gradient_in_evaluation(monkeypatch):
+    """Under no_grad the hand-written chunking makes no V x C weight gradient (the head's weight
+    still requires grad, and an autograd Function sees that)."""
+    made = []
+    real = ce._ChunkedLinearCrossEntropy.forward
+
+    def spy(ctx, *a):
+        made.append(ctx.needs_input_grad[:2])
+        return real(ctx, *a)
+    monkeypatch.setattr(ce._ChunkedLinearCrossEntropy, "forward", staticmethod(spy))
+    x, w, t = torch.randn(20, 8), torch.randn(30, 8, requires_grad=True), torch.randint(0, 30, (20,))
+    with torch.no_grad():
+        loss = ce.lm_loss(x, w, t, impl="chunked", chunk_size=7, cap=15.0)
+    want = ce.lm_loss(x, w, t, impl="standard", cap=15.0).detach()
+    assert made == [(False, False)] and loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_chunked_path_names_what_runs(monkeypatch):
     assert "linear_cross_entropy" in ce.chunked_path(0.0) and "soft-cap 15" in ce.chunked_path(15.0)
     monkeypatch.setattr(ce, "HAS_TORCH_LCE", False)
