@@ -89,7 +89,10 @@ class PlanRecord(BaseModel):
     checkpointing_policy: CkptPolicy = "full"  # plans saved before it was a lever were 'full'
     loss_impl: LossImpl
     estimated_peak_bytes: int | None = Field(default=None, ge=0)
-    measured_peak_bytes: int | None = Field(default=None, ge=0)
+    measured_peak_bytes: int | None = Field(default=None, ge=0)  # allocated (live tensors)
+    # reserved (the caching allocator's segments) where the device has it, CUDA: what runs out
+    # there, so what the plan was judged on against the budget (judged_peak); None elsewhere
+    measured_reserved_bytes: int | None = Field(default=None, ge=0)
     tokens_per_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     budget_bytes: int = Field(ge=0)
     split: str  # e.g. "512 = 42 × 12 + 8"
@@ -143,3 +146,13 @@ class ProbeResult:
             "compiled_fit_sizes": self.compiled_fit_sizes,
             "notes": self.notes,
         }
+
+
+def judged_peak(r) -> int | None:
+    """The measured peak a trial or plan (`r`: a TrialRecord or PlanRecord) is judged on against
+    the budget, in bytes: reserved where the device has it (CUDA, where reserved memory is what
+    runs out, never below allocated), else allocated. None when nothing was measured."""
+    if not r.measured_peak_bytes:
+        return None
+    return max(r.measured_peak_bytes, r.measured_reserved_bytes or 0)
+

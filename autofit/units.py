@@ -65,3 +65,12 @@ def fmt_bytes(n: int | float) -> str:
     if a >= KiB:
         return f"{sign}{a / KiB:.1f} KiB"
     return f"{sign}{int(a)} B"
+
+
+def measured_peak_words(r) -> str:
+    """'measured peak 7.00 GiB', or with a reserved figure (CUDA) 'measured peak 7.00 GiB allocated,
+    9.90 GiB reserved': the figure the budget judges is always among them (autofit.records.judged_peak)."""
+    if r.measured_reserved_bytes and r.measured_reserved_bytes > (r.measured_peak_bytes or 0):
+        return (f"measured peak {fmt_bytes(r.measured_peak_bytes)} allocated, "
+                f"{fmt_bytes(r.measured_reserved_bytes)} reserved")
+    return f"measured peak {fmt_bytes(r.measured_peak_bytes)}"

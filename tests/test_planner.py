@@ -54,8 +54,8 @@ def test_search_only_returns_sizes_it_ran(budget):
     ran_fit = {t.micro_batch for t in res.trials if t.status == "fit"}
     assert res.plan.micro_batch in ran_fit
     assert max(res.plan.micro_batches) in ran_fit
-    if budget == 50_000_000:  # everything fits: the whole batch in one micro-batch
-        assert res.plan.micro_batches == [16]
+    if budget == 50_000_000:  # everything fits: the whole batch in one micro-batch was run, and fits
+        assert 16 in ran_fit  # (whether it wins is the contest's timing: tests/test_contest.py injects it)
 
 
 @pytest.mark.parametrize("effective", [7, 480, 500])

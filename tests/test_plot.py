@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from autofit.units import fmt_bytes  # noqa: E402
 from autofit.report.plot import PlotError, build_figure, check_plot_target, plot_probe  # noqa: E402
 from autofit.launch.probe import ProbeOptions, run_probe  # noqa: E402
 from trainer.config.train_config import load_config  # noqa: E402
@@ -52,7 +53,7 @@ def test_estimated_probe_draws_a_line_per_lever_combination(estimated):
     assert sum("ckpt 1 selective" in l for l in labels) == 2
     assert not any("measured on" in l for l in labels)  # nothing was run: no measured points
     assert any(l.startswith("budget 10.29 GiB") for l in labels)
-    assert any(l.startswith("plan: micro-batch 31, chunked loss (estimated peak") for l in labels)
+    assert any(l.startswith("plan: micro-batch 31, bf16, no ckpt, chunked loss, compiled (estimated peak") for l in labels)
     budget_line = ax.lines[-1]
     assert budget_line.get_ydata()[0] == pytest.approx(res.budget.budget_bytes / 2**30)
 
@@ -86,9 +87,14 @@ def test_compiled_and_fsdp2_trials_are_drawn_apart_from_eager_ones(measured):
     compiled = eager.model_copy(update={"compile": True, "measured_peak_bytes": eager.measured_peak_bytes // 2})
     sharded = eager.model_copy(update={"sharded": True})
     two = res.plan.model_copy(update={"world_size": 2, "parallelism": "ddp"})
-    res2 = dataclasses.replace(res, trials=[*res.trials, compiled, sharded], plan=two)
+    compiled_oom = eager.model_copy(update={"compile": True, "status": "oom", "measured_peak_bytes": None,
+                                            "micro_batch": eager.micro_batch * 2})
+    over = eager.model_copy(update={"status": "over_budget", "micro_batch": eager.micro_batch + 1})
+    res2 = dataclasses.replace(res, trials=[*res.trials, compiled, sharded, compiled_oom, over], plan=two)
     fig = build_figure(res2, cfg)
     labels = _labels(fig)
+    assert "out of memory, compiled (measured; drawn at its eager estimated peak)" in labels
+    assert "ran, not a fit: over the budget, spilled or leaked (measured)" in labels
     assert sum(l.endswith(f"fp32, no ckpt, standard loss, compiled: measured on {res.device.name}") for l in labels) == 1
     assert sum("FSDP2: estimated (closed form)" in l for l in labels) == 1
     ax = fig.axes[0]
@@ -102,6 +108,57 @@ def test_compiled_and_fsdp2_trials_are_drawn_apart_from_eager_ones(measured):
     assert line.get_ydata()[0] == pytest.approx(want.peak_bytes / 2**20)
     eager_lines = [ln for ln in ax.lines if ln.get_label().startswith("fp32, no ckpt, standard loss:")]
     assert len(eager_lines) == 1  # the compiled trial drew no second line
+
+
+def _as_if_cuda(res):
+    """`res` as a CUDA probe would report it: every measured trial, and the plan, with a reserved
+    peak 1.5x its allocated one (the caching allocator's segments, what runs out on a GPU)."""
+    import dataclasses
+    trials = [t.model_copy(update={"measured_reserved_bytes": int(t.measured_peak_bytes * 1.5)})
+              if t.measured_peak_bytes else t for t in res.trials]
+    plan = res.plan.model_copy(update={"measured_reserved_bytes": int(res.plan.measured_peak_bytes * 1.5)})
+    device = res.device.model_copy(update={"kind": "cuda"})  # a DeviceInfo
+    return dataclasses.replace(res, trials=trials, plan=plan, device=device)
+
+
+def test_reports_and_plot_show_the_reserved_peak_the_budget_judged(measured):
+    """On CUDA a plan is judged on its reserved peak; the plan line, the config-as-written verdict,
+    the candidates table and the plot show that figure, not only the allocated one."""
+    import io
+    from rich.console import Console
+    from autofit.report.render import plan_line, render_probe
+    res, cfg = measured
+    cres = _as_if_cuda(res)
+    p = cres.plan
+    words = f"measured peak {fmt_bytes(p.measured_peak_bytes)} allocated, {fmt_bytes(p.measured_reserved_bytes)} reserved"
+    assert words in plan_line(p)
+    out = io.StringIO()
+    render_probe(cres, Console(file=out, width=400), cfg=cfg, verbose=True)
+    text = out.getvalue()
+    assert words in text and "measured ┃ reserved" in text  # the table's reserved column
+    verdict = next(line for line in text.splitlines() if line.startswith("your config as written"))
+    assert "allocated" in verdict and "reserved of a" in verdict
+    fig = build_figure(cres, cfg)
+    ax = fig.axes[0]
+    fits = [t for t in cres.trials if t.status == "fit" and t.measured_peak_bytes]
+    drawn = {(x, round(y, 6)) for c in ax.collections if "measured on" in c.get_label() for x, y in c.get_offsets()}
+    assert drawn == {(t.micro_batch, round(t.measured_reserved_bytes / 2**20, 6)) for t in fits}
+    assert any("reserved: what the budget judges" in l for l in _labels(fig))
+
+
+def test_the_plot_keeps_every_combination_past_ten_colours(measured):
+    """More lever combinations than colours: every one still has its line (dashed past ten)."""
+    import dataclasses
+    res, cfg = measured
+    base = next(t for t in res.trials if t.measured_peak_bytes)
+    many = [base.model_copy(update={"checkpointing": k, "loss_impl": loss})
+            for k in range(1, 8) for loss in ("standard", "chunked")]  # 14 more
+    fig = build_figure(dataclasses.replace(res, trials=[*res.trials, *many]), cfg)
+    lines = [ln for ln in fig.axes[0].lines if "estimated (closed form)" in ln.get_label()]
+    keys = {(t.dtype, t.checkpointing, t.loss_impl, t.checkpointing_policy, t.sharded)
+            for t in [*res.trials, *many] if t.status != "pruned"}
+    assert len(lines) == len(keys) > 10
+    assert {ln.get_linestyle() for ln in lines[10:]} == {"--"}
 
 
 @pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml")])

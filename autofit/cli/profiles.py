@@ -72,7 +72,7 @@ def _hardware_line(name: str, hw: dict) -> str:
 def _plan_row(fp: str, fitted) -> list[str]:
     c, p = fitted.config_summary, fitted.plan
     config = (f"{c.get('n_layer')} layers, {c.get('n_head')} heads, n_embd {c.get('n_embd')}, "
-              f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch}")
+              f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch * p.world_size}")
     notes = []
     if fitted.safe_micro_batch:
         notes.append(f"safe micro-batch {fitted.safe_micro_batch}")
@@ -81,10 +81,12 @@ def _plan_row(fp: str, fitted) -> list[str]:
     notes += fitted.events[-2:]
     compile_txt = f"on after {p.compile_after} steps" if p.compile else "off"
     ckpt = f"every {p.checkpointing} block(s), {p.checkpointing_policy}" if p.checkpointing else "off"
-    tps = f"{p.tokens_per_s:,.0f} ({p.mode})" if p.tokens_per_s else "-"
+    per_rank = " per rank" if p.world_size > 1 else ""  # a trial's tokens/s is one rank's (the slowest)
+    tps = f"{p.tokens_per_s:,.0f}{per_rank} ({p.mode})" if p.tokens_per_s else "-"
     ranks = f"; {p.world_size} ranks, {p.parallelism}, each" if p.world_size > 1 else ""  # torchrun plans
     return [fp, config, f"{p.micro_batch} x {p.grad_accum} ({p.split}){ranks}", p.dtype, compile_txt, ckpt, p.loss_impl,
-            _fmt(p.measured_peak_bytes), tps, f"{fitted.updated:%Y-%m-%d %H:%M}", "; ".join(notes)]
+            _fmt(p.measured_peak_bytes) + (f" ({_fmt(p.measured_reserved_bytes)} reserved)"
+                                           if p.measured_reserved_bytes else ""), tps, f"{fitted.updated:%Y-%m-%d %H:%M}", "; ".join(notes)]
 
 
 @profiles_app.command("show")

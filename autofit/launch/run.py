@@ -21,7 +21,7 @@ from autofit.devices.hardware import builtin_hardware as _builtin_hardware, cpu_
 from autofit.launch.probe import ProbeOptions, probe_on, probe_space, run_probe
 from autofit.profiles.store import (FittedPlan, ProfileError, check_profiles_writable, find_plan, fingerprint,
                                    fingerprint_inputs, load_profile, nearest_plan, record_event, save_plan)
-from autofit.records import PlanRecord, ProbeResult
+from autofit.records import PlanRecord, ProbeResult, judged_peak
 from trainer.config.train_config import config_summary
 from trainer.loop import RunOptions
 from trainer.recovery import shrink_policy
@@ -260,7 +260,7 @@ def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> s
             why.append(f"its activation checkpointing is {plan.checkpointing} ({plan.checkpointing_policy})")
         if plan.loss_impl not in space.loss_impls:
             why.append(f"its loss is {plan.loss_impl}")
-    peak = plan.measured_peak_bytes or plan.estimated_peak_bytes
+    peak = judged_peak(plan) or plan.estimated_peak_bytes  # reserved where measured on CUDA
     if peak and peak > budget.budget_bytes:
         why.append(f"its peak {fmt_bytes(peak)} is above this run's {fmt_bytes(budget.budget_bytes)} budget")
     return "; ".join(why) or None
@@ -353,13 +353,14 @@ def _figures_for(plan: PlanRecord, same: list, cfg, kind: str) -> PlanRecord:
     ran = [t for t in same if t.micro_batch == plan.micro_batch and t.compile == plan.compile]
     if ran:
         return plan.model_copy(update={"measured_peak_bytes": ran[0].measured_peak_bytes,
+                                       "measured_reserved_bytes": ran[0].measured_reserved_bytes,
                                        "tokens_per_s": run_tokens_per_s(ran[0])})
     est = estimate_peak(ModelShape.from_config(cfg), plan.micro_batch, dtype=plan.dtype,
                         checkpointing=plan.checkpointing, loss_impl=plan.loss_impl, compile=plan.compile,
                         device="cpu" if kind == "cpu" else "cuda", ce_chunk_size=cfg.ce_chunk_size,
                         n_micro=min(2, plan.grad_accum), checkpointing_policy=plan.checkpointing_policy,
                         **agree.layout(plan.parallelism == "fsdp2"))
-    return plan.model_copy(update={"measured_peak_bytes": None, "tokens_per_s": None,
+    return plan.model_copy(update={"measured_peak_bytes": None, "measured_reserved_bytes": None, "tokens_per_s": None,
                                    "estimated_peak_bytes": est.peak_bytes})
 
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from autofit.planning import agree
 from autofit.planning.candidates import ckpt_words
 from autofit.planning.trials import TrialSettings, run_trial
-from autofit.records import Candidate, TrialRecord
-from autofit.units import fmt_bytes
+from autofit.records import Candidate, TrialRecord, judged_peak
+from autofit.units import measured_peak_words
 
 # The tie band between two contenders, from their readings' spread (module docstring). 2 %: the
 # finest difference the contest claims to see; 5 %: a larger one always counts.
@@ -98,7 +98,7 @@ def run_tokens_per_s(t: TrialRecord) -> float | None:
 
 def peak_of(t: TrialRecord) -> int:
     """The measured peak a plan is judged on: reserved where the device has it (CUDA), else allocated."""
-    return max(t.measured_peak_bytes or 0, t.measured_reserved_bytes or 0)
+    return judged_peak(t) or 0
 
 
 def label(t: TrialRecord) -> str:
@@ -258,7 +258,7 @@ def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord],
     if len(tied) > 1:
         others = ", ".join(label(t) for t in tied if t is not winner)
         won_by = ("your own split, kept" if own is not None and winner.candidate() == own.candidate()
-                  else f"the most headroom (measured peak {fmt_bytes(peak_of(winner))})")
+                  else f"the most headroom ({measured_peak_words(winner)})")
         band = max(tie_band(winner, t, cpu) for t in tied if t is not winner)
         text += (f"; a tie within {band:.1%} (the spread of their own readings) with {others}, "
                  f"won by {won_by}")

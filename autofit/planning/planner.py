@@ -28,7 +28,7 @@ from autofit.planning import agree
 from autofit.planning.budget import Budget, compute_budget
 from autofit.planning.candidates import Levers, PlanError, Space, lever_combos
 from autofit.planning.estimate import estimate_peak, max_micro_batch
-from autofit.records import PlanRecord, ProbeResult, TrialRecord
+from autofit.records import PlanRecord, ProbeResult, TrialRecord, judged_peak
 from autofit.planning.own import own_split, own_why
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, run_size, run_sizes, split_rates
@@ -117,20 +117,15 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     micro_batches = _run_the_split_size(runner, chosen, micro_batches)
     runs = _record_of(runner, chosen, max(micro_batches))
     # a compiled plan's run starts eager (compile_after): the larger of both peaks at its size
-    peak = max(t.measured_peak_bytes or 0 for t in runner.fits(Levers.of(chosen), compile=None)
-               if t.micro_batch == runs.micro_batch)
+    at_size = [t for t in runner.fits(Levers.of(chosen), compile=None) if t.micro_batch == runs.micro_batch]
+    peak = max(t.measured_peak_bytes or 0 for t in at_size)
+    reserved = max((t.measured_reserved_bytes for t in at_size if t.measured_reserved_bytes), default=None)
     est = estimate_peak(runner.shape, max(micro_batches), **Levers.of(chosen).estimate_args(),
                         compile=chosen.compile, device=runner.kind,
                         ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)),
                         **agree.layout(chosen.sharded))
-    n_fit = len([t for t in runner.trials if t.status == "fit"])
-    cpu_compile_note = ("; compile=True in the config is not measured on the budgeted CPU device (its tracker "
-                        "keeps Dynamo from compiling), so the plan is eager"
-                        if not runner.device.capabilities.compile and cfg.compile else "")
-    reason = (f"{decision.why if chosen is decision.winner else 'compiled: faster than eager, re-timed in alternation'}"
-              f" ({n_fit} fitting trials){_smaller_why(runner, chosen, decision.winner)}{own_why(runner, chosen, own)}; "
-              f"measured peak {fmt_bytes(peak)} within the {fmt_bytes(budget.budget_bytes)} budget; {why_split}"
-              f"{cpu_compile_note}")
+    why_peak = (f"{'measured reserved peak' if reserved else 'measured peak'} {fmt_bytes(max(peak, reserved or 0))} "
+                f"within the {fmt_bytes(budget.budget_bytes)} budget")
     plan = PlanRecord(mode="measured", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
                       micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size,
                       dtype=chosen.dtype, compile=chosen.compile,
@@ -138,12 +133,26 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                       checkpointing=chosen.checkpointing, loss_impl=chosen.loss_impl,
                       checkpointing_policy=chosen.checkpointing_policy,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=peak,
-                      tokens_per_s=run_tokens_per_s(runs), budget_bytes=budget.budget_bytes,
-                      split=describe_split(micro_batches), reason=reason, **agree.plan_fields(chosen.sharded))
+                      measured_reserved_bytes=reserved, tokens_per_s=run_tokens_per_s(runs), budget_bytes=budget.budget_bytes,
+                      split=describe_split(micro_batches), reason=_reason(cfg, runner, decision, chosen, own, why_peak,
+                                                                         why_split),
+                      **agree.plan_fields(chosen.sharded))
     return ProbeResult(mode="measured", device=None, budget=budget, effective_batch=cfg.effective_batch,
                        block_size=cfg.block_size, trials=runner.trials, plan=plan, breakdown=est.breakdown,
                        fit_sizes=sorted(t.micro_batch for t in runner.fits(Levers.of(chosen))),
                        compiled_fit_sizes=compiled_fits)
+
+
+def _reason(cfg, runner: TrialRunner, decision, chosen: TrialRecord, own, why_peak: str, why_split: str) -> str:
+    """The plan's 'why': the contest's words, then the smaller size's and the user's own split's,
+    the measured peak against the budget, the split, and what the CPU device cannot measure."""
+    n_fit = len([t for t in runner.trials if t.status == "fit"])
+    cpu_compile_note = ("; compile=True in the config is not measured on the budgeted CPU device (its tracker "
+                        "keeps Dynamo from compiling), so the plan is eager"
+                        if not runner.device.capabilities.compile and cfg.compile else "")
+    return (f"{decision.why if chosen is decision.winner else 'compiled: faster than eager, re-timed in alternation'}"
+            f" ({n_fit} fitting trials){_smaller_why(runner, chosen, decision.winner)}{own_why(runner, chosen, own)}; "
+            f"{why_peak}; {why_split}{cpu_compile_note}")
 
 
 def _record_of(runner: TrialRunner, chosen: TrialRecord, micro_batch: int) -> TrialRecord:
@@ -355,7 +364,7 @@ def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialReco
 
 
 def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, estimated: bool = False):
-    measured = [t.measured_peak_bytes for t in trials if t.measured_peak_bytes]
+    measured = [judged_peak(t) for t in trials if t.measured_peak_bytes]  # reserved where the device has it
     ests = [t.estimated_peak_bytes for t in trials if t.estimated_peak_bytes]
     if measured:
         smallest = f"smallest measured peak {fmt_bytes(min(measured))}"

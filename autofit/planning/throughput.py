@@ -24,17 +24,23 @@ RECOMPUTE_SHARE = {"full": 1.0 / 3.0, "selective": 0.085 / (1.0 - 0.085)}
 
 
 def flops_per_token(shape: ModelShape) -> int:
-    """Training FLOPs per token (forward + backward), 6N + 12 * L * C * T."""
-    return 6 * param_count(shape) + 12 * shape.n_layer * shape.n_embd * shape.block_size
+    """Training FLOPs per token (forward + backward), 6N + 12 * L * C * T, N without the tables
+    that are looked up, not multiplied: the learned positions, and the input embedding where it
+    is not tied to the head (nanoGPT's estimate_mfu leaves out the positions the same way)."""
+    lookups = (shape.block_size * shape.n_embd if shape.pos_emb == "learned" else 0) \
+        + (0 if shape.tie_embeddings else shape.vocab_size * shape.n_embd)
+    return 6 * (param_count(shape) - lookups) + 12 * shape.n_layer * shape.n_embd * shape.block_size
 
 
 def estimated_tokens_per_s(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: int, hw,
                            checkpointing_policy: str = "full") -> float:
     """Tokens/s on the card of hardware profile `hw`: its dense peak x an assumed 40% MFU, over
-    flops_per_token, with recomputation's extra time (RECOMPUTE_SHARE by policy, over the
-    checkpointing interval), with small micro-batches under-filling the GPU (m / (m + 2)).
+    flops_per_token, with recomputation's extra time (RECOMPUTE_SHARE by policy, times the share of
+    blocks checkpointed: ceil(L / k) of L), with small micro-batches under-filling the GPU (m / (m + 2)).
     An estimate, never a measurement. Raises KeyError for an unknown policy."""
     peak = (hw.peak_bf16_tflops if dtype == "bfloat16" else hw.peak_fp16_tflops if dtype == "float16"
             else hw.peak_fp16_tflops / 4) * 1e12  # fp32 without tensor cores: a rough quarter
-    recompute = 1.0 + RECOMPUTE_SHARE[checkpointing_policy] / max(1, checkpointing) if checkpointing else 1.0
+    # blocks 0, k, 2k, ... are checkpointed (trainer.model.gpt): ceil(L / k) of the L blocks recompute
+    share = -(-shape.n_layer // checkpointing) / shape.n_layer if checkpointing else 0.0
+    recompute = 1.0 + RECOMPUTE_SHARE[checkpointing_policy] * share
     return peak * ASSUMED_MFU / (flops_per_token(shape) * recompute) * micro_batch / (micro_batch + 2)

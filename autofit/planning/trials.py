@@ -27,7 +27,7 @@ import torch
 from trainer.data.batches import held_rows
 
 from autofit.planning import agree
-from autofit.records import Candidate, TrialRecord
+from autofit.records import Candidate, TrialRecord, judged_peak
 from trainer.compiler import compile_model
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.step import make_optimizer, prime_optimizer, set_matmul_precision, train_step
@@ -228,7 +228,7 @@ def _judge(rec: TrialRecord, failure: str | None, kind: str, steps: int, capacit
            budget_bytes: int, leaked: int | None, tolerance: int) -> None:
     """Sets the trial's status and note from what happened (see run_trial)."""
     rec.leaked_bytes = leaked
-    peak = max(rec.measured_peak_bytes or 0, rec.measured_reserved_bytes or 0) if rec.measured_peak_bytes else None
+    peak = judged_peak(rec)
     if failure is not None:
         rec.status, rec.note = kind, failure
     elif rec.steps_run < steps:  # cannot happen without an exception; never call it a fit

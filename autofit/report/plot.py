@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from autofit.records import judged_peak
 from autofit.units import GiB, MiB, fmt_bytes
 from trainer.errors import install_hint
 
@@ -65,9 +66,39 @@ def _combos(res) -> list[tuple[str, int, str, str, bool]]:
 def _sizes(res) -> list[int]:
     """Integer micro-batches from 1 to a little past the largest one tried, at most ~80 points."""
     top = max([t.micro_batch for t in res.trials] + [res.plan.micro_batch, 2])
-    top = min(res.effective_batch, max(top + 1, int(top * 1.25)))
+    top = min(res.plan.effective_batch, max(top + 1, int(top * 1.25)))  # a rank runs at most its share
     step = max(1, top // 80)
     return sorted(set(range(1, top + 1, step)) | {top})
+
+
+def _points(ax, mine, res, color, levers: str, unit: int, labelled: set[str]) -> None:
+    """The trials of one estimate line: fits at their judged peak (reserved where measured, CUDA;
+    compiled ones as squares), trials that ran and are no fit (over the budget, spilled, leaked)
+    as triangles, OOMs as crosses (compiled: plus signs) at their estimated peak."""
+    what = " (reserved: what the budget judges)" if any(t.measured_reserved_bytes for t in res.trials) else ""
+
+    def once(text: str) -> str | None:
+        if text in labelled:
+            return None
+        labelled.add(text)
+        return text
+    for compiled, marker in ((False, "o"), (True, "s")):
+        points = [t for t in mine if t.status == "fit" and t.measured_peak_bytes and t.compile == compiled]
+        if points:
+            ax.scatter([t.micro_batch for t in points], [judged_peak(t) / unit for t in points], color=color,
+                       marker=marker, zorder=3,
+                       label=f"{levers}{', compiled' if compiled else ''}: measured on {res.device.name}{what}")
+    over = [t for t in mine if t.status != "fit" and t.measured_peak_bytes]
+    if over:
+        ax.scatter([t.micro_batch for t in over], [judged_peak(t) / unit for t in over], color=color, marker="^",
+                   s=60, zorder=3, label=once("ran, not a fit: over the budget, spilled or leaked (measured)"))
+    for compiled, marker in ((False, "x"), (True, "+")):
+        ooms = [t for t in mine if t.status == "oom" and t.compile == compiled]
+        if ooms:
+            ax.scatter([t.micro_batch for t in ooms], [(t.estimated_peak_bytes or res.budget.budget_bytes) / unit
+                                                       for t in ooms], color=color, marker=marker, s=60, zorder=3,
+                       label=once(f"out of memory{', compiled' if compiled else ''} (measured; drawn at its "
+                                  f"{'eager ' if compiled else ''}estimated peak)"))
 
 
 def build_figure(res, cfg):
@@ -83,39 +114,32 @@ def build_figure(res, cfg):
     ax = fig.add_subplot()
     colors = [f"C{i}" for i in range(10)]
     sizes = _sizes(res)
-    oom_labelled = False
+    labelled: set[str] = set()  # the legend entries shared by every line, once
     world = res.plan.world_size
-    for key, color in zip(_combos(res), colors * 4):
+    rank_batch = res.plan.effective_batch  # each rank's share: a trial of m runs two micro-batches below it
+    for i, key in enumerate(_combos(res)):
+        color, style = colors[i % 10], ["-", "--", ":", "-."][i // 10 % 4]  # past 10 lines: the colours again, dashed
         dtype, ckpt, loss, policy, sharded = key
         sel = " selective" if policy == "selective" else ""
         levers = (f"{_SHORT[dtype]}, {'ckpt ' + str(ckpt) + sel if ckpt else 'no ckpt'}, {loss} loss"
                   + (", FSDP2" if sharded else ""))
         est = [estimate_peak(shape, m, dtype=dtype, checkpointing=ckpt, loss_impl=loss, device=kind,
                              checkpointing_policy=policy, world_size=world, parallelism="fsdp2" if sharded else "ddp",
-                             ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if res.effective_batch > m else 1).peak_bytes
+                             ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if rank_batch > m else 1).peak_bytes
                for m in sizes]
-        ax.plot(sizes, [b / unit for b in est], color=color, label=f"{levers}: estimated (closed form)")
-        mine = [t for t in res.trials if _line_key(t) == key]
-        for compiled, marker in ((False, "o"), (True, "s")):
-            points = [t for t in mine if t.measured_peak_bytes and t.compile == compiled]
-            if points:
-                ax.scatter([t.micro_batch for t in points], [t.measured_peak_bytes / unit for t in points],
-                           color=color, marker=marker, zorder=3,
-                           label=f"{levers}{', compiled' if compiled else ''}: measured on {res.device.name}")
-        ooms = [t for t in mine if t.status == "oom"]
-        if ooms:
-            ax.scatter([t.micro_batch for t in ooms], [(t.estimated_peak_bytes or res.budget.budget_bytes) / unit
-                                                       for t in ooms],
-                       color=color, marker="x", s=60, zorder=3,
-                       label=None if oom_labelled else "out of memory (measured; drawn at its estimated peak)")
-            oom_labelled = True
+        ax.plot(sizes, [b / unit for b in est], color=color, linestyle=style, label=f"{levers}: estimated (closed form)")
+        _points(ax, [t for t in res.trials if _line_key(t) == key], res, color, levers, unit, labelled)
     ax.axhline(res.budget.budget_bytes / unit, color="black", linestyle="--",
                label=f"budget {fmt_bytes(res.budget.budget_bytes)} (free memory less reserves and margin)")
     p = res.plan
-    peak = p.measured_peak_bytes or p.estimated_peak_bytes or 0
+    peak = judged_peak(p) or p.estimated_peak_bytes or 0
+    ck = f"ckpt {p.checkpointing}" + (" selective" if p.checkpointing_policy == "selective" else "") \
+        if p.checkpointing else "no ckpt"
     ax.scatter([p.micro_batch], [peak / unit], s=400, facecolors="none", edgecolors="red", linewidths=2, zorder=4,
-               label=f"plan: micro-batch {p.micro_batch}, {p.loss_impl} loss "
-                     f"({'measured' if p.measured_peak_bytes else 'estimated'} peak {fmt_bytes(peak)})")
+               label=f"plan: micro-batch {p.micro_batch}, {_SHORT[p.dtype]}, {ck}, {p.loss_impl} loss"
+                     + (", compiled" if p.compile else "") + (", FSDP2" if p.parallelism == "fsdp2" else "")
+                     + f" ({'measured' if p.measured_peak_bytes else 'estimated'} peak {fmt_bytes(peak)}"
+                     + (" reserved)" if p.measured_reserved_bytes else ")"))
     ax.set_xlabel("micro-batch (sequences)")
     ax.set_ylabel(f"peak memory ({unit_name})")
     ax.set_title(f"{res.device.name}: peak memory per micro-batch ({res.mode})")

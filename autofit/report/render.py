@@ -9,7 +9,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from autofit.units import fmt_bytes
+
+from autofit.units import fmt_bytes, measured_peak_words
 from trainer.model.sac_ops import saved_ops_words
 
 STATUS_STYLE = {"fit": "green", "oom": "red", "over_budget": "yellow", "spill": "magenta",
@@ -123,11 +124,13 @@ def as_written_verdict(res, cfg) -> str:
     for t in res.trials:
         if res.mode == "measured" and _key(t) == want:
             if t.status == "fit":
-                return (f"fits: measured peak {_b(t.measured_peak_bytes)} of a {fmt_bytes(budget)} budget"
+                return (f"fits: {measured_peak_words(t)} of a {fmt_bytes(budget)} budget"
                         f"{_against_plan(res, t)} (measured)")
             if t.status in ("oom", "over_budget", "spill"):
-                peak = f"measured peak {_b(t.measured_peak_bytes)}; " if t.measured_peak_bytes else ""
+                peak = f"{measured_peak_words(t)}; " if t.measured_peak_bytes else ""
                 return f"{peak}it ran out of the {fmt_bytes(budget)} budget (measured: {t.status.replace('_', ' ')})"
+            if t.status in ("error", "leak"):  # measured, and not a fit: never the estimate's word instead
+                return f"its trial ran and is not a fit: {t.status} ({(t.note or '').splitlines()[0][:160]}) (measured)"
     from autofit.planning.estimate import ModelShape, estimate_peak
     n_micro = 2 if cfg.effective_batch > cfg.batch_size else 1
     est = estimate_peak(ModelShape.from_config(cfg), cfg.batch_size, dtype=want[1], checkpointing=cfg.checkpointing,
@@ -191,7 +194,8 @@ def plan_changes(plan, cfg, res) -> list[str]:
             words.append(f"runs {plan.micro_batch} sequences at a time, {plan.grad_accum} times per step "
                          f"({plan.split}), {instead}")
     else:
-        words.append(f"runs {plan.micro_batch} x {plan.grad_accum} as written")
+        words.append(f"runs {plan.micro_batch} x {plan.grad_accum * ranks} as written"
+                     + (f" ({plan.grad_accum} on each of {ranks} ranks)" if ranks > 1 else ""))
     if plan.loss_impl != cfg.loss_impl:
         from trainer.model.ce import chunked_path
         words.append(f"uses the chunked loss ({chunked_path(cfg.logit_softcap)}: cross-entropy in chunks, never "
@@ -226,7 +230,7 @@ def plan_line(p) -> str:
     return (f"  {ranks}micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
             f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
             f"{checkpointing_words(p.checkpointing, p.checkpointing_policy)}, loss {p.loss_impl}; "
-            + (f"measured peak {_b(p.measured_peak_bytes)}" if p.measured_peak_bytes else
+            + (measured_peak_words(p) if p.measured_peak_bytes else
                f"estimated peak {_b(p.estimated_peak_bytes)}") + f" of {_b(p.budget_bytes)} budget")
 
 
@@ -248,11 +252,14 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
                       + (f" on each of {p.world_size} ranks ({p.parallelism})" if p.world_size > 1 else ""))
     console.print(f"  dtype {p.dtype}, {_compile_words(res, p)}, {checkpointing_words(p.checkpointing, p.checkpointing_policy)}, "
                   f"loss {p.loss_impl}")
-    peak = f"measured peak {fmt_bytes(p.measured_peak_bytes)}" if p.measured_peak_bytes else \
+    peak = measured_peak_words(p) if p.measured_peak_bytes else \
         f"estimated peak {fmt_bytes(p.estimated_peak_bytes)}"
     how = ("measured: the fastest trial step, its optimizer update paid once per effective batch"
            if res.mode == "measured" else "estimated from the card's peak TFLOP/s and an assumed MFU")
-    tps = f"{p.tokens_per_s:,.0f} tokens/s ({how})" if p.tokens_per_s else "tokens/s unknown"
+    # several ranks: a trial's rate is one rank's (the slowest rank's: autofit.planning.agree)
+    ranks = (f" per rank, ~{p.tokens_per_s * p.world_size:,.0f} for the {p.world_size} ranks"
+             if p.world_size > 1 and p.tokens_per_s else "")
+    tps = f"{p.tokens_per_s:,.0f} tokens/s{ranks} ({how})" if p.tokens_per_s else "tokens/s unknown"
     console.print(f"  {peak} of a {fmt_bytes(p.budget_bytes)} budget; {tps}")
     if verbose:
         console.print(f"  why: {p.reason}")
@@ -273,10 +280,16 @@ def _candidates_table(res, console: Console) -> None:
     d, p = res.device, res.plan
     estimated = res.mode == "estimated"
     tt = Table(title="candidates (est. = closed-form estimate; measured = " +
-               ("torch CUDA allocator peak" if d.kind == "cuda" else "budgeted-CPU live-bytes tracker" if d.kind == "cpu"
+               ("torch CUDA allocator's allocated peak; reserved: its reserved peak, judged against the budget"
+                if d.kind == "cuda" else "budgeted-CPU live-bytes tracker" if d.kind == "cpu"
                 else "nothing: simulated") + ")")
-    for col in ("", "micro", "dtype", "compile", "ckpt", "loss", "est. peak", "measured", "tokens/s", "status"):
-        tt.add_column(col, justify="right" if col in ("micro", "est. peak", "measured", "tokens/s") else "left")
+    # CUDA: the caching allocator's reserved peak beside allocated; it is what the budget judges
+    reserved = any(t.measured_reserved_bytes for t in res.trials)
+    cols = ("", "micro", "dtype", "compile", "ckpt", "loss", "est. peak", "measured",
+            *(("reserved",) if reserved else ()), "tokens/s", "status")
+    for col in cols:
+        tt.add_column(col, justify="right" if col in ("micro", "est. peak", "measured", "reserved", "tokens/s")
+                      else "left")
     notes: list[str] = []
     if estimated and p.compile:
         # Simulated rows are estimated eager; the plan compiles, so the table shows compile as the
@@ -303,7 +316,7 @@ def _candidates_table(res, console: Console) -> None:
         tt.add_row("[bold]>[/]" if chosen else "", str(t.micro_batch), SHORT_DTYPE[t.dtype], compile_cell,
                    _ckpt_cell(t), t.loss_impl + (" +fsdp2" if t.sharded else ""),
                    _b(t.estimated_peak_bytes),
-                   _b(t.measured_peak_bytes), tps, status)
+                   _b(t.measured_peak_bytes), *((_b(t.measured_reserved_bytes),) if reserved else ()), tps, status)
     console.print(tt)
     for i, n in enumerate(notes, 1):
         console.print(f"  [dim]({i}) {n}[/]")

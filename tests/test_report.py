@@ -1,0 +1,88 @@
+"""What the probe's report and `profiles show` print for plans on several ranks and for trials
+that did not fit: each figure is that of the plan that runs, per rank where it is one rank's."""
+from types import SimpleNamespace
+
+import pytest
+
+from autofit.records import PlanRecord, TrialRecord
+from trainer.config.train_config import load_config
+
+
+def two_rank_plan(**kw) -> PlanRecord:
+    """16 x 2 on each of 4 ranks: an effective batch of 128 written as 16 x 8."""
+    base = dict(mode="measured", micro_batch=16, grad_accum=2, micro_batches=[16, 16], effective_batch=32,
+                block_size=64, dtype="float32", compile=False, compile_after=0, checkpointing=0,
+                loss_impl="standard", measured_peak_bytes=10**8, tokens_per_s=1000.0, budget_bytes=2 * 10**8,
+                split="32 = 2 × 16", world_size=4, parallelism="ddp")
+    return PlanRecord(**{**base, **kw})
+
+
+def cfg_of(*over):
+    return load_config(preset="tiny", overrides=["n_layer=2", "n_embd=32", "n_head=2", "block_size=64",
+                                                 "batch_size=16", "gradient_accumulation_steps=8", *over])
+
+
+def test_a_several_rank_plan_written_as_the_config_says_names_the_whole_accumulation():
+    from autofit.report.render import plan_changes
+    res = SimpleNamespace(device=SimpleNamespace(kind="cpu", bf16_supported=False))
+    words = plan_changes(two_rank_plan(), cfg_of(), res)
+    assert "runs 16 x 8 as written (2 on each of 4 ranks)" in words
+
+
+def test_a_several_rank_plans_tokens_per_s_says_per_rank(monkeypatch):
+    import io
+    from rich.console import Console
+    from autofit.report import render
+    out = io.StringIO()
+    res = SimpleNamespace(plan=two_rank_plan(), mode="measured")
+    render._plan(res, None, Console(file=out, width=300), verbose=False)
+    assert "1,000 tokens/s per rank, ~4,000 for the 4 ranks" in out.getvalue()
+
+
+@pytest.mark.parametrize("status", ["error", "leak"])
+def test_the_config_as_written_that_ran_and_failed_is_not_called_an_estimated_fit(status):
+    from autofit.report.render import as_written_verdict
+    cfg = cfg_of("gradient_accumulation_steps=2")
+    trial = TrialRecord(micro_batch=16, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                        status=status, measured_peak_bytes=10**6, note="RuntimeError: something broke")
+    res = SimpleNamespace(mode="measured", trials=[trial], budget=SimpleNamespace(budget_bytes=10**9),
+                          device=SimpleNamespace(kind="cpu", bf16_supported=False), plan=two_rank_plan(world_size=1))
+    verdict = as_written_verdict(res, cfg)
+    assert verdict.startswith(f"its trial ran and is not a fit: {status} (RuntimeError: something broke)")
+    assert "estimated" not in verdict
+
+
+def test_profiles_show_gives_the_whole_batch_and_tokens_per_s_per_rank():
+    from autofit.cli.profiles import _plan_row
+    fitted = SimpleNamespace(config_summary={"n_layer": 2}, plan=two_rank_plan(measured_reserved_bytes=15 * 10**7),
+                             safe_micro_batch=None, compile_failed=False, events=[],
+                             updated=__import__("datetime").datetime(2026, 12, 4))
+    row = _plan_row("fp", fitted)
+    assert row[1].endswith("batch 128")  # 32 on each of 4 ranks
+    assert "1,000 per rank (measured)" in row
+    assert any("reserved" in cell for cell in row)
+
+
+def test_estimated_recompute_counts_the_blocks_checkpointed():
+    """Blocks 0, k, 2k, ... are checkpointed: with 4 layers, every 2nd and every 3rd block both
+    recompute 2 of 4, so they are estimated alike."""
+    from autofit.planning.estimate import ModelShape
+    from autofit.planning.throughput import estimated_tokens_per_s
+    shape = ModelShape.from_config(cfg_of("n_layer=4"))
+    hw = SimpleNamespace(peak_bf16_tflops=100.0, peak_fp16_tflops=100.0)
+    k2, k3, k4 = (estimated_tokens_per_s(shape, 8, "bfloat16", k, hw) for k in (2, 3, 4))
+    assert k2 == pytest.approx(k3) and k4 > k3
+
+
+@pytest.mark.parametrize("over, lookups", [((), lambda c: c.block_size * c.n_embd),  # GPT-2: positions
+                                           (("pos_emb=rope", "tie_embeddings=False"),  # nanochat-style
+                                            lambda c: c.vocab_size * c.n_embd)])
+def test_estimated_flops_leave_out_the_tables_that_are_looked_up(over, lookups):
+    """6N counts weights that multiply every token: not the position table, nor an input
+    embedding untied from the head (nanoGPT's estimate_mfu leaves out the positions too)."""
+    from autofit.planning.estimate import ModelShape, param_count
+    from autofit.planning.throughput import flops_per_token
+    cfg = cfg_of(*over)
+    shape = ModelShape.from_config(cfg)
+    attn = 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    assert flops_per_token(shape) == 6 * (param_count(shape) - lookups(cfg)) + attn
