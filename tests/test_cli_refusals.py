@@ -204,3 +204,37 @@ def test_a_device_flag_beats_the_configs_device(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert device_from_config(cfg, None, None, None) == ("cuda", None)
     assert device_from_config(SimpleNamespace(device="auto"), None, None, None) == (None, None)
+
+
+# ------------------------------------------------------------------------------- flags a run would ignore
+
+
+@pytest.mark.parametrize("flags, named", [(["--dtype", "bfloat16"], "--dtype"), (["--loss", "chunked"], "--loss"),
+                                          (["--checkpointing", "1", "--compile"], "--compile/--no-compile"),
+                                          (["--margin", "0.2"], "--margin")])
+def test_search_flags_with_no_probe_are_one_line(tmp_path, monkeypatch, capsys, flags, named):
+    """--no-probe trains the config as written: a probe's search flag would be silently ignored."""
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *SMALL, *flags, "--out", "o")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and named in err and "--set" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_search_flags_with_the_resume_of_an_autofit_run_are_one_line(tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *SMALL, "--max-steps", "1", "--out", "o",
+                       "--no-progress")
+    assert code == 0, err
+    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--loss", "chunked", "--set", "max_iters=3",
+                       "--no-progress")
+    assert code == 2 and "--loss with --resume: the run goes on with its own plan" in err, err
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
+
+
+def test_a_repeated_value_in_a_lever_list_is_searched_once(monkeypatch, capsys):
+    import json
+    code, once, _ = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--loss", "chunked",
+                        "--dtype", "bfloat16", "--json")
+    code2, twice, _ = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--loss", "chunked,chunked",
+                          "--dtype", "bfloat16,bfloat16", "--json")
+    assert code == code2 == 0
+    assert json.loads(twice)["trials"] == json.loads(once)["trials"]

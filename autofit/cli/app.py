@@ -13,7 +13,8 @@ import typer
 
 from autofit import interrupts
 from autofit.cli.common import (BudgetOpt, CkptOpt, CkptPolicyOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
-                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options, device_from_config,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options, check_no_plan_flags,
+                                device_from_config,
                                 _rerun_args, _size, console, err_console, load_train_config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -143,9 +144,8 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     device, gpu_index = device_from_config(cfg, device, budget, gpu_index, several=nproc_per_node is not None)
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss, checkpointing_policy)
+    check_no_plan_flags(opts, profile, "--no-probe" if no_probe else "eval_only" if cfg.eval_only else None)
     if profile is not None:  # its card is here, and a probe may save into it: before data or trials
-        if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
-            raise UsageError("--no-probe and --profile exclude each other")
         from autofit.launch.run import check_profile_here
         check_profile_here(profile, emulate, opts)
     resuming = resume or cfg.init_from == "resume"

@@ -137,6 +137,21 @@ def device_from_config(cfg, device: str | None, budget: str | None, gpu_index: i
     return kind, index
 
 
+def check_no_plan_flags(opts, profile: str | None, no_plan: str | None) -> None:
+    """A run that fits no plan (`no_plan`: '--no-probe', or 'eval_only', which trains nothing)
+    trains the config as written: --profile and the probe's search flags (--dtype, --loss, ...)
+    would be ignored, so they are refused in one line (UsageError), naming the --set that does it."""
+    if no_plan is None:
+        return
+    if profile is not None:
+        raise UsageError(f"{no_plan} and --profile exclude each other")
+    flags = opts.search_flags()
+    if flags:
+        raise UsageError(f"{', '.join(flags)} with {no_plan}: these choose among the probe's candidates, and "
+                         f"{no_plan} trains the config as written; set its values with --set (e.g. --set dtype=bfloat16 "
+                         f"--set loss_impl=chunked --set checkpointing=1), or drop {no_plan}")
+
+
 def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss, policy=None):
     from autofit.launch.probe import ProbeOptions
     if not 0.0 <= margin < 1.0:
@@ -151,13 +166,13 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
             raise UsageError(f"--checkpointing takes a comma list of block intervals (0=off), got {checkpointing!r}") from None
     policies = None
     if policy is not None:
-        policies = [v.strip() for v in policy.split(",")]
+        policies = list(dict.fromkeys(v.strip() for v in policy.split(",")))  # once each, in order
         bad = [v for v in policies if v not in ("full", "selective")]
         if bad:
             raise UsageError(f"--checkpointing-policy: unknown policy {bad[0]!r} (full, selective; a comma list)")
     li = None
     if loss is not None:
-        li = [v.strip() for v in loss.split(",")]
+        li = list(dict.fromkeys(v.strip() for v in loss.split(",")))  # once each: a repeat is searched again
         bad = [v for v in li if v not in ("standard", "chunked")]
         if bad:
             raise UsageError(f"--loss: unknown loss implementation {bad[0]!r} (standard, chunked)")

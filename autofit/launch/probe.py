@@ -33,6 +33,14 @@ class ProbeOptions:
     trial_steps: int = 2
     compile_backend: str = "inductor"
 
+    def search_flags(self) -> list[str]:
+        """The probe's search flags given on the command line (['--dtype', '--loss', ...]): what
+        a run that does not probe (--no-probe, a resumed autofit run) would otherwise ignore."""
+        given = {"--dtype": self.dtype, "--compile/--no-compile": self.compile, "--checkpointing": self.checkpointing,
+                 "--checkpointing-policy": self.checkpointing_policies, "--loss": self.loss_impls,
+                 "--margin": None if self.margin == ProbeOptions.margin else self.margin}
+        return [flag for flag, v in given.items() if v is not None]
+
 
 PROBE_WAIT_ENV = "AUTOFIT_FAULT_PROBE_WAIT"
 

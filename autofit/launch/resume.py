@@ -73,6 +73,9 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     ck = read_checkpoint(path, any_layout=True, mmap=True)
     if not all(k in ck for k in ("config", "sampler")):  # nanoGPT's layout
         return _continue_nanogpt(path, overrides, probe_opts, allow_changes, max_steps, progress, log, sources)
+    if probe_opts.search_flags():  # they choose a new plan, and an autofit run goes on with its own
+        raise ConfigError(f"{', '.join(probe_opts.search_flags())} with --resume: the run goes on with its own plan, "
+                          f"no probe; change its config with --set key=value --allow-changes")
     plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
     plan = _saved_plan(plan_info, path)
     cfg, changes = _with_changes(TrainConfig(**ck["config"]), overrides, allow_changes, log, sources)

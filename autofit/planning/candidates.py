@@ -81,7 +81,7 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
         if not bf16_supported:
             dtypes.remove("bfloat16")
     else:
-        dtypes = [d.strip() for d in dtype.split(",")]
+        dtypes = list(dict.fromkeys(d.strip() for d in dtype.split(",")))  # once each, in order
         for d in dtypes:
             if d not in ("float32", "bfloat16", "float16"):
                 raise PlanError(f"--dtype: unknown dtype {d!r} (float32, bfloat16, float16, any)"
