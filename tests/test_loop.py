@@ -790,3 +790,25 @@ def test_an_oom_inside_the_optimizer_update_stops_the_run_instead_of_redoing_a_h
     r = run_trial(cfg, Levers("float32", 0, "standard").candidate(4), BudgetedCpuDevice(budget_bytes=1 << 30),
                   rank_batch=8, budget_bytes=1 << 30, settings=TrialSettings(steps=3))
     assert r.status == "oom" and "optimizer update" in r.note
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resume_trains_with_this_configs_optimizer_settings(tmp_path, optimizer):
+    """load_state_dict brings back the saved groups' settings; a resume with --allow-changes that
+    changes weight_decay, beta2 or muon_lr must train with the new ones (the state is the
+    checkpoint's): a no-decay group stays at 0."""
+    from trainer.loop import Trainer
+    first = dict(optimizer=optimizer, weight_decay=0.1, beta2=0.99, learning_rate=1e-3,
+                 **({"muon_lr": 0.02} if optimizer == "muon" else {}))
+    train(make_cfg(tmp_path, max_iters=2, **first), opts())
+    changed = dict(first, weight_decay=0.0 if optimizer == "muon" else 0.05, beta2=0.9,
+                   **({"muon_lr": 0.05} if optimizer == "muon" else {}))
+    t = Trainer(make_cfg(tmp_path, max_iters=4, **changed), opts(resume=True))
+    groups = t.optimizer.param_groups
+    adamw = [g for g in groups if "betas" in g]
+    assert all(g["betas"] == (0.9, 0.9) for g in adamw)
+    assert sorted({g["weight_decay"] for g in adamw}) == sorted({0.0, changed["weight_decay"]})
+    assert t.optimizer.state  # the moments are the checkpoint's
+    if optimizer == "muon":
+        (muon,) = [g for g in groups if "lr_scale" in g]
+        assert muon["lr_scale"] == pytest.approx(0.05 / 1e-3) and muon["weight_decay"] == 0.0

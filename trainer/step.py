@@ -90,7 +90,10 @@ def make_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay
     optimizer='muon': torch.optim.Muon (momentum 0.95, Nesterov, weight decay `weight_decay`) for
     the 2-D matrices of the transformer blocks at `muon_lr`, nanoGPT's AdamW for the rest
     (embeddings, head, norms, biases), as nanochat and modded-nanogpt split them; the two are
-    stepped as one (MuonAdamW). The Muon group carries lr_scale = muon_lr / learning_rate, so a
+    stepped as one (MuonAdamW). Unlike them, the fused c_attn (Q|K|V) and SwiGLU's c_fc (gate|up)
+    are each orthogonalised as one matrix (nanochat has separate c_q, c_k, c_v; modded-nanogpt
+    orthogonalises Q, K, V one by one), and torch's Muon scales that matrix's lr by
+    sqrt(rows / cols) = sqrt(3) without GQA: the same memory, a different update. The Muon group carries lr_scale = muon_lr / learning_rate, so a
     schedule that sets every group's lr to lr * lr_scale keeps the ratio. Raises ValueError for an
     unknown optimizer or a torch without torch.optim.Muon."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

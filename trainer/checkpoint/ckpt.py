@@ -6,6 +6,7 @@ the same plan on the same device (the plan, the micro-batches in use, the device
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -192,13 +193,15 @@ def restore(trainer, ck: dict) -> None:
         check_same_model(TrainConfig(**{**t.cfg.model_dump(), **nano.model_args}), t.cfg, t.ckpt_path)
         t.model.load_state_dict(nano.model)
         if nano.optimizer is not None:
-            t.optimizer.load_state_dict(nano.optimizer)
+            with config_hyperparameters(t.optimizer):
+                t.optimizer.load_state_dict(nano.optimizer)
         t.iter_num, t.best_val_loss = nano.iter_num, nano.best_val_loss
         t.last_eval_iter = nano.iter_num  # nanoGPT evaluated (and saved) at this step
         t._event("resume_partial", layout="nanogpt", not_restored=nano.not_restored)
         return
     check_same_model(TrainConfig(**ck["config"]), t.cfg, t.ckpt_path)
-    t.group.load(ck, t.model, t.optimizer)  # one GPU, DDP or FSDP2's shards (trainer/distributed/multirank.py)
+    with config_hyperparameters(t.optimizer):  # the state is the checkpoint's, the settings this config's
+        t.group.load(ck, t.model, t.optimizer)  # one GPU, DDP or FSDP2's shards (trainer/distributed/multirank.py)
     if t.scaler is not None and ck.get("scaler"):
         t.scaler.load_state_dict(ck["scaler"])
     t.iter_num = int(ck["iter_num"])
@@ -214,3 +217,16 @@ def restore(trainer, ck: dict) -> None:
     change = t.group.split_change(ck, t.cfg.effective_batch, t.micro_batches)
     if change:  # resumed on another number of ranks
         t._event("world_size_changed", **change)
+
+
+@contextlib.contextmanager
+def config_hyperparameters(optimizer: torch.optim.Optimizer):
+    """Around loading an optimizer's state: afterwards every param group keeps the settings it was
+    made with from this run's config (weight_decay, betas, eps, Muon's lr_scale = muon_lr /
+    learning_rate, ...), not those saved in the checkpoint, which load_state_dict brings back. The
+    checkpoint gives the state (moments, step counts); a change resumed with --allow-changes
+    (autofit.launch.resume) then takes effect. 'lr' is set at every step by the schedule."""
+    made = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+    yield
+    for group, settings in zip(optimizer.param_groups, made):
+        group.update(settings)

@@ -29,8 +29,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # nanochat's depth-12 base model (karpathy/nanochat, nanochat/gpt.py and scripts/base_train.py):
     # 6 heads of 128, rotary positions, parameter-free RMSNorm, QK-norm, ReLU^2, untied embeddings,
     # logits soft-capped at 15, Muon for the blocks' matrices (0.02) and AdamW (0.004, betas 0.8/0.95)
-    # for the rest; 2^19 tokens per step = 256 sequences of 2048 (device batch 32 x 8). nanochat's
-    # value embeddings, residual lambdas and sliding windows are not modelled. The data here is
+    # for the rest; 2^19 tokens per step = 256 sequences of 2048 (device batch 32 x 8). Not as in
+    # nanochat (read at its commit 92d63d4): its value embeddings, residual lambdas and sliding
+    # windows; the RMSNorm after the token embedding and the 1.2x on q and k after QK-norm; its
+    # AdamW rates per group (embeddings 0.2 x (768/d)^0.5, lm_head 0.004; here 0.004 for all) and
+    # its initialisation (here GPT-2's, std 0.02); and Muon takes the fused Q|K|V matrix as one
+    # (nanochat's c_q, c_k, c_v are three: trainer.step.make_optimizer). The shapes, and so the
+    # memory autofit fits, are nanochat's. The data here is
     # the embedded bytes (ids 0..255 of the 32768-token vocabulary, which the preset fixes: a smoke
     # run); set dataset to a folder tokenized with nanochat's tokenizer to train for real.
     "nanochat-d12": dict(
