@@ -9,7 +9,6 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-
 from autofit.units import fmt_bytes, measured_peak_words
 from trainer.model.sac_ops import saved_ops_words
 
