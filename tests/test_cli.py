@@ -379,6 +379,7 @@ def test_profiles_add_then_probe_gpu_uses_it(tmp_path, monkeypatch, capsys):
     (["--memory", "lots"], "--memory"),
     (["--peak-fp16-tflops", "-1"], "--peak-fp16-tflops: Input should be greater than 0"),
     (["--peak-bf16-tflops", "20"], "bf16 tensor cores need compute capability 8.0"),
+    (["--compute-capability", "8.6"], "--peak-bf16-tflops: compute capability 8.6 has bf16 tensor cores"),
     (["--bandwidth-gbs", "0"], "--bandwidth-gbs"),
     (["--peak-fp16-tflops", "inf"], "--peak-fp16-tflops"),  # written, then refused on every read
     (["--bandwidth-gbs", "nan"], "--bandwidth-gbs"),
@@ -408,6 +409,19 @@ def test_profiles_add_refuses_a_name_that_says_another_memory(tmp_path, monkeypa
     else:
         assert code == 2 and "says" in err and "--memory" in err and err.count("\n") == 1, err
         assert not (tmp_path / "home" / "profiles" / f"{name}.toml").exists()
+
+
+def test_a_hand_written_ampere_profile_without_bf16_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """An Ampere card's profile that says bf16 = false (no bf16 peak to estimate from) is refused on
+    reading; the estimate crashed on the missing figure."""
+    code, _, err = cli(monkeypatch, capsys, *GTX1650)
+    assert code == 0, err
+    path = tmp_path / "home" / "profiles" / "gtx1650-4gb.toml"
+    path.write_text(path.read_text().replace("compute_capability = [\n    7,\n    5,\n]", "compute_capability = [8, 6]")
+                    .replace("compute_capability = [7, 5]", "compute_capability = [8, 6]"))
+    assert "[8, 6]" in path.read_text()
+    code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "gtx1650-4gb", "--preset", "gpt2-124m")
+    assert code == 2 and err.count("\n") == 1 and "bf16 tensor cores" in err, err
 
 
 def test_profiles_add_bad_name_is_one_line(tmp_path, monkeypatch, capsys):

@@ -154,11 +154,15 @@ def profiles_add(
     mem_bytes = _size(memory, "--memory")
     if (said := _name_memory_mismatch(name, mem_bytes)) is not None:
         raise UsageError(said)
+    cc = _compute_capability(compute_capability)
+    if peak_bf16 is None and tuple(cc) >= (8, 0):  # the estimate prices bf16 there from this figure
+        raise UsageError(f"--peak-bf16-tflops: compute capability {compute_capability} has bf16 tensor cores; "
+                         f"give its dense bf16 TFLOP/s from the spec sheet")
     check_profiles_writable(name)
     label = gpu or name
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     hardware = {"schema_version": 1, "name": name, "gpu": label, "nvml_names": [label],
-                "memory_bytes": mem_bytes, "compute_capability": _compute_capability(compute_capability),
+                "memory_bytes": mem_bytes, "compute_capability": cc,
                 "bf16": peak_bf16 is not None, "peak_bf16_tflops": peak_bf16, "peak_fp16_tflops": peak_fp16,
                 "memory_bandwidth_gbs": bandwidth,
                 "source": source or f"user-defined with autofit profiles add ({stamp}); figures not checked"}

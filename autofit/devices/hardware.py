@@ -59,6 +59,9 @@ class HardwareSpec(BaseModel):
             raise ValueError("bf16 = true needs peak_bf16_tflops")
         if self.bf16 and tuple(self.compute_capability) < (8, 0):
             raise ValueError("bf16 tensor cores need compute capability 8.0 or newer")
+        if not self.bf16 and tuple(self.compute_capability) >= (8, 0):  # every Ampere and later card has them
+            raise ValueError("compute capability 8.0 or newer has bf16 tensor cores: bf16 = true, with "
+                             "peak_bf16_tflops (the spec sheet's dense bf16 figure)")
         return self
 
 
