@@ -161,8 +161,13 @@ def test_a_run_that_ends_inside_its_warm_up_says_so(tmp_path, monkeypatch, capsy
                          "max_iters=5", "--set", "warmup_iters=100", "--out", "o")
     assert code == 0, err
     # on stdout, with the plan: stderr stays for what went wrong (one line when something does)
-    assert "note: the run ends at step 5, inside its 100-step learning-rate warm-up: the rate reaches 5.9% " \
+    assert "note: the run's last step is 4, inside its 100-step learning-rate warm-up: the rate reaches 5.0% " \
            "of learning_rate" in out and "warm-up" not in err
+    import json
+    last = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in line][-1]
+    first = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
+    assert last["step"] == 4 and f"{last['lr'] / first['config']['learning_rate']:.1%}" == "5.0%"  # the step said
     code, out, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, "--no-probe", "--no-progress", "--set",
                          "max_iters=5", "--set", "warmup_iters=2", "--out", "o2")
     assert code == 0 and "warm-up" not in out + err, err
@@ -182,13 +187,13 @@ def test_a_gpu_profile_with_a_cpu_device_is_one_line(tmp_path, monkeypatch, caps
 
 def test_the_configs_device_is_the_probes_device(tmp_path, monkeypatch, capsys):
     """A config that says device='cuda' is not probed on the CPU: on a machine without a GPU it
-    stops in one line, after saying where the device came from."""
+    stops in one line, which says where the device came from."""
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the config's cuda is there")
     code, out, err = cli(monkeypatch, capsys, "probe", *SMALL, "--set", "device=cuda")
-    assert code == 2 and "device cuda, from the config's device" in err
-    assert "no NVIDIA GPU found" in err.strip().splitlines()[-1] and "trial:" not in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "trial:" not in err
+    assert "no NVIDIA GPU found" in err and "(device 'cuda' from the config; --device to choose another)" in err
 
 
 def test_a_device_flag_beats_the_configs_device(monkeypatch):
@@ -196,14 +201,17 @@ def test_a_device_flag_beats_the_configs_device(monkeypatch):
     from autofit.cli.common import device_from_config
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = SimpleNamespace(device="cuda:1")
-    assert device_from_config(cfg, None, None, None) == ("cuda", 1)
-    assert device_from_config(cfg, "cpu", None, None) == ("cpu", None)  # --device
-    assert device_from_config(cfg, None, "64MiB", None) == (None, None)  # --budget: the budgeted CPU
-    assert device_from_config(cfg, None, None, 0) == (None, 0)  # --gpu-index
-    assert device_from_config(cfg, None, None, None, several=True) == ("cuda", None)  # each rank its LOCAL_RANK
+    kind, index, source = device_from_config(cfg, None, None, None)
+    assert (kind, index) == ("cuda", 1) and "from the config" in source
+    assert device_from_config(cfg, "cpu", None, None) == ("cpu", None, None)  # --device
+    assert device_from_config(cfg, "cuda:2", None, None) == ("cuda", 2, None)  # --device cuda:N
+    assert device_from_config(cfg, None, "64MiB", None) == (None, None, None)  # --budget: the budgeted CPU
+    assert device_from_config(cfg, None, None, 0) == (None, 0, None)  # --gpu-index
+    assert device_from_config(cfg, None, None, None, several=True)[:2] == ("cuda", None)  # each rank its LOCAL_RANK
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert device_from_config(cfg, None, None, None) == ("cuda", None)
-    assert device_from_config(SimpleNamespace(device="auto"), None, None, None) == (None, None)
+    assert device_from_config(cfg, None, None, None)[:2] == ("cuda", None)
+    assert device_from_config(SimpleNamespace(device="auto"), None, None, None) == (None, None, None)
+
 
 
 # ------------------------------------------------------------------------------- flags a run would ignore

@@ -53,9 +53,9 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
     from autofit.launch.probe import run_probe
     cfg = load_train_config(config, preset, overrides)
     if gpu is None:  # --gpu simulates a card: no device of this machine is used
-        device, gpu_index = device_from_config(cfg, device, budget, gpu_index)
+        device, gpu_index, src = device_from_config(cfg, device, budget, gpu_index)
     opts = _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss,
-                          checkpointing_policy)
+                          checkpointing_policy, src if gpu is None else None)
     # Everything that would fail after the probe is checked before it runs.
     if plot is not None:
         from autofit.report.plot import check_plot_target
@@ -122,7 +122,7 @@ def _print_probe(res, cfg, opts, rerun, saved, plot, verbose) -> None:
 @app.command("run")
 def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
             overrides: List[str] = SetOpt,
-            max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after optimizer step N (the LR schedule still follows max_iters)."),
+            max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train optimizer steps 0 to N-1, then stop with a checkpoint (the LR schedule still follows max_iters)."),
             out: Optional[str] = typer.Option(None, "--out", help="Output directory (checkpoints, metrics.jsonl)."),
             resume: bool = typer.Option(False, "--resume", help="Continue from <out>/ckpt.pt."),
             profile: Optional[str] = typer.Option(None, "--profile", help="Use (or fit and save) the plan in this GPU profile, e.g. rtx4070-12gb."),
@@ -142,8 +142,9 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     cfg = load_train_config(config, preset, [o for o in overrides if o.startswith("out_dir=")] if resume else overrides)
     cfg.out_dir = out if out is not None else cfg.out_dir
     log = lambda s: err_console.print(f"[dim]{s}[/]")
-    device, gpu_index = device_from_config(cfg, device, budget, gpu_index, several=nproc_per_node is not None)
-    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss, checkpointing_policy)
+    device, gpu_index, src = device_from_config(cfg, device, budget, gpu_index, several=nproc_per_node is not None)
+    opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss,
+                          checkpointing_policy, src)
     check_no_plan_flags(opts, profile, "--no-probe" if no_probe else "eval_only" if cfg.eval_only else None)
     if profile is not None:  # its card is here, and a probe may save into it: before data or trials
         from autofit.launch.run import check_profile_here
@@ -172,7 +173,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     from autofit.launch.torchrun import check_ranks
     check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
-        _train(cfg, _no_probe_options(cfg, device, budget, gpu_index, max_steps, not no_progress))
+        _train(cfg, _no_probe_options(device, budget, gpu_index, src, max_steps, not no_progress))
         return
     interrupts.during("interrupted before training started (during the probe); no checkpoint was written")
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
@@ -312,13 +313,13 @@ def _check_fresh_run(cfg, log) -> None:
         log(f"vocab_size {cfg.vocab_size}, from {src}")
 
 
-def _no_probe_options(cfg, device, budget, gpu_index, max_steps, progress):
+def _no_probe_options(device, budget, gpu_index, source, max_steps, progress):
     """The config as written, on the device asked for (--device, else the config's device: run_cmd), opened
     as every command opens it: --budget gives the budgeted CPU device, a plain CPU measures
     nothing (and compiles for real)."""
     from autofit.devices.opener import open_device
     from trainer.loop import RunOptions
-    dev = open_device(device, budget_bytes=_size(budget, "--budget"), gpu_index=gpu_index, cpu="plain")
+    dev = open_device(device, budget_bytes=_size(budget, "--budget"), gpu_index=gpu_index, cpu="plain", source=source)
     return RunOptions(max_steps=max_steps, progress=progress, meter=dev, device=dev.torch_device)
 
 
@@ -333,8 +334,8 @@ app.registered_commands += sample_app.registered_commands
 def _report_run(result, cfg) -> None:
     if result.status == "interrupted":
         interrupts.said()
-        err_console.print(f"interrupted after step {result.steps}; " + (
-            f"checkpoint saved to {result.checkpoint}; continue with: autofit run --resume --out "
+        err_console.print(f"interrupted after {result.steps} optimizer step(s); " + (
+            f"checkpoint {result.checkpoint} resumes at step {result.checkpoint_step}; continue with: autofit run --resume --out "
             f"{shlex.quote(str(cfg.out_dir))}" if result.checkpoint else "nothing was saved (eval_only)"), markup=False)
         raise typer.Exit(interrupts.EXIT_CODE)
     if result.status == "evaluated":
@@ -343,10 +344,9 @@ def _report_run(result, cfg) -> None:
                       f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained or saved")
         return
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
-    msg = f"done: {result.steps} optimizer steps"
-    if first is not None:
-        msg += f", loss {first:.3f} -> {last:.3f}"
-    console.print(msg + f"; checkpoint {result.checkpoint}, metrics {Path(cfg.out_dir) / 'metrics.jsonl'}")
+    msg = f"done: {result.steps} optimizer steps" + (f", loss {first:.3f} -> {last:.3f}" if first is not None else "")
+    console.print(msg + f"; checkpoint {result.checkpoint} (resumes at step {result.checkpoint_step}), metrics "
+                  f"{Path(cfg.out_dir) / 'metrics.jsonl'}")
     out = shlex.quote(str(cfg.out_dir))
     console.print(f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out} "
                   f"--set max_iters=N (train on)", markup=False)

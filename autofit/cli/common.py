@@ -122,19 +122,21 @@ def _fmt(n):
 
 
 def device_from_config(cfg, device: str | None, budget: str | None, gpu_index: int | None,
-                       several: bool = False) -> tuple[str | None, int | None]:
-    """(--device, --gpu-index) with the config's `device` ('cpu', 'cuda', 'cuda:1') filled in
-    where no device flag (--device, --budget, --gpu-index) was given: a flag beats the config, and
-    'auto' leaves the choice to the opener (a GPU if there is one). On several ranks (`several`:
-    --nproc-per-node; or under torchrun) each takes the GPU of its LOCAL_RANK, so a 'cuda:N' in
-    the config names no index there."""
-    if device is not None or budget is not None or gpu_index is not None or cfg.device == "auto":
-        return device, gpu_index
+                       several: bool = False) -> tuple[str | None, int | None, str | None]:
+    """(--device, --gpu-index, where they came from) with the config's `device` ('cpu', 'cuda',
+    'cuda:1') filled in where no device flag (--device, --budget, --gpu-index) was given: a flag
+    beats the config, and 'auto' leaves the choice to the opener (a GPU if there is one). The
+    third item names the config for the opener's errors (None: from the flags). --device cuda:N
+    is --device cuda --gpu-index N. On several ranks (`several`: --nproc-per-node; or under
+    torchrun) each takes the GPU of its LOCAL_RANK, so a 'cuda:N' names no index there."""
     from autofit.devices.ranks import under_torchrun
+    one = not (several or under_torchrun())
+    if device is not None and device.startswith("cuda:") and device[5:].isdigit() and gpu_index is None:
+        return "cuda", int(device[5:]) if one else None, None
+    if device is not None or budget is not None or gpu_index is not None or cfg.device == "auto":
+        return device, gpu_index, None
     kind, _, idx = cfg.device.partition(":")
-    index = int(idx) if idx and not (several or under_torchrun()) else None
-    err_console.print(f"[dim]device {cfg.device}, from the config's device (--device to choose another)[/]")
-    return kind, index
+    return kind, int(idx) if idx and one else None, f"device {cfg.device!r} from the config; --device to choose another"
 
 
 def check_no_plan_flags(opts, profile: str | None, no_plan: str | None) -> None:
@@ -152,7 +154,8 @@ def check_no_plan_flags(opts, profile: str | None, no_plan: str | None) -> None:
                          f"--set loss_impl=chunked --set checkpointing=1), or drop {no_plan}")
 
 
-def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss, policy=None):
+def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss, policy=None,
+                   device_source=None):
     from autofit.launch.probe import ProbeOptions
     if not 0.0 <= margin < 1.0:
         raise UsageError(f"--margin must be in [0, 1), got {margin}")
@@ -182,10 +185,10 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
         check_budget_fits(budget_bytes)
     return ProbeOptions(device=device, budget_bytes=budget_bytes, gpu=gpu, gpu_index=gpu_index,
                         margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li,
-                        checkpointing_policies=policies)
+                        checkpointing_policies=policies, device_source=device_source)
 
 
-DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: the GPU if there is one, else the budgeted CPU).")
+DeviceOpt = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: the config's device; 'auto' there: the GPU if there is one, else the budgeted CPU).")
 BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB (default: half of available RAM).")
 GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU (NVML index; default 0). Refused on the CPU and under torchrun.")
 DEFAULT_MARGIN = 0.10

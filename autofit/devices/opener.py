@@ -16,7 +16,22 @@ CpuFallback = Literal["budgeted", "plain"]
 
 
 def open_device(kind: str | None = None, *, budget_bytes: int | None = None, gpu_index: int | None = None,
-                emulate_usable_bytes: int | None = None, cpu: CpuFallback = "budgeted") -> Device:
+                emulate_usable_bytes: int | None = None, cpu: CpuFallback = "budgeted",
+                source: str | None = None) -> Device:
+    """The device to measure and train on; `source`: where kind and gpu_index came from when not
+    from the flags (e.g. "device 'cuda:1' from the config"), added to any DeviceError. The rest as
+    _open_device's."""
+    try:
+        return _open_device(kind, budget_bytes=budget_bytes, gpu_index=gpu_index,
+                            emulate_usable_bytes=emulate_usable_bytes, cpu=cpu)
+    except DeviceError as e:
+        if source is None:
+            raise
+        raise DeviceError(f"{e} ({source})") from None
+
+
+def _open_device(kind: str | None, *, budget_bytes: int | None, gpu_index: int | None,
+                 emulate_usable_bytes: int | None, cpu: CpuFallback) -> Device:
     """The device to measure and train on.
 
     kind: 'cuda', 'cpu', or None (a GPU if there is one, else the CPU).

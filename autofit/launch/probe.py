@@ -32,6 +32,7 @@ class ProbeOptions:
     emulate_bytes: int | None = None  # on a bigger GPU: cap the process to this many bytes
     trial_steps: int = 2
     compile_backend: str = "inductor"
+    device_source: str | None = None  # where device and gpu_index came from, when not from flags
 
     def search_flags(self) -> list[str]:
         """The probe's search flags given on the command line (['--dtype', '--loss', ...]): what
@@ -159,5 +160,5 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
         res.notes = list(space.notes)
         return res, None, sim.hw
     device = open_device(opts.device, budget_bytes=opts.budget_bytes, gpu_index=opts.gpu_index,
-                         emulate_usable_bytes=opts.emulate_bytes)
+                         emulate_usable_bytes=opts.emulate_bytes, source=opts.device_source)
     return probe_on(cfg, device, device_budget(device, opts.margin), opts, log), device, None
