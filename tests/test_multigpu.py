@@ -471,3 +471,20 @@ def test_a_resume_on_another_number_of_ranks_gives_each_rank_its_own_rng():
         g.set_state(state(rank))
         draws.append(torch.rand(4, generator=g))
     assert not torch.equal(draws[0], draws[1])
+
+
+def test_a_ddp_trial_measures_the_peak_training_has(tmp_path):
+    """The probe's trial under DDP primes its optimizer as training does (gradients dropped, then
+    made as views of DDP's buckets): its measured peak is that of the training steps of the same
+    micro-batch, not one parameter-sized gradient copy more."""
+    out = tmp_path / "out"
+    ok(torchrun(["run", "--preset", "tiny", *SETS, "-s", "max_iters=3", "--checkpointing", "0", "--loss", "standard",
+                 "--out", str(out), "--no-progress"], env(tmp_path)))
+    plan = records(out, "run")[0]["plan"]
+    steps = [r for r in records(out, "train") if r["micro_batch"] == plan["micro_batch"]]
+    assert steps, "no training step ran the plan's micro-batch"
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    param_bytes = 4 * sum(v.numel() for v in ck["model"].values())
+    trained = max(r["peak_mem_bytes"] for r in steps)
+    assert abs(plan["measured_peak_bytes"] - trained) < param_bytes / 2, (plan["measured_peak_bytes"], trained,
+                                                                         param_bytes)

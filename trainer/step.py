@@ -328,10 +328,11 @@ def prime_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, keep_gra
     """Makes AdamW's state (exp_avg, exp_avg_sq, step) and the gradients now, before any timed
     step, by one optimizer step on zero gradients at learning rate 0 (no weight moves: the decay
     is lr x weight_decay = 0 and the update is lr x ... = 0). `keep_grads`: leave the zero
-    gradients allocated, as training's zero_grad leaves them between steps under DDP; else drop
-    them as it does with one process and under FSDP2 (set_to_none), so that step 1's first backward
-    makes them as every training step's does (kept, a single micro-batch's trial measured one
-    gradient copy more than training holds: 7 % of a small model's peak). The state's step counters
+    gradients allocated; training and the probe's trials drop them (set_to_none), so that step 1's
+    first backward makes them as every training step's does: under DDP as views of its buckets
+    (gradient_as_bucket_view), beside which kept zeros would be a copy; with one process kept zeros
+    were a copy a single micro-batch's trial measured and training never holds (7 % of a small
+    model's peak). The state's step counters
     are then set back to 0, so the first real step is a fresh optimizer's (its moments and Muon's
     momentum are zeros, as lazily made ones are): training primed so runs nanoGPT's numbers, and
     its optimizer state is made before step 0, not inside its first update (autofit's trials

@@ -108,9 +108,11 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
     state["opt"] = opt = make_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), device_type=tdev.type,
                                         optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
-    # steady-state memory from the start: a size that does not fit fails in step 1
-    # the gradients between steps as training has them (trainer.step.train_step's zero_grad)
-    prime_optimizer(model, opt, keep_grads=parallel is not None and not parallel.zero_grad_to_none)
+    # steady-state memory from the start: a size that does not fit fails in step 1. The gradients
+    # dropped, as training primes (trainer.redo): under DDP the first backward makes them views of
+    # the buckets that exist from the wrap; kept zeros would be a copy beside them that training
+    # never holds (the trial measured one parameter-sized copy more than every training step)
+    prime_optimizer(model, opt, keep_grads=False)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
     # A fresh compile per trial (no graphs cached from the last one), compiled as the trainer
     # compiles it.
