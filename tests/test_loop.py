@@ -812,3 +812,22 @@ def test_a_resume_trains_with_this_configs_optimizer_settings(tmp_path, optimize
     if optimizer == "muon":
         (muon,) = [g for g in groups if "lr_scale" in g]
         assert muon["lr_scale"] == pytest.approx(0.05 / 1e-3) and muon["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_always_save_checkpoint_false_keeps_the_best_checkpoint_at_the_end(tmp_path, monkeypatch, always):
+    """nanoGPT's rule (its shakespeare_char config): with always_save_checkpoint=False ckpt.pt is
+    the model of the best val loss; the end of the run does not overwrite it with a worse one."""
+    vals = iter([3.0, 1.0, 2.0])  # steps 0, 5 (the best, saved) and 10 (worse)
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, model, what: {"train": 1.0, "val": next(vals)})
+    seen = []
+    res = train(make_cfg(tmp_path, max_iters=12, eval_interval=5, always_save_checkpoint=always),
+                opts(on_event=seen.append))
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    if always:
+        assert saved["iter_num"] == 12 and res.checkpoint_step == 12
+        assert not [e for e in seen if e["event"] == "kept_best"]
+    else:
+        assert saved["iter_num"] == 5 and saved["best_val_loss"] == 1.0 and res.checkpoint_step == 5
+        (kept,) = [e for e in seen if e["event"] == "kept_best"]
+        assert kept["best_step"] == 5 and kept["steps_not_saved"] == 7

@@ -86,6 +86,8 @@ class Trainer(RedoneStep):
         self._progress: Progress | None = None
         self.iter_num, self.best_val_loss = 0, float("inf")
         self.last_eval_iter, self.last_eval = -1, None  # the last evaluation's step and {'train', 'val'} losses
+        self.best_saved: int | None = None  # the step whose best val loss ckpt.pt holds (always_save_checkpoint=False)
+        self.saved_step: int | None = None  # the step the checkpoint on disk holds
         set_matmul_precision(cfg.tf32)
         with self.meter.tracking():
             self._build_model_and_optimizer()
@@ -148,7 +150,7 @@ class Trainer(RedoneStep):
                 with self.meter.tracking():
                     status, tokens = self._steps(stop, stop_at)
                 # still under the stop flag: a Ctrl-C during this last save is heard, not a KeyboardInterrupt in it
-                ckpt = self.save_checkpoint() if not cfg.eval_only else None
+                ckpt = self.save_last() if not cfg.eval_only else None
         finally:
             self.batches.close()
             self.metrics.close()
@@ -157,7 +159,8 @@ class Trainer(RedoneStep):
             self.metrics.write({"type": "interrupted", "step": self.iter_num, "signal": stop.signal})
         return RunResult(steps=self.iter_num, losses=self.losses, tokens=tokens,
                          micro_batches=list(self.micro_batches), status=status,
-                         events=self.events, checkpoint=ckpt, last_eval=self.last_eval)
+                         events=self.events, checkpoint=ckpt, last_eval=self.last_eval,
+                         checkpoint_step=self.saved_step if ckpt else None)
 
     def _steps(self, stop: StopFlag, stop_at: int) -> tuple[str, int]:
         """The loop itself, until `stop_at` or a stop: (status, tokens trained on every rank)."""
@@ -296,8 +299,22 @@ class Trainer(RedoneStep):
             self.best_val_loss = min(self.best_val_loss, ev["val"])
             if it > 0 and save:
                 self.save_checkpoint()
+                self.best_saved = it
 
     # ----------------------------------------------------------------- checkpoints
+    def save_last(self) -> Path | None:
+        """The checkpoint at the end of a run, at a stop, or when an OOM gives up: written, except
+        where always_save_checkpoint=False keeps the best val loss's (nanoGPT's rule: ckpt.pt is
+        the best model, as its shakespeare_char config asks) and the steps since have no better
+        one: then ckpt.pt stays as it is, a 'kept_best' event says so, and saved_step says which."""
+        if self.cfg.always_save_checkpoint or self.best_saved is None or self.best_saved == self.iter_num:
+            return self.save_checkpoint()
+        self._read_losses()  # a non-finite loss still stops the run, saved or not
+        self.saved_step = self.best_saved
+        self._event("kept_best", best_step=self.best_saved, val_loss=round(self.best_val_loss, 4),
+                    steps_not_saved=self.iter_num - self.best_saved)
+        return self.ckpt_path
+
     def save_checkpoint(self) -> Path | None:
         """Writes <out>/ckpt.pt atomically on rank 0, after checking every step's loss since the
         last check was finite (a TrainError otherwise, and the file on disk stays as it was)."""
@@ -308,6 +325,7 @@ class Trainer(RedoneStep):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({**training_state(self), **extra}, self.ckpt_path,
                           what=f"checkpoint {self.ckpt_path} (step {self.iter_num})")
+        self.saved_step = self.iter_num
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:
@@ -315,6 +333,8 @@ class Trainer(RedoneStep):
         if self.stages is not None:  # the checkpoint's sampler state is at its stage's block size
             self.stages.resume(self, ck)
         restore(self, ck)
+        if self.best_val_loss < float("inf"):  # saved with a best val loss: ckpt.pt holds that model
+            self.best_saved = self.iter_num
 
 
 def train(cfg: TrainConfig, opts: RunOptions | None = None) -> RunResult:

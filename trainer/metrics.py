@@ -33,6 +33,9 @@ EVENT_TEXT = {
                           "{new_rank_batch} sequences, micro-batches {old_micro_batches} -> {micro_batches}",
     "stage": "stage {stage} from step {step}: {effective_batch} sequences x {block_size} tokens = "
              "{tokens_per_step:,} tokens per step, micro-batches {micro_batches}",
+    "kept_best": "ckpt.pt kept as it is, at step {best_step} (the best val loss, {val_loss}): "
+                 "always_save_checkpoint=False saves only a better one, as nanoGPT does, so the {steps_not_saved} "
+                 "step(s) since are not saved",
     "scaler_skips": "fp16: the GradScaler skipped {skipped_steps} steps in a row (gradients overflow); bfloat16 "
                     "needs no scaler, or lower the learning rate",
 }

@@ -48,3 +48,5 @@ class RunResult:
     events: list[dict]
     checkpoint: Path | None
     last_eval: dict | None = None  # {'train': loss, 'val': loss} of the last evaluation
+    # the step `checkpoint` holds: `steps`, or earlier where always_save_checkpoint=False kept the best
+    checkpoint_step: int | None = None

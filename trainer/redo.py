@@ -64,7 +64,7 @@ class RedoneStep:
                 self._shrink(failure, injected)
             except TrainError:  # keep the steps that did complete; this one is next, on its own batch and RNG
                 self.sampler.counters.update(start), self._set_rng_state(rng)
-                self.save_checkpoint()
+                self.save_last()
                 raise
             self._set_rng_state(rng)
 
