@@ -217,6 +217,7 @@ def test_init_from_gpt2_starts_from_the_weights(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(pretrained.GPT2_MODELS, "gpt2", dict(n_layer=2, n_head=2, n_embd=32))
     monkeypatch.setattr(pretrained, "GPT2_VOCAB", 256)  # byte tokens: the built-in corpus
     monkeypatch.setattr(pretrained, "load_gpt2", lambda model_type, **kw: real(None, source=src, **kw))
+    monkeypatch.setattr(pretrained, "locate_gpt2", lambda model_type: (src / "config.json", src / "model.safetensors"))
     tiny = pretrained.load_gpt2("gpt2").model
     code, out, err = cli(monkeypatch, capsys, "config", "--set", "init_from=gpt2", "--set", "block_size=16", "--json")
     shape = json.loads(out)
@@ -230,6 +231,22 @@ def test_init_from_gpt2_starts_from_the_weights(tmp_path, monkeypatch, capsys):
     val = records(tmp_path / "g", "eval")[0]["val_loss"]
     fresh = torch.log(torch.tensor(float(tiny.config.vocab_size))).item()
     assert abs(val - fresh) > 0.05
+
+
+def test_gpt2_weights_that_cannot_be_had_stop_the_run_before_the_probe(tmp_path, monkeypatch, capsys):
+    """init_from = 'gpt2' offline with nothing cached: one line before any trial (the probe of a
+    GPT-2 took minutes before the weights were looked for)."""
+    import trainer.model.pretrained as pretrained
+
+    def offline(model_type):
+        raise pretrained.WeightsError(f"openai-community/{model_type} is not in the Hugging Face cache and "
+                                      f"HF_HUB_OFFLINE is set")
+    monkeypatch.setattr(pretrained, "_from_hub", offline)
+    code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "1MiB", "--set", "init_from=gpt2",
+                         "--set", "block_size=16", "--out", "g")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "is not in the Hugging Face cache" in err and "trial:" not in err
+    assert not (tmp_path / "g" / "metrics.jsonl").exists()
 
 
 def test_a_nanogpt_users_path_end_to_end(tmp_path, monkeypatch, capsys):

@@ -161,10 +161,10 @@ def say_warmup(cfg, max_steps: int | None, log: Callable[[str], None]) -> None:
     """One line for a run that ends inside its learning-rate warm-up (trainer.schedule.lr_at):
     with nanoGPT's default warmup_iters of 2000 a 30-step run trains at under 2 % of
     learning_rate, which looks like a broken model. Nothing when the warm-up ends in time."""
-    last = min(cfg.max_iters, max_steps) if max_steps is not None else cfg.max_iters
-    if cfg.decay_lr and cfg.warmup_iters >= last:
-        top = (last + 1) / (cfg.warmup_iters + 1)
-        log(f"note: the run ends at step {last}, inside its {cfg.warmup_iters}-step learning-rate warm-up: "
+    end = min(cfg.max_iters, max_steps) if max_steps is not None else cfg.max_iters  # steps 0 .. end - 1 run
+    if cfg.decay_lr and cfg.warmup_iters >= end:
+        top = end / (cfg.warmup_iters + 1)  # lr_at(end - 1): nanoGPT's warm-up, (it + 1) / (warmup_iters + 1)
+        log(f"note: the run's last step is {end - 1}, inside its {cfg.warmup_iters}-step learning-rate warm-up: "
             f"the rate reaches {top:.1%} of learning_rate (--set warmup_iters=N to shorten it)")
 
 
@@ -267,8 +267,8 @@ def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> s
 
 
 def check_data(cfg, vocab_fixed_by: str = "") -> None:
-    """Before any probe: the dataset exists, every token id fits cfg.vocab_size, and each split
-    holds one sequence. `vocab_fixed_by`: the checkpoint whose model fixes vocab_size (a resume),
+    """Before any probe: the dataset exists, every token id fits cfg.vocab_size, each split
+    holds one sequence, and a fresh init_from = 'gpt2*' run's weights are here (or downloaded). `vocab_fixed_by`: the checkpoint whose model fixes vocab_size (a resume),
     so that the advice is one a next attempt can follow. Raises DataError (one line)."""
     from trainer.data.datasets import load_dataset
     data = load_dataset(cfg.dataset)
@@ -276,6 +276,9 @@ def check_data(cfg, vocab_fixed_by: str = "") -> None:
            f"on the data it was trained on, or start a new run with another --out") if vocab_fixed_by else ""
     data.check_vocab(cfg.vocab_size, fix)
     data.check_block_size(cfg.block_size)
+    if cfg.init_from.startswith("gpt2") and not vocab_fixed_by:  # a fresh fine-tune: its weights, before trials
+        from trainer.model.pretrained import locate_gpt2
+        locate_gpt2(cfg.init_from)  # WeightsError: one line (offline and not cached, no such model)
 
 
 def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions) -> None:

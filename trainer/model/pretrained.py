@@ -92,6 +92,16 @@ def load_gpt2(model_type: str | None, *, dropout: float | None = None, block_siz
     return PretrainedGPT2(model.eval(), args, str(weights_path.parent), notes)
 
 
+def locate_gpt2(model_type: str) -> tuple[Path, Path]:
+    """(config.json, model.safetensors) of a published GPT-2 ('gpt2' ... 'gpt2-xl'): from the
+    Hugging Face cache, else downloaded now. A launcher calls it before any probe, so missing
+    weights (offline, no cache) are one line before minutes of trials, not after. Raises
+    WeightsError."""
+    if model_type not in GPT2_MODELS:
+        raise WeightsError(f"unknown GPT-2 model {model_type!r}; choose one of {', '.join(GPT2_MODELS)}")
+    return _locate(model_type, None)
+
+
 def _locate(model_type: str | None, source: str | Path | None) -> tuple[Path, Path]:
     """(config.json, model.safetensors) from a directory, or from the hub (cache first)."""
     if source is not None:
