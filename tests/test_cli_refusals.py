@@ -246,3 +246,29 @@ def test_a_repeated_value_in_a_lever_list_is_searched_once(monkeypatch, capsys):
                           "--dtype", "bfloat16,bfloat16", "--json")
     assert code == code2 == 0
     assert json.loads(twice)["trials"] == json.loads(once)["trials"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--allow-changes"], "--allow-changes goes with --resume"),
+    (["--out", "o", "--set", "out_dir=elsewhere"], "--out and --set out_dir name two folders"),
+])
+def test_flags_a_run_would_ignore_are_one_line(tmp_path, monkeypatch, capsys, args, words):
+    code, _, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_model_that_does_not_fit_without_a_probe_is_one_line(tmp_path, monkeypatch, capsys):
+    """--no-probe on a budget the model alone exceeds: one line, not a traceback from inside the
+    model's constructor."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--budget", "64KiB", *SMALL,
+                       "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "out of memory making the model on cpu, before any step" in err and "Traceback" not in err
+
+
+def test_the_compile_notice_is_said_once(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *SMALL, "--set", "compile=True",
+                         "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 0, err
+    assert (out + err).count("torch.compile cannot run under the budgeted CPU device") == 1

@@ -13,7 +13,7 @@ import typer
 
 from autofit import interrupts
 from autofit.cli.common import (BudgetOpt, CkptOpt, CkptPolicyOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
-                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options, check_no_plan_flags,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options, check_no_plan_flags, check_run_flags,
                                 device_from_config,
                                 _rerun_args, _size, console, err_console, load_train_config)
 
@@ -137,7 +137,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
-    _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset)
+    check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset, allow_changes, overrides)
     # --resume: the --set values apply to the checkpoint's config (prepare_resume), not the tiny preset
     cfg = load_train_config(config, preset, [o for o in overrides if o.startswith("out_dir=")] if resume else overrides)
     cfg.out_dir = out if out is not None else cfg.out_dir
@@ -203,29 +203,6 @@ def _train(cfg, opts) -> None:
     except WriteError as e:
         raise e.with_kept(f"training stopped; {kept()}") from None
     _report_run(result, cfg)
-
-
-def _check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset) -> None:
-    """What the run's flags say wrong, in one line, before anything else is read: an empty --out,
-    flags that exclude each other, and environment settings the run would read late."""
-    if out is not None and not out.strip():
-        raise UsageError("--out is empty: name the output folder (e.g. --out out/run1)")
-    if max_steps is not None and max_steps < 0:
-        raise UsageError("--max-steps must be >= 0")
-    if emulate and profile is None:
-        raise UsageError("--emulate needs --profile NAME (the card to emulate)")
-    if profile is not None and budget is not None:
-        raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
-    if resume and (config is not None or preset is not None or profile is not None):
-        raise UsageError("--resume continues the checkpoint's own config and plan: drop --config/--preset/--profile "
-                         "(use --set for what may change, e.g. --set max_iters=...)")
-    from trainer.distributed.ranks import timeout as dist_timeout
-    from trainer.step import FaultInjector
-    try:
-        FaultInjector.from_env()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    dist_timeout()  # AUTOFIT_DIST_TIMEOUT: a TrainError line now, not after the probe
 
 
 _OUT_LOCKS: list = []  # held until the command ends

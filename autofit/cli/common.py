@@ -217,3 +217,32 @@ def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, 
     if gpu_index is not None:  # the GPU that was measured
         args += ["--gpu-index", str(gpu_index)]
     return args
+
+
+def check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset, allow_changes=False,
+                    overrides=()) -> None:
+    """What the run's flags say wrong, in one line, before anything else is read: an empty --out,
+    flags that exclude each other, and environment settings the run would read late."""
+    if out is not None and not out.strip():
+        raise UsageError("--out is empty: name the output folder (e.g. --out out/run1)")
+    if max_steps is not None and max_steps < 0:
+        raise UsageError("--max-steps must be >= 0")
+    if emulate and profile is None:
+        raise UsageError("--emulate needs --profile NAME (the card to emulate)")
+    if profile is not None and budget is not None:
+        raise UsageError("--budget and --profile exclude each other: a profile fixes the device and its budget")
+    if allow_changes and not resume:
+        raise UsageError("--allow-changes goes with --resume (it lets --set change a resumed run); a new run "
+                         "takes its --set values as they are: drop it")
+    if out is not None and any(o.startswith("out_dir=") and o[len("out_dir="):] != out for o in overrides):
+        raise UsageError("--out and --set out_dir name two folders: keep one")
+    if resume and (config is not None or preset is not None or profile is not None):
+        raise UsageError("--resume continues the checkpoint's own config and plan: drop --config/--preset/--profile "
+                         "(use --set for what may change, e.g. --set max_iters=...)")
+    from trainer.distributed.ranks import timeout as dist_timeout
+    from trainer.step import FaultInjector
+    try:
+        FaultInjector.from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    dist_timeout()  # AUTOFIT_DIST_TIMEOUT: a TrainError line now, not after the probe
