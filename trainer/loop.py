@@ -118,14 +118,21 @@ class Trainer(RedoneStep):
 
     def _build_model_and_optimizer(self) -> None:
         """A new GPT on the device, or OpenAI's GPT-2 weights (trainer.model.pretrained.build_model),
-        wrapped for several ranks (DDP or FSDP2) before its optimizer is made."""
+        wrapped for several ranks (DDP or FSDP2) before its optimizer is made. An OOM here (the
+        model alone does not fit: a small budget or card, with --no-probe) is a TrainError, one line."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.model, self._pretrained_notes = build_model(cfg, self.device, resume=self.opts.resume)
-        self.group.wrap_model(self.model, cfg.seed)
-        self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                        betas=(cfg.beta1, cfg.beta2), device_type=self.device.type,
-                                        optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
+        try:
+            self.model, self._pretrained_notes = build_model(cfg, self.device, resume=self.opts.resume)
+            self.group.wrap_model(self.model, cfg.seed)
+            self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                            betas=(cfg.beta1, cfg.beta2), device_type=self.device.type,
+                                            optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
+        except Exception as e:
+            if not self.meter.is_oom(e):
+                raise
+            raise TrainError(f"out of memory making the model on {self.device}, before any step "
+                             f"({str(e).splitlines()[0][:160]}): a larger budget or device, or a smaller model") from None
 
     micro_batches = property(lambda self: self.recovery.micro_batches)
 
@@ -208,9 +215,9 @@ class Trainer(RedoneStep):
                              f"below are measured on this device")
         for note in self._pretrained_notes:
             self._progress.print(f"init_from {self.cfg.init_from}: {note}")
-        self._say_if_compile_cannot_run()
         for text in filter(None, map(describe_event, self.events)):  # noted while resuming
             self._progress.print(text)
+        self._say_if_compile_cannot_run()  # after: an event prints itself as it is noted
 
     # ----------------------------------------------------------------- step helpers
     def _timed(self, lap):

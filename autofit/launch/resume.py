@@ -92,7 +92,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
         micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
     log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
         f"(micro-batch {micro}); no probe")
-    _say_split_change(cfg, int(ck.get("world_size", 1)), log)
+    _check_split_change(cfg, int(ck.get("world_size", 1)))  # the trainer's world_size_changed event says it
     info = {**plan_info, "resumed": True, **({"changes": changes} if changes else {})}
     opts = RunOptions(micro_batch=micro, compile_after=plan.compile_after if plan else None,
                       compiled_fit_sizes=list(plan_info.get("compiled_fit_sizes", [])),
@@ -128,17 +128,15 @@ def _saved_plan(plan_info: dict, path: Path) -> PlanRecord | None:
         raise TrainError(f"{path}: plan: {first_problem(e, 'plan')}") from None
 
 
-def _say_split_change(cfg, before: int, log) -> None:
+def _check_split_change(cfg, before: int) -> None:
     """A resume on another number of ranks (torchrun) keeps the effective batch; each rank's share
-    changes. Raises TrainError when the new number does not divide it."""
+    changes (the trainer's 'world_size_changed' event says how). Raises TrainError, before any
+    work, when the new number does not divide it."""
     now = agree.ranks().world_size
     if before == now:
         return
     from trainer.distributed.ranks import check_divisible
     check_divisible(cfg.effective_batch, now, cfg.batch_size, cfg.gradient_accumulation_steps)
-    log(f"the checkpoint was written by {before} rank(s), this run has {now}: the effective batch stays "
-        f"{cfg.effective_batch}; each rank's share {cfg.effective_batch // before} -> "
-        f"{cfg.effective_batch // now} sequences")
 
 
 def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_steps, progress, log,
