@@ -125,17 +125,18 @@ def test_a_saved_plan_is_checked_against_the_commands_flags_and_its_figures_foll
     code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--loss", "chunked",
                          "--checkpointing", "0", "--max-steps", "1", "--out", "o1", "--no-progress")
     assert code == 0, err
-    assert "does not do what this command asks (its loss is standard)" in err and "trial:" in err
+    assert "does not do what this command asks (" in err and "its loss is standard)" in err and "trial:" in err
     # back to the standard loss's plan, lowered by an earlier run's OOM
     code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
                          "--dtype", "float32", "--checkpointing", "0", "--loss", "standard", "--save", "--json")
     fp = json.loads(out)["saved"]["fingerprint"]
     assert saved["micro_batch"] > 1
     record_event(name, fp, "an OOM at run time", safe_micro_batch=saved["micro_batch"] - 1)
-    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--max-steps", "1",
+    same = ["--dtype", "float32", "--checkpointing", "0", "--loss", "standard"]  # what it was fitted under
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, *same, "--max-steps", "1",
                          "--out", "o2", "--no-progress")
     assert code == 0, err
-    assert "micro-batch lowered to" in out
+    assert "micro-batch lowered to" in out and "trial:" not in err
     plan = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[0])["plan"]
     assert plan["micro_batch"] < saved["micro_batch"]
     trials = {t["micro_batch"]: t for t in d["trials"] if t["status"] == "fit"}
@@ -144,6 +145,29 @@ def test_a_saved_plan_is_checked_against_the_commands_flags_and_its_figures_foll
     else:
         assert plan["measured_peak_bytes"] is None and plan["tokens_per_s"] is None
         assert plan["estimated_peak_bytes"] < saved["estimated_peak_bytes"]
+    # without those flags it is still used, and the plan says it is the best of a narrower search
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--max-steps", "1",
+                         "--out", "o3", "--no-progress")
+    assert code == 0 and "trial:" not in err, err
+    assert "fitted under --dtype float32, --checkpointing 0, --loss standard only" in out
+
+
+def test_a_narrower_runs_probe_is_not_saved_over_a_wider_plan(tmp_path, monkeypatch, capsys):
+    """run --profile with a --loss the saved plan does not use probes again, but its plan (the best
+    of a narrower search) does not replace the profile's plan of the wider one."""
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--checkpointing", "0", "--save", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    name, fp, wide = d["saved"]["profile"], d["saved"]["fingerprint"], d["plan"]
+    other = "chunked" if wide["loss_impl"] == "standard" else "standard"
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--checkpointing", "0", "--loss", other,
+                         "--max-steps", "1", "--out", "o1", "--no-progress")
+    assert code == 0 and "trial:" in err, err
+    assert "not saved over the profile's plan" in out
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "show", name, "--json")
+    kept = json.loads(out)["plans"][fp]
+    assert kept["plan"]["loss_impl"] == wide["loss_impl"] and kept["searched_under"] == ["--checkpointing 0"]
 
 
 def test_injected_oom_is_survived_with_exact_effective_batch(tmp_path, monkeypatch, capsys):

@@ -74,7 +74,7 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
         from autofit.launch.run import save_probe
         from autofit.profiles.store import ProfileError
         try:
-            name, fp, path = save_probe(res, cfg)
+            name, fp, path = save_probe(res, cfg, searched_under=opts.search_words())
             saved = {"profile": name, "fingerprint": fp, "path": str(path)}
         except ProfileError as e:  # shown after the plan: a failed save must not hide what was measured
             save_error = e

@@ -34,6 +34,16 @@ class ProbeOptions:
     compile_backend: str = "inductor"
     device_source: str | None = None  # where device and gpu_index came from, when not from flags
 
+    def search_words(self) -> list[str]:
+        """The search flags given, with their values ('--loss chunked', '--checkpointing 0'): what a
+        plan fitted under them was restricted to (autofit.profiles.store.FittedPlan.searched_under)."""
+        values = {"--dtype": self.dtype, "--checkpointing": self.checkpointing,
+                  "--checkpointing-policy": self.checkpointing_policies, "--loss": self.loss_impls,
+                  "--compile/--no-compile": None if self.compile is None else ("--compile" if self.compile else
+                                                                               "--no-compile")}
+        return [v if flag.startswith("--compile") else f"{flag} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                for flag, v in values.items() if v is not None]
+
     def search_flags(self) -> list[str]:
         """The probe's search flags given on the command line (['--dtype', '--loss', ...]): what
         a run that does not probe (--no-probe, a resumed autofit run) would otherwise ignore."""

@@ -78,9 +78,11 @@ def hardware_dict_for(info, name: str) -> dict:
                      **({"compute_capability": list(info.compute_capability)} if info.compute_capability else {})}
 
 
-def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str | None = None) -> tuple[str, str, object]:
+def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str | None = None,
+               searched_under: list[str] | None = None) -> tuple[str, str, object]:
     """Stores the plan in the profile of the device it was measured on; returns (name, fingerprint, path).
-    With several ranks only rank 0 writes (the others return the path it writes to)."""
+    `searched_under`: the search flags the probe ran with (ProbeOptions.search_words), kept with
+    the plan. With several ranks only rank 0 writes (the others return the path it writes to)."""
     if res.mode != "measured":
         raise ProfileError("--save stores measured plans only; a simulated GPU gives estimates")
     info = res.device
@@ -91,7 +93,7 @@ def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str 
         from autofit.profiles.store import profile_path
         return name, fp, profile_path(name)
     plan = FittedPlan(fingerprint=fp, fingerprint_inputs=inputs, config_summary=config_summary(cfg),
-                      plan=res.plan, trials=res.trials)
+                      plan=res.plan, trials=res.trials, searched_under=list(searched_under or []))
     hw = hardware_dict_for(info, name)
     builtin = info.kind == "cuda" and _builtin_hardware(name) is not None  # its table entry: defaults only
     path = save_plan(name, None if builtin else hw, plan, hardware_defaults=hw if builtin else None)
@@ -206,9 +208,13 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
            f"saved plans are stale ({'; '.join(near[1])})" if near else "no fitted plan for this config yet")
     log(f"profile {profile}: {why}; probing")
     res = probe_on(cfg, device, budget, probe_opts, log)
-    _, fp, path = save_probe(res, cfg, name=profile, emulated_on=emulated_on)
+    words = probe_opts.search_words()
+    if fitted is not None and set(fitted.searched_under) < set(words):  # the saved one searched more widely
+        saved_to = f"not saved over the profile's plan, fitted under fewer search flags ({', '.join(words)} here)"
+    else:
+        saved_to = f"saved to {save_probe(res, cfg, name=profile, emulated_on=emulated_on, searched_under=words)[2]}"
     return _launch(cfg, device, res.plan, res.fit_sizes, res.compiled_fit_sizes,
-                   source=f"probed just now ({why}); saved to {path} as {fp}", max_steps=max_steps,
+                   source=f"probed just now ({why}); {saved_to} as {fp}", max_steps=max_steps,
                    resume=resume, progress=progress, probe=res, on_event=_profile_recorder(profile, fp, log),
                    plan_info_extra={"source": "probe", **extra})
 
@@ -234,7 +240,10 @@ def _from_saved(cfg, device, fitted: FittedPlan, profile: str, fp: str, *, max_s
         plan = _figures_for(plan, same, cfg, device.info.kind)
     fit_sizes = sorted({t.micro_batch for t in same if not t.compile})
     compiled = sorted({t.micro_batch for t in same if t.compile})
-    src = (f"saved plan {fp} from profile {profile} (fitted {fitted.created:%Y-%m-%d %H:%M} UTC); no probe needed"
+    if fitted.searched_under:  # the best of a narrower search: said, so a wider one is one probe away
+        notes.append(f"fitted under {', '.join(fitted.searched_under)} only (probe again without them to search "
+                     f"every lever)")
+    src = (f"saved plan {fp} from profile {profile} (fitted {fitted.updated:%Y-%m-%d %H:%M} UTC); no probe needed"
            + ("; " + "; ".join(notes) if notes else ""))
     return _launch(cfg, device, plan, fit_sizes, compiled, source=src, max_steps=max_steps, resume=resume,
                    progress=progress, on_event=_profile_recorder(profile, fp, log),
