@@ -12,7 +12,7 @@ PARTS = {
     "autofit": {"units": 0, "interrupts": 0, "records": 0, "profiles": 1, "devices": 2, "planning": 3,
                 "launch": 4, "report": 4, "cli": 5, "__main__": 6, "__init__": 0},
     "trainer": {"errors": 0, "paths": 0, "interrupt": 0, "meter": 0, "clock": 0, "schedule": 0, "compiler": 0,
-                "__init__": 0, "step": 1, "writes": 1, "phases": 1, "data": 2, "config": 3, "model": 3,
+                "__init__": 0, "muon": 0, "step": 1, "writes": 1, "phases": 1, "data": 2, "config": 3, "model": 3,
                 "checkpoint": 4, "distributed": 4,
                 "options": 5, "recovery": 5, "evaluate": 5, "metrics": 5, "sample": 5, "redo": 6, "loop": 7},
 }

@@ -748,7 +748,7 @@ def test_the_optimizer_state_is_made_before_step_0s_update_and_changes_no_number
 
     def update(model, opt, *a, **k):
         if not seen:
-            seen.append((len(opt.state), len([p for p in model.parameters() if p.requires_grad]),
+            seen.append((len(opt.state), len([p for g in opt.param_groups for p in g["params"]]),
                          max(float(st.get("step", 0)) for st in opt.state.values()) if opt.state else None))
         return real(model, opt, *a, **k)
     monkeypatch.setattr(step_mod, "_optimizer_update", update)

@@ -228,11 +228,13 @@ def test_muon_updates_block_matrices_as_torch_muon_and_the_rest_with_adamw():
     assert isinstance(opt, MuonAdamW)
     muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     named = dict(m.named_parameters())
-    assert {n for n, p in named.items() if id(p) in muon_ids} == \
+    fused = m.fused_rows()  # c_attn: Muon takes its Q, K and V rows as three matrices
+    assert {n for n, p in named.items() if id(p) in muon_ids} | set(fused) == \
         {n for n, p in named.items() if n.startswith("transformer.h.") and p.dim() == 2}
     w = m.transformer.h[0].attn.c_attn.weight
-    ref_w = torch.nn.Parameter(w.detach().clone())
-    ref = torch.optim.Muon([ref_w], lr=0.05 * 0.5, weight_decay=0.1, momentum=0.95, nesterov=True)
+    rows = fused["transformer.h.0.attn.c_attn.weight"]
+    refs = [torch.nn.Parameter(b.clone()) for b in w.detach().split(rows)]  # nanochat's c_q, c_k, c_v
+    ref = torch.optim.Muon(refs, lr=0.05 * 0.5, weight_decay=0.1, momentum=0.95, nesterov=True)
     head_before = m.lm_head.weight.detach().clone()
     x, y = batch(2)
     for _ in range(2):
@@ -240,18 +242,21 @@ def test_muon_updates_block_matrices_as_torch_muon_and_the_rest_with_adamw():
             g["lr"] = 1e-3 * 0.5 * g.get("lr_scale", 1.0)
         m.zero_grad()
         m(x, y).backward()
-        ref_w.grad = w.grad.clone()
+        for r, gb in zip(refs, w.grad.split(rows)):
+            r.grad = gb.clone()
         opt.step()
         ref.step()
-        torch.testing.assert_close(w.detach(), ref_w.detach(), rtol=1e-5, atol=1e-6)
-    assert set(opt.state[w]) == {"momentum_buffer"}  # one state buffer per matrix
+        torch.testing.assert_close(w.detach(), torch.cat([r.detach() for r in refs]), rtol=1e-5, atol=1e-6)
+    assert len(opt.muon.state) == len(muon_ids)  # one momentum buffer per block matrix
+    assert all(set(st) == {"momentum_buffer"} for st in opt.muon.state.values())
     assert {"exp_avg", "exp_avg_sq"} <= set(opt.state[m.lm_head.weight])
     assert not torch.equal(m.lm_head.weight, head_before)
     # state dict round trip: a fresh optimizer continues with the same momentum
     opt2 = make_optimizer(gpt(**MODERN), learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
                           device_type="cpu", optimizer="muon", muon_lr=0.05)
     opt2.load_state_dict(opt.state_dict())
-    assert torch.equal(list(opt2.muon.state.values())[0]["momentum_buffer"], opt.state[w]["momentum_buffer"])
+    for a, b in zip(opt2.muon.state.values(), opt.muon.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     with pytest.raises(ValueError, match="Muon"):
         opt2.load_state_dict(torch.optim.AdamW(m.parameters()).state_dict())
 
@@ -464,3 +469,28 @@ def test_muon_lr_given_for_another_optimizer_is_refused_but_a_presets_is_not():
         load_config(overrides=["muon_lr=0.01"])
     assert load_config(preset="nanochat-d12", overrides=["optimizer=adamw"]).optimizer == "adamw"
     assert load_config(overrides=["optimizer=muon", "muon_lr=0.01"]).muon_lr == 0.01
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
+def test_a_muon_state_saved_with_one_buffer_per_fused_matrix_loads_block_by_block():
+    """Checkpoints written before Muon took c_attn's Q, K and V apart hold one momentum buffer for
+    the fused matrix: it loads as its blocks' buffers, row for row."""
+    m = gpt(**MODERN)
+    m.fused_rows = lambda: {}  # as before: every block matrix one Muon parameter
+    old = make_optimizer(m, learning_rate=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device_type="cpu",
+                         optimizer="muon", muon_lr=0.02)
+    del m.fused_rows
+    x, y = batch(2)
+    m(x, y).backward()
+    old.step()
+    saved = old.state_dict()
+    new = make_optimizer(m, learning_rate=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device_type="cpu",
+                         optimizer="muon", muon_lr=0.02)
+    new.load_state_dict(saved)
+    w = m.transformer.h[0].attn.c_attn.weight
+    fused_buf = old.muon.state[w]["momentum_buffer"]
+    views = next(vs for p, vs in new.fused if p is w)
+    pieces = fused_buf.split([v.shape[0] for v in views])
+    for v, piece in zip(views, pieces):
+        assert torch.equal(new.muon.state[v]["momentum_buffer"], piece)
+    assert len(new.muon.state) == len(new.muon.param_groups[0]["params"])

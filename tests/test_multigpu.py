@@ -488,3 +488,22 @@ def test_a_ddp_trial_measures_the_peak_training_has(tmp_path):
     trained = max(r["peak_mem_bytes"] for r in steps)
     assert abs(plan["measured_peak_bytes"] - trained) < param_bytes / 2, (plan["measured_peak_bytes"], trained,
                                                                          param_bytes)
+
+
+def test_muon_over_fused_matrices_trains_two_ranks_as_one(tmp_path):
+    """Muon takes c_attn and SwiGLU's c_fc block by block through views of the fused parameters;
+    under DDP their gradients are views of its buckets, linked before the update: two ranks train
+    the losses of one."""
+    over = {**CONFIG, "optimizer": "muon", "mlp": "swiglu", "max_iters": 6, "eval_interval": 100}
+    sets = [a for k, v in over.items() for a in ("-s", f"{k}={v}")]
+    ok(torchrun(["run", "--preset", "tiny", *sets, "--out", str(tmp_path / "two"), "--no-probe", "--no-progress"],
+                env(tmp_path)))
+    cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in {**over, "out_dir": tmp_path / "one"}.items()])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, RunOptions(device=torch.device("cpu"), progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(losses(tmp_path / "two")) == list(range(6))
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rel=1e-5)

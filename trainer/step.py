@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from trainer.meter import is_oom
+from trainer.muon import MuonAdamW, is_block_matrix
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,15 +91,14 @@ def make_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay
     optimizer='muon': torch.optim.Muon (momentum 0.95, Nesterov, weight decay `weight_decay`) for
     the 2-D matrices of the transformer blocks at `muon_lr`, nanoGPT's AdamW for the rest
     (embeddings, head, norms, biases), as nanochat and modded-nanogpt split them; the two are
-    stepped as one (MuonAdamW). Unlike them, the fused c_attn (Q|K|V) and SwiGLU's c_fc (gate|up)
-    are each orthogonalised as one matrix (nanochat has separate c_q, c_k, c_v; modded-nanogpt
-    orthogonalises Q, K, V one by one), and torch's Muon scales that matrix's lr by
-    sqrt(rows / cols) = sqrt(3) without GQA: the same memory, a different update. The Muon group carries lr_scale = muon_lr / learning_rate, so a
+    stepped as one (trainer.muon.MuonAdamW). A matrix that holds several projections (c_attn's
+    Q|K|V, SwiGLU's gate|up: GPT.fused_rows) is orthogonalised block by block, as nanochat's
+    separate c_q, c_k, c_v are. The Muon group carries lr_scale = muon_lr / learning_rate, so a
     schedule that sets every group's lr to lr * lr_scale keeps the ratio. Raises ValueError for an
     unknown optimizer or a torch without torch.optim.Muon."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    muon = [p for n, p in named if optimizer == "muon" and _is_block_matrix(n, p)]
-    chosen = {id(p) for p in muon}
+    muon = [(n, p) for n, p in named if optimizer == "muon" and is_block_matrix(n, p)]
+    chosen = {id(p) for _, p in muon}
     rest = [p for _, p in named if id(p) not in chosen]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
@@ -110,64 +110,9 @@ def make_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay
         raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
     if not hasattr(torch.optim, "Muon"):
         raise ValueError(f"optimizer 'muon' needs torch.optim.Muon, which torch {torch.__version__} lacks")
-    muon_opt = torch.optim.Muon([{"params": muon, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
-                                weight_decay=weight_decay, momentum=0.95, nesterov=True)
-    return MuonAdamW(muon_opt, adamw)
-
-
-def _is_block_matrix(name: str, p: torch.nn.Parameter) -> bool:
-    """A hidden-layer matrix (Muon's domain): 2-D and inside a transformer block."""
-    return p.dim() == 2 and ".h." in f".{name}"
-
-
-class MuonAdamW(torch.optim.Optimizer):
-    """torch.optim.Muon and torch.optim.AdamW stepped as one torch.optim.Optimizer, so that what
-    takes an optimizer takes it: LR schedulers (torch.optim.lr_scheduler checks isinstance),
-    step hooks, torch.amp.GradScaler (unscale_ and step through param_groups and step()).
-
-    param_groups are Muon's then AdamW's, the very same dicts, so setting a group's lr (or a
-    scheduler's initial_lr) reaches the optimizer that owns it. `state` is both parts' state (read
-    only: each part keeps its own); step() steps both; zero_grad is Optimizer's over all groups;
-    state_dict is {'muon': ..., 'adamw': ...} (each part's own format, which a checkpoint keeps)."""
-
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
-        self.muon, self.adamw = muon, adamw
-        # Optimizer's own set-up (hooks, step patching) over the parts' group dicts, shared, not copied;
-        # defaults={} adds no key to any group
-        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
-        self.defaults = adamw.defaults
-
-    @property
-    def state(self) -> dict:
-        return {**self.muon.state, **self.adamw.state}
-
-    @state.setter
-    def state(self, value) -> None:
-        # Optimizer.__init__ and __setstate__ assign an empty state here; the parts hold the real one
-        pass
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One step of both parts; `closure` (re-evaluates the loss) runs once, before them."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.muon.step()
-        self.adamw.step()
-        return loss
-
-    def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Raises ValueError for a state dict that is not a MuonAdamW one (an AdamW checkpoint)."""
-        if not isinstance(state, dict) or set(state) != {"muon", "adamw"}:
-            raise ValueError("the optimizer state is not Muon + AdamW's (was the run trained with AdamW?)")
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-        # a part's load_state_dict rebuilds its group dicts: share them again
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+    fused_rows = model.fused_rows() if hasattr(model, "fused_rows") else {}
+    return MuonAdamW.over(muon, fused_rows, adamw, lr=muon_lr, lr_scale=muon_lr / learning_rate,
+                          weight_decay=weight_decay)
 
 
 class InjectedOOM(torch.OutOfMemoryError):
@@ -368,6 +313,8 @@ def _optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     is True when fp16's scaler found inf/NaN gradients and skipped the step (its scale fell).
     """
     grad_norm = None
+    if hasattr(optimizer, "link_grads"):  # Muon's block views see their fused matrices' gradients now,
+        optimizer.link_grads()  # so the scaler unscales and checks them (trainer.muon)
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip > 0.0:

@@ -184,7 +184,7 @@ def nanogpt_checkpoint_from(ck: Mapping, path: str | Path = "checkpoint") -> Nan
     state = clean_state_dict(dict(ck["model"]))
     check_model_state(state, args, path)
     opt = ck.get("optimizer")
-    # Muon + AdamW (trainer.step.MuonAdamW) is autofit's own state: its load_state_dict checks it
+    # Muon + AdamW (trainer.muon.MuonAdamW) is autofit's own state: its load_state_dict checks it
     if opt is not None and not (isinstance(opt, Mapping) and set(opt) == {"muon", "adamw"}):
         with torch.device("meta"):
             check_optimizer_state(opt, GPT(GPTConfig(**args)), path)

@@ -78,7 +78,7 @@ class DeviceSpec(BaseModel):
 
 class OptimizerState(BaseModel):
     """torch.optim.Optimizer.state_dict(): per-parameter state and at least one group. Muon +
-    AdamW's (trainer.step.MuonAdamW: {'muon': ..., 'adamw': ...}) is checked part by part and read
+    AdamW's (trainer.muon.MuonAdamW: {'muon': ..., 'adamw': ...}) is checked part by part and read
     as the union of the two parts' groups and states."""
     model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
     state: dict[Any, dict[str, Any]]

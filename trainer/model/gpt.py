@@ -129,6 +129,19 @@ class GPT(nn.Module):
             model.transformer.wte.weight = model.lm_head.weight
         return model
 
+    def fused_rows(self) -> dict[str, list[int]]:
+        """{parameter name: its row blocks} of the matrices that hold several projections in one:
+        each block's c_attn (query, key, value rows) and, with SwiGLU, c_fc (gate, up rows). An
+        optimizer that treats a matrix as one operator (Muon: trainer.muon) takes them block by
+        block, as models with separate c_q, c_k, c_v (nanochat) would have them."""
+        out = {}
+        for i, block in enumerate(self.transformer.h):
+            a = block.attn
+            out[f"transformer.h.{i}.attn.c_attn.weight"] = [a.n_head * a.head_dim] + [a.n_kv_head * a.head_dim] * 2
+            if block.mlp.kind == "swiglu":
+                out[f"transformer.h.{i}.mlp.c_fc.weight"] = [block.mlp.c_fc.weight.shape[0] // 2] * 2
+        return out
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (tied ones once); without the learned position table if non_embedding."""
         n = sum(p.numel() for p in self.parameters())
