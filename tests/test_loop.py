@@ -831,3 +831,13 @@ def test_always_save_checkpoint_false_keeps_the_best_checkpoint_at_the_end(tmp_p
         assert saved["iter_num"] == 5 and saved["best_val_loss"] == 1.0 and res.checkpoint_step == 5
         (kept,) = [e for e in seen if e["event"] == "kept_best"]
         assert kept["best_step"] == 5 and kept["steps_not_saved"] == 7
+
+
+def test_a_resume_that_runs_out_of_memory_loading_its_state_is_one_line(tmp_path):
+    """The model fits the budget, the checkpoint's optimizer state beside it does not: one line
+    naming the checkpoint, not a traceback from inside load_state_dict."""
+    train(make_cfg(tmp_path, max_iters=2), opts())
+    n = sum(v.numel() for v in torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"].values())
+    dev = BudgetedCpuDevice(budget_bytes=int(4 * n * 2.5))  # the fp32 model and a little, not AdamW's 2x more
+    with pytest.raises(TrainError, match=r"out of memory loading .*ckpt\.pt on cpu .*larger budget"):
+        train(make_cfg(tmp_path, max_iters=4), opts(resume=True, meter=dev))

@@ -86,3 +86,13 @@ def test_estimated_flops_leave_out_the_tables_that_are_looked_up(over, lookups):
     shape = ModelShape.from_config(cfg)
     attn = 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     assert flops_per_token(shape) == 6 * (param_count(shape) - lookups(cfg)) + attn
+
+
+@pytest.mark.parametrize("peak", [85 * 2**20 + 12345, int(1.2 * 2**30), 3 * 2**30])
+def test_a_training_line_gives_peak_memory_as_the_plan_does(peak):
+    """The plan says 'measured peak 1.20 GiB'; the training lines said '1,228.8 MiB' for it."""
+    from autofit.units import fmt_bytes
+    from trainer.metrics import describe_step
+    rec = dict(step=1, loss=1.0, lr=1e-3, step_s=0.1, tokens_per_s=10.0, micro_batch=2, grad_accum=3,
+               peak_mem_bytes=peak)
+    assert describe_step(rec).endswith(f", peak {fmt_bytes(peak)}")

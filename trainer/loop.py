@@ -336,10 +336,18 @@ class Trainer(RedoneStep):
         return self.ckpt_path
 
     def _load_checkpoint(self) -> None:
-        ck = read_checkpoint(self.ckpt_path, self.device, any_layout=True)
-        if self.stages is not None:  # the checkpoint's sampler state is at its stage's block size
-            self.stages.resume(self, ck)
-        restore(self, ck)
+        """The run's state from ckpt.pt (trainer.checkpoint.ckpt.restore); an OOM while it loads
+        (the optimizer's state on a smaller budget or card than it was written on) is one line."""
+        try:
+            ck = read_checkpoint(self.ckpt_path, self.device, any_layout=True)
+            if self.stages is not None:  # the checkpoint's sampler state is at its stage's block size
+                self.stages.resume(self, ck)
+            restore(self, ck)
+        except Exception as e:
+            if not self.meter.is_oom(e):
+                raise
+            raise TrainError(f"out of memory loading {self.ckpt_path} on {self.device} "
+                             f"({str(e).splitlines()[0][:160]}): resume it with a larger budget or device") from None
         if self.best_val_loss < float("inf"):  # saved with a best val loss: ckpt.pt holds that model
             self.best_saved = self.iter_num
 

@@ -48,8 +48,10 @@ def describe_event(ev: dict) -> str | None:
 
 
 def describe_step(rec: dict) -> str:
-    """The human line for a 'train' record; memory is the measured allocated peak."""
-    mem = f", peak {rec['peak_mem_bytes'] / 2**20:,.1f} MiB" if rec.get("peak_mem_bytes") else ""
+    """The human line for a 'train' record; memory is the measured allocated peak, in the units
+    the probe's plan prints it in (GiB from 1 GiB, else MiB: autofit.units.fmt_bytes)."""
+    peak = rec.get("peak_mem_bytes")
+    mem = (f", peak {peak / 2**30:.2f} GiB" if peak >= 2**30 else f", peak {peak / 2**20:.1f} MiB") if peak else ""
     dt = rec["step_s"]
     return (f"step {rec['step']}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {dt * 1000:.0f} ms, "
             f"{rec['tokens_per_s'] or 0:,.0f} tok/s, micro-batch {rec['micro_batch']} x {rec['grad_accum']}{mem}")

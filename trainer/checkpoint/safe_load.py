@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from trainer.meter import is_oom
+
 # torch's refusal of a pickled class names it as 'Unsupported global: GLOBAL module.name'
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
@@ -38,6 +40,8 @@ def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"
             mmap = mmap and zipfile.is_zipfile(path)
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, not a torch file, or a pickle that wants to run code
+        if is_oom(e):  # the file is fine; the device is full: the caller's to say (trainer.loop)
+            raise
         raise UnsafeOrUnreadable(_reason(e, Path(path))) from None
 
 
