@@ -62,12 +62,12 @@ def muon_step_temporaries(shape) -> int:
     """Peak bytes of torch.optim.Muon's for-loop step (torch/optim/_muon.py, _single_tensor_muon):
     per matrix r x c the Nesterov update grad.lerp(buf) (fp32), its bf16 copy and the next
     Newton-Schulz iterate (2 x bf16), and the m x m Gram matrix and its update (2 x bf16,
-    m = min(r, c)). 0 without Muon."""
+    m = min(r, c)). The fused c_attn and SwiGLU c_fc are stepped block by block (trainer.muon):
+    Q, K and V, gate and up are its matrices. 0 without Muon."""
     if shape.optimizer != "muon":
         return 0
-    C, h, qkv = shape.n_embd, mlp_hidden(shape), (shape.n_head + 2 * kv_heads(shape)) * head_dim(shape)
-    fc = 2 * h if shape.mlp == "swiglu" else h
-    mats = [(qkv, C), (C, C), (fc, C), (C, h)]
+    C, h, kvd = shape.n_embd, mlp_hidden(shape), kv_heads(shape) * head_dim(shape)
+    mats = [(shape.n_head * head_dim(shape), C), (kvd, C), (C, C), (h, C), (C, h)]
     return max(4 * r * c + 2 * 2 * r * c + 2 * 2 * min(r, c) ** 2 for r, c in mats)
 
 
