@@ -569,3 +569,18 @@ def test_did_you_mean_is_case_blind():
     assert did_you_mean("N_Layers", ["n_layer", "n_head"]) == " (did you mean 'n_layer'?)"
     assert did_you_mean("bf16", ["float32", "bfloat16"]) == " (did you mean 'bfloat16'?)"
     assert did_you_mean("xyz", ["layernorm", "rmsnorm"]) == ""
+
+
+def test_a_set_value_that_looks_like_a_bad_number_raises_no_syntax_warning():
+    """--set dataset=/tmp/run-9ab/d: Python warns 'invalid decimal literal' while trying the value
+    as an expression (on stderr, a second line beside a one-line error; it made the bad-input
+    sweep fail when the temp folder's random name had a digit then letters)."""
+    import warnings
+    from trainer.config.pyfile import literal
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(SyntaxError):
+            literal("/tmp/bad-input-9innmz8i/d")
+        cfg = load_config(preset="tiny", overrides=["out_dir=/tmp/run-9ab/o"])
+    assert cfg.out_dir == "/tmp/run-9ab/o"
+    assert not [w for w in seen if issubclass(w.category, SyntaxWarning)]

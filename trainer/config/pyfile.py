@@ -19,6 +19,7 @@ import ast
 import math
 import operator
 import time
+import warnings
 from typing import Any, Callable
 
 
@@ -217,7 +218,9 @@ def literal(text: str, key: str | None = None) -> Any:
     Raises Refused (or SyntaxError/ValueError/RecursionError from `ast.parse`) where `text` is not
     such an expression; time.time() is refused since no `import time` precedes it.
     """
-    node = ast.parse(text, mode="eval").body
+    with warnings.catch_warnings():  # '/tmp/run-9ab/d' is a path, not 'invalid decimal literal' on stderr
+        warnings.simplefilter("ignore", SyntaxWarning)
+        node = ast.parse(text, mode="eval").body
     return Evaluator().tables(node) if key in TABLE_KEYS else Evaluator().value(node)
 
 
