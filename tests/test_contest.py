@@ -551,3 +551,23 @@ def test_a_compiled_plan_below_the_eager_winner_says_its_compiled_peak_did_not_f
     res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=budget), space)
     assert res.plan.compile and res.plan.micro_batch < 11
     assert "compiled, 11 did not fit" in res.plan.reason and "flat or falling" not in res.plan.reason
+
+
+def test_the_users_own_split_back_in_the_last_contest_is_said(monkeypatch):
+    """The config as written, out of the first contest (before the recompute levers), is timed
+    again in the last one, where a tie would keep it: the log says why it is back."""
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                "vocab_size=256", "batch_size=16", "gradient_accumulation_steps=2"])
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard", "chunked"])
+    cost = lambda c: 1.0 + 8.0 / c.micro_batch  # noqa: E731  larger is faster: 16 is 1.2x 32's time per token
+    runner = FakeRunner(cfg, 10**9, Clock(cost, p=0.0), monkeypatch)
+    said = []
+    runner.log = said.append
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=10**9), space)
+    assert res.plan.micro_batch == 32
+    back = [s for s in said if "your own split: timed again" in s]
+    assert back == ["contest: micro-batch 16, standard loss, float32 is your own split: timed again against the "
+                    "leader, and kept on a tie"]
+    first_out = next(i for i, s in enumerate(said) if s.startswith("contest round") and "micro-batch 16, standard" in s
+                     and " out," in s)
+    assert said.index(back[0]) > first_out

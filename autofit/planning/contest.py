@@ -191,6 +191,9 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     done = before.rounds if before is not None else 0  # rounds are numbered across the probe's contests
     if before is not None and len(alive) == 1 and alive[0] is before.winner:
         return before
+    if before is not None and own is not None and own.candidate() in before.seen and len(alive) > 1:
+        # out of an earlier contest, back in this one: say why, or the log reads as a contradiction
+        runner.log(f"contest: {label(own)} is your own split: timed again against the leader, and kept on a tie")
     spt = lambda t: seconds_per_token(t, cpu)  # noqa: E731
     if len(alive) > 1:  # the search's readings are the first: one that cannot win is not re-timed
         lead = min(alive, key=spt)
