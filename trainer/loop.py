@@ -14,6 +14,7 @@ naming the first step whose loss was not finite, before anything of it is saved.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -122,17 +123,24 @@ class Trainer(RedoneStep):
         model alone does not fit: a small budget or card, with --no-probe) is a TrainError, one line."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        try:
+        with self._oom_as_error(f"making the model on {self.device}, before any step",
+                                "a larger budget or device, or a smaller model"):
             self.model, self._pretrained_notes = build_model(cfg, self.device, resume=self.opts.resume)
             self.group.wrap_model(self.model, cfg.seed)
             self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                             betas=(cfg.beta1, cfg.beta2), device_type=self.device.type,
                                             optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
+
+    @contextlib.contextmanager
+    def _oom_as_error(self, doing: str, advice: str):
+        """An out-of-memory error inside (before any step: nothing to shrink or redo) as a
+        TrainError of one line, 'out of memory DOING (its first line): ADVICE'."""
+        try:
+            yield
         except Exception as e:
             if not self.meter.is_oom(e):
                 raise
-            raise TrainError(f"out of memory making the model on {self.device}, before any step "
-                             f"({str(e).splitlines()[0][:160]}): a larger budget or device, or a smaller model") from None
+            raise TrainError(f"out of memory {doing} ({str(e).splitlines()[0][:160]}): {advice}") from None
 
     micro_batches = property(lambda self: self.recovery.micro_batches)
 
@@ -338,16 +346,11 @@ class Trainer(RedoneStep):
     def _load_checkpoint(self) -> None:
         """The run's state from ckpt.pt (trainer.checkpoint.ckpt.restore); an OOM while it loads
         (the optimizer's state on a smaller budget or card than it was written on) is one line."""
-        try:
+        with self._oom_as_error(f"loading {self.ckpt_path} on {self.device}", "resume it with a larger budget or device"):
             ck = read_checkpoint(self.ckpt_path, self.device, any_layout=True)
             if self.stages is not None:  # the checkpoint's sampler state is at its stage's block size
                 self.stages.resume(self, ck)
             restore(self, ck)
-        except Exception as e:
-            if not self.meter.is_oom(e):
-                raise
-            raise TrainError(f"out of memory loading {self.ckpt_path} on {self.device} "
-                             f"({str(e).splitlines()[0][:160]}): resume it with a larger budget or device") from None
         if self.best_val_loss < float("inf"):  # saved with a best val loss: ckpt.pt holds that model
             self.best_saved = self.iter_num
 

@@ -34,23 +34,23 @@ class ProbeOptions:
     compile_backend: str = "inductor"
     device_source: str | None = None  # where device and gpu_index came from, when not from flags
 
+    def _levers_given(self) -> dict[str, object]:
+        """{flag: value} of the lever flags given on the command line (the search's restrictions)."""
+        given = {"--dtype": self.dtype, "--compile/--no-compile": self.compile, "--checkpointing": self.checkpointing,
+                 "--checkpointing-policy": self.checkpointing_policies, "--loss": self.loss_impls}
+        return {flag: v for flag, v in given.items() if v is not None}
+
     def search_words(self) -> list[str]:
-        """The search flags given, with their values ('--loss chunked', '--checkpointing 0'): what a
+        """The lever flags given, with their values ('--loss chunked', '--checkpointing 0'): what a
         plan fitted under them was restricted to (autofit.profiles.store.FittedPlan.searched_under)."""
-        values = {"--dtype": self.dtype, "--checkpointing": self.checkpointing,
-                  "--checkpointing-policy": self.checkpointing_policies, "--loss": self.loss_impls,
-                  "--compile/--no-compile": None if self.compile is None else ("--compile" if self.compile else
-                                                                               "--no-compile")}
-        return [v if flag.startswith("--compile") else f"{flag} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                for flag, v in values.items() if v is not None]
+        return [("--compile" if v else "--no-compile") if isinstance(v, bool)
+                else f"{flag} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                for flag, v in self._levers_given().items()]
 
     def search_flags(self) -> list[str]:
-        """The probe's search flags given on the command line (['--dtype', '--loss', ...]): what
-        a run that does not probe (--no-probe, a resumed autofit run) would otherwise ignore."""
-        given = {"--dtype": self.dtype, "--compile/--no-compile": self.compile, "--checkpointing": self.checkpointing,
-                 "--checkpointing-policy": self.checkpointing_policies, "--loss": self.loss_impls,
-                 "--margin": None if self.margin == ProbeOptions.margin else self.margin}
-        return [flag for flag, v in given.items() if v is not None]
+        """The probe's search flags given on the command line (['--dtype', '--loss', ...], and
+        --margin): what a run that does not probe (--no-probe, a resumed autofit run) would ignore."""
+        return [*self._levers_given(), *(["--margin"] if self.margin != ProbeOptions.margin else [])]
 
 
 PROBE_WAIT_ENV = "AUTOFIT_FAULT_PROBE_WAIT"

@@ -257,8 +257,7 @@ def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> s
     read as a probe reads them (candidate_space), so a bad one is refused here too. Raises PlanError."""
     from autofit.units import fmt_bytes
     why = []
-    if any(a is not None for a in (opts.dtype, opts.compile, opts.checkpointing, opts.checkpointing_policies,
-                                   opts.loss_impls)):
+    if opts.search_words():  # a lever flag given: the space a probe with it would search
         space = probe_space(cfg, device, opts)
         if plan.dtype not in space.dtypes:
             why.append(f"it trains in {plan.dtype}, not {', '.join(space.dtypes)}")

@@ -70,8 +70,9 @@ class FittedPlan(BaseModel):
     safe_micro_batch: int | None = Field(default=None, ge=1)
     # torch.compile OOMed at run time: start eager next time.
     compile_failed: bool = False
-    # the probe's search flags it was fitted under ('--loss chunked'): a run without them probes
-    # again, since the plan is the best of a restricted search (launch.run.prepare_run)
+    # the probe's search flags it was fitted under ('--loss chunked'): a run reusing the plan says
+    # it is the best of a narrower search, and a narrower run's probe is not saved over a plan
+    # fitted under fewer (launch.run.prepare_run)
     searched_under: list[str] = Field(default_factory=list)
 
     @field_validator("created", "updated")
