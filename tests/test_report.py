@@ -74,6 +74,21 @@ def test_estimated_recompute_counts_the_blocks_checkpointed():
     assert k2 == pytest.approx(k3) and k4 > k3
 
 
+def test_estimated_fp32_is_priced_at_tf32_where_the_card_and_config_have_it():
+    """fp32 matmuls run on TF32 tensor cores on compute capability 8.0+ with the config's tf32
+    (the default): half the fp16 rate there, a quarter without TF32 or on an older card."""
+    from autofit.planning.estimate import ModelShape
+    from autofit.planning.throughput import estimated_tokens_per_s
+    shape = ModelShape.from_config(cfg_of())
+    ampere = SimpleNamespace(peak_bf16_tflops=312.0, peak_fp16_tflops=312.0, compute_capability=(8, 0))
+    volta = SimpleNamespace(peak_bf16_tflops=None, peak_fp16_tflops=125.0, compute_capability=(7, 0))
+    fp16 = estimated_tokens_per_s(shape, 8, "float16", 0, ampere)
+    assert estimated_tokens_per_s(shape, 8, "float32", 0, ampere) == pytest.approx(fp16 / 2)
+    assert estimated_tokens_per_s(shape, 8, "float32", 0, ampere, tf32=False) == pytest.approx(fp16 / 4)
+    old = estimated_tokens_per_s(shape, 8, "float16", 0, volta)
+    assert estimated_tokens_per_s(shape, 8, "float32", 0, volta) == pytest.approx(old / 4)
+
+
 @pytest.mark.parametrize("over, lookups", [((), lambda c: c.block_size * c.n_embd),  # GPT-2: positions
                                            (("pos_emb=rope", "tie_embeddings=False"),  # nanochat-style
                                             lambda c: c.vocab_size * c.n_embd)])

@@ -37,12 +37,12 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
     if best is None:
         _nothing_fits(cfg, trials, budget, "cuda", estimated=True)
     n_combos = len([t for t in trials if t.status == "fit"])
-    micro_batches, why_split = choose_split(E, best.micro_batch, _rates(shape, best, hw), cfg.block_size)
+    micro_batches, why_split = choose_split(E, best.micro_batch, _rates(shape, best, hw, cfg.tf32), cfg.block_size)
     own = _own_row(cfg, info, shape, hw, budget, trials, space)
     own_why = ""
     if own is not None:
-        plan_s = _step_seconds(shape, best, micro_batches, hw)
-        own_s = _step_seconds(shape, own, [own.micro_batch] * (E // own.micro_batch), hw)
+        plan_s = _step_seconds(shape, best, micro_batches, hw, cfg.tf32)
+        own_s = _step_seconds(shape, own, [own.micro_batch] * (E // own.micro_batch), hw, cfg.tf32)
         if own_s <= (1 + TIE) * plan_s:  # within the tie band: the user's split is kept
             best, micro_batches = own, [own.micro_batch] * (E // own.micro_batch)
             why_split = "your own split, kept"
@@ -53,7 +53,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
         own_why = (f"; your own {cfg.batch_size} x {cfg.gradient_accumulation_steps} fits (estimated peak "
                    f"{fmt_bytes(own.estimated_peak_bytes)}): {verdict}")
         own.note += f"; {VS_PLAN}{verdict}"  # for the 'your config as written' line (autofit.report.render)
-    est_tps = _rates(shape, best, hw)
+    est_tps = _rates(shape, best, hw, cfg.tf32)
     if max(micro_batches) != best.micro_batch:  # the row of the plan is the size it runs
         best.note += f"; the plan runs {max(micro_batches)} (the split of {E}), the largest that fits is {best.micro_batch}"
         best.micro_batch = max(micro_batches)
@@ -100,7 +100,7 @@ def _largest_fits(cfg, shape: ModelShape, hw, budget: Budget, space: Space) -> t
                                       estimated_peak_bytes=est.peak_bytes,
                                       note="estimated not to fit even at micro-batch 1"))
             continue
-        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw, lv.checkpointing_policy)
+        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw, lv.checkpointing_policy, cfg.tf32)
         rec = TrialRecord(**lv.candidate(m).model_dump(), status="fit", estimated_peak_bytes=est.peak_bytes,
                           tokens_per_s=tps,
                           note="estimated: largest micro-batch whose estimated peak fits; tokens/s from "
@@ -111,16 +111,16 @@ def _largest_fits(cfg, shape: ModelShape, hw, budget: Budget, space: Space) -> t
     return trials, best
 
 
-def _rates(shape: ModelShape, row: TrialRecord, hw) -> dict[int, float]:
+def _rates(shape: ModelShape, row: TrialRecord, hw, tf32: bool) -> dict[int, float]:
     """Estimated tokens/s of `row`'s levers at every micro-batch up to its own."""
-    return {m: estimated_tokens_per_s(shape, m, row.dtype, row.checkpointing, hw, row.checkpointing_policy)
+    return {m: estimated_tokens_per_s(shape, m, row.dtype, row.checkpointing, hw, row.checkpointing_policy, tf32)
             for m in range(1, row.micro_batch + 1)}
 
 
-def _step_seconds(shape: ModelShape, row: TrialRecord, micro_batches: list[int], hw) -> float:
+def _step_seconds(shape: ModelShape, row: TrialRecord, micro_batches: list[int], hw, tf32: bool) -> float:
     """Estimated seconds of one optimizer step of `micro_batches` with `row`'s levers."""
     return sum(m * shape.block_size / estimated_tokens_per_s(shape, m, row.dtype, row.checkpointing, hw,
-                                                            row.checkpointing_policy)
+                                                            row.checkpointing_policy, tf32)
                for m in micro_batches)
 
 
@@ -156,7 +156,7 @@ def _own_row(cfg, info, shape: ModelShape, hw, budget: Budget, trials: list[Tria
                                                      ).model_dump(),
                       status="fit", estimated_peak_bytes=est,
                       tokens_per_s=estimated_tokens_per_s(shape, m, dtype, cfg.checkpointing, hw,
-                                                          policy),
+                                                          policy, cfg.tf32),
                       note=f"{OWN_NOTE}: estimated peak fits; tokens/s {RATE_HOW}")
     trials.append(row)
     return row

@@ -198,8 +198,8 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
         return [big]
     third = _third_size(run_sizes(runner.rank_batch), small.micro_batch, big.micro_batch)
     if ratio <= 1 + TIE_MAX and third is not None:
-        runner.log(f"contest: micro-batch {small.micro_batch} reads within {TIE_MAX:.0%} of {big.micro_batch}'s time "
-                   f"per token ({ratio:.2f}x): a flat pair, so {third} is timed too")
+        runner.log(f"contest: {label(small)} reads within {TIE_MAX:.0%} of micro-batch {big.micro_batch}'s time "
+                   f"per token ({ratio:.2f}x): a flat pair, so micro-batch {third} with the same levers is timed too")
         r = runner.run(levers.candidate(third))
         if r.status == "fit":
             runner.thirds.add(r.candidate())

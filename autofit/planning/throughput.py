@@ -32,14 +32,28 @@ def flops_per_token(shape: ModelShape) -> int:
     return 6 * (param_count(shape) - lookups) + 12 * shape.n_layer * shape.n_embd * shape.block_size
 
 
+def peak_tflops(hw, dtype: str, tf32: bool = True) -> float:
+    """The dense matmul peak (TFLOP/s) of hardware profile `hw` for `dtype`. bf16 and fp16: the
+    profile's figures. fp32 with TF32 on (the trainer's default, as nanoGPT's) on compute
+    capability 8.0 or newer: half the fp16 (fp32-accumulate) figure, the ratio of every Ampere,
+    Ada and Hopper whitepaper (A100 156 / 312, H100 SXM 495 / 989, RTX 4090 82.6 / 165.2 dense).
+    fp32 without tensor cores: a rough quarter of fp16 (the CUDA-core fp32 rate is 1/2 to 1/16 of
+    the fp16 tensor rate across cards: RTX 4090 1/2, V100 and T4 1/8, A100 1/16)."""
+    if dtype == "bfloat16":
+        return hw.peak_bf16_tflops
+    if dtype == "float16":
+        return hw.peak_fp16_tflops
+    return hw.peak_fp16_tflops / (2 if tf32 and tuple(hw.compute_capability) >= (8, 0) else 4)
+
+
 def estimated_tokens_per_s(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: int, hw,
-                           checkpointing_policy: str = "full") -> float:
-    """Tokens/s on the card of hardware profile `hw`: its dense peak x an assumed 40% MFU, over
-    flops_per_token, with recomputation's extra time (RECOMPUTE_SHARE by policy, times the share of
-    blocks checkpointed: ceil(L / k) of L), with small micro-batches under-filling the GPU (m / (m + 2)).
+                           checkpointing_policy: str = "full", tf32: bool = True) -> float:
+    """Tokens/s on the card of hardware profile `hw`: its dense peak for `dtype` (peak_tflops;
+    `tf32`: the config's tf32) x an assumed 40% MFU, over flops_per_token, with recomputation's
+    extra time (RECOMPUTE_SHARE by policy, times the share of blocks checkpointed: ceil(L / k) of
+    L), with small micro-batches under-filling the GPU (m / (m + 2)).
     An estimate, never a measurement. Raises KeyError for an unknown policy."""
-    peak = (hw.peak_bf16_tflops if dtype == "bfloat16" else hw.peak_fp16_tflops if dtype == "float16"
-            else hw.peak_fp16_tflops / 4) * 1e12  # fp32 without tensor cores: a rough quarter
+    peak = peak_tflops(hw, dtype, tf32) * 1e12
     # blocks 0, k, 2k, ... are checkpointed (trainer.model.gpt): ceil(L / k) of the L blocks recompute
     share = -(-shape.n_layer // checkpointing) / shape.n_layer if checkpointing else 0.0
     recompute = 1.0 + RECOMPUTE_SHARE[checkpointing_policy] * share
