@@ -163,3 +163,32 @@ def test_the_first_signal_is_acknowledged_at_once_and_a_second_stops_now(capfd):
     with StopFlag() as quiet:  # no notice asked: nothing said
         os.kill(os.getpid(), signal.SIGTERM)
     assert quiet.signal == signal.SIGTERM and capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("where", ["contest", "after the trials"])
+def test_ctrl_c_after_the_search_trials_still_stops_the_probe(tmp_path, monkeypatch, capsys, where):
+    """A Ctrl-C during the contest's re-timings, or after the last trial (the split being chosen),
+    was acknowledged and then lost: the plan was saved and the run trained to the end, exit 0."""
+    import autofit.planning.contest as contest
+    import autofit.planning.planner as planner
+    from cli_run import cli
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    module, name = (contest, "run_trial") if where == "contest" else (planner, "choose_split")
+    real = getattr(module, name)
+
+    calls = []
+
+    def ctrl_c_then_real(*a, **k):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGINT)  # the StopFlag's handler records it
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, ctrl_c_then_real)
+    # the test needs a contest: no contender out before its re-timing
+    monkeypatch.setattr(contest, "CLEAR_FIRST", 1e9)
+    monkeypatch.setattr(planner, "SMALLER_CLEAR", 1e9)
+    code, out, err = cli(monkeypatch, capsys, "run", *CPU, *TINY, "--out", tmp_path / "o", "--no-progress")
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == ("autofit: interrupted before training started (during the probe); "
+                                            "no checkpoint was written"), err
+    assert not (tmp_path / "o" / "ckpt.pt").exists() and not (tmp_path / "home" / "profiles").exists()
+    assert len(calls) == 1  # the probe stops when the re-timing in flight ends, not at the next new trial

@@ -147,6 +147,8 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
         settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed,
                                  stop=lambda: stop.signal is not None, on_trial=on_trial)
         res = probe_measured(cfg, device, budget, space, settings=settings, log=log)
+        if agree.stop_wanted(stop.signal is not None):  # asked after the last trial that checked: no plan from it
+            raise KeyboardInterrupt
     res.notes = list(space.notes)
     return res
 

@@ -124,12 +124,15 @@ class Decision:
 def retime(runner, t: TrialRecord) -> bool:
     """One more trial of `t`'s candidate (RETIME_STEPS timed steps; a compiled one a compile step
     more), its timings added to `t`'s (tokens/s from the fastest step of all). False if it did not
-    fit this time."""
+    fit this time. Raises KeyboardInterrupt when a stop was asked for (runner.settings.stop) by
+    the time the trial ended."""
     s = runner.settings
     longer = TrialSettings(steps=RETIME_STEPS + (1 if t.compile else 0), compile_backend=s.compile_backend,
                            seed=s.seed, spill_check=s.spill_check)
     r = agree.trial(run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.rank_batch,
                               budget_bytes=runner.budget_bytes, settings=longer))
+    if agree.stop_wanted(s.stop()):  # a Ctrl-C/SIGTERM during the contest: stop, as after a search trial
+        raise KeyboardInterrupt
     if r.status != "fit" or not r.step_seconds:
         return False
     t.step_seconds = t.step_seconds + r.step_seconds
