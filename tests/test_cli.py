@@ -574,6 +574,24 @@ def test_a_resume_with_nothing_left_to_train_says_so(tmp_path, monkeypatch, caps
     assert (tmp_path / "o" / "ckpt.pt").stat().st_mtime_ns == before
 
 
+def test_training_on_past_a_schedule_that_decayed_to_zero_is_refused_and_the_hint_says_how(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """nanochat's schedule (min_lr 0, lr_decay_iters = max_iters): the end-of-run hint's
+    `--set max_iters=N` alone trained on at learning rate 0 and changed no weight, without a word."""
+    sched = ["--set", "max_iters=2", "--set", "lr_decay_iters=2", "--set", "min_lr=0.0", "--set", "warmup_iters=0"]
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, *sched, "--out", "o",
+                         "--no-progress")
+    assert code == 0 and "--set max_iters=N --set lr_decay_iters=N --allow-changes (train on)" in out, out
+    before = (tmp_path / "o" / "ckpt.pt").stat().st_mtime_ns
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress", "--set", "max_iters=4")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and out == "", err
+    assert "every step from 2 on has learning rate 0" in err and "--set lr_decay_iters=N --allow-changes" in err
+    assert (tmp_path / "o" / "ckpt.pt").stat().st_mtime_ns == before
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress", "--set", "max_iters=4",
+                         "--set", "lr_decay_iters=4", "--allow-changes")
+    assert code == 0 and "done: 4 optimizer steps" in out, err
+
+
 def test_a_lesson_the_profile_cannot_take_is_said_and_training_goes_on(monkeypatch):
     """A profile removed, locked or on a full disk while a run trains: the OOM shrink's lesson is
     not kept, one line says so, and the event hook returns (it runs inside the OOM recovery, which

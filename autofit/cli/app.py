@@ -324,9 +324,12 @@ def _report_run(result, cfg) -> None:
     msg = f"done: {result.steps} optimizer steps" + (f", loss {first:.3f} -> {last:.3f}" if first is not None else "")
     console.print(msg + f"; checkpoint {result.checkpoint} (resumes at step {result.checkpoint_step}), metrics "
                   f"{Path(cfg.out_dir) / 'metrics.jsonl'}")
+    from trainer.schedule import at_zero_lr_from
     out = shlex.quote(str(cfg.out_dir))
+    # past lr_decay_iters with min_lr 0 a longer run alone trains at learning rate 0
+    more = " --set lr_decay_iters=N --allow-changes" if at_zero_lr_from(result.checkpoint_step or 0, cfg) else ""
     console.print(f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out} "
-                  f"--set max_iters=N (train on)", markup=False)
+                  f"--set max_iters=N{more} (train on)", markup=False)
 
 
 def _say_interrupted() -> None:

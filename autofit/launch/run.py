@@ -34,10 +34,15 @@ def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = Fal
     not a probe and a rewritten checkpoint. `step`: the optimizer step the run would start at.
     eval_only runs train nothing by design and pass. Raises TrainError."""
     from trainer.errors import TrainError
+    from trainer.schedule import at_zero_lr_from
     if cfg.eval_only:
         return
     stop = cfg.max_iters if max_steps is None else min(cfg.max_iters, max_steps)
     if stop > step:
+        if at_zero_lr_from(step, cfg):  # every step left would change nothing
+            raise TrainError(f"nothing to train: every step from {step} on has learning rate 0 (past lr_decay_iters "
+                             f"{cfg.lr_decay_iters} the schedule holds min_lr 0); raise lr_decay_iters (--set lr_decay_"
+                             f"iters=N{' --allow-changes' * resuming}) or min_lr, or --set eval_only=True to evaluate")
         return
     limit = f"--max-steps {max_steps}" if max_steps is not None and max_steps <= cfg.max_iters \
         else f"max_iters {cfg.max_iters}"
