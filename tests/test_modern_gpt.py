@@ -1,6 +1,8 @@
 """Today's small-GPT options (RoPE, RMSNorm, QK-norm, ReLU^2/SwiGLU, GQA, untied embeddings, logit
 soft-cap, Muon): each checked against an independent reference that a wrong implementation fails,
 and the configs and checkpoints that carry them."""
+import contextlib
+import gc
 import math
 
 import pytest
@@ -494,3 +496,60 @@ def test_a_muon_state_saved_with_one_buffer_per_fused_matrix_loads_block_by_bloc
     for v, piece in zip(views, pieces):
         assert torch.equal(new.muon.state[v]["momentum_buffer"], piece)
     assert len(new.muon.state) == len(new.muon.param_groups[0]["params"])
+
+
+class BucketSwap:
+    """A stand-in for DDP's wrapper (trainer.distributed.sharding): at the sync it puts a copy of
+    each gradient in place of the one backward made, as DDP's reducer puts its bucket view there,
+    and asks whether anything still holds the replaced gradients."""
+    zero_grad_to_none = False
+
+    def __init__(self, model, opt):
+        self.model, self.opt, self.held = model, opt, []
+
+    def micro_batch(self, last):
+        return contextlib.nullcontext()
+
+    def finish(self):
+        old = {id(p.grad) for p, _ in self.opt.fused if p.grad is not None}
+        bases = {id(v.grad._base) for _, vs in self.opt.fused for v in vs if v.grad is not None}
+        self.held.append(len(old & bases))  # views of the gradients about to be replaced
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad = p.grad.clone()
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
+def test_muon_views_hold_no_gradient_a_sync_or_a_rewrap_replaces():
+    """Several ranks: the block views were linked during backward to the gradient DDP then
+    replaced by its bucket (a second copy of every fused gradient through the all-reduce), and kept
+    DDP's old bucket alive past a rewrap (compile switching on, a thrash shrink). Now they are
+    linked after the sync, unlinked by zero_grad, and the update is the same."""
+    def run(sync):
+        m = gpt(**MODERN)
+        opt = make_optimizer(m, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu",
+                             optimizer="muon", muon_lr=0.05)
+        swap = BucketSwap(m, opt) if sync else None
+        x, y = batch(4)
+        for _ in range(3):
+            train_step(m, opt, x, y, [2, 2], sync_grads=swap)
+            assert all(v.grad is None for _, vs in opt.fused for v in vs)  # nothing kept between steps
+        return m, swap
+    synced, swap = run(True)
+    assert swap.held == [0, 0, 0]
+    plain, _ = run(False)
+    for (n, a), b in zip(synced.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
+def test_a_dropped_muon_optimizer_stops_linking_its_views():
+    m = gpt(**MODERN)
+    first = make_optimizer(m, learning_rate=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device_type="cpu",
+                           optimizer="muon", muon_lr=0.05)
+    old_views = [v for _, vs in first.fused for v in vs]
+    del first
+    gc.collect()
+    x, y = batch(2)
+    m(x, y).backward()
+    assert all(v.grad is None for v in old_views)  # its hooks went with it: the gradients are not held

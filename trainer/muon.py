@@ -8,12 +8,15 @@ Muon is given a view of each row block instead of the fused parameter (the views
 storage, so Muon's in-place update writes the parameter), and each view's gradient is linked to
 its rows of the fused gradient: by a hook each time a backward accumulates into it (so
 GradScaler's unscale_ and inf check see them, whoever calls it), and again before the step
-(link_grads; trainer.step also calls it before unscale_, where DDP may have put its bucket view in
-place of the gradient after the hook ran).
+(link_grads; trainer.step also calls it before unscale_). Under several ranks trainer.step pauses
+the hook (linking_paused) and links after the sync: DDP puts its bucket view in place of the
+gradient backward made. zero_grad unlinks them, so between steps they hold no gradient.
 The model, its checkpoint keys and its memory are unchanged; Muon's state is one momentum buffer
 per block, the fused buffer's bytes in all.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -39,8 +42,13 @@ class MuonAdamW(torch.optim.Optimizer):
                  fused: list[tuple[torch.Tensor, list[torch.Tensor]]] = ()):
         self.muon, self.adamw = muon, adamw
         self.fused = list(fused)
-        for p, views in self.fused:  # the hook holds the views, not the optimizer: no reference cycle
-            p.register_post_accumulate_grad_hook(lambda p, views=views: _link(p, views))
+        # whether a backward's accumulation links the views (linking_paused); one cell the hooks share
+        self._linking = {"on": True}
+        # the hooks hold the views and that cell, not the optimizer: no reference cycle, and __del__
+        # removes them (a later optimizer over the same model would otherwise find them still linking)
+        self._hooks = [p.register_post_accumulate_grad_hook(
+            lambda p, views=views, linking=self._linking: _link(p, views) if linking["on"] else None)
+            for p, views in self.fused]
         # Optimizer's own set-up (hooks, step patching) over the parts' group dicts, shared, not copied;
         # defaults={} adds no key to any group
         super().__init__(muon.param_groups + adamw.param_groups, defaults={})
@@ -72,6 +80,22 @@ class MuonAdamW(torch.optim.Optimizer):
         # Optimizer.__init__ and __setstate__ assign an empty state here; the parts hold the real one
         pass
 
+    def __del__(self):
+        for h in getattr(self, "_hooks", ()):
+            h.remove()
+
+    @contextlib.contextmanager
+    def linking_paused(self):
+        """No linking while a backward accumulates (link_grads then links, before unscale_ and the
+        step). For several ranks' DDP: a backward that starts without gradients makes a fresh one
+        that DDP copies into its bucket and replaces; views linked to the fresh one would keep it
+        alive, a second copy of every fused gradient, through the all-reduce."""
+        self._linking["on"] = False
+        try:
+            yield
+        finally:
+            self._linking["on"] = True
+
     def link_grads(self) -> None:
         """Each block view's gradient: its rows of the fused parameter's (a view, no copy), or
         None where the parameter has none. Called before the scaler's unscale_ and by step()."""
@@ -91,7 +115,13 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)  # the groups' parameters: the block views among them
+        # the block views' gradients are rows of their fused parameter's, linked again before each
+        # use: unlinked here, so an old gradient (DDP's bucket, which a rewrap replaces) is not
+        # kept alive by them between steps, and not zeroed twice
+        for _, views in self.fused:
+            for v in views:
+                v.grad = None
+        super().zero_grad(set_to_none)  # the groups' other parameters
         for p, _ in self.fused:  # the fused parameters themselves, which the groups do not hold
             if p.grad is not None:
                 if set_to_none:

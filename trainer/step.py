@@ -212,21 +212,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     forward = model if forward is None else forward  # a compiled module has no truth value
     device = next(model.parameters()).device
     total_tokens, pieces = _micro_pieces(x, y, micro_batches)
-    loss_sum = torch.zeros((), device=device)
-    for i, (share, xb, yb) in enumerate(pieces):
-        if fault is not None:
-            fault.check(step, i)
-        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if sync_grads is None else sync_grads.micro_batch(last)
-        with sync:
-            with autocast(device.type, dtype):
-                loss = forward(xb, yb) * share
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum += loss.detach()
-        del loss, xb, yb
-    if sync_grads is not None:
-        sync_grads.finish()
+    # several ranks: Muon's block views are linked after the sync, not during backward (trainer.muon)
+    paused = getattr(optimizer, "linking_paused", None)
+    with paused() if paused is not None and sync_grads is not None else contextlib.nullcontext():
+        loss_sum = _accumulate(forward, pieces, len(micro_batches), device, dtype, scaler, fault, step, sync_grads)
     if before_update is not None:
         before_update()
     try:
@@ -242,6 +231,27 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     optimizer.zero_grad(set_to_none=sync_grads is None or sync_grads.zero_grad_to_none)
     return StepResult(loss_tensor=loss_sum, tokens=total_tokens, micro_batches=list(micro_batches),
                       grad_norm_tensor=grad_norm, skipped_tensor=skipped)
+
+
+def _accumulate(forward, pieces, n: int, device: torch.device, dtype: str, scaler, fault, step,
+                sync_grads) -> torch.Tensor:
+    """Forward and backward of each of the `n` (share, x, y) micro-batches in `pieces`, gradients
+    accumulated (and synced across ranks after the last); returns the step's loss, a device tensor."""
+    loss_sum = torch.zeros((), device=device)
+    for i, (share, xb, yb) in enumerate(pieces):
+        if fault is not None:
+            fault.check(step, i)
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        sync = contextlib.nullcontext() if sync_grads is None else sync_grads.micro_batch(i == n - 1)
+        with sync:
+            with autocast(device.type, dtype):
+                loss = forward(xb, yb) * share
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach()
+        del loss, xb, yb
+    if sync_grads is not None:
+        sync_grads.finish()
+    return loss_sum
 
 
 def _micro_pieces(x, y, micro_batches: list[int]):
