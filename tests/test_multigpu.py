@@ -208,6 +208,21 @@ def test_a_resume_on_another_number_of_ranks_keeps_the_effective_batch(tmp_path,
     assert {r["effective_batch"] for r in records(out, "train") if r["step"] >= STEPS} == {8}
 
 
+def test_a_resume_on_another_number_of_ranks_that_also_changes_the_batch_says_both(tmp_path, two_ranks):
+    """It said 'the effective batch stays 16; each rank's share 16 -> 16' for a batch that went 8 -> 16
+    (the old share was computed from the new batch)."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_ranks, out)
+    cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in
+                                                 {**CONFIG, "out_dir": out, "max_iters": STEPS + 1,
+                                                  "gradient_accumulation_steps": 4}.items()])
+    train(cfg, RunOptions(device=torch.device("cpu"), progress=False, resume=True, micro_batch=4))
+    (change,) = [e for e in records(out, "event") if e["event"] == "world_size_changed"]
+    assert (change["old_effective_batch"], change["effective_batch"]) == (8, 16)
+    assert (change["old_rank_batch"], change["new_rank_batch"]) == (4, 16)
+
+
 def _child_with_rank(parent: int, rank: int) -> int:
     """The pid of `parent`'s child process whose environment says RANK=rank (Linux /proc)."""
     for d in Path("/proc").iterdir():

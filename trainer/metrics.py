@@ -29,8 +29,8 @@ EVENT_TEXT = {
                     "step time), apart from the step times",
     "compile_unavailable": "compile: {reason}",
     "world_size_changed": "resumed on {new_world_size} rank(s) (the checkpoint's run had {old_world_size}): the "
-                          "effective batch stays {effective_batch}; each rank's share {old_rank_batch} -> "
-                          "{new_rank_batch} sequences, micro-batches {old_micro_batches} -> {micro_batches}",
+                          "effective batch {old_effective_batch} -> {effective_batch} sequences; each rank's share "
+                          "{old_rank_batch} -> {new_rank_batch}, micro-batches {old_micro_batches} -> {micro_batches}",
     "stage": "stage {stage} from step {step}: {effective_batch} sequences x {block_size} tokens = "
              "{tokens_per_step:,} tokens per step, micro-batches {micro_batches}",
     "kept_best": "ckpt.pt kept as it is, at step {best_step} (the best val loss, {val_loss}): "

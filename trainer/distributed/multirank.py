@@ -200,12 +200,15 @@ class RankGroup:
 
     def split_change(self, ck: dict, effective_batch: int, micro_batches: list[int]) -> dict | None:
         """The fields of a 'world_size_changed' event when the checkpoint was written by another
-        number of ranks: the effective batch is kept, each rank's share changes."""
+        number of ranks: each rank's share changes (and the effective batch, where a resume with
+        --allow-changes changed it too: the old share is the checkpoint's micro-batches')."""
         before = int(ck.get("world_size", 1))
         if before == self.ranks.world_size:
             return None
+        old_share = sum(ck.get("micro_batches") or []) or effective_batch // before
         return {"old_world_size": before, "new_world_size": self.ranks.world_size,
-                "effective_batch": effective_batch, "old_rank_batch": effective_batch // before,
+                "old_effective_batch": old_share * before,
+                "effective_batch": effective_batch, "old_rank_batch": old_share,
                 "new_rank_batch": effective_batch // self.ranks.world_size,
                 "old_micro_batches": list(ck.get("micro_batches", [])), "micro_batches": list(micro_batches)}
 
