@@ -89,7 +89,7 @@ def _loop_cfg(out, **over):
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("eval_only", [False, True])
-def test_a_signal_during_evaluation_is_acted_on_when_the_batch_ends(tmp_path, monkeypatch, sig, eval_only):
+def test_a_signal_during_evaluation_is_acted_on_when_the_batch_ends(tmp_path, monkeypatch, capfd, sig, eval_only):
     import os
     import signal
 
@@ -112,6 +112,9 @@ def test_a_signal_during_evaluation_is_acted_on_when_the_batch_ends(tmp_path, mo
     assert (res.checkpoint is None) == eval_only  # training: the steps done (none) are checkpointed
     lines = (tmp_path / "metrics.jsonl").read_text()
     assert '"type": "eval"' not in lines and '"type": "interrupted"' in lines  # no half evaluation recorded
+    from trainer.interrupt import EVAL_STOP_NOTICE, STOP_NOTICE
+    err = capfd.readouterr().err  # eval_only promised a checkpoint it never writes
+    assert (EVAL_STOP_NOTICE in err, STOP_NOTICE in err) == (eval_only, not eval_only), err
 
 
 def test_a_long_evaluation_says_its_count_and_eta(tmp_path, monkeypatch):

@@ -8,6 +8,8 @@ from typing import Any, Collection
 
 # what training says at the first Ctrl-C/SIGTERM (an evaluation in flight ends at its next batch)
 STOP_NOTICE = "autofit: stopping at the next step boundary, then saving a checkpoint (Ctrl-C again to stop now)"
+# ... and at an eval_only run's, which trains and saves nothing
+EVAL_STOP_NOTICE = "autofit: stopping the evaluation (eval_only: nothing is saved)"
 
 # Set by a launcher that starts the ranks through torchrun and reports their stops itself
 # (`autofit run --nproc-per-node`, autofit.launch.torchrun.relaunch); its ranks inherit it.

@@ -29,7 +29,7 @@ from trainer.config.train_config import TrainConfig
 from trainer.data.datasets import BatchSampler, load_dataset
 from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
-from trainer.interrupt import STOP_NOTICE, StopFlag, reported_by_launcher
+from trainer.interrupt import EVAL_STOP_NOTICE, STOP_NOTICE, StopFlag, reported_by_launcher
 from trainer.model.losses import SCALER_SKIP_REPORT, read_losses
 from trainer.meter import default_meter
 from trainer.metrics import MetricsLog, Progress, describe_event, describe_step, open_sinks
@@ -161,7 +161,8 @@ class Trainer(RedoneStep):
             self.metrics.sinks += open_sinks(cfg, progress.print)
         self._write_run_record()
         try:
-            with StopFlag(STOP_NOTICE if self.master else None, silent=reported_by_launcher()) as stop, progress:
+            notice = (EVAL_STOP_NOTICE if cfg.eval_only else STOP_NOTICE) if self.master else None
+            with StopFlag(notice, silent=reported_by_launcher()) as stop, progress:
                 with self.meter.tracking():
                     status, tokens = self._steps(stop, stop_at)
                 # still under the stop flag: a Ctrl-C during this last save is heard, not a KeyboardInterrupt in it

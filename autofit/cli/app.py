@@ -311,9 +311,11 @@ app.registered_commands += sample_app.registered_commands
 def _report_run(result, cfg) -> None:
     if result.status == "interrupted":
         interrupts.said()
-        err_console.print(f"interrupted after {result.steps} optimizer step(s); " + (
-            f"checkpoint {result.checkpoint} resumes at step {result.checkpoint_step}; continue with: autofit run --resume --out "
-            f"{shlex.quote(str(cfg.out_dir))}" if result.checkpoint else "nothing was saved (eval_only)"), markup=False)
+        err_console.print(f"interrupted after {result.steps} optimizer step(s); "
+                          f"checkpoint {result.checkpoint} resumes at step {result.checkpoint_step}; continue with: "
+                          f"autofit run --resume --out {shlex.quote(str(cfg.out_dir))}" if result.checkpoint else
+                          f"interrupted during the evaluation at step {result.steps} (eval_only); nothing was saved",
+                          markup=False)
         raise typer.Exit(interrupts.EXIT_CODE)
     if result.status == "evaluated":
         ev = result.last_eval or {}
@@ -321,7 +323,10 @@ def _report_run(result, cfg) -> None:
                       f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained or saved")
         return
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
-    msg = f"done: {result.steps} optimizer steps" + (f", loss {first:.3f} -> {last:.3f}" if first is not None else "")
+    n = len(result.losses)  # this run's steps; result.steps counts from step 0 (a resume's earlier ones too)
+    msg = (f"done: {result.steps} optimizer steps" if n in (0, result.steps) else
+           f"done: {n} optimizer steps (steps {result.steps - n} to {result.steps - 1}; {result.steps} in all)") + (
+        f", loss {first:.3f} -> {last:.3f}" if first is not None else "")
     console.print(msg + f"; checkpoint {result.checkpoint} (resumes at step {result.checkpoint_step}), metrics "
                   f"{Path(cfg.out_dir) / 'metrics.jsonl'}")
     from trainer.schedule import at_zero_lr_from
