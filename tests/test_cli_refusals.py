@@ -272,3 +272,13 @@ def test_the_compile_notice_is_said_once(tmp_path, monkeypatch, capsys):
                          "--max-steps", "1", "--out", "o", "--no-progress")
     assert code == 0, err
     assert (out + err).count("torch.compile cannot run under the budgeted CPU device") == 1
+
+
+@pytest.mark.parametrize("flag", [["--preset", "tiny"], ["--profile", "rtx4070-12gb"]])
+def test_init_from_resume_refuses_a_preset_or_profile_as_resume_does(tmp_path, monkeypatch, capsys, flag):
+    """`--resume` refused them; nanoGPT's init_from='resume', which README calls the same, dropped a
+    --preset's whole config without a word."""
+    code, out, err = cli(monkeypatch, capsys, "run", *flag, "--set", "init_from=resume", "--out", "o",
+                         "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and out == "", err
+    assert f"init_from = 'resume' continues the checkpoint's own config and plan: drop {flag[0]}" in err

@@ -13,7 +13,7 @@ import typer
 
 from autofit import interrupts
 from autofit.cli.common import (BudgetOpt, CkptOpt, CkptPolicyOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
-                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options, check_no_plan_flags, check_run_flags,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options, check_init_from_resume, check_no_plan_flags, check_run_flags,
                                 device_from_config,
                                 _rerun_args, _size, console, err_console, load_train_config)
 
@@ -131,8 +131,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             device: Optional[str] = DeviceOpt, budget: Optional[str] = BudgetOpt, gpu_index: Optional[int] = GpuIndexOpt,
             margin: float = MarginOpt, dtype: Optional[str] = DtypeOpt, compile: Optional[bool] = CompileOpt,
             checkpointing: Optional[str] = CkptOpt, loss: Optional[str] = LossOpt, checkpointing_policy: Optional[str] = CkptPolicyOpt,
-            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-            allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept --set values that change what the run trains (said in the log)."),
+            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."), allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept --set values that change what the run trains (said in the log)."),
             nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this machine (one GPU each): starts torchrun for you."),
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
@@ -141,6 +140,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     # --resume: the --set values apply to the checkpoint's config (prepare_resume), not the tiny preset
     cfg = load_train_config(config, preset, [o for o in overrides if o.startswith("out_dir=")] if resume else overrides)
     cfg.out_dir = out if out is not None else cfg.out_dir
+    check_init_from_resume(cfg, resume, preset, profile)
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     device, gpu_index, src = device_from_config(cfg, device, budget, gpu_index, several=nproc_per_node is not None)
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss,

@@ -246,3 +246,13 @@ def check_run_flags(out, max_steps, emulate, profile, budget, resume, config, pr
     except ValueError as e:
         raise UsageError(str(e)) from None
     dist_timeout()  # AUTOFIT_DIST_TIMEOUT: a TrainError line now, not after the probe
+
+
+def check_init_from_resume(cfg, resume: bool, preset: str | None, profile: str | None) -> None:
+    """nanoGPT's init_from = 'resume' is --resume, which refuses --preset and --profile
+    (check_run_flags): refused here too (a --preset's whole config was dropped without a word).
+    Raises UsageError."""
+    if cfg.init_from == "resume" and not resume and (preset is not None or profile is not None):
+        raise UsageError(f"init_from = 'resume' continues the checkpoint's own config and plan: drop "
+                         f"{'--preset' if preset is not None else '--profile'} (a config file's own values apply "
+                         f"to it as changes)")
