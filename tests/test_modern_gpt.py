@@ -463,6 +463,13 @@ def test_a_resumed_muon_run_follows_the_lr_schedule(tmp_path):
     first = train(cfg(tmp_path / "split"), RunOptions(max_steps=3, **opts))
     rest = train(cfg(tmp_path / "split"), RunOptions(resume=True, **opts))
     assert first.losses + rest.losses == pytest.approx(whole.losses, rel=1e-6, abs=0)
+    # Muon's rate is logged beside AdamW's (only AdamW's was shown)
+    import json
+    from trainer.metrics import describe_step
+    recs = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r.get("type") == "train"]
+    assert train_recs and all(r["muon_lr"] == pytest.approx(r["lr"] * 0.05 / 3e-3) for r in train_recs)
+    assert f"(Muon {train_recs[-1]['muon_lr']:.2e})" in describe_step(train_recs[-1])
 
 
 def test_muon_lr_given_for_another_optimizer_is_refused_but_a_presets_is_not():

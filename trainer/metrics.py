@@ -53,7 +53,8 @@ def describe_step(rec: dict) -> str:
     peak = rec.get("peak_mem_bytes")
     mem = (f", peak {peak / 2**30:.2f} GiB" if peak >= 2**30 else f", peak {peak / 2**20:.1f} MiB") if peak else ""
     dt = rec["step_s"]
-    return (f"step {rec['step']}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {dt * 1000:.0f} ms, "
+    lr = f"lr {rec['lr']:.2e}" + (f" (Muon {rec['muon_lr']:.2e})" if rec.get("muon_lr") is not None else "")
+    return (f"step {rec['step']}: loss {rec['loss']:.4f}, {lr}, {dt * 1000:.0f} ms, "
             f"{rec['tokens_per_s'] or 0:,.0f} tok/s, micro-batch {rec['micro_batch']} x {rec['grad_accum']}{mem}")
 
 

@@ -19,6 +19,7 @@ from autofit.planning import agree
 from autofit.devices.opener import reopen_device
 from autofit.launch.run import Launch, check_data, check_steps_left, prepare_run
 from autofit.records import PlanRecord
+from autofit.units import fmt_bytes
 from trainer.checkpoint.ckpt import MODEL_FIELDS, device_spec, read_checkpoint, resume_changes
 from trainer.config.train_config import FIELDS, ConfigError, TrainConfig
 from trainer.config.messages import unknown_key_message
@@ -84,7 +85,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     spec = device_spec(ck)
     if probe_opts.device is not None or probe_opts.budget_bytes is not None:
         log(f"--resume: the checkpoint's device is used ({spec.get('kind')}"
-            + (f", budget {spec['budget_bytes']:,} bytes" if spec.get("budget_bytes") else "") + "); --device/--budget apply "
+            + (f", budget {fmt_bytes(spec['budget_bytes'])}" if spec.get("budget_bytes") else "") + "); --device/--budget apply "
             "only to a nanoGPT checkpoint, which is probed afresh")
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
