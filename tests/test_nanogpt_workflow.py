@@ -346,3 +346,22 @@ def test_a_resume_whose_tensorboard_dir_is_now_a_file_leaves_metrics_as_they_wer
     code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--max-steps", "2", "--no-progress")
     assert code == 2 and err.strip().splitlines()[-1] == "autofit: error: tensorboard_dir tb: tb is a file, not a folder"
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_a_nanogpt_checkpoint_without_optimizer_state_is_primed_before_its_first_update(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A resume was taken as primed: with no optimizer state in the checkpoint, AdamW's state was
+    made inside the first update, where an out-of-memory error stops the run instead of a redo."""
+    import trainer.redo as redo
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "2", "--out", "run")
+    assert code == 0, err
+    as_nanogpt(tmp_path / "run" / "ckpt.pt")
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    del ck["optimizer"]
+    torch.save(ck, tmp_path / "run" / "ckpt.pt")
+    primed, real = [], redo.prime_optimizer
+    monkeypatch.setattr(redo, "prime_optimizer", lambda m, opt, **k: (primed.append(len(opt.state)),
+                                                                      real(m, opt, **k)))
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "run", *CPU, "--max-steps", "3")
+    assert code == 0, err
+    assert primed == [0]  # once, before the first update, with no state yet

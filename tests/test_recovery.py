@@ -43,3 +43,22 @@ def test_thrash_detector_needs_rises_in_a_row():
     # rises at values 2, 3, 4 (after a flat step) trip it once; then it counts afresh
     assert seen.index(True) == 5 and THRASH_STEPS == 3
     assert seen.count(True) == 2
+
+
+def test_the_fp16_scaler_after_an_oom_keeps_its_scale_and_growth_count():
+    """The fresh scaler an OOM's clean-up makes started its growth count again: an fp16 run that
+    ran out of memory grew its scale later than one that did not."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer.redo import RedoneStep
+    old = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=5)
+    old._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    old._growth_tracker.fill_(3)
+    fake = SimpleNamespace(optimizer=SimpleNamespace(zero_grad=lambda set_to_none: None), scaler=old,
+                           device=torch.device("cpu"), meter=SimpleNamespace(cleanup=lambda: None))
+    RedoneStep._cleanup_after_oom(fake)
+    assert fake.scaler is not old
+    state = fake.scaler.state_dict()
+    assert (state["scale"], state["_growth_tracker"], state["growth_interval"]) == (2.0 ** 12, 3, 5)

@@ -102,10 +102,11 @@ class Trainer(RedoneStep):
         self._unread: list[tuple[int, StepResult]] = []  # steps whose loss is still on the device
         self.losses: list[float] = []
         self._eager_laps, self._compile_timed = [], False  # the last eager steps' laps, for the compile time
-        self._skips, self._primed = 0, bool(opts.resume)  # fp16 steps skipped in a row; optimizer state made
+        self._skips, self._primed = 0, False  # fp16 steps skipped in a row; optimizer state made
         if opts.resume:
             with self.meter.tracking():  # the loaded optimizer state counts against a budget
                 self._load_checkpoint()
+            self._primed = bool(self.optimizer.state)  # a nanoGPT ckpt.pt may hold no optimizer state
 
     def _open_data(self) -> None:
         """The dataset, checked against the model before anything runs, and the step batches."""

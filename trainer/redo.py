@@ -81,8 +81,10 @@ class RedoneStep:
 
     def _cleanup_after_oom(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:  # a fresh scaler: the failed step may have left inf checks behind
-            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.scaler.get_scale())
+        if self.scaler is not None:  # a fresh scaler: the failed step may have left inf checks behind;
+            fresh = torch.amp.GradScaler(self.device.type)  # its scale and growth count go on as they were
+            fresh.load_state_dict(self.scaler.state_dict())
+            self.scaler = fresh
         gc.collect()
         self.meter.cleanup()
 
