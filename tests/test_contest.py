@@ -174,13 +174,23 @@ def test_a_rate_that_peaks_beside_a_flat_pair_is_found(monkeypatch):
     runner.log = logs.append
     res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=2_500_000), space)
     assert [c.micro_batch for c in runner.ran] == [11, 5, 7]  # the largest fit, its half (0.98x), sqrt(5 x 11)
-    assert max(res.plan.micro_batches) == 7 and any("a flat pair, so micro-batch 7 with the same levers is timed too" in m for m in logs)
+    assert max(res.plan.micro_batches) == 7 and any("reads within 5% of micro-batch 11's time per token (0.97x), so micro-batch 7 with the "
+                                                     "same levers is timed too" in m for m in logs)
     assert "micro-batch 7, not the largest fit 11" in res.plan.reason
     # a half clearly slower (8 %, beyond TIE_MAX) is no flat pair: no third size, the largest wins
     runner = FakeRunner(cfg, 2_500_000, Clock(lambda c: 1.0 if c.micro_batch == 11 else 1.08, p=0.0, jitter=0.01),
                         monkeypatch)
     res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=2_500_000), space)
     assert [c.micro_batch for c in runner.ran] == [11, 5] and max(res.plan.micro_batches) == 11
+    # a half clearly faster (a falling rate): the size between is timed, and the log does not call
+    # the pair 'within 5%' (it said so of a 0.35x reading)
+    logs.clear()
+    runner = FakeRunner(cfg, 2_500_000, Clock(lambda c: 1.0 if c.micro_batch == 11 else 0.8, p=0.0, jitter=0.01),
+                        monkeypatch)
+    runner.log = logs.append
+    planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=2_500_000), space)
+    assert [c.micro_batch for c in runner.ran][:3] == [11, 5, 7]
+    assert any("reads faster than micro-batch 11's time per token" in m for m in logs), logs
 
 
 def test_a_third_size_that_only_ties_does_not_win_by_its_headroom(monkeypatch):

@@ -168,8 +168,9 @@ SMALLER_CLEAR = CLEAR_CONSISTENT
 
 
 def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[TrialRecord]:
-    """The contenders of one combination: its largest fit and half of it, and where those two read
-    alike (the half within TIE_MAX of the largest's time per token), one run size more. Where the
+    """The contenders of one combination: its largest fit and half of it, and where the half reads
+    no more than TIE_MAX slower than the largest per token (alike, or faster: a flat or falling
+    rate, where a size beside them can be faster still), one run size more. Where the
     rate is flat or falls with the micro-batch (a compute-bound device; the chunked loss slowing
     as its chunk grows), the smaller size is as fast with more headroom, and the contest says so.
     A flat pair can hide a better size beside it, on this CPU by 4-5 % (docs/planner-benchmark.md,
@@ -198,8 +199,9 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
         return [big]
     third = _third_size(run_sizes(runner.rank_batch), small.micro_batch, big.micro_batch)
     if ratio <= 1 + TIE_MAX and third is not None:
-        runner.log(f"contest: {label(small)} reads within {TIE_MAX:.0%} of micro-batch {big.micro_batch}'s time "
-                   f"per token ({ratio:.2f}x): a flat pair, so micro-batch {third} with the same levers is timed too")
+        how = (f"within {TIE_MAX:.0%} of" if ratio >= 1 - TIE_MAX else "faster than")  # a flat or a falling rate
+        runner.log(f"contest: {label(small)} reads {how} micro-batch {big.micro_batch}'s time per token "
+                   f"({ratio:.2f}x), so micro-batch {third} with the same levers is timed too")
         r = runner.run(levers.candidate(third))
         if r.status == "fit":
             runner.thirds.add(r.candidate())
