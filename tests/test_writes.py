@@ -175,3 +175,18 @@ def test_a_full_or_closed_stdout_is_one_line(tmp_path, stdout, words):
                           stderr=subprocess.PIPE, text=True, timeout=120,
                           preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+
+
+def test_a_full_disk_that_torch_saves_zip_writer_reraises_is_one_line(tmp_path):
+    """torch.save's zip writer meets a full disk's OSError and raises 'unexpected pos' (a
+    RuntimeError) while handling it: it was a 145-line traceback on a real full tmpfs."""
+    def fill(f):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 126528 vs 126416")
+    with pytest.raises(WriteError, match=r"No space left on device \[ENOSPC\]"):
+        atomic_write(tmp_path / "ckpt.pt", fill, what="checkpoint")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="not a disk"):  # any other RuntimeError is not a write refusal
+        atomic_write(tmp_path / "ckpt.pt", lambda f: (_ for _ in ()).throw(RuntimeError("not a disk")))

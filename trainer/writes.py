@@ -83,6 +83,9 @@ def atomic_write(path: str | Path, fill: Callable[[IO[bytes]], None], what: str 
             os.unlink(tmp)
         if isinstance(e, OSError):
             raise refused(e, what, kept) from None
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+            # torch.save's zip writer: a full disk's OSError, raised again as "unexpected pos"
+            raise refused(e.__context__, what, kept) from None
         raise
     with contextlib.suppress(OSError):  # the rename itself made durable, where a folder can be fsynced
         dir_fd = os.open(path.parent, os.O_RDONLY)
