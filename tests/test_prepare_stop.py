@@ -285,3 +285,24 @@ def test_the_small_sets_stop_between_pieces_and_start_over(tmp_path, monkeypatch
                            f"the dataset in {out} is as it was; {out / 'input.txt'} (downloaded) is kept")
     done = prepare("shakespeare", out, encoder=Encoder("b", lambda t: list(t.encode()), 0), force=True, progress=False)
     assert done.tokens["train"] + done.tokens["val"] == len(text) and not (out / "meta.pkl").exists()
+
+
+def test_a_stop_during_the_last_write_keeps_the_old_dataset(tmp_path, monkeypatch):
+    """A Ctrl-C while shakespeare_char wrote its files (no boundary after them) was dropped: the
+    --force replacement went through and the command exited 0."""
+    import trainer.data.prepare as prep
+    src_a, src_b = tmp_path / "a.txt", tmp_path / "b.txt"
+    src_a.write_text("first text, " * 300)
+    src_b.write_text("second text. " * 300)
+    out = tmp_path / "d"
+    prepare("shakespeare_char", out, input_path=src_a, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = prep.atomic_write
+
+    def write_then_ctrl_c(path, *a, **k):  # meta.pkl, the last file
+        real(path, *a, **k)
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(prep, "atomic_write", write_then_ctrl_c)
+    with pytest.raises(PrepareStopped):
+        prepare("shakespeare_char", out, input_path=src_b, force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
