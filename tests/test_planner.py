@@ -270,3 +270,20 @@ def test_an_estimated_plan_holds_the_whole_batch_in_one_micro_batch_where_that_f
     space = Space(dtypes=["bfloat16"], compile=[False], checkpointing=[0], loss_impls=["standard"])
     trials, best = _largest_fits(cfg, shape, load_builtin()["h100-80gb"], SimpleNamespace(budget_bytes=one), space)
     assert best.micro_batch == 8 and best.estimated_peak_bytes == one
+
+
+def test_trials_that_fail_with_another_error_are_not_called_out_of_memory(monkeypatch):
+    """TORCHINDUCTOR_CACHE_DIR=/proc/x made every trial fail with FileNotFoundError, and the
+    answer read 'nothing fits ... (every trial ran out of memory) ... a larger --budget would help'."""
+    import autofit.planning.search as search
+    from autofit.records import TrialRecord
+
+    def broken(cfg, cand, device, **k):
+        return TrialRecord(**cand.model_dump(), status="error",
+                           note="FileNotFoundError: [Errno 2] No such file or directory: '/proc/x'\n  more")
+    monkeypatch.setattr(search, "run_trial", broken)
+    with pytest.raises(PlanError) as e:
+        probe(cfg_for(16), 2_000_000)
+    msg = str(e.value)
+    assert msg.startswith("no trial could run:") and "FileNotFoundError" in msg and "/proc/x" in msg, msg
+    assert "out of memory, the first" in msg and "larger --budget" not in msg and "\n" not in msg

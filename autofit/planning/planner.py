@@ -366,6 +366,11 @@ def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialReco
 
 
 def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, estimated: bool = False):
+    errors = [t for t in trials if t.status == "error"]
+    if errors and not any(t.status in ("oom", "over_budget") for t in trials):  # not memory: say what it was
+        first = (errors[0].note or "no reason given").strip().splitlines()[0][:300]
+        raise PlanError(f"no trial could run: {len(errors)} trial(s) failed with an error that is not out of "
+                        f"memory, the first: {first} (-v lists every trial)")
     measured = [judged_peak(t) for t in trials if t.measured_peak_bytes]  # reserved where the device has it
     ests = [t.estimated_peak_bytes for t in trials if t.estimated_peak_bytes]
     if measured:
@@ -375,7 +380,8 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
     elif ests:
         ran = any(t.status != "pruned" for t in trials)  # pruned: ruled out by the estimate, never run
         smallest = f"smallest estimated peak {fmt_bytes(min(ests))} (" + (
-            "every trial ran out of memory)" if ran else
+            ("every trial ran out of memory)" if not errors else "every trial ran out of memory or failed: -v "
+             "lists them)") if ran else
             "over the budget by more than the estimate's error bound on this device, so no trial ran)")
     else:
         smallest = "no trial could run"
