@@ -132,3 +132,13 @@ def test_a_half_size_far_slower_in_its_search_readings_is_not_re_timed(steep, mo
     half = run_size(64, largest["m"] // 2)
     assert (seen.count(half) == 1) == steep  # the search's trial only, or re-timed too
     assert max(res.plan.micro_batches) == largest["m"]  # 1.1x slower still loses the contest
+
+
+def test_run_sizes_are_every_size_a_cap_runs_found_without_trying_every_cap():
+    """The sizes a run can run, by jumping between the values of ceil(B / n): the same set as
+    trying every cap 1..B, which took the probe minutes and gigabytes at B = 2^30."""
+    from autofit.planning.split import run_size, run_sizes
+    for b in list(range(1, 200)) + [511, 512, 1000, 4099]:
+        assert run_sizes(b) == sorted({run_size(b, m) for m in range(1, b + 1)}), b
+    assert run_sizes(32) == [1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 32]
+    assert len(run_sizes(2**20)) < 2 * 2**10 + 1

@@ -22,7 +22,15 @@ def run_sizes(rank_batch: int) -> list[int]:
     """Every micro-batch a run of `rank_batch` sequences per step can run, ascending (the sizes
     that are their own run_size: at 32, 1-8, 11, 16 and 32). A size between two of them runs as
     the smaller, so it is never worth a trial of its own."""
-    return sorted({run_size(rank_batch, m) for m in range(1, rank_batch + 1)})
+    # the run sizes are the values of ceil(B / n) over the n micro-batches a step can have: at most
+    # 2 sqrt(B) of them, found by jumping from one to the next (n = ceil(B / (v - 1)) is where the
+    # size v ends), not by trying all B caps
+    sizes, n = set(), 1
+    while n <= rank_batch:
+        v = -(-rank_batch // n)
+        sizes.add(v)
+        n = -(-rank_batch // (v - 1)) if v > 1 else rank_batch + 1
+    return sorted(sizes)
 
 
 def _step_seconds(micro_batches: list[int], block_size: int, tps: Callable[[int], float]) -> float:

@@ -99,9 +99,20 @@ def parse_stages(raw: Any) -> tuple[Stage, ...] | None:
     return stages
 
 
+# The most sequences per optimizer step a config may ask: 2^20, about 650x GPT-3's 1,600 sequences
+# of 2,048 tokens (Brown et al. 2020, table 2.1). Far past it a step's split alone is a list of
+# millions (a batch_size of 2^30 hung the probe building its run sizes, 2^40 a MemoryError).
+MAX_EFFECTIVE_BATCH = 2**20
+
+
 def check_stages(cfg) -> None:
-    """Across fields: the largest stage's block_size is the config's (the model's context), and
-    no stage's is larger. Raises ValueError (one line)."""
+    """Across fields: the effective batch (batch_size x gradient_accumulation_steps) at most
+    MAX_EFFECTIVE_BATCH; the largest stage's block_size is the config's (the model's context),
+    and no stage's is larger. Raises ValueError (one line)."""
+    if cfg.batch_size * cfg.gradient_accumulation_steps > MAX_EFFECTIVE_BATCH:
+        raise ValueError(f"batch_size x gradient_accumulation_steps = {cfg.batch_size * cfg.gradient_accumulation_steps:,} "
+                         f"sequences per step is past the {MAX_EFFECTIVE_BATCH:,} autofit plans for (GPT-3 took "
+                         f"1,600 per step)")
     if cfg.stages is None:
         return
     largest = max(s.block_size for s in cfg.stages)
