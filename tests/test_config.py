@@ -589,7 +589,7 @@ def test_a_set_value_that_looks_like_a_bad_number_raises_no_syntax_warning():
 def test_an_effective_batch_past_what_autofit_plans_for_is_one_line():
     """batch_size 2^30 hung the probe (its run sizes were built cap by cap); 2^40 was a MemoryError."""
     from trainer.config.stages import MAX_EFFECTIVE_BATCH
-    with pytest.raises(ConfigError, match=r"sequences per step is past the 1,048,576 autofit plans for"):
+    with pytest.raises(ConfigError, match=r"sequences per step is past the 16,777,216 autofit plans for"):
         load_config(preset="tiny", overrides=["batch_size=1073741824", "gradient_accumulation_steps=1"])
     with pytest.raises(ConfigError, match="past the"):
         load_config(preset="tiny", overrides=[f"batch_size={MAX_EFFECTIVE_BATCH}", "gradient_accumulation_steps=2"])
