@@ -63,6 +63,9 @@ def test_a_good_checkpoint_reads_back(tmp_path):
     ({"micro_batches": [4, 0]}, "micro_batches: expected sizes >= 1, got [4, 0]"),
     ({"rng_cpu": torch.zeros(10, dtype=torch.uint8)}, f"rng_cpu: expected the CPU generator's state of {CPU_RNG_BYTES} bytes"),
     ({"rng_cpu": torch.zeros(CPU_RNG_BYTES)}, "rng_cpu: expected the CPU generator's state (a 1-D uint8 tensor)"),
+    # the right size and type, but no generator's state: it was a traceback from inside training
+    ({"rng_cpu": torch.full((CPU_RNG_BYTES,), 255, dtype=torch.uint8)},
+     "rng_cpu: expected the CPU generator's state, which this is not (Invalid mt19937 state)"),
     ({"plan": "[1, 2]"}, "plan: expected a JSON object, got a list"),
     ({"plan": "{x"}, "plan: expected the plan as JSON text"),
     ({"best_val_loss": "low"}, "best_val_loss: expected a valid number"),

@@ -211,9 +211,13 @@ def restore(trainer, ck: dict) -> None:
     t.evaluator.sampler.load_state_dict(ck["eval_sampler"])
     t.compile_failed = bool(ck.get("compile_failed", False))
     rng_cpu, rng_cuda = t.group.rng_state(ck)  # with several ranks, this rank's own
-    torch.set_rng_state(rng_cpu.cpu())
-    if rng_cuda is not None and t.device.type == "cuda":
-        torch.cuda.set_rng_state(rng_cuda.cpu(), t.device)
+    try:  # the right size, but not a generator's state ('Invalid mt19937 state'): a damaged file
+        torch.set_rng_state(rng_cpu.cpu())
+        if rng_cuda is not None and t.device.type == "cuda":
+            torch.cuda.set_rng_state(rng_cuda.cpu(), t.device)
+    except RuntimeError as e:
+        raise TrainError(f"{t.ckpt_path}: its saved RNG state cannot be restored ({str(e).splitlines()[0]}); "
+                         f"the checkpoint is kept as it was") from None
     change = t.group.split_change(ck, t.cfg.effective_batch, t.micro_batches)
     if change:  # resumed on another number of ranks
         t._event("world_size_changed", **change)

@@ -152,7 +152,12 @@ class AutofitCheckpoint(BaseModel):
     @field_validator("rng_cpu")
     @classmethod
     def _rng_cpu(cls, v: Any) -> torch.Tensor:
-        return _rng_tensor(v, CPU_RNG_BYTES, "the CPU generator's state")
+        v = _rng_tensor(v, CPU_RNG_BYTES, "the CPU generator's state")
+        try:  # the right size, but not a state the generator takes ('Invalid mt19937 state')
+            torch.Generator().set_state(v)
+        except RuntimeError as e:
+            raise ValueError(f"expected the CPU generator's state, which this is not ({str(e).splitlines()[0]})") from None
+        return v
 
     @field_validator("rng_cuda")
     @classmethod
