@@ -185,6 +185,15 @@ def test_bad_jsonl_row_names_file_and_line(tmp_path):
     assert not (tmp_path / "fw").exists()  # staging removed, and the folder this prepare made
 
 
+def test_a_jsonl_that_is_not_utf8_is_one_line(tmp_path):
+    """It was a 53-line UnicodeDecodeError traceback (shakespeare_char's text input said it in one)."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"text": "ok"}\n\xff\xfe garbage\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl: not UTF-8 text \(invalid start byte, byte 0xff\); FineWeb's rows are UTF-8 JSON"):
+        prepare("fineweb-edu", tmp_path / "fw", input_path=rows, encoder=BYTES, shard_size=2, progress=False)
+    assert not (tmp_path / "fw").exists()
+
+
 def test_tokenize_to_shards_roundtrips_through_load_dataset(tmp_path):
     texts = ["hello world", "a", "tokens cross shard boundaries", "", "last doc"]
     encode = lambda t: list(t.encode())  # bytes stand in for GPT-2 BPE
@@ -339,3 +348,11 @@ def test_prepared_files_follow_the_umask_like_nanogpts(tmp_path, text_file):
         os.umask(old)
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "o").iterdir()}
     assert modes == {n: 0o644 for n in ("train.bin", "val.bin", "meta.pkl", "train.bin.max.json", "val.bin.max.json")}
+
+
+def test_shard_size_0_is_refused_not_read_as_the_default(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "ok"}\n')
+    with pytest.raises(DataError, match=r"^--shard-size must be at least 1, got 0$"):
+        prepare("fineweb-edu", tmp_path / "fw", input_path=rows, encoder=BYTES, shard_size=0, progress=False)
+    assert not (tmp_path / "fw").exists()

@@ -121,6 +121,8 @@ def _check_options(name: str, input_path: Path | None, max_tokens: int | None, s
         raise DataError("--max-tokens and --shard-size apply to fineweb-edu only")
     if max_tokens is not None and max_tokens < 1:
         raise DataError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if shard_size is not None and shard_size < 1:  # 0 was read as 'not given' further on
+        raise DataError(f"--shard-size must be at least 1, got {shard_size}")
     if input_path is not None and not input_path.exists() and not input_path.is_symlink():
         raise DataError(f"--input {input_path} is not a file")
     if input_path is not None:
@@ -175,7 +177,7 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
     job = _Job(name, out_dir, input_path, encoder, log, url, progress)
     if name == "fineweb-edu":
         job.staging = partial_folder(out_dir, shard_prefix)
-        job.options = _shard_options(input_path, fineweb, encoder, shard_prefix, shard_size or 100_000_000, max_tokens)
+        job.options = _shard_options(input_path, fineweb, encoder, shard_prefix, 100_000_000 if shard_size is None else shard_size, max_tokens)
         job.kept = read_progress(job.staging, job.options)  # a stopped run's shards, checked; else None
         job.texts = read_documents(input_path) if input_path else stream_fineweb(*fineweb)
     else:

@@ -63,7 +63,16 @@ def read_documents(path: Path) -> Iterator[str]:
         yield read_text(path)
         return
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+        i = 0
+        while True:
+            try:
+                line = next(f, None)
+            except UnicodeDecodeError as e:  # JSON rows are UTF-8 (RFC 8259); read_text says the same
+                raise DataError(f"{path}: not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); FineWeb's "
+                                f"rows are UTF-8 JSON") from None
+            if line is None:
+                return
+            i += 1
             if not line.strip():
                 continue
             try:
