@@ -280,3 +280,27 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path):
 def test_checkpoint_errors_are_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         generate_samples(tmp_path, opts())
+
+
+def test_a_start_that_is_not_utf8_or_names_a_missing_users_home_is_one_line():
+    """--start $'\\xff' (a surrogate in sys.argv) was a UnicodeEncodeError traceback; FILE:~nosuchuser/p
+    a RuntimeError one ('Could not determine home directory')."""
+    from trainer.sample import SampleError, read_start
+    with pytest.raises(SampleError, match=r"^--start is not UTF-8 text \(character 2 "):
+        read_start("a\udcff")
+    with pytest.raises(SampleError, match=r"^--start FILE:~nosuchuser-af/p: no such file"):
+        read_start("FILE:~nosuchuser-af/p")
+
+
+def test_paths_under_a_missing_users_home_are_taken_as_written(tmp_path, monkeypatch, capsys):
+    from trainer.paths import expand_user
+    assert str(expand_user("~nosuchuser-af/x")) == "~nosuchuser-af/x"
+    assert expand_user("~") == expand_user("~").expanduser()
+    monkeypatch.setenv("AUTOFIT_HOME", "~nosuchuser-af/h")
+    code, out, err = cli(monkeypatch, capsys, "profiles", "list")
+    assert code != 0 and err.strip() == ("autofit: error: AUTOFIT_HOME=~nosuchuser-af/h: no home folder for its '~' "
+                                         "(no such user); give a folder that exists or can be made")
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--set",
+                         "dataset=~nosuchuser-af/d", "--out", str(tmp_path / "o"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "~nosuchuser-af/d" in err, err

@@ -27,6 +27,16 @@ def _kind(mode: int) -> str:
     return "a file" if stat.S_ISREG(mode) else "not a regular file"
 
 
+def expand_user(path: str | Path) -> Path:
+    """`path` with a leading ~ or ~user made the home folder, as Path.expanduser does; where that
+    home cannot be found (no such user, no HOME), the path as written, so the check that follows
+    says it does not exist, in one line (Path.expanduser raises RuntimeError there)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def real_stat(path: Path, what: str) -> os.stat_result | None:
     """os.stat following links; None when nothing is there; PathProblem (one line, beginning with
     `what`) for a dangling link, a loop, or a path through a file."""

@@ -25,7 +25,7 @@ import torch
 from trainer.data.datasets import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.checkpoint.nanogpt import read_nanogpt_checkpoint
-from trainer.paths import PathProblem, input_file
+from trainer.paths import PathProblem, expand_user, input_file
 from trainer.model.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
 
 # logits / temperature must stay finite in float32 (3.4e38), or softmax gives NaN and sampling
@@ -97,7 +97,7 @@ def check_options(opts: SampleOptions) -> None:
 def read_start(start: str) -> str:
     """The prompt text: `start` itself, or the contents of the file named by 'FILE:path'."""
     if start.startswith("FILE:"):
-        path = Path(start[5:]).expanduser()
+        path = expand_user(start[5:])
         try:  # a FIFO would block, /dev/zero would never end: regular files only
             input_file(path, "--start FILE:")
             start = path.read_text(encoding="utf-8")
@@ -109,6 +109,11 @@ def read_start(start: str) -> str:
             raise SampleError(f"--start FILE:{path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
     if not start:
         raise SampleError("--start is empty: give at least one character (sample.py's default is a newline)")
+    try:  # bytes the terminal gave that are not UTF-8 come as surrogates (PEP 383)
+        start.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SampleError(f"--start is not UTF-8 text (character {e.start + 1} is a byte the terminal's encoding "
+                          f"did not decode); give UTF-8 text, or FILE:path") from None
     return start
 
 
@@ -192,7 +197,7 @@ def pick_codec(dataset: str | None, vocab_size: int, *, data_root: str | Path = 
         return byte_codec()
     meta = None
     if dataset:
-        where = Path(dataset).expanduser()
+        where = expand_user(dataset)
         meta = (where if where.is_dir() else Path(data_root) / dataset) / "meta.pkl"
         if meta.is_file():
             return char_codec(meta)

@@ -52,7 +52,11 @@ def profiles_dir() -> Path:
     ~/.local/share/autofit/profiles)."""
     home = os.environ.get("AUTOFIT_HOME")
     if home:
-        return Path(home).expanduser() / "profiles"
+        try:
+            return Path(home).expanduser() / "profiles"
+        except RuntimeError:  # '~nosuchuser/h': no folder to put them in (not one named '~nosuchuser' here)
+            raise ProfileError(f"AUTOFIT_HOME={home}: no home folder for its '~' (no such user); give a "
+                               f"folder that exists or can be made") from None
     data = platformdirs.user_data_path("autofit", appauthor=False)
     # The XDG spec says a relative $XDG_DATA_HOME is invalid and must be ignored; platformdirs
     # takes it as given, which would put profiles under whatever the current directory is.

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trainer.paths import PathProblem, input_file, real_stat
+from trainer.paths import PathProblem, expand_user, input_file, real_stat
 
 from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
                                 DataError, max_token, read_llmc_shard, read_nanogpt_bin,
@@ -159,7 +159,7 @@ def dataset_dir(spec: str, *, data_root: str | Path = DATA_ROOT) -> Path | None:
     name (nanoGPT's data/NAME). None for 'embedded' or when no such folder exists."""
     if spec == EMBEDDED:
         return None
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if path.is_dir():
         return path
     if len(path.parts) == 1 and (Path(data_root) / spec).is_dir():
@@ -188,7 +188,7 @@ def load_dataset(spec: str, *, data_root: str | Path = DATA_ROOT) -> TokenDatase
     where = dataset_dir(spec, data_root=data_root)
     if where is not None:
         return load_dir(where)
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     try:  # a dangling or looping link says so, not 'does not exist'
         real_stat(path, "dataset")
     except PathProblem as e:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from trainer.errors import TrainError, install_hint
+from trainer.paths import expand_user
 from trainer.model.gpt import GPT, GPTConfig
 
 # n_layer, n_head, n_embd of the published models; source: nanoGPT's model.py from_pretrained
@@ -105,7 +106,7 @@ def locate_gpt2(model_type: str) -> tuple[Path, Path]:
 def _locate(model_type: str | None, source: str | Path | None) -> tuple[Path, Path]:
     """(config.json, model.safetensors) from a directory, or from the hub (cache first)."""
     if source is not None:
-        root = Path(source).expanduser()
+        root = expand_user(source)
         if not root.is_dir():
             raise WeightsError(f"GPT-2 weights: {root} is not a directory (it should hold {WEIGHTS_FILE} "
                                f"and {CONFIG_FILE})")
