@@ -282,3 +282,13 @@ def test_init_from_resume_refuses_a_preset_or_profile_as_resume_does(tmp_path, m
                          "--no-progress")
     assert code == 2 and len(err.strip().splitlines()) == 1 and out == "", err
     assert f"init_from = 'resume' continues the checkpoint's own config and plan: drop {flag[0]}" in err
+
+
+def test_a_refused_run_leaves_no_output_folder_it_made(tmp_path, monkeypatch, capsys):
+    """The refusal was one line, but o/ was made and left holding .autofit.lock."""
+    code, out, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, "--set", "dataset=nope", "--out", "o")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays, lock and all
+    code, out, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, "--set", "dataset=nope", "--out", "kept")
+    assert code == 2 and (tmp_path / "kept").is_dir()

@@ -3,6 +3,7 @@ cause end in one line on stderr and exit code 2; nothing already written is lost
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import shlex
 import sys
@@ -205,7 +206,7 @@ def _train(cfg, opts) -> None:
     _report_run(result, cfg)
 
 
-_OUT_LOCKS: list = []  # held until the command ends
+_OUT_LOCKS: list = []  # (lock, folder, made by this command), held until the command ends
 
 
 def _run_app():
@@ -213,7 +214,12 @@ def _run_app():
         return app(standalone_mode=False)
     finally:
         while _OUT_LOCKS:
-            _OUT_LOCKS.pop().release()
+            lock, folder, made = _OUT_LOCKS.pop()
+            lock.release()
+            if made and os.listdir(folder) == [".autofit.lock"]:  # a refused run leaves no folder it made
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.lock_file)
+                    os.rmdir(folder)
 
 
 def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
@@ -229,6 +235,7 @@ def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
         check_out_dir(tensorboard_dir, "tensorboard_dir")
     if os.environ.get("RANK", "0") != "0":
         return
+    made = not Path(out_dir).exists()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(Path(out_dir) / ".autofit.lock"))
     try:
@@ -236,7 +243,7 @@ def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
     except Timeout:
         raise UsageError(f"another autofit run is using {out_dir} (its .autofit.lock is held); wait for it, "
                          f"or choose another --out") from None
-    _OUT_LOCKS.append(lock)
+    _OUT_LOCKS.append((lock, out_dir, made))
 
 
 def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict]:
