@@ -595,3 +595,20 @@ def test_an_effective_batch_past_what_autofit_plans_for_is_one_line():
         load_config(preset="tiny", overrides=[f"batch_size={MAX_EFFECTIVE_BATCH}", "gradient_accumulation_steps=2"])
     assert load_config(preset="tiny", overrides=[f"batch_size={MAX_EFFECTIVE_BATCH}",
                                                  "gradient_accumulation_steps=1"]).effective_batch == MAX_EFFECTIVE_BATCH
+
+
+def test_a_config_too_deep_for_pythons_parser_says_why():
+    """'deep.py: cannot parse:' with nothing after it (an exception is always truthy, so `e or
+    name` printed its empty message)."""
+    from trainer.config.pyfile import parse_py_config
+    with pytest.raises(ConfigError) as e:
+        parse_py_config("x = " + "-" * 200_000 + "1\n", "deep.py")
+    assert str(e.value).startswith("deep.py: cannot parse: ") and "nested too deeply" in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", ["any,", "float32,any"])
+def test_any_in_a_dtype_list_says_it_stands_alone(dtype):
+    """It said "unknown dtype 'any' (float32, bfloat16, float16, any)", naming it among the known."""
+    from autofit.planning.candidates import PlanError, candidate_space
+    with pytest.raises(PlanError, match=rf"^--dtype {dtype}: 'any' stands alone"):
+        candidate_space(load_config(preset="tiny"), "cpu", True, dtype=dtype)

@@ -83,6 +83,9 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
     else:
         dtypes = list(dict.fromkeys(d.strip() for d in dtype.split(",")))  # once each, in order
         for d in dtypes:
+            if d == "any":  # 'any' is the whole list, not one of a list
+                raise PlanError(f"--dtype {dtype}: 'any' stands alone (every dtype this device runs); "
+                                f"a list names dtypes: float32, bfloat16, float16")
             if d not in ("float32", "bfloat16", "float16"):
                 raise PlanError(f"--dtype: unknown dtype {d!r} (float32, bfloat16, float16, any)"
                                 f"{did_you_mean(d, ['float32', 'bfloat16', 'float16'])}")

@@ -236,7 +236,8 @@ def parse_py_config(text: str, filename: str = "<config>",
     except SyntaxError as e:
         raise ConfigError(f"{filename}:{e.lineno}: syntax error: {e.msg}") from None
     except (ValueError, RecursionError, MemoryError) as e:  # null bytes, absurd nesting
-        raise ConfigError(f"{filename}: cannot parse: {e or type(e).__name__}") from None
+        why = str(e) or f"{type(e).__name__}, an expression nested too deeply for Python's parser"
+        raise ConfigError(f"{filename}: cannot parse: {why}") from None
     ev = Evaluator(clock)
     out: dict[str, tuple[Any, int]] = {}
     try:
