@@ -157,3 +157,13 @@ def test_cycles_and_broken_messages_do_not_raise():
 def test_messages_are_lower_case_and_never_match_not_supported():
     assert all(m == m.lower() for m in OOM_MESSAGES)
     assert not any(m in CUDNN_NOT_SUPPORTED.lower() for m in OOM_MESSAGES)
+
+
+def test_the_plain_cpus_allocator_refusal_is_an_oom():
+    """`run --no-probe` of a model larger than the machine (or its ulimit): a 118-line traceback
+    from DefaultCPUAllocator's RuntimeError; as an OOM it is the one line of the build's OOM."""
+    try:
+        torch.empty(2**55, dtype=torch.uint8)  # 32 PiB: malloc refuses it at once
+    except RuntimeError as e:
+        err = e
+    assert not isinstance(err, torch.OutOfMemoryError) and is_oom(err)

@@ -28,6 +28,9 @@ OOM_MESSAGES = (
     "cudnn_status_alloc_failed",  # cuDNN could not allocate its handle or workspace
     "hip out of memory",  # the same forms on ROCm builds, where CUDA's names are hipified
     "hip error: out of memory",
+    # the plain CPU's allocator (c10/core/impl/alloc_cpu.cpp), a RuntimeError: malloc refused (a
+    # ulimit, or memory the machine does not have); it was a traceback from `run --no-probe`
+    "defaultcpuallocator: can't allocate memory",
 )
 # Not in the list, on purpose: CUDNN_STATUS_NOT_SUPPORTED (cuDNN declines a shape or layout; cuDNN
 # attention is on by default on Hopper, so it is a real error there, and shrinking would hide it),
