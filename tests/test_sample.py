@@ -304,3 +304,14 @@ def test_paths_under_a_missing_users_home_are_taken_as_written(tmp_path, monkeyp
     code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--set",
                          "dataset=~nosuchuser-af/d", "--out", str(tmp_path / "o"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "~nosuchuser-af/d" in err, err
+
+
+@pytest.mark.parametrize("meta", [{"stoi": {"a": "x"}, "itos": {0: "a"}}, {"stoi": {"a": -1}, "itos": {0: "a"}},
+                                  {"stoi": {"a": 0}, "itos": {0: 0}}, {"stoi": {"a": 0}, "itos": {}}])
+def test_a_meta_pkl_that_is_no_character_vocabulary_is_one_line(tmp_path, meta):
+    """They were tracebacks (ValueError in the encode, IndexError mid-generation, TypeError in the
+    decode), or text of replacement characters with exit 0."""
+    from trainer.sample import SampleError, char_codec
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
+    with pytest.raises(SampleError, match=r"meta\.pkl: not a character vocabulary"):
+        char_codec(tmp_path / "meta.pkl")

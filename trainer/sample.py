@@ -137,6 +137,13 @@ def char_codec(meta_path: Path) -> Codec:
     except Exception as e:
         raise SampleError(f"cannot read the character vocabulary (stoi, itos) from {meta_path}: "
                           f"{type(e).__name__}: {str(e)[:120]}") from None
+    # nanoGPT's prepare.py writes stoi {char: id} and itos {id: char}, ids 0..n-1; anything else
+    # failed mid-generation (an id past the embedding) or in the decode
+    ok = (all(isinstance(c, str) and type(i) is int and i >= 0 for c, i in stoi.items())
+          and all(type(i) is int and i >= 0 and isinstance(c, str) for i, c in itos.items()) and itos)
+    if not ok:
+        raise SampleError(f"{meta_path}: not a character vocabulary (stoi maps characters to ids >= 0, itos ids "
+                          f"to characters, as nanoGPT's prepare.py writes them)")
 
     def encode(text: str) -> list[int]:
         unknown = sorted({c for c in text if c not in stoi})
