@@ -448,6 +448,27 @@ def test_a_hand_written_ampere_profile_without_bf16_is_one_line_not_a_traceback(
     assert code == 2 and err.count("\n") == 1 and "bf16 tensor cores" in err, err
 
 
+@pytest.mark.parametrize("change, words", [
+    (("--peak-fp16-tflops", "1e308"), "--peak-fp16-tflops: Input should be less than or equal to 100000"),
+    (("--bandwidth-gbs", "1e308"), "--bandwidth-gbs: Input should be less than or equal to 1000000"),
+    (("--compute-capability", "0.0"), "compute capability 0.0 is older than any CUDA card torch ran on"),
+])
+def test_profiles_add_refuses_figures_no_card_has(tmp_path, monkeypatch, capsys, change, words):
+    """1e308 TFLOP/s was written, and `probe --gpu` then failed with a ValidationError traceback
+    (tokens/s infinite); compute capability 0.0 was taken."""
+    args = list(GTX1650)
+    args[args.index(change[0]) + 1] = change[1]
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "home" / "profiles" / "gtx1650-4gb.toml").exists()
+
+
+def test_profiles_add_refuses_the_budgeted_cpus_names(tmp_path, monkeypatch, capsys):
+    """A card added as cpu-64mb was later rewritten as the CPU by probe --device cpu --save."""
+    code, _, err = cli(monkeypatch, capsys, "profiles", "add", "cpu-64mb", "--memory", "64MiB", *GTX1650[5:])
+    assert code == 2 and "cpu-* names are the budgeted CPU device's" in err and err.count("\n") == 1, err
+
+
 def test_profiles_add_bad_name_is_one_line(tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "profiles", "add", "my-card", *GTX1650[3:])
     assert code == 2 and "e.g. gtx1650-4gb" in err and err.count("\n") == 1

@@ -151,6 +151,9 @@ def profiles_add(
     if not _name_ok(name):
         raise UsageError(f"profile name {name!r} must be a model slug and its memory, e.g. gtx1650-4gb "
                          "(lowercase letters, digits and dots, '-', then NNgb or NNmb)")
+    if name.startswith("cpu-"):  # a later probe --device cpu --save would write a CPU's over this card
+        raise UsageError(f"profile name {name!r}: cpu-* names are the budgeted CPU device's, which probe --device "
+                         f"cpu --save writes; name the card (e.g. gtx1650-4gb)")
     mem_bytes = _size(memory, "--memory")
     if (said := _name_memory_mismatch(name, mem_bytes)) is not None:
         raise UsageError(said)

@@ -27,6 +27,12 @@ SCHEMA_VERSION = 1
 ASSUMED_DRIVER_RESERVED_SHARE = 0.03
 
 
+# Bounds of a profile's figures, far past any card (B200: 2,250 dense bf16 TFLOP/s, 8,000 GB/s)
+MAX_TFLOPS = 100_000.0
+MAX_BANDWIDTH_GBS = 1_000_000.0
+MIN_COMPUTE_CAPABILITY = (3, 0)  # Kepler, the oldest architecture any CUDA build of torch ran on
+
+
 class HardwareError(DeviceError):
     """A bad or unknown hardware profile. One line, names the file or the profile."""
 
@@ -44,9 +50,10 @@ class HardwareSpec(BaseModel):
     # Dense (no sparsity) tensor-core TFLOP/s, with FP32 accumulation: that is what PyTorch's bf16
     # and fp16 matmuls use. GeForce cards run FP32-accumulate at half their FP16-accumulate rate,
     # so their figure is the whitepaper's "with FP32 Accumulate" column. None: no bf16 tensor cores.
-    peak_bf16_tflops: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    peak_fp16_tflops: float = Field(gt=0, allow_inf_nan=False)
-    memory_bandwidth_gbs: float = Field(gt=0, allow_inf_nan=False)  # GB/s, decimal, as vendors state it
+    # at most MAX_TFLOPS / MAX_BANDWIDTH_GBS: 1e308 made estimated tokens/s infinite (a traceback)
+    peak_bf16_tflops: float | None = Field(default=None, gt=0, le=MAX_TFLOPS, allow_inf_nan=False)
+    peak_fp16_tflops: float = Field(gt=0, le=MAX_TFLOPS, allow_inf_nan=False)
+    memory_bandwidth_gbs: float = Field(gt=0, le=MAX_BANDWIDTH_GBS, allow_inf_nan=False)  # GB/s, decimal, as vendors state it
     # Memory the driver and firmware keep on an idle card (NVML v2 memory info's `reserved`): what
     # an emulated card cannot give the process. None until measured on such a card (the GPU
     # self-check records it); emulation then assumes ASSUMED_DRIVER_RESERVED_SHARE, and says so.
@@ -57,6 +64,9 @@ class HardwareSpec(BaseModel):
     def _consistent(self) -> HardwareSpec:
         if self.bf16 and self.peak_bf16_tflops is None:
             raise ValueError("bf16 = true needs peak_bf16_tflops")
+        if tuple(self.compute_capability) < MIN_COMPUTE_CAPABILITY:
+            raise ValueError(f"compute capability {'.'.join(map(str, self.compute_capability))} is older than any "
+                             f"CUDA card torch ran on (3.0, Kepler)")
         if self.bf16 and tuple(self.compute_capability) < (8, 0):
             raise ValueError("bf16 tensor cores need compute capability 8.0 or newer")
         if not self.bf16 and tuple(self.compute_capability) >= (8, 0):  # every Ampere and later card has them
