@@ -649,3 +649,12 @@ def test_a_budget_too_small_for_the_optimizer_state_is_one_line(tmp_path, monkey
                          "--set", "batch_size=4", "--set", "gradient_accumulation_steps=1", "--max-steps", "2",
                          "--out", "o", "--no-progress")
     assert code != 0 and "no smaller micro-batch is left" in err and "Traceback" not in err
+
+
+def test_max_steps_past_max_iters_is_said(tmp_path, monkeypatch, capsys):
+    """A fresh run with --max-steps 100 and max_iters 3 stopped at 3 without a word."""
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=3",
+                         "--max-steps", "100", "--out", "o", "--no-progress")
+    assert code == 0, err
+    assert "--max-steps 100 is past max_iters 3: the run stops at max_iters" in out + err
+    assert "done: 3 optimizer steps" in out
