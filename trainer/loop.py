@@ -286,9 +286,8 @@ class Trainer(RedoneStep):
                # segments, which is what runs out on CUDA)
                "peak_mem_bytes": self.meter.peak_bytes(), "peak_reserved_bytes": self.meter.peak_reserved_bytes(),
                "compiled": self.compiled, "grad_norm": res.grad_norm,
-               # Muon's rate beside AdamW's "lr": the schedule's, times muon_lr / learning_rate
-               **({"muon_lr": lr_at(it, self.cfg) * self.cfg.muon_lr / self.cfg.learning_rate}
-                  if self.cfg.optimizer == "muon" else {}),
+               # Muon's rate beside AdamW's "lr", as its group holds it (lr x lr_scale: trainer.redo)
+               **({"muon_lr": self.optimizer.muon.param_groups[0]["lr"]} if hasattr(self.optimizer, "muon") else {}),
                **(self.stages.record_fields() if self.stages is not None else {})}
         self.metrics.write(rec)
         self._progress.print(describe_step(rec))

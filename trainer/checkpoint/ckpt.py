@@ -211,7 +211,7 @@ def restore(trainer, ck: dict) -> None:
     t.evaluator.sampler.load_state_dict(ck["eval_sampler"])
     t.compile_failed = bool(ck.get("compile_failed", False))
     rng_cpu, rng_cuda = t.group.rng_state(ck)  # with several ranks, this rank's own
-    try:  # the right size, but not a generator's state ('Invalid mt19937 state'): a damaged file
+    try:  # the CPU states are checked on reading (checkpoint.schema); a CUDA one only here
         torch.set_rng_state(rng_cpu.cpu())
         if rng_cuda is not None and t.device.type == "cuda":
             torch.cuda.set_rng_state(rng_cuda.cpu(), t.device)

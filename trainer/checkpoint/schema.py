@@ -49,6 +49,11 @@ def _rng_tensor(v: Any, size: int | None, what: str) -> torch.Tensor:
         raise ValueError(f"expected {what} of {size} bytes (torch.get_rng_state()), got {v.numel()}")
     if v.numel() == 0:
         raise ValueError(f"expected {what}, got an empty tensor")
+    if size == CPU_RNG_BYTES:  # the right size, but not a state the CPU generator takes ('Invalid mt19937 state')
+        try:
+            torch.Generator().set_state(v)
+        except RuntimeError as e:
+            raise ValueError(f"expected {what}, which this is not ({str(e).splitlines()[0]})") from None
     return v
 
 
@@ -152,12 +157,7 @@ class AutofitCheckpoint(BaseModel):
     @field_validator("rng_cpu")
     @classmethod
     def _rng_cpu(cls, v: Any) -> torch.Tensor:
-        v = _rng_tensor(v, CPU_RNG_BYTES, "the CPU generator's state")
-        try:  # the right size, but not a state the generator takes ('Invalid mt19937 state')
-            torch.Generator().set_state(v)
-        except RuntimeError as e:
-            raise ValueError(f"expected the CPU generator's state, which this is not ({str(e).splitlines()[0]})") from None
-        return v
+        return _rng_tensor(v, CPU_RNG_BYTES, "the CPU generator's state")
 
     @field_validator("rng_cuda")
     @classmethod
