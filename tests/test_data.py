@@ -187,6 +187,32 @@ def test_split_shorter_than_block_is_a_data_error(toy):
     BatchSampler(toy, 499, seed=0).sample("val", 3)  # exactly block_size + 1 tokens is enough
 
 
+def test_a_file_rewritten_in_place_under_a_run_is_one_line_a_replaced_one_reads_on(tmp_path):
+    # nanoGPT's prepare.py rewrites train.bin in place (np.memmap mode 'w+'); a shorter file under
+    # the memory map ends the process with SIGBUS, a same-size one silently changes the data.
+    d = _nanogpt(tmp_path / "toy", np.arange(5000) % 1000, np.arange(3000, 3500))
+    s = BatchSampler(load_dataset(str(d)), 8, seed=0)
+    s.sample("train", 4)
+    with open(d / "train.bin", "r+b") as f:  # same size, new bytes, same inode
+        f.write(np.full(10, 7, dtype=np.uint16).tobytes())
+    with pytest.raises(DataError, match="train.bin was rewritten in place while this run read it "
+                                        "\\(same size, modified\\)"):
+        s.sample("train", 4)
+    s.sample("val", 4)  # the other split's file did not change
+    with open(d / "val.bin", "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(DataError, match="val.bin was rewritten .* \\(1000 -> 200 bytes\\)"):
+        s.sample("val", 4)
+    # Replaced whole (a new file renamed over it, as `autofit data prepare` writes): the map holds
+    # the old file's pages, so the run reads on what it started with.
+    d2 = _nanogpt(tmp_path / "fresh", np.arange(5000) % 1000, np.arange(3000, 3500))
+    s2 = BatchSampler(load_dataset(str(d2)), 8, seed=0)
+    x = s2.batch_at("train", 4, 0)[0]
+    (np.arange(6000) % 13).astype(np.uint16).tofile(tmp_path / "new.bin")
+    (tmp_path / "new.bin").replace(d2 / "train.bin")
+    assert torch.equal(s2.batch_at("train", 4, 0)[0], x)
+
+
 def test_check_vocab(toy):
     toy.check_vocab(50304)
     # no meta.pkl: GPT-2's vocab is assumed, not declared; as in nanoGPT, any vocab that holds every

@@ -244,6 +244,32 @@ def test_resume_without_checkpoint(tmp_path):
         train(make_cfg(tmp_path), opts(resume=True))
 
 
+def test_data_rewritten_under_the_run_stops_it_in_one_line_with_the_steps_done_saved(tmp_path, monkeypatch):
+    import numpy as np
+    from trainer.data.datasets import BatchSampler
+    data = tmp_path / "toy"
+    data.mkdir()
+    for split, n in (("train", 20000), ("val", 4000)):
+        (np.arange(n) % 200).astype(np.uint16).tofile(data / f"{split}.bin")
+    read_rows, reads = BatchSampler.read_rows, []
+
+    def rewrite_at_the_sixth_train_batch(self, split, offsets):
+        reads.append(split)
+        if reads.count("train") == 6 and split == "train":  # nanoGPT's prepare.py writing in place
+            with open(data / "train.bin", "r+b") as f:
+                f.write(np.full(64, 5, dtype=np.uint16).tobytes())
+        return read_rows(self, split, offsets)
+
+    monkeypatch.setattr(BatchSampler, "read_rows", rewrite_at_the_sixth_train_batch)
+    out = tmp_path / "out"
+    with pytest.raises(TrainError, match="train.bin was rewritten in place while this run read it") as e:
+        train(make_cfg(out, dataset=str(data), vocab_size=256, max_iters=20, eval_interval=100), opts())
+    step = torch.load(out / "ckpt.pt", weights_only=False)["iter_num"]
+    assert f"ckpt.pt holds step {step}: --resume continues from it" in str(e.value)
+    # train batches read: 2 by step 0's evaluation, then steps 0, 1, 2; the sixth is step 3's
+    assert step == 3 and sorted(train_losses(out)) == [0, 1, 2]
+
+
 def test_resume_corrupt_checkpoint(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")

@@ -26,7 +26,7 @@ from trainer.checkpoint.ckpt import atomic_torch_save, read_checkpoint, restore,
 from trainer.clock import step_clock
 from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model
 from trainer.config.train_config import TrainConfig
-from trainer.data.datasets import BatchSampler, load_dataset
+from trainer.data.datasets import BatchSampler, DataError, load_dataset
 from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
 from trainer.interrupt import EVAL_STOP_NOTICE, STOP_NOTICE, StopFlag, reported_by_launcher
@@ -165,7 +165,10 @@ class Trainer(RedoneStep):
             notice = (EVAL_STOP_NOTICE if cfg.eval_only else STOP_NOTICE) if self.master else None
             with StopFlag(notice, silent=reported_by_launcher()) as stop, progress:
                 with self.meter.tracking():
-                    status, tokens = self._steps(stop, stop_at)
+                    try:
+                        status, tokens = self._steps(stop, stop_at)
+                    except DataError as e:  # the data changed under the run (TokenSplit.check_unchanged)
+                        raise TrainError(f"{e}; {self._keep_steps_done()}") from None
                 # still under the stop flag: a Ctrl-C during this last save is heard, not a KeyboardInterrupt in it
                 ckpt = self.save_last() if not cfg.eval_only else None
         finally:
@@ -337,6 +340,16 @@ class Trainer(RedoneStep):
                     steps_not_saved=self.iter_num - self.best_saved)
         return self.ckpt_path
 
+    def _keep_steps_done(self) -> str:
+        """Saves the steps done where one process can (the model holds only batches read before
+        the data changed: the failed read is the next step's); with several ranks the one that
+        failed cannot join a collective save, so the checkpoint on disk is what is left."""
+        if self.world_size == 1 and not self.cfg.eval_only and self.iter_num > 0:
+            self.save_last()
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"{self.ckpt_path} holds step {self.saved_step}: --resume continues from it"
+
     def save_checkpoint(self) -> Path | None:
         """Writes <out>/ckpt.pt atomically on rank 0, after checking every step's loss since the
         last check was finite (a TrainError otherwise, and the file on disk stays as it was)."""
@@ -358,6 +371,7 @@ class Trainer(RedoneStep):
             if self.stages is not None:  # the checkpoint's sampler state is at its stage's block size
                 self.stages.resume(self, ck)
             restore(self, ck)
+        self.saved_step = self.iter_num
         if self.best_val_loss < float("inf"):  # saved with a best val loss: ckpt.pt holds that model
             self.best_saved = self.iter_num
 

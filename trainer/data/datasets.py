@@ -37,7 +37,7 @@ import numpy as np
 from trainer.paths import PathProblem, expand_user, input_file, real_stat
 
 from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
-                                DataError, max_token, read_llmc_shard, read_nanogpt_bin,
+                                DataError, file_identity, max_token, read_llmc_shard, read_nanogpt_bin,
                                 write_llmc_shard, write_tokens)
 
 if TYPE_CHECKING:
@@ -64,6 +64,10 @@ class TokenSplit:
         self.parts = parts
         self.sources = sources  # where each part came from, for error messages
         self._starts = np.cumsum([0] + [len(p) for p in parts])
+        # Each file's identity when it was mapped: a file rewritten in place under the memory map
+        # (nanoGPT's prepare.py opens its .bin with mode 'w+') changes what later batches read,
+        # and one that shrinks under it ends the process with SIGBUS, without a line.
+        self._identities = [file_identity(s) for s in sources]
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -82,6 +86,21 @@ class TokenSplit:
             done += take
             i += 1
         return out
+
+    def check_unchanged(self) -> None:
+        """Raise DataError if a file of this split was rewritten in place (same inode, another
+        size or modification time) since it was opened. A file replaced whole (a rename, as
+        `autofit data prepare` writes) or removed is no change: the map keeps the old file's
+        pages. Checked before each batch is read; a write between the check and the read is not
+        caught, so the check narrows the SIGBUS window, it cannot close it."""
+        for source, was in zip(self.sources, self._identities):
+            now = file_identity(source)
+            if was is None or now is None or now[:2] != was[:2] or now == was:
+                continue
+            change = (f"{was[2]} -> {now[2]} bytes" if now[2] != was[2] else "same size, modified")
+            raise DataError(f"{source} was rewritten in place while this run read it ({change}): the batches "
+                            f"from here would not be the data the run started on; write new data to a new "
+                            f"file or folder (autofit data prepare replaces files whole)")
 
     def check_ids(self, vocab_size: int, note: str = "", fix: str = "") -> None:
         """Refuse the first part holding a token id >= vocab_size (DataError naming the file, the
@@ -357,6 +376,7 @@ class BatchSampler:
     def read_rows(self, split: str, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y int64 (len(offsets), block_size): the sequences starting at `offsets`."""
         tokens, T = self.dataset.split(split), self.block_size
+        tokens.check_unchanged()
         rows = np.stack([tokens.read(int(o), T + 1) for o in offsets])
         import torch  # here, not at the top: reading configs and data folders needs no torch
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())

@@ -122,6 +122,16 @@ class _MaxToken(BaseModel):
     max_token: int  # -1 for an empty file
 
 
+def file_identity(source: str) -> tuple[int, int, int, int] | None:
+    """(device, inode, size in bytes, mtime in ns) of the file at `source`; None where it is no
+    file (the embedded set) or cannot be read now."""
+    try:
+        st = os.stat(source)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
