@@ -576,6 +576,9 @@ ROWS: list[Row] = [
     Row("unknown option", ["probe", "--frobnicate"]),
     Row("option without its value", ["probe", "--set"]),
     # qa: environment settings and data preparation
+    Row("TORCH_LOGS=garbage (import torch itself fails)", [*RUN, "--out", "o"], env={"TORCH_LOGS": "garbage"},
+        check=absent("o"), by="session 9"),
+    Row("TORCH_LOGS=garbage, probe", PROBE, env={"TORCH_LOGS": "garbage"}, by="session 9"),
     Row("AUTOFIT_DIST_TIMEOUT=inf", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "inf"}, check=absent("o"), by="qa"),
     Row("AUTOFIT_DIST_TIMEOUT=nan", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "nan"}, check=absent("o"), by="qa"),
     Row("AUTOFIT_DIST_TIMEOUT=1e20", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "1e20"}, check=absent("o"),

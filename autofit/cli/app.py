@@ -14,7 +14,7 @@ import typer
 
 from autofit import interrupts
 from autofit.cli.common import (BudgetOpt, CkptOpt, CkptPolicyOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
-                                MarginOpt, PresetOpt, SetOpt, UsageError, _is_user_error, _probe_options, check_init_from_resume, check_no_plan_flags, check_run_flags,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _probe_options, check_init_from_resume, check_no_plan_flags, check_run_flags, user_message,
                                 device_from_config,
                                 _rerun_args, _size, console, err_console, load_train_config)
 
@@ -367,8 +367,8 @@ def main() -> None:
         _say_interrupted()
         sys.exit(interrupts.EXIT_CODE)
     except Exception as e:
-        if _is_user_error(e):
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = user_message(e)
+        if msg is not None:
             if not report_error(msg):  # under torchrun it may go to the launcher, to be said once
                 print(f"autofit: error: {error_prefix(msg)}{msg}", file=sys.stderr)
             sys.exit(2)

@@ -83,6 +83,25 @@ def _is_user_error(e: BaseException) -> bool:
                for c in type(e).__mro__)
 
 
+def user_message(e: BaseException) -> str | None:
+    """The one line for an error the user can fix, or None (a bug: the traceback is shown).
+    Besides USER_ERRORS: `import torch` itself failing, which the environment decides
+    (TORCH_LOGS=garbage is a ValueError from torch's own __init__, a broken install an
+    ImportError); its message's first sentence is the line."""
+    if _is_user_error(e):
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    tb, in_torch_init = e.__traceback__, False
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        in_torch_init |= code.co_name == "<module>" and Path(code.co_filename).parts[-2:] == ("torch", "__init__.py")
+        tb = tb.tb_next
+    if not in_torch_init:
+        return None
+    said = " ".join(line.strip() for line in str(e).strip().splitlines())
+    first = said.split(". ")[0][:300] or type(e).__name__  # the first sentence: TORCH_LOGS's lists every name
+    return f"torch could not be imported: {first} (check the TORCH_* environment variables and the torch install)"
+
+
 def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
     """The TrainConfig of a command: a preset or a file (the tiny preset when neither is named),
     then --set; with init_from = 'gpt2*' the published model's shape, as nanoGPT's train.py takes
