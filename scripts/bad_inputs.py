@@ -576,6 +576,7 @@ ROWS: list[Row] = [
     Row("unknown option", ["probe", "--frobnicate"]),
     Row("option without its value", ["probe", "--set"]),
     # qa: environment settings and data preparation
+    Row("--out not UTF-8", [*RUN, "--out", "o\udcff"], by="session 9"),
     Row("TORCH_LOGS=garbage (import torch itself fails)", [*RUN, "--out", "o"], env={"TORCH_LOGS": "garbage"},
         check=absent("o"), by="session 9"),
     Row("TORCH_LOGS=garbage, probe", PROBE, env={"TORCH_LOGS": "garbage"}, by="session 9"),

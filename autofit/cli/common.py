@@ -4,6 +4,7 @@ probe suggests. The commands live in app.py (config, probe, run), profiles.py (p
 data.py (data prepare, sample)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -238,12 +239,23 @@ def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, 
     return args
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset, allow_changes=False,
                     overrides=()) -> None:
     """What the run's flags say wrong, in one line, before anything else is read: an empty --out,
     flags that exclude each other, and environment settings the run would read late."""
     if out is not None and not out.strip():
         raise UsageError("--out is empty: name the output folder (e.g. --out out/run1)")
+    if out is not None and not _utf8(out):  # argv's undecodable bytes arrive as lone surrogates
+        raise UsageError(f"--out is not valid UTF-8 ({os.fsencode(out)!r}): name the output folder in UTF-8 "
+                         f"(the run's config records it as text)")
     if max_steps is not None and max_steps < 0:
         raise UsageError("--max-steps must be >= 0")
     if emulate and profile is None:
