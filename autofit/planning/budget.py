@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 # The CUDA context assumed where it cannot be measured is a device figure (devices/info.py, where
 # the CUDA device reads it too): see there for its source and why cuBLAS's workspace is no budget term.
-from autofit.devices.info import ASSUMED_CONTEXT_BYTES
+from autofit.devices.info import ASSUMED_CONTEXT_BYTES, DeviceError
 
 ASSUMED_WORKSPACE_BYTES = 64 * 2**20
 
@@ -34,7 +34,9 @@ class Budget:
 def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
                    workspace_bytes: int | None = None, context_how: str | None = None) -> Budget:
     """`info` is a DeviceInfo. On CUDA, free memory already excludes our own context when it was
-    read after CUDA initialised; pass context_bytes=0 then."""
+    read after CUDA initialised; pass context_bytes=0 then. Raises DeviceError for a CPU budget
+    with nothing left after the margin (a GPU's empty budget is the probe's 'nothing fits', which
+    names what holds the card)."""
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     terms: list[BudgetTerm] = []
@@ -69,6 +71,9 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
         terms.append(BudgetTerm("library workspaces", -workspace_bytes, how_ws))
         usable = max(0, free - context_bytes - workspace_bytes)
     budget = int(usable * (1.0 - margin))
+    if info.kind == "cpu" and budget < 1:  # --budget 1 (or a profile's memory_bytes = 1): nothing to plan in
+        raise DeviceError(f"a CPU budget of {usable} B leaves {budget} B to plan in after the {margin:.0%} safety "
+                          f"margin; give a budget that holds the model, its optimizer state and a micro-batch")
     terms.append(BudgetTerm(f"safety margin {margin:.0%}", budget - usable, "assumed: --margin (chosen)"))
     return Budget(budget_bytes=budget, usable_bytes=usable, margin=margin, terms=terms)
 
