@@ -577,6 +577,12 @@ ROWS: list[Row] = [
     Row("option without its value", ["probe", "--set"]),
     # qa: environment settings and data preparation
     Row("--out not UTF-8", [*RUN, "--out", "o\udcff"], by="session 9"),
+    Row("WORLD_SIZE=abc, config", ["config"], env={"WORLD_SIZE": "abc"}, by="session 9"),
+    Row("WORLD_SIZE=0, run", [*RUN, "--out", "o"], env={"WORLD_SIZE": "0"}, check=absent("o"), by="session 9"),
+    Row("WORLD_SIZE=2 RANK=5, run", [*RUN, "--out", "o"], env={"WORLD_SIZE": "2", "RANK": "5"}, check=absent("o"),
+        by="session 9"),
+    Row("WORLD_SIZE=2 LOCAL_RANK=-1, config", ["config"], env={"WORLD_SIZE": "2", "LOCAL_RANK": "-1"},
+        by="session 9"),
     Row("TORCH_LOGS=garbage (import torch itself fails)", [*RUN, "--out", "o"], env={"TORCH_LOGS": "garbage"},
         check=absent("o"), by="session 9"),
     Row("TORCH_LOGS=garbage, probe", PROBE, env={"TORCH_LOGS": "garbage"}, by="session 9"),

@@ -22,6 +22,7 @@ from typing import Iterator
 from autofit import interrupts
 from autofit.devices.info import DeviceError
 from autofit.devices.ranks import ranks, under_torchrun
+from trainer.errors import TrainError
 from trainer.interrupt import LAUNCHER_ENV
 
 # set by relaunch() for its ranks: their error lines go back to it, and their SIGTERM is its to say
@@ -57,10 +58,21 @@ def quiet_unless_rank0(console, err_console) -> None:
 
 def error_prefix(msg: str) -> str:
     """'rank N: ' before an error line under torchrun (unless the message names its rank)."""
-    if not under_torchrun():
+    r = _ranks_or_none()
+    if r is None:
         return ""
-    r = ranks()
     return "" if msg.startswith(f"rank {r.rank}:") else f"rank {r.rank}: "
+
+
+def _ranks_or_none():
+    """This rank under torchrun; None without torchrun, or where RANK/WORLD_SIZE are themselves
+    the error being reported (reading them again would raise it again, as a traceback)."""
+    if not under_torchrun():
+        return None
+    try:
+        return ranks()
+    except TrainError:
+        return None
 
 
 def report_error(msg: str) -> bool:
@@ -72,7 +84,8 @@ def report_error(msg: str) -> bool:
     torchrun shows in its failure summary. Returns True when the line went to the file (print
     nothing), False when the caller prints it (no torchrun, rank 0 of a user's torchrun, no file)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
-    if not under_torchrun() or not path or (ranks().master and not os.environ.get(LAUNCHED_ENV)):
+    r = _ranks_or_none()
+    if r is None or not path or (r.master and not os.environ.get(LAUNCHED_ENV)):
         return False
     import json
     import time

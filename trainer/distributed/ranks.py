@@ -48,8 +48,11 @@ class Ranks:
             local = int(os.environ.get("LOCAL_RANK", rank if world > 1 else 0))
         except ValueError:
             raise TrainError("RANK, LOCAL_RANK and WORLD_SIZE must be integers (torchrun sets them)") from None
-        if world < 1 or not 0 <= rank < world or local < 0:
-            raise TrainError(f"RANK={rank}, WORLD_SIZE={world}: RANK must be in 0..WORLD_SIZE-1")
+        if world < 1 or not 0 <= rank < world:
+            raise TrainError(f"RANK={rank}, WORLD_SIZE={world}: WORLD_SIZE must be at least 1 and RANK in "
+                             f"0..WORLD_SIZE-1 (torchrun sets them)")
+        if local < 0:
+            raise TrainError(f"LOCAL_RANK={local}: it must be at least 0 (torchrun sets it)")
         return cls(rank, local, world)
 
     @property
