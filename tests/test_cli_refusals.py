@@ -292,3 +292,20 @@ def test_a_refused_run_leaves_no_output_folder_it_made(tmp_path, monkeypatch, ca
     (tmp_path / "kept").mkdir()  # a folder that was there before stays, lock and all
     code, out, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, "--set", "dataset=nope", "--out", "kept")
     assert code == 2 and (tmp_path / "kept").is_dir()
+
+
+def test_a_ctrl_c_after_probe_save_says_what_is_on_disk(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while the plot is drawn, after --save wrote the profile: the line said 'nothing was
+    saved' (the probe's phase line), though the profile held the new plan."""
+    import autofit.report.plot as plot
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(plot, "plot_probe", interrupted)
+    monkeypatch.setattr(plot, "check_plot_target", lambda path: None)  # matplotlib need not be installed
+    code, _, err = cli(monkeypatch, capsys, "probe", *CPU, *SMALL, "--checkpointing", "0", "--loss", "standard",
+                       "--save", "--plot", "x.png")
+    assert code == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("autofit: interrupted before the plan was shown; the plan is saved in profile cpu-"), last
+    assert "nothing was saved" not in err

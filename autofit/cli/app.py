@@ -70,21 +70,7 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
     interrupts.during("interrupted during the probe; nothing was saved"
                       + (" (the plan is saved only after the probe)" if save else ""))
     res, _, _ = run_probe(cfg, opts, log=log)
-    saved, save_error = None, None
-    if save:
-        from autofit.launch.run import save_probe
-        from autofit.profiles.store import ProfileError
-        try:
-            name, fp, path = save_probe(res, cfg, searched_under=opts.search_words())
-            saved = {"profile": name, "fingerprint": fp, "path": str(path)}
-        except ProfileError as e:  # shown after the plan: a failed save must not hide what was measured
-            save_error = e
-    if plot is not None:  # a plot the disk refuses is said after the plan, as a failed save is
-        from autofit.report.plot import PlotError, plot_probe
-        try:
-            plot_probe(res, cfg, plot)
-        except PlotError as e:
-            save_error, plot = save_error or e, None
+    saved, plot, save_error = _keep_probe(res, cfg, opts, save, plot)
     if as_json:
         out = res.to_json()
         if saved:
@@ -100,9 +86,31 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
         raise save_error
 
 
-def _print_probe(res, cfg, opts, rerun, saved, plot, verbose) -> None:
-    import shlex
+def _keep_probe(res, cfg, opts, save: bool, plot):
+    """--save and --plot after the probe: (what was saved, the plot or None, an error to raise once
+    the plan is shown). A Ctrl-C from here on says what is on disk (`kept`)."""
+    kept: list[str] = []
+    interrupts.during(lambda: f"interrupted before the plan was shown; {' and '.join(kept) or 'nothing was saved'}")
+    saved, save_error = None, None
+    if save:
+        from autofit.launch.run import ProfileError, save_probe
+        try:
+            name, fp, path = save_probe(res, cfg, searched_under=opts.search_words())
+            saved = {"profile": name, "fingerprint": fp, "path": str(path)}
+            kept.append(f"the plan is saved in profile {name} ({path})")
+        except ProfileError as e:  # shown after the plan: a failed save must not hide what was measured
+            save_error = e
+    if plot is not None:  # a plot the disk refuses is said after the plan, as a failed save is
+        from autofit.report.plot import PlotError, plot_probe
+        try:
+            plot_probe(res, cfg, plot)
+            kept.append(f"the plot is written to {plot}")
+        except PlotError as e:
+            save_error, plot = save_error or e, None
+    return saved, plot, save_error
 
+
+def _print_probe(res, cfg, opts, rerun, saved, plot, verbose) -> None:
     from autofit.report.render import render_probe
     render_probe(res, console, cfg=cfg, verbose=verbose)
     if plot is not None:
