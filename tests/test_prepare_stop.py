@@ -306,3 +306,28 @@ def test_a_stop_during_the_last_write_keeps_the_old_dataset(tmp_path, monkeypatc
     with pytest.raises(PrepareStopped):
         prepare("shakespeare_char", out, input_path=src_b, force=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_two_signals_while_the_new_files_are_renamed_in_leave_no_mixed_dataset(tmp_path, monkeypatch):
+    """Two Ctrl-Cs right after the first new file was renamed over the old (the renames take
+    milliseconds): the second stopped at once, leaving the new meta.pkl beside the old train.bin,
+    and the line said the old dataset was as it was. The renames now finish: one dataset, whole."""
+    src_a, src_b = tmp_path / "a.txt", tmp_path / "b.txt"
+    src_a.write_text("first text, " * 300)
+    src_b.write_text("SECOND TEXT WITH OTHER LETTERS. " * 300)
+    out, want = tmp_path / "d", tmp_path / "want"
+    prepare("shakespeare_char", out, input_path=src_a, progress=False)
+    prepare("shakespeare_char", want, input_path=src_b, progress=False)
+    real, sent = os.replace, []
+
+    def replace_then_two_signals(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        if Path(dst).parent == out and not sent:
+            sent.append(dst)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(os, "replace", replace_then_two_signals)
+    prepare("shakespeare_char", out, input_path=src_b, force=True, progress=False)
+    def dataset(d):  # not the token-id sidecars: they name their file's inode
+        return {p.name: p.read_bytes() for p in d.iterdir() if not p.name.endswith(".max.json")}
+    assert sent and dataset(out) == dataset(want) and len(dataset(want)) == 3

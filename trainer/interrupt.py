@@ -1,6 +1,7 @@
 """Ctrl-C and SIGTERM during training: finish the step in flight, save a checkpoint, stop."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from typing import Any, Collection
@@ -35,6 +36,7 @@ class StopFlag:
         self.notice = notice
         self.silent = frozenset(silent)
         self._old: dict[int, Any] = {}
+        self.holding = False  # set by hold(): a second signal waits too
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,7 +47,7 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
+        if self.signal is not None and not self.holding:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signum
         if self.notice and signum not in self.silent:  # os.write: a print from a handler can hit a write already under way
@@ -53,6 +55,16 @@ class StopFlag:
                 os.write(2, (self.notice + "\n").encode("utf-8", "replace"))
             except OSError:  # a closed stderr: the stop itself still happens
                 pass
+
+    @contextlib.contextmanager
+    def hold(self):
+        """A few milliseconds that must not be cut in two (renaming a dataset's new files over its
+        old ones): a second signal does not stop them at once; the first one's stop still stands."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

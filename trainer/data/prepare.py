@@ -188,7 +188,8 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
             with _progress(progress, log) as bar:
                 done = job.run_shards(bar) if job.texts is not None else job.run_text(bar)
             job.boundary()  # a stop asked during the last file's write: the old dataset stays
-            _move_into_place(job.staging, out_dir, old, done)
+            with flag.hold():  # one file renamed, another not: a mixed dataset, so no second-signal stop here
+                _move_into_place(job.staging, out_dir, old, done)
         except BaseException as e:
             keep = job.texts is not None and not isinstance(e, DataError) and job.kept is not None
             if not keep:  # nothing a re-run can continue from
