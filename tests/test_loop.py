@@ -270,6 +270,24 @@ def test_data_rewritten_under_the_run_stops_it_in_one_line_with_the_steps_done_s
     assert step == 3 and sorted(train_losses(out)) == [0, 1, 2]
 
 
+def test_resume_from_a_diverged_checkpoint_names_the_tensor_not_the_learning_rate(tmp_path):
+    """NaN in the saved weights or AdamW moments: the first step's loss check said 'lower
+    learning_rate or grad_clip, or use bfloat16', none of which helps."""
+    out = tmp_path / "o"
+    train(make_cfg(out, max_iters=2), opts())
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    good = {k: v.clone() for k, v in ck["model"].items()}
+    for poison, want in (("model", "model.transformer.h.1.mlp.c_fc.weight"), ("optimizer", "optimizer.state.")):
+        ck["model"] = {k: v.clone() for k, v in good.items()}
+        if poison == "model":
+            ck["model"]["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("inf")
+        else:
+            next(iter(ck["optimizer"]["state"].values()))["exp_avg_sq"].fill_(float("nan"))
+        atomic_torch_save(ck, out / "ckpt.pt")
+        with pytest.raises(TrainError, match=f"ckpt.pt: {want}.* holds NaN or inf"):
+            train(make_cfg(out, max_iters=4), opts(resume=True))
+
+
 def test_resume_corrupt_checkpoint(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")

@@ -315,3 +315,13 @@ def test_a_meta_pkl_that_is_no_character_vocabulary_is_one_line(tmp_path, meta):
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
     with pytest.raises(SampleError, match=r"meta\.pkl: not a character vocabulary"):
         char_codec(tmp_path / "meta.pkl")
+
+
+def test_a_checkpoint_with_nan_weights_is_one_line_naming_the_tensor(tmp_path):
+    """It was a traceback from torch.multinomial ('probability tensor contains inf, nan')."""
+    model = tiny_gpt(256)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight[3, 5] = float("nan")
+    save_autofit(tmp_path / "ckpt.pt", model)
+    with pytest.raises(CheckpointError, match="ckpt.pt: model.transformer.h.0.attn.c_attn.weight holds NaN or inf"):
+        generate_samples(tmp_path, opts())

@@ -24,7 +24,7 @@ import torch
 
 from trainer.data.datasets import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler
 from trainer.model.gpt import GPT, GPTConfig
-from trainer.checkpoint.nanogpt import read_nanogpt_checkpoint
+from trainer.checkpoint.nanogpt import check_finite, read_nanogpt_checkpoint
 from trainer.paths import PathProblem, expand_user, input_file
 from trainer.model.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
 
@@ -227,6 +227,7 @@ def load_model(out_dir: str | Path, init_from: str, device: torch.device) -> tup
     path = Path(out_dir)
     path = path if path.is_file() else path / "ckpt.pt"
     ck = read_nanogpt_checkpoint(path, map_location="cpu")
+    check_finite(ck.model, path)
     model = GPT.empty(GPTConfig(**ck.model_args))
     model.load_state_dict(ck.model)
     dataset = ck.config.get("dataset")

@@ -183,13 +183,16 @@ def restore(trainer, ck: dict) -> None:
     what it cannot give back said in a 'resume_partial' event. Raises TrainError for a checkpoint
     of another model."""
     from trainer.config.train_config import TrainConfig
-    from trainer.checkpoint.nanogpt import CheckpointError, checkpoint_layout, nanogpt_checkpoint_from
+    from trainer.checkpoint.nanogpt import CheckpointError, check_finite, checkpoint_layout, nanogpt_checkpoint_from
     t = trainer
-    if checkpoint_layout(ck, t.ckpt_path) == "nanogpt":
-        try:
-            nano = nanogpt_checkpoint_from(ck, t.ckpt_path)
-        except CheckpointError as e:
-            raise TrainError(str(e)) from None
+    nanogpt = checkpoint_layout(ck, t.ckpt_path) == "nanogpt"
+    try:  # every rank read the whole file: each finds the same answer, before any collective
+        nano = nanogpt_checkpoint_from(ck, t.ckpt_path) if nanogpt else None
+        check_finite(nano.model if nano else ck["model"], t.ckpt_path)
+        check_finite(nano.optimizer if nano else ck["optimizer"], t.ckpt_path, "optimizer")
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    if nano is not None:
         check_same_model(TrainConfig(**{**t.cfg.model_dump(), **nano.model_args}), t.cfg, t.ckpt_path)
         t.model.load_state_dict(nano.model)
         if nano.optimizer is not None:

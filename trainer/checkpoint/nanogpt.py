@@ -117,6 +117,25 @@ def check_model_state(state: Mapping[str, torch.Tensor], model_args: Mapping, pa
                                   f"({_args_text(model_args)}) give {shape}")
 
 
+def check_finite(state: Any, path: str | Path, what: str = "model") -> None:
+    """Raise CheckpointError naming the first floating-point tensor in `state` (a state dict, or
+    an optimizer's nested one) that holds NaN or inf: a run that diverged saved it, and every
+    step or sample from it would be NaN, while the loss check would blame the learning rate.
+    One device-to-host read per tensor, on the device the checkpoint was loaded to."""
+    stack = [(what, state)]
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{path}: {name} holds NaN or inf (the run that saved it had diverged): "
+                                      f"nothing can train or sample from it; start again, or from a copy saved "
+                                      f"before the divergence")
+        elif isinstance(value, Mapping):
+            stack.extend((f"{name}.{k}", v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{name}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+
+
 def _args_text(args: Mapping) -> str:
     return ", ".join(f"{k}={args[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"))
 
