@@ -264,3 +264,18 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"transformer.h.1.mlp.c_fc.weight has shape \(64, 32\), "
                                               r"model_args \(n_layer=2.*\) give \(128, 32\)"):
         read_nanogpt_checkpoint(tmp_path / "ckpt.pt")
+
+
+def test_a_mac_runs_device_is_dropped_not_refused(tmp_path):
+    """nanoGPT's README has Mac users pass --device=mps, so their ckpt.pt says device='mps': the
+    resume was refused as an invalid config before --device or --set could apply."""
+    from trainer.checkpoint.nanogpt import train_config_of
+    model = new_model()
+    cfg = {"dataset": "x", "device": "mps", "dtype": "float32", "compile": False}
+    saved, dropped = train_config_of(read_nanogpt_checkpoint(write_nanogpt_ckpt(tmp_path / "m.pt", model, None,
+                                                                                config=cfg)))
+    assert saved.device == "auto" and "device='mps'" in dropped
+    cfg["device"] = "cuda:1"  # a device autofit trains on is kept
+    saved, dropped = train_config_of(read_nanogpt_checkpoint(write_nanogpt_ckpt(tmp_path / "c.pt", model, None,
+                                                                                config=cfg)))
+    assert saved.device == "cuda:1" and not any(d.startswith("device") for d in dropped)

@@ -257,11 +257,15 @@ def nanogpt_keys(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 def train_config_of(ckpt: NanoGPTCheckpoint):
     """A TrainConfig for continuing a nanoGPT run: its config's settings that autofit knows (the
     names are nanoGPT's), its model_args, and init_from='resume'. Returns (config, the keys of
-    nanoGPT's config that were dropped). Raises trainer.config.train_config.ConfigError for a value autofit
-    refuses."""
-    from trainer.config.train_config import FIELDS, TrainConfig
+    nanoGPT's config that were dropped, with a device autofit does not train on, e.g. 'mps').
+    Raises trainer.config.train_config.ConfigError for a value autofit refuses."""
+    from trainer.config.train_config import FIELDS, ConfigError, TrainConfig
     known = {k: v for k, v in ckpt.config.items() if k in FIELDS}
     dropped = sorted(k for k in ckpt.config if k not in FIELDS)
+    try:  # where that run trained, e.g. nanoGPT's --device=mps on a Mac: not a device here, and no flag could replace it
+        TrainConfig(device=known.get("device", "auto"))
+    except ConfigError:
+        dropped.append(f"device={known.pop('device')!r}")
     known.update(ckpt.model_args)
     known["init_from"] = "resume"
     return TrainConfig(**known), dropped
