@@ -190,3 +190,26 @@ def test_a_full_disk_that_torch_saves_zip_writer_reraises_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError, match="not a disk"):  # any other RuntimeError is not a write refusal
         atomic_write(tmp_path / "ckpt.pt", lambda f: (_ for _ in ()).throw(RuntimeError("not a disk")))
+
+
+def test_an_out_dir_replaced_by_a_file_mid_run_is_one_line_that_says_so(tmp_path, monkeypatch, capsys):
+    """The out folder removed and a file put in its place while the run trained: the metrics
+    append's mkdir said 'File exists', and the command's clean-up (os.listdir of the folder it made)
+    raised NotADirectoryError over it, a traceback."""
+    with pytest.raises(WriteError, match="x is a file, not a folder \\[ENOTDIR\\]"):
+        (tmp_path / "x").touch()
+        append_lines(tmp_path / "x" / "metrics.jsonl", ["{}"])
+    import shutil
+    import trainer.loop
+
+    def swap_the_folder_then_write(self):
+        shutil.rmtree(self.out_dir)
+        self.out_dir.touch()
+        append_lines(self.out_dir / "metrics.jsonl", ["{}"], what="metrics")
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer.loop.Trainer, "run", swap_the_folder_then_write)
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                       "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("autofit: error: cannot write metrics: o is a file, not a folder [ENOTDIR]; training stopped")

@@ -44,6 +44,9 @@ def reason(exc: BaseException) -> str:
     """'No space left on device [ENOSPC]': the system's words and the errno's name, for an
     OSError; str(exc) for one raised without an errno."""
     code = getattr(exc, "errno", None)
+    if isinstance(exc, FileExistsError) and exc.filename and not os.path.isdir(exc.filename):
+        # mkdir(exist_ok=True) of a folder that is a file: "File exists" reads as no problem at all
+        return f"{exc.filename} is a file, not a folder [ENOTDIR]"
     name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
     words = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return f"{words} [{name}]" if name else words

@@ -224,8 +224,8 @@ def _run_app():
         while _OUT_LOCKS:
             lock, folder, made = _OUT_LOCKS.pop()
             lock.release()
-            if made and os.listdir(folder) == [".autofit.lock"]:  # a refused run leaves no folder it made
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # the folder may be gone, or a file now
+                if made and os.listdir(folder) == [".autofit.lock"]:  # a refused run leaves no folder it made
                     os.unlink(lock.lock_file)
                     os.rmdir(folder)
 
