@@ -97,6 +97,12 @@ def test_probe_cpu_measures_and_save_then_run_profile_starts_at_once(tmp_path, m
     trains = [r for r in recs if r["type"] == "train"]
     assert [r["step"] for r in trains] == [0, 1, 2]
     assert all(r["micro_batch"] == plan["micro_batch"] and r["effective_batch"] == 16 for r in trains)
+    # another --margin: the plan still fits, and its line gives this run's budget, not the probe's
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--max-steps", "1", "--margin", "0.05",
+                         "--out", "o3", "--no-progress")
+    assert code == 0 and "no probe needed" in out, err
+    from autofit.units import fmt_bytes
+    assert f"of {fmt_bytes(int(1_500_000 * 0.95))} budget" in out and f"of {fmt_bytes(d['budget_bytes'])} budget" not in out
 
     # a model field changed: the saved plan is stale, so the run probes again (and says why)
     code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--set", "n_embd=48",

@@ -207,7 +207,7 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     unmet = _unmet_flags(fitted.plan, cfg, device, probe_opts, budget) if fitted is not None else None
     if fitted is not None and unmet is None:
         return _from_saved(cfg, device, fitted, profile, fp, max_steps=max_steps, resume=resume, progress=progress,
-                           log=log, extra=extra)
+                           log=log, extra=extra, budget_bytes=budget.budget_bytes)
     near = nearest_plan(saved, inputs)
     why = (f"the saved plan does not do what this command asks ({unmet})" if unmet else
            f"saved plans are stale ({'; '.join(near[1])})" if near else "no fitted plan for this config yet")
@@ -225,10 +225,10 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
 
 
 def _from_saved(cfg, device, fitted: FittedPlan, profile: str, fp: str, *, max_steps, resume, progress, log,
-                extra: dict) -> Launch:
-    """The launch of a saved plan that matches: lowered to the profile's safe micro-batch and
-    compile off where earlier runs learned so, with the figures of what it then runs."""
-    plan = fitted.plan.model_copy(deep=True)
+                extra: dict, budget_bytes: int) -> Launch:
+    """The launch of a saved plan that matches: lowered to the profile's safe micro-batch and compile
+    off where earlier runs learned so, with the figures of what it then runs, against this run's budget."""
+    plan = fitted.plan.model_copy(deep=True, update={"budget_bytes": budget_bytes})
     notes = []
     if fitted.safe_micro_batch and fitted.safe_micro_batch < plan.micro_batch:
         notes.append(f"micro-batch lowered to {fitted.safe_micro_batch} by an earlier run-time OOM")
