@@ -8,10 +8,10 @@ import tomli_w
 
 from autofit.profiles import files as profile_files
 from autofit.profiles import store as profiles
+from autofit.profiles.manage import list_profiles, remove_profile
 from autofit.profiles.store import (FittedPlan, ProfileError, SavedProfile, explain_stale, find_plan,
-                              fingerprint, fingerprint_inputs, list_profiles, load_profile,
-                              nearest_plan, profile_path, profiles_dir, record_event,
-                              remove_profile, save_plan)
+                              fingerprint, fingerprint_inputs, load_profile,
+                              nearest_plan, profile_path, profiles_dir, record_event, save_plan)
 from autofit.records import PlanRecord, TrialRecord
 
 HW_4070 = {
@@ -637,3 +637,20 @@ def test_a_plan_probed_again_keeps_what_runs_learned_with_it():
     save_plan("rtx4070-12gb", HW_4070, make_plan())
     got = find_plan(load_profile("rtx4070-12gb"), plan.fingerprint)
     assert got.safe_micro_batch == 8 and any("oom_shrink" in e for e in got.events)
+
+
+def test_rm_takes_a_dangling_link_and_refuses_a_folder_as_the_listing_says(tmp_path, monkeypatch):
+    """The listing's advice for a dangling link or a folder at a profile's path was
+    'clear it with: autofit profiles rm NAME', which then said 'does not exist' or 'Is a directory'."""
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    d = profiles_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "z.toml").symlink_to(tmp_path / "nowhere")
+    (d / "f.toml").mkdir()
+    entries = {e.name: e.error for e in list_profiles()}
+    assert "clear it with: autofit profiles rm z" in entries["z"]
+    assert "it is a folder, not a profile file: move or remove it yourself" in entries["f"]
+    assert remove_profile("z") == f"removed {d / 'z.toml'}" and not (d / "z.toml").is_symlink()
+    with pytest.raises(ProfileError, match="f.toml is a folder, not a profile file: move or remove it yourself"):
+        remove_profile("f")
+    assert (d / "f.toml").is_dir()

@@ -45,7 +45,7 @@ def profiles_list(as_json: bool = typer.Option(False, "--json", help="Print only
     """Built-in and saved profiles."""
     from autofit.devices.hardware import load_builtin
     from autofit.devices.hardware import builtin_hardware as _builtin_hardware  # no torch
-    from autofit.profiles.store import list_profiles
+    from autofit.profiles.manage import list_profiles
     entries = list_profiles(sorted(load_builtin()), builtin=_builtin_hardware)
     if as_json:
         print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
@@ -117,7 +117,7 @@ def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help=
 def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", help="Remove only this plan (fingerprint).")):
     """Remove a saved profile, or one plan of it."""
     from autofit.devices.hardware import load_builtin
-    from autofit.profiles.store import remove_profile
+    from autofit.profiles.manage import remove_profile
     _console().print(remove_profile(name, plan, builtin_names=sorted(load_builtin())), soft_wrap=True,
                      markup=False, highlight=False)
 

@@ -155,7 +155,7 @@ def known_hardware() -> dict[str, HardwareSpec]:
     """Built-in profiles overlaid with every user profile that describes a complete GPU (a user
     file with a built-in's name wins). Unreadable or incomplete user files are skipped here;
     get_hardware reports them when one is asked for by name."""
-    from autofit.profiles.store import ProfileError, list_profiles
+    from autofit.profiles.manage import ProfileError, list_profiles
     known = load_builtin()
     for entry in list_profiles():
         try:
