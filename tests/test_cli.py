@@ -664,3 +664,32 @@ def test_max_steps_past_max_iters_is_said(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert "--max-steps 100 is past max_iters 3: the run stops at max_iters" in out + err
     assert "done: 3 optimizer steps" in out
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(world_size=2, parallelism="ddp"), "world_size 2 (this run: 1)"),
+    (dict(world_size=2), "world_size 2 (this run: 1)"),
+    (dict(effective_batch=32, grad_accum=2, micro_batches=[16, 16], micro_batch=16), "effective_batch 32 (this run: 16)"),
+    (dict(block_size=64), "block_size 64 (this run: 32)"),
+])
+def test_a_hand_edited_saved_plan_for_another_run_is_one_line(tmp_path, monkeypatch, capsys, edit, words):
+    """The fingerprint holds the config, so a saved plan whose ranks, batch or block size differ
+    from the run's was edited by hand: it ran as it was ('2 ranks (ddp)' printed over one process,
+    '16 x 2' printed over 16 x 1), or failed as an 'invalid config' that did not name the profile."""
+    import tomllib
+
+    import tomli_w
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--dtype", "float32", "--checkpointing", "0", "--loss", "standard", "--save", "--json")
+    assert code == 0, err
+    saved = json.loads(out)["saved"]
+    path, fp = tmp_path / "home" / "profiles" / f"{saved['profile']}.toml", saved["fingerprint"]
+    doc = tomllib.loads(path.read_text())
+    doc["plans"][fp]["plan"].update(edit)
+    path.write_text(tomli_w.dumps(doc))
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", saved["profile"], *SMALL, "--max-steps", "1",
+                         "--out", "o", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"profile {saved['profile']}'s plan {fp} does not describe this run (" in err and words in err
+    assert f"clear it with: autofit profiles rm {saved['profile']} --plan {fp}" in err
+    assert not (tmp_path / "o").exists()

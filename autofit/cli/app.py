@@ -160,7 +160,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         check_profile_here(profile, emulate, opts)
     resuming = resume or cfg.init_from == "resume"
     if not resuming:  # before the output folder is made: a run with no step to train writes nothing
-        from autofit.launch.run import check_steps_left
+        from autofit.launch.checks import check_steps_left
         check_steps_left(0, cfg, max_steps)
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
         _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log, opts)
@@ -289,7 +289,7 @@ def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=
 
 def _check_fresh_run(cfg, log) -> None:
     """Before any probe: a forgotten --resume, another run's folder, bad data (not after trials)."""
-    from autofit.launch.run import check_data
+    from autofit.launch.checks import check_data
     from trainer.checkpoint.ckpt import check_out_dir
     from trainer.metrics import check_fresh_folder
     check_out_dir(cfg.out_dir)

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from autofit.planning import agree
 from autofit.devices.opener import reopen_device
-from autofit.launch.run import Launch, check_data, check_steps_left, prepare_run
+from autofit.launch.checks import check_data, check_steps_left
+from autofit.launch.run import Launch, prepare_run
 from autofit.records import PlanRecord
 from autofit.units import fmt_bytes
 from trainer.checkpoint.ckpt import MODEL_FIELDS, device_spec, read_checkpoint, resume_changes

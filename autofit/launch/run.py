@@ -18,6 +18,7 @@ from autofit.planning.budget import device_budget
 from autofit.devices.device import DeviceError
 from autofit.devices.opener import open_device
 from autofit.devices.hardware import builtin_hardware as _builtin_hardware, cpu_slug, load_builtin, slug_for
+from autofit.launch.checks import check_saved_plan
 from autofit.launch.probe import ProbeOptions, probe_on, probe_space, run_probe
 from autofit.profiles.store import (FittedPlan, ProfileError, check_profiles_writable, find_plan, fingerprint,
                                    fingerprint_inputs, load_profile, nearest_plan, record_event, save_plan)
@@ -27,29 +28,6 @@ from trainer.loop import RunOptions
 from trainer.recovery import shrink_policy
 from trainer.step import describe_split, split_batch
 
-
-def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = False) -> None:
-    """Before any probe or model: a run that would train no step (a fresh run with --max-steps 0
-    or max_iters 0; a resume whose checkpoint is already at max_iters or --max-steps) is one line,
-    not a probe and a rewritten checkpoint. `step`: the optimizer step the run would start at.
-    eval_only runs train nothing by design and pass. Raises TrainError."""
-    from trainer.errors import TrainError
-    from trainer.schedule import at_zero_lr_from
-    if cfg.eval_only:
-        return
-    stop = cfg.max_iters if max_steps is None else min(cfg.max_iters, max_steps)
-    if stop > step:
-        if at_zero_lr_from(step, cfg):  # every step left would change nothing
-            raise TrainError(f"nothing to train: every step from {step} on has learning rate 0 (past lr_decay_iters "
-                             f"{cfg.lr_decay_iters} the schedule holds min_lr 0); raise lr_decay_iters (--set lr_decay_"
-                             f"iters=N{' --allow-changes' * resuming}) or min_lr, or --set eval_only=True to evaluate")
-        return
-    limit = f"--max-steps {max_steps}" if max_steps is not None and max_steps <= cfg.max_iters \
-        else f"max_iters {cfg.max_iters}"
-    fix = "--max-steps N" if limit.startswith("--") else "--set max_iters=N"
-    where = f"the checkpoint is at step {step}" if resuming else "a new run starts at step 0"
-    raise TrainError(f"nothing to train: {where}, and {limit} is not beyond it; raise it ({fix}), "
-                     f"or --set eval_only=True to evaluate without training")
 
 
 def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
@@ -204,6 +182,8 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     fp = fingerprint(inputs)
     extra = {"profile": profile, "fingerprint": fp, **({"emulated_on": emulated_on} if emulated_on else {})}
     fitted = agree.from_rank0(find_plan(saved, fp))  # several ranks: rank 0's answer for all
+    if fitted is not None:
+        check_saved_plan(fitted.plan, cfg, agree.ranks().world_size, profile, fp)
     unmet = _unmet_flags(fitted.plan, cfg, device, probe_opts, budget) if fitted is not None else None
     if fitted is not None and unmet is None:
         return _from_saved(cfg, device, fitted, profile, fp, max_steps=max_steps, resume=resume, progress=progress,
@@ -277,21 +257,6 @@ def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> s
     if peak and peak > budget.budget_bytes:
         why.append(f"its peak {fmt_bytes(peak)} is above this run's {fmt_bytes(budget.budget_bytes)} budget")
     return "; ".join(why) or None
-
-
-def check_data(cfg, vocab_fixed_by: str = "") -> None:
-    """Before any probe: the dataset exists, every token id fits cfg.vocab_size, each split
-    holds one sequence, and a fresh init_from = 'gpt2*' run's weights are here (or downloaded). `vocab_fixed_by`: the checkpoint whose model fixes vocab_size (a resume),
-    so that the advice is one a next attempt can follow. Raises DataError (one line)."""
-    from trainer.data.datasets import load_dataset
-    data = load_dataset(cfg.dataset)
-    fix = (f"{vocab_fixed_by}'s model has vocab_size {cfg.vocab_size}, which a resume cannot change: resume it "
-           f"on the data it was trained on, or start a new run with another --out") if vocab_fixed_by else ""
-    data.check_vocab(cfg.vocab_size, fix)
-    data.check_block_size(cfg.block_size)
-    if cfg.init_from.startswith("gpt2") and not vocab_fixed_by:  # a fresh fine-tune: its weights, before trials
-        from trainer.model.pretrained import locate_gpt2
-        locate_gpt2(cfg.init_from)  # WeightsError: one line (offline and not cached, no such model)
 
 
 def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions) -> None:

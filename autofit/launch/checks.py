@@ -1,0 +1,62 @@
+"""What a run refuses before any probe, model or device work, in one line each: no step left to
+train (or only steps at learning rate 0), data that cannot feed the model, and a saved plan that
+is not for this run."""
+from __future__ import annotations
+
+
+def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = False) -> None:
+    """Before any probe or model: a run that would train no step (a fresh run with --max-steps 0
+    or max_iters 0; a resume whose checkpoint is already at max_iters or --max-steps) is one line,
+    not a probe and a rewritten checkpoint. `step`: the optimizer step the run would start at.
+    eval_only runs train nothing by design and pass. Raises TrainError."""
+    from trainer.errors import TrainError
+    from trainer.schedule import at_zero_lr_from
+    if cfg.eval_only:
+        return
+    stop = cfg.max_iters if max_steps is None else min(cfg.max_iters, max_steps)
+    if stop > step:
+        if at_zero_lr_from(step, cfg):  # every step left would change nothing
+            raise TrainError(f"nothing to train: every step from {step} on has learning rate 0 (past lr_decay_iters "
+                             f"{cfg.lr_decay_iters} the schedule holds min_lr 0); raise lr_decay_iters (--set lr_decay_"
+                             f"iters=N{' --allow-changes' * resuming}) or min_lr, or --set eval_only=True to evaluate")
+        return
+    limit = f"--max-steps {max_steps}" if max_steps is not None and max_steps <= cfg.max_iters \
+        else f"max_iters {cfg.max_iters}"
+    fix = "--max-steps N" if limit.startswith("--") else "--set max_iters=N"
+    where = f"the checkpoint is at step {step}" if resuming else "a new run starts at step 0"
+    raise TrainError(f"nothing to train: {where}, and {limit} is not beyond it; raise it ({fix}), "
+                     f"or --set eval_only=True to evaluate without training")
+
+
+def check_data(cfg, vocab_fixed_by: str = "") -> None:
+    """Before any probe: the dataset exists, every token id fits cfg.vocab_size, each split
+    holds one sequence, and a fresh init_from = 'gpt2*' run's weights are here (or downloaded). `vocab_fixed_by`: the checkpoint whose model fixes vocab_size (a resume),
+    so that the advice is one a next attempt can follow. Raises DataError (one line)."""
+    from trainer.data.datasets import load_dataset
+    data = load_dataset(cfg.dataset)
+    fix = (f"{vocab_fixed_by}'s model has vocab_size {cfg.vocab_size}, which a resume cannot change: resume it "
+           f"on the data it was trained on, or start a new run with another --out") if vocab_fixed_by else ""
+    data.check_vocab(cfg.vocab_size, fix)
+    data.check_block_size(cfg.block_size)
+    if cfg.init_from.startswith("gpt2") and not vocab_fixed_by:  # a fresh fine-tune: its weights, before trials
+        from trainer.model.pretrained import locate_gpt2
+        locate_gpt2(cfg.init_from)  # WeightsError: one line (offline and not cached, no such model)
+
+
+def check_saved_plan(plan, cfg, world_size: int, profile: str, fp: str) -> None:
+    """A saved plan (autofit.records.PlanRecord) found by its fingerprint is for this run: its
+    ranks, each rank's effective batch and block size are those of `cfg` (its largest stage where
+    it has stages) on `world_size` ranks. The fingerprint holds the config, so a plan that says
+    otherwise was edited by hand; run as it is, it would train another batch or print ranks that
+    do not exist. Raises ProfileError naming it and how to clear it."""
+    from autofit.profiles.files import ProfileError
+    from trainer.config.stages import fitted_config
+    fitted = fitted_config(cfg)
+    want = {"world_size": world_size, "effective_batch": fitted.effective_batch // world_size,
+            "block_size": fitted.block_size}
+    wrong = [f"{k} {getattr(plan, k)} (this run: {v})" for k, v in want.items() if getattr(plan, k) != v]
+    if (plan.world_size == 1) != (plan.parallelism == "single"):
+        wrong.append(f"parallelism {plan.parallelism!r} on {plan.world_size} rank(s)")
+    if wrong:
+        raise ProfileError(f"profile {profile}'s plan {fp} does not describe this run ({'; '.join(wrong)}): was it "
+                           f"edited by hand? clear it with: autofit profiles rm {profile} --plan {fp}")
