@@ -201,6 +201,10 @@ def test_override_parsing():
     assert parse_override("min_lr=6e-4/10") == ("min_lr", pytest.approx(6e-5))
     # A string field keeps what was typed, even when it reads as a number.
     assert parse_override("wandb_run_name=123") == ("wandb_run_name", "123")
+    # None switches off a text field that takes it (nanoGPT's `tensorboard_dir = None`; it made a
+    # folder named 'None'); a field that must be text keeps the word
+    assert parse_override("tensorboard_dir=None") == ("tensorboard_dir", None)
+    assert parse_override("out_dir=None") == ("out_dir", "None")
 
 
 def test_overrides_apply():

@@ -14,6 +14,7 @@ accepted with nanoGPT's meanings; the trainer decides what it does with them.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import types
@@ -289,10 +290,9 @@ _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 def _field_kind(key: str) -> str | None:
     """'bool', 'int', 'float' or 'text' (str and Literal fields) for a TrainConfig key, else None."""
-    field = TrainConfig.model_fields.get(key)
-    if field is None:
+    if key not in TrainConfig.model_fields:
         return None
-    ann = field.annotation
+    ann = TrainConfig.model_fields[key].annotation
     if ann is bool:
         return "bool"
     if ann is int or (typing.get_origin(ann) in (typing.Union, types.UnionType)
@@ -307,10 +307,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     """'key=value' -> (key, value), the text read as the field's type.
 
     Text fields (str, and choices such as dtype) take what was typed, so `dtype=bfloat16`,
-    `out_dir=out/run1` and `wandb_run_name=123` need no quotes (a quoted string is unquoted).
-    Booleans read true/false in any case; numbers read literals and arithmetic (`6e-4/10`), and
-    a float field reads any float text (`1e999`, `inf`, so that validation can refuse it by
-    name). What does not read as the field's type is passed on as text, and validation refuses
+    `out_dir=out/run1` and `wandb_run_name=123` need no quotes (a quoted string is unquoted);
+    None is None where the field takes it. Booleans read true/false in any case; numbers read
+    literals and arithmetic (`6e-4/10`), and a float field any float text (`1e999`, `inf`: refused
+    by name). What does not read as the field's type is passed on as text, and validation refuses
     it with the key and '--set'. Raises ConfigError for an item without '='.
     """
     key, sep, raw = item.partition("=")
@@ -319,6 +319,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     kind = _field_kind(key)
     if kind == "text":
+        if raw == "None" and type(None) in typing.get_args(TrainConfig.model_fields[key].annotation):
+            return key, None  # as a nanoGPT .py config writes it: not a folder named 'None'
         try:
             value = literal(raw, key)  # a list of tables for `stages`
         except (SyntaxError, ValueError, RecursionError, Refused):
@@ -334,10 +336,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     except (SyntaxError, ValueError, RecursionError):
         pass
     if kind == "float":
-        try:
+        with contextlib.suppress(ValueError):
             return key, float(raw)
-        except ValueError:
-            pass
     return key, raw
 
 
