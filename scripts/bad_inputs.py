@@ -586,6 +586,8 @@ ROWS: list[Row] = [
     Row("TORCH_LOGS=garbage (import torch itself fails)", [*RUN, "--out", "o"], env={"TORCH_LOGS": "garbage"},
         check=absent("o"), by="session 9"),
     Row("TORCH_LOGS=garbage, probe", PROBE, env={"TORCH_LOGS": "garbage"}, by="session 9"),
+    Row("AUTOFIT_DIST_TIMEOUT=0.0001 (c10d rounds it to 0 ms)", [*RUN, "--out", "o", "--nproc-per-node", "2"],
+        env={"AUTOFIT_DIST_TIMEOUT": "0.0001"}, check=absent("o"), by="session 9"),
     Row("AUTOFIT_DIST_TIMEOUT=inf", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "inf"}, check=absent("o"), by="qa"),
     Row("AUTOFIT_DIST_TIMEOUT=nan", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "nan"}, check=absent("o"), by="qa"),
     Row("AUTOFIT_DIST_TIMEOUT=1e20", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "1e20"}, check=absent("o"),

@@ -29,6 +29,7 @@ from trainer.errors import TrainError
 # Slots of the tensor one agreement round all-reduces (MAX): what any rank saw.
 REAL_OOM, INJECTED_OOM, ERROR, STOP, UNFINISHED = range(5)
 TIMEOUT_ENV = "AUTOFIT_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
+MIN_TIMEOUT_S = 1
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,13 @@ def timeout() -> datetime.timedelta | None:
         return None
     try:
         seconds = float(raw)
-        if not seconds > 0:  # nan too
+        # nan too; below a second c10d's wait rounds to 0 ms and the first collective times out
+        if not seconds >= MIN_TIMEOUT_S:
             raise ValueError
         return datetime.timedelta(seconds=seconds)  # inf, 1e20: OverflowError
     except (ValueError, OverflowError):
-        raise TrainError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}") from None
+        raise TrainError(f"{TIMEOUT_ENV} must be a finite number of seconds, at least {MIN_TIMEOUT_S}, "
+                         f"got {raw!r}") from None
 
 
 def start(device_type: str, ranks: Ranks | None = None) -> bool:
