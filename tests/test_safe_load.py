@@ -50,6 +50,16 @@ def test_garbage_is_not_a_torch_file(tmp_path):
     assert "not a torch file" in _refusal(tmp_path / "g.pt")
 
 
+def test_a_cut_short_torch_file_is_called_cut_short(tmp_path):
+    """It was 'not a torch file': the zip's first entry is there, its end record is not."""
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "ok.pt")
+    whole = (tmp_path / "ok.pt").read_bytes()
+    for cut in (22, len(whole) // 2):
+        (tmp_path / "cut.pt").write_bytes(whole[:-cut])
+        for mmap in (False, True):
+            assert f"a torch.save zip file cut short ({len(whole) - cut} bytes" in _refusal(tmp_path / "cut.pt", mmap=mmap)
+
+
 def test_tensors_still_load_mapped_or_not(tmp_path):
     torch.save({"w": torch.arange(3)}, tmp_path / "ok.pt")
     torch.save({"w": torch.arange(3)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)

@@ -49,8 +49,11 @@ def _reason(e: Exception, path: Path) -> str:
     text = str(e)
     if path.is_file() and not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
-            if f.read(1) != b"\x80":  # pickle's PROTO opcode: every torch.save and pickle since protocol 2
-                return "not a torch file (neither torch.save's zip format nor a pickle)"
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # a zip's first entry, but no end record: torch.save's file, cut off
+            return f"a torch.save zip file cut short ({path.stat().st_size} bytes; an interrupted copy or a full disk)"
+        if head[:1] != b"\x80":  # pickle's PROTO opcode: every torch.save and pickle since protocol 2
+            return "not a torch file (neither torch.save's zip format nor a pickle)"
     found = _GLOBAL.search(text)
     if found:
         return f"it pickles {found.group(1)}, which is refused: unpickling it could run code"
