@@ -693,3 +693,19 @@ def test_a_hand_edited_saved_plan_for_another_run_is_one_line(tmp_path, monkeypa
     assert f"profile {saved['profile']}'s plan {fp} does not describe this run (" in err and words in err
     assert f"clear it with: autofit profiles rm {saved['profile']} --plan {fp}" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_resume_says_which_set_values_it_cannot_apply(tmp_path, monkeypatch, capsys):
+    """--set device=..., init_from=..., batch_size=... on a resume were accepted and dropped in silence."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                       "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--max-steps", "2", "--no-progress",
+                       "--set", "device=cuda", "--set", "batch_size=4", "--set", "gradient_accumulation_steps=4",
+                       "--set", "eval_iters=1")
+    assert code == 0, err
+    said = " ".join(err.split())
+    assert "--set device='cuda' is not applied: it runs on the checkpoint's device (cpu-budgeted)" in said
+    assert "--set batch_size=4 is not applied: its plan splits the effective batch (micro-batch 8)" in said
+    assert "--set gradient_accumulation_steps=4 is not applied" in said
+    assert said.count("is not applied") == 3  # eval_iters is the checkpoint's own value: nothing to say

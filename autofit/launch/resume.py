@@ -92,6 +92,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
         micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
+    _say_not_applied(overrides, TrainConfig(**ck["config"]), spec, micro, log)
     log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
         f"(micro-batch {micro}); no probe")
     _check_split_change(cfg, int(ck.get("world_size", 1)))  # the trainer's world_size_changed event says it
@@ -114,6 +115,18 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                           split=describe_split(mbs), reason="the config as written (--no-probe)")
     return Launch(cfg=cfg, opts=opts, device=device, plan=plan,
                   source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")
+
+
+def _say_not_applied(overrides: dict[str, Any], saved: TrainConfig, spec: dict, micro: int, log) -> None:
+    """A --set that a resume accepts but cannot act on is said, not dropped in silence: the
+    checkpoint fixes where it runs and from what, and its own plan splits the effective batch."""
+    why = {"device": f"it runs on the checkpoint's device ({spec.get('kind')})",
+           "init_from": "it starts from the checkpoint",
+           "batch_size": f"its plan splits the effective batch (micro-batch {micro})",
+           "gradient_accumulation_steps": f"its plan splits the effective batch (micro-batch {micro})"}
+    for key, value in overrides.items():
+        if key in why and getattr(saved, key) != value:
+            log(f"--resume: --set {key}={value!r} is not applied: {why[key]}")
 
 
 def _saved_plan(plan_info: dict, path: Path) -> PlanRecord | None:
