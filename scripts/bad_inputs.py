@@ -685,6 +685,8 @@ ROWS: list[Row] = [
                                                                            "--out", "o"],
         write(PROFILE_64, profile_with('kind = "cpu"\nmemory_bytes = 1\n')), absent("o"), by="session 9"),
     Row("probe --budget 1", ["probe", "--device", "cpu", "--budget", "1", *TINY], by="session 9"),
+    Row("run --profile, a CPU profile without a [hardware] table", ["run", "--profile", "cpu-64mb", *TINY, "--out", "o"],
+        write(PROFILE_64, 'schema_version = 1\nname = "cpu-64mb"\n'), absent("o"), by="session 9"),
     Row("19r: run --profile, memory_bytes is text", ["run", "--profile", "cpu-64mb", *TINY, "--out", "o"],
         write(PROFILE_64, profile_with('kind = "cpu"\nmemory_bytes = "lots"\n')), absent("o")),
     Row("19r: profiles show, compute_capability empty", ["profiles", "show", "cpu-64mb"],

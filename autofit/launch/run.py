@@ -166,7 +166,7 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
         names = sorted(load_builtin())
         raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(names)}; "
                            f"create one with autofit probe --save)")
-    hw = saved.hardware or {}
+    hw = _hardware_of(profile, saved)
     emulated_on = None
     if hw.get("kind") == "cpu":
         probe_opts.device, probe_opts.budget_bytes = "cpu", int(hw["memory_bytes"])
@@ -268,12 +268,23 @@ def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions) ->
     if saved is None:
         raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(sorted(load_builtin()))}; "
                            f"create one with autofit probe --save)")
-    on_cpu = (saved.hardware or {}).get("kind") == "cpu"
+    hw = _hardware_of(profile, saved)
+    on_cpu = hw.get("kind") == "cpu"
     if probe_opts.device is not None and (probe_opts.device == "cpu") != on_cpu:
         raise DeviceError(f"profile {profile} is for {'the CPU' if on_cpu else 'a GPU'}, and this run asks for "
                           f"device {probe_opts.device!r} (--device, or the config's device): drop one of them")
     if not on_cpu:
-        _gpu_here(profile, saved.hardware or {}, emulate, probe_opts)
+        _gpu_here(profile, hw, emulate, probe_opts)
+
+
+def _hardware_of(profile: str, saved) -> dict:
+    """A profile's [hardware] table: its file's, or for a built-in's name the built-in's (a plan
+    saved under a built-in name stores none). Raises ProfileError for a file with neither."""
+    hw = saved.hardware or _builtin_hardware(profile)
+    if hw is None:  # hand-written or damaged: neither a card nor a CPU budget to run on
+        raise ProfileError(f"profile {profile} has no [hardware] table, so which GPU or CPU budget it is for is "
+                           f"unknown; probe again with --save, or clear it with: autofit profiles rm {profile}")
+    return dict(hw)
 
 
 def _gpu_here(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
