@@ -309,3 +309,15 @@ def test_a_ctrl_c_after_probe_save_says_what_is_on_disk(tmp_path, monkeypatch, c
     last = err.strip().splitlines()[-1]
     assert last.startswith("autofit: interrupted before the plan was shown; the plan is saved in profile cpu-"), last
     assert "nothing was saved" not in err
+
+
+def test_a_gpu_profile_without_the_card_suggests_an_estimate_of_the_same_model(tmp_path, monkeypatch, capsys):
+    """The suggested `autofit probe --gpu NAME` dropped --config/--set: it estimated the tiny preset."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the profile's card may be too")
+    (tmp_path / "c.toml").write_text("n_layer = 2\n")
+    code, _, err = cli(monkeypatch, capsys, "run", "--profile", "rtx4070-12gb", "--config", "c.toml",
+                       "--set", "n_embd=64", "--loss", "chunked", "--max-steps", "1")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.strip().endswith("run: autofit probe --gpu rtx4070-12gb --config c.toml --set n_embd=64 --loss chunked"), err

@@ -8,6 +8,7 @@ come back through on_event and are written into the profile so the next run star
 """
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -259,10 +260,11 @@ def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> s
     return "; ".join(why) or None
 
 
-def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions) -> None:
+def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions, model_args: list[str] = ()) -> None:
     """Before the dataset is read and before any probe: the profile exists, a GPU profile's card
     (or a larger one with --emulate) is here, and the profiles folder takes a plan a probe would
-    save. Raises ProfileError or DeviceError (one line)."""
+    save. `model_args`: the command's --config/--preset/--set (and lever flags), for the estimate
+    it suggests where the card is missing. Raises ProfileError or DeviceError (one line)."""
     check_profiles_writable(profile)
     saved = load_profile(profile, builtin=_builtin_hardware)
     if saved is None:
@@ -274,7 +276,7 @@ def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions) ->
         raise DeviceError(f"profile {profile} is for {'the CPU' if on_cpu else 'a GPU'}, and this run asks for "
                           f"device {probe_opts.device!r} (--device, or the config's device): drop one of them")
     if not on_cpu:
-        _gpu_here(profile, hw, emulate, probe_opts)
+        _gpu_here(profile, hw, emulate, probe_opts, model_args)
 
 
 def _hardware_of(profile: str, saved) -> dict:
@@ -287,7 +289,7 @@ def _hardware_of(profile: str, saved) -> dict:
     return dict(hw)
 
 
-def _gpu_here(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
+def _gpu_here(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions, model_args=()):
     """(NVML index, DeviceInfo, its profile slug) of the GPU that would run `profile`: the
     profile's card, or a larger one with --emulate. Raises DeviceError naming what is wrong."""
     from autofit.devices.cuda import detect_gpu, set_allocator_conf
@@ -301,7 +303,8 @@ def _gpu_here(profile: str, hw: dict, emulate: bool, probe_opts: ProbeOptions):
         info = detect_gpu(index)
     except DeviceError as e:
         raise DeviceError(f"profile {profile} is for a GPU, and none was found ({e}); "
-                          f"for an estimate without the card, run: autofit probe --gpu {profile}") from None
+                          f"for an estimate without the card, run: "
+                          f"{shlex.join(['autofit', 'probe', '--gpu', profile, *model_args])}") from None
     here = slug_for(info.name, info.total_bytes)
     cap = int(hw.get("memory_bytes") or 0)
     if here != profile:
