@@ -318,6 +318,6 @@ def test_a_gpu_profile_without_the_card_suggests_an_estimate_of_the_same_model(t
         pytest.skip("a GPU is here: the profile's card may be too")
     (tmp_path / "c.toml").write_text("n_layer = 2\n")
     code, _, err = cli(monkeypatch, capsys, "run", "--profile", "rtx4070-12gb", "--config", "c.toml",
-                       "--set", "n_embd=64", "--loss", "chunked", "--max-steps", "1")
+                       "--set", "n_embd=768", "--loss", "chunked", "--max-steps", "1")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.strip().endswith("run: autofit probe --gpu rtx4070-12gb --config c.toml --set n_embd=64 --loss chunked"), err
+    assert err.strip().endswith("run: autofit probe --gpu rtx4070-12gb --config c.toml --set n_embd=768 --loss chunked"), err
