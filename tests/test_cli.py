@@ -709,3 +709,12 @@ def test_a_resume_says_which_set_values_it_cannot_apply(tmp_path, monkeypatch, c
     assert "--set batch_size=4 is not applied: its plan splits the effective batch (micro-batch 8)" in said
     assert "--set gradient_accumulation_steps=4 is not applied" in said
     assert said.count("is not applied") == 3  # eval_iters is the checkpoint's own value: nothing to say
+
+
+def test_a_plain_run_says_its_plan_is_not_saved_and_how_to_keep_it(tmp_path, monkeypatch, capsys):
+    """The README promised that the next run starts at once; a plain run saves nothing."""
+    code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "64MiB", *SMALL, "--checkpointing",
+                         "0", "--loss", "standard", "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 0, err
+    assert "not saved (after autofit probe --save with these options, run --profile cpu-64mb starts at once)" in out
+    assert not (tmp_path / "home" / "profiles").exists() or not any((tmp_path / "home" / "profiles").iterdir())

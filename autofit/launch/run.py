@@ -159,7 +159,9 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     if profile is None:
         res, device, _ = run_probe(cfg, probe_opts, log=log)
         return _launch(cfg, device, res.plan, res.fit_sizes, res.compiled_fit_sizes,
-                       source=f"probed just now on {res.device.name}", max_steps=max_steps, resume=resume,
+                       source=f"probed just now on {res.device.name}; not saved (after autofit probe --save with "
+                              f"these options, run --profile {profile_name_for(res.device)} starts at once)",
+                       max_steps=max_steps, resume=resume,
                        progress=progress, probe=res, plan_info_extra={"source": "probe"})
 
     saved = load_profile(profile, builtin=_builtin_hardware)
