@@ -480,6 +480,15 @@ def test_muon_lr_given_for_another_optimizer_is_refused_but_a_presets_is_not():
     assert load_config(overrides=["optimizer=muon", "muon_lr=0.01"]).muon_lr == 0.01
 
 
+
+def test_rope_base_given_without_rotary_positions_is_refused_but_a_presets_is_not():
+    # it was saved in the config and left out of the model: the run trained learned positions
+    with pytest.raises(ConfigError, match=r"rope_base \(--set\) is the rotary positions' base.*pos_emb is 'learned'"):
+        load_config(overrides=["rope_base=500"])
+    assert load_config(preset="nanochat-d12", overrides=["pos_emb=learned"]).pos_emb == "learned"
+    assert load_config(overrides=["pos_emb=rope", "rope_base=500"]).rope_base == 500
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without torch.optim.Muon")
 def test_a_muon_state_saved_with_one_buffer_per_fused_matrix_loads_block_by_block():
     """Checkpoints written before Muon took c_attn's Q, K and V apart hold one momentum buffer for

@@ -21,12 +21,17 @@ def muon_available() -> bool:
 def check_model_options(cfg, sources: dict[str, str] | None = None) -> None:
     """Raises ValueError (one line, naming the keys) for a combination of options that cannot be
     built or trained: n_kv_head not dividing n_head, RoPE on an odd head size, GPT-2 weights with a
-    changed architecture, Muon on a torch without it or under FSDP2, muon_lr given (by a file or
-    --set; `sources`: key -> where its value came from) for another optimizer, where it does nothing."""
+    changed architecture, Muon on a torch without it or under FSDP2, muon_lr or rope_base given (by a
+    file or --set; `sources`: key -> where its value came from) where it does nothing (another
+    optimizer, learned positions)."""
     given = (sources or {}).get("muon_lr", "preset")
     if cfg.optimizer != "muon" and not given.startswith("preset"):
         raise ValueError(f"muon_lr ({given}) is torch.optim.Muon's learning rate, but optimizer is "
                          f"{cfg.optimizer!r}: drop muon_lr, or set optimizer = 'muon'")
+    given = (sources or {}).get("rope_base", "preset")
+    if cfg.pos_emb != "rope" and not given.startswith("preset"):
+        raise ValueError(f"rope_base ({given}) is the rotary positions' base, but pos_emb is {cfg.pos_emb!r}: "
+                         f"drop rope_base, or set pos_emb = 'rope'")
     if cfg.n_kv_head is not None:
         if cfg.n_kv_head > cfg.n_head or cfg.n_head % cfg.n_kv_head:
             raise ValueError(f"n_kv_head ({cfg.n_kv_head}) must divide n_head ({cfg.n_head}): each key/value "
