@@ -33,7 +33,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # nanochat (read at its commit 92d63d4): its value embeddings, residual lambdas and sliding
     # windows; the RMSNorm after the token embedding and the 1.2x on q and k after QK-norm; its
     # AdamW rates per group (embeddings 0.2 x (768/d)^0.5, lm_head 0.004; here 0.004 for all) and
-    # its initialisation (here GPT-2's, std 0.02). Muon takes the fused c_attn's Q, K and V apart,
+    # its initialisation (here GPT-2's, std 0.02); its Muon variant (Polar Express in place of
+    # Newton-Schulz, a NorMuon-style second moment, cautious weight decay; here torch.optim.Muon),
+    # its weight decay (0.28, scaled by batch and horizon; here 0) and its schedule (40 warm-up
+    # steps, constant, then linear to 0 over the last 65 %; here cosine from step 0). Muon takes the fused c_attn's Q, K and V apart,
     # as nanochat's c_q, c_k, c_v (trainer.muon). The shapes, and so the memory autofit fits, are
     # nanochat's. The data here is
     # the embedded bytes (ids 0..255 of the 32768-token vocabulary, which the preset fixes: a smoke
