@@ -74,7 +74,8 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
     if info.kind == "cpu" and budget < 1:  # --budget 1 (or a profile's memory_bytes = 1): nothing to plan in
         raise DeviceError(f"a CPU budget of {usable} B leaves {budget} B to plan in after the {margin:.0%} safety "
                           f"margin; give a budget that holds the model, its optimizer state and a micro-batch")
-    terms.append(BudgetTerm(f"safety margin {margin:.0%}", budget - usable, "assumed: --margin (chosen)"))
+    terms.append(BudgetTerm(f"safety margin {margin:.0%}", budget - usable,
+                            "assumed: --margin (default 10%), a share kept free"))
     return Budget(budget_bytes=budget, usable_bytes=usable, margin=margin, terms=terms)
 
 
