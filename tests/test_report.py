@@ -111,3 +111,14 @@ def test_a_training_line_gives_peak_memory_as_the_plan_does(peak):
     rec = dict(step=1, loss=1.0, lr=1e-3, step_s=0.1, tokens_per_s=10.0, micro_batch=2, grad_accum=3,
                peak_mem_bytes=peak)
     assert describe_step(rec).endswith(f", peak {fmt_bytes(peak)}")
+
+
+def test_an_uneven_split_is_not_called_m_x_n():
+    """'micro-batch 4 x 2 (7 = 4 × 1 + 3)' read as 8 sequences; the step lines said the same."""
+    from trainer.metrics import describe_step, micro_batch_words
+    assert micro_batch_words([16, 16], 16, 2) == "micro-batch 16 x 2"
+    assert micro_batch_words([4, 3], 4, 2) == "micro-batches of 4 and 3, 2 a step"
+    assert micro_batch_words(None, 8, 4) == "micro-batch 8 x 4"
+    line = describe_step({"step": 3, "loss": 1.0, "lr": 1e-3, "step_s": 0.05, "tokens_per_s": 1000.0,
+                          "micro_batch": 31, "grad_accum": 17, "micro_batches": [31] * 2 + [30] * 15})
+    assert line.endswith("tok/s, micro-batches of 31 and 30, 17 a step")

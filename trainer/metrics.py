@@ -55,7 +55,17 @@ def describe_step(rec: dict) -> str:
     dt = rec["step_s"]
     lr = f"lr {rec['lr']:.2e}" + (f" (Muon {rec['muon_lr']:.2e})" if rec.get("muon_lr") is not None else "")
     return (f"step {rec['step']}: loss {rec['loss']:.4f}, {lr}, {dt * 1000:.0f} ms, "
-            f"{rec['tokens_per_s'] or 0:,.0f} tok/s, micro-batch {rec['micro_batch']} x {rec['grad_accum']}{mem}")
+            f"{rec['tokens_per_s'] or 0:,.0f} tok/s, {micro_batch_words(rec.get('micro_batches'), rec['micro_batch'], rec['grad_accum'])}{mem}")
+
+
+def micro_batch_words(micro_batches: list[int] | None, largest: int, count: int) -> str:
+    """'micro-batch 16 x 2' where every micro-batch is 16; 'micro-batches of 4 and 3, 2 a step'
+    for 7 = 4 + 3, where 'micro-batch 4 x 2' would read as 8 sequences. A balanced split's sizes
+    differ by at most one (trainer.step.split_batch); a list of several sizes names its extremes."""
+    sizes = sorted(set(micro_batches or [largest]), reverse=True)
+    if len(sizes) == 1:
+        return f"micro-batch {largest} x {count}"
+    return f"micro-batches of {sizes[0]} and {sizes[-1]}, {count} a step"
 
 
 class MetricsLog:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from autofit.units import fmt_bytes, measured_peak_words
 from trainer.model.sac_ops import saved_ops_words
+from trainer.metrics import micro_batch_words
 
 STATUS_STYLE = {"fit": "green", "oom": "red", "over_budget": "yellow", "spill": "magenta",
                 "pruned": "dim", "error": "bold red"}
@@ -226,7 +227,7 @@ def checkpointing_words(checkpointing: int, policy: str = "full") -> str:
 def plan_line(p) -> str:
     """The plan in one line, as `autofit run` prints it before training."""
     ranks = f"{p.world_size} ranks ({p.parallelism}) x " if p.world_size > 1 else ""
-    return (f"  {ranks}micro-batch {p.micro_batch} x {p.grad_accum} ({p.split}), {p.dtype}, "
+    return (f"  {ranks}{micro_batch_words(p.micro_batches, p.micro_batch, p.grad_accum)} ({p.split}), {p.dtype}, "
             f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
             f"{checkpointing_words(p.checkpointing, p.checkpointing_policy)}, loss {p.loss_impl}; "
             + (measured_peak_words(p) if p.measured_peak_bytes else
@@ -247,7 +248,7 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
     if cfg is not None:
         console.print("  " + "; ".join(plan_changes(p, cfg, res)))
     else:
-        console.print(f"  micro-batch {p.micro_batch} x {p.grad_accum} accumulation steps: {p.split}"
+        console.print(f"  {micro_batch_words(p.micro_batches, p.micro_batch, p.grad_accum)}: {p.split}"
                       + (f" on each of {p.world_size} ranks ({p.parallelism})" if p.world_size > 1 else ""))
     console.print(f"  dtype {p.dtype}, {_compile_words(res, p)}, {checkpointing_words(p.checkpointing, p.checkpointing_policy)}, "
                   f"loss {p.loss_impl}")
