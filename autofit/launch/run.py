@@ -30,7 +30,6 @@ from trainer.recovery import shrink_policy
 from trainer.step import describe_split, split_batch
 
 
-
 def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
     cuda = torch.version.cuda if info.kind == "cuda" else None
     summary = config_summary(cfg)
