@@ -80,7 +80,8 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                           f"no probe; change its config with --set key=value --allow-changes")
     plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
     plan = _saved_plan(plan_info, path)
-    cfg, changes = _with_changes(TrainConfig(**ck["config"]), overrides, allow_changes, log, sources)
+    saved = TrainConfig(**ck["config"])
+    cfg, changes = _with_changes(saved, overrides, allow_changes, log, sources)
     check_steps_left(int(ck["iter_num"]), cfg, max_steps, resuming=True)  # before the device and the model
     cfg.out_dir = str(out_dir)
     spec = device_spec(ck)
@@ -92,7 +93,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
         micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
-    _say_not_applied(overrides, TrainConfig(**ck["config"]), spec, micro, log)
+    _say_not_applied(overrides, saved, spec, micro, log)
     log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
         f"(micro-batch {micro}); no probe")
     _check_split_change(cfg, int(ck.get("world_size", 1)))  # the trainer's world_size_changed event says it
