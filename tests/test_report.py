@@ -122,3 +122,34 @@ def test_an_uneven_split_is_not_called_m_x_n():
     line = describe_step({"step": 3, "loss": 1.0, "lr": 1e-3, "step_s": 0.05, "tokens_per_s": 1000.0,
                           "micro_batch": 31, "grad_accum": 17, "micro_batches": [31] * 2 + [30] * 15})
     assert line.endswith("tok/s, micro-batches of 31 and 30, 17 a step")
+
+
+def _probe_of(plan, trials):
+    return SimpleNamespace(plan=plan, mode="measured", trials=trials, effective_batch=plan.effective_batch,
+                           block_size=plan.block_size, notes=[],
+                           device=SimpleNamespace(kind="cpu", bf16_supported=False))
+
+
+def test_the_chosen_rows_tokens_per_s_is_the_plans_and_an_unrun_size_is_named():
+    """-v's table shows each trial's run figure (its update paid once per optimizer step), so the
+    `>` row reads what the plan line reads; an uneven split's size that no trial ran is named."""
+    import io
+    from rich.console import Console
+    from autofit.planning.contest import run_tokens_per_s
+    from autofit.report import render
+    t = TrialRecord(micro_batch=11, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                    status="fit", tokens_per_step=1408, step_seconds=[0.5], update_seconds=[0.2],
+                    optimizer_step_tokens=4096, tokens_per_s=1408 / 0.5, measured_peak_bytes=10**6)
+    run = run_tokens_per_s(t)
+    assert round(run) != round(t.tokens_per_s)  # a trial of 2 x 11 pays the update per 22, the run per 64
+    plan = two_rank_plan(world_size=1, micro_batch=11, grad_accum=3, micro_batches=[11, 11, 10],
+                         split="32 = 11 + 11 + 10", tokens_per_s=run)
+    out = io.StringIO()
+    console = Console(file=out, width=400)
+    render._candidates_table(_probe_of(plan, [t]), console)
+    render._plan(_probe_of(plan, [t]), None, console, verbose=False)
+    text = out.getvalue()
+    row = next(line for line in text.splitlines() if "│ >" in line)
+    assert f"{run:,.0f}" in row and f"{t.tokens_per_s:,.0f}" not in text
+    assert f"{run:,.0f} tokens/s (measured" in text
+    assert "micro-batch 10 not run: timed at the nearest run size's rate" in text

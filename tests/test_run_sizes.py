@@ -142,3 +142,23 @@ def test_run_sizes_are_every_size_a_cap_runs_found_without_trying_every_cap():
         assert run_sizes(b) == sorted({run_size(b, m) for m in range(1, b + 1)}), b
     assert run_sizes(32) == [1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 32]
     assert len(run_sizes(2**20)) < 2 * 2**10 + 1
+
+
+def _timed(m: int, step_s: float, update_s: float = 0.0) -> TrialRecord:
+    """A fitting trial of micro-batch m at block 10: two micro-batches in `step_s`, its update apart."""
+    return TrialRecord(micro_batch=m, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                       status="fit", tokens_per_step=2 * m * 10, step_seconds=[step_s], update_seconds=[update_s],
+                       optimizer_step_tokens=32 * 10, tokens_per_s=2 * m * 10 / step_s)
+
+
+def test_an_uneven_plans_tokens_per_s_is_its_whole_steps_not_its_largest_sizes():
+    from autofit.planning.split import plan_tokens_per_s
+    eleven, ten = _timed(11, 0.22), _timed(10, 0.4)  # 1,000 and 500 tokens/s
+    # 10 not run: timed at 11's rate, so the step runs at 11's rate
+    assert plan_tokens_per_s([11, 11, 10], 10, [eleven]) == pytest.approx(1000.0)
+    # 10 run: 220 tokens at 1,000/s and 100 at 500/s, 320 tokens in 0.42 s
+    assert plan_tokens_per_s([11, 11, 10], 10, [eleven, ten]) == pytest.approx(320 / 0.42)
+    # one size: its own run figure (the update paid once per optimizer step of 320 tokens)
+    with_update = _timed(16, 0.5, update_s=0.1)
+    assert plan_tokens_per_s([16, 16], 10, [with_update]) == pytest.approx(contest.run_tokens_per_s(with_update))
+    assert plan_tokens_per_s([16, 16], 10, []) is None

@@ -21,6 +21,7 @@ from typing import Callable
 from autofit.planning import agree, loss_head
 from autofit.planning.candidates import Levers, ckpt_words
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
+from autofit.planning.contest import run_tokens_per_s
 from autofit.planning.split import run_size, run_sizes
 from autofit.records import Candidate, TrialRecord
 from autofit.planning.trials import TrialSettings, run_trial
@@ -108,7 +109,8 @@ class TrialRunner:
             if smaller:
                 self.flag_spill(r, max(smaller, key=lambda t: t.micro_batch))
         self.log(f"  -> {r.status}" + (f", measured peak {fmt_bytes(r.measured_peak_bytes)}" if r.measured_peak_bytes else "")
-                 + (f", {r.tokens_per_s:,.0f} tok/s measured" if r.tokens_per_s and r.status == 'fit' else "")
+                 + (f", {run_tokens_per_s(r):,.0f} tok/s measured (its update once per optimizer step, as the run)"
+                    if r.tokens_per_s and r.status == 'fit' else "")
                  + (f" ({r.note})" if r.note and r.status != 'fit' else ""))
         self._cache[cand] = r
         self.trials.append(r)

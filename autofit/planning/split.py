@@ -37,6 +37,28 @@ def _step_seconds(micro_batches: list[int], block_size: int, tps: Callable[[int]
     return sum(m * block_size / tps(m) for m in micro_batches)
 
 
+def rate_at(rates: dict[int, float], m: int) -> float:
+    """Tokens/s of micro-batch `m` from `rates` (micro-batch -> tokens/s): its own where it was
+    measured, else the nearest measured size's (the larger one on a tie)."""
+    return rates[min(rates, key=lambda s: (abs(s - m), -s))]
+
+
+def step_tokens_per_s(micro_batches: list[int], block_size: int, rates: dict[int, float]) -> float:
+    """Tokens/s of one optimizer step of `micro_batches` (sequences of `block_size` tokens): its
+    tokens over the sum of each micro-batch's time at its rate (rate_at). One size: its rate;
+    11 + 11 + 10 with 10 not measured: 11's rate, since 10 is timed at it."""
+    return sum(micro_batches) * block_size / _step_seconds(micro_batches, block_size, lambda m: rate_at(rates, m))
+
+
+def plan_tokens_per_s(micro_batches: list[int], block_size: int, runs: list[TrialRecord]) -> float | None:
+    """The plan's tokens/s: one optimizer step of `micro_batches` timed at the rates measured for
+    the plan's own levers and compile (`runs`, its fitting trials; each the run's figure,
+    run_tokens_per_s), a size not run at the nearest run size's rate (step_tokens_per_s). None
+    without a timed trial."""
+    rates = {t.micro_batch: run_tokens_per_s(t) for t in runs if t.tokens_per_s}
+    return step_tokens_per_s(micro_batches, block_size, rates) if rates else None
+
+
 def split_rates(chosen: TrialRecord, eager_tps: dict[int, float], trials: list[TrialRecord]) -> dict[int, float]:
     """Tokens/s by micro-batch for choosing the split of the `chosen` plan (each the run's figure,
     autofit.planning.contest.run_tokens_per_s). Eager: the measured eager rates of its levers
@@ -60,8 +82,7 @@ def choose_split(rank_batch: int, micro: int, measured_tps: dict[int, float], bl
     measured rates. A size that was not measured is timed at the rate of the nearest measured
     size."""
     def tps(m: int) -> float:
-        nearest = min(measured_tps, key=lambda s: (abs(s - m), -s))
-        return measured_tps[nearest]
+        return rate_at(measured_tps, m)
     balanced = split_batch(rank_batch, micro)
     if len(set(balanced)) == 1:
         return balanced, f"{balanced[0]} divides {rank_batch}"

@@ -254,7 +254,7 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
                   f"loss {p.loss_impl}")
     peak = measured_peak_words(p) if p.measured_peak_bytes else \
         f"estimated peak {fmt_bytes(p.estimated_peak_bytes)}"
-    how = ("measured: the fastest trial step, its optimizer update paid once per effective batch"
+    how = (f"measured: the fastest trial step, its optimizer update paid once per effective batch{_not_run(res, p)}"
            if res.mode == "measured" else "estimated from the card's peak TFLOP/s and an assumed MFU")
     # several ranks: a trial's rate is one rank's (the slowest rank's: autofit.planning.agree)
     ranks = (f" per rank, ~{p.tokens_per_s * p.world_size:,.0f} for the {p.world_size} ranks"
@@ -263,6 +263,17 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
     console.print(f"  {peak} of a {fmt_bytes(p.budget_bytes)} budget; {tps}")
     if verbose:
         console.print(f"  why: {p.reason}")
+
+
+def _not_run(res, p) -> str:
+    """'; micro-batch 10 not run: timed at the nearest run size's rate' for a split's sizes that no
+    fitting trial of the plan's levers ran (autofit.planning.split.plan_tokens_per_s), else ''."""
+    key = _key(p)[1:]
+    ran = {t.micro_batch for t in getattr(res, "trials", []) if t.status == "fit" and t.tokens_per_s and _key(t)[1:] == key}
+    missing = sorted(set(p.micro_batches) - ran)
+    if not missing or not ran:
+        return ""
+    return f"; micro-batch {', '.join(map(str, missing))} not run: timed at the nearest run size's rate"
 
 
 def _budget_table(res, console: Console) -> None:
@@ -277,6 +288,7 @@ def _budget_table(res, console: Console) -> None:
 
 
 def _candidates_table(res, console: Console) -> None:
+    from autofit.planning.contest import run_tokens_per_s
     d, p = res.device, res.plan
     estimated = res.mode == "estimated"
     tt = Table(title="candidates (est. = closed-form estimate; measured = " +
@@ -301,7 +313,7 @@ def _candidates_table(res, console: Console) -> None:
                   and t.checkpointing == p.checkpointing and t.loss_impl == p.loss_impl and t.status == "fit"
                   and t.checkpointing_policy == p.checkpointing_policy
                   and t.sharded == (p.parallelism == "fsdp2"))
-        tps = "-" if not t.tokens_per_s else (f"{t.tokens_per_s:,.0f}" + (" est." if estimated else ""))
+        tps = "-" if not t.tokens_per_s else (f"{t.tokens_per_s:,.0f} est." if estimated else f"{run_tokens_per_s(t):,.0f}")
         note = t.note if t.status != "fit" or not estimated else ""
         if t.compile_seconds is not None:
             note = (note + "; " if note else "") + f"compile took {t.compile_seconds:.1f} s (apart from step time)"
@@ -318,6 +330,11 @@ def _candidates_table(res, console: Console) -> None:
                    _b(t.estimated_peak_bytes),
                    _b(t.measured_peak_bytes), *((_b(t.measured_reserved_bytes),) if reserved else ()), tps, status)
     console.print(tt)
+    if not estimated:
+        console.print("  [dim]tokens/s: the trial's fastest step by wall time, its optimizer update paid once per "
+                      "effective batch as the run pays it (the plan's figure)"
+                      + ("; the contest judged CPU time per token, which load from other processes does not inflate"
+                         if d.kind == "cpu" else "") + "[/]")
     for i, n in enumerate(notes, 1):
         console.print(f"  [dim]({i}) {n}[/]")
     if any(t.checkpointing_policy == "selective" and t.checkpointing for t in res.trials):
