@@ -166,6 +166,9 @@ def test_eval_only_evaluates_and_exits(tmp_path, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "run", *CPU, *TINY, "--set", "eval_only=True", "--out", "e")
     assert code == 0, err
     assert "evaluated (eval_only) at step 0" in out
+    # it says it evaluates, not that it trains, and where its losses went
+    assert "evaluating on cpu" in err + out and "training on" not in err + out
+    assert f"the losses are in {Path('e') / 'metrics.jsonl'}" in out
     assert not (tmp_path / "e" / "ckpt.pt").exists()
     assert records(tmp_path / "e", "train") == [] and len(records(tmp_path / "e", "eval")) == 1
 

@@ -224,8 +224,12 @@ class Trainer(RedoneStep):
 
     def _say_opening(self) -> None:
         """The run's first lines: device and dtype, the weights' origin, compile, resume notes."""
-        self._progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
-                             f"below are measured on this device")
+        if self.cfg.eval_only:  # nanoGPT's eval_only: no step, so no step figures to announce
+            self._progress.print(f"evaluating on {self.device} ({self.dtype}), eval_only: no training step; the losses "
+                                 f"below are measured on this device")
+        else:
+            self._progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
+                                 f"below are measured on this device")
         for note in self._pretrained_notes:
             self._progress.print(f"init_from {self.cfg.init_from}: {note}")
         if self.opts.max_steps is not None and self.opts.max_steps > self.cfg.max_iters and not self.cfg.eval_only:

@@ -335,7 +335,8 @@ def _report_run(result, cfg) -> None:
     if result.status == "evaluated":
         ev = result.last_eval or {}
         console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "
-                      f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained or saved")
+                      f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained, no checkpoint "
+                      f"written; the losses are in {Path(cfg.out_dir) / 'metrics.jsonl'}")
         return
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     n = len(result.losses)  # this run's steps; result.steps counts from step 0 (a resume's earlier ones too)
