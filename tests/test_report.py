@@ -153,3 +153,24 @@ def test_the_chosen_rows_tokens_per_s_is_the_plans_and_an_unrun_size_is_named():
     assert f"{run:,.0f}" in row and f"{t.tokens_per_s:,.0f}" not in text
     assert f"{run:,.0f} tokens/s (measured" in text
     assert "micro-batch 10 not run: timed at the nearest run size's rate" in text
+
+
+def test_the_config_as_written_is_estimated_as_its_ranks_and_policy_run_it():
+    """No trial of the config as written: the closed-form estimate takes its selective policy and,
+    on 2 ranks (torchrun) with gradient_accumulation_steps 2, one micro-batch per rank (no
+    gradients held across micro-batches), FSDP2's shards where the plan shards."""
+    from autofit.planning.estimate import ModelShape, estimate_peak
+    from autofit.report.render import as_written_verdict
+    from autofit.units import fmt_bytes
+    cfg = cfg_of("gradient_accumulation_steps=2", "checkpointing=1", "checkpointing_policy=selective")
+    for parallelism in ("ddp", "fsdp2"):
+        res = SimpleNamespace(mode="measured", trials=[], budget=SimpleNamespace(budget_bytes=10**10),
+                              device=SimpleNamespace(kind="cpu", bf16_supported=False),
+                              plan=two_rank_plan(world_size=2, parallelism=parallelism))
+        want = estimate_peak(ModelShape.from_config(cfg), 16, dtype="float32", checkpointing=1, loss_impl="standard",
+                             device="cpu", n_micro=1, checkpointing_policy="selective", world_size=2,
+                             parallelism=parallelism, ce_chunk_size=cfg.ce_chunk_size).peak_bytes
+        full = estimate_peak(ModelShape.from_config(cfg), 16, dtype="float32", checkpointing=1, loss_impl="standard",
+                             device="cpu", n_micro=2, ce_chunk_size=cfg.ce_chunk_size).peak_bytes
+        assert want != full
+        assert f"needs ~{fmt_bytes(want)} against" in as_written_verdict(res, cfg)

@@ -132,10 +132,13 @@ def as_written_verdict(res, cfg) -> str:
             if t.status in ("error", "leak"):  # measured, and not a fit: never the estimate's word instead
                 return f"its trial ran and is not a fit: {t.status} ({(t.note or '').splitlines()[0][:160]}) (measured)"
     from autofit.planning.estimate import ModelShape, estimate_peak
-    n_micro = 2 if cfg.effective_batch > cfg.batch_size else 1
+    # as the plan's ranks run it: each rank accumulates its share of the micro-batches (torchrun)
+    ranks, parallelism = res.plan.world_size, res.plan.parallelism
+    n_micro = 2 if cfg.gradient_accumulation_steps > ranks else 1
     est = estimate_peak(ModelShape.from_config(cfg), cfg.batch_size, dtype=want[1], checkpointing=cfg.checkpointing,
                         loss_impl=cfg.loss_impl, compile=False, device=_kind(res), ce_chunk_size=cfg.ce_chunk_size,
-                        n_micro=n_micro).peak_bytes
+                        n_micro=n_micro, checkpointing_policy=policy, world_size=ranks,
+                        parallelism=parallelism if ranks > 1 else "ddp").peak_bytes
     how = "estimated, closed form" + ("; compile's memory effect is not estimated" if cfg.compile else "")
     if est <= budget:
         return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it fits ({how}){_against_estimated(res, want)}"
