@@ -174,3 +174,13 @@ def test_the_config_as_written_is_estimated_as_its_ranks_and_policy_run_it():
                              device="cpu", n_micro=2, ce_chunk_size=cfg.ce_chunk_size).peak_bytes
         assert want != full
         assert f"needs ~{fmt_bytes(want)} against" in as_written_verdict(res, cfg)
+
+
+def test_a_step_line_on_several_ranks_says_whose_figures_they_are():
+    """tokens/s is the whole run's (all ranks), the micro-batches each rank's, the peak rank 0's
+    (the only rank that prints): unlabelled, 2,000 tok/s beside a one-rank peak read as one process's."""
+    from trainer.metrics import describe_step
+    rec = dict(step=1, loss=1.0, lr=1e-3, step_s=0.1, tokens_per_s=2000.0, micro_batch=4, grad_accum=2,
+               micro_batches=[4, 4], world_size=2, peak_mem_bytes=3 * 2**20)
+    assert describe_step(rec).endswith("2,000 tok/s (2 ranks), micro-batch 4 x 2 per rank, peak 3.0 MiB on rank 0")
+    assert describe_step({**rec, "world_size": 1}).endswith("2,000 tok/s, micro-batch 4 x 2, peak 3.0 MiB")

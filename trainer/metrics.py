@@ -54,8 +54,13 @@ def describe_step(rec: dict) -> str:
     mem = (f", peak {peak / 2**30:.2f} GiB" if peak >= 2**30 else f", peak {peak / 2**20:.1f} MiB") if peak else ""
     dt = rec["step_s"]
     lr = f"lr {rec['lr']:.2e}" + (f" (Muon {rec['muon_lr']:.2e})" if rec.get("muon_lr") is not None else "")
+    ranks = rec.get("world_size") or 1
+    # several ranks: tokens/s is the whole run's, the micro-batches each rank's, the peak rank 0's
+    every, rank0 = (f" ({ranks} ranks)", " per rank") if ranks > 1 else ("", "")
+    mem = mem + (" on rank 0" if mem and ranks > 1 else "")
     return (f"step {rec['step']}: loss {rec['loss']:.4f}, {lr}, {dt * 1000:.0f} ms, "
-            f"{rec['tokens_per_s'] or 0:,.0f} tok/s, {micro_batch_words(rec.get('micro_batches'), rec['micro_batch'], rec['grad_accum'])}{mem}")
+            f"{rec['tokens_per_s'] or 0:,.0f} tok/s{every}, "
+            f"{micro_batch_words(rec.get('micro_batches'), rec['micro_batch'], rec['grad_accum'])}{rank0}{mem}")
 
 
 def micro_batch_words(micro_batches: list[int] | None, largest: int, count: int) -> str:
