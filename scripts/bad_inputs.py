@@ -588,6 +588,10 @@ ROWS: list[Row] = [
     Row("TORCH_LOGS=garbage, probe", PROBE, env={"TORCH_LOGS": "garbage"}, by="session 9"),
     Row("AUTOFIT_DIST_TIMEOUT=0.0001 (c10d rounds it to 0 ms)", [*RUN, "--out", "o", "--nproc-per-node", "2"],
         env={"AUTOFIT_DIST_TIMEOUT": "0.0001"}, check=absent("o"), by="session 9"),
+    Row("AUTOFIT_FAULT_OOM_AT_STEP=1@5 on one rank (never fires)", [*RUN, "--out", "o"],
+        env={"AUTOFIT_FAULT_OOM_AT_STEP": "1@5"}, check=absent("o"), by="session 10"),
+    Row("AUTOFIT_FAULT_OOM_AT_STEP=1@2 under --nproc-per-node 2", [*RUN, "--out", "o", "--nproc-per-node", "2"],
+        env={"AUTOFIT_FAULT_OOM_AT_STEP": "1@2"}, check=absent("o"), by="session 10"),
     Row("AUTOFIT_DIST_TIMEOUT=inf", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "inf"}, check=absent("o"), by="qa"),
     Row("AUTOFIT_DIST_TIMEOUT=nan", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "nan"}, check=absent("o"), by="qa"),
     Row("AUTOFIT_DIST_TIMEOUT=1e20", [*RUN, "--out", "o"], env={"AUTOFIT_DIST_TIMEOUT": "1e20"}, check=absent("o"),
@@ -825,8 +829,9 @@ def run_row(row: Row, python: str, timeout: float) -> Result:
         t = Path(tmp)
         if row.setup is not None:
             row.setup(t)
-        env = {**os.environ, "AUTOFIT_HOME": str(t / "home"), "COLUMNS": "200", **row.env}
-        env.pop("AUTOFIT_FAULT_OOM_AT_STEP", None)
+        # the caller's fault injection never leaks into a row; a row's own does
+        inherited = {k: v for k, v in os.environ.items() if k != "AUTOFIT_FAULT_OOM_AT_STEP"}
+        env = {**inherited, "AUTOFIT_HOME": str(t / "home"), "COLUMNS": "200", **row.env}
         args = [a.replace("{t}", str(t)) for a in row.args]
         start = time.monotonic()
         out = open("/dev/full", "w") if row.stdout == "full" else subprocess.PIPE  # noqa: SIM115

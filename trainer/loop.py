@@ -75,7 +75,7 @@ class Trainer(RedoneStep):
                               else cfg.compile_after if cfg.compile_after is not None
                               else DEFAULT_COMPILE_AFTER)
         try:
-            self.fault = opts.fault or FaultInjector.from_env(self.rank)
+            self.fault = opts.fault or FaultInjector.from_env(self.rank, self.world_size)
         except ValueError as e:
             raise TrainError(str(e)) from None
         if self.out_dir.exists() and not self.out_dir.is_dir():

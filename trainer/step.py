@@ -137,8 +137,9 @@ class FaultInjector:
         self.fired = False
 
     @classmethod
-    def from_env(cls, rank: int = 0) -> "FaultInjector":
-        """Raises ValueError for a value that is not STEP or STEP@RANK (non-negative integers)."""
+    def from_env(cls, rank: int = 0, world_size: int | None = None) -> "FaultInjector":
+        """Raises ValueError for a value that is not STEP or STEP@RANK (non-negative integers), or
+        whose RANK is not one of `world_size` ranks (where given): it would never fire."""
         raw = os.environ.get("AUTOFIT_FAULT_OOM_AT_STEP", "").strip()
         if not raw:
             return cls(None)
@@ -150,6 +151,9 @@ class FaultInjector:
         except ValueError:
             raise ValueError(f"AUTOFIT_FAULT_OOM_AT_STEP must be a step, or STEP@RANK for one rank only "
                              f"(e.g. 3 or 3@1), got {raw!r}") from None
+        if on_rank is not None and world_size is not None and on_rank >= world_size:
+            raise ValueError(f"AUTOFIT_FAULT_OOM_AT_STEP={raw} names rank {on_rank}, but this run has {world_size} "
+                             f"rank(s), 0 to {world_size - 1}: it would never fire")
         return cls(at, on_rank, rank)
 
     def check(self, step: int | None, micro_index: int) -> None:

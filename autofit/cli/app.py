@@ -145,7 +145,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             ):
     """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
     on the budgeted CPU device when there is no GPU), probed first."""
-    check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset, allow_changes, overrides)
+    check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset, allow_changes, overrides, nproc_per_node)
     # --resume: the --set values apply to the checkpoint's config (prepare_resume), not the tiny preset
     cfg = load_train_config(config, preset, [o for o in overrides if o.startswith("out_dir=")] if resume else overrides)
     cfg.out_dir = out if out is not None else cfg.out_dir

@@ -248,7 +248,7 @@ def _utf8(text: str) -> bool:
 
 
 def check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset, allow_changes=False,
-                    overrides=()) -> None:
+                    overrides=(), nproc_per_node=None) -> None:
     """What the run's flags say wrong, in one line, before anything else is read: an empty --out,
     flags that exclude each other, and environment settings the run would read late."""
     if out is not None and not out.strip():
@@ -272,8 +272,9 @@ def check_run_flags(out, max_steps, emulate, profile, budget, resume, config, pr
                          "(use --set for what may change, e.g. --set max_iters=...)")
     from trainer.distributed.ranks import timeout as dist_timeout
     from trainer.step import FaultInjector
-    try:
-        FaultInjector.from_env()
+    try:  # the ranks the run will have: --nproc-per-node's, torchrun's WORLD_SIZE, or one process
+        world = os.environ.get("WORLD_SIZE", "1").strip()
+        FaultInjector.from_env(world_size=nproc_per_node or (int(world) if world.isdigit() else None))
     except ValueError as e:
         raise UsageError(str(e)) from None
     dist_timeout()  # AUTOFIT_DIST_TIMEOUT: a TrainError line now, not after the probe
