@@ -158,7 +158,9 @@ def test_the_plot_keeps_every_combination_past_ten_colours(measured):
     keys = {(t.dtype, t.checkpointing, t.loss_impl, t.checkpointing_policy, t.sharded)
             for t in [*res.trials, *many] if t.status != "pruned"}
     assert len(lines) == len(keys) > 10
-    assert {ln.get_linestyle() for ln in lines[10:]} == {"--"}
+    # dashed past ten; dotted where it lies exactly on an earlier line (1 layer: every checkpointing
+    # interval estimates the same), which its label names
+    assert all(ln.get_linestyle() == ("--" if "the same as" not in ln.get_label() else ":") for ln in lines[10:])
 
 
 @pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml")])
@@ -208,3 +210,22 @@ def test_cli_probe_plot_writes_the_file(tmp_path, monkeypatch, capsys):
     out, _ = capsys.readouterr()
     assert exit_info.value.code == 0 and f"plot: {path}" in out
     assert "<svg" in path.read_text()
+
+
+def test_micro_batch_ticks_are_whole_and_a_line_under_another_is_named(measured, monkeypatch):
+    """A micro-batch axis of 1-6 was ticked 1.5, 2.5, ...; two levers whose estimates are the same
+    drew one line over the other, the first hidden."""
+    from autofit.planning import estimate
+    res, cfg = measured
+    ax = build_figure(res, cfg).axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [x for x in ax.get_xticks() if lo <= x <= hi]
+    assert ticks and all(float(x).is_integer() for x in ticks)
+    labels = [l for l in _labels(build_figure(res, cfg)) if "estimated (closed form)" in l]
+    assert len(labels) == 2 and not any("the same as" in l for l in labels)  # standard and chunked differ here
+    real = estimate.estimate_peak
+    monkeypatch.setattr(estimate, "estimate_peak", lambda *a, **k: real(*a, **{**k, "loss_impl": "standard"}))
+    fig = build_figure(res, cfg)
+    labels = [l for l in _labels(fig) if "estimated (closed form)" in l]
+    assert labels[1].endswith("estimated (closed form), the same as fp32, no ckpt, standard loss's")
+    assert fig.axes[0].lines[1].get_linestyle() == ":"

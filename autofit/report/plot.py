@@ -105,6 +105,7 @@ def build_figure(res, cfg):
     """A matplotlib Figure for a ProbeResult (autofit.planning.planner) of TrainConfig `cfg`; y in GiB
     (MiB when the budget is under 1 GiB, as on a small budgeted CPU device)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from autofit.planning.estimate import ModelShape, estimate_peak
     shape = ModelShape.from_config(cfg)
@@ -115,6 +116,7 @@ def build_figure(res, cfg):
     colors = [f"C{i}" for i in range(10)]
     sizes = _sizes(res)
     labelled: set[str] = set()  # the legend entries shared by every line, once
+    drawn: dict[str, list[int]] = {}  # each estimate line drawn so far, by its levers
     world = res.plan.world_size
     rank_batch = res.plan.effective_batch  # each rank's share: a trial of m runs two micro-batches below it
     for i, key in enumerate(_combos(res)):
@@ -127,7 +129,11 @@ def build_figure(res, cfg):
                              checkpointing_policy=policy, world_size=world, parallelism="fsdp2" if sharded else "ddp",
                              ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if rank_batch > m else 1).peak_bytes
                for m in sizes]
-        ax.plot(sizes, [b / unit for b in est], color=color, linestyle=style, label=f"{levers}: estimated (closed form)")
+        # a line drawn exactly over an earlier one would hide it: dotted, and its label says whose it is
+        twin = next((name for name, other in drawn.items() if other == est), None)
+        ax.plot(sizes, [b / unit for b in est], color=color, linestyle=":" if twin else style,
+                label=f"{levers}: estimated (closed form)" + (f", the same as {twin}'s" if twin else ""))
+        drawn[levers] = est
         _points(ax, [t for t in res.trials if _line_key(t) == key], res, color, levers, unit, labelled)
     ax.axhline(res.budget.budget_bytes / unit, color="black", linestyle="--",
                label=f"budget {fmt_bytes(res.budget.budget_bytes)} (free memory less reserves and margin)")
@@ -140,6 +146,7 @@ def build_figure(res, cfg):
                      + (", compiled" if p.compile else "") + (", FSDP2" if p.parallelism == "fsdp2" else "")
                      + f" ({'measured' if p.measured_peak_bytes else 'estimated'} peak {fmt_bytes(peak)}"
                      + (" reserved)" if p.measured_reserved_bytes else ")"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # micro-batches are whole sequences
     ax.set_xlabel("micro-batch (sequences)")
     ax.set_ylabel(f"peak memory ({unit_name})")
     ax.set_title(f"{res.device.name}: peak memory per micro-batch ({res.mode})")
