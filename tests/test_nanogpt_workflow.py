@@ -368,3 +368,35 @@ def test_a_nanogpt_checkpoint_without_optimizer_state_is_primed_before_its_first
     code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "run", *CPU, "--max-steps", "3")
     assert code == 0, err
     assert primed == [0]  # once, before the first update, with no state yet
+
+
+def test_a_run_cut_short_by_max_steps_says_how_to_go_on_and_the_command_reaches_max_iters(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """--max-steps stops before max_iters: the printed resume trains on to max_iters (a plain
+    --resume; `--set max_iters=N` would change the schedule of a run that has not reached it)."""
+    import shlex
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--set", "max_iters=4",
+                         "--max-steps", "2", "--out", "r")
+    assert code == 0, err
+    (nxt,) = [ln for ln in out.splitlines() if ln.startswith("next: ")]
+    assert "(train on to max_iters 4; --max-steps N to stop at step N)" in nxt and "max_iters=N" not in nxt, nxt
+    resume = nxt.removeprefix("next: ").split(", or ")[1].split(" (")[0]
+    code, out, err = cli(monkeypatch, capsys, *shlex.split(resume)[1:], "--no-progress")
+    assert code == 0, err
+    assert [r["step"] for r in records(tmp_path / "r", "train")] == [0, 1, 2, 3]
+
+
+def test_the_line_after_an_interrupt_repeats_max_steps(tmp_path, capsys):
+    """Ctrl-C of `run --max-steps 300`: the continuation printed dropped --max-steps, and following
+    it trained on toward max_iters (20,000 for a preset), not to the step asked for."""
+    import typer
+    from autofit.cli.run_end import report_run
+    from trainer.options import RunResult
+    cfg = types.SimpleNamespace(out_dir=str(tmp_path / "my out"), max_iters=20_000)
+    res = RunResult(steps=67, losses=[1.0], tokens=0, micro_batches=[4], status="interrupted", events=[],
+                    checkpoint=tmp_path / "my out" / "ckpt.pt", checkpoint_step=67)
+    for max_steps, tail in ((300, " --max-steps 300"), (None, ""), (20_000, ""), (30_000, "")):
+        with pytest.raises(typer.Exit):
+            report_run(res, cfg, max_steps)
+        err = capsys.readouterr().err
+        assert err.rstrip().endswith(f"continue with: autofit run --resume --out '{tmp_path}/my out'{tail}"), err

@@ -202,6 +202,7 @@ def _train(cfg, opts) -> None:
     """The training run, and its report. The loop takes the first Ctrl-C itself (checkpoint, stop);
     a second one stops at once, and the last checkpoint written is what is kept (said too when the
     disk refuses stdout or a file mid-run)."""
+    from autofit.cli.run_end import report_run
     from trainer.loop import train
     from trainer.writes import WriteError
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
@@ -211,7 +212,7 @@ def _train(cfg, opts) -> None:
         result = train(cfg, opts)
     except WriteError as e:
         raise e.with_kept(f"training stopped; {kept()}") from None
-    _report_run(result, cfg)
+    report_run(result, cfg, opts.max_steps)
 
 
 _OUT_LOCKS: list = []  # (lock, folder, made by this command), held until the command ends
@@ -321,36 +322,6 @@ from autofit.cli.profiles import profiles_app  # noqa: E402  (the `profiles` sub
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(data_app, name="data")
 app.registered_commands += sample_app.registered_commands
-
-
-def _report_run(result, cfg) -> None:
-    if result.status == "interrupted":
-        interrupts.said()
-        err_console.print(f"interrupted after {result.steps} optimizer step(s); "
-                          f"checkpoint {result.checkpoint} resumes at step {result.checkpoint_step}; continue with: "
-                          f"autofit run --resume --out {shlex.quote(str(cfg.out_dir))}" if result.checkpoint else
-                          f"interrupted during the evaluation at step {result.steps} (eval_only); nothing was saved",
-                          markup=False)
-        raise typer.Exit(interrupts.EXIT_CODE)
-    if result.status == "evaluated":
-        ev = result.last_eval or {}
-        console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "
-                      f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained, no checkpoint "
-                      f"written; the losses are in {Path(cfg.out_dir) / 'metrics.jsonl'}")
-        return
-    first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
-    n = len(result.losses)  # this run's steps; result.steps counts from step 0 (a resume's earlier ones too)
-    msg = (f"done: {result.steps} optimizer steps" if n in (0, result.steps) else
-           f"done: {n} optimizer steps (steps {result.steps - n} to {result.steps - 1}; {result.steps} in all)") + (
-        f", loss {first:.3f} -> {last:.3f}" if first is not None else "")
-    console.print(msg + f"; checkpoint {result.checkpoint} (resumes at step {result.checkpoint_step}), metrics "
-                  f"{Path(cfg.out_dir) / 'metrics.jsonl'}")
-    from trainer.schedule import at_zero_lr_from
-    out = shlex.quote(str(cfg.out_dir))
-    # past lr_decay_iters with min_lr 0 a longer run alone trains at learning rate 0
-    more = " --set lr_decay_iters=N --allow-changes" if at_zero_lr_from(result.checkpoint_step or 0, cfg) else ""
-    console.print(f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out} "
-                  f"--set max_iters=N{more} (train on)", markup=False)
 
 
 def _say_interrupted() -> None:

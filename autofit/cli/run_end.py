@@ -1,0 +1,65 @@
+"""What `autofit run` says when training ends: finished, interrupted or evaluated, and the command
+that continues it. The continuation repeats --max-steps when the run was cut short by it: without
+it, `--resume` trains on toward max_iters (--max-steps is a limit of one invocation, not saved in
+the checkpoint), which for a nanochat-sized run is days, not the run the user started."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import typer
+
+from autofit import interrupts
+from autofit.cli.common import console, err_console
+
+
+def continue_command(cfg, max_steps: int | None) -> str:
+    """`autofit run --resume --out DIR`, with `--max-steps N` when this invocation had a limit below
+    max_iters (the step the user asked to reach is then still ahead)."""
+    cmd = f"autofit run --resume --out {shlex.quote(str(cfg.out_dir))}"
+    if max_steps is not None and max_steps < cfg.max_iters:
+        cmd += f" --max-steps {max_steps}"
+    return cmd
+
+
+def report_run(result, cfg, max_steps: int | None = None) -> None:
+    """Print how a run ended (trainer.options.RunResult) and what to do next.
+
+    Raises typer.Exit(130) after an interrupt, so the shell sees it; otherwise returns."""
+    if result.status == "interrupted":
+        interrupts.said()
+        err_console.print(f"interrupted after {result.steps} optimizer step(s); "
+                          f"checkpoint {result.checkpoint} resumes at step {result.checkpoint_step}; continue with: "
+                          f"{continue_command(cfg, max_steps)}" if result.checkpoint else
+                          f"interrupted during the evaluation at step {result.steps} (eval_only); nothing was saved",
+                          markup=False)
+        raise typer.Exit(interrupts.EXIT_CODE)
+    if result.status == "evaluated":
+        ev = result.last_eval or {}
+        console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "
+                      f"val loss {ev.get('val', float('nan')):.4f} (measured); nothing trained, no checkpoint "
+                      f"written; the losses are in {Path(cfg.out_dir) / 'metrics.jsonl'}")
+        return
+    first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
+    n = len(result.losses)  # this run's steps; result.steps counts from step 0 (a resume's earlier ones too)
+    msg = (f"done: {result.steps} optimizer steps" if n in (0, result.steps) else
+           f"done: {n} optimizer steps (steps {result.steps - n} to {result.steps - 1}; {result.steps} in all)") + (
+        f", loss {first:.3f} -> {last:.3f}" if first is not None else "")
+    console.print(msg + f"; checkpoint {result.checkpoint} (resumes at step {result.checkpoint_step}), metrics "
+                  f"{Path(cfg.out_dir) / 'metrics.jsonl'}")
+    console.print(_next_line(result, cfg), markup=False)
+
+
+def _next_line(result, cfg) -> str:
+    """After a finished run: sample from it, or train on. A run stopped by --max-steps before
+    max_iters trains on with a plain --resume (the schedule is max_iters'); one that reached
+    max_iters needs a longer schedule (--set max_iters=N), and past lr_decay_iters with min_lr 0
+    a longer run alone would train at learning rate 0."""
+    from trainer.schedule import at_zero_lr_from
+    out = shlex.quote(str(cfg.out_dir))
+    if result.steps < cfg.max_iters:
+        return (f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out} "
+                f"(train on to max_iters {cfg.max_iters}; --max-steps N to stop at step N)")
+    more = " --set lr_decay_iters=N --allow-changes" if at_zero_lr_from(result.checkpoint_step or 0, cfg) else ""
+    return (f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out} "
+            f"--set max_iters=N{more} (train on)")
