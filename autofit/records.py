@@ -49,7 +49,7 @@ class TrialRecord(BaseModel):
     tokens_per_s: float | None = None
     step_seconds: list[float] = []  # each timed step's wall time, measured (re-timing appends)
     # each timed step's CPU time of this process (all its threads), measured on a CPU device only:
-    # time other processes take from the cores is not counted in it
+    # time other processes take from free cores is not counted in it (oversubscribed, it is)
     step_cpu_seconds: list[float] = []
     tokens_per_step: int | None = None  # tokens of one timed step (both micro-batches of a trial)
     # of each timed step, the optimizer update's share (clipping, step, zero_grad; measured, wall

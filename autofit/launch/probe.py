@@ -11,6 +11,7 @@ from typing import Callable
 from autofit.planning.budget import compute_budget, device_budget
 from autofit.planning.candidates import candidate_space
 from autofit.devices.device import DeviceError
+from autofit.devices.host_load import LoadMeter
 from autofit.devices.opener import open_device, open_simulated
 from autofit.planning.estimated import probe_estimated
 from autofit.planning.planner import ProbeResult, probe_measured
@@ -146,11 +147,28 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     with StopFlag(notice) as stop:  # Ctrl-C/SIGTERM: the trial in flight ends, then the probe stops (a second: at once)
         settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed,
                                  stop=lambda: stop.signal is not None, on_trial=on_trial)
-        res = probe_measured(cfg, device, budget, space, settings=settings, log=log)
+        with LoadMeter() as meter:
+            res = probe_measured(cfg, device, budget, space, settings=settings, log=log)
         if agree.stop_wanted(stop.signal is not None):  # asked after the last trial that checked: no plan from it
             raise KeyboardInterrupt
     res.notes = list(space.notes)
+    # one process on the CPU only: several ranks' siblings would count as other processes' load
+    said = load_words(meter.load) if info.kind == "cpu" and not ranks.several else None
+    if said:
+        log(said)
+        res.notes.append(said)
     return res
+
+
+def load_words(load) -> str | None:
+    """The line a probe on the CPU adds when other processes oversubscribed the cores during its
+    trials (autofit.devices.host_load.Load.busy), else None: its CPU-time figures were inflated
+    by it, so the plan may not be the one a quiet machine would choose."""
+    if load is None or not load.busy:
+        return None
+    return (f"load: {load.words()} while the trials ran: on oversubscribed cores a thread waiting for a core "
+            f"spins, so the CPU-time figures the contest judged grew with the load (up to 5-9x seen on a 2-core "
+            f"machine) and this plan may not be the one a quiet machine picks; probe again when it is quiet")
 
 
 def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: None):

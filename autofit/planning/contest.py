@@ -4,7 +4,8 @@ A machine shared with other work only ever slows a step down, never speeds it up
 contender's figure is its fastest step (the least disturbed one), as time per token of the run it
 plans (its micro-batches' time per token, plus its optimizer update spread over the run's whole
 optimizer step: readings()): CPU time of this process on a CPU device (time other processes take
-from the cores is mostly not counted in it), wall time on a GPU. A step slowed by a burst of load
+from free cores is not counted in it; on oversubscribed cores it is, as a thread waiting for a core
+spins: autofit.devices.host_load measures and says that), wall time on a GPU. A step slowed by a burst of load
 is not the fastest, so it is left out.
 Its first readings are those of the search's trial (autofit.planning.search): a contender whose
 readings are already more than CLEAR_FIRST slower than the leader's is out before any re-timing.
@@ -256,7 +257,8 @@ def _tie_winner(runner, tied: list[TrialRecord], own: TrialRecord | None, spt) -
 
 def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord], rounds: int, n: int,
          cpu: bool, own: TrialRecord | None) -> str:
-    figure = ("CPU time per token of its fastest step (load from other processes is not counted in it)" if cpu
+    figure = ("CPU time per token of its fastest step (other processes' load is not counted in it while cores are "
+               "free)" if cpu
               else "time per token of its fastest step (load only slows a step)")
     if n == 1:
         return f"the only contender, measured by {figure}"

@@ -336,7 +336,8 @@ def _candidates_table(res, console: Console) -> None:
     if not estimated:
         console.print("  [dim]tokens/s: the trial's fastest step by wall time, its optimizer update paid once per "
                       "effective batch as the run pays it (the plan's figure)"
-                      + ("; the contest judged CPU time per token, which load from other processes does not inflate"
+                      + ("; the contest judged CPU time per token, which other processes' load does not inflate while "
+                         "cores are free (oversubscribed, a waiting thread spins, and it does)"
                          if d.kind == "cpu" else "") + "[/]")
     for i, n in enumerate(notes, 1):
         console.print(f"  [dim]({i}) {n}[/]")
