@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, computed_field, model_validator
 
 # fit: ran its optimizer steps and its peak is inside the budget.
 # oom: raised out-of-memory. over_budget: ran, but its peak exceeds the budget.
@@ -70,6 +70,33 @@ class TrialRecord(BaseModel):
         return Candidate(micro_batch=self.micro_batch, dtype=self.dtype, compile=self.compile,
                          checkpointing=self.checkpointing, loss_impl=self.loss_impl, sharded=self.sharded,
                          checkpointing_policy=self.checkpointing_policy)
+
+    def readings(self, cpu: bool) -> list[float]:
+        """Each timed step as seconds per token of the run it plans: the step's micro-batches' time
+        per token, plus its optimizer update spread over the run's optimizer step
+        (`optimizer_step_tokens`), not over the trial's two micro-batches; a run of 4 x 8 pays one
+        update per 32 sequences, its trial of 2 x 8 one per 16, so unprojected trials favour larger
+        micro-batches on a model whose update is a sizeable share of a step. CPU time (`cpu`, where
+        CPU times were measured) or wall time. Without update times (records from before they
+        were measured): the step as measured."""
+        use_cpu = cpu and bool(self.step_cpu_seconds)
+        steps = self.step_cpu_seconds if use_cpu else self.step_seconds
+        updates = self.update_cpu_seconds if use_cpu else self.update_seconds
+        if not (steps and self.tokens_per_step):
+            return []
+        if len(updates) != len(steps) or not self.optimizer_step_tokens:
+            return [s / self.tokens_per_step for s in steps]
+        return [(s - u) / self.tokens_per_step + u / self.optimizer_step_tokens for s, u in zip(steps, updates)]
+
+    @computed_field
+    @property
+    def run_tokens_per_s(self) -> float | None:
+        """Tokens/s (wall time, measured) the run planned with this trial is expected to reach: its
+        fastest reading, the optimizer update paid once per optimizer step as the run pays it. The
+        figure the plan, the trial lines and the -v table print; `tokens_per_s` is the trial's own
+        (its update paid per two trial micro-batches). In --json, profiles and AUTOFIT_TRIALS_JSONL."""
+        r = self.readings(False)
+        return 1.0 / min(r) if r else self.tokens_per_s
 
 
 class PlanRecord(BaseModel):

@@ -443,8 +443,12 @@ def test_a_burst_on_the_half_size_does_not_buy_a_recomputing_search(monkeypatch)
                                                 "vocab_size=512", "batch_size=64", "gradient_accumulation_steps=1"])
     space = Space(dtypes=["float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard"])
     clock = Clock(lambda c: 1.0 + 0.3 * c.checkpointing, p=0.0, first_burst={STD.candidate(5): 2})
+    logs = []
+    monkeypatch.setattr(FakeRunner, "log", property(lambda self: logs.append, lambda self, v: None), raising=False)
     res, runner = plan_with(cfg, 8_000_000, space, clock, monkeypatch)
     assert max(t.micro_batch for t in res.trials if t.status == "fit" and not t.checkpointing) == 10
+    # the re-timing is said: the trial line's figure and the plan's differ because of it
+    assert any(s.startswith("re-timing micro-batch 5 and 10 (standard loss) once") for s in logs), logs
     assert not any(c.checkpointing for c in runner.ran)
     skipped = [t for t in res.trials if t.checkpointing and t.status == "pruned"]
     assert skipped and "cannot pay back" in skipped[0].note
@@ -581,3 +585,49 @@ def test_the_users_own_split_back_in_the_last_contest_is_said(monkeypatch):
     first_out = next(i for i, s in enumerate(said) if s.startswith("contest round") and "micro-batch 16, standard" in s
                      and " out," in s)
     assert said.index(back[0]) > first_out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_tie_band_in_the_log_is_the_one_in_the_plans_why(seed, monkeypatch):
+    """The log's band took the leader against itself too (clamped to TIE_MAX), so a tie read
+    'within 5.0%' in the log and 'within 4.4%' in the plan."""
+    import re
+    cfg = cfg_for(16)
+    big, small = CHUNKED.candidate(8), STD.candidate(6)
+    clock = Clock({big: 0.99, small: 1.00}.__getitem__, seed=seed, p=0.3, jitter=0.04)
+    runner = contest_runner(cfg, clock, monkeypatch)
+    lines = []
+    runner.log = lines.append
+    recs = [clock.record(cfg, c, 16, 2, 1000 * c.micro_batch) for c in (big, small)]
+    d = contest.decide(runner, recs)
+    (tie,) = [ln for ln in lines if ln.startswith("contest: a tie between")]
+    logged, = re.findall(r"within ([\d.]+%)", tie)
+    said, = re.findall(r"a tie within ([\d.]+%)", d.why)
+    assert logged == said, (tie, d.why)
+    lead = min(d.tied, key=lambda t: contest.seconds_per_token(t, True))
+    assert logged == f"{max(contest.tie_band(lead, t, True) for t in d.tied if t is not lead):.1%}"
+
+
+def test_the_json_and_the_profile_carry_the_printed_run_figure_beside_the_trials_own():
+    """--json, profiles and AUTOFIT_TRIALS_JSONL gave only the trial's own tokens/s (its update
+    paid per two trial micro-batches), up to 30 % from the figure printed for the same trial."""
+    t = TrialRecord(**STD.candidate(4).model_dump(), status="fit", tokens_per_step=256, optimizer_step_tokens=1024,
+                    step_seconds=[0.30, 0.20], update_seconds=[0.10, 0.10], tokens_per_s=256 / 0.20)
+    # the run pays the 0.1 s update once per 1024 tokens: 0.1/256 + 0.1/1024 s per token
+    want = 1 / (0.1 / 256 + 0.1 / 1024)
+    d = t.model_dump(mode="json")
+    assert d["run_tokens_per_s"] == pytest.approx(want) == contest.run_tokens_per_s(t)
+    assert d["tokens_per_s"] == pytest.approx(1280.0)
+    assert TrialRecord.model_validate(d).run_tokens_per_s == pytest.approx(want)  # read back from a profile
+
+
+def test_a_contest_with_no_round_does_not_say_it_re_timed(monkeypatch):
+    """One contender three times slower on its first readings is out before any round: the why
+    said 're-timed in 0 alternating round(s)'."""
+    cfg = cfg_for(16)
+    fast, slow = STD.candidate(8), CHUNKED.candidate(8)
+    clock = Clock({fast: 1.0, slow: 4.0}.__getitem__, p=0.0)
+    runner = contest_runner(cfg, clock, monkeypatch)
+    d = contest.decide(runner, [clock.record(cfg, c, 16, 2, 1000) for c in (fast, slow)])
+    assert d.winner.candidate() == fast and d.rounds == 0
+    assert "the others out on their first readings" in d.why and "0 alternating" not in d.why, d.why

@@ -63,21 +63,8 @@ RETIME_STEPS = 2
 
 
 def readings(t: TrialRecord, cpu: bool) -> list[float]:
-    """Each timed step of `t` as seconds per token of the run it plans: the step's micro-batches'
-    time per token, plus its optimizer update spread over the run's optimizer step
-    (`optimizer_step_tokens`), not over the trial's two micro-batches; a run of 4 x 8 pays one
-    update per 32 sequences, its trial of 2 x 8 one per 16, so unprojected trials favour larger
-    micro-batches on a model whose update is a sizeable share of a step. CPU time (`cpu`: the
-    device is the CPU and CPU times were measured) or wall time. Without update times (records
-    from before they were measured): the step as measured."""
-    use_cpu = cpu and bool(t.step_cpu_seconds)
-    steps = t.step_cpu_seconds if use_cpu else t.step_seconds
-    updates = t.update_cpu_seconds if use_cpu else t.update_seconds
-    if not (steps and t.tokens_per_step):
-        return []
-    if len(updates) != len(steps) or not t.optimizer_step_tokens:
-        return [s / t.tokens_per_step for s in steps]
-    return [(s - u) / t.tokens_per_step + u / t.optimizer_step_tokens for s, u in zip(steps, updates)]
+    """Each timed step of `t` as seconds per token of the run it plans (TrialRecord.readings)."""
+    return t.readings(cpu)
 
 
 def seconds_per_token(t: TrialRecord, cpu: bool) -> float | None:
@@ -91,10 +78,8 @@ def seconds_per_token(t: TrialRecord, cpu: bool) -> float | None:
 
 
 def run_tokens_per_s(t: TrialRecord) -> float | None:
-    """Tokens/s the run planned with `t` is expected to reach, from its fastest wall-time reading
-    (measured micro-batches, the measured update spread over the whole optimizer step)."""
-    r = readings(t, False)
-    return 1.0 / min(r) if r else t.tokens_per_s
+    """Tokens/s the run planned with `t` is expected to reach (TrialRecord.run_tokens_per_s)."""
+    return t.run_tokens_per_s
 
 
 def peak_of(t: TrialRecord) -> int:
@@ -233,11 +218,14 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
         if t not in tied:
             runner.log(f"contest: {label(t)} lost after {done + rounds} round(s): {spt(t) / spt(lead):.2f}x the "
                        f"leader's time per token, outside their {tie_band(lead, t, cpu):.1%} tie band")
+    # the band of the tie, against the leader (the leader against itself is no band): one figure for
+    # the log line and the plan's why, whichever of the tied wins
+    band = max((tie_band(lead, t, cpu) for t in tied if t is not lead), default=0.0)
     if len(tied) > 1:
         runner.log(f"contest: a tie between {'; '.join(label(t) for t in tied)} (within "
-                   f"{max(tie_band(lead, t, cpu) for t in tied):.1%}, the spread of their readings)")
+                   f"{band:.1%}, the spread of their readings)")
     winner = _tie_winner(runner, tied, own, spt)
-    return Decision(winner=winner, why=_why(winner, alive, tied, done + rounds, len(seen), cpu, own),
+    return Decision(winner=winner, why=_why(winner, alive, tied, done + rounds, len(seen), cpu, own, band),
                     rounds=done + rounds, tied=tied, n=len(seen), seen=seen)
 
 
@@ -256,18 +244,18 @@ def _tie_winner(runner, tied: list[TrialRecord], own: TrialRecord | None, spt) -
 
 
 def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord], rounds: int, n: int,
-         cpu: bool, own: TrialRecord | None) -> str:
+         cpu: bool, own: TrialRecord | None, band: float = 0.0) -> str:
     figure = ("CPU time per token of its fastest step (other processes' load is not counted in it while cores are "
                "free)" if cpu
               else "time per token of its fastest step (load only slows a step)")
     if n == 1:
         return f"the only contender, measured by {figure}"
-    text = f"fastest of {n} contenders by {figure}, re-timed in {rounds} alternating round(s)"
+    text = f"fastest of {n} contenders by {figure}, " + (
+        f"re-timed in {rounds} alternating round(s)" if rounds else "the others out on their first readings")
     if len(tied) > 1:
         others = ", ".join(label(t) for t in tied if t is not winner)
         won_by = ("your own split, kept" if own is not None and winner.candidate() == own.candidate()
                   else f"the most headroom ({measured_peak_words(winner)})")
-        band = max(tie_band(winner, t, cpu) for t in tied if t is not winner)
         text += (f"; a tie within {band:.1%} (the spread of their own readings) with {others}, "
                  f"won by {won_by}")
     else:

@@ -334,8 +334,8 @@ def _candidates_table(res, console: Console) -> None:
                    _b(t.measured_peak_bytes), *((_b(t.measured_reserved_bytes),) if reserved else ()), tps, status)
     console.print(tt)
     if not estimated:
-        console.print("  [dim]tokens/s: the trial's fastest step by wall time, its optimizer update paid once per "
-                      "effective batch as the run pays it (the plan's figure)"
+        console.print("  [dim]tokens/s: the trial's fastest step by wall time (of all its readings, re-timings too), "
+                      "its optimizer update paid once per effective batch as the run pays it (the plan's figure)"
                       + ("; the contest judged CPU time per token, which other processes' load does not inflate while "
                          "cores are free (oversubscribed, a waiting thread spins, and it does)"
                          if d.kind == "cpu" else "") + "[/]")
