@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config.train_config import (PRESETS, ConfigError, TrainConfig, config_summary, load_config,
-                            parse_override, parse_py_config)
+from autofit.profiles.fingerprints import config_summary
+from trainer.config.train_config import (PRESETS, ConfigError, TrainConfig, load_config, parse_override,
+                                         parse_py_config)
 
 from seed_case import SEED
 
@@ -616,3 +617,16 @@ def test_any_in_a_dtype_list_says_it_stands_alone(dtype):
     from autofit.planning.candidates import PlanError, candidate_space
     with pytest.raises(PlanError, match=rf"^--dtype {dtype}: 'any' stands alone"):
         candidate_space(load_config(preset="tiny"), "cpu", True, dtype=dtype)
+
+
+def test_a_home_folder_in_out_dir_or_tensorboard_dir_is_the_users_home(tmp_path, monkeypatch):
+    """A config file meets no shell: out_dir = "~/runs/x" made a folder named '~' in the working
+    directory, while the printed path looked like the home folder's (and `rm -rf ~` clears it)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "c.toml").write_text('out_dir = "~/runs/x"\ntensorboard_dir = "~/tb"\n')
+    cfg = load_config(config_file=tmp_path / "c.toml")
+    assert cfg.out_dir == str(tmp_path / "home" / "runs" / "x") and cfg.tensorboard_dir == str(tmp_path / "home" / "tb")
+    assert load_config(overrides=["out_dir=~/y"]).out_dir == str(tmp_path / "home" / "y")
+    cfg.out_dir = "~/z"  # --out, in a shell that did not expand it
+    assert cfg.out_dir == str(tmp_path / "home" / "z")
+    assert load_config(overrides=["out_dir=a~b"]).out_dir == "a~b" and TrainConfig().tensorboard_dir is None

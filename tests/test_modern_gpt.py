@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config.train_config import ConfigError, TrainConfig, config_summary, load_config
+from autofit.profiles.fingerprints import config_summary
+from trainer.config.train_config import ConfigError, TrainConfig, load_config
 from trainer.model import ce
 from trainer.model.gpt import GPT, GPTConfig, model_args_of
 from trainer.model.layers import CausalSelfAttention, MLP, apply_rope, mlp_hidden, rope_tables

@@ -24,7 +24,7 @@ from autofit.launch.probe import ProbeOptions, probe_on, probe_space, run_probe
 from autofit.profiles.store import (FittedPlan, ProfileError, check_profiles_writable, find_plan, fingerprint,
                                    fingerprint_inputs, load_profile, nearest_plan, record_event, save_plan)
 from autofit.records import PlanRecord, ProbeResult, judged_peak
-from trainer.config.train_config import config_summary
+from autofit.profiles.fingerprints import config_summary
 from trainer.loop import RunOptions
 from trainer.recovery import shrink_policy
 from trainer.step import describe_split, split_batch

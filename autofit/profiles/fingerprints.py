@@ -10,6 +10,25 @@ import hashlib
 import json
 from typing import Any
 
+from trainer.config.model_options import MODERN_DEFAULTS
+
+# The fields a plan's memory use depends on; profiles fingerprint plans by them.
+_SUMMARY_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout",
+                   "dtype", "compile", "compile_scope", "tf32", "checkpointing", "loss_impl", "ce_chunk_size",
+                   "batch_size", "gradient_accumulation_steps")
+
+
+def config_summary(cfg) -> dict[str, Any]:
+    """The memory-relevant fields of `cfg` (trainer.config.train_config.TrainConfig), flat, for
+    profile fingerprints."""
+    out = {k: getattr(cfg, k) for k in _SUMMARY_FIELDS}
+    # today's options only where set, so a GPT-2 config's fingerprint (and saved plans) stay as they were
+    out.update({k: getattr(cfg, k) for k, v in MODERN_DEFAULTS.items() if getattr(cfg, k) != v})
+    out["effective_batch"] = cfg.effective_batch
+    out.update({"stages": [s.model_dump(exclude_none=True) for s in cfg.stages]} if cfg.stages else {})
+    return out
+
+
 # Short labels for the non-config fingerprint inputs, as people say them ("torch 2.4 -> 2.5").
 _VERSION_LABELS = {"torch_version": "torch", "cuda_version": "cuda", "driver_version": "driver"}
 

@@ -23,17 +23,16 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from trainer.paths import PathProblem, TomlProblem, parse_toml, read_user_text
-from trainer.config.model_options import MODERN_DEFAULTS, check_model_options
+from trainer.paths import PathProblem, TomlProblem, expand_user, parse_toml, read_user_text
+from trainer.config.model_options import check_model_options
 from trainer.config.stages import StagesField, check_stages
 from trainer.config.messages import did_you_mean, format_validation_error, unknown_key_message
 from trainer.config.pyfile import ConfigError, Refused, literal, parse_py_config
 
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "FIELDS", "load_config", "parse_override",
-           "parse_py_config", "config_summary", "format_validation_error"]
+           "parse_py_config", "format_validation_error"]
 
 # Where each key's value came from, while load_config builds a TrainConfig, so that a bad value
 # is reported with its file:line or --set.
@@ -169,6 +168,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {v!r}")
         return v
 
+    @field_validator("out_dir", "tensorboard_dir")
+    @classmethod
+    def _home(cls, v: str | None) -> str | None:  # a config meets no shell: "~/runs" is in the home folder
+        return v and str(expand_user(v))
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         for key, value in self:
@@ -223,25 +227,6 @@ class TrainConfig(BaseModel):
 FIELDS: tuple[str, ...] = tuple(TrainConfig.model_fields)
 
 from trainer.config.presets import PRESET_FIXED, PRESETS  # noqa: E402  (named configs; they use the field names above)
-
-# The fields a plan's memory use depends on; profiles fingerprint plans by them.
-_SUMMARY_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout",
-                   "dtype", "compile", "compile_scope", "tf32", "checkpointing", "loss_impl", "ce_chunk_size",
-                   "batch_size", "gradient_accumulation_steps")
-
-
-def config_summary(cfg: TrainConfig) -> dict[str, Any]:
-    """The memory-relevant fields of `cfg`, flat, for profile fingerprints."""
-    out = {k: getattr(cfg, k) for k in _SUMMARY_FIELDS}
-    # today's options only where set, so a GPT-2 config's fingerprint (and saved plans) stay as they were
-    out.update({k: getattr(cfg, k) for k, v in MODERN_DEFAULTS.items() if getattr(cfg, k) != v})
-    out["effective_batch"] = cfg.effective_batch
-    out.update({"stages": [s.model_dump(exclude_none=True) for s in cfg.stages]} if cfg.stages else {})
-    return out
-
-
-# ---------------------------------------------------------------- sources
-
 
 def _read_toml(text: str, path: Path) -> dict[str, tuple[Any, int]]:
     try:
