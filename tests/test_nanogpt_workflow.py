@@ -400,3 +400,29 @@ def test_the_line_after_an_interrupt_repeats_max_steps(tmp_path, capsys):
             report_run(res, cfg, max_steps)
         err = capsys.readouterr().err
         assert err.rstrip().endswith(f"continue with: autofit run --resume --out '{tmp_path}/my out'{tail}"), err
+
+
+def test_a_resume_on_a_dataset_prepared_again_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
+    """`data prepare --force` rewrote the dataset under a checkpoint: the resume trained on in
+    silence on other batches and, for characters, other token ids (another alphabet)."""
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    prep = ["data", "prepare", "shakespeare_char", "--input", "a.txt", "--out", "data/sc", "--no-progress"]
+    code, _, err = cli(monkeypatch, capsys, *prep)
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--set", "dataset=sc", "--max-steps", "2",
+                       "--out", "r")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--no-progress", "--max-steps", "3")
+    assert code == 0, err  # the same data: no word
+    assert "not the data" not in err
+    (tmp_path / "a.txt").write_text("abc" * 3000)
+    code, _, err = cli(monkeypatch, capsys, *prep, "--force")
+    assert code == 0, err
+    before = (tmp_path / "r" / "ckpt.pt").stat().st_mtime_ns
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--no-progress", "--max-steps", "4")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and out == "", err
+    assert "dataset 'sc' is not the data r/ckpt.pt trained on (train:" in err and "--allow-changes" in err
+    assert (tmp_path / "r" / "ckpt.pt").stat().st_mtime_ns == before
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--no-progress", "--max-steps", "4",
+                       "--allow-changes")
+    assert code == 0 and "--resume with --allow-changes: dataset 'sc' is not the data it trained on" in err, err

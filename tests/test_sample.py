@@ -325,3 +325,17 @@ def test_a_checkpoint_with_nan_weights_is_one_line_naming_the_tensor(tmp_path):
     save_autofit(tmp_path / "ckpt.pt", model)
     with pytest.raises(CheckpointError, match="ckpt.pt: model.transformer.h.0.attn.c_attn.weight holds NaN or inf"):
         generate_samples(tmp_path, opts())
+
+
+def test_a_meta_pkl_that_disagrees_with_the_models_vocab_size_is_said_or_refused(tmp_path):
+    """A dataset prepared again after training: a model with more ids than meta.pkl's characters
+    printed U+FFFD without a word; one with fewer failed mid-generation on a prompt id past its
+    embedding."""
+    write_meta(tmp_path / "data" / "tinychars")
+    save_nanogpt(tmp_path / "big" / "ckpt.pt", tiny_gpt(len(ALPHABET) + 6), "tinychars")
+    res = generate_samples(tmp_path / "big", opts(start="a"), data_root=tmp_path / "data")
+    assert f"the model has {len(ALPHABET) + 6} ids: {len(ALPHABET)} to {len(ALPHABET) + 5} have no character" in res.codec
+    save_nanogpt(tmp_path / "small" / "ckpt.pt", tiny_gpt(len(ALPHABET) - 3), "tinychars")
+    with pytest.raises(SampleError, match=f"has {len(ALPHABET)} characters, but the model has only "
+                                          f"{len(ALPHABET) - 3} token ids: the dataset was prepared again"):
+        generate_samples(tmp_path / "small", opts(start="a"), data_root=tmp_path / "data")

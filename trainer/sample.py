@@ -207,12 +207,27 @@ def pick_codec(dataset: str | None, vocab_size: int, *, data_root: str | Path = 
         where = expand_user(dataset)
         meta = (where if where.is_dir() else Path(data_root) / dataset) / "meta.pkl"
         if meta.is_file():
-            return char_codec(meta)
+            return _for_model(char_codec(meta), vocab_size, meta)
     if vocab_size < GPT2_VOCAB_SIZE:
         looked = f"no meta.pkl at {meta}" if meta else "the checkpoint names no dataset"
         raise SampleError(f"the model's vocab_size {vocab_size} is smaller than GPT-2 BPE's {GPT2_VOCAB_SIZE} and "
                           f"{looked}: run from the directory that holds data/<dataset>/meta.pkl")
     return gpt2_codec(gpt2_encoder)
+
+
+def _for_model(codec: Codec, vocab_size: int, meta: Path) -> Codec:
+    """A character codec checked against the model's vocab_size: more characters than the model
+    has ids is refused (a prompt's ids past its embedding); fewer is said in the description (the
+    ids without a character print as U+FFFD). Either way the meta.pkl is most likely not the one
+    the model was trained with: the dataset was prepared again since. Raises SampleError."""
+    if codec.vocab_size > vocab_size:
+        raise SampleError(f"{meta} has {codec.vocab_size} characters, but the model has only "
+                          f"{vocab_size} token ids: the dataset was prepared again since it was trained; sample "
+                          f"with the meta.pkl it was trained with")
+    if codec.vocab_size < vocab_size:
+        codec.description += (f"; the model has {vocab_size} ids: {codec.vocab_size} to {vocab_size - 1} have no "
+                              f"character here and print as {REPLACEMENT} (was the dataset prepared again?)")
+    return codec
 
 
 def load_model(out_dir: str | Path, init_from: str, device: torch.device) -> tuple[GPT, str | None, str]:

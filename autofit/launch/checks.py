@@ -28,12 +28,24 @@ def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = Fal
                      f"or --set eval_only=True to evaluate without training")
 
 
-def check_data(cfg, vocab_fixed_by: str = "") -> None:
+def check_data(cfg, vocab_fixed_by: str = "", trained_on: dict | None = None, allow_changes: bool = False,
+               log=lambda s: None) -> None:
     """Before any probe: the dataset exists, every token id fits cfg.vocab_size, each split
     holds one sequence, and a fresh init_from = 'gpt2*' run's weights are here (or downloaded). `vocab_fixed_by`: the checkpoint whose model fixes vocab_size (a resume),
-    so that the advice is one a next attempt can follow. Raises DataError (one line)."""
+    so that the advice is one a next attempt can follow. `trained_on`: the checkpoint's data
+    fingerprint (trainer.data.tokenfiles.fingerprint per split), where a resume of the same dataset
+    name finds data prepared again refused unless allow_changes (then said in `log`): its batches
+    and, for characters, its token ids would not be the run's. Raises DataError (one line)."""
     from trainer.data.datasets import load_dataset
+    from trainer.data.tokenfiles import DataError, fingerprint, fingerprint_change
     data = load_dataset(cfg.dataset)
+    change = trained_on and fingerprint_change(trained_on, {s: fingerprint(data.split(s).parts) for s in data.splits})
+    if change and not allow_changes:
+        raise DataError(f"dataset '{cfg.dataset}' is not the data {vocab_fixed_by} trained on ({change}): it was "
+                        f"prepared again since; resume on the data it was trained on, start a new run with another "
+                        f"--out, or pass --allow-changes to go on with this data")
+    if change:
+        log(f"--resume with --allow-changes: dataset '{cfg.dataset}' is not the data it trained on ({change})")
     fix = (f"{vocab_fixed_by}'s model has vocab_size {cfg.vocab_size}, which a resume cannot change: resume it "
            f"on the data it was trained on, or start a new run with another --out") if vocab_fixed_by else ""
     data.check_vocab(cfg.vocab_size, fix)

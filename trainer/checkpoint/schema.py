@@ -63,6 +63,9 @@ class SamplerState(BaseModel):
     seed: StrictInt = Field(ge=0)
     block_size: StrictInt = Field(ge=1)
     counters: dict[str, StrictInt]
+    # per split: {"tokens": count, "ends": hash} (trainer.data.tokenfiles.fingerprint); None in
+    # checkpoints written before it was kept
+    data: dict[str, dict[str, StrictInt | str]] | None = None
 
     @field_validator("counters")
     @classmethod

@@ -37,7 +37,7 @@ import numpy as np
 from trainer.paths import PathProblem, expand_user, input_file, real_stat
 
 from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
-                                DataError, file_identity, max_token, read_llmc_shard, read_nanogpt_bin,
+                                DataError, file_identity, fingerprint, max_token, read_llmc_shard, read_nanogpt_bin,
                                 write_llmc_shard, write_tokens)
 
 if TYPE_CHECKING:
@@ -382,7 +382,9 @@ class BatchSampler:
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "block_size": self.block_size, "counters": dict(self.counters)}
+        # "data": what the counters count batches of, so a resume on data prepared again is found
+        return {"seed": self.seed, "block_size": self.block_size, "counters": dict(self.counters),
+                "data": {s: fingerprint(self.dataset.split(s).parts) for s in self.dataset.splits}}
 
     def load_state_dict(self, state: dict) -> None:
         # Counters only mean the same batches under the same seed and block size.

@@ -179,3 +179,34 @@ def _store_max(path: Path, value: int, st: os.stat_result | None = None) -> None
         atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(rec.model_dump()).encode()))
     except OSError:
         pass  # a read-only dataset: the scan is simply repeated by the next process
+
+
+ENDS = 4096  # tokens hashed at each end of a split for its fingerprint
+
+
+def fingerprint(parts: list[np.ndarray]) -> dict[str, int | str]:
+    """What identifies a split's tokens cheaply, for a checkpoint to say what it trained on: the
+    token count and a sha256 (16 hex digits) of the first and last ENDS tokens' bytes (two pages
+    read, whatever the size). A dataset prepared again from other text, or with other ids (a
+    character vocabulary of another alphabet), changes it; the same text prepared again does not."""
+    import hashlib
+    n = sum(len(p) for p in parts)
+    h = hashlib.sha256()
+    if parts:
+        h.update(np.ascontiguousarray(parts[0][:ENDS]).tobytes())
+        h.update(np.ascontiguousarray(parts[-1][-ENDS:]).tobytes())
+    return {"tokens": int(n), "ends": h.hexdigest()[:16]}
+
+
+def fingerprint_change(was: dict, now: dict) -> str | None:
+    """The first split whose fingerprint differs, in words ('train: 30,000 -> 9,000 tokens', or
+    'train: same size, other tokens'), or None when every split of `was` is the same in `now`."""
+    for split, w in was.items():
+        n = now.get(split)
+        if n is None:
+            return f"{split}: no such split now"
+        if n["tokens"] != w["tokens"]:
+            return f"{split}: {w['tokens']:,} -> {n['tokens']:,} tokens"
+        if n["ends"] != w["ends"]:
+            return f"{split}: same size, other tokens"
+    return None
