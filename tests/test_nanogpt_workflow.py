@@ -100,6 +100,10 @@ def test_a_resume_refuses_to_change_what_is_trained(tmp_path, monkeypatch, capsy
     assert (tmp_path / "r" / "ckpt.pt").read_bytes() == before
     code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--set", "learning_rate=0.01")
     assert code == 2 and "learning_rate" in err
+    # --resume and a fresh start at once: init_from=scratch was dropped without a word
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--set", "init_from=scratch")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--resume continues the checkpoint's model; --set init_from=scratch starts another: drop one" in err
     # a value of the wrong type names where it was set, as in a fresh run
     code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--set", "max_iters=True")
     assert code == 2 and "max_iters=True (--set): must be an integer, not a bool" in err

@@ -267,7 +267,9 @@ def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict
             src = cfg.source_of(key)
             if src not in ("default",) and not src.startswith("preset ") and key != "init_from" and key not in out:
                 out[key], sources[key] = getattr(cfg, key), src
-    out.pop("init_from", None)
+    asked = out.pop("init_from", "resume")  # 'resume' there says what --resume does: harmless
+    if asked != "resume":
+        raise UsageError(f"--resume continues the checkpoint's model; --set init_from={asked} starts another: drop one")
     return out, sources
 
 
