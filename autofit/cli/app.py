@@ -49,12 +49,15 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
               save: bool = typer.Option(False, "--save", help="Store the fitted plan in this device's profile."),
               plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw peak memory against micro-batch to FILE (.png or .svg; needs matplotlib: pip install matplotlib, or in a checkout pip install -e \".\\[plot]\")."),
               verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the budget, every candidate and why the plan won."),
-              as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
+              as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
+              nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Probe for N ranks of this machine (one GPU each), as run --nproc-per-node N trains: starts torchrun for you.")):
     """Measure what fits on this device (or estimate it for --gpu NAME) and print the plan."""
     from autofit.launch.probe import run_probe
     cfg = load_train_config(config, preset, overrides)
+    if nproc_per_node is not None and gpu is not None:
+        raise UsageError("--gpu estimates one simulated card; --nproc-per-node measures on this machine's: drop one")
     if gpu is None:  # --gpu simulates a card: no device of this machine is used
-        device, gpu_index, src = device_from_config(cfg, device, budget, gpu_index)
+        device, gpu_index, src = device_from_config(cfg, device, budget, gpu_index, several=nproc_per_node is not None)
     opts = _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, checkpointing, loss,
                           checkpointing_policy, src if gpu is None else None)
     # Everything that would fail after the probe is checked before it runs.
@@ -67,6 +70,8 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
         from autofit.profiles.store import check_profiles_writable
         check_profiles_writable()
     log = (lambda s: None) if as_json else (lambda s: err_console.print(f"[dim]{s}[/]"))
+    if nproc_per_node is not None:  # a plan for N ranks is probed on N ranks (their smallest budget)
+        _start_ranks(cfg, nproc_per_node, False, gpu_index, log, opts, fresh=False)
     interrupts.during("interrupted during the probe; nothing was saved"
                       + (" (the plan is saved only after the probe)" if save else ""))
     res, _, _ = run_probe(cfg, opts, log=log)
@@ -112,6 +117,8 @@ def _keep_probe(res, cfg, opts, save: bool, plot):
 
 def _print_probe(res, cfg, opts, rerun, saved, plot, verbose) -> None:
     from autofit.report.render import render_probe
+    # a plan for several ranks is used by a run on as many (its fingerprint holds them)
+    rerun = [*rerun, *(["--nproc-per-node", str(res.plan.world_size)] if res.plan.world_size > 1 else [])]
     render_probe(res, console, cfg=cfg, verbose=verbose)
     if plot is not None:
         console.print(f"plot: {plot}")
@@ -273,14 +280,15 @@ def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict
     return out, sources
 
 
-def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=None) -> None:
-    """--nproc-per-node N: what a fresh run would refuse is checked here once, then torchrun
-    starts the same command on N ranks; this process exits with their status."""
+def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=None, fresh: bool = True) -> None:
+    """--nproc-per-node N: what a fresh run would refuse is checked here once (`fresh`: a run's
+    output folder too), then torchrun starts the same command on N ranks; this process exits
+    with their status."""
     from autofit.launch.torchrun import check_ranks, relaunch
     if gpu_index is not None:
         raise UsageError(f"--gpu-index {gpu_index} picks one GPU; with --nproc-per-node each rank takes the GPU of "
                          f"its LOCAL_RANK: drop --gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs they see)")
-    if not resuming:
+    if fresh and not resuming:
         _check_fresh_run(cfg, log)
     check_ranks(cfg, nproc_per_node, resuming)
     from autofit.devices.cpu import check_ranks_fit

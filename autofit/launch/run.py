@@ -47,6 +47,16 @@ def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
                               info.driver_version if info.kind == "cuda" else None)
 
 
+def _for_other_ranks(changes: list[str]) -> str | None:
+    """Words for a saved plan that differs only in its ranks ('ranks 2 -> 1'): it is not stale,
+    it is for another launch, and the flag that uses it is said. Else None."""
+    if len(changes) != 1 or not changes[0].startswith("ranks "):
+        return None
+    was, now = changes[0].removeprefix("ranks ").split(" -> ")
+    return (f"its saved plan is for {was} rank(s), this run has {now}" +
+            (f" (add --nproc-per-node {was} to use it)" if was != "1" else ""))
+
+
 def profile_name_for(info) -> str:
     if info.kind == "cpu":
         return cpu_slug(info.total_bytes)
@@ -192,7 +202,8 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
                            log=log, extra=extra, budget_bytes=budget.budget_bytes)
     near = nearest_plan(saved, inputs)
     why = (f"the saved plan does not do what this command asks ({unmet})" if unmet else
-           f"saved plans are stale ({'; '.join(near[1])})" if near else "no fitted plan for this config yet")
+           _for_other_ranks(near[1]) or f"saved plans are stale ({'; '.join(near[1])})" if near else
+           "no fitted plan for this config yet")
     log(f"profile {profile}: {why}; probing")
     res = probe_on(cfg, device, budget, probe_opts, log)
     words = probe_opts.search_words()

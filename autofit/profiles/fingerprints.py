@@ -60,10 +60,16 @@ def fingerprint(inputs: dict[str, Any]) -> str:
 
 
 def explain_stale(old_inputs: dict[str, Any], new_inputs: dict[str, Any]) -> list[str]:
-    """What changed between two fingerprint inputs, e.g. ['torch 2.4.0 -> 2.5.1', 'n_embd 576 -> 768']."""
+    """What changed between two fingerprint inputs, e.g. ['torch 2.4.0 -> 2.5.1', 'n_embd 576 -> 768'].
+    A plan for another number of ranks reads 'ranks 2 -> 1' (one process keys no world_size or
+    parallelism: autofit.planning.agree.fingerprint_fields), not 'world_size 2 -> unset'."""
     old, new = _strip_none(old_inputs), _strip_none(new_inputs)
     changes = []
-    for key in sorted(set(old) | set(new)):
+    skip: set[str] = set()
+    if old.get("world_size", 1) != new.get("world_size", 1):
+        changes.append(f"ranks {old.get('world_size', 1)} -> {new.get('world_size', 1)}")
+        skip = {"world_size"} | ({"parallelism"} if "parallelism" not in old or "parallelism" not in new else set())
+    for key in sorted((set(old) | set(new)) - skip):
         before, after = old.get(key), new.get(key)
         if before != after:
             label = _VERSION_LABELS.get(key, key)
