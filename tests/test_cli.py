@@ -718,3 +718,15 @@ def test_a_plain_run_says_its_plan_is_not_saved_and_how_to_keep_it(tmp_path, mon
     assert code == 0, err
     assert "not saved (after autofit probe --save with these options, run --profile cpu-64mb starts at once)" in out
     assert not (tmp_path / "home" / "profiles").exists() or not any((tmp_path / "home" / "profiles").iterdir())
+
+
+def test_parallelism_set_on_one_process_is_said_unused(tmp_path, monkeypatch, capsys):
+    """--set parallelism=fsdp2 on one process was accepted and did nothing, without a word."""
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=1",
+                         "--set", "parallelism=fsdp2", "--out", "o", "--no-progress")
+    assert code == 0, err
+    assert "parallelism = 'fsdp2' shares the model among several ranks; this run has one process, so it is unused" \
+        in out + err
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=1",
+                         "--out", "o2", "--no-progress")
+    assert code == 0 and "parallelism" not in out + err
