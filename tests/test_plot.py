@@ -229,3 +229,24 @@ def test_micro_batch_ticks_are_whole_and_a_line_under_another_is_named(measured,
     labels = [l for l in _labels(fig) if "estimated (closed form)" in l]
     assert labels[1].endswith("estimated (closed form), the same as fp32, no ckpt, standard loss's")
     assert fig.axes[0].lines[1].get_linestyle() == ":"
+
+
+def test_a_line_a_few_bytes_from_another_is_named_and_its_points_ring_the_others(measured, monkeypatch):
+    """The chunked estimate 256 bytes above the standard one at micro-batch 1 and equal elsewhere
+    hid the standard line and its points (the twin rule compared exactly)."""
+    from autofit.planning import estimate
+    res, cfg = measured
+    real = estimate.estimate_peak
+
+    def nearly(*a, **k):
+        est = real(*a, **{**k, "loss_impl": "standard"})
+        if k.get("loss_impl") == "chunked":
+            est.peak_bytes += 256
+        return est
+    monkeypatch.setattr(estimate, "estimate_peak", nearly)
+    fig = build_figure(res, cfg)
+    labels = [l for l in _labels(fig) if "estimated (closed form)" in l]
+    assert labels[1].endswith("estimated (closed form), within 0.5% of fp32, no ckpt, standard loss's"), labels
+    assert fig.axes[0].lines[1].get_linestyle() == ":"
+    rings = [c for c in fig.axes[0].collections if "chunked" in c.get_label() and "measured" in c.get_label()]
+    assert rings and all(len(c.get_facecolors()) == 0 or c.get_facecolors()[0][3] == 0 for c in rings)

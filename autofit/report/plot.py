@@ -71,10 +71,19 @@ def _sizes(res) -> list[int]:
     return sorted(set(range(1, top + 1, step)) | {top})
 
 
-def _points(ax, mine, res, color, levers: str, unit: int, labelled: set[str]) -> None:
+TWIN = 0.005  # two estimate lines this close at every micro-batch draw as one
+
+
+def _close(a: list[int], b: list[int]) -> bool:
+    """Every point of `a` within TWIN of `b`'s (relative): on the plot, one line over the other."""
+    return len(a) == len(b) and all(abs(x - y) <= TWIN * max(x, y, 1) for x, y in zip(a, b))
+
+
+def _points(ax, mine, res, color, levers: str, unit: int, labelled: set[str], ring: bool = False) -> None:
     """The trials of one estimate line: fits at their judged peak (reserved where measured, CUDA;
     compiled ones as squares), trials that ran and are no fit (over the budget, spilled, leaked)
-    as triangles, OOMs as crosses (compiled: plus signs) at their estimated peak."""
+    as triangles, OOMs as crosses (compiled: plus signs) at their estimated peak. `ring`: fits as
+    larger hollow markers, around an earlier line's at the same place instead of over them."""
     what = " (reserved: what the budget judges)" if any(t.measured_reserved_bytes for t in res.trials) else ""
 
     def once(text: str) -> str | None:
@@ -85,7 +94,8 @@ def _points(ax, mine, res, color, levers: str, unit: int, labelled: set[str]) ->
     for compiled, marker in ((False, "o"), (True, "s")):
         points = [t for t in mine if t.status == "fit" and t.measured_peak_bytes and t.compile == compiled]
         if points:
-            ax.scatter([t.micro_batch for t in points], [judged_peak(t) / unit for t in points], color=color,
+            ax.scatter([t.micro_batch for t in points], [judged_peak(t) / unit for t in points],
+                       **(dict(facecolors="none", edgecolors=color, s=120) if ring else dict(color=color)),
                        marker=marker, zorder=3,
                        label=f"{levers}{', compiled' if compiled else ''}: measured on {res.device.name}{what}")
     over = [t for t in mine if t.status != "fit" and t.measured_peak_bytes]
@@ -129,12 +139,14 @@ def build_figure(res, cfg):
                              checkpointing_policy=policy, world_size=world, parallelism="fsdp2" if sharded else "ddp",
                              ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if rank_batch > m else 1).peak_bytes
                for m in sizes]
-        # a line drawn exactly over an earlier one would hide it: dotted, and its label says whose it is
-        twin = next((name for name, other in drawn.items() if other == est), None)
+        # a line drawn over an earlier one (within TWIN of every point: 256 bytes apart hid one just
+        # as well) would hide it: dotted, its label says whose it is, its fits drawn as rings
+        twin = next((name for name, other in drawn.items() if _close(other, est)), None)
         ax.plot(sizes, [b / unit for b in est], color=color, linestyle=":" if twin else style,
-                label=f"{levers}: estimated (closed form)" + (f", the same as {twin}'s" if twin else ""))
+                label=f"{levers}: estimated (closed form)" + (
+                    "" if not twin else f", the same as {twin}'s" if drawn[twin] == est else f", within {TWIN:.1%} of {twin}'s"))
         drawn[levers] = est
-        _points(ax, [t for t in res.trials if _line_key(t) == key], res, color, levers, unit, labelled)
+        _points(ax, [t for t in res.trials if _line_key(t) == key], res, color, levers, unit, labelled, ring=bool(twin))
     ax.axhline(res.budget.budget_bytes / unit, color="black", linestyle="--",
                label=f"budget {fmt_bytes(res.budget.budget_bytes)} (free memory less reserves and margin)")
     p = res.plan
