@@ -430,3 +430,18 @@ def test_a_resume_on_a_dataset_prepared_again_is_refused_unless_allowed(tmp_path
     code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--no-progress", "--max-steps", "4",
                        "--allow-changes")
     assert code == 0 and "--resume with --allow-changes: dataset 'sc' is not the data it trained on" in err, err
+
+
+def test_the_done_line_counts_one_step_as_one(monkeypatch):
+    """'done: 1 optimizer steps (steps 40 to 40; 41 in all)'."""
+    from autofit.cli import run_end
+    from trainer.config.train_config import load_config
+    from trainer.options import RunResult
+    cfg = load_config(preset="tiny", overrides=["max_iters=41", "out_dir=o"])
+    lines = []
+    monkeypatch.setattr(run_end.console, "print", lambda s, **k: lines.append(s))
+    for steps in (41, 1):
+        run_end.report_run(RunResult(steps=steps, losses=[2.0], tokens=0, micro_batches=[1], status="finished",
+                                     events=[], checkpoint="o/ckpt.pt", checkpoint_step=steps), cfg)
+    assert lines[0].startswith("done: 1 optimizer step (step 40; 41 in all), loss 2.000 -> 2.000"), lines
+    assert lines[2].startswith("done: 1 optimizer step, loss"), lines

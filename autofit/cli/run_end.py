@@ -42,8 +42,9 @@ def report_run(result, cfg, max_steps: int | None = None) -> None:
         return
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     n = len(result.losses)  # this run's steps; result.steps counts from step 0 (a resume's earlier ones too)
-    msg = (f"done: {result.steps} optimizer steps" if n in (0, result.steps) else
-           f"done: {n} optimizer steps (steps {result.steps - n} to {result.steps - 1}; {result.steps} in all)") + (
+    steps = f"step {result.steps - 1}" if n == 1 else f"steps {result.steps - n} to {result.steps - 1}"
+    msg = (f"done: {result.steps} optimizer step{'s' * (result.steps != 1)}" if n in (0, result.steps) else
+           f"done: {n} optimizer step{'s' * (n != 1)} ({steps}; {result.steps} in all)") + (
         f", loss {first:.3f} -> {last:.3f}" if first is not None else "")
     console.print(msg + f"; checkpoint {result.checkpoint} (resumes at step {result.checkpoint_step}), metrics "
                   f"{Path(cfg.out_dir) / 'metrics.jsonl'}")

@@ -196,7 +196,7 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
     if ratio > 1 + SMALLER_CLEAR:
         # the rate rises steeply here, so the smaller size is not a faster plan; if a burst of
         # load made it look so, the loss is headroom only (the larger size is as fast)
-        runner.log(f"contest: {label(small)} not re-timed: its readings take {ratio:.2f}x the time per token "
+        runner.log(f"contest: {label(small)} not re-timed: its readings take {ratio:.{2 if round(ratio, 2) > 1 + SMALLER_CLEAR else 3}f}x the time per token "
                    f"of micro-batch {big.micro_batch} with the same levers (out past {1 + SMALLER_CLEAR:.2f}x)")
         return [big]
     third = _third_size(run_sizes(runner.rank_batch), small.micro_batch, big.micro_batch)
