@@ -95,7 +95,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
         micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
-    _say_not_applied(overrides, saved, spec, micro, log)
+    _say_not_applied(overrides, saved, cfg, spec, micro, log)
     log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
         f"(micro-batch {micro}); no probe")
     _check_split_change(cfg, int(ck.get("world_size", 1)))  # the trainer's world_size_changed event says it
@@ -120,7 +120,8 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                   source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")
 
 
-def _say_not_applied(overrides: dict[str, Any], saved: TrainConfig, spec: dict, micro: int, log) -> None:
+def _say_not_applied(overrides: dict[str, Any], saved: TrainConfig, cfg: TrainConfig, spec: dict, micro: int,
+                     log) -> None:
     """A --set that a resume accepts but cannot act on is said, not dropped in silence: the
     checkpoint fixes where it runs and from what, and its own plan splits the effective batch."""
     why = {"device": f"it runs on the checkpoint's device ({spec.get('kind')})",
@@ -129,6 +130,11 @@ def _say_not_applied(overrides: dict[str, Any], saved: TrainConfig, spec: dict, 
            "gradient_accumulation_steps": f"its plan splits the effective batch (micro-batch {micro})"}
     for key, value in overrides.items():
         if key in why and getattr(saved, key) != value:
+            if key in ("batch_size", "gradient_accumulation_steps") and cfg.effective_batch != saved.effective_batch:
+                # --allow-changes took the new effective batch; only its split is the plan's
+                log(f"--resume: --set {key}={value!r} counts in the effective batch ({cfg.effective_batch}); its "
+                    f"split into micro-batches is the checkpoint's plan's (micro-batch {micro})")
+                continue
             log(f"--resume: --set {key}={value!r} is not applied: {why[key]}")
 
 
@@ -154,7 +160,12 @@ def _check_split_change(cfg, before: int) -> None:
     if before == now:
         return
     from trainer.distributed.ranks import check_divisible
-    check_divisible(cfg.effective_batch, now, cfg.batch_size, cfg.gradient_accumulation_steps)
+    from trainer.errors import TrainError
+    try:
+        check_divisible(cfg.effective_batch, now, cfg.batch_size, cfg.gradient_accumulation_steps)
+    except TrainError as e:  # the --set it names changes what a resume trains: it needs --allow-changes too
+        msg = str(e)
+        raise TrainError(msg[:-1] + " --allow-changes)" if msg.endswith(")") and "--set" in msg else msg) from None
 
 
 def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_steps, progress, log,
