@@ -23,6 +23,8 @@ def test_a_probe_on_two_ranks_saves_a_plan_the_hinted_run_uses(tmp_path):
                                     capture_output=True, text=True, timeout=300)
     p = run("probe", *TINY, "--device", "cpu", "--budget", "64MiB", *LEVERS, "--save", "--nproc-per-node", "2")
     assert p.returncode == 0, p.stderr
+    # the trial lines are the agreed record's: they say whose figure they give
+    assert "measured peak" in p.stderr and "(the largest rank's)" in p.stderr and "tok/s per rank (the slowest)" in p.stderr
     hint = p.stdout.split("train with:")[1].strip().splitlines()[0]
     assert hint.startswith("autofit run --profile cpu-64mb") and hint.endswith("--nproc-per-node 2"), hint
     r = run(*hint.split()[1:], "--max-steps", "1", "--out", "o", "--no-progress")

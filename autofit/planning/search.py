@@ -108,8 +108,10 @@ class TrialRunner:
             smaller = self.fits(Levers.of(cand), compile=cand.compile, below=cand.micro_batch)
             if smaller:
                 self.flag_spill(r, max(smaller, key=lambda t: t.micro_batch))
-        self.log(f"  -> {r.status}" + (f", measured peak {fmt_bytes(r.measured_peak_bytes)}" if r.measured_peak_bytes else "")
-                 + (f", {run_tokens_per_s(r):,.0f} tok/s measured (its update once per optimizer step, as the run)"
+        # several ranks: the record is agreed (agree.trial), the largest rank's peak and the slowest rank's rate
+        peak_of, rate_of = (" (the largest rank's)", " per rank (the slowest)") if agree.ranks().several else ("", "")
+        self.log(f"  -> {r.status}" + (f", measured peak {fmt_bytes(r.measured_peak_bytes)}{peak_of}" if r.measured_peak_bytes else "")
+                 + (f", {run_tokens_per_s(r):,.0f} tok/s{rate_of} measured (its update once per optimizer step, as the run)"
                     if r.tokens_per_s and r.status == 'fit' else "")
                  + (f" ({r.note})" if r.note and r.status != 'fit' else ""))
         self._cache[cand] = r
