@@ -345,6 +345,11 @@ def _say_interrupted() -> None:
 def main() -> None:
     interrupts.reset()
     try:
+        # numpy before anything imports torch: torch's C start-up imports numpy and discards any
+        # exception raised in it (numpy is optional there), so a Ctrl-C or SIGTERM that fell into
+        # that import was lost (the run trained on, or broke later on a half-built numpy); here it
+        # is an ordinary KeyboardInterrupt, said below in one line
+        import numpy  # noqa: F401
         from autofit.launch.torchrun import error_prefix, quiet_unless_rank0, report_error, session
         from trainer.writes import guarded_stdout
         # stdout closed: refused; full: one line (trainer.writes). torchrun: one process group, left at the end
