@@ -12,7 +12,9 @@ def run() -> None:
     try:
         from autofit.cli import app as cli  # no torch: the commands import it when they need it
     except KeyboardInterrupt:
-        print("autofit: interrupted while starting; nothing was done", file=sys.stderr)
+        from autofit.devices.ranks import other_rank  # no torch
+        if not other_rank():  # under torchrun rank 0 says it, once
+            print("autofit: interrupted while starting; nothing was done", file=sys.stderr)
         sys.exit(interrupts.EXIT_CODE)
     try:
         cli.main()
@@ -23,7 +25,9 @@ def run() -> None:
         else:  # sys.exit("message"): Python prints it and exits 1
             print(e.code, file=sys.stderr)
             code = 1
-    if "torch" not in sys.modules:  # --help, profiles, config: no process group can exist
+    # --help, profiles, config, or a Ctrl-C while torch or the group's module loaded: no process
+    # group can exist (and importing a half-built torch again would fail with tracebacks)
+    if "trainer.distributed.ranks" not in sys.modules:
         sys.exit(code)
     from trainer.distributed.ranks import exit_rank
     exit_rank(code)

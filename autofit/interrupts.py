@@ -15,7 +15,8 @@ from typing import Callable, Union
 EXIT_CODE = 130  # 128 + SIGINT: the exit status of every interrupted command
 Line = Union[str, Callable[[], str]]  # a callable is asked at the moment of the Ctrl-C (what exists then)
 
-_state: dict = {"line": "interrupted; nothing was saved", "said": False}
+DEFAULT_LINE = "interrupted; nothing was saved"
+_state: dict = {"line": DEFAULT_LINE, "said": False}
 
 
 def during(line: Line) -> None:
@@ -39,4 +40,4 @@ def line() -> str | None:
 
 def reset() -> None:
     """Back to the start of a command (tests run several in one process)."""
-    _state.update(line="interrupted; nothing was saved", said=False)
+    _state.update(line=DEFAULT_LINE, said=False)

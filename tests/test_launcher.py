@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +171,43 @@ def test_a_lost_peer_is_one_line_without_gloos_source_paths_nor_nested():
     assert line == ("rank 0: lost contact with another rank (Connection closed by peer [127.0.0.1]:29500); "
                     "stopping here, the last checkpoint is kept")
     assert str(peer_lost(peer_lost(gloo, r), r)) == line  # said once, not wrapped again
+
+
+CTRL_C_IN_TORCH = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C finds it
+
+
+class CtrlCInTorch:  # a real SIGINT, sent while torch's own __init__ imports the submodule named in argv
+    def find_spec(self, name, path=None, target=None):
+        if name == WHERE and "torch" in sys.modules and not getattr(self, "sent", False):
+            self.sent = True
+            print("SIGINT-SENT", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+WHERE = sys.argv.pop(1)
+sys.meta_path.insert(0, CtrlCInTorch())
+sys.argv = ["autofit"] + sys.argv[1:]
+from autofit.__main__ import run
+run()
+"""
+
+
+@pytest.mark.parametrize("rank,where", [(0, "torch._utils"), (0, "torch.nn"), (1, "torch.nn")])
+def test_ctrl_c_while_a_rank_imports_torch_is_one_line_from_rank_0(tmp_path, rank, where):
+    """h3 (session 10): a Ctrl-C in the first seconds of `run --nproc-per-node 2` landed in each
+    rank's `import torch` (session()), then session()'s clean-up and the error report imported the
+    half-built torch again: 110-220 lines of tracebacks. Now rank 0 says the one line, the other
+    ranks nothing, exit code 130."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "RANK", "WORLD_SIZE"))}
+    env.update(AUTOFIT_HOME=str(tmp_path / "home"), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]), TORCHELASTIC_ERROR_FILE=str(tmp_path / "e.json"),
+               **{torchrun.LAUNCHED_ENV: "1"})
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_IN_TORCH, where, "run", "--device", "cpu", "--no-probe",
+                           "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path)
+    said = ["autofit: interrupted while starting; nothing was done"] if rank == 0 else []
+    assert proc.stderr.splitlines() == ["SIGINT-SENT", *said], proc.stderr[-3000:]
+    assert proc.returncode == 130 and not (tmp_path / "e.json").exists()

@@ -336,9 +336,9 @@ app.registered_commands += sample_app.registered_commands
 
 def _say_interrupted() -> None:
     """One line for a Ctrl-C (autofit.interrupts), from rank 0 only under torchrun."""
-    from autofit.devices.ranks import ranks, under_torchrun
+    from autofit.devices.ranks import other_rank  # no torch: the Ctrl-C may have fallen into its import
     text = interrupts.line()
-    if text and not (under_torchrun() and not ranks().master):
+    if text and not other_rank():
         print(f"autofit: {text}", file=sys.stderr)
 
 

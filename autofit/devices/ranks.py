@@ -22,6 +22,25 @@ def under_torchrun() -> bool:
     return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
 
 
+def env_rank() -> int | None:
+    """This process's RANK under torchrun, read from the environment without importing torch (a
+    Ctrl-C that fell into torch's import must not import it again to say so); None without
+    torchrun, or where RANK/WORLD_SIZE are not integers in range (that error is itself being said)."""
+    if not under_torchrun():
+        return None
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        return None
+    return rank if 0 <= rank < world else None
+
+
+def other_rank() -> bool:
+    """Whether this process is a rank other than 0 under torchrun (it leaves the talking to rank 0)."""
+    rank = env_rank()
+    return rank is not None and rank != 0
+
+
 def rank_budget(budget_bytes: int | None) -> int | None:
     """This rank's CPU budget: its entry of AUTOFIT_RANK_BUDGETS when that is set (one size per
     rank, comma-separated), else `budget_bytes`. Raises DeviceError for a list that does not

@@ -21,12 +21,16 @@ from typing import Iterator
 
 from autofit import interrupts
 from autofit.devices.info import DeviceError
-from autofit.devices.ranks import ranks, under_torchrun
-from trainer.errors import TrainError
+from autofit.devices.ranks import env_rank, other_rank, ranks, under_torchrun
 from trainer.interrupt import LAUNCHER_ENV
 
 # set by relaunch() for its ranks: their error lines go back to it, and their SIGTERM is its to say
 LAUNCHED_ENV = LAUNCHER_ENV
+# the line for a Ctrl-C before the command itself began (autofit.__main__ says the same)
+STARTING = "interrupted while starting; nothing was done"
+# what session() turns into a Ctrl-C (training's StopFlag then handles them itself): a
+# scheduler's SIGTERM, a closed terminal's or dropped ssh connection's SIGHUP
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
@@ -51,28 +55,17 @@ def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
 def quiet_unless_rank0(console, err_console) -> None:
     """Under torchrun only rank 0 prints the plan, the progress, the logs and --json's output
     (the other ranks' stdout goes to os.devnull); every rank still prints its own error line."""
-    if under_torchrun() and not ranks().master:
+    if other_rank():
         console.quiet = err_console.quiet = True
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 def error_prefix(msg: str) -> str:
     """'rank N: ' before an error line under torchrun (unless the message names its rank)."""
-    r = _ranks_or_none()
-    if r is None:
+    rank = env_rank()
+    if rank is None:
         return ""
-    return "" if msg.startswith(f"rank {r.rank}:") else f"rank {r.rank}: "
-
-
-def _ranks_or_none():
-    """This rank under torchrun; None without torchrun, or where RANK/WORLD_SIZE are themselves
-    the error being reported (reading them again would raise it again, as a traceback)."""
-    if not under_torchrun():
-        return None
-    try:
-        return ranks()
-    except TrainError:
-        return None
+    return "" if msg.startswith(f"rank {rank}:") else f"rank {rank}: "
 
 
 def report_error(msg: str) -> bool:
@@ -84,8 +77,8 @@ def report_error(msg: str) -> bool:
     torchrun shows in its failure summary. Returns True when the line went to the file (print
     nothing), False when the caller prints it (no torchrun, rank 0 of a user's torchrun, no file)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
-    r = _ranks_or_none()
-    if r is None or not path or (r.master and not os.environ.get(LAUNCHED_ENV)):
+    rank = env_rank()  # without torch: the error may be a Ctrl-C in torch's own import
+    if rank is None or not path or (rank == 0 and not os.environ.get(LAUNCHED_ENV)):
         return False
     import json
     import time
@@ -109,21 +102,26 @@ def _raise_interrupt(signum, frame):
 def session() -> Iterator[None]:
     """The command's process group under torchrun (no group with one process): joined before the
     command touches a device (on CUDA the rank's GPU is set first, after the allocator
-    settings), left afterwards whatever happens. SIGTERM unwinds like Ctrl-C until training
-    installs its own handler (finish the step, checkpoint, stop), with one process too: a
-    scheduler's SIGTERM in the probe or a data prepare is then the Ctrl-C line, and no staging
-    folder is left behind."""
+    settings), left afterwards whatever happens. SIGTERM and SIGHUP unwind like Ctrl-C until
+    training installs its own handler (finish the step, checkpoint, stop), with one process too:
+    a scheduler's SIGTERM or a closed terminal's SIGHUP in the probe or a data prepare is then the
+    Ctrl-C line, and no staging folder is left behind."""
     several = under_torchrun()
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
     try:
         if several:
+            # a Ctrl-C while each rank imports torch and joins (a second or more): one line, from rank 0
+            interrupts.during(STARTING)
             _start_group()
+            interrupts.during(interrupts.DEFAULT_LINE)
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
-        if several:
-            from trainer.distributed import ranks as distributed
-            distributed.stop()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        # only where the group's module loaded whole: after a Ctrl-C inside `import torch`,
+        # importing it again fails on the half-built torch, with tracebacks instead of the line
+        if several and "trainer.distributed.ranks" in sys.modules:
+            sys.modules["trainer.distributed.ranks"].stop()
 
 
 def _start_group() -> None:
