@@ -10,6 +10,7 @@ reaches main(). Either way main() prints the line set here by the phase of the c
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Union
 
 EXIT_CODE = 130  # 128 + SIGINT: the exit status of every interrupted command
@@ -28,6 +29,23 @@ def said() -> None:
     """The command printed its own interrupt line (training's 'interrupted after step N; ...'):
     main() adds none."""
     _state["said"] = True
+
+
+# Set by `autofit run --nproc-per-node` (autofit.launch.torchrun.relaunch) for its ranks: a file
+# that rank 0 creates once it printed its interrupt line, so that the launcher adds no line of its
+# own ("stopped by SIGINT ...") beside it, and says what it knows when no rank said anything.
+SAID_ENV = "AUTOFIT_INTERRUPT_SAID"
+
+
+def tell_launcher() -> None:
+    """Rank 0 printed its interrupt line (what stopped, what is kept): its launcher, if any, says
+    none. Call it only where the line reached the user (rank 0; the other ranks print nothing)."""
+    path = os.environ.get(SAID_ENV)
+    if path:
+        try:
+            open(path, "a").close()
+        except OSError:  # the launcher then says its own line too: one more line, nothing lost
+            pass
 
 
 def line() -> str | None:

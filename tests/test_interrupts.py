@@ -50,10 +50,11 @@ def test_ctrl_c_in_the_probe_is_one_line_and_130(tmp_path, args):
     assert not (tmp_path / "home" / "profiles").exists() and out == ""
 
 
-def test_sigterm_in_the_probe_of_one_process_is_the_same_line(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_in_the_probe_of_one_process_is_the_same_line(tmp_path, sig):
     # it used to end the process silently by the signal (exit -15), finally blocks skipped: a data
-    # prepare left its .prepare-* staging folder behind
-    code, after, out = _interrupted(tmp_path, ["probe", *CPU, *TINY], sig=signal.SIGTERM)
+    # prepare left its .prepare-* staging folder behind; SIGHUP (a closed terminal) did the same
+    code, after, out = _interrupted(tmp_path, ["probe", *CPU, *TINY], sig=sig)
     assert code == 130 and after == ["autofit: interrupted during the probe; nothing was saved"], after
 
 
@@ -192,3 +193,23 @@ def test_ctrl_c_after_the_search_trials_still_stops_the_probe(tmp_path, monkeypa
                                             "no checkpoint was written"), err
     assert not (tmp_path / "o" / "ckpt.pt").exists() and not (tmp_path / "home" / "profiles").exists()
     assert len(calls) == 1  # the probe stops when the re-timing in flight ends, not at the next new trial
+
+
+def test_sighup_stops_like_sigterm_and_only_rank_0_says_it_heard(capfd, monkeypatch):
+    """A SIGHUP (closed terminal, dropped ssh) killed a run silently with no checkpoint; it is now
+    a stop like SIGTERM. Under torchrun each rank hears the stop: only rank 0 acknowledges it
+    (h3, session 10: 'stopping after the trial in flight' was printed once per rank)."""
+    from trainer.interrupt import StopFlag
+    notice = "autofit: stopping after the trial in flight (Ctrl-C again to stop now)"
+    with StopFlag(notice) as flag:
+        os.kill(os.getpid(), signal.SIGHUP)
+    assert flag.signal == signal.SIGHUP and capfd.readouterr().err == notice + "\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with StopFlag(notice) as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+    assert flag.signal == signal.SIGINT and capfd.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    with StopFlag(notice) as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+    assert capfd.readouterr().err == notice + "\n"

@@ -62,7 +62,9 @@ def test_an_error_of_some_ranks_names_them_and_torchruns_sigterm_is_not_news():
     assert lines == ["autofit: error: rank 1: no GPU of its own"] and code == 2
     # torchrun's SIGTERM taken as a Ctrl-C (exit code 130) by a rank still in its session
     assert failed_lines({0: said("bad config"), 1: Failure(130)}, 2) == (["autofit: error: rank 0: bad config"], 2)
-    assert failed_lines({0: Failure(130)}, 1) == (["autofit: rank 0 stopped with exit code 130"], 130)  # nobody said why
+    # nobody said why: interrupted, and the launcher cannot say a checkpoint was saved
+    assert failed_lines({0: Failure(130)}, 1) == (["autofit: interrupted: rank 0 stopped with exit code 130, and no "
+                                                   "rank said it saved a checkpoint"], 130)
     # issue 19: the cause once; rank 0's 'lost contact' is only its consequence
     lost = "rank 0: lost contact with another rank (Connection closed by peer); stopping here, the last checkpoint is kept"
     lines, code = failed_lines({0: said(lost), 1: Failure(-signal.SIGKILL)}, 2)
@@ -211,3 +213,40 @@ def test_ctrl_c_while_a_rank_imports_torch_is_one_line_from_rank_0(tmp_path, ran
     said = ["autofit: interrupted while starting; nothing was done"] if rank == 0 else []
     assert proc.stderr.splitlines() == ["SIGINT-SENT", *said], proc.stderr[-3000:]
     assert proc.returncode == 130 and not (tmp_path / "e.json").exists()
+
+
+def test_ranks_interrupted_on_their_own_are_one_line_or_none():
+    """h3 (session 10): a Ctrl-C sent to rank 1 only stopped both ranks after the same step, rank 0
+    said so, and the launcher added 'rank 0 stopped with exit code 130' and 'rank 1 ...'."""
+    both = {0: Failure(130), 1: Failure(130)}
+    assert failed_lines(both, 2, interrupt_said=True) == ([], 130)
+    assert failed_lines(both, 2) == (["autofit: interrupted: rank 0, 1 stopped with exit code 130, and no rank said "
+                                      "it saved a checkpoint"], 130)
+    # a rank that died is still the cause, named first
+    lines, code = failed_lines({0: Failure(130), 1: Failure(-signal.SIGKILL)}, 2, interrupt_said=True)
+    assert lines == ["autofit: rank 1 stopped with signal SIGKILL"] and code == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize("rank0_said", [True, False])
+def test_the_launchers_stop_line_says_only_what_it_knows(monkeypatch, capsys, rank0_said):
+    """h3 (session 10): 'the ranks were told to checkpoint and stop' was printed for every stop of
+    the launcher, after a SIGHUP that killed the ranks, a double Ctrl-C, a Ctrl-C in the probe:
+    none of them wrote a checkpoint. Now rank 0's own line is the only one when it said one;
+    else the launcher says the signal was passed on and that no rank reported a checkpoint."""
+    import torch.distributed.run as tdr
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from autofit import interrupts
+
+    def ranks_then_sighup(args):
+        assert os.environ[torchrun.LAUNCHED_ENV] and os.environ[interrupts.SAID_ENV]
+        if rank0_said:  # what rank 0 does after its 'interrupted after N step(s); checkpoint ...'
+            interrupts.tell_launcher()
+        raise SignalException("SIGHUP", signal.SIGHUP)
+    monkeypatch.setattr(tdr, "run", ranks_then_sighup)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    assert torchrun.relaunch(["run"], 2) == 128 + signal.SIGHUP
+    err = capsys.readouterr().err
+    assert err == "" if rank0_said else err == ("autofit: stopped by SIGHUP, passed on to the ranks; no rank said it "
+                                                "saved a checkpoint\n")
+    assert not os.path.exists(os.path.dirname(os.environ[interrupts.SAID_ENV]))  # the launcher's notes are gone

@@ -659,15 +659,25 @@ def test_oom_after_compile_window_is_an_ordinary_shrink(tmp_path, fresh_dynamo):
 
 
 class SigintAt(NullMeter):
-    """Sends SIGINT to this process at the `at_call`-th reset_peak (during that step)."""
+    """Sends SIGINT (or `sig`) to this process at the `at_call`-th reset_peak (during that step)."""
 
-    def __init__(self, at_call: int):
-        self.calls, self.at_call = 0, at_call
+    def __init__(self, at_call: int, sig: int = signal.SIGINT):
+        self.calls, self.at_call, self.sig = 0, at_call, sig
 
     def reset_peak(self) -> None:
         self.calls += 1
         if self.calls == self.at_call:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.sig)
+
+
+def test_sighup_checkpoints_as_sigterm_does(tmp_path):
+    """A closed terminal's SIGHUP ended a run at once, silently, with no checkpoint (h3, session 10)."""
+    before = signal.getsignal(signal.SIGHUP)
+    res = train(make_cfg(tmp_path), opts(meter=SigintAt(3, signal.SIGHUP)))  # during step 2
+    assert signal.getsignal(signal.SIGHUP) is before
+    assert res.status == "interrupted" and res.steps == 3
+    assert torch.load(res.checkpoint, weights_only=True)["iter_num"] == 3
+    assert records(tmp_path, "interrupted")[0]["signal"] == signal.SIGHUP
 
 
 def test_sigint_checkpoints_and_resume_finishes(tmp_path, baseline):

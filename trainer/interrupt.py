@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during training: finish the step in flight, save a checkpoint, stop."""
+"""Ctrl-C, SIGTERM and SIGHUP during training: finish the step in flight, save a checkpoint, stop."""
 from __future__ import annotations
 
 import contextlib
@@ -17,29 +17,43 @@ EVAL_STOP_NOTICE = "autofit: stopping the evaluation (eval_only: nothing is save
 LAUNCHER_ENV = "AUTOFIT_LAUNCHER"
 
 
+# What stops a run cleanly: Ctrl-C, a scheduler's SIGTERM, and SIGHUP (a closed terminal or a
+# dropped ssh connection; torchrun passes it on to the ranks too), which killed a run silently
+# with no checkpoint before. SIGHUP does not exist on Windows.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 def reported_by_launcher() -> frozenset[int]:
     """The signals whose stop this process's launcher reports, so a rank says nothing of them:
-    SIGTERM under a launcher that set LAUNCHER_ENV (torchrun sends it after another rank failed,
-    whose line the launcher prints, or passing on the launcher's own stop, which it reports);
-    none otherwise (a Ctrl-C reaches every process of the terminal: rank 0 says it was heard)."""
-    return frozenset({signal.SIGTERM}) if os.environ.get(LAUNCHER_ENV) else frozenset()
+    SIGTERM and SIGHUP under a launcher that set LAUNCHER_ENV (torchrun sends SIGTERM after another
+    rank failed, whose line the launcher prints, or passes on the launcher's own stop, which it
+    reports); none otherwise (a Ctrl-C reaches every process of the terminal: rank 0 says it was
+    heard)."""
+    return frozenset(STOP_SIGNALS[1:]) if os.environ.get(LAUNCHER_ENV) else frozenset()
+
+
+def _other_rank() -> bool:
+    """A rank other than 0 of several (torchrun's RANK, WORLD_SIZE): it leaves the talking to rank 0,
+    which hears the same signal (torchrun passes a stop on to every rank)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and os.environ.get("RANK", "0").strip() != "0"
 
 
 class StopFlag:
-    """Ctrl-C / SIGTERM set a flag; the loop finishes the step, saves a checkpoint and returns."""
+    """Ctrl-C / SIGTERM / SIGHUP set a flag; the loop finishes the step, saves a checkpoint and returns."""
 
     def __init__(self, notice: str | None = None, silent: Collection[int] = ()):
         """notice: one line written to stderr when the first signal comes, so a user who pressed
         Ctrl-C during a long trial or evaluation knows it was heard and what happens next; not for
-        the signals in `silent` (reported_by_launcher())."""
+        the signals in `silent` (reported_by_launcher()), nor on a rank other than 0 (each rank
+        said it: two lines for one Ctrl-C)."""
         self.signal: int | None = None
-        self.notice = notice
+        self.notice = None if _other_rank() else notice
         self.silent = frozenset(silent)
         self._old: dict[int, Any] = {}
         self.holding = False  # set by hold(): a second signal waits too
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone

@@ -340,6 +340,7 @@ def _say_interrupted() -> None:
     text = interrupts.line()
     if text and not other_rank():
         print(f"autofit: {text}", file=sys.stderr)
+        interrupts.tell_launcher()
 
 
 def main() -> None:

@@ -33,6 +33,9 @@ def report_run(result, cfg, max_steps: int | None = None) -> None:
                           f"{continue_command(cfg, max_steps)}" if result.checkpoint else
                           f"interrupted during the evaluation at step {result.steps} (eval_only); nothing was saved",
                           markup=False)
+        from autofit.devices.ranks import other_rank
+        if not other_rank():  # the other ranks' err_console is quiet: only rank 0's line was seen
+            interrupts.tell_launcher()
         raise typer.Exit(interrupts.EXIT_CODE)
     if result.status == "evaluated":
         ev = result.last_eval or {}

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Iterator
 
 from autofit import interrupts
 from autofit.devices.info import DeviceError
 from autofit.devices.ranks import env_rank, other_rank, ranks, under_torchrun
-from trainer.interrupt import LAUNCHER_ENV
+from trainer.interrupt import LAUNCHER_ENV, STOP_SIGNALS as TRAINING_STOP_SIGNALS
 
 # set by relaunch() for its ranks: their error lines go back to it, and their SIGTERM is its to say
 LAUNCHED_ENV = LAUNCHER_ENV
@@ -30,7 +32,7 @@ LAUNCHED_ENV = LAUNCHER_ENV
 STARTING = "interrupted while starting; nothing was done"
 # what session() turns into a Ctrl-C (training's StopFlag then handles them itself): a
 # scheduler's SIGTERM, a closed terminal's or dropped ssh connection's SIGHUP
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+STOP_SIGNALS = tuple(sig for sig in TRAINING_STOP_SIGNALS if sig != signal.SIGINT)
 
 
 def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
@@ -192,27 +194,36 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     from torch.distributed.run import parse_args, run
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "autofit", *strip_nproc(argv)])
     extra, line = rank_environment(os.environ, nproc, cpu_cores())
-    os.environ.update({**extra, LAUNCHED_ENV: "1"})  # torchrun passes this process's environment to the ranks
+    notes = tempfile.mkdtemp(prefix="autofit-launch-")  # where rank 0 marks that it said its interrupt line
+    # torchrun passes this process's environment to the ranks
+    os.environ.update({**extra, LAUNCHED_ENV: "1", interrupts.SAID_ENV: os.path.join(notes, "said")})
     if line:
         log(line)
     logging.disable(logging.ERROR)  # this process only launches: its log is torchrun's
     try:
         run(args)
     except ChildFailedError as e:
-        lines, code = failed_lines(e.failures, nproc)
+        lines, code = failed_lines(e.failures, nproc, interrupt_said=_said(notes))
         for text in lines:
             print(text, file=sys.stderr)
         return code
-    except SignalException as e:  # Ctrl-C / SIGTERM: torchrun passed it on and waited for the ranks
-        print(f"autofit: stopped by {signal.Signals(e.sigval).name}; the ranks were told to checkpoint and stop",
-              file=sys.stderr)
+    except SignalException as e:  # Ctrl-C, SIGTERM, SIGHUP: torchrun passed it on and waited for the ranks
+        if not _said(notes):  # rank 0 said what it did (checkpoint or not); else only what this process knows
+            print(f"autofit: stopped by {signal.Signals(e.sigval).name}, passed on to the ranks; no rank said it "
+                  f"saved a checkpoint", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:
         logging.disable(logging.NOTSET)
+        shutil.rmtree(notes, ignore_errors=True)
     return 0
 
 
-def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
+def _said(notes: str) -> bool:
+    """Whether rank 0 printed its own interrupt line (autofit.interrupts.tell_launcher)."""
+    return os.path.exists(os.path.join(notes, "said"))
+
+
+def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False) -> tuple[list[str], int]:
     """The launcher's report of failed ranks (torchrun's ProcessFailure per global rank, with
     .message, .error_file_data, .exitcode, .signal_name()): (lines for stderr, exit code).
 
@@ -224,15 +235,23 @@ def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
     because of another (lost contact, 'rank N failed in this step': trainer.distributed.ranks.
     CONSEQUENCES) are left out when a cause is known, and said once when none is. The exit code
     is the first cause's: the reporting rank's (2, a user error, if torchrun's SIGTERM ended it
-    after its line), else the failed rank's."""
+    after its line), else the failed rank's.
+
+    Ranks that ended interrupted (exit code 130: a Ctrl-C, SIGTERM or SIGHUP sent to them, not to
+    this launcher) with no error line: nothing more when rank 0 said its own interrupt line
+    (`interrupt_said`, autofit.interrupts.tell_launcher), else one line for all of them; exit
+    code 130 unless another rank's failure is the cause."""
     from trainer.distributed.ranks import CONSEQUENCES
     said = {r: f.message for r, f in failures.items()
             if isinstance(getattr(f, "error_file_data", None), dict) and f.error_file_data.get("autofit")}
-    lines, codes = [], []
+    lines, codes, interrupted = [], [], []
     for rank, f in sorted(failures.items()):
         # torchrun's SIGTERM after another rank's error: the rank died of it, or took it as a
         # Ctrl-C (session: exit code 130) when it came before the rank's own handler was gone
         if rank in said or (said and f.exitcode in (-signal.SIGTERM, interrupts.EXIT_CODE)):
+            continue
+        if f.exitcode == interrupts.EXIT_CODE:  # one line for all of them, below, not one per rank
+            interrupted.append(rank)
             continue
         how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
         lines.append(f"autofit: rank {rank} stopped with {how}")
@@ -250,5 +269,8 @@ def failed_lines(failures: dict, nproc: int) -> tuple[list[str], int]:
                         f"autofit: error: rank {', '.join(map(str, who))}: {msg}")
         # a rank that wrote its line may still be stopped by torchrun's SIGTERM on its way out
         reported_codes += [c for c in (failures[r].exitcode for r in who) if c > 0][:1] or [2]
-    codes = reported_codes + codes
+    if interrupted and not interrupt_said:
+        lines.append(f"autofit: interrupted: rank {', '.join(map(str, interrupted))} stopped with exit code "
+                     f"{interrupts.EXIT_CODE}, and no rank said it saved a checkpoint")
+    codes = reported_codes + codes + [interrupts.EXIT_CODE] * bool(interrupted)
     return reported + lines, (codes[0] if codes else 1)
