@@ -33,7 +33,7 @@ def test_relaunch_gives_the_ranks_the_share_and_keeps_torchruns_banner_away(monk
     logged = []
     monkeypatch.setattr(os, "environ", dict(os.environ))  # relaunch writes the ranks' environment here
     assert torchrun.relaunch(["run", "--nproc-per-node", "2"], 2, logged.append) == 0
-    assert seen == {"omp": "4", "launched": "1"} and len(logged) == 1  # set before torchrun reads it: no banner
+    assert seen == {"omp": "4", "launched": str(os.getpid())} and len(logged) == 1  # set before torchrun reads it: no banner
 
 
 @dataclass
@@ -250,3 +250,69 @@ def test_the_launchers_stop_line_says_only_what_it_knows(monkeypatch, capsys, ra
     assert err == "" if rank0_said else err == ("autofit: stopped by SIGHUP, passed on to the ranks; no rank said it "
                                                 "saved a checkpoint\n")
     assert not os.path.exists(os.path.dirname(os.environ[interrupts.SAID_ENV]))  # the launcher's notes are gone
+
+
+ORPHAN = """
+import os, signal, sys, time
+from autofit.launch.torchrun import LAUNCHED_ENV, die_with_launcher
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+launcher = os.getppid()
+die_with_launcher()
+print("READY", flush=True)
+for _ in range(600):  # bounded: 60 s
+    if got:
+        break
+    time.sleep(0.1)
+for _ in range(600):  # until the last of the launcher's threads is gone: every death signal was sent
+    if os.getppid() != launcher or os.environ[LAUNCHED_ENV] != str(launcher):
+        break
+    time.sleep(0.01)
+time.sleep(0.01)  # the handlers of signals still pending run
+print(f"SIGTERM x{len(got)}", flush=True)
+"""
+LAUNCHER = """
+import os, subprocess, sys, threading, time
+gone = sys.argv[1] == "gone"  # a launcher that died before the rank set its parent-death signal
+os.environ[sys.argv[2]] = str(2**22 + 7 if gone else os.getpid())
+for _ in range(4):  # torchrun's launcher has threads too: Linux signals a rank once for each as they die
+    threading.Thread(target=time.sleep, args=(300,), daemon=True).start()
+subprocess.run([sys.executable, "-c", sys.argv[3]], timeout=120)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["killed", "gone"])
+def test_a_rank_stops_when_its_launcher_dies(tmp_path, launcher):
+    """h3 (session 10): a SIGKILL to `autofit run --nproc-per-node 2`'s launcher left both ranks
+    training to the end as orphans, holding the out-dir lock. Each rank now gets one SIGTERM at
+    its launcher's death (checkpoint and stop; a second would mean 'stop now'), at once if the
+    launcher is already gone."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("prctl(PR_SET_PDEATHSIG) is Linux's")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, launcher, torchrun.LAUNCHED_ENV, ORPHAN], env=env,
+                            stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout.readline() == "READY\n"
+        if launcher == "killed":
+            proc.kill()  # the launcher, as `kill -9` would; the rank holds the pipe until it ends
+            proc.wait(timeout=60)
+        rest = proc.stdout.read()  # EOF once the rank ended (bounded by its loops)
+    finally:
+        proc.kill()
+    assert rest == "SIGTERM x1\n", rest
+
+
+def test_the_launchers_death_is_one_sigterm_however_often_linux_says_it(monkeypatch):
+    """Linux sends the parent-death signal again as each of the dying launcher's threads exits
+    (seen in a real 2-rank run: each rank got SIGTERM twice, took the second as 'stop now' and
+    wrote no checkpoint). The ranks' death signal is turned into one SIGTERM."""
+    got = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    monkeypatch.setitem(torchrun._death, "told", False)
+    try:
+        for _ in range(3):
+            torchrun._launcher_died(torchrun.DEATH_SIGNAL, None)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert got == [signal.SIGTERM]

@@ -26,7 +26,8 @@ from autofit.devices.info import DeviceError
 from autofit.devices.ranks import env_rank, other_rank, ranks, under_torchrun
 from trainer.interrupt import LAUNCHER_ENV, STOP_SIGNALS as TRAINING_STOP_SIGNALS
 
-# set by relaunch() for its ranks: their error lines go back to it, and their SIGTERM is its to say
+# set by relaunch() for its ranks, to its process id: their error lines go back to it, their
+# SIGTERM is its to say, and its death stops them (die_with_launcher)
 LAUNCHED_ENV = LAUNCHER_ENV
 # the line for a Ctrl-C before the command itself began (autofit.__main__ says the same)
 STARTING = "interrupted while starting; nothing was done"
@@ -112,6 +113,7 @@ def session() -> Iterator[None]:
     old = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
     try:
         if several:
+            die_with_launcher()
             # a Ctrl-C while each rank imports torch and joins (a second or more): one line, from rank 0
             interrupts.during(STARTING)
             _start_group()
@@ -124,6 +126,42 @@ def session() -> Iterator[None]:
         # importing it again fails on the half-built torch, with tracebacks instead of the line
         if several and "trainer.distributed.ranks" in sys.modules:
             sys.modules["trainer.distributed.ranks"].stop()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The signal Linux sends a rank when its launcher dies. Not SIGTERM itself: the kernel sends it once
+# for each of the launcher's threads as they exit (the rank is handed from a dying thread to the
+# next), and a second SIGTERM means 'stop now', no checkpoint. _launcher_died turns them into one.
+DEATH_SIGNAL = getattr(signal, "SIGUSR2", None)
+_death = {"told": False}
+
+
+def die_with_launcher() -> None:
+    """A rank of `autofit run --nproc-per-node` (LAUNCHED_ENV: the launcher's process id) gets
+    one SIGTERM when the launcher dies, even by SIGKILL: finish the step, checkpoint, stop.
+    torchrun starts each rank in a session of its own and nothing else tells it, so a killed
+    launcher left the ranks training to the end as orphans, holding --out's lock. Linux only
+    (prctl PR_SET_PDEATHSIG, through ctypes); elsewhere, or under a torchrun the user started,
+    nothing."""
+    launcher = os.environ.get(LAUNCHED_ENV, "")
+    if not launcher or not sys.platform.startswith("linux") or DEATH_SIGNAL is None:
+        return
+    try:
+        import ctypes
+        signal.signal(DEATH_SIGNAL, _launcher_died)  # for the life of the process
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError, ValueError):  # no libc prctl, not the main thread: runs as before
+        return
+    if launcher.isdigit() and int(launcher) > 1 and os.getppid() != int(launcher):
+        _launcher_died(DEATH_SIGNAL, None)  # it died before prctl took hold: the same stop
+
+
+def _launcher_died(signum, frame) -> None:
+    """The launcher is gone: one SIGTERM to this rank, whatever number of death signals came."""
+    if not _death["told"]:
+        _death["told"] = True
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _start_group() -> None:
@@ -196,7 +234,7 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     extra, line = rank_environment(os.environ, nproc, cpu_cores())
     notes = tempfile.mkdtemp(prefix="autofit-launch-")  # where rank 0 marks that it said its interrupt line
     # torchrun passes this process's environment to the ranks
-    os.environ.update({**extra, LAUNCHED_ENV: "1", interrupts.SAID_ENV: os.path.join(notes, "said")})
+    os.environ.update({**extra, LAUNCHED_ENV: str(os.getpid()), interrupts.SAID_ENV: os.path.join(notes, "said")})
     if line:
         log(line)
     logging.disable(logging.ERROR)  # this process only launches: its log is torchrun's
