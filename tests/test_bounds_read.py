@@ -221,6 +221,22 @@ def test_a_budget_above_the_machine_is_refused(monkeypatch):
     cpu.check_ranks_fit(25, 64 * 2**20, "cpu")
 
 
+def test_ranks_on_cuda_without_a_gpu_are_sent_to_the_cpu_not_to_zero_ranks(monkeypatch):
+    """h3 (session 10): `--device cuda --nproc-per-node 2` on a machine with no GPU said 'use
+    --nproc-per-node 0 or fewer', which is refused in turn."""
+    import torch
+
+    from autofit.devices import cpu
+    from autofit.devices.device import DeviceError
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(DeviceError) as e:
+        cpu.check_ranks_fit(2, None, "cuda")
+    assert "--nproc-per-node 0" not in str(e.value) and "use --device cpu" in str(e.value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match="this machine has 1 GPU"):
+        cpu.check_ranks_fit(2, None, "cuda")
+
+
 def test_a_huge_step_batch_is_read_a_micro_batch_at_a_time_with_the_same_result(tmp_path, monkeypatch):
     from trainer.data import batches
     from trainer.data.datasets import BatchSampler, TokenDataset, TokenSplit

@@ -106,6 +106,9 @@ def check_ranks_fit(nproc: int, budget_bytes: int | None, kind: str | None) -> N
     (RANK_PROCESS_BYTES each, assumed) and CPU budgets (--budget each) exceed the machine's memory."""
     if kind == "cuda" or (kind is None and budget_bytes is None and torch.cuda.is_available()):
         gpus = torch.cuda.device_count()
+        if gpus == 0:  # 'use --nproc-per-node 0 or fewer' is refused in turn: say what can work
+            raise DeviceError(f"--nproc-per-node {nproc} --device cuda: torch finds no GPU on this machine "
+                              f"(torch.cuda.device_count() is 0); for ranks on the CPU use --device cpu")
         if nproc > gpus:
             raise DeviceError(f"--nproc-per-node {nproc}: this machine has {gpus} GPU(s), one per rank; "
                               f"use --nproc-per-node {gpus} or fewer")
