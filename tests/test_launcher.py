@@ -316,3 +316,41 @@ def test_the_launchers_death_is_one_sigterm_however_often_linux_says_it(monkeypa
     finally:
         signal.signal(signal.SIGTERM, old)
     assert got == [signal.SIGTERM]
+
+
+@dataclass
+class Killed(Failure):
+    pid: int = 4242
+
+
+def test_torchruns_own_sigkill_of_a_stuck_rank_is_not_the_cause():
+    """h3 (session 10): rank 1 stuck, rank 0 gave up on it ('lost contact ... Timed out'), then
+    torchrun's shutdown killed rank 1 with SIGKILL after 30 s; the launcher said only 'rank 1
+    stopped with signal SIGKILL', as if that were the cause, and left rank 0's line out."""
+    lost = "rank 0: lost contact with another rank (Timed out waiting 15000ms); stopping here, the last checkpoint is kept"
+    failures = {0: said(lost), 1: Killed(-signal.SIGKILL, pid=4242)}
+    lines, code = failed_lines(failures, 2, killed={4242})
+    assert lines == [f"autofit: error: {lost}", "autofit: rank 1 did not stop when torchrun asked it to after the "
+                                                "failure, and was killed (SIGKILL; stuck?)"] and code == 2
+    # a SIGKILL torchrun did not send (the OOM killer's) is still the cause
+    assert failed_lines(failures, 2, killed={99}) == (["autofit: rank 1 stopped with signal SIGKILL"], 128 + 9)
+
+
+def test_the_launcher_knows_which_ranks_torchrun_killed():
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import SubprocessHandler
+    procs = []
+    for _ in range(2):  # its own session: torchrun's close() signals the rank's process group
+        h = SubprocessHandler.__new__(SubprocessHandler)
+        h._stdout = h._stderr = None
+        h.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        procs.append(h)
+    killed = set()
+    try:
+        with torchrun._killed_by_torchrun(killed):
+            procs[0].close(death_sig=signal.SIGTERM)  # torchrun's first, polite signal: not recorded
+            procs[1].close(death_sig=signal.SIGKILL)  # ... its forced one, past the 30 s
+    finally:
+        for h in procs:
+            h.proc.kill()
+            h.proc.wait(timeout=60)
+    assert killed == {procs[1].proc.pid} and SubprocessHandler.close.__name__ == "close"  # put back

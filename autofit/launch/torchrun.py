@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import Iterator
+from typing import Collection, Iterator
 
 from autofit import interrupts
 from autofit.devices.info import DeviceError
@@ -238,17 +238,20 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     if line:
         log(line)
     logging.disable(logging.ERROR)  # this process only launches: its log is torchrun's
+    killed: set[int] = set()
     try:
-        run(args)
+        with _killed_by_torchrun(killed):
+            run(args)
     except ChildFailedError as e:
-        lines, code = failed_lines(e.failures, nproc, interrupt_said=_said(notes))
+        lines, code = failed_lines(e.failures, nproc, interrupt_said=_said(notes), killed=killed)
         for text in lines:
             print(text, file=sys.stderr)
         return code
     except SignalException as e:  # Ctrl-C, SIGTERM, SIGHUP: torchrun passed it on and waited for the ranks
         if not _said(notes):  # rank 0 said what it did (checkpoint or not); else only what this process knows
-            print(f"autofit: stopped by {signal.Signals(e.sigval).name}, passed on to the ranks; no rank said it "
-                  f"saved a checkpoint", file=sys.stderr)
+            stuck = f"; {len(killed)} rank(s) did not stop in time and were killed (SIGKILL)" if killed else ""
+            print(f"autofit: stopped by {signal.Signals(e.sigval).name}, passed on to the ranks{stuck}; no rank said "
+                  f"it saved a checkpoint", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:
         logging.disable(logging.NOTSET)
@@ -256,12 +259,37 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _killed_by_torchrun(pids: set[int]) -> Iterator[None]:
+    """Collects into `pids` the ranks torchrun's own shutdown killed with SIGKILL (a rank that did
+    not end within its 30 s of the SIGTERM): that SIGKILL is not a cause of the failure, and the
+    rank is named as stuck. Through torchrun's SubprocessHandler.close; with a torch that has none
+    (another layout), nothing is collected and such a SIGKILL reads as any other."""
+    try:
+        from torch.distributed.elastic.multiprocessing.subprocess_handler import SubprocessHandler
+    except ImportError:
+        yield
+        return
+    close = SubprocessHandler.close
+
+    def recording(self, death_sig=None):
+        if death_sig == signal.SIGKILL:
+            pids.add(self.proc.pid)
+        return close(self, death_sig)
+    SubprocessHandler.close = recording
+    try:
+        yield
+    finally:
+        SubprocessHandler.close = close
+
+
 def _said(notes: str) -> bool:
     """Whether rank 0 printed its own interrupt line (autofit.interrupts.tell_launcher)."""
     return os.path.exists(os.path.join(notes, "said"))
 
 
-def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False) -> tuple[list[str], int]:
+def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
+                 killed: Collection[int] = ()) -> tuple[list[str], int]:
     """The launcher's report of failed ranks (torchrun's ProcessFailure per global rank, with
     .message, .error_file_data, .exitcode, .signal_name()): (lines for stderr, exit code).
 
@@ -278,12 +306,20 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False) -> tu
     Ranks that ended interrupted (exit code 130: a Ctrl-C, SIGTERM or SIGHUP sent to them, not to
     this launcher) with no error line: nothing more when rank 0 said its own interrupt line
     (`interrupt_said`, autofit.interrupts.tell_launcher), else one line for all of them; exit
-    code 130 unless another rank's failure is the cause."""
+    code 130 unless another rank's failure is the cause.
+
+    A rank that torchrun's own shutdown killed with SIGKILL (its process id in `killed`: it did
+    not stop within 30 s of the SIGTERM sent after another rank failed) is not a cause: the other
+    ranks' lines are said (rank 0's 'lost contact' when it gave up waiting for it), then one line
+    names it as stuck."""
     from trainer.distributed.ranks import CONSEQUENCES
     said = {r: f.message for r, f in failures.items()
             if isinstance(getattr(f, "error_file_data", None), dict) and f.error_file_data.get("autofit")}
-    lines, codes, interrupted = [], [], []
+    lines, codes, interrupted, stuck = [], [], [], []
     for rank, f in sorted(failures.items()):
+        if f.exitcode == -signal.SIGKILL and getattr(f, "pid", None) in killed:
+            stuck.append(rank)
+            continue
         # torchrun's SIGTERM after another rank's error: the rank died of it, or took it as a
         # Ctrl-C (session: exit code 130) when it came before the rank's own handler was gone
         if rank in said or (said and f.exitcode in (-signal.SIGTERM, interrupts.EXIT_CODE)):
@@ -299,16 +335,26 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False) -> tu
         said = causes
     else:  # only consequences: each rank lost the others; one line says so
         said = dict([min(said.items())]) if said else {}
-    reported, reported_codes = [], []
+    reported, reported_codes = _reported(said, failures, nproc)
+    if stuck:
+        lines.append(f"autofit: rank {', '.join(map(str, stuck))} did not stop when torchrun asked it to after the "
+                     f"failure, and was killed (SIGKILL; stuck?)")
+    if interrupted and not interrupt_said:
+        lines.append(f"autofit: interrupted: rank {', '.join(map(str, interrupted))} stopped with exit code "
+                     f"{interrupts.EXIT_CODE}, and no rank said it saved a checkpoint")
+    codes = reported_codes + codes + [interrupts.EXIT_CODE] * bool(interrupted) + [128 + signal.SIGKILL] * bool(stuck)
+    return reported + lines, (codes[0] if codes else 1)
+
+
+def _reported(said: dict, failures: dict, nproc: int) -> tuple[list[str], list[int]]:
+    """failed_lines' lines for the error lines the ranks wrote ({rank: line}), each distinct line
+    once, and their exit codes."""
+    reported, codes = [], []
     for msg in dict.fromkeys(said[r] for r in sorted(said)):
         who = [r for r in sorted(said) if said[r] == msg]
         named = len(who) == nproc or msg.startswith("rank ")
         reported.append(f"autofit: error: {msg}" if named else
                         f"autofit: error: rank {', '.join(map(str, who))}: {msg}")
         # a rank that wrote its line may still be stopped by torchrun's SIGTERM on its way out
-        reported_codes += [c for c in (failures[r].exitcode for r in who) if c > 0][:1] or [2]
-    if interrupted and not interrupt_said:
-        lines.append(f"autofit: interrupted: rank {', '.join(map(str, interrupted))} stopped with exit code "
-                     f"{interrupts.EXIT_CODE}, and no rank said it saved a checkpoint")
-    codes = reported_codes + codes + [interrupts.EXIT_CODE] * bool(interrupted)
-    return reported + lines, (codes[0] if codes else 1)
+        codes += [c for c in (failures[r].exitcode for r in who) if c > 0][:1] or [2]
+    return reported, codes
