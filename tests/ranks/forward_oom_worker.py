@@ -1,8 +1,8 @@
 """One rank of the mid-forward OOM tests (tests/test_multigpu.py): started by torchrun with 2
-ranks on gloo; argv: parallelism ('ddp' or 'fsdp2'), 'oom' or 'none', an output folder, and
-'eval' or 'train'. With 'oom', rank 1 runs out of memory once inside block 1's forward: in 'eval'
-mid-way through its first eval batch of a tiny GPT wrapped as the trainer wraps it; in 'train' at
-optimizer step 3 of a 6-step Trainer run. Writes <folder>/rank<N>.json: the final (eval)
+ranks on gloo; argv: parallelism ('ddp' or 'fsdp2'), a fault ('none', 'oom' or in 'train' mode
+another site: train's docstring), an output folder, and 'eval' or 'train'. With 'oom', rank 1 runs
+out of memory once inside block 1's forward: in 'eval' mid-way through its first eval batch of a
+tiny GPT wrapped as the trainer wraps it; in 'train' at optimizer step 3 of a 6-step Trainer run. Writes <folder>/rank<N>.json: the final (eval)
 micro-batch, the events, the losses."""
 from __future__ import annotations
 
@@ -20,8 +20,18 @@ from trainer.model.gpt import GPT, GPTConfig
 from trainer.distributed.multirank import RankGroup
 
 
+# Where rank 1 runs out of memory inside the backward ('train' mode): the loss head's backward
+# (the gradient reaching the final norm's output), block 1's (its MLP's output: before block 1's
+# reduce-scatter) and the embeddings' (after block 0's backward, before the root's reduce-scatter).
+BACKWARD_SITES = {"head_backward": lambda m: m.transformer.ln_f,
+                  "block_backward": lambda m: m.transformer.h[1].mlp,
+                  "embedding_backward": lambda m: m.transformer.wte}
+
+
 def train(parallelism: str, fault: str, out: Path) -> dict:
-    """A 6-step run of the trainer itself; rank 1's block 1 runs out of memory at step 3."""
+    """A 6-step run of the trainer itself; with a fault, rank 1 runs out of memory at step 3, at
+    the site the fault names ('oom': inside block 1's forward; BACKWARD_SITES; 'gather_buffer'),
+    '/explicit' after it: without the check-ins after FSDP2's communication buffers."""
     from trainer.config.train_config import load_config
     from trainer.loop import RunOptions, Trainer
     from trainer.step import InjectedOOM
@@ -29,14 +39,30 @@ def train(parallelism: str, fault: str, out: Path) -> dict:
         n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, gradient_accumulation_steps=1, dropout=0.0,
         dataset="embedded", max_iters=6, warmup_iters=1, lr_decay_iters=6, eval_interval=0, log_interval=1,
         compile=False, device="cpu", dtype="float32", parallelism=parallelism, out_dir=str(out / "run")).items()])
+    site, _, only = fault.partition("/")
+    if only == "explicit":  # as on a torch without custom FSDP2 comms: the explicit check-ins alone
+        from trainer.distributed import sharding
+        sharding._check_in_after_comm_buffers = lambda *_: False
     trainer = Trainer(cfg, RunOptions(progress=False, meter=NullMeter()))
     rank = trainer.rank
+    now = lambda: rank == 1 and trainer.iter_num == 3 and max(trainer.micro_batches) > 1  # noqa: E731
 
-    def oom_once(module, args):
-        if fault == "oom" and rank == 1 and trainer.iter_num == 3 and max(trainer.micro_batches) > 1:
-            raise InjectedOOM("injected out of memory inside block 1's forward")
+    def oom(*_):
+        if now():
+            raise InjectedOOM(f"injected out of memory at {site}")
 
-    trainer.model.transformer.h[1].register_forward_pre_hook(oom_once)
+    model = trainer.model
+    if site == "oom":  # inside block 1's forward
+        model.transformer.h[1].register_forward_pre_hook(oom)
+    elif site in BACKWARD_SITES:  # when the gradient reaches the module's output: inside the backward
+        def on_output(module, args, out):
+            if out.requires_grad:
+                out.register_hook(oom)
+        BACKWARD_SITES[site](model).register_forward_hook(on_output)
+    elif site == "gather_buffer":  # FSDP2's allocation of an all-gather's buffer, before the collective
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
+        allocate = DefaultAllocMixin.allocate
+        DefaultAllocMixin.allocate = lambda self, *a, **k: (oom(), allocate(self, *a, **k))[1]
     res = trainer.run()
     return {"rank": rank, "micro_batch": max(res.micro_batches), "losses": res.losses,
             "events": [[e["event"], e["step"]] for e in res.events]}

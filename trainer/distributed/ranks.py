@@ -226,7 +226,11 @@ _SOURCE_PATH = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|cu|h|hpp):\d+\]\s*")
 LOST_CONTACT = "lost contact with another rank"
 # Words of the lines a rank says when it stops because of another rank: consequences, which the
 # launcher (autofit.launch.torchrun.failed_lines) leaves out when the cause is known.
-CONSEQUENCES = (LOST_CONTACT, "failed in this step (its own error is printed above)")
+# A rank that gives up after another rank's OOM ('out of memory at step 3 with micro-batch 1, and
+# no smaller micro-batch is left to try (rank 1 ran out of memory in this step)') says a consequence
+# too: the rank that ran out of memory says the cause, with its own allocator's words.
+OTHER_OOM = "ran out of memory"
+CONSEQUENCES = (LOST_CONTACT, "failed in this step (its own error is printed above)", f"{OTHER_OOM} in this step)")
 
 
 def peer_lost(exc: BaseException, ranks: Ranks) -> TrainError:
@@ -292,7 +296,9 @@ class Agreement:
         failure path calls outcome) when another rank has failed."""
         seen = self._round([0, 0, 0, 0, 1])
         if seen[REAL_OOM] or seen[INJECTED_OOM] or seen[ERROR]:
-            raise OtherRankOOM(f"{failed_rank(seen)} failed in this step", injected=not seen[REAL_OOM],
+            # another error becomes RankFailed in the outcome round that follows (raise_for)
+            what = "failed" if seen[ERROR] else OTHER_OOM
+            raise OtherRankOOM(f"{failed_rank(seen)} {what} in this step", injected=not seen[REAL_OOM],
                                agreed=False)
 
     def settle(self) -> None:
@@ -314,7 +320,7 @@ def raise_for(seen: list[int], ranks: Ranks) -> None:
         raise RankFailed(f"rank {ranks.rank}: rank {seen[ERROR] - 1} failed in this step (its own error is "
                          f"printed above); stopping here too")
     if seen[REAL_OOM] or seen[INJECTED_OOM]:
-        raise OtherRankOOM(f"{failed_rank(seen)} ran out of memory in this step", injected=not seen[REAL_OOM])
+        raise OtherRankOOM(f"{failed_rank(seen)} {OTHER_OOM} in this step", injected=not seen[REAL_OOM])
 
 
 def all_gather_objects(obj, ranks: Ranks) -> list:

@@ -112,12 +112,20 @@ class FullySharded:
     no-sync mode would accumulate them unsharded, giving back the memory that sharding is for
     (more communication is the price of the memory lever).
 
-    Each block's forward starts with an agreement round (Agreement.check_in), and the whole
-    forward ends with one, so an OOM in one rank's forward (the loss included) is known to the
-    others before they wait in the next block's all-gather or the backward's; after it,
-    `rewrap` resets FSDP2's iteration state. An OOM inside a backward cannot be agreed this way
-    (its reduce-scatter is already in flight) and ends at the collective timeout
-    (AUTOFIT_DIST_TIMEOUT) with one line, as Composer's FSDP hooks also leave it."""
+    FSDP2's collectives run inside the forward and the backward, so a rank that runs out of
+    memory there would leave the others waiting in one. Every one of them is therefore preceded
+    by an agreement round (Agreement.check_in), which raises OtherRankOOM on the ranks that did
+    not fail, so all of them shrink and redo the step (`rewrap` then resets FSDP2's iteration
+    state). In the forward: before each block's forward (before its all-gather) and after the
+    whole forward, the loss included (before the backward's first all-gather). In the backward
+    (_BackwardCheckIns): before the last block's pre-backward (after the loss head's and the
+    final norm's backward, where the peak usually is), after each block's backward (before its
+    reduce-scatter, which precedes the next block's all-gather), and after the embeddings'
+    backward (before the root's reduce-scatter). And where torch lets FSDP2's communication be
+    customised (FSDPModule.set_custom_all_gather: newer than the torch floor) one more after FSDP2 allocates each
+    all-gather's or reduce-scatter's buffer, before it communicates: a block's whole weights or
+    gradients, often the allocation that fails. On an older torch an OOM in that allocation
+    still ends at the collective timeout (AUTOFIT_DIST_TIMEOUT)."""
     kind = "fsdp2"
     zero_grad_to_none = True
 
@@ -136,6 +144,8 @@ class FullySharded:
         # and once after the whole forward (the loss included), before the backward's first
         # all-gather: an OOM in the last block or the loss head is known before any rank goes on
         model.register_forward_hook(check)
+        _BackwardCheckIns(model, self.agreement)
+        _check_in_after_comm_buffers([*model.transformer.h, model], self.agreement)
 
     def micro_batch(self, last: bool):
         return contextlib.nullcontext()
@@ -150,12 +160,15 @@ class FullySharded:
         gradients. FSDP2 shards the modules in place, so a compiled `target` needs nothing more.
         `reset_iter_state` is FSDP2's documented recovery after an aborted forward or backward
         (torch 2.13); older torch only reshards, and a rank's OOM inside a forward can then leave
-        the ranks out of step until the collective timeout."""
+        the ranks out of step until the collective timeout. A backward that stopped before a
+        block's reduce-scatter leaves that block's gradient on FSDP2's unsharded parameters
+        (reset_iter_state keeps it), where the redo's backward would add to it: dropped too."""
         reset = getattr(self.model, "reset_iter_state", None)
         if reset is not None:
             reset()
         for m in [*self.model.transformer.h, self.model]:
             m.reshard()
+            _drop_unsharded_grads(m)
         for p in self.model.parameters():
             p.grad = None
 
@@ -176,6 +189,116 @@ class FullySharded:
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, model_state, options=opts)
         set_optimizer_state_dict(self.model, optimizer, optim_state, options=opts)
+
+
+class _CheckInFirst(torch.autograd.Function):
+    """Identity on a block's input in the forward; in the backward, an agreement round once the
+    block's backward is done, before the gradient goes on to FSDP2's post-backward node (its
+    reduce-scatter), which FSDP2 put on the same input just before this one."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, agreement: Agreement) -> torch.Tensor:
+        ctx.agreement = agreement
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.agreement.check_in()
+        return grad, None
+
+
+class _BackwardCheckIns:
+    """The backward's agreement rounds of FullySharded, each placed before one of FSDP2's
+    collectives by the order in which autograd runs hooks (registration order on one tensor,
+    queue order for the engine's end-of-backward callbacks):
+    - on the last block's output, a tensor hook registered before FSDP2's pre-backward hook on
+      it (a forward hook prepended to FSDP2's post-forward, which registers that one): before
+      the last block's all-gather, after the loss head's and the final norm's backward;
+    - on each block's input, an identity autograd node (_CheckInFirst) after FSDP2's
+      post-backward node: after the block's backward, before its reduce-scatter;
+    - on the model's output, a tensor hook (registered before FSDP2's root hook, which queues the
+      root's post-backward callback) that queues an engine callback: after the embeddings'
+      backward, before the root's reduce-scatter.
+    Nothing is registered without a gradient (evaluation), nor while activation checkpointing
+    recomputes a block inside the backward (its recomputed outputs get no gradient). The hooks
+    run eagerly under torch.compile (dynamo-disabled, as FSDP2's own), since a round is a host
+    collective."""
+
+    def __init__(self, model: torch.nn.Module, agreement: Agreement):
+        self.agreement = agreement
+        disable = torch._dynamo.disable
+        blocks = list(model.transformer.h)
+        for block in blocks:
+            block.register_forward_pre_hook(disable(self._wrap_input))  # appended: after FSDP2's
+        blocks[-1].register_forward_hook(disable(self._on_last_output), prepend=True)
+        model.register_forward_hook(disable(self._on_model_output), prepend=True)
+
+    def _check_in(self, *_) -> None:
+        self.agreement.check_in()
+
+    def _queue_check_in(self, *_) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._check_in)
+
+    @staticmethod
+    def _graphs(t) -> bool:
+        """Whether `t` is a forward's output whose gradient the coming backward computes."""
+        return (isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+                and torch._C._current_graph_task_id() == -1)
+
+    def _wrap_input(self, module, args):
+        if args and self._graphs(args[0]):
+            return (_CheckInFirst.apply(args[0], self.agreement), *args[1:])
+        return None
+
+    def _on_last_output(self, module, args, output) -> None:
+        if self._graphs(output):
+            output.register_hook(self._check_in)
+
+    def _on_model_output(self, module, args, output) -> None:
+        if self._graphs(output):
+            output.register_hook(self._queue_check_in)
+
+
+def _drop_unsharded_grads(module: torch.nn.Module) -> None:
+    """Frees the gradients FSDP2 accumulates on `module`'s unsharded parameters in a backward and
+    hands on only in the post-backward (its reduce-scatter), which an aborted backward skips.
+    FSDP2's internals (FSDPParam._unsharded_param, unsharded_accumulated_grad), read defensively:
+    a torch that names them otherwise has nothing dropped here."""
+    state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
+    groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+    for group in groups:
+        for fsdp_param in getattr(group, "fsdp_params", None) or ():
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                unsharded.grad = None
+            if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
+                fsdp_param.unsharded_accumulated_grad = None
+
+
+def _check_in_after_comm_buffers(modules: list, agreement: Agreement) -> bool:
+    """FSDP2's default all-gather and reduce-scatter on `modules`, with an agreement round after
+    each buffer is allocated and before the collective: a rank whose allocation failed answers it
+    from its OOM's outcome round instead of leaving the others inside the collective. Returns
+    False (nothing changed) on a torch without custom FSDP2 communication."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+    except ImportError:
+        return False
+    if not all(hasattr(m, "set_custom_all_gather") and hasattr(m, "set_custom_reduce_scatter") for m in modules):
+        return False
+
+    def agreed(base):
+        class Agreed(base):
+            def allocate(self, size, *, dtype, device):
+                buf = super().allocate(size, dtype=dtype, device=device)
+                agreement.check_in()
+                return buf
+        return Agreed()
+    gather, scatter = agreed(DefaultAllGather), agreed(DefaultReduceScatter)
+    for m in modules:
+        m.set_custom_all_gather(gather)
+        m.set_custom_reduce_scatter(scatter)
+    return True
 
 
 PARALLELISMS = {"ddp": DataParallel, "fsdp2": FullySharded}
