@@ -730,3 +730,16 @@ def test_parallelism_set_on_one_process_is_said_unused(tmp_path, monkeypatch, ca
     code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=1",
                          "--out", "o2", "--no-progress")
     assert code == 0 and "parallelism" not in out + err
+
+
+def test_an_oom_making_the_optimizers_state_says_no_micro_batch_can_help(tmp_path, monkeypatch, capsys):
+    """AdamW's state does not fit beside the weights (0.8M parameters, 10 MiB): it was reported as
+    'out of memory at step 0 with micro-batch 1, and no smaller micro-batch is left to try', as if
+    the micro-batch were the problem."""
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--budget", "10MiB",
+                         "--set", "n_layer=1", "--set", "n_embd=256", "--set", "n_head=4", "--set", "block_size=32",
+                         "--set", "batch_size=1", "--set", "gradient_accumulation_steps=2", "--set", "eval_iters=1",
+                         "--set", "max_iters=1", "--out", "o", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "out of memory making the optimizer's state (AdamW) beside the weights, before step 0" in err
+    assert "no smaller micro-batch is left" not in err and not (tmp_path / "o" / "ckpt.pt").exists()

@@ -40,8 +40,7 @@ class RedoneStep:
             failure, injected = None, False
             try:
                 if not self._primed:  # the optimizer's state first, not lazily inside step 0's update (not redone)
-                    prime_optimizer(self.model, self.optimizer, keep_grads=False)
-                    self._primed = True
+                    self._prime()
                 res = train_step(self.model, self.optimizer, x, y, self.micro_batches,
                                  dtype=self.dtype, scaler=self.scaler, grad_clip=self.cfg.grad_clip,
                                  forward=self.group.forward(self.forward), step=it, fault=self.fault,
@@ -78,6 +77,21 @@ class RedoneStep:
             reserved, limit = self.meter.peak_reserved_bytes(), self.meter.limit_bytes()
             confirmed = bool(reserved and limit and reserved >= THRASH_NEAR_LIMIT * limit)
             self._shrink(f"allocator retries rose for {THRASH_STEPS} steps", cause="thrash", confirmed=confirmed)
+
+    def _prime(self) -> None:
+        """The optimizer's state, made before the first step (trainer.step.prime_optimizer). An OOM
+        here is no micro-batch's: the state sits beside the weights whatever the micro-batch, so a
+        shrink cannot help; raises TrainError saying so (it read 'no smaller micro-batch is left')."""
+        try:
+            prime_optimizer(self.model, self.optimizer, keep_grads=False)
+        except Exception as e:
+            if not self.meter.is_oom(e):
+                raise
+            raise TrainError(f"out of memory making the optimizer's state ({type(self.optimizer).__name__}) beside "
+                             f"the weights, before step {self.iter_num}: no micro-batch fits, a smaller one cannot "
+                             f"help ({str(e).splitlines()[0][:160]}); a larger budget or GPU, a smaller model, or "
+                             f"several GPUs with --set parallelism=fsdp2 (shards the state)") from None
+        self._primed = True
 
     def _cleanup_after_oom(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
