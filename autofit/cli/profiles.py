@@ -174,7 +174,7 @@ def profiles_add(
     except ValidationError as e:  # one line that names the flag, not the model's field
         err = e.errors()[0]
         flag = _FLAGS.get(str(err["loc"][0]) if err["loc"] else "", "profiles add")
-        raise UsageError(f"{flag}: {err['msg']}") from None
+        raise UsageError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
     path, new = save_hardware(name, spec.model_dump(mode="json", exclude_none=True))
     note = " (overrides the built-in profile of that name)" if name in load_builtin() else ""
     _console().print(f"{'wrote' if new else 'updated the hardware of'} {path}{note}; "
@@ -184,7 +184,8 @@ def profiles_add(
 # HardwareSpec fields as the flags that set them, for one-line errors.
 _FLAGS = {"memory_bytes": "--memory", "compute_capability": "--compute-capability",
           "peak_bf16_tflops": "--peak-bf16-tflops", "peak_fp16_tflops": "--peak-fp16-tflops",
-          "memory_bandwidth_gbs": "--bandwidth-gbs", "gpu": "--gpu", "name": "NAME"}
+          "memory_bandwidth_gbs": "--bandwidth-gbs", "gpu": "--gpu", "nvml_names": "--gpu", "source": "--source",
+          "name": "NAME"}
 
 
 def _name_memory_mismatch(name: str, memory_bytes: int) -> str | None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autofit.devices.info import DeviceError, DeviceInfo
 from autofit.profiles.files import first_problem, newer_schema
@@ -30,6 +31,10 @@ ASSUMED_DRIVER_RESERVED_SHARE = 0.03
 # Bounds of a profile's figures, far past any card (B200: 2,250 dense bf16 TFLOP/s, 8,000 GB/s)
 MAX_TFLOPS = 100_000.0
 MAX_BANDWIDTH_GBS = 1_000_000.0
+# ... and short of any (a GT 1030's fp16 runs at 1/64 of its fp32: ~0.02 TFLOP/s; 14 GB/s the
+# slowest CUDA card's memory): 1e-300 TFLOP/s made every estimate '0 tokens/s'
+MIN_TFLOPS = 0.01
+MIN_BANDWIDTH_GBS = 1.0
 MIN_COMPUTE_CAPABILITY = (3, 0)  # Kepler, the oldest architecture any CUDA build of torch ran on
 
 
@@ -51,14 +56,28 @@ class HardwareSpec(BaseModel):
     # and fp16 matmuls use. GeForce cards run FP32-accumulate at half their FP16-accumulate rate,
     # so their figure is the whitepaper's "with FP32 Accumulate" column. None: no bf16 tensor cores.
     # at most MAX_TFLOPS / MAX_BANDWIDTH_GBS: 1e308 made estimated tokens/s infinite (a traceback)
-    peak_bf16_tflops: float | None = Field(default=None, gt=0, le=MAX_TFLOPS, allow_inf_nan=False)
-    peak_fp16_tflops: float = Field(gt=0, le=MAX_TFLOPS, allow_inf_nan=False)
-    memory_bandwidth_gbs: float = Field(gt=0, le=MAX_BANDWIDTH_GBS, allow_inf_nan=False)  # GB/s, decimal, as vendors state it
+    peak_bf16_tflops: float | None = Field(default=None, ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False)
+    peak_fp16_tflops: float = Field(ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False)
+    memory_bandwidth_gbs: float = Field(ge=MIN_BANDWIDTH_GBS, le=MAX_BANDWIDTH_GBS, allow_inf_nan=False)  # GB/s, decimal, as vendors state it
     # Memory the driver and firmware keep on an idle card (NVML v2 memory info's `reserved`): what
     # an emulated card cannot give the process. None until measured on such a card (the GPU
     # self-check records it); emulation then assumes ASSUMED_DRIVER_RESERVED_SHARE, and says so.
     driver_reserved_bytes: int | None = Field(default=None, ge=0)
     source: str  # where the figures come from
+
+    @field_validator("gpu", "source")
+    @classmethod
+    def _one_line(cls, v: str) -> str:  # printed in lists and tables: a newline broke profiles list's rows
+        if any(unicodedata.category(c) == "Cc" for c in v):
+            raise ValueError(f"must be one line of text without control characters, got {v[:40]!r}")
+        return v
+
+    @field_validator("nvml_names")
+    @classmethod
+    def _names_one_line(cls, v: list[str]) -> list[str]:
+        for name in v:
+            cls._one_line(name)
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> HardwareSpec:
