@@ -654,3 +654,16 @@ def test_rm_takes_a_dangling_link_and_refuses_a_folder_as_the_listing_says(tmp_p
     with pytest.raises(ProfileError, match="f.toml is a folder, not a profile file: move or remove it yourself"):
         remove_profile("f")
     assert (d / "f.toml").is_dir()
+
+
+def test_a_relative_autofit_home_is_refused_in_one_line(monkeypatch, tmp_path):
+    """AUTOFIT_HOME=myhome put profiles under whatever folder a command ran from: probe --save in
+    one folder, run --profile in another found no plan."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOFIT_HOME", "myhome")
+    with pytest.raises(ProfileError, match=r"AUTOFIT_HOME=myhome is a relative path: .* give an absolute one "
+                                           r"\(e.g. .*/myhome\)"):
+        profile_files.profiles_dir()
+    assert not (tmp_path / "myhome").exists()
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "abs"))
+    assert profile_files.profiles_dir() == tmp_path / "abs" / "profiles"

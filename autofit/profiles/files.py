@@ -53,10 +53,14 @@ def profiles_dir() -> Path:
     home = os.environ.get("AUTOFIT_HOME")
     if home:
         try:
-            return Path(home).expanduser() / "profiles"
+            where = Path(home).expanduser()
         except RuntimeError:  # '~nosuchuser/h': no folder to put them in (not one named '~nosuchuser' here)
             raise ProfileError(f"AUTOFIT_HOME={home}: no home folder for its '~' (no such user); give a "
                                f"folder that exists or can be made") from None
+        if not where.is_absolute():  # as a relative XDG_DATA_HOME below: profiles would follow the cwd
+            raise ProfileError(f"AUTOFIT_HOME={home} is a relative path: the profiles found would depend on the "
+                               f"folder each command runs from; give an absolute one (e.g. {Path.cwd() / home})")
+        return where / "profiles"
     data = platformdirs.user_data_path("autofit", appauthor=False)
     # The XDG spec says a relative $XDG_DATA_HOME is invalid and must be ignored; platformdirs
     # takes it as given, which would put profiles under whatever the current directory is.
