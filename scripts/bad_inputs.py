@@ -455,6 +455,8 @@ ROWS: list[Row] = [
     Row("--resume checkpoint lacks micro_batches", ["run", "--resume", "--out", "o", "--no-progress", "--max-steps", "2"],
         checkpoint(lambda ck: ck.pop("micro_batches")), by="lead (checkpoint keys checked)"),
     Row("--resume without a checkpoint", ["run", "--resume", "--out", "o", "--no-progress"]),
+    Row("--checkpointing-policy selective with --checkpointing 0", [*PROBE, "--checkpointing-policy", "selective"],
+        by="session 11"),
     Row("AUTOFIT_HOME relative (profiles would follow the cwd)", ["profiles", "list"], env={"AUTOFIT_HOME": "rel"},
         by="session 11"),
     Row("--resume with --set init_from=scratch", ["run", "--resume", "--out", "o", "--no-progress",

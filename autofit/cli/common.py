@@ -193,6 +193,9 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
         bad = [v for v in policies if v not in ("full", "selective")]
         if bad:
             raise UsageError(f"--checkpointing-policy: unknown policy {bad[0]!r} (full, selective; a comma list)")
+        if ck == [0]:  # the policy is what a checkpointed block keeps: with none checkpointed it meant nothing
+            raise UsageError(f"--checkpointing-policy {policy} applies to checkpointed blocks, and --checkpointing 0 "
+                             f"checkpoints none: drop one (or --checkpointing 0,1 to try both)")
     li = None
     if loss is not None:
         li = list(dict.fromkeys(v.strip() for v in loss.split(",")))  # once each: a repeat is searched again
