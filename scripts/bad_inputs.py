@@ -457,6 +457,8 @@ ROWS: list[Row] = [
     Row("--resume without a checkpoint", ["run", "--resume", "--out", "o", "--no-progress"]),
     Row("--checkpointing-policy selective with --checkpointing 0", [*PROBE, "--checkpointing-policy", "selective"],
         by="session 11"),
+    Row("AUTOFIT_RANK_BUDGETS on one process, with --budget", [*RUN, "--out", "o"],
+        env={"AUTOFIT_RANK_BUDGETS": "3MiB"}, check=absent("o"), by="session 11"),
     Row("AUTOFIT_HOME relative (profiles would follow the cwd)", ["profiles", "list"], env={"AUTOFIT_HOME": "rel"},
         by="session 11"),
     Row("--resume with --set init_from=scratch", ["run", "--resume", "--out", "o", "--no-progress",

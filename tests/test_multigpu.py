@@ -526,3 +526,25 @@ def test_muon_over_fused_matrices_trains_two_ranks_as_one(tmp_path):
         torch.set_num_threads(threads)
     assert sorted(losses(tmp_path / "two")) == list(range(6))
     assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rel=1e-5)
+
+
+def test_rank_budgets_on_one_process_are_refused_and_named_as_set(monkeypatch):
+    """AUTOFIT_RANK_BUDGETS left exported took over --budget on one process, in silence; under
+    torchrun a size past the machine's memory was reported as '--budget: ...'."""
+    from autofit.devices.cpu import machine_memory_bytes
+    from autofit.devices.device import DeviceError
+    from autofit.devices.opener import open_device
+    from autofit.devices.ranks import rank_budget
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", "3MiB")
+    with pytest.raises(DeviceError, match="gives each of several torchrun ranks its own CPU budget, and this is one "
+                                          "process: unset it"):
+        rank_budget(64 * 2**20)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    too_much = 4 * (machine_memory_bytes() or 2**40)
+    monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", f"3MiB,{too_much}")
+    with pytest.raises(DeviceError, match=r"^AUTOFIT_RANK_BUDGETS: .* is more than this machine's memory"):
+        open_device("cpu", budget_bytes=None)

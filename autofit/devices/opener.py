@@ -58,12 +58,14 @@ def _open_device(kind: str | None, *, budget_bytes: int | None, gpu_index: int |
     if asked is not None and under_torchrun():
         raise DeviceError(f"--gpu-index {asked}: under torchrun each rank takes the GPU of its LOCAL_RANK; drop "
                           f"--gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs the ranks see)")
+    given = budget_bytes
     budget_bytes, gpu_index = rank_budget(budget_bytes), rank_gpu(asked or 0)
+    what = "--budget" if budget_bytes == given else "AUTOFIT_RANK_BUDGETS"  # named as the user set it
     if budget_bytes is not None and kind == "cuda":
-        raise DeviceError("--budget applies to the CPU device only; on a GPU the budget is free memory x (1 - margin)")
+        raise DeviceError(f"{what} applies to the CPU device only; on a GPU the budget is free memory x (1 - margin)")
     if budget_bytes is not None:  # the --budget, or a saved CPU profile's memory_bytes
         from autofit.devices.cpu import check_budget_fits
-        check_budget_fits(budget_bytes)
+        check_budget_fits(budget_bytes, what)
     if budget_bytes is not None or (kind == "cpu" and cpu == "budgeted"):
         return BudgetedCpuDevice(budget_bytes=cpu_share(budget_bytes))
     if kind == "cpu":

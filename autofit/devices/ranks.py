@@ -44,11 +44,14 @@ def other_rank() -> bool:
 def rank_budget(budget_bytes: int | None) -> int | None:
     """This rank's CPU budget: its entry of AUTOFIT_RANK_BUDGETS when that is set (one size per
     rank, comma-separated), else `budget_bytes`. Raises DeviceError for a list that does not
-    name every rank, or a size that does not parse."""
+    name every rank, a size that does not parse, or the variable set on one process."""
     from autofit.units import parse_size
     raw = os.environ.get(RANK_BUDGETS_ENV, "").strip()
     if not raw:
         return budget_bytes
+    if not under_torchrun():  # a variable left exported from a test session took over --budget in silence
+        raise DeviceError(f"{RANK_BUDGETS_ENV} gives each of several torchrun ranks its own CPU budget, and this is "
+                          f"one process: unset it (--budget sets this process's)")
     r = ranks()
     items = [v.strip() for v in raw.split(",")]
     if len(items) != r.world_size:
