@@ -667,3 +667,37 @@ def test_a_relative_autofit_home_is_refused_in_one_line(monkeypatch, tmp_path):
     assert not (tmp_path / "myhome").exists()
     monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "abs"))
     assert profile_files.profiles_dir() == tmp_path / "abs" / "profiles"
+
+
+def test_remove_takes_a_unique_prefix_of_a_plan_as_show_cuts_it():
+    """`profiles show` on a narrow terminal cuts fingerprints ('df74a23…'); rm refused the prefix."""
+    plans = [make_plan(n_embd=n) for n in (576, 640, 704, 768, 832, 896, 960, 1024)]
+    for p in plans:
+        save_plan("cpu-2gb", None, p)
+    fps = [p.fingerprint for p in plans]
+    target = next(fp for fp in fps if not any(o != fp and o.startswith(fp[:7]) for o in fps))
+    assert remove_profile("cpu-2gb", target[:7]) == f"removed plan {target} from {profile_path('cpu-2gb')}"
+    assert target not in load_profile("cpu-2gb").plans
+    left = [fp for fp in fps if fp != target]
+    shared = next((a[:1] for a in left for b in left if a != b and a[0] == b[0]), None)  # 7 plans, 16 digits
+    with pytest.raises(ProfileError, match="has no plan zzz"):
+        remove_profile("cpu-2gb", "zzz")
+    if shared is not None:
+        with pytest.raises(ProfileError, match=f"has several plans starting with {shared} \\(give more of it: "):
+            remove_profile("cpu-2gb", shared)
+    assert len(load_profile("cpu-2gb").plans) == 7
+
+
+def test_show_gives_the_split_as_it_runs_and_a_cpu_profile_is_no_card(monkeypatch, capsys):
+    """'micro x accum' read '12 x 43 (512 = 42 × 12 + 8)': 12 x 43 is 516, not the 512 run; an empty
+    CPU profile told the user to run 'on this card'."""
+    from autofit.cli.app import main  # noqa: F401
+    from cli_run import cli
+    save_plan("cpu-2gb", None, make_plan())
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, err = cli(monkeypatch, capsys, "profiles", "show", "cpu-2gb")
+    assert code == 0, err
+    assert "512 = 42 × 12 + 8" in out and "12 x 43" not in out and "micro-batches" in out, out
+    remove_profile("cpu-2gb", make_plan().fingerprint)
+    code, out, err = cli(monkeypatch, capsys, "profiles", "show", "cpu-2gb")
+    assert code == 0 and "no fitted plans yet" in out and "on this card" not in out, out

@@ -84,7 +84,8 @@ def _plan_row(fp: str, fitted) -> list[str]:
     per_rank = " per rank" if p.world_size > 1 else ""  # a trial's tokens/s is one rank's (the slowest)
     tps = f"{p.tokens_per_s:,.0f}{per_rank} ({p.mode})" if p.tokens_per_s else "-"
     ranks = f"; {p.world_size} ranks, {p.parallelism}, each" if p.world_size > 1 else ""  # torchrun plans
-    return [fp, config, f"{p.micro_batch} x {p.grad_accum} ({p.split}){ranks}", p.dtype, compile_txt, ckpt, p.loss_impl,
+    # the split as it runs ('32 = 11 × 2 + 10'): 'micro x accum' read 11 x 3 = 33 for an uneven one
+    return [fp, config, f"{p.split}{ranks}", p.dtype, compile_txt, ckpt, p.loss_impl,
             _fmt(p.measured_peak_bytes) + (f" ({_fmt(p.measured_reserved_bytes)} reserved)"
                                            if p.measured_reserved_bytes else ""), tps, f"{fitted.updated:%Y-%m-%d %H:%M}", "; ".join(notes)]
 
@@ -106,9 +107,11 @@ def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help=
     if hw.get("source"):
         console.print(f"  source: {hw['source']}", soft_wrap=True, markup=False, highlight=False)
     if not prof.plans:
-        console.print("  no fitted plans yet (autofit probe --save, or autofit run --profile on this card)")
+        # a CPU profile (cpu-* names are the budgeted CPU's: profiles add refuses them) is a budget, not a card
+        here = "" if hw.get("kind") == "cpu" or name.startswith("cpu-") else " on this card"
+        console.print(f"  no fitted plans yet (autofit probe --save, or autofit run --profile {name}{here})")
         return
-    headers = ["fingerprint", "config", "micro x accum", "dtype", "compile", "checkpointing", "loss",
+    headers = ["fingerprint", "config", "micro-batches", "dtype", "compile", "checkpointing", "loss",
                "measured peak", "tokens/s", "date (UTC)", "notes"]
     print_rows(headers, [_plan_row(fp, fitted) for fp, fitted in prof.plans.items()])
 

@@ -106,9 +106,15 @@ def remove_profile(name: str, fingerprint: str | None = None, *,
         profile = _read_file(path)
         if profile is None:
             raise ProfileError(f"no profile {name}: {path} does not exist")
-        if fingerprint not in profile.plans:
-            known = ", ".join(sorted(profile.plans)) or "none"
-            raise ProfileError(f"profile file {path} has no plan {fingerprint} (plans: {known})")
+        # a unique prefix is the plan: `profiles show` cuts fingerprints to fit a narrow terminal
+        found = [fp for fp in profile.plans if fp.startswith(fingerprint)] if fingerprint else []
+        if fingerprint in profile.plans:
+            found = [fingerprint]
+        if len(found) != 1:
+            known = ", ".join(sorted(found or profile.plans)) or "none"
+            raise ProfileError(f"profile file {path} has {'several plans starting with' if found else 'no plan'} "
+                               f"{fingerprint} ({'give more of it: ' if found else 'plans: '}{known})")
+        fingerprint = found[0]
         del profile.plans[fingerprint]
         _write_atomic(path, profile)
     return f"removed plan {fingerprint} from {path}"
