@@ -86,8 +86,12 @@ def block_saved_elements(shape) -> tuple[int, int]:
     attn = C + (C + 2 * kvd) + (qk if rope else 0) + (qk if qkn else 0) + C
     if rope or qkn:  # q is then contiguous in (B, H, T, hd): SDPA's output too, so c_proj's input is a copy
         attn += C
-    if kvd < C:  # grouped: the CPU's SDPA repeats K and V to n_head heads and saves the repeats
-        attn += 2 * C if not (rope or qkn) else kvd  # (with RoPE: fitted on the CPU device)
+    if kvd < C:  # grouped (enable_gqa): the CPU's SDPA repeats K and V to n_head heads and saves the
+        # repeats (2 C), in place of what it would have kept of them: QK-norm's normed k (kvd); with
+        # RoPE also c_attn's k and v (2 kvd), the rotated k (kvd) and the contiguous copy (C). Read
+        # per tensor with saved-tensor hooks (torch 2.13, CPU; tests/test_estimate_gqa.py); it was a
+        # fit of one head ratio, 1.6 % over to 5 % under for others (session 10)
+        attn += C - 3 * kvd if rope else 2 * C - kvd if qkn else 2 * C
     mlp = 4 * h if shape.mlp == "swiglu" else 2 * h
     return C + attn + C + C + mlp, 2 * C
 
