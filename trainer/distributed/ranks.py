@@ -99,7 +99,8 @@ def check_divisible(effective_batch: int, world_size: int, batch_size: int | Non
     if world_size > effective_batch:  # every rank needs a sequence: fewer ranks, not a bigger batch, is the fix
         raise TrainError(f"{world_size} ranks need at least one sequence each per step, and the effective batch "
                          f"(batch_size x gradient_accumulation_steps) is {effective_batch}: use at most "
-                         f"{effective_batch} ranks, or an effective batch that {world_size} divides")
+                         f"{effective_batch} rank{'s' * (effective_batch != 1)}, or an effective batch that "
+                         f"{world_size} divides")
     if world_size > 1 and effective_batch % world_size:
         lo, hi = nearest_divisible(effective_batch, world_size)
         options = f"{lo} or {hi}" if lo != hi and lo < effective_batch else f"{hi}"
