@@ -137,6 +137,7 @@ def test_an_oom_on_rank_1_only_shrinks_both_ranks_and_redoes_the_step(tmp_path, 
     shrinks = [e for e in records(out, "event") if e["event"] == "oom_shrink"]
     assert len(shrinks) == 1 and shrinks[0]["step"] == 3 and shrinks[0]["injected"]
     assert "rank 1 ran out of memory" in shrinks[0]["reason"]  # rank 0 was told by rank 1
+    assert "redoing step 3 on the same data (rank 1 ran out of memory in this step)" in res.stdout  # said whose
     assert shrinks[0]["old_micro_batch"] == 4 and shrinks[0]["new_micro_batch"] == 2
     assert shrinks[0]["effective_batch"] == 8  # the whole run's, unchanged
     ck = torch.load(out / "ckpt.pt", weights_only=True)
@@ -548,3 +549,23 @@ def test_rank_budgets_on_one_process_are_refused_and_named_as_set(monkeypatch):
     monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", f"3MiB,{too_much}")
     with pytest.raises(DeviceError, match=r"^AUTOFIT_RANK_BUDGETS: .* is more than this machine's memory"):
         open_device("cpu", budget_bytes=None)
+
+
+def test_one_sequence_for_two_ranks_says_one_rank():
+    """'use at most 1 ranks'."""
+    from trainer.distributed.ranks import check_divisible
+    from trainer.errors import TrainError
+    with pytest.raises(TrainError, match=r"use at most 1 rank, or an effective batch that 2 divides"):
+        check_divisible(1, 2, 1, 1)
+    with pytest.raises(TrainError, match=r"use at most 3 ranks, or"):
+        check_divisible(3, 4, 3, 1)
+
+
+def test_the_oom_line_names_the_rank_that_ran_out_on_several_ranks():
+    """The stdout line of an agreed OOM did not say which rank ran out (only metrics.jsonl did)."""
+    from trainer.metrics import describe_event
+    ev = dict(event="oom_shrink", step=3, old_micro_batch=4, new_micro_batch=2, effective_batch=8)
+    other = describe_event({**ev, "reason": "rank 1 ran out of memory in this step"})
+    assert other.endswith("redoing step 3 on the same data (rank 1 ran out of memory in this step)")
+    own = describe_event({**ev, "reason": "budgeted CPU device out of memory: tried to allocate 16.0 KiB"})
+    assert own.endswith("redoing step 3 on the same data")

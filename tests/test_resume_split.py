@@ -33,11 +33,3 @@ def test_a_new_effective_batch_taken_with_allow_changes_is_not_called_not_applie
                             logs.append)
     assert logs[0] == "--resume: --set batch_size=9 is not applied: its plan splits the effective batch (micro-batch 3)"
 
-
-def test_one_sequence_for_two_ranks_says_one_rank():
-    """'use at most 1 ranks'."""
-    from trainer.distributed.ranks import check_divisible
-    with pytest.raises(TrainError, match=r"use at most 1 rank, or an effective batch that 2 divides"):
-        check_divisible(1, 2, 1, 1)
-    with pytest.raises(TrainError, match=r"use at most 3 ranks, or"):
-        check_divisible(3, 4, 3, 1)

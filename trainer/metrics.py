@@ -44,7 +44,13 @@ EVENT_TEXT = {
 def describe_event(ev: dict) -> str | None:
     """The human line for an event record, or None for kinds that print nothing."""
     text = EVENT_TEXT.get(ev.get("event", ""))
-    return text.format(inj=" (injected)" if ev.get("injected") else "", **ev) if text else None
+    if not text:
+        return None
+    line = text.format(inj=" (injected)" if ev.get("injected") else "", **ev)
+    reason = str(ev.get("reason", ""))
+    if ev["event"].endswith("oom_shrink") and reason.startswith("rank "):  # another rank's OOM, agreed: say whose
+        line += f" ({reason.split(' (')[0]})"
+    return line
 
 
 def describe_step(rec: dict) -> str:
