@@ -349,8 +349,11 @@ def main() -> None:
         # numpy before anything imports torch: torch's C start-up imports numpy and discards any
         # exception raised in it (numpy is optional there), so a Ctrl-C or SIGTERM that fell into
         # that import was lost (the run trained on, or broke later on a half-built numpy); here it
-        # is an ordinary KeyboardInterrupt, said below in one line
-        import numpy  # noqa: F401
+        # is an ordinary KeyboardInterrupt, said below in one line. Not for --help and profiles,
+        # which load no torch: numpy was a third of their start-up
+        args = sys.argv[1:]
+        if args and args[0] != "profiles" and not {"--help", "-h"} & set(args):
+            import numpy  # noqa: F401
         from autofit.launch.torchrun import error_prefix, quiet_unless_rank0, report_error, session
         from trainer.writes import guarded_stdout
         # stdout closed: refused; full: one line (trainer.writes). torchrun: one process group, left at the end
