@@ -91,6 +91,8 @@ class RedoneStep:
                              f"the weights, before step {self.iter_num}: no micro-batch fits, a smaller one cannot "
                              f"help ({str(e).splitlines()[0][:160]}); a larger budget or GPU, a smaller model, or "
                              f"several GPUs with --set parallelism=fsdp2 (shards the state)") from None
+        if self.group.parallel is not None and self.group.parallel.kind == "ddp":
+            self.group.rewrap(self.forward)  # its gradients views of the buckets from step 0 (DataParallel.rewrap)
         self._primed = True
 
     def _cleanup_after_oom(self) -> None:

@@ -109,16 +109,16 @@ def _run_steps(state: dict, cfg, cand: Candidate, device, rank_batch: int, setti
                                         betas=(cfg.beta1, cfg.beta2), device_type=tdev.type,
                                         optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
     # steady-state memory from the start: a size that does not fit fails in step 1. The gradients
-    # dropped, as training primes (trainer.redo): under DDP the first backward makes them views of
-    # the buckets that exist from the wrap; kept zeros would be a copy beside them that training
-    # never holds (the trial measured one parameter-sized copy more than every training step)
+    # dropped, as training primes (trainer.redo); under DDP the rewrap below gives the reducer zero
+    # gradients to make views of its buckets (sharding.DataParallel.rewrap), as training's step 0
+    # has them: without it the first step held its no_sync gradients beside the buckets
     prime_optimizer(model, opt, keep_grads=False)
     scaler = state["scaler"] = torch.amp.GradScaler(tdev.type) if cand.dtype == "float16" else None
     # A fresh compile per trial (no graphs cached from the last one), compiled as the trainer
     # compiles it.
     fwd = state["fwd"] = compile_model(model, settings.compile_backend, cfg.compile_scope) if cand.compile else model
     if parallel is not None:
-        if cand.compile:
+        if cand.compile or parallel.kind == "ddp":  # DDP: gradients as bucket views from step 1, as training's
             parallel.rewrap(fwd)
         fwd = parallel.module if parallel.kind == "ddp" else fwd
     micro = trial_split(rank_batch, cand.micro_batch)
