@@ -445,3 +445,18 @@ def test_the_done_line_counts_one_step_as_one(monkeypatch):
                                      events=[], checkpoint="o/ckpt.pt", checkpoint_step=steps), cfg)
     assert lines[0].startswith("done: 1 optimizer step (step 40; 41 in all), loss 2.000 -> 2.000"), lines
     assert lines[2].startswith("done: 1 optimizer step, loss"), lines
+
+
+def test_a_nanogpt_bf16_checkpoint_resumed_on_the_cpu_says_nanogpt_ran_it_in_float32(tmp_path, monkeypatch, capsys):
+    """nanoGPT's CPU path runs no autocast, so its dtype='bfloat16' configs train in float32 there;
+    the resume kept bfloat16 (12x slower on this CPU) without a word."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "2", "--out", "run")
+    assert code == 0, err
+    as_nanogpt(tmp_path / "run" / "ckpt.pt")
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    ck["config"]["dtype"] = "bfloat16"
+    torch.save(ck, tmp_path / "run" / "ckpt.pt")
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "run", *CPU, "--max-steps", "3",
+                         "--checkpointing", "0", "--loss", "standard")
+    assert code == 0, err
+    assert "dtype 'bfloat16' from the checkpoint's config: nanoGPT trains on the CPU in float32" in err, err

@@ -185,5 +185,8 @@ def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_step
         f"state on a plan probed now" + (f"; nanoGPT settings autofit does not use: {', '.join(dropped)}" if dropped else ""))
     for item in ck.not_restored:
         log(f"not restored: {item}")
+    if probe_opts.device == "cpu" and cfg.dtype in ("bfloat16", "float16"):  # nanoGPT's CPU runs no autocast
+        log(f"dtype {cfg.dtype!r} from the checkpoint's config: nanoGPT trains on the CPU in float32 (its autocast "
+            f"context is off there); this run keeps {cfg.dtype} (--set dtype=float32 --allow-changes to match nanoGPT)")
     return prepare_run(cfg, profile=None, emulate=False, probe_opts=probe_opts, max_steps=max_steps,
                        resume=True, progress=progress, log=log)
