@@ -460,3 +460,21 @@ def test_a_nanogpt_bf16_checkpoint_resumed_on_the_cpu_says_nanogpt_ran_it_in_flo
                          "--checkpointing", "0", "--loss", "standard")
     assert code == 0, err
     assert "dtype 'bfloat16' from the checkpoint's config: nanoGPT trains on the CPU in float32" in err, err
+
+
+def test_a_home_folder_written_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """`data prepare --out=~/data/sc` (no shell expands '~' after '=') made a folder named '~' here,
+    and the printed `--set dataset=~/data/sc` then named another; `sample --out '~/r'` read './~/r'."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    code, out, err = cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "a.txt",
+                         "--out=~/data/sc", "--no-progress")
+    assert code == 0 and (tmp_path / "home" / "data" / "sc" / "meta.pkl").exists(), err
+    use = out.split("--set dataset=")[1].split(")")[0]
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--set", f"dataset={use}",
+                       "--max-steps", "1", "--out", "~/r")
+    assert code == 0 and (tmp_path / "home" / "r" / "ckpt.pt").exists(), err
+    code, out, err = cli(monkeypatch, capsys, "sample", "--out", "~/r", "--device", "cpu", "--num-samples", "1",
+                         "--max-new-tokens", "4", "--start", "the")
+    assert code == 0, err
+    assert not (tmp_path / "~").exists()

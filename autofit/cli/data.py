@@ -24,7 +24,9 @@ def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run director
                init_from: str = typer.Option("resume", "--init-from", help="resume (from --out), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a directory with a GPT-2 model.safetensors + config.json."),
                as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
     """Sample text from a checkpoint, as nanoGPT's sample.py."""
+    from trainer.paths import expand_user
     from trainer.sample import SampleOptions, generate_samples
+    out = expand_user(out)  # '~/runs/x' quoted, or --out=~/x (no shell expands it): as run --out does
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,7 +61,9 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
     A Ctrl-C/SIGTERM stops at the next document or shard; fineweb-edu keeps its finished shards
     and the same command, run again, continues from them."""
     from trainer.data.prepare import PrepareStopped, prepare
-    out_dir = out if out is not None else Path("data") / name
+    from trainer.paths import expand_user
+    # --out=~/data/sc: a shell expands no '~' after '=', and a folder named '~' here invites `rm -rf ~`
+    out_dir = expand_user(out) if out is not None else Path("data") / name
     log = lambda s: err_console.print(f"[dim]{s}[/]")
     interrupts.during(f"interrupted while preparing {name}; nothing was moved into {out_dir}")
     try:
