@@ -430,6 +430,8 @@ def test_a_resume_on_a_dataset_prepared_again_is_refused_unless_allowed(tmp_path
     code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "r", "--no-progress", "--max-steps", "4",
                        "--allow-changes")
     assert code == 0 and "--resume with --allow-changes: dataset 'sc' is not the data it trained on" in err, err
+    (first,) = [r for r in records(tmp_path / "r", "run") if (r.get("plan") or {}).get("changes")] or [None]
+    assert first is not None and any(c.startswith("dataset 'sc' prepared again (train:") for c in first["plan"]["changes"])
 
 
 def test_the_done_line_counts_one_step_as_one(monkeypatch):

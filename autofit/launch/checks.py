@@ -29,13 +29,14 @@ def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = Fal
 
 
 def check_data(cfg, vocab_fixed_by: str = "", trained_on: dict | None = None, allow_changes: bool = False,
-               log=lambda s: None) -> None:
+               log=lambda s: None) -> str | None:
     """Before any probe: the dataset exists, every token id fits cfg.vocab_size, each split
     holds one sequence, and a fresh init_from = 'gpt2*' run's weights are here (or downloaded). `vocab_fixed_by`: the checkpoint whose model fixes vocab_size (a resume),
     so that the advice is one a next attempt can follow. `trained_on`: the checkpoint's data
     fingerprint (trainer.data.tokenfiles.fingerprint per split), where a resume of the same dataset
     name finds data prepared again refused unless allow_changes (then said in `log`): its batches
-    and, for characters, its token ids would not be the run's. Raises DataError (one line)."""
+    and, for characters, its token ids would not be the run's. Returns the accepted change in words
+    (for the run's recorded changes), else None. Raises DataError (one line)."""
     from trainer.data.datasets import load_dataset
     from trainer.data.tokenfiles import DataError, fingerprint, fingerprint_change
     data = load_dataset(cfg.dataset)
@@ -53,6 +54,7 @@ def check_data(cfg, vocab_fixed_by: str = "", trained_on: dict | None = None, al
     if cfg.init_from.startswith("gpt2") and not vocab_fixed_by:  # a fresh fine-tune: its weights, before trials
         from trainer.model.pretrained import locate_gpt2
         locate_gpt2(cfg.init_from)  # WeightsError: one line (offline and not cached, no such model)
+    return f"dataset '{cfg.dataset}' prepared again ({change})" if change else None
 
 
 def check_saved_plan(plan, cfg, world_size: int, profile: str, fp: str) -> None:

@@ -83,8 +83,9 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     saved = TrainConfig(**ck["config"])
     cfg, changes = _with_changes(saved, overrides, allow_changes, log, sources)
     check_steps_left(int(ck["iter_num"]), cfg, max_steps, resuming=True)  # before the device and the model
-    check_data(cfg, vocab_fixed_by=str(path), allow_changes=allow_changes, log=log,
-               trained_on=ck["sampler"].get("data") if cfg.dataset == saved.dataset else None)
+    data_change = check_data(cfg, vocab_fixed_by=str(path), allow_changes=allow_changes, log=log,
+                             trained_on=ck["sampler"].get("data") if cfg.dataset == saved.dataset else None)
+    changes = changes + [data_change] if data_change else changes  # recorded with the other accepted changes
     cfg.out_dir = str(out_dir)
     spec = device_spec(ck)
     if probe_opts.device is not None or probe_opts.budget_bytes is not None:
