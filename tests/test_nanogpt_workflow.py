@@ -480,3 +480,28 @@ def test_a_home_folder_written_after_an_equals_sign_is_the_home_folder(tmp_path,
                          "--max-new-tokens", "4", "--start", "the")
     assert code == 0, err
     assert not (tmp_path / "~").exists()
+
+
+def test_the_continuation_of_a_run_on_several_ranks_keeps_them(tmp_path, capsys, monkeypatch):
+    """After a `--nproc-per-node 2` run, the printed continue and next commands resumed on one rank."""
+    import typer
+    from autofit.cli.run_end import report_run
+    from trainer.config.train_config import load_config
+    from trainer.options import RunResult
+    cfg = load_config(preset="tiny", overrides=["max_iters=500", f"out_dir={tmp_path / 'o'}"])
+    stopped = RunResult(steps=67, losses=[1.0], tokens=0, micro_batches=[4], status="interrupted", events=[],
+                        checkpoint=tmp_path / "o" / "ckpt.pt", checkpoint_step=67)
+    done = RunResult(steps=300, losses=[1.0], tokens=0, micro_batches=[4], status="finished", events=[],
+                     checkpoint=tmp_path / "o" / "ckpt.pt", checkpoint_step=300)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for launcher, tail in (("4242", " --nproc-per-node 2"), (None, "")):  # a torchrun of your own: yours to repeat
+        if launcher:
+            monkeypatch.setenv("AUTOFIT_LAUNCHER", launcher)
+        else:
+            monkeypatch.delenv("AUTOFIT_LAUNCHER", raising=False)
+        with pytest.raises(typer.Exit):
+            report_run(stopped, cfg, 300)
+        assert capsys.readouterr().err.rstrip().endswith(f"--max-steps 300{tail}")
+        report_run(done, cfg, 300)
+        nxt = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("next:")][0]
+        assert f"autofit run --resume --out {tmp_path / 'o'}{tail} (train on to max_iters 500" in nxt, nxt

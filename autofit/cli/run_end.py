@@ -4,6 +4,7 @@ it, `--resume` trains on toward max_iters (--max-steps is a limit of one invocat
 the checkpoint), which for a nanochat-sized run is days, not the run the user started."""
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -15,11 +16,21 @@ from autofit.cli.common import console, err_console
 
 def continue_command(cfg, max_steps: int | None) -> str:
     """`autofit run --resume --out DIR`, with `--max-steps N` when this invocation had a limit below
-    max_iters (the step the user asked to reach is then still ahead)."""
+    max_iters (the step the user asked to reach is then still ahead), and `--nproc-per-node N`
+    when autofit's launcher started this run's N ranks (without it the copied command resumed on
+    one rank)."""
     cmd = f"autofit run --resume --out {shlex.quote(str(cfg.out_dir))}"
     if max_steps is not None and max_steps < cfg.max_iters:
         cmd += f" --max-steps {max_steps}"
-    return cmd
+    return cmd + _ranks_flag()
+
+
+def _ranks_flag() -> str:
+    """' --nproc-per-node N' for a run of N ranks started by `--nproc-per-node` (a torchrun started
+    by hand is the user's own command to repeat), else ''."""
+    from trainer.interrupt import LAUNCHER_ENV
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    return f" --nproc-per-node {world}" if os.environ.get(LAUNCHER_ENV) and world.isdigit() and int(world) > 1 else ""
 
 
 def report_run(result, cfg, max_steps: int | None = None) -> None:
@@ -61,9 +72,10 @@ def _next_line(result, cfg) -> str:
     a longer run alone would train at learning rate 0."""
     from trainer.schedule import at_zero_lr_from
     out = shlex.quote(str(cfg.out_dir))
+    ranks = _ranks_flag()
     if result.steps < cfg.max_iters:
-        return (f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out} "
+        return (f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out}{ranks} "
                 f"(train on to max_iters {cfg.max_iters}; --max-steps N to stop at step N)")
     more = " --set lr_decay_iters=N --allow-changes" if at_zero_lr_from(result.checkpoint_step or 0, cfg) else ""
-    return (f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out} "
+    return (f"next: autofit sample --out {out} (text from it), or autofit run --resume --out {out}{ranks} "
             f"--set max_iters=N{more} (train on)")
