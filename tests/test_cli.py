@@ -463,6 +463,15 @@ def test_a_hand_written_ampere_profile_without_bf16_is_one_line_not_a_traceback(
     (("--bandwidth-gbs", "0.5"), "--bandwidth-gbs: Input should be greater than or equal to 1"),
     (("--gpu", "NVIDIA\nGTX"), "--gpu: must be one line of text without control characters"),
     (("--source", "spec\tsheet"), "--source: must be one line of text without control characters"),
+    # session 11: 99.99 was answered with 'has bf16 tensor cores; give its dense bf16 TFLOP/s', as if real;
+    # a blank --gpu made a blank GPU column ('' was taken as NAME in silence)
+    (("--compute-capability", "99.99"), "--compute-capability: compute capability 99.99 is no CUDA card's"),
+    (("--compute-capability", "16.0"), "--compute-capability: compute capability 16.0 is no CUDA card's"),
+    (("--compute-capability", "7.10"), "--compute-capability: compute capability 7.10 is no CUDA card's"),
+    (("--compute-capability", "\u0667.\u0665"), "--compute-capability takes MAJOR.MINOR"),  # Arabic-Indic 7.5
+    (("--gpu", ""), "--gpu: must not be empty or blank"),
+    (("--gpu", "   "), "--gpu: must not be empty or blank"),
+    (("--source", " "), "--source: must not be empty or blank"),
 ])
 def test_profiles_add_refuses_figures_no_card_has(tmp_path, monkeypatch, capsys, change, words):
     """1e308 TFLOP/s was written, and `probe --gpu` then failed with a ValidationError traceback
@@ -742,3 +751,21 @@ def test_parallelism_set_on_one_process_is_said_unused(tmp_path, monkeypatch, ca
     code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=1",
                          "--out", "o2", "--no-progress")
     assert code == 0 and "parallelism" not in out + err
+
+
+@pytest.mark.parametrize("cc, ok", [((12, 1), True), ((15, 9), True), ((8, 0), True), ((99, 99), False),
+                                    ((16, 0), False), ((9, 10), False), ((2, 1), False)])
+def test_a_hand_written_profile_is_held_to_the_compute_capabilities_cards_have(cc, ok):
+    """The bound is HardwareSpec's, so a hand-edited profile meets it too, not only profiles add
+    (session 11: 99.99 was taken); majors past today's 12 up to 15 stay open for newer cards."""
+    from pydantic import ValidationError
+
+    from autofit.devices.hardware import HardwareSpec
+    spec = dict(name="x-4gb", gpu="X", nvml_names=["X"], memory_bytes=4 * 2**30, compute_capability=cc, bf16=True,
+                peak_bf16_tflops=10.0, peak_fp16_tflops=10.0, memory_bandwidth_gbs=100.0, source="test")
+    if ok:
+        assert HardwareSpec.model_validate(spec).compute_capability == cc
+    else:
+        with pytest.raises(ValidationError, match=f"compute capability {cc[0]}.{cc[1]} is "):
+            HardwareSpec.model_validate(spec)
+

@@ -126,11 +126,19 @@ def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", he
 
 
 def _compute_capability(text: str) -> list[int]:
+    """--compute-capability as [major, minor]; UsageError for text that is not MAJOR.MINOR in ASCII
+    digits, or one no CUDA card has (checked here, before the bf16 check that 99.99 met first)."""
+    import re
+
     from autofit.cli.common import UsageError
-    major, dot, minor = text.strip().partition(".")
-    if not (dot and major.isdigit() and minor.isdigit()):
+    from autofit.devices.hardware import compute_capability_problem
+    m = re.fullmatch(r"([0-9]+)\.([0-9]+)", text.strip())  # str.isdigit took Arabic-Indic digits too
+    if m is None:
         raise UsageError(f"--compute-capability takes MAJOR.MINOR, e.g. 7.5, got {text!r}")
-    return [int(major), int(minor)]
+    cc = [int(m.group(1)), int(m.group(2))]
+    if (problem := compute_capability_problem(cc)) is not None:
+        raise UsageError(f"--compute-capability: {problem}")
+    return cc
 
 
 @profiles_app.command("add")
@@ -165,13 +173,14 @@ def profiles_add(
         raise UsageError(f"--peak-bf16-tflops: compute capability {compute_capability} has bf16 tensor cores; "
                          f"give its dense bf16 TFLOP/s from the spec sheet")
     check_profiles_writable(name)
-    label = gpu or name
+    label = name if gpu is None else gpu  # --gpu '' is refused (HardwareSpec), not taken as NAME
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     hardware = {"schema_version": 1, "name": name, "gpu": label, "nvml_names": [label],
                 "memory_bytes": mem_bytes, "compute_capability": cc,
                 "bf16": peak_bf16 is not None, "peak_bf16_tflops": peak_bf16, "peak_fp16_tflops": peak_fp16,
                 "memory_bandwidth_gbs": bandwidth,
-                "source": source or f"user-defined with autofit profiles add ({stamp}); figures not checked"}
+                "source": source if source is not None
+                else f"user-defined with autofit profiles add ({stamp}); figures not checked"}
     try:
         spec = HardwareSpec.model_validate(hardware)
     except ValidationError as e:  # one line that names the flag, not the model's field

@@ -36,6 +36,22 @@ MAX_BANDWIDTH_GBS = 1_000_000.0
 MIN_TFLOPS = 0.01
 MIN_BANDWIDTH_GBS = 1.0
 MIN_COMPUTE_CAPABILITY = (3, 0)  # Kepler, the oldest architecture any CUDA build of torch ran on
+# The newest today is 12.x (Blackwell, 2025); majors up to 15 leave room for cards this table has not
+# met (their estimates need only the figures given), while 99.99 was taken and answered as if real.
+# Every capability so far has a one-digit minor.
+MAX_COMPUTE_CAPABILITY_MAJOR = 15
+
+
+def compute_capability_problem(cc: tuple[int, int] | list[int]) -> str | None:
+    """Why (major, minor) is no CUDA card's compute capability, in words; None if it could be one."""
+    major, minor = cc
+    text = f"{major}.{minor}"
+    if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        return f"compute capability {text} is older than any CUDA card torch ran on (3.0, Kepler)"
+    if major > MAX_COMPUTE_CAPABILITY_MAJOR or minor > 9:
+        return (f"compute capability {text} is no CUDA card's: the major is 3 to 12 today (up to "
+                f"{MAX_COMPUTE_CAPABILITY_MAJOR} taken, for newer cards) and the minor one digit, e.g. 7.5 or 8.9")
+    return None
 
 
 class HardwareError(DeviceError):
@@ -70,6 +86,8 @@ class HardwareSpec(BaseModel):
     def _one_line(cls, v: str) -> str:  # printed in lists and tables: a newline broke profiles list's rows
         if any(unicodedata.category(c) == "Cc" for c in v):
             raise ValueError(f"must be one line of text without control characters, got {v[:40]!r}")
+        if not v.strip():  # a blank GPU column in profiles list, a blank 'source:' in show
+            raise ValueError(f"must not be empty or blank, got {v!r}")
         return v
 
     @field_validator("nvml_names")
@@ -83,9 +101,8 @@ class HardwareSpec(BaseModel):
     def _consistent(self) -> HardwareSpec:
         if self.bf16 and self.peak_bf16_tflops is None:
             raise ValueError("bf16 = true needs peak_bf16_tflops")
-        if tuple(self.compute_capability) < MIN_COMPUTE_CAPABILITY:
-            raise ValueError(f"compute capability {'.'.join(map(str, self.compute_capability))} is older than any "
-                             f"CUDA card torch ran on (3.0, Kepler)")
+        if (problem := compute_capability_problem(self.compute_capability)) is not None:
+            raise ValueError(problem)
         if self.bf16 and tuple(self.compute_capability) < (8, 0):
             raise ValueError("bf16 tensor cores need compute capability 8.0 or newer")
         if not self.bf16 and tuple(self.compute_capability) >= (8, 0):  # every Ampere and later card has them
