@@ -769,3 +769,20 @@ def test_a_hand_written_profile_is_held_to_the_compute_capabilities_cards_have(c
         with pytest.raises(ValidationError, match=f"compute capability {cc[0]}.{cc[1]} is "):
             HardwareSpec.model_validate(spec)
 
+
+@pytest.mark.parametrize("command", ["probe", "run"])
+@pytest.mark.parametrize("ranks", [None, "launcher"])
+def test_budget_beside_rank_budgets_is_refused_in_one_line(tmp_path, monkeypatch, capsys, command, ranks):
+    """One rule (session 11): AUTOFIT_RANK_BUDGETS is one budget per torchrun rank and --budget this
+    process's (every rank's), so both together are refused before anything starts. Under torchrun
+    the variable replaced --budget without a word; on one process it did too, until it was refused.
+    (A rank torchrun started runs the same check, after joining its group: not reachable in-process.)"""
+    monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", "64MiB,64MiB")
+    extra = ["--out", "o", "--max-steps", "1", "--no-progress"] if command == "run" else ["--checkpointing", "0"]
+    if ranks == "launcher":  # refused before torchrun is started
+        extra += ["--nproc-per-node", "2"]
+    code, out, err = cli(monkeypatch, capsys, command, "--device", "cpu", "--budget", "32MiB", *SMALL, *extra)
+    assert code == 2 and err.count("\n") == 1 and out == "", err
+    assert ("--budget 32MiB and AUTOFIT_RANK_BUDGETS=64MiB,64MiB both set the CPU budget (the variable one per "
+            "torchrun rank), and one would be ignored: drop --budget or unset AUTOFIT_RANK_BUDGETS") in err, err
+    assert not (tmp_path / "o").exists()

@@ -202,6 +202,7 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
         bad = [v for v in li if v not in ("standard", "chunked")]
         if bad:
             raise UsageError(f"--loss: unknown loss implementation {bad[0]!r} (standard, chunked)")
+    check_budget_source(budget)
     budget_bytes = _size(budget, "--budget")
     if budget_bytes:  # more than the machine has: refused here, before --out is made (open_device checks again)
         from autofit.devices.cpu import check_budget_fits
@@ -209,6 +210,18 @@ def _probe_options(device, budget, gpu, gpu_index, margin, dtype, compile, check
     return ProbeOptions(device=device, budget_bytes=budget_bytes, gpu=gpu, gpu_index=gpu_index,
                         margin=margin, dtype=dtype, compile=compile, checkpointing=ck, loss_impls=li,
                         checkpointing_policies=policies, device_source=device_source)
+
+
+def check_budget_source(budget: str | None) -> None:
+    """One rule for the CPU budget's two sources: --budget is this process's (every rank's under
+    torchrun), AUTOFIT_RANK_BUDGETS one per torchrun rank (a single process refuses it:
+    autofit.devices.ranks.rank_budget). Both given, one would be ignored (the variable, left exported
+    from a test session, replaced --budget in silence), so that is refused: UsageError, one line."""
+    from autofit.devices.ranks import RANK_BUDGETS_ENV
+    if budget is not None and os.environ.get(RANK_BUDGETS_ENV, "").strip():
+        raise UsageError(f"--budget {budget} and {RANK_BUDGETS_ENV}={os.environ[RANK_BUDGETS_ENV].strip()} both set the "
+                         f"CPU budget (the variable one per torchrun rank), and one would be ignored: drop --budget "
+                         f"or unset {RANK_BUDGETS_ENV}")
 
 
 DeviceOpt = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: the config's device; 'auto' there: the GPU if there is one, else the budgeted CPU).")
