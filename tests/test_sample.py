@@ -12,6 +12,7 @@ import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import numpy as np
 import pytest
 import torch
 
@@ -339,3 +340,26 @@ def test_a_meta_pkl_that_disagrees_with_the_models_vocab_size_is_said_or_refused
     with pytest.raises(SampleError, match=f"has {len(ALPHABET)} characters, but the model has only "
                                           f"{len(ALPHABET) - 3} token ids: the dataset was prepared again"):
         generate_samples(tmp_path / "small", opts(start="a"), data_root=tmp_path / "data")
+
+
+def test_data_prepared_again_with_as_many_characters_is_said(tmp_path):
+    """t2 (session 11): a character dataset prepared again from other text of the same alphabet
+    size gave no word, while its meta.pkl may map ids to other characters. The checkpoint's
+    sampler keeps the data's fingerprint; sample compares it with the files beside meta.pkl."""
+    from trainer.data.tokenfiles import fingerprint
+    d = tmp_path / "data" / "tinychars"
+    write_meta(d)
+    ids = np.arange(200, dtype=np.uint16) % len(ALPHABET)
+    for split in ("train", "val"):
+        ids.tofile(d / f"{split}.bin")
+    ck = save_autofit(tmp_path / "out" / "ckpt.pt", tiny_gpt(len(ALPHABET)), dataset="tinychars")
+    state = torch.load(ck, weights_only=True)
+    parts = {s: [np.fromfile(d / f"{s}.bin", dtype=np.uint16)] for s in ("train", "val")}
+    state["sampler"] = {"data": {s: fingerprint(p) for s, p in parts.items()}}
+    torch.save(state, ck)
+    same = generate_samples(tmp_path / "out", opts(start="a", num_samples=1), data_root=tmp_path / "data")
+    assert "prepared again" not in same.codec
+    ids[::-1].tofile(d / "train.bin")  # as many tokens, other text
+    changed = generate_samples(tmp_path / "out", opts(start="a", num_samples=1), data_root=tmp_path / "data")
+    assert f"but {d} was prepared again since the model trained (train: same size, other tokens)" in changed.codec
+    assert changed.texts == same.texts  # said, not refused: the same weights sample the same ids

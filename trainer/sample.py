@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.data.datasets import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler
+from trainer.data.datasets import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler, load_dir
+from trainer.data.tokenfiles import DataError, fingerprint, fingerprint_change
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.checkpoint.nanogpt import check_finite, read_nanogpt_checkpoint
 from trainer.paths import PathProblem, expand_user, input_file
@@ -196,10 +197,12 @@ def _tiktoken_gpt2() -> Any:
 
 
 def pick_codec(dataset: str | None, vocab_size: int, *, data_root: str | Path = "data",
-               gpt2_encoder: Any = None) -> Codec:
+               gpt2_encoder: Any = None, trained_on: dict | None = None) -> Codec:
     """The codec for a model trained on `dataset`, found as nanoGPT's sample.py does: a meta.pkl
     in the dataset's directory (a path, or <data_root>/<name>) means characters; the embedded
-    corpus means bytes; anything else GPT-2 BPE, which needs vocab_size >= 50257."""
+    corpus means bytes; anything else GPT-2 BPE, which needs vocab_size >= 50257. `trained_on`:
+    the checkpoint's data fingerprint (NanoGPTCheckpoint.trained_on), against which a meta.pkl's
+    dataset prepared again since training is said in the codec's description."""
     if dataset == "embedded":
         return byte_codec()
     meta = None
@@ -207,7 +210,9 @@ def pick_codec(dataset: str | None, vocab_size: int, *, data_root: str | Path = 
         where = expand_user(dataset)
         meta = (where if where.is_dir() else Path(data_root) / dataset) / "meta.pkl"
         if meta.is_file():
-            return _for_model(char_codec(meta), vocab_size, meta)
+            codec = _for_model(char_codec(meta), vocab_size, meta)
+            codec.description += _data_changed(meta.parent, trained_on)
+            return codec
     if vocab_size < GPT2_VOCAB_SIZE:
         looked = f"no meta.pkl at {meta}" if meta else "the checkpoint names no dataset"
         raise SampleError(f"the model's vocab_size {vocab_size} is smaller than GPT-2 BPE's {GPT2_VOCAB_SIZE} and "
@@ -230,12 +235,28 @@ def _for_model(codec: Codec, vocab_size: int, meta: Path) -> Codec:
     return codec
 
 
-def load_model(out_dir: str | Path, init_from: str, device: torch.device) -> tuple[GPT, str | None, str]:
-    """(model in eval mode on device, its dataset name or None, a description of where it came from)."""
+def _data_changed(where: Path, trained_on: dict | None) -> str:
+    """'; ...' when the token files beside a meta.pkl are not those the checkpoint trained on (the
+    dataset was prepared again: its meta.pkl may map ids to other characters, even with as many
+    of them), else ''. Unreadable token files or fingerprint say nothing: the check is a courtesy."""
+    if not trained_on:
+        return ""
+    try:
+        data = load_dir(where)
+        change = fingerprint_change(trained_on, {s: fingerprint(data.split(s).parts) for s in data.splits})
+    except (DataError, KeyError, TypeError, ValueError, OSError):
+        return ""
+    return (f"; but {where} was prepared again since the model trained ({change}): its meta.pkl may map "
+            f"ids to other characters than the model learned" if change else "")
+
+
+def load_model(out_dir: str | Path, init_from: str, device: torch.device) -> tuple[GPT, str | None, str, dict | None]:
+    """(model in eval mode on device, its dataset name or None, a description of where it came
+    from, the data fingerprint it trained on or None: NanoGPTCheckpoint.trained_on)."""
     if init_from in GPT2_MODELS or (init_from != "resume" and Path(init_from).is_dir()):
         src = None if init_from in GPT2_MODELS else init_from
         loaded = load_gpt2(init_from if src is None else None, dropout=0.0, source=src)
-        return loaded.model.to(device), None, f"GPT-2 weights from {loaded.source}"
+        return loaded.model.to(device), None, f"GPT-2 weights from {loaded.source}", None
     if init_from != "resume":
         raise SampleError(f"--init-from {init_from!r}: use resume, {', '.join(GPT2_MODELS)}, or a directory "
                           f"holding a GPT-2 model.safetensors and config.json")
@@ -247,7 +268,7 @@ def load_model(out_dir: str | Path, init_from: str, device: torch.device) -> tup
     model.load_state_dict(ck.model)
     dataset = ck.config.get("dataset")
     return model.eval().to(device), dataset if isinstance(dataset, str) else None, \
-        f"{path} ({ck.layout} layout, step {ck.iter_num})"
+        f"{path} ({ck.layout} layout, step {ck.iter_num})", ck.trained_on
 
 
 def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str | Path = "data",
@@ -265,10 +286,10 @@ def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str
     check_options(opts)
     start = read_start(opts.start)
     device = torch.device(opts.device)
-    model, dataset, source = load_model(out_dir, opts.init_from, device)
+    model, dataset, source, trained_on = load_model(out_dir, opts.init_from, device)
     vocab = model.config.vocab_size
     codec = gpt2_codec(gpt2_encoder) if opts.init_from != "resume" else \
-        pick_codec(dataset, vocab, data_root=data_root, gpt2_encoder=gpt2_encoder)
+        pick_codec(dataset, vocab, data_root=data_root, gpt2_encoder=gpt2_encoder, trained_on=trained_on)
     ids = codec.encode(start)
     if max(ids) >= vocab:
         raise SampleError(f"--start encodes to token {max(ids)}, beyond the model's vocab_size {vocab}")

@@ -46,6 +46,9 @@ class NanoGPTCheckpoint:
     config: dict[str, Any]  # nanoGPT's config dict (or autofit's TrainConfig dict)
     layout: str  # "nanogpt" or "autofit" (an autofit checkpoint also carries nanoGPT's keys)
     not_restored: list[str] = field(default_factory=list)  # what this checkpoint cannot give back
+    # an autofit checkpoint's data fingerprint per split (trainer.data.tokenfiles.fingerprint), kept
+    # by its sampler since session 11; None for nanoGPT's and for older ones
+    trained_on: dict | None = None
 
 
 def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -209,9 +212,12 @@ def nanogpt_checkpoint_from(ck: Mapping, path: str | Path = "checkpoint") -> Nan
             check_optimizer_state(opt, GPT(GPTConfig(**args)), path)
     config = ck.get("config") if isinstance(ck.get("config"), Mapping) else {}
     best = ck.get("best_val_loss", float("inf"))
+    sampler = ck.get("sampler") if layout == "autofit" else None
+    trained_on = sampler.get("data") if isinstance(sampler, Mapping) else None
     return NanoGPTCheckpoint(model=state, optimizer=opt, model_args=args, iter_num=int(ck.get("iter_num", 0)),
                              best_val_loss=float(best), config=dict(config), layout=layout,
-                             not_restored=_not_restored(layout, opt, config))
+                             not_restored=_not_restored(layout, opt, config),
+                             trained_on=dict(trained_on) if isinstance(trained_on, Mapping) else None)
 
 
 def _not_restored(layout: str, opt: Any, config: Mapping) -> list[str]:
