@@ -341,13 +341,14 @@ def profile_with(hardware: str = 'kind = "cpu"\ngpu = "CPU (budgeted)"\nmemory_b
     return text
 
 
-# two plans whose fingerprints share a prefix: `profiles rm --plan abc` cannot tell which
+# two plans whose fingerprints share a prefix: `profiles rm --plan abcd` cannot tell which
 TWO_PLANS = 'schema_version = 1\nname = "cpu-64mb"\n[hardware]\nkind = "cpu"\nmemory_bytes = 67108864\n' + "".join(
     f'[plans.{fp}]\nfingerprint = "{fp}"\ncreated = 2026-01-01T00:00:00Z\nupdated = 2026-01-01T00:00:00Z\n'
     f'[plans.{fp}.fingerprint_inputs]\nx = 1\n[plans.{fp}.config_summary]\nx = 1\n[plans.{fp}.plan]\n'
     'mode = "measured"\nmicro_batch = 8\ngrad_accum = 2\nmicro_batches = [8, 8]\neffective_batch = 16\n'
     'block_size = 32\ndtype = "float32"\ncompile = false\ncompile_after = 0\ncheckpointing = 0\n'
-    'loss_impl = "standard"\nbudget_bytes = 67108864\nsplit = "16 = 2 × 8"\n' for fp in ("abc123", "abc456"))
+    'loss_impl = "standard"\nbudget_bytes = 67108864\nsplit = "16 = 2 × 8"\n' for fp in ("abcd12", "abcd34"))
+ONE_PLAN = TWO_PLANS[:TWO_PLANS.index("[plans.abcd34]")]  # `--plan a` is unique here, and too short to trust
 PLAN_MB0 = ('mode = "measured"\nmicro_batch = 0\ngrad_accum = 1\nmicro_batches = [0]\neffective_batch = 16\n'
             'block_size = 32\ndtype = "float32"\ncompile = false\ncompile_after = 0\ncheckpointing = 0\n'
             'loss_impl = "standard"\nbudget_bytes = 67108864\nsplit = "16 = 16 x 1"\n')
@@ -551,8 +552,10 @@ ROWS: list[Row] = [
         by="session 11"),
     Row("profiles add compute capability 99.99", [*GTX[:5], "--compute-capability", "99.99", *GTX[7:]],
         check=absent("home/profiles/gtx1650-4gb.toml"), by="session 11"),
-    Row("profiles rm --plan an ambiguous prefix", ["profiles", "rm", "cpu-64mb", "--plan", "abc"],
+    Row("profiles rm --plan an ambiguous prefix", ["profiles", "rm", "cpu-64mb", "--plan", "abcd"],
         write(PROFILE_64, TWO_PLANS), unchanged(PROFILE_64, TWO_PLANS), by="session 11"),
+    Row("profiles rm --plan a one-character prefix", ["profiles", "rm", "cpu-64mb", "--plan", "a"],
+        write(PROFILE_64, ONE_PLAN), unchanged(PROFILE_64, ONE_PLAN), by="session 12"),
     Row("probe --gpu a CPU profile", ["probe", "--gpu", "cpu-64mb"],
         write(PROFILE_64, 'schema_version = 1\nname = "cpu-64mb"\n[hardware]\nkind = "cpu"\n')),
     Row("probe --gpu an incomplete user GPU", ["probe", "--gpu", "gtx1650-4gb"],

@@ -670,24 +670,33 @@ def test_a_relative_autofit_home_is_refused_in_one_line(monkeypatch, tmp_path):
 
 
 def test_remove_takes_a_unique_prefix_of_a_plan_as_show_cuts_it():
-    """`profiles show` on a narrow terminal cuts fingerprints ('df74a23…'); rm refused the prefix."""
-    # 18 plans: the 17 left after one is removed share a first hex digit somewhere (pigeonhole), so the
-    # ambiguous prefix below is always tried, whatever the fingerprints hash to
-    plans = [make_plan(n_embd=576 + 64 * i) for i in range(18)]
+    """`profiles show` on a narrow terminal cuts fingerprints ('df74a23…'); rm refused the prefix.
+    A prefix shorter than 4 characters is refused even where unique (t2, session 11: `--plan d`
+    removed a plan without a word); an ambiguous one names every match."""
+    plans = [make_plan(n_embd=576 + 64 * i) for i in range(3)]
     for p in plans:
         save_plan("cpu-2gb", None, p)
     fps = [p.fingerprint for p in plans]
     target = next(fp for fp in fps if not any(o != fp and o.startswith(fp[:7]) for o in fps))
     assert remove_profile("cpu-2gb", target[:7]) == f"removed plan {target} from {profile_path('cpu-2gb')}"
     assert target not in load_profile("cpu-2gb").plans
-    left = [fp for fp in fps if fp != target]
-    shared = next(a[:1] for a in left for b in left if a != b and a[0] == b[0])
-    with pytest.raises(ProfileError, match="has no plan zzz"):
-        remove_profile("cpu-2gb", "zzz")
-    matches = ", ".join(sorted(fp for fp in left if fp.startswith(shared)))  # the refusal names every match
-    with pytest.raises(ProfileError, match=f"has several plans starting with {shared} \\(give more of it: {matches}\\)"):
-        remove_profile("cpu-2gb", shared)
-    assert len(load_profile("cpu-2gb").plans) == 17
+    left = sorted(fp for fp in fps if fp != target)
+    with pytest.raises(ProfileError, match="has no plan zzzz"):
+        remove_profile("cpu-2gb", "zzzz")
+    for short in (left[0][:1], left[0][:3]):
+        with pytest.raises(ProfileError, match=f"--plan {short}: give at least 4 characters of the plan's "
+                                               f"fingerprint \\(plans: {', '.join(left)}\\)"):
+            remove_profile("cpu-2gb", short)
+    assert len(load_profile("cpu-2gb").plans) == 2
+    # two plans sharing 4 characters: written by hand, as no hash can be made to share them
+    path = profile_path("cpu-2gb")
+    text = path.read_text()
+    for fp, new in zip(left, ("abcd12", "abcd34")):
+        text = text.replace(fp, new)
+    path.write_text(text)
+    with pytest.raises(ProfileError, match="has several plans starting with abcd \\(give more of it: abcd12, abcd34\\)"):
+        remove_profile("cpu-2gb", "abcd")
+    assert remove_profile("cpu-2gb", "abcd3") == f"removed plan abcd34 from {path}"
 
 
 def test_show_gives_the_split_as_it_runs_and_a_cpu_profile_is_no_card(monkeypatch, capsys):

@@ -117,7 +117,7 @@ def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help=
 
 
 @profiles_app.command("rm")
-def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", help="Remove only this plan (fingerprint).")):
+def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", help="Remove only this plan: its fingerprint, or at least its first 4 characters if no other plan shares them.")):
     """Remove a saved profile, or one plan of it."""
     from autofit.devices.hardware import load_builtin
     from autofit.profiles.manage import remove_profile

@@ -14,6 +14,7 @@ from autofit.profiles.files import (ProfileError, _is_valid_name, check_profiles
 from autofit.profiles.store import BuiltinLookup, _read_file, _write_atomic
 
 CPU_GPU_LABEL = "CPU (budgeted)"
+MIN_PREFIX = 4  # the fewest characters of a fingerprint `profiles rm --plan` takes as a prefix
 
 
 class ProfileEntry(BaseModel):
@@ -107,9 +108,14 @@ def remove_profile(name: str, fingerprint: str | None = None, *,
         if profile is None:
             raise ProfileError(f"no profile {name}: {path} does not exist")
         # a unique prefix is the plan: `profiles show` cuts fingerprints to fit a narrow terminal
+        # (to 7 at least); one that short of 4 characters (git's floor for a short hash) is refused,
+        # as a typo that happens to be unique would remove a plan without a word
         found = [fp for fp in profile.plans if fp.startswith(fingerprint)] if fingerprint else []
         if fingerprint in profile.plans:
             found = [fingerprint]
+        elif len(fingerprint) < MIN_PREFIX and found:
+            raise ProfileError(f"--plan {fingerprint}: give at least {MIN_PREFIX} characters of the plan's "
+                               f"fingerprint (plans: {', '.join(sorted(profile.plans))})")
         if len(found) != 1:
             known = ", ".join(sorted(found or profile.plans)) or "none"
             raise ProfileError(f"profile file {path} has {'several plans starting with' if found else 'no plan'} "
