@@ -363,3 +363,20 @@ def test_data_prepared_again_with_as_many_characters_is_said(tmp_path):
     changed = generate_samples(tmp_path / "out", opts(start="a", num_samples=1), data_root=tmp_path / "data")
     assert f"but {d} was prepared again since the model trained (train: same size, other tokens)" in changed.codec
     assert changed.texts == same.texts  # said, not refused: the same weights sample the same ids
+
+
+def test_the_default_prompt_on_characters_without_a_newline_starts_from_id_0(tmp_path):
+    """t2 (session 11): a corpus of one line has no newline in its meta.pkl, and sample.py's
+    default prompt failed (nanoGPT's with a KeyError). The default starts from id 0 and says so;
+    a prompt the user gave is still refused."""
+    chars = [c for c in ALPHABET if c != "\n"]
+    write_meta(tmp_path / "data" / "oneline", chars)
+    model = tiny_gpt(len(chars))
+    save_nanogpt(tmp_path / "out" / "ckpt.pt", model, "oneline")
+    said = []
+    res = generate_samples(tmp_path / "out", opts(top_k=1, num_samples=1), data_root=tmp_path / "data",
+                           say=said.append)
+    assert res.texts[0] == "".join(chars[i] for i in greedy(model, [0], 24))
+    assert f"prompt 1 tokens (the default newline is not in this vocabulary: starting from id 0, {chars[0]!r})" in said[0]
+    with pytest.raises(SampleError, match="1 character\\(s\\) not in the vocabulary"):
+        generate_samples(tmp_path / "out", opts(start="\n\n"), data_root=tmp_path / "data")

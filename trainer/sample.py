@@ -33,6 +33,7 @@ from trainer.model.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
 # fails: 1e-6 keeps logits up to 1e32 finite. --top-k 1 is the way to ask for greedy decoding.
 MIN_TEMPERATURE = 1e-6
 REPLACEMENT = "\ufffd"  # shown for a generated id the vocabulary has no text for
+DEFAULT_START = "\n"  # sample.py's prompt: where a text begins, in a corpus with lines
 
 
 class SampleError(ValueError):
@@ -42,7 +43,7 @@ class SampleError(ValueError):
 @dataclass
 class SampleOptions:
     """nanoGPT sample.py's settings and defaults."""
-    start: str = "\n"  # the prompt, or "FILE:path" to read it from a UTF-8 file
+    start: str = DEFAULT_START  # the prompt, or "FILE:path" to read it from a UTF-8 file
     num_samples: int = 10
     max_new_tokens: int = 500  # tokens generated after the prompt, per sample
     temperature: float = 0.8  # > 0; < 1 sharper, > 1 more random
@@ -290,12 +291,12 @@ def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str
     vocab = model.config.vocab_size
     codec = gpt2_codec(gpt2_encoder) if opts.init_from != "resume" else \
         pick_codec(dataset, vocab, data_root=data_root, gpt2_encoder=gpt2_encoder, trained_on=trained_on)
-    ids = codec.encode(start)
+    ids, note = _prompt_ids(codec, start)
     if max(ids) >= vocab:
         raise SampleError(f"--start encodes to token {max(ids)}, beyond the model's vocab_size {vocab}")
     dtype, ctx = _autocast(device)
     if say is not None:
-        say(f"model {source}; vocabulary {codec.description}; {device}, {dtype}; prompt {len(ids)} tokens")
+        say(f"model {source}; vocabulary {codec.description}; {device}, {dtype}; prompt {len(ids)} tokens{note}")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     torch.manual_seed(opts.seed)
     texts = []
@@ -306,6 +307,19 @@ def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str
             if on_sample is not None:
                 on_sample(texts[-1])
     return SampleResult(texts, source, codec.description, str(device), dtype, len(ids))
+
+
+def _prompt_ids(codec: Codec, start: str) -> tuple[list[int], str]:
+    """(the prompt's token ids, a note for the status line). The default newline prompt on a
+    character vocabulary without a newline (a corpus of one line) starts from id 0 instead, and
+    says so; nanoGPT's sample.py fails there with a KeyError. Raises SampleError for any other
+    prompt the vocabulary cannot encode."""
+    try:
+        return codec.encode(start), ""
+    except SampleError:
+        if start != DEFAULT_START:
+            raise
+    return [0], f" (the default newline is not in this vocabulary: starting from id 0, {codec.decode([0])!r})"
 
 
 def _autocast(device: torch.device):

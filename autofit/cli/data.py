@@ -14,7 +14,7 @@ from autofit.cli.common import console, err_console
 sample_app = typer.Typer()
 @sample_app.command("sample")
 def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run directory holding ckpt.pt (autofit's or nanoGPT's), or the file itself."),
-               start: str = typer.Option("\n", "--start", help="Prompt text, or FILE:path to read it from a file."),
+               start: str = typer.Option("\n", "--start", help="Prompt text, or FILE:path to read it from a file (default a newline, as sample.py; id 0 where the vocabulary has none)."),
                num_samples: int = typer.Option(10, "--num-samples", help="Samples to draw."),
                max_new_tokens: int = typer.Option(500, "--max-new-tokens", help="Tokens generated per sample."),
                temperature: float = typer.Option(0.8, "--temperature", help="> 0; below 1 sharper, above 1 more random."),
