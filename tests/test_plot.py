@@ -104,7 +104,8 @@ def test_compiled_and_fsdp2_trials_are_drawn_apart_from_eager_ones(measured):
     sizes = list(line.get_xdata())
     want = estimate_peak(ModelShape.from_config(cfg), sizes[0], dtype="float32", checkpointing=0,
                          loss_impl="standard", device="cpu", world_size=2, parallelism="fsdp2",
-                         ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if res.effective_batch > sizes[0] else 1)
+                         ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if res.effective_batch > sizes[0] else 1,
+                         step_batch=two.effective_batch)  # each rank's step, whose token ids the CPU holds
     assert line.get_ydata()[0] == pytest.approx(want.peak_bytes / 2**20)
     eager_lines = [ln for ln in ax.lines if ln.get_label().startswith("fp32, no ckpt, standard loss:")]
     assert len(eager_lines) == 1  # the compiled trial drew no second line

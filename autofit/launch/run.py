@@ -366,7 +366,7 @@ def _figures_for(plan: PlanRecord, same: list, cfg, kind: str) -> PlanRecord:
                         checkpointing=plan.checkpointing, loss_impl=plan.loss_impl, compile=plan.compile,
                         device="cpu" if kind == "cpu" else "cuda", ce_chunk_size=cfg.ce_chunk_size,
                         n_micro=min(2, plan.grad_accum), checkpointing_policy=plan.checkpointing_policy,
-                        **agree.layout(plan.parallelism == "fsdp2"))
+                        step_batch=plan.effective_batch, **agree.layout(plan.parallelism == "fsdp2"))
     return plan.model_copy(update={"measured_peak_bytes": None, "measured_reserved_bytes": None, "tokens_per_s": None,
                                    "estimated_peak_bytes": est.peak_bytes})
 

@@ -246,12 +246,14 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda:
 def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpointing: int, loss_impl: str,
                   compile: bool = False, device: str = "cuda", ce_chunk_size: int = 4096,
                   n_micro: int = 2, world_size: int = 1, parallelism: str = "ddp", sdpa: str = "flash",
-                  checkpointing_policy: str | None = None) -> Estimate:
+                  checkpointing_policy: str | None = None, step_batch: int | None = None) -> Estimate:
     """Peak bytes of a train_step with micro-batches of `micro_batch` full-length sequences, on
     one rank of `world_size` (parallelism 'ddp' or 'fsdp2' when there are several).
 
     n_micro: micro-batches per optimizer step (autofit's trials run 2 when training accumulates,
     1 otherwise); with 2 or more, gradients are alive through every forward and backward.
+    step_batch: sequences in this rank's optimizer step, whose token ids the CPU device holds (None:
+    n_micro x micro_batch's; _held_rows).
     compile=True is estimated as eager (see docs/estimator.md: inductor usually saves less in the
     steady state and can need more while compiling; no factor is invented for it).
     sdpa: the CUDA attention backend assumed for its kernel-internal terms ('flash', 'efficient',
@@ -266,13 +268,11 @@ def estimate_peak(shape: ModelShape, micro_batch: int, *, dtype: str, checkpoint
     # --- model state (on CUDA each parameter-sized tensor is its own allocation, rounded) --------
     st = _model_state(shape, cuda, world_size, parallelism)
     weights, grads_all, adam = st.weights, st.grads, st.adam
-    # With accumulation the previous micro-batch's gradients exist from the start of the
-    # forward; with a single micro-batch train_step set them to None after the previous step
-    # (under DDP they are views of its buckets, which stay).
+    # Accumulating, the previous micro-batch's gradients exist from the start of the forward; with
+    # one micro-batch train_step set them to None after the last step (DDP: bucket views, which stay).
     grads_in_pass = grads_all if n_micro >= 2 or st.grads_resident else 0
-    # Token ids: on the CPU device train_step slices the whole step's x, y (int64) and keeps
-    # y != -1 (bool); on CUDA the step's batch stays on the host and each micro-batch is copied.
-    ids = 17 * n_micro * N if not cuda else 16 * N
+    # Token ids: the CPU device holds the step's x, y (int64) and y != -1 (bool); CUDA a micro-batch's
+    ids = 16 * N if cuda else 17 * T * _held_rows(step_batch, n_micro * micro_batch, T)
     blk = _block_bytes(shape, micro_batch, amp, checkpointing, cuda, policy)
 
     phases: list[tuple[str, dict[str, int]]] = []
@@ -324,6 +324,17 @@ def _estimate_from_phases(phases: list[tuple[str, dict[str, int]]], cuda: bool, 
     if compile:
         basis += "; torch.compile estimated as eager (steady state usually lower, warm-up can be higher)"
     return Estimate(peak_bytes=sum(breakdown.values()), breakdown=breakdown, phase=name, basis=basis)
+
+
+def _held_rows(step_batch: int | None, trial_rows: int, T: int) -> int:
+    """Sequences whose token ids the CPU device holds through a step: the whole step's batch where
+    training reads it whole (trainer.data.batches.held_rows; the probe's trials hold it too), at
+    least the micro-batches in flight. Counting only the trial's two micro-batches read 0.25 % low
+    at micro-batch 2 of 16, more at smaller sizes of a larger batch."""
+    if not step_batch:
+        return trial_rows
+    from trainer.data.batches import held_rows  # imports torch: only on this CPU path
+    return max(trial_rows, held_rows(step_batch, T))
 
 
 def max_micro_batch(shape: ModelShape, budget_bytes: int, *, limit: int = 1 << 20, **kwargs) -> int:

@@ -123,7 +123,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     est = estimate_peak(runner.shape, max(micro_batches), **Levers.of(chosen).estimate_args(),
                         compile=chosen.compile, device=runner.kind,
                         ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)),
-                        **agree.layout(chosen.sharded))
+                        step_batch=runner.rank_batch, **agree.layout(chosen.sharded))
     why_peak = (f"{'measured reserved peak' if reserved else 'measured peak'} {fmt_bytes(max(peak, reserved or 0))} "
                 f"within the {fmt_bytes(budget.budget_bytes)} budget")
     plan = PlanRecord(mode="measured", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
@@ -264,7 +264,7 @@ def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[L
                    and lv.sharded == levers.sharded and v > 0]
     base = max([best_by_levers[lv] for lv in base_levers] or [0])
     est_ck = max_micro_batch(runner.shape, runner.budget_bytes, **levers.estimate_args(), compile=False,
-                             device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(levers.sharded))
+                             device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size, step_batch=E, **agree.layout(levers.sharded))
     est_ck = run_size(E, max(1, min(est_ck, E)))  # what a run capped there runs (autofit.planning.split)
     why = None
     if base >= E:
@@ -329,7 +329,7 @@ def _prune_sharding(runner: TrialRunner, levers: Levers, best_by_levers: dict[Le
     E = runner.rank_batch
     base = max([v for lv, v in best_by_levers.items() if not lv.sharded] or [0])
     est = max_micro_batch(runner.shape, runner.budget_bytes, **levers.estimate_args(), compile=False,
-                          device=runner.kind,
+                          device=runner.kind, step_batch=E,
                           ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(True))
     if base >= E or (base > 0 and est <= base):
         why = (f"micro-batch {base} fits without sharding" if base >= E else

@@ -91,7 +91,7 @@ class TrialRunner:
         n_micro = 2 if self.rank_batch > cand.micro_batch else 1
         return estimate_peak(self.shape, cand.micro_batch, dtype=cand.dtype, checkpointing=cand.checkpointing,
                              loss_impl=cand.loss_impl, compile=cand.compile, device=self.kind,
-                             ce_chunk_size=self.cfg.ce_chunk_size, n_micro=n_micro,
+                             ce_chunk_size=self.cfg.ce_chunk_size, n_micro=n_micro, step_batch=self.rank_batch,
                              checkpointing_policy=cand.checkpointing_policy, **agree.layout(cand.sharded)).peak_bytes
 
     def run(self, cand: Candidate) -> TrialRecord:
@@ -227,7 +227,7 @@ class MicroBatchSearch:
         r = self.runner
         start = max_micro_batch(r.shape, r.budget_bytes, **self.levers.estimate_args(),
                                 compile=False, device=r.kind, ce_chunk_size=r.cfg.ce_chunk_size,
-                                **agree.layout(self.levers.sharded))
+                                step_batch=r.rank_batch, **agree.layout(self.levers.sharded))
         return self.down(start)
 
     def predict(self) -> int | None:

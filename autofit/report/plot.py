@@ -137,7 +137,8 @@ def build_figure(res, cfg):
                   + (", FSDP2" if sharded else ""))
         est = [estimate_peak(shape, m, dtype=dtype, checkpointing=ckpt, loss_impl=loss, device=kind,
                              checkpointing_policy=policy, world_size=world, parallelism="fsdp2" if sharded else "ddp",
-                             ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if rank_batch > m else 1).peak_bytes
+                             ce_chunk_size=cfg.ce_chunk_size, n_micro=2 if rank_batch > m else 1,
+                             step_batch=rank_batch).peak_bytes
                for m in sizes]
         # a line drawn over an earlier one (within TWIN of every point: 256 bytes apart hid one just
         # as well) would hide it: dotted, its label says whose it is, its fits drawn as rings

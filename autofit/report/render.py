@@ -138,6 +138,7 @@ def as_written_verdict(res, cfg) -> str:
     est = estimate_peak(ModelShape.from_config(cfg), cfg.batch_size, dtype=want[1], checkpointing=cfg.checkpointing,
                         loss_impl=cfg.loss_impl, compile=False, device=_kind(res), ce_chunk_size=cfg.ce_chunk_size,
                         n_micro=n_micro, checkpointing_policy=policy, world_size=ranks,
+                        step_batch=cfg.batch_size * cfg.gradient_accumulation_steps // ranks,
                         parallelism=parallelism if ranks > 1 else "ddp").peak_bytes
     how = "estimated, closed form" + ("; compile's memory effect is not estimated" if cfg.compile else "")
     if est <= budget:
