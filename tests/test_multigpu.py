@@ -581,4 +581,6 @@ def test_ddps_first_step_holds_no_gradient_copy_beside_the_buckets(tmp_path):
                  "-s", "log_interval=1", "--out", str(out), "--no-probe", "--no-progress", "--max-steps", "3"],
                 env(tmp_path)))
     peaks = [r["peak_mem_bytes"] for r in records(out, "train")]
-    assert len(peaks) == 3 and peaks[0] == peaks[1] == peaks[2], peaks
+    # equal up to a few scalars (a 4-byte float once differed under load, session 12): a gradient
+    # copy is the model's gradients, ~135 KiB here, 30x this allowance
+    assert len(peaks) == 3 and max(peaks) - min(peaks) <= 4096, peaks
