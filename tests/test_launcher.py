@@ -36,6 +36,30 @@ def test_relaunch_gives_the_ranks_the_share_and_keeps_torchruns_banner_away(monk
     assert seen == {"omp": "4", "launched": str(os.getpid())} and len(logged) == 1  # set before torchrun reads it: no banner
 
 
+def test_a_killed_launchers_folder_is_removed_by_the_next_launch(monkeypatch, tmp_path):
+    """A launcher killed with SIGKILL left its empty autofit-launch-* folder in /tmp (session 11);
+    the next launch removes those whose launcher is gone, and keeps a live one's and others'."""
+    import tempfile
+
+    import torch.distributed.run as tdr
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process has now (reused only after the kernel wraps around)
+    gone = tmp_path / f"{torchrun.NOTES_PREFIX}{dead.pid}-abc123"
+    live = tmp_path / f"{torchrun.NOTES_PREFIX}{os.getppid()}-def456"
+    other = tmp_path / f"{torchrun.NOTES_PREFIX}notapid"
+    for d in (gone, live, other):
+        d.mkdir()
+    (gone / "said").write_text("")
+    made = []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tdr, "run", lambda args: made.extend(p.name for p in tmp_path.iterdir()))
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    assert torchrun.relaunch(["run"], 2) == 0
+    assert not gone.exists() and live.is_dir() and other.is_dir()
+    ours = [n for n in made if n.startswith(f"{torchrun.NOTES_PREFIX}{os.getpid()}-")]
+    assert len(ours) == 1 and not (tmp_path / ours[0]).exists()  # its own, removed when it ends
+
+
 @dataclass
 class Failure:  # what torchrun's ProcessFailure carries
     exitcode: int

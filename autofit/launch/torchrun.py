@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -29,6 +30,7 @@ from trainer.interrupt import LAUNCHER_ENV, STOP_SIGNALS as TRAINING_STOP_SIGNAL
 # set by relaunch() for its ranks, to its process id: their error lines go back to it, their
 # SIGTERM is its to say, and its death stops them (die_with_launcher)
 LAUNCHED_ENV = LAUNCHER_ENV
+NOTES_PREFIX = "autofit-launch-"  # the launcher's folder in the temporary folder: <prefix><pid>-<random>
 # the line for a Ctrl-C before the command itself began (autofit.__main__ says the same)
 STARTING = "interrupted while starting; nothing was done"
 # what session() turns into a Ctrl-C (training's StopFlag then handles them itself): a
@@ -232,7 +234,9 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     from torch.distributed.run import parse_args, run
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "autofit", *strip_nproc(argv)])
     extra, line = rank_environment(os.environ, nproc, cpu_cores())
-    notes = tempfile.mkdtemp(prefix="autofit-launch-")  # where rank 0 marks that it said its interrupt line
+    _remove_stale_notes(tempfile.gettempdir())
+    # where rank 0 marks that it said its interrupt line; named by this pid for _remove_stale_notes
+    notes = tempfile.mkdtemp(prefix=f"{NOTES_PREFIX}{os.getpid()}-")
     # torchrun passes this process's environment to the ranks
     os.environ.update({**extra, LAUNCHED_ENV: str(os.getpid()), interrupts.SAID_ENV: os.path.join(notes, "said")})
     if line:
@@ -281,6 +285,21 @@ def _killed_by_torchrun(pids: set[int]) -> Iterator[None]:
         yield
     finally:
         SubprocessHandler.close = close
+
+
+def _remove_stale_notes(tmp: str) -> None:
+    """Removes this user's launcher folders (NOTES_PREFIX<pid>-*) whose launcher is gone: one
+    killed with SIGKILL cannot remove its own, and they would pile up in the temporary folder."""
+    for entry in os.scandir(tmp):
+        m = re.fullmatch(re.escape(NOTES_PREFIX) + r"(\d+)-\w+", entry.name)
+        try:
+            if m is None or not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:  # no such process: its launcher is gone
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except (OSError, OverflowError):  # alive under another user, or vanished meanwhile: not ours to judge
+            continue
 
 
 def _said(notes: str) -> bool:
