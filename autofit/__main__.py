@@ -25,6 +25,11 @@ def run() -> None:
         else:  # sys.exit("message"): Python prints it and exits 1
             print(e.code, file=sys.stderr)
             code = 1
+    except KeyboardInterrupt:
+        # one that reached past main()'s own handling (a Ctrl-C within its exit path, e.g. while it
+        # said its line): uncaught, Python ends by SIGINT, exit status -2, not the 130 promised
+        cli.say_interrupted()
+        code = interrupts.EXIT_CODE
     # --help, profiles, config, or a Ctrl-C while torch or the group's module loaded: no process
     # group can exist (and importing a half-built torch again would fail with tracebacks)
     if "trainer.distributed.ranks" not in sys.modules:

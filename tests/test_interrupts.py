@@ -130,6 +130,25 @@ def test_ctrl_c_while_the_cli_loads_is_one_line_and_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "autofit: interrupted while starting; nothing was done\n"
 
 
+def test_a_ctrl_c_in_mains_exit_path_is_still_130_and_one_line(monkeypatch, capsys):
+    """t2 (session 11): one early Ctrl-C in ~20 ended the process by SIGINT (-2), not 130: a
+    KeyboardInterrupt that got past main()'s handling was uncaught, and Python then ends by the
+    signal. The entry point takes it as the interrupt it is, and says the line once."""
+    import autofit.__main__ as entry
+    from autofit.cli import app
+
+    def said_then_interrupted():
+        app.say_interrupted()  # main() said its line, and a Ctrl-C came while it exited
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "main", said_then_interrupted)
+    interrupts.reset()
+    with pytest.raises(SystemExit) as stop:
+        entry.run()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "autofit: interrupted; nothing was saved\n"
+
+
 def test_a_rank_of_autofits_launcher_leaves_sigterm_to_the_launcher(capfd, monkeypatch):
     """Under `autofit run --nproc-per-node` a rank's SIGTERM comes from torchrun: after another rank
     died (a SIGKILL by the OOM killer: the launcher names it) or passing on the launcher's own stop

@@ -334,10 +334,11 @@ app.add_typer(data_app, name="data")
 app.registered_commands += sample_app.registered_commands
 
 
-def _say_interrupted() -> None:
-    """One line for a Ctrl-C (autofit.interrupts), from rank 0 only under torchrun."""
+def say_interrupted() -> None:
+    """One line for a Ctrl-C (autofit.interrupts), from rank 0 only under torchrun; once."""
     from autofit.devices.ranks import other_rank  # no torch: the Ctrl-C may have fallen into its import
     text = interrupts.line()
+    interrupts.said()
     if text and not other_rank():
         print(f"autofit: {text}", file=sys.stderr)
         interrupts.tell_launcher()
@@ -361,9 +362,9 @@ def main() -> None:
             quiet_unless_rank0(console, err_console)
             code = _run_app()
         if code == interrupts.EXIT_CODE:  # typer turns a Ctrl-C inside a command into exit code 130, silently
-            _say_interrupted()
+            say_interrupted()
     except KeyboardInterrupt:
-        _say_interrupted()
+        say_interrupted()
         sys.exit(interrupts.EXIT_CODE)
     except Exception as e:
         msg = user_message(e)
@@ -380,7 +381,7 @@ def main() -> None:
             print(f"autofit: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
             sys.exit(2)
         if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
-            _say_interrupted()
+            say_interrupted()
             sys.exit(interrupts.EXIT_CODE)
         raise
     sys.exit(code if isinstance(code, int) else 0)
