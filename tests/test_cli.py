@@ -430,7 +430,8 @@ def test_profiles_add_bad_values_are_one_line(tmp_path, monkeypatch, capsys, cha
 @pytest.mark.parametrize("name, memory, ok", [("foo-4gb", "8GiB", False), ("foo-4gb", "4GiB", True),
                                               ("t4x-16gb", "15GiB", True), ("big-141gb", "140.4GiB", True),
                                               ("tiny-512mb", "2GiB", False), ("x-16gb", "14GiB", True),
-                                              ("x-0gb", "4GiB", False), ("x-1gb", "300MiB", False)])
+                                              ("x-0gb", "4GiB", False), ("x-1gb", "300MiB", False),
+                                              ("z-4gb", "1B", False)])
 def test_profiles_add_refuses_a_name_that_says_another_memory(tmp_path, monkeypatch, capsys, name, memory, ok):
     args = ["profiles", "add", name, "--memory", memory, *GTX1650[5:]]
     code, _, err = cli(monkeypatch, capsys, *args)
@@ -439,6 +440,7 @@ def test_profiles_add_refuses_a_name_that_says_another_memory(tmp_path, monkeypa
     else:
         assert code == 2 and "says" in err and "--memory" in err and err.count("\n") == 1, err
         assert not (tmp_path / "home" / "profiles" / f"{name}.toml").exists()
+        assert "e.g. 0mb" not in err  # t2 (session 11): --memory 1B suggested naming it 0mb
 
 
 def test_a_hand_written_ampere_profile_without_bf16_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):

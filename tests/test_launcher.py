@@ -378,3 +378,21 @@ def test_the_launcher_knows_which_ranks_torchrun_killed():
             h.proc.kill()
             h.proc.wait(timeout=60)
     assert killed == {procs[1].proc.pid} and SubprocessHandler.close.__name__ == "close"  # put back
+
+
+def test_a_ranks_bad_budget_names_its_rank_once_and_advice_names_the_variable(monkeypatch):
+    """t2 (session 11): 'rank 0: AUTOFIT_RANK_BUDGETS: rank 0's budget 'abc': ...' said the rank
+    twice; 'nothing fits ... a larger --budget would help' where the ranks' budgets came from
+    AUTOFIT_RANK_BUDGETS, which --budget cannot be given beside."""
+    from autofit.devices.info import DeviceError
+    from autofit.devices.ranks import budget_flag, rank_budget
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                 "AUTOFIT_RANK_BUDGETS": "abc,2MiB"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(DeviceError) as e:
+        rank_budget(None)
+    msg = str(e.value)
+    assert msg == "rank 0: its budget in AUTOFIT_RANK_BUDGETS, 'abc': not a size: 'abc' (examples: 2GiB, 1.5G, 512MiB, 4096)"
+    assert torchrun.error_prefix(msg) == "" and budget_flag() == "AUTOFIT_RANK_BUDGETS"
+    monkeypatch.delenv("AUTOFIT_RANK_BUDGETS")
+    assert budget_flag() == "--budget"

@@ -683,6 +683,8 @@ def test_remove_takes_a_unique_prefix_of_a_plan_as_show_cuts_it():
     left = sorted(fp for fp in fps if fp != target)
     with pytest.raises(ProfileError, match="has no plan zzzz"):
         remove_profile("cpu-2gb", "zzzz")
+    with pytest.raises(ProfileError, match="--plan '': give at least 4 characters"):
+        remove_profile("cpu-2gb", "")
     for short in (left[0][:1], left[0][:3]):
         with pytest.raises(ProfileError, match=f"--plan {short}: give at least 4 characters of the plan's "
                                                f"fingerprint \\(plans: {', '.join(left)}\\)"):

@@ -214,7 +214,9 @@ def _name_memory_mismatch(name: str, memory_bytes: int) -> str | None:
     decimal = float(m.group(1)) * (1e9 if m.group(2) == "gb" else 1e6)
     if said > 0 and min(abs(memory_bytes - said) / said, abs(memory_bytes - decimal) / decimal) <= 0.10:
         return None
-    suffix = f"{round(memory_bytes / 2**30)}gb" if memory_bytes >= 2**30 else f"{round(memory_bytes / 2**20)}mb"
+    # below 1 MiB no card exists to name: the size to correct is --memory's ('e.g. 0mb' said t2)
+    suffix = f"{round(memory_bytes / 2**30)}gb" if memory_bytes >= 2**30 else \
+        f"{round(memory_bytes / 2**20)}mb" if memory_bytes >= 2**20 else "4gb, for a 4 GB card"
     return (f"profile name {name!r} says {m.group(1)} {m.group(2).upper()} but --memory is "
             f"{fmt_bytes(memory_bytes)}: name it for its memory (model slug, then e.g. {suffix}) or correct --memory")
 

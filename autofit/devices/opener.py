@@ -8,7 +8,6 @@ device when a CPU budget is asked for; a CUDA GPU when there is one; otherwise t
 """
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from autofit.devices.device import Device, DeviceError, SimulatedDevice
@@ -49,7 +48,7 @@ def _open_device(kind: str | None, *, budget_bytes: int | None, gpu_index: int |
     """
     from autofit.devices.cpu import PlainCpuDevice
     from autofit.devices.cpu_budget import BudgetedCpuDevice
-    from autofit.devices.ranks import RANK_BUDGETS_ENV, cpu_share, gpu_index as rank_gpu, rank_budget, under_torchrun
+    from autofit.devices.ranks import budget_flag, cpu_share, gpu_index as rank_gpu, rank_budget, under_torchrun
     if kind not in (None, "cpu", "cuda"):
         raise DeviceError(f"--device must be 'cuda' or 'cpu', got {kind!r}")
     asked = gpu_index
@@ -61,7 +60,7 @@ def _open_device(kind: str | None, *, budget_bytes: int | None, gpu_index: int |
                           f"--gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs the ranks see)")
     budget_bytes, gpu_index = rank_budget(budget_bytes), rank_gpu(asked or 0)
     # named as the user set it: where the variable is set, rank_budget took it (or refused it)
-    what = RANK_BUDGETS_ENV if os.environ.get(RANK_BUDGETS_ENV, "").strip() else "--budget"
+    what = budget_flag()
     if budget_bytes is not None and kind == "cuda":
         raise DeviceError(f"{what} applies to the CPU device only; on a GPU the budget is free memory x (1 - margin)")
     if budget_bytes is not None:  # the --budget, or a saved CPU profile's memory_bytes

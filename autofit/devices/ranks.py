@@ -41,6 +41,12 @@ def other_rank() -> bool:
     return rank is not None and rank != 0
 
 
+def budget_flag() -> str:
+    """Where this process's CPU budget was given, for advice: AUTOFIT_RANK_BUDGETS where it is set
+    (each torchrun rank's), else --budget."""
+    return RANK_BUDGETS_ENV if os.environ.get(RANK_BUDGETS_ENV, "").strip() else "--budget"
+
+
 def rank_budget(budget_bytes: int | None) -> int | None:
     """This rank's CPU budget: its entry of AUTOFIT_RANK_BUDGETS when that is set (one size per
     rank, comma-separated), else `budget_bytes`. Raises DeviceError for a list that does not
@@ -60,7 +66,8 @@ def rank_budget(budget_bytes: int | None) -> int | None:
     try:
         return parse_size(items[r.rank])
     except ValueError as e:
-        raise DeviceError(f"{RANK_BUDGETS_ENV}: rank {r.rank}'s budget {items[r.rank]!r}: {e}") from None
+        # starts with the rank, so error_prefix adds no second 'rank N:'
+        raise DeviceError(f"rank {r.rank}: its budget in {RANK_BUDGETS_ENV}, {items[r.rank]!r}: {e}") from None
 
 
 def cpu_share(budget_bytes: int | None) -> int | None:

@@ -389,7 +389,8 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
             "over the budget by more than the estimate's error bound on this device, so no trial ran)")
     else:
         smallest = "no trial could run"
-    bigger = "a larger --budget" if kind == "cpu" else "a bigger GPU"
+    from autofit.devices.ranks import budget_flag
+    bigger = f"a larger {budget_flag()}" if kind == "cpu" else "a bigger GPU"
     raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}, even at "
                     f"micro-batch 1 with every lever tried; a shorter block_size (now {cfg.block_size}), "
                     f"a smaller model than n_layer {cfg.n_layer} / n_embd {cfg.n_embd}, or {bigger} would help")

@@ -113,8 +113,8 @@ def remove_profile(name: str, fingerprint: str | None = None, *,
         found = [fp for fp in profile.plans if fp.startswith(fingerprint)] if fingerprint else []
         if fingerprint in profile.plans:
             found = [fingerprint]
-        elif len(fingerprint) < MIN_PREFIX and found:
-            raise ProfileError(f"--plan {fingerprint}: give at least {MIN_PREFIX} characters of the plan's "
+        elif len(fingerprint) < MIN_PREFIX and (found or not fingerprint):
+            raise ProfileError(f"--plan {fingerprint or repr('')}: give at least {MIN_PREFIX} characters of the plan's "
                                f"fingerprint (plans: {', '.join(sorted(profile.plans))})")
         if len(found) != 1:
             known = ", ".join(sorted(found or profile.plans)) or "none"
