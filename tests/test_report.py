@@ -26,7 +26,8 @@ def test_a_several_rank_plan_written_as_the_config_says_names_the_whole_accumula
     from autofit.report.render import plan_changes
     res = SimpleNamespace(device=SimpleNamespace(kind="cpu", bf16_supported=False))
     words = plan_changes(two_rank_plan(), cfg_of(), res)
-    assert "runs 16 x 8 as written (2 on each of 4 ranks)" in words
+    # t2 (session 11): "(1 on each of 2 ranks)" did not say what the 1 counted
+    assert "runs 16 x 8 as written (2 micro-batch(es) of 16 on each of 4 ranks)" in words
 
 
 def test_a_several_rank_plans_tokens_per_s_says_per_rank(monkeypatch):

@@ -199,7 +199,8 @@ def plan_changes(plan, cfg, res) -> list[str]:
                          f"({plan.split}), {instead}")
     else:
         words.append(f"runs {plan.micro_batch} x {plan.grad_accum * ranks} as written"
-                     + (f" ({plan.grad_accum} on each of {ranks} ranks)" if ranks > 1 else ""))
+                     + (f" ({plan.grad_accum} micro-batch(es) of {plan.micro_batch} on each of {ranks} ranks)"
+                        if ranks > 1 else ""))
     if plan.loss_impl != cfg.loss_impl:
         from trainer.model.ce import chunked_path
         words.append(f"uses the chunked loss ({chunked_path(cfg.logit_softcap)}: cross-entropy in chunks, never "
