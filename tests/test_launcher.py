@@ -52,12 +52,15 @@ def test_a_killed_launchers_folder_is_removed_by_the_next_launch(monkeypatch, tm
     (gone / "said").write_text("")
     made = []
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(tdr, "run", lambda args: made.extend(p.name for p in tmp_path.iterdir()))
+    monkeypatch.setattr(tdr, "run", lambda args: made.extend([*(p.name for p in tmp_path.iterdir()), args.log_dir]))
     monkeypatch.setattr(os, "environ", dict(os.environ))
     assert torchrun.relaunch(["run"], 2) == 0
     assert not gone.exists() and live.is_dir() and other.is_dir()
-    ours = [n for n in made if n.startswith(f"{torchrun.NOTES_PREFIX}{os.getpid()}-")]
+    ours = [n for n in made[:-1] if n.startswith(f"{torchrun.NOTES_PREFIX}{os.getpid()}-")]
     assert len(ours) == 1 and not (tmp_path / ours[0]).exists()  # its own, removed when it ends
+    # torchrun's log folder (the ranks' error files) is inside it: a torchelastic_* folder was left
+    # in /tmp by every launch (678 of them on this machine, session 12)
+    assert made[-1] == str(tmp_path / ours[0] / "torchrun")
 
 
 @dataclass
@@ -117,7 +120,9 @@ def test_a_rank_writes_its_error_for_the_launcher_instead_of_printing(tmp_path, 
 
 def test_a_rank_only_config_error_reaches_stderr_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "OMP_", "RANK", "WORLD_SIZE"))}
-    env.update(AUTOFIT_HOME=str(tmp_path / "home"), AUTOFIT_RANK_BUDGETS="3MiB", AUTOFIT_DIST_TIMEOUT="60")
+    env.update(AUTOFIT_HOME=str(tmp_path / "home"), AUTOFIT_RANK_BUDGETS="3MiB", AUTOFIT_DIST_TIMEOUT="60",
+               TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     # one budget for two ranks: the launcher (one process) cannot see it; each rank refuses it
     proc = subprocess.run([sys.executable, "-m", "autofit", "run", "--nproc-per-node", "2", "--device", "cpu",
                            "--out", str(tmp_path / "o"), "--no-progress"], env=env, capture_output=True, text=True,
@@ -132,6 +137,7 @@ def test_a_rank_only_config_error_reaches_stderr_once(tmp_path):
     assert "interrupted" not in proc.stderr  # torchrun's SIGTERM to the slower rank is no news
     assert proc.stderr.splitlines()[0].startswith("OMP_NUM_THREADS=") and "*****" not in proc.stderr
     assert "Traceback" not in proc.stderr and "torch/distributed" not in proc.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []  # no torchelastic_* or launcher folder left behind
 
 
 def test_the_vocab_line_is_said_once_the_launcher_said_it_for_the_ranks(tmp_path, monkeypatch):

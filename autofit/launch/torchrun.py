@@ -232,11 +232,15 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "autofit", *strip_nproc(argv)])
-    extra, line = rank_environment(os.environ, nproc, cpu_cores())
     _remove_stale_notes(tempfile.gettempdir())
-    # where rank 0 marks that it said its interrupt line; named by this pid for _remove_stale_notes
+    # where rank 0 marks that it said its interrupt line, and torchrun's per-run folder of the
+    # ranks' error files (else a torchelastic_* folder left in /tmp by every launch, as torchrun
+    # itself leaves them; PET_LOG_DIR, torchrun's own setting, is kept); named by this pid for
+    # _remove_stale_notes
     notes = tempfile.mkdtemp(prefix=f"{NOTES_PREFIX}{os.getpid()}-")
+    logs = [] if os.environ.get("PET_LOG_DIR") else [f"--log-dir={os.path.join(notes, 'torchrun')}"]
+    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", *logs, "-m", "autofit", *strip_nproc(argv)])
+    extra, line = rank_environment(os.environ, nproc, cpu_cores())
     # torchrun passes this process's environment to the ranks
     os.environ.update({**extra, LAUNCHED_ENV: str(os.getpid()), interrupts.SAID_ENV: os.path.join(notes, "said")})
     if line:
