@@ -31,7 +31,7 @@ def said() -> None:
     _state["said"] = True
 
 
-# Set by `autofit run --nproc-per-node` (autofit.launch.torchrun.relaunch) for its ranks: a file
+# Set by `autofit run --nproc-per-node` (autofit.launch.launcher.relaunch) for its ranks: a file
 # that rank 0 creates once it printed its interrupt line, so that the launcher adds no line of its
 # own ("stopped by SIGINT ...") beside it, and says what it knows when no rank said anything.
 SAID_ENV = "AUTOFIT_INTERRUPT_SAID"

@@ -68,7 +68,7 @@ def test_with_the_buffer_check_ins_too_an_oom_in_the_backward_or_a_gather_buffer
 
 def test_the_give_up_line_of_a_rank_told_of_another_ranks_oom_is_left_out_by_the_launcher():
     """Session 10 (h3 finding 6): one OOM printed two error lines; rank 0's only repeats rank 1's."""
-    from autofit.launch.torchrun import failed_lines
+    from autofit.launch.launcher import failed_lines
 
     class Failure:  # torchrun's ProcessFailure, as far as failed_lines reads it
         def __init__(self, msg: str):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from autofit.launch import torchrun
-from autofit.launch.torchrun import failed_lines, rank_environment, report_error
+from autofit.launch import launcher, torchrun
+from autofit.launch.launcher import failed_lines, rank_environment
+from autofit.launch.torchrun import report_error
 
 
 def test_omp_threads_are_shared_out_when_the_user_set_none():
@@ -27,12 +28,12 @@ def test_relaunch_gives_the_ranks_the_share_and_keeps_torchruns_banner_away(monk
     import torch.distributed.run as tdr
     seen = {}
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(torchrun, "cpu_cores", lambda: 8)
+    monkeypatch.setattr(launcher, "cpu_cores", lambda: 8)
     monkeypatch.setattr(tdr, "run", lambda args: seen.update(omp=os.environ.get("OMP_NUM_THREADS"),
                                                              launched=os.environ.get(torchrun.LAUNCHED_ENV)))
     logged = []
     monkeypatch.setattr(os, "environ", dict(os.environ))  # relaunch writes the ranks' environment here
-    assert torchrun.relaunch(["run", "--nproc-per-node", "2"], 2, logged.append) == 0
+    assert launcher.relaunch(["run", "--nproc-per-node", "2"], 2, logged.append) == 0
     assert seen == {"omp": "4", "launched": str(os.getpid())} and len(logged) == 1  # set before torchrun reads it: no banner
 
 
@@ -44,9 +45,9 @@ def test_a_killed_launchers_folder_is_removed_by_the_next_launch(monkeypatch, tm
     import torch.distributed.run as tdr
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid no process has now (reused only after the kernel wraps around)
-    gone = tmp_path / f"{torchrun.NOTES_PREFIX}{dead.pid}-abc123"
-    live = tmp_path / f"{torchrun.NOTES_PREFIX}{os.getppid()}-def456"
-    other = tmp_path / f"{torchrun.NOTES_PREFIX}notapid"
+    gone = tmp_path / f"{launcher.NOTES_PREFIX}{dead.pid}-abc123"
+    live = tmp_path / f"{launcher.NOTES_PREFIX}{os.getppid()}-def456"
+    other = tmp_path / f"{launcher.NOTES_PREFIX}notapid"
     for d in (gone, live, other):
         d.mkdir()
     (gone / "said").write_text("")
@@ -54,9 +55,9 @@ def test_a_killed_launchers_folder_is_removed_by_the_next_launch(monkeypatch, tm
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(tdr, "run", lambda args: made.extend([*(p.name for p in tmp_path.iterdir()), args.log_dir]))
     monkeypatch.setattr(os, "environ", dict(os.environ))
-    assert torchrun.relaunch(["run"], 2) == 0
+    assert launcher.relaunch(["run"], 2) == 0
     assert not gone.exists() and live.is_dir() and other.is_dir()
-    ours = [n for n in made[:-1] if n.startswith(f"{torchrun.NOTES_PREFIX}{os.getpid()}-")]
+    ours = [n for n in made[:-1] if n.startswith(f"{launcher.NOTES_PREFIX}{os.getpid()}-")]
     assert len(ours) == 1 and not (tmp_path / ours[0]).exists()  # its own, removed when it ends
     # torchrun's log folder (the ranks' error files) is inside it: a torchelastic_* folder was left
     # in /tmp by every launch (678 of them on this machine, session 12)
@@ -275,7 +276,7 @@ def test_the_launchers_stop_line_says_only_what_it_knows(monkeypatch, capsys, ra
         raise SignalException("SIGHUP", signal.SIGHUP)
     monkeypatch.setattr(tdr, "run", ranks_then_sighup)
     monkeypatch.setattr(os, "environ", dict(os.environ))
-    assert torchrun.relaunch(["run"], 2) == 128 + signal.SIGHUP
+    assert launcher.relaunch(["run"], 2) == 128 + signal.SIGHUP
     err = capsys.readouterr().err
     assert err == "" if rank0_said else err == ("autofit: stopped by SIGHUP, passed on to the ranks; no rank said it "
                                                 "saved a checkpoint\n")
@@ -376,7 +377,7 @@ def test_the_launcher_knows_which_ranks_torchrun_killed():
         procs.append(h)
     killed = set()
     try:
-        with torchrun._killed_by_torchrun(killed):
+        with launcher._killed_by_torchrun(killed):
             procs[0].close(death_sig=signal.SIGTERM)  # torchrun's first, polite signal: not recorded
             procs[1].close(death_sig=signal.SIGKILL)  # ... its forced one, past the 30 s
     finally:

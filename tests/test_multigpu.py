@@ -369,7 +369,7 @@ def test_plans_are_keyed_by_world_size_and_parallelism(monkeypatch):
 def test_each_rank_gets_its_own_cpu_budget(monkeypatch):
     from autofit.devices.device import DeviceError
     from autofit.devices.ranks import rank_budget
-    from autofit.launch.torchrun import strip_nproc
+    from autofit.launch.launcher import strip_nproc
     monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", "3MiB,2MiB")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -33,8 +33,8 @@ def test_a_probe_on_two_ranks_saves_a_plan_the_hinted_run_uses(tmp_path):
 
 
 def test_probe_refuses_ranks_with_a_simulated_card_or_a_batch_they_cannot_share(tmp_path, monkeypatch, capsys):
-    from autofit.launch import torchrun
-    monkeypatch.setattr(torchrun, "relaunch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("launched")))
+    from autofit.launch import launcher
+    monkeypatch.setattr(launcher, "relaunch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("launched")))
     code, _, err = cli(monkeypatch, capsys, "probe", *TINY, "--gpu", "rtx4070-12gb", "--nproc-per-node", "2")
     assert code == 2 and "--gpu estimates one simulated card; --nproc-per-node measures" in err, err
     code, _, err = cli(monkeypatch, capsys, "probe", *TINY, "--set", "batch_size=3", "--set",

@@ -284,7 +284,8 @@ def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=
     """--nproc-per-node N: what a fresh run would refuse is checked here once (`fresh`: a run's
     output folder too), then torchrun starts the same command on N ranks; this process exits
     with their status."""
-    from autofit.launch.torchrun import check_ranks, relaunch
+    from autofit.launch.launcher import relaunch
+    from autofit.launch.torchrun import check_ranks
     if gpu_index is not None:
         raise UsageError(f"--gpu-index {gpu_index} picks one GPU; with --nproc-per-node each rank takes the GPU of "
                          f"its LOCAL_RANK: drop --gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs they see)")

@@ -1,0 +1,229 @@
+"""`autofit run --nproc-per-node N`: the launcher process, which runs torchrun's own launcher
+(torch.distributed.run) for the user and reads back how the ranks ended.
+
+relaunch() gives the ranks their environment (OMP_NUM_THREADS shared out, LAUNCHED_ENV so that
+their error lines and stop notices come back here), runs torchrun with --standalone, and turns its
+failure report into one line per distinct cause (failed_lines). Around torchrun's run it watches
+what torchrun does not say: ranks its shutdown killed, a stop that takes long, and its own
+folder (removed at the end, or by the next launch after a SIGKILL). What each rank does under
+torchrun (the process group, its error channel, dying with the launcher) is
+autofit.launch.torchrun's.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Collection, Iterator
+
+from autofit import interrupts
+from autofit.launch.torchrun import LAUNCHED_ENV
+
+NOTES_PREFIX = "autofit-launch-"  # the launcher's folder in the temporary folder: <prefix><pid>-<random>
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """`argv` without --nproc-per-node N / --nproc-per-node=N."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        out.append(a)
+    return out
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, as in a
+    container or under taskset; else os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def rank_environment(environ, nproc: int, cores: int) -> tuple[dict[str, str], str | None]:
+    """What --nproc-per-node adds to the ranks' environment, and the line that says so.
+
+    OMP_NUM_THREADS: torchrun sets it to 1 for every rank when it is unset (and prints a 4-line
+    banner saying so), which leaves a CPU run on 1 core per rank; autofit gives each of the
+    `nproc` ranks an equal share of the `cores` instead, max(1, cores // nproc). A user's own
+    OMP_NUM_THREADS (in `environ`) is kept as it is; one rank changes nothing (torchrun sets
+    nothing then either). Returns ({name: value} to set, a line to log or None)."""
+    if nproc <= 1 or environ.get("OMP_NUM_THREADS", "").strip():
+        return {}, None
+    threads = max(1, cores // nproc)
+    return {"OMP_NUM_THREADS": str(threads)}, (
+        f"OMP_NUM_THREADS={threads} for each of the {nproc} ranks ({cores} CPU cores / {nproc}); set "
+        f"OMP_NUM_THREADS yourself to choose another")
+
+
+def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
+    """Runs `python -m autofit <argv minus --nproc-per-node>` on `nproc` ranks of this machine
+    through torchrun's launcher (--standalone: a local rendezvous on a free port). Returns the
+    exit code: 0, or the failed ranks' (signals as 128 + number), after their lines on stderr
+    (failed_lines). torchrun's own log lines (its OMP_NUM_THREADS banner, 'Sending process ...
+    closing signal', 'failed (exitcode: 2)') are left out: those lines say it better, once. For
+    several machines, run torchrun yourself with its rendezvous options (README: Several GPUs)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    _remove_stale_notes(tempfile.gettempdir())
+    # where rank 0 marks that it said its interrupt line, and torchrun's per-run folder of the
+    # ranks' error files (else a torchelastic_* folder left in /tmp by every launch, as torchrun
+    # itself leaves them; PET_LOG_DIR, torchrun's own setting, is kept); named by this pid for
+    # _remove_stale_notes
+    notes = tempfile.mkdtemp(prefix=f"{NOTES_PREFIX}{os.getpid()}-")
+    logs = [] if os.environ.get("PET_LOG_DIR") else [f"--log-dir={os.path.join(notes, 'torchrun')}"]
+    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", *logs, "-m", "autofit", *strip_nproc(argv)])
+    extra, line = rank_environment(os.environ, nproc, cpu_cores())
+    # torchrun passes this process's environment to the ranks
+    os.environ.update({**extra, LAUNCHED_ENV: str(os.getpid()), interrupts.SAID_ENV: os.path.join(notes, "said")})
+    if line:
+        log(line)
+    logging.disable(logging.ERROR)  # this process only launches: its log is torchrun's
+    killed: set[int] = set()
+    try:
+        with _killed_by_torchrun(killed):
+            run(args)
+    except ChildFailedError as e:
+        lines, code = failed_lines(e.failures, nproc, interrupt_said=_said(notes), killed=killed)
+        for text in lines:
+            print(text, file=sys.stderr)
+        return code
+    except SignalException as e:  # Ctrl-C, SIGTERM, SIGHUP: torchrun passed it on and waited for the ranks
+        if not _said(notes):  # rank 0 said what it did (checkpoint or not); else only what this process knows
+            stuck = f"; {len(killed)} rank(s) did not stop in time and were killed (SIGKILL)" if killed else ""
+            print(f"autofit: stopped by {signal.Signals(e.sigval).name}, passed on to the ranks{stuck}; no rank said "
+                  f"it saved a checkpoint", file=sys.stderr)
+        return 128 + int(e.sigval)
+    finally:
+        logging.disable(logging.NOTSET)
+        shutil.rmtree(notes, ignore_errors=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _killed_by_torchrun(pids: set[int]) -> Iterator[None]:
+    """Collects into `pids` the ranks torchrun's own shutdown killed with SIGKILL (a rank that did
+    not end within its 30 s of the SIGTERM): that SIGKILL is not a cause of the failure, and the
+    rank is named as stuck. Through torchrun's SubprocessHandler.close; with a torch that has none
+    (another layout), nothing is collected and such a SIGKILL reads as any other."""
+    try:
+        from torch.distributed.elastic.multiprocessing.subprocess_handler import SubprocessHandler
+    except ImportError:
+        yield
+        return
+    close = SubprocessHandler.close
+
+    def recording(self, death_sig=None):
+        if death_sig == signal.SIGKILL:
+            pids.add(self.proc.pid)
+        return close(self, death_sig)
+    SubprocessHandler.close = recording
+    try:
+        yield
+    finally:
+        SubprocessHandler.close = close
+
+
+def _remove_stale_notes(tmp: str) -> None:
+    """Removes this user's launcher folders (NOTES_PREFIX<pid>-*) whose launcher is gone: one
+    killed with SIGKILL cannot remove its own, and they would pile up in the temporary folder."""
+    for entry in os.scandir(tmp):
+        m = re.fullmatch(re.escape(NOTES_PREFIX) + r"(\d+)-\w+", entry.name)
+        try:
+            if m is None or not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:  # no such process: its launcher is gone
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except (OSError, OverflowError):  # alive under another user, or vanished meanwhile: not ours to judge
+            continue
+
+
+def _said(notes: str) -> bool:
+    """Whether rank 0 printed its own interrupt line (autofit.interrupts.tell_launcher)."""
+    return os.path.exists(os.path.join(notes, "said"))
+
+
+def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
+                 killed: Collection[int] = ()) -> tuple[list[str], int]:
+    """The launcher's report of failed ranks (torchrun's ProcessFailure per global rank, with
+    .message, .error_file_data, .exitcode, .signal_name()): (lines for stderr, exit code).
+
+    The user reads the cause, once. Each distinct error line the ranks reported (report_error)
+    is printed once: as it is when every rank reported it (a config error), else prefixed with
+    the ranks that did. A rank that died without a line is named with its exit code or signal,
+    except one torchrun stopped with SIGTERM because another rank had failed (dead of the signal,
+    or exit code 130 when the rank took it as a Ctrl-C). Lines that only say a rank stopped
+    because of another (lost contact, 'rank N failed in this step': trainer.distributed.ranks.
+    CONSEQUENCES) are left out when a cause is known, and said once when none is. The exit code
+    is the first cause's: the reporting rank's (2, a user error, if torchrun's SIGTERM ended it
+    after its line), else the failed rank's.
+
+    Ranks that ended interrupted (exit code 130: a Ctrl-C, SIGTERM or SIGHUP sent to them, not to
+    this launcher) with no error line: nothing more when rank 0 said its own interrupt line
+    (`interrupt_said`, autofit.interrupts.tell_launcher), else one line for all of them; exit
+    code 130 unless another rank's failure is the cause.
+
+    A rank that torchrun's own shutdown killed with SIGKILL (its process id in `killed`: it did
+    not stop within 30 s of the SIGTERM sent after another rank failed) is not a cause: the other
+    ranks' lines are said (rank 0's 'lost contact' when it gave up waiting for it), then one line
+    names it as stuck."""
+    from trainer.distributed.ranks import CONSEQUENCES
+    said = {r: f.message for r, f in failures.items()
+            if isinstance(getattr(f, "error_file_data", None), dict) and f.error_file_data.get("autofit")}
+    lines, codes, interrupted, stuck = [], [], [], []
+    for rank, f in sorted(failures.items()):
+        if f.exitcode == -signal.SIGKILL and getattr(f, "pid", None) in killed:
+            stuck.append(rank)
+            continue
+        # torchrun's SIGTERM after another rank's error: the rank died of it, or took it as a
+        # Ctrl-C (session: exit code 130) when it came before the rank's own handler was gone
+        if rank in said or (said and f.exitcode in (-signal.SIGTERM, interrupts.EXIT_CODE)):
+            continue
+        if f.exitcode == interrupts.EXIT_CODE:  # one line for all of them, below, not one per rank
+            interrupted.append(rank)
+            continue
+        how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
+        lines.append(f"autofit: rank {rank} stopped with {how}")
+        codes.append(128 - f.exitcode if f.exitcode < 0 else f.exitcode)
+    causes = {r: m for r, m in said.items() if not any(w in m for w in CONSEQUENCES)}
+    if causes or lines:
+        said = causes
+    else:  # only consequences: each rank lost the others; one line says so
+        said = dict([min(said.items())]) if said else {}
+    reported, reported_codes = _reported(said, failures, nproc)
+    if stuck:
+        lines.append(f"autofit: rank {', '.join(map(str, stuck))} did not stop when torchrun asked it to after the "
+                     f"failure, and was killed (SIGKILL; stuck?)")
+    if interrupted and not interrupt_said:
+        lines.append(f"autofit: interrupted: rank {', '.join(map(str, interrupted))} stopped with exit code "
+                     f"{interrupts.EXIT_CODE}, and no rank said it saved a checkpoint")
+    codes = reported_codes + codes + [interrupts.EXIT_CODE] * bool(interrupted) + [128 + signal.SIGKILL] * bool(stuck)
+    return reported + lines, (codes[0] if codes else 1)
+
+
+def _reported(said: dict, failures: dict, nproc: int) -> tuple[list[str], list[int]]:
+    """failed_lines' lines for the error lines the ranks wrote ({rank: line}), each distinct line
+    once, and their exit codes."""
+    reported, codes = [], []
+    for msg in dict.fromkeys(said[r] for r in sorted(said)):
+        who = [r for r in sorted(said) if said[r] == msg]
+        named = len(who) == nproc or msg.startswith("rank ")
+        reported.append(f"autofit: error: {msg}" if named else
+                        f"autofit: error: rank {', '.join(map(str, who))}: {msg}")
+        # a rank that wrote its line may still be stopped by torchrun's SIGTERM on its way out
+        codes += [c for c in (failures[r].exitcode for r in who) if c > 0][:1] or [2]
+    return reported, codes
