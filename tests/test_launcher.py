@@ -367,24 +367,66 @@ def test_torchruns_own_sigkill_of_a_stuck_rank_is_not_the_cause():
     assert failed_lines(failures, 2, killed={99}) == (["autofit: rank 1 stopped with signal SIGKILL"], 128 + 9)
 
 
-def test_the_launcher_knows_which_ranks_torchrun_killed():
+def _ignore_stop_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM):  # ignored across exec: no window before the child runs
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _sleeping_ranks(n):
+    """torchrun's handlers of n ranks that would never end (stuck: stop signals change nothing), each
+    in its own session as torchrun starts them (its close() signals the rank's process group)."""
     from torch.distributed.elastic.multiprocessing.subprocess_handler import SubprocessHandler
     procs = []
-    for _ in range(2):  # its own session: torchrun's close() signals the rank's process group
+    for _ in range(n):
         h = SubprocessHandler.__new__(SubprocessHandler)
         h._stdout = h._stderr = None
-        h.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        h.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
+                                  preexec_fn=_ignore_stop_signals)
         procs.append(h)
-    killed = set()
+    return procs
+
+
+def test_the_launcher_knows_which_ranks_torchrun_killed():
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import SubprocessHandler
+    procs = _sleeping_ranks(2)
+    seen = launcher.Shutdown()
     try:
-        with launcher._killed_by_torchrun(killed):
+        with launcher._watching_torchrun(seen):
             procs[0].close(death_sig=signal.SIGTERM)  # torchrun's first, polite signal: not recorded
             procs[1].close(death_sig=signal.SIGKILL)  # ... its forced one, past the 30 s
     finally:
         for h in procs:
             h.proc.kill()
             h.proc.wait(timeout=60)
-    assert killed == {procs[1].proc.pid} and SubprocessHandler.close.__name__ == "close"  # put back
+    assert seen.killed == {procs[1].proc.pid} and SubprocessHandler.close.__name__ == "close"  # put back
+
+
+def test_a_slow_stop_is_said_and_a_second_ctrl_c_kills_the_ranks(capsys):
+    """A rank stuck in a collective answers nothing: the first Ctrl-C was unanswered until torchrun's
+    SIGKILL (30 s), and a second one made torchrun abandon its shutdown, leaving the stuck ranks
+    running without a launcher (session 11). Now a stop not done after a while is said, and a
+    second signal kills the ranks at once. Timings injected: the notice's delay is 0 and its timer
+    is joined."""
+    from torch.distributed.elastic.multiprocessing import api
+    procs = _sleeping_ranks(2)
+    seen = launcher.Shutdown()
+    try:
+        with launcher._watching_torchrun(seen, notice_after_s=0) as notice:
+            with pytest.raises(api.SignalException):  # the first: torchrun's own handler, then its shutdown
+                api._terminate_process_handler(signal.SIGINT, None)
+            for h in procs:
+                h.close(death_sig=signal.SIGINT)  # what its shutdown does first; the ranks do not end
+            notice.join(timeout=60)
+            assert "still waiting for the ranks to finish their step" in capsys.readouterr().err
+            api._terminate_process_handler(signal.SIGINT, None)  # the second: no exception, the ranks killed
+        codes = [h.proc.wait(timeout=60) for h in procs]
+    finally:
+        for h in procs:
+            h.proc.kill()
+            h.proc.wait(timeout=60)
+    assert codes == [-signal.SIGKILL] * 2 and seen.second_signal
+    assert seen.killed == {h.proc.pid for h in procs}
+    assert api._terminate_process_handler.__name__ == "_terminate_process_handler"  # put back
 
 
 def test_a_ranks_bad_budget_names_its_rank_once_and_advice_names_the_variable(monkeypatch):

@@ -18,12 +18,16 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+from dataclasses import dataclass, field
 from typing import Collection, Iterator
 
 from autofit import interrupts
 from autofit.launch.torchrun import LAUNCHED_ENV
 
 NOTES_PREFIX = "autofit-launch-"  # the launcher's folder in the temporary folder: <prefix><pid>-<random>
+TORCHRUN_STOP_S = 30  # how long torchrun's shutdown waits for the ranks before SIGKILL (PContext.close's timeout)
+STILL_WAITING_S = 10.0  # a stop not done by then is said: saving a large model's checkpoint takes seconds
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
@@ -92,18 +96,19 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     if line:
         log(line)
     logging.disable(logging.ERROR)  # this process only launches: its log is torchrun's
-    killed: set[int] = set()
+    seen = Shutdown()
     try:
-        with _killed_by_torchrun(killed):
+        with _watching_torchrun(seen):
             run(args)
     except ChildFailedError as e:
-        lines, code = failed_lines(e.failures, nproc, interrupt_said=_said(notes), killed=killed)
+        lines, code = failed_lines(e.failures, nproc, interrupt_said=_said(notes), killed=seen.killed)
         for text in lines:
             print(text, file=sys.stderr)
         return code
     except SignalException as e:  # Ctrl-C, SIGTERM, SIGHUP: torchrun passed it on and waited for the ranks
         if not _said(notes):  # rank 0 said what it did (checkpoint or not); else only what this process knows
-            stuck = f"; {len(killed)} rank(s) did not stop in time and were killed (SIGKILL)" if killed else ""
+            stuck = ("; a second signal killed the ranks (SIGKILL)" if seen.second_signal else
+                     f"; {len(seen.killed)} rank(s) did not stop in time and were killed (SIGKILL)" if seen.killed else "")
             print(f"autofit: stopped by {signal.Signals(e.sigval).name}, passed on to the ranks{stuck}; no rank said "
                   f"it saved a checkpoint", file=sys.stderr)
         return 128 + int(e.sigval)
@@ -113,28 +118,67 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     return 0
 
 
+@dataclass
+class Shutdown:
+    """What the launcher saw of torchrun's shutdown of the ranks (_watching_torchrun)."""
+    killed: set[int] = field(default_factory=set)  # ranks SIGKILLed by torchrun's shutdown or a second signal
+    closing: list = field(default_factory=list)  # torchrun's handlers of the ranks it told to stop
+    stopping: bool = False  # a stop signal came: torchrun is shutting the ranks down
+    second_signal: bool = False  # the user asked again: the ranks were killed at once
+
+
+def _say_still_waiting() -> None:
+    print(f"autofit: still waiting for the ranks to finish their step and save a checkpoint; torchrun kills them "
+          f"{TORCHRUN_STOP_S} s after the signal (a rank may be stuck in a collective); press Ctrl-C again to kill "
+          f"them now, without a checkpoint", file=sys.stderr)
+
+
 @contextlib.contextmanager
-def _killed_by_torchrun(pids: set[int]) -> Iterator[None]:
-    """Collects into `pids` the ranks torchrun's own shutdown killed with SIGKILL (a rank that did
-    not end within its 30 s of the SIGTERM): that SIGKILL is not a cause of the failure, and the
-    rank is named as stuck. Through torchrun's SubprocessHandler.close; with a torch that has none
-    (another layout), nothing is collected and such a SIGKILL reads as any other."""
+def _watching_torchrun(seen: Shutdown, notice_after_s: float = STILL_WAITING_S) -> Iterator[threading.Timer]:
+    """Around torchrun's run(), through its SubprocessHandler.close and its signal handler (with a
+    torch that has neither, in another layout, nothing is watched):
+    - the ranks its shutdown killed with SIGKILL (a rank that did not end within its 30 s of the
+      stop signal) are collected in seen.killed: not a cause of the failure, the rank is named stuck;
+    - a stop (Ctrl-C, SIGTERM, SIGHUP) whose ranks have not ended after `notice_after_s` is said,
+      once (a rank stuck in a collective answers nothing until torchrun's SIGKILL);
+    - a second stop signal during the shutdown kills the ranks at once: torchrun's own handler
+      would abandon its shutdown there and leave them running, stuck, without a launcher.
+    Yields the notice's timer (started at the first stop signal)."""
+    notice = threading.Timer(notice_after_s, _say_still_waiting)
+    notice.daemon = True
     try:
+        from torch.distributed.elastic.multiprocessing import api
         from torch.distributed.elastic.multiprocessing.subprocess_handler import SubprocessHandler
     except ImportError:
-        yield
+        yield notice
         return
-    close = SubprocessHandler.close
+    close, terminate = SubprocessHandler.close, api._terminate_process_handler
 
     def recording(self, death_sig=None):
         if death_sig == signal.SIGKILL:
-            pids.add(self.proc.pid)
+            seen.killed.add(self.proc.pid)
+        else:
+            seen.closing.append(self)
         return close(self, death_sig)
-    SubprocessHandler.close = recording
+
+    def on_signal(signum, frame):
+        if not seen.stopping:  # the first: torchrun shuts the ranks down
+            seen.stopping = True
+            notice.start()
+            terminate(signum, frame)  # raises its SignalException
+        seen.second_signal = True
+        notice.cancel()
+        for handler in seen.closing:
+            try:
+                recording(handler, signal.SIGKILL)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
+    SubprocessHandler.close, api._terminate_process_handler = recording, on_signal
     try:
-        yield
+        yield notice
     finally:
-        SubprocessHandler.close = close
+        notice.cancel()
+        SubprocessHandler.close, api._terminate_process_handler = close, terminate
 
 
 def _remove_stale_notes(tmp: str) -> None:
