@@ -54,3 +54,9 @@ def test_a_saved_plan_for_other_ranks_is_named_so():
                                                   "(add --nproc-per-node 2 to use it)")
     assert _for_other_ranks(["ranks 1 -> 2"]) == "its saved plan is for 1 rank(s), this run has 2"
     assert _for_other_ranks(["ranks 2 -> 1", "n_embd 32 -> 64"]) is None
+
+
+def test_a_stale_plans_model_option_at_its_default_is_named_by_its_value():
+    """t3 (session 12): 'mlp relu2 -> unset': a default model option is not in the fingerprint."""
+    assert explain_stale({"mlp": "relu2", "n_embd": 64}, {"n_embd": 64}) == ["mlp relu2 -> gelu"]
+    assert explain_stale({"n_embd": 64}, {"n_embd": 64, "optimizer": "muon"}) == ["optimizer adamw -> muon"]

@@ -70,7 +70,8 @@ def explain_stale(old_inputs: dict[str, Any], new_inputs: dict[str, Any]) -> lis
         changes.append(f"ranks {old.get('world_size', 1)} -> {new.get('world_size', 1)}")
         skip = {"world_size"} | ({"parallelism"} if "parallelism" not in old or "parallelism" not in new else set())
     for key in sorted((set(old) | set(new)) - skip):
-        before, after = old.get(key), new.get(key)
+        # a model option at its default is left out of the fingerprint (config_summary): say its value
+        before, after = (d.get(key, MODERN_DEFAULTS.get(key)) for d in (old, new))
         if before != after:
             label = _VERSION_LABELS.get(key, key)
             changes.append(f"{label} {_show(before)} -> {_show(after)}")
