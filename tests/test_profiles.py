@@ -714,3 +714,14 @@ def test_show_gives_the_split_as_it_runs_and_a_cpu_profile_is_no_card(monkeypatc
     remove_profile("cpu-2gb", make_plan().fingerprint)
     code, out, err = cli(monkeypatch, capsys, "profiles", "show", "cpu-2gb")
     assert code == 0 and "no fitted plans yet" in out and "on this card" not in out, out
+
+
+def test_show_names_the_model_options_that_tell_plans_apart():
+    """t3 (session 12): plans for a ReLU²+Muon and a SwiGLU+AdamW model of one shape had the same
+    config column, so `profiles rm --plan` could not tell which to remove."""
+    from autofit.cli.profiles import _plan_row
+    plan = make_plan()
+    gpt2 = _plan_row(plan.fingerprint, plan)[1]
+    nanochat = plan.model_copy(update={"config_summary": {**plan.config_summary, "mlp": "relu2", "optimizer": "muon"}})
+    assert _plan_row(plan.fingerprint, nanochat)[1] == gpt2 + ", mlp=relu2, optimizer=muon"
+    assert "=" not in gpt2  # a GPT-2 config's column is as it was

@@ -73,6 +73,10 @@ def _plan_row(fp: str, fitted) -> list[str]:
     c, p = fitted.config_summary, fitted.plan
     config = (f"{c.get('n_layer')} layers, {c.get('n_head')} heads, n_embd {c.get('n_embd')}, "
               f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch * p.world_size}")
+    # today's model options where set (config_summary keeps only those): plans for a ReLU²+Muon and a
+    # SwiGLU+AdamW model of one shape read the same without them (t3, session 12)
+    from trainer.config.model_options import MODERN_DEFAULTS
+    config += "".join(f", {k}={c[k]}" for k in MODERN_DEFAULTS if k in c)
     notes = []
     if fitted.safe_micro_batch:
         notes.append(f"safe micro-batch {fitted.safe_micro_batch}")
