@@ -39,10 +39,16 @@ def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run director
                           "device": res.device, "dtype": res.dtype, "prompt_tokens": res.prompt_tokens}, indent=2))
         return
 
+    shown = []
+
     def show(text: str) -> None:  # plain print, as soon as drawn: generated text is not rich markup
         print(text, "---------------", sep="\n", flush=True)
+        shown.append(text)
 
-    interrupts.during("interrupted while sampling; the samples drawn so far are printed above")
+    # asked at the Ctrl-C: 'printed above' was said before any sample had ended (t3, session 12)
+    interrupts.during(lambda: f"interrupted while sampling; {len(shown)} of {num_samples} sample(s) finished and "
+                              f"printed above" if shown else "interrupted while sampling; no sample had finished, "
+                              "nothing was printed")
     generate_samples(out, opts, on_sample=show, say=lambda line: err_console.print(f"[dim]{line}[/]", soft_wrap=True))
 
 
