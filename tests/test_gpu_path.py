@@ -214,6 +214,17 @@ def test_retiming_alternates_the_contenders(monkeypatch):
         order.append((cand.loss_impl, cand.micro_batch))
         return real_retime(cfg, cand, device, **kw)
     monkeypatch.setattr(contest, "run_trial", spy)
+    import autofit.planning.trials as trials
+    real_steps = trials._timed_steps
+
+    def flat_clock(rec, steps, tdev, step):  # the steps run; their clocks are injected
+        real_steps(rec, steps, tdev, step)
+        # the same time per sequence at every size and loss: a tie that the contest must re-time (the
+        # real clocks under a burst of load made one combination 1.25x slower and no contest ran)
+        d = rec.micro_batch * 1e-3
+        clock = [[0.0, 0.9 * d, d] for _ in range(steps)]
+        return clock, [list(c) for c in clock]
+    monkeypatch.setattr(trials, "_timed_steps", flat_clock)
     dev = BudgetedCpuDevice(budget_bytes=3_000_000)
     space = planner.Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard", "chunked"])
     planner.probe_measured(tiny(8), dev, compute_budget(dev.info, 0.1), space, settings=TrialSettings(steps=2))
