@@ -800,11 +800,11 @@ def test_the_optimizer_state_is_made_before_step_0s_update_and_changes_no_number
     import trainer.step as step_mod
     real, seen = step_mod._optimizer_update, []
 
-    def update(model, opt, *a, **k):
+    def update(opt, *a, **k):
         if not seen:
             seen.append((len(opt.state), len([p for g in opt.param_groups for p in g["params"]]),
                          max(float(st.get("step", 0)) for st in opt.state.values()) if opt.state else None))
-        return real(model, opt, *a, **k)
+        return real(opt, *a, **k)
     monkeypatch.setattr(step_mod, "_optimizer_update", update)
     train(make_cfg(tmp_path / "primed", optimizer=optimizer), opts(max_steps=3))
     n_state, n_params, step = seen[0]

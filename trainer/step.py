@@ -205,7 +205,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     each micro-batch runs in its `micro_batch(last)` context (gradients sync on the last only),
     and its `finish()` agrees with the other ranks and syncs the gradients before the optimizer
     step; it raises an out-of-memory error when another rank ran out of memory, so every rank
-    redoes the step. `before_update`: called once the micro-batches are done (gradients synced),
+    redoes the step. Several ranks also agree (sync_grads.agreement) just before the optimizer's
+    step, so an OOM in unscaling or clipping on one rank is redone by all (nothing has moved yet),
+    and just after it, so a rank whose update failed half-way (UpdateOOM, not redone) stops every
+    rank before the loop's next collective. `before_update`: called once the micro-batches are done (gradients synced),
     just before the optimizer update: a probe's trial times the update apart there, because a
     run pays it once per optimizer step, not once per trial's micro-batches. No host sync happens
     here (but in what `before_update` does): the result's
@@ -222,16 +225,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         loss_sum = _accumulate(forward, pieces, len(micro_batches), device, dtype, scaler, fault, step, sync_grads)
     if before_update is not None:
         before_update()
-    try:
-        grad_norm, skipped = _optimizer_update(model, optimizer, scaler, grad_clip)
-    except Exception as e:
-        # any OOM, as the loop knows one (trainer.meter.is_oom): torch.OutOfMemoryError, or a
-        # RuntimeError told by its message alone (ROCm's "HIP out of memory", cuBLAS's alloc failure)
-        if isinstance(e, UpdateOOM) or not is_oom(e):
-            raise
-        raise UpdateOOM(f"out of memory inside the optimizer update{'' if step is None else f' of step {step}'}: "
-                        f"part of it may already be applied, so the step cannot be redone; resume from the last "
-                        f"checkpoint (--resume), with a smaller micro-batch if it happens again") from e
+    # no weight has moved before the optimizer's step: an OOM up to there (unscaling, clipping) is
+    # redone as one in the micro-batches is; several ranks agree on it before any rank steps
+    grad_norm = _ready_grads(model, optimizer, scaler, grad_clip, sync_grads)
+    agreement = getattr(sync_grads, "agreement", None)  # several ranks' (trainer.distributed.ranks)
+    if agreement is not None:
+        agreement.check_in()
+    skipped = _apply_update(optimizer, scaler, step)
+    if agreement is not None:  # every rank's update applied, before any collective of the loop
+        agreement.settle()  # (the logged loss's mean) could meet a failed rank's report instead
     optimizer.zero_grad(set_to_none=sync_grads is None or sync_grads.zero_grad_to_none)
     return StepResult(loss_tensor=loss_sum, tokens=total_tokens, micro_batches=list(micro_batches),
                       grad_norm_tensor=grad_norm, skipped_tensor=skipped)
@@ -319,26 +321,48 @@ def prime_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, keep_gra
             st["step"] = 0
 
 
-def _optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler | None, grad_clip: float):
-    """Unscale (fp16), clip and apply the accumulated gradients.
-
-    Returns (grad_norm, skipped): device tensors or None, so no host sync happens here; `skipped`
-    is True when fp16's scaler found inf/NaN gradients and skipped the step (its scale fell).
-    """
-    grad_norm = None
+def _ready_grads(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                 grad_clip: float, sync_grads=None) -> torch.Tensor | None:
+    """Unscale (fp16) and clip the accumulated gradients; no weight moves here, so an OOM is
+    redone with the step. Returns the gradient norm before clipping (a device tensor, no host
+    sync; None without clipping). Several ranks' wrapper may clip its own way (FSDP2's
+    `clip_grad_norm`: an agreement round before the norm's all-reduce)."""
     if hasattr(optimizer, "link_grads"):  # Muon's block views see their fused matrices' gradients now,
         optimizer.link_grads()  # so the scaler unscales and checks them (trainer.muon)
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if grad_clip > 0.0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if grad_clip <= 0.0:
+        return None
+    clip = getattr(sync_grads, "clip_grad_norm", None) or torch.nn.utils.clip_grad_norm_
+    return clip(model.parameters(), grad_clip)
+
+
+def _apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, step: int | None):
+    """The optimizer's step on the ready gradients. Returns `skipped` (see _optimizer_update).
+    Raises UpdateOOM for any OOM: part of the update may be applied, so it is not redone."""
+    try:
+        return _optimizer_update(optimizer, scaler)
+    except Exception as e:
+        # any OOM, as the loop knows one (trainer.meter.is_oom): torch.OutOfMemoryError, or a
+        # RuntimeError told by its message alone (ROCm's "HIP out of memory", cuBLAS's alloc failure)
+        if isinstance(e, UpdateOOM) or not is_oom(e):
+            raise
+        raise UpdateOOM(f"out of memory inside the optimizer update{'' if step is None else f' of step {step}'}: "
+                        f"part of it may already be applied, so the step cannot be redone; resume from the last "
+                        f"checkpoint (--resume), with a smaller micro-batch if it happens again") from e
+
+
+def _optimizer_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None):
+    """Apply the ready gradients (fp16: through the scaler, which skips a step with inf/NaN).
+
+    Returns `skipped`: a device tensor (True when fp16's scaler found inf/NaN gradients and
+    skipped the step: its scale fell) or None without a scaler; no host sync happens here.
+    """
     if scaler is None:
         optimizer.step()
-        return grad_norm, None
+        return None
     # the scale falls when the step is skipped; compared on the device, read only when logged
     scale_before = scaler._scale.clone() if getattr(scaler, "_scale", None) is not None else None
     scaler.step(optimizer)
     scaler.update()
-    skipped = scaler._scale < scale_before if scale_before is not None else None
-    return grad_norm, skipped
+    return scaler._scale < scale_before if scale_before is not None else None

@@ -28,6 +28,35 @@ BACKWARD_SITES = {"head_backward": lambda m: m.transformer.ln_f,
                   "embedding_backward": lambda m: m.transformer.wte}
 
 
+def _patch(owner, name: str, now, oom, after: bool = False) -> None:
+    """owner.name raises the injected OOM once when now() holds: before the real call, or
+    `after` it (the call's work done, as an OOM late in an optimizer update)."""
+    real, left = getattr(owner, name), [1]
+
+    def patched(*a, **k):
+        fire = now() and left[0]
+        if fire and not after:
+            left[0] = 0
+            oom()
+        out = real(*a, **k)
+        if fire and after:
+            left[0] = 0
+            oom()
+        return out
+    setattr(owner, name, patched)
+
+
+# Where rank 1 runs out of memory inside the optimizer update ('train' mode): in clip_grad_norm_'s
+# norms of its own gradients (before the norm's all-reduce), in clip_grad_norm_ as a whole (as
+# torch's, before the sharded clip), in scaling the gradients by the clip coefficient (after the
+# all-reduce, before any weight moves), and after the optimizer's step has moved every weight.
+UPDATE_SITES = {
+    "clip_norm": lambda t, now, oom: _patch(torch, "_foreach_norm", now, oom),
+    "clip_call": lambda t, now, oom: _patch(torch.nn.utils, "clip_grad_norm_", now, oom),
+    "clip_scale": lambda t, now, oom: _patch(torch, "_foreach_mul_", now, oom),
+    "update": lambda t, now, oom: _patch(t.optimizer, "step", now, oom, after=True)}
+
+
 def train(parallelism: str, fault: str, out: Path) -> dict:
     """A 6-step run of the trainer itself; with a fault, rank 1 runs out of memory at step 3, at
     the site the fault names ('oom': inside block 1's forward; BACKWARD_SITES; 'gather_buffer'),
@@ -35,15 +64,20 @@ def train(parallelism: str, fault: str, out: Path) -> dict:
     from trainer.config.train_config import load_config
     from trainer.loop import RunOptions, Trainer
     from trainer.step import InjectedOOM
+    fault, _, backend = fault.partition("@")  # '...@aot_eager': that torch.compile backend (inductor)
+    site, _, only = fault.partition("/")
+    # 'compile' / 'compile_model': no fault, torch.compile (inductor) from step 2, scope blocks / model
+    # '<site>/compile': the fault under torch.compile (blocks) from step 2
+    compiled = dict(compile=True, compile_after=2, compile_scope=site[8:] or "blocks") if site.startswith(
+        "compile") else dict(compile=True, compile_after=2) if only == "compile" else dict(compile=False)
     cfg = load_config(None, overrides=[f"{k}={v}" for k, v in dict(
         n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, gradient_accumulation_steps=1, dropout=0.0,
         dataset="embedded", max_iters=6, warmup_iters=1, lr_decay_iters=6, eval_interval=0, log_interval=1,
-        compile=False, device="cpu", dtype="float32", parallelism=parallelism, out_dir=str(out / "run")).items()])
-    site, _, only = fault.partition("/")
+        device="cpu", dtype="float32", parallelism=parallelism, out_dir=str(out / "run"), **compiled).items()])
     if only == "explicit":  # as on a torch without custom FSDP2 comms: the explicit check-ins alone
         from trainer.distributed import sharding
         sharding._check_in_after_comm_buffers = lambda *_: False
-    trainer = Trainer(cfg, RunOptions(progress=False, meter=NullMeter()))
+    trainer = Trainer(cfg, RunOptions(progress=False, meter=NullMeter(), compile_backend=backend or "inductor"))
     rank = trainer.rank
     now = lambda: rank == 1 and trainer.iter_num == 3 and max(trainer.micro_batches) > 1  # noqa: E731
 
@@ -59,6 +93,8 @@ def train(parallelism: str, fault: str, out: Path) -> dict:
             if out.requires_grad:
                 out.register_hook(oom)
         BACKWARD_SITES[site](model).register_forward_hook(on_output)
+    elif site in UPDATE_SITES:  # inside the optimizer update, after the micro-batches
+        UPDATE_SITES[site](trainer, now, oom)
     elif site == "gather_buffer":  # FSDP2's allocation of an all-gather's buffer, before the collective
         from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
         allocate = DefaultAllocMixin.allocate

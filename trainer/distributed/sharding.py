@@ -162,6 +162,25 @@ class FullySharded:
     def finish(self) -> None:
         self.agreement.settle()
 
+    @torch.no_grad()
+    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ (2-norm) on the sharded gradients, with an agreement
+        round between the norms of this rank's shards (allocations that can fail) and the norm's
+        all-reduce: torch's, on DTensors, all-reduces inside, where a rank that ran out of memory
+        before it left the other in it (gloo then aborted both on mismatched collectives).
+        Returns the whole gradient's norm before clipping, a 0-dim tensor on the device. Raises
+        OtherRankOOM / RankFailed (check_in) when another rank failed first."""
+        local = [_local(p.grad) for p in parameters if p.grad is not None]
+        squares = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local, 2.0)), 2.0) ** 2
+        self.agreement.check_in()
+        try:  # the shards are disjoint: the squares add up to the whole gradient's
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+        except RuntimeError as e:
+            raise peer_lost(e, self.ranks) from None
+        norm = squares.sqrt()
+        torch._foreach_mul_(local, torch.clamp(max_norm / (norm + 1e-6), max=1.0))  # as torch's clip
+        return norm
+
     def rewrap(self, target: torch.nn.Module | None = None) -> None:
         """After an OOM: FSDP2's per-iteration state reset and parameters back to their shards
         (a failed forward leaves blocks all-gathered, and its root marked as still inside a
@@ -266,6 +285,11 @@ class _BackwardCheckIns:
     def _on_model_output(self, module, args, output) -> None:
         if self._graphs(output):
             output.register_hook(self._queue_check_in)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters and gradients), or `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _drop_unsharded_grads(module: torch.nn.Module) -> None:

@@ -1,0 +1,74 @@
+"""Several ranks (gloo, CPU, 2 ranks under torchrun): an out-of-memory error on rank 1 alone inside
+the optimizer update. Before any weight moves (clip_grad_norm_'s norms, before FSDP2's all-reduce
+of the norm; scaling the gradients, after it) every rank learns it in an agreement round, all
+shrink and redo the step, and the losses match the unfaulted run's. After the optimizer's step has
+moved weights, the step is not redone on them: both ranks stop, rank 1 saying why and rank 0 a
+consequence. Before session 12 the other rank went on into a collective the failed rank answered
+with the agreement's (gloo aborted both: 'Received data size doesn't match expected size').
+
+Each run is tests/ranks/forward_oom_worker.py under torchrun, a subprocess with a timeout, and
+AUTOFIT_DIST_TIMEOUT well below it: a hang fails the test instead of blocking it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).parent / "ranks" / "forward_oom_worker.py"
+ROOT = Path(__file__).parents[1]
+LAUNCH_TIMEOUT = 240  # seconds, for a loaded 2-core machine; the collectives give up after 60
+
+
+def run_worker(tmp: Path, parallelism: str, fault: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """The torchrun result and both ranks' records (micro-batch, events, losses; none for a rank
+    that stopped) of the worker's 6-step run, rank 1 out of memory at step 3 at `fault`."""
+    out = tmp / f"{parallelism}_{fault}"
+    out.mkdir()
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                                  "MASTER_"))}
+    e.update(OMP_NUM_THREADS="1", AUTOFIT_HOME=str(tmp / "home"), AUTOFIT_DIST_TIMEOUT="60", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), parallelism, fault, str(out), "train"]
+    done = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    got = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    return done, got
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> list[dict]:
+    done, got = run_worker(tmp_path_factory.mktemp("clean"), "fsdp2", "none")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return got
+
+
+@pytest.mark.parametrize("parallelism,site", [("fsdp2", "clip_norm"), ("fsdp2", "clip_scale"), ("ddp", "clip_call")])
+def test_an_oom_in_rank_1s_update_before_any_weight_moves_is_redone_by_both_ranks(tmp_path, clean, parallelism,
+                                                                                  site):
+    """clip_norm: FSDP2's norms of rank 1's shards, before the norm's all-reduce (rank 0 meets a
+    check-in there); clip_scale: after it, in scaling the gradients (rank 0 meets the check-in
+    before the optimizer's step); DDP: torch's clip_grad_norm_ (local), the same check-in. The
+    unfaulted FSDP2 run is the reference for DDP too (the same numbers, tests/test_multigpu.py)."""
+    done, faulted = run_worker(tmp_path, parallelism, site)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["micro_batch"] for r in clean] == [2, 2]
+    assert [r["events"] for r in faulted] == [[["oom_shrink", 3]]] * 2  # both ranks, at the faulted step
+    assert [r["micro_batch"] for r in faulted] == [1, 1]
+    for got, want in zip(faulted, clean):
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+
+
+@pytest.mark.parametrize("parallelism", ["fsdp2", "ddp"])
+def test_an_oom_after_rank_1s_optimizer_step_moved_weights_stops_both_ranks_without_a_redo(tmp_path, parallelism):
+    """The weights are half-updated on rank 1 (here: wholly) and updated on rank 0: no redo, both
+    stop at step 3, rank 1 with its cause, rank 0 with a consequence (which the --nproc-per-node
+    launcher leaves out), not at the next collective of the loop."""
+    done, got = run_worker(tmp_path, parallelism, "update")
+    assert done.returncode != 0 and got == []
+    assert "out of memory inside the optimizer update of step 3: part of it may already be applied" in done.stderr
+    assert "rank 0: rank 1 failed in this step (its own error is printed above); stopping here too" in done.stderr
+    assert "lost contact" not in done.stderr and "mismatch" not in done.stderr, done.stderr[-3000:]
+    assert "redoing step" not in done.stdout
