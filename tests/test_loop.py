@@ -846,6 +846,25 @@ def test_an_oom_inside_the_optimizer_update_stops_the_run_instead_of_redoing_a_h
     assert r.status == "oom" and "optimizer update" in r.note
 
 
+def test_an_oom_in_clipping_the_gradients_is_redone_since_no_weight_has_moved(tmp_path, monkeypatch, baseline):
+    """Clipping comes before the optimizer's step: an OOM there leaves every weight and moment as it
+    was, so the step is redone (shrunk) like one in the micro-batches and the losses are the
+    fault-free run's. Before session 12 it stopped the run as an OOM inside the update."""
+    import trainer.step as step_mod
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # step 2
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return real(*a, **k)
+    monkeypatch.setattr(step_mod.torch.nn.utils, "clip_grad_norm_", clip)
+    seen = []
+    train(make_cfg(tmp_path), opts(on_event=seen.append))
+    assert [(e["event"], e["step"]) for e in seen if "shrink" in e.get("event", "")] == [("oom_shrink", 2)]
+    assert_losses_close(train_losses(tmp_path), train_losses(baseline[1]), rtol=1e-5)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_resume_trains_with_this_configs_optimizer_settings(tmp_path, optimizer):
     """load_state_dict brings back the saved groups' settings; a resume with --allow-changes that
