@@ -69,7 +69,7 @@ def test_an_oom_after_rank_1s_optimizer_step_moved_weights_stops_both_ranks_with
     done, got = run_worker(tmp_path, parallelism, "update")
     assert done.returncode != 0 and got == []
     assert "out of memory inside the optimizer update of step 3: part of it may already be applied" in done.stderr
-    assert "rank 0: rank 1 failed in this step (its own error is printed above); stopping here too" in done.stderr
+    assert "rank 0: rank 1 failed in this step (its own error says why); stopping here too" in done.stderr
     assert "lost contact" not in done.stderr and "mismatch" not in done.stderr, done.stderr[-3000:]
     assert "redoing step" not in done.stdout
 

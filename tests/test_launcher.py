@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +110,15 @@ def test_a_rank_writes_its_error_for_the_launcher_instead_of_printing(tmp_path, 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv(torchrun.LAUNCHED_ENV, raising=False)
     assert report_error("x") is False and not path.exists()  # a user's torchrun: rank 0 prints
+    # ... but not a line that only repeats rank 1's failure: torchrun's summary holds both, rank 1's
+    # as the root cause (stamped earlier). Session 12: rank 0 printed it, named the root cause
+    from trainer.distributed.ranks import OTHER_FAILED
+    told = f"rank 0: rank 1 {OTHER_FAILED}; stopping here too"
+    before = time.time()
+    assert report_error(told) is True
+    written = json.loads(path.read_text())
+    assert written["message"] == told and written["timestamp"] >= int(before) + 1
+    path.unlink()
     monkeypatch.setenv("RANK", "1")
     assert report_error("x") is True  # ... and rank 1 leaves it to torchrun's failure summary
     monkeypatch.setenv("RANK", "0")
@@ -188,7 +198,7 @@ def test_torchruns_sigterm_to_a_rank_of_autofits_launcher_adds_no_line(monkeypat
 
 def test_a_cause_is_said_once_and_consequences_only_when_nothing_else_is_known():
     lost = "rank {}: lost contact with another rank (Connection closed by peer); stopping here, the last checkpoint is kept"
-    failed = "rank 0: rank 1 failed in this step (its own error is printed above); stopping here too"
+    failed = "rank 0: rank 1 failed in this step (its own error says why); stopping here too"
     lines, code = failed_lines({0: said(failed), 1: said("rank 1: the loss is not finite at step 3")}, 2)
     assert lines == ["autofit: error: rank 1: the loss is not finite at step 3"] and code == 2
     lines, code = failed_lines({0: said(lost.format(0)), 1: said(lost.format(1)), 2: said(lost.format(2))}, 3)

@@ -75,20 +75,32 @@ def report_error(msg: str) -> bool:
     torchelastic error file (TORCHELASTIC_ERROR_FILE, torchrun's own channel from rank to
     launcher) and prints nothing: the launcher prints each distinct line once, on stderr. Under a
     torchrun the user started, rank 0 prints it and the other ranks write it to that file, which
-    torchrun shows in its failure summary. Returns True when the line went to the file (print
-    nothing), False when the caller prints it (no torchrun, rank 0 of a user's torchrun, no file)."""
+    torchrun shows in its failure summary; but a line of rank 0's that only repeats another rank's
+    failure (a consequence: 'rank 1 failed in this step ...') goes to the file too, so the user
+    reads the cause once, in torchrun's summary, stamped a second later than the cause so that the
+    summary's 'Root Cause' is the failing rank (torchrun picks the earliest whole-second stamp, and
+    the lower rank on a tie). Returns True when the line went to the file (print nothing), False
+    when the caller prints it (no torchrun, rank 0's own error in a user's torchrun, no file)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
     rank = env_rank()  # without torch: the error may be a Ctrl-C in torch's own import
-    if rank is None or not path or (rank == 0 and not os.environ.get(LAUNCHED_ENV)):
+    if rank is None or not path or (rank == 0 and not os.environ.get(LAUNCHED_ENV) and not _consequence(msg)):
         return False
     import json
     import time
     try:  # torchrun reads {"message": str, "timestamp": int} back as the failure's message
         with open(path, "w") as f:
-            json.dump({"message": msg, "timestamp": int(time.time()), "autofit": True}, f)
+            stamp = int(time.time()) + int(_consequence(msg))
+            json.dump({"message": msg, "timestamp": stamp, "autofit": True}, f)
     except OSError:
         return False
     return True
+
+
+def _consequence(msg: str) -> bool:
+    """Whether `msg` only repeats another rank's failure (trainer.distributed.ranks.CONSEQUENCES).
+    Only that module says one: where it is not loaded (torch's own import failed), none was said."""
+    group = sys.modules.get("trainer.distributed.ranks")
+    return group is not None and any(w in msg for w in group.CONSEQUENCES)
 
 
 def _raise_interrupt(signum, frame):

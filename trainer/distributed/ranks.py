@@ -231,7 +231,10 @@ LOST_CONTACT = "lost contact with another rank"
 # no smaller micro-batch is left to try (rank 1 ran out of memory in this step)') says a consequence
 # too: the rank that ran out of memory says the cause, with its own allocator's words.
 OTHER_OOM = "ran out of memory"
-CONSEQUENCES = (LOST_CONTACT, "failed in this step (its own error is printed above)", f"{OTHER_OOM} in this step)")
+# Its own error says why: printed by --nproc-per-node's launcher, or in a user's torchrun's summary
+# (its root cause), where rank 0's line goes too (autofit.launch.torchrun.report_error).
+OTHER_FAILED = "failed in this step (its own error says why)"
+CONSEQUENCES = (LOST_CONTACT, OTHER_FAILED, f"{OTHER_OOM} in this step)")
 
 
 def peer_lost(exc: BaseException, ranks: Ranks) -> TrainError:
@@ -318,8 +321,7 @@ def raise_for(seen: list[int], ranks: Ranks) -> None:
     """Turns an agreed outcome into this rank's exception (nothing when every rank succeeded):
     RankFailed for another rank's error, OtherRankOOM (agreed) for another rank's OOM."""
     if seen[ERROR]:
-        raise RankFailed(f"rank {ranks.rank}: rank {seen[ERROR] - 1} failed in this step (its own error is "
-                         f"printed above); stopping here too")
+        raise RankFailed(f"rank {ranks.rank}: rank {seen[ERROR] - 1} {OTHER_FAILED}; stopping here too")
     if seen[REAL_OOM] or seen[INJECTED_OOM]:
         raise OtherRankOOM(f"{failed_rank(seen)} {OTHER_OOM} in this step", injected=not seen[REAL_OOM])
 
