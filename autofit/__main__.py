@@ -6,16 +6,17 @@ import sys
 def run() -> None:
     """main(), then the exit: each of several ranks ends without the interpreter's teardown,
     which a gloo worker thread can abort (trainer.distributed.ranks.exit_rank says why). Commands
-    that need no torch (--help, profiles, config) never import it: it is most of the start-up. A Ctrl-C
-    while torch and the CLI load (a second or two) is one line too, exit code 130."""
-    from autofit import interrupts  # no torch: loads at once
+    that need no torch (--help, profiles, config) never import it: it is most of the start-up. A Ctrl-C,
+    SIGTERM or SIGHUP while torch and the CLI load (a second or two) is one line too, and the exit
+    code the same signal gives later in the command (autofit.interrupts.exit_code)."""
     try:
+        # inside the try, with the CLI: a Ctrl-C in this first import (typing's, the first
+        # milliseconds, longer on a loaded machine) was uncaught, and Python ended by SIGINT (-2)
+        from autofit import interrupts  # no torch: loads at once
+        interrupts.unwind_stops()  # SIGTERM/SIGHUP from here on: that line too, not a silent death
         from autofit.cli import app as cli  # no torch: the commands import it when they need it
     except KeyboardInterrupt:
-        from autofit.devices.ranks import other_rank  # no torch
-        if not other_rank():  # under torchrun rank 0 says it, once
-            print("autofit: interrupted while starting; nothing was done", file=sys.stderr)
-        sys.exit(interrupts.EXIT_CODE)
+        _interrupted_while_starting()
     try:
         cli.main()
         code = 0
@@ -29,13 +30,22 @@ def run() -> None:
         # one that reached past main()'s own handling (a Ctrl-C within its exit path, e.g. while it
         # said its line): uncaught, Python ends by SIGINT, exit status -2, not the 130 promised
         cli.say_interrupted()
-        code = interrupts.EXIT_CODE
+        code = interrupts.exit_code()
     # --help, profiles, config, or a Ctrl-C while torch or the group's module loaded: no process
     # group can exist (and importing a half-built torch again would fail with tracebacks)
     if "trainer.distributed.ranks" not in sys.modules:
         sys.exit(code)
     from trainer.distributed.ranks import exit_rank
     exit_rank(code)
+
+
+def _interrupted_while_starting() -> None:
+    """The line and exit for a stop that came while the CLI loaded. Raises SystemExit."""
+    from autofit import interrupts  # loads now if the stop fell into its own import
+    from autofit.devices.ranks import other_rank  # no torch
+    if not other_rank():  # under torchrun rank 0 says it, once
+        print("autofit: interrupted while starting; nothing was done", file=sys.stderr)
+    sys.exit(interrupts.exit_code())
 
 
 if __name__ == "__main__":

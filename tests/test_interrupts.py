@@ -240,3 +240,24 @@ def test_sighup_stops_like_sigterm_and_only_rank_0_says_it_heard(capfd, monkeypa
     with StopFlag(notice) as flag:
         os.kill(os.getpid(), signal.SIGINT)
     assert capfd.readouterr().err == notice + "\n"
+
+
+@pytest.mark.parametrize("argv, environ, sig, code", [
+    (["run", "--nproc-per-node", "2"], {}, "SIGHUP", 129),
+    (["run", "--nproc-per-node=2"], {}, "SIGTERM", 143),
+    (["run", "--nproc-per-node", "2"], {}, "SIGINT", 130),
+    (["run"], {}, "SIGHUP", 130),  # one process: every stop is 130, as training's
+    (["run", "--nproc-per-node", "2"], {"RANK": "0"}, "SIGHUP", 130),  # a rank: its launcher reads 130 as interrupted
+    (["run", "--nproc-per-node", "2"], {}, None, 130),  # Python's own Ctrl-C handler records nothing
+])
+def test_the_exit_code_of_a_stop_is_the_launchers_128_plus_n_else_130(monkeypatch, argv, environ, sig, code):
+    import signal
+    monkeypatch.setattr(sys, "argv", ["autofit", *argv])
+    monkeypatch.delenv("RANK", raising=False)
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    interrupts.reset()
+    if sig is not None:
+        interrupts.heard(getattr(signal, sig))
+    assert interrupts.exit_code() == code
+    interrupts.reset()

@@ -455,3 +455,15 @@ def test_a_ranks_bad_budget_names_its_rank_once_and_advice_names_the_variable(mo
     assert torchrun.error_prefix(msg) == "" and budget_flag() == "AUTOFIT_RANK_BUDGETS"
     monkeypatch.delenv("AUTOFIT_RANK_BUDGETS")
     assert budget_flag() == "--budget"
+
+
+def test_torchruns_signal_handlers_do_not_outlive_its_run():
+    """torchrun's PContext.start installs its handler for SIGINT, SIGTERM, SIGHUP and SIGQUIT and
+    leaves it: a Ctrl-C while the launcher exited after run() raised torchrun's SignalException, a
+    traceback instead of the one line. The handlers in place before run() are put back."""
+    from torch.distributed.elastic.multiprocessing import api
+    before = {sig: signal.getsignal(sig) for sig in launcher._TORCHRUN_SIGNALS}
+    with launcher._watching_torchrun(launcher.Shutdown()):
+        for sig in launcher._TORCHRUN_SIGNALS:  # as PContext.start does
+            signal.signal(sig, api._terminate_process_handler)
+    assert {sig: signal.getsignal(sig) for sig in launcher._TORCHRUN_SIGNALS} == before

@@ -75,3 +75,67 @@ def test_ctrl_c_while_numpy_loads_is_heard(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert out.stderr.splitlines() == ["SIGINT-SENT", "autofit: interrupted; nothing was saved"], out.stderr[-3000:]
     assert out.returncode == 130 and not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+SIGNAL_AT_IMPORT = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C finds it
+for name in ("SIGTERM", "SIGHUP"):  # their default, whatever the test runner inherited
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+SIG, AT = getattr(signal, os.environ["TEST_SIGNAL"]), os.environ["TEST_AT_IMPORT"]
+
+
+class SignalAtImport:  # a real signal, sent when the module AT is first looked for
+    def find_spec(self, name, path=None, target=None):
+        if name == AT and not getattr(self, "sent", False):
+            self.sent = True
+            print("SIGNAL-SENT", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), SIG)
+        return None
+
+
+sys.meta_path.insert(0, SignalAtImport())
+sys.argv = ["autofit"] + sys.argv[1:]
+from autofit.__main__ import run
+run()
+"""
+LAUNCHER = ["--nproc-per-node", "2"]
+
+
+def _signalled_at_import(tmp_path, sig: str, module: str, *args: str):
+    env = {"AUTOFIT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TEST_SIGNAL": sig, "TEST_AT_IMPORT": module}
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT_IMPORT, "run", "--device", "cpu", "--budget", "64MiB",
+                           "--max-steps", "1", "--out", str(tmp_path / "o"), "--set", "n_layer=1", "--set", "n_embd=32",
+                           "--set", "n_head=2", "--set", "block_size=16", "--set", "batch_size=2",
+                           "--set", "gradient_accumulation_steps=1", *args],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+
+
+def test_a_ctrl_c_in_the_first_import_is_one_line_and_130(tmp_path):
+    """t2 (session 11) saw one early Ctrl-C in ~20 end by SIGINT (exit -2): the entry point's first
+    import (autofit.interrupts, with typing's, the first milliseconds, longer on a loaded machine)
+    was outside its try, so the KeyboardInterrupt was uncaught and Python ended by the signal.
+    Found by sending SIGINT at every import of a launcher's start; this was the one window."""
+    out = _signalled_at_import(tmp_path, "SIGINT", "autofit.interrupts", *LAUNCHER)
+    assert out.stderr.splitlines() == ["SIGNAL-SENT", "autofit: interrupted while starting; nothing was done"], \
+        out.stderr[-3000:]
+    assert out.returncode == 130
+
+
+@pytest.mark.parametrize("sig, module, args, code, line", [
+    # before any handler of autofit's: SIGTERM and SIGHUP ended the process silently, by the signal
+    ("SIGHUP", "autofit.cli", LAUNCHER, 129, "interrupted while starting; nothing was done"),
+    ("SIGTERM", "numpy", LAUNCHER, 143, "interrupted; nothing was saved"),
+    ("SIGHUP", "numpy", [], 130, "interrupted; nothing was saved"),  # one process: 130, as training's stop
+    # inside the command, before torchrun runs: the launcher said 130 where torchrun's stop says 129
+    ("SIGHUP", "autofit.launch.launcher", LAUNCHER, 129, "interrupted; nothing was saved"),
+])
+def test_an_early_stop_signal_is_one_line_and_the_code_it_has_later(tmp_path, sig, module, args, code, line):
+    """t2 (session 11): SIGHUP to `autofit run --nproc-per-node 2` at 0.5 s ended 130, at 1.5 s and
+    later 129 (the launcher returns 128 + the signal once torchrun runs); and earlier still, while
+    the CLI loaded, SIGTERM or SIGHUP killed the process without a word. Now the same signal gives
+    one line and the same code whenever it comes: the launcher's 128 + N, one process's 130."""
+    out = _signalled_at_import(tmp_path, sig, module, *args)
+    assert out.stderr.splitlines() == ["SIGNAL-SENT", f"autofit: {line}"], out.stderr[-3000:]
+    assert out.returncode == code and not (tmp_path / "o" / "ckpt.pt").exists()

@@ -364,9 +364,10 @@ def main() -> None:
             code = _run_app()
         if code == interrupts.EXIT_CODE:  # typer turns a Ctrl-C inside a command into exit code 130, silently
             say_interrupted()
+            code = interrupts.exit_code()  # a SIGHUP's in the launcher: 129, as once torchrun runs
     except KeyboardInterrupt:
         say_interrupted()
-        sys.exit(interrupts.EXIT_CODE)
+        sys.exit(interrupts.exit_code())
     except Exception as e:
         msg = user_message(e)
         if msg is not None:
@@ -383,7 +384,7 @@ def main() -> None:
             sys.exit(2)
         if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
             say_interrupted()
-            sys.exit(interrupts.EXIT_CODE)
+            sys.exit(interrupts.exit_code())
         raise
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -174,11 +174,19 @@ def _watching_torchrun(seen: Shutdown, notice_after_s: float = STILL_WAITING_S) 
             except ProcessLookupError:  # it ended meanwhile
                 pass
     SubprocessHandler.close, api._terminate_process_handler = recording, on_signal
+    # torchrun installs its handler for these and leaves it: a Ctrl-C after run() returned (while
+    # this process exits) raised its SignalException, a traceback, instead of the one line
+    handlers = {sig: signal.getsignal(sig) for sig in _TORCHRUN_SIGNALS}
     try:
         yield notice
     finally:
         notice.cancel()
         SubprocessHandler.close, api._terminate_process_handler = close, terminate
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+_TORCHRUN_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
 
 
 def _remove_stale_notes(tmp: str) -> None:

@@ -104,6 +104,7 @@ def _consequence(msg: str) -> bool:
 
 
 def _raise_interrupt(signum, frame):
+    interrupts.heard(signum)  # the launcher's exit code names a SIGTERM or SIGHUP (interrupts.exit_code)
     if under_torchrun() and os.environ.get(LAUNCHED_ENV):
         # a rank of `autofit run --nproc-per-node`: torchrun sends SIGTERM after another rank's
         # error, or when the launcher itself was stopped; the launcher prints that line, once
