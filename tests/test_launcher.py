@@ -467,3 +467,22 @@ def test_torchruns_signal_handlers_do_not_outlive_its_run():
         for sig in launcher._TORCHRUN_SIGNALS:  # as PContext.start does
             signal.signal(sig, api._terminate_process_handler)
     assert {sig: signal.getsignal(sig) for sig in launcher._TORCHRUN_SIGNALS} == before
+
+
+@pytest.mark.parametrize("told, name, kept", [
+    (True, f"{torchrun.NOTES_PREFIX}4242-abc123", False),  # its launcher died: removed by the rank
+    (False, f"{torchrun.NOTES_PREFIX}4242-abc123", True),  # a live launcher removes its own
+    (True, f"{torchrun.NOTES_PREFIX}999-abc123", True),  # not this rank's launcher's
+    (True, "my-data", True),  # not a launcher's folder at all
+])
+def test_a_rank_removes_its_dead_launchers_folder(monkeypatch, tmp_path, told, name, kept):
+    """A launcher killed with SIGKILL left its folder in /tmp until the next launch (session 11,
+    checked by hand in session 12); its ranks outlive it for their checkpoint and remove it."""
+    from autofit import interrupts
+    folder = tmp_path / name
+    (folder / "torchrun").mkdir(parents=True)
+    monkeypatch.setenv(interrupts.SAID_ENV, str(folder / "said"))
+    monkeypatch.setenv(torchrun.LAUNCHED_ENV, "4242")
+    monkeypatch.setitem(torchrun._death, "told", told)
+    torchrun._remove_dead_launchers_folder()
+    assert folder.is_dir() == kept

@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from typing import Collection, Iterator
 
 from autofit import interrupts
-from autofit.launch.torchrun import LAUNCHED_ENV
-
-NOTES_PREFIX = "autofit-launch-"  # the launcher's folder in the temporary folder: <prefix><pid>-<random>
+from autofit.launch.torchrun import LAUNCHED_ENV, NOTES_PREFIX
 TORCHRUN_STOP_S = 30  # how long torchrun's shutdown waits for the ranks before SIGKILL (PContext.close's timeout)
 STILL_WAITING_S = 10.0  # a stop not done by then is said: saving a large model's checkpoint takes seconds
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 from typing import Iterator
@@ -27,6 +28,7 @@ from trainer.interrupt import LAUNCHER_ENV, STOP_SIGNALS as TRAINING_STOP_SIGNAL
 # set by autofit.launch.launcher.relaunch() for its ranks, to its process id: their error lines go back to it, their
 # SIGTERM is its to say, and its death stops them (die_with_launcher)
 LAUNCHED_ENV = LAUNCHER_ENV
+NOTES_PREFIX = "autofit-launch-"  # the launcher's folder in the temporary folder: <prefix><pid>-<random>
 # the line for a Ctrl-C before the command itself began (autofit.__main__ says the same)
 STARTING = "interrupted while starting; nothing was done"
 # what session() turns into a Ctrl-C (training's StopFlag then handles them itself): a
@@ -137,6 +139,8 @@ def session() -> Iterator[None]:
         # importing it again fails on the half-built torch, with tracebacks instead of the line
         if several and "trainer.distributed.ranks" in sys.modules:
             sys.modules["trainer.distributed.ranks"].stop()
+        if several:
+            _remove_dead_launchers_folder()
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -166,6 +170,18 @@ def die_with_launcher() -> None:
         return
     if launcher.isdigit() and int(launcher) > 1 and os.getppid() != int(launcher):
         _launcher_died(DEATH_SIGNAL, None)  # it died before prctl took hold: the same stop
+
+
+def _remove_dead_launchers_folder() -> None:
+    """On the way out of a rank whose launcher died (_launcher_died): the launcher's folder
+    (relaunch's, NOTES_PREFIX<its pid>-*, named by interrupts.SAID_ENV), which a launcher killed
+    with SIGKILL cannot remove; else it stayed in the temporary folder until the next launch.
+    Every rank tries (one may end before the others; a later rank's error line, its file gone,
+    is then printed by the rank itself, as no launcher reads it). Nothing else is removed."""
+    folder = os.path.dirname(os.environ.get(interrupts.SAID_ENV, ""))
+    launcher = os.environ.get(LAUNCHED_ENV, "")
+    if _death["told"] and folder and os.path.basename(folder).startswith(f"{NOTES_PREFIX}{launcher}-"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _launcher_died(signum, frame) -> None:
