@@ -788,3 +788,14 @@ def test_budget_beside_rank_budgets_is_refused_in_one_line(tmp_path, monkeypatch
     assert ("--budget 32MiB and AUTOFIT_RANK_BUDGETS=64MiB,64MiB both set the CPU budget (the variable one per "
             "torchrun rank), and one would be ignored: drop --budget or unset AUTOFIT_RANK_BUDGETS") in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_emulate_with_a_cpu_profile_is_refused(monkeypatch, capsys):
+    """--emulate caps a GPU; with a CPU profile it was ignored in silence."""
+    from autofit.profiles.store import save_plan
+    from test_profiles import make_plan
+    save_plan("cpu-2gb", {"name": "cpu-2gb", "gpu": "CPU (budgeted)", "kind": "cpu", "memory_bytes": 2 * 2**30},
+              make_plan(cuda=None))
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", "cpu-2gb", "--emulate")
+    assert code == 2 and out == ""
+    assert "drop --emulate" in err and "CPU profile" in err and err.strip().count("\n") == 0, err

@@ -274,7 +274,7 @@ def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> s
 
 def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions, model_args: list[str] = ()) -> None:
     """Before the dataset is read and before any probe: the profile exists, a GPU profile's card
-    (or a larger one with --emulate) is here, and the profiles folder takes a plan a probe would
+    (or a larger one with --emulate; --emulate is refused for a CPU profile) is here, and the profiles folder takes a plan a probe would
     save. `model_args`: the command's --config/--preset/--set (and lever flags), for the estimate
     it suggests where the card is missing. Raises ProfileError or DeviceError (one line)."""
     check_profiles_writable(profile)
@@ -287,6 +287,9 @@ def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions, mo
     if probe_opts.device is not None and (probe_opts.device == "cpu") != on_cpu:
         raise DeviceError(f"profile {profile} is for {'the CPU' if on_cpu else 'a GPU'}, and this run asks for "
                           f"device {probe_opts.device!r} (--device, or the config's device): drop one of them")
+    if on_cpu and emulate:  # --emulate caps a GPU; a CPU profile's budget is enforced already
+        raise DeviceError(f"--emulate caps a larger GPU to a profile's card, and {profile} is a CPU profile (its "
+                          f"budget is enforced on the CPU as it is): drop --emulate")
     if not on_cpu:
         _gpu_here(profile, hw, emulate, probe_opts, model_args)
 
