@@ -505,3 +505,23 @@ def test_the_continuation_of_a_run_on_several_ranks_keeps_them(tmp_path, capsys,
         report_run(done, cfg, 300)
         nxt = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("next:")][0]
         assert f"autofit run --resume --out {tmp_path / 'o'}{tail} (train on to max_iters 500" in nxt, nxt
+
+
+def test_the_interrupt_line_after_a_resume_counts_this_process_steps(monkeypatch):
+    """A resumed run interrupted at step 26 trained 23 steps here; it said 'after 26 optimizer step(s)'."""
+    import typer
+    from autofit.cli import run_end
+    from trainer.config.train_config import load_config
+    from trainer.options import RunResult
+    cfg = load_config(preset="tiny", overrides=["max_iters=100", "out_dir=o"])
+    lines = []
+    monkeypatch.setattr(run_end.err_console, "print", lambda s, **k: lines.append(s))
+    monkeypatch.setattr(run_end.interrupts, "tell_launcher", lambda: None)
+    for losses in ([2.0] * 23, [], [2.0] * 26):
+        with pytest.raises(typer.Exit):
+            run_end.report_run(RunResult(steps=26, losses=losses, tokens=0, micro_batches=[1], status="interrupted",
+                                         events=[], checkpoint="o/ckpt.pt", checkpoint_step=26), cfg)
+    assert lines[0].startswith("interrupted after 23 optimizer steps (steps 3 to 25; 26 in all); checkpoint o/ckpt.pt "
+                               "resumes at step 26"), lines
+    assert lines[1].startswith("interrupted after 0 optimizer steps (26 in all);"), lines
+    assert lines[2].startswith("interrupted after 26 optimizer steps;"), lines

@@ -39,7 +39,7 @@ def report_run(result, cfg, max_steps: int | None = None) -> None:
     Raises typer.Exit(130) after an interrupt, so the shell sees it; otherwise returns."""
     if result.status == "interrupted":
         interrupts.said()
-        err_console.print(f"interrupted after {result.steps} optimizer step(s); "
+        err_console.print(f"interrupted after {_steps_done(result)}; "
                           f"checkpoint {result.checkpoint} resumes at step {result.checkpoint_step}; continue with: "
                           f"{continue_command(cfg, max_steps)}" if result.checkpoint else
                           f"interrupted during the evaluation at step {result.steps} (eval_only); nothing was saved",
@@ -55,14 +55,22 @@ def report_run(result, cfg, max_steps: int | None = None) -> None:
                       f"written; the losses are in {Path(cfg.out_dir) / 'metrics.jsonl'}")
         return
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
-    n = len(result.losses)  # this run's steps; result.steps counts from step 0 (a resume's earlier ones too)
-    steps = f"step {result.steps - 1}" if n == 1 else f"steps {result.steps - n} to {result.steps - 1}"
-    msg = (f"done: {result.steps} optimizer step{'s' * (result.steps != 1)}" if n in (0, result.steps) else
-           f"done: {n} optimizer step{'s' * (n != 1)} ({steps}; {result.steps} in all)") + (
-        f", loss {first:.3f} -> {last:.3f}" if first is not None else "")
+    msg = f"done: {_steps_done(result)}" + (f", loss {first:.3f} -> {last:.3f}" if first is not None else "")
     console.print(msg + f"; checkpoint {result.checkpoint} (resumes at step {result.checkpoint_step}), metrics "
                   f"{Path(cfg.out_dir) / 'metrics.jsonl'}")
     console.print(_next_line(result, cfg), markup=False)
+
+
+def _steps_done(result) -> str:
+    """'26 optimizer steps', or after a resume this process's share: '23 optimizer steps (steps 3
+    to 25; 26 in all)'. result.steps counts from step 0, a resume's earlier steps too; its losses
+    are this process's steps only."""
+    n = len(result.losses)
+    if n == result.steps:
+        return f"{n} optimizer step{'s' * (n != 1)}"
+    steps = ("" if n == 0 else f"step {result.steps - 1}; " if n == 1 else
+             f"steps {result.steps - n} to {result.steps - 1}; ")
+    return f"{n} optimizer step{'s' * (n != 1)} ({steps}{result.steps} in all)"
 
 
 def _next_line(result, cfg) -> str:
