@@ -183,7 +183,8 @@ def test_a_small_vocab_without_meta_pkl_is_one_line(tmp_path):
     with pytest.raises(SampleError) as e:
         pick_codec("shakespeare_char", 65, data_root=tmp_path / "data")
     msg = str(e.value)
-    assert f"no meta.pkl at {tmp_path / 'data' / 'shakespeare_char' / 'meta.pkl'}" in msg and "65" in msg
+    assert f"no meta.pkl at shakespeare_char/meta.pkl or {tmp_path / 'data' / 'shakespeare_char' / 'meta.pkl'}" \
+        in msg and "65" in msg
 
 
 def test_tiktoken_offline_is_one_line(monkeypatch):
@@ -380,3 +381,33 @@ def test_the_default_prompt_on_characters_without_a_newline_starts_from_id_0(tmp
     assert f"prompt 1 tokens (the default newline is not in this vocabulary: starting from id 0, {chars[0]!r})" in said[0]
     with pytest.raises(SampleError, match="1 character\\(s\\) not in the vocabulary"):
         generate_samples(tmp_path / "out", opts(start="\n\n"), data_root=tmp_path / "data")
+
+
+def test_sample_from_another_folder_finds_the_meta_pkl_it_trained_on(tmp_path, monkeypatch, capsys):
+    """t3 (session 12): a run on a character dataset folder ('--set dataset=d1'), sampled from
+    another folder, was refused with advice about data/d1/meta.pkl, which exists nowhere. The
+    checkpoint keeps the folder it trained on; sample looks there last, and says so."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    (work / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40, encoding="utf-8")
+    code, _, err = cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "a.txt", "--out", "d1")
+    assert code == 0, err
+    small = ["dataset=d1", "n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "batch_size=4",
+             "gradient_accumulation_steps=1", "eval_iters=1", "eval_interval=100", "max_iters=2", "compile=false",
+             "dtype=float32"]
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--out", "ch1", "--no-progress",
+                       *[a for s in small for a in ("--set", s)])
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = cli(monkeypatch, capsys, "sample", "--out", str(work / "ch1"), "--num-samples", "1",
+                         "--max-new-tokens", "5", "--device", "cpu", "--start", "the")
+    assert code == 0, err
+    assert out.startswith("the") and f"{work / 'd1' / 'meta.pkl'}" in err and "the folder it trained on" in err, err
+    (work / "d1" / "meta.pkl").unlink()  # gone everywhere: every place looked is named
+    code, out, err = cli(monkeypatch, capsys, "sample", "--out", str(work / "ch1"), "--device", "cpu")
+    assert code == 2 and out == "" and err.strip().count("\n") == 0, err
+    assert f"no meta.pkl at d1/meta.pkl or data/d1/meta.pkl or {work / 'd1' / 'meta.pkl'} (from {elsewhere})" in err

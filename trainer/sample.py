@@ -25,7 +25,7 @@ import torch
 from trainer.data.datasets import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler, load_dir
 from trainer.data.tokenfiles import DataError, fingerprint, fingerprint_change
 from trainer.model.gpt import GPT, GPTConfig
-from trainer.checkpoint.nanogpt import check_finite, read_nanogpt_checkpoint
+from trainer.checkpoint.nanogpt import NanoGPTCheckpoint, check_finite, read_nanogpt_checkpoint
 from trainer.paths import PathProblem, expand_user, input_file
 from trainer.model.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
 
@@ -198,27 +198,42 @@ def _tiktoken_gpt2() -> Any:
 
 
 def pick_codec(dataset: str | None, vocab_size: int, *, data_root: str | Path = "data",
-               gpt2_encoder: Any = None, trained_on: dict | None = None) -> Codec:
+               gpt2_encoder: Any = None, trained_on: dict | None = None, trained_in: str | None = None) -> Codec:
     """The codec for a model trained on `dataset`, found as nanoGPT's sample.py does: a meta.pkl
     in the dataset's directory (a path, or <data_root>/<name>) means characters; the embedded
-    corpus means bytes; anything else GPT-2 BPE, which needs vocab_size >= 50257. `trained_on`:
-    the checkpoint's data fingerprint (NanoGPTCheckpoint.trained_on), against which a meta.pkl's
-    dataset prepared again since training is said in the codec's description."""
+    corpus means bytes; anything else GPT-2 BPE, which needs vocab_size >= 50257. `trained_in`:
+    the absolute folder the checkpoint trained on (NanoGPTCheckpoint.trained_in), looked in last,
+    so `sample` run from another folder finds the meta.pkl too. `trained_on`: the checkpoint's data
+    fingerprint (NanoGPTCheckpoint.trained_on), against which a meta.pkl's dataset prepared again
+    since training is said in the codec's description. Raises SampleError naming every place looked."""
     if dataset == "embedded":
         return byte_codec()
-    meta = None
-    if dataset:
-        where = expand_user(dataset)
-        meta = (where if where.is_dir() else Path(data_root) / dataset) / "meta.pkl"
+    looked = _meta_places(dataset, data_root, trained_in) if dataset else []
+    for i, meta in enumerate(looked):
         if meta.is_file():
             codec = _for_model(char_codec(meta), vocab_size, meta)
+            if trained_in and i == len(looked) - 1:  # found only where it trained
+                codec.description += f", the folder it trained on ({dataset!r} is not found from {Path.cwd()})"
             codec.description += _data_changed(meta.parent, trained_on)
             return codec
     if vocab_size < GPT2_VOCAB_SIZE:
-        looked = f"no meta.pkl at {meta}" if meta else "the checkpoint names no dataset"
+        where = (f"no meta.pkl at {' or '.join(map(str, dict.fromkeys(looked)))} (from {Path.cwd()})" if looked else
+                 "the checkpoint names no dataset")
         raise SampleError(f"the model's vocab_size {vocab_size} is smaller than GPT-2 BPE's {GPT2_VOCAB_SIZE} and "
-                          f"{looked}: run from the directory that holds data/<dataset>/meta.pkl")
+                          f"{where}: run from the folder the model trained in, or put its dataset's meta.pkl back")
     return gpt2_codec(gpt2_encoder)
+
+
+def _meta_places(dataset: str, data_root: str | Path, trained_in: str | None) -> list[Path]:
+    """Where a character dataset's meta.pkl may be, in order: the dataset as a folder, a bare
+    name under data_root (nanoGPT's data/NAME), the folder the checkpoint trained on."""
+    where = expand_user(dataset)
+    places = [where / "meta.pkl"]
+    if len(where.parts) == 1:
+        places.append(Path(data_root) / dataset / "meta.pkl")
+    if trained_in:
+        places.append(Path(trained_in) / "meta.pkl")
+    return places
 
 
 def _for_model(codec: Codec, vocab_size: int, meta: Path) -> Codec:
@@ -251,9 +266,11 @@ def _data_changed(where: Path, trained_on: dict | None) -> str:
             f"ids to other characters than the model learned" if change else "")
 
 
-def load_model(out_dir: str | Path, init_from: str, device: torch.device) -> tuple[GPT, str | None, str, dict | None]:
+def load_model(out_dir: str | Path, init_from: str,
+               device: torch.device) -> tuple[GPT, str | None, str, NanoGPTCheckpoint | None]:
     """(model in eval mode on device, its dataset name or None, a description of where it came
-    from, the data fingerprint it trained on or None: NanoGPTCheckpoint.trained_on)."""
+    from, the checkpoint read (its trained_on and trained_in say what data it trained on) or None
+    for GPT-2 weights)."""
     if init_from in GPT2_MODELS or (init_from != "resume" and Path(init_from).is_dir()):
         src = None if init_from in GPT2_MODELS else init_from
         loaded = load_gpt2(init_from if src is None else None, dropout=0.0, source=src)
@@ -269,7 +286,7 @@ def load_model(out_dir: str | Path, init_from: str, device: torch.device) -> tup
     model.load_state_dict(ck.model)
     dataset = ck.config.get("dataset")
     return model.eval().to(device), dataset if isinstance(dataset, str) else None, \
-        f"{path} ({ck.layout} layout, step {ck.iter_num})", ck.trained_on
+        f"{path} ({ck.layout} layout, step {ck.iter_num})", ck
 
 
 def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str | Path = "data",
@@ -287,10 +304,11 @@ def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str
     check_options(opts)
     start = read_start(opts.start)
     device = torch.device(opts.device)
-    model, dataset, source, trained_on = load_model(out_dir, opts.init_from, device)
+    model, dataset, source, ck = load_model(out_dir, opts.init_from, device)
     vocab = model.config.vocab_size
     codec = gpt2_codec(gpt2_encoder) if opts.init_from != "resume" else \
-        pick_codec(dataset, vocab, data_root=data_root, gpt2_encoder=gpt2_encoder, trained_on=trained_on)
+        pick_codec(dataset, vocab, data_root=data_root, gpt2_encoder=gpt2_encoder, trained_on=ck.trained_on,
+                   trained_in=ck.trained_in)
     ids, note = _prompt_ids(codec, start)
     if max(ids) >= vocab:
         raise SampleError(f"--start encodes to token {max(ids)}, beyond the model's vocab_size {vocab}")

@@ -49,6 +49,9 @@ class NanoGPTCheckpoint:
     # an autofit checkpoint's data fingerprint per split (trainer.data.tokenfiles.fingerprint), kept
     # by its sampler since session 11; None for nanoGPT's and for older ones
     trained_on: dict | None = None
+    # the absolute dataset folder an autofit checkpoint trained on (its sampler's, since session
+    # 13), where `sample` looks for meta.pkl last; None for nanoGPT's and for older ones
+    trained_in: str | None = None
 
 
 def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -217,7 +220,12 @@ def nanogpt_checkpoint_from(ck: Mapping, path: str | Path = "checkpoint") -> Nan
     return NanoGPTCheckpoint(model=state, optimizer=opt, model_args=args, iter_num=int(ck.get("iter_num", 0)),
                              best_val_loss=float(best), config=dict(config), layout=layout,
                              not_restored=_not_restored(layout, opt, config),
-                             trained_on=dict(trained_on) if isinstance(trained_on, Mapping) else None)
+                             trained_on=dict(trained_on) if isinstance(trained_on, Mapping) else None,
+                             trained_in=_str_or_none(sampler.get("folder")) if isinstance(sampler, Mapping) else None)
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _not_restored(layout: str, opt: Any, config: Mapping) -> list[str]:

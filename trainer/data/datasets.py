@@ -127,6 +127,7 @@ class TokenDataset:
     # False where vocab_size is assumed, not declared (a nanoGPT folder without meta.pkl: GPT-2
     # BPE is the guess). Then, as in nanoGPT, any vocab_size that holds every stored id trains.
     vocab_declared: bool = True
+    folder: Path | None = None  # the directory it was read from; None for the embedded corpus
 
     def split(self, name: str) -> TokenSplit:
         if name not in self.splits:
@@ -254,7 +255,7 @@ def load_dir(path: str | Path) -> TokenDataset:
     for split, files in shards.items():
         splits[split] = TokenSplit([read_llmc_shard(f) for f in files], [str(f) for f in files])
     return TokenDataset(name=path.name, format="llmc", vocab_size=GPT2_VOCAB_SIZE, splits=splits,
-                        vocab_source="llm.c GPT-2 shards")
+                        vocab_source="llm.c GPT-2 shards", folder=path)
 
 
 def _load_nanogpt(path: Path) -> TokenDataset:
@@ -274,7 +275,7 @@ def _load_nanogpt(path: Path) -> TokenDataset:
     else:  # nanoGPT's BPE sets (shakespeare, openwebtext) have no meta.pkl: GPT-2 tokens
         vocab, source = GPT2_VOCAB_SIZE, "no meta.pkl: GPT-2 BPE assumed"
     return TokenDataset(name=path.name, format="nanogpt", vocab_size=vocab, splits=splits, vocab_source=source,
-                        vocab_declared=meta.is_file())
+                        vocab_declared=meta.is_file(), folder=path)
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -382,9 +383,11 @@ class BatchSampler:
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
     def state_dict(self) -> dict:
-        # "data": what the counters count batches of, so a resume on data prepared again is found
+        # "data": what the counters count batches of, so a resume on data prepared again is found;
+        # "folder": where it was read, so `sample` run from another folder still finds its meta.pkl
+        folder = {"folder": str(self.dataset.folder.absolute())} if self.dataset.folder is not None else {}
         return {"seed": self.seed, "block_size": self.block_size, "counters": dict(self.counters),
-                "data": {s: fingerprint(self.dataset.split(s).parts) for s in self.dataset.splits}}
+                "data": {s: fingerprint(self.dataset.split(s).parts) for s in self.dataset.splits}, **folder}
 
     def load_state_dict(self, state: dict) -> None:
         # Counters only mean the same batches under the same seed and block size.
