@@ -400,6 +400,9 @@ def test_sample_from_another_folder_finds_the_meta_pkl_it_trained_on(tmp_path, m
     code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--out", "ch1", "--no-progress",
                        *[a for s in small for a in ("--set", s)])
     assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "ch1", "--no-progress", "--set", "max_iters=3",
+                       "--allow-changes")
+    assert code == 0, err  # the checkpoint's schema takes the folder it records
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -66,6 +66,9 @@ class SamplerState(BaseModel):
     # per split: {"tokens": count, "ends": hash} (trainer.data.tokenfiles.fingerprint); None in
     # checkpoints written before it was kept
     data: dict[str, dict[str, StrictInt | str]] | None = None
+    # the absolute folder the data was read from (sample looks there for meta.pkl); None for the
+    # embedded corpus and in checkpoints written before session 13
+    folder: str | None = None
 
     @field_validator("counters")
     @classmethod
