@@ -331,3 +331,46 @@ def test_two_signals_while_the_new_files_are_renamed_in_leave_no_mixed_dataset(t
     def dataset(d):  # not the token-id sidecars: they name their file's inode
         return {p.name: p.read_bytes() for p in d.iterdir() if not p.name.endswith(".max.json")}
     assert sent and dataset(out) == dataset(want) and len(dataset(want)) == 3
+
+
+def test_encode_chars_in_chunks_is_nanogpts_encoding(monkeypatch):
+    """Chunked (the stop boundaries of a large text), the ids and vocabulary are nanoGPT's:
+    sorted(set(text)), each character's index there, characters past the BMP too."""
+    text = "héllo wörld 🙂 naïve\n" * 7 + "z"
+    monkeypatch.setattr(prep, "CHAR_CHUNK", 5)
+    calls = []
+    ids, chars = prep.encode_chars(text, lambda: calls.append(1))
+    want = sorted(set(text))
+    assert chars == want and ids.tolist() == [want.index(c) for c in text] and ids.dtype.name == "uint16"
+    assert len(calls) == 2 * -(-len(text) // 5)  # a boundary before every chunk of both passes
+
+
+def test_a_large_character_text_stops_within_a_chunk_and_says_so_at_once(tmp_path, monkeypatch, capfd):
+    """t3 (session 12): on a 156 MB text a Ctrl-C was neither answered nor acted on until the whole
+    text was encoded (no boundary inside a character prepare). Now the notice is written when the
+    signal comes, and the stop happens at the next chunk."""
+    src = tmp_path / "big.txt"
+    src.write_text("Some text here and there.\n" * 400)
+    monkeypatch.setattr(prep, "CHAR_CHUNK", 100)
+    advanced = []
+
+    class Bar:  # the progress bar's advance: a Ctrl-C after the first chunk's ids
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, *a, **k):
+            return 0
+
+        def advance(self, task, n):
+            advanced.append(n)
+            if len(advanced) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(prep, "_progress", lambda enabled, log: Bar())
+    with pytest.raises(PrepareStopped) as stopped:
+        prepare("shakespeare_char", tmp_path / "d", input_path=src, progress=False)
+    assert advanced == [100]  # stopped at the next chunk, not after 104 of them
+    assert "no dataset was written to" in str(stopped.value) and not (tmp_path / "d").exists()
+    assert capfd.readouterr().err.count(prep.STOP_NOTICE) == 1

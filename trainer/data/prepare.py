@@ -46,6 +46,9 @@ from trainer.data.sources import (FINEWEB_CONFIG, FINEWEB_DATASET, TINY_SHAKESPE
                                   read_documents, read_text, stream_fineweb)
 from trainer.data.tokenfiles import atomic_write, read_llmc_shard, sidecar_path, write_tokens
 
+# said on the first Ctrl-C/SIGTERM, before the boundary that acts on it (a large text can be
+# seconds away from the next)
+STOP_NOTICE = "autofit: stopping the preparation at the next boundary (Ctrl-C again to stop now)"
 TRAIN_SHARE = 0.9  # nanoGPT's prepare.py scripts: train = the first 90% of the characters
 
 
@@ -182,7 +185,8 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
         job.texts = read_documents(input_path) if input_path else stream_fineweb(*fineweb)
     else:
         job.staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
-    with StopFlag() as flag:  # a Ctrl-C/SIGTERM sets it; the next boundary (soon) stops; a second: at once
+    # a Ctrl-C/SIGTERM sets it and is answered at once; the next boundary (soon) stops; a second: at once
+    with StopFlag(STOP_NOTICE) as flag:
         job.stop = flag
         try:
             with _progress(progress, log) as bar:
@@ -260,7 +264,7 @@ class _Job:
                 else download_text(self.url, self.out_dir / "input.txt", bar, self.log, self.boundary))
         self.boundary()
         if self.name == "shakespeare_char":
-            return write_chars(text, self.staging, bar)
+            return write_chars(text, self.staging, bar, self.boundary)
         return write_bpe(text, self.staging, self.encoder, bar, self.boundary)
 
     def kept_clause(self, old: list[Path]) -> str:
@@ -330,28 +334,49 @@ def _split_text(text: str) -> tuple[str, str]:
     return train, val
 
 
-def encode_chars(text: str) -> tuple[np.ndarray, list[str]]:
+CHAR_CHUNK = 1 << 22  # characters encoded between two boundaries: ~0.05 s of numpy work each
+CODE_POINTS = 0x110000  # Unicode's code space
+
+
+def encode_chars(text: str, boundary: Callable[[], None] = lambda: None,
+                 advance: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, list[str]]:
     """(ids as uint16, the vocabulary) of a character-level encoding as nanoGPT's: the vocabulary
-    is sorted(set(text)) and a character's id is its index there. Raises DataError past 65536
-    distinct characters (uint16)."""
-    points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-    vocab = np.unique(points)  # sorted by code point, as sorted() sorts one-character strings
+    is sorted(set(text)) and a character's id is its index there. Two passes over chunks of
+    CHAR_CHUNK characters (which characters occur, then each one's id through a table indexed by
+    code point), with boundary() before each chunk, so a stop asked on a text of gigabytes is
+    acted on within a chunk; advance(n) after each chunk of the second pass. Raises DataError past
+    65536 distinct characters (uint16)."""
+    def chunks():
+        for i in range(0, len(text), CHAR_CHUNK):
+            boundary()
+            yield i, np.frombuffer(text[i:i + CHAR_CHUNK].encode("utf-32-le"), dtype="<u4")
+    seen = np.zeros(CODE_POINTS, dtype=bool)
+    for _, points in chunks():
+        seen[points] = True
+    vocab = np.flatnonzero(seen)  # sorted by code point, as sorted() sorts one-character strings
     if len(vocab) > np.iinfo(np.uint16).max + 1:
         raise DataError(f"the text has {len(vocab):,} distinct characters; uint16 tokens hold at most 65,536")
-    ids = np.searchsorted(vocab, points).astype(np.uint16)
+    table = np.zeros(CODE_POINTS, dtype=np.uint16)
+    table[vocab] = np.arange(len(vocab))
+    ids = np.empty(len(text), dtype=np.uint16)
+    for i, points in chunks():
+        ids[i:i + len(points)] = table[points]
+        advance(len(points))
     return ids, [chr(int(c)) for c in vocab]
 
 
-def write_chars(text: str, out_dir: Path, bar) -> Prepared:
-    """shakespeare_char's layout in out_dir: train.bin, val.bin (uint16) and meta.pkl."""
+def write_chars(text: str, out_dir: Path, bar, boundary: Callable[[], None] = lambda: None) -> Prepared:
+    """shakespeare_char's layout in out_dir: train.bin, val.bin (uint16) and meta.pkl. boundary()
+    is called between chunks of the encoding (encode_chars) and between the files, and may raise
+    to stop."""
     import pickle
     train, _ = _split_text(text)
     task = bar.add_task("encoding (characters)", total=len(text))
-    ids, chars = encode_chars(text)
-    bar.advance(task, len(text))
+    ids, chars = encode_chars(text, boundary, lambda n: bar.advance(task, n))
     cut = len(train)  # one token per character: the split of the text is the split of the ids
     meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
     write_tokens(out_dir / "train.bin", ids[:cut])
+    boundary()
     write_tokens(out_dir / "val.bin", ids[cut:])
     atomic_write(out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
     return Prepared(out_dir, [out_dir / n for n in ("train.bin", "val.bin", "meta.pkl")],
