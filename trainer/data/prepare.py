@@ -46,8 +46,8 @@ from trainer.data.sources import (FINEWEB_CONFIG, FINEWEB_DATASET, TINY_SHAKESPE
                                   read_documents, read_text, stream_fineweb)
 from trainer.data.tokenfiles import atomic_write, read_llmc_shard, sidecar_path, write_tokens
 
-# said on the first Ctrl-C/SIGTERM, before the boundary that acts on it (a large text can be
-# seconds away from the next)
+# said on the first Ctrl-C/SIGTERM of a text's preparation, before the boundary that acts on it
+# (a large text's BPE encode can be seconds away from the next)
 STOP_NOTICE = "autofit: stopping the preparation at the next boundary (Ctrl-C again to stop now)"
 TRAIN_SHARE = 0.9  # nanoGPT's prepare.py scripts: train = the first 90% of the characters
 
@@ -185,8 +185,10 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
         job.texts = read_documents(input_path) if input_path else stream_fineweb(*fineweb)
     else:
         job.staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
-    # a Ctrl-C/SIGTERM sets it and is answered at once; the next boundary (soon) stops; a second: at once
-    with StopFlag(STOP_NOTICE) as flag:
+    # a Ctrl-C/SIGTERM sets it; the next boundary (soon) stops; a second: at once. Answered at once
+    # where the next boundary can be seconds away (a whole text part in one BPE encode); fineweb's
+    # next document is milliseconds away, and its stop line follows at once
+    with StopFlag(STOP_NOTICE if job.texts is None else None) as flag:
         job.stop = flag
         try:
             with _progress(progress, log) as bar:
