@@ -1,6 +1,7 @@
 """The `autofit` command end to end, in-process: exit codes, one-line errors, JSON output,
 and the probe -> save -> run --profile flow on the budgeted CPU device."""
 import json
+import os
 
 import pytest
 
@@ -799,3 +800,13 @@ def test_emulate_with_a_cpu_profile_is_refused(monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "run", "--profile", "cpu-2gb", "--emulate")
     assert code == 2 and out == ""
     assert "drop --emulate" in err and "CPU profile" in err and err.strip().count("\n") == 0, err
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_by_its_bytes(tmp_path, monkeypatch, capsys):
+    """h1 (session 10): a .py config named b'\\xfe.py' was printed as '\\udcfe.py:1', the
+    surrogate Python decodes the byte to; the line shows the byte."""
+    name = os.fsdecode(b"\xfe.py")
+    (tmp_path / name).write_text("batch_size = foo()\n")
+    code, out, err = cli(monkeypatch, capsys, "config", "--config", name)
+    assert code == 2 and out == "" and err.startswith("autofit: error: \\xfe.py:1: refused"), err
+    assert "udc" not in err

@@ -90,7 +90,7 @@ def user_message(e: BaseException) -> str | None:
     (TORCH_LOGS=garbage is a ValueError from torch's own __init__, a broken install an
     ImportError); its message's first sentence is the line."""
     if _is_user_error(e):
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return _bytes_shown(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
     tb, in_torch_init = e.__traceback__, False
     while tb is not None:
         code = tb.tb_frame.f_code
@@ -101,6 +101,15 @@ def user_message(e: BaseException) -> str | None:
     said = " ".join(line.strip() for line in str(e).strip().splitlines())
     first = said.split(". ")[0][:300] or type(e).__name__  # the first sentence: TORCH_LOGS's lists every name
     return f"torch could not be imported: {first} (check the TORCH_* environment variables and the torch install)"
+
+
+def _bytes_shown(line: str) -> str:
+    """A path's bytes that are not UTF-8 as \\xNN (b'\\xfe.py' reads '\\xfe.py'), not as the
+    surrogates Python decodes them to ('\\udcfe.py' on a stderr that escapes them)."""
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte: left to stderr's own escaping
+        return line
 
 
 def load_train_config(config: Optional[Path], preset: Optional[str], overrides: List[str]):
