@@ -290,19 +290,19 @@ def test_the_small_sets_stop_between_pieces_and_start_over(tmp_path, monkeypatch
 def test_a_stop_during_the_last_write_keeps_the_old_dataset(tmp_path, monkeypatch):
     """A Ctrl-C while shakespeare_char wrote its files (no boundary after them) was dropped: the
     --force replacement went through and the command exited 0."""
-    import trainer.data.prepare as prep
+    from trainer.data import text_tokens
     src_a, src_b = tmp_path / "a.txt", tmp_path / "b.txt"
     src_a.write_text("first text, " * 300)
     src_b.write_text("second text. " * 300)
     out = tmp_path / "d"
     prepare("shakespeare_char", out, input_path=src_a, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real = prep.atomic_write
+    real = text_tokens.atomic_write
 
     def write_then_ctrl_c(path, *a, **k):  # meta.pkl, the last file
         real(path, *a, **k)
         os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(prep, "atomic_write", write_then_ctrl_c)
+    monkeypatch.setattr(text_tokens, "atomic_write", write_then_ctrl_c)
     with pytest.raises(PrepareStopped):
         prepare("shakespeare_char", out, input_path=src_b, force=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -337,7 +337,8 @@ def test_encode_chars_in_chunks_is_nanogpts_encoding(monkeypatch):
     """Chunked (the stop boundaries of a large text), the ids and vocabulary are nanoGPT's:
     sorted(set(text)), each character's index there, characters past the BMP too."""
     text = "héllo wörld 🙂 naïve\n" * 7 + "z"
-    monkeypatch.setattr(prep, "CHAR_CHUNK", 5)
+    from trainer.data import text_tokens
+    monkeypatch.setattr(text_tokens, "CHAR_CHUNK", 5)
     calls = []
     ids, chars = prep.encode_chars(text, lambda: calls.append(1))
     want = sorted(set(text))
@@ -351,7 +352,8 @@ def test_a_large_character_text_stops_within_a_chunk_and_says_so_at_once(tmp_pat
     signal comes, and the stop happens at the next chunk."""
     src = tmp_path / "big.txt"
     src.write_text("Some text here and there.\n" * 400)
-    monkeypatch.setattr(prep, "CHAR_CHUNK", 100)
+    from trainer.data import text_tokens
+    monkeypatch.setattr(text_tokens, "CHAR_CHUNK", 100)
     advanced = []
 
     class Bar:  # the progress bar's advance: a Ctrl-C after the first chunk's ids

@@ -19,8 +19,8 @@ failed or interrupted run leaves what was there before as it was.
 A Ctrl-C or SIGTERM is acted on at the next boundary between pieces of work (trainer.interrupt's
 StopFlag; a second signal stops at once): fineweb-edu's after a document or a shard, the finished
 shards kept in a partial folder that the same command, run again, continues from (trainer/data/
-shards.py); the small sets' after the download or a split (a few seconds of work: a re-run starts
-over, reusing a downloaded input.txt). Either way PrepareStopped says, in one line, what was kept
+shards.py); the small sets' after the download, a chunk of characters or a split (trainer/data/
+text_tokens.py; a re-run starts over, reusing a downloaded input.txt). Either way PrepareStopped says, in one line, what was kept
 and how to continue.
 """
 from __future__ import annotations
@@ -33,8 +33,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from trainer.data.datasets import PREPARABLE, SHARD_NAME, DataError
 from trainer.data.shards import (GPT2_EOT, PROGRESS_FILE, ShardProgress, read_progress, shard_path,  # noqa: F401
                                  tokenize_to_shards, write_progress)  # GPT2_EOT, shard_path, tokenize_to_shards: here before
@@ -44,29 +42,12 @@ from trainer.phases import LineBar
 from trainer.writes import WriteError, check_room
 from trainer.data.sources import (FINEWEB_CONFIG, FINEWEB_DATASET, TINY_SHAKESPEARE_URL, download_text,  # noqa: F401
                                   read_documents, read_text, stream_fineweb)
-from trainer.data.tokenfiles import atomic_write, read_llmc_shard, sidecar_path, write_tokens
+from trainer.data.text_tokens import Encoder, Prepared, encode_chars, write_bpe, write_chars  # noqa: F401
+from trainer.data.tokenfiles import read_llmc_shard, sidecar_path
 
 # said on the first Ctrl-C/SIGTERM of a text's preparation, before the boundary that acts on it
 # (a large text's BPE encode can be seconds away from the next)
 STOP_NOTICE = "autofit: stopping the preparation at the next boundary (Ctrl-C again to stop now)"
-TRAIN_SHARE = 0.9  # nanoGPT's prepare.py scripts: train = the first 90% of the characters
-
-
-@dataclass
-class Encoder:
-    """A tokenizer: encode(text) -> token ids, and the end-of-text id put before documents."""
-    name: str
-    encode: Callable[[str], list[int]]
-    eot: int
-
-
-@dataclass
-class Prepared:
-    """What a prepare wrote: the folder, its files, tokens per split, and the vocab it declares."""
-    out_dir: Path
-    files: list[Path]
-    tokens: dict[str, int] = field(default_factory=dict)
-    vocab_size: int | None = None  # meta.pkl's, for the char-level set; None: GPT-2 BPE
 
 
 def gpt2_encoder() -> Encoder:
@@ -323,80 +304,3 @@ def _progress(enabled: bool, log: Callable[[str], None]):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), transient=True,
                     disable=not enabled or not sys.stderr.isatty())
-
-
-# ---------------------------------------------------------------- tokens out
-
-
-def _split_text(text: str) -> tuple[str, str]:
-    n = len(text)
-    train, val = text[:int(n * TRAIN_SHARE)], text[int(n * TRAIN_SHARE):]
-    if not train or not val:
-        raise DataError(f"the text has {n} characters: too few for a train and a val split")
-    return train, val
-
-
-CHAR_CHUNK = 1 << 22  # characters encoded between two boundaries: ~0.05 s of numpy work each
-CODE_POINTS = 0x110000  # Unicode's code space
-
-
-def encode_chars(text: str, boundary: Callable[[], None] = lambda: None,
-                 advance: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, list[str]]:
-    """(ids as uint16, the vocabulary) of a character-level encoding as nanoGPT's: the vocabulary
-    is sorted(set(text)) and a character's id is its index there. Two passes over chunks of
-    CHAR_CHUNK characters (which characters occur, then each one's id through a table indexed by
-    code point), with boundary() before each chunk, so a stop asked on a text of gigabytes is
-    acted on within a chunk; advance(n) after each chunk of the second pass. Raises DataError past
-    65536 distinct characters (uint16)."""
-    def chunks():
-        for i in range(0, len(text), CHAR_CHUNK):
-            boundary()
-            yield i, np.frombuffer(text[i:i + CHAR_CHUNK].encode("utf-32-le"), dtype="<u4")
-    seen = np.zeros(CODE_POINTS, dtype=bool)
-    for _, points in chunks():
-        seen[points] = True
-    vocab = np.flatnonzero(seen)  # sorted by code point, as sorted() sorts one-character strings
-    if len(vocab) > np.iinfo(np.uint16).max + 1:
-        raise DataError(f"the text has {len(vocab):,} distinct characters; uint16 tokens hold at most 65,536")
-    table = np.zeros(CODE_POINTS, dtype=np.uint16)
-    table[vocab] = np.arange(len(vocab))
-    ids = np.empty(len(text), dtype=np.uint16)
-    for i, points in chunks():
-        ids[i:i + len(points)] = table[points]
-        advance(len(points))
-    return ids, [chr(int(c)) for c in vocab]
-
-
-def write_chars(text: str, out_dir: Path, bar, boundary: Callable[[], None] = lambda: None) -> Prepared:
-    """shakespeare_char's layout in out_dir: train.bin, val.bin (uint16) and meta.pkl. boundary()
-    is called between chunks of the encoding (encode_chars) and between the files, and may raise
-    to stop."""
-    import pickle
-    train, _ = _split_text(text)
-    task = bar.add_task("encoding (characters)", total=len(text))
-    ids, chars = encode_chars(text, boundary, lambda n: bar.advance(task, n))
-    cut = len(train)  # one token per character: the split of the text is the split of the ids
-    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
-    write_tokens(out_dir / "train.bin", ids[:cut])
-    boundary()
-    write_tokens(out_dir / "val.bin", ids[cut:])
-    atomic_write(out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
-    return Prepared(out_dir, [out_dir / n for n in ("train.bin", "val.bin", "meta.pkl")],
-                    {"train": cut, "val": len(ids) - cut}, vocab_size=len(chars))
-
-
-def write_bpe(text: str, out_dir: Path, encoder: Encoder, bar, boundary: Callable[[], None] = lambda: None) -> Prepared:
-    """shakespeare's layout in out_dir: each 90/10 part of the text encoded whole (a cut inside
-    a part could change its tokens), as train.bin and val.bin (uint16). boundary() is called
-    between the parts and may raise to stop."""
-    parts = dict(zip(("train", "val"), _split_text(text)))
-    task = bar.add_task(f"encoding with {encoder.name} BPE (characters)", total=len(text))
-    tokens = {}
-    for split, part in parts.items():
-        if split != "train":
-            boundary()
-        ids = np.asarray(encoder.encode(part), dtype=np.int64)
-        write_tokens(out_dir / f"{split}.bin", ids)
-        tokens[split] = len(ids)
-        bar.advance(task, len(part))
-    return Prepared(out_dir, [out_dir / "train.bin", out_dir / "val.bin"], tokens)
