@@ -74,6 +74,23 @@ def test_an_oom_after_rank_1s_optimizer_step_moved_weights_stops_both_ranks_with
     assert "redoing step" not in done.stdout
 
 
+@pytest.mark.parametrize("parallelism", ["fsdp2", "ddp"])
+def test_an_oom_on_rank_1_making_the_optimizer_state_stops_both_ranks_with_the_cause_and_a_consequence(
+        tmp_path, parallelism):
+    """Before step 0 (trainer.redo._prime): no micro-batch can help, so neither rank redoes; both
+    stop there, rank 1 saying why, rank 0 naming rank 1 in a consequence the launcher leaves out.
+    Before session 13 rank 1 stopped alone (its TrainError told no one) and rank 0 met its closed
+    socket in step 0: 'lost contact with another rank'."""
+    from trainer.distributed.ranks import CONSEQUENCES
+    done, got = run_worker(tmp_path, parallelism, "prime")
+    assert done.returncode != 0 and got == []
+    assert "out of memory making the optimizer's state (AdamW) beside the weights, before step 0" in done.stderr
+    told = "rank 0: rank 1 ran out of memory making the optimizer's state (its own error says why); stopping here too"
+    assert told in done.stderr and any(w in told for w in CONSEQUENCES), done.stderr[-3000:]
+    assert "lost contact" not in done.stderr and "mismatch" not in done.stderr, done.stderr[-3000:]
+    assert "step 0:" not in done.stdout  # no step ran on any rank
+
+
 # ------------------------------------------------------------------------------- torch.compile
 # FSDP2 with torch.compile and the agreement's hooks (session 12): the hooks are dynamo-disabled,
 # so they run eagerly between compiled regions. aot_eager traces as inductor does (dynamo, AOT

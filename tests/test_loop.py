@@ -814,6 +814,24 @@ def test_the_optimizer_state_is_made_before_step_0s_update_and_changes_no_number
     assert train_losses(tmp_path / "primed") == train_losses(tmp_path / "lazy")
 
 
+def test_an_allocators_oom_making_the_optimizer_state_stops_at_once_and_is_not_redone(tmp_path, monkeypatch):
+    """The optimizer state's line quotes the allocator ('CUDA out of memory. Tried to allocate'),
+    which the meter reads as an OOM: before session 13 the loop took that TrainError for an OOM of
+    the micro-batches, shrank, and made the state again until no micro-batch was left."""
+    import trainer.redo as redo
+    calls = []
+
+    def prime(*a, **k):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+    monkeypatch.setattr(redo, "prime_optimizer", prime)
+    seen = []
+    with pytest.raises(TrainError, match="optimizer's state \\(AdamW\\) beside the weights, before step 0: no "
+                                         "micro-batch fits.*CUDA out of memory"):
+        train(make_cfg(tmp_path), opts(on_event=seen.append))
+    assert calls == [1] and not [e for e in seen if "shrink" in e.get("event", "")]
+
+
 # made fresh at each raise: an exception kept by the parametrize list would keep its traceback's tensors
 @pytest.mark.parametrize("oom", [lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),
                                  lambda: RuntimeError("HIP out of memory. Tried to allocate 2.00 MiB")],  # ROCm

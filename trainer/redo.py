@@ -46,7 +46,9 @@ class RedoneStep:
                                  forward=self.group.forward(self.forward), step=it, fault=self.fault,
                                  sync_grads=self.group.sync)
             except Exception as e:
-                if not self.meter.is_oom(e) or isinstance(e, UpdateOOM):  # a half-applied update is not redone
+                # a half-applied update is not redone; nor is a TrainError, whose line may quote an
+                # allocator's 'CUDA out of memory' (the optimizer state's: _prime) but is final
+                if not self.meter.is_oom(e) or isinstance(e, (UpdateOOM, TrainError)):
                     other = self.group.failed(e)  # the other ranks are told; a lost rank is one line
                     if other is not None:
                         raise other from None
@@ -81,16 +83,27 @@ class RedoneStep:
     def _prime(self) -> None:
         """The optimizer's state, made before the first step (trainer.step.prime_optimizer). An OOM
         here is no micro-batch's: the state sits beside the weights whatever the micro-batch, so a
-        shrink cannot help; raises TrainError saying so (it read 'no smaller micro-batch is left')."""
+        shrink cannot help; raises TrainError saying so (it read 'no smaller micro-batch is left').
+        Several ranks stop together, none redoes (RankGroup.primed): the others raise RankFailed
+        naming this rank, where they met a closed socket at step 0's first collective before."""
         try:
             prime_optimizer(self.model, self.optimizer, keep_grads=False)
         except Exception as e:
             if not self.meter.is_oom(e):
-                raise
-            raise TrainError(f"out of memory making the optimizer's state ({type(self.optimizer).__name__}) beside "
-                             f"the weights, before step {self.iter_num}: no micro-batch fits, a smaller one cannot "
-                             f"help ({str(e).splitlines()[0][:160]}); a larger budget or GPU, a smaller model, or "
-                             f"several GPUs with --set parallelism=fsdp2 (shards the state)") from None
+                raise  # several ranks: the caller's group.failed tells the others, in the round below
+            shard = ("more ranks (FSDP2 shards the state among them)" if self.group.parallelism == "fsdp2" else
+                     "several GPUs with --set parallelism=fsdp2 (shards the state)")
+            error = TrainError(f"out of memory making the optimizer's state ({type(self.optimizer).__name__}) beside "
+                               f"the weights, before step {self.iter_num}: no micro-batch fits, a smaller one cannot "
+                               f"help ({str(e).splitlines()[0][:160]}); a larger budget or GPU, a smaller model, or "
+                               f"{shard}")
+        else:
+            error = None
+        # several ranks: every one learns here whether the state fit everywhere, before any moves on
+        # to step 0's collectives (which a stopped rank would answer with a closed socket)
+        self.group.primed(oom=error is not None)
+        if error is not None:
+            raise error
         if self.group.parallel is not None and self.group.parallel.kind == "ddp":
             self.group.rewrap(self.forward)  # its gradients views of the buckets from step 0 (DataParallel.rewrap)
         self._primed = True

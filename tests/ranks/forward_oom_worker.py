@@ -59,7 +59,8 @@ UPDATE_SITES = {
 
 def train(parallelism: str, fault: str, out: Path) -> dict:
     """A 6-step run of the trainer itself; with a fault, rank 1 runs out of memory at step 3, at
-    the site the fault names ('oom': inside block 1's forward; BACKWARD_SITES; 'gather_buffer'),
+    the site the fault names ('oom': inside block 1's forward; BACKWARD_SITES; 'gather_buffer';
+    'prime': before step 0 instead, making the optimizer's state),
     '/explicit' after it: without the check-ins after FSDP2's communication buffers."""
     from trainer.config.train_config import load_config
     from trainer.loop import RunOptions, Trainer
@@ -95,6 +96,11 @@ def train(parallelism: str, fault: str, out: Path) -> dict:
         BACKWARD_SITES[site](model).register_forward_hook(on_output)
     elif site in UPDATE_SITES:  # inside the optimizer update, after the micro-batches
         UPDATE_SITES[site](trainer, now, oom)
+    elif site == "prime":  # making the optimizer's state before step 0 (trainer.step.prime_optimizer)
+        def prime_oom():
+            # the allocator's words, which the trainer must not take for an OOM it can redo
+            raise InjectedOOM("CUDA out of memory. Tried to allocate 2.00 MiB (injected in the optimizer's state)")
+        _patch(trainer.optimizer, "step", lambda: rank == 1 and not trainer._primed, prime_oom)
     elif site == "gather_buffer":  # FSDP2's allocation of an all-gather's buffer, before the collective
         from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
         allocate = DefaultAllocMixin.allocate

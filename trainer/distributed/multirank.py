@@ -92,6 +92,21 @@ class RankGroup:
             D.raise_for(seen, self.ranks)
         return not seen[D.REAL_OOM]
 
+    def primed(self, oom: bool) -> None:
+        """After this rank made the optimizer's state before step 0 (`oom`: it ran out of memory
+        doing so, and raises its own TrainError next): the ranks agree on whether the state fit on
+        every one, in one agreement round that every rank enters (a rank whose priming failed
+        otherwise enters it through `failed`). No rank shrinks and redoes: the state's size does not
+        depend on the micro-batch. Raises RankFailed on a rank whose state fit when another rank's
+        did not (naming that rank), or when another rank failed otherwise."""
+        if not self.several:
+            return
+        seen = self.agreement.outcome("oom" if oom else None)
+        if seen[D.ERROR]:
+            D.raise_for(seen, self.ranks)
+        if not oom and (seen[D.REAL_OOM] or seen[D.INJECTED_OOM]):
+            raise D.RankFailed(f"rank {self.ranks.rank}: {D.failed_rank(seen)} {D.OTHER_PRIME_OOM}; stopping here too")
+
     def rewrap(self, forward: torch.nn.Module) -> None:
         """A clean wrapper around `forward` after an OOM or a compile switch (every rank at once)."""
         if self.parallel is not None:

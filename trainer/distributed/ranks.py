@@ -234,7 +234,10 @@ OTHER_OOM = "ran out of memory"
 # Its own error says why: printed by --nproc-per-node's launcher, or in a user's torchrun's summary
 # (its root cause), where rank 0's line goes too (autofit.launch.torchrun.report_error).
 OTHER_FAILED = "failed in this step (its own error says why)"
-CONSEQUENCES = (LOST_CONTACT, OTHER_FAILED, f"{OTHER_OOM} in this step)")
+# Before step 0: a rank's optimizer state did not fit (trainer.redo: no smaller micro-batch can
+# help, so every rank stops; the rank that ran out says why, with its allocator's words).
+OTHER_PRIME_OOM = f"{OTHER_OOM} making the optimizer's state (its own error says why)"
+CONSEQUENCES = (LOST_CONTACT, OTHER_FAILED, f"{OTHER_OOM} in this step)", OTHER_PRIME_OOM)
 
 
 def peer_lost(exc: BaseException, ranks: Ranks) -> TrainError:
