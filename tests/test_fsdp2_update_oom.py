@@ -61,14 +61,21 @@ def test_an_oom_in_rank_1s_update_before_any_weight_moves_is_redone_by_both_rank
         assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
 
 
-@pytest.mark.parametrize("parallelism", ["fsdp2", "ddp"])
-def test_an_oom_after_rank_1s_optimizer_step_moved_weights_stops_both_ranks_without_a_redo(tmp_path, parallelism):
+@pytest.mark.parametrize("parallelism,fault", [("fsdp2", "update"), ("ddp", "update"), ("fsdp2", "update/saved")])
+def test_an_oom_after_rank_1s_optimizer_step_moved_weights_stops_both_ranks_without_a_redo(tmp_path, parallelism,
+                                                                                           fault):
     """The weights are half-updated on rank 1 (here: wholly) and updated on rank 0: no redo, both
     stop at step 3, rank 1 with its cause, rank 0 with a consequence (which the --nproc-per-node
-    launcher leaves out), not at the next collective of the loop."""
-    done, got = run_worker(tmp_path, parallelism, "update")
+    launcher leaves out), not at the next collective of the loop. Rank 1's line says where to go
+    on from: no checkpoint yet, or (update/saved) step 2's, which rank 0 wrote (before session 13
+    only rank 0 knew the step on disk, and the line said 'resume from the last checkpoint' always)."""
+    done, got = run_worker(tmp_path, parallelism, fault)
     assert done.returncode != 0 and got == []
     assert "out of memory inside the optimizer update of step 3: part of it may already be applied" in done.stderr
+    ckpt = tmp_path / f"{parallelism}_{fault}".replace("/", "_") / "run" / "ckpt.pt"
+    assert ("cannot be redone; " + (f"resume from the last checkpoint, {ckpt} (step 2), with --resume" if "saved" in
+                                    fault else "this run has written no checkpoint yet, so start it again")
+            + ", with a smaller micro-batch if it happens again") in done.stderr, done.stderr[-3000:]
     assert "rank 0: rank 1 failed in this step (its own error says why); stopping here too" in done.stderr
     assert "lost contact" not in done.stderr and "mismatch" not in done.stderr, done.stderr[-3000:]
     assert "redoing step" not in done.stdout

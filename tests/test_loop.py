@@ -854,7 +854,8 @@ def test_an_oom_inside_the_optimizer_update_stops_the_run_instead_of_redoing_a_h
         return real(*a, **k)
     monkeypatch.setattr(step_mod, "_optimizer_update", update)
     seen = []
-    with pytest.raises(TrainError, match="inside the optimizer update of step 2.*cannot be redone"):
+    with pytest.raises(TrainError, match="inside the optimizer update of step 2.*cannot be redone; this run has "
+                                         "written no checkpoint yet, so start it again, with a smaller micro-batch"):
         train(make_cfg(tmp_path), opts(on_event=seen.append))
     assert not [e for e in seen if "shrink" in e.get("event", "")]
     calls.clear()
@@ -862,6 +863,31 @@ def test_an_oom_inside_the_optimizer_update_stops_the_run_instead_of_redoing_a_h
     r = run_trial(cfg, Levers("float32", 0, "standard").candidate(4), BudgetedCpuDevice(budget_bytes=1 << 30),
                   rank_batch=8, budget_bytes=1 << 30, settings=TrialSettings(steps=3))
     assert r.status == "oom" and "optimizer update" in r.note
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_oom_in_the_optimizer_update_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch, resume):
+    """Once a checkpoint is on disk (written at step 5's evaluation, or the one resumed from) the
+    line names it and its step; before session 13 it said 'resume from the last checkpoint' when
+    the run had none, too. Nothing is written at the OOM: ckpt.pt still holds step 5."""
+    import trainer.step as step_mod
+    from trainer.checkpoint.ckpt import read_checkpoint
+    real, calls = step_mod._optimizer_update, []
+    if resume:
+        train(make_cfg(tmp_path), opts(max_steps=5))  # ckpt.pt at step 5, the run's end
+
+    def update(*a, **k):
+        calls.append(1)
+        if len(calls) == (2 if resume else 7):  # step 6 either way
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return real(*a, **k)
+    monkeypatch.setattr(step_mod, "_optimizer_update", update)
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(TrainError) as got:
+        train(make_cfg(tmp_path), opts(resume=resume))
+    assert str(got.value).endswith(f"the step cannot be redone; resume from the last checkpoint, {ckpt} (step 5), "
+                                   f"with --resume, with a smaller micro-batch if it happens again")
+    assert "of step 6" in str(got.value) and read_checkpoint(ckpt, CPU)["iter_num"] == 5
 
 
 def test_an_oom_in_clipping_the_gradients_is_redone_since_no_weight_has_moved(tmp_path, monkeypatch, baseline):

@@ -362,7 +362,8 @@ class Trainer(RedoneStep):
         last check was finite (a TrainError otherwise, and the file on disk stays as it was)."""
         self._read_losses()
         extra = self.group.checkpoint_extra(self.model, self.optimizer, self.micro_batches)  # every rank
-        if not self.master:
+        if not self.master:  # every rank knows the step on disk: its own error lines name it (trainer.redo)
+            self.saved_step = self.iter_num
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({**training_state(self), **extra}, self.ckpt_path,

@@ -52,7 +52,7 @@ class RedoneStep:
                     other = self.group.failed(e)  # the other ranks are told; a lost rank is one line
                     if other is not None:
                         raise other from None
-                    raise TrainError(str(e)) if isinstance(e, UpdateOOM) else e
+                    raise TrainError(self._update_oom_line(e)) if isinstance(e, UpdateOOM) else e
                 failure = str(e).splitlines()[0][:200]
                 attempt = {"injected": isinstance(e, InjectedOOM) or getattr(e, "injected", False),
                            "agreed": getattr(e, "agreed", False)}
@@ -68,6 +68,16 @@ class RedoneStep:
                 self.save_last()
                 raise
             self._set_rng_state(rng)
+
+    def _update_oom_line(self, e: UpdateOOM) -> str:
+        """The UpdateOOM's line with where to go on from: the checkpoint on disk (saved_step, known
+        on every rank), or, before the run wrote one, a new start. No checkpoint is written now:
+        the weights are half-updated (and, with several ranks, differ between them)."""
+        if self.saved_step is None:
+            where = "this run has written no checkpoint yet, so start it again"
+        else:
+            where = f"resume from the last checkpoint, {self.ckpt_path} (step {self.saved_step}), with --resume"
+        return f"{str(e).splitlines()[0]}; {where}, with a smaller micro-batch if it happens again"
 
     def _check_thrash(self) -> None:
         """Allocator thrashing: shrink before it becomes an OOM (where the meter counts retries).

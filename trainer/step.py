@@ -123,8 +123,9 @@ class InjectedOOM(torch.OutOfMemoryError):
 class UpdateOOM(torch.OutOfMemoryError):
     """Out of memory inside the optimizer update (train_step): part of the update (some parameters,
     some moments) may already be applied, so the step cannot be redone as it was. The trainer
-    stops on it (trainer.redo) where it shrinks and redoes an OOM in the micro-batches; a probe's
-    trial records it as any OOM."""
+    stops on it (trainer.redo) where it shrinks and redoes an OOM in the micro-batches, adding to
+    its line where to go on from (only the trainer knows its checkpoint); a probe's trial records
+    it as any OOM."""
 
 
 class FaultInjector:
@@ -348,8 +349,7 @@ def _apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
         if isinstance(e, UpdateOOM) or not is_oom(e):
             raise
         raise UpdateOOM(f"out of memory inside the optimizer update{'' if step is None else f' of step {step}'}: "
-                        f"part of it may already be applied, so the step cannot be redone; resume from the last "
-                        f"checkpoint (--resume), with a smaller micro-batch if it happens again") from e
+                        f"part of it may already be applied, so the step cannot be redone") from e
 
 
 def _optimizer_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None):

@@ -61,7 +61,8 @@ def train(parallelism: str, fault: str, out: Path) -> dict:
     """A 6-step run of the trainer itself; with a fault, rank 1 runs out of memory at step 3, at
     the site the fault names ('oom': inside block 1's forward; BACKWARD_SITES; 'gather_buffer';
     'prime': before step 0 instead, making the optimizer's state),
-    '/explicit' after it: without the check-ins after FSDP2's communication buffers."""
+    '/explicit' after it: without the check-ins after FSDP2's communication buffers, '/saved' after
+    it: an evaluation and a checkpoint every 2 steps."""
     from trainer.config.train_config import load_config
     from trainer.loop import RunOptions, Trainer
     from trainer.step import InjectedOOM
@@ -73,7 +74,8 @@ def train(parallelism: str, fault: str, out: Path) -> dict:
         "compile") else dict(compile=True, compile_after=2) if only == "compile" else dict(compile=False)
     cfg = load_config(None, overrides=[f"{k}={v}" for k, v in dict(
         n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, gradient_accumulation_steps=1, dropout=0.0,
-        dataset="embedded", max_iters=6, warmup_iters=1, lr_decay_iters=6, eval_interval=0, log_interval=1,
+        dataset="embedded", max_iters=6, warmup_iters=1, lr_decay_iters=6, log_interval=1, eval_iters=1,
+        eval_interval=2 if only == "saved" else 0,  # '/saved': a checkpoint at step 2, before the fault
         device="cpu", dtype="float32", parallelism=parallelism, out_dir=str(out / "run"), **compiled).items()])
     if only == "explicit":  # as on a torch without custom FSDP2 comms: the explicit check-ins alone
         from trainer.distributed import sharding
