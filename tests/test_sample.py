@@ -414,3 +414,14 @@ def test_sample_from_another_folder_finds_the_meta_pkl_it_trained_on(tmp_path, m
     code, out, err = cli(monkeypatch, capsys, "sample", "--out", str(work / "ch1"), "--device", "cpu")
     assert code == 2 and out == "" and err.strip().count("\n") == 0, err
     assert f"no meta.pkl at d1/meta.pkl or data/d1/meta.pkl or {work / 'd1' / 'meta.pkl'} (from {elsewhere})" in err
+
+
+def test_the_meta_pkl_is_looked_for_where_training_found_the_dataset(tmp_path, monkeypatch):
+    """A folder ./d1 (GPT-2 tokens, no meta.pkl) is the dataset training read, as datasets.
+    dataset_dir finds it; data/d1's meta.pkl belongs to another dataset and is not taken."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d1").mkdir()
+    write_meta(tmp_path / "data" / "d1")
+    with pytest.raises(SampleError, match=r"no meta.pkl at d1/meta.pkl \(from"):
+        pick_codec("d1", 65)
+    assert pick_codec("d1", 65, trained_in=str(tmp_path / "data" / "d1")).vocab_size == len(ALPHABET)

@@ -225,11 +225,12 @@ def pick_codec(dataset: str | None, vocab_size: int, *, data_root: str | Path = 
 
 
 def _meta_places(dataset: str, data_root: str | Path, trained_in: str | None) -> list[Path]:
-    """Where a character dataset's meta.pkl may be, in order: the dataset as a folder, a bare
-    name under data_root (nanoGPT's data/NAME), the folder the checkpoint trained on."""
+    """Where a character dataset's meta.pkl may be, in order: the dataset as a folder, else a bare
+    name under data_root (nanoGPT's data/NAME), as training finds the dataset (datasets.
+    dataset_dir); then the folder the checkpoint trained on."""
     where = expand_user(dataset)
     places = [where / "meta.pkl"]
-    if len(where.parts) == 1:
+    if not where.is_dir() and len(where.parts) == 1:
         places.append(Path(data_root) / dataset / "meta.pkl")
     if trained_in:
         places.append(Path(trained_in) / "meta.pkl")
