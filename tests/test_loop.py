@@ -719,11 +719,14 @@ def test_a_ctrl_c_during_the_last_checkpoint_is_heard_and_the_checkpoint_written
 
 
 def test_a_fatal_oom_keeps_the_completed_steps(tmp_path):
+    """... and its line says so, as every other stop does (t4, session 13: it did not)."""
     cfg = make_cfg(tmp_path)
-    with pytest.raises(TrainError, match="no smaller micro-batch"):
+    with pytest.raises(TrainError, match="no smaller micro-batch") as e:
         train(cfg, opts(max_steps=4, fault=FaultInjector(2), shrink=lambda failed: None))
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ck["iter_num"] == 2
+    assert str(e.value).endswith(f"; {tmp_path / 'ckpt.pt'} holds step 2: --resume continues from it (with more "
+                                 f"memory)"), e.value
 
 
 

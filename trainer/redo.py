@@ -63,9 +63,12 @@ class RedoneStep:
             injected = self.group.after_oom(attempt)  # every rank knows before any moves on
             try:
                 self._shrink(failure, injected)
-            except TrainError:  # keep the steps that did complete; this one is next, on its own batch and RNG
+            except TrainError as e:  # keep the steps that did complete; this one is next, on its own batch and RNG
                 self.sampler.counters.update(start), self._set_rng_state(rng)
                 self.save_last()
+                if self.saved_step is not None:  # what is kept, as every other stop says it
+                    e.args = (f"{e}; {self.ckpt_path} holds step {self.saved_step}: --resume continues from it "
+                              f"(with more memory)",)
                 raise
             self._set_rng_state(rng)
 
