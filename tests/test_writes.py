@@ -165,6 +165,26 @@ def test_a_fresh_run_does_not_append_to_another_runs_metrics(tmp_path, monkeypat
     assert (tmp_path / "o" / "metrics.jsonl").read_text() == '{"type": "run"}\n'
 
 
+def test_an_evaluation_only_folder_takes_another_run(tmp_path, monkeypatch, capsys):
+    """t4 (session 13): an eval_only run (nanoGPT's eval_gpt2 configs) writes metrics.jsonl and no
+    checkpoint, and every later run on that --out, the same evaluation too, was refused as 'an
+    earlier run'. Evaluations only are no earlier run; one train record among them still is."""
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    small = [*SMALL, "--device", "cpu", "--budget", "64MiB", "--no-probe", "--out", "o", "--no-progress"]
+    for _ in range(2):  # the same evaluation twice
+        code, _, err = cli(monkeypatch, capsys, "run", *small, "--set", "eval_only=True")
+        assert code == 0, err
+    metrics = tmp_path / "o" / "metrics.jsonl"
+    kinds = [json.loads(line)["type"] for line in metrics.read_text().splitlines()]
+    assert kinds == ["run", "eval", "run", "eval"] and not (tmp_path / "o" / "ckpt.pt").exists()
+    code, _, err = cli(monkeypatch, capsys, "run", *small, "--max-steps", "1")
+    assert code == 0 and (tmp_path / "o" / "ckpt.pt").exists(), err
+    (tmp_path / "o" / "ckpt.pt").unlink()  # a training run's records without its checkpoint: refused again
+    code, _, err = cli(monkeypatch, capsys, "run", *small, "--set", "eval_only=True")
+    assert code == 2 and "o/metrics.jsonl holds the records of an earlier run" in err
+
+
 @pytest.mark.parametrize("stdout, words", [
     ("full", "cannot write to stdout: No space left on device [ENOSPC]"),
     ("closed", "cannot write to stdout: it is closed"),

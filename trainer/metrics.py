@@ -111,11 +111,32 @@ TENSORBOARD_HINT = install_hint("tensorboard", "tensorboard")
 
 def check_fresh_folder(out_dir: str | Path) -> None:
     """Raises TrainError when a fresh run would append to another run's metrics.jsonl: the folder
-    holds one but no checkpoint to resume (that run stopped before its first checkpoint)."""
+    holds one but no checkpoint to resume (that run stopped before its first checkpoint). Records
+    of evaluations only (eval_only runs, which train nothing and write no checkpoint: nanoGPT's
+    eval_gpt2 configs) are no such run; a run after them appends, its own 'run' record first."""
     path = Path(out_dir) / "metrics.jsonl"
-    if path.is_file() and path.stat().st_size > 0 and not (Path(out_dir) / "ckpt.pt").exists():
+    if path.is_file() and path.stat().st_size > 0 and not (Path(out_dir) / "ckpt.pt").exists() \
+            and not _evaluations_only(path):
         raise TrainError(f"{path} holds the records of an earlier run (with no checkpoint to resume); a new run "
                          f"would mix its records into them: move it away, or choose another --out")
+
+
+def _evaluations_only(path: Path) -> bool:
+    """Whether every record in metrics.jsonl belongs to an eval_only run (a 'run' record whose
+    config says eval_only, then its records, none a 'train' one). A line that is not such a
+    record: False."""
+    evaluating = False
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("type") == "run":
+                    evaluating = (rec.get("config") or {}).get("eval_only") is True
+                if not evaluating or rec.get("type") == "train":
+                    return False
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        return False
+    return evaluating
 
 
 def _numbers(record: dict) -> dict[str, float]:
