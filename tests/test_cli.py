@@ -595,6 +595,7 @@ def test_a_second_run_into_the_same_folder_is_one_line(tmp_path, monkeypatch, ca
     (["--out", "  "], {}, "--out is empty"),
     (["--resume", "--out", "o", "--config", "x.py"], {}, "drop --config"),
     (["--out", "o"], {"AUTOFIT_FAULT_OOM_AT_STEP": "abc"}, "AUTOFIT_FAULT_OOM_AT_STEP"),
+    (["--out", "o"], {"AUTOFIT_FAULT_OOM_AT_STEP": "3@"}, "STEP@RANK"),  # t4: was step 3 on every rank
     (["--out", "o"], {"AUTOFIT_DIST_TIMEOUT": "abc"}, "AUTOFIT_DIST_TIMEOUT"),
     (["--out", "o"], {"AUTOFIT_DIST_TIMEOUT": "inf"}, "AUTOFIT_DIST_TIMEOUT"),  # was an OverflowError traceback
     (["--out", "o"], {"AUTOFIT_DIST_TIMEOUT": "nan"}, "AUTOFIT_DIST_TIMEOUT"),  # was a ValueError traceback

@@ -144,9 +144,9 @@ class FaultInjector:
         raw = os.environ.get("AUTOFIT_FAULT_OOM_AT_STEP", "").strip()
         if not raw:
             return cls(None)
-        step, _, on = raw.partition("@")
+        step, at_sign, on = raw.partition("@")
         try:
-            at, on_rank = int(step), (int(on) if on else None)
+            at, on_rank = int(step), (int(on) if at_sign else None)  # '3@' names no rank: refused
             if at < 0 or (on_rank is not None and on_rank < 0):
                 raise ValueError
         except ValueError:
