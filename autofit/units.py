@@ -67,6 +67,12 @@ def fmt_bytes(n: int | float) -> str:
     return f"{sign}{int(a)} B"
 
 
+def fmt_share(x: float) -> str:
+    """A share as a percentage with the digits it needs: 0.1 -> "10%", 0.125 -> "12.5%", 0.999 ->
+    "99.9%" (not "100%", which the margin is not)."""
+    return f"{x * 100:.3f}".rstrip("0").rstrip(".") + "%"
+
+
 def measured_peak_words(r) -> str:
     """'measured peak 7.00 GiB', or with a reserved figure (CUDA) 'measured peak 7.00 GiB allocated,
     9.90 GiB reserved': the figure the budget judges is always among them (autofit.records.judged_peak)."""

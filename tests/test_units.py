@@ -1,6 +1,6 @@
 import pytest
 
-from autofit.units import GiB, MiB, fmt_bytes, parse_size
+from autofit.units import GiB, MiB, fmt_bytes, fmt_share, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -45,3 +45,9 @@ def test_parse_size_messages_are_clear():
 ])
 def test_fmt_bytes(n, text):
     assert fmt_bytes(n) == text
+
+
+@pytest.mark.parametrize("x, text", [(0.1, "10%"), (0.0, "0%"), (0.125, "12.5%"), (0.999, "99.9%"), (0.05, "5%")])
+def test_fmt_share_keeps_the_digits_a_share_needs(x, text):
+    """t4 (session 13): --margin 0.999 printed 'less the 100% safety margin'."""
+    assert fmt_share(x) == text

@@ -123,7 +123,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     """The measured probe on an opened device (autofit.devices.device.Device) whose budget is known."""
     cfg = fitted_config(cfg, log)
     from autofit.planning.estimate import ModelShape, param_count
-    from autofit.units import fmt_bytes
+    from autofit.units import fmt_bytes, fmt_share
     from autofit.planning import agree
     on_trial = trial_log()  # AUTOFIT_TRIALS_JSONL, checked writable before anything is said or run
     info = device.info
@@ -132,7 +132,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     space = agree.space(probe_space(cfg, device, opts))  # several ranks: what every rank's card can run
     # after the space: a lever this device cannot run (bf16 on a card without it) is refused first
     log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)} "
-        f"({fmt_bytes(budget.usable_bytes)} usable less the {budget.margin:.0%} safety margin)"
+        f"({fmt_bytes(budget.usable_bytes)} usable less the {fmt_share(budget.margin)} safety margin)"
         + (f" (the smallest of {ranks.world_size} ranks' budgets; each rank measures on its own device)"
            if ranks.several else ""))
     n = param_count(ModelShape.from_config(cfg))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 # The CUDA context assumed where it cannot be measured is a device figure (devices/info.py, where
 # the CUDA device reads it too): see there for its source and why cuBLAS's workspace is no budget term.
 from autofit.devices.info import ASSUMED_CONTEXT_BYTES, DeviceError
+from autofit.units import fmt_share
 
 ASSUMED_WORKSPACE_BYTES = 64 * 2**20
 
@@ -72,9 +73,9 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
         usable = max(0, free - context_bytes - workspace_bytes)
     budget = int(usable * (1.0 - margin))
     if info.kind == "cpu" and budget < 1:  # --budget 1 (or a profile's memory_bytes = 1): nothing to plan in
-        raise DeviceError(f"a CPU budget of {usable} B leaves {budget} B to plan in after the {margin:.0%} safety "
+        raise DeviceError(f"a CPU budget of {usable} B leaves {budget} B to plan in after the {fmt_share(margin)} safety "
                           f"margin; give a budget that holds the model, its optimizer state and a micro-batch")
-    terms.append(BudgetTerm(f"safety margin {margin:.0%}", budget - usable,
+    terms.append(BudgetTerm(f"safety margin {fmt_share(margin)}", budget - usable,
                             "assumed: --margin (default 10%), a share kept free"))
     return Budget(budget_bytes=budget, usable_bytes=usable, margin=margin, terms=terms)
 
