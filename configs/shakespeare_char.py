@@ -15,7 +15,9 @@ log_interval = 10
 always_save_checkpoint = False
 
 dataset = 'shakespeare_char'
-vocab_size = 65  # meta.pkl's vocab_size: the 65 distinct characters
+# Tiny Shakespeare's 65 distinct characters, so that a GPU estimate (--gpu) before the data is
+# prepared has the model's size; for your own text (--input FILE) drop this line: meta.pkl gives it
+vocab_size = 65
 gradient_accumulation_steps = 1
 batch_size = 64
 block_size = 256

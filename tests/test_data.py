@@ -375,3 +375,21 @@ def test_embedded_files_match_their_generator():
     meta = json.loads(files["meta.json"])
     assert meta["bits_per_byte"]["bigram_conditional"] < 4.0  # far from random bytes (8 bits)
     assert len(gzip.decompress(files["val.bin.gz"])) == meta["splits"]["val"]["tokens"]
+
+
+def test_a_vocab_size_above_the_characters_is_said(tmp_path):
+    """t4 (session 13): configs/shakespeare_char.py pins vocab_size 65; on one's own text of 17
+    characters it trained a 65-id model in silence (nanoGPT takes meta.pkl's)."""
+    from autofit.launch.checks import check_data
+    from trainer.config.train_config import load_config
+    from trainer.data.prepare import prepare
+    src = tmp_path / "t.txt"
+    src.write_text("the quick brown fox\n" * 300)
+    prepare("shakespeare_char", tmp_path / "d", input_path=src, progress=False)
+    said = []
+    check_data(load_config(preset="tiny", overrides=[f"dataset={tmp_path / 'd'}", "vocab_size=65"]), log=said.append)
+    assert said == [f"note: vocab_size 65 (--set) is above the 17 characters {tmp_path / 'd' / 'meta.pkl'} declares: "
+                    f"ids 17 to 64 never occur (drop vocab_size from the config to take meta.pkl's, as nanoGPT does)"]
+    said.clear()
+    check_data(load_config(preset="tiny", overrides=[f"dataset={tmp_path / 'd'}"]), log=said.append)
+    assert said == []  # meta.pkl's own vocab_size

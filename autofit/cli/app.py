@@ -309,10 +309,10 @@ def _check_fresh_run(cfg, log) -> None:
         raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
                          f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
     check_fresh_folder(cfg.out_dir)  # no checkpoint, but another run's metrics.jsonl: not appended to
-    check_data(cfg)
-    src = cfg.source_of("vocab_size")
     from autofit.launch.torchrun import LAUNCHED_ENV
     said_by_launcher = os.environ.get(LAUNCHED_ENV) is not None  # --nproc-per-node checked it once already
+    check_data(cfg, log=(lambda s: None) if said_by_launcher else log)
+    src = cfg.source_of("vocab_size")
     if (src.endswith("meta.pkl") or src.startswith("dataset")) and not said_by_launcher:
         log(f"vocab_size {cfg.vocab_size}, from {src}")
 

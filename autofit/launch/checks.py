@@ -50,6 +50,12 @@ def check_data(cfg, vocab_fixed_by: str = "", trained_on: dict | None = None, al
     fix = (f"{vocab_fixed_by}'s model has vocab_size {cfg.vocab_size}, which a resume cannot change: resume it "
            f"on the data it was trained on, or start a new run with another --out") if vocab_fixed_by else ""
     data.check_vocab(cfg.vocab_size, fix)
+    if not vocab_fixed_by and data.vocab_source.endswith("meta.pkl") and cfg.vocab_size > data.vocab_size:
+        # a vocab_size set by hand above the characters (a config written for another text): it
+        # trains, but nanoGPT would take meta.pkl's, and the ids past it are never seen
+        log(f"note: vocab_size {cfg.vocab_size} ({cfg.source_of('vocab_size')}) is above the {data.vocab_size} "
+            f"characters {data.vocab_source} declares: ids {data.vocab_size} to {cfg.vocab_size - 1} never occur "
+            f"(drop vocab_size from the config to take meta.pkl's, as nanoGPT does)")
     data.check_block_size(cfg.block_size)
     if cfg.init_from.startswith("gpt2") and not vocab_fixed_by:  # a fresh fine-tune: its weights, before trials
         from trainer.model.pretrained import locate_gpt2
