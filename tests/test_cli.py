@@ -811,3 +811,15 @@ def test_a_file_name_that_is_not_utf8_is_shown_by_its_bytes(tmp_path, monkeypatc
     code, out, err = cli(monkeypatch, capsys, "config", "--config", name)
     assert code == 2 and out == "" and err.startswith("autofit: error: \\xfe.py:1: refused"), err
     assert "udc" not in err
+
+
+def test_a_default_vocab_size_for_a_dataset_not_here_is_said(tmp_path, monkeypatch, capsys):
+    """A character config without its data, estimated on a GPU profile, was sized with the
+    default 50304 ids (30M parameters for nanoGPT's 10.7M baby GPT) without a word."""
+    (tmp_path / "c.py").write_text("dataset = 'shakespeare_char'\nn_layer = 2\nn_head = 2\nn_embd = 64\n")
+    code, _, err = cli(monkeypatch, capsys, "probe", "--config", "c.py", "--gpu", "t4-16gb")
+    assert code == 0 and "note: vocab_size 50304 is the default (GPT-2 BPE's, padded): dataset 'shakespeare_char' is " \
+        "not here" in err.replace("\n", " "), err
+    (tmp_path / "c.py").write_text("dataset = 'shakespeare_char'\nn_layer = 2\nn_head = 2\nn_embd = 64\nvocab_size = 65\n")
+    code, _, err = cli(monkeypatch, capsys, "probe", "--config", "c.py", "--gpu", "t4-16gb")
+    assert code == 0 and "is the default" not in err

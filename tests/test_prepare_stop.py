@@ -210,7 +210,7 @@ def test_cli_says_what_was_kept_exits_130_and_continues(tmp_path, rows, referenc
     k = kept_after_signal_in(9)
     last = err.strip()
     assert code == 130 and out == "" and err.count("\n") == 1, err  # one line, unwrapped
-    assert last.startswith(f"stopped by SIGTERM at the next boundary; the shard in hand was dropped; {k} finished "
+    assert last.startswith(f"autofit: stopped by SIGTERM at the next boundary; the shard in hand was dropped; {k} finished "
                            f"shards ({k * SIZE} tokens) kept in fw/.prepare-fineweb.partial; no dataset was written")
     assert last.endswith(f"run the same command again to continue from shard {k}")
     monkeypatch.setattr(prep, "gpt2_encoder", lambda: counting()[0])

@@ -77,7 +77,7 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
                        force=force, progress=not no_progress, log=log)
     except PrepareStopped as e:  # a Ctrl-C/SIGTERM, acted on at a boundary: what is kept, how to go on
         interrupts.said()
-        err_console.print(str(e), markup=False, soft_wrap=True)
+        err_console.print(f"autofit: {e}", markup=False, soft_wrap=True)  # as every stop line reads
         raise typer.Exit(interrupts.EXIT_CODE) from None
     counts = ", ".join(f"{split} {n:,} tokens" for split, n in done.tokens.items())
     vocab = f", vocab_size {done.vocab_size} in meta.pkl" if done.vocab_size else ", GPT-2 BPE tokens"

@@ -175,6 +175,8 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
     """Returns (ProbeResult, device or None, hardware spec or None). Raises DeviceError,
     HardwareError or PlanError with one line."""
     cfg = fitted_config(cfg, log)  # a staged config: its largest stage
+    for note in _default_vocab_note(cfg):
+        log(note)
     if opts.gpu is not None:
         sim = open_simulated(opts.gpu)
         if opts.device is not None or opts.budget_bytes is not None or opts.gpu_index is not None:
@@ -192,3 +194,14 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
     device = open_device(opts.device, budget_bytes=opts.budget_bytes, gpu_index=opts.gpu_index,
                          emulate_usable_bytes=opts.emulate_bytes, source=opts.device_source)
     return probe_on(cfg, device, device_budget(device, opts.margin), opts, log), device, None
+
+
+def _default_vocab_note(cfg) -> list[str]:
+    """A note where vocab_size is nanoGPT's default because the dataset is not here to give its
+    own: a character set's meta.pkl would give ~65, and the logits, the largest activation of a
+    small model, scale with it (a probe needs no data, so it goes on)."""
+    from trainer.data.datasets import EMBEDDED, dataset_dir
+    if cfg.source_of("vocab_size") != "default" or cfg.dataset == EMBEDDED or dataset_dir(cfg.dataset) is not None:
+        return []
+    return [f"note: vocab_size {cfg.vocab_size} is the default (GPT-2 BPE's, padded): dataset '{cfg.dataset}' is not "
+            f"here, and a character dataset's meta.pkl would give its own (e.g. 65): --set vocab_size=N if so"]
