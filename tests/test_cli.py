@@ -45,6 +45,7 @@ def test_config_with_a_call_is_refused_and_nothing_runs(tmp_path, monkeypatch, c
     (["config", "--set", "n_head=5"], "divisible"),
     (["probe", "--gpu", "rtx4070-12gbb"], "rtx4070-12gb"),
     (["probe", "--device", "cpu", "--budget", "lots"], "--budget"),
+    (["probe", "--device", "cuda:x"], "--device must be cuda, cuda:N (N: the GPU's index) or cpu, got 'cuda:x'"),
     (["run", "--profile", "no-such-card"], "no profile"),
     (["run", "--profile", "rtx4070-12gb"], "autofit probe --gpu rtx4070-12gb"),
     (["run", "--emulate"], "--profile"),

@@ -50,7 +50,7 @@ def _open_device(kind: str | None, *, budget_bytes: int | None, gpu_index: int |
     from autofit.devices.cpu_budget import BudgetedCpuDevice
     from autofit.devices.ranks import budget_flag, cpu_share, gpu_index as rank_gpu, rank_budget, under_torchrun
     if kind not in (None, "cpu", "cuda"):
-        raise DeviceError(f"--device must be 'cuda' or 'cpu', got {kind!r}")
+        raise DeviceError(f"--device must be cuda, cuda:N (N: the GPU's index) or cpu, got {kind!r}")
     asked = gpu_index
     if asked is not None and (kind == "cpu" or budget_bytes is not None):
         raise DeviceError(f"--gpu-index {asked} picks a GPU, and this run is on the CPU "
