@@ -246,6 +246,7 @@ def test_prepare_fineweb_script_is_a_wrapper(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(name="tinystories"), "unknown dataset 'tinystories' to prepare; choose from shakespeare_char"),
+    (dict(name="shakespear_char"), "unknown dataset 'shakespear_char' to prepare (did you mean 'shakespeare_char'?)"),
     (dict(max_tokens=10), "--max-tokens and --shard-size apply to fineweb-edu only"),
     (dict(input_path="nope.txt"), "--input nope.txt is not a file"),
 ])

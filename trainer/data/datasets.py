@@ -290,8 +290,13 @@ def read_meta(path: str | Path) -> dict:
     Raises DataError naming the file if it is unreadable, holds code, or is not such a dict."""
     try:
         data = _PlainUnpickler(io.BytesIO(Path(path).read_bytes())).load()
-    except Exception as e:
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    except pickle.UnpicklingError as e:  # our refusal ('refusing to load os.system'), or pickle's own
         raise DataError(f"cannot read {path}: {e}") from None
+    except Exception as e:  # text or other bytes: pickle's parse errors name its internals, not the file
+        raise DataError(f"cannot read {path}: it is not a pickle as nanoGPT's prepare.py writes meta.pkl "
+                        f"({type(e).__name__}); prepare the dataset again") from None
     if not isinstance(data, dict):
         raise DataError(f"cannot read vocab_size from {path}: it holds a {type(data).__name__}, not a dict")
     return data
