@@ -16,6 +16,10 @@ import sys
 from collections.abc import Callable  # not typing's: 2 ms more of the start-up before unwind_stops
 
 EXIT_CODE = 130  # 128 + SIGINT: the exit status of every interrupted command
+# 128 + SIGPIPE: training stopped because stdout's reader went away (`autofit run | head`), with a
+# checkpoint. What a shell reports for a command a closed pipe killed, which `set -o pipefail`
+# scripts already know; not 130 (no Ctrl-C came) and not 1 (nothing failed, the steps are kept).
+PIPE_EXIT_CODE = 141
 Line = str | Callable[[], str]  # a callable is asked at the moment of the Ctrl-C (what exists then)
 
 DEFAULT_LINE = "interrupted; nothing was saved"

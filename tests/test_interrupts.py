@@ -261,3 +261,37 @@ def test_the_exit_code_of_a_stop_is_the_launchers_128_plus_n_else_130(monkeypatc
         interrupts.heard(getattr(signal, sig))
     assert interrupts.exit_code() == code
     interrupts.reset()
+
+
+def test_a_closed_stdout_in_training_stops_with_a_checkpoint_and_141(tmp_path):
+    """t4 (session 13): `autofit run ... | head` ended training with exit 1 and no word: no checkpoint,
+    and a metrics.jsonl that then refused the same --out. The reader going away is now a stop as a
+    Ctrl-C's: the step boundary, a checkpoint, one line on stderr, exit code 141 (128 + SIGPIPE)."""
+    import re
+
+    import torch
+    env = {**os.environ, "AUTOFIT_HOME": str(tmp_path / "home")}
+    args = [sys.executable, "-m", "autofit", "run", *CPU, *TINY, "--no-probe", "--no-progress", "--out", "o",
+            "--set", "log_interval=1", "--set", "max_iters=100000"]  # never reached: only the closed pipe stops it
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = [proc.stdout.readline() for _ in range(2)]  # `| head -2`
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert first[0].startswith("training on cpu"), first
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"stdout was closed \(broken pipe\): stopped after (\d+) optimizer steps?; checkpoint o/ckpt.pt "
+                     r"resumes at step (\d+); continue with: autofit run --resume --out o", last)
+    assert m and m[1] == m[2], err
+    assert proc.returncode == 141 and "Traceback" not in err, err
+    step = int(m[1])
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)["iter_num"] == step
+    assert '"type": "interrupted", "step": %d, "signal": 13}' % step in (tmp_path / "o" / "metrics.jsonl").read_text()
+    done = subprocess.run([sys.executable, "-m", "autofit", "run", "--resume", "--out", "o", "--no-progress",
+                           "--max-steps", str(step + 2)], cwd=tmp_path, env=env, text=True, capture_output=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"2 optimizer steps (steps {step} to {step + 1}; {step + 2} in all)" in done.stdout, done.stdout

@@ -263,6 +263,9 @@ def test_ranks_interrupted_on_their_own_are_one_line_or_none():
     assert failed_lines(both, 2, interrupt_said=True) == ([], 130)
     assert failed_lines(both, 2) == (["autofit: interrupted: rank 0, 1 stopped with exit code 130, and no rank said "
                                       "it saved a checkpoint"], 130)
+    # rank 0 stopped because its stdout was closed (141), rank 1 (agreed, no signal of its own) exited 0
+    assert failed_lines({0: Failure(141)}, 2, interrupt_said=True) == ([], 141)
+    assert failed_lines({0: Failure(141)}, 2)[1] == 141
     # a rank that died is still the cause, named first
     lines, code = failed_lines({0: Failure(130), 1: Failure(-signal.SIGKILL)}, 2, interrupt_said=True)
     assert lines == ["autofit: rank 1 stopped with signal SIGKILL"] and code == 128 + signal.SIGKILL

@@ -110,6 +110,40 @@ def test_a_guarded_stdout_says_which_stream_and_a_closed_pipe_ends_quietly(tmp_p
         GuardedStream(Pipe()).write("x")
 
 
+def test_a_closed_pipe_in_training_calls_the_hook_once_and_drops_the_writes(monkeypatch):
+    """t4 (session 13): `autofit run | head` ended training with the quiet SystemExit(1) meant for
+    `probe | head`, losing every step since the last checkpoint. Within broken_pipe_calls (training)
+    the pipe's EPIPE calls the hook (the stop flag) and the writes are dropped; outside it, the
+    quiet exit stands."""
+    from trainer.writes import broken_pipe_calls
+
+    class Pipe:
+        closed = False
+
+        def write(self, s):
+            if self.closed:
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+            return len(s)
+
+        def flush(self):
+            self.write("")
+
+        def fileno(self):
+            raise ValueError("no fd")
+    pipe, calls = Pipe(), []
+    stream = GuardedStream(pipe)
+    monkeypatch.setattr(sys, "stdout", stream)
+    with broken_pipe_calls(lambda: calls.append(1)):
+        assert stream.write("a") == 1 and calls == []
+        pipe.closed = True
+        assert stream.write("step 3") == 6 and calls == [1]  # dropped, no exception
+        stream.flush()
+        assert len(calls) == 2  # each failed write tells the hook; StopFlag.pipe_closed keeps the first
+    assert stream.on_broken_pipe is None
+    with pytest.raises(SystemExit):
+        stream.write("x")
+
+
 def _cfg(out, **over):
     base = dict(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=4, gradient_accumulation_steps=2,
                 eval_iters=1, eval_interval=1, always_save_checkpoint=True, log_interval=1, dataset="embedded",

@@ -22,6 +22,10 @@ LAUNCHER_ENV = "AUTOFIT_LAUNCHER"
 # with no checkpoint before. SIGHUP does not exist on Windows.
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
+# What StopFlag.signal holds when stdout's reader went away (`autofit run | head`: EPIPE, not a
+# signal: Python ignores SIGPIPE): SIGPIPE's number, 13 also where the platform has none.
+BROKEN_PIPE = int(getattr(signal, "SIGPIPE", 13))
+
 
 def reported_by_launcher() -> frozenset[int]:
     """The signals whose stop this process's launcher reports, so a rank says nothing of them:
@@ -69,6 +73,12 @@ class StopFlag:
                 os.write(2, (self.notice + "\n").encode("utf-8", "replace"))
             except OSError:  # a closed stderr: the stop itself still happens
                 pass
+
+    def pipe_closed(self) -> None:
+        """stdout was closed (trainer.writes.broken_pipe_calls): a stop like a signal's, agreed between
+        ranks alike, with no notice (the run's last line says it). A signal already heard stands."""
+        if self.signal is None:
+            self.signal = BROKEN_PIPE
 
     @contextlib.contextmanager
     def hold(self):

@@ -40,6 +40,7 @@ from trainer.distributed.ranks import Ranks
 from trainer.recovery import Recovery, StagedRun, ThrashDetector
 from trainer.redo import RedoneStep
 from trainer.schedule import lr_at
+from trainer.writes import broken_pipe_calls
 from trainer.step import FaultInjector, StepResult, check_dtype, make_optimizer, set_matmul_precision
 
 __all__ = ["RunOptions", "RunResult", "TrainError", "Trainer", "train"]
@@ -163,7 +164,9 @@ class Trainer(RedoneStep):
         self._write_run_record()
         try:
             notice = (EVAL_STOP_NOTICE if cfg.eval_only else STOP_NOTICE) if self.master else None
-            with StopFlag(notice, silent=reported_by_launcher()) as stop, progress:
+            # a closed stdout (`| head`) stops as a signal does, on rank 0 where stdout is written
+            with StopFlag(notice, silent=reported_by_launcher()) as stop, broken_pipe_calls(stop.pipe_closed), \
+                    progress:
                 with self.meter.tracking():
                     try:
                         status, tokens = self._steps(stop, stop_at)
@@ -180,7 +183,8 @@ class Trainer(RedoneStep):
         return RunResult(steps=self.iter_num, losses=self.losses, tokens=tokens,
                          micro_batches=list(self.micro_batches), status=status,
                          events=self.events, checkpoint=ckpt, last_eval=self.last_eval,
-                         checkpoint_step=self.saved_step if ckpt else None)
+                         checkpoint_step=self.saved_step if ckpt else None,
+                         stopped_by=stop.signal if status == "interrupted" else None)
 
     def _steps(self, stop: StopFlag, stop_at: int) -> tuple[str, int]:
         """The loop itself, until `stop_at` or a stop: (status, tokens trained on every rank)."""

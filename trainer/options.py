@@ -50,3 +50,6 @@ class RunResult:
     last_eval: dict | None = None  # {'train': loss, 'val': loss} of the last evaluation
     # the step `checkpoint` holds: `steps`, or earlier where always_save_checkpoint=False kept the best
     checkpoint_step: int | None = None
+    # what stopped an 'interrupted' run: the signal's number, or trainer.interrupt.BROKEN_PIPE when
+    # stdout was closed (`| head`); None otherwise
+    stopped_by: int | None = None

@@ -147,23 +147,39 @@ class GuardedStream:
     the stream: `autofit probe > /dev/full` ends in one line on stderr, not a traceback. After a
     failure the stream's file descriptor points to os.devnull, so that the interpreter's final
     flush has nowhere to fail. A closed pipe (EPIPE, `| head`) is the reader's choice: it ends
-    the command quietly (exit status 1, as rich does). Other attributes are the stream's."""
+    the command quietly (exit status 1, as rich does), except while `on_broken_pipe` is set
+    (training, broken_pipe_calls): then that is called once, and this write and every later one
+    are dropped, so that the caller can stop where its work is kept. Other attributes are the
+    stream's."""
 
     def __init__(self, stream, name: str = "stdout"):
         self._stream = stream
         self._name = name
+        self.on_broken_pipe: Callable[[], None] | None = None
 
     def write(self, s: str) -> int:
         try:
             return self._stream.write(s)
         except OSError as e:
+            if self._dropped(e):
+                return len(s)
             raise self._failed(e) from None
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except OSError as e:
-            raise self._failed(e) from None
+            if not self._dropped(e):
+                raise self._failed(e) from None
+
+    def _dropped(self, e: OSError) -> bool:
+        """A closed pipe while on_broken_pipe is set: told, and the write dropped (the stream now
+        writes to os.devnull, so no second EPIPE follows)."""
+        if self.on_broken_pipe is None or getattr(e, "errno", None) != errno.EPIPE:
+            return False
+        self._failed(e)
+        self.on_broken_pipe()
+        return True
 
     def _failed(self, e: OSError) -> BaseException:
         with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -176,6 +192,23 @@ class GuardedStream:
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def broken_pipe_calls(hook: Callable[[], None]) -> Iterator[None]:
+    """Within it, a closed pipe on sys.stdout (a GuardedStream: the CLI's) calls hook() instead of
+    ending the process: training's reader going away (`autofit run | head`) then stops at the step
+    boundary with a checkpoint, as a Ctrl-C does, where a quiet exit lost every step since the last
+    one. Outside it (probe, config, sample) the quiet exit stands. A plain sys.stdout: no change."""
+    stream = sys.stdout
+    if not isinstance(stream, GuardedStream):
+        yield
+        return
+    old, stream.on_broken_pipe = stream.on_broken_pipe, hook
+    try:
+        yield
+    finally:
+        stream.on_broken_pipe = old
 
 
 @contextlib.contextmanager

@@ -36,18 +36,27 @@ def _ranks_flag() -> str:
 def report_run(result, cfg, max_steps: int | None = None) -> None:
     """Print how a run ended (trainer.options.RunResult) and what to do next.
 
-    Raises typer.Exit(130) after an interrupt, so the shell sees it; otherwise returns."""
+    Raises typer.Exit(130) after an interrupt, so the shell sees it, or typer.Exit(141) when a closed
+    stdout stopped it (autofit.interrupts.PIPE_EXIT_CODE); otherwise returns."""
     if result.status == "interrupted":
+        from trainer.interrupt import BROKEN_PIPE
         interrupts.said()
-        err_console.print(f"interrupted after {_steps_done(result)}; "
+        pipe = result.stopped_by == BROKEN_PIPE
+        how = "stdout was closed (broken pipe): stopped" if pipe else "interrupted"
+        err_console.print(f"{how} after {_steps_done(result)}; "
                           f"checkpoint {result.checkpoint} resumes at step {result.checkpoint_step}; continue with: "
                           f"{continue_command(cfg, max_steps)}" if result.checkpoint else
-                          f"interrupted during the evaluation at step {result.steps} (eval_only); nothing was saved",
+                          f"{how} during the evaluation at step {result.steps} (eval_only); nothing was saved",
                           markup=False)
         from autofit.devices.ranks import other_rank
         if not other_rank():  # the other ranks' err_console is quiet: only rank 0's line was seen
             interrupts.tell_launcher()
-        raise typer.Exit(interrupts.EXIT_CODE)
+        elif result.stopped_by is None:
+            # a stop agreed from another rank (rank 0's closed stdout, or a signal sent to it alone):
+            # that rank's code says it. A non-zero code here, first, made torchrun SIGTERM rank 0
+            # while it was still writing the checkpoint, which then stopped at once with none
+            raise typer.Exit(0)
+        raise typer.Exit(interrupts.PIPE_EXIT_CODE if pipe else interrupts.EXIT_CODE)
     if result.status == "evaluated":
         ev = result.last_eval or {}
         console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "

@@ -223,9 +223,10 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
     after its line), else the failed rank's.
 
     Ranks that ended interrupted (exit code 130: a Ctrl-C, SIGTERM or SIGHUP sent to them, not to
-    this launcher) with no error line: nothing more when rank 0 said its own interrupt line
-    (`interrupt_said`, autofit.interrupts.tell_launcher), else one line for all of them; exit
-    code 130 unless another rank's failure is the cause.
+    this launcher; 141: rank 0's stdout was closed, and it stopped training with a checkpoint) with
+    no error line: nothing more when rank 0 said its own interrupt line (`interrupt_said`,
+    autofit.interrupts.tell_launcher), else one line for all of them; exit code 130 (141 where a
+    rank ended so) unless another rank's failure is the cause.
 
     A rank that torchrun's own shutdown killed with SIGKILL (its process id in `killed`: it did
     not stop within 30 s of the SIGTERM sent after another rank failed) is not a cause: the other
@@ -243,7 +244,8 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
         # Ctrl-C (session: exit code 130) when it came before the rank's own handler was gone
         if rank in said or (said and f.exitcode in (-signal.SIGTERM, interrupts.EXIT_CODE)):
             continue
-        if f.exitcode == interrupts.EXIT_CODE:  # one line for all of them, below, not one per rank
+        # one line for all of them, below, not one per rank; 141: rank 0's stdout was closed (`| head`)
+        if f.exitcode in (interrupts.EXIT_CODE, interrupts.PIPE_EXIT_CODE):
             interrupted.append(rank)
             continue
         how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
@@ -258,10 +260,11 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
     if stuck:
         lines.append(f"autofit: rank {', '.join(map(str, stuck))} did not stop when torchrun asked it to after the "
                      f"failure, and was killed (SIGKILL; stuck?)")
+    stop_code = max((failures[r].exitcode for r in interrupted), default=interrupts.EXIT_CODE)
     if interrupted and not interrupt_said:
         lines.append(f"autofit: interrupted: rank {', '.join(map(str, interrupted))} stopped with exit code "
-                     f"{interrupts.EXIT_CODE}, and no rank said it saved a checkpoint")
-    codes = reported_codes + codes + [interrupts.EXIT_CODE] * bool(interrupted) + [128 + signal.SIGKILL] * bool(stuck)
+                     f"{stop_code}, and no rank said it saved a checkpoint")
+    codes = reported_codes + codes + [stop_code] * bool(interrupted) + [128 + signal.SIGKILL] * bool(stuck)
     return reported + lines, (codes[0] if codes else 1)
 
 
