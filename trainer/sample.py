@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.data.datasets import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, _PlainUnpickler, load_dir
+from trainer.data.datasets import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, load_dir
+from trainer.data.meta import _PlainUnpickler
 from trainer.data.tokenfiles import DataError, fingerprint, fingerprint_change
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.checkpoint.nanogpt import NanoGPTCheckpoint, check_finite, read_nanogpt_checkpoint

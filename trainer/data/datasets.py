@@ -22,9 +22,7 @@ trainer can cut the batch into any micro-batches without changing the data.
 from __future__ import annotations
 
 import gzip
-import io
 import json
-import pickle
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from trainer.paths import PathProblem, expand_user, input_file, real_stat
+from trainer.data.meta import _meta_vocab, read_meta  # noqa: F401  (read_meta: here before)
 
 from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
                                 DataError, file_identity, fingerprint, max_token, read_llmc_shard, read_nanogpt_bin,
@@ -276,37 +275,6 @@ def _load_nanogpt(path: Path) -> TokenDataset:
         vocab, source = GPT2_VOCAB_SIZE, "no meta.pkl: GPT-2 BPE assumed"
     return TokenDataset(name=path.name, format="nanogpt", vocab_size=vocab, splits=splits, vocab_source=source,
                         vocab_declared=meta.is_file(), folder=path)
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Reads only plain containers (dict, list, str, int): a meta.pkl cannot run code."""
-
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def read_meta(path: str | Path) -> dict:
-    """A nanoGPT meta.pkl ({'vocab_size', 'itos', 'stoi'}) through the restricted unpickler.
-    Raises DataError naming the file if it is unreadable, holds code, or is not such a dict."""
-    try:
-        data = _PlainUnpickler(io.BytesIO(Path(path).read_bytes())).load()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    except pickle.UnpicklingError as e:  # our refusal ('refusing to load os.system'), or pickle's own
-        raise DataError(f"cannot read {path}: {e}") from None
-    except Exception as e:  # text or other bytes: pickle's parse errors name its internals, not the file
-        raise DataError(f"cannot read {path}: it is not a pickle as nanoGPT's prepare.py writes meta.pkl "
-                        f"({type(e).__name__}); prepare the dataset again") from None
-    if not isinstance(data, dict):
-        raise DataError(f"cannot read vocab_size from {path}: it holds a {type(data).__name__}, not a dict")
-    return data
-
-
-def _meta_vocab(path: Path) -> int:
-    v = read_meta(path).get("vocab_size")
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise DataError(f"cannot read vocab_size from {path}: {v!r} is not a positive integer")
-    return v
 
 
 def load_embedded() -> TokenDataset:

@@ -100,9 +100,10 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
 
 def _check_options(name: str, input_path: Path | None, max_tokens: int | None, shard_size: int | None) -> None:
     if name not in PREPARABLE:
-        from trainer.config.messages import did_you_mean
-        raise DataError(f"unknown dataset {name!r} to prepare{did_you_mean(name, PREPARABLE)}; choose from "
-                        f"{', '.join(PREPARABLE)}")
+        import difflib  # trainer.config.messages' did_you_mean is a layer above data
+        close = difflib.get_close_matches(name.lower(), PREPARABLE, n=1)
+        raise DataError(f"unknown dataset {name!r} to prepare{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                        f"choose from {', '.join(PREPARABLE)}")
     if name != "fineweb-edu" and (max_tokens is not None or shard_size is not None):
         raise DataError("--max-tokens and --shard-size apply to fineweb-edu only")
     if max_tokens is not None and max_tokens < 1:
