@@ -295,3 +295,36 @@ def test_a_closed_stdout_in_training_stops_with_a_checkpoint_and_141(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"2 optimizer steps (steps {step} to {step + 1}; {step + 2} in all)" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("signal_first", [True, False])
+def test_a_rank_that_lost_contact_after_a_ctrl_c_says_the_probes_interrupt_line(tmp_path, monkeypatch, capsys,
+                                                                                signal_first):
+    """t4 (session 13), 1 try in 9: a Ctrl-C at the first trial of `probe --nproc-per-node 2` reached
+    rank 1 before its probe's StopFlag was set (it stopped at once), so rank 0 lost contact in the
+    trial's agreement and said an error the launcher drops: no rank said 'interrupted during the
+    probe'. The order of events is injected: the signal reaches this rank's StopFlag, then its peer
+    is gone. Without the signal, losing contact is still an error."""
+    import autofit.launch.probe as probe
+    from autofit.planning import agree
+    from cli_run import cli
+    from trainer.distributed import ranks as D
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    two = D.Ranks(rank=0, world_size=2)
+    monkeypatch.setattr(agree, "ranks", lambda: two)  # rank 0 of 2, with no process group: no collective below
+    monkeypatch.setattr(agree, "budget", lambda b: b)
+    monkeypatch.setattr(agree, "space", lambda s: s)
+
+    def peer_gone(*a, **k):
+        if signal_first:
+            os.kill(os.getpid(), signal.SIGINT)  # the launcher's Ctrl-C, passed on: the StopFlag records it
+        raise D.peer_lost(RuntimeError("Connection closed by peer [127.0.0.1]:4242"), two)
+    monkeypatch.setattr(probe, "probe_measured", peer_gone)
+    code, _, err = cli(monkeypatch, capsys, "probe", *CPU, *TINY, "--save")
+    if signal_first:
+        assert code == 130 and err.strip().splitlines()[-1] == (
+            "autofit: interrupted during the probe; nothing was saved (the plan is saved only after the probe)"), err
+        assert "lost contact" not in err
+    else:
+        assert code == 2 and "lost contact with another rank" in err, err
+    assert not (tmp_path / "home" / "profiles").exists()

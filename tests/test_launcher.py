@@ -92,7 +92,7 @@ def test_an_error_of_some_ranks_names_them_and_torchruns_sigterm_is_not_news():
     # torchrun's SIGTERM taken as a Ctrl-C (exit code 130) by a rank still in its session
     assert failed_lines({0: said("bad config"), 1: Failure(130)}, 2) == (["autofit: error: rank 0: bad config"], 2)
     # nobody said why: interrupted, and the launcher cannot say a checkpoint was saved
-    assert failed_lines({0: Failure(130)}, 1) == (["autofit: interrupted: rank 0 stopped with exit code 130, and no "
+    assert failed_lines({0: Failure(130)}, 1) == (["autofit: interrupted: rank 0 stopped with exit code 130; no "
                                                    "rank said it saved a checkpoint"], 130)
     # issue 19: the cause once; rank 0's 'lost contact' is only its consequence
     lost = "rank 0: lost contact with another rank (Connection closed by peer); stopping here, the last checkpoint is kept"
@@ -261,7 +261,7 @@ def test_ranks_interrupted_on_their_own_are_one_line_or_none():
     said so, and the launcher added 'rank 0 stopped with exit code 130' and 'rank 1 ...'."""
     both = {0: Failure(130), 1: Failure(130)}
     assert failed_lines(both, 2, interrupt_said=True) == ([], 130)
-    assert failed_lines(both, 2) == (["autofit: interrupted: rank 0, 1 stopped with exit code 130, and no rank said "
+    assert failed_lines(both, 2) == (["autofit: interrupted: rank 0, 1 stopped with exit code 130; no rank said "
                                       "it saved a checkpoint"], 130)
     # rank 0 stopped because its stdout was closed (141), rank 1 (agreed, no signal of its own) exited 0
     assert failed_lines({0: Failure(141)}, 2, interrupt_said=True) == ([], 141)
@@ -489,3 +489,31 @@ def test_a_rank_removes_its_dead_launchers_folder(monkeypatch, tmp_path, told, n
     monkeypatch.setitem(torchrun._death, "told", told)
     torchrun._remove_dead_launchers_folder()
     assert folder.is_dir() == kept
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "--out", "o"], "no rank said it saved a checkpoint"),
+    (["probe", "--device", "cpu"], "the probe was stopped and nothing was saved"),
+    (["probe", "--save"], "the probe was stopped, and no rank said it wrote its plan (--save and --plot write it "
+                          "only after the probe)"),
+    (["probe", "--plot=p.png"], "the probe was stopped, and no rank said it wrote its plan"),
+])
+def test_the_launchers_stop_line_fits_the_command(monkeypatch, capsys, argv, words):
+    """t4 (session 13): a Ctrl-C at a 2-rank probe's first trial once ended with 'no rank said it
+    saved a checkpoint': a probe writes no checkpoint. When rank 0 says nothing, the launcher's
+    line says what the command it launched keeps."""
+    import torch.distributed.run as tdr
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def ranks_then_sigint(args):
+        raise SignalException("SIGINT", signal.SIGINT)
+    monkeypatch.setattr(tdr, "run", ranks_then_sigint)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    assert launcher.relaunch(argv, 2) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("autofit: stopped by SIGINT, passed on to the ranks; " + words), err
+    assert ("checkpoint" in err) == (argv[0] == "run")
+    # the ranks' own exit code 130 with no line: the same words
+    lines, code = failed_lines({0: Failure(130)}, 1, unsaid=launcher.unsaid_words(argv))
+    assert len(lines) == 1 and lines[0].startswith(f"autofit: interrupted: rank 0 stopped with exit code 130; {words}")
+    assert code == 130

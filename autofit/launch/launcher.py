@@ -99,7 +99,8 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
         with _watching_torchrun(seen):
             run(args)
     except ChildFailedError as e:
-        lines, code = failed_lines(e.failures, nproc, interrupt_said=_said(notes), killed=seen.killed)
+        lines, code = failed_lines(e.failures, nproc, interrupt_said=_said(notes), killed=seen.killed,
+                                   unsaid=unsaid_words(argv))
         for text in lines:
             print(text, file=sys.stderr)
         return code
@@ -107,13 +108,26 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
         if not _said(notes):  # rank 0 said what it did (checkpoint or not); else only what this process knows
             stuck = ("; a second signal killed the ranks (SIGKILL)" if seen.second_signal else
                      f"; {len(seen.killed)} rank(s) did not stop in time and were killed (SIGKILL)" if seen.killed else "")
-            print(f"autofit: stopped by {signal.Signals(e.sigval).name}, passed on to the ranks{stuck}; no rank said "
-                  f"it saved a checkpoint", file=sys.stderr)
+            print(f"autofit: stopped by {signal.Signals(e.sigval).name}, passed on to the ranks{stuck}; "
+                  f"{unsaid_words(argv)}", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:
         logging.disable(logging.NOTSET)
         shutil.rmtree(notes, ignore_errors=True)
     return 0
+
+
+def unsaid_words(argv: list[str]) -> str:
+    """What the launcher says is kept when the ranks stopped for a signal and rank 0 did not say
+    its own line (a rank that lost contact with one the signal stopped first says an error
+    instead), by the command it launched (`argv`, sys.argv[1:]): a run's stop saves a checkpoint,
+    a probe's saves nothing (its --save and --plot are written only once it is done)."""
+    if not argv or argv[0] != "probe":
+        return "no rank said it saved a checkpoint"
+    if any(a in ("--save", "--plot") or a.startswith("--plot=") for a in argv):
+        return ("the probe was stopped, and no rank said it wrote its plan (--save and --plot write it only after "
+                "the probe)")
+    return "the probe was stopped and nothing was saved"
 
 
 @dataclass
@@ -208,7 +222,7 @@ def _said(notes: str) -> bool:
 
 
 def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
-                 killed: Collection[int] = ()) -> tuple[list[str], int]:
+                 killed: Collection[int] = (), unsaid: str = unsaid_words(["run"])) -> tuple[list[str], int]:
     """The launcher's report of failed ranks (torchrun's ProcessFailure per global rank, with
     .message, .error_file_data, .exitcode, .signal_name()): (lines for stderr, exit code).
 
@@ -225,8 +239,9 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
     Ranks that ended interrupted (exit code 130: a Ctrl-C, SIGTERM or SIGHUP sent to them, not to
     this launcher; 141: rank 0's stdout was closed, and it stopped training with a checkpoint) with
     no error line: nothing more when rank 0 said its own interrupt line (`interrupt_said`,
-    autofit.interrupts.tell_launcher), else one line for all of them; exit code 130 (141 where a
-    rank ended so) unless another rank's failure is the cause.
+    autofit.interrupts.tell_launcher), else one line for all of them, ending in `unsaid`
+    (unsaid_words: what is kept, by the command launched); exit code 130 (141 where a rank ended
+    so) unless another rank's failure is the cause.
 
     A rank that torchrun's own shutdown killed with SIGKILL (its process id in `killed`: it did
     not stop within 30 s of the SIGTERM sent after another rank failed) is not a cause: the other
@@ -263,7 +278,7 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
     stop_code = max((failures[r].exitcode for r in interrupted), default=interrupts.EXIT_CODE)
     if interrupted and not interrupt_said:
         lines.append(f"autofit: interrupted: rank {', '.join(map(str, interrupted))} stopped with exit code "
-                     f"{stop_code}, and no rank said it saved a checkpoint")
+                     f"{stop_code}; {unsaid}")
     codes = reported_codes + codes + [stop_code] * bool(interrupted) + [128 + signal.SIGKILL] * bool(stuck)
     return reported + lines, (codes[0] if codes else 1)
 
