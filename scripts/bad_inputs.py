@@ -593,6 +593,8 @@ ROWS: list[Row] = [
         by="polish"),
     Row("--resume of a CPU run with --gpu-index", ["run", "--resume", "--out", "o", "--no-progress", "--gpu-index", "1"],
         checkpoint(), by="polish"),
+    Row("--resume of an autofit run with another --budget", ["run", "--resume", "--out", "o", "--no-progress",
+                                                              "--budget", "1MiB"], checkpoint(), by="k3 (t4 finding 6)"),
     Row("a rank-only config error under --nproc-per-node", [*RUN, "--nproc-per-node", "2", "--out", "o"],
         env={"AUTOFIT_RANK_BUDGETS": "3MiB", "OMP_NUM_THREADS": "1", "AUTOFIT_DIST_TIMEOUT": "60"}, by="polish"),
     Row("run --max-steps 0", [*RUN, "--max-steps", "0", "--out", "o"], check=absent("o"), by="polish"),

@@ -238,6 +238,29 @@ def test_search_flags_with_the_resume_of_an_autofit_run_are_one_line(tmp_path, m
     assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
 
 
+def test_another_device_or_budget_with_the_resume_of_an_autofit_run_is_one_line(tmp_path, monkeypatch, capsys):
+    """t4 (session 13): `run --resume --budget 1MiB` said the checkpoint's budget was used and
+    trained on under it: a flag that would be ignored is refused, as --dtype is, before any work.
+    The checkpoint's own device and budget again change nothing: accepted."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *SMALL, "--max-steps", "1", "--out", "o",
+                       "--no-progress")
+    assert code == 0, err
+    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    metrics = (tmp_path / "o" / "metrics.jsonl").read_text()
+    for flags, named in ((["--budget", "1MiB"], "--budget 1.0 MiB with --resume"),
+                         (["--device", "cuda"], "--device cuda with --resume"),
+                         (["--device", "cuda", "--budget", "1MiB"], "--device cuda and --budget 1.0 MiB with --resume")):
+        code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", *flags, "--set", "max_iters=3",
+                           "--no-progress")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and named in err, err
+        assert "the device it trained on (cpu-budgeted, budget 64.0 MiB)" in err and "another --out" in err, err
+        assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
+        assert (tmp_path / "o" / "metrics.jsonl").read_text() == metrics
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", *CPU, "--set", "max_iters=2",
+                       "--no-progress")
+    assert code == 0 and "resuming" in err and "--budget" not in err, err
+
+
 def test_a_repeated_value_in_a_lever_list_is_searched_once(monkeypatch, capsys):
     import json
     code, once, _ = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--loss", "chunked",

@@ -88,10 +88,10 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     changes = changes + [data_change] if data_change else changes  # recorded with the other accepted changes
     cfg.out_dir = str(out_dir)
     spec = device_spec(ck)
-    if probe_opts.device is not None or probe_opts.budget_bytes is not None:
-        log(f"--resume: the checkpoint's device is used ({spec.get('kind')}"
-            + (f", budget {fmt_bytes(spec['budget_bytes'])}" if spec.get("budget_bytes") else "") + "); --device/--budget apply "
-            "only to a nanoGPT checkpoint, which is probed afresh")
+    check_same_device(probe_opts, spec)
+    if probe_opts.device is not None and probe_opts.device_source is not None:  # a config's device: said, not refused
+        log(f"--resume: the checkpoint's device is used ({_device_words(spec)}), not the config's device "
+            f"{probe_opts.device!r}")
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
@@ -119,6 +119,32 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                           split=describe_split(mbs), reason="the config as written (--no-probe)")
     return Launch(cfg=cfg, opts=opts, device=device, plan=plan,
                   source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")
+
+
+def _device_words(spec: dict) -> str:
+    """The checkpoint's device in words: 'cpu-budgeted, budget 32.0 MiB', 'cuda', 'cpu'."""
+    return str(spec.get("kind")) + (f", budget {fmt_bytes(spec['budget_bytes'])}" if spec.get("budget_bytes") else "")
+
+
+def check_same_device(probe_opts, spec: dict) -> None:
+    """An autofit checkpoint goes on on the device and budget it trained on (`spec`, its meter's),
+    with its own plan: a --device or --budget that asks for another would be ignored, so it is
+    refused (ConfigError, before any work), as --dtype is. Why not honour a smaller --budget:
+    the plan's micro-batch was fitted under the old one, and re-fitting means a probe, which a
+    resume promises not to run (the same run, not a new plan); on a GPU an out-of-memory
+    mid-run still shrinks the micro-batch. The same device and budget again are accepted
+    (they change nothing). A device from the config file is not a flag: prepare_resume says it."""
+    kind = str(spec.get("kind"))
+    asked = []
+    if probe_opts.device is not None and probe_opts.device_source is None and probe_opts.device != kind.split("-")[0]:
+        asked.append(f"--device {probe_opts.device}")
+    if probe_opts.budget_bytes is not None and probe_opts.budget_bytes != spec.get("budget_bytes"):
+        asked.append(f"--budget {fmt_bytes(probe_opts.budget_bytes)}")
+    if asked:
+        raise ConfigError(f"{' and '.join(asked)} with --resume: an autofit checkpoint goes on on the device it trained "
+                          f"on ({_device_words(spec)}) with its own plan, no probe; drop "
+                          f"{'them' if len(asked) > 1 else asked[0].split()[0]}, or start a new run with another "
+                          f"--out to fit a plan there")
 
 
 def _say_not_applied(overrides: dict[str, Any], saved: TrainConfig, cfg: TrainConfig, spec: dict, micro: int,
