@@ -138,6 +138,18 @@ def test_literal_arithmetic_docstrings_and_comments(tmp_path):
     assert cfg.batch_size == 6
 
 
+def test_a_name_assigned_above_is_its_value(tmp_path):
+    """t4 (session 13): `lr_decay_iters = max_iters`, common in hand-written nanoGPT configs (which
+    nanoGPT execs), was refused as a name reference. A name set above is its value then; a later
+    assignment does not change it, as under exec; a name set below, or never, is refused."""
+    path = write(tmp_path, "c.py", "max_iters = 100\nlr_decay_iters = max_iters\nwarmup_iters = max_iters // 10\n"
+                                   "max_iters = 200\n")
+    cfg = load_config(config_file=path)
+    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters) == (200, 100, 10)
+    msg = one_line_error(config_file=write(tmp_path, "d.py", "lr_decay_iters = max_iters\nmax_iters = 100\n"))
+    assert msg.startswith(f"{tmp_path / 'd.py'}:1: refused: name reference 'max_iters': only a name assigned above"), msg
+
+
 @pytest.mark.parametrize("line, reason", [
     ("import os", "import"),
     ("from os import path", "import"),

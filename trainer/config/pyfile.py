@@ -6,10 +6,12 @@ pure forms are evaluated, the ones nanoGPT's own config/ folder uses:
 - `name = <expression>` at top level, and bare strings (docstrings, string "comments");
 - numbers, strings, True/False/None; unary +/-; + - * / // % ** on numbers; + on two strings;
 - `str(<expression>)`;
+- a name assigned above in the file, as a value (`lr_decay_iters = max_iters`: nanoGPT execs the
+  file, so hand-written configs do this); its value then, as exec would read it;
 - `import time` (that module alone) and then `time.time()`, for a run name such as
   `wandb_run_name = 'ft-' + str(time.time())` (config/finetune_shakespeare.py).
 
-Anything else (other imports, names, attribute access, other calls, f-strings, containers,
+Anything else (other imports, other names, attribute access, other calls, f-strings, containers,
 control flow) is refused with the file, the line and the reason, before anything is evaluated
 that could run code or grow without bound.
 """
@@ -51,7 +53,7 @@ _REFUSED = {
     ast.Raise: "raise", ast.Return: "return", ast.Pass: "pass", ast.Match: "match statement",
 }
 
-_ALLOWED = "only literal assignments are allowed, with str(), + on strings and time.time()"
+_ALLOWED = "only literal assignments are allowed, with str(), + on strings, time.time() and names assigned above"
 
 # Keys whose value is a list of tables (trainer/config/stages.py), read with Evaluator.tables
 TABLE_KEYS = ("stages",)
@@ -85,6 +87,7 @@ class Evaluator:
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self.time_imported = False
+        self.assigned: dict[str, Any] = {}  # the names set so far, each to a value already evaluated
 
     def value(self, node: ast.AST) -> int | float | str | bool | None:
         if isinstance(node, ast.Constant):
@@ -103,6 +106,10 @@ class Evaluator:
             raise Refused(node, f"operator {type(node.op).__name__}")
         if isinstance(node, ast.Call):
             return self._call(node)
+        if isinstance(node, ast.Name) and node.id in self.assigned and not isinstance(self.assigned[node.id], list):
+            return self.assigned[node.id]  # a literal read before: nothing runs
+        if isinstance(node, ast.Name):
+            raise Refused(node, f"{_describe(node)}: only a name assigned above in the file can be used")
         raise Refused(node, _describe(node))
 
     def tables(self, node: ast.AST) -> list[dict[str, Any]]:
@@ -245,6 +252,7 @@ def parse_py_config(text: str, filename: str = "<config>",
             item = ev.statement(stmt)
             if item is not None:
                 out[item[0]] = (item[1], stmt.lineno)
+                ev.assigned[item[0]] = item[1]
     except Refused as r:
         raise ConfigError(f"{filename}:{r.lineno}: refused: {r.reason} ({_ALLOWED})") from None
     return out
