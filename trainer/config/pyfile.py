@@ -31,6 +31,10 @@ class ConfigError(ValueError):
 
 _MAX_EXPONENT = 64
 _MAX_INT_BITS = 1024  # ~10**308, the float range; larger integers are no sane config value
+# characters of a string: a name assigned above may be added to itself line after line (s = s + s
+# doubles it), so a string no longer grows only as fast as the source text; no run name or path
+# needs more
+_MAX_STR = 65_536
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
@@ -133,7 +137,9 @@ class Evaluator:
     def _binop(self, node: ast.BinOp) -> int | float | str:
         left, right = self.value(node.left), self.value(node.right)
         if isinstance(node.op, ast.Add) and isinstance(left, str) and isinstance(right, str):
-            return left + right  # grows only as fast as the source text does
+            if len(left) + len(right) > _MAX_STR:  # refused before it is built
+                raise Refused(node, f"a string longer than {_MAX_STR:,} characters", about_value=True)
+            return left + right
         a, b = self._as_number(node.left, left), self._as_number(node.right, right)
         if isinstance(node.op, ast.Pow):
             _check_power(node, a, b)
