@@ -246,10 +246,11 @@ def test_dataset_vocab_reads_meta_pkl_only(tmp_path):
         (d / "meta.pkl").write_bytes(pickle.dumps(bad))
         with pytest.raises(DataError, match=r"cannot read vocab_size from .*meta\.pkl"):
             dataset_vocab(str(d))
-    for junk in (b"garbage\n", b""):  # t4 (session 13): pickle's 'invalid literal for int()' was the line
+    # t4, r1 (session 13): pickle's 'invalid literal for int()' or "invalid load key, '{'" was the line
+    for junk in (b"garbage\n", b"", b'{"vocab_size": 65}', b"vocab_size = 65\n"):
         (d / "meta.pkl").write_bytes(junk)
         with pytest.raises(DataError, match=r"meta\.pkl: it is not a pickle as nanoGPT's prepare\.py writes meta\.pkl "
-                                            r"\((ValueError|EOFError)\); prepare the dataset again"):
+                                            r"\((ValueError|EOFError|UnpicklingError)\); prepare the dataset again"):
             dataset_vocab(str(d))
 
 

@@ -10,11 +10,15 @@ from pathlib import Path
 from trainer.data.tokenfiles import DataError
 
 
+class CodeRefused(pickle.UnpicklingError):
+    """A pickle that names a class or function to load (which could run code): refused."""
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Reads only plain containers (dict, list, str, int): a meta.pkl cannot run code."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        raise CodeRefused(f"refusing to load {module}.{name}")
 
 
 def read_meta(path: str | Path) -> dict:
@@ -24,7 +28,7 @@ def read_meta(path: str | Path) -> dict:
         data = _PlainUnpickler(io.BytesIO(Path(path).read_bytes())).load()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    except pickle.UnpicklingError as e:  # our refusal ('refusing to load os.system'), or pickle's own
+    except CodeRefused as e:  # 'refusing to load os.system'
         raise DataError(f"cannot read {path}: {e}") from None
     except Exception as e:  # text or other bytes: pickle's parse errors name its internals, not the file
         raise DataError(f"cannot read {path}: it is not a pickle as nanoGPT's prepare.py writes meta.pkl "
