@@ -823,8 +823,10 @@ def test_a_default_vocab_size_for_a_dataset_not_here_is_said(tmp_path, monkeypat
     default 50304 ids (30M parameters for nanoGPT's 10.7M baby GPT) without a word."""
     (tmp_path / "c.py").write_text("dataset = 'shakespeare_char'\nn_layer = 2\nn_head = 2\nn_embd = 64\n")
     code, _, err = cli(monkeypatch, capsys, "probe", "--config", "c.py", "--gpu", "t4-16gb")
-    assert code == 0 and "note: vocab_size 50304 is the default (GPT-2 BPE's, padded): dataset 'shakespeare_char' is " \
-        "not here" in err.replace("\n", " "), err
-    (tmp_path / "c.py").write_text("dataset = 'shakespeare_char'\nn_layer = 2\nn_head = 2\nn_embd = 64\nvocab_size = 65\n")
-    code, _, err = cli(monkeypatch, capsys, "probe", "--config", "c.py", "--gpu", "t4-16gb")
-    assert code == 0 and "is the default" not in err
+    assert code == 0 and "note: vocab_size 50304 is the default: dataset 'shakespeare_char' is not here" \
+        in err.replace("\n", " "), err
+    for other in ("dataset = 'shakespeare_char'\nvocab_size = 65\n", "dataset = 'fineweb'\n",  # set; BPE data
+                  "dataset = 'shakespeare_char'\ninit_from = 'gpt2'\n"):  # a fine-tune: the published model's
+        (tmp_path / "c.py").write_text(other + "n_layer = 2\nn_head = 2\nn_embd = 64\n")
+        code, _, err = cli(monkeypatch, capsys, "probe", "--config", "c.py", "--gpu", "t4-16gb")
+        assert code == 0 and "is the default" not in err, err

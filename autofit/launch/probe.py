@@ -218,11 +218,15 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
 
 
 def _default_vocab_note(cfg) -> list[str]:
-    """A note where vocab_size is nanoGPT's default because the dataset is not here to give its
-    own: a character set's meta.pkl would give ~65, and the logits, the largest activation of a
-    small model, scale with it (a probe needs no data, so it goes on)."""
-    from trainer.data.datasets import EMBEDDED, dataset_dir
-    if cfg.source_of("vocab_size") != "default" or cfg.dataset == EMBEDDED or dataset_dir(cfg.dataset) is not None:
+    """A note where a character dataset's vocab_size is nanoGPT's default (50304) because the
+    dataset is not here to give its own (meta.pkl, ~65): the logits, the largest activation of a
+    small model, scale with it (a probe needs no data, so it goes on). Character datasets are
+    known by nanoGPT's naming (shakespeare_char): a GPT-2 BPE dataset's default is its own, and a
+    fine-tune's vocab is the published model's."""
+    from pathlib import Path
+    from trainer.data.datasets import dataset_dir
+    if cfg.source_of("vocab_size") != "default" or cfg.init_from != "scratch" \
+            or not Path(cfg.dataset).name.endswith("_char") or dataset_dir(cfg.dataset) is not None:
         return []
-    return [f"note: vocab_size {cfg.vocab_size} is the default (GPT-2 BPE's, padded): dataset '{cfg.dataset}' is not "
-            f"here, and a character dataset's meta.pkl would give its own (e.g. 65): --set vocab_size=N if so"]
+    return [f"note: vocab_size {cfg.vocab_size} is the default: dataset '{cfg.dataset}' is not here, and its meta.pkl "
+            f"would give the number of its characters (65 for Tiny Shakespeare): --set vocab_size=N"]
