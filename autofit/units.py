@@ -69,8 +69,13 @@ def fmt_bytes(n: int | float) -> str:
 
 def fmt_share(x: float) -> str:
     """A share as a percentage with the digits it needs: 0.1 -> "10%", 0.125 -> "12.5%", 0.999 ->
-    "99.9%" (not "100%", which the margin is not)."""
-    return f"{x * 100:.3f}".rstrip("0").rstrip(".") + "%"
+    "99.9%", 0.9999999 -> "99.99999%" (never "100%" or "0%" for a share that is neither)."""
+    pct = x * 100
+    for digits in range(3, 10):
+        text = f"{pct:.{digits}f}".rstrip("0").rstrip(".")
+        if float(text) not in (0.0, 100.0) or pct in (0.0, 100.0):
+            break
+    return text + "%"
 
 
 def measured_peak_words(r) -> str:

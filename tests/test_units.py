@@ -47,7 +47,8 @@ def test_fmt_bytes(n, text):
     assert fmt_bytes(n) == text
 
 
-@pytest.mark.parametrize("x, text", [(0.1, "10%"), (0.0, "0%"), (0.125, "12.5%"), (0.999, "99.9%"), (0.05, "5%")])
+@pytest.mark.parametrize("x, text", [(0.1, "10%"), (0.0, "0%"), (0.125, "12.5%"), (0.999, "99.9%"), (0.05, "5%"),
+                                     (0.9999999, "99.99999%"), (1e-7, "0.00001%"), (1.0, "100%")])
 def test_fmt_share_keeps_the_digits_a_share_needs(x, text):
     """t4 (session 13): --margin 0.999 printed 'less the 100% safety margin'."""
     assert fmt_share(x) == text
