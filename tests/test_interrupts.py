@@ -193,6 +193,18 @@ def test_the_first_signal_is_acknowledged_at_once_and_a_second_stops_now(capfd):
     assert quiet.signal == signal.SIGTERM and capfd.readouterr().err == ""
 
 
+def test_a_ctrl_c_after_stdout_closed_is_a_first_signal(capfd):
+    """r1 (session 13): a closed stdout's stop (StopFlag.pipe_closed) made the user's first Ctrl-C
+    a second one, which stops at once, without the checkpoint the closed pipe's stop keeps."""
+    from trainer.interrupt import STOP_NOTICE, StopFlag
+    with StopFlag(STOP_NOTICE) as flag:
+        flag.pipe_closed()
+        os.kill(os.getpid(), signal.SIGINT)  # heard, not raised
+        assert flag.signal == signal.SIGINT and capfd.readouterr().err == STOP_NOTICE + "\n"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 @pytest.mark.parametrize("where", ["contest", "after the trials"])
 def test_ctrl_c_after_the_search_trials_still_stops_the_probe(tmp_path, monkeypatch, capsys, where):
     """A Ctrl-C during the contest's re-timings, or after the last trial (the split being chosen),

@@ -65,7 +65,9 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None and not self.holding:  # a second Ctrl-C: stop now
+        # a second Ctrl-C: stop now. A closed stdout's stop is no first signal: the user's first
+        # Ctrl-C after it still finishes the step and saves the checkpoint
+        if self.signal is not None and self.signal != BROKEN_PIPE and not self.holding:
             raise KeyboardInterrupt
         self.signal = signum
         if self.notice and signum not in self.silent:  # os.write: a print from a handler can hit a write already under way
