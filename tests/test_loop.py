@@ -727,6 +727,10 @@ def test_a_fatal_oom_keeps_the_completed_steps(tmp_path):
     assert ck["iter_num"] == 2
     assert str(e.value).endswith(f"; {tmp_path / 'ckpt.pt'} holds step 2: --resume continues from it (with more "
                                  f"memory)"), e.value
+    # r1: at step 0 nothing trained; an untrained checkpoint would only block a new run on the folder
+    with pytest.raises(TrainError, match="no smaller micro-batch is left to try") as e:
+        train(make_cfg(tmp_path / "at0"), opts(max_steps=4, fault=FaultInjector(0), shrink=lambda failed: None))
+    assert "holds step" not in str(e.value) and not (tmp_path / "at0" / "ckpt.pt").exists()
 
 
 

@@ -65,7 +65,8 @@ class RedoneStep:
                 self._shrink(failure, injected)
             except TrainError as e:  # keep the steps that did complete; this one is next, on its own batch and RNG
                 self.sampler.counters.update(start), self._set_rng_state(rng)
-                self.save_last()
+                if self.iter_num > 0:  # at step 0 nothing trained: a checkpoint would only block a new run
+                    self.save_last()
                 if self.saved_step is not None:  # what is kept, as every other stop says it
                     e.args = (f"{e}; {self.ckpt_path} holds step {self.saved_step}: --resume continues from it "
                               f"(with more memory)",)
