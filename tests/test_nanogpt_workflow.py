@@ -76,6 +76,21 @@ def test_init_from_resume_in_a_config_is_resume(tmp_path, monkeypatch, capsys):
     assert [r["step"] for r in records(tmp_path / "r", "train")] == [0, 1, 2]
 
 
+def test_a_resume_config_device_is_said_once_and_only_when_it_differs(tmp_path, monkeypatch, capsys):
+    """r1 (session 13): a config naming the checkpoint's own device was said as 'not the config's
+    device', and a different one twice, once as a '--set device' the user never gave."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *TINY, "--max-steps", "2",
+                       "--out", "r", "--no-progress")
+    assert code == 0, err
+    (tmp_path / "c.py").write_text("init_from = 'resume'\nout_dir = 'r'\nmax_iters = 3\ndevice = 'cpu'\n")
+    code, _, err = cli(monkeypatch, capsys, "run", "--config", "c.py", "--no-progress")
+    assert code == 0 and "device" not in err, err
+    (tmp_path / "c.py").write_text("init_from = 'resume'\nout_dir = 'r'\nmax_iters = 4\ndevice = 'cuda'\n")
+    code, _, err = cli(monkeypatch, capsys, "run", "--config", "c.py", "--no-progress")
+    said = [line for line in err.splitlines() if "device" in line]
+    assert code == 0 and len(said) == 1 and "not the config's device 'cuda'" in said[0], err
+
+
 
 def test_a_finished_run_says_what_to_do_next_and_both_commands_work(tmp_path, monkeypatch, capsys):
     import shlex

@@ -89,14 +89,18 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     cfg.out_dir = str(out_dir)
     spec = device_spec(ck)
     check_same_device(probe_opts, spec)
-    if probe_opts.device is not None and probe_opts.device_source is not None:  # a config's device: said, not refused
+    same = probe_opts.device == str(spec.get("kind")).split("-")[0]  # 'cpu-budgeted' is a cpu
+    config_device = probe_opts.device is not None and probe_opts.device_source is not None
+    if config_device and not same:  # said, not refused
         log(f"--resume: the checkpoint's device is used ({_device_words(spec)}), not the config's device "
             f"{probe_opts.device!r}")
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
         micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
-    _say_not_applied(overrides, saved, cfg, spec, micro, log)
+    # a config's device is said above, once (not as a --set)
+    _say_not_applied({k: v for k, v in overrides.items() if not (k == "device" and config_device)}, saved, cfg,
+                     spec, micro, log)
     log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
         f"(micro-batch {micro}); no probe")
     _check_split_change(cfg, int(ck.get("world_size", 1)))  # the trainer's world_size_changed event says it
@@ -156,6 +160,8 @@ def _say_not_applied(overrides: dict[str, Any], saved: TrainConfig, cfg: TrainCo
            "batch_size": f"its plan splits the effective batch (micro-batch {micro})",
            "gradient_accumulation_steps": f"its plan splits the effective batch (micro-batch {micro})"}
     for key, value in overrides.items():
+        if key == "device" and value == str(spec.get("kind")).split("-")[0]:
+            continue  # the checkpoint's own device: what happens anyway
         if key in why and getattr(saved, key) != value:
             if key in ("batch_size", "gradient_accumulation_steps") and cfg.effective_batch != saved.effective_batch:
                 # --allow-changes took the new effective batch; only its split is the plan's
