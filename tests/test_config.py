@@ -148,6 +148,9 @@ def test_a_name_assigned_above_is_its_value(tmp_path):
     assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters) == (200, 100, 10)
     msg = one_line_error(config_file=write(tmp_path, "d.py", "lr_decay_iters = max_iters\nmax_iters = 100\n"))
     assert msg.startswith(f"{tmp_path / 'd.py'}:1: refused: name reference 'max_iters': only a name assigned above"), msg
+    msg = one_line_error(config_file=write(tmp_path, "f.py", "stages = [dict(until_iter=10, block_size=32, "
+                                                            "tokens_per_step=64)]\nwandb_run_name = stages\n"))
+    assert "f.py:2: refused: name reference 'stages': a list of tables, which only its own key takes" in msg, msg
     # r1: a string added to itself doubles on each line: 40 lines would ask for terabytes
     doubling = "s = 'x'\n" + "s = s + s\n" * 40
     msg = one_line_error(config_file=write(tmp_path, "e.py", doubling))

@@ -112,6 +112,8 @@ class Evaluator:
             return self._call(node)
         if isinstance(node, ast.Name) and node.id in self.assigned and not isinstance(self.assigned[node.id], list):
             return self.assigned[node.id]  # a literal read before: nothing runs
+        if isinstance(node, ast.Name) and node.id in self.assigned:
+            raise Refused(node, f"{_describe(node)}: a list of tables, which only its own key takes")
         if isinstance(node, ast.Name):
             raise Refused(node, f"{_describe(node)}: only a name assigned above in the file can be used")
         raise Refused(node, _describe(node))
