@@ -760,6 +760,9 @@ def test_parallelism_set_on_one_process_is_said_unused(tmp_path, monkeypatch, ca
     code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress", "--set", "max_iters=2",
                          "--allow-changes")
     assert code == 0 and "the checkpoint's parallelism 'fsdp2' shares the model among several ranks" in out + err, err
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress", "--set", "max_iters=3",
+                         "--set", "parallelism=ddp", "--allow-changes")  # set here: said as set (r1)
+    assert code == 0 and "parallelism = 'ddp' shares the model among several ranks" in out + err, err
 
 
 @pytest.mark.parametrize("cc, ok", [((12, 1), True), ((15, 9), True), ((8, 0), True), ((99, 99), False),

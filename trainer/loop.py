@@ -237,8 +237,10 @@ class Trainer(RedoneStep):
         for note in self._pretrained_notes:
             self._progress.print(f"init_from {self.cfg.init_from}: {note}")
         if self.cfg.parallelism != "auto" and self.world_size == 1:  # a multi-GPU config run on one: not an error
-            # a resume's config is the checkpoint's, which holds the parallelism its ranks resolved
-            whose = "the checkpoint's parallelism" if self.opts.resume else "parallelism ="
+            # a resume's config is the checkpoint's, which holds the parallelism its ranks resolved,
+            # unless this command set it (--set, a resume config: a source other than the default)
+            mine = not self.opts.resume or self.cfg.source_of("parallelism") != "default"
+            whose = "parallelism =" if mine else "the checkpoint's parallelism"
             self._progress.print(f"{whose} '{self.cfg.parallelism}' shares the model among several ranks; this run "
                                  f"has one process, so it is unused (--nproc-per-node N to train on N)")
         if self.opts.max_steps is not None and self.opts.max_steps > self.cfg.max_iters and not self.cfg.eval_only:
