@@ -196,7 +196,7 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
     """Returns (ProbeResult, device or None, hardware spec or None). Raises DeviceError,
     HardwareError or PlanError with one line."""
     cfg = fitted_config(cfg, log)  # a staged config: its largest stage
-    for note in _default_vocab_note(cfg):
+    if note := _default_vocab_note(cfg):
         log(note)
     if opts.gpu is not None:
         sim = open_simulated(opts.gpu)
@@ -217,7 +217,7 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
     return probe_on(cfg, device, device_budget(device, opts.margin), opts, log), device, None
 
 
-def _default_vocab_note(cfg) -> list[str]:
+def _default_vocab_note(cfg) -> str | None:
     """A note where a character dataset's vocab_size is nanoGPT's default (50304) because the
     dataset is not here to give its own (meta.pkl, ~65): the logits, the largest activation of a
     small model, scale with it (a probe needs no data, so it goes on). Character datasets are
@@ -227,6 +227,6 @@ def _default_vocab_note(cfg) -> list[str]:
     from trainer.data.datasets import dataset_dir
     if cfg.source_of("vocab_size") != "default" or cfg.init_from != "scratch" \
             or not Path(cfg.dataset).name.endswith("_char") or dataset_dir(cfg.dataset) is not None:
-        return []
-    return [f"note: vocab_size {cfg.vocab_size} is the default: dataset '{cfg.dataset}' is not here, and its meta.pkl "
-            f"would give the number of its characters (65 for Tiny Shakespeare): --set vocab_size=N"]
+        return None
+    return (f"note: vocab_size {cfg.vocab_size} is the default: dataset '{cfg.dataset}' is not here, and its meta.pkl "
+            f"would give the number of its characters (65 for Tiny Shakespeare): --set vocab_size=N")

@@ -89,9 +89,8 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     cfg.out_dir = str(out_dir)
     spec = device_spec(ck)
     check_same_device(probe_opts, spec)
-    same = probe_opts.device == str(spec.get("kind")).split("-")[0]  # 'cpu-budgeted' is a cpu
     config_device = probe_opts.device is not None and probe_opts.device_source is not None
-    if config_device and not same:  # said, not refused
+    if config_device and probe_opts.device != _device_kind(spec):  # said, not refused
         log(f"--resume: the checkpoint's device is used ({_device_words(spec)}), not the config's device "
             f"{probe_opts.device!r}")
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
@@ -125,6 +124,11 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                   source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")
 
 
+def _device_kind(spec: dict) -> str:
+    """The checkpoint's device as --device names it: 'cpu' (also for 'cpu-budgeted') or 'cuda'."""
+    return str(spec.get("kind")).split("-")[0]
+
+
 def _device_words(spec: dict) -> str:
     """The checkpoint's device in words: 'cpu-budgeted, budget 32.0 MiB', 'cuda', 'cpu'."""
     return str(spec.get("kind")) + (f", budget {fmt_bytes(spec['budget_bytes'])}" if spec.get("budget_bytes") else "")
@@ -138,9 +142,8 @@ def check_same_device(probe_opts, spec: dict) -> None:
     resume promises not to run (the same run, not a new plan); on a GPU an out-of-memory
     mid-run still shrinks the micro-batch. The same device and budget again are accepted
     (they change nothing). A device from the config file is not a flag: prepare_resume says it."""
-    kind = str(spec.get("kind"))
     asked = []
-    if probe_opts.device is not None and probe_opts.device_source is None and probe_opts.device != kind.split("-")[0]:
+    if probe_opts.device is not None and probe_opts.device_source is None and probe_opts.device != _device_kind(spec):
         asked.append(f"--device {probe_opts.device}")
     if probe_opts.budget_bytes is not None and probe_opts.budget_bytes != spec.get("budget_bytes"):
         asked.append(f"--budget {fmt_bytes(probe_opts.budget_bytes)}")
@@ -160,7 +163,7 @@ def _say_not_applied(overrides: dict[str, Any], saved: TrainConfig, cfg: TrainCo
            "batch_size": f"its plan splits the effective batch (micro-batch {micro})",
            "gradient_accumulation_steps": f"its plan splits the effective batch (micro-batch {micro})"}
     for key, value in overrides.items():
-        if key == "device" and value == str(spec.get("kind")).split("-")[0]:
+        if key == "device" and value == _device_kind(spec):
             continue  # the checkpoint's own device: what happens anyway
         if key in why and getattr(saved, key) != value:
             if key in ("batch_size", "gradient_accumulation_steps") and cfg.effective_batch != saved.effective_batch:
