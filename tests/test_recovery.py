@@ -37,6 +37,28 @@ def test_nothing_smaller_is_a_train_error():
         r.after_oom(step=0, compiled=False, reason="boom")
 
 
+def test_a_stage_of_shorter_sequences_shrinks_in_the_plans_units():
+    """Fit sizes count sequences of the fitted block (64); a 16-token stage's micro-batches its
+    own. Each shrink is one fit step in tokens, compiled or eager; below one fitted sequence only
+    the stage's own sequences halve."""
+    r = Recovery(rank_batch=48, micro_batch=6, shrink=shrink_policy([1, 2, 4, 6]), compiled_fit_sizes=[2])
+    r.micro_batches, r.blocks = [24, 24], (16, 64)  # as StagedRun.enter sets them: 24 x 16 = 6 x 64 tokens
+    kind, info = r.after_oom(step=4, compiled=False, reason="x")
+    assert (kind, info["new_micro_batch"], info["micro_batch_at_block_size"], info["stage_max_tokens"]) == \
+        ("oom_shrink", 16, 4, 256)
+    r.compiled_at(5)
+    kind, info = r.after_oom(step=5, compiled=True, reason="x")  # 16 x 16 = 4 x 64: the compiled fit below, 2
+    assert (kind, info["new_micro_batch"], info["micro_batch_at_block_size"]) == ("compile_oom_shrink", 8, 2)
+    r.micro_batches = [6] * 8  # 96 tokens: 1.5 of the fitted sequences, rounded up to 2; the fit below is 1
+    kind, info = r.after_oom(step=20, compiled=False, reason="x")
+    assert (info["new_micro_batch"], info["micro_batch_at_block_size"], info["stage_max_tokens"]) == (4, 1, 64)
+    kind, info = r.after_oom(step=21, compiled=False, reason="x")  # 64 tokens failed: halve the stage's 4
+    assert (info["new_micro_batch"], info["micro_batch_at_block_size"], info["stage_max_tokens"]) == (2, 1, 32)
+    r.after_oom(step=22, compiled=False, reason="x")
+    with pytest.raises(TrainError, match="no smaller micro-batch"):
+        r.after_oom(step=23, compiled=False, reason="x")
+
+
 def test_thrash_detector_needs_rises_in_a_row():
     t = ThrashDetector()
     seen = [t.observe(v) for v in [0, 1, 1, 2, 3, 4, 5, 6, 7]]

@@ -212,17 +212,38 @@ def test_an_oom_in_a_short_stage_lowers_the_tokens_of_later_stages(tmp_path, mon
     seen = []
     train(make_cfg(tmp_path), opts(micro_batch=4, fault=FaultInjector(1), on_event=seen.append))
     shrink = next(e for e in seen if e["event"] == "oom_shrink")
-    # 6 x 32 halved to 3 x 32 = 96 tokens: one 64-token sequence per micro-batch from then on
-    assert (shrink["old_micro_batch"], shrink["new_micro_batch"], shrink["stage"]) == (6, 3, 0)
+    # no trials: 6 x 32 = 192 tokens, 3 sequences of the plan's 64, halved in the plan's units to 1:
+    # 2 x 32 = 64 tokens, one 64-token sequence per micro-batch from then on
+    assert (shrink["old_micro_batch"], shrink["new_micro_batch"], shrink["stage"]) == (6, 2, 0)
     assert shrink["micro_batch_at_block_size"] == 1  # the profile's lesson, in the plan's sequences
     import autofit.launch.run as launch
     recorded = []
     monkeypatch.setattr(launch, "record_event", lambda *a, **k: recorded.append(k["safe_micro_batch"]))
     real = {k: v for k, v in shrink.items() if k != "injected"}  # an injected one is never a lesson
     launch._profile_recorder("cpu-64mb", "abc", log=lambda s: None)(real)
-    assert recorded == [1]  # not 3: three 64-token sequences would exceed the 96 tokens that fitted
-    assert [s[2] for s in spy.steps[1:3]] == [[3, 3, 3, 3]] * 2
+    assert recorded == [1]  # not 2: two 64-token sequences would exceed the 64 tokens that fitted
+    assert [s[2] for s in spy.steps[1:3]] == [[2] * 6] * 2
     assert [s[2] for s in spy.steps[3:]] == [[1] * 12] * 2 + [[1] * 8] * 2
+
+
+def test_a_short_stage_oom_shrinks_to_the_next_measured_fit_in_the_plans_units(tmp_path, monkeypatch):
+    """The probe's fit sizes count sequences of block_size (64), a 16-token stage's micro-batch
+    its own: an OOM there drops one measured fit step in tokens (6 x 64 -> 4 x 64), not a factor
+    of 4 (24 x 16 read as 24 sequences of 64, shrunk to the plan's own 6: 96 tokens). Found by r2
+    (session 14)."""
+    from trainer.recovery import shrink_policy
+    stages = "[dict(until_iter=3, block_size=16, tokens_per_step=768), dict(block_size=64, tokens_per_step=768)]"
+    spy = StepSpy(monkeypatch)
+    seen = []
+    # the plan: micro-batch 6 at block 64 (384 tokens); trials showed 1, 2, 3, 4 and 6 fit at block 64
+    train(make_cfg(tmp_path, stages=stages, max_iters=4, lr_decay_iters=4),
+          opts(micro_batch=6, shrink=shrink_policy([1, 2, 3, 4, 6]), fault=FaultInjector(1), on_event=seen.append))
+    shrink = next(e for e in seen if e["event"] == "oom_shrink")
+    assert shrink["old_micro_batch"] == 24  # 24 x 16 = 384 tokens, the fitted micro-batch's
+    # the next size the trials showed to fit is 4 x 64 = 256 tokens = 16 sequences of 16
+    assert (shrink["new_micro_batch"], shrink["micro_batch_at_block_size"]) == (16, 4), shrink
+    assert shrink["stage_max_tokens"] == 256
+    assert [s[2] for s in spy.steps] == [[24, 24]] + [[16, 16, 16]] * 2 + [[4, 4, 4]]  # the 64-token stage: 4, measured
 
 
 def test_every_stages_batch_must_divide_among_the_ranks(tmp_path):
@@ -236,22 +257,22 @@ def test_every_stages_batch_must_divide_among_the_ranks(tmp_path):
 
 
 def test_a_resume_keeps_the_token_limit_an_oom_lowered(tmp_path, monkeypatch):
-    """An OOM shrink in the 32-token stage (6 -> 3 sequences: 96 tokens) is the limit after
+    """An OOM shrink in the 32-token stage (6 -> 2 sequences: 64 tokens) is the limit after
     `autofit run --resume` too: the checkpoint keeps it (stage_max_tokens), and the resumed run's
-    micro-batch at block_size is 1 (not the stage's 3, read as 3 x 64 tokens)."""
+    micro-batch at block_size is 1 (not the stage's 2, read as 2 x 64 tokens)."""
     from autofit.launch.probe import ProbeOptions
     from autofit.launch.resume import prepare_resume
     first = train(make_cfg(tmp_path), opts(micro_batch=4, max_steps=2, fault=FaultInjector(1)))
-    assert first.micro_batches == [3, 3, 3, 3]
+    assert first.micro_batches == [2] * 6
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ck["stage_max_tokens"] == 96
+    assert ck["stage_max_tokens"] == 64
     launch = prepare_resume(str(tmp_path), {}, probe_opts=ProbeOptions(), max_steps=None, progress=False,
                             log=lambda s: None)
     assert launch.opts.micro_batch == 1
     spy = StepSpy(monkeypatch)
     rest = train(launch.cfg, launch.opts)
     assert rest.steps == STEPS
-    assert [s[2] for s in spy.steps] == [[3, 3, 3, 3]] + [[1] * 12] * 2 + [[1] * 8] * 2
+    assert [s[2] for s in spy.steps] == [[2] * 6] + [[1] * 12] * 2 + [[1] * 8] * 2
 
 
 def test_a_measured_probe_on_the_budgeted_cpu_fits_the_largest_stage(tmp_path):

@@ -13,7 +13,10 @@ A staged run (trainer/config/stages.py) changes the step's batch and block size 
 begins (StagedRun): the plan's micro-batch is the one fitted at the config's block_size (the
 largest stage's); a stage of shorter sequences runs the most sequences whose tokens do not exceed
 it (trainer.config.stages.stage_micro_batch), its effective batch exact. An out-of-memory shrink
-in a stage lowers that token limit for the rest of the run (and is kept in its checkpoint).
+in a stage works in the plan's units, sequences of block_size (the fit sizes' and the shrink
+policy's): the failed micro-batch's tokens, the next fit size below them, run as the most of the
+stage's sequences within its tokens. That lowers the token limit for the rest of the run (and is
+kept in its checkpoint).
 """
 from __future__ import annotations
 
@@ -61,6 +64,9 @@ class Recovery:
         self.shrink = shrink or halve
         self.compiled_fit_sizes = list(compiled_fit_sizes or [])
         self.compile_window_end = -1
+        # a staged run's (the stage's block size, the fitted block_size), set by StagedRun.enter: the
+        # micro-batches count the stage's sequences, the fit sizes and the policy the fitted ones
+        self.blocks: tuple[int, int] | None = None
 
     def compiled_at(self, step: int) -> None:
         """New compiled shapes from `step` on: OOMs in the next steps are compilation's."""
@@ -72,24 +78,37 @@ class Recovery:
         module; same micro-batches), 'oom_shrink' (smaller micro-batches). Raises TrainError when
         no smaller micro-batch is left."""
         failed = max(self.micro_batches)
+        T, B = self.blocks or (1, 1)
+        # in sequences of the fitted block, rounded up: exactly the fit sizes below it have fewer
+        # tokens than the failed micro-batch (a stage's block is never longer: check_stages)
+        planned = -(-failed * T // B)
         if compiled and step < self.compile_window_end:
-            smaller = [s for s in self.compiled_fit_sizes if s < failed]
+            smaller = [s for s in self.compiled_fit_sizes if s < planned]
             if not smaller:
                 return "compile_fallback_eager", {"micro_batch": failed}
             return "compile_oom_shrink", self._resize(failed, max(smaller))
-        new = self.shrink(failed)
-        if not new or new >= failed:
+        if planned == 1 and failed > 1:  # less than one fitted sequence failed: only the stage's own shrink
+            return "oom_shrink", self._resize(failed, None, failed // 2)
+        new = self.shrink(planned)
+        if not new or new >= planned:
             raise TrainError(f"out of memory at step {step} with micro-batch {failed}, "
                              f"and no smaller micro-batch is left to try ({reason})")
         if compiled:  # the new shapes compile now: the compile fallbacks apply again
             self.compiled_at(step)
         return "oom_shrink", self._resize(failed, new)
 
-    def _resize(self, old: int, new: int) -> dict:
-        """Micro-batches of at most `new`, balanced; the event names the size they really have."""
-        self.micro_batches = split_batch(self.rank_batch, new)
-        return {"old_micro_batch": old, "new_micro_batch": max(self.micro_batches),
+    def _resize(self, old: int, new: int | None, stage_new: int | None = None) -> dict:
+        """Micro-batches of at most `new` sequences of the fitted block (as many of the stage's as
+        fit in its tokens), or of `stage_new` of the stage's own, balanced; the event names the size
+        they really have, and in a staged run the new size at block_size and tokens per
+        micro-batch (the profile's lesson and the limit for the rest of the run)."""
+        T, B = self.blocks or (1, 1)
+        self.micro_batches = split_batch(self.rank_batch, stage_new if new is None else new * B // T)
+        info = {"old_micro_batch": old, "new_micro_batch": max(self.micro_batches),
                 "micro_batches": self.micro_batches, "effective_batch": sum(self.micro_batches)}
+        if self.blocks is not None:  # below one fitted sequence: 1, the least a plan can say
+            info.update(micro_batch_at_block_size=new or 1, stage_max_tokens=new * B if new else stage_new * T)
+        return info
 
 
 class ThrashDetector:
@@ -155,6 +174,7 @@ class StagedRun:
         t.batches.set_block_size(st.block_size)  # the training sampler's (the evaluator keeps the model's)
         t.step_batch, t.rank_batch = st.effective_batch, sum(mbs)
         t.recovery.rank_batch, t.recovery.micro_batches = sum(mbs), mbs
+        t.recovery.blocks = (st.block_size, self.block_size)  # its OOM shrinks in the plan's units
         if t.compiled:  # new shapes compile now: the compile fallbacks apply again
             t.recovery.compiled_at(it)
         previous, self.index = self.index, i
@@ -172,13 +192,12 @@ class StagedRun:
         if saved in {s.block_size for s in self.stages}:  # step k's batch is drawn at its stage's length
             t.batches.set_block_size(saved)
 
-    def shrunk(self, new_micro: int) -> dict:
-        """After an out-of-memory shrink to `new_micro` sequences in this stage: its tokens are the
-        limit from now on, in every later stage too. Returns the event's fields: the stage, and the
-        new micro-batch in sequences of cfg.block_size (what a saved plan's micro-batch means)."""
-        T = self.stages[self.index].block_size
-        self.max_tokens = min(self.max_tokens, new_micro * T)
-        return {"stage": self.index, "micro_batch_at_block_size": max(1, new_micro * T // self.block_size)}
+    def shrunk(self, info: dict) -> dict:
+        """After an out-of-memory shrink in this stage (Recovery.after_oom's fields, its
+        stage_max_tokens the tokens per micro-batch of the next fit size): those tokens are the limit
+        from now on, in every later stage too. Returns the event's other field: the stage."""
+        self.max_tokens = min(self.max_tokens, info["stage_max_tokens"])
+        return {"stage": self.index}
 
     def record_fields(self) -> dict:
         """The stage fields of a 'train' record."""

@@ -134,8 +134,8 @@ class RedoneStep:
     def _shrink(self, reason: str, injected: bool = False, **extra) -> None:
         """Applies the recovery policy after an OOM (or thrashing); the caller redoes the step."""
         kind, info = self.recovery.after_oom(self.iter_num, self.compiled, reason)
-        if self.stages is not None and "new_micro_batch" in info:  # the profile's lesson, at block_size
-            info.update(self.stages.shrunk(info["new_micro_batch"]))
+        if self.stages is not None and "new_micro_batch" in info:  # the stage's new token limit
+            info.update(self.stages.shrunk(info))
         if "effective_batch" in info:  # the recovery policy sees this rank's share
             info["effective_batch"] *= self.world_size
         if kind == "compile_fallback_eager":  # no compiled state outlives the fallback
