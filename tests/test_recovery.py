@@ -31,6 +31,25 @@ def test_oom_in_the_compile_window_blames_compilation():
     assert kind == "oom_shrink" and r.micro_batches == [2, 2, 2, 2]
 
 
+def test_a_compile_oom_shrink_restarts_the_compile_window():
+    """The smaller compiled micro-batch's shapes compile at the redone step: an OOM in their
+    compile is compilation's too (the next compiled fit, else eager), not a steady-state shrink
+    (a lesson that lowers the profile's safe micro-batch). Found by r2 (session 14)."""
+    r = Recovery(rank_batch=16, micro_batch=16, shrink=shrink_policy([4, 8]), compiled_fit_sizes=[4, 8])
+    r.compiled_at(20)  # the window: steps 20, 21, 22
+    kind, info = r.after_oom(step=22, compiled=True, reason="x")
+    assert (kind, info["new_micro_batch"]) == ("compile_oom_shrink", 8)
+    kind, info = r.after_oom(step=23, compiled=True, reason="x")  # 8's shapes compiling since step 22
+    assert (kind, info["new_micro_batch"]) == ("compile_oom_shrink", 4)
+    r = Recovery(rank_batch=16, micro_batch=16, shrink=shrink_policy([4, 8]), compiled_fit_sizes=[8])
+    r.compiled_at(20)
+    r.after_oom(step=22, compiled=True, reason="x")
+    kind, info = r.after_oom(step=24, compiled=True, reason="x")  # no smaller compiled fit: eager at 8
+    assert (kind, info) == ("compile_fallback_eager", {"micro_batch": 8}) and r.micro_batches == [8, 8]
+    kind, _ = r.after_oom(step=25, compiled=True, reason="x")  # past the new window: an ordinary shrink
+    assert kind == "oom_shrink" and r.micro_batches == [4] * 4
+
+
 def test_nothing_smaller_is_a_train_error():
     r = Recovery(rank_batch=4, micro_batch=1)
     with pytest.raises(TrainError, match="no smaller micro-batch"):

@@ -2,8 +2,8 @@
 
 The loop starts eager and compiles after a warm-up (compile_after optimizer steps), so the first
 steps (and any OOM in them) are cheap to recover from. Out-of-memory errors in the first
-COMPILE_WINDOW steps after compile switches on are blamed on compilation: tracing and autotuning
-raise the peak above the steady state.
+COMPILE_WINDOW steps after compile switches on (or new shapes start compiling: a stage, a shrink)
+are blamed on compilation: tracing and autotuning raise the peak above the steady state.
 
 By default each transformer block is compiled on its own (regional compilation, as torchtitan
 does): the blocks share one graph per input shape, so compiling costs about one block's worth

@@ -4,8 +4,8 @@ device runs out of memory (or the allocator starts thrashing).
 After an OOM the loop cleans up and redoes the same optimizer step on the same data with the
 micro-batches this policy gives:
 - in the first compiled steps (the compile window) the OOM is blamed on compilation: a smaller
-  size that a compiled trial showed to fit, else eager at the same size (eager trials showed it
-  fits);
+  size that a compiled trial showed to fit (its shapes compile then: the window starts again),
+  else eager at the same size (eager trials showed it fits);
 - otherwise the next size from the shrink policy (the largest smaller size a trial showed to fit,
   else half), the effective batch kept exact by the split.
 
@@ -86,6 +86,7 @@ class Recovery:
             smaller = [s for s in self.compiled_fit_sizes if s < planned]
             if not smaller:
                 return "compile_fallback_eager", {"micro_batch": failed}
+            self.compiled_at(step)  # the smaller shapes compile at the redone step: a new window
             return "compile_oom_shrink", self._resize(failed, max(smaller))
         if planned == 1 and failed > 1:  # less than one fitted sequence failed: only the stage's own shrink
             return "oom_shrink", self._resize(failed, None, failed // 2)
