@@ -65,6 +65,8 @@ def line() -> str | None:
 def reset() -> None:
     """Back to the start of a command (tests run several in one process)."""
     _state.update(line=DEFAULT_LINE, said=False, signal=None)
+    from trainer.interrupt import forget_received  # no torch
+    forget_received()
 
 
 # SIGTERM (a scheduler's) and SIGHUP (a closed terminal); SIGHUP does not exist on Windows

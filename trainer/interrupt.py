@@ -36,6 +36,30 @@ def reported_by_launcher() -> frozenset[int]:
     return frozenset(STOP_SIGNALS[1:]) if os.environ.get(LAUNCHER_ENV) else frozenset()
 
 
+# The first stop signal this process received, whichever handler took it (a StopFlag's, or
+# autofit's for a command: autofit.launch.torchrun.session), and kept after the handler is gone.
+# A rank of several that then loses contact with another lost it to the same stop (the launcher
+# passes a Ctrl-C on to every rank at once, and a rank outside a StopFlag leaves at once): that is
+# the interrupt, not an error (autofit.launch.torchrun.taken_as_stop).
+_received: dict = {"signal": None}
+
+
+def received() -> int | None:
+    """The first stop signal (SIGINT, SIGTERM, SIGHUP) this process received, or None."""
+    return _received["signal"]
+
+
+def note_received(signum: int) -> None:
+    """A stop signal reached this process (called by every handler of one); the first is kept."""
+    if _received["signal"] is None:
+        _received["signal"] = int(signum)
+
+
+def forget_received() -> None:
+    """Back to no signal received (the start of a command; tests run several in one process)."""
+    _received["signal"] = None
+
+
 def _other_rank() -> bool:
     """A rank other than 0 of several (torchrun's RANK, WORLD_SIZE): it leaves the talking to rank 0,
     which hears the same signal (torchrun passes a stop on to every rank)."""
@@ -65,6 +89,7 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        note_received(signum)
         # a second Ctrl-C: stop now. A closed stdout's stop is no first signal: the user's first
         # Ctrl-C after it still finishes the step and saves the checkpoint
         if self.signal is not None and self.signal != BROKEN_PIPE and not self.holding:

@@ -36,7 +36,7 @@ from trainer.metrics import MetricsLog, Progress, describe_event, describe_step,
 from trainer.model.pretrained import build_model
 from trainer.distributed.multirank import RankGroup, pick_device
 from trainer.options import RunOptions, RunResult
-from trainer.distributed.ranks import Ranks
+from trainer.distributed.ranks import Ranks, signal_at
 from trainer.recovery import Recovery, StagedRun, ThrashDetector
 from trainer.redo import RedoneStep
 from trainer.schedule import lr_at
@@ -167,6 +167,7 @@ class Trainer(RedoneStep):
             # a closed stdout (`| head`) stops as a signal does, on rank 0 where stdout is written
             with StopFlag(notice, silent=reported_by_launcher()) as stop, broken_pipe_calls(stop.pipe_closed), \
                     progress:
+                signal_at("training", self.group.ranks)  # a test's fault: a Ctrl-C as rank 1 lags
                 with self.meter.tracking():
                     try:
                         status, tokens = self._steps(stop, stop_at)

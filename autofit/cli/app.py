@@ -369,6 +369,10 @@ def main() -> None:
         say_interrupted()
         sys.exit(interrupts.exit_code())
     except Exception as e:
+        from autofit.launch.torchrun import taken_as_stop
+        if taken_as_stop(e):  # a rank that lost contact after its own Ctrl-C: interrupted, not an error
+            say_interrupted()
+            sys.exit(interrupts.exit_code())
         msg = user_message(e)
         if msg is not None:
             if not report_error(msg):  # under torchrun it may go to the launcher, to be said once

@@ -2,12 +2,11 @@
 the budget, and run the planner in the matching mode: measured trials, or estimates alone."""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from autofit.planning.budget import compute_budget, device_budget
 from autofit.planning.candidates import candidate_space
@@ -128,8 +127,10 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     from autofit.planning import agree
     on_trial = trial_log()  # AUTOFIT_TRIALS_JSONL, checked writable before anything is said or run
     info = device.info
-    budget = agree.budget(budget)  # several ranks: the smallest rank's
+    from trainer.distributed.ranks import signal_at
     ranks = agree.ranks()
+    signal_at("budget", ranks)  # a test's fault: a Ctrl-C as rank 1 lags
+    budget = agree.budget(budget)  # several ranks: the smallest rank's
     space = agree.space(probe_space(cfg, device, opts))  # several ranks: what every rank's card can run
     # after the space: a lever this device cannot run (bf16 on a card without it) is refused first
     log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)} "
@@ -148,11 +149,13 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     with StopFlag(notice) as stop:  # Ctrl-C/SIGTERM: the trial in flight ends, then the probe stops (a second: at once)
         settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed,
                                  stop=lambda: stop.signal is not None, on_trial=on_trial)
-        with stopped_together(stop, ranks.several):
-            with LoadMeter() as meter:
-                res = probe_measured(cfg, device, budget, space, settings=settings, log=log)
-            if agree.stop_wanted(stop.signal is not None):  # asked after the last trial that checked: no plan from it
-                raise KeyboardInterrupt
+        # several ranks: a rank that loses contact here after this stop signal stops as interrupted
+        # (autofit.launch.torchrun.taken_as_stop), as at every other wait of the command
+        signal_at("trials", ranks)  # a test's fault: a Ctrl-C as rank 1 lags
+        with LoadMeter() as meter:
+            res = probe_measured(cfg, device, budget, space, settings=settings, log=log)
+        if agree.stop_wanted(stop.signal is not None):  # asked after the last trial that checked: no plan from it
+            raise KeyboardInterrupt
     res.notes = list(space.notes)
     # one process on the CPU only: several ranks' siblings would count as other processes' load
     said = load_words(meter.load) if info.kind == "cpu" and not ranks.several else None
@@ -160,25 +163,6 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
         log(said)
         res.notes.append(said)
     return res
-
-
-@contextlib.contextmanager
-def stopped_together(stop, several: bool) -> Iterator[None]:
-    """Around the probe's trials on several ranks: a rank that lost contact with another after a
-    stop signal reached it (`stop`: its trainer.interrupt.StopFlag) stops as interrupted
-    (KeyboardInterrupt), not with an error. Why: the launcher passes a Ctrl-C on to every rank at
-    once, and a rank still on its way into the probe's StopFlag (a few milliseconds behind the
-    other on a busy machine) stops there at once, while the other waits for it in the trial's
-    agreement and loses contact: rank 0 then said no interrupt line, only an error the launcher
-    drops, and the launcher its fallback line. Any other error is raised as it is."""
-    from trainer.distributed.ranks import LOST_CONTACT
-    from trainer.errors import TrainError
-    try:
-        yield
-    except TrainError as e:
-        if several and stop.signal is not None and LOST_CONTACT in str(e):
-            raise KeyboardInterrupt from None
-        raise
 
 
 def load_words(load) -> str | None:

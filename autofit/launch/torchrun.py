@@ -23,7 +23,7 @@ from typing import Iterator
 from autofit import interrupts
 from autofit.devices.info import DeviceError
 from autofit.devices.ranks import env_rank, other_rank, ranks, under_torchrun
-from trainer.interrupt import LAUNCHER_ENV, STOP_SIGNALS as TRAINING_STOP_SIGNALS
+from trainer.interrupt import LAUNCHER_ENV, STOP_SIGNALS as TRAINING_STOP_SIGNALS, note_received, received
 
 # set by autofit.launch.launcher.relaunch() for its ranks, to its process id: their error lines go back to it, their
 # SIGTERM is its to say, and its death stops them (die_with_launcher)
@@ -106,12 +106,71 @@ def _consequence(msg: str) -> bool:
 
 
 def _raise_interrupt(signum, frame):
+    note_received(signum)
     interrupts.heard(signum)  # the launcher's exit code names a SIGTERM or SIGHUP (interrupts.exit_code)
     if under_torchrun() and os.environ.get(LAUNCHED_ENV):
         # a rank of `autofit run --nproc-per-node`: torchrun sends SIGTERM after another rank's
         # error, or when the launcher itself was stopped; the launcher prints that line, once
         interrupts.said()
     raise KeyboardInterrupt  # the command's with-blocks unwind, and the group is left
+
+
+def _ctrl_c(signum, frame):
+    """Python's own Ctrl-C (KeyboardInterrupt), with the signal noted (trainer.interrupt.received)."""
+    note_received(signum)
+    raise KeyboardInterrupt
+
+
+def _raise_again(signum, frame):
+    """The KeyboardInterrupt a finalizer dropped (_stop_in_finalizer), raised where the code goes on."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
+def _cancel_again() -> None:
+    """No _raise_again from now on: its timer stopped, SIGALRM's default back."""
+    if hasattr(signal, "setitimer") and signal.getsignal(signal.SIGALRM) is _raise_again:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def _stop_in_finalizer(hook):
+    """sys.unraisablehook for the command: a stop signal's KeyboardInterrupt raised while a
+    finalizer ran (seen in DDP's first collective: 'Exception ignored in: <finalize object ...>',
+    a traceback) was dropped there, and the rank went on as if no Ctrl-C had come. It is raised
+    again a millisecond later (SIGALRM), where the code goes on, without the traceback.
+    Anything else goes to `hook`, Python's."""
+    def unraisable(u):
+        if issubclass(u.exc_type, KeyboardInterrupt) and received() is not None and hasattr(signal, "setitimer"):
+            # a moment later (SIGALRM): raised here, in the hook, it would be dropped again
+            signal.signal(signal.SIGALRM, _raise_again)
+            signal.setitimer(signal.ITIMER_REAL, 0.001)
+            return
+        hook(u)
+    return unraisable
+
+
+def taken_as_stop(e: BaseException) -> bool:
+    """Whether error `e` of a command is the stop signal this rank received before it, not an
+    error: a lost contact with another rank (trainer.distributed.ranks.peer_lost's TrainError,
+    or under torchrun a collective's own error about a peer) after a Ctrl-C, SIGTERM or SIGHUP
+    reached this rank. Why: the launcher passes a signal on to every rank at once, and a rank
+    that takes it at once (outside a StopFlag: it raises KeyboardInterrupt and leaves) ends the
+    collective another rank waits in (inside a StopFlag, that one only noted the signal): before
+    the first trial, between the probe and training, at training's first step, while a
+    checkpoint loads. That rank then said an error the launcher drops, and the launcher its
+    fallback line, not rank 0's interrupt line. A lost contact with no signal before it stays an
+    error. Where the launcher reports the signal (trainer.interrupt.reported_by_launcher:
+    torchrun's SIGTERM after another rank failed), the rank stops quietly, as _raise_interrupt does."""
+    from trainer.interrupt import reported_by_launcher
+    group = sys.modules.get("trainer.distributed.ranks")  # loaded wherever a collective ran
+    if received() is None or group is None:
+        return False
+    from trainer.errors import TrainError
+    lost = (isinstance(e, TrainError) and group.LOST_CONTACT in str(e)) or (under_torchrun() and group.is_peer_failure(e))
+    if lost and received() in reported_by_launcher():
+        interrupts.said()
+    return lost
 
 
 @contextlib.contextmanager
@@ -124,6 +183,9 @@ def session() -> Iterator[None]:
     Ctrl-C line, and no staging folder is left behind."""
     several = under_torchrun()
     old = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, _ctrl_c)
+    old_hook, sys.unraisablehook = sys.unraisablehook, _stop_in_finalizer(sys.unraisablehook)
     try:
         if several:
             die_with_launcher()
@@ -133,8 +195,10 @@ def session() -> Iterator[None]:
             interrupts.during(interrupts.DEFAULT_LINE)
         yield
     finally:
+        _cancel_again()  # the command is over: a re-raise still due would land in the exit (a traceback)
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = old_hook
         # only where the group's module loaded whole: after a Ctrl-C inside `import torch`,
         # importing it again fails on the half-built torch, with tracebacks instead of the line
         if several and "trainer.distributed.ranks" in sys.modules:

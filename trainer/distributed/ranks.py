@@ -363,3 +363,30 @@ def mean_over_ranks(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     except Exception as e:
         raise peer_lost(e, ranks) from None
     return out / ranks.world_size
+
+
+SIGNAL_AT_ENV = "AUTOFIT_FAULT_SIGNAL_AT"
+SIGNAL_WAITS = ("budget", "trials", "training")  # where signal_at() is called
+
+
+def signal_at(wait: str, ranks: Ranks) -> None:
+    """AUTOFIT_FAULT_SIGNAL_AT=WAIT (a fault for tests of a Ctrl-C on several ranks, under
+    `--nproc-per-node`): at the named wait (SIGNAL_WAITS) the ranks meet (a barrier); then rank 1
+    plays the rank a few milliseconds behind the others, outside any StopFlag: with Python's own
+    Ctrl-C handler it sends SIGINT to the launcher (which passes it on to every rank, as it does
+    a terminal's Ctrl-C) and waits for its own, which ends it. The other ranks go on into the
+    wait's collective without it. So the order of events a busy machine gives now and then is
+    given every time. Unset, another wait, or one process: nothing."""
+    from trainer.interrupt import LAUNCHER_ENV
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    if os.environ.get(SIGNAL_AT_ENV) != wait or not ranks.several or not launcher.isdigit():
+        return
+    import signal
+    import time
+    dist.barrier()
+    if ranks.rank != 1:
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.kill(int(launcher), signal.SIGINT)
+    while True:
+        time.sleep(3600)
