@@ -695,6 +695,19 @@ def test_max_steps_past_max_iters_is_said(tmp_path, monkeypatch, capsys):
     assert "done: 3 optimizer steps" in out
 
 
+def test_max_steps_past_max_iters_is_said_before_the_probe(tmp_path, monkeypatch, capsys):
+    """t4 (session 13): the note came with training's first lines, after the probe's, where it
+    was missed. It is said before the probe's first line, once."""
+    code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--set", "max_iters=2", "--max-steps", "100", "--out", "o", "--no-progress")
+    assert code == 0, err
+    lines = err.splitlines()
+    note = [i for i, ln in enumerate(lines) if "--max-steps 100 is past max_iters 2: the run stops at max_iters" in ln]
+    probing = [i for i, ln in enumerate(lines) if ln.startswith("probing on ")]
+    assert len(note) == 1 and probing and note[0] < probing[0], err
+    assert "past max_iters" not in out and "done: 2 optimizer steps" in out
+
+
 @pytest.mark.parametrize("edit, words", [
     (dict(world_size=2, parallelism="ddp"), "world_size 2 (this run: 1)"),
     (dict(world_size=2), "world_size 2 (this run: 1)"),

@@ -244,9 +244,6 @@ class Trainer(RedoneStep):
             whose = "parallelism =" if mine else "the checkpoint's parallelism"
             self._progress.print(f"{whose} '{self.cfg.parallelism}' shares the model among several ranks; this run "
                                  f"has one process, so it is unused (--nproc-per-node N to train on N)")
-        if self.opts.max_steps is not None and self.opts.max_steps > self.cfg.max_iters and not self.cfg.eval_only:
-            self._progress.print(f"--max-steps {self.opts.max_steps} is past max_iters {self.cfg.max_iters}: the run "
-                                 f"stops at max_iters (raise it with --set max_iters=N to train longer)")
         for text in filter(None, map(describe_event, self.events)):  # noted while resuming
             self._progress.print(text)
         self._say_if_compile_cannot_run()  # after: an event prints itself as it is noted

@@ -184,8 +184,8 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         _train(launch.cfg, launch.opts)
         return
     _check_fresh_run(cfg, log)
-    from autofit.launch.run import prepare_run, say_warmup
-    say_warmup(cfg, max_steps, console.print)  # on stdout with the plan: said, not refused (nanoGPT runs it too)
+    from autofit.launch.run import prepare_run, say_schedule
+    say_schedule(cfg, max_steps, console.print, log)  # said, not refused (nanoGPT runs it too), before the probe
     from autofit.launch.torchrun import check_ranks
     check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit

@@ -28,6 +28,15 @@ def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = Fal
                      f"or --set eval_only=True to evaluate without training")
 
 
+def say_past_max_iters(cfg, max_steps: int | None, log) -> None:
+    """One line, before any probe (where a user reads the config's notes, not after the trials'
+    lines), for --max-steps past the config's max_iters: the run stops at max_iters (nanoGPT's
+    schedule ends there), not at --max-steps. Nothing for eval_only, which trains no step."""
+    if max_steps is not None and max_steps > cfg.max_iters and not cfg.eval_only:
+        log(f"--max-steps {max_steps} is past max_iters {cfg.max_iters}: the run stops at max_iters (raise it with "
+            f"--set max_iters=N to train longer)")
+
+
 def check_data(cfg, vocab_fixed_by: str = "", trained_on: dict | None = None, allow_changes: bool = False,
                log=lambda s: None) -> str | None:
     """Before any probe: the dataset exists, every token id fits cfg.vocab_size, each split
