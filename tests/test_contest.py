@@ -9,7 +9,7 @@ import pytest
 
 import autofit.planning.contest as contest
 from autofit.devices.cpu_budget import BudgetedCpuDevice
-from autofit.planning import own, planner
+from autofit.planning import confirm, own, planner
 from autofit.planning.budget import compute_budget
 from autofit.planning.candidates import Levers, Space
 from autofit.planning.search import ESTIMATE_ERROR_BOUND, TrialRunner
@@ -479,7 +479,7 @@ def test_a_split_size_that_fails_again_is_rebalanced_over_this_ranks_share(monke
         return TrialRecord(**cand.model_dump(), status="oom" if cand.micro_batch >= 6 else "fit")
     runner = SimpleNamespace(cfg=cfg, rank_batch=16, fits=lambda levers, compile=False: [], run=run)
     chosen = TrialRecord(**STD.candidate(7).model_dump(), status="fit")
-    split = planner._run_the_split_size(runner, chosen, [6, 5, 5])
+    split = confirm.run_the_split_size(runner, chosen, [6, 5, 5])
     assert split == [4, 4, 4, 4] and ran == [6, 4]  # 16 in micro-batches of at most 5
 
 
@@ -547,9 +547,9 @@ def test_a_compiled_plan_runs_its_split_size_compiled_so_its_figure_is_that_size
         return trials[-1]
     runner = SimpleNamespace(cfg=cfg_for(32), rank_batch=32, fits=fits, run=run)
     chosen = trials[2]
-    assert planner._run_the_split_size(runner, chosen, [8, 8, 8, 8]) == [8, 8, 8, 8]
+    assert confirm.run_the_split_size(runner, chosen, [8, 8, 8, 8]) == [8, 8, 8, 8]
     assert trials[-1].candidate() == STD.candidate(8, compile=True)
-    assert planner._record_of(runner, chosen, 8) is trials[-1]
+    assert confirm.record_of(runner, chosen, 8) is trials[-1]
 
 
 def test_a_compiled_plan_below_the_eager_winner_says_its_compiled_peak_did_not_fit(monkeypatch):

@@ -7,16 +7,17 @@ The measured probe (probe_measured), step by step:
    those two read alike, a third size beside them: all are contenders (the rate can be flat,
    fall, or peak beside a flat pair in the micro-batch);
 2. before the first recomputing combination, the contenders so far are decided (autofit.planning.
-   contest); a recomputing combination is skipped when the combinations without it already hold the
+   contest); a recomputing combination is skipped (autofit.planning.prune) when the combinations without it already hold the
    whole batch, the estimate promises no larger size, or their measured rate rises too slowly in
    the micro-batch for that size to pay back recomputation's extra compute (a third for full
    checkpointing, less for selective: autofit.planning.throughput.RECOMPUTE_SHARE);
 3. autofit.planning.contest.decide: every contender (and the config's own micro-batch where it
    fits) re-timed in alternation, judged on its fastest step's time per token, until the
    difference is clear or a tie, which goes to the most headroom (or the user's own split);
-4. confirm_compile(): when compile is in the space, run the chosen size compiled (and the next
+4. autofit.planning.confirm.confirm_compile: when compile is in the space, run the chosen size compiled (and the next
    smaller fit if the compiled peak is higher) and keep it if it is faster;
-5. split the effective batch into micro-batches (balanced, or a divisor when measured faster).
+5. split the effective batch into micro-batches (balanced, or a divisor when measured faster),
+   its largest size run as the plan runs it (autofit.planning.confirm.run_the_split_size).
 With no matching GPU here, autofit.planning.estimated answers from the closed-form estimate alone.
 """
 from __future__ import annotations
@@ -27,18 +28,19 @@ from typing import Callable
 from autofit.planning import agree
 from autofit.planning.budget import Budget, compute_budget
 from autofit.planning.candidates import Levers, PlanError, Space, lever_combos
-from autofit.planning.estimate import estimate_peak, max_micro_batch
+from autofit.planning.confirm import confirm_compile, record_of, run_the_split_size
+from autofit.planning.estimate import estimate_peak
 from autofit.records import PlanRecord, ProbeResult, TrialRecord, judged_peak
 from autofit.planning.own import own_split, own_why
+from autofit.planning.prune import prune_recompute, prune_sharding
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, run_size, run_sizes, split_rates, plan_tokens_per_s
-from autofit.planning.throughput import RECOMPUTE_SHARE
-from autofit.planning.contest import (TIE_MAX, CLEAR_CONSISTENT, decide, label, peak_of, retime, run_tokens_per_s,
+from autofit.planning.contest import (TIE_MAX, CLEAR_CONSISTENT, decide, label, peak_of, run_tokens_per_s,
                                       seconds_per_token)
 from autofit.planning.trials import TrialSettings, new_objects_only
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
-from trainer.step import describe_split, split_batch
+from trainer.step import describe_split
 
 
 
@@ -93,10 +95,10 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     for levers in lever_combos(space):
         if levers.checkpointing and before is None and len(pool) > 1:
             # settle the combinations without recomputation first: their robust figures say
-            # whether recomputation could pay back at all (_prune_recompute)
+            # whether recomputation could pay back at all (prune.prune_recompute)
             before = decide(runner, pool, before=before)
             pool = [before.winner]
-        pruned = _prune_sharding(runner, levers, best_by_levers) or _prune_recompute(runner, levers, best_by_levers)
+        pruned = prune_sharding(runner, levers, best_by_levers) or prune_recompute(runner, levers, best_by_levers)
         if pruned is not None:
             runner.trials.append(pruned)
             runner.log(f"skipped: {label(pruned)}: {pruned.note}")
@@ -114,8 +116,8 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                     if Levers.of(t) == Levers.of(chosen) and t.tokens_per_s and t.micro_batch <= chosen.micro_batch}
     micro_batches, why_split = choose_split(E, chosen.micro_batch, split_rates(chosen, measured_tps, runner.trials),
                                             cfg.block_size)
-    micro_batches = _run_the_split_size(runner, chosen, micro_batches)
-    runs = _record_of(runner, chosen, max(micro_batches))
+    micro_batches = run_the_split_size(runner, chosen, micro_batches)
+    runs = record_of(runner, chosen, max(micro_batches))
     # a compiled plan's run starts eager (compile_after): the larger of both peaks at its size
     at_size = [t for t in runner.fits(Levers.of(chosen), compile=None) if t.micro_batch == runs.micro_batch]
     peak = max(t.measured_peak_bytes or 0 for t in at_size)
@@ -157,11 +159,6 @@ def _reason(cfg, runner: TrialRunner, decision, chosen: TrialRecord, own, why_pe
             f"{why_peak}; {why_split}{cpu_compile_note}")
 
 
-def _record_of(runner: TrialRunner, chosen: TrialRecord, micro_batch: int) -> TrialRecord:
-    """The trial of the size the plan runs (its largest micro-batch), compiled as `chosen` is:
-    its measured tokens/s is the plan's (_run_the_split_size ran it; `chosen` itself otherwise)."""
-    same = [t for t in runner.fits(Levers.of(chosen), compile=chosen.compile) if t.micro_batch == micro_batch]
-    return same[0] if same else chosen
 
 
 # A combination's half size whose search readings already take this much more time per token
@@ -235,138 +232,14 @@ def _smaller_why(runner: TrialRunner, chosen: TrialRecord, eager: TrialRecord) -
     return why
 
 
-def _run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches: list[int]) -> list[int]:
-    """Every size in a plan was run, compiled as the plan is: a balanced split's largest
-    micro-batch can be below the chosen size (21 at 10 runs 7s), and a measured divisor below it
-    (a compiled plan of 11 at 32 can run 8 x 4); run it if no trial did, so the plan's tokens/s is
-    that size's (smaller sizes fit, as memory grows with the micro-batch, so this measures it
-    rather than tests it)."""
-    largest = max(micro_batches)
-    if any(t.micro_batch == largest for t in runner.fits(Levers.of(chosen), compile=chosen.compile)):
-        return micro_batches
-    r = runner.run(Levers.of(chosen).candidate(largest, compile=chosen.compile))
-    if r.status == "fit" or largest == 1:
-        return micro_batches
-    # memory that did not grow with the micro-batch (fragmentation): balance below it instead
-    return _run_the_split_size(runner, chosen, split_batch(runner.rank_batch, largest - 1))
 
 
-def _prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
-    """Recomputation costs more compute per token (full: a third; selective: less,
-    autofit.planning.throughput.RECOMPUTE_SHARE): try it only when the levers without it cannot
-    hold the whole batch, the estimate promises a larger size, and the rate measured without it
-    rises fast enough in the micro-batch for that size to pay the cost back (_cannot_pay_back).
-    Returns the 'pruned' record, its note the reason, when it is not worth a search."""
-    if levers.checkpointing == 0:
-        return None
-    E = runner.rank_batch
-    base_levers = [lv for lv, v in best_by_levers.items() if lv.dtype == levers.dtype and lv.checkpointing == 0
-                   and lv.sharded == levers.sharded and v > 0]
-    base = max([best_by_levers[lv] for lv in base_levers] or [0])
-    est_ck = max_micro_batch(runner.shape, runner.budget_bytes, **levers.estimate_args(), compile=False,
-                             device=runner.kind, ce_chunk_size=runner.cfg.ce_chunk_size, step_batch=E, **agree.layout(levers.sharded))
-    est_ck = run_size(E, max(1, min(est_ck, E)))  # what a run capped there runs (autofit.planning.split)
-    why = None
-    if base >= E:
-        why = f"micro-batch {base} (the whole batch) fits without recomputation"
-    elif base > 0 and est_ck <= base:
-        why = f"estimated {est_ck} with it, no more than the {base} that fits without"
-    else:
-        flat = _cannot_pay_back(runner, levers, [lv for lv in base_levers if lv.loss_impl == levers.loss_impl],
-                                best_by_levers, est_ck)
-        if flat:
-            why = f"cannot pay back its extra compute: without it the rate is already flat or rises too slowly ({flat})"
-    if why is None:
-        return None
-    return TrialRecord(**levers.candidate(est_ck).model_dump(), status="pruned",
-                       note=f"not needed: {why}")
 
 
-def _cannot_pay_back(runner: TrialRunner, levers: Levers, base_levers: list[Levers],
-                     best_by_levers: dict[Levers, int], est_ck: int) -> str | None:
-    """Words for why recomputation (`levers`) cannot win, or None. Without it, the combination's
-    largest fit L and half of it were measured: g = time per token at L/2 over that at L is the
-    rate's gain from the last doubling. The rate is concave in log(micro-batch) (a larger batch
-    fills the device better by less and less), so from L to the `est_ck` recomputation is
-    estimated to reach it gains at most g per doubling, g ** log2(est_ck / L) in all; where that
-    is no more than recomputation's cost per token (1 + RECOMPUTE_SHARE[policy] / every, the
-    throughput model's, autofit.planning.throughput), the recomputing plan would be slower."""
-    cpu = runner.kind == "cpu"
-    cost = 1.0 + RECOMPUTE_SHARE[levers.checkpointing_policy] / max(1, levers.checkpointing)
-    for lv in base_levers:
-        sizes = {t.micro_batch: t for t in runner.fits(lv)}
-        big, half = sizes.get(best_by_levers[lv]), sizes.get(run_size(runner.rank_batch, max(1, best_by_levers[lv] // 2)))
-        if big is None or half is None or half is big or est_ck <= big.micro_batch:
-            continue
-        a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)
-        if a is None or b is None:
-            continue
-        gain = max(1.0, a / b) ** math.log2(est_ck / big.micro_batch)
-        if gain > cost and len(half.step_seconds) <= runner.settings.steps:
-            # a steep curve read from the half's search trial alone: one burst of load on it would
-            # buy a whole recomputing search (3-4 trials at the largest sizes), so the pair is
-            # re-timed once, alternated, before the search is spent (the readings join the contest's)
-            runner.log(f"re-timing micro-batch {half.micro_batch} and {big.micro_batch} ({lv.loss_impl} loss) once, alternated: "
-                       f"their first readings ({a / b:.2f}x) would buy a recomputing search; one burst must not")
-            if retime(runner, half):
-                retime(runner, big)
-            a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)
-            gain = max(1.0, a / b) ** math.log2(est_ck / big.micro_batch)
-        if gain <= cost:
-            return (f"{lv.loss_impl} loss: micro-batch {half.micro_batch} takes {a / b:.2f}x the time per token "
-                    f"of {big.micro_batch}, so the estimated {est_ck} with recomputation gains at most {gain:.2f}x, "
-                    f"less than its {cost:.2f}x compute")
-    return None
 
 
-def _prune_sharding(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
-    """FSDP2 all-gathers every block's weights and reduce-scatters its gradients in every
-    micro-batch: try it only when no unsharded combination holds the whole per-rank batch and
-    the estimate promises a larger micro-batch than the best of them. Returns the 'pruned'
-    record when it is not worth a search."""
-    if not levers.sharded:
-        return None
-    E = runner.rank_batch
-    base = max([v for lv, v in best_by_levers.items() if not lv.sharded] or [0])
-    est = max_micro_batch(runner.shape, runner.budget_bytes, **levers.estimate_args(), compile=False,
-                          device=runner.kind, step_batch=E,
-                          ce_chunk_size=runner.cfg.ce_chunk_size, **agree.layout(True))
-    if base >= E or (base > 0 and est <= base):
-        why = (f"micro-batch {base} fits without sharding" if base >= E else
-               f"estimated {est} sharded, no more than {base} without")
-        return TrialRecord(**levers.candidate(max(1, min(est, E))).model_dump(), status="pruned",
-                           note=f"not needed: {why}")
-    return None
 
 
-def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialRecord], space: Space,
-                    budget: Budget) -> tuple[TrialRecord, list[int]]:
-    """Runs the chosen eager candidate compiled (the compiled peak can be higher: then the next
-    smaller eager fit) and returns (the winner, compiled micro-batches that fit). The compiled
-    run wins when faster, or always under --compile (then PlanError if none fits)."""
-    if True not in space.compile:
-        return best, []
-    c = best.candidate().model_copy(update={"compile": True})
-    r = runner.run(c)
-    if r.status != "fit":
-        smaller = sorted(t.micro_batch for t in fits if Levers.of(t) == Levers.of(best) and t.micro_batch < best.micro_batch)
-        if smaller:
-            r = runner.run(c.model_copy(update={"micro_batch": smaller[-1]}))
-    compiled_fits = sorted(t.micro_batch for t in runner.trials if t.compile and t.status == "fit")
-    forced = False not in space.compile  # --compile: the plan must be compiled
-    if r.status == "fit" and not forced:
-        # the same split, the same timed steps, in alternation: compiled and eager compare; a
-        # tie goes to the most headroom (compile has to pay for itself)
-        twin = next(t for t in fits if t.candidate() == r.candidate().model_copy(update={"compile": False}))
-        if decide(runner, [best, twin, r]).winner is r:
-            return r, compiled_fits
-    if r.status == "fit" and forced:
-        return r, compiled_fits
-    if forced:
-        raise PlanError(f"--compile: no compiled candidate fits the {fmt_bytes(budget.budget_bytes)} budget "
-                        f"(tried micro-batch {c.micro_batch}" + (f" and {r.micro_batch}" if r.micro_batch !=
-                        c.micro_batch else "") + "); drop --compile to let an eager plan win")
-    return best, compiled_fits
 
 
 def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, estimated: bool = False):
