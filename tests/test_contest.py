@@ -631,3 +631,45 @@ def test_a_contest_with_no_round_does_not_say_it_re_timed(monkeypatch):
     d = contest.decide(runner, [clock.record(cfg, c, 16, 2, 1000) for c in (fast, slow)])
     assert d.winner.candidate() == fast and d.rounds == 0
     assert "the others out on their first readings" in d.why and "0 alternating" not in d.why, d.why
+
+
+COMPILE_SPACE = Space(dtypes=["float32"], compile=[False, True], checkpointing=[0], loss_impls=["standard"])
+
+
+def compile_runner(cfg, cost, peak_factor, monkeypatch, budget=1 << 40):
+    """A FakeRunner whose compiled trials' peaks are `peak_factor` x the eager estimate's."""
+    runner = FakeRunner(cfg, budget, Clock(cost, p=0.0), monkeypatch)
+    eager_estimate = runner.estimate
+    monkeypatch.setattr(runner, "estimate", lambda c: int(eager_estimate(c) * (peak_factor if c.compile else 1.0)))
+    return runner
+
+
+def test_a_forced_compile_is_not_said_to_have_won_a_contest(monkeypatch):
+    """Under --compile (compile=[True]) no eager run is compared: the compiled plan, 3x slower
+    here, read 'compiled: faster than eager, re-timed in alternation'."""
+    cfg = cfg_for(16)
+    space = Space(dtypes=["float32"], compile=[True], checkpointing=[0], loss_impls=["standard"])
+    runner = compile_runner(cfg, lambda c: 3.0 if c.compile else 1.0, 1.0, monkeypatch)
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=1 << 40), space)
+    assert res.plan.compile
+    assert "--compile: compiled as asked, not compared with eager" in res.plan.reason
+    assert "faster than eager" not in res.plan.reason, res.plan.reason
+
+
+def test_a_compile_that_only_ties_with_eager_does_not_win_on_its_lower_peak(monkeypatch):
+    """Compiled and eager read alike and the compiled peak is lower: a compiled run starts eager,
+    so its peak is the larger of both and the tie's headroom rule must not pick it."""
+    cfg = cfg_for(16)
+    runner = compile_runner(cfg, lambda c: 1.0, 0.9, monkeypatch)
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=1 << 40), COMPILE_SPACE)
+    assert not res.plan.compile
+    assert "tied with eager" in res.plan.reason and "faster than eager" not in res.plan.reason, res.plan.reason
+
+
+def test_a_compile_that_is_clearly_faster_wins_and_says_by_how_much(monkeypatch):
+    cfg = cfg_for(16)
+    runner = compile_runner(cfg, lambda c: 0.5 if c.compile else 1.0, 1.0, monkeypatch)
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=1 << 40), COMPILE_SPACE)
+    assert res.plan.compile
+    assert "compiled: faster than eager" in res.plan.reason and "takes 2.00x compiled" in res.plan.reason
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from autofit.planning.budget import Budget
 from autofit.planning.candidates import Levers, PlanError, Space
-from autofit.planning.contest import decide
+from autofit.planning.contest import decide, seconds_per_token
 from autofit.planning.search import TrialRunner
 from autofit.records import TrialRecord
 from autofit.units import fmt_bytes
@@ -12,12 +12,15 @@ from trainer.step import split_batch
 
 
 def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialRecord], space: Space,
-                    budget: Budget) -> tuple[TrialRecord, list[int]]:
+                    budget: Budget) -> tuple[TrialRecord, list[int], str]:
     """Runs the chosen eager candidate compiled (the compiled peak can be higher: then the next
-    smaller eager fit) and returns (the winner, compiled micro-batches that fit). The compiled
-    run wins when faster, or always under --compile (then PlanError if none fits)."""
+    smaller eager fit) and returns (the winner, compiled micro-batches that fit, words on compile
+    for the plan's why: '' where compile is not in the space). The compiled run wins only when
+    clearly faster than eager (a tie keeps eager: a compiled run starts eager, compile_after, so
+    its peak is the larger of both and it has no more headroom), or always under --compile
+    (not compared then). Raises PlanError under --compile when no compiled size fits."""
     if True not in space.compile:
-        return best, []
+        return best, [], ""
     c = best.candidate().model_copy(update={"compile": True})
     r = runner.run(c)
     if r.status != "fit":
@@ -25,20 +28,31 @@ def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialReco
         if smaller:
             r = runner.run(c.model_copy(update={"micro_batch": smaller[-1]}))
     compiled_fits = sorted(t.micro_batch for t in runner.trials if t.compile and t.status == "fit")
-    forced = False not in space.compile  # --compile: the plan must be compiled
-    if r.status == "fit" and not forced:
-        # the same split, the same timed steps, in alternation: compiled and eager compare; a
-        # tie goes to the most headroom (compile has to pay for itself)
-        twin = next(t for t in fits if t.candidate() == r.candidate().model_copy(update={"compile": False}))
-        if decide(runner, [best, twin, r]).winner is r:
-            return r, compiled_fits
-    if r.status == "fit" and forced:
-        return r, compiled_fits
-    if forced:
+    tried = f"micro-batch {c.micro_batch}" + (f" and {r.micro_batch}" if r.micro_batch != c.micro_batch else "")
+    if False not in space.compile:  # --compile: the plan must be compiled, whatever eager would do
+        if r.status == "fit":
+            return r, compiled_fits, "--compile: compiled as asked, not compared with eager"
         raise PlanError(f"--compile: no compiled candidate fits the {fmt_bytes(budget.budget_bytes)} budget "
-                        f"(tried micro-batch {c.micro_batch}" + (f" and {r.micro_batch}" if r.micro_batch !=
-                        c.micro_batch else "") + "); drop --compile to let an eager plan win")
-    return best, compiled_fits
+                        f"(tried {tried}); drop --compile to let an eager plan win")
+    if r.status != "fit":
+        return best, compiled_fits, f"compiled: did not fit ({tried}), so eager runs"
+    # the same split, the same timed steps, in alternation: compiled and eager compare
+    twin = next(t for t in fits if t.candidate() == r.candidate().model_copy(update={"compile": False}))
+    d = decide(runner, [best, twin, r])
+    cpu = runner.kind == "cpu"
+    eager = min((best, twin), key=lambda t: seconds_per_token(t, cpu))
+    ratio = seconds_per_token(eager, cpu) / seconds_per_token(r, cpu)  # > 1: compiled is faster
+    won = d.winner is r and len(d.tied) == 1  # clearly faster: a tie is not a win for compile
+    if won:
+        why = (f"compiled: faster than eager, re-timed in alternation (eager micro-batch {eager.micro_batch} takes "
+               f"{ratio:.2f}x compiled {r.micro_batch}'s time per token)")
+    elif r in d.tied:
+        why = (f"compiled micro-batch {r.micro_batch} tied with eager ({1 / ratio:.2f}x eager's time per token, within "
+               f"the readings' spread), so eager runs: a compiled run starts eager, so it has no more headroom")
+    else:
+        why = f"compiled micro-batch {r.micro_batch} is slower: {1 / ratio:.2f}x eager's time per token, so eager runs"
+    runner.log(f"compile: {why}")
+    return (r if won else best), compiled_fits, why
 
 
 def record_of(runner: TrialRunner, chosen: TrialRecord, micro_batch: int) -> TrialRecord:

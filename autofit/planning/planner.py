@@ -111,7 +111,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
     own = own_split(cfg, runner, best_by_levers)
     decision = decide(runner, pool + ([own] if own else []), own=own, before=before)
     fits = runner.fits()  # again: the own split's trial may have run since
-    chosen, compiled_fits = confirm_compile(runner, decision.winner, fits, space, budget)
+    chosen, compiled_fits, why_compile = confirm_compile(runner, decision.winner, fits, space, budget)
     measured_tps = {t.micro_batch: run_tokens_per_s(t) for t in fits
                     if Levers.of(t) == Levers.of(chosen) and t.tokens_per_s and t.micro_batch <= chosen.micro_batch}
     micro_batches, why_split = choose_split(E, chosen.micro_batch, split_rates(chosen, measured_tps, runner.trials),
@@ -139,7 +139,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                       tokens_per_s=plan_tokens_per_s(micro_batches, cfg.block_size,
                                                      runner.fits(Levers.of(chosen), compile=chosen.compile)),
                       split=describe_split(micro_batches), reason=_reason(cfg, runner, decision, chosen, own, why_peak,
-                                                                         why_split),
+                                                                         why_split, why_compile),
                       **agree.plan_fields(chosen.sharded))
     return ProbeResult(mode="measured", device=None, budget=budget, effective_batch=cfg.effective_batch,
                        block_size=cfg.block_size, trials=runner.trials, plan=plan, breakdown=est.breakdown,
@@ -147,14 +147,16 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                        compiled_fit_sizes=compiled_fits)
 
 
-def _reason(cfg, runner: TrialRunner, decision, chosen: TrialRecord, own, why_peak: str, why_split: str) -> str:
-    """The plan's 'why': the contest's words, then the smaller size's and the user's own split's,
-    the measured peak against the budget, the split, and what the CPU device cannot measure."""
+def _reason(cfg, runner: TrialRunner, decision, chosen: TrialRecord, own, why_peak: str, why_split: str,
+            why_compile: str = "") -> str:
+    """The plan's 'why': the contest's words and compile's (confirm_compile), then the smaller
+    size's and the user's own split's, the measured peak against the budget, the split, and what
+    the CPU device cannot measure."""
     n_fit = len([t for t in runner.trials if t.status == "fit"])
     cpu_compile_note = ("; compile=True in the config is not measured on the budgeted CPU device (its tracker "
                         "keeps Dynamo from compiling), so the plan is eager"
                         if not runner.device.capabilities.compile and cfg.compile else "")
-    return (f"{decision.why if chosen is decision.winner else 'compiled: faster than eager, re-timed in alternation'}"
+    return (f"{decision.why}{'; ' + why_compile if why_compile else ''}"
             f" ({n_fit} fitting trials){_smaller_why(runner, chosen, decision.winner)}{own_why(runner, chosen, own)}; "
             f"{why_peak}; {why_split}{cpu_compile_note}")
 
