@@ -673,3 +673,17 @@ def test_a_compile_that_is_clearly_faster_wins_and_says_by_how_much(monkeypatch)
     assert res.plan.compile
     assert "compiled: faster than eager" in res.plan.reason and "takes 2.00x compiled" in res.plan.reason
 
+
+
+def test_an_eager_plans_measured_peak_is_its_own_not_the_compiled_trials(monkeypatch):
+    """Compiled is 2x slower with a 10 % higher peak: eager wins, and its plan's measured peak was
+    the compiled trial's (the larger of both, which only a compiled plan's run reaches)."""
+    cfg = cfg_for(16)
+    runner = compile_runner(cfg, lambda c: 2.0 if c.compile else 1.0, 1.1, monkeypatch)
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=1 << 40), COMPILE_SPACE)
+    p = res.plan
+    assert not p.compile
+    eager = next(t for t in res.trials if t.status == "fit" and not t.compile and t.micro_batch == p.micro_batch)
+    assert any(t.status == "fit" and t.compile and t.micro_batch == p.micro_batch for t in res.trials)
+    assert p.measured_peak_bytes == eager.measured_peak_bytes
+    assert "compiled micro-batch 16 is slower" in p.reason, p.reason

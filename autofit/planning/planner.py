@@ -118,8 +118,10 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                                             cfg.block_size)
     micro_batches = run_the_split_size(runner, chosen, micro_batches)
     runs = record_of(runner, chosen, max(micro_batches))
-    # a compiled plan's run starts eager (compile_after): the larger of both peaks at its size
-    at_size = [t for t in runner.fits(Levers.of(chosen), compile=None) if t.micro_batch == runs.micro_batch]
+    # a compiled plan's run starts eager (compile_after): the larger of both peaks at its size;
+    # an eager plan's is its own trial's, never the compiled one's it did not choose
+    at_size = [t for t in runner.fits(Levers.of(chosen), compile=None if chosen.compile else False)
+               if t.micro_batch == runs.micro_batch]
     peak = max(t.measured_peak_bytes or 0 for t in at_size)
     reserved = max((t.measured_reserved_bytes for t in at_size if t.measured_reserved_bytes), default=None)
     est = estimate_peak(runner.shape, max(micro_batches), **Levers.of(chosen).estimate_args(),
