@@ -687,3 +687,33 @@ def test_an_eager_plans_measured_peak_is_its_own_not_the_compiled_trials(monkeyp
     assert any(t.status == "fit" and t.compile and t.micro_batch == p.micro_batch for t in res.trials)
     assert p.measured_peak_bytes == eager.measured_peak_bytes
     assert "compiled micro-batch 16 is slower" in p.reason, p.reason
+
+
+def test_a_combination_whose_trial_fails_with_another_error_stops_and_is_said(monkeypatch):
+    """A lever combination that crashes (here a TypeError in the chunked loss) was bracketed down
+    to micro-batch 1, one failing trial per size, then dropped without a word: its search stops
+    at the first error, and the plan's why (its JSON) and the default output each say it in one line."""
+    import io
+    from rich.console import Console
+    from autofit.report.render import render_probe
+    cfg = cfg_for(16)
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard", "chunked"])
+    runner = FakeRunner(cfg, 1 << 40, Clock(lambda c: 1.0, p=0.0), monkeypatch)
+    fake_trial = runner._trial
+
+    def trial(cand, est):
+        if cand.loss_impl == "chunked":
+            runner.ran.append(cand)
+            return TrialRecord(**cand.model_dump(), status="error", note="TypeError: chunked_cross_entropy() got "
+                               "an unexpected keyword argument 'softcap'\nTraceback ...")
+        return fake_trial(cand, est)
+    monkeypatch.setattr(runner, "_trial", trial)
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=1 << 40), space)
+    assert [c.loss_impl for c in runner.ran].count("chunked") == 1
+    line = ("chunked loss, float32: 1 trial(s) failed with an error that is not out of memory, so it was not searched "
+            "further: TypeError: chunked_cross_entropy() got an unexpected keyword argument 'softcap' (-v lists them)")
+    assert line in res.plan.reason and line in res.plan.model_dump_json()
+    res.device = SimpleNamespace(name="fake", kind="cpu", total_bytes=1 << 40, free_bytes=1 << 40, source="test")
+    buf = io.StringIO()
+    render_probe(res, Console(file=buf, width=400), verbose=False)
+    assert sum(line in ln for ln in buf.getvalue().splitlines()) == 1, buf.getvalue()

@@ -52,6 +52,25 @@ class Levers:
                 "checkpointing_policy": self.checkpointing_policy}
 
 
+def error_lines(trials) -> list[str]:
+    """One line per lever combination (and compile) with trials that failed with an error that is
+    not out of memory (status 'error': a bug in a loss or checkpointing path, an op this torch
+    lacks), naming the count and the first error: such a combination did not lose on memory or
+    speed, so the plan and the default output say it (the -v table lists each trial)."""
+    groups: dict[tuple, list] = {}
+    for t in trials:
+        if t.status == "error":
+            groups.setdefault((Levers.of(t), t.compile), []).append(t)
+    out = []
+    for (lv, compiled), errs in groups.items():
+        ck = f", checkpointing every {lv.checkpointing} ({lv.checkpointing_policy})" if lv.checkpointing else ""
+        what = f"{lv.loss_impl} loss{ck}, {lv.dtype}" + (", compiled" if compiled else "") + (", FSDP2" if lv.sharded else "")
+        first = ((errs[0].note or "no reason given").strip().splitlines() or ["no reason given"])[0][:300]
+        out.append(f"{what}: {len(errs)} trial(s) failed with an error that is not out of memory, so it was not "
+                   f"searched further: {first} (-v lists them)")
+    return out
+
+
 def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str | None = None,
                     compile: bool | None = None, checkpointing: list[int] | None = None,
                     loss_impls: list[str] | None = None, compile_measurable: bool = True,

@@ -23,7 +23,7 @@ def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialReco
         return best, [], ""
     c = best.candidate().model_copy(update={"compile": True})
     r = runner.run(c)
-    if r.status != "fit":
+    if r.status not in ("fit", "error"):  # an error is not memory: a smaller size fails the same way
         smaller = sorted(t.micro_batch for t in fits if Levers.of(t) == Levers.of(best) and t.micro_batch < best.micro_batch)
         if smaller:
             r = runner.run(c.model_copy(update={"micro_batch": smaller[-1]}))
@@ -35,7 +35,8 @@ def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialReco
         raise PlanError(f"--compile: no compiled candidate fits the {fmt_bytes(budget.budget_bytes)} budget "
                         f"(tried {tried}); drop --compile to let an eager plan win")
     if r.status != "fit":
-        return best, compiled_fits, f"compiled: did not fit ({tried}), so eager runs"
+        how = "failed with an error that is not out of memory" if r.status == "error" else "did not fit"
+        return best, compiled_fits, f"compiled: {how} ({tried}), so eager runs"
     # the same split, the same timed steps, in alternation: compiled and eager compare
     twin = next(t for t in fits if t.candidate() == r.candidate().model_copy(update={"compile": False}))
     d = decide(runner, [best, twin, r])

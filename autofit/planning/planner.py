@@ -27,7 +27,7 @@ from typing import Callable
 
 from autofit.planning import agree
 from autofit.planning.budget import Budget, compute_budget
-from autofit.planning.candidates import Levers, PlanError, Space, lever_combos
+from autofit.planning.candidates import Levers, PlanError, Space, error_lines, lever_combos
 from autofit.planning.confirm import confirm_compile, record_of, run_the_split_size
 from autofit.planning.estimate import estimate_peak
 from autofit.records import PlanRecord, ProbeResult, TrialRecord, judged_peak
@@ -153,14 +153,14 @@ def _reason(cfg, runner: TrialRunner, decision, chosen: TrialRecord, own, why_pe
             why_compile: str = "") -> str:
     """The plan's 'why': the contest's words and compile's (confirm_compile), then the smaller
     size's and the user's own split's, the measured peak against the budget, the split, and what
-    the CPU device cannot measure."""
+    the CPU device cannot measure, and each combination a non-memory error stopped (error_lines)."""
     n_fit = len([t for t in runner.trials if t.status == "fit"])
     cpu_compile_note = ("; compile=True in the config is not measured on the budgeted CPU device (its tracker "
                         "keeps Dynamo from compiling), so the plan is eager"
                         if not runner.device.capabilities.compile and cfg.compile else "")
     return (f"{decision.why}{'; ' + why_compile if why_compile else ''}"
             f" ({n_fit} fitting trials){_smaller_why(runner, chosen, decision.winner)}{own_why(runner, chosen, own)}; "
-            f"{why_peak}; {why_split}{cpu_compile_note}")
+            f"{why_peak}; {why_split}{cpu_compile_note}" + "".join(f"; {e}" for e in error_lines(runner.trials)))
 
 
 

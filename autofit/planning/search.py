@@ -10,6 +10,8 @@ autofit.planning.split.run_sizes). Phases, each a method of MicroBatchSearch:
 4. bisect between the largest fit and the smallest failure;
 5. spill check (CUDA by default): a fit whose time per token is far above a smaller size's is a
    driver paging to host memory, not a fit.
+A trial that fails with an error that is not out of memory stops the search (the combination's
+fault, not its size's; the plan says so: planning.candidates.error_lines).
 Every size the search returns was run. Trials go through a TrialRunner, which caches them by
 candidate and keeps every record in the order it ran, for the plan's table.
 """
@@ -177,6 +179,14 @@ class TrialRunner:
         return True
 
 
+class _Errored(Exception):
+    """A search trial failed with an error that is not out of memory (MicroBatchSearch.run)."""
+
+    def __init__(self, record: TrialRecord):
+        super().__init__(record.note)
+        self.record = record
+
+
 class MicroBatchSearch:
     """The largest micro-batch (<= the effective batch) a run can use that fits with one lever
     combination. Only run sizes are tried (autofit.planning.split.run_sizes: the largest
@@ -205,10 +215,26 @@ class MicroBatchSearch:
         return self.sizes.index(m) if m else -1
 
     def fits(self, m: int) -> bool:
-        return self.runner.run(self.levers.candidate(m)).status == "fit"
+        """Whether size `m` fits (one trial). Raises _Errored when the trial failed with an error
+        that is not out of memory."""
+        r = self.runner.run(self.levers.candidate(m))
+        if r.status == "error":
+            raise _Errored(r)
+        return r.status == "fit"
 
     def run(self) -> int:
-        """Largest fitting run size, or 0 when even micro-batch 1 does not fit."""
+        """Largest fitting run size, or 0 when even micro-batch 1 does not fit. A trial that fails
+        with an error that is not out of memory stops the search there (the largest size that fit
+        before it, or 0): such an error is the combination's (a bug, an unsupported op), not a size
+        too large, and every smaller size would only fail the same way (planning.candidates.error_lines)."""
+        try:
+            return self._run()
+        except _Errored as e:
+            self.runner.log(f"search stopped: {e.record.loss_impl} loss, checkpointing={ckpt_words(e.record)}: "
+                            f"micro-batch {e.record.micro_batch} failed with an error that is not out of memory")
+            return self.lo
+
+    def _run(self) -> int:
         m = self.start_at_estimate()
         if self.fits(m):
             self.lo = m

@@ -7,6 +7,7 @@ verbose (`probe -v`): also the budget's terms, every candidate tried, and why th
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from autofit.units import fmt_bytes, measured_peak_words
@@ -266,6 +267,9 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
              if p.world_size > 1 and p.tokens_per_s else "")
     tps = f"{p.tokens_per_s:,.0f} tokens/s{ranks} ({how})" if p.tokens_per_s else "tokens/s unknown"
     console.print(f"  {peak} of a {fmt_bytes(p.budget_bytes)} budget; {tps}")
+    from autofit.planning.candidates import error_lines
+    for line in error_lines(getattr(res, "trials", [])):  # not a loss on memory or speed: said even without -v
+        console.print(f"  [bold red]error[/]: {escape(line)}", highlight=False)
     if verbose:
         console.print(f"  why: {p.reason}")
 
