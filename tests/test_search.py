@@ -119,3 +119,16 @@ def test_spill_check_backs_off_a_size_that_is_far_slower():
     got = MicroBatchSearch(runner, LEVERS).run()
     assert got < 10
     assert all(t.status == "spill" for t in runner.trials if t.micro_batch >= 10 and t.status != "oom")
+
+
+def test_a_trials_log_line_shows_the_peak_it_was_judged_on_with_its_label():
+    """On CUDA a trial is judged on its reserved peak: the line printed only the allocated one, so
+    an over-budget trial could read '-> over_budget, measured peak <below the budget>'."""
+    runner = TrialRunner(cfg_for(8), FakeDevice(), 3 << 20, TrialSettings(spill_check=False))
+    lines = []
+    runner.log = lines.append
+    runner._trial = lambda cand, est: TrialRecord(**cand.model_dump(), status="over_budget",
+                                                  measured_peak_bytes=2 << 20, measured_reserved_bytes=4 << 20)
+    runner.estimate_bound = None
+    runner.run(LEVERS.candidate(2))
+    assert lines[-1].startswith("  -> over_budget, measured peak 2.0 MiB allocated, 4.0 MiB reserved"), lines

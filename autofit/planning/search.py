@@ -27,7 +27,7 @@ from autofit.planning.contest import run_tokens_per_s
 from autofit.planning.split import run_size, run_sizes
 from autofit.records import Candidate, TrialRecord
 from autofit.planning.trials import TrialSettings, run_trial
-from autofit.units import fmt_bytes
+from autofit.units import fmt_bytes, measured_peak_words
 
 SPILL_SLOWDOWN = 3.0  # time per token more than 3x the next smaller size's: spilled to host RAM
 # How far the closed-form estimate may be from a trial's measured peak, by device kind, as a share
@@ -112,7 +112,8 @@ class TrialRunner:
                 self.flag_spill(r, max(smaller, key=lambda t: t.micro_batch))
         # several ranks: the record is agreed (agree.trial), the largest rank's peak and the slowest rank's rate
         peak_of, rate_of = (" (the largest rank's)", " per rank (the slowest)") if agree.ranks().several else ("", "")
-        self.log(f"  -> {r.status}" + (f", measured peak {fmt_bytes(r.measured_peak_bytes)}{peak_of}" if r.measured_peak_bytes else "")
+        # the peak it was judged on among them (reserved on CUDA, where that is what runs out)
+        self.log(f"  -> {r.status}" + (f", {measured_peak_words(r)}{peak_of}" if r.measured_peak_bytes else "")
                  + (f", {run_tokens_per_s(r):,.0f} tok/s{rate_of} measured (its update once per optimizer step, as the run)"
                     if r.tokens_per_s and r.status == 'fit' else "")
                  + (f" ({r.note})" if r.note and r.status != 'fit' else ""))
