@@ -717,3 +717,22 @@ def test_a_combination_whose_trial_fails_with_another_error_stops_and_is_said(mo
     buf = io.StringIO()
     render_probe(res, Console(file=buf, width=400), verbose=False)
     assert sum(line in ln for ln in buf.getvalue().splitlines()) == 1, buf.getvalue()
+
+
+def test_every_record_reaches_the_on_trial_hook_pruned_and_re_judged_too(monkeypatch):
+    """AUTOFIT_TRIALS_JSONL (TrialSettings.on_trial) missed the planner's pruned records, and a
+    trial re-judged over budget after the budget was lowered kept its earlier 'fit' line."""
+    cfg = cfg_for(16)
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0, 1], loss_impls=["standard"])
+    runner = FakeRunner(cfg, 1 << 40, Clock(lambda c: 1.0, p=0.0), monkeypatch)
+    seen = []
+    runner.on_trial = lambda r: seen.append((r.candidate(), r.status))
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=1 << 40), space)
+    pruned = [t for t in res.trials if t.status == "pruned"]
+    assert pruned and all((t.candidate(), "pruned") in seen for t in pruned)
+    assert len(seen) == len(res.trials)
+    seen.clear()
+    first = res.trials[0]
+    runner.budget_bytes = first.measured_peak_bytes - 1
+    planner._rejudge(runner)
+    assert first.status == "over_budget" and seen == [(first.candidate(), "over_budget")]

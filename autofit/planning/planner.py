@@ -61,13 +61,21 @@ def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: Trial
             runner.run(lever_combos(space)[0].candidate(1))
         budget = agree.budget(_remeasured_budget(device, budget, runner))
         runner.budget_bytes = budget.budget_bytes
-        for t in runner.trials:  # judged against the budget before it was lowered: judged again
-            if t.status == "fit" and peak_of(t) > budget.budget_bytes:
-                t.status, t.note = "over_budget", "its peak is above the budget lowered after the first trial"
+        _rejudge(runner)
     with device.limited_to(budget.budget_bytes), new_objects_only():
         result = _plan_from_trials(cfg, runner, budget, space)
     result.device = info
     return result
+
+
+def _rejudge(runner: TrialRunner) -> None:
+    """Trials judged against the budget before it was lowered, judged again; a record whose
+    status changes is reported again (runner.on_trial: AUTOFIT_TRIALS_JSONL gets its new status,
+    the later line of the same candidate)."""
+    for t in runner.trials:
+        if t.status == "fit" and peak_of(t) > runner.budget_bytes:
+            t.status, t.note = "over_budget", "re-judged: its peak is above the budget lowered after the first trial"
+            runner.on_trial(t)
 
 
 def _remeasured_budget(device, budget: Budget, runner: TrialRunner) -> Budget:
@@ -101,12 +109,12 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
         pruned = prune_sharding(runner, levers, best_by_levers) or prune_recompute(runner, levers, best_by_levers)
         if pruned is not None:
             runner.trials.append(pruned)
+            runner.on_trial(pruned)  # AUTOFIT_TRIALS_JSONL has every record, run or pruned
             runner.log(f"skipped: {label(pruned)}: {pruned.note}")
             continue
         best_by_levers[levers] = largest = MicroBatchSearch(runner, levers).run()
         pool += _sizes_to_time(runner, levers, largest)
-    fits = runner.fits()
-    if not fits:
+    if not runner.fits():
         _nothing_fits(cfg, runner.trials, budget, runner.kind)
     own = own_split(cfg, runner, best_by_levers)
     decision = decide(runner, pool + ([own] if own else []), own=own, before=before)
