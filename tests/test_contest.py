@@ -477,10 +477,28 @@ def test_a_split_size_that_fails_again_is_rebalanced_over_this_ranks_share(monke
     def run(cand):
         ran.append(cand.micro_batch)
         return TrialRecord(**cand.model_dump(), status="oom" if cand.micro_batch >= 6 else "fit")
-    runner = SimpleNamespace(cfg=cfg, rank_batch=16, fits=lambda levers, compile=False: [], run=run)
+    runner = SimpleNamespace(cfg=cfg, rank_batch=16, fits=lambda levers, compile=False: [], run=run, log=lambda s: None)
     chosen = TrialRecord(**STD.candidate(7).model_dump(), status="fit")
-    split = confirm.run_the_split_size(runner, chosen, [6, 5, 5])
+    split, why = confirm.run_the_split_size(runner, chosen, [6, 5, 5], "the divisor")
     assert split == [4, 4, 4, 4] and ran == [6, 4]  # 16 in micro-batches of at most 5
+    assert why.startswith("balanced split of at most 4: micro-batch 6 did not fit when run")
+
+
+def test_a_split_whose_sizes_never_fit_falls_back_to_the_chosen_sizes_own_split():
+    """Every size below the chosen one failing when run (a compiled plan whose divisor was
+    measured eager only) left [1] * E, a size that had not fit, and the divisor's stale why."""
+    ran = []
+
+    def run(cand):
+        ran.append(cand.micro_batch)
+        return TrialRecord(**cand.model_dump(), status="oom")
+    runner = SimpleNamespace(cfg=cfg_for(16), rank_batch=16, fits=lambda levers, compile=False: [], run=run,
+                             log=lambda s: None)
+    chosen = TrialRecord(**STD.candidate(8, compile=True).model_dump(), status="fit")
+    split, why = confirm.run_the_split_size(runner, chosen, [4, 4, 4, 4], "the divisor 4 beats the balanced split")
+    assert split == [8, 8] and ran[-1] == 1
+    assert "divisor" not in why and why.startswith("balanced split of at most 8: micro-batch 4, 3, 2, 1 compiled did "
+                                                   "not fit when run"), why
 
 
 def test_the_config_as_written_is_a_contender_at_its_own_dtype_among_several(monkeypatch):
@@ -547,7 +565,7 @@ def test_a_compiled_plan_runs_its_split_size_compiled_so_its_figure_is_that_size
         return trials[-1]
     runner = SimpleNamespace(cfg=cfg_for(32), rank_batch=32, fits=fits, run=run)
     chosen = trials[2]
-    assert confirm.run_the_split_size(runner, chosen, [8, 8, 8, 8]) == [8, 8, 8, 8]
+    assert confirm.run_the_split_size(runner, chosen, [8, 8, 8, 8], "why") == ([8, 8, 8, 8], "why")
     assert trials[-1].candidate() == STD.candidate(8, compile=True)
     assert confirm.record_of(runner, chosen, 8) is trials[-1]
 

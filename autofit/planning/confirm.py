@@ -63,17 +63,32 @@ def record_of(runner: TrialRunner, chosen: TrialRecord, micro_batch: int) -> Tri
     return same[0] if same else chosen
 
 
-def run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches: list[int]) -> list[int]:
+def run_the_split_size(runner: TrialRunner, chosen: TrialRecord, micro_batches: list[int],
+                       why: str) -> tuple[list[int], str]:
     """Every size in a plan was run, compiled as the plan is: a balanced split's largest
     micro-batch can be below the chosen size (21 at 10 runs 7s), and a measured divisor below it
     (a compiled plan of 11 at 32 can run 8 x 4); run it if no trial did, so the plan's tokens/s is
     that size's (smaller sizes fit, as memory grows with the micro-batch, so this measures it
-    rather than tests it)."""
-    largest = max(micro_batches)
-    if any(t.micro_batch == largest for t in runner.fits(Levers.of(chosen), compile=chosen.compile)):
-        return micro_batches
-    r = runner.run(Levers.of(chosen).candidate(largest, compile=chosen.compile))
-    if r.status == "fit" or largest == 1:
-        return micro_batches
-    # memory that did not grow with the micro-batch (fragmentation): balance below it instead
-    return run_the_split_size(runner, chosen, split_batch(runner.rank_batch, largest - 1))
+    rather than tests it). Where it does not fit (memory that did not grow with the micro-batch:
+    fragmentation), the balanced split below it, down to 1; where none fits, `chosen`'s own
+    balanced split (its size fit). Returns (micro_batches, why): `why`, the split's reason,
+    rebuilt when the split fell back."""
+    failed: list[int] = []
+    while True:
+        largest = max(micro_batches)
+        if any(t.micro_batch == largest for t in runner.fits(Levers.of(chosen), compile=chosen.compile)):
+            break
+        if runner.run(Levers.of(chosen).candidate(largest, compile=chosen.compile)).status == "fit":
+            break
+        failed.append(largest)
+        if largest == 1:  # nothing below the chosen size fit when run: its own split, which did
+            micro_batches = split_batch(runner.rank_batch, chosen.micro_batch)
+            break
+        micro_batches = split_batch(runner.rank_batch, largest - 1)
+    if not failed:
+        return micro_batches, why
+    why = (f"balanced split of at most {max(micro_batches)}: micro-batch {', '.join(map(str, failed))}"
+           f"{' compiled' if chosen.compile else ''} did not fit when run (memory that did not grow with the "
+           f"micro-batch); each micro-batch's loss is weighted by its tokens")
+    runner.log(f"split: {why}")
+    return micro_batches, why

@@ -124,7 +124,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                     if Levers.of(t) == Levers.of(chosen) and t.tokens_per_s and t.micro_batch <= chosen.micro_batch}
     micro_batches, why_split = choose_split(E, chosen.micro_batch, split_rates(chosen, measured_tps, runner.trials),
                                             cfg.block_size)
-    micro_batches = run_the_split_size(runner, chosen, micro_batches)
+    micro_batches, why_split = run_the_split_size(runner, chosen, micro_batches, why_split)
     runs = record_of(runner, chosen, max(micro_batches))
     # a compiled plan's run starts eager (compile_after): the larger of both peaks at its size;
     # an eager plan's is its own trial's, never the compiled one's it did not choose
