@@ -548,7 +548,35 @@ def test_a_contender_whose_re_timing_does_not_fit_is_out_and_said_so(monkeypatch
     assert any("chunked loss" in s and "did not fit this time" in s for s in lines)
     failing.update(cost)
     recs = [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in cost]
-    assert contest.decide(runner, recs).winner.candidate() == CHUNKED.candidate(8)
+    lines.clear()
+    d = contest.decide(runner, recs)
+    assert d.winner.candidate() == STD.candidate(4)  # the most headroom, not the fastest that failed too
+    assert "did not fit when run once more either" in d.why, d.why
+    assert any("every re-timing failed to fit; micro-batch 4, standard loss, float32, the most headroom, run once "
+               "more: it did not fit either" in s for s in lines), lines
+
+
+def test_where_every_re_timing_failed_the_most_headroom_re_run_that_fits_is_planned_with(monkeypatch):
+    """Another process held memory for one round: the contender with the most headroom is run
+    once more, fits, and the plan's why does not say it failed."""
+    cfg = cfg_for(16)
+    cost = {STD.candidate(8): 1.00, STD.candidate(4): 1.20}
+    clock = Clock(cost.__getitem__, p=0.0)
+    runner = contest_runner(cfg, clock, monkeypatch)
+    lines = []
+    runner.log = lines.append
+    fails_left = [2]  # the first round's two re-timings
+
+    def retime_trial(cfg, cand, device, *, rank_batch, budget_bytes, settings, **kw):
+        if fails_left[0]:
+            fails_left[0] -= 1
+            return TrialRecord(**cand.model_dump(), status="oom")
+        return clock.record(cfg, cand, rank_batch, settings.steps - cand.compile, 1000 * cand.micro_batch)
+    monkeypatch.setattr(contest, "run_trial", retime_trial)
+    d = contest.decide(runner, [clock.record(cfg, c, 16, 1, 1000 * c.micro_batch) for c in cost])
+    assert d.winner.candidate() == STD.candidate(4) and d.unfit == [r for r in d.unfit if r is not d.winner]
+    assert "once more either" not in d.why
+    assert any("the most headroom, run once more: it fits" in s for s in lines), lines
 
 
 def test_a_compiled_plan_runs_its_split_size_compiled_so_its_figure_is_that_sizes():

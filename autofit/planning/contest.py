@@ -26,6 +26,8 @@ one is left, when every one left is within TIE_MIN of the leader after at least 
 after MAX_ROUNDS; the band is then judged on every reading. A tie goes to the user's own
 split where it is among the tied, else to the one with the most headroom (lowest measured peak,
 then the smaller micro-batch): deterministic, and never to the larger size for being larger.
+A contender whose re-timing does not fit is out; where every re-timing of a round fails, the one
+with the most headroom is run once more and planned with, the plan's why saying so if it failed again.
 """
 from __future__ import annotations
 
@@ -105,6 +107,9 @@ class Decision:
     tied: list[TrialRecord]
     n: int = 1  # contenders in all (earlier contests' too)
     seen: frozenset[Candidate] = field(default_factory=frozenset)  # their candidates
+    # out because a re-timing did not fit (the winner among them only where every re-timing failed
+    # and its re-run did too: planned with, and said so)
+    unfit: list[TrialRecord] = field(default_factory=list)
 
 
 def retime(runner, t: TrialRecord) -> bool:
@@ -190,14 +195,15 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
             runner.log(f"contest: {label(t)} not re-timed: its readings so far take {spt(t) / spt(lead):.2f}x the "
                        f"time per token of {label(lead)}'s (out past {1 + CLEAR_FIRST:.0f}x)")
             alive.remove(t)
-    rounds = 0
+    rounds, unfit = 0, []
     while len(alive) > 1 and rounds < MAX_ROUNDS:
         rounds += 1
         refit = [t for t in alive if retime(runner, t)]  # A B C, then A B C again
         for t in alive:
             if t not in refit:  # fragmentation, or memory another process took: not a plan to trust
                 runner.log(f"contest round {done + rounds}: {label(t)} out, its re-timing did not fit this time")
-        alive = refit or [min(alive, key=spt)]
+                unfit.append(t)
+        alive = refit or [_last_standing(runner, alive, unfit, done + rounds)]
         lead = min(alive, key=spt)
         # out: past CLEAR_FIRST after one round; then past twice the pair's tie band (beyond its
         # readings' noise), at most CLEAR
@@ -225,8 +231,26 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
         runner.log(f"contest: a tie between {'; '.join(label(t) for t in tied)} (within "
                    f"{band:.1%}, the spread of their readings)")
     winner = _tie_winner(runner, tied, own, spt)
-    return Decision(winner=winner, why=_why(winner, alive, tied, done + rounds, len(seen), cpu, own, band),
-                    rounds=done + rounds, tied=tied, n=len(seen), seen=seen)
+    why = _why(winner, alive, tied, done + rounds, len(seen), cpu, own, band) + (UNFIT_WHY if winner in unfit else "")
+    return Decision(winner=winner, why=why, rounds=done + rounds, tied=tied, n=len(seen), seen=seen, unfit=unfit)
+
+
+# The plan's why when it runs a contender whose latest trial did not fit (_last_standing).
+UNFIT_WHY = ("; every contender's re-timing failed to fit, and this one, the most headroom, did not fit when run "
+             "once more either: memory may be short now (another process, fragmentation)")
+
+
+def _last_standing(runner, failed: list[TrialRecord], unfit: list[TrialRecord], round_no: int) -> TrialRecord:
+    """Every re-timing of a round failed to fit: the contender with the most headroom (lowest
+    measured peak, then the smaller micro-batch: the likeliest to fit while memory is short) is
+    run once more; it is kept either way, taken off `unfit` when it fits, and the log says which."""
+    t = min(failed, key=lambda t: (peak_of(t), t.micro_batch))
+    ok = retime(runner, t)
+    if ok:
+        unfit.remove(t)
+    runner.log(f"contest round {round_no}: every re-timing failed to fit; {label(t)}, the most headroom, run once "
+               f"more: {'it fits' if ok else 'it did not fit either, planned with it all the same'}")
+    return t
 
 
 def _tie_winner(runner, tied: list[TrialRecord], own: TrialRecord | None, spt) -> TrialRecord:
