@@ -782,3 +782,22 @@ def test_every_record_reaches_the_on_trial_hook_pruned_and_re_judged_too(monkeyp
     runner.budget_bytes = first.measured_peak_bytes - 1
     planner._rejudge(runner)
     assert first.status == "over_budget" and seen == [(first.candidate(), "over_budget")]
+
+
+def test_a_smaller_size_that_won_because_the_largest_did_not_fit_again_says_so(monkeypatch):
+    """The largest fit (16, the faster here) out because its re-timing ran out of memory: the plan
+    said 'the rate is flat or falling ... (16 takes 0.67x its time per token)'."""
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                "vocab_size=256", "batch_size=4", "gradient_accumulation_steps=4"])
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    clock = Clock(lambda c: 1.0 + 8.0 / c.micro_batch, p=0.0)  # a rising rate: 16 is the fastest
+    runner = FakeRunner(cfg, 1 << 40, clock, monkeypatch)
+
+    def retime_trial(cfg, cand, device, *, rank_batch, budget_bytes, settings, **kw):
+        if cand.micro_batch == 16:
+            return TrialRecord(**cand.model_dump(), status="oom")
+        return clock.record(cfg, cand, rank_batch, settings.steps - cand.compile, runner.estimate(cand))
+    monkeypatch.setattr(contest, "run_trial", retime_trial)
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=1 << 40), space)
+    assert res.plan.micro_batch < 16
+    assert "16's re-timing did not fit" in res.plan.reason and "flat or falling" not in res.plan.reason, res.plan.reason

@@ -167,7 +167,7 @@ def _reason(cfg, runner: TrialRunner, decision, chosen: TrialRecord, own, why_pe
                         "keeps Dynamo from compiling), so the plan is eager"
                         if not runner.device.capabilities.compile and cfg.compile else "")
     return (f"{decision.why}{'; ' + why_compile if why_compile else ''}"
-            f" ({n_fit} fitting trials){_smaller_why(runner, chosen, decision.winner)}{own_why(runner, chosen, own)}; "
+            f" ({n_fit} fitting trials){_smaller_why(runner, chosen, decision)}{own_why(runner, chosen, own)}; "
             f"{why_peak}; {why_split}{cpu_compile_note}" + "".join(f"; {e}" for e in error_lines(runner.trials)))
 
 
@@ -228,30 +228,31 @@ def _third_size(sizes: list[int], small: int, big: int) -> int | None:
     return min(pool, key=lambda m: abs(math.log(m / target))) if pool else None
 
 
-def _smaller_why(runner: TrialRunner, chosen: TrialRecord, eager: TrialRecord) -> str:
-    """Why the plan does not run the largest size that fits with its levers, if it does not:
-    the eager contest's winner `eager` was below it (both eager figures), or `chosen`, compiled,
-    is below `eager` because the compiled peak at `eager`'s size did not fit."""
+def _smaller_why(runner: TrialRunner, chosen: TrialRecord, decision) -> str:
+    """Why the plan does not run the largest size that fits with its levers, if it does not, in
+    the contest's own terms: the largest was out because its re-timing did not fit, tied with
+    the winner (a tie never goes to the larger size), or read slower (a flat or falling rate);
+    and, for a compiled `chosen` below the eager winner, that the compiled peak there did not fit."""
+    eager = decision.winner
     largest = max(runner.fits(Levers.of(eager)), key=lambda t: t.micro_batch)
     cpu = runner.kind == "cpu"
     ratio = seconds_per_token(largest, cpu) / seconds_per_token(eager, cpu)
-    why = "" if largest.micro_batch <= eager.micro_batch else (
-        f"; micro-batch {eager.micro_batch}, not the largest fit {largest.micro_batch}: the rate is flat or "
-        f"falling in the micro-batch ({largest.micro_batch} takes {ratio:.2f}x its time per token), so the "
-        f"smaller size runs as fast with more headroom")
+    head = f"; micro-batch {eager.micro_batch}, not the largest fit {largest.micro_batch}: "
+    if largest.micro_batch <= eager.micro_batch:
+        why = ""
+    elif any(t.candidate() == largest.candidate() for t in decision.unfit):
+        why = head + f"{largest.micro_batch}'s re-timing did not fit (fragmentation, or memory another process took)"
+    elif any(t.candidate() == largest.candidate() for t in decision.tied):
+        why = head + (f"tied with it, the rate flat or falling in the micro-batch within the readings' spread "
+                      f"({largest.micro_batch} takes {ratio:.2f}x its time per token), and a tie goes to the headroom")
+    elif ratio >= 1:
+        why = head + (f"the rate is flat or falling in the micro-batch ({largest.micro_batch} takes {ratio:.2f}x its "
+                      f"time per token), so the smaller size runs as fast with more headroom")
+    else:
+        why = head + f"{largest.micro_batch} reads {ratio:.2f}x its time per token but was not among the contest's last"
     if chosen.compile and chosen.micro_batch < eager.micro_batch:
         why += f"; compiled at micro-batch {chosen.micro_batch}: compiled, {eager.micro_batch} did not fit"
     return why
-
-
-
-
-
-
-
-
-
-
 
 
 def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, estimated: bool = False):
