@@ -1,7 +1,8 @@
 """The peers of scripts/bench_plan_quality.py: Lightning's BatchSizeFinder and Accelerate's
 find_executable_batch_size on the same GPT, budgeted CPU device and planning budget. Run with the
 python of a throwaway venv that holds lightning and accelerate (never autofit dependencies);
-prints one JSON line: {peer: {batch, seconds, steps}}. Import time is not counted.
+prints one JSON line: {peer: {batch, seconds, cpu_seconds, steps, sequences}} (sequences: those
+sent into a forward pass, a failed attempt's counted whole). Import time is not counted.
 
 The one adapter: both libraries tell an OOM by its message ('CUDA out of memory', 'DefaultCPU
 Allocator: can't allocate memory'); their checks are patched to also accept torch.OutOfMemoryError,
@@ -42,7 +43,7 @@ def lightning_finder(cfg, dev, budget: int) -> dict:
     import lightning.pytorch.tuner.batch_size_scaling as bss
     real = bss.is_oom_error
     bss.is_oom_error = lambda e: isinstance(e, torch.OutOfMemoryError) or real(e)
-    steps = [0]
+    steps, seqs = [0], [0]
 
     class Lit(L.LightningModule):
         def __init__(self):
@@ -53,6 +54,7 @@ def lightning_finder(cfg, dev, budget: int) -> dict:
 
         def training_step(self, batch, i):
             steps[0] += 1
+            seqs[0] += len(batch[0])
             return self.model(*batch)
 
         def configure_optimizers(self):
@@ -63,20 +65,20 @@ def lightning_finder(cfg, dev, budget: int) -> dict:
             return torch.utils.data.DataLoader(data(cfg, cfg.effective_batch), batch_size=self.batch_size)
 
     with dev.tracking(), dev.limited_to(budget):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lit = Lit()
         trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False)
         found = Tuner(trainer).scale_batch_size(lit)  # defaults: mode 'power', init 2, 3 steps per trial
-        secs = time.perf_counter() - t0
-    return {"batch": found, "seconds": secs, "steps": steps[0]}
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"batch": found, "seconds": secs, "cpu_seconds": cpu, "steps": steps[0], "sequences": seqs[0]}
 
 
 def accelerate_finder(cfg, dev, budget: int) -> dict:
     import accelerate.utils.memory as am
     real = am.should_reduce_batch_size
     am.should_reduce_batch_size = lambda e: isinstance(e, torch.OutOfMemoryError) or real(e)
-    steps = [0]
+    steps, seqs = [0], [0]
 
     @am.find_executable_batch_size(starting_batch_size=128)
     def train(batch_size):
@@ -87,16 +89,17 @@ def accelerate_finder(cfg, dev, budget: int) -> dict:
         x, y = data(cfg, batch_size).tensors
         for _ in range(3):
             steps[0] += 1
+            seqs[0] += batch_size
             model(x, y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return batch_size
 
     with dev.tracking(), dev.limited_to(budget):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         found = train()
-        secs = time.perf_counter() - t0
-    return {"batch": found, "seconds": secs, "steps": steps[0]}
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"batch": found, "seconds": secs, "cpu_seconds": cpu, "steps": steps[0], "sequences": seqs[0]}
 
 
 def main() -> None:

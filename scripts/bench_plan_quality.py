@@ -9,7 +9,9 @@ For each case (a model shape and a CPU budget, on the budgeted CPU device, fp32,
    steps it started (a failed trial's failing step counted; the learning-rate-0 step that makes
    AdamW's state is not an optimizer step of training and is not counted), and whether every
    repeat chose the same plan. Then once more with the standard loss only (the space the peers
-   search).
+   search). Its cost is also given as the process's CPU seconds and the sequences its trials sent
+   into a forward pass, figures the machine's load moves little or not at all
+   (scripts/bench_plan_report.py), and the peers' likewise.
 2. grid: every fitting plan of every lever combination: for each combination, every distinct
    balanced split of the effective batch (trainer.step.split_batch) whose micro-batch fits,
    timed as whole optimizer steps (the trainer's train_step, as training runs them) on the
@@ -59,11 +61,12 @@ from autofit.planning.budget import compute_budget  # noqa: E402
 from autofit.planning.candidates import Levers, Space, candidate_space, lever_combos  # noqa: E402
 from autofit.planning.estimate import ModelShape, max_micro_batch  # noqa: E402
 from autofit.planning.planner import probe_measured  # noqa: E402
-from autofit.planning.trials import TrialSettings, new_objects_only, prime_optimizer  # noqa: E402
-from autofit.units import fmt_bytes, parse_size  # noqa: E402
+from autofit.planning.trials import TrialSettings, new_objects_only, prime_optimizer, trial_split  # noqa: E402
+from autofit.units import parse_size  # noqa: E402
 from trainer.config.train_config import load_config  # noqa: E402
 from trainer.model.gpt import GPT, GPTConfig  # noqa: E402
 from trainer.step import make_optimizer, split_batch, train_step  # noqa: E402
+from bench_plan_report import report  # noqa: E402
 
 MARGIN = 0.10
 REPEATS = 3
@@ -119,6 +122,13 @@ def steps_started(trials) -> int:
     return sum(t.steps_run + (1 if t.status in ("oom", "error") else 0) for t in trials if t.status != "pruned")
 
 
+def sequences_started(trials, rank_batch: int) -> int:
+    """Sequences the trials sent into a forward pass: each step started, its whole split counted
+    (re-timings included: contest.retime adds its steps to the record's steps_run)."""
+    return sum((t.steps_run + (1 if t.status in ("oom", "error") else 0)) * sum(trial_split(rank_batch, t.micro_batch))
+               for t in trials if t.status != "pruned")
+
+
 def probe_once(case: Case, standard_only: bool, env: dict[str, str] | None = None) -> dict:
     """One probe in a fresh process, as `autofit probe` runs (and as the peers run): its first
     trial pays the process's first-use costs, as a user's does. Its wall time counts
@@ -146,13 +156,14 @@ def child(case_name: str, standard_only: bool) -> None:
     # torch imports torch._dynamo at its first use inside the probe's first trial (1.3 s here);
     # `import lightning` imports it before the peers' timers start, so it is imported here too
     import torch._dynamo  # noqa: F401
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = probe_measured(cfg, dev, budget, space, settings=TrialSettings())
-    secs = time.perf_counter() - t0
+    secs, cpu_secs = time.perf_counter() - t0, time.process_time() - c0
     p = res.plan
     plan = {k: getattr(p, k) for k in ("checkpointing", "checkpointing_policy", "loss_impl", "micro_batches",
                                        "micro_batch", "grad_accum", "split")}
-    print(json.dumps({"plan": plan, "seconds": secs, "steps": steps_started(res.trials),
+    print(json.dumps({"plan": plan, "seconds": secs, "cpu_seconds": cpu_secs, "steps": steps_started(res.trials),
+                      "sequences": sequences_started(res.trials, cfg.effective_batch),
                       "trials": len([t for t in res.trials if t.status != "pruned"])}))
 
 
@@ -271,13 +282,13 @@ def run_case(case: Case, peer_python: str | None) -> dict:
         pl = p["plan"]
         key = (Levers("float32", pl.checkpointing, pl.loss_impl, False, pl.checkpointing_policy), tuple(pl.micro_batches))
         g = grid.get(key)
-        rows.append({"plan": name(*key), "seconds": p["seconds"], "steps": p["steps"], "trials": p["trials"],
+        rows.append({"plan": name(*key), **{k: p[k] for k in ("seconds", "cpu_seconds", "steps", "sequences", "trials")},
                      "plan_over_best_cpu": best_cpu / per_token(g, "cpu") if g else None,
                      "plan_over_best_wall": best_wall / per_token(g, "wall") if g else None})
     out = {"case": case.name, "budget": case.budget, "effective_batch": cfg.effective_batch,
            "grid_points": len(grid), "best": name(*best_key), "probes": rows,
            "same_plan": len({plan_key(p["plan"]) for p in probes}) == 1,
-           "standard_only": {"seconds": std_secs, "steps": std["steps"],
+           "standard_only": {**{k: std[k] for k in ("seconds", "cpu_seconds", "steps", "sequences")},
                              "plan": f"{std['plan'].micro_batch} x {std['plan'].grad_accum}"},
            "top": sorted(((name(*k), per_token(v, "cpu") * 1e6, per_token(v, "wall") * 1e6, v["peak"])
                           for k, v in grid.items()), key=lambda r: r[1])[:6],
@@ -296,39 +307,6 @@ def run_peers(peer_python: str, case: Case) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def report(c: dict) -> None:
-    print(f"\n### {c['case']} (budget {c['budget']}, effective batch {c['effective_batch']}; {c['load']})\n")
-    print(f"grid: {c['grid_points']} fitting plans timed, {ROUNDS} interleaved rounds x {STEPS} steps; "
-          f"best: {c['best']}\n")
-    print("| grid plan (fastest by CPU time) | CPU us/token | wall us/token | measured peak |")
-    print("|---|---:|---:|---:|")
-    for n, cpu_us, wall_us, peak in c["top"]:
-        print(f"| {n} | {cpu_us:.2f} | {wall_us:.2f} | {fmt_bytes(peak)} |")
-    print("\n| probe | plan | plan / best (CPU) | plan / best (wall) | seconds | opt. steps | trials |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for i, p in enumerate(c["probes"], 1):
-        cpu = f"{p['plan_over_best_cpu']:.3f}" if p["plan_over_best_cpu"] else "-"
-        wall = f"{p['plan_over_best_wall']:.3f}" if p["plan_over_best_wall"] else "-"
-        print(f"| all levers #{i} | {p['plan']} | {cpu} | {wall} | {p['seconds']:.1f} | {p['steps']} | {p['trials']} |")
-    s = c["standard_only"]
-    print(f"| standard loss only | {s['plan']} | | | {s['seconds']:.1f} | {s['steps']} | |")
-    print(f"\nsame plan in {REPEATS} of {REPEATS} probes: {'yes' if c['same_plan'] else 'NO'}")
-    peers = c.get("peers")
-    if peers and "error" not in peers:
-        print("\n| peer | largest fit | seconds | opt. steps |")
-        print("|---|---:|---:|---:|")
-        for k, v in peers.items():
-            print(f"| {k} | {v['batch']} | {v['seconds']:.1f} | {v['steps']} |")
-        mean_probe = sum(p["seconds"] for p in c["probes"]) / len(c["probes"])
-        light = peers.get("lightning BatchSizeFinder", {}).get("seconds")
-        fastest_peer = min(v["seconds"] for v in peers.values())
-        if light:
-            print(f"\nall-levers probe / Lightning: {mean_probe / light:.2f}x; standard-only probe / the faster "
-                  f"peer: {s['seconds'] / fastest_peer:.2f}x (wall time, this shared machine)")
-    elif peers:
-        print(f"\npeers: {peers['error']}")
-
-
 def stability(case: Case, n: int, env: dict[str, str], standard_only: bool) -> None:
     """`n` fresh-process probes of `case` (no grid: cheap), each arm in turn when `env` is given
     (the default environment, then with `env`), and how often each arm chose each plan: the
@@ -340,14 +318,15 @@ def stability(case: Case, n: int, env: dict[str, str], standard_only: bool) -> N
             d = probe_once(case, standard_only, extra)
             pl = d["plan"]
             key = f"{pl.loss_impl} ckpt{pl.checkpointing} {pl.split}"
-            seen[arm].setdefault(key, []).append(d["seconds"])
-            progress(f"{case.name}: [{arm}] probe {i + 1}: {key}, {d['seconds']:.1f} s")
+            seen[arm].setdefault(key, []).append((d["seconds"], d["cpu_seconds"]))
+            progress(f"{case.name}: [{arm}] probe {i + 1}: {key}, {d['seconds']:.1f} s ({d['cpu_seconds']:.1f} s CPU)")
     print(f"\n### {case.name}: {n} fresh-process probes per arm ({load()})\n")
-    print("| environment | plan | chosen | probe seconds |")
-    print("|---|---|---:|---|")
+    print("| environment | plan | chosen | probe wall s | probe CPU s |")
+    print("|---|---|---:|---|---|")
     for arm, plans in seen.items():
         for key, secs in sorted(plans.items(), key=lambda kv: -len(kv[1])):
-            print(f"| {arm} | {key} | {len(secs)} of {n} | {min(secs):.1f}-{max(secs):.1f} |")
+            wall, cpu = [s[0] for s in secs], [s[1] for s in secs]
+            print(f"| {arm} | {key} | {len(secs)} of {n} | {min(wall):.1f}-{max(wall):.1f} | {min(cpu):.1f}-{max(cpu):.1f} |")
 
 
 def main() -> None:
@@ -382,7 +361,7 @@ def main() -> None:
     results = []
     for case in cases[:1] if args.quick else cases:
         c = run_case(case, args.peer_python)
-        report(c)
+        report(c, ROUNDS, STEPS, REPEATS)
         results.append(c)
         sys.stdout.flush()
     if args.json:
