@@ -98,6 +98,19 @@ class TrialRecord(BaseModel):
         r = self.readings(False)
         return 1.0 / min(r) if r else self.tokens_per_s
 
+    @computed_field
+    @property
+    def run_tokens_per_s_median(self) -> float | None:
+        """Tokens/s (wall time, measured) of the median of the same readings as run_tokens_per_s:
+        what the run should see on a machine as busy as the probe's (load slows some steps, and a
+        run has them all), where run_tokens_per_s is the undisturbed figure. The plan prints
+        both (autofit.planning.split.plan_rates). None without step times."""
+        r = sorted(self.readings(False))
+        if not r:
+            return None
+        mid = len(r) // 2
+        return 2.0 / (r[mid - 1] + r[mid]) if len(r) % 2 == 0 else 1.0 / r[mid]
+
 
 class PlanRecord(BaseModel):
     """A plan, as the probe makes it and as a saved profile or a checkpoint gives it back: every
@@ -120,7 +133,14 @@ class PlanRecord(BaseModel):
     # reserved (the caching allocator's segments) where the device has it, CUDA: what runs out
     # there, so what the plan was judged on against the budget (judged_peak); None elsewhere
     measured_reserved_bytes: int | None = Field(default=None, ge=0)
+    # measured: the median of the plan's own sizes' timed trial steps, its optimizer update paid
+    # once per optimizer step, as the run should see it (estimated mode: the estimate); per rank
+    # under torchrun. Plans saved before session 14 hold the fastest step's figure here.
     tokens_per_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # measured only: the same from each size's fastest step (the undisturbed figure the contest
+    # compares), and how many timed steps of the plan's largest micro-batch the figures come from
+    fastest_tokens_per_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    timed_steps: int | None = Field(default=None, ge=1)
     budget_bytes: int = Field(ge=0)
     split: str  # e.g. "512 = 42 × 12 + 8"
     reason: str = ""

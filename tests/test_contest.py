@@ -155,9 +155,10 @@ def test_a_flat_or_falling_rate_curve_picks_the_smaller_size(curve, monkeypatch)
     assert 4 <= largest < 64
     assert max(res.plan.micro_batches) <= largest // 2
     assert "flat or falling" in res.plan.reason
-    # the rate the plan prints is the one measured at the size it runs
+    # the rates the plan prints are those measured at the size it runs: its median and fastest step
     runs = [t for t in res.trials if t.status == "fit" and t.micro_batch == res.plan.micro_batch]
-    assert runs and res.plan.tokens_per_s == runs[0].tokens_per_s
+    assert runs and res.plan.fastest_tokens_per_s == runs[0].tokens_per_s
+    assert res.plan.tokens_per_s == pytest.approx(runs[0].run_tokens_per_s_median)
 
 
 def test_a_rate_that_peaks_beside_a_flat_pair_is_found(monkeypatch):

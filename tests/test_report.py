@@ -144,7 +144,7 @@ def test_the_chosen_rows_tokens_per_s_is_the_plans_and_an_unrun_size_is_named():
     run = run_tokens_per_s(t)
     assert round(run) != round(t.tokens_per_s)  # a trial of 2 x 11 pays the update per 22, the run per 64
     plan = two_rank_plan(world_size=1, micro_batch=11, grad_accum=3, micro_batches=[11, 11, 10],
-                         split="32 = 11 + 11 + 10", tokens_per_s=run)
+                         split="32 = 11 + 11 + 10", tokens_per_s=run, fastest_tokens_per_s=run, timed_steps=1)
     out = io.StringIO()
     console = Console(file=out, width=400)
     render._candidates_table(_probe_of(plan, [t]), console)
@@ -152,8 +152,50 @@ def test_the_chosen_rows_tokens_per_s_is_the_plans_and_an_unrun_size_is_named():
     text = out.getvalue()
     row = next(line for line in text.splitlines() if "│ >" in line)
     assert f"{run:,.0f}" in row and f"{t.tokens_per_s:,.0f}" not in text
-    assert f"{run:,.0f} tokens/s (measured" in text
+    assert f"fastest step {run:,.0f} (measured" in text
     assert "micro-batch 10 not run: timed at the nearest run size's rate" in text
+
+
+def test_the_plans_tokens_per_s_is_its_sizes_median_step_with_the_fastest_beside_it():
+    """t5's L2 (session 14): the plan printed its fastest trial step (3,233 tokens/s) while the run
+    did 1.8-2.1k. Its tokens/s is now the median of its own size's timed steps, as the run should
+    see it, the fastest beside it, each labelled; both of the plan's size, never another's."""
+    import io
+    from rich.console import Console
+    from autofit.planning.split import plan_rates
+    from autofit.report import render
+    steps = [1.0, 0.5, 0.9, 0.8, 2.0]  # the fastest 0.5 s, the median 0.9 s, for 1,000 tokens
+    t = TrialRecord(micro_batch=8, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                    status="fit", tokens_per_step=1000, step_seconds=steps, tokens_per_s=2000.0,
+                    measured_peak_bytes=10**6)
+    other = t.model_copy(update={"micro_batch": 4, "step_seconds": [0.01], "tokens_per_step": 500})
+    rates = plan_rates([8, 8], 10, [t, other])
+    assert rates["tokens_per_s"] == pytest.approx(1000 / 0.9)
+    assert rates["fastest_tokens_per_s"] == pytest.approx(2000.0)
+    assert rates["timed_steps"] == 5
+    assert plan_rates([8, 8], 10, []) == {"tokens_per_s": None, "fastest_tokens_per_s": None, "timed_steps": None}
+    plan = two_rank_plan(world_size=1, micro_batch=8, grad_accum=2, micro_batches=[8, 8], effective_batch=16, split="16 = 2 × 8", **rates)
+    out = io.StringIO()
+    render._plan(_probe_of(plan, [t, other]), None, Console(file=out, width=400), verbose=False)
+    text = out.getvalue()
+    assert ("1,111 tokens/s (measured: median of 5 trial steps at micro-batch 8, its update once per "
+            "optimizer step); fastest step 2,000 (measured") in text
+    # the figures survive a profile's or --json's round trip
+    assert PlanRecord.model_validate(plan.model_dump(mode="json")).fastest_tokens_per_s == pytest.approx(2000.0)
+
+
+def test_the_plan_against_the_config_as_written_gives_the_fastest_and_the_median_ratio():
+    """'the plan runs 8.24x as fast' (t5's L2) compared each one's fastest step; it says so, with
+    the ratio of their median steps and how many steps each had beside it."""
+    from autofit.report.rates import against_plan
+    own = TrialRecord(micro_batch=4, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                      status="fit", tokens_per_step=100, step_seconds=[8.0, 1.0], tokens_per_s=100.0)
+    mine = own.model_copy(update={"micro_batch": 8, "step_seconds": [0.5, 0.5, 0.5], "tokens_per_step": 100})
+    plan = two_rank_plan(world_size=1, micro_batch=8, grad_accum=2, micro_batches=[8, 8], effective_batch=16, split="16 = 2 × 8")
+    res = SimpleNamespace(plan=plan, trials=[own, mine], device=SimpleNamespace(kind="cuda"))
+    words = against_plan(res, own)
+    assert "the plan runs 2.00x as fast, by time per token of each one's fastest step" in words
+    assert "9.00x by their median steps, of 2 and 3" in words and "(measured)" in words
 
 
 def test_the_config_as_written_is_estimated_as_its_ranks_and_policy_run_it():

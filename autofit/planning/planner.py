@@ -34,7 +34,7 @@ from autofit.records import PlanRecord, ProbeResult, TrialRecord, judged_peak
 from autofit.planning.own import own_split, own_why
 from autofit.planning.prune import prune_recompute, prune_sharding
 from autofit.planning.search import MicroBatchSearch, TrialRunner
-from autofit.planning.split import choose_split, run_size, run_sizes, split_rates, plan_tokens_per_s
+from autofit.planning.split import choose_split, run_size, run_sizes, split_rates, plan_rates
 from autofit.planning.contest import (TIE_MAX, CLEAR_CONSISTENT, decide, label, peak_of, run_tokens_per_s,
                                       seconds_per_token)
 from autofit.planning.trials import TrialSettings, new_objects_only
@@ -146,8 +146,7 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
                       checkpointing_policy=chosen.checkpointing_policy,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=peak,
                       measured_reserved_bytes=reserved, budget_bytes=budget.budget_bytes,
-                      tokens_per_s=plan_tokens_per_s(micro_batches, cfg.block_size,
-                                                     runner.fits(Levers.of(chosen), compile=chosen.compile)),
+                      **plan_rates(micro_batches, cfg.block_size, runner.fits(Levers.of(chosen), compile=chosen.compile)),
                       split=describe_split(micro_batches), reason=_reason(cfg, runner, decision, chosen, own, why_peak,
                                                                          why_split, why_compile),
                       **agree.plan_fields(chosen.sharded))

@@ -51,12 +51,29 @@ def step_tokens_per_s(micro_batches: list[int], block_size: int, rates: dict[int
 
 
 def plan_tokens_per_s(micro_batches: list[int], block_size: int, runs: list[TrialRecord]) -> float | None:
-    """The plan's tokens/s: one optimizer step of `micro_batches` timed at the rates measured for
-    the plan's own levers and compile (`runs`, its fitting trials; each the run's figure,
-    run_tokens_per_s), a size not run at the nearest run size's rate (step_tokens_per_s). None
-    without a timed trial."""
+    """The plan's undisturbed tokens/s: one optimizer step of `micro_batches` timed at the rates
+    measured for the plan's own levers and compile (`runs`, its fitting trials; each the run's
+    figure from its fastest step, run_tokens_per_s), a size not run at the nearest run size's rate
+    (step_tokens_per_s). None without a timed trial."""
     rates = {t.micro_batch: run_tokens_per_s(t) for t in runs if t.tokens_per_s}
     return step_tokens_per_s(micro_batches, block_size, rates) if rates else None
+
+
+def plan_rates(micro_batches: list[int], block_size: int, runs: list[TrialRecord]) -> dict:
+    """The plan's measured tokens/s as PlanRecord keeps them: `tokens_per_s` from each size's
+    median timed step (TrialRecord.run_tokens_per_s_median: what the run should see, load and
+    all), `fastest_tokens_per_s` from each size's fastest (plan_tokens_per_s: the undisturbed
+    figure the contest compares), and `timed_steps`, the readings of the largest size's trial.
+    Every figure is of the sizes the plan runs (a size not run at the nearest run size's rate);
+    all None without a timed trial."""
+    timed = {t.micro_batch: t for t in runs if t.tokens_per_s}
+    if not timed:
+        return {"tokens_per_s": None, "fastest_tokens_per_s": None, "timed_steps": None}
+    median = {m: t.run_tokens_per_s_median or run_tokens_per_s(t) for m, t in timed.items()}
+    top = timed[min(timed, key=lambda s: (abs(s - max(micro_batches)), -s))]
+    return {"tokens_per_s": step_tokens_per_s(micro_batches, block_size, median),
+            "fastest_tokens_per_s": plan_tokens_per_s(micro_batches, block_size, runs),
+            "timed_steps": len(top.step_seconds) or None}
 
 
 def split_rates(chosen: TrialRecord, eager_tps: dict[int, float], trials: list[TrialRecord]) -> dict[int, float]:

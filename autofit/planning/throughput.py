@@ -19,6 +19,8 @@ from __future__ import annotations
 from autofit.planning.estimate import ModelShape, param_count
 
 ASSUMED_MFU = 0.40  # estimated mode only: fraction of the card's peak bf16/fp16 rate reached
+# How an estimated rate was got, where it is printed (autofit.report.render.plan_rate_words)
+RATE_WORDS = "from the card's peak TFLOP/s and an assumed MFU"
 # extra step time of recomputation with every block checkpointed, by policy (module docstring)
 RECOMPUTE_SHARE = {"full": 1.0 / 3.0, "selective": 0.085 / (1.0 - 0.085)}
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from autofit.units import fmt_bytes, measured_peak_words
 from trainer.model.sac_ops import saved_ops_words
 from trainer.metrics import micro_batch_words
+from autofit.report.rates import _key, against_plan as _against_plan, plan_rate_words
 
 STATUS_STYLE = {"fit": "green", "oom": "red", "over_budget": "yellow", "spill": "magenta",
                 "pruned": "dim", "error": "bold red"}
@@ -147,11 +148,6 @@ def as_written_verdict(res, cfg) -> str:
     return f"needs ~{fmt_bytes(est)} against a {fmt_bytes(budget)} budget: it would run out of memory ({how})"
 
 
-def _key(t) -> tuple:
-    """What identifies a trial's or a plan's candidate on one device, for matching them."""
-    return (t.micro_batch, t.dtype, t.compile, t.checkpointing, t.loss_impl, t.checkpointing_policy)
-
-
 def _against_estimated(res, want) -> str:
     """Estimated mode: how the plan compares with the config as written, as autofit.planning.
     estimated wrote it on the row of that candidate (the plan keeps it, or runs N x as fast by
@@ -165,24 +161,6 @@ def _against_estimated(res, want) -> str:
                 and VS_PLAN in (t.note or ""):
             return "; " + t.note.split(VS_PLAN, 1)[1]
     return ""
-
-
-def _against_plan(res, own) -> str:
-    """How the plan compares with the config as written where that fits (measured): it keeps it,
-    or it is N x as fast per token, both judged on their fastest steps (autofit.planning.contest)."""
-    from autofit.planning.contest import seconds_per_token
-    p = res.plan
-    key = _key(p)
-    if _key(own) == key:
-        return "; the plan keeps it"
-    runs = [t for t in res.trials if t.status == "fit" and _key(t) == key]
-    cpu = res.device.kind == "cpu"
-    a = seconds_per_token(own, cpu)
-    b = seconds_per_token(runs[0], cpu) if runs else None
-    if not (a and b):
-        return ""
-    figure = "CPU time" if cpu and own.step_cpu_seconds else "time"
-    return f"; the plan runs {a / b:.2f}x as fast, by {figure} per token of the fastest step"
 
 
 def plan_changes(plan, cfg, res) -> list[str]:
@@ -260,29 +238,12 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
                   f"loss {p.loss_impl}")
     peak = measured_peak_words(p) if p.measured_peak_bytes else \
         f"estimated peak {fmt_bytes(p.estimated_peak_bytes)}"
-    how = (f"measured: the fastest trial step, its optimizer update paid once per effective batch{_not_run(res, p)}"
-           if res.mode == "measured" else "estimated from the card's peak TFLOP/s and an assumed MFU")
-    # several ranks: a trial's rate is one rank's (the slowest rank's: autofit.planning.agree)
-    ranks = (f" per rank, ~{p.tokens_per_s * p.world_size:,.0f} for the {p.world_size} ranks"
-             if p.world_size > 1 and p.tokens_per_s else "")
-    tps = f"{p.tokens_per_s:,.0f} tokens/s{ranks} ({how})" if p.tokens_per_s else "tokens/s unknown"
-    console.print(f"  {peak} of a {fmt_bytes(p.budget_bytes)} budget; {tps}")
+    console.print(f"  {peak} of a {fmt_bytes(p.budget_bytes)} budget; {plan_rate_words(p, res)}")
     from autofit.planning.candidates import error_lines
     for line in error_lines(getattr(res, "trials", [])):  # not a loss on memory or speed: said even without -v
         console.print(f"  [bold red]error[/]: {escape(line)}", highlight=False)
     if verbose:
         console.print(f"  why: {p.reason}")
-
-
-def _not_run(res, p) -> str:
-    """'; micro-batch 10 not run: timed at the nearest run size's rate' for a split's sizes that no
-    fitting trial of the plan's levers ran (autofit.planning.split.plan_tokens_per_s), else ''."""
-    key = _key(p)[1:]
-    ran = {t.micro_batch for t in getattr(res, "trials", []) if t.status == "fit" and t.tokens_per_s and _key(t)[1:] == key}
-    missing = sorted(set(p.micro_batches) - ran)
-    if not missing or not ran:
-        return ""
-    return f"; micro-batch {', '.join(map(str, missing))} not run: timed at the nearest run size's rate"
 
 
 def _budget_table(res, console: Console) -> None:
