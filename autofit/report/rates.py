@@ -28,8 +28,8 @@ def against_plan(res, own) -> str:
     figure = "CPU time" if cpu and own.step_cpu_seconds else "time"
     from statistics import median
     ra, rb = own.readings(cpu), runs[0].readings(cpu)
-    mid = f"; {median(ra) / median(rb):.2f}x by their median steps, of {len(ra)} and {len(rb)}" if ra and rb else ""
-    return f"; the plan runs {a / b:.2f}x as fast, by {figure} per token of each one's fastest step{mid} (measured)"
+    mid = f", {median(ra) / median(rb):.2f}x by their median steps ({len(ra)} and {len(rb)} timed)" if ra and rb else ""
+    return f"; the plan runs {a / b:.2f}x as fast, by {figure} per token of each one's fastest step{mid}"
 
 
 def plan_rate_words(p, res=None) -> str:
