@@ -70,7 +70,7 @@ def test_estimated_recompute_counts_the_blocks_checkpointed():
     from autofit.planning.estimate import ModelShape
     from autofit.planning.throughput import estimated_tokens_per_s
     shape = ModelShape.from_config(cfg_of("n_layer=4"))
-    hw = SimpleNamespace(peak_bf16_tflops=100.0, peak_fp16_tflops=100.0)
+    hw = SimpleNamespace(peak_bf16_tflops=0.01, peak_fp16_tflops=0.01)  # slow: the compute floor binds
     k2, k3, k4 = (estimated_tokens_per_s(shape, 8, "bfloat16", k, hw) for k in (2, 3, 4))
     assert k2 == pytest.approx(k3) and k4 > k3
 
@@ -81,8 +81,9 @@ def test_estimated_fp32_is_priced_at_tf32_where_the_card_and_config_have_it():
     from autofit.planning.estimate import ModelShape
     from autofit.planning.throughput import estimated_tokens_per_s
     shape = ModelShape.from_config(cfg_of())
-    ampere = SimpleNamespace(peak_bf16_tflops=312.0, peak_fp16_tflops=312.0, compute_capability=(8, 0))
-    volta = SimpleNamespace(peak_bf16_tflops=None, peak_fp16_tflops=125.0, compute_capability=(7, 0))
+    # figures / 10,000: so slow that the compute floor binds, not the launch floor (test_throughput.py)
+    ampere = SimpleNamespace(peak_bf16_tflops=0.0312, peak_fp16_tflops=0.0312, compute_capability=(8, 0))
+    volta = SimpleNamespace(peak_bf16_tflops=None, peak_fp16_tflops=0.0125, compute_capability=(7, 0))
     fp16 = estimated_tokens_per_s(shape, 8, "float16", 0, ampere)
     assert estimated_tokens_per_s(shape, 8, "float32", 0, ampere) == pytest.approx(fp16 / 2)
     assert estimated_tokens_per_s(shape, 8, "float32", 0, ampere, tf32=False) == pytest.approx(fp16 / 4)

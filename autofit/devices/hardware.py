@@ -74,6 +74,11 @@ class HardwareSpec(BaseModel):
     # at most MAX_TFLOPS / MAX_BANDWIDTH_GBS: 1e308 made estimated tokens/s infinite (a traceback)
     peak_bf16_tflops: float | None = Field(default=None, ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False)
     peak_fp16_tflops: float = Field(ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False)
+    # The dense fp16 tensor TFLOP/s the card holds under its power limit, measured, where that is
+    # well below the datasheet's peak (taken at a boost clock the card cannot keep: the 70 W T4).
+    # None: the peak holds. The estimated throughput scales every rate by its share of the fp16 peak
+    # (autofit.planning.throughput.peak_tflops); MFU is still reported against the datasheet peak.
+    sustained_tflops: float | None = Field(default=None, ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False)
     memory_bandwidth_gbs: float = Field(ge=MIN_BANDWIDTH_GBS, le=MAX_BANDWIDTH_GBS, allow_inf_nan=False)  # GB/s, decimal, as vendors state it
     # Memory the driver and firmware keep on an idle card (NVML v2 memory info's `reserved`): what
     # an emulated card cannot give the process. None until measured on such a card (the GPU

@@ -15,14 +15,14 @@ from autofit.planning.contest import TIE
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.planning.planner import _nothing_fits
 from autofit.planning.split import choose_split
-from autofit.planning.throughput import ASSUMED_MFU, estimated_tokens_per_s
+from autofit.planning.throughput import RATE_WORDS, estimated_tokens_per_s, step_floors
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
 from trainer.step import describe_split
 
 # How the throughput figures of this mode are made, said wherever one is printed.
-RATE_HOW = f"estimated: the card's peak TFLOP/s x {ASSUMED_MFU:.0%} assumed MFU, m / (m + 2) fill"
+RATE_HOW = f"estimated: {RATE_WORDS}"
 OWN_NOTE = "your config as written"  # the note of its row when no combination's row is that candidate
 VS_PLAN = "against the plan: "  # the own row's note then says how the plan compares with it
 
@@ -37,7 +37,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
     if best is None:
         _nothing_fits(cfg, trials, budget, "cuda", estimated=True)
     n_combos = len([t for t in trials if t.status == "fit"])
-    micro_batches, why_split = choose_split(E, best.micro_batch, _rates(shape, best, hw, cfg.tf32), cfg.block_size)
+    micro_batches, why_split = choose_split(E, best.micro_batch, _rates(shape, best, hw, cfg.tf32, E), cfg.block_size)
     own = _own_row(cfg, info, shape, hw, budget, trials, space)
     own_why = ""
     if own is not None:
@@ -53,7 +53,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
         own_why = (f"; your own {cfg.batch_size} x {cfg.gradient_accumulation_steps} fits (estimated peak "
                    f"{fmt_bytes(own.estimated_peak_bytes)}): {verdict}")
         own.note += f"; {VS_PLAN}{verdict}"  # for the 'your config as written' line (autofit.report.render)
-    est_tps = _rates(shape, best, hw, cfg.tf32)
+    est_tps = _rates(shape, best, hw, cfg.tf32, E)
     if max(micro_batches) != best.micro_batch:  # the row of the plan is the size it runs
         best.note += f"; the plan runs {max(micro_batches)} (the split of {E}), the largest that fits is {best.micro_batch}"
         best.micro_batch = max(micro_batches)
@@ -68,13 +68,16 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
                       checkpointing=best.checkpointing, loss_impl=best.loss_impl,
                       checkpointing_policy=best.checkpointing_policy,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=None,
-                      tokens_per_s=best.tokens_per_s, budget_bytes=budget.budget_bytes,
+                      # the whole step's rate: an uneven split's sizes each at their own rate
+                      tokens_per_s=E * cfg.block_size / _step_seconds(shape, best, micro_batches, hw, cfg.tf32),
+                      budget_bytes=budget.budget_bytes,
                       split=describe_split(micro_batches),
                       reason=(f"estimated only (no {hw.name} here): highest estimated tokens/s among "
                               f"{n_combos} lever combinations whose estimated peak fits "
                               f"{fmt_bytes(budget.budget_bytes)}; compile kept as configured "
                               f"(its memory effect is measured, never guessed: probe on the card to confirm); "
-                              f"split: {why_split} (estimated step times){own_why}"))
+                              f"split: {why_split} (estimated step times){own_why}; "
+                              f"{_bound_words(shape, best, hw, cfg.tf32, E)}"))
     return ProbeResult(mode="estimated", device=info, budget=budget, effective_batch=E, block_size=cfg.block_size,
                        trials=trials, plan=plan, breakdown=est.breakdown)
 
@@ -100,28 +103,40 @@ def _largest_fits(cfg, shape: ModelShape, hw, budget: Budget, space: Space) -> t
                                       estimated_peak_bytes=est.peak_bytes,
                                       note="estimated not to fit even at micro-batch 1"))
             continue
-        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw, lv.checkpointing_policy, cfg.tf32)
+        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw, lv.checkpointing_policy, cfg.tf32, E)
         rec = TrialRecord(**lv.candidate(m).model_dump(), status="fit", estimated_peak_bytes=est.peak_bytes,
                           tokens_per_s=tps,
-                          note="estimated: largest micro-batch whose estimated peak fits; tokens/s from "
-                               f"peak TFLOP/s x {ASSUMED_MFU:.0%} assumed MFU")
+                          note=f"estimated: largest micro-batch whose estimated peak fits; tokens/s {RATE_HOW}")
         trials.append(rec)
         if best is None or tps > best.tokens_per_s:
             best = rec
     return trials, best
 
 
-def _rates(shape: ModelShape, row: TrialRecord, hw, tf32: bool) -> dict[int, float]:
-    """Estimated tokens/s of `row`'s levers at every micro-batch up to its own."""
-    return {m: estimated_tokens_per_s(shape, m, row.dtype, row.checkpointing, hw, row.checkpointing_policy, tf32)
+def _rates(shape: ModelShape, row: TrialRecord, hw, tf32: bool, step_batch: int) -> dict[int, float]:
+    """Estimated tokens/s of `row`'s levers at every micro-batch up to its own, in optimizer steps
+    of `step_batch` sequences."""
+    return {m: estimated_tokens_per_s(shape, m, row.dtype, row.checkpointing, hw, row.checkpointing_policy, tf32,
+                                      step_batch)
             for m in range(1, row.micro_batch + 1)}
+
+
+def _bound_words(shape: ModelShape, row: TrialRecord, hw, tf32: bool, step_batch: int) -> str:
+    """Which floor of the roofline sets the plan's estimated rate, and the three floors."""
+    f = step_floors(shape, row.micro_batch, row.dtype, row.checkpointing, hw, row.checkpointing_policy, tf32,
+                    step_batch)
+    from autofit.planning.throughput import peak_tflops
+    rate = f"{peak_tflops(hw, row.dtype, tf32):.3g} TFLOP/s {row.dtype}"
+    if getattr(hw, "sustained_tflops", None):
+        rate += f", the rate {hw.name} sustains at its power limit ({hw.sustained_tflops:g} of {hw.peak_fp16_tflops:g} fp16)"
+    return (f"its estimated rate is bound by {f.bound} (compute at {rate}; per micro-batch of {row.micro_batch}: compute "
+            f"{f.compute * 1e3:.3g} ms, memory {f.memory * 1e3:.3g} ms, kernel launches {f.launches * 1e3:.3g} ms)")
 
 
 def _step_seconds(shape: ModelShape, row: TrialRecord, micro_batches: list[int], hw, tf32: bool) -> float:
     """Estimated seconds of one optimizer step of `micro_batches` with `row`'s levers."""
-    return sum(m * shape.block_size / estimated_tokens_per_s(shape, m, row.dtype, row.checkpointing, hw,
-                                                            row.checkpointing_policy, tf32)
-               for m in micro_batches)
+    return sum(step_floors(shape, m, row.dtype, row.checkpointing, hw, row.checkpointing_policy, tf32,
+                           sum(micro_batches)).seconds for m in micro_batches)
 
 
 def _own_row(cfg, info, shape: ModelShape, hw, budget: Budget, trials: list[TrialRecord],
@@ -156,7 +171,7 @@ def _own_row(cfg, info, shape: ModelShape, hw, budget: Budget, trials: list[Tria
                                                      ).model_dump(),
                       status="fit", estimated_peak_bytes=est,
                       tokens_per_s=estimated_tokens_per_s(shape, m, dtype, cfg.checkpointing, hw,
-                                                          policy, cfg.tf32),
+                                                          policy, cfg.tf32, cfg.effective_batch),
                       note=f"{OWN_NOTE}: estimated peak fits; tokens/s {RATE_HOW}")
     trials.append(row)
     return row

@@ -29,11 +29,12 @@ class StoredHardware(BaseModel):
     bf16: bool | None = None
     peak_bf16_tflops: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     peak_fp16_tflops: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    sustained_tflops: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     driver_reserved_bytes: int | None = Field(default=None, ge=0, le=MAX_MEMORY_BYTES)
     source: str | None = None
 
-    @field_validator("peak_bf16_tflops", "peak_fp16_tflops", "memory_bandwidth_gbs", mode="before")
+    @field_validator("peak_bf16_tflops", "peak_fp16_tflops", "sustained_tflops", "memory_bandwidth_gbs", mode="before")
     @classmethod
     def _int_is_a_float(cls, v: Any) -> Any:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v  # TOML writes 192 for 192.0

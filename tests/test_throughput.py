@@ -1,0 +1,81 @@
+"""The estimated throughput's roofline (autofit/planning/throughput.py, t5's L3 in session 14): a
+micro-batch takes at least its FLOPs at the card's peak x MFU, at least the bytes it moves over
+the card's memory bandwidth, and at least its kernel launches. Card figures are injected."""
+from types import SimpleNamespace
+
+import pytest
+
+from autofit.planning import throughput as tp
+from autofit.planning.estimate import ModelShape
+
+
+def card(tflops=100.0, gbs=1000.0, **kw):
+    return SimpleNamespace(name="test-1gb", peak_bf16_tflops=tflops, peak_fp16_tflops=tflops,
+                           compute_capability=(8, 9), memory_bandwidth_gbs=gbs, **kw)
+
+
+MID = ModelShape(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256)
+TINY = ModelShape(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256)  # ~31k parameters, as t5's
+
+
+def test_a_bandwidth_starved_card_is_bound_by_its_bandwidth():
+    f = tp.step_floors(MID, 8, "bfloat16", 0, card(tflops=1000.0, gbs=1.0))
+    assert f.bound == "memory bandwidth" and f.memory > f.compute and f.memory > f.launches
+    rate = tp.estimated_tokens_per_s(MID, 8, "bfloat16", 0, card(tflops=1000.0, gbs=1.0))
+    assert rate == pytest.approx(8 * 64 / f.memory)
+    # half the bandwidth, half the rate; twice the TFLOP/s, the same rate
+    assert tp.estimated_tokens_per_s(MID, 8, "bfloat16", 0, card(tflops=1000.0, gbs=0.5)) == pytest.approx(rate / 2)
+    assert tp.estimated_tokens_per_s(MID, 8, "bfloat16", 0, card(tflops=2000.0, gbs=1.0)) == pytest.approx(rate)
+
+
+def test_a_tiny_model_is_bound_by_kernel_launches():
+    """t5: 5,150,463 tokens/s for a 31k-parameter model on a GTX 1650, from TFLOP/s alone."""
+    hw = card(tflops=8.9, gbs=192.0)
+    f = tp.step_floors(TINY, 16, "float32", 0, hw, step_batch=16)
+    assert f.bound == "kernel launches"
+    kernels = (tp.KERNELS_OUTSIDE + tp.KERNELS_PER_BLOCK) + (tp.UPDATE_KERNELS_OUTSIDE + tp.UPDATE_KERNELS_PER_BLOCK)
+    assert f.launches == pytest.approx(kernels * tp.LAUNCH_SECONDS)
+    rate = tp.estimated_tokens_per_s(TINY, 16, "float32", 0, hw, step_batch=16)
+    assert rate == pytest.approx(16 * 32 / f.launches) and rate < 2e6
+    assert tp.estimated_tokens_per_s(TINY, 16, "float32", 0, card(tflops=89.0, gbs=1920.0), step_batch=16) \
+        == pytest.approx(rate)  # a faster card does not help a launch-bound step
+
+
+def test_the_optimizer_steps_share_is_spread_over_its_micro_batches():
+    """Sixteen micro-batches of one sequence share one optimizer update: each pays a sixteenth."""
+    alone = tp.step_floors(TINY, 1, "float32", 0, card(), step_batch=1)
+    shared = tp.step_floors(TINY, 1, "float32", 0, card(), step_batch=16)
+    update = (tp.UPDATE_KERNELS_OUTSIDE + tp.UPDATE_KERNELS_PER_BLOCK) * tp.LAUNCH_SECONDS
+    assert alone.launches - shared.launches == pytest.approx(update * 15 / 16)
+
+
+def test_a_power_limited_card_runs_at_its_sustained_rate():
+    hw = card(tflops=65.0, sustained_tflops=24.0)
+    assert tp.peak_tflops(hw, "float16") == pytest.approx(24.0)
+    assert tp.peak_tflops(hw, "float32", tf32=False) == pytest.approx(24.0 / 4)  # the clock slows every unit
+    assert tp.peak_tflops(card(tflops=65.0), "float16") == 65.0
+
+
+def test_a_t4_is_estimated_slower_than_an_rtx_4070_on_nanochat_d12():
+    """t5: the T4 (65 TFLOP/s at a boost clock its 70 W cannot hold) gave 24,264 tokens/s against
+    the 4070's 21,047. Each card in the dtype the plan uses there (the T4 has no bf16)."""
+    from autofit.devices.hardware import get_hardware
+    from trainer.config.train_config import load_config
+    shape = ModelShape.from_config(load_config(preset="nanochat-d12"))
+    t4, rtx = get_hardware("t4-16gb"), get_hardware("rtx4070-12gb")
+    assert t4.peak_fp16_tflops > rtx.peak_bf16_tflops  # the datasheets alone put the T4 first
+    for m in (4, 16):
+        assert tp.estimated_tokens_per_s(shape, m, "bfloat16", 0, rtx, step_batch=256) > \
+            2 * tp.estimated_tokens_per_s(shape, m, "float16", 0, t4, step_batch=256)
+
+
+def test_a_saved_profile_keeps_a_sustained_rate():
+    """A profile saved on a T4 (probe --save writes the card's figures) reads back with its sustained rate."""
+    from autofit.devices.hardware import get_hardware, spec_from_profile
+    from autofit.profiles.hardware_table import StoredHardware
+    t4 = get_hardware("t4-16gb")
+    assert t4.sustained_tflops == 24.0
+    table = t4.model_dump(mode="json")
+    table["compute_capability"] = list(table["compute_capability"])
+    StoredHardware.model_validate(table)
+    assert spec_from_profile("t4-16gb", table, "test").sustained_tflops == 24.0
