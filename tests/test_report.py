@@ -27,7 +27,17 @@ def test_a_several_rank_plan_written_as_the_config_says_names_the_whole_accumula
     res = SimpleNamespace(device=SimpleNamespace(kind="cpu", bf16_supported=False))
     words = plan_changes(two_rank_plan(), cfg_of(), res)
     # t2 (session 11): "(1 on each of 2 ranks)" did not say what the 1 counted
-    assert "runs 16 x 8 as written (2 micro-batch(es) of 16 on each of 4 ranks)" in words
+    assert ("runs your 16 x 8 as written: each of the 4 ranks runs 2 micro-batches of 16 per optimizer step "
+            "(16 x 2 per rank)") in words
+    # t5 (session 14): '8 x 2 as written (1 micro-batch(es) of 8 on each of 2 ranks)', where each rank runs 8 x 1
+    one = two_rank_plan(world_size=2, micro_batch=8, grad_accum=1, micro_batches=[8], effective_batch=8,
+                        split="8 = 1 × 8")
+    words = plan_changes(one, cfg_of("batch_size=8", "gradient_accumulation_steps=2"), res)
+    assert ("runs your 8 x 2 as written: each of the 2 ranks runs 1 micro-batch of 8 per optimizer step "
+            "(8 x 1 per rank)") in words
+    assert not any("(es)" in w or "(s)" in w for w in words)
+    words = plan_changes(two_rank_plan(world_size=1, checkpointing=1), cfg_of(), res)
+    assert any(w.startswith("recomputes activations in backward every block (full") for w in words)
 
 
 def test_a_several_rank_plans_tokens_per_s_says_per_rank(monkeypatch):

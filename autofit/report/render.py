@@ -66,7 +66,8 @@ def stage_lines(cfg, plan) -> list[str]:
     from trainer.config.stages import fitted_stage, stage_micro_batch
     from trainer.step import describe_split, split_batch
     k = fitted_stage(cfg.stages)
-    out = [f"schedule: {len(cfg.stages)} stages; the plan fits stages[{k}] (the largest block size, "
+    n = len(cfg.stages)
+    out = [f"schedule: {n} stage{'s' if n != 1 else ''}; the plan fits stages[{k}] (the largest block size, "
            f"{cfg.stages[k].block_size}: the most memory per sequence); each stage runs at most "
            f"{plan.micro_batch * plan.block_size:,} tokens per micro-batch, its effective batch exact"]
     start = 0
@@ -177,16 +178,20 @@ def plan_changes(plan, cfg, res) -> list[str]:
             words.append(f"runs {plan.micro_batch} sequences at a time, {plan.grad_accum} times per step "
                          f"({plan.split}), {instead}")
     else:
-        words.append(f"runs {plan.micro_batch} x {plan.grad_accum * ranks} as written"
-                     + (f" ({plan.grad_accum} micro-batch(es) of {plan.micro_batch} on each of {ranks} ranks)"
-                        if ranks > 1 else ""))
+        # several ranks: the config's accumulation is all ranks' (nanoGPT divides it by them), so
+        # say what each rank runs, not 'M x A' as if one rank ran it
+        per = f"{plan.grad_accum} micro-batch{'es' if plan.grad_accum != 1 else ''} of {plan.micro_batch}"
+        words.append(f"runs {plan.micro_batch} x {plan.grad_accum} as written" if ranks == 1 else
+                     f"runs your {cfg.batch_size} x {cfg.gradient_accumulation_steps} as written: each of the "
+                     f"{ranks} ranks runs {per} per optimizer step ({plan.micro_batch} x {plan.grad_accum} per rank)")
     if plan.loss_impl != cfg.loss_impl:
         from trainer.model.ce import chunked_path
         words.append(f"uses the chunked loss ({chunked_path(cfg.logit_softcap)}: cross-entropy in chunks, never "
                      "the full fp32 logits)" if plan.loss_impl == "chunked" else "uses the standard loss")
     policy = cfg.checkpointing_policy if cfg.checkpointing else "full"
     if (plan.checkpointing, plan.checkpointing_policy) != (cfg.checkpointing, policy):
-        words.append(f"recomputes activations in backward every {plan.checkpointing} block(s) ({plan.checkpointing_policy} "
+        every = "every block" if plan.checkpointing == 1 else f"every {plan.checkpointing} blocks"
+        words.append(f"recomputes activations in backward {every} ({plan.checkpointing_policy} "
                      "activation checkpointing: less memory, more compute)" if plan.checkpointing
                      else "turns activation checkpointing off")
     if plan.dtype != config_dtype(cfg, res):
