@@ -307,7 +307,8 @@ def _candidates_table(res, console: Console) -> None:
     console.print(tt)
     if not estimated:
         console.print("  [dim]tokens/s: the trial's fastest step by wall time (of all its readings, re-timings too), "
-                      "its optimizer update paid once per effective batch as the run pays it (the plan's figure)"
+                      "its optimizer update paid once per effective batch as the run pays it (the plan line's 'fastest step'; "
+                      "its tokens/s is the median step)"
                       + ("; the contest judged CPU time per token, which other processes' load does not inflate while "
                          "cores are free (oversubscribed, a waiting thread spins, and it does)"
                          if d.kind == "cpu" else "") + "[/]")
