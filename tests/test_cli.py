@@ -151,10 +151,15 @@ def test_a_saved_plan_is_checked_against_the_commands_flags_and_its_figures_foll
     plan = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[0])["plan"]
     assert plan["micro_batch"] < saved["micro_batch"]
     trials = {t["micro_batch"]: t for t in d["trials"] if t["status"] == "fit"}
-    if plan["micro_batch"] in trials:
-        assert plan["measured_peak_bytes"] == trials[plan["micro_batch"]]["measured_peak_bytes"]
+    if plan["micro_batch"] in trials:  # that size's figures, its median step as a probe's plan gives it
+        t = trials[plan["micro_batch"]]
+        assert plan["measured_peak_bytes"] == t["measured_peak_bytes"]
+        assert plan["tokens_per_s"] == pytest.approx(t["run_tokens_per_s_median"])
+        assert plan["fastest_tokens_per_s"] == pytest.approx(t["run_tokens_per_s"])
+        assert plan["timed_steps"] == len(t["step_seconds"])
     else:
         assert plan["measured_peak_bytes"] is None and plan["tokens_per_s"] is None
+        assert plan["fastest_tokens_per_s"] is None and plan["timed_steps"] is None
         assert plan["estimated_peak_bytes"] < saved["estimated_peak_bytes"]
     # without those flags it is still used, and the plan says it is the best of a narrower search
     code, out, err = cli(monkeypatch, capsys, "run", "--profile", name, *SMALL, "--max-steps", "1",

@@ -367,13 +367,16 @@ def _figures_for(plan: PlanRecord, same: list, cfg, kind: str) -> PlanRecord:
     if ran:
         return plan.model_copy(update={"measured_peak_bytes": ran[0].measured_peak_bytes,
                                        "measured_reserved_bytes": ran[0].measured_reserved_bytes,
-                                       "tokens_per_s": run_tokens_per_s(ran[0])})
+                                       "tokens_per_s": ran[0].run_tokens_per_s_median or run_tokens_per_s(ran[0]),  # as a plan's
+                                       "fastest_tokens_per_s": run_tokens_per_s(ran[0]),
+                                       "timed_steps": len(ran[0].step_seconds) or None})
     est = estimate_peak(ModelShape.from_config(cfg), plan.micro_batch, dtype=plan.dtype,
                         checkpointing=plan.checkpointing, loss_impl=plan.loss_impl, compile=plan.compile,
                         device="cpu" if kind == "cpu" else "cuda", ce_chunk_size=cfg.ce_chunk_size,
                         n_micro=min(2, plan.grad_accum), checkpointing_policy=plan.checkpointing_policy,
                         step_batch=plan.effective_batch, **agree.layout(plan.parallelism == "fsdp2"))
     return plan.model_copy(update={"measured_peak_bytes": None, "measured_reserved_bytes": None, "tokens_per_s": None,
+                                   "fastest_tokens_per_s": None, "timed_steps": None,
                                    "estimated_peak_bytes": est.peak_bytes})
 
 
