@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -69,30 +70,39 @@ def test_an_append_after_a_cut_line_starts_a_new_line(tmp_path):
 def test_a_failed_append_is_cut_back_and_said(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"a": 1}\n')
-    real_open = open
+    real_write = os.write
 
-    class Half:  # writes part of the record, then the disk is full
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(data[:3])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-    monkeypatch.setattr(writes, "open", lambda p, m: Half(real_open(p, m)) if "a" in m else real_open(p, m),
-                        raising=False)
+    def half(fd, data):  # part of the record reaches the file, then the disk is full
+        real_write(fd, bytes(data[:3]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writes, "_write_all", half)
     with pytest.raises(WriteError, match=r"cannot write metrics .*: No space left on device \[ENOSPC\]"):
         append_lines(path, ['{"b": 2}'], what=f"metrics {path}")
     assert path.read_text() == '{"a": 1}\n'
+
+
+def test_a_disk_that_fills_mid_line_leaves_no_partial_record(tmp_path):
+    """r3's 3: a real file whose size limit (RLIMIT_FSIZE: past it a write fails as on a full disk,
+    after writing what fits) cuts a record in two. A buffered file's truncate() flushed the refused
+    bytes first, failed again, and the partial line stayed; every line must be a whole record."""
+    path = tmp_path / "metrics.jsonl"
+    code = textwrap.dedent(f"""
+        import resource, signal, json
+        from trainer.writes import append_lines, WriteError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        p = {str(path)!r}
+        append_lines(p, [json.dumps({{"type": "train", "step": 0}})])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))
+        try:
+            append_lines(p, [json.dumps({{"type": "train", "step": 1, "pad": "y" * 300}})])
+        except WriteError as e:
+            print("refused:", e)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        append_lines(p, [json.dumps({{"type": "train", "step": 2}})])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "refused:" in out.stdout and "File too large" in out.stdout, out.stdout + out.stderr
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 2]
 
 
 def test_a_guarded_stdout_says_which_stream_and_a_closed_pipe_ends_quietly(tmp_path):

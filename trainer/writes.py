@@ -108,19 +108,30 @@ def append_lines(path: str | Path, lines: list[str], what: str | None = None, ke
     text = "".join(line + "\n" for line in lines).encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:
-            start = f.tell()
+        # os-level, unbuffered: a buffered file's truncate() flushes the bytes a full disk refused
+        # first, fails again, and the cut never happens; here nothing waits in a buffer
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
             if start and _last_byte(path) != b"\n":
                 text = b"\n" + text
             try:
-                f.write(text)
-                f.flush()
+                _write_all(fd, text)
             except OSError:
-                with contextlib.suppress(OSError):
-                    f.truncate(start)
+                with contextlib.suppress(OSError):  # the part that was written goes
+                    os.ftruncate(fd, start)
                 raise
+        finally:
+            os.close(fd)
     except OSError as e:
         raise refused(e, what, kept) from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte of `data` is written (a write may take only a part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _last_byte(path: Path) -> bytes:
