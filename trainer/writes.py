@@ -65,9 +65,11 @@ def atomic_write(path: str | Path, fill: Callable[[IO[bytes]], None], what: str 
     rename, fsync of the folder. `mode` is masked by the umask (mkstemp's 0o600 would make a
     dataset or a plot private). On any failure the old file (or none) stays, the temp file is
     removed, and an OSError becomes a WriteError naming `what` (default: the path) and `kept`
-    (default: none; a caller that knows more adds it with WriteError.with_kept)."""
-    path = Path(path)
+    (default: none; a caller that knows more adds it with WriteError.with_kept). A symlink is
+    written through: its target is replaced (beside the target), and the link stays, as reading
+    follows it (a ckpt.pt linked to a bigger disk stays there; a profile linked from dotfiles too)."""
     what = what or str(path)
+    path = Path(os.path.realpath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:

@@ -15,6 +15,7 @@ and built-in profiles are looked up through a callable the caller passes in.
 """
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -276,8 +277,9 @@ def _keep_aside(path: Path, hardware: dict[str, Any] | None, plan: FittedPlan, p
         return problem + "; the plan could not be kept"
     # The side file is a profile in its own right; renamed to <name>.toml it becomes that profile.
     repair = problem.split("; clear it with: ")[0].split("; upgrade autofit")[0]
+    # quoted: a space in AUTOFIT_HOME would split the paths of a command pasted into a shell
     return (f"{repair}; the plan was kept in {side}; repair: autofit profiles rm {path.stem} && "
-            f"mv {side} {path}")
+            f"mv {shlex.quote(str(side))} {shlex.quote(str(path))}")
 
 
 def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: int | None = None,
