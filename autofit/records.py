@@ -3,6 +3,7 @@ saved profiles and the JSON output, so all three agree on names and units (bytes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, computed_field, model_validator
@@ -175,6 +176,9 @@ class ProbeResult:
     fit_sizes: list[int] = field(default_factory=list)  # eager sizes known to fit (chosen levers)
     compiled_fit_sizes: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # levers left out of the search, and why
+    # UTC time the measured probe started (launch.probe.probe_on): a saved plan's lessons from
+    # before it are cleared (profiles.store.save_plan); None for a simulated card's estimates
+    started: datetime | None = None
 
     def to_json(self) -> dict:
         d = self.device

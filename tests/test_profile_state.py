@@ -3,10 +3,14 @@ repair commands a shell can take, lessons that a fresh probe can undo, schema ve
 import os
 import shlex
 import subprocess
+import tomllib
+from datetime import datetime, timedelta, timezone
 
 import pytest
+import tomli_w
 
 from autofit.profiles import store as profiles
+from autofit.profiles.manage import remove_profile
 from autofit.profiles.store import ProfileError, load_profile, profile_path, record_event, save_plan
 from trainer.writes import atomic_write
 
@@ -59,3 +63,139 @@ def test_the_side_file_repair_command_is_shell_quoted(autofit_home, tmp_path):
     path.unlink()
     subprocess.run(mv, shell=True, check=True)
     assert plan.fingerprint in load_profile("rtx4070-12gb").plans and not os.path.exists(side)
+
+
+# ---------------------------------------------------------------- lessons (r3's 1)
+
+
+def _learn(plan, safe=8, compile_failed=None):
+    record_event("rtx4070-12gb", plan.fingerprint, "step 3: oom_shrink 12 -> 8", safe_micro_batch=safe,
+                 compile_failed=compile_failed, step=3, failed_micro_batch=12, run="out")
+
+
+def test_a_probe_clears_the_lessons_from_before_it_and_keeps_those_learnt_while_it_ran():
+    plan = make_plan()
+    save_plan("rtx4070-12gb", HW_4070, plan)
+    _learn(plan, compile_failed=True)
+    got = load_profile("rtx4070-12gb").plans[plan.fingerprint]
+    assert got.safe_micro_batch_lesson.step == 3 and got.safe_micro_batch_lesson.failed_micro_batch == 12
+    assert got.compile_failed_lesson.run == "out"
+    # a probe started after the lesson measured again: the lesson goes, an event says so
+    started = datetime.now(timezone.utc)
+    save_plan("rtx4070-12gb", HW_4070, make_plan(), probed_since=started)
+    got = load_profile("rtx4070-12gb").plans[plan.fingerprint]
+    assert got.safe_micro_batch is None and not got.compile_failed and got.safe_micro_batch_lesson is None
+    assert "lessons from before the probe cleared: safe micro-batch 8 (step 3 of run out" in got.events[-1]
+    # a run that reports while the probe runs: its lesson is newer than the probe's start and stays
+    started = datetime.now(timezone.utc) - timedelta(seconds=1)
+    _learn(plan, safe=4)
+    save_plan("rtx4070-12gb", HW_4070, make_plan(), probed_since=started)
+    assert load_profile("rtx4070-12gb").plans[plan.fingerprint].safe_micro_batch == 4
+
+
+def test_a_version_1_profiles_lessons_are_older_than_any_probe_and_its_file_is_written_at_2():
+    """A file of schema 1 (no lesson stamps, no searched_under) still loads; its lessons, of an
+    unknown date, are cleared by a new probe (said in the event), and the file is written back at
+    SCHEMA_VERSION so an older autofit says 'upgrade', not 'corrupt'."""
+    plan = make_plan()
+    path = save_plan("rtx4070-12gb", HW_4070, plan)
+    raw = tomllib.loads(path.read_text())
+    raw["schema_version"] = 1
+    raw["plans"][plan.fingerprint].update(safe_micro_batch=2, compile_failed=True)
+    path.write_text(tomli_w.dumps(raw))
+    got = load_profile("rtx4070-12gb")
+    assert got.schema_version == 1 and got.plans[plan.fingerprint].safe_micro_batch == 2
+    save_plan("rtx4070-12gb", HW_4070, make_plan(), probed_since=datetime.now(timezone.utc))
+    raw = tomllib.loads(path.read_text())
+    assert raw["schema_version"] == profiles.SCHEMA_VERSION == 2
+    fitted = load_profile("rtx4070-12gb").plans[plan.fingerprint]
+    assert fitted.safe_micro_batch is None and not fitted.compile_failed
+    assert "learnt at an unknown time" in fitted.events[-1]
+
+
+def test_lessons_are_cleared_by_hand_keeping_the_plan_and_the_run_note_says_how():
+    plan = make_plan()
+    save_plan("rtx4070-12gb", HW_4070, plan)
+    _learn(plan, compile_failed=True)
+    fitted = load_profile("rtx4070-12gb").plans[plan.fingerprint]
+    notes = profiles.lesson_notes(fitted, 12, True, "rtx4070-12gb")
+    how = f"clear with: autofit profiles rm rtx4070-12gb --plan {plan.fingerprint} --lessons"
+    assert len(notes) == 2 and all(how in n for n in notes)
+    assert "micro-batch lowered to 8 by an earlier run-time OOM (step 3 of run out, micro-batch 12 ran out" in notes[0]
+    said = remove_profile("rtx4070-12gb", plan.fingerprint[:6], lessons=True)
+    assert "cleared the lessons" in said and "safe micro-batch 8" in said and "compile off" in said
+    fitted = load_profile("rtx4070-12gb").plans[plan.fingerprint]
+    assert fitted.safe_micro_batch is None and not fitted.compile_failed and fitted.trials  # the plan stays
+    assert "no lessons to clear" in remove_profile("rtx4070-12gb", lessons=True)
+
+
+def test_the_cli_clears_lessons_and_a_run_note_names_the_command(monkeypatch, capsys):
+    from cli_run import cli
+    plan = make_plan()
+    save_plan("rtx4070-12gb", HW_4070, plan)
+    _learn(plan)
+    code, out, err = cli(monkeypatch, capsys, "profiles", "rm", "rtx4070-12gb", "--plan", plan.fingerprint,
+                         "--lessons")
+    assert code == 0 and "cleared the lessons" in out, err
+    assert load_profile("rtx4070-12gb").plans[plan.fingerprint].safe_micro_batch is None
+    code, out, err = cli(monkeypatch, capsys, "profiles", "rm", "rtx4070-12gb", "--plan", "zzzz", "--lessons")
+    assert code != 0 and "no plan zzzz" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- schema versions (r3's 2)
+
+
+def test_a_newer_profile_says_upgrade_not_corrupt():
+    """A file of a newer schema whose fields this autofit does not know: 'upgrade autofit', not
+    'is not an autofit profile' (whose fix, rm, would lose every plan)."""
+    plan = make_plan()
+    path = save_plan("rtx4070-12gb", HW_4070, plan)
+    raw = tomllib.loads(path.read_text())
+    raw["schema_version"] = profiles.SCHEMA_VERSION + 1
+    raw["plans"][plan.fingerprint]["future_field"] = 1
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ProfileError, match="written by a newer autofit .*upgrade autofit"):
+        load_profile("rtx4070-12gb")
+    raw["schema_version"] = profiles.SCHEMA_VERSION  # this version's, with a field it does not have
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ProfileError, match=f"plans.{plan.fingerprint}.future_field: unknown field"):
+        load_profile("rtx4070-12gb")
+
+
+def test_the_profile_fields_are_pinned_to_the_schema_version():
+    """A field added to the models that forbid unknown keys fails here until SCHEMA_VERSION is
+    bumped (and this list updated): an older autofit then says 'upgrade' instead of 'corrupt, rm
+    it'. (PlanRecord and TrialRecord ignore keys they do not know: an older autofit drops them.)"""
+    from autofit.profiles.store import FittedPlan, Lesson, SavedProfile
+    fields = {m.__name__: sorted(m.model_fields) for m in (SavedProfile, FittedPlan, Lesson)}
+    pinned = {2: {
+        "SavedProfile": ["device_note", "hardware", "name", "plans", "schema_version"],
+        "FittedPlan": ["compile_failed", "compile_failed_lesson", "config_summary", "created", "events", "fingerprint",
+                       "fingerprint_inputs", "plan", "safe_micro_batch", "safe_micro_batch_lesson", "searched_under",
+                       "trials", "updated"],
+        "Lesson": ["failed_micro_batch", "learned", "run", "step"]}}
+    assert profiles.SCHEMA_VERSION in pinned, "SCHEMA_VERSION changed: pin its fields here"
+    assert fields == pinned[profiles.SCHEMA_VERSION], "a profile field changed: bump SCHEMA_VERSION"
+    for model in (SavedProfile, FittedPlan, Lesson):
+        assert model.model_config.get("extra") == "forbid"
+
+
+def test_probe_save_clears_a_lesson_from_before_it(monkeypatch, capsys):
+    """The whole path: `probe --save` stamps the probe's start, and a lesson learnt before it (a
+    transient OOM) no longer lowers the plan; r3 saw 'safe 1' survive every new probe."""
+    import json
+
+    from cli_run import cli
+    args = ["probe", "--device", "cpu", "--budget", "64MiB", "--preset", "tiny", "--set", "n_layer=1", "--set",
+            "n_embd=16", "--set", "n_head=2", "--set", "block_size=16", "--set", "batch_size=4", "--set",
+            "gradient_accumulation_steps=1", "--dtype", "float32", "--no-compile", "--checkpointing", "0", "--loss",
+            "standard",
+            "--save", "--json"]
+    code, out, err = cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    saved = json.loads(out)["saved"]
+    record_event(saved["profile"], saved["fingerprint"], "step 3: oom_shrink 4 -> 1", safe_micro_batch=1, step=3)
+    code, out, err = cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    fitted = load_profile(saved["profile"]).plans[saved["fingerprint"]]
+    assert fitted.safe_micro_batch is None and "lessons from before the probe cleared" in fitted.events[-1]

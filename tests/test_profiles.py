@@ -75,7 +75,7 @@ def test_round_trip_keeps_everything_including_none_fields():
     assert "null" not in path.read_text() and "None" not in path.read_text()
 
     loaded = load_profile("rtx4070-12gb")
-    assert loaded.schema_version == 1 and loaded.name == "rtx4070-12gb"
+    assert loaded.schema_version == profiles.SCHEMA_VERSION and loaded.name == "rtx4070-12gb"
     assert loaded.hardware == HW_4070
     got = find_plan(loaded, plan.fingerprint)
     assert got.model_dump(exclude={"updated"}) == plan.model_dump(exclude={"updated"})
@@ -179,8 +179,8 @@ BAD_FILES = {
     "foreign": (b"[project]\nname = \"something-else\"\n", "is not an autofit profile"),
     "wrong type": (b"schema_version = 1\nname = \"rtx4070-12gb\"\nplans = 3\n",
                    "is not an autofit profile: plans"),
-    "newer": (b"schema_version = 2\nname = \"rtx4070-12gb\"\n[future]\nx = 1\n",
-              "was written by a newer autofit (schema 2 > 1)"),
+    "newer": (b"schema_version = 3\nname = \"rtx4070-12gb\"\n[future]\nx = 1\n",
+              "was written by a newer autofit (schema 3 > 2)"),
 }
 
 

@@ -121,12 +121,13 @@ def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help=
 
 
 @profiles_app.command("rm")
-def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", help="Remove only this plan: its fingerprint, or at least its first 4 characters if no other plan shares them.")):
-    """Remove a saved profile, or one plan of it."""
+def profiles_rm(name: str, plan: Optional[str] = typer.Option(None, "--plan", help="Remove only this plan: its fingerprint, or at least its first 4 characters if no other plan shares them."),
+                lessons: bool = typer.Option(False, "--lessons", help="Remove only what runs learnt (a micro-batch lowered by a run-time OOM, compile off) from the plan, or from every plan without --plan; the plans stay.")):
+    """Remove a saved profile, one plan of it, or the lessons runs taught its plans."""
     from autofit.devices.hardware import load_builtin
     from autofit.profiles.manage import remove_profile
-    _console().print(remove_profile(name, plan, builtin_names=sorted(load_builtin())), soft_wrap=True,
-                     markup=False, highlight=False)
+    _console().print(remove_profile(name, plan, builtin_names=sorted(load_builtin()), lessons=lessons),
+                     soft_wrap=True, markup=False, highlight=False)
 
 
 def _compute_capability(text: str) -> list[int]:

@@ -121,6 +121,8 @@ def probe_space(cfg, device, opts: ProbeOptions):
 
 def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]) -> ProbeResult:
     """The measured probe on an opened device (autofit.devices.device.Device) whose budget is known."""
+    from datetime import datetime, timezone
+    started = datetime.now(timezone.utc)  # a run's lesson after it is newer than what the probe measured
     cfg = fitted_config(cfg, log)
     from autofit.planning.estimate import ModelShape, param_count
     from autofit.units import fmt_bytes, fmt_share
@@ -156,7 +158,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
             res = probe_measured(cfg, device, budget, space, settings=settings, log=log)
         if agree.stop_wanted(stop.signal is not None):  # asked after the last trial that checked: no plan from it
             raise KeyboardInterrupt
-    res.notes = list(space.notes)
+    res.notes, res.started = list(space.notes), started
     # one process on the CPU only: several ranks' siblings would count as other processes' load
     said = load_words(meter.load) if info.kind == "cpu" and not ranks.several else None
     if said:

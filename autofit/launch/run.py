@@ -22,7 +22,8 @@ from autofit.devices.hardware import builtin_hardware as _builtin_hardware, cpu_
 from autofit.launch.checks import check_saved_plan, say_past_max_iters
 from autofit.launch.probe import ProbeOptions, probe_on, probe_space, run_probe
 from autofit.profiles.store import (FittedPlan, ProfileError, check_profiles_writable, find_plan, fingerprint,
-                                   fingerprint_inputs, load_profile, nearest_plan, record_event, save_plan)
+                                   fingerprint_inputs, lesson_notes, load_profile, nearest_plan, record_event,
+                                   save_plan)
 from autofit.records import PlanRecord, ProbeResult, judged_peak
 from autofit.profiles.fingerprints import config_summary
 from trainer.loop import RunOptions
@@ -89,8 +90,8 @@ def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str 
                       plan=res.plan, trials=res.trials, searched_under=list(searched_under or []))
     hw = hardware_dict_for(info, name)
     builtin = info.kind == "cuda" and _builtin_hardware(name) is not None  # its table entry: defaults only
-    path = save_plan(name, None if builtin else hw, plan, hardware_defaults=hw if builtin else None)
-    return name, fp, path
+    return name, fp, save_plan(name, None if builtin else hw, plan, hardware_defaults=hw if builtin else None,
+                               probed_since=res.started)  # lessons from before the probe go: it measured again
 
 
 @dataclass
@@ -119,7 +120,8 @@ def _apply_plan(cfg, plan: PlanRecord):
     return cfg
 
 
-def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
+def _profile_recorder(name: str, fp: str, log: Callable[[str], None], run: str = ""):
+    """on_event writing a run's lessons to plan `fp` of `name`, dated (step, size failed, `run`: --out)."""
     master = agree.ranks().master  # every rank sees the same events; rank 0 writes the profile
 
     def on_event(ev: dict) -> None:
@@ -143,11 +145,13 @@ def _profile_recorder(name: str, fp: str, log: Callable[[str], None]):
             # a staged run's shrink, in sequences of the plan's block size (trainer/config/stages.py)
             safe = ev.get("micro_batch_at_block_size", ev["new_micro_batch"])
             record_event(name, fp, f"step {ev['step']}: {kind} {ev['old_micro_batch']} -> {ev['new_micro_batch']} "
-                                   f"({ev.get('reason', '')})", safe_micro_batch=safe)
+                                   f"({ev.get('reason', '')})", safe_micro_batch=safe, step=ev["step"], run=run,
+                         failed_micro_batch=ev["old_micro_batch"])
             log(f"profile {name}: safe micro-batch is now {safe}")
         elif kind == "compile_fallback_eager":
             record_event(name, fp, f"step {ev['step']}: compile ran out of memory at micro-batch "
-                                   f"{ev['micro_batch']}; eager from now on", compile_failed=True)
+                                   f"{ev['micro_batch']}; eager from now on", compile_failed=True, step=ev["step"],
+                         failed_micro_batch=ev["micro_batch"], run=run)
             log(f"profile {name}: compile disabled for this plan after an OOM")
     return on_event
 
@@ -216,7 +220,7 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
         saved_to = f"saved to {save_probe(res, cfg, name=profile, emulated_on=emulated_on, searched_under=words)[2]}"
     return _launch(cfg, device, res.plan, res.fit_sizes, res.compiled_fit_sizes,
                    source=f"probed just now ({why}); {saved_to} as {fp}", max_steps=max_steps,
-                   resume=resume, progress=progress, probe=res, on_event=_profile_recorder(profile, fp, log),
+                   resume=resume, progress=progress, probe=res, on_event=_profile_recorder(profile, fp, log, cfg.out_dir),
                    plan_info_extra={"source": "probe", **extra})
 
 
@@ -225,12 +229,10 @@ def _from_saved(cfg, device, fitted: FittedPlan, profile: str, fp: str, *, max_s
     """The launch of a saved plan that matches: lowered to the profile's safe micro-batch and compile
     off where earlier runs learned so, with the figures of what it then runs, against this run's budget."""
     plan = fitted.plan.model_copy(deep=True, update={"budget_bytes": budget_bytes})
-    notes = []
+    notes = lesson_notes(fitted, plan.micro_batch, plan.compile, profile)  # each with how to clear it
     if fitted.safe_micro_batch and fitted.safe_micro_batch < plan.micro_batch:
-        notes.append(f"micro-batch lowered to {fitted.safe_micro_batch} by an earlier run-time OOM")
         plan = _with_micro(plan, fitted.safe_micro_batch)
     if fitted.compile_failed and plan.compile:
-        notes.append("compile off: it ran out of memory in an earlier run")
         plan.compile = False
     # sizes known to fit with the plan's own levers (a size that only fitted with recompute or
     # the chunked loss is no refuge for this plan)
@@ -247,7 +249,7 @@ def _from_saved(cfg, device, fitted: FittedPlan, profile: str, fp: str, *, max_s
     src = (f"saved plan {fp} from profile {profile} (fitted {fitted.updated:%Y-%m-%d %H:%M} UTC); no probe needed"
            + ("; " + "; ".join(notes) if notes else ""))
     return _launch(cfg, device, plan, fit_sizes, compiled, source=src, max_steps=max_steps, resume=resume,
-                   progress=progress, on_event=_profile_recorder(profile, fp, log),
+                   progress=progress, on_event=_profile_recorder(profile, fp, log, cfg.out_dir),
                    plan_info_extra={"source": "profile", **extra})
 
 

@@ -43,6 +43,8 @@ def first_problem(exc, top: str) -> str:
     line; `top` names the place when the error is not about one field."""
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or top
+    if first["type"] == "extra_forbidden":  # pydantic's "Extra inputs are not permitted"
+        return f"{where}: unknown field (a typo, or written by a newer autofit)"
     return f"{where}: {' '.join(str(first['msg']).split()).removeprefix('Value error, ')}"
 
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from autofit.profiles.files import (ProfileError, _is_valid_name, check_profiles_writable, locked as _locked,
                                    profile_path, profiles_dir)
-from autofit.profiles.store import BuiltinLookup, _read_file, _write_atomic
+from autofit.profiles.store import BuiltinLookup, _read_file, _write_atomic, clear_lessons
 
 CPU_GPU_LABEL = "CPU (budgeted)"
 MIN_PREFIX = 4  # the fewest characters of a fingerprint `profiles rm --plan` takes as a prefix
@@ -73,9 +73,11 @@ def _memory(hardware: dict[str, Any] | None) -> int | None:
 
 
 def remove_profile(name: str, fingerprint: str | None = None, *,
-                   builtin_names: Iterable[str] = ()) -> str:
+                   builtin_names: Iterable[str] = (), lessons: bool = False) -> str:
     """Remove the user's profile file, or one plan from it; returns what was done, in a line.
-    Built-in profiles are read-only."""
+    `lessons`: remove only what runs learnt (the safe micro-batch, compile off) from that plan,
+    or from every plan without `fingerprint`, keeping the plans. Built-in profiles are read-only.
+    Raises ProfileError (one line) for a missing profile or plan, or a file that cannot be read."""
     path = profile_path(name)
     is_builtin = name in set(builtin_names)
 
@@ -95,6 +97,8 @@ def remove_profile(name: str, fingerprint: str | None = None, *,
     with _locked(path):
         if not path.exists() and not path.is_symlink():  # removed by another process while we waited
             raise missing()
+        if lessons:
+            return _clear(path, fingerprint)
         if fingerprint is None:
             # Not read first: removing the whole file is also how a user gets rid of a corrupt one.
             try:
@@ -107,20 +111,39 @@ def remove_profile(name: str, fingerprint: str | None = None, *,
         profile = _read_file(path)
         if profile is None:
             raise ProfileError(f"no profile {name}: {path} does not exist")
-        # a unique prefix is the plan: `profiles show` cuts fingerprints to fit a narrow terminal
-        # (to 7 at least); one that short of 4 characters (git's floor for a short hash) is refused,
-        # as a typo that happens to be unique would remove a plan without a word
-        found = [fp for fp in profile.plans if fp.startswith(fingerprint)] if fingerprint else []
-        if fingerprint in profile.plans:
-            found = [fingerprint]
-        elif len(fingerprint) < MIN_PREFIX and (found or not fingerprint):
-            raise ProfileError(f"--plan {fingerprint or repr('')}: give at least {MIN_PREFIX} characters of the plan's "
-                               f"fingerprint (plans: {', '.join(sorted(profile.plans))})")
-        if len(found) != 1:
-            known = ", ".join(sorted(found or profile.plans)) or "none"
-            raise ProfileError(f"profile file {path} has {'several plans starting with' if found else 'no plan'} "
-                               f"{fingerprint} ({'give more of it: ' if found else 'plans: '}{known})")
-        fingerprint = found[0]
+        fingerprint = _one_plan(profile, fingerprint, path)
         del profile.plans[fingerprint]
         _write_atomic(path, profile)
     return f"removed plan {fingerprint} from {path}"
+
+
+def _clear(path: Path, fingerprint: str | None) -> str:
+    """Clears the lessons of plan `fingerprint` (every plan's for None) in the file at `path`,
+    held locked by the caller; returns what was done, in a line."""
+    profile = _read_file(path)
+    if profile is None:
+        raise ProfileError(f"no profile {path.stem}: {path} does not exist")
+    fps = [_one_plan(profile, fingerprint, path)] if fingerprint is not None else sorted(profile.plans)
+    done = [f"plan {fp}: {'; '.join(words)}" for fp in fps if (words := clear_lessons(profile.plans[fp]))]
+    if not done:
+        return f"no lessons to clear in {'plan ' + fps[0] if fingerprint is not None else 'any plan'} of {path}"
+    _write_atomic(path, profile)
+    return f"cleared the lessons of runs in {path}: {' | '.join(done)}"
+
+
+def _one_plan(profile, fingerprint: str, path: Path) -> str:
+    """The one plan of `profile` that `fingerprint` (whole, or a unique prefix) names; ProfileError else."""
+    # a unique prefix is the plan: `profiles show` cuts fingerprints to fit a narrow terminal
+    # (to 7 at least); one that short of 4 characters (git's floor for a short hash) is refused,
+    # as a typo that happens to be unique would remove a plan without a word
+    found = [fp for fp in profile.plans if fp.startswith(fingerprint)] if fingerprint else []
+    if fingerprint in profile.plans:
+        found = [fingerprint]
+    elif len(fingerprint) < MIN_PREFIX and (found or not fingerprint):
+        raise ProfileError(f"--plan {fingerprint or repr('')}: give at least {MIN_PREFIX} characters of the plan's "
+                           f"fingerprint (plans: {', '.join(sorted(profile.plans))})")
+    if len(found) != 1:
+        known = ", ".join(sorted(found or profile.plans)) or "none"
+        raise ProfileError(f"profile file {path} has {'several plans starting with' if found else 'no plan'} "
+                           f"{fingerprint} ({'give more of it: ' if found else 'plans: '}{known})")
+    return found[0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from autofit.profiles.files import (NAME_MAX, NAME_RE, ProfileError, _is_valid_n
                                    check_name, check_profiles_writable, first_problem, locked as _locked,
                                    newer_schema, profile_path, profiles_dir, write_text_atomic)
 from autofit.profiles.hardware_table import MAX_MEMORY_BYTES, StoredHardware  # noqa: F401
+from autofit.profiles.lessons import (Lesson, _as_utc, _now, clear_lessons, lesson_notes,  # noqa: F401
+                                      merged as _merged)
 from autofit.records import PlanRecord, TrialRecord
 from trainer.paths import PathProblem, TomlProblem, input_file, parse_toml
 
@@ -39,19 +41,15 @@ fingerprint = _fingerprints.fingerprint
 
 
 
-SCHEMA_VERSION = 1
+# 2: searched_under and the lessons' stamps (safe_micro_batch_lesson, compile_failed_lesson).
+# Version 1 files are read as they are (the new fields default: no search flags, lessons of an
+# unknown date); every write is at SCHEMA_VERSION, so an older autofit reading it says "upgrade"
+# instead of "corrupt, rm it". A field added to a profile's models bumps it
+# (tests/test_profile_state.py pins the fields to the version).
+SCHEMA_VERSION = 2
 
 
 BuiltinLookup = Callable[[str], "dict[str, Any] | None"]
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _as_utc(value: datetime) -> datetime:
-    # Naive datetimes would compare badly with aware ones read back from disk; treat them as UTC.
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 class FittedPlan(BaseModel):
@@ -70,6 +68,10 @@ class FittedPlan(BaseModel):
     safe_micro_batch: int | None = Field(default=None, ge=1)
     # torch.compile OOMed at run time: start eager next time.
     compile_failed: bool = False
+    # when and where each of the two was learnt (schema 2); None with a lesson set: a version 1
+    # file's, of an unknown date, which any new probe clears
+    safe_micro_batch_lesson: Lesson | None = None
+    compile_failed_lesson: Lesson | None = None
     # the probe's search flags it was fitted under ('--loss chunked'): a run reusing the plan says
     # it is the best of a narrower search, and a narrower run's probe is not saved over a plan
     # fitted under fewer (launch.run.prepare_run)
@@ -205,18 +207,22 @@ def load_profile(name: str, *, builtin: BuiltinLookup | None = None) -> SavedPro
 
 
 def _write_atomic(path: Path, profile: SavedProfile) -> None:
-    # Serialise first: if that fails, no temp file is ever created.
-    text = tomli_w.dumps(_strip_none(profile.model_dump(mode="json", exclude_none=True)))
+    # Serialise first: if that fails, no temp file is ever created. Always at this autofit's
+    # schema: a version 1 file read here and written back has version 2's fields.
+    data = profile.model_dump(mode="json", exclude_none=True) | {"schema_version": SCHEMA_VERSION}
+    text = tomli_w.dumps(_strip_none(data))
     write_text_atomic(path, text)
 
 
 def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan,
-              hardware_defaults: dict[str, Any] | None = None) -> Path:
+              hardware_defaults: dict[str, Any] | None = None, probed_since: datetime | None = None) -> Path:
     """Create or update profile `name` with `plan`; returns the file's path.
 
-    A plan with the same fingerprint is replaced, keeping its `created` and what runs learned with
-    it (events, the safe micro-batch, compile failed: a run started before the probe may have
-    recorded them meanwhile); other plans are kept. `hardware`, when given, updates the stored
+    A plan with the same fingerprint is replaced, keeping its `created`, its events, and the
+    lessons runs learnt with it (the safe micro-batch, compile failed) that are newer than
+    `probed_since` (the probe's start: a run may report while the probe runs); older ones are
+    cleared, as the probe measured again (and an event says so); None keeps every lesson. Lessons
+    of an unknown date (a version 1 file) count as older than any probe. Other plans are kept. `hardware`, when given, updates the stored
     description key by key (so peak rates written by `autofit profiles add` survive a save from a
     probe that knows only the card's name and memory); None keeps what is stored.
     `hardware_defaults` (a built-in card's table entry) fills in only the keys neither has, so it
@@ -236,10 +242,7 @@ def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan,
                      for d in (hardware_defaults, profile.hardware, hardware)]
             profile.hardware = {**given[0], **given[1], **given[2]}
         old = profile.plans.get(plan.fingerprint)
-        kept = {} if old is None else {
-            "created": old.created, "events": old.events + [e for e in plan.events if e not in old.events],
-            "safe_micro_batch": min(filter(None, (old.safe_micro_batch, plan.safe_micro_batch)), default=None),
-            "compile_failed": old.compile_failed or plan.compile_failed}
+        kept = {} if old is None else _merged(old, plan, probed_since)
         profile.plans[plan.fingerprint] = plan.model_copy(update={**kept, "updated": _now()})
         _write_atomic(path, profile)
     return path
@@ -283,10 +286,14 @@ def _keep_aside(path: Path, hardware: dict[str, Any] | None, plan: FittedPlan, p
 
 
 def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: int | None = None,
-                 compile_failed: bool | None = None) -> None:
+                 compile_failed: bool | None = None, step: int | None = None,
+                 failed_micro_batch: int | None = None, run: str = "") -> None:
     """Append a run-time lesson to a saved plan; `event` is prefixed with the UTC time.
     `safe_micro_batch` only ever lowers the stored one (two runs reporting at once keep the
-    safer value); `compile_failed`, when given, is stored as is."""
+    safer value); `compile_failed`, when given, is stored as is. Each is stamped with a Lesson
+    (now, `step`, `failed_micro_batch`, `run`: the run's --out), which a later probe compares with
+    its start (save_plan). Raises ProfileError for a missing profile or plan, ValueError for a
+    safe_micro_batch below 1."""
     path = profile_path(name)
     if not path.exists():  # checked before the lock: finding nothing to do writes nothing
         raise ProfileError(f"no profile file {path} to record the event in")
@@ -297,14 +304,18 @@ def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: i
         plan = profile.plans.get(fingerprint)
         if plan is None:
             raise ProfileError(f"profile file {path} has no plan {fingerprint}")
-        stamp = _now().strftime("%Y-%m-%dT%H:%MZ")
-        plan.events.append(f"{stamp} {_one_line(event)}")
+        now = _now()
+        lesson = Lesson(learned=now, step=step, failed_micro_batch=failed_micro_batch, run=run)
+        plan.events.append(f"{now:%Y-%m-%dT%H:%MZ} {_one_line(event)}")
         if safe_micro_batch is not None:
             if safe_micro_batch < 1:
                 raise ValueError(f"safe_micro_batch must be >= 1, got {safe_micro_batch}")
             current = plan.safe_micro_batch
-            plan.safe_micro_batch = safe_micro_batch if current is None else min(current, safe_micro_batch)
+            if current is None or safe_micro_batch <= current:  # the same again: its newer date
+                plan.safe_micro_batch, plan.safe_micro_batch_lesson = safe_micro_batch, lesson
         if compile_failed is not None:
             plan.compile_failed = compile_failed
+            plan.compile_failed_lesson = lesson if compile_failed else None
         plan.updated = _now()
         _write_atomic(path, profile)
+
