@@ -199,3 +199,25 @@ def test_probe_save_clears_a_lesson_from_before_it(monkeypatch, capsys):
     assert code == 0, err
     fitted = load_profile(saved["profile"]).plans[saved["fingerprint"]]
     assert fitted.safe_micro_batch is None and "lessons from before the probe cleared" in fitted.events[-1]
+
+
+def test_a_resumed_profile_run_records_its_lessons(tmp_path):
+    """r3's 5: a resumed `run --profile` set no event handler, so an OOM shrink after the resume
+    never reached the profile, and the next run started again at the size that ran out."""
+    import torch
+
+    from autofit.launch.probe import ProbeOptions
+    from autofit.launch.resume import prepare_resume
+    from trainer.loop import RunOptions, train
+    from test_writes import _cfg
+    plan = make_plan()
+    save_plan("rtx4070-12gb", HW_4070, plan)
+    out = tmp_path / "o"
+    train(_cfg(out), RunOptions(device=torch.device("cpu"), progress=False, max_steps=1,
+                                plan_info={"profile": "rtx4070-12gb", "fingerprint": plan.fingerprint}))
+    launch = prepare_resume(str(out), {}, probe_opts=ProbeOptions(), max_steps=None, progress=False,
+                            log=lambda s: None)
+    assert launch.opts.on_event is not None
+    launch.opts.on_event({"event": "oom_shrink", "step": 2, "old_micro_batch": 4, "new_micro_batch": 2})
+    fitted = load_profile("rtx4070-12gb").plans[plan.fingerprint]
+    assert fitted.safe_micro_batch == 2 and fitted.safe_micro_batch_lesson.run == str(out)

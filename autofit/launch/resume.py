@@ -18,7 +18,7 @@ from typing import Any, Callable
 from autofit.planning import agree
 from autofit.devices.opener import reopen_device
 from autofit.launch.checks import check_data, check_steps_left, say_past_max_iters
-from autofit.launch.run import Launch, prepare_run
+from autofit.launch.run import Launch, _profile_recorder, prepare_run
 from autofit.records import PlanRecord
 from autofit.units import fmt_bytes
 from trainer.checkpoint.ckpt import MODEL_FIELDS, device_spec, read_checkpoint, resume_changes
@@ -110,7 +110,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                       shrink=shrink_policy(plan_info.get("fit_sizes", [])),
                       plan_info=info if (plan_info or changes) else None,
                       max_steps=max_steps, resume=True, meter=device, device=device.torch_device,
-                      progress=progress)
+                      progress=progress, on_event=_lessons_to(plan_info, out_dir, log))
     if plan is None:  # a run started with --no-probe: no plan to show
         mbs = split_batch(agree.rank_batch(cfg), micro)  # each rank's share of the effective batch
         plan = PlanRecord(mode="measured", micro_batch=max(mbs), grad_accum=len(mbs), micro_batches=mbs,
@@ -123,6 +123,14 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                           split=describe_split(mbs), reason="the config as written (--no-probe)")
     return Launch(cfg=cfg, opts=opts, device=device, plan=plan,
                   source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")
+
+
+def _lessons_to(plan_info: dict, out_dir: str, log):
+    """A resumed `run --profile`'s lessons (OOM shrinks, compile fallbacks) go to its plan in the
+    profile, as a fresh run's do (the plan's info names both); None for a run without a profile."""
+    if not (plan_info.get("profile") and plan_info.get("fingerprint")):
+        return None
+    return _profile_recorder(plan_info["profile"], plan_info["fingerprint"], log, str(out_dir))
 
 
 def _device_kind(spec: dict) -> str:
