@@ -221,3 +221,34 @@ def test_a_resumed_profile_run_records_its_lessons(tmp_path):
     launch.opts.on_event({"event": "oom_shrink", "step": 2, "old_micro_batch": 4, "new_micro_batch": 2})
     fitted = load_profile("rtx4070-12gb").plans[plan.fingerprint]
     assert fitted.safe_micro_batch == 2 and fitted.safe_micro_batch_lesson.run == str(out)
+
+
+# ---------------------------------------------------------------- writes cut short (r3's 4)
+
+
+def test_checkpoint_writes_cut_short_are_removed_at_the_next_run_and_said(tmp_path, capsys):
+    """A kill -9 during torch.save leaves '.ckpt.pt.XXXXXXXX.tmp' (as big as a checkpoint), one
+    more per kill; the next run in that --out removes them, says so, and leaves the user's files."""
+    import torch
+
+    from trainer.loop import RunOptions, train
+    from test_writes import _cfg
+    out = tmp_path / "o"
+    out.mkdir()
+    cut = [out / ".ckpt.pt.k3j9x_2q.tmp", out / ".ckpt.pt.a0b1c2d3.tmp"]
+    mine = [out / ".ckpt.pt.mine.tmp", out / "notes.tmp", out / ".ckpt.pt.k3j9x_2q.tmp.bak"]
+    for p in cut + mine:
+        p.write_bytes(b"\0" * 2**20)
+    train(_cfg(out), RunOptions(device=torch.device("cpu"), progress=False, max_steps=1))
+    assert not any(p.exists() for p in cut) and all(p.exists() for p in mine)
+    assert f"removed 2 checkpoint write(s) cut short (2.0 MiB, measured on disk) in {out}" in capsys.readouterr().out
+
+
+def test_profile_writes_cut_short_are_removed_under_the_lock():
+    plan = make_plan()
+    path = save_plan("rtx4070-12gb", HW_4070, plan)
+    left = path.parent / f".{path.name}.k3j9x_2q.tmp"
+    other = path.parent / ".other.toml.k3j9x_2q.tmp"  # another profile's: its own lock clears it
+    left.write_text("x"), other.write_text("x")
+    record_event("rtx4070-12gb", plan.fingerprint, "step 3: oom_shrink 12 -> 8", safe_micro_batch=8)
+    assert not left.exists() and other.exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from trainer.data.batches import StepBatches
-from trainer.checkpoint.ckpt import atomic_torch_save, read_checkpoint, restore, training_state
+from trainer.checkpoint.ckpt import atomic_torch_save, clear_cut_writes, read_checkpoint, restore, training_state
 from trainer.clock import step_clock
 from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model
 from trainer.config.train_config import TrainConfig
@@ -235,6 +235,8 @@ class Trainer(RedoneStep):
         else:
             self._progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
                                  f"below are measured on this device")
+        if self.master and (cut := clear_cut_writes(self.ckpt_path)):  # the CLI's .autofit.lock: no other writer
+            self._progress.print(cut)
         for note in self._pretrained_notes:
             self._progress.print(f"init_from {self.cfg.init_from}: {note}")
         if self.cfg.parallelism != "auto" and self.world_size == 1:  # a multi-GPU config run on one: not an error

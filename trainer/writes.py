@@ -5,11 +5,12 @@ through this module. A write either completes, or ends in a WriteError whose mes
 what was being written, why the system refused (strerror and errno name: ENOSPC, EROFS, EIO,
 EACCES, ...), and what is kept:
 
-    cannot write checkpoint out/ckpt.pt: No space left on device [ENOSPC]; the previous
-    checkpoint out/ckpt.pt (step 200) is kept as it was
+    cannot write checkpoint out/ckpt.pt (step 210): No space left on device [ENOSPC]; the
+    previous checkpoint out/ckpt.pt is kept as it was
 
 Files are replaced atomically (temp file beside the target, fsync, rename, fsync of the folder):
-a failed write leaves the old file whole and no temp file behind. Appends (metrics.jsonl) write
+a failed write leaves the old file whole and no temp file behind. A write killed outright (kill -9)
+leaves its temp file; cut_writes finds those, for the next writer that holds the lock to remove. Appends (metrics.jsonl) write
 whole lines only, and a line cut short by an earlier crash is ended before the next is added.
 """
 from __future__ import annotations
@@ -98,6 +99,20 @@ def atomic_write(path: str | Path, fill: Callable[[IO[bytes]], None], what: str 
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def cut_writes(path: str | Path) -> list[Path]:
+    """The temp files that atomic_write(`path`) left when it was killed mid-write (kill -9, the
+    OOM killer, a power loss: nothing ran to remove them), by the names mkstemp gives them here
+    ('.ckpt.pt.k3j9x_2q.tmp'), regular files only: never a file of the user's. Only safe to remove
+    while no other process can be writing `path` (the caller holds its lock)."""
+    import re
+    path = Path(path)
+    name = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    try:
+        return [p for p in path.parent.iterdir() if name.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    except OSError:  # no folder yet, or not readable: nothing to clear
+        return []
 
 
 def append_lines(path: str | Path, lines: list[str], what: str | None = None, kept: str = "") -> None:

@@ -121,6 +121,10 @@ def locked(path: Path) -> Iterator[None]:
                            "delete it") from None
     except OSError as exc:
         raise ProfileError(f"cannot lock profile file {path}: {exc.strerror or exc}") from None
+    from trainer.writes import cut_writes
+    for tmp in cut_writes(path):  # a writer killed mid-write; with the lock held, none is in flight
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     try:
         yield
     finally:

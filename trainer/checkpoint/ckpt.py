@@ -38,6 +38,26 @@ def atomic_torch_save(obj: Any, path: Path, what: str | None = None) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), what=what or f"checkpoint {path}", kept=kept)
 
 
+def clear_cut_writes(ckpt: Path) -> str | None:
+    """Removes the temp files of checkpoint writes to `ckpt` that were cut short (a kill -9 during
+    torch.save leaves one as big as a checkpoint, one more each kill, and the next save needs room
+    for another copy); returns the line that says so, or None where there was none. Call it only
+    while this run owns the folder (the CLI holds <out>/.autofit.lock): another run's write in
+    flight would be removed too. A file that cannot be removed is named, not raised."""
+    from trainer.writes import cut_writes
+    removed, left, size = 0, [], 0
+    for tmp in cut_writes(ckpt):
+        try:
+            n = tmp.stat().st_size
+            tmp.unlink()
+            removed, size = removed + 1, size + n
+        except OSError:
+            left.append(tmp.name)
+    words = [f"removed {removed} checkpoint write(s) cut short ({size / 2**20:.1f} MiB, measured on disk) in {ckpt.parent}"] if removed else []
+    words += [f"could not remove {', '.join(left)} (a checkpoint write cut short) in {ckpt.parent}"] if left else []
+    return "; ".join(words) or None
+
+
 def check_out_dir(path: str | Path, what: str = "--out") -> None:
     """Raises TrainError (one line, naming `what`: '--out', 'tensorboard_dir') when `path` cannot
     hold a run's files: a file, FIFO or device on the way, a dangling or looping link, a folder
