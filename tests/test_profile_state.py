@@ -252,3 +252,36 @@ def test_profile_writes_cut_short_are_removed_under_the_lock():
     left.write_text("x"), other.write_text("x")
     record_event("rtx4070-12gb", plan.fingerprint, "step 3: oom_shrink 12 -> 8", safe_micro_batch=8)
     assert not left.exists() and other.exists()
+
+
+# ---------------------------------------------------------------- evaluation after a shrink (r3's 6)
+
+
+def test_a_resume_after_an_oom_shrink_evaluates_as_the_uninterrupted_run(tmp_path):
+    """The uninterrupted run built its evaluator before the shrink (micro-batch 4); a resume built it
+    at the shrunk size (2), and summing other slices moved the val loss in the 7th digit, enough
+    to flip a near-tie for the best checkpoint. The checkpoint now carries the evaluation's size."""
+    import torch
+
+    from trainer.loop import RunOptions, train
+    from trainer.step import FaultInjector
+    from test_writes import _cfg
+
+    def run(out, steps, resume=False, fault=None, micro=4):
+        cfg = _cfg(out, max_iters=4, eval_interval=2, eval_iters=2, dropout=0.1, batch_size=8, n_embd=64,
+                   gradient_accumulation_steps=1)
+        return train(cfg, RunOptions(device=torch.device("cpu"), progress=False, max_steps=steps, micro_batch=micro,
+                                     resume=resume, fault=fault))
+
+    whole = run(tmp_path / "a", 4, fault=FaultInjector(1))
+    assert whole.micro_batches == [2] * 4  # shrunk from 4
+    run(tmp_path / "b", 3, fault=FaultInjector(1))
+    run(tmp_path / "b", None, resume=True, micro=2)  # as prepare_resume sizes it: the checkpoint's
+
+    def evals(out):
+        import json
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["val_loss"] for r in map(json.loads, lines) if r["type"] == "eval"}
+    a, b = evals(tmp_path / "a"), evals(tmp_path / "b")
+    assert a[4] == b[4]
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["eval_micro_batch"] == 4

@@ -75,7 +75,7 @@ def check_out_dir(path: str | Path, what: str = "--out") -> None:
 def training_state(trainer) -> dict:
     """Everything a trainer.loop.Trainer needs to continue exactly: weights, optimizer and fp16
     scaler state, step, best validation loss, config, both samplers' counters, RNG states, the
-    micro-batches in use, the plan (JSON text) and the device spec for `autofit run --resume`."""
+    micro-batches in use and the evaluation's, the plan (JSON text) and the device spec for `autofit run --resume`."""
     t = trainer
     return {  # nanoGPT's sample.py reads model, model_args and config['dataset'] as they are
         "model": t.model.state_dict(),
@@ -89,6 +89,7 @@ def training_state(trainer) -> dict:
         "sampler": t.sampler.state_dict(),
         "eval_sampler": t.evaluator.sampler.state_dict(),
         "compile_failed": t.compile_failed,
+        "eval_micro_batch": t.evaluator.micro_batch,
         "micro_batches": list(t.micro_batches),  # a staged run's are its stage's; stage_max_tokens its limit
         **({"stage_max_tokens": t.stages.max_tokens} if getattr(t, "stages", None) is not None else {}),
         "plan": json.dumps(t.opts.plan_info) if t.opts.plan_info else None,
@@ -233,6 +234,8 @@ def restore(trainer, ck: dict) -> None:
     t.sampler.load_state_dict(ck["sampler"])
     t.evaluator.sampler.load_state_dict(ck["eval_sampler"])
     t.compile_failed = bool(ck.get("compile_failed", False))
+    if ck.get("eval_micro_batch") and not t.opts.eval_micro_batch:  # sized before a shrink: the same evaluation
+        t.evaluator.micro_batch = int(ck["eval_micro_batch"])
     rng_cpu, rng_cuda = t.group.rng_state(ck)  # with several ranks, this rank's own
     try:  # the CPU states are checked on reading (checkpoint.schema); a CUDA one only here
         torch.set_rng_state(rng_cpu.cpu())

@@ -141,6 +141,9 @@ class AutofitCheckpoint(BaseModel):
     device: DeviceSpec | None = None
     world_size: StrictInt = Field(default=1, ge=1)
     compile_failed: StrictBool = False
+    # the evaluation's micro-batch: a resume evaluates in the same slices (a sum over other slices
+    # differs in the last digits), not at the training's size after an OOM shrink
+    eval_micro_batch: StrictInt | None = Field(default=None, ge=1)
     scaler: dict[str, Any] | None = None
     optimizer_keys: Literal["names"] | None = None
 
