@@ -344,7 +344,8 @@ def test_unconfirmed_thrashing_is_not_a_profile_lesson(monkeypatch):
 
 def test_emulation_caps_to_the_profiles_usable_memory(monkeypatch):
     import autofit.devices.cuda as cuda
-    import autofit.launch.run as launch
+    from autofit.launch.probe import ProbeOptions
+    from autofit.launch.profile_gpu import gpu_for_profile
     from autofit.devices.device import DeviceInfo
     from autofit.devices.hardware import ASSUMED_DRIVER_RESERVED_SHARE, get_hardware
     h100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", index=0, total_bytes=81559 * 2**20,
@@ -356,9 +357,9 @@ def test_emulation_caps_to_the_profiles_usable_memory(monkeypatch):
         usable=emulate_usable_bytes, note=info.note, how=emulate_how) or "device")
     hw = get_hardware("rtx4070-12gb").model_dump(mode="json")
     assert hw["driver_reserved_bytes"] is None  # not measured on a 4070 yet
-    launch._gpu_for_profile("rtx4070-12gb", hw, True, launch.ProbeOptions())
+    gpu_for_profile("rtx4070-12gb", hw, True, ProbeOptions())
     assert asked["usable"] == hw["memory_bytes"] - int(hw["memory_bytes"] * ASSUMED_DRIVER_RESERVED_SHARE)
     assert "assumed" in asked["note"] and "an assumed 3% driver reserve" in asked["how"]
-    launch._gpu_for_profile("rtx4070-12gb", {**hw, "driver_reserved_bytes": 300 * 2**20}, True, launch.ProbeOptions())
+    gpu_for_profile("rtx4070-12gb", {**hw, "driver_reserved_bytes": 300 * 2**20}, True, ProbeOptions())
     assert asked["usable"] == hw["memory_bytes"] - 300 * 2**20  # a measured figure wins
     assert "(measured, in the profile)" in asked["how"]

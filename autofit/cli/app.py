@@ -163,7 +163,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
                           checkpointing_policy, src)
     check_no_plan_flags(opts, profile, "--no-probe" if no_probe else "eval_only" if cfg.eval_only else None)
     if profile is not None:  # its card is here, and a probe may save into it: before data or trials
-        from autofit.launch.run import check_profile_here
+        from autofit.launch.profile_gpu import check_profile_here
         check_profile_here(profile, emulate, opts, _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin))
     resuming = resume or cfg.init_from == "resume"
     if not resuming:  # before the output folder is made: a run with no step to train writes nothing
