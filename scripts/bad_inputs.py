@@ -440,6 +440,15 @@ ROWS: list[Row] = [
     Row("--set huge integer", ["config", "--set", "max_iters=" + "9" * 400], by="confdata (bounded ints)"),
     Row("--set text for an int", ["config", "--set", "batch_size=lots"]),
     Row("--set init_from gpt3", ["config", "--set", "init_from=gpt3"]),
+    # M1 (t5, session 14): GPT-2's weights replace these; a value written for them is refused, not dropped
+    Row("gpt2 with --set n_layer", ["config", "--set", "init_from=gpt2", "--set", "n_layer=3"], by="session 14"),
+    Row("gpt2 with a file's bias = False", ["config", "--config", "c.py"],
+        write("c.py", "init_from = 'gpt2'\nbias = False\n"), by="session 14"),
+    Row("gpt2 with block_size above 1024", ["config", "--set", "init_from=gpt2", "--set", "block_size=2048"],
+        by="session 14"),
+    Row("gpt2 with GPT-2's own values and a preset's shape", ["config", "--preset", "tiny", "--set", "init_from=gpt2",
+                                                              "--set", "n_layer=12", "--set", "block_size=64"],
+        ok=True, by="session 14"),
     Row("unknown preset", ["config", "--preset", "gpt5"]),
     # issue 11: non-finite numbers and quiet conversions
     Row("--set learning_rate=1e999", ["config", "--json", "--set", "learning_rate=1e999"], by="confdata"),

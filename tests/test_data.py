@@ -399,3 +399,28 @@ def test_a_vocab_size_above_the_characters_is_said(tmp_path):
     said.clear()
     check_data(load_config(preset="tiny", overrides=[f"dataset={tmp_path / 'd'}"]), log=said.append)
     assert said == []  # meta.pkl's own vocab_size
+
+
+def test_a_vocab_size_the_config_does_not_set_is_not_advised_dropped(tmp_path, monkeypatch):
+    """t5's M2 (session 14): with init_from = 'gpt2' vocab_size 50257 is the weights', not meta.pkl's
+    (the source said meta.pkl), and the note told the user to drop a vocab_size their config did not
+    set; a preset that fixes its vocab_size (nanochat-d12) is not the config's either."""
+    import trainer.model.pretrained as pretrained
+    from autofit.launch.checks import check_data
+    from trainer.config.train_config import load_config
+    from trainer.data.prepare import prepare
+    src = tmp_path / "t.txt"
+    src.write_text("the quick brown fox\n" * 300)
+    prepare("shakespeare_char", tmp_path / "d", input_path=src, progress=False)
+    monkeypatch.setattr(pretrained, "locate_gpt2", lambda model_type: None)  # no network here
+    cfg = pretrained.gpt2_config(load_config(preset="tiny", overrides=[f"dataset={tmp_path / 'd'}", "init_from=gpt2"]))
+    assert (cfg.vocab_size, cfg.source_of("vocab_size")) == (50257, "the gpt2 weights")
+    said = []
+    check_data(cfg, log=said.append)
+    assert len(said) == 1 and "(the gpt2 weights)" in said[0] and "drop vocab_size" not in said[0], said
+    assert "gpt2's weights fix vocab_size" in said[0]
+    said.clear()
+    check_data(load_config(preset="nanochat-d12", overrides=[f"dataset={tmp_path / 'd'}", "block_size=32"]),
+               log=said.append)
+    assert len(said) == 1 and said[0].endswith("(preset nanochat-d12 fixes it; --set vocab_size=17 to take "
+                                               "meta.pkl's)"), said

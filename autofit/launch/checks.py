@@ -64,12 +64,23 @@ def check_data(cfg, vocab_fixed_by: str = "", trained_on: dict | None = None, al
         # trains, but nanoGPT would take meta.pkl's, and the ids past it are never seen
         log(f"note: vocab_size {cfg.vocab_size} ({cfg.source_of('vocab_size')}) is above the {data.vocab_size} "
             f"characters {data.vocab_source} declares: ids {data.vocab_size} to {cfg.vocab_size - 1} never occur "
-            f"(drop vocab_size from the config to take meta.pkl's, as nanoGPT does)")
+            f"({_vocab_advice(cfg, data.vocab_size)})")
     data.check_block_size(cfg.block_size)
     if cfg.init_from.startswith("gpt2") and not vocab_fixed_by:  # a fresh fine-tune: its weights, before trials
         from trainer.model.pretrained import locate_gpt2
         locate_gpt2(cfg.init_from)  # WeightsError: one line (offline and not cached, no such model)
     return f"dataset '{cfg.dataset}' prepared again ({change})" if change else None
+
+
+def _vocab_advice(cfg, characters: int) -> str:
+    """What a user can do about a vocab_size above meta.pkl's, by where the value came from."""
+    src = cfg.source_of("vocab_size")
+    if cfg.init_from.startswith("gpt2"):
+        return (f"{cfg.init_from}'s weights fix vocab_size; they learned GPT-2's BPE tokens, and this dataset's ids "
+                f"are characters")
+    if src.startswith("preset "):
+        return f"{src} fixes it; --set vocab_size={characters} to take meta.pkl's"
+    return "drop vocab_size from the config to take meta.pkl's, as nanoGPT does"
 
 
 def check_saved_plan(plan, cfg, world_size: int, profile: str, fp: str) -> None:

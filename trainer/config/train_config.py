@@ -344,7 +344,7 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
 
     Where neither the file nor a --set gives vocab_size, it is the dataset's own as nanoGPT's
     train.py takes it (meta.pkl's vocab_size; 256 for the embedded bytes); else the preset's or
-    the default (50304). `cfg.source_of(key)` says which. Raises ConfigError (one line).
+    the default (50304). With init_from = 'gpt2*' the data is not asked: GPT-2's weights fix it. `cfg.source_of(key)` says which. Raises ConfigError (one line).
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}  # key -> where its value came from, for error messages
@@ -372,7 +372,8 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
         key, value = parse_override(item)
         put(key, value, "--set")
         explicit.add(key)
-    if "vocab_size" not in explicit:
+    # init_from = 'gpt2*': the weights' vocab (trainer.model.pretrained.gpt2_config), not the data's
+    if "vocab_size" not in explicit and not str(values.get("init_from", "")).startswith("gpt2"):
         found = _dataset_vocab(values.get("dataset", TrainConfig.model_fields["dataset"].default))
         if found is not None:
             values["vocab_size"], sources["vocab_size"] = found

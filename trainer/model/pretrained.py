@@ -238,12 +238,42 @@ def _copy_one(param: torch.nn.Parameter, tensor: torch.Tensor, key: str, path: P
 def gpt2_config(cfg):
     """The TrainConfig for init_from = 'gpt2*', as nanoGPT's train.py makes it: the published
     model's n_layer, n_head, n_embd, vocab 50257 and bias; block_size cropped to the config's when
-    smaller than GPT-2's 1024; dropout the config's. Other configs come back unchanged."""
+    smaller than GPT-2's 1024; dropout the config's. Each value the weights set says so in
+    `source_of` ('the gpt2 weights'). Other configs come back unchanged.
+
+    Raises ConfigError (one line) where a config file or --set gives one of those keys a value
+    other than the weights' (a block_size above 1024): nanoGPT ignores them silently, and the run
+    would train another model than the one written. A preset's value is a default: replaced."""
     if cfg.init_from not in GPT2_MODELS:
         return cfg
-    shape = {**GPT2_MODELS[cfg.init_from], "vocab_size": GPT2_VOCAB, "bias": True,
-             "block_size": min(cfg.block_size, GPT2_POSITIONS)}
-    return cfg.model_copy(update=shape)
+    published = {**GPT2_MODELS[cfg.init_from], "vocab_size": GPT2_VOCAB, "bias": True}
+    _refuse_other_shape(cfg, published)
+    shape = {**published, "block_size": min(cfg.block_size, GPT2_POSITIONS)}
+    out = cfg.model_copy(update=shape)
+    weights = f"the {cfg.init_from} weights"
+    out._sources = {**cfg._sources, **{k: weights for k, v in shape.items()
+                                       if k != "block_size" or v != cfg.block_size}}
+    return out
+
+
+def _given(cfg, key: str) -> bool:
+    """Whether a config file or --set gave `key` (not a preset, not the class default)."""
+    src = cfg.source_of(key)
+    return src != "default" and not src.startswith("preset ")
+
+
+def _refuse_other_shape(cfg, published: dict) -> None:
+    from trainer.config.pyfile import ConfigError
+    bad = [f"{k}={getattr(cfg, k)!r} ({cfg.source_of(k)})" for k, v in published.items()
+           if _given(cfg, k) and getattr(cfg, k) != v]
+    if _given(cfg, "block_size") and cfg.block_size > GPT2_POSITIONS:
+        bad.append(f"block_size={cfg.block_size} ({cfg.source_of('block_size')}; GPT-2 has {GPT2_POSITIONS} positions)")
+    if bad:
+        keep = ", ".join(f"{k}={v!r}" for k, v in published.items())
+        raise ConfigError(f"invalid config: init_from {cfg.init_from!r} loads GPT-2's architecture ({keep}): "
+                          f"{', '.join(bad)} differ (nanoGPT replaces them silently; autofit refuses, so that the model "
+                          f"trained is the one written): drop them, or init_from='scratch'; only dropout and a "
+                          f"smaller block_size may change")
 
 
 def build_model(cfg, device: torch.device, *, resume: bool) -> tuple[GPT, list[str]]:
