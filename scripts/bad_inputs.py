@@ -483,6 +483,8 @@ ROWS: list[Row] = [
         env={"AUTOFIT_RANK_BUDGETS": "64MiB,64MiB"}, check=absent("o"), by="session 11"),
     Row("AUTOFIT_HOME relative (profiles would follow the cwd)", ["profiles", "list"], env={"AUTOFIT_HOME": "rel"},
         by="session 11"),
+    Row("--resume with --set device=cuda (t5 M3)", ["run", "--resume", "--out", "o", "--no-progress", "--max-steps", "3",
+                                                     "--set", "device=cuda"], checkpoint(), by="session 14"),
     Row("--resume with --set init_from=scratch", ["run", "--resume", "--out", "o", "--no-progress",
                                                    "--set", "init_from=scratch"], checkpoint(), by="session 11"),
     Row("--resume changes the model's shape", ["run", "--resume", "--out", "o", "--no-progress", "--allow-changes",

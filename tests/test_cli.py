@@ -743,19 +743,24 @@ def test_a_hand_edited_saved_plan_for_another_run_is_one_line(tmp_path, monkeypa
 
 
 def test_a_resume_says_which_set_values_it_cannot_apply(tmp_path, monkeypatch, capsys):
-    """--set device=..., init_from=..., batch_size=... on a resume were accepted and dropped in silence."""
+    """--set device=..., init_from=..., batch_size=... on a resume were accepted and dropped in silence.
+    t5's M3 (session 14): a --set device other than the checkpoint's is refused, as --device is."""
     code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
                        "--max-steps", "1", "--out", "o", "--no-progress")
     assert code == 0, err
     code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--max-steps", "2", "--no-progress",
-                       "--set", "device=cuda", "--set", "batch_size=4", "--set", "gradient_accumulation_steps=4",
+                       "--set", "device=cuda")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "device 'cuda' (--set) with --resume: an autofit checkpoint goes on on the device it trained on " \
+           "(cpu-budgeted, budget 64.0 MiB)" in " ".join(err.split()) and "drop --set device," in err, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--max-steps", "2", "--no-progress",
+                       "--set", "device=cpu", "--set", "batch_size=4", "--set", "gradient_accumulation_steps=4",
                        "--set", "eval_iters=1")
     assert code == 0, err
     said = " ".join(err.split())
-    assert "--set device='cuda' is not applied: it runs on the checkpoint's device (cpu-budgeted)" in said
     assert "--set batch_size=4 is not applied: its plan splits the effective batch (micro-batch 8)" in said
     assert "--set gradient_accumulation_steps=4 is not applied" in said
-    assert said.count("is not applied") == 3  # eval_iters is the checkpoint's own value: nothing to say
+    assert said.count("is not applied") == 2  # device is the checkpoint's, eval_iters its own value: nothing to say
 
 
 def test_a_plain_run_says_its_plan_is_not_saved_and_how_to_keep_it(tmp_path, monkeypatch, capsys):

@@ -76,9 +76,10 @@ def test_init_from_resume_in_a_config_is_resume(tmp_path, monkeypatch, capsys):
     assert [r["step"] for r in records(tmp_path / "r", "train")] == [0, 1, 2]
 
 
-def test_a_resume_config_device_is_said_once_and_only_when_it_differs(tmp_path, monkeypatch, capsys):
+def test_a_resume_config_device_is_refused_only_when_it_differs(tmp_path, monkeypatch, capsys):
     """r1 (session 13): a config naming the checkpoint's own device was said as 'not the config's
-    device', and a different one twice, once as a '--set device' the user never gave."""
+    device', and a different one twice, once as a '--set device' the user never gave. t5's M3
+    (session 14): a different one is refused in one line, as --device is (it was said and ignored)."""
     code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *TINY, "--max-steps", "2",
                        "--out", "r", "--no-progress")
     assert code == 0, err
@@ -87,8 +88,9 @@ def test_a_resume_config_device_is_said_once_and_only_when_it_differs(tmp_path, 
     assert code == 0 and "device" not in err, err
     (tmp_path / "c.py").write_text("init_from = 'resume'\nout_dir = 'r'\nmax_iters = 4\ndevice = 'cuda'\n")
     code, _, err = cli(monkeypatch, capsys, "run", "--config", "c.py", "--no-progress")
-    said = [line for line in err.splitlines() if "device" in line]
-    assert code == 0 and len(said) == 1 and "not the config's device 'cuda'" in said[0], err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the config's device 'cuda' with --resume: an autofit checkpoint goes on on the device it trained on (cpu)" \
+        in " ".join(err.split()) and "drop device from the config" in err, err
 
 
 
@@ -477,6 +479,28 @@ def test_a_nanogpt_bf16_checkpoint_resumed_on_the_cpu_says_nanogpt_ran_it_in_flo
                          "--checkpointing", "0", "--loss", "standard")
     assert code == 0, err
     assert "dtype 'bfloat16' from the checkpoint's config: nanoGPT trains on the CPU in float32" in err, err
+
+
+def test_a_nanogpt_checkpoint_trained_on_cuda_says_where_it_trains_without_cuda(tmp_path, monkeypatch, capsys):
+    """t5's M3 (session 14): a GPU-trained nanoGPT ckpt.pt (config device='cuda') resumed here
+    trained on the CPU without a word, and a --set device=cuda was dropped too; the checkpoint's
+    'cuda' is said (one line: where it trains and why), the user's --set is opened as a fresh run's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *TINY, "--max-steps", "2", "--out", "run")
+    assert code == 0, err
+    as_nanogpt(tmp_path / "run" / "ckpt.pt")
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    ck["config"]["device"] = "cuda"
+    torch.save(ck, tmp_path / "run" / "ckpt.pt")
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "run", "--max-steps", "3", "--no-progress",
+                       "--set", "device=cuda")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cuda" in err.lower(), err
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "run", "--max-steps", "3", "--no-progress",
+                         "--checkpointing", "0", "--loss", "standard", "--dtype", "float32")
+    assert code == 0, err
+    said = [line for line in " ".join(err.split()).split("device 'cuda'")[1:]]
+    assert len(said) == 1 and said[0].startswith(" from the checkpoint's config (where nanoGPT trained it): this "
+                                                 "machine has no CUDA GPU, so this run trains on the CPU"), err
 
 
 def test_a_home_folder_written_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch, capsys):

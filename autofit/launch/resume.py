@@ -89,18 +89,12 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     changes = changes + [data_change] if data_change else changes  # recorded with the other accepted changes
     cfg.out_dir = str(out_dir)
     spec = device_spec(ck)
-    check_same_device(probe_opts, spec)
-    config_device = probe_opts.device is not None and probe_opts.device_source is not None
-    if config_device and probe_opts.device != _device_kind(spec):  # said, not refused
-        log(f"--resume: the checkpoint's device is used ({_device_words(spec)}), not the config's device "
-            f"{probe_opts.device!r}")
+    check_same_device(probe_opts, spec, overrides.get("device"), (sources or {}).get("device", "--set"))
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
         micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
-    # a config's device is said above, once (not as a --set)
-    _say_not_applied({k: v for k, v in overrides.items() if not (k == "device" and config_device)}, saved, cfg,
-                     spec, micro, log)
+    _say_not_applied(overrides, saved, cfg, spec, micro, log)
     log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
         f"(micro-batch {micro}); no probe")
     _check_split_change(cfg, int(ck.get("world_size", 1)))  # the trainer's world_size_changed event says it
@@ -143,23 +137,29 @@ def _device_words(spec: dict) -> str:
     return str(spec.get("kind")) + (f", budget {fmt_bytes(spec['budget_bytes'])}" if spec.get("budget_bytes") else "")
 
 
-def check_same_device(probe_opts, spec: dict) -> None:
+def check_same_device(probe_opts, spec: dict, set_device: str | None = None, set_where: str = "--set") -> None:
     """An autofit checkpoint goes on on the device and budget it trained on (`spec`, its meter's),
     with its own plan: a --device or --budget that asks for another would be ignored, so it is
-    refused (ConfigError, before any work), as --dtype is. Why not honour a smaller --budget:
-    the plan's micro-batch was fitted under the old one, and re-fitting means a probe, which a
-    resume promises not to run (the same run, not a new plan); on a GPU an out-of-memory
-    mid-run still shrinks the micro-batch. The same device and budget again are accepted
-    (they change nothing). A device from the config file is not a flag: prepare_resume says it."""
-    asked = []
-    if probe_opts.device is not None and probe_opts.device_source is None and probe_opts.device != _device_kind(spec):
-        asked.append(f"--device {probe_opts.device}")
+    refused (ConfigError, before any work), as --dtype is; so is a config's `device` (`set_device`,
+    from --set or a resume config: `set_where`, or the config a --device came from), which a fresh
+    run would open. Why not honour a smaller --budget: the plan's micro-batch was fitted under
+    the old one, and re-fitting means a probe, which a resume promises not to run (the same run,
+    not a new plan); on a GPU an out-of-memory mid-run still shrinks the micro-batch. The same
+    device and budget again are accepted (they change nothing), and so is device 'auto'."""
+    asked = []  # (what was asked, what to drop)
+    kind = _device_kind(spec)
+    if probe_opts.device is not None and probe_opts.device != kind:
+        asked.append((f"--device {probe_opts.device}", "--device") if probe_opts.device_source is None
+                     else (f"the config's device {probe_opts.device!r}", "device from the config"))
+    elif set_device not in (None, "auto") and set_device.partition(":")[0] != kind:
+        asked.append((f"device {set_device!r} ({set_where})",
+                      "--set device" if set_where == "--set" else f"device from {set_where}"))
     if probe_opts.budget_bytes is not None and probe_opts.budget_bytes != spec.get("budget_bytes"):
-        asked.append(f"--budget {fmt_bytes(probe_opts.budget_bytes)}")
+        asked.append((f"--budget {fmt_bytes(probe_opts.budget_bytes)}", "--budget"))
     if asked:
-        raise ConfigError(f"{' and '.join(asked)} with --resume: an autofit checkpoint goes on on the device it trained "
-                          f"on ({_device_words(spec)}) with its own plan, no probe; drop "
-                          f"{'them' if len(asked) > 1 else asked[0].split()[0]}, or start a new run with another "
+        raise ConfigError(f"{' and '.join(a for a, _ in asked)} with --resume: an autofit checkpoint goes on on the "
+                          f"device it trained on ({_device_words(spec)}) with its own plan, no probe; drop "
+                          f"{'them' if len(asked) > 1 else asked[0][1]}, or start a new run with another "
                           f"--out to fit a plan there")
 
 
@@ -167,13 +167,10 @@ def _say_not_applied(overrides: dict[str, Any], saved: TrainConfig, cfg: TrainCo
                      log) -> None:
     """A --set that a resume accepts but cannot act on is said, not dropped in silence: the
     checkpoint fixes where it runs and from what, and its own plan splits the effective batch."""
-    why = {"device": f"it runs on the checkpoint's device ({spec.get('kind')})",
-           "init_from": "it starts from the checkpoint",
+    why = {"init_from": "it starts from the checkpoint",
            "batch_size": f"its plan splits the effective batch (micro-batch {micro})",
            "gradient_accumulation_steps": f"its plan splits the effective batch (micro-batch {micro})"}
-    for key, value in overrides.items():
-        if key == "device" and value == _device_kind(spec):
-            continue  # the checkpoint's own device: what happens anyway
+    for key, value in overrides.items():  # a device other than the checkpoint's is refused (check_same_device)
         if key in why and getattr(saved, key) != value:
             if key in ("batch_size", "gradient_accumulation_steps") and cfg.effective_batch != saved.effective_batch:
                 # --allow-changes took the new effective batch; only its split is the plan's
@@ -223,6 +220,7 @@ def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_step
         raise TrainError(str(e)) from None
     saved, dropped = train_config_of(ck)
     cfg, _ = _with_changes(saved, overrides, allow_changes, log, sources)
+    probe_opts, device_note = _nanogpt_device(cfg, probe_opts, "device" in overrides)
     check_steps_left(int(ck.iter_num), cfg, max_steps, resuming=True)  # before the probe
     say_past_max_iters(cfg, max_steps, log)
     cfg.out_dir = str(path.parent)
@@ -231,8 +229,43 @@ def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_step
         f"state on a plan probed now" + (f"; nanoGPT settings autofit does not use: {', '.join(dropped)}" if dropped else ""))
     for item in ck.not_restored:
         log(f"not restored: {item}")
-    if probe_opts.device == "cpu" and cfg.dtype in ("bfloat16", "float16"):  # nanoGPT's CPU runs no autocast
+    if device_note:
+        log(device_note)
+    if _on_cpu(probe_opts) and cfg.dtype in ("bfloat16", "float16"):  # nanoGPT's CPU runs no autocast
         log(f"dtype {cfg.dtype!r} from the checkpoint's config: nanoGPT trains on the CPU in float32 (its autocast "
             f"context is off there); this run keeps {cfg.dtype} (--set dtype=float32 --allow-changes to match nanoGPT)")
     return prepare_run(cfg, profile=None, emulate=False, probe_opts=probe_opts, max_steps=max_steps,
                        resume=True, progress=progress, log=log)
+
+
+def _on_cpu(probe_opts) -> bool:
+    """Whether the run opens the CPU: asked for, or no device named and no CUDA GPU here."""
+    import torch
+    return probe_opts.device == "cpu" or (probe_opts.device is None and not torch.cuda.is_available())
+
+
+def _nanogpt_device(cfg, probe_opts, set_here: bool):
+    """(the probe options a nanoGPT checkpoint continues under, a note to log or None). Its config
+    names the device it trained on (nanoGPT's default 'cuda'), and a fresh run opens a config's
+    device where no flag (--device, --budget) names one; so does this, a --set device too
+    (`set_here`: a GPU that is not here is one line now, before any other, as in a fresh run). The
+    checkpoint's own 'cuda' on a machine with no CUDA GPU is not the user's choice now: the run
+    trains on the CPU, and the note says so and why. Raises DeviceError."""
+    import dataclasses
+    if probe_opts.device is not None or probe_opts.budget_bytes is not None or cfg.device == "auto":
+        return probe_opts, None
+    kind, _, index = cfg.device.partition(":")
+    if not set_here and kind == "cuda" and _on_cpu(probe_opts):
+        return probe_opts, (f"device {cfg.device!r} from the checkpoint's config (where nanoGPT trained it): this "
+                            f"machine has no CUDA GPU, so this run trains on the CPU (--device or --budget to choose)")
+    where = "--set" if set_here else "the checkpoint's config"
+    source = f"device {cfg.device!r} from {where}; --device to choose another"
+    if kind == "cuda":
+        from autofit.devices.cuda import detect_gpu
+        from autofit.devices.info import DeviceError
+        try:
+            detect_gpu(int(index) if index else 0)  # NVML first: no CUDA context yet
+        except DeviceError as e:
+            raise DeviceError(f"{e} ({source})") from None
+    return dataclasses.replace(probe_opts, device=kind, gpu_index=int(index) if index else probe_opts.gpu_index,
+                               device_source=source), None
