@@ -275,3 +275,20 @@ def test_gpt2_config_refuses_a_shape_the_config_writes(monkeypatch):
         gpt2_config(load_config("tiny", overrides=["init_from=gpt2", "block_size=2048"]))
     with pytest.raises(ConfigError, match=r"vocab_size=256 \(--set\)"):
         gpt2_config(load_config(None, overrides=["init_from=gpt2-medium", "vocab_size=256"]))
+
+
+def test_a_failed_download_advises_what_run_can_follow(monkeypatch, tmp_path):
+    """t5's M4 (session 14): offline, `run --set init_from=gpt2` said 'pass their directory', which
+    only `sample --init-from DIR` takes; the advice is now the cache run reads (and how to move it)."""
+    import huggingface_hub
+    cache = _hub_cache(monkeypatch, tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(repo_id, filename, local_files_only=False, **kw):
+        raise (FileNotFoundError if local_files_only else ConnectionError)("no network")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    with pytest.raises(WeightsError) as e:
+        load_gpt2("gpt2")
+    msg = _one_line(e)
+    assert msg.startswith("cannot download openai-community/gpt2 from the Hugging Face hub (ConnectionError: no network)")
+    assert f"put them in the Hugging Face cache ({cache})" in msg and "HF_HUB_CACHE" in msg and "directory" not in msg

@@ -133,10 +133,14 @@ def _from_hub(model_type: str) -> tuple[Path, Path]:
             return files[0], files[1]
         except Exception:  # not cached (LocalEntryNotFoundError) or a broken cache entry
             continue
+    # `autofit run` takes the weights from the cache only (it has no directory option; `sample
+    # --init-from DIR` has), so the advice is how to fill or point at a cache
+    fill = (f"put them in the Hugging Face cache ({constants.HF_HUB_CACHE}): `hf download {repo} {CONFIG_FILE} "
+            f"{WEIGHTS_FILE}` where there is network (then copy that cache here), or point HF_HUB_CACHE at a cache "
+            f"that holds them")
     if constants.HF_HUB_OFFLINE:  # read by huggingface_hub from the environment at import
-        raise WeightsError(f"{repo} ({CONFIG_FILE}, {WEIGHTS_FILE}) is not in the Hugging Face cache "
-                           f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: download it once with network "
-                           f"(hf download {repo} {CONFIG_FILE} {WEIGHTS_FILE}) or pass a local directory")
+        raise WeightsError(f"{repo} ({CONFIG_FILE}, {WEIGHTS_FILE}) is not in the Hugging Face cache and "
+                           f"HF_HUB_OFFLINE is set: {fill}")
     try:
         from huggingface_hub.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # its retry warnings would bury the one line we end with
@@ -144,8 +148,7 @@ def _from_hub(model_type: str) -> tuple[Path, Path]:
     except Exception as e:  # no network, repository moved, disk full: say which and what to do
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise WeightsError(f"cannot download {repo} from the Hugging Face hub ({type(e).__name__}: {first}); "
-                           f"check the network, or download {CONFIG_FILE} and {WEIGHTS_FILE} elsewhere and pass "
-                           f"their directory") from None
+                           f"check the network, or {fill} (HF_HUB_OFFLINE=1 then skips the download's retries)") from None
     return files[0], files[1]
 
 
