@@ -57,6 +57,9 @@ def test_autofits_checkpoint_is_nanogpts_too_and_a_nanogpt_checkpoint_resumes(tm
     code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "run", *CPU)
     assert code == 0, err
     assert "nanoGPT checkpoint (step 4)" in err and "not restored: data position" in err
+    # t5's L4 (session 14): the plan probed now is shown as a fresh run shows it, not only where it came from
+    plan = out.split("plan: probed just now on ")[1].splitlines()[1]
+    assert plan.startswith("  ") and ", loss " in plan and " budget" in plan, out
     (ev,) = [r for r in records(tmp_path / "run", "event") if r["event"] == "resume_partial"]
     assert any("RNG" in item for item in ev["not_restored"])
     steps = [r["step"] for r in records(tmp_path / "run", "train")]

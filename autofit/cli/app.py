@@ -180,7 +180,8 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         asked, sources = _resume_overrides(cfg, overrides, resume)
         launch = prepare_resume(cfg.out_dir, asked, probe_opts=opts, sources=sources, allow_changes=allow_changes,
                                 max_steps=max_steps, progress=not no_progress, log=log)
-        console.print(f"[bold]plan[/]: {launch.source}")
+        # a nanoGPT checkpoint's plan was probed now: shown as a fresh run's; an autofit one goes on with its own
+        _say_plan(launch) if launch.probe is not None else console.print(f"[bold]plan[/]: {launch.source}")
         _train(launch.cfg, launch.opts)
         return
     _check_fresh_run(cfg, log)
