@@ -264,16 +264,16 @@ def test_gpt2_config_refuses_a_shape_the_config_writes(monkeypatch):
     """t5's M1 (session 14): init_from = 'gpt2' dropped --set n_layer=3 and bias=False in silence
     (as nanoGPT does) while pos_emb='rope' was refused; a value a file or --set writes that the
     weights would replace is refused in one line. A preset's shape and GPT-2's own values are not."""
-    from trainer.config.train_config import ConfigError, load_config
+    from trainer.config.train_config import load_config
     from trainer.model.pretrained import gpt2_config
     cfg = gpt2_config(load_config("tiny", overrides=["init_from=gpt2", "n_layer=12", "block_size=64"]))
     assert (cfg.n_layer, cfg.n_embd, cfg.bias, cfg.vocab_size, cfg.block_size) == (12, 768, True, 50257, 64)
     assert cfg.source_of("n_embd") == "the gpt2 weights" and cfg.source_of("block_size") == "--set"
-    with pytest.raises(ConfigError, match=r"n_layer=3 \(--set\), bias=False \(--set\) differ \(nanoGPT replaces"):
+    with pytest.raises(WeightsError, match=r"n_layer=3 \(--set\), bias=False \(--set\) differ \(nanoGPT replaces"):
         gpt2_config(load_config("tiny", overrides=["init_from=gpt2", "n_layer=3", "bias=False"]))
-    with pytest.raises(ConfigError, match=r"block_size=2048 \(--set; GPT-2 has 1024 positions\)"):
+    with pytest.raises(WeightsError, match=r"block_size=2048 \(--set; GPT-2 has 1024 positions\)"):
         gpt2_config(load_config("tiny", overrides=["init_from=gpt2", "block_size=2048"]))
-    with pytest.raises(ConfigError, match=r"vocab_size=256 \(--set\)"):
+    with pytest.raises(WeightsError, match=r"vocab_size=256 \(--set\)"):
         gpt2_config(load_config(None, overrides=["init_from=gpt2-medium", "vocab_size=256"]))
 
 

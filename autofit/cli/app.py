@@ -180,8 +180,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         asked, sources = _resume_overrides(cfg, overrides, resume)
         launch = prepare_resume(cfg.out_dir, asked, probe_opts=opts, sources=sources, allow_changes=allow_changes,
                                 max_steps=max_steps, progress=not no_progress, log=log)
-        # a nanoGPT checkpoint's plan was probed now: shown as a fresh run's; an autofit one goes on with its own
-        _say_plan(launch) if launch.probe is not None else console.print(f"[bold]plan[/]: {launch.source}")
+        _say_plan(launch, detail=launch.probe is not None)
         _train(launch.cfg, launch.opts)
         return
     _check_fresh_run(cfg, log)
@@ -199,11 +198,13 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     _train(launch.cfg, launch.opts)
 
 
-def _say_plan(launch) -> None:
-    """Where the plan came from, and the plan in one line (autofit.report.render.plan_line)."""
+def _say_plan(launch, detail: bool = True) -> None:
+    """Where the plan came from, and (`detail`) the plan in one line (autofit.report.render.plan_line):
+    a plan probed now, also a nanoGPT checkpoint's; an autofit resume goes on with its own (no line)."""
     from autofit.report.render import plan_line
     console.print(f"[bold]plan[/]: {launch.source}")
-    console.print(plan_line(launch.plan))
+    if detail:
+        console.print(plan_line(launch.plan))
 
 
 def _train(cfg, opts) -> None:

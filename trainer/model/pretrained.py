@@ -244,7 +244,7 @@ def gpt2_config(cfg):
     smaller than GPT-2's 1024; dropout the config's. Each value the weights set says so in
     `source_of` ('the gpt2 weights'). Other configs come back unchanged.
 
-    Raises ConfigError (one line) where a config file or --set gives one of those keys a value
+    Raises WeightsError (one line) where a config file or --set gives one of those keys a value
     other than the weights' (a block_size above 1024): nanoGPT ignores them silently, and the run
     would train another model than the one written. A preset's value is a default: replaced."""
     if cfg.init_from not in GPT2_MODELS:
@@ -266,14 +266,13 @@ def _given(cfg, key: str) -> bool:
 
 
 def _refuse_other_shape(cfg, published: dict) -> None:
-    from trainer.config.pyfile import ConfigError
     bad = [f"{k}={getattr(cfg, k)!r} ({cfg.source_of(k)})" for k, v in published.items()
            if _given(cfg, k) and getattr(cfg, k) != v]
     if _given(cfg, "block_size") and cfg.block_size > GPT2_POSITIONS:
         bad.append(f"block_size={cfg.block_size} ({cfg.source_of('block_size')}; GPT-2 has {GPT2_POSITIONS} positions)")
     if bad:
         keep = ", ".join(f"{k}={v!r}" for k, v in published.items())
-        raise ConfigError(f"invalid config: init_from {cfg.init_from!r} loads GPT-2's architecture ({keep}): "
+        raise WeightsError(f"invalid config: init_from {cfg.init_from!r} loads GPT-2's architecture ({keep}): "
                           f"{', '.join(bad)} differ (nanoGPT replaces them silently; autofit refuses, so that the model "
                           f"trained is the one written): drop them, or init_from='scratch'; only dropout and a "
                           f"smaller block_size may change")
