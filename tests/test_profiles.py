@@ -725,3 +725,16 @@ def test_show_names_the_model_options_that_tell_plans_apart():
     nanochat = plan.model_copy(update={"config_summary": {**plan.config_summary, "mlp": "relu2", "optimizer": "muon"}})
     assert _plan_row(plan.fingerprint, nanochat)[1] == gpt2 + ", mlp=relu2, optimizer=muon"
     assert "=" not in gpt2  # a GPT-2 config's column is as it was
+
+
+def test_another_models_plan_is_not_called_stale():
+    """t5's L7 (session 14): `run --profile cpu-64mb --set mlp=relu2` said 'saved plans are stale (mlp
+    swiglu -> relu2)', though the swiglu plan is another model's, kept and still good for it."""
+    from autofit.profiles.fingerprints import not_reused_words
+    old = {"n_embd": 32, "mlp": "swiglu", "torch_version": "2.4.0", "cuda_version": None, "driver_version": None}
+    assert not_reused_words(explain_stale(old, {**old, "mlp": "relu2"})) == \
+        "no saved plan for this model (mlp swiglu -> relu2)"
+    assert not_reused_words(explain_stale(old, {**old, "mlp": "relu2", "torch_version": "2.5.1"})) == \
+        "no saved plan for this model (mlp swiglu -> relu2; torch 2.4.0 -> 2.5.1)"
+    assert not_reused_words(explain_stale(old, {**old, "torch_version": "2.5.1", "allocator": "expandable"})) == \
+        "saved plans are stale (allocator unset -> expandable; torch 2.4.0 -> 2.5.1)"

@@ -24,7 +24,7 @@ from autofit.profiles.store import (FittedPlan, ProfileError, find_plan, fingerp
                                    fingerprint_inputs, lesson_notes, load_profile, nearest_plan, record_event,
                                    save_plan)
 from autofit.records import PlanRecord, ProbeResult, judged_peak
-from autofit.profiles.fingerprints import config_summary
+from autofit.profiles.fingerprints import config_summary, not_reused_words
 from trainer.loop import RunOptions
 from trainer.recovery import shrink_policy
 from trainer.step import describe_split, split_batch
@@ -208,7 +208,7 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
                            log=log, extra=extra, budget_bytes=budget.budget_bytes)
     near = nearest_plan(saved, inputs)
     why = (f"the saved plan does not do what this command asks ({unmet})" if unmet else
-           _for_other_ranks(near[1]) or f"saved plans are stale ({'; '.join(near[1])})" if near else
+           _for_other_ranks(near[1]) or not_reused_words(near[1]) if near else
            "no fitted plan for this config yet")
     log(f"profile {profile}: {why}; probing")
     res = probe_on(cfg, device, budget, probe_opts, log)

@@ -78,5 +78,18 @@ def explain_stale(old_inputs: dict[str, Any], new_inputs: dict[str, Any]) -> lis
     return changes
 
 
+# Fingerprint inputs that are not the model: a plan differing only in these is this model's, stale
+_NOT_THE_MODEL = tuple(_VERSION_LABELS.values()) + ("allocator", "emulated_on")
+
+
+def not_reused_words(changes: list[str]) -> str:
+    """Why the nearest saved plan (explain_stale's `changes`) is not this run's: 'saved plans are
+    stale (torch 2.4.0 -> 2.5.1)' where only the software, allocator or emulation moved (the same
+    model), else 'no saved plan for this model (mlp swiglu -> relu2)': another model's plan is
+    kept in the profile and still good for that model, so it is not stale."""
+    same_model = all(c.split(" ")[0] in _NOT_THE_MODEL for c in changes)
+    return f"{'saved plans are stale' if same_model else 'no saved plan for this model'} ({'; '.join(changes)})"
+
+
 def _show(value: Any) -> str:
     return "unset" if value is None else str(value)
