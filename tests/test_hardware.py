@@ -53,6 +53,12 @@ def test_unknown_name_suggests_nearest():
         get_hardware("rtx4070-16gb")
     assert "known:" in str(e.value) and "h200-141gb" in str(e.value)
     assert isinstance(e.value, DeviceError)  # the CLI catches one family of user errors
+    # t5 (session 14): a name nothing is close to got 'did you mean h200-141gb?' (the '-' and 'gb' alone)
+    with pytest.raises(HardwareError) as e:
+        get_hardware("nosuch-4gb")
+    assert "did you mean" not in str(e.value) and "known:" in str(e.value)
+    with pytest.raises(HardwareError, match=r"did you mean rtx4070-12gb\?"):
+        get_hardware("4070")  # the card without its memory
 
 
 def test_newer_schema_version_names_the_file(tmp_path):

@@ -227,7 +227,11 @@ def get_hardware(name: str) -> HardwareSpec:
     if name in builtin:
         return builtin[name]
     known = known_hardware()
-    near = difflib.get_close_matches(name.lower(), list(known), n=3, cutoff=0.5)
+    # the card typed without its memory ('4070', 'a100') is found in the names; else the close ones,
+    # at a cutoff that 'nosuch-4gb' does not reach (0.5 took 'h200-141gb' for it: '-' and 'gb' alone)
+    card = name.lower().split("-")[0]
+    near = [k for k in known if card and card in k][:3] or difflib.get_close_matches(name.lower(), list(known), n=3,
+                                                                                     cutoff=0.6)
     hint = f"did you mean {', '.join(near)}? " if near else ""
     raise HardwareError(f"unknown hardware profile {name!r}; {hint}known: {', '.join(sorted(known))} "
                         f"(add your own with autofit profiles add)")
