@@ -172,19 +172,26 @@ class _Failing:
 if _code:
     _fsync, _open = os.fsync, builtins.open
 
-    def fsync(fd):
+    def _named(fd):
         try:
-            name = os.readlink(f"/proc/self/fd/{fd}")
+            return os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
-            name = ""
-        return _fail() if _hit(name) else _fsync(fd)
+            return ""
+
+    def fsync(fd):
+        return _fail() if _hit(_named(fd)) else _fsync(fd)
+
+    _os_write = os.write
+
+    def os_write(fd, data):  # an os-level append (trainer.writes.append_lines) fails as a file's write does
+        return _fail() if fd > 2 and _hit(_named(fd)) else _os_write(fd, data)
 
     def open_(file, mode="r", *args, **kwargs):
         f = _open(file, mode, *args, **kwargs)
         named = isinstance(file, (str, bytes, os.PathLike)) and _hit(os.fsdecode(file))
         return _Failing(f) if named and any(c in mode for c in "wax+") else f
 
-    os.fsync, builtins.open = fsync, open_
+    os.fsync, os.write, builtins.open = fsync, os_write, open_
 
 # BAD_INPUTS_KILL_RANK=1: that rank of a run kills itself (SIGKILL, as the kernel's OOM killer
 # does) once rank 0 has logged a training step in o/metrics.jsonl.
