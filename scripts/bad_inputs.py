@@ -481,6 +481,8 @@ ROWS: list[Row] = [
     Row("--resume without a checkpoint", ["run", "--resume", "--out", "o", "--no-progress"]),
     Row("--checkpointing-policy selective with --checkpointing 0", [*PROBE, "--checkpointing-policy", "selective"],
         by="session 11"),
+    Row("run --no-probe, checkpointing_policy selective with checkpointing 0 (t5 L5)",
+        [*RUN, "--no-probe", "--set", "checkpointing_policy=selective", "--out", "o"], check=absent("o"), by="session 14"),
     Row("AUTOFIT_RANK_BUDGETS on one process, with --budget", [*RUN, "--out", "o"],
         env={"AUTOFIT_RANK_BUDGETS": "3MiB"}, check=absent("o"), by="session 11"),
     Row("AUTOFIT_RANK_BUDGETS on one process", ["run", "--device", "cpu", *TINY, "--max-steps", "1", "--no-progress",

@@ -250,3 +250,23 @@ def test_probe_v_names_the_policy_and_why_selective_was_left_out(tmp_path, monke
     assert "selective: matmuls (mm, addmm, bmm) and attention outputs" in out
     code, _, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--checkpointing-policy", "half")
     assert code == 2 and "--checkpointing-policy: unknown policy 'half'" in err
+
+
+def test_a_no_probe_run_names_its_levers_and_refuses_a_policy_with_nothing_checkpointed(tmp_path, monkeypatch, capsys):
+    """t5 L5: a --no-probe run has no plan line, so its opening line names the levers it trains with
+    where they are not the defaults; and checkpointing_policy 'selective' with checkpointing 0 (a
+    no-op there) is refused in one line, as --checkpointing-policy with --checkpointing 0 is."""
+    from cli_run import cli
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    base = ["run", "--device", "cpu", *SMALL, "--no-probe", "--max-steps", "1", "--no-progress"]
+    code, out, err = cli(monkeypatch, capsys, *base, "--out", "a", "--set", "checkpointing=1",
+                         "--set", "checkpointing_policy=selective", "--set", "loss_impl=chunked")
+    assert code == 0, err
+    assert "training on cpu (float32, activation checkpointing every 1 block (selective), chunked loss);" in out
+    code, out, err = cli(monkeypatch, capsys, *base, "--out", "b")
+    assert code == 0, err
+    assert "training on cpu (float32);" in out  # the defaults: nothing to name
+    code, out, err = cli(monkeypatch, capsys, *base, "--out", "c", "--set", "checkpointing_policy=selective")
+    assert code == 2 and not (tmp_path / "c").exists()
+    assert "checkpointing_policy 'selective' (--set) applies to checkpointed blocks, and checkpointing 0" in err

@@ -233,7 +233,7 @@ class Trainer(RedoneStep):
             self._progress.print(f"evaluating on {self.device} ({self.dtype}), eval_only: no training step; the losses "
                                  f"below are measured on this device")
         else:
-            self._progress.print(f"training on {self.device} ({self.dtype}); step time, tokens/s and peak memory "
+            self._progress.print(f"training on {self.device} ({self.dtype}{self.cfg.lever_words()}); step time, tokens/s and peak memory "
                                  f"below are measured on this device")
         if self.master and (cut := clear_cut_writes(self.ckpt_path)):  # the CLI's .autofit.lock: no other writer
             self._progress.print(cut)

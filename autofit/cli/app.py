@@ -161,7 +161,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
     device, gpu_index, src = device_from_config(cfg, device, budget, gpu_index, several=nproc_per_node is not None)
     opts = _probe_options(device, budget, None, gpu_index, margin, dtype, compile, checkpointing, loss,
                           checkpointing_policy, src)
-    check_no_plan_flags(opts, profile, "--no-probe" if no_probe else "eval_only" if cfg.eval_only else None)
+    check_no_plan_flags(opts, profile, "--no-probe" if no_probe else "eval_only" if cfg.eval_only else None, cfg)
     if profile is not None:  # its card is here, and a probe may save into it: before data or trials
         from autofit.launch.profile_gpu import check_profile_here
         check_profile_here(profile, emulate, opts, _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin))

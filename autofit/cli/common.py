@@ -168,12 +168,19 @@ def device_from_config(cfg, device: str | None, budget: str | None, gpu_index: i
     return kind, int(idx) if idx and one else None, f"device {cfg.device!r} from the config; --device to choose another"
 
 
-def check_no_plan_flags(opts, profile: str | None, no_plan: str | None) -> None:
+def check_no_plan_flags(opts, profile: str | None, no_plan: str | None, cfg=None) -> None:
     """A run that fits no plan (`no_plan`: '--no-probe', or 'eval_only', which trains nothing)
     trains the config as written: --profile and the probe's search flags (--dtype, --loss, ...)
-    would be ignored, so they are refused in one line (UsageError), naming the --set that does it."""
+    would be ignored, so they are refused in one line (UsageError), naming the --set that does it;
+    so is a --no-probe `cfg` whose checkpointing_policy 'selective' has no checkpointed block to
+    keep anything of (checkpointing 0), as --checkpointing-policy with --checkpointing 0 is."""
     if no_plan is None:
         return
+    if no_plan == "--no-probe" and cfg is not None and cfg.checkpointing_policy == "selective" and not cfg.checkpointing:
+        # with a probe the config's policy is one contender's and both are searched (README); here it is the run's
+        raise UsageError(f"checkpointing_policy 'selective' ({cfg.source_of('checkpointing_policy')}) applies to "
+                         f"checkpointed blocks, and checkpointing 0 ({cfg.source_of('checkpointing')}) checkpoints "
+                         f"none: drop one (or --set checkpointing=1)")
     if profile is not None:
         raise UsageError(f"{no_plan} and --profile exclude each other")
     flags = opts.search_flags()

@@ -59,3 +59,16 @@ def check_model_options(cfg, sources: dict[str, str] | None = None) -> None:
         if cfg.parallelism == "fsdp2":
             raise ValueError("optimizer 'muon' with parallelism 'fsdp2': torch.optim.Muon orthogonalises "
                              "whole matrices and FSDP2 shards them; use parallelism = 'ddp'")
+
+
+def lever_words(cfg) -> str:
+    """The memory levers a run trains with where they are not the defaults, for its opening line
+    (a --no-probe run has no plan line to say them): ', activation checkpointing every 2 blocks
+    (selective), chunked loss'; '' when it uses none."""
+    words = []
+    if cfg.checkpointing:
+        words.append(f"activation checkpointing every {cfg.checkpointing} block{'s' if cfg.checkpointing > 1 else ''} "
+                     f"({cfg.checkpointing_policy})")
+    if cfg.loss_impl != "standard":
+        words.append(f"{cfg.loss_impl} loss")
+    return "".join(f", {w}" for w in words)

@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from trainer.paths import PathProblem, TomlProblem, expand_user, parse_toml, read_user_text
-from trainer.config.model_options import check_model_options
+from trainer.config.model_options import check_model_options, lever_words
 from trainer.config.stages import StagesField, check_stages
 from trainer.config.messages import did_you_mean, format_validation_error, unknown_key_message
 from trainer.config.pyfile import ConfigError, Refused, literal, parse_py_config
@@ -205,6 +205,11 @@ class TrainConfig(BaseModel):
         """Where `key`'s value came from: 'preset NAME', 'FILE:LINE', '--set', the meta.pkl it
         was read from, or 'default' (the class default, or a config not built by load_config)."""
         return self._sources.get(key, "default")
+
+    def lever_words(self) -> str:
+        """', activation checkpointing every 2 blocks (selective), chunked loss': the memory levers
+        this config trains with that are not the defaults ('' for none), for a run's opening line."""
+        return lever_words(self)
 
     @property
     def effective_batch(self) -> int:
