@@ -60,3 +60,18 @@ def test_a_stale_plans_model_option_at_its_default_is_named_by_its_value():
     """t3 (session 12): 'mlp relu2 -> unset': a default model option is not in the fingerprint."""
     assert explain_stale({"mlp": "relu2", "n_embd": 64}, {"n_embd": 64}) == ["mlp relu2 -> gelu"]
     assert explain_stale({"n_embd": 64}, {"n_embd": 64, "optimizer": "muon"}) == ["optimizer adamw -> muon"]
+
+
+def test_probe_v_says_why_fsdp2_is_left_out_under_muon():
+    """t5 L8: with parallelism 'auto' on 2 ranks, AdamW searches FSDP2 beside DDP; Muon leaves it
+    out, and the notes (printed by probe -v and logged) say so with the reason, as for other levers."""
+    from autofit.planning.candidates import candidate_space
+    from trainer.config.train_config import load_config
+    adamw = candidate_space(load_config(preset="tiny"), "cpu", False, dtype="float32", world_size=2)
+    assert adamw.sharded == [False, True] and not any("FSDP2" in n for n in adamw.notes)
+    muon = candidate_space(load_config(preset="tiny", overrides=["optimizer=muon"]), "cpu", False,
+                           dtype="float32", world_size=2)
+    assert muon.sharded == [False]
+    assert any(n.startswith("FSDP2 not searched: optimizer 'muon'") for n in muon.notes), muon.notes
+    one = candidate_space(load_config(preset="tiny", overrides=["optimizer=muon"]), "cpu", False, dtype="float32")
+    assert not any("FSDP2" in n for n in one.notes)  # one rank: nothing to shard, nothing left out

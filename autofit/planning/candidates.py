@@ -121,10 +121,13 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
     sharded = [False]
     if world_size > 1:
         sharded = {"auto": [False, True], "ddp": [False], "fsdp2": [True]}[cfg.parallelism]
-        if cfg.optimizer == "muon":  # Muon orthogonalises whole matrices; FSDP2 would shard them
-            sharded = [False]
     ck = checkpointing if checkpointing is not None else sorted({cfg.checkpointing, 0, 1})
     policies, notes = checkpointing_policy_space(ck, checkpointing_policies)
+    if True in sharded and cfg.optimizer == "muon":  # Muon orthogonalises whole matrices; FSDP2 would shard them
+        # ('fsdp2' with muon is refused when the config is built: only 'auto' gets here)
+        sharded = [False]
+        notes.append("FSDP2 not searched: optimizer 'muon' orthogonalises whole matrices and FSDP2 shards them; "
+                     "the ranks train with DDP")
     return Space(dtypes=dtypes, compile=compiles, checkpointing=ck, loss_impls=loss_impls or ["standard", "chunked"],
                  sharded=sharded, checkpointing_policies=policies, notes=notes)
 
