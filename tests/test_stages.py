@@ -286,3 +286,42 @@ def test_a_measured_probe_on_the_budgeted_cpu_fits_the_largest_stage(tmp_path):
     assert (res.plan.block_size, res.plan.effective_batch, sum(res.plan.micro_batches)) == (64, 12, 12)
     assert res.block_size == 64 and res.effective_batch == 12
     assert said[0].startswith("schedule of 3 stages: fitting stages[1] (12 x 64 = 768 tokens per step)")
+
+
+def test_probe_says_the_schedule_once_and_one_stage_is_singular(tmp_path, monkeypatch, capsys):
+    """t5's cosmetics: `probe` printed 'schedule of 3 stages: fitting stages[1] ...' on stderr beside
+    its stdout 'schedule:' block (said once now: the block; `run`, with no block, keeps the line);
+    'schedule of 1 stages' and 'resumed on 1 rank(s)' read as 1 stage, 1 rank."""
+    from cli_run import cli
+    from trainer.config.stages import batch_words
+    from trainer.metrics import describe_event
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--preset", "tiny", "--set",
+                         "block_size=64", "--set", f"stages={STAGES}")
+    assert code == 0, err
+    assert "schedule: 3 stages; the plan fits stages[1]" in out and "fitting stages[" not in err + out
+    said = []
+    run_probe(make_cfg(tmp_path), ProbeOptions(gpu="rtx4070-12gb"), log=said.append)  # what `run` logs
+    assert any(s.startswith("schedule of 3 stages: fitting stages[1]") for s in said)
+    one = make_cfg(tmp_path, stages="[dict(block_size=64, tokens_per_step=512)]")
+    said = []
+    run_probe(one, ProbeOptions(gpu="rtx4070-12gb"), log=said.append)
+    assert any(s.startswith("schedule of 1 stage: fitting stages[0]") for s in said), said
+    assert batch_words(one).startswith("schedule of 1 stage, each effective batch exact")
+    ev = dict(event="world_size_changed", new_world_size=1, old_world_size=2, old_effective_batch=8,
+              effective_batch=8, old_rank_batch=4, new_rank_batch=8, old_micro_batches=[4], micro_batches=[8])
+    assert describe_event(ev).startswith("resumed on 1 rank (the checkpoint's run had 2)")
+    assert describe_event({**ev, "new_world_size": 2}).startswith("resumed on 2 ranks (")
+
+
+def test_a_resume_names_a_stages_change_as_the_config_writes_it(tmp_path):
+    """t5's cosmetic: the --allow-changes refusal printed 'stages None -> (Stage(until_iter=35, ...), ...)',
+    Python's repr; now the list as a config (or --set stages=) writes it."""
+    from trainer.checkpoint.ckpt import resume_changes
+    from trainer.config.stages import parse_stages
+    saved, new = make_cfg(tmp_path, stages="None"), make_cfg(tmp_path)
+    (line,) = [c for c in resume_changes(saved, new) if c.startswith("stages")]
+    assert line == ("stages None -> [dict(until_iter=3, block_size=32, tokens_per_step=384), "
+                    "dict(until_iter=5, block_size=64, tokens_per_step=768), dict(block_size=64, tokens_per_step=512)]")
+    assert "Stage(" not in line
+    assert parse_stages(eval(line.split(" -> ")[1])) == new.stages  # what it says reads back as the same list

@@ -28,7 +28,7 @@ EVENT_TEXT = {
     "compile_time": "torch.compile took {seconds:.1f} s (measured: the first compiled step less the eager "
                     "step time), apart from the step times",
     "compile_unavailable": "compile: {reason}",
-    "world_size_changed": "resumed on {new_world_size} rank(s) (the checkpoint's run had {old_world_size}): the "
+    "world_size_changed": "resumed on {new_ranks} (the checkpoint's run had {old_world_size}): the "
                           "effective batch {old_effective_batch} -> {effective_batch} sequences; each rank's share "
                           "{old_rank_batch} -> {new_rank_batch}, micro-batches {old_micro_batches} -> {micro_batches}",
     "stage": "stage {stage} from step {step}: {effective_batch} sequences x {block_size} tokens = "
@@ -46,7 +46,8 @@ def describe_event(ev: dict) -> str | None:
     text = EVENT_TEXT.get(ev.get("event", ""))
     if not text:
         return None
-    line = text.format(inj=" (injected)" if ev.get("injected") else "", **ev)
+    n = ev.get("new_world_size")  # 'on 1 rank', 'on 2 ranks'
+    line = text.format(inj=" (injected)" if ev.get("injected") else "", new_ranks=f"{n} rank{'s' * (n != 1)}", **ev)
     reason = str(ev.get("reason", ""))
     if ev["event"].endswith("oom_shrink") and reason.startswith("rank "):  # another rank's OOM, agreed: say whose
         line += f" ({reason.split(' (')[0]})"

@@ -74,7 +74,7 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
         _start_ranks(cfg, nproc_per_node, False, gpu_index, log, opts, fresh=False)
     interrupts.during("interrupted during the probe; nothing was saved"
                       + (" (the plan is saved only after the probe)" if save else ""))
-    res, _, _ = run_probe(cfg, opts, log=log)
+    res, _, _ = run_probe(cfg, opts, log=log, say_schedule=False)  # the stdout block says the schedule
     saved, plot, save_error = _keep_probe(res, cfg, opts, save, plot)
     if as_json:
         out = res.to_json()

@@ -102,7 +102,8 @@ def fitted_config(cfg, log: Callable[[str], None] = lambda s: None):
     from trainer.config.stages import fitted_config as fitted, fitted_stage
     if cfg.stages:
         i = fitted_stage(cfg.stages)
-        log(f"schedule of {len(cfg.stages)} stages: fitting stages[{i}] ({cfg.stages[i].words()}), the largest "
+        n = len(cfg.stages)
+        log(f"schedule of {n} stage{'s' * (n != 1)}: fitting stages[{i}] ({cfg.stages[i].words()}), the largest "
             f"block size and so the most memory per sequence; the other stages run at most its tokens per micro-batch")
     return fitted(cfg)
 
@@ -178,10 +179,11 @@ def load_words(load) -> str | None:
             f"machine) and this plan may not be the one a quiet machine picks; probe again when it is quiet")
 
 
-def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: None):
-    """Returns (ProbeResult, device or None, hardware spec or None). Raises DeviceError,
-    HardwareError or PlanError with one line."""
-    cfg = fitted_config(cfg, log)  # a staged config: its largest stage
+def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: None, say_schedule: bool = True):
+    """Returns (ProbeResult, device or None, hardware spec or None); `say_schedule`: False where the
+    caller prints the schedule itself (`probe`'s stdout block, render.stage_lines), so `log` does
+    not repeat which stage is fitted. Raises DeviceError, HardwareError or PlanError with one line."""
+    cfg = fitted_config(cfg, log if say_schedule else lambda s: None)  # a staged config: its largest stage
     if note := _default_vocab_note(cfg):
         log(note)
     if opts.gpu is not None:

@@ -189,7 +189,9 @@ def resume_changes(saved, new) -> list[str]:
     """What `new` (a TrainConfig) changes of the run that `saved` describes, in a resume that
     promises to continue the same run: ['learning_rate 0.0006 -> 0.001', 'effective batch 8 -> 16'].
     Fields in RESUME_SAFE_FIELDS may change; the effective batch may not."""
-    out = [f"{k} {getattr(saved, k)!r} -> {getattr(new, k)!r}" for k in type(saved).model_fields
+    from trainer.config.stages import stages_text  # a stage list as the config writes it, not Stage(...) reprs
+    text = lambda k, v: stages_text(v) if k == "stages" else repr(v)
+    out = [f"{k} {text(k, getattr(saved, k))} -> {text(k, getattr(new, k))}" for k in type(saved).model_fields
            if k not in RESUME_SAFE_FIELDS and getattr(saved, k) != getattr(new, k)]
     # a schedule's batches are its stages' (a change of stages is named above); batch_size x
     # gradient_accumulation_steps is not what it trains

@@ -47,6 +47,15 @@ class Stage(BaseModel):
         return f"{self.effective_batch} x {self.block_size} = {self.tokens_per_step:,} tokens per step"
 
 
+def stages_text(stages: tuple[Stage, ...] | None) -> str:
+    """A stage list as a config writes it (and --set stages= takes it): '[dict(until_iter=35,
+    block_size=16, tokens_per_step=256), dict(block_size=32, tokens_per_step=512)]'; 'None' for none."""
+    if stages is None:
+        return "None"
+    return "[" + ", ".join("dict(" + ", ".join(f"{k}={v}" for k, v in s.model_dump().items() if v is not None) + ")"
+                           for s in stages) + "]"
+
+
 def _int(i: int, key: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"stages[{i}].{key} must be a positive integer, not {v!r}")
@@ -155,7 +164,8 @@ def batch_words(cfg) -> str:
         steps = f"steps {start}-{s.until_iter - 1}" if s.until_iter is not None else f"steps {start} on"
         parts.append(f"{steps}: {s.words()}")
         start = s.until_iter or start
-    return f"schedule of {len(cfg.stages)} stages, each effective batch exact: " + "; ".join(parts)
+    n = len(cfg.stages)
+    return f"schedule of {n} stage{'s' * (n != 1)}, each effective batch exact: " + "; ".join(parts)
 
 
 def stage_at(stages: tuple[Stage, ...], it: int) -> int:
