@@ -414,6 +414,39 @@ def test_profiles_add_then_probe_gpu_uses_it(tmp_path, monkeypatch, capsys):
     assert "compute capability 7.5" in out and "peak dense fp16 8.9 TFLOP/s" in out and "192.0 GB/s" in out
 
 
+def test_profiles_add_without_gpu_names_no_card_and_takes_a_sustained_figure(tmp_path, monkeypatch, capsys):
+    """t5: `profiles add NAME` without --gpu wrote the slug as the GPU's marketing and NVML name, so
+    `profiles list` showed 'rtx4070-12gb' as a card's name; now the label says none was given and no
+    NVML name is claimed (a card here matches by its slug). k8's sustained_tflops: --sustained-tflops,
+    listed by `profiles show`; above the peak it is refused in one line."""
+    from autofit.devices.hardware import user_hardware
+    args = [a for a in GTX1650 if a not in ("--gpu", "NVIDIA GeForce GTX 1650")]
+    code, out, err = cli(monkeypatch, capsys, *args, "--sustained-tflops", "6.5")
+    assert code == 0, err
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "list")
+    assert "gtx1650-4gb\tgtx1650-4gb (no --gpu name given)\t4.00 GiB" in out
+    spec = user_hardware("gtx1650-4gb")
+    assert spec.nvml_names == [] and spec.sustained_tflops == 6.5
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "show", "gtx1650-4gb")
+    assert "peak dense fp16 8.9 TFLOP/s, sustained dense fp16 6.5 TFLOP/s, 192.0 GB/s" in out
+    code, _, err = cli(monkeypatch, capsys, *args, "--sustained-tflops", "9.5")
+    assert code == 2 and "--sustained-tflops 9.5 is above --peak-fp16-tflops 8.9" in err and err.count("\n") == 1
+
+
+def test_profiles_show_gives_a_plans_median_and_fastest_tokens_per_s():
+    """k8's leftover: a measured plan's tokens_per_s is the median step; its fastest step, the figure the
+    contest compared, is listed beside it; an estimate or an older plan has one figure, labelled."""
+    from types import SimpleNamespace as NS
+    from autofit.cli.profiles import _tokens_per_s_words
+    measured = NS(tokens_per_s=1890.4, fastest_tokens_per_s=2031.0, mode="measured")
+    assert _tokens_per_s_words(measured, " per rank") == "1,890 per rank (measured median step; fastest 2,031)"
+    assert _tokens_per_s_words(NS(tokens_per_s=5150.0, fastest_tokens_per_s=None, mode="estimated"), "") == \
+        "5,150 (estimated)"
+    assert _tokens_per_s_words(NS(tokens_per_s=3233.0, fastest_tokens_per_s=None, mode="measured"), "") == \
+        "3,233 (measured)"  # saved before session 14: one figure
+    assert _tokens_per_s_words(NS(tokens_per_s=None, fastest_tokens_per_s=None, mode="measured"), "") == "-"
+
+
 @pytest.mark.parametrize("change, words", [
     (["--compute-capability", "seven"], "--compute-capability takes MAJOR.MINOR"),
     (["--memory", "lots"], "--memory"),

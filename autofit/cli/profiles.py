@@ -64,6 +64,8 @@ def _hardware_line(name: str, hw: dict) -> str:
         parts.append(f"peak dense bf16 {hw['peak_bf16_tflops']} TFLOP/s")
     if hw.get("peak_fp16_tflops"):
         parts.append(f"peak dense fp16 {hw['peak_fp16_tflops']} TFLOP/s")
+    if hw.get("sustained_tflops"):  # what the card holds under its power limit, where well below the peak
+        parts.append(f"sustained dense fp16 {hw['sustained_tflops']} TFLOP/s")
     if hw.get("memory_bandwidth_gbs"):
         parts.append(f"{hw['memory_bandwidth_gbs']} GB/s")
     return ", ".join(parts) + " (figures from the profile, not measured)" * bool(hw.get("peak_fp16_tflops"))
@@ -86,12 +88,23 @@ def _plan_row(fp: str, fitted) -> list[str]:
     compile_txt = f"on after {p.compile_after} steps" if p.compile else "off"
     ckpt = f"every {p.checkpointing} block(s), {p.checkpointing_policy}" if p.checkpointing else "off"
     per_rank = " per rank" if p.world_size > 1 else ""  # a trial's tokens/s is one rank's (the slowest)
-    tps = f"{p.tokens_per_s:,.0f}{per_rank} ({p.mode})" if p.tokens_per_s else "-"
+    tps = _tokens_per_s_words(p, per_rank)
     ranks = f"; {p.world_size} ranks, {p.parallelism}, each" if p.world_size > 1 else ""  # torchrun plans
     # the split as it runs ('32 = 11 × 2 + 10'): 'micro x accum' read 11 x 3 = 33 for an uneven one
     return [fp, config, f"{p.split}{ranks}", p.dtype, compile_txt, ckpt, p.loss_impl,
             _fmt(p.measured_peak_bytes) + (f" ({_fmt(p.measured_reserved_bytes)} reserved)"
                                            if p.measured_reserved_bytes else ""), tps, f"{fitted.updated:%Y-%m-%d %H:%M}", "; ".join(notes)]
+
+
+def _tokens_per_s_words(p, per_rank: str) -> str:
+    """A plan's tokens/s cell: '1,890 per rank (measured median step; fastest 2,030)', '5,150 (estimated)'.
+    The median is what a run sees; the fastest step is the undisturbed figure the contest compared
+    (measured plans since session 14). An older plan's figure is its fastest step's, said as 'measured'."""
+    if not p.tokens_per_s:
+        return "-"
+    if p.mode != "measured" or not p.fastest_tokens_per_s:
+        return f"{p.tokens_per_s:,.0f}{per_rank} ({p.mode})"
+    return f"{p.tokens_per_s:,.0f}{per_rank} (measured median step; fastest {p.fastest_tokens_per_s:,.0f})"
 
 
 @profiles_app.command("show")
@@ -154,6 +167,7 @@ def profiles_add(
         peak_fp16: float = typer.Option(..., "--peak-fp16-tflops", help="Peak dense fp16 tensor TFLOP/s (FP32 accumulate)."),
         peak_bf16: Optional[float] = typer.Option(None, "--peak-bf16-tflops", help="Peak dense bf16 TFLOP/s; omit if the card has no bf16 (compute capability < 8.0)."),
         bandwidth: float = typer.Option(..., "--bandwidth-gbs", help="Memory bandwidth in GB/s (decimal), from the spec sheet."),
+        sustained: Optional[float] = typer.Option(None, "--sustained-tflops", help="Dense fp16 tensor TFLOP/s the card holds under its power limit, measured, where well below the peak (a 70 W T4); omit where the peak holds."),
         gpu: Optional[str] = typer.Option(None, "--gpu", help="Marketing name as NVML reports it, e.g. 'NVIDIA GeForce GTX 1650' (default: NAME)."),
         source: Optional[str] = typer.Option(None, "--source", help="Where the figures come from (default: 'user-defined')."),
 ):
@@ -177,13 +191,18 @@ def profiles_add(
     if peak_bf16 is None and tuple(cc) >= (8, 0):  # the estimate prices bf16 there from this figure
         raise UsageError(f"--peak-bf16-tflops: compute capability {compute_capability} has bf16 tensor cores; "
                          f"give its dense bf16 TFLOP/s from the spec sheet")
+    if sustained is not None and sustained > peak_fp16:  # the peak is a ceiling: what it holds cannot exceed it
+        raise UsageError(f"--sustained-tflops {sustained:g} is above --peak-fp16-tflops {peak_fp16:g}: give what the "
+                         f"card holds under its power limit, or omit it where the peak holds")
     check_profiles_writable(name)
-    label = name if gpu is None else gpu  # --gpu '' is refused (HardwareSpec), not taken as NAME
+    # Without --gpu the card's name is unknown: NAME is a slug, which NVML never reports, so it is
+    # no NVML name (a card here matches by its slug, hardware.match_hardware) and the label says so.
+    label = f"{name} (no --gpu name given)" if gpu is None else gpu  # --gpu '' is refused (HardwareSpec)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    hardware = {"schema_version": 1, "name": name, "gpu": label, "nvml_names": [label],
+    hardware = {"schema_version": 1, "name": name, "gpu": label, "nvml_names": [] if gpu is None else [gpu],
                 "memory_bytes": mem_bytes, "compute_capability": cc,
                 "bf16": peak_bf16 is not None, "peak_bf16_tflops": peak_bf16, "peak_fp16_tflops": peak_fp16,
-                "memory_bandwidth_gbs": bandwidth,
+                "sustained_tflops": sustained, "memory_bandwidth_gbs": bandwidth,
                 "source": source if source is not None
                 else f"user-defined with autofit profiles add ({stamp}); figures not checked"}
     try:
@@ -201,7 +220,7 @@ def profiles_add(
 # HardwareSpec fields as the flags that set them, for one-line errors.
 _FLAGS = {"memory_bytes": "--memory", "compute_capability": "--compute-capability",
           "peak_bf16_tflops": "--peak-bf16-tflops", "peak_fp16_tflops": "--peak-fp16-tflops",
-          "memory_bandwidth_gbs": "--bandwidth-gbs", "gpu": "--gpu", "nvml_names": "--gpu", "source": "--source",
+          "memory_bandwidth_gbs": "--bandwidth-gbs", "sustained_tflops": "--sustained-tflops", "gpu": "--gpu", "nvml_names": "--gpu", "source": "--source",
           "name": "NAME"}
 
 
