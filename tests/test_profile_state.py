@@ -285,3 +285,41 @@ def test_a_resume_after_an_oom_shrink_evaluates_as_the_uninterrupted_run(tmp_pat
     a, b = evals(tmp_path / "a"), evals(tmp_path / "b")
     assert a[4] == b[4]
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["eval_micro_batch"] == 4
+
+
+def test_checkpoint_writes_cut_short_beside_a_linked_checkpoints_target_are_removed(tmp_path, capsys):
+    """A ckpt.pt linked to a bigger disk is written through (atomic_write's temp file sits beside
+    the TARGET, named after it): a kill -9 there leaves '.run.pt.XXXXXXXX.tmp' in the target's
+    folder, which the next run must find there (t6's M1); the user's look-alikes stay."""
+    import torch
+
+    from trainer.loop import RunOptions, train
+    from test_writes import _cfg
+    out, big = tmp_path / "o", tmp_path / "big"
+    train(_cfg(out), RunOptions(device=torch.device("cpu"), progress=False, max_steps=1))
+    big.mkdir()
+    (out / "ckpt.pt").rename(big / "run.pt")
+    (out / "ckpt.pt").symlink_to(big / "run.pt")
+    cut = [big / ".run.pt.abcd1234.tmp", out / ".ckpt.pt.wxyz5678.tmp"]  # the second: before 9d9d6dd
+    mine = [big / ".run.pt.mine.tmp", big / ".ckpt.pt.abcd1234.tmp", out / ".run.pt.abcd1234.tmp"]
+    for p in cut + mine:
+        p.write_bytes(b"\0" * 2**20)
+    capsys.readouterr()
+    train(_cfg(out), RunOptions(device=torch.device("cpu"), progress=False, max_steps=2, resume=True))
+    assert not any(p.exists() for p in cut) and all(p.exists() for p in mine)
+    assert (out / "ckpt.pt").is_symlink() and (big / "run.pt").is_file()
+    assert f"removed 2 checkpoint write(s) cut short (2.0 MiB, measured on disk) in {big} and {out}" in capsys.readouterr().out
+
+
+def test_profile_writes_cut_short_beside_a_linked_profiles_target_are_removed(tmp_path):
+    """A profile linked from a dotfiles folder: its writes' temp files are beside the target."""
+    plan = make_plan()
+    path = save_plan("rtx4070-12gb", HW_4070, plan)
+    dot = tmp_path / "dotfiles"
+    dot.mkdir()
+    path.rename(dot / "gpu.toml")
+    path.symlink_to(dot / "gpu.toml")
+    left, mine = dot / ".gpu.toml.k3j9x_2q.tmp", dot / f".{path.name}.k3j9x_2q.tmp"
+    left.write_text("x"), mine.write_text("x")
+    record_event("rtx4070-12gb", plan.fingerprint, "step 3: oom_shrink 12 -> 8", safe_micro_batch=8)
+    assert not left.exists() and mine.exists() and path.is_symlink()

@@ -104,15 +104,27 @@ def atomic_write(path: str | Path, fill: Callable[[IO[bytes]], None], what: str 
 def cut_writes(path: str | Path) -> list[Path]:
     """The temp files that atomic_write(`path`) left when it was killed mid-write (kill -9, the
     OOM killer, a power loss: nothing ran to remove them), by the names mkstemp gives them here
-    ('.ckpt.pt.k3j9x_2q.tmp'), regular files only: never a file of the user's. Only safe to remove
-    while no other process can be writing `path` (the caller holds its lock)."""
+    ('.ckpt.pt.k3j9x_2q.tmp'), regular files only: never a file of the user's. atomic_write writes
+    through a symlink, its temp file beside the link's TARGET and named after it
+    ('.run.pt.k3j9x_2q.tmp' for a ckpt.pt linked to big/run.pt), so the path is resolved the same
+    way here; beside a link, its own name is looked for too (what an autofit before 9d9d6dd left).
+    Only safe to remove while no other process can be writing `path` (the caller holds its lock;
+    a link's target folder is outside it, so a target shared by two runs at once is the user's risk)."""
     import re
     path = Path(path)
-    name = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
-    try:
-        return [p for p in path.parent.iterdir() if name.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
-    except OSError:  # no folder yet, or not readable: nothing to clear
-        return []
+    places, real = [path], Path(os.path.realpath(path))
+    if real != Path(os.path.realpath(path.parent)) / path.name:  # path itself is a link
+        places.insert(0, real)
+    found: dict[str, Path] = {}  # by real path: a folder reached both ways is listed once
+    for place in places:
+        name = re.compile(re.escape(f".{place.name}.") + r"[a-z0-9_]{8}\.tmp")
+        try:
+            for p in place.parent.iterdir():
+                if name.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                    found.setdefault(os.path.realpath(p), p)
+        except OSError:  # no folder yet, or not readable: nothing to clear
+            pass
+    return list(found.values())
 
 
 def append_lines(path: str | Path, lines: list[str], what: str | None = None, kept: str = "") -> None:

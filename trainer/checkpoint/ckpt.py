@@ -45,16 +45,18 @@ def clear_cut_writes(ckpt: Path) -> str | None:
     while this run owns the folder (the CLI holds <out>/.autofit.lock): another run's write in
     flight would be removed too. A file that cannot be removed is named, not raised."""
     from trainer.writes import cut_writes
-    removed, left, size = 0, [], 0
+    removed, left, size, where = 0, [], 0, {}  # where: the folders, in order (a link's target's too)
     for tmp in cut_writes(ckpt):
         try:
             n = tmp.stat().st_size
             tmp.unlink()
             removed, size = removed + 1, size + n
+            where.setdefault(str(tmp.parent), None)
         except OSError:
-            left.append(tmp.name)
-    words = [f"removed {removed} checkpoint write(s) cut short ({size / 2**20:.1f} MiB, measured on disk) in {ckpt.parent}"] if removed else []
-    words += [f"could not remove {', '.join(left)} (a checkpoint write cut short) in {ckpt.parent}"] if left else []
+            left.append(str(tmp))
+    words = [f"removed {removed} checkpoint write(s) cut short ({size / 2**20:.1f} MiB, measured on disk) in "
+             f"{' and '.join(where)}"] if removed else []
+    words += [f"could not remove {', '.join(left)} (a checkpoint write cut short)"] if left else []
     return "; ".join(words) or None
 
 
