@@ -805,6 +805,27 @@ def test_a_plain_run_says_its_plan_is_not_saved_and_how_to_keep_it(tmp_path, mon
     assert not (tmp_path / "home" / "profiles").exists() or not any((tmp_path / "home" / "profiles").iterdir())
 
 
+def test_a_run_says_where_the_users_lever_failed_with_an_error_that_is_not_oom(tmp_path, monkeypatch, capsys):
+    """t6's M2: the chunked loss the config asks for raised (not out of memory); the run trained with
+    the standard loss, and only stderr's trial lines said why. The plan lines now say it, as probe's do."""
+    import trainer.model.gpt as gpt
+    real = gpt.lm_loss
+
+    def lm_loss(*a, impl="standard", **k):
+        if impl == "chunked":
+            raise RuntimeError("fake kernel missing: [chunked]")
+        return real(*a, impl=impl, **k)
+    monkeypatch.setattr(gpt, "lm_loss", lm_loss)
+    code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "64MiB", *SMALL, "--set",
+                         "loss_impl=chunked", "--checkpointing", "0", "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 0, err
+    lines = [ln for ln in out.splitlines() if ln.strip().startswith("error: chunked loss")]
+    assert len(lines) == 1, out
+    assert "failed with an error that is not out of memory" in lines[0]
+    assert "RuntimeError: fake kernel missing: [chunked]" in lines[0]
+    assert "loss standard" in out
+
+
 def test_parallelism_set_on_one_process_is_said_unused(tmp_path, monkeypatch, capsys):
     """--set parallelism=fsdp2 on one process was accepted and did nothing, without a word."""
     code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=1",

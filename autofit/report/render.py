@@ -213,14 +213,19 @@ def checkpointing_words(checkpointing: int, policy: str = "full") -> str:
     return f"{every}, full: only each checkpointed block's input kept, the rest recomputed"
 
 
-def plan_line(p) -> str:
-    """The plan in one line, as `autofit run` prints it before training."""
+def plan_line(p, trials=()) -> str:
+    """The plan in one line, as `autofit run` prints it before training; then, for the probe's
+    `trials` (a run that probed just now), a line per lever combination an error that is not out
+    of memory stopped, as probe's plan says it (_plan): the lever the user asked for may be one,
+    and the plan's other lever is no loss on memory or speed."""
+    from autofit.planning.candidates import error_lines
+    errors = "".join(f"\n  [bold red]error[/]: {escape(line)}" for line in error_lines(trials))
     ranks = f"{p.world_size} ranks ({p.parallelism}) x " if p.world_size > 1 else ""
     return (f"  {ranks}{micro_batch_words(p.micro_batches, p.micro_batch, p.grad_accum)} ({p.split}), {p.dtype}, "
             f"compile {'on after ' + str(p.compile_after) + ' steps' if p.compile else 'off'}, "
             f"{checkpointing_words(p.checkpointing, p.checkpointing_policy)}, loss {p.loss_impl}; "
             + (measured_peak_words(p) if p.measured_peak_bytes else
-               f"estimated peak {_b(p.estimated_peak_bytes)}") + f" of {_b(p.budget_bytes)} budget")
+               f"estimated peak {_b(p.estimated_peak_bytes)}") + f" of {_b(p.budget_bytes)} budget" + errors)
 
 
 def _compile_words(res, p) -> str:
