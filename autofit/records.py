@@ -179,6 +179,9 @@ class ProbeResult:
     # UTC time the measured probe started (launch.probe.probe_on): a saved plan's lessons from
     # before it are cleared (profiles.store.save_plan); None for a simulated card's estimates
     started: datetime | None = None
+    # an estimate's basis in words (autofit.planning.throughput.rate_words: a card's sustained rate
+    # where its profile has one); '' for a measured probe
+    rate_words: str = ""
 
     def to_json(self) -> dict:
         d = self.device

@@ -79,3 +79,19 @@ def test_a_saved_profile_keeps_a_sustained_rate():
     table["compute_capability"] = list(table["compute_capability"])
     StoredHardware.model_validate(table)
     assert spec_from_profile("t4-16gb", table, "test").sustained_tflops == 24.0
+
+
+def test_the_estimated_plan_line_names_the_rate_the_estimate_used(tmp_path, monkeypatch, capsys):
+    """t6's L3: a T4 (sustained_tflops 24 of 65) is estimated at its sustained rate, but the plan
+    line said 'the card's peak TFLOP/s x 40%'; now it names the sustained rate, and a card without
+    one still reads 'peak'."""
+    from cli_run import cli
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    lines = {}
+    for gpu in ("t4-16gb", "a100-40gb"):
+        code, out, err = cli(monkeypatch, capsys, "probe", "--preset", "tiny", "--gpu", gpu)
+        assert code == 0, err
+        lines[gpu] = next(ln for ln in out.splitlines() if "tokens/s (estimated: roofline" in ln)
+    assert "the card's sustained TFLOP/s (its power limit's, below its peak) x 40% assumed MFU" in lines["t4-16gb"]
+    assert "peak TFLOP/s" not in lines["t4-16gb"]
+    assert "the card's peak TFLOP/s x 40% assumed MFU" in lines["a100-40gb"]

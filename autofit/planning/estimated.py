@@ -15,7 +15,7 @@ from autofit.planning.contest import TIE
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.planning.planner import _nothing_fits
 from autofit.planning.split import choose_split
-from autofit.planning.throughput import RATE_WORDS, estimated_tokens_per_s, step_floors
+from autofit.planning.throughput import RATE_WORDS, estimated_tokens_per_s, rate_words, step_floors
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
@@ -23,6 +23,11 @@ from trainer.step import describe_split
 
 # How the throughput figures of this mode are made, said wherever one is printed.
 RATE_HOW = f"estimated: {RATE_WORDS}"
+
+
+def rate_how(hw) -> str:
+    """RATE_HOW for hardware profile `hw`: a sustained_tflops card's words name the sustained rate."""
+    return f"estimated: {rate_words(hw)}"
 OWN_NOTE = "your config as written"  # the note of its row when no combination's row is that candidate
 VS_PLAN = "against the plan: "  # the own row's note then says how the plan compares with it
 
@@ -47,9 +52,9 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
             best, micro_batches = own, [own.micro_batch] * (E // own.micro_batch)
             why_split = "your own split, kept"
             verdict = (f"the plan keeps it (its estimated step time is within {TIE:.0%} of the fastest "
-                       f"combination's; {RATE_HOW})")
+                       f"combination's; {rate_how(hw)})")
         else:
-            verdict = f"the plan runs {own_s / plan_s:.2f}x as fast by estimated step time ({RATE_HOW})"
+            verdict = f"the plan runs {own_s / plan_s:.2f}x as fast by estimated step time ({rate_how(hw)})"
         own_why = (f"; your own {cfg.batch_size} x {cfg.gradient_accumulation_steps} fits (estimated peak "
                    f"{fmt_bytes(own.estimated_peak_bytes)}): {verdict}")
         own.note += f"; {VS_PLAN}{verdict}"  # for the 'your config as written' line (autofit.report.render)
@@ -79,7 +84,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
                               f"split: {why_split} (estimated step times){own_why}; "
                               f"{_bound_words(shape, best, hw, cfg.tf32, E)}"))
     return ProbeResult(mode="estimated", device=info, budget=budget, effective_batch=E, block_size=cfg.block_size,
-                       trials=trials, plan=plan, breakdown=est.breakdown)
+                       trials=trials, plan=plan, breakdown=est.breakdown, rate_words=rate_words(hw))
 
 
 def _largest_fits(cfg, shape: ModelShape, hw, budget: Budget, space: Space) -> tuple[list[TrialRecord], TrialRecord | None]:
@@ -106,7 +111,7 @@ def _largest_fits(cfg, shape: ModelShape, hw, budget: Budget, space: Space) -> t
         tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw, lv.checkpointing_policy, cfg.tf32, E)
         rec = TrialRecord(**lv.candidate(m).model_dump(), status="fit", estimated_peak_bytes=est.peak_bytes,
                           tokens_per_s=tps,
-                          note=f"estimated: largest micro-batch whose estimated peak fits; tokens/s {RATE_HOW}")
+                          note=f"estimated: largest micro-batch whose estimated peak fits; tokens/s {rate_how(hw)}")
         trials.append(rec)
         if best is None or tps > best.tokens_per_s:
             best = rec
@@ -172,6 +177,6 @@ def _own_row(cfg, info, shape: ModelShape, hw, budget: Budget, trials: list[Tria
                       status="fit", estimated_peak_bytes=est,
                       tokens_per_s=estimated_tokens_per_s(shape, m, dtype, cfg.checkpointing, hw,
                                                           policy, cfg.tf32, cfg.effective_batch),
-                      note=f"{OWN_NOTE}: estimated peak fits; tokens/s {RATE_HOW}")
+                      note=f"{OWN_NOTE}: estimated peak fits; tokens/s {rate_how(hw)}")
     trials.append(row)
     return row

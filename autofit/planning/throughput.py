@@ -61,9 +61,17 @@ LAUNCH_SECONDS = 5e-6
 # on the CPU, where they decompose): not counted, so this is a floor.
 KERNELS_PER_BLOCK, KERNELS_OUTSIDE = 35, 21
 UPDATE_KERNELS_PER_BLOCK, UPDATE_KERNELS_OUTSIDE = 12, 23
-# How an estimated rate was got, where it is printed (autofit.report.rates.plan_rate_words)
-RATE_WORDS = (f"roofline, the slowest of the card's peak TFLOP/s x {ASSUMED_MFU:.0%} assumed MFU, the bytes "
-              f"a step moves over its memory bandwidth, and {LAUNCH_SECONDS * 1e6:g} us per kernel launch")
+def rate_words(hw=None) -> str:
+    """How an estimated rate was got, where it is printed (autofit.report.rates.plan_rate_words):
+    the card's peak TFLOP/s, or for a profile with sustained_tflops (peak_tflops scales by it) the
+    rate it sustains, which is what the estimate used (t6's L3: a T4's line named the peak)."""
+    rate = ("the card's sustained TFLOP/s (its power limit's, below its peak)"
+            if getattr(hw, "sustained_tflops", None) else "the card's peak TFLOP/s")
+    return (f"roofline, the slowest of {rate} x {ASSUMED_MFU:.0%} assumed MFU, the bytes "
+            f"a step moves over its memory bandwidth, and {LAUNCH_SECONDS * 1e6:g} us per kernel launch")
+
+
+RATE_WORDS = rate_words()  # a card without sustained_tflops
 # extra step time of recomputation with every block checkpointed, by policy (module docstring)
 RECOMPUTE_SHARE = {"full": 1.0 / 3.0, "selective": 0.085 / (1.0 - 0.085)}
 

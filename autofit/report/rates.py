@@ -36,7 +36,7 @@ def plan_rate_words(p, res=None) -> str:
     """The plan's tokens/s in words, each figure labelled how it was got: measured, the median of
     the plan's size's timed trial steps (what the run should see) with the fastest step's figure
     beside it (the undisturbed one the contest compares); estimated, the roofline's words
-    (autofit.planning.throughput.RATE_WORDS). Several ranks: per rank, and the ranks' sum."""
+    (autofit.planning.throughput.rate_words: `res`'s, naming a sustained rate where used). Several ranks: per rank, and the ranks' sum."""
     from autofit.planning.throughput import RATE_WORDS
     if not p.tokens_per_s:
         return "tokens/s unknown"
@@ -44,7 +44,7 @@ def plan_rate_words(p, res=None) -> str:
     per = (f" per rank, ~{p.tokens_per_s * p.world_size:,.0f} for the {p.world_size} ranks"
            if p.world_size > 1 else "")
     if p.mode == "estimated":
-        return f"{p.tokens_per_s:,.0f} tokens/s{per} (estimated: {RATE_WORDS})"
+        return f"{p.tokens_per_s:,.0f} tokens/s{per} (estimated: {getattr(res, 'rate_words', '') or RATE_WORDS})"
     not_run = _not_run(res, p) if res is not None else ""
     if p.fastest_tokens_per_s is None:  # a plan saved before the median was kept: one figure
         return f"{p.tokens_per_s:,.0f} tokens/s{per} (measured: trial steps, its update once per optimizer step{not_run})"
