@@ -199,6 +199,28 @@ def test_probe_save_clears_a_lesson_from_before_it(monkeypatch, capsys):
     assert code == 0, err
     fitted = load_profile(saved["profile"]).plans[saved["fingerprint"]]
     assert fitted.safe_micro_batch is None and "lessons from before the probe cleared" in fitted.events[-1]
+    # t6's L2: the probe itself says so, in one line on stderr
+    said = [ln for ln in err.splitlines() if "the new probe replaces lessons" in ln]
+    assert len(said) == 1 and said[0].startswith(f"autofit: profile {saved['profile']}: the new probe replaces "
+                                                 "lessons runs learnt before it: safe micro-batch 1 ("), err
+    code, out, err = cli(monkeypatch, capsys, *args)  # nothing to clear: nothing said
+    assert code == 0 and "the new probe replaces lessons" not in err
+
+
+def test_fitted_is_when_the_plan_was_probed_not_its_last_lesson():
+    """t6's L1: 'fitted <date>' (run) and 'profiles show' give `updated`, which a lesson and its
+    clearing by hand moved: a plan probed at 20:33 read 'fitted 20:34' after a 20:34 lesson."""
+    from autofit.profiles.lessons import clear_lessons
+    plan = make_plan()
+    save_plan("rtx4070-12gb", HW_4070, plan)
+    fitted_at = load_profile("rtx4070-12gb").plans[plan.fingerprint].updated
+    _learn(plan, compile_failed=True)
+    got = load_profile("rtx4070-12gb").plans[plan.fingerprint]
+    assert got.safe_micro_batch == 8 and got.updated == fitted_at
+    clear_lessons(got)
+    assert got.updated == fitted_at and "lessons cleared by hand" in got.events[-1]
+    save_plan("rtx4070-12gb", HW_4070, make_plan(), probed_since=datetime.now(timezone.utc))
+    assert load_profile("rtx4070-12gb").plans[plan.fingerprint].updated > fitted_at  # probed again
 
 
 def test_a_resumed_profile_run_records_its_lessons(tmp_path):

@@ -129,7 +129,7 @@ def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help=
         console.print(f"  no fitted plans yet (autofit probe --save, or autofit run --profile {name}{here})")
         return
     headers = ["fingerprint", "config", "micro-batches", "dtype", "compile", "checkpointing", "loss",
-               "measured peak", "tokens/s", "date (UTC)", "notes"]
+               "measured peak", "tokens/s", "fitted (UTC)", "notes"]
     print_rows(headers, [_plan_row(fp, fitted) for fp, fitted in prof.plans.items()])
 
 

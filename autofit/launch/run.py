@@ -8,6 +8,7 @@ come back through on_event and are written into the profile so the next run star
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -89,8 +90,12 @@ def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str 
                       plan=res.plan, trials=res.trials, searched_under=list(searched_under or []))
     hw = hardware_dict_for(info, name)
     builtin = info.kind == "cuda" and _builtin_hardware(name) is not None  # its table entry: defaults only
+    def said(cleared: list[str]) -> None:  # t6's L2: a user who knew of the lesson is told it went
+        print(f"autofit: profile {name}: the new probe replaces lessons runs learnt before it: {'; '.join(cleared)}",
+              file=sys.stderr)
     return name, fp, save_plan(name, None if builtin else hw, plan, hardware_defaults=hw if builtin else None,
-                               probed_since=res.started)  # lessons from before the probe go: it measured again
+                               probed_since=res.started,  # lessons from before the probe go: it measured again
+                               on_cleared=said)
 
 
 @dataclass

@@ -52,7 +52,8 @@ class Lesson(BaseModel):
 
 def merged(old: FittedPlan, new: FittedPlan, since: datetime | None) -> dict[str, Any]:
     """What a plan saved again keeps of `old`: its created, its events (one more saying which
-    lessons the probe cleared), and its lessons newer than `since` merged with `new`'s."""
+    lessons the probe cleared), and its lessons newer than `since` merged with `new`'s; under
+    'cleared', not a plan field, those cleared lessons in words (for the probe to say them)."""
     def fresh(value, lesson: Lesson | None) -> bool:
         return bool(value) and (since is None or (lesson is not None and lesson.learned >= _as_utc(since)))
     cleared = []
@@ -71,7 +72,7 @@ def merged(old: FittedPlan, new: FittedPlan, since: datetime | None) -> dict[str
     if cleared:
         events.append(f"{_now():%Y-%m-%dT%H:%MZ} probed again, lessons from before the probe cleared: "
                       f"{'; '.join(cleared)}")
-    return {"created": old.created, "events": events, "safe_micro_batch": safe, "safe_micro_batch_lesson": safe_lesson,
+    return {"cleared": cleared, "created": old.created, "events": events, "safe_micro_batch": safe, "safe_micro_batch_lesson": safe_lesson,
             "compile_failed": failed, "compile_failed_lesson": failed_lesson}
 
 
@@ -91,7 +92,6 @@ def clear_lessons(plan: FittedPlan) -> list[str]:
     plan.compile_failed, plan.compile_failed_lesson = False, None
     if cleared:
         plan.events.append(f"{_now():%Y-%m-%dT%H:%MZ} lessons cleared by hand: {'; '.join(cleared)}")
-        plan.updated = _now()
     return cleared
 
 

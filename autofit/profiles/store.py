@@ -61,6 +61,8 @@ class FittedPlan(BaseModel):
     plan: PlanRecord
     trials: list[TrialRecord] = Field(default_factory=list)
     created: datetime = Field(default_factory=_now)
+    # when the plan was last fitted (a probe's save): what 'fitted <date>' and 'profiles show' say;
+    # a lesson or its clearing does not move it (each event carries its own time: t6's L1)
     updated: datetime = Field(default_factory=_now)
     # Lessons learnt at run time, each prefixed with its UTC time.
     events: list[str] = Field(default_factory=list)
@@ -215,14 +217,16 @@ def _write_atomic(path: Path, profile: SavedProfile) -> None:
 
 
 def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan,
-              hardware_defaults: dict[str, Any] | None = None, probed_since: datetime | None = None) -> Path:
+              hardware_defaults: dict[str, Any] | None = None, probed_since: datetime | None = None,
+              on_cleared=None) -> Path:
     """Create or update profile `name` with `plan`; returns the file's path.
 
     A plan with the same fingerprint is replaced, keeping its `created`, its events, and the
     lessons runs learnt with it (the safe micro-batch, compile failed) that are newer than
     `probed_since` (the probe's start: a run may report while the probe runs); older ones are
     cleared, as the probe measured again (and an event says so); None keeps every lesson. Lessons
-    of an unknown date (a version 1 file) count as older than any probe. Other plans are kept. `hardware`, when given, updates the stored
+    of an unknown date (a version 1 file) count as older than any probe; on_cleared(words), where
+    given, is told the cleared ones ('safe micro-batch 16 (step 1 of run r4, ...)'). Other plans are kept. `hardware`, when given, updates the stored
     description key by key (so peak rates written by `autofit profiles add` survive a save from a
     probe that knows only the card's name and memory); None keeps what is stored.
     `hardware_defaults` (a built-in card's table entry) fills in only the keys neither has, so it
@@ -243,6 +247,9 @@ def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan,
             profile.hardware = {**given[0], **given[1], **given[2]}
         old = profile.plans.get(plan.fingerprint)
         kept = {} if old is None else _merged(old, plan, probed_since)
+        cleared = kept.pop("cleared", [])
+        if cleared and on_cleared is not None:
+            on_cleared(cleared)
         profile.plans[plan.fingerprint] = plan.model_copy(update={**kept, "updated": _now()})
         _write_atomic(path, profile)
     return path
@@ -316,6 +323,5 @@ def record_event(name: str, fingerprint: str, event: str, *, safe_micro_batch: i
         if compile_failed is not None:
             plan.compile_failed = compile_failed
             plan.compile_failed_lesson = lesson if compile_failed else None
-        plan.updated = _now()
         _write_atomic(path, profile)
 
