@@ -1,5 +1,7 @@
 """Flag combinations and values the `autofit` command refuses in one line before any work, and the
 commands it suggests: what a new user hit on main (issue 11's leftovers)."""
+import os
+
 import pytest
 
 from cli_run import cli
@@ -309,9 +311,16 @@ def test_init_from_resume_refuses_a_preset_or_profile_as_resume_does(tmp_path, m
 
 def test_a_refused_run_leaves_no_output_folder_it_made(tmp_path, monkeypatch, capsys):
     """The refusal was one line, but o/ was made and left holding .autofit.lock."""
+    from filelock import FileLock
+    real, held_at_release = FileLock.release, []
+
+    def release(self, *a, **k):  # the folder is removed while the lock is still held (r3, session 14)
+        held_at_release.append(os.path.exists(self.lock_file))
+        return real(self, *a, **k)
+    monkeypatch.setattr(FileLock, "release", release)
     code, out, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, "--set", "dataset=nope", "--out", "o")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and held_at_release and not any(held_at_release), held_at_release
     (tmp_path / "kept").mkdir()  # a folder that was there before stays, lock and all
     code, out, err = cli(monkeypatch, capsys, "run", *CPU, *SMALL, "--set", "dataset=nope", "--out", "kept")
     assert code == 2 and (tmp_path / "kept").is_dir()

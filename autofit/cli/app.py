@@ -233,11 +233,11 @@ def _run_app():
     finally:
         while _OUT_LOCKS:
             lock, folder, made = _OUT_LOCKS.pop()
-            lock.release()
             with contextlib.suppress(OSError):  # the folder may be gone, or a file now
                 if made and os.listdir(folder) == [".autofit.lock"]:  # a refused run leaves no folder it made
                     os.unlink(lock.lock_file)
                     os.rmdir(folder)
+            lock.release()  # after: a run taking it between would hold a lock file unlinked under it
 
 
 def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
