@@ -23,7 +23,7 @@ PIPE_EXIT_CODE = 141
 Line = str | Callable[[], str]  # a callable is asked at the moment of the Ctrl-C (what exists then)
 
 DEFAULT_LINE = "interrupted; nothing was saved"
-_state: dict = {"line": DEFAULT_LINE, "said": False, "signal": None}
+_state: dict = {"line": DEFAULT_LINE, "said": False, "signal": None, "peer_left": False}
 
 
 def during(line: Line) -> None:
@@ -54,6 +54,22 @@ def tell_launcher() -> None:
             pass
 
 
+# Why a run of several ranks stopped at once though training's first Ctrl-C promised a checkpoint:
+# the launcher passes a Ctrl-C on to every rank, and one outside a StopFlag leaves at once; the
+# others then lose contact with it in the step's collective (autofit.launch.torchrun.taken_as_stop).
+PEER_LEFT = "another rank stopped at once, so the ranks could not finish the step together"
+
+
+def peer_left() -> None:
+    """This rank's stop came from another rank's leaving at once (lost contact after a Ctrl-C)."""
+    _state["peer_left"] = True
+
+
+def why_at_once() -> str:
+    """'; ' + PEER_LEFT when peer_left() was called in this command, else ''."""
+    return f"; {PEER_LEFT}" if _state["peer_left"] else ""
+
+
 def line() -> str | None:
     """The line for a Ctrl-C now, or None when the command already said it."""
     if _state["said"]:
@@ -64,7 +80,7 @@ def line() -> str | None:
 
 def reset() -> None:
     """Back to the start of a command (tests run several in one process)."""
-    _state.update(line=DEFAULT_LINE, said=False, signal=None)
+    _state.update(line=DEFAULT_LINE, said=False, signal=None, peer_left=False)
     from trainer.interrupt import forget_received  # no torch
     forget_received()
 

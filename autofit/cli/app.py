@@ -216,7 +216,7 @@ def _train(cfg, opts) -> None:
     from trainer.writes import WriteError
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
     kept = lambda: f"{ckpt} (the last checkpoint written) is kept" if ckpt.exists() else "no checkpoint was written"
-    interrupts.during(lambda: f"interrupted during training, stopped at once; {kept()}")
+    interrupts.during(lambda: f"interrupted during training, stopped at once; {kept()}{interrupts.why_at_once()}")
     try:
         result = train(cfg, opts)
     except WriteError as e:

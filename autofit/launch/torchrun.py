@@ -170,6 +170,8 @@ def taken_as_stop(e: BaseException) -> bool:
     lost = (isinstance(e, TrainError) and group.LOST_CONTACT in str(e)) or (under_torchrun() and group.is_peer_failure(e))
     if lost and received() in reported_by_launcher():
         interrupts.said()
+    if lost:  # training's line then says why its promised checkpoint was not written
+        interrupts.peer_left()
     return lost
 
 
