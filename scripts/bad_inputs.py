@@ -729,6 +729,8 @@ ROWS: list[Row] = [
     Row("19r: --resume device budget -1", RESUME, checkpoint(put(device={"kind": "cpu-budgeted", "budget_bytes": -1}))),
     Row("19r: --resume world_size 0", RESUME, checkpoint(put(world_size=0))),
     Row("19r: --resume model not a dict", RESUME, checkpoint(put(model="weights"))),
+    Row("--resume checkpoint of a newer autofit format, a sampler key unknown here", RESUME,
+        checkpoint(lambda ck: (ck.update(autofit_format=99), ck["sampler"].update(shuffle="v2"))), by="session 14"),
     # 1. checkpoints, nanoGPT's layout
     Row("19r: --resume nanoGPT checkpoint iter_num = -5", RESUME, checkpoint(nanogpt_only(iter_num=-5))),
     Row("19r: --resume nanoGPT checkpoint best_val_loss text", RESUME, checkpoint(nanogpt_only(best_val_loss="x"))),

@@ -82,6 +82,21 @@ def test_each_field_is_typed_and_in_range(tmp_path, edit, expected):
     assert expected in _refusal(_checkpoint(tmp_path, **edit))
 
 
+def test_a_newer_checkpoint_format_says_upgrade_not_corrupt(tmp_path):
+    """k9's 'not done': ckpt.pt had no format, so a newer autofit's (a sampler key this one does
+    not know) read as a bad field. A checkpoint without the key is format 1 and reads as before."""
+    from trainer.checkpoint.schema import CHECKPOINT_FORMAT, FORMAT_KEY, check_format
+    assert check_format(torch.load(_checkpoint(tmp_path), weights_only=True), "f") == 1
+    newer = CHECKPOINT_FORMAT + 1
+    msg = _refusal(_checkpoint(tmp_path, **{FORMAT_KEY: newer},
+                               sampler=lambda ck: {**ck["sampler"], "shuffle": "v2"}))
+    assert msg == (f"{tmp_path / 'ckpt.pt'}: written by a newer autofit (format {newer}; this one reads up to "
+                   f"{CHECKPOINT_FORMAT}): upgrade autofit")
+    assert "upgrade" not in _refusal(_checkpoint(tmp_path, sampler=lambda ck: {**ck["sampler"], "shuffle": "v2"}))
+    assert f"{FORMAT_KEY}: expected an integer >= 1, got 'two'" in _refusal(_checkpoint(tmp_path, **{FORMAT_KEY: "two"}))
+    assert read_checkpoint(_checkpoint(tmp_path, **{FORMAT_KEY: CHECKPOINT_FORMAT}), mmap=True)["iter_num"] == 1
+
+
 def test_weights_that_disagree_with_the_config_are_one_line_before_any_model(tmp_path):
     def two_layers(ck):
         return {**ck["config"], "n_layer": 2}

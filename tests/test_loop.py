@@ -210,6 +210,8 @@ def test_checkpoint_atomic_and_loadable(tmp_path):
     assert ck["iter_num"] == 3
     for key in ("model", "optimizer", "config", "sampler", "rng_cpu"):
         assert key in ck
+    from trainer.checkpoint.schema import CHECKPOINT_FORMAT
+    assert ck["autofit_format"] == CHECKPOINT_FORMAT  # an older autofit says 'upgrade' to a newer one's
     cfg = make_cfg(tmp_path)
     model = GPT(GPTConfig.from_train_config(cfg))
     model.load_state_dict(clean_state_dict(ck["model"]))  # strict: every tensor, right shapes

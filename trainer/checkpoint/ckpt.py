@@ -15,7 +15,8 @@ import torch
 
 from trainer.errors import TrainError
 from trainer.checkpoint.safe_load import UnsafeOrUnreadable, load_weights_only
-from trainer.checkpoint.schema import AutofitCheckpoint, CheckpointFieldError, validate
+from trainer.checkpoint.schema import (CHECKPOINT_FORMAT, FORMAT_KEY, AutofitCheckpoint, CheckpointFieldError,
+                                       check_format, validate)
 from trainer.model.gpt import model_args_of
 from trainer.writes import atomic_write, check_room
 
@@ -80,6 +81,7 @@ def training_state(trainer) -> dict:
     micro-batches in use and the evaluation's, the plan (JSON text) and the device spec for `autofit run --resume`."""
     t = trainer
     return {  # nanoGPT's sample.py reads model, model_args and config['dataset'] as they are
+        FORMAT_KEY: CHECKPOINT_FORMAT,  # what an older autofit reads as 'upgrade', not as corruption
         "model": t.model.state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
@@ -120,6 +122,7 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu", any_layout: 
         ck = load_weights_only(path, map_location=device, mmap=mmap)
     except UnsafeOrUnreadable as e:  # corrupt, truncated, or a pickle that wants to run code
         raise TrainError(f"{path} is not a valid autofit checkpoint; unreadable with weights_only=True: {e}") from None
+    check_format(ck, path)  # before the fields: a newer format's may look like corruption here
     if any_layout and isinstance(ck, dict) and "model" in ck and "model_args" in ck \
             and not all(k in ck for k in ("config", "sampler")):
         return ck  # nanoGPT's layout: trainer.checkpoint.nanogpt checks it

@@ -34,6 +34,30 @@ class CheckpointFieldError(TrainError):
     """A checkpoint field of the wrong type, out of range, or disagreeing with another (one line)."""
 
 
+# ckpt.pt's format (trainer/checkpoint/ckpt.py training_state writes it under FORMAT_KEY): a
+# checkpoint without the key is format 1, as every one before it was. Raise it when a checkpoint
+# gains what an older autofit would refuse (SamplerState forbids unknown keys, a config field it
+# does not know) or misread: that autofit then says 'upgrade', not that the file is corrupt.
+# nanoGPT's train.py and sample.py read only their own keys and ignore this one.
+CHECKPOINT_FORMAT = 1
+FORMAT_KEY = "autofit_format"
+
+
+def check_format(ck: Any, path: str | Path) -> int:
+    """The format of checkpoint `ck` (1 when it has no FORMAT_KEY). Raises CheckpointFieldError
+    (one line) when the key is not an integer >= 1, or is above CHECKPOINT_FORMAT: a newer autofit
+    wrote the file, whose other fields this one could take for corruption."""
+    if not isinstance(ck, Mapping) or FORMAT_KEY not in ck:
+        return 1
+    n = ck[FORMAT_KEY]
+    if type(n) is not int or n < 1:
+        raise CheckpointFieldError(f"{path}: {FORMAT_KEY}: expected an integer >= 1, got {_describe(n)}")
+    if n > CHECKPOINT_FORMAT:
+        raise CheckpointFieldError(f"{path}: written by a newer autofit (format {n}; this one reads up to "
+                                   f"{CHECKPOINT_FORMAT}): upgrade autofit")
+    return n
+
+
 def _as_number(v: Any) -> Any:
     # nanoGPT saves best_val_loss as a 0-d tensor after its first evaluation
     if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype.is_floating_point:
