@@ -725,6 +725,8 @@ ROWS: list[Row] = [
     Row("19r: --resume sampler counter negative", RESUME,
         checkpoint(lambda ck: ck["sampler"].update(counters={"train": -1, "val": 0}))),
     Row("19r: --resume sampler not a dict", RESUME, checkpoint(put(eval_sampler=7))),
+    Row("--resume sampler counters emptied by hand", RESUME, checkpoint(lambda ck: ck["sampler"].update(counters={})),
+        by="session 14"),
     Row("19r: --resume device kind tpu", RESUME, checkpoint(put(device={"kind": "tpu"}))),
     Row("19r: --resume device budget -1", RESUME, checkpoint(put(device={"kind": "cpu-budgeted", "budget_bytes": -1}))),
     Row("19r: --resume world_size 0", RESUME, checkpoint(put(world_size=0))),

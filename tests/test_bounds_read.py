@@ -74,6 +74,11 @@ def test_a_good_checkpoint_reads_back(tmp_path):
     ({"device": {"kind": "tpu"}}, "device.kind: expected 'cpu', 'cpu-budgeted', 'cuda' or 'simulated', got 'tpu'"),
     ({"device": {"kind": "cpu-budgeted", "budget_bytes": -1}}, "device.budget_bytes: expected greater"),
     ({"sampler": lambda ck: {**ck["sampler"], "counters": {"train": -1}}}, "sampler.counters: expected counts >= 0"),
+    # k9's 'not done': emptied by hand, the counters restarted the data from its first batch, silently
+    ({"sampler": lambda ck: {**ck["sampler"], "counters": {}}}, "sampler: expected counters to hold a batch count "
+     "for each split of the data, got {}; one left out would start that split again from its first batch"),
+    ({"eval_sampler": lambda ck: {**ck["sampler"], "counters": {"train": 3}, "data": {"train": {}, "val": {}}}},
+     "eval_sampler: expected counters to hold a batch count for each split of the data (train, val), got {'train': 3}"),
     ({"optimizer": lambda ck: {**ck["optimizer"], "param_groups": []}}, "optimizer.param_groups: expected a list of at least 1 item"),
     ({"config": "big"}, "config: expected a valid dictionary"),
     ({"model": "weights"}, "model: expected a valid dictionary"),

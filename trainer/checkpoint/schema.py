@@ -102,6 +102,18 @@ class SamplerState(BaseModel):
             raise ValueError(f"expected counts >= 0, got {bad}")
         return v
 
+    @model_validator(mode="after")
+    def _a_count_per_split(self) -> "SamplerState":
+        # state_dict() holds a count for every split of the data, 0 before its first batch, so none
+        # (or none for a split the data has) is a hand edit, not a fresh state: read as 0, that
+        # split's batches would start again from the first, silently (k9's 'not done')
+        splits = list(self.data or {})
+        if not self.counters or any(s not in self.counters for s in splits):
+            raise ValueError(f"expected counters to hold a batch count for each split of the data"
+                             f"{' (' + ', '.join(splits) + ')' if splits else ''}, got {self.counters}; "
+                             f"one left out would start that split again from its first batch")
+        return self
+
 
 class DeviceSpec(BaseModel):
     """MemoryMeter.spec(): how to reopen the device a run trained on."""
