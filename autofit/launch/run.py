@@ -26,9 +26,9 @@ from autofit.profiles.store import (FittedPlan, ProfileError, find_plan, fingerp
                                    save_plan)
 from autofit.records import PlanRecord, ProbeResult, judged_peak
 from autofit.profiles.fingerprints import config_summary, not_reused_words
+from autofit.launch.lowered import figures_for, with_micro
 from trainer.loop import RunOptions
 from trainer.recovery import shrink_policy
-from trainer.step import describe_split, split_batch
 
 
 def plan_fingerprint_inputs(cfg, info, emulated_on: str | None = None) -> dict:
@@ -235,7 +235,7 @@ def _from_saved(cfg, device, fitted: FittedPlan, profile: str, fp: str, *, max_s
     plan = fitted.plan.model_copy(deep=True, update={"budget_bytes": budget_bytes})
     notes = lesson_notes(fitted, plan.micro_batch, plan.compile, profile)  # each with how to clear it
     if fitted.safe_micro_batch and fitted.safe_micro_batch < plan.micro_batch:
-        plan = _with_micro(plan, fitted.safe_micro_batch)
+        plan = with_micro(plan, fitted.safe_micro_batch)
     if fitted.compile_failed and plan.compile:
         plan.compile = False
     # sizes known to fit with the plan's own levers (a size that only fitted with recompute or
@@ -244,7 +244,7 @@ def _from_saved(cfg, device, fitted: FittedPlan, profile: str, fp: str, *, max_s
             (t.dtype, t.checkpointing, t.checkpointing_policy, t.loss_impl)
             == (plan.dtype, plan.checkpointing, plan.checkpointing_policy, plan.loss_impl)]
     if notes:  # the figures of what it runs now, not of the plan as it was saved
-        plan = _figures_for(plan, same, cfg, device.info.kind)
+        plan = figures_for(plan, same, cfg, device.info.kind)
     fit_sizes = sorted({t.micro_batch for t in same if not t.compile})
     compiled = sorted({t.micro_batch for t in same if t.compile})
     if fitted.searched_under:  # the best of a narrower search: said, so a wider one is one probe away
@@ -279,35 +279,6 @@ def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> s
     if peak and peak > budget.budget_bytes:
         why.append(f"its peak {fmt_bytes(peak)} is above this run's {fmt_bytes(budget.budget_bytes)} budget")
     return "; ".join(why) or None
-
-
-def _figures_for(plan: PlanRecord, same: list, cfg, kind: str) -> PlanRecord:
-    """A saved plan changed at run time (a lower micro-batch after an OOM, compile off) with the
-    figures of what it now runs: the probe's trial of that size and compile setting (`same`: the
-    fitting trials with the plan's levers), else no measured figure and the closed-form estimate."""
-    from autofit.planning.contest import run_tokens_per_s
-    from autofit.planning.estimate import ModelShape, estimate_peak
-    ran = [t for t in same if t.micro_batch == plan.micro_batch and t.compile == plan.compile]
-    if ran:
-        return plan.model_copy(update={"measured_peak_bytes": ran[0].measured_peak_bytes,
-                                       "measured_reserved_bytes": ran[0].measured_reserved_bytes,
-                                       "tokens_per_s": ran[0].run_tokens_per_s_median or run_tokens_per_s(ran[0]),  # as a plan's
-                                       "fastest_tokens_per_s": run_tokens_per_s(ran[0]),
-                                       "timed_steps": len(ran[0].step_seconds) or None})
-    est = estimate_peak(ModelShape.from_config(cfg), plan.micro_batch, dtype=plan.dtype,
-                        checkpointing=plan.checkpointing, loss_impl=plan.loss_impl, compile=plan.compile,
-                        device="cpu" if kind == "cpu" else "cuda", ce_chunk_size=cfg.ce_chunk_size,
-                        n_micro=min(2, plan.grad_accum), checkpointing_policy=plan.checkpointing_policy,
-                        step_batch=plan.effective_batch, **agree.layout(plan.parallelism == "fsdp2"))
-    return plan.model_copy(update={"measured_peak_bytes": None, "measured_reserved_bytes": None, "tokens_per_s": None,
-                                   "fastest_tokens_per_s": None, "timed_steps": None,
-                                   "estimated_peak_bytes": est.peak_bytes})
-
-
-def _with_micro(plan: PlanRecord, micro: int) -> PlanRecord:
-    mbs = split_batch(plan.effective_batch, micro)
-    return plan.model_copy(update={"micro_batch": max(mbs), "micro_batches": mbs, "grad_accum": len(mbs),
-                                   "split": describe_split(mbs)})
 
 
 def _launch(cfg, device, plan: PlanRecord, fit_sizes, compiled_fit_sizes, *, source: str, max_steps, resume,
