@@ -142,6 +142,36 @@ def test_the_cli_clears_lessons_and_a_run_note_names_the_command(monkeypatch, ca
     assert code != 0 and "no plan zzzz" in err and len(err.strip().splitlines()) == 1
 
 
+def test_show_lists_the_plan_a_run_runs_after_a_lesson_lowered_it(monkeypatch, capsys):
+    """t6's L5: after a run-time OOM lowered a saved plan, `profiles show` listed the saved size's
+    figures (32 x 1, 5.5 MiB, its tokens/s) while `run --profile` ran the lowered size with its own
+    trial's: show now lists what the run runs (launch.lowered.run_plan), the saved size beside it."""
+    import json
+
+    from autofit.launch.lowered import run_plan
+    from autofit.records import TrialRecord
+    from cli_run import cli
+    plan = make_plan()  # micro-batch 12, compile on, chunked loss, bfloat16
+    plan.trials.append(TrialRecord(micro_batch=8, dtype="bfloat16", compile=True, checkpointing=0,
+                                   loss_impl="chunked", status="fit", measured_peak_bytes=6_000_000_000,
+                                   tokens_per_s=30_000.0, steps_run=3, seconds=2.0))
+    save_plan("rtx4070-12gb", HW_4070, plan)
+    _learn(plan)  # safe micro-batch 8, learnt at step 3 of run out
+    fitted = load_profile("rtx4070-12gb").plans[plan.fingerprint]
+    runs, _ = run_plan(fitted, None, "cuda")  # the trial of that size: no estimate, no config needed
+    assert runs.micro_batch == 8 and runs.measured_peak_bytes == 6_000_000_000 and runs.tokens_per_s == 30_000
+    monkeypatch.setenv("COLUMNS", "600")
+    code, out, err = cli(monkeypatch, capsys, "profiles", "show", "rtx4070-12gb")
+    assert code == 0, err
+    learnt = f"{fitted.safe_micro_batch_lesson.learned:%Y-%m-%d %H:%M} UTC"
+    assert f"{runs.split}" in out and "30,000" in out and "5.59 GiB" in out, out
+    assert f"saved 512 = 42 × 12 + 8; lowered to 8 by a lesson of {learnt}" in out, out
+    assert "41,234" not in out and "9.43 GiB" not in out, out  # the saved size's figures are not the run's
+    code, out, err = cli(monkeypatch, capsys, "profiles", "show", "rtx4070-12gb", "--json")
+    got = json.loads(out)["plans"][plan.fingerprint]
+    assert got["plan"]["micro_batch"] == 12 and got["runs_as"]["micro_batch"] == 8, got["runs_as"]
+
+
 # ---------------------------------------------------------------- schema versions (r3's 2)
 
 

@@ -71,18 +71,42 @@ def _hardware_line(name: str, hw: dict) -> str:
     return ", ".join(parts) + " (figures from the profile, not measured)" * bool(hw.get("peak_fp16_tflops"))
 
 
-def _plan_row(fp: str, fitted) -> list[str]:
-    c, p = fitted.config_summary, fitted.plan
+def _as_run(fitted, cpu: bool):
+    """The plan `run --profile` runs of the saved `fitted` (launch.lowered.run_plan, the helper the
+    run launches it with: lowered by lessons, with that size's own figures), and the words that give
+    the saved plan beside it ('saved 32 = 32 × 1; lowered to 16 by a lesson of 2026-12-05 20:34 UTC')."""
+    from types import SimpleNamespace
+
+    from autofit.launch.lowered import run_plan
+    cfg = SimpleNamespace(**{"ce_chunk_size": None, **fitted.config_summary})  # TOML drops a None
+    p, _ = run_plan(fitted, cfg, "cpu" if cpu else "cuda")
+    saved, said = fitted.plan, []
+    if p.micro_batch != saved.micro_batch:
+        said.append(f"saved {saved.split}; lowered to {p.micro_batch} by a lesson of "
+                    f"{_lesson_date(fitted.safe_micro_batch_lesson)}")
+    if p.compile != saved.compile:
+        said.append(f"saved with compile on; off by a lesson of {_lesson_date(fitted.compile_failed_lesson)}")
+    return p, said
+
+
+def _lesson_date(lesson) -> str:
+    return f"{lesson.learned:%Y-%m-%d %H:%M} UTC" if lesson is not None else "an unknown date (an older autofit's)"
+
+
+def _plan_row(fp: str, fitted, cpu: bool = False) -> list[str]:
+    """One plan as `run --profile` would run it, the saved plan beside it where a lesson changed it."""
+    c = fitted.config_summary
+    p, changed = _as_run(fitted, cpu)
     config = (f"{c.get('n_layer')} layers, {c.get('n_head')} heads, n_embd {c.get('n_embd')}, "
               f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch * p.world_size}")
     # today's model options where set (config_summary keeps only those): plans for a ReLU²+Muon and a
     # SwiGLU+AdamW model of one shape read the same without them (t3, session 12)
     from trainer.config.model_options import MODERN_DEFAULTS
     config += "".join(f", {k}={c[k]}" for k in MODERN_DEFAULTS if k in c)
-    notes = []
-    if fitted.safe_micro_batch:
+    notes = list(changed)
+    if fitted.safe_micro_batch and fitted.safe_micro_batch >= fitted.plan.micro_batch:  # no effect on this plan
         notes.append(f"safe micro-batch {fitted.safe_micro_batch}")
-    if fitted.compile_failed:
+    if fitted.compile_failed and not fitted.plan.compile:
         notes.append("compile failed at run time")
     notes += fitted.events[-2:]
     compile_txt = f"on after {p.compile_after} steps" if p.compile else "off"
@@ -115,22 +139,26 @@ def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help=
     prof = load_profile(name, builtin=_builtin_hardware)
     if prof is None:
         raise ProfileError(f"no profile named {name!r}; see autofit profiles list")
-    if as_json:
-        print(json.dumps(prof.model_dump(mode="json"), indent=2))
+    hw = prof.hardware or {}
+    cpu = hw.get("kind") == "cpu" or name.startswith("cpu-")  # cpu-* names are the budgeted CPU's
+    if as_json:  # each plan's 'runs_as': what run --profile runs of it (lowered by lessons), or the plan itself
+        data = prof.model_dump(mode="json")
+        for fp, fitted in prof.plans.items():
+            data["plans"][fp]["runs_as"] = _as_run(fitted, cpu)[0].model_dump(mode="json")
+        print(json.dumps(data, indent=2))
         return
     console = _console()
-    hw = prof.hardware or {}
     console.print(_hardware_line(prof.name, hw), soft_wrap=True, markup=False, highlight=False)
     if hw.get("source"):
         console.print(f"  source: {hw['source']}", soft_wrap=True, markup=False, highlight=False)
     if not prof.plans:
         # a CPU profile (cpu-* names are the budgeted CPU's: profiles add refuses them) is a budget, not a card
-        here = "" if hw.get("kind") == "cpu" or name.startswith("cpu-") else " on this card"
+        here = "" if cpu else " on this card"
         console.print(f"  no fitted plans yet (autofit probe --save, or autofit run --profile {name}{here})")
         return
     headers = ["fingerprint", "config", "micro-batches", "dtype", "compile", "checkpointing", "loss",
                "measured peak", "tokens/s", "fitted (UTC)", "notes"]
-    print_rows(headers, [_plan_row(fp, fitted) for fp, fitted in prof.plans.items()])
+    print_rows(headers, [_plan_row(fp, fitted, cpu) for fp, fitted in prof.plans.items()])
 
 
 @profiles_app.command("rm")

@@ -41,3 +41,23 @@ def with_micro(plan: "PlanRecord", micro: int) -> "PlanRecord":
     mbs = split_batch(plan.effective_batch, micro)
     return plan.model_copy(update={"micro_batch": max(mbs), "micro_batches": mbs, "grad_accum": len(mbs),
                                    "split": describe_split(mbs)})
+
+
+def run_plan(fitted, cfg, kind: str) -> tuple["PlanRecord", list]:
+    """The plan a run of the saved `fitted` (store.FittedPlan) runs: its micro-batch lowered to the
+    profile's safe micro-batch and compile off where lessons say so, with the figures of what it then
+    runs (figures_for, against `cfg`'s model: a TrainConfig, or any object with its fields); and the
+    fitting trials with the plan's own levers (a size that only fitted with recompute or the chunked
+    loss is no refuge for this plan). `kind`: 'cpu' or 'cuda', for the estimate where no trial ran."""
+    plan = fitted.plan
+    changed = False
+    if fitted.safe_micro_batch and fitted.safe_micro_batch < plan.micro_batch:
+        plan, changed = with_micro(plan, fitted.safe_micro_batch), True
+    if fitted.compile_failed and plan.compile:
+        plan, changed = plan.model_copy(update={"compile": False}), True
+    same = [t for t in fitted.trials if t.status == "fit" and
+            (t.dtype, t.checkpointing, t.checkpointing_policy, t.loss_impl)
+            == (plan.dtype, plan.checkpointing, plan.checkpointing_policy, plan.loss_impl)]
+    if changed:  # the figures of what it runs now, not of the plan as it was saved
+        plan = figures_for(plan, same, cfg, kind)
+    return plan, same

@@ -26,7 +26,7 @@ from autofit.profiles.store import (FittedPlan, ProfileError, find_plan, fingerp
                                    save_plan)
 from autofit.records import PlanRecord, ProbeResult, judged_peak
 from autofit.profiles.fingerprints import config_summary, not_reused_words
-from autofit.launch.lowered import figures_for, with_micro
+from autofit.launch.lowered import run_plan
 from trainer.loop import RunOptions
 from trainer.recovery import shrink_policy
 
@@ -232,19 +232,9 @@ def _from_saved(cfg, device, fitted: FittedPlan, profile: str, fp: str, *, max_s
                 extra: dict, budget_bytes: int) -> Launch:
     """The launch of a saved plan that matches: lowered to the profile's safe micro-batch and compile
     off where earlier runs learned so, with the figures of what it then runs, against this run's budget."""
-    plan = fitted.plan.model_copy(deep=True, update={"budget_bytes": budget_bytes})
-    notes = lesson_notes(fitted, plan.micro_batch, plan.compile, profile)  # each with how to clear it
-    if fitted.safe_micro_batch and fitted.safe_micro_batch < plan.micro_batch:
-        plan = with_micro(plan, fitted.safe_micro_batch)
-    if fitted.compile_failed and plan.compile:
-        plan.compile = False
-    # sizes known to fit with the plan's own levers (a size that only fitted with recompute or
-    # the chunked loss is no refuge for this plan)
-    same = [t for t in fitted.trials if t.status == "fit" and
-            (t.dtype, t.checkpointing, t.checkpointing_policy, t.loss_impl)
-            == (plan.dtype, plan.checkpointing, plan.checkpointing_policy, plan.loss_impl)]
-    if notes:  # the figures of what it runs now, not of the plan as it was saved
-        plan = figures_for(plan, same, cfg, device.info.kind)
+    notes = lesson_notes(fitted, fitted.plan.micro_batch, fitted.plan.compile, profile)  # each with how to clear it
+    plan, same = run_plan(fitted, cfg, device.info.kind)  # lowered where lessons say, as profiles show lists it
+    plan = plan.model_copy(deep=True, update={"budget_bytes": budget_bytes})
     fit_sizes = sorted({t.micro_batch for t in same if not t.compile})
     compiled = sorted({t.micro_batch for t in same if t.compile})
     if fitted.searched_under:  # the best of a narrower search: said, so a wider one is one probe away
