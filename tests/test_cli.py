@@ -826,6 +826,15 @@ def test_a_run_says_where_the_users_lever_failed_with_an_error_that_is_not_oom(t
     assert "failed with an error that is not out of memory" in lines[0]
     assert "RuntimeError: fake kernel missing: [chunked]" in lines[0]
     assert "loss standard" in out
+    # k11's leftover: a run from the saved plan (no probe) says it too, from the trials the profile keeps
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL, "--set",
+                         "loss_impl=chunked", "--checkpointing", "0", "--save", "--json")
+    assert code == 0, err
+    code, out, err = cli(monkeypatch, capsys, "run", "--profile", json.loads(out)["saved"]["profile"], *SMALL, "--set",
+                         "loss_impl=chunked", "--max-steps", "1", "--out", "o2", "--no-progress")
+    assert code == 0 and "no probe needed" in out and "trial:" not in err, out + err
+    lines = [ln for ln in out.splitlines() if ln.strip().startswith("error: chunked loss")]
+    assert len(lines) == 1 and "RuntimeError: fake kernel missing: [chunked]" in lines[0], out
 
 
 def test_parallelism_set_on_one_process_is_said_unused(tmp_path, monkeypatch, capsys):

@@ -204,7 +204,7 @@ def _say_plan(launch, detail: bool = True) -> None:
     from autofit.report.render import plan_line
     console.print(f"[bold]plan[/]: {launch.source}")
     if detail:
-        console.print(plan_line(launch.plan, getattr(launch.probe, "trials", ())))
+        console.print(plan_line(launch.plan, launch.trials))  # a saved plan's trials too
 
 
 def _train(cfg, opts) -> None:

@@ -107,6 +107,9 @@ class Launch:
     source: str  # human line: where the plan came from
     messages: list[str] = field(default_factory=list)
     probe: ProbeResult | None = None
+    # the trials the plan was chosen from (the probe's, or the saved plan's): the plan line says the
+    # lever combinations an error that is not out of memory stopped (render.plan_line)
+    trials: list = field(default_factory=list)
 
 
 def _apply_plan(cfg, plan: PlanRecord):
@@ -244,7 +247,7 @@ def _from_saved(cfg, device, fitted: FittedPlan, profile: str, fp: str, *, max_s
            + ("; " + "; ".join(notes) if notes else ""))
     return _launch(cfg, device, plan, fit_sizes, compiled, source=src, max_steps=max_steps, resume=resume,
                    progress=progress, on_event=_profile_recorder(profile, fp, log, cfg.out_dir),
-                   plan_info_extra={"source": "profile", **extra})
+                   plan_info_extra={"source": "profile", **extra}, trials=fitted.trials)
 
 
 def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> str | None:
@@ -272,7 +275,7 @@ def _unmet_flags(plan: PlanRecord, cfg, device, opts: ProbeOptions, budget) -> s
 
 
 def _launch(cfg, device, plan: PlanRecord, fit_sizes, compiled_fit_sizes, *, source: str, max_steps, resume,
-            progress, probe=None, on_event=None, plan_info_extra=None) -> Launch:
+            progress, probe=None, on_event=None, plan_info_extra=None, trials=None) -> Launch:
     run_cfg = _apply_plan(cfg, plan)
     plan_info = {**plan.model_dump(mode="json"), **(plan_info_extra or {}), "description": source,
                  "fit_sizes": sorted(fit_sizes), "compiled_fit_sizes": sorted(compiled_fit_sizes)}
@@ -282,4 +285,5 @@ def _launch(cfg, device, plan: PlanRecord, fit_sizes, compiled_fit_sizes, *, sou
                       compiled_fit_sizes=list(compiled_fit_sizes), shrink=shrink_policy(fit_sizes),
                       on_event=on_event, plan_info=plan_info, max_steps=max_steps, resume=resume,
                       meter=device, device=device.torch_device, progress=progress)
-    return Launch(cfg=run_cfg, opts=opts, device=device, plan=plan, source=source, probe=probe)
+    return Launch(cfg=run_cfg, opts=opts, device=device, plan=plan, source=source, probe=probe,
+                  trials=list(trials if trials is not None else getattr(probe, "trials", [])))

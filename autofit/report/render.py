@@ -215,7 +215,7 @@ def checkpointing_words(checkpointing: int, policy: str = "full") -> str:
 
 def plan_line(p, trials=()) -> str:
     """The plan in one line, as `autofit run` prints it before training; then, for the probe's
-    `trials` (a run that probed just now), a line per lever combination an error that is not out
+    `trials` (those the plan was chosen from: a probe's just now, or a saved plan's), a line per lever combination an error that is not out
     of memory stopped, as probe's plan says it (_plan): the lever the user asked for may be one,
     and the plan's other lever is no loss on memory or speed."""
     from autofit.planning.candidates import error_lines
