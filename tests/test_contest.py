@@ -757,13 +757,18 @@ def test_a_combination_whose_trial_fails_with_another_error_stops_and_is_said(mo
     monkeypatch.setattr(runner, "_trial", trial)
     res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=1 << 40), space)
     assert [c.loss_impl for c in runner.ran].count("chunked") == 1
-    line = ("chunked loss, float32: 1 trial(s) failed with an error that is not out of memory, so it was not searched "
-            "further: TypeError: chunked_cross_entropy() got an unexpected keyword argument 'softcap' (-v lists them)")
+    line = ("chunked loss, float32: 1 trial failed with an error that is not out of memory, so it was not searched "
+            "further: TypeError: chunked_cross_entropy() got an unexpected keyword argument 'softcap' (-v lists it)")
     assert line in res.plan.reason and line in res.plan.model_dump_json()
     res.device = SimpleNamespace(name="fake", kind="cpu", total_bytes=1 << 40, free_bytes=1 << 40, source="test")
     buf = io.StringIO()
     render_probe(res, Console(file=buf, width=400), verbose=False)
     assert sum(line in ln for ln in buf.getvalue().splitlines()) == 1, buf.getvalue()
+    buf = io.StringIO()  # under -v the table lists the trial: the error line does not point to -v (t6)
+    from autofit.report import render
+    render._plan(res, None, Console(file=buf, width=400), verbose=True)
+    said = [ln for ln in buf.getvalue().splitlines() if ln.strip().startswith("error: chunked loss")]
+    assert len(said) == 1 and line.removesuffix(" (-v lists it)") in said[0] and "-v lists" not in said[0], said
 
 
 def test_every_record_reaches_the_on_trial_hook_pruned_and_re_judged_too(monkeypatch):

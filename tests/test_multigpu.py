@@ -315,7 +315,7 @@ def test_the_fault_selector_names_one_rank(monkeypatch):
     assert FaultInjector.from_env(rank=0).at_step == 3 and FaultInjector.from_env(rank=1).at_step == 3
     assert FaultInjector.from_env(rank=1, world_size=2).at_step == 3
     monkeypatch.setenv("AUTOFIT_FAULT_OOM_AT_STEP", "3@2")  # ranks 0 and 1 only: it would never fire
-    with pytest.raises(ValueError, match=r"names rank 2, but this run has 2 rank\(s\), 0 to 1"):
+    with pytest.raises(ValueError, match=r"names rank 2, but this run has 2 ranks, 0 to 1"):
         FaultInjector.from_env(rank=0, world_size=2)
     monkeypatch.setenv("AUTOFIT_FAULT_OOM_AT_STEP", "3@one")
     with pytest.raises(ValueError, match=r"STEP@RANK"):

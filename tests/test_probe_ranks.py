@@ -50,9 +50,9 @@ def test_a_saved_plan_for_other_ranks_is_named_so():
     assert explain_stale(two, {**two, "parallelism": "fsdp2"}) == ["parallelism auto -> fsdp2"]
     assert explain_stale(two, {**one, "world_size": 4, "parallelism": "fsdp2", "n_embd": 64}) == [
         "ranks 2 -> 4", "n_embd 32 -> 64", "parallelism auto -> fsdp2"]
-    assert _for_other_ranks(["ranks 2 -> 1"]) == ("its saved plan is for 2 rank(s), this run has 1 "
+    assert _for_other_ranks(["ranks 2 -> 1"]) == ("its saved plan is for 2 ranks, this run has 1 "
                                                   "(add --nproc-per-node 2 to use it)")
-    assert _for_other_ranks(["ranks 1 -> 2"]) == "its saved plan is for 1 rank(s), this run has 2"
+    assert _for_other_ranks(["ranks 1 -> 2"]) == "its saved plan is for 1 rank, this run has 2"
     assert _for_other_ranks(["ranks 2 -> 1", "n_embd 32 -> 64"]) is None
 
 

@@ -293,7 +293,7 @@ def test_checkpoint_writes_cut_short_are_removed_at_the_next_run_and_said(tmp_pa
         p.write_bytes(b"\0" * 2**20)
     train(_cfg(out), RunOptions(device=torch.device("cpu"), progress=False, max_steps=1))
     assert not any(p.exists() for p in cut) and all(p.exists() for p in mine)
-    assert f"removed 2 checkpoint write(s) cut short (2.0 MiB, measured on disk) in {out}" in capsys.readouterr().out
+    assert f"removed 2 checkpoint writes cut short (2.0 MiB, measured on disk) in {out}" in capsys.readouterr().out
 
 
 def test_profile_writes_cut_short_are_removed_under_the_lock():
@@ -360,7 +360,7 @@ def test_checkpoint_writes_cut_short_beside_a_linked_checkpoints_target_are_remo
     train(_cfg(out), RunOptions(device=torch.device("cpu"), progress=False, max_steps=2, resume=True))
     assert not any(p.exists() for p in cut) and all(p.exists() for p in mine)
     assert (out / "ckpt.pt").is_symlink() and (big / "run.pt").is_file()
-    assert f"removed 2 checkpoint write(s) cut short (2.0 MiB, measured on disk) in {big} and {out}" in capsys.readouterr().out
+    assert f"removed 2 checkpoint writes cut short (2.0 MiB, measured on disk) in {big} and {out}" in capsys.readouterr().out
 
 
 def test_profile_writes_cut_short_beside_a_linked_profiles_target_are_removed(tmp_path):

@@ -66,7 +66,7 @@ def test_the_config_as_written_that_ran_and_failed_is_not_called_an_estimated_fi
 def test_profiles_show_gives_the_whole_batch_and_tokens_per_s_per_rank():
     from autofit.cli.profiles import _plan_row
     fitted = SimpleNamespace(config_summary={"n_layer": 2}, plan=two_rank_plan(measured_reserved_bytes=15 * 10**7),
-                             safe_micro_batch=None, compile_failed=False, events=[],
+                             safe_micro_batch=None, compile_failed=False, events=[], trials=[],
                              updated=__import__("datetime").datetime(2026, 12, 4))
     row = _plan_row("fp", fitted)
     assert row[1].endswith("batch 128")  # 32 on each of 4 ranks
@@ -163,7 +163,7 @@ def test_the_chosen_rows_tokens_per_s_is_the_plans_and_an_unrun_size_is_named():
     text = out.getvalue()
     row = next(line for line in text.splitlines() if "│ >" in line)
     assert f"{run:,.0f}" in row and f"{t.tokens_per_s:,.0f}" not in text
-    assert f"fastest step {run:,.0f} (measured" in text
+    assert f"fastest step {run:,.0f} tokens/s (measured" in text
     assert "micro-batch 10 not run: timed at the nearest run size's rate" in text
 
 
@@ -190,7 +190,7 @@ def test_the_plans_tokens_per_s_is_its_sizes_median_step_with_the_fastest_beside
     render._plan(_probe_of(plan, [t, other]), None, Console(file=out, width=400), verbose=False)
     text = out.getvalue()
     assert ("1,111 tokens/s (measured: median of 5 trial steps at micro-batch 8, its update once per "
-            "optimizer step); fastest step 2,000 (measured") in text
+            "optimizer step); fastest step 2,000 tokens/s (measured") in text
     # the figures survive a profile's or --json's round trip
     assert PlanRecord.model_validate(plan.model_dump(mode="json")).fastest_tokens_per_s == pytest.approx(2000.0)
 

@@ -154,7 +154,7 @@ class FaultInjector:
                              f"(e.g. 3 or 3@1), got {raw!r}") from None
         if on_rank is not None and world_size is not None and on_rank >= world_size:
             raise ValueError(f"AUTOFIT_FAULT_OOM_AT_STEP={raw} names rank {on_rank}, but this run has {world_size} "
-                             f"rank(s), 0 to {world_size - 1}: it would never fire")
+                             f"rank{'s' * (world_size != 1)}, 0 to {world_size - 1}: it would never fire")
         return cls(at, on_rank, rank)
 
     def check(self, step: int | None, micro_index: int) -> None:

@@ -110,7 +110,7 @@ def _plan_row(fp: str, fitted, cpu: bool = False) -> list[str]:
         notes.append("compile failed at run time")
     notes += fitted.events[-2:]
     compile_txt = f"on after {p.compile_after} steps" if p.compile else "off"
-    ckpt = f"every {p.checkpointing} block(s), {p.checkpointing_policy}" if p.checkpointing else "off"
+    ckpt = f"every {p.checkpointing} block{'s' * (p.checkpointing != 1)}, {p.checkpointing_policy}" if p.checkpointing else "off"
     per_rank = " per rank" if p.world_size > 1 else ""  # a trial's tokens/s is one rank's (the slowest)
     tps = _tokens_per_s_words(p, per_rank)
     ranks = f"; {p.world_size} ranks, {p.parallelism}, each" if p.world_size > 1 else ""  # torchrun plans

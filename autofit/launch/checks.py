@@ -96,7 +96,7 @@ def check_saved_plan(plan, cfg, world_size: int, profile: str, fp: str) -> None:
             "block_size": fitted.block_size}
     wrong = [f"{k} {getattr(plan, k)} (this run: {v})" for k, v in want.items() if getattr(plan, k) != v]
     if (plan.world_size == 1) != (plan.parallelism == "single"):
-        wrong.append(f"parallelism {plan.parallelism!r} on {plan.world_size} rank(s)")
+        wrong.append(f"parallelism {plan.parallelism!r} on {plan.world_size} rank{'s' * (plan.world_size != 1)}")
     if wrong:
         raise ProfileError(f"profile {profile}'s plan {fp} does not describe this run ({'; '.join(wrong)}): was it "
                            f"edited by hand? clear it with: autofit profiles rm {profile} --plan {fp}")

@@ -107,7 +107,7 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     except SignalException as e:  # Ctrl-C, SIGTERM, SIGHUP: torchrun passed it on and waited for the ranks
         if not _said(notes):  # rank 0 said what it did (checkpoint or not); else only what this process knows
             stuck = ("; a second signal killed the ranks (SIGKILL)" if seen.second_signal else
-                     f"; {len(seen.killed)} rank(s) did not stop in time and were killed (SIGKILL)" if seen.killed else "")
+                     f"; {len(seen.killed)} rank{'s' * (len(seen.killed) != 1)} did not stop in time and were killed (SIGKILL)" if seen.killed else "")
             print(f"autofit: stopped by {signal.Signals(e.sigval).name}, passed on to the ranks{stuck}; "
                   f"{unsaid_words(argv)}", file=sys.stderr)
         return 128 + int(e.sigval)

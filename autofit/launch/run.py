@@ -54,7 +54,7 @@ def _for_other_ranks(changes: list[str]) -> str | None:
     if len(changes) != 1 or not changes[0].startswith("ranks "):
         return None
     was, now = changes[0].removeprefix("ranks ").split(" -> ")
-    return (f"its saved plan is for {was} rank(s), this run has {now}" +
+    return (f"its saved plan is for {was} rank{'s' * (was != '1')}, this run has {now}" +
             (f" (add --nproc-per-node {was} to use it)" if was != "1" else ""))
 
 

@@ -52,11 +52,12 @@ class Levers:
                 "checkpointing_policy": self.checkpointing_policy}
 
 
-def error_lines(trials) -> list[str]:
+def error_lines(trials, listed: bool = False) -> list[str]:
     """One line per lever combination (and compile) with trials that failed with an error that is
     not out of memory (status 'error': a bug in a loss or checkpointing path, an op this torch
     lacks), naming the count and the first error: such a combination did not lose on memory or
-    speed, so the plan and the default output say it (the -v table lists each trial)."""
+    speed, so the plan and the default output say it (the -v table lists each trial; `listed`: it
+    is shown, so the line does not point to it)."""
     groups: dict[tuple, list] = {}
     for t in trials:
         if t.status == "error":
@@ -66,8 +67,9 @@ def error_lines(trials) -> list[str]:
         ck = f", checkpointing every {lv.checkpointing} ({lv.checkpointing_policy})" if lv.checkpointing else ""
         what = f"{lv.loss_impl} loss{ck}, {lv.dtype}" + (", compiled" if compiled else "") + (", FSDP2" if lv.sharded else "")
         first = ((errs[0].note or "no reason given").strip().splitlines() or ["no reason given"])[0][:300]
-        out.append(f"{what}: {len(errs)} trial(s) failed with an error that is not out of memory, so it was not "
-                   f"searched further: {first} (-v lists them)")
+        n = len(errs)
+        out.append(f"{what}: {n} trial{'s' * (n != 1)} failed with an error that is not out of memory, so it was not "
+                   f"searched further: {first}" + ("" if listed else f" (-v lists {'them' if n != 1 else 'it'})"))
     return out
 
 

@@ -258,7 +258,7 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
     errors = [t for t in trials if t.status == "error"]
     if errors and not any(t.status in ("oom", "over_budget") for t in trials):  # not memory: say what it was
         first = (errors[0].note or "no reason given").strip().splitlines()[0][:300]
-        raise PlanError(f"no trial could run: {len(errors)} trial(s) failed with an error that is not out of "
+        raise PlanError(f"no trial could run: {len(errors)} trial{'s' * (len(errors) != 1)} failed with an error that is not out of "
                         f"memory, the first: {first} (-v lists every trial)")
     measured = [judged_peak(t) for t in trials if t.measured_peak_bytes]  # reserved where the device has it
     ests = [t.estimated_peak_bytes for t in trials if t.estimated_peak_bytes]

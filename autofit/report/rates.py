@@ -50,7 +50,7 @@ def plan_rate_words(p, res=None) -> str:
         return f"{p.tokens_per_s:,.0f} tokens/s{per} (measured: trial steps, its update once per optimizer step{not_run})"
     steps = f"{p.timed_steps} trial steps" if p.timed_steps else "the trial steps"
     return (f"{p.tokens_per_s:,.0f} tokens/s{per} (measured: median of {steps} at micro-batch {p.micro_batch}, "
-            f"its update once per optimizer step{not_run}); fastest step {p.fastest_tokens_per_s:,.0f} "
+            f"its update once per optimizer step{not_run}); fastest step {p.fastest_tokens_per_s:,.0f} tokens/s{per} "
             "(measured: the least disturbed, the figure the contest compares)")
 
 

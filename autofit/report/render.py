@@ -250,7 +250,7 @@ def _plan(res, cfg, console: Console, verbose: bool) -> None:
         f"estimated peak {fmt_bytes(p.estimated_peak_bytes)}"
     console.print(f"  {peak} of a {fmt_bytes(p.budget_bytes)} budget; {plan_rate_words(p, res)}")
     from autofit.planning.candidates import error_lines
-    for line in error_lines(getattr(res, "trials", [])):  # not a loss on memory or speed: said even without -v
+    for line in error_lines(getattr(res, "trials", []), listed=verbose):  # not a loss on memory or speed: said even without -v
         console.print(f"  [bold red]error[/]: {escape(line)}", highlight=False)
     if verbose:
         console.print(f"  why: {p.reason}")

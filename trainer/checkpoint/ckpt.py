@@ -55,7 +55,7 @@ def clear_cut_writes(ckpt: Path) -> str | None:
             where.setdefault(str(tmp.parent), None)
         except OSError:
             left.append(str(tmp))
-    words = [f"removed {removed} checkpoint write(s) cut short ({size / 2**20:.1f} MiB, measured on disk) in "
+    words = [f"removed {removed} checkpoint write{'s' * (removed != 1)} cut short ({size / 2**20:.1f} MiB, measured on disk) in "
              f"{' and '.join(where)}"] if removed else []
     words += [f"could not remove {', '.join(left)} (a checkpoint write cut short)"] if left else []
     return "; ".join(words) or None

@@ -148,7 +148,7 @@ def start(device_type: str, ranks: Ranks | None = None) -> bool:
     try:
         dist.init_process_group(backend_for(device_type), **kwargs)
     except (RuntimeError, ValueError) as e:
-        raise TrainError(f"rank {ranks.rank}: cannot join the other {ranks.world_size - 1} rank(s) ({first_line(e)}); "
+        raise TrainError(f"rank {ranks.rank}: cannot join the other {ranks.world_size - 1} rank{'s' * (ranks.world_size != 2)} ({first_line(e)}); "
                          f"start several ranks with torchrun or autofit run --nproc-per-node N") from None
     return True
 
