@@ -2,6 +2,7 @@
 saved profiles and the JSON output, so all three agree on names and units (bytes as ints)."""
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Literal
@@ -106,11 +107,8 @@ class TrialRecord(BaseModel):
         what the run should see on a machine as busy as the probe's (load slows some steps, and a
         run has them all), where run_tokens_per_s is the undisturbed figure. The plan prints
         both (autofit.planning.split.plan_rates). None without step times."""
-        r = sorted(self.readings(False))
-        if not r:
-            return None
-        mid = len(r) // 2
-        return 2.0 / (r[mid - 1] + r[mid]) if len(r) % 2 == 0 else 1.0 / r[mid]
+        r = self.readings(False)
+        return 1.0 / statistics.median(r) if r else None
 
 
 class PlanRecord(BaseModel):

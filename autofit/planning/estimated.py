@@ -15,19 +15,19 @@ from autofit.planning.contest import TIE
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.planning.planner import _nothing_fits
 from autofit.planning.split import choose_split
-from autofit.planning.throughput import RATE_WORDS, estimated_tokens_per_s, rate_words, step_floors
+from autofit.planning.throughput import estimated_tokens_per_s, peak_tflops, rate_words, step_floors
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
 from trainer.step import describe_split
 
-# How the throughput figures of this mode are made, said wherever one is printed.
-RATE_HOW = f"estimated: {RATE_WORDS}"
-
 
 def rate_how(hw) -> str:
-    """RATE_HOW for hardware profile `hw`: a sustained_tflops card's words name the sustained rate."""
+    """How this mode's throughput figures for hardware profile `hw` are made, said wherever one is
+    printed (a sustained_tflops card's words name the sustained rate)."""
     return f"estimated: {rate_words(hw)}"
+
+
 OWN_NOTE = "your config as written"  # the note of its row when no combination's row is that candidate
 VS_PLAN = "against the plan: "  # the own row's note then says how the plan compares with it
 
@@ -130,7 +130,6 @@ def _bound_words(shape: ModelShape, row: TrialRecord, hw, tf32: bool, step_batch
     """Which floor of the roofline sets the plan's estimated rate, and the three floors."""
     f = step_floors(shape, row.micro_batch, row.dtype, row.checkpointing, hw, row.checkpointing_policy, tf32,
                     step_batch)
-    from autofit.planning.throughput import peak_tflops
     rate = f"{peak_tflops(hw, row.dtype, tf32):.3g} TFLOP/s {row.dtype}"
     if getattr(hw, "sustained_tflops", None):
         rate += f", the rate {hw.name} sustains at its power limit ({hw.sustained_tflops:g} of {hw.peak_fp16_tflops:g} fp16)"

@@ -61,6 +61,8 @@ LAUNCH_SECONDS = 5e-6
 # on the CPU, where they decompose): not counted, so this is a floor.
 KERNELS_PER_BLOCK, KERNELS_OUTSIDE = 35, 21
 UPDATE_KERNELS_PER_BLOCK, UPDATE_KERNELS_OUTSIDE = 12, 23
+
+
 def rate_words(hw=None) -> str:
     """How an estimated rate was got, where it is printed (autofit.report.rates.plan_rate_words):
     the card's peak TFLOP/s, or for a profile with sustained_tflops (peak_tflops scales by it) the

@@ -50,10 +50,10 @@ class Lesson(BaseModel):
         return ", ".join(w for w in where if w)
 
 
-def merged(old: FittedPlan, new: FittedPlan, since: datetime | None) -> dict[str, Any]:
-    """What a plan saved again keeps of `old`: its created, its events (one more saying which
-    lessons the probe cleared), and its lessons newer than `since` merged with `new`'s; under
-    'cleared', not a plan field, those cleared lessons in words (for the probe to say them)."""
+def merged(old: FittedPlan, new: FittedPlan, since: datetime | None) -> tuple[dict[str, Any], list[str]]:
+    """(the fields a plan saved again keeps of `old`: its created, its events (one more saying
+    which lessons the probe cleared), and its lessons newer than `since` merged with `new`'s;
+    the lessons it cleared, in words, for the probe to say them)."""
     def fresh(value, lesson: Lesson | None) -> bool:
         return bool(value) and (since is None or (lesson is not None and lesson.learned >= _as_utc(since)))
     cleared = []
@@ -62,22 +62,30 @@ def merged(old: FittedPlan, new: FittedPlan, since: datetime | None) -> dict[str
         if safe is None or old.safe_micro_batch <= safe:
             safe, safe_lesson = old.safe_micro_batch, old.safe_micro_batch_lesson
     elif old.safe_micro_batch:
-        cleared.append(f"safe micro-batch {old.safe_micro_batch} ({_learned(old.safe_micro_batch_lesson)})")
+        cleared.append(_safe_words(old))
     failed, failed_lesson = new.compile_failed, new.compile_failed_lesson
     if fresh(old.compile_failed, old.compile_failed_lesson) and not failed:
         failed, failed_lesson = True, old.compile_failed_lesson
     elif old.compile_failed and not fresh(old.compile_failed, old.compile_failed_lesson):
-        cleared.append(f"compile off ({_learned(old.compile_failed_lesson)})")
+        cleared.append(_compile_words(old))
     events = old.events + [e for e in new.events if e not in old.events]
     if cleared:
         events.append(f"{_now():%Y-%m-%dT%H:%MZ} probed again, lessons from before the probe cleared: "
                       f"{'; '.join(cleared)}")
-    return {"cleared": cleared, "created": old.created, "events": events, "safe_micro_batch": safe, "safe_micro_batch_lesson": safe_lesson,
-            "compile_failed": failed, "compile_failed_lesson": failed_lesson}
+    return {"created": old.created, "events": events, "safe_micro_batch": safe, "safe_micro_batch_lesson": safe_lesson,
+            "compile_failed": failed, "compile_failed_lesson": failed_lesson}, cleared
 
 
 def _learned(lesson: Lesson | None) -> str:
     return lesson.words() if lesson is not None else "learnt at an unknown time, by an autofit before lessons were dated"
+
+
+def _safe_words(plan: FittedPlan) -> str:
+    return f"safe micro-batch {plan.safe_micro_batch} ({_learned(plan.safe_micro_batch_lesson)})"
+
+
+def _compile_words(plan: FittedPlan) -> str:
+    return f"compile off ({_learned(plan.compile_failed_lesson)})"
 
 
 def clear_lessons(plan: FittedPlan) -> list[str]:
@@ -85,9 +93,9 @@ def clear_lessons(plan: FittedPlan) -> list[str]:
     in words ('safe micro-batch 1 (step 3 of run out, ...)'), empty if there was none."""
     cleared = []
     if plan.safe_micro_batch:
-        cleared.append(f"safe micro-batch {plan.safe_micro_batch} ({_learned(plan.safe_micro_batch_lesson)})")
+        cleared.append(_safe_words(plan))
     if plan.compile_failed:
-        cleared.append(f"compile off ({_learned(plan.compile_failed_lesson)})")
+        cleared.append(_compile_words(plan))
     plan.safe_micro_batch, plan.safe_micro_batch_lesson = None, None
     plan.compile_failed, plan.compile_failed_lesson = False, None
     if cleared:

@@ -246,8 +246,7 @@ def save_plan(name: str, hardware: dict[str, Any] | None, plan: FittedPlan,
                      for d in (hardware_defaults, profile.hardware, hardware)]
             profile.hardware = {**given[0], **given[1], **given[2]}
         old = profile.plans.get(plan.fingerprint)
-        kept = {} if old is None else _merged(old, plan, probed_since)
-        cleared = kept.pop("cleared", [])
+        kept, cleared = ({}, []) if old is None else _merged(old, plan, probed_since)
         if cleared and on_cleared is not None:
             on_cleared(cleared)
         profile.plans[plan.fingerprint] = plan.model_copy(update={**kept, "updated": _now()})
