@@ -10,7 +10,9 @@ The measured probe (probe_measured), step by step:
    contest); a recomputing combination is skipped (autofit.planning.prune) when the combinations without it already hold the
    whole batch, the estimate promises no larger size, or their measured rate rises too slowly in
    the micro-batch for that size to pay back recomputation's extra compute (a third for full
-   checkpointing, less for selective: autofit.planning.throughput.RECOMPUTE_SHARE);
+   checkpointing, less for selective: autofit.planning.throughput.RECOMPUTE_SHARE); a chunked-loss
+   combination is skipped where it does not fit the next run size past the standard loss's largest
+   fit (at the same size it is the same work in chunks: autofit.planning.prune.prune_loss);
 3. autofit.planning.contest.decide: every contender (and the config's own micro-batch where it
    fits) re-timed in alternation, judged on its fastest step's time per token, until the
    difference is clear or a tie, which goes to the most headroom (or the user's own split);
@@ -32,7 +34,7 @@ from autofit.planning.confirm import confirm_compile, record_of, run_the_split_s
 from autofit.planning.estimate import estimate_peak
 from autofit.records import PlanRecord, ProbeResult, TrialRecord, judged_peak
 from autofit.planning.own import own_split, own_why
-from autofit.planning.prune import prune_recompute, prune_sharding
+from autofit.planning.prune import prune_loss, prune_recompute, prune_sharding
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, run_size, run_sizes, split_rates, plan_rates
 from autofit.planning.contest import (TIE_MAX, CLEAR_CONSISTENT, decide, label, peak_of, run_tokens_per_s,
@@ -106,7 +108,8 @@ def _plan_from_trials(cfg, runner: TrialRunner, budget: Budget, space: Space) ->
             # whether recomputation could pay back at all (prune.prune_recompute)
             before = decide(runner, pool, before=before)
             pool = [before.winner]
-        pruned = prune_sharding(runner, levers, best_by_levers) or prune_recompute(runner, levers, best_by_levers)
+        pruned = (prune_sharding(runner, levers, best_by_levers) or prune_recompute(runner, levers, best_by_levers)
+                  or prune_loss(runner, levers, best_by_levers))
         if pruned is not None:
             runner.trials.append(pruned)
             runner.on_trial(pruned)  # AUTOFIT_TRIALS_JSONL has every record, run or pruned

@@ -1,10 +1,12 @@
 """Lever combinations not worth a search: recomputation (activation checkpointing) where the
 combinations without it already hold the batch, the estimate promises no larger size, or their
-measured rate rises too slowly for recomputation's extra compute to pay back; FSDP2 sharding
-where an unsharded combination holds the batch or the estimate promises no larger size. Each
-returns a 'pruned' TrialRecord (its note the reason) or None (search it)."""
+measured rate rises too slowly for recomputation's extra compute to pay back; the chunked loss
+where it does not fit the next run size past the standard loss's largest fit (prune_loss); FSDP2
+sharding where an unsharded combination holds the batch or the estimate promises no larger size.
+Each returns a 'pruned' TrialRecord (its note the reason) or None (search it)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from autofit.planning import agree
@@ -12,7 +14,7 @@ from autofit.planning.candidates import Levers
 from autofit.planning.contest import retime, seconds_per_token
 from autofit.planning.estimate import max_micro_batch
 from autofit.planning.search import TrialRunner
-from autofit.planning.split import run_size
+from autofit.planning.split import run_size, run_sizes
 from autofit.planning.throughput import RECOMPUTE_SHARE
 from autofit.records import TrialRecord
 
@@ -38,8 +40,10 @@ def prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Le
     elif base > 0 and est_ck <= base:
         why = f"estimated {est_ck} with it, no more than the {base} that fits without"
     else:
-        flat = cannot_pay_back(runner, levers, [lv for lv in base_levers if lv.loss_impl == levers.loss_impl],
-                                best_by_levers, est_ck)
+        # the same loss's curve; where that loss was not searched (prune_loss: it fits no larger
+        # size, and at the same size is no faster) the other loss's curve stands for it
+        same_loss = [lv for lv in base_levers if lv.loss_impl == levers.loss_impl] or base_levers
+        flat = cannot_pay_back(runner, levers, same_loss, best_by_levers, est_ck)
         if flat:
             why = f"cannot pay back its extra compute: without it the rate is already flat or rises too slowly ({flat})"
     if why is None:
@@ -79,10 +83,51 @@ def cannot_pay_back(runner: TrialRunner, levers: Levers, base_levers: list[Lever
             a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)
             gain = max(1.0, a / b) ** math.log2(est_ck / big.micro_batch)
         if gain <= cost:
+            d = 2 if round(gain, 2) < round(cost, 2) else 3  # '1.09x, less than 1.09x' reads as a mistake
             return (f"{lv.loss_impl} loss: micro-batch {half.micro_batch} takes {a / b:.2f}x the time per token "
-                    f"of {big.micro_batch}, so the estimated {est_ck} with recomputation gains at most {gain:.2f}x, "
-                    f"less than its {cost:.2f}x compute")
+                    f"of {big.micro_batch}, so the estimated {est_ck} with recomputation gains at most {gain:.{d}f}x, "
+                    f"no more than its {cost:.{d}f}x compute")
     return None
+
+
+# Statuses of a trial that says a size does not fit (an error that is not out of memory says nothing
+# about memory: the combination is searched, and its search stops on the error and says so).
+NOT_FIT = ("oom", "over_budget", "pruned", "spill")
+
+
+def prune_loss(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
+    """The chunked loss is a memory lever: it computes the same head matmul and cross-entropy in
+    chunks so the full logits never exist at once, which at a given micro-batch costs the same
+    work or more (torchtitan PR #996: peak -7 GiB on Llama3-8B, 'no throughput loss'; TileGym #65:
+    73.3 ms against 47.0 ms unchunked, ../shared/research/field-2026.md; on this CPU 1-4 % slower
+    at the tiny preset's 11, docs/planner-benchmark.md). So it can only win by running a larger
+    size than the standard loss fits. Where the standard loss with the same other levers fits the
+    whole batch, or the chunked loss does not fit the next run size past the standard loss's
+    largest fit (one trial, skipped without running where the estimate rules it out beyond its
+    error bound), the chunked combination is not searched: its contest at the standard loss's
+    size would be a coin toss between two plans a percent or two apart (issue 18's alternation).
+    Not for the config's own loss (its split is a contender: autofit.planning.own). Returns the
+    'pruned' record at the size the standard loss fits, its note the reason, or None."""
+    if levers.loss_impl != "chunked" or runner.cfg.loss_impl == "chunked":
+        return None
+    std = dataclasses.replace(levers, loss_impl="standard")
+    base = best_by_levers.get(std, 0)
+    if base <= 0:  # the standard loss fits nothing here, or was not searched: the chunked loss may
+        return None
+    E = runner.rank_batch
+    if base >= E:
+        why = f"the standard loss fits the whole batch ({base}) with these levers"
+    else:
+        past = min(m for m in run_sizes(E) if m > base)
+        r = runner.run(levers.candidate(past))
+        if r.status not in NOT_FIT:
+            return None
+        how = "ruled out by the estimate" if r.status == "pruned" else {"oom": "out of memory"}.get(r.status, r.status)
+        why = (f"the chunked loss does not fit micro-batch {past} either ({how}), the next size a run uses past "
+               f"the {base} the standard loss fits")
+    return TrialRecord(**levers.candidate(min(base, E)).model_dump(), status="pruned",
+                       note=f"not needed: {why}; at the same size it does the same work in chunks, no faster "
+                            f"(a memory lever: torchtitan PR #996, docs/planner-benchmark.md)")
 
 
 def prune_sharding(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers, int]) -> TrialRecord | None:
