@@ -733,6 +733,13 @@ ROWS: list[Row] = [
     Row("19r: --resume model not a dict", RESUME, checkpoint(put(model="weights"))),
     Row("--resume checkpoint of a newer autofit format, a sampler key unknown here", RESUME,
         checkpoint(lambda ck: (ck.update(autofit_format=99), ck["sampler"].update(shuffle="v2"))), by="session 14"),
+    # every other reader of ckpt.pt says 'upgrade autofit' too (sample read its nanoGPT keys, silently)
+    Row("sample from a checkpoint of a newer autofit format", SAMPLE,
+        checkpoint(lambda ck: (ck.update(autofit_format=99), ck["sampler"].update(shuffle="v2"))), by="session 15"),
+    Row("init_from=resume from a checkpoint of a newer autofit format", [*RUN, "--out", "o", "--set", "init_from=resume"],
+        checkpoint(lambda ck: (ck.update(autofit_format=99), ck["sampler"].update(shuffle="v2"))), by="session 15"),
+    Row("--resume --nproc-per-node 2 from a checkpoint of a newer autofit format", [*RESUME, "--nproc-per-node", "2"],
+        checkpoint(lambda ck: (ck.update(autofit_format=99), ck["sampler"].update(shuffle="v2"))), by="session 15"),
     # 1. checkpoints, nanoGPT's layout
     Row("19r: --resume nanoGPT checkpoint iter_num = -5", RESUME, checkpoint(nanogpt_only(iter_num=-5))),
     Row("19r: --resume nanoGPT checkpoint best_val_loss text", RESUME, checkpoint(nanogpt_only(best_val_loss="x"))),

@@ -24,7 +24,7 @@ from trainer.model.gpt import MODEL_ARGS, MODERN_ARGS, GPT, GPTConfig, clean_sta
 from trainer.model.gpt import model_args_of as _model_args_of
 from trainer.checkpoint.safe_load import UnsafeOrUnreadable, load_weights_only
 from trainer.paths import PathProblem, input_file
-from trainer.checkpoint.schema import CheckpointFieldError, NanoGPTCheckpointFields, validate
+from trainer.checkpoint.schema import CheckpointFieldError, NanoGPTCheckpointFields, check_format, validate
 
 # What tells autofit's layout from nanoGPT's (autofit's checkpoints carry nanoGPT's keys too).
 AUTOFIT_MARKERS = ("model", "config", "sampler")
@@ -181,14 +181,21 @@ def read_nanogpt_checkpoint(path: str | Path, map_location: str | torch.device =
     """Read a nanoGPT ckpt.pt (or an autofit one, through the nanoGPT keys it carries or its
     config) with weights_only=True, checked against its model_args.
 
-    Raises CheckpointError (one line) for a missing or unreadable file, a dict of neither
+    Raises CheckpointError (one line) for a missing or unreadable file, one a newer autofit wrote
+    (its format above trainer.checkpoint.schema.CHECKPOINT_FORMAT: 'upgrade autofit'), a dict of neither
     layout, model args that do not describe a GPT, or model/optimizer state that does not fit.
     """
     return nanogpt_checkpoint_from(load_torch_file(path, map_location), path)
 
 
 def nanogpt_checkpoint_from(ck: Mapping, path: str | Path = "checkpoint") -> NanoGPTCheckpoint:
-    """read_nanogpt_checkpoint's checks and result for a checkpoint dict already loaded."""
+    """read_nanogpt_checkpoint's checks and result for a checkpoint dict already loaded. A newer
+    autofit's format is refused first, as --resume refuses it: its nanoGPT keys may read here while
+    what they mean changed (nanoGPT's own files carry no format and read as format 1)."""
+    try:
+        check_format(ck, path)
+    except CheckpointFieldError as e:
+        raise CheckpointError(str(e)) from None
     layout = checkpoint_layout(ck, path)
     try:  # every field's type and range, once (trainer/checkpoint/schema.py)
         validate(NanoGPTCheckpointFields, {k: ck[k] for k in NANOGPT_KEYS if k in ck}, path)
