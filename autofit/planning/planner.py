@@ -163,14 +163,15 @@ def _reason(cfg, runner: TrialRunner, decision, chosen: TrialRecord, own, why_pe
             why_compile: str = "") -> str:
     """The plan's 'why': the contest's words and compile's (confirm_compile), then the smaller
     size's and the user's own split's, the measured peak against the budget, the split, and what
-    the CPU device cannot measure, and each combination a non-memory error stopped (error_lines)."""
+    the CPU device cannot measure, and each combination a non-memory error stopped (error_lines; with no
+    '(-v lists it)': the why is shown under -v and in --json, each beside the trials it would point to)."""
     n_fit = len([t for t in runner.trials if t.status == "fit"])
     cpu_compile_note = ("; compile=True in the config is not measured on the budgeted CPU device (its tracker "
                         "keeps Dynamo from compiling), so the plan is eager"
                         if not runner.device.capabilities.compile and cfg.compile else "")
     return (f"{decision.why}{'; ' + why_compile if why_compile else ''}"
             f" ({n_fit} fitting trials){_smaller_why(runner, chosen, decision)}{own_why(runner, chosen, own)}; "
-            f"{why_peak}; {why_split}{cpu_compile_note}" + "".join(f"; {e}" for e in error_lines(runner.trials)))
+            f"{why_peak}; {why_split}{cpu_compile_note}" + "".join(f"; {e}" for e in error_lines(runner.trials, listed=True)))
 
 
 
