@@ -107,7 +107,7 @@ def test_weights_that_disagree_with_the_config_are_one_line_before_any_model(tmp
         return {**ck["config"], "n_layer": 2}
     msg = _refusal(_checkpoint(tmp_path, config=two_layers))
     assert "model: the model state lacks transformer.h.1." in msg
-    assert "the weights have 1 layer(s), config says n_layer=2" in msg
+    assert "the weights have 1 layer, config says n_layer=2" in msg
 
     def wrong_shape(ck):
         return {**ck["model"], "transformer.wte.weight": torch.zeros(3, 3)}
@@ -253,7 +253,7 @@ def test_ranks_on_cuda_without_a_gpu_are_sent_to_the_cpu_not_to_zero_ranks(monke
         cpu.check_ranks_fit(2, None, "cuda")
     assert "--nproc-per-node 0" not in str(e.value) and "use --device cpu" in str(e.value)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(DeviceError, match="this machine has 1 GPU"):
+    with pytest.raises(DeviceError, match="this machine has 1 GPU, one per rank"):
         cpu.check_ranks_fit(2, None, "cuda")
 
 

@@ -105,7 +105,7 @@ def test_ctrl_c_while_sampling_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(trainer.sample, "generate_samples", one_then_ctrl_c)
     code, out, err = cli(monkeypatch, capsys, "sample", "--out", str(tmp_path), "--device", "cpu")
     assert code == 130 and out.splitlines()[0] == "the first sample"
-    assert err.strip().splitlines() == ["autofit: interrupted while sampling; 1 of 10 sample(s) finished and "
+    assert err.strip().splitlines() == ["autofit: interrupted while sampling; 1 of 10 samples finished and "
                                         "printed above"]
 
     def ctrl_c_at_once(out, opts, on_sample=None, say=None, **k):  # t3 (session 12): 'printed above' of nothing

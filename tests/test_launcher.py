@@ -142,8 +142,8 @@ def test_a_rank_only_config_error_reaches_stderr_once(tmp_path):
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     # one line; "rank N: " when torchrun stopped the other rank (after the first one's error) before
     # it came to the same refusal: the launcher cannot know that it would have said it too
-    assert len(errors) == 1 and re.fullmatch(r"autofit: error: (rank [01]: )?AUTOFIT_RANK_BUDGETS names 1 budget\(s\) "
-                                             r"for 2 rank\(s\); give one per rank, e\.g\. AUTOFIT_RANK_BUDGETS=3MiB,2MiB",
+    assert len(errors) == 1 and re.fullmatch(r"autofit: error: (rank [01]: )?AUTOFIT_RANK_BUDGETS names 1 budget "
+                                             r"for 2 ranks; give one per rank, e\.g\. AUTOFIT_RANK_BUDGETS=3MiB,2MiB",
                                              errors[0]), proc.stderr
     assert "interrupted" not in proc.stderr  # torchrun's SIGTERM to the slower rank is no news
     assert proc.stderr.splitlines()[0].startswith("OMP_NUM_THREADS=") and "*****" not in proc.stderr

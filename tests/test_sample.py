@@ -149,7 +149,9 @@ def test_character_vocabulary_from_meta_pkl_with_a_nanogpt_checkpoint(tmp_path):
     assert str(meta) in res.codec and "nanogpt layout, step 40" in res.model_source
     with pytest.raises(SampleError) as e:
         generate_samples(tmp_path / "out", opts(start="abZ€"), data_root=tmp_path / "data")
-    assert "2 character(s) not in the vocabulary" in str(e.value) and "'Z'" in str(e.value)
+    assert "--start has 2 characters not in the vocabulary" in str(e.value) and "'Z'" in str(e.value)
+    with pytest.raises(SampleError, match="--start has 1 character not in"):  # not '1 character(s)'
+        generate_samples(tmp_path / "out", opts(start="abZ"), data_root=tmp_path / "data")
     assert "\n" not in str(e.value)
     # a dataset given as a path finds its meta.pkl there, as load_dataset does
     save_nanogpt(tmp_path / "out2" / "ckpt.pt", model, str(tmp_path / "data" / "tinychars"))
@@ -253,7 +255,7 @@ def test_sample_after_autofit_run(tmp_path, monkeypatch, capsys):
     (["--start", ""], "--start is empty"),
     (["--out", "nowhere"], "no checkpoint at nowhere/ckpt.pt"),
     (["--out", "notackpt"], "is neither an autofit checkpoint nor a nanoGPT one"),
-    (["--start", "Zz", "--out", "chars"], "character(s) not in the vocabulary"),
+    (["--start", "Zz", "--out", "chars"], "2 characters not in the vocabulary"),
     (["--init-from", "gpt2-large"], "openai-community/gpt2-large (config.json, model.safetensors) is not in the Hugging Face cache"),
 ])
 def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, match):
@@ -378,8 +380,8 @@ def test_the_default_prompt_on_characters_without_a_newline_starts_from_id_0(tmp
     res = generate_samples(tmp_path / "out", opts(top_k=1, num_samples=1), data_root=tmp_path / "data",
                            say=said.append)
     assert res.texts[0] == "".join(chars[i] for i in greedy(model, [0], 24))
-    assert f"prompt 1 tokens (the default newline is not in this vocabulary: starting from id 0, {chars[0]!r})" in said[0]
-    with pytest.raises(SampleError, match="1 character\\(s\\) not in the vocabulary"):
+    assert f"prompt 1 token (the default newline is not in this vocabulary: starting from id 0, {chars[0]!r})" in said[0]
+    with pytest.raises(SampleError, match="--start has 1 character not in the vocabulary"):
         generate_samples(tmp_path / "out", opts(start="\n\n"), data_root=tmp_path / "data")
 
 

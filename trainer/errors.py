@@ -15,3 +15,14 @@ def install_hint(extra: str, *packages: str) -> str:
     'pip install matplotlib (from an autofit checkout: pip install -e ".[plot]")'
     """
     return f'pip install {" ".join(packages)} (from an autofit checkout: pip install -e ".[{extra}]")'
+
+
+def counted(n: int, word: str, plural: str | None = None) -> str:
+    """n and the word in the number it takes, for the lines a user reads ('1 GPU', '2 GPUs',
+    '0 GPUs'); `plural` when it is not word + 's'. The package's one plural helper (autofit
+    imports it; trainer never imports autofit).
+
+    >>> counted(1, "round"), counted(3, "alternating round"), counted(0, "GPU UUID")
+    ('1 round', '3 alternating rounds', '0 GPU UUIDs')
+    """
+    return f"{n} {word if n == 1 else plural or word + 's'}"

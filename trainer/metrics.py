@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.errors import TrainError, install_hint
+from trainer.errors import TrainError, counted, install_hint
 from trainer.writes import append_lines
 
 # The line printed for each event kind; fields come from the event record.
@@ -34,8 +34,8 @@ EVENT_TEXT = {
     "stage": "stage {stage} from step {step}: {effective_batch} sequences x {block_size} tokens = "
              "{tokens_per_step:,} tokens per step, micro-batches {micro_batches}",
     "kept_best": "ckpt.pt kept as it is, at step {best_step} (the best val loss, {val_loss}): "
-                 "always_save_checkpoint=False saves only a better one, as nanoGPT does, so the {steps_not_saved} "
-                 "step(s) since are not saved",
+                 "always_save_checkpoint=False saves only a better one, as nanoGPT does, so the {steps_since} "
+                 "since went unsaved",
     "scaler_skips": "fp16: the GradScaler skipped {skipped_steps} steps in a row (gradients overflow); bfloat16 "
                     "needs no scaler, or lower the learning rate",
 }
@@ -47,7 +47,8 @@ def describe_event(ev: dict) -> str | None:
     if not text:
         return None
     n = ev.get("new_world_size")  # 'on 1 rank', 'on 2 ranks'
-    line = text.format(inj=" (injected)" if ev.get("injected") else "", new_ranks=f"{n} rank{'s' * (n != 1)}", **ev)
+    line = text.format(inj=" (injected)" if ev.get("injected") else "", new_ranks=counted(n, "rank"),
+                       steps_since=counted(ev.get("steps_not_saved"), "step"), **ev)
     reason = str(ev.get("reason", ""))
     if ev["event"].endswith("oom_shrink") and reason.startswith("rank "):  # another rank's OOM, agreed: say whose
         line += f" ({reason.split(' (')[0]})"

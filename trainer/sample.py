@@ -29,6 +29,7 @@ from trainer.model.gpt import GPT, GPTConfig
 from trainer.checkpoint.nanogpt import NanoGPTCheckpoint, check_finite, read_nanogpt_checkpoint
 from trainer.paths import PathProblem, expand_user, input_file
 from trainer.model.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
+from trainer.errors import counted
 
 # logits / temperature must stay finite in float32 (3.4e38), or softmax gives NaN and sampling
 # fails: 1e-6 keeps logits up to 1e32 finite. --top-k 1 is the way to ask for greedy decoding.
@@ -93,8 +94,8 @@ def check_options(opts: SampleOptions) -> None:
         raise SampleError(f"--device must be cpu, cuda or cuda:N, got {opts.device!r}")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise SampleError(f"--device {opts.device}: no CUDA GPU is visible here; use --device cpu")
-    if opts.device.startswith("cuda:") and int(opts.device[5:]) >= torch.cuda.device_count():
-        raise SampleError(f"--device {opts.device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    if opts.device.startswith("cuda:") and int(opts.device[5:]) >= (n := torch.cuda.device_count()):
+        raise SampleError(f"--device {opts.device}: only {counted(n, 'CUDA GPU')} {'is' if n == 1 else 'are'} visible")
 
 
 def read_start(start: str) -> str:
@@ -152,7 +153,7 @@ def char_codec(meta_path: Path) -> Codec:
         unknown = sorted({c for c in text if c not in stoi})
         if unknown:
             shown = ", ".join(repr(c) for c in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-            raise SampleError(f"--start has {len(unknown)} character(s) not in the vocabulary of {meta_path} "
+            raise SampleError(f"--start has {counted(len(unknown), 'character')} not in the vocabulary of {meta_path} "
                               f"({len(stoi)} characters): {shown}")
         return [int(stoi[c]) for c in text]
 
@@ -316,7 +317,7 @@ def generate_samples(out_dir: str | Path, opts: SampleOptions, *, data_root: str
         raise SampleError(f"--start encodes to token {max(ids)}, beyond the model's vocab_size {vocab}")
     dtype, ctx = _autocast(device)
     if say is not None:
-        say(f"model {source}; vocabulary {codec.description}; {device}, {dtype}; prompt {len(ids)} tokens{note}")
+        say(f"model {source}; vocabulary {codec.description}; {device}, {dtype}; prompt {counted(len(ids), 'token')}{note}")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     torch.manual_seed(opts.seed)
     texts = []

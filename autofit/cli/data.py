@@ -10,6 +10,7 @@ import typer
 
 from autofit import interrupts
 from autofit.cli.common import console, err_console
+from trainer.errors import counted
 
 sample_app = typer.Typer()
 @sample_app.command("sample")
@@ -46,7 +47,7 @@ def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run director
         shown.append(text)
 
     # asked at the Ctrl-C: 'printed above' was said before any sample had ended (t3, session 12)
-    interrupts.during(lambda: f"interrupted while sampling; {len(shown)} of {num_samples} sample(s) finished and "
+    interrupts.during(lambda: f"interrupted while sampling; {len(shown)} of {counted(num_samples, 'sample')} finished and "
                               f"printed above" if shown else "interrupted while sampling; no sample had finished, "
                               "nothing was printed")
     generate_samples(out, opts, on_sample=show, say=lambda line: err_console.print(f"[dim]{line}[/]", soft_wrap=True))

@@ -12,6 +12,7 @@ import torch
 from autofit.devices.device import DeviceError, DeviceInfo, NoCap
 from autofit.units import fmt_bytes
 from trainer.meter import NullMeter
+from trainer.errors import counted
 
 # Without --budget, the CPU device may use this share of the RAM available now: the rest is left
 # to the OS, the data loader and whatever else runs, so a too-big trial OOMs in our tracker instead
@@ -110,7 +111,7 @@ def check_ranks_fit(nproc: int, budget_bytes: int | None, kind: str | None) -> N
             raise DeviceError(f"--nproc-per-node {nproc} --device cuda: torch finds no GPU on this machine "
                               f"(torch.cuda.device_count() is 0); for ranks on the CPU use --device cpu")
         if nproc > gpus:
-            raise DeviceError(f"--nproc-per-node {nproc}: this machine has {gpus} GPU(s), one per rank; "
+            raise DeviceError(f"--nproc-per-node {nproc}: this machine has {counted(gpus, 'GPU')}, one per rank; "
                               f"use --nproc-per-node {gpus} or fewer")
         return
     each = (budget_bytes or 0) + RANK_PROCESS_BYTES

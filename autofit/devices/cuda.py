@@ -17,6 +17,7 @@ from autofit.devices.device import DeviceError, DeviceInfo
 from autofit.devices.nvml import NvmlUnavailable, own_process_bytes, query_nvml
 from autofit.units import fmt_bytes
 from trainer.meter import CudaMeter
+from trainer.errors import counted
 
 # Trials and training share this allocator setting: with expandable segments, changing the
 # micro-batch does not leave the cache fragmented into blocks of the old size.
@@ -79,7 +80,7 @@ def query_torch_cuda(index: int = 0) -> DeviceInfo:
         raise DeviceError("torch.cuda: not available")
     count = torch.cuda.device_count()
     if not 0 <= index < count:
-        raise DeviceError(f"GPU index {index} is out of range: torch.cuda sees {count} GPU(s) "
+        raise DeviceError(f"GPU index {index} is out of range: torch.cuda sees {counted(count, 'GPU')} "
                           f"(indices 0..{count - 1})")
     props = torch.cuda.get_device_properties(index)
     free, total = torch.cuda.mem_get_info(index)
@@ -247,7 +248,7 @@ def open_cuda_device(index: int = 0, *, info: DeviceInfo | None = None,
         raise DeviceError(f"NVML sees {info.name}, but this torch build has no CUDA support "
                           f"(torch {torch.__version__}); install a CUDA build of torch")
     if not 0 <= index < torch.cuda.device_count():
-        raise DeviceError(f"GPU index {index} is out of range: torch.cuda sees {torch.cuda.device_count()} GPU(s)")
+        raise DeviceError(f"GPU index {index} is out of range: torch.cuda sees {counted(torch.cuda.device_count(), 'GPU')}")
     torch.cuda.set_device(index)
     device = CudaDevice(index, info)
     # NVML's free memory was read before our CUDA context existed; torch.cuda's fallback figure

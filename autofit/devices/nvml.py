@@ -11,6 +11,7 @@ import os
 from typing import Any, Iterator
 
 from autofit.devices.device import DeviceError, DeviceInfo
+from trainer.errors import counted
 
 
 class NvmlUnavailable(DeviceError):
@@ -77,7 +78,7 @@ def _handle_by_uuid_prefix(pynvml: Any, prefix: str, count: int) -> Any:
                if _uuid_of(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i)).startswith(prefix)]
     if len(matches) != 1:
         raise NvmlUnavailable(f"CUDA_VISIBLE_DEVICES entry {prefix!r} matches "
-                              f"{'no' if not matches else len(matches)} GPU UUID(s)")
+                              f"{'no GPU UUID' if not matches else counted(len(matches), 'GPU UUID')}")
     return pynvml.nvmlDeviceGetHandleByIndex(matches[0])
 
 
@@ -102,7 +103,7 @@ def nvml_handle(pynvml: Any, index: int, uuid: str | None = None) -> Any:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         if not 0 <= index < count:
-            raise DeviceError(f"GPU index {index} is out of range: NVML sees {count} GPU(s) "
+            raise DeviceError(f"GPU index {index} is out of range: NVML sees {counted(count, 'GPU')} "
                               f"(indices 0..{count - 1})")
         return pynvml.nvmlDeviceGetHandleByIndex(index)
     entries = [v.strip() for v in visible.split(",") if v.strip()]
@@ -110,7 +111,7 @@ def nvml_handle(pynvml: Any, index: int, uuid: str | None = None) -> Any:
         raise NvmlUnavailable("CUDA_VISIBLE_DEVICES is empty, so no GPU is visible")
     if not 0 <= index < len(entries):
         raise DeviceError(f"GPU index {index} is out of range: CUDA_VISIBLE_DEVICES={visible} "
-                          f"makes {len(entries)} GPU(s) visible (indices 0..{len(entries) - 1})")
+                          f"makes {counted(len(entries), 'GPU')} visible (indices 0..{len(entries) - 1})")
     entry = entries[index]
     if entry.startswith("MIG-"):
         # The MIG instance's own memory is what counts; torch.cuda reports it, so defer to it.
@@ -122,7 +123,7 @@ def nvml_handle(pynvml: Any, index: int, uuid: str | None = None) -> Any:
     except ValueError:
         raise NvmlUnavailable(f"cannot read CUDA_VISIBLE_DEVICES entry {entry!r}") from None
     if not 0 <= nvml_index < count:
-        raise NvmlUnavailable(f"CUDA_VISIBLE_DEVICES entry {nvml_index} is out of range: NVML sees {count} GPU(s)")
+        raise NvmlUnavailable(f"CUDA_VISIBLE_DEVICES entry {nvml_index} is out of range: NVML sees {counted(count, 'GPU')}")
     return pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from autofit.devices.info import DeviceError
+from trainer.errors import counted
 
 RANK_BUDGETS_ENV = "AUTOFIT_RANK_BUDGETS"
 
@@ -61,8 +62,8 @@ def rank_budget(budget_bytes: int | None) -> int | None:
     r = ranks()
     items = [v.strip() for v in raw.split(",")]
     if len(items) != r.world_size:
-        raise DeviceError(f"{RANK_BUDGETS_ENV} names {len(items)} budget(s) for {r.world_size} rank(s); give one "
-                          f"per rank, e.g. {RANK_BUDGETS_ENV}=3MiB,2MiB")
+        raise DeviceError(f"{RANK_BUDGETS_ENV} names {counted(len(items), 'budget')} for "
+                          f"{counted(r.world_size, 'rank')}; give one per rank, e.g. {RANK_BUDGETS_ENV}=3MiB,2MiB")
     try:
         return parse_size(items[r.rank])
     except ValueError as e:

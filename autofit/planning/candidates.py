@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from autofit.records import Candidate
 from trainer.config.messages import did_you_mean
 from trainer.step import bf16_refusal
+from trainer.errors import counted
 
 
 class PlanError(RuntimeError):
@@ -91,7 +92,7 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
     cc_text = ".".join(map(str, compute_capability)) if compute_capability else None
     too_deep = [c for c in (checkpointing or []) if c > cfg.n_layer]
     if too_deep:  # a lever the model cannot take: refused before any trial, never saved in a plan
-        raise PlanError(f"--checkpointing {too_deep[0]}: the model has {cfg.n_layer} layer(s); activation "
+        raise PlanError(f"--checkpointing {too_deep[0]}: the model has {counted(cfg.n_layer, 'layer')}; activation "
                         f"checkpointing intervals go from 0 (off) to {cfg.n_layer}")
     if dtype is None:
         dtypes = [cfg.resolved_dtype(device_kind, bf16_supported)]

@@ -38,6 +38,7 @@ from autofit.planning.candidates import ckpt_words
 from autofit.planning.trials import TrialSettings, run_trial
 from autofit.records import Candidate, TrialRecord, judged_peak
 from autofit.units import measured_peak_words
+from trainer.errors import counted
 
 # The tie band between two contenders, from their readings' spread (module docstring). 2 %: the
 # finest difference the contest claims to see; 5 %: a larger one always counts.
@@ -222,7 +223,7 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     tied = [t for t in alive if spt(t) <= (1 + tie_band(lead, t, cpu)) * spt(lead)]
     for t in alive:
         if t not in tied:
-            runner.log(f"contest: {label(t)} lost after {done + rounds} round(s): {spt(t) / spt(lead):.2f}x the "
+            runner.log(f"contest: {label(t)} lost after {counted(done + rounds, 'round')}: {spt(t) / spt(lead):.2f}x the "
                        f"leader's time per token, outside their {tie_band(lead, t, cpu):.1%} tie band")
     # the band of the tie, against the leader (the leader against itself is no band): one figure for
     # the log line and the plan's why, whichever of the tied wins
@@ -275,7 +276,7 @@ def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord],
     if n == 1:
         return f"the only contender, measured by {figure}"
     text = f"fastest of {n} contenders by {figure}, " + (
-        f"re-timed in {rounds} alternating round(s)" if rounds else "the others out on their first readings")
+        f"re-timed in {counted(rounds, 'alternating round')}" if rounds else "the others out on their first readings")
     if len(tied) > 1:
         others = ", ".join(label(t) for t in tied if t is not winner)
         won_by = ("your own split, kept" if own is not None and winner.candidate() == own.candidate()

@@ -25,6 +25,7 @@ from trainer.model.gpt import model_args_of as _model_args_of
 from trainer.checkpoint.safe_load import UnsafeOrUnreadable, load_weights_only
 from trainer.paths import PathProblem, input_file
 from trainer.checkpoint.schema import CheckpointFieldError, NanoGPTCheckpointFields, check_format, validate
+from trainer.errors import counted
 
 # What tells autofit's layout from nanoGPT's (autofit's checkpoints carry nanoGPT's keys too).
 AUTOFIT_MARKERS = ("model", "config", "sampler")
@@ -112,7 +113,7 @@ def check_model_state(state: Mapping[str, torch.Tensor], model_args: Mapping, pa
     if missing or extra:
         what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the model does not"
         layers = len({k.split(".")[2] for k in state if k.startswith("transformer.h.")})
-        hint = (f"; the weights have {layers} layer(s), {against} says n_layer={model_args['n_layer']}"
+        hint = (f"; the weights have {counted(layers, 'layer')}, {against} says n_layer={model_args['n_layer']}"
                 if layers and layers != model_args["n_layer"] else "")
         raise CheckpointError(f"{path}: model: the model state {what} ({len(missing)} missing, {len(extra)} "
                               f"unexpected){hint}")
