@@ -569,6 +569,7 @@ def test_piped_listing_keeps_long_paths_whole(tmp_path, monkeypatch, capsys):
     header, row = out.splitlines()[-2:]
     cells = dict(zip(header.split("\t"), row.split("\t")))
     assert cells["loss"] == "standard" and cells["checkpointing"] == "off"
+    assert cells["config"].startswith("1 layer, 2 heads, n_embd 32, "), cells  # not '1 layers' (k12)
     assert re.fullmatch(r"[\d,]+ \(measured median step; fastest [\d,]+\)", cells["tokens/s"]), cells
     assert cells["measured peak"] != "-"
 

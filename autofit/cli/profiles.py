@@ -95,9 +95,10 @@ def _lesson_date(lesson) -> str:
 
 def _plan_row(fp: str, fitted, cpu: bool = False) -> list[str]:
     """One plan as `run --profile` would run it, the saved plan beside it where a lesson changed it."""
+    from trainer.errors import counted  # '1 layer, 1 head', not '1 layers'
     c = fitted.config_summary
     p, changed = _as_run(fitted, cpu)
-    config = (f"{c.get('n_layer')} layers, {c.get('n_head')} heads, n_embd {c.get('n_embd')}, "
+    config = (f"{counted(c.get('n_layer'), 'layer')}, {counted(c.get('n_head'), 'head')}, n_embd {c.get('n_embd')}, "
               f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch * p.world_size}")
     # today's model options where set (config_summary keeps only those): plans for a ReLU²+Muon and a
     # SwiGLU+AdamW model of one shape read the same without them (t3, session 12)
