@@ -6,7 +6,8 @@ A micro-batch's time is the largest of three floors (each an estimate, never a m
 - memory: the bytes it must move over the card's memory bandwidth (the profile's
   memory_bandwidth_gbs): the activations of each token (bytes_per_token) and the weights, gradients
   and optimizer state (WEIGHT_BYTES_PER_MICRO_BATCH, UPDATE_BYTES, per parameter);
-- launches: the kernels it launches (KERNELS_PER_BLOCK and the rest) x LAUNCH_SECONDS each.
+- launches: the kernels its eager forward, backward and share of the optimizer step launch
+  (autofit/planning/launches.py, by the model's architecture and optimizer) x LAUNCH_SECONDS each.
 The optimizer step's own traffic and kernels are shared among the step's micro-batches by their
 tokens, so the micro-batches' times add up to the step's.
 
@@ -25,13 +26,14 @@ Recomputation, as extra step time with every block checkpointed (k-th blocks: a 
   1 / (1 - 0.085) = 1.093x as long. torchtitan's save list also recomputes every second matmul
   (torchtitan/distributed/activation_checkpoint.py), ours keeps them all, so for this model it is
   an upper bound. torchtitan#97 measured full vs selective on Llama 7B at 4.91 vs 4.55 s a step.
-The same share lengthens the memory and launch floors (the recomputed forward moves its bytes and
-launches its kernels again).
+The same share lengthens the memory floor (the recomputed forward moves its bytes again); the
+launch floor counts the recomputed forward's kernels themselves (launches.recompute_kernels).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autofit.planning import launches
 from autofit.planning.estimate import ModelShape, param_count
 
 ASSUMED_MFU = 0.40  # estimated mode only: fraction of the card's peak bf16/fp16 rate reached
@@ -54,13 +56,7 @@ UPDATE_BYTES = 32
 # jiahuanglin.xyz gpu_kernel_serving lesson 18; pytorch.org/blog/accelerating-pytorch-with-cuda-graphs
 # for launch overhead as the bound of small models); the low end, since the GPU queue overlaps it.
 LAUNCH_SECONDS = 5e-6
-# Kernels, counted on this project's CPU as the aten ops (views left out) of a GPT-2-shaped
-# trainer.model.gpt.GPT, each of which launches at least one kernel on CUDA: its forward and
-# backward 35 per block and 21 more (embeddings, final norm, head, loss); gradient clipping and
-# foreach AdamW 12 per block and 23 more. RoPE, RMSNorm, QK-norm and SwiGLU add more (138 a block
-# on the CPU, where they decompose): not counted, so this is a floor.
-KERNELS_PER_BLOCK, KERNELS_OUTSIDE = 35, 21
-UPDATE_KERNELS_PER_BLOCK, UPDATE_KERNELS_OUTSIDE = 12, 23
+# Kernels: autofit/planning/launches.py counts them by the model's architecture and optimizer.
 
 
 def rate_words(hw=None) -> str:
@@ -136,9 +132,9 @@ def step_floors(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: 
     """The floors of one micro-batch of `micro_batch` sequences in an optimizer step of `step_batch`
     (None: the micro-batch alone), on the card of hardware profile `hw`: compute (peak_tflops x
     ASSUMED_MFU, m / (m + 2) fill), memory (its memory_bandwidth_gbs, where it has one) and kernel
-    launches, each with recomputation's extra share (RECOMPUTE_SHARE by policy, times the share of
-    blocks checkpointed: ceil(L / k) of L), and the optimizer step's part by the micro-batch's share
-    of its sequences. An estimate, never a measurement. Raises KeyError for an unknown policy."""
+    launches (step_kernels), compute and memory with recomputation's extra share (RECOMPUTE_SHARE by
+    policy, times the share of blocks checkpointed: ceil(L / k) of L), and the optimizer step's
+    part by the micro-batch's share of its sequences. An estimate, never a measurement. Raises KeyError for an unknown policy."""
     tokens = micro_batch * shape.block_size
     share = micro_batch / max(step_batch or micro_batch, micro_batch)  # of the optimizer step's sequences
     # blocks 0, k, 2k, ... are checkpointed (trainer.model.gpt): ceil(L / k) of the L blocks recompute
@@ -151,9 +147,21 @@ def step_floors(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: 
     moved = tokens * bytes_per_token(shape, dtype) * recompute + n * (WEIGHT_BYTES_PER_MICRO_BATCH
                                                                       + UPDATE_BYTES * share)
     memory = moved / (bandwidth * 1e9) if bandwidth else 0.0
-    kernels = (KERNELS_OUTSIDE + KERNELS_PER_BLOCK * shape.n_layer) * recompute \
-        + (UPDATE_KERNELS_OUTSIDE + UPDATE_KERNELS_PER_BLOCK * shape.n_layer) * share
-    return StepFloors(compute, memory, kernels * LAUNCH_SECONDS)
+    return StepFloors(compute, memory, step_kernels(shape, dtype, checkpointing, checkpointing_policy, share)
+                      * LAUNCH_SECONDS)
+
+
+def step_kernels(shape: ModelShape, dtype: str, checkpointing: int = 0, checkpointing_policy: str = "full",
+                 share: float = 1.0) -> float:
+    """Kernels one micro-batch launches (autofit/planning/launches.py): its forward and backward,
+    the forward its checkpointed blocks (ceil(L / k) of them) run again, the gradient adds of a
+    micro-batch that accumulates (all but the step's first: 1 - share of them), and `share` (its
+    part of the optimizer step's sequences) of the optimizer step's kernels."""
+    forward, backward = launches.micro_batch_kernels(shape, dtype)
+    recomputed = -(-shape.n_layer // checkpointing) * launches.recompute_kernels(
+        shape, dtype, checkpointing_policy) if checkpointing else 0
+    return forward + backward + recomputed + launches.accumulate_kernels(shape) * (1.0 - share) \
+        + launches.update_kernels(shape) * share
 
 
 def estimated_tokens_per_s(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: int, hw,
