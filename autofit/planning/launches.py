@@ -15,8 +15,6 @@ Each row is (forward, backward) ops; `rows` names them for one block and the res
 """
 from __future__ import annotations
 
-import torch
-
 from autofit.planning import arch_terms as arch
 
 # --- a block (trainer/model/layers.py Block), float32 --------------------------------------------
@@ -73,6 +71,7 @@ MUON_PER_MATRIX = 6 + 5 * 3 + 2
 
 def fused_rms_norm() -> bool:
     """Whether the installed torch runs F.rms_norm as one fused op on CUDA (_fused_rms_norm)."""
+    import torch  # here: the estimate's modules load without torch (`profiles show` stays light)
     return hasattr(torch.ops.aten, "_fused_rms_norm_backward")
 
 
