@@ -882,4 +882,6 @@ def test_the_chunked_loss_is_searched_where_it_fits_a_larger_run_size(monkeypatc
     res, runner = plan_with(cfg, budget, space, Clock(lambda c: 1.0 + 4.0 / c.micro_batch, p=0.0), monkeypatch)
     assert not any(t.status == "pruned" and t.loss_impl == "chunked" and "not needed" in (t.note or "")
                    for t in res.trials)
+    # the estimate puts 11 (one past 8) far within the budget: no trial spent to learn it fits
+    assert CHUNKED.candidate(11) not in runner.ran and runner.ran[2] == CHUNKED.candidate(32)
     assert res.plan.loss_impl == "chunked" and max(res.plan.micro_batches) > 8

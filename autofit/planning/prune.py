@@ -103,8 +103,8 @@ def prune_loss(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers,
     at the tiny preset's 11, docs/planner-benchmark.md). So it can only win by running a larger
     size than the standard loss fits. Where the standard loss with the same other levers fits the
     whole batch, or the chunked loss does not fit the next run size past the standard loss's
-    largest fit (one trial, skipped without running where the estimate rules it out beyond its
-    error bound), the chunked combination is not searched: its contest at the standard loss's
+    largest fit (one trial, where the estimate does not settle it beyond its error bound either
+    way), the chunked combination is not searched: its contest at the standard loss's
     size would be a coin toss between two plans a percent or two apart (issue 18's alternation).
     Not for the config's own loss (its split is a contender: autofit.planning.own). Returns the
     'pruned' record at the size the standard loss fits, its note the reason, or None."""
@@ -119,7 +119,11 @@ def prune_loss(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers,
         why = f"the standard loss fits the whole batch ({base}) with these levers"
     else:
         past = min(m for m in run_sizes(E) if m > base)
-        r = runner.run(levers.candidate(past))
+        cand = levers.candidate(past)
+        bound = runner.bound_for(cand)
+        if bound is not None and runner.estimate(cand) < (1 - bound) * runner.budget_bytes:
+            return None  # it fits there by more than the estimate's error: no trial needed to know
+        r = runner.run(cand)
         if r.status not in NOT_FIT:
             return None
         how = "ruled out by the estimate" if r.status == "pruned" else {"oom": "out of memory"}.get(r.status, r.status)
