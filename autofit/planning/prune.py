@@ -126,7 +126,8 @@ def prune_loss(runner: TrialRunner, levers: Levers, best_by_levers: dict[Levers,
         r = runner.run(cand)
         if r.status not in NOT_FIT:
             return None
-        how = "ruled out by the estimate" if r.status == "pruned" else {"oom": "out of memory"}.get(r.status, r.status)
+        how = {"pruned": "ruled out by the estimate", "oom": "out of memory", "over_budget": "its peak over the budget",
+               "spill": "it spilled to host memory"}[r.status]
         why = (f"the chunked loss does not fit micro-batch {past} either ({how}), the next size a run uses past "
                f"the {base} the standard loss fits")
     return TrialRecord(**levers.candidate(min(base, E)).model_dump(), status="pruned",
