@@ -357,3 +357,18 @@ def test_shard_size_0_is_refused_not_read_as_the_default(tmp_path):
     with pytest.raises(DataError, match=r"^--shard-size must be at least 1, got 0$"):
         prepare("fineweb-edu", tmp_path / "fw", input_path=rows, encoder=BYTES, shard_size=0, progress=False)
     assert not (tmp_path / "fw").exists()
+
+
+def test_the_suggested_fineweb_commands_pass_the_option_checks():
+    """r4 (session 15): README's and the missing-dataset line's `--max-tokens 100000000` was refused
+    with the default --shard-size of 100,000,000 ('fills at most the val shard'): a user who typed
+    the command they were given got an error. Each suggested --max-tokens must pass the checks."""
+    import re
+    from trainer.data.datasets import missing_dataset_message
+    from trainer.data.shards import _check_sizes
+    said = missing_dataset_message("openwebtext", Path("data/openwebtext"))
+    readme = (ROOT / "README.md").read_text()
+    suggested = [int(n) for n in re.findall(r"fineweb-edu [^\n;']*--max-tokens (\d+)", said + "\n" + readme)]
+    assert len(suggested) >= 2
+    for n in suggested:
+        _check_sizes(100_000_000, n)  # prepare's default shard size; raises DataError when refused

@@ -227,7 +227,7 @@ def missing_dataset_message(name: str, where: Path) -> str:
         return f"{looked}; prepare it with: autofit data prepare {kind} --out {where}"
     if name == "openwebtext":
         return (f"{looked}; nanoGPT's data/openwebtext/prepare.py writes it (a ~54 GB download), or prepare a "
-                f"smaller one: autofit data prepare fineweb-edu --out data/fineweb-edu --max-tokens 100000000 "
+                f"smaller one: autofit data prepare fineweb-edu --out data/fineweb-edu --max-tokens 200000000 "
                 f"and set dataset='fineweb-edu' (the built-in corpus is dataset='embedded')")
     return (f"{looked}; put nanoGPT train.bin/val.bin or llm.c shards there, or prepare one of "
             f"{', '.join(PREPARABLE)} with: autofit data prepare NAME --out {where} "
