@@ -967,3 +967,35 @@ def test_a_resume_that_runs_out_of_memory_loading_its_state_is_one_line(tmp_path
     dev = BudgetedCpuDevice(budget_bytes=int(4 * n * 2.5))  # the fp32 model and a little, not AdamW's 2x more
     with pytest.raises(TrainError, match=r"out of memory loading .*ckpt\.pt on cpu .*larger budget"):
         train(make_cfg(tmp_path, max_iters=4), opts(resume=True, meter=dev))
+
+
+def test_data_rewritten_under_a_lazily_read_batch_saves_the_failed_steps_batch_as_next(tmp_path, monkeypatch):
+    """r4 (session 15): a step batch above WHOLE_BATCH_MAX_BYTES is read one micro-batch at a
+    time, inside the step, after its take() moved the sampler on. A read refused there (the data
+    rewritten in place) saved the steps done with the sampler one batch ahead: the checkpoint held
+    step 3 and the counter of step 4, so its resume skipped step 3's batch."""
+    import numpy as np
+    from trainer.data import batches
+    from trainer.data.datasets import BatchSampler
+    monkeypatch.setattr(batches, "WHOLE_BATCH_MAX_BYTES", 0)  # every step batch read lazily
+    data = tmp_path / "toy"
+    data.mkdir()
+    for split, n in (("train", 20000), ("val", 4000)):
+        (np.arange(n) % 200).astype(np.uint16).tofile(data / f"{split}.bin")
+    read_rows, reads = BatchSampler.read_rows, []
+
+    def rewrite_at_step_3s_first_micro_batch(self, split, offsets):
+        reads.append(split)
+        # train reads: 2 by step 0's evaluation (whole batches), then 2 micro-batches a step
+        if reads.count("train") == 2 + 2 * 3 + 1 and split == "train":
+            with open(data / "train.bin", "r+b") as f:
+                f.write(np.full(64, 5, dtype=np.uint16).tobytes())
+        return read_rows(self, split, offsets)
+
+    monkeypatch.setattr(BatchSampler, "read_rows", rewrite_at_step_3s_first_micro_batch)
+    out = tmp_path / "out"
+    with pytest.raises(TrainError, match="train.bin was rewritten in place while this run read it"):
+        train(make_cfg(out, dataset=str(data), vocab_size=256, max_iters=20, eval_interval=100), opts())
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["iter_num"] == 3 and sorted(train_losses(out)) == [0, 1, 2]
+    assert ck["sampler"]["counters"]["train"] == 3  # step 3's batch is the resumed run's first

@@ -8,6 +8,7 @@ sampler, batches, stages, ...).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import torch
@@ -49,6 +50,11 @@ class RedoneStep:
                 # a half-applied update is not redone; nor is a TrainError, whose line may quote an
                 # allocator's 'CUDA out of memory' (the optimizer state's: _prime) but is final
                 if not self.meter.is_oom(e) or isinstance(e, (UpdateOOM, TrainError)):
+                    # the step did not happen: a checkpoint saved on the way out (the data changed
+                    # under a lazily read batch, which take() had counted) resumes on this batch
+                    self.sampler.counters.update(start)
+                    with contextlib.suppress(RuntimeError):  # a broken CUDA context: e is the line to say
+                        self._set_rng_state(rng)
                     other = self.group.failed(e)  # the other ranks are told; a lost rank is one line
                     if other is not None:
                         raise other from None
