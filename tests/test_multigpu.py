@@ -596,3 +596,24 @@ def test_ddps_first_step_holds_no_gradient_copy_beside_the_buckets(tmp_path):
         if max(peaks) - min(peaks) <= 4096:
             break
     assert max(peaks) - min(peaks) <= 4096, peaks
+
+
+def test_ranks_that_read_other_data_are_refused_before_training(monkeypatch):
+    """r4 (session 15): each rank opens its own copy of the dataset (each node's disk); a copy of
+    other text or length gave its ranks other sequences than rank 0 drew, silently."""
+    from trainer.data.datasets import load_dataset
+    from trainer.data.tokenfiles import fingerprint
+    from trainer.distributed import multirank
+    data = load_dataset("embedded")
+    mine = {s: fingerprint(data.split(s).parts) for s in data.splits}
+    gathered = []
+    monkeypatch.setattr(multirank.D, "all_gather_objects", lambda obj, r: gathered.append(obj) or [obj, rank1])
+    rank1 = {**mine, "train": {**mine["train"], "tokens": mine["train"]["tokens"] - 1}}
+    with pytest.raises(TrainError, match=r"^rank 0: rank 1 reads other data than rank 0 \(train: [\d,]+ -> [\d,]+ "
+                                         r"tokens\); every rank must read the same dataset"):
+        multirank.same_data(data, Ranks(0, 0, 2))
+    assert gathered == [mine]
+    rank1 = dict(mine)
+    multirank.same_data(data, Ranks(0, 0, 2))  # the same data: nothing said
+    multirank.same_data(data, Ranks(0, 0, 1))  # one process: no collective
+    assert len(gathered) == 2

@@ -115,6 +115,7 @@ class Trainer(RedoneStep):
         self.data = load_dataset(cfg.dataset)
         self.data.check_vocab(cfg.vocab_size)
         self.data.check_block_size(cfg.block_size)
+        self.group.check_same_data(self.data)
         # the same seed on every rank: each takes its own rows of the same step batch
         self.sampler = BatchSampler(self.data, cfg.block_size, cfg.seed)
         self.batches = StepBatches(self.sampler, pin=self.device.type == "cuda", rows=self.group.rows)

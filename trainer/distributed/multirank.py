@@ -28,6 +28,23 @@ def pick_device(config_device: str, ranks: D.Ranks | None = None) -> torch.devic
     return dev
 
 
+def same_data(data, ranks: D.Ranks) -> None:
+    """RankGroup.check_same_data: every rank's fingerprints of `data` (a TokenDataset) gathered,
+    compared with rank 0's.
+    Why: each rank opens its own copy of the dataset (on several nodes, each node's disk), and
+    keeps its own rows of a step batch drawn by position; a copy prepared from other text, or cut
+    short, gave its ranks other sequences than rank 0 drew, with nothing said."""
+    if not ranks.several:
+        return
+    from trainer.data.tokenfiles import fingerprint, fingerprint_change
+    every = D.all_gather_objects({s: fingerprint(data.split(s).parts) for s in data.splits}, ranks)
+    for r, theirs in enumerate(every):
+        change = fingerprint_change(every[0], theirs) or fingerprint_change(theirs, every[0])
+        if change:
+            raise TrainError(f"rank {ranks.rank}: rank {r} reads other data than rank 0 ({change}); every rank "
+                             f"must read the same dataset (copy rank 0's to every node)")
+
+
 class RankGroup:
     """The ranks of one training run, as the loop sees them. `parallelism`: 'ddp' or 'fsdp2'
     (used with several ranks only). Raises TrainError when the ranks cannot be joined, or the
@@ -139,6 +156,12 @@ class RankGroup:
         if any_oom and self.parallel is not None and self.parallel.kind == "fsdp2":
             self.parallel.rewrap()
         return any_oom
+
+    def check_same_data(self, data) -> None:
+        """Every rank must read the same tokens (`data`: the TokenDataset, compared by each split's
+        trainer.data.tokenfiles.fingerprint), or their rows of one step batch would not be the
+        sequences one process draws. Collective. Raises TrainError naming a rank that differs."""
+        same_data(data, self.ranks)
 
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (collective with several ranks)."""
