@@ -682,6 +682,17 @@ def test_sighup_checkpoints_as_sigterm_does(tmp_path):
     assert records(tmp_path, "interrupted")[0]["signal"] == signal.SIGHUP
 
 
+@pytest.mark.parametrize("always", [True, False])
+def test_the_stop_notice_promises_a_save_only_where_one_is_sure(tmp_path, capfd, always):
+    """t7's M8: with always_save_checkpoint=False a stop may keep ckpt.pt as the best evaluated
+    model, so the first signal's line must not promise a save the next line takes back."""
+    from trainer.interrupt import KEEP_BEST_STOP_NOTICE, STOP_NOTICE
+    res = train(make_cfg(tmp_path, always_save_checkpoint=always), opts(meter=SigintAt(3)))
+    assert res.status == "interrupted"
+    err = capfd.readouterr().err
+    assert (STOP_NOTICE in err) == always and (KEEP_BEST_STOP_NOTICE in err) == (not always)
+
+
 def test_sigint_checkpoints_and_resume_finishes(tmp_path, baseline):
     before = signal.getsignal(signal.SIGINT)
     res = train(make_cfg(tmp_path), opts(meter=SigintAt(3)))  # during step 2
@@ -957,6 +968,33 @@ def test_always_save_checkpoint_false_keeps_the_best_checkpoint_at_the_end(tmp_p
         assert saved["iter_num"] == 5 and saved["best_val_loss"] == 1.0 and res.checkpoint_step == 5
         (kept,) = [e for e in seen if e["event"] == "kept_best"]
         assert kept["best_step"] == 5 and kept["steps_not_saved"] == 7
+
+
+def test_a_checkpoint_no_evaluation_measured_is_not_kept_as_the_best_at_the_next_stop(tmp_path, monkeypatch):
+    """t7's M1 (session 15): with always_save_checkpoint=False and only step 0 evaluated, the first
+    stop saved step 12's model, carrying step 0's val loss; the resume read that as 'ckpt.pt holds
+    the best val loss's model' and its stop kept step 12, throwing the steps since away, every
+    resume again. A model no evaluation measured is not the best: the next stop saves. A checkpoint
+    that does hold the best evaluated model is still kept over later steps."""
+    vals = iter([3.0, 1.0])
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, model, what: {"train": 1.0, "val": next(vals)})
+    train(make_cfg(tmp_path, max_iters=12, eval_interval=100, always_save_checkpoint=False), opts())
+    first = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert first["iter_num"] == 12 and first["best_val_loss"] == 3.0 and first["best_val_step"] is None
+    seen = []
+    res = train(make_cfg(tmp_path, max_iters=16, eval_interval=100, always_save_checkpoint=False),
+                opts(resume=True, on_event=seen.append))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 16 and res.checkpoint_step == 16
+    assert not [e for e in seen if e["event"] == "kept_best"]
+    # evaluated at 20, the best: that file holds the best model, and a resume's stop keeps it
+    train(make_cfg(tmp_path, max_iters=20, eval_interval=20, always_save_checkpoint=False), opts(resume=True))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["best_val_step"] == 20
+    seen = []
+    res = train(make_cfg(tmp_path, max_iters=23, eval_interval=20, always_save_checkpoint=False),
+                opts(resume=True, on_event=seen.append))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 20 and res.checkpoint_step == 20
+    (kept,) = [e for e in seen if e["event"] == "kept_best"]
+    assert kept["best_step"] == 20 and kept["steps_not_saved"] == 3
 
 
 def test_a_resume_that_runs_out_of_memory_loading_its_state_is_one_line(tmp_path):

@@ -22,14 +22,15 @@ from pathlib import Path
 import torch
 
 from trainer.data.batches import StepBatches
-from trainer.checkpoint.ckpt import atomic_torch_save, clear_cut_writes, read_checkpoint, restore, training_state
+from trainer.checkpoint.ckpt import (atomic_torch_save, best_model_step, clear_cut_writes, read_checkpoint, restore,
+                                     training_state)
 from trainer.clock import step_clock
 from trainer.compiler import DEFAULT_COMPILE_AFTER, compile_model
 from trainer.config.train_config import TrainConfig
 from trainer.data.datasets import BatchSampler, DataError, load_dataset
 from trainer.errors import TrainError
 from trainer.evaluate import Evaluator
-from trainer.interrupt import EVAL_STOP_NOTICE, STOP_NOTICE, StopFlag, reported_by_launcher
+from trainer.interrupt import EVAL_STOP_NOTICE, KEEP_BEST_STOP_NOTICE, STOP_NOTICE, StopFlag, reported_by_launcher
 from trainer.model.losses import SCALER_SKIP_REPORT, read_losses
 from trainer.meter import default_meter
 from trainer.metrics import MetricsLog, Progress, describe_event, describe_step, open_sinks
@@ -164,7 +165,8 @@ class Trainer(RedoneStep):
             self.metrics.sinks += open_sinks(cfg, progress.print)
         self._write_run_record()
         try:
-            notice = (EVAL_STOP_NOTICE if cfg.eval_only else STOP_NOTICE) if self.master else None
+            notice = (EVAL_STOP_NOTICE if cfg.eval_only else STOP_NOTICE if cfg.always_save_checkpoint
+                      else KEEP_BEST_STOP_NOTICE) if self.master else None
             # a closed stdout (`| head`) stops as a signal does, on rank 0 where stdout is written
             with StopFlag(notice, silent=reported_by_launcher()) as stop, broken_pipe_calls(stop.pipe_closed), \
                     progress:
@@ -337,10 +339,10 @@ class Trainer(RedoneStep):
         self.metrics.write({"type": "eval", "step": it, "train_loss": ev["train"], "val_loss": ev["val"]})
         self._progress.print(f"step {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
         if ev["val"] < self.best_val_loss or self.cfg.always_save_checkpoint:
-            self.best_val_loss = min(self.best_val_loss, ev["val"])
-            if it > 0 and save:
+            best, self.best_val_loss = ev["val"] < self.best_val_loss, min(self.best_val_loss, ev["val"])
+            if it > 0 and save:  # ckpt.pt then says whether it holds the best val loss's model (t7's M1)
+                self.best_saved = it if best else None
                 self.save_checkpoint()
-                self.best_saved = it
 
     # ----------------------------------------------------------------- checkpoints
     def save_last(self) -> Path | None:
@@ -389,8 +391,7 @@ class Trainer(RedoneStep):
                 self.stages.resume(self, ck)
             restore(self, ck)
         self.saved_step = self.iter_num
-        if self.best_val_loss < float("inf"):  # saved with a best val loss: ckpt.pt holds that model
-            self.best_saved = self.iter_num
+        self.best_saved = best_model_step(ck, self.iter_num, self.best_val_loss)  # None: a save since
 
 
 def train(cfg: TrainConfig, opts: RunOptions | None = None) -> RunResult:

@@ -75,6 +75,21 @@ def check_out_dir(path: str | Path, what: str = "--out") -> None:
     check_room(nearest_existing(path), f"in {what} {path}")
 
 
+BEST_STEP_KEY = "best_val_step"
+
+
+def best_model_step(ck, iter_num: int, best_val_loss: float) -> int | None:
+    """`iter_num` where the checkpoint `ck` (a dict as read) holds the model its best_val_loss was
+    measured on, else None. always_save_checkpoint=False keeps such a file at a later stop
+    (trainer.loop.Trainer.save_last); a file written at a stop before any better evaluation holds
+    a model no evaluation measured, and the steps after it must be saved, not thrown away (t7's
+    M1: a step-0 evaluation's loss credited to step 20's model). Files without BEST_STEP_KEY
+    (nanoGPT's, which saves only at an evaluation, and autofit's before it): saved at the best one."""
+    if BEST_STEP_KEY in ck:
+        return iter_num if ck[BEST_STEP_KEY] == iter_num else None
+    return iter_num if best_val_loss < float("inf") else None
+
+
 def training_state(trainer) -> dict:
     """Everything a trainer.loop.Trainer needs to continue exactly: weights, optimizer and fp16
     scaler state, step, best validation loss, config, both samplers' counters, RNG states, the
@@ -87,6 +102,9 @@ def training_state(trainer) -> dict:
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
         "iter_num": t.iter_num,
         "best_val_loss": t.best_val_loss,
+        # the step whose evaluated model this file holds as the best val loss's (None: saved since, at
+        # a stop or the end, a model that no evaluation measured; best_model_step)
+        BEST_STEP_KEY: t.best_saved if t.best_saved == t.iter_num else None,
         "last_eval_iter": t.last_eval_iter,
         "config": t.cfg.model_dump(mode="json"),
         "model_args": model_args_of(t.cfg),

@@ -163,6 +163,7 @@ class AutofitCheckpoint(BaseModel):
     optimizer: OptimizerState
     iter_num: StrictInt = Field(ge=0)
     best_val_loss: float
+    best_val_step: StrictInt | None = Field(default=None, ge=0)  # trainer.checkpoint.ckpt.best_model_step
     last_eval_iter: StrictInt = Field(default=-1, ge=-1)
     config: dict[str, Any]
     sampler: SamplerState
