@@ -34,7 +34,7 @@ def test_a_command_that_trains_still_exits_through_exit_rank(tmp_path):
     env = {"AUTOFIT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", PROBE, "probe", "--device", "cpu", "--budget", "64MiB", "--set",
                           "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=16",
-                          "--set", "vocab_size=64", "--set", "batch_size=2", "--set", "gradient_accumulation_steps=1",
+                          "--set", "vocab_size=256", "--set", "batch_size=2", "--set", "gradient_accumulation_steps=1",
                           "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert "TORCH-LOADED 0" in out.stderr, out.stderr[-2000:]
 

@@ -184,6 +184,7 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
     caller prints the schedule itself (`probe`'s stdout block, render.stage_lines), so `log` does
     not repeat which stage is fitted. Raises DeviceError, HardwareError or PlanError with one line."""
     cfg = fitted_config(cfg, log if say_schedule else lambda s: None)  # a staged config: its largest stage
+    _check_vocab_where_data_is_here(cfg)
     if note := _default_vocab_note(cfg):
         log(note)
     if opts.gpu is not None:
@@ -203,6 +204,20 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
     device = open_device(opts.device, budget_bytes=opts.budget_bytes, gpu_index=opts.gpu_index,
                          emulate_usable_bytes=opts.emulate_bytes, source=opts.device_source)
     return probe_on(cfg, device, device_budget(device, opts.margin), opts, log), device, None
+
+
+def _check_vocab_where_data_is_here(cfg) -> None:
+    """Where the config's dataset is here, its token ids must fit vocab_size, as `run` checks
+    before training (t7's M6: `probe --save` stored a plan for a config every run refuses). A probe
+    needs no data (its trials draw random tokens), so a dataset that is not here, or not readable,
+    is left for `run` to say. Raises DataError (one line)."""
+    from trainer.data.datasets import load_dataset
+    from trainer.data.tokenfiles import DataError
+    try:
+        data = load_dataset(cfg.dataset)
+    except DataError:
+        return
+    data.check_vocab(cfg.vocab_size)
 
 
 def _default_vocab_note(cfg) -> str | None:
