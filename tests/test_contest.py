@@ -634,6 +634,22 @@ def test_the_users_own_split_back_in_the_last_contest_is_said(monkeypatch):
     assert said.index(back[0]) > first_out
 
 
+def test_the_own_split_back_but_out_at_once_is_not_said_to_be_timed_again(monkeypatch):
+    """t7's L13: 'your own split: timed again against the leader' was followed at once by 'not
+    re-timed: ... 11.42x' for the same split. Said only where it is re-timed."""
+    cfg = cfg_for(16)
+    fast, mine = CHUNKED.candidate(8), STD.candidate(4)
+    clock = Clock({fast: 1.0, mine: 4.0}.__getitem__, p=0.0)
+    runner = contest_runner(cfg, clock, monkeypatch)
+    said = []
+    runner.log = said.append
+    recs = [clock.record(cfg, c, 16, 2, 1000 * c.micro_batch) for c in (fast, mine)]
+    before = contest.Decision(winner=recs[0], why="", rounds=1, tied=[], seen=frozenset({fast, mine}))
+    d = contest.decide(runner, recs, own=recs[1], before=before)
+    assert d.winner.candidate() == fast
+    assert not any("timed again" in s for s in said) and any("not re-timed" in s for s in said), said
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_tie_band_in_the_log_is_the_one_in_the_plans_why(seed, monkeypatch):
     """The log's band took the leader against itself too (clamped to TIE_MAX), so a tie read

@@ -186,9 +186,6 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     done = before.rounds if before is not None else 0  # rounds are numbered across the probe's contests
     if before is not None and len(alive) == 1 and alive[0] is before.winner:
         return before
-    if before is not None and own is not None and own.candidate() in before.seen and len(alive) > 1:
-        # out of an earlier contest, back in this one: say why, or the log reads as a contradiction
-        runner.log(f"contest: {label(own)} is your own split: timed again against the leader, and kept on a tie")
     spt = lambda t: seconds_per_token(t, cpu)  # noqa: E731
     if len(alive) > 1:  # the search's readings are the first: one that cannot win is not re-timed
         lead = min(alive, key=spt)
@@ -196,6 +193,11 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
             runner.log(f"contest: {label(t)} not re-timed: its readings so far take {spt(t) / spt(lead):.2f}x the "
                        f"time per token of {label(lead)}'s (out past {1 + CLEAR_FIRST:.0f}x)")
             alive.remove(t)
+    if before is not None and own is not None and own.candidate() in before.seen and len(alive) > 1 \
+            and any(t.candidate() == own.candidate() for t in alive):
+        # out of an earlier contest, back in this one: say why, or the log reads as a contradiction
+        # (said only where it is re-timed: t7's L13 saw it followed by 'not re-timed')
+        runner.log(f"contest: {label(own)} is your own split: timed again against the leader, and kept on a tie")
     rounds, unfit = 0, []
     while len(alive) > 1 and rounds < MAX_ROUNDS:
         rounds += 1
