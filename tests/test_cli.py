@@ -570,6 +570,14 @@ def test_piped_listing_keeps_long_paths_whole(tmp_path, monkeypatch, capsys):
     cells = dict(zip(header.split("\t"), row.split("\t")))
     assert cells["loss"] == "standard" and cells["checkpointing"] == "off"
     assert cells["config"].startswith("1 layer, 2 heads, n_embd 32, "), cells  # not '1 layers' (k12)
+    assert "dropout" not in cells["config"]  # at its default
+    # a plan of the same model but for dropout is told apart in its config cell (t7's M10)
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--set", "dropout=0.1", "--checkpointing", "0", "--loss", "standard", "--save", "--json")
+    assert code == 0, err
+    code, out, _ = cli(monkeypatch, capsys, "profiles", "show", "cpu-64mb")
+    configs = [dict(zip(header.split("\t"), r.split("\t")))["config"] for r in out.splitlines()[-2:]]
+    assert len(set(configs)) == 2 and sum("dropout=0.1" in c for c in configs) == 1, configs
     assert re.fullmatch(r"[\d,]+ \(measured median step; fastest [\d,]+\)", cells["tokens/s"]), cells
     assert cells["measured peak"] != "-"
 

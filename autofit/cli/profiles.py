@@ -93,6 +93,13 @@ def _lesson_date(lesson) -> str:
     return f"{lesson.learned:%Y-%m-%d %H:%M} UTC" if lesson is not None else "an unknown date (an older autofit's)"
 
 
+# Fingerprinted config fields (autofit.profiles.fingerprints) the config cell names where they are
+# off their default; the model's shape, vocabulary and batch are in it already, the plan's own
+# levers in their columns, and the config's batch_size / accumulation split is the plan's to choose.
+OFF_DEFAULT_FIELDS = ("bias", "dropout", "ce_chunk_size", "dtype", "compile", "compile_scope", "tf32",
+                      "checkpointing", "loss_impl")
+
+
 def _plan_row(fp: str, fitted, cpu: bool = False) -> list[str]:
     """One plan as `run --profile` would run it, the saved plan beside it where a lesson changed it."""
     from trainer.errors import counted  # '1 layer, 1 head', not '1 layers'
@@ -104,6 +111,12 @@ def _plan_row(fp: str, fitted, cpu: bool = False) -> list[str]:
     # SwiGLU+AdamW model of one shape read the same without them (t3, session 12)
     from trainer.config.model_options import MODERN_DEFAULTS
     config += "".join(f", {k}={c[k]}" for k in MODERN_DEFAULTS if k in c)
+    # and every other fingerprinted field off TrainConfig's default: plans that differ only in
+    # dropout or ce_chunk_size printed as the same row, so which to rm was a guess (t7's M10)
+    from trainer.config.train_config import TrainConfig
+    config += "".join(f", {k}={c[k]}" for k in OFF_DEFAULT_FIELDS
+                      if k in c and c[k] != TrainConfig.model_fields[k].default)
+    config += ", staged" if c.get("stages") else ""
     notes = list(changed)
     if fitted.safe_micro_batch and fitted.safe_micro_batch >= fitted.plan.micro_batch:  # no effect on this plan
         notes.append(f"safe micro-batch {fitted.safe_micro_batch}")
