@@ -109,14 +109,14 @@ def _plan_row(fp: str, fitted, cpu: bool = False) -> list[str]:
               f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch * p.world_size}")
     # today's model options where set (config_summary keeps only those): plans for a ReLU²+Muon and a
     # SwiGLU+AdamW model of one shape read the same without them (t3, session 12)
-    from trainer.config.model_options import MODERN_DEFAULTS
-    config += "".join(f", {k}={c[k]}" for k in MODERN_DEFAULTS if k in c)
-    # and every other fingerprinted field off TrainConfig's default: plans that differ only in
+    # every other fingerprinted field off TrainConfig's default too: plans that differed only in
     # dropout or ce_chunk_size printed as the same row, so which to rm was a guess (t7's M10)
     from trainer.config.train_config import TrainConfig
     config += "".join(f", {k}={c[k]}" for k in OFF_DEFAULT_FIELDS
                       if k in c and c[k] != TrainConfig.model_fields[k].default)
     config += ", staged" if c.get("stages") else ""
+    from trainer.config.model_options import MODERN_DEFAULTS
+    config += "".join(f", {k}={c[k]}" for k in MODERN_DEFAULTS if k in c)
     notes = list(changed)
     if fitted.safe_micro_batch and fitted.safe_micro_batch >= fitted.plan.micro_batch:  # no effect on this plan
         notes.append(f"safe micro-batch {fitted.safe_micro_batch}")
