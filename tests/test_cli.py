@@ -744,6 +744,18 @@ def test_max_steps_past_max_iters_is_said(tmp_path, monkeypatch, capsys):
     assert "done: 3 optimizer steps" in out
 
 
+@pytest.mark.parametrize("key", ["eval_interval", "eval_iters"])
+def test_evaluation_turned_off_by_a_zero_is_said(key, tmp_path, monkeypatch, capsys):
+    """t7's M11: eval_interval 0 (nanoGPT divides by it) or eval_iters 0 (nanoGPT averages over
+    it) turned evaluation off without a word; log_interval 0 is refused. Said once, before training."""
+    code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=2",
+                         "--set", f"{key}=0", "--set", "always_save_checkpoint=False", "--out", "o", "--no-progress")
+    assert code == 0, err
+    said = [ln for ln in (out + err).splitlines() if "evaluation is off" in ln]
+    assert len(said) == 1 and f"{key} 0 (--set)" in said[0] and "no best to keep" in said[0], said
+    assert "val loss" not in out and (tmp_path / "o" / "ckpt.pt").exists()
+
+
 def test_max_steps_past_max_iters_is_said_before_the_probe(tmp_path, monkeypatch, capsys):
     """t4 (session 13): the note came with training's first lines, after the probe's, where it
     was missed. It is said before the probe's first line, once."""

@@ -28,13 +28,22 @@ def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = Fal
                      f"or --set eval_only=True to evaluate without training")
 
 
-def say_past_max_iters(cfg, max_steps: int | None, log) -> None:
-    """One line, before any probe (where a user reads the config's notes, not after the trials'
-    lines), for --max-steps past the config's max_iters: the run stops at max_iters (nanoGPT's
-    schedule ends there), not at --max-steps. Nothing for eval_only, which trains no step."""
-    if max_steps is not None and max_steps > cfg.max_iters and not cfg.eval_only:
+def say_config_notes(cfg, max_steps: int | None, log) -> None:
+    """One line each, before any probe (where a user reads the config's notes, not after the
+    trials' lines): --max-steps past the config's max_iters (the run stops at max_iters, where
+    nanoGPT's schedule ends, not at --max-steps); eval_interval or eval_iters 0, which turn
+    evaluation off (nanoGPT divides by the one and averages over the other: t7's M11 saw it pass
+    in silence). Nothing for eval_only, which trains no step."""
+    if cfg.eval_only:
+        return
+    if max_steps is not None and max_steps > cfg.max_iters:
         log(f"--max-steps {max_steps} is past max_iters {cfg.max_iters}: the run stops at max_iters (raise it with "
             f"--set max_iters=N to train longer)")
+    off = [f"{k} 0 ({cfg.source_of(k)})" for k in ("eval_interval", "eval_iters") if getattr(cfg, k) == 0]
+    if off:
+        log(f"note: {' and '.join(off)}: evaluation is off, so no val loss is measured and ckpt.pt is written at "
+            f"stops and at the end" + (" (always_save_checkpoint=False has no best to keep)"
+                                       if not cfg.always_save_checkpoint else ""))
 
 
 def check_data(cfg, vocab_fixed_by: str = "", trained_on: dict | None = None, allow_changes: bool = False,

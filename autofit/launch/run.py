@@ -18,7 +18,7 @@ from autofit.planning import agree
 from autofit.planning.budget import device_budget
 from autofit.devices.opener import open_device
 from autofit.devices.hardware import builtin_hardware as _builtin_hardware, cpu_slug, load_builtin, slug_for
-from autofit.launch.checks import check_saved_plan, say_past_max_iters
+from autofit.launch.checks import check_saved_plan, say_config_notes
 from autofit.launch.probe import ProbeOptions, probe_on, probe_space, run_probe
 from autofit.launch.profile_gpu import gpu_for_profile, hardware_of
 from autofit.profiles.store import (FittedPlan, ProfileError, find_plan, fingerprint,
@@ -165,11 +165,11 @@ def _profile_recorder(name: str, fp: str, log: Callable[[str], None], run: str =
 
 def say_schedule(cfg, max_steps: int | None, log: Callable[[str], None], err_log: Callable[[str], None]) -> None:
     """Before any probe, where the run stops: --max-steps past max_iters in `err_log`, with the
-    config's other notes (checks.say_past_max_iters), and one line in `log`, with the plan, for a
+    config's other notes (checks.say_config_notes), and one line in `log`, with the plan, for a
     run that ends inside its learning-rate warm-up (trainer.schedule.lr_at): with nanoGPT's
     default warmup_iters of 2000 a 30-step run trains at under 2 % of learning_rate, which looks
     like a broken model. Nothing when the warm-up ends in time."""
-    say_past_max_iters(cfg, max_steps, err_log)
+    say_config_notes(cfg, max_steps, err_log)
     end = min(cfg.max_iters, max_steps) if max_steps is not None else cfg.max_iters  # steps 0 .. end - 1 run
     if cfg.decay_lr and cfg.warmup_iters >= end:
         top = end / (cfg.warmup_iters + 1)  # lr_at(end - 1): nanoGPT's warm-up, (it + 1) / (warmup_iters + 1)
