@@ -545,6 +545,23 @@ def test_profiles_add_bad_name_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "home").exists()
 
 
+def test_a_save_says_what_it_replaces_and_a_changed_cpu_profile_memory(tmp_path, monkeypatch, capsys):
+    """t7's M9 and M2: a save over a plan fitted under other search flags, and one into a budgeted
+    CPU profile of the same rounded name at another budget (64.0 and 64.4 MiB are both cpu-64mb),
+    changed the profile without a word."""
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                         "--checkpointing", "0", "--loss", "standard", "--save", "--json")
+    assert code == 0, err
+    assert "replaces" not in err and "its memory was" not in err
+    code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64.4MiB", *SMALL,
+                         "--loss", "standard", "--save", "--json")
+    assert code == 0, err
+    fp = json.loads(out)["saved"]["fingerprint"]
+    assert (f"autofit: profile cpu-64mb: replaces plan {fp} fitted " in err
+            and "under --checkpointing 0, --loss standard with this one fitted under --loss standard" in err), err
+    assert "autofit: profile cpu-64mb: its memory was 64.0 MiB, now 64.4 MiB (this --budget)" in err, err
+
+
 def test_probe_gpu_with_a_cpu_profile_is_one_line(tmp_path, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
                          "--checkpointing", "0", "--loss", "standard", "--save", "--json")

@@ -18,6 +18,7 @@ from autofit.planning import agree
 from autofit.planning.budget import device_budget
 from autofit.devices.opener import open_device
 from autofit.devices.hardware import builtin_hardware as _builtin_hardware, cpu_slug, load_builtin, slug_for
+from trainer.errors import counted
 from autofit.launch.checks import check_saved_plan, say_config_notes
 from autofit.launch.probe import ProbeOptions, probe_on, probe_space, run_probe
 from autofit.launch.profile_gpu import gpu_for_profile, hardware_of
@@ -90,12 +91,42 @@ def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str 
                       plan=res.plan, trials=res.trials, searched_under=list(searched_under or []))
     hw = hardware_dict_for(info, name)
     builtin = info.kind == "cuda" and _builtin_hardware(name) is not None  # its table entry: defaults only
+    for line in _replaced_words(name, plan, hw if info.kind == "cpu" else None):
+        print(f"autofit: profile {name}: {line}", file=sys.stderr)
     def said(cleared: list[str]) -> None:  # t6's L2: a user who knew of the lesson is told it went
         print(f"autofit: profile {name}: the new probe replaces lessons runs learnt before it: {'; '.join(cleared)}",
               file=sys.stderr)
     return name, fp, save_plan(name, None if builtin else hw, plan, hardware_defaults=hw if builtin else None,
                                probed_since=res.started,  # lessons from before the probe go: it measured again
                                on_cleared=said)
+
+
+def _replaced_words(name: str, plan, cpu_hw: dict | None) -> list[str]:
+    """What a save changes that the user did not ask for in so many words (t7's M2, M9): a plan of
+    the same fingerprint fitted under other search flags (a narrower probe replaces one fitted over
+    every lever), and a budgeted CPU profile's memory (names are rounded: 64.6 and 65.4 MiB are both
+    cpu-65mb), whose other plans were fitted at the old budget. Read before the save; a notice only."""
+    from autofit.profiles.store import ProfileError, load_profile
+    from autofit.units import fmt_bytes
+    try:
+        old = load_profile(name)
+    except ProfileError:
+        return []  # save_plan says what is wrong with the file
+    if old is None:
+        return []
+    out = []
+    before = old.plans.get(plan.fingerprint)
+    if before is not None and before.searched_under != plan.searched_under:
+        under = lambda w: "under " + ", ".join(w) if w else "over every lever"  # noqa: E731
+        out.append(f"replaces plan {plan.fingerprint} fitted {before.updated:%Y-%m-%d %H:%M} {under(before.searched_under)} "
+                   f"with this one fitted {under(plan.searched_under)}")
+    was = old.hardware.get("memory_bytes")
+    if cpu_hw is not None and was and was != cpu_hw["memory_bytes"]:
+        others = len([fp for fp in old.plans if fp != plan.fingerprint])
+        out.append(f"its memory was {fmt_bytes(was)}, now {fmt_bytes(cpu_hw['memory_bytes'])} (this --budget)"
+                   + (f"; its {counted(others, 'other plan')} were fitted at the old one, and a run checks a plan's "
+                      f"peak against its own budget" if others else ""))
+    return out
 
 
 @dataclass
