@@ -353,3 +353,19 @@ def test_a_gpu_profile_without_the_card_suggests_an_estimate_of_the_same_model(t
                        "--set", "n_embd=768", "--loss", "chunked", "--max-steps", "1")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.strip().endswith("run: autofit probe --gpu rtx4070-12gb --config c.toml --set n_embd=768 --loss chunked"), err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch_size=32"], "No such option: --batch_size; a config value is set with --set batch_size=32"),
+    # click offered --max-steps, another run (it stops early and keeps max_iters' schedule)
+    (["--max_iters=100"], "No such option: --max_iters; a config value is set with --set max_iters=100"),
+    (["--compile=False"], "--compile=False: --compile takes no value; a config value is set with --set compile=False"),
+    (["c.py"], "a config file is given with --config c.py"),
+])
+def test_nanogpt_command_line_habits_get_the_flag_they_meant(tmp_path, monkeypatch, capsys, args, words):
+    """t7's M4: `python train.py config/x.py --batch_size=32` is how nanoGPT users pass settings;
+    here it was 'No such option' without a word of --set or --config."""
+    (tmp_path / "c.py").write_text("n_layer = 1\n")
+    code, out, err = cli(monkeypatch, capsys, "run", *CPU, "--preset", "tiny", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert "Possible options" not in err

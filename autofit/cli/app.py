@@ -14,7 +14,7 @@ import typer
 
 from autofit import interrupts
 from autofit.cli.common import (BudgetOpt, CkptOpt, CkptPolicyOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
-                                MarginOpt, PresetOpt, SetOpt, UsageError, _probe_options, check_init_from_resume, check_no_plan_flags, check_run_flags, user_message,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _probe_options, click_error_line, check_init_from_resume, check_no_plan_flags, check_run_flags, user_message,
                                 device_from_config,
                                 _rerun_args, _size, console, err_console, load_train_config)
 
@@ -385,8 +385,7 @@ def main() -> None:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `autofit`: the help was shown
             sys.exit(0)
         if getattr(e, "exit_code", None) == 2 and hasattr(e, "format_message"):
-            msg = e.format_message().strip()
-            print(f"autofit: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+            print(f"autofit: error: {click_error_line(e, sys.argv[1:])}", file=sys.stderr)
             sys.exit(2)
         if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
             say_interrupted()

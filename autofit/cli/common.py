@@ -320,3 +320,26 @@ def check_init_from_resume(cfg, resume: bool, preset: str | None, profile: str |
         raise UsageError(f"init_from = 'resume' continues the checkpoint's own config and plan: drop "
                          f"{'--preset' if preset is not None else '--profile'} (a config file's own values apply "
                          f"to it as changes)")
+
+
+def click_error_line(e, argv: list[str]) -> str:
+    """click's usage error `e` as one line, with the --set or --config a nanoGPT user meant where
+    the command line reads like nanoGPT's (t7's M4: `python train.py config/x.py --batch_size=32`):
+    '--batch_size=32' and '--compile=False' are --set KEY=VALUE here, a bare config file is
+    --config FILE; click's 'Possible options: --max-steps' for --max_iters would be another run
+    (--max-steps stops early and keeps max_iters' schedule), so it is dropped there."""
+    msg = e.format_message().strip()
+    line = msg.splitlines()[0] if msg else type(e).__name__
+    from trainer.config.train_config import TrainConfig
+    opt = getattr(e, "option_name", None) or ""
+    key = opt.lstrip("-").replace("-", "_")
+    if opt and key in TrainConfig.model_fields:
+        given = next((a for a in argv if a == opt or a.startswith(opt + "=")), opt)
+        value = given.partition("=")[2] or "VALUE"
+        head = f"{given}: {opt} takes no value" if "does not take a value" in line else f"No such option: {opt}"
+        return (f"{head}; a config value is set with --set {key}={value} (nanoGPT's {opt}=...)"
+                + ("; --compile / --no-compile choose what the probe searches" if key == "compile" else ""))
+    files = [a for a in argv if not a.startswith("-") and a.endswith((".py", ".toml")) and "=" not in a]
+    if "unexpected extra argument" in line and files:
+        return f"{line}; a config file is given with --config {files[0]}"
+    return line
