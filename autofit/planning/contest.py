@@ -187,12 +187,7 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     if before is not None and len(alive) == 1 and alive[0] is before.winner:
         return before
     spt = lambda t: seconds_per_token(t, cpu)  # noqa: E731
-    if len(alive) > 1:  # the search's readings are the first: one that cannot win is not re-timed
-        lead = min(alive, key=spt)
-        for t in [t for t in alive if spt(t) > (1 + CLEAR_FIRST) * spt(lead)]:
-            runner.log(f"contest: {label(t)} not re-timed: its readings so far take {spt(t) / spt(lead):.2f}x the "
-                       f"time per token of {label(lead)}'s (out past {1 + CLEAR_FIRST:.0f}x)")
-            alive.remove(t)
+    alive = _cut_on_first_readings(runner, alive, spt)
     if before is not None and own is not None and own.candidate() in before.seen and len(alive) > 1 \
             and any(t.candidate() == own.candidate() for t in alive):
         # out of an earlier contest, back in this one: say why, or the log reads as a contradiction
@@ -236,6 +231,19 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     winner = _tie_winner(runner, tied, own, spt)
     why = _why(winner, alive, tied, done + rounds, len(seen), cpu, own, band) + (UNFIT_WHY if winner in unfit else "")
     return Decision(winner=winner, why=why, rounds=done + rounds, tied=tied, n=len(seen), seen=seen, unfit=unfit)
+
+
+def _cut_on_first_readings(runner, alive: list[TrialRecord], spt) -> list[TrialRecord]:
+    """The search's readings are the contest's first: a contender more than CLEAR_FIRST slower
+    than the leader on them cannot win and is not re-timed (said in the log)."""
+    if len(alive) <= 1:
+        return alive
+    lead = min(alive, key=spt)
+    out = [t for t in alive if spt(t) > (1 + CLEAR_FIRST) * spt(lead)]
+    for t in out:
+        runner.log(f"contest: {label(t)} not re-timed: its readings so far take {spt(t) / spt(lead):.2f}x the "
+                   f"time per token of {label(lead)}'s (out past {1 + CLEAR_FIRST:.0f}x)")
+    return [t for t in alive if t not in out]
 
 
 # The plan's why when it runs a contender whose latest trial did not fit (_last_standing).
