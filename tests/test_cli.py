@@ -964,3 +964,15 @@ def test_a_default_vocab_size_for_a_dataset_not_here_is_said(tmp_path, monkeypat
         (tmp_path / "c.py").write_text(other + shape)
         code, _, err = cli(monkeypatch, capsys, "probe", "--config", "c.py", "--gpu", "t4-16gb")
         assert code == 0 and "is the default" not in err, err
+
+
+@pytest.mark.parametrize("command", ["probe", "run"])
+def test_piped_help_keeps_every_flag_name_whole(command, tmp_path):
+    """t7's M5: through a pipe typer drew the help 80 columns wide and cut '--checkpointing-policy'
+    to '--checkpointing-pol…', so the flag could not be found in it."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    out = subprocess.run([sys.executable, "-m", "autofit", command, "--help"], capture_output=True, text=True,
+                         env={**env, "AUTOFIT_HOME": str(tmp_path)}, timeout=120).stdout
+    assert "--checkpointing-policy" in out and "--checkpointing-pol…" not in out, out

@@ -64,6 +64,19 @@ def _no_bool_metavar() -> None:
 _no_bool_metavar()
 
 
+def _wide_piped_help() -> None:
+    """typer renders --help at rich's default 80 columns when piped, where its option table cuts
+    long flag names ('--checkpointing-pol…': t7's M5, through `| less` or a CI log). Piped help
+    gets the 200 columns our own piped output has (a narrow terminal still cuts: typer's table)."""
+    if _tty or os.environ.get("TERMINAL_WIDTH") or not {"--help", "-h"} & set(sys.argv[1:]):
+        return
+    from typer import rich_utils
+    rich_utils.MAX_WIDTH = 200
+
+
+_wide_piped_help()
+
+
 class UsageError(ValueError):
     """Bad combination of command-line options."""
 
