@@ -213,10 +213,11 @@ def pick_codec(dataset: str | None, vocab_size: int, *, data_root: str | Path = 
     looked = _meta_places(dataset, data_root, trained_in) if dataset else []
     for i, meta in enumerate(looked):
         if meta.is_file():
-            codec = _for_model(char_codec(meta), vocab_size, meta)
+            changed = _data_changed(meta.parent, trained_on)
+            codec = _for_model(char_codec(meta), vocab_size, meta, changed)
             if trained_in and i == len(looked) - 1:  # found only where it trained
                 codec.description += f", the folder it trained on ({dataset!r} is not found from {Path.cwd()})"
-            codec.description += _data_changed(meta.parent, trained_on)
+            codec.description += changed or ""
             return codec
     if vocab_size < GPT2_VOCAB_SIZE:
         where = (f"no meta.pkl at {' or '.join(map(str, dict.fromkeys(looked)))} (from {Path.cwd()})" if looked else
@@ -239,32 +240,38 @@ def _meta_places(dataset: str, data_root: str | Path, trained_in: str | None) ->
     return places
 
 
-def _for_model(codec: Codec, vocab_size: int, meta: Path) -> Codec:
+def _for_model(codec: Codec, vocab_size: int, meta: Path, changed: str | None = None) -> Codec:
     """A character codec checked against the model's vocab_size: more characters than the model
-    has ids is refused (a prompt's ids past its embedding); fewer is said in the description (the
-    ids without a character print as U+FFFD). Either way the meta.pkl is most likely not the one
-    the model was trained with: the dataset was prepared again since. Raises SampleError."""
+    has ids is refused (a prompt's ids past its embedding: the meta.pkl is not the one the model
+    trained with); fewer is said in the description (the ids without a character print as U+FFFD),
+    with its cause where the checkpoint's data fingerprint tells it (`changed`, _data_changed: ''
+    the same data, so a vocab_size set above its characters, as nanoGPT's shakespeare_char config
+    pins 65; words: prepared again, said by the caller; None: unknown). Raises SampleError."""
     if codec.vocab_size > vocab_size:
         raise SampleError(f"{meta} has {codec.vocab_size} characters, but the model has only "
                           f"{vocab_size} token ids: the dataset was prepared again since it was trained; sample "
                           f"with the meta.pkl it was trained with")
     if codec.vocab_size < vocab_size:
+        why = {"": f": its vocab_size was set above the {codec.vocab_size} characters of the data it trained on "
+                   f"(a config's pinned value), so those ids were never trained"}.get(
+            changed, "" if changed else " (a vocab_size set above the data's characters, or the dataset prepared again)")
         codec.description += (f"; the model has {vocab_size} ids: {codec.vocab_size} to {vocab_size - 1} have no "
-                              f"character here and print as {REPLACEMENT} (was the dataset prepared again?)")
+                              f"character here and print as {REPLACEMENT}{why}")
     return codec
 
 
-def _data_changed(where: Path, trained_on: dict | None) -> str:
+def _data_changed(where: Path, trained_on: dict | None) -> str | None:
     """'; ...' when the token files beside a meta.pkl are not those the checkpoint trained on (the
     dataset was prepared again: its meta.pkl may map ids to other characters, even with as many
-    of them), else ''. Unreadable token files or fingerprint say nothing: the check is a courtesy."""
+    of them), '' when they are, None when that is not known (no fingerprint in the checkpoint,
+    unreadable token files): the check is a courtesy."""
     if not trained_on:
-        return ""
+        return None
     try:
         data = load_dir(where)
         change = fingerprint_change(trained_on, {s: fingerprint(data.split(s).parts) for s in data.splits})
     except (DataError, KeyError, TypeError, ValueError, OSError):
-        return ""
+        return None
     return (f"; but {where} was prepared again since the model trained ({change}): its meta.pkl may map "
             f"ids to other characters than the model learned" if change else "")
 
