@@ -170,7 +170,7 @@ def test_zero_gpus(nvml):
 
 def test_bad_index_lists_count(nvml):
     m = nvml(gpus=[RTX4070, A100])
-    with pytest.raises(DeviceError, match=r"index 5 is out of range: NVML sees 2 GPU\(s\) \(indices 0..1\)") as e:
+    with pytest.raises(DeviceError, match=r"index 5 is out of range: NVML sees 2 GPUs \(indices 0..1\)") as e:
         query_nvml(5)
     assert not isinstance(e.value, NvmlUnavailable)  # a user error, not a reason to try torch.cuda
     assert m.calls["shutdown"] == 1
@@ -226,6 +226,9 @@ def test_cpu_info():
     # Half of what is available, give or take what other processes did in between.
     assert abs(default.total_bytes - avail * cpu.DEFAULT_CPU_BUDGET_SHARE) < 0.1 * avail
     assert "50%" in default.note
+    # rounded down to a whole GiB (64 MiB below 2 GiB): a profile's name survives a little drift (t7's M3)
+    assert cpu.default_cpu_budget(23 * GiB + 300 * MiB) == cpu.default_cpu_budget(22 * GiB + 900 * MiB) == 11 * GiB
+    assert cpu.default_cpu_budget(3 * GiB + 100 * MiB) == 1 * GiB + 512 * MiB and cpu.default_cpu_budget(100 * MiB) == 50 * MiB
     with pytest.raises(DeviceError):
         cpu_info(0)
 
@@ -405,7 +408,7 @@ def test_every_budget_term_says_measured_assumed_or_from_a_profile_under_emulati
     from autofit.planning.budget import compute_budget, device_budget
     FakeCuda(monkeypatch, free_after_init=78 * GiB)
     monkeypatch.setattr(cuda, "own_process_bytes", lambda i, u=None: None)
-    kinds = ("measured:", "assumed:", "from a profile:")
+    kinds = ("measured:", "assumed:", "from a profile:", "given:")  # given: a --budget the user typed (t7's L15)
     real = device_budget(cuda.open_cuda_device(0, info=_nvml_info(index=0)))
     emulated = device_budget(cuda.open_cuda_device(0, info=_nvml_info(index=0), emulate_usable_bytes=11 * GiB,
                                                    emulate_how="rtx4070-12gb's memory less an assumed 3% driver reserve"))

@@ -124,8 +124,14 @@ def check_ranks_fit(nproc: int, budget_bytes: int | None, kind: str | None) -> N
                           f"{have // each} such ranks")
 
 
-def default_cpu_budget() -> int:
-    return int(available_ram_bytes() * DEFAULT_CPU_BUDGET_SHARE)
+def default_cpu_budget(avail: int | None = None) -> int:
+    """The budget without --budget: DEFAULT_CPU_BUDGET_SHARE of the RAM available now (`avail`, or
+    read), rounded down to a whole GiB (from 2 GiB; below, to 64 MiB), so the profile it names
+    (cpu-10gb) stays while free RAM moves by less than that: t7's M3 saw cpu-11641mb, then
+    cpu-11203mb a minute later, and the `run --profile` autofit had suggested found nothing."""
+    half = int((available_ram_bytes() if avail is None else avail) * DEFAULT_CPU_BUDGET_SHARE)
+    step = 2**30 if half >= 2 * 2**30 else 64 * 2**20
+    return half // step * step if half >= step else half
 
 
 def _cpu_name() -> str:
@@ -139,12 +145,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def cpu_info(budget_bytes: int | None = None, used_bytes: int = 0) -> DeviceInfo:
-    """The budgeted CPU device: total = the budget; free = the budget minus `used_bytes`."""
+def cpu_info(budget_bytes: int | None = None, used_bytes: int = 0, default: bool = False) -> DeviceInfo:
+    """The budgeted CPU device: total = the budget; free = the budget minus `used_bytes`.
+    `default`: `budget_bytes` is default_cpu_budget()'s (no --budget), as the note then says."""
     avail = available_ram_bytes()
-    if budget_bytes is None:
-        budget = int(avail * DEFAULT_CPU_BUDGET_SHARE)
-        note = f"budget {fmt_bytes(budget)} = {DEFAULT_CPU_BUDGET_SHARE:.0%} of {fmt_bytes(avail)} RAM available"
+    if budget_bytes is None or default:
+        budget = default_cpu_budget(avail) if budget_bytes is None else int(budget_bytes)
+        note = (f"budget {fmt_bytes(budget)} = {DEFAULT_CPU_BUDGET_SHARE:.0%} of {fmt_bytes(avail)} RAM available, "
+                f"rounded down (a profile's name stays while free RAM moves a little)")
     else:
         if budget_bytes <= 0:
             raise DeviceError(f"CPU budget must be positive, got {budget_bytes} bytes")

@@ -233,6 +233,7 @@ class BudgetedCpuDevice:
 
     def __init__(self, budget_bytes: int | None = None):
         self.tracker = LiveBytesTracker(default_cpu_budget() if budget_bytes is None else budget_bytes)
+        self.default_budget = budget_bytes is None  # no --budget: its info's note says how it was set
         self.torch_device = torch.device("cpu")
         self._depth = 0
 
@@ -311,4 +312,4 @@ class BudgetedCpuDevice:
 
     @property
     def info(self) -> DeviceInfo:
-        return cpu_info(self.budget_bytes, used_bytes=self.tracker.live_bytes)
+        return cpu_info(self.budget_bytes, used_bytes=self.tracker.live_bytes, default=self.default_budget)
