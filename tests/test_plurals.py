@@ -57,3 +57,31 @@ def test_the_kept_best_line_counts_the_steps_since():
     ev = {"event": "kept_best", "best_step": 5, "val_loss": 1.25}
     assert describe_event({**ev, "steps_not_saved": 1}).endswith("so the 1 step since went unsaved")
     assert describe_event({**ev, "steps_not_saved": 7}).endswith("so the 7 steps since went unsaved")
+
+
+def test_t7s_plurals_and_examples_read_right(tmp_path, monkeypatch):
+    """t7 (session 15): 'runs 1 sequences at a time', 'the text has 1 characters', a stage's
+    'e.g. 64 or 64', and a missing profile's line that listed only the built-ins."""
+    from autofit.records import PlanRecord
+    from autofit.report.render import plan_changes
+    from trainer.config.train_config import load_config
+    from trainer.data.text_tokens import _split_text
+    from trainer.data.tokenfiles import DataError
+    cfg = load_config(preset="tiny", overrides=["batch_size=2", "gradient_accumulation_steps=1"])
+    plan = PlanRecord(mode="measured", micro_batch=1, grad_accum=2, micro_batches=[1, 1], effective_batch=2,
+                      block_size=128, dtype="float32", compile=False, compile_after=0, checkpointing=0,
+                      loss_impl="standard", budget_bytes=10**8, split="2 = 1 × 2")
+    from types import SimpleNamespace
+    res = SimpleNamespace(device=SimpleNamespace(kind="cpu", bf16_supported=False), compiled_fit_sizes=[], trials=[])
+    assert any(w.startswith("runs 1 sequence at a time, 2 times per step") for w in plan_changes(plan, cfg, res))
+    with pytest.raises(DataError, match="the text has 1 character: too few"):
+        _split_text("a")
+    from trainer.config.pyfile import ConfigError
+    with pytest.raises(ConfigError, match=r"block_size \(64\): e\.g\. 64$"):
+        load_config(preset="tiny", overrides=["stages=[dict(block_size=64, tokens_per_step=32)]"])
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path))
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "cpu-64mb.toml").write_text('name = "cpu-64mb"\n[hardware]\nkind = "cpu"\n')
+    from autofit.launch.profile_gpu import no_profile_words
+    words = no_profile_words("cpu-32mb")
+    assert words.startswith("no profile named 'cpu-32mb' (yours: cpu-64mb; built-in: ") and "rtx4070-12gb" in words

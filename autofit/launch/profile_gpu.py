@@ -13,6 +13,16 @@ from autofit.planning import agree
 from autofit.profiles.store import ProfileError, check_profiles_writable, load_profile
 
 
+def no_profile_words(profile: str) -> str:
+    """'no profile named X (yours: cpu-64mb; built-in: ...; create one ...)': the user's saved
+    profiles too, not only the built-ins (t7: a cpu-32mb typo listed the GPUs, not the user's cpu-64mb)."""
+    from autofit.profiles.manage import list_profiles
+    builtins = set(load_builtin())
+    yours = [e.name for e in list_profiles() if e.name not in builtins]
+    return (f"no profile named {profile!r} ({'yours: ' + ', '.join(yours) + '; ' if yours else ''}"
+            f"built-in: {', '.join(sorted(builtins))}; create one with autofit probe --save)")
+
+
 def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions, model_args: list[str] = ()) -> None:
     """Before the dataset is read and before any probe: the profile exists, a GPU profile's card
     (or a larger one with --emulate; --emulate is refused for a CPU profile) is here, and the profiles folder takes a plan a probe would
@@ -21,8 +31,7 @@ def check_profile_here(profile: str, emulate: bool, probe_opts: ProbeOptions, mo
     check_profiles_writable(profile)
     saved = load_profile(profile, builtin=_builtin_hardware)
     if saved is None:
-        raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(sorted(load_builtin()))}; "
-                           f"create one with autofit probe --save)")
+        raise ProfileError(no_profile_words(profile))
     hw = hardware_of(profile, saved)
     on_cpu = hw.get("kind") == "cpu"
     if probe_opts.device is not None and (probe_opts.device == "cpu") != on_cpu:

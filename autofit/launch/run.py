@@ -17,11 +17,11 @@ import torch
 from autofit.planning import agree
 from autofit.planning.budget import device_budget
 from autofit.devices.opener import open_device
-from autofit.devices.hardware import builtin_hardware as _builtin_hardware, cpu_slug, load_builtin, slug_for
+from autofit.devices.hardware import builtin_hardware as _builtin_hardware, cpu_slug, slug_for
 from trainer.errors import counted
 from autofit.launch.checks import check_saved_plan, say_config_notes
 from autofit.launch.probe import ProbeOptions, probe_on, probe_space, run_probe
-from autofit.launch.profile_gpu import gpu_for_profile, hardware_of
+from autofit.launch.profile_gpu import gpu_for_profile, hardware_of, no_profile_words
 from autofit.profiles.store import (FittedPlan, ProfileError, find_plan, fingerprint,
                                    fingerprint_inputs, lesson_notes, load_profile, nearest_plan, record_event,
                                    save_plan)
@@ -220,9 +220,7 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
 
     saved = load_profile(profile, builtin=_builtin_hardware)
     if saved is None:
-        names = sorted(load_builtin())
-        raise ProfileError(f"no profile named {profile!r} (built-in: {', '.join(names)}; "
-                           f"create one with autofit probe --save)")
+        raise ProfileError(no_profile_words(profile))
     hw = hardware_of(profile, saved)
     emulated_on = None
     if hw.get("kind") == "cpu":

@@ -175,7 +175,8 @@ def plan_changes(plan, cfg, res) -> list[str]:
         if plan.grad_accum == 1:
             words.append(f"runs all {plan.micro_batch} sequences at once (no gradient accumulation), {instead}")
         else:
-            words.append(f"runs {plan.micro_batch} sequences at a time, {plan.grad_accum} times per step "
+            words.append(f"runs {plan.micro_batch} sequence{'s' * (plan.micro_batch != 1)} at a time, "
+                         f"{plan.grad_accum} times per step "
                          f"({plan.split}), {instead}")
     else:
         # several ranks: the config's accumulation is all ranks' (nanoGPT divides it by them), so

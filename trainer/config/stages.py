@@ -86,8 +86,9 @@ def _one_stage(i: int, raw: Any, last: bool) -> Stage:
     T, tokens = vals["block_size"], vals["tokens_per_step"]
     if tokens % T:
         lo, hi = max(T, tokens // T * T), (tokens // T + 1) * T
+        eg = f"{lo} or {hi}" if lo != hi else f"{lo}"  # t7: 'e.g. 64 or 64' below one sequence
         raise ValueError(f"stages[{i}].tokens_per_step ({tokens}) must be a whole number of sequences of its "
-                         f"block_size ({T}): e.g. {lo} or {hi}")
+                         f"block_size ({T}): e.g. {eg}")
     return Stage(**vals)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from trainer.data.datasets import DataError
 from trainer.data.tokenfiles import atomic_write, write_tokens
+from trainer.errors import counted
 
 TRAIN_SHARE = 0.9  # nanoGPT's prepare.py scripts: train = the first 90% of the characters
 
@@ -39,7 +40,7 @@ def _split_text(text: str) -> tuple[str, str]:
     n = len(text)
     train, val = text[:int(n * TRAIN_SHARE)], text[int(n * TRAIN_SHARE):]
     if not train or not val:
-        raise DataError(f"the text has {n} characters: too few for a train and a val split")
+        raise DataError(f"the text has {counted(n, 'character')}: too few for a train and a val split")
     return train, val
 
 
