@@ -85,3 +85,20 @@ def test_t7s_plurals_and_examples_read_right(tmp_path, monkeypatch):
     from autofit.launch.profile_gpu import no_profile_words
     words = no_profile_words("cpu-32mb")
     assert words.startswith("no profile named 'cpu-32mb' (yours: cpu-64mb; built-in: ") and "rtx4070-12gb" in words
+
+
+def test_a_config_compile_the_cpu_device_cannot_measure_says_why_without_v():
+    """t7's L14: compile = true in the config became 'runs eager (compile off)' on the budgeted CPU
+    device, the reason only in -v's why."""
+    from types import SimpleNamespace
+    from autofit.records import PlanRecord
+    from autofit.report.render import plan_changes
+    from trainer.config.train_config import load_config
+    cfg = load_config(preset="tiny", overrides=["compile=True"])
+    plan = PlanRecord(mode="measured", micro_batch=16, grad_accum=2, micro_batches=[16, 16], effective_batch=32,
+                      block_size=128, dtype="float32", compile=False, compile_after=0, checkpointing=0,
+                      loss_impl="standard", budget_bytes=10**8, split="32 = 16 × 2")
+    res = SimpleNamespace(device=SimpleNamespace(kind="cpu", bf16_supported=False), mode="measured",
+                          compiled_fit_sizes=[], trials=[])
+    words = "; ".join(plan_changes(plan, cfg, res))
+    assert "runs eager (compile off: torch.compile cannot be measured on the budgeted CPU device" in words

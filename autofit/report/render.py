@@ -198,7 +198,12 @@ def plan_changes(plan, cfg, res) -> list[str]:
     if plan.dtype != config_dtype(cfg, res):
         words.append(f"trains in {plan.dtype} instead of {config_dtype(cfg, res)}")
     if plan.compile != bool(cfg.compile):
-        words.append("runs eager (compile off)" if not plan.compile else "compiles")
+        # t7's L14: on the budgeted CPU device the reason was only in -v's why
+        cannot = res is not None and getattr(res, "device", None) is not None and res.device.kind == "cpu" \
+            and res.mode == "measured"
+        words.append(("runs eager (compile off: torch.compile cannot be measured on the budgeted CPU device, whose "
+                      "memory tracker keeps Dynamo from compiling)" if cannot else "runs eager (compile off)")
+                     if not plan.compile else "compiles")
     return words
 
 
