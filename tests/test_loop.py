@@ -693,6 +693,16 @@ def test_the_stop_notice_promises_a_save_only_where_one_is_sure(tmp_path, capfd,
     assert (STOP_NOTICE in err) == always and (KEEP_BEST_STOP_NOTICE in err) == (not always)
 
 
+def test_the_opening_line_names_peak_memory_only_where_it_is_measured(tmp_path, capfd):
+    """t7's L12: a plain CPU run said 'peak memory below is measured', and its lines showed none."""
+    train(make_cfg(tmp_path / "plain", max_iters=1), opts())
+    said = capfd.readouterr()
+    assert "step time and tokens/s below are measured" in said.out + said.err
+    train(make_cfg(tmp_path / "budgeted", max_iters=1), opts(meter=BudgetedCpuDevice(budget_bytes=256 * 2**20)))
+    said = capfd.readouterr()
+    assert "step time, tokens/s and peak memory below are measured" in said.out + said.err
+
+
 def test_sigint_checkpoints_and_resume_finishes(tmp_path, baseline):
     before = signal.getsignal(signal.SIGINT)
     res = train(make_cfg(tmp_path), opts(meter=SigintAt(3)))  # during step 2

@@ -236,8 +236,9 @@ class Trainer(RedoneStep):
             self._progress.print(f"evaluating on {self.device} ({self.dtype}), eval_only: no training step; the losses "
                                  f"below are measured on this device")
         else:
-            self._progress.print(f"training on {self.device} ({self.dtype}{self.cfg.lever_words()}); step time, tokens/s and peak memory "
-                                 f"below are measured on this device")
+            what = "step time, tokens/s and peak memory" if self.meter.capabilities.measures else \
+                "step time and tokens/s"  # a plain CPU tracks no peak, and its lines show none (t7's L12)
+            self._progress.print(f"training on {self.device} ({self.dtype}{self.cfg.lever_words()}); {what} below are measured on this device")
         if self.master and (cut := clear_cut_writes(self.ckpt_path)):  # the CLI's .autofit.lock: no other writer
             self._progress.print(cut)
         for note in self._pretrained_notes:
