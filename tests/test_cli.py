@@ -976,3 +976,11 @@ def test_piped_help_keeps_every_flag_name_whole(command, tmp_path):
     out = subprocess.run([sys.executable, "-m", "autofit", command, "--help"], capture_output=True, text=True,
                          env={**env, "AUTOFIT_HOME": str(tmp_path)}, timeout=120).stdout
     assert "--checkpointing-policy" in out and "--checkpointing-pol…" not in out, out
+
+
+def test_version_says_autofits_and_its_checkpoint_format(monkeypatch, capsys):
+    """t7: 'written by a newer autofit ...: upgrade autofit' could not be checked: no --version."""
+    from importlib.metadata import version
+    from trainer.checkpoint.schema import CHECKPOINT_FORMAT
+    code, out, err = cli(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"autofit {version('autofit')}, checkpoint format {CHECKPOINT_FORMAT}", out + err

@@ -14,12 +14,13 @@ import typer
 
 from autofit import interrupts
 from autofit.cli.common import (BudgetOpt, CkptOpt, CkptPolicyOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
-                                MarginOpt, PresetOpt, SetOpt, UsageError, _probe_options, click_error_line, check_init_from_resume, check_no_plan_flags, check_run_flags, user_message,
+                                MarginOpt, PresetOpt, SetOpt, UsageError, _probe_options, click_error_line, root, check_init_from_resume, check_no_plan_flags, check_run_flags, user_message,
                                 device_from_config,
                                 _rerun_args, _size, console, err_console, load_train_config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OOM-aware launcher for nanoGPT-style GPT training: measure what fits, plan, train.")
+app.callback()(root)  # --version
 @app.command("config")
 def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
                overrides: List[str] = SetOpt,

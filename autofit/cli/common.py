@@ -67,11 +67,12 @@ _no_bool_metavar()
 def _wide_piped_help() -> None:
     """typer renders --help at rich's default 80 columns when piped, where its option table cuts
     long flag names ('--checkpointing-pol…': t7's M5, through `| less` or a CI log). Piped help
-    gets the 200 columns our own piped output has (a narrow terminal still cuts: typer's table)."""
+    gets 100 columns, the narrowest at which every flag name is whole (90 was, 80 is not), so its
+    boxes still fit a pager (a terminal narrower than that still cuts: typer's table)."""
     if _tty or os.environ.get("TERMINAL_WIDTH") or not {"--help", "-h"} & set(sys.argv[1:]):
         return
     from typer import rich_utils
-    rich_utils.MAX_WIDTH = 200
+    rich_utils.MAX_WIDTH = 100
 
 
 _wide_piped_help()
@@ -356,3 +357,25 @@ def click_error_line(e, argv: list[str]) -> str:
     if "unexpected extra argument" in line and files:
         return f"{line}; a config file is given with --config {files[0]}"
     return line
+
+
+def _say_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            v = version("autofit")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            v = "unknown (not installed)"
+        typer.echo(f"autofit {v}, checkpoint format {_checkpoint_format()}")
+        raise typer.Exit()
+
+
+def _checkpoint_format() -> int:
+    from trainer.checkpoint.schema import CHECKPOINT_FORMAT  # imports torch: --version only
+    return CHECKPOINT_FORMAT
+
+
+def root(version: bool = typer.Option(False, "--version", callback=_say_version, is_eager=True,
+                                      help="Print autofit's version and the checkpoint format it writes, then exit.")):
+    """OOM-aware launcher for nanoGPT-style GPT training: measure what fits, plan, train.
+    (`--version` exists because 'written by a newer autofit: upgrade autofit' should be checkable: t7.)"""
