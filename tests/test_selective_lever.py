@@ -31,10 +31,16 @@ def test_the_space_holds_selective_beside_full_wherever_checkpointing_is_searche
     assert combos == {(0, "full", "standard"), (0, "full", "chunked"), (1, "selective", "standard"),
                       (1, "selective", "chunked"), (1, "full", "standard"), (1, "full", "chunked")}
     assert space.notes == []
-    # checkpointing not searched: no selective combination, and the reason is said
+    # checkpointing not searched (--checkpointing 0): no selective combination, and no note
+    # repeating what the user typed (t7's L15)
     off = candidate_space(cfg, "cpu", False, dtype="float32", checkpointing=[0])
     assert {lv.checkpointing_policy for lv in lever_combos(off)} == {"full"}
-    assert off.notes and "not searched" in off.notes[0] and "--checkpointing 0" in off.notes[0]
+    assert off.notes == []
+    # a --dtype list searches what this card runs and says what it left out; bf16 alone is refused (t7's L17)
+    t4 = candidate_space(cfg, "cuda", False, dtype="bfloat16,float16", compute_capability=(7, 5))
+    assert t4.dtypes == ["float16"] and t4.notes[0].startswith("bfloat16 not searched: this GPU has no bf16 support")
+    with pytest.raises(PlanError, match="--dtype bfloat16: this GPU has no bf16 support"):
+        candidate_space(cfg, "cuda", False, dtype="bfloat16", compute_capability=(7, 5))
     # the user restricts the policy (--checkpointing-policy)
     full = candidate_space(cfg, "cpu", False, dtype="float32", checkpointing_policies=["full"])
     assert {(lv.checkpointing, lv.checkpointing_policy) for lv in lever_combos(full)} == {(0, "full"), (1, "full")}
@@ -243,7 +249,8 @@ def test_probe_v_names_the_policy_and_why_selective_was_left_out(tmp_path, monke
     code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--preset", "gpt2-124m",
                          "--checkpointing", "0", "-v")
     assert code == 0, err
-    assert "selective activation checkpointing not searched: activation checkpointing is not searched" in out
+    # nothing checkpointed is searched, as the user asked: no note repeats it (t7's L15)
+    assert "selective activation checkpointing not searched" not in out
     code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--preset", "gpt2-124m", "-v")
     assert code == 0, err
     assert re.search(r"\b1 sel\b", out)  # the candidates table's ckpt column

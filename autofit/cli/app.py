@@ -35,7 +35,7 @@ def config_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Prese
         from trainer.config.stages import batch_words
         t = Table("key", "value", title="resolved TrainConfig")
         for k, v in data.items():
-            t.add_row(k, repr(v))
+            t.add_row(k, repr(float(f"{v:.12g}")) if isinstance(v, float) else repr(v))  # 0.00012, not ...99999
         console.print(t, batch_words(cfg), sep="\n")  # the table, then the effective batch (or each stage's)
         console.print(f"vocab_size {cfg.vocab_size} from {cfg.source_of('vocab_size')}", soft_wrap=True)
 

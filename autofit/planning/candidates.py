@@ -94,6 +94,35 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
     if too_deep:  # a lever the model cannot take: refused before any trial, never saved in a plan
         raise PlanError(f"--checkpointing {too_deep[0]}: the model has {counted(cfg.n_layer, 'layer')}; activation "
                         f"checkpointing intervals go from 0 (off) to {cfg.n_layer}")
+    dtypes, dropped = dtype_space(cfg, device_kind, bf16_supported, dtype, cc_text)
+    compiles = [compile] if compile is not None else ([False, True] if cfg.compile else [False])
+    if not compile_measurable:
+        # Dynamo compiles nothing while the budgeted CPU device's dispatch-mode tracker is
+        # active (torch 2.13), so a compiled trial there would silently measure eager code.
+        if compile:
+            raise PlanError("--compile: torch.compile cannot be measured on the budgeted CPU device "
+                            "(its memory tracker keeps Dynamo from compiling); probe on a GPU, or use --gpu NAME")
+        compiles = [False]
+    sharded = [False]
+    if world_size > 1:
+        sharded = {"auto": [False, True], "ddp": [False], "fsdp2": [True]}[cfg.parallelism]
+    ck = checkpointing if checkpointing is not None else sorted({cfg.checkpointing, 0, 1})
+    policies, notes = checkpointing_policy_space(ck, checkpointing_policies)
+    notes = dropped + notes
+    if True in sharded and cfg.optimizer == "muon":  # Muon orthogonalises whole matrices; FSDP2 would shard them
+        # ('fsdp2' with muon is refused when the config is built: only 'auto' gets here)
+        sharded = [False]
+        notes.append("FSDP2 not searched: optimizer 'muon' orthogonalises whole matrices and FSDP2 shards them; "
+                     "the ranks train with DDP")
+    return Space(dtypes=dtypes, compile=compiles, checkpointing=ck, loss_impls=loss_impls or ["standard", "chunked"],
+                 sharded=sharded, checkpointing_policies=policies, notes=notes)
+
+
+def dtype_space(cfg, device_kind: str, bf16_supported: bool, dtype: str | None,
+                cc_text: str | None) -> tuple[list[str], list[str]]:
+    """(dtypes to search, notes on what a --dtype list asked that this device cannot run): see
+    candidate_space's `dtype`. Raises PlanError for an unknown dtype or bf16 alone on a card without it."""
+    dropped: list[str] = []
     if dtype is None:
         dtypes = [cfg.resolved_dtype(device_kind, bf16_supported)]
         if dtypes == ["bfloat16"] and not bf16_supported:  # the config's own dtype: the same answer as --dtype
@@ -111,28 +140,13 @@ def candidate_space(cfg, device_kind: str, bf16_supported: bool, *, dtype: str |
             if d not in ("float32", "bfloat16", "float16"):
                 raise PlanError(f"--dtype: unknown dtype {d!r} (float32, bfloat16, float16, any)"
                                 f"{did_you_mean(d, ['float32', 'bfloat16', 'float16'])}")
-            if d == "bfloat16" and not bf16_supported:
+            if d == "bfloat16" and not bf16_supported and len(dtypes) == 1:
                 raise PlanError("--" + bf16_refusal(cc_text))
-    compiles = [compile] if compile is not None else ([False, True] if cfg.compile else [False])
-    if not compile_measurable:
-        # Dynamo compiles nothing while the budgeted CPU device's dispatch-mode tracker is
-        # active (torch 2.13), so a compiled trial there would silently measure eager code.
-        if compile:
-            raise PlanError("--compile: torch.compile cannot be measured on the budgeted CPU device "
-                            "(its memory tracker keeps Dynamo from compiling); probe on a GPU, or use --gpu NAME")
-        compiles = [False]
-    sharded = [False]
-    if world_size > 1:
-        sharded = {"auto": [False, True], "ddp": [False], "fsdp2": [True]}[cfg.parallelism]
-    ck = checkpointing if checkpointing is not None else sorted({cfg.checkpointing, 0, 1})
-    policies, notes = checkpointing_policy_space(ck, checkpointing_policies)
-    if True in sharded and cfg.optimizer == "muon":  # Muon orthogonalises whole matrices; FSDP2 would shard them
-        # ('fsdp2' with muon is refused when the config is built: only 'auto' gets here)
-        sharded = [False]
-        notes.append("FSDP2 not searched: optimizer 'muon' orthogonalises whole matrices and FSDP2 shards them; "
-                     "the ranks train with DDP")
-    return Space(dtypes=dtypes, compile=compiles, checkpointing=ck, loss_impls=loss_impls or ["standard", "chunked"],
-                 sharded=sharded, checkpointing_policies=policies, notes=notes)
+        if "bfloat16" in dtypes and not bf16_supported:  # a list: search the others (t7's L17), said in -v
+            dtypes.remove("bfloat16")
+            dropped.append(f"bfloat16 not searched: this GPU has no bf16 support (compute capability {cc_text or '?'} "
+                           f"< 8.0)")
+    return dtypes, dropped
 
 
 def checkpointing_policy_space(checkpointing: list[int], asked: list[str] | None) -> tuple[list[str], list[str]]:
@@ -156,8 +170,8 @@ def checkpointing_policy_space(checkpointing: list[int], asked: list[str] | None
         why = "--checkpointing-policy full"
     elif not has_selective_checkpointing():
         policies, why = ["full"], no_sac
-    elif not any(checkpointing):
-        why = "activation checkpointing is not searched (--checkpointing 0)"
+    # (--checkpointing 0: no note; 'selective not searched: checkpointing is not searched' only
+    # repeated what the user typed, t7's L15)
     return policies, ([f"selective activation checkpointing not searched: {why}"] if why else [])
 
 
