@@ -72,7 +72,7 @@ def test_split_prefers_divisor_when_it_is_faster():
     # 22 at micro-batch 10: balanced [8, 7, 7], or the divisor 2 (11 micro-batches of 2)
     tps = {8: 1000.0, 7: 1000.0, 2: 5000.0}  # the divisor measured much faster per token
     mbs, why = choose_split(22, 10, tps, block_size=8)
-    assert mbs == [2] * 11 and "divisor 2" in why
+    assert mbs == [2] * 11 and why.startswith("micro-batch 2, which divides the batch (22 = 2 × 11")
     tps = {8: 1000.0, 7: 1000.0, 2: 100.0}
     mbs, why = choose_split(22, 10, tps, block_size=8)
     assert mbs == [8, 7, 7] and "balanced" in why

@@ -77,7 +77,8 @@ def cannot_pay_back(runner: TrialRunner, levers: Levers, base_levers: list[Lever
             # buy a whole recomputing search (3-4 trials at the largest sizes), so the pair is
             # re-timed once, alternated, before the search is spent (the readings join the contest's)
             runner.log(f"re-timing micro-batch {half.micro_batch} and {big.micro_batch} ({lv.loss_impl} loss) once, alternated: "
-                       f"their first readings ({a / b:.2f}x) would buy a recomputing search; one burst must not")
+                       f"their first readings ({a / b:.2f}x) say activation checkpointing could pay back, which "
+                       f"would cost a whole search of it: one burst of load must not decide that")
             if retime(runner, half):
                 retime(runner, big)
             a, b = seconds_per_token(half, cpu), seconds_per_token(big, cpu)

@@ -110,8 +110,10 @@ def choose_split(rank_batch: int, micro: int, measured_tps: dict[int, float], bl
         even = split_batch(rank_batch, d)
         t_even = _step_seconds(even, block_size, tps)
         if t_even < t_bal:
-            return even, (f"the divisor {d} ({t_even:.3g} s/step) beats the balanced split "
-                          f"{describe_split(balanced)} ({t_bal:.3g} s/step)")
-        return balanced, (f"balanced split ({t_bal:.3g} s/step) beats the divisor {d} ({t_even:.3g} s/step); "
-                          f"each micro-batch's loss is weighted by its share of tokens")
+            return even, (f"micro-batch {d}, which divides the batch ({describe_split(even)}, {t_even:.3g} s/step), "
+                          f"beats the balanced split {describe_split(balanced)} ({t_bal:.3g} s/step)")
+        # t7's L15: 'the divisor 2' read as a number of micro-batches
+        return balanced, (f"balanced split ({t_bal:.3g} s/step) beats micro-batch {d}, which divides the batch "
+                          f"({describe_split(even)}, {t_even:.3g} s/step); each micro-batch's loss is weighted by its "
+                          f"share of tokens")
     return balanced, "balanced split (no measured divisor of the batch); each micro-batch's loss is weighted by its tokens"
