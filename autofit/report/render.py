@@ -23,6 +23,15 @@ SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 COMPILE_NOT_ESTIMATED = "its memory effect is not estimated: the figures are for eager"
 
 
+def _source_words(source: str) -> str:
+    """Where the device's figures were read, in words ('source cpu' read as jargon: t7's L15)."""
+    if source == "cpu":
+        return "the budgeted CPU device: its budget, RAM read from the OS"
+    if source.startswith("profile:"):
+        return f"from profile {source.split(':', 1)[1]}"
+    return f"read via {source}"
+
+
 def _b(n: int | None) -> str:
     return fmt_bytes(n) if n else "-"
 
@@ -38,7 +47,7 @@ def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None
     d = res.device
     src = "measured" if res.mode == "measured" else "ESTIMATED (no such GPU here; nothing was run)"
     console.print(f"[bold]device[/]: {d.name} ({d.kind}, {fmt_bytes(d.total_bytes)} total, "
-                  f"{fmt_bytes(d.free_bytes)} free; source {d.source})")
+                  f"{fmt_bytes(d.free_bytes)} free; {_source_words(d.source)})")
     if verbose and getattr(d, "note", ""):
         console.print(f"  note: {d.note}")
     console.print(f"[bold]mode[/]: {src}")
@@ -343,7 +352,8 @@ def render_breakdown(breakdown: dict[str, int], budget: int, measured: int | Non
     """A bar of the plan's memory by component (estimated) against the budget."""
     total = sum(breakdown.values())
     scale = max(budget, total, measured or 0)
-    console.print("[bold]where the memory goes[/] (estimated by component; bar = budget)")
+    console.print("[bold]where the memory goes[/] (estimated by component; the bar is the budget, a color each "
+                  "component; % of the estimated total)")
     colors = ["cyan", "blue", "magenta", "yellow", "red", "green", "bright_black", "white"]
     bar = ""
     for (name, n), color in zip(breakdown.items(), colors):
@@ -354,7 +364,8 @@ def render_breakdown(breakdown: dict[str, int], budget: int, measured: int | Non
     console.print(f"  |{bar}| budget {fmt_bytes(budget)}")
     for (name, n), color in zip(breakdown.items(), colors):
         if n:
-            console.print(f"  [{color}]█[/] {name:<16} {fmt_bytes(n):>12}  {100 * n / max(total, 1):5.1f}%")
+            label = name.replace("_", " ")  # 'optimizer state', not the breakdown's key (t7's L15)
+            console.print(f"  [{color}]█[/] {label:<16} {fmt_bytes(n):>12}  {100 * n / max(total, 1):5.1f}%")
     line = f"  total (estimated) {fmt_bytes(total)}"
     if measured:
         line += f"; measured peak {fmt_bytes(measured)}"
