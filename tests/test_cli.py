@@ -73,7 +73,7 @@ def test_probe_seed_on_simulated_4070(tmp_path, monkeypatch, capsys):
         assert key in d["trials"][0]
     # human output explains where the memory goes and labels the figures
     code, out, _ = cli(monkeypatch, capsys, "probe", "--config", "seed.py", "--gpu", "rtx4070-12gb")
-    assert "ESTIMATED" in out and "where the memory goes" in out and "logits_and_loss" in out
+    assert "ESTIMATED" in out and "where the memory goes" in out and "logits and loss" in out
 
 
 def test_probe_cpu_measures_and_save_then_run_profile_starts_at_once(tmp_path, monkeypatch, capsys):
