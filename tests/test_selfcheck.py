@@ -587,7 +587,9 @@ def test_a_probe_stage_killed_mid_way_leaves_each_finished_trials_record_and_the
     common.mark_timed_out(out / "stage2_probe.json", 600)
 
     records = [json.loads(line) for line in (out / "stage2_trials.jsonl").read_text().splitlines()]
-    assert len(records) == 2  # every finished trial, whole, though the probe never saved its profile
+    # every finished trial, whole, though the probe never saved its profile (and the planner's pruned
+    # records beside them: the chunked loss is not searched where the standard loss holds the batch)
+    assert len([r for r in records if r["status"] != "pruned"]) == 2, records
     for r in records:
         assert r["type"] == "trial" and r["status"] in STATUSES
         assert {"estimated_peak_bytes", "measured_peak_bytes", "measured_reserved_bytes", "leaked_bytes",
