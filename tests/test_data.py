@@ -111,6 +111,16 @@ def test_llmc_dir_needs_both_splits(tmp_path):
         load_dataset(str(tmp_path))
 
 
+def test_llmc_shards_of_two_datasets_in_one_folder_are_refused(tmp_path):
+    """r4 (session 15): fineweb_train_* and edu_fineweb_train_* in one folder were read as one
+    dataset, silently; llm.c reads one prefix's shards."""
+    for prefix in ("fineweb", "edu_fineweb"):
+        write_llmc_shard(tmp_path / f"{prefix}_train_000001.bin", np.arange(100))
+        write_llmc_shard(tmp_path / f"{prefix}_val_000000.bin", np.arange(40))
+    with pytest.raises(DataError, match=r"llm\.c shards of 2 datasets \(edu_fineweb, fineweb\): one dataset per folder"):
+        load_dataset(str(tmp_path))
+
+
 def test_multi_shard_split_is_one_logical_stream(tmp_path):
     # Three train shards of different lengths; the sampler must see windows across boundaries.
     stream = np.arange(1, 301)

@@ -240,10 +240,15 @@ def load_dir(path: str | Path) -> TokenDataset:
     if (path / "train.bin").is_file() or (path / "val.bin").is_file():
         return _load_nanogpt(path)
     shards: dict[str, list[Path]] = {s: [] for s in SPLITS}
+    prefixes: set[str] = set()
     for f in sorted(path.iterdir()):
         m = SHARD_NAME.match(f.name)
         if m and f.is_file():
             shards[m.group(1)].append(f)
+            prefixes.add(f.name[:m.start(1) - 1])
+    if len(prefixes) > 1:  # llm.c reads one prefix's shards; joined, two datasets read as one (r4)
+        raise DataError(f"{path} holds llm.c shards of {len(prefixes)} datasets ({', '.join(sorted(prefixes))}): "
+                        f"one dataset per folder; move the others to a folder of their own")
     if not any(shards.values()):
         raise DataError(f"{path} holds neither train.bin/val.bin (nanoGPT) nor *_train_*.bin/*_val_*.bin "
                         f"shards (llm.c)")
