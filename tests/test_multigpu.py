@@ -170,6 +170,15 @@ def test_ranks_with_different_budgets_probe_to_one_plan_that_fits_the_smaller(tm
     assert run["micro_batches"] == plan["micro_batches"]
     assert not [ev for ev in records(out, "event") if "oom" in ev["event"]]
     assert [r["step"] for r in records(out, "train")] == [0, 1, 2]
+    # a budget the saved plan does not fit on one rank only: every rank probes again (t8's H1, session
+    # 15: rank 0 trained the saved plan while rank 1 probed, and both broke in their next collective)
+    low = int(plan["measured_peak_bytes"] / 0.9 * 0.8)
+    out2 = tmp_path / "out2"
+    res = torchrun(["run", "--preset", "tiny", *SETS, *batch, "--profile", probe["saved"]["profile"], "--out", str(out2),
+                    "--no-progress", "--max-steps", "2"], env(tmp_path, budgets=f"3MiB,{low}"))
+    ok(res)
+    assert records(out2, "run")[0]["plan"]["source"] == "probe"
+    assert "the saved plan does not do what this command asks" in res.stderr + res.stdout
 
 
 def test_sigterm_stops_both_ranks_at_one_step_and_the_resume_matches(tmp_path, two_ranks):

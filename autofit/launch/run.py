@@ -239,10 +239,13 @@ def prepare_run(cfg, *, profile: str | None, emulate: bool, probe_opts: ProbeOpt
     fitted = agree.from_rank0(find_plan(saved, fp))  # several ranks: rank 0's answer for all
     if fitted is not None:
         check_saved_plan(fitted.plan, cfg, agree.ranks().world_size, profile, fp)
-    unmet = _unmet_flags(fitted.plan, cfg, device, probe_opts, budget) if fitted is not None else None
+    # several ranks: judged on the smallest rank's budget, so every rank takes the same branch (t8's
+    # H1: a plan that fit rank 0's budget and not rank 1's sent rank 0 to training, rank 1 to a probe)
+    low = agree.budget(budget)
+    unmet = _unmet_flags(fitted.plan, cfg, device, probe_opts, low) if fitted is not None else None
     if fitted is not None and unmet is None:
         return _from_saved(cfg, device, fitted, profile, fp, max_steps=max_steps, resume=resume, progress=progress,
-                           log=log, extra=extra, budget_bytes=budget.budget_bytes)
+                           log=log, extra=extra, budget_bytes=low.budget_bytes)
     near = nearest_plan(saved, inputs)
     why = (f"the saved plan does not do what this command asks ({unmet})" if unmet else
            _for_other_ranks(near[1]) or not_reused_words(near[1]) if near else
