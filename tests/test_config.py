@@ -649,3 +649,11 @@ def test_a_home_folder_in_out_dir_or_tensorboard_dir_is_the_users_home(tmp_path,
     cfg.out_dir = "~/z"  # --out, in a shell that did not expand it
     assert cfg.out_dir == str(tmp_path / "home" / "z")
     assert load_config(overrides=["out_dir=a~b"]).out_dir == "a~b" and TrainConfig().tensorboard_dir is None
+
+
+def test_eval_only_with_no_eval_batches_is_refused():
+    """t8 (session 15): eval_only=True with eval_iters=0 ended in a ZeroDivisionError traceback."""
+    from trainer.config.pyfile import ConfigError
+    with pytest.raises(ConfigError, match="eval_only evaluates eval_iters batches of each split, and eval_iters is 0"):
+        load_config(preset="tiny", overrides=["eval_only=True", "eval_iters=0"])
+    assert load_config(preset="tiny", overrides=["eval_only=True", "eval_interval=0"]).eval_only  # still evaluates

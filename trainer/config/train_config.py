@@ -187,6 +187,9 @@ class TrainConfig(BaseModel):
         if self.checkpointing > self.n_layer:
             raise ValueError(f"checkpointing ({self.checkpointing}) must be between 0 and n_layer "
                              f"({self.n_layer})")
+        if self.eval_only and self.eval_iters == 0:  # t8: a ZeroDivisionError traceback in the mean
+            raise ValueError("eval_only evaluates eval_iters batches of each split, and eval_iters is 0: set "
+                             "eval_iters >= 1")
         # Only with decay: nanoGPT's finetune configs set a small learning_rate, decay_lr=False
         # and leave min_lr at its default, which is then unused.
         if self.decay_lr and self.min_lr > self.learning_rate \
