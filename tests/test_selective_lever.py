@@ -39,7 +39,8 @@ def test_the_space_holds_selective_beside_full_wherever_checkpointing_is_searche
     # a --dtype list searches what this card runs and says what it left out; bf16 alone is refused (t7's L17)
     t4 = candidate_space(cfg, "cuda", False, dtype="bfloat16,float16", compute_capability=(7, 5))
     assert t4.dtypes == ["float16"] and t4.notes[0].startswith("bfloat16 not searched: this GPU has no bf16 support")
-    with pytest.raises(PlanError, match="--dtype bfloat16: this GPU has no bf16 support"):
+    with pytest.raises(PlanError, match=r"--dtype bfloat16: this GPU has no bf16 support .*; use --dtype float16 "
+                                         r"\(the same memory, with a GradScaler\) or --dtype any$"):  # the flag's words (t8)
         candidate_space(cfg, "cuda", False, dtype="bfloat16", compute_capability=(7, 5))
     # the user restricts the policy (--checkpointing-policy)
     full = candidate_space(cfg, "cpu", False, dtype="float32", checkpointing_policies=["full"])
@@ -277,3 +278,13 @@ def test_a_no_probe_run_names_its_levers_and_refuses_a_policy_with_nothing_check
     code, out, err = cli(monkeypatch, capsys, *base, "--out", "c", "--set", "checkpointing_policy=selective")
     assert code == 2 and not (tmp_path / "c").exists()
     assert "checkpointing_policy 'selective' (--set) applies to checkpointed blocks, and checkpointing 0" in err
+
+
+def test_a_dtype_left_out_of_a_list_is_said_without_v(tmp_path, monkeypatch, capsys):
+    """t8's M4: --dtype bfloat16,float16 on a T4 said 'bfloat16 not searched' only under -v."""
+    from cli_run import cli
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    code, out, err = cli(monkeypatch, capsys, "probe", "--gpu", "t4-16gb", "--preset", "tiny", "--dtype",
+                         "bfloat16,float16")
+    assert code == 0, err
+    assert "bfloat16 not searched: this GPU has no bf16 support (compute capability 7.5 < 8.0)" in out + err

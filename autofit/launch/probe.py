@@ -200,6 +200,8 @@ def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: No
         budget = compute_budget(info, opts.margin)
         res = probe_estimated(cfg, info, sim.hw, budget, space)
         res.notes = list(space.notes)
+        for note in space.notes:  # as a measured probe says them: a dtype of a --dtype list left out (t8's M4)
+            log(note)
         return res, None, sim.hw
     device = open_device(opts.device, budget_bytes=opts.budget_bytes, gpu_index=opts.gpu_index,
                          emulate_usable_bytes=opts.emulate_bytes, source=opts.device_source)
