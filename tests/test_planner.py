@@ -119,6 +119,15 @@ def test_nothing_fits_is_one_clear_error():
     assert "nothing fits" in msg and "budget" in msg and "block_size" in msg and "\n" not in msg
 
 
+def test_nothing_fits_names_the_vocabulary_where_it_is_most_of_the_model():
+    """t8 (session 15): a 50304 vocabulary at n_embd 64 is nearly all of the parameters, and the
+    advice named block_size and n_layer only."""
+    from autofit.planning.planner import _what_would_help
+    heavy = load_config(preset="tiny", overrides=["n_layer=2", "n_embd=64", "vocab_size=50304"])
+    assert _what_would_help(heavy).startswith("a smaller vocab_size (now 50304: its embedding and head are 9")
+    assert "vocab_size" not in _what_would_help(load_config(preset="tiny"))  # 256 of a 4-layer model: not the cause
+
+
 def test_nothing_fits_does_not_say_trials_ran_when_the_estimate_ruled_them_out():
     """A budget far below micro-batch 1's estimate: every size is ruled out by the estimate's
     bound without running, and the answer says so (it said 'every trial ran out of memory')."""

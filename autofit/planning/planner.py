@@ -281,8 +281,22 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
     from autofit.devices.ranks import budget_flag
     bigger = f"a larger {budget_flag()}" if kind == "cpu" else "a bigger GPU"
     raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}, even at "
-                    f"micro-batch 1 with every lever tried; a shorter block_size (now {cfg.block_size}), "
-                    f"a smaller model than n_layer {cfg.n_layer} / n_embd {cfg.n_embd}, or {bigger} would help")
+                    f"micro-batch 1 with every lever tried; {_what_would_help(cfg)}, or {bigger} would help")
+
+
+def _what_would_help(cfg) -> str:
+    """The model's knobs that shrink its peak, the vocabulary's first where its embedding and head
+    are most of the parameters (t8: a 50304 vocabulary at n_embd 64 is ~90 % of them, and the advice
+    named block_size and n_layer, which could not help)."""
+    from autofit.planning.arch_terms import param_entries
+    from autofit.planning.estimate import ModelShape
+    entries = param_entries(ModelShape.from_config(cfg))
+    vocab = sum(n for n, kind in entries if kind in ("wte", "head")) / max(1, sum(n for n, _ in entries))
+    rest = f"a shorter block_size (now {cfg.block_size}), a smaller model than n_layer {cfg.n_layer} / n_embd {cfg.n_embd}"
+    if vocab > 0.5:
+        return (f"a smaller vocab_size (now {cfg.vocab_size}: its embedding and head are {vocab:.0%} of the "
+                f"parameters, with their gradients and optimizer state), {rest}")
+    return rest
 
 
 __all__ = ["PlanError", "ProbeResult", "Space", "choose_split", "confirm_compile", "split_rates",
