@@ -361,6 +361,7 @@ def test_a_gpu_profile_without_the_card_suggests_an_estimate_of_the_same_model(t
     (["--max_iters=100"], "No such option: --max_iters; a config value is set with --set max_iters=100"),
     (["--compile=False"], "--compile=False: --compile takes no value; a config value is set with --set compile=False"),
     (["c.py"], "a config file is given with --config c.py"),
+    (["--out_dir=x"], "No such option: --out_dir; the run's folder is given with --out DIR"),  # t8: not --set
 ])
 def test_nanogpt_command_line_habits_get_the_flag_they_meant(tmp_path, monkeypatch, capsys, args, words):
     """t7's M4: `python train.py config/x.py --batch_size=32` is how nanoGPT users pass settings;

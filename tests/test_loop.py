@@ -691,6 +691,9 @@ def test_the_stop_notice_promises_a_save_only_where_one_is_sure(tmp_path, capfd,
     assert res.status == "interrupted"
     err = capfd.readouterr().err
     assert (STOP_NOTICE in err) == always and (KEEP_BEST_STOP_NOTICE in err) == (not always)
+    # evaluation off: no evaluated model to keep, so the save is sure (t8)
+    res = train(make_cfg(tmp_path / "off", always_save_checkpoint=always, eval_interval=0), opts(meter=SigintAt(3)))
+    assert res.status == "interrupted" and STOP_NOTICE in capfd.readouterr().err
 
 
 def test_the_opening_line_names_peak_memory_only_where_it_is_measured(tmp_path, capfd):

@@ -12,7 +12,7 @@ STOP_NOTICE = "autofit: stopping at the next step boundary, then saving a checkp
 # ... where always_save_checkpoint=False may keep ckpt.pt as the best val loss's model (t7's M8:
 # the line promised a save, the next one said none was written)
 KEEP_BEST_STOP_NOTICE = ("autofit: stopping at the next step boundary, then saving a checkpoint unless ckpt.pt "
-                         "holds a better evaluated model (always_save_checkpoint=False) (Ctrl-C again to stop now)")
+                         "holds a better evaluated model (always_save_checkpoint=False); Ctrl-C again to stop now")
 # ... and at an eval_only run's, which trains and saves nothing
 EVAL_STOP_NOTICE = "autofit: stopping the evaluation (eval_only: nothing is saved)"
 

@@ -166,7 +166,7 @@ class Trainer(RedoneStep):
         self._write_run_record()
         try:
             notice = (EVAL_STOP_NOTICE if cfg.eval_only else STOP_NOTICE if cfg.always_save_checkpoint
-                      else KEEP_BEST_STOP_NOTICE) if self.master else None
+                      or not (cfg.eval_interval and cfg.eval_iters) else KEEP_BEST_STOP_NOTICE) if self.master else None
             # a closed stdout (`| head`) stops as a signal does, on rank 0 where stdout is written
             with StopFlag(notice, silent=reported_by_launcher()) as stop, broken_pipe_calls(stop.pipe_closed), \
                     progress:

@@ -151,8 +151,7 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."), allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept --set values that change what the run trains (said in the log)."),
             nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this machine (one GPU each): starts torchrun for you."),
             ):
-    """Train with a fitted plan. With no arguments: the default for this machine (the tiny preset;
-    on the budgeted CPU device when there is no GPU), probed first."""
+    """Train with a fitted plan; with no arguments, the tiny preset on this machine, probed first."""
     check_run_flags(out, max_steps, emulate, profile, budget, resume, config, preset, allow_changes, overrides, nproc_per_node)
     # --resume: the --set values apply to the checkpoint's config (prepare_resume), not the tiny preset
     cfg = load_train_config(config, preset, [o for o in overrides if o.startswith("out_dir=")] if resume else overrides)

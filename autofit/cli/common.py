@@ -347,6 +347,8 @@ def click_error_line(e, argv: list[str]) -> str:
     from trainer.config.train_config import TrainConfig
     opt = getattr(e, "option_name", None) or ""
     key = opt.lstrip("-").replace("-", "_")
+    if key == "out_dir":  # the config's field has a flag of its own (t8)
+        return f"No such option: {opt}; the run's folder is given with --out DIR"
     if opt and key in TrainConfig.model_fields:
         given = next((a for a in argv if a == opt or a.startswith(opt + "=")), opt)
         value = given.partition("=")[2] or "VALUE"

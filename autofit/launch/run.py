@@ -91,6 +91,7 @@ def save_probe(res: ProbeResult, cfg, name: str | None = None, emulated_on: str 
                       plan=res.plan, trials=res.trials, searched_under=list(searched_under or []))
     hw = hardware_dict_for(info, name)
     builtin = info.kind == "cuda" and _builtin_hardware(name) is not None  # its table entry: defaults only
+    sys.stdout.flush()  # piped, the plan printed above comes before these lines, not after (t8)
     for line in _replaced_words(name, plan, hw if info.kind == "cpu" else None):
         print(f"autofit: profile {name}: {line}", file=sys.stderr)
     def said(cleared: list[str]) -> None:  # t6's L2: a user who knew of the lesson is told it went
@@ -124,8 +125,8 @@ def _replaced_words(name: str, plan, cpu_hw: dict | None) -> list[str]:
     if cpu_hw is not None and was and was != cpu_hw["memory_bytes"]:
         others = len([fp for fp in old.plans if fp != plan.fingerprint])
         out.append(f"its memory was {fmt_bytes(was)}, now {fmt_bytes(cpu_hw['memory_bytes'])} (this --budget)"
-                   + (f"; its {counted(others, 'other plan')} were fitted at the old one, and a run checks a plan's "
-                      f"peak against its own budget" if others else ""))
+                   + (f"; {counted(others, 'other plan')} in it {'was' if others == 1 else 'were'} fitted at the old "
+                      f"one (a run checks a saved plan's peak against the run's own budget)" if others else ""))
     return out
 
 

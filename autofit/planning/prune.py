@@ -38,7 +38,8 @@ def prune_recompute(runner: TrialRunner, levers: Levers, best_by_levers: dict[Le
     if base >= E:
         why = f"micro-batch {base} (the whole batch) fits without recomputation"
     elif base > 0 and est_ck <= base:
-        why = f"estimated {est_ck} with it, no more than the {base} that fits without"
+        loss = next(lv.loss_impl for lv in base_levers if best_by_levers[lv] == base)  # t8: 16 fit with chunked only
+        why = f"estimated {est_ck} with it, no more than the {base} that fits without ({loss} loss)"
     else:
         # the same loss's curve; where that loss was not searched (prune_loss: it fits no larger
         # size, and at the same size is no faster) the other loss's curve stands for it

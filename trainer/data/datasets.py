@@ -151,7 +151,7 @@ class TokenDataset:
         once, then remembered). `fix`: the advice when vocab_size cannot change (a resumed
         model's), instead of 'set vocab_size >= N'."""
         if vocab_size < self.vocab_size and self.vocab_declared:
-            src = f" ({self.vocab_source})" if self.vocab_source else ""
+            src = f", from {self.vocab_source}" if self.vocab_source else ""  # not '(... (byte tokens))': t8
             raise DataError(f"model vocab_size {vocab_size} is smaller than dataset '{self.name}' needs "
                             f"({self.vocab_size} token ids{src}); {fix or f'set vocab_size >= {self.vocab_size}'}")
         note = f" ({self.vocab_source} declares {self.vocab_size})" if self.vocab_source.endswith("meta.pkl") else ""
