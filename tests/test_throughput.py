@@ -96,3 +96,20 @@ def test_the_estimated_plan_line_names_the_rate_the_estimate_used(tmp_path, monk
     assert "the card's sustained TFLOP/s (its power limit's, below its peak) x 40% assumed MFU" in lines["t4-16gb"]
     assert "peak TFLOP/s" not in lines["t4-16gb"]
     assert "the card's peak TFLOP/s x 40% assumed MFU" in lines["a100-40gb"]
+
+
+def test_the_gpu_fills_by_tokens_not_by_sequences():
+    """t8 (session 15): the fill was m / (m + 2) by sequences, so one 2048-token sequence counted
+    as a third full. By tokens, block 1024 keeps that fill, a 2048-token sequence is half full and
+    a long micro-batch of short sequences no fuller than its tokens make it."""
+    hw = card(tflops=10.0, gbs=1e6)
+    def fill(shape, m):
+        f = tp.step_floors(shape, m, "bfloat16", 0, hw)
+        full = m * shape.block_size * tp.flops_per_token(shape) / (10e12 * tp.ASSUMED_MFU)
+        return full / f.compute
+    gpt2 = ModelShape(n_layer=2, n_head=2, n_embd=64, block_size=1024, vocab_size=256)
+    assert [fill(gpt2, m) for m in (1, 4, 12)] == pytest.approx([m / (m + 2) for m in (1, 4, 12)])
+    long = ModelShape(n_layer=2, n_head=2, n_embd=64, block_size=2048, vocab_size=256)
+    assert fill(long, 1) == pytest.approx(0.5)
+    short = ModelShape(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256)
+    assert fill(short, 16) == pytest.approx(1024 / 3072)

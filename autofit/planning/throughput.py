@@ -2,7 +2,7 @@
 
 A micro-batch's time is the largest of three floors (each an estimate, never a measurement):
 - compute: its FLOPs over the card's dense peak for the dtype (peak_tflops) x ASSUMED_MFU, with
-  small micro-batches under-filling the GPU (m / (m + 2));
+  small micro-batches under-filling the GPU (tokens / (tokens + FILL_TOKENS));
 - memory: the bytes it must move over the card's memory bandwidth (the profile's
   memory_bandwidth_gbs): the activations of each token (bytes_per_token) and the weights, gradients
   and optimizer state (WEIGHT_BYTES_PER_MICRO_BATCH, UPDATE_BYTES, per parameter);
@@ -37,6 +37,12 @@ from autofit.planning import launches
 from autofit.planning.estimate import ModelShape, param_count
 
 ASSUMED_MFU = 0.40  # estimated mode only: fraction of the card's peak bf16/fp16 rate reached
+# A micro-batch under-fills the GPU by tokens / (tokens + FILL_TOKENS): its matmuls' row count is
+# its tokens, whatever the sequences' length. 2048 is two of nanoGPT's 1024-token sequences, so at
+# block 1024 this is the m / (m + 2) by sequences it replaces; that one took a 2048-token sequence
+# as a third full and a 64-token one as a third full too (t8: nanochat-d12, block 2048, on a GTX
+# 1650 estimated ~3x low at micro-batch 1). An assumption, like the MFU, until a GPU measures it.
+FILL_TOKENS = 2048
 # Memory floor (module docstring). Activations: a block saves 16 tensors of n_embd per token
 # (docs/estimator.md, 'Saved activations per block'); each is written in the forward and read in the
 # backward, and its gradient written and read there: 4 passes, 64 n_embd-wide element passes per
@@ -131,7 +137,7 @@ def step_floors(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: 
                 checkpointing_policy: str = "full", tf32: bool = True, step_batch: int | None = None) -> StepFloors:
     """The floors of one micro-batch of `micro_batch` sequences in an optimizer step of `step_batch`
     (None: the micro-batch alone), on the card of hardware profile `hw`: compute (peak_tflops x
-    ASSUMED_MFU, m / (m + 2) fill), memory (its memory_bandwidth_gbs, where it has one) and kernel
+    ASSUMED_MFU, tokens / (tokens + FILL_TOKENS) fill), memory (its memory_bandwidth_gbs, where it has one) and kernel
     launches (step_kernels), compute and memory with recomputation's extra share (RECOMPUTE_SHARE by
     policy, times the share of blocks checkpointed: ceil(L / k) of L), and the optimizer step's
     part by the micro-batch's share of its sequences. An estimate, never a measurement. Raises KeyError for an unknown policy."""
@@ -141,7 +147,7 @@ def step_floors(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: 
     blocks = -(-shape.n_layer // checkpointing) / shape.n_layer if checkpointing else 0.0
     recompute = 1.0 + RECOMPUTE_SHARE[checkpointing_policy] * blocks
     peak = peak_tflops(hw, dtype, tf32) * 1e12
-    compute = tokens * flops_per_token(shape) * recompute / (peak * ASSUMED_MFU) * (micro_batch + 2) / micro_batch
+    compute = tokens * flops_per_token(shape) * recompute / (peak * ASSUMED_MFU) * (tokens + FILL_TOKENS) / tokens
     bandwidth = getattr(hw, "memory_bandwidth_gbs", None)
     n = param_count(shape)
     moved = tokens * bytes_per_token(shape, dtype) * recompute + n * (WEIGHT_BYTES_PER_MICRO_BATCH
