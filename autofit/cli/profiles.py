@@ -100,7 +100,13 @@ OFF_DEFAULT_FIELDS = ("bias", "dropout", "ce_chunk_size", "dtype", "compile", "c
                       "checkpointing", "loss_impl")
 
 
-def _plan_row(fp: str, fitted, cpu: bool = False) -> list[str]:
+def _varying(plans) -> set[str]:
+    """The OFF_DEFAULT_FIELDS whose values differ among a profile's plans: the ones that tell its
+    rows apart (t8: every tiny-preset row repeated 'dtype=float32, compile=False')."""
+    return {k for k in OFF_DEFAULT_FIELDS if len({repr(p.config_summary.get(k)) for p in plans}) > 1}
+
+
+def _plan_row(fp: str, fitted, cpu: bool = False, vary: set[str] | None = None) -> list[str]:
     """One plan as `run --profile` would run it, the saved plan beside it where a lesson changed it."""
     from trainer.errors import counted  # '1 layer, 1 head', not '1 layers'
     c = fitted.config_summary
@@ -112,8 +118,8 @@ def _plan_row(fp: str, fitted, cpu: bool = False) -> list[str]:
     # every other fingerprinted field off TrainConfig's default too: plans that differed only in
     # dropout or ce_chunk_size printed as the same row, so which to rm was a guess (t7's M10)
     from trainer.config.train_config import TrainConfig
-    config += "".join(f", {k}={c[k]}" for k in OFF_DEFAULT_FIELDS
-                      if k in c and c[k] != TrainConfig.model_fields[k].default)
+    config += "".join(f", {k}={c[k]}" for k in OFF_DEFAULT_FIELDS if k in c and (
+        k in vary if vary is not None else c[k] != TrainConfig.model_fields[k].default))
     config += ", staged" if c.get("stages") else ""
     from trainer.config.model_options import MODERN_DEFAULTS
     config += "".join(f", {k}={c[k]}" for k in MODERN_DEFAULTS if k in c)
@@ -172,7 +178,8 @@ def profiles_show(name: str, as_json: bool = typer.Option(False, "--json", help=
         return
     headers = ["fingerprint", "config", "micro-batches", "dtype", "compile", "checkpointing", "loss",
                "measured peak", "tokens/s", "fitted (UTC)", "notes"]
-    print_rows(headers, [_plan_row(fp, fitted, cpu) for fp, fitted in prof.plans.items()])
+    vary = _varying(prof.plans.values())  # only what tells this profile's plans apart
+    print_rows(headers, [_plan_row(fp, fitted, cpu, vary) for fp, fitted in prof.plans.items()])
 
 
 @profiles_app.command("rm")
