@@ -246,7 +246,8 @@ def _for_model(codec: Codec, vocab_size: int, meta: Path, changed: str | None = 
     trained with); fewer is said in the description (the ids without a character print as U+FFFD),
     with its cause where the checkpoint's data fingerprint tells it (`changed`, _data_changed: ''
     the same data, so a vocab_size set above its characters, as nanoGPT's shakespeare_char config
-    pins 65; words: prepared again, said by the caller; None: unknown). Raises SampleError."""
+    pins 65; words: prepared again, said by the caller, and a pinned vocab_size may be a cause too;
+    None: unknown). Raises SampleError."""
     if codec.vocab_size > vocab_size:
         raise SampleError(f"{meta} has {codec.vocab_size} characters, but the model has only "
                           f"{vocab_size} token ids: the dataset was prepared again since it was trained; sample "
@@ -254,7 +255,7 @@ def _for_model(codec: Codec, vocab_size: int, meta: Path, changed: str | None = 
     if codec.vocab_size < vocab_size:
         why = {"": f": its vocab_size was set above the {codec.vocab_size} characters of the data it trained on "
                    f"(a config's pinned value), so those ids were never trained"}.get(
-            changed, "" if changed else " (a vocab_size set above the data's characters, or the dataset prepared again)")
+            changed, " (a vocab_size set above the data's characters, or the dataset prepared again)")  # t8: both
         codec.description += (f"; the model has {vocab_size} ids: {codec.vocab_size} to {vocab_size - 1} have no "
                               f"character here and print as {REPLACEMENT}{why}")
     return codec
