@@ -71,9 +71,14 @@ def check_dtype(dtype: str, device: torch.device) -> str:
     return dtype
 
 
+def no_bf16_words(cc: str | None) -> str:
+    """Why a GPU of compute capability `cc` ('7.5') runs no bfloat16: its tensor cores lack it."""
+    return f"this GPU has no bf16 support (compute capability {cc or '?'} < 8.0)"
+
+
 def bf16_refusal(cc: str | None) -> str:
     """The one line for bfloat16 asked of a GPU without bf16 tensor cores."""
-    return (f"dtype bfloat16: this GPU has no bf16 support (compute capability {cc or '?'} < 8.0); use "
+    return (f"dtype bfloat16: {no_bf16_words(cc)}; use "
             f"dtype = 'float16' (the same memory, with a GradScaler) or 'auto'")
 
 

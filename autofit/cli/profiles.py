@@ -113,14 +113,14 @@ def _plan_row(fp: str, fitted, cpu: bool = False, vary: set[str] | None = None) 
     p, changed = _as_run(fitted, cpu)
     config = (f"{counted(c.get('n_layer'), 'layer')}, {counted(c.get('n_head'), 'head')}, n_embd {c.get('n_embd')}, "
               f"block {c.get('block_size')}, vocab {c.get('vocab_size')}, batch {p.effective_batch * p.world_size}")
-    # today's model options where set (config_summary keeps only those): plans for a ReLU²+Muon and a
-    # SwiGLU+AdamW model of one shape read the same without them (t3, session 12)
-    # every other fingerprinted field off TrainConfig's default too: plans that differed only in
-    # dropout or ce_chunk_size printed as the same row, so which to rm was a guess (t7's M10)
+    # fingerprinted fields off TrainConfig's default (those that differ among the profile's plans):
+    # plans that differed only in dropout or ce_chunk_size printed as the same row (t7's M10)
     from trainer.config.train_config import TrainConfig
     config += "".join(f", {k}={c[k]}" for k in OFF_DEFAULT_FIELDS if k in c and (
         k in vary if vary is not None else c[k] != TrainConfig.model_fields[k].default))
     config += ", staged" if c.get("stages") else ""
+    # today's model options where set (config_summary keeps only those): plans for a ReLU²+Muon and a
+    # SwiGLU+AdamW model of one shape read the same without them (t3, session 12)
     from trainer.config.model_options import MODERN_DEFAULTS
     config += "".join(f", {k}={c[k]}" for k in MODERN_DEFAULTS if k in c)
     notes = list(changed)

@@ -151,8 +151,9 @@ def cpu_info(budget_bytes: int | None = None, used_bytes: int = 0, default: bool
     avail = available_ram_bytes()
     if budget_bytes is None or default:
         budget = default_cpu_budget(avail) if budget_bytes is None else int(budget_bytes)
-        note = (f"budget {fmt_bytes(budget)} = {DEFAULT_CPU_BUDGET_SHARE:.0%} of {fmt_bytes(avail)} RAM available, "
-                f"rounded down (a profile's name stays while free RAM moves a little)")
+        share = f"{DEFAULT_CPU_BUDGET_SHARE:.0%} of {fmt_bytes(avail)} RAM available, rounded down"
+        note = f"budget {fmt_bytes(budget)} = {share} (a profile's name stays while free RAM moves a little)"
+        how = f"assumed: no --budget, so {share}"
     else:
         if budget_bytes <= 0:
             raise DeviceError(f"CPU budget must be positive, got {budget_bytes} bytes")
@@ -160,10 +161,11 @@ def cpu_info(budget_bytes: int | None = None, used_bytes: int = 0, default: bool
         note = f"budget {fmt_bytes(budget)} of {fmt_bytes(avail)} RAM available"
         if budget > avail:
             note += "; the budget exceeds available RAM, so the OS may swap or kill the run first"
+        how = "given: --budget"  # a value the user typed is not assumed (t7's L15)
     return DeviceInfo(kind="cpu", name=_cpu_name(), index=None, total_bytes=budget,
                       free_bytes=max(0, budget - used_bytes), used_by_others_bytes=None,
                       compute_capability=None, driver_version=None, cuda_version=None,
-                      source="cpu", note=note)
+                      source="cpu", note=note, free_how=how)
 
 
 class PlainCpuDevice(NoCap, NullMeter):

@@ -43,11 +43,8 @@ def compute_budget(info, margin: float = 0.10, context_bytes: int | None = None,
     terms: list[BudgetTerm] = []
     if info.kind == "cpu":
         free = info.free_bytes
-        # cpu_info's note says which: '... = 50% of ... RAM available' without --budget (t7's L15: a
-        # value the user typed is given, not assumed)
-        how = (f"assumed: no --budget, so {info.note.split(' = ', 1)[1].split(' (')[0]} (budgeted CPU device)"
-               if " = " in (info.note or "") else "given: --budget (budgeted CPU device)")
-        terms.append(BudgetTerm("CPU memory budget", free, how))
+        # cpu_info says whether --budget gave it or the default share of RAM was assumed
+        terms.append(BudgetTerm("CPU memory budget", free, f"{info.free_how or 'given: --budget'} (budgeted CPU device)"))
         usable = free
     else:
         free = info.free_bytes

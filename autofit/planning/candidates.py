@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from autofit.records import Candidate
 from trainer.config.messages import did_you_mean
-from trainer.step import bf16_refusal
+from trainer.step import bf16_refusal, no_bf16_words
 from trainer.errors import counted
 
 
@@ -141,12 +141,11 @@ def dtype_space(cfg, device_kind: str, bf16_supported: bool, dtype: str | None,
                 raise PlanError(f"--dtype: unknown dtype {d!r} (float32, bfloat16, float16, any)"
                                 f"{did_you_mean(d, ['float32', 'bfloat16', 'float16'])}")
             if d == "bfloat16" and not bf16_supported and len(dtypes) == 1:  # the flag's words (t8's M3)
-                raise PlanError(f"--dtype bfloat16: this GPU has no bf16 support (compute capability {cc_text or '?'} "
-                                f"< 8.0); use --dtype float16 (the same memory, with a GradScaler) or --dtype any")
+                raise PlanError(f"--dtype bfloat16: {no_bf16_words(cc_text)}; use --dtype float16 (the same memory, "
+                                f"with a GradScaler) or --dtype any")
         if "bfloat16" in dtypes and not bf16_supported:  # a list: search the others (t7's L17), said in -v
             dtypes.remove("bfloat16")
-            dropped.append(f"bfloat16 not searched: this GPU has no bf16 support (compute capability {cc_text or '?'} "
-                           f"< 8.0)")
+            dropped.append(f"bfloat16 not searched: {no_bf16_words(cc_text)}")
     return dtypes, dropped
 
 
