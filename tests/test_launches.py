@@ -31,29 +31,37 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def dispatched(options: dict, n_layer: int = 2, dtype: str = "float32", micro: int = 2) -> int:
-    """Ops of the second optimizer step (the optimizer's state exists) of trainer.step.train_step
-    over `micro` micro-batches of 2 sequences, the optimizer built as for CUDA (fused AdamW)."""
+def dispatched_ops(options: dict, n_layer: int = 2, dtype: str = "float32", micro: int = 2,
+                   device: str = "cpu") -> collections.Counter:
+    """Ops by name of the second optimizer step (the optimizer's state exists) of
+    trainer.step.train_step over `micro` micro-batches of 2 sequences on `device`, the optimizer
+    built as for CUDA (fused AdamW); the token ids start on the host, as the trainer's batches do."""
     torch.manual_seed(0)
     model_options = {k: v for k, v in options.items() if k != "optimizer"}
     cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=n_layer, n_head=2, n_embd=32, **model_options)
-    model = GPT(cfg)
+    model = GPT(cfg).to(device)
     opt = make_optimizer(model, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cuda",
                          optimizer=options.get("optimizer", "adamw"))
     x, y = torch.randint(0, 64, (2 * micro, 16)), torch.randint(0, 64, (2 * micro, 16))
     for _ in range(2):
         with OpCount() as c:
             train_step(model, opt, x, y, [2] * micro, grad_clip=1.0, dtype=dtype)
-    return sum(c.ops.values())
+    return c.ops
 
 
-def formula(options: dict, n_layer: int = 2, dtype: str = "float32", micro: int = 2) -> int:
-    """The same step by launches.py, RMSNorm decomposed as the CPU runs it, less the two copies of
-    x and y to the device a micro-batch makes on CUDA (a no-op on the CPU)."""
+def dispatched(options: dict, n_layer: int = 2, dtype: str = "float32", micro: int = 2, device: str = "cpu") -> int:
+    return sum(dispatched_ops(options, n_layer, dtype, micro, device).values())
+
+
+def formula(options: dict, n_layer: int = 2, dtype: str = "float32", micro: int = 2, device: str = "cpu") -> int:
+    """The same step by launches.py. On the CPU: RMSNorm decomposed as the CPU runs it, less the two
+    copies of x and y to the device a micro-batch makes on CUDA (a no-op on the CPU). On CUDA the
+    table as the roofline takes it (fused RMSNorm where this torch has it, GQA's repeat, the copies)."""
     shape = ModelShape(n_layer=n_layer, n_head=2, n_embd=32, block_size=16, vocab_size=64,
                        **{k: v for k, v in options.items() if k != "loss_impl"})
-    fwd, bwd = ln.micro_batch_kernels(shape, dtype, fused_norm=False)
-    return micro * (fwd + bwd - 2) + (micro - 1) * ln.accumulate_kernels(shape) + ln.update_kernels(shape)
+    cuda = device == "cuda"
+    fwd, bwd = ln.micro_batch_kernels(shape, dtype, fused_norm=None if cuda else False)
+    return micro * (fwd + bwd - (0 if cuda else 2)) + (micro - 1) * ln.accumulate_kernels(shape) + ln.update_kernels(shape)
 
 
 GPT2 = ModelShape(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
@@ -110,3 +118,41 @@ def test_checkpointing_recounts_the_recomputed_forward():
     base = tp.step_kernels(GPT2, "float32")
     assert tp.step_kernels(GPT2, "float32", checkpointing=1) - base == 12 * 10
     assert tp.step_kernels(GPT2, "float32", checkpointing=4, checkpointing_policy="selective") - base == 3 * 5
+
+
+# CUDA-only counts that launches.py assumes (closing-15's open items), measured by stage 1 of
+# scripts/gpu_selfcheck.sh (pytest -m cuda): F.rms_norm one fused op each way, and GQA's K/V repeat
+# (2 + 2: the CPU's SDPA) on the SDPA backend CUDA picks. A failure names the ops that differ.
+CUDA_COUNTED = {"rmsnorm": ({**NANOCHAT}, "bfloat16"), "gqa": ({"n_kv_head": 1}, "bfloat16"),
+                "gpt2": ({}, "bfloat16")}
+
+
+def count_gap(got: collections.Counter, want: int, what: str) -> str:
+    """The failure line of a count that differs: totals and every op by name, most frequent first."""
+    return (f"{what}: {sum(got.values())} ops dispatched on this device, launches.py counts {want}; ops: "
+            + ", ".join(f"{name} {n}" for name, n in got.most_common()))
+
+
+def test_count_gap_names_every_op_and_both_totals():
+    line = count_gap(collections.Counter({"mm": 3, "_fused_rms_norm": 1}), 5, "rmsnorm")
+    assert line.startswith("rmsnorm: 4 ops dispatched on this device, launches.py counts 5")
+    assert line.endswith("ops: mm 3, _fused_rms_norm 1")
+
+
+def test_the_cuda_formula_counts_the_copies_and_the_fused_norm():
+    """The CUDA prediction is the CPU one plus x's and y's copy per micro-batch, less what a fused
+    RMSNorm saves (16 - 2 ops per norm: two a block, QK-norm's two, the final one) where torch fuses it."""
+    for options, dtype in CUDA_COUNTED.values():
+        shape = ModelShape(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, **options)
+        norms = (2 * 2 + (2 * 2 if shape.qk_norm else 0) + 1) if shape.norm == "rmsnorm" else 0
+        saved = norms * (16 - 2) if ln.fused_rms_norm() else 0
+        assert formula(options, dtype=dtype, device="cuda") == formula(options, dtype=dtype) + 2 * 2 - 2 * saved
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("what", sorted(CUDA_COUNTED))
+def test_the_count_matches_a_tiny_models_dispatched_ops_on_cuda(what):
+    options, dtype = CUDA_COUNTED[what]
+    got = dispatched_ops(options, dtype=dtype, device="cuda")
+    want = formula(options, dtype=dtype, device="cuda")
+    assert sum(got.values()) == pytest.approx(want, rel=0.02), count_gap(got, want, what)
