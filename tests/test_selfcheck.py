@@ -607,3 +607,21 @@ def test_a_probe_stage_killed_mid_way_leaves_each_finished_trials_record_and_the
         assert row.split("|")[5].strip() == r["status"]
         assert row.split("|")[7].strip() == selfcheck_report.gib(r["measured_peak_bytes"])
         assert row.split("|")[13].strip() == selfcheck_report.mib(r["leaked_bytes"], ".1f")
+
+
+def test_stage1s_pytest_keeps_each_failures_whole_message_in_its_tail(tmp_path):
+    """Three failing tests with long messages (as the cuda-marked op counts give): stage 1's pytest
+    arguments leave each message whole within the tail its record keeps (full tracebacks pushed
+    them out, and -ra's summary cut them to 80 columns)."""
+    msg = "gqa: 512 ops dispatched on this device, launches.py counts 498; ops: " + ", ".join(
+        f"op{i} {i}" for i in range(40))
+    (tmp_path / "test_x.py").write_text("import pytest\n"
+                                        "@pytest.mark.parametrize('i', range(3))\n"
+                                        "def test_count(i):\n" + "".join(f"    x{j} = {j}\n" for j in range(12))
+                                        + f"    assert x0 == x1, {msg!r}\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", *stage1_device.PYTEST_ARGS, str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    kept = common.tail(proc.stdout + proc.stderr, stage1_device.TESTS_TAIL)
+    assert kept.count(msg) >= 3
+    assert stage1_device.parse_pytest_summary(proc.stdout) == {"failed": 3}
+

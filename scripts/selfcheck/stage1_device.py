@@ -291,8 +291,15 @@ def parse_pytest_summary(text: str) -> dict:
     return counts
 
 
+# One line per failure with its whole message (--tb=line): the record keeps the output's last
+# TESTS_TAIL lines, and a full traceback per failure pushed the messages (the cuda-marked op counts
+# name every op that differs) out of it; -rN: no summary lines cut to the terminal's width.
+PYTEST_ARGS = ["-q", "--tb=line", "-rN", "-p", "no:cacheprovider"]
+TESTS_TAIL = 40
+
+
 def cuda_tests(st: Stage, timeout_s: float, dry_run: bool) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
+    cmd = [sys.executable, "-m", "pytest", *PYTEST_ARGS, "-m", "cuda", "tests"]
     log("$ " + " ".join(cmd[2:]))
     t0 = time.monotonic()
     try:
@@ -302,10 +309,10 @@ def cuda_tests(st: Stage, timeout_s: float, dry_run: bool) -> None:
         st.set(cuda_tests={"rc": None, "timed_out_after_s": timeout_s, "tail": tail(out)})
         st.check("cuda-marked tests", False, f"timed out after {timeout_s:.0f} s")
         return
-    log(tail(proc.stdout + proc.stderr, 30))
+    log(tail(proc.stdout + proc.stderr, TESTS_TAIL))
     counts = parse_pytest_summary(proc.stdout)
     st.set(cuda_tests={"rc": proc.returncode, "counts": counts, "seconds": round(time.monotonic() - t0, 1),
-                       "tail": tail(proc.stdout + proc.stderr, 30)})
+                       "tail": tail(proc.stdout + proc.stderr, TESTS_TAIL)})
     ran = counts.get("passed", 0) + counts.get("failed", 0) + counts.get("error", 0)
     if dry_run and ran == 0:
         st.check("cuda-marked tests", None, f"no GPU: {counts.get('skipped', 0)} collected and skipped (rc {proc.returncode})")
