@@ -625,3 +625,15 @@ def test_stage1s_pytest_keeps_each_failures_whole_message_in_its_tail(tmp_path):
     assert kept.count(msg) >= 3
     assert stage1_device.parse_pytest_summary(proc.stdout) == {"failed": 3}
 
+
+def test_a_stage_killed_mid_write_leaves_no_ninth_file_in_out(tmp_path):
+    """write_json's temp file, left by a stage killed before its rename, is gone once the stage is
+    marked timed out: the device tool brings back 8 files, and OUT's own 8 must all be among them."""
+    st = common.Stage(tmp_path, 2, "probe", False)
+    st.set(trials=[1, 2])
+    (tmp_path / "stage2_probe.json.tmp4242").write_text('{"half": ')
+    (tmp_path / "stage2_trials.jsonl").write_text("{}\n")  # another file's name: kept
+    common.mark_timed_out(st.path, 100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage2_probe.json", "stage2_trials.jsonl"]
+    rec = common.read_json(st.path)
+    assert rec["status"] == "timed_out" and rec["trials"] == [1, 2]

@@ -259,8 +259,12 @@ def git_commit(repo: Path) -> str:
 
 def mark_timed_out(path: Path, limit_s: float) -> None:
     """Called by the orchestrator when `timeout` stopped a stage: the record keeps what the stage
-    had written, and says it was cut short."""
+    had written, and says it was cut short. A temp file that write_json had not yet renamed (the
+    stage killed mid-write) is removed: OUT holds exactly the 8 files the device tool brings back,
+    and a ninth would leave one of them behind."""
     path = Path(path)
+    for stray in path.parent.glob(path.name + ".tmp*"):
+        stray.unlink(missing_ok=True)
     try:
         rec = read_json(path)
     except (OSError, ValueError):
