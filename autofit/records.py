@@ -180,13 +180,16 @@ class ProbeResult:
     # an estimate's basis in words (autofit.planning.throughput.rate_words: a card's sustained rate
     # where its profile has one); '' for a measured probe
     rate_words: str = ""
+    # several ranks: whose device `device` is (the smallest budget's rank) and this rank's own
+    # figures beside it (autofit.planning.agree.device); '' with one process
+    device_ranks: str = ""
 
     def to_json(self) -> dict:
         d = self.device
         return {
             "mode": self.mode,
             "device": {"name": d.name, "kind": d.kind, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
-                       "source": d.source},
+                       "source": d.source, **({"ranks": self.device_ranks} if self.device_ranks else {})},
             "budget_bytes": self.budget.budget_bytes,
             "budget": self.budget.to_json(),
             "target": {"effective_batch": self.effective_batch, "block_size": self.block_size,

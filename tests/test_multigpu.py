@@ -160,6 +160,11 @@ def test_ranks_with_different_budgets_probe_to_one_plan_that_fits_the_smaller(tm
     assert sum(plan["micro_batches"]) == 16 and plan["micro_batch"] < 16  # each rank's 16 of 32
     fits = [t for t in probe["trials"] if t["status"] == "fit"]
     assert fits and all("agreed over 2 ranks" in t["note"] for t in fits)
+    # the device, and the profile saved, are the smaller rank's, whose budget the plan fits (t8's M5:
+    # rank 0's 3 MiB named the profile cpu-3mb and sized its memory)
+    assert probe["device"]["total_bytes"] == 2 * 2**20 and probe["device"]["ranks"].startswith("rank 1's")
+    assert probe["saved"]["profile"] == "cpu-2mb"
+    assert "memory_bytes = 2097152" in (tmp_path / "home" / "profiles" / "cpu-2mb.toml").read_text()
     # every rank reuses the plan rank 0 saved, and trains it without an OOM, the smaller one included
     out = tmp_path / "out"
     res = torchrun(["run", "--preset", "tiny", *SETS, *batch, "--profile", probe["saved"]["profile"], "--out", str(out),
@@ -362,6 +367,33 @@ def test_the_search_space_is_what_every_rank_can_run(monkeypatch):
     _two_ranks_gathering(monkeypatch, lambda s: Space(["float16"], [False], [0], ["standard"]))
     with pytest.raises(PlanError, match="no dtypes in common"):
         agree.space(mine)
+
+
+def test_the_device_named_is_the_smallest_budgets_rank_and_the_line_says_both(monkeypatch):
+    from autofit.devices.cpu import cpu_info
+    from autofit.launch.run import hardware_dict_for, profile_name_for
+    mine, smaller = cpu_info(64 * 2**20), cpu_info(48 * 2**20)
+    _two_ranks_gathering(monkeypatch, lambda obj: (smaller, 48 * 2**20))
+    got, words = agree.device(mine, 64 * 2**20)
+    assert got.total_bytes == 48 * 2**20 and profile_name_for(got) == "cpu-48mb"
+    assert hardware_dict_for(got, "cpu-48mb")["memory_bytes"] == 48 * 2**20
+    assert words == "rank 1's, the smallest budget of 2 ranks (rank 0's: 64.0 MiB total, 64.0 MiB free)"
+    _two_ranks_gathering(monkeypatch, lambda obj: (cpu_info(64 * 2**20), 64 * 2**20))  # equal: rank 0's, as budget()
+    got, words = agree.device(mine, 64 * 2**20)
+    assert got is mine and words == "rank 0's, the smallest budget of 2 ranks"
+    monkeypatch.setattr(agree, "ranks", lambda: Ranks())
+    assert agree.device(mine, 1) == (mine, "")  # one process: no collective, no words
+
+
+def test_the_probes_device_line_names_the_ranks_device():
+    from types import SimpleNamespace
+    from autofit.devices.cpu import cpu_info
+    from autofit.report.render import device_line
+    res = SimpleNamespace(device=cpu_info(48 * 2**20), device_ranks="rank 1's, the smallest budget of 2 ranks")
+    line = device_line(res)
+    assert line.startswith("device: ") and "(cpu, 48.0 MiB total, 48.0 MiB free;" in line
+    assert line.endswith("), rank 1's, the smallest budget of 2 ranks")
+    assert device_line(SimpleNamespace(device=res.device, device_ranks="")).endswith(")")  # one process: as before
 
 
 def test_plans_are_keyed_by_world_size_and_parallelism(monkeypatch):

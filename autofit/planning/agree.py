@@ -53,6 +53,23 @@ def budget(b):
     return replace(low, terms=[*low.terms, BudgetTerm("agreed over the ranks", 0, f"measured: {note}")])
 
 
+def device(info, own_budget_bytes: int):
+    """The device the agreed budget binds on: (the DeviceInfo of the rank whose budget is the
+    smallest, the rank budget() picks, and words naming that rank and this rank's own figures
+    for the device line). With one process: (`info`, ''). t8's M5: the device line, the saved
+    profile's name and its memory came from rank 0's device while the plan fitted the smaller."""
+    r = ranks()
+    if not r.several:
+        return info, ""
+    from autofit.units import fmt_bytes
+    every = D.all_gather_objects((info, own_budget_bytes), r)
+    i = min(range(len(every)), key=lambda k: every[k][1])  # as budget(): the first of equal ones
+    words = f"rank {i}'s, the smallest budget of {r.world_size} ranks"
+    if i != r.rank:
+        words += f" (rank {r.rank}'s: {fmt_bytes(info.total_bytes)} total, {fmt_bytes(info.free_bytes)} free)"
+    return every[i][0], words
+
+
 def space(s):
     """The search space every rank can run: each field the values all ranks have, in rank 0's
     order. Raises PlanError when a field is left empty (e.g. --dtype bfloat16 with a card that

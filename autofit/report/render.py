@@ -40,14 +40,22 @@ def _kind(res) -> str:
     return "cpu" if res.device.kind == "cpu" else "cuda"
 
 
+def device_line(res) -> str:
+    """'device: NAME (KIND, total, free; where read)'; with several ranks, whose device it is (the
+    smallest budget's rank, the one the plan fits) and this rank's own figures (ProbeResult.device_ranks)."""
+    d = res.device
+    return (f"device: {d.name} ({d.kind}, {fmt_bytes(d.total_bytes)} total, {fmt_bytes(d.free_bytes)} free; "
+            f"{_source_words(d.source)})" + (f", {res.device_ranks}" if getattr(res, "device_ranks", "") else ""))
+
+
 def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None:
     """Print a ProbeResult (autofit.planning.planner) for a person. `cfg` (the TrainConfig probed) adds the
     'your config as written' line and the plan's changes to it; `verbose` adds the budget, the
     candidates table and the planner's reasoning."""
     d = res.device
     src = "measured" if res.mode == "measured" else "ESTIMATED (no such GPU here; nothing was run)"
-    console.print(f"[bold]device[/]: {d.name} ({d.kind}, {fmt_bytes(d.total_bytes)} total, "
-                  f"{fmt_bytes(d.free_bytes)} free; {_source_words(d.source)})")
+    from rich.markup import escape
+    console.print("[bold]device[/]: " + escape(device_line(res).removeprefix("device: ")))
     if verbose and getattr(d, "note", ""):
         console.print(f"  note: {d.note}")
     console.print(f"[bold]mode[/]: {src}")
