@@ -14,7 +14,6 @@ naming the first step whose loss was not finite, before anything of it is saved.
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -59,6 +58,14 @@ class Trainer(RedoneStep):
         self.device = opts.device or pick_device(cfg.device, ranks)
         self.step_batch = StagedRun.fitted_batch(cfg)  # staged: the fitted stage's until the first step
         self.group = RankGroup(ranks, self.device, self.step_batch, cfg.parallelism)
+        try:
+            self._set_up(cfg, opts)
+        except BaseException:  # a library caller under torchrun: the group this joined is left (r4)
+            self._close()
+            raise
+
+    def _set_up(self, cfg: TrainConfig, opts: RunOptions) -> None:
+        """Everything after the ranks are joined: data, model, optimizer, a resumed state."""
         try:
             self.dtype = check_dtype(cfg.dtype, self.device)
         except ValueError as e:
@@ -135,16 +142,12 @@ class Trainer(RedoneStep):
                                             betas=(cfg.beta1, cfg.beta2), device_type=self.device.type,
                                             optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
 
-    @contextlib.contextmanager
-    def _oom_as_error(self, doing: str, advice: str):
-        """An out-of-memory error inside (before any step: nothing to shrink or redo) as a
-        TrainError of one line, 'out of memory DOING (its first line): ADVICE'."""
-        try:
-            yield
-        except Exception as e:
-            if not self.meter.is_oom(e):
-                raise
-            raise TrainError(f"out of memory {doing} ({str(e).splitlines()[0][:160]}): {advice}") from None
+    def _close(self) -> None:
+        """Closes what the Trainer opened, as far as it got: the batches' reader, metrics.jsonl,
+        and the process group, where this Trainer joined it (RankGroup.close)."""
+        for part in ("batches", "metrics", "group"):
+            if hasattr(self, part):
+                getattr(self, part).close()
 
     micro_batches = property(lambda self: self.recovery.micro_batches)
 
@@ -179,9 +182,7 @@ class Trainer(RedoneStep):
                 # still under the stop flag: a Ctrl-C during this last save is heard, not a KeyboardInterrupt in it
                 ckpt = self.save_last() if not cfg.eval_only else None
         finally:
-            self.batches.close()
-            self.metrics.close()
-            self.group.close()
+            self._close()
         if status == "interrupted":
             self.metrics.write({"type": "interrupted", "step": self.iter_num, "signal": stop.signal})
         return RunResult(steps=self.iter_num, losses=self.losses, tokens=tokens,

@@ -21,7 +21,8 @@ from trainer.step import InjectedOOM, StepResult, UpdateOOM, prime_optimizer, tr
 
 
 class RedoneStep:
-    """The step and its recovery, mixed into trainer.loop.Trainer."""
+    """The step and its recovery, mixed into trainer.loop.Trainer; and an OOM before any step (the
+    model, a resumed optimizer state) as one line, which has nothing to redo."""
 
     def train_one_step(self, it: int) -> tuple[StepResult, float]:
         """Optimizer step `it`, redone on the same data with the same RNG after each OOM until it
@@ -78,6 +79,17 @@ class RedoneStep:
                               f"(with more memory)",)
                 raise
             self._set_rng_state(rng)
+
+    @contextlib.contextmanager
+    def _oom_as_error(self, doing: str, advice: str):
+        """An out-of-memory error inside (before any step: nothing to shrink or redo) as a
+        TrainError of one line, 'out of memory DOING (its first line): ADVICE'."""
+        try:
+            yield
+        except Exception as e:
+            if not self.meter.is_oom(e):
+                raise
+            raise TrainError(f"out of memory {doing} ({str(e).splitlines()[0][:160]}): {advice}") from None
 
     def _update_oom_line(self, e: UpdateOOM) -> str:
         """The UpdateOOM's line with where to go on from: the checkpoint on disk (saved_step, known
