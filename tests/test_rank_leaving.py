@@ -54,3 +54,27 @@ def test_a_trainer_that_did_not_join_the_group_leaves_nothing(tmp_path, monkeypa
     with pytest.raises(DataError):  # one process: no group of its own to leave
         Trainer(_config(tmp_path, dataset=str(tmp_path / "no-such-data")))
     assert left == []
+
+
+def test_a_rank_whose_data_fails_mid_run_tells_the_others_its_line_in_the_steps_agreement(tmp_path):
+    """Rank 1's step batch at step 3 fails with a DataError (outside the step's try, before r4's
+    fix): rank 0 stops in that step's agreement with a line naming rank 1 and its error, not
+    'lost contact' when rank 1's process ends; the checkpoint of step 2 stays as it was."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    import torch
+    worker = Path(__file__).parent / "ranks" / "data_fault_worker.py"
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    e.update(OMP_NUM_THREADS="1", AUTOFIT_DIST_TIMEOUT="60", PYTHONPATH=str(Path(__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(tmp_path)], env=e, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert one["line"].startswith("data/embedded/train.bin changed") and "holds step 2: --resume" in one["line"]
+    assert zero["error"] == "RankFailed" and zero["line"] == (
+        "rank 0: rank 1 failed in this step (its own error says why); stopping here too "
+        "(rank 1: data/embedded/train.bin changed since the run opened it (a fault of the test))")
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["iter_num"] == 2

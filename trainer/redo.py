@@ -14,6 +14,7 @@ import gc
 import torch
 
 from trainer.compiler import uncompile
+from trainer.data.tokenfiles import DataError
 from trainer.errors import TrainError
 from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS
 from trainer.schedule import lr_at
@@ -34,7 +35,11 @@ class RedoneStep:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
         start = dict(self.sampler.counters)  # where a give-up's checkpoint resumes: this step's batch
-        x, y = self.batches.take(self.step_batch)  # the step's batch (this rank's rows), once
+        try:
+            x, y = self.batches.take(self.step_batch)  # the step's batch (this rank's rows), once
+        except DataError as e:  # several ranks: told in the step's agreement, not as lost contact (r4)
+            self.sampler.counters.update(start)  # a lazily read batch had counted it
+            raise self.group.failed(e) or e
         rng = self._rng_state()  # a redone step draws the same dropout masks
         while True:
             lap = self.clock.start()

@@ -106,7 +106,7 @@ class RankGroup:
             return exc_info["injected"]
         seen = self.agreement.outcome("injected" if exc_info["injected"] else "oom")
         if seen[D.ERROR]:
-            D.raise_for(seen, self.ranks)
+            D.raise_for(seen, self.ranks, self.agreement.reason)
         return not seen[D.REAL_OOM]
 
     def primed(self, oom: bool) -> None:
@@ -120,7 +120,7 @@ class RankGroup:
             return
         seen = self.agreement.outcome("oom" if oom else None)
         if seen[D.ERROR]:
-            D.raise_for(seen, self.ranks)
+            D.raise_for(seen, self.ranks, self.agreement.reason)
         if not oom and (seen[D.REAL_OOM] or seen[D.INJECTED_OOM]):
             raise D.RankFailed(f"rank {self.ranks.rank}: {D.failed_rank(seen)} {D.OTHER_PRIME_OOM}; stopping here too")
 
@@ -138,7 +138,7 @@ class RankGroup:
         if D.is_peer_failure(exc):
             return D.peer_lost(exc, self.ranks)
         if not isinstance(exc, (D.RankFailed, TrainError)) and not getattr(exc, "agreed", False):
-            self.agreement.outcome("error")
+            self.agreement.outcome("error", D.first_line(exc))  # its line, which the others then say
         return None
 
     def eval_agree(self, oom: bool) -> bool:
@@ -151,7 +151,7 @@ class RankGroup:
             return oom
         seen = self.agreement.outcome("oom" if oom else None)
         if seen[D.ERROR]:
-            D.raise_for(seen, self.ranks)
+            D.raise_for(seen, self.ranks, self.agreement.reason)
         any_oom = bool(seen[D.REAL_OOM] or seen[D.INJECTED_OOM])
         if any_oom and self.parallel is not None and self.parallel.kind == "fsdp2":
             self.parallel.rewrap()

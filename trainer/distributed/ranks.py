@@ -268,11 +268,11 @@ class Agreement:
 
     def __init__(self, ranks: Ranks):
         self.ranks = ranks
-        # On the host, through gloo even in a CUDA run (backend_for): knowing the outcome needs
-        # no wait for the GPU's stream, and no device memory.
+        # On the host, through gloo even in a CUDA run (backend_for): no wait for the GPU's stream, no device memory
         self.flags = torch.zeros(5, dtype=torch.int64)
         self.stop_wanted = lambda: False  # set by the loop: a signal arrived on this rank
         self.agreed_stop = False
+        self.reason = ""  # after an error: the failing rank's line (outcome)
 
     def _round(self, values: list[int]) -> list[int]:
         for i, v in enumerate(values):
@@ -283,10 +283,12 @@ class Agreement:
             raise peer_lost(e, self.ranks) from None
         return [int(v) for v in self.flags.tolist()]
 
-    def outcome(self, failure: str | None = None) -> list[int]:
-        """Tells the others how this rank's attempt ended (failure: None, 'oom', 'injected' or
-        'error') and returns what every rank saw, once no rank is still inside the step. Sets
-        agreed_stop when any rank wants to stop after this step."""
+    def outcome(self, failure: str | None = None, reason: str = "") -> list[int]:
+        """Tells the others how this rank's attempt ended (failure: None, 'oom', 'injected' or 'error',
+        whose line is `reason`); returns what every rank saw, once none is still inside the step. Sets
+        agreed_stop (any rank wants to stop after it), and after an error `reason`, the failing rank's
+        line: every rank ends in this one round, so all gather it (r4: a rank whose data failed was
+        known to the others only as lost contact, when its process ended)."""
         mine = [0] * 5
         slot = {"oom": REAL_OOM, "injected": INJECTED_OOM, "error": ERROR}.get(failure or "")
         if slot is not None:
@@ -296,6 +298,11 @@ class Agreement:
             seen = self._round(mine)
             if not seen[UNFINISHED]:
                 self.agreed_stop = bool(seen[STOP])
+                try:  # on the failing rank a failed gather must not hide its own error
+                    self.reason = all_gather_objects(reason, self.ranks)[seen[ERROR] - 1] if seen[ERROR] else ""
+                except TrainError:
+                    if not reason:
+                        raise
                 return seen
 
     def check_in(self) -> None:
@@ -312,7 +319,7 @@ class Agreement:
         """The success path's round: raises OtherRankOOM (agreed) when another rank ran out of
         memory, RankFailed when one failed otherwise."""
         seen = self.outcome(None)
-        raise_for(seen, self.ranks)
+        raise_for(seen, self.ranks, self.reason)
 
 
 def failed_rank(seen: list[int]) -> str:
@@ -320,11 +327,12 @@ def failed_rank(seen: list[int]) -> str:
     return f"rank {max(seen[REAL_OOM], seen[INJECTED_OOM], seen[ERROR]) - 1}"
 
 
-def raise_for(seen: list[int], ranks: Ranks) -> None:
-    """Turns an agreed outcome into this rank's exception (nothing when every rank succeeded):
-    RankFailed for another rank's error, OtherRankOOM (agreed) for another rank's OOM."""
+def raise_for(seen: list[int], ranks: Ranks, reason: str = "") -> None:
+    """Turns an agreed outcome into this rank's exception (nothing when every rank succeeded): RankFailed
+    for another rank's error (with its line, `reason`, where known), OtherRankOOM for another's OOM."""
     if seen[ERROR]:
-        raise RankFailed(f"rank {ranks.rank}: rank {seen[ERROR] - 1} {OTHER_FAILED}; stopping here too")
+        why = f" (rank {seen[ERROR] - 1}: {reason})" if reason else ""
+        raise RankFailed(f"rank {ranks.rank}: rank {seen[ERROR] - 1} {OTHER_FAILED}; stopping here too{why}")
     if seen[REAL_OOM] or seen[INJECTED_OOM]:
         raise OtherRankOOM(f"{failed_rank(seen)} {OTHER_OOM} in this step", injected=not seen[REAL_OOM])
 
