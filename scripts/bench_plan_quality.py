@@ -55,7 +55,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autofit.devices import host_load  # noqa: E402
 from autofit.devices.cpu import cpu_info  # noqa: E402
 from autofit.devices.cpu_budget import BudgetedCpuDevice  # noqa: E402
 from autofit.planning.budget import compute_budget  # noqa: E402
@@ -158,8 +157,7 @@ def child(case_name: str, standard_only: bool) -> None:
     # `import lightning` imports it before the peers' timers start, so it is imported here too
     import torch._dynamo  # noqa: F401
     t0, c0 = time.perf_counter(), time.process_time()
-    # as `autofit probe` sets it on the CPU: the contest trusts readings taken on a quiet host
-    res = probe_measured(cfg, dev, budget, space, settings=TrialSettings(host_load=host_load.sampler()))
+    res = probe_measured(cfg, dev, budget, space, settings=TrialSettings())
     secs, cpu_secs = time.perf_counter() - t0, time.process_time() - c0
     p = res.plan
     plan = {k: getattr(p, k) for k in ("checkpointing", "checkpointing_policy", "loss_impl", "micro_batches",

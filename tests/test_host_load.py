@@ -67,27 +67,3 @@ def test_a_probe_on_a_loaded_cpu_says_so_in_its_notes(tmp_path, monkeypatch, cap
     assert code == 0, err
     notes = json.loads(out)["notes"]
     assert any(n.startswith("load: other processes kept 1.5 of this process's 2 cores busy") for n in notes), notes
-
-
-def test_a_span_is_quiet_only_long_enough_and_below_the_quiet_share():
-    q = host_load.QUIET_SHARE
-    assert host_load.Span(wall=1.0, others=0.9 * q * 2, cores=2).quiet
-    assert not host_load.Span(wall=1.0, others=1.1 * q * 2, cores=2).quiet  # others too busy
-    assert not host_load.Span(wall=0.9 * host_load.QUIET_MIN_SECONDS, others=0.0, cores=2).quiet  # too short
-    # spans add up (a candidate's search trial and its re-timings), and so does their judgement
-    total = host_load.Span(wall=0.3, others=0.0, cores=2) + host_load.Span(wall=0.3, others=0.0, cores=2)
-    assert total.wall == pytest.approx(0.6) and total.quiet
-    assert "kept 0.00 of 2 cores busy over 0.6 s" in total.words()
-
-
-def test_a_span_from_two_samples_leaves_out_this_process_own_cpu_time(tmp_path, monkeypatch):
-    stat = tmp_path / "stat"
-    monkeypatch.setattr(host_load, "_cores", lambda: [0, 1])
-    _stat(stat, {0: (0, 0, 0, 0), 1: (0, 0, 0, 0)})
-    clock, own = iter([10.0, 12.0]), iter([1.0, 4.5])  # 2 s of wall time, 3.5 s of our own CPU time
-    sample = host_load.sampler(str(stat), clock=lambda: next(clock), own=lambda: next(own))
-    before = sample()
-    _stat(stat, {0: (2 * TICK, 0, 0, 0), 1: (2 * TICK, 0, 0, 0)})  # 4 s busy on our 2 cores
-    s = host_load.span(before, sample(), sample.cores)
-    assert (s.wall, s.others, s.cores) == (pytest.approx(2.0), pytest.approx(0.5), 2)
-    assert host_load.sampler(str(tmp_path / "missing")) is None  # not Linux: nothing judged quiet

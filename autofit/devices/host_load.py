@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 # Other processes busy on more than this share of our cores: oversubscribed enough that CPU-time
 # figures are inflated (a fifth of 2 cores is 0.4 core; on the shared machine an idle spell reads
@@ -90,58 +89,3 @@ class LoadMeter:
             return
         others = max(0.0, (busy1 - busy0) - (self._own() - own0)) / wall
         self.load = Load(others_cores=min(others, float(len(self._cores))), cores=len(self._cores), seconds=wall)
-
-
-# Other processes busy on at most this share of our cores, measured over a contender's trials:
-# quiet enough that its readings need no re-timing to be trusted (autofit.planning.contest); half
-# of BUSY_SHARE, so /proc/stat's tick sampling (10 ms per core at each end of a span, about 0.1
-# core over QUIET_MIN_SECONDS on 2 cores) cannot pass a loaded span as quiet
-QUIET_SHARE = 0.1
-# ... over at least this much wall time, summed over the trials judged (shorter spans are not
-# judged: too few ticks)
-QUIET_MIN_SECONDS = 0.4
-
-
-@dataclass
-class Span:
-    """Other processes' CPU time on our cores over some wall time (summed over several stretches,
-    e.g. the trials of one candidate): `others` and `wall` in seconds, of `cores` cores."""
-    wall: float = 0.0
-    others: float = 0.0
-    cores: int = 1
-
-    def __add__(self, o: "Span") -> "Span":
-        return Span(self.wall + o.wall, self.others + o.others, max(self.cores, o.cores))
-
-    @property
-    def quiet(self) -> bool:
-        """Long enough to judge (QUIET_MIN_SECONDS) and other processes on at most QUIET_SHARE of
-        the cores: readings taken over it were not slowed by other processes' load."""
-        return self.wall >= QUIET_MIN_SECONDS and self.others <= QUIET_SHARE * self.cores * self.wall
-
-    def words(self) -> str:
-        """E.g. 'other processes kept 0.03 of 2 cores busy over 0.6 s (measured from /proc/stat)'."""
-        return (f"other processes kept {self.others / self.wall if self.wall else 0.0:.2f} of {self.cores} cores busy "
-                f"over {self.wall:.1f} s (measured from /proc/stat)")
-
-
-Sample = tuple[float, float, float]  # (wall clock, our cores' busy seconds, this process's CPU seconds)
-
-
-def sampler(stat: str = "/proc/stat", clock=time.monotonic, own=time.process_time) -> Callable[[], Sample] | None:
-    """A function returning a Sample now, for span(); None where /proc/stat cannot be read (not
-    Linux): there nothing is judged quiet."""
-    cores = _cores()
-    if busy_seconds(cores, stat) is None:
-        return None
-
-    def sample() -> Sample:
-        return clock(), busy_seconds(cores, stat) or 0.0, own()
-    sample.cores = len(cores)  # type: ignore[attr-defined]
-    return sample
-
-
-def span(before: Sample, after: Sample, cores: int) -> Span:
-    """Other processes' Span between two samples: our cores' busy time less this process's own."""
-    wall = max(0.0, after[0] - before[0])
-    return Span(wall=wall, others=max(0.0, (after[1] - before[1]) - (after[2] - before[2])), cores=cores)

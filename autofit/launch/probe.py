@@ -11,7 +11,7 @@ from typing import Callable
 from autofit.planning.budget import compute_budget, device_budget
 from autofit.planning.candidates import candidate_space
 from autofit.devices.device import DeviceError
-from autofit.devices.host_load import LoadMeter, sampler as host_sampler
+from autofit.devices.host_load import LoadMeter
 from autofit.devices.opener import open_device, open_simulated
 from autofit.planning.estimated import probe_estimated
 from autofit.planning.planner import ProbeResult, probe_measured
@@ -155,9 +155,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     notice = "autofit: stopping after the trial in flight (Ctrl-C again to stop now)"
     with StopFlag(notice) as stop:  # Ctrl-C/SIGTERM: the trial in flight ends, then the probe stops (a second: at once)
         settings = TrialSettings(steps=opts.trial_steps, compile_backend=opts.compile_backend, seed=cfg.seed,
-                                 stop=lambda: stop.signal is not None, on_trial=on_trial,
-                                 # one process on the CPU: several ranks' siblings would count as load
-                                 host_load=host_sampler() if info.kind == "cpu" and not ranks.several else None)
+                                 stop=lambda: stop.signal is not None, on_trial=on_trial)
         # several ranks: a rank that loses contact here after this stop signal stops as interrupted
         # (autofit.launch.torchrun.taken_as_stop), as at every other wait of the command
         signal_at("trials", ranks)  # a test's fault: a Ctrl-C as rank 1 lags

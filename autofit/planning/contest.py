@@ -8,11 +8,7 @@ from free cores is not counted in it; on oversubscribed cores it is, as a thread
 spins: autofit.devices.host_load measures and says that), wall time on a GPU. A step slowed by a burst of load
 is not the fastest, so it is left out.
 Its first readings are those of the search's trial (autofit.planning.search): a contender whose
-readings are already more than CLEAR_FIRST slower than the leader's is out before any re-timing;
-so is one more than CLEAR slower whose two fastest readings agree (within TIE_MAX) where other
-processes were measured quiet on our cores while both its and the leader's trials ran
-(autofit.devices.host_load.Span.quiet): re-timing in alternation guards against bursts of load,
-and /proc/stat shows there was none.
+readings are already more than CLEAR_FIRST slower than the leader's is out before any re-timing.
 
 The contenders (the largest fitting size of every lever combination and a smaller one: autofit.
 planning.planner) are re-timed in alternation, A B C A B C, so a burst during one contender's
@@ -37,7 +33,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from autofit.devices.host_load import Span
 from autofit.planning import agree
 from autofit.planning.candidates import ckpt_words
 from autofit.planning.trials import TrialSettings, run_trial
@@ -126,11 +121,8 @@ def retime(runner, t: TrialRecord) -> bool:
     s = runner.settings
     longer = TrialSettings(steps=RETIME_STEPS + (1 if t.compile else 0), compile_backend=s.compile_backend,
                            seed=s.seed, spill_check=s.spill_check)
-    def trial() -> TrialRecord:
-        return agree.trial(run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.rank_batch,
-                                     budget_bytes=runner.budget_bytes, settings=longer))
-    # other processes' load over it counted with the candidate's (search.TrialRunner.measured)
-    r = runner.measured(t.candidate(), trial) if hasattr(runner, "measured") else trial()
+    r = agree.trial(run_trial(runner.cfg, t.candidate(), runner.device, rank_batch=runner.rank_batch,
+                              budget_bytes=runner.budget_bytes, settings=longer))
     if agree.stop_wanted(s.stop()):  # a Ctrl-C/SIGTERM during the contest: stop, as after a search trial
         raise KeyboardInterrupt
     if r.status != "fit" or not r.step_seconds:
@@ -243,37 +235,15 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
 
 def _cut_on_first_readings(runner, alive: list[TrialRecord], spt) -> list[TrialRecord]:
     """The search's readings are the contest's first: a contender more than CLEAR_FIRST slower
-    than the leader on them cannot win and is not re-timed; nor one more than CLEAR slower whose
-    readings agree, taken on a quiet host (quiet_span) (each said in the log)."""
+    than the leader on them cannot win and is not re-timed (said in the log)."""
     if len(alive) <= 1:
         return alive
-    cpu = runner.kind == "cpu"
     lead = min(alive, key=spt)
     out = [t for t in alive if spt(t) > (1 + CLEAR_FIRST) * spt(lead)]
     for t in out:
         runner.log(f"contest: {label(t)} not re-timed: its readings so far take {spt(t) / spt(lead):.2f}x the "
                    f"time per token of {label(lead)}'s (out past {1 + CLEAR_FIRST:.0f}x)")
-    for t in alive:
-        if t in out or spt(t) <= (1 + CLEAR) * spt(lead) or spread(t, cpu) > TIE_MAX:
-            continue
-        quiet = quiet_span(runner, t, lead)
-        if quiet is not None:
-            out.append(t)
-            runner.log(f"contest: {label(t)} not re-timed: its readings take {spt(t) / spt(lead):.2f}x the time per "
-                       f"token of {label(lead)}'s, agree within {TIE_MAX:.0%}, and were taken on a quiet host "
-                       f"({quiet.words()} while both ran): re-timing guards against load there was none of")
     return [t for t in alive if t not in out]
-
-
-def quiet_span(runner, *recs: TrialRecord) -> Span | None:
-    """Other processes' load over every trial of `recs` summed (search.TrialRunner.host), where it
-    was measured for each of them and is quiet (host_load.Span.quiet); else None."""
-    host = getattr(runner, "host", None) or {}
-    spans = [host.get(t.candidate()) for t in recs]
-    if not spans or any(s is None for s in spans):
-        return None
-    total = sum(spans[1:], spans[0])
-    return total if total.quiet else None
 
 
 # The plan's why when it runs a contender whose latest trial did not fit (_last_standing).

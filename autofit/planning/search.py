@@ -20,7 +20,6 @@ from __future__ import annotations
 import platform
 from typing import Callable
 
-from autofit.devices.host_load import Span, span
 from autofit.planning import agree, loss_head
 from autofit.planning.candidates import Levers, ckpt_words
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
@@ -81,9 +80,6 @@ class TrialRunner:
         # sizes timed only to look beside a flat pair (autofit.planning.planner._sizes_to_time):
         # the contest lets one win when clearly faster, never on a tie
         self.thirds: set[Candidate] = set()
-        # other processes' load over each candidate's trials (search and re-timings), where
-        # settings.host_load samples it (measured()): the contest's quiet readings
-        self.host: dict[Candidate, Span] = {}
         # with several ranks (torchrun), each rank's share of the effective batch
         self.rank_batch = agree.rank_batch(cfg)
         # only rank 0 speaks and reports records; every rank runs the same trials (autofit.planning.agree)
@@ -109,7 +105,7 @@ class TrialRunner:
             return self._skip(cand, est, bound)
         self.log(f"trial: micro-batch {cand.micro_batch}, {cand.dtype}, compile={cand.compile}, "
                  f"checkpointing={ckpt_words(cand)}, loss={cand.loss_impl} (estimated peak {fmt_bytes(est)})")
-        r = self.measured(cand, lambda: self._trial(cand, est))
+        r = self._trial(cand, est)
         if r.status == "fit" and self.spill_check:
             smaller = self.fits(Levers.of(cand), compile=cand.compile, below=cand.micro_batch)
             if smaller:
@@ -127,19 +123,6 @@ class TrialRunner:
         if agree.stop_wanted(self.settings.stop()):  # a Ctrl-C/SIGTERM is acted on when the trial ends
             raise KeyboardInterrupt
         return r
-
-    def measured(self, cand: Candidate, trial: Callable[[], TrialRecord]) -> TrialRecord:
-        """trial() (a trial of `cand`), with other processes' load on our cores while it ran added
-        to self.host[cand], where settings.host_load samples it (else trial() alone)."""
-        sample = self.settings.host_load
-        if sample is None:
-            return trial()
-        before = sample()
-        try:
-            return trial()
-        finally:
-            cores = getattr(sample, "cores", 1)
-            self.host[cand] = self.host.get(cand, Span(cores=cores)) + span(before, sample(), cores)
 
     def bound_for(self, cand: Candidate) -> float | None:
         """The estimate's proven error bound for `cand` on this device (a share of the budget), or

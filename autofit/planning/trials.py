@@ -59,11 +59,6 @@ class TrialSettings:
     # Called with each trial's record as soon as it is made (run or pruned; on rank 0 only), before
     # the next trial starts: `autofit probe`/`run` append it to AUTOFIT_TRIALS_JSONL (launch.probe).
     on_trial: Callable[[TrialRecord], None] = lambda r: None
-    # Samples other processes' load on this process's cores (autofit.devices.host_load.sampler):
-    # the probe measures it over each candidate's trials, and the contest trusts readings taken
-    # while the host was quiet without re-timing them. None (the default, and on a GPU or with
-    # several ranks, whose siblings would count as load): nothing is judged quiet.
-    host_load: Callable[[], tuple[float, float, float]] | None = None
 
 
 @contextlib.contextmanager
