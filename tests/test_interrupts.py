@@ -326,6 +326,7 @@ def test_a_rank_that_lost_contact_after_a_ctrl_c_says_the_probes_interrupt_line(
     monkeypatch.setattr(agree, "ranks", lambda: two)  # rank 0 of 2, with no process group: no collective below
     monkeypatch.setattr(agree, "budget", lambda b: b)
     monkeypatch.setattr(agree, "space", lambda s: s)
+    monkeypatch.setattr(agree, "device", lambda info, own: (info, ""))  # its gather too
 
     def peer_gone(*a, **k):
         if signal_first:
