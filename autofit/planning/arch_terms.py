@@ -152,6 +152,23 @@ def mlp_backward_extra_bytes(shape, N: int, amp: bool) -> int:
     return max(0, per * (2 if amp else 4) * h * N - (2 if amp else 4) * h * shape.n_embd)
 
 
+def swiglu_fc_backward_bytes(shape, N: int, amp: bool) -> int:
+    """The top block's backward transient at SwiGLU's c_fc, N tokens (0 for other MLPs), to be
+    compared with the GELU-shaped one: c_fc's weight gradient is 2 x hidden x C, twice c_proj's,
+    and it is made beside the gate|up gradient (cat, 2 x hidden wide) and then the input gradient,
+    while the MLP's saved tensors (c_fc's output, silu's output, the product: 4 x hidden wide) are
+    already freed. Beside the fp32 residual gradient (and its 16-bit cast under autocast), in fp32:
+    8NC + 8hC - 8hN; under autocast the gradients are 16-bit: 8NC + 4hC - 4hN. It binds where N is
+    small against C (micro-batch 1, short blocks): L2 C128 T16, micro-batch 1 with Muon was 2.1 %
+    under on the budgeted CPU device without it (tests/test_estimate.py)."""
+    if shape.mlp != "swiglu":
+        return 0
+    C, h = shape.n_embd, mlp_hidden(shape)
+    if amp:
+        return 6 * N * C + 6 * h * C - 8 * h * N
+    return 8 * N * C + 8 * h * C - 8 * h * N
+
+
 def embedding_backward_bytes(shape, amp: bool, accumulating: bool) -> int:
     """The gradients at wte's backward (bytes, besides `gradients`): wte's dense fp32 gradient,
     and, tied, the lm_head gradient held in autograd's buffer to be summed with it. Under autocast

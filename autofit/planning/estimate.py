@@ -235,6 +235,7 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda:
     else:
         transient = 4 * N * C + 4 * h * C + 4 * h * N
     transient += arch.mlp_backward_extra_bytes(shape, N, amp)
+    transient = max(transient, arch.swiglu_fc_backward_bytes(shape, N, amp))  # SwiGLU's c_fc, small N
     if policy == "selective" and checkpointing and (L - 1) % checkpointing == 0:
         # the top block recomputed under selective checkpointing holds one fp32 N x C more than
         # under full (measured on the budgeted CPU device for GPT-2, RoPE, RMSNorm and ReLU^2
