@@ -235,7 +235,8 @@ def _block_bytes(shape: ModelShape, B: int, amp: bool, checkpointing: int, cuda:
     else:
         transient = 4 * N * C + 4 * h * C + 4 * h * N
     transient += arch.mlp_backward_extra_bytes(shape, N, amp)
-    transient = max(transient, arch.swiglu_fc_backward_bytes(shape, N, amp))  # SwiGLU's c_fc, small N
+    # where N is small against C: SwiGLU's c_fc weight gradient; under autocast its fp32 upcast
+    transient = max(transient, arch.swiglu_fc_backward_bytes(shape, N, amp), arch.weight_grad_upcast_bytes(shape, N, amp))
     if policy == "selective" and checkpointing and (L - 1) % checkpointing == 0:
         # the top block recomputed under selective checkpointing holds one fp32 N x C more than
         # under full (measured on the budgeted CPU device for GPT-2, RoPE, RMSNorm and ReLU^2
