@@ -106,7 +106,7 @@ run_stage() {
     local env_lines; env_lines=$("$PY" scripts/selfcheck/common.py stage-env "$OUT/stage1_device.json")
     [ -n "$env_lines" ] && { echo "from stage 1: $env_lines"; eval "$env_lines"; }
   fi
-  timeout "$REPORT_LIMIT" "$PY" scripts/selfcheck_report.py "$OUT" --stages "$STAGES" --quiet
+  timeout "$REPORT_LIMIT" "$PY" scripts/selfcheck_report.py "$OUT" --no-roofline --stages "$STAGES" --quiet
 }
 
 main() {
@@ -125,7 +125,7 @@ main() {
     esac
   done
   echo "== report"
-  timeout "$REPORT_LIMIT" "$PY" scripts/selfcheck_report.py "$OUT" --stages "$STAGES"
+  timeout "$REPORT_LIMIT" "$PY" scripts/selfcheck_report.py "$OUT" --no-roofline --stages "$STAGES"
 }
 
 main 2>&1 | tee -a "$OUT/selfcheck.log"

@@ -23,6 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "selfcheck"))
 from figures import trial_rows  # noqa: E402  (the stage's own rows, so both tables agree)
 from common import git_commit  # noqa: E402
+from roofline import LABEL, Roofline, ratio  # noqa: E402
+
+# the device's reports (3 s each) leave the roofline out: it imports torch (scripts/selfcheck/roofline.py)
+NO_ROOFLINE = (f"{LABEL}: not computed here (--no-roofline: the device's reports leave it out, as it imports "
+               f"torch); run scripts/selfcheck_report.py on a copy of OUT off the device to add it")
 
 NAMES = {0: "env", 1: "device", 2: "probe", 3: "train", 4: "ranks"}
 
@@ -41,6 +46,18 @@ def pct(x) -> str:
 
 def num(x, fmt=",.0f") -> str:
     return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+
+def est_cells(measured, est: dict | None) -> str:
+    """The estimated tokens/s (and its bound) and measured / estimated, two table cells."""
+    if not est:
+        return "- | -"
+    r = ratio(measured, est)
+    return f"{num(est['tokens_per_s'])} ({est['bound']}) | {num(r, '.2f') + 'x' if r else '-'}"
+
+
+def estimates_line(roof: Roofline | None) -> str:
+    return roof.words() if roof is not None else NO_ROOFLINE
 
 
 def cell(text) -> str:
@@ -136,7 +153,13 @@ def finished_trials(out: Path, rec: dict | None) -> list[dict]:
     return trial_rows([r for r in records if r.get("type") == "trial"], slack=(rec or {}).get("estimate_slack") or 0.0)
 
 
-def probe_figures(rec: dict | None, out: Path | None = None) -> list[str]:
+def probe_config(rec: dict | None) -> dict | None:
+    """The probed model's config: the fitted profile's summary, else the run's own record."""
+    runs = [r for r in (rec or {}).get("raw_metrics") or [] if r.get("type") == "run"]
+    return (rec or {}).get("config_summary") or (runs[-1].get("config") if runs else None)
+
+
+def probe_figures(rec: dict | None, out: Path | None = None, roof: Roofline | None = None) -> list[str]:
     trials = (rec or {}).get("trials") or []
     source = "peaks measured on this device; estimates from autofit's closed form"
     if not trials and out is not None and (trials := finished_trials(out, rec)):
@@ -146,15 +169,22 @@ def probe_figures(rec: dict | None, out: Path | None = None) -> list[str]:
         return []
     lines = [f"Trials ({source}):", "",
              "| micro | dtype | loss | ckpt | status | estimated (allocated) | measured | error | estimated "
-             "(reserved) | reserved | error | tokens/s | left allocated | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"(reserved) | reserved | error | tokens/s measured | tokens/s {LABEL} | measured / estimated "
+             "| left allocated | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cfg = probe_config(rec)
     for t in trials:
         lines.append(f"| {t['micro_batch']} | {t['dtype']} | {t['loss_impl']} | {t['checkpointing']} | {t['status']} "
                      f"| {gib(t.get('estimated_allocated_bytes', t['estimated_peak_bytes']))} "
                      f"| {gib(t['measured_peak_bytes'])} | {pct(t['estimate_error'])} "
                      f"| {gib(t['estimated_peak_bytes'])} | {gib(t.get('measured_reserved_bytes'))} "
                      f"| {pct(t.get('reserved_estimate_error'))} "
-                     f"| {num(t.get('tokens_per_s'))} | {mib(t.get('leaked_bytes'), '.1f')} | {cell(t.get('note') or '')} |")
+                     f"| {num(t.get('tokens_per_s'))} "
+                     f"| {est_cells(t.get('tokens_per_s'), roof.trial(t, cfg) if roof else None)} "
+                     f"| {mib(t.get('leaked_bytes'), '.1f')} | {cell(t.get('note') or '')} |")
+    lines += ["", f"Tokens/s: measured, the fastest of the trial's timed steps (its micro-batches and the update); "
+                  f"{estimates_line(roof)}" + ("" if roof is None or roof.problem or cfg else
+                                               "; no model config recorded, so no trial has one")]
     p = rec.get("plan") or {}
     if p:
         lines += ["", f"Plan: {p.get('split')}, {p.get('dtype')}, loss {p.get('loss_impl')}, "
@@ -167,19 +197,25 @@ def probe_figures(rec: dict | None, out: Path | None = None) -> list[str]:
     return lines + [""]
 
 
-def train_figures(rec: dict | None) -> list[str]:
+def train_figures(rec: dict | None, roof: Roofline | None = None) -> list[str]:
     f = (rec or {}).get("figures") or {}
     if not f:
         return []
+    est = roof.phases(rec) if roof else {}
     mfu = lambda x: f"{x:.1%}" if isinstance(x, (int, float)) else "-"  # noqa: E731
     peak = f"{f['peak_tflops']} TFLOP/s dense {f['dtype']}" if f.get("peak_tflops") else "no peak"
     return ["Training (" + cell(f["how"]) + "):", "",
-            "| phase | tokens/s | MFU | steps used |", "| --- | --- | --- | --- |",
-            f"| eager | {num(f['eager_tokens_per_s'])} | {mfu(f['eager_mfu'])} | {f['eager_steps_used']} |",
-            f"| compiled | {num(f['compiled_tokens_per_s'])} | {mfu(f['compiled_mfu'])} | {f['compiled_steps_used']} |",
+            f"| phase | tokens/s measured | tokens/s {LABEL} | measured / estimated | MFU | steps used |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *(f"| {p} | {num(f[p + '_tokens_per_s'])} | {est_cells(f[p + '_tokens_per_s'], est.get(p))} "
+              f"| {mfu(f[p + '_mfu'])} | {f[p + '_steps_used']} |" for p in ("eager", "compiled")),
             "", f"FLOPs/token {num(f['flops_per_token'], '.3e')} ({cell(f['flops_formula'])}); card peak: {peak} "
                 f"({cell(f['peak_source'])}); first compiled step took {num(f['first_compiled_step_minus_steady_s'], '.1f')} s "
-                f"more than a steady one; peak allocated {gib(f.get('peak_mem_bytes_max'))}.", ""]
+                f"more than a steady one; peak allocated {gib(f.get('peak_mem_bytes_max'))}.", "",
+            f"Tokens/s {estimates_line(roof)}" + ("" if roof is None or roof.problem else
+                                                  "; each steady step's own split; the roofline has no compile term "
+                                                  "(estimated mode keeps compile as configured), so the compiled row's "
+                                                  "estimate is the eager kernels'"), ""]
 
 
 def ranks_figures(rec: dict | None) -> list[str]:
@@ -194,10 +230,13 @@ def ranks_figures(rec: dict | None) -> list[str]:
             f"- tokens/s (both ranks): {num(f.get('tokens_per_s_median'))} ({f.get('how', '')})", ""]
 
 
-def report(out: Path, stages: list[int]) -> tuple[str, int]:
+def report(out: Path, stages: list[int], roofline: bool = True) -> tuple[str, int]:
+    """The markdown and the exit status (module docstring). `roofline`: put the roofline's estimated
+    tokens/s beside the measured ones (scripts/selfcheck/roofline.py; it imports torch)."""
     recs = load(out, stages)
-    lines = heading(recs) + check_rows(recs) + device_figures(recs.get(1)) + probe_figures(recs.get(2), out) \
-        + train_figures(recs.get(3)) + ranks_figures(recs.get(4))
+    roof = Roofline(recs) if roofline and (recs.get(2) or recs.get(3)) else None
+    lines = heading(recs) + check_rows(recs) + device_figures(recs.get(1)) + probe_figures(recs.get(2), out, roof) \
+        + train_figures(recs.get(3), roof) + ranks_figures(recs.get(4))
     failed = [n for n, r in recs.items() if r is None or r.get("status") != "ok"]
     lines.append(f"Result: {'all stages ok' if not failed else 'not ok in stage(s) ' + ', '.join(map(str, failed))}.")
     return "\n".join(lines) + "\n", 1 if failed else 0
@@ -208,6 +247,8 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--stages", default="0 1 2 3 4")
     ap.add_argument("--quiet", action="store_true", help="write report.md only (the script's per-stage reports)")
+    ap.add_argument("--no-roofline", action="store_true", help="leave out the roofline's estimated tokens/s (it "
+                    "imports torch: the device's 3 s reports)")
     a = ap.parse_args()
     try:
         stages = [int(s) for s in a.stages.split()]
@@ -216,7 +257,7 @@ def main() -> int:
     except ValueError:
         print(f"selfcheck_report: --stages takes stage numbers 0-4, got {a.stages!r}", file=sys.stderr)
         return 2
-    text, rc = report(a.out, stages)
+    text, rc = report(a.out, stages, roofline=not a.no_roofline)
     tmp = a.out / "report.md.tmp"
     tmp.write_text(text)
     tmp.replace(a.out / "report.md")

@@ -23,7 +23,8 @@ def trial_rows(trials: list[dict], slack: float = 0.0) -> list[dict]:
     for t in trials:
         est, meas, res = t.get("estimated_peak_bytes"), t.get("measured_peak_bytes"), t.get("measured_reserved_bytes")
         alloc = round(est / (1.0 + slack)) if est else None
-        row = {k: t.get(k) for k in ("micro_batch", "dtype", "compile", "checkpointing", "loss_impl", "status",
+        row = {k: t.get(k) for k in ("micro_batch", "dtype", "compile", "checkpointing", "checkpointing_policy",
+                                     "loss_impl", "status",
                                      "measured_reserved_bytes", "tokens_per_s", "steps_run", "seconds", "note")}
         row.update(estimated_peak_bytes=est, estimated_allocated_bytes=alloc, measured_peak_bytes=meas,
                    estimate_error=(alloc - meas) / meas if alloc and meas else None,
@@ -87,6 +88,16 @@ def mfu(tokens_per_s: float | None, flops: float, peak_tflops: float | None) -> 
     if not tokens_per_s or not peak_tflops:
         return None
     return tokens_per_s * flops / (peak_tflops * 1e12)
+
+
+def steady_steps(trains: dict[int, dict], events: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Stage 3's steady steps, (eager, compiled) train records by step: step 0 (warm-up) and every
+    step with an event (it compiled, recompiled or redid work) left out. The report's roofline
+    estimate takes the same steps as the measured tokens/s, so the two compare like with like."""
+    busy = {e["step"] for e in events}
+    steady = [r for s, r in sorted(trains.items()) if s not in busy]
+    return ([r for r in steady if not r.get("compiled") and r["step"] > 0],
+            [r for r in steady if r.get("compiled")])
 
 
 def median(xs: list[float]) -> float | None:

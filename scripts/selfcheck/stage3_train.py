@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DRY_MODEL, Stage, follow_jsonl, read_jsonl, run_cli, share_of, stage_args  # noqa: E402
-from figures import find_card_profile, flops_per_token, median, mfu, model_plan, peak_for  # noqa: E402
+from figures import (find_card_profile, flops_per_token, median, mfu, model_plan, peak_for,  # noqa: E402
+                     steady_steps)
 
 # The OOM comes while eager, so the one cold compile (step 4) is at the shrunk micro-batch: an OOM
 # after the switch would compile a second time (dynamic=False: a new shape), the largest cost of
@@ -89,12 +90,12 @@ def judge(st: Stage, recs: list[dict], compile_after: int, oom_at: int, steps: i
 
 def throughput(st: Stage, trains: dict, events: list[dict], cfg: dict, dtype: str, hw: dict | None, how: str) -> None:
     """Steady tokens/s eager and compiled (medians of measured step times), MFU, compile cost."""
-    busy = {e["step"] for e in events}  # steps that compiled, recompiled or redid work
-    eager = [r["tokens_per_s"] for s, r in trains.items() if not r.get("compiled") and s > 0 and s not in busy]
-    comp = [r["tokens_per_s"] for s, r in trains.items() if r.get("compiled") and s not in busy]
+    eager_steps, compiled_steps = steady_steps(trains, events)
+    eager = [r["tokens_per_s"] for r in eager_steps]
+    comp = [r["tokens_per_s"] for r in compiled_steps]
     flops, n, formula = flops_per_token(cfg)
     peak = peak_for(hw, dtype)
-    steady = median([r["step_s"] for s, r in trains.items() if r.get("compiled") and s not in busy])
+    steady = median([r["step_s"] for r in compiled_steps])
     first = [r["step_s"] for s, r in sorted(trains.items()) if r.get("compiled")][:1]
     fig = {"eager_tokens_per_s": median(eager), "compiled_tokens_per_s": median(comp),
            "eager_steps_used": len(eager), "compiled_steps_used": len(comp),
@@ -137,6 +138,7 @@ def main() -> int:
     hw, how = (None, "dry run: a CPU has no hardware profile with a tensor peak")
     ident = None if a.dry_run else card_identity()
     if ident:
+        st.set(card={"name": ident[0], "total_bytes": ident[1]})  # the report's roofline, where stage 1 did not run
         hw, how = find_card_profile(*ident)
     elif not a.dry_run:
         how = "NVML could not name the card"
