@@ -3,7 +3,7 @@ the budgeted CPU device over real train_step runs. Prints a table and the max / 
 With --device cuda, the CUDA estimate less its allocator slack against torch.cuda.max_memory_allocated
 over the same steps, on the same grid plus GPU-sized rows (CUDA_GRID).
 
-    .venv/bin/python scripts/bench_estimate.py [--json] [--quick] [--device cuda]
+    .venv/bin/python scripts/bench_estimate.py [--json] [--quick] [--device cuda] [--match TEXT ...]
     .venv/bin/python scripts/bench_estimate.py --kernel-terms [--json]   one row per kernel-internal term
 """
 from __future__ import annotations
@@ -77,6 +77,10 @@ class Config:
         return s
 
 
+# nanochat's options (RoPE, RMSNorm, QK-norm, ReLU^2, untied head, soft-cap, Muon)
+_NANO_OPTIONS = dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
+                     logit_softcap=15.0, optimizer="muon")
+
 # Small enough that the whole grid runs in about a minute on 2 cores; each row varies one or two
 # things from its neighbours: micro-batch, depth, width, block size, vocab, checkpointing, CE mode,
 # dtype, accumulation.
@@ -138,6 +142,11 @@ GRID = [
     Config(4, 2, 64, 64, 1024, 4, dtype="bfloat16", checkpointing=2, loss_impl="chunked", ce_chunk_size=128),
     Config(4, 2, 64, 64, 1024, 4, dtype="bfloat16", checkpointing=1, loss_impl="chunked", ce_chunk_size=128,
            logit_softcap=15.0),
+    # grouped KV heads with nanochat's block (RoPE and QK-norm change what the grouped SDPA saves,
+    # arch_terms.block_saved_elements), and grouped under bf16 autocast: on CUDA the bf16 row takes
+    # the flash / efficient kernels, which take K and V grouped (the fp32 row above may not)
+    Config(2, 4, 128, 64, 2048, 4, n_kv_head=2, **_NANO_OPTIONS),
+    Config(2, 4, 64, 64, 512, 4, n_kv_head=1, dtype="bfloat16"),
 ]
 QUICK = GRID[:1] + GRID[9:12] + GRID[16:17]
 
@@ -145,8 +154,7 @@ QUICK = GRID[:1] + GRID[9:12] + GRID[16:17]
 # GPU-sized rows for --device cuda: GPT-2 124M's shape (and nanochat's options on it) at the
 # levers the H200 self-check's probe did not run (checkpointing, soft-cap, fp16, nanochat's block).
 _G2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, micro_batch=4, dtype="bfloat16")
-_NANO = dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, logit_softcap=15.0,
-             optimizer="muon")
+_NANO = _NANO_OPTIONS
 CUDA_GRID = GRID + [
     Config(**_G2),
     Config(**_G2, loss_impl="chunked"),
@@ -170,7 +178,13 @@ CUDA_ONE_AT_A_TIME = [Config(**_G2, **{k: v}) for k, v in _NANO.items()] + [
     Config(**_G2, loss_impl="chunked", logit_softcap=15.0),
     Config(**_G2, bias=True),
 ]
-CUDA_GRID += CUDA_ONE_AT_A_TIME
+# Grouped KV heads at size, alone and with nanochat's block: the estimate counts the CPU SDPA's
+# repeated K and V, which CUDA's flash and efficient kernels do not make (docs/estimator.md,
+# "Grouped KV heads on CUDA"; not measured on a GPU before 2026-12-06). The term is 2·C elements per
+# token and block alone (~2.7 % of the first row), C - 3·kvd with RoPE (one KV head, kvd 64: 576,
+# ~0.8 % of the second; at 4 KV heads it would be 0 and the row could not tell either way)
+CUDA_GQA = [Config(**_G2, n_kv_head=4), Config(**_G2, **_NANO, n_kv_head=1)]
+CUDA_GRID += CUDA_ONE_AT_A_TIME + CUDA_GQA
 
 
 def _meter(device: str):
@@ -284,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: measure on the GPU (torch.cuda.max_memory_allocated), on CUDA_GRID")
     ap.add_argument("--only-gpu-sized", action="store_true", help="only the rows at block size >= 1024")
+    ap.add_argument("--match", action="append", default=[], metavar="TEXT",
+                    help="only the rows whose label holds TEXT (any of several), e.g. n_kv_head for the grouped "
+                         "rows: a few seconds of GPU time instead of the whole grid's")
     args = ap.parse_args(argv)
     if args.only_gpu_sized and args.device != "cuda":
         ap.error("--only-gpu-sized selects CUDA_GRID's rows: it needs --device cuda")
@@ -295,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     grid = QUICK if args.quick else CUDA_GRID if args.device == "cuda" else GRID
     if args.only_gpu_sized:
         grid = [c for c in grid if c.block_size >= 1024]
+    if args.match:
+        grid = [c for c in grid if any(m in c.label() for m in args.match)]
+        if not grid:
+            print(f"bench_estimate: no row's label holds any of {args.match}", file=sys.stderr)
+            return 2
     for cfg in grid:
         est, phase = estimate(cfg, args.device)
         try:
