@@ -97,6 +97,8 @@ def test_the_card_is_the_one_the_self_check_ran_on_from_stage_1_or_else_stage_3(
     text, _ = selfcheck_report.report(out, [1, 2, 3])
     assert "estimated (roofline): not computed: no built-in hardware profile names 'NVIDIA Nosuch'" in text
     assert rows(text, "eager")[0][2:4] == ["-", "-"]
+    # the kind the device tool lends first, by the name and total memory NVML gives an H100 SXM
+    assert roofline.card_spec("NVIDIA H100 80GB HBM3", 85520809984)[0].name == "h100-80gb"
 
 
 def test_the_devices_reports_leave_the_roofline_out_and_say_how_to_add_it():
