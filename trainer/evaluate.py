@@ -3,7 +3,15 @@ estimate_loss does, on its own sampler so that how often a run evaluates never c
 training batches. An out-of-memory error halves the evaluation micro-batch only; the training
 plan is not touched. With several ranks the ranks agree after each batch whether any ran out of
 memory (trainer.distributed.multirank.RankGroup.eval_agree), and all halve and redo it together, so every
-rank runs the same forward passes (FSDP2's all-gathers pair up) and the same eval micro-batch."""
+rank runs the same eval micro-batch and the agreement rounds pair up.
+
+Under DDP the ranks split the batches (eval_rounds): rank r evaluates batches r, r + W, r + 2W, ...
+of the eval_iters, and the losses' sums and counts are summed over the ranks, so each rank runs
+1/W of the forward passes and the mean is over the same batches one process evaluates (nanoGPT's
+ranks each evaluate eval_iters batches of their own: W times the work). Every rank moves the eval
+sampler on by all eval_iters, so a resume, on any number of ranks, draws the batches it would
+have. Under FSDP2 every rank runs every forward (its all-gathers need every rank), so there each
+rank evaluates every batch, as one process does, and the sums over the ranks are W times one's."""
 from __future__ import annotations
 
 import gc
@@ -12,8 +20,21 @@ from typing import Callable
 import torch
 
 from trainer.data.datasets import BatchSampler
+from trainer.data.tokenfiles import DataError
 from trainer.phases import PhaseProgress
 from trainer.step import autocast
+
+
+def eval_rounds(iters: int, rank: int, ranks: int) -> list[int | None]:
+    """The batch number (0 .. iters-1) that `rank` of the `ranks` splitting `iters` batches
+    evaluates in each agreement round, or None for a round it only joins (the last round, where
+    `ranks` does not divide `iters`): ceil(iters / ranks) rounds on every rank, so their
+    agreement rounds pair up. Round k holds batches k*ranks .. k*ranks + ranks - 1, so the rounds
+    done are always a prefix of the batches (a stop mid-evaluation leaves the sampler's counter
+    there, as one process's does). Raises ValueError unless 0 <= rank < ranks."""
+    if not 0 <= rank < ranks:
+        raise ValueError(f"rank {rank} of {ranks} ranks")
+    return [k * ranks + rank if k * ranks + rank < iters else None for k in range(-(-iters // ranks))]
 
 
 class Evaluator:
@@ -21,11 +42,18 @@ class Evaluator:
     micro-batches of `micro_batch` (halved after an OOM, with an 'eval_oom_shrink' event).
     `agree(oom) -> bool`: after each batch, whether any rank ran out of memory on it (a collective
     with several ranks; `oom` itself with one). Raises the OOM when the micro-batch is already 1, on
-    every rank at once (torch.OutOfMemoryError on the ranks that did not run out themselves)."""
+    every rank at once (torch.OutOfMemoryError on the ranks that did not run out themselves).
+    `share`: (this rank, the number of ranks splitting the batches; RankGroup.eval_hooks), (0, 1):
+    every batch here. `total(values) -> values`: the element-wise sums over all the ranks (the
+    identity with one). `failed(exc)`: tells the other ranks, in the round's agreement, of this
+    rank's DataError reading its batch (RankGroup.failed); called only when the batches are split,
+    where no rank waits on another collective than that agreement."""
 
     def __init__(self, sampler: BatchSampler, *, iters: int, batch_size: int, micro_batch: int,
                  device: torch.device, dtype: str, meter, on_event: Callable[..., None],
-                 agree: Callable[[bool], bool] = lambda oom: oom):
+                 agree: Callable[[bool], bool] = lambda oom: oom, share: tuple[int, int] = (0, 1),
+                 total: Callable[[list[float]], list[float]] = lambda values: values,
+                 failed: Callable[[BaseException], BaseException | None] = lambda exc: None):
         self.sampler = sampler
         self.iters = iters
         self.batch_size = batch_size
@@ -35,38 +63,61 @@ class Evaluator:
         self.meter = meter
         self.on_event = on_event
         self.agree = agree
+        self.share, self.total, self.failed = share, total, failed
         self.stop: Callable[[], bool] = lambda: False  # set by the training loop: a stop was asked for
         self.say: Callable[[str], None] = lambda line: None  # where progress lines go
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, label: str = "evaluation") -> dict[str, float] | None:
-        """{'train': loss, 'val': loss}, or None when `stop()` says to stop: checked before each
-        batch, so a Ctrl-C or SIGTERM is acted on when the batch in flight ends (with several ranks
-        `stop` is the ranks' agreed answer, the same on all). Says the count and ETA through `say`
-        now and then (trainer.phases). The model is put back in training mode afterwards."""
+        """{'train': loss, 'val': loss}, the mean over every rank's batches (the same on every
+        rank), or None when `stop()` says to stop: checked before each round, so a Ctrl-C or
+        SIGTERM is acted on when the batch in flight ends (with several ranks `stop` is the
+        ranks' agreed answer, the same on all). Says the count and ETA through `say` now and then
+        (trainer.phases). The model is put back in training mode afterwards. Raises DataError
+        when this rank's batch cannot be read (the others then stop with RankFailed)."""
         model.eval()
-        out = {}
+        sums: list[float] = []
+        rank, ranks = self.share
         progress = PhaseProgress(label, 2 * self.iters, self.say)
         try:
             for split in ("train", "val"):
-                total = 0.0
-                for _ in range(self.iters):
+                total, count, start, done = 0.0, 0, self.sampler.counters.get(split, 0), 0
+                for k, i in enumerate(eval_rounds(self.iters, rank, ranks)):
                     if self.stop():
                         return None
-                    x, y = self.sampler.sample(split, self.batch_size)
-                    total += self._agreed_loss(model, x, y)
-                    progress.tick()
-                out[split] = total / self.iters
+                    x, y = self._batch(split, start + i) if i is not None else (None, None)
+                    loss = self._agreed_loss(model, x, y)
+                    if i is not None:
+                        total, count = total + loss, count + 1
+                    before, done = done, min((k + 1) * ranks, self.iters)
+                    # every rank counts all the round's batches: the next evaluation or a resume draws on
+                    self.sampler.counters[split] = start + done
+                    progress.tick(done - before)  # the batches of all ranks
+                sums += [total, count]
         finally:
             model.train()
-        return out
+        sums = self.total(sums)  # one process: the same floats, so the same mean as before the split
+        return {"train": sums[0] / sums[1], "val": sums[2] / sums[3]}
+
+    def _batch(self, split: str, counter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval batch number `counter` of `split`. A DataError (the data changed under the run)
+        is told to the other ranks when they split the batches: they do not read this batch, and
+        would otherwise wait in the round's agreement until this rank's process ended."""
+        try:
+            return self.sampler.batch_at(split, self.batch_size, counter)
+        except DataError as e:
+            if self.share[1] > 1:
+                raise self.failed(e) or e
+            raise
 
     def _agreed_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-        """The loss of one batch, redone at half the micro-batch while any rank runs out of memory."""
+        """The loss of one batch, redone at half the micro-batch while any rank runs out of memory;
+        x None: this rank has no batch in the round and only joins its agreement (and halves too)."""
         while True:
-            oom = None
+            oom, loss = None, 0.0
             try:
-                loss = self.batch_loss(model, x, y)
+                if x is not None:
+                    loss = self.batch_loss(model, x, y)
             except Exception as e:
                 if not self.meter.is_oom(e):
                     raise

@@ -107,7 +107,7 @@ class Trainer(RedoneStep):
         self.evaluator = Evaluator(BatchSampler(self.data, cfg.block_size, cfg.seed + 7919), iters=cfg.eval_iters,
                                    batch_size=cfg.batch_size, micro_batch=opts.eval_micro_batch or max(self.micro_batches),
                                    device=self.device, dtype=self.dtype, meter=self.meter, on_event=self._event,
-                                   agree=self.group.eval_agree)
+                                   **self.group.eval_hooks())
         self._unread: list[tuple[int, StepResult]] = []  # steps whose loss is still on the device
         self.losses: list[float] = []
         self._eager_laps, self._compile_timed = [], False  # the last eager steps' laps, for the compile time
@@ -332,10 +332,9 @@ class Trainer(RedoneStep):
             and it != self.last_eval_iter
 
     def _evaluate_and_save(self, it: int, save: bool = True) -> None:
-        ev = self.evaluator.evaluate(self.model, f"evaluation at step {it}")
+        ev = self.evaluator.evaluate(self.model, f"evaluation at step {it}")  # summed over the ranks: alike on all
         if ev is None:  # a stop asked for during it: the loop checkpoints the steps done and stops
             return
-        ev = self.group.mean_dict(ev)  # every rank decides alike
         self.last_eval_iter = it
         self.last_eval = ev
         self.metrics.write({"type": "eval", "step": it, "train_loss": ev["train"], "val_loss": ev["val"]})

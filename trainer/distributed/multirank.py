@@ -157,6 +157,27 @@ class RankGroup:
             self.parallel.rewrap()
         return any_oom
 
+    def eval_hooks(self) -> dict:
+        """The Evaluator's keywords for these ranks (trainer.evaluate): its OOM agreement, its
+        share of the eval batches (under DDP the ranks split them: the model each evaluates is
+        the unwrapped module, whose forward needs no other rank; under FSDP2 every rank runs every
+        forward), the sum over the ranks, and how a DataError reading a batch is told."""
+        split = self.several and self.parallelism == "ddp"
+        return {"agree": self.eval_agree, "share": (self.ranks.rank, self.ranks.world_size) if split else (0, 1),
+                "total": self.sum_floats, "failed": self.failed}
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """The element-wise sums of `values` over the ranks (float64 on the host, through gloo);
+        `values` itself with one rank. Collective."""
+        if not self.several:
+            return values
+        out = torch.tensor(values, dtype=torch.float64)  # a sum, not mean * W: no rounding of its own
+        try:
+            torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        except Exception as e:
+            raise D.peer_lost(e, self.ranks) from None
+        return out.tolist()
+
     def check_same_data(self, data) -> None:
         """Every rank must read the same tokens (`data`: the TokenDataset, compared by each split's
         trainer.data.tokenfiles.fingerprint), or their rows of one step batch would not be the
