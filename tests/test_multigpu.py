@@ -121,6 +121,10 @@ def test_two_ranks_train_as_one_rank_with_the_same_effective_batch(one_rank, two
         assert rec["effective_batch"] * CONFIG["block_size"] == one_rank["tokens_per_step"]
     run = records(two_ranks, "run")[0]
     assert run["world_size"] == 2 and run["parallelism"] == "ddp"
+    # the eval batches split across the ranks (rank 1 has none of eval_iters=1): the 1-rank losses
+    evals = [[(r["step"], r["train_loss"], r["val_loss"]) for r in records(o, "eval")] for o in (two_ranks, one_rank["out"])]
+    assert [e[0] for e in evals[0]] == [e[0] for e in evals[1]] == list(range(0, STEPS + 1, 10))
+    assert [v for e in evals[0] for v in e[1:]] == pytest.approx([v for e in evals[1] for v in e[1:]], rel=1e-5)
     # rank 0's checkpoint is a one-GPU checkpoint: the same keys as the 1-rank run's
     ck = torch.load(two_ranks / "ckpt.pt", weights_only=True)
     ref = torch.load(one_rank["out"] / "ckpt.pt", weights_only=True)
