@@ -434,6 +434,32 @@ def test_profiles_add_without_gpu_names_no_card_and_takes_a_sustained_figure(tmp
     assert code == 2 and "--sustained-tflops 9.5 is above --peak-fp16-tflops 8.9" in err and err.count("\n") == 1
 
 
+def test_profiles_add_again_without_gpu_keeps_the_name_given_before(tmp_path, monkeypatch, capsys):
+    """t9's M2: correcting one figure with `profiles add` and no --gpu replaced the card's NVML name
+    with 'no --gpu name given', so the real card was no longer matched by name, and the line said
+    only 'updated the hardware'. The earlier name is kept, and said; --gpu still changes it."""
+    from autofit.devices.hardware import user_hardware
+    assert cli(monkeypatch, capsys, *GTX1650)[0] == 0
+    args = [a for a in GTX1650 if a not in ("--gpu", "NVIDIA GeForce GTX 1650")]
+    args[args.index("--peak-fp16-tflops") + 1] = "8.0"
+    code, out, err = cli(monkeypatch, capsys, *args)
+    assert code == 0 and "kept its GPU name 'NVIDIA GeForce GTX 1650'; give --gpu to change it" in out, out + err
+    spec = user_hardware("gtx1650-4gb")
+    assert spec.nvml_names == ["NVIDIA GeForce GTX 1650"] and spec.gpu == "NVIDIA GeForce GTX 1650"
+    assert spec.peak_fp16_tflops == 8.0
+    code, out, _ = cli(monkeypatch, capsys, *args, "--gpu", "NVIDIA GeForce GTX 1650 Mobile")
+    assert code == 0 and "kept its GPU name" not in out
+    assert user_hardware("gtx1650-4gb").nvml_names == ["NVIDIA GeForce GTX 1650 Mobile"]
+
+
+def test_profiles_add_refuses_a_memory_no_profile_reader_takes(tmp_path, monkeypatch, capsys):
+    """t9's M1: 4000TiB was written with rc 0, and every later probe/show/list called the file 'not
+    an autofit profile' (reading caps the memory at 1 PiB)."""
+    code, _, err = cli(monkeypatch, capsys, "profiles", "add", "huge-4096000gb", "--memory", "4000TiB", *GTX1650[5:])
+    assert code == 2 and err.count("\n") == 1 and "--memory: at most 1 PiB (no card has more), got 4000TiB" in err, err
+    assert not (tmp_path / "home" / "profiles" / "huge-4096000gb.toml").exists()
+
+
 def test_profiles_show_gives_a_plans_median_and_fastest_tokens_per_s():
     """k8's leftover: a measured plan's tokens_per_s is the median step; its fastest step, the figure the
     contest compared, is listed beside it; an estimate or an older plan has one figure, labelled."""

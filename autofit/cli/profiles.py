@@ -217,7 +217,7 @@ def profiles_add(
         peak_bf16: Optional[float] = typer.Option(None, "--peak-bf16-tflops", help="Peak dense bf16 TFLOP/s; omit if the card has no bf16 (compute capability < 8.0)."),
         bandwidth: float = typer.Option(..., "--bandwidth-gbs", help="Memory bandwidth in GB/s (decimal), from the spec sheet."),
         sustained: Optional[float] = typer.Option(None, "--sustained-tflops", help="Dense fp16 tensor TFLOP/s the card holds under its power limit, measured, where well below the peak (a 70 W T4); omit where the peak holds."),
-        gpu: Optional[str] = typer.Option(None, "--gpu", help="Marketing name as NVML reports it, e.g. 'NVIDIA GeForce GTX 1650' (default: NAME)."),
+        gpu: Optional[str] = typer.Option(None, "--gpu", help="Marketing name as NVML reports it, e.g. 'NVIDIA GeForce GTX 1650' (default: the profile's earlier one, else NAME)."),
         source: Optional[str] = typer.Option(None, "--source", help="Where the figures come from (default: 'user-defined')."),
 ):
     """Describe a GPU autofit has no built-in profile for; then `probe --gpu NAME` and
@@ -226,6 +226,7 @@ def profiles_add(
     from pydantic import ValidationError
 
     from autofit.devices.hardware import HardwareSpec, load_builtin
+    from autofit.profiles.hardware_table import MAX_MEMORY_BYTES
     from autofit.profiles.store import check_profiles_writable, save_hardware
     if not _name_ok(name):
         raise UsageError(f"profile name {name!r} must be a model slug and its memory, e.g. gtx1650-4gb "
@@ -234,6 +235,8 @@ def profiles_add(
         raise UsageError(f"profile name {name!r}: cpu-* names are the budgeted CPU device's, which probe --device "
                          f"cpu --save writes; name the card (e.g. gtx1650-4gb)")
     mem_bytes = _size(memory, "--memory")
+    if mem_bytes > MAX_MEMORY_BYTES:  # what reading a profile accepts: refused here, not on every later read
+        raise UsageError(f"--memory: at most {MAX_MEMORY_BYTES / 2**50:g} PiB (no card has more), got {memory}")
     if (said := _name_memory_mismatch(name, mem_bytes)) is not None:
         raise UsageError(said)
     cc = _compute_capability(compute_capability)
@@ -247,6 +250,9 @@ def profiles_add(
     # Without --gpu the card's name is unknown: NAME is a slug, which NVML never reports, so it is
     # no NVML name (a card here matches by its slug, hardware.match_hardware) and the label says so.
     label = f"{name} (no --gpu name given)" if gpu is None else gpu  # --gpu '' is refused (HardwareSpec)
+    kept = _earlier_gpu(name) if gpu is None else None  # t9's M2: re-adding to correct a figure kept no name
+    if kept is not None:
+        gpu = label = kept
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     hardware = {"schema_version": 1, "name": name, "gpu": label, "nvml_names": [] if gpu is None else [gpu],
                 "memory_bytes": mem_bytes, "compute_capability": cc,
@@ -262,8 +268,23 @@ def profiles_add(
         raise UsageError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
     path, new = save_hardware(name, spec.model_dump(mode="json", exclude_none=True))
     note = " (overrides the built-in profile of that name)" if name in load_builtin() else ""
+    if kept is not None:
+        note += f" (kept its GPU name {kept!r}; give --gpu to change it)"
     _console().print(f"{'wrote' if new else 'updated the hardware of'} {path}{note}; "
                      f"estimate with: autofit probe --gpu {name}", soft_wrap=True, markup=False, highlight=False)
+
+
+def _earlier_gpu(name: str) -> str | None:
+    """The NVML name profile `name`'s file already holds (an earlier `profiles add --gpu`), else
+    None (no file, none given then, or a file that cannot be read: save_hardware says so)."""
+    from autofit.profiles.files import ProfileError
+    from autofit.profiles.store import load_profile
+    try:
+        profile = load_profile(name)
+    except ProfileError:
+        return None
+    names = (profile.hardware or {}).get("nvml_names") if profile is not None else None
+    return names[0] if names else None
 
 
 # HardwareSpec fields as the flags that set them, for one-line errors.
