@@ -312,6 +312,8 @@ def test_probe_says_the_schedule_once_and_one_stage_is_singular(tmp_path, monkey
               effective_batch=8, old_rank_batch=4, new_rank_batch=8, old_micro_batches=[4], micro_batches=[8])
     assert describe_event(ev).startswith("resumed on 1 rank (the checkpoint's run had 2)")
     assert describe_event({**ev, "new_world_size": 2}).startswith("resumed on 2 ranks (")
+    # t9's L6: the splits as the plan writes them, not Python lists
+    assert describe_event({**ev, "micro_batches": [4, 4]}).endswith("micro-batches 4 = 4 × 1 -> 8 = 4 × 2")
 
 
 def test_a_resume_names_a_stages_change_as_the_config_writes_it(tmp_path):

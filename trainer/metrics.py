@@ -47,12 +47,22 @@ def describe_event(ev: dict) -> str | None:
     if not text:
         return None
     n = ev.get("new_world_size")  # 'on 1 rank', 'on 2 ranks'
+    splits = {k: _split_words(ev[k]) for k in ("micro_batches", "old_micro_batches") if isinstance(ev.get(k), list)}
     line = text.format(inj=" (injected)" if ev.get("injected") else "", new_ranks=counted(n, "rank"),
-                       steps_since=counted(ev.get("steps_not_saved"), "step"), **ev)
+                       steps_since=counted(ev.get("steps_not_saved"), "step"), **{**ev, **splits})
     reason = str(ev.get("reason", ""))
     if ev["event"].endswith("oom_shrink") and reason.startswith("rank "):  # another rank's OOM, agreed: say whose
         line += f" ({reason.split(' (')[0]})"
     return line
+
+
+def _split_words(micro_batches: list) -> str:
+    """A split as the plan prints it ('16 = 8 × 2'), not as a Python list (t9's L6); a list that is
+    not one (an old or hand-written record) as it is."""
+    if micro_batches and all(isinstance(m, int) and m > 0 for m in micro_batches):
+        from trainer.step import describe_split  # torch: imported only where a split is described
+        return describe_split(micro_batches)
+    return str(micro_batches)
 
 
 def describe_step(rec: dict) -> str:
