@@ -370,3 +370,14 @@ def test_nanogpt_command_line_habits_get_the_flag_they_meant(tmp_path, monkeypat
     code, out, err = cli(monkeypatch, capsys, "run", *CPU, "--preset", "tiny", *args)
     assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
     assert "Possible options" not in err
+
+
+def test_autofit_s_own_flags_on_a_command_without_them_are_not_called_nanogpt_s(monkeypatch, capsys):
+    """t9's L1: `config --device cpu` was told '(nanoGPT's --device=...)', though --device is a flag of
+    run, probe and sample; the nanoGPT form `--device=cpu` keeps its hint."""
+    code, _, err = cli(monkeypatch, capsys, "config", "--preset", "tiny", "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "No such option: --device for this command (run, probe and sample take it)" in err
+    assert "--set device=" in err and "nanoGPT" not in err
+    code, _, err = cli(monkeypatch, capsys, "config", "--preset", "tiny", "--device=cpu")
+    assert code == 2 and "--set device=cpu (nanoGPT's --device=...)" in err, err

@@ -336,6 +336,11 @@ def check_init_from_resume(cfg, resume: bool, preset: str | None, profile: str |
                          f"to it as changes)")
 
 
+# Config keys that are also flags of some autofit commands: where another command does not take one,
+# it is not a nanoGPT habit (`config --device cpu`), and the error says which commands take it.
+OWN_FLAGS = {"--device": "run, probe and sample", "--dtype": "run and probe"}
+
+
 def click_error_line(e, argv: list[str]) -> str:
     """click's usage error `e` as one line, with the --set or --config a nanoGPT user meant where
     the command line reads like nanoGPT's (t7's M4: `python train.py config/x.py --batch_size=32`):
@@ -353,6 +358,8 @@ def click_error_line(e, argv: list[str]) -> str:
         given = next((a for a in argv if a == opt or a.startswith(opt + "=")), opt)
         value = given.partition("=")[2] or "VALUE"
         head = f"{given}: {opt} takes no value" if "does not take a value" in line else f"No such option: {opt}"
+        if opt in OWN_FLAGS and not given.startswith(opt + "="):  # autofit's own flag, on other commands (t9's L1)
+            return f"{head} for this command ({OWN_FLAGS[opt]} take it); the config's key is set with --set {key}={value}"
         return (f"{head}; a config value is set with --set {key}={value} (nanoGPT's {opt}=...)"
                 + ("; --compile / --no-compile choose what the probe searches" if key == "compile" else ""))
     files = [a for a in argv if not a.startswith("-") and a.endswith((".py", ".toml")) and "=" not in a]
