@@ -372,3 +372,23 @@ def test_the_suggested_fineweb_commands_pass_the_option_checks():
     assert len(suggested) >= 2
     for n in suggested:
         _check_sizes(100_000_000, n)  # prepare's default shard size; raises DataError when refused
+
+
+def test_cli_data_prepare_says_when_a_split_is_too_short_for_runs(tmp_path, monkeypatch, capsys):
+    """t9's L4: a 2-character text was written as 'train 1 tokens, val 1 tokens' with no word that no
+    run can sample it; the counts take their plural, and a split under the tiny preset's
+    block_size + 1 gets a note naming the largest block_size it allows."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.txt").write_text("ab")
+    code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "two.txt",
+                             "--out", "x", "--no-progress")
+    assert code == 0 and "(train 1 token, val 1 token," in out, out
+    assert "note: the train split has 1 token" in err and "no block_size at all" in err, err
+    (tmp_path / "some.txt").write_text("abcdefghij" * 100)  # 1,000 characters: 900 train, 100 val
+    code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "some.txt",
+                             "--out", "y", "--no-progress")
+    assert code == 0 and "note: the val split has 100 tokens" in err and "block_size at most 99" in err, err
+    (tmp_path / "long.txt").write_text("abcdefghij" * 200)
+    code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "long.txt",
+                             "--out", "z", "--no-progress")
+    assert code == 0 and "note:" not in err, err

@@ -80,10 +80,28 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
         interrupts.said()
         err_console.print(f"autofit: {e}", markup=False, soft_wrap=True)  # as every stop line reads
         raise typer.Exit(interrupts.EXIT_CODE) from None
-    counts = ", ".join(f"{split} {n:,} tokens" for split, n in done.tokens.items())
+    counts = ", ".join(f"{split} {n:,} {'token' if n == 1 else 'tokens'}" for split, n in done.tokens.items())
     vocab = f", vocab_size {done.vocab_size} in meta.pkl" if done.vocab_size else ", GPT-2 BPE tokens"
     use = name if out_dir == Path("data") / name else str(out_dir)
     console.print(f"wrote {out_dir} ({counts}{vocab}); train on it with dataset = '{use}' "
                   f"(--set dataset={use})", soft_wrap=True)
+    if note := _small_split_note(done.tokens):
+        err_console.print(note, markup=False, soft_wrap=True)
+
+
+# A split with fewer tokens than this is said to be small: a run samples block_size + 1 tokens from
+# each split, and the smallest block_size of the presets is the tiny one's, 128
+SMALL_SPLIT_TOKENS = 129
+
+
+def _small_split_note(tokens: dict[str, int]) -> str | None:
+    """A note where a split is too short for runs (t9's L4: a 2-character text made a 1-token
+    train and val split, written with no word); None otherwise."""
+    split, n = min(tokens.items(), key=lambda kv: kv[1]) if tokens else ("", SMALL_SPLIT_TOKENS)
+    if n >= SMALL_SPLIT_TOKENS:
+        return None
+    fits = (f"block_size at most {n - 1:,}" if n > 1 else "no block_size at all")
+    return (f"note: the {split} split has {n:,} {'token' if n == 1 else 'tokens'}; a run samples block_size + 1 "
+            f"tokens from each split, so it allows {fits}: give a longer text")
 
 
