@@ -222,11 +222,10 @@ def profiles_add(
 ):
     """Describe a GPU autofit has no built-in profile for; then `probe --gpu NAME` and
     `run --profile NAME` take it like a built-in one."""
-    from autofit.cli.common import UsageError, _size
+    from autofit.cli.common import UsageError
     from pydantic import ValidationError
 
     from autofit.devices.hardware import HardwareSpec, load_builtin
-    from autofit.profiles.hardware_table import MAX_MEMORY_BYTES
     from autofit.profiles.store import check_profiles_writable, save_hardware
     if not _name_ok(name):
         raise UsageError(f"profile name {name!r} must be a model slug and its memory, e.g. gtx1650-4gb "
@@ -234,11 +233,7 @@ def profiles_add(
     if name.startswith("cpu-"):  # a later probe --device cpu --save would write a CPU's over this card
         raise UsageError(f"profile name {name!r}: cpu-* names are the budgeted CPU device's, which probe --device "
                          f"cpu --save writes; name the card (e.g. gtx1650-4gb)")
-    mem_bytes = _size(memory, "--memory")
-    if mem_bytes > MAX_MEMORY_BYTES:  # what reading a profile accepts: refused here, not on every later read
-        raise UsageError(f"--memory: at most {MAX_MEMORY_BYTES / 2**50:g} PiB (no card has more), got {memory}")
-    if (said := _name_memory_mismatch(name, mem_bytes)) is not None:
-        raise UsageError(said)
+    mem_bytes = _memory_bytes(name, memory)
     cc = _compute_capability(compute_capability)
     if peak_bf16 is None and tuple(cc) >= (8, 0):  # the estimate prices bf16 there from this figure
         raise UsageError(f"--peak-bf16-tflops: compute capability {compute_capability} has bf16 tensor cores; "
@@ -272,6 +267,20 @@ def profiles_add(
         note += f" (kept its GPU name {kept!r}; give --gpu to change it)"
     _console().print(f"{'wrote' if new else 'updated the hardware of'} {path}{note}; "
                      f"estimate with: autofit probe --gpu {name}", soft_wrap=True, markup=False, highlight=False)
+
+
+def _memory_bytes(name: str, memory: str) -> int:
+    """--memory in bytes. Raises UsageError for a size that is not one, one above what reading a
+    profile accepts (1 PiB: t9's M1, written and then refused on every read), or one the name
+    does not say."""
+    from autofit.cli.common import UsageError, _size
+    from autofit.profiles.hardware_table import MAX_MEMORY_BYTES
+    mem_bytes = _size(memory, "--memory")
+    if mem_bytes > MAX_MEMORY_BYTES:
+        raise UsageError(f"--memory: at most {MAX_MEMORY_BYTES / 2**50:g} PiB (no card has more), got {memory}")
+    if (said := _name_memory_mismatch(name, mem_bytes)) is not None:
+        raise UsageError(said)
+    return mem_bytes
 
 
 def _earlier_gpu(name: str) -> str | None:
