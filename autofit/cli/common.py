@@ -255,7 +255,7 @@ def check_budget_source(budget: str | None) -> None:
 
 
 DeviceOpt = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: the config's device; 'auto' there: the GPU if there is one, else the budgeted CPU).")
-BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB (default: half of available RAM, rounded down to a whole GiB).")
+BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB; GiB/MiB and G/M are binary, GB/MB decimal (default: half of available RAM, rounded down to a whole GiB).")
 GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU (NVML index; default 0). Refused on the CPU and under torchrun.")
 DEFAULT_MARGIN = 0.10
 MarginOpt = typer.Option(DEFAULT_MARGIN, "--margin", help="Share of usable memory kept free as a safety margin.")
