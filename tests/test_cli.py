@@ -460,6 +460,18 @@ def test_profiles_add_refuses_a_memory_no_profile_reader_takes(tmp_path, monkeyp
     assert not (tmp_path / "home" / "profiles" / "huge-4096000gb.toml").exists()
 
 
+def test_a_card_smaller_than_the_cuda_reserve_says_why_its_budget_is_empty(tmp_path, monkeypatch, capsys):
+    """t9's L3: a 1 MiB profile answered 'against a budget of 0 B' and no more."""
+    args = ["profiles", "add", "tiny-1mb", "--memory", "1MiB", *GTX1650[5:]]
+    assert cli(monkeypatch, capsys, *args)[0] == 0
+    code, _, err = cli(monkeypatch, capsys, "probe", "--preset", "tiny", "--gpu", "tiny-1mb")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "against a budget of 0 B (the 1.0 MiB free is less than the " in err
+    assert "the CUDA context and library workspaces take)" in err
+    code, _, err = cli(monkeypatch, capsys, "probe", "--preset", "tiny", "--device", "cpu", "--budget", "1MiB")
+    assert code == 2 and "CUDA context" not in err  # the CPU has no such reserve: the usual line
+
+
 def test_profiles_show_gives_a_plans_median_and_fastest_tokens_per_s():
     """k8's leftover: a measured plan's tokens_per_s is the median step; its fastest step, the figure the
     contest compared, is listed beside it; an estimate or an older plan has one figure, labelled."""

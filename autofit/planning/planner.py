@@ -280,8 +280,18 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
         smallest = "no trial could run"
     from autofit.devices.ranks import budget_flag
     bigger = f"a larger {budget_flag()}" if kind == "cpu" else "a bigger GPU"
-    raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}, even at "
+    raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}{_why_none(budget)}, even at "
                     f"micro-batch 1 with every lever tried; {_what_would_help(cfg)}, or {bigger} would help")
+
+
+def _why_none(budget: Budget) -> str:
+    """Where a card's budget is empty, why (t9's L3: a 1 MiB profile said 'a budget of 0 B' and no
+    more): its free memory is less than what the CUDA context and library workspaces take."""
+    reserved = -sum(t.bytes for t in budget.terms if t.label in ("CUDA context", "library workspaces"))
+    if budget.usable_bytes > 0 or not budget.terms or reserved <= 0:
+        return ""
+    return (f" (the {fmt_bytes(budget.terms[0].bytes)} free is less than the {fmt_bytes(reserved)} the CUDA "
+            f"context and library workspaces take)")
 
 
 def _what_would_help(cfg) -> str:
