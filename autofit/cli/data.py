@@ -65,6 +65,7 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
                  force: bool = typer.Option(False, "--force", help="Replace a dataset already in --out."),
                  no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (and no line per shard written).")):
     """Write a dataset as nanoGPT lays it out: train.bin/val.bin (+ meta.pkl), or llm.c shards.
+
     A Ctrl-C/SIGTERM stops at the next document or shard; fineweb-edu keeps its finished shards
     and the same command, run again, continues from them."""
     from trainer.data.prepare import PrepareStopped, prepare

@@ -220,8 +220,7 @@ def profiles_add(
         gpu: Optional[str] = typer.Option(None, "--gpu", help="Marketing name as NVML reports it, e.g. 'NVIDIA GeForce GTX 1650' (default: the profile's earlier one, else NAME)."),
         source: Optional[str] = typer.Option(None, "--source", help="Where the figures come from (default: 'user-defined')."),
 ):
-    """Describe a GPU autofit has no built-in profile for; then `probe --gpu NAME` and
-    `run --profile NAME` take it like a built-in one."""
+    """Describe a GPU autofit has no built-in profile for; then `probe --gpu NAME` and `run --profile NAME` take it like a built-in one."""
     from autofit.cli.common import UsageError
     from pydantic import ValidationError
 
