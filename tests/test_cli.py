@@ -813,6 +813,24 @@ def test_evaluation_turned_off_by_a_zero_is_said(key, tmp_path, monkeypatch, cap
     assert "val loss" not in out and (tmp_path / "o" / "ckpt.pt").exists()
 
 
+def test_muon_with_weight_decay_is_said_and_the_nanochat_preset_is_quiet():
+    """r5: optimizer='muon' on a config with nanoGPT's weight_decay 0.1 decays Muon's matrices by
+    muon_lr x 0.1 = 0.2 % a step, 33x AdamW's at 6e-4, without a word. Said once; the nanochat-d12
+    preset (weight_decay 0) and AdamW say nothing."""
+    from autofit.launch.checks import say_config_notes
+    from trainer.config.train_config import load_config
+    said = []
+    say_config_notes(load_config(preset="tiny", overrides=["optimizer=muon", "learning_rate=6e-4",
+                                                            "weight_decay=0.1"]), None, said.append)
+    assert len(said) == 1 and "weight_decay 0.1 (--set) applies to Muon's matrices at muon_lr 0.02" in said[0], said
+    assert "each step shrinks them by 0.20% (lr x weight_decay, torch.optim.Muon)" in said[0], said
+    assert "33x AdamW's at learning_rate 0.0006" in said[0], said
+    for quiet in (load_config(preset="nanochat-d12"), load_config(preset="tiny", overrides=["weight_decay=0.1"])):
+        said = []
+        say_config_notes(quiet, None, said.append)
+        assert said == [], said
+
+
 def test_max_steps_past_max_iters_is_said_before_the_probe(tmp_path, monkeypatch, capsys):
     """t4 (session 13): the note came with training's first lines, after the probe's, where it
     was missed. It is said before the probe's first line, once."""

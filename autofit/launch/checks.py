@@ -33,12 +33,18 @@ def say_config_notes(cfg, max_steps: int | None, log) -> None:
     trials' lines): --max-steps past the config's max_iters (the run stops at max_iters, where
     nanoGPT's schedule ends, not at --max-steps); eval_interval or eval_iters 0, which turn
     evaluation off (nanoGPT divides by the one and averages over the other: t7's M11 saw it pass
-    in silence). Nothing for eval_only, which trains no step."""
+    in silence); Muon with weight decay (its rate, 30x AdamW's, decays the matrices fast: r5). Nothing for
+    eval_only, which trains no step."""
     if cfg.eval_only:
         return
     if max_steps is not None and max_steps > cfg.max_iters:
         log(f"--max-steps {max_steps} is past max_iters {cfg.max_iters}: the run stops at max_iters (raise it with "
             f"--set max_iters=N to train longer)")
+    if cfg.optimizer == "muon" and cfg.weight_decay > 0:  # r5: a GPT-2 config's 0.1, 30x AdamW's decay, unsaid
+        log(f"note: weight_decay {cfg.weight_decay:g} ({cfg.source_of('weight_decay')}) applies to Muon's matrices at "
+            f"muon_lr {cfg.muon_lr:g}: each step shrinks them by {cfg.muon_lr * cfg.weight_decay:.2%} (lr x "
+            f"weight_decay, torch.optim.Muon), {cfg.muon_lr / cfg.learning_rate:.0f}x AdamW's at learning_rate "
+            f"{cfg.learning_rate:g}; the nanochat-d12 preset sets 0")
     off = [f"{k} 0 ({cfg.source_of(k)})" for k in ("eval_interval", "eval_iters") if getattr(cfg, k) == 0]
     if off:
         log(f"note: {' and '.join(off)}: evaluation is off, so no val loss is measured and ckpt.pt is written at "
