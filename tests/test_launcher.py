@@ -214,6 +214,14 @@ def test_a_lost_peer_is_one_line_without_gloos_source_paths_nor_nested():
     assert line == ("rank 0: lost contact with another rank (Connection closed by peer [127.0.0.1]:29500); "
                     "stopping here, the last checkpoint is kept")
     assert str(peer_lost(peer_lost(gloo, r), r)) == line  # said once, not wrapped again
+    # t10's M1: this rank's own OOM inside a collective (DDP's broadcast at wrap) is the cause, not a lost peer
+    import torch
+    from trainer.distributed.ranks import CONSEQUENCES
+    oom = str(peer_lost(torch.OutOfMemoryError("budgeted CPU device out of memory: tried to allocate 84.4 KiB"), r))
+    assert oom.startswith("rank 0: out of memory in a collective with the other ranks (budgeted CPU device out of "
+                          "memory: tried to allocate 84.4 KiB)") and not any(w in oom for w in CONSEQUENCES)
+    lines, _ = failed_lines({0: said(line), 1: said(oom.replace("rank 0", "rank 1"))}, 2)
+    assert lines == [f"autofit: error: {oom.replace('rank 0', 'rank 1')}"]  # the cause, not rank 0's consequence
 
 
 CTRL_C_IN_TORCH = """

@@ -465,13 +465,18 @@ def test_eval_oom_halves_eval_micro_batch_only(tmp_path, monkeypatch, baseline):
     assert got == pytest.approx(want, rel=1e-5)
 
 
-def test_eval_oom_at_eval_micro_batch_one_propagates(tmp_path, monkeypatch):
+def test_eval_oom_at_eval_micro_batch_one_is_one_line(tmp_path, monkeypatch):
+    """t10's H1: the OOM escaped as torch.OutOfMemoryError, a traceback on the user's screen."""
+    from trainer.errors import TrainError
+
     def always(self, model, x, y):
-        raise torch.OutOfMemoryError("injected eval out of memory")
+        raise torch.OutOfMemoryError("injected eval out of memory\nmore")
 
     monkeypatch.setattr(Evaluator, "batch_loss", always)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(TrainError) as e:
         train(make_cfg(tmp_path), opts(eval_micro_batch=1))
+    assert str(e.value) == ("out of memory in evaluation at step 0, at eval micro-batch 1 (injected eval out of "
+                            "memory): give a larger budget")
 
 
 

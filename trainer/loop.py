@@ -332,7 +332,8 @@ class Trainer(RedoneStep):
             and it != self.last_eval_iter
 
     def _evaluate_and_save(self, it: int, save: bool = True) -> None:
-        ev = self.evaluator.evaluate(self.model, f"evaluation at step {it}")  # summed over the ranks: alike on all
+        with self._oom_as_error(f"in evaluation at step {it}, at eval micro-batch 1", "give a larger budget"):  # t10's H1
+            ev = self.evaluator.evaluate(self.model, f"evaluation at step {it}")  # summed over the ranks: alike on all
         if ev is None:  # a stop asked for during it: the loop checkpoints the steps done and stops
             return
         self.last_eval_iter = it

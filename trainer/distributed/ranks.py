@@ -247,6 +247,9 @@ def peer_lost(exc: BaseException, ranks: Ranks) -> TrainError:
     if isinstance(exc, TrainError):
         return exc
     reason = _SOURCE_PATH.sub("", first_line(exc)).strip() or type(exc).__name__
+    if isinstance(exc, torch.OutOfMemoryError):  # this rank's own allocation failed: the cause, not a consequence (t10's M1)
+        return TrainError(f"rank {ranks.rank}: out of memory in a collective with the other ranks ({reason}); "
+                          f"stopping here: give this rank more memory")
     return TrainError(f"rank {ranks.rank}: {LOST_CONTACT} ({reason}); stopping here, the last checkpoint is kept")
 
 
