@@ -241,16 +241,15 @@ CONSEQUENCES = (LOST_CONTACT, OTHER_FAILED, f"{OTHER_OOM} in this step)", OTHER_
 
 
 def peer_lost(exc: BaseException, ranks: Ranks) -> TrainError:
-    """The one line of a collective whose peer has gone: the reason without the C++ source
-    paths, once (a TrainError already said, such as this line from a deeper collective, is
-    returned as it is, not wrapped again)."""
+    """The one line of a collective whose peer has gone (or this rank's OOM in it), the reason without C++ source
+    paths, once (a TrainError already said, from a deeper collective, is returned as it is, not wrapped again)."""
     if isinstance(exc, TrainError):
         return exc
     reason = _SOURCE_PATH.sub("", first_line(exc)).strip() or type(exc).__name__
-    if isinstance(exc, torch.OutOfMemoryError):  # this rank's own allocation failed: the cause, not a consequence (t10's M1)
-        return TrainError(f"rank {ranks.rank}: out of memory in a collective with the other ranks ({reason}); "
-                          f"stopping here: give this rank more memory")
-    return TrainError(f"rank {ranks.rank}: {LOST_CONTACT} ({reason}); stopping here, the last checkpoint is kept")
+    oom = isinstance(exc, torch.OutOfMemoryError)  # its own allocation failed (DDP's wrap): the cause (t10's M1)
+    what, then = ("out of memory in a collective with the other ranks", "give this rank more memory") if oom \
+        else (LOST_CONTACT, "the last checkpoint is kept")
+    return TrainError(f"rank {ranks.rank}: {what} ({reason}); stopping here, {then}")
 
 
 # ------------------------------------------------------------------------------- agreements
@@ -381,13 +380,11 @@ SIGNAL_WAITS = ("budget", "trials", "training")  # where signal_at() is called
 
 
 def signal_at(wait: str, ranks: Ranks) -> None:
-    """AUTOFIT_FAULT_SIGNAL_AT=WAIT (a fault for tests of a Ctrl-C on several ranks, under
-    `--nproc-per-node`): at the named wait (SIGNAL_WAITS) the ranks meet (a barrier); then rank 1
-    plays the rank a few milliseconds behind the others, outside any StopFlag: with Python's own
-    Ctrl-C handler it sends SIGINT to the launcher (which passes it on to every rank, as it does
-    a terminal's Ctrl-C) and waits for its own, which ends it. The other ranks go on into the
-    wait's collective without it. So the order of events a busy machine gives now and then is
-    given every time. Unset, another wait, or one process: nothing."""
+    """AUTOFIT_FAULT_SIGNAL_AT=WAIT (a test's fault, under `--nproc-per-node`): at the named wait (SIGNAL_WAITS) the
+    ranks meet (a barrier); then rank 1 plays the rank a few milliseconds behind, outside any StopFlag: with Python's
+    own Ctrl-C handler it sends SIGINT to the launcher (which passes it on to every rank, as a terminal's Ctrl-C) and
+    waits for its own, which ends it; the others go on into the wait's collective without it: the order of events a
+    busy machine gives now and then, every time. Unset, another wait, or one process: nothing."""
     from trainer.interrupt import LAUNCHER_ENV
     launcher = os.environ.get(LAUNCHER_ENV, "")
     if os.environ.get(SIGNAL_AT_ENV) != wait or not ranks.several or not launcher.isdigit():
