@@ -193,6 +193,11 @@ def test_the_plans_tokens_per_s_is_its_sizes_median_step_with_the_fastest_beside
             "optimizer step); fastest step 2,000 tokens/s (measured") in text
     # the figures survive a profile's or --json's round trip
     assert PlanRecord.model_validate(plan.model_dump(mode="json")).fastest_tokens_per_s == pytest.approx(2000.0)
+    # two ranks: each figure beside its own sum (t10's M2: the fastest step's repeated the median's)
+    from autofit.report.rates import plan_rate_words
+    words = plan_rate_words(plan.model_copy(update={"world_size": 2}))
+    assert "1,111 tokens/s per rank, ~2,222 for the 2 ranks (measured: median" in words, words
+    assert "fastest step 2,000 tokens/s per rank, ~4,000 for the 2 ranks (measured" in words, words
 
 
 def test_the_plan_against_the_config_as_written_gives_the_fastest_and_the_median_ratio():

@@ -41,8 +41,9 @@ def plan_rate_words(p, res=None) -> str:
     if not p.tokens_per_s:
         return "tokens/s unknown"
     # several ranks: a trial's rate is one rank's (the slowest rank's: autofit.planning.agree)
-    per = (f" per rank, ~{p.tokens_per_s * p.world_size:,.0f} for the {p.world_size} ranks"
-           if p.world_size > 1 else "")
+    def per_rank(rate: float) -> str:  # each figure its own sum (t10's M2: the fastest repeated the median's)
+        return f" per rank, ~{rate * p.world_size:,.0f} for the {p.world_size} ranks" if p.world_size > 1 else ""
+    per = per_rank(p.tokens_per_s)
     if p.mode == "estimated":
         return f"{p.tokens_per_s:,.0f} tokens/s{per} (estimated: {getattr(res, 'rate_words', '') or RATE_WORDS})"
     not_run = _not_run(res, p) if res is not None else ""
@@ -50,7 +51,7 @@ def plan_rate_words(p, res=None) -> str:
         return f"{p.tokens_per_s:,.0f} tokens/s{per} (measured: trial steps, its update once per optimizer step{not_run})"
     steps = f"{p.timed_steps} trial steps" if p.timed_steps else "the trial steps"
     return (f"{p.tokens_per_s:,.0f} tokens/s{per} (measured: median of {steps} at micro-batch {p.micro_batch}, "
-            f"its update once per optimizer step{not_run}); fastest step {p.fastest_tokens_per_s:,.0f} tokens/s{per} "
+            f"its update once per optimizer step{not_run}); fastest step {p.fastest_tokens_per_s:,.0f} tokens/s{per_rank(p.fastest_tokens_per_s)} "
             "(measured: the least disturbed, the figure the contest compares)")
 
 
