@@ -468,6 +468,11 @@ def test_a_card_smaller_than_the_cuda_reserve_says_why_its_budget_is_empty(tmp_p
     assert code == 2 and err.count("\n") == 1, err
     assert "against a budget of 0 B (the 1.0 MiB free is less than the " in err
     assert "the CUDA context and library workspaces take)" in err
+    # t10's L3: a budget below the cuBLAS workspaces every CUDA step holds: no model knob can help
+    assert err.strip().endswith("so no smaller model fits: only a bigger GPU would help") and "block_size" not in err
+    assert cli(monkeypatch, capsys, "profiles", "add", "tiny-600mb", "--memory", "600MiB", *GTX1650[5:])[0] == 0
+    code, _, err = cli(monkeypatch, capsys, "probe", "--preset", "tiny", "--gpu", "tiny-600mb")
+    assert code == 2 and "every CUDA step also holds 64.0 MiB of cuBLAS workspaces" in err, err
     code, _, err = cli(monkeypatch, capsys, "probe", "--preset", "tiny", "--device", "cpu", "--budget", "1MiB")
     assert code == 2 and "CUDA context" not in err  # the CPU has no such reserve: the usual line
 

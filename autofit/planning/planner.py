@@ -31,7 +31,7 @@ from autofit.planning import agree
 from autofit.planning.budget import Budget, compute_budget
 from autofit.planning.candidates import Levers, PlanError, Space, error_lines, lever_combos
 from autofit.planning.confirm import confirm_compile, record_of, run_the_split_size
-from autofit.planning.estimate import estimate_peak
+from autofit.planning.estimate import CUDA_WORKSPACE_BYTES, estimate_peak
 from autofit.records import PlanRecord, ProbeResult, TrialRecord, judged_peak
 from autofit.planning.own import own_split, own_why
 from autofit.planning.prune import prune_loss, prune_recompute, prune_sharding
@@ -280,6 +280,10 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
         smallest = "no trial could run"
     from autofit.devices.ranks import budget_flag
     bigger = f"a larger {budget_flag()}" if kind == "cpu" else "a bigger GPU"
+    if kind != "cpu" and budget.budget_bytes <= CUDA_WORKSPACE_BYTES:  # t10's L3: no model knob can help there
+        raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}"
+                        f"{_why_none(budget)}; every CUDA step also holds {fmt_bytes(CUDA_WORKSPACE_BYTES)} of cuBLAS "
+                        f"workspaces, so no smaller model fits: only a bigger GPU would help")
     raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}{_why_none(budget)}, even at "
                     f"micro-batch 1 with every lever tried; {_what_would_help(cfg)}, or {bigger} would help")
 
