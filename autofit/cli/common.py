@@ -356,10 +356,14 @@ def click_error_line(e, argv: list[str]) -> str:
         return f"No such option: {opt}; the run's folder is given with --out DIR"
     if opt and key in TrainConfig.model_fields:
         given = next((a for a in argv if a == opt or a.startswith(opt + "=")), opt)
-        value = given.partition("=")[2] or "VALUE"
+        after = argv[argv.index(given) + 1: argv.index(given) + 2] if given in argv else []
+        value = given.partition("=")[2] or (after[0] if after and not after[0].startswith("-") else "VALUE")
         head = f"{given}: {opt} takes no value" if "does not take a value" in line else f"No such option: {opt}"
-        if opt in OWN_FLAGS and not given.startswith(opt + "="):  # autofit's own flag, on other commands (t9's L1)
-            return f"{head} for this command ({OWN_FLAGS[opt]} take it); the config's key is set with --set {key}={value}"
+        if opt in OWN_FLAGS:  # autofit's own flag, on other commands (t9's L1); --set only where taken (t10's L4)
+            cmd = getattr(getattr(e, "ctx", None), "command", None)
+            takes_set = cmd is None or any("--set" in getattr(p, "opts", ()) for p in cmd.params)
+            return (f"No such option: {opt} for this command ({OWN_FLAGS[opt]} take it)"
+                    + (f"; the config's key is set with --set {key}={value}" if takes_set else ""))
         return (f"{head}; a config value is set with --set {key}={value} (nanoGPT's {opt}=...)"
                 + ("; --compile / --no-compile choose what the probe searches" if key == "compile" else ""))
     files = [a for a in argv if not a.startswith("-") and a.endswith((".py", ".toml")) and "=" not in a]
