@@ -383,7 +383,7 @@ def test_cli_data_prepare_says_when_a_split_is_too_short_for_runs(tmp_path, monk
     code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "two.txt",
                              "--out", "x", "--no-progress")
     assert code == 0 and "(train 1 token, val 1 token," in out, out
-    assert "note: the train split has 1 token" in err and "no block_size at all" in err, err
+    assert "note: the train and val splits have as few as 1 token" in err and "no block_size at all" in err, err
     (tmp_path / "some.txt").write_text("abcdefghij" * 100)  # 1,000 characters: 900 train, 100 val
     code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "some.txt",
                              "--out", "y", "--no-progress")

@@ -102,7 +102,9 @@ def _small_split_note(tokens: dict[str, int]) -> str | None:
     if n >= SMALL_SPLIT_TOKENS:
         return None
     fits = (f"block_size at most {n - 1:,}" if n > 1 else "no block_size at all")
-    return (f"note: the {split} split has {n:,} {'token' if n == 1 else 'tokens'}; a run samples block_size + 1 "
+    short = [s for s, k in tokens.items() if k < SMALL_SPLIT_TOKENS]
+    which = f"the {split} split has" if len(short) == 1 else f"the {' and '.join(short)} splits have as few as"  # t10's L6
+    return (f"note: {which} {n:,} {'token' if n == 1 else 'tokens'}; a run samples block_size + 1 "
             f"tokens from each split, so it allows {fits}: give a longer text")
 
 
