@@ -75,7 +75,7 @@ def load(out: Path, stages: list[int]) -> dict[int, dict | None]:
     return recs
 
 
-def heading(recs: dict) -> list[str]:
+def heading(recs: dict, on_device: bool = True) -> list[str]:
     env = recs.get(0) or {}
     card = (recs.get(1) or {}).get("card") or {}
     started = next((r["started"] for r in recs.values() if r and r.get("started")), "?")
@@ -88,10 +88,12 @@ def heading(recs: dict) -> list[str]:
         what = f"no GPU (dry run), torch {env.get('torch', '?')}, CUDA build {env.get('cuda_build')}"
     else:
         what = f"card not identified (stage 1 has no card record), torch {env.get('torch', '?')}"
-    # without stage 0 (SELFCHECK_STAGES="1 2 3"), the process writing the report says both: it runs
-    # on the same machine, Python and checkout as the stages
-    python = env.get("python") or platform.python_version()
-    commit = env.get("commit") or git_commit(Path(__file__).resolve().parents[1])
+    # without stage 0 (SELFCHECK_STAGES="1 2 3"), the process writing the report says both where it
+    # runs on the same machine, Python and checkout as the stages (on the device); a report made
+    # later from a copy (the roofline's columns: off the device) does not know them (t10's L1)
+    here = (platform.python_version(), git_commit(Path(__file__).resolve().parents[1]))
+    python = env.get("python") or (here[0] if on_device else "? (not recorded)")
+    commit = env.get("commit") or (here[1] if on_device else f"? (not recorded; this checkout is {here[1]})")
     lines = [f"### {started[:10]}: {what}", "",
              f"Python {python}, commit {commit}, started {started}"
              + ("; **dry run**: CUDA stages skipped" if dry else ""), ""]
@@ -235,7 +237,7 @@ def report(out: Path, stages: list[int], roofline: bool = True) -> tuple[str, in
     tokens/s beside the measured ones (scripts/selfcheck/roofline.py; it imports torch)."""
     recs = load(out, stages)
     roof = Roofline(recs) if roofline and (recs.get(2) or recs.get(3)) else None
-    lines = heading(recs) + check_rows(recs) + device_figures(recs.get(1)) + probe_figures(recs.get(2), out, roof) \
+    lines = heading(recs, on_device=not roofline) + check_rows(recs) + device_figures(recs.get(1)) + probe_figures(recs.get(2), out, roof) \
         + train_figures(recs.get(3), roof) + ranks_figures(recs.get(4))
     failed = [n for n, r in recs.items() if r is None or r.get("status") != "ok"]
     lines.append(f"Result: {'all stages ok' if not failed else 'not ok in stage(s) ' + ', '.join(map(str, failed))}.")

@@ -372,8 +372,12 @@ def test_a_report_without_stage_0_still_names_the_commit_and_python(tmp_path, mo
     write_gpu_records(tmp_path)
     (tmp_path / "stage0_env.json").unlink()
     monkeypatch.setenv("SELFCHECK_COMMIT", "feed123")
-    text, _ = selfcheck_report.report(tmp_path, [1, 2, 3])
+    text, _ = selfcheck_report.report(tmp_path, [1, 2, 3], roofline=False)  # on the device, as gpu_selfcheck.sh runs it
     assert f"Python {sys.version.split()[0]}, commit feed123 (SELFCHECK_COMMIT)" in text
+    # t10's L1: a report made later from a copy (with the roofline's columns, off the device) does not
+    # name this checkout and Python as the run's
+    text, _ = selfcheck_report.report(tmp_path, [1, 2, 3])
+    assert "Python ? (not recorded), commit ? (not recorded; this checkout is feed123 (SELFCHECK_COMMIT))" in text
 
 
 # ------------------------------------------------------------------ timing, processes, raw records
