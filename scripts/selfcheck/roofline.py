@@ -90,12 +90,16 @@ class Roofline:
         """How every estimated figure was made, for the line under a table."""
         if self.problem:
             return f"{LABEL}: not computed: {self.problem}"
+        from autofit.planning.throughput import ASSUMED_MFU, FILL_TOKENS
         hw = self.hw
         return (f"{LABEL}: autofit's estimated mode (autofit/planning/throughput.py) for {self.source} "
                 f"({hw.peak_bf16_tflops:g} TFLOP/s bf16 dense, {hw.memory_bandwidth_gbs or 0:g} GB/s): "
                 f"{self.rate_words}; computed when this report was written, from the recorded model, dtype, "
                 f"levers and step; bound: the floor that sets the largest micro-batch's time; measured / "
-                f"estimated above 1: the card ran faster than estimated")
+                f"estimated above 1: the card ran faster than estimated; the compute floor runs at "
+                f"{ASSUMED_MFU:.0%} MFU times the step's token fill, tokens / (tokens + {FILL_TOKENS}) (e.g. "
+                f"{ASSUMED_MFU * 8192 / (8192 + FILL_TOKENS):.0%} MFU at 8 x 1024 tokens), the figure to compare "
+                f"with an MFU column")
 
     def trial(self, row: dict, cfg: dict | None) -> dict | None:
         """The estimate for stage 2's trial `row` (figures.trial_rows) of the model `cfg` (the
