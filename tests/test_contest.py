@@ -634,6 +634,24 @@ def test_the_users_own_split_back_in_the_last_contest_is_said(monkeypatch):
     assert said.index(back[0]) > first_out
 
 
+def test_the_own_split_dropped_as_a_slow_half_and_back_is_said(monkeypatch):
+    """The default run's log (2026-12-06): 'micro-batch 16 ... not re-timed: 1.37x ... of micro-batch
+    32' (the half, dropped before the contest), then contest rounds re-timing 16 with no word: it
+    was the config's own split. Now the log says why it is back, after saying it was out."""
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32",
+                                                "vocab_size=256", "batch_size=16", "gradient_accumulation_steps=2"])
+    space = Space(dtypes=["float32"], compile=[False], checkpointing=[0], loss_impls=["standard"])
+    cost = lambda c: 1.0 + 16.0 / c.micro_batch  # noqa: E731  16 is 1.33x 32's time per token
+    runner = FakeRunner(cfg, 10**9, Clock(cost, p=0.0), monkeypatch)
+    said = []
+    runner.log = said.append
+    res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=10**9), space)
+    assert res.plan.micro_batch == 32
+    dropped = next(i for i, s in enumerate(said) if "micro-batch 16, standard loss, float32 not re-timed" in s)
+    back = [i for i, s in enumerate(said) if "micro-batch 16, standard loss, float32 is your own split" in s]
+    assert len(back) == 1 and back[0] > dropped, said
+
+
 def test_the_own_split_back_but_out_at_once_is_not_said_to_be_timed_again(monkeypatch):
     """t7's L13: 'your own split: timed again against the leader' was followed at once by 'not
     re-timed: ... 11.42x' for the same split. Said only where it is re-timed."""

@@ -188,10 +188,13 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
         return before
     spt = lambda t: seconds_per_token(t, cpu)  # noqa: E731
     alive = _cut_on_first_readings(runner, alive, spt)
-    if before is not None and own is not None and own.candidate() in before.seen and len(alive) > 1 \
+    # out of an earlier contest, or said 'not re-timed' beside a faster larger size (planner.
+    # _sizes_to_time: runner.dropped), back in this one
+    was_out = (before.seen if before is not None else frozenset()) | getattr(runner, "dropped", set())
+    if own is not None and own.candidate() in was_out and len(alive) > 1 \
             and any(t.candidate() == own.candidate() for t in alive):
-        # out of an earlier contest, back in this one: say why, or the log reads as a contradiction
-        # (said only where it is re-timed: t7's L13 saw it followed by 'not re-timed')
+        # say why, or the log reads as a contradiction (said only where it is re-timed: t7's L13
+        # saw it followed by 'not re-timed'; the default run's log said 16 'not re-timed' then re-timed it)
         runner.log(f"contest: {label(own)} is your own split: timed again against the leader, and kept on a tie")
     rounds, unfit = 0, []
     while len(alive) > 1 and rounds < MAX_ROUNDS:

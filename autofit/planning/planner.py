@@ -210,6 +210,7 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
         # load made it look so, the loss is headroom only (the larger size is as fast)
         runner.log(f"contest: {label(small)} not re-timed: its readings take {ratio:.{2 if round(ratio, 2) > 1 + SMALLER_CLEAR else 3}f}x the time per token "
                    f"of micro-batch {big.micro_batch} with the same levers (out past {1 + SMALLER_CLEAR:.2f}x)")
+        runner.dropped.add(small.candidate())  # the user's own split comes back: contest.decide says so
         return [big]
     third = _third_size(run_sizes(runner.rank_batch), small.micro_batch, big.micro_batch)
     if ratio <= 1 + TIE_MAX and third is not None:

@@ -80,6 +80,9 @@ class TrialRunner:
         # sizes timed only to look beside a flat pair (autofit.planning.planner._sizes_to_time):
         # the contest lets one win when clearly faster, never on a tie
         self.thirds: set[Candidate] = set()
+        # smaller sizes dropped before the contest (planner._sizes_to_time): the log says why one
+        # that is the user's own split is back in it (contest.decide)
+        self.dropped: set[Candidate] = set()
         # with several ranks (torchrun), each rank's share of the effective batch
         self.rank_batch = agree.rank_batch(cfg)
         # only rank 0 speaks and reports records; every rank runs the same trials (autofit.planning.agree)
