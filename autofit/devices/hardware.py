@@ -285,13 +285,18 @@ def match_hardware(info: DeviceInfo) -> HardwareSpec | None:
         return known.get(info.source.removeprefix("profile:"))
     if info.kind == "cpu":
         return None
-    spec = known.get(slug_for(info.name, info.total_bytes))
+    return spec_named(info.name, info.total_bytes, known)
+
+
+def spec_named(name: str, total_bytes: int, known: dict[str, HardwareSpec]) -> HardwareSpec | None:
+    """The profile among `known` (slug -> spec) of a card NVML names `name` with `total_bytes`: by
+    its slug, else one listing `name` among its NVML names whose memory is within 5 % (names the slug
+    rules do not parse); None otherwise (never a near guess)."""
+    spec = known.get(slug_for(name, total_bytes))
     if spec is not None:
         return spec
-    for spec in known.values():  # names NVML reports that the slug rules do not parse
-        if info.name in spec.nvml_names and abs(spec.memory_bytes - info.total_bytes) <= 0.05 * spec.memory_bytes:
-            return spec
-    return None
+    return next((s for s in known.values()
+                 if name in s.nvml_names and abs(s.memory_bytes - total_bytes) <= 0.05 * s.memory_bytes), None)
 
 
 def cpu_slug(budget_bytes: int) -> str:

@@ -281,12 +281,11 @@ def _nothing_fits(cfg, trials: list[TrialRecord], budget: Budget, kind: str, est
         smallest = "no trial could run"
     from autofit.devices.ranks import budget_flag
     bigger = f"a larger {budget_flag()}" if kind == "cpu" else "a bigger GPU"
+    head = f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}{_why_none(budget)}"
     if kind != "cpu" and budget.budget_bytes <= CUDA_WORKSPACE_BYTES:  # t10's L3: no model knob can help there
-        raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}"
-                        f"{_why_none(budget)}; every CUDA step also holds {fmt_bytes(CUDA_WORKSPACE_BYTES)} of cuBLAS "
-                        f"workspaces, so no smaller model fits: only a bigger GPU would help")
-    raise PlanError(f"nothing fits: {smallest} against a budget of {fmt_bytes(budget.budget_bytes)}{_why_none(budget)}, even at "
-                    f"micro-batch 1 with every lever tried; {_what_would_help(cfg)}, or {bigger} would help")
+        raise PlanError(f"{head}; every CUDA step also holds {fmt_bytes(CUDA_WORKSPACE_BYTES)} of cuBLAS workspaces, "
+                        f"so no smaller model fits: only a bigger GPU would help")
+    raise PlanError(f"{head}, even at micro-batch 1 with every lever tried; {_what_would_help(cfg)}, or {bigger} would help")
 
 
 def _why_none(budget: Budget) -> str:

@@ -29,12 +29,8 @@ def card_spec(name: str | None, total_bytes: int | None):
     """(the built-in HardwareSpec of the card NVML named `name` with `total_bytes`, or None; how)."""
     if not name or not total_bytes:
         return None, "no card recorded (stage 1 names it; stage 3 too, on a GPU)"
-    from autofit.devices.hardware import load_builtin, slug_for
-    known = load_builtin()
-    spec = known.get(slug_for(name, total_bytes))
-    if spec is None:
-        spec = next((s for s in known.values() if name in s.nvml_names
-                     and abs(s.memory_bytes - total_bytes) <= 0.05 * s.memory_bytes), None)
+    from autofit.devices.hardware import load_builtin, spec_named
+    spec = spec_named(name, total_bytes, load_builtin())  # built-ins only: a user's figures are not checked
     if spec is None:
         return None, f"no built-in hardware profile names {name!r} with {total_bytes / 2**30:.1f} GiB"
     return spec, f"built-in hardware profile {spec.name}, for {name!r} as recorded"

@@ -134,8 +134,9 @@ def main() -> None:
     events: list = []
     ev = Evaluator(BatchSampler(load_dataset("embedded"), 16, 7), iters=2, batch_size=8, micro_batch=8,
                    device=torch.device("cpu"), dtype="float32", meter=NullMeter(),
-                   on_event=lambda kind, **kw: events.append([kind, kw]), agree=group.eval_agree)
-    losses = group.mean_dict(ev.evaluate(group.forward(model) if parallelism == "fsdp2" else model))
+                   on_event=lambda kind, **kw: events.append([kind, kw]), agree=group.eval_agree,
+                   total=group.sum_floats)  # every rank evaluates every batch: the sums over ranks give their mean
+    losses = ev.evaluate(group.forward(model) if parallelism == "fsdp2" else model)
     record = {"rank": ranks.rank, "micro_batch": ev.micro_batch, "events": events, "losses": losses}
     (Path(sys.argv[3]) / f"rank{ranks.rank}.json").write_text(json.dumps(record))
     group.close()

@@ -193,13 +193,6 @@ class RankGroup:
         """The mean over the ranks of a device tensor (each rank's losses are its own rows')."""
         return D.mean_over_ranks(t, self.ranks)
 
-    def mean_dict(self, values: dict[str, float]) -> dict[str, float]:
-        if not self.several:
-            return values
-        keys = sorted(values)
-        means = self.mean(torch.tensor([values[k] for k in keys], dtype=torch.float64)).tolist()
-        return dict(zip(keys, means))
-
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_extra(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          micro_batches: list[int]) -> dict:
