@@ -181,7 +181,7 @@ class ProbeResult:
     # where its profile has one); '' for a measured probe
     rate_words: str = ""
     # several ranks: whose device `device` is (the smallest budget's rank) and this rank's own
-    # figures beside it (autofit.planning.agree.device); '' with one process
+    # figures beside it (autofit.planning.agree.bind); '' with one process
     device_ranks: str = ""
 
     def to_json(self) -> dict:

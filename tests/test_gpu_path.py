@@ -300,6 +300,47 @@ def test_a_first_trial_over_the_budget_lowered_after_it_is_no_fit(monkeypatch):
 
 
 
+def test_after_the_budgets_are_measured_again_the_device_named_is_the_new_smallest_ranks(monkeypatch):
+    """Two ranks, faked (agree's gathers answer for rank 1): rank 1's budget is the smaller at open, so
+    the probe starts on it; after the first trial this rank's context grows and its budget falls below
+    rank 1's. The plan fits this rank's budget, so the device line and the profile a --save names
+    and sizes are this rank's device: they stayed rank 1's (the pick made before the re-measure)."""
+    from autofit.devices.device import DeviceInfo
+    from autofit.launch.probe import ProbeOptions, probe_on
+    from autofit.planning import agree
+    from autofit.planning.budget import Budget, compute_budget
+    from trainer.distributed import ranks as D
+
+    other = DeviceInfo(kind="cuda", name="rank-1 card", index=1, total_bytes=7_777_778, free_bytes=7_777_778,
+                       used_by_others_bytes=0, compute_capability=(9, 0), driver_version=None, cuda_version=None,
+                       source="nvml")
+    others_budget = compute_budget(other, 0.1, context_bytes=0, workspace_bytes=0)  # its context never grows
+
+    def gather(obj, r):  # rank 1 ran the same trials to the same records; its budget and device are its own
+        kinds = [type(x) for x in obj] if isinstance(obj, tuple) else type(obj)
+        theirs = {Budget: others_budget, (Budget, DeviceInfo): (others_budget, other),
+                  (DeviceInfo, int): (other, others_budget.budget_bytes)}  # the last: the gather before the fix
+        return [obj, theirs.get(tuple(kinds) if isinstance(kinds, list) else kinds, obj)]
+    monkeypatch.setattr(agree, "ranks", lambda: D.Ranks(0, 0, 2))
+    monkeypatch.setattr(D, "all_gather_objects", gather)
+    monkeypatch.setattr(D, "any_over_ranks", lambda flag, r: bool(flag))
+    monkeypatch.setattr(agree, "agreement", lambda: None)  # no process group: the trials run unwrapped
+    monkeypatch.delitem(search.ESTIMATE_ERROR_BOUND, "cuda")  # trials on the CPU: every size is run
+    dev = GrowingContext(1 << 20, budget_bytes=8_000_000)
+    mine = compute_budget(dev.info, 0.1, context_bytes=0, workspace_bytes=0)
+    assert others_budget.budget_bytes < mine.budget_bytes  # rank 1 binds at first
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=32", "n_head=2", "block_size=32", "vocab_size=256",
+                                                "batch_size=8", "gradient_accumulation_steps=1", "parallelism=ddp"])
+    opts = ProbeOptions(dtype="float32", compile=False, checkpointing=[0], loss_impls=["standard"], trial_steps=2)
+    logs = []
+    res = probe_on(cfg, dev, mine, opts, logs.append)
+    lowered = int((8_000_000 - (1 << 20)) * 0.9)
+    assert lowered < others_budget.budget_bytes  # this rank binds now
+    assert res.budget.budget_bytes == res.plan.budget_bytes == lowered
+    assert res.device.name == "fake" and res.device_ranks == "rank 0's, the smallest budget of 2 ranks"
+    assert any(line.startswith("the ranks' budget after the first trial: ") and "rank 0's" in line for line in logs)
+
+
 def test_cublas_workspace_is_counted_once_the_budget_only_takes_what_is_outside_the_allocator():
     """The estimate holds cuBLAS's workspace (it is allocated through the caching allocator); the
     budget subtracts a workspace term only where the context is assumed, not measured."""

@@ -324,9 +324,8 @@ def test_a_rank_that_lost_contact_after_a_ctrl_c_says_the_probes_interrupt_line(
     monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
     two = D.Ranks(rank=0, world_size=2)
     monkeypatch.setattr(agree, "ranks", lambda: two)  # rank 0 of 2, with no process group: no collective below
-    monkeypatch.setattr(agree, "budget", lambda b: b)
+    monkeypatch.setattr(agree, "bind", lambda own, info: agree.Binding(own, own, info))  # the budget's gather
     monkeypatch.setattr(agree, "space", lambda s: s)
-    monkeypatch.setattr(agree, "device", lambda info, own: (info, ""))  # its gather too
 
     def peer_gone(*a, **k):
         if signal_first:

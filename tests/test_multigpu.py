@@ -376,17 +376,21 @@ def test_the_search_space_is_what_every_rank_can_run(monkeypatch):
 def test_the_device_named_is_the_smallest_budgets_rank_and_the_line_says_both(monkeypatch):
     from autofit.devices.cpu import cpu_info
     from autofit.launch.run import hardware_dict_for, profile_name_for
+    from autofit.planning.budget import compute_budget
     mine, smaller = cpu_info(64 * 2**20), cpu_info(48 * 2**20)
-    _two_ranks_gathering(monkeypatch, lambda obj: (smaller, 48 * 2**20))
-    got, words = agree.device(mine, 64 * 2**20)
-    assert got.total_bytes == 48 * 2**20 and profile_name_for(got) == "cpu-48mb"
-    assert hardware_dict_for(got, "cpu-48mb")["memory_bytes"] == 48 * 2**20
-    assert words == "rank 1's, the smallest budget of 2 ranks (rank 0's: 64.0 MiB total, 64.0 MiB free)"
-    _two_ranks_gathering(monkeypatch, lambda obj: (cpu_info(64 * 2**20), 64 * 2**20))  # equal: rank 0's, as budget()
-    got, words = agree.device(mine, 64 * 2**20)
-    assert got is mine and words == "rank 0's, the smallest budget of 2 ranks"
+    own = compute_budget(mine)
+    _two_ranks_gathering(monkeypatch, lambda obj: (compute_budget(smaller), smaller))
+    got = agree.bind(own, mine)
+    assert got.device.total_bytes == 48 * 2**20 and profile_name_for(got.device) == "cpu-48mb"
+    assert hardware_dict_for(got.device, "cpu-48mb")["memory_bytes"] == 48 * 2**20
+    assert got.words == "rank 1's, the smallest budget of 2 ranks (rank 0's: 64.0 MiB total, 64.0 MiB free)"
+    assert got.own is own and got.budget.budget_bytes == compute_budget(smaller).budget_bytes
+    assert "smallest of 2 ranks' budgets (rank 1)" in got.budget.terms[-1].how
+    _two_ranks_gathering(monkeypatch, lambda obj: (compute_budget(cpu_info(64 * 2**20)), cpu_info(64 * 2**20)))
+    got = agree.bind(own, mine)  # equal: rank 0's, as budget()
+    assert got.device is mine and got.words == "rank 0's, the smallest budget of 2 ranks"
     monkeypatch.setattr(agree, "ranks", lambda: Ranks())
-    assert agree.device(mine, 1) == (mine, "")  # one process: no collective, no words
+    assert agree.bind(own, mine) == agree.Binding(own, own, mine, "")  # one process: no collective, no words
 
 
 def test_the_probes_device_line_names_the_ranks_device():

@@ -133,11 +133,10 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     from trainer.distributed.ranks import signal_at
     ranks = agree.ranks()
     signal_at("budget", ranks)  # a test's fault: a Ctrl-C as rank 1 lags
-    own = budget.budget_bytes
-    budget = agree.budget(budget)  # several ranks: the smallest rank's
-    # ... and that rank's device, for the device line and the profile a --save names and sizes
-    # (t8's M5: they came from rank 0's own device, a larger budget than the plan fitted)
-    binding, binding_words = agree.device(info, own)
+    # several ranks: the smallest rank's budget, and that rank's device for the device line and the
+    # profile a --save names and sizes (t8's M5); picked again if CUDA measures the budgets again
+    bound = agree.bind(budget, info)
+    budget = bound.budget
     space = agree.space(probe_space(cfg, device, opts))  # several ranks: what every rank's card can run
     # after the space: a lever this device cannot run (bf16 on a card without it) is refused first
     log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)} "
@@ -160,11 +159,10 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
         # (autofit.launch.torchrun.taken_as_stop), as at every other wait of the command
         signal_at("trials", ranks)  # a test's fault: a Ctrl-C as rank 1 lags
         with LoadMeter() as meter:
-            res = probe_measured(cfg, device, budget, space, settings=settings, log=log)
+            res = probe_measured(cfg, device, budget, space, settings=settings, log=log, bound=bound)
         if agree.stop_wanted(stop.signal is not None):  # asked after the last trial that checked: no plan from it
             raise KeyboardInterrupt
     res.notes, res.started = list(space.notes), started
-    res.device, res.device_ranks = binding, binding_words
     # one process on the CPU only: several ranks' siblings would count as other processes' load
     said = load_words(meter.load) if info.kind == "cpu" and not ranks.several else None
     if said:

@@ -3,7 +3,8 @@
 Each rank measures on its own device (cards can differ, or hold other processes' memory); the
 ranks agree with collectives (all_gather_object over the process group, never files), at
 every point where the planner would otherwise decide from one rank's figures:
-- the budget: the smallest rank's, so the estimate-driven search starts alike everywhere;
+- the budget: the smallest rank's, so the estimate-driven search starts alike everywhere, and
+  that rank's device names the plan's device and profile (bind; again after CUDA's re-measure);
 - the search space: what every rank can run (bf16 only if every card has it);
 - every trial: it fits only if it fitted on every rank; its peak is the largest rank's, its
   tokens/s the slowest rank's (a DDP step waits for the slowest);
@@ -14,7 +15,7 @@ With one process every function returns its argument unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from autofit.records import TrialRecord
 from trainer.distributed import ranks as D
@@ -39,35 +40,53 @@ def rank_batch(cfg) -> int:
     return cfg.effective_batch // ranks().world_size
 
 
+def _smallest(budgets: list, r: D.Ranks) -> tuple[int, object]:
+    """(the rank with the smallest of the ranks' `budgets` (the first of equal ones), its budget with
+    a term naming it and every rank's figure)."""
+    from autofit.planning.budget import BudgetTerm
+    i = min(range(len(budgets)), key=lambda k: budgets[k].budget_bytes)
+    note = (f"smallest of {r.world_size} ranks' budgets (rank {i}); each rank: "
+            + ", ".join(f"{x.budget_bytes:,}" for x in budgets) + " bytes")
+    low = budgets[i]
+    return i, replace(low, terms=[*low.terms, BudgetTerm("agreed over the ranks", 0, f"measured: {note}")])
+
+
 def budget(b):
     """The smallest rank's budget (autofit.planning.budget.Budget), its terms labelled with the rank."""
     r = ranks()
     if not r.several:
         return b
-    every = D.all_gather_objects(b, r)
-    i = min(range(len(every)), key=lambda k: every[k].budget_bytes)
-    low = every[i]
-    note = (f"smallest of {r.world_size} ranks' budgets (rank {i}); each rank: "
-            + ", ".join(f"{x.budget_bytes:,}" for x in every) + " bytes")
-    from autofit.planning.budget import BudgetTerm
-    return replace(low, terms=[*low.terms, BudgetTerm("agreed over the ranks", 0, f"measured: {note}")])
+    return _smallest(D.all_gather_objects(b, r), r)[1]
 
 
-def device(info, own_budget_bytes: int):
-    """The device the agreed budget binds on: (the DeviceInfo of the rank whose budget is the
-    smallest, the rank budget() picks, and words naming that rank and this rank's own figures
-    for the device line). With one process: (`info`, ''). t8's M5: the device line, the saved
-    profile's name and its memory came from rank 0's device while the plan fitted the smaller."""
+@dataclass(frozen=True)
+class Binding:
+    """Where the ranks' agreed budget binds. `own`: this rank's budget (autofit.planning.budget.Budget);
+    `budget`: the smallest rank's (labelled with the rank: what the plan fits); `device`: that rank's
+    DeviceInfo, which the device line, the saved profile's name and its memory come from; `words`:
+    naming that rank and this rank's own figures, for the device line ('' with one process)."""
+    own: object
+    budget: object
+    device: object
+    words: str = ""
+
+
+def bind(own, info) -> Binding:
+    """The agreed budget and the device it binds on, from every rank's own budget and DeviceInfo
+    (one gather). Called again when the budgets are measured again (CUDA, after the first trial:
+    autofit.planning.planner), so the binding rank is picked from the budgets the plan fits, not
+    kept from before. With one process: Binding(own, own, info). t8's M5: the device line, the
+    saved profile's name and its memory came from rank 0's device while the plan fitted a smaller."""
     r = ranks()
     if not r.several:
-        return info, ""
+        return Binding(own, own, info)
     from autofit.units import fmt_bytes
-    every = D.all_gather_objects((info, own_budget_bytes), r)
-    i = min(range(len(every)), key=lambda k: every[k][1])  # as budget(): the first of equal ones
+    every = D.all_gather_objects((own, info), r)
+    i, low = _smallest([b for b, _ in every], r)
     words = f"rank {i}'s, the smallest budget of {r.world_size} ranks"
     if i != r.rank:
         words += f" (rank {r.rank}'s: {fmt_bytes(info.total_bytes)} total, {fmt_bytes(info.free_bytes)} free)"
-    return every[i][0], words
+    return Binding(own, low, every[i][1], words)
 
 
 def space(s):

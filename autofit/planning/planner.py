@@ -47,26 +47,36 @@ from trainer.step import describe_split
 
 
 def probe_measured(cfg, device, budget: Budget, space: Space, *, settings: TrialSettings | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> ProbeResult:
+                   log: Callable[[str], None] = lambda s: None, bound: agree.Binding | None = None) -> ProbeResult:
     """Trials on a real device (CUDA, or the budgeted CPU device); see the module docstring.
+    `bound`: with several ranks, the agreement that gave `budget` (agree.bind: every rank's own
+    budget, and the device it binds on); None: `budget` is this process's own. The result's device
+    is the binding rank's, picked again where the budget is measured again.
     Raises PlanError when nothing fits or --compile cannot be honoured."""
     # A trial above the planning budget fails fast: the device is limited to the budget while
     # probing (the budgeted CPU device's budget lowered, CUDA's allocator capped), so such a trial
     # raises OOM in its first step instead of taking memory others hold, or running every step to
     # be judged 'over budget' at the end.
     info = device.info  # as opened: the limit below is the probe's, not the device's
+    bound = bound or agree.Binding(budget, budget, info)
     runner = TrialRunner(cfg, device, budget.budget_bytes, settings or TrialSettings(), log)
     if device.context_bytes is not None:
         # CUDA: cuBLAS, cuDNN and Triton load their workspaces at first use, outside the
         # allocator. Run the smallest trial, measure again, and plan with what is left.
         with device.limited_to(budget.budget_bytes):
             runner.run(lever_combos(space)[0].candidate(1))
-        budget = agree.budget(_remeasured_budget(device, budget, runner))
+        # each rank's own budget again, then the smallest again: it may now be another rank's,
+        # whose device the result then names
+        bound = agree.bind(_remeasured_budget(device, bound.own, runner), info)
+        if bound.words and bound.budget.budget_bytes != budget.budget_bytes:
+            runner.log(f"the ranks' budget after the first trial: {fmt_bytes(budget.budget_bytes)} -> "
+                       f"{fmt_bytes(bound.budget.budget_bytes)}, {bound.words}")
+        budget = bound.budget
         runner.budget_bytes = budget.budget_bytes
         _rejudge(runner)
     with device.limited_to(budget.budget_bytes), new_objects_only():
         result = _plan_from_trials(cfg, runner, budget, space)
-    result.device = info
+    result.device, result.device_ranks = bound.device, bound.words
     return result
 
 
@@ -80,20 +90,20 @@ def _rejudge(runner: TrialRunner) -> None:
             runner.on_trial(t)
 
 
-def _remeasured_budget(device, budget: Budget, runner: TrialRunner) -> Budget:
-    """The budget again, from the context measured after the first trial; never larger."""
+def _remeasured_budget(device, own: Budget, runner: TrialRunner) -> Budget:
+    """This rank's budget (`own`) again, from the context measured after the first trial; never larger."""
     before = device.context_bytes
     after = device.refresh_context()
     if after is None or before is None or after <= before:
-        return budget
-    new = compute_budget(device.info, budget.margin, context_bytes=after, workspace_bytes=0,
+        return own
+    new = compute_budget(device.info, own.margin, context_bytes=after, workspace_bytes=0,
                          context_how="measured after the first trial: this process's device memory outside "
                                      "torch's allocator (context, cuBLAS/cuDNN/Triton workspaces)")
-    if new.budget_bytes >= budget.budget_bytes:
-        return budget
+    if new.budget_bytes >= own.budget_bytes:
+        return own
+    whose = "this rank's " if agree.ranks().several else ""  # the ranks' agreed one is said after it
     runner.log(f"memory outside the allocator grew from {fmt_bytes(before)} to {fmt_bytes(after)} after the "
-               f"first trial: budget {fmt_bytes(budget.budget_bytes)} -> {fmt_bytes(new.budget_bytes)}")
-    runner.budget_bytes = new.budget_bytes
+               f"first trial: {whose}budget {fmt_bytes(own.budget_bytes)} -> {fmt_bytes(new.budget_bytes)}")
     return new
 
 
