@@ -22,7 +22,8 @@ import torch
 from autofit.planning import agree
 from autofit.records import TrialRecord
 from trainer.config.train_config import load_config
-from trainer.distributed.ranks import Ranks, check_divisible
+from trainer.distributed.ranks import Ranks
+from trainer.distributed.shares import check_divisible
 from trainer.errors import TrainError
 from trainer.loop import RunOptions, train
 from trainer.step import FaultInjector
@@ -607,7 +608,7 @@ def test_rank_budgets_on_one_process_are_refused_and_named_as_set(monkeypatch):
 
 def test_one_sequence_for_two_ranks_says_one_rank():
     """'use at most 1 ranks'."""
-    from trainer.distributed.ranks import check_divisible
+    from trainer.distributed.shares import check_divisible
     from trainer.errors import TrainError
     with pytest.raises(TrainError, match=r"use at most 1 rank, or an effective batch that 2 divides"):
         check_divisible(1, 2, 1, 1)

@@ -201,7 +201,7 @@ def _check_split_change(cfg, before: int) -> None:
     now = agree.ranks().world_size
     if before == now:
         return
-    from trainer.distributed.ranks import check_divisible
+    from trainer.distributed.shares import check_divisible
     from trainer.errors import TrainError
     try:
         check_divisible(cfg.effective_batch, now, cfg.batch_size, cfg.gradient_accumulation_steps)

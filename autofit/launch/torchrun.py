@@ -52,7 +52,7 @@ def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
         read_checkpoint(Path(cfg.out_dir) / "ckpt.pt", any_layout=True, mmap=True)
     if resume or (nproc_per_node is None and not under_torchrun()):
         return
-    from trainer.distributed.ranks import check_divisible
+    from trainer.distributed.shares import check_divisible
     if cfg.stages:  # every stage's effective batch (trainer/config/stages.py), named in the error
         from trainer.recovery import StagedRun
         StagedRun(cfg, nproc_per_node or ranks().world_size, 1)

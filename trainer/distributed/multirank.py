@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from trainer.distributed import ranks as D
+from trainer.distributed.shares import check_divisible
 from trainer.errors import TrainError
 from trainer.distributed.sharding import wrap
 
@@ -55,7 +56,7 @@ class RankGroup:
         self.device = device
         # 'auto' without a plan is DDP (the probe decides when FSDP2 is worth it)
         self.parallelism = ("ddp" if parallelism == "auto" else parallelism) if ranks.several else "single"
-        D.check_divisible(effective_batch, ranks.world_size)
+        check_divisible(effective_batch, ranks.world_size)
         self.owns_group = D.start(device.type, ranks)
         self.agreement = D.Agreement(ranks) if ranks.several else None
         self.parallel = None  # trainer.distributed.sharding's wrapper, once wrap_model has run
