@@ -71,7 +71,7 @@ def test_two_ranks_as_threads_stop_together_with_the_counter_at_the_rounds_done(
 
     def agree(oom):
         barrier.wait()
-        return False
+        return None  # no rank ran out of memory
     evals = [evaluator(BatchSampler(data, BLOCK, SEED), agree=agree, share=(r, 2),
                        total=lambda v: pytest.fail("summed after a stop")) for r in (0, 1)]
     drawn = [[], []]
@@ -89,13 +89,14 @@ def test_two_ranks_as_threads_stop_together_with_the_counter_at_the_rounds_done(
     assert [ev.sampler.counters for ev in evals] == [{"train": 2, "val": 0}] * 2
 
 
-def worker_run(tmp_path: Path, mode: str) -> list[dict]:
+def worker_run(tmp_path: Path, mode: str, parallelism: str = "ddp") -> list[dict]:
     worker = Path(__file__).parent / "ranks" / "eval_split_worker.py"
     e = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "RANK", "LOCAL_RANK", "WORLD_SIZE",
                                                                   "MASTER_"))}
     e.update(OMP_NUM_THREADS="1", AUTOFIT_DIST_TIMEOUT="60", PYTHONPATH=str(Path(__file__).parents[1]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker), str(tmp_path), mode], env=e, capture_output=True, text=True, timeout=240)
+                           str(worker), str(tmp_path), mode, parallelism], env=e, capture_output=True, text=True,
+                          timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -133,3 +134,18 @@ def test_a_data_error_on_one_rank_mid_evaluation_stops_the_other_with_its_line(t
     assert zero["error"] == "RankFailed" and zero["line"] == (
         f"rank 0: rank 1 failed in this step (its own error says why); stopping here too (rank 1: {DATA_LINE})")
     assert zero["drawn"] == [["train", 0], ["train", 2], ["train", 4], ["val", 0]]
+
+
+def test_an_eval_oom_at_micro_batch_1_under_fsdp2_is_said_by_the_rank_and_named_by_the_other(tmp_path):
+    """Rank 1 runs out of memory in every forward at eval micro-batch 1, under FSDP2, where rank 0
+    meets it in a check-in of its own forward (another rank's OOM, not its own): rank 1 stops with
+    its allocator's words, rank 0 with a line naming rank 1 (it said 'out of memory ... on another
+    rank'), which the launcher leaves out as a consequence."""
+    from eval_split_worker import OOM_LINE
+    from trainer.distributed.ranks import CONSEQUENCES
+    zero, one = worker_run(tmp_path, "oom1", "fsdp2")
+    assert one["error"] == "OutOfMemoryError" and one["line"] == OOM_LINE
+    assert zero["error"] == "RankFailed" and zero["line"] == (
+        "rank 1 ran out of memory in evaluation, at eval micro-batch 1 (its own error says why); stopping here too")
+    assert any(w in zero["line"] for w in CONSEQUENCES)
+    assert zero["drawn"] == one["drawn"] == [["train", 0]] and zero["events"] == one["events"] == []

@@ -203,6 +203,11 @@ def test_a_cause_is_said_once_and_consequences_only_when_nothing_else_is_known()
     assert lines == ["autofit: error: rank 1: the loss is not finite at step 3"] and code == 2
     lines, code = failed_lines({0: said(lost.format(0)), 1: said(lost.format(1)), 2: said(lost.format(2))}, 3)
     assert lines == [f"autofit: error: {lost.format(0)}"]  # each lost the others (a network fault): once
+    # an evaluation's OOM at eval micro-batch 1 (trainer.evaluate): rank 1's own line, not rank 0's naming it
+    named = "rank 1 ran out of memory in evaluation at step 4, at eval micro-batch 1 (its own error says why); stopping here too"
+    own = "out of memory in evaluation at step 4, at eval micro-batch 1 (CUDA out of memory): give a larger budget"
+    lines, _ = failed_lines({0: said(named), 1: said(own)}, 2)
+    assert lines == [f"autofit: error: rank 1: {own}"]
 
 
 def test_a_lost_peer_is_one_line_without_gloos_source_paths_nor_nested():

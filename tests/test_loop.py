@@ -481,8 +481,9 @@ def test_eval_oom_at_eval_micro_batch_one_is_one_line(tmp_path, monkeypatch):
 
 
 def two_threads_as_ranks():
-    """A tiny GPT, the embedded dataset, and agree(rank, flag) -> any rank's flag: a real agreement
-    between two threads (a barrier with a timeout, so a rank that never agrees fails the test)."""
+    """A tiny GPT, the embedded dataset, and agree(rank, flag) -> the highest rank whose flag is set
+    (None: none), as RankGroup.eval_agree answers: a real agreement between two threads (a barrier
+    with a timeout, so a rank that never agrees fails the test)."""
     import threading
 
     from trainer.data.datasets import load_dataset
@@ -491,10 +492,10 @@ def two_threads_as_ranks():
     model = GPT(GPTConfig.from_train_config(cfg))
     flags, barrier = [False, False], threading.Barrier(2, timeout=60)
 
-    def agree(rank: int, flag: bool) -> bool:
+    def agree(rank: int, flag: bool) -> int | None:
         flags[rank] = flag
         barrier.wait()
-        seen = any(flags)
+        seen = max((r for r, f in enumerate(flags) if f), default=None)
         barrier.wait()
         return seen
     return model, load_dataset("embedded"), agree
@@ -782,17 +783,21 @@ def test_metrics_record_allocated_and_reserved_peaks(tmp_path):
         assert (r["peak_mem_bytes"], r["peak_reserved_bytes"]) == (1000, 3000)
 
 
-def test_an_eval_oom_at_micro_batch_one_on_one_rank_stops_every_rank():
-    """Rank 1 runs out of memory at eval micro-batch 1: it used to raise on its own while rank 0
-    waited in the agreement for it (a hang until the collective's timeout); now both raise."""
+def eval_at_micro_batch_one_as_two_threads(raising: list) -> list:
+    """Two ranks as threads (two_threads_as_ranks) evaluating at eval micro-batch 1, rank r's forward
+    raising raising[r] (None: the tiny GPT's forward): what each rank raised."""
     import threading
 
     from trainer.data.datasets import BatchSampler
     model, data, agree = two_threads_as_ranks()
 
-    class AlwaysOOM(torch.nn.Module):
+    class Raising(torch.nn.Module):
+        def __init__(self, exc):
+            super().__init__()
+            self.exc = exc
+
         def forward(self, x, y):
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            raise self.exc
 
     raised = [None, None]
 
@@ -801,7 +806,7 @@ def test_an_eval_oom_at_micro_batch_one_on_one_rank_stops_every_rank():
                        dtype="float32", meter=NullMeter(), on_event=lambda *a, **k: None,
                        agree=lambda flag: agree(rank, flag))
         try:
-            ev.evaluate([model, AlwaysOOM()][rank])
+            ev.evaluate(model if raising[rank] is None else Raising(raising[rank]))
         except Exception as e:
             raised[rank] = e
 
@@ -810,8 +815,31 @@ def test_an_eval_oom_at_micro_batch_one_on_one_rank_stops_every_rank():
         t.start()
     for t in threads:
         t.join(timeout=120)
+    return raised
+
+
+def test_an_eval_oom_at_micro_batch_one_on_one_rank_stops_every_rank():
+    """Rank 1 runs out of memory at eval micro-batch 1: it used to raise on its own while rank 0
+    waited in the agreement for it (a hang until the collective's timeout); now both raise, rank 1
+    its own OOM and rank 0 a line naming rank 1 (it said 'on another rank', not which)."""
+    from trainer.distributed.ranks import CONSEQUENCES, RankFailed
+    raised = eval_at_micro_batch_one_as_two_threads([None, torch.OutOfMemoryError("CUDA out of memory (injected)")])
     assert isinstance(raised[1], torch.OutOfMemoryError) and "injected" in str(raised[1])
-    assert isinstance(raised[0], torch.OutOfMemoryError) and "on another rank" in str(raised[0])
+    assert isinstance(raised[0], RankFailed) and str(raised[0]) == (
+        "rank 1 ran out of memory in evaluation, at eval micro-batch 1 (its own error says why); stopping here too")
+    # a consequence: the launcher says rank 1's own line, the cause, and leaves this one out
+    assert any(w in str(raised[0]) for w in CONSEQUENCES) and not any(w in str(raised[1]) for w in CONSEQUENCES)
+
+
+def test_another_ranks_oom_met_inside_this_ranks_forward_is_not_taken_for_its_own():
+    """Under FSDP2 a rank meets another's OOM in a check-in of its own forward (OtherRankOOM): it
+    must not enter it as its own in the agreement, or the highest rank named would be itself.
+    Rank 0 runs out, rank 1 meets it so: rank 1 names rank 0 (and raises no OOM of its own)."""
+    from trainer.distributed.ranks import OtherRankOOM, RankFailed
+    met = OtherRankOOM("rank 0 ran out of memory in this step", injected=False, agreed=False)
+    raised = eval_at_micro_batch_one_as_two_threads([torch.OutOfMemoryError("CUDA out of memory (injected)"), met])
+    assert isinstance(raised[0], torch.OutOfMemoryError) and not isinstance(raised[0], RankFailed)
+    assert isinstance(raised[1], RankFailed) and str(raised[1]).startswith("rank 0 ran out of memory in evaluation")
 
 
 def test_a_run_that_gives_up_on_an_oom_resumes_on_the_steps_own_batch_and_rng(tmp_path):

@@ -2,8 +2,9 @@
 estimate_loss does, on its own sampler so that how often a run evaluates never changes the
 training batches. An out-of-memory error halves the evaluation micro-batch only; the training
 plan is not touched. With several ranks the ranks agree after each batch whether any ran out of
-memory (trainer.distributed.multirank.RankGroup.eval_agree), and all halve and redo it together, so every
-rank runs the same eval micro-batch and the agreement rounds pair up.
+memory, and which (trainer.distributed.multirank.RankGroup.eval_agree), and all halve and redo it
+together, so every rank runs the same eval micro-batch and the agreement rounds pair up; at eval
+micro-batch 1 all stop, the others naming the rank that ran out.
 
 Under DDP the ranks split the batches (eval_rounds): rank r evaluates batches r, r + W, r + 2W, ...
 of the eval_iters, and the losses' sums and counts are summed over the ranks, so each rank runs
@@ -21,6 +22,7 @@ import torch
 
 from trainer.data.datasets import BatchSampler
 from trainer.data.tokenfiles import DataError
+from trainer.distributed.ranks import OTHER_OOM, OWN_ERROR, OtherRankOOM, RankFailed
 from trainer.phases import PhaseProgress
 from trainer.step import autocast
 
@@ -40,18 +42,21 @@ def eval_rounds(iters: int, rank: int, ranks: int) -> list[int | None]:
 class Evaluator:
     """Mean loss of `model` over `iters` batches of `batch_size` sequences per split, chunked into
     micro-batches of `micro_batch` (halved after an OOM, with an 'eval_oom_shrink' event).
-    `agree(oom) -> bool`: after each batch, whether any rank ran out of memory on it (a collective
-    with several ranks; `oom` itself with one). Raises the OOM when the micro-batch is already 1, on
-    every rank at once (torch.OutOfMemoryError on the ranks that did not run out themselves).
-    `share`: (this rank, the number of ranks splitting the batches; RankGroup.eval_hooks), (0, 1):
-    every batch here. `total(values) -> values`: the element-wise sums over all the ranks (the
-    identity with one). `failed(exc)`: tells the other ranks, in the round's agreement, of this
-    rank's DataError reading its batch (RankGroup.failed); called only when the batches are split,
-    where no rank waits on another collective than that agreement."""
+    `agree(oom) -> rank or None`: after each batch, the rank that ran out of memory on it (the
+    highest where several did, as a step's agreement names it), None when none did (a collective
+    with several ranks; with one, 0 when `oom`). When the micro-batch is already 1 every rank stops
+    at once: the rank that ran out raises its own OOM, the others RankFailed naming that rank
+    ('rank 1 ran out of memory in evaluation at step 4, at eval micro-batch 1 (its own error says
+    why); stopping here too'). `share`: (this rank, the number of ranks splitting the batches;
+    RankGroup.eval_hooks), (0, 1): every batch here. `total(values) -> values`: the element-wise
+    sums over all the ranks (the identity with one). `failed(exc)`: tells the other ranks, in the
+    round's agreement, of this rank's DataError reading its batch (RankGroup.failed); called only
+    when the batches are split, where no rank waits on another collective than that agreement."""
 
     def __init__(self, sampler: BatchSampler, *, iters: int, batch_size: int, micro_batch: int,
                  device: torch.device, dtype: str, meter, on_event: Callable[..., None],
-                 agree: Callable[[bool], bool] = lambda oom: oom, share: tuple[int, int] = (0, 1),
+                 agree: Callable[[bool], int | None] = lambda oom: 0 if oom else None,
+                 share: tuple[int, int] = (0, 1),
                  total: Callable[[list[float]], list[float]] = lambda values: values,
                  failed: Callable[[BaseException], BaseException | None] = lambda exc: None):
         self.sampler = sampler
@@ -86,7 +91,7 @@ class Evaluator:
                     if self.stop():
                         return None
                     x, y = self._batch(split, start + i) if i is not None else (None, None)
-                    loss = self._agreed_loss(model, x, y)
+                    loss = self._agreed_loss(model, x, y, label)
                     if i is not None:
                         total, count = total + loss, count + 1
                     before, done = done, min((k + 1) * ranks, self.iters)
@@ -110,7 +115,7 @@ class Evaluator:
                 raise self.failed(e) or e
             raise
 
-    def _agreed_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _agreed_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, label: str) -> float:
         """The loss of one batch, redone at half the micro-batch while any rank runs out of memory;
         x None: this rank has no batch in the round and only joins its agreement (and halves too)."""
         while True:
@@ -122,11 +127,16 @@ class Evaluator:
                 if not self.meter.is_oom(e):
                     raise
                 oom = e
-            if not self.agree(oom is not None):  # every rank redoes the batch when one ran out
+            # FSDP2: another rank's OOM, met in a check-in of this rank's forward, is not this rank's
+            mine = oom is not None and not isinstance(oom, OtherRankOOM)
+            who = self.agree(mine)
+            if who is None:  # no rank ran out; where one did, every rank redoes the batch
                 return loss
             if self.micro_batch <= 1:  # all ranks give up together: none waits on one that raised
-                raise oom if oom is not None else torch.OutOfMemoryError(
-                    "out of memory in evaluation on another rank at eval micro-batch 1")
+                if mine:
+                    raise oom
+                raise RankFailed(f"rank {who} {OTHER_OOM} in {label}, at eval micro-batch 1 {OWN_ERROR}; "
+                                 f"stopping here too")
             oom = None  # its traceback would keep the failed batch's tensors alive
             gc.collect()
             self.meter.cleanup()

@@ -142,21 +142,23 @@ class RankGroup:
             self.agreement.outcome("error", D.first_line(exc))  # its line, which the others then say
         return None
 
-    def eval_agree(self, oom: bool) -> bool:
-        """After one evaluation batch: whether any rank ran out of memory on it (then every rank
-        halves its eval micro-batch and redoes the batch). With several ranks this is an
-        Agreement outcome, which also answers FSDP2's per-block check-ins of a rank still inside
-        its forward; after an OOM, FSDP2's blocks go back to their shards. Raises RankFailed when
-        another rank failed otherwise."""
+    def eval_agree(self, oom: bool) -> int | None:
+        """After one evaluation batch: the rank that ran out of memory on it (the highest where
+        several did, as a step's agreement names it: ranks.oom_rank), None when none did; then
+        every rank halves its eval micro-batch and redoes the batch, or at eval micro-batch 1
+        stops, naming that rank. With several ranks this is an Agreement outcome, which also
+        answers FSDP2's per-block check-ins of a rank still inside its forward; after an OOM,
+        FSDP2's blocks go back to their shards. Raises RankFailed when another rank failed
+        otherwise (its line, as after a step)."""
         if not self.several:
-            return oom
+            return self.ranks.rank if oom else None
         seen = self.agreement.outcome("oom" if oom else None)
         if seen[D.ERROR]:
             D.raise_for(seen, self.ranks, self.agreement.reason)
-        any_oom = bool(seen[D.REAL_OOM] or seen[D.INJECTED_OOM])
-        if any_oom and self.parallel is not None and self.parallel.kind == "fsdp2":
+        who = D.oom_rank(seen)
+        if who is not None and self.parallel is not None and self.parallel.kind == "fsdp2":
             self.parallel.rewrap()
-        return any_oom
+        return who
 
     def eval_hooks(self) -> dict:
         """The Evaluator's keywords for these ranks (trainer.evaluate): its OOM agreement, its

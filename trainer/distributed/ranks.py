@@ -194,12 +194,15 @@ LOST_CONTACT = "lost contact with another rank"
 # too: the rank that ran out of memory says the cause, with its own allocator's words.
 OTHER_OOM = "ran out of memory"
 # Its own error says why: printed by --nproc-per-node's launcher, or in a user's torchrun's summary
-# (its root cause), where rank 0's line goes too (autofit.launch.torchrun.report_error).
-OTHER_FAILED = "failed in this step (its own error says why)"
+# (its root cause), where rank 0's line goes too (autofit.launch.torchrun.report_error). Every line
+# that names another rank's failure and ends in these words is a consequence.
+OWN_ERROR = "(its own error says why)"
+OTHER_FAILED = f"failed in this step {OWN_ERROR}"
 # Before step 0: a rank's optimizer state did not fit (trainer.redo: no smaller micro-batch can
-# help, so every rank stops; the rank that ran out says why, with its allocator's words).
-OTHER_PRIME_OOM = f"{OTHER_OOM} making the optimizer's state (its own error says why)"
-CONSEQUENCES = (LOST_CONTACT, OTHER_FAILED, f"{OTHER_OOM} in this step)", OTHER_PRIME_OOM)
+# help, so every rank stops; the rank that ran out says why, with its allocator's words). In
+# evaluation at eval micro-batch 1 likewise (trainer.evaluate: 'rank 1 ran out of memory in ...').
+OTHER_PRIME_OOM = f"{OTHER_OOM} making the optimizer's state {OWN_ERROR}"
+CONSEQUENCES = (LOST_CONTACT, OWN_ERROR, f"{OTHER_OOM} in this step)")
 
 
 def peer_lost(exc: BaseException, ranks: Ranks) -> TrainError:
@@ -289,6 +292,11 @@ class Agreement:
 def failed_rank(seen: list[int]) -> str:
     """'rank N' for the (highest) rank whose failure an agreement saw."""
     return f"rank {max(seen[REAL_OOM], seen[INJECTED_OOM], seen[ERROR]) - 1}"
+
+
+def oom_rank(seen: list[int]) -> int | None:
+    """The (highest, as failed_rank) rank that ran out of memory in an agreed attempt, None when none did."""
+    return max(seen[REAL_OOM], seen[INJECTED_OOM]) - 1 if seen[REAL_OOM] or seen[INJECTED_OOM] else None
 
 
 def raise_for(seen: list[int], ranks: Ranks, reason: str = "") -> None:
