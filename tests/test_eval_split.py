@@ -125,15 +125,19 @@ def test_two_ddp_ranks_each_evaluate_their_share_to_one_ranks_losses(tmp_path):
     assert zero["losses"] == one["losses"]  # every rank takes the same checkpoint decision
 
 
-def test_a_data_error_on_one_rank_mid_evaluation_stops_the_other_with_its_line(tmp_path):
-    """Rank 1's first val batch fails to read: it raises its DataError, and rank 0, which reads
-    other batches, stops in that round's agreement naming rank 1 and its line (not 'lost contact'
-    when rank 1's process ends, nor a wait until the collective timeout)."""
-    zero, one = worker_run(tmp_path, "datafault")
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
+def test_a_data_error_on_one_rank_mid_evaluation_stops_the_other_with_its_line(tmp_path, parallelism):
+    """Rank 1's first val batch fails to read: it raises its DataError, and rank 0 stops in the
+    agreement naming rank 1 and its line (not 'lost contact' when rank 1's process ends, nor a wait
+    until the collective timeout). Under DDP rank 0 reads other batches and waits in the round's
+    agreement; under FSDP2 it reads the same batch and waits in its forward's first check-in, which
+    is a round of the same agreement (session 17: FSDP2 was left out, and rank 0 lost contact)."""
+    zero, one = worker_run(tmp_path, "datafault", parallelism)
     assert one["error"] == "DataError" and one["line"] == DATA_LINE
     assert zero["error"] == "RankFailed" and zero["line"] == (
         f"rank 0: rank 1 failed in this step (its own error says why); stopping here too (rank 1: {DATA_LINE})")
-    assert zero["drawn"] == [["train", 0], ["train", 2], ["train", 4], ["val", 0]]
+    mine = [0, 2, 4] if parallelism == "ddp" else list(range(EVAL_ITERS))  # FSDP2: every rank, every batch
+    assert zero["drawn"] == [["train", c] for c in mine] + [["val", 0]]
 
 
 def test_an_eval_oom_at_micro_batch_1_under_fsdp2_is_said_by_the_rank_and_named_by_the_other(tmp_path):

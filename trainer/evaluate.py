@@ -49,9 +49,10 @@ class Evaluator:
     ('rank 1 ran out of memory in evaluation at step 4, at eval micro-batch 1 (its own error says
     why); stopping here too'). `share`: (this rank, the number of ranks splitting the batches;
     RankGroup.eval_hooks), (0, 1): every batch here. `total(values) -> values`: the element-wise
-    sums over all the ranks (the identity with one). `failed(exc)`: tells the other ranks, in the
-    round's agreement, of this rank's DataError reading its batch (RankGroup.failed); called only
-    when the batches are split, where no rank waits on another collective than that agreement."""
+    sums over all the ranks (the identity with one). `failed(exc)`: tells the other ranks of this
+    rank's DataError reading its batch (RankGroup.failed; None with one process), in the agreement
+    round they wait in: the batch's (split batches, DDP), or a check-in of their forward (FSDP2,
+    where every rank reads every batch), which is a round of the same agreement."""
 
     def __init__(self, sampler: BatchSampler, *, iters: int, batch_size: int, micro_batch: int,
                  device: torch.device, dtype: str, meter, on_event: Callable[..., None],
@@ -106,14 +107,13 @@ class Evaluator:
 
     def _batch(self, split: str, counter: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval batch number `counter` of `split`. A DataError (the data changed under the run)
-        is told to the other ranks when they split the batches: they do not read this batch, and
-        would otherwise wait in the round's agreement until this rank's process ended."""
+        is told to the other ranks (RankGroup.failed): they would otherwise wait in the agreement
+        until this rank's process ended, and stop as 'lost contact' (DDP: in the round's agreement,
+        not reading this batch; FSDP2: in the first check-in of the forward of theirs)."""
         try:
             return self.sampler.batch_at(split, self.batch_size, counter)
         except DataError as e:
-            if self.share[1] > 1:
-                raise self.failed(e) or e
-            raise
+            raise self.failed(e) or e
 
     def _agreed_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, label: str) -> float:
         """The loss of one batch, redone at half the micro-batch while any rank runs out of memory;
