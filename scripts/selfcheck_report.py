@@ -215,9 +215,9 @@ def train_figures(rec: dict | None, roof: Roofline | None = None) -> list[str]:
                 f"({cell(f['peak_source'])}); first compiled step took {num(f['first_compiled_step_minus_steady_s'], '.1f')} s "
                 f"more than a steady one; peak allocated {gib(f.get('peak_mem_bytes_max'))}.", "",
             f"Tokens/s {estimates_line(roof)}" + ("" if roof is None or roof.problem else
-                                                  "; each steady step's own split; the roofline has no compile term "
-                                                  "(estimated mode keeps compile as configured), so the compiled row's "
-                                                  "estimate is the eager kernels'"), ""]
+                                                  "; each steady step's own split; compile changes only the host "
+                                                  "floor (compiled blocks: inductor's launches, no per-op cost), so "
+                                                  "a compute-bound compiled row's estimate is the eager one's"), ""]
 
 
 def ranks_figures(rec: dict | None) -> list[str]:

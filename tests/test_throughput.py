@@ -1,6 +1,7 @@
 """The estimated throughput's roofline (autofit/planning/throughput.py, t5's L3 in session 14): a
 micro-batch takes at least its FLOPs at the card's peak x MFU, at least the bytes it moves over
-the card's memory bandwidth, and at least its kernel launches. Card figures are injected."""
+the card's memory bandwidth, and at least the host's time to issue its ops (per op, per kernel
+launch). Card figures are injected."""
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +21,7 @@ TINY = ModelShape(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256)
 
 def test_a_bandwidth_starved_card_is_bound_by_its_bandwidth():
     f = tp.step_floors(MID, 8, "bfloat16", 0, card(tflops=1000.0, gbs=1.0))
-    assert f.bound == "memory bandwidth" and f.memory > f.compute and f.memory > f.launches
+    assert f.bound == "memory bandwidth" and f.memory > f.compute and f.memory > f.host
     rate = tp.estimated_tokens_per_s(MID, 8, "bfloat16", 0, card(tflops=1000.0, gbs=1.0))
     assert rate == pytest.approx(8 * 64 / f.memory)
     # half the bandwidth, half the rate; twice the TFLOP/s, the same rate
@@ -28,14 +29,17 @@ def test_a_bandwidth_starved_card_is_bound_by_its_bandwidth():
     assert tp.estimated_tokens_per_s(MID, 8, "bfloat16", 0, card(tflops=2000.0, gbs=1.0)) == pytest.approx(rate)
 
 
-def test_a_tiny_model_is_bound_by_kernel_launches():
-    """t5: 5,150,463 tokens/s for a 31k-parameter model on a GTX 1650, from TFLOP/s alone."""
+def test_a_tiny_model_is_bound_by_its_hosts_ops():
+    """t5: 5,150,463 tokens/s for a 31k-parameter model on a GTX 1650, from TFLOP/s alone. Every op
+    the step dispatches costs host time, a view as much as a matmul; a kernel costs its launch more."""
     hw = card(tflops=8.9, gbs=192.0)
     f = tp.step_floors(TINY, 16, "float32", 0, hw, step_batch=16)
-    assert f.bound == "kernel launches"
-    assert f.launches == pytest.approx(tp.step_kernels(TINY, "float32") * tp.LAUNCH_SECONDS)
+    assert f.bound == "host overhead"
+    ops = tp.host_ops(TINY, "float32")
+    assert ops.eager > ops.kernels > 0 and ops.compiled == 0
+    assert f.host == pytest.approx(ops.eager * tp.HOST_OP_SECONDS + ops.kernels * tp.LAUNCH_SECONDS)
     rate = tp.estimated_tokens_per_s(TINY, 16, "float32", 0, hw, step_batch=16)
-    assert rate == pytest.approx(16 * 32 / f.launches) and rate < 2e6
+    assert rate == pytest.approx(16 * 32 / f.host) and rate < 2e6
     assert tp.estimated_tokens_per_s(TINY, 16, "float32", 0, card(tflops=89.0, gbs=1920.0), step_batch=16) \
         == pytest.approx(rate)  # a faster card does not help a launch-bound step
 
@@ -45,9 +49,11 @@ def test_the_optimizer_steps_share_is_spread_over_its_micro_batches():
     alone = tp.step_floors(TINY, 1, "float32", 0, card(), step_batch=1)
     shared = tp.step_floors(TINY, 1, "float32", 0, card(), step_batch=16)
     from autofit.planning import launches
-    # the shared one pays a sixteenth of the update and, as 15 in 16 micro-batches do, accumulates its gradients
-    update = (launches.update_kernels(TINY) - launches.accumulate_kernels(TINY)) * tp.LAUNCH_SECONDS
-    assert alone.launches - shared.launches == pytest.approx(update * 15 / 16)
+    # the shared one pays a sixteenth of the update and, as 15 in 16 micro-batches do, accumulates its
+    # gradients: an add (a kernel) for each gradient the first micro-batch hands over by a detach (an op)
+    update = launches.update_kernels(TINY) * (tp.HOST_OP_SECONDS + tp.LAUNCH_SECONDS) \
+        + launches.update_views(TINY) * tp.HOST_OP_SECONDS - launches.accumulate_kernels(TINY) * tp.LAUNCH_SECONDS
+    assert alone.host - shared.host == pytest.approx(update * 15 / 16)
 
 
 def test_a_power_limited_card_runs_at_its_sustained_rate():
@@ -113,3 +119,48 @@ def test_the_gpu_fills_by_tokens_not_by_sequences():
     assert fill(long, 1) == pytest.approx(0.5)
     short = ModelShape(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256)
     assert fill(short, 16) == pytest.approx(1024 / 3072)
+
+
+GPT2 = ModelShape(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+
+
+def test_the_h200s_micro_batch_1_step_is_host_bound_and_its_floor_stays_below_it():
+    """The H200 self-check (2026-12-04, tests/data/selfcheck_h200): GPT-2 124M bf16, a trial step of
+    two micro-batches of 1 and the update took 2048 / 86,793 tokens/s = 23.6 ms. The floor before,
+    5 us per kernel, said 5.4 ms (0.56x of the rate: the compute floor bound); per op it is host-bound
+    at 0.88x, still a floor (below the measured time), and at micro-batch 4 compute binds as before."""
+    from autofit.devices.hardware import load_builtin
+    hw = load_builtin()["h200-141gb"]
+    floors = [tp.step_floors(GPT2, 1, "bfloat16", 0, hw, step_batch=2) for _ in range(2)]
+    assert all(f.bound == "host overhead" for f in floors)
+    step = sum(f.seconds for f in floors)
+    ops = tp.host_ops(GPT2, "bfloat16", share=0.5, fused_norm=True)
+    assert 2 * ops.eager == pytest.approx(2508) and 2 * ops.kernels == pytest.approx(1084)
+    measured = 2048 / 86_793
+    assert step < measured and step / measured == pytest.approx(0.88, abs=0.01)  # a floor, below the measured
+    assert step == pytest.approx(2 * (ops.eager * tp.HOST_OP_SECONDS + ops.kernels * tp.LAUNCH_SECONDS))
+    assert tp.step_floors(GPT2, 4, "bfloat16", 0, hw, step_batch=8).bound == "compute"
+
+
+def test_compiled_blocks_pay_less_host_time_than_eager_ones():
+    """Compiled blocks (inductor, no CUDA graphs) pay a launch per kernel and a call per graph, no
+    per-op Python or dispatcher; the rest of the micro-batch and the update stay eager."""
+    eager, compiled = tp.host_ops(GPT2, "bfloat16", fused_norm=True), tp.host_ops(GPT2, "bfloat16", compiled=True,
+                                                                                   fused_norm=True)
+    assert compiled.graphs == 2 * 12 and compiled.compiled == 12 * 39
+    assert eager.kernels - compiled.kernels == compiled.compiled  # the blocks' kernels moved, the rest eager
+    assert compiled.seconds < eager.seconds / 2
+    hw = card(tflops=1000.0, gbs=1e6)
+    assert tp.estimated_tokens_per_s(GPT2, 1, "bfloat16", 0, hw, compiled=True) > \
+        tp.estimated_tokens_per_s(GPT2, 1, "bfloat16", 0, hw)
+
+
+def test_the_chunked_loss_costs_host_time_per_chunk():
+    """A micro-batch's chunks of ce_chunk_size rows each run the chunked loss's per-chunk ops."""
+    hw = card(tflops=1e6, gbs=1e9)  # host-bound
+    one, four = (tp.step_floors(GPT2, 4, "bfloat16", 0, hw, loss_impl="chunked", ce_chunk_size=c, torch_lce=False).host
+                 for c in (4096, 1024))
+    from autofit.planning import launches as ln
+    per_chunk = ln.AUTOFIT_CHUNKED["autocast"][1] * (tp.HOST_OP_SECONDS + tp.LAUNCH_SECONDS) \
+        + ln.CHUNKED_VIEWS["autofit"][1] * tp.HOST_OP_SECONDS
+    assert four - one == pytest.approx(3 * per_chunk)

@@ -42,12 +42,14 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
     if best is None:
         _nothing_fits(cfg, trials, budget, "cuda", estimated=True)
     n_combos = len([t for t in trials if t.status == "fit"])
-    micro_batches, why_split = choose_split(E, best.micro_batch, _rates(shape, best, hw, cfg.tf32, E), cfg.block_size)
+    compile_on = True in space.compile
+    micro_batches, why_split = choose_split(E, best.micro_batch, _rates(shape, best, hw, cfg, E, compile_on),
+                                            cfg.block_size)
     own = _own_row(cfg, info, shape, hw, budget, trials, space)
     own_why = ""
     if own is not None:
-        plan_s = _step_seconds(shape, best, micro_batches, hw, cfg.tf32)
-        own_s = _step_seconds(shape, own, [own.micro_batch] * (E // own.micro_batch), hw, cfg.tf32)
+        plan_s = _step_seconds(shape, best, micro_batches, hw, cfg, compile_on)
+        own_s = _step_seconds(shape, own, [own.micro_batch] * (E // own.micro_batch), hw, cfg, compile_on)
         if own_s <= (1 + TIE) * plan_s:  # within the tie band: the user's split is kept
             best, micro_batches = own, [own.micro_batch] * (E // own.micro_batch)
             why_split = "your own split, kept"
@@ -58,7 +60,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
         own_why = (f"; your own {cfg.batch_size} x {cfg.gradient_accumulation_steps} fits (estimated peak "
                    f"{fmt_bytes(own.estimated_peak_bytes)}): {verdict}")
         own.note += f"; {VS_PLAN}{verdict}"  # for the 'your config as written' line (autofit.report.render)
-    est_tps = _rates(shape, best, hw, cfg.tf32, E)
+    est_tps = _rates(shape, best, hw, cfg, E, compile_on)
     if max(micro_batches) != best.micro_batch:  # the row of the plan is the size it runs
         best.note += f"; the plan runs {max(micro_batches)} (the split of {E}), the largest that fits is {best.micro_batch}"
         best.micro_batch = max(micro_batches)
@@ -66,7 +68,6 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
     est = estimate_peak(shape, max(micro_batches), **Levers.of(best).estimate_args(), device="cuda",
                         ce_chunk_size=cfg.ce_chunk_size, n_micro=min(2, len(micro_batches)))
     best.estimated_peak_bytes = est.peak_bytes
-    compile_on = True in space.compile
     plan = PlanRecord(mode="estimated", micro_batch=max(micro_batches), grad_accum=len(micro_batches),
                       micro_batches=micro_batches, effective_batch=E, block_size=cfg.block_size, dtype=best.dtype,
                       compile=compile_on, compile_after=resolve_compile_after(cfg) if compile_on else 0,
@@ -74,7 +75,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
                       checkpointing_policy=best.checkpointing_policy,
                       estimated_peak_bytes=est.peak_bytes, measured_peak_bytes=None,
                       # the whole step's rate: an uneven split's sizes each at their own rate
-                      tokens_per_s=E * cfg.block_size / _step_seconds(shape, best, micro_batches, hw, cfg.tf32),
+                      tokens_per_s=E * cfg.block_size / _step_seconds(shape, best, micro_batches, hw, cfg, compile_on),
                       budget_bytes=budget.budget_bytes,
                       split=describe_split(micro_batches),
                       reason=(f"estimated only (no {hw.name} here): highest estimated tokens/s among "
@@ -82,7 +83,7 @@ def probe_estimated(cfg, info, hw, budget: Budget, space: Space) -> ProbeResult:
                               f"{fmt_bytes(budget.budget_bytes)}; compile kept as configured "
                               f"(its memory effect is measured, never guessed: probe on the card to confirm); "
                               f"split: {why_split} (estimated step times){own_why}; "
-                              f"{_bound_words(shape, best, hw, cfg.tf32, E)}"))
+                              f"{_bound_words(shape, best, hw, cfg, E, compile_on)}"))
     return ProbeResult(mode="estimated", device=info, budget=budget, effective_batch=E, block_size=cfg.block_size,
                        trials=trials, plan=plan, breakdown=est.breakdown, rate_words=rate_words(hw))
 
@@ -108,7 +109,8 @@ def _largest_fits(cfg, shape: ModelShape, hw, budget: Budget, space: Space) -> t
                                       estimated_peak_bytes=est.peak_bytes,
                                       note="estimated not to fit even at micro-batch 1"))
             continue
-        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw, lv.checkpointing_policy, cfg.tf32, E)
+        tps = estimated_tokens_per_s(shape, m, lv.dtype, lv.checkpointing, hw, lv.checkpointing_policy, cfg.tf32, E,
+                                     **_host(cfg, lv, True in space.compile))
         rec = TrialRecord(**lv.candidate(m).model_dump(), status="fit", estimated_peak_bytes=est.peak_bytes,
                           tokens_per_s=tps,
                           note=f"estimated: largest micro-batch whose estimated peak fits; tokens/s {rate_how(hw)}")
@@ -118,29 +120,36 @@ def _largest_fits(cfg, shape: ModelShape, hw, budget: Budget, space: Space) -> t
     return trials, best
 
 
-def _rates(shape: ModelShape, row: TrialRecord, hw, tf32: bool, step_batch: int) -> dict[int, float]:
+def _host(cfg, levers, compiled: bool) -> dict:
+    """The host floor's arguments of throughput.step_floors for a row's (or Levers') loss and
+    `compiled` (the plan compiles: its steady state runs the compiled blocks)."""
+    return {"compiled": compiled, "loss_impl": levers.loss_impl, "ce_chunk_size": cfg.ce_chunk_size}
+
+
+def _rates(shape: ModelShape, row: TrialRecord, hw, cfg, step_batch: int, compiled: bool) -> dict[int, float]:
     """Estimated tokens/s of `row`'s levers at every micro-batch up to its own, in optimizer steps
     of `step_batch` sequences."""
-    return {m: estimated_tokens_per_s(shape, m, row.dtype, row.checkpointing, hw, row.checkpointing_policy, tf32,
-                                      step_batch)
+    return {m: estimated_tokens_per_s(shape, m, row.dtype, row.checkpointing, hw, row.checkpointing_policy, cfg.tf32,
+                                      step_batch, **_host(cfg, row, compiled))
             for m in range(1, row.micro_batch + 1)}
 
 
-def _bound_words(shape: ModelShape, row: TrialRecord, hw, tf32: bool, step_batch: int) -> str:
+def _bound_words(shape: ModelShape, row: TrialRecord, hw, cfg, step_batch: int, compiled: bool) -> str:
     """Which floor of the roofline sets the plan's estimated rate, and the three floors."""
-    f = step_floors(shape, row.micro_batch, row.dtype, row.checkpointing, hw, row.checkpointing_policy, tf32,
-                    step_batch)
-    rate = f"{peak_tflops(hw, row.dtype, tf32):.3g} TFLOP/s {row.dtype}"
+    f = step_floors(shape, row.micro_batch, row.dtype, row.checkpointing, hw, row.checkpointing_policy, cfg.tf32,
+                    step_batch, **_host(cfg, row, compiled))
+    rate = f"{peak_tflops(hw, row.dtype, cfg.tf32):.3g} TFLOP/s {row.dtype}"
     if getattr(hw, "sustained_tflops", None):
         rate += f", the rate {hw.name} sustains at its power limit ({hw.sustained_tflops:g} of {hw.peak_fp16_tflops:g} fp16)"
     return (f"its estimated rate is bound by {f.bound} (compute at {rate}; per micro-batch of {row.micro_batch}: compute "
-            f"{f.compute * 1e3:.3g} ms, memory {f.memory * 1e3:.3g} ms, kernel launches {f.launches * 1e3:.3g} ms)")
+            f"{f.compute * 1e3:.3g} ms, memory {f.memory * 1e3:.3g} ms, host {f.host * 1e3:.3g} ms"
+            f"{' with compiled blocks' if compiled else ''})")
 
 
-def _step_seconds(shape: ModelShape, row: TrialRecord, micro_batches: list[int], hw, tf32: bool) -> float:
+def _step_seconds(shape: ModelShape, row: TrialRecord, micro_batches: list[int], hw, cfg, compiled: bool) -> float:
     """Estimated seconds of one optimizer step of `micro_batches` with `row`'s levers."""
-    return sum(step_floors(shape, m, row.dtype, row.checkpointing, hw, row.checkpointing_policy, tf32,
-                           sum(micro_batches)).seconds for m in micro_batches)
+    return sum(step_floors(shape, m, row.dtype, row.checkpointing, hw, row.checkpointing_policy, cfg.tf32,
+                           sum(micro_batches), **_host(cfg, row, compiled)).seconds for m in micro_batches)
 
 
 def _own_row(cfg, info, shape: ModelShape, hw, budget: Budget, trials: list[TrialRecord],
@@ -175,7 +184,9 @@ def _own_row(cfg, info, shape: ModelShape, hw, budget: Budget, trials: list[Tria
                                                      ).model_dump(),
                       status="fit", estimated_peak_bytes=est,
                       tokens_per_s=estimated_tokens_per_s(shape, m, dtype, cfg.checkpointing, hw,
-                                                          policy, cfg.tf32, cfg.effective_batch),
+                                                          policy, cfg.tf32, cfg.effective_batch,
+                                                          compiled=True in space.compile, loss_impl=cfg.loss_impl,
+                                                          ce_chunk_size=cfg.ce_chunk_size),
                       note=f"{OWN_NOTE}: estimated peak fits; tokens/s {rate_how(hw)}")
     trials.append(row)
     return row

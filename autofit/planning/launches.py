@@ -1,10 +1,12 @@
-"""Kernels an eager training step launches, by the model's architecture (the roofline's launch
-floor: autofit/planning/throughput.py).
+"""Ops an eager training step dispatches, by the model's architecture (the roofline's host floor:
+autofit/planning/throughput.py): the ones that launch a kernel on CUDA, and the ones that launch
+none but cost host time all the same.
 
 A kernel here is an aten op that launches at least one kernel on CUDA: views (view, transpose,
-split, _unsafe_view), detach and empty allocations launch none and are not counted; a fused op that
-launches several (a foreach or fused optimizer op over many tensors) counts once, so the count is
-a floor. The counts were taken on this project's CPU with a TorchDispatchMode over what
+split, _unsafe_view), detach and empty allocations launch none and are counted apart (the *_VIEWS
+tables: each still goes through Python or the dispatcher and autograd); a fused op that launches
+several (a foreach or fused optimizer op over many tensors) counts once, so the kernel count is a
+floor. The counts were taken on this project's CPU with a TorchDispatchMode over what
 trainer.model.gpt.GPT and trainer.step run (a GPT of n_layer 1 and 2, n_embd 32: the difference is
 one block's), the optimizer as make_optimizer builds it for CUDA (fused AdamW), and are checked
 against such a count by tests/test_launches.py. Where CUDA runs fewer ops than the CPU, the table
@@ -50,10 +52,30 @@ TIED_HEAD = (0, 1)  # the head's and the embedding's weight gradients added
 LOSS = (2, 3)  # log_softmax, nll_loss; their backwards and backward's seed (ones_like)
 SOFTCAP = (3, 3)  # div, tanh, mul and their backwards
 AUTOCAST_OUTSIDE = (3, 3)  # the head's weight and input cast, the logits cast to fp32 for the loss
+# The chunked loss in place of HEAD, LOSS, SOFTCAP and AUTOCAST_OUTSIDE: (ops a micro-batch runs
+# once, ops per chunk of ce_chunk_size rows of its tokens), float32 / under autocast, the gradient
+# taken in the forward. autofit's (trainer/model/ce.py _ChunkedLinearCrossEntropy): the target mask
+# and count, grad_w and the loss sum made, the mean, and backward's scaling; per chunk three mm
+# (logits, grad_x, grad_w), the target gather, the in-place log-sum-exp (amax, sub_, exp_, sum,
+# log, add), the loss sum, softmax - one-hot (div_, arange, index, index_put_, mul_), the grad_x
+# slice copy and grad_w's add_; autocast adds the chunk's casts (5). The soft-cap adds 7 per chunk
+# (div_, tanh_, square, neg_, add_, mul_ and the slope's mul_).
+AUTOFIT_CHUNKED = {"float32": (11, 23), "autocast": (12, 28)}
+AUTOFIT_CHUNKED_SOFTCAP = 7
+# torch's F.linear_cross_entropy (torch >= 2.13, a Python custom op torch_nn::_linear_cross_entropy
+# _batch_chunked in torch/nn/modules/linear_cross_entropy.py, counted inside it): the outputs made,
+# the target mask (eq, where, bitwise_not), the count and the mean's scale, backward's two mul_;
+# per chunk mm, amax, sub_, the target dot-gather, exp_ and sum, the softmax scale (div, mul),
+# log_ and its dot, the input gradient (index_select, mul, addmm) and the weight gradient (addmm_,
+# mul, index_add_). Under autocast the casts in and out (6) and, on the CPU, a copy and a mul_ per
+# chunk more (CUDA's mm upcasts inside the matmul: out_dtype), taken as counted here
+TORCH_CHUNKED = {"float32": (17, 19), "autocast": (23, 21)}
 # _accumulate: x and y copied to the device, the loss times its share, added to the step's sum;
 # backward: the share's product
 TRAINER = (4, 1)
 # a micro-batch after the first adds each parameter's new gradient to .grad: one add per tensor
+# fp16's GradScaler (trainer/step.py): the loss times the scale, and that product's backward
+GRAD_SCALER = (1, 1)
 
 # --- the optimizer step (trainer/step.py _ready_grads, make_optimizer) ----------------------------
 # clip_grad_norm_ (foreach on CUDA): _foreach_norm, stack, vector_norm, add, reciprocal, mul,
@@ -67,12 +89,51 @@ ADAMW = 4  # fused AdamW: per parameter group (2: decayed, not) a step-count _fo
 # lerp_, Nesterov lerp, bf16 copy, norm, clamp, div_; Newton-Schulz's 5 steps of mm and 2 addmm;
 # weight decay mul_ and the update's add_
 MUON_PER_MATRIX = 6 + 5 * 3 + 2
+# fp16's GradScaler per step (torch/amp/grad_scaler.py): unscale_ (the scale's double, reciprocal
+# and float, found_inf's full, _amp_foreach_non_finite_check_and_unscale_), the skip flag's clone
+# and compare (trainer/step.py), _amp_update_scale_ and its casts; with fused AdamW, which takes
+# found_inf itself, also the sum of the devices' found_inf and a _foreach_sub_ per parameter group
+GRAD_SCALER_STEP, GRAD_SCALER_FUSED_ADAMW = 10, 1 + 2
+
+# --- ops that launch no kernel (views, detach, _unsafe_view): host time without a launch ---------
+# A GPT-2 block (forward: q, k, v split and head views, the weights' t; backward: the weights'
+# and gradients' t, view, transpose, and a detach per parameter tensor where the step's first
+# micro-batch hands its gradient to .grad: a later one adds it, accumulate_kernels)
+BLOCK_VIEWS = (22, 39)
+# per option, more than GPT-2's block: RoPE's slices and unsqueezes; a decomposed RMSNorm's
+# keepdim view (each norm); QK-norm's head views (its norms apart); ReLU^2, SwiGLU's chunk; GQA's
+# repeat (the CPU's SDPA); biases' views and detaches
+OPTION_VIEWS = {"rope": (8, 4), "rmsnorm (decomposed)": (1, 1), "qk-norm": (0, 2), "relu2": (1, 1),
+                "swiglu": (1, 0), "gqa": (6, 4), "bias": (0, 10)}
+# the rest of a GPT-2 micro-batch (the head's t, the logits' and targets' views for the loss, the
+# embeddings' detaches); RoPE instead of learned positions, untied head, soft-cap, biases
+OUTSIDE_VIEWS = (4, 10)
+OUTSIDE_OPTION_VIEWS = {"rope": (1, -2), "untied": (0, 1), "softcap": (1, 1), "bias": (0, 1)}
+# the chunked losses against the standard loss's views: (once, per chunk): autofit's row slices,
+# t, unsqueeze and squeeze (a single chunk's whole-range slices are not made); torch's narrows
+CHUNKED_VIEWS = {"autofit": (-7, 10), "torch": (2, 20)}
+UPDATE_VIEWS = 7  # clipping's and AdamW's views of the gradients
+MUON_VIEWS_PER_MATRIX, MUON_VIEWS = 6, 4  # Muon's per matrix (c_attn's q, k, v blocks), and its own
 
 
 def fused_rms_norm() -> bool:
     """Whether the installed torch runs F.rms_norm as one fused op on CUDA (_fused_rms_norm)."""
     import torch  # here: the estimate's modules load without torch (`profiles show` stays light)
     return hasattr(torch.ops.aten, "_fused_rms_norm_backward")
+
+
+def torch_chunked_loss() -> bool:
+    """Whether the installed torch has F.linear_cross_entropy, which the chunked loss then runs
+    for a model without a soft-cap (trainer/model/ce.py lm_loss)."""
+    from trainer.model.ce import HAS_TORCH_LCE  # here, as fused_rms_norm: it imports torch
+    return HAS_TORCH_LCE
+
+
+def chunked_path(shape, torch_lce: bool | None = None) -> str:
+    """Which chunked loss `shape` runs: 'torch' (F.linear_cross_entropy, no soft-cap) or 'autofit'
+    (trainer/model/ce.py's own chunking). `torch_lce`: whether torch has it (None: the installed torch)."""
+    has = torch_chunked_loss() if torch_lce is None else torch_lce
+    return "torch" if has and not shape.logit_softcap else "autofit"
 
 
 def _norm(shape, fused: bool) -> tuple[int, int]:
@@ -88,7 +149,7 @@ def _times(k: int, row: tuple[int, int]) -> tuple[int, int]:
 
 
 def block_rows(shape, dtype: str = "float32", fused_norm: bool | None = None) -> dict[str, tuple[int, int]]:
-    """(forward, backward) ops of one block by component, for ModelShape `shape` under `dtype`;
+    """(forward, backward) kernel ops of one block by component, for ModelShape `shape` under `dtype`;
     `fused_norm`: whether RMSNorm is one op (None: the installed torch on CUDA, fused_rms_norm)."""
     fused = fused_rms_norm() if fused_norm is None else fused_norm
     rows = {"matmuls, SDPA, residuals": BLOCK_CORE, "norms": _times(2, _norm(shape, fused)),
@@ -107,16 +168,67 @@ def block_rows(shape, dtype: str = "float32", fused_norm: bool | None = None) ->
     return rows
 
 
-def outside_rows(shape, dtype: str = "float32", fused_norm: bool | None = None) -> dict[str, tuple[int, int]]:
-    """(forward, backward) ops of a micro-batch outside its blocks, by component (block_rows' args)."""
+def block_views(shape, fused_norm: bool | None = None) -> tuple[int, int]:
+    """(forward, backward) ops of one block that launch no kernel (BLOCK_VIEWS, OPTION_VIEWS)."""
+    fused = fused_rms_norm() if fused_norm is None else fused_norm
+    decomposed = (2 * (shape.norm == "rmsnorm") + 2 * bool(shape.qk_norm)) if not fused else 0
+    options = [OPTION_VIEWS["rope"] if shape.pos_emb == "rope" else (0, 0),
+               _times(decomposed, OPTION_VIEWS["rmsnorm (decomposed)"]),
+               OPTION_VIEWS["qk-norm"] if shape.qk_norm else (0, 0),
+               OPTION_VIEWS.get(shape.mlp, (0, 0)),
+               OPTION_VIEWS["gqa"] if shape.n_kv_head and shape.n_kv_head != shape.n_head else (0, 0),
+               OPTION_VIEWS["bias"] if shape.bias else (0, 0)]
+    return _add(BLOCK_VIEWS, *options)
+
+
+def chunks(micro_batch: int, shape, ce_chunk_size: int) -> int:
+    """Chunks of ce_chunk_size rows the chunked loss walks over a micro-batch's tokens."""
+    return -(-micro_batch * shape.block_size // max(1, ce_chunk_size))
+
+
+def loss_rows(shape, dtype: str = "float32", loss_impl: str = "standard", n_chunks: int = 1,
+              torch_lce: bool | None = None) -> dict[str, tuple[int, int]]:
+    """(forward, backward) kernel ops of the head and the loss: the standard loss's rows, or the
+    chunked loss's, once per micro-batch and per chunk of its `n_chunks` (chunked_path picks which)."""
+    if loss_impl == "standard":
+        rows = {"head": HEAD, "loss": _add(LOSS, SOFTCAP if shape.logit_softcap else (0, 0))}
+        if dtype != "float32":
+            rows["autocast casts"] = AUTOCAST_OUTSIDE
+        return rows
+    path = chunked_path(shape, torch_lce)
+    once, per_chunk = (AUTOFIT_CHUNKED if path == "autofit" else TORCH_CHUNKED)[
+        "float32" if dtype == "float32" else "autocast"]
+    per_chunk += AUTOFIT_CHUNKED_SOFTCAP if shape.logit_softcap else 0
+    return {f"chunked loss ({path}'s, {n_chunks} chunk{'s' * (n_chunks != 1)})": (once + per_chunk * n_chunks, 0)}
+
+
+def outside_rows(shape, dtype: str = "float32", fused_norm: bool | None = None, loss_impl: str = "standard",
+                 n_chunks: int = 1, torch_lce: bool | None = None) -> dict[str, tuple[int, int]]:
+    """(forward, backward) kernel ops of a micro-batch outside its blocks, by component (block_rows'
+    args; the loss's, loss_rows'); fp16 adds its GradScaler's."""
     fused = fused_rms_norm() if fused_norm is None else fused_norm
     rows = {"token embedding": TOKEN_EMBEDDING,
             "positions": LEARNED_POSITIONS if shape.pos_emb == "learned" else ROPE_TABLES,
-            "final norm": _norm(shape, fused), "head": _add(HEAD, TIED_HEAD if shape.tie_embeddings else (0, 0)),
-            "loss": _add(LOSS, SOFTCAP if shape.logit_softcap else (0, 0)), "trainer": TRAINER}
-    if dtype != "float32":
-        rows["autocast casts"] = AUTOCAST_OUTSIDE
+            "final norm": _norm(shape, fused), "tied head": TIED_HEAD if shape.tie_embeddings else (0, 0),
+            **loss_rows(shape, dtype, loss_impl, n_chunks, torch_lce), "trainer": TRAINER}
+    if dtype == "float16":
+        rows["grad scaler"] = GRAD_SCALER
     return rows
+
+
+def outside_views(shape, fused_norm: bool | None = None, loss_impl: str = "standard", n_chunks: int = 1,
+                  torch_lce: bool | None = None) -> tuple[int, int]:
+    """(forward, backward) ops of a micro-batch outside its blocks that launch no kernel (OUTSIDE_VIEWS)."""
+    fused = fused_rms_norm() if fused_norm is None else fused_norm
+    opt = OUTSIDE_OPTION_VIEWS
+    rows = [OUTSIDE_VIEWS, opt["rope"] if shape.pos_emb == "rope" else (0, 0),
+            OPTION_VIEWS["rmsnorm (decomposed)"] if shape.norm == "rmsnorm" and not fused else (0, 0),
+            opt["untied"] if not shape.tie_embeddings else (0, 0), opt["softcap"] if shape.logit_softcap else (0, 0),
+            opt["bias"] if shape.bias else (0, 0)]
+    if loss_impl != "standard":
+        once, per_chunk = CHUNKED_VIEWS[chunked_path(shape, torch_lce)]
+        rows.append((once + per_chunk * n_chunks, 0))
+    return _add(*rows)
 
 
 def muon_matrices_per_block(shape) -> int:
@@ -125,22 +237,35 @@ def muon_matrices_per_block(shape) -> int:
     return 3 + 1 + (2 if shape.mlp == "swiglu" else 1) + 1
 
 
-def micro_batch_kernels(shape, dtype: str = "float32", fused_norm: bool | None = None) -> tuple[int, int]:
-    """(forward, backward) ops of one micro-batch's forward and backward, without gradient accumulation."""
+def micro_batch_kernels(shape, dtype: str = "float32", fused_norm: bool | None = None, loss_impl: str = "standard",
+                        n_chunks: int = 1, torch_lce: bool | None = None) -> tuple[int, int]:
+    """(forward, backward) kernel ops of one micro-batch's forward and backward, without gradient
+    accumulation (outside_rows' args)."""
     per_block = _add(*block_rows(shape, dtype, fused_norm).values())
-    return _add(_times(shape.n_layer, per_block), *outside_rows(shape, dtype, fused_norm).values())
+    outside = outside_rows(shape, dtype, fused_norm, loss_impl, n_chunks, torch_lce)
+    return _add(_times(shape.n_layer, per_block), *outside.values())
 
 
 def accumulate_kernels(shape) -> int:
-    """Adds of a micro-batch whose gradients accumulate into .grad: one per parameter tensor."""
+    """Adds of a micro-batch whose gradients accumulate into .grad: one per parameter tensor (in
+    place of the detach the step's first micro-batch makes, counted in the *_VIEWS)."""
     return len(arch.param_entries(shape))
 
 
-def update_kernels(shape) -> int:
-    """Ops of one optimizer step: train_step's own, gradient clipping, fused AdamW and, for Muon,
-    MUON_PER_MATRIX per matrix it takes."""
+def update_kernels(shape, dtype: str = "float32") -> int:
+    """Ops of one optimizer step: train_step's own, gradient clipping, fused AdamW, for Muon
+    MUON_PER_MATRIX per matrix it takes, and fp16's GradScaler."""
     muon = MUON_PER_MATRIX * muon_matrices_per_block(shape) * shape.n_layer if shape.optimizer == "muon" else 0
-    return TRAINER_STEP + CLIP + ADAMW + muon
+    scaler = GRAD_SCALER_STEP + (GRAD_SCALER_FUSED_ADAMW if shape.optimizer == "adamw" else 0) \
+        if dtype == "float16" else 0
+    return TRAINER_STEP + CLIP + ADAMW + muon + scaler
+
+
+def update_views(shape) -> int:
+    """Ops of one optimizer step that launch no kernel (UPDATE_VIEWS, Muon's)."""
+    muon = MUON_VIEWS + MUON_VIEWS_PER_MATRIX * muon_matrices_per_block(shape) * shape.n_layer \
+        if shape.optimizer == "muon" else 0
+    return UPDATE_VIEWS + muon
 
 
 def recompute_kernels(shape, dtype: str, policy: str, fused_norm: bool | None = None) -> int:

@@ -6,10 +6,24 @@ A micro-batch's time is the largest of three floors (each an estimate, never a m
 - memory: the bytes it must move over the card's memory bandwidth (the profile's
   memory_bandwidth_gbs): the activations of each token (bytes_per_token) and the weights, gradients
   and optimizer state (WEIGHT_BYTES_PER_MICRO_BATCH, UPDATE_BYTES, per parameter);
-- launches: the kernels its eager forward, backward and share of the optimizer step launch
-  (autofit/planning/launches.py, by the model's architecture and optimizer) x LAUNCH_SECONDS each.
-The optimizer step's own traffic and kernels are shared among the step's micro-batches by their
+- host: the time the host takes to issue its ops (autofit/planning/launches.py counts them by the
+  model's architecture, loss and optimizer). Eager PyTorch pays HOST_OP_SECONDS of Python,
+  dispatcher and autograd bookkeeping for every aten op it dispatches, a view or detach that
+  launches nothing included, and LAUNCH_SECONDS more for each that launches a kernel; a compiled
+  block (trainer/compiler.py: each block compiled, the rest eager) pays COMPILED_GRAPH_SECONDS per
+  graph call (its forward and its backward) and COMPILED_KERNEL_SECONDS per kernel, no per-op cost.
+  The GPU runs behind the host, so whichever of the host and the GPU is slower sets the time.
+The optimizer step's own traffic and ops are shared among the step's micro-batches by their
 tokens, so the micro-batches' times add up to the step's.
+
+Why the host floor is per op and not per kernel (the H200 self-check of 2026-12-04,
+docs/gpu-selfcheck.md): GPT-2 124M in bf16 at micro-batch 1 took 23.6 ms for a trial's step of two
+micro-batches and the update (86,793 tokens/s), and 27.2 ms at micro-batch 4 with four times the
+tokens: the time hardly grows with the work, the mark of an overhead-bound step ("Making Deep
+Learning Go Brrrr From First Principles", horace.io/brrr_intro.html, its Overhead section). That
+step dispatches 2,508 aten ops (launches.py; 1,084 of them launch a kernel, the rest are views,
+detaches and the like), 9.4 us of host time per op, 21.8 us per kernel: 5 us per kernel (the floor
+before) gave 2.7 ms a micro-batch against the ~12 ms measured.
 
 FLOPs per token of a training step: 6N (forward 2N, backward 4N, N the parameters) plus the
 attention's 12 * n_layer * n_embd * block_size (PaLM, Chowdhery et al. 2022, appendix B; the same
@@ -27,7 +41,7 @@ Recomputation, as extra step time with every block checkpointed (k-th blocks: a 
   (torchtitan/distributed/activation_checkpoint.py), ours keeps them all, so for this model it is
   an upper bound. torchtitan#97 measured full vs selective on Llama 7B at 4.91 vs 4.55 s a step.
 The same share lengthens the memory floor (the recomputed forward moves its bytes again); the
-launch floor counts the recomputed forward's kernels themselves (launches.recompute_kernels).
+host floor counts the recomputed forward's ops themselves (launches.recompute_kernels).
 """
 from __future__ import annotations
 
@@ -57,12 +71,26 @@ LOGIT_BYTES_PER_VOCAB = 16
 # gradient once more (4 B)
 WEIGHT_BYTES_PER_MICRO_BATCH = 16
 UPDATE_BYTES = 32
-# Launch floor: eager PyTorch spends ~5-25 us of host time per op before its kernel is queued
-# (dispatcher, autograd bookkeeping, cudaLaunchKernel 1-3 us: "From PyTorch op to kernel launch",
-# jiahuanglin.xyz gpu_kernel_serving lesson 18; pytorch.org/blog/accelerating-pytorch-with-cuda-graphs
-# for launch overhead as the bound of small models); the low end, since the GPU queue overlaps it.
-LAUNCH_SECONDS = 5e-6
-# Kernels: autofit/planning/launches.py counts them by the model's architecture and optimizer.
+# Host floor (module docstring). Per aten op of an eager step: Python, the dispatcher and autograd's
+# bookkeeping. 7 us: pytorch/pytorch#41383 measured 6.8 us per `2 * x` in a Python loop with autograd
+# recording (5 us without; ngimel there: ~2 us for x * x without autograd, about half of it Python
+# parsing, a C++ caller ~1 us); pytorch/pytorch#82793 found a dispatch-bound inference on an A100
+# at ~4 us per op. The H200 record implies 8.1 us per op at LAUNCH_SECONDS' 3 us (23.6 ms, 2,508 ops,
+# 1,084 kernels: module docstring), its host's own figure (another H200 machine ran micro-batch 4
+# 1.6-1.8x slower), so the public figure is kept: the floor stays a floor there (0.88x measured).
+HOST_OP_SECONDS = 7e-6
+# Per kernel launched, on top: cuLaunchKernel 3.0-3.3 us (meta-pytorch/tritonbench#1017, GB200, the
+# driver's irreducible cost; 4-6 us through the runtime on an RTX 5070 Ti, susun-blog.com's
+# "From Launch Overhead to CUDA Graph")
+LAUNCH_SECONDS = 3e-6
+# Compiled blocks (torch.compile with inductor, no CUDA graphs: autofit compiles without
+# mode='reduce-overhead'): inductor's launcher per kernel, CachingAutotuner.run 6.8 us with its
+# cuLaunchKernel, and per compiled graph call (guards, DeviceGuard, the wrapper) 33-44 us end to end
+# (tritonbench#1017, GB200). Kernels: the block's eager count, which inductor's fusion lowers (the
+# casts and elementwise chains between matmuls): an upper bound, not measured on a GPU.
+COMPILED_KERNEL_SECONDS = 6.8e-6
+COMPILED_GRAPH_SECONDS = 40e-6
+# Ops: autofit/planning/launches.py counts them by the model's architecture, loss and optimizer.
 
 
 def rate_words(hw=None) -> str:
@@ -72,7 +100,9 @@ def rate_words(hw=None) -> str:
     rate = ("the card's sustained TFLOP/s (its power limit's, below its peak)"
             if getattr(hw, "sustained_tflops", None) else "the card's peak TFLOP/s")
     return (f"roofline, the slowest of {rate} x {ASSUMED_MFU:.0%} assumed MFU, the bytes "
-            f"a step moves over its memory bandwidth, and {LAUNCH_SECONDS * 1e6:g} us per kernel launch")
+            f"a step moves over its memory bandwidth, and the host's {HOST_OP_SECONDS * 1e6:g} us per eager op "
+            f"plus {LAUNCH_SECONDS * 1e6:g} us per kernel launch ({COMPILED_KERNEL_SECONDS * 1e6:g} us per kernel "
+            f"of a compiled block)")
 
 
 RATE_WORDS = rate_words()  # a card without sustained_tflops
@@ -121,24 +151,43 @@ class StepFloors:
     """The three floors of one micro-batch's time, in seconds (module docstring)."""
     compute: float
     memory: float  # 0 where the profile gives no bandwidth
-    launches: float
+    host: float
 
     @property
     def seconds(self) -> float:
-        return max(self.compute, self.memory, self.launches)
+        return max(self.compute, self.memory, self.host)
 
     @property
     def bound(self) -> str:
-        """Which floor sets the time: 'compute', 'memory bandwidth' or 'kernel launches'."""
-        return max((self.compute, "compute"), (self.memory, "memory bandwidth"), (self.launches, "kernel launches"))[1]
+        """Which floor sets the time: 'compute', 'memory bandwidth' or 'host overhead'."""
+        return max((self.compute, "compute"), (self.memory, "memory bandwidth"), (self.host, "host overhead"))[1]
+
+
+@dataclass(frozen=True)
+class HostOps:
+    """What the host issues for one micro-batch (its share of the optimizer step's included):
+    `eager` aten ops, `kernels` of them launch one; `compiled` kernels and `graphs` calls of
+    compiled blocks. `seconds`: the host floor's time (module docstring)."""
+    eager: float
+    kernels: float
+    compiled: float = 0.0
+    graphs: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.eager * HOST_OP_SECONDS + self.kernels * LAUNCH_SECONDS \
+            + self.compiled * COMPILED_KERNEL_SECONDS + self.graphs * COMPILED_GRAPH_SECONDS
 
 
 def step_floors(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: int, hw,
-                checkpointing_policy: str = "full", tf32: bool = True, step_batch: int | None = None) -> StepFloors:
+                checkpointing_policy: str = "full", tf32: bool = True, step_batch: int | None = None, *,
+                compiled: bool = False, loss_impl: str = "standard", ce_chunk_size: int = 4096,
+                torch_lce: bool | None = None) -> StepFloors:
     """The floors of one micro-batch of `micro_batch` sequences in an optimizer step of `step_batch`
     (None: the micro-batch alone), on the card of hardware profile `hw`: compute (peak_tflops x
-    ASSUMED_MFU, tokens / (tokens + FILL_TOKENS) fill), memory (its memory_bandwidth_gbs, where it has one) and kernel
-    launches (step_kernels), compute and memory with recomputation's extra share (RECOMPUTE_SHARE by
+    ASSUMED_MFU, tokens / (tokens + FILL_TOKENS) fill), memory (its memory_bandwidth_gbs, where it has one) and host
+    (host_ops: eager, or with `compiled` blocks; `loss_impl`, `ce_chunk_size`, `torch_lce` as launches.loss_rows
+    takes them), compute and memory with recomputation's extra share (RECOMPUTE_SHARE by
     policy, times the share of blocks checkpointed: ceil(L / k) of L), and the optimizer step's
     part by the micro-batch's share of its sequences. An estimate, never a measurement. Raises KeyError for an unknown policy."""
     tokens = micro_batch * shape.block_size
@@ -153,28 +202,44 @@ def step_floors(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: 
     moved = tokens * bytes_per_token(shape, dtype) * recompute + n * (WEIGHT_BYTES_PER_MICRO_BATCH
                                                                       + UPDATE_BYTES * share)
     memory = moved / (bandwidth * 1e9) if bandwidth else 0.0
-    return StepFloors(compute, memory, step_kernels(shape, dtype, checkpointing, checkpointing_policy, share)
-                      * LAUNCH_SECONDS)
+    ops = host_ops(shape, dtype, checkpointing, checkpointing_policy, share, compiled=compiled, loss_impl=loss_impl,
+                   n_chunks=launches.chunks(micro_batch, shape, ce_chunk_size), torch_lce=torch_lce)
+    return StepFloors(compute, memory, ops.seconds)
 
 
-def step_kernels(shape: ModelShape, dtype: str, checkpointing: int = 0, checkpointing_policy: str = "full",
-                 share: float = 1.0) -> float:
-    """Kernels one micro-batch launches (autofit/planning/launches.py): its forward and backward,
-    the forward its checkpointed blocks (ceil(L / k) of them) run again, the gradient adds of a
-    micro-batch that accumulates (all but the step's first: 1 - share of them), and `share` (its
-    part of the optimizer step's sequences) of the optimizer step's kernels."""
-    forward, backward = launches.micro_batch_kernels(shape, dtype)
-    recomputed = -(-shape.n_layer // checkpointing) * launches.recompute_kernels(
-        shape, dtype, checkpointing_policy) if checkpointing else 0
-    return forward + backward + recomputed + launches.accumulate_kernels(shape) * (1.0 - share) \
-        + launches.update_kernels(shape) * share
+def host_ops(shape: ModelShape, dtype: str, checkpointing: int = 0, checkpointing_policy: str = "full",
+             share: float = 1.0, *, compiled: bool = False, loss_impl: str = "standard", n_chunks: int = 1,
+             torch_lce: bool | None = None, fused_norm: bool | None = None) -> HostOps:
+    """The ops one micro-batch issues (autofit/planning/launches.py): its blocks' forward and
+    backward (with the forward its checkpointed blocks, ceil(L / k) of them, run again), the rest of
+    its forward and backward, the gradient adds of a micro-batch that accumulates (all but the
+    step's first: 1 - share of them; the first hands each gradient over by a detach instead), and
+    `share` (its part of the optimizer step's sequences) of the optimizer step's. `compiled`: the
+    blocks run compiled (trainer/compiler.py's default scope), the rest eager."""
+    block_k = sum(map(sum, launches.block_rows(shape, dtype, fused_norm).values()))
+    block_v = sum(launches.block_views(shape, fused_norm))
+    ckpt = -(-shape.n_layer // checkpointing) if checkpointing else 0
+    recomputed_k = ckpt * launches.recompute_kernels(shape, dtype, checkpointing_policy, fused_norm)
+    recomputed_v = ckpt * launches.block_views(shape, fused_norm)[0]
+    outside_k = sum(map(sum, launches.outside_rows(shape, dtype, fused_norm, loss_impl, n_chunks,
+                                                   torch_lce).values()))
+    outside_v = sum(launches.outside_views(shape, fused_norm, loss_impl, n_chunks, torch_lce))
+    added = launches.accumulate_kernels(shape) * (1.0 - share)
+    kernels = outside_k + added + launches.update_kernels(shape, dtype) * share
+    eager = kernels + outside_v - added + launches.update_views(shape) * share
+    blocks_k = shape.n_layer * block_k + recomputed_k
+    if compiled:
+        return HostOps(eager, kernels, compiled=blocks_k, graphs=2 * shape.n_layer)
+    blocks = blocks_k + shape.n_layer * block_v + recomputed_v
+    return HostOps(eager + blocks, kernels + blocks_k)
 
 
 def estimated_tokens_per_s(shape: ModelShape, micro_batch: int, dtype: str, checkpointing: int, hw,
                            checkpointing_policy: str = "full", tf32: bool = True,
-                           step_batch: int | None = None) -> float:
+                           step_batch: int | None = None, **host) -> float:
     """Tokens/s of micro-batch `micro_batch` on the card of hardware profile `hw` in an optimizer
     step of `step_batch` sequences: its tokens over the largest of step_floors (the roofline of the
-    module docstring). An estimate, never a measurement. Raises KeyError for an unknown policy."""
-    floors = step_floors(shape, micro_batch, dtype, checkpointing, hw, checkpointing_policy, tf32, step_batch)
+    module docstring; `host`: step_floors' compiled, loss_impl, ce_chunk_size, torch_lce). An
+    estimate, never a measurement. Raises KeyError for an unknown policy."""
+    floors = step_floors(shape, micro_batch, dtype, checkpointing, hw, checkpointing_policy, tf32, step_batch, **host)
     return micro_batch * shape.block_size / floors.seconds

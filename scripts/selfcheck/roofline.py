@@ -22,7 +22,7 @@ from figures import steady_steps
 
 # what every estimated figure is labelled with (the report's column headers and notes)
 LABEL = "estimated (roofline)"
-BOUNDS = {"compute": "compute", "memory bandwidth": "memory", "kernel launches": "launches"}
+BOUNDS = {"compute": "compute", "memory bandwidth": "memory", "host overhead": "host"}
 
 
 def card_spec(name: str | None, total_bytes: int | None):
@@ -43,15 +43,25 @@ def model_shape(cfg: dict):
     return ModelShape.from_config(SimpleNamespace(**{"dropout": 0.0, "bias": False, **cfg}))
 
 
+def torch_has_lce(version: str | None) -> bool | None:
+    """Whether the torch a run recorded ('2.11.0+cu130') has F.linear_cross_entropy (>= 2.13), which
+    its chunked loss then ran; None when not recorded (the roofline then asks this machine's torch)."""
+    try:
+        return tuple(int(x) for x in str(version).split("+")[0].split(".")[:2]) >= (2, 13)
+    except ValueError:
+        return None
+
+
 def step_estimate(shape, micro_batches: list[int], dtype: str, checkpointing: int, policy: str, hw,
-                  tf32: bool) -> dict:
+                  tf32: bool, **host) -> dict:
     """The roofline's tokens/s of one optimizer step of `micro_batches` (sequences each): the
     step's tokens over the sum of each micro-batch's floors, the update shared among them by
     sequences (as autofit.planning.estimated prices a plan's step), and which floor bounds the
-    largest micro-batch. An estimate, never a measurement."""
+    largest micro-batch. `host`: step_floors' compiled, loss_impl, ce_chunk_size, torch_lce. An
+    estimate, never a measurement."""
     from autofit.planning.throughput import step_floors
     batch = sum(micro_batches)
-    floors = [step_floors(shape, m, dtype, checkpointing, hw, policy, tf32, batch) for m in micro_batches]
+    floors = [step_floors(shape, m, dtype, checkpointing, hw, policy, tf32, batch, **host) for m in micro_batches]
     return {"tokens_per_s": batch * shape.block_size / sum(f.seconds for f in floors),
             "bound": BOUNDS[floors[micro_batches.index(max(micro_batches))].bound], "micro_batches": micro_batches}
 
@@ -72,6 +82,7 @@ class Roofline:
         self.problem: str | None = None
         s1, s3 = recs.get(1) or {}, recs.get(3) or {}
         card = s1.get("card") or s3.get("card") or {}
+        self.torch_lce = torch_has_lce(card.get("torch") or (recs.get(0) or {}).get("torch"))
         try:
             from autofit.planning.throughput import rate_words
             self.hw, self.source = card_spec(card.get("name"), card.get("total_bytes"))
@@ -107,13 +118,14 @@ class Roofline:
         from autofit.planning.trials import trial_split
         split = trial_split(int(cfg.get("effective_batch") or row["micro_batch"]), int(row["micro_batch"]))
         return step_estimate(model_shape(cfg), split, row["dtype"], int(row.get("checkpointing") or 0),
-                             row.get("checkpointing_policy") or "full", self.hw, bool(cfg.get("tf32", True)))
+                             row.get("checkpointing_policy") or "full", self.hw, bool(cfg.get("tf32", True)),
+                             compiled=bool(row.get("compile")), loss_impl=row.get("loss_impl") or "standard",
+                             ce_chunk_size=int(cfg.get("ce_chunk_size") or 4096), torch_lce=self.torch_lce)
 
     def phases(self, rec: dict | None) -> dict[str, dict | None]:
         """Stage 3's estimates, eager and compiled: the median over the steady steps the measured
-        tokens/s took (figures.steady_steps) of each step's own split. The roofline has no compile
-        term (estimated mode keeps compile as configured), so compiled steps get the eager
-        kernels' estimate: their ratio is compile's gain over the roofline."""
+        tokens/s took (figures.steady_steps) of each step's own split, the compiled steps' with
+        the compiled blocks' host floor (the compute and memory floors know no compile)."""
         raw = (rec or {}).get("raw_metrics") or []
         runs = [i for i, r in enumerate(raw) if r.get("type") == "run"]
         if self.hw is None or not runs:
@@ -125,8 +137,10 @@ class Roofline:
         shape, dtype = model_shape(cfg), run.get("dtype") or cfg.get("dtype")
         out = {}
         for phase, steps in zip(("eager", "compiled"), steady_steps(trains, events)):
+            host = {"compiled": phase == "compiled", "loss_impl": cfg.get("loss_impl") or "standard",
+                    "ce_chunk_size": int(cfg.get("ce_chunk_size") or 4096), "torch_lce": self.torch_lce}
             ests = [step_estimate(shape, list(r["micro_batches"]), dtype, int(cfg.get("checkpointing") or 0),
-                                  cfg.get("checkpointing_policy") or "full", self.hw, bool(cfg.get("tf32", True)))
+                                  cfg.get("checkpointing_policy") or "full", self.hw, bool(cfg.get("tf32", True)), **host)
                     for r in steps if r.get("micro_batches")]
             out[phase] = {"tokens_per_s": statistics.median(e["tokens_per_s"] for e in ests), "bound": ests[0]["bound"],
                           "micro_batches": ests[0]["micro_batches"]} if ests else None
