@@ -91,7 +91,7 @@ def test_estimated_fp32_is_priced_at_tf32_where_the_card_and_config_have_it():
     from autofit.planning.estimate import ModelShape
     from autofit.planning.throughput import estimated_tokens_per_s
     shape = ModelShape.from_config(cfg_of())
-    # figures / 10,000: so slow that the compute floor binds, not the launch floor (test_throughput.py)
+    # figures / 10,000: so slow that the compute floor binds, not the host floor (test_throughput.py)
     ampere = SimpleNamespace(peak_bf16_tflops=0.0312, peak_fp16_tflops=0.0312, compute_capability=(8, 0))
     volta = SimpleNamespace(peak_bf16_tflops=None, peak_fp16_tflops=0.0125, compute_capability=(7, 0))
     fp16 = estimated_tokens_per_s(shape, 8, "float16", 0, ampere)
