@@ -140,7 +140,7 @@ def _print_probe(res, cfg, opts, rerun, saved, plot, verbose) -> None:
 def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
             overrides: List[str] = SetOpt,
             max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train optimizer steps 0 to N-1, then stop with a checkpoint (the LR schedule still follows max_iters)."),
-            out: Optional[str] = typer.Option(None, "--out", help="Output directory (checkpoints, metrics.jsonl)."),
+            out: Optional[str] = typer.Option(None, "--out", help="Output directory (checkpoints, metrics.jsonl; default: the config's out_dir)."),
             resume: bool = typer.Option(False, "--resume", help="Continue from <out>/ckpt.pt."),
             profile: Optional[str] = typer.Option(None, "--profile", help="Use (or fit and save) the plan in this GPU profile, e.g. rtx4070-12gb."),
             emulate: bool = typer.Option(False, "--emulate", help="On a larger GPU, cap this process to the profile's memory."),

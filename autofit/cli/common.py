@@ -255,15 +255,15 @@ def check_budget_source(budget: str | None) -> None:
 
 
 DeviceOpt = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: the config's device; 'auto' there: the GPU if there is one, else the budgeted CPU).")
-BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB; GiB/MiB and G/M are binary, GB/MB decimal (default: half of available RAM, rounded down to a whole GiB).")
-GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU (NVML index; default 0). Refused on the CPU and under torchrun.")
+BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB; GiB/MiB and G/M are binary, GB/MB decimal (default: half of available RAM, rounded down to a whole GiB, or below 2 GiB to 64 MiB).")
+GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU: its CUDA index, as in cuda:N (CUDA_VISIBLE_DEVICES applies; default 0). Refused on the CPU and under torchrun.")
 DEFAULT_MARGIN = 0.10
-MarginOpt = typer.Option(DEFAULT_MARGIN, "--margin", help="Share of usable memory kept free as a safety margin.")
+MarginOpt = typer.Option(DEFAULT_MARGIN, "--margin", help="Share of usable memory kept free as a safety margin, a fraction from 0 up to (not including) 1: 0.1 keeps 10 %.")
 DtypeOpt = typer.Option(None, "--dtype", help="Narrow or widen dtypes: float32, bfloat16, float16, a comma list, or 'any' (default: the config's).")
-CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: the config's compile, tried both ways).")
-CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing intervals to try, comma list (0=off, 1=every block).")
+CompileOpt = typer.Option(None, "--compile/--no-compile", help="Only compiled / only eager candidates (default: eager, and compiled too where the config sets compile = True).")
+CkptOpt = typer.Option(None, "--checkpointing", help="Activation checkpointing intervals to try, comma list (0=off, 1=every block, k=every k-th block; default: 0, 1 and the config's checkpointing).")
 CkptPolicyOpt = typer.Option(None, "--checkpointing-policy", help="What a checkpointed block keeps, policies to try: full (only its input) or selective (its matmul and attention outputs too, less recompute), comma list (default: both where torch has selective checkpointing).")
-LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standard, chunked (comma list).")
+LossOpt = typer.Option(None, "--loss", help="Loss implementations to try: standard, chunked (comma list; default: both).")
 
 
 def _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin, gpu_index=None,

@@ -15,12 +15,12 @@ from trainer.errors import counted
 sample_app = typer.Typer()
 @sample_app.command("sample")
 def sample_cmd(out: Path = typer.Option(Path("out"), "--out", help="Run directory holding ckpt.pt (autofit's or nanoGPT's), or the file itself."),
-               start: str = typer.Option("\n", "--start", help="Prompt text, or FILE:path to read it from a file (default a newline, as sample.py; id 0 where the vocabulary has none)."),
+               start: str = typer.Option("\n", "--start", show_default=False, help="Prompt text, or FILE:path to read it from a file (default a newline, as sample.py; id 0 where the vocabulary has none)."),
                num_samples: int = typer.Option(10, "--num-samples", help="Samples to draw."),
                max_new_tokens: int = typer.Option(500, "--max-new-tokens", help="Tokens generated per sample."),
                temperature: float = typer.Option(0.8, "--temperature", help="> 0; below 1 sharper, above 1 more random."),
                top_k: int = typer.Option(200, "--top-k", help="Sample from the K most likely tokens (>= 1)."),
-               seed: int = typer.Option(1337, "--seed"),
+               seed: int = typer.Option(1337, "--seed", help="Random seed (torch.manual_seed), as sample.py's."),
                device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there is a GPU)."),
                init_from: str = typer.Option("resume", "--init-from", help="resume (from --out), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a directory with a GPT-2 model.safetensors + config.json."),
                as_json: bool = typer.Option(False, "--json", help="Print only JSON.")):
@@ -66,8 +66,8 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
                  no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (and no line per shard written).")):
     """Write a dataset as nanoGPT lays it out: train.bin/val.bin (+ meta.pkl), or llm.c shards.
 
-    A Ctrl-C/SIGTERM stops at the next document or shard; fineweb-edu keeps its finished shards
-    and the same command, run again, continues from them."""
+    A Ctrl-C/SIGTERM stops at the next boundary (a document, a shard, 4M characters of a text);
+    fineweb-edu keeps its finished shards and the same command, run again, continues from them."""
     from trainer.data.prepare import PrepareStopped, prepare
     from trainer.paths import expand_user
     # --out=~/data/sc: a shell expands no '~' after '=', and a folder named '~' here invites `rm -rf ~`
