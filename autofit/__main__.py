@@ -14,6 +14,8 @@ def run() -> None:
         # milliseconds, longer on a loaded machine) was uncaught, and Python ended by SIGINT (-2)
         from autofit import interrupts  # no torch: loads at once
         interrupts.unwind_stops()  # SIGTERM/SIGHUP from here on: that line too, not a silent death
+        from autofit.devices.host_load import choose_openmp_wait
+        choose_openmp_wait()  # before torch loads: libgomp reads its wait policy once, then
         from autofit.cli import app as cli  # no torch: the commands import it when they need it
     except KeyboardInterrupt:
         _interrupted_while_starting()

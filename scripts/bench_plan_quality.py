@@ -51,9 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# as `autofit` starts (autofit/__main__.py), before torch loads: sleeping OpenMP waits where the
+# machine is loaded, for the probes' children and this process's grid alike
+from autofit.devices.host_load import choose_openmp_wait  # noqa: E402
+
+choose_openmp_wait()
+import torch  # noqa: E402
 
 from autofit.devices.cpu import cpu_info  # noqa: E402
 from autofit.devices.cpu_budget import BudgetedCpuDevice  # noqa: E402

@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# The commands the tests start as processes (python -m autofit ...) get one OpenMP wait policy,
+# whatever the machine's load when they start (autofit.devices.host_load.choose_openmp_wait would
+# choose by it, and say so in their output): sleeping waits, the faster under a loaded CI. Set
+# after torch loaded here, so this process keeps its own default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(config, items):

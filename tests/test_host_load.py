@@ -46,11 +46,62 @@ def test_the_meter_leaves_out_this_process_own_cpu_time(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("others, said", [(0.1, False), (0.4, False), (0.5, True), (1.8, True)])
 def test_a_line_is_added_only_past_a_fifth_of_the_cores(others, said):
-    line = load_words(Load(others_cores=others, cores=2, seconds=30.0))
+    line = load_words(Load(others_cores=others, cores=2, seconds=30.0), environ={})
     assert (line is not None) == said
     if said:
         assert line.startswith("load: other processes kept") and "probe again when it is quiet" in line
-    assert load_words(None) is None
+        assert "OMP_WAIT_POLICY=PASSIVE" in line  # the way out, named
+    assert load_words(None, environ={}) is None
+
+
+def test_with_sleeping_waits_the_line_says_the_figures_were_not_inflated():
+    line = load_words(Load(others_cores=1.5, cores=2, seconds=30.0), environ={"OMP_WAIT_POLICY": "passive"})
+    assert "OpenMP's waiting threads slept" in line and "did not count in the CPU-time figures" in line
+    assert "probe again" not in line
+
+
+def _choose(environ, average, cores=2, modules=()):
+    return host_load.choose_openmp_wait(environ, loadavg=lambda: (average, 0.0, 0.0), cores=cores,
+                                        loaded_modules=set(modules))
+
+
+@pytest.mark.parametrize("average, passive", [(0.0, False), (0.4, False), (0.41, True), (3.0, True)])
+def test_sleeping_waits_are_chosen_only_on_a_machine_loaded_at_start(average, passive, monkeypatch):
+    monkeypatch.setitem(host_load._WAIT_SET, "line", None)
+    env: dict[str, str] = {}
+    line = _choose(env, average)
+    assert (env.get("OMP_WAIT_POLICY") == "PASSIVE") == passive and (line is not None) == passive
+    assert host_load.openmp_wait_line() == line
+    if passive:
+        assert f"load average {average:.1f} on 2 cores at start" in line and "set OMP_WAIT_POLICY yourself" in line
+
+
+@pytest.mark.parametrize("env, modules", [({"OMP_WAIT_POLICY": "ACTIVE"}, ()), ({"GOMP_SPINCOUNT": "10k"}, ()),
+                                          ({}, ("torch",))])
+def test_a_users_own_policy_or_a_loaded_torch_is_left_as_it_is(env, modules, monkeypatch):
+    monkeypatch.setitem(host_load._WAIT_SET, "line", None)
+    before = dict(env)
+    assert _choose(env, 9.0, modules=modules) is None and env == before and host_load.openmp_wait_line() is None
+
+
+def test_no_load_average_sets_nothing():
+    def none():
+        raise OSError("no load average")
+    env: dict[str, str] = {}
+    assert host_load.choose_openmp_wait(env, loadavg=none, cores=2, loaded_modules=set()) is None and env == {}
+
+
+def test_the_entry_point_chooses_before_the_cli_and_torch_load(monkeypatch):
+    """autofit.__main__.run asks before it imports the CLI (which the commands' torch follows): libgomp
+    reads the policy once, when torch loads it."""
+    import autofit.__main__ as entry
+    seen = []
+    monkeypatch.setattr(host_load, "choose_openmp_wait", lambda: seen.append("chosen"))
+    import autofit.cli.app as app
+    monkeypatch.setattr(app, "main", lambda: seen.append("main"))
+    with pytest.raises(SystemExit):
+        entry.run()
+    assert seen == ["chosen", "main"]
 
 
 def test_a_probe_on_a_loaded_cpu_says_so_in_its_notes(tmp_path, monkeypatch, capsys):

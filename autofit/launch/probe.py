@@ -11,7 +11,7 @@ from typing import Callable
 from autofit.planning.budget import compute_budget, device_budget
 from autofit.planning.candidates import candidate_space
 from autofit.devices.device import DeviceError
-from autofit.devices.host_load import LoadMeter
+from autofit.devices.host_load import WAIT_ENV, LoadMeter, openmp_wait_line
 from autofit.devices.opener import open_device, open_simulated
 from autofit.planning.estimated import probe_estimated
 from autofit.planning.planner import ProbeResult, probe_measured
@@ -149,6 +149,8 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
             f"for a GPU you do not have here, estimate with --gpu NAME (e.g. --gpu rtx4070-12gb)")
     for note in space.notes:
         log(note)
+    if info.kind == "cpu" and (said := openmp_wait_line()):
+        log(said)  # why this probe's CPU-time figures hold under the load it started in
     _wait_if_asked()
     from trainer.interrupt import StopFlag
     notice = "autofit: stopping after the trial in flight (Ctrl-C again to stop now)"
@@ -171,15 +173,22 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     return res
 
 
-def load_words(load) -> str | None:
+def load_words(load, environ=os.environ) -> str | None:
     """The line a probe on the CPU adds when other processes oversubscribed the cores during its
     trials (autofit.devices.host_load.Load.busy), else None: its CPU-time figures were inflated
-    by it, so the plan may not be the one a quiet machine would choose."""
+    by it, so the plan may not be the one a quiet machine would choose. Where OpenMP's waiting
+    threads slept (OMP_WAIT_POLICY=PASSIVE in `environ`: autofit.devices.host_load.
+    choose_openmp_wait), waiting for a core was not counted, and the line says so instead."""
     if load is None or not load.busy:
         return None
+    if environ.get(WAIT_ENV, "").strip().upper() == "PASSIVE":
+        return (f"load: {load.words()} while the trials ran; OpenMP's waiting threads slept ({WAIT_ENV}=PASSIVE), "
+                f"so waiting for a core did not count in the CPU-time figures the contest judged (on a 2-core machine "
+                f"at load 3-10 such probes chose the quiet machine's plan 9 times in 10); a quiet machine is surer")
     return (f"load: {load.words()} while the trials ran: on oversubscribed cores a thread waiting for a core "
             f"spins, so the CPU-time figures the contest judged grew with the load (up to 5-9x seen on a 2-core "
-            f"machine) and this plan may not be the one a quiet machine picks; probe again when it is quiet")
+            f"machine) and this plan may not be the one a quiet machine picks; probe again when it is quiet, or "
+            f"with {WAIT_ENV}=PASSIVE set (waiting threads then sleep)")
 
 
 def run_probe(cfg, opts: ProbeOptions, log: Callable[[str], None] = lambda s: None, say_schedule: bool = True):
