@@ -453,3 +453,18 @@ def test_a_vocab_size_pinned_above_the_datas_characters_is_not_blamed_on_a_new_p
     other = {s: {**fp, "tokens": fp["tokens"] + 1} if isinstance(fp, dict) else fp for s, fp in same.items()}
     said = pick_codec("tinychars", big, data_root=tmp_path / "data", trained_on=other).description
     assert "was prepared again since the model trained" in said and "was set above" not in said
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")])
+def test_sampling_on_a_gpu_picks_bf16_only_where_the_card_has_it(capability, dtype, monkeypatch):
+    """A T4 (7.5) emulates bf16, and torch.cuda.is_bf16_supported() says yes there: sampling asks the
+    compute capability, as training does (trainer.step.cuda_bf16_supported), and takes fp16."""
+    import warnings
+
+    from trainer import sample
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU-only torch warns that CUDA autocast is off
+        name, _ = sample._autocast(torch.device("cuda"))
+    assert name == dtype

@@ -30,6 +30,7 @@ from trainer.checkpoint.nanogpt import NanoGPTCheckpoint, check_finite, read_nan
 from trainer.paths import PathProblem, expand_user, input_file
 from trainer.model.pretrained import GPT2_MODELS, INSTALL_HINT, load_gpt2
 from trainer.errors import counted
+from trainer.step import cuda_bf16_supported
 
 # logits / temperature must stay finite in float32 (3.4e38), or softmax gives NaN and sampling
 # fails: 1e-6 keeps logits up to 1e32 finite. --top-k 1 is the way to ask for greedy decoding.
@@ -352,8 +353,10 @@ def _prompt_ids(codec: Codec, start: str) -> tuple[list[int], str]:
 
 
 def _autocast(device: torch.device):
-    # sample.py's choice: bf16 where the GPU supports it, else fp16; fp32 on the CPU
+    # sample.py's choice: bf16 where the GPU has it, else fp16; fp32 on the CPU. Asked as training
+    # asks (compute capability 8.0+): torch.cuda.is_bf16_supported() says yes where bf16 is only
+    # emulated (a T4), and sampling there in bf16 is slow
     if device.type != "cuda":
         return "float32", contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if cuda_bf16_supported(device) else torch.float16
     return str(dtype).removeprefix("torch."), torch.autocast(device_type="cuda", dtype=dtype)
