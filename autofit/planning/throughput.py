@@ -101,8 +101,8 @@ def rate_words(hw=None) -> str:
             if getattr(hw, "sustained_tflops", None) else "the card's peak TFLOP/s")
     return (f"roofline, the slowest of {rate} x {ASSUMED_MFU:.0%} assumed MFU, the bytes "
             f"a step moves over its memory bandwidth, and the host's {HOST_OP_SECONDS * 1e6:g} us per eager op "
-            f"plus {LAUNCH_SECONDS * 1e6:g} us per kernel launch ({COMPILED_KERNEL_SECONDS * 1e6:g} us per kernel "
-            f"of a compiled block)")
+            f"plus {LAUNCH_SECONDS * 1e6:g} us per kernel launch, {COMPILED_KERNEL_SECONDS * 1e6:g} us per kernel "
+            f"of a compiled block")  # no parenthesis of its own: the plan line puts it in one
 
 
 RATE_WORDS = rate_words()  # a card without sustained_tflops
