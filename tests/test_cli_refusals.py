@@ -263,6 +263,33 @@ def test_another_device_or_budget_with_the_resume_of_an_autofit_run_is_one_line(
     assert code == 0 and "resuming" in err and "--budget" not in err, err
 
 
+def test_no_smaller_micro_batch_left_on_the_budgeted_cpu_advises_a_resume_that_works(tmp_path, monkeypatch, capsys):
+    """t11's M4 (session 17): the stop said '--resume continues from it (with more memory)', and
+    the resume refused any other --budget, so nothing could give it more. Now the line names a
+    larger --budget, and the resume takes one (a smaller one stays refused: a re-fit is a probe)."""
+    monkeypatch.setenv("AUTOFIT_FAULT_OOM_AT_STEP", "1")
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *SMALL, "--set", "batch_size=1",
+                       "--set", "gradient_accumulation_steps=2", "--max-steps", "3", "--out", "o", "--no-progress")
+    assert code == 2 and "no smaller micro-batch is left to try" in err, err
+    assert "holds step 1: --resume with a --budget above 64.0 MiB continues from it with more memory" in err, err
+    monkeypatch.delenv("AUTOFIT_FAULT_OOM_AT_STEP")
+    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--budget", "32MiB", "--no-progress")
+    assert code == 2 and "--budget 32.0 MiB with --resume" in err and "a larger --budget is taken" in err, err
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--budget", "128MiB", "--max-steps", "3",
+                         "--no-progress")
+    assert code == 0, err
+    assert "--resume with --budget 128.0 MiB: the run goes on under it (it trained under 64.0 MiB)" in err, err
+    import torch
+    ck = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
+    assert ck["iter_num"] == 3 and ck["device"]["budget_bytes"] == 128 * 2**20 and max(ck["micro_batches"]) == 1
+    # its next resume goes on under the budget it last ran under
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--budget", "64MiB", "--set", "max_iters=5",
+                       "--no-progress")
+    assert code == 2 and "cpu-budgeted, budget 128.0 MiB" in err, err
+
+
 def test_a_repeated_value_in_a_lever_list_is_searched_once(monkeypatch, capsys):
     import json
     code, once, _ = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--loss", "chunked",

@@ -757,13 +757,25 @@ def test_a_fatal_oom_keeps_the_completed_steps(tmp_path):
         train(cfg, opts(max_steps=4, fault=FaultInjector(2), shrink=lambda failed: None))
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ck["iter_num"] == 2
-    assert str(e.value).endswith(f"; {tmp_path / 'ckpt.pt'} holds step 2: --resume continues from it (with more "
-                                 f"memory)"), e.value
+    assert str(e.value).endswith(f"; {tmp_path / 'ckpt.pt'} holds step 2: --resume continues from it with more "
+                                 f"memory (other processes' memory freed)"), e.value
     # r1: at step 0 nothing trained; an untrained checkpoint would only block a new run on the folder
     with pytest.raises(TrainError, match="no smaller micro-batch is left to try") as e:
         train(make_cfg(tmp_path / "at0"), opts(max_steps=4, fault=FaultInjector(0), shrink=lambda failed: None))
     assert "holds step" not in str(e.value) and not (tmp_path / "at0" / "ckpt.pt").exists()
 
+
+
+def test_the_way_to_more_memory_after_a_fatal_oom_is_the_devices_own():
+    """t11's M4: 'with more memory' could not be followed on the budgeted CPU, whose resume keeps
+    its budget unless a larger --budget is given; under --emulate a resume keeps the cap."""
+    from trainer.redo import resume_with_more_memory
+    assert resume_with_more_memory({"kind": "cpu-budgeted", "budget_bytes": 64 * 2**20}) == \
+        "--resume with a --budget above 64.0 MiB continues from it with more memory"
+    assert "a larger GPU" in resume_with_more_memory({"kind": "cuda", "memory_cap_bytes": None})
+    capped = resume_with_more_memory({"kind": "cuda", "memory_cap_bytes": 4 * 2**30})
+    assert "keeps its 4.0 GiB cap (--emulate's)" in capped and "without --emulate" in capped
+    assert "GPU" not in resume_with_more_memory({"kind": "cpu"})
 
 
 class ReservedMeter(NullMeter):

@@ -80,8 +80,8 @@ class RedoneStep:
                 if self.iter_num > 0:  # at step 0 nothing trained: a checkpoint would only block a new run
                     self.save_last()
                 if self.saved_step is not None:  # what is kept, as every other stop says it
-                    e.args = (f"{e}; {self.ckpt_path} holds step {self.saved_step}: --resume continues from it "
-                              f"(with more memory)",)
+                    e.args = (f"{e}; {self.ckpt_path} holds step {self.saved_step}: "
+                              f"{resume_with_more_memory(self.meter.spec())}",)
                 raise
             self._set_rng_state(rng)
 
@@ -175,3 +175,24 @@ class RedoneStep:
         torch.set_rng_state(state[0])
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], self.device)
+
+
+def _mib(n: int) -> str:
+    """Bytes as --budget takes them and autofit prints them: GiB from 1 GiB, else MiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def resume_with_more_memory(spec: dict) -> str:
+    """How a run stopped by an out-of-memory error with no smaller micro-batch left goes on from
+    its checkpoint with more memory, on the device `spec` names (MemoryMeter.spec()): a budgeted
+    CPU's resume takes a larger --budget (autofit.launch.resume, nothing else reopens it with
+    more); a GPU's has more when other processes free some or on a larger card, except under an
+    --emulate cap, which a resume keeps; a plain CPU's when more RAM is free."""
+    budget, cap = spec.get("budget_bytes"), spec.get("memory_cap_bytes")
+    if budget:
+        return f"--resume with a --budget above {_mib(int(budget))} continues from it with more memory"
+    if cap:
+        return (f"--resume keeps its {_mib(int(cap))} cap (--emulate's), where it may run out again; for more memory "
+                f"start a new run (another --out) without --emulate")
+    larger = ", or on a larger GPU" if spec.get("kind") == "cuda" else ""
+    return f"--resume continues from it with more memory (other processes' memory freed{larger})"

@@ -90,6 +90,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     cfg.out_dir = str(out_dir)
     spec = device_spec(ck)
     check_same_device(probe_opts, spec, overrides.get("device"), (sources or {}).get("device", "--set"))
+    spec = _larger_budget(probe_opts, spec, log)
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
@@ -138,14 +139,17 @@ def _device_words(spec: dict) -> str:
 
 
 def check_same_device(probe_opts, spec: dict, set_device: str | None = None, set_where: str = "--set") -> None:
-    """An autofit checkpoint goes on on the device and budget it trained on (`spec`, its meter's),
-    with its own plan: a --device or --budget that asks for another would be ignored, so it is
-    refused (ConfigError, before any work), as --dtype is; so is a config's `device` (`set_device`,
-    from --set or a resume config: `set_where`, or the config a --device came from), which a fresh
-    run would open. Why not honour a smaller --budget: the plan's micro-batch was fitted under
-    the old one, and re-fitting means a probe, which a resume promises not to run (the same run,
-    not a new plan); on a GPU an out-of-memory mid-run still shrinks the micro-batch. The same
-    device and budget again are accepted (they change nothing), and so is device 'auto'."""
+    """An autofit checkpoint goes on on the device it trained on (`spec`, its meter's), with its
+    own plan: a --device that asks for another would be ignored, so it is refused (ConfigError,
+    before any work), as --dtype is; so is a config's `device` (`set_device`, from --set or a
+    resume config: `set_where`, or the config a --device came from), which a fresh run would
+    open. A --budget is refused unless it is the budgeted CPU checkpoint's own or larger
+    (_larger_budget). Why not honour a smaller one: the plan's micro-batch was fitted under the
+    old one, and re-fitting means a probe, which a resume promises not to run (the same run, not
+    a new plan). A larger one needs no re-fit: what fitted under less fits under more, as on a GPU
+    whose other processes freed memory, and it is how a run stopped by an out-of-memory error
+    with no smaller micro-batch left goes on (trainer.redo). The same device again is accepted
+    (it changes nothing), and so is device 'auto'."""
     asked = []  # (what was asked, what to drop)
     kind = _device_kind(spec)
     if probe_opts.device is not None and probe_opts.device != kind:
@@ -154,13 +158,29 @@ def check_same_device(probe_opts, spec: dict, set_device: str | None = None, set
     elif set_device not in (None, "auto") and set_device.partition(":")[0] != kind:
         asked.append((f"device {set_device!r} ({set_where})",
                       "--set device" if set_where == "--set" else f"device from {set_where}"))
-    if probe_opts.budget_bytes is not None and probe_opts.budget_bytes != spec.get("budget_bytes"):
-        asked.append((f"--budget {fmt_bytes(probe_opts.budget_bytes)}", "--budget"))
+    budget = probe_opts.budget_bytes
+    if budget is not None and not (spec.get("budget_bytes") and budget >= spec["budget_bytes"]):
+        asked.append((f"--budget {fmt_bytes(budget)}", "--budget"))
     if asked:
+        larger = (" (a larger --budget is taken: what fitted under the checkpoint's fits under it)"
+                  if spec.get("budget_bytes") and any(drop == "--budget" for _, drop in asked) else "")
         raise ConfigError(f"{' and '.join(a for a, _ in asked)} with --resume: an autofit checkpoint goes on on the "
-                          f"device it trained on ({_device_words(spec)}) with its own plan, no probe; drop "
+                          f"device it trained on ({_device_words(spec)}) with its own plan, no probe{larger}; drop "
                           f"{'them' if len(asked) > 1 else asked[0][1]}, or start a new run with another "
                           f"--out to fit a plan there")
+
+
+def _larger_budget(probe_opts, spec: dict, log) -> dict:
+    """The device spec a resume reopens: the checkpoint's, with a --budget larger than its budgeted
+    CPU's (check_same_device let only that through) in place of its budget, said in one line.
+    The plan (its micro-batch, after any shrinks) is kept: it fitted under the smaller budget."""
+    budget = probe_opts.budget_bytes
+    if budget is None or budget == spec.get("budget_bytes"):
+        return spec
+    log(f"--resume with --budget {fmt_bytes(budget)}: the run goes on under it (it trained under "
+        f"{fmt_bytes(spec['budget_bytes'])}) with its own plan, no probe: what fitted there fits here; a probe for "
+        f"the larger budget (a new run with another --out) may choose a larger micro-batch")
+    return {**spec, "budget_bytes": budget}
 
 
 def _say_not_applied(overrides: dict[str, Any], saved: TrainConfig, cfg: TrainConfig, spec: dict, micro: int,
