@@ -290,6 +290,31 @@ def test_no_smaller_micro_batch_left_on_the_budgeted_cpu_advises_a_resume_that_w
     assert code == 2 and "cpu-budgeted, budget 128.0 MiB" in err, err
 
 
+def test_a_resume_on_ranks_that_cannot_share_its_batch_is_refused_before_they_start(tmp_path, monkeypatch, capsys):
+    """t11's L4 (session 17): an effective batch of 15 resumed on 2 ranks was refused by rank 0
+    after torchrun had started both (3 lines); a fresh run is refused in the launcher. Now the
+    resume is too, on the checkpoint's config with its --set values: the suggested --set with
+    --allow-changes goes through to the launch."""
+    from autofit.launch import launcher
+    launched = []
+    monkeypatch.setattr(launcher, "relaunch", lambda argv, n, log: launched.append(n) or 0)
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *SMALL, "--set", "batch_size=5",
+                       "--set", "gradient_accumulation_steps=3", "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--nproc-per-node", "2", "--max-steps", "2",
+                       "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not launched, err
+    assert "the effective batch of 15 sequences (batch_size x gradient_accumulation_steps) does not divide among 2 " \
+           "ranks; the nearest that do are 14 or 16" in err and "--allow-changes" in err and "rank 0" not in err, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--nproc-per-node", "2", "--max-steps", "2",
+                       "--set", "batch_size=8", "--set", "gradient_accumulation_steps=2", "--no-progress")
+    assert code == 2 and "--allow-changes" in err and not launched, err  # a change of what it trains: refused here too
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--nproc-per-node", "2", "--max-steps", "2",
+                       "--set", "batch_size=8", "--set", "gradient_accumulation_steps=2", "--allow-changes",
+                       "--no-progress")
+    assert launched == [2], err
+
+
 def test_a_repeated_value_in_a_lever_list_is_searched_once(monkeypatch, capsys):
     import json
     code, once, _ = cli(monkeypatch, capsys, "probe", "--gpu", "rtx4070-12gb", "--loss", "chunked",

@@ -166,18 +166,18 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         from autofit.launch.profile_gpu import check_profile_here
         check_profile_here(profile, emulate, opts, _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin))
     resuming = resume or cfg.init_from == "resume"
+    asked, sources = _resume_overrides(cfg, overrides, resume) if resuming else ({}, {})
     if not resuming:  # before the output folder is made: a run with no step to train writes nothing
         from autofit.launch.checks import check_steps_left
         check_steps_left(0, cfg, max_steps)
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
-        _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log, opts)
+        _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log, opts, resumed=(asked, sources, allow_changes))
     _hold_out_dir(cfg.out_dir, cfg.tensorboard_dir)
     if resuming:  # nanoGPT's init_from='resume' is --resume
         from autofit.launch.resume import prepare_resume
         from trainer.checkpoint.ckpt import check_out_dir
         check_out_dir(cfg.out_dir)
         interrupts.during(f"interrupted before training resumed; {Path(cfg.out_dir) / 'ckpt.pt'} is kept as it was")
-        asked, sources = _resume_overrides(cfg, overrides, resume)
         launch = prepare_resume(cfg.out_dir, asked, probe_opts=opts, sources=sources, allow_changes=allow_changes,
                                 max_steps=max_steps, progress=not no_progress, log=log)
         _say_plan(launch, detail=launch.probe is not None)
@@ -282,10 +282,11 @@ def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict
     return out, sources
 
 
-def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=None, fresh: bool = True) -> None:
-    """--nproc-per-node N: what a fresh run would refuse is checked here once (`fresh`: a run's
-    output folder too), then torchrun starts the same command on N ranks; this process exits
-    with their status."""
+def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=None, fresh: bool = True,
+                 resumed: tuple = ()) -> None:
+    """--nproc-per-node N: what a fresh run would refuse is checked here once (`fresh`: a run's output
+    folder too; `resumed`: a resume's --set values, their sources, --allow-changes: for its batch), then
+    torchrun starts the same command on N ranks; this process exits with their status."""
     from autofit.launch.launcher import relaunch
     from autofit.launch.torchrun import check_ranks
     if gpu_index is not None:
@@ -293,7 +294,7 @@ def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=
                          f"its LOCAL_RANK: drop --gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs they see)")
     if fresh and not resuming:
         _check_fresh_run(cfg, log)
-    check_ranks(cfg, nproc_per_node, resuming)
+    check_ranks(cfg, nproc_per_node, resuming, *resumed)
     from autofit.devices.cpu import check_ranks_fit
     check_ranks_fit(nproc_per_node, opts.budget_bytes if opts else None, opts.device if opts else None)
     code = relaunch(sys.argv[1:], nproc_per_node, log)

@@ -214,11 +214,26 @@ def _saved_plan(plan_info: dict, path: Path) -> PlanRecord | None:
         raise TrainError(f"{path}: plan: {first_problem(e, 'plan')}") from None
 
 
-def _check_split_change(cfg, before: int) -> None:
-    """A resume on another number of ranks (torchrun) keeps the effective batch; each rank's share
-    changes (the trainer's 'world_size_changed' event says how). Raises TrainError, before any
-    work, when the new number does not divide it."""
-    now = agree.ranks().world_size
+def check_resume_ranks(out_dir: str, world_size: int, overrides: dict[str, Any], sources: dict[str, str] | None,
+                       allow_changes: bool) -> None:
+    """--resume with --nproc-per-node N, in the launcher before any rank starts: the checkpoint is
+    read (mapped, not loaded: its fields and shapes) and its config with the --set values a resume
+    takes (`overrides`, refused ones refused here) must share its effective batch among the N
+    ranks, as each rank checks in prepare_resume. So a batch they cannot share is one line before
+    torchrun starts, as a fresh run's is, not rank 0's after every rank started. A nanoGPT
+    checkpoint is probed afresh in the ranks, and checked there. Raises TrainError, ConfigError."""
+    ck = read_checkpoint(Path(out_dir) / "ckpt.pt", any_layout=True, mmap=True)
+    if not all(k in ck for k in ("config", "sampler")):
+        return
+    cfg, _ = _with_changes(TrainConfig(**ck["config"]), overrides, allow_changes, lambda s: None, sources)
+    _check_split_change(cfg, int(ck.get("world_size", 1)), world_size)
+
+
+def _check_split_change(cfg, before: int, now: int | None = None) -> None:
+    """A resume on another number of ranks (`now`: torchrun's, unless given) keeps the effective
+    batch; each rank's share changes (the trainer's 'world_size_changed' event says how). Raises
+    TrainError, before any work, when the new number does not divide it."""
+    now = agree.ranks().world_size if now is None else now
     if before == now:
         return
     from trainer.distributed.shares import check_divisible

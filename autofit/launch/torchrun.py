@@ -36,20 +36,22 @@ STARTING = "interrupted while starting; nothing was done"
 STOP_SIGNALS = tuple(sig for sig in TRAINING_STOP_SIGNALS if sig != signal.SIGINT)
 
 
-def check_ranks(cfg, nproc_per_node: int | None, resume: bool) -> None:
+def check_ranks(cfg, nproc_per_node: int | None, resume: bool, overrides: dict | None = None,
+                sources: dict | None = None, allow_changes: bool = False) -> None:
     """Before any probe: the effective batch must divide among the ranks (--nproc-per-node N, or
-    torchrun's WORLD_SIZE). A resume checks the checkpoint's own batch later; with --nproc-per-node
-    its file is checked here first (as each rank will: trainer.checkpoint.ckpt.read_checkpoint), so
-    that a bad or newer-format one ('upgrade autofit') is one line before N ranks start. Raises
-    TrainError, or DeviceError for --nproc-per-node inside a torchrun rank."""
+    torchrun's WORLD_SIZE). A resume's is its checkpoint's config with its --set values
+    (`overrides`, from `sources`, `allow_changes`); with --nproc-per-node its file and that batch
+    are checked here first (as each rank will: autofit.launch.resume.check_resume_ranks), so that a
+    bad or newer-format one ('upgrade autofit') or a batch the ranks cannot share is one line
+    before N ranks start. Raises TrainError or ConfigError, or DeviceError for --nproc-per-node
+    inside a torchrun rank."""
     if nproc_per_node is not None and under_torchrun():
         raise DeviceError("--nproc-per-node starts torchrun; this process is already one of torchrun's ranks")
     if nproc_per_node is not None and nproc_per_node < 1:
         raise DeviceError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
-    if resume and nproc_per_node is not None:  # mapped, not read: shapes and fields only
-        from pathlib import Path
-        from trainer.checkpoint.ckpt import read_checkpoint
-        read_checkpoint(Path(cfg.out_dir) / "ckpt.pt", any_layout=True, mmap=True)
+    if resume and nproc_per_node is not None:
+        from autofit.launch.resume import check_resume_ranks
+        check_resume_ranks(cfg.out_dir, nproc_per_node, overrides or {}, sources, allow_changes)
     if resume or (nproc_per_node is None and not under_torchrun()):
         return
     from trainer.distributed.shares import check_divisible
