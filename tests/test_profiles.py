@@ -364,6 +364,31 @@ def test_remove_plan_then_profile():
         remove_profile("cpu-2gb")
 
 
+def test_rm_of_a_whole_profile_takes_its_lock_file_and_leaves_the_lock_exclusive(monkeypatch):
+    """t11's L7 (session 17): `profiles rm NAME` left NAME.toml.lock behind. It goes with the
+    profile, removed while held: a process that opened the old lock file before (waiting) finds
+    it unlinked, which filelock >= 3.20.4 takes as 'open the path again'; the next holders of the
+    path's lock still exclude each other. With an older filelock the file stays."""
+    import filelock
+    save_plan("cpu-2gb", None, make_plan())
+    lock_path = profile_path("cpu-2gb").with_name("cpu-2gb.toml.lock")
+    assert lock_path.exists()
+    waiter = os.open(lock_path, os.O_RDWR)  # a waiter between its polls holds the old file open
+    try:
+        remove_profile("cpu-2gb")
+        assert not lock_path.exists() and not profile_path("cpu-2gb").exists()
+        assert os.fstat(waiter).st_nlink == 0  # what filelock's acquire checks after its flock
+    finally:
+        os.close(waiter)
+    with profile_files.locked(profile_path("cpu-2gb")):  # a new lock file at the path, held
+        with pytest.raises(filelock.Timeout):
+            filelock.FileLock(str(lock_path), timeout=0).acquire()
+    save_plan("cpu-2gb", None, make_plan())
+    monkeypatch.setattr(filelock, "__version__", "3.12.0")  # acquirers that keep a lock on an unlinked file
+    remove_profile("cpu-2gb")
+    assert lock_path.exists() and not profile_path("cpu-2gb").exists()
+
+
 def test_remove_refuses_builtin_but_removes_user_override():
     with pytest.raises(ProfileError, match="rtx4070-12gb is a built-in profile; built-ins are read-only"):
         remove_profile("rtx4070-12gb", builtin_names=BUILTINS)

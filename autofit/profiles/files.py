@@ -2,7 +2,8 @@
 
 - profiles_dir(): $AUTOFIT_HOME/profiles if set, else platformdirs' per-user data directory.
 - The lock: filelock.FileLock on `<file>.lock` (fcntl where the platform has it, a lock file that
-  is removed on release elsewhere).
+  is removed on release elsewhere); `profiles rm` of a whole profile removes its lock file too,
+  where filelock makes that safe (drop_lock_file).
 - Writes: temp file in the same directory, fsync, rename, fsync of the directory.
 Every failure a user can cause is a ProfileError with one line that names the file.
 """
@@ -109,7 +110,8 @@ def locked(path: Path) -> Iterator[None]:
     """Exclusive lock on `<path>.lock` around a read-modify-write of `path`.
 
     filelock takes an fcntl lock where the platform has one (the lock file stays in place, so a
-    waiting process never locks a file another has unlinked) and an O_EXCL lock file elsewhere.
+    waiting process never locks a file another has unlinked; but for drop_lock_file, where
+    filelock's acquirers drop a lock on an unlinked file) and an O_EXCL lock file elsewhere.
     Raises ProfileError when the lock is not had within LOCK_TIMEOUT_S."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
@@ -129,6 +131,39 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+# From filelock 3.20.4 on, its Unix (flock) lock takes a lock only on the file its path still names:
+# an acquirer whose flock lands on a file a holder unlinked (removed while it held the lock) drops it and
+# opens the path again (tox-dev/filelock#408, 'deleted-before-flock'; kept when 3.29.5 stopped removing
+# lock files on release). Before, such an acquirer kept its lock while a newcomer locked a new file at the
+# path: two holders. Where the lock is that class and that version, a lock file may go with its profile.
+_DROP_SAFE_FROM = (3, 20, 4)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """'4.3.2' -> (4, 3, 2); the leading numbers of a version string ('3.20.4.dev1' -> (3, 20, 4))."""
+    return tuple(int(n) for n in re.findall(r"\d+", text)[:3])
+
+
+def lock_file_may_go() -> bool:
+    """Whether a profile's `<file>.lock` may be removed by its holder (drop_lock_file): the lock
+    is filelock's Unix flock lock (elsewhere filelock removes its own lock file on release:
+    Windows' and the lock-file fallback's) and of a version whose acquirers drop a lock on an
+    unlinked file (_DROP_SAFE_FROM)."""
+    return (_LOCK_CLASS is filelock.FileLock and filelock.FileLock is filelock.UnixFileLock
+            and _version(filelock.__version__) >= _DROP_SAFE_FROM)
+
+
+def drop_lock_file(path: Path) -> None:
+    """Removes `<path>.lock` after `path` itself was removed, as the last act under locked(path):
+    to every other process the removal is the lock's release (a waiter then locks a new file at
+    the path), so nothing may follow it but leaving locked(). Kept where that could let two
+    processes hold the lock at once (lock_file_may_go), and where it cannot be removed (it does
+    no harm: the next locked() uses it)."""
+    if lock_file_may_go():
+        with contextlib.suppress(OSError):
+            path.with_name(path.name + ".lock").unlink()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from autofit.profiles.files import (ProfileError, _is_valid_name, check_profiles_writable, locked as _locked,
-                                   profile_path, profiles_dir)
+from autofit.profiles.files import (ProfileError, _is_valid_name, check_profiles_writable, drop_lock_file,
+                                   locked as _locked, profile_path, profiles_dir)
 from autofit.profiles.store import BuiltinLookup, _read_file, _write_atomic, clear_lessons
 
 CPU_GPU_LABEL = "CPU (budgeted)"
@@ -105,6 +105,7 @@ def remove_profile(name: str, fingerprint: str | None = None, *,
                 path.unlink()
             except OSError as exc:
                 raise ProfileError(f"cannot remove {path}: {exc.strerror or exc}") from None
+            drop_lock_file(path)  # last under the lock: to a waiter its removal is the lock's release
             if is_builtin:
                 return f"removed {path}; the built-in {name} applies again"
             return f"removed {path}"
