@@ -352,6 +352,41 @@ def test_every_contest_round_is_in_the_log_also_one_that_puts_no_one_out(monkeyp
     assert any("none out" in s and "leads" in s for s in logs)
 
 
+class Scripted:
+    """Each candidate's readings in order (seconds per token of each timed step), as a clock
+    that a test writes out: the search's trial first, then each re-timing's."""
+
+    def __init__(self, costs):
+        self.costs = {c: list(v) for c, v in costs.items()}
+
+    def record(self, cfg, cand, rank_batch, timed_steps, peak):
+        tokens = sum(trial_split(rank_batch, cand.micro_batch)) * cfg.block_size
+        cpu = [self.costs[cand].pop(0) * tokens for _ in range(timed_steps)]
+        return TrialRecord(**cand.model_dump(), status="fit", measured_peak_bytes=peak, tokens_per_step=tokens,
+                           step_seconds=cpu, step_cpu_seconds=cpu, tokens_per_s=tokens / min(cpu),
+                           steps_run=timed_steps + 1)
+
+
+def test_the_contests_log_names_the_leader_when_it_changes_and_every_contender_each_round(monkeypatch):
+    """t11's L1 (session 17): round 1 said '... none out; A leads, B at 1.03x' and never named C;
+    round 2's out lines said '1.16x the leader's time per token' when the leader had become C,
+    named nowhere. Each round now lists every contender still in, and an out line names its leader."""
+    cfg = cfg_for(16)
+    a, b, c = STD.candidate(8), CHUNKED.candidate(8), STD.candidate(4)
+    clock = Scripted({a: [1.16, 1.16, 1.17, 1.16, 1.18], b: [1.21, 1.20, 1.22, 1.20, 1.21],
+                      c: [2.6, 2.0, 2.5, 1.0, 1.01]})  # c's first readings disturbed: it leads from round 2
+    logs = []
+    runner = contest_runner(cfg, clock, monkeypatch)
+    runner.log = logs.append
+    d = contest.decide(runner, [clock.record(cfg, t, 16, 1, 1000 * t.micro_batch) for t in (a, b, c)])
+    la, lb, lc = ("micro-batch 8, standard loss, float32", "micro-batch 8, chunked loss, float32",
+                  "micro-batch 4, standard loss, float32")
+    assert d.winner.candidate() == c and d.rounds == 2, logs
+    assert f"contest round 1: none out; {la} leads, {lb} at 1.03x, {lc} at 1.72x its time per token" in logs, logs
+    assert f"contest round 2: {la} out, 1.16x the leader's time per token (leader: {lc})" in logs, logs
+    assert f"contest round 2: {lb} out, 1.20x the leader's time per token (leader: {lc})" in logs, logs
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_close_contenders_on_a_noisy_machine_tie_and_headroom_decides(seed, monkeypatch):
     """Two contenders 1 % apart, every step up to 4 % slower at random and some bursts: noise

@@ -209,14 +209,8 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
         # out: past CLEAR_FIRST after one round; then past twice the pair's tie band (beyond its
         # readings' noise), at most CLEAR
         out = [t for t in alive if _out(t, lead, rounds, cpu)]
-        for t in out:
-            runner.log(f"contest round {done + rounds}: {label(t)} out, {spt(t) / spt(lead):.2f}x the leader's "
-                       f"time per token")
         alive = [t for t in alive if t not in out]
-        if not out and len(alive) > 1:  # say so, or the log jumps from round 2 to round 5
-            nearest = min((t for t in alive if t is not lead), key=spt)
-            runner.log(f"contest round {done + rounds}: none out; {label(lead)} leads, {label(nearest)} at "
-                       f"{spt(nearest) / spt(lead):.2f}x its time per token")
+        _say_round(runner, done + rounds, out, alive, lead, spt)
         if rounds >= 2 and all(spt(t) <= (1 + TIE_MIN) * spt(lead) for t in alive):
             break  # every one left is within the finest band of the leader: more readings cannot separate them
     lead = min(alive, key=spt)
@@ -224,7 +218,8 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     for t in alive:
         if t not in tied:
             runner.log(f"contest: {label(t)} lost after {counted(done + rounds, 'round')}: {spt(t) / spt(lead):.2f}x the "
-                       f"leader's time per token, outside their {tie_band(lead, t, cpu):.1%} tie band")
+                       f"leader's time per token, outside their {tie_band(lead, t, cpu):.1%} tie band (leader: "
+                       f"{label(lead)})")
     # the band of the tie, against the leader (the leader against itself is no band): one figure for
     # the log line and the plan's why, whichever of the tied wins
     band = max((tie_band(lead, t, cpu) for t in tied if t is not lead), default=0.0)
@@ -234,6 +229,22 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     winner = _tie_winner(runner, tied, own, spt)
     why = _why(winner, alive, tied, done + rounds, len(seen), cpu, own, band) + (UNFIT_WHY if winner in unfit else "")
     return Decision(winner=winner, why=why, rounds=done + rounds, tied=tied, n=len(seen), seen=seen, unfit=unfit)
+
+
+def _say_round(runner, round_no: int, out: list[TrialRecord], alive: list[TrialRecord], lead: TrialRecord,
+               spt) -> None:
+    """A round's fate of every contender re-timed in it: a line for each one `out`, naming the
+    leader (it may have changed since the last round), then, while several are left (`alive`),
+    one line with each of them against the leader: a round that puts no one out is said too (the
+    log jumped from round 2 to round 5), and no contender is unnamed from its search trial to the
+    tie. (One whose re-timing did not fit has its own line in decide.)"""
+    for t in out:
+        runner.log(f"contest round {round_no}: {label(t)} out, {spt(t) / spt(lead):.2f}x the leader's time per token "
+                   f"(leader: {label(lead)})")
+    if len(alive) > 1:
+        rest = ", ".join(f"{label(t)} at {spt(t) / spt(lead):.2f}x" for t in sorted(alive, key=spt) if t is not lead)
+        runner.log(f"contest round {round_no}: {'still in: ' if out else 'none out; '}{label(lead)} leads, {rest} its "
+                   f"time per token")
 
 
 def _cut_on_first_readings(runner, alive: list[TrialRecord], spt) -> list[TrialRecord]:
