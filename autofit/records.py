@@ -64,6 +64,9 @@ class TrialRecord(BaseModel):
     # measures nothing): how far the trial was from giving its memory back
     leaked_bytes: int | None = None
     steps_run: int = 0
+    # timed steps the contest's re-timings added (autofit.planning.contest.retime), after the trial's
+    # own line was printed with its fastest step then: said where the figures print (its rate moved)
+    retimed_steps: int = 0
     seconds: float = 0.0
     compile_seconds: float | None = None
     note: str = ""

@@ -385,6 +385,8 @@ def test_the_contests_log_names_the_leader_when_it_changes_and_every_contender_e
     assert f"contest round 1: none out; {la} leads, {lb} at 1.03x, {lc} at 1.72x its time per token" in logs, logs
     assert f"contest round 2: {la} out, 1.16x the leader's time per token (leader: {lc})" in logs, logs
     assert f"contest round 2: {lb} out, 1.20x the leader's time per token (leader: {lc})" in logs, logs
+    # t11's L2: each record counts the steps its re-timings added after its trial line (2 rounds of 2)
+    assert d.winner.retimed_steps == 2 * contest.RETIME_STEPS and len(d.winner.step_seconds) == 5
 
 
 @pytest.mark.parametrize("seed", range(8))

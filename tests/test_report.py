@@ -200,6 +200,37 @@ def test_the_plans_tokens_per_s_is_its_sizes_median_step_with_the_fastest_beside
     assert "fastest step 2,000 tokens/s per rank, ~4,000 for the 2 ranks (measured" in words, words
 
 
+def test_the_plan_and_the_v_table_say_when_re_timings_moved_a_trials_figure():
+    """t11's L2 (session 17): the trial line said '1,500 tok/s' (its own steps' fastest, at trial
+    time), the plan 'fastest step 5,154' after the contest's re-timings added steps, and nothing
+    said why they differ. The plan's words and the -v row now say the re-timings came after."""
+    import io
+    from rich.console import Console
+    from autofit.planning.split import plan_rates
+    from autofit.report import render
+    t = TrialRecord(micro_batch=8, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                    status="fit", tokens_per_step=1000, step_seconds=[1.0, 0.9, 0.3, 0.4], tokens_per_s=1000 / 0.3,
+                    measured_peak_bytes=10**6, retimed_steps=2)
+    quiet = t.model_copy(update={"micro_batch": 4, "retimed_steps": 0})
+    plan = two_rank_plan(world_size=1, micro_batch=8, grad_accum=2, micro_batches=[8, 8], effective_batch=16,
+                         split="16 = 2 × 8", **plan_rates([8, 8], 10, [t]))
+    out = io.StringIO()
+    console = Console(file=out, width=400)
+    render._plan(_probe_of(plan, [t, quiet]), None, console, verbose=False)
+    render._candidates_table(_probe_of(plan, [t, quiet]), console)
+    text = out.getvalue()
+    assert "median of 4 trial steps (2 of them the contest's re-timings, after its trial line) at micro-batch 8" \
+        in text, text
+    rows = {line.split("│")[2].strip(): line for line in text.splitlines() if line.count("│") > 5}
+    assert "(1)" in rows["8"] and "(1)" not in rows["4"], text
+    assert f"(1) {render.RETIMED_NOTE}" in text
+    # a plan whose trial no re-timing touched says nothing of them
+    out = io.StringIO()
+    render._plan(_probe_of(plan, [t.model_copy(update={"retimed_steps": 0})]), None, Console(file=out, width=400),
+                 verbose=False)
+    assert "re-timings" not in out.getvalue()
+
+
 def test_the_plan_against_the_config_as_written_gives_the_fastest_and_the_median_ratio():
     """'the plan runs 8.24x as fast' (t5's L2) compared each one's fastest step; it says so, with
     the ratio of their median steps and how many steps each had beside it."""

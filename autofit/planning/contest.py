@@ -136,6 +136,7 @@ def retime(runner, t: TrialRecord) -> bool:
         t.update_seconds, t.update_cpu_seconds = [], []
     t.optimizer_step_tokens = t.optimizer_step_tokens or r.optimizer_step_tokens
     t.steps_run += r.steps_run
+    t.retimed_steps += len(r.step_seconds)
     t.tokens_per_step = t.tokens_per_step or r.tokens_per_step
     if t.tokens_per_step:
         t.tokens_per_s = t.tokens_per_step / min(t.step_seconds)

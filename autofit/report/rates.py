@@ -50,9 +50,20 @@ def plan_rate_words(p, res=None) -> str:
     if p.fastest_tokens_per_s is None:  # a plan saved before the median was kept: one figure
         return f"{p.tokens_per_s:,.0f} tokens/s{per} (measured: trial steps, its update once per optimizer step{not_run})"
     steps = f"{p.timed_steps} trial steps" if p.timed_steps else "the trial steps"
+    retimed = _retimed(res, p) if res is not None else 0
+    if retimed:  # the trial line printed its fastest step before these: both figures moved since
+        steps += f" ({retimed} of them the contest's re-timings, after its trial line)"
     return (f"{p.tokens_per_s:,.0f} tokens/s{per} (measured: median of {steps} at micro-batch {p.micro_batch}, "
             f"its update once per optimizer step{not_run}); fastest step {p.fastest_tokens_per_s:,.0f} tokens/s{per_rank(p.fastest_tokens_per_s)} "
             "(measured: the least disturbed, the figure the contest compares)")
+
+
+def _retimed(res, p) -> int:
+    """Timed steps the contest's re-timings added to the trial of the plan's own size and levers
+    (TrialRecord.retimed_steps), 0 where none did or it is not among `res`'s trials."""
+    key = _key(p)
+    return max((t.retimed_steps for t in getattr(res, "trials", []) if t.status == "fit" and _key(t) == key),
+               default=0)
 
 
 def _not_run(res, p) -> str:

@@ -19,6 +19,8 @@ STATUS_STYLE = {"fit": "green", "oom": "red", "over_budget": "yellow", "spill": 
                 "pruned": "dim", "error": "bold red"}
 
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# A -v row whose tokens/s the contest's re-timings moved after its trial line was printed.
+RETIMED_NOTE = "tokens/s after the contest's re-timings: more steps than its trial line had"
 # What a simulated probe says of compile, everywhere it shows it.
 COMPILE_NOT_ESTIMATED = "its memory effect is not estimated: the figures are for eager"
 
@@ -320,6 +322,8 @@ def _candidates_table(res, console: Console) -> None:
         note = t.note if t.status != "fit" or not estimated else ""
         if t.compile_seconds is not None:
             note = (note + "; " if note else "") + f"compile took {t.compile_seconds:.1f} s (apart from step time)"
+        if t.retimed_steps:  # its trial line printed the fastest of its own steps, before these
+            note = (note + "; " if note else "") + RETIMED_NOTE
         status = f"[{STATUS_STYLE.get(t.status, '')}]{t.status.replace('_', ' ')}[/]"
         if note and note not in notes:
             notes.append(note)
