@@ -235,6 +235,16 @@ def get_encoding(name):
 '''
 
 
+def with_path(env: dict[str, str]) -> dict[str, str]:
+    """A row's environment with its PYTHONPATH ('inject') put before the caller's, not in its
+    place: a sweep run from a working copy (PYTHONPATH=/tmp/clone) tested the installed autofit
+    in every injecting row, not the copy's (k21, session 17)."""
+    mine = os.environ.get("PYTHONPATH", "")
+    if "PYTHONPATH" not in env or not mine:
+        return env
+    return {**env, "PYTHONPATH": env["PYTHONPATH"] + os.pathsep + mine}
+
+
 def failing(spec: str) -> dict[str, str]:
     """The environment of a row whose writes fail as `spec` says ('ENOSPC:ckpt.pt'); its set-up
     must include inject()."""
@@ -403,7 +413,7 @@ def stopped_before(sig: str) -> Callable[[Path], None]:
     """fineweb_rows, then the row's command run once and stopped by `sig` after shard 2."""
     def make(t: Path) -> None:
         fineweb_rows(t)
-        env = {**os.environ, "AUTOFIT_HOME": str(t / "home"), "PYTHONPATH": "inject",
+        env = {**os.environ, "AUTOFIT_HOME": str(t / "home"), **with_path({"PYTHONPATH": "inject"}),
                "BAD_INPUTS_SIGNAL": f"{sig}:train_000002.bin"}
         proc = subprocess.run([sys.executable, "-m", "autofit.cli.app", *FINEWEB], cwd=t, env=env,
                               capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -908,7 +918,7 @@ def run_row(row: Row, python: str, timeout: float) -> Result:
             row.setup(t)
         # the caller's fault injection never leaks into a row; a row's own does
         inherited = {k: v for k, v in os.environ.items() if k != "AUTOFIT_FAULT_OOM_AT_STEP"}
-        env = {**inherited, "AUTOFIT_HOME": str(t / "home"), "COLUMNS": "200", **row.env}
+        env = {**inherited, "AUTOFIT_HOME": str(t / "home"), "COLUMNS": "200", **with_path(row.env)}
         args = [a.replace("{t}", str(t)) for a in row.args]
         start = time.monotonic()
         out = open("/dev/full", "w") if row.stdout == "full" else subprocess.PIPE  # noqa: SIM115
