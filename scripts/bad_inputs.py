@@ -892,6 +892,13 @@ ROWS: list[Row] = [
                                              "stages=[dict(until_iter=2, block_size=16, tokens_per_step=256), "
                                              "dict(block_size=32, tokens_per_step=512)]", "--out", "o"],
         ok=True, by="stages"),
+    # session 17, t11's findings
+    Row("data prepare --force: a 2-character text over a dataset", ["data", "prepare", "shakespeare_char", "--input",
+                                                                    "a.txt", "--out", "d", "--force", "--no-progress"],
+        both(write("a.txt", "a\n"), write("d/train.bin", "abcd"), write("d/val.bin", "abcd")),
+        lambda t: unchanged("d/train.bin", "abcd")(t) or unchanged("d/val.bin", "abcd")(t), by="session 17 (t11 M2)"),
+    Row("data prepare fineweb-edu --max-tokens 1 past the val shard", [*FINEWEB, "--max-tokens", "65"], fineweb_rows,
+        absent("d"), env={"PYTHONPATH": "inject"}, by="session 17 (t11 M2)"),
 ]
 
 # Rows whose fix is on another branch and has not landed here yet. Flip them as fixes merge.

@@ -375,15 +375,15 @@ def test_the_suggested_fineweb_commands_pass_the_option_checks():
 
 
 def test_cli_data_prepare_says_when_a_split_is_too_short_for_runs(tmp_path, monkeypatch, capsys):
-    """t9's L4: a 2-character text was written as 'train 1 tokens, val 1 tokens' with no word that no
-    run can sample it; the counts take their plural, and a split under the tiny preset's
-    block_size + 1 gets a note naming the largest block_size it allows."""
+    """t9's L4: a short text was written with no word that the presets' runs cannot sample it; a
+    split under the tiny preset's block_size + 1 gets a note naming the largest block_size it
+    allows (a split too short for any run is refused: the next test)."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "two.txt").write_text("ab")
-    code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "two.txt",
+    (tmp_path / "eleven.txt").write_text("abcdefghijk")  # the shortest text refused by none: 9 and 2 tokens
+    code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "eleven.txt",
                              "--out", "x", "--no-progress")
-    assert code == 0 and "(train 1 token, val 1 token," in out, out
-    assert "note: the train and val splits have as few as 1 token" in err and "no block_size at all" in err, err
+    assert code == 0 and "(train 9 tokens, val 2 tokens," in out, out
+    assert "note: the train and val splits have as few as 2 tokens" in err and "block_size at most 1:" in err, err
     (tmp_path / "some.txt").write_text("abcdefghij" * 100)  # 1,000 characters: 900 train, 100 val
     code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "some.txt",
                              "--out", "y", "--no-progress")
@@ -392,3 +392,58 @@ def test_cli_data_prepare_says_when_a_split_is_too_short_for_runs(tmp_path, monk
     code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "long.txt",
                              "--out", "z", "--no-progress")
     assert code == 0 and "note:" not in err, err
+
+
+def test_a_text_too_short_for_any_run_is_refused_and_the_dataset_in_out_kept(tmp_path, monkeypatch, capsys):
+    """t11's M2: `data prepare shakespeare_char --input a.txt --force` with a 2-character text exited 0
+    and replaced a good dataset with 1-token splits, which allow no block_size (a run samples
+    block_size + 1 tokens from each split); the next run failed. Now any text whose split would
+    hold under 2 tokens is refused in one line, and the dataset there is kept byte for byte."""
+    monkeypatch.chdir(tmp_path)
+    prepare("shakespeare_char", tmp_path / "d", input_path=_text(tmp_path, TEXT), progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+    for text in ("ab", "abcdefghij"):  # 1 and 1 tokens; 9 and 1
+        (tmp_path / "a.txt").write_text(text)
+        code, out, err = run_cli(monkeypatch, capsys, "data", "prepare", "shakespeare_char", "--input", "a.txt",
+                                 "--out", "d", "--force", "--no-progress")
+        assert code != 0 and err.count("\n") == 1 and "too few for a train and a val split of 2 tokens" in err, err
+        assert "give a text of at least 11 characters" in err and out == "", out
+        assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
+
+
+def _text(tmp_path, text: str) -> Path:
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_bpe_split_that_encodes_to_one_token_is_refused_before_writing(tmp_path):
+    """shakespeare (BPE): a part of several characters can encode to 1 token; both parts are
+    encoded before either file is written, and a split under 2 tokens is refused with the old
+    dataset kept."""
+    out = tmp_path / "d"
+    prepare("shakespeare", out, input_path=_text(tmp_path, TEXT), encoder=BYTES, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    one_token_val = Encoder("words", lambda t: [len(w) for w in t.split()], 0)  # one token a word
+    with pytest.raises(DataError, match=r"^the text encodes \(words BPE\) the val split to 1 token: too few"):
+        prepare("shakespeare", out, input_path=_text(tmp_path, "ab " * 30 + "cdefghijkl"),  # val: one word
+                encoder=one_token_val, force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_fineweb_sizes_that_leave_a_split_of_one_token_are_refused(tmp_path):
+    """The same rule for llm.c shards: the val split is the first shard (--shard-size 1: 1 token),
+    the train split what --max-tokens leaves past it, or what the input holds past it."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "abcdefgh"}\n')  # 9 tokens with its end-of-text
+    with pytest.raises(DataError, match=r"^--shard-size 1 makes the val split one shard of 1 token, and a run"):
+        prepare("fineweb-edu", tmp_path / "a", input_path=rows, encoder=BYTES, shard_size=1, progress=False)
+    with pytest.raises(DataError, match=r"^--max-tokens 5 leaves 1 token for train past the val shard of "
+                                        r"--shard-size 4, and a run .*: make it 6 or more$"):
+        prepare("fineweb-edu", tmp_path / "b", input_path=rows, encoder=BYTES, shard_size=4, max_tokens=5,
+                progress=False)
+    with pytest.raises(DataError, match=r"^only 9 tokens: 1 token for train past the val shard of 8"):
+        prepare("fineweb-edu", tmp_path / "c", input_path=rows, encoder=BYTES, shard_size=8, progress=False)
+    assert not any((tmp_path / n).exists() for n in "abc")
+    done = prepare("fineweb-edu", tmp_path / "e", input_path=rows, encoder=BYTES, shard_size=7, progress=False)
+    assert done.tokens == {"val": 7, "train": 2}

@@ -96,12 +96,13 @@ SMALL_SPLIT_TOKENS = 129
 
 
 def _small_split_note(tokens: dict[str, int]) -> str | None:
-    """A note where a split is too short for runs (t9's L4: a 2-character text made a 1-token
-    train and val split, written with no word); None otherwise."""
+    """A note where a split is too short for the presets' runs (t9's L4); None otherwise. A split
+    too short for any run (under trainer.data.datasets.MIN_SPLIT_TOKENS) is refused before it is
+    written (t11's M2), so every split here allows some block_size."""
     split, n = min(tokens.items(), key=lambda kv: kv[1]) if tokens else ("", SMALL_SPLIT_TOKENS)
     if n >= SMALL_SPLIT_TOKENS:
         return None
-    fits = (f"block_size at most {n - 1:,}" if n > 1 else "no block_size at all")
+    fits = f"block_size at most {n - 1:,}"
     short = [s for s, k in tokens.items() if k < SMALL_SPLIT_TOKENS]
     which = f"the {split} split has" if len(short) == 1 else f"the {' and '.join(short)} splits have as few as"  # t10's L6
     return (f"note: {which} {n:,} {'token' if n == 1 else 'tokens'}; a run samples block_size + 1 "

@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 GPT2_VOCAB_SIZE = 50257  # GPT-2 token ids are 0..50256 (50256 = <|endoftext|>)
 BYTE_VOCAB_SIZE = 256
 SPLITS = ("train", "val")
+# The fewest tokens a split may hold: a run samples block_size + 1 tokens from each split
+# (Dataset.check_block_size), and block_size is at least 1. `data prepare` refuses to write a
+# shorter one, before anything is written (t11's M2: a 2-character text with --force replaced a
+# good dataset with 1-token splits, exit 0, and the next run failed)
+MIN_SPLIT_TOKENS = 2
 DATA_ROOT = "data"  # nanoGPT's data_dir = os.path.join('data', dataset)
 EMBEDDED = "embedded"
 

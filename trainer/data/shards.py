@@ -22,7 +22,8 @@ from typing import Annotated, Literal, Optional, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainer.data.datasets import DataError
+from trainer.data.datasets import MIN_SPLIT_TOKENS, DataError
+from trainer.errors import counted
 from trainer.data.tokenfiles import read_llmc_shard, write_llmc_shard
 from trainer.writes import atomic_write
 
@@ -146,18 +147,39 @@ def tokenize_to_shards(texts: Iterable[str], encode: Callable[[str], list[int]],
         boundary()
     if filled:
         flush(doc_i, pos, len(doc))
-    if len(prog.shards) < 2:
-        raise DataError(f"only {total:,} tokens, enough for the val shard alone; lower --shard-size "
-                        f"(now {shard_size:,}) so there is train data too")
+    _check_written(prog.shards, shard_size)
     return [shard_path(out_dir, name, i) for i in range(len(prog.shards))]
 
 
+def _check_written(shards: list[int], shard_size: int) -> None:
+    """Refuse shards (tokens each, val first) that leave no train split, or one shorter than a run
+    can sample (MIN_SPLIT_TOKENS: the input ran out a token into it). Raises DataError."""
+    total, train = sum(shards), sum(shards[1:])
+    if len(shards) < 2:
+        raise DataError(f"only {counted(total, 'token')}, enough for the val shard alone; lower --shard-size "
+                        f"(now {shard_size:,}) so there is train data too")
+    if train < MIN_SPLIT_TOKENS:
+        raise DataError(f"only {counted(total, 'token')}: {counted(train, 'token')} for train past the val shard of "
+                        f"{shard_size:,}, and a run samples block_size + 1 tokens ({MIN_SPLIT_TOKENS} or more) from "
+                        f"each split; lower --shard-size so there is more train data")
+
+
 def _check_sizes(shard_size: int, max_tokens: int | None) -> None:
+    """Refuse sizes that leave a split shorter than a run can sample (MIN_SPLIT_TOKENS): before any
+    document is read. Raises DataError."""
     if shard_size < 1:
         raise DataError(f"--shard-size must be at least 1, got {shard_size}")
+    need = f"a run samples block_size + 1 tokens ({MIN_SPLIT_TOKENS} or more) from each split"
+    if shard_size < MIN_SPLIT_TOKENS:  # the val split is the first shard
+        raise DataError(f"--shard-size {shard_size} makes the val split one shard of {counted(shard_size, 'token')}, "
+                        f"and {need}: give {MIN_SPLIT_TOKENS} or more")
     if max_tokens is not None and max_tokens <= shard_size:
         raise DataError(f"--max-tokens {max_tokens} fills at most the val shard; make it larger than "
                         f"--shard-size {shard_size} so there is train data too")
+    if max_tokens is not None and max_tokens - shard_size < MIN_SPLIT_TOKENS:
+        raise DataError(f"--max-tokens {max_tokens} leaves {counted(max_tokens - shard_size, 'token')} for train past "
+                        f"the val shard of --shard-size {shard_size}, and {need}: make it "
+                        f"{shard_size + MIN_SPLIT_TOKENS} or more")
 
 
 def _document(text: str, encode: Callable[[str], list[int]], eot: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.datasets import DataError
+from trainer.data.datasets import MIN_SPLIT_TOKENS, DataError
 from trainer.data.tokenfiles import atomic_write, write_tokens
 from trainer.errors import counted
 
@@ -37,11 +37,33 @@ class Prepared:
 
 
 def _split_text(text: str) -> tuple[str, str]:
+    """(train, val): the first TRAIN_SHARE of the characters and the rest. Raises DataError where
+    either part has fewer than MIN_SPLIT_TOKENS characters: a character is at most one token (one
+    exactly for shakespeare_char), so no run could sample that split."""
     n = len(text)
-    train, val = text[:int(n * TRAIN_SHARE)], text[int(n * TRAIN_SHARE):]
-    if not train or not val:
-        raise DataError(f"the text has {counted(n, 'character')}: too few for a train and a val split")
-    return train, val
+    cut = int(n * TRAIN_SHARE)
+    if min(cut, n - cut) < MIN_SPLIT_TOKENS:
+        raise DataError(f"the text has {counted(n, 'character')}: too few for a train and a val split of "
+                        f"{MIN_SPLIT_TOKENS} tokens or more each (they would get {cut} and {n - cut}; a run samples "
+                        f"block_size + 1 tokens from each): give a text of at least {_fewest_characters()} characters")
+    return text[:cut], text[cut:]
+
+
+def _fewest_characters() -> int:
+    """The shortest text whose train and val parts both hold MIN_SPLIT_TOKENS characters (11):
+    counted up, since the split rounds down."""
+    return next(n for n in range(MIN_SPLIT_TOKENS, 1 << 20)
+                if min(int(n * TRAIN_SHARE), n - int(n * TRAIN_SHARE)) >= MIN_SPLIT_TOKENS)
+
+
+def check_split_tokens(tokens: dict[str, int], how: str) -> None:
+    """Refuse (DataError, one line) splits encoded into fewer than MIN_SPLIT_TOKENS tokens, before
+    any is written; `how`: the encoding, for the line ('GPT-2 BPE')."""
+    short = {split: n for split, n in tokens.items() if n < MIN_SPLIT_TOKENS}
+    if short:
+        said = " and ".join(f"the {split} split to {counted(n, 'token')}" for split, n in short.items())
+        raise DataError(f"the text encodes ({how}) {said}: too few, a run samples block_size + 1 tokens "
+                        f"({MIN_SPLIT_TOKENS} or more) from each split; give a longer text")
 
 
 CHAR_CHUNK = 1 << 22  # characters encoded between two boundaries: ~0.05 s of numpy work each
@@ -95,16 +117,19 @@ def write_chars(text: str, out_dir: Path, bar, boundary: Callable[[], None] = la
 
 def write_bpe(text: str, out_dir: Path, encoder: Encoder, bar, boundary: Callable[[], None] = lambda: None) -> Prepared:
     """shakespeare's layout in out_dir: each 90/10 part of the text encoded whole (a cut inside
-    a part could change its tokens), as train.bin and val.bin (uint16). boundary() is called
-    between the parts and may raise to stop."""
+    a part could change its tokens), as train.bin and val.bin (uint16), written once both are
+    encoded. boundary() is called between the parts and may raise to stop. Raises DataError where
+    a part encodes to fewer than MIN_SPLIT_TOKENS tokens (check_split_tokens)."""
     parts = dict(zip(("train", "val"), _split_text(text)))
     task = bar.add_task(f"encoding with {encoder.name} BPE (characters)", total=len(text))
-    tokens = {}
+    ids = {}
     for split, part in parts.items():
         if split != "train":
             boundary()
-        ids = np.asarray(encoder.encode(part), dtype=np.int64)
-        write_tokens(out_dir / f"{split}.bin", ids)
-        tokens[split] = len(ids)
+        ids[split] = np.asarray(encoder.encode(part), dtype=np.int64)
         bar.advance(task, len(part))
+    tokens = {split: len(a) for split, a in ids.items()}
+    check_split_tokens(tokens, f"{encoder.name} BPE")  # both encoded, none written: a split too short is refused whole
+    for split, a in ids.items():
+        write_tokens(out_dir / f"{split}.bin", a)
     return Prepared(out_dir, [out_dir / "train.bin", out_dir / "val.bin"], tokens)
