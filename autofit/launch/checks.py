@@ -10,15 +10,15 @@ def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = Fal
     not a probe and a rewritten checkpoint. `step`: the optimizer step the run would start at.
     eval_only runs train nothing by design and pass. Raises TrainError."""
     from trainer.errors import TrainError
-    from trainer.schedule import at_zero_lr_from
+    from trainer.schedule import at_zero_lr_from, zero_lr_words
     if cfg.eval_only:
         return
     stop = cfg.max_iters if max_steps is None else min(cfg.max_iters, max_steps)
     if stop > step:
-        if at_zero_lr_from(step, cfg):  # every step left would change nothing
-            raise TrainError(f"nothing to train: every step from {step} on has learning rate 0 (past lr_decay_iters "
-                             f"{cfg.lr_decay_iters} the schedule holds min_lr 0); raise lr_decay_iters (--set lr_decay_"
-                             f"iters=N{' --allow-changes' * resuming}) or min_lr, or --set eval_only=True to evaluate")
+        if at_zero_lr_from(step, cfg):  # every step left would change nothing (some only: say_config_notes)
+            raise TrainError(f"nothing to train: every step from {step} on has learning rate 0 ({zero_lr_words(cfg)}); "
+                             f"raise lr_decay_iters (--set lr_decay_iters=N{' --allow-changes' * resuming}) or min_lr, "
+                             f"or --set eval_only=True to evaluate")
         return
     limit = f"--max-steps {max_steps}" if max_steps is not None and max_steps <= cfg.max_iters \
         else f"max_iters {cfg.max_iters}"
@@ -28,18 +28,21 @@ def check_steps_left(step: int, cfg, max_steps: int | None, resuming: bool = Fal
                      f"or --set eval_only=True to evaluate without training")
 
 
-def say_config_notes(cfg, max_steps: int | None, log) -> None:
+def say_config_notes(cfg, max_steps: int | None, log, resumed_at: int | None = None) -> None:
     """One line each, before any probe (where a user reads the config's notes, not after the
     trials' lines): --max-steps past the config's max_iters (the run stops at max_iters, where
-    nanoGPT's schedule ends, not at --max-steps); eval_interval or eval_iters 0, which turn
+    nanoGPT's schedule ends, not at --max-steps); steps at learning rate 0 (_zero_lr_note);
+    eval_interval or eval_iters 0, which turn
     evaluation off (nanoGPT divides by the one and averages over the other: t7's M11 saw it pass
     in silence); Muon with weight decay (its rate, 30x AdamW's, decays the matrices fast: r5). Nothing for
-    eval_only, which trains no step."""
+    eval_only, which trains no step. `resumed_at`: the step a resume starts at (None: a new run)."""
     if cfg.eval_only:
         return
     if max_steps is not None and max_steps > cfg.max_iters:
         log(f"--max-steps {max_steps} is past max_iters {cfg.max_iters}: the run stops at max_iters (raise it with "
             f"--set max_iters=N to train longer)")
+    if note := _zero_lr_note(cfg, max_steps, resumed_at):
+        log(note)
     if cfg.optimizer == "muon" and cfg.weight_decay > 0:  # r5: a GPT-2 config's 0.1, 30x AdamW's decay, unsaid
         log(f"note: weight_decay {cfg.weight_decay:g} ({cfg.source_of('weight_decay')}) applies to Muon's matrices at "
             f"muon_lr {cfg.muon_lr:g}: each step shrinks them by {cfg.muon_lr * cfg.weight_decay:.2%} (lr x "
@@ -50,6 +53,27 @@ def say_config_notes(cfg, max_steps: int | None, log) -> None:
         log(f"note: {' and '.join(off)}: evaluation is off, so no val loss is measured and ckpt.pt is written at "
             f"stops and at the end" + (" (always_save_checkpoint=False has no best to keep)"
                                        if not cfg.always_save_checkpoint else ""))
+
+
+def _zero_lr_note(cfg, max_steps: int | None, resumed_at: int | None) -> str | None:
+    """The steps of this run that train at learning rate 0 (trainer.schedule.first_zero_lr_step),
+    said before training, or None: min_lr 0 with max_iters past lr_decay_iters trains its last steps
+    at 0, which nanoGPT allows and autofit allows too, but they change no weight (t11's M3: half a
+    run did nothing, unsaid, while a resume into the same steps is refused: check_steps_left)."""
+    from trainer.schedule import first_zero_lr_step, zero_lr_words
+    start = resumed_at or 0
+    end = cfg.max_iters if max_steps is None else min(cfg.max_iters, max_steps)  # steps start .. end - 1 run
+    first = first_zero_lr_step(cfg)
+    if first is None or not start < first < end:  # from the first step on: check_steps_left refuses it
+        return None
+    n = end - first
+    which = f"step {first}" if n == 1 else f"steps {first:,} to {end - 1:,}"
+    set_by = ", ".join(f"{k} {getattr(cfg, k):g} from {cfg.source_of(k).replace('default', 'the default')}"
+                       for k in ("min_lr", "lr_decay_iters", "warmup_iters", "max_iters")
+                       if k != "warmup_iters" or cfg.warmup_iters > cfg.lr_decay_iters)  # what zero_lr_words names
+    return (f"note: {n:,} step{'s' * (n != 1)} of this run's {end - start:,} ({which}) train at learning rate 0 and "
+            f"change no weight: {zero_lr_words(cfg)} ({set_by}); raise lr_decay_iters (to max_iters: --set lr_decay_"
+            f"iters={cfg.max_iters}{' --allow-changes' if resumed_at is not None else ''}) or min_lr to train them")
 
 
 def check_data(cfg, vocab_fixed_by: str = "", trained_on: dict | None = None, allow_changes: bool = False,

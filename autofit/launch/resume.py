@@ -83,7 +83,7 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     saved = TrainConfig(**ck["config"])
     cfg, changes = _with_changes(saved, overrides, allow_changes, log, sources)
     check_steps_left(int(ck["iter_num"]), cfg, max_steps, resuming=True)  # before the device and the model
-    say_config_notes(cfg, max_steps, log)
+    say_config_notes(cfg, max_steps, log, resumed_at=int(ck["iter_num"]))
     data_change = check_data(cfg, vocab_fixed_by=str(path), allow_changes=allow_changes, log=log,
                              trained_on=ck["sampler"].get("data") if cfg.dataset == saved.dataset else None)
     changes = changes + [data_change] if data_change else changes  # recorded with the other accepted changes
@@ -257,7 +257,7 @@ def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_step
     cfg, _ = _with_changes(saved, overrides, allow_changes, log, sources)
     probe_opts, device_note = _nanogpt_device(cfg, probe_opts, "device" in overrides)
     check_steps_left(int(ck.iter_num), cfg, max_steps, resuming=True)  # before the probe
-    say_config_notes(cfg, max_steps, log)
+    say_config_notes(cfg, max_steps, log, resumed_at=int(ck.iter_num))
     cfg.out_dir = str(path.parent)
     check_data(cfg, vocab_fixed_by=str(path))  # before the probe: its vocab_size cannot change
     log(f"{path} is a nanoGPT checkpoint (step {ck.iter_num}): continuing it with its weights and optimizer "
