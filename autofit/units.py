@@ -4,7 +4,8 @@ Suffix rules, case-insensitive, with an optional space before the suffix:
 - KiB, MiB, GiB, TiB are binary (powers of 1024).
 - KB, MB, GB, TB are decimal (powers of 1000), as the SI prefixes say.
 - Bare K, M, G, T are binary, following nvidia-smi and most GPU tooling, where "12G" means 12 GiB.
-- B or no suffix means bytes.
+- B or no suffix means bytes (the CLI's --budget takes a bare number under 1 MiB for a missing
+  unit and refuses it: missing_unit).
 Fractions are allowed ("1.5G"); the result is rounded to whole bytes.
 """
 from __future__ import annotations
@@ -50,6 +51,24 @@ def parse_size(s: str | int) -> int:
     if n <= 0:
         raise ValueError(f"size must be positive, got {s!r}")
     return n
+
+
+# A budget typed as a bare number below this is taken for a missing unit, not a wish for bytes: no
+# model trains in under 1 MiB, and `--budget 2` meant 2 GiB (t11's L5: read as 2 bytes, it ended
+# eight lines later in 'nothing fits ... a larger --budget would help')
+BARE_BYTES_FLOOR = MiB
+
+
+def missing_unit(s: str | int) -> str | None:
+    """Words for a size typed with no unit that parses to under BARE_BYTES_FLOOR bytes ("2 is 2
+    bytes: give a unit, e.g. 2GiB (or 2B for bytes)"), else None: a unit given (B included),
+    or a bare number of 1 MiB or more. Call it on a size parse_size accepted."""
+    m = _SIZE_RE.match(str(s))
+    if isinstance(s, bool) or m is None or m.group(2) or parse_size(s) >= BARE_BYTES_FLOOR:
+        return None
+    number, n = m.group(1), parse_size(s)
+    likely = "GiB" if float(number) <= 64 else "MiB"  # 2 -> 2GiB, 256 -> 256MiB: the sizes budgets come in
+    return f"{number} is {n:,} byte{'s' * (n != 1)}: give a unit, e.g. {number}{likely} (or {number}B for bytes)"
 
 
 def fmt_bytes(n: int | float) -> str:

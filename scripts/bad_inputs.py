@@ -899,6 +899,10 @@ ROWS: list[Row] = [
         lambda t: unchanged("d/train.bin", "abcd")(t) or unchanged("d/val.bin", "abcd")(t), by="session 17 (t11 M2)"),
     Row("data prepare fineweb-edu --max-tokens 1 past the val shard", [*FINEWEB, "--max-tokens", "65"], fineweb_rows,
         absent("d"), env={"PYTHONPATH": "inject"}, by="session 17 (t11 M2)"),
+    Row("run --budget 2 (no unit: 2 bytes)", [*RUN[:4], "2", *RUN[5:], "--out", "o"], check=absent("o"),
+        by="session 17 (t11 L5)"),
+    Row("profiles add --memory 4 (no unit)", [*GTX[:4], "4", *GTX[5:]], check=absent("home/profiles/gtx1650-4gb.toml"),
+        by="session 17 (t11 L5)"),
 ]
 
 # Rows whose fix is on another branch and has not landed here yet. Flip them as fixes merge.

@@ -52,3 +52,26 @@ def test_fmt_bytes(n, text):
 def test_fmt_share_keeps_the_digits_a_share_needs(x, text):
     """t4 (session 13): --margin 0.999 printed 'less the 100% safety margin'."""
     assert fmt_share(x) == text
+
+
+def test_a_bare_number_under_1_mib_is_taken_for_a_missing_unit():
+    """t11's L5: `--budget 2` was read as 2 bytes and ended eight lines later in 'a larger --budget
+    would help'. A bare number under 1 MiB is a missing unit; a unit (B included) or 1 MiB and more
+    stays what it says."""
+    from autofit.units import missing_unit
+    assert missing_unit("2") == "2 is 2 bytes: give a unit, e.g. 2GiB (or 2B for bytes)"
+    assert missing_unit(" 256 ") == "256 is 256 bytes: give a unit, e.g. 256MiB (or 256B for bytes)"
+    assert missing_unit("1") == "1 is 1 byte: give a unit, e.g. 1GiB (or 1B for bytes)"
+    assert missing_unit(str(MiB - 1)).startswith("1048575 is 1,048,575 bytes")
+    for said in ("2B", "2GiB", "512 KiB", "1.5G", str(MiB), "4194304"):
+        assert missing_unit(said) is None, said
+
+
+def test_cli_refuses_a_budget_without_a_unit_before_any_work(tmp_path, monkeypatch, capsys):
+    from cli_run import cli
+    monkeypatch.chdir(tmp_path)
+    for cmd in (["probe", "--device", "cpu", "--preset", "tiny"], ["run", "--device", "cpu", "--preset", "tiny"]):
+        code, out, err = cli(monkeypatch, capsys, *cmd, "--budget", "2")
+        assert code == 2 and out == "" and err == "autofit: error: --budget 2 is 2 bytes: give a unit, e.g. 2GiB " \
+                                                 "(or 2B for bytes)\n", err
+    assert list(tmp_path.iterdir()) == []  # no --out made

@@ -150,13 +150,18 @@ SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set key=
 
 
 def _size(value: Optional[str], flag: str) -> Optional[int]:
+    """Bytes of a size flag; UsageError (one line) for junk, and for a bare number under 1 MiB
+    (autofit.units.missing_unit: `--budget 2` meant 2 GiB, not 2 bytes)."""
     if value is None:
         return None
-    from autofit.units import parse_size
+    from autofit.units import missing_unit, parse_size
     try:
-        return parse_size(value)
+        n = parse_size(value)
     except ValueError as e:
         raise UsageError(f"{flag}: {e}") from None
+    if why := missing_unit(value):
+        raise UsageError(f"{flag} {why}")
+    return n
 
 
 def _fmt(n):
@@ -255,7 +260,7 @@ def check_budget_source(budget: str | None) -> None:
 
 
 DeviceOpt = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: the config's device; 'auto' there: the GPU if there is one, else the budgeted CPU).")
-BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB; GiB/MiB and G/M are binary, GB/MB decimal (default: half of available RAM, rounded down to a whole GiB, or below 2 GiB to 64 MiB).")
+BudgetOpt = typer.Option(None, "--budget", help="CPU device memory budget, e.g. 2GiB; GiB/MiB and G/M are binary, GB/MB decimal, B or no unit bytes (a bare number under 1 MiB is refused as a missing unit) (default: half of available RAM, rounded down to a whole GiB, or below 2 GiB to 64 MiB).")
 GpuIndexOpt = typer.Option(None, "--gpu-index", help="Which GPU: its CUDA index, as in cuda:N (CUDA_VISIBLE_DEVICES applies; default 0). Refused on the CPU and under torchrun.")
 DEFAULT_MARGIN = 0.10
 MarginOpt = typer.Option(DEFAULT_MARGIN, "--margin", help="Share of usable memory kept free as a safety margin, a fraction from 0 up to (not including) 1: 0.1 keeps 10 %.")
