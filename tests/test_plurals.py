@@ -102,3 +102,39 @@ def test_a_config_compile_the_cpu_device_cannot_measure_says_why_without_v():
                           compiled_fit_sizes=[], trials=[])
     words = "; ".join(plan_changes(plan, cfg, res))
     assert "runs eager (compile off: torch.compile cannot be measured on the budgeted CPU device" in words
+
+
+def test_t11s_one_token_and_one_sequence_read_right(tmp_path):
+    """t11 (session 17): 'the train split of 'shakespeare_char' has 1 tokens'; and its kin, each
+    reachable with a 1: a 1-byte .bin, an effective batch of 1 sequence in the plan's words and
+    the config's, a 1-character vocabulary in sample's refusal."""
+    import numpy as np
+
+    from autofit.records import PlanRecord
+    from autofit.report.render import plan_changes
+    from trainer.config.stages import batch_words
+    from trainer.config.train_config import load_config
+    from trainer.data.datasets import load_dataset
+    from trainer.data.tokenfiles import DataError, read_nanogpt_bin
+    d = tmp_path / "d"
+    d.mkdir()
+    np.array([0], dtype="<u2").tofile(d / "train.bin")
+    np.array([0, 0, 0], dtype="<u2").tofile(d / "val.bin")
+    with pytest.raises(DataError, match=r"the train split of '.*' has 1 token, fewer than block_size \+ 1 = 3"):
+        load_dataset(str(d)).check_block_size(2)
+    (tmp_path / "odd.bin").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"has an odd size \(1 byte\)"):
+        read_nanogpt_bin(tmp_path / "odd.bin")
+    cfg = load_config(preset="tiny", overrides=["batch_size=1", "gradient_accumulation_steps=1"])
+    assert batch_words(cfg).startswith("effective batch: 1 sequence = 128 tokens")
+    plan = PlanRecord(mode="measured", micro_batch=1, grad_accum=1, micro_batches=[1], effective_batch=1,
+                      block_size=128, dtype="float32", compile=False, compile_after=0, checkpointing=0,
+                      loss_impl="standard", budget_bytes=10**8, split="1 = 1 × 1")
+    from types import SimpleNamespace
+    res = SimpleNamespace(device=SimpleNamespace(kind="cpu", bf16_supported=False), compiled_fit_sizes=[], trials=[])
+    words = plan_changes(plan, cfg, res)
+    assert words[0].startswith("keeps your effective batch of 1 sequence (128 tokens"), words
+    two = plan.model_copy(update={"world_size": 2, "parallelism": "ddp"})  # 2 x 1 on two ranks: 1 each
+    words = plan_changes(two, load_config(preset="tiny", overrides=["batch_size=2", "gradient_accumulation_steps=1"]),
+                         res)
+    assert any(w.startswith("runs 1 sequence at once (no gradient accumulation)") for w in words), words

@@ -24,7 +24,7 @@ from typing import Callable
 
 from trainer.compiler import COMPILE_WINDOW
 from trainer.config.stages import Stage, fitted_stage, stage_at, stage_micro_batch
-from trainer.errors import TrainError
+from trainer.errors import TrainError, counted
 from trainer.step import split_batch
 
 THRASH_STEPS = 3  # consecutive steps with rising allocator retries that count as an OOM
@@ -143,7 +143,8 @@ class StagedRun:
         self.index: int | None = None
         for i, st in enumerate(self.stages):  # each rank's share of every stage's batch is whole
             if st.effective_batch % world_size:
-                raise TrainError(f"stages[{i}] ({st.words()}): {st.effective_batch} sequences do not divide among "
+                raise TrainError(f"stages[{i}] ({st.words()}): {counted(st.effective_batch, 'sequence')} "
+                                 f"{'does' if st.effective_batch == 1 else 'do'} not divide among "
                                  f"{world_size} ranks; make its tokens_per_step a multiple of {world_size} x "
                                  f"{st.block_size} = {world_size * st.block_size}")
 

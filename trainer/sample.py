@@ -155,7 +155,7 @@ def char_codec(meta_path: Path) -> Codec:
         if unknown:
             shown = ", ".join(repr(c) for c in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
             raise SampleError(f"--start has {counted(len(unknown), 'character')} not in the vocabulary of {meta_path} "
-                              f"({len(stoi)} characters): {shown}")
+                              f"({counted(len(stoi), 'character')}): {shown}")
         return [int(stoi[c]) for c in text]
 
     return Codec(encode, lambda ids: "".join(itos.get(i, REPLACEMENT) for i in ids), len(itos),
@@ -250,11 +250,11 @@ def _for_model(codec: Codec, vocab_size: int, meta: Path, changed: str | None = 
     pins 65; words: prepared again, said by the caller, and a pinned vocab_size may be a cause too;
     None: unknown). Raises SampleError."""
     if codec.vocab_size > vocab_size:
-        raise SampleError(f"{meta} has {codec.vocab_size} characters, but the model has only "
-                          f"{vocab_size} token ids: the dataset was prepared again since it was trained; sample "
+        raise SampleError(f"{meta} has {counted(codec.vocab_size, 'character')}, but the model has only "
+                          f"{counted(vocab_size, 'token id')}: the dataset was prepared again since it was trained; sample "
                           f"with the meta.pkl it was trained with")
     if codec.vocab_size < vocab_size:
-        why = {"": f": its vocab_size was set above the {codec.vocab_size} characters of the data it trained on "
+        why = {"": f": its vocab_size was set above the {counted(codec.vocab_size, 'character')} of the data it trained on "
                    f"(a config's pinned value), so those ids were never trained"}.get(
             changed, " (a vocab_size set above the data's characters, or the dataset prepared again)")  # t8: both
         codec.description += (f"; the model has {vocab_size} ids: {codec.vocab_size} to {vocab_size - 1} have no "

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from autofit.units import fmt_bytes, measured_peak_words
 from trainer.model.sac_ops import saved_ops_words
+from trainer.errors import counted
 from trainer.metrics import micro_batch_words
 from autofit.report.rates import _key, against_plan as _against_plan, plan_rate_words
 
@@ -69,7 +70,7 @@ def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None
         for line in stage_lines(staged, res.plan) if staged.stages else []:
             console.print(line, markup=False)
     if verbose:
-        console.print(f"[bold]target[/]: {res.effective_batch} sequences x {res.block_size} tokens = "
+        console.print(f"[bold]target[/]: {counted(res.effective_batch, 'sequence')} x {res.block_size} tokens = "
                       f"{res.effective_batch * res.block_size:,} tokens per optimizer step (kept exact)")
         _budget_table(res, console)
         _candidates_table(res, console)
@@ -187,12 +188,13 @@ def plan_changes(plan, cfg, res) -> list[str]:
     """What the plan does differently from the config, in words a person reads without knowing
     the planner: ['keeps your effective batch of 512', 'runs 27 sequences at a time, ...']."""
     ranks, total = plan.world_size, plan.effective_batch * plan.world_size  # torchrun: the plan is each rank's
-    words = [f"keeps your effective batch of {total} sequences ({total * plan.block_size:,} tokens per optimizer step)"
+    words = [f"keeps your effective batch of {counted(total, 'sequence')} ({total * plan.block_size:,} tokens per optimizer step)"
              + (f", {plan.effective_batch} on each of {ranks} ranks ({plan.parallelism})" if ranks > 1 else "")]
     instead = f"instead of {cfg.batch_size} x {cfg.gradient_accumulation_steps}" + (" in all" if ranks > 1 else "")
     if (plan.micro_batch, plan.grad_accum * ranks) != (cfg.batch_size, cfg.gradient_accumulation_steps):
         if plan.grad_accum == 1:
-            words.append(f"runs all {plan.micro_batch} sequences at once (no gradient accumulation), {instead}")
+            words.append(f"runs {'all ' * (plan.micro_batch != 1)}{counted(plan.micro_batch, 'sequence')} at once (no gradient "
+                         f"accumulation), {instead}")
         else:
             words.append(f"runs {plan.micro_batch} sequence{'s' * (plan.micro_batch != 1)} at a time, "
                          f"{plan.grad_accum} times per step "

@@ -26,6 +26,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
+from trainer.errors import counted
+
 STAGE_KEYS = ("until_iter", "block_size", "tokens_per_step")
 _SHAPE = "a non-empty list of tables {until_iter, block_size, tokens_per_step} (the last without until_iter)"
 
@@ -159,7 +161,7 @@ def batch_words(cfg) -> str:
     """'effective batch: 8 sequences = 8,192 tokens per optimizer step', or for a schedule of
     stages each stage's steps and batch."""
     if not cfg.stages:
-        return f"effective batch: {cfg.effective_batch} sequences = {cfg.tokens_per_step:,} tokens per optimizer step"
+        return f"effective batch: {counted(cfg.effective_batch, 'sequence')} = {cfg.tokens_per_step:,} tokens per optimizer step"
     parts, start = [], 0
     for s in cfg.stages:
         steps = f"steps {start}-{s.until_iter - 1}" if s.until_iter is not None else f"steps {start} on"

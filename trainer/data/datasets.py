@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from trainer.paths import PathProblem, expand_user, input_file, real_stat
+from trainer.errors import counted
 from trainer.data.meta import _meta_vocab, read_meta  # noqa: F401  (read_meta: here before)
 
 from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
@@ -146,7 +147,7 @@ class TokenDataset:
         tokens, found when the dataset is opened, not when the first batch of that split is drawn."""
         for name, split in self.splits.items():
             if len(split) < block_size + 1:
-                raise DataError(f"the {name} split of '{self.name}' has {len(split)} tokens, fewer than "
+                raise DataError(f"the {name} split of '{self.name}' has {counted(len(split), 'token')}, fewer than "
                                 f"block_size + 1 = {block_size + 1}; use a smaller block_size or more data")
 
     def check_vocab(self, vocab_size: int, fix: str = "") -> None:
@@ -349,7 +350,7 @@ class BatchSampler:
         tokens = self.dataset.split(split)
         T = self.block_size
         if len(tokens) < T + 1:
-            raise DataError(f"the {split} split of '{self.dataset.name}' has {len(tokens)} tokens, fewer than "
+            raise DataError(f"the {split} split of '{self.dataset.name}' has {counted(len(tokens), 'token')}, fewer than "
                             f"block_size + 1 = {T + 1}")
         if n < 1:
             raise DataError(f"batch size must be at least 1, got {n}")

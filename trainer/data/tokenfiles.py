@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from trainer.writes import atomic_write  # noqa: F401  (every dataset file is written through it)
+from trainer.errors import counted
 
 
 class DataError(ValueError):
@@ -74,7 +75,7 @@ def read_llmc_shard(path: str | Path) -> np.ndarray:
     path = Path(path)
     size = path.stat().st_size
     if size < LLMC_HEADER_BYTES:
-        raise DataError(f"{path} is {size} bytes, too short for an llm.c header ({LLMC_HEADER_BYTES} bytes)")
+        raise DataError(f"{path} is {counted(size, 'byte')}, too short for an llm.c header ({LLMC_HEADER_BYTES} bytes)")
     header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
     magic, version, n = (int(v) for v in header[:3])
     if magic == LLMC_LLAMA3_MAGIC:
@@ -91,7 +92,7 @@ def read_llmc_shard(path: str | Path) -> np.ndarray:
     expected = LLMC_HEADER_BYTES + 2 * n
     if n < 0 or size != expected:
         state = "truncated" if size < expected else "longer than its header says"
-        raise DataError(f"{path} is {state}: header says {n} tokens ({expected} bytes), file has {size} bytes")
+        raise DataError(f"{path} is {state}: header says {counted(n, 'token')} ({expected} bytes), file has {counted(size, 'byte')}")
     if n == 0:
         return np.zeros(0, dtype="<u2")
     return np.memmap(path, dtype="<u2", mode="r", offset=LLMC_HEADER_BYTES, shape=(n,))
@@ -101,7 +102,7 @@ def read_nanogpt_bin(path: Path) -> np.ndarray:
     """Memory-map a nanoGPT .bin as uint16. Raises DataError for an odd byte count."""
     size = path.stat().st_size
     if size % 2:
-        raise DataError(f"{path} has an odd size ({size} bytes); nanoGPT .bin files hold uint16 tokens")
+        raise DataError(f"{path} has an odd size ({counted(size, 'byte')}); nanoGPT .bin files hold uint16 tokens")
     # np.memmap refuses an empty file; an empty split is reported later, when sampled.
     return np.memmap(path, dtype="<u2", mode="r") if size else np.zeros(0, dtype="<u2")
 
