@@ -8,7 +8,7 @@
 # Parsed with ast, never executed: only literal assignments (arithmetic on numbers is allowed).
 out_dir = 'out/gpt2-124m'
 dataset = 'fineweb'  # python scripts/prepare_fineweb.py --out data/fineweb
-wandb_log = False  # accepted from nanoGPT configs, ignored
+wandb_log = False  # True: metrics.jsonl's records to Weights & Biases too (pip install wandb), as nanoGPT's
 wandb_project = 'owt'
 wandb_run_name = 'gpt2-124M'
 

@@ -657,3 +657,14 @@ def test_eval_only_with_no_eval_batches_is_refused():
     with pytest.raises(ConfigError, match="eval_only evaluates eval_iters batches of each split, and eval_iters is 0"):
         load_config(preset="tiny", overrides=["eval_only=True", "eval_iters=0"])
     assert load_config(preset="tiny", overrides=["eval_only=True", "eval_interval=0"]).eval_only  # still evaluates
+
+
+def test_the_shipped_configs_call_no_key_the_trainer_honours_ignored():
+    """t11's L6: configs/gpt2_124m.py said `wandb_log = False  # accepted from nanoGPT configs,
+    ignored`, though wandb_log = True logs the run to Weights & Biases (trainer.metrics). Of the keys
+    taken from nanoGPT, only backend is ignored (torch.distributed's NCCL on CUDA, gloo on the CPU)."""
+    for path in sorted((Path(__file__).parent.parent / "configs").iterdir()):
+        for line in path.read_text().splitlines():
+            setting, _, comment = line.partition("#")
+            if "=" in setting and "ignored" in comment:
+                assert setting.split("=")[0].strip() == "backend", f"{path.name}: {line}"
