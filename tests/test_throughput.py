@@ -164,3 +164,20 @@ def test_the_chunked_loss_costs_host_time_per_chunk():
     per_chunk = ln.AUTOFIT_CHUNKED["autocast"][1] * (tp.HOST_OP_SECONDS + tp.LAUNCH_SECONDS) \
         + ln.CHUNKED_VIEWS["autofit"][1] * tp.HOST_OP_SECONDS
     assert four - one == pytest.approx(3 * per_chunk)
+
+
+def test_the_why_line_gives_the_compute_rate_it_assumed_and_the_figure_it_is_a_share_of(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """t11's L6: -v's why said 'compute at 58.3 TFLOP/s bfloat16' on a 4070, the card's peak, which
+    read as the rate reached; the estimate takes 40 % of it. Now both, each named: the rate
+    assumed, and the peak (or a T4's sustained rate) it is a share of."""
+    from cli_run import cli
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    why = {}
+    for gpu, preset in (("rtx4070-12gb", "rtx4070-seed"), ("t4-16gb", "tiny")):
+        code, out, err = cli(monkeypatch, capsys, "probe", "--preset", preset, "--gpu", gpu, "-v")
+        assert code == 0, err
+        why[gpu] = next(ln for ln in out.splitlines() if "estimated rate is bound by" in ln)
+    assert "(compute at 23.3 TFLOP/s, an assumed 40% MFU of the card's 58.3 TFLOP/s bfloat16 peak;" in why["rtx4070-12gb"]
+    assert "(compute at 2.4 TFLOP/s, an assumed 40% MFU of the 6 TFLOP/s float32 t4-16gb sustains at its power " \
+           "limit (24 of 65 fp16);" in why["t4-16gb"]

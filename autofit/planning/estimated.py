@@ -15,7 +15,7 @@ from autofit.planning.contest import TIE
 from autofit.planning.estimate import ModelShape, estimate_peak, max_micro_batch
 from autofit.planning.planner import _nothing_fits
 from autofit.planning.split import choose_split
-from autofit.planning.throughput import estimated_tokens_per_s, peak_tflops, rate_words, step_floors
+from autofit.planning.throughput import ASSUMED_MFU, estimated_tokens_per_s, peak_tflops, rate_words, step_floors
 from autofit.records import PlanRecord, ProbeResult, TrialRecord
 from autofit.units import fmt_bytes
 from trainer.compiler import resolve_compile_after
@@ -138,9 +138,13 @@ def _bound_words(shape: ModelShape, row: TrialRecord, hw, cfg, step_batch: int, 
     """Which floor of the roofline sets the plan's estimated rate, and the three floors."""
     f = step_floors(shape, row.micro_batch, row.dtype, row.checkpointing, hw, row.checkpointing_policy, cfg.tf32,
                     step_batch, **_host(cfg, row, compiled))
-    rate = f"{peak_tflops(hw, row.dtype, cfg.tf32):.3g} TFLOP/s {row.dtype}"
-    if getattr(hw, "sustained_tflops", None):
-        rate += f", the rate {hw.name} sustains at its power limit ({hw.sustained_tflops:g} of {hw.peak_fp16_tflops:g} fp16)"
+    # the rate the compute floor assumes, then the card's figure it is a share of: '58.3 TFLOP/s' alone
+    # read as the rate reached (t11's L6), where the estimate takes ASSUMED_MFU of it
+    card = peak_tflops(hw, row.dtype, cfg.tf32)
+    of = (f"the {card:.3g} TFLOP/s {row.dtype} {hw.name} sustains at its power limit ({hw.sustained_tflops:g} of "
+          f"{hw.peak_fp16_tflops:g} fp16)" if getattr(hw, "sustained_tflops", None)
+          else f"the card's {card:.3g} TFLOP/s {row.dtype} peak")
+    rate = f"{card * ASSUMED_MFU:.3g} TFLOP/s, an assumed {ASSUMED_MFU:.0%} MFU of {of}"
     return (f"its estimated rate is bound by {f.bound} (compute at {rate}; per micro-batch of {row.micro_batch}: compute "
             f"{f.compute * 1e3:.3g} ms, memory {f.memory * 1e3:.3g} ms, host {f.host * 1e3:.3g} ms"
             f"{' with compiled blocks' if compiled else ''})")
