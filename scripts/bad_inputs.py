@@ -903,6 +903,8 @@ ROWS: list[Row] = [
         by="session 17 (t11 L5)"),
     Row("profiles add --memory 4 (no unit)", [*GTX[:4], "4", *GTX[5:]], check=absent("home/profiles/gtx1650-4gb.toml"),
         by="session 17 (t11 L5)"),
+    Row("--set backend=foo (no torch.distributed backend)", [*RUN, "--set", "backend=foo", "--out", "o"],
+        check=absent("o"), by="session 17 (t11 L6)"),
 ]
 
 # Rows whose fix is on another branch and has not landed here yet. Flip them as fixes merge.

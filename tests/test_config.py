@@ -668,3 +668,22 @@ def test_the_shipped_configs_call_no_key_the_trainer_honours_ignored():
             setting, _, comment = line.partition("#")
             if "=" in setting and "ignored" in comment:
                 assert setting.split("=")[0].strip() == "backend", f"{path.name}: {line}"
+
+
+def test_backend_is_one_torch_distributed_knows():
+    """t11's L6: `--set backend=foo` exited 0 and was ignored. The key stays ignored (autofit takes
+    NCCL on CUDA, gloo on the CPU), but a name torch.distributed would refuse is refused in one line,
+    as nanoGPT's init_process_group would; nanoGPT's own values and torch's per-device form load."""
+    from trainer.config.train_config import ConfigError, load_config
+    for ok in ("nccl", "gloo", "NCCL", "cpu:gloo,cuda:nccl", "mpi"):
+        assert load_config(preset="tiny", overrides=[f"backend={ok}"]).backend == ok
+    with pytest.raises(ConfigError) as e:
+        load_config(preset="tiny", overrides=["backend=ncl"])
+    assert str(e.value).startswith("invalid config: backend='ncl' (--set): not a torch.distributed backend (did you "
+                                   "mean 'nccl'?): give one of nccl, gloo, mpi, ucc, xccl") and "\n" not in str(e.value)
+    for bad in ("foo", "cuda:foo", ""):
+        with pytest.raises(ConfigError, match="not a torch.distributed backend"):
+            load_config(preset="tiny", overrides=[f"backend={bad}"])
+    import torch.distributed as dist  # every backend this torch knows is taken (less 'undefined' and 'fake')
+    from trainer.config.system import BACKENDS
+    assert set(dist.Backend.backend_list) - {"undefined", "fake"} <= set(BACKENDS)

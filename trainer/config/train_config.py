@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from trainer.paths import PathProblem, TomlProblem, expand_user, parse_toml, read_user_text
 from trainer.config.model_options import check_model_options, lever_words
 from trainer.config.stages import StagesField, check_stages
+from trainer.config.system import BackendField, DeviceField
 from trainer.config.messages import did_you_mean, format_validation_error, unknown_key_message
 from trainer.config.pyfile import ConfigError, Refused, literal, parse_py_config
 
@@ -116,8 +117,10 @@ class TrainConfig(BaseModel):
     lr_decay_iters: int = Field(600000, ge=0)
     min_lr: float = Field(6e-5, ge=0.0)
     # system
-    backend: str = "nccl"  # accepted from nanoGPT configs, ignored: NCCL on CUDA, gloo on the CPU (trainer/distributed/ranks.py)
-    device: str = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
+    # nanoGPT's, checked as torch.distributed would (system.py), then ignored: NCCL on CUDA, gloo on the
+    # CPU (trainer/distributed/ranks.py)
+    backend: BackendField = "nccl"
+    device: DeviceField = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = True
     seed: int = Field(1337, ge=0)
@@ -160,13 +163,6 @@ class TrainConfig(BaseModel):
             if name in self.__dict__:
                 self.__dict__[name] = previous
             raise ConfigError(format_validation_error(e, FIELDS, self._sources)) from None
-
-    @field_validator("device")
-    @classmethod
-    def _device_form(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {v!r}")
-        return v
 
     @field_validator("out_dir", "tensorboard_dir")
     @classmethod
