@@ -122,6 +122,8 @@ def test_lessons_are_cleared_by_hand_keeping_the_plan_and_the_run_note_says_how(
     how = f"clear with: autofit profiles rm rtx4070-12gb --plan {plan.fingerprint} --lessons"
     assert len(notes) == 2 and all(how in n for n in notes)
     assert "micro-batch lowered to 8 by an earlier run-time OOM (step 3 of run out, micro-batch 12 ran out" in notes[0]
+    # t11's L3 quoted the first note with its '(' unclosed; each note closes what it opens, and ends with it
+    assert all(n.count("(") == n.count(")") and n.endswith("--lessons)") for n in notes), notes
     said = remove_profile("rtx4070-12gb", plan.fingerprint[:6], lessons=True)
     assert "cleared the lessons" in said and "safe micro-batch 8" in said and "compile off" in said
     fitted = load_profile("rtx4070-12gb").plans[plan.fingerprint]
