@@ -64,9 +64,9 @@ def missing_unit(s: str | int) -> str | None:
     bytes: give a unit, e.g. 2GiB (or 2B for bytes)"), else None: a unit given (B included),
     or a bare number of 1 MiB or more. Call it on a size parse_size accepted."""
     m = _SIZE_RE.match(str(s))
-    if isinstance(s, bool) or m is None or m.group(2) or parse_size(s) >= BARE_BYTES_FLOOR:
+    if isinstance(s, bool) or m is None or m.group(2) or (n := parse_size(s)) >= BARE_BYTES_FLOOR:
         return None
-    number, n = m.group(1), parse_size(s)
+    number = m.group(1)
     likely = "GiB" if float(number) <= 64 else "MiB"  # 2 -> 2GiB, 256 -> 256MiB: the sizes budgets come in
     return f"{number} is {n:,} byte{'s' * (n != 1)}: give a unit, e.g. {number}{likely} (or {number}B for bytes)"
 
