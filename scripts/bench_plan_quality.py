@@ -20,7 +20,13 @@ For each case (a model shape and a CPU budget, on the budgeted CPU device, fp32,
    probes' plans 8 rounds more. The figure is the fastest
    step's CPU time of this process (other processes' load is not counted in it); wall time is
    printed beside it. plan / best = the best grid point's time per token over the plan's.
-3. peers (only with --peer-python, a separate throwaway venv holding lightning and accelerate;
+3. across processes: the grid's FINALISTS fastest plans and the probes' plans timed again, each in
+   scripts/bench_processes.PROCESSES fresh processes, interleaved; a plan's figure is the median
+   over the processes of its fastest step there, and plan / best is given on it too. On this
+   shared machine a whole process reads one plan several per cent faster or slower against
+   another than the next process does, so a one-process grid's ranking of plans that close is
+   that process's, and a user's run is another process (bench_processes' docstring).
+4. peers (only with --peer-python, a separate throwaway venv holding lightning and accelerate;
    never autofit dependencies): Lightning's BatchSizeFinder (its defaults: mode 'power', init 2,
    3 steps per trial) through a LightningModule around the same GPT, and Accelerate's
    find_executable_batch_size (start 128, x0.9 per failure; each attempt builds the model and
@@ -71,6 +77,7 @@ from trainer.config.train_config import load_config  # noqa: E402
 from trainer.model.gpt import GPT, GPTConfig  # noqa: E402
 from trainer.step import make_optimizer, split_batch, train_step  # noqa: E402
 from bench_plan_report import report  # noqa: E402
+from bench_processes import PROCESSES, across, medians  # noqa: E402
 
 MARGIN = 0.10
 REPEATS = 3
@@ -253,6 +260,11 @@ def _grid_rounds(cfg, pts, dev, budget, best, rounds: int) -> None:
             acc["peak"] = max(acc["peak"], r["peak"])
 
 
+def plan_point(pl) -> tuple:
+    """A probe's plan as a grid point (Levers, split)."""
+    return (Levers("float32", pl.checkpointing, pl.loss_impl, False, pl.checkpointing_policy), tuple(pl.micro_batches))
+
+
 def per_token(v: dict, key: str) -> float:
     return min(v[key]) / v["tokens"]
 
@@ -281,14 +293,20 @@ def run_case(case: Case, peer_python: str | None) -> dict:
     best_key = min(grid, key=lambda k: per_token(grid[k], "cpu"))
     best_cpu = per_token(grid[best_key], "cpu")
     best_wall = min(per_token(v, "wall") for v in grid.values())
+    keys = [plan_point(p["plan"]) for p in probes]
+    # the grid's finalists and the probes' plans again, in fresh processes (scripts/bench_processes.py)
+    final = sorted(grid, key=lambda k: per_token(grid[k], "cpu"))[:FINALISTS]
+    final += [k for k in dict.fromkeys(keys) if k in grid and k not in final]
+    xp = across(case.name, final, progress=progress)
+    xp_cpu, xp_wall = medians(xp, "cpu"), medians(xp, "wall")
     rows = []
-    for p in probes:
-        pl = p["plan"]
-        key = (Levers("float32", pl.checkpointing, pl.loss_impl, False, pl.checkpointing_policy), tuple(pl.micro_batches))
+    for p, key in zip(probes, keys):
         g = grid.get(key)
         rows.append({"plan": name(*key), **{k: p[k] for k in ("seconds", "cpu_seconds", "steps", "sequences", "trials")},
                      "plan_over_best_cpu": best_cpu / per_token(g, "cpu") if g else None,
-                     "plan_over_best_wall": best_wall / per_token(g, "wall") if g else None})
+                     "plan_over_best_wall": best_wall / per_token(g, "wall") if g else None,
+                     "xp_cpu": min(xp_cpu.values()) / xp_cpu[key] if key in xp_cpu else None,
+                     "xp_wall": min(xp_wall.values()) / xp_wall[key] if key in xp_wall else None})
     out = {"case": case.name, "budget": case.budget, "effective_batch": cfg.effective_batch,
            "grid_points": len(grid), "best": name(*best_key), "probes": rows,
            "same_plan": len({plan_key(p["plan"]) for p in probes}) == 1,
@@ -296,6 +314,8 @@ def run_case(case: Case, peer_python: str | None) -> dict:
                              "plan": f"{std['plan'].micro_batch} x {std['plan'].grad_accum}"},
            "top": sorted(((name(*k), per_token(v, "cpu") * 1e6, per_token(v, "wall") * 1e6, v["peak"])
                           for k, v in grid.items()), key=lambda r: r[1])[:6],
+           "across": sorted(((name(*k), v["cpu"], v["wall"], xp_cpu.get(k), xp_wall.get(k)) for k, v in xp.items()),
+                            key=lambda r: r[3] if r[3] is not None else 1e9),
            "load": load()}
     if peer_python:
         out["peers"] = run_peers(peer_python, case)
@@ -333,6 +353,34 @@ def stability(case: Case, n: int, env: dict[str, str], standard_only: bool) -> N
             print(f"| {arm} | {key} | {len(secs)} of {n} | {min(wall):.1f}-{max(wall):.1f} | {min(cpu):.1f}-{max(cpu):.1f} |")
 
 
+def cost(case: Case, rounds: int, peer_python: str) -> None:
+    """The cost goals alone (no grid): `rounds` alternated rounds of the peers, an all-levers probe
+    and a standard-only probe, each in a fresh process, on `case`; prints each tool's wall time,
+    CPU time, optimizer steps and sequences, and the plans chosen."""
+    rows: dict[str, list[dict]] = {}
+    for i in range(rounds):
+        peers = run_peers(peer_python, case)
+        if "error" in peers:
+            raise SystemExit(f"the peers failed: {peers['error']}")
+        for name_, d in peers.items():
+            rows.setdefault(name_, []).append({**d, "plan": f"largest fit {d.get('batch')}"})
+        for label_, std in (("autofit, all levers", False), ("autofit, standard loss only", True)):
+            d = probe_once(case, standard_only=std)
+            pl = d["plan"]
+            rows.setdefault(label_, []).append({**d, "plan": f"{pl.loss_impl} ckpt{pl.checkpointing} {pl.split}"})
+        progress(f"{case.name}: cost round {i + 1} of {rounds} done ({load()})")
+    print(f"\n### {case.name}, budget {case.budget}: cost, {rounds} alternated rounds ({load()})\n")
+    print("| tool | plans | wall s | CPU s | opt. steps | sequences |")
+    print("|---|---|---|---|---|---|")
+    span = lambda v: f"{min(v):.2f}-{max(v):.2f}" if max(v) > min(v) else f"{v[0]:.2f}"  # noqa: E731
+    for tool, ds in rows.items():
+        plans = ", ".join(f"{p} x{n}" for p, n in
+                          sorted({d["plan"]: sum(e["plan"] == d["plan"] for e in ds) for d in ds}.items()))
+        ints = lambda k: "/".join(str(d[k]) for d in ds)  # noqa: E731
+        print(f"| {tool} | {plans} | {span([d['seconds'] for d in ds])} | {span([d['cpu_seconds'] for d in ds])} "
+              f"| {ints('steps')} | {ints('sequences')} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the first case only")
@@ -341,10 +389,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--stability", type=int, metavar="N",
                     help="only N fresh-process probes of one case (--case), no grid, no peers")
-    ap.add_argument("--case", help="the case's name or its start, for --stability (default: the first)")
+    ap.add_argument("--case", help="the case's name or its start (default: every case; --stability: the first)")
     ap.add_argument("--probe-env", action="append", default=[], metavar="KEY=VALUE",
                     help="with --stability: a second arm of probes with this in their environment (repeatable)")
     ap.add_argument("--standard-only-probes", action="store_true", help="with --stability: standard loss only")
+    ap.add_argument("--cost", type=int, metavar="ROUNDS",
+                    help="only the cost goals: ROUNDS alternated rounds of the peers and both probes of --case "
+                         "(or every case), no grid; needs --peer-python")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one probe of this case, in this process
     ap.add_argument("--standard-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -362,10 +413,18 @@ def main() -> None:
         env = dict(e.split("=", 1) for e in args.probe_env)
         stability(matching[0], args.stability, env, args.standard_only_probes)
         return
+    if args.cost:
+        if not args.peer_python:
+            ap.error("--cost needs --peer-python")
+        for case in [c for c in CASES + SMALL_CASES if c.name.startswith(args.case)] if args.case else cases:
+            cost(case, args.cost, args.peer_python)
+        return
     results = []
+    if args.case:
+        cases = [c for c in CASES + SMALL_CASES if c.name.startswith(args.case)]
     for case in cases[:1] if args.quick else cases:
         c = run_case(case, args.peer_python)
-        report(c, ROUNDS, STEPS, REPEATS)
+        report(c, ROUNDS, STEPS, REPEATS, PROCESSES)
         results.append(c)
         sys.stdout.flush()
     if args.json:

@@ -13,11 +13,15 @@ from __future__ import annotations
 from autofit.units import fmt_bytes
 
 
+def _f(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def _ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
 
 
-def report(c: dict, rounds: int, steps: int, repeats: int) -> None:
+def report(c: dict, rounds: int, steps: int, repeats: int, processes: int) -> None:
     """Prints the markdown tables of one case's results (bench_plan_quality.run_case's dict)."""
     print(f"\n### {c['case']} (budget {c['budget']}, effective batch {c['effective_batch']}; {c['load']})\n")
     print(f"grid: {c['grid_points']} fitting plans timed, {rounds} interleaved rounds x {steps} steps; "
@@ -26,16 +30,22 @@ def report(c: dict, rounds: int, steps: int, repeats: int) -> None:
     print("|---|---:|---:|---:|")
     for n, cpu_us, wall_us, peak in c["top"]:
         print(f"| {n} | {cpu_us:.2f} | {wall_us:.2f} | {fmt_bytes(peak)} |")
-    print("\n| probe | plan | plan / best (CPU) | plan / best (wall) | wall s | CPU s | opt. steps | sequences "
-          "| trials |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nthe finalists again, each in {processes} fresh processes (scripts/bench_processes.py): each process's "
+          "fastest step, us/token, and the median over the processes\n")
+    print("| plan | CPU, per process | CPU median | wall, per process | wall median |")
+    print("|---|---|---:|---|---:|")
+    for n, cpu, wall, cpu_med, wall_med in c["across"]:
+        print(f"| {n} | {', '.join(f'{v:.1f}' for v in cpu)} | {_f(cpu_med, '.2f')} "
+              f"| {', '.join(f'{v:.1f}' for v in wall)} | {_f(wall_med, '.2f')} |")
+    print("\n| probe | plan | plan / best (CPU) | plan / best (wall) | across processes (CPU) | across processes (wall) "
+          "| wall s | CPU s | opt. steps | sequences | trials |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, p in enumerate(c["probes"], 1):
-        cpu = f"{p['plan_over_best_cpu']:.3f}" if p["plan_over_best_cpu"] else "-"
-        wall = f"{p['plan_over_best_wall']:.3f}" if p["plan_over_best_wall"] else "-"
-        print(f"| all levers #{i} | {p['plan']} | {cpu} | {wall} | {p['seconds']:.1f} | {p['cpu_seconds']:.1f} "
+        ratios = " | ".join(_f(p[k], ".3f") for k in ("plan_over_best_cpu", "plan_over_best_wall", "xp_cpu", "xp_wall"))
+        print(f"| all levers #{i} | {p['plan']} | {ratios} | {p['seconds']:.1f} | {p['cpu_seconds']:.1f} "
               f"| {p['steps']} | {p['sequences']} | {p['trials']} |")
     s = c["standard_only"]
-    print(f"| standard loss only | {s['plan']} | | | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | {s['steps']} "
+    print(f"| standard loss only | {s['plan']} | | | | | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | {s['steps']} "
           f"| {s['sequences']} | |")
     print(f"\nsame plan in {repeats} of {repeats} probes: {'yes' if c['same_plan'] else 'NO'}")
     peers = c.get("peers")
