@@ -3,7 +3,7 @@
 Why: on this workplace's shared 2-core CPU the same two plans rank differently from one process to
 the next. Timed interleaved in five fresh processes (L2 C128 T64 V8192 at 120MiB, chunked loss,
 6 rounds each, 2026-12-06), the fastest of 16 x 2, 32 x 1 and 11 + 11 + 10 by CPU time was 11 + 11
-+ 10 in three processes, 16 x 2 in one and 32 x 1 in one, up to 8 % apart (docs/planner-benchmark.md,
++ 10 in three processes, 16 x 2 in one and 32 x 1 in one, up to 9 % apart (docs/planner-benchmark.md,
 twelfth pass). A grid timed in one process ranks plans by that process's luck, and a user's run is
 yet another process. So each finalist's figure here is the median, over PROCESSES fresh processes,
 of its fastest step in each (CPU time and wall time per token, as the grid's), and plan / best is
