@@ -485,6 +485,27 @@ def test_an_fsdp2_oom_inside_rank_1s_forward_shrinks_both_ranks_and_redoes_the_s
     assert [r["micro_batch"] for r in faulted] == [1, 1] and [r["micro_batch"] for r in clean] == [2, 2]
     for got, want in zip(faulted, clean):
         assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+    # rank 0 met it in a check-in of its own forward: its record names rank 1, rank 1's its own words
+    assert [r["whose"] for r in faulted] == [[["rank 1 ran out of memory in this step", 1]],
+                                             [["injected out of memory at oom", None]]]
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
+def test_another_ranks_oom_is_recorded_as_that_ranks_on_every_rank(tmp_path, parallelism):
+    """Rank 0 runs out of memory inside block 1's forward at step 3; rank 1 learns of it in a
+    check-in of its own forward (FSDP2) or in the step's settle (DDP). Under FSDP2 rank 1 entered
+    it in the agreement as an OOM of its own, so the agreement named rank 1, the highest 'failed'
+    rank: the record must name rank 0 on both ranks, as DDP's does (rank 0 with its own words)."""
+    worker = str(Path(__file__).parent / "ranks" / "forward_oom_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           worker, parallelism, "oom/rank0", str(tmp_path), "train"]
+    done = subprocess.run(cmd, env=env(tmp_path, PYTHONPATH=str(Path(__file__).parents[1])),
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["events"] for r in got] == [[["oom_shrink", 3]]] * 2 and [r["micro_batch"] for r in got] == [1, 1]
+    assert [r["whose"] for r in got] == [[["injected out of memory at oom", None]],
+                                         [["rank 0 ran out of memory in this step", 0]]]
 
 
 EXIT_PROBE = """

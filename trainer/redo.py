@@ -15,6 +15,7 @@ import torch
 
 from trainer.compiler import uncompile
 from trainer.data.tokenfiles import DataError
+from trainer.distributed.ranks import OTHER_OOM, OtherRankOOM
 from trainer.errors import TrainError
 from trainer.recovery import THRASH_NEAR_LIMIT, THRASH_STEPS
 from trainer.schedule import lr_at
@@ -65,16 +66,14 @@ class RedoneStep:
                     if other is not None:
                         raise other from None
                     raise TrainError(self._update_oom_line(e)) if isinstance(e, UpdateOOM) else e
-                failure = str(e).splitlines()[0][:200]
-                attempt = {"injected": isinstance(e, InjectedOOM) or getattr(e, "injected", False),
-                           "agreed": getattr(e, "agreed", False)}
+                failure, attempt = str(e).splitlines()[0][:200], _attempt(e)
             if failure is None:
                 return res, self._timed(self.clock.stop(lap))
             # outside the except block: its traceback no longer pins the failed step's tensors
             self._cleanup_after_oom()
-            injected = self.group.after_oom(attempt)  # every rank knows before any moves on
+            failure, injected, whose = self._agreed_oom(attempt, failure)  # every rank knows before any moves on
             try:
-                self._shrink(failure, injected)
+                self._shrink(failure, injected, **whose)
             except TrainError as e:  # keep the steps that did complete; this one is next, on its own batch and RNG
                 self.sampler.counters.update(start), self._set_rng_state(rng)
                 if self.iter_num > 0:  # at step 0 nothing trained: a checkpoint would only block a new run
@@ -84,6 +83,17 @@ class RedoneStep:
                               f"{resume_with_more_memory(self.meter.spec())}",)
                 raise
             self._set_rng_state(rng)
+
+    def _agreed_oom(self, attempt: dict, failure: str) -> tuple[str, bool, dict]:
+        """The ranks' agreement on an attempt that ran out of memory (RankGroup.after_oom; one
+        process: nothing to agree): (the shrink's reason, whether every OOM was injected, the
+        event's extra fields). Another rank's OOM is named as the agreement names it, in the
+        reason ('rank 1 ran out of memory in this step') and as the event's oom_rank; this rank's
+        own keeps its allocator's words. Raises RankFailed when another rank failed otherwise."""
+        injected, who = self.group.after_oom(attempt)
+        if attempt["other"] and who is not None:
+            return f"rank {who} {OTHER_OOM} in this step", injected, {"oom_rank": who}
+        return failure, injected, {}
 
     @contextlib.contextmanager
     def _oom_as_error(self, doing: str, advice: str):
@@ -175,6 +185,15 @@ class RedoneStep:
         torch.set_rng_state(state[0])
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], self.device)
+
+
+def _attempt(e: BaseException) -> dict:
+    """How an attempt's OOM `e` is told to the other ranks (RankGroup.after_oom): whether it was
+    injected, already agreed, another rank's (OtherRankOOM: met in a check-in of this rank's step,
+    or told in its settle; not entered as this rank's own), and the rank such an agreed one names."""
+    return {"injected": isinstance(e, InjectedOOM) or getattr(e, "injected", False),
+            "agreed": getattr(e, "agreed", False), "other": isinstance(e, OtherRankOOM),
+            "rank": getattr(e, "rank", None)}
 
 
 def _mib(n: int) -> str:

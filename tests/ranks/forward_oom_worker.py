@@ -3,7 +3,7 @@ ranks on gloo; argv: parallelism ('ddp' or 'fsdp2'), a fault ('none', 'oom' or i
 another site: train's docstring), an output folder, and 'eval' or 'train'. With 'oom', rank 1 runs
 out of memory once inside block 1's forward: in 'eval' mid-way through its first eval batch of a
 tiny GPT wrapped as the trainer wraps it; in 'train' at optimizer step 3 of a 6-step Trainer run. Writes <folder>/rank<N>.json: the final (eval)
-micro-batch, the events, the losses."""
+micro-batch, the events (and in 'train' mode whose OOM each says), the losses."""
 from __future__ import annotations
 
 import json
@@ -62,7 +62,7 @@ def train(parallelism: str, fault: str, out: Path) -> dict:
     the site the fault names ('oom': inside block 1's forward; BACKWARD_SITES; 'gather_buffer';
     'prime': before step 0 instead, making the optimizer's state),
     '/explicit' after it: without the check-ins after FSDP2's communication buffers, '/saved' after
-    it: an evaluation and a checkpoint every 2 steps."""
+    it: an evaluation and a checkpoint every 2 steps, '/rank0' after it: rank 0 runs out instead."""
     from trainer.config.train_config import load_config
     from trainer.loop import RunOptions, Trainer
     from trainer.step import InjectedOOM
@@ -82,7 +82,8 @@ def train(parallelism: str, fault: str, out: Path) -> dict:
         sharding._check_in_after_comm_buffers = lambda *_: False
     trainer = Trainer(cfg, RunOptions(progress=False, meter=NullMeter(), compile_backend=backend or "inductor"))
     rank = trainer.rank
-    now = lambda: rank == 1 and trainer.iter_num == 3 and max(trainer.micro_batches) > 1  # noqa: E731
+    faulty = 0 if only == "rank0" else 1
+    now = lambda: rank == faulty and trainer.iter_num == 3 and max(trainer.micro_batches) > 1  # noqa: E731
 
     def oom(*_):
         if now():
@@ -109,7 +110,8 @@ def train(parallelism: str, fault: str, out: Path) -> dict:
         DefaultAllocMixin.allocate = lambda self, *a, **k: (oom(), allocate(self, *a, **k))[1]
     res = trainer.run()
     return {"rank": rank, "micro_batch": max(res.micro_batches), "losses": res.losses,
-            "events": [[e["event"], e["step"]] for e in res.events]}
+            "events": [[e["event"], e["step"]] for e in res.events],
+            "whose": [[e.get("reason"), e.get("oom_rank")] for e in res.events]}  # whose OOM each event says
 
 
 def main() -> None:

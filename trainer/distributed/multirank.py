@@ -96,19 +96,24 @@ class RankGroup:
             return stop.signal is not None
         return self.agreement.agreed_stop
 
-    def after_oom(self, exc_info: dict) -> bool:
-        """After this rank's OOM in an attempt, once its memory is cleaned up: the ranks agree on
+    def after_oom(self, exc_info: dict) -> tuple[bool, int | None]:
+        """After an OOM in an attempt, once this rank's memory is cleaned up: the ranks agree on
         the attempt's outcome, unless the OOM came from that agreement already (exc_info:
-        {'injected': bool, 'agreed': bool}). Returns whether every OOM of the attempt was
-        injected. Raises RankFailed when another rank failed otherwise."""
+        {'injected': bool, 'agreed': bool, 'other': the OOM was another rank's, met in a check-in
+        of this rank's step (FSDP2): this rank enters no failure of its own, as under DDP, where
+        it learns of it in the step's settle; 'rank': the rank such an agreed OOM names}).
+        Returns (whether every OOM of the attempt was injected, the rank that ran out: the
+        highest where several did, as the agreement names it (ranks.oom_rank); None with one
+        process). Raises RankFailed when another rank failed otherwise."""
         if not self.several:
-            return exc_info["injected"]
+            return exc_info["injected"], None
         if exc_info["agreed"]:
-            return exc_info["injected"]
-        seen = self.agreement.outcome("injected" if exc_info["injected"] else "oom")
+            return exc_info["injected"], exc_info.get("rank")
+        mine = None if exc_info.get("other") else "injected" if exc_info["injected"] else "oom"
+        seen = self.agreement.outcome(mine)
         if seen[D.ERROR]:
             D.raise_for(seen, self.ranks, self.agreement.reason)
-        return not seen[D.REAL_OOM]
+        return not seen[D.REAL_OOM], D.oom_rank(seen)
 
     def primed(self, oom: bool) -> None:
         """After this rank made the optimizer's state before step 0 (`oom`: it ran out of memory

@@ -159,14 +159,17 @@ class RankFailed(TrainError):
 
 
 class OtherRankOOM(torch.OutOfMemoryError):
-    """Another rank ran out of memory in this attempt at the step: this rank handles it as its
-    own OOM (clean up, shrink, redo). `agreed`: the ranks have already exchanged the outcome of
-    this attempt, so it is not reported again; `injected`: every OOM was an injected fault."""
+    """Another rank ran out of memory in this attempt at the step: this rank cleans up, shrinks and
+    redoes it as after its own OOM, but tells the agreement of no failure of its own (as under DDP,
+    where it learns of it in the step's settle). `agreed`: the ranks have already exchanged the
+    outcome of this attempt, so it is not reported again; `injected`: every OOM was an injected
+    fault; `rank`: the rank the message names (the highest that failed, as failed_rank)."""
 
-    def __init__(self, message: str, injected: bool, agreed: bool = True):
+    def __init__(self, message: str, injected: bool, agreed: bool = True, rank: int | None = None):
         super().__init__(message)
         self.injected = injected
         self.agreed = agreed
+        self.rank = rank
 
 
 # Errors of a collective whose peer has gone (gloo's closed sockets, NCCL's aborted
@@ -280,7 +283,7 @@ class Agreement:
             # another error becomes RankFailed in the outcome round that follows (raise_for)
             what = "failed" if seen[ERROR] else OTHER_OOM
             raise OtherRankOOM(f"{failed_rank(seen)} {what} in this step", injected=not seen[REAL_OOM],
-                               agreed=False)
+                               agreed=False, rank=max(seen[REAL_OOM], seen[INJECTED_OOM], seen[ERROR]) - 1)
 
     def settle(self) -> None:
         """The success path's round: raises OtherRankOOM (agreed) when another rank ran out of
@@ -306,7 +309,8 @@ def raise_for(seen: list[int], ranks: Ranks, reason: str = "") -> None:
         why = f" (rank {seen[ERROR] - 1}: {reason})" if reason else ""
         raise RankFailed(f"rank {ranks.rank}: rank {seen[ERROR] - 1} {OTHER_FAILED}; stopping here too{why}")
     if seen[REAL_OOM] or seen[INJECTED_OOM]:
-        raise OtherRankOOM(f"{failed_rank(seen)} {OTHER_OOM} in this step", injected=not seen[REAL_OOM])
+        raise OtherRankOOM(f"{failed_rank(seen)} {OTHER_OOM} in this step", injected=not seen[REAL_OOM],
+                           rank=oom_rank(seen))
 
 
 def all_gather_objects(obj, ranks: Ranks) -> list:
