@@ -361,6 +361,21 @@ def test_a_trial_fits_only_where_it_fits_on_every_rank(monkeypatch):
     assert got.status == "oom" and "rank 1 oom" in got.note
 
 
+def test_a_trial_that_ran_out_on_rank_1_names_rank_1_not_the_rank_that_met_it(monkeypatch):
+    """Rank 0 met rank 1's OOM (OtherRankOOM, from its settle or a check-in): both records say
+    'oom', and the merged one named the first, 'rank 0 oom', with rank 0's note. Now the rank that
+    ran out, with its allocator's words; a rank that failed itself outranks one that met it."""
+    mine = TrialRecord(micro_batch=8, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                       status="oom", note="OtherRankOOM: rank 1 ran out of memory in this step")
+    own = mine.model_copy(update={"note": "OutOfMemoryError: budgeted CPU device out of memory: tried to allocate 4 B"})
+    _two_ranks_gathering(monkeypatch, lambda d: own.model_dump())
+    got = agree.trial(mine)
+    assert got.status == "oom" and got.note.startswith(f"{own.note}; agreed over 2 ranks: rank 1 oom;")
+    worse = mine.model_copy(update={"status": "error", "note": "RuntimeError: boom"})  # the worst status still wins
+    _two_ranks_gathering(monkeypatch, lambda d: worse.model_dump())
+    assert agree.trial(own).note.startswith("RuntimeError: boom; agreed over 2 ranks: rank 1 error;")
+
+
 def test_the_search_space_is_what_every_rank_can_run(monkeypatch):
     from autofit.planning.candidates import PlanError, Space
     mine = Space(dtypes=["bfloat16", "float32"], compile=[False, True], checkpointing=[0, 1],

@@ -21,6 +21,7 @@ from autofit.records import TrialRecord
 from trainer.distributed import ranks as D
 
 STATUS_ORDER = ("error", "leak", "oom", "spill", "over_budget", "pruned", "fit")  # the worst wins
+CONSEQUENCE_ERRORS = (D.OtherRankOOM.__name__, D.RankFailed.__name__)  # another rank's failure, met on this one
 
 
 def ranks() -> D.Ranks:
@@ -113,13 +114,17 @@ def space(s):
 
 def trial(rec: TrialRecord) -> TrialRecord:
     """One candidate's record, agreed over the ranks: fit only when it fitted on every rank,
-    else the worst status (with that rank's note); the largest peaks, the slowest tokens/s."""
+    else the worst status (with that rank's note: of equal ones, a rank that failed itself, not one
+    that only met another rank's OOM or error); the largest peaks, the slowest tokens/s."""
     r = ranks()
     if not r.several:
         return rec
     every = D.all_gather_objects(rec.model_dump(), r)
     recs = [TrialRecord(**d) for d in every]
-    worst = min(range(len(recs)), key=lambda k: STATUS_ORDER.index(recs[k].status))
+    # of equal statuses, a rank's own failure before one that only met another's (OtherRankOOM,
+    # RankFailed: a trial's note opens with the error's type), so that 'rank N oom' names the rank that ran out
+    worst = min(range(len(recs)), key=lambda k: (STATUS_ORDER.index(recs[k].status),
+                                                 (recs[k].note or "").split(":")[0] in CONSEQUENCE_ERRORS))
     out = recs[worst].model_copy(deep=True)
 
     def most(field):

@@ -29,6 +29,7 @@ from trainer.data.batches import held_rows
 from autofit.planning import agree
 from autofit.records import Candidate, TrialRecord, judged_peak
 from trainer.compiler import compile_model
+from trainer.distributed.ranks import OtherRankOOM
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.step import make_optimizer, prime_optimizer, set_matmul_precision, train_step
 
@@ -200,13 +201,14 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
     t0 = time.perf_counter()
     with device.tracking():
         baseline = device.current_bytes()
-        agreed = True  # several ranks: whether they know how this trial ended
+        agreed, other = True, False  # several ranks: whether they know how this trial ended; another rank's OOM
         try:
             _run_steps(state, cfg, cand, device, rank_batch, settings, rec)
         except Exception as e:  # classify only; clean up below, outside the except block
             kind = "oom" if device.is_oom(e) else "error"
             failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
             agreed = getattr(e, "agreed", False) or state.get("agreement") is None
+            other = isinstance(e, OtherRankOOM)  # met in a check-in (FSDP2): not entered as this rank's own
         # The traceback (and with it the failed step's activations) is released once the except
         # block has ended; now drop our own references and give the memory back.
         if state.get("opt") is not None:
@@ -214,7 +216,7 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         agreement = state.get("agreement")
         state.clear()
         if not agreed:  # the other ranks wait in this trial's step: tell them how it ended here
-            agreement.outcome(kind)
+            agreement.outcome(None if other else kind)
         if cand.compile:  # no compiled graph of this trial outlives it
             torch._dynamo.reset()
         device.cleanup()  # collects garbage (gc.collect, once per trial: a full collection is not free)
