@@ -113,7 +113,12 @@ def test_two_ddp_ranks_each_evaluate_their_share_to_one_ranks_losses(tmp_path):
     for rec in (zero, one):
         assert rec["drawn"] == [[s, c] for first in want_draws[rec["rank"]] for s in ("train", "val") for c in first]
         assert rec["counters"] == {"train": 2 * EVAL_ITERS, "val": 2 * EVAL_ITERS}
-        assert rec["micro_batch"] == BATCH // 2 and rec["events"] == [["eval_oom_shrink", {"eval_micro_batch": 4}]]
+        assert rec["micro_batch"] == BATCH // 2 and [[k, kw["eval_micro_batch"]] for k, kw in rec["events"]] == [
+            ["eval_oom_shrink", 4]]
+    # whose OOM it was: rank 0's own words; rank 1, with no batch in that round, names rank 0
+    assert zero["events"][0][1] == {"eval_micro_batch": 4, "reason": "CUDA out of memory (injected)"}
+    assert one["events"][0][1] == {"eval_micro_batch": 4, "oom_rank": 0,
+                                   "reason": "rank 0 ran out of memory in this evaluation batch"}
     # rank 0: 6 batches at micro-batch 8, then 5, 7, the OOM's try at 9 and its redo (2) and val's 3 x 2
     assert zero["forwards"] == 6 + 2 + 1 + 2 + 6 and one["forwards"] == 4 + 2 + 4  # not 10 + 10 + 4 each
     ev, model = evaluator(BatchSampler(load_dataset("embedded"), BLOCK, SEED)), tiny_model()

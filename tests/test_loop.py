@@ -455,6 +455,7 @@ def test_eval_oom_halves_eval_micro_batch_only(tmp_path, monkeypatch, baseline):
     assert fired == [4]
     (ev,) = events(tmp_path, "eval_oom_shrink")
     assert ev["eval_micro_batch"] == 2 and ev["step"] == 0
+    assert ev["reason"] == "injected eval out of memory" and "oom_rank" not in ev  # one process: its own
     assert events(tmp_path, "oom_shrink") == []
     for r in records(tmp_path, "train"):
         assert (r["micro_batch"], r["grad_accum"]) == (4, 2)
@@ -543,7 +544,10 @@ def test_an_eval_oom_on_one_rank_halves_every_ranks_eval_micro_batch():
     for t in threads:
         t.join(timeout=120)
     assert [e.micro_batch for e in evals] == [4, 4]
-    assert events == [[("eval_oom_shrink", {"eval_micro_batch": 4})]] * 2
+    # each says whose OOM it was: rank 0 names rank 1, rank 1 quotes its own error
+    assert events == [[("eval_oom_shrink", {"eval_micro_batch": 4, "oom_rank": 1,
+                                             "reason": "rank 1 ran out of memory in this evaluation batch"})],
+                      [("eval_oom_shrink", {"eval_micro_batch": 4, "reason": "CUDA out of memory (injected)"})]]
     for got in results:
         assert got == pytest.approx(reference, rel=1e-5)
 

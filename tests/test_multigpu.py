@@ -486,7 +486,12 @@ def test_an_eval_oom_on_rank_1_halves_both_ranks_eval_micro_batch(tmp_path, para
     clean, faulted = forward_oom_runs(tmp_path, parallelism, "eval")
     assert [r["micro_batch"] for r in clean] == [8, 8]
     assert [r["micro_batch"] for r in faulted] == [4, 4]
-    assert all(r["events"] == [["eval_oom_shrink", {"eval_micro_batch": 4}]] for r in faulted)
+    # each record says whose OOM it was, as a step's shrink does: rank 0's names rank 1 (under
+    # FSDP2 met in a check-in of its own forward), rank 1's quotes its own error
+    assert [r["events"] for r in faulted] == [
+        [["eval_oom_shrink", {"eval_micro_batch": 4, "reason": "rank 1 ran out of memory in this evaluation batch",
+                              "oom_rank": 1}]],
+        [["eval_oom_shrink", {"eval_micro_batch": 4, "reason": "CUDA out of memory (injected in block 1)"}]]]
     for got, want in zip(faulted, clean):
         assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
 
@@ -660,6 +665,13 @@ def test_the_oom_line_names_the_rank_that_ran_out_on_several_ranks():
     assert other.endswith("redoing step 3 on the same data (rank 1 ran out of memory in this step)")
     own = describe_event({**ev, "reason": "budgeted CPU device out of memory: tried to allocate 16.0 KiB"})
     assert own.endswith("redoing step 3 on the same data")
+    # an evaluation's shrink names the rank as a step's does (it did not: no reason was recorded)
+    evs = dict(event="eval_oom_shrink", step=4, eval_micro_batch=2)
+    other = describe_event({**evs, "reason": "rank 1 ran out of memory in this evaluation batch", "oom_rank": 1})
+    assert other == ("out of memory in evaluation: eval micro-batch now 2, training plan unchanged; redoing the batch "
+                     "(rank 1 ran out of memory in this evaluation batch)")
+    own = describe_event({**evs, "reason": "budgeted CPU device out of memory: tried to allocate 16.0 KiB"})
+    assert own.endswith("redoing the batch") and describe_event(evs) == own  # an older record: no reason
 
 
 def test_ddps_first_step_holds_no_gradient_copy_beside_the_buckets(tmp_path):

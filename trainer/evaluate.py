@@ -22,7 +22,7 @@ import torch
 
 from trainer.data.datasets import BatchSampler
 from trainer.data.tokenfiles import DataError
-from trainer.distributed.ranks import OTHER_OOM, OWN_ERROR, OtherRankOOM, RankFailed
+from trainer.distributed.ranks import OTHER_OOM, OWN_ERROR, OtherRankOOM, RankFailed, first_line
 from trainer.phases import PhaseProgress
 from trainer.step import autocast
 
@@ -41,7 +41,9 @@ def eval_rounds(iters: int, rank: int, ranks: int) -> list[int | None]:
 
 class Evaluator:
     """Mean loss of `model` over `iters` batches of `batch_size` sequences per split, chunked into
-    micro-batches of `micro_batch` (halved after an OOM, with an 'eval_oom_shrink' event).
+    micro-batches of `micro_batch` (halved after an OOM, with an 'eval_oom_shrink' event whose
+    reason is this rank's OOM's first line, or for another rank's 'rank 1 ran out of memory in this
+    evaluation batch', with that rank as its oom_rank).
     `agree(oom) -> rank or None`: after each batch, the rank that ran out of memory on it (the
     highest where several did, as a step's agreement names it), None when none did (a collective
     with several ranks; with one, 0 when `oom`). When the micro-batch is already 1 every rank stops
@@ -137,11 +139,15 @@ class Evaluator:
                     raise oom
                 raise RankFailed(f"rank {who} {OTHER_OOM} in {label}, at eval micro-batch 1 {OWN_ERROR}; "
                                  f"stopping here too")
+            # the record says whose OOM it was, as a step's shrink does (trainer.redo): this rank's
+            # allocator's words, or the rank the agreement names
+            whose = {"reason": first_line(oom)} if mine else {"reason": f"rank {who} {OTHER_OOM} in this evaluation "
+                                                                        f"batch", "oom_rank": who}
             oom = None  # its traceback would keep the failed batch's tensors alive
             gc.collect()
             self.meter.cleanup()
             self.micro_batch = max(1, self.micro_batch // 2)
-            self.on_event("eval_oom_shrink", eval_micro_batch=self.micro_batch)
+            self.on_event("eval_oom_shrink", eval_micro_batch=self.micro_batch, **whose)
 
     def batch_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = 0.0

@@ -22,8 +22,8 @@ EVENT_TEXT = {
                           "{new_micro_batch}; redoing step {step}",
     "compile_fallback_eager": "out of memory while compiling{inj}: back to eager at micro-batch "
                               "{micro_batch}; redoing step {step}",
-    "eval_oom_shrink": "out of memory in evaluation: eval micro-batch now {eval_micro_batch} "
-                       "(training plan unchanged)",
+    "eval_oom_shrink": "out of memory in evaluation: eval micro-batch now {eval_micro_batch}, training plan "
+                       "unchanged; redoing the batch",
     "compile_on": "torch.compile switched on at step {step} ({backend}, {scope})",
     "compile_time": "torch.compile took {seconds:.1f} s (measured: the first compiled step less the eager "
                     "step time), apart from the step times",
@@ -51,7 +51,8 @@ def describe_event(ev: dict) -> str | None:
     line = text.format(inj=" (injected)" if ev.get("injected") else "", new_ranks=counted(n, "rank"),
                        steps_since=counted(ev.get("steps_not_saved"), "step"), **{**ev, **splits})
     reason = str(ev.get("reason", ""))
-    if ev["event"].endswith("oom_shrink") and reason.startswith("rank "):  # another rank's OOM, agreed: say whose
+    # another rank's OOM, agreed (a step's or an evaluation batch's): say whose
+    if ev["event"].endswith("oom_shrink") and reason.startswith("rank "):
         line += f" ({reason.split(' (')[0]})"
     return line
 
