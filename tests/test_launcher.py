@@ -473,6 +473,51 @@ def test_a_ranks_bad_budget_names_its_rank_once_and_advice_names_the_variable(mo
     assert budget_flag() == "--budget"
 
 
+def test_a_bare_number_in_rank_budgets_is_a_missing_unit_as_in_budget(monkeypatch):
+    """AUTOFIT_RANK_BUDGETS=3,2 was read as 3 and 2 bytes, where --budget 3 is refused as a missing
+    unit (autofit.units.missing_unit): each rank's entry now follows --budget's rule, and the
+    launcher checks every entry before torchrun starts (check_rank_budgets)."""
+    from autofit.devices.info import DeviceError
+    from autofit.devices.ranks import check_rank_budgets, rank_budget
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                 "AUTOFIT_RANK_BUDGETS": "3MiB,2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(DeviceError) as e:
+        rank_budget(None)
+    assert str(e.value) == ("rank 1: its budget in AUTOFIT_RANK_BUDGETS, '2': 2 is 2 bytes: give a unit, e.g. 2GiB "
+                            "(or 2B for bytes)")
+    for given, want in (("3MiB,2B", 2), ("3MiB,2097152", 2 * 2**20), ("3MiB, 2MiB", 2 * 2**20)):  # as --budget reads them
+        monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", given)
+        assert rank_budget(None) == want
+        check_rank_budgets()
+    for given, line in (("3,2", "AUTOFIT_RANK_BUDGETS=3,2: rank 0's budget, '3': 3 is 3 bytes: give a unit, e.g. "
+                                "3GiB (or 3B for bytes)"),
+                        ("3MiB,256", "AUTOFIT_RANK_BUDGETS=3MiB,256: rank 1's budget, '256': 256 is 256 bytes: give a "
+                                     "unit, e.g. 256MiB (or 256B for bytes)"),
+                        ("3MiB,abc", "AUTOFIT_RANK_BUDGETS=3MiB,abc: rank 1's budget, 'abc': not a size: 'abc' "
+                                     "(examples: 2GiB, 1.5G, 512MiB, 4096)")):
+        monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", given)
+        with pytest.raises(DeviceError) as e:
+            check_rank_budgets()
+        assert str(e.value) == line
+    monkeypatch.delenv("AUTOFIT_RANK_BUDGETS")
+    check_rank_budgets()  # not set: nothing to check
+
+
+def test_nproc_per_node_refuses_bare_rank_budgets_before_torchrun_starts(tmp_path):
+    """One line naming the variable and the entry, exit 2, and no rank started (torchrun's launcher
+    says its OMP_NUM_THREADS line first), nothing written."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "OMP_", "RANK", "WORLD_SIZE"))}
+    env.update(AUTOFIT_HOME=str(tmp_path / "home"), AUTOFIT_RANK_BUDGETS="3,2")
+    proc = subprocess.run([sys.executable, "-m", "autofit", "run", "--nproc-per-node", "2", "--device", "cpu",
+                           "--preset", "tiny", "--out", str(tmp_path / "o"), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.splitlines() == ["autofit: error: AUTOFIT_RANK_BUDGETS=3,2: rank 0's budget, '3': 3 is 3 bytes: "
+                                        "give a unit, e.g. 3GiB (or 3B for bytes)"]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "home").exists()
+
+
 def test_torchruns_signal_handlers_do_not_outlive_its_run():
     """torchrun's PContext.start installs its handler for SIGINT, SIGTERM, SIGHUP and SIGQUIT and
     leaves it: a Ctrl-C while the launcher exited after run() raised torchrun's SignalException, a

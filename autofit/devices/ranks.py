@@ -51,8 +51,8 @@ def budget_flag() -> str:
 def rank_budget(budget_bytes: int | None) -> int | None:
     """This rank's CPU budget: its entry of AUTOFIT_RANK_BUDGETS when that is set (one size per
     rank, comma-separated), else `budget_bytes`. Raises DeviceError for a list that does not
-    name every rank, a size that does not parse, or the variable set on one process."""
-    from autofit.units import parse_size
+    name every rank, a size that does not parse or has no unit (entry_bytes), or the variable set
+    on one process."""
     raw = os.environ.get(RANK_BUDGETS_ENV, "").strip()
     if not raw:
         return budget_bytes
@@ -65,10 +65,34 @@ def rank_budget(budget_bytes: int | None) -> int | None:
         raise DeviceError(f"{RANK_BUDGETS_ENV} names {counted(len(items), 'budget')} for "
                           f"{counted(r.world_size, 'rank')}; give one per rank, e.g. {RANK_BUDGETS_ENV}=3MiB,2MiB")
     try:
-        return parse_size(items[r.rank])
+        return entry_bytes(items[r.rank])
     except ValueError as e:
         # starts with the rank, so error_prefix adds no second 'rank N:'
         raise DeviceError(f"rank {r.rank}: its budget in {RANK_BUDGETS_ENV}, {items[r.rank]!r}: {e}") from None
+
+
+def entry_bytes(item: str) -> int:
+    """Bytes of one AUTOFIT_RANK_BUDGETS entry, read as --budget is (autofit.cli.common._size):
+    raises ValueError (its words) for junk, and for a bare number under 1 MiB, a missing unit
+    (autofit.units.missing_unit: '3' is 3 bytes, where 3GiB was meant)."""
+    from autofit.units import missing_unit, parse_size
+    n = parse_size(item)
+    if why := missing_unit(item):
+        raise ValueError(why)
+    return n
+
+
+def check_rank_budgets() -> None:
+    """Before torchrun starts the ranks (--nproc-per-node): every entry of AUTOFIT_RANK_BUDGETS, where
+    it is set, reads as a size with its unit (entry_bytes), so a bad one is one line here, not one per
+    rank after they started. Raises DeviceError naming the variable, the rank and its entry. How many
+    entries there are is each rank's check (rank_budget), against torchrun's world size."""
+    raw = os.environ.get(RANK_BUDGETS_ENV, "").strip()
+    for rank, item in enumerate(v.strip() for v in raw.split(",") if raw):
+        try:
+            entry_bytes(item)
+        except ValueError as e:
+            raise DeviceError(f"{RANK_BUDGETS_ENV}={raw}: rank {rank}'s budget, {item!r}: {e}") from None
 
 
 def cpu_share(budget_bytes: int | None) -> int | None:
