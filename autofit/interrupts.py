@@ -1,10 +1,12 @@
 """Ctrl-C outside the training loop's own handling: one line that says what was under way and
-what is kept, then exit code 130 (128 + SIGINT, the shell's convention).
+what is kept, then exit code 128 + the signal's number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP: the
+shell's convention, which schedulers read too).
 
 The training loop handles the first Ctrl-C itself (finish the step, checkpoint, stop; cli's
 _report_run says so). Everywhere else, a Ctrl-C is a KeyboardInterrupt: typer turns one raised in
-a command into a silent exit code 130, and one raised outside it (startup, torchrun's session)
-reaches main(). Either way main() prints the line set here by the phase of the command under way:
+a command into a silent exit code 130 (main() then exits with exit_code()), and one raised outside
+it (startup, torchrun's session) reaches main(). Either way main() prints the line set here by the
+phase of the command under way:
 
     interrupts.during("interrupted during the probe; nothing was saved")
 """
@@ -12,10 +14,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from collections.abc import Callable  # not typing's: 2 ms more of the start-up before unwind_stops
 
-EXIT_CODE = 130  # 128 + SIGINT: the exit status of every interrupted command
+EXIT_CODE = 130  # 128 + SIGINT: a Ctrl-C's exit status (a SIGTERM's is 143, a SIGHUP's 129: exit_code())
 # 128 + SIGPIPE: training stopped because stdout's reader went away (`autofit run | head`), with a
 # checkpoint. What a shell reports for a command a closed pipe killed, which `set -o pipefail`
 # scripts already know; not 130 (no Ctrl-C came) and not 1 (nothing failed, the steps are kept).
@@ -91,7 +92,7 @@ STOPS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signa
 
 def heard(signum: int) -> None:
     """The KeyboardInterrupt being raised stands for stop signal `signum` (SIGTERM, SIGHUP), for
-    exit_code()."""
+    exit_code() where no handler of trainer.interrupt noted one first."""
     _state["signal"] = signum
 
 
@@ -108,19 +109,12 @@ def unwind_stops() -> None:
         signal.signal(sig, _unwind)
 
 
-def launcher(argv: list[str] | None = None, environ=None) -> bool:
-    """Whether this process is (or is about to be) the launcher of `--nproc-per-node N`: the flag
-    in its arguments, and torchrun did not start it (no RANK). Read from `argv` (default
-    sys.argv[1:]) and `environ` (default os.environ), so that it holds from the first import on."""
-    argv = sys.argv[1:] if argv is None else argv
-    environ = os.environ if environ is None else environ
-    return "RANK" not in environ and any(a == "--nproc-per-node" or a.startswith("--nproc-per-node=") for a in argv)
-
-
 def exit_code() -> int:
-    """The exit status of an interrupted command: EXIT_CODE (130) for a Ctrl-C, and for SIGTERM or
-    SIGHUP too (training's stop says the same), except in the launcher of `--nproc-per-node`:
-    128 + the signal (143, 129), which it returns once torchrun runs (torchrun's SignalException),
-    so that the code does not depend on whether the signal came before or after the ranks started."""
-    sig = _state["signal"]
-    return 128 + int(sig) if sig is not None and launcher() else EXIT_CODE
+    """The exit status of an interrupted command: 128 + the number of the stop signal that ended it
+    (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), in one process, a rank and the launcher of
+    `--nproc-per-node` alike. The signal is the first one a handler noted (trainer.interrupt.
+    received: training's StopFlag, the command's session), else the one heard while the CLI
+    loaded (heard()); none: a KeyboardInterrupt from Python's own Ctrl-C handler, 130."""
+    from trainer.interrupt import exit_code as code, received  # no torch
+    sig = received()
+    return code(sig if sig is not None else _state["signal"])

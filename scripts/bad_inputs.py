@@ -19,6 +19,7 @@ import argparse
 import os
 import pickle
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -417,7 +418,8 @@ def stopped_before(sig: str) -> Callable[[Path], None]:
                "BAD_INPUTS_SIGNAL": f"{sig}:train_000002.bin"}
         proc = subprocess.run([sys.executable, "-m", "autofit.cli.app", *FINEWEB], cwd=t, env=env,
                               capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-        if proc.returncode != 130 or not (t / PARTIAL / "progress.json").is_file():  # else the row proves nothing
+        stopped = 128 + int(getattr(signal, "SIG" + sig))  # 130 SIGINT, 143 SIGTERM: the signal's own code
+        if proc.returncode != stopped or not (t / PARTIAL / "progress.json").is_file():  # else the row proves nothing
             raise RuntimeError(f"the stopped run to continue was not stopped: exit {proc.returncode}, {proc.stderr[-300:]}")
     return make
 

@@ -5,7 +5,7 @@
 
 The same as `autofit data prepare fineweb-edu --out DIR`; the work is trainer/data/prepare.py's.
 A Ctrl-C or SIGTERM stops it at the next document or shard boundary, keeps the finished shards
-(exit 130) and the same command, run again, continues from them.
+(exit 128 + the signal's number: 130 Ctrl-C, 143 SIGTERM) and the same command, run again, continues from them.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
 from trainer.data.datasets import DataError  # noqa: E402
+from trainer.interrupt import exit_code  # noqa: E402
 from trainer.writes import WriteError  # noqa: E402
 from trainer.data.prepare import (FINEWEB_CONFIG, FINEWEB_DATASET, PrepareStopped, prepare,  # noqa: E402, F401
                                   tokenize_to_shards)
 
-EXIT_STOPPED = 130  # 128 + SIGINT, as every interrupted autofit command exits
 
 
 def main() -> int:
@@ -44,7 +44,7 @@ def main() -> int:
         return 2
     except PrepareStopped as e:  # Ctrl-C/SIGTERM: the finished shards are kept; running again continues
         print(e, file=sys.stderr)
-        return EXIT_STOPPED
+        return exit_code(e.signal)  # 128 + the signal's number, as every interrupted autofit command exits
     print(f"done: {len(done.files)} shards in {args.out}; use it with dataset = '{args.out}'")
     return 0
 

@@ -17,3 +17,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_signal_yet():
+    """Each test starts with no stop signal noted: the exit code of a stop is 128 + the first one
+    this process received (trainer.interrupt.exit_code), and a signal an earlier test sent itself
+    would otherwise decide a later test's code."""
+    from trainer.interrupt import forget_received
+    forget_received()
+    yield

@@ -1,5 +1,5 @@
 """Ctrl-C (SIGINT) in every phase of a command: one line saying what was under way and what is
-kept, exit code 130. The probe is held before its first trial by a fault (AUTOFIT_FAULT_PROBE_WAIT)
+kept, exit code 130 (128 + SIGINT; a SIGTERM's 143, a SIGHUP's 129). The probe is held before its first trial by a fault (AUTOFIT_FAULT_PROBE_WAIT)
 that says on stderr when it waits, so the signal is sent while the probe runs, whatever the
 machine's speed (the timeouts only bound a hang)."""
 import os
@@ -53,9 +53,10 @@ def test_ctrl_c_in_the_probe_is_one_line_and_130(tmp_path, args):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_in_the_probe_of_one_process_is_the_same_line(tmp_path, sig):
     # it used to end the process silently by the signal (exit -15), finally blocks skipped: a data
-    # prepare left its .prepare-* staging folder behind; SIGHUP (a closed terminal) did the same
+    # prepare left its .prepare-* staging folder behind; SIGHUP (a closed terminal) did the same.
+    # The exit code names the signal (143, 129), as a scheduler or shell reads it
     code, after, out = _interrupted(tmp_path, ["probe", *CPU, *TINY], sig=sig)
-    assert code == 130 and after == ["autofit: interrupted during the probe; nothing was saved"], after
+    assert code == 128 + sig and after == ["autofit: interrupted during the probe; nothing was saved"], after
 
 
 def test_ctrl_c_in_a_runs_probe_says_no_checkpoint_was_written(tmp_path):
@@ -258,11 +259,12 @@ def test_sighup_stops_like_sigterm_and_only_rank_0_says_it_heard(capfd, monkeypa
     (["run", "--nproc-per-node", "2"], {}, "SIGHUP", 129),
     (["run", "--nproc-per-node=2"], {}, "SIGTERM", 143),
     (["run", "--nproc-per-node", "2"], {}, "SIGINT", 130),
-    (["run"], {}, "SIGHUP", 130),  # one process: every stop is 130, as training's
-    (["run", "--nproc-per-node", "2"], {"RANK": "0"}, "SIGHUP", 130),  # a rank: its launcher reads 130 as interrupted
+    (["run"], {}, "SIGHUP", 129),  # one process: 128 + N too (it was 130 for every stop)
+    (["sample"], {}, "SIGTERM", 143),
+    (["run", "--nproc-per-node", "2"], {"RANK": "0"}, "SIGHUP", 129),  # a rank: its launcher reads 129 as interrupted
     (["run", "--nproc-per-node", "2"], {}, None, 130),  # Python's own Ctrl-C handler records nothing
 ])
-def test_the_exit_code_of_a_stop_is_the_launchers_128_plus_n_else_130(monkeypatch, argv, environ, sig, code):
+def test_the_exit_code_of_a_stop_is_128_plus_the_signals_number(monkeypatch, argv, environ, sig, code):
     import signal
     monkeypatch.setattr(sys, "argv", ["autofit", *argv])
     monkeypatch.delenv("RANK", raising=False)
@@ -273,6 +275,45 @@ def test_the_exit_code_of_a_stop_is_the_launchers_128_plus_n_else_130(monkeypatc
         interrupts.heard(getattr(signal, sig))
     assert interrupts.exit_code() == code
     interrupts.reset()
+
+
+def test_the_first_stop_signal_received_names_the_exit_code():
+    """A SIGTERM that training's StopFlag took, then a SIGHUP while the command unwound: the stop was
+    the SIGTERM's (143), as a scheduler that sent it reads it; nothing noted at all is a Ctrl-C's."""
+    from trainer.interrupt import StopFlag, exit_code
+    interrupts.reset()
+    assert interrupts.exit_code() == 130 and exit_code() == 130
+    with StopFlag():
+        os.kill(os.getpid(), signal.SIGTERM)
+    interrupts.heard(signal.SIGHUP)
+    assert interrupts.exit_code() == 143 and exit_code() == 143 and exit_code(signal.SIGHUP) == 129
+    interrupts.reset()
+    assert interrupts.exit_code() == 130
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_in_training_keeps_the_checkpoint_and_exits_128_plus_n(tmp_path, monkeypatch, capsys, sig):
+    """A scheduler's SIGTERM (or a closed terminal's SIGHUP) during training: the step in flight
+    finishes, a checkpoint is written, and the exit code is 143 (129), not the 130 of a Ctrl-C that
+    every stop once gave: Slurm, Kubernetes, `timeout` and bash read 128 + the signal's number."""
+    import torch
+
+    import trainer.redo
+    from cli_run import cli
+    monkeypatch.setenv("AUTOFIT_HOME", str(tmp_path / "home"))
+    real = trainer.redo.lr_at
+
+    def lr_at(it, cfg):
+        if it == 2:  # the signal arrives while step 2 runs
+            os.kill(os.getpid(), sig)
+        return real(it, cfg)
+    monkeypatch.setattr(trainer.redo, "lr_at", lr_at)
+    code, out, err = cli(monkeypatch, capsys, "run", *CPU, *TINY, "--no-probe", "--no-progress", "--out",
+                         tmp_path / "o", "--max-steps", "50")
+    assert code == 128 + sig, err
+    assert err.strip().splitlines()[-1].startswith(f"interrupted after 3 optimizer steps; checkpoint {tmp_path}/o/ckpt.pt "
+                                                   "resumes at step 3"), err
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)["iter_num"] == 3
 
 
 def test_a_closed_stdout_in_training_stops_with_a_checkpoint_and_141(tmp_path):

@@ -89,8 +89,10 @@ def test_the_same_error_on_every_rank_is_said_once_unprefixed():
 def test_an_error_of_some_ranks_names_them_and_torchruns_sigterm_is_not_news():
     lines, code = failed_lines({0: Failure(-signal.SIGTERM), 1: said("no GPU of its own")}, 2)
     assert lines == ["autofit: error: rank 1: no GPU of its own"] and code == 2
-    # torchrun's SIGTERM taken as a Ctrl-C (exit code 130) by a rank still in its session
-    assert failed_lines({0: said("bad config"), 1: Failure(130)}, 2) == (["autofit: error: rank 0: bad config"], 2)
+    # torchrun's SIGTERM taken as a stop (exit code 143) by a rank still in its session; 130 (a
+    # Ctrl-C of its own) is no news beside the error either
+    for code in (143, 130):
+        assert failed_lines({0: said("bad config"), 1: Failure(code)}, 2) == (["autofit: error: rank 0: bad config"], 2)
     # nobody said why: interrupted, and the launcher cannot say a checkpoint was saved
     assert failed_lines({0: Failure(130)}, 1) == (["autofit: interrupted: rank 0 stopped with exit code 130; no "
                                                    "rank said it saved a checkpoint"], 130)
@@ -181,7 +183,7 @@ def test_the_vocab_line_is_said_once_the_launcher_said_it_for_the_ranks(tmp_path
 def test_torchruns_sigterm_to_a_rank_of_autofits_launcher_adds_no_line(monkeypatch, launched):
     """Under `autofit run --nproc-per-node` a rank's SIGTERM comes from torchrun, after another
     rank's error or the launcher's own stop, and the launcher says which: the rank unwinds (exit
-    130) without a line of its own. Under a torchrun the user started, rank 0 still says it."""
+    143) without a line of its own. Under a torchrun the user started, rank 0 still says it."""
     from autofit import interrupts
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -192,7 +194,7 @@ def test_torchruns_sigterm_to_a_rank_of_autofits_launcher_adds_no_line(monkeypat
     interrupts.reset()
     with pytest.raises(KeyboardInterrupt):
         torchrun._raise_interrupt(signal.SIGTERM, None)
-    assert (interrupts.line() is None) == launched
+    assert (interrupts.line() is None) == launched and interrupts.exit_code() == 143
     interrupts.reset()
 
 
@@ -282,6 +284,17 @@ def test_ranks_interrupted_on_their_own_are_one_line_or_none():
     # a rank that died is still the cause, named first
     lines, code = failed_lines({0: Failure(130), 1: Failure(-signal.SIGKILL)}, 2, interrupt_said=True)
     assert lines == ["autofit: rank 1 stopped with signal SIGKILL"] and code == 128 + signal.SIGKILL
+
+
+def test_ranks_stopped_by_sigterm_or_sighup_are_interrupted_and_their_code_is_kept():
+    """A rank's stop exits 128 + the signal's number (143 SIGTERM, 129 SIGHUP), no longer 130 for
+    every stop: the launcher still reads it as interrupted (no 'rank N stopped with exit code 143'
+    line of a failure), and exits with rank 0's code, the rank whose line the user read."""
+    assert failed_lines({0: Failure(143), 1: Failure(143)}, 2, interrupt_said=True) == ([], 143)
+    assert failed_lines({1: Failure(129)}, 2) == (["autofit: interrupted: rank 1 stopped with exit code 129; no rank "
+                                                   "said it saved a checkpoint"], 129)
+    assert failed_lines({0: Failure(143), 1: Failure(130)}, 2) == (
+        ["autofit: interrupted: rank 0, 1 stopped with exit codes 130, 143; no rank said it saved a checkpoint"], 143)
 
 
 @pytest.mark.parametrize("rank0_said", [True, False])

@@ -201,7 +201,7 @@ def test_a_stopped_preparation_with_other_options_or_damaged_is_refused_before_a
     assert calls == [] and set(before) == {p.name for p in partial.iterdir()}  # refused, nothing deleted
 
 
-def test_cli_says_what_was_kept_exits_130_and_continues(tmp_path, rows, reference, monkeypatch, capsys):
+def test_cli_says_what_was_kept_exits_143_and_continues(tmp_path, rows, reference, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     encoder, _ = counting(signal_at=9, sig=signal.SIGTERM)
     monkeypatch.setattr(prep, "gpt2_encoder", lambda: encoder)
@@ -209,7 +209,7 @@ def test_cli_says_what_was_kept_exits_130_and_continues(tmp_path, rows, referenc
     code, out, err = run_cli(monkeypatch, capsys, *args)
     k = kept_after_signal_in(9)
     last = err.strip()
-    assert code == 130 and out == "" and err.count("\n") == 1, err  # one line, unwrapped
+    assert code == 143 and out == "" and err.count("\n") == 1, err  # 128 + SIGTERM; one line, unwrapped
     assert last.startswith(f"autofit: stopped by SIGTERM at the next boundary; the shard in hand was dropped; {k} finished "
                            f"shards ({k * SIZE} tokens) kept in fw/.prepare-fineweb.partial; no dataset was written")
     assert last.endswith(f"run the same command again to continue from shard {k}")
@@ -220,16 +220,17 @@ def test_cli_says_what_was_kept_exits_130_and_continues(tmp_path, rows, referenc
     assert [p.read_bytes() for p in files] == reference
 
 
-def test_prepare_fineweb_script_exits_130_and_continues(tmp_path, rows, reference, monkeypatch, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_prepare_fineweb_script_exits_128_plus_the_signal_and_continues(tmp_path, rows, reference, monkeypatch, capsys, sig):
     import importlib.util
     spec = importlib.util.spec_from_file_location("prepare_fineweb", ROOT / "scripts" / "prepare_fineweb.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    encoder, _ = counting(signal_at=6)
+    encoder, _ = counting(signal_at=6, sig=sig)
     monkeypatch.setattr(prep, "gpt2_encoder", lambda: encoder)
     monkeypatch.setattr(sys, "argv", ["prepare_fineweb.py", "--out", str(tmp_path / "fw"), "--input", str(rows),
                                       "--shard-size", str(SIZE)])
-    assert script.main() == 130
+    assert script.main() == 128 + sig  # 130 a Ctrl-C, 129 a SIGHUP
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run the same command again to continue" in err
     monkeypatch.setattr(prep, "gpt2_encoder", lambda: counting()[0])

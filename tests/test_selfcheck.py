@@ -99,14 +99,14 @@ def test_a_stage_past_its_time_limit_is_marked_and_fails_the_check(tmp_path):
 
 def test_a_command_past_its_share_of_the_stage_gets_sigterm_and_keeps_its_output(tmp_path, monkeypatch):
     # a stand-in for `python -m autofit.cli.app run`: prints a step, then on SIGTERM "saves" and exits
-    # 130, as the trainer does (it finishes the step and writes a checkpoint)
+    # 143 (128 + SIGTERM), as the trainer does (it finishes the step and writes a checkpoint)
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/bash\ntrap 'echo checkpoint saved; exit 130' TERM\necho step 0\n"
+    fake.write_text("#!/bin/bash\ntrap 'echo checkpoint saved; exit 143' TERM\necho step 0\n"
                     "for i in $(seq 300); do sleep 0.1; done\n")
     fake.chmod(0o755)
     monkeypatch.setattr(common.sys, "executable", str(fake))
     res = common.run_cli(["run"], timeout=1)
-    assert res["timed_out"] and res["rc"] == 130
+    assert res["timed_out"] and res["rc"] == 143
     assert res["stdout"].splitlines() == ["step 0", "checkpoint saved"]
     assert common.share_of(200) == 175 and common.share_of(5) == 10 and common.share_of(None) is None
 

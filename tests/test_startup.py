@@ -127,7 +127,8 @@ def test_a_ctrl_c_in_the_first_import_is_one_line_and_130(tmp_path):
     # before any handler of autofit's: SIGTERM and SIGHUP ended the process silently, by the signal
     ("SIGHUP", "autofit.cli", LAUNCHER, 129, "interrupted while starting; nothing was done"),
     ("SIGTERM", "numpy", LAUNCHER, 143, "interrupted; nothing was saved"),
-    ("SIGHUP", "numpy", [], 130, "interrupted; nothing was saved"),  # one process: 130, as training's stop
+    ("SIGHUP", "numpy", [], 129, "interrupted; nothing was saved"),  # one process: 128 + N too, as training's stop
+    ("SIGTERM", "autofit.cli", [], 143, "interrupted while starting; nothing was done"),
     # inside the command, before torchrun runs: the launcher said 130 where torchrun's stop says 129
     ("SIGHUP", "autofit.launch.launcher", LAUNCHER, 129, "interrupted; nothing was saved"),
 ])
@@ -135,7 +136,8 @@ def test_an_early_stop_signal_is_one_line_and_the_code_it_has_later(tmp_path, si
     """t2 (session 11): SIGHUP to `autofit run --nproc-per-node 2` at 0.5 s ended 130, at 1.5 s and
     later 129 (the launcher returns 128 + the signal once torchrun runs); and earlier still, while
     the CLI loaded, SIGTERM or SIGHUP killed the process without a word. Now the same signal gives
-    one line and the same code whenever it comes: the launcher's 128 + N, one process's 130."""
+    one line and the same code whenever it comes: 128 + the signal's number, in the launcher and
+    in one process alike (130 was once every stop's code in one process)."""
     out = _signalled_at_import(tmp_path, sig, module, *args)
     assert out.stderr.splitlines() == ["SIGNAL-SENT", f"autofit: {line}"], out.stderr[-3000:]
     assert out.returncode == code and not (tmp_path / "o" / "ckpt.pt").exists()

@@ -1,4 +1,5 @@
-"""Ctrl-C, SIGTERM and SIGHUP during training: finish the step in flight, save a checkpoint, stop."""
+"""Ctrl-C, SIGTERM and SIGHUP during training: finish the step in flight, save a checkpoint, stop;
+then exit with 128 + the signal's number (exit_code)."""
 from __future__ import annotations
 
 import contextlib
@@ -57,6 +58,20 @@ def note_received(signum: int) -> None:
     """A stop signal reached this process (called by every handler of one); the first is kept."""
     if _received["signal"] is None:
         _received["signal"] = int(signum)
+
+
+def exit_code(signum: int | None = None) -> int:
+    """The exit status of a command that a stop signal ended: 128 + the signal's number (130 for
+    SIGINT, 143 for SIGTERM, 129 for SIGHUP), the shell's convention, which bash, `timeout`,
+    Slurm and Kubernetes read to tell which signal stopped a job. For `signum`, else the first
+    stop signal this process received (received()); 130 when none was noted (Python's own Ctrl-C
+    handler, before any of ours, notes nothing: a KeyboardInterrupt is a SIGINT's)."""
+    sig = received() if signum is None else signum
+    return 128 + int(signal.SIGINT if sig is None else sig)
+
+
+# The exit codes of a command a stop signal ended (exit_code), as a launcher reads a rank's
+STOP_EXIT_CODES = frozenset(128 + int(sig) for sig in STOP_SIGNALS)
 
 
 def forget_received() -> None:

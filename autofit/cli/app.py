@@ -367,7 +367,7 @@ def main() -> None:
             code = _run_app()
         if code == interrupts.EXIT_CODE:  # typer turns a Ctrl-C inside a command into exit code 130, silently
             say_interrupted()
-            code = interrupts.exit_code()  # a SIGHUP's in the launcher: 129, as once torchrun runs
+            code = interrupts.exit_code()  # 128 + the stop signal's number: a SIGTERM's 143, a SIGHUP's 129
     except KeyboardInterrupt:
         say_interrupted()
         sys.exit(interrupts.exit_code())

@@ -80,7 +80,7 @@ def data_prepare(name: str = typer.Argument(..., help="shakespeare_char, shakesp
     except PrepareStopped as e:  # a Ctrl-C/SIGTERM, acted on at a boundary: what is kept, how to go on
         interrupts.said()
         err_console.print(f"autofit: {e}", markup=False, soft_wrap=True)  # as every stop line reads
-        raise typer.Exit(interrupts.EXIT_CODE) from None
+        raise typer.Exit(interrupts.exit_code()) from None  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
     counts = ", ".join(f"{split} {n:,} {'token' if n == 1 else 'tokens'}" for split, n in done.tokens.items())
     vocab = f", vocab_size {done.vocab_size} in meta.pkl" if done.vocab_size else ", GPT-2 BPE tokens"
     use = name if out_dir == Path("data") / name else str(out_dir)

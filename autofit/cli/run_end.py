@@ -36,8 +36,10 @@ def _ranks_flag() -> str:
 def report_run(result, cfg, max_steps: int | None = None) -> None:
     """Print how a run ended (trainer.options.RunResult) and what to do next.
 
-    Raises typer.Exit(130) after an interrupt, so the shell sees it, or typer.Exit(141) when a closed
-    stdout stopped it (autofit.interrupts.PIPE_EXIT_CODE); otherwise returns."""
+    Raises typer.Exit(128 + the stop signal's number) after an interrupt, so the shell (or a
+    scheduler) sees which: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (autofit.interrupts.exit_code); or
+    typer.Exit(141) when a closed stdout stopped it (autofit.interrupts.PIPE_EXIT_CODE); otherwise
+    returns."""
     if result.status == "interrupted":
         from trainer.interrupt import BROKEN_PIPE
         interrupts.said()
@@ -56,7 +58,7 @@ def report_run(result, cfg, max_steps: int | None = None) -> None:
             # that rank's code says it. A non-zero code here, first, made torchrun SIGTERM rank 0
             # while it was still writing the checkpoint, which then stopped at once with none
             raise typer.Exit(0)
-        raise typer.Exit(interrupts.PIPE_EXIT_CODE if pipe else interrupts.EXIT_CODE)
+        raise typer.Exit(interrupts.PIPE_EXIT_CODE if pipe else interrupts.exit_code())
     if result.status == "evaluated":
         ev = result.last_eval or {}
         console.print(f"evaluated (eval_only) at step {result.steps}: train loss {ev.get('train', float('nan')):.4f}, "

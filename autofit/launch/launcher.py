@@ -24,6 +24,7 @@ from typing import Collection, Iterator
 
 from autofit import interrupts
 from autofit.launch.torchrun import LAUNCHED_ENV, NOTES_PREFIX
+from trainer.interrupt import STOP_EXIT_CODES
 TORCHRUN_STOP_S = 30  # how long torchrun's shutdown waits for the ranks before SIGKILL (PContext.close's timeout)
 STILL_WAITING_S = 10.0  # a stop not done by then is said: saving a large model's checkpoint takes seconds
 
@@ -230,18 +231,19 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
     is printed once: as it is when every rank reported it (a config error), else prefixed with
     the ranks that did. A rank that died without a line is named with its exit code or signal,
     except one torchrun stopped with SIGTERM because another rank had failed (dead of the signal,
-    or exit code 130 when the rank took it as a Ctrl-C). Lines that only say a rank stopped
+    or exit code 143 when the rank took it as a stop: STOP_EXIT_CODES). Lines that only say a rank stopped
     because of another (lost contact, 'rank N failed in this step': trainer.distributed.ranks.
     CONSEQUENCES) are left out when a cause is known, and said once when none is. The exit code
     is the first cause's: the reporting rank's (2, a user error, if torchrun's SIGTERM ended it
     after its line), else the failed rank's.
 
-    Ranks that ended interrupted (exit code 130: a Ctrl-C, SIGTERM or SIGHUP sent to them, not to
-    this launcher; 141: rank 0's stdout was closed, and it stopped training with a checkpoint) with
-    no error line: nothing more when rank 0 said its own interrupt line (`interrupt_said`,
-    autofit.interrupts.tell_launcher), else one line for all of them, ending in `unsaid`
-    (unsaid_words: what is kept, by the command launched); exit code 130 (141 where a rank ended
-    so) unless another rank's failure is the cause.
+    Ranks that ended interrupted (exit code 128 + a stop signal's number: 130 a Ctrl-C, 143 SIGTERM,
+    129 SIGHUP sent to them, not to this launcher; 141: rank 0's stdout was closed, and it stopped
+    training with a checkpoint) with no error line: nothing more when rank 0 said its own interrupt
+    line (`interrupt_said`, autofit.interrupts.tell_launcher), else one line for all of them, ending
+    in `unsaid` (unsaid_words: what is kept, by the command launched); exit code the lowest such
+    rank's (rank 0's, whose line the user read, where it is one of them) unless another rank's
+    failure is the cause.
 
     A rank that torchrun's own shutdown killed with SIGKILL (its process id in `killed`: it did
     not stop within 30 s of the SIGTERM sent after another rank failed) is not a cause: the other
@@ -256,11 +258,11 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
             stuck.append(rank)
             continue
         # torchrun's SIGTERM after another rank's error: the rank died of it, or took it as a
-        # Ctrl-C (session: exit code 130) when it came before the rank's own handler was gone
-        if rank in said or (said and f.exitcode in (-signal.SIGTERM, interrupts.EXIT_CODE)):
+        # stop (session: exit code 143) when it came before the rank's own handler was gone
+        if rank in said or (said and (f.exitcode == -signal.SIGTERM or f.exitcode in STOP_EXIT_CODES)):
             continue
         # one line for all of them, below, not one per rank; 141: rank 0's stdout was closed (`| head`)
-        if f.exitcode in (interrupts.EXIT_CODE, interrupts.PIPE_EXIT_CODE):
+        if f.exitcode in STOP_EXIT_CODES or f.exitcode == interrupts.PIPE_EXIT_CODE:
             interrupted.append(rank)
             continue
         how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
@@ -275,12 +277,19 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
     if stuck:
         lines.append(f"autofit: rank {', '.join(map(str, stuck))} did not stop when torchrun asked it to after the "
                      f"failure, and was killed (SIGKILL; stuck?)")
-    stop_code = max((failures[r].exitcode for r in interrupted), default=interrupts.EXIT_CODE)
     if interrupted and not interrupt_said:
-        lines.append(f"autofit: interrupted: rank {', '.join(map(str, interrupted))} stopped with exit code "
-                     f"{stop_code}; {unsaid}")
-    codes = reported_codes + codes + [stop_code] * bool(interrupted) + [128 + signal.SIGKILL] * bool(stuck)
+        lines.append(_interrupted_line(failures, interrupted, unsaid))
+    stop_code = [failures[r].exitcode for r in interrupted[:1]]  # the lowest interrupted rank's
+    codes = reported_codes + codes + stop_code + [128 + signal.SIGKILL] * bool(stuck)
     return reported + lines, (codes[0] if codes else 1)
+
+
+def _interrupted_line(failures: dict, interrupted: list[int], unsaid: str) -> str:
+    """failed_lines' one line for the ranks that ended interrupted and said nothing, with their
+    exit codes (128 + each one's stop signal, 141 for a closed stdout)."""
+    stops = sorted({failures[r].exitcode for r in interrupted})
+    return (f"autofit: interrupted: rank {', '.join(map(str, interrupted))} stopped with exit code"
+            f"{'s' * (len(stops) > 1)} {', '.join(map(str, stops))}; {unsaid}")
 
 
 def _reported(said: dict, failures: dict, nproc: int) -> tuple[list[str], list[int]]:

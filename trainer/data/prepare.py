@@ -126,8 +126,13 @@ def _check_options(name: str, input_path: Path | None, max_tokens: int | None, s
 class PrepareStopped(KeyboardInterrupt):
     """A Ctrl-C or SIGTERM stopped a prepare: at the next boundary between pieces of work, or at
     once on a second signal. str(): one line, what was kept and how to continue (the CLI prints
-    it and exits 130, as every interrupted autofit command does). A KeyboardInterrupt, so that
-    code which does not know it treats it as the Ctrl-C it is."""
+    it and exits 128 + the signal's number, 130 for a Ctrl-C, as every interrupted autofit command
+    does: trainer.interrupt.exit_code). A KeyboardInterrupt, so that code which does not know it
+    treats it as the Ctrl-C it is. .signal: the stop signal's number (SIGINT, SIGTERM, SIGHUP)."""
+
+    def __init__(self, line: str, signum: int | None = None):
+        super().__init__(line)
+        self.signal = signum
 
 
 class _AtBoundary(Exception):
@@ -187,7 +192,7 @@ def prepare(name: str, out_dir: str | Path, *, input_path: str | Path | None = N
                 if made and not any(out_dir.iterdir()):  # a failed first prepare leaves no empty dataset folder
                     out_dir.rmdir()
             if isinstance(e, (_AtBoundary, KeyboardInterrupt)):
-                raise PrepareStopped(job.stopped_line(old, at_once=not isinstance(e, _AtBoundary))) from None
+                raise PrepareStopped(job.stopped_line(old, at_once=not isinstance(e, _AtBoundary)), flag.signal) from None
             if isinstance(e, WriteError):  # named as the file it would have become, not its staging copy
                 raise WriteError(f"dataset file {out_dir / Path(e.what).name}", e.reason, job.kept_clause(old)) from None
             raise
