@@ -382,6 +382,36 @@ def test_embedded_loads_with_byte_vocab_and_decodes():
         decode_bytes([300])
 
 
+@pytest.mark.parametrize("folder, as_path", [("data/embedded", "data/embedded"), ("embedded", "./embedded")])
+def test_embedded_is_refused_where_a_dataset_of_yours_has_that_name(tmp_path, monkeypatch, folder, as_path):
+    """dataset='embedded' read the built-in corpus silently though data/embedded/ (nanoGPT's
+    data/NAME) or ./embedded held the user's own prepared data: one line names both and how to
+    pick each; the path it gives reads the user's folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / folder / "notes.txt").write_text("no dataset here")  # a folder that holds no dataset: no conflict
+    assert load_dataset("embedded").format == "embedded"
+    _nanogpt(tmp_path / folder, np.arange(500) % 65, np.arange(50) % 65)
+    with pytest.raises(DataError) as refused:
+        load_dataset("embedded")
+    assert str(refused.value) == (f"dataset 'embedded' names both autofit's built-in corpus and your dataset in "
+                                  f"{as_path}: set dataset='{as_path}' (a path) to train on yours, or rename that "
+                                  f"folder to train on the built-in corpus")
+    mine = load_dataset(as_path)
+    assert (mine.format, mine.num_tokens("train"), mine.num_tokens("val")) == ("nanogpt", 500, 50)
+    (tmp_path / folder).rename(tmp_path / "renamed")
+    assert load_dataset("embedded").format == "embedded"  # renamed: the built-in corpus again
+
+
+def test_embedded_is_refused_beside_your_llmc_shards_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "embedded").mkdir(parents=True)
+    write_llmc_shard(tmp_path / "data" / "embedded" / "fw_train_000001.bin", np.arange(100))
+    with pytest.raises(DataError, match=r"^dataset 'embedded' names both .* in data/embedded: set "
+                                        r"dataset='data/embedded'"):
+        load_dataset("embedded")
+
+
 def test_embedded_files_match_their_generator():
     gen = _script("make_embedded_data")
     files = gen.build()

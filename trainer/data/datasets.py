@@ -9,8 +9,8 @@ folder may hold (see trainer/data/tokenfiles.py for the byte layouts):
 - llm.c shards: fineweb_train_000001.bin / fineweb_val_000000.bin, ...; a split's shards are
   concatenated logically, each one memory-mapped, never copied into RAM;
 - the embedded set: byte tokens of generated English-like text shipped inside the package, so a
-  run works with no download at all (see scripts/make_embedded_data.py). It is used only when
-  asked for by name.
+  run works with no download at all (trainer/data/embedded.py). It is used only when asked for by
+  name, and refused where a dataset folder of the user's has that name too.
 
 `check_vocab` refuses a model whose vocab_size cannot hold the dataset's largest token id, found
 once per file and remembered in a sidecar (tokenfiles.max_token), before any training.
@@ -21,12 +21,7 @@ trainer can cut the batch into any micro-batches without changing the data.
 """
 from __future__ import annotations
 
-import gzip
-import json
-import re
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,8 +32,9 @@ from trainer.errors import counted
 from trainer.data.meta import _meta_vocab, read_meta  # noqa: F401  (read_meta: here before)
 
 from trainer.data.tokenfiles import (LLMC_HEADER_BYTES, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION,  # noqa: F401
-                                DataError, file_identity, fingerprint, max_token, read_llmc_shard, read_nanogpt_bin,
-                                write_llmc_shard, write_tokens)
+                                SHARD_NAME, DataError, file_identity, fingerprint, max_token, read_llmc_shard,
+                                read_nanogpt_bin, write_llmc_shard, write_tokens)
+from trainer.data.embedded import EMBEDDED, check_embedded_name, embedded_arrays
 
 if TYPE_CHECKING:
     import torch
@@ -52,11 +48,6 @@ SPLITS = ("train", "val")
 # good dataset with 1-token splits, exit 0, and the next run failed)
 MIN_SPLIT_TOKENS = 2
 DATA_ROOT = "data"  # nanoGPT's data_dir = os.path.join('data', dataset)
-EMBEDDED = "embedded"
-
-# llm.c names shards <name>_<split>_<index>.bin; its single-file sets (tiny_shakespeare_val.bin)
-# drop the index.
-SHARD_NAME = re.compile(r"^.+_(train|val)(?:_\d+)?\.bin$")
 
 # Names `autofit data prepare` writes (trainer/data/prepare.py); a missing one says how to make it.
 PREPARABLE = ("shakespeare_char", "shakespeare", "fineweb-edu")
@@ -207,8 +198,10 @@ def dataset_vocab(spec: str, *, data_root: str | Path = DATA_ROOT) -> tuple[int,
 
 def load_dataset(spec: str, *, data_root: str | Path = DATA_ROOT) -> TokenDataset:
     """'embedded', a directory path, or a nanoGPT-style name looked up as <data_root>/<name>.
-    Raises DataError (one line) naming where it looked and how to prepare a missing dataset."""
+    Raises DataError (one line) naming where it looked and how to prepare a missing dataset, and
+    for 'embedded' where a dataset folder of the user's has that name (check_embedded_name)."""
     if spec == EMBEDDED:
+        check_embedded_name(data_root)
         return load_embedded()
     where = dataset_dir(spec, data_root=data_root)
     if where is not None:
@@ -289,25 +282,10 @@ def _load_nanogpt(path: Path) -> TokenDataset:
 
 
 def load_embedded() -> TokenDataset:
+    """The built-in corpus (vocab 256, byte tokens). Raises DataError where its files are damaged."""
     return TokenDataset(name=EMBEDDED, format="embedded", vocab_size=BYTE_VOCAB_SIZE,
-                        splits={s: TokenSplit([a], [f"trainer/embedded/{s}"]) for s, a in _embedded_arrays().items()},
+                        splits={s: TokenSplit([a], [f"trainer/embedded/{s}"]) for s, a in embedded_arrays().items()},
                         vocab_source="byte tokens")
-
-
-@lru_cache(maxsize=1)
-def _embedded_arrays() -> dict[str, np.ndarray]:
-    # Decompressed once per process (~1.6 MB); read-only so every dataset object can share them.
-    root = resources.files("trainer") / "embedded"
-    meta = json.loads((root / "meta.json").read_text())
-    arrays = {}
-    for split in SPLITS:
-        info = meta["splits"][split]
-        arr = np.frombuffer(gzip.decompress((root / info["file"]).read_bytes()), dtype=np.uint8)
-        if len(arr) != info["tokens"]:
-            raise DataError(f"embedded {split} data is damaged ({len(arr)} tokens, expected {info['tokens']}); "
-                            f"regenerate with scripts/make_embedded_data.py")
-        arrays[split] = arr
-    return arrays
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -35,6 +36,9 @@ LLMC_LLAMA3_MAGIC = 20240801  # version 7, uint32 tokens
 LLMC_EVAL_MAGIC = 20240522  # HellaSwag/MMLU-style multiple-choice examples, not a token stream
 LLMC_HEADER_INTS = 256
 LLMC_HEADER_BYTES = LLMC_HEADER_INTS * 4
+# llm.c names shards <name>_<split>_<index>.bin; its single-file sets (tiny_shakespeare_val.bin)
+# drop the index.
+SHARD_NAME = re.compile(r"^.+_(train|val)(?:_\d+)?\.bin$")
 
 
 def write_tokens(path: str | Path, tokens: np.ndarray) -> None:
