@@ -436,3 +436,23 @@ def test_autofit_s_own_flags_on_a_command_without_them_are_not_called_nanogpt_s(
     assert code == 2 and err2 == err, err2
     code, _, err = cli(monkeypatch, capsys, "profiles", "list", "--device", "cpu")
     assert code == 2 and err.strip().endswith("(run, probe and sample take it)") and "--set" not in err, err
+
+
+@pytest.mark.parametrize("command", [["probe", *CPU], ["run", *CPU, "--out", "o"]])
+def test_a_vocab_uint16_files_cannot_hold_and_a_dataset_named_embedded_are_refused_first(tmp_path, monkeypatch,
+                                                                                         capsys, command):
+    """s18 (k24): a vocab_size above 65,536 on nanoGPT's uint16 .bin files (a cl100k_base-sized
+    tokenizer), and dataset='embedded' beside the user's own data/embedded/, are one line each,
+    before the probe, and the run's folder is not made. A probe alone draws random tokens and
+    reads no data: the name's conflict is the run's to say."""
+    import numpy as np
+    for name in ("cl", "embedded"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for split, n in (("train", 5000), ("val", 500)):
+            (np.arange(n) % 65536).astype(np.uint16).tofile(tmp_path / "data" / name / f"{split}.bin")
+    cases = [(["--set", "dataset=cl", "--set", "vocab_size=100277"], "vocab_size 100,277 is above the 65,536 token ids"),
+             (["--set", "dataset=embedded", "--set", "vocab_size=256"], "dataset 'embedded' names both")]
+    for sets, words in cases[:1 + (command[0] == "run")]:
+        code, out, err = cli(monkeypatch, capsys, *command, *SMALL, *sets)
+        assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
+        assert "trial" not in err and not (tmp_path / "o").exists()

@@ -329,8 +329,36 @@ def test_vocab_beyond_the_token_type_is_not_scanned(tmp_path, monkeypatch):
     d = _nanogpt(tmp_path / "toy", np.array([65535]), np.array([1]))
     from trainer.data import datasets as data
     monkeypatch.setattr(data, "max_token", lambda *a: pytest.fail("scanned"))
-    load_dataset(str(d)).check_vocab(70000)  # no uint16 id can reach 70000
+    load_dataset(str(d)).check_vocab(65536)  # no uint16 id can reach 65536
     load_dataset("embedded").check_vocab(256)  # bytes never reach 256
+
+
+@pytest.mark.parametrize("kind", ["nanogpt", "llmc"])
+def test_a_vocab_above_what_uint16_files_hold_is_one_line(tmp_path, kind):
+    """A tokenizer of more than 65,536 ids (tiktoken's cl100k_base, 100,277) cannot be stored in
+    uint16 .bin files (nanoGPT's np.uint16 cast wraps its ids around, silently): a vocab_size above
+    65,536 on such files is refused before training, not trained on ids the data cannot hold."""
+    if kind == "nanogpt":
+        d = _nanogpt(tmp_path / "cl100k", np.arange(500) * 131 % 65536, np.arange(50))
+        files = "nanoGPT .bin files"
+    else:
+        d = tmp_path / "cl100k"
+        d.mkdir()
+        write_llmc_shard(d / "cl_train_000001.bin", np.arange(500))
+        write_llmc_shard(d / "cl_val_000000.bin", np.arange(50))
+        files = "llm.c GPT-2 shards"
+    data = load_dataset(str(d))
+    with pytest.raises(DataError) as refused:
+        data.check_vocab(100277)
+    assert str(refused.value) == (f"vocab_size 100,277 is above the 65,536 token ids that dataset 'cl100k' can hold: "
+                                  f"its {files} store each token as uint16 (ids 0 to 65,535), so a tokenizer with "
+                                  f"more ids (tiktoken's cl100k_base: 100,277) cannot be written to them; use a "
+                                  f"tokenizer of at most 65,536 ids, or set vocab_size <= 65536 if every id of yours "
+                                  f"is below it")
+    with pytest.raises(DataError, match=r"65,537 is above .*; resume it on the data it trained on$"):
+        data.check_vocab(65537, "resume it on the data it trained on")  # a resumed model's vocab cannot change
+    data.check_vocab(65536)  # every uint16 id fits: trains
+    load_dataset("embedded").check_vocab(100277)  # the built-in bytes are no uint16 file: a large vocab is only unused
 
 
 def test_llama3_and_eval_files_are_named(tmp_path):

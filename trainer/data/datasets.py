@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import torch
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2 token ids are 0..50256 (50256 = <|endoftext|>)
+UINT16_IDS = 65536  # the token ids a uint16 token file can hold, 0..65535 (nanoGPT .bin, llm.c GPT-2 shards)
 BYTE_VOCAB_SIZE = 256
 SPLITS = ("train", "val")
 # The fewest tokens a split may hold: a run samples block_size + 1 tokens from each split
@@ -146,7 +147,10 @@ class TokenDataset:
         DataError line when vocab_size is below the format's declared vocab (not an assumed one:
         a folder without meta.pkl), or below the largest id actually stored (each file scanned
         once, then remembered). `fix`: the advice when vocab_size cannot change (a resumed
-        model's), instead of 'set vocab_size >= N'."""
+        model's), instead of 'set vocab_size >= N'. A vocab_size above the 65,536 ids that uint16
+        token files can hold (nanoGPT .bin, llm.c GPT-2 shards) is refused too: it means a
+        tokenizer whose larger ids these files cannot store (_check_uint16_room)."""
+        self._check_uint16_room(vocab_size, fix)
         if vocab_size < self.vocab_size and self.vocab_declared:
             src = f", from {self.vocab_source}" if self.vocab_source else ""  # not '(... (byte tokens))': t8
             raise DataError(f"model vocab_size {vocab_size} is smaller than dataset '{self.name}' needs "
@@ -154,6 +158,21 @@ class TokenDataset:
         note = f" ({self.vocab_source} declares {self.vocab_size})" if self.vocab_source.endswith("meta.pkl") else ""
         for split in self.splits.values():
             split.check_ids(vocab_size, note, fix)
+
+    def _check_uint16_room(self, vocab_size: int, fix: str) -> None:
+        """A vocab_size above UINT16_IDS on uint16 token files: one DataError line. Such a vocab is
+        a larger tokenizer's (tiktoken's cl100k_base has 100,277 ids), whose ids above 65,535 the
+        files cannot hold (nanoGPT's prepare.py casts with np.uint16, which wraps them around,
+        silently); the model would train on ids it cannot address. llm.c's uint32 shards (its
+        Llama-3 layout) are refused by name when read (tokenfiles.read_llmc_shard)."""
+        if self.format not in ("nanogpt", "llmc") or vocab_size <= UINT16_IDS:
+            return
+        files = "nanoGPT .bin files" if self.format == "nanogpt" else "llm.c GPT-2 shards"
+        raise DataError(f"vocab_size {vocab_size:,} is above the {UINT16_IDS:,} token ids that dataset '{self.name}' "
+                        f"can hold: its {files} store each token as uint16 (ids 0 to 65,535), so a tokenizer with "
+                        f"more ids (tiktoken's cl100k_base: 100,277) cannot be written to them; "
+                        + (fix or f"use a tokenizer of at most {UINT16_IDS:,} ids, or set vocab_size <= {UINT16_IDS} "
+                                  f"if every id of yours is below it"))
 
 
 def decode_bytes(tokens) -> str:
