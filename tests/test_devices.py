@@ -458,3 +458,23 @@ def test_emulation_caps_to_the_small_cards_usable_memory(monkeypatch):
     assert dev.memory_cap_bytes == usable - 1 * GiB  # restored afterwards
     with dev.limited_to(70 * GiB):  # never above the emulation cap
         assert dev.memory_cap_bytes == usable - 1 * GiB
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("NVIDIA GeForce RTX 4070 (Laptop)", "NVIDIA GeForce RTX 4070 (Laptop; cuda, 12.00 GiB total, 11.00 GiB free; "),
+    ("NVIDIA GeForce RTX 4070", "NVIDIA GeForce RTX 4070 (cuda, 12.00 GiB total, 11.00 GiB free; "),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "NVIDIA H100 80GB HBM3 MIG 1g.10gb (cuda, 12.00 GiB total, "),
+])
+def test_a_gpu_name_ending_in_a_parenthesis_reads_as_one(nvml, name, shown):
+    """s18 (k24): the device line printed 'NVIDIA GeForce RTX 4070 (Laptop) (cuda, ...)', two
+    parentheses in a row, for an NVML name that itself ends in one: the details join it."""
+    from autofit.devices.info import with_details
+    from autofit.report.render import device_line
+    nvml(gpus=[{**RTX4070, "name": name, "total": 12 * GiB}], procs=[])
+    info = query_nvml(0)
+    line = device_line(SimpleNamespace(device=info, device_ranks=""))
+    assert line.startswith(f"device: {shown}") and line.endswith("read via nvml)") and ") (" not in line, line
+    assert line.count("(") == line.count(")")
+    assert with_details(info.name, "cuda") == ("NVIDIA GeForce RTX 4070 (Laptop; cuda)" if name.endswith(")") else
+                                               f"{name} (cuda)")  # the probe's 'probing on ...' line
+    assert with_details("Intel(R) Xeon(R) Processor", "cpu") == "Intel(R) Xeon(R) Processor (cpu)"

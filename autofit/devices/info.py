@@ -55,3 +55,13 @@ class DeviceInfo(BaseModel):
         if self.kind == "cpu":
             return True
         return self.compute_capability is not None and tuple(self.compute_capability) >= (8, 0)
+
+
+def with_details(name: str, details: str) -> str:
+    """'NAME (details)'; where the name itself ends in a parenthesis, as some NVML and CPU names do
+    ('NVIDIA GeForce RTX 4070 (Laptop)'), the details join it, 'NVIDIA GeForce RTX 4070 (Laptop;
+    details)', instead of two parentheses in a row, '(Laptop) (details)'."""
+    name = name.rstrip()
+    if name.endswith(")") and "(" in name:
+        return f"{name[:-1]}; {details})"
+    return f"{name} ({details})"

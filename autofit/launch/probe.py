@@ -12,6 +12,7 @@ from autofit.planning.budget import compute_budget, device_budget
 from autofit.planning.candidates import candidate_space
 from autofit.devices.device import DeviceError
 from autofit.devices.host_load import WAIT_ENV, LoadMeter, openmp_wait_line
+from autofit.devices.info import with_details
 from autofit.devices.opener import open_device, open_simulated
 from autofit.planning.estimated import probe_estimated
 from autofit.planning.planner import ProbeResult, probe_measured
@@ -139,7 +140,7 @@ def probe_on(cfg, device, budget, opts: ProbeOptions, log: Callable[[str], None]
     budget = bound.budget
     space = agree.space(probe_space(cfg, device, opts))  # several ranks: what every rank's card can run
     # after the space: a lever this device cannot run (bf16 on a card without it) is refused first
-    log(f"probing on {info.name} ({info.kind}), budget {fmt_bytes(budget.budget_bytes)} "
+    log(f"probing on {with_details(info.name, info.kind)}, budget {fmt_bytes(budget.budget_bytes)} "
         f"({fmt_bytes(budget.usable_bytes)} usable less the {fmt_share(budget.margin)} safety margin)"
         + (f" (the smallest of {ranks.world_size} ranks' budgets; each rank measures on its own device)"
            if ranks.several else ""))

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from autofit.devices.info import with_details
 from autofit.units import fmt_bytes, measured_peak_words
 from trainer.model.sac_ops import saved_ops_words
 from trainer.errors import counted
@@ -47,8 +48,8 @@ def device_line(res) -> str:
     """'device: NAME (KIND, total, free; where read)'; with several ranks, whose device it is (the
     smallest budget's rank, the one the plan fits) and this rank's own figures (ProbeResult.device_ranks)."""
     d = res.device
-    return (f"device: {d.name} ({d.kind}, {fmt_bytes(d.total_bytes)} total, {fmt_bytes(d.free_bytes)} free; "
-            f"{_source_words(d.source)})" + (f", {res.device_ranks}" if getattr(res, "device_ranks", "") else ""))
+    details = f"{d.kind}, {fmt_bytes(d.total_bytes)} total, {fmt_bytes(d.free_bytes)} free; {_source_words(d.source)}"
+    return f"device: {with_details(d.name, details)}" + (f", {res.device_ranks}" if getattr(res, "device_ranks", "") else "")
 
 
 def render_probe(res, console: Console, cfg=None, verbose: bool = False) -> None:
