@@ -421,7 +421,7 @@ exec {sys.executable} "$@"
 def test_a_stage_cut_short_keeps_the_raw_records_it_had(tmp_path, monkeypatch):
     metrics = tmp_path / "metrics.jsonl"
     fake = tmp_path / "python"  # a run that logs two steps, then hangs until stopped
-    fake.write_text(f"#!/bin/bash\ntrap 'exit 130' TERM\n"
+    fake.write_text(f"#!/bin/bash\ntrap 'exit 143' TERM\n"
                     f"echo '{{\"type\": \"run\"}}' >> {metrics}\n"
                     f"echo '{{\"type\": \"train\", \"step\": 0}}' >> {metrics}\n"
                     f"echo '{{\"type\": \"train\", \"step\": 1}}' >> {metrics}\n"
@@ -506,7 +506,7 @@ def test_the_cuda_cleanup_frees_cublas_workspaces(monkeypatch):
 
 def test_a_probe_cut_short_keeps_the_trial_lines_it_printed(tmp_path, monkeypatch):
     fake = tmp_path / "python"  # the probe's own lines, then a hang inside the next trial
-    fake.write_text("#!/bin/bash\ntrap 'exit 130' TERM\necho 'probing on X'\n"
+    fake.write_text("#!/bin/bash\ntrap 'exit 143' TERM\necho 'probing on X'\n"
                     "echo 'trial: micro-batch 8, bfloat16, compile=False (estimated peak 9.1 GiB)' >&2\n"
                     "echo '  -> fit, measured peak 9.3 GiB' >&2\necho 'trial: micro-batch 16' >&2\n"
                     "for i in $(seq 300); do sleep 0.1; done\n")
