@@ -899,6 +899,25 @@ def test_a_resume_says_which_set_values_it_cannot_apply(tmp_path, monkeypatch, c
     assert said.count("is not applied") == 2  # device is the checkpoint's, eval_iters its own value: nothing to say
 
 
+def test_a_resume_says_what_it_resumes_then_the_notes_that_qualify_it(tmp_path, monkeypatch, capsys):
+    """s18 (k24): `run --resume` said its notes (changes taken with --allow-changes, a --set it
+    applies only in part) and only then 'resuming o at step N ...', the line they qualify. The
+    header comes first now; a refusal is still one line, without notes of a resume not done."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                       "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--max-steps", "2", "--no-progress",
+                       "--set", "learning_rate=2e-3", "--set", "batch_size=4", "--allow-changes")
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("resuming o", "--resume"))]
+    assert len(lines) == 4 and lines[0] == "resuming o at step 1 with its own config and plan (micro-batch 8); no probe"
+    assert lines[1].startswith("--resume with --allow-changes: learning_rate 0.001 -> 0.002"), lines
+    assert lines[3].startswith("--resume: --set batch_size=4 counts in the effective batch (8)"), lines
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--max-steps", "3", "--no-progress",
+                       "--set", "learning_rate=3e-3", "--set", "device=cuda", "--allow-changes")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "device 'cuda' (--set)" in err, err
+
+
 def test_a_plain_run_says_its_plan_is_not_saved_and_how_to_keep_it(tmp_path, monkeypatch, capsys):
     """The README promised that the next run starts at once; a plain run saves nothing."""
     code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "64MiB", *SMALL, "--checkpointing",

@@ -81,23 +81,24 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     plan_info = json.loads(ck["plan"]) if ck.get("plan") else {}
     plan = _saved_plan(plan_info, path)
     saved = TrainConfig(**ck["config"])
-    cfg, changes = _with_changes(saved, overrides, allow_changes, log, sources)
+    note, say_header = header_first(log)  # what is resumed, then the notes that qualify it
+    cfg, changes = _with_changes(saved, overrides, allow_changes, note, sources)
     check_steps_left(int(ck["iter_num"]), cfg, max_steps, resuming=True)  # before the device and the model
-    say_config_notes(cfg, max_steps, log, resumed_at=int(ck["iter_num"]))
-    data_change = check_data(cfg, vocab_fixed_by=str(path), allow_changes=allow_changes, log=log,
+    say_config_notes(cfg, max_steps, note, resumed_at=int(ck["iter_num"]))
+    data_change = check_data(cfg, vocab_fixed_by=str(path), allow_changes=allow_changes, log=note,
                              trained_on=ck["sampler"].get("data") if cfg.dataset == saved.dataset else None)
     changes = changes + [data_change] if data_change else changes  # recorded with the other accepted changes
     cfg.out_dir = str(out_dir)
     spec = device_spec(ck)
     check_same_device(probe_opts, spec, overrides.get("device"), (sources or {}).get("device", "--set"))
-    spec = _larger_budget(probe_opts, spec, log)
+    spec = _larger_budget(probe_opts, spec, note)
     device = reopen_device(spec, gpu_index=probe_opts.gpu_index)
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
         micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
-    _say_not_applied(overrides, saved, cfg, spec, micro, log)
-    log(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
-        f"(micro-batch {micro}); no probe")
+    _say_not_applied(overrides, saved, cfg, spec, micro, note)
+    say_header(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
+               f"(micro-batch {micro}); no probe")
     _check_split_change(cfg, int(ck.get("world_size", 1)))  # the trainer's world_size_changed event says it
     info = {**plan_info, "resumed": True, **({"changes": changes} if changes else {})}
     opts = RunOptions(micro_batch=micro, compile_after=plan.compile_after if plan else None,
@@ -118,6 +119,23 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
                           split=describe_split(mbs), reason="the config as written (--no-probe)")
     return Launch(cfg=cfg, opts=opts, device=device, plan=plan,
                   source=f"resumed from {out_dir}/ckpt.pt (step {int(ck['iter_num'])})")
+
+
+def header_first(log: Callable[[str], None]) -> tuple[Callable[[str], None], Callable[[str], None]]:
+    """(note, say_header) for a resume's lines: `note` holds each note said while the resume is
+    checked (a change taken with --allow-changes, --max-steps past max_iters, a --set not applied),
+    and say_header(line) says the line naming what is resumed, then the notes held, in order.
+    They read as what is resumed, then what qualifies it (they came before it); a refusal raised
+    before the header is said alone, as every refusal is, without notes about a resume that does
+    not happen."""
+    held: list[str] = []
+
+    def say_header(line: str) -> None:
+        log(line)
+        for text in held:
+            log(text)
+        held.clear()
+    return held.append, say_header
 
 
 def _lessons_to(plan_info: dict, out_dir: str, log):
@@ -254,14 +272,16 @@ def _continue_nanogpt(path: Path, overrides, probe_opts, allow_changes, max_step
     except CheckpointError as e:
         raise TrainError(str(e)) from None
     saved, dropped = train_config_of(ck)
-    cfg, _ = _with_changes(saved, overrides, allow_changes, log, sources)
+    note, say_header = header_first(log)  # what is continued, then the notes that qualify it
+    cfg, _ = _with_changes(saved, overrides, allow_changes, note, sources)
     probe_opts, device_note = _nanogpt_device(cfg, probe_opts, "device" in overrides)
     check_steps_left(int(ck.iter_num), cfg, max_steps, resuming=True)  # before the probe
-    say_config_notes(cfg, max_steps, log, resumed_at=int(ck.iter_num))
+    say_config_notes(cfg, max_steps, note, resumed_at=int(ck.iter_num))
     cfg.out_dir = str(path.parent)
     check_data(cfg, vocab_fixed_by=str(path))  # before the probe: its vocab_size cannot change
-    log(f"{path} is a nanoGPT checkpoint (step {ck.iter_num}): continuing it with its weights and optimizer "
-        f"state on a plan probed now" + (f"; nanoGPT settings autofit does not use: {', '.join(dropped)}" if dropped else ""))
+    say_header(f"{path} is a nanoGPT checkpoint (step {ck.iter_num}): continuing it with its weights and optimizer "
+               f"state on a plan probed now" + (f"; nanoGPT settings autofit does not use: {', '.join(dropped)}"
+                                                if dropped else ""))
     for item in ck.not_restored:
         log(f"not restored: {item}")
     if device_note:
