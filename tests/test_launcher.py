@@ -289,8 +289,11 @@ def test_ranks_interrupted_on_their_own_are_one_line_or_none():
 def test_ranks_stopped_by_sigterm_or_sighup_are_interrupted_and_their_code_is_kept():
     """A rank's stop exits 128 + the signal's number (143 SIGTERM, 129 SIGHUP), no longer 130 for
     every stop: the launcher still reads it as interrupted (no 'rank N stopped with exit code 143'
-    line of a failure), and exits with rank 0's code, the rank whose line the user read."""
+    line of a failure), and exits with the code of the signal: a rank that stopped for another's
+    signal (rank 0 after a SIGTERM sent to rank 1 alone) heard none and exits 130."""
     assert failed_lines({0: Failure(143), 1: Failure(143)}, 2, interrupt_said=True) == ([], 143)
+    assert failed_lines({0: Failure(130), 1: Failure(129)}, 2, interrupt_said=True) == ([], 129)
+    assert failed_lines({0: Failure(130), 1: Failure(130)}, 2, interrupt_said=True) == ([], 130)
     assert failed_lines({1: Failure(129)}, 2) == (["autofit: interrupted: rank 1 stopped with exit code 129; no rank "
                                                    "said it saved a checkpoint"], 129)
     assert failed_lines({0: Failure(143), 1: Failure(130)}, 2) == (

@@ -241,9 +241,8 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
     129 SIGHUP sent to them, not to this launcher; 141: rank 0's stdout was closed, and it stopped
     training with a checkpoint) with no error line: nothing more when rank 0 said its own interrupt
     line (`interrupt_said`, autofit.interrupts.tell_launcher), else one line for all of them, ending
-    in `unsaid` (unsaid_words: what is kept, by the command launched); exit code the lowest such
-    rank's (rank 0's, whose line the user read, where it is one of them) unless another rank's
-    failure is the cause.
+    in `unsaid` (unsaid_words: what is kept, by the command launched); exit code theirs (_stop_code)
+    unless another rank's failure is the cause.
 
     A rank that torchrun's own shutdown killed with SIGKILL (its process id in `killed`: it did
     not stop within 30 s of the SIGTERM sent after another rank failed) is not a cause: the other
@@ -279,9 +278,17 @@ def failed_lines(failures: dict, nproc: int, interrupt_said: bool = False,
                      f"failure, and was killed (SIGKILL; stuck?)")
     if interrupted and not interrupt_said:
         lines.append(_interrupted_line(failures, interrupted, unsaid))
-    stop_code = [failures[r].exitcode for r in interrupted[:1]]  # the lowest interrupted rank's
-    codes = reported_codes + codes + stop_code + [128 + signal.SIGKILL] * bool(stuck)
+    codes = reported_codes + codes + _stop_code(failures, interrupted) + [128 + signal.SIGKILL] * bool(stuck)
     return reported + lines, (codes[0] if codes else 1)
+
+
+def _stop_code(failures: dict, interrupted: list[int]) -> list[int]:
+    """[the exit code of the ranks that ended interrupted], or []: the lowest rank's whose code is
+    not 130, else 130. A rank that stopped with the others for a signal sent to another rank alone
+    heard none itself and exits 130, a Ctrl-C's (rank 0 after a SIGTERM to rank 1); the signalled
+    rank's own code (143) names the stop."""
+    stops = [failures[r].exitcode for r in interrupted]
+    return [next((c for c in stops if c != interrupts.EXIT_CODE), stops[0])] if stops else []
 
 
 def _interrupted_line(failures: dict, interrupted: list[int], unsaid: str) -> str:
