@@ -538,6 +538,13 @@ ROWS: list[Row] = [
     Row("llm.c shards with ids >= vocab_size", [*RUN, "--no-probe", "--set", "dataset={t}/d", "--set", "vocab_size=50304",
                                                 "--out", "o"], tokens("d", [1, 2, 60000, 3], 500, shards=True),
         by="confdata"),
+    # session 18 (k24): a vocab uint16 files cannot hold; the built-in corpus's name taken by a dataset of yours
+    Row("vocab_size 100277 on uint16 .bin files", [*RUN, "--no-probe", "--set", "dataset={t}/d", "--set",
+                                                   "vocab_size=100277", "--out", "o"],
+        tokens("d", list(range(200)), 50), absent("o"), by="k24"),
+    Row("dataset='embedded' beside your own data/embedded", [*RUN, "--no-probe", "--set", "dataset=embedded", "--set",
+                                                             "vocab_size=256", "--out", "o"],
+        tokens("data/embedded", list(range(200)), 50), absent("o"), by="k24"),
     Row("val split shorter than block_size + 1", [*RUN, "--set", "dataset={t}/d", "--set", "vocab_size=50304",
                                                   "--out", "o"], tokens("d", list(range(20)), 1),
         by="lead (split length checked before trials; the check is confdata's)"),
