@@ -133,10 +133,11 @@ def test_a_rank_writes_its_error_for_the_launcher_instead_of_printing(tmp_path, 
 
 def test_a_rank_only_config_error_reaches_stderr_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "OMP_", "RANK", "WORLD_SIZE"))}
-    env.update(AUTOFIT_HOME=str(tmp_path / "home"), AUTOFIT_RANK_BUDGETS="3MiB", AUTOFIT_DIST_TIMEOUT="60",
+    env.update(AUTOFIT_HOME=str(tmp_path / "home"), AUTOFIT_RANK_BUDGETS="1B,1B", AUTOFIT_DIST_TIMEOUT="60",
                TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    # one budget for two ranks: the launcher (one process) cannot see it; each rank refuses it
+    # a budget of 1 byte leaves nothing to plan in after the margin: the launcher (which checks how many
+    # entries there are, and that they have units) does not open a device; each rank refuses it
     proc = subprocess.run([sys.executable, "-m", "autofit", "run", "--nproc-per-node", "2", "--device", "cpu",
                            "--out", str(tmp_path / "o"), "--no-progress"], env=env, capture_output=True, text=True,
                           timeout=240, cwd=tmp_path)
@@ -144,9 +145,9 @@ def test_a_rank_only_config_error_reaches_stderr_once(tmp_path):
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     # one line; "rank N: " when torchrun stopped the other rank (after the first one's error) before
     # it came to the same refusal: the launcher cannot know that it would have said it too
-    assert len(errors) == 1 and re.fullmatch(r"autofit: error: (rank [01]: )?AUTOFIT_RANK_BUDGETS names 1 budget "
-                                             r"for 2 ranks; give one per rank, e\.g\. AUTOFIT_RANK_BUDGETS=3MiB,2MiB",
-                                             errors[0]), proc.stderr
+    assert len(errors) == 1 and re.fullmatch(r"autofit: error: (rank [01]: )?a CPU budget of 1 B leaves 0 B to plan "
+                                             r"in after the 10% safety margin; give a budget that holds the model, "
+                                             r"its optimizer state and a micro-batch", errors[0]), proc.stderr
     assert "interrupted" not in proc.stderr  # torchrun's SIGTERM to the slower rank is no news
     assert proc.stderr.splitlines()[0].startswith("OMP_NUM_THREADS=") and "*****" not in proc.stderr
     assert "Traceback" not in proc.stderr and "torch/distributed" not in proc.stderr
@@ -505,7 +506,7 @@ def test_a_bare_number_in_rank_budgets_is_a_missing_unit_as_in_budget(monkeypatc
     for given, want in (("3MiB,2B", 2), ("3MiB,2097152", 2 * 2**20), ("3MiB, 2MiB", 2 * 2**20)):  # as --budget reads them
         monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", given)
         assert rank_budget(None) == want
-        check_rank_budgets()
+        assert check_rank_budgets(2) == [3 * 2**20, want]
     for given, line in (("3,2", "AUTOFIT_RANK_BUDGETS=3,2: rank 0's budget, '3': 3 is 3 bytes: give a unit, e.g. "
                                 "3GiB (or 3B for bytes)"),
                         ("3MiB,256", "AUTOFIT_RANK_BUDGETS=3MiB,256: rank 1's budget, '256': 256 is 256 bytes: give a "
@@ -514,23 +515,56 @@ def test_a_bare_number_in_rank_budgets_is_a_missing_unit_as_in_budget(monkeypatc
                                      "(examples: 2GiB, 1.5G, 512MiB, 4096)")):
         monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", given)
         with pytest.raises(DeviceError) as e:
-            check_rank_budgets()
+            check_rank_budgets(2)
         assert str(e.value) == line
     monkeypatch.delenv("AUTOFIT_RANK_BUDGETS")
-    check_rank_budgets()  # not set: nothing to check
+    assert check_rank_budgets(2) is None  # not set: nothing to check
 
 
-def test_nproc_per_node_refuses_bare_rank_budgets_before_torchrun_starts(tmp_path):
-    """One line naming the variable and the entry, exit 2, and no rank started (torchrun's launcher
-    says its OMP_NUM_THREADS line first), nothing written."""
+def test_the_launcher_counts_the_rank_budgets_before_torchrun_starts(monkeypatch):
+    """One entry for two ranks was each rank's to find, after torchrun had started them: the
+    launcher says it, naming the variable, its count and --nproc-per-node, with an example of the
+    right length made of the user's own entries. A user's own torchrun still has each rank's check."""
+    from autofit.devices.info import DeviceError
+    from autofit.devices.ranks import check_rank_budgets, rank_budget
+    for given, nproc, line in (
+            ("3MiB", 2, "AUTOFIT_RANK_BUDGETS=3MiB names 1 budget for --nproc-per-node 2; give one per rank, "
+                        "comma-separated, e.g. AUTOFIT_RANK_BUDGETS=3MiB,3MiB"),
+            ("3MiB,2MiB,1MiB", 2, "AUTOFIT_RANK_BUDGETS=3MiB,2MiB,1MiB names 3 budgets for --nproc-per-node 2; give "
+                                  "one per rank, comma-separated, e.g. AUTOFIT_RANK_BUDGETS=3MiB,2MiB"),
+            ("3MiB,2MiB", 3, "AUTOFIT_RANK_BUDGETS=3MiB,2MiB names 2 budgets for --nproc-per-node 3; give one per "
+                             "rank, comma-separated, e.g. AUTOFIT_RANK_BUDGETS=3MiB,2MiB,2MiB"),
+            ("3MiB,", 1, "AUTOFIT_RANK_BUDGETS=3MiB,: rank 1's budget, '': not a size: '' (examples: 2GiB, 1.5G, "
+                         "512MiB, 4096)"),
+            ("3MiB,2MiB", 9, "AUTOFIT_RANK_BUDGETS=3MiB,2MiB names 2 budgets for --nproc-per-node 9; give one per "
+                             "rank, comma-separated")):
+        monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", given)
+        with pytest.raises(DeviceError) as e:
+            check_rank_budgets(nproc)
+        assert str(e.value) == line
+    monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", "3MiB,2MiB,1GiB")
+    assert check_rank_budgets(3) == [3 * 2**20, 2 * 2**20, 2**30]
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)  # a torchrun of the user's: no launcher counted them
+    with pytest.raises(DeviceError, match=r"^AUTOFIT_RANK_BUDGETS names 3 budgets for 2 ranks; give one per rank"):
+        rank_budget(None)
+
+
+@pytest.mark.parametrize("budgets, line", [
+    ("3,2", "AUTOFIT_RANK_BUDGETS=3,2: rank 0's budget, '3': 3 is 3 bytes: give a unit, e.g. 3GiB (or 3B for bytes)"),
+    ("3MiB", "AUTOFIT_RANK_BUDGETS=3MiB names 1 budget for --nproc-per-node 2; give one per rank, comma-separated, "
+             "e.g. AUTOFIT_RANK_BUDGETS=3MiB,3MiB"),
+])
+def test_nproc_per_node_refuses_bad_rank_budgets_before_torchrun_starts(tmp_path, budgets, line):
+    """One line naming the variable and the entry (or the count and N), exit 2, and no rank started
+    (torchrun's launcher says its OMP_NUM_THREADS line first), nothing written."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "OMP_", "RANK", "WORLD_SIZE"))}
-    env.update(AUTOFIT_HOME=str(tmp_path / "home"), AUTOFIT_RANK_BUDGETS="3,2")
+    env.update(AUTOFIT_HOME=str(tmp_path / "home"), AUTOFIT_RANK_BUDGETS=budgets)
     proc = subprocess.run([sys.executable, "-m", "autofit", "run", "--nproc-per-node", "2", "--device", "cpu",
                            "--preset", "tiny", "--out", str(tmp_path / "o"), "--no-progress"], env=env,
                           capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    assert proc.stderr.splitlines() == ["autofit: error: AUTOFIT_RANK_BUDGETS=3,2: rank 0's budget, '3': 3 is 3 bytes: "
-                                        "give a unit, e.g. 3GiB (or 3B for bytes)"]
+    assert proc.stderr.splitlines() == [f"autofit: error: {line}"]
     assert not (tmp_path / "o").exists() and not (tmp_path / "home").exists()
 
 

@@ -82,17 +82,28 @@ def entry_bytes(item: str) -> int:
     return n
 
 
-def check_rank_budgets() -> None:
-    """Before torchrun starts the ranks (--nproc-per-node): every entry of AUTOFIT_RANK_BUDGETS, where
-    it is set, reads as a size with its unit (entry_bytes), so a bad one is one line here, not one per
-    rank after they started. Raises DeviceError naming the variable, the rank and its entry. How many
-    entries there are is each rank's check (rank_budget), against torchrun's world size."""
+def check_rank_budgets(nproc: int) -> list[int] | None:
+    """Before torchrun starts `nproc` ranks (--nproc-per-node): AUTOFIT_RANK_BUDGETS, where it is set,
+    reads as one size with its unit per rank (entry_bytes), so a bad entry or a list of another length
+    is one line here, not one per rank after they started (rank_budget still checks both, for a
+    torchrun the user starts). Returns the sizes in bytes, rank 0 first; None where it is not set.
+    Raises DeviceError naming the variable and the entry, or the number of entries and `nproc`."""
     raw = os.environ.get(RANK_BUDGETS_ENV, "").strip()
-    for rank, item in enumerate(v.strip() for v in raw.split(",") if raw):
+    if not raw:
+        return None
+    items = [v.strip() for v in raw.split(",")]
+    sizes = []
+    for rank, item in enumerate(items):
         try:
-            entry_bytes(item)
+            sizes.append(entry_bytes(item))
         except ValueError as e:
             raise DeviceError(f"{RANK_BUDGETS_ENV}={raw}: rank {rank}'s budget, {item!r}: {e}") from None
+    if len(items) != nproc:
+        # the user's own entries, cut or repeated to one per rank; past 8 ranks the line would be too long
+        example = f", e.g. {RANK_BUDGETS_ENV}={','.join((items + items[-1:] * nproc)[:nproc])}" if nproc <= 8 else ""
+        raise DeviceError(f"{RANK_BUDGETS_ENV}={raw} names {counted(len(items), 'budget')} for --nproc-per-node "
+                          f"{nproc}; give one per rank, comma-separated{example}")
+    return sizes
 
 
 def cpu_share(budget_bytes: int | None) -> int | None:

@@ -43,15 +43,15 @@ def check_ranks(cfg, nproc_per_node: int | None, resume: bool, overrides: dict |
     (`overrides`, from `sources`, `allow_changes`); with --nproc-per-node its file and that batch
     are checked here first (as each rank will: autofit.launch.resume.check_resume_ranks), so that a
     bad or newer-format one ('upgrade autofit') or a batch the ranks cannot share is one line
-    before N ranks start; so is an AUTOFIT_RANK_BUDGETS entry that is not a size with a unit
-    (autofit.devices.ranks.check_rank_budgets). Raises TrainError or ConfigError, or DeviceError for
-    --nproc-per-node inside a torchrun rank or for such an entry."""
+    before N ranks start; so is an AUTOFIT_RANK_BUDGETS entry that is not a size with a unit, or a
+    list of other than N entries (autofit.devices.ranks.check_rank_budgets). Raises TrainError or
+    ConfigError, or DeviceError for --nproc-per-node inside a torchrun rank or for such a list."""
     if nproc_per_node is not None and under_torchrun():
         raise DeviceError("--nproc-per-node starts torchrun; this process is already one of torchrun's ranks")
     if nproc_per_node is not None and nproc_per_node < 1:
         raise DeviceError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
-    if nproc_per_node is not None:  # AUTOFIT_RANK_BUDGETS=3,2 is 3 and 2 bytes: one line before N ranks start
-        check_rank_budgets()
+    if nproc_per_node is not None:  # AUTOFIT_RANK_BUDGETS=3,2 (3 and 2 bytes), or 1 entry for 2 ranks: one line
+        check_rank_budgets(nproc_per_node)
     if resume and nproc_per_node is not None:
         from autofit.launch.resume import check_resume_ranks
         check_resume_ranks(cfg.out_dir, nproc_per_node, overrides or {}, sources, allow_changes)
