@@ -241,6 +241,34 @@ def test_a_budget_above_the_machine_is_refused(monkeypatch):
     cpu.check_ranks_fit(25, 64 * 2**20, "cpu")
 
 
+def test_the_ranks_memory_check_counts_each_ranks_own_budget(monkeypatch):
+    """check_ranks_fit counted --budget only: AUTOFIT_RANK_BUDGETS=3GiB,5GiB on an 8 GiB machine passed
+    the launcher, and each rank then opened a budget the machine could not give them all."""
+    import torch
+
+    from autofit.devices import cpu
+    from autofit.devices.device import DeviceError
+    monkeypatch.setattr(cpu, "machine_memory_bytes", lambda: 8 * 2**30)
+    with pytest.raises(DeviceError) as e:  # 3 + 5 GiB + 2 x 256 MiB assumed > 8 GiB
+        cpu.check_ranks_fit(2, None, "cpu", [3 * 2**30, 5 * 2**30])
+    assert str(e.value) == ("--nproc-per-node 2: the ranks' AUTOFIT_RANK_BUDGETS budgets (8.00 GiB in all) and their "
+                            "processes (~256.0 MiB each, assumed) need 8.50 GiB, more than this machine's memory "
+                            "(8.00 GiB, physical RAM or the container's limit); give the ranks at most 7.50 GiB in all")
+    cpu.check_ranks_fit(2, None, "cpu", [3 * 2**30, 9 * 2**29])  # 8 GiB exactly: fits
+    with pytest.raises(DeviceError, match=r"need 8\.28 GiB, .*; their processes alone need 8\.25 GiB: use fewer ranks$"):
+        cpu.check_ranks_fit(33, None, "cpu", [2**20] * 33)  # the processes alone do not fit
+    # the sizes put the ranks on the CPU, GPU or not; where the GPU is asked for, each rank would refuse them
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cpu.check_ranks_fit(2, None, None, [2**30, 2**30])  # not 'this machine has 1 GPU, one per rank'
+    with pytest.raises(DeviceError, match=r"^--nproc-per-node 2: the ranks' AUTOFIT_RANK_BUDGETS budgets"):
+        cpu.check_ranks_fit(2, None, None, [3 * 2**30, 5 * 2**30])
+    with pytest.raises(DeviceError) as e:
+        cpu.check_ranks_fit(1, None, "cuda", [2**30], "device 'cuda' from the config; --device to choose another")
+    assert str(e.value) == ("AUTOFIT_RANK_BUDGETS applies to the CPU device only; on a GPU the budget is free memory x "
+                            "(1 - margin) (device 'cuda' from the config; --device to choose another)")
+
+
 def test_ranks_on_cuda_without_a_gpu_are_sent_to_the_cpu_not_to_zero_ranks(monkeypatch):
     """h3 (session 10): `--device cuda --nproc-per-node 2` on a machine with no GPU said 'use
     --nproc-per-node 0 or fewer', which is refused in turn."""

@@ -568,6 +568,30 @@ def test_nproc_per_node_refuses_bad_rank_budgets_before_torchrun_starts(tmp_path
     assert not (tmp_path / "o").exists() and not (tmp_path / "home").exists()
 
 
+def test_nproc_per_node_counts_the_rank_budgets_against_the_machines_memory(tmp_path):
+    """Two entries that each fit this machine, and together do not: the launcher counted only
+    --budget, so torchrun started ranks whose budgets the machine could not give them both."""
+    from autofit.devices.cpu import RANK_PROCESS_BYTES, machine_memory_bytes
+    from autofit.units import fmt_bytes
+    have = machine_memory_bytes()
+    if have is None:
+        pytest.skip("this machine's memory cannot be read")
+    each = have * 3 // 5  # under the machine's memory: each rank's own check passes it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOFIT_", "OMP_", "RANK", "WORLD_SIZE"))}
+    env.update(AUTOFIT_HOME=str(tmp_path / "home"), AUTOFIT_RANK_BUDGETS=f"{each}B,{each}B")
+    proc = subprocess.run([sys.executable, "-m", "autofit", "run", "--nproc-per-node", "2", "--device", "cpu",
+                           "--preset", "tiny", "--out", str(tmp_path / "o"), "--no-progress", "--max-steps", "1"],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    need = 2 * (each + RANK_PROCESS_BYTES)
+    assert proc.stderr.splitlines() == [
+        f"autofit: error: --nproc-per-node 2: the ranks' AUTOFIT_RANK_BUDGETS budgets ({fmt_bytes(2 * each)} in all) "
+        f"and their processes (~{fmt_bytes(RANK_PROCESS_BYTES)} each, assumed) need {fmt_bytes(need)}, more than this "
+        f"machine's memory ({fmt_bytes(have)}, physical RAM or the container's limit); give the ranks at most "
+        f"{fmt_bytes(have - 2 * RANK_PROCESS_BYTES)} in all"]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "home").exists()
+
+
 def test_torchruns_signal_handlers_do_not_outlive_its_run():
     """torchrun's PContext.start installs its handler for SIGINT, SIGTERM, SIGHUP and SIGQUIT and
     leaves it: a Ctrl-C while the launcher exited after run() raised torchrun's SignalException, a

@@ -282,7 +282,7 @@ def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict
     return out, sources
 
 
-def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=None, fresh: bool = True,
+def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts, fresh: bool = True,
                  resumed: tuple = ()) -> None:
     """--nproc-per-node N: what a fresh run would refuse is checked here once (`fresh`: a run's output
     folder too; `resumed`: a resume's --set values, their sources, --allow-changes: for its batch), then
@@ -296,7 +296,8 @@ def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts=
         _check_fresh_run(cfg, log)
     check_ranks(cfg, nproc_per_node, resuming, *resumed)
     from autofit.devices.cpu import check_ranks_fit
-    check_ranks_fit(nproc_per_node, opts.budget_bytes if opts else None, opts.device if opts else None)
+    from autofit.devices.ranks import check_rank_budgets  # each rank's AUTOFIT_RANK_BUDGETS size, counted too
+    check_ranks_fit(nproc_per_node, opts.budget_bytes, opts.device, check_rank_budgets(nproc_per_node), opts.device_source)
     code = relaunch(sys.argv[1:], nproc_per_node, log)
     interrupts.said()  # the launcher and rank 0 said what stopped them
     raise typer.Exit(code)

@@ -10,6 +10,7 @@ import platform
 import torch
 
 from autofit.devices.device import DeviceError, DeviceInfo, NoCap
+from autofit.devices.info import RANK_BUDGETS_ENV
 from autofit.units import fmt_bytes
 from trainer.meter import NullMeter
 from trainer.errors import counted
@@ -101,11 +102,20 @@ def check_budget_fits(budget_bytes: int, what: str = "--budget") -> None:
 RANK_PROCESS_BYTES = 256 * 1024**2
 
 
-def check_ranks_fit(nproc: int, budget_bytes: int | None, kind: str | None) -> None:
+def check_ranks_fit(nproc: int, budget_bytes: int | None, kind: str | None, rank_budgets: list[int] | None = None,
+                    source: str | None = None) -> None:
     """Refuse (DeviceError, one line) --nproc-per-node N that this machine cannot hold, before
     torchrun starts anything: more ranks than GPUs on a GPU run, or N ranks whose processes
-    (RANK_PROCESS_BYTES each, assumed) and CPU budgets (--budget each) exceed the machine's memory."""
-    if kind == "cuda" or (kind is None and budget_bytes is None and torch.cuda.is_available()):
+    (RANK_PROCESS_BYTES each, assumed) and CPU budgets exceed the machine's memory (machine_memory_bytes).
+    The budgets, in bytes: `budget_bytes` (--budget) for each rank, or `rank_budgets`, each rank's
+    AUTOFIT_RANK_BUDGETS entry (rank 0 first: autofit.devices.ranks.check_rank_budgets), which also
+    puts the ranks on the CPU: refused with `kind` 'cuda' (`source`: where that came from, when not
+    from --device), as each rank would refuse it."""
+    if kind == "cuda" and rank_budgets:  # each rank's words (autofit.devices.opener), once, before they start
+        raise DeviceError(f"{RANK_BUDGETS_ENV} applies to the CPU device only; on a GPU the budget is free memory x "
+                          f"(1 - margin)" + (f" ({source})" if source else ""))
+    cpu = budget_bytes is not None or bool(rank_budgets)  # a budget puts the ranks on the budgeted CPU
+    if kind == "cuda" or (kind is None and not cpu and torch.cuda.is_available()):
         gpus = torch.cuda.device_count()
         if gpus == 0:  # 'use --nproc-per-node 0 or fewer' is refused in turn: say what can work
             raise DeviceError(f"--nproc-per-node {nproc} --device cuda: torch finds no GPU on this machine "
@@ -114,8 +124,20 @@ def check_ranks_fit(nproc: int, budget_bytes: int | None, kind: str | None) -> N
             raise DeviceError(f"--nproc-per-node {nproc}: this machine has {counted(gpus, 'GPU')}, one per rank; "
                               f"use --nproc-per-node {gpus} or fewer")
         return
-    each = (budget_bytes or 0) + RANK_PROCESS_BYTES
     have = machine_memory_bytes()
+    if rank_budgets:
+        need = sum(rank_budgets) + len(rank_budgets) * RANK_PROCESS_BYTES
+        if have is not None and need > have:
+            room = have - len(rank_budgets) * RANK_PROCESS_BYTES
+            advice = (f"give the ranks at most {fmt_bytes(room)} in all" if room > 0 else
+                      f"their processes alone need {fmt_bytes(need - sum(rank_budgets))}: use fewer ranks")
+            raise DeviceError(f"--nproc-per-node {nproc}: the ranks' {RANK_BUDGETS_ENV} budgets "
+                              f"({fmt_bytes(sum(rank_budgets))} in all) and their processes "
+                              f"(~{fmt_bytes(RANK_PROCESS_BYTES)} each, assumed) need {fmt_bytes(need)}, more than "
+                              f"this machine's memory ({fmt_bytes(have)}, physical RAM or the container's limit); "
+                              f"{advice}")
+        return
+    each = (budget_bytes or 0) + RANK_PROCESS_BYTES
     if have is not None and nproc * each > have:
         what = f"~{fmt_bytes(RANK_PROCESS_BYTES)} for its process (assumed)" + (
             f" + its --budget {fmt_bytes(budget_bytes)}" if budget_bytes else "")

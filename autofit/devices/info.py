@@ -19,6 +19,10 @@ from pydantic import BaseModel
 # outside the allocator, so the workspace term is 0 there.
 ASSUMED_CONTEXT_BYTES = 512 * 2**20
 
+# One CPU budget per torchrun rank (autofit.devices.ranks reads it); named here, below both ranks.py and
+# cpu.py, whose launcher check (check_ranks_fit) counts its sizes
+RANK_BUDGETS_ENV = "AUTOFIT_RANK_BUDGETS"
+
 
 class DeviceError(RuntimeError):
     """A device problem the user can cause or fix (no GPU, bad index, bad budget). One line."""

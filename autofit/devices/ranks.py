@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 
-from autofit.devices.info import DeviceError
+from autofit.devices.info import RANK_BUDGETS_ENV, DeviceError
 from trainer.errors import counted
-
-RANK_BUDGETS_ENV = "AUTOFIT_RANK_BUDGETS"
 
 
 def ranks():
