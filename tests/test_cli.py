@@ -918,6 +918,19 @@ def test_a_resume_says_what_it_resumes_then_the_notes_that_qualify_it(tmp_path, 
     assert code == 2 and len(err.strip().splitlines()) == 1 and "device 'cuda' (--set)" in err, err
 
 
+def test_a_resume_onto_a_smaller_effective_batch_names_the_micro_batch_that_runs(tmp_path, monkeypatch, capsys):
+    """k24's note: a resume whose --allow-changes made the effective batch (4) smaller than the
+    checkpoint's micro-batch (8) said 'micro-batch 8' in its header while training ran 4 x 1."""
+    code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
+                       "--max-steps", "1", "--out", "o", "--no-progress")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--max-steps", "2", "--no-progress",
+                       "--set", "batch_size=2", "--allow-changes")
+    assert code == 0, err
+    header = next(ln for ln in err.splitlines() if ln.startswith("resuming o"))
+    assert header == "resuming o at step 1 with its own config and plan (micro-batch 4); no probe", err
+
+
 def test_a_plain_run_says_its_plan_is_not_saved_and_how_to_keep_it(tmp_path, monkeypatch, capsys):
     """The README promised that the next run starts at once; a plain run saves nothing."""
     code, out, err = cli(monkeypatch, capsys, "run", "--device", "cpu", "--budget", "64MiB", *SMALL, "--checkpointing",

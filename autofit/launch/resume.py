@@ -97,8 +97,10 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
         micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
     _say_not_applied(overrides, saved, cfg, spec, micro, note)
+    # the size that runs: an effective batch made smaller with --allow-changes can hold less than `micro`
+    runs = micro if cfg.stages else max(split_batch(agree.rank_batch(cfg), micro))
     say_header(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
-               f"(micro-batch {micro}); no probe")
+               f"(micro-batch {runs}); no probe")
     _check_split_change(cfg, int(ck.get("world_size", 1)))  # the trainer's world_size_changed event says it
     info = {**plan_info, "resumed": True, **({"changes": changes} if changes else {})}
     opts = RunOptions(micro_batch=micro, compile_after=plan.compile_after if plan else None,
