@@ -605,6 +605,23 @@ def test_a_save_says_what_it_replaces_and_a_changed_cpu_profile_memory(tmp_path,
     assert "autofit: profile cpu-64mb: its memory was 64.0 MiB, now 64.4 MiB (this --budget)" in err, err
 
 
+def test_a_save_into_a_cpu_profile_without_a_hardware_table(tmp_path, monkeypatch, capsys):
+    """t12 (s18): a CPU profile with no [hardware] table (the store allows None for the budgeted CPU)
+    made `probe --save`, the command its refusal recommends, end in an AttributeError traceback."""
+    args = ("probe", "--device", "cpu", "--budget", "64MiB", *SMALL, "--checkpointing", "0", "--loss", "standard",
+            "--save", "--json")
+    code, out, err = cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    path = tmp_path / "home" / "profiles" / "cpu-64mb.toml"
+    text = path.read_text()
+    start = text.index("[hardware]")
+    path.write_text(text[:start] + text[text.index("\n[", start + 1) + 1:])
+    assert "[hardware]" not in path.read_text()
+    code, out, err = cli(monkeypatch, capsys, *args)
+    assert code == 0 and "Traceback" not in err, err
+    assert "[hardware]" in path.read_text() and json.loads(out)["saved"]["profile"] == "cpu-64mb"
+
+
 def test_probe_gpu_with_a_cpu_profile_is_one_line(tmp_path, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "probe", "--device", "cpu", "--budget", "64MiB", *SMALL,
                          "--checkpointing", "0", "--loss", "standard", "--save", "--json")

@@ -121,7 +121,7 @@ def _replaced_words(name: str, plan, cpu_hw: dict | None) -> list[str]:
         under = lambda w: "under " + ", ".join(w) if w else "over every lever"  # noqa: E731
         out.append(f"replaces plan {plan.fingerprint} fitted {before.updated:%Y-%m-%d %H:%M} {under(before.searched_under)} "
                    f"with this one fitted {under(plan.searched_under)}")
-    was = old.hardware.get("memory_bytes")
+    was = (old.hardware or {}).get("memory_bytes")  # a CPU profile may have no [hardware] table
     if cpu_hw is not None and was and was != cpu_hw["memory_bytes"]:
         others = len([fp for fp in old.plans if fp != plan.fingerprint])
         out.append(f"its memory was {fmt_bytes(was)}, now {fmt_bytes(cpu_hw['memory_bytes'])} (this --budget)"
