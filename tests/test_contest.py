@@ -175,7 +175,7 @@ def test_a_rate_that_peaks_beside_a_flat_pair_is_found(monkeypatch):
     runner.log = logs.append
     res = planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=2_500_000), space)
     assert [c.micro_batch for c in runner.ran] == [11, 5, 7]  # the largest fit, its half (0.98x), sqrt(5 x 11)
-    assert max(res.plan.micro_batches) == 7 and any("reads within 5% of micro-batch 11's time per token (0.97x), so micro-batch 7 with the "
+    assert max(res.plan.micro_batches) == 7 and any("reads within 5% of micro-batch 11's CPU time per token (0.97x), so micro-batch 7 with the "
                                                      "same levers is timed too" in m for m in logs)
     assert "micro-batch 7, not the largest fit 11" in res.plan.reason
     # a half clearly slower (8 %, beyond TIE_MAX) is no flat pair: no third size, the largest wins
@@ -191,7 +191,7 @@ def test_a_rate_that_peaks_beside_a_flat_pair_is_found(monkeypatch):
     runner.log = logs.append
     planner._plan_from_trials(cfg, runner, SimpleNamespace(budget_bytes=2_500_000), space)
     assert [c.micro_batch for c in runner.ran][:3] == [11, 5, 7]
-    assert any("reads faster than micro-batch 11's time per token" in m for m in logs), logs
+    assert any("reads faster than micro-batch 11's CPU time per token" in m for m in logs), logs
 
 
 def test_a_third_size_that_only_ties_does_not_win_by_its_headroom(monkeypatch):
@@ -382,11 +382,40 @@ def test_the_contests_log_names_the_leader_when_it_changes_and_every_contender_e
     la, lb, lc = ("micro-batch 8, standard loss, float32", "micro-batch 8, chunked loss, float32",
                   "micro-batch 4, standard loss, float32")
     assert d.winner.candidate() == c and d.rounds == 2, logs
-    assert f"contest round 1: none out; {la} leads, {lb} at 1.03x, {lc} at 1.72x its time per token" in logs, logs
-    assert f"contest round 2: {la} out, 1.16x the leader's time per token (leader: {lc})" in logs, logs
-    assert f"contest round 2: {lb} out, 1.20x the leader's time per token (leader: {lc})" in logs, logs
+    assert f"contest round 1: none out; {la} leads, {lb} at 1.03x, {lc} at 1.72x its CPU time per token" in logs, logs
+    assert f"contest round 2: {la} out, 1.16x the leader's CPU time per token (leader: {lc})" in logs, logs
+    assert f"contest round 2: {lb} out, 1.20x the leader's CPU time per token (leader: {lc})" in logs, logs
     # t11's L2: each record counts the steps its re-timings added after its trial line (2 rounds of 2)
     assert d.winner.retimed_steps == 2 * contest.RETIME_STEPS and len(d.winner.step_seconds) == 5
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_the_contests_lines_name_their_clock_and_the_trial_line_its_wall_time(kind, monkeypatch):
+    """t12's M2 (session 18): on a loaded CPU the trial lines gave micro-batch 16 twice 32's tok/s
+    (wall time) while the contest read 16 at 0.98x 32's time per token (CPU time), and nothing on
+    either line said which clock it read. On a CPU the contest's lines (not re-timed, each round,
+    lost after, the plan's why) say 'CPU time per token'; on a GPU, where it judges wall time,
+    they do not; the trial line says its tok/s is wall time."""
+    cfg = cfg_for(16)
+    a, b, slow = STD.candidate(8), CHUNKED.candidate(8), STD.candidate(4)
+    # b 3 % behind a every reading (outside the 2 % band, inside twice it): lost after 3 rounds;
+    # slow 3.5x: out on its first readings
+    clock = Scripted({a: [1.0] * 10, b: [1.03] * 10, slow: [3.5] * 10})
+    logs = []
+    runner = contest_runner(cfg, clock, monkeypatch)
+    runner.kind, runner.log = ("cpu" if kind == "cpu" else "cuda"), logs.append  # "cuda" as an id skips
+    d = contest.decide(runner, [clock.record(cfg, t, 16, 2, 1000 * t.micro_batch) for t in (a, b, slow)])
+    assert d.winner.candidate() == a and d.rounds == contest.MAX_ROUNDS, logs
+    said = [m for m in logs if "time per token" in m] + [d.why]
+    assert any("not re-timed" in m for m in said) and any(" lost after 3 rounds" in m for m in said), logs
+    assert sum(m.startswith("contest round") for m in said) == contest.MAX_ROUNDS, logs
+    for m in said:
+        assert (m.count("CPU time per token") == m.count("time per token")) if kind == "cpu" else "CPU" not in m, m
+    trial_logs = []
+    search = FakeRunner(cfg, 1 << 40, Clock(lambda c: 1.0, p=0.0), monkeypatch)
+    search.log = trial_logs.append
+    search.run(STD.candidate(8))
+    assert any("tok/s measured by wall time" in m for m in trial_logs), trial_logs
 
 
 @pytest.mark.parametrize("seed", range(8))

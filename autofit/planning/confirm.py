@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from autofit.planning.budget import Budget
 from autofit.planning.candidates import Levers, PlanError, Space
-from autofit.planning.contest import decide, seconds_per_token
+from autofit.planning.contest import decide, per_token, seconds_per_token
 from autofit.planning.search import TrialRunner
 from autofit.records import TrialRecord
 from autofit.units import fmt_bytes
@@ -46,12 +46,12 @@ def confirm_compile(runner: TrialRunner, best: TrialRecord, fits: list[TrialReco
     won = d.winner is r and len(d.tied) == 1  # clearly faster: a tie is not a win for compile
     if won:
         why = (f"compiled: faster than eager, re-timed in alternation (eager micro-batch {eager.micro_batch} takes "
-               f"{ratio:.2f}x compiled {r.micro_batch}'s time per token)")
+               f"{ratio:.2f}x compiled {r.micro_batch}'s {per_token(cpu)})")
     elif r in d.tied:
-        why = (f"compiled micro-batch {r.micro_batch} tied with eager ({1 / ratio:.2f}x eager's time per token, within "
+        why = (f"compiled micro-batch {r.micro_batch} tied with eager ({1 / ratio:.2f}x eager's {per_token(cpu)}, within "
                f"the readings' spread), so eager runs: a compiled run starts eager, so it has no more headroom")
     else:
-        why = f"compiled micro-batch {r.micro_batch} is slower: {1 / ratio:.2f}x eager's time per token, so eager runs"
+        why = f"compiled micro-batch {r.micro_batch} is slower: {1 / ratio:.2f}x eager's {per_token(cpu)}, so eager runs"
     runner.log(f"compile: {why}")
     return (r if won else best), compiled_fits, why
 

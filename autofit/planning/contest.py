@@ -80,6 +80,13 @@ def seconds_per_token(t: TrialRecord, cpu: bool) -> float | None:
     return 1.0 / t.tokens_per_s if t.tokens_per_s else None
 
 
+def per_token(cpu: bool) -> str:
+    """The contest's clock in words, for its log lines: 'CPU time per token' on a CPU device (the
+    search's trial lines print wall-time tok/s, which load halves while CPU time barely moves: t12's
+    M2 read the two as a contradiction), else 'time per token' (wall time, as the trial lines)."""
+    return "CPU time per token" if cpu else "time per token"
+
+
 def run_tokens_per_s(t: TrialRecord) -> float | None:
     """Tokens/s the run planned with `t` is expected to reach (TrialRecord.run_tokens_per_s)."""
     return t.run_tokens_per_s
@@ -219,7 +226,7 @@ def decide(runner, contenders: list[TrialRecord], *, own: TrialRecord | None = N
     for t in alive:
         if t not in tied:
             runner.log(f"contest: {label(t)} lost after {counted(done + rounds, 'round')}: {spt(t) / spt(lead):.2f}x the "
-                       f"leader's time per token, outside their {tie_band(lead, t, cpu):.1%} tie band (leader: "
+                       f"leader's {per_token(cpu)}, outside their {tie_band(lead, t, cpu):.1%} tie band (leader: "
                        f"{label(lead)})")
     # the band of the tie, against the leader (the leader against itself is no band): one figure for
     # the log line and the plan's why, whichever of the tied wins
@@ -239,13 +246,14 @@ def _say_round(runner, round_no: int, out: list[TrialRecord], alive: list[TrialR
     one line with each of them against the leader: a round that puts no one out is said too (the
     log jumped from round 2 to round 5), and no contender is unnamed from its search trial to the
     tie. (One whose re-timing did not fit has its own line in decide.)"""
+    clock = per_token(runner.kind == "cpu")
     for t in out:
-        runner.log(f"contest round {round_no}: {label(t)} out, {spt(t) / spt(lead):.2f}x the leader's time per token "
+        runner.log(f"contest round {round_no}: {label(t)} out, {spt(t) / spt(lead):.2f}x the leader's {clock} "
                    f"(leader: {label(lead)})")
     if len(alive) > 1:
         rest = ", ".join(f"{label(t)} at {spt(t) / spt(lead):.2f}x" for t in sorted(alive, key=spt) if t is not lead)
         runner.log(f"contest round {round_no}: {'still in: ' if out else 'none out; '}{label(lead)} leads, {rest} its "
-                   f"time per token")
+                   f"{clock}")
 
 
 def _cut_on_first_readings(runner, alive: list[TrialRecord], spt) -> list[TrialRecord]:
@@ -257,7 +265,7 @@ def _cut_on_first_readings(runner, alive: list[TrialRecord], spt) -> list[TrialR
     out = [t for t in alive if spt(t) > (1 + CLEAR_FIRST) * spt(lead)]
     for t in out:
         runner.log(f"contest: {label(t)} not re-timed: its readings so far take {spt(t) / spt(lead):.2f}x the "
-                   f"time per token of {label(lead)}'s (out past {1 + CLEAR_FIRST:.0f}x)")
+                   f"{per_token(runner.kind == 'cpu')} of {label(lead)}'s (out past {1 + CLEAR_FIRST:.0f}x)")
     return [t for t in alive if t not in out]
 
 
@@ -313,7 +321,7 @@ def _why(winner: TrialRecord, alive: list[TrialRecord], tied: list[TrialRecord],
         if rest:
             w = seconds_per_token(winner, cpu)
             runner_up = min(rest, key=lambda t: seconds_per_token(t, cpu))
-            text += f"; next: {label(runner_up)} at {seconds_per_token(runner_up, cpu) / w:.2f}x its time per token"
+            text += f"; next: {label(runner_up)} at {seconds_per_token(runner_up, cpu) / w:.2f}x its {per_token(cpu)}"
         else:
             text += "; every other contender was out: slower than its readings' noise allows, or it did not fit again"
     return text

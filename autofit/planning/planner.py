@@ -37,7 +37,7 @@ from autofit.planning.own import own_split, own_why
 from autofit.planning.prune import prune_loss, prune_recompute, prune_sharding
 from autofit.planning.search import MicroBatchSearch, TrialRunner
 from autofit.planning.split import choose_split, run_size, run_sizes, split_rates, plan_rates
-from autofit.planning.contest import (TIE_MAX, CLEAR_CONSISTENT, decide, label, peak_of, run_tokens_per_s,
+from autofit.planning.contest import (TIE_MAX, CLEAR_CONSISTENT, decide, label, peak_of, per_token, run_tokens_per_s,
                                       seconds_per_token)
 from autofit.planning.trials import TrialSettings, new_objects_only
 from autofit.units import fmt_bytes
@@ -218,14 +218,14 @@ def _sizes_to_time(runner: TrialRunner, levers: Levers, largest: int) -> list[Tr
     if ratio > 1 + SMALLER_CLEAR:
         # the rate rises steeply here, so the smaller size is not a faster plan; if a burst of
         # load made it look so, the loss is headroom only (the larger size is as fast)
-        runner.log(f"contest: {label(small)} not re-timed: its readings take {ratio:.{2 if round(ratio, 2) > 1 + SMALLER_CLEAR else 3}f}x the time per token "
+        runner.log(f"contest: {label(small)} not re-timed: its readings take {ratio:.{2 if round(ratio, 2) > 1 + SMALLER_CLEAR else 3}f}x the {per_token(cpu)} "
                    f"of micro-batch {big.micro_batch} with the same levers (out past {1 + SMALLER_CLEAR:.2f}x)")
         runner.dropped.add(small.candidate())  # the user's own split comes back: contest.decide says so
         return [big]
     third = _third_size(run_sizes(runner.rank_batch), small.micro_batch, big.micro_batch)
     if ratio <= 1 + TIE_MAX and third is not None:
         how = (f"within {TIE_MAX:.0%} of" if ratio >= 1 - TIE_MAX else "faster than")  # a flat or a falling rate
-        runner.log(f"contest: {label(small)} reads {how} micro-batch {big.micro_batch}'s time per token "
+        runner.log(f"contest: {label(small)} reads {how} micro-batch {big.micro_batch}'s {per_token(cpu)} "
                    f"({ratio:.2f}x), so micro-batch {third} with the same levers is timed too")
         r = runner.run(levers.candidate(third))
         if r.status == "fit":
@@ -258,12 +258,12 @@ def _smaller_why(runner: TrialRunner, chosen: TrialRecord, decision) -> str:
         why = head + f"{largest.micro_batch}'s re-timing did not fit (fragmentation, or memory another process took)"
     elif any(t.candidate() == largest.candidate() for t in decision.tied):
         why = head + (f"tied with it, the rate flat or falling in the micro-batch within the readings' spread "
-                      f"({largest.micro_batch} takes {ratio:.2f}x its time per token), and a tie goes to the headroom")
+                      f"({largest.micro_batch} takes {ratio:.2f}x its {per_token(cpu)}), and a tie goes to the headroom")
     elif ratio >= 1:
         why = head + (f"the rate is flat or falling in the micro-batch ({largest.micro_batch} takes {ratio:.2f}x its "
-                      f"time per token), so the smaller size runs as fast with more headroom")
+                      f"{per_token(cpu)}), so the smaller size runs as fast with more headroom")
     else:
-        why = head + f"{largest.micro_batch} reads {ratio:.2f}x its time per token but was not among the contest's last"
+        why = head + f"{largest.micro_batch} reads {ratio:.2f}x its {per_token(cpu)} but was not among the contest's last"
     if chosen.compile and chosen.micro_batch < eager.micro_batch:
         why += f"; compiled at micro-batch {chosen.micro_batch}: compiled, {eager.micro_batch} did not fit"
     return why

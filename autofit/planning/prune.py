@@ -11,7 +11,7 @@ import math
 
 from autofit.planning import agree
 from autofit.planning.candidates import Levers
-from autofit.planning.contest import retime, seconds_per_token
+from autofit.planning.contest import per_token, retime, seconds_per_token
 from autofit.planning.estimate import max_micro_batch
 from autofit.planning.search import TrialRunner
 from autofit.planning.split import run_size, run_sizes
@@ -86,7 +86,7 @@ def cannot_pay_back(runner: TrialRunner, levers: Levers, base_levers: list[Lever
             gain = max(1.0, a / b) ** math.log2(est_ck / big.micro_batch)
         if gain <= cost:
             d = 2 if round(gain, 2) < round(cost, 2) else 3  # '1.09x, less than 1.09x' reads as a mistake
-            return (f"{lv.loss_impl} loss: micro-batch {half.micro_batch} takes {a / b:.2f}x the time per token "
+            return (f"{lv.loss_impl} loss: micro-batch {half.micro_batch} takes {a / b:.2f}x the {per_token(cpu)} "
                     f"of {big.micro_batch}, so the estimated {est_ck} with recomputation gains at most {gain:.{d}f}x, "
                     f"no more than its {cost:.{d}f}x compute")
     return None

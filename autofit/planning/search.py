@@ -117,7 +117,7 @@ class TrialRunner:
         peak_of, rate_of = (" (the largest rank's)", " per rank (the slowest)") if agree.ranks().several else ("", "")
         # the peak it was judged on among them (reserved on CUDA, where that is what runs out)
         self.log(f"  -> {r.status}" + (f", {measured_peak_words(r)}{peak_of}" if r.measured_peak_bytes else "")
-                 + (f", {run_tokens_per_s(r):,.0f} tok/s{rate_of} measured (its update once per optimizer step, as the run)"
+                 + (f", {run_tokens_per_s(r):,.0f} tok/s{rate_of} measured by wall time (its update once per optimizer step, as the run)"
                     if r.tokens_per_s and r.status == 'fit' else "")
                  + (f" ({r.note})" if r.note and r.status != 'fit' else ""))
         self._cache[cand] = r
