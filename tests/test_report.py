@@ -274,3 +274,35 @@ def test_a_step_line_on_several_ranks_says_whose_figures_they_are():
                micro_batches=[4, 4], world_size=2, peak_mem_bytes=3 * 2**20)
     assert describe_step(rec).endswith("2,000 tok/s (2 ranks), micro-batch 4 x 2 per rank, peak 3.0 MiB on rank 0")
     assert describe_step({**rec, "world_size": 1}).endswith("2,000 tok/s, micro-batch 4 x 2, peak 3.0 MiB")
+
+
+def test_the_chosen_row_of_a_plan_mixing_sizes_points_at_the_plan_lines_figure():
+    """t12's L3 (session 18): -v's `>` row said '22,450 est.' (micro-batch 14) and the plan
+    '22,392 tokens/s' (its 14 x 9 + 13 x 10 split), and nothing said why they differ. The row's
+    footnote now names the split and the plan's figure; a row whose figure is the plan's has none."""
+    import io
+    from rich.console import Console
+    from autofit.report import render
+    t = TrialRecord(micro_batch=14, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                    status="fit", tokens_per_step=14 * 64, tokens_per_s=22450.0, estimated_peak_bytes=10**6)
+    split = "256 = 14 × 9 + 13 × 10"
+    plan = two_rank_plan(mode="estimated", world_size=1, micro_batch=14, grad_accum=19,
+                         micro_batches=[14] * 9 + [13] * 10, effective_batch=256, split=split,
+                         tokens_per_s=22392.0, measured_peak_bytes=None, estimated_peak_bytes=10**6)
+
+    def table(plan, trials):
+        out = io.StringIO()
+        render._candidates_table(SimpleNamespace(**{**vars(_probe_of(plan, trials)), "mode": plan.mode}),
+                                 Console(file=out, width=400))
+        return out.getvalue()
+    text = table(plan, [t])
+    row = next(line for line in text.splitlines() if "│ >" in line)
+    assert "22,450 est." in row and "(1)" in row, text
+    assert f"(1) the plan runs {split}, not 14 alone: 22,392 tokens/s, the plan line's figure" in text, text
+    assert "the plan runs" not in table(plan.model_copy(update={"tokens_per_s": 22450.2}), [t])  # the same figure
+    even = plan.model_copy(update={"micro_batches": [16] * 16, "micro_batch": 16, "split": "256 = 16 × 16"})
+    assert "the plan runs" not in table(even, [t.model_copy(update={"micro_batch": 16})])
+    # measured: the row is the trial's fastest step, the plan's is its split's fastest
+    timed = t.model_copy(update={"step_seconds": [0.04], "tokens_per_s": 14 * 64 / 0.04})
+    measured = plan.model_copy(update={"mode": "measured", "fastest_tokens_per_s": 22000.0, "measured_peak_bytes": 10**6})
+    assert "not 14 alone: 22,000 tokens/s at its fastest step, the plan line's figure" in table(measured, [timed])

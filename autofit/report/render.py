@@ -322,11 +322,7 @@ def _candidates_table(res, console: Console) -> None:
                   and t.checkpointing_policy == p.checkpointing_policy
                   and t.sharded == (p.parallelism == "fsdp2"))
         tps = "-" if not t.tokens_per_s else (f"{t.tokens_per_s:,.0f} est." if estimated else f"{run_tokens_per_s(t):,.0f}")
-        note = t.note if t.status != "fit" or not estimated else ""
-        if t.compile_seconds is not None:
-            note = (note + "; " if note else "") + f"compile took {t.compile_seconds:.1f} s (apart from step time)"
-        if t.retimed_steps:  # its trial line printed the fastest of its own steps, before these
-            note = (note + "; " if note else "") + RETIMED_NOTE
+        note = _row_note(t, p, estimated, chosen)
         status = f"[{STATUS_STYLE.get(t.status, '')}]{t.status.replace('_', ' ')}[/]"
         if note and note not in notes:
             notes.append(note)
@@ -353,6 +349,23 @@ def _candidates_table(res, console: Console) -> None:
         console.print(f"  [dim]ckpt 'k sel': every k-th block checkpointed, selective: {saved_ops_words()}[/]")
     for n in getattr(res, "notes", []):  # levers the search left out, and why
         console.print(f"  [dim]{n}[/]")
+
+
+def _row_note(t, p, estimated: bool, chosen: bool) -> str:
+    """The -v table's footnote for `t`'s row: why it did not fit, compile time, re-timings; for the
+    `chosen` row of a plan `p` mixing sizes (14 x 9 + 13 x 10), the plan line's figure where it is
+    not the row's (t12's L3: the row said 22,450 est., the plan 22,392)."""
+    from autofit.planning.contest import run_tokens_per_s
+    parts = [t.note] if t.note and (t.status != "fit" or not estimated) else []
+    if t.compile_seconds is not None:
+        parts.append(f"compile took {t.compile_seconds:.1f} s (apart from step time)")
+    if t.retimed_steps:  # its trial line printed the fastest of its own steps, before these
+        parts.append(RETIMED_NOTE)
+    row, plan = (t.tokens_per_s, p.tokens_per_s) if estimated else (run_tokens_per_s(t), p.fastest_tokens_per_s)
+    if chosen and set(p.micro_batches) != {t.micro_batch} and row and plan and round(row) != round(plan):
+        parts.append(f"the plan runs {p.split}, not {t.micro_batch} alone: {plan:,.0f} tokens/s"
+                     f"{'' if estimated else ' at its fastest step'}, the plan line's figure")
+    return "; ".join(parts)
 
 
 def _ckpt_cell(t) -> str:
