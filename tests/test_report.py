@@ -306,3 +306,32 @@ def test_the_chosen_row_of_a_plan_mixing_sizes_points_at_the_plan_lines_figure()
     timed = t.model_copy(update={"step_seconds": [0.04], "tokens_per_s": 14 * 64 / 0.04})
     measured = plan.model_copy(update={"mode": "measured", "fastest_tokens_per_s": 22000.0, "measured_peak_bytes": 10**6})
     assert "not 14 alone: 22,000 tokens/s at its fastest step, the plan line's figure" in table(measured, [timed])
+
+
+def test_records_noted_before_the_run_record_follow_it_and_none_is_lost(tmp_path):
+    """t12's L5 (session 18): a resume's world_size_changed event (noted while loading the
+    checkpoint) was written before the resume's own 'run' record, which the README says comes
+    first. Such records are held until the 'run' record; a run that stops before it keeps them."""
+    import json
+    from trainer.metrics import MetricsLog
+
+    def kinds(path):
+        return [json.loads(line)["type"] for line in (path / "metrics.jsonl").read_text().splitlines()]
+    log = MetricsLog(tmp_path)
+    log.write({"type": "event", "event": "world_size_changed"})
+    log.write({"type": "run", "resumed_at": 40})
+    log.write({"type": "train", "step": 40})
+    log.close()
+    assert kinds(tmp_path) == ["run", "event", "train"]
+    early = tmp_path / "early"
+    early.mkdir()
+    log = MetricsLog(early)
+    log.write({"type": "event", "event": "world_size_changed"})
+    log.close()  # the Trainer's set-up failed after the event: written all the same
+    assert kinds(early) == ["event"]
+    rank1 = tmp_path / "rank1"
+    rank1.mkdir()
+    log = MetricsLog(rank1, master=False)
+    log.write({"type": "event", "event": "x"})
+    log.close()
+    assert not (rank1 / "metrics.jsonl").exists()

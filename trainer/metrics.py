@@ -101,10 +101,25 @@ class MetricsLog:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.master = master
         self.sinks: list = []
+        # records noted before the run's 'run' record (a resume's world_size_changed, while loading
+        # the checkpoint), written after it: each run's records start with its own 'run' record, as
+        # the README says (t12's L5: a reader splitting runs there gave the event to the last run)
+        self._held: list[dict] | None = []
 
     def write(self, record: dict) -> None:
+        """Appends `record` (a 'run' record first, then those held for it). Raises WriteError."""
         if not self.master:
             return
+        if self._held is not None and record.get("type") != "run":
+            self._held.append(record)
+            return
+        self._append(record)
+        if record.get("type") == "run":
+            held, self._held = self._held or [], None
+            for r in held:
+                self._append(r)
+
+    def _append(self, record: dict) -> None:
         ckpt = self.path.with_name("ckpt.pt")
         append_lines(self.path, [json.dumps(record)], what=f"metrics {self.path}",
                      kept=f"training stopped; {ckpt} (the last checkpoint written) is kept" if ckpt.exists()
@@ -113,6 +128,10 @@ class MetricsLog:
             sink.log(record)
 
     def close(self) -> None:
+        """Writes what is still held (a run that stopped before its 'run' record), ends the sinks."""
+        held, self._held = self._held or [], None
+        for r in held:
+            self._append(r)
         for sink in self.sinks:
             sink.finish()
         self.sinks = []
