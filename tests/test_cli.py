@@ -992,7 +992,7 @@ def test_parallelism_set_on_one_process_is_said_unused(tmp_path, monkeypatch, ca
     code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=1",
                          "--set", "parallelism=fsdp2", "--out", "o", "--no-progress")
     assert code == 0, err
-    assert "parallelism = 'fsdp2' shares the model among several ranks; this run has one process, so it is unused" \
+    assert "parallelism = 'fsdp2' is for several ranks; this run has one process, so it trains without it" \
         in out + err
     code, out, err = cli(monkeypatch, capsys, "run", "--no-probe", "--device", "cpu", *SMALL, "--set", "max_iters=1",
                          "--out", "o2", "--no-progress")
@@ -1000,10 +1000,10 @@ def test_parallelism_set_on_one_process_is_said_unused(tmp_path, monkeypatch, ca
     # a resume's config is the checkpoint's (t4: a 2-rank run resumed on one read 'parallelism = ...' as if set here)
     code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress", "--set", "max_iters=2",
                          "--allow-changes")
-    assert code == 0 and "the checkpoint's parallelism 'fsdp2' shares the model among several ranks" in out + err, err
+    assert code == 0 and "the checkpoint's parallelism 'fsdp2' is for several ranks" in out + err, err
     code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--no-progress", "--set", "max_iters=3",
                          "--set", "parallelism=ddp", "--allow-changes")  # set here: said as set (r1)
-    assert code == 0 and "parallelism = 'ddp' shares the model among several ranks" in out + err, err
+    assert code == 0 and "parallelism = 'ddp' is for several ranks" in out + err, err
 
 
 @pytest.mark.parametrize("cc, ok", [((12, 1), True), ((15, 9), True), ((8, 0), True), ((99, 99), False),

@@ -213,14 +213,24 @@ def test_sigterm_stops_both_ranks_at_one_step_and_the_resume_matches(tmp_path, t
     assert_close(losses(out), losses(two_ranks), rel=1e-6)
 
 
-def test_a_resume_on_another_number_of_ranks_keeps_the_effective_batch(tmp_path, two_ranks):
+def test_a_resume_on_another_number_of_ranks_keeps_the_effective_batch(tmp_path, two_ranks, capsys):
+    """Also t12's L4 and L5 (session 18): resumed on 1 rank, it said "the checkpoint's parallelism
+    'ddp' shares the model among several ranks; ... unused" beside "resumed on 1 rank": now only
+    the latter; and the event came before the resume's own 'run' record in metrics.jsonl."""
     import shutil
     out = tmp_path / "out"
     shutil.copytree(two_ranks, out)
     cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in
                                                  {**CONFIG, "out_dir": out, "max_iters": STEPS + 2}.items()])
+    cfg.parallelism = "ddp"  # the checkpoint's, as autofit's resume gives it (a probed plan of 2 ranks sets it)
+    assert cfg.source_of("parallelism") == "default"
     res = train(cfg, RunOptions(device=torch.device("cpu"), progress=False, resume=True, micro_batch=4))
     assert res.steps == STEPS + 2
+    said = capsys.readouterr().out
+    assert "resumed on 1 rank (the checkpoint's run had 2)" in said and "parallelism" not in said, said
+    recs = records(out)
+    resumed = next(i for i, r in enumerate(recs) if r["type"] == "run" and r["resumed_at"] == STEPS)
+    assert [r.get("event") for r in recs[resumed + 1:] if r["type"] == "event"][0] == "world_size_changed", recs
     (change,) = [e for e in records(out, "event") if e["event"] == "world_size_changed"]
     assert (change["old_world_size"], change["new_world_size"]) == (2, 1)
     assert (change["old_rank_batch"], change["new_rank_batch"], change["effective_batch"]) == (4, 8, 8)

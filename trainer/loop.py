@@ -34,7 +34,7 @@ from trainer.model.losses import SCALER_SKIP_REPORT, read_losses
 from trainer.meter import default_meter
 from trainer.metrics import MetricsLog, Progress, describe_event, describe_step, open_sinks
 from trainer.model.pretrained import build_model
-from trainer.distributed.multirank import RankGroup, pick_device
+from trainer.distributed.multirank import RankGroup, pick_device, unused_parallelism
 from trainer.options import RunOptions, RunResult
 from trainer.distributed.ranks import Ranks, signal_at
 from trainer.recovery import Recovery, StagedRun, ThrashDetector
@@ -244,13 +244,11 @@ class Trainer(RedoneStep):
             self._progress.print(cut)
         for note in self._pretrained_notes:
             self._progress.print(f"init_from {self.cfg.init_from}: {note}")
-        if self.cfg.parallelism != "auto" and self.world_size == 1:  # a multi-GPU config run on one: not an error
-            # a resume's config is the checkpoint's, which holds the parallelism its ranks resolved,
-            # unless this command set it (--set, a resume config: a source other than the default)
-            mine = not self.opts.resume or self.cfg.source_of("parallelism") != "default"
-            whose = "parallelism =" if mine else "the checkpoint's parallelism"
-            self._progress.print(f"{whose} '{self.cfg.parallelism}' shares the model among several ranks; this run "
-                                 f"has one process, so it is unused (--nproc-per-node N to train on N)")
+        # a resume's config is the checkpoint's (its ranks' parallelism) unless this command set it (--set, a resume config)
+        mine = not self.opts.resume or self.cfg.source_of("parallelism") != "default"
+        resized = any(e["event"] == "world_size_changed" for e in self.events)
+        if note := unused_parallelism(self.cfg.parallelism, self.world_size, mine=mine, resized=resized):
+            self._progress.print(note)
         for text in filter(None, map(describe_event, self.events)):  # noted while resuming
             self._progress.print(text)
         self._say_if_compile_cannot_run()  # after: an event prints itself as it is noted

@@ -46,6 +46,19 @@ def same_data(data, ranks: D.Ranks) -> None:
                              f"must read the same dataset (copy rank 0's to every node)")
 
 
+def unused_parallelism(parallelism: str, world_size: int, *, mine: bool, resized: bool) -> str | None:
+    """The line for a config's parallelism ('ddp', 'fsdp2') run on one process, which trains
+    without it (not an error); `mine`: set by this command, not the resumed checkpoint's. None
+    where there is nothing to say: 'auto', several ranks, or a checkpoint of several ranks resumed
+    on one (`resized`), which its 'resumed on 1 rank' line already says (t12's L4: the note read as
+    a warning about the user's choice, and said DDP shares the model, which it copies)."""
+    if parallelism == "auto" or world_size > 1 or (resized and not mine):
+        return None
+    whose = "parallelism =" if mine else "the checkpoint's parallelism"
+    return (f"{whose} '{parallelism}' is for several ranks; this run has one process, so it trains without it "
+            f"(--nproc-per-node N to train on N)")
+
+
 class RankGroup:
     """The ranks of one training run, as the loop sees them. `parallelism`: 'ddp' or 'fsdp2'
     (used with several ranks only). Raises TrainError when the ranks cannot be joined, or the
