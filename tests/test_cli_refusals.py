@@ -297,7 +297,8 @@ def test_a_resume_on_ranks_that_cannot_share_its_batch_is_refused_before_they_st
     --allow-changes goes through to the launch."""
     from autofit.launch import launcher
     launched = []
-    monkeypatch.setattr(launcher, "relaunch", lambda argv, n, log: launched.append(n) or 0)
+    # ckpt: the folder's checkpoint, which the launcher names where the ranks stop without a word (t12's L6)
+    monkeypatch.setattr(launcher, "relaunch", lambda argv, n, log, ckpt: launched.append((n, ckpt)) or 0)
     code, _, err = cli(monkeypatch, capsys, "run", "--no-probe", *CPU, *SMALL, "--set", "batch_size=5",
                        "--set", "gradient_accumulation_steps=3", "--max-steps", "1", "--out", "o", "--no-progress")
     assert code == 0, err
@@ -312,7 +313,8 @@ def test_a_resume_on_ranks_that_cannot_share_its_batch_is_refused_before_they_st
     code, _, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--nproc-per-node", "2", "--max-steps", "2",
                        "--set", "batch_size=8", "--set", "gradient_accumulation_steps=2", "--allow-changes",
                        "--no-progress")
-    assert launched == [2], err
+    from pathlib import Path
+    assert launched == [(2, Path("o") / "ckpt.pt")], err
 
 
 def test_a_repeated_value_in_a_lever_list_is_searched_once(monkeypatch, capsys):

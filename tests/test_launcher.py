@@ -649,3 +649,34 @@ def test_the_launchers_stop_line_fits_the_command(monkeypatch, capsys, argv, wor
     lines, code = failed_lines({0: Failure(130)}, 1, unsaid=launcher.unsaid_words(argv))
     assert len(lines) == 1 and lines[0].startswith(f"autofit: interrupted: rank 0 stopped with exit code 130; {words}")
     assert code == 130
+
+
+def test_a_stop_the_ranks_did_not_report_names_the_earlier_checkpoint_that_resumes(tmp_path, monkeypatch, capsys):
+    """t12's L6 (session 18): a double Ctrl-C under --nproc-per-node 2 said only 'no rank said it
+    saved a checkpoint', though ckpt.pt (step 20) was in the folder and --resume continued from
+    it. The launcher's line now names it and its step; a file that does not read is not named."""
+    import torch
+    import torch.distributed.run as tdr
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from trainer.config.train_config import load_config
+    from trainer.loop import RunOptions, train
+    out = tmp_path / "out"
+    cfg = load_config(preset="tiny", overrides=["n_layer=1", "n_embd=16", "n_head=2", "block_size=16",
+                                                "batch_size=2", "gradient_accumulation_steps=1", "max_iters=3",
+                                                "eval_interval=0", f"out_dir={out}", "device=cpu"])
+    train(cfg, RunOptions(device=torch.device("cpu"), progress=False))
+
+    def ranks_then_sigint(args):
+        raise SignalException("SIGINT", signal.SIGINT)
+    monkeypatch.setattr(tdr, "run", ranks_then_sigint)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    assert launcher.relaunch(["run", "--out", str(out)], 2, ckpt=out / "ckpt.pt") == 130
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(f"no rank said it saved a checkpoint; {out / 'ckpt.pt'} holds step 3 (saved "
+                                 f"earlier): --resume continues from it"), err
+    lines, _ = failed_lines({0: Failure(130)}, 1, unsaid=launcher.unsaid_words(["run"], out / "ckpt.pt"))
+    assert lines[0].endswith("holds step 3 (saved earlier): --resume continues from it"), lines
+    assert launcher.unsaid_words(["probe", "--save"], out / "ckpt.pt").startswith("the probe was stopped")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    for path in (tmp_path / "bad.pt", tmp_path / "none.pt", None):
+        assert launcher.unsaid_words(["run"], path) == "no rank said it saved a checkpoint"

@@ -298,7 +298,7 @@ def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts,
     from autofit.devices.cpu import check_ranks_fit
     from autofit.devices.ranks import check_rank_budgets  # each rank's AUTOFIT_RANK_BUDGETS size, counted too
     check_ranks_fit(nproc_per_node, opts.budget_bytes, opts.device, check_rank_budgets(nproc_per_node), opts.device_source)
-    code = relaunch(sys.argv[1:], nproc_per_node, log)
+    code = relaunch(sys.argv[1:], nproc_per_node, log, ckpt=Path(cfg.out_dir) / "ckpt.pt")
     interrupts.said()  # the launcher and rank 0 said what stopped them
     raise typer.Exit(code)
 

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Collection, Iterator
 
 from autofit import interrupts
@@ -69,13 +70,14 @@ def rank_environment(environ, nproc: int, cores: int) -> tuple[dict[str, str], s
         f"OMP_NUM_THREADS yourself to choose another")
 
 
-def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
+def relaunch(argv: list[str], nproc: int, log=lambda s: None, ckpt: Path | None = None) -> int:
     """Runs `python -m autofit <argv minus --nproc-per-node>` on `nproc` ranks of this machine
     through torchrun's launcher (--standalone: a local rendezvous on a free port). Returns the
     exit code: 0, or the failed ranks' (signals as 128 + number), after their lines on stderr
     (failed_lines). torchrun's own log lines (its OMP_NUM_THREADS banner, 'Sending process ...
     closing signal', 'failed (exitcode: 2)') are left out: those lines say it better, once. For
-    several machines, run torchrun yourself with its rendezvous options (README: Several GPUs)."""
+    several machines, run torchrun yourself with its rendezvous options (README: Several GPUs).
+    `ckpt`: the run's <out>/ckpt.pt, named where the ranks stopped without saying they saved one."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -101,7 +103,7 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
             run(args)
     except ChildFailedError as e:
         lines, code = failed_lines(e.failures, nproc, interrupt_said=_said(notes), killed=seen.killed,
-                                   unsaid=unsaid_words(argv))
+                                   unsaid=unsaid_words(argv, ckpt))
         for text in lines:
             print(text, file=sys.stderr)
         return code
@@ -110,7 +112,7 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
             stuck = ("; a second signal killed the ranks (SIGKILL)" if seen.second_signal else
                      f"; {len(seen.killed)} rank{'s' * (len(seen.killed) != 1)} did not stop in time and were killed (SIGKILL)" if seen.killed else "")
             print(f"autofit: stopped by {signal.Signals(e.sigval).name}, passed on to the ranks{stuck}; "
-                  f"{unsaid_words(argv)}", file=sys.stderr)
+                  f"{unsaid_words(argv, ckpt)}", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:
         logging.disable(logging.NOTSET)
@@ -118,17 +120,32 @@ def relaunch(argv: list[str], nproc: int, log=lambda s: None) -> int:
     return 0
 
 
-def unsaid_words(argv: list[str]) -> str:
+def unsaid_words(argv: list[str], ckpt: Path | None = None) -> str:
     """What the launcher says is kept when the ranks stopped for a signal and rank 0 did not say
     its own line (a rank that lost contact with one the signal stopped first says an error
     instead), by the command it launched (`argv`, sys.argv[1:]): a run's stop saves a checkpoint,
-    a probe's saves nothing (its --save and --plot are written only once it is done)."""
+    and an earlier one in its folder (`ckpt`, read now: its step) is still there to resume (t12's
+    L6: a double Ctrl-C said only that no rank saved one); a probe's saves nothing (its --save
+    and --plot are written only once it is done)."""
     if not argv or argv[0] != "probe":
-        return "no rank said it saved a checkpoint"
+        return "no rank said it saved a checkpoint" + _earlier_checkpoint(ckpt)
     if any(a in ("--save", "--plot") or a.startswith("--plot=") for a in argv):
         return ("the probe was stopped, and no rank said it wrote its plan (--save and --plot write it only after "
                 "the probe)")
     return "the probe was stopped and nothing was saved"
+
+
+def _earlier_checkpoint(ckpt: Path | None) -> str:
+    """'; <ckpt> holds step N: --resume continues from it' where `ckpt` reads as a checkpoint (its
+    tensors mapped, not read), else '' (none there, or one that does not read: no promise)."""
+    if ckpt is None or not ckpt.is_file():
+        return ""
+    from trainer.checkpoint.ckpt import read_checkpoint
+    try:
+        step = int(read_checkpoint(ckpt, any_layout=True, mmap=True)["iter_num"])
+    except Exception:  # noqa: BLE001 - said on the way out of a stop: a file that does not read is not named
+        return ""
+    return f"; {ckpt} holds step {step} (saved earlier): --resume continues from it"
 
 
 @dataclass
