@@ -674,7 +674,12 @@ def test_rm_takes_a_dangling_link_and_refuses_a_folder_as_the_listing_says(tmp_p
     (d / "f.toml").mkdir()
     entries = {e.name: e.error for e in list_profiles()}
     assert "clear it with: autofit profiles rm z" in entries["z"]
-    assert "it is a folder, not a profile file: move or remove it yourself" in entries["f"]
+    # t12's L8 (session 18): '... is a folder, not a regular file; it is a folder, not a profile file': once now
+    assert entries["f"].endswith("is a folder, not a regular file; move or remove it yourself"), entries["f"]
+    assert entries["f"].count("folder") == 1, entries["f"]
+    with pytest.raises(ProfileError) as e:
+        load_profile("f")
+    assert str(e.value).count("folder") == 1 and str(e.value).endswith("move or remove it yourself"), e.value
     assert remove_profile("z") == f"removed {d / 'z.toml'}" and not (d / "z.toml").is_symlink()
     with pytest.raises(ProfileError, match="f.toml is a folder, not a profile file: move or remove it yourself"):
         remove_profile("f")

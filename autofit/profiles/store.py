@@ -183,9 +183,10 @@ def _read_file(path: Path) -> SavedProfile | None:
 
 def _clear_hint(path: Path) -> str:
     """How to be rid of what stands at a profile's path: `profiles rm` for a file or a link
-    (only the link goes), never for a folder, which autofit did not write."""
+    (only the link goes), never for a folder, which autofit did not write (the line before it
+    already says it is a folder: t12's L8 read 'is a folder ...; it is a folder ...')."""
     if path.is_dir() and not path.is_symlink():
-        return "it is a folder, not a profile file: move or remove it yourself"
+        return "move or remove it yourself"
     return f"clear it with: autofit profiles rm {path.stem}"
 
 
