@@ -288,3 +288,35 @@ def test_a_dtype_left_out_of_a_list_is_said_without_v(tmp_path, monkeypatch, cap
                          "bfloat16,float16")
     assert code == 0, err
     assert "bfloat16 not searched: this GPU has no bf16 support (compute capability 7.5 < 8.0)" in out + err
+
+
+def test_the_config_policy_keys_a_plan_only_where_the_config_checkpoints(monkeypatch):
+    """t12's L7 (session 18): `run --profile P --set checkpointing_policy=selective` with checkpointing
+    0 said 'no saved plan for this model (checkpointing_policy full -> selective); probing'. Without
+    checkpointing the config's policy changes nothing the probe does: the config-as-written contender
+    is at policy 'full' and the space is the same, so the plan's fingerprint leaves it out; with
+    checkpointing on it shapes that contender, and stays in."""
+    from autofit.planning.candidates import candidate_space
+    from autofit.planning.own import own_split
+    from autofit.profiles.fingerprints import config_summary
+    off_full, off_sel = cfg_of("checkpointing=0"), cfg_of("checkpointing=0", "checkpointing_policy=selective")
+    on_full, on_sel = cfg_of("checkpointing=1"), cfg_of("checkpointing=1", "checkpointing_policy=selective")
+    assert config_summary(off_full) == config_summary(off_sel)
+    assert config_summary(on_sel)["checkpointing_policy"] == "selective"
+    assert config_summary(on_full) != config_summary(on_sel)
+    # what the fingerprint leaves out is what the probe does not read: the same space either way ...
+    assert candidate_space(off_full, "cpu", False) == candidate_space(off_sel, "cpu", False)
+
+    # ... and the same config-as-written contender; with checkpointing on, its policy is the config's
+    best = {Levers("float32", k, "standard", False, p): 64 for k, p in ((0, "full"), (1, "full"), (1, "selective"))}
+
+    def own_levers(cfg):
+        runner = SimpleNamespace(cfg=cfg, rank_batch=cfg.effective_batch, kind="cpu",
+                                 device=SimpleNamespace(info=SimpleNamespace(bf16_supported=False)),
+                                 run=lambda c: TrialRecord(**c.model_dump(), status="fit"))
+        t = own_split(cfg, runner, best)
+        return t.checkpointing, t.checkpointing_policy
+    batch = ("batch_size=4", "gradient_accumulation_steps=1")
+    assert own_levers(cfg_of("checkpointing=0", *batch)) == own_levers(
+        cfg_of("checkpointing=0", "checkpointing_policy=selective", *batch)) == (0, "full")
+    assert own_levers(cfg_of("checkpointing=1", "checkpointing_policy=selective", *batch)) == (1, "selective")

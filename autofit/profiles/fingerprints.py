@@ -24,6 +24,13 @@ def config_summary(cfg) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in _SUMMARY_FIELDS}
     # today's options only where set, so a GPT-2 config's fingerprint (and saved plans) stay as they were
     out.update({k: getattr(cfg, k) for k, v in MODERN_DEFAULTS.items() if getattr(cfg, k) != v})
+    if not cfg.checkpointing:
+        # Without checkpointing the config's policy changes no plan: the probe searches the policies
+        # itself (autofit.planning.candidates, from its flag, not the config), the config-as-written
+        # contender and the estimate read it only with checkpointing on (planning.own, .estimated),
+        # and the run takes the plan's policy with its checkpointing (launch.run). t12's L7: a
+        # --set checkpointing_policy=selective with checkpointing 0 probed again for nothing.
+        out.pop("checkpointing_policy", None)
     out["effective_batch"] = cfg.effective_batch
     out.update({"stages": [s.model_dump(exclude_none=True) for s in cfg.stages]} if cfg.stages else {})
     return out
