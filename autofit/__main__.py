@@ -33,6 +33,7 @@ def run() -> None:
         # said its line): uncaught, Python ends by SIGINT, exit status -2, not the 130 promised
         cli.say_interrupted()
         code = interrupts.exit_code()
+    _forget_caught_interrupt()
     # --help, profiles, config, or a Ctrl-C while torch or the group's module loaded: no process
     # group can exist (and importing a half-built torch again would fail with tracebacks)
     if "trainer.distributed.ranks" not in sys.modules:
@@ -47,7 +48,17 @@ def _interrupted_while_starting() -> None:
     from autofit.devices.ranks import other_rank  # no torch
     if not other_rank():  # under torchrun rank 0 says it, once
         print("autofit: interrupted while starting; nothing was done", file=sys.stderr)
+    _forget_caught_interrupt()
     sys.exit(interrupts.exit_code())
+
+
+def _forget_caught_interrupt() -> None:
+    """Before the exit: CPython (3.8 to 3.13 at least) marks a KeyboardInterrupt that escaped code
+    run by exec() of a string as unhandled, even once it was caught, and `python -m` (torchrun's
+    form) then ends the process by SIGINT, whatever code sys.exit gave: a SIGTERM that landed in a
+    dataclass's methods being built while torch loaded exited 130 (-2 to a parent), not 143. exec()
+    of a string clears that mark as it starts; this one runs nothing."""
+    exec("")
 
 
 if __name__ == "__main__":
