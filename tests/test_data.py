@@ -361,6 +361,24 @@ def test_a_vocab_above_what_uint16_files_hold_is_one_line(tmp_path, kind):
     load_dataset("embedded").check_vocab(100277)  # the built-in bytes are no uint16 file: a large vocab is only unused
 
 
+@pytest.mark.parametrize("vocab_size", [65536, 100277])
+def test_a_meta_pkl_declaring_more_ids_than_uint16_holds_is_one_line_without_a_loop(tmp_path, vocab_size):
+    """r8 (session 18): a meta.pkl declaring 100,277 ids beside uint16 .bin files (a cl100k_base
+    prepare, nanoGPT-style) was refused at vocab_size 100,277 with 'set vocab_size <= 65536 if every
+    id of yours is below it', and at 65,536 with 'set vocab_size >= 100277': each refusal's advice
+    led to the other. The dataset itself declares ids its files cannot hold: said once, both ways."""
+    d = _nanogpt(tmp_path / "cl100k", np.arange(500) * 131 % 65536, np.arange(50))
+    with open(d / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 100277}, f)
+    with pytest.raises(DataError) as refused:
+        load_dataset(str(d)).check_vocab(vocab_size)
+    assert str(refused.value) == (f"dataset 'cl100k' declares 100,277 token ids in {d / 'meta.pkl'}, more than the "
+                                  f"65,536 its nanoGPT .bin files can hold (uint16, ids 0 to 65,535): any id above "
+                                  f"65,535 was wrapped around when the files were written (nanoGPT's prepare.py casts "
+                                  f"with np.uint16), so no vocab_size trains it as it is; prepare it again with a "
+                                  f"tokenizer of at most 65,536 ids")
+
+
 def test_llama3_and_eval_files_are_named(tmp_path):
     f = tmp_path / "llama_train_000001.bin"
     header = np.zeros(256, dtype="<i4")

@@ -164,10 +164,20 @@ class TokenDataset:
         a larger tokenizer's (tiktoken's cl100k_base has 100,277 ids), whose ids above 65,535 the
         files cannot hold (nanoGPT's prepare.py casts with np.uint16, which wraps them around,
         silently); the model would train on ids it cannot address. llm.c's uint32 shards (its
-        Llama-3 layout) are refused by name when read (tokenfiles.read_llmc_shard)."""
-        if self.format not in ("nanogpt", "llmc") or vocab_size <= UINT16_IDS:
+        Llama-3 layout) are refused by name when read (tokenfiles.read_llmc_shard). Where meta.pkl
+        itself declares more ids than that, the data is refused whatever `vocab_size` (no advice to
+        lower it: the declared-vocab check would then refuse that)."""
+        if self.format not in ("nanogpt", "llmc"):
             return
         files = "nanoGPT .bin files" if self.format == "nanogpt" else "llm.c GPT-2 shards"
+        if self.vocab_declared and self.vocab_size > UINT16_IDS and self.vocab_source.endswith("meta.pkl"):
+            raise DataError(f"dataset '{self.name}' declares {self.vocab_size:,} token ids in {self.vocab_source}, "
+                            f"more than the {UINT16_IDS:,} its {files} can hold (uint16, ids 0 to 65,535): any id above "
+                            f"65,535 was wrapped around when the files were written (nanoGPT's prepare.py casts with "
+                            f"np.uint16), so no vocab_size trains it as it is; prepare it again with a tokenizer of "
+                            f"at most {UINT16_IDS:,} ids")
+        if vocab_size <= UINT16_IDS:
+            return
         raise DataError(f"vocab_size {vocab_size:,} is above the {UINT16_IDS:,} token ids that dataset '{self.name}' "
                         f"can hold: its {files} store each token as uint16 (ids 0 to 65,535), so a tokenizer with "
                         f"more ids (tiktoken's cl100k_base: 100,277) cannot be written to them; "
