@@ -458,3 +458,22 @@ def test_a_vocab_uint16_files_cannot_hold_and_a_dataset_named_embedded_are_refus
         code, out, err = cli(monkeypatch, capsys, *command, *SMALL, *sets)
         assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
         assert "trial" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_resume_of_a_built_in_corpus_run_beside_your_data_embedded_is_told_to_rename_it(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """r8 (session 18): a run on the built-in corpus, resumed after the user made data/embedded/,
+    was refused with 'set dataset='data/embedded' (a path) to train on yours': for a resume that
+    is other data under a checkpoint trained on the built-in corpus. The line says what resumes it."""
+    import numpy as np
+    code, out, err = cli(monkeypatch, capsys, "run", *CPU, "--out", "o", "--preset", "tiny", *SMALL, "--no-probe",
+                         "--max-steps", "1")
+    assert code == 0, err
+    (tmp_path / "data" / "embedded").mkdir(parents=True)
+    for split in ("train", "val"):
+        (np.arange(500) % 256).astype(np.uint16).tofile(tmp_path / "data" / "embedded" / f"{split}.bin")
+    code, out, err = cli(monkeypatch, capsys, "run", "--resume", "--out", "o", "--max-steps", "2")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err == ("autofit: error: dataset 'embedded' names both autofit's built-in corpus, which o/ckpt.pt trained "
+                   "on, and your dataset in data/embedded: rename that folder to resume it (a run on yours is a new "
+                   "run: another --out, dataset='data/embedded')\n")

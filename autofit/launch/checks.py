@@ -85,8 +85,10 @@ def check_data(cfg, vocab_fixed_by: str = "", trained_on: dict | None = None, al
     name finds data prepared again refused unless allow_changes (then said in `log`): its batches
     and, for characters, its token ids would not be the run's. Returns the accepted change in words
     (for the run's recorded changes), else None. Raises DataError (one line)."""
-    from trainer.data.datasets import load_dataset
+    from trainer.data.datasets import DATA_ROOT, EMBEDDED, check_embedded_name, load_dataset
     from trainer.data.tokenfiles import DataError, fingerprint, fingerprint_change
+    if vocab_fixed_by and cfg.dataset == EMBEDDED:  # a resume on the built-in corpus: its own advice
+        check_embedded_name(DATA_ROOT, resumed=vocab_fixed_by)
     data = load_dataset(cfg.dataset)
     change = trained_on and fingerprint_change(trained_on, {s: fingerprint(data.split(s).parts) for s in data.splits})
     if change and not allow_changes:

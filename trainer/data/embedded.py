@@ -17,16 +17,21 @@ from trainer.data.tokenfiles import SHARD_NAME, DataError
 EMBEDDED = "embedded"
 
 
-def check_embedded_name(data_root: str | Path) -> None:
+def check_embedded_name(data_root: str | Path, resumed: str = "") -> None:
     """dataset = 'embedded' is the built-in corpus, but nanoGPT's rule (a folder as given, else
     <data_root>/NAME) names a user's ./embedded or <data_root>/embedded too: where one of them
     holds a dataset (train.bin, val.bin or llm.c shards), the built-in corpus was read silently
     instead of the user's data. Refused then, naming both and how to pick each. A folder holding
-    none of those (a source folder named embedded) is no dataset and changes nothing. Raises
-    DataError."""
+    none of those (a source folder named embedded) is no dataset and changes nothing. `resumed`:
+    the checkpoint a resume continues, which trained on the built-in corpus: only renaming the
+    folder resumes it (the user's data would be a new run). Raises DataError."""
     for where, as_path in ((Path(EMBEDDED), f"./{EMBEDDED}"), (Path(data_root) / EMBEDDED, None)):
         if where.is_dir() and _holds_dataset(where):
             as_path = as_path or where.as_posix()
+            if resumed:
+                raise DataError(f"dataset 'embedded' names both autofit's built-in corpus, which {resumed} trained on, "
+                                f"and your dataset in {as_path}: rename that folder to resume it (a run on yours is a "
+                                f"new run: another --out, dataset='{as_path}')")
             raise DataError(f"dataset 'embedded' names both autofit's built-in corpus and your dataset in {as_path}: "
                             f"set dataset='{as_path}' (a path) to train on yours, or rename that folder to train on "
                             f"the built-in corpus")
