@@ -534,8 +534,13 @@ def test_the_launcher_counts_the_rank_budgets_before_torchrun_starts(monkeypatch
                                   "one per rank, comma-separated, e.g. AUTOFIT_RANK_BUDGETS=3MiB,2MiB"),
             ("3MiB,2MiB", 3, "AUTOFIT_RANK_BUDGETS=3MiB,2MiB names 2 budgets for --nproc-per-node 3; give one per "
                              "rank, comma-separated, e.g. AUTOFIT_RANK_BUDGETS=3MiB,2MiB,2MiB"),
-            ("3MiB,", 1, "AUTOFIT_RANK_BUDGETS=3MiB,: rank 1's budget, '': not a size: '' (examples: 2GiB, 1.5G, "
-                         "512MiB, 4096)"),
+            # r8: an empty entry was 'rank 1's budget', a rank --nproc-per-node 1 does not start
+            ("3MiB,", 1, "AUTOFIT_RANK_BUDGETS=3MiB,: entry 2 of 2 is empty (a comma too many?); give one size per "
+                         "rank, comma-separated, e.g. AUTOFIT_RANK_BUDGETS=3MiB"),
+            ("1GiB,512MiB,", 2, "AUTOFIT_RANK_BUDGETS=1GiB,512MiB,: entry 3 of 3 is empty (a comma too many?); give "
+                                "one size per rank, comma-separated, e.g. AUTOFIT_RANK_BUDGETS=1GiB,512MiB"),
+            (" , ", 2, "AUTOFIT_RANK_BUDGETS=,: entry 1 of 2 is empty (a comma too many?); give one size per rank, "
+                       "comma-separated"),
             ("3MiB,2MiB", 9, "AUTOFIT_RANK_BUDGETS=3MiB,2MiB names 2 budgets for --nproc-per-node 9; give one per "
                              "rank, comma-separated")):
         monkeypatch.setenv("AUTOFIT_RANK_BUDGETS", given)

@@ -90,6 +90,12 @@ def check_rank_budgets(nproc: int) -> list[int] | None:
     if not raw:
         return None
     items = [v.strip() for v in raw.split(",")]
+    given = [v for v in items if v]
+    # the user's own entries, cut or repeated to one per rank; past 8 ranks the line would be too long
+    example = f", e.g. {RANK_BUDGETS_ENV}={','.join((given + given[-1:] * nproc)[:nproc])}" if given and nproc <= 8 else ""
+    if "" in items:  # '3MiB,' was "rank 1's budget, '': not a size", a rank --nproc-per-node 1 does not start
+        raise DeviceError(f"{RANK_BUDGETS_ENV}={raw}: entry {items.index('') + 1} of {len(items)} is empty (a comma "
+                          f"too many?); give one size per rank, comma-separated{example}")
     sizes = []
     for rank, item in enumerate(items):
         try:
@@ -97,8 +103,6 @@ def check_rank_budgets(nproc: int) -> list[int] | None:
         except ValueError as e:
             raise DeviceError(f"{RANK_BUDGETS_ENV}={raw}: rank {rank}'s budget, {item!r}: {e}") from None
     if len(items) != nproc:
-        # the user's own entries, cut or repeated to one per rank; past 8 ranks the line would be too long
-        example = f", e.g. {RANK_BUDGETS_ENV}={','.join((items + items[-1:] * nproc)[:nproc])}" if nproc <= 8 else ""
         raise DeviceError(f"{RANK_BUDGETS_ENV}={raw} names {counted(len(items), 'budget')} for --nproc-per-node "
                           f"{nproc}; give one per rank, comma-separated{example}")
     return sizes
