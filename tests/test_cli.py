@@ -946,6 +946,9 @@ def test_a_resume_onto_a_smaller_effective_batch_names_the_micro_batch_that_runs
     assert code == 0, err
     header = next(ln for ln in err.splitlines() if ln.startswith("resuming o"))
     assert header == "resuming o at step 1 with its own config and plan (micro-batch 4); no probe", err
+    # r8: the note below the header said the split was 'the checkpoint's plan's (micro-batch 8)', as the header had
+    assert ("--resume: --set batch_size=2 counts in the effective batch (4); its split into micro-batches is the "
+            "checkpoint's plan's (micro-batch 4)") in err.splitlines(), err
 
 
 def test_a_plain_run_says_its_plan_is_not_saved_and_how_to_keep_it(tmp_path, monkeypatch, capsys):

@@ -96,9 +96,9 @@ def prepare_resume(out_dir: str, overrides: dict[str, Any], *, probe_opts, allow
     micro = max(ck["micro_batches"])  # the size in use when it stopped, after any OOM shrinks
     if cfg.stages and ck.get("stage_max_tokens"):  # a staged run's are its stage's: the size at block_size
         micro = max(1, ck["stage_max_tokens"] // cfg.block_size)
-    _say_not_applied(overrides, saved, cfg, spec, micro, note)
     # the size that runs: an effective batch made smaller with --allow-changes can hold less than `micro`
     runs = micro if cfg.stages else max(split_batch(agree.rank_batch(cfg), micro))
+    _say_not_applied(overrides, saved, cfg, spec, runs, note)  # its notes name that size too
     say_header(f"resuming {out_dir} at step {int(ck['iter_num'])} with its own config and plan "
                f"(micro-batch {runs}); no probe")
     _check_split_change(cfg, int(ck.get("world_size", 1)))  # the trainer's world_size_changed event says it
