@@ -70,6 +70,11 @@ class TrialRecord(BaseModel):
     seconds: float = 0.0
     compile_seconds: float | None = None
     note: str = ""
+    # several ranks: True when the status and note are another rank's failure met on this one
+    # (trainer.distributed.ranks.OtherRankOOM / RankFailed), not this rank's own; set by
+    # autofit.planning.trials.run_trial, read by autofit.planning.agree.trial. Records written
+    # before it was a field have none: False.
+    met_other_rank: bool = False
 
     def candidate(self) -> Candidate:
         return Candidate(micro_batch=self.micro_batch, dtype=self.dtype, compile=self.compile,

@@ -376,14 +376,31 @@ def test_a_trial_that_ran_out_on_rank_1_names_rank_1_not_the_rank_that_met_it(mo
     'oom', and the merged one named the first, 'rank 0 oom', with rank 0's note. Now the rank that
     ran out, with its allocator's words; a rank that failed itself outranks one that met it."""
     mine = TrialRecord(micro_batch=8, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
-                       status="oom", note="OtherRankOOM: rank 1 ran out of memory in this step")
-    own = mine.model_copy(update={"note": "OutOfMemoryError: budgeted CPU device out of memory: tried to allocate 4 B"})
+                       status="oom", note="OtherRankOOM: rank 1 ran out of memory in this step", met_other_rank=True)
+    own = mine.model_copy(update={"note": "OutOfMemoryError: budgeted CPU device out of memory: tried to allocate 4 B",
+                                  "met_other_rank": False})
     _two_ranks_gathering(monkeypatch, lambda d: own.model_dump())
     got = agree.trial(mine)
     assert got.status == "oom" and got.note.startswith(f"{own.note}; agreed over 2 ranks: rank 1 oom;")
     worse = mine.model_copy(update={"status": "error", "note": "RuntimeError: boom"})  # the worst status still wins
     _two_ranks_gathering(monkeypatch, lambda d: worse.model_dump())
     assert agree.trial(own).note.startswith("RuntimeError: boom; agreed over 2 ranks: rank 1 error;")
+
+
+def test_the_rank_that_met_another_ranks_failure_is_told_by_the_record_not_its_notes_wording(monkeypatch):
+    """agree.trial read 'met another rank's failure' from the note's opening words ('OtherRankOOM:',
+    'RankFailed:'): any other wording of the note named the rank that only met the failure. Now the
+    record's met_other_rank says it, whatever the note's words; records without it are a rank's own."""
+    base = TrialRecord(micro_batch=8, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
+                       status="error")
+    met = base.model_copy(update={"note": "stopped: rank 1 failed", "met_other_rank": True})
+    own = base.model_copy(update={"note": "RankFailed: a note worded like a consequence, but this rank's own"})
+    _two_ranks_gathering(monkeypatch, lambda d: own.model_dump())
+    assert agree.trial(met).note.startswith(f"{own.note}; agreed over 2 ranks: rank 1 error;")
+    _two_ranks_gathering(monkeypatch, lambda d: met.model_dump())
+    assert agree.trial(own).note.startswith(f"{own.note}; agreed over 2 ranks: rank 0 error;")
+    old = {k: v for k, v in met.model_dump(mode="json").items() if k != "met_other_rank"}  # a record from before
+    assert TrialRecord.model_validate_json(json.dumps(old)).met_other_rank is False
 
 
 def test_the_search_space_is_what_every_rank_can_run(monkeypatch):

@@ -21,7 +21,6 @@ from autofit.records import TrialRecord
 from trainer.distributed import ranks as D
 
 STATUS_ORDER = ("error", "leak", "oom", "spill", "over_budget", "pruned", "fit")  # the worst wins
-CONSEQUENCE_ERRORS = (D.OtherRankOOM.__name__, D.RankFailed.__name__)  # another rank's failure, met on this one
 
 
 def ranks() -> D.Ranks:
@@ -122,9 +121,8 @@ def trial(rec: TrialRecord) -> TrialRecord:
     every = D.all_gather_objects(rec.model_dump(), r)
     recs = [TrialRecord(**d) for d in every]
     # of equal statuses, a rank's own failure before one that only met another's (OtherRankOOM,
-    # RankFailed: a trial's note opens with the error's type), so that 'rank N oom' names the rank that ran out
-    worst = min(range(len(recs)), key=lambda k: (STATUS_ORDER.index(recs[k].status),
-                                                 (recs[k].note or "").split(":")[0] in CONSEQUENCE_ERRORS))
+    # RankFailed: TrialRecord.met_other_rank), so that 'rank N oom' names the rank that ran out
+    worst = min(range(len(recs)), key=lambda k: (STATUS_ORDER.index(recs[k].status), recs[k].met_other_rank))
     out = recs[worst].model_copy(deep=True)
 
     def most(field):

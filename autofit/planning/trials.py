@@ -29,7 +29,7 @@ from trainer.data.batches import held_rows
 from autofit.planning import agree
 from autofit.records import Candidate, TrialRecord, judged_peak
 from trainer.compiler import compile_model
-from trainer.distributed.ranks import OtherRankOOM
+from trainer.distributed.ranks import OtherRankOOM, RankFailed
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.step import make_optimizer, prime_optimizer, set_matmul_precision, train_step
 
@@ -201,7 +201,8 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
     t0 = time.perf_counter()
     with device.tracking():
         baseline = device.current_bytes()
-        agreed, other = True, False  # several ranks: whether they know how this trial ended; another rank's OOM
+        # several ranks: whether they know how this trial ended; met another rank's OOM; met its OOM or error
+        agreed, other, met = True, False, False
         try:
             _run_steps(state, cfg, cand, device, rank_batch, settings, rec)
         except Exception as e:  # classify only; clean up below, outside the except block
@@ -209,6 +210,7 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
             failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
             agreed = getattr(e, "agreed", False) or state.get("agreement") is None
             other = isinstance(e, OtherRankOOM)  # met in a check-in (FSDP2): not entered as this rank's own
+            met = isinstance(e, (OtherRankOOM, RankFailed))  # the record says so (agree.trial)
         # The traceback (and with it the failed step's activations) is released once the except
         # block has ended; now drop our own references and give the memory back.
         if state.get("opt") is not None:
@@ -222,19 +224,20 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         device.cleanup()  # collects garbage (gc.collect, once per trial: a full collection is not free)
         after = device.current_bytes()
     rec.seconds = time.perf_counter() - t0
-    _judge(rec, failure, kind, settings.steps, capacity_bytes, budget_bytes,
+    _judge(rec, failure, kind, settings.steps, capacity_bytes, budget_bytes, met=met,
            leaked=(after - baseline) if (after is not None and baseline is not None) else None,
            tolerance=LEAK_TOLERANCE_BYTES["cuda" if device.torch_device.type == "cuda" else "cpu"])
     return rec
 
 
 def _judge(rec: TrialRecord, failure: str | None, kind: str, steps: int, capacity_bytes: int | None,
-           budget_bytes: int, leaked: int | None, tolerance: int) -> None:
-    """Sets the trial's status and note from what happened (see run_trial)."""
+           budget_bytes: int, leaked: int | None, tolerance: int, met: bool = False) -> None:
+    """Sets the trial's status and note from what happened (see run_trial); `met`: the failure was
+    another rank's, met on this one (OtherRankOOM, RankFailed), which met_other_rank records."""
     rec.leaked_bytes = leaked
     peak = judged_peak(rec)
     if failure is not None:
-        rec.status, rec.note = kind, failure
+        rec.status, rec.note, rec.met_other_rank = kind, failure, met
     elif rec.steps_run < steps:  # cannot happen without an exception; never call it a fit
         rec.status, rec.note = "error", f"only {rec.steps_run} of {steps} optimizer steps ran"
     elif capacity_bytes is not None and peak is not None and peak > capacity_bytes:
@@ -248,6 +251,6 @@ def _judge(rec: TrialRecord, failure: str | None, kind: str, steps: int, capacit
     else:
         rec.status = "fit"
     if leaked is not None and leaked > tolerance:
-        rec.status = "leak"
+        rec.status, rec.met_other_rank = "leak", False  # its own memory, whatever had ended it
         rec.note = (f"{leaked:,} bytes still allocated after the trial (tolerance {tolerance:,}): its memory did "
                     f"not come back, so it cannot count as a fit" + (f"; it had ended: {rec.note}" if rec.note else ""))
