@@ -17,6 +17,8 @@ KiB = 1024
 MiB = 1024**2
 GiB = 1024**3
 TiB = 1024**4
+PiB = 1024**5
+EiB = 1024**6
 
 _UNITS = {
     "": 1, "b": 1,
@@ -72,9 +74,18 @@ def missing_unit(s: str | int) -> str | None:
 
 
 def fmt_bytes(n: int | float) -> str:
-    """Human-readable binary size: "1.54 GiB", "512.0 MiB", "3.0 KiB", "12 B"."""
+    """Human-readable binary size: "1.54 GiB", "512.0 MiB", "3.0 KiB", "12 B". Sizes beyond any
+    one machine's memory (a typo'd AUTOFIT_RANK_BUDGETS entry; profiles cap a card at 1 PiB) keep
+    to a few digits: "4.00 PiB", "86.74 EiB", and from 1024 EiB on a power of ten of bytes,
+    "1.10e+32 B", where TiB printed "100000000000000000000.00 TiB"."""
     sign = "-" if n < 0 else ""
     a = abs(n)
+    if a >= 1024 * EiB:
+        return f"{sign}{a:.2e} B"
+    if a >= EiB:
+        return f"{sign}{a / EiB:.2f} EiB"
+    if a >= PiB:
+        return f"{sign}{a / PiB:.2f} PiB"
     if a >= TiB:
         return f"{sign}{a / TiB:.2f} TiB"
     if a >= GiB:

@@ -248,6 +248,7 @@ def test_the_ranks_memory_check_counts_each_ranks_own_budget(monkeypatch):
 
     from autofit.devices import cpu
     from autofit.devices.device import DeviceError
+    from autofit.units import parse_size
     monkeypatch.setattr(cpu, "machine_memory_bytes", lambda: 8 * 2**30)
     with pytest.raises(DeviceError) as e:  # 3 + 5 GiB + 2 x 256 MiB assumed > 8 GiB
         cpu.check_ranks_fit(2, None, "cpu", [3 * 2**30, 5 * 2**30])
@@ -255,6 +256,10 @@ def test_the_ranks_memory_check_counts_each_ranks_own_budget(monkeypatch):
                             "processes (~256.0 MiB each, assumed) need 8.50 GiB, more than this machine's memory "
                             "(8.00 GiB, physical RAM or the container's limit); give the ranks at most 7.50 GiB in all")
     cpu.check_ranks_fit(2, None, "cpu", [3 * 2**30, 9 * 2**29])  # 8 GiB exactly: fits
+    with pytest.raises(DeviceError) as e:  # r8: the sum read '100000000000000000000.00 TiB in all'
+        cpu.check_ranks_fit(2, None, "cpu", [parse_size("99999999999999999999TiB"), 2**30])
+    assert str(e.value).startswith("--nproc-per-node 2: the ranks' AUTOFIT_RANK_BUDGETS budgets (1.10e+32 B in all) "
+                                   "and their processes (~256.0 MiB each, assumed) need 1.10e+32 B, more than")
     with pytest.raises(DeviceError, match=r"need 8\.28 GiB, .*; their processes alone need 8\.25 GiB: use fewer ranks$"):
         cpu.check_ranks_fit(33, None, "cpu", [2**20] * 33)  # the processes alone do not fit
     # the sizes put the ranks on the CPU, GPU or not; where the GPU is asked for, each rank would refuse them

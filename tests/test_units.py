@@ -1,6 +1,6 @@
 import pytest
 
-from autofit.units import GiB, MiB, fmt_bytes, fmt_share, parse_size
+from autofit.units import GiB, MiB, TiB, fmt_bytes, fmt_share, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -42,6 +42,16 @@ def test_parse_size_messages_are_clear():
     (12, "12 B"),
     (0, "0 B"),
     (-512 * MiB, "-512.0 MiB"),
+    (1000 * TiB, "1000.00 TiB"),  # under 1 PiB: TiB, as before
+    # beyond any machine (r8: a typo'd AUTOFIT_RANK_BUDGETS entry printed '100000000000000000000.00 TiB')
+    (2**50, "1.00 PiB"),
+    (5000 * TiB, "4.88 PiB"),
+    (3 * 2**60, "3.00 EiB"),
+    (10**20, "86.74 EiB"),
+    (2**70, "1.18e+21 B"),
+    (parse_size("99999999999999999999TiB"), "1.10e+32 B"),
+    (1e30, "1.00e+30 B"),
+    (-(2**51), "-2.00 PiB"),
 ])
 def test_fmt_bytes(n, text):
     assert fmt_bytes(n) == text
