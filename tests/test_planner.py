@@ -197,17 +197,26 @@ def test_a_trial_tells_the_agreement_only_its_own_oom(monkeypatch, raised, told)
 
 def test_a_trial_that_met_another_ranks_error_says_so_in_its_record(monkeypatch):
     """RankFailed (another rank's error, raised on this one after the agreement round) is recorded
-    as an error this rank met, not its own (TrialRecord.met_other_rank), as OtherRankOOM is."""
+    as an error this rank met, not its own (TrialRecord.met_other_rank), as OtherRankOOM is. And it
+    is not told to the agreement again: the ranks know already, and that round more waited for the
+    failed rank, which never entered it (two gloo ranks: 'lost contact with another rank')."""
     import autofit.planning.trials as trials
     from trainer.distributed.ranks import RankFailed
+    said = []
+
+    class Agreement:
+        def outcome(self, failure=None):
+            said.append(failure)
 
     def steps(state, *a):
+        state["agreement"] = Agreement()
         raise RankFailed("rank 0: rank 1 failed; stopping here too")
     monkeypatch.setattr(trials, "_run_steps", steps)
     dev = BudgetedCpuDevice(budget_bytes=50_000_000)
     cand = Candidate(micro_batch=2, dtype="float32", compile=False, checkpointing=0, loss_impl="standard")
     rec = run_trial(cfg_for(4), cand, dev, rank_batch=4, budget_bytes=50_000_000)
     assert rec.status == "error" and rec.met_other_rank and rec.note.startswith("RankFailed: rank 0: rank 1 failed")
+    assert said == []
     monkeypatch.setattr(trials, "_run_steps", lambda *a: (_ for _ in ()).throw(RuntimeError("kernel exploded")))
     assert run_trial(cfg_for(4), cand, dev, rank_batch=4, budget_bytes=50_000_000).met_other_rank is False
 

@@ -208,7 +208,9 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         except Exception as e:  # classify only; clean up below, outside the except block
             kind = "oom" if device.is_oom(e) else "error"
             failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-            agreed = getattr(e, "agreed", False) or state.get("agreement") is None
+            # RankFailed comes out of an agreement round (raise_for): the ranks know already, and a
+            # round more would wait for one the failed rank never enters (lost contact, not its line)
+            agreed = getattr(e, "agreed", False) or isinstance(e, RankFailed) or state.get("agreement") is None
             other = isinstance(e, OtherRankOOM)  # met in a check-in (FSDP2): not entered as this rank's own
             met = isinstance(e, (OtherRankOOM, RankFailed))  # the record says so (agree.trial)
         # The traceback (and with it the failed step's activations) is released once the except
