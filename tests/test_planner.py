@@ -166,16 +166,10 @@ def test_trial_that_runs_no_steps_is_an_error_not_a_fit(monkeypatch):
     assert rec.status == "error" and rec.steps_run == 0
 
 
-@pytest.mark.parametrize("raised, told", [
-    ("own", ["oom"]),  # this rank ran out: it tells the others so
-    ("met", [None]),  # another rank's OOM met in a check-in (FSDP2): no failure of this rank's own
-    ("agreed", []),  # told in the step's settle (DDP): the ranks know already
-])
-def test_a_trial_tells_the_agreement_only_its_own_oom(monkeypatch, raised, told):
-    """Several ranks: a trial that met another rank's OOM in a check-in entered it in the agreement
-    as an OOM of its own, so the agreement named the highest of the ranks, not the one that ran out."""
+def _steps_raising(monkeypatch, exc: Exception) -> list:
+    """A trial's steps that raise `exc` with a stand-in for the ranks' agreement in place; returns
+    the list of what the trial then tells the agreement (Agreement.outcome's failures)."""
     import autofit.planning.trials as trials
-    from trainer.distributed.ranks import OtherRankOOM
     said = []
 
     class Agreement:
@@ -184,10 +178,23 @@ def test_a_trial_tells_the_agreement_only_its_own_oom(monkeypatch, raised, told)
 
     def steps(state, *a):
         state["agreement"] = Agreement()
-        if raised == "own":
-            raise torch.OutOfMemoryError("budgeted CPU device out of memory (injected)")
-        raise OtherRankOOM("rank 1 ran out of memory in this step", injected=False, agreed=raised == "agreed", rank=1)
+        raise exc
     monkeypatch.setattr(trials, "_run_steps", steps)
+    return said
+
+
+@pytest.mark.parametrize("raised, told", [
+    ("own", ["oom"]),  # this rank ran out: it tells the others so
+    ("met", [None]),  # another rank's OOM met in a check-in (FSDP2): no failure of this rank's own
+    ("agreed", []),  # told in the step's settle (DDP): the ranks know already
+])
+def test_a_trial_tells_the_agreement_only_its_own_oom(monkeypatch, raised, told):
+    """Several ranks: a trial that met another rank's OOM in a check-in entered it in the agreement
+    as an OOM of its own, so the agreement named the highest of the ranks, not the one that ran out."""
+    from trainer.distributed.ranks import OtherRankOOM
+    said = _steps_raising(monkeypatch, torch.OutOfMemoryError("budgeted CPU device out of memory (injected)")
+                          if raised == "own" else OtherRankOOM("rank 1 ran out of memory in this step",
+                                                                injected=False, agreed=raised == "agreed", rank=1))
     dev = BudgetedCpuDevice(budget_bytes=50_000_000)
     rec = run_trial(cfg_for(4), Candidate(micro_batch=2, dtype="float32", compile=False, checkpointing=0,
                                           loss_impl="standard"), dev, rank_batch=4, budget_bytes=50_000_000)
@@ -202,16 +209,7 @@ def test_a_trial_that_met_another_ranks_error_says_so_in_its_record(monkeypatch)
     failed rank, which never entered it (two gloo ranks: 'lost contact with another rank')."""
     import autofit.planning.trials as trials
     from trainer.distributed.ranks import RankFailed
-    said = []
-
-    class Agreement:
-        def outcome(self, failure=None):
-            said.append(failure)
-
-    def steps(state, *a):
-        state["agreement"] = Agreement()
-        raise RankFailed("rank 0: rank 1 failed; stopping here too")
-    monkeypatch.setattr(trials, "_run_steps", steps)
+    said = _steps_raising(monkeypatch, RankFailed("rank 0: rank 1 failed; stopping here too"))
     dev = BudgetedCpuDevice(budget_bytes=50_000_000)
     cand = Candidate(micro_batch=2, dtype="float32", compile=False, checkpointing=0, loss_impl="standard")
     rec = run_trial(cfg_for(4), cand, dev, rank_batch=4, budget_bytes=50_000_000)
