@@ -148,7 +148,7 @@ def test_the_chosen_rows_tokens_per_s_is_the_plans_and_an_unrun_size_is_named():
     import io
     from rich.console import Console
     from autofit.planning.contest import run_tokens_per_s
-    from autofit.report import render
+    from autofit.report import render, tables
     t = TrialRecord(micro_batch=11, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
                     status="fit", tokens_per_step=1408, step_seconds=[0.5], update_seconds=[0.2],
                     optimizer_step_tokens=4096, tokens_per_s=1408 / 0.5, measured_peak_bytes=10**6)
@@ -158,7 +158,7 @@ def test_the_chosen_rows_tokens_per_s_is_the_plans_and_an_unrun_size_is_named():
                          split="32 = 11 + 11 + 10", tokens_per_s=run, fastest_tokens_per_s=run, timed_steps=1)
     out = io.StringIO()
     console = Console(file=out, width=400)
-    render._candidates_table(_probe_of(plan, [t]), console)
+    tables.candidates_table(_probe_of(plan, [t]), console)
     render._plan(_probe_of(plan, [t]), None, console, verbose=False)
     text = out.getvalue()
     row = next(line for line in text.splitlines() if "│ >" in line)
@@ -207,7 +207,7 @@ def test_the_plan_and_the_v_table_say_when_re_timings_moved_a_trials_figure():
     import io
     from rich.console import Console
     from autofit.planning.split import plan_rates
-    from autofit.report import render
+    from autofit.report import render, tables
     t = TrialRecord(micro_batch=8, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
                     status="fit", tokens_per_step=1000, step_seconds=[1.0, 0.9, 0.3, 0.4], tokens_per_s=1000 / 0.3,
                     measured_peak_bytes=10**6, retimed_steps=2)
@@ -217,13 +217,13 @@ def test_the_plan_and_the_v_table_say_when_re_timings_moved_a_trials_figure():
     out = io.StringIO()
     console = Console(file=out, width=400)
     render._plan(_probe_of(plan, [t, quiet]), None, console, verbose=False)
-    render._candidates_table(_probe_of(plan, [t, quiet]), console)
+    tables.candidates_table(_probe_of(plan, [t, quiet]), console)
     text = out.getvalue()
     assert "median of 4 trial steps (2 of them the contest's re-timings, after its trial line) at micro-batch 8" \
         in text, text
     rows = {line.split("│")[2].strip(): line for line in text.splitlines() if line.count("│") > 5}
     assert "(1)" in rows["8"] and "(1)" not in rows["4"], text
-    assert f"(1) {render.RETIMED_NOTE}" in text
+    assert f"(1) {tables.RETIMED_NOTE}" in text
     # a plan whose trial no re-timing touched says nothing of them
     out = io.StringIO()
     render._plan(_probe_of(plan, [t.model_copy(update={"retimed_steps": 0})]), None, Console(file=out, width=400),
@@ -282,7 +282,7 @@ def test_the_chosen_row_of_a_plan_mixing_sizes_points_at_the_plan_lines_figure()
     footnote now names the split and the plan's figure; a row whose figure is the plan's has none."""
     import io
     from rich.console import Console
-    from autofit.report import render
+    from autofit.report import tables
     t = TrialRecord(micro_batch=14, dtype="float32", compile=False, checkpointing=0, loss_impl="standard",
                     status="fit", tokens_per_step=14 * 64, tokens_per_s=22450.0, estimated_peak_bytes=10**6)
     split = "256 = 14 × 9 + 13 × 10"
@@ -292,7 +292,7 @@ def test_the_chosen_row_of_a_plan_mixing_sizes_points_at_the_plan_lines_figure()
 
     def table(plan, trials):
         out = io.StringIO()
-        render._candidates_table(SimpleNamespace(**{**vars(_probe_of(plan, trials)), "mode": plan.mode}),
+        tables.candidates_table(SimpleNamespace(**{**vars(_probe_of(plan, trials)), "mode": plan.mode}),
                                  Console(file=out, width=400))
         return out.getvalue()
     text = table(plan, [t])
