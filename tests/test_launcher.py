@@ -161,7 +161,7 @@ def test_the_vocab_line_is_said_once_the_launcher_said_it_for_the_ranks(tmp_path
 
     import numpy as np
 
-    from autofit.cli.app import _check_fresh_run
+    from autofit.cli.run_start import check_fresh_run
     from trainer.config.train_config import load_config
     data = tmp_path / "data" / "chars"
     data.mkdir(parents=True)
@@ -172,11 +172,11 @@ def test_the_vocab_line_is_said_once_the_launcher_said_it_for_the_ranks(tmp_path
     cfg = load_config("tiny", overrides=["dataset=chars", "block_size=16", f"out_dir={tmp_path / 'o'}"])
     monkeypatch.delenv(torchrun.LAUNCHED_ENV, raising=False)
     said = []
-    _check_fresh_run(cfg, said.append)
+    check_fresh_run(cfg, said.append)
     assert said == ["vocab_size 30, from data/chars/meta.pkl"]
     monkeypatch.setenv(torchrun.LAUNCHED_ENV, "1")
     said.clear()
-    _check_fresh_run(cfg, said.append)
+    check_fresh_run(cfg, said.append)
     assert said == []
 
 

@@ -3,8 +3,6 @@ cause end in one line on stderr and exit code 2; nothing already written is lost
 from __future__ import annotations
 
 import json
-import contextlib
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -13,10 +11,12 @@ from typing import List, Optional
 import typer
 
 from autofit import interrupts
+from autofit.cli.run_start import (check_fresh_run, hold_out_dir, no_probe_options, release_out_dirs,
+                                   resume_overrides, start_ranks)
 from autofit.cli.common import (BudgetOpt, CkptOpt, CkptPolicyOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, GpuIndexOpt, LossOpt,
                                 MarginOpt, PresetOpt, SetOpt, UsageError, _probe_options, click_error_line, root, check_init_from_resume, check_no_plan_flags, check_run_flags, user_message,
                                 device_from_config,
-                                _rerun_args, _size, console, err_console, load_train_config)
+                                _rerun_args, console, err_console, load_train_config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OOM-aware launcher for nanoGPT-style GPT training: measure what fits, plan, train.")
@@ -72,7 +72,7 @@ def probe_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = Preset
         check_profiles_writable()
     log = (lambda s: None) if as_json else (lambda s: err_console.print(f"[dim]{s}[/]"))
     if nproc_per_node is not None:  # a plan for N ranks is probed on N ranks (their smallest budget)
-        _start_ranks(cfg, nproc_per_node, False, gpu_index, log, opts, fresh=False)
+        start_ranks(cfg, nproc_per_node, False, gpu_index, log, opts, fresh=False)
     interrupts.during("interrupted during the probe; nothing was saved"
                       + (" (the plan is saved only after the probe)" if save else ""))
     res, _, _ = run_probe(cfg, opts, log=log, say_schedule=False)  # the stdout block says the schedule
@@ -166,13 +166,13 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         from autofit.launch.profile_gpu import check_profile_here
         check_profile_here(profile, emulate, opts, _rerun_args(config, preset, overrides, dtype, compile, checkpointing, loss, margin))
     resuming = resume or cfg.init_from == "resume"
-    asked, sources = _resume_overrides(cfg, overrides, resume) if resuming else ({}, {})
+    asked, sources = resume_overrides(cfg, overrides, resume) if resuming else ({}, {})
     if not resuming:  # before the output folder is made: a run with no step to train writes nothing
         from autofit.launch.checks import check_steps_left
         check_steps_left(0, cfg, max_steps)
     if nproc_per_node is not None:  # the same command on N ranks, through torchrun; checked here once first
-        _start_ranks(cfg, nproc_per_node, resuming, gpu_index, log, opts, resumed=(asked, sources, allow_changes))
-    _hold_out_dir(cfg.out_dir, cfg.tensorboard_dir)
+        start_ranks(cfg, nproc_per_node, resuming, gpu_index, log, opts, resumed=(asked, sources, allow_changes))
+    hold_out_dir(cfg.out_dir, cfg.tensorboard_dir)
     if resuming:  # nanoGPT's init_from='resume' is --resume
         from autofit.launch.resume import prepare_resume
         from trainer.checkpoint.ckpt import check_out_dir
@@ -183,13 +183,13 @@ def run_cmd(config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOp
         _say_plan(launch, detail=launch.probe is not None)
         _train(launch.cfg, launch.opts)
         return
-    _check_fresh_run(cfg, log)
+    check_fresh_run(cfg, log)
     from autofit.launch.run import prepare_run, say_schedule
     say_schedule(cfg, max_steps, console.print, log)  # said, not refused (nanoGPT runs it too), before the probe
     from autofit.launch.torchrun import check_ranks
     check_ranks(cfg, None, False)  # under torchrun: the effective batch divides, before any probe
     if no_probe or cfg.eval_only:  # eval_only trains nothing: no plan to fit
-        _train(cfg, _no_probe_options(device, budget, gpu_index, src, max_steps, not no_progress))
+        _train(cfg, no_probe_options(device, budget, gpu_index, src, max_steps, not no_progress))
         return
     interrupts.during("interrupted before training started (during the probe); no checkpoint was written")
     launch = prepare_run(cfg, profile=profile, emulate=emulate, probe_opts=opts, max_steps=max_steps,
@@ -224,111 +224,11 @@ def _train(cfg, opts) -> None:
     report_run(result, cfg, opts.max_steps)
 
 
-_OUT_LOCKS: list = []  # (lock, folder, made by this command), held until the command ends
-
-
 def _run_app():
     try:
         return app(standalone_mode=False)
     finally:
-        while _OUT_LOCKS:
-            lock, folder, made = _OUT_LOCKS.pop()
-            with contextlib.suppress(OSError):  # the folder may be gone, or a file now
-                if made and os.listdir(folder) == [".autofit.lock"]:  # a refused run leaves no folder it made
-                    os.unlink(lock.lock_file)
-                    os.rmdir(folder)
-            lock.release()  # after: a run taking it between would hold a lock file unlinked under it
-
-
-def _hold_out_dir(out_dir: str, tensorboard_dir: str | None = None) -> None:
-    """One run at a time in an output folder: a second `autofit run` into it (started at the same
-    moment, before either wrote a checkpoint) ends in one line instead of mixing metrics and
-    overwriting the other's checkpoint. Rank 0 holds <out>/.autofit.lock (filelock) until the command ends.
-    The folders a run writes (--out, tensorboard_dir) are checked first, before any trial."""
-    from filelock import FileLock, Timeout
-
-    from trainer.checkpoint.ckpt import check_out_dir
-    check_out_dir(out_dir)  # a file on the way, or no write permission: one line, before mkdir
-    if tensorboard_dir is not None:
-        check_out_dir(tensorboard_dir, "tensorboard_dir")
-    if os.environ.get("RANK", "0") != "0":
-        return
-    made = not Path(out_dir).exists()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(Path(out_dir) / ".autofit.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise UsageError(f"another autofit run is using {out_dir} (its .autofit.lock is held); wait for it, "
-                         f"or choose another --out") from None
-    _OUT_LOCKS.append((lock, out_dir, made))
-
-
-def _resume_overrides(cfg, overrides: List[str], flag: bool) -> tuple[dict, dict]:
-    """What a resume is asked to change: the --set values; with init_from='resume' in a config
-    (nanoGPT's way), also the values the config file sets (not the preset's or the defaults).
-    Returns ({key: value}, {key: where it was set}), the second for error messages."""
-    from trainer.config.train_config import parse_override
-    out = dict(parse_override(item) for item in overrides)
-    sources = dict.fromkeys(out, "--set")
-    if not flag:
-        for key in type(cfg).model_fields:
-            src = cfg.source_of(key)
-            if src not in ("default",) and not src.startswith("preset ") and key != "init_from" and key not in out:
-                out[key], sources[key] = getattr(cfg, key), src
-    asked = out.pop("init_from", "resume")  # 'resume' there says what --resume does: harmless
-    if asked != "resume":
-        raise UsageError(f"--resume continues the checkpoint's model; --set init_from={asked} starts another: drop one")
-    return out, sources
-
-
-def _start_ranks(cfg, nproc_per_node: int, resuming: bool, gpu_index, log, opts, fresh: bool = True,
-                 resumed: tuple = ()) -> None:
-    """--nproc-per-node N: what a fresh run would refuse is checked here once (`fresh`: a run's output
-    folder too; `resumed`: a resume's --set values, their sources, --allow-changes: for its batch), then
-    torchrun starts the same command on N ranks; this process exits with their status."""
-    from autofit.launch.launcher import relaunch
-    from autofit.launch.torchrun import check_ranks
-    if gpu_index is not None:
-        raise UsageError(f"--gpu-index {gpu_index} picks one GPU; with --nproc-per-node each rank takes the GPU of "
-                         f"its LOCAL_RANK: drop --gpu-index (CUDA_VISIBLE_DEVICES picks which GPUs they see)")
-    if fresh and not resuming:
-        _check_fresh_run(cfg, log)
-    check_ranks(cfg, nproc_per_node, resuming, *resumed)
-    from autofit.devices.cpu import check_ranks_fit
-    from autofit.devices.ranks import check_rank_budgets  # each rank's AUTOFIT_RANK_BUDGETS size, counted too
-    check_ranks_fit(nproc_per_node, opts.budget_bytes, opts.device, check_rank_budgets(nproc_per_node), opts.device_source)
-    code = relaunch(sys.argv[1:], nproc_per_node, log, ckpt=Path(cfg.out_dir) / "ckpt.pt")
-    interrupts.said()  # the launcher and rank 0 said what stopped them
-    raise typer.Exit(code)
-
-
-def _check_fresh_run(cfg, log) -> None:
-    """Before any probe: a forgotten --resume, another run's folder, bad data (not after trials)."""
-    from autofit.launch.checks import check_data
-    from trainer.checkpoint.ckpt import check_out_dir
-    from trainer.metrics import check_fresh_folder
-    check_out_dir(cfg.out_dir)
-    if (Path(cfg.out_dir) / "ckpt.pt").exists():
-        raise UsageError(f"{Path(cfg.out_dir) / 'ckpt.pt'} exists: continue it with "
-                         f"autofit run --resume --out {cfg.out_dir}, or choose another --out")
-    check_fresh_folder(cfg.out_dir)  # no checkpoint, but another run's metrics.jsonl: not appended to
-    from autofit.launch.torchrun import LAUNCHED_ENV
-    said_by_launcher = os.environ.get(LAUNCHED_ENV) is not None  # --nproc-per-node checked it once already
-    check_data(cfg, log=(lambda s: None) if said_by_launcher else log)
-    src = cfg.source_of("vocab_size")
-    if (src.endswith("meta.pkl") or src.startswith("dataset")) and not said_by_launcher:
-        log(f"vocab_size {cfg.vocab_size}, from {src}")
-
-
-def _no_probe_options(device, budget, gpu_index, source, max_steps, progress):
-    """The config as written, on the device asked for (--device, else the config's device: run_cmd), opened
-    as every command opens it: --budget gives the budgeted CPU device, a plain CPU measures
-    nothing (and compiles for real)."""
-    from autofit.devices.opener import open_device
-    from trainer.loop import RunOptions
-    dev = open_device(device, budget_bytes=_size(budget, "--budget"), gpu_index=gpu_index, cpu="plain", source=source)
-    return RunOptions(max_steps=max_steps, progress=progress, meter=dev, device=dev.torch_device)
+        release_out_dirs()
 
 
 from autofit.cli.data import data_app, sample_app  # noqa: E402  (data prepare, sample)
