@@ -166,15 +166,23 @@ def test_trial_that_runs_no_steps_is_an_error_not_a_fit(monkeypatch):
     assert rec.status == "error" and rec.steps_run == 0
 
 
-def _steps_raising(monkeypatch, exc: Exception) -> list:
-    """A trial's steps that raise `exc` with a stand-in for the ranks' agreement in place; returns
-    the list of what the trial then tells the agreement (Agreement.outcome's failures)."""
+def _steps_raising(monkeypatch, exc: Exception, seen: list[int] | None = None, gathered: str = "") -> list:
+    """A trial's steps that raise `exc` with a stand-in for rank 0's agreement with one other rank in
+    place, whose outcome round sees `seen` (Agreement's flags; default: no failure) and gathers the
+    failing rank's line `gathered`; returns the list of what the trial then tells the agreement
+    (Agreement.outcome's failure and line, one pair per round)."""
     import autofit.planning.trials as trials
+    from trainer.distributed.ranks import Ranks
     said = []
 
     class Agreement:
-        def outcome(self, failure=None):
-            said.append(failure)
+        ranks = Ranks(0, 0, 2)
+        reason = ""
+
+        def outcome(self, failure=None, reason=""):
+            said.append((failure, reason))
+            self.reason = gathered
+            return list(seen or [0] * 5)
 
     def steps(state, *a):
         state["agreement"] = Agreement()
@@ -184,8 +192,9 @@ def _steps_raising(monkeypatch, exc: Exception) -> list:
 
 
 @pytest.mark.parametrize("raised, told", [
-    ("own", ["oom"]),  # this rank ran out: it tells the others so
-    ("met", [None]),  # another rank's OOM met in a check-in (FSDP2): no failure of this rank's own
+    ("own", [("oom", "budgeted CPU device out of memory (injected)")]),  # this rank ran out: it tells the others so
+    # another rank's OOM met in a check-in (FSDP2): no failure of this rank's own
+    ("met", [(None, "rank 1 ran out of memory in this step")]),
     ("agreed", []),  # told in the step's settle (DDP): the ranks know already
 ])
 def test_a_trial_tells_the_agreement_only_its_own_oom(monkeypatch, raised, told):
@@ -194,7 +203,8 @@ def test_a_trial_tells_the_agreement_only_its_own_oom(monkeypatch, raised, told)
     from trainer.distributed.ranks import OtherRankOOM
     said = _steps_raising(monkeypatch, torch.OutOfMemoryError("budgeted CPU device out of memory (injected)")
                           if raised == "own" else OtherRankOOM("rank 1 ran out of memory in this step",
-                                                                injected=False, agreed=raised == "agreed", rank=1))
+                                                                injected=False, agreed=raised == "agreed", rank=1),
+                          seen=[2, 0, 0, 0, 0])  # rank 1's real OOM
     dev = BudgetedCpuDevice(budget_bytes=50_000_000)
     rec = run_trial(cfg_for(4), Candidate(micro_batch=2, dtype="float32", compile=False, checkpointing=0,
                                           loss_impl="standard"), dev, rank_batch=4, budget_bytes=50_000_000)
@@ -217,6 +227,24 @@ def test_a_trial_that_met_another_ranks_error_says_so_in_its_record(monkeypatch)
     assert said == []
     monkeypatch.setattr(trials, "_run_steps", lambda *a: (_ for _ in ()).throw(RuntimeError("kernel exploded")))
     assert run_trial(cfg_for(4), cand, dev, rank_batch=4, budget_bytes=50_000_000).met_other_rank is False
+
+
+def test_a_trial_that_failed_tells_the_others_its_first_line(monkeypatch):
+    """The failing rank told the agreement 'error' without its line, so the other ranks' notes said
+    only '(its own error says why)'; it now passes its first line, as the trainer's RankGroup.failed
+    does. A long line is cut in its own note at 160 characters, a RankFailed's at 360 (its own words,
+    then the failing rank's line, up to 200)."""
+    from trainer.distributed.ranks import RankFailed
+    said = _steps_raising(monkeypatch, RuntimeError("kernel exploded\nsecond line"))
+    dev = BudgetedCpuDevice(budget_bytes=50_000_000)
+    cand = Candidate(micro_batch=2, dtype="float32", compile=False, checkpointing=0, loss_impl="standard")
+    rec = run_trial(cfg_for(4), cand, dev, rank_batch=4, budget_bytes=50_000_000)
+    assert rec.status == "error" and rec.note == "RuntimeError: kernel exploded"
+    assert said == [("error", "kernel exploded")]
+    _steps_raising(monkeypatch, RuntimeError("x" * 300))
+    assert run_trial(cfg_for(4), cand, dev, rank_batch=4, budget_bytes=50_000_000).note == "RuntimeError: " + "x" * 160
+    _steps_raising(monkeypatch, RankFailed("y" * 400))
+    assert run_trial(cfg_for(4), cand, dev, rank_batch=4, budget_bytes=50_000_000).note == "RankFailed: " + "y" * 360
 
 
 def test_memory_above_capacity_is_a_spill_not_a_fit():

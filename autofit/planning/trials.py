@@ -29,7 +29,7 @@ from trainer.data.batches import held_rows
 from autofit.planning import agree
 from autofit.records import Candidate, TrialRecord, judged_peak
 from trainer.compiler import compile_model
-from trainer.distributed.ranks import OtherRankOOM, RankFailed
+from trainer.distributed.ranks import OtherRankOOM, RankFailed, first_line
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.step import make_optimizer, prime_optimizer, set_matmul_precision, train_step
 
@@ -202,12 +202,12 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
     with device.tracking():
         baseline = device.current_bytes()
         # several ranks: whether they know how this trial ended; met another rank's OOM; met its OOM or error
-        agreed, other, met = True, False, False
+        agreed, other, met, reason = True, False, False, ""
         try:
             _run_steps(state, cfg, cand, device, rank_batch, settings, rec)
         except Exception as e:  # classify only; clean up below, outside the except block
             kind = "oom" if device.is_oom(e) else "error"
-            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            failure, reason = _note(e), first_line(e)
             # RankFailed comes out of an agreement round (raise_for): the ranks know already, and a
             # round more would wait for one the failed rank never enters (lost contact, not its line)
             agreed = getattr(e, "agreed", False) or isinstance(e, RankFailed) or state.get("agreement") is None
@@ -220,7 +220,7 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         agreement = state.get("agreement")
         state.clear()
         if not agreed:  # the other ranks wait in this trial's step: tell them how it ended here
-            agreement.outcome(None if other else kind)
+            agreement.outcome(None if other else kind, reason)  # an error's line: the others' notes say it
         if cand.compile:  # no compiled graph of this trial outlives it
             torch._dynamo.reset()
         device.cleanup()  # collects garbage (gc.collect, once per trial: a full collection is not free)
@@ -230,6 +230,13 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
            leaked=(after - baseline) if (after is not None and baseline is not None) else None,
            tolerance=LEAK_TOLERANCE_BYTES["cuda" if device.torch_device.type == "cuda" else "cpu"])
     return rec
+
+
+def _note(e: BaseException) -> str:
+    """A failed trial's note: the exception's type and first line, cut at 160 characters; a RankFailed's at
+    360, its own words (about 80) and then the failing rank's line (Agreement.reason, up to 200: first_line)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:360 if isinstance(e, RankFailed) else 160] if text else ''}"
 
 
 def _judge(rec: TrialRecord, failure: str | None, kind: str, steps: int, capacity_bytes: int | None,
