@@ -555,6 +555,29 @@ def test_another_ranks_oom_is_recorded_as_that_ranks_on_every_rank(tmp_path, par
                                          [["rank 0 ran out of memory in this step", 0]]]
 
 
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
+def test_a_trial_that_met_another_ranks_error_records_an_error_with_that_ranks_line(tmp_path, parallelism):
+    """Rank 1's trial step raises a RuntimeError. Rank 0 learns of it in the step's settle (DDP) or in
+    a check-in of its own step (FSDP2). Under FSDP2 rank 0's record said 'oom' (OtherRankOOM: 'rank 1
+    failed in this step') for what was rank 1's error. Under both, its note said '(its own error says
+    why)' without rank 1's line, which rank 1 never told the agreement. Rank 0 now records an error,
+    met, with rank 1's first line, and the agreed record is rank 1's own."""
+    worker = str(Path(__file__).parent / "ranks" / "trial_error_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           worker, parallelism, str(tmp_path)]
+    done = subprocess.run(cmd, env=env(tmp_path, PYTHONPATH=str(Path(__file__).parents[1])),
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["status"], r["met"]) for r in got] == [("error", True), ("error", False)]
+    assert got[0]["note"] == ("RankFailed: rank 0: rank 1 failed in this step (its own error says why); "
+                              "stopping here too (rank 1: kernel exploded on rank 1)")
+    assert got[1]["note"] == "RuntimeError: kernel exploded on rank 1"
+    for r in got:
+        assert r["agreed_status"] == "error"
+        assert r["agreed_note"].startswith("RuntimeError: kernel exploded on rank 1; agreed over 2 ranks: rank 1 error")
+
+
 EXIT_PROBE = """
 import atexit, sys
 from trainer.distributed.ranks import exit_rank

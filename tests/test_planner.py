@@ -229,6 +229,22 @@ def test_a_trial_that_met_another_ranks_error_says_so_in_its_record(monkeypatch)
     assert run_trial(cfg_for(4), cand, dev, rank_batch=4, budget_bytes=50_000_000).met_other_rank is False
 
 
+def test_a_trial_that_met_another_ranks_error_in_a_check_in_records_an_error_with_its_line(monkeypatch):
+    """FSDP2: a check-in that meets another rank's error raises OtherRankOOM ('rank 1 failed in this
+    step'), and the trial recorded status 'oom' for what was rank 1's error, while the trainer turns it
+    into RankFailed after the outcome round (RankGroup.after_oom). The record is now an error this rank
+    met, whose note carries rank 1's line as gathered in that round; this rank enters no failure."""
+    from trainer.distributed.ranks import OtherRankOOM
+    said = _steps_raising(monkeypatch, OtherRankOOM("rank 1 failed in this step", injected=True, agreed=False, rank=1),
+                          seen=[0, 0, 2, 0, 0], gathered="kernel exploded")
+    dev = BudgetedCpuDevice(budget_bytes=50_000_000)
+    cand = Candidate(micro_batch=2, dtype="float32", compile=False, checkpointing=0, loss_impl="standard")
+    rec = run_trial(cfg_for(4), cand, dev, rank_batch=4, budget_bytes=50_000_000)
+    assert (rec.status, rec.met_other_rank) == ("error", True) and [f for f, _ in said] == [None]
+    assert rec.note == ("RankFailed: rank 0: rank 1 failed in this step (its own error says why); stopping here too "
+                        "(rank 1: kernel exploded)")
+
+
 def test_a_trial_that_failed_tells_the_others_its_first_line(monkeypatch):
     """The failing rank told the agreement 'error' without its line, so the other ranks' notes said
     only '(its own error says why)'; it now passes its first line, as the trainer's RankGroup.failed

@@ -29,7 +29,7 @@ from trainer.data.batches import held_rows
 from autofit.planning import agree
 from autofit.records import Candidate, TrialRecord, judged_peak
 from trainer.compiler import compile_model
-from trainer.distributed.ranks import OtherRankOOM, RankFailed, first_line
+from trainer.distributed.ranks import ERROR, OtherRankOOM, RankFailed, first_line, rank_failed
 from trainer.model.gpt import GPT, GPTConfig
 from trainer.step import make_optimizer, prime_optimizer, set_matmul_precision, train_step
 
@@ -220,7 +220,11 @@ def run_trial(cfg, cand: Candidate, device, *, rank_batch: int, budget_bytes: in
         agreement = state.get("agreement")
         state.clear()
         if not agreed:  # the other ranks wait in this trial's step: tell them how it ended here
-            agreement.outcome(None if other else kind, reason)  # an error's line: the others' notes say it
+            seen = agreement.outcome(None if other else kind, reason)  # an error's line: the others' notes say it
+            # met in a check-in (FSDP2), but another rank's error, not an OOM: RankFailed with that rank's
+            # line, as the trainer's RankGroup.after_oom raises it, and recorded as an error
+            if other and seen[ERROR]:
+                kind, failure = "error", _note(rank_failed(seen, agreement.ranks, agreement.reason))
         if cand.compile:  # no compiled graph of this trial outlives it
             torch._dynamo.reset()
         device.cleanup()  # collects garbage (gc.collect, once per trial: a full collection is not free)

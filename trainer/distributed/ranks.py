@@ -306,11 +306,18 @@ def raise_for(seen: list[int], ranks: Ranks, reason: str = "") -> None:
     """Turns an agreed outcome into this rank's exception (nothing when every rank succeeded): RankFailed
     for another rank's error (with its line, `reason`, where known), OtherRankOOM for another's OOM."""
     if seen[ERROR]:
-        why = f" (rank {seen[ERROR] - 1}: {reason})" if reason else ""
-        raise RankFailed(f"rank {ranks.rank}: rank {seen[ERROR] - 1} {OTHER_FAILED}; stopping here too{why}")
+        raise rank_failed(seen, ranks, reason)
     if seen[REAL_OOM] or seen[INJECTED_OOM]:
         raise OtherRankOOM(f"{failed_rank(seen)} {OTHER_OOM} in this step", injected=not seen[REAL_OOM],
                            rank=oom_rank(seen))
+
+
+def rank_failed(seen: list[int], ranks: Ranks, reason: str = "") -> RankFailed:
+    """This rank's RankFailed for another rank's error in an agreed outcome (seen[ERROR] set): 'rank 0: rank 1
+    failed in this step (its own error says why); stopping here too (rank 1: REASON)', the failing rank's line
+    where the round gathered it (Agreement.reason), without the last bracket where not."""
+    why = f" (rank {seen[ERROR] - 1}: {reason})" if reason else ""
+    return RankFailed(f"rank {ranks.rank}: rank {seen[ERROR] - 1} {OTHER_FAILED}; stopping here too{why}")
 
 
 def all_gather_objects(obj, ranks: Ranks) -> list:
